@@ -1,0 +1,166 @@
+//! Connected clients: their id, address, user data, and sending to them.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::sync::{Arc, Weak};
+
+use crate::error::{Error, Result};
+use crate::message::{CloseCode, Message};
+use crate::runtime::Shared;
+use crate::runtime::conn::Conn;
+use crate::server::ServerHandle;
+
+/// A client's identity: unique for the server's whole lifetime, never
+/// reused, so a late `send` can never reach a different client.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ClientId(u64);
+
+impl ClientId {
+    pub(crate) fn new(n: u64) -> ClientId {
+        ClientId(n)
+    }
+
+    /// The number behind the id (for logs and maps).
+    pub fn as_u64(self) -> u64 {
+        self.0
+    }
+}
+
+impl fmt::Debug for ClientId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "ClientId({})", self.0)
+    }
+}
+
+impl fmt::Display for ClientId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.0)
+    }
+}
+
+/// What became of a message handed to `send`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SendStatus {
+    /// The kernel took the whole frame.
+    Written,
+    /// Part or all of it waits in the client's queue (under
+    /// `max_backpressure`) and will be written when the socket drains.
+    Queued,
+}
+
+/// A connected client: its id, address and the user's `T`, and a way to
+/// send to it. Cheap to clone; usable from any thread.
+///
+/// Holding a `Client` does not keep the connection open: once it is gone,
+/// sending fails with [`Error::Closed`].
+pub struct Client<T = ()> {
+    inner: Arc<ClientInner<T>>,
+}
+
+struct ClientInner<T> {
+    id: ClientId,
+    peer: SocketAddr,
+    data: T,
+    conn: Weak<Conn<T>>,
+    shared: Weak<Shared<T>>,
+}
+
+impl<T> Clone for Client<T> {
+    fn clone(&self) -> Self {
+        Client {
+            inner: Arc::clone(&self.inner),
+        }
+    }
+}
+
+impl<T> fmt::Debug for Client<T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Client")
+            .field("id", &self.inner.id)
+            .field("peer", &self.inner.peer)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<T: Send + Sync + 'static> Client<T> {
+    pub(crate) fn new(
+        id: ClientId,
+        peer: SocketAddr,
+        data: T,
+        conn: Weak<Conn<T>>,
+        shared: Weak<Shared<T>>,
+    ) -> Client<T> {
+        Client {
+            inner: Arc::new(ClientInner {
+                id,
+                peer,
+                data,
+                conn,
+                shared,
+            }),
+        }
+    }
+
+    /// The client's id.
+    pub fn id(&self) -> ClientId {
+        self.inner.id
+    }
+
+    /// The client's address.
+    pub fn peer_addr(&self) -> SocketAddr {
+        self.inner.peer
+    }
+
+    /// The value the client-init strategy built for this client.
+    pub fn data(&self) -> &T {
+        &self.inner.data
+    }
+
+    /// Whether the connection is open for sending.
+    pub fn is_open(&self) -> bool {
+        self.inner.conn.upgrade().is_some_and(|c| c.can_send())
+    }
+
+    /// Send a message.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Closed`] if the client is gone or closing;
+    /// [`Error::Backpressure`] if its queue is over `max_backpressure`.
+    pub fn send(&self, message: impl Into<Message>) -> Result<SendStatus> {
+        let conn = self.inner.conn.upgrade().ok_or(Error::Closed)?;
+        let shared = self.inner.shared.upgrade().ok_or(Error::Closed)?;
+        conn.send_message(&shared, message.into())
+    }
+
+    /// Send a ping with an empty payload.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Closed`] if the client is gone or closing.
+    pub fn ping(&self) -> Result<()> {
+        let conn = self.inner.conn.upgrade().ok_or(Error::Closed)?;
+        let shared = self.inner.shared.upgrade().ok_or(Error::Closed)?;
+        conn.send_ping(&shared)
+    }
+
+    /// Start the close handshake: messages already queued go first, then a
+    /// close frame with `code` and `reason`. The client is disconnected when
+    /// it answers, or after `close_timeout`.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidInput`] for a code that may not be sent or a reason
+    /// over 123 bytes; [`Error::Closed`] if already closed or closing.
+    pub fn close(&self, code: CloseCode, reason: &str) -> Result<()> {
+        let conn = self.inner.conn.upgrade().ok_or(Error::Closed)?;
+        let shared = self.inner.shared.upgrade().ok_or(Error::Closed)?;
+        conn.close(&shared, code, reason)
+    }
+
+    /// A handle on the server this client belongs to, for broadcasting from
+    /// a closure.
+    pub fn server(&self) -> ServerHandle<T> {
+        ServerHandle::from_weak(self.inner.shared.clone())
+    }
+}

@@ -1,0 +1,127 @@
+//! Limits, timeouts and pool size, with their defaults.
+
+use std::time::Duration;
+
+/// The server's limits and timeouts. Built with
+/// [`Builder`](crate::Builder); read back with
+/// [`WebSocketServer::config`](crate::WebSocketServer::config).
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub(crate) max_connections: usize,
+    pub(crate) max_message_size: usize,
+    pub(crate) max_frame_size: Option<usize>,
+    pub(crate) max_fragments: u32,
+    pub(crate) max_handshake_bytes: usize,
+    pub(crate) handshake_timeout: Duration,
+    pub(crate) ping_interval: Option<Duration>,
+    pub(crate) idle_timeout: Option<Duration>,
+    pub(crate) close_timeout: Duration,
+    pub(crate) max_backpressure: usize,
+    pub(crate) workers: usize,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            max_connections: 1_000_000,
+            max_message_size: 1 << 20,
+            max_frame_size: None,
+            max_fragments: 1 << 17,
+            max_handshake_bytes: 16 * 1024,
+            handshake_timeout: Duration::from_secs(10),
+            ping_interval: Some(Duration::from_secs(30)),
+            idle_timeout: Some(Duration::from_secs(75)),
+            close_timeout: Duration::from_secs(5),
+            max_backpressure: 1 << 20,
+            workers: std::thread::available_parallelism().map_or(2, |n| n.get().max(2)),
+        }
+    }
+}
+
+impl Config {
+    /// Most open connections (handshakes included); more are answered
+    /// `503`.
+    pub fn max_connections(&self) -> usize {
+        self.max_connections
+    }
+
+    /// Largest incoming message in bytes; over it, close 1009.
+    pub fn max_message_size(&self) -> usize {
+        self.max_message_size
+    }
+
+    /// Largest incoming frame payload in bytes; over it, close 1009.
+    pub fn max_frame_size(&self) -> usize {
+        self.max_frame_size.unwrap_or(self.max_message_size)
+    }
+
+    /// Most frames one incoming message may be split into.
+    pub fn max_fragments(&self) -> u32 {
+        self.max_fragments
+    }
+
+    /// Largest upgrade request in bytes; over it, `431`.
+    pub fn max_handshake_bytes(&self) -> usize {
+        self.max_handshake_bytes
+    }
+
+    /// Time a client has to complete its upgrade request.
+    pub fn handshake_timeout(&self) -> Duration {
+        self.handshake_timeout
+    }
+
+    /// Silence after which the server pings a client.
+    pub fn ping_interval(&self) -> Option<Duration> {
+        self.ping_interval
+    }
+
+    /// Silence after which a client is disconnected.
+    pub fn idle_timeout(&self) -> Option<Duration> {
+        self.idle_timeout
+    }
+
+    /// Time the peer has to answer a close frame.
+    pub fn close_timeout(&self) -> Duration {
+        self.close_timeout
+    }
+
+    /// Most bytes queued for one client before `send` refuses.
+    pub fn max_backpressure(&self) -> usize {
+        self.max_backpressure
+    }
+
+    /// Worker threads in the pool.
+    pub fn workers(&self) -> usize {
+        self.workers
+    }
+
+    pub(crate) fn validate(&self) -> Result<(), &'static str> {
+        if self.workers == 0 {
+            return Err("workers must be at least 1");
+        }
+        if self.max_connections == 0 {
+            return Err("max_connections must be at least 1");
+        }
+        if self.max_message_size == 0 {
+            return Err("max_message_size must be at least 1");
+        }
+        if self.max_frame_size() == 0 {
+            return Err("max_frame_size must be at least 1");
+        }
+        if self.max_fragments == 0 {
+            return Err("max_fragments must be at least 1");
+        }
+        if self.max_handshake_bytes < 256 {
+            return Err("max_handshake_bytes must be at least 256");
+        }
+        if self.handshake_timeout.is_zero() || self.close_timeout.is_zero() {
+            return Err("timeouts must be longer than zero");
+        }
+        if self.ping_interval.is_some_and(|d| d.is_zero())
+            || self.idle_timeout.is_some_and(|d| d.is_zero())
+        {
+            return Err("ping_interval and idle_timeout must be longer than zero (or None)");
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,682 @@
+//! Streaming decoder: raw bytes in, complete messages and control frames out.
+//!
+//! Payload bytes are unmasked straight into the message being assembled, so
+//! a frame never has to sit whole in a buffer before it is processed, and
+//! text is checked for UTF-8 as each chunk arrives: an invalid byte fails
+//! the message at once, not when its last fragment comes in.
+
+use crate::error::{DecodeError, ProtocolError};
+use crate::message::{CloseCode, CloseFrame, Message};
+use crate::proto::frame::{MAX_HEADER_LEN, OpCode, apply_mask, parse_header};
+
+/// Size limits the decoder enforces.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Largest message, all fragments together, in bytes.
+    pub max_message_size: usize,
+    /// Largest single frame payload, in bytes.
+    pub max_frame_size: usize,
+    /// Most frames one message may be split into.
+    pub max_fragments: u32,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_message_size: 1 << 20,
+            max_frame_size: 1 << 20,
+            max_fragments: 1024,
+        }
+    }
+}
+
+/// What the decoder produced.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Incoming {
+    /// A complete data message.
+    Message(Message),
+    /// A ping with its payload.
+    Ping(Vec<u8>),
+    /// A pong with its payload.
+    Pong(Vec<u8>),
+    /// A close frame; `None` if it carried no status code.
+    Close(Option<CloseFrame>),
+}
+
+#[derive(Debug)]
+enum State {
+    /// Collecting a header; `have` bytes of it are in `buf`.
+    Header { buf: [u8; MAX_HEADER_LEN], have: u8 },
+    /// Copying a payload.
+    Payload {
+        opcode: OpCode,
+        fin: bool,
+        mask: [u8; 4],
+        /// Bytes of this payload still to come.
+        remaining: u64,
+        /// Bytes of this payload already seen (for the mask phase).
+        done: u64,
+    },
+}
+
+/// A data message in the middle of being assembled.
+#[derive(Debug)]
+struct Partial {
+    text: bool,
+    buf: Vec<u8>,
+    /// `buf[..utf8_ok]` is known to be valid UTF-8 (text only).
+    utf8_ok: usize,
+    frames: u32,
+}
+
+/// The read side of one connection.
+///
+/// Feed it bytes with [`Decoder::decode`] until it returns `Ok(None)`.
+///
+/// ```
+/// # use enjent::proto::assemble::{Decoder, Incoming, Limits};
+/// # use enjent::Message;
+/// let mut d = Decoder::new(Limits::default());
+/// // "Hi" masked with key [1, 2, 3, 4], split over two reads.
+/// let wire = [0x81, 0x82, 1, 2, 3, 4, b'H' ^ 1, b'i' ^ 2];
+/// let mut first = &wire[..5];
+/// assert_eq!(d.decode(&mut first), Ok(None));
+/// let mut rest = &wire[5..];
+/// assert_eq!(d.decode(&mut rest), Ok(Some(Incoming::Message(Message::Text("Hi".into())))));
+/// ```
+#[derive(Debug)]
+pub struct Decoder {
+    limits: Limits,
+    state: State,
+    msg: Option<Partial>,
+    /// Payload of a control frame that arrived in pieces.
+    control: Vec<u8>,
+    require_mask: bool,
+}
+
+impl Decoder {
+    /// A decoder for client-to-server traffic: every frame must be masked.
+    pub fn new(limits: Limits) -> Decoder {
+        Decoder {
+            limits,
+            state: State::Header {
+                buf: [0; MAX_HEADER_LEN],
+                have: 0,
+            },
+            msg: None,
+            control: Vec::new(),
+            require_mask: true,
+        }
+    }
+
+    /// Whether bytes of an unfinished frame or message are held.
+    pub fn is_mid_message(&self) -> bool {
+        self.msg.is_some() || !matches!(self.state, State::Header { have: 0, .. })
+    }
+
+    /// Bytes held for an unfinished message.
+    pub fn buffered(&self) -> usize {
+        self.msg.as_ref().map_or(0, |m| m.buf.capacity()) + self.control.capacity()
+    }
+
+    /// Consume bytes from the front of `input` until one item is complete
+    /// (returned) or `input` is empty (`Ok(None)`).
+    ///
+    /// # Errors
+    ///
+    /// The rule the bytes broke; after an error the decoder must not be fed
+    /// again.
+    pub fn decode(&mut self, input: &mut &[u8]) -> Result<Option<Incoming>, DecodeError> {
+        loop {
+            match &mut self.state {
+                State::Header { buf, have } => {
+                    if input.is_empty() {
+                        return Ok(None);
+                    }
+                    let have_n = usize::from(*have);
+                    // Fast path: a whole header at the front of the input.
+                    let parsed = if have_n == 0 {
+                        parse_header(input, 0)?.map(|(h, n)| {
+                            *input = &input[n..];
+                            h
+                        })
+                    } else {
+                        None
+                    };
+                    let header = match parsed {
+                        Some(h) => h,
+                        None => {
+                            let take = (MAX_HEADER_LEN - have_n).min(input.len());
+                            buf[have_n..have_n + take].copy_from_slice(&input[..take]);
+                            match parse_header(&buf[..have_n + take], 0)? {
+                                Some((h, n)) => {
+                                    *input = &input[n - have_n..];
+                                    h
+                                }
+                                None => {
+                                    *have = (have_n + take) as u8;
+                                    *input = &input[take..];
+                                    return Ok(None);
+                                }
+                            }
+                        }
+                    };
+                    let mask = match header.mask {
+                        Some(m) => m,
+                        None if self.require_mask => {
+                            return Err(ProtocolError::UnmaskedFrame.into());
+                        }
+                        None => [0; 4],
+                    };
+                    self.start_frame(header.opcode, header.fin, header.len)?;
+                    self.state = State::Payload {
+                        opcode: header.opcode,
+                        fin: header.fin,
+                        mask,
+                        remaining: header.len,
+                        done: 0,
+                    };
+                }
+                State::Payload {
+                    opcode,
+                    fin,
+                    mask,
+                    remaining,
+                    done,
+                } => {
+                    let (opcode, fin, mask) = (*opcode, *fin, *mask);
+                    let take = (*remaining).min(input.len() as u64) as usize;
+                    let offset = (*done & 3) as usize;
+                    *remaining -= take as u64;
+                    *done += take as u64;
+                    let last_chunk = *remaining == 0;
+                    let chunk = &input[..take];
+                    *input = &input[take..];
+                    if opcode.is_control() {
+                        let start = self.control.len();
+                        self.control.extend_from_slice(chunk);
+                        apply_mask(&mut self.control[start..], mask, offset);
+                    } else {
+                        // start_frame guarantees a partial message exists.
+                        let Some(msg) = self.msg.as_mut() else {
+                            return Err(ProtocolError::UnexpectedContinuation.into());
+                        };
+                        let start = msg.buf.len();
+                        msg.buf.extend_from_slice(chunk);
+                        apply_mask(&mut msg.buf[start..], mask, offset);
+                        // A text message that completes here is validated
+                        // once, below; otherwise check what we have so far.
+                        if msg.text && !(fin && last_chunk) {
+                            check_utf8_prefix(msg)?;
+                        }
+                    }
+                    if !last_chunk {
+                        return Ok(None);
+                    }
+                    self.state = State::Header {
+                        buf: [0; MAX_HEADER_LEN],
+                        have: 0,
+                    };
+                    if let Some(item) = self.finish_frame(opcode, fin)? {
+                        return Ok(Some(item));
+                    }
+                }
+            }
+        }
+    }
+
+    /// Check a new frame against the message in progress and the limits.
+    fn start_frame(&mut self, opcode: OpCode, fin: bool, len: u64) -> Result<(), DecodeError> {
+        if opcode.is_control() {
+            return Ok(());
+        }
+        if len > self.limits.max_frame_size as u64 {
+            return Err(DecodeError::TooLarge {
+                size: len,
+                limit: self.limits.max_frame_size as u64,
+            });
+        }
+        let limit = self.limits.max_message_size as u64;
+        match (opcode, self.msg.as_mut()) {
+            (OpCode::Continuation, None) => Err(ProtocolError::UnexpectedContinuation.into()),
+            (OpCode::Continuation, Some(msg)) => {
+                msg.frames += 1;
+                if msg.frames > self.limits.max_fragments {
+                    return Err(ProtocolError::TooManyFragments.into());
+                }
+                let size = msg.buf.len() as u64 + len;
+                if size > limit {
+                    return Err(DecodeError::TooLarge { size, limit });
+                }
+                msg.buf.reserve(reserve_hint(len));
+                Ok(())
+            }
+            (_, Some(_)) => Err(ProtocolError::ExpectedContinuation.into()),
+            (op, None) => {
+                if len > limit {
+                    return Err(DecodeError::TooLarge { size: len, limit });
+                }
+                let _ = fin;
+                self.msg = Some(Partial {
+                    text: op == OpCode::Text,
+                    buf: Vec::with_capacity(reserve_hint(len)),
+                    utf8_ok: 0,
+                    frames: 1,
+                });
+                Ok(())
+            }
+        }
+    }
+
+    /// A frame's payload is complete: produce what it finishes, if anything.
+    fn finish_frame(&mut self, opcode: OpCode, fin: bool) -> Result<Option<Incoming>, DecodeError> {
+        match opcode {
+            OpCode::Ping => Ok(Some(Incoming::Ping(std::mem::take(&mut self.control)))),
+            OpCode::Pong => Ok(Some(Incoming::Pong(std::mem::take(&mut self.control)))),
+            OpCode::Close => {
+                let payload = std::mem::take(&mut self.control);
+                parse_close(&payload).map(|c| Some(Incoming::Close(c)))
+            }
+            _ if !fin => Ok(None),
+            _ => {
+                let Some(msg) = self.msg.take() else {
+                    return Err(ProtocolError::UnexpectedContinuation.into());
+                };
+                if msg.text {
+                    // TODO: fragmented text is validated twice (incrementally,
+                    // then here) because turning checked bytes into a String
+                    // without a second pass needs `unsafe`; costs one extra
+                    // pass over fragmented text only.
+                    String::from_utf8(msg.buf)
+                        .map(|s| Some(Incoming::Message(Message::Text(s))))
+                        .map_err(|_| ProtocolError::InvalidUtf8.into())
+                } else {
+                    Ok(Some(Incoming::Message(Message::Binary(msg.buf))))
+                }
+            }
+        }
+    }
+}
+
+/// How much to reserve for a payload announced as `len` bytes: all of it
+/// when small, a bounded amount when large, so a header alone cannot make
+/// the server allocate megabytes.
+fn reserve_hint(len: u64) -> usize {
+    len.min(256 * 1024) as usize
+}
+
+/// Advance `msg.utf8_ok` over newly added bytes, failing on the first
+/// invalid sequence. An incomplete sequence at the end is left for later.
+fn check_utf8_prefix(msg: &mut Partial) -> Result<(), DecodeError> {
+    match std::str::from_utf8(&msg.buf[msg.utf8_ok..]) {
+        Ok(_) => {
+            msg.utf8_ok = msg.buf.len();
+            Ok(())
+        }
+        Err(e) if e.error_len().is_some() => Err(ProtocolError::InvalidUtf8.into()),
+        Err(e) => {
+            msg.utf8_ok += e.valid_up_to();
+            Ok(())
+        }
+    }
+}
+
+/// Parse a close frame's payload (RFC 6455 section 5.5.1).
+pub fn parse_close(payload: &[u8]) -> Result<Option<CloseFrame>, DecodeError> {
+    match payload {
+        [] => Ok(None),
+        [_] => Err(ProtocolError::InvalidClosePayload.into()),
+        [hi, lo, reason @ ..] => {
+            let code = CloseCode::new(u16::from_be_bytes([*hi, *lo]));
+            if !code.is_sendable() {
+                return Err(ProtocolError::InvalidCloseCode(code.as_u16()).into());
+            }
+            let reason = std::str::from_utf8(reason).map_err(|_| ProtocolError::InvalidUtf8)?;
+            Ok(Some(CloseFrame::new(code, reason)))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const KEY: [u8; 4] = [0x37, 0xFA, 0x21, 0x3D];
+
+    /// A masked client frame.
+    fn frame(first: u8, payload: &[u8]) -> Vec<u8> {
+        let mut out = vec![first];
+        let len = payload.len();
+        if len < 126 {
+            out.push(0x80 | len as u8);
+        } else if len <= 0xFFFF {
+            out.push(0x80 | 126);
+            out.extend_from_slice(&(len as u16).to_be_bytes());
+        } else {
+            out.push(0x80 | 127);
+            out.extend_from_slice(&(len as u64).to_be_bytes());
+        }
+        out.extend_from_slice(&KEY);
+        let start = out.len();
+        out.extend_from_slice(payload);
+        apply_mask(&mut out[start..], KEY, 0);
+        out
+    }
+
+    /// Decode everything, returning items and the first error.
+    fn run(d: &mut Decoder, mut input: &[u8]) -> (Vec<Incoming>, Option<DecodeError>) {
+        let mut items = Vec::new();
+        loop {
+            match d.decode(&mut input) {
+                Ok(Some(i)) => items.push(i),
+                Ok(None) => return (items, None),
+                Err(e) => return (items, Some(e)),
+            }
+        }
+    }
+
+    fn decode_all(input: &[u8]) -> (Vec<Incoming>, Option<DecodeError>) {
+        run(&mut Decoder::new(Limits::default()), input)
+    }
+
+    fn text(s: &str) -> Incoming {
+        Incoming::Message(Message::Text(s.into()))
+    }
+
+    #[test]
+    fn single_text_and_binary() {
+        let mut wire = frame(0x81, b"hello");
+        wire.extend(frame(0x82, &[0, 1, 2]));
+        let (items, err) = decode_all(&wire);
+        assert_eq!(err, None);
+        assert_eq!(
+            items,
+            vec![
+                text("hello"),
+                Incoming::Message(Message::Binary(vec![0, 1, 2]))
+            ]
+        );
+    }
+
+    #[test]
+    fn byte_by_byte_equals_all_at_once() {
+        let payload: Vec<u8> = (0..70_000u32).map(|i| (i % 251) as u8).collect();
+        let mut wire = frame(0x02, &payload[..1000]);
+        wire.extend(frame(0x89, b"ping!"));
+        wire.extend(frame(0x80, &payload[1000..]));
+        wire.extend(frame(0x81, "ünïcödé".as_bytes()));
+        let (whole, err) = decode_all(&wire);
+        assert_eq!(err, None);
+        let mut d = Decoder::new(Limits::default());
+        let mut pieces = Vec::new();
+        for b in &wire {
+            let (items, err) = run(&mut d, std::slice::from_ref(b));
+            assert_eq!(err, None);
+            pieces.extend(items);
+        }
+        assert_eq!(whole, pieces);
+        assert_eq!(
+            whole,
+            vec![
+                Incoming::Ping(b"ping!".to_vec()),
+                Incoming::Message(Message::Binary(payload)),
+                text("ünïcödé"),
+            ]
+        );
+    }
+
+    #[test]
+    fn fragmented_text_with_interleaved_control() {
+        let mut wire = frame(0x01, b"fra");
+        wire.extend(frame(0x8A, b"pong"));
+        wire.extend(frame(0x00, b"gmen"));
+        wire.extend(frame(0x80, b"ted"));
+        let (items, err) = decode_all(&wire);
+        assert_eq!(err, None);
+        assert_eq!(
+            items,
+            vec![Incoming::Pong(b"pong".to_vec()), text("fragmented")]
+        );
+    }
+
+    #[test]
+    fn empty_fragments_and_messages() {
+        let mut wire = frame(0x01, b"");
+        wire.extend(frame(0x00, b""));
+        wire.extend(frame(0x80, b""));
+        wire.extend(frame(0x82, b""));
+        let (items, err) = decode_all(&wire);
+        assert_eq!(err, None);
+        assert_eq!(
+            items,
+            vec![text(""), Incoming::Message(Message::Binary(vec![]))]
+        );
+    }
+
+    #[test]
+    fn sequence_errors() {
+        let (_, err) = decode_all(&frame(0x80, b"x"));
+        assert_eq!(err, Some(ProtocolError::UnexpectedContinuation.into()));
+        let mut wire = frame(0x01, b"a");
+        wire.extend(frame(0x81, b"b"));
+        let (_, err) = decode_all(&wire);
+        assert_eq!(err, Some(ProtocolError::ExpectedContinuation.into()));
+    }
+
+    #[test]
+    fn unmasked_frame_is_refused() {
+        let (_, err) = decode_all(&[0x81, 0x01, b'a']);
+        assert_eq!(err, Some(ProtocolError::UnmaskedFrame.into()));
+    }
+
+    #[test]
+    fn utf8_fails_fast_inside_a_fragmented_message() {
+        // The first fragment is valid; the second has an invalid byte; the
+        // message is never finished. The error must come without the end.
+        let mut wire = frame(0x01, "κόσμε".as_bytes());
+        wire.extend(frame(
+            0x00,
+            &[
+                0xCE, 0xBA, 0xE1, 0xBD, 0xB9, 0xCF, 0x83, 0xCE, 0xBC, 0xCE, 0xB5, 0xED, 0xA0, 0x80,
+            ],
+        ));
+        let (items, err) = decode_all(&wire);
+        assert!(items.is_empty());
+        assert_eq!(err, Some(ProtocolError::InvalidUtf8.into()));
+    }
+
+    #[test]
+    fn utf8_fails_fast_inside_one_frame_arriving_in_pieces() {
+        let wire = frame(0x81, &[b'a', b'b', 0xFF, b'c', b'd', b'e']);
+        let mut d = Decoder::new(Limits::default());
+        // Header plus "ab" and the bad byte: the error must come now, not
+        // when the frame's last bytes arrive.
+        let (_, err) = run(&mut d, &wire[..9]);
+        assert_eq!(err, Some(ProtocolError::InvalidUtf8.into()));
+    }
+
+    #[test]
+    fn utf8_split_code_point_across_fragments_is_fine() {
+        let s = "€uro";
+        let b = s.as_bytes();
+        let mut wire = frame(0x01, &b[..1]);
+        wire.extend(frame(0x00, &b[1..2]));
+        wire.extend(frame(0x80, &b[2..]));
+        assert_eq!(decode_all(&wire), (vec![text(s)], None));
+    }
+
+    #[test]
+    fn utf8_truncated_at_message_end() {
+        let (_, err) = decode_all(&frame(0x81, &[b'a', 0xE2, 0x82]));
+        assert_eq!(err, Some(ProtocolError::InvalidUtf8.into()));
+        let mut wire = frame(0x01, b"a");
+        wire.extend(frame(0x80, &[0xE2, 0x82]));
+        let (_, err) = decode_all(&wire);
+        assert_eq!(err, Some(ProtocolError::InvalidUtf8.into()));
+    }
+
+    #[test]
+    fn utf8_edge_cases() {
+        let valid: [&[u8]; 5] = [
+            &[0x7F],
+            &[0xDF, 0xBF],
+            &[0xEF, 0xBF, 0xBF],
+            &[0xF4, 0x8F, 0xBF, 0xBF],
+            &[0xF0, 0x90, 0x80, 0x80],
+        ];
+        for v in valid {
+            assert_eq!(decode_all(&frame(0x81, v)).1, None, "{v:?}");
+        }
+        let invalid: [&[u8]; 7] = [
+            &[0xC0, 0x80],             // overlong NUL
+            &[0xED, 0xA0, 0x80],       // surrogate
+            &[0xF4, 0x90, 0x80, 0x80], // above U+10FFFF
+            &[0xF8, 0x88, 0x80, 0x80, 0x80],
+            &[0x80],
+            &[0xFE],
+            &[0xE0, 0x80, 0xAF], // overlong
+        ];
+        for v in invalid {
+            assert_eq!(
+                decode_all(&frame(0x81, v)).1,
+                Some(ProtocolError::InvalidUtf8.into()),
+                "{v:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn close_frames() {
+        assert_eq!(
+            decode_all(&frame(0x88, b"")),
+            (vec![Incoming::Close(None)], None)
+        );
+        let mut p = 1000u16.to_be_bytes().to_vec();
+        p.extend_from_slice(b"bye");
+        assert_eq!(
+            decode_all(&frame(0x88, &p)),
+            (
+                vec![Incoming::Close(Some(CloseFrame::new(
+                    CloseCode::NORMAL,
+                    "bye"
+                )))],
+                None
+            )
+        );
+        assert_eq!(
+            decode_all(&frame(0x88, &[3])).1,
+            Some(ProtocolError::InvalidClosePayload.into())
+        );
+        for bad in [
+            0u16, 999, 1004, 1005, 1006, 1015, 1016, 1100, 2000, 2999, 5000,
+        ] {
+            assert_eq!(
+                decode_all(&frame(0x88, &bad.to_be_bytes())).1,
+                Some(ProtocolError::InvalidCloseCode(bad).into()),
+                "{bad}"
+            );
+        }
+        for good in [
+            1000u16, 1001, 1002, 1003, 1007, 1008, 1009, 1010, 1011, 3000, 3999, 4000, 4999,
+        ] {
+            assert_eq!(
+                decode_all(&frame(0x88, &good.to_be_bytes())).1,
+                None,
+                "{good}"
+            );
+        }
+        let mut p = 1000u16.to_be_bytes().to_vec();
+        p.extend_from_slice(&[0xFF, 0xFE]);
+        assert_eq!(
+            decode_all(&frame(0x88, &p)).1,
+            Some(ProtocolError::InvalidUtf8.into())
+        );
+    }
+
+    #[test]
+    fn control_frame_rules() {
+        assert_eq!(
+            decode_all(&frame(0x89, &[0; 126])).1,
+            Some(ProtocolError::ControlFrameTooLong.into())
+        );
+        assert_eq!(
+            decode_all(&frame(0x09, b"")).1,
+            Some(ProtocolError::FragmentedControlFrame.into())
+        );
+        assert_eq!(
+            decode_all(&frame(0x89, &[7; 125])),
+            (vec![Incoming::Ping(vec![7; 125])], None)
+        );
+    }
+
+    #[test]
+    fn limits() {
+        let limits = Limits {
+            max_message_size: 10,
+            max_frame_size: 6,
+            max_fragments: 3,
+        };
+        let (_, err) = run(&mut Decoder::new(limits), &frame(0x82, &[0; 7]));
+        assert_eq!(err, Some(DecodeError::TooLarge { size: 7, limit: 6 }));
+        let mut wire = frame(0x02, &[0; 6]);
+        wire.extend(frame(0x80, &[0; 5]));
+        let (_, err) = run(&mut Decoder::new(limits), &wire);
+        assert_eq!(
+            err,
+            Some(DecodeError::TooLarge {
+                size: 11,
+                limit: 10
+            })
+        );
+        let mut wire = frame(0x02, &[0; 1]);
+        for _ in 0..3 {
+            wire.extend(frame(0x00, &[0; 1]));
+        }
+        let (_, err) = run(&mut Decoder::new(limits), &wire);
+        assert_eq!(err, Some(ProtocolError::TooManyFragments.into()));
+        // The limit is checked from the header alone: no payload needed.
+        let (_, err) = run(&mut Decoder::new(limits), &frame(0x82, &[0; 100])[..8]);
+        assert_eq!(
+            err,
+            Some(DecodeError::TooLarge {
+                size: 100,
+                limit: 6
+            })
+        );
+    }
+
+    #[test]
+    fn reserved_bits_and_opcodes() {
+        assert_eq!(
+            decode_all(&frame(0xC1, b"x")).1,
+            Some(ProtocolError::ReservedBits.into())
+        );
+        assert_eq!(
+            decode_all(&frame(0x83, b"")).1,
+            Some(ProtocolError::ReservedOpcode(3).into())
+        );
+        assert_eq!(
+            decode_all(&frame(0x8F, b"")).1,
+            Some(ProtocolError::ReservedOpcode(15).into())
+        );
+    }
+
+    #[test]
+    fn messages_before_an_error_are_delivered() {
+        let mut wire = frame(0x81, b"one");
+        wire.extend(frame(0x81, b"two"));
+        wire.extend(frame(0xF1, b"bad"));
+        let (items, err) = decode_all(&wire);
+        assert_eq!(items, vec![text("one"), text("two")]);
+        assert_eq!(err, Some(ProtocolError::ReservedBits.into()));
+    }
+
+    #[test]
+    fn idle_decoder_holds_no_heap() {
+        let mut d = Decoder::new(Limits::default());
+        let (items, _) = run(&mut d, &frame(0x82, &[1; 5000]));
+        assert_eq!(items.len(), 1);
+        assert!(!d.is_mid_message());
+        assert_eq!(d.buffered(), 0);
+    }
+}

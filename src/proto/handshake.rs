@@ -1,0 +1,513 @@
+//! The opening handshake (RFC 6455 section 4.2): upgrade request in,
+//! `101` or an HTTP error out.
+
+use std::fmt;
+use std::net::SocketAddr;
+
+use base64::Engine;
+use sha1::{Digest, Sha1};
+
+/// The GUID every `Sec-WebSocket-Accept` is derived with.
+const GUID: &str = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11";
+
+/// Most header lines a request may carry.
+pub const MAX_HEADERS: usize = 64;
+
+/// A parsed upgrade request, handed to the client-init strategy.
+///
+/// Only the strategy sees it; it is not kept once the handshake is over.
+#[derive(Debug, Clone)]
+pub struct Request {
+    method: String,
+    path: String,
+    query: Option<String>,
+    headers: Vec<(String, Vec<u8>)>,
+    peer_addr: Option<SocketAddr>,
+    key: String,
+}
+
+impl Request {
+    /// The HTTP method (always `GET` for a request that reached the
+    /// strategy).
+    pub fn method(&self) -> &str {
+        &self.method
+    }
+
+    /// The path of the request target, without the query.
+    pub fn path(&self) -> &str {
+        &self.path
+    }
+
+    /// The raw query string (after `?`), if any.
+    pub fn query(&self) -> Option<&str> {
+        self.query.as_deref()
+    }
+
+    /// The value of query parameter `name`, percent-decoded (`+` is a
+    /// space). `None` if absent or not UTF-8 once decoded.
+    pub fn query_param(&self, name: &str) -> Option<String> {
+        self.query.as_deref()?.split('&').find_map(|pair| {
+            let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+            (percent_decode(k)? == name)
+                .then(|| percent_decode(v))
+                .flatten()
+        })
+    }
+
+    /// The first header named `name` (case-insensitive), if its value is
+    /// UTF-8.
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name))
+            .and_then(|(_, v)| std::str::from_utf8(v).ok())
+    }
+
+    /// Every header as name and raw value, in the order received.
+    pub fn headers(&self) -> impl Iterator<Item = (&str, &[u8])> {
+        self.headers.iter().map(|(n, v)| (n.as_str(), v.as_slice()))
+    }
+
+    /// The value of cookie `name` from the `Cookie` headers.
+    pub fn cookie(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .filter(|(n, _)| n.eq_ignore_ascii_case("cookie"))
+            .filter_map(|(_, v)| std::str::from_utf8(v).ok())
+            .flat_map(|v| v.split(';'))
+            .find_map(|c| {
+                let (k, v) = c.trim().split_once('=')?;
+                (k.trim() == name).then(|| v.trim().trim_matches('"'))
+            })
+    }
+
+    /// The client's address.
+    pub fn peer_addr(&self) -> Option<SocketAddr> {
+        self.peer_addr
+    }
+
+    pub(crate) fn set_peer_addr(&mut self, addr: SocketAddr) {
+        self.peer_addr = Some(addr);
+    }
+
+    /// The `Sec-WebSocket-Key` the client sent.
+    pub fn key(&self) -> &str {
+        &self.key
+    }
+}
+
+/// An HTTP refusal: status, headers and body. The client-init strategy
+/// returns one to turn a client away.
+///
+/// ```
+/// # use enjent::Reject;
+/// let r = Reject::new(403).body("no name given").header("X-Why", "name");
+/// assert_eq!(r.status(), 403);
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reject {
+    status: u16,
+    headers: Vec<(String, String)>,
+    body: String,
+}
+
+impl Reject {
+    /// A refusal with this status code and an empty body.
+    pub fn new(status: u16) -> Reject {
+        Reject {
+            status,
+            headers: Vec::new(),
+            body: String::new(),
+        }
+    }
+
+    /// 400 Bad Request with `why` as the body.
+    pub fn bad_request(why: impl Into<String>) -> Reject {
+        Reject::new(400).body(why)
+    }
+
+    /// 403 Forbidden with `why` as the body.
+    pub fn forbidden(why: impl Into<String>) -> Reject {
+        Reject::new(403).body(why)
+    }
+
+    /// Set the body (sent as `text/plain`).
+    pub fn body(mut self, body: impl Into<String>) -> Reject {
+        self.body = body.into();
+        self
+    }
+
+    /// Add a response header. Names or values with CR or LF are dropped.
+    pub fn header(mut self, name: impl Into<String>, value: impl Into<String>) -> Reject {
+        let (name, value) = (name.into(), value.into());
+        if !name.contains(['\r', '\n']) && !value.contains(['\r', '\n']) {
+            self.headers.push((name, value));
+        }
+        self
+    }
+
+    /// The status code.
+    pub fn status(&self) -> u16 {
+        self.status
+    }
+
+    /// The body.
+    pub fn body_text(&self) -> &str {
+        &self.body
+    }
+
+    /// The full HTTP response, ending the connection.
+    pub fn to_response(&self) -> Vec<u8> {
+        let status = if (100..=999).contains(&self.status) && self.status != 101 {
+            self.status
+        } else {
+            500
+        };
+        let mut out = format!(
+            "HTTP/1.1 {} {}\r\nConnection: close\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: {}\r\n",
+            status,
+            reason_phrase(status),
+            self.body.len()
+        );
+        for (n, v) in &self.headers {
+            out.push_str(n);
+            out.push_str(": ");
+            out.push_str(v);
+            out.push_str("\r\n");
+        }
+        out.push_str("\r\n");
+        out.push_str(&self.body);
+        out.into_bytes()
+    }
+}
+
+impl fmt::Display for Reject {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} {}", self.status, reason_phrase(self.status))
+    }
+}
+
+fn reason_phrase(status: u16) -> &'static str {
+    match status {
+        400 => "Bad Request",
+        401 => "Unauthorized",
+        403 => "Forbidden",
+        404 => "Not Found",
+        405 => "Method Not Allowed",
+        408 => "Request Timeout",
+        426 => "Upgrade Required",
+        429 => "Too Many Requests",
+        431 => "Request Header Fields Too Large",
+        500 => "Internal Server Error",
+        503 => "Service Unavailable",
+        _ => "Error",
+    }
+}
+
+/// Parse an upgrade request from the bytes received so far.
+///
+/// Returns `Ok(None)` while the request is incomplete; otherwise the
+/// request and its length in bytes (what follows is frame data), or the
+/// HTTP refusal to answer with.
+///
+/// ```
+/// # use enjent::proto::handshake::parse_request;
+/// let req = b"GET /chat?room=1 HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n\
+///             Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\
+///             Sec-WebSocket-Version: 13\r\n\r\n";
+/// let (r, n) = parse_request(req, 8192).unwrap().unwrap();
+/// assert_eq!((r.path(), r.query(), n), ("/chat", Some("room=1"), req.len()));
+/// assert!(parse_request(&req[..20], 8192).unwrap().is_none());
+/// ```
+pub fn parse_request(buf: &[u8], max_bytes: usize) -> Result<Option<(Request, usize)>, Reject> {
+    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut req = httparse::Request::new(&mut headers);
+    let len = match req.parse(buf) {
+        Ok(httparse::Status::Complete(n)) => n,
+        Ok(httparse::Status::Partial) if buf.len() >= max_bytes => {
+            return Err(Reject::new(431).body("request headers too large"));
+        }
+        Ok(httparse::Status::Partial) => return Ok(None),
+        Err(httparse::Error::TooManyHeaders) => {
+            return Err(Reject::new(431).body("too many request headers"));
+        }
+        Err(e) => return Err(Reject::bad_request(format!("malformed request: {e}"))),
+    };
+    if len > max_bytes {
+        return Err(Reject::new(431).body("request headers too large"));
+    }
+    let method = req.method.unwrap_or_default();
+    if method != "GET" {
+        return Err(Reject::new(405)
+            .header("Allow", "GET")
+            .body("websocket upgrades use GET"));
+    }
+    if req.version != Some(1) {
+        return Err(Reject::bad_request("websocket upgrades need HTTP/1.1"));
+    }
+    let get = |name: &str| {
+        req.headers
+            .iter()
+            .find(|h| h.name.eq_ignore_ascii_case(name))
+            .map(|h| h.value)
+    };
+    let has_token = |name: &str, token: &str| {
+        req.headers
+            .iter()
+            .filter(|h| h.name.eq_ignore_ascii_case(name))
+            .filter_map(|h| std::str::from_utf8(h.value).ok())
+            .flat_map(|v| v.split(','))
+            .any(|t| t.trim().eq_ignore_ascii_case(token))
+    };
+    if get("Host").is_none() {
+        return Err(Reject::bad_request("missing Host header"));
+    }
+    if get("Upgrade").is_none() {
+        return Err(Reject::new(426)
+            .header("Upgrade", "websocket")
+            .header("Sec-WebSocket-Version", "13")
+            .body("this endpoint speaks websocket"));
+    }
+    if !has_token("Upgrade", "websocket") {
+        return Err(Reject::bad_request("Upgrade header must be websocket"));
+    }
+    if !has_token("Connection", "upgrade") {
+        return Err(Reject::bad_request(
+            "Connection header must include Upgrade",
+        ));
+    }
+    match get("Sec-WebSocket-Version") {
+        None => return Err(Reject::bad_request("missing Sec-WebSocket-Version header")),
+        Some(v) if v.trim_ascii() == b"13" => {}
+        Some(_) => {
+            return Err(Reject::new(426)
+                .header("Sec-WebSocket-Version", "13")
+                .body("unsupported websocket version"));
+        }
+    }
+    let key = get("Sec-WebSocket-Key")
+        .and_then(|k| std::str::from_utf8(k).ok())
+        .map(str::trim)
+        .filter(|k| {
+            base64::engine::general_purpose::STANDARD
+                .decode(k)
+                .is_ok_and(|raw| raw.len() == 16)
+        })
+        .ok_or_else(|| Reject::bad_request("missing or malformed Sec-WebSocket-Key"))?
+        .to_owned();
+    let target = req.path.unwrap_or("/");
+    let (path, query) = match target.split_once('?') {
+        Some((p, q)) => (p.to_owned(), Some(q.to_owned())),
+        None => (target.to_owned(), None),
+    };
+    let headers = req
+        .headers
+        .iter()
+        .map(|h| (h.name.to_owned(), h.value.to_vec()))
+        .collect();
+    Ok(Some((
+        Request {
+            method: method.to_owned(),
+            path,
+            query,
+            headers,
+            peer_addr: None,
+            key,
+        },
+        len,
+    )))
+}
+
+/// `Sec-WebSocket-Accept` for a client's key.
+///
+/// ```
+/// // The example from RFC 6455 section 1.3.
+/// assert_eq!(
+///     enjent::proto::handshake::accept_key("dGhlIHNhbXBsZSBub25jZQ=="),
+///     "s3pPLMBiTxaQ9kYGzzhZRbK+xOo="
+/// );
+/// ```
+pub fn accept_key(key: &str) -> String {
+    let mut sha = Sha1::new();
+    sha.update(key.as_bytes());
+    sha.update(GUID.as_bytes());
+    base64::engine::general_purpose::STANDARD.encode(sha.finalize())
+}
+
+/// The `101 Switching Protocols` response for `key`, with extra headers.
+pub fn accept_response(key: &str, extra: &[(String, String)]) -> Vec<u8> {
+    let mut out = String::with_capacity(160);
+    out.push_str("HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: ");
+    out.push_str(&accept_key(key));
+    out.push_str("\r\n");
+    for (n, v) in extra {
+        out.push_str(n);
+        out.push_str(": ");
+        out.push_str(v);
+        out.push_str("\r\n");
+    }
+    out.push_str("\r\n");
+    out.into_bytes()
+}
+
+/// Decode `%XX` escapes and `+`; `None` if the result is not UTF-8 or an
+/// escape is malformed.
+fn percent_decode(s: &str) -> Option<String> {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        match b[i] {
+            b'+' => out.push(b' '),
+            b'%' => {
+                let hex = b.get(i + 1..i + 3)?;
+                let hex = std::str::from_utf8(hex).ok()?;
+                out.push(u8::from_str_radix(hex, 16).ok()?);
+                i += 2;
+            }
+            c => out.push(c),
+        }
+        i += 1;
+    }
+    String::from_utf8(out).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = "GET /chat?name=ann%20b&x HTTP/1.1\r\nHost: localhost\r\nUpgrade: WebSocket\r\nConnection: keep-alive, Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\nCookie: a=1; session=\"xyz\"\r\n\r\n";
+
+    fn status(req: &str) -> u16 {
+        parse_request(req.as_bytes(), 8192).unwrap_err().status()
+    }
+
+    macro_rules! refused {
+        ($name:ident, $from:expr, $to:expr, $status:expr) => {
+            #[test]
+            fn $name() {
+                assert_eq!(status(&GOOD.replacen($from, $to, 1)), $status);
+            }
+        };
+    }
+
+    #[test]
+    fn good_request() {
+        let (r, n) = parse_request(GOOD.as_bytes(), 8192).unwrap().unwrap();
+        assert_eq!(n, GOOD.len());
+        assert_eq!(r.method(), "GET");
+        assert_eq!(r.path(), "/chat");
+        assert_eq!(r.query_param("name").as_deref(), Some("ann b"));
+        assert_eq!(r.query_param("x").as_deref(), Some(""));
+        assert_eq!(r.query_param("y"), None);
+        assert_eq!(r.header("host"), Some("localhost"));
+        assert_eq!(r.cookie("session"), Some("xyz"));
+        assert_eq!(r.cookie("a"), Some("1"));
+        assert_eq!(r.cookie("b"), None);
+        assert_eq!(r.headers().count(), 6);
+    }
+
+    #[test]
+    fn trailing_frame_bytes_are_not_consumed() {
+        let mut bytes = GOOD.as_bytes().to_vec();
+        bytes.extend_from_slice(&[0x81, 0x80, 0, 0, 0, 0]);
+        let (_, n) = parse_request(&bytes, 8192).unwrap().unwrap();
+        assert_eq!(n, GOOD.len());
+    }
+
+    #[test]
+    fn every_prefix_is_partial() {
+        for cut in 0..GOOD.len() {
+            assert!(
+                parse_request(&GOOD.as_bytes()[..cut], 8192)
+                    .unwrap()
+                    .is_none(),
+                "{cut}"
+            );
+        }
+    }
+
+    refused!(post, "GET", "POST", 405);
+    refused!(http10, "HTTP/1.1", "HTTP/1.0", 400);
+    refused!(no_host, "Host: localhost\r\n", "", 400);
+    refused!(no_upgrade, "Upgrade: WebSocket\r\n", "", 426);
+    refused!(wrong_upgrade, "Upgrade: WebSocket", "Upgrade: h2c", 400);
+    refused!(
+        no_connection,
+        "Connection: keep-alive, Upgrade",
+        "Connection: keep-alive",
+        400
+    );
+    refused!(version_8, "Version: 13", "Version: 8", 426);
+    refused!(no_version, "Sec-WebSocket-Version: 13\r\n", "", 400);
+    refused!(
+        no_key,
+        "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n",
+        "",
+        400
+    );
+    refused!(short_key, "dGhlIHNhbXBsZSBub25jZQ==", "dGhl", 400);
+    refused!(not_http, "GET /chat", "GET /c hat", 400);
+
+    #[test]
+    fn version_426_names_the_supported_version() {
+        let r = parse_request(
+            GOOD.replacen("Version: 13", "Version: 7", 1).as_bytes(),
+            8192,
+        )
+        .unwrap_err();
+        let resp = String::from_utf8(r.to_response()).unwrap();
+        assert!(
+            resp.starts_with("HTTP/1.1 426 Upgrade Required\r\n"),
+            "{resp}"
+        );
+        assert!(resp.contains("\r\nSec-WebSocket-Version: 13\r\n"), "{resp}");
+    }
+
+    #[test]
+    fn oversized_headers_get_431() {
+        let big = GOOD.replacen("Host: localhost", &format!("Host: {}", "a".repeat(9000)), 1);
+        assert_eq!(
+            parse_request(&big.as_bytes()[..8500], 8192)
+                .unwrap_err()
+                .status(),
+            431
+        );
+        assert_eq!(status(&big), 431);
+        let many: String = (0..70).map(|i| format!("X-{i}: y\r\n")).collect();
+        assert_eq!(
+            status(&GOOD.replacen("Host", &format!("{many}Host"), 1)),
+            431
+        );
+    }
+
+    #[test]
+    fn accept_response_has_the_rfc_key() {
+        let resp = String::from_utf8(accept_response("dGhlIHNhbXBsZSBub25jZQ==", &[])).unwrap();
+        assert!(resp.starts_with("HTTP/1.1 101 Switching Protocols\r\n"));
+        assert!(resp.contains("Sec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n"));
+        assert!(resp.ends_with("\r\n\r\n"));
+    }
+
+    #[test]
+    fn reject_response_shape() {
+        let r = Reject::forbidden("go away")
+            .header("Bad\r\nName", "x")
+            .header("X-Ok", "1");
+        let resp = String::from_utf8(r.to_response()).unwrap();
+        assert!(resp.starts_with("HTTP/1.1 403 Forbidden\r\n"));
+        assert!(resp.contains("Content-Length: 7\r\n"));
+        assert!(resp.contains("X-Ok: 1\r\n"));
+        assert!(!resp.contains("Bad"));
+        assert!(resp.ends_with("\r\n\r\ngo away"));
+    }
+
+    #[test]
+    fn percent_decoding() {
+        assert_eq!(percent_decode("a%2Fb+c").as_deref(), Some("a/b c"));
+        assert_eq!(percent_decode("%zz"), None);
+        assert_eq!(percent_decode("%4"), None);
+        assert_eq!(percent_decode("%C3%A9").as_deref(), Some("é"));
+        assert_eq!(percent_decode("%FF"), None);
+    }
+}

@@ -1,0 +1,488 @@
+//! One open connection, and the write path every thread uses.
+//!
+//! Writes happen on the caller's thread. Whoever finds the queue empty
+//! takes the write token, writes without holding the lock, and keeps
+//! flushing what others queued meanwhile until the queue is empty or the
+//! kernel pushes back; then writable interest is armed and a pool job
+//! finishes the rest. The token keeps frames whole and in order without
+//! holding a guard across a socket write.
+
+use std::collections::VecDeque;
+use std::io::{self, IoSlice, Write};
+use std::net::TcpStream;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+use parking_lot::Mutex;
+use polling::Event as Interest;
+
+use crate::client::{Client, SendStatus};
+use crate::error::{Error, Result};
+use crate::message::{CloseCode, CloseFrame, Message};
+use crate::proto::assemble::Limits;
+use crate::proto::conn::Connection;
+use crate::proto::frame::{OpCode, close_payload, encode_header};
+use crate::runtime::Shared;
+
+/// Bytes waiting to be written.
+pub(crate) enum Chunk {
+    /// A frame header, inline.
+    Head([u8; 10], u8),
+    /// Bytes owned by this connection (a payload, a control frame).
+    Owned(Vec<u8>),
+    /// A whole encoded frame shared with other connections (broadcast).
+    Shared(Arc<[u8]>),
+}
+
+impl Chunk {
+    fn bytes(&self) -> &[u8] {
+        match self {
+            Chunk::Head(b, n) => &b[..usize::from(*n)],
+            Chunk::Owned(v) => v,
+            Chunk::Shared(a) => a,
+        }
+    }
+}
+
+/// What kind of frame a write carries.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Data,
+    Control,
+    Close,
+}
+
+/// The read side: touched only by the job that owns the connection.
+pub(crate) struct ReadSide {
+    pub(crate) proto: Connection,
+    pub(crate) last_seen_ms: u64,
+    pub(crate) ping_sent_ms: u64,
+    /// The close frame to report in `Disconnect`, once known.
+    pub(crate) report: Option<CloseFrame>,
+    pub(crate) error: Option<Error>,
+    pub(crate) eof: bool,
+    pub(crate) write_shut: bool,
+}
+
+/// The write side and the job schedule, behind one lock.
+pub(crate) struct WriteSide {
+    pub(crate) queue: VecDeque<Chunk>,
+    /// Bytes of `queue.front()` already written.
+    pub(crate) head: usize,
+    /// Bytes waiting in `queue`.
+    pub(crate) queued: usize,
+    /// A thread holds the write token.
+    pub(crate) writing: bool,
+    /// A pool job owns the connection right now.
+    pub(crate) job_running: bool,
+    /// Something happened while the job ran: it must go round again.
+    pub(crate) job_again: bool,
+    /// The close frame we queued; no data frames may follow it.
+    pub(crate) close_sent: Option<CloseFrame>,
+    /// Server clock (ms) by which the close handshake must be over.
+    pub(crate) close_deadline_ms: u64,
+    pub(crate) write_error: Option<io::ErrorKind>,
+    /// Shutdown ran out of patience: tear down now.
+    pub(crate) force_close: bool,
+    pub(crate) finished: bool,
+}
+
+pub(crate) struct Conn<T> {
+    pub(crate) key: usize,
+    pub(crate) stream: TcpStream,
+    pub(crate) client: Client<T>,
+    pub(crate) read: Mutex<ReadSide>,
+    pub(crate) io: Mutex<WriteSide>,
+    /// Set once our close frame is queued (read lock-free by the job).
+    pub(crate) closing: AtomicBool,
+    /// Server clock (ms) of the timer entry booked for this connection;
+    /// 0 when none.
+    pub(crate) timer_at: AtomicU64,
+}
+
+impl<T: Send + Sync + 'static> Conn<T> {
+    /// A connection fresh from its handshake. Its job is running (the
+    /// handshake job becomes its first service job).
+    pub(crate) fn new(
+        key: usize,
+        stream: TcpStream,
+        client: Client<T>,
+        limits: Limits,
+        now_ms: u64,
+    ) -> Conn<T> {
+        Conn {
+            key,
+            stream,
+            client,
+            read: Mutex::new(ReadSide {
+                proto: Connection::new(limits),
+                last_seen_ms: now_ms,
+                ping_sent_ms: 0,
+                report: None,
+                error: None,
+                eof: false,
+                write_shut: false,
+            }),
+            io: Mutex::new(WriteSide {
+                queue: VecDeque::new(),
+                head: 0,
+                queued: 0,
+                writing: false,
+                job_running: true,
+                job_again: false,
+                close_sent: None,
+                close_deadline_ms: 0,
+                write_error: None,
+                force_close: false,
+                finished: false,
+            }),
+            closing: AtomicBool::new(false),
+            timer_at: AtomicU64::new(0),
+        }
+    }
+
+    pub(crate) fn can_send(&self) -> bool {
+        let w = self.io.lock();
+        !w.finished && w.close_sent.is_none() && w.write_error.is_none()
+    }
+
+    pub(crate) fn send_message(
+        self: &Arc<Self>,
+        shared: &Arc<Shared<T>>,
+        message: Message,
+    ) -> Result<SendStatus> {
+        let mut head = [0u8; 10];
+        let n = encode_header(&mut head, true, message.opcode(), message.len());
+        let body = message.into_bytes();
+        self.write(
+            shared,
+            Chunk::Head(head, n as u8),
+            Some(Chunk::Owned(body)),
+            Kind::Data,
+        )
+    }
+
+    /// Send a frame encoded once for many connections.
+    pub(crate) fn send_shared(
+        self: &Arc<Self>,
+        shared: &Arc<Shared<T>>,
+        frame: &Arc<[u8]>,
+    ) -> Result<SendStatus> {
+        self.write(shared, Chunk::Shared(Arc::clone(frame)), None, Kind::Data)
+    }
+
+    pub(crate) fn send_ping(self: &Arc<Self>, shared: &Arc<Shared<T>>) -> Result<()> {
+        self.send_control(shared, OpCode::Ping, &[])
+    }
+
+    pub(crate) fn send_control(
+        self: &Arc<Self>,
+        shared: &Arc<Shared<T>>,
+        op: OpCode,
+        payload: &[u8],
+    ) -> Result<()> {
+        let mut head = [0u8; 10];
+        let n = encode_header(&mut head, true, op, payload.len());
+        let body = (!payload.is_empty()).then(|| Chunk::Owned(payload.to_vec()));
+        self.write(shared, Chunk::Head(head, n as u8), body, Kind::Control)
+            .map(|_| ())
+    }
+
+    /// Bytes written as-is (the `101` response).
+    pub(crate) fn send_raw(
+        self: &Arc<Self>,
+        shared: &Arc<Shared<T>>,
+        bytes: Vec<u8>,
+    ) -> Result<()> {
+        self.write(shared, Chunk::Owned(bytes), None, Kind::Control)
+            .map(|_| ())
+    }
+
+    /// Queue our close frame (user close, shutdown, or answer to the peer).
+    pub(crate) fn send_close(
+        self: &Arc<Self>,
+        shared: &Arc<Shared<T>>,
+        frame: CloseFrame,
+    ) -> Result<()> {
+        {
+            let mut w = self.io.lock();
+            if w.finished || w.close_sent.is_some() {
+                return Err(Error::Closed);
+            }
+            w.close_sent = Some(frame.clone());
+            w.close_deadline_ms = shared.now_ms() + shared.config.close_timeout.as_millis() as u64;
+        }
+        self.closing.store(true, Ordering::Release);
+        let payload = close_payload(frame.code.as_u16(), &frame.reason);
+        let mut head = [0u8; 10];
+        let n = encode_header(&mut head, true, OpCode::Close, payload.len());
+        self.write(
+            shared,
+            Chunk::Head(head, n as u8),
+            Some(Chunk::Owned(payload)),
+            Kind::Close,
+        )
+        .map(|_| ())
+    }
+
+    /// User-initiated close: validate, queue the close frame, and make sure
+    /// a job books the close deadline.
+    pub(crate) fn close(
+        self: &Arc<Self>,
+        shared: &Arc<Shared<T>>,
+        code: CloseCode,
+        reason: &str,
+    ) -> Result<()> {
+        if !code.is_sendable() {
+            return Err(Error::InvalidInput("close code may not be sent"));
+        }
+        if reason.len() > 123 {
+            return Err(Error::InvalidInput("close reason over 123 bytes"));
+        }
+        self.send_close(shared, CloseFrame::new(code, reason))?;
+        schedule(shared, self);
+        Ok(())
+    }
+
+    /// Tear down at the next job, whatever state the connection is in.
+    pub(crate) fn force_close(self: &Arc<Self>, shared: &Arc<Shared<T>>) {
+        self.io.lock().force_close = true;
+        schedule(shared, self);
+    }
+
+    fn write(
+        self: &Arc<Self>,
+        shared: &Arc<Shared<T>>,
+        head: Chunk,
+        body: Option<Chunk>,
+        kind: Kind,
+    ) -> Result<SendStatus> {
+        let len = head.bytes().len() + body.as_ref().map_or(0, |b| b.bytes().len());
+        let mut w = self.io.lock();
+        if w.finished || w.write_error.is_some() {
+            return Err(Error::Closed);
+        }
+        // A close frame has set close_sent just before coming here; every
+        // other frame stops once it is queued.
+        if kind != Kind::Close && w.close_sent.is_some() {
+            return Err(Error::Closed);
+        }
+        if w.writing || !w.queue.is_empty() {
+            let limit = shared.config.max_backpressure;
+            if kind == Kind::Data && w.queued > 0 && w.queued + len > limit {
+                return Err(Error::Backpressure {
+                    queued: w.queued,
+                    limit,
+                });
+            }
+            w.queue.push_back(head);
+            if let Some(b) = body {
+                w.queue.push_back(b);
+            }
+            w.queued += len;
+            return Ok(SendStatus::Queued);
+        }
+        w.writing = true;
+        drop(w);
+
+        let result = {
+            let parts = [
+                IoSlice::new(head.bytes()),
+                IoSlice::new(body.as_ref().map_or(&[][..], |b| b.bytes())),
+            ];
+            write_vectored(&self.stream, &parts)
+        };
+        let mut w = self.io.lock();
+        let status = match result {
+            Ok(n) if n == len => SendStatus::Written,
+            Ok(n) => {
+                // Put what is left in front of anything queued meanwhile.
+                let head_len = head.bytes().len();
+                if let Some(b) = body {
+                    w.queue.push_front(b);
+                }
+                let skip = if n < head_len {
+                    w.queue.push_front(head);
+                    n
+                } else {
+                    n - head_len
+                };
+                w.head = skip;
+                w.queued += len - n;
+                SendStatus::Queued
+            }
+            Err(e) => {
+                w.write_error = Some(e.kind());
+                SendStatus::Queued
+            }
+        };
+        self.flush_holding_token(shared, w);
+        match status {
+            SendStatus::Queued if self.io.lock().write_error.is_some() => Err(Error::Closed),
+            s => Ok(s),
+        }
+    }
+
+    /// Flush from a pool job on writable readiness.
+    pub(crate) fn flush_from_job(self: &Arc<Self>, shared: &Arc<Shared<T>>) {
+        let mut w = self.io.lock();
+        if w.writing || w.queue.is_empty() || w.finished {
+            return;
+        }
+        w.writing = true;
+        self.flush_holding_token(shared, w);
+    }
+
+    /// With the token held: write the queue until it is empty, the kernel
+    /// pushes back, or a write fails; then give the token back and make
+    /// sure whatever is left will be flushed.
+    fn flush_holding_token<'a>(
+        self: &'a Arc<Self>,
+        shared: &Arc<Shared<T>>,
+        mut w: parking_lot::MutexGuard<'a, WriteSide>,
+    ) {
+        loop {
+            if w.queue.is_empty() || w.write_error.is_some() || w.finished {
+                break;
+            }
+            let mut queue = std::mem::take(&mut w.queue);
+            let mut head = w.head;
+            drop(w);
+            let result = write_queue(&self.stream, &mut queue, &mut head);
+            w = self.io.lock();
+            let newer = std::mem::replace(&mut w.queue, queue);
+            w.queue.extend(newer);
+            w.head = head;
+            match result {
+                Ok((written, drained)) => {
+                    w.queued -= written.min(w.queued);
+                    if w.queue.is_empty() && w.queue.capacity() > 8 {
+                        // Give back the memory of a queue that grew.
+                        w.queue = VecDeque::new();
+                    }
+                    if !drained {
+                        // The socket is full; writable interest takes over.
+                        break;
+                    }
+                }
+                Err(e) => {
+                    w.write_error = Some(e.kind());
+                    break;
+                }
+            }
+        }
+        w.writing = false;
+        let pending_bytes = !w.queue.is_empty() && w.write_error.is_none() && !w.finished;
+        // The job must run if a write failed, or if our close frame just
+        // left (the close handshake moves on).
+        let needs_job = w.write_error.is_some() || (w.close_sent.is_some() && w.queue.is_empty());
+        if w.job_running {
+            // The job re-arms (and notices errors) when it ends.
+            if needs_job {
+                w.job_again = true;
+            }
+            return;
+        }
+        if needs_job && !w.finished {
+            w.job_running = true;
+            drop(w);
+            spawn_job(shared, self);
+            return;
+        }
+        if pending_bytes {
+            let _ = shared.poller.modify(&self.stream, Interest::all(self.key));
+        }
+    }
+}
+
+/// Write `queue` (the first `*head` bytes of its front already written)
+/// with vectored writes until it is empty or the kernel takes no more.
+/// Returns the bytes written and whether the queue was emptied.
+fn write_queue(
+    stream: &TcpStream,
+    queue: &mut VecDeque<Chunk>,
+    head: &mut usize,
+) -> io::Result<(usize, bool)> {
+    let mut total = 0;
+    while !queue.is_empty() {
+        let mut slices = [IoSlice::new(&[]); 32];
+        let mut n = 0;
+        let mut want = 0;
+        for (i, chunk) in queue.iter().take(slices.len()).enumerate() {
+            let bytes = if i == 0 {
+                &chunk.bytes()[*head..]
+            } else {
+                chunk.bytes()
+            };
+            slices[i] = IoSlice::new(bytes);
+            want += bytes.len();
+            n += 1;
+        }
+        let mut written = match write_vectored(stream, &slices[..n]) {
+            Ok(w) => w,
+            Err(e) => return Err(e),
+        };
+        total += written;
+        let short = written < want;
+        while written > 0 {
+            let Some(front) = queue.front() else { break };
+            let left = front.bytes().len() - *head;
+            if written >= left {
+                written -= left;
+                *head = 0;
+                queue.pop_front();
+            } else {
+                *head += written;
+                written = 0;
+            }
+        }
+        // Drop empty chunks at the front (a zero-length payload).
+        while queue.front().is_some_and(|c| c.bytes().len() == *head) {
+            queue.pop_front();
+            *head = 0;
+        }
+        if short {
+            return Ok((total, queue.is_empty()));
+        }
+    }
+    Ok((total, true))
+}
+
+/// One vectored write, retried on EINTR; `WouldBlock` counts as 0 bytes.
+fn write_vectored(mut stream: &TcpStream, parts: &[IoSlice<'_>]) -> io::Result<usize> {
+    loop {
+        match stream.write_vectored(parts) {
+            Ok(0) if parts.iter().any(|p| !p.is_empty()) => {
+                return Err(io::Error::from(io::ErrorKind::WriteZero));
+            }
+            Ok(n) => return Ok(n),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(0),
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// Make sure a job runs for `conn` soon: start one, or tell the running one
+/// to go round again.
+pub(crate) fn schedule<T: Send + Sync + 'static>(shared: &Arc<Shared<T>>, conn: &Arc<Conn<T>>) {
+    {
+        let mut w = conn.io.lock();
+        if w.finished {
+            return;
+        }
+        if w.job_running {
+            w.job_again = true;
+            return;
+        }
+        w.job_running = true;
+    }
+    spawn_job(shared, conn);
+}
+
+fn spawn_job<T: Send + Sync + 'static>(shared: &Arc<Shared<T>>, conn: &Arc<Conn<T>>) {
+    let (s, c) = (Arc::clone(shared), Arc::clone(conn));
+    shared
+        .pool
+        .execute(move || crate::runtime::worker::service(&s, &c, &[]));
+}

@@ -1,0 +1,86 @@
+//! The readiness loop: one thread waits on one `polling::Poller` and turns
+//! each readiness event into one pool job. Interest is oneshot, so a
+//! connection fires once and stays quiet until its job re-arms it.
+
+// `Poller::add` is unsafe; this module alone may call it.
+#![allow(unsafe_code)]
+
+use std::io;
+use std::net::TcpStream;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use polling::{Event as Interest, Events, Poller};
+
+use crate::proto::handshake::Reject;
+use crate::runtime::Shared;
+use crate::runtime::conn::schedule;
+use crate::runtime::registry::Found;
+use crate::runtime::worker::{abort_handshake, handshake};
+
+/// Register a fresh socket with no interest yet; jobs arm it with
+/// `modify`.
+pub(crate) fn register(poller: &Poller, stream: &TcpStream, key: usize) -> io::Result<()> {
+    // SAFETY: the socket must stay open while registered. Every socket
+    // registered here lives in a registry slot (as a `Pending` or a `Conn`)
+    // and leaves the poller through `Poller::delete` before it is dropped:
+    // `abort_handshake` and `teardown` in worker.rs are the only ways out of
+    // a slot, and both delete first. The fd is closed only when the last
+    // `Arc<Conn>` drops, after that.
+    unsafe { poller.add(stream, Interest::none(key)) }
+}
+
+/// The poller thread's loop, until shutdown sets `poller_stop`.
+pub(crate) fn run<T: Send + Sync + 'static>(shared: Arc<Shared<T>>) {
+    let mut events = Events::new();
+    let mut found = Vec::new();
+    let mut expired = Vec::new();
+    loop {
+        let timeout = shared
+            .timers
+            .next()
+            .map(|at| Duration::from_millis(at.saturating_sub(shared.now_ms())));
+        events.clear();
+        if let Err(e) = shared.poller.wait(&mut events, timeout) {
+            if e.kind() != io::ErrorKind::Interrupted {
+                eprintln!("enjent: poller wait failed: {e}");
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        }
+        if shared.poller_stop.load(Ordering::Acquire) {
+            return;
+        }
+        shared
+            .registry
+            .take_ready(events.iter().map(|e| e.key), &mut found);
+        for f in found.drain(..) {
+            match f {
+                Found::Handshake(p) => {
+                    let s = Arc::clone(&shared);
+                    shared.pool.execute(move || handshake(&s, p));
+                }
+                Found::Open(conn) => schedule(&shared, &conn),
+                Found::Nothing => {}
+            }
+        }
+        shared.timers.expired(shared.now_ms(), &mut expired);
+        for (at, key) in expired.drain(..) {
+            if let Some(conn) = shared.registry.get_key(key) {
+                if conn
+                    .timer_at
+                    .compare_exchange(at, 0, Ordering::AcqRel, Ordering::Acquire)
+                    .is_ok()
+                {
+                    schedule(&shared, &conn);
+                }
+            } else if let Some(p) = shared.registry.take_expired_handshake(key, Instant::now()) {
+                abort_handshake(
+                    &shared,
+                    p,
+                    Some(&Reject::new(408).body("handshake timed out")),
+                );
+            }
+        }
+    }
+}

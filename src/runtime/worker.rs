@@ -1,0 +1,430 @@
+//! Pool jobs: the handshake, and the service job that reads, flushes,
+//! keeps time and tears down. One job at a time owns a connection.
+
+use std::cell::RefCell;
+use std::io::{self, Read, Write};
+use std::net::Shutdown;
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use polling::Event as Interest;
+
+use crate::client::{Client, ClientId};
+use crate::error::Error;
+use crate::message::{CloseCode, CloseFrame};
+use crate::proto::conn::{Output, State};
+use crate::proto::frame::OpCode;
+use crate::proto::handshake::{Reject, accept_response, parse_request};
+use crate::runtime::conn::{Conn, ReadSide};
+use crate::runtime::registry::Pending;
+use crate::runtime::timer::Timers;
+use crate::runtime::{Shared, panic_close};
+
+/// Per-worker read buffer: connections own no read buffer while idle.
+const SCRATCH: usize = 64 * 1024;
+/// Most bytes one job reads from one connection before letting others
+/// have the worker (the poller brings it back at once if more is there).
+const READ_BUDGET: usize = 1 << 20;
+
+thread_local! {
+    static SCRATCH_BUF: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
+}
+
+fn with_scratch<R>(f: impl FnOnce(&mut [u8]) -> R) -> R {
+    SCRATCH_BUF.with(|cell| {
+        let mut buf = cell.borrow_mut();
+        if buf.len() < SCRATCH {
+            buf.resize(SCRATCH, 0);
+        }
+        f(&mut buf)
+    })
+}
+
+/// Read without blocking: `Ok(None)` means nothing there right now.
+fn read_some(mut stream: &std::net::TcpStream, buf: &mut [u8]) -> io::Result<Option<usize>> {
+    loop {
+        match stream.read(buf) {
+            Ok(n) => return Ok(Some(n)),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(None),
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// Give up on a handshake: optionally answer, then close.
+pub(crate) fn abort_handshake<T>(shared: &Shared<T>, p: Box<Pending>, answer: Option<&Reject>) {
+    if let Some(reject) = answer {
+        // Best effort: the socket is non-blocking and the answer small.
+        let _ = (&p.stream).write(&reject.to_response());
+        let _ = p.stream.shutdown(Shutdown::Write);
+    }
+    let _ = shared.poller.delete(&p.stream);
+    shared.registry.remove(p.key, None, p.peer.ip());
+}
+
+/// The handshake job: read what is there, parse, and accept, refuse or
+/// wait for more.
+pub(crate) fn handshake<T: Send + Sync + 'static>(shared: &Arc<Shared<T>>, mut p: Box<Pending>) {
+    if shared.stopping.load(Ordering::Acquire) {
+        return abort_handshake(
+            shared,
+            p,
+            Some(&Reject::new(503).body("server shutting down")),
+        );
+    }
+    let max = shared.config.max_handshake_bytes;
+    let read = with_scratch(|buf| -> io::Result<bool> {
+        loop {
+            match read_some(&p.stream, buf)? {
+                Some(0) => return Ok(false),
+                Some(n) => {
+                    p.buf.extend_from_slice(&buf[..n]);
+                    if p.buf.len() > max || n < buf.len() {
+                        return Ok(true);
+                    }
+                }
+                None => return Ok(true),
+            }
+        }
+    });
+    match read {
+        Ok(true) => {}
+        // The client left or the socket broke before the request was in.
+        Ok(false) | Err(_) => return abort_handshake(shared, p, None),
+    }
+    let (request, used) = match parse_request(&p.buf, max) {
+        Ok(Some(done)) => done,
+        Ok(None) => {
+            let (key, deadline) = (p.key, p.deadline);
+            shared.registry.park(p, |p| {
+                let _ = shared.poller.modify(&p.stream, Interest::readable(p.key));
+            });
+            book_handshake_deadline(shared, key, deadline);
+            return;
+        }
+        Err(reject) => return abort_handshake(shared, p, Some(&reject)),
+    };
+    let mut request = request;
+    request.set_peer_addr(p.peer);
+    let data = match catch_unwind(AssertUnwindSafe(|| (shared.init)(&request))) {
+        Ok(Ok(data)) => data,
+        Ok(Err(reject)) => return abort_handshake(shared, p, Some(&reject)),
+        Err(_) => {
+            eprintln!(
+                "enjent: client-init strategy panicked for {}; answering 500",
+                p.peer
+            );
+            return abort_handshake(shared, p, Some(&Reject::new(500).body("internal error")));
+        }
+    };
+    let response = accept_response(request.key(), &[]);
+    drop(request);
+
+    let id = ClientId::new(shared.next_id.fetch_add(1, Ordering::Relaxed));
+    let Pending {
+        key,
+        stream,
+        peer,
+        buf,
+        ..
+    } = *p;
+    let now = shared.now_ms();
+    let conn = Arc::new_cyclic(|weak| {
+        let client = Client::new(id, peer, data, weak.clone(), Arc::downgrade(shared));
+        Conn::new(key, stream, client, shared.limits, now)
+    });
+    // The 101 goes out before the connection becomes reachable by id, so no
+    // broadcast can overtake it.
+    if conn.send_raw(shared, response).is_err() {
+        let _ = shared.poller.delete(&conn.stream);
+        shared.registry.remove(key, None, peer.ip());
+        return;
+    }
+    shared.registry.open(key, id, Arc::clone(&conn));
+    if !shared.emit_connect(&conn.client) {
+        let (code, reason) = panic_close();
+        let _ = conn.close(shared, code, reason);
+    }
+    // Bytes after the request are the first frames.
+    let leftover = &buf[used..];
+    service(shared, &conn, leftover);
+}
+
+fn book_handshake_deadline<T>(shared: &Shared<T>, key: usize, deadline: std::time::Instant) {
+    let at = deadline
+        .saturating_duration_since(shared.started)
+        .as_millis() as u64;
+    if shared.timers.add(Timers::round(at), key) {
+        let _ = shared.poller.notify();
+    }
+}
+
+/// The service job: flush, read and process, keep time, then re-arm or
+/// tear down. `first` holds bytes that arrived with the handshake.
+pub(crate) fn service<T: Send + Sync + 'static>(
+    shared: &Arc<Shared<T>>,
+    conn: &Arc<Conn<T>>,
+    first: &[u8],
+) {
+    let mut first = first;
+    loop {
+        conn.flush_from_job(shared);
+        let mut r = conn.read.lock();
+        if !first.is_empty() {
+            r.last_seen_ms = shared.now_ms();
+            process(shared, conn, &mut r, first);
+            first = &[];
+        }
+        read_available(shared, conn, &mut r);
+        let now = shared.now_ms();
+        if let Some(done) = progress(shared, conn, &mut r, now) {
+            teardown(shared, conn, &mut r, done);
+            return;
+        }
+        book_timer(shared, conn, &r, now);
+        drop(r);
+
+        let mut w = conn.io.lock();
+        if w.job_again {
+            w.job_again = false;
+            continue;
+        }
+        w.job_running = false;
+        let writable = !w.queue.is_empty() && !w.writing && w.write_error.is_none();
+        let _ = shared
+            .poller
+            .modify(&conn.stream, Interest::new(conn.key, true, writable));
+        return;
+    }
+}
+
+fn read_available<T: Send + Sync + 'static>(
+    shared: &Arc<Shared<T>>,
+    conn: &Arc<Conn<T>>,
+    r: &mut ReadSide,
+) {
+    if r.eof || r.error.as_ref().is_some_and(|e| matches!(e, Error::Io(_))) {
+        return;
+    }
+    with_scratch(|buf| {
+        let mut budget = READ_BUDGET;
+        loop {
+            match read_some(&conn.stream, buf) {
+                Ok(Some(0)) => {
+                    r.eof = true;
+                    return;
+                }
+                Ok(Some(n)) => {
+                    r.last_seen_ms = shared.now_ms();
+                    process(shared, conn, r, &buf[..n]);
+                    budget = budget.saturating_sub(n);
+                    // A short read means the socket is drained (readiness is
+                    // level-triggered, so anything newer re-fires).
+                    if n < buf.len() || budget == 0 {
+                        return;
+                    }
+                }
+                Ok(None) => return,
+                Err(e) => {
+                    if r.error.is_none() {
+                        r.error = Some(Error::Io(e));
+                    }
+                    r.eof = true;
+                    return;
+                }
+            }
+        }
+    });
+}
+
+/// Feed bytes to the protocol and act on what comes out.
+fn process<T: Send + Sync + 'static>(
+    shared: &Arc<Shared<T>>,
+    conn: &Arc<Conn<T>>,
+    r: &mut ReadSide,
+    bytes: &[u8],
+) {
+    if conn.closing.load(Ordering::Acquire) {
+        r.proto.close_sent();
+    }
+    let mut input = bytes;
+    while let Some(out) = r.proto.read(&mut input) {
+        match out {
+            Output::Message(m) => {
+                if !shared.emit_message(&conn.client, m) {
+                    let (code, reason) = panic_close();
+                    let _ = conn.close(shared, code, reason);
+                    r.proto.close_sent();
+                }
+            }
+            Output::SendPong(payload) => {
+                let _ = conn.send_control(shared, OpCode::Pong, &payload);
+            }
+            Output::Pong => {}
+            Output::PeerClosed { frame, reply } => {
+                if let Some(reply) = reply {
+                    r.report =
+                        Some(frame.unwrap_or_else(|| CloseFrame::new(CloseCode::NO_STATUS, "")));
+                    // Fails only if our own close went out first; then the
+                    // peer's close completes the handshake anyway.
+                    let _ = conn.send_close(shared, reply);
+                }
+            }
+            Output::Fail { error, reply } => {
+                r.error = Some(error.into());
+                r.report = Some(reply.clone());
+                let _ = conn.send_close(shared, reply);
+            }
+        }
+    }
+}
+
+/// Move the close handshake and timers along. `Some` means tear down now,
+/// with the I/O error to report, if any.
+fn progress<T: Send + Sync + 'static>(
+    shared: &Arc<Shared<T>>,
+    conn: &Arc<Conn<T>>,
+    r: &mut ReadSide,
+    now: u64,
+) -> Option<Option<Error>> {
+    let (flushed, close_deadline, write_error, force) = {
+        let w = conn.io.lock();
+        (
+            w.queue.is_empty() && !w.writing && w.close_sent.is_some(),
+            w.close_deadline_ms,
+            w.write_error,
+            w.force_close,
+        )
+    };
+    if force {
+        return Some(Some(Error::Closed));
+    }
+    if let Some(kind) = write_error {
+        return Some(Some(Error::Io(kind.into())));
+    }
+    if r.eof {
+        return Some(None);
+    }
+    if flushed {
+        r.proto.reply_flushed();
+    }
+    match r.proto.state() {
+        // Both close frames are exchanged and ours has left: the server
+        // closes the TCP connection first (RFC 6455 section 7.1.1).
+        State::Closed if flushed => return Some(None),
+        // We failed the connection: stop sending, but keep reading (and
+        // discarding) until the peer closes, so that our close frame is not
+        // lost to a reset.
+        State::Failed if flushed && !r.write_shut => {
+            let _ = conn.stream.shutdown(Shutdown::Write);
+            r.write_shut = true;
+        }
+        _ => {}
+    }
+    if close_deadline != 0 && now >= close_deadline {
+        return Some(Some(Error::Io(io::ErrorKind::TimedOut.into())));
+    }
+    if r.proto.state() == State::Open {
+        if let Some(idle) = shared.config.idle_timeout {
+            if now >= r.last_seen_ms + idle.as_millis() as u64 {
+                r.report = Some(CloseFrame::new(CloseCode::GOING_AWAY, "idle timeout"));
+                r.error = Some(Error::Io(io::ErrorKind::TimedOut.into()));
+                let _ = conn.send_close(
+                    shared,
+                    CloseFrame::new(CloseCode::GOING_AWAY, "idle timeout"),
+                );
+                r.proto.close_sent();
+                return None;
+            }
+        }
+        if let Some(every) = shared.config.ping_interval {
+            if now >= r.last_seen_ms + every.as_millis() as u64 && r.ping_sent_ms <= r.last_seen_ms
+            {
+                r.ping_sent_ms = now;
+                let _ = conn.send_ping(shared);
+            }
+        }
+    }
+    None
+}
+
+/// Book the connection's next deadline with the poller's timers.
+fn book_timer<T: Send + Sync + 'static>(
+    shared: &Arc<Shared<T>>,
+    conn: &Arc<Conn<T>>,
+    r: &ReadSide,
+    now: u64,
+) {
+    let mut next = u64::MAX;
+    let close_deadline = conn.io.lock().close_deadline_ms;
+    if close_deadline != 0 {
+        next = next.min(close_deadline);
+    }
+    if r.proto.state() == State::Open {
+        if let Some(idle) = shared.config.idle_timeout {
+            next = next.min(r.last_seen_ms + idle.as_millis() as u64);
+        }
+        if let Some(every) = shared.config.ping_interval {
+            if r.ping_sent_ms <= r.last_seen_ms {
+                next = next.min(r.last_seen_ms + every.as_millis() as u64);
+            }
+        }
+    }
+    if next == u64::MAX {
+        return;
+    }
+    let next = Timers::round(next.max(now + 1));
+    let booked = conn.timer_at.load(Ordering::Acquire);
+    if booked != 0 && booked <= next {
+        return;
+    }
+    conn.timer_at.store(next, Ordering::Release);
+    if shared.timers.add(next, conn.key) {
+        let _ = shared.poller.notify();
+    }
+}
+
+/// The connection is over: leave the registry and the poller, close the
+/// socket, and tell the user, last of all its events.
+fn teardown<T: Send + Sync + 'static>(
+    shared: &Arc<Shared<T>>,
+    conn: &Arc<Conn<T>>,
+    r: &mut ReadSide,
+    io_error: Option<Error>,
+) {
+    let (sent, unsent) = {
+        let mut w = conn.io.lock();
+        w.finished = true;
+        w.job_running = false;
+        let unsent = w.queued;
+        w.queue = Default::default();
+        w.queued = 0;
+        (w.close_sent.clone(), unsent)
+    };
+    let _ = shared.poller.delete(&conn.stream);
+    let _ = conn.stream.shutdown(Shutdown::Both);
+    shared.registry.remove(
+        conn.key,
+        Some(conn.client.id()),
+        conn.client.peer_addr().ip(),
+    );
+
+    let close = r
+        .report
+        .take()
+        .or(sent)
+        .unwrap_or_else(|| CloseFrame::new(CloseCode::ABNORMAL, "connection dropped"));
+    let mut error = r.error.take().or(io_error);
+    if error.is_none() && close.code == CloseCode::ABNORMAL {
+        error = Some(Error::Io(io::ErrorKind::UnexpectedEof.into()));
+    }
+    if unsent > 0 && error.is_none() {
+        error = Some(Error::Io(io::Error::new(
+            io::ErrorKind::BrokenPipe,
+            format!("{unsent} queued bytes were not delivered"),
+        )));
+    }
+    shared.emit_disconnect(&conn.client, close, error);
+}

@@ -1,0 +1,576 @@
+//! `WebSocketServer`, its builder, and the handle other threads use.
+
+use std::fmt;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Weak, mpsc};
+use std::time::{Duration, Instant};
+
+use parking_lot::{Mutex, RwLock};
+use polling::Poller;
+use threadpool::ThreadPool;
+
+use crate::client::{Client, ClientId, SendStatus};
+use crate::config::Config;
+use crate::error::{Error, Result};
+use crate::event::Event;
+use crate::message::{CloseCode, CloseFrame, Message};
+use crate::proto::assemble::Limits;
+use crate::proto::frame::encode_frame;
+use crate::proto::handshake::{Reject, Request};
+use crate::runtime::{Handlers, InitFn, Shared, acceptor, poller, registry, timer};
+
+/// A WebSocket server: an accept thread, a readiness loop and a worker
+/// pool, serving clients whose user data is `T`.
+///
+/// Dropping it shuts it down (see [`WebSocketServer::shutdown`]).
+///
+/// ```no_run
+/// use enjent::{Event, WebSocketServer};
+///
+/// let server = WebSocketServer::bind("127.0.0.1:13003")?;
+/// for event in server.events() {
+///     if let Event::Message { client, message } = event {
+///         client.send(message)?;
+///     }
+/// }
+/// # Ok::<(), enjent::Error>(())
+/// ```
+pub struct WebSocketServer<T = ()> {
+    shared: Arc<Shared<T>>,
+    events: mpsc::Receiver<Event<T>>,
+    done: AtomicBool,
+}
+
+impl WebSocketServer<()> {
+    /// A builder for a server whose clients carry no user data.
+    pub fn builder() -> Builder<()> {
+        Builder::with_init(Box::new(|_: &Request| Ok(())))
+    }
+
+    /// Start a server with the default configuration.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Bind`] if the address cannot be listened on.
+    pub fn bind(addr: impl ToSocketAddrs) -> Result<WebSocketServer<()>> {
+        WebSocketServer::builder().start(addr)
+    }
+}
+
+impl<T: Send + Sync + 'static> WebSocketServer<T> {
+    /// A builder for a server whose clients carry a `T` built by
+    /// `strategy` from the upgrade request (the seed's
+    /// `ClientInitializationStrategy`). Returning a [`Reject`] refuses the
+    /// client with that HTTP status.
+    ///
+    /// ```no_run
+    /// use enjent::{Reject, WebSocketServer};
+    ///
+    /// let server = WebSocketServer::with_client_init(|req| {
+    ///     req.query_param("name").ok_or_else(|| Reject::forbidden("a name is required"))
+    /// })
+    /// .start("127.0.0.1:0")?;
+    /// # Ok::<(), enjent::Error>(())
+    /// ```
+    pub fn with_client_init<F>(strategy: F) -> Builder<T>
+    where
+        F: Fn(&Request) -> std::result::Result<T, Reject> + Send + Sync + 'static,
+    {
+        Builder::with_init(Box::new(strategy))
+    }
+
+    /// The address the server listens on (useful after binding port 0).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.shared.local_addr
+    }
+
+    /// The configuration in force.
+    pub fn config(&self) -> &Config {
+        &self.shared.config
+    }
+
+    /// The event receiver, for a `for event in server.events()` main loop.
+    /// It ends once [`shutdown`](WebSocketServer::shutdown) has run.
+    pub fn events(&self) -> &mpsc::Receiver<Event<T>> {
+        &self.events
+    }
+
+    /// Wait for the next event; `None` once the server is shut down.
+    pub fn recv(&self) -> Option<Event<T>> {
+        self.events.recv().ok()
+    }
+
+    /// The next event if one is waiting.
+    ///
+    /// # Errors
+    ///
+    /// As [`mpsc::Receiver::try_recv`].
+    pub fn try_recv(&self) -> std::result::Result<Event<T>, mpsc::TryRecvError> {
+        self.events.try_recv()
+    }
+
+    /// Wait at most `timeout` for the next event.
+    ///
+    /// # Errors
+    ///
+    /// As [`mpsc::Receiver::recv_timeout`].
+    pub fn recv_timeout(
+        &self,
+        timeout: Duration,
+    ) -> std::result::Result<Event<T>, mpsc::RecvTimeoutError> {
+        self.events.recv_timeout(timeout)
+    }
+
+    /// Iterate over events until the server shuts down.
+    pub fn iter(&self) -> mpsc::Iter<'_, Event<T>> {
+        self.events.iter()
+    }
+
+    /// A cloneable handle for other threads.
+    pub fn handle(&self) -> ServerHandle<T> {
+        ServerHandle::from_weak(Arc::downgrade(&self.shared))
+    }
+
+    /// See [`ServerHandle::send`].
+    ///
+    /// # Errors
+    ///
+    /// As [`ServerHandle::send`].
+    pub fn send(&self, id: ClientId, message: impl Into<Message>) -> Result<SendStatus> {
+        send(&self.shared, id, message.into())
+    }
+
+    /// See [`ServerHandle::broadcast`].
+    pub fn broadcast(&self, message: impl Into<Message>) -> Broadcast {
+        broadcast(&self.shared, &message.into())
+    }
+
+    /// See [`ServerHandle::close`].
+    ///
+    /// # Errors
+    ///
+    /// As [`ServerHandle::close`].
+    pub fn close(&self, id: ClientId, code: CloseCode, reason: &str) -> Result<()> {
+        let conn = self.shared.registry.get(id).ok_or(Error::Closed)?;
+        conn.close(&self.shared, code, reason)
+    }
+
+    /// The client with this id, if connected.
+    pub fn client(&self, id: ClientId) -> Option<Client<T>> {
+        self.shared.registry.get(id).map(|c| c.client.clone())
+    }
+
+    /// Open connections (handshakes in progress excluded).
+    pub fn connections(&self) -> usize {
+        self.shared.registry.open_count()
+    }
+
+    /// Stop the server: stop accepting, close every client with 1001 and
+    /// let queued data flush (up to `close_timeout`), join every thread,
+    /// deliver each `Disconnect`, then end the event stream so that a
+    /// `for event in server.events()` loop finishes. Calling it again does
+    /// nothing.
+    pub fn shutdown(&self) {
+        if self.done.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let shared = &self.shared;
+        shared.stopping.store(true, Ordering::Release);
+        // Wake the accept thread out of `accept`.
+        let wake = match shared.local_addr.ip() {
+            IpAddr::V4(ip) if ip.is_unspecified() => {
+                SocketAddr::new(Ipv4Addr::LOCALHOST.into(), shared.local_addr.port())
+            }
+            IpAddr::V6(ip) if ip.is_unspecified() => {
+                SocketAddr::new(Ipv6Addr::LOCALHOST.into(), shared.local_addr.port())
+            }
+            _ => shared.local_addr,
+        };
+        let woke = TcpStream::connect_timeout(&wake, Duration::from_secs(1)).is_ok();
+        let mut threads = std::mem::take(&mut *shared.threads.lock());
+        // threads[0] is the accept thread. If it could not be woken it stays
+        // blocked in accept; it holds no connection and ends with the
+        // process.
+        let acceptor = threads.remove(0);
+        if woke {
+            let _ = acceptor.join();
+        }
+        // Parked handshakes go now; those on a worker see `stopping`.
+        for key in shared.registry.handshake_keys() {
+            if let Some(p) = shared
+                .registry
+                .take_expired_handshake(key, Instant::now() + Duration::from_secs(86_400 * 365))
+            {
+                crate::runtime::worker::abort_handshake(
+                    shared,
+                    p,
+                    Some(&Reject::new(503).body("server shutting down")),
+                );
+            }
+        }
+        for conn in shared.registry.snapshot() {
+            let _ = conn.close(shared, CloseCode::GOING_AWAY, "server shutdown");
+        }
+        let patience = shared.config.close_timeout + Duration::from_millis(200);
+        if !shared.registry.wait_empty(patience) {
+            for conn in shared.registry.snapshot() {
+                conn.force_close(shared);
+            }
+            shared.registry.wait_empty(Duration::from_secs(2));
+        }
+        shared.poller_stop.store(true, Ordering::Release);
+        let _ = shared.poller.notify();
+        for t in threads {
+            let _ = t.join();
+        }
+        shared.pool.join();
+        // Dropping the sender ends the user's event iterator once the
+        // events already sent are read.
+        shared.events.write().take();
+    }
+}
+
+impl<T> fmt::Debug for WebSocketServer<T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("WebSocketServer")
+            .field("local_addr", &self.shared.local_addr)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<T> Drop for WebSocketServer<T> {
+    fn drop(&mut self) {
+        // `shutdown` needs `T: Send + Sync + 'static`, which every server
+        // has (the builder requires it); the trait bound cannot be repeated
+        // on Drop, so the work goes through a function pointer stored at
+        // start.
+        (self.shared.shutdown_fn)(self);
+    }
+}
+
+/// A cloneable, `Send + Sync` handle on a running server, for sending
+/// from any thread. It does not keep the server alive: once the server is
+/// gone, every call fails with [`Error::Closed`].
+pub struct ServerHandle<T = ()> {
+    shared: Weak<Shared<T>>,
+}
+
+impl<T> Clone for ServerHandle<T> {
+    fn clone(&self) -> Self {
+        ServerHandle {
+            shared: self.shared.clone(),
+        }
+    }
+}
+
+impl<T> fmt::Debug for ServerHandle<T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ServerHandle").finish_non_exhaustive()
+    }
+}
+
+impl<T: Send + Sync + 'static> ServerHandle<T> {
+    pub(crate) fn from_weak(shared: Weak<Shared<T>>) -> ServerHandle<T> {
+        ServerHandle { shared }
+    }
+
+    fn shared(&self) -> Result<Arc<Shared<T>>> {
+        self.shared.upgrade().ok_or(Error::Closed)
+    }
+
+    /// Send a message to one client.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Closed`] if the client is gone (ids are never reused, so a
+    /// late send can never reach someone else); [`Error::Backpressure`] if
+    /// its queue is over `max_backpressure`.
+    pub fn send(&self, id: ClientId, message: impl Into<Message>) -> Result<SendStatus> {
+        send(&self.shared()?, id, message.into())
+    }
+
+    /// Send a message to every connected client. The frame is encoded once
+    /// and shared by all the queues.
+    pub fn broadcast(&self, message: impl Into<Message>) -> Broadcast {
+        match self.shared() {
+            Ok(s) => broadcast(&s, &message.into()),
+            Err(_) => Broadcast::default(),
+        }
+    }
+
+    /// Close one client with `code` and `reason` (see [`Client::close`]).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Closed`] if the client is gone or closing;
+    /// [`Error::InvalidInput`] for a code that may not be sent.
+    pub fn close(&self, id: ClientId, code: CloseCode, reason: &str) -> Result<()> {
+        let shared = self.shared()?;
+        let conn = shared.registry.get(id).ok_or(Error::Closed)?;
+        conn.close(&shared, code, reason)
+    }
+
+    /// Ping one client.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Closed`] if the client is gone or closing.
+    pub fn ping(&self, id: ClientId) -> Result<()> {
+        let shared = self.shared()?;
+        let conn = shared.registry.get(id).ok_or(Error::Closed)?;
+        conn.send_ping(&shared)
+    }
+
+    /// The client with this id, if connected.
+    pub fn client(&self, id: ClientId) -> Option<Client<T>> {
+        let shared = self.shared.upgrade()?;
+        shared.registry.get(id).map(|c| c.client.clone())
+    }
+
+    /// Open connections.
+    pub fn connections(&self) -> usize {
+        self.shared.upgrade().map_or(0, |s| s.registry.open_count())
+    }
+}
+
+/// What a broadcast did, counted per client.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Broadcast {
+    /// Clients whose kernel buffer took the whole frame.
+    pub written: usize,
+    /// Clients for which some of the frame waits in their queue.
+    pub queued: usize,
+    /// Clients over `max_backpressure`: they did not get this message.
+    pub dropped: usize,
+    /// Clients that were closing and could not be sent to.
+    pub closed: usize,
+}
+
+fn send<T: Send + Sync + 'static>(
+    shared: &Arc<Shared<T>>,
+    id: ClientId,
+    message: Message,
+) -> Result<SendStatus> {
+    let conn = shared.registry.get(id).ok_or(Error::Closed)?;
+    conn.send_message(shared, message)
+}
+
+fn broadcast<T: Send + Sync + 'static>(shared: &Arc<Shared<T>>, message: &Message) -> Broadcast {
+    let frame: Arc<[u8]> = encode_frame(message.opcode(), message.as_bytes()).into();
+    let mut report = Broadcast::default();
+    for conn in shared.registry.snapshot() {
+        match conn.send_shared(shared, &frame) {
+            Ok(SendStatus::Written) => report.written += 1,
+            Ok(SendStatus::Queued) => report.queued += 1,
+            Err(Error::Backpressure { .. }) => report.dropped += 1,
+            Err(_) => report.closed += 1,
+        }
+    }
+    report
+}
+
+/// Configures and starts a [`WebSocketServer`]. Every setter's doc gives
+/// its default.
+pub struct Builder<T = ()> {
+    config: Config,
+    init: Box<InitFn<T>>,
+    handlers: Handlers<T>,
+}
+
+impl<T> fmt::Debug for Builder<T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Builder")
+            .field("config", &self.config)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<T: Send + Sync + 'static> Builder<T> {
+    fn with_init(init: Box<InitFn<T>>) -> Builder<T> {
+        Builder {
+            config: Config::default(),
+            init,
+            handlers: Handlers::default(),
+        }
+    }
+
+    /// Most connections at once, handshakes included; the next is answered
+    /// `503`. Default: 1,000,000 (the process fd limit is the real bound).
+    pub fn max_connections(mut self, n: usize) -> Self {
+        self.config.max_connections = n;
+        self
+    }
+
+    /// Largest incoming message; a bigger one closes the connection with
+    /// 1009. Default: 1 MiB.
+    pub fn max_message_size(mut self, bytes: usize) -> Self {
+        self.config.max_message_size = bytes;
+        self
+    }
+
+    /// Largest incoming frame payload (1009 over it). Default: the same as
+    /// `max_message_size`.
+    pub fn max_frame_size(mut self, bytes: usize) -> Self {
+        self.config.max_frame_size = Some(bytes);
+        self
+    }
+
+    /// Most frames one incoming message may be split into (1009 over it).
+    /// Default: 131,072.
+    pub fn max_fragments(mut self, n: u32) -> Self {
+        self.config.max_fragments = n;
+        self
+    }
+
+    /// Largest upgrade request; a bigger one is answered `431`. Default:
+    /// 16 KiB.
+    pub fn max_handshake_bytes(mut self, bytes: usize) -> Self {
+        self.config.max_handshake_bytes = bytes;
+        self
+    }
+
+    /// Time a client has to send its whole upgrade request; then it is
+    /// answered `408` and closed. Default: 10 s.
+    pub fn handshake_timeout(mut self, t: Duration) -> Self {
+        self.config.handshake_timeout = t;
+        self
+    }
+
+    /// Ping a client silent for this long; `None` disables pings. Default:
+    /// 30 s.
+    pub fn ping_interval(mut self, t: Option<Duration>) -> Self {
+        self.config.ping_interval = t;
+        self
+    }
+
+    /// Close (1001) a client silent for this long; `None` never does.
+    /// Default: 75 s.
+    pub fn idle_timeout(mut self, t: Option<Duration>) -> Self {
+        self.config.idle_timeout = t;
+        self
+    }
+
+    /// Time a peer has to answer our close frame before the TCP connection
+    /// is dropped. Default: 5 s.
+    pub fn close_timeout(mut self, t: Duration) -> Self {
+        self.config.close_timeout = t;
+        self
+    }
+
+    /// Most bytes queued for one slow client; past it `send` returns
+    /// [`Error::Backpressure`]. Default: 1 MiB.
+    pub fn max_backpressure(mut self, bytes: usize) -> Self {
+        self.config.max_backpressure = bytes;
+        self
+    }
+
+    /// Worker threads. Default: the number of CPUs, at least 2.
+    pub fn workers(mut self, n: usize) -> Self {
+        self.config.workers = n;
+        self
+    }
+
+    /// Run `f` on a pool worker when a client connects, instead of sending
+    /// [`Event::Connect`]. A panic in it closes the client with 1011.
+    pub fn on_connect(mut self, f: impl Fn(&Client<T>) + Send + Sync + 'static) -> Self {
+        self.handlers.connect = Some(Box::new(f));
+        self
+    }
+
+    /// Run `f` on a pool worker for each message, instead of sending
+    /// [`Event::Message`]. A client's messages reach it one at a time, in
+    /// order. A panic in it closes the client with 1011.
+    pub fn on_message(mut self, f: impl Fn(&Client<T>, Message) + Send + Sync + 'static) -> Self {
+        self.handlers.message = Some(Box::new(f));
+        self
+    }
+
+    /// Run `f` on a pool worker when a client is gone, instead of sending
+    /// [`Event::Disconnect`]; it gets the close frame and the error, as the
+    /// event does.
+    pub fn on_disconnect(
+        mut self,
+        f: impl Fn(&Client<T>, &CloseFrame, Option<&Error>) + Send + Sync + 'static,
+    ) -> Self {
+        self.handlers.disconnect = Some(Box::new(f));
+        self
+    }
+
+    /// Bind `addr` and start the accept thread, the poller thread and the
+    /// pool.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidConfig`] for a setting that cannot work;
+    /// [`Error::Bind`] if the address cannot be listened on; [`Error::Io`]
+    /// if the poller or a thread cannot be created.
+    pub fn start(self, addr: impl ToSocketAddrs) -> Result<WebSocketServer<T>> {
+        self.config.validate().map_err(Error::InvalidConfig)?;
+        let addrs: Vec<SocketAddr> = addr
+            .to_socket_addrs()
+            .map_err(|e| Error::Bind {
+                addr: "(unresolved)".into(),
+                source: e,
+            })?
+            .collect();
+        let listener = TcpListener::bind(&addrs[..]).map_err(|e| Error::Bind {
+            addr: addrs
+                .iter()
+                .map(|a| a.to_string())
+                .collect::<Vec<_>>()
+                .join(", "),
+            source: e,
+        })?;
+        let local_addr = listener.local_addr()?;
+        let (tx, rx) = mpsc::channel();
+        let config = self.config;
+        let limits = Limits {
+            max_message_size: config.max_message_size,
+            max_frame_size: config.max_frame_size(),
+            max_fragments: config.max_fragments,
+        };
+        let pool = threadpool::Builder::new()
+            .num_threads(config.workers)
+            .thread_name("enjent-worker".into())
+            .build();
+        let shared = Arc::new(Shared {
+            limits,
+            poller: Poller::new()?,
+            pool,
+            registry: registry::Registry::new(),
+            timers: timer::Timers::new(),
+            init: self.init,
+            handlers: self.handlers,
+            events: RwLock::new(Some(tx)),
+            stopping: AtomicBool::new(false),
+            next_id: AtomicU64::new(1),
+            local_addr,
+            started: Instant::now(),
+            poller_stop: AtomicBool::new(false),
+            threads: Mutex::new(Vec::new()),
+            shutdown_fn: |server| server.shutdown(),
+            config,
+        });
+        let s = Arc::clone(&shared);
+        let accept = std::thread::Builder::new()
+            .name("enjent-accept".into())
+            .spawn(move || acceptor::run(s, listener))?;
+        let s = Arc::clone(&shared);
+        let poll = std::thread::Builder::new()
+            .name("enjent-poller".into())
+            .spawn(move || poller::run(s))?;
+        shared.threads.lock().extend([accept, poll]);
+        Ok(WebSocketServer {
+            shared,
+            events: rx,
+            done: AtomicBool::new(false),
+        })
+    }
+}
+
+// The pool is only ever used through `&`, from many threads.
+const _: fn() = || {
+    fn sync<X: Sync + Send>() {}
+    sync::<ThreadPool>();
+};
