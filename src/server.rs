@@ -1,8 +1,8 @@
 //! `WebSocketServer`, its builder, and the handle other threads use.
 
 use std::fmt;
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::net::{SocketAddr, TcpListener, ToSocketAddrs};
+use std::sync::atomic::{AtomicBool, AtomicU64};
 use std::sync::{Arc, Weak, mpsc};
 use std::time::{Duration, Instant};
 
@@ -39,7 +39,6 @@ use crate::runtime::{Handlers, InitFn, Shared, acceptor, poller, registry, timer
 pub struct WebSocketServer<T = ()> {
     shared: Arc<Shared<T>>,
     events: mpsc::Receiver<Event<T>>,
-    done: AtomicBool,
 }
 
 impl WebSocketServer<()> {
@@ -172,62 +171,7 @@ impl<T: Send + Sync + 'static> WebSocketServer<T> {
     /// `for event in server.events()` loop finishes. Calling it again does
     /// nothing.
     pub fn shutdown(&self) {
-        if self.done.swap(true, Ordering::AcqRel) {
-            return;
-        }
-        let shared = &self.shared;
-        shared.stopping.store(true, Ordering::Release);
-        // Wake the accept thread out of `accept`.
-        let wake = match shared.local_addr.ip() {
-            IpAddr::V4(ip) if ip.is_unspecified() => {
-                SocketAddr::new(Ipv4Addr::LOCALHOST.into(), shared.local_addr.port())
-            }
-            IpAddr::V6(ip) if ip.is_unspecified() => {
-                SocketAddr::new(Ipv6Addr::LOCALHOST.into(), shared.local_addr.port())
-            }
-            _ => shared.local_addr,
-        };
-        let woke = TcpStream::connect_timeout(&wake, Duration::from_secs(1)).is_ok();
-        let mut threads = std::mem::take(&mut *shared.threads.lock());
-        // threads[0] is the accept thread. If it could not be woken it stays
-        // blocked in accept; it holds no connection and ends with the
-        // process.
-        let acceptor = threads.remove(0);
-        if woke {
-            let _ = acceptor.join();
-        }
-        // Parked handshakes go now; those on a worker see `stopping`.
-        for key in shared.registry.handshake_keys() {
-            if let Some(p) = shared
-                .registry
-                .take_expired_handshake(key, Instant::now() + Duration::from_secs(86_400 * 365))
-            {
-                crate::runtime::worker::abort_handshake(
-                    shared,
-                    p,
-                    Some(&Reject::new(503).body("server shutting down")),
-                );
-            }
-        }
-        for conn in shared.registry.snapshot() {
-            let _ = conn.close(shared, CloseCode::GOING_AWAY, "server shutdown");
-        }
-        let patience = shared.config.close_timeout + Duration::from_millis(200);
-        if !shared.registry.wait_empty(patience) {
-            for conn in shared.registry.snapshot() {
-                conn.force_close(shared);
-            }
-            shared.registry.wait_empty(Duration::from_secs(2));
-        }
-        shared.poller_stop.store(true, Ordering::Release);
-        let _ = shared.poller.notify();
-        for t in threads {
-            let _ = t.join();
-        }
-        shared.pool.join();
-        // Dropping the sender ends the user's event iterator once the
-        // events already sent are read.
-        shared.events.write().take();
+        self.shared.shutdown();
     }
 }
 
@@ -242,10 +186,10 @@ impl<T> fmt::Debug for WebSocketServer<T> {
 impl<T> Drop for WebSocketServer<T> {
     fn drop(&mut self) {
         // `shutdown` needs `T: Send + Sync + 'static`, which every server
-        // has (the builder requires it); the trait bound cannot be repeated
-        // on Drop, so the work goes through a function pointer stored at
+        // has (the builder requires it); the bound cannot be repeated on
+        // Drop, so the call goes through a function pointer stored at
         // start.
-        (self.shared.shutdown_fn)(self);
+        (self.shared.shutdown_fn)(&self.shared);
     }
 }
 
@@ -331,6 +275,16 @@ impl<T: Send + Sync + 'static> ServerHandle<T> {
     /// Open connections.
     pub fn connections(&self) -> usize {
         self.shared.upgrade().map_or(0, |s| s.registry.open_count())
+    }
+
+    /// Shut the server down, as [`WebSocketServer::shutdown`] does. Called
+    /// from a closure on a pool worker, it starts the shutdown on a new
+    /// thread and returns at once (a worker cannot wait for the pool it
+    /// belongs to).
+    pub fn shutdown(&self) {
+        if let Some(shared) = self.shared.upgrade() {
+            shared.shutdown();
+        }
     }
 }
 
@@ -532,7 +486,7 @@ impl<T: Send + Sync + 'static> Builder<T> {
         };
         let pool = threadpool::Builder::new()
             .num_threads(config.workers)
-            .thread_name("enjent-worker".into())
+            .thread_name(crate::runtime::worker::WORKER_NAME.into())
             .build();
         let shared = Arc::new(Shared {
             limits,
@@ -549,7 +503,8 @@ impl<T: Send + Sync + 'static> Builder<T> {
             started: Instant::now(),
             poller_stop: AtomicBool::new(false),
             threads: Mutex::new(Vec::new()),
-            shutdown_fn: |server| server.shutdown(),
+            shutdown_fn: |shared| shared.shutdown(),
+            shutdown_lock: Mutex::new(false),
             config,
         });
         let s = Arc::clone(&shared);
@@ -561,11 +516,7 @@ impl<T: Send + Sync + 'static> Builder<T> {
             .name("enjent-poller".into())
             .spawn(move || poller::run(s))?;
         shared.threads.lock().extend([accept, poll]);
-        Ok(WebSocketServer {
-            shared,
-            events: rx,
-            done: AtomicBool::new(false),
-        })
+        Ok(WebSocketServer { shared, events: rx })
     }
 }
 

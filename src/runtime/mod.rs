@@ -9,9 +9,12 @@ pub(crate) mod timer;
 pub(crate) mod worker;
 
 use std::net::SocketAddr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, TcpStream};
 use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::sync::atomic::Ordering;
 use std::sync::atomic::{AtomicBool, AtomicU64};
-use std::sync::mpsc;
+use std::sync::{Arc, mpsc};
+use std::time::Duration;
 use std::time::Instant;
 
 use parking_lot::{Mutex, RwLock};
@@ -70,7 +73,9 @@ pub(crate) struct Shared<T> {
     pub(crate) threads: Mutex<Vec<std::thread::JoinHandle<()>>>,
     /// `WebSocketServer::shutdown`, reachable from its `Drop`, which
     /// cannot carry the `T: Send + Sync` bound itself.
-    pub(crate) shutdown_fn: fn(&crate::server::WebSocketServer<T>),
+    pub(crate) shutdown_fn: fn(&Arc<Shared<T>>),
+    /// True once shutdown has run; held while it runs.
+    pub(crate) shutdown_lock: Mutex<bool>,
 }
 
 impl<T: Send + Sync + 'static> Shared<T> {
@@ -127,6 +132,80 @@ impl<T: Send + Sync + 'static> Shared<T> {
             // nowhere to go, which is their choice.
             let _ = tx.send(event);
         }
+    }
+
+    /// Stop accepting, close every client with 1001, wait for them (then
+    /// force them), join the threads and the pool, and end the event
+    /// stream. Runs once; a second caller waits for the first to finish.
+    pub(crate) fn shutdown(self: &Arc<Self>) {
+        if worker::on_worker() {
+            // A worker cannot wait for the pool it belongs to.
+            let shared = Arc::clone(self);
+            let _ = std::thread::Builder::new()
+                .name("enjent-shutdown".into())
+                .spawn(move || shared.shutdown());
+            return;
+        }
+        let mut done = self.shutdown_lock.lock();
+        if *done {
+            return;
+        }
+        *done = true;
+        let shared = self;
+        shared.stopping.store(true, Ordering::Release);
+        // Wake the accept thread out of `accept`.
+        let wake = match shared.local_addr.ip() {
+            IpAddr::V4(ip) if ip.is_unspecified() => {
+                SocketAddr::new(Ipv4Addr::LOCALHOST.into(), shared.local_addr.port())
+            }
+            IpAddr::V6(ip) if ip.is_unspecified() => {
+                SocketAddr::new(Ipv6Addr::LOCALHOST.into(), shared.local_addr.port())
+            }
+            _ => shared.local_addr,
+        };
+        let woke = TcpStream::connect_timeout(&wake, Duration::from_secs(1)).is_ok();
+        let mut threads = std::mem::take(&mut *shared.threads.lock());
+        // threads[0] is the accept thread. If it could not be woken it stays
+        // blocked in accept; it holds no connection and ends with the
+        // process.
+        if !threads.is_empty() {
+            let acceptor = threads.remove(0);
+            if woke {
+                let _ = acceptor.join();
+            }
+        }
+        // Parked handshakes go now; those on a worker see `stopping`.
+        for key in shared.registry.handshake_keys() {
+            if let Some(p) = shared
+                .registry
+                .take_expired_handshake(key, Instant::now() + Duration::from_secs(86_400 * 365))
+            {
+                crate::runtime::worker::abort_handshake(
+                    shared,
+                    p,
+                    Some(&Reject::new(503).body("server shutting down")),
+                );
+            }
+        }
+        for conn in shared.registry.snapshot() {
+            let _ = conn.close(shared, CloseCode::GOING_AWAY, "server shutdown");
+        }
+        let patience = shared.config.close_timeout + Duration::from_millis(200);
+        if !shared.registry.wait_empty(patience) {
+            for conn in shared.registry.snapshot() {
+                conn.force_close(shared);
+            }
+            shared.registry.wait_empty(Duration::from_secs(2));
+        }
+        shared.poller_stop.store(true, Ordering::Release);
+        let _ = shared.poller.notify();
+        for t in threads {
+            let _ = t.join();
+        }
+        shared.pool.join();
+        // Dropping the sender ends the user's event iterator once the
+        // events already sent are read.
+        shared.events.write().take();
     }
 
     /// Milliseconds since the server started: a cheap clock for timers.

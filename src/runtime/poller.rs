@@ -17,6 +17,7 @@ use crate::proto::handshake::Reject;
 use crate::runtime::Shared;
 use crate::runtime::conn::schedule;
 use crate::runtime::registry::Found;
+use crate::runtime::timer::TICK_MS;
 use crate::runtime::worker::{abort_handshake, handshake};
 
 /// Register a fresh socket with no interest yet; jobs arm it with
@@ -74,7 +75,12 @@ pub(crate) fn run<T: Send + Sync + 'static>(shared: Arc<Shared<T>>) {
                 {
                     schedule(&shared, &conn);
                 }
-            } else if let Some(p) = shared.registry.take_expired_handshake(key, Instant::now()) {
+            } else if let Some(p) = shared
+                .registry
+                // Deadlines are booked rounded to the tick, and waits are
+                // measured in whole milliseconds: allow a tick of slack.
+                .take_expired_handshake(key, Instant::now() + Duration::from_millis(TICK_MS))
+            {
                 abort_handshake(
                     &shared,
                     p,

@@ -41,6 +41,14 @@ fn with_scratch<R>(f: impl FnOnce(&mut [u8]) -> R) -> R {
     })
 }
 
+/// Whether the current thread is one of the pool's workers.
+pub(crate) fn on_worker() -> bool {
+    std::thread::current().name() == Some(WORKER_NAME)
+}
+
+/// The pool's thread name.
+pub(crate) const WORKER_NAME: &str = "enjent-worker";
+
 /// Read without blocking: `Ok(None)` means nothing there right now.
 fn read_some(mut stream: &std::net::TcpStream, buf: &mut [u8]) -> io::Result<Option<usize>> {
     loop {

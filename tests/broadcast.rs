@@ -1,0 +1,44 @@
+//! A broadcast reaches every client once, and its report counts them.
+
+mod support;
+
+use enjent::Message;
+use support::*;
+use tungstenite::Message as Tm;
+
+#[test]
+fn broadcast_reaches_every_client() {
+    let server = server();
+    let mut clients: Vec<_> = (0..20).map(|_| client(server.local_addr())).collect();
+    for _ in 0..20 {
+        expect_connect(&server);
+    }
+    let report = server.broadcast("hello all");
+    assert_eq!(report.written + report.queued, 20, "{report:?}");
+    assert_eq!((report.dropped, report.closed), (0, 0));
+    let report = server.handle().broadcast(Message::Binary(vec![1; 70_000]));
+    assert_eq!(report.written + report.queued, 20, "{report:?}");
+    for ws in &mut clients {
+        assert_eq!(ws.read().unwrap(), Tm::text("hello all"));
+        assert_eq!(ws.read().unwrap(), Tm::binary(vec![1u8; 70_000]));
+    }
+}
+
+#[test]
+fn broadcast_skips_closing_clients() {
+    let server = server();
+    let mut a = client(server.local_addr());
+    let b = client(server.local_addr());
+    let b_addr = match b.get_ref() {
+        tungstenite::stream::MaybeTlsStream::Plain(s) => s.local_addr().unwrap(),
+        _ => unreachable!(),
+    };
+    // Connect events of different clients may come in either order.
+    let (c1, c2) = (expect_connect(&server), expect_connect(&server));
+    let cb = if c1.peer_addr() == b_addr { c1 } else { c2 };
+    cb.close(enjent::CloseCode::NORMAL, "").unwrap();
+    let report = server.broadcast("after");
+    assert_eq!(report.closed, 1, "{report:?}");
+    assert_eq!(report.written + report.queued, 1);
+    assert_eq!(a.read().unwrap(), Tm::text("after"));
+}

@@ -1,0 +1,94 @@
+//! The client-init strategy builds each client's data from the request,
+//! or refuses it with an HTTP status and body.
+
+mod support;
+
+use enjent::{Event, Reject, WebSocketServer};
+use support::*;
+
+#[derive(Debug)]
+struct User {
+    name: String,
+    session: String,
+    path: String,
+}
+
+fn start() -> WebSocketServer<User> {
+    WebSocketServer::with_client_init(|req| {
+        let name = req
+            .query_param("name")
+            .ok_or_else(|| Reject::forbidden("name required"))?;
+        let session = req
+            .cookie("session")
+            .ok_or_else(|| Reject::new(401).body("no session"))?;
+        if name == "panic" {
+            panic!("strategy bug");
+        }
+        Ok(User {
+            name,
+            session: session.to_owned(),
+            path: req.path().to_owned(),
+        })
+    })
+    .start("127.0.0.1:0")
+    .unwrap()
+}
+
+#[test]
+fn data_comes_from_query_and_cookie() {
+    let server = start();
+    let mut req = tungstenite::client::IntoClientRequest::into_client_request(format!(
+        "ws://{}/room/7?name=Ann%20Lee",
+        server.local_addr()
+    ))
+    .unwrap();
+    req.headers_mut()
+        .insert("Cookie", "theme=dark; session=s3cr3t".parse().unwrap());
+    let (_ws, _) = tungstenite::connect(req).unwrap();
+    let Event::Connect { client } = server.recv_timeout(WAIT).unwrap() else {
+        panic!()
+    };
+    assert_eq!(client.data().name, "Ann Lee");
+    assert_eq!(client.data().session, "s3cr3t");
+    assert_eq!(client.data().path, "/room/7");
+}
+
+#[test]
+fn refusals_carry_status_and_body() {
+    let server = start();
+    let addr = server.local_addr();
+    let no_name = http(addr, REQUEST.replace("GET / ", "GET /?x=1 ").as_bytes());
+    assert!(
+        no_name.starts_with("HTTP/1.1 403 Forbidden\r\n"),
+        "{no_name}"
+    );
+    assert!(no_name.ends_with("\r\n\r\nname required"), "{no_name}");
+    let no_cookie = http(
+        addr,
+        REQUEST.replace("GET / ", "GET /?name=bob ").as_bytes(),
+    );
+    assert!(no_cookie.starts_with("HTTP/1.1 401 "), "{no_cookie}");
+    let with_cookie = REQUEST
+        .replace("GET / ", "GET /?name=panic ")
+        .replace("\r\n\r\n", "\r\nCookie: session=1\r\n\r\n");
+    let panicked = http(addr, with_cookie.as_bytes());
+    assert!(
+        panicked.starts_with("HTTP/1.1 500 "),
+        "a panicking strategy answers 500: {panicked}"
+    );
+    assert!(
+        server.try_recv().is_err(),
+        "refused clients produce no events"
+    );
+    // And a good one still gets in.
+    let good = REQUEST
+        .replace("GET / ", "GET /?name=eve ")
+        .replace("\r\n\r\n", "\r\nCookie: session=2\r\n\r\n");
+    let mut s = raw(addr);
+    use std::io::Write;
+    s.write_all(good.as_bytes()).unwrap();
+    let Event::Connect { client } = server.recv_timeout(WAIT).unwrap() else {
+        panic!()
+    };
+    assert_eq!(client.data().name, "eve");
+}

@@ -1,0 +1,100 @@
+//! The close handshake both ways, close-code validation, and the close
+//! timeout for peers that never answer.
+
+mod support;
+
+use std::io::Write;
+use std::time::{Duration, Instant};
+
+use enjent::{CloseCode, Error, WebSocketServer};
+use support::*;
+
+#[test]
+fn server_close_sends_code_and_reason_and_waits_for_the_answer() {
+    let server = server();
+    let mut s = raw_ws(server.local_addr());
+    let c = expect_connect(&server);
+    c.send("before close").unwrap();
+    c.close(CloseCode::new(4001), "bye now").unwrap();
+    // Nothing may follow our close frame.
+    assert!(matches!(c.send("after close"), Err(Error::Closed)));
+    assert!(matches!(c.close(CloseCode::NORMAL, ""), Err(Error::Closed)));
+    let (first, p) = read_frame(&mut s);
+    assert_eq!((first, p.as_slice()), (0x81, &b"before close"[..]));
+    let (first, p) = read_frame(&mut s);
+    assert_eq!(first, 0x88);
+    assert_eq!(p, close_payload(4001, "bye now"));
+    // Messages the client sends before answering are still delivered.
+    s.write_all(&frame(0x81, b"in flight")).unwrap();
+    s.write_all(&frame(0x88, &close_payload(4001, ""))).unwrap();
+    let (_, m) = expect_message(&server);
+    assert_eq!(m.as_text(), Some("in flight"));
+    let (_, close, error) = expect_disconnect(&server);
+    assert_eq!(
+        (close.code, close.reason.as_str()),
+        (CloseCode::new(4001), "bye now")
+    );
+    assert!(error.is_none(), "{error:?}");
+    assert!(closed_by_server(&mut s));
+}
+
+#[test]
+fn close_with_a_reserved_code_is_refused() {
+    let server = server();
+    let _ws = client(server.local_addr());
+    let c = expect_connect(&server);
+    for bad in [0u16, 999, 1005, 1006, 1015, 2000, 5000] {
+        assert!(
+            matches!(
+                c.close(CloseCode::new(bad), ""),
+                Err(Error::InvalidInput(_))
+            ),
+            "{bad}"
+        );
+    }
+    assert!(matches!(
+        c.close(CloseCode::NORMAL, &"x".repeat(124)),
+        Err(Error::InvalidInput(_))
+    ));
+    assert!(c.is_open(), "a refused close changes nothing");
+    c.close(CloseCode::NORMAL, "").unwrap();
+}
+
+#[test]
+fn client_close_with_no_code_is_answered_and_reported_as_1005() {
+    let server = server();
+    let mut s = raw_ws(server.local_addr());
+    expect_connect(&server);
+    s.write_all(&frame(0x88, b"")).unwrap();
+    assert_eq!(read_close(&mut s), Some(1000));
+    assert!(closed_by_server(&mut s));
+    let (_, close, error) = expect_disconnect(&server);
+    assert_eq!(close.code, CloseCode::NO_STATUS);
+    assert!(error.is_none());
+}
+
+#[test]
+fn peer_that_never_answers_is_dropped_after_close_timeout() {
+    let server = WebSocketServer::builder()
+        .close_timeout(Duration::from_millis(300))
+        .start("127.0.0.1:0")
+        .unwrap();
+    let mut s = raw_ws(server.local_addr());
+    let c = expect_connect(&server);
+    let start = Instant::now();
+    c.close(CloseCode::NORMAL, "").unwrap();
+    assert_eq!(read_close(&mut s), Some(1000));
+    // We never answer.
+    let (_, close, error) = expect_disconnect(&server);
+    assert!(
+        start.elapsed() >= Duration::from_millis(250),
+        "{:?}",
+        start.elapsed()
+    );
+    assert_eq!(close.code, CloseCode::NORMAL);
+    match error {
+        Some(Error::Io(e)) => assert_eq!(e.kind(), std::io::ErrorKind::TimedOut),
+        other => panic!("{other:?}"),
+    }
+    assert!(closed_by_server(&mut s));
+}

@@ -1,0 +1,110 @@
+//! Closures registered on the builder run on pool workers, in order per
+//! client, and a panicking closure closes only its client (1011).
+
+mod support;
+
+use std::sync::mpsc;
+use std::time::Duration;
+
+use enjent::{CloseCode, WebSocketServer};
+use support::*;
+use tungstenite::Message as Tm;
+
+#[derive(Debug, PartialEq)]
+enum Seen {
+    Connect(u64),
+    Message(u64, String),
+    Disconnect(u64, u16),
+}
+
+#[test]
+fn closures_see_connect_messages_disconnect_in_order() {
+    let (tx, rx) = mpsc::channel();
+    let (t1, t2, t3) = (tx.clone(), tx.clone(), tx);
+    let server = WebSocketServer::builder()
+        .on_connect(move |c| t1.send(Seen::Connect(c.id().as_u64())).unwrap())
+        .on_message(move |c, m| {
+            t2.send(Seen::Message(
+                c.id().as_u64(),
+                m.as_text().unwrap().to_owned(),
+            ))
+            .unwrap();
+            c.send(m).unwrap();
+        })
+        .on_disconnect(move |c, close, _| {
+            t3.send(Seen::Disconnect(c.id().as_u64(), close.code.as_u16()))
+                .unwrap()
+        })
+        .start("127.0.0.1:0")
+        .unwrap();
+    let mut ws = client(server.local_addr());
+    for i in 0..50 {
+        ws.send(Tm::text(format!("m{i}"))).unwrap();
+    }
+    for i in 0..50 {
+        assert_eq!(ws.read().unwrap(), Tm::text(format!("m{i}")));
+    }
+    ws.close(None).unwrap();
+    let get = || rx.recv_timeout(WAIT).unwrap();
+    let Seen::Connect(id) = get() else { panic!() };
+    for i in 0..50 {
+        assert_eq!(get(), Seen::Message(id, format!("m{i}")));
+    }
+    assert_eq!(get(), Seen::Disconnect(id, 1005));
+    // Events that have closures never reach the channel.
+    assert!(server.recv_timeout(Duration::from_millis(100)).is_err());
+}
+
+#[test]
+fn a_panicking_closure_closes_its_client_with_1011_and_the_server_goes_on() {
+    let server = WebSocketServer::builder()
+        .on_message(|c, m| {
+            if m.as_text() == Some("boom") {
+                panic!("user code failed");
+            }
+            c.send(m).unwrap();
+        })
+        .start("127.0.0.1:0")
+        .unwrap();
+    let mut bad = client(server.local_addr());
+    let mut good = client(server.local_addr());
+    bad.send(Tm::text("boom")).unwrap();
+    match bad.read() {
+        Ok(Tm::Close(Some(f))) => assert_eq!(u16::from(f.code), 1011),
+        other => panic!("{other:?}"),
+    }
+    for i in 0..10 {
+        good.send(Tm::text(i.to_string())).unwrap();
+        assert_eq!(good.read().unwrap(), Tm::text(i.to_string()));
+    }
+    // Both clients connected; only the bad one was closed.
+    assert!(matches!(next(&server), enjent::Event::Connect { .. }));
+    assert!(matches!(next(&server), enjent::Event::Connect { .. }));
+    drop(bad);
+    match next(&server) {
+        enjent::Event::Disconnect { close, .. } => {
+            assert_eq!(close.code, CloseCode::INTERNAL_ERROR)
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(server.connections(), 1);
+}
+
+#[test]
+fn closures_can_broadcast_through_the_client_handle() {
+    let server = WebSocketServer::builder()
+        .on_message(|c, m| {
+            let report = c.server().broadcast(m);
+            assert_eq!(report.dropped, 0);
+        })
+        .start("127.0.0.1:0")
+        .unwrap();
+    let mut a = client(server.local_addr());
+    let mut b = client(server.local_addr());
+    // Both connected (their Connect events are in the channel).
+    expect_connect(&server);
+    expect_connect(&server);
+    a.send(Tm::text("to all")).unwrap();
+    assert_eq!(a.read().unwrap(), Tm::text("to all"));
+    assert_eq!(b.read().unwrap(), Tm::text("to all"));
+}

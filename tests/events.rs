@@ -1,0 +1,95 @@
+//! A client's events arrive in order (Connect, messages, Disconnect) and
+//! the Disconnect carries the close code and reason.
+
+mod support;
+
+use enjent::{CloseCode, Error, Event, Message};
+use support::*;
+use tungstenite::Message as Tm;
+use tungstenite::protocol::CloseFrame as TCloseFrame;
+use tungstenite::protocol::frame::coding::CloseCode as TCode;
+
+#[test]
+fn connect_messages_disconnect_in_order_with_close_reason() {
+    let server = server();
+    let mut ws = client(server.local_addr());
+    for i in 0..100 {
+        ws.send(Tm::text(i.to_string())).unwrap();
+    }
+    ws.close(Some(TCloseFrame {
+        code: TCode::Library(4000),
+        reason: "done here".into(),
+    }))
+    .unwrap();
+    let c = expect_connect(&server);
+    for i in 0..100 {
+        let (from, m) = expect_message(&server);
+        assert_eq!(from.id(), c.id());
+        assert_eq!(m, Message::Text(i.to_string()));
+    }
+    let (from, close, error) = expect_disconnect(&server);
+    assert_eq!(from.id(), c.id());
+    assert_eq!(close.code, CloseCode::new(4000));
+    assert_eq!(close.reason, "done here");
+    assert!(error.is_none(), "{error:?}");
+    // The server echoed the code, then closed the TCP connection.
+    loop {
+        match ws.read() {
+            Ok(Tm::Close(Some(f))) => assert_eq!(f.code, TCode::Library(4000)),
+            Ok(_) => {}
+            Err(tungstenite::Error::ConnectionClosed) => break,
+            Err(e) => panic!("{e}"),
+        }
+    }
+    // Sending to a gone client is an error, not a panic.
+    assert!(matches!(from.send("late"), Err(Error::Closed)));
+    assert!(matches!(server.send(c.id(), "late"), Err(Error::Closed)));
+}
+
+#[test]
+fn abrupt_drop_is_reported_as_1006_with_an_io_error() {
+    let server = server();
+    let mut s = raw_ws(server.local_addr());
+    let c = expect_connect(&server);
+    use std::io::Write;
+    s.write_all(&frame(0x81, b"before the drop")).unwrap();
+    drop(s);
+    let (_, m) = expect_message(&server);
+    assert_eq!(m.as_text(), Some("before the drop"));
+    let (from, close, error) = expect_disconnect(&server);
+    assert_eq!(from.id(), c.id());
+    assert_eq!(close.code, CloseCode::ABNORMAL);
+    assert!(matches!(error, Some(Error::Io(_))), "{error:?}");
+}
+
+#[test]
+fn ids_are_unique_and_never_reused() {
+    let server = server();
+    let mut seen = std::collections::HashSet::new();
+    for _ in 0..20 {
+        let mut ws = client(server.local_addr());
+        let c = expect_connect(&server);
+        assert!(seen.insert(c.id()), "id {} reused", c.id());
+        ws.close(None).unwrap();
+        expect_disconnect(&server);
+    }
+}
+
+#[test]
+fn peer_address_and_lookup_by_id() {
+    let server = server();
+    let ws = client(server.local_addr());
+    let c = expect_connect(&server);
+    let local = match ws.get_ref() {
+        tungstenite::stream::MaybeTlsStream::Plain(s) => s.local_addr().unwrap(),
+        _ => unreachable!(),
+    };
+    assert_eq!(c.peer_addr(), local);
+    assert_eq!(server.client(c.id()).map(|x| x.id()), Some(c.id()));
+    assert_eq!(server.connections(), 1);
+    assert!(c.is_open());
+    drop(ws);
+    assert!(matches!(next(&server), Event::Disconnect { .. }));
+    assert!(server.client(c.id()).is_none());
+    assert!(!c.is_open());
+}

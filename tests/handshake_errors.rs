@@ -1,0 +1,117 @@
+//! Bad upgrade requests get the right HTTP status, and the server keeps
+//! serving other clients.
+
+mod support;
+
+use std::io::Write;
+use std::time::Duration;
+
+use support::*;
+
+fn status_of(response: &str) -> u16 {
+    response
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("no status in {response:?}"))
+}
+
+#[test]
+fn each_bad_request_gets_its_status() {
+    let server = server();
+    let addr = server.local_addr();
+    let cases: Vec<(String, u16)> = vec![
+        (REQUEST.replace("Version: 13", "Version: 8"), 426),
+        (
+            REQUEST.replace("Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n", ""),
+            400,
+        ),
+        (REQUEST.replace("GET", "POST"), 405),
+        (REQUEST.replace("Upgrade: websocket\r\n", ""), 426),
+        (
+            REQUEST.replace("Connection: Upgrade", "Connection: close"),
+            400,
+        ),
+        (REQUEST.replace("Host: localhost\r\n", ""), 400),
+        (
+            "\x16\x03\x01\x02\x00garbage that is not http\r\n\r\n".into(),
+            400,
+        ),
+        (
+            REQUEST.replace("Host: localhost", &format!("Host: {}", "h".repeat(20_000))),
+            431,
+        ),
+    ];
+    for (request, want) in cases {
+        let response = http(addr, request.as_bytes());
+        assert_eq!(status_of(&response), want, "{response}");
+        if want == 426 {
+            assert!(
+                response.contains("Sec-WebSocket-Version: 13\r\n"),
+                "{response}"
+            );
+        }
+    }
+    still_serves(addr, &server);
+    assert!(
+        server.try_recv().is_err(),
+        "refused requests produce no events"
+    );
+}
+
+#[test]
+fn request_split_across_many_writes_is_accepted() {
+    let server = server();
+    let mut s = raw(server.local_addr());
+    for b in REQUEST.as_bytes().chunks(5) {
+        s.write_all(b).unwrap();
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    // A frame in the same write as the end of the request is processed too.
+    s.write_all(&frame(0x81, b"right behind")).unwrap();
+    expect_connect(&server);
+    let (_, m) = expect_message(&server);
+    assert_eq!(m.as_text(), Some("right behind"));
+}
+
+#[test]
+fn frame_in_the_same_packet_as_the_request_is_not_lost() {
+    let server = server();
+    let mut s = raw(server.local_addr());
+    let mut bytes = REQUEST.as_bytes().to_vec();
+    bytes.extend(frame(0x82, &[9, 8, 7]));
+    s.write_all(&bytes).unwrap();
+    expect_connect(&server);
+    let (_, m) = expect_message(&server);
+    assert_eq!(m.as_bytes(), &[9, 8, 7]);
+}
+
+#[test]
+fn stalled_handshake_times_out_without_pinning_workers() {
+    let server = enjent::WebSocketServer::builder()
+        .workers(1)
+        .handshake_timeout(Duration::from_millis(300))
+        .start("127.0.0.1:0")
+        .unwrap();
+    let addr = server.local_addr();
+    // Slowloris: more stalled clients than workers, each sending half a
+    // request. The one worker must still serve a good client meanwhile.
+    let mut stalled: Vec<_> = (0..20)
+        .map(|_| {
+            let mut s = raw(addr);
+            s.write_all(&REQUEST.as_bytes()[..30]).unwrap();
+            s
+        })
+        .collect();
+    let mut ws = client(addr);
+    expect_connect(&server);
+    ws.send(tungstenite::Message::text("hi")).unwrap();
+    let (_, m) = expect_message(&server);
+    assert_eq!(m.as_text(), Some("hi"));
+    for s in &mut stalled {
+        let mut out = String::new();
+        use std::io::Read;
+        let _ = s.read_to_string(&mut out);
+        assert!(out.starts_with("HTTP/1.1 408 "), "{out:?}");
+    }
+}

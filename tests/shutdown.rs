@@ -1,0 +1,114 @@
+//! Shutdown closes every client with 1001 after flushing what was queued,
+//! reports each Disconnect, and ends the event stream.
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use enjent::{CloseCode, Event, WebSocketServer};
+use support::*;
+use tungstenite::Message as Tm;
+
+#[test]
+fn shutdown_flushes_closes_and_ends_the_event_loop() {
+    let server = server();
+    let addr = server.local_addr();
+    let handle = server.handle();
+    let readers: Vec<_> = (0..5)
+        .map(|_| {
+            let mut ws = client(addr);
+            std::thread::spawn(move || {
+                let mut got = 0;
+                loop {
+                    match ws.read() {
+                        Ok(Tm::Binary(b)) => {
+                            assert_eq!(b.len(), 100_000);
+                            got += 1;
+                        }
+                        Ok(Tm::Close(f)) => return (got, f.map(|f| u16::from(f.code))),
+                        Ok(_) => {}
+                        Err(e) => panic!("{e}"),
+                    }
+                }
+            })
+        })
+        .collect();
+    let mut ids = Vec::new();
+    for _ in 0..5 {
+        ids.push(expect_connect(&server).id());
+    }
+    // Queue a lot to everyone, then shut down at once: all of it must
+    // arrive before the close frame.
+    for _ in 0..20 {
+        handle.broadcast(vec![7u8; 100_000]);
+    }
+    let start = Instant::now();
+    server.shutdown();
+    assert!(
+        start.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        start.elapsed()
+    );
+    for r in readers {
+        assert_eq!(r.join().unwrap(), (20, Some(1001)));
+    }
+    let mut gone = Vec::new();
+    for event in server.events() {
+        if let Event::Disconnect { client, close, .. } = event {
+            assert_eq!(close.code, CloseCode::GOING_AWAY);
+            gone.push(client.id());
+        }
+    }
+    // The loop above ended by itself: the stream is over.
+    gone.sort();
+    assert_eq!(gone, ids);
+    assert!(handle.send(ids[0], "late").is_err());
+    assert!(
+        std::net::TcpStream::connect(addr).is_err(),
+        "the listener is closed"
+    );
+}
+
+#[test]
+fn drop_shuts_down_and_unresponsive_clients_are_forced_off() {
+    let server = WebSocketServer::builder()
+        .close_timeout(Duration::from_millis(200))
+        .start("127.0.0.1:0")
+        .unwrap();
+    let addr = server.local_addr();
+    // A raw client that never answers the close frame.
+    let _s = raw_ws(addr);
+    expect_connect(&server);
+    let start = Instant::now();
+    drop(server);
+    assert!(
+        start.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        start.elapsed()
+    );
+    assert!(std::net::TcpStream::connect(addr).is_err());
+}
+
+#[test]
+fn events_loop_sees_disconnect_then_ends_when_shutdown_from_another_thread() {
+    // The client below never reads, so it never answers the close frame.
+    let server = WebSocketServer::builder()
+        .close_timeout(Duration::from_millis(300))
+        .start("127.0.0.1:0")
+        .unwrap();
+    let _ws = client(server.local_addr());
+    expect_connect(&server);
+    let handle = server.handle();
+    let stopper = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(100));
+        handle.shutdown();
+    });
+    let mut disconnects = 0;
+    for ev in server.events() {
+        if matches!(ev, Event::Disconnect { .. }) {
+            disconnects += 1;
+        }
+    }
+    stopper.join().unwrap();
+    assert_eq!(disconnects, 1);
+}

@@ -1,0 +1,203 @@
+//! Helpers shared by the integration tests: servers on 127.0.0.1:0, a
+//! tungstenite client, and raw sockets for bytes no real client would send.
+
+#![allow(dead_code)]
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::time::{Duration, Instant};
+
+use enjent::{Event, WebSocketServer};
+use tungstenite::WebSocket;
+use tungstenite::stream::MaybeTlsStream;
+
+pub const WAIT: Duration = Duration::from_secs(10);
+
+pub type Ws = WebSocket<MaybeTlsStream<TcpStream>>;
+
+/// A server with no closures: every event goes to the channel.
+pub fn server() -> WebSocketServer {
+    WebSocketServer::builder()
+        .workers(2)
+        .start("127.0.0.1:0")
+        .expect("start")
+}
+
+/// A tungstenite client connected to `addr` with a read timeout.
+pub fn client(addr: SocketAddr) -> Ws {
+    client_at(addr, "/")
+}
+
+pub fn client_at(addr: SocketAddr, path: &str) -> Ws {
+    let (ws, _) = tungstenite::connect(format!("ws://{addr}{path}")).expect("connect");
+    if let MaybeTlsStream::Plain(s) = ws.get_ref() {
+        s.set_read_timeout(Some(WAIT)).unwrap();
+    }
+    ws
+}
+
+/// The next event, or a panic naming what was awaited.
+pub fn next<T: Send + Sync + 'static>(server: &WebSocketServer<T>) -> Event<T> {
+    server.recv_timeout(WAIT).expect("an event within the wait")
+}
+
+pub fn expect_connect<T: Send + Sync + 'static>(server: &WebSocketServer<T>) -> enjent::Client<T> {
+    match next(server) {
+        Event::Connect { client } => client,
+        other => panic!("expected Connect, got {other:?}"),
+    }
+}
+
+pub fn expect_message<T: Send + Sync + 'static>(
+    server: &WebSocketServer<T>,
+) -> (enjent::Client<T>, enjent::Message) {
+    match next(server) {
+        Event::Message { client, message } => (client, message),
+        other => panic!("expected Message, got {other:?}"),
+    }
+}
+
+pub fn expect_disconnect<T: Send + Sync + 'static>(
+    server: &WebSocketServer<T>,
+) -> (enjent::Client<T>, enjent::CloseFrame, Option<enjent::Error>) {
+    match next(server) {
+        Event::Disconnect {
+            client,
+            close,
+            error,
+        } => (client, close, error),
+        other => panic!("expected Disconnect, got {other:?}"),
+    }
+}
+
+pub const REQUEST: &str = "GET / HTTP/1.1\r\nHost: localhost\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n";
+
+/// A raw socket with a read timeout.
+pub fn raw(addr: SocketAddr) -> TcpStream {
+    let s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(WAIT)).unwrap();
+    s.set_nodelay(true).unwrap();
+    s
+}
+
+/// Send `request` and read the HTTP response head (and body, for errors,
+/// until the server closes).
+pub fn http(addr: SocketAddr, request: &[u8]) -> String {
+    let mut s = raw(addr);
+    s.write_all(request).unwrap();
+    let mut out = Vec::new();
+    let _ = s.read_to_end(&mut out);
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// A raw socket past a successful handshake.
+pub fn raw_ws(addr: SocketAddr) -> TcpStream {
+    let mut s = raw(addr);
+    s.write_all(REQUEST.as_bytes()).unwrap();
+    let mut head = Vec::new();
+    let mut b = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        s.read_exact(&mut b).unwrap();
+        head.push(b[0]);
+    }
+    let head = String::from_utf8(head).unwrap();
+    assert!(head.starts_with("HTTP/1.1 101 "), "{head}");
+    assert!(
+        head.contains("Sec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n"),
+        "{head}"
+    );
+    s
+}
+
+/// A masked client frame; `first` is the FIN/RSV/opcode byte.
+pub fn frame(first: u8, payload: &[u8]) -> Vec<u8> {
+    let key = [0x12, 0x34, 0x56, 0x78];
+    let mut out = vec![first];
+    let len = payload.len();
+    if len < 126 {
+        out.push(0x80 | len as u8);
+    } else if len <= 0xFFFF {
+        out.push(0x80 | 126);
+        out.extend_from_slice(&(len as u16).to_be_bytes());
+    } else {
+        out.push(0x80 | 127);
+        out.extend_from_slice(&(len as u64).to_be_bytes());
+    }
+    out.extend_from_slice(&key);
+    out.extend(payload.iter().enumerate().map(|(i, b)| b ^ key[i % 4]));
+    out
+}
+
+/// A close frame payload.
+pub fn close_payload(code: u16, reason: &str) -> Vec<u8> {
+    let mut p = code.to_be_bytes().to_vec();
+    p.extend_from_slice(reason.as_bytes());
+    p
+}
+
+/// Read one unmasked server frame: (first byte, payload).
+pub fn read_frame(s: &mut TcpStream) -> (u8, Vec<u8>) {
+    let mut h = [0u8; 2];
+    s.read_exact(&mut h).expect("frame header");
+    assert_eq!(h[1] & 0x80, 0, "server frames are never masked");
+    let len = match h[1] & 0x7F {
+        126 => {
+            let mut b = [0u8; 2];
+            s.read_exact(&mut b).unwrap();
+            u16::from_be_bytes(b) as usize
+        }
+        127 => {
+            let mut b = [0u8; 8];
+            s.read_exact(&mut b).unwrap();
+            u64::from_be_bytes(b) as usize
+        }
+        n => n as usize,
+    };
+    let mut p = vec![0u8; len];
+    s.read_exact(&mut p).unwrap();
+    (h[0], p)
+}
+
+/// Read frames until a close frame; returns its code (None if empty).
+pub fn read_close(s: &mut TcpStream) -> Option<u16> {
+    loop {
+        let (first, p) = read_frame(s);
+        if first & 0x0F == 0x8 {
+            assert_eq!(first, 0x88);
+            return (p.len() >= 2).then(|| u16::from_be_bytes([p[0], p[1]]));
+        }
+    }
+}
+
+/// Whether the server closed the TCP connection (EOF or reset) in time.
+pub fn closed_by_server(s: &mut TcpStream) -> bool {
+    let deadline = Instant::now() + WAIT;
+    let mut buf = [0u8; 1024];
+    while Instant::now() < deadline {
+        match s.read(&mut buf) {
+            Ok(0) => return true,
+            Ok(_) => continue,
+            Err(e)
+                if e.kind() == std::io::ErrorKind::WouldBlock
+                    || e.kind() == std::io::ErrorKind::TimedOut =>
+            {
+                return false;
+            }
+            Err(_) => return true,
+        }
+    }
+    false
+}
+
+/// Echo check with a fresh tungstenite client: proves the server still
+/// serves others.
+pub fn still_serves(addr: SocketAddr, server: &WebSocketServer) {
+    let mut ws = client(addr);
+    let c = expect_connect(server);
+    ws.send(tungstenite::Message::text("still here")).unwrap();
+    let (from, m) = expect_message(server);
+    assert_eq!(from.id(), c.id());
+    assert_eq!(m.as_text(), Some("still here"));
+    from.send(m).unwrap();
+    assert_eq!(ws.read().unwrap(), tungstenite::Message::text("still here"));
+}
