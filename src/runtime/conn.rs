@@ -102,7 +102,9 @@ pub(crate) struct Conn<T> {
 
 impl<T: Send + Sync + 'static> Conn<T> {
     /// A connection fresh from its handshake. Its job is running (the
-    /// handshake job becomes its first service job).
+    /// handshake job becomes its first service job), and the handshake job
+    /// holds the write token until the `101` is out (see
+    /// [`Conn::send_upgrade`]).
     pub(crate) fn new(
         key: usize,
         stream: TcpStream,
@@ -127,7 +129,7 @@ impl<T: Send + Sync + 'static> Conn<T> {
                 queue: VecDeque::new(),
                 head: 0,
                 queued: 0,
-                writing: false,
+                writing: true,
                 job_running: true,
                 job_again: false,
                 close_sent: None,
@@ -188,14 +190,24 @@ impl<T: Send + Sync + 'static> Conn<T> {
             .map(|_| ())
     }
 
-    /// Bytes written as-is (the `101` response).
-    pub(crate) fn send_raw(
-        self: &Arc<Self>,
-        shared: &Arc<Shared<T>>,
-        bytes: Vec<u8>,
-    ) -> Result<()> {
-        self.write(shared, Chunk::Owned(bytes), None, Kind::Control)
-            .map(|_| ())
+    /// Write the `101` response with the write token that `new` hands
+    /// the handshake job. The connection is already reachable (by id, by
+    /// broadcast), so frames sent meanwhile wait in the queue behind the
+    /// token, and a client that has read its `101` is sure to get every
+    /// broadcast after it.
+    pub(crate) fn send_upgrade(self: &Arc<Self>, shared: &Arc<Shared<T>>, bytes: Vec<u8>) {
+        let result = write_vectored(&self.stream, &[IoSlice::new(&bytes)]);
+        let mut w = self.io.lock();
+        match result {
+            Ok(n) if n == bytes.len() => {}
+            Ok(n) => {
+                w.queued += bytes.len() - n;
+                w.queue.push_front(Chunk::Owned(bytes));
+                w.head = n;
+            }
+            Err(e) => w.write_error = Some(e.kind()),
+        }
+        self.flush_holding_token(shared, w);
     }
 
     /// Queue our close frame (user close, shutdown, or answer to the peer).
@@ -418,10 +430,7 @@ fn write_queue(
             want += bytes.len();
             n += 1;
         }
-        let mut written = match write_vectored(stream, &slices[..n]) {
-            Ok(w) => w,
-            Err(e) => return Err(e),
-        };
+        let mut written = write_vectored(stream, &slices[..n])?;
         total += written;
         let short = written < want;
         while written > 0 {

@@ -182,7 +182,7 @@ impl<T: Send + Sync + 'static> Shared<T> {
             {
                 crate::runtime::worker::abort_handshake(
                     shared,
-                    p,
+                    *p,
                     Some(&Reject::new(503).body("server shutting down")),
                 );
             }

@@ -43,11 +43,11 @@ pub(crate) fn run<T: Send + Sync + 'static>(shared: Arc<Shared<T>>) {
             .next()
             .map(|at| Duration::from_millis(at.saturating_sub(shared.now_ms())));
         events.clear();
-        if let Err(e) = shared.poller.wait(&mut events, timeout) {
-            if e.kind() != io::ErrorKind::Interrupted {
-                eprintln!("enjent: poller wait failed: {e}");
-                std::thread::sleep(Duration::from_millis(10));
-            }
+        if let Err(e) = shared.poller.wait(&mut events, timeout)
+            && e.kind() != io::ErrorKind::Interrupted
+        {
+            eprintln!("enjent: poller wait failed: {e}");
+            std::thread::sleep(Duration::from_millis(10));
         }
         if shared.poller_stop.load(Ordering::Acquire) {
             return;
@@ -83,7 +83,7 @@ pub(crate) fn run<T: Send + Sync + 'static>(shared: Arc<Shared<T>>) {
             {
                 abort_handshake(
                     &shared,
-                    p,
+                    *p,
                     Some(&Reject::new(408).body("handshake timed out")),
                 );
             }

@@ -98,7 +98,7 @@ impl<T> Registry<T> {
         Some(index | ((e.generation as usize) << INDEX_BITS))
     }
 
-    fn entry<'a>(s: &'a mut Slab<T>, key: usize) -> Option<&'a mut Entry<T>> {
+    fn entry(s: &mut Slab<T>, key: usize) -> Option<&mut Entry<T>> {
         let e = s.entries.get_mut(key & INDEX_MASK)?;
         (e.generation as usize == key >> INDEX_BITS).then_some(e)
     }

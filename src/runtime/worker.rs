@@ -62,7 +62,7 @@ fn read_some(mut stream: &std::net::TcpStream, buf: &mut [u8]) -> io::Result<Opt
 }
 
 /// Give up on a handshake: optionally answer, then close.
-pub(crate) fn abort_handshake<T>(shared: &Shared<T>, p: Box<Pending>, answer: Option<&Reject>) {
+pub(crate) fn abort_handshake<T>(shared: &Shared<T>, p: Pending, answer: Option<&Reject>) {
     if let Some(reject) = answer {
         // Best effort: the socket is non-blocking and the answer small.
         let _ = (&p.stream).write(&reject.to_response());
@@ -78,7 +78,7 @@ pub(crate) fn handshake<T: Send + Sync + 'static>(shared: &Arc<Shared<T>>, mut p
     if shared.stopping.load(Ordering::Acquire) {
         return abort_handshake(
             shared,
-            p,
+            *p,
             Some(&Reject::new(503).body("server shutting down")),
         );
     }
@@ -100,7 +100,7 @@ pub(crate) fn handshake<T: Send + Sync + 'static>(shared: &Arc<Shared<T>>, mut p
     match read {
         Ok(true) => {}
         // The client left or the socket broke before the request was in.
-        Ok(false) | Err(_) => return abort_handshake(shared, p, None),
+        Ok(false) | Err(_) => return abort_handshake(shared, *p, None),
     }
     let (request, used) = match parse_request(&p.buf, max) {
         Ok(Some(done)) => done,
@@ -112,19 +112,19 @@ pub(crate) fn handshake<T: Send + Sync + 'static>(shared: &Arc<Shared<T>>, mut p
             book_handshake_deadline(shared, key, deadline);
             return;
         }
-        Err(reject) => return abort_handshake(shared, p, Some(&reject)),
+        Err(reject) => return abort_handshake(shared, *p, Some(&reject)),
     };
     let mut request = request;
     request.set_peer_addr(p.peer);
     let data = match catch_unwind(AssertUnwindSafe(|| (shared.init)(&request))) {
         Ok(Ok(data)) => data,
-        Ok(Err(reject)) => return abort_handshake(shared, p, Some(&reject)),
+        Ok(Err(reject)) => return abort_handshake(shared, *p, Some(&reject)),
         Err(_) => {
             eprintln!(
                 "enjent: client-init strategy panicked for {}; answering 500",
                 p.peer
             );
-            return abort_handshake(shared, p, Some(&Reject::new(500).body("internal error")));
+            return abort_handshake(shared, *p, Some(&Reject::new(500).body("internal error")));
         }
     };
     let response = accept_response(request.key(), &[]);
@@ -143,14 +143,10 @@ pub(crate) fn handshake<T: Send + Sync + 'static>(shared: &Arc<Shared<T>>, mut p
         let client = Client::new(id, peer, data, weak.clone(), Arc::downgrade(shared));
         Conn::new(key, stream, client, shared.limits, now)
     });
-    // The 101 goes out before the connection becomes reachable by id, so no
-    // broadcast can overtake it.
-    if conn.send_raw(shared, response).is_err() {
-        let _ = shared.poller.delete(&conn.stream);
-        shared.registry.remove(key, None, peer.ip());
-        return;
-    }
+    // Reachable first, then the 101: frames sent in between queue behind
+    // it (the new connection starts with the write token held).
     shared.registry.open(key, id, Arc::clone(&conn));
+    conn.send_upgrade(shared, response);
     if !shared.emit_connect(&conn.client) {
         let (code, reason) = panic_close();
         let _ = conn.close(shared, code, reason);
@@ -335,24 +331,24 @@ fn progress<T: Send + Sync + 'static>(
         return Some(Some(Error::Io(io::ErrorKind::TimedOut.into())));
     }
     if r.proto.state() == State::Open {
-        if let Some(idle) = shared.config.idle_timeout {
-            if now >= r.last_seen_ms + idle.as_millis() as u64 {
-                r.report = Some(CloseFrame::new(CloseCode::GOING_AWAY, "idle timeout"));
-                r.error = Some(Error::Io(io::ErrorKind::TimedOut.into()));
-                let _ = conn.send_close(
-                    shared,
-                    CloseFrame::new(CloseCode::GOING_AWAY, "idle timeout"),
-                );
-                r.proto.close_sent();
-                return None;
-            }
+        if let Some(idle) = shared.config.idle_timeout
+            && now >= r.last_seen_ms + idle.as_millis() as u64
+        {
+            r.report = Some(CloseFrame::new(CloseCode::GOING_AWAY, "idle timeout"));
+            r.error = Some(Error::Io(io::ErrorKind::TimedOut.into()));
+            let _ = conn.send_close(
+                shared,
+                CloseFrame::new(CloseCode::GOING_AWAY, "idle timeout"),
+            );
+            r.proto.close_sent();
+            return None;
         }
-        if let Some(every) = shared.config.ping_interval {
-            if now >= r.last_seen_ms + every.as_millis() as u64 && r.ping_sent_ms <= r.last_seen_ms
-            {
-                r.ping_sent_ms = now;
-                let _ = conn.send_ping(shared);
-            }
+        if let Some(every) = shared.config.ping_interval
+            && now >= r.last_seen_ms + every.as_millis() as u64
+            && r.ping_sent_ms <= r.last_seen_ms
+        {
+            r.ping_sent_ms = now;
+            let _ = conn.send_ping(shared);
         }
     }
     None
@@ -374,10 +370,10 @@ fn book_timer<T: Send + Sync + 'static>(
         if let Some(idle) = shared.config.idle_timeout {
             next = next.min(r.last_seen_ms + idle.as_millis() as u64);
         }
-        if let Some(every) = shared.config.ping_interval {
-            if r.ping_sent_ms <= r.last_seen_ms {
-                next = next.min(r.last_seen_ms + every.as_millis() as u64);
-            }
+        if let Some(every) = shared.config.ping_interval
+            && r.ping_sent_ms <= r.last_seen_ms
+        {
+            next = next.min(r.last_seen_ms + every.as_millis() as u64);
         }
     }
     if next == u64::MAX {

@@ -1,0 +1,59 @@
+//! A server whose clients carry data of their own, built from the upgrade
+//! request by a client-init strategy (the seed's
+//! `ClientInitializationStrategy`). Clients must give a name in the query
+//! string and a `session` cookie; others are refused with 403.
+//!
+//! ```text
+//! cargo run --example custom_client -- [ADDR]
+//! # then connect to ws://127.0.0.1:13003/?name=ann with Cookie: session=...
+//! ```
+
+use enjent::{Error, Event, Reject, Request, WebSocketServer};
+
+/// What the server knows about each client.
+struct Member {
+    name: String,
+    session: String,
+}
+
+/// The client-init strategy: runs once per handshake, on a pool worker.
+fn admit(req: &Request) -> Result<Member, Reject> {
+    let name = req
+        .query_param("name")
+        .filter(|n| !n.trim().is_empty())
+        .ok_or_else(|| Reject::forbidden("add ?name=YOUR_NAME to the URL"))?;
+    let session = req
+        .cookie("session")
+        .ok_or_else(|| Reject::forbidden("a session cookie is required"))?;
+    Ok(Member {
+        name,
+        session: session.to_owned(),
+    })
+}
+
+fn main() -> Result<(), Error> {
+    let addr = std::env::args()
+        .nth(1)
+        .unwrap_or_else(|| "127.0.0.1:13003".into());
+    let server = WebSocketServer::with_client_init(admit).start(addr.as_str())?;
+    println!("listening on ws://{}", server.local_addr());
+    for event in server.events() {
+        match event {
+            Event::Connect { client } => {
+                let m = client.data();
+                println!("{} joined (session {})", m.name, m.session);
+                client.send(format!("welcome, {}", m.name))?;
+            }
+            Event::Message { client, message } => {
+                if let Some(text) = message.as_text() {
+                    let line = format!("{}: {}", client.data().name, text);
+                    println!("{line}");
+                    server.broadcast(line);
+                }
+            }
+            Event::Disconnect { client, .. } => println!("{} left", client.data().name),
+            _ => {}
+        }
+    }
+    Ok(())
+}

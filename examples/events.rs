@@ -1,0 +1,40 @@
+//! The seed README's example in Rust: a main loop over the event
+//! receiver, printing connects, messages and disconnects.
+//!
+//! ```text
+//! cargo run --example events -- [ADDR]
+//! ```
+
+use enjent::{Error, Event, WebSocketServer};
+
+fn main() -> Result<(), Error> {
+    let addr = std::env::args()
+        .nth(1)
+        .unwrap_or_else(|| "127.0.0.1:13003".into());
+    // Starting fails with Error::Bind (the seed's WebSocketServerException)
+    // if the address is taken.
+    let server = match WebSocketServer::bind(addr.as_str()) {
+        Ok(server) => server,
+        Err(e) => {
+            eprintln!("An error occurred when starting the WebSocket server - {e}");
+            return Err(e);
+        }
+    };
+    println!("listening on ws://{}", server.local_addr());
+    for event in server.events() {
+        match event {
+            Event::Connect { client } => {
+                println!("Got a new socket ID: {}", client.id());
+            }
+            Event::Message { client, message } => match message.as_text() {
+                Some(text) => println!("User {} says : {}", client.id(), text),
+                None => println!("User {} sent {} bytes", client.id(), message.len()),
+            },
+            Event::Disconnect { client, close, .. } => {
+                println!("User {} disconnected ({close})", client.id());
+            }
+            _ => {}
+        }
+    }
+    Ok(())
+}
