@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# Run the Autobahn test suite (through kosoku, from PyPI) against
+# examples/echo and fail unless every case passes.
+#
+#   tests/autobahn/run.sh            # from the repository root
+#
+# Environment: AUTOBAHN_VENV (default target/autobahn-venv),
+# AUTOBAHN_PORT (default 9001), AUTOBAHN_OUT (default target/autobahn),
+# AUTOBAHN_FEATURES (cargo features for the echo build, e.g. deflate).
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+
+venv="${AUTOBAHN_VENV:-target/autobahn-venv}"
+port="${AUTOBAHN_PORT:-9001}"
+out="${AUTOBAHN_OUT:-target/autobahn}"
+features="${AUTOBAHN_FEATURES:-}"
+check_args=()
+
+if [ ! -x "$venv/bin/kosoku" ]; then
+    echo "autobahn: installing kosoku into $venv"
+    python3 -m venv "$venv"
+    "$venv/bin/pip" install --quiet --upgrade pip
+    "$venv/bin/pip" install --quiet kosoku
+fi
+
+cargo_args=(build --release --example echo)
+if [ -n "$features" ]; then
+    cargo_args+=(--features "$features")
+    check_args+=(--require-compression)
+fi
+cargo "${cargo_args[@]}"
+
+rm -rf "$out"
+mkdir -p "$out"
+./target/release/examples/echo "127.0.0.1:$port" echo --max-message-size 16777216 >"$out/echo.log" 2>&1 &
+echo_pid=$!
+trap 'kill "$echo_pid" 2>/dev/null || true; wait "$echo_pid" 2>/dev/null || true' EXIT
+
+# Wait for the server to listen.
+for _ in $(seq 1 100); do
+    grep -q "listening on" "$out/echo.log" && break
+    kill -0 "$echo_pid" || { cat "$out/echo.log"; exit 1; }
+    sleep 0.1
+done
+grep -q "listening on" "$out/echo.log" || { echo "autobahn: echo did not start"; cat "$out/echo.log"; exit 1; }
+
+# kosoku exits non-zero when any case is not OK (UNIMPLEMENTED included);
+# the verdict is check.py's, from the report.
+timeout 900 "$venv/bin/kosoku" -p 4 -o "$out" "127.0.0.1:$port" >"$out/kosoku.log" 2>&1 || true
+tail -n 3 "$out/kosoku.log"
+
+# The server must have survived the whole suite.
+kill -0 "$echo_pid" || { echo "autobahn: echo died during the run"; cat "$out/echo.log"; exit 1; }
+python3 tests/autobahn/check.py "$out" "${check_args[@]}"
