@@ -46,6 +46,11 @@
 #![deny(unsafe_code)]
 #![deny(missing_docs, missing_debug_implementations)]
 
+// The README's code blocks are compiled as doc tests, so they stay true.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+struct ReadmeDoctests;
+
 mod client;
 mod config;
 mod error;
