@@ -29,9 +29,11 @@ pub enum Event<T = ()> {
     Disconnect {
         /// Who left. Sending to it fails with [`Error::Closed`].
         client: Client<T>,
-        /// The close frame that ended the connection: the peer's if it
-        /// closed first (code 1005 if it gave none), ours if the server
-        /// closed it, or 1006 if the TCP connection dropped without one.
+        /// How the connection ended (RFC 6455 section 7.1.5): the peer's
+        /// close frame if one arrived, whoever closed first (code 1005 if
+        /// it carried none); ours if the server failed the connection
+        /// (1002, 1007, 1009, 1011) or closed it for idleness (1001);
+        /// otherwise 1006, the connection dropped without a close frame.
         close: CloseFrame,
         /// What went wrong, if anything did: a protocol violation, an I/O
         /// error, a timeout.

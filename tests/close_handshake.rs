@@ -30,9 +30,10 @@ fn server_close_sends_code_and_reason_and_waits_for_the_answer() {
     let (_, m) = expect_message(&server);
     assert_eq!(m.as_text(), Some("in flight"));
     let (_, close, error) = expect_disconnect(&server);
+    // The peer's frame is the connection's close code (RFC 6455 7.1.5).
     assert_eq!(
         (close.code, close.reason.as_str()),
-        (CloseCode::new(4001), "bye now")
+        (CloseCode::new(4001), "")
     );
     assert!(error.is_none(), "{error:?}");
     assert!(closed_by_server(&mut s));
@@ -84,14 +85,15 @@ fn peer_that_never_answers_is_dropped_after_close_timeout() {
     let start = Instant::now();
     c.close(CloseCode::NORMAL, "").unwrap();
     assert_eq!(read_close(&mut s), Some(1000));
-    // We never answer.
+    // We never answer: no close frame arrived, so the connection's close
+    // code is 1006 (RFC 6455 section 7.1.5), and the error says why.
     let (_, close, error) = expect_disconnect(&server);
     assert!(
         start.elapsed() >= Duration::from_millis(250),
         "{:?}",
         start.elapsed()
     );
-    assert_eq!(close.code, CloseCode::NORMAL);
+    assert_eq!(close.code, CloseCode::ABNORMAL);
     match error {
         Some(Error::Io(e)) => assert_eq!(e.kind(), std::io::ErrorKind::TimedOut),
         other => panic!("{other:?}"),

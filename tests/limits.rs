@@ -74,3 +74,47 @@ fn a_client_that_does_not_read_hits_backpressure_and_others_do_not_notice() {
     let report = server.broadcast(vec![1u8; 16 * 1024]);
     assert_eq!(report.dropped, 1, "{report:?}");
 }
+
+#[test]
+fn a_client_that_pings_without_reading_stops_being_read() {
+    // Each ping asks for a pong; a client that never reads would make its
+    // queue grow forever. Over the limit the server stops reading it, so
+    // its own writes back up.
+    let server = WebSocketServer::builder()
+        .max_backpressure(8 * 1024)
+        .start("127.0.0.1:0")
+        .unwrap();
+    let addr = server.local_addr();
+    let mut s = raw_ws(addr);
+    expect_connect(&server);
+    s.set_nonblocking(true).unwrap();
+    let ping = frame(0x89, &[b'p'; 125]);
+    let mut sent = 0usize;
+    let mut stalled_at = None;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while sent < 256 << 20 && Instant::now() < deadline {
+        use std::io::Write;
+        match s.write(&ping) {
+            Ok(n) => sent += n,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                // Give the server time to drain, if it were going to.
+                std::thread::sleep(Duration::from_millis(200));
+                if s.write(&ping).is_err() {
+                    stalled_at = Some(sent);
+                    break;
+                }
+            }
+            Err(e) => panic!("{e}"),
+        }
+    }
+    let stalled_at = stalled_at.expect("the server kept reading a client that does not read");
+    assert!(
+        stalled_at < 64 << 20,
+        "stalled only after {stalled_at} bytes"
+    );
+    // Others are unaffected.
+    let mut ws = client(addr);
+    let c = expect_connect(&server);
+    c.send("fine").unwrap();
+    assert_eq!(ws.read().unwrap(), tungstenite::Message::text("fine"));
+}

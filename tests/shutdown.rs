@@ -25,7 +25,12 @@ fn shutdown_flushes_closes_and_ends_the_event_loop() {
                             assert_eq!(b.len(), 100_000);
                             got += 1;
                         }
-                        Ok(Tm::Close(f)) => return (got, f.map(|f| u16::from(f.code))),
+                        Ok(Tm::Close(f)) => {
+                            // Keep reading: tungstenite sends its answer and
+                            // then sees the server close the connection.
+                            while ws.read().is_ok() {}
+                            return (got, f.map(|f| u16::from(f.code)));
+                        }
                         Ok(_) => {}
                         Err(e) => panic!("{e}"),
                     }

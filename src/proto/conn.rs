@@ -12,14 +12,15 @@
 //!      |   | CloseSent | ----------------------------> +--------+
 //!      |   +-----------+                               | Closed |
 //!      | protocol error: send Close(1002/1007/1009)    +--------+
-//!      +---------------------------> +--------+   flushed  ^
-//!                                    | Failed | -----------+
-//!                                    +--------+
+//!      +---------------------------> +--------+
+//!                                    | Failed |  flushed: half-close, drain
+//!                                    +--------+  input until the peer closes
 //! ```
 //!
 //! Once the peer's close has arrived (or the connection failed), input is
 //! discarded. The I/O runtime sends what this machine asks for and closes
-//! the TCP connection in `Closed`.
+//! the TCP connection in `Closed`; in `Failed` it stops sending and waits
+//! for the peer to close, so that a reset cannot destroy the close frame.
 
 use crate::error::DecodeError;
 use crate::message::{CloseCode, CloseFrame, Message};
@@ -122,10 +123,11 @@ impl Connection {
         }
     }
 
-    /// Record that our answering Close has left (`CloseReceived` or
-    /// `Failed` become `Closed`).
+    /// Record that our answering Close has left: `CloseReceived` becomes
+    /// `Closed`. (`Failed` stays: the peer may still be sending, so the
+    /// runtime half-closes and drains until it stops.)
     pub fn reply_flushed(&mut self) {
-        if matches!(self.state, State::CloseReceived | State::Failed) {
+        if self.state == State::CloseReceived {
             self.state = State::Closed;
         }
     }
@@ -291,6 +293,12 @@ mod tests {
                 other => panic!("{other:?}"),
             }
             assert_eq!(c.state(), State::Failed);
+            c.reply_flushed();
+            assert_eq!(
+                c.state(),
+                State::Failed,
+                "a failed connection drains, it does not close"
+            );
         }
         let mut c = Connection::new(Limits::default());
         match &read_all(&mut c, &frame(0x83, b""))[..] {

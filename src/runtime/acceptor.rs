@@ -56,6 +56,7 @@ pub(crate) fn run<T: Send + Sync + 'static>(shared: Arc<Shared<T>>, listener: Tc
             peer,
             buf: Vec::new(),
             deadline: Instant::now() + shared.config.handshake_timeout,
+            timer_booked: false,
         });
         let s = Arc::clone(&shared);
         shared.pool.execute(move || handshake(&s, pending));

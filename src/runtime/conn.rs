@@ -82,6 +82,8 @@ pub(crate) struct WriteSide {
     /// Server clock (ms) by which the close handshake must be over.
     pub(crate) close_deadline_ms: u64,
     pub(crate) write_error: Option<io::ErrorKind>,
+    /// The job left readable interest off (queue over the limit).
+    pub(crate) read_paused: bool,
     /// Shutdown ran out of patience: tear down now.
     pub(crate) force_close: bool,
     pub(crate) finished: bool,
@@ -135,12 +137,18 @@ impl<T: Send + Sync + 'static> Conn<T> {
                 close_sent: None,
                 close_deadline_ms: 0,
                 write_error: None,
+                read_paused: false,
                 force_close: false,
                 finished: false,
             }),
             closing: AtomicBool::new(false),
             timer_at: AtomicU64::new(0),
         }
+    }
+
+    /// Bytes waiting in the send queue.
+    pub(crate) fn queued(&self) -> usize {
+        self.io.lock().queued
     }
 
     pub(crate) fn can_send(&self) -> bool {
@@ -401,8 +409,12 @@ impl<T: Send + Sync + 'static> Conn<T> {
             spawn_job(shared, self);
             return;
         }
-        if pending_bytes {
-            let _ = shared.poller.modify(&self.stream, Interest::all(self.key));
+        let resume_reading = w.read_paused && w.queued <= shared.config.max_backpressure;
+        if pending_bytes || resume_reading {
+            w.read_paused &= !resume_reading;
+            let readable = w.queued <= shared.config.max_backpressure;
+            let interest = Interest::new(self.key, readable, pending_bytes);
+            let _ = shared.poller.modify(&self.stream, interest);
         }
     }
 }

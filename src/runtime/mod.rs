@@ -178,7 +178,7 @@ impl<T: Send + Sync + 'static> Shared<T> {
         for key in shared.registry.handshake_keys() {
             if let Some(p) = shared
                 .registry
-                .take_expired_handshake(key, Instant::now() + Duration::from_secs(86_400 * 365))
+                .take_expired_handshake(key, worker::far_future())
             {
                 crate::runtime::worker::abort_handshake(
                     shared,

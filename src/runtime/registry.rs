@@ -27,6 +27,8 @@ pub(crate) struct Pending {
     pub(crate) peer: SocketAddr,
     pub(crate) buf: Vec<u8>,
     pub(crate) deadline: Instant,
+    /// The deadline is in the timer heap (booked once, at the first park).
+    pub(crate) timer_booked: bool,
 }
 
 pub(crate) enum Slot<T> {

@@ -105,11 +105,26 @@ pub(crate) fn handshake<T: Send + Sync + 'static>(shared: &Arc<Shared<T>>, mut p
     let (request, used) = match parse_request(&p.buf, max) {
         Ok(Some(done)) => done,
         Ok(None) => {
-            let (key, deadline) = (p.key, p.deadline);
+            let (key, deadline, booked) = (p.key, p.deadline, p.timer_booked);
+            p.timer_booked = true;
             shared.registry.park(p, |p| {
                 let _ = shared.poller.modify(&p.stream, Interest::readable(p.key));
             });
-            book_handshake_deadline(shared, key, deadline);
+            if !booked {
+                book_handshake_deadline(shared, key, deadline);
+            }
+            // Shutdown sets `stopping` before it sweeps parked handshakes,
+            // and both take the slab lock: either its sweep saw this one, or
+            // we see the flag and take it back.
+            if shared.stopping.load(Ordering::Acquire)
+                && let Some(p) = shared.registry.take_expired_handshake(key, far_future())
+            {
+                abort_handshake(
+                    shared,
+                    *p,
+                    Some(&Reject::new(503).body("server shutting down")),
+                );
+            }
             return;
         }
         Err(reject) => return abort_handshake(shared, *p, Some(&reject)),
@@ -147,13 +162,25 @@ pub(crate) fn handshake<T: Send + Sync + 'static>(shared: &Arc<Shared<T>>, mut p
     // it (the new connection starts with the write token held).
     shared.registry.open(key, id, Arc::clone(&conn));
     conn.send_upgrade(shared, response);
+    // As for parking: shutdown's close-everyone pass either saw this
+    // connection or we see the flag.
+    if shared.stopping.load(Ordering::Acquire) {
+        let _ = conn.close(shared, CloseCode::GOING_AWAY, "server shutdown");
+    }
     if !shared.emit_connect(&conn.client) {
         let (code, reason) = panic_close();
+        // Reported as 1011 unless the peer's answer says otherwise.
+        conn.read.lock().report = Some(CloseFrame::new(code, reason));
         let _ = conn.close(shared, code, reason);
     }
     // Bytes after the request are the first frames.
     let leftover = &buf[used..];
     service(shared, &conn, leftover);
+}
+
+/// An instant after every deadline, to take a handshake out regardless.
+pub(crate) fn far_future() -> std::time::Instant {
+    std::time::Instant::now() + std::time::Duration::from_secs(86_400 * 365)
 }
 
 fn book_handshake_deadline<T>(shared: &Shared<T>, key: usize, deadline: std::time::Instant) {
@@ -197,9 +224,13 @@ pub(crate) fn service<T: Send + Sync + 'static>(
         }
         w.job_running = false;
         let writable = !w.queue.is_empty() && !w.writing && w.write_error.is_none();
+        // Over the backpressure limit, stop listening for input until the
+        // queue drains (the flush that drains it turns reading back on).
+        let readable = w.queued <= shared.config.max_backpressure;
+        w.read_paused = !readable;
         let _ = shared
             .poller
-            .modify(&conn.stream, Interest::new(conn.key, true, writable));
+            .modify(&conn.stream, Interest::new(conn.key, readable, writable));
         return;
     }
 }
@@ -210,6 +241,13 @@ fn read_available<T: Send + Sync + 'static>(
     r: &mut ReadSide,
 ) {
     if r.eof || r.error.as_ref().is_some_and(|e| matches!(e, Error::Io(_))) {
+        return;
+    }
+    // A client whose queue is over the limit is not read from until it
+    // drains what we sent: what it sends may need answers (pongs, echoes)
+    // that would only grow its queue. Its readable interest is off too
+    // (see `service`), so this does not spin.
+    if conn.queued() > shared.config.max_backpressure {
         return;
     }
     with_scratch(|buf| {
@@ -259,18 +297,26 @@ fn process<T: Send + Sync + 'static>(
             Output::Message(m) => {
                 if !shared.emit_message(&conn.client, m) {
                     let (code, reason) = panic_close();
+                    r.report = Some(CloseFrame::new(code, reason));
                     let _ = conn.close(shared, code, reason);
                     r.proto.close_sent();
                 }
             }
             Output::SendPong(payload) => {
-                let _ = conn.send_control(shared, OpCode::Pong, &payload);
+                // A peer that pings without reading would grow its queue
+                // without bound; over the limit, pongs are skipped (RFC
+                // 6455 section 5.5.3 lets an endpoint answer only the most
+                // recent ping).
+                if conn.queued() <= shared.config.max_backpressure {
+                    let _ = conn.send_control(shared, OpCode::Pong, &payload);
+                }
             }
             Output::Pong => {}
             Output::PeerClosed { frame, reply } => {
+                // RFC 6455 section 7.1.5: the connection's close code is the
+                // one in the peer's close frame, whoever closed first.
+                r.report = Some(frame.unwrap_or_else(|| CloseFrame::new(CloseCode::NO_STATUS, "")));
                 if let Some(reply) = reply {
-                    r.report =
-                        Some(frame.unwrap_or_else(|| CloseFrame::new(CloseCode::NO_STATUS, "")));
                     // Fails only if our own close went out first; then the
                     // peer's close completes the handshake anyway.
                     let _ = conn.send_close(shared, reply);
@@ -302,6 +348,9 @@ fn progress<T: Send + Sync + 'static>(
             w.force_close,
         )
     };
+    if conn.closing.load(Ordering::Acquire) {
+        r.proto.close_sent();
+    }
     if force {
         return Some(Some(Error::Closed));
     }
@@ -398,14 +447,14 @@ fn teardown<T: Send + Sync + 'static>(
     r: &mut ReadSide,
     io_error: Option<Error>,
 ) {
-    let (sent, unsent) = {
+    let unsent = {
         let mut w = conn.io.lock();
         w.finished = true;
         w.job_running = false;
         let unsent = w.queued;
         w.queue = Default::default();
         w.queued = 0;
-        (w.close_sent.clone(), unsent)
+        unsent
     };
     let _ = shared.poller.delete(&conn.stream);
     let _ = conn.stream.shutdown(Shutdown::Both);
@@ -418,7 +467,6 @@ fn teardown<T: Send + Sync + 'static>(
     let close = r
         .report
         .take()
-        .or(sent)
         .unwrap_or_else(|| CloseFrame::new(CloseCode::ABNORMAL, "connection dropped"));
     let mut error = r.error.take().or(io_error);
     if error.is_none() && close.code == CloseCode::ABNORMAL {
