@@ -18,6 +18,26 @@ pub struct Config {
     pub(crate) close_timeout: Duration,
     pub(crate) max_backpressure: usize,
     pub(crate) workers: usize,
+    pub(crate) max_connections_per_ip: usize,
+    pub(crate) max_buffered_bytes: usize,
+    pub(crate) slow_client_policy: SlowClientPolicy,
+    pub(crate) event_queue: Option<usize>,
+}
+
+/// What happens when a `send` would push a client's queue over
+/// `max_backpressure`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum SlowClientPolicy {
+    /// The message is refused with
+    /// [`Error::Backpressure`](crate::Error::Backpressure); the client
+    /// stays, and a [`Drain`](crate::Event::Drain) event says when its
+    /// queue is empty again. The default.
+    Refuse,
+    /// The message is refused as with `Refuse`, and the client is closed
+    /// with 1008 (policy violation) once what is queued has gone, or
+    /// dropped after `close_timeout` if it never reads.
+    Close,
 }
 
 impl Default for Config {
@@ -34,6 +54,10 @@ impl Default for Config {
             close_timeout: Duration::from_secs(5),
             max_backpressure: 1 << 20,
             workers: std::thread::available_parallelism().map_or(2, |n| n.get().max(2)),
+            max_connections_per_ip: usize::MAX,
+            max_buffered_bytes: 256 << 20,
+            slow_client_policy: SlowClientPolicy::Refuse,
+            event_queue: Some(65_536),
         }
     }
 }
@@ -95,6 +119,26 @@ impl Config {
         self.workers
     }
 
+    /// Most connections (handshakes included) from one IP address.
+    pub fn max_connections_per_ip(&self) -> usize {
+        self.max_connections_per_ip
+    }
+
+    /// Most bytes of unfinished incoming messages, all clients together.
+    pub fn max_buffered_bytes(&self) -> usize {
+        self.max_buffered_bytes
+    }
+
+    /// What a send over `max_backpressure` does.
+    pub fn slow_client_policy(&self) -> SlowClientPolicy {
+        self.slow_client_policy
+    }
+
+    /// Capacity of the event channel (`None`: unbounded).
+    pub fn event_queue(&self) -> Option<usize> {
+        self.event_queue
+    }
+
     pub(crate) fn validate(&self) -> Result<(), &'static str> {
         if self.workers == 0 {
             return Err("workers must be at least 1");
@@ -107,6 +151,12 @@ impl Config {
         }
         if self.max_frame_size() == 0 {
             return Err("max_frame_size must be at least 1");
+        }
+        if self.max_connections_per_ip == 0 {
+            return Err("max_connections_per_ip must be at least 1");
+        }
+        if self.event_queue == Some(0) {
+            return Err("event_queue must hold at least 1 event (or be None)");
         }
         if self.max_fragments == 0 {
             return Err("max_fragments must be at least 1");

@@ -25,6 +25,12 @@ pub enum Event<T = ()> {
         /// What it sent.
         message: Message,
     },
+    /// A client's send queue is empty again after a `send` was refused
+    /// with [`Error::Backpressure`]: producers can resume.
+    Drain {
+        /// The client that caught up.
+        client: Client<T>,
+    },
     /// A client is gone.
     Disconnect {
         /// Who left. Sending to it fails with [`Error::Closed`].
@@ -47,6 +53,7 @@ impl<T> Event<T> {
         match self {
             Event::Connect { client }
             | Event::Message { client, .. }
+            | Event::Drain { client }
             | Event::Disconnect { client, .. } => client,
         }
     }
@@ -61,6 +68,7 @@ impl<T> fmt::Debug for Event<T> {
                 .field("client", client)
                 .field("message", message)
                 .finish(),
+            Event::Drain { client } => f.debug_struct("Drain").field("client", client).finish(),
             Event::Disconnect {
                 client,
                 close,

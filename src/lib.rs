@@ -59,11 +59,13 @@ mod message;
 pub mod proto;
 mod runtime;
 mod server;
+mod stats;
 
 pub use client::{Client, ClientId, SendStatus};
-pub use config::Config;
+pub use config::{Config, SlowClientPolicy};
 pub use error::{Error, ProtocolError, Result};
 pub use event::Event;
 pub use message::{CloseCode, CloseFrame, Message};
 pub use proto::handshake::{Reject, Request};
 pub use server::{Broadcast, Builder, ServerHandle, WebSocketServer};
+pub use stats::Stats;

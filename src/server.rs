@@ -2,7 +2,7 @@
 
 use std::fmt;
 use std::net::{SocketAddr, TcpListener, ToSocketAddrs};
-use std::sync::atomic::{AtomicBool, AtomicU64};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize};
 use std::sync::{Arc, Weak, mpsc};
 use std::time::{Duration, Instant};
 
@@ -12,13 +12,15 @@ use threadpool::ThreadPool;
 
 use crate::client::{Client, ClientId, SendStatus};
 use crate::config::Config;
+use crate::config::SlowClientPolicy;
 use crate::error::{Error, Result};
 use crate::event::Event;
 use crate::message::{CloseCode, CloseFrame, Message};
 use crate::proto::assemble::Limits;
 use crate::proto::frame::encode_frame;
 use crate::proto::handshake::{Reject, Request};
-use crate::runtime::{Handlers, InitFn, Shared, acceptor, poller, registry, timer};
+use crate::runtime::{EventTx, Handlers, InitFn, Shared, acceptor, poller, registry, timer};
+use crate::stats::{Counters, Stats};
 
 /// A WebSocket server: an accept thread, a readiness loop and a worker
 /// pool, serving clients whose user data is `T`.
@@ -165,6 +167,11 @@ impl<T: Send + Sync + 'static> WebSocketServer<T> {
         self.shared.registry.open_count()
     }
 
+    /// A snapshot of the server's counters. Cheap: atomic loads.
+    pub fn stats(&self) -> Stats {
+        self.shared.counters.snapshot()
+    }
+
     /// Stop the server: stop accepting, close every client with 1001 and
     /// let queued data flush (up to `close_timeout`), join every thread,
     /// deliver each `Disconnect`, then end the event stream so that a
@@ -275,6 +282,13 @@ impl<T: Send + Sync + 'static> ServerHandle<T> {
     /// Open connections.
     pub fn connections(&self) -> usize {
         self.shared.upgrade().map_or(0, |s| s.registry.open_count())
+    }
+
+    /// A snapshot of the server's counters (all zero once it is gone).
+    pub fn stats(&self) -> Stats {
+        self.shared
+            .upgrade()
+            .map_or_else(Stats::default, |s| s.counters.snapshot())
     }
 
     /// Shut the server down, as [`WebSocketServer::shutdown`] does. Called
@@ -425,6 +439,39 @@ impl<T: Send + Sync + 'static> Builder<T> {
         self
     }
 
+    /// Most connections (handshakes included) from one IP address; more
+    /// are answered `503`. Behind a proxy every client has the proxy's
+    /// address, so leave it off there. Default: no limit.
+    pub fn max_connections_per_ip(mut self, n: usize) -> Self {
+        self.config.max_connections_per_ip = n;
+        self
+    }
+
+    /// Most bytes held for unfinished incoming messages, all clients
+    /// together; the client whose message would pass it is closed with
+    /// 1009. Caps what a flood of large fragmented messages can make the
+    /// server hold. Default: 256 MiB.
+    pub fn max_buffered_bytes(mut self, bytes: usize) -> Self {
+        self.config.max_buffered_bytes = bytes;
+        self
+    }
+
+    /// What a send over `max_backpressure` does to the client. Default:
+    /// [`SlowClientPolicy::Refuse`].
+    pub fn slow_client_policy(mut self, policy: SlowClientPolicy) -> Self {
+        self.config.slow_client_policy = policy;
+        self
+    }
+
+    /// Capacity of the event channel, in events; `None` for unbounded.
+    /// When the main loop falls this far behind, workers wait for it and
+    /// the server stops reading sockets (nothing is dropped). Default:
+    /// 65,536.
+    pub fn event_queue(mut self, capacity: Option<usize>) -> Self {
+        self.config.event_queue = capacity;
+        self
+    }
+
     /// Run `f` on a pool worker when a client connects, instead of sending
     /// [`Event::Connect`]. A panic in it closes the client with 1011.
     pub fn on_connect(mut self, f: impl Fn(&Client<T>) + Send + Sync + 'static) -> Self {
@@ -437,6 +484,14 @@ impl<T: Send + Sync + 'static> Builder<T> {
     /// order. A panic in it closes the client with 1011.
     pub fn on_message(mut self, f: impl Fn(&Client<T>, Message) + Send + Sync + 'static) -> Self {
         self.handlers.message = Some(Box::new(f));
+        self
+    }
+
+    /// Run `f` on a pool worker when a client's queue has emptied after a
+    /// send was refused for backpressure, instead of sending
+    /// [`Event::Drain`].
+    pub fn on_drain(mut self, f: impl Fn(&Client<T>) + Send + Sync + 'static) -> Self {
+        self.handlers.drain = Some(Box::new(f));
         self
     }
 
@@ -477,7 +532,16 @@ impl<T: Send + Sync + 'static> Builder<T> {
             source: e,
         })?;
         let local_addr = listener.local_addr()?;
-        let (tx, rx) = mpsc::channel();
+        let (tx, rx) = match self.config.event_queue {
+            Some(n) => {
+                let (tx, rx) = mpsc::sync_channel(n);
+                (EventTx::Bounded(tx), rx)
+            }
+            None => {
+                let (tx, rx) = mpsc::channel();
+                (EventTx::Unbounded(tx), rx)
+            }
+        };
         let config = self.config;
         let limits = Limits {
             max_message_size: config.max_message_size,
@@ -497,6 +561,9 @@ impl<T: Send + Sync + 'static> Builder<T> {
             init: self.init,
             handlers: self.handlers,
             events: RwLock::new(Some(tx)),
+            overflow: Mutex::new(Vec::new()),
+            counters: Counters::default(),
+            buffered_in: AtomicUsize::new(0),
             stopping: AtomicBool::new(false),
             next_id: AtomicU64::new(1),
             local_addr,

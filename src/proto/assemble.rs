@@ -109,6 +109,16 @@ impl Decoder {
         }
     }
 
+    /// Forget any unfinished frame or message, releasing its memory.
+    pub fn reset(&mut self) {
+        self.state = State::Header {
+            buf: [0; MAX_HEADER_LEN],
+            have: 0,
+        };
+        self.msg = None;
+        self.control = Vec::new();
+    }
+
     /// Whether bytes of an unfinished frame or message are held.
     pub fn is_mid_message(&self) -> bool {
         self.msg.is_some() || !matches!(self.state, State::Header { have: 0, .. })

@@ -140,11 +140,7 @@ impl Connection {
             let item = match self.decoder.decode(input) {
                 Ok(Some(item)) => item,
                 Ok(None) => return None,
-                Err(error) => {
-                    self.state = State::Failed;
-                    let reply = CloseFrame::new(error.close_code(), fail_reason(error));
-                    return Some(Output::Fail { error, reply });
-                }
+                Err(error) => return self.fail(error),
             };
             match item {
                 Incoming::Message(m) => return Some(Output::Message(m)),
@@ -171,6 +167,21 @@ impl Connection {
         }
         *input = &[];
         None
+    }
+}
+
+impl Connection {
+    /// Fail the connection from outside the decoder (a server-wide limit):
+    /// like a decode error, it drops the unfinished message and asks for a
+    /// close frame. `None` if the peer can no longer send anyway.
+    pub fn fail(&mut self, error: DecodeError) -> Option<Output> {
+        if !self.wants_input() {
+            return None;
+        }
+        self.state = State::Failed;
+        self.decoder.reset();
+        let reply = CloseFrame::new(error.close_code(), fail_reason(error));
+        Some(Output::Fail { error, reply })
     }
 }
 

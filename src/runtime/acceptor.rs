@@ -35,10 +35,14 @@ pub(crate) fn run<T: Send + Sync + 'static>(shared: Arc<Shared<T>>, listener: Tc
             continue;
         }
         let _ = stream.set_nodelay(true);
-        let Some(key) = shared
-            .registry
-            .reserve(shared.config.max_connections, peer.ip())
-        else {
+        let config = &shared.config;
+        let Some(key) = shared.registry.reserve(
+            config.max_connections,
+            config.max_connections_per_ip,
+            peer.ip(),
+        ) else {
+            shared.counters.refused(503);
+            shared.counters.refused(503);
             refuse(&stream, &Reject::new(503).body("too many connections"));
             continue;
         };

@@ -17,12 +17,14 @@ use parking_lot::Mutex;
 use polling::Event as Interest;
 
 use crate::client::{Client, SendStatus};
+use crate::config::SlowClientPolicy;
 use crate::error::{Error, Result};
 use crate::message::{CloseCode, CloseFrame, Message};
 use crate::proto::assemble::Limits;
 use crate::proto::conn::Connection;
 use crate::proto::frame::{OpCode, close_payload, encode_header};
 use crate::runtime::Shared;
+use crate::stats::Counters;
 
 /// Bytes waiting to be written.
 pub(crate) enum Chunk {
@@ -62,6 +64,9 @@ pub(crate) struct ReadSide {
     pub(crate) error: Option<Error>,
     pub(crate) eof: bool,
     pub(crate) write_shut: bool,
+    /// Bytes of partial incoming messages last counted in the server-wide
+    /// total.
+    pub(crate) buffered: usize,
 }
 
 /// The write side and the job schedule, behind one lock.
@@ -84,6 +89,13 @@ pub(crate) struct WriteSide {
     pub(crate) write_error: Option<io::ErrorKind>,
     /// The job left readable interest off (queue over the limit).
     pub(crate) read_paused: bool,
+    /// A send was refused for backpressure: tell the user (`Drain`) once
+    /// the queue is empty again.
+    pub(crate) drain_wanted: bool,
+    /// The queue emptied after a refusal; the job emits `Drain`.
+    pub(crate) drain_due: bool,
+    /// The `Close` slow-client policy closed this connection.
+    pub(crate) closed_for_backpressure: bool,
     /// Shutdown ran out of patience: tear down now.
     pub(crate) force_close: bool,
     pub(crate) finished: bool,
@@ -93,7 +105,9 @@ pub(crate) struct Conn<T> {
     pub(crate) key: usize,
     pub(crate) stream: TcpStream,
     pub(crate) client: Client<T>,
-    pub(crate) read: Mutex<ReadSide>,
+    /// The job takes the read side out for as long as it runs, so that no
+    /// guard is held across user closures; `None` only meanwhile.
+    pub(crate) read: Mutex<Option<ReadSide>>,
     pub(crate) io: Mutex<WriteSide>,
     /// Set once our close frame is queued (read lock-free by the job).
     pub(crate) closing: AtomicBool,
@@ -118,7 +132,7 @@ impl<T: Send + Sync + 'static> Conn<T> {
             key,
             stream,
             client,
-            read: Mutex::new(ReadSide {
+            read: Mutex::new(Some(ReadSide {
                 proto: Connection::new(limits),
                 last_seen_ms: now_ms,
                 ping_sent_ms: 0,
@@ -126,7 +140,8 @@ impl<T: Send + Sync + 'static> Conn<T> {
                 error: None,
                 eof: false,
                 write_shut: false,
-            }),
+                buffered: 0,
+            })),
             io: Mutex::new(WriteSide {
                 queue: VecDeque::new(),
                 head: 0,
@@ -138,6 +153,9 @@ impl<T: Send + Sync + 'static> Conn<T> {
                 close_deadline_ms: 0,
                 write_error: None,
                 read_paused: false,
+                drain_wanted: false,
+                drain_due: false,
+                closed_for_backpressure: false,
                 force_close: false,
                 finished: false,
             }),
@@ -205,6 +223,10 @@ impl<T: Send + Sync + 'static> Conn<T> {
     /// broadcast after it.
     pub(crate) fn send_upgrade(self: &Arc<Self>, shared: &Arc<Shared<T>>, bytes: Vec<u8>) {
         let result = write_vectored(&self.stream, &[IoSlice::new(&bytes)]);
+        if let Ok(n) = result {
+            Counters::add(&shared.counters.bytes_out, n as u64);
+            shared.counters.queued((bytes.len() - n) as i64);
+        }
         let mut w = self.io.lock();
         match result {
             Ok(n) if n == bytes.len() => {}
@@ -264,6 +286,19 @@ impl<T: Send + Sync + 'static> Conn<T> {
         Ok(())
     }
 
+    /// A send was refused for backpressure: under the `Close` policy, the
+    /// client goes (after what is queued, within `close_timeout`).
+    fn over_limit(self: &Arc<Self>, shared: &Arc<Shared<T>>) {
+        if shared.config.slow_client_policy == SlowClientPolicy::Close
+            && self
+                .close(shared, CloseCode::POLICY, "send queue over limit")
+                .is_ok()
+        {
+            self.io.lock().closed_for_backpressure = true;
+            Counters::add(&shared.counters.backpressure_closes, 1);
+        }
+    }
+
     /// Tear down at the next job, whatever state the connection is in.
     pub(crate) fn force_close(self: &Arc<Self>, shared: &Arc<Shared<T>>) {
         self.io.lock().force_close = true;
@@ -290,16 +325,23 @@ impl<T: Send + Sync + 'static> Conn<T> {
         if w.writing || !w.queue.is_empty() {
             let limit = shared.config.max_backpressure;
             if kind == Kind::Data && w.queued > 0 && w.queued + len > limit {
-                return Err(Error::Backpressure {
-                    queued: w.queued,
-                    limit,
-                });
+                let queued = w.queued;
+                w.drain_wanted = true;
+                drop(w);
+                Counters::add(&shared.counters.dropped, 1);
+                self.over_limit(shared);
+                return Err(Error::Backpressure { queued, limit });
             }
             w.queue.push_back(head);
             if let Some(b) = body {
                 w.queue.push_back(b);
             }
             w.queued += len;
+            drop(w);
+            shared.counters.queued(len as i64);
+            if kind == Kind::Data {
+                Counters::add(&shared.counters.messages_out, 1);
+            }
             return Ok(SendStatus::Queued);
         }
         w.writing = true;
@@ -312,6 +354,13 @@ impl<T: Send + Sync + 'static> Conn<T> {
             ];
             write_vectored(&self.stream, &parts)
         };
+        if let Ok(n) = result {
+            Counters::add(&shared.counters.bytes_out, n as u64);
+            shared.counters.queued((len - n) as i64);
+        }
+        if kind == Kind::Data && result.is_ok() {
+            Counters::add(&shared.counters.messages_out, 1);
+        }
         let mut w = self.io.lock();
         let status = match result {
             Ok(n) if n == len => SendStatus::Written,
@@ -376,6 +425,8 @@ impl<T: Send + Sync + 'static> Conn<T> {
             match result {
                 Ok((written, drained)) => {
                     w.queued -= written.min(w.queued);
+                    Counters::add(&shared.counters.bytes_out, written as u64);
+                    shared.counters.queued(-(written as i64));
                     if w.queue.is_empty() && w.queue.capacity() > 8 {
                         // Give back the memory of a queue that grew.
                         w.queue = VecDeque::new();
@@ -393,9 +444,15 @@ impl<T: Send + Sync + 'static> Conn<T> {
         }
         w.writing = false;
         let pending_bytes = !w.queue.is_empty() && w.write_error.is_none() && !w.finished;
-        // The job must run if a write failed, or if our close frame just
-        // left (the close handshake moves on).
-        let needs_job = w.write_error.is_some() || (w.close_sent.is_some() && w.queue.is_empty());
+        if w.drain_wanted && w.queue.is_empty() {
+            w.drain_wanted = false;
+            w.drain_due = true;
+        }
+        // The job must run if a write failed, if our close frame just left
+        // (the close handshake moves on), or to tell the user of a drain.
+        let needs_job = w.write_error.is_some()
+            || (w.close_sent.is_some() && w.queue.is_empty())
+            || w.drain_due;
         if w.job_running {
             // The job re-arms (and notices errors) when it ends.
             if needs_job {

@@ -28,6 +28,7 @@ use crate::event::Event;
 use crate::message::{CloseCode, CloseFrame, Message};
 use crate::proto::assemble::Limits;
 use crate::proto::handshake::{Reject, Request};
+use crate::stats::Counters;
 
 pub(crate) type InitFn<T> = dyn Fn(&Request) -> Result<T, Reject> + Send + Sync;
 pub(crate) type ConnectFn<T> = dyn Fn(&Client<T>) + Send + Sync;
@@ -38,6 +39,7 @@ pub(crate) type DisconnectFn<T> = dyn Fn(&Client<T>, &CloseFrame, Option<&Error>
 pub(crate) struct Handlers<T> {
     pub(crate) connect: Option<Box<ConnectFn<T>>>,
     pub(crate) message: Option<Box<MessageFn<T>>>,
+    pub(crate) drain: Option<Box<ConnectFn<T>>>,
     pub(crate) disconnect: Option<Box<DisconnectFn<T>>>,
 }
 
@@ -46,9 +48,16 @@ impl<T> Default for Handlers<T> {
         Handlers {
             connect: None,
             message: None,
+            drain: None,
             disconnect: None,
         }
     }
+}
+
+/// The sending half of the user's event channel.
+pub(crate) enum EventTx<T> {
+    Unbounded(mpsc::Sender<Event<T>>),
+    Bounded(mpsc::SyncSender<Event<T>>),
 }
 
 /// State every thread of one server shares.
@@ -63,7 +72,12 @@ pub(crate) struct Shared<T> {
     pub(crate) handlers: Handlers<T>,
     /// Taken (dropped) at the end of shutdown, which ends the user's
     /// event iterator.
-    pub(crate) events: RwLock<Option<mpsc::Sender<Event<T>>>>,
+    pub(crate) events: RwLock<Option<EventTx<T>>>,
+    /// Events that did not fit a full bounded channel during shutdown.
+    pub(crate) overflow: Mutex<Vec<Event<T>>>,
+    pub(crate) counters: Counters,
+    /// Bytes of unfinished incoming messages, all connections together.
+    pub(crate) buffered_in: std::sync::atomic::AtomicUsize,
     pub(crate) stopping: AtomicBool,
     pub(crate) next_id: AtomicU64,
     pub(crate) local_addr: SocketAddr,
@@ -82,7 +96,7 @@ impl<T: Send + Sync + 'static> Shared<T> {
     /// Deliver `Connect`; returns false if the handler panicked.
     pub(crate) fn emit_connect(&self, client: &Client<T>) -> bool {
         match &self.handlers.connect {
-            Some(f) => guarded("on_connect", client, || f(client)),
+            Some(f) => guarded(&self.counters, "on_connect", client, || f(client)),
             None => {
                 self.send_event(Event::Connect {
                     client: client.clone(),
@@ -95,7 +109,7 @@ impl<T: Send + Sync + 'static> Shared<T> {
     /// Deliver a message; returns false if the handler panicked.
     pub(crate) fn emit_message(&self, client: &Client<T>, message: Message) -> bool {
         match &self.handlers.message {
-            Some(f) => guarded("on_message", client, || f(client, message)),
+            Some(f) => guarded(&self.counters, "on_message", client, || f(client, message)),
             None => {
                 self.send_event(Event::Message {
                     client: client.clone(),
@@ -114,7 +128,7 @@ impl<T: Send + Sync + 'static> Shared<T> {
     ) {
         match &self.handlers.disconnect {
             Some(f) => {
-                guarded("on_disconnect", client, || {
+                guarded(&self.counters, "on_disconnect", client, || {
                     f(client, &close, error.as_ref())
                 });
             }
@@ -126,11 +140,60 @@ impl<T: Send + Sync + 'static> Shared<T> {
         }
     }
 
+    pub(crate) fn emit_drain(&self, client: &Client<T>) {
+        match &self.handlers.drain {
+            Some(f) => {
+                guarded(&self.counters, "on_drain", client, || f(client));
+            }
+            None => self.send_event(Event::Drain {
+                client: client.clone(),
+            }),
+        }
+    }
+
+    /// Hand an event to the user's channel. The user may have dropped the
+    /// receiver; events then have nowhere to go, which is their choice.
+    ///
+    /// A bounded channel that is full makes the worker wait (sleeping, so
+    /// it costs no CPU): its connection is not read meanwhile, and as the
+    /// other workers reach the same point the whole server stops reading.
+    /// That is the backpressure. Once shutdown starts, waiting could
+    /// deadlock a consumer that is itself shutting down, so events that
+    /// do not fit go to an overflow list that shutdown delivers last.
     fn send_event(&self, event: Event<T>) {
-        if let Some(tx) = self.events.read().as_ref() {
-            // The user may have dropped the receiver; events then have
-            // nowhere to go, which is their choice.
-            let _ = tx.send(event);
+        let guard = self.events.read();
+        let Some(tx) = guard.as_ref() else { return };
+        let tx = match tx {
+            EventTx::Unbounded(tx) => {
+                let _ = tx.send(event);
+                return;
+            }
+            EventTx::Bounded(tx) => tx,
+        };
+        let mut event = event;
+        let mut nap = Duration::from_micros(100);
+        loop {
+            if self.stopping.load(Ordering::Acquire) {
+                let mut overflow = self.overflow.lock();
+                if !overflow.is_empty() {
+                    // Keep order: once events overflow, all later ones do.
+                    overflow.push(event);
+                    return;
+                }
+                match tx.try_send(event) {
+                    Ok(()) | Err(mpsc::TrySendError::Disconnected(_)) => return,
+                    Err(mpsc::TrySendError::Full(e)) => {
+                        overflow.push(e);
+                        return;
+                    }
+                }
+            }
+            match tx.try_send(event) {
+                Ok(()) | Err(mpsc::TrySendError::Disconnected(_)) => return,
+                Err(mpsc::TrySendError::Full(e)) => event = e,
+            }
+            std::thread::sleep(nap);
+            nap = (nap * 2).min(Duration::from_millis(10));
         }
     }
 
@@ -205,7 +268,22 @@ impl<T: Send + Sync + 'static> Shared<T> {
         shared.pool.join();
         // Dropping the sender ends the user's event iterator once the
         // events already sent are read.
-        shared.events.write().take();
+        let tx = shared.events.write().take();
+        let overflow = std::mem::take(&mut *shared.overflow.lock());
+        if let (Some(EventTx::Bounded(tx)), false) = (tx, overflow.is_empty()) {
+            // The channel is full and its reader may be this very thread:
+            // a short-lived thread delivers the rest in order, then ends
+            // the stream.
+            let _ = std::thread::Builder::new()
+                .name("enjent-drain-events".into())
+                .spawn(move || {
+                    for event in overflow {
+                        if tx.send(event).is_err() {
+                            return;
+                        }
+                    }
+                });
+        }
     }
 
     /// Milliseconds since the server started: a cheap clock for timers.
@@ -216,18 +294,17 @@ impl<T: Send + Sync + 'static> Shared<T> {
 
 /// Run user code, catching a panic so that one bad handler cannot take a
 /// worker (or the server) down. The caller closes the client with 1011.
-fn guarded<T>(what: &str, client: &Client<T>, f: impl FnOnce()) -> bool {
+fn guarded<T>(counters: &Counters, what: &str, client: &Client<T>, f: impl FnOnce()) -> bool {
     match catch_unwind(AssertUnwindSafe(f)) {
         Ok(()) => true,
         Err(panic) => {
+            Counters::add(&counters.panics, 1);
             let msg = panic
                 .downcast_ref::<&str>()
                 .map(|s| s.to_string())
                 .or_else(|| panic.downcast_ref::<String>().cloned())
                 .unwrap_or_else(|| "non-string panic".into());
-            eprintln!(
-                "enjent: {what} handler panicked for client {client:?}: {msg}; closing it with 1011"
-            );
+            eprintln!("enjent: {what} handler panicked for client {client:?}: {msg}");
             false
         }
     }

@@ -77,10 +77,11 @@ impl<T> Registry<T> {
         }
     }
 
-    /// Reserve a slot for a new handshake, or `None` over `max`.
-    pub(crate) fn reserve(&self, max: usize, ip: IpAddr) -> Option<usize> {
+    /// Reserve a slot for a new handshake, or `None` over `max` in all or
+    /// `per_ip` from this address.
+    pub(crate) fn reserve(&self, max: usize, per_ip: usize, ip: IpAddr) -> Option<usize> {
         let mut s = self.slab.lock();
-        if s.used >= max {
+        if s.used >= max || s.per_ip.get(&ip).is_some_and(|n| *n as usize >= per_ip) {
             return None;
         }
         s.used += 1;

@@ -11,6 +11,7 @@ use std::sync::atomic::Ordering;
 use polling::Event as Interest;
 
 use crate::client::{Client, ClientId};
+use crate::error::DecodeError;
 use crate::error::Error;
 use crate::message::{CloseCode, CloseFrame};
 use crate::proto::conn::{Output, State};
@@ -20,6 +21,7 @@ use crate::runtime::conn::{Conn, ReadSide};
 use crate::runtime::registry::Pending;
 use crate::runtime::timer::Timers;
 use crate::runtime::{Shared, panic_close};
+use crate::stats::Counters;
 
 /// Per-worker read buffer: connections own no read buffer while idle.
 const SCRATCH: usize = 64 * 1024;
@@ -67,6 +69,7 @@ pub(crate) fn abort_handshake<T>(shared: &Shared<T>, p: Pending, answer: Option<
         // Best effort: the socket is non-blocking and the answer small.
         let _ = (&p.stream).write(&reject.to_response());
         let _ = p.stream.shutdown(Shutdown::Write);
+        shared.counters.refused(reject.status());
     }
     let _ = shared.poller.delete(&p.stream);
     shared.registry.remove(p.key, None, p.peer.ip());
@@ -135,6 +138,7 @@ pub(crate) fn handshake<T: Send + Sync + 'static>(shared: &Arc<Shared<T>>, mut p
         Ok(Ok(data)) => data,
         Ok(Err(reject)) => return abort_handshake(shared, *p, Some(&reject)),
         Err(_) => {
+            Counters::add(&shared.counters.panics, 1);
             eprintln!(
                 "enjent: client-init strategy panicked for {}; answering 500",
                 p.peer
@@ -161,6 +165,7 @@ pub(crate) fn handshake<T: Send + Sync + 'static>(shared: &Arc<Shared<T>>, mut p
     // Reachable first, then the 101: frames sent in between queue behind
     // it (the new connection starts with the write token held).
     shared.registry.open(key, id, Arc::clone(&conn));
+    Counters::add(&shared.counters.accepted, 1);
     conn.send_upgrade(shared, response);
     // As for parking: shutdown's close-everyone pass either saw this
     // connection or we see the flag.
@@ -170,7 +175,9 @@ pub(crate) fn handshake<T: Send + Sync + 'static>(shared: &Arc<Shared<T>>, mut p
     if !shared.emit_connect(&conn.client) {
         let (code, reason) = panic_close();
         // Reported as 1011 unless the peer's answer says otherwise.
-        conn.read.lock().report = Some(CloseFrame::new(code, reason));
+        if let Some(r) = conn.read.lock().as_mut() {
+            r.report = Some(CloseFrame::new(code, reason));
+        }
         let _ = conn.close(shared, code, reason);
     }
     // Bytes after the request are the first frames.
@@ -202,7 +209,15 @@ pub(crate) fn service<T: Send + Sync + 'static>(
     let mut first = first;
     loop {
         conn.flush_from_job(shared);
-        let mut r = conn.read.lock();
+        // Take the read side out: no guard is held while user closures
+        // run. Only this job touches it; the lock is never contended.
+        let Some(mut r) = conn.read.lock().take() else {
+            return;
+        };
+        let drain = std::mem::take(&mut conn.io.lock().drain_due);
+        if drain && r.proto.state() == State::Open {
+            shared.emit_drain(&conn.client);
+        }
         if !first.is_empty() {
             r.last_seen_ms = shared.now_ms();
             process(shared, conn, &mut r, first);
@@ -215,7 +230,7 @@ pub(crate) fn service<T: Send + Sync + 'static>(
             return;
         }
         book_timer(shared, conn, &r, now);
-        drop(r);
+        *conn.read.lock() = Some(r);
 
         let mut w = conn.io.lock();
         if w.job_again {
@@ -261,6 +276,7 @@ fn read_available<T: Send + Sync + 'static>(
                 Ok(Some(n)) => {
                     r.last_seen_ms = shared.now_ms();
                     process(shared, conn, r, &buf[..n]);
+                    account_buffered(shared, conn, r);
                     budget = budget.saturating_sub(n);
                     // A short read means the socket is drained (readiness is
                     // level-triggered, so anything newer re-fires).
@@ -281,6 +297,38 @@ fn read_available<T: Send + Sync + 'static>(
     });
 }
 
+/// Keep the server-wide count of bytes held for unfinished messages, and
+/// fail the connection whose growth passes `max_buffered_bytes`.
+fn account_buffered<T: Send + Sync + 'static>(
+    shared: &Arc<Shared<T>>,
+    conn: &Arc<Conn<T>>,
+    r: &mut ReadSide,
+) {
+    let now = r.proto.buffered();
+    if now <= r.buffered {
+        shared
+            .buffered_in
+            .fetch_sub(r.buffered - now, Ordering::Relaxed);
+        r.buffered = now;
+        return;
+    }
+    let grew = now - r.buffered;
+    let total = shared.buffered_in.fetch_add(grew, Ordering::Relaxed) + grew;
+    r.buffered = now;
+    let limit = shared.config.max_buffered_bytes;
+    if total > limit {
+        let error = DecodeError::TooLarge {
+            size: total as u64,
+            limit: limit as u64,
+        };
+        if let Some(out) = r.proto.fail(error) {
+            handle(shared, conn, r, out);
+        }
+        // The failed decoder let go of its buffers.
+        account_buffered(shared, conn, r);
+    }
+}
+
 /// Feed bytes to the protocol and act on what comes out.
 fn process<T: Send + Sync + 'static>(
     shared: &Arc<Shared<T>>,
@@ -293,8 +341,22 @@ fn process<T: Send + Sync + 'static>(
     }
     let mut input = bytes;
     while let Some(out) = r.proto.read(&mut input) {
+        handle(shared, conn, r, out);
+    }
+}
+
+/// Act on one protocol output.
+fn handle<T: Send + Sync + 'static>(
+    shared: &Arc<Shared<T>>,
+    conn: &Arc<Conn<T>>,
+    r: &mut ReadSide,
+    out: Output,
+) {
+    {
         match out {
             Output::Message(m) => {
+                Counters::add(&shared.counters.messages_in, 1);
+                Counters::add(&shared.counters.bytes_in, m.len() as u64);
                 if !shared.emit_message(&conn.client, m) {
                     let (code, reason) = panic_close();
                     r.report = Some(CloseFrame::new(code, reason));
@@ -323,6 +385,7 @@ fn process<T: Send + Sync + 'static>(
                 }
             }
             Output::Fail { error, reply } => {
+                shared.counters.protocol_error(reply.code.as_u16());
                 r.error = Some(error.into());
                 r.report = Some(reply.clone());
                 let _ = conn.send_close(shared, reply);
@@ -383,6 +446,7 @@ fn progress<T: Send + Sync + 'static>(
         if let Some(idle) = shared.config.idle_timeout
             && now >= r.last_seen_ms + idle.as_millis() as u64
         {
+            Counters::add(&shared.counters.idle_timeouts, 1);
             r.report = Some(CloseFrame::new(CloseCode::GOING_AWAY, "idle timeout"));
             r.error = Some(Error::Io(io::ErrorKind::TimedOut.into()));
             let _ = conn.send_close(
@@ -447,15 +511,19 @@ fn teardown<T: Send + Sync + 'static>(
     r: &mut ReadSide,
     io_error: Option<Error>,
 ) {
-    let unsent = {
+    let (unsent, for_backpressure) = {
         let mut w = conn.io.lock();
         w.finished = true;
         w.job_running = false;
         let unsent = w.queued;
         w.queue = Default::default();
         w.queued = 0;
-        unsent
+        (unsent, w.closed_for_backpressure)
     };
+    shared.counters.queued(-(unsent as i64));
+    shared.buffered_in.fetch_sub(r.buffered, Ordering::Relaxed);
+    r.buffered = 0;
+    Counters::add(&shared.counters.disconnected, 1);
     let _ = shared.poller.delete(&conn.stream);
     let _ = conn.stream.shutdown(Shutdown::Both);
     shared.registry.remove(
@@ -464,10 +532,13 @@ fn teardown<T: Send + Sync + 'static>(
         conn.client.peer_addr().ip(),
     );
 
-    let close = r
-        .report
-        .take()
-        .unwrap_or_else(|| CloseFrame::new(CloseCode::ABNORMAL, "connection dropped"));
+    let close = r.report.take().unwrap_or_else(|| {
+        if for_backpressure {
+            CloseFrame::new(CloseCode::POLICY, "send queue over limit")
+        } else {
+            CloseFrame::new(CloseCode::ABNORMAL, "connection dropped")
+        }
+    });
     let mut error = r.error.take().or(io_error);
     if error.is_none() && close.code == CloseCode::ABNORMAL {
         error = Some(Error::Io(io::ErrorKind::UnexpectedEof.into()));

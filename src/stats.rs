@@ -1,0 +1,120 @@
+//! Counters for `stats()`: atomics bumped on the hot path, read into a
+//! plain snapshot.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering::Relaxed};
+
+use parking_lot::Mutex;
+
+/// A snapshot of the server's counters, from
+/// [`WebSocketServer::stats`](crate::WebSocketServer::stats). Counts are
+/// totals since the server started unless the field says otherwise.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Stats {
+    /// Connections open now (handshake done, not yet disconnected).
+    pub connections: u64,
+    /// Handshakes completed with `101`.
+    pub handshakes_accepted: u64,
+    /// Handshakes refused, by the HTTP status they were answered with
+    /// (400, 403, 405, 408 for a handshake timeout, 426, 431, 503 over a
+    /// connection limit, or a strategy's own status).
+    pub handshakes_refused: BTreeMap<u16, u64>,
+    /// Data messages received.
+    pub messages_in: u64,
+    /// Payload bytes of the data messages received.
+    pub bytes_in: u64,
+    /// Data messages accepted by `send` and `broadcast` (each broadcast
+    /// recipient counts once).
+    pub messages_out: u64,
+    /// Bytes written to sockets (frames and handshakes).
+    pub bytes_out: u64,
+    /// Bytes waiting in send queues now.
+    pub bytes_queued: u64,
+    /// Messages not sent because a client's queue was over
+    /// `max_backpressure`.
+    pub messages_dropped: u64,
+    /// Clients closed by the `Close` backpressure policy.
+    pub backpressure_closes: u64,
+    /// Clients closed for idleness.
+    pub idle_timeouts: u64,
+    /// Connections failed for breaking the protocol, by the close code
+    /// sent (1002, 1007, 1009).
+    pub protocol_errors: BTreeMap<u16, u64>,
+    /// User closures or strategies that panicked.
+    pub handler_panics: u64,
+}
+
+#[derive(Default)]
+pub(crate) struct Counters {
+    pub(crate) accepted: AtomicU64,
+    pub(crate) disconnected: AtomicU64,
+    pub(crate) messages_in: AtomicU64,
+    pub(crate) bytes_in: AtomicU64,
+    pub(crate) messages_out: AtomicU64,
+    pub(crate) bytes_out: AtomicU64,
+    pub(crate) bytes_queued: AtomicI64,
+    pub(crate) dropped: AtomicU64,
+    pub(crate) backpressure_closes: AtomicU64,
+    pub(crate) idle_timeouts: AtomicU64,
+    pub(crate) err_1002: AtomicU64,
+    pub(crate) err_1007: AtomicU64,
+    pub(crate) err_1009: AtomicU64,
+    pub(crate) panics: AtomicU64,
+    /// Refusals are rare and keyed by any status: a lock is fine here.
+    pub(crate) refused: Mutex<BTreeMap<u16, u64>>,
+}
+
+impl Counters {
+    pub(crate) fn add(counter: &AtomicU64, n: u64) {
+        counter.fetch_add(n, Relaxed);
+    }
+
+    pub(crate) fn queued(&self, delta: i64) {
+        if delta != 0 {
+            self.bytes_queued.fetch_add(delta, Relaxed);
+        }
+    }
+
+    pub(crate) fn refused(&self, status: u16) {
+        *self.refused.lock().entry(status).or_insert(0) += 1;
+    }
+
+    pub(crate) fn protocol_error(&self, code: u16) {
+        match code {
+            1007 => Self::add(&self.err_1007, 1),
+            1009 => Self::add(&self.err_1009, 1),
+            _ => Self::add(&self.err_1002, 1),
+        }
+    }
+
+    pub(crate) fn snapshot(&self) -> Stats {
+        let accepted = self.accepted.load(Relaxed);
+        let mut protocol_errors = BTreeMap::new();
+        for (code, c) in [
+            (1002, &self.err_1002),
+            (1007, &self.err_1007),
+            (1009, &self.err_1009),
+        ] {
+            let n = c.load(Relaxed);
+            if n > 0 {
+                protocol_errors.insert(code, n);
+            }
+        }
+        Stats {
+            connections: accepted.saturating_sub(self.disconnected.load(Relaxed)),
+            handshakes_accepted: accepted,
+            handshakes_refused: self.refused.lock().clone(),
+            messages_in: self.messages_in.load(Relaxed),
+            bytes_in: self.bytes_in.load(Relaxed),
+            messages_out: self.messages_out.load(Relaxed),
+            bytes_out: self.bytes_out.load(Relaxed),
+            bytes_queued: self.bytes_queued.load(Relaxed).max(0) as u64,
+            messages_dropped: self.dropped.load(Relaxed),
+            backpressure_closes: self.backpressure_closes.load(Relaxed),
+            idle_timeouts: self.idle_timeouts.load(Relaxed),
+            protocol_errors,
+            handler_panics: self.panics.load(Relaxed),
+        }
+    }
+}
