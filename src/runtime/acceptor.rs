@@ -42,12 +42,12 @@ pub(crate) fn run<T: Send + Sync + 'static>(shared: Arc<Shared<T>>, listener: Tc
             peer.ip(),
         ) else {
             shared.counters.refused(503);
-            shared.counters.refused(503);
             refuse(&stream, &Reject::new(503).body("too many connections"));
             continue;
         };
         if register(&shared.poller, &stream, key).is_err() {
             shared.registry.remove(key, None, peer.ip());
+            shared.counters.refused(503);
             refuse(
                 &stream,
                 &Reject::new(503).body("server cannot take more connections"),

@@ -215,7 +215,7 @@ pub(crate) fn service<T: Send + Sync + 'static>(
             return;
         };
         let drain = std::mem::take(&mut conn.io.lock().drain_due);
-        if drain && r.proto.state() == State::Open {
+        if drain && !conn.closing.load(Ordering::Acquire) && r.proto.state() == State::Open {
             shared.emit_drain(&conn.client);
         }
         if !first.is_empty() {

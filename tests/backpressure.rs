@@ -1,0 +1,95 @@
+//! Backpressure on the write side: refusals are reported, a Drain event
+//! says when to resume, and the Close policy removes slow clients.
+
+mod support;
+
+use std::io::Read;
+use std::time::{Duration, Instant};
+
+use enjent::{CloseCode, Error, Event, SendStatus, SlowClientPolicy, WebSocketServer};
+use support::*;
+
+/// Fill a client's queue until a send is refused.
+fn fill(c: &enjent::Client) -> usize {
+    let chunk = vec![0u8; 16 * 1024];
+    let start = Instant::now();
+    let mut accepted = 0;
+    loop {
+        match c.send(chunk.clone()) {
+            Ok(SendStatus::Written | SendStatus::Queued) => accepted += 1,
+            Err(Error::Backpressure { .. }) => return accepted,
+            Err(e) => panic!("{e}"),
+        }
+        assert!(start.elapsed() < WAIT, "never refused");
+    }
+}
+
+#[test]
+fn drain_event_comes_when_the_queue_empties_after_a_refusal() {
+    let server = WebSocketServer::builder()
+        .max_backpressure(64 * 1024)
+        .start("127.0.0.1:0")
+        .unwrap();
+    let mut s = raw_ws(server.local_addr());
+    let c = expect_connect(&server);
+    let accepted = fill(&c);
+    assert!(server.try_recv().is_err(), "no Drain while still full");
+    assert_eq!(server.stats().messages_dropped, 1);
+    // Now read everything: the queue empties and Drain arrives.
+    let mut got = 0;
+    while got < accepted {
+        let (first, p) = read_frame(&mut s);
+        assert_eq!((first, p.len()), (0x82, 16 * 1024));
+        got += 1;
+    }
+    match next(&server) {
+        Event::Drain { client } => assert_eq!(client.id(), c.id()),
+        other => panic!("expected Drain, got {other:?}"),
+    }
+    // And sending works again.
+    assert!(c.send("again").is_ok());
+}
+
+#[test]
+fn close_policy_closes_a_slow_client_with_1008() {
+    let server = WebSocketServer::builder()
+        .max_backpressure(64 * 1024)
+        .slow_client_policy(SlowClientPolicy::Close)
+        .close_timeout(Duration::from_millis(500))
+        .start("127.0.0.1:0")
+        .unwrap();
+    let mut s = raw_ws(server.local_addr());
+    let c = expect_connect(&server);
+    fill(&c);
+    assert!(
+        matches!(c.send("more"), Err(Error::Closed)),
+        "closing: nothing more is accepted"
+    );
+    // The client reads what was queued, then the 1008 close frame.
+    assert_eq!(read_close(&mut s), Some(1008));
+    let (_, close, _) = expect_disconnect(&server);
+    // It never answered the close frame, so 1008 is what we report.
+    assert_eq!(close.code, CloseCode::POLICY);
+    assert_eq!(server.stats().backpressure_closes, 1);
+    let mut rest = Vec::new();
+    let _ = s.read_to_end(&mut rest);
+}
+
+#[test]
+fn a_non_reading_client_is_dropped_after_close_timeout_under_the_close_policy() {
+    let server = WebSocketServer::builder()
+        .max_backpressure(64 * 1024)
+        .slow_client_policy(SlowClientPolicy::Close)
+        .close_timeout(Duration::from_millis(300))
+        .start("127.0.0.1:0")
+        .unwrap();
+    let _s = raw_ws(server.local_addr()); // never reads
+    let c = expect_connect(&server);
+    fill(&c);
+    let start = Instant::now();
+    let (_, close, error) = expect_disconnect(&server);
+    assert!(start.elapsed() < Duration::from_secs(5));
+    assert_eq!(close.code, CloseCode::POLICY);
+    // Data was still queued when it was dropped: the user is told.
+    assert!(error.is_some(), "{error:?}");
+}

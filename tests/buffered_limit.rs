@@ -1,0 +1,42 @@
+//! A server-wide budget for unfinished incoming messages: a flood of
+//! large fragmented messages cannot exhaust memory.
+
+mod support;
+
+use std::io::Write;
+
+use enjent::{Error, WebSocketServer};
+use support::*;
+
+#[test]
+fn partial_messages_over_the_server_wide_budget_close_with_1009() {
+    // Each client may send 1 MiB messages, but all partial messages
+    // together may hold only 1.5 MiB.
+    let server = WebSocketServer::builder()
+        .max_message_size(1 << 20)
+        .max_buffered_bytes(3 << 19)
+        .start("127.0.0.1:0")
+        .unwrap();
+    let addr = server.local_addr();
+    let mut a = raw_ws(addr);
+    let ca = expect_connect(&server);
+    let mut b = raw_ws(addr);
+    let cb = expect_connect(&server);
+    // A holds 800 KiB of an unfinished message; fine.
+    a.write_all(&frame(0x02, &vec![1; 800 * 1024])).unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    // B's 800 KiB would take the total past 1.5 MiB: B is closed.
+    b.write_all(&frame(0x02, &vec![2; 800 * 1024])).unwrap();
+    assert_eq!(read_close(&mut b), Some(1009));
+    drop(b);
+    let (who, close, error) = expect_disconnect(&server);
+    assert_eq!((who.id(), close.code.as_u16()), (cb.id(), 1009));
+    assert!(
+        matches!(error, Some(Error::MessageTooLarge { .. })),
+        "{error:?}"
+    );
+    // A is unaffected and finishes its message.
+    a.write_all(&frame(0x80, b"end")).unwrap();
+    let (who, m) = expect_message(&server);
+    assert_eq!((who.id(), m.len()), (ca.id(), 800 * 1024 + 3));
+}

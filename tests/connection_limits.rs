@@ -1,0 +1,117 @@
+//! Connection limits: per-IP caps, and a flood of handshakes that never
+//! finish cannot lock out good clients.
+
+mod support;
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::time::Duration;
+
+use enjent::WebSocketServer;
+use support::*;
+
+/// A socket from a chosen loopback source address (127.0.0.0/8 is all
+/// ours on Linux).
+fn from(src: [u8; 4], to: SocketAddr) -> TcpStream {
+    let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    sock.bind(&SocketAddr::from((src, 0)).into()).unwrap();
+    sock.connect(&to.into()).unwrap();
+    sock.into()
+}
+
+#[test]
+fn per_ip_limit_answers_503_and_recovers() {
+    let server = WebSocketServer::builder()
+        .max_connections_per_ip(2)
+        .start("127.0.0.1:0")
+        .unwrap();
+    let addr = server.local_addr();
+    let a = client(addr);
+    let _b = client(addr);
+    expect_connect(&server);
+    expect_connect(&server);
+    let refused = http(addr, REQUEST.as_bytes());
+    assert!(refused.starts_with("HTTP/1.1 503 "), "{refused}");
+    drop(a);
+    expect_disconnect(&server);
+    let _c = client(addr);
+    expect_connect(&server);
+    assert_eq!(
+        server.stats().handshakes_refused.get(&503),
+        Some(&1),
+        "{:?}",
+        server.stats()
+    );
+    // Another address is not affected by this one's count.
+    let mut other = from([127, 0, 0, 2], addr);
+    other.write_all(REQUEST.as_bytes()).unwrap();
+    let mut head = [0u8; 12];
+    other.read_exact(&mut head).unwrap();
+    assert_eq!(&head, b"HTTP/1.1 101");
+}
+
+#[test]
+fn a_per_ip_cap_keeps_a_flooding_address_from_crowding_out_others() {
+    let server = WebSocketServer::builder()
+        .max_connections(100)
+        .max_connections_per_ip(10)
+        .start("127.0.0.1:0")
+        .unwrap();
+    let addr = server.local_addr();
+    // 500 stalled handshakes from one address take at most 10 slots.
+    let flood: Vec<TcpStream> = (0..500).map(|_| from([127, 0, 0, 4], addr)).collect();
+    std::thread::sleep(Duration::from_millis(100));
+    // Ten good clients (the cap applies to 127.0.0.1 too).
+    let good: Vec<_> = (0..10).map(|_| client(addr)).collect();
+    for _ in 0..10 {
+        expect_connect(&server);
+    }
+    drop(good);
+    assert!(
+        server
+            .stats()
+            .handshakes_refused
+            .get(&503)
+            .copied()
+            .unwrap_or(0)
+            >= 490
+    );
+    drop(flood);
+}
+
+#[test]
+fn a_flood_of_stalled_handshakes_cannot_lock_out_good_clients() {
+    // 20 slots; 200 attackers that send half a request and stall.
+    let server = WebSocketServer::builder()
+        .max_connections(20)
+        .handshake_timeout(Duration::from_millis(300))
+        .start("127.0.0.1:0")
+        .unwrap();
+    let addr = server.local_addr();
+    let mut flood: Vec<TcpStream> = Vec::new();
+    for _ in 0..200 {
+        let mut s = from([127, 0, 0, 3], addr);
+        let _ = s.write_all(&REQUEST.as_bytes()[..20]);
+        flood.push(s);
+    }
+    // Slots free up as stalled handshakes time out; a good client that
+    // retries gets in well within a few timeouts.
+    let mut admitted = false;
+    for _ in 0..100 {
+        let mut s = raw(addr);
+        s.write_all(REQUEST.as_bytes()).unwrap();
+        let mut head = [0u8; 12];
+        if s.read_exact(&mut head).is_ok() && &head == b"HTTP/1.1 101" {
+            admitted = true;
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(admitted, "a good client never got in");
+    let stats = server.stats();
+    assert!(
+        stats.handshakes_refused.get(&408).copied().unwrap_or(0) > 0,
+        "{stats:?}"
+    );
+    drop(flood);
+}

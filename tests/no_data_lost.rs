@@ -1,0 +1,120 @@
+//! Nothing is lost: thousands of numbered messages of mixed sizes
+//! (1 B to 64 KiB) pipelined from one client, and from 50 at once, arrive
+//! in order and byte-exact, both through the event loop and closures.
+
+mod support;
+
+use std::io::Write;
+use std::sync::{Arc, Mutex};
+
+use enjent::{Event, Message, WebSocketServer};
+use support::*;
+
+/// Deterministic mixed sizes: mostly small, some up to 64 KiB.
+fn payload(client: u32, i: u32) -> Vec<u8> {
+    let mut x = (client as u64 + 1) * 0x9E37_79B9 + i as u64 * 0x85EB_CA6B;
+    x ^= x >> 13;
+    let size = match x % 10 {
+        0 => 1 + (x as usize >> 8) % (64 * 1024),
+        1..=3 => 1 + (x as usize >> 8) % 4096,
+        _ => 1 + (x as usize >> 8) % 200,
+    };
+    let mut p = Vec::with_capacity(size.max(8));
+    p.extend_from_slice(&client.to_be_bytes());
+    p.extend_from_slice(&i.to_be_bytes());
+    p.extend((0..size.saturating_sub(8)).map(|k| (k as u32 ^ i) as u8));
+    p
+}
+
+fn pipeline(addr: std::net::SocketAddr, client: u32, count: u32) -> std::net::TcpStream {
+    let mut s = raw_ws(addr);
+    let mut wire = Vec::new();
+    for i in 0..count {
+        wire.extend(frame(0x82, &payload(client, i)));
+        if wire.len() > 1 << 20 {
+            s.write_all(&wire).unwrap();
+            wire.clear();
+        }
+    }
+    s.write_all(&wire).unwrap();
+    s
+}
+
+#[test]
+fn ten_thousand_messages_from_one_client_arrive_in_order() {
+    let server = WebSocketServer::builder()
+        .event_queue(None)
+        .start("127.0.0.1:0")
+        .unwrap();
+    let addr = server.local_addr();
+    let writer = std::thread::spawn(move || pipeline(addr, 0, 10_000));
+    expect_connect(&server);
+    for i in 0..10_000 {
+        let (_, m) = expect_message(&server);
+        assert!(
+            m.as_bytes() == payload(0, i).as_slice(),
+            "message {i} differs"
+        );
+    }
+    drop(writer.join().unwrap());
+    expect_disconnect(&server);
+}
+
+#[test]
+fn fifty_clients_at_once_each_in_order_through_closures() {
+    let seen: Arc<Mutex<Vec<Vec<u32>>>> = Arc::new(Mutex::new(vec![Vec::new(); 50]));
+    let sink = Arc::clone(&seen);
+    let server = WebSocketServer::builder()
+        .on_message(move |_, m: Message| {
+            let b = m.as_bytes();
+            let client = u32::from_be_bytes([b[0], b[1], b[2], b[3]]);
+            let i = u32::from_be_bytes([b[4], b[5], b[6], b[7]]);
+            assert!(b == payload(client, i).as_slice());
+            sink.lock().unwrap()[client as usize].push(i);
+        })
+        .start("127.0.0.1:0")
+        .unwrap();
+    let addr = server.local_addr();
+    let writers: Vec<_> = (0..50)
+        .map(|c| std::thread::spawn(move || pipeline(addr, c, 400)))
+        .collect();
+    let sockets: Vec<_> = writers.into_iter().map(|w| w.join().unwrap()).collect();
+    let mut connects = 0;
+    while connects < 50 {
+        if let Event::Connect { .. } = next(&server) {
+            connects += 1;
+        }
+    }
+    drop(sockets);
+    let mut disconnects = 0;
+    while disconnects < 50 {
+        if let Event::Disconnect { .. } = next(&server) {
+            disconnects += 1;
+        }
+    }
+    // Every message was handled before its client's Disconnect.
+    let seen = seen.lock().unwrap();
+    for (c, list) in seen.iter().enumerate() {
+        assert_eq!(list, &(0..400).collect::<Vec<_>>(), "client {c}");
+    }
+}
+
+#[test]
+fn messages_queued_before_close_reach_the_client_before_the_close_frame() {
+    let server = WebSocketServer::builder()
+        .max_backpressure(64 << 20)
+        .start("127.0.0.1:0")
+        .unwrap();
+    let mut s = raw_ws(server.local_addr());
+    let c = expect_connect(&server);
+    for i in 0..2_000u32 {
+        c.send(payload(1, i)).unwrap();
+    }
+    c.close(enjent::CloseCode::NORMAL, "done").unwrap();
+    for i in 0..2_000 {
+        let (first, p) = read_frame(&mut s);
+        assert_eq!(first, 0x82);
+        assert!(p == payload(1, i), "message {i}");
+    }
+    assert_eq!(read_close(&mut s), Some(1000));
+}
