@@ -344,6 +344,7 @@ pub struct Builder<T = ()> {
     config: Config,
     init: Box<InitFn<T>>,
     handlers: Handlers<T>,
+    event_queue_set: bool,
 }
 
 impl<T> fmt::Debug for Builder<T> {
@@ -360,6 +361,7 @@ impl<T: Send + Sync + 'static> Builder<T> {
             config: Config::default(),
             init,
             handlers: Handlers::default(),
+            event_queue_set: false,
         }
     }
 
@@ -466,9 +468,13 @@ impl<T: Send + Sync + 'static> Builder<T> {
     /// Capacity of the event channel, in events; `None` for unbounded.
     /// When the main loop falls this far behind, workers wait for it and
     /// the server stops reading sockets (nothing is dropped). Default:
-    /// 65,536.
+    /// 65,536 when messages go through the channel; unbounded when an
+    /// `on_message` closure takes them, since the channel then carries
+    /// only connects, drains and disconnects (a few per connection), and a
+    /// program that never reads them should not stall.
     pub fn event_queue(mut self, capacity: Option<usize>) -> Self {
         self.config.event_queue = capacity;
+        self.event_queue_set = true;
         self
     }
 
@@ -514,7 +520,7 @@ impl<T: Send + Sync + 'static> Builder<T> {
     /// [`Error::InvalidConfig`] for a setting that cannot work;
     /// [`Error::Bind`] if the address cannot be listened on; [`Error::Io`]
     /// if the poller or a thread cannot be created.
-    pub fn start(self, addr: impl ToSocketAddrs) -> Result<WebSocketServer<T>> {
+    pub fn start(mut self, addr: impl ToSocketAddrs) -> Result<WebSocketServer<T>> {
         self.config.validate().map_err(Error::InvalidConfig)?;
         let addrs: Vec<SocketAddr> = addr
             .to_socket_addrs()
@@ -532,6 +538,9 @@ impl<T: Send + Sync + 'static> Builder<T> {
             source: e,
         })?;
         let local_addr = listener.local_addr()?;
+        if !self.event_queue_set && self.handlers.message.is_some() {
+            self.config.event_queue = None;
+        }
         let (tx, rx) = match self.config.event_queue {
             Some(n) => {
                 let (tx, rx) = mpsc::sync_channel(n);
