@@ -17,8 +17,8 @@ use crate::error::{Error, Result};
 use crate::event::Event;
 use crate::message::{CloseCode, CloseFrame, Message};
 use crate::proto::assemble::Limits;
-use crate::proto::frame::encode_frame;
 use crate::proto::handshake::{Reject, Request};
+use crate::runtime::broadcast::broadcast;
 use crate::runtime::{EventTx, Handlers, InitFn, Shared, acceptor, poller, registry, timer};
 use crate::stats::{Counters, Stats};
 
@@ -322,20 +322,6 @@ fn send<T: Send + Sync + 'static>(
 ) -> Result<SendStatus> {
     let conn = shared.registry.get(id).ok_or(Error::Closed)?;
     conn.send_message(shared, message)
-}
-
-fn broadcast<T: Send + Sync + 'static>(shared: &Arc<Shared<T>>, message: &Message) -> Broadcast {
-    let frame: Arc<[u8]> = encode_frame(message.opcode(), message.as_bytes()).into();
-    let mut report = Broadcast::default();
-    for conn in shared.registry.snapshot() {
-        match conn.send_shared(shared, &frame) {
-            Ok(SendStatus::Written) => report.written += 1,
-            Ok(SendStatus::Queued) => report.queued += 1,
-            Err(Error::Backpressure { .. }) => report.dropped += 1,
-            Err(_) => report.closed += 1,
-        }
-    }
-    report
 }
 
 /// Configures and starts a [`WebSocketServer`]. Every setter's doc gives

@@ -42,3 +42,31 @@ fn broadcast_skips_closing_clients() {
     assert_eq!(report.written + report.queued, 1);
     assert_eq!(a.read().unwrap(), Tm::text("after"));
 }
+
+#[test]
+fn a_large_broadcast_split_across_workers_reaches_everyone_once() {
+    // Over a thousand clients: the broadcast is shared out in chunks.
+    let server = enjent::WebSocketServer::builder()
+        .workers(4)
+        .start("127.0.0.1:0")
+        .unwrap();
+    let mut socks: Vec<_> = (0..1500).map(|_| raw_ws(server.local_addr())).collect();
+    for _ in 0..1500 {
+        expect_connect(&server);
+    }
+    let report = server.broadcast(vec![3u8; 100]);
+    assert_eq!(report.written + report.queued, 1500, "{report:?}");
+    for text in ["second", "x"] {
+        let r = server.broadcast(text);
+        assert_eq!(
+            (r.written + r.queued, r.dropped, r.closed),
+            (1500, 0, 0),
+            "{r:?}"
+        );
+    }
+    for s in &mut socks {
+        assert_eq!(read_frame(s), (0x82, vec![3u8; 100]));
+        assert_eq!(read_frame(s), (0x81, b"second".to_vec()));
+        assert_eq!(read_frame(s), (0x81, b"x".to_vec()));
+    }
+}

@@ -2,6 +2,7 @@
 //! `proto`.
 
 pub(crate) mod acceptor;
+pub(crate) mod broadcast;
 pub(crate) mod conn;
 pub(crate) mod poller;
 pub(crate) mod registry;

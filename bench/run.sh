@@ -1,0 +1,84 @@
+#!/usr/bin/env bash
+# Build enjent's echo example, the peer servers and the load generator,
+# run every scenario against each server in turn (A B C D, A B C D, ...),
+# and print a Markdown table of medians with ratios to enjent.
+#
+#   bench/run.sh                 # full run (about 15 minutes)
+#   ROUNDS=1 QUICK=1 bench/run.sh   # smoke run (CI)
+#
+# Results: target/bench/results.jsonl (one JSON line per run) and
+# target/bench/table.md.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+root=$PWD
+rounds="${ROUNDS:-3}"
+quick="${QUICK:-}"
+out="$root/target/bench"
+mkdir -p "$out"
+: > "$out/results.jsonl"
+
+cargo build --release --example echo
+(cd bench && cargo build --release --bins)
+loadgen="$root/bench/target/release/loadgen"
+
+# name -> command (all take: ADDR echo|broadcast)
+declare -A servers=(
+    [enjent]="$root/target/release/examples/echo"
+    [tokio-tungstenite]="$root/bench/target/release/peer_tokio_tungstenite"
+    [fastwebsockets]="$root/bench/target/release/peer_fastwebsockets"
+    [tungstenite-threads]="$root/bench/target/release/peer_tungstenite_threads"
+)
+order=(enjent tokio-tungstenite fastwebsockets tungstenite-threads)
+
+port=14000
+server_pid=""
+start_server() { # name mode
+    port=$((port + 1))
+    "${servers[$1]}" "127.0.0.1:$port" "$2" > "$out/server.log" 2>&1 &
+    server_pid=$!
+    for _ in $(seq 1 100); do
+        grep -q "listening on" "$out/server.log" 2>/dev/null && return 0
+        sleep 0.05
+    done
+    echo "$1 did not start"; cat "$out/server.log"; return 1
+}
+stop_server() {
+    kill "$server_pid" 2>/dev/null || true
+    wait "$server_pid" 2>/dev/null || true
+    server_pid=""
+}
+trap 'stop_server' EXIT
+
+run() { # name mode scenario args...
+    local name=$1 mode=$2 scenario=$3
+    shift 3
+    start_server "$name" "$mode"
+    if "$loadgen" "$scenario" --addr "127.0.0.1:$port" --label "$name" --server-pid "$server_pid" "$@" >> "$out/results.jsonl" 2> "$out/last.log"; then
+        tail -n 2 "$out/last.log" | sed "s/^/  /"
+    else
+        echo "  $name $scenario FAILED:"; tail -n 5 "$out/last.log" | sed "s/^/    /"
+        echo "{\"scenario\":\"$scenario\",\"label\":\"$name\",\"failed\":true}" >> "$out/results.jsonl"
+    fi
+    stop_server
+    sleep 1
+}
+
+if [ -n "$quick" ]; then
+    idle_clients=100; idle_secs=2; echo_secs=2; bc_clients=200; bc_rounds=3; conn_secs=1
+else
+    idle_clients=1000,10000,19900; idle_secs=60; echo_secs=10; bc_clients=10000; bc_rounds=20; conn_secs=5
+fi
+
+for r in $(seq 1 "$rounds"); do
+    echo "== round $r of $rounds"
+    for name in "${order[@]}"; do
+        echo "-- $name"
+        run "$name" echo echo --clients 100 --size 32 --inflight 8 --seconds "$echo_secs"
+        run "$name" echo echo --clients 10 --size 65536 --inflight 8 --seconds "$echo_secs"
+        run "$name" broadcast broadcast --clients "$bc_clients" --size 32 --rounds "$bc_rounds"
+        run "$name" echo connect --seconds "$conn_secs"
+        run "$name" echo idle --clients "$idle_clients" --seconds "$idle_secs"
+    done
+done
+
+python3 "$root/bench/report.py" "$out/results.jsonl" | tee "$out/table.md"

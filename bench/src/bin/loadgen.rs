@@ -1,0 +1,785 @@
+//! Load generator for WebSocket servers with the `examples/echo`
+//! interface. Non-blocking sockets on `polling` event loops, so one
+//! process can hold tens of thousands of clients; every payload that comes
+//! back is checked byte for byte (a mismatch fails the run).
+//!
+//! ```text
+//! loadgen idle      --clients 1000,10000,19900 [--seconds 30] --server-pid PID
+//! loadgen echo      --clients 100 --size 32 --inflight 8 [--seconds 10]
+//! loadgen broadcast --clients 10000 --size 32 [--rounds 20]   (server in broadcast mode)
+//! loadgen connect   [--seconds 10] [--concurrency 64]
+//! common: --addr 127.0.0.1:13003 --label NAME --threads N --server-pid PID
+//! ```
+//!
+//! Human-readable figures go to stderr; one JSON line goes to stdout.
+
+use std::collections::VecDeque;
+use std::io::{self, Read, Write};
+use std::net::{Ipv4Addr, SocketAddr, TcpStream};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::time::{Duration, Instant};
+
+use base64::Engine;
+use polling::{Event, Events, Poller};
+use sha1::{Digest, Sha1};
+
+const KEY: &str = "dGhlIHNhbXBsZSBub25jZQ==";
+
+struct Opts {
+    scenario: String,
+    addr: SocketAddr,
+    label: String,
+    clients: Vec<usize>,
+    size: usize,
+    inflight: usize,
+    seconds: f64,
+    rounds: usize,
+    concurrency: usize,
+    threads: usize,
+    server_pid: Option<u32>,
+}
+
+fn parse_opts() -> Result<Opts, String> {
+    let mut args = std::env::args().skip(1);
+    let scenario = args.next().ok_or("usage: loadgen idle|echo|broadcast|connect [options]")?;
+    let mut o = Opts {
+        scenario,
+        addr: "127.0.0.1:13003".parse().unwrap(),
+        label: "server".into(),
+        clients: vec![100],
+        size: 32,
+        inflight: 8,
+        seconds: 10.0,
+        rounds: 20,
+        concurrency: 64,
+        threads: 2,
+        server_pid: None,
+    };
+    while let Some(flag) = args.next() {
+        let v = args.next().ok_or(format!("{flag} needs a value"))?;
+        let bad = |_| format!("bad value for {flag}: {v}");
+        match flag.as_str() {
+            "--addr" => o.addr = v.parse().map_err(|_| format!("bad address {v}"))?,
+            "--label" => o.label = v.clone(),
+            "--clients" => {
+                o.clients = v.split(',').map(|c| c.parse().map_err(bad)).collect::<Result<_, _>>()?
+            }
+            "--size" => o.size = v.parse().map_err(bad)?,
+            "--inflight" => o.inflight = v.parse().map_err(bad)?,
+            "--seconds" => o.seconds = v.parse().map_err(|_| format!("bad value for {flag}: {v}"))?,
+            "--rounds" => o.rounds = v.parse().map_err(bad)?,
+            "--concurrency" => o.concurrency = v.parse().map_err(bad)?,
+            "--threads" => o.threads = v.parse::<usize>().map_err(bad)?.max(1),
+            "--server-pid" => o.server_pid = Some(v.parse().map_err(bad)?),
+            _ => return Err(format!("unknown option {flag}")),
+        }
+    }
+    Ok(o)
+}
+
+// ---------------------------------------------------------------- process
+
+fn proc_field(pid: u32, file: &str, key: &str) -> Option<u64> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/{file}")).ok()?;
+    let line = s.lines().find(|l| l.starts_with(key))?;
+    line.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// Resident set size in KiB.
+fn rss_kib(pid: u32) -> u64 {
+    proc_field(pid, "status", "VmRSS:").unwrap_or(0)
+}
+
+/// CPU time (user + system) in seconds.
+fn cpu_seconds(pid: u32) -> f64 {
+    let Ok(s) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return 0.0;
+    };
+    // Fields after the command name (which may contain spaces).
+    let rest = &s[s.rfind(')').map_or(0, |i| i + 2)..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: u64 = f.get(11).and_then(|v| v.parse().ok()).unwrap_or(0)
+        + f.get(12).and_then(|v| v.parse().ok()).unwrap_or(0);
+    // SAFETY: sysconf only reads a configuration value.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    ticks as f64 / hz
+}
+
+/// Raise the soft fd limit to the hard limit; returns (soft, hard).
+fn raise_fd_limit() -> (u64, u64) {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit with a valid pointer to a local.
+    unsafe {
+        libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim);
+        lim.rlim_cur = lim.rlim_max;
+        libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+        libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim);
+    }
+    (lim.rlim_cur, lim.rlim_max)
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    let i = ((sorted.len() - 1) as f64 * p).round() as usize;
+    sorted[i.min(sorted.len() - 1)]
+}
+
+// ---------------------------------------------------------------- frames
+
+fn masked_frame(out: &mut Vec<u8>, opcode: u8, payload: &[u8], key: [u8; 4]) {
+    out.push(0x80 | opcode);
+    let n = payload.len();
+    if n < 126 {
+        out.push(0x80 | n as u8);
+    } else if n <= 0xFFFF {
+        out.push(0x80 | 126);
+        out.extend_from_slice(&(n as u16).to_be_bytes());
+    } else {
+        out.push(0x80 | 127);
+        out.extend_from_slice(&(n as u64).to_be_bytes());
+    }
+    out.extend_from_slice(&key);
+    let start = out.len();
+    out.extend_from_slice(payload);
+    // Word-at-a-time, so masking 64 KiB payloads does not make the load
+    // generator the bottleneck.
+    enjent::proto::frame::apply_mask(&mut out[start..], key, 0);
+}
+
+/// Parse one unmasked server frame from the front of `buf`:
+/// (opcode, payload range, total length).
+fn parse_frame(buf: &[u8]) -> Option<(u8, usize, usize, usize)> {
+    if buf.len() < 2 {
+        return None;
+    }
+    let op = buf[0] & 0x0F;
+    let (len, hl) = match buf[1] & 0x7F {
+        126 if buf.len() >= 4 => (u16::from_be_bytes([buf[2], buf[3]]) as usize, 4),
+        127 if buf.len() >= 10 => {
+            let mut b = [0u8; 8];
+            b.copy_from_slice(&buf[2..10]);
+            (u64::from_be_bytes(b) as usize, 10)
+        }
+        126 | 127 => return None,
+        n => (n as usize, 2),
+    };
+    (buf.len() >= hl + len).then_some((op, hl, hl + len, hl + len))
+}
+
+fn fill_payload(out: &mut Vec<u8>, client: u32, seq: u64, size: usize) {
+    out.clear();
+    out.extend_from_slice(&client.to_be_bytes());
+    out.extend_from_slice(&seq.to_be_bytes());
+    let mut x = seq as u32 ^ client.rotate_left(7);
+    while out.len() < size.max(12) {
+        x = x.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+        out.push((x >> 24) as u8);
+    }
+    out.truncate(size.max(12));
+}
+
+// ---------------------------------------------------------------- clients
+
+struct Client {
+    id: u32,
+    stream: TcpStream,
+    rbuf: Vec<u8>,
+    wbuf: Vec<u8>,
+    /// Send times of messages in flight (echo preserves order).
+    sent_at: VecDeque<Instant>,
+    next_seq: u64,
+    expect_seq: u64,
+    writable_wanted: bool,
+}
+
+fn connect_from(src: Ipv4Addr, to: SocketAddr) -> io::Result<TcpStream> {
+    let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
+    s.set_reuse_address(true)?;
+    s.bind(&SocketAddr::from((src, 0)).into())?;
+    s.connect(&to.into())?;
+    s.set_tcp_nodelay(true)?;
+    Ok(s.into())
+}
+
+/// Source address for client `i`: 127.0.0.2, .3, ... in blocks of 20,000
+/// (each address has ~28k ephemeral ports).
+fn source_for(i: usize) -> Ipv4Addr {
+    Ipv4Addr::new(127, 0, 0, 2 + (i / 20_000) as u8)
+}
+
+fn request(addr: SocketAddr) -> Vec<u8> {
+    format!(
+        "GET / HTTP/1.1\r\nHost: {addr}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: {KEY}\r\nSec-WebSocket-Version: 13\r\n\r\n"
+    )
+    .into_bytes()
+}
+
+fn expected_accept() -> String {
+    let mut h = Sha1::new();
+    h.update(KEY.as_bytes());
+    h.update(b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11");
+    base64::engine::general_purpose::STANDARD.encode(h.finalize())
+}
+
+/// Open `n` connections (blocking connect, then the handshake), starting
+/// at client index `first`.
+fn open_clients(addr: SocketAddr, first: usize, n: usize) -> io::Result<Vec<Client>> {
+    let req = request(addr);
+    let accept = format!("sec-websocket-accept: {}\r\n", expected_accept().to_ascii_lowercase());
+    let mut out = Vec::with_capacity(n);
+    // Send requests in batches, then read the answers, so handshakes
+    // overlap instead of costing a round trip each.
+    for chunk_start in (first..first + n).step_by(256) {
+        let end = (chunk_start + 256).min(first + n);
+        let mut batch = Vec::new();
+        for i in chunk_start..end {
+            let mut s = connect_from(source_for(i), addr)?;
+            s.write_all(&req)?;
+            batch.push((i, s));
+        }
+        for (i, mut s) in batch {
+            s.set_read_timeout(Some(Duration::from_secs(30)))?;
+            // The server sends nothing after its 101 until we speak (a
+            // ping comes only after seconds of silence), so reading in
+            // chunks cannot swallow a frame.
+            let mut head = Vec::with_capacity(256);
+            let mut buf = [0u8; 512];
+            while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                let k = s.read(&mut buf)?;
+                if k == 0 {
+                    return Err(io::Error::other(format!("client {i}: closed during handshake")));
+                }
+                head.extend_from_slice(&buf[..k]);
+            }
+            // Header names are case-insensitive (some servers send them
+            // lowercase).
+            let head = String::from_utf8_lossy(&head).to_ascii_lowercase();
+            if !head.starts_with("http/1.1 101") || !head.contains(&accept) {
+                return Err(io::Error::other(format!("client {i}: bad handshake answer: {head}")));
+            }
+            s.set_nonblocking(true)?;
+            out.push(Client {
+                id: i as u32,
+                stream: s,
+                rbuf: Vec::new(),
+                wbuf: Vec::new(),
+                sent_at: VecDeque::new(),
+                next_seq: 0,
+                expect_seq: 0,
+                writable_wanted: false,
+            });
+        }
+    }
+    Ok(out)
+}
+
+/// What a client's event loop does with complete frames.
+trait Handler: Send {
+    /// A data frame arrived for client `c`. Return Err to fail the run.
+    fn on_message(&mut self, c: &mut Client, opcode: u8, payload: &[u8], now: Instant) -> Result<(), String>;
+    /// Called each loop turn: queue more to send.
+    fn pump(&mut self, _c: &mut Client, _now: Instant) {}
+}
+
+fn try_flush(c: &mut Client) -> io::Result<()> {
+    while !c.wbuf.is_empty() {
+        match c.stream.write(&c.wbuf) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => {
+                c.wbuf.drain(..n);
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+/// Read and dispatch everything available; answers pings.
+fn drain_reads<H: Handler>(c: &mut Client, h: &mut H, scratch: &mut [u8], now: Instant) -> Result<bool, String> {
+    loop {
+        match c.stream.read(scratch) {
+            Ok(0) => return Err(format!("client {}: server closed the connection", c.id)),
+            Ok(n) => {
+                c.rbuf.extend_from_slice(&scratch[..n]);
+                let mut pos = 0;
+                while let Some((op, start, end, _)) = parse_frame(&c.rbuf[pos..]) {
+                    let payload = c.rbuf[pos + start..pos + end].to_vec();
+                    pos += end;
+                    match op {
+                        0x9 => masked_frame(&mut c.wbuf, 0xA, &payload, [1, 2, 3, 4]),
+                        0xA => {}
+                        0x8 => return Err(format!("client {}: server sent close {:?}", c.id, payload)),
+                        0x1 | 0x2 => h.on_message(c, op, &payload, now)?,
+                        other => return Err(format!("client {}: unexpected opcode {other}", c.id)),
+                    }
+                }
+                c.rbuf.drain(..pos);
+                if c.rbuf.is_empty() {
+                    c.rbuf = Vec::new();
+                }
+                if n < scratch.len() {
+                    return Ok(true);
+                }
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(true),
+            Err(e) => return Err(format!("client {}: {e}", c.id)),
+        }
+    }
+}
+
+/// Run clients on one poller until `stop` is set or `done` says so.
+fn event_loop<H: Handler>(
+    mut clients: Vec<Client>,
+    h: &mut H,
+    stop: &AtomicBool,
+    done: impl Fn(&H) -> bool,
+) -> Result<Vec<Client>, String> {
+    let poller = Poller::new().map_err(|e| e.to_string())?;
+    for (k, c) in clients.iter().enumerate() {
+        // SAFETY: each stream stays open while registered; deleted below.
+        unsafe { poller.add(&c.stream, Event::readable(k)) }.map_err(|e| e.to_string())?;
+    }
+    let mut events = Events::new();
+    let mut scratch = vec![0u8; 256 * 1024];
+    let now = Instant::now();
+    for c in clients.iter_mut() {
+        h.pump(c, now);
+        try_flush(c).map_err(|e| e.to_string())?;
+    }
+    while !stop.load(Relaxed) && !done(h) {
+        events.clear();
+        poller.wait(&mut events, Some(Duration::from_millis(50))).map_err(|e| e.to_string())?;
+        let now = Instant::now();
+        for ev in events.iter() {
+            let c = &mut clients[ev.key];
+            if ev.readable {
+                drain_reads(c, h, &mut scratch, now)?;
+            }
+            h.pump(c, now);
+            try_flush(c).map_err(|e| format!("client {}: {e}", c.id))?;
+            c.writable_wanted = !c.wbuf.is_empty();
+            poller
+                .modify(&c.stream, Event::new(ev.key, true, c.writable_wanted))
+                .map_err(|e| e.to_string())?;
+        }
+    }
+    for c in &clients {
+        let _ = poller.delete(&c.stream);
+    }
+    Ok(clients)
+}
+
+// ---------------------------------------------------------------- idle
+
+struct Idle;
+
+impl Handler for Idle {
+    fn on_message(&mut self, c: &mut Client, _: u8, _: &[u8], _: Instant) -> Result<(), String> {
+        Err(format!("client {}: unexpected message while idle", c.id))
+    }
+}
+
+fn scenario_idle(o: &Opts) -> Result<String, String> {
+    let pid = o.server_pid.ok_or("idle needs --server-pid")?;
+    let (soft, hard) = raise_fd_limit();
+    eprintln!("fd limit: soft {soft}, hard {hard}");
+    // One connection first, so that the baseline includes what the
+    // server allocates once (worker buffers, first slab page).
+    let warm = open_clients(o.addr, 0, 1).map_err(|e| e.to_string())?;
+    std::thread::sleep(Duration::from_millis(500));
+    let base = rss_kib(pid);
+    eprintln!("{}: baseline rss {base} KiB with 1 client", o.label);
+    let mut all = warm;
+    let mut steps = Vec::new();
+    for &target in &o.clients {
+        let more = target.saturating_sub(all.len());
+        let t0 = Instant::now();
+        all.extend(open_clients(o.addr, all.len(), more).map_err(|e| e.to_string())?);
+        let took = t0.elapsed();
+        std::thread::sleep(Duration::from_secs(1));
+        let rss = rss_kib(pid);
+        let per = (rss.saturating_sub(base)) as f64 * 1024.0 / (all.len() - 1) as f64;
+        eprintln!(
+            "{}: {} clients: rss {rss} KiB, +{} KiB over baseline, {per:.0} B per connection (opened in {:.1} s)",
+            o.label,
+            all.len(),
+            rss.saturating_sub(base),
+            took.as_secs_f64()
+        );
+        steps.push(format!(
+            "{{\"clients\":{},\"rss_kib\":{rss},\"bytes_per_conn\":{per:.0}}}",
+            all.len()
+        ));
+    }
+    // Hold them idle (answering pings) and measure the server's CPU.
+    let stop = AtomicBool::new(false);
+    let cpu0 = cpu_seconds(pid);
+    let t0 = Instant::now();
+    let seconds = o.seconds;
+    let clients = std::thread::scope(|s| {
+        let stop = &stop;
+        let h = s.spawn(move || event_loop(all, &mut Idle, stop, |_| false));
+        std::thread::sleep(Duration::from_secs_f64(seconds));
+        stop.store(true, Relaxed);
+        h.join().unwrap_or_else(|_| Err("event loop panicked".into()))
+    })?;
+    let cpu = (cpu_seconds(pid) - cpu0) / t0.elapsed().as_secs_f64() * 100.0;
+    let rss = rss_kib(pid);
+    eprintln!(
+        "{}: {} idle clients for {:.0} s: server CPU {cpu:.2}% of one core, rss {rss} KiB",
+        o.label,
+        clients.len(),
+        t0.elapsed().as_secs_f64()
+    );
+    Ok(format!(
+        "{{\"scenario\":\"idle\",\"label\":\"{}\",\"baseline_rss_kib\":{base},\"steps\":[{}],\"idle_seconds\":{:.1},\"idle_cpu_percent\":{cpu:.3}}}",
+        o.label,
+        steps.join(","),
+        t0.elapsed().as_secs_f64()
+    ))
+}
+
+// ---------------------------------------------------------------- echo
+
+struct Echo {
+    size: usize,
+    inflight: usize,
+    sending: bool,
+    received: u64,
+    latencies_us: Vec<f64>,
+    payload: Vec<u8>,
+}
+
+impl Handler for Echo {
+    fn on_message(&mut self, c: &mut Client, op: u8, payload: &[u8], now: Instant) -> Result<(), String> {
+        fill_payload(&mut self.payload, c.id, c.expect_seq, self.size);
+        if op != 0x2 || payload != self.payload.as_slice() {
+            return Err(format!("client {}: echo {} does not match what was sent", c.id, c.expect_seq));
+        }
+        c.expect_seq += 1;
+        let sent = c.sent_at.pop_front().ok_or("an echo nobody sent")?;
+        self.latencies_us.push(now.duration_since(sent).as_secs_f64() * 1e6);
+        self.received += 1;
+        Ok(())
+    }
+
+    fn pump(&mut self, c: &mut Client, now: Instant) {
+        while self.sending && c.sent_at.len() < self.inflight {
+            fill_payload(&mut self.payload, c.id, c.next_seq, self.size);
+            masked_frame(&mut c.wbuf, 0x2, &self.payload, [9, 8, 7, 6]);
+            c.sent_at.push_back(now);
+            c.next_seq += 1;
+        }
+    }
+}
+
+fn run_threads<H: Handler + 'static>(
+    clients: Vec<Client>,
+    threads: usize,
+    make: impl Fn() -> H,
+    stop: Arc<AtomicBool>,
+) -> Result<Vec<H>, String> {
+    let mut groups: Vec<Vec<Client>> = (0..threads).map(|_| Vec::new()).collect();
+    for (i, c) in clients.into_iter().enumerate() {
+        groups[i % threads].push(c);
+    }
+    let handles: Vec<_> = groups
+        .into_iter()
+        .filter(|g| !g.is_empty())
+        .map(|g| {
+            let mut h = make();
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                let r = event_loop(g, &mut h, &stop, |_| false);
+                if r.is_err() {
+                    stop.store(true, Relaxed);
+                }
+                r.map(|_| h)
+            })
+        })
+        .collect();
+    handles
+        .into_iter()
+        .map(|h| h.join().unwrap_or_else(|_| Err("thread panicked".into())))
+        .collect()
+}
+
+fn scenario_echo(o: &Opts) -> Result<String, String> {
+    let n = o.clients[0];
+    let clients = open_clients(o.addr, 0, n).map_err(|e| e.to_string())?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let (size, inflight) = (o.size, o.inflight);
+    let cpu0 = o.server_pid.map(cpu_seconds);
+    let self_cpu0 = cpu_seconds(std::process::id());
+    let t0 = Instant::now();
+    let timer = {
+        let stop = stop.clone();
+        let secs = o.seconds;
+        std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_secs_f64(secs));
+            stop.store(true, Relaxed);
+        })
+    };
+    let results = run_threads(
+        clients,
+        o.threads,
+        move || Echo {
+            size,
+            inflight,
+            sending: true,
+            received: 0,
+            latencies_us: Vec::new(),
+            payload: Vec::new(),
+        },
+        stop,
+    )?;
+    let _ = timer.join();
+    let elapsed = t0.elapsed().as_secs_f64();
+    let received: u64 = results.iter().map(|r| r.received).sum();
+    let mut lat: Vec<f64> = results.into_iter().flat_map(|r| r.latencies_us).collect();
+    lat.sort_by(f64::total_cmp);
+    let rate = received as f64 / elapsed;
+    let (p50, p99) = (percentile(&lat, 0.5), percentile(&lat, 0.99));
+    let server_cpu = cpu0.map(|c0| (cpu_seconds(o.server_pid.unwrap_or(0)) - c0) / elapsed * 100.0);
+    let self_cpu = (cpu_seconds(std::process::id()) - self_cpu0) / elapsed * 100.0;
+    eprintln!(
+        "{}: echo {n} clients x {size} B, {inflight} in flight: {rate:.0} msg/s, p50 {p50:.0} us, p99 {p99:.0} us (server CPU {}%, loadgen CPU {self_cpu:.0}%)",
+        o.label,
+        server_cpu.map_or("?".into(), |c| format!("{c:.0}"))
+    );
+    Ok(format!(
+        "{{\"scenario\":\"echo\",\"label\":\"{}\",\"clients\":{n},\"size\":{size},\"inflight\":{inflight},\"messages\":{received},\"seconds\":{elapsed:.2},\"msgs_per_sec\":{rate:.0},\"p50_us\":{p50:.1},\"p99_us\":{p99:.1},\"server_cpu_percent\":{},\"loadgen_cpu_percent\":{self_cpu:.0}}}",
+        o.label,
+        server_cpu.map_or("null".into(), |c| format!("{c:.0}"))
+    ))
+}
+
+// ---------------------------------------------------------------- broadcast
+
+struct Listen {
+    size: usize,
+    got: u64,
+    /// (round, receive time) per message received.
+    seen: Vec<(u64, Instant)>,
+    payload: Vec<u8>,
+}
+
+impl Handler for Listen {
+    fn on_message(&mut self, c: &mut Client, op: u8, payload: &[u8], now: Instant) -> Result<(), String> {
+        if payload.len() < 12 {
+            return Err(format!("client {}: short broadcast", c.id));
+        }
+        let round = u64::from_be_bytes(payload[4..12].try_into().unwrap_or_default());
+        fill_payload(&mut self.payload, u32::MAX, round, self.size);
+        if op != 0x2 || payload != self.payload.as_slice() {
+            return Err(format!("client {}: broadcast {round} does not match", c.id));
+        }
+        self.got += 1;
+        self.seen.push((round, now));
+        Ok(())
+    }
+}
+
+fn scenario_broadcast(o: &Opts) -> Result<String, String> {
+    let n = o.clients[0];
+    let (soft, hard) = raise_fd_limit();
+    eprintln!("fd limit: soft {soft}, hard {hard}");
+    let mut sender = open_clients(o.addr, 0, 1).map_err(|e| e.to_string())?.remove(0);
+    let listeners = open_clients(o.addr, 1, n).map_err(|e| e.to_string())?;
+    std::thread::sleep(Duration::from_millis(500));
+    let stop = Arc::new(AtomicBool::new(false));
+    let size = o.size;
+    let stop2 = stop.clone();
+    let threads = o.threads;
+    let runner = std::thread::spawn(move || {
+        run_threads(
+            listeners,
+            threads,
+            move || Listen {
+                size,
+                got: 0,
+                seen: Vec::new(),
+                payload: Vec::new(),
+            },
+            stop2,
+        )
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    // The sender (client 0) also receives every broadcast; it reads them
+    // on its own, blocking, which also paces the rounds.
+    sender.stream.set_nonblocking(false).map_err(|e| e.to_string())?;
+    sender.stream.set_read_timeout(Some(Duration::from_secs(30))).map_err(|e| e.to_string())?;
+    let mut sent_at = Vec::new();
+    let mut payload = Vec::new();
+    let mut frame = Vec::new();
+    let t0 = Instant::now();
+    for r in 0..o.rounds as u64 {
+        fill_payload(&mut payload, u32::MAX, r, size);
+        frame.clear();
+        masked_frame(&mut frame, 0x2, &payload, [5, 5, 5, 5]);
+        sent_at.push(Instant::now());
+        sender.stream.write_all(&frame).map_err(|e| e.to_string())?;
+        // Wait for our own copy, then a pause so rounds do not overlap.
+        let mut buf = Vec::new();
+        let mut chunk = [0u8; 65536];
+        loop {
+            let k = sender.stream.read(&mut chunk).map_err(|e| format!("sender: {e}"))?;
+            if k == 0 {
+                return Err("sender: server closed".into());
+            }
+            buf.extend_from_slice(&chunk[..k]);
+            if let Some((op, s, e, _)) = parse_frame(&buf) {
+                if op == 0x9 {
+                    buf.drain(..e);
+                    continue;
+                }
+                if buf[s..e] != payload[..] {
+                    return Err("sender: its own broadcast came back wrong".into());
+                }
+                break;
+            }
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // Give stragglers time, then stop.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        std::thread::sleep(Duration::from_millis(100));
+        if Instant::now() > deadline {
+            break;
+        }
+        // Stop early once every listener thread has seen every round;
+        // we cannot peek into threads, so wait a fixed settle time.
+        if t0.elapsed() > Duration::from_millis(100 * o.rounds as u64 + 2_000) {
+            break;
+        }
+    }
+    stop.store(true, Relaxed);
+    let results = runner.join().map_err(|_| "listener panicked")??;
+    let got: u64 = results.iter().map(|r| r.got).sum();
+    let expected = (n * o.rounds) as u64;
+    if got != expected {
+        return Err(format!("{got} of {expected} broadcast deliveries arrived"));
+    }
+    // Per round: time from send to the last delivery, and all latencies.
+    let mut last = vec![0f64; o.rounds];
+    let mut lat = Vec::with_capacity(got as usize);
+    for r in &results {
+        for &(round, at) in &r.seen {
+            let ms = at.duration_since(sent_at[round as usize]).as_secs_f64() * 1e3;
+            lat.push(ms);
+            last[round as usize] = last[round as usize].max(ms);
+        }
+    }
+    lat.sort_by(f64::total_cmp);
+    last.sort_by(f64::total_cmp);
+    let (l50, l99) = (percentile(&last, 0.5), percentile(&last, 0.99));
+    let (d50, d99) = (percentile(&lat, 0.5), percentile(&lat, 0.99));
+    let rate = n as f64 / (l50 / 1e3).max(1e-9);
+    eprintln!(
+        "{}: broadcast to {n} clients x {size} B, {} rounds: last delivery p50 {l50:.2} ms, p99 {l99:.2} ms; each delivery p50 {d50:.2} ms, p99 {d99:.2} ms; {rate:.0} deliveries/s",
+        o.label, o.rounds
+    );
+    Ok(format!(
+        "{{\"scenario\":\"broadcast\",\"label\":\"{}\",\"clients\":{n},\"size\":{size},\"rounds\":{},\"last_p50_ms\":{l50:.3},\"last_p99_ms\":{l99:.3},\"delivery_p50_ms\":{d50:.3},\"delivery_p99_ms\":{d99:.3},\"deliveries_per_sec\":{rate:.0}}}",
+        o.label, o.rounds
+    ))
+}
+
+// ---------------------------------------------------------------- connect
+
+fn scenario_connect(o: &Opts) -> Result<String, String> {
+    let stop = Arc::new(AtomicBool::new(false));
+    let done = Arc::new(AtomicU64::new(0));
+    let failed = Arc::new(AtomicU64::new(0));
+    let accept = format!("sec-websocket-accept: {}\r\n", expected_accept().to_ascii_lowercase());
+    let req = request(o.addr);
+    let t0 = Instant::now();
+    let workers: Vec<_> = (0..o.concurrency)
+        .map(|w| {
+            let (stop, done, failed, accept, req, addr) =
+                (stop.clone(), done.clone(), failed.clone(), accept.clone(), req.clone(), o.addr);
+            std::thread::spawn(move || {
+                let mut i = w;
+                let mut head = Vec::with_capacity(256);
+                while !stop.load(Relaxed) {
+                    let ok = (|| -> io::Result<bool> {
+                        // Spread over source addresses; reset on close so
+                        // no TIME_WAIT piles up on either side.
+                        let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
+                        s.set_linger(Some(Duration::ZERO))?;
+                        s.bind(&SocketAddr::from((Ipv4Addr::new(127, 0, 1 + (i % 50) as u8, 1), 0)).into())?;
+                        s.connect(&addr.into())?;
+                        s.set_tcp_nodelay(true)?;
+                        let mut s: TcpStream = s.into();
+                        s.set_read_timeout(Some(Duration::from_secs(10)))?;
+                        s.write_all(&req)?;
+                        head.clear();
+                        let mut buf = [0u8; 512];
+                        while !head.ends_with(b"\r\n\r\n") {
+                            let k = s.read(&mut buf)?;
+                            if k == 0 {
+                                return Ok(false);
+                            }
+                            head.extend_from_slice(&buf[..k]);
+                        }
+                        let text = String::from_utf8_lossy(&head).to_ascii_lowercase();
+                        Ok(text.starts_with("http/1.1 101") && text.contains(&accept))
+                    })();
+                    match ok {
+                        Ok(true) => done.fetch_add(1, Relaxed),
+                        _ => failed.fetch_add(1, Relaxed),
+                    };
+                    i += 1;
+                }
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_secs_f64(o.seconds));
+    stop.store(true, Relaxed);
+    for w in workers {
+        let _ = w.join();
+    }
+    let elapsed = t0.elapsed().as_secs_f64();
+    let (ok, bad) = (done.load(Relaxed), failed.load(Relaxed));
+    if bad > ok / 100 {
+        return Err(format!("{bad} of {} handshakes failed", ok + bad));
+    }
+    let rate = ok as f64 / elapsed;
+    eprintln!("{}: {rate:.0} handshakes/s ({ok} in {elapsed:.1} s, {bad} failed, {} threads)", o.label, o.concurrency);
+    Ok(format!(
+        "{{\"scenario\":\"connect\",\"label\":\"{}\",\"handshakes\":{ok},\"failed\":{bad},\"seconds\":{elapsed:.2},\"handshakes_per_sec\":{rate:.0}}}",
+        o.label
+    ))
+}
+
+fn main() {
+    let o = match parse_opts() {
+        Ok(o) => o,
+        Err(e) => {
+            eprintln!("{e}");
+            std::process::exit(2);
+        }
+    };
+    let result = match o.scenario.as_str() {
+        "idle" => scenario_idle(&o),
+        "echo" => scenario_echo(&o),
+        "broadcast" => scenario_broadcast(&o),
+        "connect" => scenario_connect(&o),
+        other => Err(format!("unknown scenario {other}")),
+    };
+    match result {
+        Ok(json) => println!("{json}"),
+        Err(e) => {
+            eprintln!("FAILED: {e}");
+            std::process::exit(1);
+        }
+    }
+}

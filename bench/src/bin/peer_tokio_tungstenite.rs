@@ -1,0 +1,130 @@
+//! Peer server for benchmarks: tokio (multi-thread runtime) + tokio-tungstenite.
+//! Same command line (`peer_tokio_tungstenite [ADDR] [echo|broadcast] [--max-message-size BYTES]`)
+//! and behaviour as enjent's `examples/echo`.
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::sync::{Arc, Mutex};
+
+use futures_util::{SinkExt, StreamExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc::{UnboundedSender, unbounded_channel};
+use tokio_tungstenite::tungstenite::{Error, Message, protocol::WebSocketConfig};
+use tokio_tungstenite::{WebSocketStream, accept_async_with_config};
+
+#[derive(Clone, Copy, PartialEq)]
+enum Mode {
+    Echo,
+    Broadcast,
+}
+
+/// Every connected client (broadcast mode), by id: the sender of its writer task.
+type Registry = Arc<Mutex<HashMap<u64, UnboundedSender<Message>>>>;
+
+const USAGE: &str =
+    "usage: peer_tokio_tungstenite [ADDR] [echo|broadcast] [--max-message-size BYTES]";
+
+fn usage(why: &str) -> ! {
+    eprintln!("{why}\n{USAGE}");
+    std::process::exit(2)
+}
+
+fn parse_args() -> (String, Mode, usize) {
+    let (mut addr, mut mode, mut max) = ("127.0.0.1:13003".to_string(), Mode::Echo, 64 << 20);
+    let mut args = std::env::args().skip(1);
+    while let Some(arg) = args.next() {
+        match arg.as_str() {
+            "echo" => mode = Mode::Echo,
+            "broadcast" => mode = Mode::Broadcast,
+            "--max-message-size" => {
+                let n = args.next().and_then(|v| v.parse().ok());
+                max = n.unwrap_or_else(|| usage("--max-message-size needs a number of bytes"));
+            }
+            "-h" | "--help" => usage("a tokio-tungstenite echo server"),
+            a if a.starts_with('-') => usage(&format!("unknown option {a}")),
+            a => addr = a.to_string(),
+        }
+    }
+    (addr, mode, max)
+}
+
+#[tokio::main]
+async fn main() -> std::io::Result<()> {
+    let (addr, mode, max) = parse_args();
+    let config = WebSocketConfig::default()
+        .max_message_size(Some(max))
+        .max_frame_size(Some(max));
+    let listener = TcpListener::bind(&addr).await?;
+    println!("listening on ws://{}", listener.local_addr()?);
+    std::io::stdout().flush()?;
+
+    let clients = Registry::default();
+    let mut next_id = 0u64;
+    loop {
+        // Accept errors (such as running out of file descriptors) are skipped.
+        if let Ok((stream, _)) = listener.accept().await {
+            let _ = stream.set_nodelay(true);
+            let (id, clients) = (next_id, clients.clone());
+            next_id += 1;
+            tokio::spawn(async move {
+                let Ok(ws) = accept_async_with_config(stream, Some(config)).await else {
+                    return;
+                };
+                // Errors just end the connection.
+                let _ = match mode {
+                    Mode::Echo => echo(ws).await,
+                    Mode::Broadcast => broadcast(ws, id, &clients).await,
+                };
+            });
+        }
+    }
+}
+
+/// Sends every data message back. Pings and the close handshake are answered
+/// by tungstenite itself; the stream ends once the close reply is flushed.
+async fn echo(mut ws: WebSocketStream<TcpStream>) -> Result<(), Error> {
+    while let Some(message) = ws.next().await {
+        let message = message?;
+        if message.is_text() || message.is_binary() {
+            ws.send(message).await?;
+        }
+    }
+    Ok(())
+}
+
+/// Reads on this task, writes on a task of its own fed by an unbounded channel.
+async fn broadcast(
+    ws: WebSocketStream<TcpStream>,
+    id: u64,
+    clients: &Registry,
+) -> Result<(), Error> {
+    let (mut sink, mut stream) = ws.split();
+    let (tx, mut rx) = unbounded_channel::<Message>();
+    clients.lock().unwrap().insert(id, tx);
+    tokio::spawn(async move {
+        // Write whatever is queued, then flush once. Ends when the sender is
+        // removed from the registry, or on the first write error.
+        while let Some(message) = rx.recv().await {
+            sink.feed(message).await?;
+            while let Ok(message) = rx.try_recv() {
+                sink.feed(message).await?;
+            }
+            sink.flush().await?;
+        }
+        Ok::<_, Error>(())
+    });
+    let result = async {
+        while let Some(message) = stream.next().await {
+            let message = message?;
+            if message.is_text() || message.is_binary() {
+                for client in clients.lock().unwrap().values() {
+                    let _ = client.send(message.clone());
+                }
+            }
+        }
+        Ok(())
+    }
+    .await;
+    clients.lock().unwrap().remove(&id);
+    result
+}

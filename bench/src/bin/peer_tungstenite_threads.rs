@@ -1,0 +1,166 @@
+//! Peer server for benchmarks: blocking tungstenite, one OS thread per client
+//! (and, in broadcast mode, a second one to write).
+//! Same command line (`peer_tungstenite_threads [ADDR] [echo|broadcast] [--max-message-size BYTES]`)
+//! and behaviour as enjent's `examples/echo`.
+
+use std::collections::HashMap;
+use std::io::{self, Read, Write};
+use std::net::{Shutdown, TcpListener, TcpStream};
+use std::sync::mpsc::{Receiver, Sender, channel};
+use std::sync::{Arc, Mutex};
+use std::thread;
+
+use tungstenite::protocol::{Role, WebSocketConfig};
+use tungstenite::{Message, Result, WebSocket, accept_with_config};
+
+#[derive(Clone, Copy, PartialEq)]
+enum Mode {
+    Echo,
+    Broadcast,
+}
+
+/// Every connected client (broadcast mode), by id: the sender of its writer thread.
+type Registry = Arc<Mutex<HashMap<u64, Sender<Message>>>>;
+
+/// The socket as the reading thread uses it. In broadcast mode its writes are
+/// dropped after the handshake: the writer thread sends pongs and the close
+/// reply instead, so that frames from two threads never interleave.
+struct ReadSide {
+    stream: TcpStream,
+    discard_writes: bool,
+}
+
+impl Read for ReadSide {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        self.stream.read(buf)
+    }
+}
+
+impl Write for ReadSide {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        if self.discard_writes {
+            Ok(buf.len())
+        } else {
+            self.stream.write(buf)
+        }
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        self.stream.flush()
+    }
+}
+
+const USAGE: &str =
+    "usage: peer_tungstenite_threads [ADDR] [echo|broadcast] [--max-message-size BYTES]";
+
+fn usage(why: &str) -> ! {
+    eprintln!("{why}\n{USAGE}");
+    std::process::exit(2)
+}
+
+fn parse_args() -> (String, Mode, usize) {
+    let (mut addr, mut mode, mut max) = ("127.0.0.1:13003".to_string(), Mode::Echo, 64 << 20);
+    let mut args = std::env::args().skip(1);
+    while let Some(arg) = args.next() {
+        match arg.as_str() {
+            "echo" => mode = Mode::Echo,
+            "broadcast" => mode = Mode::Broadcast,
+            "--max-message-size" => {
+                let n = args.next().and_then(|v| v.parse().ok());
+                max = n.unwrap_or_else(|| usage("--max-message-size needs a number of bytes"));
+            }
+            "-h" | "--help" => usage("a thread-per-client tungstenite echo server"),
+            a if a.starts_with('-') => usage(&format!("unknown option {a}")),
+            a => addr = a.to_string(),
+        }
+    }
+    (addr, mode, max)
+}
+
+fn main() -> io::Result<()> {
+    let (addr, mode, max) = parse_args();
+    let config = WebSocketConfig::default()
+        .max_message_size(Some(max))
+        .max_frame_size(Some(max));
+    let listener = TcpListener::bind(&addr)?;
+    println!("listening on ws://{}", listener.local_addr()?);
+    io::stdout().flush()?;
+
+    let clients = Registry::default();
+    for (id, stream) in (0u64..).zip(listener.incoming()) {
+        let Ok(stream) = stream else { continue };
+        let _ = stream.set_nodelay(true);
+        let clients = clients.clone();
+        thread::spawn(move || {
+            let side = ReadSide {
+                stream,
+                discard_writes: false,
+            };
+            // Errors just end the connection.
+            if let Ok(ws) = accept_with_config(side, Some(config)) {
+                let _ = match mode {
+                    Mode::Echo => echo(ws),
+                    Mode::Broadcast => broadcast(ws, id, &clients),
+                };
+            }
+        });
+    }
+    Ok(())
+}
+
+/// Sends every data message back. Pings and the close handshake are answered
+/// by tungstenite itself; `read` fails once the close reply is flushed.
+fn echo(mut ws: WebSocket<ReadSide>) -> Result<()> {
+    loop {
+        let message = ws.read()?;
+        if message.is_text() || message.is_binary() {
+            ws.send(message)?;
+        }
+    }
+}
+
+fn broadcast(mut ws: WebSocket<ReadSide>, id: u64, clients: &Registry) -> Result<()> {
+    let stream = ws.get_ref().stream.try_clone()?;
+    ws.get_mut().discard_writes = true;
+    let mut out = WebSocket::from_raw_socket(stream, Role::Server, Some(*ws.get_config()));
+    let (tx, rx) = channel();
+    clients.lock().unwrap().insert(id, tx.clone());
+    thread::spawn(move || {
+        let _ = write_all(&mut out, rx);
+        // Closes the connection after the close reply, and wakes the reader on errors.
+        let _ = out.get_ref().shutdown(Shutdown::Both);
+    });
+    let result = loop {
+        match ws.read() {
+            Ok(message) if message.is_text() || message.is_binary() => {
+                for client in clients.lock().unwrap().values() {
+                    let _ = client.send(message.clone());
+                }
+            }
+            Ok(Message::Ping(payload)) => drop(tx.send(Message::Pong(payload))),
+            Ok(Message::Close(frame)) => {
+                let _ = tx.send(Message::Close(frame)); // the writer replies, then closes
+                break Ok(());
+            }
+            Ok(_) => {}
+            Err(e) => break Err(e),
+        }
+    };
+    clients.lock().unwrap().remove(&id);
+    if result.is_err() {
+        let _ = ws.get_ref().stream.shutdown(Shutdown::Both);
+    }
+    result
+}
+
+/// Writes whatever is queued, then flushes once. Ends on the first error (a
+/// write after the close reply is one) or when every sender is gone.
+fn write_all(out: &mut WebSocket<TcpStream>, rx: Receiver<Message>) -> Result<()> {
+    while let Ok(message) = rx.recv() {
+        out.write(message)?;
+        while let Ok(message) = rx.try_recv() {
+            out.write(message)?;
+        }
+        out.flush()?;
+    }
+    Ok(())
+}
