@@ -544,18 +544,25 @@ fn write_vectored(mut stream: &TcpStream, parts: &[IoSlice<'_>]) -> io::Result<u
 /// Make sure a job runs for `conn` soon: start one, or tell the running one
 /// to go round again.
 pub(crate) fn schedule<T: Send + Sync + 'static>(shared: &Arc<Shared<T>>, conn: &Arc<Conn<T>>) {
-    {
-        let mut w = conn.io.lock();
-        if w.finished {
-            return;
-        }
-        if w.job_running {
-            w.job_again = true;
-            return;
-        }
-        w.job_running = true;
+    if claim(conn) {
+        spawn_job(shared, conn);
     }
-    spawn_job(shared, conn);
+}
+
+/// Take the right to run `conn`'s job: true if the caller must now run it
+/// (or hand it to the pool); false if a job is running (told to go round
+/// again) or the connection is finished.
+pub(crate) fn claim<T>(conn: &Conn<T>) -> bool {
+    let mut w = conn.io.lock();
+    if w.finished {
+        return false;
+    }
+    if w.job_running {
+        w.job_again = true;
+        return false;
+    }
+    w.job_running = true;
+    true
 }
 
 fn spawn_job<T: Send + Sync + 'static>(shared: &Arc<Shared<T>>, conn: &Arc<Conn<T>>) {

@@ -15,10 +15,10 @@ use polling::{Event as Interest, Events, Poller};
 
 use crate::proto::handshake::Reject;
 use crate::runtime::Shared;
-use crate::runtime::conn::schedule;
+use crate::runtime::conn::{claim, schedule};
 use crate::runtime::registry::Found;
 use crate::runtime::timer::TICK_MS;
-use crate::runtime::worker::{abort_handshake, handshake};
+use crate::runtime::worker::{abort_handshake, handshake, service};
 
 /// Register a fresh socket with no interest yet; jobs arm it with
 /// `modify`.
@@ -55,14 +55,35 @@ pub(crate) fn run<T: Send + Sync + 'static>(shared: Arc<Shared<T>>) {
         shared
             .registry
             .take_ready(events.iter().map(|e| e.key), &mut found);
+        // Connections that became ready together are handed to the pool
+        // in at most `workers` batches: one pool job per batch rather than
+        // per connection, which saves a channel hop and a wake-up each.
+        let mut ready = Vec::new();
         for f in found.drain(..) {
             match f {
                 Found::Handshake(p) => {
                     let s = Arc::clone(&shared);
                     shared.pool.execute(move || handshake(&s, p));
                 }
-                Found::Open(conn) => schedule(&shared, &conn),
+                Found::Open(conn) => {
+                    if claim(&conn) {
+                        ready.push(conn);
+                    }
+                }
                 Found::Nothing => {}
+            }
+        }
+        if !ready.is_empty() {
+            let batches = shared.config.workers.min(ready.len());
+            let per = ready.len().div_ceil(batches);
+            while !ready.is_empty() {
+                let batch: Vec<_> = ready.drain(..per.min(ready.len())).collect();
+                let s = Arc::clone(&shared);
+                shared.pool.execute(move || {
+                    for conn in &batch {
+                        service(&s, conn, &[]);
+                    }
+                });
             }
         }
         shared.timers.expired(shared.now_ms(), &mut expired);
