@@ -41,6 +41,10 @@ fn main() -> Result<(), Error> {
         }
     }
     let server = builder
+        // Everything is handled on the workers; nothing goes to the event
+        // channel (which would wake the main thread twice a connection).
+        .on_connect(|_| {})
+        .on_disconnect(|_, _, _| {})
         .on_message(move |client, message| {
             match mode {
                 // A client that is gone or over its backpressure limit
@@ -55,8 +59,8 @@ fn main() -> Result<(), Error> {
         })
         .start(addr.as_str())?;
     println!("listening on ws://{}", server.local_addr());
-    // Messages are handled by the closure on the workers; the main thread
-    // just keeps the server alive until the process is killed.
+    // The main thread just keeps the server alive until the process is
+    // killed: with every event taken by a closure, this waits forever.
     for event in server.events() {
         drop(event);
     }

@@ -175,7 +175,7 @@ fn main() -> Result<(), Error> {
                     let mut head = [0u8; 129];
                     let _ = s.read(&mut head);
                     let _ = s.set_write_timeout(Some(Duration::from_millis(500)));
-                    for _ in 0..40 {
+                    for _ in 0..200 {
                         if s.write_all(&masked(0x82, &[7; 60_000])).is_err() {
                             break;
                         }

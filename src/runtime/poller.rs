@@ -61,16 +61,9 @@ pub(crate) fn run<T: Send + Sync + 'static>(shared: Arc<Shared<T>>) {
         let mut ready = Vec::new();
         for f in found.drain(..) {
             match f {
-                Found::Handshake(p) => {
-                    let s = Arc::clone(&shared);
-                    shared.pool.execute(move || handshake(&s, p));
-                }
-                Found::Open(conn) => {
-                    if claim(&conn) {
-                        ready.push(conn);
-                    }
-                }
+                Found::Open(ref conn) if !claim(conn) => {}
                 Found::Nothing => {}
+                f => ready.push(f),
             }
         }
         if !ready.is_empty() {
@@ -80,8 +73,12 @@ pub(crate) fn run<T: Send + Sync + 'static>(shared: Arc<Shared<T>>) {
                 let batch: Vec<_> = ready.drain(..per.min(ready.len())).collect();
                 let s = Arc::clone(&shared);
                 shared.pool.execute(move || {
-                    for conn in &batch {
-                        service(&s, conn, &[]);
+                    for f in batch {
+                        match f {
+                            Found::Open(conn) => service(&s, &conn, &[]),
+                            Found::Handshake(p) => handshake(&s, p),
+                            Found::Nothing => {}
+                        }
                     }
                 });
             }
