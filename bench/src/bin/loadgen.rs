@@ -172,16 +172,36 @@ fn parse_frame(buf: &[u8]) -> Option<(u8, usize, usize, usize)> {
     (buf.len() >= hl + len).then_some((op, hl, hl + len, hl + len))
 }
 
+/// Pseudo-random filler, made once: payloads are slices of it at an
+/// offset that depends on the message, so every message differs but
+/// building and checking one costs a memcpy, not a generator per byte.
+fn pattern() -> &'static [u8] {
+    static P: std::sync::OnceLock<Vec<u8>> = std::sync::OnceLock::new();
+    P.get_or_init(|| {
+        let mut x = 0x1234_5678u32;
+        (0..(1 << 20) + 4096)
+            .map(|_| {
+                x = x.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+                (x >> 24) as u8
+            })
+            .collect()
+    })
+}
+
+/// Payload of message `seq` from `client`: its ids, then filler.
 fn fill_payload(out: &mut Vec<u8>, client: u32, seq: u64, size: usize) {
     out.clear();
     out.extend_from_slice(&client.to_be_bytes());
     out.extend_from_slice(&seq.to_be_bytes());
-    let mut x = seq as u32 ^ client.rotate_left(7);
-    while out.len() < size.max(12) {
-        x = x.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
-        out.push((x >> 24) as u8);
+    let need = size.max(12) - 12;
+    let start = (seq as usize * 31 + client as usize * 17) % 4096;
+    let p = pattern();
+    let mut left = need;
+    while left > 0 {
+        let take = left.min(p.len() - start);
+        out.extend_from_slice(&p[start..start + take]);
+        left -= take;
     }
-    out.truncate(size.max(12));
 }
 
 // ---------------------------------------------------------------- clients
@@ -201,16 +221,21 @@ struct Client {
 fn connect_from(src: Ipv4Addr, to: SocketAddr) -> io::Result<TcpStream> {
     let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
     s.set_reuse_address(true)?;
+    // Close with a reset: no TIME_WAIT left behind to exhaust the ports of
+    // the next run.
+    s.set_linger(Some(Duration::ZERO))?;
     s.bind(&SocketAddr::from((src, 0)).into())?;
     s.connect(&to.into())?;
     s.set_tcp_nodelay(true)?;
     Ok(s.into())
 }
 
-/// Source address for client `i`: 127.0.0.2, .3, ... in blocks of 20,000
-/// (each address has ~28k ephemeral ports).
+/// Source address for client `i`: a block of 20,000 clients per address
+/// (each has ~28k ephemeral ports), in a 127.x.y.0/24 that changes with
+/// the process id so back-to-back runs never share ports.
 fn source_for(i: usize) -> Ipv4Addr {
-    Ipv4Addr::new(127, 0, 0, 2 + (i / 20_000) as u8)
+    let run = std::process::id() as usize % 200;
+    Ipv4Addr::new(127, 10 + (run / 100) as u8, (run % 100) as u8, 2 + (i / 20_000) as u8)
 }
 
 fn request(addr: SocketAddr) -> Vec<u8> {
