@@ -6,7 +6,7 @@ import statistics
 import sys
 from collections import defaultdict
 
-ORDER = ["enjent", "tokio-tungstenite", "fastwebsockets", "tungstenite-threads"]
+ORDER = ["enjent", "enjent-main-loop", "tokio-tungstenite", "fastwebsockets", "tungstenite-threads"]
 
 # (row name, scenario, filter, metric, unit, higher_is_better)
 ROWS = [

@@ -24,17 +24,19 @@ loadgen="$root/bench/target/release/loadgen"
 # name -> command (all take: ADDR echo|broadcast)
 declare -A servers=(
     [enjent]="$root/target/release/examples/echo"
+    [enjent-main-loop]="$root/target/release/examples/echo --main-loop"
     [tokio-tungstenite]="$root/bench/target/release/peer_tokio_tungstenite"
     [fastwebsockets]="$root/bench/target/release/peer_fastwebsockets"
     [tungstenite-threads]="$root/bench/target/release/peer_tungstenite_threads"
 )
-order=(enjent tokio-tungstenite fastwebsockets tungstenite-threads)
+order=(enjent enjent-main-loop tokio-tungstenite fastwebsockets tungstenite-threads)
 
 port=14000
 server_pid=""
 start_server() { # name mode
     port=$((port + 1))
-    "${servers[$1]}" "127.0.0.1:$port" "$2" > "$out/server.log" 2>&1 &
+    # shellcheck disable=SC2086 # the command may carry a flag
+    ${servers[$1]} "127.0.0.1:$port" "$2" > "$out/server.log" 2>&1 &
     server_pid=$!
     for _ in $(seq 1 100); do
         grep -q "listening on" "$out/server.log" 2>/dev/null && return 0
@@ -86,3 +88,10 @@ for r in $(seq 1 "$rounds"); do
 done
 
 python3 "$root/bench/report.py" "$out/results.jsonl" | tee "$out/table.md"
+
+# enjent itself must never fail a scenario (peers may: a thread per client
+# does not reach 10,000 clients).
+if grep -q '"label":"enjent[a-z-]*","failed":true' "$out/results.jsonl"; then
+    echo "an enjent run failed"
+    exit 1
+fi

@@ -1,14 +1,17 @@
 //! Echo server, the one benchmarks and the Autobahn run start.
 //!
 //! ```text
-//! cargo run --release --example echo -- [ADDR] [echo|broadcast] [--max-message-size BYTES]
+//! cargo run --release --example echo -- [ADDR] [echo|broadcast] [--max-message-size BYTES] [--main-loop]
 //! ```
 //!
 //! `echo` (the default) sends every message back to its sender;
 //! `broadcast` relays it to every connected client, the sender included.
-//! Default address: 127.0.0.1:13003.
+//! Default address: 127.0.0.1:13003. Messages are handled in an
+//! `on_message` closure on the workers; `--main-loop` handles them in a
+//! `for event in server.events()` loop instead (the other event style, for
+//! benchmarks).
 
-use enjent::{Error, WebSocketServer};
+use enjent::{Error, Event, WebSocketServer};
 
 #[derive(Clone, Copy, PartialEq)]
 enum Mode {
@@ -17,19 +20,23 @@ enum Mode {
 }
 
 fn usage(why: &str) -> Error {
-    eprintln!("{why}\nusage: echo [ADDR] [echo|broadcast] [--max-message-size BYTES]");
+    eprintln!(
+        "{why}\nusage: echo [ADDR] [echo|broadcast] [--max-message-size BYTES] [--main-loop]"
+    );
     Error::InvalidInput("bad arguments")
 }
 
 fn main() -> Result<(), Error> {
     let mut addr = "127.0.0.1:13003".to_string();
     let mut mode = Mode::Echo;
+    let mut main_loop = false;
     let mut builder = WebSocketServer::builder();
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
         match arg.as_str() {
             "echo" => mode = Mode::Echo,
             "broadcast" => mode = Mode::Broadcast,
+            "--main-loop" => main_loop = true,
             "--max-message-size" => {
                 let n = args.next().and_then(|v| v.parse().ok());
                 let n = n.ok_or_else(|| usage("--max-message-size needs a number of bytes"))?;
@@ -40,13 +47,13 @@ fn main() -> Result<(), Error> {
             a => addr = a.to_string(),
         }
     }
-    let server = builder
-        // Everything is handled on the workers; nothing goes to the event
-        // channel (which would wake the main thread twice a connection).
-        .on_connect(|_| {})
-        .on_disconnect(|_, _, _| {})
-        .on_message(move |client, message| {
-            match mode {
+    if !main_loop {
+        builder = builder
+            // Everything on the workers; nothing goes to the event channel
+            // (which would wake the main thread twice a connection).
+            .on_connect(|_| {})
+            .on_disconnect(|_, _, _| {})
+            .on_message(move |client, message| match mode {
                 // A client that is gone or over its backpressure limit
                 // simply misses its echo.
                 Mode::Echo => {
@@ -55,14 +62,23 @@ fn main() -> Result<(), Error> {
                 Mode::Broadcast => {
                     client.server().broadcast(message);
                 }
-            }
-        })
-        .start(addr.as_str())?;
+            });
+    }
+    let server = builder.start(addr.as_str())?;
     println!("listening on ws://{}", server.local_addr());
-    // The main thread just keeps the server alive until the process is
-    // killed: with every event taken by a closure, this waits forever.
+    // With closures this waits until the process is killed; in main-loop
+    // mode it is where the work happens.
     for event in server.events() {
-        drop(event);
+        if let Event::Message { client, message } = event {
+            match mode {
+                Mode::Echo => {
+                    let _ = client.send(message);
+                }
+                Mode::Broadcast => {
+                    server.broadcast(message);
+                }
+            }
+        }
     }
     Ok(())
 }

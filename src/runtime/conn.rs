@@ -569,5 +569,5 @@ fn spawn_job<T: Send + Sync + 'static>(shared: &Arc<Shared<T>>, conn: &Arc<Conn<
     let (s, c) = (Arc::clone(shared), Arc::clone(conn));
     shared
         .pool
-        .execute(move || crate::runtime::worker::service(&s, &c, &[]));
+        .execute(move || crate::runtime::worker::service(&s, &c, &[], false));
 }

@@ -75,7 +75,7 @@ pub(crate) fn run<T: Send + Sync + 'static>(shared: Arc<Shared<T>>) {
                 shared.pool.execute(move || {
                     for f in batch {
                         match f {
-                            Found::Open(conn) => service(&s, &conn, &[]),
+                            Found::Open(conn) => service(&s, &conn, &[], false),
                             Found::Handshake(p) => handshake(&s, p),
                             Found::Nothing => {}
                         }

@@ -24,7 +24,7 @@ use crate::runtime::{Shared, panic_close};
 use crate::stats::Counters;
 
 /// Per-worker read buffer: connections own no read buffer while idle.
-const SCRATCH: usize = 64 * 1024;
+const SCRATCH: usize = 256 * 1024;
 /// Most bytes one job reads from one connection before letting others
 /// have the worker (the poller brings it back at once if more is there).
 const READ_BUDGET: usize = 1 << 20;
@@ -182,7 +182,7 @@ pub(crate) fn handshake<T: Send + Sync + 'static>(shared: &Arc<Shared<T>>, mut p
     }
     // Bytes after the request are the first frames.
     let leftover = &buf[used..];
-    service(shared, &conn, leftover);
+    service(shared, &conn, leftover, true);
 }
 
 /// An instant after every deadline, to take a handshake out regardless.
@@ -205,8 +205,13 @@ pub(crate) fn service<T: Send + Sync + 'static>(
     shared: &Arc<Shared<T>>,
     conn: &Arc<Conn<T>>,
     first: &[u8],
+    fresh: bool,
 ) {
     let mut first = first;
+    // Fresh from its handshake, the socket was just read dry: re-arming
+    // reports anything newer, so the first pass skips a read that would
+    // only return EAGAIN.
+    let mut read_now = !fresh;
     loop {
         conn.flush_from_job(shared);
         // Take the read side out: no guard is held while user closures
@@ -223,7 +228,10 @@ pub(crate) fn service<T: Send + Sync + 'static>(
             process(shared, conn, &mut r, first);
             first = &[];
         }
-        read_available(shared, conn, &mut r);
+        if read_now {
+            read_available(shared, conn, &mut r);
+        }
+        read_now = true;
         let now = shared.now_ms();
         if let Some(done) = progress(shared, conn, &mut r, now) {
             teardown(shared, conn, &mut r, done);
