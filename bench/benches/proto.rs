@@ -36,8 +36,12 @@ fn headers(c: &mut Criterion) {
     let mut g = c.benchmark_group("header");
     let small = masked(0x82, &[0; 32]);
     let large = masked(0x82, &vec![0; 70_000]);
-    g.bench_function("parse 32 B frame", |b| b.iter(|| parse_header(black_box(&small), 0)));
-    g.bench_function("parse 70 KB frame", |b| b.iter(|| parse_header(black_box(&large), 0)));
+    g.bench_function("parse 32 B frame", |b| {
+        b.iter(|| parse_header(black_box(&small), 0))
+    });
+    g.bench_function("parse 70 KB frame", |b| {
+        b.iter(|| parse_header(black_box(&large), 0))
+    });
     g.bench_function("encode", |b| {
         let mut out = [0u8; 10];
         b.iter(|| encode_header(&mut out, true, OpCode::Binary, black_box(70_000)))
@@ -80,7 +84,11 @@ fn decode(c: &mut Criterion) {
         let mut start = 0;
         let parts = 64;
         for k in 0..parts {
-            let mut end = if k == parts - 1 { bytes.len() } else { bytes.len() * (k + 1) / parts };
+            let mut end = if k == parts - 1 {
+                bytes.len()
+            } else {
+                bytes.len() * (k + 1) / parts
+            };
             while end < bytes.len() && (bytes[end] & 0xC0) == 0x80 {
                 end += 1;
             }

@@ -42,7 +42,9 @@ struct Opts {
 
 fn parse_opts() -> Result<Opts, String> {
     let mut args = std::env::args().skip(1);
-    let scenario = args.next().ok_or("usage: loadgen idle|echo|broadcast|connect [options]")?;
+    let scenario = args
+        .next()
+        .ok_or("usage: loadgen idle|echo|broadcast|connect [options]")?;
     let mut o = Opts {
         scenario,
         addr: "127.0.0.1:13003".parse().unwrap(),
@@ -63,11 +65,18 @@ fn parse_opts() -> Result<Opts, String> {
             "--addr" => o.addr = v.parse().map_err(|_| format!("bad address {v}"))?,
             "--label" => o.label = v.clone(),
             "--clients" => {
-                o.clients = v.split(',').map(|c| c.parse().map_err(bad)).collect::<Result<_, _>>()?
+                o.clients = v
+                    .split(',')
+                    .map(|c| c.parse().map_err(bad))
+                    .collect::<Result<_, _>>()?
             }
             "--size" => o.size = v.parse().map_err(bad)?,
             "--inflight" => o.inflight = v.parse().map_err(bad)?,
-            "--seconds" => o.seconds = v.parse().map_err(|_| format!("bad value for {flag}: {v}"))?,
+            "--seconds" => {
+                o.seconds = v
+                    .parse()
+                    .map_err(|_| format!("bad value for {flag}: {v}"))?
+            }
             "--rounds" => o.rounds = v.parse().map_err(bad)?,
             "--concurrency" => o.concurrency = v.parse().map_err(bad)?,
             "--threads" => o.threads = v.parse::<usize>().map_err(bad)?.max(1),
@@ -235,7 +244,12 @@ fn connect_from(src: Ipv4Addr, to: SocketAddr) -> io::Result<TcpStream> {
 /// the process id so back-to-back runs never share ports.
 fn source_for(i: usize) -> Ipv4Addr {
     let run = std::process::id() as usize % 200;
-    Ipv4Addr::new(127, 10 + (run / 100) as u8, (run % 100) as u8, 2 + (i / 20_000) as u8)
+    Ipv4Addr::new(
+        127,
+        10 + (run / 100) as u8,
+        (run % 100) as u8,
+        2 + (i / 20_000) as u8,
+    )
 }
 
 fn request(addr: SocketAddr) -> Vec<u8> {
@@ -256,7 +270,10 @@ fn expected_accept() -> String {
 /// at client index `first`.
 fn open_clients(addr: SocketAddr, first: usize, n: usize) -> io::Result<Vec<Client>> {
     let req = request(addr);
-    let accept = format!("sec-websocket-accept: {}\r\n", expected_accept().to_ascii_lowercase());
+    let accept = format!(
+        "sec-websocket-accept: {}\r\n",
+        expected_accept().to_ascii_lowercase()
+    );
     let mut out = Vec::with_capacity(n);
     // Send requests in batches, then read the answers, so handshakes
     // overlap instead of costing a round trip each.
@@ -278,7 +295,9 @@ fn open_clients(addr: SocketAddr, first: usize, n: usize) -> io::Result<Vec<Clie
             while !head.windows(4).any(|w| w == b"\r\n\r\n") {
                 let k = s.read(&mut buf)?;
                 if k == 0 {
-                    return Err(io::Error::other(format!("client {i}: closed during handshake")));
+                    return Err(io::Error::other(format!(
+                        "client {i}: closed during handshake"
+                    )));
                 }
                 head.extend_from_slice(&buf[..k]);
             }
@@ -286,7 +305,9 @@ fn open_clients(addr: SocketAddr, first: usize, n: usize) -> io::Result<Vec<Clie
             // lowercase).
             let head = String::from_utf8_lossy(&head).to_ascii_lowercase();
             if !head.starts_with("http/1.1 101") || !head.contains(&accept) {
-                return Err(io::Error::other(format!("client {i}: bad handshake answer: {head}")));
+                return Err(io::Error::other(format!(
+                    "client {i}: bad handshake answer: {head}"
+                )));
             }
             s.set_nonblocking(true)?;
             out.push(Client {
@@ -307,7 +328,13 @@ fn open_clients(addr: SocketAddr, first: usize, n: usize) -> io::Result<Vec<Clie
 /// What a client's event loop does with complete frames.
 trait Handler: Send {
     /// A data frame arrived for client `c`. Return Err to fail the run.
-    fn on_message(&mut self, c: &mut Client, opcode: u8, payload: &[u8], now: Instant) -> Result<(), String>;
+    fn on_message(
+        &mut self,
+        c: &mut Client,
+        opcode: u8,
+        payload: &[u8],
+        now: Instant,
+    ) -> Result<(), String>;
     /// Called each loop turn: queue more to send.
     fn pump(&mut self, _c: &mut Client, _now: Instant) {}
 }
@@ -327,7 +354,12 @@ fn try_flush(c: &mut Client) -> io::Result<()> {
 }
 
 /// Read and dispatch everything available; answers pings.
-fn drain_reads<H: Handler>(c: &mut Client, h: &mut H, scratch: &mut [u8], now: Instant) -> Result<bool, String> {
+fn drain_reads<H: Handler>(
+    c: &mut Client,
+    h: &mut H,
+    scratch: &mut [u8],
+    now: Instant,
+) -> Result<bool, String> {
     loop {
         match c.stream.read(scratch) {
             Ok(0) => return Err(format!("client {}: server closed the connection", c.id)),
@@ -340,7 +372,9 @@ fn drain_reads<H: Handler>(c: &mut Client, h: &mut H, scratch: &mut [u8], now: I
                     match op {
                         0x9 => masked_frame(&mut c.wbuf, 0xA, &payload, [1, 2, 3, 4]),
                         0xA => {}
-                        0x8 => return Err(format!("client {}: server sent close {:?}", c.id, payload)),
+                        0x8 => {
+                            return Err(format!("client {}: server sent close {:?}", c.id, payload));
+                        }
                         0x1 | 0x2 => h.on_message(c, op, &payload, now)?,
                         other => return Err(format!("client {}: unexpected opcode {other}", c.id)),
                     }
@@ -380,7 +414,9 @@ fn event_loop<H: Handler>(
     }
     while !stop.load(Relaxed) && !done(h) {
         events.clear();
-        poller.wait(&mut events, Some(Duration::from_millis(50))).map_err(|e| e.to_string())?;
+        poller
+            .wait(&mut events, Some(Duration::from_millis(50)))
+            .map_err(|e| e.to_string())?;
         let now = Instant::now();
         for ev in events.iter() {
             let c = &mut clients[ev.key];
@@ -453,7 +489,8 @@ fn scenario_idle(o: &Opts) -> Result<String, String> {
         let h = s.spawn(move || event_loop(all, &mut Idle, stop, |_| false));
         std::thread::sleep(Duration::from_secs_f64(seconds));
         stop.store(true, Relaxed);
-        h.join().unwrap_or_else(|_| Err("event loop panicked".into()))
+        h.join()
+            .unwrap_or_else(|_| Err("event loop panicked".into()))
     })?;
     let cpu = (cpu_seconds(pid) - cpu0) / t0.elapsed().as_secs_f64() * 100.0;
     let rss = rss_kib(pid);
@@ -483,14 +520,24 @@ struct Echo {
 }
 
 impl Handler for Echo {
-    fn on_message(&mut self, c: &mut Client, op: u8, payload: &[u8], now: Instant) -> Result<(), String> {
+    fn on_message(
+        &mut self,
+        c: &mut Client,
+        op: u8,
+        payload: &[u8],
+        now: Instant,
+    ) -> Result<(), String> {
         fill_payload(&mut self.payload, c.id, c.expect_seq, self.size);
         if op != 0x2 || payload != self.payload.as_slice() {
-            return Err(format!("client {}: echo {} does not match what was sent", c.id, c.expect_seq));
+            return Err(format!(
+                "client {}: echo {} does not match what was sent",
+                c.id, c.expect_seq
+            ));
         }
         c.expect_seq += 1;
         let sent = c.sent_at.pop_front().ok_or("an echo nobody sent")?;
-        self.latencies_us.push(now.duration_since(sent).as_secs_f64() * 1e6);
+        self.latencies_us
+            .push(now.duration_since(sent).as_secs_f64() * 1e6);
         self.received += 1;
         Ok(())
     }
@@ -597,7 +644,13 @@ struct Listen {
 }
 
 impl Handler for Listen {
-    fn on_message(&mut self, c: &mut Client, op: u8, payload: &[u8], now: Instant) -> Result<(), String> {
+    fn on_message(
+        &mut self,
+        c: &mut Client,
+        op: u8,
+        payload: &[u8],
+        now: Instant,
+    ) -> Result<(), String> {
         if payload.len() < 12 {
             return Err(format!("client {}: short broadcast", c.id));
         }
@@ -616,7 +669,9 @@ fn scenario_broadcast(o: &Opts) -> Result<String, String> {
     let n = o.clients[0];
     let (soft, hard) = raise_fd_limit();
     eprintln!("fd limit: soft {soft}, hard {hard}");
-    let mut sender = open_clients(o.addr, 0, 1).map_err(|e| e.to_string())?.remove(0);
+    let mut sender = open_clients(o.addr, 0, 1)
+        .map_err(|e| e.to_string())?
+        .remove(0);
     let listeners = open_clients(o.addr, 1, n).map_err(|e| e.to_string())?;
     std::thread::sleep(Duration::from_millis(500));
     let stop = Arc::new(AtomicBool::new(false));
@@ -639,8 +694,14 @@ fn scenario_broadcast(o: &Opts) -> Result<String, String> {
     std::thread::sleep(Duration::from_millis(300));
     // The sender (client 0) also receives every broadcast; it reads them
     // on its own, blocking, which also paces the rounds.
-    sender.stream.set_nonblocking(false).map_err(|e| e.to_string())?;
-    sender.stream.set_read_timeout(Some(Duration::from_secs(30))).map_err(|e| e.to_string())?;
+    sender
+        .stream
+        .set_nonblocking(false)
+        .map_err(|e| e.to_string())?;
+    sender
+        .stream
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .map_err(|e| e.to_string())?;
     let mut sent_at = Vec::new();
     let mut payload = Vec::new();
     let mut frame = Vec::new();
@@ -655,7 +716,10 @@ fn scenario_broadcast(o: &Opts) -> Result<String, String> {
         let mut buf = Vec::new();
         let mut chunk = [0u8; 65536];
         loop {
-            let k = sender.stream.read(&mut chunk).map_err(|e| format!("sender: {e}"))?;
+            let k = sender
+                .stream
+                .read(&mut chunk)
+                .map_err(|e| format!("sender: {e}"))?;
             if k == 0 {
                 return Err("sender: server closed".into());
             }
@@ -724,13 +788,22 @@ fn scenario_connect(o: &Opts) -> Result<String, String> {
     let stop = Arc::new(AtomicBool::new(false));
     let done = Arc::new(AtomicU64::new(0));
     let failed = Arc::new(AtomicU64::new(0));
-    let accept = format!("sec-websocket-accept: {}\r\n", expected_accept().to_ascii_lowercase());
+    let accept = format!(
+        "sec-websocket-accept: {}\r\n",
+        expected_accept().to_ascii_lowercase()
+    );
     let req = request(o.addr);
     let t0 = Instant::now();
     let workers: Vec<_> = (0..o.concurrency)
         .map(|w| {
-            let (stop, done, failed, accept, req, addr) =
-                (stop.clone(), done.clone(), failed.clone(), accept.clone(), req.clone(), o.addr);
+            let (stop, done, failed, accept, req, addr) = (
+                stop.clone(),
+                done.clone(),
+                failed.clone(),
+                accept.clone(),
+                req.clone(),
+                o.addr,
+            );
             std::thread::spawn(move || {
                 let mut i = w;
                 let mut head = Vec::with_capacity(256);
@@ -738,9 +811,16 @@ fn scenario_connect(o: &Opts) -> Result<String, String> {
                     let ok = (|| -> io::Result<bool> {
                         // Spread over source addresses; reset on close so
                         // no TIME_WAIT piles up on either side.
-                        let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
+                        let s = socket2::Socket::new(
+                            socket2::Domain::IPV4,
+                            socket2::Type::STREAM,
+                            None,
+                        )?;
                         s.set_linger(Some(Duration::ZERO))?;
-                        s.bind(&SocketAddr::from((Ipv4Addr::new(127, 0, 1 + (i % 50) as u8, 1), 0)).into())?;
+                        s.bind(
+                            &SocketAddr::from((Ipv4Addr::new(127, 0, 1 + (i % 50) as u8, 1), 0))
+                                .into(),
+                        )?;
                         s.connect(&addr.into())?;
                         s.set_tcp_nodelay(true)?;
                         let mut s: TcpStream = s.into();
@@ -778,7 +858,10 @@ fn scenario_connect(o: &Opts) -> Result<String, String> {
         return Err(format!("{bad} of {} handshakes failed", ok + bad));
     }
     let rate = ok as f64 / elapsed;
-    eprintln!("{}: {rate:.0} handshakes/s ({ok} in {elapsed:.1} s, {bad} failed, {} threads)", o.label, o.concurrency);
+    eprintln!(
+        "{}: {rate:.0} handshakes/s ({ok} in {elapsed:.1} s, {bad} failed, {} threads)",
+        o.label, o.concurrency
+    );
     Ok(format!(
         "{{\"scenario\":\"connect\",\"label\":\"{}\",\"handshakes\":{ok},\"failed\":{bad},\"seconds\":{elapsed:.2},\"handshakes_per_sec\":{rate:.0}}}",
         o.label

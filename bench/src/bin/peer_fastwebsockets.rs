@@ -17,11 +17,10 @@ use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 use tokio::sync::mpsc::{UnboundedSender, unbounded_channel};
 
-#[derive(Clone, Copy, PartialEq)]
-enum Mode {
-    Echo,
-    Broadcast,
-}
+#[path = "../peer_cli.rs"]
+mod peer_cli;
+
+use peer_cli::{Mode, parse_args};
 
 type Ws = WebSocket<TokioIo<Upgraded>>;
 
@@ -37,35 +36,10 @@ struct Shared {
     clients: Mutex<HashMap<u64, UnboundedSender<Outgoing>>>,
 }
 
-const USAGE: &str = "usage: peer_fastwebsockets [ADDR] [echo|broadcast] [--max-message-size BYTES]";
-
-fn usage(why: &str) -> ! {
-    eprintln!("{why}\n{USAGE}");
-    std::process::exit(2)
-}
-
-fn parse_args() -> (String, Mode, usize) {
-    let (mut addr, mut mode, mut max) = ("127.0.0.1:13003".to_string(), Mode::Echo, 64 << 20);
-    let mut args = std::env::args().skip(1);
-    while let Some(arg) = args.next() {
-        match arg.as_str() {
-            "echo" => mode = Mode::Echo,
-            "broadcast" => mode = Mode::Broadcast,
-            "--max-message-size" => {
-                let n = args.next().and_then(|v| v.parse().ok());
-                max = n.unwrap_or_else(|| usage("--max-message-size needs a number of bytes"));
-            }
-            "-h" | "--help" => usage("a fastwebsockets echo server"),
-            a if a.starts_with('-') => usage(&format!("unknown option {a}")),
-            a => addr = a.to_string(),
-        }
-    }
-    (addr, mode, max)
-}
-
 #[tokio::main]
 async fn main() -> std::io::Result<()> {
-    let (addr, mode, max_message_size) = parse_args();
+    let (addr, mode, max_message_size) =
+        parse_args("peer_fastwebsockets", "a fastwebsockets echo server");
     let listener = TcpListener::bind(&addr).await?;
     println!("listening on ws://{}", listener.local_addr()?);
     std::io::stdout().flush()?;

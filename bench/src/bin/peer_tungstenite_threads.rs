@@ -13,11 +13,10 @@ use std::thread;
 use tungstenite::protocol::{Role, WebSocketConfig};
 use tungstenite::{Message, Result, WebSocket, accept_with_config};
 
-#[derive(Clone, Copy, PartialEq)]
-enum Mode {
-    Echo,
-    Broadcast,
-}
+#[path = "../peer_cli.rs"]
+mod peer_cli;
+
+use peer_cli::{Mode, parse_args};
 
 /// Every connected client (broadcast mode), by id: the sender of its writer thread.
 type Registry = Arc<Mutex<HashMap<u64, Sender<Message>>>>;
@@ -49,35 +48,11 @@ impl Write for ReadSide {
     }
 }
 
-const USAGE: &str =
-    "usage: peer_tungstenite_threads [ADDR] [echo|broadcast] [--max-message-size BYTES]";
-
-fn usage(why: &str) -> ! {
-    eprintln!("{why}\n{USAGE}");
-    std::process::exit(2)
-}
-
-fn parse_args() -> (String, Mode, usize) {
-    let (mut addr, mut mode, mut max) = ("127.0.0.1:13003".to_string(), Mode::Echo, 64 << 20);
-    let mut args = std::env::args().skip(1);
-    while let Some(arg) = args.next() {
-        match arg.as_str() {
-            "echo" => mode = Mode::Echo,
-            "broadcast" => mode = Mode::Broadcast,
-            "--max-message-size" => {
-                let n = args.next().and_then(|v| v.parse().ok());
-                max = n.unwrap_or_else(|| usage("--max-message-size needs a number of bytes"));
-            }
-            "-h" | "--help" => usage("a thread-per-client tungstenite echo server"),
-            a if a.starts_with('-') => usage(&format!("unknown option {a}")),
-            a => addr = a.to_string(),
-        }
-    }
-    (addr, mode, max)
-}
-
 fn main() -> io::Result<()> {
-    let (addr, mode, max) = parse_args();
+    let (addr, mode, max) = parse_args(
+        "peer_tungstenite_threads",
+        "a thread-per-client tungstenite echo server",
+    );
     let config = WebSocketConfig::default()
         .max_message_size(Some(max))
         .max_frame_size(Some(max));
