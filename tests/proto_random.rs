@@ -4,8 +4,11 @@
 
 use enjent::proto::assemble::{Decoder, Incoming, Limits};
 use enjent::proto::conn::{Connection, Output};
-use enjent::proto::frame::{apply_mask, parse_header};
+mod support;
+
+use enjent::proto::frame::parse_header;
 use enjent::proto::handshake::parse_request;
+use support::frame_with_key;
 
 /// xorshift64*: deterministic, seedable, no dependency.
 struct Rng(u64);
@@ -81,26 +84,6 @@ fn arbitrary_bytes_never_panic_the_handshake_parser() {
     }
 }
 
-/// A masked client frame.
-fn frame(first: u8, payload: &[u8], key: [u8; 4]) -> Vec<u8> {
-    let mut out = vec![first];
-    let len = payload.len();
-    if len < 126 {
-        out.push(0x80 | len as u8);
-    } else if len <= 0xFFFF {
-        out.push(0x80 | 126);
-        out.extend_from_slice(&(len as u16).to_be_bytes());
-    } else {
-        out.push(0x80 | 127);
-        out.extend_from_slice(&(len as u64).to_be_bytes());
-    }
-    out.extend_from_slice(&key);
-    let start = out.len();
-    out.extend_from_slice(payload);
-    apply_mask(&mut out[start..], key, 0);
-    out
-}
-
 #[test]
 fn valid_traffic_decodes_the_same_however_it_is_split() {
     let mut rng = Rng(7);
@@ -143,13 +126,13 @@ fn valid_traffic_decodes_the_same_however_it_is_split() {
                 let last = k == bounds.len() - 1;
                 let op = if first { if text { 1 } else { 2 } } else { 0 };
                 let key = [rng.next() as u8, rng.next() as u8, 3, 4];
-                wire.extend(frame(
+                wire.extend(frame_with_key(
                     op | if last { 0x80 } else { 0 },
                     &payload[*a..*b],
                     key,
                 ));
                 if !last && rng.below(3) == 0 {
-                    wire.extend(frame(0x89, b"ping", key));
+                    wire.extend(frame_with_key(0x89, b"ping", key));
                     expected.push(Incoming::Ping(b"ping".to_vec()));
                 }
             }

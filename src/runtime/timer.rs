@@ -56,12 +56,6 @@ impl Timers {
             out.push((t, key));
         }
     }
-
-    /// Entries booked (for tests and stats).
-    #[allow(dead_code)]
-    pub(crate) fn len(&self) -> usize {
-        self.heap.lock().len()
-    }
 }
 
 #[cfg(test)]

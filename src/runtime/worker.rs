@@ -233,11 +233,12 @@ pub(crate) fn service<T: Send + Sync + 'static>(
         }
         read_now = true;
         let now = shared.now_ms();
-        if let Some(done) = progress(shared, conn, &mut r, now) {
+        let mut close_deadline = 0;
+        if let Some(done) = progress(shared, conn, &mut r, now, &mut close_deadline) {
             teardown(shared, conn, &mut r, done);
             return;
         }
-        book_timer(shared, conn, &r, now);
+        book_timer(shared, conn, &r, now, close_deadline);
         *conn.read.lock() = Some(r);
 
         let mut w = conn.io.lock();
@@ -360,44 +361,42 @@ fn handle<T: Send + Sync + 'static>(
     r: &mut ReadSide,
     out: Output,
 ) {
-    {
-        match out {
-            Output::Message(m) => {
-                Counters::add(&shared.counters.messages_in, 1);
-                Counters::add(&shared.counters.bytes_in, m.len() as u64);
-                if !shared.emit_message(&conn.client, m) {
-                    let (code, reason) = panic_close();
-                    r.report = Some(CloseFrame::new(code, reason));
-                    let _ = conn.close(shared, code, reason);
-                    r.proto.close_sent();
-                }
+    match out {
+        Output::Message(m) => {
+            Counters::add(&shared.counters.messages_in, 1);
+            Counters::add(&shared.counters.bytes_in, m.len() as u64);
+            if !shared.emit_message(&conn.client, m) {
+                let (code, reason) = panic_close();
+                r.report = Some(CloseFrame::new(code, reason));
+                let _ = conn.close(shared, code, reason);
+                r.proto.close_sent();
             }
-            Output::SendPong(payload) => {
-                // A peer that pings without reading would grow its queue
-                // without bound; over the limit, pongs are skipped (RFC
-                // 6455 section 5.5.3 lets an endpoint answer only the most
-                // recent ping).
-                if conn.queued() <= shared.config.max_backpressure {
-                    let _ = conn.send_control(shared, OpCode::Pong, &payload);
-                }
+        }
+        Output::SendPong(payload) => {
+            // A peer that pings without reading would grow its queue
+            // without bound; over the limit, pongs are skipped (RFC
+            // 6455 section 5.5.3 lets an endpoint answer only the most
+            // recent ping).
+            if conn.queued() <= shared.config.max_backpressure {
+                let _ = conn.send_control(shared, OpCode::Pong, &payload);
             }
-            Output::Pong => {}
-            Output::PeerClosed { frame, reply } => {
-                // RFC 6455 section 7.1.5: the connection's close code is the
-                // one in the peer's close frame, whoever closed first.
-                r.report = Some(frame.unwrap_or_else(|| CloseFrame::new(CloseCode::NO_STATUS, "")));
-                if let Some(reply) = reply {
-                    // Fails only if our own close went out first; then the
-                    // peer's close completes the handshake anyway.
-                    let _ = conn.send_close(shared, reply);
-                }
-            }
-            Output::Fail { error, reply } => {
-                shared.counters.protocol_error(reply.code.as_u16());
-                r.error = Some(error.into());
-                r.report = Some(reply.clone());
+        }
+        Output::Pong => {}
+        Output::PeerClosed { frame, reply } => {
+            // RFC 6455 section 7.1.5: the connection's close code is the
+            // one in the peer's close frame, whoever closed first.
+            r.report = Some(frame.unwrap_or_else(|| CloseFrame::new(CloseCode::NO_STATUS, "")));
+            if let Some(reply) = reply {
+                // Fails only if our own close went out first; then the
+                // peer's close completes the handshake anyway.
                 let _ = conn.send_close(shared, reply);
             }
+        }
+        Output::Fail { error, reply } => {
+            shared.counters.protocol_error(reply.code.as_u16());
+            r.error = Some(error.into());
+            r.report = Some(reply.clone());
+            let _ = conn.send_close(shared, reply);
         }
     }
 }
@@ -409,6 +408,7 @@ fn progress<T: Send + Sync + 'static>(
     conn: &Arc<Conn<T>>,
     r: &mut ReadSide,
     now: u64,
+    close_deadline_out: &mut u64,
 ) -> Option<Option<Error>> {
     let (flushed, close_deadline, write_error, force) = {
         let w = conn.io.lock();
@@ -419,6 +419,8 @@ fn progress<T: Send + Sync + 'static>(
             w.force_close,
         )
     };
+    // Handed to `book_timer`, which would otherwise lock again for it.
+    *close_deadline_out = close_deadline;
     if conn.closing.load(Ordering::Acquire) {
         r.proto.close_sent();
     }
@@ -462,6 +464,8 @@ fn progress<T: Send + Sync + 'static>(
                 CloseFrame::new(CloseCode::GOING_AWAY, "idle timeout"),
             );
             r.proto.close_sent();
+            // That close set a deadline after the one read above.
+            *close_deadline_out = conn.io.lock().close_deadline_ms;
             return None;
         }
         if let Some(every) = shared.config.ping_interval
@@ -481,9 +485,9 @@ fn book_timer<T: Send + Sync + 'static>(
     conn: &Arc<Conn<T>>,
     r: &ReadSide,
     now: u64,
+    close_deadline: u64,
 ) {
     let mut next = u64::MAX;
-    let close_deadline = conn.io.lock().close_deadline_ms;
     if close_deadline != 0 {
         next = next.min(close_deadline);
     }

@@ -111,7 +111,11 @@ pub fn raw_ws(addr: SocketAddr) -> TcpStream {
 
 /// A masked client frame; `first` is the FIN/RSV/opcode byte.
 pub fn frame(first: u8, payload: &[u8]) -> Vec<u8> {
-    let key = [0x12, 0x34, 0x56, 0x78];
+    frame_with_key(first, payload, [0x12, 0x34, 0x56, 0x78])
+}
+
+/// A masked client frame with a chosen masking key.
+pub fn frame_with_key(first: u8, payload: &[u8], key: [u8; 4]) -> Vec<u8> {
     let mut out = vec![first];
     let len = payload.len();
     if len < 126 {
