@@ -1,7 +1,7 @@
 //! Connected clients: their id, address, user data, and sending to them.
 
 use std::fmt;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Weak};
 
 use crate::error::{Error, Result};
@@ -60,6 +60,8 @@ pub struct Client<T = ()> {
 struct ClientInner<T> {
     id: ClientId,
     peer: SocketAddr,
+    forwarded: Option<IpAddr>,
+    protocol: Option<Box<str>>,
     data: T,
     conn: Weak<Conn<T>>,
     shared: Weak<Shared<T>>,
@@ -82,10 +84,17 @@ impl<T> fmt::Debug for Client<T> {
     }
 }
 
+/// What the handshake settled about a client, besides its data.
+pub(crate) struct Origin {
+    pub(crate) peer: SocketAddr,
+    pub(crate) forwarded: Option<IpAddr>,
+    pub(crate) protocol: Option<Box<str>>,
+}
+
 impl<T: Send + Sync + 'static> Client<T> {
     pub(crate) fn new(
         id: ClientId,
-        peer: SocketAddr,
+        origin: Origin,
         data: T,
         conn: Weak<Conn<T>>,
         shared: Weak<Shared<T>>,
@@ -93,7 +102,9 @@ impl<T: Send + Sync + 'static> Client<T> {
         Client {
             inner: Arc::new(ClientInner {
                 id,
-                peer,
+                peer: origin.peer,
+                forwarded: origin.forwarded,
+                protocol: origin.protocol,
                 data,
                 conn,
                 shared,
@@ -106,9 +117,28 @@ impl<T: Send + Sync + 'static> Client<T> {
         self.inner.id
     }
 
-    /// The client's address.
+    /// The address of the TCP peer (behind a reverse proxy, the proxy's).
     pub fn peer_addr(&self) -> SocketAddr {
         self.inner.peer
+    }
+
+    /// The client's address as the reverse proxy reported it in
+    /// `X-Real-IP` or `X-Forwarded-For`; `None` unless the server was
+    /// built with [`trust_proxy`](crate::Builder::trust_proxy) and the
+    /// request carried a valid one.
+    pub fn forwarded_addr(&self) -> Option<IpAddr> {
+        self.inner.forwarded
+    }
+
+    /// The client's IP address: the forwarded one if trusted and present,
+    /// else the TCP peer's.
+    pub fn ip(&self) -> IpAddr {
+        self.inner.forwarded.unwrap_or(self.inner.peer.ip())
+    }
+
+    /// The subprotocol agreed in the handshake, if any.
+    pub fn protocol(&self) -> Option<&str> {
+        self.inner.protocol.as_deref()
     }
 
     /// The value the client-init strategy built for this client.

@@ -22,6 +22,9 @@ pub struct Config {
     pub(crate) max_buffered_bytes: usize,
     pub(crate) slow_client_policy: SlowClientPolicy,
     pub(crate) event_queue: Option<usize>,
+    pub(crate) protocols: Vec<String>,
+    pub(crate) allowed_origins: Option<Vec<String>>,
+    pub(crate) trust_proxy: bool,
 }
 
 /// What happens when a `send` would push a client's queue over
@@ -58,6 +61,9 @@ impl Default for Config {
             max_buffered_bytes: 256 << 20,
             slow_client_policy: SlowClientPolicy::Refuse,
             event_queue: Some(65_536),
+            protocols: Vec::new(),
+            allowed_origins: None,
+            trust_proxy: false,
         }
     }
 }
@@ -137,6 +143,21 @@ impl Config {
     /// Capacity of the event channel (`None`: unbounded).
     pub fn event_queue(&self) -> Option<usize> {
         self.event_queue
+    }
+
+    /// Subprotocols the server speaks, most preferred first.
+    pub fn protocols(&self) -> &[String] {
+        &self.protocols
+    }
+
+    /// Origins allowed to connect (`None`: any).
+    pub fn allowed_origins(&self) -> Option<&[String]> {
+        self.allowed_origins.as_deref()
+    }
+
+    /// Whether `X-Real-IP` / `X-Forwarded-For` are believed.
+    pub fn trust_proxy(&self) -> bool {
+        self.trust_proxy
     }
 
     pub(crate) fn validate(&self) -> Result<(), &'static str> {

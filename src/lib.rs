@@ -66,6 +66,6 @@ pub use config::{Config, SlowClientPolicy};
 pub use error::{Error, ProtocolError, Result};
 pub use event::Event;
 pub use message::{CloseCode, CloseFrame, Message};
-pub use proto::handshake::{Reject, Request};
+pub use proto::handshake::{HttpResponse, Reject, Request, Response};
 pub use server::{Broadcast, Builder, ServerHandle, WebSocketServer};
 pub use stats::Stats;

@@ -17,7 +17,7 @@ use crate::error::{Error, Result};
 use crate::event::Event;
 use crate::message::{CloseCode, CloseFrame, Message};
 use crate::proto::assemble::Limits;
-use crate::proto::handshake::{Reject, Request};
+use crate::proto::handshake::{HttpResponse, Reject, Request, Response};
 use crate::runtime::broadcast::broadcast;
 use crate::runtime::{EventTx, Handlers, InitFn, Shared, acceptor, poller, registry, timer};
 use crate::stats::{Counters, Stats};
@@ -46,7 +46,7 @@ pub struct WebSocketServer<T = ()> {
 impl WebSocketServer<()> {
     /// A builder for a server whose clients carry no user data.
     pub fn builder() -> Builder<()> {
-        Builder::with_init(Box::new(|_: &Request| Ok(())))
+        Builder::with_init(Box::new(|_: &Request, _: &mut Response| Ok(())))
     }
 
     /// Start a server with the default configuration.
@@ -77,6 +77,33 @@ impl<T: Send + Sync + 'static> WebSocketServer<T> {
     pub fn with_client_init<F>(strategy: F) -> Builder<T>
     where
         F: Fn(&Request) -> std::result::Result<T, Reject> + Send + Sync + 'static,
+    {
+        Builder::with_init(Box::new(move |req: &Request, _: &mut Response| {
+            strategy(req)
+        }))
+    }
+
+    /// As [`with_client_init`](WebSocketServer::with_client_init), with
+    /// the `101` response in hand: the strategy may add headers to it
+    /// (such as `Set-Cookie`) and choose the subprotocol.
+    ///
+    /// ```no_run
+    /// use enjent::{Reject, WebSocketServer};
+    ///
+    /// let server = WebSocketServer::with_handshake(|req, resp| {
+    ///     let name = req.query_param("name").ok_or_else(|| Reject::forbidden("name?"))?;
+    ///     resp.header("Set-Cookie", format!("seen={name}; HttpOnly"));
+    ///     if req.protocols().any(|p| p == "chat.v2") {
+    ///         resp.protocol("chat.v2");
+    ///     }
+    ///     Ok(name)
+    /// })
+    /// .start("127.0.0.1:0")?;
+    /// # Ok::<(), enjent::Error>(())
+    /// ```
+    pub fn with_handshake<F>(strategy: F) -> Builder<T>
+    where
+        F: Fn(&Request, &mut Response) -> std::result::Result<T, Reject> + Send + Sync + 'static,
     {
         Builder::with_init(Box::new(strategy))
     }
@@ -461,6 +488,53 @@ impl<T: Send + Sync + 'static> Builder<T> {
     pub fn event_queue(mut self, capacity: Option<usize>) -> Self {
         self.config.event_queue = capacity;
         self.event_queue_set = true;
+        self
+    }
+
+    /// Subprotocols the server speaks, most preferred first. The first of
+    /// them that the client offered in `Sec-WebSocket-Protocol` is chosen
+    /// (unless the handshake strategy chose one) and is visible as
+    /// [`Client::protocol`]. A client that offers none of them is still
+    /// accepted, with no protocol: RFC 6455 leaves it to the client to
+    /// leave. Default: none.
+    pub fn protocols<I, S>(mut self, preference: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        self.config.protocols = preference.into_iter().map(Into::into).collect();
+        self
+    }
+
+    /// Accept upgrades only from these origins (compared without regard to
+    /// ASCII case, e.g. `"https://chat.example.com"`); any other `Origin`
+    /// is answered `403`. A request without `Origin` (not from a browser)
+    /// is let through. Default: any origin.
+    pub fn allowed_origins<I, S>(mut self, origins: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        self.config.allowed_origins = Some(origins.into_iter().map(Into::into).collect());
+        self
+    }
+
+    /// Believe the `X-Real-IP` header (else the last `X-Forwarded-For`
+    /// entry, the one the proxy added) as the client's address, exposed
+    /// as [`Client::forwarded_addr`]. Turn on only behind a proxy that
+    /// sets these headers, or clients can claim any address. Default: off.
+    pub fn trust_proxy(mut self, on: bool) -> Self {
+        self.config.trust_proxy = on;
+        self
+    }
+
+    /// Answer plain HTTP requests (those without `Upgrade: websocket`)
+    /// with `f`, run on a pool worker, so one port can serve a page and
+    /// the socket. The connection is closed after the response. Without
+    /// it they get `426 Upgrade Required` (`405` or `400` if malformed).
+    /// A panic in `f` is answered `500`.
+    pub fn on_http(mut self, f: impl Fn(&Request) -> HttpResponse + Send + Sync + 'static) -> Self {
+        self.handlers.http = Some(Box::new(f));
         self
     }
 

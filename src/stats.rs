@@ -43,6 +43,8 @@ pub struct Stats {
     pub protocol_errors: BTreeMap<u16, u64>,
     /// User closures or strategies that panicked.
     pub handler_panics: u64,
+    /// Plain HTTP requests answered by the `on_http` handler.
+    pub http_answered: u64,
 }
 
 #[derive(Default)]
@@ -61,6 +63,7 @@ pub(crate) struct Counters {
     pub(crate) err_1007: AtomicU64,
     pub(crate) err_1009: AtomicU64,
     pub(crate) panics: AtomicU64,
+    pub(crate) http_answered: AtomicU64,
     /// Refusals are rare and keyed by any status: a lock is fine here.
     pub(crate) refused: Mutex<BTreeMap<u16, u64>>,
 }
@@ -115,6 +118,7 @@ impl Counters {
             idle_timeouts: self.idle_timeouts.load(Relaxed),
             protocol_errors,
             handler_panics: self.panics.load(Relaxed),
+            http_answered: self.http_answered.load(Relaxed),
         }
     }
 }

@@ -19,6 +19,8 @@ pub const MAX_HEADERS: usize = 64;
 #[derive(Debug, Clone)]
 pub struct Request {
     method: String,
+    /// HTTP/1.`version`.
+    version: u8,
     path: String,
     query: Option<String>,
     headers: Vec<(String, Vec<u8>)>,
@@ -28,7 +30,7 @@ pub struct Request {
 
 impl Request {
     /// The HTTP method (always `GET` for a request that reached the
-    /// strategy).
+    /// handshake strategy; any method for the plain HTTP handler).
     pub fn method(&self) -> &str {
         &self.method
     }
@@ -90,11 +92,125 @@ impl Request {
         self.peer_addr = Some(addr);
     }
 
-    /// The `Sec-WebSocket-Key` the client sent.
+    /// The `Sec-WebSocket-Key` the client sent (empty for a plain HTTP
+    /// request).
     pub fn key(&self) -> &str {
         &self.key
     }
+
+    /// The `Origin` header, which browsers send with every WebSocket
+    /// upgrade.
+    pub fn origin(&self) -> Option<&str> {
+        self.header("Origin")
+    }
+
+    /// The subprotocols the client offered in `Sec-WebSocket-Protocol`, in
+    /// its order.
+    pub fn protocols(&self) -> impl Iterator<Item = &str> {
+        self.header_tokens("Sec-WebSocket-Protocol")
+    }
+
+    /// Whether this asks for a WebSocket (`Upgrade: websocket`), as opposed
+    /// to a plain HTTP request.
+    pub fn is_upgrade(&self) -> bool {
+        self.header_tokens("Upgrade")
+            .any(|t| t.eq_ignore_ascii_case("websocket"))
+    }
+
+    /// The comma-separated tokens of every header named `name`.
+    fn header_tokens(&self, name: &str) -> impl Iterator<Item = &str> {
+        self.headers
+            .iter()
+            .filter(move |(n, _)| n.eq_ignore_ascii_case(name))
+            .filter_map(|(_, v)| std::str::from_utf8(v).ok())
+            .flat_map(|v| v.split(','))
+            .map(str::trim)
+            .filter(|t| !t.is_empty())
+    }
 }
+
+/// The answer to an accepted upgrade, filled in by the handshake strategy
+/// (see [`WebSocketServer::with_handshake`](crate::WebSocketServer::with_handshake)):
+/// extra headers such as `Set-Cookie`, and the subprotocol.
+#[derive(Debug, Clone, Default)]
+pub struct Response {
+    headers: Vec<(String, String)>,
+    protocol: Option<String>,
+    offered: Vec<String>,
+}
+
+impl Response {
+    pub(crate) fn for_request(request: &Request) -> Response {
+        Response {
+            headers: Vec::new(),
+            protocol: None,
+            offered: request.protocols().map(str::to_owned).collect(),
+        }
+    }
+
+    /// Add a header to the `101` response. Names or values with CR or LF
+    /// are dropped, as are the headers the handshake itself sets.
+    pub fn header(&mut self, name: impl Into<String>, value: impl Into<String>) -> &mut Self {
+        let (name, value) = (name.into(), value.into());
+        let reserved = [
+            "upgrade",
+            "connection",
+            "sec-websocket-accept",
+            "sec-websocket-protocol",
+            "sec-websocket-extensions",
+        ];
+        if !name.contains(['\r', '\n', ':'])
+            && !name.is_empty()
+            && !value.contains(['\r', '\n'])
+            && !reserved.iter().any(|r| name.eq_ignore_ascii_case(r))
+        {
+            self.headers.push((name, value));
+        }
+        self
+    }
+
+    /// Choose the subprotocol, overriding the server's preference list.
+    /// Returns false, and changes nothing, if the client did not offer it.
+    pub fn protocol(&mut self, name: &str) -> bool {
+        if self.offered.iter().any(|p| p == name) {
+            self.protocol = Some(name.to_owned());
+            true
+        } else {
+            false
+        }
+    }
+
+    /// The subprotocol chosen so far, if any.
+    pub fn chosen_protocol(&self) -> Option<&str> {
+        self.protocol.as_deref()
+    }
+
+    /// Pick the first of `preference` that the client offered, unless a
+    /// protocol is chosen already.
+    pub(crate) fn prefer(&mut self, preference: &[String]) {
+        if self.protocol.is_none() {
+            self.protocol = preference
+                .iter()
+                .find(|p| self.offered.contains(p))
+                .cloned();
+        }
+    }
+
+    pub(crate) fn into_parts(self) -> (Vec<(String, String)>, Option<String>) {
+        (self.headers, self.protocol)
+    }
+}
+
+/// A plain HTTP response, for the handler of requests that are not
+/// upgrades (see [`Builder::on_http`](crate::Builder::on_http)). The same
+/// type as [`Reject`]: any status but 101 may be used.
+///
+/// ```
+/// # use enjent::HttpResponse;
+/// let page = HttpResponse::new(200).content_type("text/html").body("<h1>hi</h1>");
+/// assert_eq!(page.status(), 200);
+/// ```
+pub type HttpResponse = Reject;
 
 /// An HTTP refusal: status, headers and body. The client-init strategy
 /// returns one to turn a client away.
@@ -108,6 +224,7 @@ impl Request {
 pub struct Reject {
     status: u16,
     headers: Vec<(String, String)>,
+    content_type: String,
     body: String,
 }
 
@@ -117,8 +234,19 @@ impl Reject {
         Reject {
             status,
             headers: Vec::new(),
+            content_type: "text/plain; charset=utf-8".into(),
             body: String::new(),
         }
+    }
+
+    /// Set the `Content-Type` (default `text/plain; charset=utf-8`).
+    /// A value with CR or LF is ignored.
+    pub fn content_type(mut self, value: impl Into<String>) -> Reject {
+        let value = value.into();
+        if !value.contains(['\r', '\n']) {
+            self.content_type = value;
+        }
+        self
     }
 
     /// 400 Bad Request with `why` as the body.
@@ -131,7 +259,8 @@ impl Reject {
         Reject::new(403).body(why)
     }
 
-    /// Set the body (sent as `text/plain`).
+    /// Set the body (sent as `text/plain` unless
+    /// [`content_type`](Reject::content_type) says otherwise).
     pub fn body(mut self, body: impl Into<String>) -> Reject {
         self.body = body.into();
         self
@@ -164,9 +293,10 @@ impl Reject {
             500
         };
         let mut out = format!(
-            "HTTP/1.1 {} {}\r\nConnection: close\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: {}\r\n",
+            "HTTP/1.1 {} {}\r\nConnection: close\r\nContent-Type: {}\r\nContent-Length: {}\r\n",
             status,
             reason_phrase(status),
+            self.content_type,
             self.body.len()
         );
         for (n, v) in &self.headers {
@@ -189,6 +319,11 @@ impl fmt::Display for Reject {
 
 fn reason_phrase(status: u16) -> &'static str {
     match status {
+        200 => "OK",
+        204 => "No Content",
+        301 => "Moved Permanently",
+        302 => "Found",
+        304 => "Not Modified",
         400 => "Bad Request",
         401 => "Unauthorized",
         403 => "Forbidden",
@@ -220,6 +355,20 @@ fn reason_phrase(status: u16) -> &'static str {
 /// assert!(parse_request(&req[..20], 8192).unwrap().is_none());
 /// ```
 pub fn parse_request(buf: &[u8], max_bytes: usize) -> Result<Option<(Request, usize)>, Reject> {
+    let Some((mut request, len)) = parse_http(buf, max_bytes)? else {
+        return Ok(None);
+    };
+    check_upgrade(&mut request)?;
+    Ok(Some((request, len)))
+}
+
+/// Parse any HTTP/1.x request head from the bytes received so far, as
+/// [`parse_request`] does, without requiring it to be an upgrade.
+///
+/// # Errors
+///
+/// `400` for a malformed request, `431` for one too large.
+pub fn parse_http(buf: &[u8], max_bytes: usize) -> Result<Option<(Request, usize)>, Reject> {
     let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut req = httparse::Request::new(&mut headers);
     let len = match req.parse(buf) {
@@ -237,27 +386,57 @@ pub fn parse_request(buf: &[u8], max_bytes: usize) -> Result<Option<(Request, us
         return Err(Reject::new(431).body("request headers too large"));
     }
     let method = req.method.unwrap_or_default();
-    if method != "GET" {
+    let target = req.path.unwrap_or("/");
+    let (path, query) = match target.split_once('?') {
+        Some((p, q)) => (p.to_owned(), Some(q.to_owned())),
+        None => (target.to_owned(), None),
+    };
+    let headers = req
+        .headers
+        .iter()
+        .map(|h| (h.name.to_owned(), h.value.to_vec()))
+        .collect();
+    Ok(Some((
+        Request {
+            method: method.to_owned(),
+            version: req.version.unwrap_or(1),
+            path,
+            query,
+            headers,
+            peer_addr: None,
+            key: String::new(),
+        },
+        len,
+    )))
+}
+
+/// Check that a parsed request is a valid WebSocket upgrade (RFC 6455
+/// section 4.2.1) and take its key.
+///
+/// # Errors
+///
+/// The refusal to answer with: `405` for a method other than GET, `426`
+/// without `Upgrade` or for a version other than 13, `400` otherwise.
+pub fn check_upgrade(request: &mut Request) -> Result<(), Reject> {
+    if request.method != "GET" {
         return Err(Reject::new(405)
             .header("Allow", "GET")
             .body("websocket upgrades use GET"));
     }
-    if req.version != Some(1) {
+    if request.version != 1 {
         return Err(Reject::bad_request("websocket upgrades need HTTP/1.1"));
     }
     let get = |name: &str| {
-        req.headers
+        request
+            .headers
             .iter()
-            .find(|h| h.name.eq_ignore_ascii_case(name))
-            .map(|h| h.value)
+            .find(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_slice())
     };
     let has_token = |name: &str, token: &str| {
-        req.headers
-            .iter()
-            .filter(|h| h.name.eq_ignore_ascii_case(name))
-            .filter_map(|h| std::str::from_utf8(h.value).ok())
-            .flat_map(|v| v.split(','))
-            .any(|t| t.trim().eq_ignore_ascii_case(token))
+        request
+            .header_tokens(name)
+            .any(|t| t.eq_ignore_ascii_case(token))
     };
     if get("Host").is_none() {
         return Err(Reject::bad_request("missing Host header"));
@@ -295,27 +474,8 @@ pub fn parse_request(buf: &[u8], max_bytes: usize) -> Result<Option<(Request, us
         })
         .ok_or_else(|| Reject::bad_request("missing or malformed Sec-WebSocket-Key"))?
         .to_owned();
-    let target = req.path.unwrap_or("/");
-    let (path, query) = match target.split_once('?') {
-        Some((p, q)) => (p.to_owned(), Some(q.to_owned())),
-        None => (target.to_owned(), None),
-    };
-    let headers = req
-        .headers
-        .iter()
-        .map(|h| (h.name.to_owned(), h.value.to_vec()))
-        .collect();
-    Ok(Some((
-        Request {
-            method: method.to_owned(),
-            path,
-            query,
-            headers,
-            peer_addr: None,
-            key,
-        },
-        len,
-    )))
+    request.key = key;
+    Ok(())
 }
 
 /// `Sec-WebSocket-Accept` for a client's key.

@@ -28,10 +28,11 @@ use crate::error::Error;
 use crate::event::Event;
 use crate::message::{CloseCode, CloseFrame, Message};
 use crate::proto::assemble::Limits;
-use crate::proto::handshake::{Reject, Request};
+use crate::proto::handshake::{Reject, Request, Response};
 use crate::stats::Counters;
 
-pub(crate) type InitFn<T> = dyn Fn(&Request) -> Result<T, Reject> + Send + Sync;
+pub(crate) type InitFn<T> = dyn Fn(&Request, &mut Response) -> Result<T, Reject> + Send + Sync;
+pub(crate) type HttpFn = dyn Fn(&Request) -> Reject + Send + Sync;
 pub(crate) type ConnectFn<T> = dyn Fn(&Client<T>) + Send + Sync;
 pub(crate) type MessageFn<T> = dyn Fn(&Client<T>, Message) + Send + Sync;
 pub(crate) type DisconnectFn<T> = dyn Fn(&Client<T>, &CloseFrame, Option<&Error>) + Send + Sync;
@@ -42,6 +43,7 @@ pub(crate) struct Handlers<T> {
     pub(crate) message: Option<Box<MessageFn<T>>>,
     pub(crate) drain: Option<Box<ConnectFn<T>>>,
     pub(crate) disconnect: Option<Box<DisconnectFn<T>>>,
+    pub(crate) http: Option<Box<HttpFn>>,
 }
 
 impl<T> Default for Handlers<T> {
@@ -51,6 +53,7 @@ impl<T> Default for Handlers<T> {
             message: None,
             drain: None,
             disconnect: None,
+            http: None,
         }
     }
 }

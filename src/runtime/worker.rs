@@ -3,20 +3,22 @@
 
 use std::cell::RefCell;
 use std::io::{self, Read, Write};
-use std::net::Shutdown;
+use std::net::{IpAddr, Shutdown};
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
 use polling::Event as Interest;
 
-use crate::client::{Client, ClientId};
+use crate::client::{Client, ClientId, Origin};
 use crate::error::DecodeError;
 use crate::error::Error;
 use crate::message::{CloseCode, CloseFrame};
 use crate::proto::conn::{Output, State};
 use crate::proto::frame::OpCode;
-use crate::proto::handshake::{Reject, accept_response, parse_request};
+use crate::proto::handshake::{
+    Reject, Request, Response, accept_response, check_upgrade, parse_http,
+};
 use crate::runtime::conn::{Conn, ReadSide};
 use crate::runtime::registry::Pending;
 use crate::runtime::timer::Timers;
@@ -66,10 +68,11 @@ fn read_some(mut stream: &std::net::TcpStream, buf: &mut [u8]) -> io::Result<Opt
 /// Give up on a handshake: optionally answer, then close.
 pub(crate) fn abort_handshake<T>(shared: &Shared<T>, p: Pending, answer: Option<&Reject>) {
     if let Some(reject) = answer {
+        // Counted first, so that whoever reads the answer sees the count.
+        shared.counters.refused(reject.status());
         // Best effort: the socket is non-blocking and the answer small.
         let _ = (&p.stream).write(&reject.to_response());
         let _ = p.stream.shutdown(Shutdown::Write);
-        shared.counters.refused(reject.status());
     }
     let _ = shared.poller.delete(&p.stream);
     shared.registry.remove(p.key, None, p.peer.ip());
@@ -105,7 +108,7 @@ pub(crate) fn handshake<T: Send + Sync + 'static>(shared: &Arc<Shared<T>>, mut p
         // The client left or the socket broke before the request was in.
         Ok(false) | Err(_) => return abort_handshake(shared, *p, None),
     }
-    let (request, used) = match parse_request(&p.buf, max) {
+    let (mut request, used) = match parse_http(&p.buf, max) {
         Ok(Some(done)) => done,
         Ok(None) => {
             let (key, deadline, booked) = (p.key, p.deadline, p.timer_booked);
@@ -132,9 +135,31 @@ pub(crate) fn handshake<T: Send + Sync + 'static>(shared: &Arc<Shared<T>>, mut p
         }
         Err(reject) => return abort_handshake(shared, *p, Some(&reject)),
     };
-    let mut request = request;
     request.set_peer_addr(p.peer);
-    let data = match catch_unwind(AssertUnwindSafe(|| (shared.init)(&request))) {
+    if !request.is_upgrade()
+        && let Some(http) = &shared.handlers.http
+    {
+        let answer = catch_unwind(AssertUnwindSafe(|| http(&request))).unwrap_or_else(|_| {
+            Counters::add(&shared.counters.panics, 1);
+            eprintln!(
+                "enjent: HTTP handler panicked for {}; answering 500",
+                p.peer
+            );
+            Reject::new(500).body("internal error")
+        });
+        return answer_http(shared, *p, &answer);
+    }
+    if let Err(reject) = check_upgrade(&mut request) {
+        return abort_handshake(shared, *p, Some(&reject));
+    }
+    if let Some(allowed) = &shared.config.allowed_origins
+        && let Some(origin) = request.origin()
+        && !allowed.iter().any(|a| a.eq_ignore_ascii_case(origin))
+    {
+        return abort_handshake(shared, *p, Some(&Reject::forbidden("origin not allowed")));
+    }
+    let mut answer = Response::for_request(&request);
+    let data = match catch_unwind(AssertUnwindSafe(|| (shared.init)(&request, &mut answer))) {
         Ok(Ok(data)) => data,
         Ok(Err(reject)) => return abort_handshake(shared, *p, Some(&reject)),
         Err(_) => {
@@ -146,7 +171,17 @@ pub(crate) fn handshake<T: Send + Sync + 'static>(shared: &Arc<Shared<T>>, mut p
             return abort_handshake(shared, *p, Some(&Reject::new(500).body("internal error")));
         }
     };
-    let response = accept_response(request.key(), &[]);
+    answer.prefer(&shared.config.protocols);
+    let forwarded = if shared.config.trust_proxy {
+        forwarded_ip(&request)
+    } else {
+        None
+    };
+    let (mut headers, protocol) = answer.into_parts();
+    if let Some(p) = &protocol {
+        headers.push(("Sec-WebSocket-Protocol".into(), p.clone()));
+    }
+    let response = accept_response(request.key(), &headers);
     drop(request);
 
     let id = ClientId::new(shared.next_id.fetch_add(1, Ordering::Relaxed));
@@ -159,7 +194,12 @@ pub(crate) fn handshake<T: Send + Sync + 'static>(shared: &Arc<Shared<T>>, mut p
     } = *p;
     let now = shared.now_ms();
     let conn = Arc::new_cyclic(|weak| {
-        let client = Client::new(id, peer, data, weak.clone(), Arc::downgrade(shared));
+        let origin = Origin {
+            peer,
+            forwarded,
+            protocol: protocol.map(String::into_boxed_str),
+        };
+        let client = Client::new(id, origin, data, weak.clone(), Arc::downgrade(shared));
         Conn::new(key, stream, client, shared.limits, now)
     });
     // Reachable first, then the 101: frames sent in between queue behind
@@ -184,6 +224,38 @@ pub(crate) fn handshake<T: Send + Sync + 'static>(shared: &Arc<Shared<T>>, mut p
     let leftover = &buf[used..];
     service(shared, &conn, leftover, true);
 }
+
+/// The client address a trusted proxy reported: `X-Real-IP`, else the
+/// last `X-Forwarded-For` entry (the one the nearest proxy appended;
+/// earlier ones come from the client and prove nothing).
+fn forwarded_ip(request: &Request) -> Option<IpAddr> {
+    if let Some(ip) = request.header("X-Real-IP") {
+        return ip.trim().parse().ok();
+    }
+    let last = request
+        .headers()
+        .filter(|(n, _)| n.eq_ignore_ascii_case("X-Forwarded-For"))
+        .filter_map(|(_, v)| std::str::from_utf8(v).ok())
+        .flat_map(|v| v.split(','))
+        .last()?;
+    last.trim().parse().ok()
+}
+
+/// Answer a plain HTTP request and close. The response may be larger than
+/// the socket buffer (a page), so it is written blocking, with a bound.
+fn answer_http<T>(shared: &Shared<T>, p: Pending, answer: &Reject) {
+    let bytes = answer.to_response();
+    let _ = p.stream.set_nonblocking(false);
+    let _ = p.stream.set_write_timeout(Some(HTTP_WRITE_TIMEOUT));
+    Counters::add(&shared.counters.http_answered, 1);
+    let _ = (&p.stream).write_all(&bytes);
+    let _ = p.stream.shutdown(Shutdown::Write);
+    let _ = shared.poller.delete(&p.stream);
+    shared.registry.remove(p.key, None, p.peer.ip());
+}
+
+/// Longest a worker spends writing one plain HTTP response.
+const HTTP_WRITE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// An instant after every deadline, to take a handshake out regardless.
 pub(crate) fn far_future() -> std::time::Instant {

@@ -1,0 +1,235 @@
+//! Subprotocols, allowed origins, extra response headers, the plain HTTP
+//! handler and trusted proxy headers, over real sockets.
+
+mod support;
+
+use std::io::{Read, Write};
+use std::net::{IpAddr, SocketAddr, TcpStream};
+
+use enjent::{HttpResponse, Message, Reject, WebSocketServer};
+use support::*;
+
+/// Send an upgrade request with `extra` header lines and return the
+/// response head and the socket (open if the answer was 101).
+fn upgrade(addr: SocketAddr, extra: &str) -> (String, TcpStream) {
+    let mut s = raw(addr);
+    let req = REQUEST.replace("\r\n\r\n", &format!("\r\n{extra}\r\n"));
+    s.write_all(req.as_bytes()).unwrap();
+    let mut head = Vec::new();
+    let mut b = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        if s.read(&mut b).unwrap() == 0 {
+            break;
+        }
+        head.push(b[0]);
+    }
+    (String::from_utf8(head).unwrap(), s)
+}
+
+fn status(head: &str) -> u16 {
+    head.split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0)
+}
+
+#[test]
+fn server_preference_picks_the_subprotocol() {
+    let server = WebSocketServer::builder()
+        .protocols(["chat.v2", "chat.v1"])
+        .start("127.0.0.1:0")
+        .unwrap();
+    let addr = server.local_addr();
+
+    // The server's order wins over the client's.
+    let (head, _s) = upgrade(addr, "Sec-WebSocket-Protocol: chat.v1, chat.v2\r\n");
+    assert_eq!(status(&head), 101, "{head}");
+    assert!(
+        head.contains("\r\nSec-WebSocket-Protocol: chat.v2\r\n"),
+        "{head}"
+    );
+    assert_eq!(expect_connect(&server).protocol(), Some("chat.v2"));
+
+    // Offers split over two header lines count as one list.
+    let (head, _s) = upgrade(
+        addr,
+        "Sec-WebSocket-Protocol: x\r\nSec-WebSocket-Protocol: chat.v1\r\n",
+    );
+    assert!(
+        head.contains("\r\nSec-WebSocket-Protocol: chat.v1\r\n"),
+        "{head}"
+    );
+    assert_eq!(expect_connect(&server).protocol(), Some("chat.v1"));
+
+    // Nothing in common: accepted without a protocol (the client decides).
+    let (head, _s) = upgrade(addr, "Sec-WebSocket-Protocol: mqtt\r\n");
+    assert_eq!(status(&head), 101);
+    assert!(!head.contains("Sec-WebSocket-Protocol"), "{head}");
+    assert_eq!(expect_connect(&server).protocol(), None);
+
+    // A real client sees the choice too.
+    let mut req =
+        tungstenite::client::IntoClientRequest::into_client_request(format!("ws://{addr}/"))
+            .unwrap();
+    req.headers_mut()
+        .insert("Sec-WebSocket-Protocol", "chat.v1".parse().unwrap());
+    let (_ws, resp) = tungstenite::connect(req).unwrap();
+    assert_eq!(
+        resp.headers().get("Sec-WebSocket-Protocol").unwrap(),
+        "chat.v1"
+    );
+    assert_eq!(expect_connect(&server).protocol(), Some("chat.v1"));
+}
+
+#[test]
+fn the_strategy_adds_headers_and_chooses_the_protocol() {
+    let server = WebSocketServer::with_handshake(|req, resp| {
+        let name = req
+            .query_param("name")
+            .ok_or_else(|| Reject::forbidden("name?"))?;
+        resp.header("Set-Cookie", format!("user={name}; HttpOnly"));
+        // Headers the handshake owns, and broken ones, are not taken.
+        resp.header("Upgrade", "h2c")
+            .header("X-Bad\r\nInjected", "1");
+        assert!(!resp.protocol("not-offered"));
+        assert!(resp.protocol("b"));
+        Ok(name)
+    })
+    .protocols(["a"])
+    .start("127.0.0.1:0")
+    .unwrap();
+    let mut s = raw(server.local_addr());
+    let req = REQUEST
+        .replace("GET / ", "GET /?name=ann ")
+        .replace("\r\n\r\n", "\r\nSec-WebSocket-Protocol: a, b\r\n\r\n");
+    s.write_all(req.as_bytes()).unwrap();
+    let mut buf = [0u8; 1024];
+    let n = s.read(&mut buf).unwrap();
+    let head = String::from_utf8_lossy(&buf[..n]).into_owned();
+    assert_eq!(status(&head), 101, "{head}");
+    assert!(
+        head.contains("\r\nSet-Cookie: user=ann; HttpOnly\r\n"),
+        "{head}"
+    );
+    assert!(head.contains("\r\nSec-WebSocket-Protocol: b\r\n"), "{head}");
+    assert!(
+        !head.contains("h2c") && !head.contains("Injected"),
+        "{head}"
+    );
+    let client = expect_connect(&server);
+    assert_eq!(
+        (client.data().as_str(), client.protocol()),
+        ("ann", Some("b"))
+    );
+}
+
+#[test]
+fn origins_outside_the_list_get_403() {
+    let server = WebSocketServer::builder()
+        .allowed_origins(["https://chat.example.com", "http://localhost:8080"])
+        .start("127.0.0.1:0")
+        .unwrap();
+    let addr = server.local_addr();
+    let (head, _s) = upgrade(addr, "Origin: https://CHAT.example.com\r\n");
+    assert_eq!(status(&head), 101, "{head}");
+    expect_connect(&server);
+    let (head, _s) = upgrade(addr, "Origin: https://evil.example\r\n");
+    assert_eq!(status(&head), 403, "{head}");
+    let (head, _s) = upgrade(addr, "Origin: https://chat.example.com.evil.example\r\n");
+    assert_eq!(status(&head), 403, "{head}");
+    // No Origin: not a browser, let through.
+    let (head, _s) = upgrade(addr, "");
+    assert_eq!(status(&head), 101, "{head}");
+    expect_connect(&server);
+    assert_eq!(server.stats().handshakes_refused.get(&403), Some(&2));
+}
+
+#[test]
+fn plain_http_goes_to_the_handler_and_upgrades_still_work() {
+    let page = "<!doctype html><p>hello</p>".repeat(40_000); // ~1 MiB
+    let body = page.clone();
+    let server = WebSocketServer::builder()
+        .on_http(move |req| match (req.method(), req.path()) {
+            ("GET", "/") => HttpResponse::new(200)
+                .content_type("text/html; charset=utf-8")
+                .body(body.clone()),
+            ("GET", "/boom") => panic!("handler bug"),
+            (m, p) => HttpResponse::new(404).body(format!("no {m} {p}")),
+        })
+        .start("127.0.0.1:0")
+        .unwrap();
+    let addr = server.local_addr();
+
+    let resp = http(addr, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n");
+    assert!(resp.starts_with("HTTP/1.1 200 OK\r\n"), "{}", &resp[..80]);
+    assert!(resp.contains("\r\nContent-Type: text/html; charset=utf-8\r\n"));
+    let (_, got) = resp.split_once("\r\n\r\n").unwrap();
+    assert_eq!(got.len(), page.len());
+    assert!(got == page);
+
+    let resp = http(
+        addr,
+        b"POST /form HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n",
+    );
+    assert!(resp.starts_with("HTTP/1.1 404 "), "{resp}");
+    assert!(resp.ends_with("no POST /form"), "{resp}");
+
+    let resp = http(addr, b"GET /boom HTTP/1.1\r\nHost: x\r\n\r\n");
+    assert!(resp.starts_with("HTTP/1.1 500 "), "{resp}");
+
+    // The same port still upgrades.
+    let mut ws = client(addr);
+    expect_connect(&server);
+    ws.send(tungstenite::Message::text("hi")).unwrap();
+    let (c, m) = expect_message(&server);
+    assert_eq!(m, Message::Text("hi".into()));
+    c.send(m).unwrap();
+    assert_eq!(ws.read().unwrap(), tungstenite::Message::text("hi"));
+    assert_eq!(server.stats().http_answered, 3);
+}
+
+#[test]
+fn without_a_handler_plain_http_gets_426() {
+    let server = server();
+    let resp = http(server.local_addr(), b"GET / HTTP/1.1\r\nHost: x\r\n\r\n");
+    assert!(
+        resp.starts_with("HTTP/1.1 426 Upgrade Required\r\n"),
+        "{resp}"
+    );
+    assert!(resp.contains("\r\nUpgrade: websocket\r\n"), "{resp}");
+    let resp = http(server.local_addr(), b"nonsense\r\n\r\n");
+    assert!(resp.starts_with("HTTP/1.1 400 "), "{resp}");
+}
+
+#[test]
+fn forwarded_address_only_when_the_proxy_is_trusted() {
+    let trusting = WebSocketServer::builder()
+        .trust_proxy(true)
+        .start("127.0.0.1:0")
+        .unwrap();
+    let addr = trusting.local_addr();
+    let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+
+    let (_h, _s1) = upgrade(addr, "X-Real-IP: 203.0.113.7\r\n");
+    let c = expect_connect(&trusting);
+    assert_eq!(c.forwarded_addr(), Some(ip("203.0.113.7")));
+    assert_eq!(c.ip(), ip("203.0.113.7"));
+    assert_eq!(c.peer_addr().ip(), ip("127.0.0.1"));
+
+    // The last entry is the one the proxy appended; the first is the
+    // client's claim.
+    let (_h, _s2) = upgrade(addr, "X-Forwarded-For: 10.9.9.9, 2001:db8::5\r\n");
+    assert_eq!(
+        expect_connect(&trusting).forwarded_addr(),
+        Some(ip("2001:db8::5"))
+    );
+
+    let (_h, _s3) = upgrade(addr, "X-Forwarded-For: not-an-address\r\n");
+    let c = expect_connect(&trusting);
+    assert_eq!(c.forwarded_addr(), None);
+    assert_eq!(c.ip(), ip("127.0.0.1"));
+
+    let plain = server();
+    let (_h, _s4) = upgrade(plain.local_addr(), "X-Real-IP: 203.0.113.7\r\n");
+    assert_eq!(expect_connect(&plain).forwarded_addr(), None);
+}
