@@ -1,7 +1,7 @@
 //! Echo server, the one benchmarks and the Autobahn run start.
 //!
 //! ```text
-//! cargo run --release --example echo -- [ADDR] [echo|broadcast] [--max-message-size BYTES] [--main-loop]
+//! cargo run --release --example echo -- [ADDR] [echo|broadcast] [--max-message-size BYTES] [--main-loop] [--trust-proxy]
 //! ```
 //!
 //! `echo` (the default) sends every message back to its sender;
@@ -9,9 +9,18 @@
 //! Default address: 127.0.0.1:13003. Messages are handled in an
 //! `on_message` closure on the workers; `--main-loop` handles them in a
 //! `for event in server.events()` loop instead (the other event style, for
-//! benchmarks).
+//! benchmarks). `--trust-proxy` is for running behind a reverse proxy
+//! (`tests/nginx.rs`): the server believes `X-Real-IP`/`X-Forwarded-For`
+//! and prints one line per connection, `connect ID from PEER forwarded IP`
+//! (`forwarded -` when the request carried no address).
+//!
+//! Built with `--features deflate`, it accepts permessage-deflate offers
+//! with the library's defaults; `--compress-all` compresses every
+//! message, however short or incompressible. The Autobahn run needs that:
+//! its runner (kosoku 0.1.0) errors on an uncompressed message in a
+//! compressed session, although RFC 7692 allows one.
 
-use enjent::{Error, Event, WebSocketServer};
+use enjent::{Client, Error, Event, WebSocketServer};
 
 #[derive(Clone, Copy, PartialEq)]
 enum Mode {
@@ -21,15 +30,28 @@ enum Mode {
 
 fn usage(why: &str) -> Error {
     eprintln!(
-        "{why}\nusage: echo [ADDR] [echo|broadcast] [--max-message-size BYTES] [--main-loop]"
+        "{why}\nusage: echo [ADDR] [echo|broadcast] [--max-message-size BYTES] [--main-loop] [--trust-proxy]"
     );
     Error::InvalidInput("bad arguments")
+}
+
+/// The `--trust-proxy` line: who connected, as the TCP peer and as the
+/// proxy says.
+fn print_connect(client: &Client) {
+    let forwarded = client.forwarded_addr().map(|ip| ip.to_string());
+    println!(
+        "connect {} from {} forwarded {}",
+        client.id(),
+        client.peer_addr(),
+        forwarded.as_deref().unwrap_or("-")
+    );
 }
 
 fn main() -> Result<(), Error> {
     let mut addr = "127.0.0.1:13003".to_string();
     let mut mode = Mode::Echo;
     let mut main_loop = false;
+    let mut trust_proxy = false;
     let mut builder = WebSocketServer::builder();
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
@@ -37,6 +59,15 @@ fn main() -> Result<(), Error> {
             "echo" => mode = Mode::Echo,
             "broadcast" => mode = Mode::Broadcast,
             "--main-loop" => main_loop = true,
+            "--trust-proxy" => trust_proxy = true,
+            #[cfg(feature = "deflate")]
+            "--compress-all" => {
+                builder = builder.compression(Some(
+                    enjent::Compression::default()
+                        .threshold(0)
+                        .skip_incompressible(false),
+                ));
+            }
             "--max-message-size" => {
                 let n = args.next().and_then(|v| v.parse().ok());
                 let n = n.ok_or_else(|| usage("--max-message-size needs a number of bytes"))?;
@@ -47,11 +78,16 @@ fn main() -> Result<(), Error> {
             a => addr = a.to_string(),
         }
     }
+    builder = builder.trust_proxy(trust_proxy);
     if !main_loop {
         builder = builder
             // Everything on the workers; nothing goes to the event channel
             // (which would wake the main thread twice a connection).
-            .on_connect(|_| {})
+            .on_connect(move |client| {
+                if trust_proxy {
+                    print_connect(client);
+                }
+            })
             .on_disconnect(|_, _, _| {})
             .on_message(move |client, message| match mode {
                 // A client that is gone or over its backpressure limit
@@ -69,15 +105,17 @@ fn main() -> Result<(), Error> {
     // With closures this waits until the process is killed; in main-loop
     // mode it is where the work happens.
     for event in server.events() {
-        if let Event::Message { client, message } = event {
-            match mode {
+        match event {
+            Event::Message { client, message } => match mode {
                 Mode::Echo => {
                     let _ = client.send(message);
                 }
                 Mode::Broadcast => {
                     server.broadcast(message);
                 }
-            }
+            },
+            Event::Connect { client } if trust_proxy => print_connect(&client),
+            _ => {}
         }
     }
     Ok(())

@@ -25,6 +25,8 @@ pub struct Config {
     pub(crate) protocols: Vec<String>,
     pub(crate) allowed_origins: Option<Vec<String>>,
     pub(crate) trust_proxy: bool,
+    #[cfg(feature = "deflate")]
+    pub(crate) compression: Option<crate::proto::deflate::Compression>,
 }
 
 /// What happens when a `send` would push a client's queue over
@@ -64,6 +66,8 @@ impl Default for Config {
             protocols: Vec::new(),
             allowed_origins: None,
             trust_proxy: false,
+            #[cfg(feature = "deflate")]
+            compression: Some(crate::proto::deflate::Compression::default()),
         }
     }
 }
@@ -158,6 +162,12 @@ impl Config {
     /// Whether `X-Real-IP` / `X-Forwarded-For` are believed.
     pub fn trust_proxy(&self) -> bool {
         self.trust_proxy
+    }
+
+    /// permessage-deflate settings (`None`: never negotiated).
+    #[cfg(feature = "deflate")]
+    pub fn compression(&self) -> Option<crate::proto::deflate::Compression> {
+        self.compression
     }
 
     pub(crate) fn validate(&self) -> Result<(), &'static str> {

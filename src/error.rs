@@ -135,6 +135,11 @@ pub enum ProtocolError {
     DataAfterClose,
     /// A message had more fragments than allowed.
     TooManyFragments,
+    /// A message marked compressed (permessage-deflate) did not inflate.
+    BadCompression,
+    /// RSV1 (the compression bit) was set on a control or continuation
+    /// frame.
+    CompressedControlOrContinuation,
 }
 
 impl ProtocolError {
@@ -163,6 +168,10 @@ impl ProtocolError {
             ProtocolError::InvalidCloseCode(_) => "invalid close code",
             ProtocolError::DataAfterClose => "data after close frame",
             ProtocolError::TooManyFragments => "too many fragments in one message",
+            ProtocolError::BadCompression => "compressed message does not inflate",
+            ProtocolError::CompressedControlOrContinuation => {
+                "compression bit on a control or continuation frame"
+            }
         }
     }
 }

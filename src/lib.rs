@@ -66,6 +66,8 @@ pub use config::{Config, SlowClientPolicy};
 pub use error::{Error, ProtocolError, Result};
 pub use event::Event;
 pub use message::{CloseCode, CloseFrame, Message};
+#[cfg(feature = "deflate")]
+pub use proto::deflate::Compression;
 pub use proto::handshake::{HttpResponse, Reject, Request, Response};
 pub use server::{Broadcast, Builder, ServerHandle, WebSocketServer};
 pub use stats::Stats;

@@ -528,6 +528,18 @@ impl<T: Send + Sync + 'static> Builder<T> {
         self
     }
 
+    /// permessage-deflate (RFC 7692, feature `deflate`): `Some` accepts a
+    /// client's offer with these settings, `None` declines every offer.
+    /// Default: accepted, with no context takeover either way (so idle
+    /// connections hold no compression state), messages from 256 bytes
+    /// compressed at level 6, and incoming messages inflated only up to
+    /// `max_message_size` (1009 past it).
+    #[cfg(feature = "deflate")]
+    pub fn compression(mut self, settings: Option<crate::Compression>) -> Self {
+        self.config.compression = settings;
+        self
+    }
+
     /// Answer plain HTTP requests (those without `Upgrade: websocket`)
     /// with `f`, run on a pool worker, so one port can serve a page and
     /// the socket. The connection is closed after the response. Without

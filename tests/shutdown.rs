@@ -66,6 +66,7 @@ fn shutdown_flushes_closes_and_ends_the_event_loop() {
     }
     // The loop above ended by itself: the stream is over.
     gone.sort();
+    ids.sort();
     assert_eq!(gone, ids);
     assert!(handle.send(ids[0], "late").is_err());
     assert!(

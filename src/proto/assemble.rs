@@ -63,6 +63,8 @@ enum State {
 #[derive(Debug)]
 struct Partial {
     text: bool,
+    /// RSV1 was set on the first frame: the payload is deflated.
+    compressed: bool,
     buf: Vec<u8>,
     /// `buf[..utf8_ok]` is known to be valid UTF-8 (text only).
     utf8_ok: usize,
@@ -92,6 +94,10 @@ pub struct Decoder {
     /// Payload of a control frame that arrived in pieces.
     control: Vec<u8>,
     require_mask: bool,
+    /// RSV bits an extension claims (RSV1 with permessage-deflate).
+    allowed_rsv: u8,
+    #[cfg(feature = "deflate")]
+    inflater: Option<crate::proto::deflate::Inflater>,
 }
 
 impl Decoder {
@@ -106,7 +112,18 @@ impl Decoder {
             msg: None,
             control: Vec::new(),
             require_mask: true,
+            allowed_rsv: 0,
+            #[cfg(feature = "deflate")]
+            inflater: None,
         }
+    }
+
+    /// Accept compressed messages (RSV1 set on their first frame), as
+    /// permessage-deflate was negotiated.
+    #[cfg(feature = "deflate")]
+    pub fn set_inflater(&mut self, inflater: crate::proto::deflate::Inflater) {
+        self.inflater = Some(inflater);
+        self.allowed_rsv = RSV1;
     }
 
     /// Forget any unfinished frame or message, releasing its memory.
@@ -146,7 +163,7 @@ impl Decoder {
                     let have_n = usize::from(*have);
                     // Fast path: a whole header at the front of the input.
                     let parsed = if have_n == 0 {
-                        parse_header(input, 0)?.map(|(h, n)| {
+                        parse_header(input, self.allowed_rsv)?.map(|(h, n)| {
                             *input = &input[n..];
                             h
                         })
@@ -158,7 +175,7 @@ impl Decoder {
                         None => {
                             let take = (MAX_HEADER_LEN - have_n).min(input.len());
                             buf[have_n..have_n + take].copy_from_slice(&input[..take]);
-                            match parse_header(&buf[..have_n + take], 0)? {
+                            match parse_header(&buf[..have_n + take], self.allowed_rsv)? {
                                 Some((h, n)) => {
                                     *input = &input[n - have_n..];
                                     h
@@ -178,7 +195,13 @@ impl Decoder {
                         }
                         None => [0; 4],
                     };
-                    self.start_frame(header.opcode, header.fin, header.len)?;
+                    let compressed = header.rsv & RSV1 != 0;
+                    if compressed
+                        && (header.opcode.is_control() || header.opcode == OpCode::Continuation)
+                    {
+                        return Err(ProtocolError::CompressedControlOrContinuation.into());
+                    }
+                    self.start_frame(header.opcode, header.len, compressed)?;
                     self.state = State::Payload {
                         opcode: header.opcode,
                         fin: header.fin,
@@ -216,7 +239,7 @@ impl Decoder {
                         apply_mask(&mut msg.buf[start..], mask, offset);
                         // A text message that completes here is validated
                         // once, below; otherwise check what we have so far.
-                        if msg.text && !(fin && last_chunk) {
+                        if msg.text && !msg.compressed && !(fin && last_chunk) {
                             check_utf8_prefix(msg)?;
                         }
                     }
@@ -236,7 +259,12 @@ impl Decoder {
     }
 
     /// Check a new frame against the message in progress and the limits.
-    fn start_frame(&mut self, opcode: OpCode, fin: bool, len: u64) -> Result<(), DecodeError> {
+    fn start_frame(
+        &mut self,
+        opcode: OpCode,
+        len: u64,
+        compressed: bool,
+    ) -> Result<(), DecodeError> {
         if opcode.is_control() {
             return Ok(());
         }
@@ -266,9 +294,9 @@ impl Decoder {
                 if len > limit {
                     return Err(DecodeError::TooLarge { size: len, limit });
                 }
-                let _ = fin;
                 self.msg = Some(Partial {
                     text: op == OpCode::Text,
+                    compressed,
                     buf: Vec::with_capacity(reserve_hint(len)),
                     utf8_ok: 0,
                     frames: 1,
@@ -289,9 +317,12 @@ impl Decoder {
             }
             _ if !fin => Ok(None),
             _ => {
-                let Some(msg) = self.msg.take() else {
+                let Some(mut msg) = self.msg.take() else {
                     return Err(ProtocolError::UnexpectedContinuation.into());
                 };
+                if msg.compressed {
+                    msg.buf = self.inflate(&msg.buf)?;
+                }
                 if msg.text {
                     // TODO: fragmented text is validated twice (incrementally,
                     // then here) because turning checked bytes into a String
@@ -305,6 +336,26 @@ impl Decoder {
                 }
             }
         }
+    }
+}
+
+/// RSV1 in a header's `rsv` field: the permessage-deflate bit.
+const RSV1: u8 = 0b100;
+
+impl Decoder {
+    #[cfg(feature = "deflate")]
+    fn inflate(&mut self, payload: &[u8]) -> Result<Vec<u8>, DecodeError> {
+        match self.inflater.as_mut() {
+            Some(i) => i.inflate(payload, self.limits.max_message_size),
+            None => Err(ProtocolError::ReservedBits.into()),
+        }
+    }
+
+    /// Without the feature RSV1 is never allowed, so nothing is
+    /// compressed.
+    #[cfg(not(feature = "deflate"))]
+    fn inflate(&mut self, _payload: &[u8]) -> Result<Vec<u8>, DecodeError> {
+        Err(ProtocolError::ReservedBits.into())
     }
 }
 

@@ -96,6 +96,12 @@ impl Connection {
         }
     }
 
+    /// Accept compressed messages, as permessage-deflate was negotiated.
+    #[cfg(feature = "deflate")]
+    pub fn set_inflater(&mut self, inflater: crate::proto::deflate::Inflater) {
+        self.decoder.set_inflater(inflater);
+    }
+
     /// The close state.
     pub fn state(&self) -> State {
         self.state

@@ -11,8 +11,12 @@ use crate::client::SendStatus;
 use crate::error::Error;
 use crate::message::Message;
 use crate::proto::frame::encode_frame;
+#[cfg(feature = "deflate")]
+use crate::proto::{deflate::compress_fresh, frame::encode_header_rsv};
 use crate::runtime::Shared;
 use crate::runtime::conn::Conn;
+#[cfg(feature = "deflate")]
+use crate::runtime::conn::RSV1;
 use crate::server::Broadcast;
 
 /// Clients per chunk of work.
@@ -21,9 +25,88 @@ const CHUNK: usize = 256;
 /// would cost more than it saves).
 const PARALLEL_FROM: usize = 4 * CHUNK;
 
+/// The message encoded once per form the clients need.
+struct Frames {
+    plain: Arc<[u8]>,
+    /// Compressed frames by window bits, for connections that compress
+    /// without a context; `None` where compressing did not pay.
+    #[cfg(feature = "deflate")]
+    deflated: [Option<Arc<[u8]>>; 16],
+    /// For connections that keep a context and compress on their own.
+    #[cfg(feature = "deflate")]
+    message: Message,
+}
+
+impl Frames {
+    fn new<T>(shared: &Shared<T>, message: &Message, conns: &[Arc<Conn<T>>]) -> Frames {
+        let plain = encode_frame(message.opcode(), message.as_bytes()).into();
+        #[cfg(feature = "deflate")]
+        {
+            let mut deflated: [Option<Arc<[u8]>>; 16] = Default::default();
+            if let Some(config) = shared.config.compression {
+                let mut wanted = 0u16;
+                for c in conns {
+                    if let Some(d) = &c.deflater
+                        && d.wants(message.len())
+                        && let Some(bits) = d.shared_variant()
+                    {
+                        wanted |= 1 << bits;
+                    }
+                }
+                for bits in 9..16u8 {
+                    if wanted & (1 << bits) == 0 {
+                        continue;
+                    }
+                    let z = compress_fresh(bits, config.get_level(), message.as_bytes());
+                    if z.len() < message.len() || !config.get_skip_incompressible() {
+                        let mut head = [0u8; 10];
+                        let n = encode_header_rsv(&mut head, true, RSV1, message.opcode(), z.len());
+                        let mut frame = Vec::with_capacity(n + z.len());
+                        frame.extend_from_slice(&head[..n]);
+                        frame.extend_from_slice(&z);
+                        deflated[usize::from(bits)] = Some(frame.into());
+                    }
+                }
+            }
+            Frames {
+                plain,
+                deflated,
+                message: message.clone(),
+            }
+        }
+        #[cfg(not(feature = "deflate"))]
+        {
+            let _ = (shared, conns);
+            Frames { plain }
+        }
+    }
+
+    /// Queue the right form for `conn`.
+    fn send<T: Send + Sync + 'static>(
+        &self,
+        shared: &Arc<Shared<T>>,
+        conn: &Arc<Conn<T>>,
+    ) -> Result<SendStatus, Error> {
+        #[cfg(feature = "deflate")]
+        if let Some(d) = &conn.deflater
+            && d.wants(self.message.len())
+        {
+            match d.shared_variant() {
+                Some(bits) => {
+                    if let Some(frame) = &self.deflated[usize::from(bits)] {
+                        return conn.send_shared(shared, frame);
+                    }
+                }
+                None => return conn.send_message(shared, self.message.clone()),
+            }
+        }
+        conn.send_shared(shared, &self.plain)
+    }
+}
+
 struct Job<T> {
     conns: Vec<Arc<Conn<T>>>,
-    frame: Arc<[u8]>,
+    frames: Frames,
     /// Next chunk to claim.
     next: AtomicUsize,
     /// Chunks finished, with their counts.
@@ -46,7 +129,7 @@ impl<T: Send + Sync + 'static> Job<T> {
             let end = ((k + 1) * CHUNK).min(self.conns.len());
             let mut part = Broadcast::default();
             for conn in &self.conns[k * CHUNK..end] {
-                count(&mut part, conn.send_shared(shared, &self.frame));
+                count(&mut part, self.frames.send(shared, conn));
             }
             let mut done = self.done.lock();
             done.0 += 1;
@@ -74,8 +157,8 @@ pub(crate) fn broadcast<T: Send + Sync + 'static>(
     shared: &Arc<Shared<T>>,
     message: &Message,
 ) -> Broadcast {
-    let frame: Arc<[u8]> = encode_frame(message.opcode(), message.as_bytes()).into();
     let conns = shared.registry.snapshot();
+    let frames = Frames::new(shared, message, &conns);
     let helpers = shared
         .config
         .workers
@@ -84,13 +167,13 @@ pub(crate) fn broadcast<T: Send + Sync + 'static>(
     if conns.len() < PARALLEL_FROM || helpers == 0 {
         let mut report = Broadcast::default();
         for conn in &conns {
-            count(&mut report, conn.send_shared(shared, &frame));
+            count(&mut report, frames.send(shared, conn));
         }
         return report;
     }
     let job = Arc::new(Job {
         conns,
-        frame,
+        frames,
         next: AtomicUsize::new(0),
         done: Mutex::new((0, Broadcast::default())),
         finished: Condvar::new(),

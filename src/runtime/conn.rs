@@ -22,7 +22,11 @@ use crate::error::{Error, Result};
 use crate::message::{CloseCode, CloseFrame, Message};
 use crate::proto::assemble::Limits;
 use crate::proto::conn::Connection;
-use crate::proto::frame::{OpCode, close_payload, encode_header};
+use crate::proto::frame::{OpCode, close_payload, encode_header, encode_header_rsv};
+
+/// RSV1 as `encode_header_rsv` takes it: the permessage-deflate bit.
+#[cfg(feature = "deflate")]
+pub(crate) const RSV1: u8 = 0b100;
 use crate::runtime::Shared;
 use crate::stats::Counters;
 
@@ -114,7 +118,21 @@ pub(crate) struct Conn<T> {
     /// Server clock (ms) of the timer entry booked for this connection;
     /// 0 when none.
     pub(crate) timer_at: AtomicU64,
+    /// permessage-deflate's sending side, when negotiated.
+    #[cfg(feature = "deflate")]
+    pub(crate) deflater: Option<crate::proto::deflate::Deflater>,
 }
+
+/// What the handshake negotiated beyond the base protocol.
+#[cfg(feature = "deflate")]
+pub(crate) type Extensions = Option<(
+    crate::proto::deflate::Agreed,
+    crate::proto::deflate::Compression,
+)>;
+/// What the handshake negotiated beyond the base protocol: nothing
+/// without the `deflate` feature.
+#[cfg(not(feature = "deflate"))]
+pub(crate) struct Extensions;
 
 impl<T: Send + Sync + 'static> Conn<T> {
     /// A connection fresh from its handshake. Its job is running (the
@@ -127,13 +145,25 @@ impl<T: Send + Sync + 'static> Conn<T> {
         client: Client<T>,
         limits: Limits,
         now_ms: u64,
+        extensions: Extensions,
     ) -> Conn<T> {
+        #[allow(unused_mut)]
+        let mut proto = Connection::new(limits);
+        #[cfg(feature = "deflate")]
+        let deflater = extensions.map(|(agreed, config)| {
+            proto.set_inflater(crate::proto::deflate::Inflater::new(&agreed));
+            crate::proto::deflate::Deflater::new(&agreed, &config)
+        });
+        #[cfg(not(feature = "deflate"))]
+        let Extensions = extensions;
         Conn {
             key,
             stream,
             client,
+            #[cfg(feature = "deflate")]
+            deflater,
             read: Mutex::new(Some(ReadSide {
-                proto: Connection::new(limits),
+                proto,
                 last_seen_ms: now_ms,
                 ping_sent_ms: 0,
                 report: None,
@@ -179,9 +209,33 @@ impl<T: Send + Sync + 'static> Conn<T> {
         shared: &Arc<Shared<T>>,
         message: Message,
     ) -> Result<SendStatus> {
+        #[cfg(feature = "deflate")]
+        if let Some(d) = &self.deflater
+            && d.wants(message.len())
+        {
+            let op = message.opcode();
+            if d.keeps_context() {
+                return d.compress_in_context(message.as_bytes(), |z| {
+                    self.send_data(shared, RSV1, op, z)
+                });
+            }
+            if let Some(z) = d.compress_once(message.as_bytes()) {
+                return self.send_data(shared, RSV1, op, z);
+            }
+        }
+        let op = message.opcode();
+        self.send_data(shared, 0, op, message.into_bytes())
+    }
+
+    fn send_data(
+        self: &Arc<Self>,
+        shared: &Arc<Shared<T>>,
+        rsv: u8,
+        op: OpCode,
+        body: Vec<u8>,
+    ) -> Result<SendStatus> {
         let mut head = [0u8; 10];
-        let n = encode_header(&mut head, true, message.opcode(), message.len());
-        let body = message.into_bytes();
+        let n = encode_header_rsv(&mut head, true, rsv, op, body.len());
         self.write(
             shared,
             Chunk::Head(head, n as u8),

@@ -19,7 +19,7 @@ use crate::proto::frame::OpCode;
 use crate::proto::handshake::{
     Reject, Request, Response, accept_response, check_upgrade, parse_http,
 };
-use crate::runtime::conn::{Conn, ReadSide};
+use crate::runtime::conn::{Conn, Extensions, ReadSide};
 use crate::runtime::registry::Pending;
 use crate::runtime::timer::Timers;
 use crate::runtime::{Shared, panic_close};
@@ -181,6 +181,7 @@ pub(crate) fn handshake<T: Send + Sync + 'static>(shared: &Arc<Shared<T>>, mut p
     if let Some(p) = &protocol {
         headers.push(("Sec-WebSocket-Protocol".into(), p.clone()));
     }
+    let extensions = negotiate_extensions(shared, &request, &mut headers);
     let response = accept_response(request.key(), &headers);
     drop(request);
 
@@ -200,7 +201,7 @@ pub(crate) fn handshake<T: Send + Sync + 'static>(shared: &Arc<Shared<T>>, mut p
             protocol: protocol.map(String::into_boxed_str),
         };
         let client = Client::new(id, origin, data, weak.clone(), Arc::downgrade(shared));
-        Conn::new(key, stream, client, shared.limits, now)
+        Conn::new(key, stream, client, shared.limits, now, extensions)
     });
     // Reachable first, then the 101: frames sent in between queue behind
     // it (the new connection starts with the write token held).
@@ -223,6 +224,35 @@ pub(crate) fn handshake<T: Send + Sync + 'static>(shared: &Arc<Shared<T>>, mut p
     // Bytes after the request are the first frames.
     let leftover = &buf[used..];
     service(shared, &conn, leftover, true);
+}
+
+/// Accept permessage-deflate if offered and enabled, adding the answer to
+/// the `101` headers.
+#[cfg(feature = "deflate")]
+fn negotiate_extensions<T>(
+    shared: &Shared<T>,
+    request: &Request,
+    headers: &mut Vec<(String, String)>,
+) -> Extensions {
+    let config = shared.config.compression?;
+    let offers: Vec<&str> = request
+        .headers()
+        .filter(|(n, _)| n.eq_ignore_ascii_case("Sec-WebSocket-Extensions"))
+        .filter_map(|(_, v)| std::str::from_utf8(v).ok())
+        .collect();
+    let (agreed, answer) = crate::proto::deflate::negotiate(&offers.join(","), &config)?;
+    headers.push(("Sec-WebSocket-Extensions".into(), answer));
+    Some((agreed, config))
+}
+
+/// Without the `deflate` feature no extension is ever agreed.
+#[cfg(not(feature = "deflate"))]
+fn negotiate_extensions<T>(
+    _: &Shared<T>,
+    _: &Request,
+    _: &mut Vec<(String, String)>,
+) -> Extensions {
+    Extensions
 }
 
 /// The client address a trusted proxy reported: `X-Real-IP`, else the

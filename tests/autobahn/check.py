@@ -35,6 +35,12 @@ def main() -> int:
     if total < 300:
         print(f"autobahn: only {total} cases in the report; the run did not complete")
         return 1
+    compression_cases = sum(
+        1 for cases in index.values() for case in cases if case.split(".")[0] in ("12", "13")
+    )
+    if require_compression and compression_cases < 200:
+        print(f"autobahn: only {compression_cases} compression cases (12.*, 13.*) in the report")
+        return 1
     summary = ", ".join(f"{n} {b}" for b, n in sorted(counts.items()))
     print(f"autobahn: {total} cases: {summary}")
     if failed:

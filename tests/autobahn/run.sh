@@ -24,15 +24,19 @@ if [ ! -x "$venv/bin/kosoku" ]; then
 fi
 
 cargo_args=(build --release --example echo)
+echo_args=()
 if [ -n "$features" ]; then
     cargo_args+=(--features "$features")
     check_args+=(--require-compression)
+    # kosoku 0.1.0 errors on uncompressed messages in a compressed session
+    # (RFC 7692 allows them), so echo compresses everything for this run.
+    echo_args+=(--compress-all)
 fi
 cargo "${cargo_args[@]}"
 
 rm -rf "$out"
 mkdir -p "$out"
-./target/release/examples/echo "127.0.0.1:$port" echo --max-message-size 16777216 >"$out/echo.log" 2>&1 &
+./target/release/examples/echo "127.0.0.1:$port" echo --max-message-size 16777216 "${echo_args[@]}" >"$out/echo.log" 2>&1 &
 echo_pid=$!
 trap 'kill "$echo_pid" 2>/dev/null || true; wait "$echo_pid" 2>/dev/null || true' EXIT
 

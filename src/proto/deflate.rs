@@ -1,0 +1,621 @@
+//! permessage-deflate (RFC 7692): negotiating the extension, and
+//! compressing and inflating one message at a time.
+//!
+//! By default neither side keeps a compression context between messages
+//! (`server_no_context_takeover` and `client_no_context_takeover` in every
+//! answer), so a connection holds no zlib state at all: each thread keeps
+//! one compressor per window size and one inflater, reset after every
+//! message. [`Compression::context_takeover`] trades memory (hundreds of
+//! KiB per client) for better ratios on streams of similar messages.
+
+use std::cell::RefCell;
+
+use flate2::{Compress, Decompress, FlushCompress, FlushDecompress, Status};
+use parking_lot::Mutex;
+
+use crate::error::{DecodeError, ProtocolError};
+
+/// The tail every compressed message leaves out (RFC 7692 section 7.2.1).
+const TAIL: [u8; 4] = [0x00, 0x00, 0xff, 0xff];
+
+/// permessage-deflate settings for [`Builder::compression`](crate::Builder::compression).
+///
+/// ```
+/// # use enjent::Compression;
+/// let c = Compression::default().threshold(512).level(3);
+/// assert_eq!((c.get_threshold(), c.get_level(), c.get_context_takeover()), (512, 3, false));
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Compression {
+    context_takeover: bool,
+    threshold: usize,
+    level: u8,
+    skip_incompressible: bool,
+}
+
+impl Default for Compression {
+    /// No context takeover, messages from 256 bytes compressed, level 6,
+    /// incompressible messages sent plain.
+    fn default() -> Self {
+        Compression {
+            context_takeover: false,
+            threshold: 256,
+            level: 6,
+            skip_incompressible: true,
+        }
+    }
+}
+
+impl Compression {
+    /// Keep each connection's compression context between messages where
+    /// the client allows it (better ratios for similar messages, at the
+    /// cost of about 300 KiB per client for the compressor and 40 KiB for
+    /// the inflater). Default: off; every answer then asks both sides to
+    /// reset after each message, and connections hold no zlib state.
+    pub fn context_takeover(mut self, on: bool) -> Self {
+        self.context_takeover = on;
+        self
+    }
+
+    /// Messages shorter than this many bytes are sent uncompressed.
+    /// Default: 256.
+    pub fn threshold(mut self, bytes: usize) -> Self {
+        self.threshold = bytes;
+        self
+    }
+
+    /// zlib level, 0 (store) to 9 (smallest); clamped to 9. Default: 6.
+    pub fn level(mut self, level: u8) -> Self {
+        self.level = level.min(9);
+        self
+    }
+
+    /// Send a message plain when compressing it would not make it smaller
+    /// (RFC 7692 lets every message choose). Default: on. Turn it off for
+    /// peers that mishandle uncompressed messages on a compressed
+    /// connection (the Autobahn runner `kosoku` 0.1.0 is one). Applies
+    /// without context takeover; with it, every message over the
+    /// threshold is compressed.
+    pub fn skip_incompressible(mut self, on: bool) -> Self {
+        self.skip_incompressible = on;
+        self
+    }
+
+    /// Whether incompressible messages go plain.
+    pub fn get_skip_incompressible(&self) -> bool {
+        self.skip_incompressible
+    }
+
+    /// Whether contexts are kept between messages.
+    pub fn get_context_takeover(&self) -> bool {
+        self.context_takeover
+    }
+
+    /// The size threshold in bytes.
+    pub fn get_threshold(&self) -> usize {
+        self.threshold
+    }
+
+    /// The zlib level.
+    pub fn get_level(&self) -> u8 {
+        self.level
+    }
+}
+
+/// The parameters both sides agreed on for one connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Agreed {
+    /// Our compressor starts afresh for every message.
+    pub server_no_context_takeover: bool,
+    /// The client's compressor starts afresh for every message.
+    pub client_no_context_takeover: bool,
+    /// Largest window our compressor may use, 8 to 15 bits. zlib cannot
+    /// compress with a 256-byte window, so at 8 every message goes out
+    /// uncompressed (allowed: compression is per message).
+    pub server_max_window_bits: u8,
+}
+
+/// Parsed parameters of one offer.
+#[derive(Default)]
+struct Offer {
+    server_no_context_takeover: bool,
+    client_no_context_takeover: bool,
+    server_max_window_bits: Option<u8>,
+    client_max_window_bits: Option<Option<u8>>,
+}
+
+/// Pick the first permessage-deflate offer in `header` (the
+/// `Sec-WebSocket-Extensions` values, comma-joined) that can be honoured.
+/// Returns what was agreed and the response header's value, or `None` to
+/// decline (no offer, or none valid).
+///
+/// ```
+/// # use enjent::proto::deflate::negotiate;
+/// # use enjent::Compression;
+/// let (agreed, answer) = negotiate(
+///     "permessage-deflate; client_max_window_bits, permessage-deflate",
+///     &Compression::default(),
+/// ).unwrap();
+/// assert_eq!(answer, "permessage-deflate; server_no_context_takeover; client_no_context_takeover");
+/// assert_eq!(agreed.server_max_window_bits, 15);
+/// assert!(negotiate("permessage-deflate; x=1", &Compression::default()).is_none());
+/// ```
+pub fn negotiate(header: &str, config: &Compression) -> Option<(Agreed, String)> {
+    for offer in split_outside_quotes(header, ',') {
+        let mut parts = split_outside_quotes(offer, ';');
+        let name = parts.next().unwrap_or("").trim();
+        if !name.eq_ignore_ascii_case("permessage-deflate") {
+            continue;
+        }
+        let Some(offer) = parse_offer(parts) else {
+            continue;
+        };
+        let agreed = Agreed {
+            server_no_context_takeover: offer.server_no_context_takeover
+                || !config.context_takeover,
+            // The server may ask for this even if the client did not offer
+            // it (RFC 7692 section 7.1.1.2).
+            client_no_context_takeover: offer.client_no_context_takeover
+                || !config.context_takeover,
+            server_max_window_bits: offer.server_max_window_bits.unwrap_or(15),
+        };
+        let mut answer = String::from("permessage-deflate");
+        if agreed.server_no_context_takeover {
+            answer.push_str("; server_no_context_takeover");
+        }
+        if agreed.client_no_context_takeover {
+            answer.push_str("; client_no_context_takeover");
+        }
+        if let Some(bits) = offer.server_max_window_bits {
+            answer.push_str(&format!("; server_max_window_bits={bits}"));
+        }
+        // `client_max_window_bits` needs no answer: every inflater here
+        // uses the largest window, which reads any smaller one.
+        let _ = offer.client_max_window_bits;
+        return Some((agreed, answer));
+    }
+    None
+}
+
+/// Parameters of one offer; `None` if any is unknown, repeated or has an
+/// invalid value (the offer is then declined).
+fn parse_offer<'a>(params: impl Iterator<Item = &'a str>) -> Option<Offer> {
+    let mut offer = Offer::default();
+    for param in params {
+        let (name, value) = match param.split_once('=') {
+            Some((n, v)) => (n.trim(), Some(unquote(v.trim())?)),
+            None => (param.trim(), None),
+        };
+        match name.to_ascii_lowercase().as_str() {
+            "server_no_context_takeover" if value.is_none() => {
+                if std::mem::replace(&mut offer.server_no_context_takeover, true) {
+                    return None;
+                }
+            }
+            "client_no_context_takeover" if value.is_none() => {
+                if std::mem::replace(&mut offer.client_no_context_takeover, true) {
+                    return None;
+                }
+            }
+            "server_max_window_bits" => {
+                let bits = window_bits(value?)?;
+                if offer.server_max_window_bits.replace(bits).is_some() {
+                    return None;
+                }
+            }
+            "client_max_window_bits" => {
+                let bits = match value {
+                    Some(v) => Some(window_bits(v)?),
+                    None => None,
+                };
+                if offer.client_max_window_bits.replace(bits).is_some() {
+                    return None;
+                }
+            }
+            _ => return None,
+        }
+    }
+    Some(offer)
+}
+
+/// A window size: 8 to 15, decimal, no leading zero.
+fn window_bits(v: &str) -> Option<u8> {
+    if v.len() > 2 || v.starts_with('0') || !v.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    v.parse().ok().filter(|b| (8..=15).contains(b))
+}
+
+fn unquote(v: &str) -> Option<&str> {
+    match v.strip_prefix('"') {
+        Some(rest) => rest.strip_suffix('"'),
+        None => Some(v),
+    }
+}
+
+/// Split on `sep` where it is not inside a quoted string.
+fn split_outside_quotes(s: &str, sep: char) -> impl Iterator<Item = &str> {
+    let mut rest = Some(s);
+    std::iter::from_fn(move || {
+        let s = rest?;
+        let mut quoted = false;
+        for (i, c) in s.char_indices() {
+            match c {
+                '"' => quoted = !quoted,
+                c if c == sep && !quoted => {
+                    rest = Some(&s[i + 1..]);
+                    return Some(&s[..i]);
+                }
+                _ => {}
+            }
+        }
+        rest = None;
+        Some(s)
+    })
+}
+
+thread_local! {
+    /// One compressor per (window bits, level) this thread has needed.
+    static COMPRESSORS: RefCell<Vec<(u8, u8, Compress)>> = const { RefCell::new(Vec::new()) };
+    /// One inflater, reset before every message.
+    static INFLATER: RefCell<Option<Decompress>> = const { RefCell::new(None) };
+}
+
+/// The sending half of a connection's extension.
+#[derive(Debug)]
+pub struct Deflater {
+    bits: u8,
+    level: u8,
+    threshold: usize,
+    skip_incompressible: bool,
+    /// Present only with context takeover: the connection's own
+    /// compressor, locked across compressing and queueing so the wire
+    /// order is the compression order.
+    context: Option<Box<Mutex<Compress>>>,
+}
+
+impl Deflater {
+    /// The sending side for what was agreed.
+    pub fn new(agreed: &Agreed, config: &Compression) -> Deflater {
+        let context = (!agreed.server_no_context_takeover && agreed.server_max_window_bits > 8)
+            .then(|| {
+                Box::new(Mutex::new(Compress::new_with_window_bits(
+                    flate2::Compression::new(config.level.into()),
+                    false,
+                    agreed.server_max_window_bits,
+                )))
+            });
+        Deflater {
+            bits: agreed.server_max_window_bits,
+            level: config.level,
+            threshold: config.threshold,
+            skip_incompressible: config.skip_incompressible,
+            context,
+        }
+    }
+
+    /// Whether a message of `len` bytes is to be compressed.
+    pub fn wants(&self, len: usize) -> bool {
+        len >= self.threshold && self.bits > 8
+    }
+
+    /// The window size, for sharing one compressed broadcast frame among
+    /// the connections that agreed on the same one; `None` when this
+    /// connection keeps a context and must compress on its own.
+    pub fn shared_variant(&self) -> Option<u8> {
+        self.context.is_none().then_some(self.bits)
+    }
+
+    /// Whether this connection keeps a compression context (then use
+    /// [`compress_in_context`](Deflater::compress_in_context)).
+    pub fn keeps_context(&self) -> bool {
+        self.context.is_some()
+    }
+
+    /// Compress `payload` as one message with no context; `None` when that
+    /// would not make it smaller and such messages are to go plain.
+    pub fn compress_once(&self, payload: &[u8]) -> Option<Vec<u8>> {
+        let z = compress_fresh(self.bits, self.level, payload);
+        (z.len() < payload.len() || !self.skip_incompressible).then_some(z)
+    }
+
+    /// Compress `payload` with the connection's context and hand it to
+    /// `send` while the context is still locked, so that messages reach
+    /// the wire in the order they were compressed. If `send` fails, the
+    /// context is reset: a receiver can always follow a fresh context,
+    /// which never refers back to what it did not get. Without a context
+    /// this compresses as [`compress_once`](Deflater::compress_once) does
+    /// (always compressed).
+    pub fn compress_in_context<R, E>(
+        &self,
+        payload: &[u8],
+        send: impl FnOnce(Vec<u8>) -> Result<R, E>,
+    ) -> Result<R, E> {
+        match &self.context {
+            None => send(compress_fresh(self.bits, self.level, payload)),
+            Some(ctx) => {
+                let mut c = ctx.lock();
+                let z = deflate(&mut c, payload);
+                let r = send(z);
+                if r.is_err() {
+                    c.reset();
+                }
+                r
+            }
+        }
+    }
+}
+
+/// Compress one message with this thread's stateless compressor for
+/// `bits` and `level`.
+pub fn compress_fresh(bits: u8, level: u8, payload: &[u8]) -> Vec<u8> {
+    COMPRESSORS.with(|cell| {
+        let mut all = cell.borrow_mut();
+        let at = match all.iter().position(|(b, l, _)| *b == bits && *l == level) {
+            Some(i) => i,
+            None => {
+                let c = Compress::new_with_window_bits(
+                    flate2::Compression::new(level.into()),
+                    false,
+                    bits,
+                );
+                all.push((bits, level, c));
+                all.len() - 1
+            }
+        };
+        let c = &mut all[at].2;
+        let z = deflate(c, payload);
+        c.reset();
+        z
+    })
+}
+
+/// Deflate `payload` with a sync flush and strip the trailing empty block.
+fn deflate(c: &mut Compress, payload: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(payload.len() / 2 + 64);
+    let start_in = c.total_in();
+    loop {
+        let consumed = (c.total_in() - start_in) as usize;
+        if out.len() == out.capacity() {
+            out.reserve(out.capacity().max(64));
+        }
+        // Errors only on misuse (a finished stream), which never happens
+        // here: every flush is a sync flush.
+        let _ = c.compress_vec(&payload[consumed..], &mut out, FlushCompress::Sync);
+        let consumed = (c.total_in() - start_in) as usize;
+        // Done once all input is in and the flush did not fill the buffer.
+        if consumed == payload.len() && out.len() < out.capacity() {
+            break;
+        }
+    }
+    if out.ends_with(&TAIL) {
+        out.truncate(out.len() - TAIL.len());
+    }
+    out
+}
+
+/// The receiving half: inflates compressed messages.
+#[derive(Debug, Default)]
+pub struct Inflater {
+    /// Present only when the client keeps its context between messages.
+    context: Option<Box<Decompress>>,
+}
+
+impl Inflater {
+    /// The receiving side for what was agreed.
+    pub fn new(agreed: &Agreed) -> Inflater {
+        Inflater {
+            context: (!agreed.client_no_context_takeover)
+                .then(|| Box::new(Decompress::new_with_window_bits(false, 15))),
+        }
+    }
+
+    /// Inflate one message's payload, failing with
+    /// [`DecodeError::TooLarge`] as soon as the output passes `limit`
+    /// (a small payload can expand a thousandfold).
+    ///
+    /// # Errors
+    ///
+    /// `TooLarge` over the limit, [`ProtocolError::BadCompression`] for
+    /// data that is not deflate.
+    pub fn inflate(&mut self, payload: &[u8], limit: usize) -> Result<Vec<u8>, DecodeError> {
+        match &mut self.context {
+            Some(d) => {
+                let r = inflate(d, payload, limit);
+                if r.is_err() {
+                    d.reset(false);
+                }
+                r
+            }
+            None => INFLATER.with(|cell| {
+                let mut slot = cell.borrow_mut();
+                let d = slot.get_or_insert_with(|| Decompress::new_with_window_bits(false, 15));
+                let r = inflate(d, payload, limit);
+                d.reset(false);
+                r
+            }),
+        }
+    }
+}
+
+fn inflate(d: &mut Decompress, payload: &[u8], limit: usize) -> Result<Vec<u8>, DecodeError> {
+    let mut out: Vec<u8> = Vec::with_capacity(payload.len().saturating_mul(2).clamp(64, limit + 1));
+    for (pass, input) in [payload, &TAIL[..]].into_iter().enumerate() {
+        let start_in = d.total_in();
+        loop {
+            let consumed = (d.total_in() - start_in) as usize;
+            if out.len() == out.capacity() {
+                let room = (limit + 1).saturating_sub(out.len()).min(out.len().max(64));
+                out.reserve(room.max(1));
+            }
+            let before_out = out.len();
+            let status = d
+                .decompress_vec(&input[consumed..], &mut out, FlushDecompress::Sync)
+                .map_err(|_| ProtocolError::BadCompression)?;
+            if out.len() > limit {
+                return Err(DecodeError::TooLarge {
+                    size: out.len() as u64,
+                    limit: limit as u64,
+                });
+            }
+            let now = (d.total_in() - start_in) as usize;
+            if status == Status::StreamEnd {
+                // A final block (allowed, if unusual): nothing of the
+                // payload may follow it; the appended tail may be left.
+                if pass == 0 && now < input.len() {
+                    return Err(ProtocolError::BadCompression.into());
+                }
+                d.reset(false);
+                return Ok(out);
+            }
+            let progressed = now > consumed || out.len() > before_out;
+            if now == input.len() && out.len() < out.capacity() {
+                break;
+            }
+            if !progressed && out.len() < out.capacity() {
+                return Err(ProtocolError::BadCompression.into());
+            }
+        }
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn agreed(header: &str) -> Option<(Agreed, String)> {
+        negotiate(header, &Compression::default())
+    }
+
+    #[test]
+    fn offers_accepted_and_answered() {
+        let (a, r) = agreed("permessage-deflate").unwrap();
+        assert_eq!(
+            r,
+            "permessage-deflate; server_no_context_takeover; client_no_context_takeover"
+        );
+        assert_eq!(a.server_max_window_bits, 15);
+        let (a, r) = agreed("permessage-deflate; server_max_window_bits=9").unwrap();
+        assert_eq!(a.server_max_window_bits, 9);
+        assert!(r.ends_with("; server_max_window_bits=9"), "{r}");
+        let (a, _) = agreed("permessage-deflate; server_max_window_bits=\"10\"").unwrap();
+        assert_eq!(a.server_max_window_bits, 10);
+        assert!(agreed("permessage-deflate; client_max_window_bits=12").is_some());
+        assert!(agreed("PerMessage-Deflate ; Client_Max_Window_Bits").is_some());
+    }
+
+    #[test]
+    fn invalid_offers_are_declined_and_the_next_one_taken() {
+        for bad in [
+            "permessage-deflate; server_max_window_bits",
+            "permessage-deflate; server_max_window_bits=7",
+            "permessage-deflate; server_max_window_bits=16",
+            "permessage-deflate; server_max_window_bits=09",
+            "permessage-deflate; server_max_window_bits=1a",
+            "permessage-deflate; client_max_window_bits=0",
+            "permessage-deflate; server_no_context_takeover=1",
+            "permessage-deflate; server_no_context_takeover; server_no_context_takeover",
+            "permessage-deflate; unknown",
+            "x-webkit-deflate-frame",
+            "",
+        ] {
+            assert!(agreed(bad).is_none(), "{bad}");
+        }
+        let (a, _) = agreed(
+            "permessage-deflate; server_max_window_bits=99, permessage-deflate; server_max_window_bits=12",
+        )
+        .unwrap();
+        assert_eq!(a.server_max_window_bits, 12);
+    }
+
+    #[test]
+    fn context_takeover_only_when_configured_and_allowed() {
+        let keep = Compression::default().context_takeover(true);
+        let (a, r) = negotiate("permessage-deflate", &keep).unwrap();
+        assert!(!a.server_no_context_takeover && !a.client_no_context_takeover);
+        assert_eq!(r, "permessage-deflate");
+        let (a, r) = negotiate("permessage-deflate; server_no_context_takeover", &keep).unwrap();
+        assert!(a.server_no_context_takeover && !a.client_no_context_takeover);
+        assert_eq!(r, "permessage-deflate; server_no_context_takeover");
+    }
+
+    #[test]
+    fn roundtrip_with_and_without_context() {
+        let text = "the quick brown fox jumps over the lazy dog ".repeat(50);
+        for bits in 9..=15 {
+            let z = compress_fresh(bits, 6, text.as_bytes());
+            assert!(z.len() < text.len() / 5, "{bits}: {}", z.len());
+            let back = Inflater::default().inflate(&z, 1 << 20).unwrap();
+            assert_eq!(back, text.as_bytes());
+        }
+        // With a context, the second message refers back to the first.
+        let a = Agreed {
+            server_no_context_takeover: false,
+            client_no_context_takeover: false,
+            server_max_window_bits: 15,
+        };
+        let d = Deflater::new(&a, &Compression::default().context_takeover(true));
+        let mut i = Inflater::new(&a);
+        let mut sizes = Vec::new();
+        assert!(d.keeps_context());
+        for _ in 0..2 {
+            d.compress_in_context(text.as_bytes(), |z| {
+                sizes.push(z.len());
+                assert_eq!(i.inflate(&z, 1 << 20).unwrap(), text.as_bytes());
+                Ok::<(), ()>(())
+            })
+            .unwrap();
+        }
+        assert!(sizes[1] < sizes[0], "{sizes:?}");
+    }
+
+    #[test]
+    fn inflating_is_bounded_by_the_limit() {
+        let zeros = vec![0u8; 10 << 20];
+        let z = compress_fresh(15, 9, &zeros);
+        assert!(z.len() < 20_000, "{}", z.len());
+        match Inflater::default().inflate(&z, 1 << 20) {
+            Err(DecodeError::TooLarge { size, limit }) => {
+                assert_eq!(limit, 1 << 20);
+                assert!(size > limit && size < 2 << 20, "{size}");
+            }
+            other => panic!("{:?}", other.map(|v| v.len())),
+        }
+        // Exactly at the limit is fine.
+        let z = compress_fresh(15, 9, &zeros[..1 << 20]);
+        assert_eq!(
+            Inflater::default().inflate(&z, 1 << 20).unwrap().len(),
+            1 << 20
+        );
+    }
+
+    #[test]
+    fn garbage_is_refused_and_the_inflater_recovers() {
+        let mut i = Inflater::default();
+        assert_eq!(
+            i.inflate(&[0xff, 0xff, 0xff, 0xff, 0x00], 1 << 20),
+            Err(DecodeError::Protocol(ProtocolError::BadCompression))
+        );
+        let z = compress_fresh(15, 6, b"hello hello hello");
+        assert_eq!(i.inflate(&z, 1 << 20).unwrap(), b"hello hello hello");
+    }
+
+    #[test]
+    fn incompressible_payloads_go_plain() {
+        let a = agreed("permessage-deflate").unwrap().0;
+        let d = Deflater::new(&a, &Compression::default());
+        let mut x = 0x1234_5678u32;
+        let noise: Vec<u8> = (0..4096)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 17;
+                x ^= x << 5;
+                x as u8
+            })
+            .collect();
+        assert!(!d.keeps_context());
+        assert!(d.compress_once(&noise).is_none());
+        assert!(!d.wants(255) && d.wants(256));
+    }
+}

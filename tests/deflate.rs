@@ -1,0 +1,302 @@
+//! permessage-deflate (RFC 7692) over real sockets: negotiation, both
+//! directions, fragmented and broadcast messages, context takeover, and
+//! the bounds on what a compressed message may expand to.
+//!
+//! The client side is written by hand with flate2, since the test clients
+//! at hand do not speak the extension. Run with `--features deflate`.
+
+#![cfg(feature = "deflate")]
+
+mod support;
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+
+use enjent::{Compression, Error, Message, WebSocketServer};
+use flate2::{Compress, Decompress, FlushCompress, FlushDecompress};
+use support::*;
+
+const PDE: &str = "Sec-WebSocket-Extensions: permessage-deflate";
+
+/// Upgrade with `extra` header lines; the `101` head and the socket.
+fn upgrade(addr: SocketAddr, extra: &str) -> (String, TcpStream) {
+    let mut s = raw(addr);
+    let req = REQUEST.replace("\r\n\r\n", &format!("\r\n{extra}\r\n"));
+    s.write_all(req.as_bytes()).unwrap();
+    let mut head = Vec::new();
+    let mut b = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        s.read_exact(&mut b).unwrap();
+        head.push(b[0]);
+    }
+    let head = String::from_utf8(head).unwrap();
+    assert!(head.starts_with("HTTP/1.1 101 "), "{head}");
+    (head, s)
+}
+
+fn extensions(head: &str) -> Option<&str> {
+    head.lines()
+        .find_map(|l| l.strip_prefix("Sec-WebSocket-Extensions: "))
+}
+
+/// What a client compressor sends for one message (sync flush, tail cut).
+fn deflate_with(c: &mut Compress, data: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(data.len() + 64);
+    let start = c.total_in();
+    loop {
+        if out.len() == out.capacity() {
+            out.reserve(out.capacity() + 64);
+        }
+        let done = (c.total_in() - start) as usize;
+        c.compress_vec(&data[done..], &mut out, FlushCompress::Sync)
+            .unwrap();
+        if (c.total_in() - start) as usize == data.len() && out.len() < out.capacity() {
+            break;
+        }
+    }
+    assert!(out.ends_with(&[0, 0, 0xff, 0xff]));
+    out.truncate(out.len() - 4);
+    out
+}
+
+fn deflate(data: &[u8]) -> Vec<u8> {
+    deflate_with(
+        &mut Compress::new(flate2::Compression::default(), false),
+        data,
+    )
+}
+
+fn inflate_with(d: &mut Decompress, data: &[u8]) -> Vec<u8> {
+    let mut input = data.to_vec();
+    input.extend_from_slice(&[0, 0, 0xff, 0xff]);
+    let mut out = Vec::with_capacity(data.len() * 4 + 1024);
+    let start = d.total_in();
+    loop {
+        if out.len() == out.capacity() {
+            out.reserve(out.capacity());
+        }
+        let done = (d.total_in() - start) as usize;
+        d.decompress_vec(&input[done..], &mut out, FlushDecompress::Sync)
+            .unwrap();
+        if (d.total_in() - start) as usize == input.len() && out.len() < out.capacity() {
+            return out;
+        }
+    }
+}
+
+fn inflate(data: &[u8]) -> Vec<u8> {
+    inflate_with(&mut Decompress::new(false), data)
+}
+
+fn echo_server(configure: impl FnOnce(enjent::Builder) -> enjent::Builder) -> WebSocketServer {
+    configure(WebSocketServer::builder().workers(2).on_message(|c, m| {
+        let _ = c.send(m);
+    }))
+    .start("127.0.0.1:0")
+    .unwrap()
+}
+
+fn text_block(n: usize) -> String {
+    "All work and no play makes Jack a dull boy. "
+        .repeat(n / 44 + 1)
+        .chars()
+        .take(n)
+        .collect()
+}
+
+#[test]
+fn negotiation_answers_and_declines() {
+    let server = echo_server(|b| b);
+    let addr = server.local_addr();
+    let (head, _s) = upgrade(addr, &format!("{PDE}; client_max_window_bits\r\n"));
+    assert_eq!(
+        extensions(&head),
+        Some("permessage-deflate; server_no_context_takeover; client_no_context_takeover")
+    );
+    let (head, _s) = upgrade(addr, &format!("{PDE}; server_max_window_bits=10\r\n"));
+    assert!(
+        extensions(&head)
+            .unwrap()
+            .ends_with("; server_max_window_bits=10"),
+        "{head}"
+    );
+    // An offer we cannot honour is declined; the next one is taken.
+    let (head, _s) = upgrade(
+        addr,
+        &format!("{PDE}; mystery=1, permessage-deflate; server_max_window_bits=12\r\n"),
+    );
+    assert!(extensions(&head).unwrap().ends_with("=12"), "{head}");
+    let (head, _s) = upgrade(addr, &format!("{PDE}; server_max_window_bits=20\r\n"));
+    assert_eq!(extensions(&head), None);
+    let (head, _s) = upgrade(addr, "Sec-WebSocket-Extensions: x-webkit-deflate-frame\r\n");
+    assert_eq!(extensions(&head), None);
+    let (head, _s) = upgrade(addr, "");
+    assert_eq!(extensions(&head), None);
+
+    let off = echo_server(|b| b.compression(None));
+    let (head, _s) = upgrade(off.local_addr(), &format!("{PDE}\r\n"));
+    assert_eq!(extensions(&head), None);
+}
+
+#[test]
+fn compressed_messages_both_ways() {
+    let server = echo_server(|b| b);
+    let (_h, mut s) = upgrade(server.local_addr(), &format!("{PDE}\r\n"));
+    let text = text_block(5000);
+    // A compressed text message in, and echoed back compressed.
+    s.write_all(&frame(0xC1, &deflate(text.as_bytes())))
+        .unwrap();
+    let (first, payload) = read_frame(&mut s);
+    assert_eq!(first, 0xC1, "FIN + RSV1 + text");
+    assert!(payload.len() < text.len() / 10, "{}", payload.len());
+    assert_eq!(inflate(&payload), text.as_bytes());
+
+    // A short message goes out plain even if it came in compressed.
+    s.write_all(&frame(0xC1, &deflate(b"hi"))).unwrap();
+    assert_eq!(read_frame(&mut s), (0x81, b"hi".to_vec()));
+
+    // Uncompressed messages are still fine on a deflate connection, and a
+    // long incompressible one goes out plain.
+    let mut x = 7u32;
+    let noise: Vec<u8> = (0..3000)
+        .map(|_| {
+            x = x.wrapping_mul(1_103_515_245).wrapping_add(12345);
+            (x >> 16) as u8
+        })
+        .collect();
+    s.write_all(&frame(0x82, &noise)).unwrap();
+    assert_eq!(read_frame(&mut s), (0x82, noise));
+
+    // Fragmented: RSV1 on the first frame only.
+    let z = deflate(text.as_bytes());
+    let (a, b) = z.split_at(z.len() / 2);
+    s.write_all(&frame(0x42, a)).unwrap();
+    s.write_all(&frame(0x89, b"ping")).unwrap();
+    s.write_all(&frame(0x80, b)).unwrap();
+    assert_eq!(read_frame(&mut s), (0x8A, b"ping".to_vec()));
+    let (first, payload) = read_frame(&mut s);
+    assert_eq!(first, 0xC2);
+    assert_eq!(inflate(&payload), text.as_bytes());
+}
+
+#[test]
+fn a_zip_bomb_gets_1009_not_gigabytes() {
+    let server = WebSocketServer::builder()
+        .max_message_size(1 << 20)
+        .start("127.0.0.1:0")
+        .unwrap();
+    let (_h, mut s) = upgrade(server.local_addr(), &format!("{PDE}\r\n"));
+    let _ = expect_connect(&server);
+    // 16 MiB of zeros deflate to about 16 KiB: well under the limit on
+    // the wire, far over it inflated.
+    let bomb = deflate(&vec![0u8; 16 << 20]);
+    assert!(bomb.len() < 1 << 17, "{}", bomb.len());
+    s.write_all(&frame(0xC2, &bomb)).unwrap();
+    assert_eq!(read_close(&mut s), Some(1009));
+    let (_, close, error) = expect_disconnect(&server);
+    assert_eq!(close.code.as_u16(), 1009);
+    match error {
+        Some(Error::MessageTooLarge { size, limit }) => {
+            assert_eq!(limit, 1 << 20);
+            assert!(size > limit && size <= 2 << 20, "{size}");
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(server.stats().protocol_errors.get(&1009), Some(&1));
+}
+
+#[test]
+fn broken_compressed_input_is_refused() {
+    let server = echo_server(|b| b);
+    let addr = server.local_addr();
+    let cases: [(Vec<u8>, u16); 5] = [
+        // Not deflate data at all.
+        (frame(0xC1, &[0xff, 0xff, 0xff, 0xff, 0xff]), 1002),
+        // RSV1 on a control frame.
+        (frame(0xC9, b""), 1002),
+        // RSV1 on a continuation frame.
+        (
+            [frame(0x41, &deflate(b"abc")), frame(0xC0, b"")].concat(),
+            1002,
+        ),
+        // Inflates to invalid UTF-8 in a text message.
+        (
+            frame(0xC1, &deflate(&[0xce, 0xba, 0xe1, 0xbd, 0xb9, 0xff])),
+            1007,
+        ),
+        // A final block followed by more data.
+        (
+            frame(0xC1, &{
+                let mut c = Compress::new(flate2::Compression::default(), false);
+                let mut v = Vec::with_capacity(64);
+                c.compress_vec(b"abc", &mut v, FlushCompress::Finish)
+                    .unwrap();
+                v.extend_from_slice(&[1, 2, 3]);
+                v
+            }),
+            1002,
+        ),
+    ];
+    for (bytes, code) in cases {
+        let (_h, mut s) = upgrade(addr, &format!("{PDE}\r\n"));
+        s.write_all(&bytes).unwrap();
+        assert_eq!(read_close(&mut s), Some(code));
+    }
+    // Without the extension agreed, RSV1 is a protocol error.
+    let (_h, mut s) = upgrade(addr, "");
+    s.write_all(&frame(0xC1, &deflate(b"abc"))).unwrap();
+    assert_eq!(read_close(&mut s), Some(1002));
+}
+
+#[test]
+fn broadcast_compresses_once_per_window_size() {
+    let server = WebSocketServer::builder().start("127.0.0.1:0").unwrap();
+    let addr = server.local_addr();
+    let (_h, mut a) = upgrade(addr, &format!("{PDE}\r\n"));
+    let (_h, mut b) = upgrade(addr, &format!("{PDE}; server_max_window_bits=9\r\n"));
+    let (_h, mut plain) = upgrade(addr, "");
+    for _ in 0..3 {
+        expect_connect(&server);
+    }
+    let text = text_block(20_000);
+    let report = server.broadcast(Message::Text(text.clone()));
+    assert_eq!(report.written + report.queued, 3);
+    for s in [&mut a, &mut b] {
+        let (first, payload) = read_frame(s);
+        assert_eq!(first, 0xC1);
+        assert_eq!(inflate(&payload), text.as_bytes());
+    }
+    // A 9-bit window reads it too (nothing refers further back).
+    let (_h, mut c) = upgrade(addr, &format!("{PDE}; server_max_window_bits=9\r\n"));
+    expect_connect(&server);
+    server.broadcast(Message::Text(text.clone()));
+    let (_, payload) = read_frame(&mut c);
+    assert_eq!(
+        inflate_with(&mut Decompress::new_with_window_bits(false, 9), &payload),
+        text.as_bytes()
+    );
+    assert_eq!(read_frame(&mut plain), (0x81, text.clone().into_bytes()));
+}
+
+#[test]
+fn context_takeover_when_configured() {
+    let server =
+        echo_server(|b| b.compression(Some(Compression::default().context_takeover(true))));
+    let (head, mut s) = upgrade(server.local_addr(), &format!("{PDE}\r\n"));
+    assert_eq!(extensions(&head), Some("permessage-deflate"));
+    // Both sides keep their context: the client's second message refers
+    // back to its first, and so do the server's answers.
+    let mut ours = Compress::new(flate2::Compression::default(), false);
+    let mut theirs = Decompress::new(false);
+    let text = text_block(3000);
+    let mut sizes = Vec::new();
+    for _ in 0..3 {
+        s.write_all(&frame(0xC1, &deflate_with(&mut ours, text.as_bytes())))
+            .unwrap();
+        let (first, payload) = read_frame(&mut s);
+        assert_eq!(first, 0xC1);
+        sizes.push(payload.len());
+        assert_eq!(inflate_with(&mut theirs, &payload), text.as_bytes());
+    }
+    assert!(sizes[1] * 3 < sizes[0] * 2, "{sizes:?}");
+}
