@@ -1,10 +1,12 @@
 //! Helpers shared by the integration tests: servers on 127.0.0.1:0, a
-//! tungstenite client, and raw sockets for bytes no real client would send.
+//! tungstenite client, raw sockets for bytes no real client would send,
+//! and the example binaries.
 
 #![allow(dead_code)]
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use enjent::{Event, WebSocketServer};
@@ -204,4 +206,39 @@ pub fn still_serves(addr: SocketAddr, server: &WebSocketServer) {
     assert_eq!(m.as_text(), Some("still here"));
     from.send(m).unwrap();
     assert_eq!(ws.read().unwrap(), tungstenite::Message::text("still here"));
+}
+
+/// `target/debug/examples/NAME`, which `cargo test` builds (but not
+/// `cargo test --test FILE` alone). A note on stderr if it is older than
+/// `examples/NAME.rs` or one of `more_sources` (paths in the crate).
+pub fn example_bin(name: &str, more_sources: &[&str]) -> PathBuf {
+    // target/debug/deps/TEST-HASH -> target/debug/examples/NAME
+    let exe = std::env::current_exe().unwrap();
+    let bin = exe
+        .parent()
+        .unwrap()
+        .parent()
+        .unwrap()
+        .join("examples")
+        .join(name);
+    let built = std::fs::metadata(&bin)
+        .and_then(|m| m.modified())
+        .unwrap_or_else(|_| {
+            panic!(
+                "{} is missing: run `cargo build --examples` (plain `cargo test` builds it)",
+                bin.display()
+            )
+        });
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let main = format!("examples/{name}.rs");
+    for src in std::iter::once(main.as_str()).chain(more_sources.iter().copied()) {
+        let modified = std::fs::metadata(root.join(src)).and_then(|m| m.modified());
+        if modified.is_ok_and(|t| t > built) {
+            eprintln!(
+                "note: {src} is newer than {}: run `cargo build --examples`",
+                bin.display()
+            );
+        }
+    }
+    bin
 }
