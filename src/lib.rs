@@ -39,9 +39,52 @@
 //! # Ok::<(), enjent::Error>(())
 //! ```
 //!
+//! A whole round trip, run as a test: a server on a free port, a bare TCP
+//! client that upgrades and sends "hi", and a main loop that echoes it.
+//!
+//! ```
+//! use std::io::{Read, Write};
+//! use enjent::{Event, Message, WebSocketServer};
+//!
+//! let server = WebSocketServer::bind("127.0.0.1:0")?;
+//! let addr = server.local_addr();
+//! let peer = std::thread::spawn(move || -> std::io::Result<Vec<u8>> {
+//!     let mut s = std::net::TcpStream::connect(addr)?;
+//!     s.write_all(b"GET / HTTP/1.1\r\nHost: example\r\nUpgrade: websocket\r\n\
+//!                   Connection: Upgrade\r\nSec-WebSocket-Version: 13\r\n\
+//!                   Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n")?;
+//!     // A text frame "hi", masked with the key 0 (which changes nothing).
+//!     s.write_all(&[0x81, 0x82, 0, 0, 0, 0, b'h', b'i'])?;
+//!     // The 101 head, then the echo: 4 bytes.
+//!     let mut got = Vec::new();
+//!     let mut buf = [0u8; 512];
+//!     loop {
+//!         let n = s.read(&mut buf)?;
+//!         got.extend_from_slice(&buf[..n]);
+//!         if let Some(end) = got.windows(4).position(|w| w == b"\r\n\r\n") {
+//!             if got.len() >= end + 8 || n == 0 {
+//!                 return Ok(got.split_off(end + 4));
+//!             }
+//!         }
+//!     }
+//! });
+//! for event in server.events() {
+//!     if let Event::Message { client, message } = event {
+//!         assert_eq!(message, Message::Text("hi".into()));
+//!         client.send(message)?;
+//!         break;
+//!     }
+//! }
+//! assert_eq!(peer.join().unwrap()?, [0x81, 2, b'h', b'i']);
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+//!
 //! Clients can carry data of your own, built from the upgrade request by a
 //! client-init strategy that may also refuse them: see
-//! [`WebSocketServer::with_client_init`].
+//! [`WebSocketServer::with_client_init`]. The builder also chooses
+//! subprotocols ([`Builder::protocols`]), allowed origins, a handler for
+//! plain HTTP requests ([`Builder::on_http`]), trusted proxy headers, and,
+//! with the `deflate` feature, permessage-deflate (`Builder::compression`).
 
 #![deny(unsafe_code)]
 #![deny(missing_docs, missing_debug_implementations)]

@@ -126,6 +126,14 @@ fn negotiation_answers_and_declines() {
         &format!("{PDE}; mystery=1, permessage-deflate; server_max_window_bits=12\r\n"),
     );
     assert!(extensions(&head).unwrap().ends_with("=12"), "{head}");
+    // A 256-byte window is accepted, and honoured by never compressing:
+    // zlib cannot produce one.
+    let (head, mut s) = upgrade(addr, &format!("{PDE}; server_max_window_bits=8\r\n"));
+    assert!(extensions(&head).unwrap().ends_with("=8"), "{head}");
+    let text = text_block(4000);
+    s.write_all(&frame(0xC1, &deflate(text.as_bytes())))
+        .unwrap();
+    assert_eq!(read_frame(&mut s), (0x81, text.into_bytes()));
     let (head, _s) = upgrade(addr, &format!("{PDE}; server_max_window_bits=20\r\n"));
     assert_eq!(extensions(&head), None);
     let (head, _s) = upgrade(addr, "Sec-WebSocket-Extensions: x-webkit-deflate-frame\r\n");

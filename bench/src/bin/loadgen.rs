@@ -9,6 +9,7 @@
 //! loadgen broadcast --clients 10000 --size 32 [--rounds 20]   (server in broadcast mode)
 //! loadgen connect   [--seconds 10] [--concurrency 64]
 //! common: --addr 127.0.0.1:13003 --label NAME --threads N --server-pid PID
+//!         --extensions OFFER (a Sec-WebSocket-Extensions header to send)
 //! ```
 //!
 //! Human-readable figures go to stderr; one JSON line goes to stdout.
@@ -81,6 +82,9 @@ fn parse_opts() -> Result<Opts, String> {
             "--concurrency" => o.concurrency = v.parse().map_err(bad)?,
             "--threads" => o.threads = v.parse::<usize>().map_err(bad)?.max(1),
             "--server-pid" => o.server_pid = Some(v.parse().map_err(bad)?),
+            "--extensions" => {
+                let _ = EXTENSIONS.set(v.clone());
+            }
             _ => return Err(format!("unknown option {flag}")),
         }
     }
@@ -252,9 +256,18 @@ fn source_for(i: usize) -> Ipv4Addr {
     )
 }
 
+/// `--extensions VALUE`: a `Sec-WebSocket-Extensions` offer every client
+/// sends (e.g. `permessage-deflate`, to measure what a negotiated
+/// extension costs an idle connection). Payloads are still sent plain.
+static EXTENSIONS: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+
 fn request(addr: SocketAddr) -> Vec<u8> {
+    let ext = EXTENSIONS
+        .get()
+        .map(|v| format!("Sec-WebSocket-Extensions: {v}\r\n"))
+        .unwrap_or_default();
     format!(
-        "GET / HTTP/1.1\r\nHost: {addr}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: {KEY}\r\nSec-WebSocket-Version: 13\r\n\r\n"
+        "GET / HTTP/1.1\r\nHost: {addr}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: {KEY}\r\nSec-WebSocket-Version: 13\r\n{ext}\r\n"
     )
     .into_bytes()
 }
