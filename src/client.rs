@@ -44,7 +44,10 @@ pub enum SendStatus {
     /// The kernel took the whole frame.
     Written,
     /// Part or all of it waits in the client's queue (under
-    /// `max_backpressure`) and will be written when the socket drains.
+    /// `max_backpressure`): it is written when the socket drains, or, for
+    /// a send made while a worker is handling the client (from its own
+    /// handler, or from any thread meanwhile), together with the other
+    /// frames of that batch when the worker is done.
     Queued,
 }
 

@@ -30,6 +30,10 @@ pub(crate) const RSV1: u8 = 0b100;
 use crate::runtime::Shared;
 use crate::stats::Counters;
 
+/// Most bytes corked while a job owns a connection; a send that would
+/// pass it writes everything at once.
+const CORK: usize = 64 * 1024;
+
 /// Bytes waiting to be written.
 pub(crate) enum Chunk {
     /// A frame header, inline.
@@ -376,7 +380,14 @@ impl<T: Send + Sync + 'static> Conn<T> {
         if kind != Kind::Close && w.close_sent.is_some() {
             return Err(Error::Closed);
         }
-        if w.writing || !w.queue.is_empty() {
+        // Corking: while a job owns the connection (a handler's own echo,
+        // or another thread's send meanwhile), frames wait for the job's
+        // end and leave together in one vectored write, up to CORK bytes.
+        // Corked bytes count as queued; half the backpressure limit at most
+        // keeps pongs and sends from being refused for them.
+        let cork = w.job_running && w.queued + len <= CORK.min(shared.config.max_backpressure / 2);
+        let waiting_for_writable = !w.queue.is_empty() && !w.job_running;
+        if w.writing || cork || waiting_for_writable {
             let limit = shared.config.max_backpressure;
             if kind == Kind::Data && w.queued > 0 && w.queued + len > limit {
                 let queued = w.queued;
@@ -397,6 +408,26 @@ impl<T: Send + Sync + 'static> Conn<T> {
                 Counters::add(&shared.counters.messages_out, 1);
             }
             return Ok(SendStatus::Queued);
+        }
+        if !w.queue.is_empty() {
+            // Corked frames and this one are over CORK: all go now.
+            w.queue.push_back(head);
+            if let Some(b) = body {
+                w.queue.push_back(b);
+            }
+            w.queued += len;
+            w.writing = true;
+            shared.counters.queued(len as i64);
+            if kind == Kind::Data {
+                Counters::add(&shared.counters.messages_out, 1);
+            }
+            self.flush_holding_token(shared, w);
+            let w = self.io.lock();
+            return match (w.write_error, w.queue.is_empty()) {
+                (Some(_), _) => Err(Error::Closed),
+                (None, true) => Ok(SendStatus::Written),
+                (None, false) => Ok(SendStatus::Queued),
+            };
         }
         w.writing = true;
         drop(w);
@@ -459,7 +490,7 @@ impl<T: Send + Sync + 'static> Conn<T> {
     /// With the token held: write the queue until it is empty, the kernel
     /// pushes back, or a write fails; then give the token back and make
     /// sure whatever is left will be flushed.
-    fn flush_holding_token<'a>(
+    pub(crate) fn flush_holding_token<'a>(
         self: &'a Arc<Self>,
         shared: &Arc<Shared<T>>,
         mut w: parking_lot::MutexGuard<'a, WriteSide>,

@@ -344,6 +344,13 @@ pub(crate) fn service<T: Send + Sync + 'static>(
         *conn.read.lock() = Some(r);
 
         let mut w = conn.io.lock();
+        // Frames corked while the job ran leave now, in one write. What
+        // is queued after this flush arms writable interest below.
+        if !w.queue.is_empty() && !w.writing && w.write_error.is_none() && !w.finished {
+            w.writing = true;
+            conn.flush_holding_token(shared, w);
+            w = conn.io.lock();
+        }
         if w.job_again {
             w.job_again = false;
             continue;
