@@ -10,7 +10,7 @@
 //! `on_message` closure on the workers; `--main-loop` handles them in a
 //! `for event in server.events()` loop instead (the other event style, for
 //! benchmarks). `--trust-proxy` is for running behind a reverse proxy
-//! (`tests/nginx.rs`): the server believes `X-Real-IP`/`X-Forwarded-For`
+//! (`tests/nginx.rs`): the server believes the last `X-Forwarded-For` entry
 //! and prints one line per connection, `connect ID from PEER forwarded IP`
 //! (`forwarded -` when the request carried no address).
 //!

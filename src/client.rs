@@ -126,7 +126,9 @@ impl<T: Send + Sync + 'static> Client<T> {
     }
 
     /// The client's address as the reverse proxy reported it in
-    /// `X-Real-IP` or `X-Forwarded-For`; `None` unless the server was
+    /// its forwarded header (the last `X-Forwarded-For` entry unless
+    /// [`forwarded_header`](crate::Builder::forwarded_header) names
+    /// another); `None` unless the server was
     /// built with [`trust_proxy`](crate::Builder::trust_proxy) and the
     /// request carried a valid one.
     pub fn forwarded_addr(&self) -> Option<IpAddr> {

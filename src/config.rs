@@ -25,6 +25,7 @@ pub struct Config {
     pub(crate) protocols: Vec<String>,
     pub(crate) allowed_origins: Option<Vec<String>>,
     pub(crate) trust_proxy: bool,
+    pub(crate) forwarded_header: String,
     #[cfg(feature = "deflate")]
     pub(crate) compression: Option<crate::proto::deflate::Compression>,
 }
@@ -66,6 +67,7 @@ impl Default for Config {
             protocols: Vec::new(),
             allowed_origins: None,
             trust_proxy: false,
+            forwarded_header: "X-Forwarded-For".into(),
             #[cfg(feature = "deflate")]
             compression: Some(crate::proto::deflate::Compression::default()),
         }
@@ -159,9 +161,15 @@ impl Config {
         self.allowed_origins.as_deref()
     }
 
-    /// Whether `X-Real-IP` / `X-Forwarded-For` are believed.
+    /// Whether the proxy's forwarded-address header is believed.
     pub fn trust_proxy(&self) -> bool {
         self.trust_proxy
+    }
+
+    /// The header the client's address is read from behind a trusted
+    /// proxy.
+    pub fn forwarded_header(&self) -> &str {
+        &self.forwarded_header
     }
 
     /// permessage-deflate settings (`None`: never negotiated).

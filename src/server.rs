@@ -519,12 +519,25 @@ impl<T: Send + Sync + 'static> Builder<T> {
         self
     }
 
-    /// Believe the `X-Real-IP` header (else the last `X-Forwarded-For`
-    /// entry, the one the proxy added) as the client's address, exposed
-    /// as [`Client::forwarded_addr`]. Turn on only behind a proxy that
-    /// sets these headers, or clients can claim any address. Default: off.
+    /// Believe the reverse proxy's [`forwarded_header`](Builder::forwarded_header)
+    /// as the client's address, exposed as [`Client::forwarded_addr`] and
+    /// [`Client::ip`]. Turn on only when clients can reach the server
+    /// through the proxy alone, or they can claim any address. Default:
+    /// off.
     pub fn trust_proxy(mut self, on: bool) -> Self {
         self.config.trust_proxy = on;
+        self
+    }
+
+    /// The header a trusted proxy reports the client's address in.
+    /// `X-Forwarded-For` (the default) is read at its last entry, the one
+    /// the proxy appended, so what a client sent in it is ignored; every
+    /// common proxy appends to it (NGINX's `$proxy_add_x_forwarded_for`,
+    /// HAProxy's `option forwardfor`, cloud load balancers). Name another
+    /// header, such as `X-Real-IP`, only if the proxy always overwrites
+    /// it. Entries may carry a port (`1.2.3.4:5678`, `[::1]:80`).
+    pub fn forwarded_header(mut self, name: impl Into<String>) -> Self {
+        self.config.forwarded_header = name.into();
         self
     }
 

@@ -87,7 +87,7 @@ fn echo_trust_proxy_prints_each_clients_forwarded_address() {
         &["127.0.0.1:0", "--trust-proxy", "--main-loop"],
     ] {
         let mut ex = Example::start("echo", style);
-        let proxied = REQUEST.replacen("\r\n\r\n", "\r\nX-Real-IP: 10.1.2.3\r\n\r\n", 1);
+        let proxied = REQUEST.replacen("\r\n\r\n", "\r\nX-Forwarded-For: 10.1.2.3\r\n\r\n", 1);
         let mut s = raw(ex.addr);
         s.write_all(proxied.as_bytes()).unwrap();
         let line = ex.line();

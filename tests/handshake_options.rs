@@ -209,27 +209,153 @@ fn forwarded_address_only_when_the_proxy_is_trusted() {
         .unwrap();
     let addr = trusting.local_addr();
     let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+    // Sockets stay open to the end, so that no Disconnect comes between
+    // the Connects awaited.
+    let mut open = Vec::new();
+    let mut seen = |extra: &str| {
+        let (_h, s) = upgrade(addr, extra);
+        open.push(s);
+        (expect_connect(&trusting), ())
+    };
 
-    let (_h, _s1) = upgrade(addr, "X-Real-IP: 203.0.113.7\r\n");
-    let c = expect_connect(&trusting);
+    // The last X-Forwarded-For entry is the one the proxy appended; the
+    // first is the client's claim, and so is an X-Real-IP the proxy
+    // does not set.
+    let (c, _s) = seen("X-Real-IP: 6.6.6.6\r\nX-Forwarded-For: 10.9.9.9, 203.0.113.7\r\n");
     assert_eq!(c.forwarded_addr(), Some(ip("203.0.113.7")));
     assert_eq!(c.ip(), ip("203.0.113.7"));
     assert_eq!(c.peer_addr().ip(), ip("127.0.0.1"));
+    // Split over lines, with ports and brackets.
+    let (c, _s) = seen("X-Forwarded-For: 10.9.9.9\r\nX-Forwarded-For: [2001:db8::5]:443\r\n");
+    assert_eq!(c.forwarded_addr(), Some(ip("2001:db8::5")));
+    let (c, _s) = seen("X-Forwarded-For: 198.51.100.2:5678\r\n");
+    assert_eq!(c.forwarded_addr(), Some(ip("198.51.100.2")));
+    let (c, _s) = seen("X-Forwarded-For: 2001:db8::9\r\n");
+    assert_eq!(c.forwarded_addr(), Some(ip("2001:db8::9")));
+    // Nonsense or nothing: the TCP peer.
+    for extra in [
+        "X-Forwarded-For: not-an-address\r\n",
+        "X-Real-IP: 6.6.6.6\r\n",
+    ] {
+        let (c, _s) = seen(extra);
+        assert_eq!(c.forwarded_addr(), None, "{extra}");
+        assert_eq!(c.ip(), ip("127.0.0.1"));
+    }
 
-    // The last entry is the one the proxy appended; the first is the
-    // client's claim.
-    let (_h, _s2) = upgrade(addr, "X-Forwarded-For: 10.9.9.9, 2001:db8::5\r\n");
+    // A proxy that overwrites X-Real-IP can be believed on that instead.
+    let real_ip = WebSocketServer::builder()
+        .trust_proxy(true)
+        .forwarded_header("X-Real-IP")
+        .start("127.0.0.1:0")
+        .unwrap();
+    let (_h, _s) = upgrade(
+        real_ip.local_addr(),
+        "X-Real-IP: 203.0.113.9\r\nX-Forwarded-For: 6.6.6.6\r\n",
+    );
     assert_eq!(
-        expect_connect(&trusting).forwarded_addr(),
-        Some(ip("2001:db8::5"))
+        expect_connect(&real_ip).forwarded_addr(),
+        Some(ip("203.0.113.9"))
     );
 
-    let (_h, _s3) = upgrade(addr, "X-Forwarded-For: not-an-address\r\n");
-    let c = expect_connect(&trusting);
-    assert_eq!(c.forwarded_addr(), None);
-    assert_eq!(c.ip(), ip("127.0.0.1"));
-
     let plain = server();
-    let (_h, _s4) = upgrade(plain.local_addr(), "X-Real-IP: 203.0.113.7\r\n");
+    let (_h, _s) = upgrade(plain.local_addr(), "X-Forwarded-For: 203.0.113.7\r\n");
     assert_eq!(expect_connect(&plain).forwarded_addr(), None);
+}
+
+#[test]
+fn slow_http_readers_hold_no_worker_and_are_cut_off_at_the_deadline() {
+    let page = "x".repeat(8 << 20);
+    let server = WebSocketServer::builder()
+        .workers(2)
+        .handshake_timeout(std::time::Duration::from_secs(2))
+        .on_http(move |_| HttpResponse::new(200).body(page.clone()))
+        .start("127.0.0.1:0")
+        .unwrap();
+    let addr = server.local_addr();
+    // More slow readers than workers, each with a tiny receive buffer,
+    // none reading.
+    let slow: Vec<TcpStream> = (0..4)
+        .map(|_| {
+            let s =
+                socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+            s.set_recv_buffer_size(4096).unwrap();
+            s.connect(&addr.into()).unwrap();
+            let mut s: TcpStream = s.into();
+            s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+            s
+        })
+        .collect();
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    // The server still upgrades and echoes at once.
+    let started = std::time::Instant::now();
+    let mut ws = client(addr);
+    expect_connect(&server);
+    ws.send(tungstenite::Message::text("quick")).unwrap();
+    let (c, m) = expect_message(&server);
+    c.send(m).unwrap();
+    assert_eq!(ws.read().unwrap(), tungstenite::Message::text("quick"));
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(1),
+        "{:?}",
+        started.elapsed()
+    );
+    // At the deadline the slow readers are closed, well short of 8 MiB.
+    std::thread::sleep(std::time::Duration::from_secs(3));
+    for mut s in slow {
+        s.set_read_timeout(Some(WAIT)).unwrap();
+        let mut got = 0usize;
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            match s.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => got += n,
+            }
+        }
+        assert!(got < 8 << 20, "got all {got} bytes");
+    }
+}
+
+#[test]
+fn head_and_bodies_and_odd_statuses() {
+    let server = WebSocketServer::builder()
+        .on_http(|req| match req.path() {
+            "/none" => HttpResponse::new(204).body("dropped"),
+            "/early" => HttpResponse::new(103).body("not final"),
+            _ => HttpResponse::new(200)
+                .header("Content-Length", "1")
+                .header("X-Ok", "yes")
+                .header("X-Bad", "a\u{0}b")
+                .body("hello"),
+        })
+        .start("127.0.0.1:0")
+        .unwrap();
+    let addr = server.local_addr();
+    let resp = http(addr, b"HEAD / HTTP/1.1\r\nHost: x\r\n\r\n");
+    assert!(resp.starts_with("HTTP/1.1 200 OK\r\n"), "{resp}");
+    assert!(resp.contains("\r\nContent-Length: 5\r\n"), "{resp}");
+    assert!(resp.ends_with("\r\n\r\n"), "HEAD has no body: {resp}");
+    assert!(
+        resp.contains("\r\nX-Ok: yes\r\n") && !resp.contains("X-Bad"),
+        "{resp}"
+    );
+    assert_eq!(resp.matches("Content-Length").count(), 1, "{resp}");
+    let resp = http(addr, b"GET /none HTTP/1.1\r\nHost: x\r\n\r\n");
+    assert!(resp.starts_with("HTTP/1.1 204 "), "{resp}");
+    assert!(
+        !resp.contains("dropped") && !resp.contains("Content-Length"),
+        "{resp}"
+    );
+    let resp = http(addr, b"GET /early HTTP/1.1\r\nHost: x\r\n\r\n");
+    assert!(resp.starts_with("HTTP/1.1 500 "), "{resp}");
+    // A request body the server never reads does not reset the answer.
+    let body = vec![b'b'; 200_000];
+    let mut req = format!(
+        "POST /form HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    )
+    .into_bytes();
+    req.extend_from_slice(&body);
+    let resp = http(addr, &req);
+    assert!(resp.starts_with("HTTP/1.1 200 OK\r\n"), "{resp:.80}");
+    assert!(resp.ends_with("\r\n\r\nhello"), "{resp:.80}");
 }

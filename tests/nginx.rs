@@ -421,7 +421,8 @@ fn trust_proxy_sees_the_client_address_through_nginx() {
     ws.send(Tm::text("still echoing")).unwrap();
     assert_eq!(ws.read().unwrap(), Tm::text("still echoing"));
 
-    // nginx replaces X-Real-IP, so a client cannot claim an address.
+    // nginx appends the address it saw to X-Forwarded-For (and replaces
+    // X-Real-IP), so a client cannot claim an address.
     let spoof = [("X-Real-IP", "6.6.6.6"), ("X-Forwarded-For", "6.6.6.6")];
     let _ws2 = proxy.connect(Ipv4Addr::new(127, 0, 0, 6), "/", &spoof);
     assert_eq!(proxy.echo.connect_line().1, "127.0.0.6");

@@ -381,8 +381,14 @@ fn deflate(c: &mut Compress, payload: &[u8]) -> Vec<u8> {
             out.reserve(out.capacity().max(64));
         }
         // Errors only on misuse (a finished stream), which never happens
-        // here: every flush is a sync flush.
-        let _ = c.compress_vec(&payload[consumed..], &mut out, FlushCompress::Sync);
+        // here: every flush is a sync flush. Stop rather than spin if it
+        // ever did.
+        if c.compress_vec(&payload[consumed..], &mut out, FlushCompress::Sync)
+            .is_err()
+        {
+            debug_assert!(false, "deflate failed");
+            break;
+        }
         let consumed = (c.total_in() - start_in) as usize;
         // Done once all input is in and the flush did not fill the buffer.
         if consumed == payload.len() && out.len() < out.capacity() {
@@ -422,7 +428,7 @@ impl Inflater {
     pub fn inflate(&mut self, payload: &[u8], limit: usize) -> Result<Vec<u8>, DecodeError> {
         match &mut self.context {
             Some(d) => {
-                let r = inflate(d, payload, limit);
+                let r = inflate(d, true, payload, limit);
                 if r.is_err() {
                     d.reset(false);
                 }
@@ -431,7 +437,7 @@ impl Inflater {
             None => INFLATER.with(|cell| {
                 let mut slot = cell.borrow_mut();
                 let d = slot.get_or_insert_with(|| Decompress::new_with_window_bits(false, 15));
-                let r = inflate(d, payload, limit);
+                let r = inflate(d, false, payload, limit);
                 d.reset(false);
                 r
             }),
@@ -439,41 +445,52 @@ impl Inflater {
     }
 }
 
-fn inflate(d: &mut Decompress, payload: &[u8], limit: usize) -> Result<Vec<u8>, DecodeError> {
-    let mut out: Vec<u8> = Vec::with_capacity(payload.len().saturating_mul(2).clamp(64, limit + 1));
-    for (pass, input) in [payload, &TAIL[..]].into_iter().enumerate() {
-        let start_in = d.total_in();
+fn inflate(
+    d: &mut Decompress,
+    keep_window: bool,
+    payload: &[u8],
+    limit: usize,
+) -> Result<Vec<u8>, DecodeError> {
+    let most = limit.saturating_add(1);
+    let mut out: Vec<u8> = Vec::with_capacity(payload.len().saturating_mul(2).max(64).min(most));
+    for input in [payload, &TAIL[..]] {
+        let mut pos = 0;
         loop {
-            let consumed = (d.total_in() - start_in) as usize;
             if out.len() == out.capacity() {
-                let room = (limit + 1).saturating_sub(out.len()).min(out.len().max(64));
-                out.reserve(room.max(1));
+                // Grow by doubling, but never past one byte over the limit.
+                let room = most.saturating_sub(out.len()).min(out.len().max(64));
+                out.reserve_exact(room.max(1));
             }
-            let before_out = out.len();
+            let (in_before, out_before) = (d.total_in(), out.len());
             let status = d
-                .decompress_vec(&input[consumed..], &mut out, FlushDecompress::Sync)
+                .decompress_vec(&input[pos..], &mut out, FlushDecompress::Sync)
                 .map_err(|_| ProtocolError::BadCompression)?;
+            let took = (d.total_in() - in_before) as usize;
+            pos += took;
             if out.len() > limit {
                 return Err(DecodeError::TooLarge {
                     size: out.len() as u64,
                     limit: limit as u64,
                 });
             }
-            let now = (d.total_in() - start_in) as usize;
             if status == Status::StreamEnd {
-                // A final block (allowed, if unusual): nothing of the
-                // payload may follow it; the appended tail may be left.
-                if pass == 0 && now < input.len() {
-                    return Err(ProtocolError::BadCompression.into());
-                }
+                // A block with BFINAL set ends one deflate stream; what
+                // follows starts another (RFC 7692 section 7.2.3.4). With
+                // a context, the new stream may refer back to what came
+                // before: the message's own output stands in for the
+                // window (earlier messages are not kept).
                 d.reset(false);
-                return Ok(out);
+                if keep_window && !out.is_empty() {
+                    let window = &out[out.len().saturating_sub(32 << 10)..];
+                    d.set_dictionary(window)
+                        .map_err(|_| ProtocolError::BadCompression)?;
+                }
+                continue;
             }
-            let progressed = now > consumed || out.len() > before_out;
-            if now == input.len() && out.len() < out.capacity() {
+            if pos == input.len() && out.len() < out.capacity() {
                 break;
             }
-            if !progressed && out.len() < out.capacity() {
+            if took == 0 && out.len() == out_before && out.len() < out.capacity() {
                 return Err(ProtocolError::BadCompression.into());
             }
         }
@@ -579,7 +596,7 @@ mod tests {
         match Inflater::default().inflate(&z, 1 << 20) {
             Err(DecodeError::TooLarge { size, limit }) => {
                 assert_eq!(limit, 1 << 20);
-                assert!(size > limit && size < 2 << 20, "{size}");
+                assert_eq!(size, limit + 1);
             }
             other => panic!("{:?}", other.map(|v| v.len())),
         }
@@ -589,6 +606,60 @@ mod tests {
             Inflater::default().inflate(&z, 1 << 20).unwrap().len(),
             1 << 20
         );
+    }
+
+    /// The examples of RFC 7692 section 7.2.3, all "Hello".
+    #[test]
+    fn rfc_7692_examples() {
+        let hello = b"Hello".to_vec();
+        let fresh = |bytes: &[u8]| Inflater::default().inflate(bytes, 1 << 20);
+        // 7.2.3.1: one compressed block.
+        assert_eq!(
+            fresh(&[0xf2, 0x48, 0xcd, 0xc9, 0xc9, 0x07, 0x00]),
+            Ok(hello.clone())
+        );
+        // 7.2.3.3: a stored (uncompressed) block.
+        let stored = [
+            0x00, 0x05, 0x00, 0xfa, 0xff, 0x48, 0x65, 0x6c, 0x6c, 0x6f, 0x00,
+        ];
+        assert_eq!(fresh(&stored), Ok(hello.clone()));
+        // 7.2.3.4: a final block, then the start of the empty one.
+        let bfinal = [0xf3, 0x48, 0xcd, 0xc9, 0xc9, 0x07, 0x00, 0x00];
+        assert_eq!(fresh(&bfinal), Ok(hello.clone()));
+        // 7.2.3.5: two blocks in one message.
+        let two = [
+            0xf2, 0x48, 0x05, 0x00, 0x00, 0x00, 0xff, 0xff, 0xca, 0xc9, 0xc9, 0x07, 0x00,
+        ];
+        assert_eq!(fresh(&two), Ok(hello.clone()));
+        // 7.2.3.2: with a context, the second message refers to the first,
+        // also when the first ended with a final block.
+        let kept = Agreed {
+            server_no_context_takeover: true,
+            client_no_context_takeover: false,
+            server_max_window_bits: 15,
+        };
+        for first in [&[0xf2, 0x48, 0xcd, 0xc9, 0xc9, 0x07, 0x00][..], &bfinal] {
+            let mut i = Inflater::new(&kept);
+            assert_eq!(i.inflate(first, 1 << 20), Ok(hello.clone()));
+            assert_eq!(
+                i.inflate(&[0xf2, 0x00, 0x11, 0x00, 0x00], 1 << 20),
+                Ok(hello.clone())
+            );
+        }
+    }
+
+    #[test]
+    fn extreme_limits_do_not_panic() {
+        let z = compress_fresh(15, 6, &[7u8; 1000]);
+        assert_eq!(
+            Inflater::default().inflate(&z, usize::MAX).unwrap().len(),
+            1000
+        );
+        assert!(matches!(
+            Inflater::default().inflate(&z, 1),
+            Err(DecodeError::TooLarge { size: 2, limit: 1 })
+        ));
+        assert!(Inflater::default().inflate(&z, 0).is_err());
     }
 
     #[test]

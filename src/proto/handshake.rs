@@ -148,22 +148,21 @@ impl Response {
         }
     }
 
-    /// Add a header to the `101` response. Names or values with CR or LF
-    /// are dropped, as are the headers the handshake itself sets.
+    /// Add a header to the `101` response. A name that is not an HTTP
+    /// token, a value with control characters, and the headers the
+    /// handshake itself sets are dropped.
     pub fn header(&mut self, name: impl Into<String>, value: impl Into<String>) -> &mut Self {
         let (name, value) = (name.into(), value.into());
         let reserved = [
             "upgrade",
             "connection",
+            "content-length",
+            "transfer-encoding",
             "sec-websocket-accept",
             "sec-websocket-protocol",
             "sec-websocket-extensions",
         ];
-        if !name.contains(['\r', '\n', ':'])
-            && !name.is_empty()
-            && !value.contains(['\r', '\n'])
-            && !reserved.iter().any(|r| name.eq_ignore_ascii_case(r))
-        {
+        if header_ok(&name, &value, &reserved) {
             self.headers.push((name, value));
         }
         self
@@ -266,10 +265,19 @@ impl Reject {
         self
     }
 
-    /// Add a response header. Names or values with CR or LF are dropped.
+    /// Add a response header. A name that is not an HTTP token, a value
+    /// with control characters, and the headers the response sets itself
+    /// (`Connection`, `Content-Length`, `Content-Type`, which has its own
+    /// setter, `Transfer-Encoding`) are dropped.
     pub fn header(mut self, name: impl Into<String>, value: impl Into<String>) -> Reject {
         let (name, value) = (name.into(), value.into());
-        if !name.contains(['\r', '\n']) && !value.contains(['\r', '\n']) {
+        let reserved = [
+            "connection",
+            "content-length",
+            "content-type",
+            "transfer-encoding",
+        ];
+        if header_ok(&name, &value, &reserved) {
             self.headers.push((name, value));
         }
         self
@@ -287,18 +295,31 @@ impl Reject {
 
     /// The full HTTP response, ending the connection.
     pub fn to_response(&self) -> Vec<u8> {
-        let status = if (100..=999).contains(&self.status) && self.status != 101 {
+        self.to_response_for(false)
+    }
+
+    /// The HTTP response; for a `HEAD` request (`head_only`), without the
+    /// body. A status that cannot end a response (1xx, including 101, or
+    /// outside 200-999) is sent as 500; 204 and 304 carry no body.
+    pub fn to_response_for(&self, head_only: bool) -> Vec<u8> {
+        let status = if (200..=999).contains(&self.status) {
             self.status
         } else {
             500
         };
+        let bodiless = matches!(status, 204 | 304);
         let mut out = format!(
-            "HTTP/1.1 {} {}\r\nConnection: close\r\nContent-Type: {}\r\nContent-Length: {}\r\n",
+            "HTTP/1.1 {} {}\r\nConnection: close\r\n",
             status,
             reason_phrase(status),
-            self.content_type,
-            self.body.len()
         );
+        if !bodiless {
+            out.push_str(&format!(
+                "Content-Type: {}\r\nContent-Length: {}\r\n",
+                self.content_type,
+                self.body.len()
+            ));
+        }
         for (n, v) in &self.headers {
             out.push_str(n);
             out.push_str(": ");
@@ -306,9 +327,24 @@ impl Reject {
             out.push_str("\r\n");
         }
         out.push_str("\r\n");
-        out.push_str(&self.body);
+        if !bodiless && !head_only {
+            out.push_str(&self.body);
+        }
         out.into_bytes()
     }
+}
+
+/// Whether a header may be added by user code: a token name that is not
+/// one of `reserved`, and a value free of control characters (tab
+/// excepted), so that no header or response can be injected.
+fn header_ok(name: &str, value: &str, reserved: &[&str]) -> bool {
+    let token = |c: u8| c.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&c);
+    !name.is_empty()
+        && name.bytes().all(token)
+        && value
+            .bytes()
+            .all(|c| c == b'\t' || (c >= 0x20 && c != 0x7f))
+        && !reserved.iter().any(|r| name.eq_ignore_ascii_case(r))
 }
 
 impl fmt::Display for Reject {

@@ -61,6 +61,8 @@ pub(crate) fn run<T: Send + Sync + 'static>(shared: Arc<Shared<T>>, listener: Tc
             buf: Vec::new(),
             deadline: Instant::now() + shared.config.handshake_timeout,
             timer_booked: false,
+            out: Vec::new(),
+            sent: 0,
         });
         let s = Arc::clone(&shared);
         shared.pool.execute(move || handshake(&s, pending));

@@ -28,13 +28,18 @@ const PARALLEL_FROM: usize = 4 * CHUNK;
 /// The message encoded once per form the clients need.
 struct Frames {
     plain: Arc<[u8]>,
-    /// Compressed frames by window bits, for connections that compress
-    /// without a context; `None` where compressing did not pay.
+    /// The message's payload length.
     #[cfg(feature = "deflate")]
-    deflated: [Option<Arc<[u8]>>; 16],
+    len: usize,
+    /// The compressed frame for connections that compress without a
+    /// context, made with the smallest window any of them agreed on (a
+    /// stream made with a smaller window is valid for every larger one);
+    /// `None` if none needs it or compressing did not pay.
+    #[cfg(feature = "deflate")]
+    deflated: Option<Arc<[u8]>>,
     /// For connections that keep a context and compress on their own.
     #[cfg(feature = "deflate")]
-    message: Message,
+    message: Option<Message>,
 }
 
 impl Frames {
@@ -42,21 +47,21 @@ impl Frames {
         let plain = encode_frame(message.opcode(), message.as_bytes()).into();
         #[cfg(feature = "deflate")]
         {
-            let mut deflated: [Option<Arc<[u8]>>; 16] = Default::default();
+            let mut deflated = None;
+            let mut own_context = false;
             if let Some(config) = shared.config.compression {
-                let mut wanted = 0u16;
+                let mut smallest = None::<u8>;
                 for c in conns {
                     if let Some(d) = &c.deflater
                         && d.wants(message.len())
-                        && let Some(bits) = d.shared_variant()
                     {
-                        wanted |= 1 << bits;
+                        match d.shared_variant() {
+                            Some(bits) => smallest = Some(smallest.map_or(bits, |s| s.min(bits))),
+                            None => own_context = true,
+                        }
                     }
                 }
-                for bits in 9..16u8 {
-                    if wanted & (1 << bits) == 0 {
-                        continue;
-                    }
+                if let Some(bits) = smallest {
                     let z = compress_fresh(bits, config.get_level(), message.as_bytes());
                     if z.len() < message.len() || !config.get_skip_incompressible() {
                         let mut head = [0u8; 10];
@@ -64,14 +69,15 @@ impl Frames {
                         let mut frame = Vec::with_capacity(n + z.len());
                         frame.extend_from_slice(&head[..n]);
                         frame.extend_from_slice(&z);
-                        deflated[usize::from(bits)] = Some(frame.into());
+                        deflated = Some(frame.into());
                     }
                 }
             }
             Frames {
                 plain,
+                len: message.len(),
                 deflated,
-                message: message.clone(),
+                message: own_context.then(|| message.clone()),
             }
         }
         #[cfg(not(feature = "deflate"))]
@@ -88,16 +94,15 @@ impl Frames {
         conn: &Arc<Conn<T>>,
     ) -> Result<SendStatus, Error> {
         #[cfg(feature = "deflate")]
-        if let Some(d) = &conn.deflater
-            && d.wants(self.message.len())
-        {
-            match d.shared_variant() {
-                Some(bits) => {
-                    if let Some(frame) = &self.deflated[usize::from(bits)] {
-                        return conn.send_shared(shared, frame);
-                    }
+        if let Some(d) = &conn.deflater {
+            match (d.shared_variant(), &self.deflated, &self.message) {
+                (Some(_), Some(frame), _) if d.wants(self.len) => {
+                    return conn.send_shared(shared, frame);
                 }
-                None => return conn.send_message(shared, self.message.clone()),
+                (None, _, Some(message)) if d.wants(self.len) => {
+                    return conn.send_message(shared, message.clone());
+                }
+                _ => {}
             }
         }
         conn.send_shared(shared, &self.plain)

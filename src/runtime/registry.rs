@@ -29,6 +29,10 @@ pub(crate) struct Pending {
     pub(crate) deadline: Instant,
     /// The deadline is in the timer heap (booked once, at the first park).
     pub(crate) timer_booked: bool,
+    /// A plain HTTP answer being written (`out[sent..]` is left); the
+    /// handshake deadline bounds it too.
+    pub(crate) out: Vec<u8>,
+    pub(crate) sent: usize,
 }
 
 pub(crate) enum Slot<T> {

@@ -67,6 +67,8 @@ fn read_some(mut stream: &std::net::TcpStream, buf: &mut [u8]) -> io::Result<Opt
 
 /// Give up on a handshake: optionally answer, then close.
 pub(crate) fn abort_handshake<T>(shared: &Shared<T>, p: Pending, answer: Option<&Reject>) {
+    // Midway through a plain HTTP answer, nothing else can be said.
+    let answer = answer.filter(|_| p.out.is_empty());
     if let Some(reject) = answer {
         // Counted first, so that whoever reads the answer sees the count.
         shared.counters.refused(reject.status());
@@ -79,14 +81,27 @@ pub(crate) fn abort_handshake<T>(shared: &Shared<T>, p: Pending, answer: Option<
 }
 
 /// The handshake job: read what is there, parse, and accept, refuse or
-/// wait for more.
-pub(crate) fn handshake<T: Send + Sync + 'static>(shared: &Arc<Shared<T>>, mut p: Box<Pending>) {
+/// wait for more. A bug that panics here costs only this connection: its
+/// socket closes as the unwinding drops it, and its slot is freed.
+pub(crate) fn handshake<T: Send + Sync + 'static>(shared: &Arc<Shared<T>>, p: Box<Pending>) {
+    let (key, ip) = (p.key, p.peer.ip());
+    if catch_unwind(AssertUnwindSafe(|| handshake_inner(shared, p))).is_err() {
+        Counters::add(&shared.counters.panics, 1);
+        eprintln!("enjent: internal error during a handshake from {ip}; connection dropped");
+        shared.registry.remove(key, None, ip);
+    }
+}
+
+fn handshake_inner<T: Send + Sync + 'static>(shared: &Arc<Shared<T>>, mut p: Box<Pending>) {
     if shared.stopping.load(Ordering::Acquire) {
         return abort_handshake(
             shared,
             *p,
             Some(&Reject::new(503).body("server shutting down")),
         );
+    }
+    if !p.out.is_empty() {
+        return continue_http(shared, p);
     }
     let max = shared.config.max_handshake_bytes;
     let read = with_scratch(|buf| -> io::Result<bool> {
@@ -111,26 +126,7 @@ pub(crate) fn handshake<T: Send + Sync + 'static>(shared: &Arc<Shared<T>>, mut p
     let (mut request, used) = match parse_http(&p.buf, max) {
         Ok(Some(done)) => done,
         Ok(None) => {
-            let (key, deadline, booked) = (p.key, p.deadline, p.timer_booked);
-            p.timer_booked = true;
-            shared.registry.park(p, |p| {
-                let _ = shared.poller.modify(&p.stream, Interest::readable(p.key));
-            });
-            if !booked {
-                book_handshake_deadline(shared, key, deadline);
-            }
-            // Shutdown sets `stopping` before it sweeps parked handshakes,
-            // and both take the slab lock: either its sweep saw this one, or
-            // we see the flag and take it back.
-            if shared.stopping.load(Ordering::Acquire)
-                && let Some(p) = shared.registry.take_expired_handshake(key, far_future())
-            {
-                abort_handshake(
-                    shared,
-                    *p,
-                    Some(&Reject::new(503).body("server shutting down")),
-                );
-            }
+            park_handshake(shared, p, Interest::readable(0));
             return;
         }
         Err(reject) => return abort_handshake(shared, *p, Some(&reject)),
@@ -147,7 +143,11 @@ pub(crate) fn handshake<T: Send + Sync + 'static>(shared: &Arc<Shared<T>>, mut p
             );
             Reject::new(500).body("internal error")
         });
-        return answer_http(shared, *p, &answer);
+        let head_only = request.method() == "HEAD";
+        Counters::add(&shared.counters.http_answered, 1);
+        p.out = answer.to_response_for(head_only);
+        p.buf = Vec::new();
+        return continue_http(shared, p);
     }
     if let Err(reject) = check_upgrade(&mut request) {
         return abort_handshake(shared, *p, Some(&reject));
@@ -173,7 +173,7 @@ pub(crate) fn handshake<T: Send + Sync + 'static>(shared: &Arc<Shared<T>>, mut p
     };
     answer.prefer(&shared.config.protocols);
     let forwarded = if shared.config.trust_proxy {
-        forwarded_ip(&request)
+        forwarded_ip(&request, &shared.config.forwarded_header)
     } else {
         None
     };
@@ -255,37 +255,90 @@ fn negotiate_extensions<T>(
     Extensions
 }
 
-/// The client address a trusted proxy reported: `X-Real-IP`, else the
-/// last `X-Forwarded-For` entry (the one the nearest proxy appended;
-/// earlier ones come from the client and prove nothing).
-fn forwarded_ip(request: &Request) -> Option<IpAddr> {
-    if let Some(ip) = request.header("X-Real-IP") {
-        return ip.trim().parse().ok();
-    }
-    let last = request
+/// The client address the trusted proxy reported in `header`. For
+/// `X-Forwarded-For`, the last entry over all its lines: the one the
+/// nearest proxy appended (earlier ones come from the client and prove
+/// nothing). For any other header, its one value.
+fn forwarded_ip(request: &Request, header: &str) -> Option<IpAddr> {
+    let mut values = request
         .headers()
-        .filter(|(n, _)| n.eq_ignore_ascii_case("X-Forwarded-For"))
-        .filter_map(|(_, v)| std::str::from_utf8(v).ok())
-        .flat_map(|v| v.split(','))
-        .last()?;
-    last.trim().parse().ok()
+        .filter(|(n, _)| n.eq_ignore_ascii_case(header))
+        .filter_map(|(_, v)| std::str::from_utf8(v).ok());
+    let entry = if header.eq_ignore_ascii_case("X-Forwarded-For") {
+        values.flat_map(|v| v.split(',')).last()?
+    } else {
+        values.next()?
+    };
+    parse_ip(entry.trim().trim_matches('"'))
 }
 
-/// Answer a plain HTTP request and close. The response may be larger than
-/// the socket buffer (a page), so it is written blocking, with a bound.
-fn answer_http<T>(shared: &Shared<T>, p: Pending, answer: &Reject) {
-    let bytes = answer.to_response();
-    let _ = p.stream.set_nonblocking(false);
-    let _ = p.stream.set_write_timeout(Some(HTTP_WRITE_TIMEOUT));
-    Counters::add(&shared.counters.http_answered, 1);
-    let _ = (&p.stream).write_all(&bytes);
+/// An address as proxies write it: `1.2.3.4`, `1.2.3.4:5678`, `2001:db8::1`,
+/// `[2001:db8::1]` or `[2001:db8::1]:5678`.
+fn parse_ip(s: &str) -> Option<IpAddr> {
+    if let Ok(ip) = s.parse() {
+        return Some(ip);
+    }
+    if let Ok(addr) = s.parse::<std::net::SocketAddr>() {
+        return Some(addr.ip());
+    }
+    s.strip_prefix('[')?.strip_suffix(']')?.parse().ok()
+}
+
+/// Wait for the socket (readable for more of the request, writable for
+/// more of an HTTP answer), within the handshake deadline.
+fn park_handshake<T>(shared: &Arc<Shared<T>>, mut p: Box<Pending>, want: Interest) {
+    let (key, deadline, booked) = (p.key, p.deadline, p.timer_booked);
+    p.timer_booked = true;
+    shared.registry.park(p, |p| {
+        let interest = Interest::new(p.key, want.readable, want.writable);
+        let _ = shared.poller.modify(&p.stream, interest);
+    });
+    if !booked {
+        book_handshake_deadline(shared, key, deadline);
+    }
+    // Shutdown sets `stopping` before it sweeps parked handshakes, and
+    // both take the slab lock: either its sweep saw this one, or we see
+    // the flag and take it back.
+    if shared.stopping.load(Ordering::Acquire)
+        && let Some(p) = shared.registry.take_expired_handshake(key, far_future())
+    {
+        abort_handshake(
+            shared,
+            *p,
+            Some(&Reject::new(503).body("server shutting down")),
+        );
+    }
+}
+
+/// Write what is left of a plain HTTP answer without blocking: a slow
+/// reader waits parked (writable interest), never on a worker, and the
+/// handshake deadline cuts it off. Once all is out, close.
+fn continue_http<T>(shared: &Arc<Shared<T>>, mut p: Box<Pending>) {
+    while p.sent < p.out.len() {
+        match (&p.stream).write(&p.out[p.sent..]) {
+            Ok(0) => break,
+            Ok(n) => p.sent += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                return park_handshake(shared, p, Interest::writable(0));
+            }
+            Err(_) => break,
+        }
+    }
     let _ = p.stream.shutdown(Shutdown::Write);
+    // Read what the client sent meanwhile (a request body, a pipelined
+    // request): closing with unread bytes would send a reset, which can
+    // destroy the answer before the client reads it.
+    with_scratch(|buf| {
+        for _ in 0..16 {
+            if !matches!(read_some(&p.stream, buf), Ok(Some(n)) if n > 0) {
+                break;
+            }
+        }
+    });
     let _ = shared.poller.delete(&p.stream);
     shared.registry.remove(p.key, None, p.peer.ip());
 }
-
-/// Longest a worker spends writing one plain HTTP response.
-const HTTP_WRITE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// An instant after every deadline, to take a handshake out regardless.
 pub(crate) fn far_future() -> std::time::Instant {
@@ -303,7 +356,64 @@ fn book_handshake_deadline<T>(shared: &Shared<T>, key: usize, deadline: std::tim
 
 /// The service job: flush, read and process, keep time, then re-arm or
 /// tear down. `first` holds bytes that arrived with the handshake.
+///
+/// User code is guarded where it is called; should the server itself
+/// panic while serving, the connection is torn down (reported with 1011)
+/// instead of being left without a job forever.
 pub(crate) fn service<T: Send + Sync + 'static>(
+    shared: &Arc<Shared<T>>,
+    conn: &Arc<Conn<T>>,
+    first: &[u8],
+    fresh: bool,
+) {
+    if catch_unwind(AssertUnwindSafe(|| {
+        service_inner(shared, conn, first, fresh)
+    }))
+    .is_err()
+    {
+        Counters::add(&shared.counters.panics, 1);
+        eprintln!(
+            "enjent: internal error while serving client {}; closing it",
+            conn.client.id()
+        );
+        panic_teardown(shared, conn);
+    }
+}
+
+/// Tear down after a panic in the service job, which took the read side
+/// with it.
+fn panic_teardown<T: Send + Sync + 'static>(shared: &Arc<Shared<T>>, conn: &Arc<Conn<T>>) {
+    let unsent = {
+        let mut w = conn.io.lock();
+        if w.finished {
+            return;
+        }
+        w.finished = true;
+        w.job_running = false;
+        let unsent = w.queued;
+        w.queue = Default::default();
+        w.queued = 0;
+        unsent
+    };
+    shared.counters.queued(-(unsent as i64));
+    Counters::add(&shared.counters.disconnected, 1);
+    let _ = shared.poller.delete(&conn.stream);
+    let _ = conn.stream.shutdown(Shutdown::Both);
+    shared.registry.remove(
+        conn.key,
+        Some(conn.client.id()),
+        conn.client.peer_addr().ip(),
+    );
+    shared.emit_disconnect(
+        &conn.client,
+        CloseFrame::new(CloseCode::INTERNAL_ERROR, "internal error"),
+        Some(Error::Io(io::Error::other(
+            "internal error while serving the connection",
+        ))),
+    );
+}
+
+fn service_inner<T: Send + Sync + 'static>(
     shared: &Arc<Shared<T>>,
     conn: &Arc<Conn<T>>,
     first: &[u8],
@@ -393,9 +503,11 @@ fn read_available<T: Send + Sync + 'static>(
                 }
                 Ok(Some(n)) => {
                     r.last_seen_ms = shared.now_ms();
-                    process(shared, conn, r, &buf[..n]);
+                    let delivered = process(shared, conn, r, &buf[..n]);
                     account_buffered(shared, conn, r);
-                    budget = budget.saturating_sub(n);
+                    // Inflated messages count at their delivered size, so
+                    // a few compressed bytes cannot buy unbounded work.
+                    budget = budget.saturating_sub(n.max(delivered));
                     // A short read means the socket is drained (readiness is
                     // level-triggered, so anything newer re-fires).
                     if n < buf.len() || budget == 0 {
@@ -453,14 +565,19 @@ fn process<T: Send + Sync + 'static>(
     conn: &Arc<Conn<T>>,
     r: &mut ReadSide,
     bytes: &[u8],
-) {
+) -> usize {
     if conn.closing.load(Ordering::Acquire) {
         r.proto.close_sent();
     }
     let mut input = bytes;
+    let mut delivered = 0;
     while let Some(out) = r.proto.read(&mut input) {
+        if let Output::Message(m) = &out {
+            delivered += m.len();
+        }
         handle(shared, conn, r, out);
     }
+    delivered
 }
 
 /// Act on one protocol output.
