@@ -666,6 +666,7 @@ impl<T: Send + Sync + 'static> Builder<T> {
             threads: Mutex::new(Vec::new()),
             shutdown_fn: |shared| shared.shutdown(),
             shutdown_lock: Mutex::new(false),
+            flushq: Mutex::new(Vec::new()),
             config,
         });
         let s = Arc::clone(&shared);

@@ -29,6 +29,14 @@ fn counters_follow_a_scripted_session() {
     expect_message(&server);
     c.send("abc").unwrap();
     server.broadcast("xy");
+    // Sends from this (non-pool) thread are written by a worker: wait
+    // until the client has both, and the counters have caught up.
+    assert_eq!(ws.read().unwrap(), Tm::text("abc"));
+    assert_eq!(ws.read().unwrap(), Tm::text("xy"));
+    let deadline = std::time::Instant::now() + WAIT;
+    while server.stats().bytes_out < 129 + 5 + 4 && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(5));
+    }
     let s = server.stats();
     assert_eq!((s.connections, s.handshakes_accepted), (1, 1));
     assert_eq!((s.messages_in, s.bytes_in), (2, 105));

@@ -10,7 +10,7 @@ use crate::proto::handshake::Reject;
 use crate::runtime::Shared;
 use crate::runtime::poller::register;
 use crate::runtime::registry::Pending;
-use crate::runtime::worker::handshake;
+use crate::runtime::worker::{abort_handshake, book_handshake_deadline, far_future};
 
 pub(crate) fn run<T: Send + Sync + 'static>(shared: Arc<Shared<T>>, listener: TcpListener) {
     loop {
@@ -45,27 +45,35 @@ pub(crate) fn run<T: Send + Sync + 'static>(shared: Arc<Shared<T>>, listener: Tc
             refuse(&stream, &Reject::new(503).body("too many connections"));
             continue;
         };
-        if register(&shared.poller, &stream, key).is_err() {
-            shared.registry.remove(key, None, peer.ip());
-            shared.counters.refused(503);
-            refuse(
-                &stream,
-                &Reject::new(503).body("server cannot take more connections"),
-            );
-            continue;
-        }
+        let deadline = Instant::now() + shared.config.handshake_timeout;
         let pending = Box::new(Pending {
             key,
             stream,
             peer,
             buf: Vec::new(),
-            deadline: Instant::now() + shared.config.handshake_timeout,
-            timer_booked: false,
+            deadline,
+            timer_booked: true,
             out: Vec::new(),
             sent: 0,
         });
-        let s = Arc::clone(&shared);
-        shared.pool.execute(move || handshake(&s, pending));
+        // The request is rarely in yet: the poller hands the socket to a
+        // worker once it is, instead of a job reading nothing now. It is
+        // registered while its slot is locked, so that the readiness
+        // event cannot look for it before it is there.
+        let registered = shared
+            .registry
+            .park(pending, |p| register(&shared.poller, &p.stream, key, true));
+        if !matches!(registered, Some(Ok(()))) {
+            if let Some(p) = shared.registry.take_expired_handshake(key, far_future()) {
+                abort_handshake(
+                    &shared,
+                    *p,
+                    Some(&Reject::new(503).body("server cannot take more connections")),
+                );
+            }
+            continue;
+        }
+        book_handshake_deadline(&shared, key, deadline);
     }
 }
 

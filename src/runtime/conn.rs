@@ -245,6 +245,7 @@ impl<T: Send + Sync + 'static> Conn<T> {
             Chunk::Head(head, n as u8),
             Some(Chunk::Owned(body)),
             Kind::Data,
+            !crate::runtime::worker::on_worker(),
         )
     }
 
@@ -254,7 +255,13 @@ impl<T: Send + Sync + 'static> Conn<T> {
         shared: &Arc<Shared<T>>,
         frame: &Arc<[u8]>,
     ) -> Result<SendStatus> {
-        self.write(shared, Chunk::Shared(Arc::clone(frame)), None, Kind::Data)
+        self.write(
+            shared,
+            Chunk::Shared(Arc::clone(frame)),
+            None,
+            Kind::Data,
+            false,
+        )
     }
 
     pub(crate) fn send_ping(self: &Arc<Self>, shared: &Arc<Shared<T>>) -> Result<()> {
@@ -270,8 +277,14 @@ impl<T: Send + Sync + 'static> Conn<T> {
         let mut head = [0u8; 10];
         let n = encode_header(&mut head, true, op, payload.len());
         let body = (!payload.is_empty()).then(|| Chunk::Owned(payload.to_vec()));
-        self.write(shared, Chunk::Head(head, n as u8), body, Kind::Control)
-            .map(|_| ())
+        self.write(
+            shared,
+            Chunk::Head(head, n as u8),
+            body,
+            Kind::Control,
+            false,
+        )
+        .map(|_| ())
     }
 
     /// Write the `101` response with the write token that `new` hands
@@ -321,6 +334,7 @@ impl<T: Send + Sync + 'static> Conn<T> {
             Chunk::Head(head, n as u8),
             Some(Chunk::Owned(payload)),
             Kind::Close,
+            false,
         )
         .map(|_| ())
     }
@@ -363,12 +377,17 @@ impl<T: Send + Sync + 'static> Conn<T> {
         schedule(shared, self);
     }
 
+    /// Queue or write one frame. `defer` (a data frame sent from a thread
+    /// outside the pool) hands the write to the pool when the connection
+    /// is idle, so that a user thread sending many messages spends no
+    /// syscall on each: workers write them, batched per connection.
     fn write(
         self: &Arc<Self>,
         shared: &Arc<Shared<T>>,
         head: Chunk,
         body: Option<Chunk>,
         kind: Kind,
+        defer: bool,
     ) -> Result<SendStatus> {
         let len = head.bytes().len() + body.as_ref().map_or(0, |b| b.bytes().len());
         let mut w = self.io.lock();
@@ -387,16 +406,18 @@ impl<T: Send + Sync + 'static> Conn<T> {
         // keeps pongs and sends from being refused for them.
         let cork = w.job_running && w.queued + len <= CORK.min(shared.config.max_backpressure / 2);
         let waiting_for_writable = !w.queue.is_empty() && !w.job_running;
+        // Whatever path it takes, a data frame that would join a queue
+        // already over the limit is refused.
+        let limit = shared.config.max_backpressure;
+        if kind == Kind::Data && !cork && w.queued > 0 && w.queued + len > limit {
+            let queued = w.queued;
+            w.drain_wanted = true;
+            drop(w);
+            Counters::add(&shared.counters.dropped, 1);
+            self.over_limit(shared);
+            return Err(Error::Backpressure { queued, limit });
+        }
         if w.writing || cork || waiting_for_writable {
-            let limit = shared.config.max_backpressure;
-            if kind == Kind::Data && w.queued > 0 && w.queued + len > limit {
-                let queued = w.queued;
-                w.drain_wanted = true;
-                drop(w);
-                Counters::add(&shared.counters.dropped, 1);
-                self.over_limit(shared);
-                return Err(Error::Backpressure { queued, limit });
-            }
             w.queue.push_back(head);
             if let Some(b) = body {
                 w.queue.push_back(b);
@@ -407,6 +428,21 @@ impl<T: Send + Sync + 'static> Conn<T> {
             if kind == Kind::Data {
                 Counters::add(&shared.counters.messages_out, 1);
             }
+            return Ok(SendStatus::Queued);
+        }
+        if defer && !w.job_running && !w.writing && w.queue.is_empty() {
+            w.queue.push_back(head);
+            if let Some(b) = body {
+                w.queue.push_back(b);
+            }
+            w.queued += len;
+            // The flush job owns the connection until it is done; sends
+            // meanwhile cork behind this one.
+            w.job_running = true;
+            drop(w);
+            shared.counters.queued(len as i64);
+            Counters::add(&shared.counters.messages_out, 1);
+            shared.defer_flush(self);
             return Ok(SendStatus::Queued);
         }
         if !w.queue.is_empty() {

@@ -94,6 +94,9 @@ pub(crate) struct Shared<T> {
     pub(crate) shutdown_fn: fn(&Arc<Shared<T>>),
     /// True once shutdown has run; held while it runs.
     pub(crate) shutdown_lock: Mutex<bool>,
+    /// Connections with sends deferred by user threads, for the next
+    /// flush job (see `Conn::write`).
+    pub(crate) flushq: Mutex<Vec<Arc<conn::Conn<T>>>>,
 }
 
 impl<T: Send + Sync + 'static> Shared<T> {
@@ -287,6 +290,18 @@ impl<T: Send + Sync + 'static> Shared<T> {
                         }
                     }
                 });
+        }
+    }
+
+    /// Queue `conn` for a flush job; the first connection into an empty
+    /// list starts one, which takes the whole list.
+    pub(crate) fn defer_flush(self: &Arc<Self>, conn: &Arc<conn::Conn<T>>) {
+        let mut q = self.flushq.lock();
+        q.push(Arc::clone(conn));
+        if q.len() == 1 {
+            drop(q);
+            let s = Arc::clone(self);
+            self.pool.execute(move || worker::flush_deferred(&s));
         }
     }
 

@@ -22,14 +22,24 @@ use crate::runtime::worker::{abort_handshake, handshake, service};
 
 /// Register a fresh socket with no interest yet; jobs arm it with
 /// `modify`.
-pub(crate) fn register(poller: &Poller, stream: &TcpStream, key: usize) -> io::Result<()> {
+pub(crate) fn register(
+    poller: &Poller,
+    stream: &TcpStream,
+    key: usize,
+    readable: bool,
+) -> io::Result<()> {
     // SAFETY: the socket must stay open while registered. Every socket
     // registered here lives in a registry slot (as a `Pending` or a `Conn`)
     // and leaves the poller through `Poller::delete` before it is dropped:
     // `abort_handshake` and `teardown` in worker.rs are the only ways out of
     // a slot, and both delete first. The fd is closed only when the last
     // `Arc<Conn>` drops, after that.
-    unsafe { poller.add(stream, Interest::none(key)) }
+    let interest = if readable {
+        Interest::readable(key)
+    } else {
+        Interest::none(key)
+    };
+    unsafe { poller.add(stream, interest) }
 }
 
 /// The poller thread's loop, until shutdown sets `poller_stop`.

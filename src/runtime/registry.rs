@@ -113,12 +113,16 @@ impl<T> Registry<T> {
     /// Put a handshake back into its slot (it waits for more bytes), and
     /// re-arm its interest with `arm` while the slot is locked, so that the
     /// readiness event cannot look for it before it is back.
-    pub(crate) fn park(&self, pending: Box<Pending>, arm: impl FnOnce(&Pending)) {
+    pub(crate) fn park<R>(
+        &self,
+        pending: Box<Pending>,
+        arm: impl FnOnce(&Pending) -> R,
+    ) -> Option<R> {
         let mut s = self.slab.lock();
-        if let Some(e) = Self::entry(&mut s, pending.key) {
-            arm(&pending);
-            e.slot = Slot::Handshake(Some(pending));
-        }
+        let e = Self::entry(&mut s, pending.key)?;
+        let armed = arm(&pending);
+        e.slot = Slot::Handshake(Some(pending));
+        Some(armed)
     }
 
     /// The handshake finished: the slot now holds the open connection.

@@ -45,9 +45,53 @@ fn with_scratch<R>(f: impl FnOnce(&mut [u8]) -> R) -> R {
     })
 }
 
-/// Whether the current thread is one of the pool's workers.
+thread_local! {
+    static ON_WORKER: std::cell::Cell<Option<bool>> = const { std::cell::Cell::new(None) };
+}
+
+/// Whether the current thread is one of the pool's workers (looked up
+/// once per thread: it is asked on every send).
 pub(crate) fn on_worker() -> bool {
-    std::thread::current().name() == Some(WORKER_NAME)
+    ON_WORKER.with(|c| match c.get() {
+        Some(b) => b,
+        None => {
+            let b = std::thread::current().name() == Some(WORKER_NAME);
+            c.set(Some(b));
+            b
+        }
+    })
+}
+
+/// The pool job behind deferred sends: write what user threads queued,
+/// for every connection waiting, then hand each back (or run its service
+/// job if something else came up meanwhile).
+pub(crate) fn flush_deferred<T: Send + Sync + 'static>(shared: &Arc<Shared<T>>) {
+    let batch = std::mem::take(&mut *shared.flushq.lock());
+    for conn in &batch {
+        let mut w = conn.io.lock();
+        if !w.queue.is_empty() && !w.writing && w.write_error.is_none() && !w.finished {
+            w.writing = true;
+            conn.flush_holding_token(shared, w);
+            w = conn.io.lock();
+        }
+        if w.finished {
+            continue;
+        }
+        if w.job_again {
+            // A readiness event, a timer or a failed write came while the
+            // flush held the connection: the full job takes over.
+            w.job_again = false;
+            drop(w);
+            service(shared, conn, &[], false);
+            continue;
+        }
+        w.job_running = false;
+        if !w.queue.is_empty() && !w.writing && w.write_error.is_none() {
+            // The socket is full: writable interest finishes the rest.
+            let interest = Interest::new(conn.key, !w.read_paused, true);
+            let _ = shared.poller.modify(&conn.stream, interest);
+        }
+    }
 }
 
 /// The pool's thread name.
@@ -345,7 +389,11 @@ pub(crate) fn far_future() -> std::time::Instant {
     std::time::Instant::now() + std::time::Duration::from_secs(86_400 * 365)
 }
 
-fn book_handshake_deadline<T>(shared: &Shared<T>, key: usize, deadline: std::time::Instant) {
+pub(crate) fn book_handshake_deadline<T>(
+    shared: &Shared<T>,
+    key: usize,
+    deadline: std::time::Instant,
+) {
     let at = deadline
         .saturating_duration_since(shared.started)
         .as_millis() as u64;
