@@ -10,7 +10,7 @@ use crate::proto::handshake::Reject;
 use crate::runtime::Shared;
 use crate::runtime::poller::register;
 use crate::runtime::registry::Pending;
-use crate::runtime::worker::{abort_handshake, book_handshake_deadline, far_future};
+use crate::runtime::worker::{abort_handshake, book_handshake_deadline, far_future, handshake};
 
 pub(crate) fn run<T: Send + Sync + 'static>(shared: Arc<Shared<T>>, listener: TcpListener) {
     loop {
@@ -46,19 +46,35 @@ pub(crate) fn run<T: Send + Sync + 'static>(shared: Arc<Shared<T>>, listener: Tc
             continue;
         };
         let deadline = Instant::now() + shared.config.handshake_timeout;
+        // If the request is already in, a worker takes it now; otherwise
+        // the poller hands the socket over once it is, rather than a job
+        // reading nothing.
+        let mut probe = [0u8; 1];
+        let arrived = matches!(stream.peek(&mut probe), Ok(n) if n > 0);
         let pending = Box::new(Pending {
             key,
             stream,
             peer,
             buf: Vec::new(),
             deadline,
-            timer_booked: true,
+            timer_booked: !arrived,
             out: Vec::new(),
             sent: 0,
         });
-        // The request is rarely in yet: the poller hands the socket to a
-        // worker once it is, instead of a job reading nothing now. It is
-        // registered while its slot is locked, so that the readiness
+        if arrived {
+            if register(&shared.poller, &pending.stream, key, false).is_err() {
+                abort_handshake(
+                    &shared,
+                    *pending,
+                    Some(&Reject::new(503).body("server cannot take more connections")),
+                );
+                continue;
+            }
+            let s = Arc::clone(&shared);
+            shared.pool.execute(move || handshake(&s, pending));
+            continue;
+        }
+        // Registered while its slot is locked, so that the readiness
         // event cannot look for it before it is there.
         let registered = shared
             .registry
