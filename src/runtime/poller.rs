@@ -15,7 +15,7 @@ use polling::{Event as Interest, Events, Poller};
 
 use crate::proto::handshake::Reject;
 use crate::runtime::Shared;
-use crate::runtime::conn::{claim, schedule};
+use crate::runtime::conn::claim;
 use crate::runtime::registry::Found;
 use crate::runtime::timer::TICK_MS;
 use crate::runtime::worker::{abort_handshake, handshake, service};
@@ -42,6 +42,14 @@ pub(crate) fn register(
     unsafe { poller.add(stream, interest) }
 }
 
+/// Work the poller hands to the pool.
+enum Job<T> {
+    /// Readiness reported for a connection or a handshake.
+    Ready(Found<T>),
+    /// A connection's timer is due.
+    Timer(Arc<crate::runtime::conn::Conn<T>>),
+}
+
 /// The poller thread's loop, until shutdown sets `poller_stop`.
 pub(crate) fn run<T: Send + Sync + 'static>(shared: Arc<Shared<T>>) {
     let mut events = Events::new();
@@ -65,32 +73,16 @@ pub(crate) fn run<T: Send + Sync + 'static>(shared: Arc<Shared<T>>) {
         shared
             .registry
             .take_ready(events.iter().map(|e| e.key), &mut found);
-        // Connections that became ready together are handed to the pool
-        // in at most `workers` batches: one pool job per batch rather than
-        // per connection, which saves a channel hop and a wake-up each.
+        // Connections that became ready together, and those whose timer
+        // is due, are handed to the pool in at most `workers` batches: one
+        // pool job per batch rather than per connection, which saves a
+        // channel hop and a wake-up each.
         let mut ready = Vec::new();
         for f in found.drain(..) {
             match f {
                 Found::Open(ref conn) if !claim(conn) => {}
                 Found::Nothing => {}
-                f => ready.push(f),
-            }
-        }
-        if !ready.is_empty() {
-            let batches = shared.config.workers.min(ready.len());
-            let per = ready.len().div_ceil(batches);
-            while !ready.is_empty() {
-                let batch: Vec<_> = ready.drain(..per.min(ready.len())).collect();
-                let s = Arc::clone(&shared);
-                shared.pool.execute(move || {
-                    for f in batch {
-                        match f {
-                            Found::Open(conn) => service(&s, &conn, &[], false),
-                            Found::Handshake(p) => handshake(&s, p),
-                            Found::Nothing => {}
-                        }
-                    }
-                });
+                f => ready.push(Job::Ready(f)),
             }
         }
         shared.timers.expired(shared.now_ms(), &mut expired);
@@ -100,8 +92,9 @@ pub(crate) fn run<T: Send + Sync + 'static>(shared: Arc<Shared<T>>) {
                     .timer_at
                     .compare_exchange(at, 0, Ordering::AcqRel, Ordering::Acquire)
                     .is_ok()
+                    && claim(&conn)
                 {
-                    schedule(&shared, &conn);
+                    ready.push(Job::Timer(conn));
                 }
             } else if let Some(p) = shared
                 .registry
@@ -114,6 +107,28 @@ pub(crate) fn run<T: Send + Sync + 'static>(shared: Arc<Shared<T>>) {
                     *p,
                     Some(&Reject::new(408).body("handshake timed out")),
                 );
+            }
+        }
+        if !ready.is_empty() {
+            let batches = shared.config.workers.min(ready.len());
+            let per = ready.len().div_ceil(batches);
+            while !ready.is_empty() {
+                let batch: Vec<_> = ready.drain(..per.min(ready.len())).collect();
+                let s = Arc::clone(&shared);
+                shared.pool.execute(move || {
+                    for job in batch {
+                        match job {
+                            Job::Ready(Found::Open(conn)) => service(&s, &conn, &[], false),
+                            Job::Ready(Found::Handshake(p)) => handshake(&s, p),
+                            Job::Ready(Found::Nothing) => {}
+                            // Nothing was reported readable: the job keeps
+                            // time (pings, timeouts) without a read that
+                            // would find nothing. Readiness that comes
+                            // meanwhile makes it go round and read.
+                            Job::Timer(conn) => service(&s, &conn, &[], true),
+                        }
+                    }
+                });
             }
         }
     }

@@ -468,7 +468,8 @@ fn service_inner<T: Send + Sync + 'static>(
     fresh: bool,
 ) {
     let mut first = first;
-    // Fresh from its handshake, the socket was just read dry: re-arming
+    // `fresh`: nothing is known to be readable (the socket was just read
+    // dry by the handshake, or a timer started this job). Re-arming
     // reports anything newer, so the first pass skips a read that would
     // only return EAGAIN.
     let mut read_now = !fresh;
