@@ -30,6 +30,27 @@ pub(crate) const RSV1: u8 = 0b100;
 use crate::runtime::Shared;
 use crate::stats::Counters;
 
+/// A user thread whose previous send was this recent is sending a
+/// stream of messages (a busy main loop): its sends go to the pool, which
+/// writes them in batches. A lone send is written at once by the caller,
+/// which is quicker than a hand-off.
+const BURST_GAP: std::time::Duration = std::time::Duration::from_micros(20);
+
+thread_local! {
+    static LAST_SEND: std::cell::Cell<Option<std::time::Instant>> =
+        const { std::cell::Cell::new(None) };
+}
+
+/// Whether this thread's previous send was within `BURST_GAP`.
+fn sending_in_a_burst() -> bool {
+    let now = std::time::Instant::now();
+    LAST_SEND.with(|last| {
+        let burst = last.get().is_some_and(|t| now - t < BURST_GAP);
+        last.set(Some(now));
+        burst
+    })
+}
+
 /// Most bytes corked while a job owns a connection; a send that would
 /// pass it writes everything at once.
 const CORK: usize = 64 * 1024;
@@ -245,7 +266,7 @@ impl<T: Send + Sync + 'static> Conn<T> {
             Chunk::Head(head, n as u8),
             Some(Chunk::Owned(body)),
             Kind::Data,
-            !crate::runtime::worker::on_worker(),
+            !crate::runtime::worker::on_worker() && sending_in_a_burst(),
         )
     }
 
