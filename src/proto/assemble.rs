@@ -324,10 +324,11 @@ impl Decoder {
                     msg.buf = self.inflate(&msg.buf)?;
                 }
                 if msg.text {
-                    // TODO: fragmented text is validated twice (incrementally,
-                    // then here) because turning checked bytes into a String
-                    // without a second pass needs `unsafe`; costs one extra
-                    // pass over fragmented text only.
+                    // Fragmented text is validated twice (incrementally, to
+                    // fail fast, then here): a String cannot be made from
+                    // checked bytes without a second pass except with
+                    // `unsafe`, which this crate forbids outside the poller.
+                    // The cost is one extra pass over fragmented text only.
                     String::from_utf8(msg.buf)
                         .map(|s| Some(Incoming::Message(Message::Text(s))))
                         .map_err(|_| ProtocolError::InvalidUtf8.into())
