@@ -30,7 +30,7 @@ enum Mode {
 
 fn usage(why: &str) -> Error {
     eprintln!(
-        "{why}\nusage: echo [ADDR] [echo|broadcast] [--max-message-size BYTES] [--main-loop] [--trust-proxy]"
+        "{why}\nusage: echo [ADDR] [echo|broadcast] [--max-message-size BYTES] [--ping-interval SECS] [--main-loop] [--trust-proxy]"
     );
     Error::InvalidInput("bad arguments")
 }
@@ -72,6 +72,13 @@ fn main() -> Result<(), Error> {
                 let n = args.next().and_then(|v| v.parse().ok());
                 let n = n.ok_or_else(|| usage("--max-message-size needs a number of bytes"))?;
                 builder = builder.max_message_size(n);
+            }
+            "--ping-interval" => {
+                let secs: Option<f64> = args.next().and_then(|v| v.parse().ok());
+                let secs = secs
+                    .filter(|s| *s > 0.0)
+                    .ok_or_else(|| usage("--ping-interval needs a number of seconds"))?;
+                builder = builder.ping_interval(Some(std::time::Duration::from_secs_f64(secs)));
             }
             "-h" | "--help" => return Err(usage("an echo server")),
             a if a.starts_with('-') => return Err(usage(&format!("unknown option {a}"))),

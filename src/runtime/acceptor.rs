@@ -60,25 +60,21 @@ pub(crate) fn run<T: Send + Sync + 'static>(shared: Arc<Shared<T>>, listener: Tc
             timer_booked: !arrived,
             out: Vec::new(),
             sent: 0,
+            registered: !arrived,
         });
         if arrived {
-            if register(&shared.poller, &pending.stream, key, false).is_err() {
-                abort_handshake(
-                    &shared,
-                    *pending,
-                    Some(&Reject::new(503).body("server cannot take more connections")),
-                );
-                continue;
-            }
+            // Not in the poller yet: the handshake job registers it, with
+            // the interest its first wait needs (one system call, off this
+            // thread).
             let s = Arc::clone(&shared);
             shared.pool.execute(move || handshake(&s, pending));
             continue;
         }
         // Registered while its slot is locked, so that the readiness
         // event cannot look for it before it is there.
-        let registered = shared
-            .registry
-            .park(pending, |p| register(&shared.poller, &p.stream, key, true));
+        let registered = shared.registry.park(pending, |p| {
+            register(&shared.poller, &p.stream, polling::Event::readable(key))
+        });
         if !matches!(registered, Some(Ok(()))) {
             if let Some(p) = shared.registry.take_expired_handshake(key, far_future()) {
                 abort_handshake(

@@ -118,6 +118,13 @@ pub(crate) struct WriteSide {
     pub(crate) write_error: Option<io::ErrorKind>,
     /// The job left readable interest off (queue over the limit).
     pub(crate) read_paused: bool,
+    /// The socket is in the poller. A connection whose request was in at
+    /// accept time is first registered when its first job ends.
+    pub(crate) registered: bool,
+    /// The oneshot interest armed in the poller, until an event reports
+    /// (and so disarms) it. A job that would arm the same again (one a
+    /// timer started, which consumed no event) spares the system call.
+    pub(crate) armed: Option<(bool, bool)>,
     /// A send was refused for backpressure: tell the user (`Drain`) once
     /// the queue is empty again.
     pub(crate) drain_wanted: bool,
@@ -171,6 +178,7 @@ impl<T: Send + Sync + 'static> Conn<T> {
         limits: Limits,
         now_ms: u64,
         extensions: Extensions,
+        registered: bool,
     ) -> Conn<T> {
         #[allow(unused_mut)]
         let mut proto = Connection::new(limits);
@@ -208,6 +216,8 @@ impl<T: Send + Sync + 'static> Conn<T> {
                 close_deadline_ms: 0,
                 write_error: None,
                 read_paused: false,
+                registered,
+                armed: None,
                 drain_wanted: false,
                 drain_due: false,
                 closed_for_backpressure: false,
@@ -534,6 +544,32 @@ impl<T: Send + Sync + 'static> Conn<T> {
         }
     }
 
+    /// Arm oneshot interest, registering the socket first if it is not in
+    /// the poller yet. False if the poller refused (out of kernel memory).
+    pub(crate) fn arm(
+        &self,
+        shared: &Shared<T>,
+        w: &mut WriteSide,
+        readable: bool,
+        writable: bool,
+    ) -> bool {
+        if w.armed == Some((readable, writable)) {
+            return true;
+        }
+        let interest = Interest::new(self.key, readable, writable);
+        let done = if w.registered {
+            shared.poller.modify(&self.stream, interest)
+        } else {
+            crate::runtime::poller::register(&shared.poller, &self.stream, interest)
+        };
+        if done.is_err() {
+            return false;
+        }
+        w.registered = true;
+        w.armed = Some((readable, writable));
+        true
+    }
+
     /// Flush from a pool job on writable readiness.
     pub(crate) fn flush_from_job(self: &Arc<Self>, shared: &Arc<Shared<T>>) {
         let mut w = self.io.lock();
@@ -612,8 +648,7 @@ impl<T: Send + Sync + 'static> Conn<T> {
         if pending_bytes || resume_reading {
             w.read_paused &= !resume_reading;
             let readable = w.queued <= shared.config.max_backpressure;
-            let interest = Interest::new(self.key, readable, pending_bytes);
-            let _ = shared.poller.modify(&self.stream, interest);
+            self.arm(shared, &mut w, readable, pending_bytes);
         }
     }
 }
@@ -686,16 +721,20 @@ fn write_vectored(mut stream: &TcpStream, parts: &[IoSlice<'_>]) -> io::Result<u
 /// Make sure a job runs for `conn` soon: start one, or tell the running one
 /// to go round again.
 pub(crate) fn schedule<T: Send + Sync + 'static>(shared: &Arc<Shared<T>>, conn: &Arc<Conn<T>>) {
-    if claim(conn) {
+    if claim(conn, false) {
         spawn_job(shared, conn);
     }
 }
 
 /// Take the right to run `conn`'s job: true if the caller must now run it
 /// (or hand it to the pool); false if a job is running (told to go round
-/// again) or the connection is finished.
-pub(crate) fn claim<T>(conn: &Conn<T>) -> bool {
+/// again) or the connection is finished. `fired`: a readiness event asks,
+/// which disarmed the oneshot interest.
+pub(crate) fn claim<T>(conn: &Conn<T>, fired: bool) -> bool {
     let mut w = conn.io.lock();
+    if fired {
+        w.armed = None;
+    }
     if w.finished {
         return false;
     }

@@ -20,25 +20,15 @@ use crate::runtime::registry::Found;
 use crate::runtime::timer::TICK_MS;
 use crate::runtime::worker::{abort_handshake, handshake, service};
 
-/// Register a fresh socket with no interest yet; jobs arm it with
+/// Register a socket with oneshot `interest`; jobs re-arm it with
 /// `modify`.
-pub(crate) fn register(
-    poller: &Poller,
-    stream: &TcpStream,
-    key: usize,
-    readable: bool,
-) -> io::Result<()> {
+pub(crate) fn register(poller: &Poller, stream: &TcpStream, interest: Interest) -> io::Result<()> {
     // SAFETY: the socket must stay open while registered. Every socket
     // registered here lives in a registry slot (as a `Pending` or a `Conn`)
     // and leaves the poller through `Poller::delete` before it is dropped:
     // `abort_handshake` and `teardown` in worker.rs are the only ways out of
     // a slot, and both delete first. The fd is closed only when the last
     // `Arc<Conn>` drops, after that.
-    let interest = if readable {
-        Interest::readable(key)
-    } else {
-        Interest::none(key)
-    };
     unsafe { poller.add(stream, interest) }
 }
 
@@ -80,7 +70,7 @@ pub(crate) fn run<T: Send + Sync + 'static>(shared: Arc<Shared<T>>) {
         let mut ready = Vec::new();
         for f in found.drain(..) {
             match f {
-                Found::Open(ref conn) if !claim(conn) => {}
+                Found::Open(ref conn) if !claim(conn, true) => {}
                 Found::Nothing => {}
                 f => ready.push(Job::Ready(f)),
             }
@@ -92,7 +82,7 @@ pub(crate) fn run<T: Send + Sync + 'static>(shared: Arc<Shared<T>>) {
                     .timer_at
                     .compare_exchange(at, 0, Ordering::AcqRel, Ordering::Acquire)
                     .is_ok()
-                    && claim(&conn)
+                    && claim(&conn, false)
                 {
                     ready.push(Job::Timer(conn));
                 }

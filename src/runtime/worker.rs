@@ -88,8 +88,8 @@ pub(crate) fn flush_deferred<T: Send + Sync + 'static>(shared: &Arc<Shared<T>>) 
         w.job_running = false;
         if !w.queue.is_empty() && !w.writing && w.write_error.is_none() {
             // The socket is full: writable interest finishes the rest.
-            let interest = Interest::new(conn.key, !w.read_paused, true);
-            let _ = shared.poller.modify(&conn.stream, interest);
+            let readable = !w.read_paused;
+            conn.arm(shared, &mut w, readable, true);
         }
     }
 }
@@ -235,6 +235,7 @@ fn handshake_inner<T: Send + Sync + 'static>(shared: &Arc<Shared<T>>, mut p: Box
         stream,
         peer,
         buf,
+        registered,
         ..
     } = *p;
     let now = shared.now_ms();
@@ -245,7 +246,15 @@ fn handshake_inner<T: Send + Sync + 'static>(shared: &Arc<Shared<T>>, mut p: Box
             protocol: protocol.map(String::into_boxed_str),
         };
         let client = Client::new(id, origin, data, weak.clone(), Arc::downgrade(shared));
-        Conn::new(key, stream, client, shared.limits, now, extensions)
+        Conn::new(
+            key,
+            stream,
+            client,
+            shared.limits,
+            now,
+            extensions,
+            registered,
+        )
     });
     // Reachable first, then the 101: frames sent in between queue behind
     // it (the new connection starts with the write token held).
@@ -332,11 +341,26 @@ fn parse_ip(s: &str) -> Option<IpAddr> {
 /// more of an HTTP answer), within the handshake deadline.
 fn park_handshake<T>(shared: &Arc<Shared<T>>, mut p: Box<Pending>, want: Interest) {
     let (key, deadline, booked) = (p.key, p.deadline, p.timer_booked);
+    let registered = std::mem::replace(&mut p.registered, true);
     p.timer_booked = true;
-    shared.registry.park(p, |p| {
+    let armed = shared.registry.park(p, |p| {
         let interest = Interest::new(p.key, want.readable, want.writable);
-        let _ = shared.poller.modify(&p.stream, interest);
+        if registered {
+            shared.poller.modify(&p.stream, interest)
+        } else {
+            crate::runtime::poller::register(&shared.poller, &p.stream, interest)
+        }
     });
+    if matches!(armed, Some(Err(_)))
+        && let Some(p) = shared.registry.take_expired_handshake(key, far_future())
+    {
+        // Out of kernel memory for the poller: this client cannot wait.
+        return abort_handshake(
+            shared,
+            *p,
+            Some(&Reject::new(503).body("server cannot take more connections")),
+        );
+    }
     if !booked {
         book_handshake_deadline(shared, key, deadline);
     }
@@ -514,15 +538,18 @@ fn service_inner<T: Send + Sync + 'static>(
             w.job_again = false;
             continue;
         }
-        w.job_running = false;
         let writable = !w.queue.is_empty() && !w.writing && w.write_error.is_none();
         // Over the backpressure limit, stop listening for input until the
         // queue drains (the flush that drains it turns reading back on).
         let readable = w.queued <= shared.config.max_backpressure;
+        if !conn.arm(shared, &mut w, readable, writable) {
+            // Out of kernel memory for the poller: this connection could
+            // never be woken again. Tear it down now.
+            w.force_close = true;
+            continue;
+        }
         w.read_paused = !readable;
-        let _ = shared
-            .poller
-            .modify(&conn.stream, Interest::new(conn.key, readable, writable));
+        w.job_running = false;
         return;
     }
 }
