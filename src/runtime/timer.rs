@@ -9,6 +9,7 @@
 
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
+use std::time::Duration;
 
 use parking_lot::Mutex;
 
@@ -28,7 +29,27 @@ impl Timers {
 
     /// Round a deadline up to the tick.
     pub(crate) fn round(at_ms: u64) -> u64 {
-        at_ms.div_ceil(TICK_MS) * TICK_MS
+        Self::round_to(at_ms, TICK_MS)
+    }
+
+    /// The granularity of keepalive deadlines (pings, idle timeouts): a
+    /// thirty-second of the shorter of the two, between one tick and one
+    /// second (900 ms for the default 30 s ping). A ping goes out up to
+    /// that much late; in exchange every client that fell due within it
+    /// is pinged by the same batch, and their pongs come back together,
+    /// so an idle server wakes less often.
+    pub(crate) fn keepalive_tick(ping: Option<Duration>, idle: Option<Duration>) -> u64 {
+        let shortest = [ping, idle]
+            .into_iter()
+            .flatten()
+            .min()
+            .map_or(0, |d| d.as_millis() as u64);
+        (shortest / 32).clamp(TICK_MS, 1000) / TICK_MS * TICK_MS
+    }
+
+    /// Round a deadline up to a multiple of `tick_ms`.
+    pub(crate) fn round_to(at_ms: u64, tick_ms: u64) -> u64 {
+        at_ms.div_ceil(tick_ms) * tick_ms
     }
 
     /// Book `key` at `at_ms` (already rounded). Returns true if it is now
@@ -75,5 +96,19 @@ mod tests {
         assert_eq!(t.next(), Some(300));
         assert_eq!(Timers::round(1), TICK_MS);
         assert_eq!(Timers::round(TICK_MS), TICK_MS);
+    }
+
+    #[test]
+    fn keepalive_deadlines_are_coarser_but_bounded() {
+        let s = Duration::from_secs;
+        assert_eq!(Timers::keepalive_tick(Some(s(30)), Some(s(75))), 900);
+        assert_eq!(Timers::keepalive_tick(None, Some(s(75))), 1000);
+        assert_eq!(Timers::keepalive_tick(Some(s(600)), None), 1000);
+        assert_eq!(
+            Timers::keepalive_tick(Some(Duration::from_millis(100)), None),
+            TICK_MS
+        );
+        assert_eq!(Timers::keepalive_tick(None, None), TICK_MS);
+        assert_eq!(Timers::round_to(30_001, 900), 30_600);
     }
 }

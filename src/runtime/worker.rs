@@ -791,22 +791,27 @@ fn book_timer<T: Send + Sync + 'static>(
 ) {
     let mut next = u64::MAX;
     if close_deadline != 0 {
-        next = next.min(close_deadline);
+        next = Timers::round(close_deadline.max(now + 1));
     }
     if r.proto.state() == State::Open {
+        let mut keepalive = u64::MAX;
         if let Some(idle) = shared.config.idle_timeout {
-            next = next.min(r.last_seen_ms + idle.as_millis() as u64);
+            keepalive = keepalive.min(r.last_seen_ms + idle.as_millis() as u64);
         }
         if let Some(every) = shared.config.ping_interval
             && r.ping_sent_ms <= r.last_seen_ms
         {
-            next = next.min(r.last_seen_ms + every.as_millis() as u64);
+            keepalive = keepalive.min(r.last_seen_ms + every.as_millis() as u64);
+        }
+        if keepalive != u64::MAX {
+            let tick =
+                Timers::keepalive_tick(shared.config.ping_interval, shared.config.idle_timeout);
+            next = next.min(Timers::round_to(keepalive.max(now + 1), tick));
         }
     }
     if next == u64::MAX {
         return;
     }
-    let next = Timers::round(next.max(now + 1));
     let booked = conn.timer_at.load(Ordering::Acquire);
     if booked != 0 && booked <= next {
         return;
