@@ -4,7 +4,7 @@
 //! back is checked byte for byte (a mismatch fails the run).
 //!
 //! ```text
-//! loadgen idle      --clients 1000,10000,19900 [--seconds 30] --server-pid PID
+//! loadgen idle      --clients 1000,10000,19900 [--seconds 30] [--idle-at 10000] --server-pid PID
 //! loadgen echo      --clients 100 --size 32 --inflight 8 [--seconds 10]
 //! loadgen broadcast --clients 10000 --size 32 [--rounds 20]   (server in broadcast mode)
 //! loadgen connect   [--seconds 10] [--concurrency 64]
@@ -39,6 +39,8 @@ struct Opts {
     concurrency: usize,
     threads: usize,
     server_pid: Option<u32>,
+    /// `idle`: hold the clients idle at this step (default: the last).
+    idle_at: Option<usize>,
 }
 
 fn parse_opts() -> Result<Opts, String> {
@@ -58,6 +60,7 @@ fn parse_opts() -> Result<Opts, String> {
         concurrency: 64,
         threads: 2,
         server_pid: None,
+        idle_at: None,
     };
     while let Some(flag) = args.next() {
         let v = args.next().ok_or(format!("{flag} needs a value"))?;
@@ -82,6 +85,7 @@ fn parse_opts() -> Result<Opts, String> {
             "--concurrency" => o.concurrency = v.parse().map_err(bad)?,
             "--threads" => o.threads = v.parse::<usize>().map_err(bad)?.max(1),
             "--server-pid" => o.server_pid = Some(v.parse().map_err(bad)?),
+            "--idle-at" => o.idle_at = Some(v.parse().map_err(bad)?),
             "--extensions" => {
                 let _ = EXTENSIONS.set(v.clone());
             }
@@ -472,6 +476,8 @@ fn scenario_idle(o: &Opts) -> Result<String, String> {
     eprintln!("{}: baseline rss {base} KiB with 1 client", o.label);
     let mut all = warm;
     let mut steps = Vec::new();
+    let idle_at = o.idle_at.unwrap_or(o.clients.last().copied().unwrap_or(0));
+    let mut idle = None;
     for &target in &o.clients {
         let more = target.saturating_sub(all.len());
         let t0 = Instant::now();
@@ -491,33 +497,37 @@ fn scenario_idle(o: &Opts) -> Result<String, String> {
             "{{\"clients\":{},\"rss_kib\":{rss},\"bytes_per_conn\":{per:.0}}}",
             all.len()
         ));
+        if idle.is_none() && target >= idle_at {
+            // Hold them idle (answering pings) and measure the server's CPU.
+            let stop = AtomicBool::new(false);
+            let cpu0 = cpu_seconds(pid);
+            let t0 = Instant::now();
+            let seconds = o.seconds;
+            let held = std::mem::take(&mut all);
+            all = std::thread::scope(|s| {
+                let stop = &stop;
+                let h = s.spawn(move || event_loop(held, &mut Idle, stop, |_| false));
+                std::thread::sleep(Duration::from_secs_f64(seconds));
+                stop.store(true, Relaxed);
+                h.join()
+                    .unwrap_or_else(|_| Err("event loop panicked".into()))
+            })?;
+            let secs = t0.elapsed().as_secs_f64();
+            let cpu = (cpu_seconds(pid) - cpu0) / secs * 100.0;
+            eprintln!(
+                "{}: {} idle clients for {secs:.0} s: server CPU {cpu:.2}% of one core, rss {} KiB",
+                o.label,
+                all.len(),
+                rss_kib(pid)
+            );
+            idle = Some((all.len(), secs, cpu));
+        }
     }
-    // Hold them idle (answering pings) and measure the server's CPU.
-    let stop = AtomicBool::new(false);
-    let cpu0 = cpu_seconds(pid);
-    let t0 = Instant::now();
-    let seconds = o.seconds;
-    let clients = std::thread::scope(|s| {
-        let stop = &stop;
-        let h = s.spawn(move || event_loop(all, &mut Idle, stop, |_| false));
-        std::thread::sleep(Duration::from_secs_f64(seconds));
-        stop.store(true, Relaxed);
-        h.join()
-            .unwrap_or_else(|_| Err("event loop panicked".into()))
-    })?;
-    let cpu = (cpu_seconds(pid) - cpu0) / t0.elapsed().as_secs_f64() * 100.0;
-    let rss = rss_kib(pid);
-    eprintln!(
-        "{}: {} idle clients for {:.0} s: server CPU {cpu:.2}% of one core, rss {rss} KiB",
-        o.label,
-        clients.len(),
-        t0.elapsed().as_secs_f64()
-    );
+    let (idle_clients, secs, cpu) = idle.unwrap_or((0, 0.0, 0.0));
     Ok(format!(
-        "{{\"scenario\":\"idle\",\"label\":\"{}\",\"baseline_rss_kib\":{base},\"steps\":[{}],\"idle_seconds\":{:.1},\"idle_cpu_percent\":{cpu:.3}}}",
+        "{{\"scenario\":\"idle\",\"label\":\"{}\",\"baseline_rss_kib\":{base},\"steps\":[{}],\"idle_clients\":{idle_clients},\"idle_seconds\":{secs:.1},\"idle_cpu_percent\":{cpu:.3}}}",
         o.label,
-        steps.join(","),
-        t0.elapsed().as_secs_f64()
+        steps.join(",")
     ))
 }
 
