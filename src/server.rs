@@ -430,7 +430,8 @@ impl<T: Send + Sync + 'static> Builder<T> {
     }
 
     /// Close (1001) a client silent for this long; `None` never does.
-    /// Default: 75 s.
+    /// Default: 75 s. Rounded up like `ping_interval`'s deadlines (at most
+    /// 1 s late).
     pub fn idle_timeout(mut self, t: Option<Duration>) -> Self {
         self.config.idle_timeout = t;
         self

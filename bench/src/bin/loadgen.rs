@@ -523,7 +523,8 @@ fn scenario_idle(o: &Opts) -> Result<String, String> {
             idle = Some((all.len(), secs, cpu));
         }
     }
-    let (idle_clients, secs, cpu) = idle.unwrap_or((0, 0.0, 0.0));
+    let (idle_clients, secs, cpu) =
+        idle.ok_or(format!("--idle-at {idle_at} is above every --clients step"))?;
     Ok(format!(
         "{{\"scenario\":\"idle\",\"label\":\"{}\",\"baseline_rss_kib\":{base},\"steps\":[{}],\"idle_clients\":{idle_clients},\"idle_seconds\":{secs:.1},\"idle_cpu_percent\":{cpu:.3}}}",
         o.label,
