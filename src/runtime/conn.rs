@@ -703,10 +703,33 @@ fn write_queue(
     Ok((total, true))
 }
 
+/// Writes of at most this many bytes are copied into one buffer first.
+const SMALL_WRITE: usize = 512;
+
 /// One vectored write, retried on EINTR; `WouldBlock` counts as 0 bytes.
+///
+/// A single part, or parts of at most `SMALL_WRITE` bytes together
+/// gathered into one buffer, go out with `send`: on Linux, `writev` on a
+/// socket goes through the file layer (position lock, iovec import),
+/// which costs more than copying a ping or a short message.
 fn write_vectored(mut stream: &TcpStream, parts: &[IoSlice<'_>]) -> io::Result<usize> {
+    let mut buf = [0u8; SMALL_WRITE];
+    let mut gathered = 0;
+    let parts = if parts.len() > 1 && parts.iter().map(|p| p.len()).sum::<usize>() <= SMALL_WRITE {
+        for p in parts {
+            buf[gathered..gathered + p.len()].copy_from_slice(p);
+            gathered += p.len();
+        }
+        &[IoSlice::new(&buf[..gathered])][..]
+    } else {
+        parts
+    };
     loop {
-        match stream.write_vectored(parts) {
+        let r = match parts {
+            [one] => stream.write(one),
+            _ => stream.write_vectored(parts),
+        };
+        match r {
             Ok(0) if parts.iter().any(|p| !p.is_empty()) => {
                 return Err(io::Error::from(io::ErrorKind::WriteZero));
             }
