@@ -423,7 +423,9 @@ impl<T: Send + Sync + 'static> Builder<T> {
     /// Ping a client silent for this long; `None` disables pings. Default:
     /// 30 s. Keepalive deadlines are rounded up to a thirty-second of the
     /// shorter of this and `idle_timeout` (at most 1 s), so that clients
-    /// due at nearly the same time are pinged together.
+    /// due at nearly the same time are pinged together. While only pongs
+    /// are arriving, the readiness loop pauses 200 µs between waits to
+    /// gather them, so an event arriving then may wait that much longer.
     pub fn ping_interval(mut self, t: Option<Duration>) -> Self {
         self.config.ping_interval = t;
         self

@@ -89,3 +89,31 @@ fn a_client_answering_pings_stays_connected() {
     );
     assert!(server.try_recv().is_err(), "no Disconnect");
 }
+
+/// After a keepalive ping, the connection's next event is taken for its
+/// pong, and the readiness loop may pause to gather more pongs. Whatever
+/// the client sends instead of, or along with, the pong must still be
+/// delivered.
+#[test]
+fn messages_sent_after_a_keepalive_ping_are_delivered() {
+    let server = WebSocketServer::builder()
+        .ping_interval(Some(Duration::from_millis(100)))
+        .start("127.0.0.1:0")
+        .unwrap();
+    let mut s = raw_ws(server.local_addr());
+    expect_connect(&server);
+    for round in 0..3u8 {
+        assert_eq!(read_frame(&mut s), (0x89, vec![]));
+        let text = format!("round {round}");
+        let mut bytes = Vec::new();
+        // Round 1 answers with a message alone, the others with the pong
+        // and a message in one write.
+        if round != 1 {
+            bytes.extend(frame(0x8A, b""));
+        }
+        bytes.extend(frame(0x81, text.as_bytes()));
+        s.write_all(&bytes).unwrap();
+        let (_, message) = expect_message(&server);
+        assert_eq!(message, enjent::Message::Text(text));
+    }
+}

@@ -128,6 +128,9 @@ pub(crate) struct WriteSide {
     /// A send was refused for backpressure: tell the user (`Drain`) once
     /// the queue is empty again.
     pub(crate) drain_wanted: bool,
+    /// A keepalive ping went out and no event has been reported since: the
+    /// next one is most likely its pong.
+    pub(crate) pong_due: bool,
     /// The queue emptied after a refusal; the job emits `Drain`.
     pub(crate) drain_due: bool,
     /// The `Close` slow-client policy closed this connection.
@@ -219,6 +222,7 @@ impl<T: Send + Sync + 'static> Conn<T> {
                 registered,
                 armed: None,
                 drain_wanted: false,
+                pong_due: false,
                 drain_due: false,
                 closed_for_backpressure: false,
                 force_close: false,
@@ -295,7 +299,9 @@ impl<T: Send + Sync + 'static> Conn<T> {
         )
     }
 
+    /// Send a keepalive ping, noting that a pong is due.
     pub(crate) fn send_ping(self: &Arc<Self>, shared: &Arc<Shared<T>>) -> Result<()> {
+        self.io.lock().pong_due = true;
         self.send_control(shared, OpCode::Ping, &[])
     }
 
@@ -744,20 +750,29 @@ fn write_vectored(mut stream: &TcpStream, parts: &[IoSlice<'_>]) -> io::Result<u
 /// Make sure a job runs for `conn` soon: start one, or tell the running one
 /// to go round again.
 pub(crate) fn schedule<T: Send + Sync + 'static>(shared: &Arc<Shared<T>>, conn: &Arc<Conn<T>>) {
-    if claim(conn, false) {
+    if claim(conn) {
         spawn_job(shared, conn);
     }
 }
 
 /// Take the right to run `conn`'s job: true if the caller must now run it
 /// (or hand it to the pool); false if a job is running (told to go round
-/// again) or the connection is finished. `fired`: a readiness event asks,
-/// which disarmed the oneshot interest.
-pub(crate) fn claim<T>(conn: &Conn<T>, fired: bool) -> bool {
+/// again) or the connection is finished.
+pub(crate) fn claim<T>(conn: &Conn<T>) -> bool {
+    claim_locked(&mut conn.io.lock())
+}
+
+/// `claim` for a readiness event the poller harvested, which disarmed the
+/// oneshot interest. Also returns whether the event is most likely the
+/// pong to a keepalive ping, which nobody waits for.
+pub(crate) fn claim_event<T>(conn: &Conn<T>) -> (bool, bool) {
     let mut w = conn.io.lock();
-    if fired {
-        w.armed = None;
-    }
+    w.armed = None;
+    let pong = std::mem::take(&mut w.pong_due);
+    (claim_locked(&mut w), pong)
+}
+
+fn claim_locked(w: &mut WriteSide) -> bool {
     if w.finished {
         return false;
     }
