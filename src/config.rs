@@ -59,7 +59,7 @@ impl Default for Config {
             idle_timeout: Some(Duration::from_secs(75)),
             close_timeout: Duration::from_secs(5),
             max_backpressure: 1 << 20,
-            workers: std::thread::available_parallelism().map_or(2, |n| n.get().max(2)),
+            workers: std::thread::available_parallelism().map_or(4, |n| 2 * n.get()),
             max_connections_per_ip: usize::MAX,
             max_buffered_bytes: 256 << 20,
             slow_client_policy: SlowClientPolicy::Refuse,
