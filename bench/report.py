@@ -25,6 +25,9 @@ ROWS = [
 ]
 
 
+ROWS_IDLE_10K = next(i for i, row in enumerate(ROWS) if row[0].startswith("idle CPU, 10,000"))
+
+
 def main():
     runs = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
     values = defaultdict(list)  # (row index, label) -> values
@@ -76,6 +79,10 @@ def main():
         print(f"| memory per idle connection at {clients:,} (B) | " + " | ".join(row) + " |")
     print()
     print("Ratios: how many times better enjent is (above 1) or worse (below 1).")
+    for label in labels:
+        runs_idle = values.get((ROWS_IDLE_10K, label))
+        if runs_idle and len(runs_idle) > 1:
+            print(f"Idle CPU at 10,000 clients, each run, {label}: " + ", ".join(f"{v:.2f}%" for v in runs_idle))
     if failed:
         print("Failed runs: " + ", ".join(f"{l} {s} x{n}" for (s, l), n in failed.items()))
 

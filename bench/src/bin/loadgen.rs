@@ -783,45 +783,16 @@ fn scenario_broadcast(o: &Opts) -> Result<String, String> {
     }
     // Per round: time from send to the last delivery, and all latencies.
     let mut last = vec![0f64; o.rounds];
-    let mut first = vec![f64::MAX; o.rounds];
     let mut lat = Vec::with_capacity(got as usize);
     for r in &results {
         for &(round, at) in &r.seen {
             let ms = at.duration_since(sent_at[round as usize]).as_secs_f64() * 1e3;
             lat.push(ms);
             last[round as usize] = last[round as usize].max(ms);
-            first[round as usize] = first[round as usize].min(ms);
         }
     }
-    let by_round: Vec<String> = (0..o.rounds)
-        .map(|i| format!("{:.0}-{:.0}", first[i], last[i]))
-        .collect();
+    let by_round: Vec<String> = last.iter().map(|ms| format!("{ms:.0}")).collect();
     eprintln!("last delivery by round (ms): {}", by_round.join(" "));
-    if std::env::var_os("LOADGEN_HIST").is_some() {
-        let worst = (0..o.rounds).max_by(|&a, &b| last[a].total_cmp(&last[b])).unwrap_or(0);
-        let mut hist = [0usize; 30];
-        for r in &results {
-            for &(round, at) in &r.seen {
-                if round as usize == worst {
-                    let ms = at.duration_since(sent_at[worst]).as_secs_f64() * 1e3;
-                    hist[((ms / 5.0) as usize).min(29)] += 1;
-                }
-            }
-        }
-        eprintln!("worst round {worst}, deliveries per 5 ms: {hist:?}");
-        let epoch = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap_or_default()
-            .as_secs_f64()
-            - t0.elapsed().as_secs_f64();
-        for (i, at) in sent_at.iter().enumerate() {
-            eprintln!(
-                "round {i} at {:.3} last {:.1}",
-                epoch + at.duration_since(t0).as_secs_f64(),
-                last[i]
-            );
-        }
-    }
     lat.sort_by(f64::total_cmp);
     last.sort_by(f64::total_cmp);
     let (l50, l99) = (percentile(&last, 0.5), percentile(&last, 0.99));
