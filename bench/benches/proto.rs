@@ -10,7 +10,9 @@ use std::hint::black_box;
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use enjent::proto::assemble::{Decoder, Limits};
-use enjent::proto::frame::{OpCode, apply_mask, apply_mask_bytewise, encode_header, parse_header};
+use enjent::proto::frame::{
+    OpCode, apply_mask, apply_mask_bytewise, encode_header, extend_masked, parse_header,
+};
 
 fn masked(first: u8, payload: &[u8]) -> Vec<u8> {
     let key = [0x11, 0x22, 0x33, 0x44];
@@ -59,6 +61,24 @@ fn masking(c: &mut Criterion) {
         });
         g.bench_function(format!("byte-at-a-time {size} B"), |b| {
             b.iter(|| apply_mask_bytewise(black_box(&mut data), [1, 2, 3, 4], 1))
+        });
+        // Into a new message buffer, as the decoder does: in one pass
+        // through a stack block, against copying and then unmasking.
+        let src = vec![7u8; size];
+        g.bench_function(format!("into a message, one pass {size} B"), |b| {
+            b.iter(|| {
+                let mut dst = Vec::with_capacity(size);
+                extend_masked(&mut dst, black_box(&src), [1, 2, 3, 4], 1);
+                dst
+            })
+        });
+        g.bench_function(format!("into a message, copy then unmask {size} B"), |b| {
+            b.iter(|| {
+                let mut dst = Vec::with_capacity(size);
+                dst.extend_from_slice(black_box(&src));
+                apply_mask(&mut dst, [1, 2, 3, 4], 1);
+                dst
+            })
         });
     }
     g.finish();

@@ -7,7 +7,7 @@
 
 use crate::error::{DecodeError, ProtocolError};
 use crate::message::{CloseCode, CloseFrame, Message};
-use crate::proto::frame::{MAX_HEADER_LEN, OpCode, apply_mask, parse_header};
+use crate::proto::frame::{MAX_HEADER_LEN, OpCode, extend_masked, parse_header};
 
 /// Size limits the decoder enforces.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -226,17 +226,13 @@ impl Decoder {
                     let chunk = &input[..take];
                     *input = &input[take..];
                     if opcode.is_control() {
-                        let start = self.control.len();
-                        self.control.extend_from_slice(chunk);
-                        apply_mask(&mut self.control[start..], mask, offset);
+                        extend_masked(&mut self.control, chunk, mask, offset);
                     } else {
                         // start_frame guarantees a partial message exists.
                         let Some(msg) = self.msg.as_mut() else {
                             return Err(ProtocolError::UnexpectedContinuation.into());
                         };
-                        let start = msg.buf.len();
-                        msg.buf.extend_from_slice(chunk);
-                        apply_mask(&mut msg.buf[start..], mask, offset);
+                        extend_masked(&mut msg.buf, chunk, mask, offset);
                         // A text message that completes here is validated
                         // once, below; otherwise check what we have so far.
                         if msg.text && !msg.compressed && !(fin && last_chunk) {
@@ -402,6 +398,7 @@ pub fn parse_close(payload: &[u8]) -> Result<Option<CloseFrame>, DecodeError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::proto::frame::apply_mask;
 
     const KEY: [u8; 4] = [0x37, 0xFA, 0x21, 0x3D];
 
