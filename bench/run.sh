@@ -79,11 +79,12 @@ for r in $(seq 1 "$rounds"); do
         run "$name" echo echo --clients 10 --size 65536 --inflight 8 --seconds "$echo_secs"
         run "$name" broadcast broadcast --clients "$bc_clients" --size 32 --rounds "$bc_rounds"
         run "$name" echo connect --seconds "$conn_secs"
-        # Memory varies little between runs and costs a minute per server:
-        # measured in the first round only. Idle CPU is measured at 10,000
-        # clients (the target's figure), before the last step opens the
-        # rest. Peers send no pings, so their idle CPU is 0 every time;
-        # enjent's is measured again in every later round.
+        # Memory varies little between runs and the full ramp costs a
+        # minute per server: run in the first round only. Idle CPU is
+        # measured at 10,000 clients (the target's figure), before the last
+        # step opens the rest. Peers send no pings, so their idle CPU is 0
+        # every time; enjent's is measured again in every later round (at
+        # 10,000 clients only, which also adds to its median memory there).
         if [ "$r" = 1 ]; then
             run "$name" echo idle --clients "$idle_clients" --idle-at "$idle_at" --seconds "$idle_secs"
         elif [[ "$name" == enjent* ]]; then

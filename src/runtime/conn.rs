@@ -128,8 +128,9 @@ pub(crate) struct WriteSide {
     /// A send was refused for backpressure: tell the user (`Drain`) once
     /// the queue is empty again.
     pub(crate) drain_wanted: bool,
-    /// A keepalive ping went out and no event has been reported since: the
-    /// next one is most likely its pong.
+    /// A ping went out (keepalive, or `Client::ping`) and no event has been
+    /// reported since: the next one is most likely its pong, which nobody
+    /// waits for (pongs are not reported to the user).
     pub(crate) pong_due: bool,
     /// The queue emptied after a refusal; the job emits `Drain`.
     pub(crate) drain_due: bool,
@@ -299,7 +300,7 @@ impl<T: Send + Sync + 'static> Conn<T> {
         )
     }
 
-    /// Send a keepalive ping, noting that a pong is due.
+    /// Send a ping (keepalive, or the user's), noting that a pong is due.
     pub(crate) fn send_ping(self: &Arc<Self>, shared: &Arc<Shared<T>>) -> Result<()> {
         self.io.lock().pong_due = true;
         self.send_control(shared, OpCode::Ping, &[])
