@@ -79,6 +79,15 @@ def main():
         print(f"| memory per idle connection at {clients:,} (B) | " + " | ".join(row) + " |")
     print()
     print("Ratios: how many times better enjent is (above 1) or worse (below 1).")
+    # Each run of the throughput rows, in the order they ran: the spread
+    # says how far one median can be trusted.
+    for i, (name, _, _, _, unit, higher) in enumerate(ROWS):
+        if unit not in ("msg/s", "/s"):
+            continue
+        runs = [(l, values.get((i, l))) for l in labels]
+        if any(v and len(v) > 1 for _, v in runs):
+            print(f"{name.strip()}, each run: " + "; ".join(
+                f"{l} " + ", ".join(f"{x / 1000:,.1f}k" for x in v) for l, v in runs if v))
     for label in labels:
         runs_idle = values.get((ROWS_IDLE_10K, label))
         if runs_idle and len(runs_idle) > 1:

@@ -54,6 +54,7 @@ trap 'stop_server' EXIT
 run() { # name mode scenario args...
     local name=$1 mode=$2 scenario=$3
     shift 3
+    echo "-- $name $scenario $*"
     start_server "$name" "$mode"
     if "$loadgen" "$scenario" --addr "127.0.0.1:$port" --label "$name" --server-pid "$server_pid" "$@" >> "$out/results.jsonl" 2> "$out/last.log"; then
         tail -n 2 "$out/last.log" | sed "s/^/  /"
@@ -66,19 +67,32 @@ run() { # name mode scenario args...
 }
 
 if [ -n "$quick" ]; then
-    idle_clients=100; idle_at=100; idle_secs=2; echo_secs=2; bc_clients=200; bc_rounds=3; conn_secs=1
+    idle_clients=100; idle_at=100; idle_secs=2; echo_secs=2; echo_reps=1; bc_clients=200; bc_rounds=3; conn_secs=1
 else
-    idle_clients=1000,10000,19900; idle_at=10000; idle_secs=60; echo_secs=8; bc_clients=10000; bc_rounds=20; conn_secs=4
+    idle_clients=1000,10000,19900; idle_at=10000; idle_secs=60; echo_secs=5; echo_reps=2; bc_clients=10000; bc_rounds=20; conn_secs=4
 fi
 
+# Scenario by scenario, every server in turn (A B C D E), so that the runs
+# one ratio compares are seconds apart rather than a whole round: this
+# machine's speed drifts by 10-20% over minutes, for every server alike.
+# The echo scenarios, short and the noisiest, run twice per round.
 for r in $(seq 1 "$rounds"); do
     echo "== round $r of $rounds"
+    for _ in $(seq 1 "$echo_reps"); do
+        for name in "${order[@]}"; do
+            run "$name" echo echo --clients 100 --size 32 --inflight 8 --seconds "$echo_secs"
+        done
+        for name in "${order[@]}"; do
+            run "$name" echo echo --clients 10 --size 65536 --inflight 8 --seconds "$echo_secs"
+        done
+    done
     for name in "${order[@]}"; do
-        echo "-- $name"
-        run "$name" echo echo --clients 100 --size 32 --inflight 8 --seconds "$echo_secs"
-        run "$name" echo echo --clients 10 --size 65536 --inflight 8 --seconds "$echo_secs"
         run "$name" broadcast broadcast --clients "$bc_clients" --size 32 --rounds "$bc_rounds"
+    done
+    for name in "${order[@]}"; do
         run "$name" echo connect --seconds "$conn_secs"
+    done
+    for name in "${order[@]}"; do
         # Memory varies little between runs and the full ramp costs a
         # minute per server: run in the first round only. Idle CPU is
         # measured at 10,000 clients (the target's figure), before the last
