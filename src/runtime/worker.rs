@@ -833,21 +833,32 @@ fn teardown<T: Send + Sync + 'static>(
     r: &mut ReadSide,
     io_error: Option<Error>,
 ) {
-    let (unsent, for_backpressure) = {
+    let (unsent, for_backpressure, write_error) = {
         let mut w = conn.io.lock();
         w.finished = true;
         w.job_running = false;
         let unsent = w.queued;
         w.queue = Default::default();
         w.queued = 0;
-        (unsent, w.closed_for_backpressure)
+        (unsent, w.closed_for_backpressure, w.write_error)
     };
     shared.counters.queued(-(unsent as i64));
     shared.buffered_in.fetch_sub(r.buffered, Ordering::Relaxed);
     r.buffered = 0;
     Counters::add(&shared.counters.disconnected, 1);
     let _ = shared.poller.delete(&conn.stream);
-    let _ = conn.stream.shutdown(Shutdown::Both);
+    // The fd may outlive this job (a broadcast in progress holds the
+    // connection), so the peer is told now. After a reset there is no
+    // connection left to tell: skip the system call.
+    let reset = |k: io::ErrorKind| k == io::ErrorKind::ConnectionReset;
+    let was_reset = write_error.is_some_and(reset)
+        || [r.error.as_ref(), io_error.as_ref()]
+            .into_iter()
+            .flatten()
+            .any(|e| matches!(e, Error::Io(e) if reset(e.kind())));
+    if !was_reset {
+        let _ = conn.stream.shutdown(Shutdown::Both);
+    }
     shared.registry.remove(
         conn.key,
         Some(conn.client.id()),
