@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # Build enjent's echo example, the peer servers and the load generator,
-# run every scenario against each server in turn (A B C D, A B C D, ...),
-# and print a Markdown table of medians with ratios to enjent.
+# run each scenario against every server in turn (A B C D E, then B C D E
+# A, ...), and print a Markdown table of medians with ratios to enjent.
 #
-#   bench/run.sh                 # full run (about 15 minutes)
+#   bench/run.sh                 # full run (about 32 minutes)
 #   ROUNDS=1 QUICK=1 bench/run.sh   # smoke run (CI)
 #
 # Results: target/bench/results.jsonl (one JSON line per run) and
@@ -74,25 +74,42 @@ fi
 
 # Scenario by scenario, every server in turn (A B C D E), so that the runs
 # one ratio compares are seconds apart rather than a whole round: this
-# machine's speed drifts by 10-20% over minutes, for every server alike.
+# machine's speed drifts by 10-30% over tens of seconds, for every server
+# alike. Each pass starts one server later than that scenario's last
+# (B C D E A, ...), so that no server always runs first.
 # The echo scenarios, short and the noisiest, run twice per round.
+declare -A passes
+next_turn() { # scenario; sets $turn to the server order for its next pass
+    local n=${#order[@]} k=${passes[$1]:-0} i
+    turn=()
+    for i in $(seq 0 $((n - 1))); do
+        turn+=("${order[$(((i + k) % n))]}")
+    done
+    passes[$1]=$((k + 1))
+}
+
 for r in $(seq 1 "$rounds"); do
     echo "== round $r of $rounds"
     for _ in $(seq 1 "$echo_reps"); do
-        for name in "${order[@]}"; do
+        next_turn echo32
+        for name in "${turn[@]}"; do
             run "$name" echo echo --clients 100 --size 32 --inflight 8 --seconds "$echo_secs"
         done
-        for name in "${order[@]}"; do
+        next_turn echo64k
+        for name in "${turn[@]}"; do
             run "$name" echo echo --clients 10 --size 65536 --inflight 8 --seconds "$echo_secs"
         done
     done
-    for name in "${order[@]}"; do
+    next_turn broadcast
+    for name in "${turn[@]}"; do
         run "$name" broadcast broadcast --clients "$bc_clients" --size 32 --rounds "$bc_rounds"
     done
-    for name in "${order[@]}"; do
+    next_turn connect
+    for name in "${turn[@]}"; do
         run "$name" echo connect --seconds "$conn_secs"
     done
-    for name in "${order[@]}"; do
+    next_turn idle
+    for name in "${turn[@]}"; do
         # Memory varies little between runs and the full ramp costs a
         # minute per server: run in the first round only. Idle CPU is
         # measured at 10,000 clients (the target's figure), before the last
