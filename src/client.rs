@@ -2,9 +2,11 @@
 
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Weak};
+use std::time::{Duration, Instant};
 
-use crate::error::{Error, Result};
+use crate::error::{Error, Result, SendError};
 use crate::message::{CloseCode, Message};
 use crate::runtime::Shared;
 use crate::runtime::conn::Conn;
@@ -43,8 +45,8 @@ impl fmt::Display for ClientId {
 pub enum SendStatus {
     /// The kernel took the whole frame.
     Written,
-    /// Part or all of it waits in the client's queue (under
-    /// `max_backpressure`): it is written when the socket drains, or, for
+    /// Part or all of it waits in the client's queue (under the hard
+    /// limit, `max_backpressure`): it is written when the socket drains, or, for
     /// a send made while a worker is handling the client (from its own
     /// handler, or from any thread meanwhile), together with the other
     /// frames of that batch when the worker is done.
@@ -68,6 +70,9 @@ struct ClientInner<T> {
     data: T,
     conn: Weak<Conn<T>>,
     shared: Weak<Shared<T>>,
+    /// Queued bytes that were never delivered, once the connection is
+    /// gone.
+    unsent: AtomicUsize,
 }
 
 impl<T> Clone for Client<T> {
@@ -111,7 +116,18 @@ impl<T: Send + Sync + 'static> Client<T> {
                 data,
                 conn,
                 shared,
+                unsent: AtomicUsize::new(0),
             }),
+        }
+    }
+
+    pub(crate) fn conn(&self) -> Option<Arc<Conn<T>>> {
+        self.inner.conn.upgrade()
+    }
+
+    pub(crate) fn add_unsent(&self, bytes: usize) {
+        if bytes > 0 {
+            self.inner.unsent.fetch_add(bytes, Ordering::Relaxed);
         }
     }
 
@@ -158,14 +174,66 @@ impl<T: Send + Sync + 'static> Client<T> {
 
     /// Send a message.
     ///
+    /// It is written now if the socket takes it, else queued. Flow control
+    /// (see the crate docs) guarantees that answering each message from
+    /// this client with one message of about its size is never refused
+    /// while the client reads: the server stops reading a client whose
+    /// queue passes high water. Sends beyond that (fan-out, a client that
+    /// stopped reading) meet the hard limit, `max_backpressure`.
+    ///
     /// # Errors
     ///
-    /// [`Error::Closed`] if the client is gone or closing;
-    /// [`Error::Backpressure`] if its queue is over `max_backpressure`.
-    pub fn send(&self, message: impl Into<Message>) -> Result<SendStatus> {
-        let conn = self.inner.conn.upgrade().ok_or(Error::Closed)?;
-        let shared = self.inner.shared.upgrade().ok_or(Error::Closed)?;
-        conn.send_message(&shared, message.into())
+    /// The message is handed back in the [`SendError`], with
+    /// [`Error::Backpressure`] if the client's queue is over the hard
+    /// limit (a [`Drain`](crate::Event::Drain) event follows once it is
+    /// down to low water), or [`Error::Closed`] if the client is gone or
+    /// closing.
+    pub fn send(&self, message: impl Into<Message>) -> std::result::Result<SendStatus, SendError> {
+        let message = message.into();
+        match (self.inner.conn.upgrade(), self.inner.shared.upgrade()) {
+            (Some(conn), Some(shared)) => conn.send_message(&shared, message),
+            _ => Err(SendError::new(Error::Closed, message)),
+        }
+    }
+
+    /// Send a message, waiting up to `timeout` for room in the client's
+    /// queue if it is over the hard limit. Meant for threads outside the
+    /// pool (a main loop, a producer thread); called from a closure on a
+    /// pool worker it does not wait (the worker may be the one that would
+    /// drain the queue) and behaves as [`send`](Client::send).
+    ///
+    /// # Errors
+    ///
+    /// As [`send`](Client::send), once the time is up.
+    pub fn send_timeout(
+        &self,
+        message: impl Into<Message>,
+        timeout: Duration,
+    ) -> std::result::Result<SendStatus, SendError> {
+        let message = message.into();
+        match (self.inner.conn.upgrade(), self.inner.shared.upgrade()) {
+            (Some(conn), Some(shared)) => {
+                let deadline = Instant::now()
+                    .checked_add(timeout)
+                    .unwrap_or_else(crate::runtime::handshake::far_future);
+                conn.send_message_until(&shared, message, deadline)
+            }
+            _ => Err(SendError::new(Error::Closed, message)),
+        }
+    }
+
+    /// Bytes queued for this client and not yet handed to the kernel (as
+    /// a browser's `WebSocket.bufferedAmount`). Once the client is gone,
+    /// the bytes that were queued and never delivered: 0 if everything
+    /// went out.
+    pub fn buffered_amount(&self) -> usize {
+        if let Some(conn) = self.inner.conn.upgrade() {
+            let w = conn.io.lock();
+            if !w.finished {
+                return w.out.bytes();
+            }
+        }
+        self.inner.unsent.load(Ordering::Relaxed)
     }
 
     /// Send a ping with an empty payload.

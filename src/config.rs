@@ -21,7 +21,10 @@ pub struct Config {
     pub(crate) max_connections_per_ip: usize,
     pub(crate) max_buffered_bytes: usize,
     pub(crate) slow_client_policy: SlowClientPolicy,
-    pub(crate) event_queue: Option<usize>,
+    pub(crate) high_water: usize,
+    pub(crate) low_water: usize,
+    pub(crate) event_queue_bytes: usize,
+    pub(crate) queue_unhandled_events: bool,
     pub(crate) protocols: Vec<String>,
     pub(crate) allowed_origins: Option<Vec<String>>,
     pub(crate) trust_proxy: bool,
@@ -30,8 +33,8 @@ pub struct Config {
     pub(crate) compression: Option<crate::proto::deflate::Compression>,
 }
 
-/// What happens when a `send` would push a client's queue over
-/// `max_backpressure`.
+/// What happens when a `send` would push a client's queue over the hard
+/// limit, `max_backpressure`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum SlowClientPolicy {
@@ -63,7 +66,10 @@ impl Default for Config {
             max_connections_per_ip: usize::MAX,
             max_buffered_bytes: 256 << 20,
             slow_client_policy: SlowClientPolicy::Refuse,
-            event_queue: Some(65_536),
+            high_water: 128 * 1024,
+            low_water: 32 * 1024,
+            event_queue_bytes: 64 << 20,
+            queue_unhandled_events: false,
             protocols: Vec::new(),
             allowed_origins: None,
             trust_proxy: false,
@@ -121,9 +127,29 @@ impl Config {
         self.close_timeout
     }
 
-    /// Most bytes queued for one client before `send` refuses.
+    /// The hard limit in force: most bytes queued for one client before
+    /// `send` refuses. At least `high_water + max_message_size + 1 KiB`
+    /// (see [`Builder::max_backpressure`](crate::Builder::max_backpressure)).
     pub fn max_backpressure(&self) -> usize {
-        self.max_backpressure
+        self.hard_limit()
+    }
+
+    /// Bytes a client may hold before the server stops reading it.
+    pub fn high_water(&self) -> usize {
+        self.high_water
+    }
+
+    /// Bytes a paused client must be down to before it is read again.
+    pub fn low_water(&self) -> usize {
+        self.low_water
+    }
+
+    pub(crate) fn hard_limit(&self) -> usize {
+        self.max_backpressure.max(
+            self.high_water
+                .saturating_add(self.max_message_size)
+                .saturating_add(crate::runtime::flow::HEADROOM),
+        )
     }
 
     /// Worker threads in the pool.
@@ -146,9 +172,14 @@ impl Config {
         self.slow_client_policy
     }
 
-    /// Capacity of the event channel (`None`: unbounded).
-    pub fn event_queue(&self) -> Option<usize> {
-        self.event_queue
+    /// Whether the closure style also queues events that have no closure.
+    pub fn queue_unhandled_events(&self) -> bool {
+        self.queue_unhandled_events
+    }
+
+    /// Budget of the event channel, in bytes.
+    pub fn event_queue_bytes(&self) -> usize {
+        self.event_queue_bytes
     }
 
     /// Subprotocols the server speaks, most preferred first.
@@ -194,8 +225,11 @@ impl Config {
         if self.max_connections_per_ip == 0 {
             return Err("max_connections_per_ip must be at least 1");
         }
-        if self.event_queue == Some(0) {
-            return Err("event_queue must hold at least 1 event (or be None)");
+        if self.event_queue_bytes == 0 {
+            return Err("event_queue_bytes must be at least 1");
+        }
+        if self.high_water == 0 || self.low_water >= self.high_water {
+            return Err("low_water must be below high_water, and high_water above 0");
         }
         if self.max_fragments == 0 {
             return Err("max_fragments must be at least 1");

@@ -49,6 +49,71 @@ pub enum Error {
     InvalidConfig(&'static str),
 }
 
+/// A message that `send` did not take, handed back with the reason, so
+/// that a retry (after [`Event::Drain`](crate::Event::Drain), say) needs no
+/// clone.
+///
+/// It converts into [`Error`], so `?` works in functions returning
+/// [`Result`].
+pub struct SendError {
+    error: Error,
+    message: crate::message::Message,
+}
+
+impl SendError {
+    pub(crate) fn new(error: Error, message: crate::message::Message) -> SendError {
+        SendError { error, message }
+    }
+
+    /// Why the message was not taken: [`Error::Backpressure`] or
+    /// [`Error::Closed`].
+    pub fn error(&self) -> &Error {
+        &self.error
+    }
+
+    /// The message, to send again later or elsewhere.
+    pub fn into_message(self) -> crate::message::Message {
+        self.message
+    }
+
+    /// The reason, giving up the message.
+    pub fn into_error(self) -> Error {
+        self.error
+    }
+
+    /// Both halves.
+    pub fn into_parts(self) -> (Error, crate::message::Message) {
+        (self.error, self.message)
+    }
+}
+
+impl fmt::Debug for SendError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SendError")
+            .field("error", &self.error)
+            .field("message_len", &self.message.len())
+            .finish()
+    }
+}
+
+impl fmt::Display for SendError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "message not sent: {}", self.error)
+    }
+}
+
+impl std::error::Error for SendError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        Some(&self.error)
+    }
+}
+
+impl From<SendError> for Error {
+    fn from(e: SendError) -> Error {
+        e.error
+    }
+}
+
 impl Error {
     /// The close code this error sends to the peer, if it ends a connection.
     pub fn close_code(&self) -> Option<CloseCode> {

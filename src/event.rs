@@ -1,10 +1,15 @@
 //! What happens to clients, as events for a main loop or closures.
 
+use std::cell::Cell;
 use std::fmt;
+use std::sync::{Arc, mpsc};
+use std::time::Duration;
 
 use crate::client::Client;
 use crate::error::Error;
 use crate::message::{CloseFrame, Message};
+use crate::runtime::Shared;
+use crate::runtime::events::Envelope;
 
 /// Something that happened to a client, in order: `Connect`, its messages,
 /// then `Disconnect`.
@@ -25,8 +30,8 @@ pub enum Event<T = ()> {
         /// What it sent.
         message: Message,
     },
-    /// A client's send queue is empty again after a `send` was refused
-    /// with [`Error::Backpressure`]: producers can resume.
+    /// A client's send queue is down to low water again after a `send`
+    /// was refused with [`Error::Backpressure`]: producers can resume.
     Drain {
         /// The client that caught up.
         client: Client<T>,
@@ -80,5 +85,128 @@ impl<T> fmt::Debug for Event<T> {
                 .field("error", error)
                 .finish(),
         }
+    }
+}
+
+/// The event stream of a server in the main-loop style, from
+/// [`WebSocketServer::events`](crate::WebSocketServer::events):
+/// `for event in server.events() { ... }`.
+///
+/// It is bounded in bytes
+/// ([`event_queue_bytes`](crate::Builder::event_queue_bytes)), and each
+/// event counts against its client's flow control until the loop asks for
+/// the next one, so that the reply to it is sent first: a main loop that
+/// falls behind makes the server stop reading sockets, never grow.
+///
+/// It ends once the server has shut down and every event sent before
+/// was received.
+pub struct Events<T = ()> {
+    rx: mpsc::Receiver<Envelope<T>>,
+    shared: Arc<Shared<T>>,
+    /// The event handed out last, whose charge is given back at the next
+    /// receive.
+    held: Cell<Option<(Client<T>, usize)>>,
+}
+
+impl<T: Send + Sync + 'static> Events<T> {
+    pub(crate) fn new(rx: mpsc::Receiver<Envelope<T>>, shared: Arc<Shared<T>>) -> Events<T> {
+        Events {
+            rx,
+            shared,
+            held: Cell::new(None),
+        }
+    }
+
+    fn release(&self) {
+        if let Some((client, charge)) = self.held.take() {
+            self.shared.events.consumed(&self.shared, &client, charge);
+        }
+    }
+
+    fn hold(&self, envelope: Envelope<T>) -> Event<T> {
+        self.held
+            .set(Some((envelope.event.client().clone(), envelope.charge)));
+        envelope.event
+    }
+
+    /// Wait for the next event.
+    ///
+    /// # Errors
+    ///
+    /// [`mpsc::RecvError`] once the server has shut down and every event
+    /// was received.
+    pub fn recv(&self) -> Result<Event<T>, mpsc::RecvError> {
+        self.release();
+        self.rx.recv().map(|e| self.hold(e))
+    }
+
+    /// The next event if one is waiting.
+    ///
+    /// # Errors
+    ///
+    /// As [`mpsc::Receiver::try_recv`].
+    pub fn try_recv(&self) -> Result<Event<T>, mpsc::TryRecvError> {
+        self.release();
+        self.rx.try_recv().map(|e| self.hold(e))
+    }
+
+    /// Wait at most `timeout` for the next event.
+    ///
+    /// # Errors
+    ///
+    /// As [`mpsc::Receiver::recv_timeout`].
+    pub fn recv_timeout(&self, timeout: Duration) -> Result<Event<T>, mpsc::RecvTimeoutError> {
+        self.release();
+        self.rx.recv_timeout(timeout).map(|e| self.hold(e))
+    }
+
+    /// Iterate, waiting for each event, until the server shuts down.
+    pub fn iter(&self) -> EventIter<'_, T> {
+        EventIter { events: self }
+    }
+
+    /// Iterate over the events waiting now, without waiting.
+    pub fn try_iter(&self) -> EventTryIter<'_, T> {
+        EventTryIter { events: self }
+    }
+}
+
+impl<T> fmt::Debug for Events<T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Events").finish_non_exhaustive()
+    }
+}
+
+/// Iterator over [`Events`], waiting for each.
+#[derive(Debug)]
+pub struct EventIter<'a, T> {
+    events: &'a Events<T>,
+}
+
+impl<T: Send + Sync + 'static> Iterator for EventIter<'_, T> {
+    type Item = Event<T>;
+    fn next(&mut self) -> Option<Event<T>> {
+        self.events.recv().ok()
+    }
+}
+
+/// Iterator over the [`Events`] waiting now.
+#[derive(Debug)]
+pub struct EventTryIter<'a, T> {
+    events: &'a Events<T>,
+}
+
+impl<T: Send + Sync + 'static> Iterator for EventTryIter<'_, T> {
+    type Item = Event<T>;
+    fn next(&mut self) -> Option<Event<T>> {
+        self.events.try_recv().ok()
+    }
+}
+
+impl<'a, T: Send + Sync + 'static> IntoIterator for &'a Events<T> {
+    type Item = Event<T>;
+    type IntoIter = EventIter<'a, T>;
+    fn into_iter(self) -> EventIter<'a, T> {
+        self.iter()
     }
 }

@@ -106,8 +106,8 @@ mod stats;
 
 pub use client::{Client, ClientId, SendStatus};
 pub use config::{Config, SlowClientPolicy};
-pub use error::{Error, ProtocolError, Result};
-pub use event::Event;
+pub use error::{Error, ProtocolError, Result, SendError};
+pub use event::{Event, EventIter, EventTryIter, Events};
 pub use message::{CloseCode, CloseFrame, Message};
 #[cfg(feature = "deflate")]
 pub use proto::deflate::Compression;

@@ -6,20 +6,20 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize};
 use std::sync::{Arc, Weak, mpsc};
 use std::time::{Duration, Instant};
 
-use parking_lot::{Mutex, RwLock};
+use parking_lot::Mutex;
 use polling::Poller;
 use threadpool::ThreadPool;
 
 use crate::client::{Client, ClientId, SendStatus};
 use crate::config::Config;
 use crate::config::SlowClientPolicy;
-use crate::error::{Error, Result};
-use crate::event::Event;
+use crate::error::{Error, Result, SendError};
+use crate::event::{Event, EventIter, Events};
 use crate::message::{CloseCode, CloseFrame, Message};
 use crate::proto::assemble::Limits;
 use crate::proto::handshake::{HttpResponse, Reject, Request, Response};
 use crate::runtime::broadcast::broadcast;
-use crate::runtime::{EventTx, Handlers, InitFn, Shared, acceptor, poller, registry, timer};
+use crate::runtime::{Handlers, InitFn, Shared, acceptor, events, flow, poller, registry, timer};
 use crate::stats::{Counters, Stats};
 
 /// A WebSocket server: an accept thread, a readiness loop and a worker
@@ -40,7 +40,7 @@ use crate::stats::{Counters, Stats};
 /// ```
 pub struct WebSocketServer<T = ()> {
     shared: Arc<Shared<T>>,
-    events: mpsc::Receiver<Event<T>>,
+    events: Events<T>,
 }
 
 impl WebSocketServer<()> {
@@ -118,9 +118,12 @@ impl<T: Send + Sync + 'static> WebSocketServer<T> {
         &self.shared.config
     }
 
-    /// The event receiver, for a `for event in server.events()` main loop.
-    /// It ends once [`shutdown`](WebSocketServer::shutdown) has run.
-    pub fn events(&self) -> &mpsc::Receiver<Event<T>> {
+    /// The event stream, for a `for event in server.events()` main loop.
+    /// It ends once [`shutdown`](WebSocketServer::shutdown) has run. In
+    /// the closure style (an [`on_message`](Builder::on_message) closure
+    /// is registered) nothing comes through it: event kinds without a
+    /// closure are not produced.
+    pub fn events(&self) -> &Events<T> {
         &self.events
     }
 
@@ -151,7 +154,7 @@ impl<T: Send + Sync + 'static> WebSocketServer<T> {
     }
 
     /// Iterate over events until the server shuts down.
-    pub fn iter(&self) -> mpsc::Iter<'_, Event<T>> {
+    pub fn iter(&self) -> EventIter<'_, T> {
         self.events.iter()
     }
 
@@ -165,8 +168,26 @@ impl<T: Send + Sync + 'static> WebSocketServer<T> {
     /// # Errors
     ///
     /// As [`ServerHandle::send`].
-    pub fn send(&self, id: ClientId, message: impl Into<Message>) -> Result<SendStatus> {
-        send(&self.shared, id, message.into())
+    pub fn send(
+        &self,
+        id: ClientId,
+        message: impl Into<Message>,
+    ) -> std::result::Result<SendStatus, SendError> {
+        send(&self.shared, id, message.into(), None)
+    }
+
+    /// See [`ServerHandle::send_timeout`].
+    ///
+    /// # Errors
+    ///
+    /// As [`ServerHandle::send_timeout`].
+    pub fn send_timeout(
+        &self,
+        id: ClientId,
+        message: impl Into<Message>,
+        timeout: Duration,
+    ) -> std::result::Result<SendStatus, SendError> {
+        send(&self.shared, id, message.into(), Some(timeout))
     }
 
     /// See [`ServerHandle::broadcast`].
@@ -196,7 +217,7 @@ impl<T: Send + Sync + 'static> WebSocketServer<T> {
 
     /// A snapshot of the server's counters. Cheap: atomic loads.
     pub fn stats(&self) -> Stats {
-        self.shared.counters.snapshot()
+        self.shared.stats()
     }
 
     /// Stop the server: stop accepting, close every client with 1001 and
@@ -257,15 +278,43 @@ impl<T: Send + Sync + 'static> ServerHandle<T> {
         self.shared.upgrade().ok_or(Error::Closed)
     }
 
-    /// Send a message to one client.
+    /// Send a message to one client (see [`Client::send`]).
     ///
     /// # Errors
     ///
-    /// [`Error::Closed`] if the client is gone (ids are never reused, so a
-    /// late send can never reach someone else); [`Error::Backpressure`] if
-    /// its queue is over `max_backpressure`.
-    pub fn send(&self, id: ClientId, message: impl Into<Message>) -> Result<SendStatus> {
-        send(&self.shared()?, id, message.into())
+    /// The message is handed back with [`Error::Closed`] if the client is
+    /// gone (ids are never reused, so a late send can never reach someone
+    /// else), or [`Error::Backpressure`] if its queue is over the hard
+    /// limit.
+    pub fn send(
+        &self,
+        id: ClientId,
+        message: impl Into<Message>,
+    ) -> std::result::Result<SendStatus, SendError> {
+        let message = message.into();
+        match self.shared.upgrade() {
+            Some(shared) => send(&shared, id, message, None),
+            None => Err(SendError::new(Error::Closed, message)),
+        }
+    }
+
+    /// Send a message to one client, waiting up to `timeout` for room (see
+    /// [`Client::send_timeout`]).
+    ///
+    /// # Errors
+    ///
+    /// As [`send`](ServerHandle::send), once the time is up.
+    pub fn send_timeout(
+        &self,
+        id: ClientId,
+        message: impl Into<Message>,
+        timeout: Duration,
+    ) -> std::result::Result<SendStatus, SendError> {
+        let message = message.into();
+        match self.shared.upgrade() {
+            Some(shared) => send(&shared, id, message, Some(timeout)),
+            None => Err(SendError::new(Error::Closed, message)),
+        }
     }
 
     /// Send a message to every connected client. The frame is encoded once
@@ -315,7 +364,7 @@ impl<T: Send + Sync + 'static> ServerHandle<T> {
     pub fn stats(&self) -> Stats {
         self.shared
             .upgrade()
-            .map_or_else(Stats::default, |s| s.counters.snapshot())
+            .map_or_else(Stats::default, |s| s.stats())
     }
 
     /// Shut the server down, as [`WebSocketServer::shutdown`] does. Called
@@ -346,9 +395,20 @@ fn send<T: Send + Sync + 'static>(
     shared: &Arc<Shared<T>>,
     id: ClientId,
     message: Message,
-) -> Result<SendStatus> {
-    let conn = shared.registry.get(id).ok_or(Error::Closed)?;
-    conn.send_message(shared, message)
+    timeout: Option<Duration>,
+) -> std::result::Result<SendStatus, SendError> {
+    let Some(conn) = shared.registry.get(id) else {
+        return Err(SendError::new(Error::Closed, message));
+    };
+    match timeout {
+        None => conn.send_message(shared, message),
+        Some(t) => {
+            let deadline = Instant::now()
+                .checked_add(t)
+                .unwrap_or_else(crate::runtime::handshake::far_future);
+            conn.send_message_until(shared, message, deadline)
+        }
+    }
 }
 
 /// Configures and starts a [`WebSocketServer`]. Every setter's doc gives
@@ -357,7 +417,6 @@ pub struct Builder<T = ()> {
     config: Config,
     init: Box<InitFn<T>>,
     handlers: Handlers<T>,
-    event_queue_set: bool,
 }
 
 impl<T> fmt::Debug for Builder<T> {
@@ -374,7 +433,6 @@ impl<T: Send + Sync + 'static> Builder<T> {
             config: Config::default(),
             init,
             handlers: Handlers::default(),
-            event_queue_set: false,
         }
     }
 
@@ -446,10 +504,35 @@ impl<T: Send + Sync + 'static> Builder<T> {
         self
     }
 
-    /// Most bytes queued for one slow client; past it `send` returns
-    /// [`Error::Backpressure`]. Default: 1 MiB.
+    /// The hard limit on what one client holds (bytes queued to it plus
+    /// its events not yet consumed): past it `send` refuses with
+    /// [`Error::Backpressure`] (or, per
+    /// [`slow_client_policy`](Builder::slow_client_policy), the client is
+    /// closed). The limit in force is at least `high_water +
+    /// max_message_size + 1 KiB`, so that a reply to any message fits:
+    /// only fan-out can meet it. Default: 1 MiB (so 2 MiB + 129 KiB with
+    /// the other defaults; [`Config::max_backpressure`] tells).
     pub fn max_backpressure(mut self, bytes: usize) -> Self {
         self.config.max_backpressure = bytes;
+        self
+    }
+
+    /// High-water mark, in bytes a client holds (queued to it, plus its
+    /// events the main loop has not consumed): at it, the server stops
+    /// reading from that client and dispatching its messages until it is
+    /// down to [`low_water`](Builder::low_water). Checked between
+    /// messages. Default: 128 KiB.
+    pub fn high_water(mut self, bytes: usize) -> Self {
+        self.config.high_water = bytes;
+        self
+    }
+
+    /// Low-water mark: a client paused at high water is read again once it
+    /// holds this much or less, and a [`Drain`](Event::Drain) is due if a
+    /// send to it was refused. Must be below `high_water`. Default:
+    /// 32 KiB.
+    pub fn low_water(mut self, bytes: usize) -> Self {
+        self.config.low_water = bytes;
         self
     }
 
@@ -473,10 +556,11 @@ impl<T: Send + Sync + 'static> Builder<T> {
         self
     }
 
-    /// Most bytes held for unfinished incoming messages, all clients
-    /// together; the client whose message would pass it is closed with
-    /// 1009. Caps what a flood of large fragmented messages can make the
-    /// server hold. Default: 256 MiB.
+    /// Most bytes held for unfinished incoming messages (and input
+    /// read but not yet parsed), all clients together. Only bytes
+    /// received count, never sizes a frame header announces. Past it, the
+    /// client holding the most is closed with 1009, whoever crossed the
+    /// line. Default: 256 MiB.
     pub fn max_buffered_bytes(mut self, bytes: usize) -> Self {
         self.config.max_buffered_bytes = bytes;
         self
@@ -489,16 +573,25 @@ impl<T: Send + Sync + 'static> Builder<T> {
         self
     }
 
-    /// Capacity of the event channel, in events; `None` for unbounded.
-    /// When the main loop falls this far behind, workers wait for it and
-    /// the server stops reading sockets (nothing is dropped). Default:
-    /// 65,536 when messages go through the channel; unbounded when an
-    /// `on_message` closure takes them, since the channel then carries
-    /// only connects, drains and disconnects (a few per connection), and a
-    /// program that never reads them should not stall.
-    pub fn event_queue(mut self, capacity: Option<usize>) -> Self {
-        self.config.event_queue = capacity;
-        self.event_queue_set = true;
+    /// Budget of the event channel, in bytes (payloads plus 128 bytes an
+    /// event), all clients together. A main loop this far behind makes
+    /// the server stop dispatching messages and accepting connections
+    /// until it catches up to half of it (nothing is dropped). Unused in
+    /// the closure style. Default: 64 MiB.
+    pub fn event_queue_bytes(mut self, bytes: usize) -> Self {
+        self.config.event_queue_bytes = bytes;
+        self
+    }
+
+    /// In the closure style (an [`on_message`](Builder::on_message)
+    /// closure is registered), also send the kinds of event that have no
+    /// closure (`Connect`, `Drain`, `Disconnect`) to the event channel.
+    /// Off by default: a program that registers closures usually never
+    /// reads the channel, and events waiting there forever would grow the
+    /// server by every connection it ever had. Turn it on only if you
+    /// read them.
+    pub fn queue_unhandled_events(mut self, on: bool) -> Self {
+        self.config.queue_unhandled_events = on;
         self
     }
 
@@ -589,9 +682,9 @@ impl<T: Send + Sync + 'static> Builder<T> {
         self
     }
 
-    /// Run `f` on a pool worker when a client's queue has emptied after a
-    /// send was refused for backpressure, instead of sending
-    /// [`Event::Drain`].
+    /// Run `f` on a pool worker when a client's queue is down to low water
+    /// after a send was refused for backpressure, instead of sending
+    /// [`Event::Drain`]. A panic in it closes the client with 1011.
     pub fn on_drain(mut self, f: impl Fn(&Client<T>) + Send + Sync + 'static) -> Self {
         self.handlers.drain = Some(Box::new(f));
         self
@@ -616,7 +709,7 @@ impl<T: Send + Sync + 'static> Builder<T> {
     /// [`Error::InvalidConfig`] for a setting that cannot work;
     /// [`Error::Bind`] if the address cannot be listened on; [`Error::Io`]
     /// if the poller or a thread cannot be created.
-    pub fn start(mut self, addr: impl ToSocketAddrs) -> Result<WebSocketServer<T>> {
+    pub fn start(self, addr: impl ToSocketAddrs) -> Result<WebSocketServer<T>> {
         self.config.validate().map_err(Error::InvalidConfig)?;
         let addrs: Vec<SocketAddr> = addr
             .to_socket_addrs()
@@ -634,19 +727,12 @@ impl<T: Send + Sync + 'static> Builder<T> {
             source: e,
         })?;
         let local_addr = listener.local_addr()?;
-        if !self.event_queue_set && self.handlers.message.is_some() {
-            self.config.event_queue = None;
-        }
-        let (tx, rx) = match self.config.event_queue {
-            Some(n) => {
-                let (tx, rx) = mpsc::sync_channel(n);
-                (EventTx::Bounded(tx), rx)
-            }
-            None => {
-                let (tx, rx) = mpsc::channel();
-                (EventTx::Unbounded(tx), rx)
-            }
-        };
+        let main_loop = self.handlers.message.is_none();
+        let (event_queue, rx) = events::EventQueue::new(
+            self.config.event_queue_bytes,
+            main_loop,
+            self.config.queue_unhandled_events,
+        );
         let config = self.config;
         let limits = Limits {
             max_message_size: config.max_message_size,
@@ -655,7 +741,7 @@ impl<T: Send + Sync + 'static> Builder<T> {
         };
         let pool = threadpool::Builder::new()
             .num_threads(config.workers)
-            .thread_name(crate::runtime::worker::WORKER_NAME.into())
+            .thread_name(crate::runtime::service::WORKER_NAME.into())
             .build();
         let shared = Arc::new(Shared {
             limits,
@@ -665,8 +751,12 @@ impl<T: Send + Sync + 'static> Builder<T> {
             timers: timer::Timers::new(),
             init: self.init,
             handlers: self.handlers,
-            events: RwLock::new(Some(tx)),
-            overflow: Mutex::new(Vec::new()),
+            marks: flow::Marks::new(&config),
+            events: event_queue,
+            ready: Mutex::new(poller::ReadyQueue::default()),
+            room_waiters: AtomicUsize::new(0),
+            room: Mutex::new(()),
+            room_cv: parking_lot::Condvar::new(),
             counters: Counters::default(),
             buffered_in: AtomicUsize::new(0),
             stopping: AtomicBool::new(false),
@@ -689,7 +779,8 @@ impl<T: Send + Sync + 'static> Builder<T> {
             .name("enjent-poller".into())
             .spawn(move || poller::run(s))?;
         shared.threads.lock().extend([accept, poll]);
-        Ok(WebSocketServer { shared, events: rx })
+        let events = Events::new(rx, Arc::clone(&shared));
+        Ok(WebSocketServer { shared, events })
     }
 }
 

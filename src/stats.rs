@@ -31,8 +31,8 @@ pub struct Stats {
     pub bytes_out: u64,
     /// Bytes waiting in send queues now.
     pub bytes_queued: u64,
-    /// Messages not sent because a client's queue was over
-    /// `max_backpressure`.
+    /// Messages refused (handed back, or missed by a broadcast) because a
+    /// client's queue was over the hard limit.
     pub messages_dropped: u64,
     /// Clients closed by the `Close` backpressure policy.
     pub backpressure_closes: u64,
@@ -45,6 +45,15 @@ pub struct Stats {
     pub handler_panics: u64,
     /// Plain HTTP requests answered by the `on_http` handler.
     pub http_answered: u64,
+    /// Bytes charged for events waiting in the event channel now
+    /// (main-loop style).
+    pub event_bytes: u64,
+    /// Bytes of unfinished incoming messages, and input read but not yet
+    /// parsed, held now (see `max_buffered_bytes`).
+    pub buffered_in_bytes: u64,
+    /// Times flow control stopped reading a client (its queue and events
+    /// at high water, or the event channel over its budget).
+    pub read_pauses: u64,
 }
 
 #[derive(Default)]
@@ -64,6 +73,7 @@ pub(crate) struct Counters {
     pub(crate) err_1009: AtomicU64,
     pub(crate) panics: AtomicU64,
     pub(crate) http_answered: AtomicU64,
+    pub(crate) read_pauses: AtomicU64,
     /// Refusals are rare and keyed by any status: a lock is fine here.
     pub(crate) refused: Mutex<BTreeMap<u16, u64>>,
 }
@@ -119,6 +129,9 @@ impl Counters {
             protocol_errors,
             handler_panics: self.panics.load(Relaxed),
             http_answered: self.http_answered.load(Relaxed),
+            event_bytes: 0,
+            buffered_in_bytes: 0,
+            read_pauses: self.read_pauses.load(Relaxed),
         }
     }
 }

@@ -17,7 +17,7 @@ fn fill(c: &enjent::Client) -> usize {
     loop {
         match c.send(chunk.clone()) {
             Ok(SendStatus::Written | SendStatus::Queued) => accepted += 1,
-            Err(Error::Backpressure { .. }) => return accepted,
+            Err(e) if matches!(e.error(), Error::Backpressure { .. }) => return accepted,
             Err(e) => panic!("{e}"),
         }
         assert!(start.elapsed() < WAIT, "never refused");
@@ -27,6 +27,9 @@ fn fill(c: &enjent::Client) -> usize {
 #[test]
 fn drain_event_comes_when_the_queue_empties_after_a_refusal() {
     let server = WebSocketServer::builder()
+        .max_message_size(16 * 1024)
+        .high_water(16 * 1024)
+        .low_water(4 * 1024)
         .max_backpressure(64 * 1024)
         .start("127.0.0.1:0")
         .unwrap();
@@ -53,6 +56,9 @@ fn drain_event_comes_when_the_queue_empties_after_a_refusal() {
 #[test]
 fn close_policy_closes_a_slow_client_with_1008() {
     let server = WebSocketServer::builder()
+        .max_message_size(16 * 1024)
+        .high_water(16 * 1024)
+        .low_water(4 * 1024)
         .max_backpressure(64 * 1024)
         .slow_client_policy(SlowClientPolicy::Close)
         .close_timeout(Duration::from_millis(500))
@@ -62,7 +68,10 @@ fn close_policy_closes_a_slow_client_with_1008() {
     let c = expect_connect(&server);
     fill(&c);
     assert!(
-        matches!(c.send("more"), Err(Error::Closed)),
+        matches!(
+            c.send("more").map_err(|e| e.into_error()),
+            Err(Error::Closed)
+        ),
         "closing: nothing more is accepted"
     );
     // The client reads what was queued, then the 1008 close frame.
@@ -78,6 +87,9 @@ fn close_policy_closes_a_slow_client_with_1008() {
 #[test]
 fn a_non_reading_client_is_dropped_after_close_timeout_under_the_close_policy() {
     let server = WebSocketServer::builder()
+        .max_message_size(16 * 1024)
+        .high_water(16 * 1024)
+        .low_water(4 * 1024)
         .max_backpressure(64 * 1024)
         .slow_client_policy(SlowClientPolicy::Close)
         .close_timeout(Duration::from_millis(300))

@@ -17,7 +17,10 @@ fn server_close_sends_code_and_reason_and_waits_for_the_answer() {
     c.send("before close").unwrap();
     c.close(CloseCode::new(4001), "bye now").unwrap();
     // Nothing may follow our close frame.
-    assert!(matches!(c.send("after close"), Err(Error::Closed)));
+    assert!(matches!(
+        c.send("after close").map_err(|e| e.into_error()),
+        Err(Error::Closed)
+    ));
     assert!(matches!(c.close(CloseCode::NORMAL, ""), Err(Error::Closed)));
     let (first, p) = read_frame(&mut s);
     assert_eq!((first, p.as_slice()), (0x81, &b"before close"[..]));

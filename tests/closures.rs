@@ -64,6 +64,7 @@ fn a_panicking_closure_closes_its_client_with_1011_and_the_server_goes_on() {
             }
             c.send(m).unwrap();
         })
+        .queue_unhandled_events(true)
         .start("127.0.0.1:0")
         .unwrap();
     let mut bad = client(server.local_addr());
@@ -97,6 +98,7 @@ fn closures_can_broadcast_through_the_client_handle() {
             let report = c.server().broadcast(m);
             assert_eq!(report.dropped, 0);
         })
+        .queue_unhandled_events(true)
         .start("127.0.0.1:0")
         .unwrap();
     let mut a = client(server.local_addr());

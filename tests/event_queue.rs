@@ -13,7 +13,7 @@ use support::*;
 #[test]
 fn a_full_event_queue_stops_reading_and_loses_nothing() {
     let server = WebSocketServer::builder()
-        .event_queue(Some(16))
+        .event_queue_bytes(16 * 1024)
         .start("127.0.0.1:0")
         .unwrap();
     let mut s = raw_ws(server.local_addr());
@@ -58,7 +58,7 @@ fn a_full_event_queue_stops_reading_and_loses_nothing() {
 #[test]
 fn shutdown_from_the_consumer_thread_with_a_full_queue_delivers_everything_after() {
     let server = WebSocketServer::builder()
-        .event_queue(Some(4))
+        .event_queue_bytes(4096)
         .close_timeout(Duration::from_millis(300))
         .start("127.0.0.1:0")
         .unwrap();

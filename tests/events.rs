@@ -42,8 +42,14 @@ fn connect_messages_disconnect_in_order_with_close_reason() {
         }
     }
     // Sending to a gone client is an error, not a panic.
-    assert!(matches!(from.send("late"), Err(Error::Closed)));
-    assert!(matches!(server.send(c.id(), "late"), Err(Error::Closed)));
+    assert!(matches!(
+        from.send("late").map_err(|e| e.into_error()),
+        Err(Error::Closed)
+    ));
+    assert!(matches!(
+        server.send(c.id(), "late").map_err(|e| e.into_error()),
+        Err(Error::Closed)
+    ));
 }
 
 #[test]

@@ -30,7 +30,6 @@ fn ten_thousand_connect_disconnect_cycles_leak_nothing() {
     }
     let server = WebSocketServer::builder()
         .close_timeout(Duration::from_millis(200))
-        .event_queue(None)
         .start("127.0.0.1:0")
         .unwrap();
     let addr = server.local_addr();

@@ -31,11 +31,15 @@ fn over_max_connections_gets_503_and_the_count_recovers() {
 
 #[test]
 fn a_client_that_does_not_read_hits_backpressure_and_others_do_not_notice() {
-    let limit = 256 * 1024;
     let server = WebSocketServer::builder()
-        .max_backpressure(limit)
+        .max_message_size(64 * 1024)
+        .high_water(32 * 1024)
+        .low_water(8 * 1024)
+        .max_backpressure(256 * 1024)
         .start("127.0.0.1:0")
         .unwrap();
+    let limit = server.config().max_backpressure();
+    assert_eq!(limit, 256 * 1024, "the limit asked for is above the floor");
     let addr = server.local_addr();
     let _stuck = raw_ws(addr); // never reads
     let stuck = expect_connect(&server);
@@ -56,7 +60,7 @@ fn a_client_that_does_not_read_hits_backpressure_and_others_do_not_notice() {
         );
     };
     assert!(queued_seen);
-    match err {
+    match err.into_error() {
         Error::Backpressure { queued, limit: l } => {
             assert_eq!(l, limit);
             assert!(queued <= limit, "queue {queued} over limit {limit}");
@@ -77,7 +81,7 @@ fn a_client_that_does_not_read_hits_backpressure_and_others_do_not_notice() {
     loop {
         match stuck.send(chunk.clone()) {
             Ok(_) => {}
-            Err(Error::Backpressure { .. }) => break,
+            Err(e) if matches!(e.error(), Error::Backpressure { .. }) => break,
             Err(e) => panic!("{e:?}"),
         }
         assert!(start.elapsed() < Duration::from_secs(20), "no refill");

@@ -42,10 +42,7 @@ fn pipeline(addr: std::net::SocketAddr, client: u32, count: u32) -> std::net::Tc
 
 #[test]
 fn ten_thousand_messages_from_one_client_arrive_in_order() {
-    let server = WebSocketServer::builder()
-        .event_queue(None)
-        .start("127.0.0.1:0")
-        .unwrap();
+    let server = WebSocketServer::builder().start("127.0.0.1:0").unwrap();
     let addr = server.local_addr();
     let writer = std::thread::spawn(move || pipeline(addr, 0, 10_000));
     expect_connect(&server);
@@ -72,6 +69,7 @@ fn fifty_clients_at_once_each_in_order_through_closures() {
             assert!(b == payload(client, i).as_slice());
             sink.lock().unwrap()[client as usize].push(i);
         })
+        .queue_unhandled_events(true)
         .start("127.0.0.1:0")
         .unwrap();
     let addr = server.local_addr();

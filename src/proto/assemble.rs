@@ -141,9 +141,11 @@ impl Decoder {
         self.msg.is_some() || !matches!(self.state, State::Header { have: 0, .. })
     }
 
-    /// Bytes held for an unfinished message.
+    /// Bytes received and held for an unfinished message (never what a
+    /// header announced: memory is reserved as bytes arrive, so a header
+    /// alone costs nothing).
     pub fn buffered(&self) -> usize {
-        self.msg.as_ref().map_or(0, |m| m.buf.capacity()) + self.control.capacity()
+        self.msg.as_ref().map_or(0, |m| m.buf.len()) + self.control.len()
     }
 
     /// Consume bytes from the front of `input` until one item is complete
@@ -282,7 +284,6 @@ impl Decoder {
                 if size > limit {
                     return Err(DecodeError::TooLarge { size, limit });
                 }
-                msg.buf.reserve(reserve_hint(len));
                 Ok(())
             }
             (_, Some(_)) => Err(ProtocolError::ExpectedContinuation.into()),
@@ -293,7 +294,9 @@ impl Decoder {
                 self.msg = Some(Partial {
                     text: op == OpCode::Text,
                     compressed,
-                    buf: Vec::with_capacity(reserve_hint(len)),
+                    // Grown as bytes arrive (by at most twice what came),
+                    // never from the header's word alone.
+                    buf: Vec::new(),
                     utf8_ok: 0,
                     frames: 1,
                 });
@@ -354,13 +357,6 @@ impl Decoder {
     fn inflate(&mut self, _payload: &[u8]) -> Result<Vec<u8>, DecodeError> {
         Err(ProtocolError::ReservedBits.into())
     }
-}
-
-/// How much to reserve for a payload announced as `len` bytes: all of it
-/// when small, a bounded amount when large, so a header alone cannot make
-/// the server allocate megabytes.
-fn reserve_hint(len: u64) -> usize {
-    len.min(256 * 1024) as usize
 }
 
 /// Advance `msg.utf8_ok` over newly added bytes, failing on the first

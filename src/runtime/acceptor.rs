@@ -8,12 +8,17 @@ use std::time::{Duration, Instant};
 
 use crate::proto::handshake::Reject;
 use crate::runtime::Shared;
+use crate::runtime::handshake::{abort_handshake, book_handshake_deadline, far_future, handshake};
 use crate::runtime::poller::register;
 use crate::runtime::registry::Pending;
-use crate::runtime::worker::{abort_handshake, book_handshake_deadline, far_future, handshake};
 
 pub(crate) fn run<T: Send + Sync + 'static>(shared: Arc<Shared<T>>, listener: TcpListener) {
     loop {
+        // A main loop far behind (its event channel twice over budget) is
+        // not handed more clients: they wait in the listen backlog.
+        while shared.events.far_over_budget() && !shared.stopping.load(Ordering::Acquire) {
+            std::thread::sleep(Duration::from_millis(1));
+        }
         let accepted = listener.accept();
         if shared.stopping.load(Ordering::Acquire) {
             return;
@@ -45,7 +50,9 @@ pub(crate) fn run<T: Send + Sync + 'static>(shared: Arc<Shared<T>>, listener: Tc
             refuse(&stream, &Reject::new(503).body("too many connections"));
             continue;
         };
-        let deadline = Instant::now() + shared.config.handshake_timeout;
+        let deadline = Instant::now()
+            .checked_add(shared.config.handshake_timeout)
+            .unwrap_or_else(far_future);
         // If the request is already in, a worker takes it now; otherwise
         // the poller hands the socket over once it is, rather than a job
         // reading nothing.

@@ -100,7 +100,9 @@ impl Frames {
                     return conn.send_shared(shared, frame);
                 }
                 (None, _, Some(message)) if d.wants(self.len) => {
-                    return conn.send_message(shared, message.clone());
+                    return conn
+                        .send_message(shared, message.clone())
+                        .map_err(crate::error::SendError::into_error);
                 }
                 _ => {}
             }

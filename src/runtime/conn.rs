@@ -6,29 +6,33 @@
 //! kernel pushes back; then writable interest is armed and a pool job
 //! finishes the rest. The token keeps frames whole and in order without
 //! holding a guard across a socket write.
+//!
+//! What may be queued, and when reading stops and resumes, is decided by
+//! [`Marks`](crate::runtime::flow::Marks) (see `flow.rs`).
 
-use std::collections::VecDeque;
 use std::io::{self, IoSlice, Write};
 use std::net::TcpStream;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::time::Instant;
 
 use parking_lot::Mutex;
 use polling::Event as Interest;
 
 use crate::client::{Client, SendStatus};
 use crate::config::SlowClientPolicy;
-use crate::error::{Error, Result};
+use crate::error::{Error, Result, SendError};
 use crate::message::{CloseCode, CloseFrame, Message};
 use crate::proto::assemble::Limits;
 use crate::proto::conn::Connection;
 use crate::proto::frame::{OpCode, close_payload, encode_header, encode_header_rsv};
+use crate::runtime::Shared;
+use crate::runtime::flow::{Chunk, OutQueue};
+use crate::stats::Counters;
 
 /// RSV1 as `encode_header_rsv` takes it: the permessage-deflate bit.
 #[cfg(feature = "deflate")]
 pub(crate) const RSV1: u8 = 0b100;
-use crate::runtime::Shared;
-use crate::stats::Counters;
 
 /// A user thread whose previous send was this recent is sending a
 /// stream of messages (a busy main loop): its sends go to the pool, which
@@ -51,36 +55,19 @@ fn sending_in_a_burst() -> bool {
     })
 }
 
-/// Most bytes corked while a job owns a connection; a send that would
-/// pass it writes everything at once.
-const CORK: usize = 64 * 1024;
-
-/// Bytes waiting to be written.
-pub(crate) enum Chunk {
-    /// A frame header, inline.
-    Head([u8; 10], u8),
-    /// Bytes owned by this connection (a payload, a control frame).
-    Owned(Vec<u8>),
-    /// A whole encoded frame shared with other connections (broadcast).
-    Shared(Arc<[u8]>),
-}
-
-impl Chunk {
-    fn bytes(&self) -> &[u8] {
-        match self {
-            Chunk::Head(b, n) => &b[..usize::from(*n)],
-            Chunk::Owned(v) => v,
-            Chunk::Shared(a) => a,
-        }
-    }
-}
-
 /// What kind of frame a write carries.
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Kind {
     Data,
     Control,
     Close,
+}
+
+/// A data frame `write` did not take, with its payload for the caller to
+/// hand back.
+struct Refused {
+    error: Error,
+    body: Option<Chunk>,
 }
 
 /// The read side: touched only by the job that owns the connection.
@@ -93,18 +80,19 @@ pub(crate) struct ReadSide {
     pub(crate) error: Option<Error>,
     pub(crate) eof: bool,
     pub(crate) write_shut: bool,
-    /// Bytes of partial incoming messages last counted in the server-wide
-    /// total.
+    /// Input read but not yet parsed: flow control paused the connection
+    /// in the middle of a read. At most one read's worth, and counted
+    /// with the partial input in the server-wide budget.
+    pub(crate) rest: Vec<u8>,
+    /// Bytes of partial input (`proto.buffered()` plus `rest`) last
+    /// counted in the server-wide total.
     pub(crate) buffered: usize,
 }
 
-/// The write side and the job schedule, behind one lock.
+/// The write side, the flow-control state and the job schedule, behind
+/// one lock.
 pub(crate) struct WriteSide {
-    pub(crate) queue: VecDeque<Chunk>,
-    /// Bytes of `queue.front()` already written.
-    pub(crate) head: usize,
-    /// Bytes waiting in `queue`.
-    pub(crate) queued: usize,
+    pub(crate) out: OutQueue,
     /// A thread holds the write token.
     pub(crate) writing: bool,
     /// A pool job owns the connection right now.
@@ -116,8 +104,14 @@ pub(crate) struct WriteSide {
     /// Server clock (ms) by which the close handshake must be over.
     pub(crate) close_deadline_ms: u64,
     pub(crate) write_error: Option<io::ErrorKind>,
-    /// The job left readable interest off (queue over the limit).
-    pub(crate) read_paused: bool,
+    /// Bytes of this connection's events waiting in the event channel.
+    pub(crate) events: usize,
+    /// Flow control stopped reading and dispatching this connection.
+    pub(crate) paused: bool,
+    /// Paused because the event channel as a whole is over its budget.
+    pub(crate) starved: bool,
+    /// Nothing more will be read: end of file, or a read error.
+    pub(crate) read_done: bool,
     /// The socket is in the poller. A connection whose request was in at
     /// accept time is first registered when its first job ends.
     pub(crate) registered: bool,
@@ -126,19 +120,37 @@ pub(crate) struct WriteSide {
     /// timer started, which consumed no event) spares the system call.
     pub(crate) armed: Option<(bool, bool)>,
     /// A send was refused for backpressure: tell the user (`Drain`) once
-    /// the queue is empty again.
+    /// the queue is down to low water.
     pub(crate) drain_wanted: bool,
+    /// The queue drained after a refusal; the job emits `Drain`.
+    pub(crate) drain_due: bool,
     /// A ping went out (keepalive, or `Client::ping`) and no event has been
     /// reported since: the next one is most likely its pong, which nobody
     /// waits for (pongs are not reported to the user).
     pub(crate) pong_due: bool,
-    /// The queue emptied after a refusal; the job emits `Drain`.
-    pub(crate) drain_due: bool,
     /// The `Close` slow-client policy closed this connection.
     pub(crate) closed_for_backpressure: bool,
+    /// The server-wide budget for partial input is exceeded and this
+    /// connection holds the most: its job fails it with 1009.
+    pub(crate) over_budget: bool,
     /// Shutdown ran out of patience: tear down now.
     pub(crate) force_close: bool,
     pub(crate) finished: bool,
+}
+
+impl WriteSide {
+    /// What flow control counts against the connection.
+    pub(crate) fn held(&self) -> usize {
+        self.out.bytes() + self.events
+    }
+
+    /// The interest the connection needs in the poller, from its state:
+    /// the one place that decides it.
+    fn interest(&self) -> (bool, bool) {
+        let readable = !self.paused && !self.read_done && !self.finished;
+        let writable = !self.out.is_empty() && !self.writing && self.write_error.is_none();
+        (readable, writable)
+    }
 }
 
 pub(crate) struct Conn<T> {
@@ -154,6 +166,9 @@ pub(crate) struct Conn<T> {
     /// Server clock (ms) of the timer entry booked for this connection;
     /// 0 when none.
     pub(crate) timer_at: AtomicU64,
+    /// Bytes of partial input held (the read side's `buffered`), readable
+    /// by other jobs looking for the largest holder.
+    pub(crate) holding_in: AtomicUsize,
     /// permessage-deflate's sending side, when negotiated.
     #[cfg(feature = "deflate")]
     pub(crate) deflater: Option<crate::proto::deflate::Deflater>,
@@ -207,36 +222,40 @@ impl<T: Send + Sync + 'static> Conn<T> {
                 error: None,
                 eof: false,
                 write_shut: false,
+                rest: Vec::new(),
                 buffered: 0,
             })),
             io: Mutex::new(WriteSide {
-                queue: VecDeque::new(),
-                head: 0,
-                queued: 0,
+                out: OutQueue::default(),
                 writing: true,
                 job_running: true,
                 job_again: false,
                 close_sent: None,
                 close_deadline_ms: 0,
                 write_error: None,
-                read_paused: false,
+                events: 0,
+                paused: false,
+                starved: false,
+                read_done: false,
                 registered,
                 armed: None,
                 drain_wanted: false,
-                pong_due: false,
                 drain_due: false,
+                pong_due: false,
                 closed_for_backpressure: false,
+                over_budget: false,
                 force_close: false,
                 finished: false,
             }),
             closing: AtomicBool::new(false),
             timer_at: AtomicU64::new(0),
+            holding_in: AtomicUsize::new(0),
         }
     }
 
     /// Bytes waiting in the send queue.
     pub(crate) fn queued(&self) -> usize {
-        self.io.lock().queued
+        self.io.lock().out.bytes()
     }
 
     pub(crate) fn can_send(&self) -> bool {
@@ -244,27 +263,80 @@ impl<T: Send + Sync + 'static> Conn<T> {
         !w.finished && w.close_sent.is_none() && w.write_error.is_none()
     }
 
+    /// Send a data message; a refusal hands it back.
     pub(crate) fn send_message(
         self: &Arc<Self>,
         shared: &Arc<Shared<T>>,
         message: Message,
-    ) -> Result<SendStatus> {
+    ) -> std::result::Result<SendStatus, SendError> {
         #[cfg(feature = "deflate")]
         if let Some(d) = &self.deflater
             && d.wants(message.len())
         {
+            // The message is only borrowed while it is compressed, so a
+            // refusal can hand back the original.
             let op = message.opcode();
-            if d.keeps_context() {
-                return d.compress_in_context(message.as_bytes(), |z| {
-                    self.send_data(shared, RSV1, op, z)
-                });
-            }
-            if let Some(z) = d.compress_once(message.as_bytes()) {
-                return self.send_data(shared, RSV1, op, z);
+            let sent = if d.keeps_context() {
+                d.compress_in_context(message.as_bytes(), |z| self.send_data(shared, RSV1, op, z))
+            } else {
+                match d.compress_once(message.as_bytes()) {
+                    Some(z) => self.send_data(shared, RSV1, op, z),
+                    None => return self.send_plain(shared, message),
+                }
+            };
+            return sent.map_err(|r| SendError::new(r.error, message));
+        }
+        self.send_plain(shared, message)
+    }
+
+    fn send_plain(
+        self: &Arc<Self>,
+        shared: &Arc<Shared<T>>,
+        message: Message,
+    ) -> std::result::Result<SendStatus, SendError> {
+        let (op, text) = (message.opcode(), message.is_text());
+        self.send_data(shared, 0, op, message.into_bytes())
+            .map_err(|r| {
+                let bytes = match r.body {
+                    Some(Chunk::Owned(v)) => v,
+                    _ => Vec::new(),
+                };
+                // Only a refusal comes here: checking the text again is
+                // cheaper than keeping a copy on every send.
+                let message = if text {
+                    String::from_utf8(bytes)
+                        .map(Message::Text)
+                        .unwrap_or_else(|e| Message::Binary(e.into_bytes()))
+                } else {
+                    Message::Binary(bytes)
+                };
+                SendError::new(r.error, message)
+            })
+    }
+
+    /// As [`send_message`](Conn::send_message), but a thread outside the
+    /// pool waits until `deadline` for room under the hard limit. A pool
+    /// worker never waits: it would hold up the very job that drains the
+    /// queue.
+    pub(crate) fn send_message_until(
+        self: &Arc<Self>,
+        shared: &Arc<Shared<T>>,
+        mut message: Message,
+        deadline: Instant,
+    ) -> std::result::Result<SendStatus, SendError> {
+        loop {
+            match self.send_message(shared, message) {
+                Err(e)
+                    if matches!(e.error(), Error::Backpressure { .. })
+                        && !crate::runtime::service::on_worker()
+                        && Instant::now() < deadline =>
+                {
+                    message = e.into_message();
+                    shared.wait_for_room(self, message.len() + 14, deadline);
+                }
+                other => return other,
             }
         }
-        let op = message.opcode();
-        self.send_data(shared, 0, op, message.into_bytes())
     }
 
     fn send_data(
@@ -273,7 +345,7 @@ impl<T: Send + Sync + 'static> Conn<T> {
         rsv: u8,
         op: OpCode,
         body: Vec<u8>,
-    ) -> Result<SendStatus> {
+    ) -> std::result::Result<SendStatus, Refused> {
         let mut head = [0u8; 10];
         let n = encode_header_rsv(&mut head, true, rsv, op, body.len());
         self.write(
@@ -281,7 +353,7 @@ impl<T: Send + Sync + 'static> Conn<T> {
             Chunk::Head(head, n as u8),
             Some(Chunk::Owned(body)),
             Kind::Data,
-            !crate::runtime::worker::on_worker() && sending_in_a_burst(),
+            !crate::runtime::service::on_worker() && sending_in_a_burst(),
         )
     }
 
@@ -298,6 +370,7 @@ impl<T: Send + Sync + 'static> Conn<T> {
             Kind::Data,
             false,
         )
+        .map_err(|r| r.error)
     }
 
     /// Send a ping (keepalive, or the user's), noting that a pong is due.
@@ -323,6 +396,7 @@ impl<T: Send + Sync + 'static> Conn<T> {
             false,
         )
         .map(|_| ())
+        .map_err(|r| r.error)
     }
 
     /// Write the `101` response with the write token that `new` hands
@@ -332,17 +406,14 @@ impl<T: Send + Sync + 'static> Conn<T> {
     /// broadcast after it.
     pub(crate) fn send_upgrade(self: &Arc<Self>, shared: &Arc<Shared<T>>, bytes: Vec<u8>) {
         let result = write_vectored(&self.stream, &[IoSlice::new(&bytes)]);
-        if let Ok(n) = result {
-            Counters::add(&shared.counters.bytes_out, n as u64);
-            shared.counters.queued((bytes.len() - n) as i64);
-        }
         let mut w = self.io.lock();
         match result {
-            Ok(n) if n == bytes.len() => {}
             Ok(n) => {
-                w.queued += bytes.len() - n;
-                w.queue.push_front(Chunk::Owned(bytes));
-                w.head = n;
+                Counters::add(&shared.counters.bytes_out, n as u64);
+                if n < bytes.len() {
+                    w.out
+                        .push_front_partial(Chunk::Owned(bytes), None, n, &shared.counters);
+                }
             }
             Err(e) => w.write_error = Some(e.kind()),
         }
@@ -361,7 +432,7 @@ impl<T: Send + Sync + 'static> Conn<T> {
                 return Err(Error::Closed);
             }
             w.close_sent = Some(frame.clone());
-            w.close_deadline_ms = shared.now_ms() + shared.config.close_timeout.as_millis() as u64;
+            w.close_deadline_ms = shared.now_ms().saturating_add(shared.close_timeout_ms());
         }
         self.closing.store(true, Ordering::Release);
         let payload = close_payload(frame.code.as_u16(), &frame.reason);
@@ -375,6 +446,7 @@ impl<T: Send + Sync + 'static> Conn<T> {
             false,
         )
         .map(|_| ())
+        .map_err(|r| r.error)
     }
 
     /// User-initiated close: validate, queue the close frame, and make sure
@@ -415,6 +487,71 @@ impl<T: Send + Sync + 'static> Conn<T> {
         schedule(shared, self);
     }
 
+    /// The read gate, asked between messages: whether the job may go on
+    /// reading and dispatching. At high water (or with the event channel
+    /// over its budget) the connection pauses; whoever brings it back
+    /// under the marks resumes it (see [`Conn::resume_locked`]).
+    pub(crate) fn may_read(self: &Arc<Self>, shared: &Arc<Shared<T>>) -> bool {
+        let mut w = self.io.lock();
+        if w.paused {
+            return false;
+        }
+        if shared.marks.must_pause(w.held()) {
+            w.paused = true;
+            Counters::add(&shared.counters.read_pauses, 1);
+            return false;
+        }
+        if shared.events.over_budget() {
+            w.paused = true;
+            w.starved = true;
+            drop(w);
+            Counters::add(&shared.counters.read_pauses, 1);
+            shared.events.starve(shared, self);
+            return false;
+        }
+        true
+    }
+
+    /// Resume a paused connection if it is back under low water (or, if
+    /// `starved_over`, the channel has room again); returns whether a job
+    /// must run to go on reading.
+    pub(crate) fn resume_locked(shared: &Shared<T>, w: &mut WriteSide, starved_over: bool) -> bool {
+        if !w.paused || w.finished {
+            return false;
+        }
+        if w.starved {
+            if !starved_over {
+                return false;
+            }
+            w.starved = false;
+        }
+        if !shared.marks.may_resume(w.held()) {
+            return false;
+        }
+        w.paused = false;
+        true
+    }
+
+    /// Take `bytes` of this connection's events off its account (the main
+    /// loop consumed them), resuming it if that brings it under low water.
+    pub(crate) fn events_consumed(self: &Arc<Self>, shared: &Arc<Shared<T>>, bytes: usize) {
+        let mut w = self.io.lock();
+        w.events = w.events.saturating_sub(bytes);
+        if Self::resume_locked(shared, &mut w, false) && claim_locked(&mut w) {
+            drop(w);
+            spawn_job(shared, self);
+        }
+    }
+
+    /// The event channel has room again: resume if starved.
+    pub(crate) fn unstarve(self: &Arc<Self>, shared: &Arc<Shared<T>>) {
+        let mut w = self.io.lock();
+        if Self::resume_locked(shared, &mut w, true) && claim_locked(&mut w) {
+            drop(w);
+            spawn_job(shared, self);
+        }
+    }
+
     /// Queue or write one frame. `defer` (a data frame sent from a thread
     /// outside the pool) hands the write to the pool when the connection
     /// is idle, so that a user thread sending many messages spends no
@@ -426,79 +563,64 @@ impl<T: Send + Sync + 'static> Conn<T> {
         body: Option<Chunk>,
         kind: Kind,
         defer: bool,
-    ) -> Result<SendStatus> {
+    ) -> std::result::Result<SendStatus, Refused> {
         let len = head.bytes().len() + body.as_ref().map_or(0, |b| b.bytes().len());
         let mut w = self.io.lock();
-        if w.finished || w.write_error.is_some() {
-            return Err(Error::Closed);
-        }
         // A close frame has set close_sent just before coming here; every
         // other frame stops once it is queued.
-        if kind != Kind::Close && w.close_sent.is_some() {
-            return Err(Error::Closed);
+        if w.finished || w.write_error.is_some() || (kind != Kind::Close && w.close_sent.is_some())
+        {
+            return Err(Refused {
+                error: Error::Closed,
+                body,
+            });
         }
-        // Corking: while a job owns the connection (a handler's own echo,
-        // or another thread's send meanwhile), frames wait for the job's
-        // end and leave together in one vectored write, up to CORK bytes.
-        // Corked bytes count as queued; half the backpressure limit at most
-        // keeps pongs and sends from being refused for them.
-        let cork = w.job_running && w.queued + len <= CORK.min(shared.config.max_backpressure / 2);
-        let waiting_for_writable = !w.queue.is_empty() && !w.job_running;
-        // Whatever path it takes, a data frame that would join a queue
-        // already over the limit is refused.
-        let limit = shared.config.max_backpressure;
-        if kind == Kind::Data && !cork && w.queued > 0 && w.queued + len > limit {
-            let queued = w.queued;
+        if kind == Kind::Data && !shared.marks.admits(w.out.bytes(), len) {
+            let queued = w.out.bytes();
             w.drain_wanted = true;
             drop(w);
             Counters::add(&shared.counters.dropped, 1);
             self.over_limit(shared);
-            return Err(Error::Backpressure { queued, limit });
+            return Err(Refused {
+                error: Error::Backpressure {
+                    queued,
+                    limit: shared.marks.hard,
+                },
+                body,
+            });
         }
+        if kind == Kind::Data {
+            Counters::add(&shared.counters.messages_out, 1);
+        }
+        // Corking: while a job owns the connection (a handler's own echo,
+        // or another thread's send meanwhile), frames wait for the job's
+        // end and leave together in one vectored write.
+        let cork = w.job_running && w.out.bytes() + len <= shared.marks.cork();
+        let waiting_for_writable = !w.out.is_empty() && !w.job_running;
         if w.writing || cork || waiting_for_writable {
-            w.queue.push_back(head);
-            if let Some(b) = body {
-                w.queue.push_back(b);
-            }
-            w.queued += len;
-            drop(w);
-            shared.counters.queued(len as i64);
-            if kind == Kind::Data {
-                Counters::add(&shared.counters.messages_out, 1);
-            }
+            self.enqueue(shared, &mut w, head, body);
             return Ok(SendStatus::Queued);
         }
-        if defer && !w.job_running && !w.writing && w.queue.is_empty() {
-            w.queue.push_back(head);
-            if let Some(b) = body {
-                w.queue.push_back(b);
-            }
-            w.queued += len;
+        if defer && !w.job_running && w.out.is_empty() {
+            self.enqueue(shared, &mut w, head, body);
             // The flush job owns the connection until it is done; sends
             // meanwhile cork behind this one.
             w.job_running = true;
             drop(w);
-            shared.counters.queued(len as i64);
-            Counters::add(&shared.counters.messages_out, 1);
             shared.defer_flush(self);
             return Ok(SendStatus::Queued);
         }
-        if !w.queue.is_empty() {
-            // Corked frames and this one are over CORK: all go now.
-            w.queue.push_back(head);
-            if let Some(b) = body {
-                w.queue.push_back(b);
-            }
-            w.queued += len;
+        if !w.out.is_empty() {
+            // Corked frames and this one are over the cork: all go now.
+            self.enqueue(shared, &mut w, head, body);
             w.writing = true;
-            shared.counters.queued(len as i64);
-            if kind == Kind::Data {
-                Counters::add(&shared.counters.messages_out, 1);
-            }
             self.flush_holding_token(shared, w);
             let w = self.io.lock();
-            return match (w.write_error, w.queue.is_empty()) {
-                (Some(_), _) => Err(Error::Closed),
+            return match (w.write_error, w.out.is_empty()) {
+                (Some(_), _) => Err(Refused {
+                    error: Error::Closed,
+                    body: None,
+                }),
                 (None, true) => Ok(SendStatus::Written),
                 (None, false) => Ok(SendStatus::Queued),
             };
@@ -515,51 +637,51 @@ impl<T: Send + Sync + 'static> Conn<T> {
         };
         if let Ok(n) = result {
             Counters::add(&shared.counters.bytes_out, n as u64);
-            shared.counters.queued((len - n) as i64);
-        }
-        if kind == Kind::Data && result.is_ok() {
-            Counters::add(&shared.counters.messages_out, 1);
         }
         let mut w = self.io.lock();
         let status = match result {
             Ok(n) if n == len => SendStatus::Written,
+            Ok(n) if w.finished => {
+                // Torn down meanwhile (shutdown forced it): the rest is
+                // lost, and counted as such.
+                self.client.add_unsent(len - n);
+                SendStatus::Queued
+            }
             Ok(n) => {
                 // Put what is left in front of anything queued meanwhile.
-                let head_len = head.bytes().len();
-                if let Some(b) = body {
-                    w.queue.push_front(b);
-                }
-                let skip = if n < head_len {
-                    w.queue.push_front(head);
-                    n
-                } else {
-                    n - head_len
-                };
-                w.head = skip;
-                w.queued += len - n;
+                w.out.push_front_partial(head, body, n, &shared.counters);
                 SendStatus::Queued
             }
             Err(e) => {
+                // The caller hears of it (`Closed`), so it is not counted
+                // as unsent.
                 w.write_error = Some(e.kind());
                 SendStatus::Queued
             }
         };
         self.flush_holding_token(shared, w);
         match status {
-            SendStatus::Queued if self.io.lock().write_error.is_some() => Err(Error::Closed),
+            SendStatus::Queued if self.io.lock().write_error.is_some() => Err(Refused {
+                error: Error::Closed,
+                body: None,
+            }),
             s => Ok(s),
         }
     }
 
-    /// Arm oneshot interest, registering the socket first if it is not in
-    /// the poller yet. False if the poller refused (out of kernel memory).
-    pub(crate) fn arm(
-        &self,
-        shared: &Shared<T>,
-        w: &mut WriteSide,
-        readable: bool,
-        writable: bool,
-    ) -> bool {
+    fn enqueue(&self, shared: &Shared<T>, w: &mut WriteSide, head: Chunk, body: Option<Chunk>) {
+        w.out.push(head, &shared.counters);
+        if let Some(b) = body {
+            w.out.push(b, &shared.counters);
+        }
+    }
+
+    /// Arm the oneshot interest the connection's state calls for (see
+    /// [`WriteSide::interest`]), registering the socket first if it is not
+    /// in the poller yet. False if the poller refused (out of kernel
+    /// memory).
+    pub(crate) fn arm(&self, shared: &Shared<T>, w: &mut WriteSide) -> bool {
+        let (readable, writable) = w.interest();
         if w.armed == Some((readable, writable)) {
             return true;
         }
@@ -580,7 +702,7 @@ impl<T: Send + Sync + 'static> Conn<T> {
     /// Flush from a pool job on writable readiness.
     pub(crate) fn flush_from_job(self: &Arc<Self>, shared: &Arc<Shared<T>>) {
         let mut w = self.io.lock();
-        if w.writing || w.queue.is_empty() || w.finished {
+        if w.writing || w.out.is_empty() || w.finished {
             return;
         }
         w.writing = true;
@@ -589,73 +711,67 @@ impl<T: Send + Sync + 'static> Conn<T> {
 
     /// With the token held: write the queue until it is empty, the kernel
     /// pushes back, or a write fails; then give the token back and make
-    /// sure whatever is left will be flushed.
+    /// sure whatever is left will be flushed, and that flow control hears
+    /// of the room made.
     pub(crate) fn flush_holding_token<'a>(
         self: &'a Arc<Self>,
         shared: &Arc<Shared<T>>,
         mut w: parking_lot::MutexGuard<'a, WriteSide>,
     ) {
+        let before = w.out.bytes();
         loop {
-            if w.queue.is_empty() || w.write_error.is_some() || w.finished {
+            if w.out.is_empty() || w.write_error.is_some() || w.finished {
                 break;
             }
-            let mut queue = std::mem::take(&mut w.queue);
-            let mut head = w.head;
+            let (mut chunks, mut head) = w.out.take_for_write();
             drop(w);
-            let result = write_queue(&self.stream, &mut queue, &mut head);
+            let result = write_queue(&self.stream, &mut chunks, &mut head);
             w = self.io.lock();
-            let newer = std::mem::replace(&mut w.queue, queue);
-            w.queue.extend(newer);
-            w.head = head;
             match result {
                 Ok((written, drained)) => {
-                    w.queued -= written.min(w.queued);
-                    Counters::add(&shared.counters.bytes_out, written as u64);
-                    shared.counters.queued(-(written as i64));
-                    if w.queue.is_empty() && w.queue.capacity() > 8 {
-                        // Give back the memory of a queue that grew.
-                        w.queue = VecDeque::new();
-                    }
+                    w.out.put_back(chunks, head, written, &shared.counters);
                     if !drained {
                         // The socket is full; writable interest takes over.
                         break;
                     }
                 }
                 Err(e) => {
+                    w.out.put_back(chunks, head, 0, &shared.counters);
                     w.write_error = Some(e.kind());
                     break;
                 }
             }
         }
         w.writing = false;
-        let pending_bytes = !w.queue.is_empty() && w.write_error.is_none() && !w.finished;
-        if w.drain_wanted && w.queue.is_empty() {
+        let made_room = w.out.bytes() < before;
+        if w.drain_wanted && shared.marks.may_resume(w.out.bytes()) {
             w.drain_wanted = false;
             w.drain_due = true;
         }
+        let resumed = Self::resume_locked(shared, &mut w, false);
         // The job must run if a write failed, if our close frame just left
-        // (the close handshake moves on), or to tell the user of a drain.
+        // (the close handshake moves on), if the peer is gone and the
+        // queue is done, to tell the user of a drain, or to read again.
         let needs_job = w.write_error.is_some()
-            || (w.close_sent.is_some() && w.queue.is_empty())
-            || w.drain_due;
+            || (w.close_sent.is_some() && w.out.is_empty())
+            || (w.read_done && w.out.is_empty())
+            || w.drain_due
+            || resumed;
         if w.job_running {
             // The job re-arms (and notices errors) when it ends.
             if needs_job {
                 w.job_again = true;
             }
-            return;
-        }
-        if needs_job && !w.finished {
+        } else if needs_job && !w.finished {
             w.job_running = true;
             drop(w);
             spawn_job(shared, self);
-            return;
+        } else if !w.finished {
+            self.arm(shared, &mut w);
+            drop(w);
         }
-        let resume_reading = w.read_paused && w.queued <= shared.config.max_backpressure;
-        if pending_bytes || resume_reading {
-            w.read_paused &= !resume_reading;
-            let readable = w.queued <= shared.config.max_backpressure;
-            self.arm(shared, &mut w, readable, pending_bytes);
+        if made_room {
+            shared.room_made();
         }
     }
 }
@@ -665,7 +781,7 @@ impl<T: Send + Sync + 'static> Conn<T> {
 /// Returns the bytes written and whether the queue was emptied.
 fn write_queue(
     stream: &TcpStream,
-    queue: &mut VecDeque<Chunk>,
+    queue: &mut std::collections::VecDeque<Chunk>,
     head: &mut usize,
 ) -> io::Result<(usize, bool)> {
     let mut total = 0;
@@ -683,7 +799,15 @@ fn write_queue(
             want += bytes.len();
             n += 1;
         }
-        let mut written = write_vectored(stream, &slices[..n])?;
+        let mut written = match write_vectored(stream, &slices[..n]) {
+            Ok(w) => w,
+            Err(e) if total > 0 => {
+                // Report what did go out; the error comes back next time.
+                let _ = e;
+                return Ok((total, false));
+            }
+            Err(e) => return Err(e),
+        };
         total += written;
         let short = written < want;
         while written > 0 {
@@ -785,9 +909,9 @@ fn claim_locked(w: &mut WriteSide) -> bool {
     true
 }
 
-fn spawn_job<T: Send + Sync + 'static>(shared: &Arc<Shared<T>>, conn: &Arc<Conn<T>>) {
+pub(crate) fn spawn_job<T: Send + Sync + 'static>(shared: &Arc<Shared<T>>, conn: &Arc<Conn<T>>) {
     let (s, c) = (Arc::clone(shared), Arc::clone(conn));
     shared
         .pool
-        .execute(move || crate::runtime::worker::service(&s, &c, &[], false));
+        .execute(move || crate::runtime::service::service(&s, &c, &[], false));
 }

@@ -4,21 +4,24 @@
 pub(crate) mod acceptor;
 pub(crate) mod broadcast;
 pub(crate) mod conn;
+pub(crate) mod events;
+pub(crate) mod flow;
+pub(crate) mod handshake;
 pub(crate) mod poller;
 pub(crate) mod registry;
+pub(crate) mod service;
 pub(crate) mod timer;
-pub(crate) mod worker;
 
 use std::net::SocketAddr;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, TcpStream};
 use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::sync::atomic::{AtomicBool, AtomicU64};
-use std::sync::{Arc, mpsc};
 use std::time::Duration;
 use std::time::Instant;
 
-use parking_lot::{Mutex, RwLock};
+use parking_lot::{Condvar, Mutex};
 use polling::Poller;
 use threadpool::ThreadPool;
 
@@ -58,12 +61,6 @@ impl<T> Default for Handlers<T> {
     }
 }
 
-/// The sending half of the user's event channel.
-pub(crate) enum EventTx<T> {
-    Unbounded(mpsc::Sender<Event<T>>),
-    Bounded(mpsc::SyncSender<Event<T>>),
-}
-
 /// State every thread of one server shares.
 pub(crate) struct Shared<T> {
     pub(crate) config: Config,
@@ -74,11 +71,17 @@ pub(crate) struct Shared<T> {
     pub(crate) timers: timer::Timers,
     pub(crate) init: Box<InitFn<T>>,
     pub(crate) handlers: Handlers<T>,
-    /// Taken (dropped) at the end of shutdown, which ends the user's
-    /// event iterator.
-    pub(crate) events: RwLock<Option<EventTx<T>>>,
-    /// Events that did not fit a full bounded channel during shutdown.
-    pub(crate) overflow: Mutex<Vec<Event<T>>>,
+    /// Flow control's marks (see `flow.rs`).
+    pub(crate) marks: flow::Marks,
+    /// The user's event channel, bounded in bytes.
+    pub(crate) events: events::EventQueue<T>,
+    /// Ready connections and handshakes waiting for a worker.
+    pub(crate) ready: Mutex<poller::ReadyQueue<T>>,
+    /// Threads in `send_timeout` waiting for room in some queue; the
+    /// lock and condition variable they wait with.
+    pub(crate) room_waiters: std::sync::atomic::AtomicUsize,
+    pub(crate) room: Mutex<()>,
+    pub(crate) room_cv: Condvar,
     pub(crate) counters: Counters,
     /// Bytes of unfinished incoming messages, all connections together.
     pub(crate) buffered_in: std::sync::atomic::AtomicUsize,
@@ -101,27 +104,35 @@ pub(crate) struct Shared<T> {
 
 impl<T: Send + Sync + 'static> Shared<T> {
     /// Deliver `Connect`; returns false if the handler panicked.
-    pub(crate) fn emit_connect(&self, client: &Client<T>) -> bool {
+    pub(crate) fn emit_connect(&self, conn: &conn::Conn<T>) -> bool {
+        let client = &conn.client;
         match &self.handlers.connect {
             Some(f) => guarded(&self.counters, "on_connect", client, || f(client)),
             None => {
-                self.send_event(Event::Connect {
-                    client: client.clone(),
-                });
+                self.events.push(
+                    conn,
+                    Event::Connect {
+                        client: client.clone(),
+                    },
+                );
                 true
             }
         }
     }
 
     /// Deliver a message; returns false if the handler panicked.
-    pub(crate) fn emit_message(&self, client: &Client<T>, message: Message) -> bool {
+    pub(crate) fn emit_message(&self, conn: &conn::Conn<T>, message: Message) -> bool {
+        let client = &conn.client;
         match &self.handlers.message {
             Some(f) => guarded(&self.counters, "on_message", client, || f(client, message)),
             None => {
-                self.send_event(Event::Message {
-                    client: client.clone(),
-                    message,
-                });
+                self.events.push(
+                    conn,
+                    Event::Message {
+                        client: client.clone(),
+                        message,
+                    },
+                );
                 true
             }
         }
@@ -129,78 +140,87 @@ impl<T: Send + Sync + 'static> Shared<T> {
 
     pub(crate) fn emit_disconnect(
         &self,
-        client: &Client<T>,
+        conn: &conn::Conn<T>,
         close: CloseFrame,
         error: Option<Error>,
     ) {
+        let client = &conn.client;
         match &self.handlers.disconnect {
             Some(f) => {
                 guarded(&self.counters, "on_disconnect", client, || {
                     f(client, &close, error.as_ref())
                 });
             }
-            None => self.send_event(Event::Disconnect {
-                client: client.clone(),
-                close,
-                error,
-            }),
+            None => self.events.push(
+                conn,
+                Event::Disconnect {
+                    client: client.clone(),
+                    close,
+                    error,
+                },
+            ),
         }
     }
 
-    pub(crate) fn emit_drain(&self, client: &Client<T>) {
+    /// Deliver `Drain`; returns false if the handler panicked.
+    pub(crate) fn emit_drain(&self, conn: &conn::Conn<T>) -> bool {
+        let client = &conn.client;
         match &self.handlers.drain {
-            Some(f) => {
-                guarded(&self.counters, "on_drain", client, || f(client));
+            Some(f) => guarded(&self.counters, "on_drain", client, || f(client)),
+            None => {
+                self.events.push(
+                    conn,
+                    Event::Drain {
+                        client: client.clone(),
+                    },
+                );
+                true
             }
-            None => self.send_event(Event::Drain {
-                client: client.clone(),
-            }),
         }
     }
 
-    /// Hand an event to the user's channel. The user may have dropped the
-    /// receiver; events then have nowhere to go, which is their choice.
-    ///
-    /// A bounded channel that is full makes the worker wait (sleeping, so
-    /// it costs no CPU): its connection is not read meanwhile, and as the
-    /// other workers reach the same point the whole server stops reading.
-    /// That is the backpressure. Once shutdown starts, waiting could
-    /// deadlock a consumer that is itself shutting down, so events that
-    /// do not fit go to an overflow list that shutdown delivers last.
-    fn send_event(&self, event: Event<T>) {
-        let guard = self.events.read();
-        let Some(tx) = guard.as_ref() else { return };
-        let tx = match tx {
-            EventTx::Unbounded(tx) => {
-                let _ = tx.send(event);
-                return;
-            }
-            EventTx::Bounded(tx) => tx,
-        };
-        let mut event = event;
-        let mut nap = Duration::from_micros(100);
+    /// The counters, with the gauges only `Shared` knows.
+    pub(crate) fn stats(&self) -> crate::stats::Stats {
+        let mut s = self.counters.snapshot();
+        s.event_bytes = self.events.bytes() as u64;
+        s.buffered_in_bytes = self.buffered_in.load(Ordering::Relaxed) as u64;
+        s
+    }
+
+    /// The close timeout in server-clock milliseconds.
+    pub(crate) fn close_timeout_ms(&self) -> u64 {
+        ms(self.config.close_timeout)
+    }
+
+    /// Wait (a thread outside the pool, in `send_timeout`) until `conn`'s
+    /// queue could take `len` more bytes, it closed, or `deadline` passed.
+    pub(crate) fn wait_for_room(&self, conn: &conn::Conn<T>, len: usize, deadline: Instant) {
+        let mut guard = self.room.lock();
+        self.room_waiters.fetch_add(1, Ordering::SeqCst);
         loop {
-            if self.stopping.load(Ordering::Acquire) {
-                let mut overflow = self.overflow.lock();
-                if !overflow.is_empty() {
-                    // Keep order: once events overflow, all later ones do.
-                    overflow.push(event);
-                    return;
-                }
-                match tx.try_send(event) {
-                    Ok(()) | Err(mpsc::TrySendError::Disconnected(_)) => return,
-                    Err(mpsc::TrySendError::Full(e)) => {
-                        overflow.push(e);
-                        return;
-                    }
+            {
+                let w = conn.io.lock();
+                if w.finished || w.write_error.is_some() || self.marks.admits(w.out.bytes(), len) {
+                    break;
                 }
             }
-            match tx.try_send(event) {
-                Ok(()) | Err(mpsc::TrySendError::Disconnected(_)) => return,
-                Err(mpsc::TrySendError::Full(e)) => event = e,
+            // The flush that makes room notifies under this same lock,
+            // after its queue changed: no wake-up is lost. The short
+            // bound is a safety net only.
+            let until = deadline.min(Instant::now() + Duration::from_millis(50));
+            if self.room_cv.wait_until(&mut guard, until).timed_out() && Instant::now() >= deadline
+            {
+                break;
             }
-            std::thread::sleep(nap);
-            nap = (nap * 2).min(Duration::from_millis(10));
+        }
+        self.room_waiters.fetch_sub(1, Ordering::SeqCst);
+    }
+
+    /// Some queue shrank: wake threads waiting for room, if any.
+    pub(crate) fn room_made(&self) {
+        if self.room_waiters.load(Ordering::SeqCst) > 0 {
+            let _guard = self.room.lock();
+            self.room_cv.notify_all();
         }
     }
 
@@ -208,7 +228,7 @@ impl<T: Send + Sync + 'static> Shared<T> {
     /// force them), join the threads and the pool, and end the event
     /// stream. Runs once; a second caller waits for the first to finish.
     pub(crate) fn shutdown(self: &Arc<Self>) {
-        if worker::on_worker() {
+        if service::on_worker() {
             // A worker cannot wait for the pool it belongs to.
             let shared = Arc::clone(self);
             let _ = std::thread::Builder::new()
@@ -248,9 +268,9 @@ impl<T: Send + Sync + 'static> Shared<T> {
         for key in shared.registry.handshake_keys() {
             if let Some(p) = shared
                 .registry
-                .take_expired_handshake(key, worker::far_future())
+                .take_expired_handshake(key, handshake::far_future())
             {
-                crate::runtime::worker::abort_handshake(
+                handshake::abort_handshake(
                     shared,
                     *p,
                     Some(&Reject::new(503).body("server shutting down")),
@@ -260,7 +280,10 @@ impl<T: Send + Sync + 'static> Shared<T> {
         for conn in shared.registry.snapshot() {
             let _ = conn.close(shared, CloseCode::GOING_AWAY, "server shutdown");
         }
-        let patience = shared.config.close_timeout + Duration::from_millis(200);
+        let patience = shared
+            .config
+            .close_timeout
+            .saturating_add(Duration::from_millis(200));
         if !shared.registry.wait_empty(patience) {
             for conn in shared.registry.snapshot() {
                 conn.force_close(shared);
@@ -275,22 +298,7 @@ impl<T: Send + Sync + 'static> Shared<T> {
         shared.pool.join();
         // Dropping the sender ends the user's event iterator once the
         // events already sent are read.
-        let tx = shared.events.write().take();
-        let overflow = std::mem::take(&mut *shared.overflow.lock());
-        if let (Some(EventTx::Bounded(tx)), false) = (tx, overflow.is_empty()) {
-            // The channel is full and its reader may be this very thread:
-            // a short-lived thread delivers the rest in order, then ends
-            // the stream.
-            let _ = std::thread::Builder::new()
-                .name("enjent-drain-events".into())
-                .spawn(move || {
-                    for event in overflow {
-                        if tx.send(event).is_err() {
-                            return;
-                        }
-                    }
-                });
-        }
+        shared.events.close();
     }
 
     /// Queue `conn` for a flush job; the first connection into an empty
@@ -301,7 +309,7 @@ impl<T: Send + Sync + 'static> Shared<T> {
         if q.len() == 1 {
             drop(q);
             let s = Arc::clone(self);
-            self.pool.execute(move || worker::flush_deferred(&s));
+            self.pool.execute(move || service::flush_deferred(&s));
         }
     }
 
@@ -327,6 +335,15 @@ fn guarded<T>(counters: &Counters, what: &str, client: &Client<T>, f: impl FnOnc
             false
         }
     }
+}
+
+/// Server-clock milliseconds that mean "never": durations are saturated
+/// to this, so that adding one to the clock cannot overflow.
+pub(crate) const NEVER_MS: u64 = 1 << 62;
+
+/// A duration in server-clock milliseconds, saturated at `NEVER_MS`.
+pub(crate) fn ms(d: Duration) -> u64 {
+    d.as_millis().min(u128::from(NEVER_MS)) as u64
 }
 
 /// The close frame for a handler panic.

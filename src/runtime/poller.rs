@@ -16,9 +16,10 @@ use polling::{Event as Interest, Events, Poller};
 use crate::proto::handshake::Reject;
 use crate::runtime::Shared;
 use crate::runtime::conn::{claim, claim_event};
+use crate::runtime::handshake::{abort_handshake, handshake};
 use crate::runtime::registry::Found;
+use crate::runtime::service::service;
 use crate::runtime::timer::TICK_MS;
-use crate::runtime::worker::{abort_handshake, handshake, service};
 
 /// Register a socket with oneshot `interest`; jobs re-arm it with
 /// `modify`.
@@ -44,7 +45,7 @@ pub(crate) fn register(poller: &Poller, stream: &TcpStream, interest: Interest) 
 const PONG_PAUSE: Duration = Duration::from_micros(200);
 
 /// Work the poller hands to the pool.
-enum Job<T> {
+pub(crate) enum Job<T> {
     /// Readiness reported for a connection or a handshake.
     Ready(Found<T>),
     /// A connection's timer is due.
@@ -126,29 +127,91 @@ pub(crate) fn run<T: Send + Sync + 'static>(shared: Arc<Shared<T>>) {
             }
         }
         if !ready.is_empty() {
-            let batches = shared.config.workers.min(ready.len());
-            let per = ready.len().div_ceil(batches);
-            while !ready.is_empty() {
-                let batch: Vec<_> = ready.drain(..per.min(ready.len())).collect();
-                let s = Arc::clone(&shared);
-                shared.pool.execute(move || {
-                    for job in batch {
-                        match job {
-                            Job::Ready(Found::Open(conn)) => service(&s, &conn, &[], false),
-                            Job::Ready(Found::Handshake(p)) => handshake(&s, p),
-                            Job::Ready(Found::Nothing) => {}
-                            // Nothing was reported readable: the job keeps
-                            // time (pings, timeouts) without a read that
-                            // would find nothing. Readiness that comes
-                            // meanwhile makes it go round and read.
-                            Job::Timer(conn) => service(&s, &conn, &[], true),
-                        }
-                    }
-                });
-            }
+            dispatch(&shared, &mut ready);
         }
         if pongs > 0 && others == 0 {
             std::thread::sleep(PONG_PAUSE);
+        }
+    }
+}
+
+/// Ready work waiting for a worker, shared by the pool jobs that drain it.
+pub(crate) struct ReadyQueue<T> {
+    jobs: std::collections::VecDeque<Job<T>>,
+    /// Pool jobs draining the queue now (some may be blocked in a user
+    /// closure).
+    drainers: usize,
+}
+
+impl<T> Default for ReadyQueue<T> {
+    fn default() -> Self {
+        ReadyQueue {
+            jobs: std::collections::VecDeque::new(),
+            drainers: 0,
+        }
+    }
+}
+
+/// Hand ready work to the pool. It goes into one shared queue that up to
+/// `workers` pool jobs drain one connection at a time, so a handler that
+/// blocks holds up its own connection only: the connections that became
+/// ready with it are taken by the other drainers. One pool job per
+/// drainer rather than per connection saves a channel hop and a wake-up
+/// each.
+fn dispatch<T: Send + Sync + 'static>(shared: &Arc<Shared<T>>, ready: &mut Vec<Job<T>>) {
+    let spawn = {
+        let mut q = shared.ready.lock();
+        q.jobs.extend(ready.drain(..));
+        // Drainers already running may be busy (or blocked in a user
+        // closure): each job waiting may need one of its own, up to one
+        // per worker.
+        let n = shared
+            .config
+            .workers
+            .saturating_sub(q.drainers)
+            .min(q.jobs.len());
+        q.drainers += n;
+        n
+    };
+    for _ in 0..spawn {
+        let s = Arc::clone(shared);
+        shared.pool.execute(move || drain(&s));
+    }
+}
+
+/// A pool job: run ready work until the shared queue is empty.
+fn drain<T: Send + Sync + 'static>(shared: &Arc<Shared<T>>) {
+    /// Leaves the drainer count right even if a job unwinds (jobs catch
+    /// their own panics; this is the last line).
+    struct Leave<'a, T: Send + Sync + 'static>(&'a Shared<T>, bool);
+    impl<T: Send + Sync + 'static> Drop for Leave<'_, T> {
+        fn drop(&mut self) {
+            if !self.1 {
+                self.0.ready.lock().drainers -= 1;
+            }
+        }
+    }
+    let mut leave = Leave(shared, false);
+    loop {
+        let job = {
+            let mut q = shared.ready.lock();
+            match q.jobs.pop_front() {
+                Some(job) => job,
+                None => {
+                    q.drainers -= 1;
+                    leave.1 = true;
+                    return;
+                }
+            }
+        };
+        match job {
+            Job::Ready(Found::Open(conn)) => service(shared, &conn, &[], false),
+            Job::Ready(Found::Handshake(p)) => handshake(shared, p),
+            Job::Ready(Found::Nothing) => {}
+            // Nothing was reported readable: the job keeps time (pings,
+            // timeouts) without a read that would find nothing. Readiness
+            // that comes meanwhile makes it go round and read.
+            Job::Timer(conn) => service(shared, &conn, &[], true),
         }
     }
 }

@@ -252,7 +252,10 @@ impl<T> Registry<T> {
 
     /// Wait until no slot is in use, or `timeout` passes. True if empty.
     pub(crate) fn wait_empty(&self, timeout: Duration) -> bool {
-        let deadline = Instant::now() + timeout;
+        // A timeout too long for the clock is as good as none.
+        let deadline = Instant::now()
+            .checked_add(timeout)
+            .unwrap_or_else(crate::runtime::handshake::far_future);
         let mut s = self.slab.lock();
         while s.used > 0 {
             if self.emptied.wait_until(&mut s, deadline).timed_out() {

@@ -43,7 +43,7 @@ impl Timers {
             .into_iter()
             .flatten()
             .min()
-            .map_or(0, |d| d.as_millis() as u64);
+            .map_or(0, crate::runtime::ms);
         (shortest / 32).clamp(TICK_MS, 1000) / TICK_MS * TICK_MS
     }
 

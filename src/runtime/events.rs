@@ -1,0 +1,149 @@
+//! The event channel of the main-loop style, bounded in bytes.
+//!
+//! Every event carries a charge: its payload plus a fixed cost. The
+//! charge counts against its connection (flow control pauses reading a
+//! connection whose queue plus unconsumed events reach high water) and
+//! against the server-wide budget (over it, connections that would
+//! dispatch more messages pause and wait here, and the acceptor waits).
+//! [`Events`](crate::Events) gives a charge back when the main loop asks
+//! for the next event, so the event being handled still counts while its
+//! reply is sent.
+
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Weak, mpsc};
+
+use parking_lot::{Mutex, RwLock};
+
+use crate::client::Client;
+use crate::event::Event;
+use crate::runtime::Shared;
+use crate::runtime::conn::Conn;
+
+/// What an event costs besides its payload: the event itself, the
+/// client handle it carries, the channel's slot.
+pub(crate) const EVENT_COST: usize = 128;
+
+/// An event and the bytes it was charged.
+pub(crate) struct Envelope<T> {
+    pub(crate) event: Event<T>,
+    pub(crate) charge: usize,
+}
+
+pub(crate) struct EventQueue<T> {
+    /// Taken (dropped) at the end of shutdown, which ends the user's
+    /// event iterator.
+    tx: RwLock<Option<mpsc::Sender<Envelope<T>>>>,
+    /// Bytes charged for events not yet consumed.
+    bytes: AtomicUsize,
+    budget: usize,
+    /// Messages come here (no `on_message` closure): the main-loop style.
+    /// In the closure style nothing does unless `queue_unhandled`: an
+    /// event kind without a closure is not produced, so an unread channel
+    /// cannot grow.
+    main_loop: bool,
+    queue_unhandled: bool,
+    /// Connections paused because the budget was exceeded.
+    starved: Mutex<Vec<Weak<Conn<T>>>>,
+    any_starved: AtomicBool,
+}
+
+impl<T: Send + Sync + 'static> EventQueue<T> {
+    pub(crate) fn new(
+        budget: usize,
+        main_loop: bool,
+        queue_unhandled: bool,
+    ) -> (EventQueue<T>, mpsc::Receiver<Envelope<T>>) {
+        let (tx, rx) = mpsc::channel();
+        let queue = EventQueue {
+            tx: RwLock::new(Some(tx)),
+            bytes: AtomicUsize::new(0),
+            budget,
+            main_loop,
+            queue_unhandled,
+            starved: Mutex::new(Vec::new()),
+            any_starved: AtomicBool::new(false),
+        };
+        (queue, rx)
+    }
+
+    /// Bytes of events waiting now.
+    pub(crate) fn bytes(&self) -> usize {
+        self.bytes.load(Ordering::Relaxed)
+    }
+
+    /// Whether the main loop is over its budget: connections stop
+    /// dispatching messages.
+    pub(crate) fn over_budget(&self) -> bool {
+        self.main_loop && self.bytes.load(Ordering::Relaxed) >= self.budget
+    }
+
+    /// Whether the main loop is twice over its budget, which messages
+    /// alone cannot make it (they stop at the budget): connects and
+    /// disconnects of a churning server pile up in a channel nobody
+    /// reads. The acceptor waits then, so memory stays bounded.
+    pub(crate) fn far_over_budget(&self) -> bool {
+        self.main_loop && self.bytes.load(Ordering::Relaxed) >= self.budget.saturating_mul(2)
+    }
+
+    /// Queue `event` about `conn`, charged to both. In the closure style
+    /// the event is dropped (its kind has no closure, and nobody reads the
+    /// channel) unless the user asked for such events.
+    pub(crate) fn push(&self, conn: &Conn<T>, event: Event<T>) {
+        if !self.main_loop && !self.queue_unhandled {
+            return;
+        }
+        let charge = EVENT_COST
+            + match &event {
+                Event::Message { message, .. } => message.len(),
+                _ => 0,
+            };
+        let guard = self.tx.read();
+        let Some(tx) = guard.as_ref() else { return };
+        conn.io.lock().events += charge;
+        self.bytes.fetch_add(charge, Ordering::Relaxed);
+        if tx.send(Envelope { event, charge }).is_err() {
+            // The receiver is gone with the server.
+            self.bytes.fetch_sub(charge, Ordering::Relaxed);
+            let mut w = conn.io.lock();
+            w.events = w.events.saturating_sub(charge);
+        }
+    }
+
+    /// `conn` paused for the budget: it is resumed once there is room.
+    pub(crate) fn starve(&self, shared: &Arc<Shared<T>>, conn: &Arc<Conn<T>>) {
+        self.starved.lock().push(Arc::downgrade(conn));
+        self.any_starved.store(true, Ordering::SeqCst);
+        // The main loop may have made room since the check.
+        if !self.over_budget() {
+            self.wake(shared);
+        }
+    }
+
+    fn wake(&self, shared: &Arc<Shared<T>>) {
+        let list = {
+            let mut starved = self.starved.lock();
+            self.any_starved.store(false, Ordering::SeqCst);
+            std::mem::take(&mut *starved)
+        };
+        for conn in list.iter().filter_map(Weak::upgrade) {
+            conn.unstarve(shared);
+        }
+    }
+
+    /// The main loop is done with an event: give its charge back.
+    pub(crate) fn consumed(&self, shared: &Arc<Shared<T>>, client: &Client<T>, charge: usize) {
+        let left = self.bytes.fetch_sub(charge, Ordering::Relaxed) - charge;
+        if let Some(conn) = client.conn() {
+            conn.events_consumed(shared, charge);
+        }
+        if left <= self.budget / 2 && self.any_starved.load(Ordering::SeqCst) {
+            self.wake(shared);
+        }
+    }
+
+    /// End the stream (shutdown): the receiver sees the end once it has
+    /// read what was sent.
+    pub(crate) fn close(&self) {
+        self.tx.write().take();
+    }
+}

@@ -1,0 +1,225 @@
+//! Flow control, in one place.
+//!
+//! A connection *holds* the bytes queued to it (the outgoing queue) plus
+//! the bytes of its events that the main loop has not consumed yet. Three
+//! marks apply to what it holds:
+//!
+//! - at **high water**, the server stops reading from it and stops
+//!   dispatching its messages (the unparsed rest of a read is kept, and
+//!   counted with its partial input), so TCP pushes back on the peer;
+//! - at **low water** or below, reading and dispatching resume, and a
+//!   `Drain` is due if a send was refused meanwhile;
+//! - over the **hard limit**, a data frame is refused (handed back to the
+//!   caller) or the client is closed, per policy. The hard limit is at
+//!   least `high + max_message_size + HEADROOM`, so a handler that answers
+//!   each message with one of about its size never meets it: the gate
+//!   stopped dispatching before it could. Only fan-out (sends to a client
+//!   other than the one being answered) can.
+//!
+//! The read gate (`service.rs`), `send` (`conn.rs`) and the event channel
+//! (`events.rs`) all consult [`Marks`]; the outgoing queue keeps its own
+//! byte count and the server-wide `bytes_queued` counter together.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+
+use crate::config::Config;
+use crate::stats::Counters;
+
+/// Room above `high + max_message_size` in the hard limit: a reply's
+/// frame header, a pong or two, and compression that did not pay.
+pub(crate) const HEADROOM: usize = 1024;
+
+/// The three marks, in bytes a connection holds.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Marks {
+    pub(crate) low: usize,
+    pub(crate) high: usize,
+    pub(crate) hard: usize,
+}
+
+impl Marks {
+    pub(crate) fn new(config: &Config) -> Marks {
+        Marks {
+            low: config.low_water,
+            high: config.high_water,
+            hard: config.hard_limit(),
+        }
+    }
+
+    /// Reading and dispatching stop for a connection holding this much.
+    pub(crate) fn must_pause(&self, held: usize) -> bool {
+        held >= self.high
+    }
+
+    /// A paused connection holding this much is read again.
+    pub(crate) fn may_resume(&self, held: usize) -> bool {
+        held <= self.low
+    }
+
+    /// Whether a data frame of `len` bytes may join a queue of `queued`.
+    /// An empty queue takes any one frame, so a message larger than the
+    /// limit can still be sent to a client that keeps up.
+    pub(crate) fn admits(&self, queued: usize, len: usize) -> bool {
+        queued == 0 || queued.saturating_add(len) <= self.hard
+    }
+
+    /// Most bytes corked while a job owns a connection: well under high
+    /// water, so corking alone never pauses a connection.
+    pub(crate) fn cork(&self) -> usize {
+        (64 * 1024).min(self.high / 2)
+    }
+}
+
+/// Bytes waiting to be written.
+pub(crate) enum Chunk {
+    /// A frame header, inline.
+    Head([u8; 10], u8),
+    /// Bytes owned by this connection (a payload, a control frame).
+    Owned(Vec<u8>),
+    /// A whole encoded frame shared with other connections (broadcast).
+    Shared(Arc<[u8]>),
+}
+
+impl Chunk {
+    pub(crate) fn bytes(&self) -> &[u8] {
+        match self {
+            Chunk::Head(b, n) => &b[..usize::from(*n)],
+            Chunk::Owned(v) => v,
+            Chunk::Shared(a) => a,
+        }
+    }
+}
+
+/// A connection's outgoing queue. It owns its byte count and keeps the
+/// server-wide `bytes_queued` in step with it: every byte in is either
+/// written out or counted as lost when the queue is cleared.
+#[derive(Default)]
+pub(crate) struct OutQueue {
+    chunks: VecDeque<Chunk>,
+    /// Bytes of the front chunk already written.
+    head: usize,
+    /// Bytes waiting, the front's written part excluded.
+    bytes: usize,
+}
+
+impl OutQueue {
+    pub(crate) fn bytes(&self) -> usize {
+        self.bytes
+    }
+
+    pub(crate) fn is_empty(&self) -> bool {
+        self.chunks.is_empty()
+    }
+
+    pub(crate) fn push(&mut self, chunk: Chunk, counters: &Counters) {
+        let n = chunk.bytes().len();
+        self.bytes += n;
+        counters.queued(n as i64);
+        self.chunks.push_back(chunk);
+    }
+
+    /// Put back the unwritten end of a frame that a direct write began:
+    /// `skip` bytes of `first` were written. It goes before anything
+    /// queued meanwhile.
+    pub(crate) fn push_front_partial(
+        &mut self,
+        first: Chunk,
+        second: Option<Chunk>,
+        skip: usize,
+        counters: &Counters,
+    ) {
+        let total = first.bytes().len() + second.as_ref().map_or(0, |c| c.bytes().len());
+        let left = total - skip;
+        debug_assert!(self.head == 0 || self.chunks.is_empty());
+        let first_len = first.bytes().len();
+        if let Some(c) = second {
+            self.chunks.push_front(c);
+        }
+        if skip < first_len {
+            self.chunks.push_front(first);
+            self.head = skip;
+        } else {
+            self.head = skip - first_len;
+        }
+        self.bytes += left;
+        counters.queued(left as i64);
+    }
+
+    /// Take the chunks out to write them without the lock held.
+    pub(crate) fn take_for_write(&mut self) -> (VecDeque<Chunk>, usize) {
+        (
+            std::mem::take(&mut self.chunks),
+            std::mem::take(&mut self.head),
+        )
+    }
+
+    /// Put written-from chunks back in front of those queued meanwhile,
+    /// and count `written` bytes as gone.
+    pub(crate) fn put_back(
+        &mut self,
+        mut chunks: VecDeque<Chunk>,
+        head: usize,
+        written: usize,
+        counters: &Counters,
+    ) {
+        let newer = std::mem::take(&mut self.chunks);
+        chunks.extend(newer);
+        self.chunks = chunks;
+        self.head = head;
+        let written = written.min(self.bytes);
+        self.bytes -= written;
+        counters.queued(-(written as i64));
+        Counters::add(&counters.bytes_out, written as u64);
+        if self.chunks.is_empty() && self.chunks.capacity() > 8 {
+            // Give back the memory of a queue that grew.
+            self.chunks = VecDeque::new();
+        }
+    }
+
+    /// Drop everything (the connection is gone); returns the bytes lost.
+    pub(crate) fn clear(&mut self, counters: &Counters) -> usize {
+        let lost = self.bytes;
+        *self = OutQueue::default();
+        counters.queued(-(lost as i64));
+        lost
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn marks_gate_and_admit() {
+        let m = Marks {
+            low: 10,
+            high: 100,
+            hard: 1000,
+        };
+        assert!(!m.must_pause(99));
+        assert!(m.must_pause(100));
+        assert!(m.may_resume(10));
+        assert!(!m.may_resume(11));
+        assert!(m.admits(0, 5000), "an empty queue takes any frame");
+        assert!(m.admits(500, 500));
+        assert!(!m.admits(500, 501));
+        assert!(!m.admits(usize::MAX, 1));
+    }
+
+    #[test]
+    fn queue_counts_every_byte_in_and_out() {
+        let c = Counters::default();
+        let mut q = OutQueue::default();
+        q.push(Chunk::Owned(vec![1; 10]), &c);
+        q.push(Chunk::Head([0; 10], 2), &c);
+        assert_eq!(q.bytes(), 12);
+        let (chunks, head) = q.take_for_write();
+        q.push(Chunk::Owned(vec![2; 3]), &c);
+        q.put_back(chunks, head + 4, 4, &c);
+        assert_eq!(q.bytes(), 11);
+        assert_eq!(c.snapshot().bytes_queued, 11);
+        assert_eq!(q.clear(&c), 11);
+        assert_eq!(c.snapshot().bytes_queued, 0);
+    }
+}

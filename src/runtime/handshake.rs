@@ -1,0 +1,339 @@
+//! The handshake job: read the upgrade request without blocking, answer
+//! plain HTTP, believe a trusted proxy, negotiate extensions, and turn
+//! the socket into an open connection whose first service job it runs.
+
+use std::io::{self, Write};
+use std::net::{IpAddr, Shutdown};
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use polling::Event as Interest;
+
+use crate::client::{Client, ClientId, Origin};
+use crate::message::{CloseCode, CloseFrame};
+use crate::proto::handshake::{
+    Reject, Request, Response, accept_response, check_upgrade, parse_http,
+};
+use crate::runtime::conn::{Conn, Extensions};
+use crate::runtime::registry::Pending;
+use crate::runtime::service::{read_some, service, with_scratch};
+use crate::runtime::timer::Timers;
+use crate::runtime::{Shared, panic_close};
+use crate::stats::Counters;
+
+pub(crate) fn abort_handshake<T>(shared: &Shared<T>, p: Pending, answer: Option<&Reject>) {
+    // Midway through a plain HTTP answer, nothing else can be said.
+    let answer = answer.filter(|_| p.out.is_empty());
+    if let Some(reject) = answer {
+        // Counted first, so that whoever reads the answer sees the count.
+        shared.counters.refused(reject.status());
+        // Best effort: the socket is non-blocking and the answer small.
+        let _ = (&p.stream).write(&reject.to_response());
+        let _ = p.stream.shutdown(Shutdown::Write);
+    }
+    let _ = shared.poller.delete(&p.stream);
+    shared.registry.remove(p.key, None, p.peer.ip());
+}
+
+/// The handshake job: read what is there, parse, and accept, refuse or
+/// wait for more. A bug that panics here costs only this connection: its
+/// socket closes as the unwinding drops it, and its slot is freed.
+pub(crate) fn handshake<T: Send + Sync + 'static>(shared: &Arc<Shared<T>>, p: Box<Pending>) {
+    let (key, ip) = (p.key, p.peer.ip());
+    if catch_unwind(AssertUnwindSafe(|| handshake_inner(shared, p))).is_err() {
+        Counters::add(&shared.counters.panics, 1);
+        eprintln!("enjent: internal error during a handshake from {ip}; connection dropped");
+        shared.registry.remove(key, None, ip);
+    }
+}
+
+fn handshake_inner<T: Send + Sync + 'static>(shared: &Arc<Shared<T>>, mut p: Box<Pending>) {
+    if shared.stopping.load(Ordering::Acquire) {
+        return abort_handshake(
+            shared,
+            *p,
+            Some(&Reject::new(503).body("server shutting down")),
+        );
+    }
+    if !p.out.is_empty() {
+        return continue_http(shared, p);
+    }
+    let max = shared.config.max_handshake_bytes;
+    let read = with_scratch(|buf| -> io::Result<bool> {
+        loop {
+            match read_some(&p.stream, buf)? {
+                Some(0) => return Ok(false),
+                Some(n) => {
+                    p.buf.extend_from_slice(&buf[..n]);
+                    if p.buf.len() > max || n < buf.len() {
+                        return Ok(true);
+                    }
+                }
+                None => return Ok(true),
+            }
+        }
+    });
+    match read {
+        Ok(true) => {}
+        // The client left or the socket broke before the request was in.
+        Ok(false) | Err(_) => return abort_handshake(shared, *p, None),
+    }
+    let (mut request, used) = match parse_http(&p.buf, max) {
+        Ok(Some(done)) => done,
+        Ok(None) => {
+            park_handshake(shared, p, Interest::readable(0));
+            return;
+        }
+        Err(reject) => return abort_handshake(shared, *p, Some(&reject)),
+    };
+    request.set_peer_addr(p.peer);
+    if !request.is_upgrade()
+        && let Some(http) = &shared.handlers.http
+    {
+        let answer = catch_unwind(AssertUnwindSafe(|| http(&request))).unwrap_or_else(|_| {
+            Counters::add(&shared.counters.panics, 1);
+            eprintln!(
+                "enjent: HTTP handler panicked for {}; answering 500",
+                p.peer
+            );
+            Reject::new(500).body("internal error")
+        });
+        let head_only = request.method() == "HEAD";
+        Counters::add(&shared.counters.http_answered, 1);
+        p.out = answer.to_response_for(head_only);
+        p.buf = Vec::new();
+        return continue_http(shared, p);
+    }
+    if let Err(reject) = check_upgrade(&mut request) {
+        return abort_handshake(shared, *p, Some(&reject));
+    }
+    if let Some(allowed) = &shared.config.allowed_origins
+        && let Some(origin) = request.origin()
+        && !allowed.iter().any(|a| a.eq_ignore_ascii_case(origin))
+    {
+        return abort_handshake(shared, *p, Some(&Reject::forbidden("origin not allowed")));
+    }
+    let mut answer = Response::for_request(&request);
+    let data = match catch_unwind(AssertUnwindSafe(|| (shared.init)(&request, &mut answer))) {
+        Ok(Ok(data)) => data,
+        Ok(Err(reject)) => return abort_handshake(shared, *p, Some(&reject)),
+        Err(_) => {
+            Counters::add(&shared.counters.panics, 1);
+            eprintln!(
+                "enjent: client-init strategy panicked for {}; answering 500",
+                p.peer
+            );
+            return abort_handshake(shared, *p, Some(&Reject::new(500).body("internal error")));
+        }
+    };
+    answer.prefer(&shared.config.protocols);
+    let forwarded = if shared.config.trust_proxy {
+        forwarded_ip(&request, &shared.config.forwarded_header)
+    } else {
+        None
+    };
+    let (mut headers, protocol) = answer.into_parts();
+    if let Some(p) = &protocol {
+        headers.push(("Sec-WebSocket-Protocol".into(), p.clone()));
+    }
+    let extensions = negotiate_extensions(shared, &request, &mut headers);
+    let response = accept_response(request.key(), &headers);
+    drop(request);
+
+    let id = ClientId::new(shared.next_id.fetch_add(1, Ordering::Relaxed));
+    let Pending {
+        key,
+        stream,
+        peer,
+        buf,
+        registered,
+        ..
+    } = *p;
+    let now = shared.now_ms();
+    let conn = Arc::new_cyclic(|weak| {
+        let origin = Origin {
+            peer,
+            forwarded,
+            protocol: protocol.map(String::into_boxed_str),
+        };
+        let client = Client::new(id, origin, data, weak.clone(), Arc::downgrade(shared));
+        Conn::new(
+            key,
+            stream,
+            client,
+            shared.limits,
+            now,
+            extensions,
+            registered,
+        )
+    });
+    // Reachable first, then the 101: frames sent in between queue behind
+    // it (the new connection starts with the write token held).
+    shared.registry.open(key, id, Arc::clone(&conn));
+    Counters::add(&shared.counters.accepted, 1);
+    conn.send_upgrade(shared, response);
+    // As for parking: shutdown's close-everyone pass either saw this
+    // connection or we see the flag.
+    if shared.stopping.load(Ordering::Acquire) {
+        let _ = conn.close(shared, CloseCode::GOING_AWAY, "server shutdown");
+    }
+    if !shared.emit_connect(&conn) {
+        let (code, reason) = panic_close();
+        // Reported as 1011 unless the peer's answer says otherwise.
+        if let Some(r) = conn.read.lock().as_mut() {
+            r.report = Some(CloseFrame::new(code, reason));
+        }
+        let _ = conn.close(shared, code, reason);
+    }
+    // Bytes after the request are the first frames.
+    let leftover = &buf[used..];
+    service(shared, &conn, leftover, true);
+}
+
+/// Accept permessage-deflate if offered and enabled, adding the answer to
+/// the `101` headers.
+#[cfg(feature = "deflate")]
+fn negotiate_extensions<T>(
+    shared: &Shared<T>,
+    request: &Request,
+    headers: &mut Vec<(String, String)>,
+) -> Extensions {
+    let config = shared.config.compression?;
+    let offers: Vec<&str> = request
+        .headers()
+        .filter(|(n, _)| n.eq_ignore_ascii_case("Sec-WebSocket-Extensions"))
+        .filter_map(|(_, v)| std::str::from_utf8(v).ok())
+        .collect();
+    let (agreed, answer) = crate::proto::deflate::negotiate(&offers.join(","), &config)?;
+    headers.push(("Sec-WebSocket-Extensions".into(), answer));
+    Some((agreed, config))
+}
+
+/// Without the `deflate` feature no extension is ever agreed.
+#[cfg(not(feature = "deflate"))]
+fn negotiate_extensions<T>(
+    _: &Shared<T>,
+    _: &Request,
+    _: &mut Vec<(String, String)>,
+) -> Extensions {
+    Extensions
+}
+
+/// The client address the trusted proxy reported in `header`. For
+/// `X-Forwarded-For`, the last entry over all its lines: the one the
+/// nearest proxy appended (earlier ones come from the client and prove
+/// nothing). For any other header, its one value.
+fn forwarded_ip(request: &Request, header: &str) -> Option<IpAddr> {
+    let mut values = request
+        .headers()
+        .filter(|(n, _)| n.eq_ignore_ascii_case(header))
+        .filter_map(|(_, v)| std::str::from_utf8(v).ok());
+    let entry = if header.eq_ignore_ascii_case("X-Forwarded-For") {
+        values.flat_map(|v| v.split(',')).last()?
+    } else {
+        values.next()?
+    };
+    parse_ip(entry.trim().trim_matches('"'))
+}
+
+/// An address as proxies write it: `1.2.3.4`, `1.2.3.4:5678`, `2001:db8::1`,
+/// `[2001:db8::1]` or `[2001:db8::1]:5678`.
+fn parse_ip(s: &str) -> Option<IpAddr> {
+    if let Ok(ip) = s.parse() {
+        return Some(ip);
+    }
+    if let Ok(addr) = s.parse::<std::net::SocketAddr>() {
+        return Some(addr.ip());
+    }
+    s.strip_prefix('[')?.strip_suffix(']')?.parse().ok()
+}
+
+/// Wait for the socket (readable for more of the request, writable for
+/// more of an HTTP answer), within the handshake deadline.
+fn park_handshake<T>(shared: &Arc<Shared<T>>, mut p: Box<Pending>, want: Interest) {
+    let (key, deadline, booked) = (p.key, p.deadline, p.timer_booked);
+    let registered = std::mem::replace(&mut p.registered, true);
+    p.timer_booked = true;
+    let armed = shared.registry.park(p, |p| {
+        let interest = Interest::new(p.key, want.readable, want.writable);
+        if registered {
+            shared.poller.modify(&p.stream, interest)
+        } else {
+            crate::runtime::poller::register(&shared.poller, &p.stream, interest)
+        }
+    });
+    if matches!(armed, Some(Err(_)))
+        && let Some(p) = shared.registry.take_expired_handshake(key, far_future())
+    {
+        // Out of kernel memory for the poller: this client cannot wait.
+        return abort_handshake(
+            shared,
+            *p,
+            Some(&Reject::new(503).body("server cannot take more connections")),
+        );
+    }
+    if !booked {
+        book_handshake_deadline(shared, key, deadline);
+    }
+    // Shutdown sets `stopping` before it sweeps parked handshakes, and
+    // both take the slab lock: either its sweep saw this one, or we see
+    // the flag and take it back.
+    if shared.stopping.load(Ordering::Acquire)
+        && let Some(p) = shared.registry.take_expired_handshake(key, far_future())
+    {
+        abort_handshake(
+            shared,
+            *p,
+            Some(&Reject::new(503).body("server shutting down")),
+        );
+    }
+}
+
+/// Write what is left of a plain HTTP answer without blocking: a slow
+/// reader waits parked (writable interest), never on a worker, and the
+/// handshake deadline cuts it off. Once all is out, close.
+fn continue_http<T>(shared: &Arc<Shared<T>>, mut p: Box<Pending>) {
+    while p.sent < p.out.len() {
+        match (&p.stream).write(&p.out[p.sent..]) {
+            Ok(0) => break,
+            Ok(n) => p.sent += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                return park_handshake(shared, p, Interest::writable(0));
+            }
+            Err(_) => break,
+        }
+    }
+    let _ = p.stream.shutdown(Shutdown::Write);
+    // Read what the client sent meanwhile (a request body, a pipelined
+    // request): closing with unread bytes would send a reset, which can
+    // destroy the answer before the client reads it.
+    with_scratch(|buf| {
+        for _ in 0..16 {
+            if !matches!(read_some(&p.stream, buf), Ok(Some(n)) if n > 0) {
+                break;
+            }
+        }
+    });
+    let _ = shared.poller.delete(&p.stream);
+    shared.registry.remove(p.key, None, p.peer.ip());
+}
+
+/// An instant after every deadline, to take a handshake out regardless.
+pub(crate) fn far_future() -> std::time::Instant {
+    std::time::Instant::now() + std::time::Duration::from_secs(86_400 * 365)
+}
+
+pub(crate) fn book_handshake_deadline<T>(
+    shared: &Shared<T>,
+    key: usize,
+    deadline: std::time::Instant,
+) {
+    let at = deadline
+        .saturating_duration_since(shared.started)
+        .as_millis() as u64;
+    if shared.timers.add(Timers::round(at), key) {
+        let _ = shared.poller.notify();
+    }
+}

@@ -1,0 +1,635 @@
+//! The service job: one at a time per connection, it flushes, reads and
+//! dispatches (as far as flow control lets it), keeps time, and tears
+//! down. Also the flush job behind deferred sends.
+
+use std::cell::RefCell;
+use std::io::{self, Read};
+use std::net::Shutdown;
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use crate::error::{DecodeError, Error};
+use crate::message::{CloseCode, CloseFrame};
+use crate::proto::conn::{Output, State};
+use crate::proto::frame::OpCode;
+use crate::runtime::conn::{Conn, ReadSide};
+use crate::runtime::timer::Timers;
+use crate::runtime::{Shared, ms, panic_close};
+use crate::stats::Counters;
+
+/// Per-worker read buffer: connections own no read buffer while idle.
+const SCRATCH: usize = 256 * 1024;
+/// Most bytes one job reads from one connection before letting others
+/// have the worker (the poller brings it back at once if more is there).
+const READ_BUDGET: usize = 1 << 20;
+/// Most messages one job dispatches for one connection before letting
+/// others have the worker.
+const MESSAGE_BUDGET: usize = 4096;
+
+thread_local! {
+    static SCRATCH_BUF: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
+}
+
+pub(crate) fn with_scratch<R>(f: impl FnOnce(&mut [u8]) -> R) -> R {
+    SCRATCH_BUF.with(|cell| {
+        let mut buf = cell.borrow_mut();
+        if buf.len() < SCRATCH {
+            // Zeroed by the allocator (fresh pages from the kernel, at
+            // this size), not by writing: the pages a worker never reads
+            // into are never touched, so they cost no memory.
+            *buf = vec![0; SCRATCH];
+        }
+        f(&mut buf)
+    })
+}
+
+thread_local! {
+    static ON_WORKER: std::cell::Cell<Option<bool>> = const { std::cell::Cell::new(None) };
+}
+
+/// The pool's thread name.
+pub(crate) const WORKER_NAME: &str = "enjent-worker";
+
+/// Whether the current thread is one of the pool's workers (looked up
+/// once per thread: it is asked on every send).
+pub(crate) fn on_worker() -> bool {
+    ON_WORKER.with(|c| match c.get() {
+        Some(b) => b,
+        None => {
+            let b = std::thread::current().name() == Some(WORKER_NAME);
+            c.set(Some(b));
+            b
+        }
+    })
+}
+
+/// Read without blocking: `Ok(None)` means nothing there right now.
+pub(crate) fn read_some(
+    mut stream: &std::net::TcpStream,
+    buf: &mut [u8],
+) -> io::Result<Option<usize>> {
+    loop {
+        match stream.read(buf) {
+            Ok(n) => return Ok(Some(n)),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(None),
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// The pool job behind deferred sends: write what user threads queued,
+/// for every connection waiting, then hand each back (or run its service
+/// job if something else came up meanwhile).
+pub(crate) fn flush_deferred<T: Send + Sync + 'static>(shared: &Arc<Shared<T>>) {
+    let batch = std::mem::take(&mut *shared.flushq.lock());
+    for conn in &batch {
+        let mut w = conn.io.lock();
+        if !w.out.is_empty() && !w.writing && w.write_error.is_none() && !w.finished {
+            w.writing = true;
+            conn.flush_holding_token(shared, w);
+            w = conn.io.lock();
+        }
+        if w.finished {
+            continue;
+        }
+        if w.job_again {
+            // A readiness event, a timer or a failed write came while the
+            // flush held the connection: the full job takes over.
+            w.job_again = false;
+            drop(w);
+            service(shared, conn, &[], false);
+            continue;
+        }
+        w.job_running = false;
+        if !w.writing && !conn.arm(shared, &mut w) {
+            w.force_close = true;
+            w.job_running = true;
+            drop(w);
+            service(shared, conn, &[], true);
+        }
+    }
+}
+
+/// The service job: flush, read and process, keep time, then re-arm or
+/// tear down. `first` holds bytes that arrived with the handshake.
+///
+/// User code is guarded where it is called; should the server itself
+/// panic while serving, the connection is torn down (reported with 1011)
+/// instead of being left without a job forever.
+pub(crate) fn service<T: Send + Sync + 'static>(
+    shared: &Arc<Shared<T>>,
+    conn: &Arc<Conn<T>>,
+    first: &[u8],
+    fresh: bool,
+) {
+    if catch_unwind(AssertUnwindSafe(|| {
+        service_inner(shared, conn, first, fresh)
+    }))
+    .is_err()
+    {
+        Counters::add(&shared.counters.panics, 1);
+        eprintln!(
+            "enjent: internal error while serving client {}; closing it",
+            conn.client.id()
+        );
+        // The job's read side went with the unwinding.
+        let close = CloseFrame::new(CloseCode::INTERNAL_ERROR, "internal error");
+        let error = Error::Io(io::Error::other(
+            "internal error while serving the connection",
+        ));
+        teardown(shared, conn, None, Some(close), Some(error));
+    }
+}
+
+fn service_inner<T: Send + Sync + 'static>(
+    shared: &Arc<Shared<T>>,
+    conn: &Arc<Conn<T>>,
+    first: &[u8],
+    fresh: bool,
+) {
+    let mut first = first;
+    // `fresh`: nothing is known to be readable (the socket was just read
+    // dry by the handshake, or a timer started this job). Re-arming
+    // reports anything newer, so the first pass skips a read that would
+    // only return EAGAIN.
+    let mut read_now = !fresh;
+    loop {
+        conn.flush_from_job(shared);
+        // Take the read side out: no guard is held while user closures
+        // run. Only this job touches it; the lock is never contended.
+        let Some(mut r) = conn.read.lock().take() else {
+            return;
+        };
+        let (drain, over_budget) = {
+            let mut w = conn.io.lock();
+            (
+                std::mem::take(&mut w.drain_due),
+                std::mem::take(&mut w.over_budget),
+            )
+        };
+        if over_budget {
+            fail_for_budget(shared, conn, &mut r);
+        }
+        if drain
+            && !conn.closing.load(Ordering::Acquire)
+            && r.proto.state() == State::Open
+            && !shared.emit_drain(conn)
+        {
+            close_for_panic(shared, conn, &mut r);
+        }
+        if !first.is_empty() {
+            r.last_seen_ms = shared.now_ms();
+            feed(shared, conn, &mut r, first);
+            account_buffered(shared, conn, &mut r);
+            first = &[];
+        }
+        if read_now {
+            read_available(shared, conn, &mut r);
+        }
+        read_now = true;
+        let now = shared.now_ms();
+        let mut close_deadline = 0;
+        if let Some(done) = progress(shared, conn, &mut r, now, &mut close_deadline) {
+            teardown(shared, conn, Some(&mut r), None, done);
+            return;
+        }
+        book_timer(shared, conn, &r, now, close_deadline);
+        *conn.read.lock() = Some(r);
+
+        let mut w = conn.io.lock();
+        // Frames corked while the job ran leave now, in one write. What
+        // is queued after this flush arms writable interest below.
+        if !w.out.is_empty() && !w.writing && w.write_error.is_none() && !w.finished {
+            w.writing = true;
+            conn.flush_holding_token(shared, w);
+            w = conn.io.lock();
+        }
+        if w.job_again {
+            w.job_again = false;
+            continue;
+        }
+        if !conn.arm(shared, &mut w) {
+            // Out of kernel memory for the poller: this connection could
+            // never be woken again. Tear it down now.
+            w.force_close = true;
+            continue;
+        }
+        w.job_running = false;
+        return;
+    }
+}
+
+/// Read and dispatch while flow control allows, within the job's budget.
+fn read_available<T: Send + Sync + 'static>(
+    shared: &Arc<Shared<T>>,
+    conn: &Arc<Conn<T>>,
+    r: &mut ReadSide,
+) {
+    if r.eof || r.error.as_ref().is_some_and(|e| matches!(e, Error::Io(_))) {
+        return;
+    }
+    // Input a pause left unparsed comes before anything newer.
+    if !r.rest.is_empty() {
+        let rest = std::mem::take(&mut r.rest);
+        feed(shared, conn, r, &rest);
+        account_buffered(shared, conn, r);
+    }
+    with_scratch(|buf| {
+        let mut budget = READ_BUDGET;
+        let mut messages = 0;
+        // A paused connection is not read: what it sends may need answers
+        // (echoes, pongs) that would only grow what it holds. Its
+        // readable interest is off too, so this does not spin.
+        while r.rest.is_empty() && conn.may_read(shared) {
+            match read_some(&conn.stream, buf) {
+                Ok(Some(0)) => {
+                    end_of_input(conn, r, None);
+                    return;
+                }
+                Ok(Some(n)) => {
+                    r.last_seen_ms = shared.now_ms();
+                    let (delivered, count) = feed(shared, conn, r, &buf[..n]);
+                    account_buffered(shared, conn, r);
+                    // Inflated messages count at their delivered size, so
+                    // a few compressed bytes cannot buy unbounded work.
+                    budget = budget.saturating_sub(n.max(delivered));
+                    messages += count;
+                    // A short read means the socket is drained (readiness is
+                    // level-triggered, so anything newer re-fires).
+                    if n < buf.len() || budget == 0 || messages >= MESSAGE_BUDGET {
+                        return;
+                    }
+                }
+                Ok(None) => return,
+                Err(e) => {
+                    end_of_input(conn, r, Some(e));
+                    return;
+                }
+            }
+        }
+    });
+}
+
+/// The peer sent FIN, or reading failed: nothing more comes in.
+fn end_of_input<T>(conn: &Conn<T>, r: &mut ReadSide, error: Option<io::Error>) {
+    if let Some(e) = error
+        && r.error.is_none()
+    {
+        r.error = Some(Error::Io(e));
+    }
+    r.eof = true;
+    conn.io.lock().read_done = true;
+}
+
+/// Feed bytes to the protocol and act on each output, asking the read
+/// gate between outputs. What is left when the gate closes is kept in
+/// `r.rest`. Returns the payload bytes and the messages delivered.
+fn feed<T: Send + Sync + 'static>(
+    shared: &Arc<Shared<T>>,
+    conn: &Arc<Conn<T>>,
+    r: &mut ReadSide,
+    bytes: &[u8],
+) -> (usize, usize) {
+    if conn.closing.load(Ordering::Acquire) {
+        r.proto.close_sent();
+    }
+    let mut input = bytes;
+    let (mut delivered, mut count) = (0, 0);
+    while let Some(out) = r.proto.read(&mut input) {
+        if let Output::Message(m) = &out {
+            delivered += m.len();
+            count += 1;
+        }
+        handle(shared, conn, r, out);
+        if !input.is_empty() && !conn.may_read(shared) {
+            r.rest.extend_from_slice(input);
+            break;
+        }
+    }
+    (delivered, count)
+}
+
+/// Keep the server-wide count of bytes held for unfinished messages and
+/// unparsed input. Over `max_buffered_bytes`, the connection holding the
+/// most is failed with 1009, whichever crossed the line.
+fn account_buffered<T: Send + Sync + 'static>(
+    shared: &Arc<Shared<T>>,
+    conn: &Arc<Conn<T>>,
+    r: &mut ReadSide,
+) {
+    let now = r.proto.buffered() + r.rest.len();
+    if now == r.buffered {
+        return;
+    }
+    conn.holding_in.store(now, Ordering::Relaxed);
+    let total = if now < r.buffered {
+        shared
+            .buffered_in
+            .fetch_sub(r.buffered - now, Ordering::Relaxed)
+            - (r.buffered - now)
+    } else {
+        shared
+            .buffered_in
+            .fetch_add(now - r.buffered, Ordering::Relaxed)
+            + (now - r.buffered)
+    };
+    r.buffered = now;
+    if total <= shared.config.max_buffered_bytes {
+        return;
+    }
+    // Find the largest holder; a scan, but only while over the budget.
+    let victim = shared
+        .registry
+        .snapshot()
+        .into_iter()
+        .max_by_key(|c| c.holding_in.load(Ordering::Relaxed));
+    match victim {
+        Some(v) if !Arc::ptr_eq(&v, conn) => {
+            let mut w = v.io.lock();
+            if !w.over_budget && !w.finished {
+                w.over_budget = true;
+                drop(w);
+                crate::runtime::conn::schedule(shared, &v);
+            }
+        }
+        _ => fail_for_budget(shared, conn, r),
+    }
+}
+
+/// Fail this connection with 1009: it holds the most partial input while
+/// the server-wide budget is exceeded.
+fn fail_for_budget<T: Send + Sync + 'static>(
+    shared: &Arc<Shared<T>>,
+    conn: &Arc<Conn<T>>,
+    r: &mut ReadSide,
+) {
+    let error = DecodeError::TooLarge {
+        size: shared.buffered_in.load(Ordering::Relaxed) as u64,
+        limit: shared.config.max_buffered_bytes as u64,
+    };
+    r.rest = Vec::new();
+    if let Some(out) = r.proto.fail(error) {
+        handle(shared, conn, r, out);
+    }
+    // The failed decoder let go of its buffers.
+    account_buffered(shared, conn, r);
+}
+
+/// A user closure panicked while handling this client: close it with
+/// 1011, reported as such unless the peer's answer says otherwise.
+fn close_for_panic<T: Send + Sync + 'static>(
+    shared: &Arc<Shared<T>>,
+    conn: &Arc<Conn<T>>,
+    r: &mut ReadSide,
+) {
+    let (code, reason) = panic_close();
+    r.report = Some(CloseFrame::new(code, reason));
+    let _ = conn.close(shared, code, reason);
+    r.proto.close_sent();
+}
+
+/// Act on one protocol output.
+fn handle<T: Send + Sync + 'static>(
+    shared: &Arc<Shared<T>>,
+    conn: &Arc<Conn<T>>,
+    r: &mut ReadSide,
+    out: Output,
+) {
+    match out {
+        Output::Message(m) => {
+            Counters::add(&shared.counters.messages_in, 1);
+            Counters::add(&shared.counters.bytes_in, m.len() as u64);
+            if !shared.emit_message(conn, m) {
+                close_for_panic(shared, conn, r);
+            }
+        }
+        Output::SendPong(payload) => {
+            // A peer that pings without reading would grow its queue
+            // without bound; over the hard limit, pongs are skipped (RFC
+            // 6455 section 5.5.3 lets an endpoint answer only the most
+            // recent ping).
+            if conn.queued() <= shared.marks.hard {
+                let _ = conn.send_control(shared, OpCode::Pong, &payload);
+            }
+        }
+        Output::Pong => {}
+        Output::PeerClosed { frame, reply } => {
+            // RFC 6455 section 7.1.5: the connection's close code is the
+            // one in the peer's close frame, whoever closed first.
+            r.report = Some(frame.unwrap_or_else(|| CloseFrame::new(CloseCode::NO_STATUS, "")));
+            if let Some(reply) = reply {
+                // Fails only if our own close went out first; then the
+                // peer's close completes the handshake anyway.
+                let _ = conn.send_close(shared, reply);
+            }
+        }
+        Output::Fail { error, reply } => {
+            shared.counters.protocol_error(reply.code.as_u16());
+            r.error = Some(error.into());
+            r.report = Some(reply.clone());
+            let _ = conn.send_close(shared, reply);
+        }
+    }
+}
+
+/// Move the close handshake and timers along. `Some` means tear down now,
+/// with the I/O error to report, if any.
+fn progress<T: Send + Sync + 'static>(
+    shared: &Arc<Shared<T>>,
+    conn: &Arc<Conn<T>>,
+    r: &mut ReadSide,
+    now: u64,
+    close_deadline_out: &mut u64,
+) -> Option<Option<Error>> {
+    let (flushed, empty, close_deadline, write_error, force) = {
+        let mut w = conn.io.lock();
+        let empty = w.out.is_empty() && !w.writing;
+        if r.eof && !empty && w.close_deadline_ms == 0 {
+            // The peer stopped sending but may still read: what is queued
+            // (our close reply last) goes out within the close timeout.
+            w.close_deadline_ms = now.saturating_add(shared.close_timeout_ms());
+        }
+        (
+            empty && w.close_sent.is_some(),
+            empty,
+            w.close_deadline_ms,
+            w.write_error,
+            w.force_close,
+        )
+    };
+    // Handed to `book_timer`, which would otherwise lock again for it.
+    *close_deadline_out = close_deadline;
+    if conn.closing.load(Ordering::Acquire) {
+        r.proto.close_sent();
+    }
+    if force {
+        return Some(Some(Error::Closed));
+    }
+    if let Some(kind) = write_error {
+        return Some(Some(Error::Io(kind.into())));
+    }
+    if flushed {
+        r.proto.reply_flushed();
+    }
+    if r.eof && empty {
+        return Some(None);
+    }
+    match r.proto.state() {
+        // Both close frames are exchanged and ours has left: the server
+        // closes the TCP connection first (RFC 6455 section 7.1.1).
+        State::Closed if flushed => return Some(None),
+        // We failed the connection: stop sending, but keep reading (and
+        // discarding) until the peer closes, so that our close frame is not
+        // lost to a reset.
+        State::Failed if flushed && !r.write_shut => {
+            let _ = conn.stream.shutdown(Shutdown::Write);
+            r.write_shut = true;
+        }
+        _ => {}
+    }
+    if close_deadline != 0 && now >= close_deadline {
+        return Some(Some(Error::Io(io::ErrorKind::TimedOut.into())));
+    }
+    if r.proto.state() == State::Open && !r.eof {
+        if let Some(idle) = shared.config.idle_timeout
+            && now >= r.last_seen_ms.saturating_add(ms(idle))
+        {
+            Counters::add(&shared.counters.idle_timeouts, 1);
+            r.report = Some(CloseFrame::new(CloseCode::GOING_AWAY, "idle timeout"));
+            r.error = Some(Error::Io(io::ErrorKind::TimedOut.into()));
+            let _ = conn.send_close(
+                shared,
+                CloseFrame::new(CloseCode::GOING_AWAY, "idle timeout"),
+            );
+            r.proto.close_sent();
+            // That close set a deadline after the one read above.
+            *close_deadline_out = conn.io.lock().close_deadline_ms;
+            return None;
+        }
+        if let Some(every) = shared.config.ping_interval
+            && now >= r.last_seen_ms.saturating_add(ms(every))
+            && r.ping_sent_ms <= r.last_seen_ms
+        {
+            r.ping_sent_ms = now;
+            let _ = conn.send_ping(shared);
+        }
+    }
+    None
+}
+
+/// Book the connection's next deadline with the poller's timers.
+fn book_timer<T: Send + Sync + 'static>(
+    shared: &Arc<Shared<T>>,
+    conn: &Arc<Conn<T>>,
+    r: &ReadSide,
+    now: u64,
+    close_deadline: u64,
+) {
+    let mut next = u64::MAX;
+    if close_deadline != 0 {
+        next = Timers::round(close_deadline.max(now + 1));
+    }
+    if r.proto.state() == State::Open && !r.eof {
+        let mut keepalive = u64::MAX;
+        if let Some(idle) = shared.config.idle_timeout {
+            keepalive = keepalive.min(r.last_seen_ms.saturating_add(ms(idle)));
+        }
+        if let Some(every) = shared.config.ping_interval
+            && r.ping_sent_ms <= r.last_seen_ms
+        {
+            keepalive = keepalive.min(r.last_seen_ms.saturating_add(ms(every)));
+        }
+        if keepalive < crate::runtime::NEVER_MS {
+            let tick =
+                Timers::keepalive_tick(shared.config.ping_interval, shared.config.idle_timeout);
+            next = next.min(Timers::round_to(keepalive.max(now + 1), tick));
+        }
+    }
+    if next >= crate::runtime::NEVER_MS {
+        return;
+    }
+    let booked = conn.timer_at.load(Ordering::Acquire);
+    if booked != 0 && booked <= next {
+        return;
+    }
+    conn.timer_at.store(next, Ordering::Release);
+    if shared.timers.add(next, conn.key) {
+        let _ = shared.poller.notify();
+    }
+}
+
+/// The connection is over: leave the registry and the poller, close the
+/// socket, count what was never delivered, and tell the user, last of all
+/// its events. The one way out for an open connection, after a normal end
+/// or a panic (`r` is `None` then: the read side went with the unwinding,
+/// and `close`/`error` say what to report).
+fn teardown<T: Send + Sync + 'static>(
+    shared: &Arc<Shared<T>>,
+    conn: &Arc<Conn<T>>,
+    r: Option<&mut ReadSide>,
+    close: Option<CloseFrame>,
+    io_error: Option<Error>,
+) {
+    let (unsent, for_backpressure, write_error) = {
+        let mut w = conn.io.lock();
+        if w.finished {
+            return;
+        }
+        w.finished = true;
+        w.job_running = false;
+        let unsent = w.out.clear(&shared.counters);
+        (unsent, w.closed_for_backpressure, w.write_error)
+    };
+    conn.client.add_unsent(unsent);
+    let held_in = conn.holding_in.swap(0, Ordering::Relaxed);
+    shared.buffered_in.fetch_sub(held_in, Ordering::Relaxed);
+    Counters::add(&shared.counters.disconnected, 1);
+    let _ = shared.poller.delete(&conn.stream);
+    // Anyone waiting for room in this queue learns it is closed.
+    shared.room_made();
+    let (report, read_error) = match r {
+        Some(r) => {
+            r.buffered = 0;
+            (r.report.take(), r.error.take())
+        }
+        None => (None, None),
+    };
+    // The fd may outlive this job (a broadcast in progress holds the
+    // connection), so the peer is told now. After a reset there is no
+    // connection left to tell: skip the system call.
+    let reset = |k: io::ErrorKind| k == io::ErrorKind::ConnectionReset;
+    let was_reset = write_error.is_some_and(reset)
+        || [read_error.as_ref(), io_error.as_ref()]
+            .into_iter()
+            .flatten()
+            .any(|e| matches!(e, Error::Io(e) if reset(e.kind())));
+    if !was_reset {
+        let _ = conn.stream.shutdown(Shutdown::Both);
+    }
+    shared.registry.remove(
+        conn.key,
+        Some(conn.client.id()),
+        conn.client.peer_addr().ip(),
+    );
+
+    let close = close.or(report).unwrap_or_else(|| {
+        if for_backpressure {
+            CloseFrame::new(CloseCode::POLICY, "send queue over limit")
+        } else {
+            CloseFrame::new(CloseCode::ABNORMAL, "connection dropped")
+        }
+    });
+    let mut error = read_error.or(io_error);
+    if error.is_none() && close.code == CloseCode::ABNORMAL {
+        error = Some(Error::Io(io::ErrorKind::UnexpectedEof.into()));
+    }
+    if unsent > 0 && error.is_none() {
+        error = Some(Error::Io(io::Error::new(
+            io::ErrorKind::BrokenPipe,
+            format!("{unsent} queued bytes were not delivered"),
+        )));
+    }
+    shared.emit_disconnect(conn, close, error);
+}

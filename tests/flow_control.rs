@@ -1,0 +1,612 @@
+//! Flow control (issue 12), seen from the peer over real sockets: an echo
+//! loses nothing however fast a client pipelines and however slowly it
+//! reads, a half-closed client still gets everything, the partial-message
+//! budget counts bytes received (not bytes announced) and closes the
+//! biggest holder, and a blocked handler delays only its own connection.
+//!
+//! The tests are heavy (tens of megabytes, a thousand sockets), so they run
+//! one at a time; none asserts speed except the explicit round-trip bound of
+//! the blocked-handler tests.
+
+mod support;
+
+use std::io::{self, BufReader, Read, Write};
+use std::net::{Shutdown, TcpStream};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Barrier, Mutex, MutexGuard, PoisonError, mpsc};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use enjent::{Client, Event, Message, WebSocketServer};
+use support::*;
+
+/// Held by every test: they would otherwise compete for two CPUs.
+static SERIAL: Mutex<()> = Mutex::new(());
+
+fn serial() -> MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// Long enough for anything here to finish on a loaded machine; a test
+/// that waits this long has hung.
+const DEADLINE: Duration = Duration::from_secs(60);
+
+/// An `on_message` closure echoing every message, counting refused sends.
+fn echo(errors: &Arc<AtomicUsize>) -> impl Fn(&Client, Message) + Send + Sync + 'static {
+    let errors = Arc::clone(errors);
+    move |c, m| {
+        if c.send(m).is_err() {
+            errors.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
+/// Poll `done` until it holds; panic naming `what` after [`WAIT`].
+fn wait_until(what: &str, mut done: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !done() {
+        assert!(start.elapsed() < WAIT, "timed out waiting for {what}");
+        thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Read one unmasked server frame (first byte, payload) from any reader;
+/// errors are returned, not panicked on, so a reader thread can report
+/// them.
+fn read_server_frame(r: &mut impl Read) -> io::Result<(u8, Vec<u8>)> {
+    let mut h = [0u8; 2];
+    r.read_exact(&mut h)?;
+    if h[1] & 0x80 != 0 {
+        return Err(io::Error::other("a server frame was masked"));
+    }
+    let len = match h[1] & 0x7F {
+        126 => {
+            let mut b = [0u8; 2];
+            r.read_exact(&mut b)?;
+            u16::from_be_bytes(b) as usize
+        }
+        127 => {
+            let mut b = [0u8; 8];
+            r.read_exact(&mut b)?;
+            u64::from_be_bytes(b) as usize
+        }
+        n => n as usize,
+    };
+    let mut p = vec![0u8; len];
+    r.read_exact(&mut p)?;
+    Ok((h[0], p))
+}
+
+/// A frame seen where another was expected, for failure messages.
+fn describe(first: u8, p: &[u8]) -> String {
+    if first == 0x88 && p.len() >= 2 {
+        format!(
+            "a close frame with code {}",
+            u16::from_be_bytes([p[0], p[1]])
+        )
+    } else if p.len() >= 4 {
+        format!(
+            "frame {first:#04x} of {} bytes starting with index {}",
+            p.len(),
+            u32::from_be_bytes([p[0], p[1], p[2], p[3]])
+        )
+    } else {
+        format!("frame {first:#04x} of {} bytes", p.len())
+    }
+}
+
+/// A stateless xorshift64* of `seed`: the same sizes on every run.
+fn mix(seed: u64) -> u64 {
+    let mut x = seed.wrapping_add(1).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    x ^= x >> 12;
+    x ^= x << 25;
+    x ^= x >> 27;
+    x.wrapping_mul(0x2545_F491_4F6C_DD1D)
+}
+
+/// Payload `i` of `size` bytes: the index (when it fits), then bytes
+/// derived from the index and the offset, so any mix-up shows.
+fn numbered(i: u32, size: usize) -> Vec<u8> {
+    let mut p: Vec<u8> = (0..size)
+        .map(|k| (k as u32).wrapping_mul(31) as u8 ^ (k >> 8) as u8 ^ i as u8)
+        .collect();
+    if size >= 4 {
+        p[..4].copy_from_slice(&i.to_be_bytes());
+    }
+    p
+}
+
+/// Message `i` of the pipelined echo: mostly up to 8 KiB, every 20th up
+/// to 64 KiB, and each length-encoding edge now and then.
+fn echo_payload(i: u32) -> Vec<u8> {
+    let size = match i % 500 {
+        0 => 1,
+        1 => 125,
+        2 => 126,
+        3 => 127,
+        4 => 65_535,
+        5 => 65_536,
+        _ if i % 20 == 19 => 1 + (mix(i.into()) % 65_536) as usize,
+        _ => 1 + (mix(i.into()) % 8_192) as usize,
+    };
+    numbered(i, size)
+}
+
+const PIPELINED: u32 = 10_000;
+
+/// Write `count` masked binary frames as fast as the socket takes them.
+fn pipeline(mut s: TcpStream, count: u32) -> io::Result<()> {
+    let mut wire = Vec::with_capacity(512 * 1024);
+    for i in 0..count {
+        wire.extend(frame(0x82, &echo_payload(i)));
+        if wire.len() >= 256 * 1024 {
+            s.write_all(&wire)?;
+            wire.clear();
+        }
+    }
+    s.write_all(&wire)
+}
+
+/// Read the `count` echoes, slower than they are sent (a stall first, then
+/// a pause every 50 frames), checking each; then shut the socket down.
+fn read_echoes(s: TcpStream, count: u32) -> Result<(), String> {
+    let mut r = BufReader::with_capacity(16 * 1024, s);
+    thread::sleep(Duration::from_millis(300));
+    let mut result = Ok(());
+    for i in 0..count {
+        if i % 50 == 0 {
+            thread::sleep(Duration::from_millis(1));
+        }
+        let want = echo_payload(i);
+        match read_server_frame(&mut r) {
+            Ok((0x82, p)) if p == want => {}
+            Ok((first, p)) => {
+                result = Err(format!(
+                    "echo {i} (of {count}, {} bytes) is missing or wrong: got {}",
+                    want.len(),
+                    describe(first, &p)
+                ));
+                break;
+            }
+            Err(e) => {
+                result = Err(format!("echo {i} (of {count}) never came: {e}"));
+                break;
+            }
+        }
+    }
+    // Ends the writer if it is stuck, and tells the server we are gone.
+    let _ = r.get_ref().shutdown(Shutdown::Both);
+    result
+}
+
+/// A raw upgraded socket whose writes cannot hang a test forever.
+fn raw_client(addr: std::net::SocketAddr) -> TcpStream {
+    let s = raw_ws(addr);
+    s.set_write_timeout(Some(DEADLINE)).unwrap();
+    s
+}
+
+#[test]
+fn pipelined_echo_loses_nothing_closure_style() {
+    let _serial = serial();
+    let errors = Arc::new(AtomicUsize::new(0));
+    let server = WebSocketServer::builder()
+        .workers(2)
+        .on_message(echo(&errors))
+        .start("127.0.0.1:0")
+        .unwrap();
+    let s = raw_client(server.local_addr());
+    let w = s.try_clone().unwrap();
+    let writer = thread::spawn(move || pipeline(w, PIPELINED));
+    let read = read_echoes(s, PIPELINED);
+    let refused = errors.load(Ordering::Relaxed);
+    assert_eq!(read, Ok(()), "({refused} echo sends were refused)");
+    writer.join().unwrap().expect("the writer");
+    assert_eq!(refused, 0, "echo sends refused");
+    assert_eq!(server.stats().messages_dropped, 0);
+}
+
+#[test]
+fn pipelined_echo_loses_nothing_main_loop_style() {
+    let _serial = serial();
+    let server = WebSocketServer::builder()
+        .workers(2)
+        .start("127.0.0.1:0")
+        .unwrap();
+    let s = raw_client(server.local_addr());
+    let w = s.try_clone().unwrap();
+    let writer = thread::spawn(move || pipeline(w, PIPELINED));
+    let reader = thread::spawn(move || read_echoes(s, PIPELINED));
+    // The main loop: echo everything until the client leaves (the reader
+    // shuts the socket down when it is done or has seen a gap).
+    let start = Instant::now();
+    let (mut echoed, mut refused) = (0u32, 0usize);
+    loop {
+        match server.recv_timeout(Duration::from_millis(100)) {
+            Ok(Event::Message { client, message }) => {
+                echoed += 1;
+                if client.send(message).is_err() {
+                    refused += 1;
+                }
+            }
+            Ok(Event::Disconnect { .. }) => break,
+            Ok(_) => {}
+            Err(_) => assert!(start.elapsed() < DEADLINE, "the client never left"),
+        }
+    }
+    let read = reader.join().unwrap();
+    assert_eq!(
+        read,
+        Ok(()),
+        "({refused} of {echoed} echo sends were refused)"
+    );
+    writer.join().unwrap().expect("the writer");
+    assert_eq!((echoed, refused), (PIPELINED, 0), "(echoed, refused)");
+    assert_eq!(server.stats().messages_dropped, 0);
+}
+
+#[test]
+fn half_close_after_close_gets_everything() {
+    let _serial = serial();
+    let errors = Arc::new(AtomicUsize::new(0));
+    // A hard limit far above what is sent: any echo that goes missing was
+    // lost to the half-close, not refused.
+    let server = WebSocketServer::builder()
+        .max_backpressure(64 << 20)
+        .on_message(echo(&errors))
+        .start("127.0.0.1:0")
+        .unwrap();
+    let s = raw_client(server.local_addr());
+    let mut w = s.try_clone().unwrap();
+    let (done_tx, done_rx) = mpsc::channel();
+    let writer = thread::spawn(move || -> io::Result<()> {
+        for i in 0..200 {
+            w.write_all(&frame(0x82, &numbered(i, 60_000)))?;
+        }
+        w.write_all(&frame(0x88, &close_payload(1000, "")))?;
+        w.shutdown(Shutdown::Write)?;
+        let _ = done_tx.send(());
+        Ok(())
+    });
+    // Start reading once everything is sent, or once the server has
+    // stopped taking more (then the rest needs us to read).
+    let _ = done_rx.recv_timeout(Duration::from_millis(500));
+    let mut r = BufReader::new(s);
+    for i in 0..200 {
+        let (first, p) =
+            read_server_frame(&mut r).unwrap_or_else(|e| panic!("echo {i} of 200 never came: {e}"));
+        assert!(
+            first == 0x82 && p == numbered(i, 60_000),
+            "echo {i} of 200 is missing or wrong: got {}",
+            describe(first, &p)
+        );
+    }
+    let (first, p) = read_server_frame(&mut r).expect("the close reply");
+    assert_eq!(
+        first,
+        0x88,
+        "got {} instead of the close reply",
+        describe(first, &p)
+    );
+    assert_eq!(p.get(..2), Some(&1000u16.to_be_bytes()[..]), "close reply");
+    let mut rest = [0u8; 64];
+    match r.read(&mut rest) {
+        Ok(0) => {}
+        Ok(n) => panic!("{n} bytes after the close reply"),
+        Err(e) => panic!("no clean FIN after the close reply: {e}"),
+    }
+    writer.join().unwrap().expect("the writer");
+    assert_eq!(errors.load(Ordering::Relaxed), 0, "echo sends refused");
+}
+
+#[test]
+fn header_only_flood_cannot_lock_out_an_honest_client() {
+    let _serial = serial();
+    let errors = Arc::new(AtomicUsize::new(0));
+    let server = WebSocketServer::builder()
+        .max_buffered_bytes(256 << 20)
+        .max_message_size(1 << 20)
+        .on_message(echo(&errors))
+        .start("127.0.0.1:0")
+        .unwrap();
+    let addr = server.local_addr();
+    // A binary FIN frame announcing 1,000,000 bytes that never come.
+    let mut header = vec![0x82, 0x80 | 127];
+    header.extend_from_slice(&1_000_000u64.to_be_bytes());
+    header.extend_from_slice(&[0x12, 0x34, 0x56, 0x78]);
+    assert_eq!(header.len(), 14);
+    // 1,100 such headers announce far more than the budget (and at 256 KiB
+    // reserved for each, 1,100 x 256 KiB would pass it too).
+    let flood: Vec<TcpStream> = (0..1_100)
+        .map(|_| {
+            let mut s = raw_client(addr);
+            s.write_all(&header).unwrap();
+            s
+        })
+        .collect();
+    // Let the server read the last headers (nothing to observe: they
+    // should cost nothing).
+    thread::sleep(Duration::from_millis(500));
+    let mut honest = raw_client(addr);
+    let payload = numbered(7, 200_000);
+    let wire = frame(0x82, &payload);
+    let (first_half, second_half) = wire.split_at(wire.len() / 2);
+    honest.write_all(first_half).unwrap();
+    thread::sleep(Duration::from_millis(200));
+    honest.write_all(second_half).unwrap();
+    let (first, p) = read_frame(&mut honest);
+    assert!(
+        first == 0x82 && p == payload,
+        "the honest client got {} instead of its echo",
+        describe(first, &p)
+    );
+    let stats = server.stats();
+    assert_eq!(
+        stats.protocol_errors.get(&1009),
+        None,
+        "connections were closed for bytes that were only announced"
+    );
+    assert!(
+        stats.buffered_in_bytes < 1 << 20,
+        "{} bytes counted as buffered for headers alone",
+        stats.buffered_in_bytes
+    );
+    assert_eq!(errors.load(Ordering::Relaxed), 0, "echo sends refused");
+    drop(flood);
+}
+
+#[test]
+fn over_the_buffered_budget_the_biggest_holder_is_closed_with_1009() {
+    let _serial = serial();
+    let errors = Arc::new(AtomicUsize::new(0));
+    let server = WebSocketServer::builder()
+        .max_buffered_bytes(4 << 20)
+        .max_message_size(8 << 20)
+        .on_message(echo(&errors))
+        .start("127.0.0.1:0")
+        .unwrap();
+    let addr = server.local_addr();
+    // Both frame headers are 14 bytes (64-bit length).
+    let (mut big, mut small) = (raw_client(addr), raw_client(addr));
+    // The big holder: 3 MiB of a 3.5 MiB message.
+    let big_wire = frame(0x82, &numbered(1, 7 << 19));
+    big.write_all(&big_wire[..14 + (3 << 20)]).unwrap();
+    wait_until("the server to hold the big client's 3 MiB", || {
+        server.stats().buffered_in_bytes >= 3 << 20
+    });
+    // The small holder's 1.5 MiB of a 2 MiB message take the total past
+    // 4 MiB: the big holder goes, not the one whose bytes came last.
+    let small_payload = numbered(2, 2 << 20);
+    let small_wire = frame(0x82, &small_payload);
+    let (head, tail) = small_wire.split_at(14 + (3 << 19));
+    small.write_all(head).unwrap();
+    wait_until("a connection to be closed with 1009", || {
+        server.stats().protocol_errors.contains_key(&1009)
+    });
+    // The small holder finishes and gets its echo.
+    let _ = small.write_all(tail);
+    let (first, p) = read_frame(&mut small);
+    assert!(
+        first == 0x82 && p == small_payload,
+        "the smaller holder got {} instead of its echo",
+        describe(first, &p)
+    );
+    assert_eq!(read_close(&mut big), Some(1009), "the big holder's close");
+    assert_eq!(server.stats().protocol_errors.get(&1009), Some(&1));
+    assert_eq!(errors.load(Ordering::Relaxed), 0, "echo sends refused");
+}
+
+/// With four workers and `blocked` handlers asleep for 3 s, 200 other
+/// clients connect and each gets its echo within 2 s.
+fn blocked_handlers_leave_the_others_served(blocked: usize) {
+    let _serial = serial();
+    const BLOCK: Duration = Duration::from_secs(3);
+    let asleep = Arc::new(AtomicUsize::new(0));
+    let errors = Arc::new(AtomicUsize::new(0));
+    let (count, refused) = (Arc::clone(&asleep), Arc::clone(&errors));
+    let server = WebSocketServer::builder()
+        .workers(4)
+        .on_message(move |c, m| {
+            if m.as_bytes() == b"block" {
+                count.fetch_add(1, Ordering::SeqCst);
+                thread::sleep(BLOCK);
+                count.fetch_sub(1, Ordering::SeqCst);
+            }
+            if c.send(m).is_err() {
+                refused.fetch_add(1, Ordering::Relaxed);
+            }
+        })
+        .start("127.0.0.1:0")
+        .unwrap();
+    let addr = server.local_addr();
+    let mut blockers: Vec<TcpStream> = (0..blocked).map(|_| raw_client(addr)).collect();
+    for b in &mut blockers {
+        b.write_all(&frame(0x82, b"block")).unwrap();
+    }
+    wait_until("the blocking handlers to start", || {
+        asleep.load(Ordering::SeqCst) == blocked
+    });
+    // The blocked clients keep sending: what piles up for them must hold
+    // up no one else.
+    let more: Vec<_> = blockers
+        .iter()
+        .map(|b| {
+            let mut w = b.try_clone().unwrap();
+            thread::spawn(move || -> io::Result<()> {
+                for i in 0..32 {
+                    w.write_all(&frame(0x82, &numbered(i, 32 * 1024)))?;
+                }
+                Ok(())
+            })
+        })
+        .collect();
+    // Handshakes go on meanwhile too.
+    let mut others: Vec<TcpStream> = (0..200).map(|_| raw_client(addr)).collect();
+    let sent: Vec<Instant> = others
+        .iter_mut()
+        .enumerate()
+        .map(|(i, s)| {
+            s.write_all(&frame(0x82, &numbered(i as u32, 16))).unwrap();
+            Instant::now()
+        })
+        .collect();
+    // Read in turn: a round trip measured here is at most longer than the
+    // real one.
+    for (i, s) in others.iter_mut().enumerate() {
+        let (first, p) = read_frame(s);
+        let took = sent[i].elapsed();
+        assert!(
+            first == 0x82 && p == numbered(i as u32, 16),
+            "client {i} got {}",
+            describe(first, &p)
+        );
+        assert!(
+            took < Duration::from_secs(2),
+            "client {i} waited {took:?} for its echo with {blocked} handler(s) blocked"
+        );
+    }
+    assert_eq!(
+        asleep.load(Ordering::SeqCst),
+        blocked,
+        "the blocked handlers returned before the others were served: nothing was shown"
+    );
+    // The blocked connections were only delayed.
+    for b in &mut blockers {
+        assert_eq!(read_frame(b), (0x82, b"block".to_vec()));
+        for i in 0..32 {
+            let (first, p) = read_frame(b);
+            assert!(
+                first == 0x82 && p == numbered(i, 32 * 1024),
+                "a blocked client's echo {i}: got {}",
+                describe(first, &p)
+            );
+        }
+    }
+    for w in more {
+        w.join().unwrap().expect("a blocked client's writer");
+    }
+    assert_eq!(errors.load(Ordering::Relaxed), 0, "echo sends refused");
+}
+
+/// 200 clients, connected and idle, write one frame each at the same
+/// instant; `blocked` of them (spread through the crowd) send `block`,
+/// whose handler sleeps 3 s, on a server with four workers. The
+/// connections that became ready together with a blocked one must not
+/// wait for it: each other client gets its echo within 1.5 s, well before
+/// the blocked handlers wake.
+fn burst_with_blocked_handlers(blocked: usize) {
+    let _serial = serial();
+    const CLIENTS: usize = 200;
+    const BLOCK: Duration = Duration::from_secs(3);
+    const BOUND: Duration = Duration::from_millis(1500);
+    let started = Arc::new(AtomicUsize::new(0));
+    let finished = Arc::new(AtomicUsize::new(0));
+    let errors = Arc::new(AtomicUsize::new(0));
+    let (begun, ended, refused) = (
+        Arc::clone(&started),
+        Arc::clone(&finished),
+        Arc::clone(&errors),
+    );
+    let server = WebSocketServer::builder()
+        .workers(4)
+        .on_message(move |c, m| {
+            if m.as_bytes() == b"block" {
+                begun.fetch_add(1, Ordering::SeqCst);
+                thread::sleep(BLOCK);
+                ended.fetch_add(1, Ordering::SeqCst);
+            }
+            if c.send(m).is_err() {
+                refused.fetch_add(1, Ordering::Relaxed);
+            }
+        })
+        .start("127.0.0.1:0")
+        .unwrap();
+    let addr = server.local_addr();
+    let blockers: Vec<usize> = (0..blocked)
+        .map(|k| (2 * k + 1) * CLIENTS / (2 * blocked))
+        .collect();
+    let clients: Vec<TcpStream> = (0..CLIENTS).map(|_| raw_client(addr)).collect();
+    // Every connection is now open and waiting for data.
+    thread::sleep(Duration::from_millis(200));
+    let barrier = Arc::new(Barrier::new(CLIENTS));
+    let threads: Vec<_> = clients
+        .into_iter()
+        .enumerate()
+        .map(|(i, mut s)| {
+            let barrier = Arc::clone(&barrier);
+            let payload = if blockers.contains(&i) {
+                b"block".to_vec()
+            } else {
+                numbered(i as u32, 16)
+            };
+            thread::spawn(move || -> Result<Duration, String> {
+                let wire = frame(0x82, &payload);
+                barrier.wait();
+                let sent = Instant::now();
+                s.write_all(&wire)
+                    .map_err(|e| format!("client {i} could not send: {e}"))?;
+                let (first, p) = read_server_frame(&mut s)
+                    .map_err(|e| format!("client {i}'s echo never came: {e}"))?;
+                let took = sent.elapsed();
+                if first != 0x82 || p != payload {
+                    return Err(format!("client {i} got {}", describe(first, &p)));
+                }
+                Ok(took)
+            })
+        })
+        .collect();
+    let took: Vec<Duration> = threads
+        .into_iter()
+        .map(|t| t.join().unwrap().unwrap_or_else(|e| panic!("{e}")))
+        .collect();
+    let mut late: Vec<(usize, Duration)> = took
+        .iter()
+        .enumerate()
+        .filter(|&(i, &t)| !blockers.contains(&i) && t >= BOUND)
+        .map(|(i, &t)| (i, t))
+        .collect();
+    late.sort_by_key(|&(_, t)| std::cmp::Reverse(t));
+    assert!(
+        late.is_empty(),
+        "{} of {} clients waited {BOUND:?} or more for their echo with {blocked} \
+         handler(s) blocked for {BLOCK:?} (client, wait; the longest first): {:?}",
+        late.len(),
+        CLIENTS - blocked,
+        &late[..late.len().min(10)]
+    );
+    for &b in &blockers {
+        assert!(
+            took[b] >= BLOCK && took[b] < BLOCK + BOUND,
+            "blocked client {b} got its echo after {:?}: its handler did not block \
+             from the start, with the others",
+            took[b]
+        );
+    }
+    assert_eq!(started.load(Ordering::SeqCst), blocked, "handlers blocked");
+    assert_eq!(
+        finished.load(Ordering::SeqCst),
+        blocked,
+        "handlers unblocked"
+    );
+    assert_eq!(errors.load(Ordering::Relaxed), 0, "echo sends refused");
+}
+
+#[test]
+fn blocked_handler_in_a_burst_delays_only_its_own_connection() {
+    burst_with_blocked_handlers(1);
+}
+
+#[test]
+fn three_handlers_blocked_in_a_burst_still_serve_the_rest() {
+    burst_with_blocked_handlers(3);
+}
+
+#[test]
+fn blocked_handler_delays_only_its_own_connection() {
+    blocked_handlers_leave_the_others_served(1);
+}
+
+#[test]
+fn three_of_four_workers_blocked_still_serve_the_rest() {
+    blocked_handlers_leave_the_others_served(3);
+}
