@@ -20,7 +20,7 @@
 //! its runner (kosoku 0.1.0) errors on an uncompressed message in a
 //! compressed session, although RFC 7692 allows one.
 
-use enjent::{Client, Error, Event, WebSocketServer};
+use enjent::{Client, Error, Event, Message, WebSocketServer};
 
 #[derive(Clone, Copy, PartialEq)]
 enum Mode {
@@ -33,6 +33,18 @@ fn usage(why: &str) -> Error {
         "{why}\nusage: echo [ADDR] [echo|broadcast] [--max-message-size BYTES] [--ping-interval SECS] [--main-loop] [--trust-proxy]"
     );
     Error::InvalidInput("bad arguments")
+}
+
+/// Echo `message` back. Flow control guarantees that a reply of the
+/// message's size is never refused while the client reads (the server
+/// stops reading a client that falls behind instead), so a refusal is a
+/// bug worth a line on stderr; a client that has gone is not.
+fn echo(client: &Client, message: Message) {
+    if let Err(e) = client.send(message)
+        && !matches!(e.error(), Error::Closed)
+    {
+        eprintln!("echo to client {} refused: {e}", client.id());
+    }
 }
 
 /// The `--trust-proxy` line: who connected, as the TCP peer and as the
@@ -97,11 +109,7 @@ fn main() -> Result<(), Error> {
             })
             .on_disconnect(|_, _, _| {})
             .on_message(move |client, message| match mode {
-                // A client that is gone or over its backpressure limit
-                // simply misses its echo.
-                Mode::Echo => {
-                    let _ = client.send(message);
-                }
+                Mode::Echo => echo(client, message),
                 Mode::Broadcast => {
                     client.server().broadcast(message);
                 }
@@ -114,9 +122,7 @@ fn main() -> Result<(), Error> {
     for event in server.events() {
         match event {
             Event::Message { client, message } => match mode {
-                Mode::Echo => {
-                    let _ = client.send(message);
-                }
+                Mode::Echo => echo(&client, message),
                 Mode::Broadcast => {
                     server.broadcast(message);
                 }

@@ -451,6 +451,11 @@ fn progress<T: Send + Sync + 'static>(
             // (our close reply last) goes out within the close timeout.
             w.close_deadline_ms = now.saturating_add(shared.close_timeout_ms());
         }
+        if w.paused {
+            // Not read because of us (its queue, or the main loop, is
+            // behind): it is not idle, and its pongs wait unread.
+            r.last_seen_ms = now;
+        }
         (
             empty && w.close_sent.is_some(),
             empty,

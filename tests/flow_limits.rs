@@ -1,0 +1,1133 @@
+//! Flow control at its limits, seen from the peer (issue 12): steady memory
+//! over connect/close churn with an unread channel, no queued bytes left
+//! once sends have raced disconnects, huge durations that never panic, a
+//! panicking `on_drain`, `send_timeout` from a user thread and from a
+//! worker, `buffered_amount`, and a slow main loop whose events stay
+//! within their byte budget.
+
+mod support;
+
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::collections::{HashMap, HashSet};
+use std::io::{self, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::panic::AssertUnwindSafe;
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicUsize, Ordering::Relaxed};
+use std::sync::{Arc, Mutex, PoisonError, RwLock, RwLockReadGuard, mpsc};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use enjent::{
+    Builder, Client, ClientId, Error, Event, Message, SendError, SendStatus, WebSocketServer,
+};
+use support::*;
+
+// ---------------------------------------------------------------- helpers
+
+/// Live heap bytes of this process, counted by the allocator below. RSS
+/// alone can hide growth: memory that earlier tests freed stays resident
+/// and is reused without RSS moving.
+static LIVE_HEAP: AtomicI64 = AtomicI64::new(0);
+
+struct CountingAlloc;
+
+// SAFETY: every call is forwarded to the system allocator unchanged; the
+// counter is only arithmetic on the side.
+unsafe impl GlobalAlloc for CountingAlloc {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        // SAFETY: same contract as ours.
+        let p = unsafe { System.alloc(layout) };
+        if !p.is_null() {
+            LIVE_HEAP.fetch_add(layout.size() as i64, Relaxed);
+        }
+        p
+    }
+
+    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
+        // SAFETY: same contract as ours.
+        let p = unsafe { System.alloc_zeroed(layout) };
+        if !p.is_null() {
+            LIVE_HEAP.fetch_add(layout.size() as i64, Relaxed);
+        }
+        p
+    }
+
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        // SAFETY: same contract as ours.
+        unsafe { System.dealloc(ptr, layout) };
+        LIVE_HEAP.fetch_sub(layout.size() as i64, Relaxed);
+    }
+
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        // SAFETY: same contract as ours.
+        let p = unsafe { System.realloc(ptr, layout, new_size) };
+        if !p.is_null() {
+            LIVE_HEAP.fetch_add(new_size as i64 - layout.size() as i64, Relaxed);
+        }
+        p
+    }
+}
+
+#[global_allocator]
+static GLOBAL: CountingAlloc = CountingAlloc;
+
+/// The memory test runs alone (write lock); the others share (read lock),
+/// so that nothing else allocates while it measures.
+static ALONE: RwLock<()> = RwLock::new(());
+
+fn shared() -> RwLockReadGuard<'static, ()> {
+    ALONE.read().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// Run `f` on its own thread; a hang fails the test after `limit` instead
+/// of blocking the run. A panic in `f` is passed on as is.
+fn within<R: Send + 'static>(limit: Duration, f: impl FnOnce() -> R + Send + 'static) -> R {
+    let (done_tx, done_rx) = mpsc::channel::<()>();
+    let body = thread::spawn(move || {
+        let r = f();
+        let _ = done_tx.send(());
+        r
+    });
+    match done_rx.recv_timeout(limit) {
+        Err(mpsc::RecvTimeoutError::Timeout) => panic!("did not finish within {limit:?}"),
+        _ => match body.join() {
+            Ok(r) => r,
+            Err(panic) => std::panic::resume_unwind(panic),
+        },
+    }
+}
+
+/// Poll `f` every few milliseconds until it holds or `limit` passes.
+fn eventually(limit: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + limit;
+    loop {
+        if f() {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// VmRSS of this process, in bytes.
+fn rss() -> i64 {
+    let status = std::fs::read_to_string("/proc/self/status").expect("/proc/self/status");
+    let line = status
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .expect("a VmRSS line");
+    let kb: i64 = line
+        .split_whitespace()
+        .nth(1)
+        .and_then(|n| n.parse().ok())
+        .expect("VmRSS in kB");
+    kb * 1024
+}
+
+/// xorshift64: reproducible randomness without a dependency.
+struct Rng(u64);
+
+impl Rng {
+    fn new(seed: u64) -> Rng {
+        Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1)
+    }
+
+    fn below(&mut self, n: u64) -> u64 {
+        let mut x = self.0;
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        self.0 = x;
+        x % n
+    }
+}
+
+fn is_timeout(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+    )
+}
+
+/// Connect and upgrade with a few large reads (`raw_ws` reads the head a
+/// byte at a time: too slow for 100,000 cycles). Returns the socket and
+/// whatever arrived after the 101 head in the same reads.
+fn upgrade(addr: SocketAddr, timeout: Duration) -> io::Result<(TcpStream, Vec<u8>)> {
+    let mut s = TcpStream::connect(addr)?;
+    s.set_read_timeout(Some(timeout))?;
+    s.set_nodelay(true)?;
+    s.write_all(REQUEST.as_bytes())?;
+    let mut got = Vec::with_capacity(256);
+    let mut buf = [0u8; 512];
+    loop {
+        if let Some(end) = got.windows(4).position(|w| w == b"\r\n\r\n") {
+            if !got.starts_with(b"HTTP/1.1 101 ") {
+                return Err(io::Error::other(format!(
+                    "not a 101: {}",
+                    String::from_utf8_lossy(&got)
+                )));
+            }
+            let rest = got.split_off(end + 4);
+            return Ok((s, rest));
+        }
+        let n = s.read(&mut buf)?;
+        if n == 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "closed before the 101",
+            ));
+        }
+        got.extend_from_slice(&buf[..n]);
+    }
+}
+
+/// A masked close frame with code 1000.
+fn close_frame() -> Vec<u8> {
+    frame(0x88, &close_payload(1000, ""))
+}
+
+/// Append a masked binary frame with the all-zero key (masking then
+/// changes nothing, so megabytes cost no XOR loop).
+fn push_zero_key_frame(out: &mut Vec<u8>, payload: &[u8]) {
+    out.push(0x82);
+    let len = payload.len();
+    if len < 126 {
+        out.push(0x80 | len as u8);
+    } else if len <= 0xFFFF {
+        out.push(0x80 | 126);
+        out.extend_from_slice(&(len as u16).to_be_bytes());
+    } else {
+        out.push(0x80 | 127);
+        out.extend_from_slice(&(len as u64).to_be_bytes());
+    }
+    out.extend_from_slice(&[0, 0, 0, 0]);
+    out.extend_from_slice(payload);
+}
+
+/// Read one server frame, as `read_frame` does, but returning errors.
+fn try_read_frame(s: &mut TcpStream) -> io::Result<(u8, Vec<u8>)> {
+    let mut h = [0u8; 2];
+    s.read_exact(&mut h)?;
+    let len = match h[1] & 0x7F {
+        126 => {
+            let mut b = [0u8; 2];
+            s.read_exact(&mut b)?;
+            u16::from_be_bytes(b) as usize
+        }
+        127 => {
+            let mut b = [0u8; 8];
+            s.read_exact(&mut b)?;
+            u64::from_be_bytes(b) as usize
+        }
+        n => n as usize,
+    };
+    let mut p = vec![0u8; len];
+    s.read_exact(&mut p)?;
+    Ok((h[0], p))
+}
+
+/// A server frame in words, for failure messages.
+fn describe(first: u8, p: &[u8]) -> String {
+    match first & 0x0F {
+        0x8 if p.len() >= 2 => format!(
+            "a close frame, code {} {:?}",
+            u16::from_be_bytes([p[0], p[1]]),
+            String::from_utf8_lossy(&p[2..])
+        ),
+        0x8 => "a close frame without a code".into(),
+        0x9 => "a ping".into(),
+        0xA => "a pong".into(),
+        0x1 => format!("text {:?}", String::from_utf8_lossy(p)),
+        op => format!("a frame with opcode {op:#x} of {} bytes", p.len()),
+    }
+}
+
+/// Send messages made by `make` until one is refused for backpressure;
+/// returns how many were accepted, the refused message (handed back) and
+/// the bytes queued that the refusal reported. `first` is sent before any
+/// new one (a message handed back earlier).
+fn fill(
+    c: &Client,
+    first: Option<Message>,
+    mut make: impl FnMut(usize) -> Message,
+) -> (usize, Message, usize) {
+    let start = Instant::now();
+    let mut pending = first;
+    let mut accepted = 0;
+    loop {
+        let m = pending.take().unwrap_or_else(|| make(accepted));
+        match c.send(m) {
+            Ok(_) => accepted += 1,
+            Err(e) => {
+                let Error::Backpressure { queued, .. } = *e.error() else {
+                    panic!("expected Backpressure, got {:?}", e.error());
+                };
+                return (accepted, e.into_message(), queued);
+            }
+        }
+        assert!(start.elapsed() < WAIT, "never refused");
+    }
+}
+
+/// Fill until refused, then again after each pause until a pause frees
+/// no room for even one message: the kernel's buffers are full too, and
+/// from then on only the peer reading makes room. (A user thread can fill
+/// the queue faster than the workers move it into the kernel, so one
+/// refusal proves nothing.)
+fn fill_stuck(c: &Client, mut make: impl FnMut(usize) -> Message) -> (usize, Message, usize) {
+    let (mut total, mut back, _) = fill(c, None, &mut make);
+    for _ in 0..50 {
+        thread::sleep(Duration::from_millis(100));
+        let (n, b, queued) = fill(c, Some(back), |i| make(total + i));
+        (total, back) = (total + n, b);
+        if n == 0 {
+            return (total, back, queued);
+        }
+    }
+    panic!("the queue kept draining with nobody reading");
+}
+
+/// A binary message whose first 4 bytes are `seq` and the rest a pattern
+/// derived from it.
+fn numbered(seq: usize, len: usize) -> Vec<u8> {
+    let mut m = vec![(seq % 251) as u8; len];
+    m[..4].copy_from_slice(&(seq as u32).to_be_bytes());
+    m
+}
+
+fn check_numbered(p: &[u8], seq: usize, len: usize) {
+    assert_eq!(p.len(), len, "message {seq}: length");
+    let got = u32::from_be_bytes([p[0], p[1], p[2], p[3]]) as usize;
+    assert_eq!(got, seq, "messages out of order");
+    assert!(
+        p[4..].iter().all(|&b| b == (seq % 251) as u8),
+        "message {seq}: corrupted"
+    );
+}
+
+/// The next event that is not a Drain (main-loop tests get those after
+/// refusals).
+fn next_not_drain(server: &WebSocketServer) -> Event {
+    loop {
+        match next(server) {
+            Event::Drain { .. } => {}
+            other => return other,
+        }
+    }
+}
+
+// ------------------------------------------------------------------ tests
+
+/// One connect/close cycle over raw TCP, three ways: a full close
+/// handshake read to EOF, a Close frame then gone, or just gone.
+fn cycle(addr: SocketAddr, kind: usize, close: &[u8]) -> io::Result<()> {
+    let (mut s, _) = upgrade(addr, WAIT)?;
+    match kind {
+        0 => {
+            s.write_all(close)?;
+            let mut buf = [0u8; 256];
+            loop {
+                match s.read(&mut buf) {
+                    Ok(0) => break,
+                    Ok(_) => {}
+                    Err(e) if e.kind() == io::ErrorKind::ConnectionReset => break,
+                    Err(e) => return Err(e),
+                }
+            }
+        }
+        1 => s.write_all(close)?,
+        _ => {}
+    }
+    Ok(())
+}
+
+/// `n` cycles on four client threads; returns how many failed.
+fn churn(addr: SocketAddr, n: usize) -> usize {
+    let next = Arc::new(AtomicUsize::new(0));
+    let failed = Arc::new(AtomicUsize::new(0));
+    let threads: Vec<_> = (0..4)
+        .map(|_| {
+            let (next, failed) = (Arc::clone(&next), Arc::clone(&failed));
+            thread::spawn(move || {
+                let close = close_frame();
+                let mut in_a_row = 0;
+                loop {
+                    let i = next.fetch_add(1, Relaxed);
+                    if i >= n {
+                        return;
+                    }
+                    match cycle(addr, i % 3, &close) {
+                        Ok(()) => in_a_row = 0,
+                        Err(e) => {
+                            failed.fetch_add(1, Relaxed);
+                            in_a_row += 1;
+                            assert!(in_a_row < 100, "100 cycles in a row failed: {e}");
+                            thread::sleep(Duration::from_millis(10));
+                        }
+                    }
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().expect("a churning thread panicked");
+    }
+    failed.load(Relaxed)
+}
+
+/// Every client gone: `stats().connections` back to 0.
+fn settle(server: &WebSocketServer) {
+    assert!(
+        eventually(WAIT, || server.stats().connections == 0
+            && server.connections() == 0),
+        "connections never returned to 0: {:?}",
+        server.stats()
+    );
+    // Let the last teardown jobs finish what they free.
+    thread::sleep(Duration::from_millis(200));
+}
+
+#[test]
+fn unread_channel_holds_steady_memory_over_churn() {
+    let _alone = ALONE.write().unwrap_or_else(PoisonError::into_inner);
+    within(Duration::from_secs(120), || {
+        // Closure style: only on_message; the channel is never read.
+        let server = WebSocketServer::builder()
+            .on_message(|c, m| {
+                let _ = c.send(m);
+            })
+            .start("127.0.0.1:0")
+            .unwrap();
+        let addr = server.local_addr();
+        let mut failed = churn(addr, 10_000);
+        settle(&server);
+        let (rss0, heap0) = (rss(), LIVE_HEAP.load(Relaxed));
+        failed += churn(addr, 90_000);
+        settle(&server);
+        let (rss1, heap1) = (rss(), LIVE_HEAP.load(Relaxed));
+        let (rss_growth, heap_growth) = (rss1 - rss0, heap1 - heap0);
+        let stats = server.stats();
+        eprintln!(
+            "90,000 cycles after warm-up: RSS {rss0} -> {rss1} ({rss_growth:+}), \
+             live heap {heap0} -> {heap1} ({heap_growth:+}); {failed} cycles failed; {stats:?}"
+        );
+        assert!(failed < 1_000, "{failed} of 100,000 cycles failed");
+        assert!(
+            stats.handshakes_accepted >= 99_000,
+            "only {} handshakes",
+            stats.handshakes_accepted
+        );
+        const LIMIT: i64 = 8 << 20;
+        assert!(
+            heap_growth < LIMIT,
+            "live heap grew {heap_growth} bytes over 90,000 cycles \
+             ({} per cycle)",
+            heap_growth / 90_000
+        );
+        assert!(
+            rss_growth < LIMIT,
+            "RSS grew {rss_growth} bytes over 90,000 cycles ({} per cycle)",
+            rss_growth / 90_000
+        );
+        assert!(
+            server.try_recv().is_err(),
+            "closure style: the channel carries nothing"
+        );
+    });
+}
+
+/// What the sending threads got back.
+#[derive(Debug, Default)]
+struct Tally {
+    ok: usize,
+    refused: usize,
+    closed: usize,
+    other: usize,
+}
+
+impl Tally {
+    fn count(&mut self, r: Result<SendStatus, SendError>) {
+        match r {
+            Ok(_) => self.ok += 1,
+            Err(e) => match e.error() {
+                Error::Backpressure { .. } => self.refused += 1,
+                Error::Closed => self.closed += 1,
+                _ => self.other += 1,
+            },
+        }
+    }
+
+    fn add(&mut self, t: Tally) {
+        self.ok += t.ok;
+        self.refused += t.refused;
+        self.closed += t.closed;
+        self.other += t.other;
+    }
+}
+
+/// A peer of the racing test: reads (or not) for a random while, then
+/// leaves in one of five ways.
+fn racing_peer(i: usize, mut s: TcpStream) {
+    let mut rng = Rng::new(i as u64 + 7);
+    let how = i % 5;
+    // 2 and 3 never read: their queues fill.
+    let reads = how != 2 && how != 3;
+    let until = Instant::now() + Duration::from_millis(100 + rng.below(1_900));
+    s.set_read_timeout(Some(Duration::from_millis(20))).unwrap();
+    let mut buf = vec![0u8; 64 * 1024];
+    while Instant::now() < until {
+        if reads {
+            match s.read(&mut buf) {
+                Ok(0) => return,
+                Ok(_) => {}
+                Err(e) if is_timeout(&e) => {}
+                Err(_) => return,
+            }
+        } else {
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+    match how {
+        // Close, then read until the server closes (or 3 s).
+        0 => {
+            if s.write_all(&close_frame()).is_err() {
+                return;
+            }
+            let deadline = Instant::now() + Duration::from_secs(3);
+            while Instant::now() < deadline {
+                match s.read(&mut buf) {
+                    Ok(0) => return,
+                    Ok(_) => {}
+                    Err(e) if is_timeout(&e) => {}
+                    Err(_) => return,
+                }
+            }
+        }
+        // Close without ever reading: the server's reply cannot get out.
+        3 => {
+            let _ = s.write_all(&close_frame());
+            thread::sleep(Duration::from_millis(rng.below(1_000)));
+        }
+        // Reset at once.
+        4 => {
+            let _ = socket2::SockRef::from(&s).set_linger(Some(Duration::ZERO));
+        }
+        // 1: FIN; 2: unread data, so the kernel resets.
+        _ => {}
+    }
+}
+
+#[test]
+fn sends_racing_disconnects_leave_no_queued_bytes() {
+    const CLIENTS: usize = 50;
+    let _g = shared();
+    within(Duration::from_secs(60), || {
+        let server = WebSocketServer::builder()
+            .workers(4)
+            .max_message_size(64 * 1024)
+            .high_water(32 * 1024)
+            .low_water(8 * 1024)
+            .max_backpressure(256 * 1024)
+            .close_timeout(Duration::from_millis(500))
+            .start("127.0.0.1:0")
+            .unwrap();
+        let addr = server.local_addr();
+        let sockets: Vec<TcpStream> = (0..CLIENTS)
+            .map(|_| upgrade(addr, WAIT).expect("upgrade").0)
+            .collect();
+        let clients: Arc<Vec<Client>> =
+            Arc::new((0..CLIENTS).map(|_| expect_connect(&server)).collect());
+        let ids: Arc<Vec<ClientId>> = Arc::new(clients.iter().map(|c| c.id()).collect());
+        let stop = Arc::new(AtomicBool::new(false));
+        let senders: Vec<_> = (0..8u64)
+            .map(|t| {
+                let handle = server.handle();
+                let (clients, ids, stop) =
+                    (Arc::clone(&clients), Arc::clone(&ids), Arc::clone(&stop));
+                thread::spawn(move || {
+                    let mut rng = Rng::new(1_000 + t);
+                    let mut tally = Tally::default();
+                    let body = vec![0x5Au8; 64 * 1024];
+                    while !stop.load(Relaxed) {
+                        let len = rng.below(64 * 1024 + 1) as usize;
+                        let message = Message::from(&body[..len]);
+                        let who = rng.below(CLIENTS as u64) as usize;
+                        match rng.below(20) {
+                            0 => {
+                                let report = handle.broadcast(message);
+                                tally.ok += report.written + report.queued;
+                                tally.refused += report.dropped;
+                                tally.closed += report.closed;
+                            }
+                            1..=9 => tally.count(handle.send(ids[who], message)),
+                            _ => tally.count(clients[who].send(message)),
+                        }
+                    }
+                    tally
+                })
+            })
+            .collect();
+        let peers: Vec<_> = sockets
+            .into_iter()
+            .enumerate()
+            .map(|(i, s)| thread::spawn(move || racing_peer(i, s)))
+            .collect();
+        for p in peers {
+            p.join().expect("a peer thread panicked");
+        }
+        // Sends go on a little after the last peer left.
+        thread::sleep(Duration::from_millis(200));
+        stop.store(true, Relaxed);
+        let mut tally = Tally::default();
+        for s in senders {
+            tally.add(s.join().expect("a sending thread panicked"));
+        }
+        assert!(
+            eventually(WAIT, || server.connections() == 0),
+            "clients still connected: {} ({:?})",
+            server.connections(),
+            server.stats()
+        );
+        eventually(Duration::from_secs(5), || server.stats().bytes_queued == 0);
+        let stats = server.stats();
+        eprintln!("{tally:?}\n{stats:?}");
+        assert_eq!(stats.bytes_queued, 0, "queued bytes left behind: {tally:?}");
+        assert_eq!(stats.connections, 0, "{stats:?}");
+        assert!(tally.refused > 0, "no queue ever filled: {tally:?}");
+        assert!(tally.closed > 0, "no send raced a disconnect: {tally:?}");
+        assert_eq!(
+            stats.messages_dropped, tally.refused as u64,
+            "refusals seen by the senders vs counted: {tally:?}"
+        );
+        assert_eq!(stats.handler_panics, 0, "{stats:?}");
+        // Each client had exactly one Disconnect.
+        let mut gone = HashSet::new();
+        while gone.len() < CLIENTS {
+            match server.recv_timeout(WAIT) {
+                Ok(Event::Disconnect { client, .. }) => {
+                    assert!(ids.contains(&client.id()), "{:?}", client.id());
+                    assert!(
+                        gone.insert(client.id()),
+                        "two Disconnects for {:?}",
+                        client.id()
+                    )
+                }
+                Ok(_) => {}
+                Err(e) => panic!("{} Disconnects of {CLIENTS}: {e}", gone.len()),
+            }
+        }
+        // The counter has not drifted below 0 either (a snapshot shows a
+        // negative count as 0): with one new client whose queue is full,
+        // it is that client's queue exactly.
+        let probe = upgrade(addr, WAIT).expect("upgrade").0; // never reads
+        let p = match next_not_drain(&server) {
+            Event::Connect { client } => client,
+            other => panic!("expected the probe's Connect, got {other:?}"),
+        };
+        let (_, _, refused_at) = fill_stuck(&p, |_| vec![0u8; 16 * 1024].into());
+        let mut seen = (0, 0);
+        let agree = eventually(Duration::from_secs(2), || {
+            seen = (server.stats().bytes_queued, p.buffered_amount() as u64);
+            seen.1 > 0 && seen.0 == seen.1
+        });
+        assert!(
+            agree,
+            "stats().bytes_queued {} with one client whose queue holds {} \
+             (refused at {refused_at}): the count drifted during the race",
+            seen.0, seen.1
+        );
+        drop(probe);
+    });
+}
+
+/// A change to a builder.
+type Configure = fn(Builder) -> Builder;
+
+/// The text of a caught panic.
+fn panic_text(panic: &(dyn std::any::Any + Send)) -> String {
+    panic
+        .downcast_ref::<String>()
+        .cloned()
+        .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+        .unwrap_or_else(|| "a panic".into())
+}
+
+/// One huge-duration configuration: refused with InvalidConfig, or a
+/// server that answers, echoes, leaves an idle client alone for 2 s and
+/// shuts down. The server is dropped outside any unwinding, so that a
+/// panic in its shutdown is reported rather than aborting the run.
+fn check_huge(configure: Configure) {
+    let builder = configure(WebSocketServer::builder().workers(2).on_message(|c, m| {
+        let _ = c.send(m);
+    }));
+    let server = match builder.start("127.0.0.1:0") {
+        Ok(server) => server,
+        Err(Error::InvalidConfig(_)) => return,
+        Err(e) => panic!("start failed with {e:?}, not InvalidConfig"),
+    };
+    let session = std::panic::catch_unwind(AssertUnwindSafe(|| huge_session(&server)));
+    let shutdown = std::panic::catch_unwind(AssertUnwindSafe(move || drop(server)));
+    match (session, shutdown) {
+        (Ok(()), Ok(())) => {}
+        (Err(p), Ok(())) => std::panic::resume_unwind(p),
+        (Ok(()), Err(p)) => panic!("dropping the server panicked: {}", panic_text(&*p)),
+        (Err(a), Err(b)) => panic!(
+            "{}; then dropping the server panicked: {}",
+            panic_text(&*a),
+            panic_text(&*b)
+        ),
+    }
+}
+
+fn huge_session(server: &WebSocketServer) {
+    // Not in the server's first millisecond: a deadline computed from a
+    // clock reading of 0 can hide an overflow.
+    thread::sleep(Duration::from_millis(50));
+    let (mut s, early) = upgrade(server.local_addr(), Duration::from_secs(5))
+        .unwrap_or_else(|e| panic!("no 101 within 5 s: {e}"));
+    if !early.is_empty() {
+        let what = match early.get(1) {
+            Some(&len) if len < 126 => {
+                let end = (2 + len as usize).min(early.len());
+                describe(early[0], &early[2..end])
+            }
+            _ => "something".into(),
+        };
+        panic!("the server sent {what} right after the 101: {early:02x?}");
+    }
+    let echo = |s: &mut TcpStream, text: &str| {
+        s.write_all(&frame(0x81, text.as_bytes())).unwrap();
+        match try_read_frame(s) {
+            Ok((0x81, p)) if p == text.as_bytes() => {}
+            Ok((first, p)) => panic!("expected the echo of {text:?}, got {}", describe(first, &p)),
+            Err(e) => panic!("expected the echo of {text:?}, got {e}"),
+        }
+    };
+    echo(&mut s, "before");
+    // Silence for 2 s: no close, no ping, no EOF.
+    s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+    let mut b = [0u8; 1];
+    match s.read(&mut b) {
+        Err(e) if is_timeout(&e) => {}
+        Ok(0) => panic!("the server closed the connection within 2 s"),
+        Ok(_) => {
+            s.set_read_timeout(Some(Duration::from_millis(200)))
+                .unwrap();
+            let mut rest = [0u8; 256];
+            let n = s.read(&mut rest).unwrap_or(0);
+            let mut bytes = vec![b[0]];
+            bytes.extend_from_slice(&rest[..n]);
+            let what = if bytes.len() >= 2 {
+                describe(bytes[0], bytes.get(2..).unwrap_or_default())
+            } else {
+                "one byte".into()
+            };
+            panic!("the server sent {what} within 2 s of silence ({bytes:02x?})")
+        }
+        Err(e) => panic!("the connection failed within 2 s: {e}"),
+    }
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    assert_eq!(server.stats().connections, 1);
+    echo(&mut s, "after");
+    s.write_all(&close_frame()).unwrap();
+    match try_read_frame(&mut s) {
+        Ok((0x88, _)) => {}
+        Ok((first, p)) => panic!("expected the close reply, got {}", describe(first, &p)),
+        Err(e) => panic!("expected the close reply, got {e}"),
+    }
+    assert!(closed_by_server(&mut s), "no EOF after the close handshake");
+    assert!(
+        eventually(Duration::from_secs(5), || server.connections() == 0),
+        "the client never left"
+    );
+}
+
+#[test]
+fn huge_durations_never_panic() {
+    let _g = shared();
+    const MAX: Duration = Duration::MAX;
+    let cases: [(&str, Configure); 5] = [
+        ("all four at Duration::MAX", |b| {
+            b.handshake_timeout(MAX)
+                .idle_timeout(Some(MAX))
+                .ping_interval(Some(MAX))
+                .close_timeout(MAX)
+        }),
+        ("handshake_timeout(MAX)", |b| b.handshake_timeout(MAX)),
+        ("idle_timeout(Some(MAX))", |b| b.idle_timeout(Some(MAX))),
+        ("ping_interval(Some(MAX))", |b| b.ping_interval(Some(MAX))),
+        ("close_timeout(MAX)", |b| b.close_timeout(MAX)),
+    ];
+    // All at once: each waits 2 s.
+    let runs: Vec<_> = cases
+        .into_iter()
+        .map(|(name, configure)| (name, thread::spawn(move || check_huge(configure))))
+        .collect();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut failures = Vec::new();
+    for (name, run) in runs {
+        while !run.is_finished() && Instant::now() < deadline {
+            thread::sleep(Duration::from_millis(20));
+        }
+        if !run.is_finished() {
+            failures.push(format!("{name}: did not finish within 60 s"));
+            continue;
+        }
+        if let Err(panic) = run.join() {
+            failures.push(format!("{name}: {}", panic_text(&*panic)));
+        }
+    }
+    assert!(failures.is_empty(), "{failures:#?}");
+}
+
+#[test]
+fn on_drain_panic_closes_with_1011() {
+    let _g = shared();
+    within(Duration::from_secs(60), || {
+        let server = WebSocketServer::builder()
+            .max_message_size(16 * 1024)
+            .high_water(32 * 1024)
+            .low_water(8 * 1024)
+            .max_backpressure(64 * 1024)
+            .on_drain(|_| panic!("on_drain fails on purpose"))
+            .start("127.0.0.1:0")
+            .unwrap();
+        let mut s = raw_ws(server.local_addr());
+        let c = expect_connect(&server);
+        // This thread fills the queue until a send is refused.
+        let (accepted, _, _) = fill_stuck(&c, |i| numbered(i, 16 * 1024).into());
+        // Now the client reads everything; the drain's handler panics.
+        let mut data = 0;
+        let code = loop {
+            match try_read_frame(&mut s) {
+                Ok((0x82, p)) => {
+                    check_numbered(&p, data, 16 * 1024);
+                    data += 1;
+                }
+                Ok((0x88, p)) => break (p.len() >= 2).then(|| u16::from_be_bytes([p[0], p[1]])),
+                Ok((first, p)) => panic!("unexpected {}", describe(first, &p)),
+                Err(e) => panic!(
+                    "no close frame after {data} of {accepted} messages \
+                     (the drain's panic did not close the client): {e}"
+                ),
+            }
+        };
+        assert_eq!(data, accepted, "every accepted message before the close");
+        assert_eq!(code, Some(1011));
+        // Answer as a client does, echoing the code.
+        s.write_all(&frame(0x88, &close_payload(1011, ""))).unwrap();
+        match next_not_drain(&server) {
+            Event::Disconnect { client, close, .. } => {
+                assert_eq!(client.id(), c.id());
+                assert_eq!(close.code.as_u16(), 1011);
+            }
+            other => panic!("expected Disconnect, got {other:?}"),
+        }
+        assert!(server.stats().handler_panics >= 1);
+    });
+}
+
+/// A server whose hard limit is 64 KiB (the other limits low enough that
+/// it stays in force).
+fn small_queue_server() -> Builder {
+    WebSocketServer::builder()
+        .max_message_size(16 * 1024)
+        .high_water(32 * 1024)
+        .low_water(8 * 1024)
+        .max_backpressure(64 * 1024)
+}
+
+#[test]
+fn send_timeout_waits_for_room_from_a_user_thread() {
+    const LEN: usize = 8 * 1024;
+    let _g = shared();
+    within(Duration::from_secs(60), || {
+        let server = small_queue_server().start("127.0.0.1:0").unwrap();
+        let mut s = raw_ws(server.local_addr());
+        let c = expect_connect(&server);
+        let (mut sent, back, _) = fill_stuck(&c, |i| numbered(i, LEN).into());
+        // The client starts reading after 300 ms, checking the order; the
+        // text "end" closes the sequence.
+        let reader = thread::spawn(move || {
+            thread::sleep(Duration::from_millis(300));
+            let mut seq = 0;
+            loop {
+                let (first, p) = read_frame(&mut s);
+                match first {
+                    0x82 => {
+                        check_numbered(&p, seq, LEN);
+                        seq += 1;
+                    }
+                    0x81 if p == b"end" => return seq,
+                    _ => panic!("unexpected {}", describe(first, &p)),
+                }
+            }
+        });
+        let t0 = Instant::now();
+        // The message refused last goes first: order is kept.
+        let r = c.send_timeout(back, Duration::from_secs(5));
+        let waited = t0.elapsed();
+        assert!(
+            r.is_ok(),
+            "send_timeout: {:?}",
+            r.map_err(|e| e.into_error())
+        );
+        sent += 1;
+        assert!(
+            waited >= Duration::from_millis(100),
+            "send_timeout returned after {waited:?}, before the client read anything"
+        );
+        for _ in 0..50 {
+            let r = c.send_timeout(numbered(sent, LEN), Duration::from_secs(5));
+            assert!(
+                r.is_ok(),
+                "send_timeout: {:?}",
+                r.map_err(|e| e.into_error())
+            );
+            sent += 1;
+        }
+        let r = c.send_timeout("end", Duration::from_secs(5));
+        assert!(
+            r.is_ok(),
+            "send_timeout: {:?}",
+            r.map_err(|e| e.into_error())
+        );
+        assert_eq!(reader.join().expect("the reader failed"), sent);
+    });
+}
+
+#[test]
+fn send_timeout_refuses_after_the_timeout_and_hands_the_message_back() {
+    let _g = shared();
+    within(Duration::from_secs(60), || {
+        let server = small_queue_server().start("127.0.0.1:0").unwrap();
+        let _s = raw_ws(server.local_addr()); // never reads
+        let c = expect_connect(&server);
+        fill_stuck(&c, |_| vec![0u8; 8 * 1024].into());
+        let message = Message::from(numbered(12_345, 8 * 1024));
+        let timeout = Duration::from_millis(200);
+        // From the client, then through the server handle with the id.
+        for via_handle in [false, true] {
+            let t0 = Instant::now();
+            let r = if via_handle {
+                server
+                    .handle()
+                    .send_timeout(c.id(), message.clone(), timeout)
+            } else {
+                c.send_timeout(message.clone(), timeout)
+            };
+            let took = t0.elapsed();
+            let e = r.expect_err("the client never reads: there is never room");
+            assert!(
+                matches!(e.error(), Error::Backpressure { .. }),
+                "{:?}",
+                e.error()
+            );
+            assert!(took >= timeout * 3 / 4, "gave up after {took:?}");
+            assert!(took < Duration::from_secs(5), "took {took:?}");
+            assert_eq!(e.into_message(), message, "the message comes back");
+        }
+    });
+}
+
+#[test]
+fn send_timeout_on_a_worker_does_not_wait() {
+    let _g = shared();
+    within(Duration::from_secs(60), || {
+        let (tx, rx) = mpsc::channel();
+        let tx = Mutex::new(tx);
+        let timeout = Duration::from_secs(5);
+        let server = small_queue_server()
+            .on_message(move |c, _| {
+                // Fill this client's queue from its own handler.
+                let chunk = vec![0u8; 16 * 1024];
+                let mut refusal = None;
+                for _ in 0..100_000 {
+                    if let Err(e) = c.send(chunk.clone()) {
+                        refusal = Some(format!("{:?}", e.error()));
+                        break;
+                    }
+                }
+                let t0 = Instant::now();
+                let r = c.send_timeout(chunk, timeout);
+                let took = t0.elapsed();
+                let r = r.map(|_| ()).map_err(|e| format!("{:?}", e.error()));
+                tx.lock().unwrap().send((refusal, r, took)).unwrap();
+            })
+            .start("127.0.0.1:0")
+            .unwrap();
+        let mut s = raw_ws(server.local_addr()); // sends once, never reads
+        s.write_all(&frame(0x81, b"go")).unwrap();
+        let (refusal, r, took) = rx.recv_timeout(WAIT * 2).expect("the handler reported");
+        let refusal = refusal.expect("the handler's sends were never refused");
+        assert!(refusal.contains("Backpressure"), "{refusal}");
+        assert!(
+            took < timeout / 2,
+            "send_timeout on a worker waited {took:?}"
+        );
+        let e = r.expect_err("still no room: refused at once");
+        assert!(e.contains("Backpressure"), "{e}");
+    });
+}
+
+#[test]
+fn buffered_amount_reports_queued_bytes() {
+    const LEN: usize = 16 * 1024;
+    let _g = shared();
+    within(Duration::from_secs(60), || {
+        let server = small_queue_server().start("127.0.0.1:0").unwrap();
+        let mut s = raw_ws(server.local_addr());
+        let c = expect_connect(&server);
+        let (accepted, _, _) = fill_stuck(&c, |i| numbered(i, LEN).into());
+        let mut seen = (0, 0);
+        let agree = eventually(Duration::from_secs(2), || {
+            seen = (c.buffered_amount() as u64, server.stats().bytes_queued);
+            seen.0 > 0 && seen.0 == seen.1
+        });
+        assert!(
+            agree,
+            "buffered_amount {} vs stats().bytes_queued {} (one client)",
+            seen.0, seen.1
+        );
+        // The client reads everything: back to 0.
+        for i in 0..accepted {
+            let (first, p) = read_frame(&mut s);
+            assert_eq!(first, 0x82);
+            check_numbered(&p, i, LEN);
+        }
+        assert!(
+            eventually(WAIT, || c.buffered_amount() == 0
+                && server.stats().bytes_queued == 0),
+            "after reading all: buffered_amount {}, bytes_queued {}",
+            c.buffered_amount(),
+            server.stats().bytes_queued
+        );
+
+        // A second client leaves with data still queued for it.
+        let gone = raw_ws(server.local_addr());
+        let g = match next_not_drain(&server) {
+            Event::Connect { client } => client,
+            other => panic!("expected Connect, got {other:?}"),
+        };
+        fill_stuck(&g, |i| numbered(i, LEN).into());
+        assert!(g.buffered_amount() > 0);
+        socket2::SockRef::from(&gone)
+            .set_linger(Some(Duration::ZERO))
+            .unwrap();
+        drop(gone);
+        match next_not_drain(&server) {
+            Event::Disconnect { client, .. } => {
+                assert_eq!(client.id(), g.id());
+                assert!(
+                    client.buffered_amount() > 0,
+                    "bytes never delivered are reported after the Disconnect"
+                );
+            }
+            other => panic!("expected Disconnect, got {other:?}"),
+        }
+        assert!(
+            eventually(WAIT, || server.stats().bytes_queued == 0),
+            "bytes_queued {} once the client is gone",
+            server.stats().bytes_queued
+        );
+    });
+}
+
+#[test]
+fn slow_main_loop_bounds_memory() {
+    const CLIENTS: usize = 20;
+    const MESSAGES: usize = 2_000;
+    const LEN: usize = 4 * 1024;
+    const BUDGET: u64 = 1 << 20;
+    // One read's worth per connection past the budget, at most.
+    const BOUND: u64 = BUDGET + CLIENTS as u64 * 64 * 1024;
+    let _g = shared();
+    within(Duration::from_secs(90), || {
+        let server = WebSocketServer::builder()
+            .event_queue_bytes(BUDGET as usize)
+            .start("127.0.0.1:0")
+            .unwrap();
+        let addr = server.local_addr();
+        // Message j of client i: [i, j, pattern of (i + j)].
+        let payload = |i: usize, j: usize| {
+            let mut p = vec![(i + j) as u8; LEN];
+            p[..4].copy_from_slice(&(i as u32).to_be_bytes());
+            p[4..8].copy_from_slice(&(j as u32).to_be_bytes());
+            p
+        };
+        // All connect first, then all write.
+        let sockets: Vec<TcpStream> = (0..CLIENTS)
+            .map(|_| upgrade(addr, WAIT).expect("upgrade").0)
+            .collect();
+        let writers: Vec<_> = sockets
+            .into_iter()
+            .enumerate()
+            .map(|(i, mut s)| {
+                s.set_write_timeout(Some(Duration::from_secs(60))).unwrap();
+                thread::spawn(move || {
+                    let mut batch = Vec::with_capacity(16 * (LEN + 14));
+                    for j in 0..MESSAGES {
+                        push_zero_key_frame(&mut batch, &payload(i, j));
+                        if batch.len() >= 15 * (LEN + 14) || j + 1 == MESSAGES {
+                            s.write_all(&batch).expect("write");
+                            batch.clear();
+                        }
+                    }
+                    s // kept open until the main loop has read everything
+                })
+            })
+            .collect();
+        // The main loop does not read for 2 s.
+        let mut most = 0;
+        let until = Instant::now() + Duration::from_secs(2);
+        while Instant::now() < until {
+            most = most.max(server.stats().event_bytes);
+            thread::sleep(Duration::from_millis(20));
+        }
+        let now = server.stats().event_bytes;
+        most = most.max(now);
+        eprintln!("event_bytes after 2 s: {now}, most seen: {most}");
+        assert!(
+            now > 0,
+            "nothing was read meanwhile: the check proves nothing"
+        );
+        assert!(
+            most <= BOUND,
+            "{most} bytes of events waiting, budget {BUDGET} (bound {BOUND})"
+        );
+        // Then it reads everything: all there, in order, intact.
+        let mut per_client: HashMap<ClientId, (usize, usize)> = HashMap::new();
+        let mut complete = 0;
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while complete < CLIENTS {
+            assert!(
+                Instant::now() < deadline,
+                "still missing messages: {per_client:?}"
+            );
+            match server.recv_timeout(WAIT) {
+                Ok(Event::Message { client, message }) => {
+                    let p = message.as_bytes();
+                    let i = u32::from_be_bytes([p[0], p[1], p[2], p[3]]) as usize;
+                    let (who, next) = per_client.entry(client.id()).or_insert((i, 0));
+                    assert_eq!(*who, i, "messages of two clients mixed");
+                    let j = u32::from_be_bytes([p[4], p[5], p[6], p[7]]) as usize;
+                    assert_eq!(j, *next, "client {i}: out of order");
+                    assert_eq!(p, &payload(i, j)[..], "client {i}, message {j}");
+                    *next += 1;
+                    if *next == MESSAGES {
+                        complete += 1;
+                    }
+                }
+                Ok(_) => {}
+                Err(e) => panic!("{e}: {per_client:?}"),
+            }
+        }
+        assert_eq!(per_client.len(), CLIENTS);
+        assert!(per_client.values().all(|&(_, n)| n == MESSAGES));
+        for w in writers {
+            drop(w.join().expect("a writer failed"));
+        }
+    });
+}
