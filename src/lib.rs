@@ -32,12 +32,35 @@
 //!
 //! let server = WebSocketServer::builder()
 //!     .on_message(|client, message| {
-//!         let _ = client.send(message);
+//!         if let Err(e) = client.send(message) {
+//!             eprintln!("echo to {} failed: {e}", client.id());
+//!         }
 //!     })
 //!     .start("127.0.0.1:13003")?;
 //! # drop(server);
 //! # Ok::<(), enjent::Error>(())
 //! ```
+//!
+//! # Flow control
+//!
+//! What a client *holds* is the bytes queued to it plus the bytes of its
+//! events the main loop has not consumed (an event counts until the loop
+//! asks for the next one). At [`high_water`](Builder::high_water) the
+//! server stops reading that client and dispatching its messages, checked
+//! between messages; at [`low_water`](Builder::low_water) it reads again
+//! and fires [`Event::Drain`] if a send was refused meanwhile. Over the
+//! hard limit, [`max_backpressure`](Builder::max_backpressure), a send is
+//! refused and the message handed back in a [`SendError`].
+//!
+//! The guarantee: a handler (closure or main loop) that answers each
+//! message with at most one message of at most `max_message_size` bytes is
+//! never refused for a client that keeps reading, however fast that client
+//! sends, because the hard limit in force is at least `high_water +
+//! max_message_size + 1 KiB`. Only fan-out to clients that do not keep up
+//! meets it. The main loop's channel is bounded in bytes
+//! ([`event_queue_bytes`](Builder::event_queue_bytes)): a slow loop makes
+//! the server stop reading, never grow. Threads outside the pool can wait
+//! for room with [`Client::send_timeout`].
 //!
 //! A whole round trip, run as a test: a server on a free port, a bare TCP
 //! client that upgrades and sends "hi", and a main loop that echoes it.

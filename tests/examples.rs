@@ -2,13 +2,18 @@
 //! `events` printing the seed's lines, `custom_client` refusing with 403,
 //! `chat` serving its page and relaying lines (tests/browser.rs drives it
 //! in Chromium).
+//! `echo`, in both modes, also keeps up with a client that pipelines
+//! 10,000 messages and reads slowly, without a refused echo on stderr.
 //! `cargo test` builds the examples before it runs this file.
 
 mod support;
 
-use std::io::{BufRead, BufReader, Write};
-use std::net::SocketAddr;
+use std::io::{self, BufRead, BufReader, Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpStream};
 use std::process::{Child, ChildStdout, Command, Stdio};
+use std::sync::{Mutex, PoisonError};
+use std::thread::{self, JoinHandle};
+use std::time::{Duration, Instant};
 
 use support::*;
 use tungstenite::Message as Tm;
@@ -17,6 +22,9 @@ struct Example {
     child: Child,
     out: BufReader<ChildStdout>,
     addr: SocketAddr,
+    /// Collects the child's stderr until it exits, when started with
+    /// [`Example::start_capturing_stderr`] (otherwise stderr is inherited).
+    err: Option<JoinHandle<String>>,
 }
 
 impl Drop for Example {
@@ -28,13 +36,35 @@ impl Drop for Example {
 
 impl Example {
     fn start(name: &str, args: &[&str]) -> Example {
+        Example::launch(name, args, false)
+    }
+
+    /// As [`Example::start`], with stderr read (by a thread, so the child
+    /// never blocks on a full pipe) until [`Example::stop`].
+    fn start_capturing_stderr(name: &str, args: &[&str]) -> Example {
+        Example::launch(name, args, true)
+    }
+
+    fn launch(name: &str, args: &[&str], capture_stderr: bool) -> Example {
         let bin = example_bin(name, &[]);
         let mut child = Command::new(&bin)
             .args(args)
             .stdout(Stdio::piped())
+            .stderr(if capture_stderr {
+                Stdio::piped()
+            } else {
+                Stdio::inherit()
+            })
             .stdin(Stdio::null())
             .spawn()
             .unwrap_or_else(|e| panic!("{}: {e}", bin.display()));
+        let err = child.stderr.take().map(|mut e| {
+            thread::spawn(move || {
+                let mut text = Vec::new();
+                let _ = e.read_to_end(&mut text);
+                String::from_utf8_lossy(&text).into_owned()
+            })
+        });
         let mut out = BufReader::new(child.stdout.take().unwrap());
         let mut line = String::new();
         out.read_line(&mut line).unwrap();
@@ -44,7 +74,23 @@ impl Example {
             .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
             .parse()
             .unwrap();
-        Example { child, out, addr }
+        Example {
+            child,
+            out,
+            addr,
+            err,
+        }
+    }
+
+    /// Kill the child and return everything it wrote on stderr (empty if
+    /// stderr was not captured).
+    fn stop(&mut self) -> String {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        self.err
+            .take()
+            .map(|t| t.join().expect("the stderr reader"))
+            .unwrap_or_default()
     }
 
     fn line(&mut self) -> String {
@@ -202,4 +248,199 @@ fn chat_relays_lines_to_all_and_echoes_binary_to_the_sender() {
     // Neither the blank line nor bob's bytes reached ann: the leave notice
     // is the next thing she gets.
     assert_eq!(ann.read().unwrap(), Tm::text("* bob b left"));
+}
+
+// The pipelined echo, copied from tests/flow_control.rs (integration tests
+// share code only through tests/support).
+
+/// The two pipelined tests would otherwise compete for the CPUs.
+static PIPELINING: Mutex<()> = Mutex::new(());
+
+const PIPELINED: u32 = 10_000;
+
+/// The whole exchange must be over by then (it takes a few seconds).
+const DEADLINE: Duration = Duration::from_secs(20);
+
+/// Read one unmasked server frame (first byte, payload); errors are
+/// returned, not panicked on.
+fn read_server_frame(r: &mut impl Read) -> io::Result<(u8, Vec<u8>)> {
+    let mut h = [0u8; 2];
+    r.read_exact(&mut h)?;
+    if h[1] & 0x80 != 0 {
+        return Err(io::Error::other("a server frame was masked"));
+    }
+    let len = match h[1] & 0x7F {
+        126 => {
+            let mut b = [0u8; 2];
+            r.read_exact(&mut b)?;
+            u16::from_be_bytes(b) as usize
+        }
+        127 => {
+            let mut b = [0u8; 8];
+            r.read_exact(&mut b)?;
+            u64::from_be_bytes(b) as usize
+        }
+        n => n as usize,
+    };
+    let mut p = vec![0u8; len];
+    r.read_exact(&mut p)?;
+    Ok((h[0], p))
+}
+
+/// A frame seen where another was expected, for failure messages.
+fn describe(first: u8, p: &[u8]) -> String {
+    if first == 0x88 && p.len() >= 2 {
+        format!(
+            "a close frame with code {}",
+            u16::from_be_bytes([p[0], p[1]])
+        )
+    } else if p.len() >= 4 {
+        format!(
+            "frame {first:#04x} of {} bytes starting with index {}",
+            p.len(),
+            u32::from_be_bytes([p[0], p[1], p[2], p[3]])
+        )
+    } else {
+        format!("frame {first:#04x} of {} bytes", p.len())
+    }
+}
+
+/// A stateless xorshift64* of `seed`: the same sizes on every run.
+fn mix(seed: u64) -> u64 {
+    let mut x = seed.wrapping_add(1).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    x ^= x >> 12;
+    x ^= x << 25;
+    x ^= x >> 27;
+    x.wrapping_mul(0x2545_F491_4F6C_DD1D)
+}
+
+/// Payload `i` of `size` bytes: the index (when it fits), then bytes
+/// derived from the index and the offset, so any mix-up shows.
+fn numbered(i: u32, size: usize) -> Vec<u8> {
+    let mut p: Vec<u8> = (0..size)
+        .map(|k| (k as u32).wrapping_mul(31) as u8 ^ (k >> 8) as u8 ^ i as u8)
+        .collect();
+    if size >= 4 {
+        p[..4].copy_from_slice(&i.to_be_bytes());
+    }
+    p
+}
+
+/// Message `i`: mostly up to 8 KiB, every 20th up to 64 KiB, and each
+/// length-encoding edge (1 B to 64 KiB) now and then.
+fn echo_payload(i: u32) -> Vec<u8> {
+    let size = match i % 500 {
+        0 => 1,
+        1 => 125,
+        2 => 126,
+        3 => 127,
+        4 => 65_535,
+        5 => 65_536,
+        _ if i % 20 == 19 => 1 + (mix(i.into()) % 65_536) as usize,
+        _ => 1 + (mix(i.into()) % 8_192) as usize,
+    };
+    numbered(i, size)
+}
+
+/// Write `count` masked binary frames as fast as the socket takes them.
+fn pipeline(mut s: TcpStream, count: u32) -> io::Result<()> {
+    let mut wire = Vec::with_capacity(512 * 1024);
+    for i in 0..count {
+        wire.extend(frame(0x82, &echo_payload(i)));
+        if wire.len() >= 256 * 1024 {
+            s.write_all(&wire)?;
+            wire.clear();
+        }
+    }
+    s.write_all(&wire)
+}
+
+/// Pipeline [`PIPELINED`] messages to `addr` from a writer thread while
+/// reading the echoes more slowly (a stall first, then a pause every 50
+/// frames), checking each; then close with 1000 and read the reply.
+fn pipelined_echo(addr: SocketAddr) -> Result<(), String> {
+    let start = Instant::now();
+    let s = raw_ws(addr);
+    s.set_write_timeout(Some(WAIT)).unwrap();
+    let w = s.try_clone().unwrap();
+    let writer = thread::spawn(move || pipeline(w, PIPELINED));
+    let mut r = BufReader::with_capacity(16 * 1024, s);
+    thread::sleep(Duration::from_millis(300));
+    let mut result = Ok(());
+    for i in 0..PIPELINED {
+        if i % 50 == 0 {
+            thread::sleep(Duration::from_millis(1));
+        }
+        if start.elapsed() > DEADLINE {
+            result = Err(format!("only {i} of {PIPELINED} echoes in {DEADLINE:?}"));
+            break;
+        }
+        let want = echo_payload(i);
+        match read_server_frame(&mut r) {
+            Ok((0x82, p)) if p == want => {}
+            Ok((first, p)) => {
+                result = Err(format!(
+                    "echo {i} (of {PIPELINED}, {} bytes) is missing or wrong: got {}",
+                    want.len(),
+                    describe(first, &p)
+                ));
+                break;
+            }
+            Err(e) => {
+                result = Err(format!("echo {i} (of {PIPELINED}) never came: {e}"));
+                break;
+            }
+        }
+    }
+    if result.is_err() {
+        // Ends the writer if it is stuck.
+        let _ = r.get_ref().shutdown(Shutdown::Both);
+    }
+    let written = writer.join().unwrap();
+    result?;
+    written.map_err(|e| format!("the writer: {e}"))?;
+    let mut s = r.into_inner();
+    s.write_all(&frame(0x88, &close_payload(1000, "")))
+        .map_err(|e| format!("sending the close: {e}"))?;
+    match read_server_frame(&mut s) {
+        Ok((0x88, p)) if p.get(..2) == Some(&1000u16.to_be_bytes()[..]) => Ok(()),
+        Ok((first, p)) => Err(format!(
+            "got {} instead of the close reply",
+            describe(first, &p)
+        )),
+        Err(e) => Err(format!("no close reply: {e}")),
+    }
+}
+
+/// Start `echo` with `args`, run [`pipelined_echo`] against it, and check
+/// that every echo came back and none was refused (the example says so on
+/// stderr).
+fn echo_keeps_up_with_a_pipelining_slow_reader(args: &[&str]) {
+    let _serial = PIPELINING.lock().unwrap_or_else(PoisonError::into_inner);
+    let mut ex = Example::start_capturing_stderr("echo", args);
+    let result = pipelined_echo(ex.addr);
+    let stderr = ex.stop();
+    let lines: Vec<&str> = stderr.lines().collect();
+    let first = &lines[..lines.len().min(5)];
+    assert_eq!(
+        result,
+        Ok(()),
+        "{args:?} ({} stderr lines, the first: {first:?})",
+        lines.len()
+    );
+    assert!(
+        stderr.is_empty(),
+        "{args:?}: the example wrote {} lines on stderr, the first: {first:?}",
+        lines.len()
+    );
+}
+
+#[test]
+fn echo_keeps_up_with_a_pipelining_slow_reader_closure_style() {
+    echo_keeps_up_with_a_pipelining_slow_reader(&["127.0.0.1:0"]);
+}
+
+#[test]
+fn echo_keeps_up_with_a_pipelining_slow_reader_main_loop_style() {
+    echo_keeps_up_with_a_pipelining_slow_reader(&["127.0.0.1:0", "--main-loop"]);
 }

@@ -639,33 +639,37 @@ impl<T: Send + Sync + 'static> Conn<T> {
             Counters::add(&shared.counters.bytes_out, n as u64);
         }
         let mut w = self.io.lock();
-        let status = match result {
-            Ok(n) if n == len => SendStatus::Written,
+        let outcome = match result {
+            Ok(n) if n == len => Ok(SendStatus::Written),
             Ok(n) if w.finished => {
                 // Torn down meanwhile (shutdown forced it): the rest is
                 // lost, and counted as such.
                 self.client.add_unsent(len - n);
-                SendStatus::Queued
+                Ok(SendStatus::Queued)
             }
             Ok(n) => {
                 // Put what is left in front of anything queued meanwhile.
                 w.out.push_front_partial(head, body, n, &shared.counters);
-                SendStatus::Queued
+                Ok(SendStatus::Queued)
             }
             Err(e) => {
-                // The caller hears of it (`Closed`), so it is not counted
-                // as unsent.
+                // Nothing went out: the caller gets the message back.
                 w.write_error = Some(e.kind());
-                SendStatus::Queued
+                Err(Refused {
+                    error: Error::Closed,
+                    body,
+                })
             }
         };
         self.flush_holding_token(shared, w);
-        match status {
-            SendStatus::Queued if self.io.lock().write_error.is_some() => Err(Refused {
+        match outcome {
+            // The rest failed to go out: the connection is closing, and
+            // what was queued is counted as undelivered when it goes.
+            Ok(SendStatus::Queued) if self.io.lock().write_error.is_some() => Err(Refused {
                 error: Error::Closed,
                 body: None,
             }),
-            s => Ok(s),
+            o => o,
         }
     }
 

@@ -74,7 +74,7 @@ impl<T: Send + Sync + 'static> EventQueue<T> {
     /// Whether the main loop is over its budget: connections stop
     /// dispatching messages.
     pub(crate) fn over_budget(&self) -> bool {
-        self.main_loop && self.bytes.load(Ordering::Relaxed) >= self.budget
+        self.main_loop && self.bytes.load(Ordering::SeqCst) >= self.budget
     }
 
     /// Whether the main loop is twice over its budget, which messages
@@ -132,7 +132,12 @@ impl<T: Send + Sync + 'static> EventQueue<T> {
 
     /// The main loop is done with an event: give its charge back.
     pub(crate) fn consumed(&self, shared: &Arc<Shared<T>>, client: &Client<T>, charge: usize) {
-        let left = self.bytes.fetch_sub(charge, Ordering::Relaxed) - charge;
+        // Sequentially consistent with `starve`: either this sees the
+        // flag, or `starve` sees the room made here.
+        let left = self
+            .bytes
+            .fetch_sub(charge, Ordering::SeqCst)
+            .saturating_sub(charge);
         if let Some(conn) = client.conn() {
             conn.events_consumed(shared, charge);
         }

@@ -230,8 +230,12 @@ fn read_available<T: Send + Sync + 'static>(
     if r.eof || r.error.as_ref().is_some_and(|e| matches!(e, Error::Io(_))) {
         return;
     }
-    // Input a pause left unparsed comes before anything newer.
+    // Input a pause left unparsed comes before anything newer, once the
+    // gate is open again (a timer or a flush can run the job meanwhile).
     if !r.rest.is_empty() {
+        if !conn.may_read(shared) {
+            return;
+        }
         let rest = std::mem::take(&mut r.rest);
         feed(shared, conn, r, &rest);
         account_buffered(shared, conn, r);
@@ -325,15 +329,17 @@ fn account_buffered<T: Send + Sync + 'static>(
     }
     conn.holding_in.store(now, Ordering::Relaxed);
     let total = if now < r.buffered {
+        let less = r.buffered - now;
         shared
             .buffered_in
-            .fetch_sub(r.buffered - now, Ordering::Relaxed)
-            - (r.buffered - now)
+            .fetch_sub(less, Ordering::Relaxed)
+            .saturating_sub(less)
     } else {
+        let more = now - r.buffered;
         shared
             .buffered_in
-            .fetch_add(now - r.buffered, Ordering::Relaxed)
-            + (now - r.buffered)
+            .fetch_add(more, Ordering::Relaxed)
+            .saturating_add(more)
     };
     r.buffered = now;
     if total <= shared.config.max_buffered_bytes {
