@@ -8,8 +8,8 @@
 
 mod support;
 
-use std::io::{self, BufRead, BufReader, Read, Write};
-use std::net::{Shutdown, SocketAddr, TcpStream};
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{Shutdown, SocketAddr};
 use std::process::{Child, ChildStdout, Command, Stdio};
 use std::sync::{Mutex, PoisonError};
 use std::thread::{self, JoinHandle};
@@ -261,100 +261,6 @@ const PIPELINED: u32 = 10_000;
 /// The whole exchange must be over by then (it takes a few seconds).
 const DEADLINE: Duration = Duration::from_secs(20);
 
-/// Read one unmasked server frame (first byte, payload); errors are
-/// returned, not panicked on.
-fn read_server_frame(r: &mut impl Read) -> io::Result<(u8, Vec<u8>)> {
-    let mut h = [0u8; 2];
-    r.read_exact(&mut h)?;
-    if h[1] & 0x80 != 0 {
-        return Err(io::Error::other("a server frame was masked"));
-    }
-    let len = match h[1] & 0x7F {
-        126 => {
-            let mut b = [0u8; 2];
-            r.read_exact(&mut b)?;
-            u16::from_be_bytes(b) as usize
-        }
-        127 => {
-            let mut b = [0u8; 8];
-            r.read_exact(&mut b)?;
-            u64::from_be_bytes(b) as usize
-        }
-        n => n as usize,
-    };
-    let mut p = vec![0u8; len];
-    r.read_exact(&mut p)?;
-    Ok((h[0], p))
-}
-
-/// A frame seen where another was expected, for failure messages.
-fn describe(first: u8, p: &[u8]) -> String {
-    if first == 0x88 && p.len() >= 2 {
-        format!(
-            "a close frame with code {}",
-            u16::from_be_bytes([p[0], p[1]])
-        )
-    } else if p.len() >= 4 {
-        format!(
-            "frame {first:#04x} of {} bytes starting with index {}",
-            p.len(),
-            u32::from_be_bytes([p[0], p[1], p[2], p[3]])
-        )
-    } else {
-        format!("frame {first:#04x} of {} bytes", p.len())
-    }
-}
-
-/// A stateless xorshift64* of `seed`: the same sizes on every run.
-fn mix(seed: u64) -> u64 {
-    let mut x = seed.wrapping_add(1).wrapping_mul(0x9E37_79B9_7F4A_7C15);
-    x ^= x >> 12;
-    x ^= x << 25;
-    x ^= x >> 27;
-    x.wrapping_mul(0x2545_F491_4F6C_DD1D)
-}
-
-/// Payload `i` of `size` bytes: the index (when it fits), then bytes
-/// derived from the index and the offset, so any mix-up shows.
-fn numbered(i: u32, size: usize) -> Vec<u8> {
-    let mut p: Vec<u8> = (0..size)
-        .map(|k| (k as u32).wrapping_mul(31) as u8 ^ (k >> 8) as u8 ^ i as u8)
-        .collect();
-    if size >= 4 {
-        p[..4].copy_from_slice(&i.to_be_bytes());
-    }
-    p
-}
-
-/// Message `i`: mostly up to 8 KiB, every 20th up to 64 KiB, and each
-/// length-encoding edge (1 B to 64 KiB) now and then.
-fn echo_payload(i: u32) -> Vec<u8> {
-    let size = match i % 500 {
-        0 => 1,
-        1 => 125,
-        2 => 126,
-        3 => 127,
-        4 => 65_535,
-        5 => 65_536,
-        _ if i % 20 == 19 => 1 + (mix(i.into()) % 65_536) as usize,
-        _ => 1 + (mix(i.into()) % 8_192) as usize,
-    };
-    numbered(i, size)
-}
-
-/// Write `count` masked binary frames as fast as the socket takes them.
-fn pipeline(mut s: TcpStream, count: u32) -> io::Result<()> {
-    let mut wire = Vec::with_capacity(512 * 1024);
-    for i in 0..count {
-        wire.extend(frame(0x82, &echo_payload(i)));
-        if wire.len() >= 256 * 1024 {
-            s.write_all(&wire)?;
-            wire.clear();
-        }
-    }
-    s.write_all(&wire)
-}
-
 /// Pipeline [`PIPELINED`] messages to `addr` from a writer thread while
 /// reading the echoes more slowly (a stall first, then a pause every 50
 /// frames), checking each; then close with 1000 and read the reply.
@@ -376,7 +282,7 @@ fn pipelined_echo(addr: SocketAddr) -> Result<(), String> {
             break;
         }
         let want = echo_payload(i);
-        match read_server_frame(&mut r) {
+        match try_read_frame(&mut r) {
             Ok((0x82, p)) if p == want => {}
             Ok((first, p)) => {
                 result = Err(format!(
@@ -402,7 +308,7 @@ fn pipelined_echo(addr: SocketAddr) -> Result<(), String> {
     let mut s = r.into_inner();
     s.write_all(&frame(0x88, &close_payload(1000, "")))
         .map_err(|e| format!("sending the close: {e}"))?;
-    match read_server_frame(&mut s) {
+    match try_read_frame(&mut s) {
         Ok((0x88, p)) if p.get(..2) == Some(&1000u16.to_be_bytes()[..]) => Ok(()),
         Ok((first, p)) => Err(format!(
             "got {} instead of the close reply",

@@ -188,46 +188,6 @@ fn close_frame() -> Vec<u8> {
     frame(0x88, &close_payload(1000, ""))
 }
 
-/// Append a masked binary frame with the all-zero key (masking then
-/// changes nothing, so megabytes cost no XOR loop).
-fn push_zero_key_frame(out: &mut Vec<u8>, payload: &[u8]) {
-    out.push(0x82);
-    let len = payload.len();
-    if len < 126 {
-        out.push(0x80 | len as u8);
-    } else if len <= 0xFFFF {
-        out.push(0x80 | 126);
-        out.extend_from_slice(&(len as u16).to_be_bytes());
-    } else {
-        out.push(0x80 | 127);
-        out.extend_from_slice(&(len as u64).to_be_bytes());
-    }
-    out.extend_from_slice(&[0, 0, 0, 0]);
-    out.extend_from_slice(payload);
-}
-
-/// Read one server frame, as `read_frame` does, but returning errors.
-fn try_read_frame(s: &mut TcpStream) -> io::Result<(u8, Vec<u8>)> {
-    let mut h = [0u8; 2];
-    s.read_exact(&mut h)?;
-    let len = match h[1] & 0x7F {
-        126 => {
-            let mut b = [0u8; 2];
-            s.read_exact(&mut b)?;
-            u16::from_be_bytes(b) as usize
-        }
-        127 => {
-            let mut b = [0u8; 8];
-            s.read_exact(&mut b)?;
-            u64::from_be_bytes(b) as usize
-        }
-        n => n as usize,
-    };
-    let mut p = vec![0u8; len];
-    s.read_exact(&mut p)?;
-    Ok((h[0], p))
-}
-
 /// A server frame in words, for failure messages.
 fn describe(first: u8, p: &[u8]) -> String {
     match first & 0x0F {
@@ -1069,7 +1029,7 @@ fn slow_main_loop_bounds_memory() {
                 thread::spawn(move || {
                     let mut batch = Vec::with_capacity(16 * (LEN + 14));
                     for j in 0..MESSAGES {
-                        push_zero_key_frame(&mut batch, &payload(i, j));
+                        batch.extend(frame_with_key(0x82, &payload(i, j), [0; 4]));
                         if batch.len() >= 15 * (LEN + 14) || j + 1 == MESSAGES {
                             s.write_all(&batch).expect("write");
                             batch.clear();

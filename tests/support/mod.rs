@@ -130,7 +130,13 @@ pub fn frame_with_key(first: u8, payload: &[u8], key: [u8; 4]) -> Vec<u8> {
         out.extend_from_slice(&(len as u64).to_be_bytes());
     }
     out.extend_from_slice(&key);
-    out.extend(payload.iter().enumerate().map(|(i, b)| b ^ key[i % 4]));
+    if key == [0; 4] {
+        // Masking with the zero key changes nothing: megabytes cost no
+        // XOR loop.
+        out.extend_from_slice(payload);
+    } else {
+        out.extend(payload.iter().enumerate().map(|(i, b)| b ^ key[i % 4]));
+    }
     out
 }
 
@@ -143,25 +149,33 @@ pub fn close_payload(code: u16, reason: &str) -> Vec<u8> {
 
 /// Read one unmasked server frame: (first byte, payload).
 pub fn read_frame(s: &mut TcpStream) -> (u8, Vec<u8>) {
+    try_read_frame(s).expect("a server frame")
+}
+
+/// Read one unmasked server frame from any reader, returning errors
+/// (a reader thread reports them rather than panicking).
+pub fn try_read_frame(r: &mut impl Read) -> std::io::Result<(u8, Vec<u8>)> {
     let mut h = [0u8; 2];
-    s.read_exact(&mut h).expect("frame header");
-    assert_eq!(h[1] & 0x80, 0, "server frames are never masked");
+    r.read_exact(&mut h)?;
+    if h[1] & 0x80 != 0 {
+        return Err(std::io::Error::other("a server frame was masked"));
+    }
     let len = match h[1] & 0x7F {
         126 => {
             let mut b = [0u8; 2];
-            s.read_exact(&mut b).unwrap();
+            r.read_exact(&mut b)?;
             u16::from_be_bytes(b) as usize
         }
         127 => {
             let mut b = [0u8; 8];
-            s.read_exact(&mut b).unwrap();
+            r.read_exact(&mut b)?;
             u64::from_be_bytes(b) as usize
         }
         n => n as usize,
     };
     let mut p = vec![0u8; len];
-    s.read_exact(&mut p).unwrap();
-    (h[0], p)
+    r.read_exact(&mut p)?;
+    Ok((h[0], p))
 }
 
 /// Read frames until a close frame; returns its code (None if empty).
@@ -241,4 +255,74 @@ pub fn example_bin(name: &str, more_sources: &[&str]) -> PathBuf {
         }
     }
     bin
+}
+
+// The pipelined echo client of tests/flow_control.rs and tests/examples.rs.
+
+/// A frame seen where another was expected, for failure messages.
+pub fn describe(first: u8, p: &[u8]) -> String {
+    if first == 0x88 && p.len() >= 2 {
+        format!(
+            "a close frame with code {}",
+            u16::from_be_bytes([p[0], p[1]])
+        )
+    } else if p.len() >= 4 {
+        format!(
+            "frame {first:#04x} of {} bytes starting with index {}",
+            p.len(),
+            u32::from_be_bytes([p[0], p[1], p[2], p[3]])
+        )
+    } else {
+        format!("frame {first:#04x} of {} bytes", p.len())
+    }
+}
+
+/// A stateless xorshift64* of `seed`: the same sizes on every run.
+pub fn mix(seed: u64) -> u64 {
+    let mut x = seed.wrapping_add(1).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    x ^= x >> 12;
+    x ^= x << 25;
+    x ^= x >> 27;
+    x.wrapping_mul(0x2545_F491_4F6C_DD1D)
+}
+
+/// Payload `i` of `size` bytes: the index (when it fits), then bytes
+/// derived from the index and the offset, so any mix-up shows.
+pub fn numbered(i: u32, size: usize) -> Vec<u8> {
+    let mut p: Vec<u8> = (0..size)
+        .map(|k| (k as u32).wrapping_mul(31) as u8 ^ (k >> 8) as u8 ^ i as u8)
+        .collect();
+    if size >= 4 {
+        p[..4].copy_from_slice(&i.to_be_bytes());
+    }
+    p
+}
+
+/// Message `i` of the pipelined echo: mostly up to 8 KiB, every 20th up
+/// to 64 KiB, and each length-encoding edge now and then.
+pub fn echo_payload(i: u32) -> Vec<u8> {
+    let size = match i % 500 {
+        0 => 1,
+        1 => 125,
+        2 => 126,
+        3 => 127,
+        4 => 65_535,
+        5 => 65_536,
+        _ if i % 20 == 19 => 1 + (mix(i.into()) % 65_536) as usize,
+        _ => 1 + (mix(i.into()) % 8_192) as usize,
+    };
+    numbered(i, size)
+}
+
+/// Write `count` masked binary frames as fast as the socket takes them.
+pub fn pipeline(mut s: TcpStream, count: u32) -> std::io::Result<()> {
+    let mut wire = Vec::with_capacity(512 * 1024);
+    for i in 0..count {
+        wire.extend(frame(0x82, &echo_payload(i)));
+        if wire.len() >= 256 * 1024 {
+            s.write_all(&wire)?;
+            wire.clear();
+        }
+    }
+    s.write_all(&wire)
 }
