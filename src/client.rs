@@ -125,6 +125,15 @@ impl<T: Send + Sync + 'static> Client<T> {
         self.inner.conn.upgrade()
     }
 
+    pub(crate) fn sub_unsent(&self, bytes: usize) {
+        let _ = self
+            .inner
+            .unsent
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
+                Some(n.saturating_sub(bytes))
+            });
+    }
+
     pub(crate) fn add_unsent(&self, bytes: usize) {
         if bytes > 0 {
             self.inner.unsent.fetch_add(bytes, Ordering::Relaxed);

@@ -759,6 +759,8 @@ impl<T: Send + Sync + 'static> Builder<T> {
             room_cv: parking_lot::Condvar::new(),
             counters: Counters::default(),
             buffered_in: AtomicUsize::new(0),
+            budget_victim: AtomicBool::new(false),
+            unparsed_in: AtomicUsize::new(0),
             stopping: AtomicBool::new(false),
             next_id: AtomicU64::new(1),
             local_addr,

@@ -48,9 +48,13 @@ pub struct Stats {
     /// Bytes charged for events waiting in the event channel now
     /// (main-loop style).
     pub event_bytes: u64,
-    /// Bytes of unfinished incoming messages, and input read but not yet
-    /// parsed, held now (see `max_buffered_bytes`).
+    /// Bytes of unfinished incoming messages held now (see
+    /// `max_buffered_bytes`).
     pub buffered_in_bytes: u64,
+    /// Bytes read but kept unparsed because flow control paused their
+    /// client in the middle of a read (at most one read, 256 KiB, per
+    /// paused client).
+    pub unparsed_in_bytes: u64,
     /// Times flow control stopped reading a client (its queue and events
     /// at high water, or the event channel over its budget).
     pub read_pauses: u64,
@@ -131,6 +135,7 @@ impl Counters {
             http_answered: self.http_answered.load(Relaxed),
             event_bytes: 0,
             buffered_in_bytes: 0,
+            unparsed_in_bytes: 0,
             read_pauses: self.read_pauses.load(Relaxed),
         }
     }

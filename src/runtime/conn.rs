@@ -59,6 +59,8 @@ fn sending_in_a_burst() -> bool {
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Kind {
     Data,
+    /// A data frame whose refusal is only a try (see `send_message_as`).
+    DataTry,
     Control,
     Close,
 }
@@ -130,6 +132,9 @@ pub(crate) struct WriteSide {
     pub(crate) pong_due: bool,
     /// The `Close` slow-client policy closed this connection.
     pub(crate) closed_for_backpressure: bool,
+    /// Server clock (ms) of the last write that took bytes: a client
+    /// paused because it does not read shows its idleness here.
+    pub(crate) last_progress_ms: u64,
     /// The server-wide budget for partial input is exceeded and this
     /// connection holds the most: its job fails it with 1009.
     pub(crate) over_budget: bool,
@@ -243,6 +248,7 @@ impl<T: Send + Sync + 'static> Conn<T> {
                 drain_due: false,
                 pong_due: false,
                 closed_for_backpressure: false,
+                last_progress_ms: now_ms,
                 over_budget: false,
                 force_close: false,
                 finished: false,
@@ -269,6 +275,18 @@ impl<T: Send + Sync + 'static> Conn<T> {
         shared: &Arc<Shared<T>>,
         message: Message,
     ) -> std::result::Result<SendStatus, SendError> {
+        self.send_message_as(shared, message, false)
+    }
+
+    /// `quiet`: a refusal is only a try (`send_timeout` will wait and try
+    /// again): it is not counted as dropped, does not ask for a `Drain`,
+    /// and does not apply the slow-client policy.
+    fn send_message_as(
+        self: &Arc<Self>,
+        shared: &Arc<Shared<T>>,
+        message: Message,
+        quiet: bool,
+    ) -> std::result::Result<SendStatus, SendError> {
         #[cfg(feature = "deflate")]
         if let Some(d) = &self.deflater
             && d.wants(message.len())
@@ -277,25 +295,28 @@ impl<T: Send + Sync + 'static> Conn<T> {
             // refusal can hand back the original.
             let op = message.opcode();
             let sent = if d.keeps_context() {
-                d.compress_in_context(message.as_bytes(), |z| self.send_data(shared, RSV1, op, z))
+                d.compress_in_context(message.as_bytes(), |z| {
+                    self.send_data(shared, RSV1, op, z, quiet)
+                })
             } else {
                 match d.compress_once(message.as_bytes()) {
-                    Some(z) => self.send_data(shared, RSV1, op, z),
-                    None => return self.send_plain(shared, message),
+                    Some(z) => self.send_data(shared, RSV1, op, z, quiet),
+                    None => return self.send_plain(shared, message, quiet),
                 }
             };
             return sent.map_err(|r| SendError::new(r.error, message));
         }
-        self.send_plain(shared, message)
+        self.send_plain(shared, message, quiet)
     }
 
     fn send_plain(
         self: &Arc<Self>,
         shared: &Arc<Shared<T>>,
         message: Message,
+        quiet: bool,
     ) -> std::result::Result<SendStatus, SendError> {
         let (op, text) = (message.opcode(), message.is_text());
-        self.send_data(shared, 0, op, message.into_bytes())
+        self.send_data(shared, 0, op, message.into_bytes(), quiet)
             .map_err(|r| {
                 let bytes = match r.body {
                     Some(Chunk::Owned(v)) => v,
@@ -325,14 +346,15 @@ impl<T: Send + Sync + 'static> Conn<T> {
         deadline: Instant,
     ) -> std::result::Result<SendStatus, SendError> {
         loop {
-            match self.send_message(shared, message) {
-                Err(e)
-                    if matches!(e.error(), Error::Backpressure { .. })
-                        && !crate::runtime::service::on_worker()
-                        && Instant::now() < deadline =>
-                {
+            // Tries before the deadline are quiet; the last one counts.
+            let last = crate::runtime::service::on_worker() || Instant::now() >= deadline;
+            match self.send_message_as(shared, message, !last) {
+                Err(e) if !last && matches!(e.error(), Error::Backpressure { .. }) => {
                     message = e.into_message();
-                    shared.wait_for_room(self, message.len() + 14, deadline);
+                    // Room for the frame as it will be encoded: a header,
+                    // and what compression that did not pay may add.
+                    let len = message.len() + message.len() / 512 + 128;
+                    shared.wait_for_room(self, len, deadline);
                 }
                 other => return other,
             }
@@ -345,14 +367,16 @@ impl<T: Send + Sync + 'static> Conn<T> {
         rsv: u8,
         op: OpCode,
         body: Vec<u8>,
+        quiet: bool,
     ) -> std::result::Result<SendStatus, Refused> {
         let mut head = [0u8; 10];
         let n = encode_header_rsv(&mut head, true, rsv, op, body.len());
+        let kind = if quiet { Kind::DataTry } else { Kind::Data };
         self.write(
             shared,
             Chunk::Head(head, n as u8),
             Some(Chunk::Owned(body)),
-            Kind::Data,
+            kind,
             !crate::runtime::service::on_worker() && sending_in_a_burst(),
         )
     }
@@ -433,6 +457,13 @@ impl<T: Send + Sync + 'static> Conn<T> {
             }
             w.close_sent = Some(frame.clone());
             w.close_deadline_ms = shared.now_ms().saturating_add(shared.close_timeout_ms());
+            if w.paused && !shared.marks.must_pause(w.held(), true) {
+                // The peer's answer must be read, even if nobody consumes
+                // this client's events any more (the main loop may be the
+                // one shutting down).
+                w.paused = false;
+                w.starved = false;
+            }
         }
         self.closing.store(true, Ordering::Release);
         let payload = close_payload(frame.code.as_u16(), &frame.reason);
@@ -493,15 +524,19 @@ impl<T: Send + Sync + 'static> Conn<T> {
     /// under the marks resumes it (see [`Conn::resume_locked`]).
     pub(crate) fn may_read(self: &Arc<Self>, shared: &Arc<Shared<T>>) -> bool {
         let mut w = self.io.lock();
+        // Once our close frame is queued, the peer's answer must be read
+        // even if the main loop has stopped consuming (it may be the one
+        // shutting down): up to the hard limit, not high water.
+        let closing = w.close_sent.is_some();
         if w.paused {
             return false;
         }
-        if shared.marks.must_pause(w.held()) {
+        if shared.marks.must_pause(w.held(), closing) {
             w.paused = true;
             Counters::add(&shared.counters.read_pauses, 1);
             return false;
         }
-        if shared.events.over_budget() {
+        if !closing && shared.events.over_budget() {
             w.paused = true;
             w.starved = true;
             drop(w);
@@ -575,12 +610,15 @@ impl<T: Send + Sync + 'static> Conn<T> {
                 body,
             });
         }
-        if kind == Kind::Data && !shared.marks.admits(w.out.bytes(), len) {
+        let data = matches!(kind, Kind::Data | Kind::DataTry);
+        if data && !shared.marks.admits(w.out.bytes(), len) {
             let queued = w.out.bytes();
-            w.drain_wanted = true;
-            drop(w);
-            Counters::add(&shared.counters.dropped, 1);
-            self.over_limit(shared);
+            if kind == Kind::Data {
+                w.drain_wanted = true;
+                drop(w);
+                Counters::add(&shared.counters.dropped, 1);
+                self.over_limit(shared);
+            }
             return Err(Refused {
                 error: Error::Backpressure {
                     queued,
@@ -589,7 +627,7 @@ impl<T: Send + Sync + 'static> Conn<T> {
                 body,
             });
         }
-        if kind == Kind::Data {
+        if data {
             Counters::add(&shared.counters.messages_out, 1);
         }
         // Corking: while a job owns the connection (a handler's own echo,
@@ -731,8 +769,20 @@ impl<T: Send + Sync + 'static> Conn<T> {
             drop(w);
             let result = write_queue(&self.stream, &mut chunks, &mut head);
             w = self.io.lock();
+            if w.finished {
+                // Torn down while this write was out: teardown counted
+                // these bytes as lost, but some went.
+                if let Ok((written, _)) = result {
+                    Counters::add(&shared.counters.bytes_out, written as u64);
+                    self.client.sub_unsent(written);
+                }
+                break;
+            }
             match result {
                 Ok((written, drained)) => {
+                    if written > 0 {
+                        w.last_progress_ms = shared.now_ms();
+                    }
                     w.out.put_back(chunks, head, written, &shared.counters);
                     if !drained {
                         // The socket is full; writable interest takes over.
@@ -761,6 +811,7 @@ impl<T: Send + Sync + 'static> Conn<T> {
             || (w.read_done && w.out.is_empty())
             || w.drain_due
             || resumed;
+        let mut spawn = false;
         if w.job_running {
             // The job re-arms (and notices errors) when it ends.
             if needs_job {
@@ -768,11 +819,15 @@ impl<T: Send + Sync + 'static> Conn<T> {
             }
         } else if needs_job && !w.finished {
             w.job_running = true;
-            drop(w);
-            spawn_job(shared, self);
+            spawn = true;
         } else if !w.finished {
             self.arm(shared, &mut w);
-            drop(w);
+        }
+        // `room_made` takes the lock `send_timeout` waiters hold while
+        // they look at this queue: never with this one held.
+        drop(w);
+        if spawn {
+            spawn_job(shared, self);
         }
         if made_room {
             shared.room_made();

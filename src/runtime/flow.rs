@@ -47,9 +47,11 @@ impl Marks {
         }
     }
 
-    /// Reading and dispatching stop for a connection holding this much.
-    pub(crate) fn must_pause(&self, held: usize) -> bool {
-        held >= self.high
+    /// Reading and dispatching stop for a connection holding this much:
+    /// high water, or the hard limit once our close frame is queued (the
+    /// peer's answer must be read even if nobody consumes its events).
+    pub(crate) fn must_pause(&self, held: usize, closing: bool) -> bool {
+        held >= if closing { self.hard } else { self.high }
     }
 
     /// A paused connection holding this much is read again.
@@ -197,8 +199,10 @@ mod tests {
             high: 100,
             hard: 1000,
         };
-        assert!(!m.must_pause(99));
-        assert!(m.must_pause(100));
+        assert!(!m.must_pause(99, false));
+        assert!(m.must_pause(100, false));
+        assert!(!m.must_pause(999, true));
+        assert!(m.must_pause(1000, true));
         assert!(m.may_resume(10));
         assert!(!m.may_resume(11));
         assert!(m.admits(0, 5000), "an empty queue takes any frame");

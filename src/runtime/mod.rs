@@ -83,6 +83,11 @@ pub(crate) struct Shared<T> {
     pub(crate) room: Mutex<()>,
     pub(crate) room_cv: Condvar,
     pub(crate) counters: Counters,
+    /// A connection was chosen to be failed for `max_buffered_bytes` and
+    /// its job has not done it yet: no other is chosen meanwhile.
+    pub(crate) budget_victim: AtomicBool,
+    /// Input read but kept unparsed by flow control, all connections.
+    pub(crate) unparsed_in: std::sync::atomic::AtomicUsize,
     /// Bytes of unfinished incoming messages, all connections together.
     pub(crate) buffered_in: std::sync::atomic::AtomicUsize,
     pub(crate) stopping: AtomicBool,
@@ -184,6 +189,7 @@ impl<T: Send + Sync + 'static> Shared<T> {
         let mut s = self.counters.snapshot();
         s.event_bytes = self.events.bytes() as u64;
         s.buffered_in_bytes = self.buffered_in.load(Ordering::Relaxed) as u64;
+        s.unparsed_in_bytes = self.unparsed_in.load(Ordering::Relaxed) as u64;
         s
     }
 

@@ -96,10 +96,12 @@ pub(crate) fn flush_deferred<T: Send + Sync + 'static>(shared: &Arc<Shared<T>>) 
         }
         if w.job_again {
             // A readiness event, a timer or a failed write came while the
-            // flush held the connection: the full job takes over.
+            // flush held the connection: the full job takes over, on a
+            // worker of its own (a handler it runs may block, and the rest
+            // of this batch must not wait for it).
             w.job_again = false;
             drop(w);
-            service(shared, conn, &[], false);
+            crate::runtime::conn::spawn_job(shared, conn);
             continue;
         }
         w.job_running = false;
@@ -237,6 +239,7 @@ fn read_available<T: Send + Sync + 'static>(
             return;
         }
         let rest = std::mem::take(&mut r.rest);
+        shared.unparsed_in.fetch_sub(rest.len(), Ordering::Relaxed);
         feed(shared, conn, r, &rest);
         account_buffered(shared, conn, r);
     }
@@ -309,21 +312,24 @@ fn feed<T: Send + Sync + 'static>(
         handle(shared, conn, r, out);
         if !input.is_empty() && !conn.may_read(shared) {
             r.rest.extend_from_slice(input);
+            shared.unparsed_in.fetch_add(input.len(), Ordering::Relaxed);
             break;
         }
     }
     (delivered, count)
 }
 
-/// Keep the server-wide count of bytes held for unfinished messages and
-/// unparsed input. Over `max_buffered_bytes`, the connection holding the
-/// most is failed with 1009, whichever crossed the line.
+/// Keep the server-wide count of bytes held for unfinished messages.
+/// Over `max_buffered_bytes`, the connection holding the most is failed
+/// with 1009, whichever crossed the line. (Input kept unparsed by a pause
+/// is not counted here: it is flow control's, at most one read per
+/// connection, and counted apart.)
 fn account_buffered<T: Send + Sync + 'static>(
     shared: &Arc<Shared<T>>,
     conn: &Arc<Conn<T>>,
     r: &mut ReadSide,
 ) {
-    let now = r.proto.buffered() + r.rest.len();
+    let now = r.proto.buffered();
     if now == r.buffered {
         return;
     }
@@ -345,7 +351,11 @@ fn account_buffered<T: Send + Sync + 'static>(
     if total <= shared.config.max_buffered_bytes {
         return;
     }
-    // Find the largest holder; a scan, but only while over the budget.
+    // Find the largest holder: a scan, but only while over the budget
+    // and no victim chosen before is still to be failed.
+    if shared.budget_victim.swap(true, Ordering::AcqRel) {
+        return;
+    }
     let victim = shared
         .registry
         .snapshot()
@@ -375,6 +385,10 @@ fn fail_for_budget<T: Send + Sync + 'static>(
         size: shared.buffered_in.load(Ordering::Relaxed) as u64,
         limit: shared.config.max_buffered_bytes as u64,
     };
+    shared.budget_victim.store(false, Ordering::Release);
+    shared
+        .unparsed_in
+        .fetch_sub(r.rest.len(), Ordering::Relaxed);
     r.rest = Vec::new();
     if let Some(out) = r.proto.fail(error) {
         handle(shared, conn, r, out);
@@ -458,9 +472,15 @@ fn progress<T: Send + Sync + 'static>(
             w.close_deadline_ms = now.saturating_add(shared.close_timeout_ms());
         }
         if w.paused {
-            // Not read because of us (its queue, or the main loop, is
-            // behind): it is not idle, and its pongs wait unread.
-            r.last_seen_ms = now;
+            if w.events > 0 || w.starved {
+                // Not read because the main loop is behind: the client
+                // is not idle, and its pongs wait unread.
+                r.last_seen_ms = now;
+            } else {
+                // Paused because it does not read what it asked for: it
+                // is as idle as its socket is stuck.
+                r.last_seen_ms = r.last_seen_ms.max(w.last_progress_ms);
+            }
         }
         (
             empty && w.close_sent.is_some(),
@@ -590,6 +610,10 @@ fn teardown<T: Send + Sync + 'static>(
         }
         w.finished = true;
         w.job_running = false;
+        if w.over_budget {
+            // Chosen to be failed for the budget, and gone first.
+            shared.budget_victim.store(false, Ordering::Release);
+        }
         let unsent = w.out.clear(&shared.counters);
         (unsent, w.closed_for_backpressure, w.write_error)
     };
@@ -603,6 +627,9 @@ fn teardown<T: Send + Sync + 'static>(
     let (report, read_error) = match r {
         Some(r) => {
             r.buffered = 0;
+            shared
+                .unparsed_in
+                .fetch_sub(std::mem::take(&mut r.rest).len(), Ordering::Relaxed);
             (r.report.take(), r.error.take())
         }
         None => (None, None),
