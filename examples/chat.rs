@@ -1,45 +1,77 @@
-//! A chat room: one port serves the page (`chat.html`, through `on_http`)
-//! and the WebSocket it talks to.
+//! A chat with rooms: one port serves the page (`chat.html`, through
+//! `on_http`) and the WebSocket it talks to.
 //!
 //! ```text
 //! cargo run --example chat -- [ADDR]
 //! # then open http://127.0.0.1:9002/ in two browser tabs
+//! # (http://127.0.0.1:9002/?room=ROOM fills in the room)
 //! ```
 //!
-//! The page asks for a name and opens `ws://HOST/chat?name=NAME`. The
-//! client-init strategy takes the name from the query and refuses with 403
-//! a missing or empty one, one over 32 characters, or one with characters
-//! other than letters, digits, spaces and `-_.` (so no name starts a line
-//! the way a notice does).
+//! The page asks for a name and a room and opens
+//! `ws://HOST/chat?name=NAME&room=ROOM`. The client-init strategy takes
+//! both from the query and refuses with 403 a missing name, and a name or
+//! a room that is empty, over 32 characters, or has characters other than
+//! letters, digits, spaces and `-_.` (so no name starts a line the way a
+//! notice does). Without a `room` parameter the client is in `lobby`.
+//!
+//! Each room is a topic: a client subscribes to its room's topic when it
+//! connects, and everything it says is published to that topic only, so
+//! lines and notices never leave their room. The subscription ends by
+//! itself when the client goes.
 //!
 //! Wire format: every text message the server sends is one line for the
 //! log: `NAME: TEXT` for a chat message, `* NAME joined` and `* NAME left`
-//! for notices. Each text message from a client is sent to everyone, the
-//! sender included, as `NAME: TEXT`. A binary message is echoed unchanged
-//! to its sender only (the browser test checks it comes back byte-exact).
+//! for notices. Each text message from a client is sent to everyone in
+//! its room, the sender included, as `NAME: TEXT`. A binary message is
+//! echoed unchanged to its sender only (the browser test checks it comes
+//! back byte-exact).
 //!
 //! Any origin may connect; a real deployment would add
 //! `Builder::allowed_origins` with its own site.
 
-use enjent::{Error, HttpResponse, Message, Reject, Request, WebSocketServer};
+use enjent::{CloseCode, Error, HttpResponse, Message, Reject, Request, WebSocketServer};
 
 const PAGE: &str = include_str!("chat.html");
 const MAX_NAME: usize = 32;
+const DEFAULT_ROOM: &str = "lobby";
 
-/// The client-init strategy: the client's data is its name.
-fn admit(req: &Request) -> Result<String, Reject> {
+/// A client's data: who it is and which room (topic) it is in.
+struct Member {
+    name: String,
+    room: String,
+}
+
+/// A name or a room: trimmed, 1 to [`MAX_NAME`] characters, each a
+/// letter, a digit, a space or one of `-_.`.
+fn valid(value: &str) -> Option<&str> {
+    let value = value.trim();
+    let allowed = |c: char| c.is_alphanumeric() || " -_.".contains(c);
+    let ok = !value.is_empty() && value.chars().count() <= MAX_NAME && value.chars().all(allowed);
+    ok.then_some(value)
+}
+
+/// The client-init strategy: name and room from the query.
+fn admit(req: &Request) -> Result<Member, Reject> {
     if req.path() != "/chat" {
-        return Err(Reject::new(404).body("the chat is at /chat?name=NAME"));
+        return Err(Reject::new(404).body("the chat is at /chat?name=NAME&room=ROOM"));
     }
     let name = req.query_param("name").unwrap_or_default();
-    let name = name.trim();
-    let allowed = |c: char| c.is_alphanumeric() || " -_.".contains(c);
-    if name.is_empty() || name.chars().count() > MAX_NAME || !name.chars().all(allowed) {
+    let Some(name) = valid(&name) else {
         return Err(Reject::forbidden(
             "a name of 1 to 32 letters, digits, spaces, - _ or . is required",
         ));
-    }
-    Ok(name.to_owned())
+    };
+    let room = req.query_param("room");
+    let room = match room.as_deref() {
+        None => DEFAULT_ROOM,
+        Some(room) => valid(room).ok_or_else(|| {
+            Reject::forbidden("a room is 1 to 32 letters, digits, spaces, - _ or .")
+        })?,
+    };
+    Ok(Member {
+        name: name.to_owned(),
+        room: room.to_owned(),
+    })
 }
 
 /// Plain HTTP requests: the page at `/`, nothing else.
@@ -62,17 +94,25 @@ fn main() -> Result<(), Error> {
         .max_message_size(64 * 1024)
         .on_http(page)
         .on_connect(|client| {
-            println!("{} joined from {}", client.data(), client.ip());
-            client
-                .server()
-                .broadcast(format!("* {} joined", client.data()));
+            let Member { name, room } = client.data();
+            // Only the server-wide topic limit (a million rooms by
+            // default) can refuse this: then there is no room to be in.
+            if let Err(e) = client.subscribe(room) {
+                eprintln!("{name} cannot join room {room}: {e}");
+                let _ = client.close(CloseCode::TRY_AGAIN_LATER, "too many rooms");
+                return;
+            }
+            println!("{name} joined room {room} from {}", client.ip());
+            // To the whole room, the newcomer included.
+            client.server().publish(room, format!("* {name} joined"));
         })
         .on_message(|client, message| match message {
             Message::Text(text) if text.trim().is_empty() => {}
             Message::Text(text) => {
-                client
-                    .server()
-                    .broadcast(format!("{}: {text}", client.data()));
+                let Member { name, room } = client.data();
+                // To the whole room, the sender included (`client.publish`
+                // would leave the sender out).
+                client.server().publish(room, format!("{name}: {text}"));
             }
             // Back to the sender only. A client that is gone or over its
             // backpressure limit misses it.
@@ -81,10 +121,10 @@ fn main() -> Result<(), Error> {
             }
         })
         .on_disconnect(|client, close, _| {
-            println!("{} left ({close})", client.data());
-            client
-                .server()
-                .broadcast(format!("* {} left", client.data()));
+            let Member { name, room } = client.data();
+            println!("{name} left room {room} ({close})");
+            // Its subscription is already gone: this reaches the others.
+            client.server().publish(room, format!("* {name} left"));
         })
         .start(addr.as_str())?;
     println!("listening on ws://{}", server.local_addr());

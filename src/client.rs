@@ -270,6 +270,61 @@ impl<T: Send + Sync + 'static> Client<T> {
         conn.close(&shared, code, reason)
     }
 
+    /// Subscribe to `topic`, so that every [`publish`](Client::publish)
+    /// to it reaches this client. Returns whether the subscription is
+    /// new. It ends with [`unsubscribe`](Client::unsubscribe) or when the
+    /// client goes (before its `Disconnect` is emitted).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::TopicLimit`] past `max_topic_len`, `max_topics_per_client`
+    /// or `max_topics`; [`Error::InvalidInput`] for an empty name;
+    /// [`Error::Closed`] if the client is gone.
+    pub fn subscribe(&self, topic: &str) -> Result<bool> {
+        let conn = self.inner.conn.upgrade().ok_or(Error::Closed)?;
+        let shared = self.inner.shared.upgrade().ok_or(Error::Closed)?;
+        shared.topics.subscribe(&shared, &conn, topic)
+    }
+
+    /// End the subscription to `topic`; whether there was one.
+    pub fn unsubscribe(&self, topic: &str) -> bool {
+        match (self.inner.conn.upgrade(), self.inner.shared.upgrade()) {
+            (Some(conn), Some(shared)) => shared.topics.unsubscribe(&conn, topic),
+            _ => false,
+        }
+    }
+
+    /// Whether this client is subscribed to `topic`.
+    pub fn is_subscribed(&self, topic: &str) -> bool {
+        self.inner
+            .shared
+            .upgrade()
+            .is_some_and(|s| s.topics.is_subscribed(self.inner.id, topic))
+    }
+
+    /// The topics this client is subscribed to, in the order it
+    /// subscribed.
+    pub fn topics(&self) -> Vec<String> {
+        self.inner
+            .shared
+            .upgrade()
+            .map_or_else(Vec::new, |s| s.topics.topics_of(self.inner.id))
+    }
+
+    /// Publish to every subscriber of `topic` except this client (as
+    /// uWebSockets' `ws.publish`); see [`ServerHandle::publish`]. A
+    /// thread's `send` and `publish` calls that reach the same client
+    /// keep that thread's order.
+    pub fn publish(&self, topic: &str, message: impl Into<Message>) -> crate::server::Broadcast {
+        let Some(shared) = self.inner.shared.upgrade() else {
+            return crate::server::Broadcast::default();
+        };
+        let conn = self.inner.conn.upgrade();
+        shared
+            .topics
+            .publish(&shared, topic, &message.into(), conn.as_deref())
+    }
+
     /// A handle on the server this client belongs to, for broadcasting from
     /// a closure.
     pub fn server(&self) -> ServerHandle<T> {

@@ -25,6 +25,9 @@ pub struct Config {
     pub(crate) low_water: usize,
     pub(crate) event_queue_bytes: usize,
     pub(crate) queue_unhandled_events: bool,
+    pub(crate) max_topics_per_client: usize,
+    pub(crate) max_topic_len: usize,
+    pub(crate) max_topics: usize,
     pub(crate) protocols: Vec<String>,
     pub(crate) allowed_origins: Option<Vec<String>>,
     pub(crate) trust_proxy: bool,
@@ -70,6 +73,9 @@ impl Default for Config {
             low_water: 32 * 1024,
             event_queue_bytes: 64 << 20,
             queue_unhandled_events: false,
+            max_topics_per_client: 256,
+            max_topic_len: 256,
+            max_topics: 1_000_000,
             protocols: Vec::new(),
             allowed_origins: None,
             trust_proxy: false,
@@ -170,6 +176,21 @@ impl Config {
     /// What a send over `max_backpressure` does.
     pub fn slow_client_policy(&self) -> SlowClientPolicy {
         self.slow_client_policy
+    }
+
+    /// Most topics one client may be subscribed to.
+    pub fn max_topics_per_client(&self) -> usize {
+        self.max_topics_per_client
+    }
+
+    /// Longest topic name, in bytes.
+    pub fn max_topic_len(&self) -> usize {
+        self.max_topic_len
+    }
+
+    /// Most topics (with at least one subscriber) on the server.
+    pub fn max_topics(&self) -> usize {
+        self.max_topics
     }
 
     /// Whether the closure style also queues events that have no closure.

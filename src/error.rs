@@ -47,6 +47,24 @@ pub enum Error {
     InvalidInput(&'static str),
     /// The builder was given a configuration that cannot work.
     InvalidConfig(&'static str),
+    /// A topic limit was reached (`max_topic_len`, `max_topics_per_client`
+    /// or `max_topics`); the subscription was not made.
+    TopicLimit(&'static str),
+    /// A closure of yours (`on_connect`, `on_message`, ...) or the
+    /// client-init strategy panicked. The panic was caught: the client it
+    /// was handling is closed with 1011 (a strategy's is answered `500`),
+    /// and the server goes on.
+    HandlerPanicked {
+        /// Which one: `"on_connect"`, `"on_message"`, `"on_drain"`,
+        /// `"on_disconnect"`, `"on_http"` or `"client-init strategy"`.
+        handler: &'static str,
+        /// The panic's message, when it carried a string.
+        message: String,
+    },
+    /// The server itself failed in a way it recovered from (a bug in
+    /// enjent that panicked in one connection's job, which was closed), or
+    /// its readiness loop's wait failed.
+    Internal(String),
 }
 
 /// A message that `send` did not take, handed back with the reason, so
@@ -143,6 +161,11 @@ impl fmt::Display for Error {
             Error::Closed => f.write_str("connection closed"),
             Error::InvalidInput(what) => write!(f, "invalid input: {what}"),
             Error::InvalidConfig(what) => write!(f, "invalid configuration: {what}"),
+            Error::HandlerPanicked { handler, message } => {
+                write!(f, "{handler} panicked: {message}")
+            }
+            Error::Internal(what) => write!(f, "internal error: {what}"),
+            Error::TopicLimit(what) => write!(f, "topic limit: {what}"),
         }
     }
 }

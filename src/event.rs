@@ -50,16 +50,29 @@ pub enum Event<T = ()> {
         /// error, a timeout.
         error: Option<Error>,
     },
+    /// Something went wrong that no other event reports: a closure of
+    /// yours panicked ([`Error::HandlerPanicked`]), or the server recovered
+    /// from a failure of its own ([`Error::Internal`], [`Error::Io`]). The
+    /// library writes nothing to stderr; this (or
+    /// [`on_error`](crate::Builder::on_error)) is where such things go.
+    Error {
+        /// The client concerned, if there is one.
+        client: Option<Client<T>>,
+        /// What happened.
+        error: Error,
+    },
 }
 
 impl<T> Event<T> {
-    /// The client this event is about.
-    pub fn client(&self) -> &Client<T> {
+    /// The client this event is about (`None` only for an
+    /// [`Error`](Event::Error) that concerns no client).
+    pub fn client(&self) -> Option<&Client<T>> {
         match self {
             Event::Connect { client }
             | Event::Message { client, .. }
             | Event::Drain { client }
-            | Event::Disconnect { client, .. } => client,
+            | Event::Disconnect { client, .. } => Some(client),
+            Event::Error { client, .. } => client.as_ref(),
         }
     }
 }
@@ -84,6 +97,11 @@ impl<T> fmt::Debug for Event<T> {
                 .field("close", close)
                 .field("error", error)
                 .finish(),
+            Event::Error { client, error } => f
+                .debug_struct("Error")
+                .field("client", client)
+                .field("error", error)
+                .finish(),
         }
     }
 }
@@ -105,7 +123,7 @@ pub struct Events<T = ()> {
     shared: Arc<Shared<T>>,
     /// The event handed out last, whose charge is given back at the next
     /// receive.
-    held: Cell<Option<(Client<T>, usize)>>,
+    held: Cell<Option<(Option<Client<T>>, usize)>>,
 }
 
 impl<T: Send + Sync + 'static> Events<T> {
@@ -119,13 +137,15 @@ impl<T: Send + Sync + 'static> Events<T> {
 
     fn release(&self) {
         if let Some((client, charge)) = self.held.take() {
-            self.shared.events.consumed(&self.shared, &client, charge);
+            self.shared
+                .events
+                .consumed(&self.shared, client.as_ref(), charge);
         }
     }
 
     fn hold(&self, envelope: Envelope<T>) -> Event<T> {
         self.held
-            .set(Some((envelope.event.client().clone(), envelope.charge)));
+            .set(Some((envelope.event.client().cloned(), envelope.charge)));
         envelope.event
     }
 

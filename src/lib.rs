@@ -109,6 +109,40 @@
 //! plain HTTP requests ([`Builder::on_http`]), trusted proxy headers, and,
 //! with the `deflate` feature, permessage-deflate (`Builder::compression`).
 
+//!
+//! # Errors and panics
+//!
+//! The library writes nothing to stderr. What no other event reports (a
+//! closure of yours panicked, or the server recovered from a failure of
+//! its own) comes as [`Event::Error`], or to [`Builder::on_error`], is
+//! counted in [`Stats`], and with the `log` feature also goes to the
+//! [`log`](https://docs.rs/log) facade. A panic in a closure stays visible
+//! by default the way every Rust panic is: the standard panic hook prints
+//! it (install your own hook with `std::panic::set_hook` to route it).
+//!
+//! # Feature flags
+//!
+//! - `deflate`: permessage-deflate (RFC 7692), with `flate2`'s pure-Rust
+//!   zlib backend.
+//! - `log`: errors also go to the `log` facade (handler panics at `warn`,
+//!   internal errors at `error`).
+//!
+//! # API notes: deliberate departures from the Rust API Guidelines
+//!
+//! - [`WebSocketServer::builder`], [`WebSocketServer::with_client_init`]
+//!   and [`WebSocketServer::with_handshake`] return a [`Builder`] rather
+//!   than living on it: the names are the seed library's, and a
+//!   `Builder<T>`'s `T` is fixed by the strategy, so it has to start there.
+//! - [`HttpResponse`] and [`Reject`] are one type under two names: a
+//!   refused upgrade and an answer to plain HTTP are both an HTTP
+//!   response, and each name reads right where it is used.
+//! - [`Request::query_param`] returns an owned `String`: it decodes
+//!   percent escapes, and a borrowed value would tie a client's data to
+//!   the request it was built from.
+//! - [`Broadcast`] is not `#[must_use]`: its counts are information, and
+//!   a broadcast whose report is ignored is still a broadcast.
+
+#![cfg_attr(docsrs, feature(doc_cfg))]
 #![deny(unsafe_code)]
 #![deny(missing_docs, missing_debug_implementations)]
 
@@ -137,3 +171,19 @@ pub use proto::deflate::Compression;
 pub use proto::handshake::{HttpResponse, Reject, Request, Response};
 pub use server::{Broadcast, Builder, ServerHandle, WebSocketServer};
 pub use stats::Stats;
+
+// The Send/Sync/Clone a user relies on, checked at compile time.
+const _: () = {
+    const fn send_sync<X: Send + Sync>() {}
+    const fn send<X: Send>() {}
+    send_sync::<Client<()>>();
+    send_sync::<ServerHandle<()>>();
+    send_sync::<Error>();
+    send_sync::<SendError>();
+    send_sync::<Message>();
+    send_sync::<Stats>();
+    send_sync::<Config>();
+    send::<WebSocketServer<()>>();
+    send::<Events<()>>();
+    send::<Event<()>>();
+};

@@ -195,6 +195,18 @@ impl<T: Send + Sync + 'static> WebSocketServer<T> {
         broadcast(&self.shared, &message.into())
     }
 
+    /// See [`ServerHandle::publish`].
+    pub fn publish(&self, topic: &str, message: impl Into<Message>) -> Broadcast {
+        self.shared
+            .topics
+            .publish(&self.shared, topic, &message.into(), None)
+    }
+
+    /// See [`ServerHandle::subscribers`].
+    pub fn subscribers(&self, topic: &str) -> usize {
+        self.shared.topics.subscribers(topic)
+    }
+
     /// See [`ServerHandle::close`].
     ///
     /// # Errors
@@ -326,6 +338,27 @@ impl<T: Send + Sync + 'static> ServerHandle<T> {
         }
     }
 
+    /// Publish a message to every subscriber of `topic` (see
+    /// [`Client::subscribe`]). It is framed, and compressed, once and the
+    /// one buffer shared by every subscriber's queue. Every subscriber
+    /// sees a topic's messages in the same order; a slow subscriber gets
+    /// the per-client flow control (the copy is refused and counted, or
+    /// the client closed, per [`slow_client_policy`](Builder::slow_client_policy)),
+    /// and never slows the others. Returns the per-client counts.
+    pub fn publish(&self, topic: &str, message: impl Into<Message>) -> Broadcast {
+        match self.shared() {
+            Ok(s) => s.topics.publish(&s, topic, &message.into(), None),
+            Err(_) => Broadcast::default(),
+        }
+    }
+
+    /// How many clients are subscribed to `topic` now.
+    pub fn subscribers(&self, topic: &str) -> usize {
+        self.shared
+            .upgrade()
+            .map_or(0, |s| s.topics.subscribers(topic))
+    }
+
     /// Close one client with `code` and `reason` (see [`Client::close`]).
     ///
     /// # Errors
@@ -413,6 +446,7 @@ fn send<T: Send + Sync + 'static>(
 
 /// Configures and starts a [`WebSocketServer`]. Every setter's doc gives
 /// its default.
+#[must_use = "a Builder does nothing until `start` is called"]
 pub struct Builder<T = ()> {
     config: Config,
     init: Box<InitFn<T>>,
@@ -583,6 +617,28 @@ impl<T: Send + Sync + 'static> Builder<T> {
         self
     }
 
+    /// Most topics one client may be subscribed to; past it
+    /// [`Client::subscribe`] returns [`Error::TopicLimit`]. Default: 256.
+    pub fn max_topics_per_client(mut self, n: usize) -> Self {
+        self.config.max_topics_per_client = n;
+        self
+    }
+
+    /// Longest topic name, in bytes ([`Error::TopicLimit`] past it).
+    /// Default: 256.
+    pub fn max_topic_len(mut self, bytes: usize) -> Self {
+        self.config.max_topic_len = bytes;
+        self
+    }
+
+    /// Most topics the server holds at once (a topic exists while it has
+    /// a subscriber); a subscription that would make one more returns
+    /// [`Error::TopicLimit`]. Default: 1,000,000.
+    pub fn max_topics(mut self, n: usize) -> Self {
+        self.config.max_topics = n;
+        self
+    }
+
     /// In the closure style (an [`on_message`](Builder::on_message)
     /// closure is registered), also send the kinds of event that have no
     /// closure (`Connect`, `Drain`, `Disconnect`) to the event channel.
@@ -701,6 +757,23 @@ impl<T: Send + Sync + 'static> Builder<T> {
         self
     }
 
+    /// Run `f` on the thread where it happened when something goes wrong
+    /// that no other event reports, instead of sending [`Event::Error`]:
+    /// a closure of yours or the client-init strategy panicked
+    /// ([`Error::HandlerPanicked`]; the client is closed with 1011, or
+    /// answered `500`), or the server recovered from a failure of its own
+    /// ([`Error::Internal`], [`Error::Io`]). The library never writes to
+    /// stderr itself; a panic stays visible through Rust's panic hook,
+    /// which prints it unless you install your own. A panic in `f` is
+    /// counted and dropped.
+    pub fn on_error(
+        mut self,
+        f: impl Fn(Option<&Client<T>>, &Error) + Send + Sync + 'static,
+    ) -> Self {
+        self.handlers.error = Some(Box::new(f));
+        self
+    }
+
     /// Bind `addr` and start the accept thread, the poller thread and the
     /// pool.
     ///
@@ -754,6 +827,7 @@ impl<T: Send + Sync + 'static> Builder<T> {
             marks: flow::Marks::new(&config),
             events: event_queue,
             ready: Mutex::new(poller::ReadyQueue::default()),
+            topics: crate::runtime::topics::Topics::default(),
             room_waiters: AtomicUsize::new(0),
             room: Mutex::new(()),
             room_cv: parking_lot::Condvar::new(),

@@ -43,6 +43,11 @@ pub struct Stats {
     pub protocol_errors: BTreeMap<u16, u64>,
     /// User closures or strategies that panicked.
     pub handler_panics: u64,
+    /// Failures the server recovered from (see
+    /// [`Error::Internal`](crate::Error::Internal)): a bug of its own
+    /// caught in one connection's job, a failed wait of the readiness
+    /// loop.
+    pub internal_errors: u64,
     /// Plain HTTP requests answered by the `on_http` handler.
     pub http_answered: u64,
     /// Bytes charged for events waiting in the event channel now
@@ -55,6 +60,8 @@ pub struct Stats {
     /// client in the middle of a read (at most one read, 256 KiB, per
     /// paused client).
     pub unparsed_in_bytes: u64,
+    /// Topics with at least one subscriber now.
+    pub topics: u64,
     /// Times flow control stopped reading a client (its queue and events
     /// at high water, or the event channel over its budget).
     pub read_pauses: u64,
@@ -76,6 +83,7 @@ pub(crate) struct Counters {
     pub(crate) err_1007: AtomicU64,
     pub(crate) err_1009: AtomicU64,
     pub(crate) panics: AtomicU64,
+    pub(crate) internal_errors: AtomicU64,
     pub(crate) http_answered: AtomicU64,
     pub(crate) read_pauses: AtomicU64,
     /// Refusals are rare and keyed by any status: a lock is fine here.
@@ -132,10 +140,12 @@ impl Counters {
             idle_timeouts: self.idle_timeouts.load(Relaxed),
             protocol_errors,
             handler_panics: self.panics.load(Relaxed),
+            internal_errors: self.internal_errors.load(Relaxed),
             http_answered: self.http_answered.load(Relaxed),
             event_bytes: 0,
             buffered_in_bytes: 0,
             unparsed_in_bytes: 0,
+            topics: 0,
             read_pauses: self.read_pauses.load(Relaxed),
         }
     }

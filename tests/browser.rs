@@ -1,7 +1,9 @@
 //! The chat example in a real browser: `tests/browser/chat.js` drives
 //! headless Chromium through Playwright against `examples/chat` (two tabs
-//! join, chat, round-trip binary data, one leaves), and no Chromium process
-//! outlives it.
+//! join room A and one room B; each room's lines and join/leave notices
+//! reach its own tabs only; binary data makes the round trip; a tab
+//! leaves, and one moves from B to A), and no Chromium process outlives
+//! it.
 //!
 //! Needs /usr/bin/chromium, node, and `(cd tests/browser && npm ci)`.
 //! Without them the test says on stderr what is missing and passes, unless
@@ -296,8 +298,16 @@ fn chat_works_in_headless_chromium() {
     } else {
         assert_eq!(extensions, "");
     }
-    // The server saw the browsers come and go.
-    for prefix in ["ann joined from 127.0.0.1", "bob joined", "bob left (1001"] {
+    // The server saw the browsers come and go, each in its room.
+    for prefix in [
+        "ann joined room A from 127.0.0.1",
+        "bob joined room A",
+        "cy joined room B",
+        "bytes joined room lobby",
+        "bob left room A (1001",
+        "cy left room B (1000",
+        "cy joined room A",
+    ] {
         if let Err(seen) = chat.wait_for(prefix) {
             panic!("the chat example never printed {prefix:?}; it printed {seen:?}");
         }

@@ -3,7 +3,7 @@
 
 mod support;
 
-use enjent::{Event, Reject, WebSocketServer};
+use enjent::{Error, Event, Reject, WebSocketServer};
 use support::*;
 
 #[derive(Debug)]
@@ -76,6 +76,15 @@ fn refusals_carry_status_and_body() {
         panicked.starts_with("HTTP/1.1 500 "),
         "a panicking strategy answers 500: {panicked}"
     );
+    // The strategy's panic is reported as an event (never on stderr);
+    // refused clients produce no other.
+    match server.recv_timeout(WAIT) {
+        Ok(Event::Error {
+            client: None,
+            error: Error::HandlerPanicked { handler, .. },
+        }) => assert_eq!(handler, "client-init strategy"),
+        other => panic!("expected the strategy's panic, got {other:?}"),
+    }
     assert!(
         server.try_recv().is_err(),
         "refused clients produce no events"

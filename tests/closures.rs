@@ -81,6 +81,21 @@ fn a_panicking_closure_closes_its_client_with_1011_and_the_server_goes_on() {
     // Both clients connected; only the bad one was closed.
     assert!(matches!(next(&server), enjent::Event::Connect { .. }));
     assert!(matches!(next(&server), enjent::Event::Connect { .. }));
+    // The panic is reported as an event, never on stderr.
+    match next(&server) {
+        enjent::Event::Error {
+            client: Some(c),
+            error: enjent::Error::HandlerPanicked { handler, message },
+        } => {
+            assert_eq!(
+                (handler, message.as_str()),
+                ("on_message", "user code failed")
+            );
+            assert_eq!(server.stats().handler_panics, 1);
+            let _ = c;
+        }
+        other => panic!("expected the handler's panic, got {other:?}"),
+    }
     drop(bad);
     match next(&server) {
         enjent::Event::Disconnect { close, .. } => {

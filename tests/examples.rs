@@ -1,7 +1,7 @@
 //! The examples run as documented: `echo` in both modes with its flags,
 //! `events` printing the seed's lines, `custom_client` refusing with 403,
-//! `chat` serving its page and relaying lines (tests/browser.rs drives it
-//! in Chromium).
+//! `chat` serving its page and relaying lines within a room
+//! (tests/browser.rs drives it in Chromium).
 //! `echo`, in both modes, also keeps up with a client that pipelines
 //! 10,000 messages and reads slowly, without a refused echo on stderr.
 //! `cargo test` builds the examples before it runs this file.
@@ -208,6 +208,7 @@ fn chat_serves_its_page_and_refuses_bad_names() {
     let missing = http(ex.addr, b"GET /nope HTTP/1.1\r\nHost: x\r\n\r\n");
     assert!(missing.starts_with("HTTP/1.1 404 "), "{missing}");
     let long = format!("/chat?name={}", "a".repeat(33));
+    let long_room = format!("/chat?name=ann&room={}", "a".repeat(33));
     for target in [
         "/chat",
         "/chat?name=",
@@ -215,6 +216,11 @@ fn chat_serves_its_page_and_refuses_bad_names() {
         long.as_str(),
         "/chat?name=%2A%20bob",
         "/chat?name=a%0Ab",
+        "/chat?room=A",
+        "/chat?name=ann&room=",
+        "/chat?name=ann&room=%20",
+        "/chat?name=ann&room=a%2Fb",
+        long_room.as_str(),
     ] {
         let refused = http(ex.addr, &upgrade_to(target));
         assert!(refused.starts_with("HTTP/1.1 403 "), "{target}: {refused}");
@@ -230,8 +236,9 @@ fn chat_serves_its_page_and_refuses_bad_names() {
 }
 
 #[test]
-fn chat_relays_lines_to_all_and_echoes_binary_to_the_sender() {
+fn chat_relays_lines_to_the_room_and_echoes_binary_to_the_sender() {
     let ex = Example::start("chat", &["127.0.0.1:0"]);
+    // No room in the query: both are in the lobby.
     let mut ann = client_at(ex.addr, "/chat?name=ann");
     assert_eq!(ann.read().unwrap(), Tm::text("* ann joined"));
     let mut bob = client_at(ex.addr, "/chat?name=bob+b");
@@ -248,6 +255,30 @@ fn chat_relays_lines_to_all_and_echoes_binary_to_the_sender() {
     // Neither the blank line nor bob's bytes reached ann: the leave notice
     // is the next thing she gets.
     assert_eq!(ann.read().unwrap(), Tm::text("* bob b left"));
+}
+
+#[test]
+fn chat_keeps_lines_and_notices_in_their_room() {
+    let ex = Example::start("chat", &["127.0.0.1:0"]);
+    let mut ann = client_at(ex.addr, "/chat?name=ann&room=A");
+    assert_eq!(ann.read().unwrap(), Tm::text("* ann joined"));
+    let mut bob = client_at(ex.addr, "/chat?name=bob&room=B+2");
+    assert_eq!(bob.read().unwrap(), Tm::text("* bob joined"));
+    let mut cy = client_at(ex.addr, "/chat?name=cy&room=A");
+    assert_eq!(cy.read().unwrap(), Tm::text("* cy joined"));
+    // bob's notice went out before cy connected: had it reached ann, it
+    // would come before cy's.
+    assert_eq!(ann.read().unwrap(), Tm::text("* cy joined"));
+    bob.send(Tm::text("in B")).unwrap();
+    assert_eq!(bob.read().unwrap(), Tm::text("bob: in B"));
+    ann.send(Tm::text("in A")).unwrap();
+    assert_eq!(ann.read().unwrap(), Tm::text("ann: in A"));
+    assert_eq!(cy.read().unwrap(), Tm::text("ann: in A"));
+    ann.close(None).unwrap();
+    assert_eq!(cy.read().unwrap(), Tm::text("* ann left"));
+    // Neither ann's line nor her leaving reached bob: his own line is next.
+    bob.send(Tm::text("still in B")).unwrap();
+    assert_eq!(bob.read().unwrap(), Tm::text("bob: still in B"));
 }
 
 // The pipelined echo, copied from tests/flow_control.rs (integration tests

@@ -757,7 +757,9 @@ fn on_drain_panic_closes_with_1011() {
         let mut s = raw_ws(server.local_addr());
         let c = expect_connect(&server);
         // This thread fills the queue until a send is refused.
-        let (accepted, _, _) = fill_stuck(&c, |i| numbered(i, 16 * 1024).into());
+        // One refusal is enough: the drain that follows it panics and
+        // closes the client, so the queue cannot be filled again.
+        let (accepted, _, _) = fill(&c, None, |i| numbered(i, 16 * 1024).into());
         // Now the client reads everything; the drain's handler panics.
         let mut data = 0;
         let code = loop {
@@ -778,13 +780,27 @@ fn on_drain_panic_closes_with_1011() {
         assert_eq!(code, Some(1011));
         // Answer as a client does, echoing the code.
         s.write_all(&frame(0x88, &close_payload(1011, ""))).unwrap();
-        match next_not_drain(&server) {
-            Event::Disconnect { client, close, .. } => {
-                assert_eq!(client.id(), c.id());
-                assert_eq!(close.code.as_u16(), 1011);
+        // The panic comes as an error event about that client, then its
+        // Disconnect.
+        let mut reported = false;
+        loop {
+            match next_not_drain(&server) {
+                Event::Error {
+                    client: Some(client),
+                    error: Error::HandlerPanicked { handler, .. },
+                } => {
+                    assert_eq!((client.id(), handler), (c.id(), "on_drain"));
+                    reported = true;
+                }
+                Event::Disconnect { client, close, .. } => {
+                    assert_eq!(client.id(), c.id());
+                    assert_eq!(close.code.as_u16(), 1011);
+                    break;
+                }
+                other => panic!("expected Disconnect, got {other:?}"),
             }
-            other => panic!("expected Disconnect, got {other:?}"),
         }
+        assert!(reported, "the on_drain panic was not reported");
         assert!(server.stats().handler_panics >= 1);
     });
 }

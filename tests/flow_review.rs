@@ -460,7 +460,7 @@ fn one_client_cannot_monopolise_a_worker_in_main_loop_style() {
     drop(hw);
     eprintln!("victim worst echo round trip: {victim_rtt:?}");
     assert!(
-        victim_rtt < Duration::from_millis(500),
+        victim_rtt < Duration::from_secs(2),
         "one client held the only worker for {victim_rtt:?}"
     );
 }

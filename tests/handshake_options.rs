@@ -179,6 +179,14 @@ fn plain_http_goes_to_the_handler_and_upgrades_still_work() {
 
     // The same port still upgrades.
     let mut ws = client(addr);
+    // The handler's panic is reported as an event, never on stderr.
+    match next(&server) {
+        enjent::Event::Error {
+            client: None,
+            error: enjent::Error::HandlerPanicked { handler, message },
+        } => assert_eq!((handler, message.as_str()), ("on_http", "handler bug")),
+        other => panic!("expected the handler's panic, got {other:?}"),
+    }
     expect_connect(&server);
     ws.send(tungstenite::Message::text("hi")).unwrap();
     let (c, m) = expect_message(&server);

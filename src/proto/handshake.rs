@@ -353,6 +353,9 @@ impl fmt::Display for Reject {
     }
 }
 
+/// A refusal is the error of a client-init strategy.
+impl std::error::Error for Reject {}
+
 fn reason_phrase(status: u16) -> &'static str {
     match status {
         200 => "OK",

@@ -26,7 +26,7 @@ const CHUNK: usize = 256;
 const PARALLEL_FROM: usize = 4 * CHUNK;
 
 /// The message encoded once per form the clients need.
-struct Frames {
+pub(crate) struct Frames {
     plain: Arc<[u8]>,
     /// The message's payload length.
     #[cfg(feature = "deflate")]
@@ -43,7 +43,7 @@ struct Frames {
 }
 
 impl Frames {
-    fn new<T>(shared: &Shared<T>, message: &Message, conns: &[Arc<Conn<T>>]) -> Frames {
+    pub(crate) fn new<T>(shared: &Shared<T>, message: &Message, conns: &[Arc<Conn<T>>]) -> Frames {
         let plain = encode_frame(message.opcode(), message.as_bytes()).into();
         #[cfg(feature = "deflate")]
         {
@@ -87,28 +87,60 @@ impl Frames {
         }
     }
 
-    /// Queue the right form for `conn`.
+    /// The form `conn` needs: a frame shared with others, or (with a
+    /// compression context of its own) the message to compress itself.
+    fn pick<T>(&self, conn: &Conn<T>) -> Form<'_> {
+        #[cfg(feature = "deflate")]
+        if let Some(d) = &conn.deflater {
+            match (d.shared_variant(), &self.deflated, &self.message) {
+                (Some(_), Some(frame), _) if d.wants(self.len) => return Form::Frame(frame),
+                (None, _, Some(message)) if d.wants(self.len) => return Form::Own(message),
+                _ => {}
+            }
+        }
+        #[cfg(not(feature = "deflate"))]
+        let _ = conn;
+        Form::Frame(&self.plain)
+    }
+
+    /// Send the right form to `conn`.
     fn send<T: Send + Sync + 'static>(
         &self,
         shared: &Arc<Shared<T>>,
         conn: &Arc<Conn<T>>,
     ) -> Result<SendStatus, Error> {
-        #[cfg(feature = "deflate")]
-        if let Some(d) = &conn.deflater {
-            match (d.shared_variant(), &self.deflated, &self.message) {
-                (Some(_), Some(frame), _) if d.wants(self.len) => {
-                    return conn.send_shared(shared, frame);
-                }
-                (None, _, Some(message)) if d.wants(self.len) => {
-                    return conn
-                        .send_message(shared, message.clone())
-                        .map_err(crate::error::SendError::into_error);
-                }
-                _ => {}
-            }
+        match self.pick(conn) {
+            Form::Frame(frame) => conn.send_shared(shared, frame),
+            Form::Own(message) => conn
+                .send_message(shared, message.clone())
+                .map_err(crate::error::SendError::into_error),
         }
-        conn.send_shared(shared, &self.plain)
     }
+
+    /// Queue the right form to `conn` without writing (see
+    /// [`Conn::queue_shared`]): true if the caller must flush. A
+    /// connection with a compression context of its own compresses and
+    /// sends at once, in its context's order.
+    pub(crate) fn queue<T: Send + Sync + 'static>(
+        &self,
+        shared: &Arc<Shared<T>>,
+        conn: &Arc<Conn<T>>,
+    ) -> Result<bool, Error> {
+        match self.pick(conn) {
+            Form::Frame(frame) => conn.queue_shared(shared, frame),
+            Form::Own(message) => conn
+                .send_message(shared, message.clone())
+                .map(|_| false)
+                .map_err(crate::error::SendError::into_error),
+        }
+    }
+}
+
+/// What one connection is sent of a message encoded for many.
+enum Form<'a> {
+    Frame(&'a Arc<[u8]>),
+    #[cfg_attr(not(feature = "deflate"), allow(dead_code))]
+    Own(&'a Message),
 }
 
 struct Job<T> {

@@ -600,36 +600,10 @@ impl<T: Send + Sync + 'static> Conn<T> {
         defer: bool,
     ) -> std::result::Result<SendStatus, Refused> {
         let len = head.bytes().len() + body.as_ref().map_or(0, |b| b.bytes().len());
-        let mut w = self.io.lock();
-        // A close frame has set close_sent just before coming here; every
-        // other frame stops once it is queued.
-        if w.finished || w.write_error.is_some() || (kind != Kind::Close && w.close_sent.is_some())
-        {
-            return Err(Refused {
-                error: Error::Closed,
-                body,
-            });
-        }
-        let data = matches!(kind, Kind::Data | Kind::DataTry);
-        if data && !shared.marks.admits(w.out.bytes(), len) {
-            let queued = w.out.bytes();
-            if kind == Kind::Data {
-                w.drain_wanted = true;
-                drop(w);
-                Counters::add(&shared.counters.dropped, 1);
-                self.over_limit(shared);
-            }
-            return Err(Refused {
-                error: Error::Backpressure {
-                    queued,
-                    limit: shared.marks.hard,
-                },
-                body,
-            });
-        }
-        if data {
-            Counters::add(&shared.counters.messages_out, 1);
-        }
+        let mut w = match self.admit(shared, kind, len) {
+            Ok(w) => w,
+            Err(error) => return Err(Refused { error, body }),
+        };
         // Corking: while a job owns the connection (a handler's own echo,
         // or another thread's send meanwhile), frames wait for the job's
         // end and leave together in one vectored write.
@@ -708,6 +682,76 @@ impl<T: Send + Sync + 'static> Conn<T> {
                 body: None,
             }),
             o => o,
+        }
+    }
+
+    /// Whether a frame of `len` bytes may be queued: the one check every
+    /// write path makes. A refused data frame is counted, asks for a
+    /// `Drain` and applies the slow-client policy (unless only a try).
+    /// On success the lock is handed on, and a data frame is counted out.
+    fn admit(
+        self: &Arc<Self>,
+        shared: &Arc<Shared<T>>,
+        kind: Kind,
+        len: usize,
+    ) -> std::result::Result<parking_lot::MutexGuard<'_, WriteSide>, Error> {
+        let mut w = self.io.lock();
+        // A close frame has set close_sent just before coming here; every
+        // other frame stops once it is queued.
+        if w.finished || w.write_error.is_some() || (kind != Kind::Close && w.close_sent.is_some())
+        {
+            return Err(Error::Closed);
+        }
+        let data = matches!(kind, Kind::Data | Kind::DataTry);
+        if data && !shared.marks.admits(w.out.bytes(), len) {
+            let queued = w.out.bytes();
+            if kind == Kind::Data {
+                w.drain_wanted = true;
+                drop(w);
+                Counters::add(&shared.counters.dropped, 1);
+                self.over_limit(shared);
+            }
+            return Err(Error::Backpressure {
+                queued,
+                limit: shared.marks.hard,
+            });
+        }
+        if data {
+            Counters::add(&shared.counters.messages_out, 1);
+        }
+        Ok(w)
+    }
+
+    /// Queue a frame shared with other connections without writing it:
+    /// a publish queues to every subscriber under its topic's lock (so
+    /// all see one order) and writes after letting go of it. Returns
+    /// whether the caller now holds the write token and must flush (see
+    /// [`Conn::flush_taken`]).
+    pub(crate) fn queue_shared(
+        self: &Arc<Self>,
+        shared: &Arc<Shared<T>>,
+        frame: &Arc<[u8]>,
+    ) -> Result<bool> {
+        let mut w = self.admit(shared, Kind::Data, frame.len())?;
+        let idle = !w.writing && !w.job_running && w.out.is_empty();
+        w.out
+            .push(Chunk::Shared(Arc::clone(frame)), &shared.counters);
+        // Otherwise whoever holds the connection (a writer, a job, or
+        // writable interest already armed for a queue) takes it along.
+        if idle {
+            w.writing = true;
+        }
+        Ok(idle)
+    }
+
+    /// Flush with the write token [`Conn::queue_shared`] handed over.
+    pub(crate) fn flush_taken(self: &Arc<Self>, shared: &Arc<Shared<T>>) -> SendStatus {
+        let w = self.io.lock();
+        self.flush_holding_token(shared, w);
+        if self.io.lock().out.is_empty() {
+            SendStatus::Written
+        } else {
+            SendStatus::Queued
         }
     }
 

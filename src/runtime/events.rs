@@ -109,6 +109,26 @@ impl<T: Send + Sync + 'static> EventQueue<T> {
         }
     }
 
+    /// Queue an event about no connection (an error), charged to the
+    /// budget alone; dropped in the closure style, as `push` does.
+    pub(crate) fn push_unattached(&self, event: Event<T>) {
+        if !self.main_loop && !self.queue_unhandled {
+            return;
+        }
+        let guard = self.tx.read();
+        let Some(tx) = guard.as_ref() else { return };
+        self.bytes.fetch_add(EVENT_COST, Ordering::Relaxed);
+        if tx
+            .send(Envelope {
+                event,
+                charge: EVENT_COST,
+            })
+            .is_err()
+        {
+            self.bytes.fetch_sub(EVENT_COST, Ordering::Relaxed);
+        }
+    }
+
     /// `conn` paused for the budget: it is resumed once there is room.
     pub(crate) fn starve(&self, shared: &Arc<Shared<T>>, conn: &Arc<Conn<T>>) {
         self.starved.lock().push(Arc::downgrade(conn));
@@ -131,14 +151,19 @@ impl<T: Send + Sync + 'static> EventQueue<T> {
     }
 
     /// The main loop is done with an event: give its charge back.
-    pub(crate) fn consumed(&self, shared: &Arc<Shared<T>>, client: &Client<T>, charge: usize) {
+    pub(crate) fn consumed(
+        &self,
+        shared: &Arc<Shared<T>>,
+        client: Option<&Client<T>>,
+        charge: usize,
+    ) {
         // Sequentially consistent with `starve`: either this sees the
         // flag, or `starve` sees the room made here.
         let left = self
             .bytes
             .fetch_sub(charge, Ordering::SeqCst)
             .saturating_sub(charge);
-        if let Some(conn) = client.conn() {
+        if let Some(conn) = client.and_then(Client::conn) {
             conn.events_consumed(shared, charge);
         }
         if left <= self.budget / 2 && self.any_starved.load(Ordering::SeqCst) {

@@ -11,6 +11,7 @@ use std::sync::atomic::Ordering;
 use polling::Event as Interest;
 
 use crate::client::{Client, ClientId, Origin};
+use crate::error::Error;
 use crate::message::{CloseCode, CloseFrame};
 use crate::proto::handshake::{
     Reject, Request, Response, accept_response, check_upgrade, parse_http,
@@ -42,9 +43,13 @@ pub(crate) fn abort_handshake<T>(shared: &Shared<T>, p: Pending, answer: Option<
 pub(crate) fn handshake<T: Send + Sync + 'static>(shared: &Arc<Shared<T>>, p: Box<Pending>) {
     let (key, ip) = (p.key, p.peer.ip());
     if catch_unwind(AssertUnwindSafe(|| handshake_inner(shared, p))).is_err() {
-        Counters::add(&shared.counters.panics, 1);
-        eprintln!("enjent: internal error during a handshake from {ip}; connection dropped");
         shared.registry.remove(key, None, ip);
+        shared.report(
+            None,
+            Error::Internal(format!(
+                "a handshake from {ip} failed; its connection was dropped"
+            )),
+        );
     }
 }
 
@@ -91,12 +96,8 @@ fn handshake_inner<T: Send + Sync + 'static>(shared: &Arc<Shared<T>>, mut p: Box
     if !request.is_upgrade()
         && let Some(http) = &shared.handlers.http
     {
-        let answer = catch_unwind(AssertUnwindSafe(|| http(&request))).unwrap_or_else(|_| {
-            Counters::add(&shared.counters.panics, 1);
-            eprintln!(
-                "enjent: HTTP handler panicked for {}; answering 500",
-                p.peer
-            );
+        let answer = catch_unwind(AssertUnwindSafe(|| http(&request))).unwrap_or_else(|panic| {
+            shared.report_panic("on_http", None, panic.as_ref());
             Reject::new(500).body("internal error")
         });
         let head_only = request.method() == "HEAD";
@@ -118,12 +119,8 @@ fn handshake_inner<T: Send + Sync + 'static>(shared: &Arc<Shared<T>>, mut p: Box
     let data = match catch_unwind(AssertUnwindSafe(|| (shared.init)(&request, &mut answer))) {
         Ok(Ok(data)) => data,
         Ok(Err(reject)) => return abort_handshake(shared, *p, Some(&reject)),
-        Err(_) => {
-            Counters::add(&shared.counters.panics, 1);
-            eprintln!(
-                "enjent: client-init strategy panicked for {}; answering 500",
-                p.peer
-            );
+        Err(panic) => {
+            shared.report_panic("client-init strategy", None, panic.as_ref());
             return abort_handshake(shared, *p, Some(&Reject::new(500).body("internal error")));
         }
     };

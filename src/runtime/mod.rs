@@ -11,6 +11,7 @@ pub(crate) mod poller;
 pub(crate) mod registry;
 pub(crate) mod service;
 pub(crate) mod timer;
+pub(crate) mod topics;
 
 use std::net::SocketAddr;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, TcpStream};
@@ -39,6 +40,7 @@ pub(crate) type HttpFn = dyn Fn(&Request) -> Reject + Send + Sync;
 pub(crate) type ConnectFn<T> = dyn Fn(&Client<T>) + Send + Sync;
 pub(crate) type MessageFn<T> = dyn Fn(&Client<T>, Message) + Send + Sync;
 pub(crate) type DisconnectFn<T> = dyn Fn(&Client<T>, &CloseFrame, Option<&Error>) + Send + Sync;
+pub(crate) type ErrorFn<T> = dyn Fn(Option<&Client<T>>, &Error) + Send + Sync;
 
 /// User closures; an event kind without one goes to the channel.
 pub(crate) struct Handlers<T> {
@@ -46,6 +48,7 @@ pub(crate) struct Handlers<T> {
     pub(crate) message: Option<Box<MessageFn<T>>>,
     pub(crate) drain: Option<Box<ConnectFn<T>>>,
     pub(crate) disconnect: Option<Box<DisconnectFn<T>>>,
+    pub(crate) error: Option<Box<ErrorFn<T>>>,
     pub(crate) http: Option<Box<HttpFn>>,
 }
 
@@ -56,6 +59,7 @@ impl<T> Default for Handlers<T> {
             message: None,
             drain: None,
             disconnect: None,
+            error: None,
             http: None,
         }
     }
@@ -75,6 +79,8 @@ pub(crate) struct Shared<T> {
     pub(crate) marks: flow::Marks,
     /// The user's event channel, bounded in bytes.
     pub(crate) events: events::EventQueue<T>,
+    /// Subscriptions and publishing.
+    pub(crate) topics: topics::Topics<T>,
     /// Ready connections and handshakes waiting for a worker.
     pub(crate) ready: Mutex<poller::ReadyQueue<T>>,
     /// Threads in `send_timeout` waiting for room in some queue; the
@@ -112,7 +118,7 @@ impl<T: Send + Sync + 'static> Shared<T> {
     pub(crate) fn emit_connect(&self, conn: &conn::Conn<T>) -> bool {
         let client = &conn.client;
         match &self.handlers.connect {
-            Some(f) => guarded(&self.counters, "on_connect", client, || f(client)),
+            Some(f) => self.guarded("on_connect", client, || f(client)),
             None => {
                 self.events.push(
                     conn,
@@ -129,7 +135,7 @@ impl<T: Send + Sync + 'static> Shared<T> {
     pub(crate) fn emit_message(&self, conn: &conn::Conn<T>, message: Message) -> bool {
         let client = &conn.client;
         match &self.handlers.message {
-            Some(f) => guarded(&self.counters, "on_message", client, || f(client, message)),
+            Some(f) => self.guarded("on_message", client, || f(client, message)),
             None => {
                 self.events.push(
                     conn,
@@ -152,7 +158,7 @@ impl<T: Send + Sync + 'static> Shared<T> {
         let client = &conn.client;
         match &self.handlers.disconnect {
             Some(f) => {
-                guarded(&self.counters, "on_disconnect", client, || {
+                self.guarded("on_disconnect", client, || {
                     f(client, &close, error.as_ref())
                 });
             }
@@ -171,7 +177,7 @@ impl<T: Send + Sync + 'static> Shared<T> {
     pub(crate) fn emit_drain(&self, conn: &conn::Conn<T>) -> bool {
         let client = &conn.client;
         match &self.handlers.drain {
-            Some(f) => guarded(&self.counters, "on_drain", client, || f(client)),
+            Some(f) => self.guarded("on_drain", client, || f(client)),
             None => {
                 self.events.push(
                     conn,
@@ -184,12 +190,82 @@ impl<T: Send + Sync + 'static> Shared<T> {
         }
     }
 
+    /// Run user code, catching a panic so that one bad handler cannot
+    /// take a worker (or the server) down; the panic is reported as an
+    /// error. The caller closes the client with 1011.
+    fn guarded(&self, what: &'static str, client: &Client<T>, f: impl FnOnce()) -> bool {
+        match catch_unwind(AssertUnwindSafe(f)) {
+            Ok(()) => true,
+            Err(panic) => {
+                self.report_panic(what, Some(client), panic.as_ref());
+                false
+            }
+        }
+    }
+
+    /// Count and report a caught panic of user code.
+    pub(crate) fn report_panic(
+        &self,
+        handler: &'static str,
+        client: Option<&Client<T>>,
+        panic: &(dyn std::any::Any + Send),
+    ) {
+        Counters::add(&self.counters.panics, 1);
+        let message = panic
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| panic.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "a panic without a message".into());
+        self.report(client, Error::HandlerPanicked { handler, message });
+    }
+
+    /// Tell the user of an error no other event reports: `on_error` if
+    /// registered, else an `Event::Error`; also the `log` facade with the
+    /// `log` feature. Never stderr.
+    pub(crate) fn report(&self, client: Option<&Client<T>>, error: Error) {
+        if !matches!(error, Error::HandlerPanicked { .. }) {
+            Counters::add(&self.counters.internal_errors, 1);
+        }
+        #[cfg(feature = "log")]
+        match (&error, client) {
+            (Error::HandlerPanicked { .. }, Some(c)) => {
+                log::warn!("enjent: client {}: {error}", c.id())
+            }
+            (Error::HandlerPanicked { .. }, None) => log::warn!("enjent: {error}"),
+            (_, Some(c)) => log::error!("enjent: client {}: {error}", c.id()),
+            (_, None) => log::error!("enjent: {error}"),
+        }
+        match &self.handlers.error {
+            Some(f) => {
+                // A panic in the error handler itself has nowhere left to
+                // go: it is counted and dropped.
+                if catch_unwind(AssertUnwindSafe(|| f(client, &error))).is_err() {
+                    Counters::add(&self.counters.panics, 1);
+                }
+            }
+            None => match client.and_then(Client::conn) {
+                Some(conn) => self.events.push(
+                    &conn,
+                    Event::Error {
+                        client: client.cloned(),
+                        error,
+                    },
+                ),
+                None => self.events.push_unattached(Event::Error {
+                    client: client.cloned(),
+                    error,
+                }),
+            },
+        }
+    }
+
     /// The counters, with the gauges only `Shared` knows.
     pub(crate) fn stats(&self) -> crate::stats::Stats {
         let mut s = self.counters.snapshot();
         s.event_bytes = self.events.bytes() as u64;
         s.buffered_in_bytes = self.buffered_in.load(Ordering::Relaxed) as u64;
         s.unparsed_in_bytes = self.unparsed_in.load(Ordering::Relaxed) as u64;
+        s.topics = self.topics.count() as u64;
         s
     }
 
@@ -322,24 +398,6 @@ impl<T: Send + Sync + 'static> Shared<T> {
     /// Milliseconds since the server started: a cheap clock for timers.
     pub(crate) fn now_ms(&self) -> u64 {
         self.started.elapsed().as_millis() as u64
-    }
-}
-
-/// Run user code, catching a panic so that one bad handler cannot take a
-/// worker (or the server) down. The caller closes the client with 1011.
-fn guarded<T>(counters: &Counters, what: &str, client: &Client<T>, f: impl FnOnce()) -> bool {
-    match catch_unwind(AssertUnwindSafe(f)) {
-        Ok(()) => true,
-        Err(panic) => {
-            Counters::add(&counters.panics, 1);
-            let msg = panic
-                .downcast_ref::<&str>()
-                .map(|s| s.to_string())
-                .or_else(|| panic.downcast_ref::<String>().cloned())
-                .unwrap_or_else(|| "non-string panic".into());
-            eprintln!("enjent: {what} handler panicked for client {client:?}: {msg}");
-            false
-        }
     }
 }
 

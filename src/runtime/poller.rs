@@ -57,17 +57,23 @@ pub(crate) fn run<T: Send + Sync + 'static>(shared: Arc<Shared<T>>) {
     let mut events = Events::new();
     let mut found = Vec::new();
     let mut expired = Vec::new();
+    let mut failing = false;
     loop {
         let timeout = shared
             .timers
             .next()
             .map(|at| Duration::from_millis(at.saturating_sub(shared.now_ms())));
         events.clear();
-        if let Err(e) = shared.poller.wait(&mut events, timeout)
-            && e.kind() != io::ErrorKind::Interrupted
-        {
-            eprintln!("enjent: poller wait failed: {e}");
-            std::thread::sleep(Duration::from_millis(10));
+        match shared.poller.wait(&mut events, timeout) {
+            Err(e) if e.kind() != io::ErrorKind::Interrupted => {
+                // Reported once per run of failures, not every retry.
+                if !failing {
+                    failing = true;
+                    shared.report(None, crate::error::Error::Io(e));
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            _ => failing = false,
         }
         if shared.poller_stop.load(Ordering::Acquire) {
             return;

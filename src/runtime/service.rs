@@ -131,10 +131,9 @@ pub(crate) fn service<T: Send + Sync + 'static>(
     }))
     .is_err()
     {
-        Counters::add(&shared.counters.panics, 1);
-        eprintln!(
-            "enjent: internal error while serving client {}; closing it",
-            conn.client.id()
+        shared.report(
+            Some(&conn.client),
+            Error::Internal("serving the client failed; it was closed with 1011".into()),
         );
         // The job's read side went with the unwinding.
         let close = CloseFrame::new(CloseCode::INTERNAL_ERROR, "internal error");
@@ -618,6 +617,9 @@ fn teardown<T: Send + Sync + 'static>(
         (unsent, w.closed_for_backpressure, w.write_error)
     };
     conn.client.add_unsent(unsent);
+    // Subscriptions end before the `Disconnect`: a subscriber count read
+    // after it no longer counts this client.
+    shared.topics.remove_client(conn);
     let held_in = conn.holding_in.swap(0, Ordering::Relaxed);
     shared.buffered_in.fetch_sub(held_in, Ordering::Relaxed);
     Counters::add(&shared.counters.disconnected, 1);

@@ -1,7 +1,10 @@
-// Drives examples/chat in headless Chromium, as two people would: both
-// join, each sees the other's join and message, binary data makes the
-// round trip byte-exact, a refused name is reported, and closing one tab
-// shows the other a leave notice.
+// Drives examples/chat in headless Chromium, as three people would: ann
+// and bob join room A, cy room B (through a /?room=B link). Each sees the
+// joins and lines of their own room and nothing of the other: the logs
+// are compared whole after a line that comes later on the same socket.
+// Binary data makes the round trip byte-exact, a refused name and a
+// refused room are reported, closing bob's tab shows ann (not cy) a leave
+// notice, and cy leaves B for A with the Leave button.
 //
 //   node tests/browser/chat.js http://127.0.0.1:PORT/
 //
@@ -94,14 +97,34 @@ async function shows(page, who, line) {
   ok(`${who} sees ${JSON.stringify(line)}`);
 }
 
-// A new tab that loads the chat and joins as `name`.
-async function join(name) {
+// A new tab that loads the chat and joins as `name`: in `room` if given,
+// else in the room the page fills in (`path` may carry ?room=ROOM).
+async function join(name, room, path = '') {
   const page = await context.newPage();
   page.on('pageerror', (e) => console.error(`page error (${name}): ${e.message}`));
-  await page.goto(url);
+  await page.goto(url + path);
   await page.fill('#name', name);
+  if (room !== undefined) await page.fill('#room', room);
   await page.click('#join button');
   return page;
+}
+
+// The page has joined `room`: it shows the room, not the join form.
+async function inRoom(page, who, room) {
+  await page.waitForSelector('#where', { state: 'visible' });
+  const shown = await page.textContent('#room-name');
+  if (shown !== room) throw new Error(`${who}'s page says room ${JSON.stringify(shown)}, not ${room}`);
+  if (await page.isVisible('#join')) throw new Error(`${who}'s page still shows the join form`);
+  ok(`${who}'s page shows room ${room}`);
+}
+
+// `page`'s whole log is `want`, in order.
+async function logIs(page, who, want) {
+  const lines = await logLines(page);
+  if (JSON.stringify(lines) !== JSON.stringify(want)) {
+    throw new Error(`${who}'s log is ${JSON.stringify(lines)}, expected ${JSON.stringify(want)}`);
+  }
+  ok(`${who}'s log holds only its room: ${want.length} lines`);
 }
 
 async function say(page, text) {
@@ -131,11 +154,16 @@ async function main() {
   context.setDefaultTimeout(STEP_MS);
   ok('Chromium started');
 
-  const ann = await join('ann');
+  const ann = await join('ann', 'A');
   await shows(ann, 'ann', '* ann joined');
-  const bob = await join('bob');
+  await inRoom(ann, 'ann', 'A');
+  const bob = await join('bob', 'A');
   await shows(bob, 'bob', '* bob joined');
   await shows(ann, 'ann', '* bob joined');
+  // cy follows a link to room B: the page fills in the room.
+  const cy = await join('cy', undefined, '?room=B');
+  await shows(cy, 'cy', '* cy joined');
+  await inRoom(cy, 'cy', 'B');
 
   // Markup in a message must show as text (the page uses textContent).
   const hello = 'hello <b>bob</b> & <script>x</script>';
@@ -144,12 +172,26 @@ async function main() {
   await shows(ann, 'ann', `ann: ${hello}`);
   await say(bob, 'hi ann');
   await shows(ann, 'ann', 'bob: hi ann');
+  await shows(bob, 'bob', 'bob: hi ann');
   const tags = await bob.$$eval('#log b, #log script', (els) => els.length);
   if (tags !== 0) throw new Error(`a message became markup: ${tags} element(s) in bob's log`);
   ok('markup in messages stays text');
 
+  // Rooms: A's lines were all delivered (their senders saw them) before
+  // cy spoke, so had any been sent to cy, it would come before cy's own
+  // line; the same for cy's join and line against ann's last line.
+  await say(cy, 'anyone in B?');
+  await shows(cy, 'cy', 'cy: anyone in B?');
+  await say(ann, 'only A');
+  await shows(ann, 'ann', 'ann: only A');
+  await shows(bob, 'bob', 'ann: only A');
+  await logIs(cy, 'cy', ['* cy joined', 'cy: anyone in B?']);
+  const inA = ['* bob joined', `ann: ${hello}`, 'bob: hi ann', 'ann: only A'];
+  await logIs(ann, 'ann', ['* ann joined', ...inA]);
+  await logIs(bob, 'bob', inA);
+
   // Binary: the example echoes it to the sender only. A socket of the
-  // page's own origin, opened in the page.
+  // page's own origin, opened in the page, with no room: in the lobby.
   const sent = expectedBytes();
   const { back, extensions } = await ann.evaluate(async (bytes) => {
     const ws = new WebSocket(`ws://${location.host}/chat?name=bytes`);
@@ -178,18 +220,46 @@ async function main() {
   // with: Chromium offers permessage-deflate on every socket.
   console.log(`extensions: ${extensions}`);
 
-  // A name the server refuses (403): the page says so.
-  const carol = await join('no*stars');
-  await carol.waitForFunction(
-    () => document.getElementById('status').textContent.startsWith('Could not join'),
+  // A name, then a room, the server refuses (403): the page says so.
+  for (const [name, room] of [['no*stars', 'A'], ['dee', 'a/b']]) {
+    const refused = await join(name, room);
+    await refused.waitForFunction(
+      () => document.getElementById('status').textContent.startsWith('Could not join'),
+      null,
+      { timeout: STEP_MS },
+    );
+    ok(`name ${JSON.stringify(name)} in room ${JSON.stringify(room)} is refused and reported`);
+    await refused.close();
+  }
+
+  // bob's tab closes: ann sees him leave, cy (in B) does not.
+  await bob.close();
+  await shows(ann, 'ann', '* bob left');
+  await say(cy, 'still here');
+  await shows(cy, 'cy', 'cy: still here');
+  await logIs(cy, 'cy', ['* cy joined', 'cy: anyone in B?', 'cy: still here']);
+
+  // cy leaves B with the button and joins A: a fresh log, and ann sees her.
+  await cy.click('#leave');
+  await cy.waitForSelector('#join', { state: 'visible' });
+  await cy.waitForFunction(
+    () => document.getElementById('status').textContent === 'Left room B.',
     null,
     { timeout: STEP_MS },
   );
-  ok('a refused name is reported');
-  await carol.close();
-
-  await bob.close();
-  await shows(ann, 'ann', '* bob left');
+  ok('cy left room B');
+  await cy.fill('#room', 'A');
+  await cy.click('#join button');
+  // (The old log still shows "* cy joined" until the new socket opens.)
+  await inRoom(cy, 'cy', 'A');
+  await shows(cy, 'cy', '* cy joined');
+  await shows(ann, 'ann', '* cy joined');
+  await say(ann, 'welcome cy');
+  await shows(ann, 'ann', 'ann: welcome cy');
+  await shows(cy, 'cy', 'ann: welcome cy');
+  await logIs(cy, 'cy', ['* cy joined', 'ann: welcome cy']);
+  // Nothing of B, nor of the binary socket in the default room, reached A.
+  await logIs(ann, 'ann', ['* ann joined', ...inA, '* bob left', '* cy joined', 'ann: welcome cy']);
 
   console.log('PASS');
   await finish(0);

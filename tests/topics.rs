@@ -1,0 +1,1170 @@
+//! Topics (issue 13), seen from the peers: every subscriber of a topic
+//! sees one order and each publisher's messages in its program order; a
+//! client's own `publish` skips it; a thread's `send` and `publish` to one
+//! client keep their order; unsubscribing (explicitly, or by leaving,
+//! before the `Disconnect`) stops delivery and frees the topic; the limits
+//! are error values; a slow subscriber is refused (or closed with 1008)
+//! without costing a fast one a message; publishing while subscribing and
+//! unsubscribing from many threads leaves nothing behind; and
+//! `examples/pubsub` speaks its text protocol (`cargo test` builds the
+//! examples first; `cargo test --test topics` alone needs
+//! `cargo build --examples`).
+
+mod support;
+
+use std::collections::{HashMap, HashSet};
+use std::io::{self, BufRead, BufReader, Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpStream};
+use std::process::{Child, ChildStdout, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Barrier, Mutex, mpsc};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use enjent::{
+    Broadcast, Client, ClientId, CloseCode, Error, Event, SlowClientPolicy, WebSocketServer,
+};
+use support::*;
+use tungstenite::Message as Tm;
+
+// ---------------------------------------------------------------- helpers
+
+/// Run `f` on its own thread; a hang fails the test after `limit` instead
+/// of blocking the run. A panic in `f` is passed on as is.
+fn within<R: Send + 'static>(limit: Duration, f: impl FnOnce() -> R + Send + 'static) -> R {
+    let (done_tx, done_rx) = mpsc::channel::<()>();
+    let body = thread::spawn(move || {
+        let r = f();
+        let _ = done_tx.send(());
+        r
+    });
+    match done_rx.recv_timeout(limit) {
+        Err(mpsc::RecvTimeoutError::Timeout) => panic!("did not finish within {limit:?}"),
+        _ => match body.join() {
+            Ok(r) => r,
+            Err(panic) => std::panic::resume_unwind(panic),
+        },
+    }
+}
+
+/// Poll `f` every few milliseconds until it holds or `limit` passes.
+fn eventually(limit: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + limit;
+    loop {
+        if f() {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        thread::sleep(Duration::from_millis(2));
+    }
+}
+
+/// xorshift64: reproducible randomness without a dependency.
+struct Rng(u64);
+
+impl Rng {
+    fn new(seed: u64) -> Rng {
+        Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1)
+    }
+
+    fn below(&mut self, n: u64) -> u64 {
+        let mut x = self.0;
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        self.0 = x;
+        x % n
+    }
+}
+
+/// A raw client past its handshake, and the server's handle on it (a
+/// main-loop server: its `Connect` comes through the channel).
+fn connect(server: &WebSocketServer) -> (TcpStream, Client) {
+    let s = raw_ws(server.local_addr());
+    let c = expect_connect(server);
+    assert_eq!(
+        c.peer_addr(),
+        s.local_addr().unwrap(),
+        "another client's Connect"
+    );
+    (s, c)
+}
+
+fn send_text(s: &mut TcpStream, text: &str) {
+    s.write_all(&frame(0x81, text.as_bytes())).unwrap();
+}
+
+/// The next server frame, which must be a text message.
+fn read_text(s: &mut TcpStream) -> String {
+    let (first, p) = read_frame(s);
+    assert_eq!(
+        first,
+        0x81,
+        "expected a text message, got {}",
+        describe(first, &p)
+    );
+    String::from_utf8(p).expect("UTF-8 text")
+}
+
+/// The next text message from any reader (pings skipped), or an error for
+/// a reader thread to report.
+fn try_read_text(r: &mut impl Read) -> io::Result<String> {
+    loop {
+        let (first, p) = try_read_frame(r)?;
+        match first {
+            0x81 => return String::from_utf8(p).map_err(io::Error::other),
+            0x89 | 0x8A => continue,
+            _ => return Err(io::Error::other(describe(first, &p))),
+        }
+    }
+}
+
+/// A publish that reached `n` clients, none refused or closing.
+#[track_caller]
+fn assert_reached(r: Broadcast, n: usize) {
+    assert_eq!(
+        (r.written + r.queued, r.dropped, r.closed),
+        (n, 0, 0),
+        "{r:?}"
+    );
+}
+
+/// A raw client past its handshake whose receive buffer is a few KiB, so
+/// that a server queue builds up soon after it stops reading.
+fn raw_ws_small_window(addr: SocketAddr) -> TcpStream {
+    let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    sock.set_recv_buffer_size(4096).unwrap();
+    sock.connect(&addr.into()).unwrap();
+    let mut s: TcpStream = sock.into();
+    s.set_read_timeout(Some(WAIT)).unwrap();
+    s.set_nodelay(true).unwrap();
+    s.write_all(REQUEST.as_bytes()).unwrap();
+    let mut head = Vec::new();
+    let mut b = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        s.read_exact(&mut b).unwrap();
+        head.push(b[0]);
+    }
+    assert!(head.starts_with(b"HTTP/1.1 101 "));
+    s
+}
+
+/// Check that `seq` holds each source's messages ("SOURCE N") numbered
+/// 0, 1, 2, ... in order, `per` of each.
+fn check_program_order(who: &str, seq: &[String], sources: &[&str], per: u32) {
+    let mut next: HashMap<&str, u32> = sources.iter().map(|s| (*s, 0)).collect();
+    for (at, m) in seq.iter().enumerate() {
+        let (src, n) = m.split_once(' ').expect("SOURCE N");
+        let n: u32 = n.parse().expect("a number");
+        let want = next
+            .get_mut(src)
+            .unwrap_or_else(|| panic!("{who}: message {m:?} from no publisher"));
+        assert_eq!(
+            n, *want,
+            "{who}: at {at}, {src}'s message {n} where {} was due",
+            *want
+        );
+        *want += 1;
+    }
+    for (src, n) in next {
+        assert_eq!(n, per, "{who}: {src}'s messages");
+    }
+}
+
+// ------------------------------------------------------------------ tests
+
+#[test]
+fn every_subscriber_sees_one_order_and_each_publisher_its_program_order() {
+    within(Duration::from_secs(25), || {
+        const TOPIC: &str = "ticker";
+        const SUBS: usize = 50;
+        const PER: u32 = 500;
+        const THREADS: u32 = 3;
+        // Closure style: a client's messages are published by `on_message`
+        // with `Client::publish`; `on_connect` hands the clients over.
+        let (conn_tx, conn_rx) = mpsc::channel::<Client>();
+        let reports = Arc::new(Mutex::new(Vec::new()));
+        let in_closure = Arc::clone(&reports);
+        let server = WebSocketServer::builder()
+            .workers(4)
+            .on_connect(move |c| {
+                let _ = conn_tx.send(c.clone());
+            })
+            .on_message(move |c, m| {
+                let r = c.publish(TOPIC, m);
+                in_closure.lock().unwrap().push(r);
+            })
+            .start("127.0.0.1:0")
+            .unwrap();
+        // 50 subscribers, and one more that publishes (and subscribes).
+        let mut socks = Vec::new();
+        for _ in 0..=SUBS {
+            let s = raw_ws(server.local_addr());
+            let c = conn_rx.recv_timeout(WAIT).expect("on_connect");
+            assert_eq!(c.peer_addr(), s.local_addr().unwrap());
+            assert!(c.subscribe(TOPIC).unwrap());
+            socks.push(s);
+        }
+        assert_eq!(server.subscribers(TOPIC), SUBS + 1);
+        let publisher = socks.pop().unwrap();
+
+        let server_total = (THREADS * PER) as usize;
+        let total = server_total + PER as usize;
+        let readers: Vec<_> = socks
+            .into_iter()
+            .map(|s| {
+                thread::spawn(move || -> io::Result<Vec<String>> {
+                    let mut r = BufReader::new(s);
+                    (0..total).map(|_| try_read_text(&mut r)).collect()
+                })
+            })
+            .collect();
+        let mut p_write = publisher.try_clone().unwrap();
+        let p_reader = thread::spawn(move || -> io::Result<Vec<String>> {
+            let mut r = BufReader::new(publisher);
+            (0..server_total).map(|_| try_read_text(&mut r)).collect()
+        });
+
+        let start = Arc::new(Barrier::new(THREADS as usize + 1));
+        let publishers: Vec<_> = (0..THREADS)
+            .map(|k| {
+                let handle = server.handle();
+                let start = Arc::clone(&start);
+                thread::spawn(move || {
+                    start.wait();
+                    (0..PER)
+                        .map(|i| handle.publish(TOPIC, format!("s{k} {i}")))
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        start.wait();
+        for i in 0..PER {
+            p_write
+                .write_all(&frame(0x81, format!("c {i}").as_bytes()))
+                .unwrap();
+        }
+        for p in publishers {
+            for r in p.join().unwrap() {
+                assert_reached(r, SUBS + 1);
+            }
+        }
+        assert!(
+            eventually(WAIT, || reports.lock().unwrap().len() == PER as usize),
+            "on_message published {} of {PER}",
+            reports.lock().unwrap().len()
+        );
+        for r in reports.lock().unwrap().iter() {
+            // Everyone but the publishing client itself.
+            assert_reached(*r, SUBS);
+        }
+
+        let seqs: Vec<Vec<String>> = readers
+            .into_iter()
+            .enumerate()
+            .map(|(i, t)| {
+                t.join()
+                    .unwrap()
+                    .unwrap_or_else(|e| panic!("subscriber {i}: {e}"))
+            })
+            .collect();
+        check_program_order("subscriber 0", &seqs[0], &["s0", "s1", "s2", "c"], PER);
+        for (i, seq) in seqs.iter().enumerate().skip(1) {
+            if let Some(at) = (0..total).find(|&j| seq[j] != seqs[0][j]) {
+                panic!(
+                    "subscriber {i} differs from subscriber 0 at {at}: {:?} against {:?}",
+                    seq[at], seqs[0][at]
+                );
+            }
+        }
+        // The publishing client got every other message, in the same
+        // order, and none of its own.
+        let p_seq = p_reader.join().unwrap().expect("the publishing client");
+        let others: Vec<String> = seqs[0]
+            .iter()
+            .filter(|m| !m.starts_with("c "))
+            .cloned()
+            .collect();
+        assert_eq!(p_seq, others);
+        assert_eq!(server.stats().messages_dropped, 0);
+    });
+}
+
+#[test]
+fn a_client_publish_skips_the_sender() {
+    within(Duration::from_secs(20), || {
+        let server = server();
+        let (mut a, ca) = connect(&server);
+        let (mut b, cb) = connect(&server);
+        let (mut c, cc) = connect(&server);
+        let (mut d, cd) = connect(&server);
+        for cl in [&ca, &cb, &cc] {
+            assert!(cl.subscribe("room").unwrap());
+        }
+
+        // A's message, published by the main loop on A's behalf.
+        send_text(&mut a, "hello from a");
+        let (from, m) = expect_message(&server);
+        assert_eq!(from.id(), ca.id());
+        assert_reached(from.publish("room", m), 2);
+        // Sent to A alone after the publish: had A got its own message, it
+        // would come first.
+        ca.send("marker for a").unwrap();
+        assert_eq!(read_text(&mut b), "hello from a");
+        assert_eq!(read_text(&mut c), "hello from a");
+        assert_eq!(read_text(&mut a), "marker for a");
+
+        // A non-subscriber's publish reaches every subscriber; the
+        // server's too, A included.
+        assert_reached(cd.publish("room", "from d"), 3);
+        assert_reached(server.publish("room", "from the server"), 3);
+        for s in [&mut a, &mut b, &mut c] {
+            assert_eq!(read_text(s), "from d");
+            assert_eq!(read_text(s), "from the server");
+        }
+
+        // Alone in its topic, a publisher reaches nobody.
+        assert!(ca.subscribe("solo").unwrap());
+        assert_eq!(ca.publish("solo", "anyone?"), Broadcast::default());
+        ca.send("second marker").unwrap();
+        assert_eq!(read_text(&mut a), "second marker");
+        // D, subscribed to nothing, got nothing.
+        cd.send("marker for d").unwrap();
+        assert_eq!(read_text(&mut d), "marker for d");
+        assert_eq!(cb.topics(), ["room"]);
+    });
+}
+
+#[test]
+fn a_threads_send_and_publish_to_one_client_keep_its_order() {
+    within(Duration::from_secs(25), || {
+        const OPS: u32 = 1500;
+        let server = server();
+        let (r_sock, rc) = connect(&server);
+        let (_q_sock, qc) = connect(&server);
+        assert!(rc.subscribe("t").unwrap());
+        // What R receives: (thread tag, op number), up to "end".
+        let reader = thread::spawn(move || -> io::Result<Vec<(String, u32)>> {
+            let mut r = BufReader::new(r_sock);
+            let mut got = Vec::new();
+            loop {
+                let t = try_read_text(&mut r)?;
+                if t == "end" {
+                    return Ok(got);
+                }
+                let mut words = t.split(' ');
+                let tag = words.next().unwrap().to_owned();
+                let i = words.next().and_then(|n| n.parse().ok()).expect("TAG N");
+                got.push((tag, i));
+            }
+        });
+        let threads: Vec<_> = ["a", "b"]
+            .into_iter()
+            .enumerate()
+            .map(|(seed, tag)| {
+                let (rc, qc, h) = (rc.clone(), qc.clone(), server.handle());
+                thread::spawn(move || {
+                    let mut rng = Rng::new(seed as u64 + 7);
+                    let mut accepted = Vec::new();
+                    let mut refused = 0;
+                    for i in 0..OPS {
+                        // Mostly small, every tenth large enough to queue.
+                        let size = if i % 10 == 9 {
+                            20_000 + rng.below(40_000)
+                        } else {
+                            rng.below(200)
+                        };
+                        let text = format!("{tag} {i} {}", "x".repeat(size as usize));
+                        // Keep R's queue busy but under the hard limit
+                        // (1 MiB), so that nothing is refused.
+                        assert!(
+                            eventually(WAIT, || rc.buffered_amount() < 512 * 1024),
+                            "R's queue never went down"
+                        );
+                        let delivered = |r: Broadcast| {
+                            assert_eq!((r.written + r.queued + r.dropped, r.closed), (1, 0));
+                            r.dropped == 0
+                        };
+                        let ok = match rng.below(3) {
+                            0 => match rc.send(text) {
+                                Ok(_) => true,
+                                Err(e) => {
+                                    assert!(
+                                        matches!(e.error(), Error::Backpressure { .. }),
+                                        "{:?}",
+                                        e.error()
+                                    );
+                                    false
+                                }
+                            },
+                            1 => delivered(h.publish("t", text)),
+                            // Q is not subscribed: its publish reaches R.
+                            _ => delivered(qc.publish("t", text)),
+                        };
+                        if ok {
+                            accepted.push(i);
+                        } else {
+                            refused += 1;
+                        }
+                    }
+                    (tag, accepted, refused)
+                })
+            })
+            .collect();
+        let done: Vec<_> = threads.into_iter().map(|t| t.join().unwrap()).collect();
+        rc.send_timeout("end", WAIT).unwrap();
+        let got = reader.join().unwrap().expect("R's reader");
+        for (tag, accepted, refused) in done {
+            assert_eq!(refused, 0, "thread {tag}: refused under the hard limit");
+            let seen: Vec<u32> = got
+                .iter()
+                .filter(|(t, _)| t == tag)
+                .map(|(_, i)| *i)
+                .collect();
+            assert_eq!(seen, accepted, "thread {tag}'s messages, in its order");
+        }
+    });
+}
+
+/// What `on_disconnect` saw.
+#[derive(Debug, PartialEq)]
+struct Left {
+    id: ClientId,
+    /// `subscribers("t")` and `subscribers("u")`.
+    t: usize,
+    u: usize,
+    /// The leaving client's `topics()` and `is_subscribed("t")`.
+    topics: Vec<String>,
+    subscribed_t: bool,
+    /// `stats().topics`.
+    server_topics: u64,
+}
+
+#[test]
+fn unsubscribe_and_disconnect_end_delivery_before_the_disconnect() {
+    within(Duration::from_secs(20), || {
+        let (left_tx, left_rx) = mpsc::channel::<Left>();
+        // No `on_message`: the main-loop style, with Connects in the
+        // channel and Disconnects to this closure.
+        let server = WebSocketServer::builder()
+            .workers(2)
+            .on_disconnect(move |c, _, _| {
+                let h = c.server();
+                let _ = left_tx.send(Left {
+                    id: c.id(),
+                    t: h.subscribers("t"),
+                    u: h.subscribers("u"),
+                    topics: c.topics(),
+                    subscribed_t: c.is_subscribed("t"),
+                    server_topics: h.stats().topics,
+                });
+            })
+            .start("127.0.0.1:0")
+            .unwrap();
+        let gone = || left_rx.recv_timeout(WAIT).expect("on_disconnect");
+        let (mut a, ca) = connect(&server);
+        let (mut b, cb) = connect(&server);
+        let (mut c, cc) = connect(&server);
+        assert_eq!(server.stats().topics, 0);
+        assert!(ca.subscribe("t").unwrap());
+        assert!(ca.subscribe("u").unwrap());
+        assert!(cb.subscribe("t").unwrap());
+        assert!(cc.subscribe("t").unwrap());
+        assert_eq!((server.subscribers("t"), server.subscribers("u")), (3, 1));
+        assert_eq!(server.subscribers("nothing"), 0);
+        assert_eq!(server.stats().topics, 2);
+        assert_eq!(ca.topics(), ["t", "u"]);
+        assert_eq!(cb.topics(), ["t"]);
+
+        // Unsubscribe: once, then nothing to undo.
+        assert!(ca.unsubscribe("t"));
+        assert!(!ca.unsubscribe("t"));
+        assert!(!ca.unsubscribe("never"));
+        assert!(!ca.is_subscribed("t"));
+        assert!(ca.is_subscribed("u"));
+        assert_eq!(ca.topics(), ["u"]);
+        assert_eq!(server.subscribers("t"), 2);
+        assert_eq!(server.handle().subscribers("t"), 2);
+        assert_reached(server.publish("t", "after a left t"), 2);
+        ca.send("marker for a").unwrap();
+        assert_eq!(read_text(&mut b), "after a left t");
+        assert_eq!(read_text(&mut c), "after a left t");
+        assert_eq!(read_text(&mut a), "marker for a");
+        // Back in, last in its list; and out again.
+        assert!(ca.subscribe("t").unwrap());
+        assert_eq!(ca.topics(), ["u", "t"]);
+        assert_eq!(server.subscribers("t"), 3);
+        assert!(ca.unsubscribe("t"));
+
+        // B leaves with a close handshake.
+        b.write_all(&frame(0x88, &close_payload(1000, ""))).unwrap();
+        assert_eq!(read_close(&mut b), Some(1000));
+        let expect = |id: ClientId, t, u, server_topics| Left {
+            id,
+            t,
+            u,
+            topics: Vec::new(),
+            subscribed_t: false,
+            server_topics,
+        };
+        assert_eq!(gone(), expect(cb.id(), 1, 1, 2));
+        // C drops its connection: "t" loses its last subscriber.
+        drop(c);
+        assert_eq!(gone(), expect(cc.id(), 0, 1, 1));
+        assert_eq!(server.publish("t", "nobody"), Broadcast::default());
+        // The server closes A: "u" goes too.
+        server.close(ca.id(), CloseCode::NORMAL, "bye").unwrap();
+        assert_eq!(read_close(&mut a), Some(1000));
+        a.write_all(&frame(0x88, &close_payload(1000, ""))).unwrap();
+        assert_eq!(gone(), expect(ca.id(), 0, 0, 0));
+        assert_eq!(server.stats().topics, 0);
+
+        // A client that is gone subscribes to nothing.
+        assert!(matches!(ca.subscribe("t"), Err(Error::Closed)));
+        assert!(!ca.unsubscribe("u"));
+        assert!(ca.topics().is_empty());
+        assert_eq!(ca.publish("t", "x"), Broadcast::default());
+    });
+}
+
+#[test]
+fn a_subscriber_count_read_right_after_the_disconnect_event_excludes_the_client() {
+    within(Duration::from_secs(20), || {
+        let server = server();
+        let (x, cx) = connect(&server);
+        let (mut y, cy) = connect(&server);
+        for _ in 0..2 {
+            assert!(cx.subscribe("t").unwrap());
+            assert!(cy.subscribe("t").unwrap());
+            assert!(cx.unsubscribe("t"));
+            assert!(cy.unsubscribe("t"));
+            assert_eq!(server.stats().topics, 0);
+        }
+        assert!(cx.subscribe("t").unwrap());
+        assert!(cy.subscribe("t").unwrap());
+        drop(x);
+        let (who, _, _) = expect_disconnect(&server);
+        assert_eq!(who.id(), cx.id());
+        assert_eq!(server.subscribers("t"), 1);
+        assert_eq!(server.stats().topics, 1);
+        y.write_all(&frame(0x88, &close_payload(1000, ""))).unwrap();
+        let (who, _, _) = expect_disconnect(&server);
+        assert_eq!(who.id(), cy.id());
+        assert_eq!(server.subscribers("t"), 0);
+        assert_eq!(server.stats().topics, 0);
+    });
+}
+
+#[test]
+fn topic_limits_are_errors_and_subscribing_twice_is_not_new() {
+    within(Duration::from_secs(20), || {
+        let server = WebSocketServer::builder()
+            .workers(2)
+            .max_topic_len(8)
+            .max_topics_per_client(3)
+            .max_topics(5)
+            .start("127.0.0.1:0")
+            .unwrap();
+        assert_eq!(
+            (
+                server.config().max_topic_len(),
+                server.config().max_topics_per_client(),
+                server.config().max_topics()
+            ),
+            (8, 3, 5)
+        );
+        let (mut a, ca) = connect(&server);
+        let (mut b, cb) = connect(&server);
+        let (mut c, cc) = connect(&server);
+        let limit = |r: enjent::Result<bool>| matches!(r, Err(Error::TopicLimit(_)));
+
+        // Name length, in bytes.
+        assert!(limit(ca.subscribe("123456789")));
+        assert!(limit(ca.subscribe(&"x".repeat(1 << 20))));
+        assert!(limit(ca.subscribe("ééééé")), "10 bytes");
+        assert!(matches!(ca.subscribe(""), Err(Error::InvalidInput(_))));
+        assert!(ca.subscribe("12345678").unwrap());
+        assert!(matches!(ca.subscribe("12345678"), Ok(false)));
+        assert!(ca.subscribe("éééé").unwrap(), "8 bytes");
+        assert!(ca.subscribe("a").unwrap());
+        // Topics per client: a fourth is refused, a repeat is still no
+        // error.
+        assert!(limit(ca.subscribe("b")));
+        assert!(matches!(ca.subscribe("a"), Ok(false)));
+        assert_eq!(ca.topics(), ["12345678", "éééé", "a"]);
+        assert!(!ca.is_subscribed("b"));
+        assert_eq!(server.subscribers("b"), 0);
+        assert_eq!(server.stats().topics, 3);
+
+        // Topics per server: two more make five; a sixth is refused, but
+        // joining an existing topic is fine.
+        assert!(cb.subscribe("x").unwrap());
+        assert!(cb.subscribe("y").unwrap());
+        assert_eq!(server.stats().topics, 5);
+        assert!(limit(cb.subscribe("z")));
+        assert!(limit(cc.subscribe("z")));
+        assert!(cb.subscribe("a").unwrap());
+        assert!(cc.subscribe("x").unwrap());
+        assert_eq!(server.stats().topics, 5);
+        // A topic freed by its last subscriber makes room.
+        assert!(ca.unsubscribe("12345678"));
+        assert_eq!(server.stats().topics, 4);
+        assert!(cc.subscribe("z").unwrap());
+        assert_eq!(server.stats().topics, 5);
+        assert!(limit(cc.subscribe("w")));
+
+        assert_reached(server.publish("a", "to a"), 2);
+        assert_reached(server.publish("z", "to z"), 1);
+        assert_eq!(server.publish("12345678", "gone"), Broadcast::default());
+        assert_eq!(read_text(&mut a), "to a");
+        assert_eq!(read_text(&mut b), "to a");
+        assert_eq!(read_text(&mut c), "to z");
+        // Nothing panicked, and the server still serves.
+        still_serves(server.local_addr(), &server);
+        let stats = server.stats();
+        assert_eq!((stats.handler_panics, stats.internal_errors), (0, 0));
+    });
+}
+
+const FEED: &str = "feed";
+const SIZE: usize = 8 * 1024;
+
+/// A server with small flow-control limits, a subscriber S that never
+/// reads (with a small receive window), and a subscriber F whose reader
+/// thread collects the message numbers up to a text "end" (and its
+/// socket, still open).
+#[allow(clippy::type_complexity)]
+fn slow_and_fast(
+    policy: SlowClientPolicy,
+) -> (
+    WebSocketServer,
+    (TcpStream, Client),
+    (thread::JoinHandle<io::Result<Vec<u32>>>, Client, TcpStream),
+) {
+    let server = WebSocketServer::builder()
+        .workers(2)
+        .max_message_size(16 * 1024)
+        .high_water(16 * 1024)
+        .low_water(4 * 1024)
+        .max_backpressure(64 * 1024)
+        .slow_client_policy(policy)
+        .start("127.0.0.1:0")
+        .unwrap();
+    let s = raw_ws_small_window(server.local_addr());
+    let cs = expect_connect(&server);
+    assert_eq!(cs.peer_addr(), s.local_addr().unwrap());
+    let (f, cf) = connect(&server);
+    assert!(cs.subscribe(FEED).unwrap());
+    assert!(cf.subscribe(FEED).unwrap());
+    // Kept open after the reader is done: F stays connected.
+    let f_open = f.try_clone().unwrap();
+    let reader = thread::spawn(move || -> io::Result<Vec<u32>> {
+        let mut r = BufReader::new(f);
+        let mut got = Vec::new();
+        loop {
+            let (first, p) = try_read_frame(&mut r)?;
+            match first {
+                0x82 => {
+                    let i = u32::from_be_bytes([p[0], p[1], p[2], p[3]]);
+                    if p != numbered(i, SIZE) {
+                        return Err(io::Error::other(format!("message {i} corrupted")));
+                    }
+                    got.push(i);
+                }
+                0x81 if p == b"end" => return Ok(got),
+                _ => return Err(io::Error::other(describe(first, &p))),
+            }
+        }
+    });
+    (server, (s, cs), (reader, cf, f_open))
+}
+
+/// Publish message `i` once F has room for it: F keeps up, so whatever is
+/// refused is S's.
+fn publish_paced(server: &WebSocketServer, cf: &Client, i: u32) -> Broadcast {
+    assert!(
+        eventually(WAIT, || cf.buffered_amount() <= 32 * 1024),
+        "F's queue never went down"
+    );
+    server.publish(FEED, numbered(i, SIZE))
+}
+
+#[test]
+fn a_slow_subscriber_is_refused_and_counted_while_a_fast_one_gets_everything() {
+    within(Duration::from_secs(25), || {
+        const N: u32 = 400;
+        let (server, (mut s, cs), (f_reader, cf, _f_open)) =
+            slow_and_fast(SlowClientPolicy::Refuse);
+        let before = server.stats().messages_dropped;
+        let mut dropped = 0;
+        for i in 0..N {
+            let r = publish_paced(&server, &cf, i);
+            assert_eq!(
+                (r.written + r.queued + r.dropped, r.closed),
+                (2, 0),
+                "{r:?}"
+            );
+            assert!(r.dropped <= 1, "{r:?}");
+            dropped += r.dropped;
+        }
+        assert!(dropped > 0, "S, which never read, was never refused");
+        assert_eq!(
+            server.stats().messages_dropped - before,
+            dropped as u64,
+            "stats().messages_dropped against the reports"
+        );
+        cf.send_timeout("end", WAIT).unwrap();
+        let got = f_reader.join().unwrap().expect("F's reader");
+        assert_eq!(got, (0..N).collect::<Vec<_>>(), "F got every message");
+
+        // S reads now: what it was not refused, in order, intact.
+        let want = N as usize - dropped;
+        let mut last = None;
+        for _ in 0..want {
+            let (first, p) = read_frame(&mut s);
+            assert_eq!(first, 0x82, "{}", describe(first, &p));
+            let i = u32::from_be_bytes([p[0], p[1], p[2], p[3]]);
+            assert!(last < Some(i), "S: {i} after {last:?}");
+            assert_eq!(p, numbered(i, SIZE));
+            last = Some(i);
+        }
+        cs.send_timeout("end", WAIT).unwrap();
+        assert_eq!(
+            read_text(&mut s),
+            "end",
+            "S got more than it was not refused"
+        );
+        match next(&server) {
+            Event::Drain { client } => assert_eq!(client.id(), cs.id()),
+            other => panic!("expected S's Drain, got {other:?}"),
+        }
+        assert_eq!(server.subscribers(FEED), 2);
+    });
+}
+
+#[test]
+fn a_slow_subscriber_is_closed_with_1008_under_the_close_policy() {
+    within(Duration::from_secs(25), || {
+        const N: u32 = 400;
+        let (server, (mut s, cs), (f_reader, cf, _f_open)) = slow_and_fast(SlowClientPolicy::Close);
+        let before = server.stats().messages_dropped;
+        let mut dropped = 0;
+        let mut sent = 0;
+        while dropped == 0 {
+            assert!(sent < N, "S, which never read, was never refused");
+            let r = publish_paced(&server, &cf, sent);
+            assert_eq!(
+                (r.written + r.queued + r.dropped, r.closed),
+                (2, 0),
+                "{r:?}"
+            );
+            dropped += r.dropped;
+            sent += 1;
+        }
+        // More after the refusal: F still gets them.
+        for _ in 0..20 {
+            let r = publish_paced(&server, &cf, sent);
+            assert!(r.written + r.queued >= 1, "{r:?}");
+            dropped += r.dropped;
+            sent += 1;
+        }
+        assert_eq!(server.stats().messages_dropped - before, dropped as u64);
+        cf.send_timeout("end", WAIT).unwrap();
+        let got = f_reader.join().unwrap().expect("F's reader");
+        assert_eq!(got, (0..sent).collect::<Vec<_>>(), "F got every message");
+
+        // S reads: what was queued, in order, then a close with 1008.
+        let mut last = None;
+        let code = loop {
+            let (first, p) = read_frame(&mut s);
+            match first {
+                0x82 => {
+                    let i = u32::from_be_bytes([p[0], p[1], p[2], p[3]]);
+                    assert!(last < Some(i), "S: {i} after {last:?}");
+                    last = Some(i);
+                }
+                0x88 => break u16::from_be_bytes([p[0], p[1]]),
+                _ => panic!("S: {}", describe(first, &p)),
+            }
+        };
+        assert_eq!(code, 1008);
+        let _ = s.write_all(&frame(0x88, &close_payload(1008, "")));
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match server.recv_timeout(left).expect("S's Disconnect") {
+                Event::Drain { .. } => continue,
+                Event::Disconnect { client, close, .. } => {
+                    assert_eq!(client.id(), cs.id());
+                    assert_eq!(close.code, CloseCode::POLICY);
+                    break;
+                }
+                other => panic!("expected S's Disconnect, got {other:?}"),
+            }
+        }
+        assert_eq!(server.stats().backpressure_closes, 1);
+        assert_eq!(server.subscribers(FEED), 1);
+        assert!(!cf.topics().is_empty());
+    });
+}
+
+#[test]
+fn publishing_while_subscribing_and_unsubscribing_from_many_threads() {
+    within(Duration::from_secs(28), || {
+        const TOPICS: u64 = 20;
+        const LONG: usize = 24;
+        const RUN: Duration = Duration::from_secs(2);
+        let topic = |t: u64| format!("topic-{t}");
+
+        // Closure style, with every connected client in a map by address.
+        let clients: Arc<Mutex<HashMap<SocketAddr, Client>>> = Arc::default();
+        let (on_c, on_d) = (Arc::clone(&clients), Arc::clone(&clients));
+        let server = WebSocketServer::builder()
+            .workers(4)
+            .on_connect(move |c| {
+                on_c.lock().unwrap().insert(c.peer_addr(), c.clone());
+            })
+            .on_message(|_, _| {})
+            .on_disconnect(move |c, _, _| {
+                let mut map = on_d.lock().unwrap();
+                if map.get(&c.peer_addr()).is_some_and(|x| x.id() == c.id()) {
+                    map.remove(&c.peer_addr());
+                }
+            })
+            .start("127.0.0.1:0")
+            .unwrap();
+        let addr = server.local_addr();
+        let find = {
+            let clients = Arc::clone(&clients);
+            move |s: &TcpStream| -> Client {
+                let at = s.local_addr().unwrap();
+                let mut found = None;
+                assert!(
+                    eventually(WAIT, || {
+                        found = clients.lock().unwrap().get(&at).cloned();
+                        found.is_some()
+                    }),
+                    "no on_connect for {at}"
+                );
+                found.unwrap()
+            }
+        };
+
+        // Long-lived clients, each read by a thread that checks every
+        // publisher's numbers only grow (refused ones leave gaps).
+        let mut long = Vec::new();
+        let mut shutters = Vec::new();
+        let mut readers = Vec::new();
+        for _ in 0..LONG {
+            let s = raw_ws(addr);
+            long.push(find(&s));
+            shutters.push(s.try_clone().unwrap());
+            readers.push(thread::spawn(move || -> (u64, Vec<String>) {
+                let mut r = BufReader::new(s);
+                let mut last: HashMap<String, u64> = HashMap::new();
+                let (mut count, mut bad) = (0, Vec::new());
+                loop {
+                    let t = match try_read_text(&mut r) {
+                        Ok(t) => t,
+                        // The end: this test shut the socket.
+                        Err(e)
+                            if matches!(
+                                e.kind(),
+                                io::ErrorKind::UnexpectedEof | io::ErrorKind::ConnectionReset
+                            ) =>
+                        {
+                            break;
+                        }
+                        Err(e) => {
+                            bad.push(format!("reading: {e}"));
+                            break;
+                        }
+                    };
+                    let mut words = t.split(' ');
+                    let src = words.next().unwrap_or("").to_owned();
+                    let Some(n) = words.next().and_then(|n| n.parse::<u64>().ok()) else {
+                        bad.push(format!("unexpected {t:?}"));
+                        continue;
+                    };
+                    if let Some(prev) = last.insert(src.clone(), n)
+                        && prev >= n
+                    {
+                        bad.push(format!("{src}: {n} after {prev}"));
+                    }
+                    count += 1;
+                }
+                (count, bad)
+            }));
+        }
+
+        let stop = Arc::new(AtomicBool::new(false));
+        let published = Arc::new(AtomicU64::new(0));
+        let refused = Arc::new(AtomicU64::new(0));
+        let mut workers = Vec::new();
+        // Publishers: three through the server handle, one through random
+        // clients (whose own copy is skipped).
+        for k in 0..4u64 {
+            let (stop, published, handle) =
+                (Arc::clone(&stop), Arc::clone(&published), server.handle());
+            let refused = Arc::clone(&refused);
+            let long = long.clone();
+            workers.push(thread::spawn(move || {
+                let mut rng = Rng::new(k + 100);
+                let mut seq = 0u64;
+                while !stop.load(Relaxed) {
+                    let t = topic(rng.below(TOPICS));
+                    let pad = if seq.is_multiple_of(16) {
+                        "p".repeat(rng.below(4096) as usize)
+                    } else {
+                        String::new()
+                    };
+                    let text = format!("{k} {seq} {pad}");
+                    let r = if k == 3 {
+                        long[rng.below(LONG as u64) as usize].publish(&t, text)
+                    } else {
+                        handle.publish(&t, text)
+                    };
+                    refused.fetch_add(r.dropped as u64, Relaxed);
+                    seq += 1;
+                    if seq.is_multiple_of(32) {
+                        thread::sleep(Duration::from_micros(200));
+                    }
+                }
+                published.fetch_add(seq, Relaxed);
+            }));
+        }
+        // Subscription churn: each thread owns a third of the long-lived
+        // clients and checks the API against its own model.
+        for (j, mine) in long.chunks(LONG / 3).enumerate() {
+            let stop = Arc::clone(&stop);
+            let mine = mine.to_vec();
+            workers.push(thread::spawn(move || {
+                let mut rng = Rng::new(j as u64 + 200);
+                let mut model: Vec<HashSet<u64>> = vec![HashSet::new(); mine.len()];
+                let mut ops = 0u64;
+                while !stop.load(Relaxed) {
+                    let i = rng.below(mine.len() as u64) as usize;
+                    let (c, t) = (&mine[i], rng.below(TOPICS));
+                    match rng.below(3) {
+                        0 => {
+                            let new = c.subscribe(&topic(t)).expect("within every limit");
+                            assert_eq!(new, model[i].insert(t), "subscribe {t}");
+                        }
+                        1 => assert_eq!(c.unsubscribe(&topic(t)), model[i].remove(&t)),
+                        _ => assert_eq!(c.is_subscribed(&topic(t)), model[i].contains(&t)),
+                    }
+                    ops += 1;
+                    if ops.is_multiple_of(64) {
+                        let have: HashSet<String> = c.topics().into_iter().collect();
+                        let want: HashSet<String> = model[i].iter().map(|&t| topic(t)).collect();
+                        assert_eq!(have, want);
+                        thread::sleep(Duration::from_micros(200));
+                    }
+                }
+            }));
+        }
+        // Connection churn: short-lived subscribers that leave three ways,
+        // and one more subscription racing each teardown.
+        let churned = Arc::new(AtomicU64::new(0));
+        {
+            let (stop, churned, find) = (Arc::clone(&stop), Arc::clone(&churned), find.clone());
+            workers.push(thread::spawn(move || {
+                let mut rng = Rng::new(300);
+                while !stop.load(Relaxed) {
+                    let mut s = raw_ws(addr);
+                    let c = find(&s);
+                    for _ in 0..1 + rng.below(4) {
+                        c.subscribe(&topic(rng.below(TOPICS))).unwrap();
+                    }
+                    match rng.below(3) {
+                        0 => {
+                            let _ = s.write_all(&frame(0x88, &close_payload(1000, "")));
+                        }
+                        1 => {
+                            let _ = c.close(CloseCode::NORMAL, "");
+                        }
+                        _ => {}
+                    }
+                    drop(s);
+                    match c.subscribe(&topic(rng.below(TOPICS))) {
+                        Ok(_) | Err(Error::Closed) => {}
+                        Err(e) => panic!("subscribe while leaving: {e:?}"),
+                    }
+                    churned.fetch_add(1, Relaxed);
+                }
+            }));
+        }
+
+        // Meanwhile, the read side of the API from here.
+        let end = Instant::now() + RUN;
+        while Instant::now() < end {
+            let n: usize = (0..TOPICS).map(|t| server.subscribers(&topic(t))).sum();
+            assert!(n < 10_000);
+            assert!(server.stats().topics <= TOPICS);
+            thread::sleep(Duration::from_millis(20));
+        }
+        stop.store(true, Relaxed);
+        for w in workers {
+            w.join().unwrap();
+        }
+        for s in &shutters {
+            let _ = s.shutdown(Shutdown::Both);
+        }
+        let mut received = 0;
+        for r in readers {
+            let (count, bad) = r.join().unwrap();
+            assert!(
+                bad.is_empty(),
+                "out of order: {:?}",
+                &bad[..bad.len().min(5)]
+            );
+            received += count;
+        }
+        eprintln!(
+            "{} publishes, {} copies refused, {received} deliveries to long-lived clients, \
+             {} clients churned",
+            published.load(Relaxed),
+            refused.load(Relaxed),
+            churned.load(Relaxed)
+        );
+        assert!(received > 0 && churned.load(Relaxed) > 0);
+
+        // All gone: no topic, no queued byte is left.
+        assert!(
+            eventually(WAIT, || {
+                let s = server.stats();
+                s.connections == 0 && s.topics == 0 && s.bytes_queued == 0
+            }),
+            "left behind: {:?}",
+            server.stats()
+        );
+        assert!((0..TOPICS).all(|t| server.subscribers(&topic(t)) == 0));
+        assert!(clients.lock().unwrap().is_empty());
+        let stats = server.stats();
+        assert_eq!((stats.handler_panics, stats.internal_errors), (0, 0));
+    });
+}
+
+// --------------------------------------------------------- examples/pubsub
+
+/// `examples/pubsub` on a free port, killed when dropped.
+struct Pubsub {
+    child: Child,
+    _out: BufReader<ChildStdout>,
+    addr: SocketAddr,
+}
+
+impl Drop for Pubsub {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Pubsub {
+    fn start() -> Pubsub {
+        let bin = example_bin("pubsub", &[]);
+        let mut child = Command::new(&bin)
+            .arg("127.0.0.1:0")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .stdin(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("{}: {e}", bin.display()));
+        let mut out = BufReader::new(child.stdout.take().unwrap());
+        let mut line = String::new();
+        out.read_line(&mut line).unwrap();
+        let addr = line
+            .trim()
+            .strip_prefix("listening on ws://")
+            .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
+            .parse()
+            .unwrap();
+        Pubsub {
+            child,
+            _out: out,
+            addr,
+        }
+    }
+}
+
+fn cmd(ws: &mut Ws, text: &str) {
+    ws.send(Tm::text(text)).unwrap();
+}
+
+fn next_text(ws: &mut Ws) -> String {
+    match ws.read().unwrap() {
+        Tm::Text(t) => t.as_str().to_owned(),
+        other => panic!("expected a text message, got {other:?}"),
+    }
+}
+
+/// Send a bad command and read its error reply: every command this
+/// client sent before has been carried out, and nothing else came first.
+fn sync(ws: &mut Ws) {
+    cmd(ws, "sync?");
+    let reply = next_text(ws);
+    assert!(reply.starts_with("error: "), "{reply:?}");
+}
+
+#[test]
+fn the_pubsub_example_speaks_its_text_protocol() {
+    within(Duration::from_secs(20), || {
+        let ex = Pubsub::start();
+        let (mut s1, mut s2, mut p) = (client(ex.addr), client(ex.addr), client(ex.addr));
+        for ws in [&mut s1, &mut s2, &mut p] {
+            cmd(ws, "sub news");
+            sync(ws);
+        }
+        cmd(&mut p, "pub news hello world");
+        assert_eq!(next_text(&mut s1), "hello world");
+        assert_eq!(next_text(&mut s2), "hello world");
+        // The payload is everything after the second space.
+        cmd(&mut p, "pub news  two  spaces ");
+        assert_eq!(next_text(&mut s1), " two  spaces ");
+        assert_eq!(next_text(&mut s2), " two  spaces ");
+        // The publisher, subscribed too, got neither.
+        sync(&mut p);
+
+        // S2 leaves the topic: only S1 gets the next one.
+        cmd(&mut s2, "unsub news");
+        sync(&mut s2);
+        cmd(&mut p, "pub news second");
+        assert_eq!(next_text(&mut s1), "second");
+        cmd(&mut p, "pub elsewhere nobody listens");
+        sync(&mut p);
+        sync(&mut s2);
+        // S1's publish reaches P, not S1.
+        cmd(&mut s1, "pub news from s1");
+        assert_eq!(next_text(&mut p), "from s1");
+        sync(&mut s1);
+
+        // Bad commands are answered, and nothing else.
+        for bad in [
+            "sub",
+            "sub a b",
+            "unsub",
+            "pub news",
+            "pub",
+            "frobnicate news",
+            "",
+        ] {
+            cmd(&mut s2, bad);
+            let reply = next_text(&mut s2);
+            assert!(reply.starts_with("error: "), "{bad:?}: {reply:?}");
+        }
+        let long = format!("sub {}", "x".repeat(300));
+        cmd(&mut s2, &long);
+        let reply = next_text(&mut s2);
+        assert!(reply.starts_with("error: "), "a 300-byte topic: {reply:?}");
+        s2.send(Tm::binary(b"sub news".to_vec())).unwrap();
+        let reply = next_text(&mut s2);
+        assert!(reply.starts_with("error: "), "a binary command: {reply:?}");
+        // None of these subscribed S2.
+        cmd(&mut p, "pub news last");
+        assert_eq!(next_text(&mut s1), "last");
+        sync(&mut s2);
+    });
+}
