@@ -8,6 +8,11 @@
 //! loadgen echo      --clients 100 --size 32 --inflight 8 [--seconds 10]
 //! loadgen broadcast --clients 10000 --size 32 [--rounds 20]   (server in broadcast mode)
 //! loadgen connect   [--seconds 10] [--concurrency 64]
+//! loadgen pubsub    --shape fanout [--clients 10000] [--size 32] [--rounds 20]
+//! loadgen pubsub    --shape chat [--topics 1000] [--subscribers 10] [--rate 1] [--seconds 10]
+//!                   (server: `examples/pubsub`, or a peer in pubsub mode)
+//! loadgen idle      ... --subscribe 1000   (pubsub server: then measure
+//!                   what subscriptions cost, over 1000 topics)
 //! common: --addr 127.0.0.1:13003 --label NAME --threads N --server-pid PID
 //!         --extensions OFFER (a Sec-WebSocket-Extensions header to send)
 //! ```
@@ -41,13 +46,25 @@ struct Opts {
     server_pid: Option<u32>,
     /// `idle`: hold the clients idle at this step (default: the last).
     idle_at: Option<usize>,
+    /// Whether `--clients` was given (`pubsub` has its own default).
+    clients_given: bool,
+    /// `pubsub`: `fanout` (one topic, one publisher) or `chat`.
+    shape: String,
+    /// `pubsub --shape chat`: topics, and subscribers per topic.
+    topics: usize,
+    subscribers: usize,
+    /// `pubsub --shape chat`: messages each client publishes per second.
+    rate: f64,
+    /// `idle`: then subscribe the clients over this many topics and
+    /// measure what that costs (server in pubsub mode).
+    subscribe: Option<usize>,
 }
 
 fn parse_opts() -> Result<Opts, String> {
     let mut args = std::env::args().skip(1);
     let scenario = args
         .next()
-        .ok_or("usage: loadgen idle|echo|broadcast|connect [options]")?;
+        .ok_or("usage: loadgen idle|echo|broadcast|connect|pubsub [options]")?;
     let mut o = Opts {
         scenario,
         addr: "127.0.0.1:13003".parse().unwrap(),
@@ -61,6 +78,12 @@ fn parse_opts() -> Result<Opts, String> {
         threads: 2,
         server_pid: None,
         idle_at: None,
+        clients_given: false,
+        shape: "fanout".into(),
+        topics: 1000,
+        subscribers: 10,
+        rate: 1.0,
+        subscribe: None,
     };
     while let Some(flag) = args.next() {
         let v = args.next().ok_or(format!("{flag} needs a value"))?;
@@ -72,7 +95,8 @@ fn parse_opts() -> Result<Opts, String> {
                 o.clients = v
                     .split(',')
                     .map(|c| c.parse().map_err(bad))
-                    .collect::<Result<_, _>>()?
+                    .collect::<Result<_, _>>()?;
+                o.clients_given = true;
             }
             "--size" => o.size = v.parse().map_err(bad)?,
             "--inflight" => o.inflight = v.parse().map_err(bad)?,
@@ -86,6 +110,18 @@ fn parse_opts() -> Result<Opts, String> {
             "--threads" => o.threads = v.parse::<usize>().map_err(bad)?.max(1),
             "--server-pid" => o.server_pid = Some(v.parse().map_err(bad)?),
             "--idle-at" => o.idle_at = Some(v.parse().map_err(bad)?),
+            "--shape" if v == "fanout" || v == "chat" => o.shape = v.clone(),
+            "--shape" => return Err(format!("--shape is fanout or chat, not {v}")),
+            "--topics" => o.topics = v.parse::<usize>().map_err(bad)?.max(1),
+            "--subscribers" => o.subscribers = v.parse::<usize>().map_err(bad)?.max(2),
+            "--rate" => {
+                o.rate = v
+                    .parse::<f64>()
+                    .ok()
+                    .filter(|r| *r > 0.0)
+                    .ok_or(format!("bad value for {flag}: {v}"))?
+            }
+            "--subscribe" => o.subscribe = Some(v.parse::<usize>().map_err(bad)?.max(2)),
             "--extensions" => {
                 let _ = EXTENSIONS.set(v.clone());
             }
@@ -121,6 +157,29 @@ fn cpu_seconds(pid: u32) -> f64 {
     // SAFETY: sysconf only reads a configuration value.
     let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
     ticks as f64 / hz
+}
+
+/// Packets the kernel dropped for a full backlog (loopback traffic goes
+/// through it; a dropped packet costs a retransmission, 10-200+ ms) and TCP
+/// segments retransmitted, system-wide: (drops, retransmits).
+fn net_losses() -> (u64, u64) {
+    let drops = std::fs::read_to_string("/proc/net/softnet_stat")
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| u64::from_str_radix(l.split_whitespace().nth(1)?, 16).ok())
+        .sum();
+    let snmp = std::fs::read_to_string("/proc/net/snmp").unwrap_or_default();
+    let mut tcp = snmp.lines().filter(|l| l.starts_with("Tcp:"));
+    let retrans = match (tcp.next(), tcp.next()) {
+        (Some(names), Some(values)) => names
+            .split_whitespace()
+            .zip(values.split_whitespace())
+            .find(|(n, _)| *n == "RetransSegs")
+            .and_then(|(_, v)| v.parse().ok())
+            .unwrap_or(0),
+        _ => 0,
+    };
+    (drops, retrans)
 }
 
 /// Raise the soft fd limit to the hard limit; returns (soft, hard).
@@ -233,6 +292,12 @@ struct Client {
     next_seq: u64,
     expect_seq: u64,
     writable_wanted: bool,
+    /// `pubsub` chat: the next sequence number expected from each member
+    /// of this client's topic.
+    peer_next: Vec<u64>,
+    /// `pubsub`: answers still expected to the `sync` that follows its
+    /// subscriptions.
+    acks_pending: u32,
 }
 
 fn connect_from(src: Ipv4Addr, to: SocketAddr) -> io::Result<TcpStream> {
@@ -336,6 +401,8 @@ fn open_clients(addr: SocketAddr, first: usize, n: usize) -> io::Result<Vec<Clie
                 next_seq: 0,
                 expect_seq: 0,
                 writable_wanted: false,
+                peer_next: Vec::new(),
+                acks_pending: 0,
             });
         }
     }
@@ -390,7 +457,10 @@ fn drain_reads<H: Handler>(
                         0x9 => masked_frame(&mut c.wbuf, 0xA, &payload, [1, 2, 3, 4]),
                         0xA => {}
                         0x8 => {
-                            return Err(format!("client {}: server sent close {:?}", c.id, payload));
+                            return Err(format!(
+                                "client {}: server sent close {:?}",
+                                c.id, payload
+                            ));
                         }
                         0x1 | 0x2 => h.on_message(c, op, &payload, now)?,
                         other => return Err(format!("client {}: unexpected opcode {other}", c.id)),
@@ -525,10 +595,85 @@ fn scenario_idle(o: &Opts) -> Result<String, String> {
     }
     let (idle_clients, secs, cpu) =
         idle.ok_or(format!("--idle-at {idle_at} is above every --clients step"))?;
+    let subscribed = match o.subscribe {
+        Some(k) => format!(
+            ",\"subscribe\":{}",
+            subscription_memory(o, pid, base, all, k)?
+        ),
+        None => String::new(),
+    };
     Ok(format!(
-        "{{\"scenario\":\"idle\",\"label\":\"{}\",\"baseline_rss_kib\":{base},\"steps\":[{}],\"idle_clients\":{idle_clients},\"idle_seconds\":{secs:.1},\"idle_cpu_percent\":{cpu:.3}}}",
+        "{{\"scenario\":\"idle\",\"label\":\"{}\",\"baseline_rss_kib\":{base},\"steps\":[{}],\"idle_clients\":{idle_clients},\"idle_seconds\":{secs:.1},\"idle_cpu_percent\":{cpu:.3}{subscribed}}}",
         o.label,
         steps.join(",")
+    ))
+}
+
+/// `idle --subscribe K` (server in pubsub mode): what subscriptions cost.
+/// Every phase adds one subscription to some clients and waits for the
+/// answer to their `sync`:
+///
+/// 0. no subscription, only `sync` (so that whatever answering costs a
+///    connection is in the baseline);
+/// 1. all N clients, client i in topic `t{i % K}`: N clients in K topics;
+/// 2. the first half also in an existing topic, `t{(i + 1) % K}`: the cost
+///    of one more subscription, no new topic;
+/// 3. the second half also in a topic of its own, `u{i}`: one more
+///    subscription and one new topic each.
+///
+/// Per topic = (phase 3 - phase 2) / (N / 2); a client's first
+/// subscription = (phase 1 - K topics) / N.
+fn subscription_memory(
+    o: &Opts,
+    pid: u32,
+    base: u64,
+    all: Vec<Client>,
+    k: usize,
+) -> Result<String, String> {
+    let n = all.len();
+    if n < 4 || k > n {
+        return Err(format!(
+            "--subscribe {k} needs at least 4 clients and no more topics than clients"
+        ));
+    }
+    let half = (n / 2) as u32;
+    let mut groups = vec![all];
+    let mut rss = Vec::new();
+    let phases: [&dyn Fn(u32) -> Option<Vec<String>>; 4] = [
+        &|_| Some(vec![]),
+        &|i| Some(vec![format!("t{}", i as usize % k)]),
+        &|i| (i < half).then(|| vec![format!("t{}", (i as usize + 1) % k)]),
+        &|i| (i >= half).then(|| vec![format!("u{i}")]),
+    ];
+    for (p, plan) in phases.iter().enumerate() {
+        let t0 = Instant::now();
+        groups = subscribe_all(groups, plan)?;
+        let took = t0.elapsed().as_secs_f64();
+        std::thread::sleep(Duration::from_millis(500));
+        rss.push(rss_kib(pid));
+        eprintln!(
+            "{}: subscription phase {p} done in {took:.2} s: rss {} KiB",
+            o.label, rss[p]
+        );
+    }
+    let b = |a: usize, z: usize| (rss[z] as f64 - rss[a] as f64) * 1024.0;
+    let per_conn_before = (rss[0].saturating_sub(base)) as f64 * 1024.0 / (n - 1) as f64;
+    let per_conn_after = (rss[1].saturating_sub(base)) as f64 * 1024.0 / (n - 1) as f64;
+    let all_in = b(0, 1) / n as f64;
+    let extra = b(1, 2) / half as f64;
+    let per_topic = b(2, 3) / (n as u32 - half) as f64 - extra;
+    let first = (b(0, 1) - k as f64 * per_topic) / n as f64;
+    let name_len = format!("u{}", n - 1).len();
+    eprintln!(
+        "{}: {n} clients in {k} topics: {per_conn_before:.0} B per connection before, {per_conn_after:.0} B after ({all_in:.0} B per subscription, topics included); a first subscription {first:.0} B, one more {extra:.0} B, a topic {per_topic:.0} B (names of {name_len} bytes)",
+        o.label
+    );
+    Ok(format!(
+        "{{\"clients\":{n},\"topics\":{k},\"rss_kib\":[{}],\"bytes_per_conn_before\":{per_conn_before:.0},\"bytes_per_conn_after\":{per_conn_after:.0},\"bytes_per_sub_all_in\":{all_in:.0},\"bytes_per_first_sub\":{first:.0},\"bytes_per_extra_sub\":{extra:.0},\"bytes_per_topic\":{per_topic:.0},\"topic_name_len\":{name_len}}}",
+        rss.iter()
+            .map(|r| r.to_string())
+            .collect::<Vec<_>>()
+            .join(",")
     ))
 }
 
@@ -576,19 +721,26 @@ impl Handler for Echo {
     }
 }
 
-fn run_threads<H: Handler + 'static>(
-    clients: Vec<Client>,
-    threads: usize,
-    make: impl Fn() -> H,
-    stop: Arc<AtomicBool>,
-) -> Result<Vec<H>, String> {
+/// Split clients over `threads` groups, client `i` in group `i % threads`.
+fn split_groups(clients: Vec<Client>, threads: usize) -> Vec<Vec<Client>> {
     let mut groups: Vec<Vec<Client>> = (0..threads).map(|_| Vec::new()).collect();
     for (i, c) in clients.into_iter().enumerate() {
         groups[i % threads].push(c);
     }
-    let handles: Vec<_> = groups
+    groups.retain(|g| !g.is_empty());
+    groups
+}
+
+type Loop<H> = std::thread::JoinHandle<Result<(H, Vec<Client>), String>>;
+
+/// An event loop per group, until `stop` (which the first failure sets).
+fn spawn_loops<H: Handler + 'static>(
+    groups: Vec<Vec<Client>>,
+    make: impl Fn() -> H,
+    stop: &Arc<AtomicBool>,
+) -> Vec<Loop<H>> {
+    groups
         .into_iter()
-        .filter(|g| !g.is_empty())
         .map(|g| {
             let mut h = make();
             let stop = stop.clone();
@@ -597,14 +749,27 @@ fn run_threads<H: Handler + 'static>(
                 if r.is_err() {
                     stop.store(true, Relaxed);
                 }
-                r.map(|_| h)
+                r.map(|clients| (h, clients))
             })
         })
-        .collect();
-    handles
+        .collect()
+}
+
+fn join_loops<H>(loops: Vec<Loop<H>>) -> Result<Vec<(H, Vec<Client>)>, String> {
+    loops
         .into_iter()
         .map(|h| h.join().unwrap_or_else(|_| Err("thread panicked".into())))
         .collect()
+}
+
+fn run_threads<H: Handler + 'static>(
+    clients: Vec<Client>,
+    threads: usize,
+    make: impl Fn() -> H,
+    stop: Arc<AtomicBool>,
+) -> Result<Vec<H>, String> {
+    let loops = spawn_loops(split_groups(clients, threads), make, &stop);
+    Ok(join_loops(loops)?.into_iter().map(|(h, _)| h).collect())
 }
 
 fn scenario_echo(o: &Opts) -> Result<String, String> {
@@ -894,6 +1059,661 @@ fn scenario_connect(o: &Opts) -> Result<String, String> {
     ))
 }
 
+// ---------------------------------------------------------------- pubsub
+//
+// The text protocol of `examples/pubsub`: `sub TOPIC`, `unsub TOPIC`,
+// `pub TOPIC PAYLOAD` (to every subscriber of TOPIC but the sender). The
+// protocol has no acknowledgement, so after its subscriptions a client
+// sends `sync`, which is no command: the answer (`error: ...`) comes after
+// the server has carried out everything before it.
+
+/// Where the timestamps in payloads count from (one clock for the whole
+/// process).
+fn epoch() -> Instant {
+    static E: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+    *E.get_or_init(Instant::now)
+}
+
+fn micros(at: Instant) -> u64 {
+    at.saturating_duration_since(epoch()).as_micros() as u64
+}
+
+/// Fixed part of a pubsub payload: sender, sequence number and send time,
+/// in hex.
+const PUB_HEAD: usize = 28;
+
+/// Payload (text) of message `seq` from `sender`, sent at `us`: 8 + 8 + 12
+/// hex digits, then letters that depend on sender and sequence number.
+fn pubsub_payload(out: &mut Vec<u8>, sender: u32, seq: u64, us: u64, size: usize) {
+    out.clear();
+    let _ = write!(out, "{sender:08x}{seq:08x}{us:012x}");
+    let start = (seq as usize * 31 + sender as usize * 17) % 4096;
+    let p = pattern();
+    let need = size.saturating_sub(PUB_HEAD);
+    let mut k = 0;
+    while k < need {
+        let take = (need - k).min(p.len() - start);
+        out.extend(p[start..start + take].iter().map(|b| b'a' + b % 26));
+        k += take;
+    }
+}
+
+/// Check a delivery byte for byte: (sender, seq, send time in us).
+fn check_pubsub(payload: &[u8], size: usize, scratch: &mut Vec<u8>) -> Option<(u32, u64, u64)> {
+    if payload.len() != size.max(PUB_HEAD) {
+        return None;
+    }
+    let hex = |r: std::ops::Range<usize>| {
+        std::str::from_utf8(&payload[r])
+            .ok()
+            .and_then(|t| u64::from_str_radix(t, 16).ok())
+    };
+    let (sender, seq, us) = (hex(0..8)? as u32, hex(8..16)?, hex(16..28)?);
+    pubsub_payload(scratch, sender, seq, us, size);
+    (scratch.as_slice() == payload).then_some((sender, seq, us))
+}
+
+/// The `pub` command for one message, as a masked text frame.
+fn pub_frame(out: &mut Vec<u8>, topic: &str, payload: &[u8], scratch: &mut Vec<u8>) {
+    scratch.clear();
+    scratch.extend_from_slice(b"pub ");
+    scratch.extend_from_slice(topic.as_bytes());
+    scratch.push(b' ');
+    scratch.extend_from_slice(payload);
+    masked_frame(out, 0x1, scratch, [3, 1, 4, 1]);
+}
+
+/// Waits for the answers to `sync`.
+struct SyncAcks {
+    /// Clients of this loop still waiting.
+    waiting: usize,
+}
+
+impl Handler for SyncAcks {
+    fn on_message(
+        &mut self,
+        c: &mut Client,
+        op: u8,
+        payload: &[u8],
+        _: Instant,
+    ) -> Result<(), String> {
+        if op != 0x1 || !payload.starts_with(b"error: ") || c.acks_pending == 0 {
+            return Err(format!(
+                "client {}: unexpected message while subscribing: {:?}",
+                c.id,
+                String::from_utf8_lossy(&payload[..payload.len().min(80)])
+            ));
+        }
+        c.acks_pending -= 1;
+        if c.acks_pending == 0 {
+            self.waiting -= 1;
+        }
+        Ok(())
+    }
+}
+
+/// Each client for which `plan` gives topics subscribes to them, then sends
+/// `sync`; returns once every such client has its answer (at most 60 s).
+fn subscribe_all(
+    groups: Vec<Vec<Client>>,
+    plan: impl Fn(u32) -> Option<Vec<String>>,
+) -> Result<Vec<Vec<Client>>, String> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let stop = AtomicBool::new(false);
+    let mut waiting = Vec::new();
+    let mut groups = groups;
+    for g in &mut groups {
+        let mut n = 0;
+        for c in g.iter_mut() {
+            let Some(topics) = plan(c.id) else { continue };
+            for t in topics {
+                masked_frame(
+                    &mut c.wbuf,
+                    0x1,
+                    format!("sub {t}").as_bytes(),
+                    [7, 7, 7, 7],
+                );
+            }
+            masked_frame(&mut c.wbuf, 0x1, b"sync", [7, 7, 7, 7]);
+            c.acks_pending += 1;
+            n += 1;
+        }
+        waiting.push(n);
+    }
+    let results: Vec<Result<(SyncAcks, Vec<Client>), String>> = std::thread::scope(|s| {
+        let handles: Vec<_> = groups
+            .into_iter()
+            .zip(waiting)
+            .map(|(g, waiting)| {
+                let stop = &stop;
+                s.spawn(move || {
+                    let mut h = SyncAcks { waiting };
+                    let r = event_loop(g, &mut h, stop, |h| {
+                        h.waiting == 0 || Instant::now() > deadline
+                    });
+                    if r.is_err() {
+                        stop.store(true, Relaxed);
+                    }
+                    r.map(|g| (h, g))
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().unwrap_or_else(|_| Err("thread panicked".into())))
+            .collect()
+    });
+    let mut out = Vec::new();
+    for r in results {
+        let (h, g) = r?;
+        if h.waiting > 0 {
+            return Err(format!(
+                "{} clients had no answer to their subscriptions after 60 s",
+                h.waiting
+            ));
+        }
+        out.push(g);
+    }
+    Ok(out)
+}
+
+/// Fan-out subscribers: every delivery comes from `publisher`, in order.
+struct FanoutSub {
+    size: usize,
+    publisher: u32,
+    delivered: Arc<AtomicU64>,
+    /// (round, latency in ms) per delivery.
+    seen: Vec<(u64, f64)>,
+    scratch: Vec<u8>,
+}
+
+impl Handler for FanoutSub {
+    fn on_message(
+        &mut self,
+        c: &mut Client,
+        op: u8,
+        payload: &[u8],
+        now: Instant,
+    ) -> Result<(), String> {
+        let got = (op == 0x1)
+            .then(|| check_pubsub(payload, self.size, &mut self.scratch))
+            .flatten();
+        let Some((sender, seq, us)) = got else {
+            return Err(format!(
+                "client {}: not a delivery: {:?}",
+                c.id,
+                String::from_utf8_lossy(&payload[..payload.len().min(80)])
+            ));
+        };
+        if sender != self.publisher || seq != c.expect_seq {
+            return Err(format!(
+                "client {}: got message {seq} from client {sender}, expected {} from {}",
+                c.id, c.expect_seq, self.publisher
+            ));
+        }
+        c.expect_seq += 1;
+        self.seen
+            .push((seq, micros(now).saturating_sub(us) as f64 / 1e3));
+        self.delivered.fetch_add(1, Relaxed);
+        Ok(())
+    }
+}
+
+/// One topic, `n` subscribers, one publisher (not subscribed) publishing
+/// `rounds` messages, each once the previous one has reached everyone.
+fn scenario_fanout(o: &Opts) -> Result<String, String> {
+    let n = if o.clients_given {
+        o.clients[0]
+    } else {
+        10_000
+    };
+    let size = o.size.max(PUB_HEAD);
+    let rounds = o.rounds.max(1);
+    let (soft, hard) = raise_fd_limit();
+    eprintln!("fd limit: soft {soft}, hard {hard}");
+    epoch();
+    let topic = "fanout";
+    let mut publisher = open_clients(o.addr, 0, 1)
+        .map_err(|e| e.to_string())?
+        .remove(0);
+    let t_open = Instant::now();
+    let subs = open_clients(o.addr, 1, n).map_err(|e| e.to_string())?;
+    let t_sub = Instant::now();
+    let groups = subscribe_all(split_groups(subs, o.threads), |_| Some(vec![topic.into()]))?;
+    eprintln!(
+        "{}: {n} clients connected in {:.1} s, subscribed in {:.2} s",
+        o.label,
+        (t_sub - t_open).as_secs_f64(),
+        t_sub.elapsed().as_secs_f64()
+    );
+    let stop = Arc::new(AtomicBool::new(false));
+    let delivered = Arc::new(AtomicU64::new(0));
+    let loops = {
+        let delivered = delivered.clone();
+        spawn_loops(
+            groups,
+            move || FanoutSub {
+                size,
+                publisher: 0,
+                delivered: delivered.clone(),
+                seen: Vec::new(),
+                scratch: Vec::new(),
+            },
+            &stop,
+        )
+    };
+    std::thread::sleep(Duration::from_millis(200));
+    let losses0 = net_losses();
+    let published = (|| -> Result<(f64, f64), String> {
+        let s = &mut publisher.stream;
+        s.set_nonblocking(false).map_err(|e| e.to_string())?;
+        let (mut payload, mut frame, mut scratch) = (Vec::new(), Vec::new(), Vec::new());
+        let cpu0 = o.server_pid.map(cpu_seconds).unwrap_or(0.0);
+        let t0 = Instant::now();
+        for r in 0..rounds as u64 {
+            pubsub_payload(&mut payload, 0, r, micros(Instant::now()), size);
+            frame.clear();
+            pub_frame(&mut frame, topic, &payload, &mut scratch);
+            s.write_all(&frame).map_err(|e| format!("publisher: {e}"))?;
+            // Until this round has reached everyone, then a pause so that
+            // rounds do not overlap.
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while delivered.load(Relaxed) < n as u64 * (r + 1) {
+                if stop.load(Relaxed) {
+                    return Err("a subscriber failed".into());
+                }
+                if Instant::now() > deadline {
+                    return Err(format!(
+                        "round {r}: {} of {n} deliveries after 30 s",
+                        delivered.load(Relaxed) - n as u64 * r
+                    ));
+                }
+                std::thread::sleep(Duration::from_micros(200));
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let secs = t0.elapsed().as_secs_f64();
+        let cpu = o.server_pid.map_or(0.0, |pid| cpu_seconds(pid) - cpu0);
+        Ok((secs, cpu))
+    })();
+    let losses = net_losses();
+    let (drops, retrans) = (
+        losses.0.saturating_sub(losses0.0),
+        losses.1.saturating_sub(losses0.1),
+    );
+    stop.store(true, Relaxed);
+    let results = join_loops(loops);
+    let (secs, server_cpu) = published?;
+    let results = results?;
+    // The publisher is not subscribed: it must have received nothing (an
+    // `error: ` answer would mean a publish was refused).
+    publisher
+        .stream
+        .set_nonblocking(true)
+        .map_err(|e| e.to_string())?;
+    let mut rest = Vec::new();
+    let mut chunk = [0u8; 4096];
+    while let Ok(k) = publisher.stream.read(&mut chunk) {
+        if k == 0 {
+            return Err("publisher: server closed the connection".into());
+        }
+        rest.extend_from_slice(&chunk[..k]);
+    }
+    while let Some((op, st, e, _)) = parse_frame(&rest) {
+        if op != 0x9 {
+            return Err(format!(
+                "publisher: got {:?}",
+                String::from_utf8_lossy(&rest[st..e.min(st + 80)])
+            ));
+        }
+        rest.drain(..e);
+    }
+    for (_, clients) in &results {
+        if let Some(c) = clients.iter().find(|c| c.expect_seq != rounds as u64) {
+            return Err(format!(
+                "client {}: {} of {rounds} messages",
+                c.id, c.expect_seq
+            ));
+        }
+    }
+    let mut last = vec![0f64; rounds];
+    let mut lat = Vec::with_capacity(n * rounds);
+    for (h, _) in &results {
+        for &(round, ms) in &h.seen {
+            lat.push(ms);
+            last[round as usize] = last[round as usize].max(ms);
+        }
+    }
+    if lat.len() != n * rounds {
+        return Err(format!(
+            "{} of {} deliveries arrived",
+            lat.len(),
+            n * rounds
+        ));
+    }
+    let by_round: Vec<String> = last.iter().map(|ms| format!("{ms:.1}")).collect();
+    eprintln!("last delivery by round (ms): {}", by_round.join(" "));
+    lat.sort_by(f64::total_cmp);
+    last.sort_by(f64::total_cmp);
+    let (l50, l99) = (percentile(&last, 0.5), percentile(&last, 0.99));
+    let (d50, d99) = (percentile(&lat, 0.5), percentile(&lat, 0.99));
+    let rate = n as f64 / (l50 / 1e3).max(1e-9);
+    let cpu_pct = o.server_pid.map(|_| server_cpu / secs * 100.0);
+    let cpu_ms_round = o.server_pid.map(|_| server_cpu * 1e3 / rounds as f64);
+    let show = |v: Option<f64>, p: usize| v.map_or("null".to_string(), |v| format!("{v:.p$}"));
+    eprintln!(
+        "{}: publish to 1 topic of {n} subscribers x {size} B, {rounds} rounds: last delivery p50 {l50:.2} ms, p99 {l99:.2} ms; each delivery p50 {d50:.2} ms, p99 {d99:.2} ms; {rate:.0} deliveries/s (server CPU {} ms per round; machine-wide {drops} packets dropped, {retrans} retransmitted)",
+        o.label,
+        show(cpu_ms_round, 1)
+    );
+    Ok(format!(
+        "{{\"scenario\":\"pubsub\",\"shape\":\"fanout\",\"label\":\"{}\",\"clients\":{n},\"size\":{size},\"rounds\":{rounds},\"last_p50_ms\":{l50:.3},\"last_p99_ms\":{l99:.3},\"delivery_p50_ms\":{d50:.3},\"delivery_p99_ms\":{d99:.3},\"deliveries_per_sec\":{rate:.0},\"server_cpu_percent\":{},\"server_cpu_ms_per_round\":{},\"net_drops\":{drops},\"tcp_retrans\":{retrans}}}",
+        o.label,
+        show(cpu_pct, 1),
+        show(cpu_ms_round, 2)
+    ))
+}
+
+/// Chat: client `i` is in topic `i % topics`, as member `i / topics`.
+struct ChatRecv {
+    topics: usize,
+    size: usize,
+    delivered: Arc<AtomicU64>,
+    /// Latency of each delivery, in us.
+    lat_us: Vec<f64>,
+    scratch: Vec<u8>,
+}
+
+impl Handler for ChatRecv {
+    fn on_message(
+        &mut self,
+        c: &mut Client,
+        op: u8,
+        payload: &[u8],
+        now: Instant,
+    ) -> Result<(), String> {
+        let got = (op == 0x1)
+            .then(|| check_pubsub(payload, self.size, &mut self.scratch))
+            .flatten();
+        let Some((sender, seq, us)) = got else {
+            return Err(format!(
+                "client {}: not a delivery: {:?}",
+                c.id,
+                String::from_utf8_lossy(&payload[..payload.len().min(80)])
+            ));
+        };
+        let t = self.topics as u32;
+        let member = (sender / t) as usize;
+        if sender == c.id {
+            return Err(format!("client {}: got its own message {seq}", c.id));
+        }
+        if sender % t != c.id % t || member >= c.peer_next.len() {
+            return Err(format!(
+                "client {}: got a message from client {sender}, not in its topic",
+                c.id
+            ));
+        }
+        if seq != c.peer_next[member] {
+            return Err(format!(
+                "client {}: got message {seq} from client {sender}, expected {}",
+                c.id, c.peer_next[member]
+            ));
+        }
+        c.peer_next[member] += 1;
+        self.lat_us.push(micros(now).saturating_sub(us) as f64);
+        self.delivered.fetch_add(1, Relaxed);
+        Ok(())
+    }
+}
+
+struct ChatShared {
+    topics: usize,
+    size: usize,
+    /// Each client's first message is due at `start` plus its share of one
+    /// period; no message is sent from `end` on.
+    start: Instant,
+    end: Instant,
+    period: f64,
+    stop: AtomicBool,
+    sent: AtomicU64,
+    /// Threads still publishing.
+    sending: AtomicU64,
+    delivered: Arc<AtomicU64>,
+}
+
+/// One thread of chat clients: publish on schedule, check every delivery.
+fn chat_loop(mut clients: Vec<Client>, sh: &ChatShared) -> Result<(ChatRecv, Vec<Client>), String> {
+    let poller = Poller::new().map_err(|e| e.to_string())?;
+    for (k, c) in clients.iter().enumerate() {
+        // SAFETY: each stream stays open while registered; deleted below.
+        unsafe { poller.add(&c.stream, Event::readable(k)) }.map_err(|e| e.to_string())?;
+    }
+    let mut h = ChatRecv {
+        topics: sh.topics,
+        size: sh.size,
+        delivered: sh.delivered.clone(),
+        lat_us: Vec::new(),
+        scratch: Vec::new(),
+    };
+    let (mut payload, mut scratch) = (Vec::new(), Vec::new());
+    let mut events = Events::new();
+    let mut buf = vec![0u8; 256 * 1024];
+    let len = clients.len();
+    // Message `m` of client `j` is due at start + (m + j / len) periods.
+    let due = |m: u64, j: usize| {
+        sh.start + Duration::from_secs_f64(sh.period * (m as f64 + j as f64 / len as f64))
+    };
+    let (mut m, mut j) = (0u64, 0usize);
+    let (mut sending, mut told) = (true, false);
+    let result = (|| -> Result<(), String> {
+        while !sh.stop.load(Relaxed) {
+            let now = Instant::now();
+            while sending && due(m, j) <= now {
+                if due(m, j) >= sh.end {
+                    sending = false;
+                    break;
+                }
+                let c = &mut clients[j];
+                let topic = format!("chat{}", c.id as usize % sh.topics);
+                pubsub_payload(
+                    &mut payload,
+                    c.id,
+                    c.next_seq,
+                    micros(Instant::now()),
+                    sh.size,
+                );
+                pub_frame(&mut c.wbuf, &topic, &payload, &mut scratch);
+                c.next_seq += 1;
+                sh.sent.fetch_add(1, Relaxed);
+                try_flush(c).map_err(|e| format!("client {}: {e}", c.id))?;
+                if !c.wbuf.is_empty() && !c.writable_wanted {
+                    c.writable_wanted = true;
+                    poller
+                        .modify(&c.stream, Event::new(j, true, true))
+                        .map_err(|e| e.to_string())?;
+                }
+                j += 1;
+                if j == len {
+                    (m, j) = (m + 1, 0);
+                }
+            }
+            if sending && now >= sh.end {
+                sending = false;
+            }
+            let timeout = if sending {
+                due(m, j)
+                    .saturating_duration_since(Instant::now())
+                    .min(Duration::from_millis(50))
+            } else {
+                Duration::from_millis(50)
+            };
+            events.clear();
+            poller
+                .wait(&mut events, Some(timeout))
+                .map_err(|e| e.to_string())?;
+            let now = Instant::now();
+            for ev in events.iter() {
+                let c = &mut clients[ev.key];
+                if ev.readable {
+                    drain_reads(c, &mut h, &mut buf, now)?;
+                }
+                try_flush(c).map_err(|e| format!("client {}: {e}", c.id))?;
+                c.writable_wanted = !c.wbuf.is_empty();
+                poller
+                    .modify(&c.stream, Event::new(ev.key, true, c.writable_wanted))
+                    .map_err(|e| e.to_string())?;
+            }
+            if !sending && !told {
+                told = true;
+                sh.sending.fetch_sub(1, Relaxed);
+            }
+        }
+        Ok(())
+    })();
+    for c in &clients {
+        let _ = poller.delete(&c.stream);
+    }
+    if result.is_err() {
+        sh.stop.store(true, Relaxed);
+    }
+    result.map(|_| (h, clients))
+}
+
+/// `topics` topics of `subscribers` clients each; every client publishes
+/// to its own topic `rate` times a second for `seconds`, and must receive
+/// every message of the other members of its topic, in order, and none of
+/// its own.
+fn scenario_chat(o: &Opts) -> Result<String, String> {
+    let (t, per) = (o.topics, o.subscribers);
+    let n = t * per;
+    let size = o.size.max(PUB_HEAD);
+    let (soft, hard) = raise_fd_limit();
+    eprintln!("fd limit: soft {soft}, hard {hard}");
+    epoch();
+    let t_open = Instant::now();
+    let clients = open_clients(o.addr, 0, n).map_err(|e| e.to_string())?;
+    let t_sub = Instant::now();
+    let mut groups = subscribe_all(split_groups(clients, o.threads), |id| {
+        Some(vec![format!("chat{}", id as usize % t)])
+    })?;
+    eprintln!(
+        "{}: {n} clients connected in {:.1} s, subscribed in {:.2} s",
+        o.label,
+        (t_sub - t_open).as_secs_f64(),
+        t_sub.elapsed().as_secs_f64()
+    );
+    for c in groups.iter_mut().flatten() {
+        c.peer_next = vec![0; per];
+    }
+    let start = Instant::now() + Duration::from_millis(200);
+    let sh = Arc::new(ChatShared {
+        topics: t,
+        size,
+        start,
+        end: start + Duration::from_secs_f64(o.seconds),
+        period: 1.0 / o.rate,
+        stop: AtomicBool::new(false),
+        sent: AtomicU64::new(0),
+        sending: AtomicU64::new(groups.len() as u64),
+        delivered: Arc::new(AtomicU64::new(0)),
+    });
+    let loops: Vec<_> = groups
+        .into_iter()
+        .map(|g| {
+            let sh = sh.clone();
+            std::thread::spawn(move || chat_loop(g, &sh))
+        })
+        .collect();
+    std::thread::sleep(start.saturating_duration_since(Instant::now()));
+    let cpu0 = o.server_pid.map(cpu_seconds).unwrap_or(0.0);
+    let self_cpu0 = cpu_seconds(std::process::id());
+    let losses0 = net_losses();
+    // Until every thread has stopped publishing, then until every delivery
+    // is in (at most 15 s more).
+    let drained = (|| -> Result<Instant, String> {
+        let mut deadline = None;
+        loop {
+            std::thread::sleep(Duration::from_micros(500));
+            if sh.stop.load(Relaxed) {
+                return Err("a client failed".into());
+            }
+            if sh.sending.load(Relaxed) > 0 {
+                continue;
+            }
+            let expected = sh.sent.load(Relaxed) * (per as u64 - 1);
+            let got = sh.delivered.load(Relaxed);
+            if got >= expected {
+                return Ok(Instant::now());
+            }
+            let d = *deadline.get_or_insert(Instant::now() + Duration::from_secs(15));
+            if Instant::now() > d {
+                return Err(format!("{got} of {expected} deliveries arrived"));
+            }
+        }
+    })();
+    let server_cpu = o.server_pid.map(cpu_seconds).unwrap_or(0.0) - cpu0;
+    let self_cpu = cpu_seconds(std::process::id()) - self_cpu0;
+    let losses = net_losses();
+    let (drops, retrans) = (
+        losses.0.saturating_sub(losses0.0),
+        losses.1.saturating_sub(losses0.1),
+    );
+    sh.stop.store(true, Relaxed);
+    let results: Result<Vec<_>, String> = loops
+        .into_iter()
+        .map(|h| h.join().unwrap_or_else(|_| Err("thread panicked".into())))
+        .collect();
+    let drained = drained?;
+    let results = results?;
+    // Every client got every message of the others in its topic, and none
+    // of its own.
+    let mut sent_by = vec![0u64; n];
+    for c in results.iter().flat_map(|(_, g)| g) {
+        sent_by[c.id as usize] = c.next_seq;
+    }
+    for c in results.iter().flat_map(|(_, g)| g) {
+        for (k, &got) in c.peer_next.iter().enumerate() {
+            let sender = c.id as usize % t + k * t;
+            let want = if sender == c.id as usize {
+                0
+            } else {
+                sent_by[sender]
+            };
+            if got != want {
+                return Err(format!(
+                    "client {}: {got} of {want} messages from client {sender}",
+                    c.id
+                ));
+            }
+        }
+    }
+    let published = sh.sent.load(Relaxed);
+    let delivered = sh.delivered.load(Relaxed);
+    let secs = drained.duration_since(start).as_secs_f64();
+    let mut lat: Vec<f64> = results.into_iter().flat_map(|(h, _)| h.lat_us).collect();
+    lat.sort_by(f64::total_cmp);
+    let ms = |p| percentile(&lat, p) / 1e3;
+    let (p50, p99, p999, max) = (ms(0.5), ms(0.99), ms(0.999), ms(1.0));
+    let rate = delivered as f64 / secs;
+    let offered = n as f64 * o.rate * (per - 1) as f64;
+    let cpu_pct = o.server_pid.map(|_| server_cpu / secs * 100.0);
+    let self_pct = self_cpu / secs * 100.0;
+    let show = |v: Option<f64>| v.map_or("null".to_string(), |v| format!("{v:.0}"));
+    eprintln!(
+        "{}: chat, {t} topics x {per} subscribers publishing {} msg/s each x {size} B for {:.0} s: {published} published, {delivered} deliveries, {rate:.0}/s (offered {offered:.0}/s); latency p50 {p50:.2} ms, p99 {p99:.2} ms, p99.9 {p999:.2} ms, max {max:.2} ms (server CPU {}%, loadgen CPU {self_pct:.0}%; machine-wide {drops} packets dropped, {retrans} retransmitted)",
+        o.label,
+        o.rate,
+        o.seconds,
+        show(cpu_pct)
+    );
+    Ok(format!(
+        "{{\"scenario\":\"pubsub\",\"shape\":\"chat\",\"label\":\"{}\",\"topics\":{t},\"subscribers\":{per},\"clients\":{n},\"size\":{size},\"rate\":{},\"seconds\":{secs:.2},\"published\":{published},\"deliveries\":{delivered},\"deliveries_per_sec\":{rate:.0},\"offered_per_sec\":{offered:.0},\"p50_ms\":{p50:.3},\"p99_ms\":{p99:.3},\"p999_ms\":{p999:.3},\"max_ms\":{max:.3},\"server_cpu_percent\":{},\"loadgen_cpu_percent\":{self_pct:.0},\"net_drops\":{drops},\"tcp_retrans\":{retrans}}}",
+        o.label,
+        o.rate,
+        show(cpu_pct)
+    ))
+}
+
 fn main() {
     let o = match parse_opts() {
         Ok(o) => o,
@@ -907,6 +1727,8 @@ fn main() {
         "echo" => scenario_echo(&o),
         "broadcast" => scenario_broadcast(&o),
         "connect" => scenario_connect(&o),
+        "pubsub" if o.shape == "chat" => scenario_chat(&o),
+        "pubsub" => scenario_fanout(&o),
         other => Err(format!("unknown scenario {other}")),
     };
     match result {

@@ -1,7 +1,7 @@
 //! Peer server for benchmarks: tokio (multi-thread runtime) + hyper 1 + fastwebsockets.
-//! Same command line (`peer_fastwebsockets [ADDR] [echo|broadcast] [--max-message-size BYTES]`)
-//! and behaviour as enjent's `examples/echo`. Broadcast mode needs fastwebsockets'
-//! `unstable-split` feature.
+//! Same command line (`peer_fastwebsockets [ADDR] [echo|broadcast|pubsub] [--max-message-size BYTES]`)
+//! and behaviour as enjent's `examples/echo` (and, in `pubsub` mode, `examples/pubsub`).
+//! Broadcast and pubsub modes need fastwebsockets' `unstable-split` feature.
 
 use std::collections::HashMap;
 use std::io::Write;
@@ -20,7 +20,7 @@ use tokio::sync::mpsc::{UnboundedSender, unbounded_channel};
 #[path = "../peer_cli.rs"]
 mod peer_cli;
 
-use peer_cli::{Mode, parse_args};
+use peer_cli::{Membership, Mode, NOT_TEXT, Rooms, parse_args};
 
 type Ws = WebSocket<TokioIo<Upgraded>>;
 
@@ -34,6 +34,8 @@ struct Shared {
     next_id: AtomicU64,
     /// Every connected client (broadcast mode), by id: the sender of its writer task.
     clients: Mutex<HashMap<u64, UnboundedSender<Outgoing>>>,
+    /// Pubsub mode: the members of each room.
+    rooms: Rooms<UnboundedSender<Outgoing>>,
 }
 
 #[tokio::main]
@@ -49,6 +51,7 @@ async fn main() -> std::io::Result<()> {
         max_message_size,
         next_id: 0.into(),
         clients: Default::default(),
+        rooms: Default::default(),
     });
     loop {
         // Accept errors (such as running out of file descriptors) are skipped.
@@ -79,6 +82,7 @@ async fn upgrade(
         let _ = match shared.mode {
             Mode::Echo => echo(ws).await,
             Mode::Broadcast => broadcast(ws, &shared).await,
+            Mode::Pubsub => pubsub(ws, &shared).await,
         };
     });
     Ok(response)
@@ -138,5 +142,56 @@ async fn broadcast(ws: Ws, shared: &Shared) -> Result<(), WebSocketError> {
         }
     };
     shared.clients.lock().unwrap().remove(&id);
+    result
+}
+
+/// The commands of `examples/pubsub`, read on this task; replies and
+/// deliveries go through the writer task, as in broadcast mode. A publish
+/// copies its payload once; every member's queue shares it.
+async fn pubsub(ws: Ws, shared: &Shared) -> Result<(), WebSocketError> {
+    let (rx, mut tx) = ws.split(tokio::io::split);
+    let mut rx = FragmentCollectorRead::new(rx);
+    let (out, mut queue) = unbounded_channel::<Outgoing>();
+    tokio::spawn(async move {
+        while let Some((opcode, payload)) = queue.recv().await {
+            tx.write_frame(Frame::new(true, opcode, None, Payload::Borrowed(&payload)))
+                .await?;
+            if opcode == OpCode::Close {
+                break;
+            }
+        }
+        Ok::<_, WebSocketError>(())
+    });
+    let mut obligated = |frame: Frame| {
+        let sent = out.send((frame.opcode, Bytes::copy_from_slice(&frame.payload)));
+        std::future::ready(sent.map_err(|_| WebSocketError::ConnectionClosed))
+    };
+    let id = shared.next_id.fetch_add(1, Ordering::Relaxed);
+    let mut membership = Membership::new(id);
+    let rooms = &shared.rooms;
+    let result = loop {
+        let frame = match rx.read_frame(&mut obligated).await {
+            Ok(frame) => frame,
+            Err(e) => break Err(e),
+        };
+        let reply = match frame.opcode {
+            OpCode::Close => break Ok(()),
+            OpCode::Text => match std::str::from_utf8(&frame.payload) {
+                Ok(text) => membership.command(rooms, &out, text, |topic, payload| {
+                    let payload = Bytes::copy_from_slice(payload.as_bytes());
+                    rooms.publish(topic, id, |member| {
+                        let _ = member.send((OpCode::Text, payload.clone()));
+                    });
+                }),
+                Err(_) => break Err(WebSocketError::InvalidUTF8),
+            },
+            OpCode::Binary => Some(NOT_TEXT),
+            _ => None,
+        };
+        if let Some(reply) = reply {
+            let _ = out.send((OpCode::Text, Bytes::from_static(reply.as_bytes())));
+        }
+    };
+    membership.leave(rooms);
     result
 }

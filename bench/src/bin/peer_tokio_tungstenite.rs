@@ -1,6 +1,6 @@
 //! Peer server for benchmarks: tokio (multi-thread runtime) + tokio-tungstenite.
-//! Same command line (`peer_tokio_tungstenite [ADDR] [echo|broadcast] [--max-message-size BYTES]`)
-//! and behaviour as enjent's `examples/echo`.
+//! Same command line (`peer_tokio_tungstenite [ADDR] [echo|broadcast|pubsub] [--max-message-size BYTES]`)
+//! and behaviour as enjent's `examples/echo` (and, in `pubsub` mode, `examples/pubsub`).
 
 use std::collections::HashMap;
 use std::io::Write;
@@ -15,10 +15,13 @@ use tokio_tungstenite::{WebSocketStream, accept_async_with_config};
 #[path = "../peer_cli.rs"]
 mod peer_cli;
 
-use peer_cli::{Mode, parse_args};
+use peer_cli::{Membership, Mode, NOT_TEXT, Rooms, parse_args};
 
 /// Every connected client (broadcast mode), by id: the sender of its writer task.
 type Registry = Arc<Mutex<HashMap<u64, UnboundedSender<Message>>>>;
+
+/// Pubsub mode: the members of each room.
+type RoomMap = Arc<Rooms<UnboundedSender<Message>>>;
 
 #[tokio::main]
 async fn main() -> std::io::Result<()> {
@@ -31,12 +34,13 @@ async fn main() -> std::io::Result<()> {
     std::io::stdout().flush()?;
 
     let clients = Registry::default();
+    let rooms = RoomMap::default();
     let mut next_id = 0u64;
     loop {
         // Accept errors (such as running out of file descriptors) are skipped.
         if let Ok((stream, _)) = listener.accept().await {
             let _ = stream.set_nodelay(true);
-            let (id, clients) = (next_id, clients.clone());
+            let (id, clients, rooms) = (next_id, clients.clone(), rooms.clone());
             next_id += 1;
             tokio::spawn(async move {
                 let Ok(ws) = accept_async_with_config(stream, Some(config)).await else {
@@ -46,6 +50,7 @@ async fn main() -> std::io::Result<()> {
                 let _ = match mode {
                     Mode::Echo => echo(ws).await,
                     Mode::Broadcast => broadcast(ws, id, &clients).await,
+                    Mode::Pubsub => pubsub(ws, id, &rooms).await,
                 };
             });
         }
@@ -64,18 +69,14 @@ async fn echo(mut ws: WebSocketStream<TcpStream>) -> Result<(), Error> {
     Ok(())
 }
 
-/// Reads on this task, writes on a task of its own fed by an unbounded channel.
-async fn broadcast(
-    ws: WebSocketStream<TcpStream>,
-    id: u64,
-    clients: &Registry,
-) -> Result<(), Error> {
-    let (mut sink, mut stream) = ws.split();
+/// Starts a writer task fed by an unbounded channel; returns its sender.
+fn spawn_writer(
+    mut sink: futures_util::stream::SplitSink<WebSocketStream<TcpStream>, Message>,
+) -> UnboundedSender<Message> {
     let (tx, mut rx) = unbounded_channel::<Message>();
-    clients.lock().unwrap().insert(id, tx);
     tokio::spawn(async move {
-        // Write whatever is queued, then flush once. Ends when the sender is
-        // removed from the registry, or on the first write error.
+        // Write whatever is queued, then flush once. Ends when every sender
+        // is gone, or on the first write error.
         while let Some(message) = rx.recv().await {
             sink.feed(message).await?;
             while let Ok(message) = rx.try_recv() {
@@ -85,6 +86,45 @@ async fn broadcast(
         }
         Ok::<_, Error>(())
     });
+    tx
+}
+
+/// The commands of `examples/pubsub`; a publish is copied once and its
+/// payload shared by every member's queue.
+async fn pubsub(ws: WebSocketStream<TcpStream>, id: u64, rooms: &RoomMap) -> Result<(), Error> {
+    let (sink, mut stream) = ws.split();
+    let me = spawn_writer(sink);
+    let mut membership = Membership::new(id);
+    let result = async {
+        while let Some(message) = stream.next().await {
+            let reply = match message? {
+                Message::Text(text) => membership.command(rooms, &me, &text, |topic, payload| {
+                    let payload = Message::Text(payload.into());
+                    rooms.publish(topic, id, |member| drop(member.send(payload.clone())));
+                }),
+                Message::Binary(_) => Some(NOT_TEXT),
+                _ => None,
+            };
+            if let Some(reply) = reply {
+                let _ = me.send(Message::text(reply));
+            }
+        }
+        Ok(())
+    }
+    .await;
+    membership.leave(rooms);
+    result
+}
+
+/// Reads on this task, writes on a writer task.
+async fn broadcast(
+    ws: WebSocketStream<TcpStream>,
+    id: u64,
+    clients: &Registry,
+) -> Result<(), Error> {
+    let (sink, mut stream) = ws.split();
+    // The writer ends when its sender is removed from the registry.
+    clients.lock().unwrap().insert(id, spawn_writer(sink));
     let result = async {
         while let Some(message) = stream.next().await {
             let message = message?;

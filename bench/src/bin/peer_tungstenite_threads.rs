@@ -1,7 +1,7 @@
 //! Peer server for benchmarks: blocking tungstenite, one OS thread per client
-//! (and, in broadcast mode, a second one to write).
-//! Same command line (`peer_tungstenite_threads [ADDR] [echo|broadcast] [--max-message-size BYTES]`)
-//! and behaviour as enjent's `examples/echo`.
+//! (and, in broadcast and pubsub modes, a second one to write).
+//! Same command line (`peer_tungstenite_threads [ADDR] [echo|broadcast|pubsub] [--max-message-size BYTES]`)
+//! and behaviour as enjent's `examples/echo` (and, in `pubsub` mode, `examples/pubsub`).
 
 use std::collections::HashMap;
 use std::io::{self, Read, Write};
@@ -16,10 +16,13 @@ use tungstenite::{Message, Result, WebSocket, accept_with_config};
 #[path = "../peer_cli.rs"]
 mod peer_cli;
 
-use peer_cli::{Mode, parse_args};
+use peer_cli::{Membership, Mode, NOT_TEXT, Rooms, parse_args};
 
 /// Every connected client (broadcast mode), by id: the sender of its writer thread.
 type Registry = Arc<Mutex<HashMap<u64, Sender<Message>>>>;
+
+/// Pubsub mode: the members of each room.
+type RoomMap = Arc<Rooms<Sender<Message>>>;
 
 /// The socket as the reading thread uses it. In broadcast mode its writes are
 /// dropped after the handshake: the writer thread sends pongs and the close
@@ -61,10 +64,11 @@ fn main() -> io::Result<()> {
     io::stdout().flush()?;
 
     let clients = Registry::default();
+    let rooms = RoomMap::default();
     for (id, stream) in (0u64..).zip(listener.incoming()) {
         let Ok(stream) = stream else { continue };
         let _ = stream.set_nodelay(true);
-        let clients = clients.clone();
+        let (clients, rooms) = (clients.clone(), rooms.clone());
         thread::spawn(move || {
             let side = ReadSide {
                 stream,
@@ -75,6 +79,7 @@ fn main() -> io::Result<()> {
                 let _ = match mode {
                     Mode::Echo => echo(ws),
                     Mode::Broadcast => broadcast(ws, id, &clients),
+                    Mode::Pubsub => pubsub(ws, id, &rooms),
                 };
             }
         });
@@ -93,17 +98,24 @@ fn echo(mut ws: WebSocket<ReadSide>) -> Result<()> {
     }
 }
 
-fn broadcast(mut ws: WebSocket<ReadSide>, id: u64, clients: &Registry) -> Result<()> {
+/// Starts the writer thread of a connection whose reads stay on this
+/// thread; returns the sender that feeds it.
+fn spawn_writer(ws: &mut WebSocket<ReadSide>) -> Result<Sender<Message>> {
     let stream = ws.get_ref().stream.try_clone()?;
     ws.get_mut().discard_writes = true;
     let mut out = WebSocket::from_raw_socket(stream, Role::Server, Some(*ws.get_config()));
     let (tx, rx) = channel();
-    clients.lock().unwrap().insert(id, tx.clone());
     thread::spawn(move || {
         let _ = write_all(&mut out, rx);
         // Closes the connection after the close reply, and wakes the reader on errors.
         let _ = out.get_ref().shutdown(Shutdown::Both);
     });
+    Ok(tx)
+}
+
+fn broadcast(mut ws: WebSocket<ReadSide>, id: u64, clients: &Registry) -> Result<()> {
+    let tx = spawn_writer(&mut ws)?;
+    clients.lock().unwrap().insert(id, tx.clone());
     let result = loop {
         match ws.read() {
             Ok(message) if message.is_text() || message.is_binary() => {
@@ -121,6 +133,40 @@ fn broadcast(mut ws: WebSocket<ReadSide>, id: u64, clients: &Registry) -> Result
         }
     };
     clients.lock().unwrap().remove(&id);
+    if result.is_err() {
+        let _ = ws.get_ref().stream.shutdown(Shutdown::Both);
+    }
+    result
+}
+
+/// The commands of `examples/pubsub`; a publish copies its payload once and
+/// every member's queue shares it.
+fn pubsub(mut ws: WebSocket<ReadSide>, id: u64, rooms: &RoomMap) -> Result<()> {
+    let tx = spawn_writer(&mut ws)?;
+    let mut membership = Membership::new(id);
+    let result = loop {
+        let reply = match ws.read() {
+            Ok(Message::Text(text)) => membership.command(rooms, &tx, &text, |topic, payload| {
+                let payload = Message::Text(payload.into());
+                rooms.publish(topic, id, |member| drop(member.send(payload.clone())));
+            }),
+            Ok(Message::Binary(_)) => Some(NOT_TEXT),
+            Ok(Message::Ping(payload)) => {
+                let _ = tx.send(Message::Pong(payload));
+                None
+            }
+            Ok(Message::Close(frame)) => {
+                let _ = tx.send(Message::Close(frame)); // the writer replies, then closes
+                break Ok(());
+            }
+            Ok(_) => None,
+            Err(e) => break Err(e),
+        };
+        if let Some(reply) = reply {
+            let _ = tx.send(Message::text(reply));
+        }
+    };
+    membership.leave(rooms);
     if result.is_err() {
         let _ = ws.get_ref().stream.shutdown(Shutdown::Both);
     }
