@@ -143,9 +143,17 @@ enum Form<'a> {
     Own(&'a Message),
 }
 
+/// What a parallel job does for each connection.
+enum Op {
+    /// Send the broadcast's frame.
+    Send(Frames),
+    /// Flush the write token a publish took (`Conn::queue_shared`).
+    Flush,
+}
+
 struct Job<T> {
     conns: Vec<Arc<Conn<T>>>,
-    frames: Frames,
+    op: Op,
     /// Next chunk to claim.
     next: AtomicUsize,
     /// Chunks finished, with their counts.
@@ -168,7 +176,11 @@ impl<T: Send + Sync + 'static> Job<T> {
             let end = ((k + 1) * CHUNK).min(self.conns.len());
             let mut part = Broadcast::default();
             for conn in &self.conns[k * CHUNK..end] {
-                count(&mut part, self.frames.send(shared, conn));
+                let result = match &self.op {
+                    Op::Send(frames) => frames.send(shared, conn),
+                    Op::Flush => Ok(conn.flush_taken(shared)),
+                };
+                count(&mut part, result);
             }
             let mut done = self.done.lock();
             done.0 += 1;
@@ -198,28 +210,42 @@ pub(crate) fn broadcast<T: Send + Sync + 'static>(
 ) -> Broadcast {
     let conns = shared.registry.snapshot();
     let frames = Frames::new(shared, message, &conns);
+    for_each(shared, conns, Op::Send(frames))
+}
+
+/// Flush, for a publish, the connections whose write token it took: with
+/// many subscribers the pool's idle workers help, as for a broadcast.
+pub(crate) fn flush_all<T: Send + Sync + 'static>(
+    shared: &Arc<Shared<T>>,
+    conns: Vec<Arc<Conn<T>>>,
+) -> Broadcast {
+    for_each(shared, conns, Op::Flush)
+}
+
+/// Do `op` for every connection: on this thread for a few, split into
+/// chunks that idle workers help with for many.
+fn for_each<T: Send + Sync + 'static>(
+    shared: &Arc<Shared<T>>,
+    conns: Vec<Arc<Conn<T>>>,
+    op: Op,
+) -> Broadcast {
     let helpers = shared
         .config
         .workers
         .min(conns.len() / CHUNK)
         .saturating_sub(1);
-    if conns.len() < PARALLEL_FROM || helpers == 0 {
-        let mut report = Broadcast::default();
-        for conn in &conns {
-            count(&mut report, frames.send(shared, conn));
-        }
-        return report;
-    }
     let job = Arc::new(Job {
         conns,
-        frames,
+        op,
         next: AtomicUsize::new(0),
         done: Mutex::new((0, Broadcast::default())),
         finished: Condvar::new(),
     });
-    for _ in 0..helpers {
-        let (job, shared2) = (Arc::clone(&job), Arc::clone(shared));
-        shared.pool.execute(move || job.work(&shared2));
+    if job.conns.len() >= PARALLEL_FROM {
+        for _ in 0..helpers {
+            let (job, shared2) = (Arc::clone(&job), Arc::clone(shared));
+            shared.pool.execute(move || job.work(&shared2));
+        }
     }
     // The caller works too, and only waits for chunks that a helper has
     // already claimed and is sending: it never waits on queued pool work,

@@ -20,7 +20,7 @@ use std::sync::Arc;
 
 use parking_lot::{Mutex, RwLock};
 
-use crate::client::{ClientId, SendStatus};
+use crate::client::ClientId;
 use crate::error::{Error, Result};
 use crate::message::Message;
 use crate::runtime::Shared;
@@ -209,12 +209,9 @@ impl<T: Send + Sync + 'static> Topics<T> {
                 }
             }
         }
-        for conn in to_flush {
-            match conn.flush_taken(shared) {
-                SendStatus::Written => report.written += 1,
-                SendStatus::Queued => report.queued += 1,
-            }
-        }
+        let flushed = crate::runtime::broadcast::flush_all(shared, to_flush);
+        report.written += flushed.written;
+        report.queued += flushed.queued;
         report
     }
 }
