@@ -54,7 +54,10 @@ pub enum Event<T = ()> {
     /// yours panicked ([`Error::HandlerPanicked`]), or the server recovered
     /// from a failure of its own ([`Error::Internal`], [`Error::Io`]). The
     /// library writes nothing to stderr; this (or
-    /// [`on_error`](crate::Builder::on_error)) is where such things go.
+    /// [`on_error`](crate::Builder::on_error)) is where such things go. In
+    /// the closure style (an `on_message` closure) this event, like every
+    /// kind without a closure, is not queued: register `on_error` there;
+    /// `stats()` counts the errors either way.
     Error {
         /// The client concerned, if there is one.
         client: Option<Client<T>>,
