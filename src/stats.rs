@@ -12,7 +12,10 @@ use parking_lot::Mutex;
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct Stats {
-    /// Connections open now (handshake done, not yet disconnected).
+    /// Connections open now (handshake done, not yet disconnected). A
+    /// connection leaves this count just before its `Disconnect` is
+    /// emitted, so a `Disconnect` closure may still be running when it
+    /// reads 0.
     pub connections: u64,
     /// Handshakes completed with `101`.
     pub handshakes_accepted: u64,
