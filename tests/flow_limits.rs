@@ -824,6 +824,10 @@ fn send_timeout_waits_for_room_from_a_user_thread() {
         let mut s = raw_ws(server.local_addr());
         let c = expect_connect(&server);
         let (mut sent, back, _) = fill_stuck(&c, |i| numbered(i, LEN).into());
+        // Taken before the reader's 300 ms begin: after the spawn, a stall
+        // of this thread would eat into them, and the wait below could
+        // look shorter than 100 ms although no room was made early.
+        let t0 = Instant::now();
         // The client starts reading after 300 ms, checking the order; the
         // text "end" closes the sequence.
         let reader = thread::spawn(move || {
@@ -841,7 +845,6 @@ fn send_timeout_waits_for_room_from_a_user_thread() {
                 }
             }
         });
-        let t0 = Instant::now();
         // The message refused last goes first: order is kept.
         let r = c.send_timeout(back, Duration::from_secs(5));
         let waited = t0.elapsed();
