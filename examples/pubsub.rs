@@ -3,7 +3,12 @@
 //!
 //! ```text
 //! cargo run --release --example pubsub -- [ADDR] [--max-message-size BYTES]
+//! cargo run --release --features redis --example pubsub -- [ADDR] --redis redis://127.0.0.1:6379
 //! ```
+//!
+//! With `--redis URL`, the server is one instance of a cluster: its topics
+//! are shared through Redis with every other instance on the same Redis,
+//! and the bridge's ups and downs are reported on stderr.
 //!
 //! Default address: 127.0.0.1:13004. Each text message from a client is a
 //! command:
@@ -19,7 +24,7 @@
 use enjent::{Client, Error, Message, WebSocketServer};
 
 fn usage(why: &str) -> Error {
-    eprintln!("{why}\nusage: pubsub [ADDR] [--max-message-size BYTES]");
+    eprintln!("{why}\nusage: pubsub [ADDR] [--max-message-size BYTES] [--redis URL]");
     Error::InvalidInput("bad arguments")
 }
 
@@ -53,6 +58,21 @@ fn reply(client: &Client, text: &str) {
     let _ = client.send(text);
 }
 
+#[cfg(feature = "redis")]
+fn with_redis(builder: enjent::Builder, url: &str) -> Result<enjent::Builder, Error> {
+    let bridge = enjent::bridge::RedisBridge::new(url)?;
+    Ok(builder
+        .bridge(bridge)
+        .on_bridge(|event| eprintln!("{event}")))
+}
+
+#[cfg(not(feature = "redis"))]
+fn with_redis(_: enjent::Builder, _: &str) -> Result<enjent::Builder, Error> {
+    Err(usage(
+        "--redis needs the redis feature: cargo run --features redis --example pubsub",
+    ))
+}
+
 fn main() -> Result<(), Error> {
     let mut addr = "127.0.0.1:13004".to_string();
     let mut builder = WebSocketServer::builder();
@@ -63,6 +83,10 @@ fn main() -> Result<(), Error> {
                 let n = args.next().and_then(|v| v.parse().ok());
                 let n = n.ok_or_else(|| usage("--max-message-size needs a number of bytes"))?;
                 builder = builder.max_message_size(n);
+            }
+            "--redis" => {
+                let url = args.next().ok_or_else(|| usage("--redis needs a URL"))?;
+                builder = with_redis(builder, &url)?;
             }
             "-h" | "--help" => return Err(usage("topics over a text protocol")),
             a if a.starts_with('-') => return Err(usage(&format!("unknown option {a}"))),

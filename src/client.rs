@@ -320,9 +320,7 @@ impl<T: Send + Sync + 'static> Client<T> {
             return crate::server::Broadcast::default();
         };
         let conn = self.inner.conn.upgrade();
-        shared
-            .topics
-            .publish(&shared, topic, &message.into(), conn.as_deref())
+        shared.publish(topic, &message.into(), conn.as_deref())
     }
 
     /// A handle on the server this client belongs to, for broadcasting from

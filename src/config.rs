@@ -28,6 +28,8 @@ pub struct Config {
     pub(crate) max_topics_per_client: usize,
     pub(crate) max_topic_len: usize,
     pub(crate) max_topics: usize,
+    pub(crate) bridge_prefix: String,
+    pub(crate) bridge_outbox_bytes: usize,
     pub(crate) protocols: Vec<String>,
     pub(crate) allowed_origins: Option<Vec<String>>,
     pub(crate) trust_proxy: bool,
@@ -76,6 +78,8 @@ impl Default for Config {
             max_topics_per_client: 256,
             max_topic_len: 256,
             max_topics: 1_000_000,
+            bridge_prefix: "enjent:".into(),
+            bridge_outbox_bytes: 8 << 20,
             protocols: Vec::new(),
             allowed_origins: None,
             trust_proxy: false,
@@ -193,6 +197,17 @@ impl Config {
         self.max_topics
     }
 
+    /// What the bridge's channel names start with (see
+    /// [`Builder::bridge_prefix`](crate::Builder::bridge_prefix)).
+    pub fn bridge_prefix(&self) -> &str {
+        &self.bridge_prefix
+    }
+
+    /// Bytes of envelopes that may wait for the bridge.
+    pub fn bridge_outbox_bytes(&self) -> usize {
+        self.bridge_outbox_bytes
+    }
+
     /// Whether the closure style also queues events that have no closure.
     pub fn queue_unhandled_events(&self) -> bool {
         self.queue_unhandled_events
@@ -245,6 +260,9 @@ impl Config {
         }
         if self.max_connections_per_ip == 0 {
             return Err("max_connections_per_ip must be at least 1");
+        }
+        if self.bridge_outbox_bytes == 0 {
+            return Err("bridge_outbox_bytes must be at least 1");
         }
         if self.event_queue_bytes == 0 {
             return Err("event_queue_bytes must be at least 1");

@@ -5,6 +5,7 @@ use std::fmt;
 use std::sync::{Arc, mpsc};
 use std::time::Duration;
 
+use crate::bridge::BridgeEvent;
 use crate::client::Client;
 use crate::error::Error;
 use crate::message::{CloseFrame, Message};
@@ -64,6 +65,10 @@ pub enum Event<T = ()> {
         /// What happened.
         error: Error,
     },
+    /// The bridge to other servers went up or down, or missed messages
+    /// (see [`Builder::bridge`](crate::Builder::bridge)). In the closure
+    /// style, register [`on_bridge`](crate::Builder::on_bridge) instead.
+    Bridge(BridgeEvent),
 }
 
 impl<T> Event<T> {
@@ -76,6 +81,7 @@ impl<T> Event<T> {
             | Event::Drain { client }
             | Event::Disconnect { client, .. } => Some(client),
             Event::Error { client, .. } => client.as_ref(),
+            Event::Bridge(_) => None,
         }
     }
 }
@@ -105,6 +111,7 @@ impl<T> fmt::Debug for Event<T> {
                 .field("client", client)
                 .field("error", error)
                 .finish(),
+            Event::Bridge(event) => f.debug_tuple("Bridge").field(event).finish(),
         }
     }
 }

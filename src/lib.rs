@@ -151,6 +151,7 @@
 #[doc = include_str!("../README.md")]
 struct ReadmeDoctests;
 
+pub mod bridge;
 mod client;
 mod config;
 mod error;
@@ -170,7 +171,7 @@ pub use message::{CloseCode, CloseFrame, Message};
 pub use proto::deflate::Compression;
 pub use proto::handshake::{HttpResponse, Reject, Request, Response};
 pub use server::{Broadcast, Builder, ServerHandle, WebSocketServer};
-pub use stats::Stats;
+pub use stats::{BridgeStats, Stats};
 
 // The Send/Sync/Clone a user relies on, checked at compile time.
 const _: () = {

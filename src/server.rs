@@ -10,6 +10,7 @@ use parking_lot::Mutex;
 use polling::Poller;
 use threadpool::ThreadPool;
 
+use crate::bridge::{Bridge, BridgeEvent};
 use crate::client::{Client, ClientId, SendStatus};
 use crate::config::Config;
 use crate::config::SlowClientPolicy;
@@ -197,9 +198,7 @@ impl<T: Send + Sync + 'static> WebSocketServer<T> {
 
     /// See [`ServerHandle::publish`].
     pub fn publish(&self, topic: &str, message: impl Into<Message>) -> Broadcast {
-        self.shared
-            .topics
-            .publish(&self.shared, topic, &message.into(), None)
+        self.shared.publish(topic, &message.into(), None)
     }
 
     /// See [`ServerHandle::subscribers`].
@@ -347,7 +346,7 @@ impl<T: Send + Sync + 'static> ServerHandle<T> {
     /// and never slows the others. Returns the per-client counts.
     pub fn publish(&self, topic: &str, message: impl Into<Message>) -> Broadcast {
         match self.shared() {
-            Ok(s) => s.topics.publish(&s, topic, &message.into(), None),
+            Ok(s) => s.publish(topic, &message.into(), None),
             Err(_) => Broadcast::default(),
         }
     }
@@ -451,12 +450,14 @@ pub struct Builder<T = ()> {
     config: Config,
     init: Box<InitFn<T>>,
     handlers: Handlers<T>,
+    bridge: Option<Box<dyn Bridge>>,
 }
 
 impl<T> fmt::Debug for Builder<T> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Builder")
             .field("config", &self.config)
+            .field("bridge", &self.bridge.is_some())
             .finish_non_exhaustive()
     }
 }
@@ -467,6 +468,7 @@ impl<T: Send + Sync + 'static> Builder<T> {
             config: Config::default(),
             init,
             handlers: Handlers::default(),
+            bridge: None,
         }
     }
 
@@ -774,6 +776,43 @@ impl<T: Send + Sync + 'static> Builder<T> {
         self
     }
 
+    /// Share topics with other servers through a message engine, such as
+    /// [`RedisBridge`](crate::bridge::RedisBridge) (feature `redis`): a
+    /// publish here also reaches the subscribers of every server on the
+    /// same engine, and theirs reach the subscribers here. See the
+    /// [`bridge`](crate::bridge) module for what is guaranteed.
+    pub fn bridge(mut self, bridge: impl Bridge) -> Self {
+        self.bridge = Some(Box::new(bridge));
+        self
+    }
+
+    /// What the bridge's channel names start with (default `enjent:`):
+    /// servers with the same prefix on one engine share their topics;
+    /// another prefix keeps an application apart. A topic's channel is
+    /// the prefix, `t:`, then the topic.
+    pub fn bridge_prefix(mut self, prefix: impl Into<String>) -> Self {
+        self.config.bridge_prefix = prefix.into();
+        self
+    }
+
+    /// Bytes of publishes that may wait for the bridge's engine (default
+    /// 8 MiB): while the engine is slow or down, publishes wait here; what
+    /// does not fit is dropped and counted
+    /// ([`BridgeStats::dropped`](crate::stats::BridgeStats::dropped)),
+    /// and local delivery goes on.
+    pub fn bridge_outbox_bytes(mut self, bytes: usize) -> Self {
+        self.config.bridge_outbox_bytes = bytes;
+        self
+    }
+
+    /// Run `f` on the bridge's thread when the bridge goes up or down or
+    /// misses messages, instead of sending [`Event::Bridge`]. A panic in
+    /// it is reported as [`Error::HandlerPanicked`].
+    pub fn on_bridge(mut self, f: impl Fn(&BridgeEvent) + Send + Sync + 'static) -> Self {
+        self.handlers.bridge = Some(Box::new(f));
+        self
+    }
+
     /// Bind `addr` and start the accept thread, the poller thread and the
     /// pool.
     ///
@@ -801,6 +840,13 @@ impl<T: Send + Sync + 'static> Builder<T> {
         })?;
         let local_addr = listener.local_addr()?;
         let main_loop = self.handlers.message.is_none();
+        let bridge = self.bridge.map(|engine| {
+            Arc::new(crate::runtime::bridge::BridgeRt::new(
+                engine,
+                &self.config.bridge_prefix,
+                self.config.bridge_outbox_bytes,
+            ))
+        });
         let (event_queue, rx) = events::EventQueue::new(
             self.config.event_queue_bytes,
             main_loop,
@@ -827,7 +873,9 @@ impl<T: Send + Sync + 'static> Builder<T> {
             marks: flow::Marks::new(&config),
             events: event_queue,
             ready: Mutex::new(poller::ReadyQueue::default()),
-            topics: crate::runtime::topics::Topics::default(),
+            topics: crate::runtime::topics::Topics::new(bridge.clone()),
+            bridge: bridge.clone(),
+            bridge_threads: Mutex::new(Vec::new()),
             room_waiters: AtomicUsize::new(0),
             room: Mutex::new(()),
             room_cv: parking_lot::Condvar::new(),
@@ -855,6 +903,17 @@ impl<T: Send + Sync + 'static> Builder<T> {
             .name("enjent-poller".into())
             .spawn(move || poller::run(s))?;
         shared.threads.lock().extend([accept, poll]);
+        if let Some(bridge) = &shared.bridge {
+            let (b, s) = (Arc::clone(bridge), Arc::downgrade(&shared));
+            let publisher = std::thread::Builder::new()
+                .name("enjent-bridge-pub".into())
+                .spawn(move || crate::runtime::bridge::run_publisher(b, s))?;
+            let (b, s) = (Arc::clone(bridge), Arc::downgrade(&shared));
+            let receiver = std::thread::Builder::new()
+                .name("enjent-bridge-sub".into())
+                .spawn(move || crate::runtime::bridge::run_receiver(b, s))?;
+            shared.bridge_threads.lock().extend([publisher, receiver]);
+        }
         let events = Events::new(rx, Arc::clone(&shared));
         Ok(WebSocketServer { shared, events })
     }

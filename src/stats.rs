@@ -68,6 +68,42 @@ pub struct Stats {
     /// Times flow control stopped reading a client (its queue and events
     /// at high water, or the event channel over its budget).
     pub read_pauses: u64,
+    /// The bridge to other servers, if one was configured.
+    pub bridge: Option<BridgeStats>,
+}
+
+/// The bridge's counters, in [`Stats::bridge`]. Counts are totals since
+/// the server started unless the field says otherwise.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct BridgeStats {
+    /// This server's id in the envelopes it sends, random at each start.
+    pub origin: u64,
+    /// Whether both of the bridge's connections are up now.
+    pub up: bool,
+    /// Topic channels subscribed at the engine now.
+    pub channels: u64,
+    /// Publishes the engine took from this server.
+    pub published: u64,
+    /// Publishes of other servers delivered to subscribers here.
+    pub received: u64,
+    /// Publishes dropped because the outbox was full (the engine slow or
+    /// down); other servers count them as missed.
+    pub dropped: u64,
+    /// Bytes waiting in the outbox now.
+    pub outbox_bytes: u64,
+    /// Publishes of other servers that never arrived here, found by the
+    /// gaps in their sequence numbers.
+    pub missed: u64,
+    /// `missed`, by the origin that sent them.
+    pub missed_by_origin: BTreeMap<u64, u64>,
+    /// Publishes that arrived twice (sent again after a reconnection) and
+    /// were delivered once.
+    pub duplicates: u64,
+    /// Messages on the bridge's channels that were not a valid envelope.
+    pub invalid: u64,
+    /// Times the receiving connection came back after an outage.
+    pub reconnects: u64,
 }
 
 #[derive(Default)]
@@ -150,6 +186,7 @@ impl Counters {
             unparsed_in_bytes: 0,
             topics: 0,
             read_pauses: self.read_pauses.load(Relaxed),
+            bridge: None,
         }
     }
 }

@@ -2,6 +2,7 @@
 //! `proto`.
 
 pub(crate) mod acceptor;
+pub(crate) mod bridge;
 pub(crate) mod broadcast;
 pub(crate) mod conn;
 pub(crate) mod events;
@@ -41,6 +42,7 @@ pub(crate) type ConnectFn<T> = dyn Fn(&Client<T>) + Send + Sync;
 pub(crate) type MessageFn<T> = dyn Fn(&Client<T>, Message) + Send + Sync;
 pub(crate) type DisconnectFn<T> = dyn Fn(&Client<T>, &CloseFrame, Option<&Error>) + Send + Sync;
 pub(crate) type ErrorFn<T> = dyn Fn(Option<&Client<T>>, &Error) + Send + Sync;
+pub(crate) type BridgeFn = dyn Fn(&crate::bridge::BridgeEvent) + Send + Sync;
 
 /// User closures; an event kind without one goes to the channel.
 pub(crate) struct Handlers<T> {
@@ -49,6 +51,7 @@ pub(crate) struct Handlers<T> {
     pub(crate) drain: Option<Box<ConnectFn<T>>>,
     pub(crate) disconnect: Option<Box<DisconnectFn<T>>>,
     pub(crate) error: Option<Box<ErrorFn<T>>>,
+    pub(crate) bridge: Option<Box<BridgeFn>>,
     pub(crate) http: Option<Box<HttpFn>>,
 }
 
@@ -60,6 +63,7 @@ impl<T> Default for Handlers<T> {
             drain: None,
             disconnect: None,
             error: None,
+            bridge: None,
             http: None,
         }
     }
@@ -81,6 +85,8 @@ pub(crate) struct Shared<T> {
     pub(crate) events: events::EventQueue<T>,
     /// Subscriptions and publishing.
     pub(crate) topics: topics::Topics<T>,
+    /// Topics shared with other servers, if a bridge was configured.
+    pub(crate) bridge: Option<Arc<bridge::BridgeRt>>,
     /// Ready connections and handshakes waiting for a worker.
     pub(crate) ready: Mutex<poller::ReadyQueue<T>>,
     /// Threads in `send_timeout` waiting for room in some queue; the
@@ -103,6 +109,8 @@ pub(crate) struct Shared<T> {
     /// Poller loop exit flag.
     pub(crate) poller_stop: AtomicBool,
     pub(crate) threads: Mutex<Vec<std::thread::JoinHandle<()>>>,
+    /// The bridge's publisher and receiver threads.
+    pub(crate) bridge_threads: Mutex<Vec<std::thread::JoinHandle<()>>>,
     /// `WebSocketServer::shutdown`, reachable from its `Drop`, which
     /// cannot carry the `T: Send + Sync` bound itself.
     pub(crate) shutdown_fn: fn(&Arc<Shared<T>>),
@@ -170,6 +178,42 @@ impl<T: Send + Sync + 'static> Shared<T> {
                     error,
                 },
             ),
+        }
+    }
+
+    /// Publish to the local subscribers of `topic` but `except`, then to
+    /// the other servers through the bridge, if any.
+    pub(crate) fn publish(
+        self: &Arc<Self>,
+        topic: &str,
+        message: &Message,
+        except: Option<&conn::Conn<T>>,
+    ) -> crate::server::Broadcast {
+        let report = self.topics.publish(self, topic, message, except);
+        if let Some(bridge) = &self.bridge
+            && !topic.is_empty()
+            && topic.len() <= self.config.max_topic_len
+        {
+            bridge.send(topic, message);
+        }
+        report
+    }
+
+    /// Tell the user what happened to the bridge: `on_bridge` if
+    /// registered, else an `Event::Bridge`.
+    pub(crate) fn emit_bridge(&self, event: crate::bridge::BridgeEvent) {
+        #[cfg(feature = "log")]
+        match &event {
+            crate::bridge::BridgeEvent::Up => log::info!("enjent: {event}"),
+            _ => log::warn!("enjent: {event}"),
+        }
+        match &self.handlers.bridge {
+            Some(f) => {
+                if let Err(panic) = catch_unwind(AssertUnwindSafe(|| f(&event))) {
+                    self.report_panic("on_bridge", None, panic.as_ref());
+                }
+            }
+            None => self.events.push_unattached(Event::Bridge(event)),
         }
     }
 
@@ -266,6 +310,7 @@ impl<T: Send + Sync + 'static> Shared<T> {
         s.buffered_in_bytes = self.buffered_in.load(Ordering::Relaxed) as u64;
         s.unparsed_in_bytes = self.unparsed_in.load(Ordering::Relaxed) as u64;
         s.topics = self.topics.count() as u64;
+        s.bridge = self.bridge.as_ref().map(|b| b.stats());
         s
     }
 
@@ -378,6 +423,13 @@ impl<T: Send + Sync + 'static> Shared<T> {
             let _ = t.join();
         }
         shared.pool.join();
+        // The bridge last: it sends what publishes left in its outbox.
+        if let Some(bridge) = &shared.bridge {
+            bridge.stop();
+        }
+        for t in std::mem::take(&mut *shared.bridge_threads.lock()) {
+            let _ = t.join();
+        }
         // Dropping the sender ends the user's event iterator once the
         // events already sent are read.
         shared.events.close();

@@ -15,7 +15,9 @@
 //! Locks are taken in this order: `by_client`, `by_name`, a topic's
 //! `subs`, a connection's `io`.
 
-use std::collections::HashMap;
+use std::borrow::Borrow;
+use std::collections::{HashMap, HashSet};
+use std::hash::{Hash, Hasher};
 use std::sync::Arc;
 
 use parking_lot::{Mutex, RwLock};
@@ -24,6 +26,7 @@ use crate::client::ClientId;
 use crate::error::{Error, Result};
 use crate::message::Message;
 use crate::runtime::Shared;
+use crate::runtime::bridge::BridgeRt;
 use crate::runtime::broadcast::Frames;
 use crate::runtime::conn::Conn;
 use crate::server::Broadcast;
@@ -32,20 +35,141 @@ pub(crate) struct Topic<T> {
     name: Box<str>,
     /// The subscribers; the lock also puts the topic's publishes in one
     /// order.
-    subs: Mutex<Vec<Arc<Conn<T>>>>,
+    subs: Mutex<Subs<T>>,
+}
+
+/// A topic's subscribers: one inline (a user's own topic, say), or a list.
+enum Subs<T> {
+    One(Arc<Conn<T>>),
+    Many(Vec<Arc<Conn<T>>>),
+}
+
+impl<T> Subs<T> {
+    fn as_slice(&self) -> &[Arc<Conn<T>>] {
+        match self {
+            Subs::One(c) => std::slice::from_ref(c),
+            Subs::Many(v) => v,
+        }
+    }
+
+    fn push(&mut self, conn: Arc<Conn<T>>) {
+        match self {
+            Subs::Many(v) => v.push(conn),
+            Subs::One(first) => {
+                let first = Arc::clone(first);
+                *self = Subs::Many(vec![first, conn]);
+            }
+        }
+    }
+
+    /// Take `conn` out; whether any subscriber is left.
+    fn remove(&mut self, conn: &Arc<Conn<T>>) -> bool {
+        let v = match self {
+            Subs::One(c) if Arc::ptr_eq(c, conn) => {
+                // Empty, for a publish that holds the topic already.
+                *self = Subs::Many(Vec::new());
+                return false;
+            }
+            Subs::One(_) => return true,
+            Subs::Many(v) => v,
+        };
+        if let Some(i) = v.iter().position(|c| Arc::ptr_eq(c, conn)) {
+            v.swap_remove(i);
+        }
+        match v.len() {
+            0 => false,
+            1 => {
+                let last = v.pop().expect("one left");
+                *self = Subs::One(last);
+                true
+            }
+            _ => true,
+        }
+    }
+}
+
+/// A topic in the set of all of them, found by its name: the name is
+/// stored once, in the topic.
+struct Named<T>(Arc<Topic<T>>);
+
+impl<T> Borrow<str> for Named<T> {
+    fn borrow(&self) -> &str {
+        &self.0.name
+    }
+}
+
+impl<T> Hash for Named<T> {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        // As `str` hashes, so that lookups by `&str` find it.
+        self.0.name.hash(state);
+    }
+}
+
+impl<T> PartialEq for Named<T> {
+    fn eq(&self, other: &Self) -> bool {
+        self.0.name == other.0.name
+    }
+}
+
+impl<T> Eq for Named<T> {}
+
+/// A client's topics: most clients have one, kept inline; more are a
+/// boxed slice of exactly their number.
+enum Mine<T> {
+    One(Arc<Topic<T>>),
+    Many(Box<[Arc<Topic<T>>]>),
+}
+
+impl<T> Mine<T> {
+    fn as_slice(&self) -> &[Arc<Topic<T>>] {
+        match self {
+            Mine::One(t) => std::slice::from_ref(t),
+            Mine::Many(v) => v,
+        }
+    }
+
+    fn find(&self, name: &str) -> Option<usize> {
+        self.as_slice().iter().position(|t| &*t.name == name)
+    }
+
+    fn push(&mut self, topic: Arc<Topic<T>>) {
+        let mut all = self.as_slice().to_vec();
+        all.push(topic);
+        *self = Mine::Many(all.into_boxed_slice());
+    }
+
+    /// Take the `i`th out; `None` if it was the last.
+    fn remove(self, i: usize) -> (Arc<Topic<T>>, Option<Mine<T>>) {
+        match self {
+            Mine::One(t) => (t, None),
+            Mine::Many(v) => {
+                let mut v = v.into_vec();
+                let t = v.remove(i);
+                let rest = if v.len() == 1 {
+                    Mine::One(v.pop().expect("one left"))
+                } else {
+                    Mine::Many(v.into_boxed_slice())
+                };
+                (t, Some(rest))
+            }
+        }
+    }
 }
 
 pub(crate) struct Topics<T> {
-    by_name: RwLock<HashMap<Box<str>, Arc<Topic<T>>>>,
+    by_name: RwLock<HashSet<Named<T>>>,
     /// The topics of each client that has any.
-    by_client: Mutex<HashMap<ClientId, Vec<Arc<Topic<T>>>>>,
+    by_client: Mutex<HashMap<ClientId, Mine<T>>>,
+    /// Told when a topic gains its first subscriber or loses its last.
+    bridge: Option<Arc<BridgeRt>>,
 }
 
-impl<T> Default for Topics<T> {
-    fn default() -> Self {
+impl<T> Topics<T> {
+    pub(crate) fn new(bridge: Option<Arc<BridgeRt>>) -> Self {
         Topics {
-            by_name: RwLock::new(HashMap::new()),
+            by_name: RwLock::new(HashSet::new()),
             by_client: Mutex::new(HashMap::new()),
+            bridge,
         }
     }
 }
@@ -73,11 +197,11 @@ impl<T: Send + Sync + 'static> Topics<T> {
         if conn.io.lock().finished {
             return Err(Error::Closed);
         }
-        if let Some(list) = clients.get(&id) {
-            if list.iter().any(|t| &*t.name == name) {
+        if let Some(mine) = clients.get(&id) {
+            if mine.find(name).is_some() {
                 return Ok(false);
             }
-            if list.len() >= config.max_topics_per_client {
+            if mine.as_slice().len() >= config.max_topics_per_client {
                 return Err(Error::TopicLimit(
                     "client already in max_topics_per_client topics",
                 ));
@@ -89,24 +213,33 @@ impl<T: Send + Sync + 'static> Topics<T> {
         }
         let topic = {
             let mut names = self.by_name.write();
-            let topic = match names.get(name) {
-                Some(t) => Arc::clone(t),
+            match names.get(name) {
+                Some(Named(t)) => {
+                    t.subs.lock().push(Arc::clone(conn));
+                    Arc::clone(t)
+                }
                 None => {
                     if names.len() >= config.max_topics {
                         return Err(Error::TopicLimit("server already has max_topics topics"));
                     }
                     let t = Arc::new(Topic {
                         name: name.into(),
-                        subs: Mutex::new(Vec::new()),
+                        subs: Mutex::new(Subs::One(Arc::clone(conn))),
                     });
-                    names.insert(name.into(), Arc::clone(&t));
+                    names.insert(Named(Arc::clone(&t)));
+                    if let Some(bridge) = &self.bridge {
+                        bridge.topic_changed(name, true);
+                    }
                     t
                 }
-            };
-            topic.subs.lock().push(Arc::clone(conn));
-            topic
+            }
         };
-        clients.entry(id).or_default().push(topic);
+        match clients.get_mut(&id) {
+            Some(mine) => mine.push(topic),
+            None => {
+                clients.insert(id, Mine::One(topic));
+            }
+        }
         Ok(true)
     }
 
@@ -114,15 +247,13 @@ impl<T: Send + Sync + 'static> Topics<T> {
     pub(crate) fn unsubscribe(&self, conn: &Arc<Conn<T>>, name: &str) -> bool {
         let id = conn.client.id();
         let mut clients = self.by_client.lock();
-        let Some(list) = clients.get_mut(&id) else {
+        let Some(i) = clients.get(&id).and_then(|mine| mine.find(name)) else {
             return false;
         };
-        let Some(i) = list.iter().position(|t| &*t.name == name) else {
-            return false;
-        };
-        let topic = list.remove(i);
-        if list.is_empty() {
-            clients.remove(&id);
+        let mine = clients.remove(&id).expect("found above");
+        let (topic, rest) = mine.remove(i);
+        if let Some(rest) = rest {
+            clients.insert(id, rest);
         }
         self.leave(&topic, conn);
         true
@@ -132,24 +263,24 @@ impl<T: Send + Sync + 'static> Topics<T> {
     /// was the last subscriber.
     fn leave(&self, topic: &Arc<Topic<T>>, conn: &Arc<Conn<T>>) {
         let mut names = self.by_name.write();
-        let mut subs = topic.subs.lock();
-        if let Some(i) = subs.iter().position(|c| Arc::ptr_eq(c, conn)) {
-            subs.swap_remove(i);
-        }
-        if subs.is_empty()
+        let left = topic.subs.lock().remove(conn);
+        if !left
             && names
                 .get(&*topic.name)
-                .is_some_and(|t| Arc::ptr_eq(t, topic))
+                .is_some_and(|Named(t)| Arc::ptr_eq(t, topic))
         {
             names.remove(&*topic.name);
+            if let Some(bridge) = &self.bridge {
+                bridge.topic_changed(&topic.name, false);
+            }
         }
     }
 
     /// The connection is going: end all its subscriptions (before its
     /// `Disconnect` is emitted).
     pub(crate) fn remove_client(&self, conn: &Arc<Conn<T>>) {
-        let list = self.by_client.lock().remove(&conn.client.id());
-        for topic in list.iter().flatten() {
+        let mine = self.by_client.lock().remove(&conn.client.id());
+        for topic in mine.iter().flat_map(Mine::as_slice) {
             self.leave(topic, conn);
         }
     }
@@ -158,7 +289,7 @@ impl<T: Send + Sync + 'static> Topics<T> {
         self.by_client
             .lock()
             .get(&id)
-            .is_some_and(|list| list.iter().any(|t| &*t.name == name))
+            .is_some_and(|mine| mine.find(name).is_some())
     }
 
     /// The client's topics, in the order it subscribed.
@@ -166,14 +297,23 @@ impl<T: Send + Sync + 'static> Topics<T> {
         self.by_client
             .lock()
             .get(&id)
-            .map_or_else(Vec::new, |list| {
-                list.iter().map(|t| t.name.to_string()).collect()
+            .map_or_else(Vec::new, |mine| {
+                mine.as_slice().iter().map(|t| t.name.to_string()).collect()
             })
     }
 
     pub(crate) fn subscribers(&self, name: &str) -> usize {
-        let topic = self.by_name.read().get(name).cloned();
-        topic.map_or(0, |t| t.subs.lock().len())
+        let topic = self.by_name.read().get(name).map(|Named(t)| Arc::clone(t));
+        topic.map_or(0, |t| t.subs.lock().as_slice().len())
+    }
+
+    /// The names of the topics that have subscribers now.
+    pub(crate) fn names(&self) -> Vec<Box<str>> {
+        self.by_name
+            .read()
+            .iter()
+            .map(|Named(t)| t.name.clone())
+            .collect()
     }
 
     /// Topics that have subscribers now.
@@ -190,13 +330,14 @@ impl<T: Send + Sync + 'static> Topics<T> {
         except: Option<&Conn<T>>,
     ) -> Broadcast {
         let mut report = Broadcast::default();
-        let Some(topic) = self.by_name.read().get(name).cloned() else {
+        let Some(topic) = self.by_name.read().get(name).map(|Named(t)| Arc::clone(t)) else {
             return report;
         };
         let mut to_flush = Vec::new();
         {
             let subs = topic.subs.lock();
-            let frames = Frames::new(shared, message, &subs);
+            let subs = subs.as_slice();
+            let frames = Frames::new(shared, message, subs);
             for conn in subs.iter() {
                 if except.is_some_and(|e| std::ptr::eq(e, &**conn)) {
                     continue;

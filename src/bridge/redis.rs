@@ -1,0 +1,149 @@
+//! The [`Bridge`] over Redis Pub/Sub, with the `redis` crate's synchronous
+//! client: one connection publishes (a pipeline per batch), one subscribes.
+
+use std::io;
+use std::time::Duration;
+
+use redis::{Client, Connection, PubSub, RedisError};
+
+use super::{Bridge, Publisher, Subscriber};
+
+/// Topics shared through Redis Pub/Sub: one Redis channel per topic that
+/// has local subscribers.
+///
+/// ```no_run
+/// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// use enjent::WebSocketServer;
+/// use enjent::bridge::RedisBridge;
+///
+/// let server = WebSocketServer::builder()
+///     .bridge(RedisBridge::new("redis://127.0.0.1:6379")?)
+///     .start("0.0.0.0:8080")?;
+/// # Ok(()) }
+/// ```
+#[derive(Debug, Clone)]
+pub struct RedisBridge {
+    client: Client,
+    timeout: Duration,
+}
+
+impl RedisBridge {
+    /// A bridge to the Redis at `url` (`redis://[user:password@]host[:port][/db]`).
+    /// Nothing connects until the server starts.
+    ///
+    /// # Errors
+    ///
+    /// An invalid URL, as [`io::ErrorKind::InvalidInput`].
+    pub fn new(url: &str) -> io::Result<RedisBridge> {
+        let client = Client::open(url)
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e.to_string()))?;
+        Ok(RedisBridge {
+            client,
+            timeout: Duration::from_secs(2),
+        })
+    }
+
+    /// How long connecting, a write, or a command's reply may take before
+    /// the connection counts as failed (default 2 s). Also how often an
+    /// idle receiving connection is checked with a `PING`, at most.
+    pub fn timeout(mut self, timeout: Duration) -> RedisBridge {
+        self.timeout = timeout.max(Duration::from_millis(1));
+        self
+    }
+
+    fn connect(&self) -> io::Result<Connection> {
+        let con = self
+            .client
+            .get_connection_with_timeout(self.timeout)
+            .map_err(io_error)?;
+        con.set_write_timeout(Some(self.timeout))
+            .map_err(io_error)?;
+        con.set_read_timeout(Some(self.timeout)).map_err(io_error)?;
+        Ok(con)
+    }
+}
+
+fn io_error(e: RedisError) -> io::Error {
+    let kind = if e.is_timeout() {
+        io::ErrorKind::TimedOut
+    } else if e.is_connection_refusal() {
+        io::ErrorKind::ConnectionRefused
+    } else if e.is_connection_dropped() {
+        io::ErrorKind::ConnectionAborted
+    } else {
+        io::ErrorKind::Other
+    };
+    io::Error::new(kind, e.to_string())
+}
+
+impl Bridge for RedisBridge {
+    fn publisher(&self) -> io::Result<Box<dyn Publisher>> {
+        Ok(Box::new(RedisPublisher {
+            con: self.connect()?,
+        }))
+    }
+
+    fn subscriber(
+        &self,
+        session: &mut dyn FnMut(&mut dyn Subscriber) -> io::Result<()>,
+    ) -> io::Result<()> {
+        let mut con = self.connect()?;
+        let mut sub = RedisSubscriber {
+            pubsub: con.as_pubsub(),
+            read_timeout: Some(self.timeout),
+        };
+        session(&mut sub)
+    }
+}
+
+struct RedisPublisher {
+    con: Connection,
+}
+
+impl Publisher for RedisPublisher {
+    fn publish(&mut self, batch: &[(&str, &[u8])]) -> io::Result<()> {
+        let mut pipe = redis::pipe();
+        for (channel, payload) in batch {
+            pipe.cmd("PUBLISH").arg(*channel).arg(*payload).ignore();
+        }
+        pipe.exec(&mut self.con).map_err(io_error)
+    }
+}
+
+struct RedisSubscriber<'a> {
+    pubsub: PubSub<'a>,
+    read_timeout: Option<Duration>,
+}
+
+impl Subscriber for RedisSubscriber<'_> {
+    fn subscribe(&mut self, channels: &[&str]) -> io::Result<()> {
+        self.pubsub.subscribe(channels).map_err(io_error)
+    }
+
+    fn unsubscribe(&mut self, channels: &[&str]) -> io::Result<()> {
+        self.pubsub.unsubscribe(channels).map_err(io_error)
+    }
+
+    fn receive(&mut self, timeout: Duration) -> io::Result<Option<(String, Vec<u8>)>> {
+        let timeout = timeout.max(Duration::from_millis(1));
+        if self.read_timeout != Some(timeout) {
+            self.pubsub
+                .set_read_timeout(Some(timeout))
+                .map_err(io_error)?;
+            self.read_timeout = Some(timeout);
+        }
+        match self.pubsub.get_message() {
+            Ok(msg) => Ok(Some((
+                msg.get_channel_name().to_owned(),
+                msg.get_payload_bytes().to_vec(),
+            ))),
+            Err(e) if e.is_timeout() => {
+                // Nothing came: make sure the connection is alive, so that
+                // a Redis gone silent is noticed.
+                self.pubsub.ping::<redis::Value>().map_err(io_error)?;
+                Ok(None)
+            }
+            Err(e) => Err(io_error(e)),
+        }
+    }
+}

@@ -1,0 +1,714 @@
+//! The bridge's two threads and what they share with the server.
+//!
+//! - The **publisher** thread owns the engine's publishing connection. A
+//!   publish puts an envelope in the outbox (bounded in bytes, never
+//!   waiting); the thread sends the outbox in batches, in order. A batch
+//!   that failed is sent again after reconnecting: receivers drop
+//!   duplicates by sequence number.
+//! - The **receiver** thread owns the receiving connection. At the start of
+//!   each session it subscribes the channel of every topic with local
+//!   subscribers (and its own control channel), then applies the changes
+//!   topics report, and delivers what other servers published to the
+//!   local subscribers.
+//!
+//! The receiver blocks in the engine waiting for messages; when a topic
+//! gains its first subscriber or loses its last, the publisher thread
+//! sends an empty envelope to the receiver's control channel to wake it,
+//! so that a new subscription takes effect in a round trip, not a poll.
+//!
+//! Envelope, all integers big-endian:
+//!
+//! | bytes | field |
+//! | --- | --- |
+//! | 0 | version, 1 |
+//! | 1 | kind: 0 text, 1 binary, 2 wake |
+//! | 2..10 | origin: the sending server's random id |
+//! | 10..14 | epoch of the origin's sequence numbers |
+//! | 14..22 | sequence number, per origin and topic, from 1 |
+//! | 22.. | the payload |
+//!
+//! An origin numbers each topic it publishes to; it forgets the numbers
+//! of all topics at once (and starts a new epoch) when it has numbered
+//! `SEQ_TOPICS` of them, so that its memory stays bounded.
+//!
+//! Locks are taken in this order: topics' `by_name`, `changes`, `out`.
+
+use std::collections::hash_map::RandomState;
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::hash::{BuildHasher, Hasher};
+use std::io;
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+
+use parking_lot::{Condvar, Mutex};
+
+use crate::bridge::{Bridge, BridgeEvent, Publisher, Subscriber};
+use crate::message::Message;
+use crate::runtime::Shared;
+use crate::stats::BridgeStats;
+
+const VERSION: u8 = 1;
+const TEXT: u8 = 0;
+const BINARY: u8 = 1;
+const WAKE: u8 = 2;
+const HEADER: usize = 22;
+
+/// Topics an origin numbers before it starts a new epoch.
+const SEQ_TOPICS: usize = 100_000;
+/// At most this much goes to the engine in one batch.
+const BATCH_ITEMS: usize = 512;
+const BATCH_BYTES: usize = 1 << 20;
+/// Channels per subscribe or unsubscribe command.
+const CHANNELS_PER_COMMAND: usize = 1_000;
+/// How long the receiver waits for a message before it looks again at
+/// the changes and shutdown (a wake-up normally comes sooner).
+const POLL: Duration = Duration::from_secs(1);
+/// Reconnection backoff: doubling from the first to the last.
+const BACKOFF_FIRST: Duration = Duration::from_millis(50);
+const BACKOFF_LAST: Duration = Duration::from_secs(1);
+
+/// One envelope waiting for the engine.
+struct Outgoing {
+    channel: String,
+    envelope: Vec<u8>,
+}
+
+struct Outbox {
+    items: VecDeque<Outgoing>,
+    bytes: usize,
+    /// The last sequence number of each topic this server published to.
+    seqs: HashMap<Box<str>, u64>,
+    epoch: u32,
+    /// Send a wake-up to the receiver's control channel.
+    wake: bool,
+}
+
+/// What one origin has sent this server.
+#[derive(Default)]
+struct FromOrigin {
+    epoch: u32,
+    /// The last sequence number received per topic with local
+    /// subscribers.
+    last: HashMap<Box<str>, u64>,
+    missed: u64,
+}
+
+#[derive(Default)]
+struct Status {
+    publisher_up: bool,
+    receiver_up: bool,
+    /// What the user was last told: `None` before anything was.
+    told_up: Option<bool>,
+}
+
+#[derive(Default)]
+struct Counts {
+    published: AtomicU64,
+    received: AtomicU64,
+    dropped: AtomicU64,
+    missed: AtomicU64,
+    duplicates: AtomicU64,
+    invalid: AtomicU64,
+    reconnects: AtomicU64,
+    channels: AtomicU64,
+}
+
+/// The bridge state the server shares with the bridge's threads.
+pub(crate) struct BridgeRt {
+    engine: Box<dyn Bridge>,
+    pub(crate) origin: u64,
+    /// Channel name of a topic: this, then the topic's name.
+    topic_prefix: String,
+    /// This server's control channel.
+    control: String,
+    outbox_limit: usize,
+    out: Mutex<Outbox>,
+    out_cv: Condvar,
+    /// Topics that gained their first subscriber (`true`) or lost their
+    /// last, in order, for the receiver.
+    changes: Mutex<Vec<(Box<str>, bool)>>,
+    changes_pending: AtomicBool,
+    /// The receiver's session failed: the publisher reconnects too, its
+    /// connection is likely as dead.
+    publisher_stale: AtomicBool,
+    from: Mutex<HashMap<u64, FromOrigin>>,
+    status: Mutex<Status>,
+    /// Held while a status change is told, so that the user sees them in
+    /// the order they happened.
+    telling: Mutex<()>,
+    counts: Counts,
+    stopping: AtomicBool,
+    sleep: Mutex<()>,
+    sleep_cv: Condvar,
+}
+
+impl BridgeRt {
+    pub(crate) fn new(engine: Box<dyn Bridge>, prefix: &str, outbox_limit: usize) -> BridgeRt {
+        let origin = random_origin();
+        BridgeRt {
+            engine,
+            origin,
+            topic_prefix: format!("{prefix}t:"),
+            control: format!("{prefix}c:{origin:016x}"),
+            outbox_limit,
+            out: Mutex::new(Outbox {
+                items: VecDeque::new(),
+                bytes: 0,
+                seqs: HashMap::new(),
+                epoch: 0,
+                wake: false,
+            }),
+            out_cv: Condvar::new(),
+            changes: Mutex::new(Vec::new()),
+            changes_pending: AtomicBool::new(false),
+            publisher_stale: AtomicBool::new(false),
+            from: Mutex::new(HashMap::new()),
+            status: Mutex::new(Status::default()),
+            telling: Mutex::new(()),
+            counts: Counts::default(),
+            stopping: AtomicBool::new(false),
+            sleep: Mutex::new(()),
+            sleep_cv: Condvar::new(),
+        }
+    }
+
+    /// Hand a publish to the other servers: never waits.
+    pub(crate) fn send(&self, topic: &str, message: &Message) {
+        if self.stopping.load(Relaxed) {
+            return;
+        }
+        let kind = if message.is_text() { TEXT } else { BINARY };
+        let payload = message.as_bytes();
+        let mut envelope = Vec::with_capacity(HEADER + payload.len());
+        envelope.extend_from_slice(&[VERSION, kind]);
+        envelope.extend_from_slice(&self.origin.to_be_bytes());
+        envelope.extend_from_slice(&[0; 12]);
+        envelope.extend_from_slice(payload);
+        let channel = format!("{}{topic}", self.topic_prefix);
+        let mut out = self.out.lock();
+        // The number is taken even if the outbox is full, so that
+        // receivers count the message as missed.
+        let seq = match out.seqs.get_mut(topic) {
+            Some(seq) => {
+                *seq += 1;
+                *seq
+            }
+            None => {
+                if out.seqs.len() >= SEQ_TOPICS {
+                    out.seqs = HashMap::new();
+                    out.epoch = out.epoch.wrapping_add(1);
+                }
+                out.seqs.insert(topic.into(), 1);
+                1
+            }
+        };
+        envelope[10..14].copy_from_slice(&out.epoch.to_be_bytes());
+        envelope[14..22].copy_from_slice(&seq.to_be_bytes());
+        if out.bytes + envelope.len() > self.outbox_limit {
+            drop(out);
+            self.counts.dropped.fetch_add(1, Relaxed);
+            return;
+        }
+        out.bytes += envelope.len();
+        out.items.push_back(Outgoing { channel, envelope });
+        drop(out);
+        self.out_cv.notify_one();
+    }
+
+    /// A topic gained its first local subscriber (`added`) or lost its
+    /// last. Called under the topics' `by_name` lock, so that the changes
+    /// come in the order they happened.
+    pub(crate) fn topic_changed(&self, topic: &str, added: bool) {
+        self.changes.lock().push((topic.into(), added));
+        self.changes_pending.store(true, Relaxed);
+        self.out.lock().wake = true;
+        self.out_cv.notify_one();
+    }
+
+    pub(crate) fn stats(&self) -> BridgeStats {
+        let c = &self.counts;
+        let status = self.status.lock();
+        let up = status.publisher_up && status.receiver_up;
+        drop(status);
+        let missed_by_origin: BTreeMap<u64, u64> = self
+            .from
+            .lock()
+            .iter()
+            .filter(|(_, f)| f.missed > 0)
+            .map(|(&o, f)| (o, f.missed))
+            .collect();
+        BridgeStats {
+            origin: self.origin,
+            up,
+            channels: c.channels.load(Relaxed),
+            published: c.published.load(Relaxed),
+            received: c.received.load(Relaxed),
+            dropped: c.dropped.load(Relaxed),
+            outbox_bytes: self.out.lock().bytes as u64,
+            missed: c.missed.load(Relaxed),
+            missed_by_origin,
+            duplicates: c.duplicates.load(Relaxed),
+            invalid: c.invalid.load(Relaxed),
+            reconnects: c.reconnects.load(Relaxed),
+        }
+    }
+
+    /// Start stopping both threads: the publisher sends what it can of
+    /// the outbox and a last wake-up to the receiver.
+    pub(crate) fn stop(&self) {
+        self.stopping.store(true, Relaxed);
+        self.out.lock().wake = true;
+        self.out_cv.notify_all();
+        let _guard = self.sleep.lock();
+        self.sleep_cv.notify_all();
+    }
+
+    fn stopping(&self) -> bool {
+        self.stopping.load(Relaxed)
+    }
+
+    /// Sleep `d` unless stopping.
+    fn pause(&self, d: Duration) {
+        let mut guard = self.sleep.lock();
+        if !self.stopping() {
+            self.sleep_cv.wait_for(&mut guard, d);
+        }
+    }
+
+    /// Record that one side went up or down, and tell the user when the
+    /// bridge as a whole did.
+    fn set_up<T: Send + Sync + 'static>(
+        &self,
+        shared: &Weak<Shared<T>>,
+        publisher: bool,
+        up: bool,
+        error: Option<&io::Error>,
+    ) {
+        let _telling = self.telling.lock();
+        let event = {
+            let mut s = self.status.lock();
+            if publisher {
+                s.publisher_up = up;
+            } else {
+                s.receiver_up = up;
+            }
+            let now = s.publisher_up && s.receiver_up;
+            match (now, s.told_up) {
+                (true, Some(true)) | (false, Some(false)) => None,
+                (true, _) => {
+                    s.told_up = Some(true);
+                    Some(BridgeEvent::Up)
+                }
+                // Down is told once something failed: at the start, both
+                // sides are down until they connect.
+                (false, _) => error.map(|e| {
+                    s.told_up = Some(false);
+                    BridgeEvent::Down {
+                        error: e.to_string(),
+                    }
+                }),
+            }
+        };
+        if let (Some(event), Some(shared)) = (event, shared.upgrade()) {
+            shared.emit_bridge(event);
+        }
+    }
+
+    /// A message from the engine.
+    fn arrived<T: Send + Sync + 'static>(
+        &self,
+        shared: &Weak<Shared<T>>,
+        channel: &str,
+        data: &[u8],
+    ) {
+        let Some(env) = Envelope::parse(data) else {
+            self.counts.invalid.fetch_add(1, Relaxed);
+            return;
+        };
+        if env.origin == self.origin || env.kind == WAKE {
+            // Our own publish coming back, or a wake-up.
+            return;
+        }
+        let Some(topic) = channel.strip_prefix(&self.topic_prefix) else {
+            self.counts.invalid.fetch_add(1, Relaxed);
+            return;
+        };
+        let message = match env.kind {
+            TEXT => match std::str::from_utf8(env.payload) {
+                Ok(text) => Message::Text(text.to_owned()),
+                Err(_) => {
+                    self.counts.invalid.fetch_add(1, Relaxed);
+                    return;
+                }
+            },
+            _ => Message::Binary(env.payload.to_vec()),
+        };
+        let missed = {
+            let mut from = self.from.lock();
+            let f = from.entry(env.origin).or_default();
+            if env.epoch != f.epoch {
+                if epoch_before(env.epoch, f.epoch) {
+                    // From before the origin forgot its numbers: a
+                    // duplicate sent again after a reconnection.
+                    self.counts.duplicates.fetch_add(1, Relaxed);
+                    return;
+                }
+                f.epoch = env.epoch;
+                f.last.clear();
+            }
+            let missed = match f.last.get_mut(topic) {
+                Some(last) if env.seq <= *last => {
+                    self.counts.duplicates.fetch_add(1, Relaxed);
+                    return;
+                }
+                Some(last) => {
+                    let missed = env.seq - *last - 1;
+                    *last = env.seq;
+                    missed
+                }
+                None => {
+                    // The first since this server subscribed: nothing
+                    // to compare with.
+                    f.last.insert(topic.into(), env.seq);
+                    0
+                }
+            };
+            f.missed += missed;
+            missed
+        };
+        let Some(shared) = shared.upgrade() else {
+            return;
+        };
+        if missed > 0 {
+            self.counts.missed.fetch_add(missed, Relaxed);
+            shared.emit_bridge(BridgeEvent::Missed {
+                origin: env.origin,
+                topic: topic.to_owned(),
+                count: missed,
+            });
+        }
+        self.counts.received.fetch_add(1, Relaxed);
+        shared.topics.publish(&shared, topic, &message, None);
+    }
+
+    /// Forget the numbers of topics no longer subscribed here.
+    fn forget(&self, keep: impl Fn(&str) -> bool) {
+        let mut from = self.from.lock();
+        for f in from.values_mut() {
+            f.last.retain(|t, _| keep(t));
+        }
+        from.retain(|_, f| !f.last.is_empty() || f.missed > 0);
+    }
+}
+
+/// Whether epoch `a` comes before `b` (they wrap).
+fn epoch_before(a: u32, b: u32) -> bool {
+    b.wrapping_sub(a) < u32::MAX / 2
+}
+
+struct Envelope<'a> {
+    kind: u8,
+    origin: u64,
+    epoch: u32,
+    seq: u64,
+    payload: &'a [u8],
+}
+
+impl<'a> Envelope<'a> {
+    fn parse(data: &'a [u8]) -> Option<Envelope<'a>> {
+        if data.len() < HEADER || data[0] != VERSION || data[1] > WAKE {
+            return None;
+        }
+        let u64_at = |i: usize| u64::from_be_bytes(data[i..i + 8].try_into().expect("8 bytes"));
+        Some(Envelope {
+            kind: data[1],
+            origin: u64_at(2),
+            epoch: u32::from_be_bytes(data[10..14].try_into().expect("4 bytes")),
+            seq: u64_at(14),
+            payload: &data[HEADER..],
+        })
+    }
+}
+
+/// A random id for this server: the standard library's per-process random
+/// keys, the time and the process id.
+fn random_origin() -> u64 {
+    let mut h = RandomState::new().build_hasher();
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos()),
+    );
+    h.write_u32(std::process::id());
+    h.finish()
+}
+
+/// Doubling waits between connection attempts, with some jitter so that
+/// many servers do not reconnect in step.
+struct Backoff {
+    next: Duration,
+}
+
+impl Backoff {
+    fn new() -> Backoff {
+        Backoff {
+            next: BACKOFF_FIRST,
+        }
+    }
+
+    fn reset(&mut self) {
+        self.next = BACKOFF_FIRST;
+    }
+
+    fn wait(&mut self, rt: &BridgeRt) {
+        let jitter = random_origin() % (self.next.as_millis() as u64 / 4 + 1);
+        rt.pause(self.next + Duration::from_millis(jitter));
+        self.next = (self.next * 2).min(BACKOFF_LAST);
+    }
+}
+
+/// The publisher thread.
+pub(crate) fn run_publisher<T: Send + Sync + 'static>(rt: Arc<BridgeRt>, shared: Weak<Shared<T>>) {
+    let mut con: Option<Box<dyn Publisher>> = None;
+    let mut backoff = Backoff::new();
+    // The batch being sent, kept until the engine took it.
+    let mut batch: Vec<Outgoing> = Vec::new();
+    let mut data_in_batch = 0u64;
+    loop {
+        if rt.publisher_stale.swap(false, Relaxed) && con.is_some() {
+            con = None;
+            rt.set_up(&shared, true, false, None);
+        }
+        let Some(publisher) = con.as_mut() else {
+            if rt.stopping() {
+                return;
+            }
+            match catch_unwind(AssertUnwindSafe(|| rt.engine.publisher())) {
+                Ok(Ok(c)) => {
+                    con = Some(c);
+                    backoff.reset();
+                    rt.set_up(&shared, true, true, None);
+                }
+                Ok(Err(e)) => {
+                    rt.set_up(&shared, true, false, Some(&e));
+                    backoff.wait(&rt);
+                }
+                Err(_) => {
+                    let e = io::Error::other("the bridge's publisher() panicked");
+                    rt.set_up(&shared, true, false, Some(&e));
+                    backoff.wait(&rt);
+                }
+            }
+            continue;
+        };
+        if batch.is_empty() {
+            let mut out = rt.out.lock();
+            while out.items.is_empty()
+                && !out.wake
+                && !rt.stopping()
+                && !rt.publisher_stale.load(Relaxed)
+            {
+                rt.out_cv.wait(&mut out);
+            }
+            if rt.publisher_stale.load(Relaxed) {
+                continue;
+            }
+            let mut bytes = 0;
+            while batch.len() < BATCH_ITEMS && bytes < BATCH_BYTES {
+                let Some(item) = out.items.pop_front() else {
+                    break;
+                };
+                bytes += item.envelope.len();
+                batch.push(item);
+            }
+            out.bytes -= bytes;
+            data_in_batch = batch.len() as u64;
+            if std::mem::take(&mut out.wake) {
+                let mut envelope = vec![VERSION, WAKE];
+                envelope.extend_from_slice(&rt.origin.to_be_bytes());
+                envelope.extend_from_slice(&[0; 12]);
+                batch.push(Outgoing {
+                    channel: rt.control.clone(),
+                    envelope,
+                });
+            }
+            if batch.is_empty() {
+                // Stopping, and nothing left to send.
+                return;
+            }
+        }
+        let items: Vec<(&str, &[u8])> = batch
+            .iter()
+            .map(|o| (o.channel.as_str(), o.envelope.as_slice()))
+            .collect();
+        let sent = catch_unwind(AssertUnwindSafe(|| publisher.publish(&items)))
+            .unwrap_or_else(|_| Err(io::Error::other("the bridge's publish() panicked")));
+        match sent {
+            Ok(()) => {
+                rt.counts.published.fetch_add(data_in_batch, Relaxed);
+                batch.clear();
+            }
+            Err(e) => {
+                con = None;
+                rt.set_up(&shared, true, false, Some(&e));
+                if rt.stopping() {
+                    return;
+                }
+                backoff.wait(&rt);
+            }
+        }
+    }
+}
+
+/// The receiver thread.
+pub(crate) fn run_receiver<T: Send + Sync + 'static>(rt: Arc<BridgeRt>, shared: Weak<Shared<T>>) {
+    let mut backoff = Backoff::new();
+    while !rt.stopping() {
+        let mut reached_up = false;
+        let result = catch_unwind(AssertUnwindSafe(|| {
+            rt.engine.subscriber(&mut |sub: &mut dyn Subscriber| {
+                session(&rt, &shared, sub, &mut reached_up)
+            })
+        }))
+        .unwrap_or_else(|_| Err(io::Error::other("the bridge's subscriber panicked")));
+        rt.counts.channels.store(0, Relaxed);
+        if reached_up {
+            backoff.reset();
+        }
+        if rt.stopping() {
+            break;
+        }
+        let e = result
+            .err()
+            .unwrap_or_else(|| io::Error::other("the bridge's subscriber returned"));
+        rt.publisher_stale.store(true, Relaxed);
+        rt.out_cv.notify_all();
+        rt.set_up(&shared, false, false, Some(&e));
+        backoff.wait(&rt);
+    }
+}
+
+/// One connected receiving session: subscribe everything, then follow the
+/// changes and deliver what arrives.
+fn session<T: Send + Sync + 'static>(
+    rt: &BridgeRt,
+    shared: &Weak<Shared<T>>,
+    sub: &mut dyn Subscriber,
+    reached_up: &mut bool,
+) -> io::Result<()> {
+    // Everything from scratch: the pending changes are in the snapshot
+    // taken after clearing them (or come after it, and apply again
+    // harmlessly).
+    rt.changes.lock().clear();
+    rt.changes_pending.store(false, Relaxed);
+    let Some(names) = shared.upgrade().map(|s| s.topics.names()) else {
+        return Ok(());
+    };
+    let mut subscribed: HashSet<String> = HashSet::with_capacity(names.len());
+    let mut channels: Vec<String> = Vec::with_capacity(names.len() + 1);
+    channels.push(rt.control.clone());
+    channels.extend(names.iter().map(|n| format!("{}{n}", rt.topic_prefix)));
+    for chunk in channels.chunks(CHANNELS_PER_COMMAND) {
+        let refs: Vec<&str> = chunk.iter().map(String::as_str).collect();
+        sub.subscribe(&refs)?;
+    }
+    subscribed.extend(channels.into_iter().skip(1));
+    rt.counts.channels.store(subscribed.len() as u64, Relaxed);
+    {
+        let names: HashSet<&str> = names.iter().map(|n| &**n).collect();
+        rt.forget(|t| names.contains(t));
+    }
+    if rt.status.lock().told_up == Some(false) {
+        rt.counts.reconnects.fetch_add(1, Relaxed);
+    }
+    *reached_up = true;
+    rt.set_up(shared, false, true, None);
+    loop {
+        if rt.stopping() {
+            return Ok(());
+        }
+        if rt.changes_pending.swap(false, Relaxed) {
+            apply_changes(rt, sub, &mut subscribed)?;
+        }
+        if let Some((channel, data)) = sub.receive(POLL)? {
+            rt.arrived(shared, &channel, &data);
+        }
+    }
+}
+
+/// Subscribe and unsubscribe as the topics changed since the last time.
+fn apply_changes(
+    rt: &BridgeRt,
+    sub: &mut dyn Subscriber,
+    subscribed: &mut HashSet<String>,
+) -> io::Result<()> {
+    let changes = std::mem::take(&mut *rt.changes.lock());
+    // The net effect per topic: its last change.
+    let mut net: HashMap<&str, bool> = HashMap::new();
+    for (topic, added) in &changes {
+        net.insert(topic, *added);
+    }
+    let (mut add, mut remove) = (Vec::new(), Vec::new());
+    for (topic, added) in net {
+        let channel = format!("{}{topic}", rt.topic_prefix);
+        match (added, subscribed.contains(&channel)) {
+            (true, false) => add.push(channel),
+            (false, true) => remove.push(channel),
+            _ => {}
+        }
+    }
+    for chunk in add.chunks(CHANNELS_PER_COMMAND) {
+        let refs: Vec<&str> = chunk.iter().map(String::as_str).collect();
+        sub.subscribe(&refs)?;
+    }
+    for chunk in remove.chunks(CHANNELS_PER_COMMAND) {
+        let refs: Vec<&str> = chunk.iter().map(String::as_str).collect();
+        sub.unsubscribe(&refs)?;
+    }
+    for channel in &remove {
+        subscribed.remove(channel);
+    }
+    if !remove.is_empty() {
+        let gone: HashSet<&str> = remove.iter().map(|c| &c[rt.topic_prefix.len()..]).collect();
+        rt.forget(|t| !gone.contains(t));
+    }
+    subscribed.extend(add);
+    rt.counts.channels.store(subscribed.len() as u64, Relaxed);
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn epochs_wrap() {
+        assert!(epoch_before(1, 2));
+        assert!(!epoch_before(2, 1));
+        assert!(epoch_before(u32::MAX, 0));
+        assert!(!epoch_before(0, u32::MAX));
+    }
+
+    #[test]
+    fn envelopes_need_their_header() {
+        assert!(Envelope::parse(&[1; HEADER - 1]).is_none());
+        assert!(Envelope::parse(&[9; HEADER]).is_none());
+        let mut e = vec![VERSION, BINARY];
+        e.extend_from_slice(&7u64.to_be_bytes());
+        e.extend_from_slice(&3u32.to_be_bytes());
+        e.extend_from_slice(&42u64.to_be_bytes());
+        e.extend_from_slice(b"hi");
+        let p = Envelope::parse(&e).unwrap();
+        assert_eq!(
+            (p.kind, p.origin, p.epoch, p.seq, p.payload),
+            (BINARY, 7, 3, 42, &b"hi"[..])
+        );
+    }
+
+    #[test]
+    fn origins_differ() {
+        assert_ne!(random_origin(), random_origin());
+    }
+}

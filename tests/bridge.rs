@@ -1,0 +1,740 @@
+//! Topics across servers through Redis (`--features redis`): every test
+//! starts its own `redis-server` on a free loopback port, with no
+//! persistence, as a child process, and kills it at the end.
+//!
+//! Skipped, with a note on stderr, when redis-server is not installed,
+//! unless `ENJENT_REQUIRE_REDIS=1` (as in CI).
+
+#![cfg(feature = "redis")]
+
+mod support;
+
+use std::io::{self, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use enjent::bridge::{BridgeEvent, RedisBridge};
+use enjent::{Client, Message, WebSocketServer};
+use support::{frame, raw_ws, try_read_frame};
+
+const WAIT: Duration = Duration::from_secs(15);
+
+// ------------------------------------------------------------- redis-server
+
+fn redis_bin() -> Option<PathBuf> {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::iter::once(PathBuf::from("/usr/bin/redis-server"))
+        .chain(std::env::split_paths(&path).map(|d| d.join("redis-server")))
+        .find(|p| p.is_file())
+        .or_else(|| {
+            let why = "redis-server not found (looked at /usr/bin and PATH); \
+                       install it with `apt-get install redis-server`";
+            if std::env::var("ENJENT_REQUIRE_REDIS").as_deref() == Ok("1") {
+                panic!("{why} (ENJENT_REQUIRE_REDIS=1)");
+            }
+            eprintln!("skipping: {why}");
+            None
+        })
+}
+
+/// A throwaway redis-server on a loopback port.
+struct Redis {
+    bin: PathBuf,
+    child: Option<Child>,
+    port: u16,
+    dir: PathBuf,
+}
+
+impl Redis {
+    fn start() -> Option<Redis> {
+        let bin = redis_bin()?;
+        let port = TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("a free port")
+            .port();
+        let dir = std::env::temp_dir().join(format!("enjent-redis-{}-{port}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut redis = Redis {
+            bin,
+            child: None,
+            port,
+            dir,
+        };
+        redis.restart();
+        Some(redis)
+    }
+
+    fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/", self.port)
+    }
+
+    /// Start it (again) on its port, and wait until it answers.
+    fn restart(&mut self) {
+        assert!(self.child.is_none());
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let mut child = Command::new(&self.bin)
+                .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
+                .args(["--save", "", "--appendonly", "no", "--daemonize", "no"])
+                .arg("--dir")
+                .arg(&self.dir)
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("redis-server");
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = child.try_wait() {
+                    break; // the port is still taken: try again
+                }
+                if self.try_query(&["PING"]).is_ok() {
+                    self.child = Some(child);
+                    return;
+                }
+                thread::sleep(Duration::from_millis(20));
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+            assert!(Instant::now() < deadline, "redis-server did not start");
+            thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// `kill -9`.
+    fn kill9(&mut self) {
+        let mut child = self.child.take().expect("running");
+        child.kill().unwrap();
+        child.wait().unwrap();
+    }
+
+    fn try_query(&self, args: &[&str]) -> redis::RedisResult<redis::Value> {
+        query(self.port, args)
+    }
+
+    /// `PUBSUB NUMSUB channel`: how many connections subscribe it.
+    fn numsub(&self, channel: &str) -> i64 {
+        let v: Vec<redis::Value> =
+            redis::from_redis_value(self.try_query(&["PUBSUB", "NUMSUB", channel]).unwrap())
+                .unwrap();
+        redis::from_redis_value(v[1].clone()).unwrap()
+    }
+
+    fn wait_numsub(&self, topic: &str, n: i64) {
+        let channel = format!("enjent:t:{topic}");
+        let deadline = Instant::now() + WAIT;
+        let mut now = self.numsub(&channel);
+        while now != n {
+            assert!(
+                Instant::now() < deadline,
+                "NUMSUB {channel} stayed {now}, expected {n}"
+            );
+            thread::sleep(Duration::from_millis(10));
+            now = self.numsub(&channel);
+        }
+    }
+}
+
+/// One command to the Redis on `port`, on a connection of its own.
+fn query(port: u16, args: &[&str]) -> redis::RedisResult<redis::Value> {
+    let client = redis::Client::open(format!("redis://127.0.0.1:{port}/"))?;
+    let mut con = client.get_connection_with_timeout(Duration::from_secs(1))?;
+    let mut cmd = redis::cmd(args[0]);
+    for a in &args[1..] {
+        cmd.arg(*a);
+    }
+    cmd.query(&mut con)
+}
+
+/// The largest output buffer (`omem`) of a subscribed connection of the
+/// Redis on `port`.
+fn subscriber_omem(port: u16) -> u64 {
+    let list: String = redis::from_redis_value(query(port, &["CLIENT", "LIST"]).unwrap()).unwrap();
+    list.lines()
+        .filter(|l| l.split(' ').any(|f| f.starts_with("sub=") && f != "sub=0"))
+        .filter_map(|l| l.split(' ').find_map(|f| f.strip_prefix("omem=")))
+        .filter_map(|v| v.parse().ok())
+        .max()
+        .unwrap_or(0)
+}
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+// ------------------------------------------------------- enjent instances
+
+/// An instance in this process that speaks the pubsub example's text
+/// protocol, and records what its bridge told.
+struct Node {
+    server: WebSocketServer,
+    told: Arc<Mutex<Vec<BridgeEvent>>>,
+}
+
+fn command(client: &Client, message: Message) {
+    let Some(text) = message.as_text() else {
+        return;
+    };
+    let (verb, rest) = text.split_once(' ').unwrap_or((text, ""));
+    match verb {
+        "sub" => {
+            client.subscribe(rest).unwrap();
+            // Tell the client its subscription is in place here.
+            let _ = client.send(format!("subscribed {rest}"));
+        }
+        "unsub" => {
+            client.unsubscribe(rest);
+        }
+        "pub" => {
+            let (topic, payload) = rest.split_once(' ').unwrap();
+            client.publish(topic, payload);
+        }
+        _ => panic!("unexpected command {text:?}"),
+    }
+}
+
+impl Node {
+    fn start(redis: &Redis) -> Node {
+        Node::start_with(redis, |b| b)
+    }
+
+    fn start_with(redis: &Redis, f: impl FnOnce(enjent::Builder) -> enjent::Builder) -> Node {
+        let told: Arc<Mutex<Vec<BridgeEvent>>> = Arc::default();
+        let t = Arc::clone(&told);
+        let bridge = RedisBridge::new(&redis.url())
+            .unwrap()
+            .timeout(Duration::from_millis(500));
+        let builder = WebSocketServer::builder()
+            .workers(2)
+            .bridge(bridge)
+            .on_bridge(move |e| t.lock().unwrap().push(e.clone()))
+            .on_message(command);
+        let server = f(builder).start("127.0.0.1:0").unwrap();
+        let node = Node { server, told };
+        node.wait_told(|e| *e == BridgeEvent::Up, "Up at start", 0);
+        node
+    }
+
+    fn addr(&self) -> SocketAddr {
+        self.server.local_addr()
+    }
+
+    /// Wait until the bridge told an event matching `f` after the first
+    /// `skip` it told.
+    fn wait_told(&self, f: impl Fn(&BridgeEvent) -> bool, what: &str, skip: usize) {
+        let deadline = Instant::now() + WAIT;
+        while !self.told.lock().unwrap().iter().skip(skip).any(&f) {
+            assert!(
+                Instant::now() < deadline,
+                "the bridge never told {what}: {:?}",
+                self.told.lock().unwrap()
+            );
+            thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    fn told_count(&self) -> usize {
+        self.told.lock().unwrap().len()
+    }
+
+    fn bridge(&self) -> enjent::BridgeStats {
+        self.server.stats().bridge.expect("a bridge")
+    }
+}
+
+/// A raw WebSocket client of the text protocol.
+struct Peer {
+    s: TcpStream,
+    r: BufReader<TcpStream>,
+}
+
+impl Peer {
+    fn connect(addr: SocketAddr) -> Peer {
+        let s = raw_ws(addr);
+        s.set_read_timeout(Some(WAIT)).unwrap();
+        let r = BufReader::new(s.try_clone().unwrap());
+        Peer { s, r }
+    }
+
+    fn say(&mut self, text: &str) {
+        self.s.write_all(&frame(0x81, text.as_bytes())).unwrap();
+    }
+
+    fn read(&mut self) -> io::Result<String> {
+        let (op, p) = try_read_frame(&mut self.r)?;
+        assert_eq!(op, 0x81, "a text frame");
+        Ok(String::from_utf8(p).unwrap())
+    }
+
+    fn sub(&mut self, topic: &str) {
+        self.say(&format!("sub {topic}"));
+        assert_eq!(self.read().unwrap(), format!("subscribed {topic}"));
+    }
+
+    /// Nothing arrives within `d`.
+    fn silent_for(&mut self, d: Duration) -> bool {
+        self.s.set_read_timeout(Some(d)).unwrap();
+        let mut b = [0u8; 1];
+        let quiet = matches!(self.r.read(&mut b), Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut));
+        self.s.set_read_timeout(Some(WAIT)).unwrap();
+        quiet
+    }
+}
+
+fn within<R: Send + 'static>(limit: Duration, f: impl FnOnce() -> R + Send + 'static) -> R {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let h = thread::spawn(move || {
+        let _ = tx.send(f());
+    });
+    match rx.recv_timeout(limit) {
+        Ok(r) => r,
+        Err(_) => match h.join() {
+            Err(panic) => std::panic::resume_unwind(panic),
+            Ok(()) => panic!("test took over {limit:?}"),
+        },
+    }
+}
+
+// ------------------------------------------------------------------ tests
+
+#[test]
+fn three_instances_deliver_every_publish_once_in_order_and_not_to_its_sender() {
+    let Some(redis) = Redis::start() else { return };
+    within(Duration::from_secs(60), move || {
+        const EACH: usize = 2;
+        const M: usize = 300;
+        let nodes: Vec<Node> = (0..3).map(|_| Node::start(&redis)).collect();
+        let mut peers = Vec::new();
+        for node in &nodes {
+            for _ in 0..EACH {
+                let mut p = Peer::connect(node.addr());
+                p.sub("room");
+                peers.push(p);
+            }
+        }
+        redis.wait_numsub("room", 3);
+        let n = peers.len();
+        // Every peer publishes M numbered messages while it reads.
+        let handles: Vec<_> = peers
+            .into_iter()
+            .enumerate()
+            .map(|(me, mut p)| {
+                thread::spawn(move || {
+                    let mut w = p.s.try_clone().unwrap();
+                    let writer = thread::spawn(move || {
+                        for i in 0..M {
+                            let pad = "x".repeat(i % 97);
+                            w.write_all(&frame(
+                                0x81,
+                                format!("pub room {me} {i} {pad}").as_bytes(),
+                            ))
+                            .unwrap();
+                        }
+                    });
+                    let mut next = vec![0usize; n];
+                    for _ in 0..(n - 1) * M {
+                        let text = p.read().expect("every publish of the others");
+                        let mut words = text.split(' ');
+                        let from: usize = words.next().unwrap().parse().unwrap();
+                        let i: usize = words.next().unwrap().parse().unwrap();
+                        assert_ne!(from, me, "a peer got its own publish");
+                        assert_eq!(i, next[from], "peer {me}: from {from}, out of order");
+                        next[from] += 1;
+                    }
+                    writer.join().unwrap();
+                    // And nothing more: no duplicate comes late.
+                    assert!(
+                        p.silent_for(Duration::from_millis(300)),
+                        "peer {me}: a duplicate"
+                    );
+                    next
+                })
+            })
+            .collect();
+        for (me, h) in handles.into_iter().enumerate() {
+            let next = h.join().unwrap();
+            for (from, &got) in next.iter().enumerate() {
+                assert_eq!(got, if from == me { 0 } else { M });
+            }
+        }
+        for node in &nodes {
+            let b = node.bridge();
+            assert_eq!(
+                (b.missed, b.duplicates, b.invalid, b.dropped),
+                (0, 0, 0, 0),
+                "{b:?}"
+            );
+            assert!(b.up);
+            // Each node published its own peers' messages once, and got
+            // the other nodes' ones once.
+            assert_eq!(b.published, (EACH * M) as u64);
+            assert_eq!(b.received, (2 * EACH * M) as u64);
+        }
+    });
+}
+
+#[test]
+fn numsub_counts_the_instances_with_local_subscribers() {
+    let Some(redis) = Redis::start() else { return };
+    within(Duration::from_secs(60), move || {
+        let (a, b, c) = (
+            Node::start(&redis),
+            Node::start(&redis),
+            Node::start(&redis),
+        );
+        assert_eq!(redis.numsub("enjent:t:t"), 0);
+        let mut pa = Peer::connect(a.addr());
+        pa.sub("t");
+        redis.wait_numsub("t", 1);
+        let mut pb1 = Peer::connect(b.addr());
+        pb1.sub("t");
+        redis.wait_numsub("t", 2);
+        let mut pb2 = Peer::connect(b.addr());
+        pb2.sub("t");
+        let pc = Peer::connect(c.addr());
+        // A second subscriber on B subscribes nothing more at Redis; C has
+        // none.
+        thread::sleep(Duration::from_millis(200));
+        assert_eq!(redis.numsub("enjent:t:t"), 2);
+        assert_eq!(b.bridge().channels, 1);
+        assert_eq!(c.bridge().channels, 0);
+        pb1.say("unsub t");
+        thread::sleep(Duration::from_millis(200));
+        assert_eq!(redis.numsub("enjent:t:t"), 2, "B still has a subscriber");
+        // The last one on B leaves by disconnecting.
+        drop(pb2);
+        redis.wait_numsub("t", 1);
+        pa.say("unsub t");
+        redis.wait_numsub("t", 0);
+        for node in [&a, &b, &c] {
+            assert_eq!(node.bridge().channels, 0);
+        }
+        drop((pb1, pc));
+    });
+}
+
+#[test]
+fn a_message_to_one_user_reaches_them_on_whichever_instance_they_are() {
+    let Some(redis) = Redis::start() else { return };
+    within(Duration::from_secs(60), move || {
+        let nodes: Vec<Node> = (0..3).map(|_| Node::start(&redis)).collect();
+        // Each user subscribes to a topic of their own where they connect.
+        let users = ["ann", "bob", "cat"];
+        let mut peers: Vec<Peer> = users
+            .iter()
+            .zip(&nodes)
+            .map(|(u, n)| {
+                let mut p = Peer::connect(n.addr());
+                p.sub(&format!("user:{u}"));
+                p
+            })
+            .collect();
+        for u in users {
+            redis.wait_numsub(&format!("user:{u}"), 1);
+        }
+        // From the first instance's server side, to each user.
+        for u in users {
+            nodes[0]
+                .server
+                .publish(&format!("user:{u}"), format!("hello {u}"));
+        }
+        for (p, u) in peers.iter_mut().zip(users) {
+            assert_eq!(p.read().unwrap(), format!("hello {u}"));
+            assert!(
+                p.silent_for(Duration::from_millis(200)),
+                "{u} got another's"
+            );
+        }
+    });
+}
+
+#[test]
+fn redis_killed_mid_stream_local_delivery_goes_on_and_gaps_are_counted() {
+    let Some(mut redis) = Redis::start() else {
+        return;
+    };
+    within(Duration::from_secs(90), move || {
+        // A small outbox, so that most of what is published during the
+        // outage overflows it and is dropped.
+        let a = Node::start_with(&redis, |b| b.bridge_outbox_bytes(2048));
+        let b = Node::start(&redis);
+        let mut local = Peer::connect(a.addr());
+        local.sub("feed");
+        let mut remote = Peer::connect(b.addr());
+        remote.sub("feed");
+        redis.wait_numsub("feed", 2);
+
+        // A publishes a numbered message every millisecond throughout.
+        let stop = Arc::new(AtomicBool::new(false));
+        let published = Arc::new(AtomicU64::new(0));
+        let slowest = Arc::new(AtomicU64::new(0));
+        let publisher = {
+            let (stop, published, slowest) = (stop.clone(), published.clone(), slowest.clone());
+            let handle = a.server.handle();
+            thread::spawn(move || {
+                let mut i = 0u64;
+                while !stop.load(Relaxed) {
+                    let t = Instant::now();
+                    handle.publish("feed", format!("{i}"));
+                    slowest.fetch_max(t.elapsed().as_micros() as u64, Relaxed);
+                    i += 1;
+                    published.store(i, Relaxed);
+                    thread::sleep(Duration::from_millis(1));
+                }
+            })
+        };
+        // Readers: the numbers each peer got.
+        let reader = |mut p: Peer| {
+            thread::spawn(move || {
+                let mut got = Vec::new();
+                while let Ok(t) = p.read() {
+                    if t == "end" {
+                        break;
+                    }
+                    got.push(t.parse::<u64>().unwrap());
+                }
+                got
+            })
+        };
+        let local_count = Arc::new(AtomicU64::new(0));
+        let local_reader = {
+            let count = Arc::clone(&local_count);
+            thread::spawn(move || {
+                let mut got = Vec::new();
+                while let Ok(t) = local.read() {
+                    if t == "end" {
+                        break;
+                    }
+                    got.push(t.parse::<u64>().unwrap());
+                    count.store(got.len() as u64, Relaxed);
+                }
+                got
+            })
+        };
+        let remote_reader = reader(remote);
+
+        thread::sleep(Duration::from_millis(300));
+        let (told_a, told_b) = (a.told_count(), b.told_count());
+        redis.kill9();
+        let down = |e: &BridgeEvent| matches!(e, BridgeEvent::Down { .. });
+        a.wait_told(down, "Down", told_a);
+        b.wait_told(down, "Down", told_b);
+        assert!(!a.bridge().up && !b.bridge().up);
+        // Down, local delivery goes on.
+        let before = local_count.load(Relaxed);
+        thread::sleep(Duration::from_millis(500));
+        assert!(
+            local_count.load(Relaxed) > before + 100,
+            "local delivery stalled while Redis was down"
+        );
+        let (told_a, told_b) = (a.told_count(), b.told_count());
+        redis.restart();
+        a.wait_told(|e| *e == BridgeEvent::Up, "Up again", told_a);
+        b.wait_told(|e| *e == BridgeEvent::Up, "Up again", told_b);
+        redis.wait_numsub("feed", 2);
+        thread::sleep(Duration::from_millis(300));
+        stop.store(true, Relaxed);
+        publisher.join().unwrap();
+        let total = published.load(Relaxed);
+        // The last numbered message reached B: it is caught up.
+        let last = (total - 1).to_string();
+        let deadline = Instant::now() + WAIT;
+        while b.bridge().received == 0 || a.bridge().outbox_bytes > 0 {
+            assert!(Instant::now() < deadline);
+            thread::sleep(Duration::from_millis(10));
+        }
+        thread::sleep(Duration::from_millis(300));
+        a.server.publish("feed", "end");
+        let local_got = local_reader.join().unwrap();
+        let remote_got = remote_reader.join().unwrap();
+
+        // Locally: everything, in order.
+        assert_eq!(local_got, (0..total).collect::<Vec<_>>());
+        // Remotely: in order, no duplicate, up to the last; and every
+        // number not received is counted as missed.
+        assert!(
+            remote_got.windows(2).all(|w| w[0] < w[1]),
+            "out of order or twice"
+        );
+        assert_eq!(remote_got.first(), Some(&0));
+        assert_eq!(remote_got.last().map(u64::to_string), Some(last));
+        let bs = b.bridge();
+        let missed = bs
+            .missed_by_origin
+            .get(&a.bridge().origin)
+            .copied()
+            .unwrap_or(0);
+        assert_eq!(
+            remote_got.len() as u64 + missed,
+            total,
+            "received {} + missed {missed} != published {total}; {bs:?}",
+            remote_got.len()
+        );
+        assert!(missed > 0, "the outage lost nothing? {bs:?}");
+        assert!(a.bridge().dropped > 0);
+        assert_eq!(bs.missed, missed);
+        assert!(bs.reconnects >= 1);
+        // publish never waited for Redis.
+        let slowest = Duration::from_micros(slowest.load(Relaxed));
+        assert!(
+            slowest < Duration::from_millis(100),
+            "a publish took {slowest:?}"
+        );
+    });
+}
+
+#[test]
+fn a_client_that_stops_reading_harms_no_one_and_redis_buffers_stay_small() {
+    let Some(redis) = Redis::start() else { return };
+    within(Duration::from_secs(90), move || {
+        // 12.8 MB: more than the stalled client's socket buffers and queue
+        // can hold, in bursts of 640 KB.
+        const N: usize = 400;
+        const BURST: usize = 20;
+        const SIZE: usize = 32 * 1024;
+        let a = Node::start(&redis);
+        let b = Node::start(&redis);
+        let mut stalled = Peer::connect(b.addr());
+        stalled.sub("big");
+        let mut fast = Peer::connect(b.addr());
+        fast.sub("big");
+        redis.wait_numsub("big", 1);
+        let omem = Arc::new(AtomicU64::new(0));
+        let done = Arc::new(AtomicBool::new(false));
+        let sampler = {
+            let (omem, done) = (omem.clone(), done.clone());
+            let port = redis.port;
+            thread::spawn(move || {
+                while !done.load(Relaxed) {
+                    omem.fetch_max(subscriber_omem(port), Relaxed);
+                    thread::sleep(Duration::from_millis(5));
+                }
+            })
+        };
+        // A burst from A, then B's reading client gets all of it: B's
+        // bridge never waits for the stalled client.
+        let pad = "p".repeat(SIZE);
+        for burst in 0..N / BURST {
+            for i in burst * BURST..(burst + 1) * BURST {
+                a.server.publish("big", format!("{i} {pad}"));
+            }
+            for i in burst * BURST..(burst + 1) * BURST {
+                let t = fast.read().unwrap_or_else(|e| {
+                    panic!(
+                        "message {i} never came: {e}\nA: {:?}\nB: {:?}",
+                        a.server.stats(),
+                        b.server.stats()
+                    )
+                });
+                assert!(t.starts_with(&format!("{i} ")), "message {i} out of order");
+            }
+        }
+        done.store(true, Relaxed);
+        sampler.join().unwrap();
+        let omem = omem.load(Relaxed);
+        eprintln!("{N} x {SIZE} B through Redis: largest subscriber output buffer {omem} B");
+        assert!(omem < 2 << 20, "Redis buffered {omem} B for a subscriber");
+        let bs = b.bridge();
+        assert_eq!((bs.received, bs.missed), (N as u64, 0));
+        // The stalled client was refused copies; the reading one got all.
+        let stats = b.server.stats();
+        assert!(stats.messages_dropped > 0, "{stats:?}");
+        drop(stalled);
+    });
+}
+
+/// `examples/pubsub --redis URL` as a child process.
+struct Instance {
+    child: Child,
+    addr: SocketAddr,
+}
+
+impl Instance {
+    fn start(redis: &Redis) -> Instance {
+        let bin = support::example_bin("pubsub", &[]);
+        let mut child = Command::new(&bin)
+            .args(["127.0.0.1:0", "--redis", &redis.url()])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("{}: {e}", bin.display()));
+        let mut out = BufReader::new(child.stdout.take().unwrap());
+        let mut line = String::new();
+        std::io::BufRead::read_line(&mut out, &mut line).unwrap();
+        let addr = line
+            .trim()
+            .strip_prefix("listening on ws://")
+            .unwrap_or_else(|| {
+                panic!(
+                    "{} printed {line:?}: built without --features redis?",
+                    bin.display()
+                )
+            })
+            .parse()
+            .unwrap();
+        // Keep reading stdout so that the child never blocks on it.
+        thread::spawn(move || {
+            let mut sink = Vec::new();
+            let _ = out.read_to_end(&mut sink);
+        });
+        Instance { child, addr }
+    }
+}
+
+impl Drop for Instance {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn killing_one_instance_leaves_the_others_working() {
+    let Some(redis) = Redis::start() else { return };
+    within(Duration::from_secs(60), move || {
+        let mut instances: Vec<Instance> = (0..3).map(|_| Instance::start(&redis)).collect();
+        let mut peers: Vec<Peer> = instances
+            .iter()
+            .map(|i| {
+                let mut p = Peer::connect(i.addr);
+                p.say("sub t");
+                p
+            })
+            .collect();
+        redis.wait_numsub("t", 3);
+        // From the third instance, to the two others.
+        peers[2].say("pub t before");
+        for p in &mut peers[..2] {
+            assert_eq!(p.read().unwrap(), "before");
+        }
+        // kill -9 the third.
+        let mut gone = instances.pop().unwrap();
+        gone.child.kill().unwrap();
+        gone.child.wait().unwrap();
+        redis.wait_numsub("t", 2);
+        peers[0].say("pub t after");
+        assert_eq!(peers[1].read().unwrap(), "after");
+        peers[1].say("pub t back");
+        assert_eq!(peers[0].read().unwrap(), "back");
+        assert!(peers[0].silent_for(Duration::from_millis(200)));
+        assert!(peers[1].silent_for(Duration::from_millis(200)));
+        drop(gone);
+    });
+}
+
+#[test]
+fn the_stats_of_a_server_without_a_bridge_have_none() {
+    let server = WebSocketServer::builder().start("127.0.0.1:0").unwrap();
+    assert!(server.stats().bridge.is_none());
+}
