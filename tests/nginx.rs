@@ -80,12 +80,7 @@ fn nginx_or_skip() -> Option<PathBuf> {
 
 /// A whole nginx.conf around `SITE`, everything nginx writes kept in
 /// `prefix`.
-fn nginx_conf(prefix: &Path, listen: SocketAddr, upstream: SocketAddr) -> String {
-    assert_eq!(SITE.matches(LISTEN).count(), 1, "SITE lost its {LISTEN}");
-    assert_eq!(SITE.matches(UPSTREAM).count(), 1, "SITE lost {UPSTREAM}");
-    let site = SITE
-        .replace(LISTEN, &format!("listen {listen};"))
-        .replace(UPSTREAM, &format!("http://{upstream}"));
+fn nginx_conf(prefix: &Path, site: &str) -> String {
     let site: String = site.lines().map(|l| format!("    {l}\n")).collect();
     let p = prefix.display();
     format!(
@@ -194,16 +189,26 @@ impl Nginx {
     /// nginx proxying to `upstream`, accepting connections; retries on
     /// another port if it loses the race for the one it was given.
     fn start(bin: &Path, upstream: SocketAddr) -> Nginx {
+        assert_eq!(SITE.matches(LISTEN).count(), 1, "SITE lost its {LISTEN}");
+        assert_eq!(SITE.matches(UPSTREAM).count(), 1, "SITE lost {UPSTREAM}");
+        Nginx::start_site(bin, upstream.port(), |listen| {
+            SITE.replace(LISTEN, &format!("listen {listen};"))
+                .replace(UPSTREAM, &format!("http://{upstream}"))
+        })
+    }
+
+    /// nginx with the site `site(listen)`, listening on `listen`.
+    fn start_site(bin: &Path, tag: u16, site: impl Fn(SocketAddr) -> String) -> Nginx {
         for attempt in 1.. {
             let prefix = std::env::temp_dir().join(format!(
                 "enjent-nginx-{}-{}-{attempt}",
                 std::process::id(),
-                upstream.port()
+                tag
             ));
             let _ = std::fs::remove_dir_all(&prefix);
             std::fs::create_dir_all(&prefix).unwrap();
             let addr = free_addr();
-            let conf = nginx_conf(&prefix, addr, upstream);
+            let conf = nginx_conf(&prefix, &site(addr));
             std::fs::write(prefix.join("nginx.conf"), conf).unwrap();
             let child = Command::new(bin)
                 .args(Nginx::args(&prefix))
@@ -433,19 +438,131 @@ fn trust_proxy_sees_the_client_address_through_nginx() {
     assert_eq!((peer.ip(), forwarded.as_str()), (IpAddr::V4(LOCAL), "-"));
 }
 
-/// The README shows `SITE`; once it has its "Deploy behind NGINX" section,
-/// its `nginx` code block must be `SITE` exactly.
-#[test]
-fn readme_shows_the_tested_nginx_config() {
+/// The `nginx` code blocks of the README, in order.
+fn readme_nginx_blocks() -> Vec<String> {
     let readme =
         std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("README.md")).unwrap();
-    let start = readme
-        .find("```nginx\n")
-        .expect("README.md's Deploy section shows the nginx configuration");
-    let block = &readme[start + "```nginx\n".len()..];
-    let block = &block[..block.find("```").expect("a closed ```nginx block")];
+    readme
+        .split("```nginx\n")
+        .skip(1)
+        .map(|b| b[..b.find("```").expect("a closed ```nginx block")].to_string())
+        .collect()
+}
+
+/// The README's "Deploy behind NGINX" block is `SITE` exactly, and its
+/// "Scaling out" block `CLUSTER`.
+#[test]
+fn readme_shows_the_tested_nginx_configs() {
+    let blocks = readme_nginx_blocks();
     assert_eq!(
-        block, SITE,
-        "README.md's nginx block differs from tests/nginx.rs SITE"
+        blocks.first().map(String::as_str),
+        Some(SITE),
+        "README.md's first nginx block differs from tests/nginx.rs SITE"
     );
+    assert_eq!(
+        blocks.get(1).map(String::as_str),
+        Some(CLUSTER),
+        "README.md's second nginx block (Scaling out) differs from tests/nginx.rs CLUSTER"
+    );
+}
+
+/// The README's "Scaling out" configuration: instances of enjent behind
+/// one NGINX, their topics shared through Redis. The test swaps in
+/// loopback ports for `listen 80;` and the three `server` lines.
+const CLUSTER: &str = r#"map $http_upgrade $connection_upgrade {
+    default upgrade;
+    ''      close;
+}
+
+upstream enjent {
+    # Any balancing works: a topic reaches every instance through Redis.
+    least_conn;
+    server 127.0.0.1:13004;
+    server 127.0.0.1:13005;
+    server 127.0.0.1:13006;
+}
+
+server {
+    listen 80;
+
+    location / {
+        proxy_pass http://enjent;
+        proxy_http_version 1.1;
+        proxy_set_header Upgrade $http_upgrade;
+        proxy_set_header Connection $connection_upgrade;
+        proxy_set_header Host $host;
+        proxy_read_timeout 120s;
+        proxy_send_timeout 120s;
+    }
+}
+"#;
+
+/// Three `examples/pubsub --redis` instances behind NGINX with `CLUSTER`:
+/// real clients land on all three, and a topic reaches all of them.
+#[cfg(feature = "redis")]
+#[test]
+fn nginx_spreads_clients_over_instances_that_share_topics_through_redis() {
+    use support::redis::{Instance, Redis};
+    use tungstenite::Message as Tm;
+    let Some(bin) = nginx_or_skip() else { return };
+    let Some(redis) = Redis::start() else { return };
+    let instances: Vec<Instance> = (0..3).map(|_| Instance::start(&redis)).collect();
+    let servers = ["13004", "13005", "13006"];
+    for port in servers {
+        assert_eq!(
+            CLUSTER
+                .matches(&format!("server 127.0.0.1:{port};"))
+                .count(),
+            1
+        );
+    }
+    let nginx = Nginx::start_site(&bin, instances[0].addr.port(), |listen| {
+        let mut site = CLUSTER.replace(LISTEN, &format!("listen {listen};"));
+        for (port, i) in servers.iter().zip(&instances) {
+            site = site.replace(&format!("127.0.0.1:{port}"), &i.addr.to_string());
+        }
+        site
+    });
+    // Nine clients through NGINX, all in one topic.
+    let mut clients: Vec<support::Ws> = (0..9)
+        .map(|_| {
+            let stream = tcp_from(LOCAL, nginx.addr);
+            let (ws, _) = tungstenite::client(
+                format!("ws://{}/", nginx.addr),
+                tungstenite::stream::MaybeTlsStream::Plain(stream),
+            )
+            .expect("a handshake through nginx");
+            ws
+        })
+        .collect();
+    for ws in &mut clients {
+        ws.send(Tm::text("sub room")).unwrap();
+        // Any unknown command is answered with an error, after the `sub`
+        // before it: then the subscription is in place.
+        ws.send(Tm::text("sync")).unwrap();
+        match ws.read().unwrap() {
+            Tm::Text(t) if t.starts_with("error: ") => {}
+            other => panic!("expected the error for `sync`, got {other:?}"),
+        }
+    }
+    // Every instance got some: each subscribed the topic at Redis.
+    redis.wait_numsub("room", 3);
+    for (i, ws) in clients.iter_mut().enumerate() {
+        ws.send(Tm::text(format!("pub room from {i}"))).unwrap();
+    }
+    for (i, ws) in clients.iter_mut().enumerate() {
+        let mut got: Vec<String> = (0..8)
+            .map(|_| match ws.read().expect("a publish of another client") {
+                Tm::Text(t) => t.to_string(),
+                other => panic!("client {i} got {other:?}"),
+            })
+            .collect();
+        got.sort();
+        let want: Vec<String> = (0..9)
+            .filter(|&j| j != i)
+            .map(|j| format!("from {j}"))
+            .collect();
+        assert_eq!(got, want, "client {i}");
+    }
+    drop(nginx);
 }

@@ -13,6 +13,9 @@ use enjent::{Event, WebSocketServer};
 use tungstenite::WebSocket;
 use tungstenite::stream::MaybeTlsStream;
 
+#[cfg(feature = "redis")]
+pub mod redis;
+
 pub const WAIT: Duration = Duration::from_secs(10);
 
 pub type Ws = WebSocket<MaybeTlsStream<TcpStream>>;
