@@ -119,8 +119,8 @@ impl Frames {
 
     /// Queue the right form to `conn` without writing (see
     /// [`Conn::queue_shared`]): true if the caller must flush. A
-    /// connection with a compression context of its own compresses and
-    /// sends at once, in its context's order.
+    /// connection with a compression context of its own compresses in it
+    /// and queues the result the same way.
     pub(crate) fn queue<T: Send + Sync + 'static>(
         &self,
         shared: &Arc<Shared<T>>,
@@ -128,6 +128,9 @@ impl Frames {
     ) -> Result<bool, Error> {
         match self.pick(conn) {
             Form::Frame(frame) => conn.queue_shared(shared, frame),
+            #[cfg(feature = "deflate")]
+            Form::Own(message) => conn.queue_own(shared, message),
+            #[cfg(not(feature = "deflate"))]
             Form::Own(message) => conn
                 .send_message(shared, message.clone())
                 .map(|_| false)

@@ -744,6 +744,38 @@ impl<T: Send + Sync + 'static> Conn<T> {
         Ok(idle)
     }
 
+    /// Compress `message` in this connection's own context and queue it
+    /// without writing, as [`Conn::queue_shared`] does: true if the caller
+    /// must flush. A publish queues under its topic's lock, and writes
+    /// only after letting go of it.
+    #[cfg(feature = "deflate")]
+    pub(crate) fn queue_own(
+        self: &Arc<Self>,
+        shared: &Arc<Shared<T>>,
+        message: &Message,
+    ) -> Result<bool> {
+        let Some(d) = &self.deflater else {
+            return Err(Error::Internal("queue_own without compression".into()));
+        };
+        let op = message.opcode();
+        d.compress_in_context(message.as_bytes(), |z| {
+            let mut head = [0u8; 10];
+            let n = encode_header_rsv(&mut head, true, RSV1, op, z.len());
+            let mut w = self.admit(shared, Kind::Data, n + z.len())?;
+            let idle = !w.writing && !w.job_running && w.out.is_empty();
+            self.enqueue(
+                shared,
+                &mut w,
+                Chunk::Head(head, n as u8),
+                Some(Chunk::Owned(z)),
+            );
+            if idle {
+                w.writing = true;
+            }
+            Ok(idle)
+        })
+    }
+
     /// Flush with the write token [`Conn::queue_shared`] handed over.
     pub(crate) fn flush_taken(self: &Arc<Self>, shared: &Arc<Shared<T>>) -> SendStatus {
         let w = self.io.lock();
