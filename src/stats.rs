@@ -90,6 +90,9 @@ pub struct BridgeStats {
     /// Publishes dropped because the outbox was full (the engine slow or
     /// down); other servers count them as missed.
     pub dropped: u64,
+    /// Publishes the engine answered with an error (a channel the Redis
+    /// user may not publish to, say): dropped, never sent again.
+    pub refused: u64,
     /// Bytes waiting in the outbox now.
     pub outbox_bytes: u64,
     /// Publishes of other servers that never arrived here, found by the
@@ -100,9 +103,11 @@ pub struct BridgeStats {
     /// Publishes that arrived twice (sent again after a reconnection) and
     /// were delivered once.
     pub duplicates: u64,
-    /// Messages on the bridge's channels that were not a valid envelope.
+    /// Messages on the bridge's channels that were not a valid envelope,
+    /// or carried a sequence number or epoch too far from the last to be
+    /// believed (delivered on a new baseline).
     pub invalid: u64,
-    /// Times the receiving connection came back after an outage.
+    /// Times the bridge came back up after being up before.
     pub reconnects: u64,
 }
 

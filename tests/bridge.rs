@@ -60,9 +60,16 @@ impl Node {
     }
 
     fn start_with(redis: &Redis, f: impl FnOnce(enjent::Builder) -> enjent::Builder) -> Node {
+        let node = Node::start_at(&redis.url(), f);
+        node.wait_told(|e| *e == BridgeEvent::Up, "Up at start", 0);
+        node
+    }
+
+    /// An instance on the Redis at `url`, not waiting for it to be up.
+    fn start_at(url: &str, f: impl FnOnce(enjent::Builder) -> enjent::Builder) -> Node {
         let told: Arc<Mutex<Vec<BridgeEvent>>> = Arc::default();
         let t = Arc::clone(&told);
-        let bridge = RedisBridge::new(&redis.url())
+        let bridge = RedisBridge::new(url)
             .unwrap()
             .timeout(Duration::from_millis(500));
         let builder = WebSocketServer::builder()
@@ -71,9 +78,7 @@ impl Node {
             .on_bridge(move |e| t.lock().unwrap().push(e.clone()))
             .on_message(command);
         let server = f(builder).start("127.0.0.1:0").unwrap();
-        let node = Node { server, told };
-        node.wait_told(|e| *e == BridgeEvent::Up, "Up at start", 0);
-        node
+        Node { server, told }
     }
 
     fn addr(&self) -> SocketAddr {
@@ -267,8 +272,11 @@ fn numsub_counts_the_instances_with_local_subscribers() {
         redis.wait_numsub("t", 1);
         pa.say("unsub t");
         redis.wait_numsub("t", 0);
-        for node in [&a, &b, &c] {
-            assert_eq!(node.bridge().channels, 0);
+        // Each server's count follows once its unsubscribe is answered.
+        let deadline = Instant::now() + WAIT;
+        while [&a, &b, &c].iter().any(|n| n.bridge().channels != 0) {
+            assert!(Instant::now() < deadline, "a server still counts a channel");
+            thread::sleep(Duration::from_millis(10));
         }
         drop((pb1, pc));
     });
@@ -542,4 +550,241 @@ fn killing_one_instance_leaves_the_others_working() {
 fn the_stats_of_a_server_without_a_bridge_have_none() {
     let server = WebSocketServer::builder().start("127.0.0.1:0").unwrap();
     assert!(server.stats().bridge.is_none());
+}
+
+#[test]
+fn an_on_bridge_closure_may_shut_the_server_down() {
+    let Some(mut redis) = Redis::start() else {
+        return;
+    };
+    within(Duration::from_secs(60), move || {
+        // A common policy: on Down, stop, and let the orchestrator
+        // restart the process.
+        let handle: Arc<Mutex<Option<enjent::ServerHandle>>> = Arc::default();
+        let h = Arc::clone(&handle);
+        let server = WebSocketServer::builder()
+            .bridge(
+                RedisBridge::new(&redis.url())
+                    .unwrap()
+                    .timeout(Duration::from_millis(500)),
+            )
+            .on_bridge(move |e| {
+                if matches!(e, BridgeEvent::Down { .. })
+                    && let Some(h) = h.lock().unwrap().as_ref()
+                {
+                    h.shutdown();
+                }
+            })
+            .start("127.0.0.1:0")
+            .unwrap();
+        *handle.lock().unwrap() = Some(server.handle());
+        let deadline = Instant::now() + WAIT;
+        while !server.stats().bridge.unwrap().up {
+            assert!(Instant::now() < deadline, "never up");
+            thread::sleep(Duration::from_millis(10));
+        }
+        redis.kill9();
+        // The event stream ends: the server shut down.
+        for _ in server.events() {}
+        drop(server);
+    });
+}
+
+#[test]
+fn after_an_outage_exactly_the_topics_with_subscribers_are_subscribed_again() {
+    let Some(mut redis) = Redis::start() else {
+        return;
+    };
+    within(Duration::from_secs(60), move || {
+        let a = Node::start(&redis);
+        let mut keep = Peer::connect(a.addr());
+        keep.sub("kept");
+        let mut leaving = Peer::connect(a.addr());
+        leaving.sub("left");
+        redis.wait_numsub("kept", 1);
+        redis.wait_numsub("left", 1);
+        let told = a.told_count();
+        redis.kill9();
+        a.wait_told(|e| matches!(e, BridgeEvent::Down { .. }), "Down", told);
+        // While Redis is down: one topic loses its subscriber, many come
+        // and go (a user topic per connection, say), one is new.
+        leaving.say("unsub left");
+        let mut churn = Peer::connect(a.addr());
+        for i in 0..2000 {
+            churn.say(&format!("sub u{i}"));
+            churn.say(&format!("unsub u{i}"));
+        }
+        for i in 0..2000 {
+            assert_eq!(churn.read().unwrap(), format!("subscribed u{i}"));
+        }
+        churn.sub("new");
+        let told = a.told_count();
+        redis.restart();
+        a.wait_told(|e| *e == BridgeEvent::Up, "Up again", told);
+        let channels: Vec<String> = redis::from_redis_value(
+            support::redis::query(redis.port, &["PUBSUB", "CHANNELS", "enjent:t:*"]).unwrap(),
+        )
+        .unwrap();
+        let mut channels = channels;
+        channels.sort();
+        assert_eq!(channels, ["enjent:t:kept", "enjent:t:new"]);
+        assert_eq!(a.bridge().channels, 2);
+    });
+}
+
+#[test]
+fn unsubscribing_and_subscribing_again_counts_nothing_missed() {
+    let Some(redis) = Redis::start() else { return };
+    within(Duration::from_secs(60), move || {
+        let a = Node::start(&redis);
+        let b = Node::start(&redis);
+        let mut sub = Peer::connect(b.addr());
+        sub.sub("t");
+        redis.wait_numsub("t", 1);
+        let stop = Arc::new(AtomicBool::new(false));
+        let publisher = {
+            let (stop, handle) = (stop.clone(), a.server.handle());
+            thread::spawn(move || {
+                while !stop.load(Relaxed) {
+                    handle.publish("t", "x".repeat(100));
+                    thread::sleep(Duration::from_micros(200));
+                }
+            })
+        };
+        // B's only subscriber leaves and comes back while A publishes.
+        let mut r = sub.s.try_clone().unwrap();
+        for _ in 0..30 {
+            r.write_all(&frame(0x81, b"unsub t")).unwrap();
+            thread::sleep(Duration::from_millis(5));
+            r.write_all(&frame(0x81, b"sub t")).unwrap();
+            thread::sleep(Duration::from_millis(10));
+        }
+        stop.store(true, Relaxed);
+        publisher.join().unwrap();
+        let (ab, bb) = (a.bridge(), b.bridge());
+        assert_eq!(ab.dropped, 0, "{ab:?}");
+        assert!(bb.received > 0, "{bb:?}");
+        assert_eq!((bb.missed, bb.invalid), (0, 0), "{bb:?}");
+    });
+}
+
+#[test]
+fn forged_and_garbage_messages_on_the_channels_harm_nothing() {
+    let Some(redis) = Redis::start() else { return };
+    within(Duration::from_secs(60), move || {
+        let a = Node::start(&redis);
+        let b = Node::start(&redis);
+        let mut sub = Peer::connect(b.addr());
+        sub.sub("t");
+        redis.wait_numsub("t", 1);
+        a.server.publish("t", "first");
+        assert_eq!(sub.read().unwrap(), "first");
+        // Someone else on Redis: garbage, a bad version, bad UTF-8, and
+        // an envelope claiming A's origin with the largest number.
+        let origin = a.bridge().origin;
+        let forged = |kind: u8, seq: u64, payload: &[u8]| {
+            let mut e = vec![1, kind];
+            e.extend_from_slice(&origin.to_be_bytes());
+            e.extend_from_slice(&0u32.to_be_bytes());
+            e.extend_from_slice(&seq.to_be_bytes());
+            e.extend_from_slice(payload);
+            e
+        };
+        let client = redis::Client::open(redis.url()).unwrap();
+        let mut con = client.get_connection().unwrap();
+        for data in [
+            b"garbage".to_vec(),
+            vec![9; 40],
+            forged(0, 2, &[0xff, 0xfe]),
+            forged(7, 2, b"bad kind"),
+            forged(0, u64::MAX, b"forged"),
+        ] {
+            let _: i64 = redis::cmd("PUBLISH")
+                .arg("enjent:t:t")
+                .arg(data)
+                .query(&mut con)
+                .unwrap();
+        }
+        // A's own messages still arrive, in order.
+        for i in 0..5 {
+            a.server.publish("t", format!("real {i}"));
+        }
+        let mut got = Vec::new();
+        while got.len() < 5 {
+            let t = sub.read().unwrap();
+            if t.starts_with("real") {
+                got.push(t);
+            }
+        }
+        assert_eq!(got, (0..5).map(|i| format!("real {i}")).collect::<Vec<_>>());
+        let bb = b.bridge();
+        assert!(bb.invalid >= 4, "{bb:?}");
+        assert!(bb.up);
+    });
+}
+
+#[test]
+fn a_redis_user_refused_some_channels_gets_them_counted_and_the_rest_through() {
+    let Some(redis) = Redis::start() else { return };
+    within(Duration::from_secs(60), move || {
+        // Publishing only to topics starting with "ok", and its own
+        // control channel.
+        let _: redis::Value = support::redis::query(
+            redis.port,
+            &[
+                "ACL",
+                "SETUSER",
+                "limited",
+                "on",
+                ">secret",
+                "~*",
+                "+@all",
+                "resetchannels",
+                "&enjent:t:ok*",
+                "&enjent:c:*",
+            ],
+        )
+        .unwrap();
+        let url = format!("redis://limited:secret@127.0.0.1:{}/", redis.port);
+        let a = Node::start_at(&url, |b| b);
+        a.wait_told(|e| *e == BridgeEvent::Up, "Up", 0);
+        let b = Node::start(&redis);
+        let mut sub = Peer::connect(b.addr());
+        sub.sub("ok1");
+        redis.wait_numsub("ok1", 1);
+        a.server.publish("nope", "refused");
+        a.server.publish("ok1", "through");
+        assert_eq!(sub.read().unwrap(), "through");
+        let deadline = Instant::now() + WAIT;
+        while a.bridge().refused != 1 {
+            assert!(Instant::now() < deadline, "{:?}", a.bridge());
+            thread::sleep(Duration::from_millis(10));
+        }
+        assert_eq!(a.bridge().published, 1);
+
+        // A user with no channel at all never comes up, and says why.
+        let _: redis::Value = support::redis::query(
+            redis.port,
+            &[
+                "ACL",
+                "SETUSER",
+                "none",
+                "on",
+                ">secret",
+                "~*",
+                "+@all",
+                "resetchannels",
+            ],
+        )
+        .unwrap();
+        let url = format!("redis://none:secret@127.0.0.1:{}/", redis.port);
+        let c = Node::start_at(&url, |b| b);
+        c.wait_told(
+            |e| matches!(e, BridgeEvent::Down { error } if error.contains("permissions")),
+            "Down for the permissions",
+            0,
+        );
+        assert!(!c.told.lock().unwrap().contains(&BridgeEvent::Up));
+        assert!(!c.bridge().up);
+    });
 }

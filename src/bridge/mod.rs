@@ -73,13 +73,17 @@ pub trait Bridge: Send + Sync + 'static {
 /// A bridge's publishing connection.
 pub trait Publisher: Send {
     /// Publish each `(channel, payload)` in order, waiting until the
-    /// engine took them all.
+    /// engine answered for them all. Push onto `refused` the index of each
+    /// item the engine answered with an error (a channel it does not
+    /// allow, say): those are dropped and counted
+    /// ([`BridgeStats::refused`](crate::stats::BridgeStats::refused)),
+    /// never sent again.
     ///
     /// # Errors
     ///
     /// A failed connection: the server reconnects and publishes the same
     /// batch again (receivers drop what arrives twice).
-    fn publish(&mut self, batch: &[(&str, &[u8])]) -> io::Result<()>;
+    fn publish(&mut self, batch: &[(&str, &[u8])], refused: &mut Vec<usize>) -> io::Result<()>;
 }
 
 /// A bridge's receiving connection, inside [`Bridge::subscriber`].
@@ -88,7 +92,9 @@ pub trait Subscriber {
     ///
     /// # Errors
     ///
-    /// A failed connection.
+    /// A failed connection. An engine that cannot tell a refused
+    /// subscription (Redis Pub/Sub in RESP2 cannot) may return `Ok`: the
+    /// server notices when its own messages do not come back.
     fn subscribe(&mut self, channels: &[&str]) -> io::Result<()>;
 
     /// Stop receiving the messages published to `channels`.
@@ -110,12 +116,14 @@ pub trait Subscriber {
 
 /// What happened to a server's bridge, from
 /// [`Event::Bridge`](crate::Event::Bridge) or the
-/// [`on_bridge`](crate::Builder::on_bridge) closure.
+/// [`on_bridge`](crate::Builder::on_bridge) closure. `Missed` events are
+/// told at most 16 times a second; the counters count every message.
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum BridgeEvent {
-    /// Both connections are up and every topic with local subscribers is
-    /// subscribed again (after a start or an outage).
+    /// Both connections are up, every topic with local subscribers is
+    /// subscribed again (after a start or an outage), and a message of
+    /// this server's went through the engine and back.
     Up,
     /// A connection failed. Local delivery goes on; messages for the
     /// engine wait in the outbox, and what overflows it is dropped and

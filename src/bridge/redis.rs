@@ -90,9 +90,16 @@ impl Bridge for RedisBridge {
         let mut con = self.connect()?;
         let mut sub = RedisSubscriber {
             pubsub: con.as_pubsub(),
-            read_timeout: Some(self.timeout),
+            read_timeout: self.timeout,
+            timeout: self.timeout,
         };
-        session(&mut sub)
+        let result = session(&mut sub);
+        if result.is_err() {
+            // Dropping the subscription would unsubscribe everything, and
+            // wait for a connection that already failed: close it first.
+            let _ = sub.pubsub.set_read_timeout(Some(Duration::from_millis(1)));
+        }
+        result
     }
 }
 
@@ -101,37 +108,58 @@ struct RedisPublisher {
 }
 
 impl Publisher for RedisPublisher {
-    fn publish(&mut self, batch: &[(&str, &[u8])]) -> io::Result<()> {
+    fn publish(&mut self, batch: &[(&str, &[u8])], refused: &mut Vec<usize>) -> io::Result<()> {
         let mut pipe = redis::pipe();
+        // One answer per command, errors included: a refused channel
+        // (NOPERM) refuses that message only.
+        pipe.ignore_errors();
         for (channel, payload) in batch {
-            pipe.cmd("PUBLISH").arg(*channel).arg(*payload).ignore();
+            pipe.cmd("PUBLISH").arg(*channel).arg(*payload);
         }
-        pipe.exec(&mut self.con).map_err(io_error)
+        let answers: Vec<redis::RedisResult<redis::Value>> =
+            pipe.query(&mut self.con).map_err(io_error)?;
+        refused.extend(
+            answers
+                .iter()
+                .enumerate()
+                .filter(|(_, a)| a.is_err())
+                .map(|(i, _)| i),
+        );
+        Ok(())
     }
 }
 
 struct RedisSubscriber<'a> {
     pubsub: PubSub<'a>,
-    read_timeout: Option<Duration>,
+    /// The read timeout set now.
+    read_timeout: Duration,
+    /// The one commands get (`RedisBridge::timeout`).
+    timeout: Duration,
+}
+
+impl RedisSubscriber<'_> {
+    fn read_timeout(&mut self, t: Duration) -> io::Result<()> {
+        if self.read_timeout != t {
+            self.pubsub.set_read_timeout(Some(t)).map_err(io_error)?;
+            self.read_timeout = t;
+        }
+        Ok(())
+    }
 }
 
 impl Subscriber for RedisSubscriber<'_> {
     fn subscribe(&mut self, channels: &[&str]) -> io::Result<()> {
+        self.read_timeout(self.timeout)?;
         self.pubsub.subscribe(channels).map_err(io_error)
     }
 
     fn unsubscribe(&mut self, channels: &[&str]) -> io::Result<()> {
+        self.read_timeout(self.timeout)?;
         self.pubsub.unsubscribe(channels).map_err(io_error)
     }
 
     fn receive(&mut self, timeout: Duration) -> io::Result<Option<(String, Vec<u8>)>> {
-        let timeout = timeout.max(Duration::from_millis(1));
-        if self.read_timeout != Some(timeout) {
-            self.pubsub
-                .set_read_timeout(Some(timeout))
-                .map_err(io_error)?;
-            self.read_timeout = Some(timeout);
-        }
+        self.read_timeout(timeout.max(Duration::from_millis(1)))?;
         match self.pubsub.get_message() {
             Ok(msg) => Ok(Some((
                 msg.get_channel_name().to_owned(),
@@ -140,6 +168,7 @@ impl Subscriber for RedisSubscriber<'_> {
             Err(e) if e.is_timeout() => {
                 // Nothing came: make sure the connection is alive, so that
                 // a Redis gone silent is noticed.
+                self.read_timeout(self.timeout)?;
                 self.pubsub.ping::<redis::Value>().map_err(io_error)?;
                 Ok(None)
             }

@@ -15,6 +15,15 @@
 //! gains its first subscriber or loses its last, the publisher thread
 //! sends an empty envelope to the receiver's control channel to wake it,
 //! so that a new subscription takes effect in a round trip, not a poll.
+//! The same wake-up, at the start of each session, proves the round trip
+//! through the engine: the receiver counts as up only once its own
+//! wake-up came back (an engine that refuses this server's channels, such
+//! as a Redis user without channel permissions, never gets there and is
+//! reported down).
+//!
+//! Events for the user are queued in order and delivered with no lock
+//! held, by whichever bridge thread gets to them, so a closure may call
+//! any server method, `shutdown` included.
 //!
 //! Envelope, all integers big-endian:
 //!
@@ -31,16 +40,18 @@
 //! of all topics at once (and starts a new epoch) when it has numbered
 //! `SEQ_TOPICS` of them, so that its memory stays bounded.
 //!
-//! Locks are taken in this order: topics' `by_name`, `changes`, `out`.
+//! Locks are taken in this order: topics' `by_name` (or a topic's `subs`),
+//! `changes`, `out`; `status`, then `told`.
 
+use std::cell::Cell;
 use std::collections::hash_map::RandomState;
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::hash::{BuildHasher, Hasher};
 use std::io;
 use std::panic::{AssertUnwindSafe, catch_unwind};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed, Ordering::SeqCst};
 use std::sync::{Arc, Weak};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use parking_lot::{Condvar, Mutex};
 
@@ -65,6 +76,21 @@ const CHANNELS_PER_COMMAND: usize = 1_000;
 /// How long the receiver waits for a message before it looks again at
 /// the changes and shutdown (a wake-up normally comes sooner).
 const POLL: Duration = Duration::from_secs(1);
+/// How long a session may go without its own wake-up coming back (while
+/// the publisher is up) before it counts as failed.
+const VERIFY: Duration = Duration::from_secs(5);
+/// What an item of the outbox costs beyond its bytes.
+const ITEM_OVERHEAD: usize = 64;
+/// Origins remembered at most, and how long a silent one is kept.
+const MAX_ORIGINS: usize = 1024;
+const ORIGIN_IDLE: Duration = Duration::from_secs(3600);
+/// A sequence number further than this from the last one, or an epoch
+/// further than this from the current one, is not believed: it starts a
+/// new baseline and counts as invalid.
+const MAX_SEQ_JUMP: u64 = 1 << 32;
+const MAX_EPOCH_JUMP: u32 = 1 << 10;
+/// `Missed` events told per second at most; the counters count them all.
+const MISSED_EVENTS_PER_SEC: u32 = 16;
 /// Reconnection backoff: doubling from the first to the last.
 const BACKOFF_FIRST: Duration = Duration::from_millis(50);
 const BACKOFF_LAST: Duration = Duration::from_secs(1);
@@ -86,13 +112,13 @@ struct Outbox {
 }
 
 /// What one origin has sent this server.
-#[derive(Default)]
 struct FromOrigin {
     epoch: u32,
     /// The last sequence number received per topic with local
     /// subscribers.
     last: HashMap<Box<str>, u64>,
     missed: u64,
+    seen: Instant,
 }
 
 #[derive(Default)]
@@ -101,6 +127,17 @@ struct Status {
     receiver_up: bool,
     /// What the user was last told: `None` before anything was.
     told_up: Option<bool>,
+    /// The bridge was up at some point: a later Up is a reconnection.
+    ever_up: bool,
+}
+
+thread_local! {
+    static ON_BRIDGE: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Whether this thread is one of a bridge's: it must not wait for them.
+pub(crate) fn on_bridge_thread() -> bool {
+    ON_BRIDGE.with(Cell::get)
 }
 
 #[derive(Default)]
@@ -108,6 +145,7 @@ struct Counts {
     published: AtomicU64,
     received: AtomicU64,
     dropped: AtomicU64,
+    refused: AtomicU64,
     missed: AtomicU64,
     duplicates: AtomicU64,
     invalid: AtomicU64,
@@ -127,17 +165,23 @@ pub(crate) struct BridgeRt {
     out: Mutex<Outbox>,
     out_cv: Condvar,
     /// Topics that gained their first subscriber (`true`) or lost their
-    /// last, in order, for the receiver.
-    changes: Mutex<Vec<(Box<str>, bool)>>,
+    /// last since the receiver last looked: the latest state of each.
+    /// Recorded only while a session is open (the next one starts from a
+    /// snapshot of the topics), so it stays small through an outage.
+    changes: Mutex<HashMap<Box<str>, bool>>,
     changes_pending: AtomicBool,
+    session_open: AtomicBool,
     /// The receiver's session failed: the publisher reconnects too, its
     /// connection is likely as dead.
     publisher_stale: AtomicBool,
     from: Mutex<HashMap<u64, FromOrigin>>,
     status: Mutex<Status>,
-    /// Held while a status change is told, so that the user sees them in
-    /// the order they happened.
-    telling: Mutex<()>,
+    /// Events for the user, in order, and whether a thread is delivering
+    /// them (with no lock held).
+    told: Mutex<VecDeque<BridgeEvent>>,
+    telling: AtomicBool,
+    /// `Missed` events told in the current second: (its start, count).
+    missed_told: Mutex<(Instant, u32)>,
     counts: Counts,
     stopping: AtomicBool,
     sleep: Mutex<()>,
@@ -161,12 +205,15 @@ impl BridgeRt {
                 wake: false,
             }),
             out_cv: Condvar::new(),
-            changes: Mutex::new(Vec::new()),
+            changes: Mutex::new(HashMap::new()),
             changes_pending: AtomicBool::new(false),
+            session_open: AtomicBool::new(false),
             publisher_stale: AtomicBool::new(false),
             from: Mutex::new(HashMap::new()),
             status: Mutex::new(Status::default()),
-            telling: Mutex::new(()),
+            told: Mutex::new(VecDeque::new()),
+            telling: AtomicBool::new(false),
+            missed_told: Mutex::new((Instant::now(), 0)),
             counts: Counts::default(),
             stopping: AtomicBool::new(false),
             sleep: Mutex::new(()),
@@ -206,12 +253,13 @@ impl BridgeRt {
         };
         envelope[10..14].copy_from_slice(&out.epoch.to_be_bytes());
         envelope[14..22].copy_from_slice(&seq.to_be_bytes());
-        if out.bytes + envelope.len() > self.outbox_limit {
+        let cost = item_cost(&channel, &envelope);
+        if out.bytes + cost > self.outbox_limit {
             drop(out);
             self.counts.dropped.fetch_add(1, Relaxed);
             return;
         }
-        out.bytes += envelope.len();
+        out.bytes += cost;
         out.items.push_back(Outgoing { channel, envelope });
         drop(out);
         self.out_cv.notify_one();
@@ -219,9 +267,14 @@ impl BridgeRt {
 
     /// A topic gained its first local subscriber (`added`) or lost its
     /// last. Called under the topics' `by_name` lock, so that the changes
-    /// come in the order they happened.
+    /// come in the order they happened, and a session's snapshot of the
+    /// topics (taken under the same lock) sees every change it was not
+    /// told of.
     pub(crate) fn topic_changed(&self, topic: &str, added: bool) {
-        self.changes.lock().push((topic.into(), added));
+        if !self.session_open.load(SeqCst) {
+            return;
+        }
+        self.changes.lock().insert(topic.into(), added);
         self.changes_pending.store(true, Relaxed);
         self.out.lock().wake = true;
         self.out_cv.notify_one();
@@ -246,6 +299,7 @@ impl BridgeRt {
             published: c.published.load(Relaxed),
             received: c.received.load(Relaxed),
             dropped: c.dropped.load(Relaxed),
+            refused: c.refused.load(Relaxed),
             outbox_bytes: self.out.lock().bytes as u64,
             missed: c.missed.load(Relaxed),
             missed_by_origin,
@@ -286,8 +340,7 @@ impl BridgeRt {
         up: bool,
         error: Option<&io::Error>,
     ) {
-        let _telling = self.telling.lock();
-        let event = {
+        {
             let mut s = self.status.lock();
             if publisher {
                 s.publisher_up = up;
@@ -295,10 +348,14 @@ impl BridgeRt {
                 s.receiver_up = up;
             }
             let now = s.publisher_up && s.receiver_up;
-            match (now, s.told_up) {
+            let event = match (now, s.told_up) {
                 (true, Some(true)) | (false, Some(false)) => None,
                 (true, _) => {
+                    if s.ever_up {
+                        self.counts.reconnects.fetch_add(1, Relaxed);
+                    }
                     s.told_up = Some(true);
+                    s.ever_up = true;
                     Some(BridgeEvent::Up)
                 }
                 // Down is told once something failed: at the start, both
@@ -309,88 +366,169 @@ impl BridgeRt {
                         error: e.to_string(),
                     }
                 }),
+            };
+            // Queued under `status`, so in the order the changes happened.
+            if let Some(event) = event {
+                self.told.lock().push_back(event);
             }
-        };
-        if let (Some(event), Some(shared)) = (event, shared.upgrade()) {
-            shared.emit_bridge(event);
+        }
+        self.deliver_told(shared);
+    }
+
+    /// Tell the user the queued events, in order, with no lock held; if
+    /// another thread is at it, it tells them.
+    fn deliver_told<T: Send + Sync + 'static>(&self, shared: &Weak<Shared<T>>) {
+        loop {
+            if self.telling.swap(true, SeqCst) {
+                return;
+            }
+            loop {
+                let next = self.told.lock().pop_front();
+                let Some(event) = next else { break };
+                if let Some(shared) = shared.upgrade() {
+                    shared.emit_bridge(event);
+                }
+            }
+            self.telling.store(false, SeqCst);
+            // An event queued after the last look, while the flag was
+            // still up, is ours to tell.
+            if self.told.lock().is_empty() {
+                return;
+            }
         }
     }
 
-    /// A message from the engine.
+    fn publisher_up(&self) -> bool {
+        self.status.lock().publisher_up
+    }
+
+    /// A message from the engine on a topic's channel this session
+    /// subscribes.
     fn arrived<T: Send + Sync + 'static>(
         &self,
         shared: &Weak<Shared<T>>,
         channel: &str,
         data: &[u8],
     ) {
-        let Some(env) = Envelope::parse(data) else {
+        let invalid = || {
             self.counts.invalid.fetch_add(1, Relaxed);
-            return;
         };
-        if env.origin == self.origin || env.kind == WAKE {
-            // Our own publish coming back, or a wake-up.
+        let Some(env) = Envelope::parse(data) else {
+            return invalid();
+        };
+        if env.origin == self.origin {
+            // Our own publish coming back.
             return;
         }
-        let Some(topic) = channel.strip_prefix(&self.topic_prefix) else {
-            self.counts.invalid.fetch_add(1, Relaxed);
-            return;
+        let (Some(topic), TEXT | BINARY) = (channel.strip_prefix(&self.topic_prefix), env.kind)
+        else {
+            return invalid();
         };
         let message = match env.kind {
             TEXT => match std::str::from_utf8(env.payload) {
                 Ok(text) => Message::Text(text.to_owned()),
-                Err(_) => {
-                    self.counts.invalid.fetch_add(1, Relaxed);
-                    return;
-                }
+                Err(_) => return invalid(),
             },
             _ => Message::Binary(env.payload.to_vec()),
         };
-        let missed = {
-            let mut from = self.from.lock();
-            let f = from.entry(env.origin).or_default();
-            if env.epoch != f.epoch {
-                if epoch_before(env.epoch, f.epoch) {
-                    // From before the origin forgot its numbers: a
-                    // duplicate sent again after a reconnection.
-                    self.counts.duplicates.fetch_add(1, Relaxed);
-                    return;
-                }
-                f.epoch = env.epoch;
-                f.last.clear();
+        let missed = match self.check_sequence(&env, topic) {
+            Sequence::Next(missed) => missed,
+            Sequence::Again => {
+                self.counts.duplicates.fetch_add(1, Relaxed);
+                return;
             }
-            let missed = match f.last.get_mut(topic) {
-                Some(last) if env.seq <= *last => {
-                    self.counts.duplicates.fetch_add(1, Relaxed);
-                    return;
-                }
-                Some(last) => {
-                    let missed = env.seq - *last - 1;
-                    *last = env.seq;
-                    missed
-                }
-                None => {
-                    // The first since this server subscribed: nothing
-                    // to compare with.
-                    f.last.insert(topic.into(), env.seq);
-                    0
-                }
-            };
-            f.missed += missed;
-            missed
+            Sequence::Unbelievable => {
+                // Delivered, on a new baseline: counted, not trusted.
+                invalid();
+                0
+            }
         };
         let Some(shared) = shared.upgrade() else {
             return;
         };
         if missed > 0 {
             self.counts.missed.fetch_add(missed, Relaxed);
-            shared.emit_bridge(BridgeEvent::Missed {
-                origin: env.origin,
-                topic: topic.to_owned(),
-                count: missed,
-            });
+            if self.may_tell_missed() {
+                self.told.lock().push_back(BridgeEvent::Missed {
+                    origin: env.origin,
+                    topic: topic.to_owned(),
+                    count: missed,
+                });
+                self.deliver_told(&Arc::downgrade(&shared));
+            }
         }
         self.counts.received.fetch_add(1, Relaxed);
-        shared.topics.publish(&shared, topic, &message, None);
+        shared.topics.publish(&shared, topic, &message, None, None);
+    }
+
+    /// Where `env` stands in its origin's numbering of `topic`.
+    fn check_sequence(&self, env: &Envelope<'_>, topic: &str) -> Sequence {
+        let now = Instant::now();
+        let mut from = self.from.lock();
+        if !from.contains_key(&env.origin) {
+            make_room(&mut from, now);
+        }
+        let f = from.entry(env.origin).or_insert_with(|| FromOrigin {
+            epoch: env.epoch,
+            last: HashMap::new(),
+            missed: 0,
+            seen: now,
+        });
+        f.seen = now;
+        let mut unbelievable = false;
+        if env.epoch != f.epoch {
+            let ahead = env.epoch.wrapping_sub(f.epoch);
+            let behind = f.epoch.wrapping_sub(env.epoch);
+            if f.last.is_empty() || ahead < MAX_EPOCH_JUMP {
+                // The origin started numbering afresh.
+                f.epoch = env.epoch;
+                f.last.clear();
+            } else if behind < MAX_EPOCH_JUMP {
+                // From before it did: sent again after a reconnection.
+                return Sequence::Again;
+            } else {
+                f.epoch = env.epoch;
+                f.last.clear();
+                unbelievable = true;
+            }
+        }
+        let (seq, last) = (env.seq, f.last.get(topic).copied());
+        let outcome = match last {
+            // The first since this server subscribed: nothing to compare.
+            None => Sequence::Next(0),
+            Some(last) if seq <= last && last - seq <= MAX_SEQ_JUMP => return Sequence::Again,
+            Some(last) if seq > last && seq - last <= MAX_SEQ_JUMP => {
+                Sequence::Next(seq - last - 1)
+            }
+            Some(_) => Sequence::Unbelievable,
+        };
+        if let Some(l) = f.last.get_mut(topic) {
+            *l = seq;
+        } else {
+            f.last.insert(topic.into(), seq);
+        }
+        match outcome {
+            Sequence::Next(missed) => {
+                f.missed = f.missed.saturating_add(missed);
+                if unbelievable {
+                    Sequence::Unbelievable
+                } else {
+                    outcome
+                }
+            }
+            other => other,
+        }
+    }
+
+    /// Whether another `Missed` event may be told this second.
+    fn may_tell_missed(&self) -> bool {
+        let mut m = self.missed_told.lock();
+        let now = Instant::now();
+        if now.duration_since(m.0) >= Duration::from_secs(1) {
+            *m = (now, 0);
+        }
+        m.1 += 1;
+        m.1 <= MISSED_EVENTS_PER_SEC
     }
 
     /// Forget the numbers of topics no longer subscribed here.
@@ -403,9 +541,32 @@ impl BridgeRt {
     }
 }
 
-/// Whether epoch `a` comes before `b` (they wrap).
-fn epoch_before(a: u32, b: u32) -> bool {
-    b.wrapping_sub(a) < u32::MAX / 2
+/// Where a message stands in its origin's numbering.
+enum Sequence {
+    /// New, after this many missed.
+    Next(u64),
+    /// Already delivered.
+    Again,
+    /// Too far from the last to be believed.
+    Unbelievable,
+}
+
+/// Make room for one more origin: forget those silent for long, and the
+/// least recently heard if still full.
+fn make_room(from: &mut HashMap<u64, FromOrigin>, now: Instant) {
+    from.retain(|_, f| now.duration_since(f.seen) < ORIGIN_IDLE);
+    while from.len() >= MAX_ORIGINS {
+        let oldest = from.iter().min_by_key(|(_, f)| f.seen).map(|(&o, _)| o);
+        match oldest {
+            Some(o) => from.remove(&o),
+            None => break,
+        };
+    }
+}
+
+/// What an outbox item costs against `bridge_outbox_bytes`.
+fn item_cost(channel: &str, envelope: &[u8]) -> usize {
+    channel.len() + envelope.len() + ITEM_OVERHEAD
 }
 
 struct Envelope<'a> {
@@ -471,11 +632,12 @@ impl Backoff {
 
 /// The publisher thread.
 pub(crate) fn run_publisher<T: Send + Sync + 'static>(rt: Arc<BridgeRt>, shared: Weak<Shared<T>>) {
+    ON_BRIDGE.with(|b| b.set(true));
     let mut con: Option<Box<dyn Publisher>> = None;
     let mut backoff = Backoff::new();
     // The batch being sent, kept until the engine took it.
     let mut batch: Vec<Outgoing> = Vec::new();
-    let mut data_in_batch = 0u64;
+    let mut refused: Vec<usize> = Vec::new();
     loop {
         if rt.publisher_stale.swap(false, Relaxed) && con.is_some() {
             con = None;
@@ -488,7 +650,6 @@ pub(crate) fn run_publisher<T: Send + Sync + 'static>(rt: Arc<BridgeRt>, shared:
             match catch_unwind(AssertUnwindSafe(|| rt.engine.publisher())) {
                 Ok(Ok(c)) => {
                     con = Some(c);
-                    backoff.reset();
                     rt.set_up(&shared, true, true, None);
                 }
                 Ok(Err(e)) => {
@@ -520,11 +681,10 @@ pub(crate) fn run_publisher<T: Send + Sync + 'static>(rt: Arc<BridgeRt>, shared:
                 let Some(item) = out.items.pop_front() else {
                     break;
                 };
+                out.bytes -= item_cost(&item.channel, &item.envelope);
                 bytes += item.envelope.len();
                 batch.push(item);
             }
-            out.bytes -= bytes;
-            data_in_batch = batch.len() as u64;
             if std::mem::take(&mut out.wake) {
                 let mut envelope = vec![VERSION, WAKE];
                 envelope.extend_from_slice(&rt.origin.to_be_bytes());
@@ -543,12 +703,24 @@ pub(crate) fn run_publisher<T: Send + Sync + 'static>(rt: Arc<BridgeRt>, shared:
             .iter()
             .map(|o| (o.channel.as_str(), o.envelope.as_slice()))
             .collect();
-        let sent = catch_unwind(AssertUnwindSafe(|| publisher.publish(&items)))
+        refused.clear();
+        let sent = catch_unwind(AssertUnwindSafe(|| publisher.publish(&items, &mut refused)))
             .unwrap_or_else(|_| Err(io::Error::other("the bridge's publish() panicked")));
+        drop(items);
         match sent {
             Ok(()) => {
-                rt.counts.published.fetch_add(data_in_batch, Relaxed);
+                // The wake-up, if any, is last and not a publish.
+                let data = batch.iter().filter(|o| o.channel != rt.control).count();
+                let refused_data = refused
+                    .iter()
+                    .filter(|&&i| batch.get(i).is_some_and(|o| o.channel != rt.control))
+                    .count();
+                rt.counts
+                    .published
+                    .fetch_add((data - refused_data) as u64, Relaxed);
+                rt.counts.refused.fetch_add(refused_data as u64, Relaxed);
                 batch.clear();
+                backoff.reset();
             }
             Err(e) => {
                 con = None;
@@ -564,17 +736,19 @@ pub(crate) fn run_publisher<T: Send + Sync + 'static>(rt: Arc<BridgeRt>, shared:
 
 /// The receiver thread.
 pub(crate) fn run_receiver<T: Send + Sync + 'static>(rt: Arc<BridgeRt>, shared: Weak<Shared<T>>) {
+    ON_BRIDGE.with(|b| b.set(true));
     let mut backoff = Backoff::new();
     while !rt.stopping() {
-        let mut reached_up = false;
+        let mut verified = false;
         let result = catch_unwind(AssertUnwindSafe(|| {
             rt.engine.subscriber(&mut |sub: &mut dyn Subscriber| {
-                session(&rt, &shared, sub, &mut reached_up)
+                session(&rt, &shared, sub, &mut verified)
             })
         }))
         .unwrap_or_else(|_| Err(io::Error::other("the bridge's subscriber panicked")));
+        rt.session_open.store(false, SeqCst);
         rt.counts.channels.store(0, Relaxed);
-        if reached_up {
+        if verified {
             backoff.reset();
         }
         if rt.stopping() {
@@ -583,48 +757,55 @@ pub(crate) fn run_receiver<T: Send + Sync + 'static>(rt: Arc<BridgeRt>, shared: 
         let e = result
             .err()
             .unwrap_or_else(|| io::Error::other("the bridge's subscriber returned"));
-        rt.publisher_stale.store(true, Relaxed);
+        {
+            // Under `out`, so that the publisher cannot miss it between
+            // its check and its wait.
+            let _out = rt.out.lock();
+            rt.publisher_stale.store(true, Relaxed);
+        }
         rt.out_cv.notify_all();
         rt.set_up(&shared, false, false, Some(&e));
         backoff.wait(&rt);
     }
 }
 
-/// One connected receiving session: subscribe everything, then follow the
-/// changes and deliver what arrives.
+/// One connected receiving session: subscribe everything, prove the round
+/// trip, then follow the changes and deliver what arrives.
 fn session<T: Send + Sync + 'static>(
     rt: &BridgeRt,
     shared: &Weak<Shared<T>>,
     sub: &mut dyn Subscriber,
-    reached_up: &mut bool,
+    verified: &mut bool,
 ) -> io::Result<()> {
-    // Everything from scratch: the pending changes are in the snapshot
-    // taken after clearing them (or come after it, and apply again
-    // harmlessly).
+    // Changes are recorded from now on; the snapshot, taken after clearing
+    // them, has every change made before (see `topic_changed`).
+    rt.session_open.store(true, SeqCst);
     rt.changes.lock().clear();
     rt.changes_pending.store(false, Relaxed);
     let Some(names) = shared.upgrade().map(|s| s.topics.names()) else {
         return Ok(());
     };
-    let mut subscribed: HashSet<String> = HashSet::with_capacity(names.len());
-    let mut channels: Vec<String> = Vec::with_capacity(names.len() + 1);
-    channels.push(rt.control.clone());
-    channels.extend(names.iter().map(|n| format!("{}{n}", rt.topic_prefix)));
+    sub.subscribe(&[rt.control.as_str()])?;
+    let channels: Vec<String> = names
+        .iter()
+        .map(|n| format!("{}{n}", rt.topic_prefix))
+        .collect();
     for chunk in channels.chunks(CHANNELS_PER_COMMAND) {
         let refs: Vec<&str> = chunk.iter().map(String::as_str).collect();
         sub.subscribe(&refs)?;
     }
-    subscribed.extend(channels.into_iter().skip(1));
+    let mut subscribed: HashSet<String> = channels.into_iter().collect();
     rt.counts.channels.store(subscribed.len() as u64, Relaxed);
     {
+        // Numbers of topics still subscribed are kept: a gap across the
+        // outage is counted.
         let names: HashSet<&str> = names.iter().map(|n| &**n).collect();
         rt.forget(|t| names.contains(t));
     }
-    if rt.status.lock().told_up == Some(false) {
-        rt.counts.reconnects.fetch_add(1, Relaxed);
-    }
-    *reached_up = true;
-    rt.set_up(shared, false, true, None);
+    // A wake-up of our own proves the round trip through the engine.
+    rt.out.lock().wake = true;
+    rt.out_cv.notify_one();
+    let mut verify_from = Instant::now();
     loop {
         if rt.stopping() {
             return Ok(());
@@ -632,9 +813,31 @@ fn session<T: Send + Sync + 'static>(
         if rt.changes_pending.swap(false, Relaxed) {
             apply_changes(rt, sub, &mut subscribed)?;
         }
-        if let Some((channel, data)) = sub.receive(POLL)? {
+        if !*verified {
+            if !rt.publisher_up() {
+                verify_from = Instant::now();
+            } else if verify_from.elapsed() > VERIFY {
+                return Err(io::Error::other(
+                    "nothing this server published came back through the engine: \
+                     are its channels refused (Redis ACL channel permissions)?",
+                ));
+            }
+        }
+        let Some((channel, data)) = sub.receive(POLL)? else {
+            continue;
+        };
+        if channel == rt.control {
+            let ours = Envelope::parse(&data).is_some_and(|e| e.origin == rt.origin);
+            if !ours {
+                rt.counts.invalid.fetch_add(1, Relaxed);
+            } else if !*verified {
+                *verified = true;
+                rt.set_up(shared, false, true, None);
+            }
+        } else if subscribed.contains(&channel) {
             rt.arrived(shared, &channel, &data);
         }
+        // Anything else was read ahead from a channel just unsubscribed.
     }
 }
 
@@ -645,13 +848,8 @@ fn apply_changes(
     subscribed: &mut HashSet<String>,
 ) -> io::Result<()> {
     let changes = std::mem::take(&mut *rt.changes.lock());
-    // The net effect per topic: its last change.
-    let mut net: HashMap<&str, bool> = HashMap::new();
-    for (topic, added) in &changes {
-        net.insert(topic, *added);
-    }
     let (mut add, mut remove) = (Vec::new(), Vec::new());
-    for (topic, added) in net {
+    for (topic, added) in changes {
         let channel = format!("{}{topic}", rt.topic_prefix);
         match (added, subscribed.contains(&channel)) {
             (true, false) => add.push(channel),
@@ -667,12 +865,18 @@ fn apply_changes(
         let refs: Vec<&str> = chunk.iter().map(String::as_str).collect();
         sub.unsubscribe(&refs)?;
     }
+    if !add.is_empty() || !remove.is_empty() {
+        // A topic subscribed again starts from a fresh baseline; one gone
+        // is forgotten.
+        let changed: HashSet<&str> = add
+            .iter()
+            .chain(&remove)
+            .map(|c| &c[rt.topic_prefix.len()..])
+            .collect();
+        rt.forget(|t| !changed.contains(t));
+    }
     for channel in &remove {
         subscribed.remove(channel);
-    }
-    if !remove.is_empty() {
-        let gone: HashSet<&str> = remove.iter().map(|c| &c[rt.topic_prefix.len()..]).collect();
-        rt.forget(|t| !gone.contains(t));
     }
     subscribed.extend(add);
     rt.counts.channels.store(subscribed.len() as u64, Relaxed);
@@ -682,14 +886,6 @@ fn apply_changes(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn epochs_wrap() {
-        assert!(epoch_before(1, 2));
-        assert!(!epoch_before(2, 1));
-        assert!(epoch_before(u32::MAX, 0));
-        assert!(!epoch_before(0, u32::MAX));
-    }
 
     #[test]
     fn envelopes_need_their_header() {

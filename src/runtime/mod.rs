@@ -189,14 +189,12 @@ impl<T: Send + Sync + 'static> Shared<T> {
         message: &Message,
         except: Option<&conn::Conn<T>>,
     ) -> crate::server::Broadcast {
-        let report = self.topics.publish(self, topic, message, except);
-        if let Some(bridge) = &self.bridge
-            && !topic.is_empty()
-            && topic.len() <= self.config.max_topic_len
-        {
-            bridge.send(topic, message);
-        }
-        report
+        // A name no server could subscribe to goes nowhere else.
+        let relay = self
+            .bridge
+            .as_deref()
+            .filter(|_| !topic.is_empty() && topic.len() <= self.config.max_topic_len);
+        self.topics.publish(self, topic, message, except, relay)
     }
 
     /// Tell the user what happened to the bridge: `on_bridge` if
@@ -355,8 +353,9 @@ impl<T: Send + Sync + 'static> Shared<T> {
     /// force them), join the threads and the pool, and end the event
     /// stream. Runs once; a second caller waits for the first to finish.
     pub(crate) fn shutdown(self: &Arc<Self>) {
-        if service::on_worker() {
-            // A worker cannot wait for the pool it belongs to.
+        if service::on_worker() || bridge::on_bridge_thread() {
+            // A worker cannot wait for the pool it belongs to, nor a
+            // bridge thread (in `on_bridge`) for the bridge.
             let shared = Arc::clone(self);
             let _ = std::thread::Builder::new()
                 .name("enjent-shutdown".into())
@@ -427,8 +426,17 @@ impl<T: Send + Sync + 'static> Shared<T> {
         if let Some(bridge) = &shared.bridge {
             bridge.stop();
         }
+        // It gets `close_timeout` to send the rest of its outbox; an engine
+        // that does not answer keeps its threads no longer than its own
+        // timeouts, but shutdown does not wait for them.
+        let deadline = std::time::Instant::now() + shared.config.close_timeout;
         for t in std::mem::take(&mut *shared.bridge_threads.lock()) {
-            let _ = t.join();
+            while !t.is_finished() && std::time::Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            if t.is_finished() {
+                let _ = t.join();
+            }
         }
         // Dropping the sender ends the user's event iterator once the
         // events already sent are read.

@@ -321,16 +321,23 @@ impl<T: Send + Sync + 'static> Topics<T> {
         self.by_name.read().len()
     }
 
-    /// Publish `message` to every subscriber of `name` but `except`.
+    /// Publish `message` to every subscriber of `name` but `except`, and
+    /// hand it to `relay` (the bridge) too: under the topic's lock if the
+    /// topic is here, so that the other servers get the topic's messages
+    /// in the order its subscribers here do.
     pub(crate) fn publish(
         &self,
         shared: &Arc<Shared<T>>,
         name: &str,
         message: &Message,
         except: Option<&Conn<T>>,
+        relay: Option<&BridgeRt>,
     ) -> Broadcast {
         let mut report = Broadcast::default();
         let Some(topic) = self.by_name.read().get(name).map(|Named(t)| Arc::clone(t)) else {
+            if let Some(bridge) = relay {
+                bridge.send(name, message);
+            }
             return report;
         };
         let mut to_flush = Vec::new();
@@ -348,6 +355,9 @@ impl<T: Send + Sync + 'static> Topics<T> {
                     Err(Error::Backpressure { .. }) => report.dropped += 1,
                     Err(_) => report.closed += 1,
                 }
+            }
+            if let Some(bridge) = relay {
+                bridge.send(name, message);
             }
         }
         let flushed = crate::runtime::broadcast::flush_all(shared, to_flush);
