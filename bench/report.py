@@ -1,12 +1,20 @@
 #!/usr/bin/env python3
 """Turn bench/run.sh's JSON lines into a Markdown table of medians, with
-each peer's ratio to enjent (higher is better for enjent unless noted)."""
+each peer's ratio to enjent (higher is better for enjent unless noted),
+and the pubsub-cluster runs (enjent instances sharing topics through
+Redis, against one instance) in a table of their own."""
 import json
+import re
 import statistics
 import sys
 from collections import defaultdict
 
-ORDER = ["enjent", "enjent-main-loop", "tokio-tungstenite", "fastwebsockets", "tungstenite-threads"]
+ORDER = ["enjent", "enjent-main-loop", "tokio-tungstenite", "fastwebsockets", "tungstenite-threads", "uwebsockets"]
+
+# pubsub-cluster's labels: enjent-N-instance(s)[-redis]. The one instance
+# alone is the base of the ratios.
+CLUSTER = re.compile(r"^enjent-\d+-instances?(-|$)")
+CLUSTER_BASE = "enjent-1-instance"
 
 FANOUT = lambda r: r.get("shape") == "fanout"
 CHAT = lambda r: r.get("shape") == "chat"
@@ -55,6 +63,17 @@ ROWS_IDLE_10K = next(i for i, row in enumerate(ROWS) if row[0].startswith("idle 
 
 def main():
     runs = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
+    cluster = [r for r in runs if CLUSTER.match(r["label"])]
+    runs = [r for r in runs if not CLUSTER.match(r["label"])]
+    if runs:
+        peers(runs)
+    if cluster:
+        if runs:
+            print()
+        cluster_table(cluster)
+
+
+def peers(runs):
     values = defaultdict(list)  # (row index, label) -> values
     first = {}  # row index -> its first run (for the row's name)
     mem = defaultdict(lambda: defaultdict(list))  # label -> clients -> bytes/conn
@@ -74,7 +93,8 @@ def main():
         if r["scenario"] == "idle" and not SUBSCRIBED(r):
             for s in r["steps"]:
                 mem[r["label"]][s["clients"]].append(s["bytes_per_conn"])
-    labels = [l for l in ORDER if any(k[1] == l for k in values)]
+    seen = {k[1] for k in values}
+    labels = [l for l in ORDER if l in seen] + sorted(seen - set(ORDER))
     med = {k: statistics.median(v) for k, v in values.items()}
     print("| measure | " + " | ".join(labels) + " |")
     print("| --- |" + " --- |" * len(labels))
@@ -144,6 +164,86 @@ def main():
             print(f"Idle CPU at 10,000 clients, each run, {label}: " + ", ".join(f"{v:.2f}%" for v in runs_idle))
     if failed:
         print("Failed runs: " + ", ".join(f"{l} {s} x{n}" for (s, l), n in failed.items()))
+
+
+
+def failed_labels(runs):
+    return [r["label"] for r in runs if r.get("failed")]
+
+
+# pubsub-cluster: (row name, metric, unit). Ratios are to the one instance
+# alone, value over value (above 1: more than the one instance).
+CLUSTER_ROWS = [
+    ("deliveries/s", "deliveries_per_sec", "/s"),
+    ("  offered", "offered_per_sec", "/s"),
+    ("latency p50", "p50_ms", "ms"),
+    ("latency p99", "p99_ms", "ms"),
+    ("latency p99.9", "p999_ms", "ms"),
+    ("  deliveries across instances (through Redis): p50", "cross_p50_ms", "ms"),
+    ("  deliveries across instances (through Redis): p99", "cross_p99_ms", "ms"),
+    ("  share of deliveries across instances", lambda r: 100 * r["cross_deliveries"] / r["deliveries"] if "cross_deliveries" in r and r.get("deliveries") else None, "%"),
+    ("server CPU, all instances", "server_cpu_percent", "% of a core"),
+    ("Redis CPU", "broker_cpu_percent", "% of a core"),
+]
+
+
+def cluster_table(runs):
+    ok = [r for r in runs if not r.get("failed")]
+    seen = {r["label"] for r in runs}
+
+    def key(label):  # the one instance first, then by instance count
+        m = re.match(r"^enjent-(\d+)", label)
+        return (label != CLUSTER_BASE, int(m.group(1)) if m else 0, label)
+
+    labels = sorted(seen, key=key)
+    head = ok[0] if ok else runs[0]
+    if ok:
+        title = "pubsub chat, {topics:,} topics x {subscribers}, {rate:g} msg/s each, client i on instance i % N".format(**head)
+    else:
+        title = "pubsub chat over instances"
+    values = defaultdict(list)  # (row, label) -> values, in run order
+    for r in ok:
+        for i, (_, metric, _) in enumerate(CLUSTER_ROWS):
+            v = metric(r) if callable(metric) else r.get(metric)
+            if v is not None:
+                values[(i, r["label"])].append(v)
+    med = {k: statistics.median(v) for k, v in values.items()}
+    print(f"| {title} | " + " | ".join(labels) + " |")
+    print("| --- |" + " --- |" * len(labels))
+    for i, (name, _, unit) in enumerate(CLUSTER_ROWS):
+        if not any(k[0] == i for k in med):
+            continue
+        cells = []
+        for l in labels:
+            v = med.get((i, l))
+            if v is None:
+                cells.append("failed" if l in failed_labels(runs) and not any(r["label"] == l for r in ok) else "-")
+                continue
+            text = f"{v:,.0f}" if abs(v) >= 100 else f"{v:,.2f}"
+            base = med.get((i, CLUSTER_BASE))
+            if l != CLUSTER_BASE and base and v and base > 0 and v > 0:
+                text += f" ({v / base:.2f}x)"
+            cells.append(text)
+        print(f"| {name} ({unit}) | " + " | ".join(cells) + " |")
+    print()
+    print(f"Medians; ratios: the figure over {CLUSTER_BASE}'s. Server CPU sums the instances.")
+    for l in labels:
+        mine = [r for r in ok if r["label"] == l]
+        if not mine:
+            continue
+        each = []
+        for r in mine:
+            text = f"p50 {r['p50_ms']:.2f} ms, p99 {r['p99_ms']:.2f} ms"
+            if "cross_p50_ms" in r:
+                text += f" (across: p50 {r['cross_p50_ms']:.2f} ms, p99 {r['cross_p99_ms']:.2f} ms)"
+            text += f", {r['deliveries_per_sec'] / 1000:,.1f}k deliveries/s"
+            each.append(text)
+        print(f"{l}, each run: " + "; ".join(each))
+    failed = defaultdict(int)
+    for l in failed_labels(runs):
+        failed[l] += 1
+    if failed:
+        print("Failed runs: " + ", ".join(f"{l} x{n}" for l, n in failed.items()))
 
 
 if __name__ == "__main__":

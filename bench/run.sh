@@ -8,10 +8,26 @@
 #   bench/run.sh                 # full run (about 40 minutes)
 #   ROUNDS=1 QUICK=1 bench/run.sh   # smoke run (CI)
 #   ONLY="pubsub-fanout pubsub-chat" bench/run.sh   # those scenarios alone
+#   PEER_UWS=/path/to/uws_peer bench/run.sh    # with uWebSockets as a peer
+#
+# pubsub-cluster: three instances of examples/pubsub (built with the redis
+# feature) sharing topics through a throwaway redis-server on loopback,
+# under the chat load spread over the three, against one instance alone
+# (no Redis) under the same load. Needs redis-server on the PATH.
+#
+# PEER_UWS: a uWebSockets peer binary, started like the others as
+# `BINARY ADDR echo|broadcast|pubsub`, printing `listening on ws://ADDR`
+# (flushed) once it listens; it is measured as `uwebsockets`.
 #
 # Results: target/bench/results.jsonl (one JSON line per run) and
 # target/bench/table.md.
 set -euo pipefail
+# Before the cd, so that a relative path still works.
+peer_uws="${PEER_UWS:+$(realpath -- "$PEER_UWS")}"
+if [ -n "$peer_uws" ] && [ ! -x "$peer_uws" ]; then
+    echo "PEER_UWS: $PEER_UWS is not an executable"
+    exit 1
+fi
 cd "$(dirname "$0")/.."
 root=$PWD
 rounds="${ROUNDS:-3}"
@@ -20,7 +36,10 @@ out="$root/target/bench"
 mkdir -p "$out"
 : > "$out/results.jsonl"
 
-cargo build --release --example echo --example pubsub
+cargo build --release --example echo
+# pubsub with the redis feature, for pubsub-cluster (without --redis it
+# serves as before).
+cargo build --release --features redis --example pubsub
 (cd bench && cargo build --release --bins)
 loadgen="$root/bench/target/release/loadgen"
 
@@ -40,6 +59,11 @@ declare -A pubsub_servers=(
     [enjent]="$root/target/release/examples/pubsub"
 )
 pubsub_order=(enjent tokio-tungstenite fastwebsockets tungstenite-threads)
+if [ -n "$peer_uws" ]; then
+    servers[uwebsockets]="$peer_uws"
+    order+=(uwebsockets)
+    pubsub_order+=(uwebsockets)
+fi
 
 port=14000
 server_pid=""
@@ -62,11 +86,91 @@ start_server() { # name mode
     echo "$1 did not start"; cat "$out/server.log"; return 1
 }
 stop_server() {
-    kill "$server_pid" 2>/dev/null || true
-    wait "$server_pid" 2>/dev/null || true
+    if [ -n "$server_pid" ]; then
+        kill "$server_pid" 2>/dev/null || true
+        wait "$server_pid" 2>/dev/null || true
+    fi
     server_pid=""
 }
-trap 'stop_server' EXIT
+
+# pubsub-cluster: a throwaway Redis and the instances of examples/pubsub.
+redis_pid=""
+redis_port=""
+cluster_pids=()
+cluster_addrs=()
+start_redis() {
+    local p
+    # A free loopback port (one that is taken in between makes
+    # redis-server exit: then another).
+    for _ in 1 2 3 4 5; do
+        p=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+        redis-server --port "$p" --bind 127.0.0.1 --save '' --appendonly no > "$out/redis.log" 2>&1 &
+        redis_pid=$!
+        for _ in $(seq 1 100); do
+            if grep -q "Ready to accept connections" "$out/redis.log" 2>/dev/null; then
+                redis_port=$p
+                return 0
+            fi
+            kill -0 "$redis_pid" 2>/dev/null || break
+            sleep 0.05
+        done
+        stop_redis
+    done
+    echo "redis-server did not start"; cat "$out/redis.log"; return 1
+}
+stop_redis() {
+    if [ -n "$redis_pid" ]; then
+        kill "$redis_pid" 2>/dev/null || true
+        wait "$redis_pid" 2>/dev/null || true
+    fi
+    redis_pid=""
+    redis_port=""
+}
+start_instance() { # [--redis URL]: one more examples/pubsub
+    port=$((port + 1))
+    local k=${#cluster_pids[@]} log
+    log="$out/cluster-$k.log"
+    "${pubsub_servers[enjent]}" "127.0.0.1:$port" "$@" > "$log" 2>&1 &
+    cluster_pids+=($!)
+    cluster_addrs+=("127.0.0.1:$port")
+    for _ in $(seq 1 100); do
+        # With --redis: until the bridge is up, too.
+        if grep -q "listening on ws://127.0.0.1:$port" "$log" 2>/dev/null &&
+            { [ $# -eq 0 ] || grep -q "^bridge up" "$log"; }; then
+            return 0
+        fi
+        sleep 0.05
+    done
+    echo "pubsub instance $k ($*) did not start"; cat "$log"; return 1
+}
+stop_cluster() {
+    local pid
+    for pid in "${cluster_pids[@]}"; do
+        kill "$pid" 2>/dev/null || true
+        wait "$pid" 2>/dev/null || true
+    done
+    cluster_pids=()
+    cluster_addrs=()
+}
+cleanup() {
+    stop_server
+    stop_cluster
+    stop_redis
+}
+trap cleanup EXIT
+
+# A failed run's record: its scenario, and the shape and --subscribe of its
+# arguments, so that report.py knows which rows failed.
+record_failure() { # name scenario args...
+    local name=$1 scenario=$2 extra="" prev="" a
+    shift 2
+    for a in "$@"; do
+        [ "$prev" = --shape ] && extra+=",\"shape\":\"$a\""
+        [ "$prev" = --subscribe ] && extra+=",\"subscribe\":null"
+        prev=$a
+    done
+    echo "{\"scenario\":\"$scenario\",\"label\":\"$name\",\"failed\":true$extra}" >> "$out/results.jsonl"
+}
 
 run() { # name mode scenario args...
     local name=$1 mode=$2 scenario=$3
@@ -77,28 +181,62 @@ run() { # name mode scenario args...
         tail -n 2 "$out/last.log" | sed "s/^/  /"
     else
         echo "  $name $scenario FAILED:"; tail -n 5 "$out/last.log" | sed "s/^/    /"
-        # The shape and --subscribe, so that report.py knows which rows failed.
-        local extra="" prev=""
-        for a in "$@"; do
-            [ "$prev" = --shape ] && extra+=",\"shape\":\"$a\""
-            [ "$prev" = --subscribe ] && extra+=",\"subscribe\":null"
-            prev=$a
-        done
-        echo "{\"scenario\":\"$scenario\",\"label\":\"$name\",\"failed\":true$extra}" >> "$out/results.jsonl"
+        record_failure "$name" "$scenario" "$@"
     fi
     stop_server
+    sleep 1
+}
+
+run_cluster() { # name instances redis|no-redis pubsub-args...
+    local name=$1 n=$2 bridge=$3 i
+    shift 3
+    echo "-- $name pubsub $*"
+    local with=()
+    if [ "$bridge" = redis ]; then
+        start_redis
+        with=(--redis "redis://127.0.0.1:$redis_port")
+    fi
+    for i in $(seq 1 "$n"); do
+        start_instance "${with[@]}"
+    done
+    local addrs pids broker=()
+    addrs=$(IFS=,; echo "${cluster_addrs[*]}")
+    pids=$(IFS=,; echo "${cluster_pids[*]}")
+    [ -n "$redis_pid" ] && broker=(--broker-pid "$redis_pid")
+    if "$loadgen" pubsub --addr "$addrs" --label "$name" --server-pid "$pids" "${broker[@]}" "$@" >> "$out/results.jsonl" 2> "$out/last.log"; then
+        grep -v "^fd limit" "$out/last.log" | sed "s/^/  /"
+    else
+        echo "  $name pubsub FAILED:"; tail -n 5 "$out/last.log" | sed "s/^/    /"
+        record_failure "$name" pubsub "$@"
+    fi
+    # What the bridges said besides coming up (an outage, missed messages).
+    for i in $(seq 0 $((n - 1))); do
+        grep -v -e "^listening on" -e "^bridge up" "$out/cluster-$i.log" | head -n 5 | sed "s/^/  instance $i: /" || true
+    done
+    stop_cluster
+    stop_redis
     sleep 1
 }
 
 if [ -n "$quick" ]; then
     idle_clients=100; idle_at=100; idle_secs=2; echo_secs=2; echo_reps=1; bc_clients=200; bc_rounds=3; conn_secs=1
     ps_clients=200; ps_rounds=3; chat_topics=20; chat_secs=2; mem_clients=200; mem_topics=20
+    cl_topics=100; cl_rate=1; cl_secs=3
 else
     idle_clients=1000,10000,19900; idle_at=10000; idle_secs=60; echo_secs=5; echo_reps=2; bc_clients=10000; bc_rounds=20; conn_secs=4
     ps_clients=10000; ps_rounds=20; chat_topics=1000; chat_secs=6; mem_clients=10000; mem_topics=1000
+    # 0.5 msg/s: at 1 msg/s (90,000 deliveries/s, the pubsub-chat load)
+    # three instances, Redis and the load generator leave this 2-core
+    # machine no idle time, and the tail measures its run queue (p99 from
+    # 8 to 600 ms from one run to the next); at 0.5 it is ~30% idle.
+    cl_topics=1000; cl_rate=0.5; cl_secs=10
 fi
 # Chat: topics of 10 subscribers, each publishing this often (msg/s).
 chat_subs=10; chat_rate=1
+# pubsub-cluster: the chat load, client i on instance i % 3, so that each
+# topic's members spread over the three (cl_topics must not be a multiple
+# of 3).
+cl_subs=10
 
 # Scenario by scenario, every server in turn (A B C D E), so that the runs
 # one ratio compares are seconds apart rather than a whole round: this
@@ -158,6 +296,17 @@ for r in $(seq 1 "$rounds"); do
             run "$name" pubsub pubsub --shape chat --topics "$chat_topics" --subscribers "$chat_subs" --rate "$chat_rate" --seconds "$chat_secs"
         done
     fi
+    if want pubsub-cluster; then
+        next_turn pubsub-cluster enjent-3-instances-redis enjent-1-instance
+        for name in "${turn[@]}"; do
+            if [ "$name" = enjent-3-instances-redis ]; then
+                instances=3; bridge=redis
+            else
+                instances=1; bridge=no-redis
+            fi
+            run_cluster "$name" "$instances" "$bridge" --shape chat --topics "$cl_topics" --subscribers "$cl_subs" --rate "$cl_rate" --seconds "$cl_secs"
+        done
+    fi
     if [ "$r" = 1 ]; then
         # What subscriptions cost in memory: first round only, like the
         # idle ramp.
@@ -196,7 +345,7 @@ python3 "$root/bench/report.py" "$out/results.jsonl" | tee "$out/table.md"
 
 # enjent itself must never fail a scenario (peers may: a thread per client
 # does not reach 10,000 clients).
-if grep -q '"label":"enjent[a-z-]*","failed":true' "$out/results.jsonl"; then
+if grep -q '"label":"enjent[a-z0-9-]*","failed":true' "$out/results.jsonl"; then
     echo "an enjent run failed"
     exit 1
 fi

@@ -17,6 +17,15 @@
 //!         --extensions OFFER (a Sec-WebSocket-Extensions header to send)
 //! ```
 //!
+//! Several servers (instances of a cluster sharing topics, e.g. through
+//! Redis): `--addr A,B,C` connects client `i` to the `i % 3`-th address
+//! (the fan-out publisher, client 0, to the first); `--server-pid P,Q,R`
+//! sums their CPU; `--broker-pid PID` also reports the broker's (Redis).
+//! Then `pubsub` first waits until a subscription on one server gets what
+//! is published on another (see `await_probes`), and reports the latency
+//! of deliveries that crossed servers apart. `echo` and `connect` take
+//! several addresses too; `idle` and `broadcast` measure one server.
+//!
 //! Human-readable figures go to stderr; one JSON line goes to stdout.
 
 use std::collections::VecDeque;
@@ -34,7 +43,8 @@ const KEY: &str = "dGhlIHNhbXBsZSBub25jZQ==";
 
 struct Opts {
     scenario: String,
-    addr: SocketAddr,
+    /// Client `i` connects to `addrs[i % addrs.len()]`.
+    addrs: Vec<SocketAddr>,
     label: String,
     clients: Vec<usize>,
     size: usize,
@@ -43,7 +53,10 @@ struct Opts {
     rounds: usize,
     concurrency: usize,
     threads: usize,
-    server_pid: Option<u32>,
+    /// The servers' processes (CPU is their sum; `idle` takes one).
+    server_pids: Vec<u32>,
+    /// A message broker between the servers (Redis): its CPU is reported.
+    broker_pid: Option<u32>,
     /// `idle`: hold the clients idle at this step (default: the last).
     idle_at: Option<usize>,
     /// Whether `--clients` was given (`pubsub` has its own default).
@@ -67,7 +80,7 @@ fn parse_opts() -> Result<Opts, String> {
         .ok_or("usage: loadgen idle|echo|broadcast|connect|pubsub [options]")?;
     let mut o = Opts {
         scenario,
-        addr: "127.0.0.1:13003".parse().unwrap(),
+        addrs: vec!["127.0.0.1:13003".parse().unwrap()],
         label: "server".into(),
         clients: vec![100],
         size: 32,
@@ -76,7 +89,8 @@ fn parse_opts() -> Result<Opts, String> {
         rounds: 20,
         concurrency: 64,
         threads: 2,
-        server_pid: None,
+        server_pids: Vec::new(),
+        broker_pid: None,
         idle_at: None,
         clients_given: false,
         shape: "fanout".into(),
@@ -89,7 +103,12 @@ fn parse_opts() -> Result<Opts, String> {
         let v = args.next().ok_or(format!("{flag} needs a value"))?;
         let bad = |_| format!("bad value for {flag}: {v}");
         match flag.as_str() {
-            "--addr" => o.addr = v.parse().map_err(|_| format!("bad address {v}"))?,
+            "--addr" => {
+                o.addrs = v
+                    .split(',')
+                    .map(|a| a.parse().map_err(|_| format!("bad address {a}")))
+                    .collect::<Result<_, _>>()?
+            }
             "--label" => o.label = v.clone(),
             "--clients" => {
                 o.clients = v
@@ -108,7 +127,13 @@ fn parse_opts() -> Result<Opts, String> {
             "--rounds" => o.rounds = v.parse().map_err(bad)?,
             "--concurrency" => o.concurrency = v.parse().map_err(bad)?,
             "--threads" => o.threads = v.parse::<usize>().map_err(bad)?.max(1),
-            "--server-pid" => o.server_pid = Some(v.parse().map_err(bad)?),
+            "--server-pid" => {
+                o.server_pids = v
+                    .split(',')
+                    .map(|p| p.parse().map_err(bad))
+                    .collect::<Result<_, _>>()?
+            }
+            "--broker-pid" => o.broker_pid = Some(v.parse().map_err(bad)?),
             "--idle-at" => o.idle_at = Some(v.parse().map_err(bad)?),
             "--shape" if v == "fanout" || v == "chat" => o.shape = v.clone(),
             "--shape" => return Err(format!("--shape is fanout or chat, not {v}")),
@@ -129,6 +154,30 @@ fn parse_opts() -> Result<Opts, String> {
         }
     }
     Ok(o)
+}
+
+impl Opts {
+    /// Whether `--server-pid` was given.
+    fn has_server(&self) -> bool {
+        !self.server_pids.is_empty()
+    }
+
+    /// CPU time of the servers, summed, if given.
+    fn server_cpu(&self) -> Option<f64> {
+        self.has_server()
+            .then(|| self.server_pids.iter().map(|&p| cpu_seconds(p)).sum())
+    }
+
+    /// The one server of a scenario that measures one.
+    fn one_server(&self) -> Result<(), String> {
+        if self.addrs.len() > 1 || self.server_pids.len() > 1 {
+            return Err(format!(
+                "{} measures one server: one --addr, one --server-pid",
+                self.scenario
+            ));
+        }
+        Ok(())
+    }
 }
 
 // ---------------------------------------------------------------- process
@@ -298,6 +347,9 @@ struct Client {
     /// `pubsub`: answers still expected to the `sync` that follows its
     /// subscriptions.
     acks_pending: u32,
+    /// `pubsub` over several servers: a bit per prober whose probe this
+    /// client has received (see `await_probes`).
+    probes_seen: u64,
 }
 
 fn connect_from(src: Ipv4Addr, to: SocketAddr) -> io::Result<TcpStream> {
@@ -349,9 +401,9 @@ fn expected_accept() -> String {
 }
 
 /// Open `n` connections (blocking connect, then the handshake), starting
-/// at client index `first`.
-fn open_clients(addr: SocketAddr, first: usize, n: usize) -> io::Result<Vec<Client>> {
-    let req = request(addr);
+/// at client index `first`; client `i` to `addrs[i % addrs.len()]`.
+fn open_clients(addrs: &[SocketAddr], first: usize, n: usize) -> io::Result<Vec<Client>> {
+    let reqs: Vec<Vec<u8>> = addrs.iter().map(|&a| request(a)).collect();
     let accept = format!(
         "sec-websocket-accept: {}\r\n",
         expected_accept().to_ascii_lowercase()
@@ -363,8 +415,9 @@ fn open_clients(addr: SocketAddr, first: usize, n: usize) -> io::Result<Vec<Clie
         let end = (chunk_start + 256).min(first + n);
         let mut batch = Vec::new();
         for i in chunk_start..end {
-            let mut s = connect_from(source_for(i), addr)?;
-            s.write_all(&req)?;
+            let k = i % addrs.len();
+            let mut s = connect_from(source_for(i), addrs[k])?;
+            s.write_all(&reqs[k])?;
             batch.push((i, s));
         }
         for (i, mut s) in batch {
@@ -403,6 +456,7 @@ fn open_clients(addr: SocketAddr, first: usize, n: usize) -> io::Result<Vec<Clie
                 writable_wanted: false,
                 peer_next: Vec::new(),
                 acks_pending: 0,
+                probes_seen: 0,
             });
         }
     }
@@ -535,12 +589,13 @@ impl Handler for Idle {
 }
 
 fn scenario_idle(o: &Opts) -> Result<String, String> {
-    let pid = o.server_pid.ok_or("idle needs --server-pid")?;
+    o.one_server()?;
+    let pid = *o.server_pids.first().ok_or("idle needs --server-pid")?;
     let (soft, hard) = raise_fd_limit();
     eprintln!("fd limit: soft {soft}, hard {hard}");
     // One connection first, so that the baseline includes what the
     // server allocates once (worker buffers, first slab page).
-    let warm = open_clients(o.addr, 0, 1).map_err(|e| e.to_string())?;
+    let warm = open_clients(&o.addrs, 0, 1).map_err(|e| e.to_string())?;
     std::thread::sleep(Duration::from_millis(500));
     let base = rss_kib(pid);
     eprintln!("{}: baseline rss {base} KiB with 1 client", o.label);
@@ -551,7 +606,7 @@ fn scenario_idle(o: &Opts) -> Result<String, String> {
     for &target in &o.clients {
         let more = target.saturating_sub(all.len());
         let t0 = Instant::now();
-        all.extend(open_clients(o.addr, all.len(), more).map_err(|e| e.to_string())?);
+        all.extend(open_clients(&o.addrs, all.len(), more).map_err(|e| e.to_string())?);
         let took = t0.elapsed();
         std::thread::sleep(Duration::from_secs(1));
         let rss = rss_kib(pid);
@@ -774,10 +829,10 @@ fn run_threads<H: Handler + 'static>(
 
 fn scenario_echo(o: &Opts) -> Result<String, String> {
     let n = o.clients[0];
-    let clients = open_clients(o.addr, 0, n).map_err(|e| e.to_string())?;
+    let clients = open_clients(&o.addrs, 0, n).map_err(|e| e.to_string())?;
     let stop = Arc::new(AtomicBool::new(false));
     let (size, inflight) = (o.size, o.inflight);
-    let cpu0 = o.server_pid.map(cpu_seconds);
+    let cpu0 = o.server_cpu();
     let self_cpu0 = cpu_seconds(std::process::id());
     let t0 = Instant::now();
     let timer = {
@@ -808,7 +863,7 @@ fn scenario_echo(o: &Opts) -> Result<String, String> {
     lat.sort_by(f64::total_cmp);
     let rate = received as f64 / elapsed;
     let (p50, p99) = (percentile(&lat, 0.5), percentile(&lat, 0.99));
-    let server_cpu = cpu0.map(|c0| (cpu_seconds(o.server_pid.unwrap_or(0)) - c0) / elapsed * 100.0);
+    let server_cpu = cpu0.map(|c0| (o.server_cpu().unwrap_or(0.0) - c0) / elapsed * 100.0);
     let self_cpu = (cpu_seconds(std::process::id()) - self_cpu0) / elapsed * 100.0;
     eprintln!(
         "{}: echo {n} clients x {size} B, {inflight} in flight: {rate:.0} msg/s, p50 {p50:.0} us, p99 {p99:.0} us (server CPU {}%, loadgen CPU {self_cpu:.0}%)",
@@ -855,13 +910,14 @@ impl Handler for Listen {
 }
 
 fn scenario_broadcast(o: &Opts) -> Result<String, String> {
+    o.one_server()?;
     let n = o.clients[0];
     let (soft, hard) = raise_fd_limit();
     eprintln!("fd limit: soft {soft}, hard {hard}");
-    let mut sender = open_clients(o.addr, 0, 1)
+    let mut sender = open_clients(&o.addrs, 0, 1)
         .map_err(|e| e.to_string())?
         .remove(0);
-    let listeners = open_clients(o.addr, 1, n).map_err(|e| e.to_string())?;
+    let listeners = open_clients(&o.addrs, 1, n).map_err(|e| e.to_string())?;
     std::thread::sleep(Duration::from_millis(500));
     let stop = Arc::new(AtomicBool::new(false));
     let size = o.size;
@@ -983,17 +1039,17 @@ fn scenario_connect(o: &Opts) -> Result<String, String> {
         "sec-websocket-accept: {}\r\n",
         expected_accept().to_ascii_lowercase()
     );
-    let req = request(o.addr);
     let t0 = Instant::now();
     let workers: Vec<_> = (0..o.concurrency)
         .map(|w| {
-            let (stop, done, failed, accept, req, addr) = (
+            // Worker `w` to the `w % n`-th address.
+            let addr = o.addrs[w % o.addrs.len()];
+            let (stop, done, failed, accept, req) = (
                 stop.clone(),
                 done.clone(),
                 failed.clone(),
                 accept.clone(),
-                req.clone(),
-                o.addr,
+                request(addr),
             );
             std::thread::spawn(move || {
                 let mut i = w;
@@ -1217,6 +1273,129 @@ fn subscribe_all(
     Ok(out)
 }
 
+/// A probe: `probe` and the sender's id, in hex. Deliveries are at least
+/// `PUB_HEAD` bytes of hex, so neither is taken for the other.
+fn is_probe(payload: &[u8]) -> bool {
+    payload.starts_with(b"probe ")
+}
+
+/// Waits for the probes each client needs.
+struct Probes<'a> {
+    /// The bits of the probers client `id` must hear from.
+    need: &'a (dyn Fn(u32) -> u64 + Sync),
+    /// The bit of prober `id`.
+    bit: &'a (dyn Fn(u32) -> u64 + Sync),
+    /// Clients of this loop still waiting.
+    waiting: usize,
+}
+
+impl Handler for Probes<'_> {
+    fn on_message(
+        &mut self,
+        c: &mut Client,
+        op: u8,
+        payload: &[u8],
+        _: Instant,
+    ) -> Result<(), String> {
+        let sender = (op == 0x1 && is_probe(payload))
+            .then(|| std::str::from_utf8(&payload[6..]).ok())
+            .flatten()
+            .and_then(|h| u32::from_str_radix(h, 16).ok());
+        let Some(sender) = sender else {
+            return Err(format!(
+                "client {}: unexpected message while probing: {:?}",
+                c.id,
+                String::from_utf8_lossy(&payload[..payload.len().min(80)])
+            ));
+        };
+        let need = (self.need)(c.id);
+        let was = c.probes_seen & need == need;
+        c.probes_seen |= (self.bit)(sender);
+        if !was && c.probes_seen & need == need {
+            self.waiting -= 1;
+        }
+        Ok(())
+    }
+}
+
+/// Servers that share topics through a broker (Redis) subscribe to it
+/// after they answered the client: the answer to `sync` says that the
+/// client's server has its subscription, not yet that the others' messages
+/// reach it. So before measuring, each prober (`probe(id)` gives its
+/// topic) publishes `probe ID`, again every 250 ms, until every client
+/// has received a probe from each prober in `need(id)` (a bit per prober:
+/// `bit(id)`). The probers must be spread so that this proves every
+/// server's subscription: a probe crosses servers. Late probes arrive
+/// while measuring: deliveries ignore them. Returns the probe rounds.
+fn await_probes(
+    groups: &mut Vec<Vec<Client>>,
+    probe: impl Fn(u32) -> Option<String>,
+    need: &(dyn Fn(u32) -> u64 + Sync),
+    bit: &(dyn Fn(u32) -> u64 + Sync),
+) -> Result<usize, String> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let stop = AtomicBool::new(false);
+    for round in 0.. {
+        let waiting: Vec<usize> = groups
+            .iter()
+            .map(|g| {
+                g.iter()
+                    .filter(|c| c.probes_seen & need(c.id) != need(c.id))
+                    .count()
+            })
+            .collect();
+        let left: usize = waiting.iter().sum();
+        if left == 0 {
+            return Ok(round);
+        }
+        if Instant::now() > deadline {
+            return Err(format!(
+                "{left} clients had no probe from every server after 30 s: are the servers bridged?"
+            ));
+        }
+        for c in groups.iter_mut().flatten() {
+            if let Some(topic) = probe(c.id) {
+                let text = format!("pub {topic} probe {:08x}", c.id);
+                masked_frame(&mut c.wbuf, 0x1, text.as_bytes(), [2, 7, 1, 8]);
+            }
+        }
+        let round_end = Instant::now() + Duration::from_millis(250);
+        let results: Vec<Result<Vec<Client>, String>> = std::thread::scope(|s| {
+            let handles: Vec<_> = std::mem::take(groups)
+                .into_iter()
+                .zip(waiting)
+                .map(|(g, waiting)| {
+                    let stop = &stop;
+                    s.spawn(move || {
+                        let mut h = Probes { need, bit, waiting };
+                        let r = event_loop(g, &mut h, stop, |h| {
+                            h.waiting == 0 || Instant::now() > round_end
+                        });
+                        if r.is_err() {
+                            stop.store(true, Relaxed);
+                        }
+                        r
+                    })
+                })
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| h.join().unwrap_or_else(|_| Err("thread panicked".into())))
+                .collect()
+        });
+        for r in results {
+            groups.push(r?);
+        }
+    }
+    unreachable!()
+}
+
+/// Percentiles 50 and 99 of unsorted values.
+fn p50_p99(mut v: Vec<f64>) -> (f64, f64) {
+    v.sort_by(f64::total_cmp);
+    (percentile(&v, 0.5), percentile(&v, 0.99))
+}
+
 /// Fan-out subscribers: every delivery comes from `publisher`, in order.
 struct FanoutSub {
     size: usize,
@@ -1224,6 +1403,10 @@ struct FanoutSub {
     delivered: Arc<AtomicU64>,
     /// (round, latency in ms) per delivery.
     seen: Vec<(u64, f64)>,
+    /// Several servers: the latency of each delivery from another server
+    /// than the publisher's (the first), in ms.
+    naddrs: usize,
+    cross_ms: Vec<f64>,
     scratch: Vec<u8>,
 }
 
@@ -1235,6 +1418,9 @@ impl Handler for FanoutSub {
         payload: &[u8],
         now: Instant,
     ) -> Result<(), String> {
+        if op == 0x1 && is_probe(payload) {
+            return Ok(());
+        }
         let got = (op == 0x1)
             .then(|| check_pubsub(payload, self.size, &mut self.scratch))
             .flatten();
@@ -1252,8 +1438,11 @@ impl Handler for FanoutSub {
             ));
         }
         c.expect_seq += 1;
-        self.seen
-            .push((seq, micros(now).saturating_sub(us) as f64 / 1e3));
+        let ms = micros(now).saturating_sub(us) as f64 / 1e3;
+        self.seen.push((seq, ms));
+        if self.naddrs > 1 && !(c.id as usize).is_multiple_of(self.naddrs) {
+            self.cross_ms.push(ms);
+        }
         self.delivered.fetch_add(1, Relaxed);
         Ok(())
     }
@@ -1273,19 +1462,43 @@ fn scenario_fanout(o: &Opts) -> Result<String, String> {
     eprintln!("fd limit: soft {soft}, hard {hard}");
     epoch();
     let topic = "fanout";
-    let mut publisher = open_clients(o.addr, 0, 1)
+    let mut publisher = open_clients(&o.addrs, 0, 1)
         .map_err(|e| e.to_string())?
         .remove(0);
     let t_open = Instant::now();
-    let subs = open_clients(o.addr, 1, n).map_err(|e| e.to_string())?;
+    let subs = open_clients(&o.addrs, 1, n).map_err(|e| e.to_string())?;
     let t_sub = Instant::now();
-    let groups = subscribe_all(split_groups(subs, o.threads), |_| Some(vec![topic.into()]))?;
+    let mut groups = subscribe_all(split_groups(subs, o.threads), |_| Some(vec![topic.into()]))?;
     eprintln!(
         "{}: {n} clients connected in {:.1} s, subscribed in {:.2} s",
         o.label,
         (t_sub - t_open).as_secs_f64(),
         t_sub.elapsed().as_secs_f64()
     );
+    let naddrs = o.addrs.len();
+    if naddrs > 1 {
+        // The publisher probes until its probe reached every subscriber,
+        // on every server.
+        let t0 = Instant::now();
+        groups[0].push(publisher);
+        let probes = await_probes(
+            &mut groups,
+            |id| (id == 0).then(|| topic.to_string()),
+            &|id| u64::from(id != 0),
+            &|_| 1,
+        )?;
+        let g = groups
+            .iter_mut()
+            .find(|g| g.iter().any(|c| c.id == 0))
+            .ok_or("the publisher got lost")?;
+        let at = g.iter().position(|c| c.id == 0).unwrap_or_default();
+        publisher = g.remove(at);
+        eprintln!(
+            "{}: {naddrs} servers: a publish on the first reached every subscriber after {probes} probe rounds, {:.2} s",
+            o.label,
+            t0.elapsed().as_secs_f64()
+        );
+    }
     let stop = Arc::new(AtomicBool::new(false));
     let delivered = Arc::new(AtomicU64::new(0));
     let loops = {
@@ -1297,6 +1510,8 @@ fn scenario_fanout(o: &Opts) -> Result<String, String> {
                 publisher: 0,
                 delivered: delivered.clone(),
                 seen: Vec::new(),
+                naddrs,
+                cross_ms: Vec::new(),
                 scratch: Vec::new(),
             },
             &stop,
@@ -1304,11 +1519,12 @@ fn scenario_fanout(o: &Opts) -> Result<String, String> {
     };
     std::thread::sleep(Duration::from_millis(200));
     let losses0 = net_losses();
-    let published = (|| -> Result<(f64, f64), String> {
+    let published = (|| -> Result<(f64, f64, f64), String> {
         let s = &mut publisher.stream;
         s.set_nonblocking(false).map_err(|e| e.to_string())?;
         let (mut payload, mut frame, mut scratch) = (Vec::new(), Vec::new(), Vec::new());
-        let cpu0 = o.server_pid.map(cpu_seconds).unwrap_or(0.0);
+        let cpu0 = o.server_cpu().unwrap_or(0.0);
+        let broker0 = o.broker_pid.map_or(0.0, cpu_seconds);
         let t0 = Instant::now();
         for r in 0..rounds as u64 {
             pubsub_payload(&mut payload, 0, r, micros(Instant::now()), size);
@@ -1333,8 +1549,9 @@ fn scenario_fanout(o: &Opts) -> Result<String, String> {
             std::thread::sleep(Duration::from_millis(100));
         }
         let secs = t0.elapsed().as_secs_f64();
-        let cpu = o.server_pid.map_or(0.0, |pid| cpu_seconds(pid) - cpu0);
-        Ok((secs, cpu))
+        let cpu = o.server_cpu().map_or(0.0, |c| c - cpu0);
+        let broker = o.broker_pid.map_or(0.0, |pid| cpu_seconds(pid) - broker0);
+        Ok((secs, cpu, broker))
     })();
     let losses = net_losses();
     let (drops, retrans) = (
@@ -1343,7 +1560,7 @@ fn scenario_fanout(o: &Opts) -> Result<String, String> {
     );
     stop.store(true, Relaxed);
     let results = join_loops(loops);
-    let (secs, server_cpu) = published?;
+    let (secs, server_cpu, broker_cpu) = published?;
     let results = results?;
     // The publisher is not subscribed: it must have received nothing (an
     // `error: ` answer would mean a publish was refused).
@@ -1378,6 +1595,10 @@ fn scenario_fanout(o: &Opts) -> Result<String, String> {
     }
     let mut last = vec![0f64; rounds];
     let mut lat = Vec::with_capacity(n * rounds);
+    let cross: Vec<f64> = results
+        .iter()
+        .flat_map(|(h, _)| h.cross_ms.iter().copied())
+        .collect();
     for (h, _) in &results {
         for &(round, ms) in &h.seen {
             lat.push(ms);
@@ -1398,16 +1619,36 @@ fn scenario_fanout(o: &Opts) -> Result<String, String> {
     let (l50, l99) = (percentile(&last, 0.5), percentile(&last, 0.99));
     let (d50, d99) = (percentile(&lat, 0.5), percentile(&lat, 0.99));
     let rate = n as f64 / (l50 / 1e3).max(1e-9);
-    let cpu_pct = o.server_pid.map(|_| server_cpu / secs * 100.0);
-    let cpu_ms_round = o.server_pid.map(|_| server_cpu * 1e3 / rounds as f64);
+    let cpu_pct = o.has_server().then(|| server_cpu / secs * 100.0);
+    let cpu_ms_round = o.has_server().then(|| server_cpu * 1e3 / rounds as f64);
     let show = |v: Option<f64>, p: usize| v.map_or("null".to_string(), |v| format!("{v:.p$}"));
+    // Several servers: the deliveries that crossed from the first to
+    // another; and the broker's CPU.
+    let mut extra = String::new();
+    if naddrs > 1 {
+        let (c50, c99) = p50_p99(cross.clone());
+        eprintln!(
+            "{}: {naddrs} servers: {} deliveries crossed from the first server to another: p50 {c50:.2} ms, p99 {c99:.2} ms",
+            o.label,
+            cross.len()
+        );
+        extra += &format!(
+            ",\"servers\":{naddrs},\"cross_deliveries\":{},\"cross_delivery_p50_ms\":{c50:.3},\"cross_delivery_p99_ms\":{c99:.3}",
+            cross.len()
+        );
+    }
+    if o.broker_pid.is_some() {
+        let pct = broker_cpu / secs * 100.0;
+        eprintln!("{}: broker CPU {pct:.0}% of a core", o.label);
+        extra += &format!(",\"broker_cpu_percent\":{pct:.1}");
+    }
     eprintln!(
         "{}: publish to 1 topic of {n} subscribers x {size} B, {rounds} rounds: last delivery p50 {l50:.2} ms, p99 {l99:.2} ms; each delivery p50 {d50:.2} ms, p99 {d99:.2} ms; {rate:.0} deliveries/s (server CPU {} ms per round; machine-wide {drops} packets dropped, {retrans} retransmitted)",
         o.label,
         show(cpu_ms_round, 1)
     );
     Ok(format!(
-        "{{\"scenario\":\"pubsub\",\"shape\":\"fanout\",\"label\":\"{}\",\"clients\":{n},\"size\":{size},\"rounds\":{rounds},\"last_p50_ms\":{l50:.3},\"last_p99_ms\":{l99:.3},\"delivery_p50_ms\":{d50:.3},\"delivery_p99_ms\":{d99:.3},\"deliveries_per_sec\":{rate:.0},\"server_cpu_percent\":{},\"server_cpu_ms_per_round\":{},\"net_drops\":{drops},\"tcp_retrans\":{retrans}}}",
+        "{{\"scenario\":\"pubsub\",\"shape\":\"fanout\",\"label\":\"{}\",\"clients\":{n},\"size\":{size},\"rounds\":{rounds},\"last_p50_ms\":{l50:.3},\"last_p99_ms\":{l99:.3},\"delivery_p50_ms\":{d50:.3},\"delivery_p99_ms\":{d99:.3},\"deliveries_per_sec\":{rate:.0},\"server_cpu_percent\":{},\"server_cpu_ms_per_round\":{},\"net_drops\":{drops},\"tcp_retrans\":{retrans}{extra}}}",
         o.label,
         show(cpu_pct, 1),
         show(cpu_ms_round, 2)
@@ -1421,6 +1662,13 @@ struct ChatRecv {
     delivered: Arc<AtomicU64>,
     /// Latency of each delivery, in us.
     lat_us: Vec<f64>,
+    /// Several servers (client `i` on the `i % naddrs`-th): the latency of
+    /// each delivery from a sender on another server than the receiver's.
+    naddrs: usize,
+    cross_us: Vec<f64>,
+    /// Several servers: (send time, latency) of each delivery, in us, for
+    /// the latency second by second.
+    timed_us: Vec<(u64, f64)>,
     scratch: Vec<u8>,
 }
 
@@ -1432,6 +1680,9 @@ impl Handler for ChatRecv {
         payload: &[u8],
         now: Instant,
     ) -> Result<(), String> {
+        if op == 0x1 && is_probe(payload) {
+            return Ok(());
+        }
         let got = (op == 0x1)
             .then(|| check_pubsub(payload, self.size, &mut self.scratch))
             .flatten();
@@ -1460,7 +1711,14 @@ impl Handler for ChatRecv {
             ));
         }
         c.peer_next[member] += 1;
-        self.lat_us.push(micros(now).saturating_sub(us) as f64);
+        let lat = micros(now).saturating_sub(us) as f64;
+        self.lat_us.push(lat);
+        if self.naddrs > 1 {
+            if sender as usize % self.naddrs != c.id as usize % self.naddrs {
+                self.cross_us.push(lat);
+            }
+            self.timed_us.push((us, lat));
+        }
         self.delivered.fetch_add(1, Relaxed);
         Ok(())
     }
@@ -1469,6 +1727,7 @@ impl Handler for ChatRecv {
 struct ChatShared {
     topics: usize,
     size: usize,
+    naddrs: usize,
     /// Each client's first message is due at `start` plus its share of one
     /// period; no message is sent from `end` on.
     start: Instant,
@@ -1493,6 +1752,9 @@ fn chat_loop(mut clients: Vec<Client>, sh: &ChatShared) -> Result<(ChatRecv, Vec
         size: sh.size,
         delivered: sh.delivered.clone(),
         lat_us: Vec::new(),
+        naddrs: sh.naddrs,
+        cross_us: Vec::new(),
+        timed_us: Vec::new(),
         scratch: Vec::new(),
     };
     let (mut payload, mut scratch) = (Vec::new(), Vec::new());
@@ -1591,7 +1853,7 @@ fn scenario_chat(o: &Opts) -> Result<String, String> {
     eprintln!("fd limit: soft {soft}, hard {hard}");
     epoch();
     let t_open = Instant::now();
-    let clients = open_clients(o.addr, 0, n).map_err(|e| e.to_string())?;
+    let clients = open_clients(&o.addrs, 0, n).map_err(|e| e.to_string())?;
     let t_sub = Instant::now();
     let mut groups = subscribe_all(split_groups(clients, o.threads), |id| {
         Some(vec![format!("chat{}", id as usize % t)])
@@ -1605,10 +1867,39 @@ fn scenario_chat(o: &Opts) -> Result<String, String> {
     for c in groups.iter_mut().flatten() {
         c.peer_next = vec![0; per];
     }
+    let naddrs = o.addrs.len();
+    if naddrs > 1 {
+        if t % naddrs == 0 {
+            eprintln!(
+                "{}: warning: {t} topics over {naddrs} servers: every topic's members are on one server (client i on server i % {naddrs}), no delivery crosses servers",
+                o.label
+            );
+        }
+        // Members 0 and 1 of each topic (clients `topic` and `topic + t`,
+        // on two servers when `t % naddrs != 0`) probe; every member
+        // needs both probes but its own. Then each server with members
+        // has received a probe from another server: its subscription is
+        // in the broker.
+        let t0 = Instant::now();
+        let tt = t as u32;
+        let bit = move |id: u32| if id < 2 * tt { 1u64 << (id / tt) } else { 0 };
+        let probes = await_probes(
+            &mut groups,
+            |id| (id < 2 * tt).then(|| format!("chat{}", id % tt)),
+            &move |id| 0b11 & !bit(id),
+            &bit,
+        )?;
+        eprintln!(
+            "{}: {naddrs} servers: every member reached from two servers after {probes} probe rounds, {:.2} s",
+            o.label,
+            t0.elapsed().as_secs_f64()
+        );
+    }
     let start = Instant::now() + Duration::from_millis(200);
     let sh = Arc::new(ChatShared {
         topics: t,
         size,
+        naddrs,
         start,
         end: start + Duration::from_secs_f64(o.seconds),
         period: 1.0 / o.rate,
@@ -1625,7 +1916,8 @@ fn scenario_chat(o: &Opts) -> Result<String, String> {
         })
         .collect();
     std::thread::sleep(start.saturating_duration_since(Instant::now()));
-    let cpu0 = o.server_pid.map(cpu_seconds).unwrap_or(0.0);
+    let cpu0 = o.server_cpu().unwrap_or(0.0);
+    let broker0 = o.broker_pid.map_or(0.0, cpu_seconds);
     let self_cpu0 = cpu_seconds(std::process::id());
     let losses0 = net_losses();
     // Until every thread has stopped publishing, then until every delivery
@@ -1651,7 +1943,8 @@ fn scenario_chat(o: &Opts) -> Result<String, String> {
             }
         }
     })();
-    let server_cpu = o.server_pid.map(cpu_seconds).unwrap_or(0.0) - cpu0;
+    let server_cpu = o.server_cpu().unwrap_or(0.0) - cpu0;
+    let broker_cpu = o.broker_pid.map_or(0.0, |pid| cpu_seconds(pid) - broker0);
     let self_cpu = cpu_seconds(std::process::id()) - self_cpu0;
     let losses = net_losses();
     let (drops, retrans) = (
@@ -1690,15 +1983,63 @@ fn scenario_chat(o: &Opts) -> Result<String, String> {
     let published = sh.sent.load(Relaxed);
     let delivered = sh.delivered.load(Relaxed);
     let secs = drained.duration_since(start).as_secs_f64();
+    let cross: Vec<f64> = results
+        .iter()
+        .flat_map(|(h, _)| h.cross_us.iter().copied())
+        .collect();
+    if naddrs > 1 {
+        // By the second the message was sent in: whether a backlog built up.
+        let start_us = micros(start);
+        let mut by_sec: Vec<Vec<f64>> = Vec::new();
+        for &(us, lat) in results.iter().flat_map(|(h, _)| &h.timed_us) {
+            let k = (us.saturating_sub(start_us) / 1_000_000) as usize;
+            if by_sec.len() <= k {
+                by_sec.resize_with(k + 1, Vec::new);
+            }
+            by_sec[k].push(lat);
+        }
+        let text: Vec<String> = by_sec
+            .into_iter()
+            .map(|v| {
+                let (a, b) = p50_p99(v);
+                format!("{:.1}/{:.1}", a / 1e3, b / 1e3)
+            })
+            .collect();
+        eprintln!(
+            "{}: latency p50/p99 (ms) by second sent: {}",
+            o.label,
+            text.join(" ")
+        );
+    }
     let mut lat: Vec<f64> = results.into_iter().flat_map(|(h, _)| h.lat_us).collect();
     lat.sort_by(f64::total_cmp);
     let ms = |p| percentile(&lat, p) / 1e3;
     let (p50, p99, p999, max) = (ms(0.5), ms(0.99), ms(0.999), ms(1.0));
     let rate = delivered as f64 / secs;
     let offered = n as f64 * o.rate * (per - 1) as f64;
-    let cpu_pct = o.server_pid.map(|_| server_cpu / secs * 100.0);
+    let cpu_pct = o.has_server().then(|| server_cpu / secs * 100.0);
     let self_pct = self_cpu / secs * 100.0;
     let show = |v: Option<f64>| v.map_or("null".to_string(), |v| format!("{v:.0}"));
+    // Several servers: the deliveries that crossed servers; and the
+    // broker's CPU.
+    let mut extra = String::new();
+    if naddrs > 1 {
+        let crossed = cross.len();
+        let (c50, c99) = p50_p99(cross);
+        let (c50, c99) = (c50 / 1e3, c99 / 1e3);
+        eprintln!(
+            "{}: {naddrs} servers: {crossed} of {delivered} deliveries crossed servers: p50 {c50:.2} ms, p99 {c99:.2} ms",
+            o.label
+        );
+        extra += &format!(
+            ",\"servers\":{naddrs},\"cross_deliveries\":{crossed},\"cross_p50_ms\":{c50:.3},\"cross_p99_ms\":{c99:.3}"
+        );
+    }
+    if o.broker_pid.is_some() {
+        let pct = broker_cpu / secs * 100.0;
+        eprintln!("{}: broker CPU {pct:.0}% of a core", o.label);
+        extra += &format!(",\"broker_cpu_percent\":{pct:.1}");
+    }
     eprintln!(
         "{}: chat, {t} topics x {per} subscribers publishing {} msg/s each x {size} B for {:.0} s: {published} published, {delivered} deliveries, {rate:.0}/s (offered {offered:.0}/s); latency p50 {p50:.2} ms, p99 {p99:.2} ms, p99.9 {p999:.2} ms, max {max:.2} ms (server CPU {}%, loadgen CPU {self_pct:.0}%; machine-wide {drops} packets dropped, {retrans} retransmitted)",
         o.label,
@@ -1707,7 +2048,7 @@ fn scenario_chat(o: &Opts) -> Result<String, String> {
         show(cpu_pct)
     );
     Ok(format!(
-        "{{\"scenario\":\"pubsub\",\"shape\":\"chat\",\"label\":\"{}\",\"topics\":{t},\"subscribers\":{per},\"clients\":{n},\"size\":{size},\"rate\":{},\"seconds\":{secs:.2},\"published\":{published},\"deliveries\":{delivered},\"deliveries_per_sec\":{rate:.0},\"offered_per_sec\":{offered:.0},\"p50_ms\":{p50:.3},\"p99_ms\":{p99:.3},\"p999_ms\":{p999:.3},\"max_ms\":{max:.3},\"server_cpu_percent\":{},\"loadgen_cpu_percent\":{self_pct:.0},\"net_drops\":{drops},\"tcp_retrans\":{retrans}}}",
+        "{{\"scenario\":\"pubsub\",\"shape\":\"chat\",\"label\":\"{}\",\"topics\":{t},\"subscribers\":{per},\"clients\":{n},\"size\":{size},\"rate\":{},\"seconds\":{secs:.2},\"published\":{published},\"deliveries\":{delivered},\"deliveries_per_sec\":{rate:.0},\"offered_per_sec\":{offered:.0},\"p50_ms\":{p50:.3},\"p99_ms\":{p99:.3},\"p999_ms\":{p999:.3},\"max_ms\":{max:.3},\"server_cpu_percent\":{},\"loadgen_cpu_percent\":{self_pct:.0},\"net_drops\":{drops},\"tcp_retrans\":{retrans}{extra}}}",
         o.label,
         o.rate,
         show(cpu_pct)
