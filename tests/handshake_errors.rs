@@ -115,3 +115,58 @@ fn stalled_handshake_times_out_without_pinning_workers() {
         assert!(out.starts_with("HTTP/1.1 408 "), "{out:?}");
     }
 }
+
+/// A handshake's deadline holds even for clients that keep sending a byte
+/// of their request now and then, so that a worker often holds their
+/// handshake just when the deadline's timer fires: the timer found nothing
+/// to expire then, and the handshake was parked again with no deadline.
+#[test]
+fn a_trickling_handshake_is_cut_off_at_its_deadline() {
+    use std::io::{ErrorKind, Read};
+    use std::time::Instant;
+    const CLIENTS: usize = 150;
+    let server = enjent::WebSocketServer::builder()
+        .workers(1)
+        .handshake_timeout(Duration::from_millis(200))
+        .max_handshake_bytes(1 << 20)
+        .max_connections_per_ip(1000)
+        .start("127.0.0.1:0")
+        .unwrap();
+    let addr = server.local_addr();
+    let mut open: Vec<std::net::TcpStream> = (0..CLIENTS)
+        .map(|_| {
+            let mut s = raw(addr);
+            s.write_all(b"GET / HTTP/1.1\r\nX-Pad: ").unwrap();
+            s.set_nonblocking(true).unwrap();
+            s
+        })
+        .collect();
+    // One byte to each, every millisecond, until the server answers.
+    let start = Instant::now();
+    let mut answers = Vec::new();
+    while !open.is_empty() && start.elapsed() < Duration::from_secs(6) {
+        open.retain_mut(|s| {
+            let mut buf = [0u8; 256];
+            match s.read(&mut buf) {
+                Ok(0) => return false,
+                Ok(n) => {
+                    answers.push(String::from_utf8_lossy(&buf[..n]).into_owned());
+                    return false;
+                }
+                Err(e) if e.kind() == ErrorKind::WouldBlock => {}
+                Err(_) => return false,
+            }
+            !matches!(s.write(b"a"), Err(e) if e.kind() != ErrorKind::WouldBlock)
+        });
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    assert!(
+        open.is_empty(),
+        "{} of {CLIENTS} trickling handshakes outlived a 200 ms deadline by seconds",
+        open.len()
+    );
+    assert!(
+        answers.iter().all(|a| a.starts_with("HTTP/1.1 408 ")),
+        "{answers:?}"
+    );
+}

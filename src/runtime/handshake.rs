@@ -7,6 +7,7 @@ use std::net::{IpAddr, Shutdown};
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
 
 use polling::Event as Interest;
 
@@ -249,6 +250,19 @@ fn parse_ip(s: &str) -> Option<IpAddr> {
 /// Wait for the socket (readable for more of the request, writable for
 /// more of an HTTP answer), within the handshake deadline.
 fn park_handshake<T>(shared: &Arc<Shared<T>>, mut p: Box<Pending>, want: Interest) {
+    // The deadline's timer fires once; if it fired while a worker held
+    // this handshake, it found nothing to expire and is gone. So a
+    // handshake at (or within a tick of) its deadline is not parked again
+    // but answered now, or a client sending a byte at the right moments
+    // would keep its slot for ever.
+    let slack = Duration::from_millis(crate::runtime::timer::TICK_MS);
+    if p.deadline <= Instant::now() + slack {
+        return abort_handshake(
+            shared,
+            *p,
+            Some(&Reject::new(408).body("handshake timed out")),
+        );
+    }
     let (key, deadline, booked) = (p.key, p.deadline, p.timer_booked);
     let registered = std::mem::replace(&mut p.registered, true);
     p.timer_booked = true;
