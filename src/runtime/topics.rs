@@ -54,7 +54,15 @@ impl<T> Subs<T> {
 
     fn push(&mut self, conn: Arc<Conn<T>>) {
         match self {
-            Subs::Many(v) => v.push(conn),
+            Subs::Many(v) => {
+                // Grown by an eighth rather than doubled: a slot here is
+                // most of what a subscription costs, and a topic's list
+                // seldom grows fast enough for the copies to matter.
+                if v.len() == v.capacity() {
+                    v.reserve_exact((v.len() / 8).max(1));
+                }
+                v.push(conn);
+            }
             Subs::One(first) => {
                 let first = Arc::clone(first);
                 *self = Subs::Many(vec![first, conn]);
@@ -75,6 +83,10 @@ impl<T> Subs<T> {
         };
         if let Some(i) = v.iter().position(|c| Arc::ptr_eq(c, conn)) {
             v.swap_remove(i);
+        }
+        if v.len() * 4 < v.capacity() {
+            // Most have left: give the memory back.
+            v.shrink_to(v.len() * 2);
         }
         match v.len() {
             0 => false,
