@@ -69,9 +69,13 @@ impl Node {
     fn start_at(url: &str, f: impl FnOnce(enjent::Builder) -> enjent::Builder) -> Node {
         let told: Arc<Mutex<Vec<BridgeEvent>>> = Arc::default();
         let t = Arc::clone(&told);
+        // Redis is killed outright here, which every connection notices
+        // at once: the timeout is for a Redis that hangs, and long enough
+        // that a loaded machine is not taken for one (a reconnection
+        // would lose messages, and the tests count those).
         let bridge = RedisBridge::new(url)
             .unwrap()
-            .timeout(Duration::from_millis(500));
+            .timeout(Duration::from_secs(5));
         let builder = WebSocketServer::builder()
             .workers(2)
             .bridge(bridge)
@@ -106,6 +110,17 @@ impl Node {
     fn bridge(&self) -> enjent::BridgeStats {
         self.server.stats().bridge.expect("a bridge")
     }
+}
+
+/// Two instances: a client of the second subscribed to `topic`, at Redis
+/// too; the first to publish.
+fn publisher_and_subscriber(redis: &Redis, topic: &str) -> (Node, Node, Peer) {
+    let a = Node::start(redis);
+    let b = Node::start(redis);
+    let mut sub = Peer::connect(b.addr());
+    sub.sub(topic);
+    redis.wait_numsub(topic, 1);
+    (a, b, sub)
 }
 
 /// A raw WebSocket client of the text protocol.
@@ -636,11 +651,7 @@ fn after_an_outage_exactly_the_topics_with_subscribers_are_subscribed_again() {
 fn unsubscribing_and_subscribing_again_counts_nothing_missed() {
     let Some(redis) = Redis::start() else { return };
     within(Duration::from_secs(60), move || {
-        let a = Node::start(&redis);
-        let b = Node::start(&redis);
-        let mut sub = Peer::connect(b.addr());
-        sub.sub("t");
-        redis.wait_numsub("t", 1);
+        let (a, b, sub) = publisher_and_subscriber(&redis, "t");
         let stop = Arc::new(AtomicBool::new(false));
         let publisher = {
             let (stop, handle) = (stop.clone(), a.server.handle());
@@ -651,7 +662,9 @@ fn unsubscribing_and_subscribing_again_counts_nothing_missed() {
                 }
             })
         };
-        // B's only subscriber leaves and comes back while A publishes.
+        // B's only subscriber leaves and comes back while A publishes:
+        // quickly (B keeps the channel a moment), then twice long enough
+        // for B to unsubscribe at Redis, and subscribe again.
         let mut r = sub.s.try_clone().unwrap();
         for _ in 0..30 {
             r.write_all(&frame(0x81, b"unsub t")).unwrap();
@@ -659,12 +672,25 @@ fn unsubscribing_and_subscribing_again_counts_nothing_missed() {
             r.write_all(&frame(0x81, b"sub t")).unwrap();
             thread::sleep(Duration::from_millis(10));
         }
+        for _ in 0..2 {
+            r.write_all(&frame(0x81, b"unsub t")).unwrap();
+            redis.wait_numsub("t", 0);
+            r.write_all(&frame(0x81, b"sub t")).unwrap();
+            redis.wait_numsub("t", 1);
+            thread::sleep(Duration::from_millis(50));
+        }
         stop.store(true, Relaxed);
         publisher.join().unwrap();
         let (ab, bb) = (a.bridge(), b.bridge());
         assert_eq!(ab.dropped, 0, "{ab:?}");
         assert!(bb.received > 0, "{bb:?}");
-        assert_eq!((bb.missed, bb.invalid), (0, 0), "{bb:?}");
+        assert_eq!(
+            (bb.missed, bb.invalid),
+            (0, 0),
+            "{bb:?}\nA told {:?}\nB told {:?}",
+            a.told.lock().unwrap(),
+            b.told.lock().unwrap()
+        );
     });
 }
 
@@ -672,11 +698,7 @@ fn unsubscribing_and_subscribing_again_counts_nothing_missed() {
 fn forged_and_garbage_messages_on_the_channels_harm_nothing() {
     let Some(redis) = Redis::start() else { return };
     within(Duration::from_secs(60), move || {
-        let a = Node::start(&redis);
-        let b = Node::start(&redis);
-        let mut sub = Peer::connect(b.addr());
-        sub.sub("t");
-        redis.wait_numsub("t", 1);
+        let (a, b, mut sub) = publisher_and_subscriber(&redis, "t");
         a.server.publish("t", "first");
         assert_eq!(sub.read().unwrap(), "first");
         // Someone else on Redis: garbage, a bad version, bad UTF-8, and

@@ -10,7 +10,9 @@
 //! What the library does around the engine, whatever it is:
 //!
 //! - One channel per topic that has local subscribers: subscribed when the
-//!   topic gains its first one, unsubscribed after its last one leaves.
+//!   topic gains its first one, unsubscribed a second after its last one
+//!   leaves (so that a topic whose subscribers come and go does not churn
+//!   the engine).
 //! - `publish` never waits for the engine: messages wait in a bounded
 //!   outbox (`bridge_outbox_bytes`), and what does not fit is dropped and
 //!   counted.

@@ -76,6 +76,10 @@ const CHANNELS_PER_COMMAND: usize = 1_000;
 /// How long the receiver waits for a message before it looks again at
 /// the changes and shutdown (a wake-up normally comes sooner).
 const POLL: Duration = Duration::from_secs(1);
+/// How long a topic's channel stays subscribed after its last local
+/// subscriber left: a topic whose subscribers come and go does not churn
+/// the engine, and its numbering stays continuous meanwhile.
+const LINGER: Duration = Duration::from_secs(1);
 /// How long a session may go without its own wake-up coming back (while
 /// the publisher is up) before it counts as failed.
 const VERIFY: Duration = Duration::from_secs(5);
@@ -806,12 +810,21 @@ fn session<T: Send + Sync + 'static>(
     rt.out.lock().wake = true;
     rt.out_cv.notify_one();
     let mut verify_from = Instant::now();
+    // Channels whose topic lost its last local subscriber, and since when.
+    let mut lingering: HashMap<String, Instant> = HashMap::new();
     loop {
         if rt.stopping() {
             return Ok(());
         }
         if rt.changes_pending.swap(false, Relaxed) {
-            apply_changes(rt, sub, &mut subscribed)?;
+            apply_changes(rt, sub, &mut subscribed, &mut lingering)?;
+        }
+        let mut wait = POLL;
+        if !lingering.is_empty() {
+            unsubscribe_lingering(rt, sub, &mut subscribed, &mut lingering)?;
+            if let Some(first) = lingering.values().min() {
+                wait = wait.min((*first + LINGER).saturating_duration_since(Instant::now()));
+            }
         }
         if !*verified {
             if !rt.publisher_up() {
@@ -823,7 +836,7 @@ fn session<T: Send + Sync + 'static>(
                 ));
             }
         }
-        let Some((channel, data)) = sub.receive(POLL)? else {
+        let Some((channel, data)) = sub.receive(wait)? else {
             continue;
         };
         if channel == rt.control {
@@ -841,44 +854,71 @@ fn session<T: Send + Sync + 'static>(
     }
 }
 
-/// Subscribe and unsubscribe as the topics changed since the last time.
+/// Subscribe the topics that gained a first subscriber since the last
+/// time; those that lost their last start lingering (see `LINGER`).
 fn apply_changes(
     rt: &BridgeRt,
     sub: &mut dyn Subscriber,
     subscribed: &mut HashSet<String>,
+    lingering: &mut HashMap<String, Instant>,
 ) -> io::Result<()> {
     let changes = std::mem::take(&mut *rt.changes.lock());
-    let (mut add, mut remove) = (Vec::new(), Vec::new());
+    let now = Instant::now();
+    let mut add = Vec::new();
     for (topic, added) in changes {
         let channel = format!("{}{topic}", rt.topic_prefix);
         match (added, subscribed.contains(&channel)) {
             (true, false) => add.push(channel),
-            (false, true) => remove.push(channel),
-            _ => {}
+            // Back before its channel was let go: nothing to do.
+            (true, true) => {
+                lingering.remove(&channel);
+            }
+            (false, true) => {
+                lingering.entry(channel).or_insert(now);
+            }
+            (false, false) => {}
         }
     }
     for chunk in add.chunks(CHANNELS_PER_COMMAND) {
         let refs: Vec<&str> = chunk.iter().map(String::as_str).collect();
         sub.subscribe(&refs)?;
     }
-    for chunk in remove.chunks(CHANNELS_PER_COMMAND) {
+    if !add.is_empty() {
+        // Newly subscribed: numbered from a fresh baseline.
+        let added: HashSet<&str> = add.iter().map(|c| &c[rt.topic_prefix.len()..]).collect();
+        rt.forget(|t| !added.contains(t));
+    }
+    subscribed.extend(add);
+    rt.counts.channels.store(subscribed.len() as u64, Relaxed);
+    Ok(())
+}
+
+/// Unsubscribe the channels that lingered long enough.
+fn unsubscribe_lingering(
+    rt: &BridgeRt,
+    sub: &mut dyn Subscriber,
+    subscribed: &mut HashSet<String>,
+    lingering: &mut HashMap<String, Instant>,
+) -> io::Result<()> {
+    let now = Instant::now();
+    let due: Vec<String> = lingering
+        .iter()
+        .filter(|(_, since)| now.duration_since(**since) >= LINGER)
+        .map(|(c, _)| c.clone())
+        .collect();
+    if due.is_empty() {
+        return Ok(());
+    }
+    for chunk in due.chunks(CHANNELS_PER_COMMAND) {
         let refs: Vec<&str> = chunk.iter().map(String::as_str).collect();
         sub.unsubscribe(&refs)?;
     }
-    if !add.is_empty() || !remove.is_empty() {
-        // A topic subscribed again starts from a fresh baseline; one gone
-        // is forgotten.
-        let changed: HashSet<&str> = add
-            .iter()
-            .chain(&remove)
-            .map(|c| &c[rt.topic_prefix.len()..])
-            .collect();
-        rt.forget(|t| !changed.contains(t));
-    }
-    for channel in &remove {
+    let gone: HashSet<&str> = due.iter().map(|c| &c[rt.topic_prefix.len()..]).collect();
+    rt.forget(|t| !gone.contains(t));
+    for channel in &due {
         subscribed.remove(channel);
+        lingering.remove(channel);
     }
-    subscribed.extend(add);
     rt.counts.channels.store(subscribed.len() as u64, Relaxed);
     Ok(())
 }

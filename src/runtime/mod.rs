@@ -429,9 +429,11 @@ impl<T: Send + Sync + 'static> Shared<T> {
         // It gets `close_timeout` to send the rest of its outbox; an engine
         // that does not answer keeps its threads no longer than its own
         // timeouts, but shutdown does not wait for them.
-        let deadline = std::time::Instant::now() + shared.config.close_timeout;
+        let deadline = Instant::now()
+            .checked_add(shared.config.close_timeout)
+            .unwrap_or_else(handshake::far_future);
         for t in std::mem::take(&mut *shared.bridge_threads.lock()) {
-            while !t.is_finished() && std::time::Instant::now() < deadline {
+            while !t.is_finished() && Instant::now() < deadline {
                 std::thread::sleep(Duration::from_millis(5));
             }
             if t.is_finished() {
