@@ -777,7 +777,7 @@ impl<T: Send + Sync + 'static> Builder<T> {
     }
 
     /// Share topics with other servers through a message engine, such as
-    /// [`RedisBridge`](crate::bridge::RedisBridge) (feature `redis`): a
+    /// `RedisBridge` (feature `redis`, in [`bridge`](crate::bridge)): a
     /// publish here also reaches the subscribers of every server on the
     /// same engine, and theirs reach the subscribers here. See the
     /// [`bridge`](crate::bridge) module for what is guaranteed.

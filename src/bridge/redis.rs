@@ -118,6 +118,18 @@ impl Publisher for RedisPublisher {
         }
         let answers: Vec<redis::RedisResult<redis::Value>> =
             pipe.query(&mut self.con).map_err(io_error)?;
+        // A Redis that is busy or loading will take the batch later: sent
+        // again after reconnecting (receivers drop what arrives twice).
+        if let Some(e) = answers.iter().find_map(|a| {
+            a.as_ref().err().filter(|e| {
+                matches!(
+                    e.code(),
+                    Some("BUSY" | "LOADING" | "TRYAGAIN" | "MASTERDOWN")
+                )
+            })
+        }) {
+            return Err(io::Error::other(e.to_string()));
+        }
         refused.extend(
             answers
                 .iter()

@@ -80,6 +80,8 @@ const POLL: Duration = Duration::from_secs(1);
 /// subscriber left: a topic whose subscribers come and go does not churn
 /// the engine, and its numbering stays continuous meanwhile.
 const LINGER: Duration = Duration::from_secs(1);
+/// Lingering channels due within this of each other go together.
+const LINGER_BATCH: Duration = Duration::from_millis(50);
 /// How long a session may go without its own wake-up coming back (while
 /// the publisher is up) before it counts as failed.
 const VERIFY: Duration = Duration::from_secs(5);
@@ -88,9 +90,9 @@ const ITEM_OVERHEAD: usize = 64;
 /// Origins remembered at most, and how long a silent one is kept.
 const MAX_ORIGINS: usize = 1024;
 const ORIGIN_IDLE: Duration = Duration::from_secs(3600);
-/// A sequence number further than this from the last one, or an epoch
-/// further than this from the current one, is not believed: it starts a
-/// new baseline and counts as invalid.
+/// A sequence number further than this past the last one (or further
+/// back than a batch), or an epoch other than the next few, is not
+/// believed: it starts a new baseline and counts as invalid.
 const MAX_SEQ_JUMP: u64 = 1 << 32;
 const MAX_EPOCH_JUMP: u32 = 1 << 10;
 /// `Missed` events told per second at most; the counters count them all.
@@ -100,7 +102,7 @@ const BACKOFF_FIRST: Duration = Duration::from_millis(50);
 const BACKOFF_LAST: Duration = Duration::from_secs(1);
 
 /// One envelope waiting for the engine.
-struct Outgoing {
+pub(crate) struct Outgoing {
     channel: String,
     envelope: Vec<u8>,
 }
@@ -178,6 +180,10 @@ pub(crate) struct BridgeRt {
     /// The receiver's session failed: the publisher reconnects too, its
     /// connection is likely as dead.
     publisher_stale: AtomicBool,
+    /// When the engine last took a batch carrying a wake-up.
+    wake_sent: Mutex<Option<Instant>>,
+    /// Shutdown is over: nothing more is told.
+    closed: AtomicBool,
     from: Mutex<HashMap<u64, FromOrigin>>,
     status: Mutex<Status>,
     /// Events for the user, in order, and whether a thread is delivering
@@ -213,6 +219,8 @@ impl BridgeRt {
             changes_pending: AtomicBool::new(false),
             session_open: AtomicBool::new(false),
             publisher_stale: AtomicBool::new(false),
+            wake_sent: Mutex::new(None),
+            closed: AtomicBool::new(false),
             from: Mutex::new(HashMap::new()),
             status: Mutex::new(Status::default()),
             told: Mutex::new(VecDeque::new()),
@@ -226,9 +234,11 @@ impl BridgeRt {
     }
 
     /// Hand a publish to the other servers: never waits.
-    pub(crate) fn send(&self, topic: &str, message: &Message) {
+    /// A publish's envelope, still to be numbered (see [`BridgeRt::push`]);
+    /// `None` once stopping. Made before any lock is taken.
+    pub(crate) fn prepare(&self, topic: &str, message: &Message) -> Option<Outgoing> {
         if self.stopping.load(Relaxed) {
-            return;
+            return None;
         }
         let kind = if message.is_text() { TEXT } else { BINARY };
         let payload = message.as_bytes();
@@ -238,6 +248,16 @@ impl BridgeRt {
         envelope.extend_from_slice(&[0; 12]);
         envelope.extend_from_slice(payload);
         let channel = format!("{}{topic}", self.topic_prefix);
+        Some(Outgoing { channel, envelope })
+    }
+
+    /// Number `item` and put it in the outbox, or drop and count it if the
+    /// outbox is full: never waits.
+    pub(crate) fn push(&self, topic: &str, item: Outgoing) {
+        let Outgoing {
+            channel,
+            mut envelope,
+        } = item;
         let mut out = self.out.lock();
         // The number is taken even if the outbox is full, so that
         // receivers count the message as missed.
@@ -323,6 +343,12 @@ impl BridgeRt {
         self.sleep_cv.notify_all();
     }
 
+    /// Shutdown is over: the user is told nothing more.
+    pub(crate) fn close(&self) {
+        self.closed.store(true, SeqCst);
+        self.told.lock().clear();
+    }
+
     fn stopping(&self) -> bool {
         self.stopping.load(Relaxed)
     }
@@ -389,6 +415,9 @@ impl BridgeRt {
             loop {
                 let next = self.told.lock().pop_front();
                 let Some(event) = next else { break };
+                if self.closed.load(SeqCst) {
+                    continue;
+                }
                 if let Some(shared) = shared.upgrade() {
                     shared.emit_bridge(event);
                 }
@@ -400,10 +429,6 @@ impl BridgeRt {
                 return;
             }
         }
-    }
-
-    fn publisher_up(&self) -> bool {
-        self.status.lock().publisher_up
     }
 
     /// A message from the engine on a topic's channel this session
@@ -481,26 +506,24 @@ impl BridgeRt {
         f.seen = now;
         let mut unbelievable = false;
         if env.epoch != f.epoch {
+            // The origin started numbering afresh (after numbering many
+            // topics). Anything else (an old epoch, a far one) is not
+            // believed, but followed all the same, so that a forged
+            // envelope cannot silence an origin: the next genuine one
+            // takes the numbering back.
             let ahead = env.epoch.wrapping_sub(f.epoch);
-            let behind = f.epoch.wrapping_sub(env.epoch);
-            if f.last.is_empty() || ahead < MAX_EPOCH_JUMP {
-                // The origin started numbering afresh.
-                f.epoch = env.epoch;
-                f.last.clear();
-            } else if behind < MAX_EPOCH_JUMP {
-                // From before it did: sent again after a reconnection.
-                return Sequence::Again;
-            } else {
-                f.epoch = env.epoch;
-                f.last.clear();
-                unbelievable = true;
-            }
+            unbelievable = !f.last.is_empty() && !(1..MAX_EPOCH_JUMP).contains(&ahead);
+            f.epoch = env.epoch;
+            f.last.clear();
         }
         let (seq, last) = (env.seq, f.last.get(topic).copied());
         let outcome = match last {
             // The first since this server subscribed: nothing to compare.
             None => Sequence::Next(0),
-            Some(last) if seq <= last && last - seq <= MAX_SEQ_JUMP => return Sequence::Again,
+            // Sent again after a reconnection: at most a batch back.
+            Some(last) if seq <= last && last - seq < BATCH_ITEMS as u64 => {
+                return Sequence::Again;
+            }
             Some(last) if seq > last && seq - last <= MAX_SEQ_JUMP => {
                 Sequence::Next(seq - last - 1)
             }
@@ -715,13 +738,18 @@ pub(crate) fn run_publisher<T: Send + Sync + 'static>(rt: Arc<BridgeRt>, shared:
             Ok(()) => {
                 // The wake-up, if any, is last and not a publish.
                 let data = batch.iter().filter(|o| o.channel != rt.control).count();
+                if batch.last().is_some_and(|o| o.channel == rt.control) {
+                    *rt.wake_sent.lock() = Some(Instant::now());
+                }
+                refused.sort_unstable();
+                refused.dedup();
                 let refused_data = refused
                     .iter()
                     .filter(|&&i| batch.get(i).is_some_and(|o| o.channel != rt.control))
                     .count();
                 rt.counts
                     .published
-                    .fetch_add((data - refused_data) as u64, Relaxed);
+                    .fetch_add(data.saturating_sub(refused_data) as u64, Relaxed);
                 rt.counts.refused.fetch_add(refused_data as u64, Relaxed);
                 batch.clear();
                 backoff.reset();
@@ -809,34 +837,40 @@ fn session<T: Send + Sync + 'static>(
     // A wake-up of our own proves the round trip through the engine.
     rt.out.lock().wake = true;
     rt.out_cv.notify_one();
-    let mut verify_from = Instant::now();
-    // Channels whose topic lost its last local subscriber, and since when.
+    let started = Instant::now();
+    // Channels whose topic lost its last local subscriber, and since when,
+    // and when the first of them is due to be let go.
     let mut lingering: HashMap<String, Instant> = HashMap::new();
+    let mut next_due: Option<Instant> = None;
     loop {
         if rt.stopping() {
             return Ok(());
         }
         if rt.changes_pending.swap(false, Relaxed) {
-            apply_changes(rt, sub, &mut subscribed, &mut lingering)?;
+            apply_changes(rt, sub, &mut subscribed, &mut lingering, &mut next_due)?;
         }
         let mut wait = POLL;
-        if !lingering.is_empty() {
-            unsubscribe_lingering(rt, sub, &mut subscribed, &mut lingering)?;
-            if let Some(first) = lingering.values().min() {
-                wait = wait.min((*first + LINGER).saturating_duration_since(Instant::now()));
+        if let Some(due) = next_due {
+            let now = Instant::now();
+            if now >= due {
+                next_due = unsubscribe_lingering(rt, sub, &mut subscribed, &mut lingering)?;
+            }
+            if let Some(due) = next_due {
+                // Let go in batches, not one receive of a millisecond each.
+                let until = due.saturating_duration_since(now).max(LINGER_BATCH);
+                wait = wait.min(until);
             }
         }
-        if !*verified {
-            if !rt.publisher_up() {
-                verify_from = Instant::now();
-            } else if verify_from.elapsed() > VERIFY {
+        let Some((channel, data)) = sub.receive(wait)? else {
+            // Nothing pending from the engine: if our wake-up went out a
+            // while ago and never came back, our channels are refused.
+            let sent = *rt.wake_sent.lock();
+            if !*verified && sent.is_some_and(|t| t > started && t.elapsed() > VERIFY) {
                 return Err(io::Error::other(
                     "nothing this server published came back through the engine: \
                      are its channels refused (Redis ACL channel permissions)?",
                 ));
             }
-        }
-        let Some((channel, data)) = sub.receive(wait)? else {
             continue;
         };
         if channel == rt.control {
@@ -861,6 +895,7 @@ fn apply_changes(
     sub: &mut dyn Subscriber,
     subscribed: &mut HashSet<String>,
     lingering: &mut HashMap<String, Instant>,
+    next_due: &mut Option<Instant>,
 ) -> io::Result<()> {
     let changes = std::mem::take(&mut *rt.changes.lock());
     let now = Instant::now();
@@ -875,6 +910,7 @@ fn apply_changes(
             }
             (false, true) => {
                 lingering.entry(channel).or_insert(now);
+                next_due.get_or_insert(now + LINGER);
             }
             (false, false) => {}
         }
@@ -893,22 +929,20 @@ fn apply_changes(
     Ok(())
 }
 
-/// Unsubscribe the channels that lingered long enough.
+/// Unsubscribe the channels that lingered long enough (and those due
+/// within `LINGER_BATCH`); when the next is due.
 fn unsubscribe_lingering(
     rt: &BridgeRt,
     sub: &mut dyn Subscriber,
     subscribed: &mut HashSet<String>,
     lingering: &mut HashMap<String, Instant>,
-) -> io::Result<()> {
+) -> io::Result<Option<Instant>> {
     let now = Instant::now();
     let due: Vec<String> = lingering
         .iter()
-        .filter(|(_, since)| now.duration_since(**since) >= LINGER)
+        .filter(|(_, since)| now + LINGER_BATCH >= **since + LINGER)
         .map(|(c, _)| c.clone())
         .collect();
-    if due.is_empty() {
-        return Ok(());
-    }
     for chunk in due.chunks(CHANNELS_PER_COMMAND) {
         let refs: Vec<&str> = chunk.iter().map(String::as_str).collect();
         sub.unsubscribe(&refs)?;
@@ -920,7 +954,7 @@ fn unsubscribe_lingering(
         lingering.remove(channel);
     }
     rt.counts.channels.store(subscribed.len() as u64, Relaxed);
-    Ok(())
+    Ok(lingering.values().min().map(|since| *since + LINGER))
 }
 
 #[cfg(test)]
@@ -941,6 +975,52 @@ mod tests {
             (p.kind, p.origin, p.epoch, p.seq, p.payload),
             (BINARY, 7, 3, 42, &b"hi"[..])
         );
+    }
+
+    struct NoEngine;
+
+    impl Bridge for NoEngine {
+        fn publisher(&self) -> io::Result<Box<dyn Publisher>> {
+            Err(io::Error::other("no engine"))
+        }
+        fn subscriber(
+            &self,
+            _: &mut dyn FnMut(&mut dyn Subscriber) -> io::Result<()>,
+        ) -> io::Result<()> {
+            Err(io::Error::other("no engine"))
+        }
+    }
+
+    #[test]
+    fn a_forged_number_or_epoch_cannot_silence_an_origin() {
+        let rt = BridgeRt::new(Box::new(NoEngine), "p:", 1 << 20);
+        let check = |epoch: u32, seq: u64| {
+            let env = Envelope {
+                kind: TEXT,
+                origin: 7,
+                epoch,
+                seq,
+                payload: b"",
+            };
+            rt.check_sequence(&env, "t")
+        };
+        assert!(matches!(check(0, 1), Sequence::Next(0)));
+        assert!(matches!(check(0, 3), Sequence::Next(1)));
+        // Sent again after a reconnection.
+        assert!(matches!(check(0, 2), Sequence::Again));
+        // Forged: far ahead. Not believed, and the genuine numbers that
+        // follow take over again, delivered.
+        assert!(matches!(
+            check(0, 3 + (1 << 32) + 5),
+            Sequence::Unbelievable
+        ));
+        assert!(matches!(check(0, 4), Sequence::Unbelievable));
+        assert!(matches!(check(0, 5), Sequence::Next(0)));
+        // Forged: the next epoch. The genuine one takes the numbering back.
+        assert!(matches!(check(1, 1), Sequence::Next(0)));
+        assert!(matches!(check(0, 6), Sequence::Unbelievable));
+        assert!(matches!(check(0, 7), Sequence::Next(0)));
+        assert_eq!(rt.from.lock()[&7].missed, 1);
     }
 
     #[test]

@@ -440,6 +440,9 @@ impl<T: Send + Sync + 'static> Shared<T> {
                 let _ = t.join();
             }
         }
+        if let Some(bridge) = &shared.bridge {
+            bridge.close();
+        }
         // Dropping the sender ends the user's event iterator once the
         // events already sent are read.
         shared.events.close();

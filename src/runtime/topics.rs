@@ -346,9 +346,11 @@ impl<T: Send + Sync + 'static> Topics<T> {
         relay: Option<&BridgeRt>,
     ) -> Broadcast {
         let mut report = Broadcast::default();
+        // The envelope is made before any lock is taken.
+        let relayed = relay.and_then(|b| Some((b, b.prepare(name, message)?)));
         let Some(topic) = self.by_name.read().get(name).map(|Named(t)| Arc::clone(t)) else {
-            if let Some(bridge) = relay {
-                bridge.send(name, message);
+            if let Some((bridge, item)) = relayed {
+                bridge.push(name, item);
             }
             return report;
         };
@@ -368,8 +370,8 @@ impl<T: Send + Sync + 'static> Topics<T> {
                     Err(_) => report.closed += 1,
                 }
             }
-            if let Some(bridge) = relay {
-                bridge.send(name, message);
+            if let Some((bridge, item)) = relayed {
+                bridge.push(name, item);
             }
         }
         let flushed = crate::runtime::broadcast::flush_all(shared, to_flush);
