@@ -611,6 +611,23 @@ fn topic_limits_are_errors_and_subscribing_twice_is_not_new() {
         // A topic freed by its last subscriber makes room.
         assert!(ca.unsubscribe("12345678"));
         assert_eq!(server.stats().topics, 4);
+        assert_eq!(ca.topics(), ["éééé", "a"]);
+        // A's topics keep the order it subscribed in, whichever goes.
+        assert!(ca.subscribe("x").unwrap());
+        assert!(limit(ca.subscribe("y")));
+        assert!(ca.unsubscribe("a"));
+        assert!(ca.subscribe("y").unwrap());
+        assert_eq!(ca.topics(), ["éééé", "x", "y"]);
+        assert!(ca.unsubscribe("éééé"));
+        assert!(ca.subscribe("a").unwrap());
+        assert_eq!(ca.topics(), ["x", "y", "a"]);
+        assert!(ca.is_subscribed("y") && !ca.is_subscribed("éééé"));
+        assert!(limit(ca.subscribe("b")));
+        assert!(ca.unsubscribe("x") && ca.unsubscribe("y"));
+        assert_eq!(ca.topics(), ["a"]);
+        assert_eq!(server.stats().topics, 3, "éééé went with A");
+        assert!(ca.subscribe("éééé").unwrap());
+        assert_eq!(server.stats().topics, 4);
         assert!(cc.subscribe("z").unwrap());
         assert_eq!(server.stats().topics, 5);
         assert!(limit(cc.subscribe("w")));
