@@ -65,8 +65,9 @@ pub struct Client<T = ()> {
 struct ClientInner<T> {
     id: ClientId,
     peer: SocketAddr,
-    forwarded: Option<IpAddr>,
-    protocol: Option<Box<str>>,
+    /// What few clients have (a forwarded address, a subprotocol), boxed
+    /// so that the others do not pay its 40 B.
+    extra: Option<Box<Extra>>,
     data: T,
     conn: Weak<Conn<T>>,
     shared: Weak<Shared<T>>,
@@ -92,6 +93,11 @@ impl<T> fmt::Debug for Client<T> {
     }
 }
 
+struct Extra {
+    forwarded: Option<IpAddr>,
+    protocol: Option<Box<str>>,
+}
+
 /// What the handshake settled about a client, besides its data.
 pub(crate) struct Origin {
     pub(crate) peer: SocketAddr,
@@ -111,8 +117,12 @@ impl<T: Send + Sync + 'static> Client<T> {
             inner: Arc::new(ClientInner {
                 id,
                 peer: origin.peer,
-                forwarded: origin.forwarded,
-                protocol: origin.protocol,
+                extra: (origin.forwarded.is_some() || origin.protocol.is_some()).then(|| {
+                    Box::new(Extra {
+                        forwarded: origin.forwarded,
+                        protocol: origin.protocol,
+                    })
+                }),
                 data,
                 conn,
                 shared,
@@ -157,18 +167,18 @@ impl<T: Send + Sync + 'static> Client<T> {
     /// built with [`trust_proxy`](crate::Builder::trust_proxy) and the
     /// request carried a valid one.
     pub fn forwarded_addr(&self) -> Option<IpAddr> {
-        self.inner.forwarded
+        self.inner.extra.as_ref().and_then(|e| e.forwarded)
     }
 
     /// The client's IP address: the forwarded one if trusted and present,
     /// else the TCP peer's.
     pub fn ip(&self) -> IpAddr {
-        self.inner.forwarded.unwrap_or(self.inner.peer.ip())
+        self.forwarded_addr().unwrap_or(self.inner.peer.ip())
     }
 
     /// The subprotocol agreed in the handshake, if any.
     pub fn protocol(&self) -> Option<&str> {
-        self.inner.protocol.as_deref()
+        self.inner.extra.as_ref()?.protocol.as_deref()
     }
 
     /// The value the client-init strategy built for this client.

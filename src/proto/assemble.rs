@@ -136,6 +136,18 @@ impl Decoder {
         self.control = Vec::new();
     }
 
+    /// Whether the decoder holds nothing a fresh one would not: no
+    /// unfinished frame, message or control payload, and no compression
+    /// state. Such a decoder can be dropped between messages and made
+    /// again with [`Decoder::new`] and the same limits.
+    pub fn is_at_rest(&self) -> bool {
+        #[cfg(feature = "deflate")]
+        if self.inflater.is_some() {
+            return false;
+        }
+        !self.is_mid_message() && self.control.is_empty()
+    }
+
     /// Whether bytes of an unfinished frame or message are held.
     pub fn is_mid_message(&self) -> bool {
         self.msg.is_some() || !matches!(self.state, State::Header { have: 0, .. })

@@ -117,6 +117,15 @@ impl Connection {
         matches!(self.state, State::Open | State::CloseSent)
     }
 
+    /// Whether the connection is open and between messages with nothing
+    /// held (see [`Decoder::is_at_rest`]): [`Connection::new`] with the
+    /// same limits would make an equal one.
+    ///
+    /// [`Decoder::is_at_rest`]: crate::proto::assemble::Decoder::is_at_rest
+    pub fn is_at_rest(&self) -> bool {
+        self.state == State::Open && self.decoder.is_at_rest()
+    }
+
     /// Bytes held for an unfinished incoming message.
     pub fn buffered(&self) -> usize {
         self.decoder.buffered()

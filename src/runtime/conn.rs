@@ -91,6 +91,58 @@ pub(crate) struct ReadSide {
     pub(crate) buffered: usize,
 }
 
+impl ReadSide {
+    fn new(proto: Connection, last_seen_ms: u64, ping_sent_ms: u64) -> ReadSide {
+        ReadSide {
+            proto,
+            last_seen_ms,
+            ping_sent_ms,
+            report: None,
+            error: None,
+            eof: false,
+            write_shut: false,
+            rest: Vec::new(),
+            buffered: 0,
+        }
+    }
+
+    /// Nothing here but the clock: a fresh read side with the same two
+    /// times would be equal.
+    fn is_at_rest(&self) -> bool {
+        self.proto.is_at_rest()
+            && self.report.is_none()
+            && self.error.is_none()
+            && !self.eof
+            && !self.write_shut
+            && self.rest.is_empty()
+            && self.buffered == 0
+    }
+}
+
+/// The read side as a connection keeps it between jobs.
+pub(crate) enum Reading {
+    /// Between messages with nothing held (most connections, most of the
+    /// time): only the clock is kept, and a job that needs the read side
+    /// makes it again. This spares an idle connection the read side's
+    /// 256 B.
+    Rest {
+        last_seen_ms: u64,
+        ping_sent_ms: u64,
+    },
+    /// In the middle of something: a partial message, compression state,
+    /// a close on its way.
+    Busy(Box<ReadSide>),
+    /// A job has it (or it went with a panic).
+    Taken,
+}
+
+thread_local! {
+    /// A read side's allocation kept by this thread for the next job, so
+    /// that taking a connection's read side at rest and putting it back
+    /// costs no allocation.
+    static SPARE: std::cell::Cell<Option<Box<ReadSide>>> = const { std::cell::Cell::new(None) };
+}
+
 /// The write side, the flow-control state and the job schedule, behind
 /// one lock.
 pub(crate) struct WriteSide {
@@ -101,8 +153,8 @@ pub(crate) struct WriteSide {
     pub(crate) job_running: bool,
     /// Something happened while the job ran: it must go round again.
     pub(crate) job_again: bool,
-    /// The close frame we queued; no data frames may follow it.
-    pub(crate) close_sent: Option<CloseFrame>,
+    /// We queued a close frame; no data frames may follow it.
+    pub(crate) close_sent: bool,
     /// Server clock (ms) by which the close handshake must be over.
     pub(crate) close_deadline_ms: u64,
     pub(crate) write_error: Option<io::ErrorKind>,
@@ -163,8 +215,8 @@ pub(crate) struct Conn<T> {
     pub(crate) stream: TcpStream,
     pub(crate) client: Client<T>,
     /// The job takes the read side out for as long as it runs, so that no
-    /// guard is held across user closures; `None` only meanwhile.
-    pub(crate) read: Mutex<Option<ReadSide>>,
+    /// guard is held across user closures (see [`Conn::take_read`]).
+    pub(crate) read: Mutex<Reading>,
     pub(crate) io: Mutex<WriteSide>,
     /// Set once our close frame is queued (read lock-free by the job).
     pub(crate) closing: AtomicBool,
@@ -177,6 +229,46 @@ pub(crate) struct Conn<T> {
     /// permessage-deflate's sending side, when negotiated.
     #[cfg(feature = "deflate")]
     pub(crate) deflater: Option<crate::proto::deflate::Deflater>,
+}
+
+impl<T> Conn<T> {
+    /// Take the read side for a job: made again from the clock if the
+    /// connection was at rest; `None` if another job has it (or it went
+    /// with a panic).
+    pub(crate) fn take_read(&self, limits: Limits) -> Option<Box<ReadSide>> {
+        let taken = std::mem::replace(&mut *self.read.lock(), Reading::Taken);
+        match taken {
+            Reading::Busy(r) => Some(r),
+            Reading::Rest {
+                last_seen_ms,
+                ping_sent_ms,
+            } => {
+                let side = ReadSide::new(Connection::new(limits), last_seen_ms, ping_sent_ms);
+                Some(match SPARE.take() {
+                    Some(mut spare) => {
+                        *spare = side;
+                        spare
+                    }
+                    None => Box::new(side),
+                })
+            }
+            Reading::Taken => None,
+        }
+    }
+
+    /// Give the read side back at the end of a job: at rest, only its
+    /// clock is kept (its allocation stays with this thread for the next).
+    pub(crate) fn put_read(&self, r: Box<ReadSide>) {
+        if r.is_at_rest() {
+            *self.read.lock() = Reading::Rest {
+                last_seen_ms: r.last_seen_ms,
+                ping_sent_ms: r.ping_sent_ms,
+            };
+            SPARE.set(Some(r));
+        } else {
+            *self.read.lock() = Reading::Busy(r);
+        }
+    }
 }
 
 /// What the handshake negotiated beyond the base protocol.
@@ -219,23 +311,20 @@ impl<T: Send + Sync + 'static> Conn<T> {
             client,
             #[cfg(feature = "deflate")]
             deflater,
-            read: Mutex::new(Some(ReadSide {
-                proto,
-                last_seen_ms: now_ms,
-                ping_sent_ms: 0,
-                report: None,
-                error: None,
-                eof: false,
-                write_shut: false,
-                rest: Vec::new(),
-                buffered: 0,
-            })),
+            read: Mutex::new(if proto.is_at_rest() {
+                Reading::Rest {
+                    last_seen_ms: now_ms,
+                    ping_sent_ms: 0,
+                }
+            } else {
+                Reading::Busy(Box::new(ReadSide::new(proto, now_ms, 0)))
+            }),
             io: Mutex::new(WriteSide {
                 out: OutQueue::default(),
                 writing: true,
                 job_running: true,
                 job_again: false,
-                close_sent: None,
+                close_sent: false,
                 close_deadline_ms: 0,
                 write_error: None,
                 events: 0,
@@ -266,7 +355,7 @@ impl<T: Send + Sync + 'static> Conn<T> {
 
     pub(crate) fn can_send(&self) -> bool {
         let w = self.io.lock();
-        !w.finished && w.close_sent.is_none() && w.write_error.is_none()
+        !w.finished && !w.close_sent && w.write_error.is_none()
     }
 
     /// Send a data message; a refusal hands it back.
@@ -452,10 +541,10 @@ impl<T: Send + Sync + 'static> Conn<T> {
     ) -> Result<()> {
         {
             let mut w = self.io.lock();
-            if w.finished || w.close_sent.is_some() {
+            if w.finished || w.close_sent {
                 return Err(Error::Closed);
             }
-            w.close_sent = Some(frame.clone());
+            w.close_sent = true;
             w.close_deadline_ms = shared.now_ms().saturating_add(shared.close_timeout_ms());
             if w.paused && !shared.marks.must_pause(w.held(), true) {
                 // The peer's answer must be read, even if nobody consumes
@@ -527,7 +616,7 @@ impl<T: Send + Sync + 'static> Conn<T> {
         // Once our close frame is queued, the peer's answer must be read
         // even if the main loop has stopped consuming (it may be the one
         // shutting down): up to the hard limit, not high water.
-        let closing = w.close_sent.is_some();
+        let closing = w.close_sent;
         if w.paused {
             return false;
         }
@@ -698,8 +787,7 @@ impl<T: Send + Sync + 'static> Conn<T> {
         let mut w = self.io.lock();
         // A close frame has set close_sent just before coming here; every
         // other frame stops once it is queued.
-        if w.finished || w.write_error.is_some() || (kind != Kind::Close && w.close_sent.is_some())
-        {
+        if w.finished || w.write_error.is_some() || (kind != Kind::Close && w.close_sent) {
             return Err(Error::Closed);
         }
         let data = matches!(kind, Kind::Data | Kind::DataTry);
@@ -883,7 +971,7 @@ impl<T: Send + Sync + 'static> Conn<T> {
         // (the close handshake moves on), if the peer is gone and the
         // queue is done, to tell the user of a drain, or to read again.
         let needs_job = w.write_error.is_some()
-            || (w.close_sent.is_some() && w.out.is_empty())
+            || (w.close_sent && w.out.is_empty())
             || (w.read_done && w.out.is_empty())
             || w.drain_due
             || resumed;

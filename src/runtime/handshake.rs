@@ -179,8 +179,9 @@ fn handshake_inner<T: Send + Sync + 'static>(shared: &Arc<Shared<T>>, mut p: Box
     if !shared.emit_connect(&conn) {
         let (code, reason) = panic_close();
         // Reported as 1011 unless the peer's answer says otherwise.
-        if let Some(r) = conn.read.lock().as_mut() {
+        if let Some(mut r) = conn.take_read(shared.limits) {
             r.report = Some(CloseFrame::new(code, reason));
+            conn.put_read(r);
         }
         let _ = conn.close(shared, code, reason);
     }

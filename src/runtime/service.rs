@@ -160,7 +160,7 @@ fn service_inner<T: Send + Sync + 'static>(
         conn.flush_from_job(shared);
         // Take the read side out: no guard is held while user closures
         // run. Only this job touches it; the lock is never contended.
-        let Some(mut r) = conn.read.lock().take() else {
+        let Some(mut r) = conn.take_read(shared.limits) else {
             return;
         };
         let (drain, over_budget) = {
@@ -197,7 +197,7 @@ fn service_inner<T: Send + Sync + 'static>(
             return;
         }
         book_timer(shared, conn, &r, now, close_deadline);
-        *conn.read.lock() = Some(r);
+        conn.put_read(r);
 
         let mut w = conn.io.lock();
         // Frames corked while the job ran leave now, in one write. What
@@ -482,7 +482,7 @@ fn progress<T: Send + Sync + 'static>(
             }
         }
         (
-            empty && w.close_sent.is_some(),
+            empty && w.close_sent,
             empty,
             w.close_deadline_ms,
             w.write_error,
