@@ -14,6 +14,10 @@ use crate::server::ServerHandle;
 
 /// A client's identity: unique for the server's whole lifetime, never
 /// reused, so a late `send` can never reach a different client.
+///
+/// Ids are not sequential: an id names the server's slot for the
+/// connection and how many connections that slot has held before, which
+/// is how the server finds a client by id without a map.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct ClientId(u64);
 

@@ -2,7 +2,7 @@
 
 use std::fmt;
 use std::net::{SocketAddr, TcpListener, ToSocketAddrs};
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize};
+use std::sync::atomic::{AtomicBool, AtomicUsize};
 use std::sync::{Arc, Weak, mpsc};
 use std::time::{Duration, Instant};
 
@@ -884,7 +884,6 @@ impl<T: Send + Sync + 'static> Builder<T> {
             budget_victim: AtomicBool::new(false),
             unparsed_in: AtomicUsize::new(0),
             stopping: AtomicBool::new(false),
-            next_id: AtomicU64::new(1),
             local_addr,
             started: Instant::now(),
             poller_stop: AtomicBool::new(false),

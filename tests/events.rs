@@ -76,6 +76,13 @@ fn ids_are_unique_and_never_reused() {
         let mut ws = client(server.local_addr());
         let c = expect_connect(&server);
         assert!(seen.insert(c.id()), "id {} reused", c.id());
+        // The new client most likely holds the slot the last one left:
+        // only its own id finds it.
+        assert_eq!(server.client(c.id()).map(|x| x.id()), Some(c.id()));
+        for old in seen.iter().filter(|id| **id != c.id()) {
+            assert!(server.client(*old).is_none(), "{old} found {}", c.id());
+            assert!(server.send(*old, "not for you").is_err());
+        }
         ws.close(None).unwrap();
         expect_disconnect(&server);
     }

@@ -179,6 +179,13 @@ impl OutQueue {
         }
     }
 
+    /// Give back the memory of an empty queue.
+    pub(crate) fn release(&mut self) {
+        if self.chunks.is_empty() && self.chunks.capacity() > 0 {
+            self.chunks = VecDeque::new();
+        }
+    }
+
     /// Drop everything (the connection is gone); returns the bytes lost.
     pub(crate) fn clear(&mut self, counters: &Counters) -> usize {
         let lost = self.bytes;

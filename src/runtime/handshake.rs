@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use polling::Event as Interest;
 
-use crate::client::{Client, ClientId, Origin};
+use crate::client::{Client, Origin};
 use crate::error::Error;
 use crate::message::{CloseCode, CloseFrame};
 use crate::proto::handshake::{
@@ -35,7 +35,7 @@ pub(crate) fn abort_handshake<T>(shared: &Shared<T>, p: Pending, answer: Option<
         let _ = p.stream.shutdown(Shutdown::Write);
     }
     let _ = shared.poller.delete(&p.stream);
-    shared.registry.remove(p.key, None, p.peer.ip());
+    shared.registry.remove(p.key, p.peer.ip());
 }
 
 /// The handshake job: read what is there, parse, and accept, refuse or
@@ -44,7 +44,7 @@ pub(crate) fn abort_handshake<T>(shared: &Shared<T>, p: Pending, answer: Option<
 pub(crate) fn handshake<T: Send + Sync + 'static>(shared: &Arc<Shared<T>>, p: Box<Pending>) {
     let (key, ip) = (p.key, p.peer.ip());
     if catch_unwind(AssertUnwindSafe(|| handshake_inner(shared, p))).is_err() {
-        shared.registry.remove(key, None, ip);
+        shared.registry.remove(key, ip);
         shared.report(
             None,
             Error::Internal(format!(
@@ -139,7 +139,7 @@ fn handshake_inner<T: Send + Sync + 'static>(shared: &Arc<Shared<T>>, mut p: Box
     let response = accept_response(request.key(), &headers);
     drop(request);
 
-    let id = ClientId::new(shared.next_id.fetch_add(1, Ordering::Relaxed));
+    let id = shared.registry.client_id(p.key);
     let Pending {
         key,
         stream,
@@ -168,7 +168,7 @@ fn handshake_inner<T: Send + Sync + 'static>(shared: &Arc<Shared<T>>, mut p: Box
     });
     // Reachable first, then the 101: frames sent in between queue behind
     // it (the new connection starts with the write token held).
-    shared.registry.open(key, id, Arc::clone(&conn));
+    shared.registry.open(key, Arc::clone(&conn));
     Counters::add(&shared.counters.accepted, 1);
     conn.send_upgrade(shared, response);
     // As for parking: shutdown's close-everyone pass either saw this
@@ -329,7 +329,7 @@ fn continue_http<T>(shared: &Arc<Shared<T>>, mut p: Box<Pending>) {
         }
     });
     let _ = shared.poller.delete(&p.stream);
-    shared.registry.remove(p.key, None, p.peer.ip());
+    shared.registry.remove(p.key, p.peer.ip());
 }
 
 /// An instant after every deadline, to take a handshake out regardless.

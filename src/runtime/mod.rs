@@ -18,8 +18,8 @@ use std::net::SocketAddr;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, TcpStream};
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
 use std::sync::atomic::Ordering;
-use std::sync::atomic::{AtomicBool, AtomicU64};
 use std::time::Duration;
 use std::time::Instant;
 
@@ -103,7 +103,6 @@ pub(crate) struct Shared<T> {
     /// Bytes of unfinished incoming messages, all connections together.
     pub(crate) buffered_in: std::sync::atomic::AtomicUsize,
     pub(crate) stopping: AtomicBool,
-    pub(crate) next_id: AtomicU64,
     pub(crate) local_addr: SocketAddr,
     pub(crate) started: Instant,
     /// Poller loop exit flag.

@@ -2,7 +2,9 @@
 //!
 //! Poller keys are a slab index plus a generation, so a readiness event
 //! that arrives after its connection left cannot reach the connection that
-//! reused the slot.
+//! reused the slot. A `ClientId` is the same pair with the whole 32-bit
+//! generation, so finding a client by its id needs no map; a slot whose
+//! generation is spent is never used again, so no id is ever reused.
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr, TcpStream};
@@ -16,9 +18,14 @@ use crate::runtime::conn::Conn;
 
 const INDEX_BITS: u32 = if usize::BITS >= 64 { 32 } else { 20 };
 const INDEX_MASK: usize = (1 << INDEX_BITS) - 1;
-/// Generations wrap below the top bit so no key can equal polling's own
-/// notification key (`usize::MAX`).
-const GEN_LIMIT: u32 = 1 << (usize::BITS - INDEX_BITS - 1);
+/// Poller keys carry the generation modulo this, below the top bit so
+/// that no key can equal polling's own notification key (`usize::MAX`).
+const KEY_GEN_LIMIT: u32 = 1 << (usize::BITS - INDEX_BITS - 1);
+
+/// The poller key of slot `index` at `generation`.
+fn key_of(index: usize, generation: u32) -> usize {
+    index | (((generation % KEY_GEN_LIMIT) as usize) << INDEX_BITS)
+}
 
 /// A connection still in its opening handshake.
 pub(crate) struct Pending {
@@ -38,24 +45,53 @@ pub(crate) struct Pending {
     pub(crate) registered: bool,
 }
 
-pub(crate) enum Slot<T> {
-    Free,
+/// A slot, with the generation that keys to it must carry: three kinds
+/// and a generation in two words.
+enum Entry<T> {
+    Free(u32),
     /// `None` while a worker holds the handshake.
-    Handshake(Option<Box<Pending>>),
-    Open(Arc<Conn<T>>),
+    Handshake(u32, Option<Box<Pending>>),
+    Open(u32, Arc<Conn<T>>),
 }
 
-struct Entry<T> {
-    generation: u32,
-    slot: Slot<T>,
+const _: () = assert!(std::mem::size_of::<Entry<()>>() == 16);
+
+impl<T> Entry<T> {
+    fn generation(&self) -> u32 {
+        match self {
+            Entry::Free(g) | Entry::Handshake(g, _) | Entry::Open(g, _) => *g,
+        }
+    }
 }
+
+/// Slots are made a chunk at a time and never move: a vector of them
+/// that doubled as connections came left its old buffer as a hole in the
+/// heap and up to half of the new one unused.
+const CHUNK: usize = 1024;
 
 struct Slab<T> {
-    entries: Vec<Entry<T>>,
+    chunks: Vec<Box<[Entry<T>]>>,
+    /// Slots made so far (`chunks` hold this many, and the rest of the
+    /// last chunk).
+    made: usize,
     free: Vec<u32>,
-    by_id: HashMap<ClientId, usize>,
+    /// Slots holding an open connection.
+    open: usize,
     used: usize,
     per_ip: HashMap<IpAddr, u32>,
+}
+
+impl<T> Slab<T> {
+    fn slot(&mut self, index: usize) -> Option<&mut Entry<T>> {
+        if index >= self.made {
+            return None;
+        }
+        self.chunks.get_mut(index / CHUNK)?.get_mut(index % CHUNK)
+    }
+
+    fn iter(&self) -> impl Iterator<Item = &Entry<T>> {
+        self.chunks.iter().flat_map(|c| c.iter()).take(self.made)
+    }
 }
 
 pub(crate) struct Registry<T> {
@@ -74,9 +110,10 @@ impl<T> Registry<T> {
     pub(crate) fn new() -> Registry<T> {
         Registry {
             slab: Mutex::new(Slab {
-                entries: Vec::new(),
+                chunks: Vec::new(),
+                made: 0,
                 free: Vec::new(),
-                by_id: HashMap::new(),
+                open: 0,
                 used: 0,
                 per_ip: HashMap::new(),
             }),
@@ -96,21 +133,29 @@ impl<T> Registry<T> {
         let index = match s.free.pop() {
             Some(i) => i as usize,
             None => {
-                s.entries.push(Entry {
-                    generation: 0,
-                    slot: Slot::Free,
-                });
-                s.entries.len() - 1
+                if s.made.is_multiple_of(CHUNK) {
+                    s.chunks.push((0..CHUNK).map(|_| Entry::Free(0)).collect());
+                }
+                s.made += 1;
+                s.made - 1
             }
         };
-        let e = &mut s.entries[index];
-        e.slot = Slot::Handshake(None);
-        Some(index | ((e.generation as usize) << INDEX_BITS))
+        let e = s.slot(index).expect("made above");
+        let generation = e.generation();
+        *e = Entry::Handshake(generation, None);
+        Some(key_of(index, generation))
     }
 
     fn entry(s: &mut Slab<T>, key: usize) -> Option<&mut Entry<T>> {
-        let e = s.entries.get_mut(key & INDEX_MASK)?;
-        (e.generation as usize == key >> INDEX_BITS).then_some(e)
+        let e = s.slot(key & INDEX_MASK)?;
+        (key_of(key & INDEX_MASK, e.generation()) == key).then_some(e)
+    }
+
+    /// The id of the client in slot `key`'s handshake.
+    pub(crate) fn client_id(&self, key: usize) -> ClientId {
+        let mut s = self.slab.lock();
+        let generation = Self::entry(&mut s, key).map_or(0, |e| e.generation());
+        ClientId::new(u64::from(generation) << 32 | (key & INDEX_MASK) as u64)
     }
 
     /// Put a handshake back into its slot (it waits for more bytes), and
@@ -124,16 +169,16 @@ impl<T> Registry<T> {
         let mut s = self.slab.lock();
         let e = Self::entry(&mut s, pending.key)?;
         let armed = arm(&pending);
-        e.slot = Slot::Handshake(Some(pending));
+        *e = Entry::Handshake(e.generation(), Some(pending));
         Some(armed)
     }
 
     /// The handshake finished: the slot now holds the open connection.
-    pub(crate) fn open(&self, key: usize, id: ClientId, conn: Arc<Conn<T>>) {
+    pub(crate) fn open(&self, key: usize, conn: Arc<Conn<T>>) {
         let mut s = self.slab.lock();
         if let Some(e) = Self::entry(&mut s, key) {
-            e.slot = Slot::Open(conn);
-            s.by_id.insert(id, key);
+            *e = Entry::Open(e.generation(), conn);
+            s.open += 1;
         }
     }
 
@@ -143,17 +188,10 @@ impl<T> Registry<T> {
         let mut s = self.slab.lock();
         for key in keys {
             let found = match Self::entry(&mut s, key) {
-                Some(Entry {
-                    slot: slot @ Slot::Handshake(Some(_)),
-                    ..
-                }) => match std::mem::replace(slot, Slot::Handshake(None)) {
-                    Slot::Handshake(Some(p)) => Found::Handshake(p),
-                    _ => Found::Nothing,
-                },
-                Some(Entry {
-                    slot: Slot::Open(c),
-                    ..
-                }) => Found::Open(Arc::clone(c)),
+                Some(Entry::Handshake(_, pending @ Some(_))) => {
+                    pending.take().map_or(Found::Nothing, Found::Handshake)
+                }
+                Some(Entry::Open(_, c)) => Found::Open(Arc::clone(c)),
                 _ => Found::Nothing,
             };
             out.push(found);
@@ -164,10 +202,7 @@ impl<T> Registry<T> {
     pub(crate) fn get_key(&self, key: usize) -> Option<Arc<Conn<T>>> {
         let mut s = self.slab.lock();
         match Self::entry(&mut s, key) {
-            Some(Entry {
-                slot: Slot::Open(c),
-                ..
-            }) => Some(Arc::clone(c)),
+            Some(Entry::Open(_, c)) => Some(Arc::clone(c)),
             _ => None,
         }
     }
@@ -175,43 +210,42 @@ impl<T> Registry<T> {
     /// A parked handshake whose deadline has passed, taken out of its slot.
     pub(crate) fn take_expired_handshake(&self, key: usize, now: Instant) -> Option<Box<Pending>> {
         let mut s = self.slab.lock();
-        let e = Self::entry(&mut s, key)?;
-        match &e.slot {
-            Slot::Handshake(Some(p)) if p.deadline <= now => {}
-            _ => return None,
-        }
-        match std::mem::replace(&mut e.slot, Slot::Handshake(None)) {
-            Slot::Handshake(Some(p)) => Some(p),
+        match Self::entry(&mut s, key)? {
+            Entry::Handshake(_, pending) if pending.as_ref().is_some_and(|p| p.deadline <= now) => {
+                pending.take()
+            }
             _ => None,
         }
     }
 
     /// The open connection with this id.
     pub(crate) fn get(&self, id: ClientId) -> Option<Arc<Conn<T>>> {
+        let (generation, index) = ((id.as_u64() >> 32) as u32, id.as_u64() as u32);
         let mut s = self.slab.lock();
-        let key = *s.by_id.get(&id)?;
-        match Self::entry(&mut s, key) {
-            Some(Entry {
-                slot: Slot::Open(c),
-                ..
-            }) => Some(Arc::clone(c)),
+        match s.slot(index as usize) {
+            Some(Entry::Open(g, c)) if *g == generation => Some(Arc::clone(c)),
             _ => None,
         }
     }
 
     /// Free a slot (handshake failed or connection finished).
-    pub(crate) fn remove(&self, key: usize, id: Option<ClientId>, ip: IpAddr) {
+    pub(crate) fn remove(&self, key: usize, ip: IpAddr) {
         let mut s = self.slab.lock();
         let Some(e) = Self::entry(&mut s, key) else {
             return;
         };
-        e.slot = Slot::Free;
-        e.generation = (e.generation + 1) % GEN_LIMIT;
-        s.free.push((key & INDEX_MASK) as u32);
-        s.used -= 1;
-        if let Some(id) = id {
-            s.by_id.remove(&id);
+        let was_open = matches!(e, Entry::Open(..));
+        match e.generation().checked_add(1) {
+            Some(next) => {
+                *e = Entry::Free(next);
+                s.free.push((key & INDEX_MASK) as u32);
+            }
+            // Every id this slot can give has been given: it is retired
+            // (16 B kept for every 4 billion connections through it).
+            None => *e = Entry::Free(u32::MAX),
         }
+        s.open -= usize::from(was_open);
+        s.used -= 1;
         if let Some(n) = s.per_ip.get_mut(&ip) {
             *n -= 1;
             if *n == 0 {
@@ -226,9 +260,9 @@ impl<T> Registry<T> {
     /// Every open connection.
     pub(crate) fn snapshot(&self) -> Vec<Arc<Conn<T>>> {
         let s = self.slab.lock();
-        let mut out = Vec::with_capacity(s.by_id.len());
-        out.extend(s.entries.iter().filter_map(|e| match &e.slot {
-            Slot::Open(c) => Some(Arc::clone(c)),
+        let mut out = Vec::with_capacity(s.open);
+        out.extend(s.iter().filter_map(|e| match e {
+            Entry::Open(_, c) => Some(Arc::clone(c)),
             _ => None,
         }));
         out
@@ -237,17 +271,16 @@ impl<T> Registry<T> {
     /// Keys of every parked handshake.
     pub(crate) fn handshake_keys(&self) -> Vec<usize> {
         let s = self.slab.lock();
-        s.entries
-            .iter()
+        s.iter()
             .enumerate()
-            .filter(|(_, e)| matches!(e.slot, Slot::Handshake(_)))
-            .map(|(i, e)| i | ((e.generation as usize) << INDEX_BITS))
+            .filter(|(_, e)| matches!(e, Entry::Handshake(..)))
+            .map(|(i, e)| key_of(i, e.generation()))
             .collect()
     }
 
     /// Open connections.
     pub(crate) fn open_count(&self) -> usize {
-        self.slab.lock().by_id.len()
+        self.slab.lock().open
     }
 
     /// Wait until no slot is in use, or `timeout` passes. True if empty.
@@ -263,5 +296,40 @@ impl<T> Registry<T> {
             }
         }
         true
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const LOCAL: IpAddr = IpAddr::V4(std::net::Ipv4Addr::LOCALHOST);
+
+    #[test]
+    fn a_slot_whose_ids_are_spent_is_retired() {
+        let r: Registry<()> = Registry::new();
+        let first = r.reserve(10, 10, LOCAL).unwrap();
+        assert_eq!(first & INDEX_MASK, 0);
+        let id = r.client_id(first);
+        r.remove(first, LOCAL);
+        // Reused: a new generation, a new id, and the old key finds nothing.
+        let second = r.reserve(10, 10, LOCAL).unwrap();
+        assert_eq!(second & INDEX_MASK, 0);
+        assert_ne!(second, first);
+        assert_ne!(r.client_id(second), id);
+        assert!(r.take_expired_handshake(first, Instant::now()).is_none());
+        r.remove(first, LOCAL);
+        assert_eq!(r.slab.lock().used, 1, "a stale key freed nothing");
+        // The slot's last generation: once freed, it is never handed out.
+        if let Some(Entry::Handshake(g, _)) = r.slab.lock().slot(0) {
+            *g = u32::MAX;
+        }
+        let last = key_of(0, u32::MAX);
+        assert_eq!(r.client_id(last).as_u64(), u64::from(u32::MAX) << 32);
+        r.remove(last, LOCAL);
+        let next = r.reserve(10, 10, LOCAL).unwrap();
+        assert_eq!(next & INDEX_MASK, 1, "slot 0 is retired");
+        assert_eq!(r.slab.lock().used, 1);
+        assert!(r.slab.lock().free.is_empty());
     }
 }

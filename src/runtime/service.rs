@@ -156,6 +156,9 @@ fn service_inner<T: Send + Sync + 'static>(
     // reports anything newer, so the first pass skips a read that would
     // only return EAGAIN.
     let mut read_now = !fresh;
+    // Started by a timer (a keepalive ping, say) or by a handshake that
+    // left nothing to read: the connection is likely idle.
+    let quiet = fresh && first.is_empty();
     loop {
         conn.flush_from_job(shared);
         // Take the read side out: no guard is held while user closures
@@ -210,6 +213,11 @@ fn service_inner<T: Send + Sync + 'static>(
         if w.job_again {
             w.job_again = false;
             continue;
+        }
+        if quiet && !w.writing {
+            // An idle connection gives back its queue's memory (a busy one
+            // keeps it, to spare an allocation per write).
+            w.out.release();
         }
         if !conn.arm(shared, &mut w) {
             // Out of kernel memory for the poller: this connection could
@@ -648,11 +656,9 @@ fn teardown<T: Send + Sync + 'static>(
     if !was_reset {
         let _ = conn.stream.shutdown(Shutdown::Both);
     }
-    shared.registry.remove(
-        conn.key,
-        Some(conn.client.id()),
-        conn.client.peer_addr().ip(),
-    );
+    shared
+        .registry
+        .remove(conn.key, conn.client.peer_addr().ip());
 
     let close = close.or(report).unwrap_or_else(|| {
         if for_backpressure {
