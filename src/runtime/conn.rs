@@ -153,8 +153,6 @@ pub(crate) struct WriteSide {
     pub(crate) job_running: bool,
     /// Something happened while the job ran: it must go round again.
     pub(crate) job_again: bool,
-    /// We queued a close frame; no data frames may follow it.
-    pub(crate) close_sent: bool,
     /// Server clock (ms) by which the close handshake must be over.
     pub(crate) close_deadline_ms: u64,
     pub(crate) write_error: Option<io::ErrorKind>,
@@ -172,7 +170,7 @@ pub(crate) struct WriteSide {
     /// The oneshot interest armed in the poller, until an event reports
     /// (and so disarms) it. A job that would arm the same again (one a
     /// timer started, which consumed no event) spares the system call.
-    pub(crate) armed: Option<(bool, bool)>,
+    pub(crate) armed: Armed,
     /// A send was refused for backpressure: tell the user (`Drain`) once
     /// the queue is down to low water.
     pub(crate) drain_wanted: bool,
@@ -193,6 +191,19 @@ pub(crate) struct WriteSide {
     /// Shutdown ran out of patience: tear down now.
     pub(crate) force_close: bool,
     pub(crate) finished: bool,
+}
+
+/// The oneshot interest armed in the poller, in a byte: none, or which of
+/// readable and writable.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Armed(u8);
+
+impl Armed {
+    pub(crate) const NONE: Armed = Armed(0);
+
+    fn new(readable: bool, writable: bool) -> Armed {
+        Armed(1 | u8::from(readable) << 1 | u8::from(writable) << 2)
+    }
 }
 
 impl WriteSide {
@@ -218,7 +229,8 @@ pub(crate) struct Conn<T> {
     /// guard is held across user closures (see [`Conn::take_read`]).
     pub(crate) read: Mutex<Reading>,
     pub(crate) io: Mutex<WriteSide>,
-    /// Set once our close frame is queued (read lock-free by the job).
+    /// Set once our close frame is queued: under the `io` lock, and read
+    /// with it held or lock-free by the job. No data frame may follow.
     pub(crate) closing: AtomicBool,
     /// Server clock (ms) of the timer entry booked for this connection;
     /// 0 when none.
@@ -228,7 +240,8 @@ pub(crate) struct Conn<T> {
     pub(crate) holding_in: AtomicUsize,
     /// permessage-deflate's sending side, when negotiated.
     #[cfg(feature = "deflate")]
-    pub(crate) deflater: Option<crate::proto::deflate::Deflater>,
+    /// Boxed: a connection that did not negotiate it pays one word.
+    pub(crate) deflater: Option<Box<crate::proto::deflate::Deflater>>,
 }
 
 impl<T> Conn<T> {
@@ -301,7 +314,7 @@ impl<T: Send + Sync + 'static> Conn<T> {
         #[cfg(feature = "deflate")]
         let deflater = extensions.map(|(agreed, config)| {
             proto.set_inflater(crate::proto::deflate::Inflater::new(&agreed));
-            crate::proto::deflate::Deflater::new(&agreed, &config)
+            Box::new(crate::proto::deflate::Deflater::new(&agreed, &config))
         });
         #[cfg(not(feature = "deflate"))]
         let Extensions = extensions;
@@ -324,7 +337,6 @@ impl<T: Send + Sync + 'static> Conn<T> {
                 writing: true,
                 job_running: true,
                 job_again: false,
-                close_sent: false,
                 close_deadline_ms: 0,
                 write_error: None,
                 events: 0,
@@ -332,7 +344,7 @@ impl<T: Send + Sync + 'static> Conn<T> {
                 starved: false,
                 read_done: false,
                 registered,
-                armed: None,
+                armed: Armed::NONE,
                 drain_wanted: false,
                 drain_due: false,
                 pong_due: false,
@@ -355,7 +367,7 @@ impl<T: Send + Sync + 'static> Conn<T> {
 
     pub(crate) fn can_send(&self) -> bool {
         let w = self.io.lock();
-        !w.finished && !w.close_sent && w.write_error.is_none()
+        !w.finished && !self.closing.load(Ordering::Acquire) && w.write_error.is_none()
     }
 
     /// Send a data message; a refusal hands it back.
@@ -541,10 +553,11 @@ impl<T: Send + Sync + 'static> Conn<T> {
     ) -> Result<()> {
         {
             let mut w = self.io.lock();
-            if w.finished || w.close_sent {
+            if w.finished || self.closing.load(Ordering::Acquire) {
                 return Err(Error::Closed);
             }
-            w.close_sent = true;
+            // Set under the lock, which every check of it below holds.
+            self.closing.store(true, Ordering::Release);
             w.close_deadline_ms = shared.now_ms().saturating_add(shared.close_timeout_ms());
             if w.paused && !shared.marks.must_pause(w.held(), true) {
                 // The peer's answer must be read, even if nobody consumes
@@ -554,7 +567,6 @@ impl<T: Send + Sync + 'static> Conn<T> {
                 w.starved = false;
             }
         }
-        self.closing.store(true, Ordering::Release);
         let payload = close_payload(frame.code.as_u16(), &frame.reason);
         let mut head = [0u8; 10];
         let n = encode_header(&mut head, true, OpCode::Close, payload.len());
@@ -616,7 +628,7 @@ impl<T: Send + Sync + 'static> Conn<T> {
         // Once our close frame is queued, the peer's answer must be read
         // even if the main loop has stopped consuming (it may be the one
         // shutting down): up to the hard limit, not high water.
-        let closing = w.close_sent;
+        let closing = self.closing.load(Ordering::Acquire);
         if w.paused {
             return false;
         }
@@ -785,9 +797,12 @@ impl<T: Send + Sync + 'static> Conn<T> {
         len: usize,
     ) -> std::result::Result<parking_lot::MutexGuard<'_, WriteSide>, Error> {
         let mut w = self.io.lock();
-        // A close frame has set close_sent just before coming here; every
+        // A close frame has set `closing` just before coming here; every
         // other frame stops once it is queued.
-        if w.finished || w.write_error.is_some() || (kind != Kind::Close && w.close_sent) {
+        if w.finished
+            || w.write_error.is_some()
+            || (kind != Kind::Close && self.closing.load(Ordering::Acquire))
+        {
             return Err(Error::Closed);
         }
         let data = matches!(kind, Kind::Data | Kind::DataTry);
@@ -888,7 +903,7 @@ impl<T: Send + Sync + 'static> Conn<T> {
     /// memory).
     pub(crate) fn arm(&self, shared: &Shared<T>, w: &mut WriteSide) -> bool {
         let (readable, writable) = w.interest();
-        if w.armed == Some((readable, writable)) {
+        if w.armed == Armed::new(readable, writable) {
             return true;
         }
         let interest = Interest::new(self.key, readable, writable);
@@ -901,7 +916,7 @@ impl<T: Send + Sync + 'static> Conn<T> {
             return false;
         }
         w.registered = true;
-        w.armed = Some((readable, writable));
+        w.armed = Armed::new(readable, writable);
         true
     }
 
@@ -971,7 +986,7 @@ impl<T: Send + Sync + 'static> Conn<T> {
         // (the close handshake moves on), if the peer is gone and the
         // queue is done, to tell the user of a drain, or to read again.
         let needs_job = w.write_error.is_some()
-            || (w.close_sent && w.out.is_empty())
+            || (self.closing.load(Ordering::Acquire) && w.out.is_empty())
             || (w.read_done && w.out.is_empty())
             || w.drain_due
             || resumed;
@@ -1115,7 +1130,7 @@ pub(crate) fn claim<T>(conn: &Conn<T>) -> bool {
 /// pong to a keepalive ping, which nobody waits for.
 pub(crate) fn claim_event<T>(conn: &Conn<T>) -> (bool, bool) {
     let mut w = conn.io.lock();
-    w.armed = None;
+    w.armed = Armed::NONE;
     let pong = std::mem::take(&mut w.pong_due);
     (claim_locked(&mut w), pong)
 }

@@ -490,7 +490,7 @@ fn progress<T: Send + Sync + 'static>(
             }
         }
         (
-            empty && w.close_sent,
+            empty && conn.closing.load(Ordering::Acquire),
             empty,
             w.close_deadline_ms,
             w.write_error,
