@@ -1,7 +1,7 @@
 //! Connected clients: their id, address, user data, and sending to them.
 
 use std::fmt;
-use std::net::{IpAddr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
@@ -68,9 +68,9 @@ pub struct Client<T = ()> {
 
 struct ClientInner<T> {
     id: ClientId,
-    peer: SocketAddr,
-    /// What few clients have (a forwarded address, a subprotocol), boxed
-    /// so that the others do not pay its 40 B.
+    peer: Peer,
+    /// What few clients have (a forwarded address, a subprotocol, an IPv6
+    /// peer address), boxed so that the others do not pay for it.
     extra: Option<Box<Extra>>,
     data: T,
     conn: Weak<Conn<T>>,
@@ -78,6 +78,20 @@ struct ClientInner<T> {
     /// Queued bytes that were never delivered, once the connection is
     /// gone.
     unsent: AtomicUsize,
+}
+
+impl<T> ClientInner<T> {
+    fn peer_addr(&self) -> SocketAddr {
+        match self.peer {
+            Peer::V4(ip, port) => SocketAddr::from((ip, port)),
+            Peer::InExtra => self
+                .extra
+                .as_ref()
+                .and_then(|e| e.peer)
+                // Not reached: an IPv6 peer is always in `extra`.
+                .unwrap_or(SocketAddr::from((Ipv6Addr::UNSPECIFIED, 0))),
+        }
+    }
 }
 
 impl<T> Clone for Client<T> {
@@ -92,14 +106,22 @@ impl<T> fmt::Debug for Client<T> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Client")
             .field("id", &self.inner.id)
-            .field("peer", &self.inner.peer)
+            .field("peer", &self.inner.peer_addr())
             .finish_non_exhaustive()
     }
+}
+
+/// The peer's address: an IPv4 one in a word, an IPv6 one in `Extra`.
+#[derive(Clone, Copy)]
+enum Peer {
+    V4(Ipv4Addr, u16),
+    InExtra,
 }
 
 struct Extra {
     forwarded: Option<IpAddr>,
     protocol: Option<Box<str>>,
+    peer: Option<SocketAddr>,
 }
 
 /// What the handshake settled about a client, besides its data.
@@ -120,11 +142,18 @@ impl<T: Send + Sync + 'static> Client<T> {
         Client {
             inner: Arc::new(ClientInner {
                 id,
-                peer: origin.peer,
-                extra: (origin.forwarded.is_some() || origin.protocol.is_some()).then(|| {
+                peer: match origin.peer {
+                    SocketAddr::V4(v4) => Peer::V4(*v4.ip(), v4.port()),
+                    SocketAddr::V6(_) => Peer::InExtra,
+                },
+                extra: (origin.forwarded.is_some()
+                    || origin.protocol.is_some()
+                    || origin.peer.is_ipv6())
+                .then(|| {
                     Box::new(Extra {
                         forwarded: origin.forwarded,
                         protocol: origin.protocol,
+                        peer: origin.peer.is_ipv6().then_some(origin.peer),
                     })
                 }),
                 data,
@@ -161,7 +190,7 @@ impl<T: Send + Sync + 'static> Client<T> {
 
     /// The address of the TCP peer (behind a reverse proxy, the proxy's).
     pub fn peer_addr(&self) -> SocketAddr {
-        self.inner.peer
+        self.inner.peer_addr()
     }
 
     /// The client's address as the reverse proxy reported it in
@@ -177,7 +206,7 @@ impl<T: Send + Sync + 'static> Client<T> {
     /// The client's IP address: the forwarded one if trusted and present,
     /// else the TCP peer's.
     pub fn ip(&self) -> IpAddr {
-        self.forwarded_addr().unwrap_or(self.inner.peer.ip())
+        self.forwarded_addr().unwrap_or(self.peer_addr().ip())
     }
 
     /// The subprotocol agreed in the handshake, if any.

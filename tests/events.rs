@@ -89,6 +89,29 @@ fn ids_are_unique_and_never_reused() {
 }
 
 #[test]
+fn an_ipv6_peer_keeps_its_whole_address() {
+    let server = enjent::WebSocketServer::builder()
+        .workers(2)
+        .start("[::1]:0")
+        .expect("start on ::1");
+    let mut ws = client(server.local_addr());
+    let c = expect_connect(&server);
+    let local = match ws.get_ref() {
+        tungstenite::stream::MaybeTlsStream::Plain(s) => s.local_addr().unwrap(),
+        _ => unreachable!(),
+    };
+    assert!(local.is_ipv6());
+    assert_eq!(c.peer_addr(), local);
+    assert_eq!(c.ip(), local.ip());
+    assert_eq!(c.forwarded_addr(), None);
+    assert_eq!(c.protocol(), None);
+    assert!(format!("{c:?}").contains(&local.to_string()));
+    ws.send(Tm::text("over v6")).unwrap();
+    let (_, m) = expect_message(&server);
+    assert_eq!(m.as_text(), Some("over v6"));
+}
+
+#[test]
 fn peer_address_and_lookup_by_id() {
     let server = server();
     let ws = client(server.local_addr());
