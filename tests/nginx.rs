@@ -245,15 +245,22 @@ impl Nginx {
         ]
     }
 
-    /// Poll connect until nginx accepts; its error log if it exits first
-    /// or takes too long.
+    /// Wait until nginx has written its pid file, which it does only once
+    /// it listens on `addr`; its error log if it exits first or takes too
+    /// long. A connect that succeeds would prove nothing: until nginx
+    /// binds, the kernel may give the port `free_addr` let go to another
+    /// test (its own `free_addr` listener, an echo server), and a client
+    /// connecting there is reset or answered by a stranger (which failed
+    /// `plain_http_through_nginx_gets_the_servers_answer` once in CI).
     fn wait_ready(&mut self) -> Result<(), String> {
         let deadline = Instant::now() + WAIT;
+        let pid = self.child.id().to_string();
         while Instant::now() < deadline {
             if let Ok(Some(status)) = self.child.try_wait() {
                 return Err(format!("exited ({status}):\n{}", self.error_log()));
             }
-            if TcpStream::connect_timeout(&self.addr, Duration::from_millis(200)).is_ok() {
+            let written = std::fs::read_to_string(self.prefix.join("nginx.pid"));
+            if written.is_ok_and(|w| w.trim() == pid) {
                 return Ok(());
             }
             std::thread::sleep(Duration::from_millis(20));

@@ -80,7 +80,9 @@ impl Redis {
                 if let Ok(Some(_)) = child.try_wait() {
                     break; // the port is still taken: try again
                 }
-                if self.try_query(&["PING"]).is_ok() {
+                // Our own server, not another test's that got the port
+                // first: a free port is only free until someone binds it.
+                if self.try_query(&["PING"]).is_ok() && self.answers_as(child.id()) {
                     self.child = Some(child);
                     return;
                 }
@@ -98,6 +100,15 @@ impl Redis {
         let mut child = self.child.take().expect("running");
         child.kill().unwrap();
         child.wait().unwrap();
+    }
+
+    /// Whether the server on our port is the process `pid`.
+    fn answers_as(&self, pid: u32) -> bool {
+        let line = format!("process_id:{pid}");
+        self.try_query(&["INFO", "server"])
+            .ok()
+            .and_then(|v| redis::from_redis_value::<String>(v).ok())
+            .is_some_and(|info| info.lines().any(|l| l.trim() == line))
     }
 
     pub fn try_query(&self, args: &[&str]) -> redis::RedisResult<redis::Value> {
