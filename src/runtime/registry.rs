@@ -54,6 +54,8 @@ enum Entry<T> {
     Open(u32, Arc<Conn<T>>),
 }
 
+// Two words on 64-bit targets (three 32-bit words elsewhere).
+#[cfg(target_pointer_width = "64")]
 const _: () = assert!(std::mem::size_of::<Entry<()>>() == 16);
 
 impl<T> Entry<T> {
@@ -234,6 +236,10 @@ impl<T> Registry<T> {
         let Some(e) = Self::entry(&mut s, key) else {
             return;
         };
+        if matches!(e, Entry::Free(_)) {
+            // Freed already (a retired slot keeps its last generation).
+            return;
+        }
         let was_open = matches!(e, Entry::Open(..));
         match e.generation().checked_add(1) {
             Some(next) => {
@@ -327,6 +333,8 @@ mod tests {
         let last = key_of(0, u32::MAX);
         assert_eq!(r.client_id(last).as_u64(), u64::from(u32::MAX) << 32);
         r.remove(last, LOCAL);
+        r.remove(last, LOCAL);
+        assert_eq!(r.slab.lock().used, 0, "a retired slot is not freed twice");
         let next = r.reserve(10, 10, LOCAL).unwrap();
         assert_eq!(next & INDEX_MASK, 1, "slot 0 is retired");
         assert_eq!(r.slab.lock().used, 1);
