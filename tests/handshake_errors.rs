@@ -170,3 +170,36 @@ fn a_trickling_handshake_is_cut_off_at_its_deadline() {
         "{answers:?}"
     );
 }
+
+/// Handshake deadlines are found by sweeping the slots a chunk of 1,024 at
+/// a time: a crowd of stalled half-requests over three chunks is answered
+/// 408 to the last one.
+#[test]
+fn a_crowd_of_stalled_handshakes_is_answered_408_in_every_chunk() {
+    use std::io::Read;
+    const CLIENTS: usize = 2_100;
+    let server = enjent::WebSocketServer::builder()
+        .handshake_timeout(Duration::from_millis(500))
+        .max_connections(CLIENTS)
+        .max_connections_per_ip(CLIENTS)
+        .start("127.0.0.1:0")
+        .unwrap();
+    let addr = server.local_addr();
+    let mut stalled: Vec<_> = (0..CLIENTS)
+        .map(|_| {
+            let mut s = raw(addr);
+            s.write_all(&REQUEST.as_bytes()[..30]).unwrap();
+            s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+            s
+        })
+        .collect();
+    for (i, s) in stalled.iter_mut().enumerate() {
+        let mut out = String::new();
+        let _ = s.read_to_string(&mut out);
+        assert!(out.starts_with("HTTP/1.1 408 "), "client {i}: {out:?}");
+    }
+    assert_eq!(
+        server.stats().handshakes_refused.get(&408),
+        Some(&(CLIENTS as u64))
+    );
+}

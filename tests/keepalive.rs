@@ -121,3 +121,74 @@ fn messages_sent_after_a_keepalive_ping_are_delivered() {
         assert_eq!(message, enjent::Message::Text(text));
     }
 }
+
+/// Deadlines are found by sweeping every slot, a chunk of 1,024 at a time.
+/// A crowd over three chunks: every silent client is pinged and then
+/// closed for idleness, and no client that keeps talking is closed, while
+/// the talkers' jobs book their deadlines during the sweeps. Silent raw
+/// sockets are the cheapest thing a hostile crowd can hold open.
+#[test]
+fn a_crowd_of_silent_clients_is_pinged_and_closed_and_talkers_are_not() {
+    const SILENT: usize = 1_500;
+    const TALKERS: usize = 1_000;
+    let server = WebSocketServer::builder()
+        .ping_interval(Some(Duration::from_millis(400)))
+        .idle_timeout(Some(Duration::from_millis(1_500)))
+        .close_timeout(Duration::from_millis(300))
+        .max_connections(SILENT + TALKERS)
+        .max_connections_per_ip(SILENT + TALKERS)
+        .start("127.0.0.1:0")
+        .unwrap();
+    let addr = server.local_addr();
+    let mut silent = Vec::new();
+    let mut talkers = Vec::new();
+    for i in 0..SILENT + TALKERS {
+        let s = raw_ws(addr);
+        if i % 5 < 3 {
+            silent.push(s);
+        } else {
+            talkers.push(s);
+        }
+        while server.try_recv().is_ok() {}
+    }
+    assert_eq!((silent.len(), talkers.len()), (SILENT, TALKERS));
+    // Talk every 150 ms (well inside the 400 ms ping interval) for 3 s,
+    // past two idle timeouts, taking the events as they come.
+    let hello = frame(0x81, b"still here");
+    let start = Instant::now();
+    while start.elapsed() < Duration::from_secs(3) {
+        for s in &mut talkers {
+            s.write_all(&hello).unwrap();
+        }
+        let round = Instant::now();
+        while round.elapsed() < Duration::from_millis(150) {
+            if server.recv_timeout(Duration::from_millis(10)).is_err() {
+                continue;
+            }
+        }
+    }
+    // Every silent client: a ping, then the idle close with 1001.
+    for (i, s) in silent.iter_mut().enumerate() {
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        assert_eq!(read_frame(s), (0x89, vec![]), "silent client {i}");
+        assert_eq!(read_close(s), Some(1001), "silent client {i}");
+    }
+    // No talker was closed: whatever it was sent (a ping at most, if this
+    // thread fell behind), none of it is a close.
+    for (i, s) in talkers.iter_mut().enumerate() {
+        s.set_nonblocking(true).unwrap();
+        loop {
+            match try_read_frame(s) {
+                Ok((op, _)) => assert_ne!(op & 0x0F, 0x8, "talker {i} was closed"),
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                Err(e) => panic!("talker {i}: {e}"),
+            }
+        }
+    }
+    assert!(server.stats().idle_timeouts >= SILENT as u64);
+    assert_eq!(
+        server.stats().idle_timeouts,
+        SILENT as u64,
+        "only the silent"
+    );
+}

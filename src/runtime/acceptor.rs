@@ -64,7 +64,6 @@ pub(crate) fn run<T: Send + Sync + 'static>(shared: Arc<Shared<T>>, listener: Tc
             peer,
             buf: Vec::new(),
             deadline,
-            timer_booked: !arrived,
             out: Vec::new(),
             sent: 0,
             registered: !arrived,
@@ -92,7 +91,7 @@ pub(crate) fn run<T: Send + Sync + 'static>(shared: Arc<Shared<T>>, listener: Tc
             }
             continue;
         }
-        book_handshake_deadline(&shared, key, deadline);
+        book_handshake_deadline(&shared, deadline);
     }
 }
 

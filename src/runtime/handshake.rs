@@ -20,7 +20,6 @@ use crate::proto::handshake::{
 use crate::runtime::conn::{Conn, Extensions};
 use crate::runtime::registry::Pending;
 use crate::runtime::service::{read_some, service, with_scratch};
-use crate::runtime::timer::Timers;
 use crate::runtime::{Shared, panic_close};
 use crate::stats::Counters;
 
@@ -251,11 +250,9 @@ fn parse_ip(s: &str) -> Option<IpAddr> {
 /// Wait for the socket (readable for more of the request, writable for
 /// more of an HTTP answer), within the handshake deadline.
 fn park_handshake<T>(shared: &Arc<Shared<T>>, mut p: Box<Pending>, want: Interest) {
-    // The deadline's timer fires once; if it fired while a worker held
-    // this handshake, it found nothing to expire and is gone. So a
-    // handshake at (or within a tick of) its deadline is not parked again
-    // but answered now, or a client sending a byte at the right moments
-    // would keep its slot for ever.
+    // A handshake at (or within a tick of) its deadline is answered now
+    // rather than parked for the next sweep to find: a client sending a
+    // byte at the right moments gets no more time than any other.
     let slack = Duration::from_millis(crate::runtime::timer::TICK_MS);
     if p.deadline <= Instant::now() + slack {
         return abort_handshake(
@@ -264,9 +261,8 @@ fn park_handshake<T>(shared: &Arc<Shared<T>>, mut p: Box<Pending>, want: Interes
             Some(&Reject::new(408).body("handshake timed out")),
         );
     }
-    let (key, deadline, booked) = (p.key, p.deadline, p.timer_booked);
+    let (key, deadline) = (p.key, p.deadline);
     let registered = std::mem::replace(&mut p.registered, true);
-    p.timer_booked = true;
     let armed = shared.registry.park(p, |p| {
         let interest = Interest::new(p.key, want.readable, want.writable);
         if registered {
@@ -285,9 +281,8 @@ fn park_handshake<T>(shared: &Arc<Shared<T>>, mut p: Box<Pending>, want: Interes
             Some(&Reject::new(503).body("server cannot take more connections")),
         );
     }
-    if !booked {
-        book_handshake_deadline(shared, key, deadline);
-    }
+    // Booked at every park: a sweep skips a handshake a worker holds.
+    book_handshake_deadline(shared, deadline);
     // Shutdown sets `stopping` before it sweeps parked handshakes, and
     // both take the slab lock: either its sweep saw this one, or we see
     // the flag and take it back.
@@ -337,15 +332,9 @@ pub(crate) fn far_future() -> std::time::Instant {
     std::time::Instant::now() + std::time::Duration::from_secs(86_400 * 365)
 }
 
-pub(crate) fn book_handshake_deadline<T>(
-    shared: &Shared<T>,
-    key: usize,
-    deadline: std::time::Instant,
-) {
-    let at = deadline
-        .saturating_duration_since(shared.started)
-        .as_millis() as u64;
-    if shared.timers.add(Timers::round(at), key) {
+pub(crate) fn book_handshake_deadline<T>(shared: &Shared<T>, deadline: std::time::Instant) {
+    let at = crate::runtime::registry::handshake_deadline_ms(shared.started, deadline);
+    if shared.timers.book(at) {
         let _ = shared.poller.notify();
     }
 }

@@ -19,7 +19,6 @@ use crate::runtime::conn::{claim, claim_event};
 use crate::runtime::handshake::{abort_handshake, handshake};
 use crate::runtime::registry::Found;
 use crate::runtime::service::service;
-use crate::runtime::timer::TICK_MS;
 
 /// Register a socket with oneshot `interest`; jobs re-arm it with
 /// `modify`.
@@ -56,6 +55,7 @@ pub(crate) enum Job<T> {
 pub(crate) fn run<T: Send + Sync + 'static>(shared: Arc<Shared<T>>) {
     let mut events = Events::new();
     let mut found = Vec::new();
+    let mut due = Vec::new();
     let mut expired = Vec::new();
     let mut failing = false;
     loop {
@@ -108,26 +108,25 @@ pub(crate) fn run<T: Send + Sync + 'static>(shared: Arc<Shared<T>>) {
                 }
             }
         }
-        shared.timers.expired(shared.now_ms(), &mut expired);
-        for (at, key) in expired.drain(..) {
-            if let Some(conn) = shared.registry.get_key(key) {
-                if conn
-                    .timer_at
-                    .compare_exchange(at, 0, Ordering::AcqRel, Ordering::Acquire)
-                    .is_ok()
-                    && claim(&conn)
-                {
+        let now = shared.now_ms();
+        if shared.timers.start_sweep(now) {
+            shared.registry.sweep(
+                now,
+                Instant::now(),
+                shared.started,
+                &shared.timers,
+                &mut due,
+                &mut expired,
+            );
+            for conn in due.drain(..) {
+                if claim(&conn) {
                     ready.push(Job::Timer(conn));
                 }
-            } else if let Some(p) = shared
-                .registry
-                // Deadlines are booked rounded to the tick, and waits are
-                // measured in whole milliseconds: allow a tick of slack.
-                .take_expired_handshake(key, Instant::now() + Duration::from_millis(TICK_MS))
-            {
+            }
+            for p in expired.drain(..) {
                 abort_handshake(
                     &shared,
-                    *p,
+                    p,
                     Some(&Reject::new(408).body("handshake timed out")),
                 );
             }

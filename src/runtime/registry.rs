@@ -9,12 +9,19 @@
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr, TcpStream};
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use parking_lot::{Condvar, Mutex};
 
 use crate::client::ClientId;
 use crate::runtime::conn::Conn;
+use crate::runtime::timer::{TICK_MS, Timers};
+
+/// A handshake's deadline on the server clock, rounded up to the tick.
+pub(crate) fn handshake_deadline_ms(started: Instant, deadline: Instant) -> u64 {
+    Timers::round(deadline.saturating_duration_since(started).as_millis() as u64)
+}
 
 const INDEX_BITS: u32 = if usize::BITS >= 64 { 32 } else { 20 };
 const INDEX_MASK: usize = (1 << INDEX_BITS) - 1;
@@ -33,9 +40,8 @@ pub(crate) struct Pending {
     pub(crate) stream: TcpStream,
     pub(crate) peer: SocketAddr,
     pub(crate) buf: Vec<u8>,
+    /// Booked with the timers at every park (`book_handshake_deadline`).
     pub(crate) deadline: Instant,
-    /// The deadline is in the timer heap (booked once, at the first park).
-    pub(crate) timer_booked: bool,
     /// A plain HTTP answer being written (`out[sent..]` is left); the
     /// handshake deadline bounds it too.
     pub(crate) out: Vec<u8>,
@@ -200,15 +206,6 @@ impl<T> Registry<T> {
         }
     }
 
-    /// The connection behind `key`, if open.
-    pub(crate) fn get_key(&self, key: usize) -> Option<Arc<Conn<T>>> {
-        let mut s = self.slab.lock();
-        match Self::entry(&mut s, key) {
-            Some(Entry::Open(_, c)) => Some(Arc::clone(c)),
-            _ => None,
-        }
-    }
-
     /// A parked handshake whose deadline has passed, taken out of its slot.
     pub(crate) fn take_expired_handshake(&self, key: usize, now: Instant) -> Option<Box<Pending>> {
         let mut s = self.slab.lock();
@@ -260,6 +257,59 @@ impl<T> Registry<T> {
         }
         if s.used == 0 {
             self.emptied.notify_all();
+        }
+    }
+
+    /// Sweep for deadlines due at `now_ms` (server clock; `now` on the
+    /// system's): open connections whose deadline has come go to `due`,
+    /// their `timer_at` cleared; parked handshakes past theirs (within a
+    /// tick) are taken out of their slots into `expired`. Every deadline
+    /// left in place is booked again with `timers`. The slab is locked a
+    /// chunk at a time, so that handshakes and readiness events wait for
+    /// at most a chunk's worth.
+    pub(crate) fn sweep(
+        &self,
+        now_ms: u64,
+        now: Instant,
+        started: Instant,
+        timers: &Timers,
+        due: &mut Vec<Arc<Conn<T>>>,
+        expired: &mut Vec<Pending>,
+    ) {
+        let slack = Duration::from_millis(TICK_MS);
+        for chunk in 0.. {
+            let mut s = self.slab.lock();
+            let Some(entries) = s.chunks.get_mut(chunk) else {
+                return;
+            };
+            for e in entries.iter_mut() {
+                match e {
+                    Entry::Open(_, c) => {
+                        let at = c.timer_at.load(Ordering::SeqCst);
+                        if at == 0 {
+                        } else if at > now_ms {
+                            timers.book(at);
+                        } else if c
+                            .timer_at
+                            .compare_exchange(at, 0, Ordering::SeqCst, Ordering::SeqCst)
+                            .is_ok()
+                        {
+                            due.push(Arc::clone(c));
+                        }
+                    }
+                    Entry::Handshake(_, pending @ Some(_)) => {
+                        let deadline = pending.as_ref().map_or(now, |p| p.deadline);
+                        if deadline <= now + slack {
+                            expired.extend(pending.take().map(|p| *p));
+                        } else {
+                            timers.book(handshake_deadline_ms(started, deadline));
+                        }
+                    }
+                    // A worker holds the handshake: it books the deadline
+                    // again when it parks it.
+                    Entry::Handshake(_, None) | Entry::Free(_) => {}
+                }
+            }
         }
     }
 

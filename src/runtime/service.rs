@@ -592,8 +592,9 @@ fn book_timer<T: Send + Sync + 'static>(
     if booked != 0 && booked <= next {
         return;
     }
-    conn.timer_at.store(next, Ordering::Release);
-    if shared.timers.add(next, conn.key) {
+    // Stored before it is booked: see `Timers::book`.
+    conn.timer_at.store(next, Ordering::SeqCst);
+    if shared.timers.book(next) {
         let _ = shared.poller.notify();
     }
 }

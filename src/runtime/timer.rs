@@ -1,29 +1,35 @@
 //! Deadlines: handshake timeouts, keepalive pings, idle and close timeouts.
 //!
-//! One min-heap of `(when, key)` entries for the whole server, read by the
-//! poller thread, which sleeps in `wait` until the earliest. Entries are
-//! never removed early: when one fires, the connection's job works out what
-//! is really due and books its next deadline. Deadlines are rounded up to
-//! a tick so that many connections wake together and an idle server wakes
-//! a few times a second at most.
+//! A deadline lives where its connection does: an open connection's in
+//! `Conn::timer_at`, a parked handshake's in its `Pending`. The timers
+//! themselves are only the earliest of them, which the poller sleeps
+//! until; then it sweeps the registry for what is due and works out the
+//! next earliest on the way (`Registry::sweep`). Nothing is booked per
+//! connection beyond the deadline it already holds, so an idle connection
+//! costs the timers nothing, as in uWebSockets' timeout sweep.
+//!
+//! Deadlines are rounded up to a tick so that many connections fall due
+//! together and an idle server sweeps a few times a second at most.
 
-use std::cmp::Reverse;
-use std::collections::BinaryHeap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
-
-use parking_lot::Mutex;
 
 /// Deadline granularity in milliseconds.
 pub(crate) const TICK_MS: u64 = 50;
 
+/// No deadline.
+const NONE: u64 = u64::MAX;
+
 pub(crate) struct Timers {
-    heap: Mutex<BinaryHeap<Reverse<(u64, usize)>>>,
+    /// The earliest deadline booked since the last sweep began (server
+    /// clock, ms), or `NONE`.
+    earliest: AtomicU64,
 }
 
 impl Timers {
     pub(crate) fn new() -> Timers {
         Timers {
-            heap: Mutex::new(BinaryHeap::new()),
+            earliest: AtomicU64::new(NONE),
         }
     }
 
@@ -52,30 +58,30 @@ impl Timers {
         at_ms.div_ceil(tick_ms) * tick_ms
     }
 
-    /// Book `key` at `at_ms` (already rounded). Returns true if it is now
-    /// the earliest entry, so the poller must be woken to shorten its wait.
-    pub(crate) fn add(&self, at_ms: u64, key: usize) -> bool {
-        let mut h = self.heap.lock();
-        let earliest = h.peek().is_none_or(|Reverse((t, _))| at_ms < *t);
-        h.push(Reverse((at_ms, key)));
-        earliest
+    /// A deadline at `at_ms` (already rounded) was stored where the sweep
+    /// will find it. Returns true if it is now the earliest, so the poller
+    /// must be woken to shorten its wait.
+    ///
+    /// The store must come before this call: a sweep resets the earliest
+    /// before it reads the deadlines, so a deadline is either seen by the
+    /// sweep or booked after its reset (both orders are `SeqCst`).
+    pub(crate) fn book(&self, at_ms: u64) -> bool {
+        at_ms < self.earliest.fetch_min(at_ms, Ordering::SeqCst)
     }
 
-    /// The earliest deadline.
+    /// The earliest deadline, if any.
     pub(crate) fn next(&self) -> Option<u64> {
-        self.heap.lock().peek().map(|Reverse((t, _))| *t)
+        Some(self.earliest.load(Ordering::SeqCst)).filter(|t| *t != NONE)
     }
 
-    /// Pop every entry due at `now_ms` into `out`.
-    pub(crate) fn expired(&self, now_ms: u64, out: &mut Vec<(u64, usize)>) {
-        let mut h = self.heap.lock();
-        while let Some(Reverse((t, key))) = h.peek().copied() {
-            if t > now_ms {
-                break;
-            }
-            h.pop();
-            out.push((t, key));
+    /// Whether a sweep is due at `now_ms`; if so, forget the earliest, for
+    /// the sweep to book again every deadline it leaves in place.
+    pub(crate) fn start_sweep(&self, now_ms: u64) -> bool {
+        if self.earliest.load(Ordering::SeqCst) > now_ms {
+            return false;
         }
+        self.earliest.store(NONE, Ordering::SeqCst);
+        true
     }
 }
 
@@ -84,15 +90,18 @@ mod tests {
     use super::*;
 
     #[test]
-    fn pops_in_order_and_reports_earliest() {
+    fn keeps_the_earliest_until_a_sweep() {
         let t = Timers::new();
-        assert!(t.add(200, 1));
-        assert!(!t.add(300, 2));
-        assert!(t.add(100, 3));
+        assert_eq!(t.next(), None);
+        assert!(!t.start_sweep(u64::MAX - 1), "nothing booked, nothing due");
+        assert!(t.book(200));
+        assert!(!t.book(300));
+        assert!(t.book(100));
         assert_eq!(t.next(), Some(100));
-        let mut out = Vec::new();
-        t.expired(250, &mut out);
-        assert_eq!(out, vec![(100, 3), (200, 1)]);
+        assert!(!t.start_sweep(99));
+        assert!(t.start_sweep(100));
+        assert_eq!(t.next(), None, "the sweep books what it leaves");
+        assert!(t.book(300));
         assert_eq!(t.next(), Some(300));
         assert_eq!(Timers::round(1), TICK_MS);
         assert_eq!(Timers::round(TICK_MS), TICK_MS);
