@@ -2,7 +2,7 @@
 
 use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicPtr, AtomicUsize, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
@@ -70,14 +70,66 @@ struct ClientInner<T> {
     id: ClientId,
     peer: Peer,
     /// What few clients have (a forwarded address, a subprotocol, an IPv6
-    /// peer address), boxed so that the others do not pay for it.
-    extra: Option<Box<Extra>>,
+    /// peer address, bytes left undelivered when the connection ended),
+    /// boxed so that the others do not pay for it: null, or made by
+    /// `Box::into_raw`, at creation or by the first `add_unsent`. Once set
+    /// it never changes, and it is freed only on drop.
+    extra: AtomicPtr<Extra>,
     data: T,
     conn: Weak<Conn<T>>,
     shared: Weak<Shared<T>>,
-    /// Queued bytes that were never delivered, once the connection is
-    /// gone.
-    unsent: AtomicUsize,
+}
+
+// An idle client's handle: five words, so that with the `Arc`'s counts it
+// fits the allocator's 64 B class.
+#[cfg(target_pointer_width = "64")]
+const _: () = assert!(std::mem::size_of::<ClientInner<()>>() <= 40);
+
+// The only unsafe code of this module: the `extra` box behind an atomic
+// pointer, so that a client that has none pays one word, and one can be
+// added to a shared client once, when its connection ends.
+#[allow(unsafe_code)]
+impl<T> ClientInner<T> {
+    fn extra(&self) -> Option<&Extra> {
+        // SAFETY: `extra` is null or a pointer from `Box::into_raw` that is
+        // never changed nor freed while `self` is borrowed (see `Drop`).
+        unsafe { self.extra.load(Ordering::Acquire).as_ref() }
+    }
+
+    /// The extra box, made now if the client had none.
+    fn extra_or_new(&self) -> &Extra {
+        if let Some(e) = self.extra() {
+            return e;
+        }
+        let new = Box::into_raw(Box::new(Extra::default()));
+        match self.extra.compare_exchange(
+            std::ptr::null_mut(),
+            new,
+            Ordering::AcqRel,
+            Ordering::Acquire,
+        ) {
+            // SAFETY: `new` came from `Box::into_raw` and is now `extra`,
+            // which lives as long as `self` (see `extra`).
+            Ok(_) => unsafe { &*new },
+            Err(set) => {
+                // SAFETY: `new` lost the race: it was never shared, and is
+                // freed here once; `set` is `extra`, as above.
+                drop(unsafe { Box::from_raw(new) });
+                unsafe { &*set }
+            }
+        }
+    }
+}
+
+#[allow(unsafe_code)]
+impl<T> Drop for ClientInner<T> {
+    fn drop(&mut self) {
+        let extra = *self.extra.get_mut();
+        if !extra.is_null() {
+            // SAFETY: made by `Box::into_raw` and freed only here, once.
+            drop(unsafe { Box::from_raw(extra) });
+        }
+    }
 }
 
 impl<T> ClientInner<T> {
@@ -85,8 +137,7 @@ impl<T> ClientInner<T> {
         match self.peer {
             Peer::V4(ip, port) => SocketAddr::from((ip, port)),
             Peer::InExtra => self
-                .extra
-                .as_ref()
+                .extra()
                 .and_then(|e| e.peer)
                 // Not reached: an IPv6 peer is always in `extra`.
                 .unwrap_or(SocketAddr::from((Ipv6Addr::UNSPECIFIED, 0))),
@@ -118,10 +169,14 @@ enum Peer {
     InExtra,
 }
 
+#[derive(Default)]
 struct Extra {
     forwarded: Option<IpAddr>,
     protocol: Option<Box<str>>,
     peer: Option<SocketAddr>,
+    /// Queued bytes that were never delivered, once the connection is
+    /// gone.
+    unsent: AtomicUsize,
 }
 
 /// What the handshake settled about a client, besides its data.
@@ -146,20 +201,24 @@ impl<T: Send + Sync + 'static> Client<T> {
                     SocketAddr::V4(v4) => Peer::V4(*v4.ip(), v4.port()),
                     SocketAddr::V6(_) => Peer::InExtra,
                 },
-                extra: (origin.forwarded.is_some()
-                    || origin.protocol.is_some()
-                    || origin.peer.is_ipv6())
-                .then(|| {
-                    Box::new(Extra {
-                        forwarded: origin.forwarded,
-                        protocol: origin.protocol,
-                        peer: origin.peer.is_ipv6().then_some(origin.peer),
-                    })
-                }),
+                extra: AtomicPtr::new(
+                    if origin.forwarded.is_some()
+                        || origin.protocol.is_some()
+                        || origin.peer.is_ipv6()
+                    {
+                        Box::into_raw(Box::new(Extra {
+                            forwarded: origin.forwarded,
+                            protocol: origin.protocol,
+                            peer: origin.peer.is_ipv6().then_some(origin.peer),
+                            unsent: AtomicUsize::new(0),
+                        }))
+                    } else {
+                        std::ptr::null_mut()
+                    },
+                ),
                 data,
                 conn,
                 shared,
-                unsent: AtomicUsize::new(0),
             }),
         }
     }
@@ -169,17 +228,19 @@ impl<T: Send + Sync + 'static> Client<T> {
     }
 
     pub(crate) fn sub_unsent(&self, bytes: usize) {
-        let _ = self
-            .inner
-            .unsent
-            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
-                Some(n.saturating_sub(bytes))
-            });
+        if let Some(e) = self.inner.extra() {
+            let _ = e
+                .unsent
+                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
+                    Some(n.saturating_sub(bytes))
+                });
+        }
     }
 
     pub(crate) fn add_unsent(&self, bytes: usize) {
         if bytes > 0 {
-            self.inner.unsent.fetch_add(bytes, Ordering::Relaxed);
+            let e = self.inner.extra_or_new();
+            e.unsent.fetch_add(bytes, Ordering::Relaxed);
         }
     }
 
@@ -200,7 +261,7 @@ impl<T: Send + Sync + 'static> Client<T> {
     /// built with [`trust_proxy`](crate::Builder::trust_proxy) and the
     /// request carried a valid one.
     pub fn forwarded_addr(&self) -> Option<IpAddr> {
-        self.inner.extra.as_ref().and_then(|e| e.forwarded)
+        self.inner.extra().and_then(|e| e.forwarded)
     }
 
     /// The client's IP address: the forwarded one if trusted and present,
@@ -211,7 +272,7 @@ impl<T: Send + Sync + 'static> Client<T> {
 
     /// The subprotocol agreed in the handshake, if any.
     pub fn protocol(&self) -> Option<&str> {
-        self.inner.extra.as_ref()?.protocol.as_deref()
+        self.inner.extra()?.protocol.as_deref()
     }
 
     /// The value the client-init strategy built for this client.
@@ -285,7 +346,9 @@ impl<T: Send + Sync + 'static> Client<T> {
                 return w.out.bytes();
             }
         }
-        self.inner.unsent.load(Ordering::Relaxed)
+        self.inner
+            .extra()
+            .map_or(0, |e| e.unsent.load(Ordering::Relaxed))
     }
 
     /// Send a ping with an empty payload.
@@ -370,5 +433,52 @@ impl<T: Send + Sync + 'static> Client<T> {
     /// a closure.
     pub fn server(&self) -> ServerHandle<T> {
         ServerHandle::from_weak(self.inner.shared.clone())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn client(peer: &str, protocol: Option<&str>) -> Client<()> {
+        Client::new(
+            ClientId::new(7),
+            Origin {
+                peer: peer.parse().unwrap(),
+                forwarded: None,
+                protocol: protocol.map(Box::from),
+            },
+            (),
+            Weak::new(),
+            Weak::new(),
+        )
+    }
+
+    /// Undelivered bytes are counted in the box the rare fields share,
+    /// made by the first count if the client had none: threads counting
+    /// at once race to make it, and none of their counts is lost.
+    #[test]
+    fn unsent_bytes_counted_from_many_threads_are_all_kept() {
+        for (peer, protocol) in [
+            ("127.0.0.1:5000", None),
+            ("127.0.0.1:5000", Some("chat")),
+            ("[::1]:5000", None),
+        ] {
+            for _ in 0..50 {
+                let c = client(peer, protocol);
+                assert_eq!(c.buffered_amount(), 0);
+                std::thread::scope(|s| {
+                    for t in 1..=8 {
+                        let c = c.clone();
+                        s.spawn(move || c.add_unsent(t));
+                    }
+                });
+                assert_eq!(c.buffered_amount(), 36, "{peer} {protocol:?}");
+                c.sub_unsent(6);
+                assert_eq!(c.buffered_amount(), 30);
+                assert_eq!(c.peer_addr(), peer.parse().unwrap());
+                assert_eq!(c.protocol(), protocol);
+            }
+        }
     }
 }

@@ -252,6 +252,9 @@ impl Config {
         if self.max_connections == 0 {
             return Err("max_connections must be at least 1");
         }
+        if self.max_connections > crate::runtime::registry::MAX_SLOTS {
+            return Err("max_connections must be at most 2^32 (2^20 on 32-bit targets)");
+        }
         if self.max_message_size == 0 {
             return Err("max_message_size must be at least 1");
         }

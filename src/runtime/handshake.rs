@@ -147,6 +147,8 @@ fn handshake_inner<T: Send + Sync + 'static>(shared: &Arc<Shared<T>>, mut p: Box
         registered,
         ..
     } = *p;
+    // The connection works its poller key out from its id (`Conn::key`).
+    debug_assert_eq!(crate::runtime::registry::key_of_id(id), key);
     let now = shared.now_ms();
     let conn = Arc::new_cyclic(|weak| {
         let origin = Origin {
@@ -155,15 +157,7 @@ fn handshake_inner<T: Send + Sync + 'static>(shared: &Arc<Shared<T>>, mut p: Box
             protocol: protocol.map(String::into_boxed_str),
         };
         let client = Client::new(id, origin, data, weak.clone(), Arc::downgrade(shared));
-        Conn::new(
-            key,
-            stream,
-            client,
-            shared.limits,
-            now,
-            extensions,
-            registered,
-        )
+        Conn::new(stream, client, shared.limits, now, extensions, registered)
     });
     // Reachable first, then the 101: frames sent in between queue behind
     // it (the new connection starts with the write token held).

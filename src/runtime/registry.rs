@@ -25,6 +25,8 @@ pub(crate) fn handshake_deadline_ms(started: Instant, deadline: Instant) -> u64 
 
 const INDEX_BITS: u32 = if usize::BITS >= 64 { 32 } else { 20 };
 const INDEX_MASK: usize = (1 << INDEX_BITS) - 1;
+/// Slots a key can index: `max_connections` is held to it.
+pub(crate) const MAX_SLOTS: usize = INDEX_MASK;
 /// Poller keys carry the generation modulo this, below the top bit so
 /// that no key can equal polling's own notification key (`usize::MAX`).
 const KEY_GEN_LIMIT: u32 = 1 << (usize::BITS - INDEX_BITS - 1);
@@ -32,6 +34,12 @@ const KEY_GEN_LIMIT: u32 = 1 << (usize::BITS - INDEX_BITS - 1);
 /// The poller key of slot `index` at `generation`.
 fn key_of(index: usize, generation: u32) -> usize {
     index | (((generation % KEY_GEN_LIMIT) as usize) << INDEX_BITS)
+}
+
+/// The poller key of the slot and generation a client id names.
+pub(crate) fn key_of_id(id: ClientId) -> usize {
+    let id = id.as_u64();
+    key_of((id as u32) as usize, (id >> 32) as u32)
 }
 
 /// A connection still in its opening handshake.
@@ -367,12 +375,14 @@ mod tests {
         let first = r.reserve(10, 10, LOCAL).unwrap();
         assert_eq!(first & INDEX_MASK, 0);
         let id = r.client_id(first);
+        assert_eq!(key_of_id(id), first, "an id gives its key back");
         r.remove(first, LOCAL);
         // Reused: a new generation, a new id, and the old key finds nothing.
         let second = r.reserve(10, 10, LOCAL).unwrap();
         assert_eq!(second & INDEX_MASK, 0);
         assert_ne!(second, first);
         assert_ne!(r.client_id(second), id);
+        assert_eq!(key_of_id(r.client_id(second)), second);
         assert!(r.take_expired_handshake(first, Instant::now()).is_none());
         r.remove(first, LOCAL);
         assert_eq!(r.slab.lock().used, 1, "a stale key freed nothing");
@@ -382,6 +392,7 @@ mod tests {
         }
         let last = key_of(0, u32::MAX);
         assert_eq!(r.client_id(last).as_u64(), u64::from(u32::MAX) << 32);
+        assert_eq!(key_of_id(r.client_id(last)), last);
         r.remove(last, LOCAL);
         r.remove(last, LOCAL);
         assert_eq!(r.slab.lock().used, 0, "a retired slot is not freed twice");

@@ -659,7 +659,7 @@ fn teardown<T: Send + Sync + 'static>(
     }
     shared
         .registry
-        .remove(conn.key, conn.client.peer_addr().ip());
+        .remove(conn.key(), conn.client.peer_addr().ip());
 
     let close = close.or(report).unwrap_or_else(|| {
         if for_backpressure {
