@@ -140,8 +140,12 @@ fn a_crowd_of_silent_clients_is_pinged_and_closed_and_talkers_are_not() {
         .start("127.0.0.1:0")
         .unwrap();
     let addr = server.local_addr();
+    let hello = frame(0x81, b"still here");
     let mut silent = Vec::new();
     let mut talkers = Vec::new();
+    // Talkers talk from the start (every 100 ms of the setup), so that
+    // a slow setup on a loaded machine cannot make them idle.
+    let mut last_talk = Instant::now();
     for i in 0..SILENT + TALKERS {
         let s = raw_ws(addr);
         if i % 5 < 3 {
@@ -150,11 +154,16 @@ fn a_crowd_of_silent_clients_is_pinged_and_closed_and_talkers_are_not() {
             talkers.push(s);
         }
         while server.try_recv().is_ok() {}
+        if last_talk.elapsed() >= Duration::from_millis(100) {
+            for s in &mut talkers {
+                s.write_all(&hello).unwrap();
+            }
+            last_talk = Instant::now();
+        }
     }
     assert_eq!((silent.len(), talkers.len()), (SILENT, TALKERS));
     // Talk every 150 ms (well inside the 400 ms ping interval) for 3 s,
     // past two idle timeouts, taking the events as they come.
-    let hello = frame(0x81, b"still here");
     let start = Instant::now();
     while start.elapsed() < Duration::from_secs(3) {
         for s in &mut talkers {
@@ -191,4 +200,29 @@ fn a_crowd_of_silent_clients_is_pinged_and_closed_and_talkers_are_not() {
         SILENT as u64,
         "only the silent"
     );
+}
+
+/// A silent client gets one ping, not one per ping interval, before it is
+/// closed for idleness.
+#[test]
+fn an_unanswered_ping_is_not_repeated_before_the_idle_close() {
+    let server = WebSocketServer::builder()
+        .ping_interval(Some(Duration::from_millis(100)))
+        .idle_timeout(Some(Duration::from_millis(1_000)))
+        .close_timeout(Duration::from_millis(200))
+        .start("127.0.0.1:0")
+        .unwrap();
+    let mut s = raw_ws(server.local_addr());
+    expect_connect(&server);
+    let mut pings = 0;
+    let code = loop {
+        let (first, p) = read_frame(&mut s);
+        match first {
+            0x89 => pings += 1,
+            0x88 => break u16::from_be_bytes([p[0], p[1]]),
+            other => panic!("unexpected frame {other:#x}"),
+        }
+    };
+    assert_eq!(code, 1001);
+    assert_eq!(pings, 1, "one ping over ten ping intervals of silence");
 }

@@ -9,7 +9,7 @@ use std::io;
 use std::net::TcpStream;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use polling::{Event as Interest, Events, Poller};
 
@@ -108,16 +108,16 @@ pub(crate) fn run<T: Send + Sync + 'static>(shared: Arc<Shared<T>>) {
                 }
             }
         }
+        // Readiness first: a sweep walks every slot, and what is ready
+        // should not wait for it.
+        if !ready.is_empty() {
+            dispatch(&shared, &mut ready);
+        }
         let now = shared.now_ms();
         if shared.timers.start_sweep(now) {
-            shared.registry.sweep(
-                now,
-                Instant::now(),
-                shared.started,
-                &shared.timers,
-                &mut due,
-                &mut expired,
-            );
+            shared
+                .registry
+                .sweep(now, shared.started, &shared.timers, &mut due, &mut expired);
             for conn in due.drain(..) {
                 if claim(&conn) {
                     ready.push(Job::Timer(conn));
@@ -126,13 +126,13 @@ pub(crate) fn run<T: Send + Sync + 'static>(shared: Arc<Shared<T>>) {
             for p in expired.drain(..) {
                 abort_handshake(
                     &shared,
-                    p,
+                    *p,
                     Some(&Reject::new(408).body("handshake timed out")),
                 );
             }
-        }
-        if !ready.is_empty() {
-            dispatch(&shared, &mut ready);
+            if !ready.is_empty() {
+                dispatch(&shared, &mut ready);
+            }
         }
         if pongs > 0 && others == 0 {
             std::thread::sleep(PONG_PAUSE);

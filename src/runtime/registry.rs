@@ -16,7 +16,7 @@ use parking_lot::{Condvar, Mutex};
 
 use crate::client::ClientId;
 use crate::runtime::conn::Conn;
-use crate::runtime::timer::{TICK_MS, Timers};
+use crate::runtime::timer::Timers;
 
 /// A handshake's deadline on the server clock, rounded up to the tick.
 pub(crate) fn handshake_deadline_ms(started: Instant, deadline: Instant) -> u64 {
@@ -87,6 +87,8 @@ const CHUNK: usize = 1024;
 
 struct Slab<T> {
     chunks: Vec<Box<[Entry<T>]>>,
+    /// Slots in use in each chunk, so that a sweep skips empty ones.
+    live: Vec<u16>,
     /// Slots made so far (`chunks` hold this many, and the rest of the
     /// last chunk).
     made: usize,
@@ -127,6 +129,7 @@ impl<T> Registry<T> {
         Registry {
             slab: Mutex::new(Slab {
                 chunks: Vec::new(),
+                live: Vec::new(),
                 made: 0,
                 free: Vec::new(),
                 open: 0,
@@ -151,11 +154,13 @@ impl<T> Registry<T> {
             None => {
                 if s.made.is_multiple_of(CHUNK) {
                     s.chunks.push((0..CHUNK).map(|_| Entry::Free(0)).collect());
+                    s.live.push(0);
                 }
                 s.made += 1;
                 s.made - 1
             }
         };
+        s.live[index / CHUNK] += 1;
         let e = s.slot(index).expect("made above");
         let generation = e.generation();
         *e = Entry::Handshake(generation, None);
@@ -257,6 +262,7 @@ impl<T> Registry<T> {
         }
         s.open -= usize::from(was_open);
         s.used -= 1;
+        s.live[(key & INDEX_MASK) / CHUNK] -= 1;
         if let Some(n) = s.per_ip.get_mut(&ip) {
             *n -= 1;
             if *n == 0 {
@@ -268,35 +274,39 @@ impl<T> Registry<T> {
         }
     }
 
-    /// Sweep for deadlines due at `now_ms` (server clock; `now` on the
-    /// system's): open connections whose deadline has come go to `due`,
-    /// their `timer_at` cleared; parked handshakes past theirs (within a
-    /// tick) are taken out of their slots into `expired`. Every deadline
-    /// left in place is booked again with `timers`. The slab is locked a
-    /// chunk at a time, so that handshakes and readiness events wait for
-    /// at most a chunk's worth.
+    /// Sweep for deadlines due at `now_ms` (server clock): open
+    /// connections whose deadline has come go to `due`, their `timer_at`
+    /// cleared; parked handshakes past theirs are taken out of their slots
+    /// into `expired`. The earliest deadline left in place is booked again
+    /// with `timers`. The slab is locked a chunk at a time, so that
+    /// handshakes and readiness events wait for at most a chunk's worth,
+    /// and chunks with nothing in use are skipped. (`expired` holds boxes:
+    /// the poller keeps its capacity, a word an entry.)
+    #[allow(clippy::vec_box)]
     pub(crate) fn sweep(
         &self,
         now_ms: u64,
-        now: Instant,
         started: Instant,
         timers: &Timers,
         due: &mut Vec<Arc<Conn<T>>>,
-        expired: &mut Vec<Pending>,
+        expired: &mut Vec<Box<Pending>>,
     ) {
-        let slack = Duration::from_millis(TICK_MS);
+        let mut earliest = u64::MAX;
         for chunk in 0.. {
             let mut s = self.slab.lock();
-            let Some(entries) = s.chunks.get_mut(chunk) else {
-                return;
-            };
-            for e in entries.iter_mut() {
+            if chunk >= s.chunks.len() {
+                break;
+            }
+            if s.live[chunk] == 0 {
+                continue;
+            }
+            for e in s.chunks[chunk].iter_mut() {
                 match e {
                     Entry::Open(_, c) => {
                         let at = c.timer_at.load(Ordering::SeqCst);
                         if at == 0 {
                         } else if at > now_ms {
-                            timers.book(at);
+                            earliest = earliest.min(at);
                         } else if c
                             .timer_at
                             .compare_exchange(at, 0, Ordering::SeqCst, Ordering::SeqCst)
@@ -306,11 +316,13 @@ impl<T> Registry<T> {
                         }
                     }
                     Entry::Handshake(_, pending @ Some(_)) => {
-                        let deadline = pending.as_ref().map_or(now, |p| p.deadline);
-                        if deadline <= now + slack {
-                            expired.extend(pending.take().map(|p| *p));
+                        let at = pending
+                            .as_ref()
+                            .map_or(0, |p| handshake_deadline_ms(started, p.deadline));
+                        if at <= now_ms {
+                            expired.extend(pending.take());
                         } else {
-                            timers.book(handshake_deadline_ms(started, deadline));
+                            earliest = earliest.min(at);
                         }
                     }
                     // A worker holds the handshake: it books the deadline
@@ -318,6 +330,9 @@ impl<T> Registry<T> {
                     Entry::Handshake(_, None) | Entry::Free(_) => {}
                 }
             }
+        }
+        if earliest != u64::MAX {
+            timers.book(earliest);
         }
     }
 
@@ -400,5 +415,102 @@ mod tests {
         assert_eq!(next & INDEX_MASK, 1, "slot 0 is retired");
         assert_eq!(r.slab.lock().used, 1);
         assert!(r.slab.lock().free.is_empty());
+        assert_eq!(key_of_id(r.client_id(next)), next);
+    }
+
+    /// A connected socket, for slots that need one.
+    fn socket() -> TcpStream {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let s = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let _ = l.accept().unwrap();
+        s
+    }
+
+    fn pending(key: usize, deadline: Instant) -> Box<Pending> {
+        let stream = socket();
+        Box::new(Pending {
+            key,
+            peer: stream.peer_addr().unwrap(),
+            stream,
+            buf: Vec::new(),
+            deadline,
+            out: Vec::new(),
+            sent: 0,
+            registered: false,
+        })
+    }
+
+    fn conn(r: &Registry<()>, key: usize, timer_at: u64) -> Arc<Conn<()>> {
+        let stream = socket();
+        let client = crate::client::Client::new(
+            r.client_id(key),
+            crate::client::Origin {
+                peer: stream.peer_addr().unwrap(),
+                forwarded: None,
+                protocol: None,
+            },
+            (),
+            std::sync::Weak::new(),
+            std::sync::Weak::new(),
+        );
+        #[cfg(feature = "deflate")]
+        let extensions = None;
+        #[cfg(not(feature = "deflate"))]
+        let extensions = crate::runtime::conn::Extensions;
+        let c = Arc::new(Conn::new(
+            stream,
+            client,
+            Default::default(),
+            0,
+            extensions,
+            false,
+        ));
+        c.timer_at.store(timer_at, Ordering::SeqCst);
+        r.open(key, Arc::clone(&c));
+        c
+    }
+
+    /// A sweep takes what is due, leaves the rest booked (the earliest of
+    /// it), skips a handshake a worker holds, and finds slots past the
+    /// first chunk.
+    #[test]
+    fn a_sweep_takes_what_is_due_and_books_the_earliest_left() {
+        let r: Registry<()> = Registry::new();
+        let started = Instant::now();
+        let keys: Vec<usize> = (0..CHUNK + 5)
+            .map(|_| r.reserve(usize::MAX, usize::MAX, LOCAL).unwrap())
+            .collect();
+        // Only the last five slots stay in use, all in the second chunk.
+        for &k in &keys[..CHUNK] {
+            r.remove(k, LOCAL);
+        }
+        let [due, later, stale, waiting, held] = keys[CHUNK..] else {
+            unreachable!()
+        };
+        let c_due = conn(&r, due, 1_000);
+        let c_later = conn(&r, later, 3_000);
+        let ms = Duration::from_millis;
+        r.park(pending(stale, started + ms(500)), |_| ()).unwrap();
+        r.park(pending(waiting, started + ms(2_000)), |_| ())
+            .unwrap();
+        let _ = held; // reserved, its handshake with a worker
+        let timers = Timers::new();
+        let (mut taken, mut expired) = (Vec::new(), Vec::new());
+        r.sweep(1_000, started, &timers, &mut taken, &mut expired);
+        assert_eq!(taken.len(), 1);
+        assert!(Arc::ptr_eq(&taken[0], &c_due));
+        assert_eq!(c_due.timer_at.load(Ordering::SeqCst), 0, "taken");
+        assert_eq!(c_later.timer_at.load(Ordering::SeqCst), 3_000, "left");
+        assert_eq!(expired.len(), 1);
+        assert_eq!(expired[0].key, stale);
+        assert_eq!(timers.next(), Some(2_000), "the waiting handshake's");
+        // Nothing is taken twice; the next sweep books the connection's.
+        let (mut taken, mut expired) = (Vec::new(), Vec::new());
+        assert!(timers.start_sweep(2_000));
+        r.sweep(2_000, started, &timers, &mut taken, &mut expired);
+        assert!(taken.is_empty());
+        assert_eq!(expired.len(), 1);
+        assert_eq!(expired[0].key, waiting);
+        assert_eq!(timers.next(), Some(3_000));
     }
 }
