@@ -1039,6 +1039,7 @@ fn scenario_connect(o: &Opts) -> Result<String, String> {
         "sec-websocket-accept: {}\r\n",
         expected_accept().to_ascii_lowercase()
     );
+    let cpu0 = o.server_cpu();
     let t0 = Instant::now();
     let workers: Vec<_> = (0..o.concurrency)
         .map(|w| {
@@ -1105,13 +1106,20 @@ fn scenario_connect(o: &Opts) -> Result<String, String> {
         return Err(format!("{bad} of {} handshakes failed", ok + bad));
     }
     let rate = ok as f64 / elapsed;
+    // The server's CPU for each handshake (and its close): the load
+    // generator's threads share the machine, so the rate alone also
+    // measures how much of it they left the server.
+    let cpu_us = cpu0.map(|c0| (o.server_cpu().unwrap_or(0.0) - c0) * 1e6 / ok.max(1) as f64);
     eprintln!(
-        "{}: {rate:.0} handshakes/s ({ok} in {elapsed:.1} s, {bad} failed, {} threads)",
-        o.label, o.concurrency
+        "{}: {rate:.0} handshakes/s ({ok} in {elapsed:.1} s, {bad} failed, {} threads, server CPU {} us each)",
+        o.label,
+        o.concurrency,
+        cpu_us.map_or("?".into(), |c| format!("{c:.1}"))
     );
     Ok(format!(
-        "{{\"scenario\":\"connect\",\"label\":\"{}\",\"handshakes\":{ok},\"failed\":{bad},\"seconds\":{elapsed:.2},\"handshakes_per_sec\":{rate:.0}}}",
-        o.label
+        "{{\"scenario\":\"connect\",\"label\":\"{}\",\"handshakes\":{ok},\"failed\":{bad},\"seconds\":{elapsed:.2},\"handshakes_per_sec\":{rate:.0},\"server_cpu_us_per_handshake\":{}}}",
+        o.label,
+        cpu_us.map_or("null".into(), |c| format!("{c:.2}"))
     ))
 }
 
