@@ -8,11 +8,12 @@ use std::time::{Duration, Instant};
 
 use crate::proto::handshake::Reject;
 use crate::runtime::Shared;
-use crate::runtime::handshake::{abort_handshake, book_handshake_deadline, far_future, handshake};
-use crate::runtime::poller::register;
-use crate::runtime::registry::Pending;
+use crate::runtime::handshake::{abort_handshake, book_handshake_deadline, far_future};
+use crate::runtime::poller::{Job, dispatch, register};
+use crate::runtime::registry::{Found, Pending};
 
 pub(crate) fn run<T: Send + Sync + 'static>(shared: Arc<Shared<T>>, listener: TcpListener) {
+    let mut handshakes = Vec::with_capacity(1);
     loop {
         // A main loop far behind (its event channel twice over budget) is
         // not handed more clients: they wait in the listen backlog.
@@ -71,9 +72,10 @@ pub(crate) fn run<T: Send + Sync + 'static>(shared: Arc<Shared<T>>, listener: Tc
         if arrived {
             // Not in the poller yet: the handshake job registers it, with
             // the interest its first wait needs (one system call, off this
-            // thread).
-            let s = Arc::clone(&shared);
-            shared.pool.execute(move || handshake(&s, pending));
+            // thread). It joins the queue the poller's work goes to, so
+            // that while the pool is busy a handshake wakes no thread.
+            handshakes.push(Job::Ready(Found::Handshake(pending)));
+            dispatch(&shared, &mut handshakes);
             continue;
         }
         // Registered while its slot is locked, so that the readiness

@@ -163,7 +163,7 @@ impl<T> Default for ReadyQueue<T> {
 /// ready with it are taken by the other drainers. One pool job per
 /// drainer rather than per connection saves a channel hop and a wake-up
 /// each.
-fn dispatch<T: Send + Sync + 'static>(shared: &Arc<Shared<T>>, ready: &mut Vec<Job<T>>) {
+pub(crate) fn dispatch<T: Send + Sync + 'static>(shared: &Arc<Shared<T>>, ready: &mut Vec<Job<T>>) {
     let spawn = {
         let mut q = shared.ready.lock();
         q.jobs.extend(ready.drain(..));
