@@ -30,7 +30,7 @@ enum Mode {
 
 fn usage(why: &str) -> Error {
     eprintln!(
-        "{why}\nusage: echo [ADDR] [echo|broadcast] [--max-message-size BYTES] [--ping-interval SECS] [--main-loop] [--trust-proxy]"
+        "{why}\nusage: echo [ADDR] [echo|broadcast] [--max-message-size BYTES] [--ping-interval SECS] [--workers N] [--main-loop] [--trust-proxy]"
     );
     Error::InvalidInput("bad arguments")
 }
@@ -84,6 +84,11 @@ fn main() -> Result<(), Error> {
                 let n = args.next().and_then(|v| v.parse().ok());
                 let n = n.ok_or_else(|| usage("--max-message-size needs a number of bytes"))?;
                 builder = builder.max_message_size(n);
+            }
+            "--workers" => {
+                let n = args.next().and_then(|v| v.parse().ok());
+                let n = n.ok_or_else(|| usage("--workers needs a number of threads"))?;
+                builder = builder.workers(n);
             }
             "--ping-interval" => {
                 let secs: Option<f64> = args.next().and_then(|v| v.parse().ok());
