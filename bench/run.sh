@@ -9,6 +9,7 @@
 #   ROUNDS=1 QUICK=1 bench/run.sh   # smoke run (CI)
 #   ONLY="pubsub-fanout pubsub-chat" bench/run.sh   # those scenarios alone
 #   PEER_UWS=/path/to/uws_peer bench/run.sh    # with uWebSockets as a peer
+#   SERVERS="enjent enjent-main-loop uwebsockets" bench/run.sh   # those alone
 #
 # pubsub-cluster: three instances of examples/pubsub (built with the redis
 # feature) sharing topics through a throwaway redis-server on loopback,
@@ -63,6 +64,16 @@ if [ -n "$peer_uws" ]; then
     servers[uwebsockets]="$peer_uws"
     order+=(uwebsockets)
     pubsub_order+=(uwebsockets)
+fi
+# SERVERS="enjent uwebsockets ...": those servers alone (in this order).
+if [ -n "${SERVERS:-}" ]; then
+    keep() { local n; for n in "$@"; do [[ " $SERVERS " == *" $n "* ]] && printf '%s\n' "$n"; done; }
+    mapfile -t order < <(keep "${order[@]}")
+    mapfile -t pubsub_order < <(keep "${pubsub_order[@]}")
+    if [ ${#order[@]} -eq 0 ]; then
+        echo "SERVERS: none of $SERVERS is a server here"
+        exit 1
+    fi
 fi
 
 port=14000
