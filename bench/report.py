@@ -32,7 +32,7 @@ ROWS = [
     ("echo 100 x 32 B, 8 in flight", "echo", lambda r: r["size"] == 32, "msgs_per_sec", "msg/s", True),
     ("  latency p50", "echo", lambda r: r["size"] == 32, "p50_us", "us", False),
     ("  latency p99", "echo", lambda r: r["size"] == 32, "p99_us", "us", False),
-    ("  server CPU per message", "echo", lambda r: r["size"] == 32 and r.get("server_cpu_percent") is not None, lambda r: r["server_cpu_percent"] / 100 / r["msgs_per_sec"] * 1e6, "us", False),
+    ("  server CPU per message", "echo", lambda r: r["size"] == 32 and r.get("server_cpu_percent") is not None and r.get("msgs_per_sec"), lambda r: r["server_cpu_percent"] / 100 / r["msgs_per_sec"] * 1e6, "us", False),
     ("echo 10 x 64 KiB, 8 in flight", "echo", lambda r: r["size"] == 65536, "msgs_per_sec", "msg/s", True),
     ("  latency p50", "echo", lambda r: r["size"] == 65536, "p50_us", "us", False),
     ("  latency p99", "echo", lambda r: r["size"] == 65536, "p99_us", "us", False),

@@ -65,8 +65,13 @@ if [ -n "$peer_uws" ]; then
     order+=(uwebsockets)
     pubsub_order+=(uwebsockets)
 fi
-# SERVERS="enjent uwebsockets ...": those servers alone (in this order).
+# SERVERS="enjent uwebsockets ...": those servers alone (in the usual
+# order). Scenarios none of them serves are skipped: the pubsub ones
+# without a pubsub server among them, pubsub-cluster without enjent.
 if [ -n "${SERVERS:-}" ]; then
+    for name in $SERVERS; do
+        [ -n "${servers[$name]:-}" ] || echo "SERVERS: no server $name here (uwebsockets needs PEER_UWS); skipped"
+    done
     keep() { local n; for n in "$@"; do [[ " $SERVERS " == *" $n "* ]] && printf '%s\n' "$n"; done; }
     mapfile -t order < <(keep "${order[@]}")
     mapfile -t pubsub_order < <(keep "${pubsub_order[@]}")
@@ -271,7 +276,15 @@ next_turn() { # scenario [servers...]; sets $turn to the server order for its ne
 
 # ONLY="pubsub-fanout pubsub-chat ..." runs those scenarios alone (the
 # names are next_turn's); unset, everything runs.
-want() { [ -z "${ONLY:-}" ] || [[ " $ONLY " == *" $1 "* ]]; }
+want() {
+    if [ -n "${SERVERS:-}" ]; then
+        case $1 in
+        pubsub-cluster) [[ " $SERVERS " == *" enjent "* ]] || return 1 ;;
+        pubsub-*) [ ${#pubsub_order[@]} -gt 0 ] || return 1 ;;
+        esac
+    fi
+    [ -z "${ONLY:-}" ] || [[ " $ONLY " == *" $1 "* ]]
+}
 
 for r in $(seq 1 "$rounds"); do
     echo "== round $r of $rounds"

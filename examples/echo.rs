@@ -30,7 +30,7 @@ enum Mode {
 
 fn usage(why: &str) -> Error {
     eprintln!(
-        "{why}\nusage: echo [ADDR] [echo|broadcast] [--max-message-size BYTES] [--ping-interval SECS] [--workers N] [--main-loop] [--trust-proxy]"
+        "{why}\nusage: echo [ADDR] [echo|broadcast] [--max-message-size BYTES] [--ping-interval SECS] [--no-keepalive] [--workers N] [--main-loop] [--trust-proxy]"
     );
     Error::InvalidInput("bad arguments")
 }
@@ -84,6 +84,9 @@ fn main() -> Result<(), Error> {
                 let n = args.next().and_then(|v| v.parse().ok());
                 let n = n.ok_or_else(|| usage("--max-message-size needs a number of bytes"))?;
                 builder = builder.max_message_size(n);
+            }
+            "--no-keepalive" => {
+                builder = builder.ping_interval(None).idle_timeout(None);
             }
             "--workers" => {
                 let n = args.next().and_then(|v| v.parse().ok());

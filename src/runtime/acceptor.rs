@@ -1,4 +1,5 @@
-//! The accept thread: blocks in `accept`, hands each socket to the pool.
+//! The accept thread: blocks in `accept`, hands each socket to the pool
+//! (through the ready queue, if its request is in) or to the poller.
 
 use std::io::{self, Write};
 use std::net::{TcpListener, TcpStream};
