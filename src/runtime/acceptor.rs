@@ -1,6 +1,5 @@
 //! The accept thread: blocks in `accept`, hands each socket to the pool
-//! through the ready queue; its handshake job reads the request, or puts
-//! the socket in the poller until the request comes.
+//! (through the ready queue, if its request is in) or to the poller.
 
 use std::io::{self, Write};
 use std::net::{TcpListener, TcpStream};
@@ -10,8 +9,8 @@ use std::time::{Duration, Instant};
 
 use crate::proto::handshake::Reject;
 use crate::runtime::Shared;
-use crate::runtime::handshake::far_future;
-use crate::runtime::poller::{Job, dispatch};
+use crate::runtime::handshake::{abort_handshake, book_handshake_deadline, far_future};
+use crate::runtime::poller::{Job, dispatch, register};
 use crate::runtime::registry::{Found, Pending};
 
 pub(crate) fn run<T: Send + Sync + 'static>(shared: Arc<Shared<T>>, listener: TcpListener) {
@@ -56,13 +55,11 @@ pub(crate) fn run<T: Send + Sync + 'static>(shared: Arc<Shared<T>>, listener: Tc
         let deadline = Instant::now()
             .checked_add(shared.config.handshake_timeout)
             .unwrap_or_else(far_future);
-        // A worker reads what has arrived; if the request is not in yet,
-        // its handshake job puts the socket in the poller (registering it
-        // with the interest its wait needs). Looking first, from this
-        // thread, cost a system call on every connection to spare one only
-        // on those whose request was late. The job joins the queue the
-        // poller's work goes to, so that while every worker is draining it
-        // a handshake wakes no thread.
+        // If the request is already in, a worker takes it now; otherwise
+        // the poller hands the socket over once it is, rather than a job
+        // reading nothing.
+        let mut probe = [0u8; 1];
+        let arrived = matches!(stream.peek(&mut probe), Ok(n) if n > 0);
         let pending = Box::new(Pending {
             key,
             stream,
@@ -71,10 +68,33 @@ pub(crate) fn run<T: Send + Sync + 'static>(shared: Arc<Shared<T>>, listener: Tc
             deadline,
             out: Vec::new(),
             sent: 0,
-            registered: false,
+            registered: !arrived,
         });
-        handshakes.push(Job::Ready(Found::Handshake(pending)));
-        dispatch(&shared, &mut handshakes);
+        if arrived {
+            // Not in the poller yet: the handshake job registers it, with
+            // the interest its first wait needs (one system call, off this
+            // thread). It joins the queue the poller's work goes to, so
+            // that while the pool is busy a handshake wakes no thread.
+            handshakes.push(Job::Ready(Found::Handshake(pending)));
+            dispatch(&shared, &mut handshakes);
+            continue;
+        }
+        // Registered while its slot is locked, so that the readiness
+        // event cannot look for it before it is there.
+        let registered = shared.registry.park(pending, |p| {
+            register(&shared.poller, &p.stream, polling::Event::readable(key))
+        });
+        if !matches!(registered, Some(Ok(()))) {
+            if let Some(p) = shared.registry.take_expired_handshake(key, far_future()) {
+                abort_handshake(
+                    &shared,
+                    *p,
+                    Some(&Reject::new(503).body("server cannot take more connections")),
+                );
+            }
+            continue;
+        }
+        book_handshake_deadline(&shared, deadline);
     }
 }
 

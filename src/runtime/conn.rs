@@ -188,8 +188,8 @@ pub(crate) struct WriteSide {
     pub(crate) starved: bool,
     /// Nothing more will be read: end of file, or a read error.
     pub(crate) read_done: bool,
-    /// The socket is in the poller. A connection whose handshake never
-    /// waited is first registered when its first job ends.
+    /// The socket is in the poller. A connection whose request was in at
+    /// accept time is first registered when its first job ends.
     pub(crate) registered: bool,
     /// The oneshot interest armed in the poller, until an event reports
     /// (and so disarms) it. A job that would arm the same again (one a

@@ -54,8 +54,8 @@ pub(crate) struct Pending {
     /// handshake deadline bounds it too.
     pub(crate) out: Vec<u8>,
     pub(crate) sent: usize,
-    /// The socket is in the poller. A handshake job reads before the
-    /// socket is ever registered, and registers it only to wait.
+    /// The socket is in the poller. A request that was in at accept time
+    /// is read before the socket is ever registered.
     pub(crate) registered: bool,
 }
 
