@@ -203,3 +203,77 @@ fn a_crowd_of_stalled_handshakes_is_answered_408_in_every_chunk() {
         Some(&(CLIENTS as u64))
     );
 }
+
+/// A hostile client's cheapest move: connect and send nothing. Even while
+/// every worker is blocked in a user closure, each such client gets its
+/// 408 at the handshake deadline and gives its slot back: the deadline is
+/// kept by the poller, not by a job that may wait for a worker.
+#[test]
+fn silent_clients_get_408_while_every_worker_is_blocked() {
+    use std::io::Read;
+    use std::sync::{Mutex, mpsc};
+    use std::time::Instant;
+    let (release, gate) = mpsc::channel::<()>();
+    let gate = Mutex::new(gate);
+    let server = enjent::WebSocketServer::builder()
+        .workers(1)
+        .handshake_timeout(Duration::from_millis(300))
+        .on_message(move |_, _| {
+            let _ = gate.lock().unwrap().recv_timeout(Duration::from_secs(20));
+        })
+        .start("127.0.0.1:0")
+        .unwrap();
+    let addr = server.local_addr();
+    // The one worker blocks in `on_message`.
+    let mut blocker = raw_ws(addr);
+    blocker.write_all(&frame(0x81, b"block")).unwrap();
+    std::thread::sleep(Duration::from_millis(100));
+    let start = Instant::now();
+    let mut silent: Vec<_> = (0..20).map(|_| raw(addr)).collect();
+    for (i, s) in silent.iter_mut().enumerate() {
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let mut out = String::new();
+        let _ = s.read_to_string(&mut out);
+        assert!(
+            out.starts_with("HTTP/1.1 408 "),
+            "silent client {i}: {out:?}"
+        );
+    }
+    assert!(
+        start.elapsed() < Duration::from_secs(3),
+        "408s took {:?} with a 300 ms deadline",
+        start.elapsed()
+    );
+    assert_eq!(
+        server.stats().handshakes_refused.get(&408),
+        Some(&20),
+        "each silent client answered once"
+    );
+    release.send(()).unwrap();
+    // Served again once the worker is free.
+    let _ = raw_ws(addr);
+}
+
+/// A request that comes a while after the connection (the handshake job
+/// finds nothing, and the socket waits in the poller) is served, and a
+/// frame sent with it is not lost.
+#[test]
+fn a_request_that_comes_late_is_served_with_its_first_frame() {
+    let server = server();
+    let mut s = raw(server.local_addr());
+    std::thread::sleep(Duration::from_millis(150));
+    let mut bytes = REQUEST.as_bytes().to_vec();
+    bytes.extend(frame(0x81, b"late but here"));
+    s.write_all(&bytes).unwrap();
+    let mut head = Vec::new();
+    let mut b = [0u8; 1];
+    use std::io::Read;
+    while !head.ends_with(b"\r\n\r\n") {
+        s.read_exact(&mut b).unwrap();
+        head.push(b[0]);
+    }
+    assert!(head.starts_with(b"HTTP/1.1 101 "));
+    expect_connect(&server);
+    let (_, m) = expect_message(&server);
+    assert_eq!(m.as_text(), Some("late but here"));
+}

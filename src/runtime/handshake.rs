@@ -33,7 +33,10 @@ pub(crate) fn abort_handshake<T>(shared: &Shared<T>, p: Pending, answer: Option<
         let _ = (&p.stream).write(&reject.to_response());
         let _ = p.stream.shutdown(Shutdown::Write);
     }
-    let _ = shared.poller.delete(&p.stream);
+    // A socket never put in the poller has nothing to leave.
+    if p.registered {
+        let _ = shared.poller.delete(&p.stream);
+    }
     shared.registry.remove(p.key, p.peer.ip());
 }
 
@@ -317,7 +320,10 @@ fn continue_http<T>(shared: &Arc<Shared<T>>, mut p: Box<Pending>) {
             }
         }
     });
-    let _ = shared.poller.delete(&p.stream);
+    // A socket never put in the poller has nothing to leave.
+    if p.registered {
+        let _ = shared.poller.delete(&p.stream);
+    }
     shared.registry.remove(p.key, p.peer.ip());
 }
 

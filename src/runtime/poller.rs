@@ -26,9 +26,11 @@ pub(crate) fn register(poller: &Poller, stream: &TcpStream, interest: Interest) 
     // SAFETY: the socket must stay open while registered. Every socket
     // registered here lives in a registry slot (as a `Pending` or a `Conn`)
     // and leaves the poller through `Poller::delete` before it is dropped:
-    // `abort_handshake`, `continue_http`, `teardown` and `panic_teardown`
-    // in worker.rs are the ways out of a slot, and each deletes first. The
-    // fd is closed only when the last `Arc<Conn>` drops, after that.
+    // `abort_handshake`, `continue_http` (handshake.rs), `teardown` and
+    // `panic_teardown` (service.rs) are the ways out of a slot, and each
+    // deletes first a socket that was registered (the handshake's
+    // `registered` flag is set before the `add`). The fd is closed only
+    // when the last `Arc<Conn>` drops, after that.
     unsafe { poller.add(stream, interest) }
 }
 
