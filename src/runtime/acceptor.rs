@@ -73,16 +73,10 @@ pub(crate) fn run<T: Send + Sync + 'static>(shared: Arc<Shared<T>>, listener: Tc
         if arrived {
             // Not in the poller yet: the handshake job registers it, with
             // the interest its first wait needs (one system call, off this
-            // thread). Meanwhile it waits in its slot with its deadline
-            // booked, so that if every worker is busy past it the sweep
-            // answers it; the job joins the queue the poller's work goes
-            // to, so that while every worker is draining it a handshake
-            // wakes no thread.
-            if shared.registry.park(pending, |_| ()).is_some() {
-                book_handshake_deadline(&shared, deadline);
-                handshakes.push(Job::Ready(Found::Handshake(key)));
-                dispatch(&shared, &mut handshakes);
-            }
+            // thread). It joins the queue the poller's work goes to, so
+            // that while the pool is busy a handshake wakes no thread.
+            handshakes.push(Job::Ready(Found::Handshake(pending)));
+            dispatch(&shared, &mut handshakes);
             continue;
         }
         // Registered while its slot is locked, so that the readiness

@@ -2,7 +2,7 @@
 //! plain HTTP, believe a trusted proxy, negotiate extensions, and turn
 //! the socket into an open connection whose first service job it runs.
 
-use std::io::{self, Read, Write};
+use std::io::{self, Write};
 use std::net::{IpAddr, Shutdown};
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::Arc;
@@ -32,15 +32,6 @@ pub(crate) fn abort_handshake<T>(shared: &Shared<T>, p: Pending, answer: Option<
         // Best effort: the socket is non-blocking and the answer small.
         let _ = (&p.stream).write(&reject.to_response());
         let _ = p.stream.shutdown(Shutdown::Write);
-        // Closing with bytes unread (a request nobody read yet, the rest
-        // of a slow one) would send a reset, which can destroy the answer
-        // before the client reads it: take what is there first.
-        let mut sink = [0u8; 4096];
-        for _ in 0..16 {
-            if !matches!((&p.stream).read(&mut sink), Ok(n) if n > 0) {
-                break;
-            }
-        }
     }
     // A socket never put in the poller has nothing to leave.
     if p.registered {

@@ -16,7 +16,7 @@ use polling::{Event as Interest, Events, Poller};
 use crate::proto::handshake::Reject;
 use crate::runtime::Shared;
 use crate::runtime::conn::{claim, claim_event};
-use crate::runtime::handshake::{abort_handshake, far_future, handshake};
+use crate::runtime::handshake::{abort_handshake, handshake};
 use crate::runtime::registry::Found;
 use crate::runtime::service::service;
 
@@ -49,7 +49,6 @@ const PONG_PAUSE: Duration = Duration::from_micros(200);
 pub(crate) enum Job<T> {
     /// Readiness reported for a connection or a handshake.
     Ready(Found<T>),
-
     /// A connection's timer is due.
     Timer(Arc<crate::runtime::conn::Conn<T>>),
 }
@@ -214,14 +213,7 @@ fn drain<T: Send + Sync + 'static>(shared: &Arc<Shared<T>>) {
         };
         match job {
             Job::Ready(Found::Open(conn)) => service(shared, &conn, &[], false),
-            // Parked until now, its deadline booked: if it passed while
-            // the job waited for a worker, the sweep answered it (408) and
-            // this finds nothing.
-            Job::Ready(Found::Handshake(key)) => {
-                if let Some(p) = shared.registry.take_expired_handshake(key, far_future()) {
-                    handshake(shared, p);
-                }
-            }
+            Job::Ready(Found::Handshake(p)) => handshake(shared, p),
             Job::Ready(Found::Nothing) => {}
             // Nothing was reported readable: the job keeps time (pings,
             // timeouts) without a read that would find nothing. Readiness

@@ -119,11 +119,7 @@ pub(crate) struct Registry<T> {
 
 /// What a poller key points at right now.
 pub(crate) enum Found<T> {
-    /// A handshake's key: it stays parked in its slot, its deadline
-    /// booked, until its job takes it out (`take_expired_handshake` with
-    /// no deadline), so that if every worker is busy past the deadline the
-    /// sweep answers it instead.
-    Handshake(usize),
+    Handshake(Box<Pending>),
     Open(Arc<Conn<T>>),
     Nothing,
 }
@@ -207,14 +203,15 @@ impl<T> Registry<T> {
         }
     }
 
-    /// What a readiness event points at. A parked handshake stays in its
-    /// slot until its job takes it (the worker owns it from then until it
-    /// parks it again).
+    /// Take what a readiness event points at. A parked handshake leaves its
+    /// slot (the worker owns it until it parks it again).
     pub(crate) fn take_ready(&self, keys: impl Iterator<Item = usize>, out: &mut Vec<Found<T>>) {
         let mut s = self.slab.lock();
         for key in keys {
             let found = match Self::entry(&mut s, key) {
-                Some(Entry::Handshake(_, Some(_))) => Found::Handshake(key),
+                Some(Entry::Handshake(_, pending @ Some(_))) => {
+                    pending.take().map_or(Found::Nothing, Found::Handshake)
+                }
                 Some(Entry::Open(_, c)) => Found::Open(Arc::clone(c)),
                 _ => Found::Nothing,
             };
