@@ -9,7 +9,7 @@
 
 mod support;
 
-use std::io::{Read, Write};
+use std::io::Write;
 use std::net::{SocketAddr, TcpStream};
 
 use enjent::{Compression, Error, Message, WebSocketServer};
@@ -23,14 +23,7 @@ fn upgrade(addr: SocketAddr, extra: &str) -> (String, TcpStream) {
     let mut s = raw(addr);
     let req = REQUEST.replace("\r\n\r\n", &format!("\r\n{extra}\r\n"));
     s.write_all(req.as_bytes()).unwrap();
-    let mut head = Vec::new();
-    let mut b = [0u8; 1];
-    while !head.ends_with(b"\r\n\r\n") {
-        s.read_exact(&mut b).unwrap();
-        head.push(b[0]);
-    }
-    let head = String::from_utf8(head).unwrap();
-    assert!(head.starts_with("HTTP/1.1 101 "), "{head}");
+    let head = read_101(&mut s);
     (head, s)
 }
 

@@ -265,14 +265,7 @@ fn a_request_that_comes_late_is_served_with_its_first_frame() {
     let mut bytes = REQUEST.as_bytes().to_vec();
     bytes.extend(frame(0x81, b"late but here"));
     s.write_all(&bytes).unwrap();
-    let mut head = Vec::new();
-    let mut b = [0u8; 1];
-    use std::io::Read;
-    while !head.ends_with(b"\r\n\r\n") {
-        s.read_exact(&mut b).unwrap();
-        head.push(b[0]);
-    }
-    assert!(head.starts_with(b"HTTP/1.1 101 "));
+    read_101(&mut s);
     expect_connect(&server);
     let (_, m) = expect_message(&server);
     assert_eq!(m.as_text(), Some("late but here"));

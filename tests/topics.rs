@@ -141,13 +141,7 @@ fn raw_ws_small_window(addr: SocketAddr) -> TcpStream {
     s.set_read_timeout(Some(WAIT)).unwrap();
     s.set_nodelay(true).unwrap();
     s.write_all(REQUEST.as_bytes()).unwrap();
-    let mut head = Vec::new();
-    let mut b = [0u8; 1];
-    while !head.ends_with(b"\r\n\r\n") {
-        s.read_exact(&mut b).unwrap();
-        head.push(b[0]);
-    }
-    assert!(head.starts_with(b"HTTP/1.1 101 "));
+    read_101(&mut s);
     s
 }
 

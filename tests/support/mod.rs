@@ -99,6 +99,17 @@ pub fn http(addr: SocketAddr, request: &[u8]) -> String {
 pub fn raw_ws(addr: SocketAddr) -> TcpStream {
     let mut s = raw(addr);
     s.write_all(REQUEST.as_bytes()).unwrap();
+    let head = read_101(&mut s);
+    assert!(
+        head.contains("Sec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n"),
+        "{head}"
+    );
+    s
+}
+
+/// Read an HTTP response head a byte at a time (no byte of what follows
+/// it is taken) and check that it is a `101`.
+pub fn read_101(s: &mut TcpStream) -> String {
     let mut head = Vec::new();
     let mut b = [0u8; 1];
     while !head.ends_with(b"\r\n\r\n") {
@@ -107,11 +118,7 @@ pub fn raw_ws(addr: SocketAddr) -> TcpStream {
     }
     let head = String::from_utf8(head).unwrap();
     assert!(head.starts_with("HTTP/1.1 101 "), "{head}");
-    assert!(
-        head.contains("Sec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n"),
-        "{head}"
-    );
-    s
+    head
 }
 
 /// A masked client frame; `first` is the FIN/RSV/opcode byte.
