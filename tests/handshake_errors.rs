@@ -171,6 +171,53 @@ fn a_trickling_handshake_is_cut_off_at_its_deadline() {
     );
 }
 
+/// A trickling client is not cut off early either: each byte parks its
+/// handshake again, and one parked within the last tick before the
+/// deadline was answered 408 at once, up to a tick (50 ms) before it.
+#[test]
+fn a_trickling_handshake_is_not_cut_off_before_its_deadline() {
+    use std::io::{ErrorKind, Read};
+    use std::time::Instant;
+    const DEADLINE: Duration = Duration::from_millis(300);
+    let server = enjent::WebSocketServer::builder()
+        .handshake_timeout(DEADLINE)
+        .max_handshake_bytes(1 << 20)
+        .start("127.0.0.1:0")
+        .unwrap();
+    let addr = server.local_addr();
+    for round in 0..5 {
+        // Started before the connection exists, so never later than the
+        // server's clock for it.
+        let start = Instant::now();
+        let mut s = raw(addr);
+        s.write_all(b"GET / HTTP/1.1\r\nX-Pad: ").unwrap();
+        s.set_nonblocking(true).unwrap();
+        let mut answer = String::new();
+        while start.elapsed() < Duration::from_secs(5) {
+            let mut buf = [0u8; 256];
+            match s.read(&mut buf) {
+                Ok(n) => {
+                    answer = String::from_utf8_lossy(&buf[..n]).into_owned();
+                    break;
+                }
+                Err(e) if e.kind() == ErrorKind::WouldBlock => {}
+                Err(e) => panic!("round {round}: {e}"),
+            }
+            let _ = s.write(b"a");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        let took = start.elapsed();
+        assert!(
+            answer.starts_with("HTTP/1.1 408 "),
+            "round {round}: {answer:?}"
+        );
+        assert!(
+            took >= DEADLINE,
+            "round {round}: answered 408 after {took:?}, before the {DEADLINE:?} deadline"
+        );
+    }
+}
+
 /// Handshake deadlines are found by sweeping the slots a chunk of 1,024 at
 /// a time: a crowd of stalled half-requests over three chunks is answered
 /// 408 to the last one.

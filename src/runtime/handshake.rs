@@ -7,7 +7,6 @@ use std::net::{IpAddr, Shutdown};
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::time::{Duration, Instant};
 
 use polling::Event as Interest;
 
@@ -247,11 +246,12 @@ fn parse_ip(s: &str) -> Option<IpAddr> {
 /// Wait for the socket (readable for more of the request, writable for
 /// more of an HTTP answer), within the handshake deadline.
 fn park_handshake<T>(shared: &Arc<Shared<T>>, mut p: Box<Pending>, want: Interest) {
-    // A handshake at (or within a tick of) its deadline is answered now
-    // rather than parked for the next sweep to find: a client sending a
-    // byte at the right moments gets no more time than any other.
-    let slack = Duration::from_millis(crate::runtime::timer::TICK_MS);
-    if p.deadline <= Instant::now() + slack {
+    // A handshake past its deadline, as the sweep rounds it, is answered
+    // now rather than parked: a client sending a byte at the right
+    // moments gets no more time than any other, and no less (the sweep
+    // answers the others at that rounded deadline, not before).
+    let due = crate::runtime::registry::handshake_deadline_ms(shared.started, p.deadline);
+    if due <= shared.started.elapsed().as_millis() as u64 {
         return abort_handshake(
             shared,
             *p,
