@@ -301,6 +301,100 @@ fn silent_clients_get_408_while_every_worker_is_blocked() {
     let _ = raw_ws(addr);
 }
 
+/// Clients whose handshakes wait in the ready queue while the only worker
+/// is blocked in a user closure. At the deadline the poller answers each
+/// as a worker would have, instead of leaving it to wait for a worker with
+/// no deadline: `503` to a whole request that came in time (the server was
+/// too busy, not the client too slow), `408` to half of one, `400` to a
+/// malformed one. Every slot is given back.
+#[test]
+fn queued_handshakes_are_answered_at_their_deadline_while_every_worker_is_blocked() {
+    use std::io::Read;
+    use std::sync::{Mutex, mpsc};
+    use std::time::Instant;
+    const WHOLE: usize = 20;
+    const HALF: usize = 5;
+    const BAD: usize = 5;
+    const CLIENTS: usize = WHOLE + HALF + BAD;
+    let (release, gate) = mpsc::channel::<()>();
+    let gate = Mutex::new(gate);
+    let (entered_tx, entered) = mpsc::channel::<()>();
+    let entered_tx = Mutex::new(entered_tx);
+    let server = enjent::WebSocketServer::builder()
+        .workers(1)
+        .handshake_timeout(Duration::from_millis(300))
+        // The blocker and the queued clients: after them, new clients
+        // are served only in slots the answered ones gave back.
+        .max_connections(CLIENTS + 1)
+        .max_connections_per_ip(CLIENTS + 1)
+        .on_message(move |_, _| {
+            let _ = entered_tx.lock().unwrap().send(());
+            let _ = gate.lock().unwrap().recv_timeout(Duration::from_secs(20));
+        })
+        .start("127.0.0.1:0")
+        .unwrap();
+    let addr = server.local_addr();
+    let mut blocker = raw_ws(addr);
+    blocker.write_all(&frame(0x81, b"block")).unwrap();
+    entered
+        .recv_timeout(Duration::from_secs(5))
+        .expect("the worker is in on_message");
+    let start = Instant::now();
+    let sends: Vec<&[u8]> = (0..CLIENTS)
+        .map(|i| match i {
+            i if i < WHOLE => REQUEST.as_bytes(),
+            i if i < WHOLE + HALF => &REQUEST.as_bytes()[..30],
+            _ => &b"\x16\x03\x01 not http at all\r\n\r\n"[..],
+        })
+        .collect();
+    let mut waiting: Vec<_> = sends
+        .iter()
+        .map(|bytes| {
+            let mut s = raw(addr);
+            s.write_all(bytes).unwrap();
+            s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+            s
+        })
+        .collect();
+    for (i, s) in waiting.iter_mut().enumerate() {
+        let mut out = String::new();
+        let _ = s.read_to_string(&mut out);
+        let want = match i {
+            i if i < WHOLE => "HTTP/1.1 503 ",
+            i if i < WHOLE + HALF => "HTTP/1.1 408 ",
+            _ => "HTTP/1.1 400 ",
+        };
+        assert!(
+            out.starts_with(want),
+            "client {i} after {:?}: {out:?}",
+            start.elapsed()
+        );
+        if i < WHOLE {
+            assert!(out.contains("Retry-After: 1\r\n"), "client {i}: {out:?}");
+        }
+    }
+    assert!(
+        start.elapsed() < Duration::from_secs(3),
+        "answers took {:?} with a 300 ms deadline",
+        start.elapsed()
+    );
+    let refused = server.stats().handshakes_refused;
+    assert_eq!(
+        (refused.get(&503), refused.get(&408), refused.get(&400)),
+        (
+            Some(&(WHOLE as u64)),
+            Some(&(HALF as u64)),
+            Some(&(BAD as u64))
+        ),
+        "each client answered once"
+    );
+    // Every slot came back: as many new clients as were answered are
+    // served once the worker is free.
+    release.send(()).unwrap();
+    let served: Vec<_> = (0..CLIENTS).map(|_| raw_ws(addr)).collect();
+    assert_eq!(served.len(), CLIENTS);
+}
+
 /// A request that comes a while after the connection (the handshake job
 /// finds nothing, and the socket waits in the poller) is served, and a
 /// frame sent with it is not lost.

@@ -77,6 +77,12 @@ pub(crate) fn run<T: Send + Sync + 'static>(shared: Arc<Shared<T>>, listener: Tc
             // that while the pool is busy a handshake wakes no thread.
             handshakes.push(Job::Ready(Found::Handshake(pending)));
             dispatch(&shared, &mut handshakes);
+            // It may wait in the queue (every worker busy, or blocked in a
+            // closure, including pool jobs that are not drainers), where
+            // the poller keeps its deadline. Booked after it is queued: a
+            // sweep that began meanwhile either sees this booking or finds
+            // the handshake in the queue (and books the queue's earliest).
+            book_handshake_deadline(&shared, deadline);
             continue;
         }
         // Registered while its slot is locked, so that the readiness

@@ -13,11 +13,11 @@ use std::time::Duration;
 
 use polling::{Event as Interest, Events, Poller};
 
-use crate::proto::handshake::Reject;
+use crate::proto::handshake::{Reject, parse_http};
 use crate::runtime::Shared;
 use crate::runtime::conn::{claim, claim_event};
 use crate::runtime::handshake::{abort_handshake, handshake};
-use crate::runtime::registry::Found;
+use crate::runtime::registry::{Found, Pending, handshake_deadline_ms};
 use crate::runtime::service::service;
 
 /// Register a socket with oneshot `interest`; jobs re-arm it with
@@ -132,6 +132,13 @@ pub(crate) fn run<T: Send + Sync + 'static>(shared: Arc<Shared<T>>) {
                     Some(&Reject::new(408).body("handshake timed out")),
                 );
             }
+            // Handshakes whose request came, still waiting for a worker at
+            // their deadline (every worker is busy, or blocked in a user
+            // closure): the server could not serve them in time.
+            take_overdue_handshakes(&shared, now, &mut expired);
+            for p in expired.drain(..) {
+                abort_queued_handshake(&shared, *p);
+            }
             if !ready.is_empty() {
                 dispatch(&shared, &mut ready);
             }
@@ -140,6 +147,91 @@ pub(crate) fn run<T: Send + Sync + 'static>(shared: Arc<Shared<T>>) {
             std::thread::sleep(PONG_PAUSE);
         }
     }
+}
+
+/// Take out of the ready queue the handshakes still waiting a tick after
+/// their deadline (as the sweep rounds it), and book the earliest such
+/// time of those left. A handshake in the queue is in no slot the sweep can
+/// see (its slot is held), so this is how its deadline is kept while no
+/// worker takes it. The tick of grace is for one dispatched in this very
+/// pass, or just before: a free worker takes it well within that.
+#[allow(clippy::vec_box)] // moved on as boxes, as the sweep's
+fn take_overdue_handshakes<T: Send + Sync + 'static>(
+    shared: &Arc<Shared<T>>,
+    now: u64,
+    overdue: &mut Vec<Box<Pending>>,
+) {
+    let grace = crate::runtime::timer::TICK_MS;
+    let mut next = u64::MAX;
+    {
+        let mut q = shared.ready.lock();
+        let waiting = |j: &Job<T>| matches!(j, Job::Ready(Found::Handshake(_)));
+        if !q.jobs.iter().any(waiting) {
+            return;
+        }
+        let jobs = std::mem::take(&mut q.jobs);
+        for job in jobs {
+            match job {
+                Job::Ready(Found::Handshake(p)) => {
+                    let at = handshake_deadline_ms(shared.started, p.deadline) + grace;
+                    if at <= now {
+                        overdue.push(p);
+                    } else {
+                        next = next.min(at);
+                        q.jobs.push_back(Job::Ready(Found::Handshake(p)));
+                    }
+                }
+                other => q.jobs.push_back(other),
+            }
+        }
+    }
+    if next != u64::MAX {
+        // On the poller thread: the wait that follows sees it.
+        shared.timers.book(next);
+    }
+}
+
+/// Most bytes read from a queued handshake the poller answers.
+const OVERDUE_READ: usize = 64 * 1024;
+
+/// Answer a handshake that waited in the ready queue past its deadline,
+/// on the poller thread. What the client sent is read (at most
+/// `OVERDUE_READ`, so this thread cannot be held) and parsed, which also
+/// keeps closing from resetting the connection under the answer:
+/// - a whole request came in time, and the server was too busy: `503`,
+///   with `Retry-After`;
+/// - part of one, and the client stalled: `408`, as for those parked;
+/// - a bad one: its own refusal, as a worker would have answered;
+/// - the client left: nothing.
+fn abort_queued_handshake<T: Send + Sync + 'static>(shared: &Arc<Shared<T>>, mut p: Pending) {
+    if !p.out.is_empty() {
+        // Midway through a plain HTTP answer: nothing else can be said.
+        return abort_handshake(shared, p, None);
+    }
+    let max = shared.config.max_handshake_bytes;
+    let cap = max.saturating_add(1).min(OVERDUE_READ);
+    let gone = crate::runtime::service::with_scratch(|buf| {
+        while p.buf.len() < cap {
+            let room = buf.len().min(cap - p.buf.len());
+            match crate::runtime::service::read_some(&p.stream, &mut buf[..room]) {
+                Ok(Some(0)) | Err(_) => return true,
+                Ok(Some(n)) => p.buf.extend_from_slice(&buf[..n]),
+                Ok(None) => break,
+            }
+        }
+        false
+    });
+    if gone {
+        return abort_handshake(shared, p, None);
+    }
+    let answer = match parse_http(&p.buf, max) {
+        Ok(Some(_)) => Reject::new(503)
+            .header("Retry-After", "1")
+            .body("server busy: no worker took the handshake before its deadline"),
+        Ok(None) => Reject::new(408).body("handshake timed out"),
+        Err(reject) => reject,
+    };
+    abort_handshake(shared, p, Some(&answer));
 }
 
 /// Ready work waiting for a worker, shared by the pool jobs that drain it.

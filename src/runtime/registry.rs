@@ -20,7 +20,12 @@ use crate::runtime::timer::Timers;
 
 /// A handshake's deadline on the server clock, rounded up to the tick.
 pub(crate) fn handshake_deadline_ms(started: Instant, deadline: Instant) -> u64 {
-    Timers::round(deadline.saturating_duration_since(started).as_millis() as u64)
+    // Rounded up to the millisecond (then to the tick): the clock it is
+    // compared with counts whole milliseconds, so at that reading the
+    // deadline has passed.
+    let d = deadline.saturating_duration_since(started);
+    let ms = d.as_millis() as u64 + u64::from(!d.subsec_nanos().is_multiple_of(1_000_000));
+    Timers::round(ms)
 }
 
 const INDEX_BITS: u32 = if usize::BITS >= 64 { 32 } else { 20 };
