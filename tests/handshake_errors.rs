@@ -305,8 +305,9 @@ fn silent_clients_get_408_while_every_worker_is_blocked() {
 /// is blocked in a user closure. At the deadline the poller answers each
 /// as a worker would have, instead of leaving it to wait for a worker with
 /// no deadline: `503` to a whole request that came in time (the server was
-/// too busy, not the client too slow), `408` to half of one, `400` to a
-/// malformed one. Every slot is given back.
+/// too busy, not the client too slow; also to one whose client then shut
+/// its side), `408` to half of one, `400` to a malformed one. Every slot is
+/// given back.
 #[test]
 fn queued_handshakes_are_answered_at_their_deadline_while_every_worker_is_blocked() {
     use std::io::Read;
@@ -349,9 +350,15 @@ fn queued_handshakes_are_answered_at_their_deadline_while_every_worker_is_blocke
         .collect();
     let mut waiting: Vec<_> = sends
         .iter()
-        .map(|bytes| {
+        .enumerate()
+        .map(|(i, bytes)| {
             let mut s = raw(addr);
             s.write_all(bytes).unwrap();
+            if i < 2 {
+                // Done sending (as `nc -N` or a health check may be): the
+                // request is still answered.
+                s.shutdown(std::net::Shutdown::Write).unwrap();
+            }
             s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
             s
         })

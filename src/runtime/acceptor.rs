@@ -9,7 +9,9 @@ use std::time::{Duration, Instant};
 
 use crate::proto::handshake::Reject;
 use crate::runtime::Shared;
-use crate::runtime::handshake::{abort_handshake, book_handshake_deadline, far_future};
+use crate::runtime::handshake::{
+    abort_handshake, book_handshake_deadline, book_queued_handshake_deadline, far_future,
+};
 use crate::runtime::poller::{Job, dispatch, register};
 use crate::runtime::registry::{Found, Pending};
 
@@ -80,9 +82,9 @@ pub(crate) fn run<T: Send + Sync + 'static>(shared: Arc<Shared<T>>, listener: Tc
             // It may wait in the queue (every worker busy, or blocked in a
             // closure, including pool jobs that are not drainers), where
             // the poller keeps its deadline. Booked after it is queued: a
-            // sweep that began meanwhile either sees this booking or finds
+            // scan that began meanwhile either sees this booking or finds
             // the handshake in the queue (and books the queue's earliest).
-            book_handshake_deadline(&shared, deadline);
+            book_queued_handshake_deadline(&shared, deadline);
             continue;
         }
         // Registered while its slot is locked, so that the readiness

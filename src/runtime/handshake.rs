@@ -332,6 +332,16 @@ pub(crate) fn far_future() -> std::time::Instant {
     std::time::Instant::now() + std::time::Duration::from_secs(86_400 * 365)
 }
 
+/// Book the deadline of a handshake just put in the ready queue, with the
+/// tick of grace the queue's scan gives (`poller::take_overdue_handshakes`).
+pub(crate) fn book_queued_handshake_deadline<T>(shared: &Shared<T>, deadline: std::time::Instant) {
+    let at = crate::runtime::registry::handshake_deadline_ms(shared.started, deadline)
+        + crate::runtime::timer::TICK_MS;
+    if shared.timers.book_queued(at) {
+        let _ = shared.poller.notify();
+    }
+}
+
 pub(crate) fn book_handshake_deadline<T>(shared: &Shared<T>, deadline: std::time::Instant) {
     let at = crate::runtime::registry::handshake_deadline_ms(shared.started, deadline);
     if shared.timers.book(at) {

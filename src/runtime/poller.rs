@@ -7,6 +7,7 @@
 
 use std::io;
 use std::net::TcpStream;
+use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
@@ -116,7 +117,8 @@ pub(crate) fn run<T: Send + Sync + 'static>(shared: Arc<Shared<T>>) {
             dispatch(&shared, &mut ready);
         }
         let now = shared.now_ms();
-        if shared.timers.start_sweep(now) {
+        let swept = shared.timers.start_sweep(now);
+        if swept {
             shared
                 .registry
                 .sweep(now, shared.started, &shared.timers, &mut due, &mut expired);
@@ -132,15 +134,23 @@ pub(crate) fn run<T: Send + Sync + 'static>(shared: Arc<Shared<T>>) {
                     Some(&Reject::new(408).body("handshake timed out")),
                 );
             }
-            // Handshakes whose request came, still waiting for a worker at
-            // their deadline (every worker is busy, or blocked in a user
-            // closure): the server could not serve them in time.
-            take_overdue_handshakes(&shared, now, &mut expired);
-            for p in expired.drain(..) {
-                abort_queued_handshake(&shared, *p);
-            }
             if !ready.is_empty() {
                 dispatch(&shared, &mut ready);
+            }
+        }
+        // Handshakes whose bytes came, still waiting for a worker at their
+        // deadline (every worker is busy, or blocked in a user closure):
+        // answered here. Also looked for at every sweep, which may find
+        // the deadline of a parked handshake the poller has since queued.
+        if shared.timers.start_queue_scan(now) || swept {
+            take_overdue_handshakes(&shared, now, &mut expired);
+            for p in expired.drain(..) {
+                let (key, ip) = (p.key, p.peer.ip());
+                // A bug here must not end the readiness loop: the socket
+                // closes as the unwinding drops it, and the slot is freed.
+                if catch_unwind(AssertUnwindSafe(|| abort_queued_handshake(&shared, *p))).is_err() {
+                    shared.registry.remove(key, ip);
+                }
             }
         }
         if pongs > 0 && others == 0 {
@@ -148,6 +158,11 @@ pub(crate) fn run<T: Send + Sync + 'static>(shared: Arc<Shared<T>>) {
         }
     }
 }
+
+/// Most overdue handshakes one pass of the loop answers; more wait for the
+/// next pass (booked at once), so that due timers and readiness are not
+/// held up behind a crowd of them.
+const OVERDUE_PER_PASS: usize = 256;
 
 /// Take out of the ready queue the handshakes still waiting a tick after
 /// their deadline (as the sweep rounds it), and book the earliest such
@@ -162,32 +177,47 @@ fn take_overdue_handshakes<T: Send + Sync + 'static>(
     overdue: &mut Vec<Box<Pending>>,
 ) {
     let grace = crate::runtime::timer::TICK_MS;
+    let at = |p: &Pending| handshake_deadline_ms(shared.started, p.deadline) + grace;
     let mut next = u64::MAX;
     {
         let mut q = shared.ready.lock();
-        let waiting = |j: &Job<T>| matches!(j, Job::Ready(Found::Handshake(_)));
-        if !q.jobs.iter().any(waiting) {
-            return;
+        // One look first: the queue is rebuilt only when something in it
+        // is overdue, not at every sweep that finds handshakes waiting.
+        let mut any = false;
+        for job in &q.jobs {
+            if let Job::Ready(Found::Handshake(p)) = job {
+                let t = at(p);
+                if t <= now {
+                    any = true;
+                    break;
+                }
+                next = next.min(t);
+            }
         }
-        let jobs = std::mem::take(&mut q.jobs);
-        for job in jobs {
-            match job {
-                Job::Ready(Found::Handshake(p)) => {
-                    let at = handshake_deadline_ms(shared.started, p.deadline) + grace;
-                    if at <= now {
+        if any {
+            next = u64::MAX;
+            let jobs = std::mem::take(&mut q.jobs);
+            q.jobs.reserve(jobs.len());
+            for job in jobs {
+                match job {
+                    Job::Ready(Found::Handshake(p))
+                        if at(&p) <= now && overdue.len() < OVERDUE_PER_PASS =>
+                    {
                         overdue.push(p);
-                    } else {
-                        next = next.min(at);
+                    }
+                    Job::Ready(Found::Handshake(p)) => {
+                        // Left for the next pass if over this one's share.
+                        next = next.min(at(&p).max(now));
                         q.jobs.push_back(Job::Ready(Found::Handshake(p)));
                     }
+                    other => q.jobs.push_back(other),
                 }
-                other => q.jobs.push_back(other),
             }
         }
     }
     if next != u64::MAX {
         // On the poller thread: the wait that follows sees it.
-        shared.timers.book(next);
+        shared.timers.book_queued(next);
     }
 }
 
@@ -197,12 +227,19 @@ const OVERDUE_READ: usize = 64 * 1024;
 /// Answer a handshake that waited in the ready queue past its deadline,
 /// on the poller thread. What the client sent is read (at most
 /// `OVERDUE_READ`, so this thread cannot be held) and parsed, which also
-/// keeps closing from resetting the connection under the answer:
+/// spares most closes a reset under the answer (not one after more bytes
+/// than that, or after bytes that come later):
 /// - a whole request came in time, and the server was too busy: `503`,
-///   with `Retry-After`;
+///   with `Retry-After` (also to a request a worker would have refused
+///   for what it asks, or answered through `on_http`: nothing past the
+///   parser looks at it here);
+/// - more than this reads, and no end seen: `503` too (a worker would
+///   have read on);
 /// - part of one, and the client stalled: `408`, as for those parked;
-/// - a bad one: its own refusal, as a worker would have answered;
-/// - the client left: nothing.
+/// - a malformed one, or one over `max_handshake_bytes`: the parser's
+///   refusal, as a worker would have answered;
+/// - the client left before sending anything: nothing. (One that sent its
+///   request and then shut its side is still answered.)
 fn abort_queued_handshake<T: Send + Sync + 'static>(shared: &Arc<Shared<T>>, mut p: Pending) {
     if !p.out.is_empty() {
         // Midway through a plain HTTP answer: nothing else can be said.
@@ -210,24 +247,33 @@ fn abort_queued_handshake<T: Send + Sync + 'static>(shared: &Arc<Shared<T>>, mut
     }
     let max = shared.config.max_handshake_bytes;
     let cap = max.saturating_add(1).min(OVERDUE_READ);
-    let gone = crate::runtime::service::with_scratch(|buf| {
+    let failed = crate::runtime::service::with_scratch(|buf| {
         while p.buf.len() < cap {
             let room = buf.len().min(cap - p.buf.len());
             match crate::runtime::service::read_some(&p.stream, &mut buf[..room]) {
-                Ok(Some(0)) | Err(_) => return true,
+                Ok(Some(0)) | Ok(None) => break,
                 Ok(Some(n)) => p.buf.extend_from_slice(&buf[..n]),
-                Ok(None) => break,
+                Err(_) => return true,
             }
         }
         false
     });
-    if gone {
+    if failed || p.buf.is_empty() {
+        // The socket broke, or the client left without a word.
         return abort_handshake(shared, p, None);
     }
+    let busy = || {
+        if shared.stopping.load(Ordering::Acquire) {
+            Reject::new(503).body("server shutting down")
+        } else {
+            Reject::new(503)
+                .header("Retry-After", "1")
+                .body("server busy: no worker took the handshake before its deadline")
+        }
+    };
     let answer = match parse_http(&p.buf, max) {
-        Ok(Some(_)) => Reject::new(503)
-            .header("Retry-After", "1")
-            .body("server busy: no worker took the handshake before its deadline"),
+        Ok(Some(_)) => busy(),
+        Ok(None) if p.buf.len() >= cap && cap <= max => busy(),
         Ok(None) => Reject::new(408).body("handshake timed out"),
         Err(reject) => reject,
     };

@@ -24,12 +24,17 @@ pub(crate) struct Timers {
     /// The earliest deadline booked since the last sweep began (server
     /// clock, ms), or `NONE`.
     earliest: AtomicU64,
+    /// The same for handshakes waiting in the ready queue, which only the
+    /// queue's own scan looks at (see `poller::take_overdue_handshakes`):
+    /// a handshake a worker takes at once costs no sweep of the registry.
+    queued: AtomicU64,
 }
 
 impl Timers {
     pub(crate) fn new() -> Timers {
         Timers {
             earliest: AtomicU64::new(NONE),
+            queued: AtomicU64::new(NONE),
         }
     }
 
@@ -69,18 +74,37 @@ impl Timers {
         at_ms < self.earliest.fetch_min(at_ms, Ordering::SeqCst)
     }
 
+    /// `book` for a handshake waiting in the ready queue: only a scan of
+    /// the queue is due at `at_ms`, not a sweep of the registry.
+    pub(crate) fn book_queued(&self, at_ms: u64) -> bool {
+        at_ms < self.queued.fetch_min(at_ms, Ordering::SeqCst)
+    }
+
     /// The earliest deadline, if any.
     pub(crate) fn next(&self) -> Option<u64> {
-        Some(self.earliest.load(Ordering::SeqCst)).filter(|t| *t != NONE)
+        let at = self
+            .earliest
+            .load(Ordering::SeqCst)
+            .min(self.queued.load(Ordering::SeqCst));
+        Some(at).filter(|t| *t != NONE)
     }
 
     /// Whether a sweep is due at `now_ms`; if so, forget the earliest, for
     /// the sweep to book again every deadline it leaves in place.
     pub(crate) fn start_sweep(&self, now_ms: u64) -> bool {
-        if self.earliest.load(Ordering::SeqCst) > now_ms {
+        Self::start(&self.earliest, now_ms)
+    }
+
+    /// `start_sweep` for the ready queue's handshakes.
+    pub(crate) fn start_queue_scan(&self, now_ms: u64) -> bool {
+        Self::start(&self.queued, now_ms)
+    }
+
+    fn start(earliest: &AtomicU64, now_ms: u64) -> bool {
+        if earliest.load(Ordering::SeqCst) > now_ms {
             return false;
         }
-        self.earliest.store(NONE, Ordering::SeqCst);
+        earliest.store(NONE, Ordering::SeqCst);
         true
     }
 }
@@ -105,6 +129,21 @@ mod tests {
         assert_eq!(t.next(), Some(300));
         assert_eq!(Timers::round(1), TICK_MS);
         assert_eq!(Timers::round(TICK_MS), TICK_MS);
+    }
+
+    #[test]
+    fn queued_handshakes_wake_the_loop_without_a_sweep() {
+        let t = Timers::new();
+        assert!(t.book(300));
+        assert!(t.book_queued(100));
+        assert!(!t.book_queued(200));
+        assert_eq!(t.next(), Some(100), "the loop wakes for either");
+        assert!(!t.start_sweep(100), "no registry sweep is due");
+        assert!(t.start_queue_scan(100));
+        assert_eq!(t.next(), Some(300), "the sweep's deadline stays");
+        assert!(!t.start_queue_scan(300), "the scan books what it leaves");
+        assert!(t.start_sweep(300));
+        assert_eq!(t.next(), None);
     }
 
     #[test]
