@@ -251,6 +251,38 @@ fn a_crowd_of_stalled_handshakes_is_answered_408_in_every_chunk() {
     );
 }
 
+/// A server with one worker and a 300 ms handshake deadline, whose worker
+/// is blocked in `on_message` (by a client that sent one message) until
+/// the returned sender sends, or 20 s pass.
+fn with_the_worker_blocked(
+    builder: enjent::Builder,
+) -> (
+    enjent::WebSocketServer,
+    std::sync::mpsc::Sender<()>,
+    std::net::TcpStream,
+) {
+    use std::sync::{Mutex, mpsc};
+    let (release, gate) = mpsc::channel::<()>();
+    let gate = Mutex::new(gate);
+    let (entered_tx, entered) = mpsc::channel::<()>();
+    let entered_tx = Mutex::new(entered_tx);
+    let server = builder
+        .workers(1)
+        .handshake_timeout(Duration::from_millis(300))
+        .on_message(move |_, _| {
+            let _ = entered_tx.lock().unwrap().send(());
+            let _ = gate.lock().unwrap().recv_timeout(Duration::from_secs(20));
+        })
+        .start("127.0.0.1:0")
+        .unwrap();
+    let mut blocker = raw_ws(server.local_addr());
+    blocker.write_all(&frame(0x81, b"block")).unwrap();
+    entered
+        .recv_timeout(Duration::from_secs(5))
+        .expect("the worker is in on_message");
+    (server, release, blocker)
+}
+
 /// A hostile client's cheapest move: connect and send nothing. Even while
 /// every worker is blocked in a user closure, each such client gets its
 /// 408 at the handshake deadline and gives its slot back: the deadline is
@@ -258,23 +290,9 @@ fn a_crowd_of_stalled_handshakes_is_answered_408_in_every_chunk() {
 #[test]
 fn silent_clients_get_408_while_every_worker_is_blocked() {
     use std::io::Read;
-    use std::sync::{Mutex, mpsc};
     use std::time::Instant;
-    let (release, gate) = mpsc::channel::<()>();
-    let gate = Mutex::new(gate);
-    let server = enjent::WebSocketServer::builder()
-        .workers(1)
-        .handshake_timeout(Duration::from_millis(300))
-        .on_message(move |_, _| {
-            let _ = gate.lock().unwrap().recv_timeout(Duration::from_secs(20));
-        })
-        .start("127.0.0.1:0")
-        .unwrap();
+    let (server, release, _blocker) = with_the_worker_blocked(enjent::WebSocketServer::builder());
     let addr = server.local_addr();
-    // The one worker blocks in `on_message`.
-    let mut blocker = raw_ws(addr);
-    blocker.write_all(&frame(0x81, b"block")).unwrap();
-    std::thread::sleep(Duration::from_millis(100));
     let start = Instant::now();
     let mut silent: Vec<_> = (0..20).map(|_| raw(addr)).collect();
     for (i, s) in silent.iter_mut().enumerate() {
@@ -311,35 +329,19 @@ fn silent_clients_get_408_while_every_worker_is_blocked() {
 #[test]
 fn queued_handshakes_are_answered_at_their_deadline_while_every_worker_is_blocked() {
     use std::io::Read;
-    use std::sync::{Mutex, mpsc};
     use std::time::Instant;
     const WHOLE: usize = 20;
     const HALF: usize = 5;
     const BAD: usize = 5;
     const CLIENTS: usize = WHOLE + HALF + BAD;
-    let (release, gate) = mpsc::channel::<()>();
-    let gate = Mutex::new(gate);
-    let (entered_tx, entered) = mpsc::channel::<()>();
-    let entered_tx = Mutex::new(entered_tx);
-    let server = enjent::WebSocketServer::builder()
-        .workers(1)
-        .handshake_timeout(Duration::from_millis(300))
-        // The blocker and the queued clients: after them, new clients
-        // are served only in slots the answered ones gave back.
-        .max_connections(CLIENTS + 1)
-        .max_connections_per_ip(CLIENTS + 1)
-        .on_message(move |_, _| {
-            let _ = entered_tx.lock().unwrap().send(());
-            let _ = gate.lock().unwrap().recv_timeout(Duration::from_secs(20));
-        })
-        .start("127.0.0.1:0")
-        .unwrap();
+    let (server, release, _blocker) = with_the_worker_blocked(
+        enjent::WebSocketServer::builder()
+            // The blocker and the queued clients: after them, new clients
+            // are served only in slots the answered ones gave back.
+            .max_connections(CLIENTS + 1)
+            .max_connections_per_ip(CLIENTS + 1),
+    );
     let addr = server.local_addr();
-    let mut blocker = raw_ws(addr);
-    blocker.write_all(&frame(0x81, b"block")).unwrap();
-    entered
-        .recv_timeout(Duration::from_secs(5))
-        .expect("the worker is in on_message");
     let start = Instant::now();
     let sends: Vec<&[u8]> = (0..CLIENTS)
         .map(|i| match i {
