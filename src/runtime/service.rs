@@ -156,9 +156,6 @@ fn service_inner<T: Send + Sync + 'static>(
     // reports anything newer, so the first pass skips a read that would
     // only return EAGAIN.
     let mut read_now = !fresh;
-    // Started by a timer (a keepalive ping, say) or by a handshake that
-    // left nothing to read: the connection is likely idle.
-    let quiet = fresh && first.is_empty();
     loop {
         conn.flush_from_job(shared);
         // Take the read side out: no guard is held while user closures
@@ -213,11 +210,6 @@ fn service_inner<T: Send + Sync + 'static>(
         if w.job_again {
             w.job_again = false;
             continue;
-        }
-        if quiet && !w.writing {
-            // An idle connection gives back its queue's memory (a busy one
-            // keeps it, to spare an allocation per write).
-            w.out.release();
         }
         if !conn.arm(shared, &mut w) {
             // Out of kernel memory for the poller: this connection could
