@@ -103,14 +103,14 @@ impl Chunk {
 /// which moves the record into a smaller allocator class).
 #[derive(Default)]
 pub(crate) struct OutQueue {
-    pending: Option<Box<Pending>>,
+    pending: Option<Box<Unwritten>>,
     /// Bytes waiting, the front's written part excluded.
     bytes: usize,
 }
 
 /// The chunks of a queue, taken out whole to be written without the lock.
 #[derive(Default)]
-pub(crate) struct Pending {
+pub(crate) struct Unwritten {
     pub(crate) chunks: VecDeque<Chunk>,
     /// Bytes of the front chunk already written.
     pub(crate) head: usize,
@@ -125,7 +125,7 @@ impl OutQueue {
         self.pending.as_ref().is_none_or(|p| p.chunks.is_empty())
     }
 
-    fn pending(&mut self) -> &mut Pending {
+    fn pending(&mut self) -> &mut Unwritten {
         self.pending.get_or_insert_with(Box::default)
     }
 
@@ -164,9 +164,11 @@ impl OutQueue {
         counters.queued(left as i64);
     }
 
-    /// Take the chunks out to write them without the lock held. The queue
-    /// reads as empty until they are put back.
-    pub(crate) fn take_for_write(&mut self) -> Box<Pending> {
+    /// Take the chunks out to write them without the lock held. Until they
+    /// are put back the queue holds only what is queued meanwhile (and
+    /// reads as empty if nothing is).
+    pub(crate) fn take_for_write(&mut self) -> Box<Unwritten> {
+        debug_assert!(!self.is_empty(), "only a queue with chunks is written");
         self.pending.take().unwrap_or_default()
     }
 
@@ -174,7 +176,7 @@ impl OutQueue {
     /// and count `written` bytes as gone.
     pub(crate) fn put_back(
         &mut self,
-        mut taken: Box<Pending>,
+        mut taken: Box<Unwritten>,
         written: usize,
         counters: &Counters,
     ) {
