@@ -333,7 +333,12 @@ fn queued_handshakes_are_answered_at_their_deadline_while_every_worker_is_blocke
     const WHOLE: usize = 20;
     const HALF: usize = 5;
     const BAD: usize = 5;
-    const CLIENTS: usize = WHOLE + HALF + BAD;
+    // Requests a worker refuses for their content alone: refused the
+    // same way, not answered 503.
+    const REFUSED: usize = 4;
+    const CLIENTS: usize = WHOLE + HALF + BAD + REFUSED;
+    let post = REQUEST.replacen("GET", "POST", 1);
+    let plain = "GET / HTTP/1.1\r\nHost: localhost\r\n\r\n";
     let (server, release, _blocker) = with_the_worker_blocked(
         enjent::WebSocketServer::builder()
             // The blocker and the queued clients: after them, new clients
@@ -347,7 +352,9 @@ fn queued_handshakes_are_answered_at_their_deadline_while_every_worker_is_blocke
         .map(|i| match i {
             i if i < WHOLE => REQUEST.as_bytes(),
             i if i < WHOLE + HALF => &REQUEST.as_bytes()[..30],
-            _ => &b"\x16\x03\x01 not http at all\r\n\r\n"[..],
+            i if i < WHOLE + HALF + BAD => &b"\x16\x03\x01 not http at all\r\n\r\n"[..],
+            i if i % 2 == 0 => post.as_bytes(),
+            _ => plain.as_bytes(),
         })
         .collect();
     let mut waiting: Vec<_> = sends
@@ -371,7 +378,9 @@ fn queued_handshakes_are_answered_at_their_deadline_while_every_worker_is_blocke
         let want = match i {
             i if i < WHOLE => "HTTP/1.1 503 ",
             i if i < WHOLE + HALF => "HTTP/1.1 408 ",
-            _ => "HTTP/1.1 400 ",
+            i if i < WHOLE + HALF + BAD => "HTTP/1.1 400 ",
+            i if i % 2 == 0 => "HTTP/1.1 405 ",
+            _ => "HTTP/1.1 426 ",
         };
         assert!(
             out.starts_with(want),
@@ -389,11 +398,19 @@ fn queued_handshakes_are_answered_at_their_deadline_while_every_worker_is_blocke
     );
     let refused = server.stats().handshakes_refused;
     assert_eq!(
-        (refused.get(&503), refused.get(&408), refused.get(&400)),
+        (
+            refused.get(&503),
+            refused.get(&408),
+            refused.get(&400),
+            refused.get(&405),
+            refused.get(&426)
+        ),
         (
             Some(&(WHOLE as u64)),
             Some(&(HALF as u64)),
-            Some(&(BAD as u64))
+            Some(&(BAD as u64)),
+            Some(&(REFUSED as u64 / 2)),
+            Some(&(REFUSED as u64 / 2))
         ),
         "each client answered once"
     );

@@ -39,6 +39,24 @@ pub(crate) fn abort_handshake<T>(shared: &Shared<T>, p: Pending, answer: Option<
     shared.registry.remove(p.key, p.peer.ip());
 }
 
+/// The refusal an upgrade request earns by its content alone, before any
+/// user code sees it: `405`, `426` or `400` from RFC 6455's rules, `403`
+/// for an origin not allowed. The readiness loop, which answers handshakes
+/// no worker took in time, refuses the same requests the same way.
+pub(crate) fn refuse_by_content<T: Send + Sync + 'static>(
+    shared: &Shared<T>,
+    request: &mut Request,
+) -> Result<(), Reject> {
+    check_upgrade(request)?;
+    if let Some(allowed) = &shared.config.allowed_origins
+        && let Some(origin) = request.origin()
+        && !allowed.iter().any(|a| a.eq_ignore_ascii_case(origin))
+    {
+        return Err(Reject::forbidden("origin not allowed"));
+    }
+    Ok(())
+}
+
 /// The handshake job: read what is there, parse, and accept, refuse or
 /// wait for more. A bug that panics here costs only this connection: its
 /// socket closes as the unwinding drops it, and its slot is freed.
@@ -108,14 +126,8 @@ fn handshake_inner<T: Send + Sync + 'static>(shared: &Arc<Shared<T>>, mut p: Box
         p.buf = Vec::new();
         return continue_http(shared, p);
     }
-    if let Err(reject) = check_upgrade(&mut request) {
+    if let Err(reject) = refuse_by_content(shared, &mut request) {
         return abort_handshake(shared, *p, Some(&reject));
-    }
-    if let Some(allowed) = &shared.config.allowed_origins
-        && let Some(origin) = request.origin()
-        && !allowed.iter().any(|a| a.eq_ignore_ascii_case(origin))
-    {
-        return abort_handshake(shared, *p, Some(&Reject::forbidden("origin not allowed")));
     }
     let mut answer = Response::for_request(&request);
     let data = match catch_unwind(AssertUnwindSafe(|| (shared.init)(&request, &mut answer))) {

@@ -17,7 +17,7 @@ use polling::{Event as Interest, Events, Poller};
 use crate::proto::handshake::{Reject, parse_http};
 use crate::runtime::Shared;
 use crate::runtime::conn::{claim, claim_event};
-use crate::runtime::handshake::{abort_handshake, handshake};
+use crate::runtime::handshake::{abort_handshake, handshake, refuse_by_content};
 use crate::runtime::registry::{Found, Pending, handshake_deadline_ms};
 use crate::runtime::service::service;
 
@@ -230,9 +230,10 @@ const OVERDUE_READ: usize = 64 * 1024;
 /// spares most closes a reset under the answer (not one after more bytes
 /// than that, or after bytes that come later):
 /// - a whole request came in time, and the server was too busy: `503`,
-///   with `Retry-After` (also to a request a worker would have refused
-///   for what it asks, or answered through `on_http`: nothing past the
-///   parser looks at it here);
+///   with `Retry-After`, if answering it needs user code (`on_http`, the
+///   client-init strategy); a request a worker would have refused for
+///   its content alone gets that refusal (`405`, `426`, `400`, `403`);
+///   during shutdown every whole request gets `503`, as from a worker;
 /// - more than this reads, and no end seen: `503` too (a worker would
 ///   have read on);
 /// - part of one, and the client stalled: `408`, as for those parked;
@@ -272,7 +273,19 @@ fn abort_queued_handshake<T: Send + Sync + 'static>(shared: &Arc<Shared<T>>, mut
         }
     };
     let answer = match parse_http(&p.buf, max) {
-        Ok(Some(_)) => busy(),
+        // Only what needs user code (`on_http`, the client-init strategy)
+        // is left unanswered for being busy; a request a worker would
+        // refuse for its content is refused as the worker would.
+        Ok(Some((mut request, _))) => {
+            let needs_user_code = !request.is_upgrade() && shared.handlers.http.is_some();
+            if needs_user_code || shared.stopping.load(Ordering::Acquire) {
+                busy()
+            } else {
+                refuse_by_content(shared, &mut request)
+                    .err()
+                    .unwrap_or_else(busy)
+            }
+        }
         Ok(None) if p.buf.len() >= cap && cap <= max => busy(),
         Ok(None) => Reject::new(408).body("handshake timed out"),
         Err(reject) => reject,
