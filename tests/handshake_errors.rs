@@ -86,6 +86,54 @@ fn frame_in_the_same_packet_as_the_request_is_not_lost() {
     assert_eq!(m.as_bytes(), &[9, 8, 7]);
 }
 
+/// Requests of about the size the accept thread reads at once (2 KiB),
+/// and longer ones, each sent whole with a frame behind it: every one is
+/// served and its frame delivered; sent whole and then half-closed
+/// (`nc -N`), every one still gets its `101` (a request of exactly the
+/// first read's size, whose job then found only the end of input, was
+/// once dropped unanswered).
+#[test]
+fn requests_around_the_first_reads_size_are_served_even_half_closed() {
+    use std::io::Read;
+    let server = server();
+    let addr = server.local_addr();
+    let padded = |len: usize| {
+        let head = REQUEST.strip_suffix("\r\n").unwrap();
+        let bare = head.len() + "X-Pad: \r\n\r\n".len();
+        let request = format!("{head}X-Pad: {}\r\n\r\n", "p".repeat(len - bare));
+        assert_eq!(request.len(), len);
+        request
+    };
+    const LENS: [usize; 5] = [2047, 2048, 2049, 4096, 6000];
+    // Kept open, so that no Disconnect comes between the events awaited.
+    let mut open = Vec::new();
+    for len in LENS {
+        let mut s = raw(addr);
+        let mut bytes = padded(len).into_bytes();
+        bytes.extend(frame(0x81, format!("{len}").as_bytes()));
+        s.write_all(&bytes).unwrap();
+        expect_connect(&server);
+        let (_, m) = expect_message(&server);
+        assert_eq!(
+            m.as_text(),
+            Some(format!("{len}").as_str()),
+            "request of {len} B"
+        );
+        open.push(s);
+    }
+    for len in LENS {
+        for _ in 0..20 {
+            let mut s = raw(addr);
+            s.write_all(padded(len).as_bytes()).unwrap();
+            s.shutdown(std::net::Shutdown::Write).unwrap();
+            let mut head = [0u8; 12];
+            s.read_exact(&mut head)
+                .unwrap_or_else(|e| panic!("request of {len} B, half-closed: {e}"));
+            assert_eq!(&head, b"HTTP/1.1 101", "request of {len} B, half-closed");
+        }
+    }
+}
+
 #[test]
 fn stalled_handshake_times_out_without_pinning_workers() {
     let server = enjent::WebSocketServer::builder()

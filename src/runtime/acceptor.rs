@@ -1,7 +1,7 @@
 //! The accept thread: blocks in `accept`, hands each socket to the pool
 //! (through the ready queue, if its request is in) or to the poller.
 
-use std::io::{self, Write};
+use std::io::{self, Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -14,6 +14,10 @@ use crate::runtime::handshake::{
 };
 use crate::runtime::poller::{Job, dispatch, register};
 use crate::runtime::registry::{Found, Pending};
+
+/// Bytes the accept thread reads of a request that is already in: a
+/// browser's upgrade request fits; a longer one is read on by the job.
+const FIRST_READ: usize = 2048;
 
 pub(crate) fn run<T: Send + Sync + 'static>(shared: Arc<Shared<T>>, listener: TcpListener) {
     let mut handshakes = Vec::with_capacity(1);
@@ -57,21 +61,35 @@ pub(crate) fn run<T: Send + Sync + 'static>(shared: Arc<Shared<T>>, listener: Tc
         let deadline = Instant::now()
             .checked_add(shared.config.handshake_timeout)
             .unwrap_or_else(far_future);
-        // If the request is already in, a worker takes it now; otherwise
-        // the poller hands the socket over once it is, rather than a job
-        // reading nothing.
-        let mut probe = [0u8; 1];
-        let arrived = matches!(stream.peek(&mut probe), Ok(n) if n > 0);
+        // If the request is already in, a worker takes it now, with the
+        // bytes read here (the job does not read again unless the request
+        // is not whole); otherwise the poller hands the socket over once
+        // it is, rather than a job reading nothing.
+        let mut first = [0u8; FIRST_READ];
+        let (arrived, gone, buf) = match (&stream).read(&mut first) {
+            Ok(0) => (false, true, Vec::new()),
+            Ok(n) => (true, false, first[..n].to_vec()),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => (false, false, Vec::new()),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => (false, false, Vec::new()),
+            Err(_) => (false, true, Vec::new()),
+        };
+        let read_dry = arrived && buf.len() < FIRST_READ;
         let pending = Box::new(Pending {
             key,
             stream,
             peer,
-            buf: Vec::new(),
+            buf,
             deadline,
             out: Vec::new(),
             sent: 0,
-            registered: !arrived,
+            registered: !arrived && !gone,
+            read_dry,
         });
+        if gone {
+            // Left (or reset) before sending a byte: nothing to answer.
+            abort_handshake(&shared, *pending, None);
+            continue;
+        }
         if arrived {
             // Not in the poller yet: the handshake job registers it, with
             // the interest its first wait needs (one system call, off this

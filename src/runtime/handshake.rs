@@ -85,27 +85,39 @@ fn handshake_inner<T: Send + Sync + 'static>(shared: &Arc<Shared<T>>, mut p: Box
         return continue_http(shared, p);
     }
     let max = shared.config.max_handshake_bytes;
-    let read = with_scratch(|buf| -> io::Result<bool> {
-        loop {
-            match read_some(&p.stream, buf)? {
-                Some(0) => return Ok(false),
-                Some(n) => {
-                    p.buf.extend_from_slice(&buf[..n]);
-                    if p.buf.len() > max || n < buf.len() {
-                        return Ok(true);
+    // What the accept thread read held all that had come: a whole request
+    // needs no read (which would find nothing); part of one parks below,
+    // and the poller says when more comes.
+    let read = if std::mem::take(&mut p.read_dry) {
+        Ok(true)
+    } else {
+        with_scratch(|buf| -> io::Result<bool> {
+            loop {
+                match read_some(&p.stream, buf)? {
+                    Some(0) => return Ok(false),
+                    Some(n) => {
+                        p.buf.extend_from_slice(&buf[..n]);
+                        if p.buf.len() > max || n < buf.len() {
+                            return Ok(true);
+                        }
                     }
+                    None => return Ok(true),
                 }
-                None => return Ok(true),
             }
-        }
-    });
-    match read {
-        Ok(true) => {}
+        })
+    };
+    let ended = match read {
+        Ok(true) => false,
+        // The client sent something and then shut its side: a whole
+        // request is still answered.
+        Ok(false) if !p.buf.is_empty() => true,
         // The client left or the socket broke before the request was in.
         Ok(false) | Err(_) => return abort_handshake(shared, *p, None),
-    }
+    };
     let (mut request, used) = match parse_http(&p.buf, max) {
         Ok(Some(done)) => done,
+        // Part of a request, and no more can come.
+        Ok(None) if ended => return abort_handshake(shared, *p, None),
         Ok(None) => {
             park_handshake(shared, p, Interest::readable(0));
             return;

@@ -62,6 +62,10 @@ pub(crate) struct Pending {
     /// The socket is in the poller. A request that was in at accept time
     /// is read before the socket is ever registered.
     pub(crate) registered: bool,
+    /// `buf` holds everything that had arrived when it was read (a short
+    /// read, by the accept thread): the handshake job parses it before it
+    /// reads again, and reads only if the request is not whole.
+    pub(crate) read_dry: bool,
 }
 
 /// A slot, with the generation that keys to it must carry: three kinds
@@ -442,6 +446,7 @@ mod tests {
             out: Vec::new(),
             sent: 0,
             registered: false,
+            read_dry: false,
         })
     }
 
