@@ -31,6 +31,17 @@ pub(crate) fn abort_handshake<T>(shared: &Shared<T>, p: Pending, answer: Option<
         // Best effort: the socket is non-blocking and the answer small.
         let _ = (&p.stream).write(&reject.to_response());
         let _ = p.stream.shutdown(Shutdown::Write);
+        // Input left unread at close makes the kernel reset the
+        // connection, which can destroy the answer before the client
+        // reads it (a request body that came after the head, say): read
+        // what has come, up to 64 KiB.
+        let mut sink = [0u8; 4096];
+        for _ in 0..16 {
+            match read_some(&p.stream, &mut sink) {
+                Ok(Some(n)) if n > 0 => {}
+                _ => break,
+            }
+        }
     }
     // A socket never put in the poller has nothing to leave.
     if p.registered {
@@ -108,9 +119,10 @@ fn handshake_inner<T: Send + Sync + 'static>(shared: &Arc<Shared<T>>, mut p: Box
     };
     let ended = match read {
         Ok(true) => false,
-        // The client sent something and then shut its side: a whole
-        // request is still answered.
-        Ok(false) if !p.buf.is_empty() => true,
+        // The client sent something and then shut its side (or reset
+        // the connection): a whole request is still taken, as when the
+        // end of input is read after it.
+        Ok(false) | Err(_) if !p.buf.is_empty() => true,
         // The client left or the socket broke before the request was in.
         Ok(false) | Err(_) => return abort_handshake(shared, *p, None),
     };
