@@ -372,8 +372,9 @@ fn silent_clients_get_408_while_every_worker_is_blocked() {
 /// as a worker would have, instead of leaving it to wait for a worker with
 /// no deadline: `503` to a whole request that came in time (the server was
 /// too busy, not the client too slow; also to one whose client then shut
-/// its side), `408` to half of one, `400` to a malformed one. Every slot is
-/// given back.
+/// its side), `408` to half of one, `400` to a malformed one, and the
+/// worker's own refusal (`405`, `426`) to one refused for its content.
+/// Every slot is given back.
 #[test]
 fn queued_handshakes_are_answered_at_their_deadline_while_every_worker_is_blocked() {
     use std::io::Read;

@@ -62,8 +62,8 @@ pub(crate) fn run<T: Send + Sync + 'static>(shared: Arc<Shared<T>>, listener: Tc
             .checked_add(shared.config.handshake_timeout)
             .unwrap_or_else(far_future);
         // If the request is already in, a worker takes it now, with the
-        // bytes read here (the job does not read again unless the request
-        // is not whole); otherwise the poller hands the socket over once
+        // bytes read here (the job reads again only if this read filled
+        // its buffer, or the request is not whole); otherwise the poller hands the socket over once
         // it is, rather than a job reading nothing.
         let mut first = [0u8; FIRST_READ];
         let (arrived, gone, buf) = match (&stream).read(&mut first) {

@@ -33,15 +33,11 @@ pub(crate) fn abort_handshake<T>(shared: &Shared<T>, p: Pending, answer: Option<
         let _ = p.stream.shutdown(Shutdown::Write);
         // Input left unread at close makes the kernel reset the
         // connection, which can destroy the answer before the client
-        // reads it (a request body that came after the head, say): read
-        // what has come, up to 64 KiB.
+        // reads it (a request body that came after the head, say): one
+        // read of what has come, bounded, since the readiness loop
+        // answers crowds of handshakes this way too.
         let mut sink = [0u8; 4096];
-        for _ in 0..16 {
-            match read_some(&p.stream, &mut sink) {
-                Ok(Some(n)) if n > 0 => {}
-                _ => break,
-            }
-        }
+        let _ = read_some(&p.stream, &mut sink);
     }
     // A socket never put in the poller has nothing to leave.
     if p.registered {

@@ -226,7 +226,8 @@ const OVERDUE_READ: usize = 64 * 1024;
 
 /// Answer a handshake that waited in the ready queue past its deadline,
 /// on the poller thread. What the client sent is read (at most
-/// `OVERDUE_READ`, so this thread cannot be held) and parsed, which also
+/// `OVERDUE_READ`, and 4 KiB more by `abort_handshake`, so this thread
+/// cannot be held) and parsed, which also
 /// spares most closes a reset under the answer (not one after more bytes
 /// than that, or after bytes that come later):
 /// - a whole request came in time, and the server was too busy: `503`,
