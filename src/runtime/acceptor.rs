@@ -63,8 +63,9 @@ pub(crate) fn run<T: Send + Sync + 'static>(shared: Arc<Shared<T>>, listener: Tc
             .unwrap_or_else(far_future);
         // If the request is already in, a worker takes it now, with the
         // bytes read here (the job reads again only if this read filled
-        // its buffer, or the request is not whole); otherwise the poller hands the socket over once
-        // it is, rather than a job reading nothing.
+        // its buffer, or the request is not whole); otherwise the poller
+        // hands the socket over once it is, rather than a job reading
+        // nothing.
         let mut first = [0u8; FIRST_READ];
         let (arrived, gone, buf) = match (&stream).read(&mut first) {
             Ok(0) => (false, true, Vec::new()),
