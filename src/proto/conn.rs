@@ -163,6 +163,9 @@ impl Connection {
                 Incoming::Ping(_) => {}
                 Incoming::Pong(_) => return Some(Output::Pong),
                 Incoming::Close(frame) => {
+                    // The peer sends no more: a message it left unfinished
+                    // never will be, and its buffers go now.
+                    self.decoder.reset();
                     let reply = match self.state {
                         State::CloseSent => {
                             self.state = State::Closed;
@@ -191,6 +194,8 @@ impl Connection {
     /// close frame. `None` if the peer can no longer send anyway.
     pub fn fail(&mut self, error: DecodeError) -> Option<Output> {
         if !self.wants_input() {
+            // Nothing more is read: let go of any unfinished message.
+            self.decoder.reset();
             return None;
         }
         self.state = State::Failed;
@@ -252,6 +257,20 @@ mod tests {
         assert!(!c.can_send());
         c.reply_flushed();
         assert_eq!(c.state(), State::Closed);
+    }
+
+    /// A close in the middle of a fragmented message ends it: the peer
+    /// sends no more, so its unfinished message lets go of its buffers
+    /// (the server-wide budget counts them until then).
+    #[test]
+    fn a_close_mid_message_releases_the_unfinished_message() {
+        let mut c = Connection::new(Limits::default());
+        let out = read_all(&mut c, &frame(0x01, &[b'x'; 100]));
+        assert!(out.is_empty());
+        assert_eq!(c.buffered(), 100);
+        let out = read_all(&mut c, &frame(0x88, &[0x03, 0xE8]));
+        assert!(matches!(out[..], [Output::PeerClosed { .. }]), "{out:?}");
+        assert_eq!(c.buffered(), 0);
     }
 
     #[test]

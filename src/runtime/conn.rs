@@ -210,7 +210,9 @@ pub(crate) struct WriteSide {
     /// paused because it does not read shows its idleness here.
     pub(crate) last_progress_ms: u64,
     /// The server-wide budget for partial input is exceeded and this
-    /// connection holds the most: its job fails it with 1009.
+    /// connection was among the largest holders (its bytes are in
+    /// `Shared::condemned`): its job chooses again, and fails it with 1009
+    /// if it still must be.
     pub(crate) over_budget: bool,
     /// Shutdown ran out of patience: tear down now.
     pub(crate) force_close: bool,

@@ -95,9 +95,13 @@ pub(crate) struct Shared<T> {
     pub(crate) room: Mutex<()>,
     pub(crate) room_cv: Condvar,
     pub(crate) counters: Counters,
-    /// A connection was chosen to be failed for `max_buffered_bytes` and
-    /// its job has not done it yet: no other is chosen meanwhile.
-    pub(crate) budget_victim: AtomicBool,
+    /// Connections chosen to be failed for `max_buffered_bytes` whose
+    /// jobs have not done it yet, by id, with the partial input they held
+    /// then; and its sum, which the budget counts as gone.
+    pub(crate) condemned: Mutex<Vec<(crate::ClientId, usize)>>,
+    pub(crate) condemned_in: std::sync::atomic::AtomicUsize,
+    /// Held by the one scan for the largest holders.
+    pub(crate) budget_scan: Mutex<()>,
     /// Input read but kept unparsed by flow control, all connections.
     pub(crate) unparsed_in: std::sync::atomic::AtomicUsize,
     /// Bytes of unfinished incoming messages, all connections together.
@@ -445,6 +449,21 @@ impl<T: Send + Sync + 'static> Shared<T> {
         // Dropping the sender ends the user's event iterator once the
         // events already sent are read.
         shared.events.close();
+    }
+
+    /// Count `conn`'s `held` bytes as condemned for the budget.
+    pub(crate) fn condemn(&self, conn: &conn::Conn<T>, held: usize) {
+        self.condemned.lock().push((conn.client.id(), held));
+        self.condemned_in.fetch_add(held, Ordering::Relaxed);
+    }
+
+    /// Take back what `condemn` counted for `conn`, if anything.
+    pub(crate) fn acquit(&self, conn: &conn::Conn<T>) {
+        let mut list = self.condemned.lock();
+        if let Some(i) = list.iter().position(|e| e.0 == conn.client.id()) {
+            let (_, held) = list.swap_remove(i);
+            self.condemned_in.fetch_sub(held, Ordering::Relaxed);
+        }
     }
 
     /// Queue `conn` for a flush job; the first connection into an empty

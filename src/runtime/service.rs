@@ -163,15 +163,15 @@ fn service_inner<T: Send + Sync + 'static>(
         let Some(mut r) = conn.take_read(shared.limits) else {
             return;
         };
-        let (drain, over_budget) = {
+        let (drain, condemned) = {
             let mut w = conn.io.lock();
             (
                 std::mem::take(&mut w.drain_due),
                 std::mem::take(&mut w.over_budget),
             )
         };
-        if over_budget {
-            fail_for_budget(shared, conn, &mut r);
+        if condemned {
+            budget_call(shared, conn, &mut r);
         }
         if drain
             && !conn.closing.load(Ordering::Acquire)
@@ -318,59 +318,135 @@ fn feed<T: Send + Sync + 'static>(
     (delivered, count)
 }
 
-/// Keep the server-wide count of bytes held for unfinished messages.
-/// Over `max_buffered_bytes`, the connection holding the most is failed
-/// with 1009, whichever crossed the line. (Input kept unparsed by a pause
-/// is not counted here: it is flow control's, at most one read per
-/// connection, and counted apart.)
+/// Keep the server-wide count of bytes held for unfinished messages, and
+/// enforce `max_buffered_bytes` (see [`enforce_budget`]).
 fn account_buffered<T: Send + Sync + 'static>(
     shared: &Arc<Shared<T>>,
     conn: &Arc<Conn<T>>,
     r: &mut ReadSide,
 ) {
+    if note_buffered(shared, conn, r) {
+        enforce_budget(shared, conn, r);
+    }
+}
+
+/// Publish this connection's count of partial input (others read it to
+/// find the largest holder) and move the server-wide total. True if it
+/// grew. Cheap when nothing changed: it runs before every delivery, so
+/// that a handler that blocks is not taken to hold the message it was
+/// given. (Input kept unparsed by a pause is not counted here: it is flow
+/// control's, at most one read per connection, and counted apart.)
+fn note_buffered<T>(shared: &Shared<T>, conn: &Conn<T>, r: &mut ReadSide) -> bool {
     let now = r.proto.buffered();
     if now == r.buffered {
-        return;
+        return false;
     }
     conn.holding_in.store(now, Ordering::Relaxed);
-    let total = if now < r.buffered {
-        let less = r.buffered - now;
+    let grew = now > r.buffered;
+    if grew {
         shared
             .buffered_in
-            .fetch_sub(less, Ordering::Relaxed)
-            .saturating_sub(less)
+            .fetch_add(now - r.buffered, Ordering::Relaxed);
     } else {
-        let more = now - r.buffered;
         shared
             .buffered_in
-            .fetch_add(more, Ordering::Relaxed)
-            .saturating_add(more)
-    };
+            .fetch_sub(r.buffered - now, Ordering::Relaxed);
+    }
     r.buffered = now;
-    if total <= shared.config.max_buffered_bytes {
+    grew
+}
+
+/// Over `max_buffered_bytes`, fail the largest holders with 1009 until the
+/// rest fit, whichever connection crossed the line.
+///
+/// A holder chosen is failed by its own job (only that job may touch its
+/// decoder), which may be late: busy, or blocked in a handler. Its bytes
+/// count as condemned meanwhile, so the next crossing chooses from the
+/// others instead of waiting for it, and one crossing does not condemn
+/// more than it must. When its job comes to it, the choice is made again
+/// with fresh counts (see [`budget_call`]), so a holder that finished its
+/// message meanwhile is not closed for bytes it no longer holds.
+fn enforce_budget<T: Send + Sync + 'static>(
+    shared: &Arc<Shared<T>>,
+    conn: &Arc<Conn<T>>,
+    r: &mut ReadSide,
+) {
+    let budget = shared.config.max_buffered_bytes;
+    // `own`: this connection's bytes, once it is chosen (it is failed
+    // here, after the scan).
+    let over = |own: usize| {
+        shared
+            .buffered_in
+            .load(Ordering::Relaxed)
+            .saturating_sub(shared.condemned_in.load(Ordering::Relaxed))
+            .saturating_sub(own)
+            > budget
+    };
+    if !over(0) {
         return;
     }
-    // Find the largest holder: a scan, but only while over the budget
-    // and no victim chosen before is still to be failed.
-    if shared.budget_victim.swap(true, Ordering::AcqRel) {
+    // One scan at a time: a crossing that finds one running leaves it to
+    // that scan, which sees its bytes (they were counted before).
+    let Some(scan) = shared.budget_scan.try_lock() else {
         return;
-    }
-    let victim = shared
+    };
+    // Every holder, the largest first: a scan of the open connections,
+    // but only while over the budget.
+    let mut holders: Vec<_> = shared
         .registry
         .snapshot()
         .into_iter()
-        .max_by_key(|c| c.holding_in.load(Ordering::Relaxed));
-    match victim {
-        Some(v) if !Arc::ptr_eq(&v, conn) => {
-            let mut w = v.io.lock();
-            if !w.over_budget && !w.finished {
-                w.over_budget = true;
-                drop(w);
-                crate::runtime::conn::schedule(shared, &v);
-            }
+        .map(|c| (c.holding_in.load(Ordering::Relaxed), c))
+        .filter(|(held, _)| *held > 0)
+        .collect();
+    holders.sort_unstable_by_key(|h| std::cmp::Reverse(h.0));
+    let mut own = 0;
+    for (_, v) in holders {
+        if !over(own) {
+            break;
         }
-        _ => fail_for_budget(shared, conn, r),
+        if Arc::ptr_eq(&v, conn) {
+            own = r.buffered;
+            continue;
+        }
+        let condemn = {
+            let mut w = v.io.lock();
+            // One already condemned counts as gone; one finished holds
+            // nothing (its count is zeroed as it is marked).
+            let condemn = !w.finished && !w.over_budget;
+            if condemn {
+                w.over_budget = true;
+                shared.condemn(&v, v.holding_in.load(Ordering::Relaxed));
+            }
+            condemn
+        };
+        if condemn {
+            crate::runtime::conn::schedule(shared, &v);
+        }
     }
+    drop(scan);
+    if own > 0 {
+        // Chosen by a scan of another's meanwhile, it is failed now all
+        // the same: that condemnation is taken back first.
+        let condemned = std::mem::take(&mut conn.io.lock().over_budget);
+        if condemned {
+            shared.acquit(conn);
+        }
+        fail_for_budget(shared, conn, r);
+    }
+}
+
+/// The job of a connection condemned for the budget: let go of the
+/// condemnation and choose again with fresh counts; if it is still among
+/// the largest holders, it is failed now.
+fn budget_call<T: Send + Sync + 'static>(
+    shared: &Arc<Shared<T>>,
+    conn: &Arc<Conn<T>>,
+    r: &mut ReadSide,
+) {
+    shared.acquit(conn);
+    note_buffered(shared, conn, r);
+    enforce_budget(shared, conn, r);
 }
 
 /// Fail this connection with 1009: it holds the most partial input while
@@ -384,7 +460,6 @@ fn fail_for_budget<T: Send + Sync + 'static>(
         size: shared.buffered_in.load(Ordering::Relaxed) as u64,
         limit: shared.config.max_buffered_bytes as u64,
     };
-    shared.budget_victim.store(false, Ordering::Release);
     shared
         .unparsed_in
         .fetch_sub(r.rest.len(), Ordering::Relaxed);
@@ -393,7 +468,7 @@ fn fail_for_budget<T: Send + Sync + 'static>(
         handle(shared, conn, r, out);
     }
     // The failed decoder let go of its buffers.
-    account_buffered(shared, conn, r);
+    note_buffered(shared, conn, r);
 }
 
 /// A user closure panicked while handling this client: close it with
@@ -418,6 +493,9 @@ fn handle<T: Send + Sync + 'static>(
 ) {
     match out {
         Output::Message(m) => {
+            // The message leaves the decoder's buffers: say so before a
+            // handler (which may block) has it.
+            note_buffered(shared, conn, r);
             Counters::add(&shared.counters.messages_in, 1);
             Counters::add(&shared.counters.bytes_in, m.len() as u64);
             if !shared.emit_message(conn, m) {
@@ -610,9 +688,15 @@ fn teardown<T: Send + Sync + 'static>(
         }
         w.finished = true;
         w.job_running = false;
-        if w.over_budget {
-            // Chosen to be failed for the budget, and gone first.
-            shared.budget_victim.store(false, Ordering::Release);
+        // What it held leaves with it, under the lock that marks it
+        // finished: a budget scan that finds it finished finds it holding
+        // nothing.
+        let held_in = conn.holding_in.swap(0, Ordering::Relaxed);
+        shared.buffered_in.fetch_sub(held_in, Ordering::Relaxed);
+        if std::mem::take(&mut w.over_budget) {
+            // Chosen to be failed for the budget, and gone first: its
+            // bytes are no longer condemned (nor counted).
+            shared.acquit(conn);
         }
         let unsent = w.out.clear(&shared.counters);
         (unsent, w.closed_for_backpressure, w.write_error)
@@ -621,8 +705,6 @@ fn teardown<T: Send + Sync + 'static>(
     // Subscriptions end before the `Disconnect`: a subscriber count read
     // after it no longer counts this client.
     shared.topics.remove_client(conn);
-    let held_in = conn.holding_in.swap(0, Ordering::Relaxed);
-    shared.buffered_in.fetch_sub(held_in, Ordering::Relaxed);
     Counters::add(&shared.counters.disconnected, 1);
     let _ = shared.poller.delete(&conn.stream);
     // Anyone waiting for room in this queue learns it is closed.
