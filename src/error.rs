@@ -228,15 +228,21 @@ pub enum ProtocolError {
     /// RSV1 (the compression bit) was set on a control or continuation
     /// frame.
     CompressedControlOrContinuation,
+    /// A compressed message ended and restarted its deflate stream more
+    /// often than its size allows (final blocks of two bytes each, which
+    /// cost the inflater work out of proportion to them; close code 1009).
+    TooManyDeflateStreams,
 }
 
 impl ProtocolError {
-    /// The close code that answers this error: 1007 for bad UTF-8, 1002 for
-    /// the rest.
+    /// The close code that answers this error: 1007 for bad UTF-8, 1009
+    /// for too many fragments or deflate streams, 1002 for the rest.
     pub fn close_code(self) -> CloseCode {
         match self {
             ProtocolError::InvalidUtf8 => CloseCode::INVALID_PAYLOAD,
-            ProtocolError::TooManyFragments => CloseCode::TOO_BIG,
+            ProtocolError::TooManyFragments | ProtocolError::TooManyDeflateStreams => {
+                CloseCode::TOO_BIG
+            }
             _ => CloseCode::PROTOCOL_ERROR,
         }
     }
@@ -260,6 +266,7 @@ impl ProtocolError {
             ProtocolError::CompressedControlOrContinuation => {
                 "compression bit on a control or continuation frame"
             }
+            ProtocolError::TooManyDeflateStreams => "too many deflate streams in one message",
         }
     }
 }

@@ -380,3 +380,80 @@ fn publishing_to_subscribers_with_a_context_of_their_own_keeps_their_order() {
     }
     assert_eq!(c_plain.buffered_amount(), 0);
 }
+
+/// A deflate stream ended with a final block (as some compressors flush)
+/// may be followed by another within the same message; each one ending
+/// costs a reset, and with a context a window copied back in. Streams
+/// of two bytes each cost that work for next to nothing, so a message
+/// may hold only a few streams for its size: 100,000 of them (200 KB)
+/// get 1009, where before they cost 100,000 windows of 32 KiB (3 GB
+/// copied) with a context, and were delivered. A message of three
+/// streams, each ended with a final block, is still delivered intact.
+#[test]
+fn a_message_of_many_tiny_deflate_streams_gets_1009() {
+    for context in [false, true] {
+        let server =
+            echo_server(|b| b.compression(Some(Compression::default().context_takeover(context))));
+        let addr = server.local_addr();
+        // Three streams, each finished: delivered, in either mode.
+        let (_h, mut s) = upgrade(addr, &format!("{PDE}\r\n"));
+        let parts = [text_block(5000), text_block(300), text_block(40_000)];
+        let mut payload = Vec::new();
+        for p in &parts {
+            let mut c = Compress::new(flate2::Compression::default(), false);
+            let mut v = Vec::with_capacity(p.len() + 64);
+            c.compress_vec(p.as_bytes(), &mut v, FlushCompress::Finish)
+                .unwrap();
+            payload.extend_from_slice(&v);
+        }
+        s.write_all(&frame(0xC1, &payload)).unwrap();
+        let (first, echoed) = read_frame(&mut s);
+        assert_eq!(first & 0x0F, 0x1, "context {context}");
+        let echoed = if first & 0x40 != 0 {
+            inflate(&echoed)
+        } else {
+            echoed
+        };
+        assert_eq!(echoed, parts.concat().as_bytes(), "context {context}");
+        // 32 KiB of zeros, then 100,000 empty final blocks.
+        let (_h, mut s) = upgrade(addr, &format!("{PDE}\r\n"));
+        let mut c = Compress::new(flate2::Compression::default(), false);
+        let mut payload = Vec::with_capacity(1 << 10);
+        c.compress_vec(&vec![0u8; 32 << 10], &mut payload, FlushCompress::Sync)
+            .unwrap();
+        for _ in 0..100_000 {
+            payload.extend_from_slice(&[0x03, 0x00]);
+        }
+        payload.push(0x00);
+        s.write_all(&frame(0xC2, &payload)).unwrap();
+        assert_eq!(read_close(&mut s), Some(1009), "context {context}");
+    }
+}
+
+/// The size limits are on the message: one of exactly `max_message_size`
+/// bytes that does not compress takes a little more on the wire, and is
+/// still delivered.
+#[test]
+fn an_incompressible_message_at_the_limit_is_delivered() {
+    let server = echo_server(|b| b.max_message_size(1 << 16));
+    let (_h, mut s) = upgrade(server.local_addr(), &format!("{PDE}\r\n"));
+    let data: Vec<u8> = (0..1u32 << 16)
+        .map(|i| (mix(i as u64) >> 17) as u8)
+        .collect();
+    let z = deflate(&data);
+    assert!(z.len() > 1 << 16, "{}", z.len());
+    s.write_all(&frame(0xC2, &z)).unwrap();
+    let (first, payload) = read_frame(&mut s);
+    assert_eq!(first & 0x0F, 0x2);
+    let got = if first & 0x40 != 0 {
+        inflate(&payload)
+    } else {
+        payload
+    };
+    assert_eq!(got, data);
+    // One byte more is over the limit, however it is sent.
+    let mut more = data.clone();
+    more.push(7);
+    s.write_all(&frame(0xC2, &deflate(&more))).unwrap();
+    assert_eq!(read_close(&mut s), Some(1009));
+}

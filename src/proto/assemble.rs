@@ -20,6 +20,15 @@ pub struct Limits {
     pub max_fragments: u32,
 }
 
+/// The most a message of `n` bytes may take compressed: deflate's worst
+/// case (stored blocks, for data that does not compress) with room to
+/// spare for other compressors' block sizes.
+pub(crate) fn compressed_bound(n: usize) -> usize {
+    n.saturating_add(n >> 3)
+        .saturating_add(n >> 6)
+        .saturating_add(16)
+}
+
 impl Default for Limits {
     fn default() -> Self {
         Limits {
@@ -278,13 +287,19 @@ impl Decoder {
         if opcode.is_control() {
             return Ok(());
         }
-        if len > self.limits.max_frame_size as u64 {
+        // The limits are on what a message is: a compressed one may take
+        // a little more on the wire (incompressible data grows), and its
+        // inflated size is held to the message limit as it inflates.
+        let compressed = compressed || self.msg.as_ref().is_some_and(|m| m.compressed);
+        let on_wire = |n: usize| if compressed { compressed_bound(n) } else { n } as u64;
+        let frame_limit = on_wire(self.limits.max_frame_size);
+        if len > frame_limit {
             return Err(DecodeError::TooLarge {
                 size: len,
-                limit: self.limits.max_frame_size as u64,
+                limit: frame_limit,
             });
         }
-        let limit = self.limits.max_message_size as u64;
+        let limit = on_wire(self.limits.max_message_size);
         match (opcode, self.msg.as_mut()) {
             (OpCode::Continuation, None) => Err(ProtocolError::UnexpectedContinuation.into()),
             (OpCode::Continuation, Some(msg)) => {

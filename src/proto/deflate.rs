@@ -453,6 +453,14 @@ fn inflate(
 ) -> Result<Vec<u8>, DecodeError> {
     let most = limit.saturating_add(1);
     let mut out: Vec<u8> = Vec::with_capacity(payload.len().saturating_mul(2).max(64).min(most));
+    // Every final block ends a stream, and what follows starts another: a
+    // reset, and with a context a window of up to 32 KiB copied back in.
+    // Two bytes make a final block, so unbounded, a message of them buys
+    // work out of all proportion to its size: both are held to a few
+    // times the payload (a sender ends a stream per message, or per
+    // fragment at most).
+    let mut streams_left = 2 + payload.len() / 64;
+    let mut window_bytes_left = payload.len().saturating_mul(4).saturating_add(64 << 10);
     for input in [payload, &TAIL[..]] {
         let mut pos = 0;
         loop {
@@ -479,9 +487,15 @@ fn inflate(
                 // a context, the new stream may refer back to what came
                 // before: the message's own output stands in for the
                 // window (earlier messages are not kept).
+                streams_left = streams_left
+                    .checked_sub(1)
+                    .ok_or(ProtocolError::TooManyDeflateStreams)?;
                 d.reset(false);
                 if keep_window && !out.is_empty() {
                     let window = &out[out.len().saturating_sub(32 << 10)..];
+                    window_bytes_left = window_bytes_left
+                        .checked_sub(window.len())
+                        .ok_or(ProtocolError::TooManyDeflateStreams)?;
                     d.set_dictionary(window)
                         .map_err(|_| ProtocolError::BadCompression)?;
                 }
