@@ -33,6 +33,18 @@ fn each_bad_request_gets_its_status() {
             400,
         ),
         (REQUEST.replace("Host: localhost\r\n", ""), 400),
+        // Headers RFC 6455 allows once, twice (the first used to win).
+        (
+            REQUEST.replace("Host: localhost\r\n", "Host: localhost\r\nHost: other\r\n"),
+            400,
+        ),
+        (
+            REQUEST.replace(
+                "Version: 13\r\n",
+                "Version: 13\r\nSec-WebSocket-Key: AAAAAAAAAAAAAAAAAAAAAA==\r\n",
+            ),
+            400,
+        ),
         (
             "\x16\x03\x01\x02\x00garbage that is not http\r\n\r\n".into(),
             400,

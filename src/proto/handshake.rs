@@ -477,6 +477,23 @@ pub fn check_upgrade(request: &mut Request) -> Result<(), Reject> {
             .header_tokens(name)
             .any(|t| t.eq_ignore_ascii_case(token))
     };
+    // RFC 6455 section 11.3 (and RFC 9112 section 3.2 for Host): these
+    // appear once. Taking the first of two would read the request
+    // differently from a proxy that takes the last, or joins them.
+    for name in ["Host", "Sec-WebSocket-Key", "Sec-WebSocket-Version"] {
+        let seen = request
+            .headers
+            .iter()
+            .filter(|(n, _)| n.eq_ignore_ascii_case(name))
+            .count();
+        if seen > 1 {
+            return Err(Reject::bad_request(match name {
+                "Host" => "more than one Host header",
+                "Sec-WebSocket-Key" => "more than one Sec-WebSocket-Key header",
+                _ => "more than one Sec-WebSocket-Version header",
+            }));
+        }
+    }
     if get("Host").is_none() {
         return Err(Reject::bad_request("missing Host header"));
     }
@@ -635,6 +652,24 @@ mod tests {
         no_connection,
         "Connection: keep-alive, Upgrade",
         "Connection: keep-alive",
+        400
+    );
+    refused!(
+        two_hosts,
+        "Host: localhost\r\n",
+        "Host: localhost\r\nhost: elsewhere\r\n",
+        400
+    );
+    refused!(
+        two_keys,
+        "Sec-WebSocket-Version: 13\r\n",
+        "Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: AAAAAAAAAAAAAAAAAAAAAA==\r\n",
+        400
+    );
+    refused!(
+        two_versions,
+        "Sec-WebSocket-Version: 13\r\n",
+        "Sec-WebSocket-Version: 13\r\nSec-WebSocket-Version: 13\r\n",
         400
     );
     refused!(version_8, "Version: 13", "Version: 8", 426);
