@@ -44,6 +44,14 @@ pub struct WebSocketServer<T = ()> {
     events: Events<T>,
 }
 
+#[cfg(test)]
+impl<T> WebSocketServer<T> {
+    /// The runtime's state, for the crate's own tests.
+    pub(crate) fn shared(&self) -> &Arc<Shared<T>> {
+        &self.shared
+    }
+}
+
 impl WebSocketServer<()> {
     /// A builder for a server whose clients carry no user data.
     pub fn builder() -> Builder<()> {

@@ -13,13 +13,16 @@
 //! removed.
 //!
 //! Locks are taken in this order: `by_client`, `by_name`, a topic's
-//! `subs`, a connection's `io`.
+//! `subs`, a connection's `io`; but `by_name` is never held while a
+//! `subs` is awaited (a publish holds a topic's `subs` for its whole
+//! fan-out, and every other topic needs `by_name`).
 
 use std::borrow::Borrow;
 use std::collections::hash_map::Entry;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::hash::{Hash, Hasher};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use parking_lot::{Mutex, RwLock};
 
@@ -37,6 +40,10 @@ pub(crate) struct Topic<T> {
     /// The subscribers; the lock also puts the topic's publishes in one
     /// order.
     subs: Mutex<Subs<T>>,
+    /// Its last subscriber left (set under `subs`): it is out of
+    /// `by_name`, or about to be, and a subscribe that finds it makes a
+    /// new one.
+    dead: AtomicBool,
 }
 
 /// A topic's subscribers: one inline (a user's own topic, say), or a list.
@@ -274,28 +281,54 @@ impl<T: Send + Sync + 'static> Topics<T> {
                 "client already in max_topics_per_client topics",
             ));
         }
-        let topic = {
-            let mut names = self.by_name.write();
-            match names.get(name) {
-                Some(Named(t)) => {
-                    t.subs.lock().push(Arc::clone(conn));
-                    Arc::clone(t)
-                }
-                None => {
-                    if names.len() >= config.max_topics {
+        // The name lock is never held while a topic's lock is awaited: a
+        // publish holds that one for its whole fan-out, and every other
+        // topic's publishes, subscribes and leaves need the name lock.
+        let topic = loop {
+            let found = self.by_name.read().get(name).map(|Named(t)| Arc::clone(t));
+            let Some(t) = found else {
+                let mut names = self.by_name.write();
+                match names.get(name) {
+                    // Made meanwhile: join it as above.
+                    Some(Named(t)) if !t.dead.load(Ordering::Acquire) => continue,
+                    Some(_) => {
+                        // Its last subscriber is leaving; that leave
+                        // finds it gone and tells no one twice.
+                        names.remove(name);
+                        if let Some(bridge) = &self.bridge {
+                            bridge.topic_changed(name, false);
+                        }
+                    }
+                    None if names.len() >= config.max_topics => {
                         return Err(Error::TopicLimit("server already has max_topics topics"));
                     }
-                    let t = Arc::new(Topic {
-                        name: name.into(),
-                        subs: Mutex::new(Subs::One(Arc::clone(conn))),
-                    });
-                    names.insert(Named(Arc::clone(&t)));
-                    if let Some(bridge) = &self.bridge {
-                        bridge.topic_changed(name, true);
-                    }
-                    t
+                    None => {}
                 }
+                let t = Arc::new(Topic {
+                    name: name.into(),
+                    subs: Mutex::new(Subs::One(Arc::clone(conn))),
+                    dead: AtomicBool::new(false),
+                });
+                names.insert(Named(Arc::clone(&t)));
+                if let Some(bridge) = &self.bridge {
+                    bridge.topic_changed(name, true);
+                }
+                break t;
+            };
+            let joined = {
+                let mut subs = t.subs.lock();
+                let alive = !t.dead.load(Ordering::Acquire);
+                if alive {
+                    subs.push(Arc::clone(conn));
+                }
+                alive
+            };
+            if joined {
+                break t;
             }
+            // Emptied since it was found: take it out (if its leave has
+            // not yet) and make a new one.
+            self.forget(&t);
         };
         clients.push(id, topic);
         Ok(true)
@@ -315,12 +348,26 @@ impl<T: Send + Sync + 'static> Topics<T> {
     /// Take `conn` out of `topic`, and the topic out of the server if it
     /// was the last subscriber.
     fn leave(&self, topic: &Arc<Topic<T>>, conn: &Arc<Conn<T>>) {
+        let emptied = {
+            let mut subs = topic.subs.lock();
+            let left = subs.remove(conn);
+            if !left {
+                topic.dead.store(true, Ordering::Release);
+            }
+            !left
+        };
+        if emptied {
+            self.forget(topic);
+        }
+    }
+
+    /// Take a topic whose last subscriber left out of `by_name`, unless
+    /// that was done already (or a new topic of its name is there).
+    fn forget(&self, topic: &Arc<Topic<T>>) {
         let mut names = self.by_name.write();
-        let left = topic.subs.lock().remove(conn);
-        if !left
-            && names
-                .get(&*topic.name)
-                .is_some_and(|Named(t)| Arc::ptr_eq(t, topic))
+        if names
+            .get(&*topic.name)
+            .is_some_and(|Named(t)| Arc::ptr_eq(t, topic))
         {
             names.remove(&*topic.name);
             if let Some(bridge) = &self.bridge {
@@ -414,5 +461,84 @@ impl<T: Send + Sync + 'static> Topics<T> {
         report.written += flushed.written;
         report.queued += flushed.queued;
         report
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::{Read, Write};
+    use std::net::TcpStream;
+    use std::sync::mpsc;
+    use std::time::Duration;
+
+    use crate::{Event, WebSocketServer};
+
+    fn join(server: &WebSocketServer) -> (TcpStream, crate::Client) {
+        let mut s = TcpStream::connect(server.local_addr()).unwrap();
+        s.write_all(
+            b"GET / HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+              Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
+        )
+        .unwrap();
+        let mut head = Vec::new();
+        let mut b = [0u8; 1];
+        while !head.ends_with(b"\r\n\r\n") {
+            s.read_exact(&mut b).unwrap();
+            head.push(b[0]);
+        }
+        match server.recv_timeout(Duration::from_secs(10)) {
+            Ok(Event::Connect { client }) => (s, client),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    /// A publish holds its topic's lock for its whole fan-out (to 10,000
+    /// subscribers, with a compression each under context takeover). A
+    /// subscribe to that topic waits for it, but must not hold the lock
+    /// on the names of all topics meanwhile: every other topic's
+    /// publishes, subscribes and leaves, and `stats()`, would wait too.
+    #[test]
+    fn joining_a_topic_mid_publish_does_not_stop_the_other_topics() {
+        let server = WebSocketServer::builder()
+            .workers(2)
+            .start("127.0.0.1:0")
+            .unwrap();
+        let (_sa, a) = join(&server);
+        let (_sb, b) = join(&server);
+        let (_sc, c) = join(&server);
+        assert!(a.subscribe("hot").unwrap());
+        let hot = server
+            .shared()
+            .topics
+            .by_name
+            .read()
+            .get("hot")
+            .map(|super::Named(t)| std::sync::Arc::clone(t))
+            .unwrap();
+        // A publish to "hot" in its fan-out, as far as the others can tell.
+        let fan_out = hot.subs.lock();
+        let joiner = std::thread::spawn(move || b.subscribe("hot").unwrap());
+        // Time for the joiner to reach the topic's lock; were it to hold
+        // the names meanwhile, what follows would wait for it.
+        std::thread::sleep(Duration::from_millis(100));
+        let (done_tx, done_rx) = mpsc::channel();
+        let handle = server.handle();
+        let others = std::thread::spawn(move || {
+            assert!(c.subscribe("cold").unwrap());
+            let report = handle.publish("cold", "x");
+            assert_eq!(report.written + report.queued, 1);
+            assert_eq!(handle.subscribers("cold"), 1);
+            assert!(c.unsubscribe("cold"));
+            done_tx.send(()).unwrap();
+        });
+        let done = done_rx.recv_timeout(Duration::from_secs(5));
+        drop(fan_out);
+        assert!(
+            done.is_ok(),
+            "another topic waited for the publish to \"hot\""
+        );
+        others.join().unwrap();
+        assert!(joiner.join().unwrap());
+        assert_eq!(server.subscribers("hot"), 2);
     }
 }
