@@ -436,6 +436,64 @@ struct Left {
     server_topics: u64,
 }
 
+/// A crowd leaving one topic (a network blip): whatever the moment, the
+/// count, the publishes' reports and the deliveries see only those still
+/// there, and the topic goes with the last of them.
+#[test]
+fn a_crowd_leaving_a_big_topic_is_counted_out_at_once() {
+    within(Duration::from_secs(60), || {
+        let (left_tx, left_rx) = mpsc::channel::<usize>();
+        let server = WebSocketServer::builder()
+            .workers(2)
+            .on_disconnect(move |c, _, _| {
+                let _ = left_tx.send(c.server().subscribers("room"));
+            })
+            .start("127.0.0.1:0")
+            .unwrap();
+        let mut crowd: Vec<_> = (0..300).map(|_| connect(&server)).collect();
+        for (_, c) in &crowd {
+            assert!(c.subscribe("room").unwrap());
+            assert!(c.subscribe(&format!("own-{}", c.id())).unwrap());
+        }
+        assert_eq!(server.subscribers("room"), 300);
+        assert_eq!(server.stats().topics, 301);
+        // 140 leave, then a publish.
+        let mut count = 300;
+        for (s, _) in crowd.drain(..140) {
+            drop(s);
+            count -= 1;
+            // Each `Disconnect` sees a count without its client.
+            let seen = left_rx.recv_timeout(WAIT).expect("on_disconnect");
+            assert!(seen <= count, "{seen} > {count}");
+        }
+        assert!(eventually(WAIT, || server.subscribers("room") == 160));
+        assert_reached(server.publish("room", "to 160"), 160);
+        for (s, _) in &mut crowd {
+            assert_eq!(read_text(s), "to 160");
+        }
+        // 100 more.
+        for (s, _) in crowd.drain(..100) {
+            drop(s);
+            left_rx.recv_timeout(WAIT).expect("on_disconnect");
+        }
+        assert_eq!(server.subscribers("room"), 60);
+        assert_reached(server.publish("room", "to 60"), 60);
+        for (s, _) in &mut crowd {
+            assert_eq!(read_text(s), "to 60");
+        }
+        // One unsubscribes, the rest leave.
+        assert!(crowd[0].1.unsubscribe("room"));
+        assert_eq!(server.subscribers("room"), 59);
+        for (s, _) in crowd.drain(..) {
+            drop(s);
+            left_rx.recv_timeout(WAIT).expect("on_disconnect");
+        }
+        assert_eq!(server.subscribers("room"), 0);
+        assert_eq!(server.publish("room", "nobody"), Broadcast::default());
+        assert_eq!(server.stats().topics, 0);
+    });
+}
+
 #[test]
 fn unsubscribe_and_disconnect_end_delivery_before_the_disconnect() {
     within(Duration::from_secs(20), || {
