@@ -88,7 +88,9 @@ pub struct BridgeStats {
     /// Publishes of other servers delivered to subscribers here.
     pub received: u64,
     /// Publishes dropped because the outbox was full (the engine slow or
-    /// down); other servers count them as missed.
+    /// down; other servers count them as missed), or because the server
+    /// stopped before the engine took them (the engine down at shutdown),
+    /// or was publishing after its bridge stopped.
     pub dropped: u64,
     /// Publishes the engine answered with an error (a channel the Redis
     /// user may not publish to, say): dropped, never sent again.

@@ -561,6 +561,56 @@ fn killing_one_instance_leaves_the_others_working() {
     });
 }
 
+/// Publishes waiting in the outbox for an engine that is down when the
+/// server shuts down are lost: they are counted as dropped, as are
+/// publishes made after the bridge stopped. (Needs no redis-server: the
+/// bridge points at a port nothing listens on.)
+#[test]
+fn publishes_the_engine_never_took_by_shutdown_are_counted_dropped() {
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let told: Arc<Mutex<Vec<BridgeEvent>>> = Arc::default();
+    let t = Arc::clone(&told);
+    let server = WebSocketServer::builder()
+        .workers(2)
+        .close_timeout(Duration::from_millis(500))
+        .bridge(RedisBridge::new(&format!("redis://127.0.0.1:{port}")).unwrap())
+        .on_bridge(move |e| t.lock().unwrap().push(e.clone()))
+        .start("127.0.0.1:0")
+        .unwrap();
+    let deadline = Instant::now() + WAIT;
+    while !told
+        .lock()
+        .unwrap()
+        .iter()
+        .any(|e| matches!(e, BridgeEvent::Down { .. }))
+    {
+        assert!(Instant::now() < deadline, "never told Down");
+        thread::sleep(Duration::from_millis(10));
+    }
+    for i in 0..50 {
+        server.publish("t", format!("{i}"));
+    }
+    let before = server.stats().bridge.unwrap();
+    assert_eq!(before.dropped + before.published + before.refused, 0);
+    assert!(before.outbox_bytes > 0);
+    server.shutdown();
+    server.publish("t", "after");
+    let after = server.stats().bridge.unwrap();
+    assert_eq!(
+        (
+            after.dropped,
+            after.published,
+            after.refused,
+            after.outbox_bytes
+        ),
+        (51, 0, 0, 0),
+        "{after:?}"
+    );
+}
+
 #[test]
 fn the_stats_of_a_server_without_a_bridge_have_none() {
     let server = WebSocketServer::builder().start("127.0.0.1:0").unwrap();

@@ -238,6 +238,8 @@ impl BridgeRt {
     /// `None` once stopping. Made before any lock is taken.
     pub(crate) fn prepare(&self, topic: &str, message: &Message) -> Option<Outgoing> {
         if self.stopping.load(Relaxed) {
+            // The publisher is gone or going: not relayed, and counted.
+            self.counts.dropped.fetch_add(1, Relaxed);
             return None;
         }
         let kind = if message.is_text() { TEXT } else { BINARY };
@@ -672,6 +674,7 @@ pub(crate) fn run_publisher<T: Send + Sync + 'static>(rt: Arc<BridgeRt>, shared:
         }
         let Some(publisher) = con.as_mut() else {
             if rt.stopping() {
+                abandon(&rt, &mut batch);
                 return;
             }
             match catch_unwind(AssertUnwindSafe(|| rt.engine.publisher())) {
@@ -758,12 +761,28 @@ pub(crate) fn run_publisher<T: Send + Sync + 'static>(rt: Arc<BridgeRt>, shared:
                 con = None;
                 rt.set_up(&shared, true, false, Some(&e));
                 if rt.stopping() {
+                    abandon(&rt, &mut batch);
                     return;
                 }
                 backoff.wait(&rt);
             }
         }
     }
+}
+
+/// The publisher stops with publishes not sent (the engine down or
+/// failing at shutdown): they are lost, so they are counted as dropped,
+/// and the outbox is emptied.
+fn abandon(rt: &BridgeRt, batch: &mut Vec<Outgoing>) {
+    let mut out = rt.out.lock();
+    let left = batch
+        .drain(..)
+        .chain(out.items.drain(..))
+        .filter(|o| o.channel != rt.control)
+        .count();
+    out.bytes = 0;
+    drop(out);
+    rt.counts.dropped.fetch_add(left as u64, Relaxed);
 }
 
 /// The receiver thread.
