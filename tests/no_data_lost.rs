@@ -116,3 +116,47 @@ fn messages_queued_before_close_reach_the_client_before_the_close_frame() {
     }
     assert_eq!(read_close(&mut s), Some(1000));
 }
+
+/// A client that resets its connection with data still queued to it: the
+/// `Disconnect` says so, with the reset's kind and the count of bytes not
+/// delivered, which `buffered_amount()` gives too.
+#[test]
+fn a_reset_with_data_queued_reports_what_was_not_delivered() {
+    let server = WebSocketServer::builder()
+        .workers(2)
+        .max_backpressure(64 << 20)
+        .start("127.0.0.1:0")
+        .unwrap();
+    let s = raw_ws(server.local_addr());
+    let client = expect_connect(&server);
+    // 16 MiB: far more than the sockets' buffers hold, so most of it is
+    // queued while the client reads nothing.
+    client.send(vec![7u8; 16 << 20]).unwrap();
+    let t = std::time::Instant::now();
+    while client.buffered_amount() == 0 {
+        assert!(t.elapsed() < WAIT, "nothing was queued");
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    // Closed with unread data in its receive buffer: the kernel resets.
+    drop(s);
+    let (_, _, error) = expect_disconnect(&server);
+    let Some(enjent::Error::Io(e)) = error else {
+        panic!("{error:?}")
+    };
+    let unsent = client.buffered_amount();
+    assert!(unsent > 0);
+    assert!(
+        e.to_string()
+            .ends_with(&format!("; {unsent} queued bytes were not delivered")),
+        "{e} ({:?}), {unsent} unsent",
+        e.kind()
+    );
+    assert!(
+        matches!(
+            e.kind(),
+            std::io::ErrorKind::ConnectionReset | std::io::ErrorKind::BrokenPipe
+        ),
+        "{e} ({:?})",
+        e.kind()
+    );
+}

@@ -746,11 +746,20 @@ fn teardown<T: Send + Sync + 'static>(
     if error.is_none() && close.code == CloseCode::ABNORMAL {
         error = Some(Error::Io(io::ErrorKind::UnexpectedEof.into()));
     }
-    if unsent > 0 && error.is_none() {
-        error = Some(Error::Io(io::Error::new(
-            io::ErrorKind::BrokenPipe,
-            format!("{unsent} queued bytes were not delivered"),
-        )));
+    if unsent > 0 {
+        // The count goes with the error that ended the connection (a
+        // reset, a timeout), which keeps its kind.
+        error = match error {
+            None => Some(Error::Io(io::Error::new(
+                io::ErrorKind::BrokenPipe,
+                format!("{unsent} queued bytes were not delivered"),
+            ))),
+            Some(Error::Io(e)) => Some(Error::Io(io::Error::new(
+                e.kind(),
+                format!("{e}; {unsent} queued bytes were not delivered"),
+            ))),
+            other => other,
+        };
     }
     shared.emit_disconnect(conn, close, error);
 }
