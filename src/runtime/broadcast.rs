@@ -181,7 +181,7 @@ impl<T: Send + Sync + 'static> Job<T> {
             for conn in &self.conns[k * CHUNK..end] {
                 let result = match &self.op {
                     Op::Send(frames) => frames.send(shared, conn),
-                    Op::Flush => Ok(conn.flush_taken(shared)),
+                    Op::Flush => conn.flush_taken(shared),
                 };
                 count(&mut part, result);
             }

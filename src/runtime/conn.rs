@@ -759,13 +759,17 @@ impl<T: Send + Sync + 'static> Conn<T> {
             w.writing = true;
             self.flush_holding_token(shared, w);
             let w = self.io.lock();
-            return match (w.write_error, w.out.is_empty()) {
-                (Some(_), _) => Err(Refused {
+            // Judged by the bytes still counted, not by the chunks in the
+            // queue: another writer (the job, at its end) may have taken
+            // them out to write. A connection torn down meanwhile may have
+            // dropped them (counted in its `Disconnect`): not `Written`.
+            return match (w.write_error.is_some() || w.finished, w.out.bytes()) {
+                (true, _) => Err(Refused {
                     error: Error::Closed,
                     body: None,
                 }),
-                (None, true) => Ok(SendStatus::Written),
-                (None, false) => Ok(SendStatus::Queued),
+                (false, 0) => Ok(SendStatus::Written),
+                (false, _) => Ok(SendStatus::Queued),
             };
         }
         w.writing = true;
@@ -910,13 +914,15 @@ impl<T: Send + Sync + 'static> Conn<T> {
     }
 
     /// Flush with the write token [`Conn::queue_shared`] handed over.
-    pub(crate) fn flush_taken(self: &Arc<Self>, shared: &Arc<Shared<T>>) -> SendStatus {
+    /// Judged as `write` judges its own flush.
+    pub(crate) fn flush_taken(self: &Arc<Self>, shared: &Arc<Shared<T>>) -> Result<SendStatus> {
         let w = self.io.lock();
         self.flush_holding_token(shared, w);
-        if self.io.lock().out.is_empty() {
-            SendStatus::Written
-        } else {
-            SendStatus::Queued
+        let w = self.io.lock();
+        match (w.write_error.is_some() || w.finished, w.out.bytes()) {
+            (true, _) => Err(Error::Closed),
+            (false, 0) => Ok(SendStatus::Written),
+            (false, _) => Ok(SendStatus::Queued),
         }
     }
 
