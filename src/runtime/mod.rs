@@ -356,9 +356,10 @@ impl<T: Send + Sync + 'static> Shared<T> {
     /// force them), join the threads and the pool, and end the event
     /// stream. Runs once; a second caller waits for the first to finish.
     pub(crate) fn shutdown(self: &Arc<Self>) {
-        if service::on_worker() || bridge::on_bridge_thread() {
+        if service::on_worker() || bridge::on_bridge_thread() || poller::on_poller() {
             // A worker cannot wait for the pool it belongs to, nor a
-            // bridge thread (in `on_bridge`) for the bridge.
+            // bridge thread (in `on_bridge`) for the bridge, nor the
+            // poller (in `on_error`) for itself.
             let shared = Arc::clone(self);
             let _ = std::thread::Builder::new()
                 .name("enjent-shutdown".into())

@@ -27,11 +27,14 @@ pub(crate) fn register(poller: &Poller, stream: &TcpStream, interest: Interest) 
     // SAFETY: the socket must stay open while registered. Every socket
     // registered here lives in a registry slot (as a `Pending` or a `Conn`)
     // and leaves the poller through `Poller::delete` before it is dropped:
-    // `abort_handshake`, `continue_http` (handshake.rs), `teardown` and
-    // `panic_teardown` (service.rs) are the ways out of a slot, and each
-    // deletes first a socket that was registered (the handshake's
+    // `abort_handshake`, `continue_http` (handshake.rs) and `teardown`
+    // (service.rs, also on a job's panic) are the ways out of a slot, and
+    // each deletes first a socket that was registered (the handshake's
     // `registered` flag is set before the `add`). The fd is closed only
-    // when the last `Arc<Conn>` drops, after that.
+    // when the last `Arc<Conn>` drops, after that. The one exception is a
+    // bug: a handshake job that panics drops its `Pending` as it unwinds,
+    // registered or not; on epoll, the backend on Linux, closing the only
+    // descriptor of a socket takes it out of the interest list.
     unsafe { poller.add(stream, interest) }
 }
 
@@ -54,8 +57,18 @@ pub(crate) enum Job<T> {
     Timer(Arc<crate::runtime::conn::Conn<T>>),
 }
 
+thread_local! {
+    static ON_POLLER: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Whether this is the poller thread (which `on_error` may run on).
+pub(crate) fn on_poller() -> bool {
+    ON_POLLER.with(std::cell::Cell::get)
+}
+
 /// The poller thread's loop, until shutdown sets `poller_stop`.
 pub(crate) fn run<T: Send + Sync + 'static>(shared: Arc<Shared<T>>) {
+    ON_POLLER.with(|p| p.set(true));
     let mut events = Events::new();
     let mut found = Vec::new();
     let mut due = Vec::new();
