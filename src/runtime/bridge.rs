@@ -85,6 +85,9 @@ const LINGER_BATCH: Duration = Duration::from_millis(50);
 /// How long a session may go without its own wake-up coming back (while
 /// the publisher is up) before it counts as failed.
 const VERIFY: Duration = Duration::from_secs(5);
+/// How long an unverified session waits for its wake-up before it sends
+/// another.
+const WAKE_AGAIN: Duration = Duration::from_millis(250);
 /// What an item of the outbox costs beyond its bytes.
 const ITEM_OVERHEAD: usize = 64;
 /// Origins remembered at most, and how long a silent one is kept.
@@ -836,7 +839,6 @@ fn session<T: Send + Sync + 'static>(
     let Some(names) = shared.upgrade().map(|s| s.topics.names()) else {
         return Ok(());
     };
-    sub.subscribe(&[rt.control.as_str()])?;
     let channels: Vec<String> = names
         .iter()
         .map(|n| format!("{}{n}", rt.topic_prefix))
@@ -845,6 +847,13 @@ fn session<T: Send + Sync + 'static>(
         let refs: Vec<&str> = chunk.iter().map(String::as_str).collect();
         sub.subscribe(&refs)?;
     }
+    // The control channel last: the engine answers one connection's
+    // commands in order, so our wake-up can come back on it only once
+    // every topic channel before it is subscribed (a client library may
+    // return from a many-channel subscribe at its first confirmation).
+    // A wake-up sent before the engine got this far is lost, and sent
+    // again (see `WAKE_AGAIN`).
+    sub.subscribe(&[rt.control.as_str()])?;
     let mut subscribed: HashSet<String> = channels.into_iter().collect();
     rt.counts.channels.store(subscribed.len() as u64, Relaxed);
     {
@@ -857,6 +866,8 @@ fn session<T: Send + Sync + 'static>(
     rt.out.lock().wake = true;
     rt.out_cv.notify_one();
     let started = Instant::now();
+    // When the publisher first sent a wake-up this session.
+    let mut first_wake: Option<Instant> = None;
     // Channels whose topic lost its last local subscriber, and since when,
     // and when the first of them is due to be let go.
     let mut lingering: HashMap<String, Instant> = HashMap::new();
@@ -880,15 +891,27 @@ fn session<T: Send + Sync + 'static>(
                 wait = wait.min(until);
             }
         }
+        if !*verified {
+            wait = wait.min(WAKE_AGAIN);
+        }
         let Some((channel, data)) = sub.receive(wait)? else {
-            // Nothing pending from the engine: if our wake-up went out a
-            // while ago and never came back, our channels are refused.
+            // Nothing pending from the engine: if our wake-ups have gone
+            // out for a while and none came back, our channels are
+            // refused; if the last went out a while ago, it may have
+            // beaten the control channel's subscription: another.
             let sent = *rt.wake_sent.lock();
-            if !*verified && sent.is_some_and(|t| t > started && t.elapsed() > VERIFY) {
-                return Err(io::Error::other(
-                    "nothing this server published came back through the engine: \
-                     are its channels refused (Redis ACL channel permissions)?",
-                ));
+            if !*verified && sent.is_some_and(|t| t > started) {
+                let first = *first_wake.get_or_insert(sent.unwrap_or(started));
+                if first.elapsed() > VERIFY {
+                    return Err(io::Error::other(
+                        "nothing this server published came back through the engine: \
+                         are its channels refused (Redis ACL channel permissions)?",
+                    ));
+                }
+                if sent.is_some_and(|t| t.elapsed() > WAKE_AGAIN) {
+                    rt.out.lock().wake = true;
+                    rt.out_cv.notify_one();
+                }
             }
             continue;
         };
