@@ -118,6 +118,8 @@ struct Outbox {
     epoch: u32,
     /// Send a wake-up to the receiver's control channel.
     wake: bool,
+    /// The publisher has stopped: what is pushed now is dropped.
+    abandoned: bool,
 }
 
 /// What one origin has sent this server.
@@ -216,6 +218,7 @@ impl BridgeRt {
                 seqs: HashMap::new(),
                 epoch: 0,
                 wake: false,
+                abandoned: false,
             }),
             out_cv: Condvar::new(),
             changes: Mutex::new(HashMap::new()),
@@ -283,7 +286,7 @@ impl BridgeRt {
         envelope[10..14].copy_from_slice(&out.epoch.to_be_bytes());
         envelope[14..22].copy_from_slice(&seq.to_be_bytes());
         let cost = item_cost(&channel, &envelope);
-        if out.bytes + cost > self.outbox_limit {
+        if out.bytes + cost > self.outbox_limit || out.abandoned {
             drop(out);
             self.counts.dropped.fetch_add(1, Relaxed);
             return;
@@ -728,7 +731,9 @@ pub(crate) fn run_publisher<T: Send + Sync + 'static>(rt: Arc<BridgeRt>, shared:
                 });
             }
             if batch.is_empty() {
-                // Stopping, and nothing left to send.
+                // Stopping, and nothing left to send: what is pushed now
+                // is dropped and counted.
+                out.abandoned = true;
                 return;
             }
         }
@@ -784,6 +789,9 @@ fn abandon(rt: &BridgeRt, batch: &mut Vec<Outgoing>) {
         .filter(|o| o.channel != rt.control)
         .count();
     out.bytes = 0;
+    // A publish that passed `prepare` before the stop and pushes after
+    // this is dropped and counted too.
+    out.abandoned = true;
     drop(out);
     rt.counts.dropped.fetch_add(left as u64, Relaxed);
 }
@@ -892,27 +900,31 @@ fn session<T: Send + Sync + 'static>(
             }
         }
         if !*verified {
+            // Looked at on every pass, so that other servers' traffic
+            // cannot hold it off: if our wake-ups have gone out for a
+            // while and none came back, our channels are refused; if the
+            // last went out a while ago, it may have beaten the control
+            // channel's subscription: another.
             wait = wait.min(WAKE_AGAIN);
-        }
-        let Some((channel, data)) = sub.receive(wait)? else {
-            // Nothing pending from the engine: if our wake-ups have gone
-            // out for a while and none came back, our channels are
-            // refused; if the last went out a while ago, it may have
-            // beaten the control channel's subscription: another.
             let sent = *rt.wake_sent.lock();
-            if !*verified && sent.is_some_and(|t| t > started) {
-                let first = *first_wake.get_or_insert(sent.unwrap_or(started));
-                if first.elapsed() > VERIFY {
+            if let Some(sent) = sent.filter(|t| *t > started) {
+                if first_wake.get_or_insert(sent).elapsed() > VERIFY {
                     return Err(io::Error::other(
                         "nothing this server published came back through the engine: \
                          are its channels refused (Redis ACL channel permissions)?",
                     ));
                 }
-                if sent.is_some_and(|t| t.elapsed() > WAKE_AGAIN) {
-                    rt.out.lock().wake = true;
-                    rt.out_cv.notify_one();
+                if sent.elapsed() > WAKE_AGAIN {
+                    let mut out = rt.out.lock();
+                    if !out.wake {
+                        out.wake = true;
+                        drop(out);
+                        rt.out_cv.notify_one();
+                    }
                 }
             }
+        }
+        let Some((channel, data)) = sub.receive(wait)? else {
             continue;
         };
         if channel == rt.control {

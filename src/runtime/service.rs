@@ -385,46 +385,59 @@ fn enforce_budget<T: Send + Sync + 'static>(
     if !over(0) {
         return;
     }
-    // One scan at a time: a crossing that finds one running leaves it to
-    // that scan, which sees its bytes (they were counted before).
-    let Some(scan) = shared.budget_scan.try_lock() else {
-        return;
-    };
-    // Every holder, the largest first: a scan of the open connections,
-    // but only while over the budget.
-    let mut holders: Vec<_> = shared
-        .registry
-        .snapshot()
-        .into_iter()
-        .map(|c| (c.holding_in.load(Ordering::Relaxed), c))
-        .filter(|(held, _)| *held > 0)
-        .collect();
-    holders.sort_unstable_by_key(|h| std::cmp::Reverse(h.0));
     let mut own = 0;
-    for (_, v) in holders {
-        if !over(own) {
+    loop {
+        // One scan at a time. A crossing that finds one running leaves
+        // its bytes to it: the scan looks again once it lets go, and the
+        // fences make sure that either that look sees them or this
+        // crossing gets the lock.
+        std::sync::atomic::fence(Ordering::SeqCst);
+        let Some(scan) = shared.budget_scan.try_lock() else {
+            break;
+        };
+        // Every holder, the largest first: a scan of the open
+        // connections, but only while over the budget.
+        let mut holders: Vec<_> = shared
+            .registry
+            .snapshot()
+            .into_iter()
+            .map(|c| (c.holding_in.load(Ordering::Relaxed), c))
+            .filter(|(held, _)| *held > 0)
+            .collect();
+        holders.sort_unstable_by_key(|h| std::cmp::Reverse(h.0));
+        let mut chose = false;
+        for (_, v) in holders {
+            if !over(own) {
+                break;
+            }
+            if Arc::ptr_eq(&v, conn) {
+                chose |= own == 0;
+                own = r.buffered;
+                continue;
+            }
+            let condemn = {
+                let mut w = v.io.lock();
+                // One already condemned counts as gone; one finished
+                // holds nothing (its count is zeroed as it is marked).
+                let condemn = !w.finished && !w.over_budget;
+                if condemn {
+                    w.over_budget = true;
+                    shared.condemn(&v, v.holding_in.load(Ordering::Relaxed));
+                }
+                condemn
+            };
+            if condemn {
+                chose = true;
+                crate::runtime::conn::schedule(shared, &v);
+            }
+        }
+        drop(scan);
+        std::sync::atomic::fence(Ordering::SeqCst);
+        // Crossings while it ran left their bytes to this scan.
+        if !chose || !over(own) {
             break;
         }
-        if Arc::ptr_eq(&v, conn) {
-            own = r.buffered;
-            continue;
-        }
-        let condemn = {
-            let mut w = v.io.lock();
-            // One already condemned counts as gone; one finished holds
-            // nothing (its count is zeroed as it is marked).
-            let condemn = !w.finished && !w.over_budget;
-            if condemn {
-                w.over_budget = true;
-                shared.condemn(&v, v.holding_in.load(Ordering::Relaxed));
-            }
-            condemn
-        };
-        if condemn {
-            crate::runtime::conn::schedule(shared, &v);
-        }
     }
-    drop(scan);
     if own > 0 {
         // Chosen by a scan of another's meanwhile, it is failed now all
         // the same: that condemnation is taken back first.

@@ -460,6 +460,10 @@ impl<T: Send + Sync + 'static> Topics<T> {
         let flushed = crate::runtime::broadcast::flush_all(shared, to_flush);
         report.written += flushed.written;
         report.queued += flushed.queued;
+        // A subscriber whose write failed, or that was torn down between
+        // queueing and flushing, lost it with the connection.
+        report.closed += flushed.closed;
+        report.dropped += flushed.dropped;
         report
     }
 }
@@ -540,5 +544,27 @@ mod tests {
         others.join().unwrap();
         assert!(joiner.join().unwrap());
         assert_eq!(server.subscribers("hot"), 2);
+    }
+
+    /// A subscriber whose socket fails as the publish writes to it is
+    /// counted `closed`: every subscriber is in one of the report's
+    /// counts.
+    #[test]
+    fn a_subscriber_whose_write_fails_is_counted_closed() {
+        let server = WebSocketServer::builder()
+            .workers(2)
+            .start("127.0.0.1:0")
+            .unwrap();
+        let (_sa, a) = join(&server);
+        assert!(a.subscribe("t").unwrap());
+        let conn = server.shared().registry.get(a.id()).unwrap();
+        // The server's side can no longer write; nothing else knows yet.
+        conn.stream.shutdown(std::net::Shutdown::Write).unwrap();
+        let report = server.publish("t", "lost");
+        assert_eq!(
+            (report.written, report.queued, report.dropped, report.closed),
+            (0, 0, 0, 1),
+            "{report:?}"
+        );
     }
 }
