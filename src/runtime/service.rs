@@ -165,10 +165,7 @@ fn service_inner<T: Send + Sync + 'static>(
         };
         let (drain, condemned) = {
             let mut w = conn.io.lock();
-            (
-                std::mem::take(&mut w.drain_due),
-                std::mem::take(&mut w.over_budget),
-            )
+            (std::mem::take(&mut w.drain_due), w.over_budget)
         };
         if condemned {
             budget_call(shared, conn, &mut r);
@@ -346,11 +343,11 @@ fn note_buffered<T>(shared: &Shared<T>, conn: &Conn<T>, r: &mut ReadSide) -> boo
     if grew {
         shared
             .buffered_in
-            .fetch_add(now - r.buffered, Ordering::Relaxed);
+            .fetch_add(now - r.buffered, Ordering::SeqCst);
     } else {
         shared
             .buffered_in
-            .fetch_sub(r.buffered - now, Ordering::Relaxed);
+            .fetch_sub(r.buffered - now, Ordering::SeqCst);
     }
     r.buffered = now;
     grew
@@ -371,94 +368,116 @@ fn enforce_budget<T: Send + Sync + 'static>(
     conn: &Arc<Conn<T>>,
     r: &mut ReadSide,
 ) {
-    let budget = shared.config.max_buffered_bytes;
-    // `own`: this connection's bytes, once it is chosen (it is failed
-    // here, after the scan).
-    let over = |own: usize| {
-        shared
-            .buffered_in
-            .load(Ordering::Relaxed)
-            .saturating_sub(shared.condemned_in.load(Ordering::Relaxed))
-            .saturating_sub(own)
-            > budget
-    };
-    if !over(0) {
-        return;
-    }
-    let mut own = 0;
-    loop {
+    // A pass looks again when it is over, for crossings that came while
+    // it held the lock (bounded, should a pass find no one to choose).
+    for _ in 0..8 {
+        if !over_budget(shared, 0) {
+            return;
+        }
         // One scan at a time. A crossing that finds one running leaves
         // its bytes to it: the scan looks again once it lets go, and the
         // fences make sure that either that look sees them or this
         // crossing gets the lock.
         std::sync::atomic::fence(Ordering::SeqCst);
         let Some(scan) = shared.budget_scan.try_lock() else {
-            break;
+            return;
         };
-        // Every holder, the largest first: a scan of the open
-        // connections, but only while over the budget.
-        let mut holders: Vec<_> = shared
-            .registry
-            .snapshot()
-            .into_iter()
-            .map(|c| (c.holding_in.load(Ordering::Relaxed), c))
-            .filter(|(held, _)| *held > 0)
-            .collect();
-        holders.sort_unstable_by_key(|h| std::cmp::Reverse(h.0));
-        let mut chose = false;
-        for (_, v) in holders {
-            if !over(own) {
-                break;
-            }
-            if Arc::ptr_eq(&v, conn) {
-                chose |= own == 0;
-                own = r.buffered;
-                continue;
-            }
-            let condemn = {
-                let mut w = v.io.lock();
-                // One already condemned counts as gone; one finished
-                // holds nothing (its count is zeroed as it is marked).
-                let condemn = !w.finished && !w.over_budget;
-                if condemn {
-                    w.over_budget = true;
-                    shared.condemn(&v, v.holding_in.load(Ordering::Relaxed));
-                }
-                condemn
-            };
-            if condemn {
-                chose = true;
-                crate::runtime::conn::schedule(shared, &v);
-            }
-        }
+        scan_budget(shared, conn, r);
         drop(scan);
         std::sync::atomic::fence(Ordering::SeqCst);
-        // Crossings while it ran left their bytes to this scan.
-        if !chose || !over(own) {
+    }
+}
+
+/// Whether the partial input held, less what is condemned and `own`
+/// (this job's, once chosen), is over `max_buffered_bytes`.
+fn over_budget<T>(shared: &Shared<T>, own: usize) -> bool {
+    shared
+        .buffered_in
+        .load(Ordering::SeqCst)
+        .saturating_sub(shared.condemned_in.load(Ordering::SeqCst))
+        .saturating_sub(own)
+        > shared.config.max_buffered_bytes
+}
+
+/// One scan, with `budget_scan` held: condemn the largest holders until
+/// the rest fit; this job's own connection, if among them, is failed
+/// here.
+fn scan_budget<T: Send + Sync + 'static>(
+    shared: &Arc<Shared<T>>,
+    conn: &Arc<Conn<T>>,
+    r: &mut ReadSide,
+) {
+    // Every holder, the largest first: a scan of the open connections,
+    // but only while over the budget.
+    let mut holders: Vec<_> = shared
+        .registry
+        .snapshot()
+        .into_iter()
+        .map(|c| (c.holding_in.load(Ordering::Relaxed), c))
+        .filter(|(held, _)| *held > 0)
+        .collect();
+    holders.sort_unstable_by_key(|h| std::cmp::Reverse(h.0));
+    let mut own = 0;
+    for (_, v) in holders {
+        if !over_budget(shared, own) {
             break;
         }
-    }
-    if own > 0 {
-        // Chosen by a scan of another's meanwhile, it is failed now all
-        // the same: that condemnation is taken back first.
-        let condemned = std::mem::take(&mut conn.io.lock().over_budget);
-        if condemned {
-            shared.acquit(conn);
+        if Arc::ptr_eq(&v, conn) {
+            own = r.buffered;
+            continue;
         }
-        fail_for_budget(shared, conn, r);
+        let condemn = {
+            let mut w = v.io.lock();
+            // One already condemned counts as gone; one finished holds
+            // nothing (its count is zeroed as it is marked).
+            let condemn = !w.finished && !w.over_budget;
+            if condemn {
+                w.over_budget = true;
+                shared.condemn(&v, v.holding_in.load(Ordering::Relaxed));
+            }
+            condemn
+        };
+        if condemn {
+            crate::runtime::conn::schedule(shared, &v);
+        }
+    }
+    if own == 0 {
+        return;
+    }
+    // Chosen: failed now, its bytes let go first, then any condemnation
+    // another scan made of it taken back (the other way round, others
+    // would see its bytes counted a moment with nothing to cover them).
+    let condemned = std::mem::take(&mut conn.io.lock().over_budget);
+    fail_for_budget(shared, conn, r);
+    if condemned {
+        shared.acquit(conn);
     }
 }
 
 /// The job of a connection condemned for the budget: let go of the
 /// condemnation and choose again with fresh counts; if it is still among
-/// the largest holders, it is failed now.
+/// the largest holders, it is failed now. Waits for a scan that is
+/// running (it may have counted this one's bytes as condemned), so that
+/// no scan sees them neither condemned nor chosen.
 fn budget_call<T: Send + Sync + 'static>(
     shared: &Arc<Shared<T>>,
     conn: &Arc<Conn<T>>,
     r: &mut ReadSide,
 ) {
-    shared.acquit(conn);
+    let scan = shared.budget_scan.lock();
+    // Taken under the scan's lock, as scans set it: no scan sees this
+    // connection between its mark and its count (it would count it
+    // twice).
+    if std::mem::take(&mut conn.io.lock().over_budget) {
+        shared.acquit(conn);
+    }
     note_buffered(shared, conn, r);
+    if over_budget(shared, 0) {
+        scan_budget(shared, conn, r);
+    }
+    drop(scan);
+    std::sync::atomic::fence(Ordering::SeqCst);
+    // Crossings while it held the lock left their bytes to it.
     enforce_budget(shared, conn, r);
 }
 
