@@ -237,6 +237,14 @@ impl<T: Send + Sync + 'static> Client<T> {
         }
     }
 
+    /// Bytes counted as never delivered (by a teardown, under the
+    /// connection's `io` lock).
+    pub(crate) fn unsent(&self) -> usize {
+        self.inner
+            .extra()
+            .map_or(0, |e| e.unsent.load(Ordering::Relaxed))
+    }
+
     pub(crate) fn add_unsent(&self, bytes: usize) {
         if bytes > 0 {
             let e = self.inner.extra_or_new();
@@ -346,9 +354,7 @@ impl<T: Send + Sync + 'static> Client<T> {
                 return w.out.bytes();
             }
         }
-        self.inner
-            .extra()
-            .map_or(0, |e| e.unsent.load(Ordering::Relaxed))
+        self.unsent()
     }
 
     /// Send a ping with an empty payload.

@@ -759,18 +759,9 @@ impl<T: Send + Sync + 'static> Conn<T> {
             w.writing = true;
             self.flush_holding_token(shared, w);
             let w = self.io.lock();
-            // Judged by the bytes still counted, not by the chunks in the
-            // queue: another writer (the job, at its end) may have taken
-            // them out to write. A connection torn down meanwhile may have
-            // dropped them (counted in its `Disconnect`): not `Written`.
-            return match (w.write_error.is_some() || w.finished, w.out.bytes()) {
-                (true, _) => Err(Refused {
-                    error: Error::Closed,
-                    body: None,
-                }),
-                (false, 0) => Ok(SendStatus::Written),
-                (false, _) => Ok(SendStatus::Queued),
-            };
+            return self
+                .judge(&w)
+                .map_err(|error| Refused { error, body: None });
         }
         w.writing = true;
         drop(w);
@@ -914,15 +905,24 @@ impl<T: Send + Sync + 'static> Conn<T> {
     }
 
     /// Flush with the write token [`Conn::queue_shared`] handed over.
-    /// Judged as `write` judges its own flush.
     pub(crate) fn flush_taken(self: &Arc<Self>, shared: &Arc<Shared<T>>) -> Result<SendStatus> {
         let w = self.io.lock();
         self.flush_holding_token(shared, w);
-        let w = self.io.lock();
-        match (w.write_error.is_some() || w.finished, w.out.bytes()) {
-            (true, _) => Err(Error::Closed),
-            (false, 0) => Ok(SendStatus::Written),
-            (false, _) => Ok(SendStatus::Queued),
+        self.judge(&self.io.lock())
+    }
+
+    /// What became of a frame queued and then flushed, judged by the bytes
+    /// still counted, not by the chunks in the queue: another writer (the
+    /// job, at its end) may have taken them out to write. A connection
+    /// torn down since wrote it if nothing was counted lost then (a client
+    /// that read everything and left); otherwise it may have been lost.
+    fn judge(&self, w: &WriteSide) -> Result<SendStatus> {
+        if w.write_error.is_some() || (w.finished && self.client.unsent() > 0) {
+            Err(Error::Closed)
+        } else if w.finished || w.out.bytes() == 0 {
+            Ok(SendStatus::Written)
+        } else {
+            Ok(SendStatus::Queued)
         }
     }
 

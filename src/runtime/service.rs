@@ -731,9 +731,11 @@ fn teardown<T: Send + Sync + 'static>(
             shared.acquit(conn);
         }
         let unsent = w.out.clear(&shared.counters);
+        // Counted under the lock that marks it finished: a sender that
+        // finds it finished reads whether anything was lost.
+        conn.client.add_unsent(unsent);
         (unsent, w.closed_for_backpressure, w.write_error)
     };
-    conn.client.add_unsent(unsent);
     // Subscriptions end before the `Disconnect`: a subscriber count read
     // after it no longer counts this client.
     shared.topics.remove_client(conn);
