@@ -890,7 +890,6 @@ impl<T: Send + Sync + 'static> Builder<T> {
             counters: Counters::default(),
             buffered_in: AtomicUsize::new(0),
             condemned: parking_lot::Mutex::new(Vec::new()),
-            condemned_in: AtomicUsize::new(0),
             budget_scan: parking_lot::Mutex::new(()),
             unparsed_in: AtomicUsize::new(0),
             stopping: AtomicBool::new(false),

@@ -211,7 +211,7 @@ pub(crate) struct WriteSide {
     pub(crate) last_progress_ms: u64,
     /// The server-wide budget for partial input is exceeded and this
     /// connection was among the largest holders (its bytes are in
-    /// `Shared::condemned`): its job chooses again, and fails it with 1009
+    /// `Shared::condemned`): its job judges it again, and fails it with 1009
     /// if it still must be.
     pub(crate) over_budget: bool,
     /// Shutdown ran out of patience: tear down now.

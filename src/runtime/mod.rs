@@ -96,10 +96,9 @@ pub(crate) struct Shared<T> {
     pub(crate) room_cv: Condvar,
     pub(crate) counters: Counters,
     /// Connections chosen to be failed for `max_buffered_bytes` whose
-    /// jobs have not done it yet, by id, with the partial input they held
-    /// then; and its sum, which the budget counts as gone.
-    pub(crate) condemned: Mutex<Vec<(crate::ClientId, usize)>>,
-    pub(crate) condemned_in: std::sync::atomic::AtomicUsize,
+    /// jobs have not done it yet: the budget counts what they hold now as
+    /// gone (read live, so nothing stored can drift).
+    pub(crate) condemned: Mutex<Vec<Arc<conn::Conn<T>>>>,
     /// Held by the one scan for the largest holders.
     pub(crate) budget_scan: Mutex<()>,
     /// Input read but kept unparsed by flow control, all connections.
@@ -452,18 +451,25 @@ impl<T: Send + Sync + 'static> Shared<T> {
         shared.events.close();
     }
 
-    /// Count `conn`'s `held` bytes as condemned for the budget.
-    pub(crate) fn condemn(&self, conn: &conn::Conn<T>, held: usize) {
-        self.condemned.lock().push((conn.client.id(), held));
-        self.condemned_in.fetch_add(held, Ordering::Relaxed);
+    /// Count what `conn` holds as condemned for the budget.
+    pub(crate) fn condemn(&self, conn: &Arc<conn::Conn<T>>) {
+        self.condemned.lock().push(Arc::clone(conn));
     }
 
-    /// Take back what `condemn` counted for `conn`, if anything.
+    /// What the condemned connections hold now.
+    pub(crate) fn condemned_bytes(&self) -> usize {
+        self.condemned
+            .lock()
+            .iter()
+            .map(|c| c.holding_in.load(Ordering::SeqCst))
+            .sum()
+    }
+
+    /// Take `conn` out of the condemned, if it is there.
     pub(crate) fn acquit(&self, conn: &conn::Conn<T>) {
         let mut list = self.condemned.lock();
-        if let Some(i) = list.iter().position(|e| e.0 == conn.client.id()) {
-            let (_, held) = list.swap_remove(i);
-            self.condemned_in.fetch_sub(held, Ordering::Relaxed);
+        if let Some(i) = list.iter().position(|c| std::ptr::eq(&**c, conn)) {
+            list.swap_remove(i);
         }
     }
 

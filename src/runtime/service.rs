@@ -338,7 +338,7 @@ fn note_buffered<T>(shared: &Shared<T>, conn: &Conn<T>, r: &mut ReadSide) -> boo
     if now == r.buffered {
         return false;
     }
-    conn.holding_in.store(now, Ordering::Relaxed);
+    conn.holding_in.store(now, Ordering::SeqCst);
     let grew = now > r.buffered;
     if grew {
         shared
@@ -357,23 +357,23 @@ fn note_buffered<T>(shared: &Shared<T>, conn: &Conn<T>, r: &mut ReadSide) -> boo
 /// rest fit, whichever connection crossed the line.
 ///
 /// A holder chosen is failed by its own job (only that job may touch its
-/// decoder), which may be late: busy, or blocked in a handler. Its bytes
-/// count as condemned meanwhile, so the next crossing chooses from the
-/// others instead of waiting for it, and one crossing does not condemn
-/// more than it must. When its job comes to it, the choice is made again
-/// with fresh counts (see [`budget_call`]), so a holder that finished its
+/// decoder), which may be late: busy, or blocked in a handler. What it
+/// holds counts as condemned meanwhile (read live, as it grows or lets
+/// go), so the next crossing chooses from the others instead of waiting
+/// for it, and one crossing does not condemn more than it must. When its
+/// job comes to it (see [`budget_call`]), it is failed if it still holds
+/// something and the total is still over, so a holder that finished its
 /// message meanwhile is not closed for bytes it no longer holds.
 fn enforce_budget<T: Send + Sync + 'static>(
     shared: &Arc<Shared<T>>,
     conn: &Arc<Conn<T>>,
     r: &mut ReadSide,
 ) {
-    // A pass looks again when it is over, for crossings that came while
-    // it held the lock (bounded, should a pass find no one to choose).
-    for _ in 0..8 {
-        if !over_budget(shared, 0) {
-            return;
-        }
+    // A pass looks again while the total is over, for crossings that came
+    // while it held the lock; it stops after two passes that could choose
+    // no one (the second with a fresh look at every holder).
+    let mut idle = 0;
+    while over_budget(shared, 0) {
         // One scan at a time. A crossing that finds one running leaves
         // its bytes to it: the scan looks again once it lets go, and the
         // fences make sure that either that look sees them or this
@@ -382,42 +382,47 @@ fn enforce_budget<T: Send + Sync + 'static>(
         let Some(scan) = shared.budget_scan.try_lock() else {
             return;
         };
-        scan_budget(shared, conn, r);
+        let progress = scan_budget(shared, conn, r);
         drop(scan);
         std::sync::atomic::fence(Ordering::SeqCst);
+        idle = if progress { 0 } else { idle + 1 };
+        if idle == 2 {
+            return;
+        }
     }
 }
 
-/// Whether the partial input held, less what is condemned and `own`
+/// Whether the partial input held, less what the condemned hold and `own`
 /// (this job's, once chosen), is over `max_buffered_bytes`.
-fn over_budget<T>(shared: &Shared<T>, own: usize) -> bool {
-    shared
-        .buffered_in
-        .load(Ordering::SeqCst)
-        .saturating_sub(shared.condemned_in.load(Ordering::SeqCst))
-        .saturating_sub(own)
-        > shared.config.max_buffered_bytes
+fn over_budget<T: Send + Sync + 'static>(shared: &Shared<T>, own: usize) -> bool {
+    let budget = shared.config.max_buffered_bytes;
+    let total = shared.buffered_in.load(Ordering::SeqCst);
+    total > budget
+        && total
+            .saturating_sub(shared.condemned_bytes())
+            .saturating_sub(own)
+            > budget
 }
 
 /// One scan, with `budget_scan` held: condemn the largest holders until
 /// the rest fit; this job's own connection, if among them, is failed
-/// here.
+/// here. Whether it chose anyone.
 fn scan_budget<T: Send + Sync + 'static>(
     shared: &Arc<Shared<T>>,
     conn: &Arc<Conn<T>>,
     r: &mut ReadSide,
-) {
+) -> bool {
     // Every holder, the largest first: a scan of the open connections,
     // but only while over the budget.
     let mut holders: Vec<_> = shared
         .registry
         .snapshot()
         .into_iter()
-        .map(|c| (c.holding_in.load(Ordering::Relaxed), c))
+        .map(|c| (c.holding_in.load(Ordering::SeqCst), c))
         .filter(|(held, _)| *held > 0)
         .collect();
     holders.sort_unstable_by_key(|h| std::cmp::Reverse(h.0));
-    let mut own = 0;
+    let (mut chose, mut own) = (false, 0);
     for (_, v) in holders {
         if !over_budget(shared, own) {
             break;
@@ -433,49 +438,49 @@ fn scan_budget<T: Send + Sync + 'static>(
             let condemn = !w.finished && !w.over_budget;
             if condemn {
                 w.over_budget = true;
-                shared.condemn(&v, v.holding_in.load(Ordering::Relaxed));
+                shared.condemn(&v);
             }
             condemn
         };
         if condemn {
+            chose = true;
             crate::runtime::conn::schedule(shared, &v);
         }
     }
     if own == 0 {
-        return;
+        return chose;
     }
     // Chosen: failed now, its bytes let go first, then any condemnation
-    // another scan made of it taken back (the other way round, others
-    // would see its bytes counted a moment with nothing to cover them).
+    // another scan made of it taken back.
     let condemned = std::mem::take(&mut conn.io.lock().over_budget);
     fail_for_budget(shared, conn, r);
     if condemned {
         shared.acquit(conn);
     }
+    true
 }
 
-/// The job of a connection condemned for the budget: let go of the
-/// condemnation and choose again with fresh counts; if it is still among
-/// the largest holders, it is failed now. Waits for a scan that is
-/// running (it may have counted this one's bytes as condemned), so that
-/// no scan sees them neither condemned nor chosen.
+/// The job of a connection condemned for the budget: failed if it still
+/// holds something and the total, its bytes counted again, is still
+/// over; then the others are looked at, should the total still be over.
+/// Its condemnation is taken back under the scan's lock (waiting for a
+/// running scan), as scans make them: no scan sees it between its mark
+/// and its place in the list.
 fn budget_call<T: Send + Sync + 'static>(
     shared: &Arc<Shared<T>>,
     conn: &Arc<Conn<T>>,
     r: &mut ReadSide,
 ) {
-    let scan = shared.budget_scan.lock();
-    // Taken under the scan's lock, as scans set it: no scan sees this
-    // connection between its mark and its count (it would count it
-    // twice).
-    if std::mem::take(&mut conn.io.lock().over_budget) {
-        shared.acquit(conn);
+    {
+        let _scan = shared.budget_scan.lock();
+        if std::mem::take(&mut conn.io.lock().over_budget) {
+            shared.acquit(conn);
+        }
+        note_buffered(shared, conn, r);
+        if r.buffered > 0 && over_budget(shared, 0) {
+            fail_for_budget(shared, conn, r);
+        }
     }
-    note_buffered(shared, conn, r);
-    if over_budget(shared, 0) {
-        scan_budget(shared, conn, r);
-    }
-    drop(scan);
     std::sync::atomic::fence(Ordering::SeqCst);
     // Crossings while it held the lock left their bytes to it.
     enforce_budget(shared, conn, r);
@@ -725,9 +730,9 @@ fn teardown<T: Send + Sync + 'static>(
         // nothing.
         let held_in = conn.holding_in.swap(0, Ordering::Relaxed);
         shared.buffered_in.fetch_sub(held_in, Ordering::Relaxed);
+        // Chosen to be failed for the budget, and gone first: no longer
+        // condemned (what it held is no longer counted either).
         if std::mem::take(&mut w.over_budget) {
-            // Chosen to be failed for the budget, and gone first: its
-            // bytes are no longer condemned (nor counted).
             shared.acquit(conn);
         }
         let unsent = w.out.clear(&shared.counters);
