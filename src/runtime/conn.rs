@@ -83,11 +83,11 @@ pub(crate) struct ReadSide {
     pub(crate) eof: bool,
     pub(crate) write_shut: bool,
     /// Input read but not yet parsed: flow control paused the connection
-    /// in the middle of a read. At most one read's worth, and counted
-    /// with the partial input in the server-wide budget.
+    /// in the middle of a read. At most one read's worth, counted apart
+    /// (`Shared::unparsed_in`), not in the partial-input budget.
     pub(crate) rest: Vec<u8>,
-    /// Bytes of partial input (`proto.buffered()` plus `rest`) last
-    /// counted in the server-wide total.
+    /// Bytes of partial input (`proto.buffered()`) last counted in the
+    /// server-wide total.
     pub(crate) buffered: usize,
 }
 
