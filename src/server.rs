@@ -889,7 +889,7 @@ impl<T: Send + Sync + 'static> Builder<T> {
             room_cv: parking_lot::Condvar::new(),
             counters: Counters::default(),
             buffered_in: AtomicUsize::new(0),
-            condemned: parking_lot::Mutex::new(Vec::new()),
+            condemned_in: AtomicUsize::new(0),
             budget_scan: parking_lot::Mutex::new(()),
             unparsed_in: AtomicUsize::new(0),
             stopping: AtomicBool::new(false),

@@ -209,11 +209,6 @@ pub(crate) struct WriteSide {
     /// Server clock (ms) of the last write that took bytes: a client
     /// paused because it does not read shows its idleness here.
     pub(crate) last_progress_ms: u64,
-    /// The server-wide budget for partial input is exceeded and this
-    /// connection was among the largest holders (its bytes are in
-    /// `Shared::condemned`): its job judges it again, and fails it with 1009
-    /// if it still must be.
-    pub(crate) over_budget: bool,
     /// Shutdown ran out of patience: tear down now.
     pub(crate) force_close: bool,
     pub(crate) finished: bool,
@@ -247,6 +242,10 @@ impl WriteSide {
     }
 }
 
+/// The top bit of `Conn::holding_in`: condemned for the budget. A
+/// connection never holds 2^31 bytes of a message, even on 32-bit targets.
+pub(crate) const CONDEMNED: usize = 1 << (usize::BITS - 1);
+
 pub(crate) struct Conn<T> {
     pub(crate) stream: TcpStream,
     pub(crate) client: Client<T>,
@@ -261,7 +260,9 @@ pub(crate) struct Conn<T> {
     /// 0 when none.
     pub(crate) timer_at: AtomicU64,
     /// Bytes of partial input held (the read side's `buffered`), readable
-    /// by other jobs looking for the largest holder.
+    /// by other jobs looking for the largest holders; with the
+    /// `CONDEMNED` bit once it is chosen to be failed for the budget (its
+    /// job then judges it, and fails it with 1009 if it still must be).
     pub(crate) holding_in: AtomicUsize,
     /// permessage-deflate's sending side, when negotiated.
     #[cfg(feature = "deflate")]
@@ -374,7 +375,6 @@ impl<T: Send + Sync + 'static> Conn<T> {
                 pong_due: false,
                 closed_for_backpressure: false,
                 last_progress_ms: now_ms,
-                over_budget: false,
                 force_close: false,
                 finished: false,
             }),

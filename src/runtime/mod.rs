@@ -95,10 +95,11 @@ pub(crate) struct Shared<T> {
     pub(crate) room: Mutex<()>,
     pub(crate) room_cv: Condvar,
     pub(crate) counters: Counters,
-    /// Connections chosen to be failed for `max_buffered_bytes` whose
-    /// jobs have not done it yet: the budget counts what they hold now as
-    /// gone (read live, so nothing stored can drift).
-    pub(crate) condemned: Mutex<Vec<Arc<conn::Conn<T>>>>,
+    /// Partial input held by connections chosen to be failed for
+    /// `max_buffered_bytes` whose jobs have not done it yet (those whose
+    /// `holding_in` has its `CONDEMNED` bit): the budget counts it as
+    /// gone. Kept exact as they grow or let go (see `note_buffered`).
+    pub(crate) condemned_in: std::sync::atomic::AtomicUsize,
     /// Held by the one scan for the largest holders.
     pub(crate) budget_scan: Mutex<()>,
     /// Input read but kept unparsed by flow control, all connections.
@@ -451,26 +452,28 @@ impl<T: Send + Sync + 'static> Shared<T> {
         shared.events.close();
     }
 
-    /// Count what `conn` holds as condemned for the budget.
-    pub(crate) fn condemn(&self, conn: &Arc<conn::Conn<T>>) {
-        self.condemned.lock().push(Arc::clone(conn));
-    }
-
-    /// What the condemned connections hold now.
-    pub(crate) fn condemned_bytes(&self) -> usize {
-        self.condemned
-            .lock()
-            .iter()
-            .map(|c| c.holding_in.load(Ordering::SeqCst))
-            .sum()
-    }
-
-    /// Take `conn` out of the condemned, if it is there.
-    pub(crate) fn acquit(&self, conn: &conn::Conn<T>) {
-        let mut list = self.condemned.lock();
-        if let Some(i) = list.iter().position(|c| std::ptr::eq(&**c, conn)) {
-            list.swap_remove(i);
+    /// Mark `conn` condemned for the budget, what it holds counted as
+    /// gone; false if it was already.
+    pub(crate) fn condemn(&self, conn: &conn::Conn<T>) -> bool {
+        let old = conn.holding_in.fetch_or(conn::CONDEMNED, Ordering::SeqCst);
+        if old & conn::CONDEMNED != 0 {
+            return false;
         }
+        self.condemned_in.fetch_add(old, Ordering::SeqCst);
+        true
+    }
+
+    /// Take `conn`'s condemnation back; false if it had none.
+    pub(crate) fn acquit(&self, conn: &conn::Conn<T>) -> bool {
+        let old = conn
+            .holding_in
+            .fetch_and(!conn::CONDEMNED, Ordering::SeqCst);
+        if old & conn::CONDEMNED == 0 {
+            return false;
+        }
+        self.condemned_in
+            .fetch_sub(old & !conn::CONDEMNED, Ordering::SeqCst);
+        true
     }
 
     /// Queue `conn` for a flush job; the first connection into an empty

@@ -13,7 +13,7 @@ use crate::error::{DecodeError, Error};
 use crate::message::{CloseCode, CloseFrame};
 use crate::proto::conn::{Output, State};
 use crate::proto::frame::OpCode;
-use crate::runtime::conn::{Conn, ReadSide};
+use crate::runtime::conn::{CONDEMNED, Conn, ReadSide};
 use crate::runtime::timer::Timers;
 use crate::runtime::{Shared, ms, panic_close};
 use crate::stats::Counters;
@@ -163,11 +163,8 @@ fn service_inner<T: Send + Sync + 'static>(
         let Some(mut r) = conn.take_read(shared.limits) else {
             return;
         };
-        let (drain, condemned) = {
-            let mut w = conn.io.lock();
-            (std::mem::take(&mut w.drain_due), w.over_budget)
-        };
-        if condemned {
+        let drain = std::mem::take(&mut conn.io.lock().drain_due);
+        if conn.holding_in.load(Ordering::SeqCst) & CONDEMNED != 0 {
             budget_call(shared, conn, &mut r);
         }
         if drain
@@ -338,16 +335,28 @@ fn note_buffered<T>(shared: &Shared<T>, conn: &Conn<T>, r: &mut ReadSide) -> boo
     if now == r.buffered {
         return false;
     }
-    conn.holding_in.store(now, Ordering::SeqCst);
+    // The condemned bit is kept; a condemned holder's growth or release
+    // moves the condemned total too, so that it stays exact.
+    let old = conn
+        .holding_in
+        .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |h| {
+            Some(h & CONDEMNED | now)
+        })
+        .unwrap_or_else(|h| h);
+    let condemned = old & CONDEMNED != 0;
     let grew = now > r.buffered;
     if grew {
-        shared
-            .buffered_in
-            .fetch_add(now - r.buffered, Ordering::SeqCst);
+        let more = now - r.buffered;
+        shared.buffered_in.fetch_add(more, Ordering::SeqCst);
+        if condemned {
+            shared.condemned_in.fetch_add(more, Ordering::SeqCst);
+        }
     } else {
-        shared
-            .buffered_in
-            .fetch_sub(r.buffered - now, Ordering::SeqCst);
+        let less = r.buffered - now;
+        if condemned {
+            shared.condemned_in.fetch_sub(less, Ordering::SeqCst);
+        }
+        shared.buffered_in.fetch_sub(less, Ordering::SeqCst);
     }
     r.buffered = now;
     grew
@@ -370,10 +379,10 @@ fn enforce_budget<T: Send + Sync + 'static>(
     r: &mut ReadSide,
 ) {
     // A pass looks again while the total is over, for crossings that came
-    // while it held the lock; it stops after two passes that could choose
-    // no one (the second with a fresh look at every holder).
-    let mut idle = 0;
-    while over_budget(shared, 0) {
+    // while it held the lock; bounded, so that under steady pressure no
+    // one job scans for ever (the next crossing scans again).
+    let (mut passes, mut idle) = (0, 0);
+    while over_budget(shared, 0) && passes < 16 {
         // One scan at a time. A crossing that finds one running leaves
         // its bytes to it: the scan looks again once it lets go, and the
         // fences make sure that either that look sees them or this
@@ -385,8 +394,11 @@ fn enforce_budget<T: Send + Sync + 'static>(
         let progress = scan_budget(shared, conn, r);
         drop(scan);
         std::sync::atomic::fence(Ordering::SeqCst);
+        passes += 1;
         idle = if progress { 0 } else { idle + 1 };
-        if idle == 2 {
+        if idle == 3 {
+            // Over, with no one left to choose: what is over is held by
+            // connections being torn down, or counted a moment early.
             return;
         }
     }
@@ -394,14 +406,13 @@ fn enforce_budget<T: Send + Sync + 'static>(
 
 /// Whether the partial input held, less what the condemned hold and `own`
 /// (this job's, once chosen), is over `max_buffered_bytes`.
-fn over_budget<T: Send + Sync + 'static>(shared: &Shared<T>, own: usize) -> bool {
-    let budget = shared.config.max_buffered_bytes;
-    let total = shared.buffered_in.load(Ordering::SeqCst);
-    total > budget
-        && total
-            .saturating_sub(shared.condemned_bytes())
-            .saturating_sub(own)
-            > budget
+fn over_budget<T>(shared: &Shared<T>, own: usize) -> bool {
+    shared
+        .buffered_in
+        .load(Ordering::SeqCst)
+        .saturating_sub(shared.condemned_in.load(Ordering::SeqCst))
+        .saturating_sub(own)
+        > shared.config.max_buffered_bytes
 }
 
 /// One scan, with `budget_scan` held: condemn the largest holders until
@@ -412,14 +423,14 @@ fn scan_budget<T: Send + Sync + 'static>(
     conn: &Arc<Conn<T>>,
     r: &mut ReadSide,
 ) -> bool {
-    // Every holder, the largest first: a scan of the open connections,
-    // but only while over the budget.
+    // Every holder not condemned yet, the largest first: a scan of the
+    // open connections, but only while over the budget.
     let mut holders: Vec<_> = shared
         .registry
         .snapshot()
         .into_iter()
         .map(|c| (c.holding_in.load(Ordering::SeqCst), c))
-        .filter(|(held, _)| *held > 0)
+        .filter(|(held, _)| *held > 0 && *held & CONDEMNED == 0)
         .collect();
     holders.sort_unstable_by_key(|h| std::cmp::Reverse(h.0));
     let (mut chose, mut own) = (false, 0);
@@ -431,18 +442,9 @@ fn scan_budget<T: Send + Sync + 'static>(
             own = r.buffered;
             continue;
         }
-        let condemn = {
-            let mut w = v.io.lock();
-            // One already condemned counts as gone; one finished holds
-            // nothing (its count is zeroed as it is marked).
-            let condemn = !w.finished && !w.over_budget;
-            if condemn {
-                w.over_budget = true;
-                shared.condemn(&v);
-            }
-            condemn
-        };
-        if condemn {
+        // A connection torn down since holds nothing: condemning it
+        // counts nothing, and its job is not run again.
+        if shared.condemn(&v) {
             chose = true;
             crate::runtime::conn::schedule(shared, &v);
         }
@@ -450,22 +452,19 @@ fn scan_budget<T: Send + Sync + 'static>(
     if own == 0 {
         return chose;
     }
-    // Chosen: failed now, its bytes let go first, then any condemnation
-    // another scan made of it taken back.
-    let condemned = std::mem::take(&mut conn.io.lock().over_budget);
+    // Chosen: failed now, its bytes let go, and then any condemnation
+    // another scan made of it (by now of nothing) taken back.
     fail_for_budget(shared, conn, r);
-    if condemned {
-        shared.acquit(conn);
-    }
+    shared.acquit(conn);
     true
 }
 
-/// The job of a connection condemned for the budget: failed if it still
-/// holds something and the total, its bytes counted again, is still
-/// over; then the others are looked at, should the total still be over.
-/// Its condemnation is taken back under the scan's lock (waiting for a
-/// running scan), as scans make them: no scan sees it between its mark
-/// and its place in the list.
+/// The job of a connection condemned for the budget, judged with fresh
+/// counts under the scan's lock (waiting for a running scan, which counts
+/// it as gone): nothing if the total now fits; failed if it still holds
+/// part of a message and failing it alone is enough; otherwise a ranked
+/// scan chooses (maybe it). Then the others are looked at again, should
+/// the total still be over.
 fn budget_call<T: Send + Sync + 'static>(
     shared: &Arc<Shared<T>>,
     conn: &Arc<Conn<T>>,
@@ -473,12 +472,14 @@ fn budget_call<T: Send + Sync + 'static>(
 ) {
     {
         let _scan = shared.budget_scan.lock();
-        if std::mem::take(&mut conn.io.lock().over_budget) {
-            shared.acquit(conn);
-        }
+        shared.acquit(conn);
         note_buffered(shared, conn, r);
-        if r.buffered > 0 && over_budget(shared, 0) {
-            fail_for_budget(shared, conn, r);
+        if over_budget(shared, 0) {
+            if r.buffered > 0 && !over_budget(shared, r.buffered) {
+                fail_for_budget(shared, conn, r);
+            } else {
+                scan_budget(shared, conn, r);
+            }
         }
     }
     std::sync::atomic::fence(Ordering::SeqCst);
@@ -726,15 +727,16 @@ fn teardown<T: Send + Sync + 'static>(
         w.finished = true;
         w.job_running = false;
         // What it held leaves with it, under the lock that marks it
-        // finished: a budget scan that finds it finished finds it holding
-        // nothing.
-        let held_in = conn.holding_in.swap(0, Ordering::Relaxed);
-        shared.buffered_in.fetch_sub(held_in, Ordering::Relaxed);
-        // Chosen to be failed for the budget, and gone first: no longer
-        // condemned (what it held is no longer counted either).
-        if std::mem::take(&mut w.over_budget) {
-            shared.acquit(conn);
+        // finished, condemned or not: a scan finds it holding nothing.
+        let held = conn.holding_in.swap(0, Ordering::SeqCst);
+        if held & CONDEMNED != 0 {
+            shared
+                .condemned_in
+                .fetch_sub(held & !CONDEMNED, Ordering::SeqCst);
         }
+        shared
+            .buffered_in
+            .fetch_sub(held & !CONDEMNED, Ordering::SeqCst);
         let unsent = w.out.clear(&shared.counters);
         // Counted under the lock that marks it finished: a sender that
         // finds it finished reads whether anything was lost.
