@@ -362,17 +362,15 @@ fn note_buffered<T>(shared: &Shared<T>, conn: &Conn<T>, r: &mut ReadSide) -> boo
     grew
 }
 
-/// Over `max_buffered_bytes`, fail the largest holders with 1009 until the
-/// rest fit, whichever connection crossed the line.
+/// Over `max_buffered_bytes`, choose the largest holders to be failed with
+/// 1009 until the rest fit, whichever connection crossed the line.
 ///
 /// A holder chosen is failed by its own job (only that job may touch its
 /// decoder), which may be late: busy, or blocked in a handler. What it
-/// holds counts as condemned meanwhile (read live, as it grows or lets
-/// go), so the next crossing chooses from the others instead of waiting
-/// for it, and one crossing does not condemn more than it must. When its
-/// job comes to it (see [`budget_call`]), it is failed if it still holds
-/// something and the total is still over, so a holder that finished its
-/// message meanwhile is not closed for bytes it no longer holds.
+/// holds counts as condemned meanwhile (exactly, as it grows or lets go),
+/// so the next crossing chooses from the others instead of waiting for
+/// it, and one crossing does not condemn more than it must. Its job
+/// judges it again (see [`budget_call`]).
 fn enforce_budget<T: Send + Sync + 'static>(
     shared: &Arc<Shared<T>>,
     conn: &Arc<Conn<T>>,
