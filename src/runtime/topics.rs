@@ -15,7 +15,9 @@
 //! Locks are taken in this order: `by_client`, `by_name`, a topic's
 //! `subs`, a connection's `io`; but `by_name` is never held while a
 //! `subs` is awaited (a publish holds a topic's `subs` for its whole
-//! fan-out, and every other topic needs `by_name`).
+//! fan-out, and every other topic needs `by_name`), and a shard of
+//! `by_client` is let go while a busy `subs` is awaited, a few times
+//! before it is held (see `lock_subs`).
 
 use std::borrow::Borrow;
 use std::collections::hash_map::Entry;
@@ -267,29 +269,31 @@ impl<T: Send + Sync + 'static> Topics<T> {
         }
         let id = conn.client.id();
         let mut clients = self.clients(id);
-        // Checked under `by_client`, which teardown takes after marking
-        // the connection finished: a subscription either is seen by the
-        // teardown's cleanup or never made.
-        if conn.io.lock().finished {
-            return Err(Error::Closed);
-        }
-        if clients.has(id, name) {
-            return Ok(false);
-        }
-        if clients.of(id).count() >= config.max_topics_per_client {
-            return Err(Error::TopicLimit(
-                "client already in max_topics_per_client topics",
-            ));
-        }
-        // The name lock is never held while a topic's lock is awaited: a
-        // publish holds that one for its whole fan-out, and every other
-        // topic's publishes, subscribes and leaves need the name lock.
-        let topic = loop {
+        let mut waits = 0;
+        loop {
+            // Checked under `by_client`, which teardown takes after
+            // marking the connection finished: a subscription either is
+            // seen by the teardown's cleanup or never made.
+            if conn.io.lock().finished {
+                return Err(Error::Closed);
+            }
+            if clients.has(id, name) {
+                return Ok(false);
+            }
+            if clients.of(id).count() >= config.max_topics_per_client {
+                return Err(Error::TopicLimit(
+                    "client already in max_topics_per_client topics",
+                ));
+            }
+            // The name lock is never held while a topic's lock is awaited:
+            // a publish holds that one for its whole fan-out, and every
+            // other topic's publishes, subscribes and leaves need the name
+            // lock.
             let found = self.by_name.read().get(name).map(|Named(t)| Arc::clone(t));
             let Some(t) = found else {
                 let mut names = self.by_name.write();
                 match names.get(name) {
-                    // Made meanwhile: join it as above.
+                    // Made meanwhile: join it as below.
                     Some(Named(t)) if !t.dead.load(Ordering::Acquire) => continue,
                     Some(_) => {
                         // Its last subscriber is leaving; that leave
@@ -313,36 +317,78 @@ impl<T: Send + Sync + 'static> Topics<T> {
                 if let Some(bridge) = &self.bridge {
                     bridge.topic_changed(name, true);
                 }
-                break t;
+                clients.push(id, t);
+                return Ok(true);
             };
-            let joined = {
-                let mut subs = t.subs.lock();
-                let alive = !t.dead.load(Ordering::Acquire);
-                if alive {
-                    subs.push(Arc::clone(conn));
-                }
-                alive
+            let Some(mut subs) = self.lock_subs(&mut clients, &t, &mut waits) else {
+                // Let go of the shard while a publish fans out; what was
+                // checked above is checked again.
+                continue;
             };
-            if joined {
-                break t;
+            if t.dead.load(Ordering::Acquire) {
+                // Emptied since it was found: take it out (if its leave
+                // has not yet) and make a new one.
+                drop(subs);
+                self.forget(&t);
+                continue;
             }
-            // Emptied since it was found: take it out (if its leave has
-            // not yet) and make a new one.
-            self.forget(&t);
-        };
-        clients.push(id, topic);
-        Ok(true)
+            subs.push(Arc::clone(conn));
+            drop(subs);
+            clients.push(id, t);
+            return Ok(true);
+        }
+    }
+
+    /// Lock `topic`'s subscribers while holding a shard of `by_client`.
+    /// A publish holds them for its whole fan-out, which takes long for a
+    /// topic of many subscribers; the shard's other clients (their
+    /// subscribes, leaves and teardowns, which run on the pool) must not
+    /// wait for it. So if the topic is busy, the shard is let go until
+    /// the publish is done, and `None` tells the caller to look again,
+    /// as anything may have changed meanwhile. After a few such waits (a
+    /// topic published to without a break) it waits holding the shard,
+    /// so that the caller gets its turn.
+    fn lock_subs<'a>(
+        &self,
+        clients: &mut parking_lot::MutexGuard<'_, ByClient<T>>,
+        topic: &'a Topic<T>,
+        waits: &mut u32,
+    ) -> Option<parking_lot::MutexGuard<'a, Subs<T>>> {
+        if let Some(subs) = topic.subs.try_lock() {
+            return Some(subs);
+        }
+        if *waits >= 8 {
+            return Some(topic.subs.lock());
+        }
+        *waits += 1;
+        parking_lot::MutexGuard::unlocked(clients, || drop(topic.subs.lock()));
+        None
     }
 
     /// Unsubscribe `conn` from `name`: whether it was subscribed.
     pub(crate) fn unsubscribe(&self, conn: &Arc<Conn<T>>, name: &str) -> bool {
         let id = conn.client.id();
         let mut clients = self.clients(id);
-        let Some(topic) = clients.remove(id, name) else {
-            return false;
-        };
-        self.leave(&topic, conn);
-        true
+        let mut waits = 0;
+        loop {
+            let Some(topic) = clients.of(id).find(|t| &*t.name == name).cloned() else {
+                return false;
+            };
+            let Some(mut subs) = self.lock_subs(&mut clients, &topic, &mut waits) else {
+                continue;
+            };
+            clients.remove(id, name);
+            drop(clients);
+            let left = subs.remove(conn);
+            if !left {
+                topic.dead.store(true, Ordering::Release);
+            }
+            drop(subs);
+            if !left {
+                self.forget(&topic);
+            }
+            return true;
+        }
     }
 
     /// Take `conn` out of `topic`, and the topic out of the server if it
@@ -544,6 +590,68 @@ mod tests {
         others.join().unwrap();
         assert!(joiner.join().unwrap());
         assert_eq!(server.subscribers("hot"), 2);
+    }
+
+    /// Subscribes and leaves lock their client's shard of `by_client`
+    /// (one of 64), which the shard's other clients need to subscribe,
+    /// leave, list their topics and be torn down (on the pool). A client
+    /// joining or leaving a topic in the middle of a long publish must
+    /// not hold its shard while it waits for that publish.
+    #[test]
+    fn joining_or_leaving_a_busy_topic_does_not_stop_its_shard() {
+        let server = WebSocketServer::builder()
+            .workers(2)
+            .start("127.0.0.1:0")
+            .unwrap();
+        let (_sa, a) = join(&server);
+        let (_sb, b) = join(&server);
+        let shard = |c: &crate::Client| c.id().as_u64() % super::CLIENT_SHARDS as u64;
+        // Two more clients in `b`'s shard.
+        let mut sockets = Vec::new();
+        let mut beside = Vec::new();
+        while beside.len() < 2 {
+            let (s, c) = join(&server);
+            if shard(&c) == shard(&b) {
+                beside.push(c);
+            }
+            sockets.push(s);
+            assert!(sockets.len() < 500, "no client in the same shard");
+        }
+        let (c, d) = (beside.remove(0), beside.remove(0));
+        assert!(a.subscribe("hot").unwrap());
+        assert!(d.subscribe("hot").unwrap());
+        let hot = server
+            .shared()
+            .topics
+            .by_name
+            .read()
+            .get("hot")
+            .map(|super::Named(t)| std::sync::Arc::clone(t))
+            .unwrap();
+        let fan_out = hot.subs.lock();
+        let joiner = std::thread::spawn(move || b.subscribe("hot").unwrap());
+        let d2 = d.clone();
+        let leaver = std::thread::spawn(move || d2.unsubscribe("hot"));
+        // Time for both to reach the topic's lock.
+        std::thread::sleep(Duration::from_millis(100));
+        let (done_tx, done_rx) = mpsc::channel();
+        let others = std::thread::spawn(move || {
+            assert!(c.subscribe("cold").unwrap());
+            assert_eq!(c.topics(), vec!["cold".to_string()]);
+            assert!(c.unsubscribe("cold"));
+            done_tx.send(()).unwrap();
+        });
+        let done = done_rx.recv_timeout(Duration::from_secs(5));
+        drop(fan_out);
+        assert!(
+            done.is_ok(),
+            "a client waited for a publish to a topic it is not in"
+        );
+        others.join().unwrap();
+        assert!(joiner.join().unwrap());
+        assert!(leaver.join().unwrap());
+        assert_eq!(server.subscribers("hot"), 2);
+        assert!(d.topics().is_empty());
     }
 
     /// A subscriber whose socket fails as the publish writes to it is
