@@ -674,3 +674,114 @@ fn shutdown_reads_close_replies_of_paused_clients() {
         "shutdown took {took:?}: the peer's close reply was never read"
     );
 }
+
+/// CPU time this process has used, in the kernel's ticks (1/100 s).
+#[cfg(target_os = "linux")]
+fn cpu_ticks() -> u64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap();
+    // After the command's name (in parentheses): state is the first
+    // field, utime the 12th and stime the 13th.
+    let rest = &stat[stat.rfind(')').unwrap() + 1..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap()
+}
+
+/// Was a bug: a paused connection (its events unconsumed past high water)
+/// whose client reset it spun. Its job could not read, so it never saw the
+/// reset, and it armed the socket with no interest; the kernel reports a
+/// hang-up or an error whatever the interest, and a reset socket has both,
+/// so the event came back at once, forever: a worker and the readiness
+/// loop at full CPU until the main loop consumed the client's events.
+#[cfg(target_os = "linux")]
+#[test]
+fn a_paused_client_that_resets_costs_no_cpu() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let server = WebSocketServer::builder()
+        .workers(2)
+        .high_water(16 * 1024)
+        .low_water(4 * 1024)
+        .start("127.0.0.1:0")
+        .unwrap();
+    let mut s = raw_ws(server.local_addr());
+    let _client = expect_connect(&server);
+    // 64 KiB of messages that the main loop does not consume yet.
+    s.write_all(&frames(64, 1024)).unwrap();
+    let t = Instant::now();
+    while server.stats().read_pauses == 0 {
+        assert!(t.elapsed() < Duration::from_secs(10), "never paused");
+        thread::sleep(Duration::from_millis(10));
+    }
+    socket2::SockRef::from(&s)
+        .set_linger(Some(Duration::ZERO))
+        .unwrap();
+    drop(s);
+    // Time for a spin to start, then measure a second of it.
+    thread::sleep(Duration::from_millis(200));
+    let before = cpu_ticks();
+    thread::sleep(Duration::from_secs(1));
+    let spent = cpu_ticks() - before;
+    // Consuming the events resumes the connection, which finds the reset.
+    let t = Instant::now();
+    let mut messages = 0;
+    loop {
+        assert!(t.elapsed() < Duration::from_secs(10), "no Disconnect");
+        match server.recv_timeout(Duration::from_secs(10)) {
+            Ok(enjent::Event::Message { .. }) => messages += 1,
+            Ok(enjent::Event::Disconnect { .. }) => break,
+            other => panic!("{other:?}"),
+        }
+    }
+    eprintln!("{spent} ticks of CPU in the second after the reset; {messages} messages");
+    assert!(
+        spent < 30,
+        "{spent} ticks (of 1/100 s) of CPU in the second after a paused client reset"
+    );
+}
+
+/// Was a bug: flow control counted the send queue's bytes only, so a client
+/// that floods empty pings and never reads had 2-byte pongs queued until
+/// they made high water: some 65,000 frames at the default 128 KiB, each
+/// with its place in the queue and its allocation, megabytes of memory per
+/// client for 128 KiB counted. Each queued frame now counts what it costs.
+#[test]
+fn a_ping_flood_never_read_is_paused_at_high_water_of_memory() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let server = WebSocketServer::builder()
+        .workers(2)
+        .start("127.0.0.1:0")
+        .unwrap();
+    let s = raw_ws_small_window(server.local_addr());
+    let _client = expect_connect(&server);
+    let mut w = s.try_clone().unwrap();
+    w.set_write_timeout(Some(Duration::from_secs(5))).unwrap();
+    let one = frame(0x89, b"");
+    let pings: Vec<u8> = one
+        .iter()
+        .copied()
+        .cycle()
+        .take(one.len() * 3_000_000)
+        .collect();
+    // Blocks once the server stops reading; the timeout ends it.
+    let writer = thread::spawn(move || {
+        let _ = w.write_all(&pings);
+    });
+    let t = Instant::now();
+    while server.stats().read_pauses == 0 {
+        assert!(
+            t.elapsed() < Duration::from_secs(60),
+            "never paused: {:?}",
+            server.stats()
+        );
+        thread::sleep(Duration::from_millis(10));
+    }
+    thread::sleep(Duration::from_millis(300));
+    let queued = server.stats().bytes_queued;
+    writer.join().unwrap();
+    eprintln!("{queued} bytes of pongs queued when paused");
+    assert!(
+        queued <= 16 * 1024,
+        "{queued} bytes of pongs queued (some {} frames) to a client that never reads",
+        queued / 2
+    );
+    drop(s);
+}

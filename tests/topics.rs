@@ -131,20 +131,6 @@ fn assert_reached(r: Broadcast, n: usize) {
     );
 }
 
-/// A raw client past its handshake whose receive buffer is a few KiB, so
-/// that a server queue builds up soon after it stops reading.
-fn raw_ws_small_window(addr: SocketAddr) -> TcpStream {
-    let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
-    sock.set_recv_buffer_size(4096).unwrap();
-    sock.connect(&addr.into()).unwrap();
-    let mut s: TcpStream = sock.into();
-    s.set_read_timeout(Some(WAIT)).unwrap();
-    s.set_nodelay(true).unwrap();
-    s.write_all(REQUEST.as_bytes()).unwrap();
-    read_101(&mut s);
-    s
-}
-
 /// Check that `seq` holds each source's messages ("SOURCE N") numbered
 /// 0, 1, 2, ... in order, `per` of each.
 fn check_program_order(who: &str, seq: &[String], sources: &[&str], per: u32) {

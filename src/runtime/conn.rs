@@ -27,7 +27,7 @@ use crate::proto::assemble::Limits;
 use crate::proto::conn::Connection;
 use crate::proto::frame::{OpCode, close_payload, encode_header, encode_header_rsv};
 use crate::runtime::Shared;
-use crate::runtime::flow::{Chunk, OutQueue};
+use crate::runtime::flow::{CHUNK_COST, Chunk, OutQueue};
 use crate::stats::Counters;
 
 /// RSV1 as `encode_header_rsv` takes it: the permessage-deflate bit.
@@ -228,9 +228,11 @@ impl Armed {
 }
 
 impl WriteSide {
-    /// What flow control counts against the connection.
+    /// What flow control counts against the connection: its queue's
+    /// cost in memory (bytes, and a little for each frame) and its events
+    /// not yet consumed.
     pub(crate) fn held(&self) -> usize {
-        self.out.bytes() + self.events
+        self.out.cost() + self.events
     }
 
     /// The interest the connection needs in the poller, from its state:
@@ -738,7 +740,9 @@ impl<T: Send + Sync + 'static> Conn<T> {
         // Corking: while a job owns the connection (a handler's own echo,
         // or another thread's send meanwhile), frames wait for the job's
         // end and leave together in one vectored write.
-        let cork = w.job_running && w.out.bytes() + len <= shared.marks.cork();
+        // Measured as flow control measures (bytes and a little per frame),
+        // so that many tiny frames corked in one job cannot pause it.
+        let cork = w.job_running && w.out.cost() + len + 2 * CHUNK_COST <= shared.marks.cork();
         let waiting_for_writable = !w.out.is_empty() && !w.job_running;
         if w.writing || cork || waiting_for_writable {
             self.enqueue(shared, &mut w, head, body);
@@ -940,6 +944,15 @@ impl<T: Send + Sync + 'static> Conn<T> {
     pub(crate) fn arm(&self, shared: &Shared<T>, w: &mut WriteSide) -> bool {
         let (readable, writable) = w.interest();
         if w.armed == Armed::new(readable, writable) {
+            return true;
+        }
+        if !readable && !writable && w.registered && w.armed == Armed::NONE {
+            // Nothing wanted (paused, say) and the oneshot interest already
+            // spent: leave it so. Armed with no interest, the kernel would
+            // still report a hang-up or an error, which a reset socket has
+            // at once, and a job that cannot read would arm it again: a
+            // spin until the pause ends. Whatever ends the pause (or
+            // queues output) runs a job, which arms what is wanted then.
             return true;
         }
         let interest = Interest::new(self.key(), readable, writable);

@@ -26,6 +26,14 @@ use std::sync::Arc;
 use crate::config::Config;
 use crate::stats::Counters;
 
+/// What a queued chunk costs beyond its bytes: its slot in the queue (a
+/// `Chunk` is 32 B) and, for an owned one, the allocation's overhead.
+/// Flow control counts it, so that a peer that has the server queue many
+/// tiny frames (pongs to a flood of empty pings that it never reads) is
+/// paused when the memory they take reaches high water, not their bytes
+/// (2 B a pong: some 65,000 of them, 4 MiB, at the default 128 KiB).
+pub(crate) const CHUNK_COST: usize = 64;
+
 /// Room above `high + max_message_size` in the hard limit: a reply's
 /// frame header, a pong or two, and compression that did not pay.
 pub(crate) const HEADROOM: usize = 1024;
@@ -119,6 +127,17 @@ pub(crate) struct Unwritten {
 impl OutQueue {
     pub(crate) fn bytes(&self) -> usize {
         self.bytes
+    }
+
+    /// What the queue costs in memory, as flow control counts it: its
+    /// bytes and [`CHUNK_COST`] for each chunk (those taken out by a
+    /// writer meanwhile are not counted until they are put back).
+    pub(crate) fn cost(&self) -> usize {
+        self.bytes
+            + self
+                .pending
+                .as_ref()
+                .map_or(0, |p| p.chunks.len() * CHUNK_COST)
     }
 
     pub(crate) fn is_empty(&self) -> bool {
@@ -234,6 +253,7 @@ mod tests {
         q.push(Chunk::Owned(vec![1; 10]), &c);
         q.push(Chunk::Head([0; 10], 2), &c);
         assert_eq!(q.bytes(), 12);
+        assert_eq!(q.cost(), 12 + 2 * CHUNK_COST);
         let mut taken = q.take_for_write();
         assert!(q.is_empty(), "the chunks are out for writing");
         q.push(Chunk::Owned(vec![2; 3]), &c);

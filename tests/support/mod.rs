@@ -107,6 +107,20 @@ pub fn raw_ws(addr: SocketAddr) -> TcpStream {
     s
 }
 
+/// A raw client past its handshake whose receive buffer is a few KiB, so
+/// that a server queue builds up soon after it stops reading.
+pub fn raw_ws_small_window(addr: SocketAddr) -> TcpStream {
+    let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    sock.set_recv_buffer_size(4096).unwrap();
+    sock.connect(&addr.into()).unwrap();
+    let mut s: TcpStream = sock.into();
+    s.set_read_timeout(Some(WAIT)).unwrap();
+    s.set_nodelay(true).unwrap();
+    s.write_all(REQUEST.as_bytes()).unwrap();
+    read_101(&mut s);
+    s
+}
+
 /// Read an HTTP response head a byte at a time (no byte of what follows
 /// it is taken) and check that it is a `101`.
 pub fn read_101(s: &mut TcpStream) -> String {
