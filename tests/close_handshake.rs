@@ -103,3 +103,45 @@ fn peer_that_never_answers_is_dropped_after_close_timeout() {
     }
     assert!(closed_by_server(&mut s));
 }
+
+/// Closes crossing: the server's `close()` while the client's Close is on
+/// its way. Whichever the server sees first, the client gets a close frame
+/// before the connection ends (RFC 6455 section 5.5.1: an endpoint that
+/// receives a Close sends one back if it has not sent one), and `close()`
+/// either queues it or says the connection was already closing. Was a
+/// bug: `close()` marked the connection closing, let go of its lock, and
+/// only then queued its frame; a peer's Close read in between was taken
+/// for the answer to it, and the connection torn down with no close frame
+/// sent.
+#[test]
+fn closes_crossing_always_leave_the_client_a_close_frame() {
+    let server = WebSocketServer::builder()
+        .workers(2)
+        .start("127.0.0.1:0")
+        .unwrap();
+    let addr = server.local_addr();
+    let mut missing = 0;
+    for round in 0..200 {
+        let mut s = raw_ws(addr);
+        let c = expect_connect(&server);
+        let closer = std::thread::spawn(move || c.close(CloseCode::new(4000), "server"));
+        s.write_all(&frame(0x88, &close_payload(4001, "client")))
+            .unwrap();
+        let result = closer.join().unwrap();
+        assert!(
+            matches!(result, Ok(()) | Err(Error::Closed)),
+            "round {round}: {result:?}"
+        );
+        let mut got_close = false;
+        while let Ok((first, _)) = try_read_frame(&mut s) {
+            if first == 0x88 {
+                got_close = true;
+            }
+        }
+        if !got_close {
+            missing += 1;
+        }
+        let _ = expect_disconnect(&server);
+    }
+    assert_eq!(missing, 0, "connections that ended without our close frame");
+}

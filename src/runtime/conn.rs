@@ -62,7 +62,6 @@ enum Kind {
     /// A data frame whose refusal is only a try (see `send_message_as`).
     DataTry,
     Control,
-    Close,
 }
 
 /// A data frame `write` did not take, with its payload for the caller to
@@ -578,39 +577,48 @@ impl<T: Send + Sync + 'static> Conn<T> {
     }
 
     /// Queue our close frame (user close, shutdown, or answer to the peer).
+    /// `closing` is set and the frame queued under one hold of the lock:
+    /// the job takes `closing` for our close frame sent, so a peer's Close
+    /// read between the two would be taken for the answer to ours, and the
+    /// connection torn down before ours was queued.
     pub(crate) fn send_close(
         self: &Arc<Self>,
         shared: &Arc<Shared<T>>,
         frame: CloseFrame,
     ) -> Result<()> {
-        {
-            let mut w = self.io.lock();
-            if w.finished || self.closing.load(Ordering::Acquire) {
-                return Err(Error::Closed);
-            }
-            // Set under the lock, which every check of it below holds.
-            self.closing.store(true, Ordering::Release);
-            w.close_deadline_ms = shared.now_ms().saturating_add(shared.close_timeout_ms());
-            if w.paused && !shared.marks.must_pause(w.held(), true) {
-                // The peer's answer must be read, even if nobody consumes
-                // this client's events any more (the main loop may be the
-                // one shutting down).
-                w.paused = false;
-                w.starved = false;
-            }
-        }
         let payload = close_payload(frame.code.as_u16(), &frame.reason);
         let mut head = [0u8; 10];
         let n = encode_header(&mut head, true, OpCode::Close, payload.len());
-        self.write(
+        let mut w = self.io.lock();
+        if w.finished || self.closing.load(Ordering::Acquire) {
+            return Err(Error::Closed);
+        }
+        // Set under the lock, which every check of it below holds.
+        self.closing.store(true, Ordering::Release);
+        w.close_deadline_ms = shared.now_ms().saturating_add(shared.close_timeout_ms());
+        if w.paused && !shared.marks.must_pause(w.held(), true) {
+            // The peer's answer must be read, even if nobody consumes
+            // this client's events any more (the main loop may be the
+            // one shutting down).
+            w.paused = false;
+            w.starved = false;
+        }
+        if w.write_error.is_some() {
+            return Err(Error::Closed);
+        }
+        self.enqueue(
             shared,
+            &mut w,
             Chunk::Head(head, n as u8),
             Some(Chunk::Owned(payload)),
-            Kind::Close,
-            false,
-        )
-        .map(|_| ())
-        .map_err(|r| r.error)
+        );
+        // A writer or the job that owns the connection takes it along
+        // (a writer flushes until the queue is empty; a job at its end).
+        if !w.writing && !w.job_running {
+            w.writing = true;
+            self.flush_holding_token(shared, w);
+        }
+        Ok(())
     }
 
     /// User-initiated close: validate, queue the close frame, and make sure
@@ -826,12 +834,9 @@ impl<T: Send + Sync + 'static> Conn<T> {
         len: usize,
     ) -> std::result::Result<parking_lot::MutexGuard<'_, WriteSide>, Error> {
         let mut w = self.io.lock();
-        // A close frame has set `closing` just before coming here; every
-        // other frame stops once it is queued.
-        if w.finished
-            || w.write_error.is_some()
-            || (kind != Kind::Close && self.closing.load(Ordering::Acquire))
-        {
+        // No frame follows our close frame (which `send_close` queues
+        // itself).
+        if w.finished || w.write_error.is_some() || self.closing.load(Ordering::Acquire) {
             return Err(Error::Closed);
         }
         let data = matches!(kind, Kind::Data | Kind::DataTry);
