@@ -101,3 +101,38 @@ fn refusals_carry_status_and_body() {
     };
     assert_eq!(client.data().name, "eve");
 }
+
+/// Was a bug: a handshake whose client-init strategy returned after
+/// shutdown had closed every connection was opened anyway, with no poller
+/// left to serve or close it: the user saw its `Connect` and never its
+/// `Disconnect`. It is now refused with `503`.
+#[test]
+fn a_handshake_that_outlasts_shutdown_is_refused_not_opened() {
+    let (entered_tx, entered_rx) = std::sync::mpsc::channel();
+    let entered_tx = std::sync::Mutex::new(entered_tx);
+    let server = WebSocketServer::with_client_init(move |_req| {
+        let _ = entered_tx.lock().unwrap().send(());
+        std::thread::sleep(std::time::Duration::from_millis(1500));
+        Ok(())
+    })
+    .close_timeout(std::time::Duration::from_millis(100))
+    .start("127.0.0.1:0")
+    .unwrap();
+    let addr = server.local_addr();
+    let client = std::thread::spawn(move || http(addr, REQUEST.as_bytes()));
+    entered_rx.recv_timeout(WAIT).unwrap();
+    server.shutdown();
+    let answer = client.join().unwrap();
+    assert!(answer.starts_with("HTTP/1.1 503 "), "{answer}");
+    let mut connects = 0;
+    let mut disconnects = 0;
+    while let Ok(event) = server.recv_timeout(std::time::Duration::from_millis(200)) {
+        match event {
+            Event::Connect { .. } => connects += 1,
+            Event::Disconnect { .. } => disconnects += 1,
+            _ => {}
+        }
+    }
+    assert_eq!((connects, disconnects), (0, 0));
+    assert_eq!(server.connections(), 0);
+}

@@ -172,6 +172,17 @@ fn handshake_inner<T: Send + Sync + 'static>(shared: &Arc<Shared<T>>, mut p: Box
     let response = accept_response(request.key(), &headers);
     drop(request);
 
+    if shared.stopping.load(Ordering::Acquire) {
+        // Shutdown may be past its pass that closes every connection (a
+        // slow client-init strategy): a connection opened now would be
+        // neither closed nor served, its `Connect` never followed by a
+        // `Disconnect`.
+        return abort_handshake(
+            shared,
+            *p,
+            Some(&Reject::new(503).body("server shutting down")),
+        );
+    }
     let id = shared.registry.client_id(p.key);
     let Pending {
         key,
