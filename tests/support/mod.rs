@@ -20,6 +20,40 @@ pub const WAIT: Duration = Duration::from_secs(10);
 
 pub type Ws = WebSocket<MaybeTlsStream<TcpStream>>;
 
+/// Raise this process's soft limit on open files to its hard limit, once.
+/// Some tests hold a few thousand sockets, both ends in this process, over
+/// the 1,024 a default login allows; the hard limit is usually far higher.
+/// (std has no call for it; the C library is linked anyway.)
+#[cfg(target_os = "linux")]
+#[allow(unsafe_code)]
+pub fn raise_fd_limit() {
+    #[repr(C)]
+    struct Rlimit {
+        cur: std::ffi::c_ulong,
+        max: std::ffi::c_ulong,
+    }
+    const RLIMIT_NOFILE: std::ffi::c_int = 7;
+    unsafe extern "C" {
+        fn getrlimit(resource: std::ffi::c_int, rlim: *mut Rlimit) -> std::ffi::c_int;
+        fn setrlimit(resource: std::ffi::c_int, rlim: *const Rlimit) -> std::ffi::c_int;
+    }
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let mut l = Rlimit { cur: 0, max: 0 };
+        // SAFETY: `l` is a valid `struct rlimit` (two `rlim_t`, which is
+        // `unsigned long` on Linux) for both calls.
+        unsafe {
+            if getrlimit(RLIMIT_NOFILE, &mut l) == 0 && l.cur < l.max {
+                l.cur = l.max;
+                setrlimit(RLIMIT_NOFILE, &l);
+            }
+        }
+    });
+}
+
+#[cfg(not(target_os = "linux"))]
+pub fn raise_fd_limit() {}
+
 /// A server with no closures: every event goes to the channel.
 pub fn server() -> WebSocketServer {
     WebSocketServer::builder()
@@ -34,6 +68,7 @@ pub fn client(addr: SocketAddr) -> Ws {
 }
 
 pub fn client_at(addr: SocketAddr, path: &str) -> Ws {
+    raise_fd_limit();
     let (ws, _) = tungstenite::connect(format!("ws://{addr}{path}")).expect("connect");
     if let MaybeTlsStream::Plain(s) = ws.get_ref() {
         s.set_read_timeout(Some(WAIT)).unwrap();
@@ -79,6 +114,7 @@ pub const REQUEST: &str = "GET / HTTP/1.1\r\nHost: localhost\r\nUpgrade: websock
 
 /// A raw socket with a read timeout.
 pub fn raw(addr: SocketAddr) -> TcpStream {
+    raise_fd_limit();
     let s = TcpStream::connect(addr).unwrap();
     s.set_read_timeout(Some(WAIT)).unwrap();
     s.set_nodelay(true).unwrap();
@@ -110,6 +146,7 @@ pub fn raw_ws(addr: SocketAddr) -> TcpStream {
 /// A raw client past its handshake whose receive buffer is a few KiB, so
 /// that a server queue builds up soon after it stops reading.
 pub fn raw_ws_small_window(addr: SocketAddr) -> TcpStream {
+    raise_fd_limit();
     let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
     sock.set_recv_buffer_size(4096).unwrap();
     sock.connect(&addr.into()).unwrap();
