@@ -13,7 +13,10 @@ use crate::runtime::conn::Conn;
 use crate::server::ServerHandle;
 
 /// A client's identity: unique for the server's whole lifetime, never
-/// reused, so a late `send` can never reach a different client.
+/// reused, so a late `send` can never reach a different client of that
+/// server. Ids mean nothing to another server: every server's first
+/// client is id 0's slot, so an id kept from one server (or from one
+/// started earlier in this process) can name a client of another.
 ///
 /// Ids are not sequential: an id names the server's slot for the
 /// connection and how many connections that slot has held before, which

@@ -2,6 +2,10 @@
 
 use std::time::Duration;
 
+/// Most workers a server may have: each is a thread with its own stack
+/// and read buffer, and the pool starts them all at once.
+const MAX_WORKERS: usize = 4096;
+
 /// The server's limits and timeouts. Built with
 /// [`Builder`](crate::Builder); read back with
 /// [`WebSocketServer::config`](crate::WebSocketServer::config).
@@ -246,8 +250,8 @@ impl Config {
     }
 
     pub(crate) fn validate(&self) -> Result<(), &'static str> {
-        if self.workers == 0 {
-            return Err("workers must be at least 1");
+        if self.workers == 0 || self.workers > MAX_WORKERS {
+            return Err("workers must be at least 1 and at most 4,096");
         }
         if self.max_connections == 0 {
             return Err("max_connections must be at least 1");
@@ -279,13 +283,27 @@ impl Config {
         if self.max_handshake_bytes < 256 {
             return Err("max_handshake_bytes must be at least 256");
         }
-        if self.handshake_timeout.is_zero() || self.close_timeout.is_zero() {
-            return Err("timeouts must be longer than zero");
+        // The timers count whole milliseconds: a shorter time would be
+        // zero, which closes every client at once.
+        const MS: Duration = Duration::from_millis(1);
+        if self.handshake_timeout < MS || self.close_timeout < MS {
+            return Err("handshake_timeout and close_timeout must be at least 1 ms");
         }
-        if self.ping_interval.is_some_and(|d| d.is_zero())
-            || self.idle_timeout.is_some_and(|d| d.is_zero())
+        if self.ping_interval.is_some_and(|d| d < MS) || self.idle_timeout.is_some_and(|d| d < MS) {
+            return Err("ping_interval and idle_timeout must be at least 1 ms (or None)");
+        }
+        // (An idle timeout past what the timers can count never fires.)
+        if let (Some(ping), Some(idle)) = (self.ping_interval, self.idle_timeout)
+            && ping >= idle
+            && crate::runtime::ms(idle) < crate::runtime::NEVER_MS
         {
-            return Err("ping_interval and idle_timeout must be longer than zero (or None)");
+            return Err(
+                "ping_interval must be shorter than idle_timeout: a silent client would be \
+                 closed before its ping",
+            );
+        }
+        if self.max_buffered_bytes == 0 {
+            return Err("max_buffered_bytes must be at least 1 (usize::MAX for no budget)");
         }
         Ok(())
     }

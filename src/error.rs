@@ -56,7 +56,8 @@ pub enum Error {
     /// and the server goes on.
     HandlerPanicked {
         /// Which one: `"on_connect"`, `"on_message"`, `"on_drain"`,
-        /// `"on_disconnect"`, `"on_http"` or `"client-init strategy"`.
+        /// `"on_disconnect"`, `"on_http"`, `"on_bridge"` or
+        /// `"client-init strategy"`.
         handler: &'static str,
         /// The panic's message, when it carried a string.
         message: String,
@@ -89,7 +90,9 @@ impl SendError {
         &self.error
     }
 
-    /// The message, to send again later or elsewhere.
+    /// The message, to send again later or elsewhere. Empty in one case:
+    /// the connection failed (`Error::Closed`) after part of the frame
+    /// was written, and the frame's bytes went with it.
     pub fn into_message(self) -> crate::message::Message {
         self.message
     }

@@ -44,7 +44,8 @@ pub enum Event<T = ()> {
         /// How the connection ended (RFC 6455 section 7.1.5): the peer's
         /// close frame if one arrived, whoever closed first (code 1005 if
         /// it carried none); ours if the server failed the connection
-        /// (1002, 1007, 1009, 1011) or closed it for idleness (1001);
+        /// (1002, 1007, 1009, 1011), closed it for idleness (1001) or under
+        /// the `Close` slow-client policy (1008);
         /// otherwise 1006, the connection dropped without a close frame.
         close: CloseFrame,
         /// What went wrong, if anything did: a protocol violation, an I/O

@@ -126,6 +126,8 @@
 //!   zlib backend.
 //! - `log`: errors also go to the `log` facade (handler panics at `warn`,
 //!   internal errors at `error`).
+//! - `redis`: topics shared across instances through Redis
+//!   (`RedisBridge`), with the `redis` crate and no async runtime.
 //!
 //! # API notes: deliberate departures from the Rust API Guidelines
 //!

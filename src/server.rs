@@ -243,7 +243,9 @@ impl<T: Send + Sync + 'static> WebSocketServer<T> {
     /// let queued data flush (up to `close_timeout`), join every thread,
     /// deliver each `Disconnect`, then end the event stream so that a
     /// `for event in server.events()` loop finishes. Calling it again does
-    /// nothing.
+    /// nothing. It waits for every closure running to return: a closure
+    /// that waits for the thread calling `shutdown` (or for anything that
+    /// thread holds) makes it wait for good.
     pub fn shutdown(&self) {
         self.shared.shutdown();
     }
@@ -302,8 +304,8 @@ impl<T: Send + Sync + 'static> ServerHandle<T> {
     /// # Errors
     ///
     /// The message is handed back with [`Error::Closed`] if the client is
-    /// gone (ids are never reused, so a late send can never reach someone
-    /// else), or [`Error::Backpressure`] if its queue is over the hard
+    /// gone (this server never reuses ids, so a late send can never reach
+    /// someone else; an id from another server means nothing here), or [`Error::Backpressure`] if its queue is over the hard
     /// limit.
     pub fn send(
         &self,
@@ -523,7 +525,11 @@ impl<T: Send + Sync + 'static> Builder<T> {
     }
 
     /// Ping a client silent for this long; `None` disables pings. Default:
-    /// 30 s. Keepalive deadlines are rounded up to a thirty-second of the
+    /// 30 s. Must be shorter than `idle_timeout` when both are set (a ping
+    /// due after the idle close would never be sent, and every silent but
+    /// healthy client would be closed). With pings off, `idle_timeout`
+    /// still closes a client silent for that long: turn it off too to keep
+    /// silent clients. Keepalive deadlines are rounded up to a thirty-second of the
     /// shorter of this and `idle_timeout` (at most 1 s), so that clients
     /// due at nearly the same time are pinged together. While only pongs
     /// are arriving, the readiness loop pauses 200 µs between waits to
@@ -548,20 +554,21 @@ impl<T: Send + Sync + 'static> Builder<T> {
         self
     }
 
-    /// The hard limit on what one client holds (bytes queued to it plus
-    /// its events not yet consumed): past it `send` refuses with
+    /// The hard limit on the bytes queued to one client: past it `send`
+    /// refuses with
     /// [`Error::Backpressure`] (or, per
     /// [`slow_client_policy`](Builder::slow_client_policy), the client is
     /// closed). The limit in force is at least `high_water +
     /// max_message_size + 1 KiB`, so that a reply to any message fits:
-    /// only fan-out can meet it. Default: 1 MiB (so 2 MiB + 129 KiB with
+    /// only fan-out can meet it. Default: 1 MiB (so 1 MiB + 129 KiB with
     /// the other defaults; [`Config::max_backpressure`] tells).
     pub fn max_backpressure(mut self, bytes: usize) -> Self {
         self.config.max_backpressure = bytes;
         self
     }
 
-    /// High-water mark, in bytes a client holds (queued to it, plus its
+    /// High-water mark, in bytes a client holds (queued to it, each queued
+    /// frame counted 64 B more for what it costs in memory, plus its
     /// events the main loop has not consumed): at it, the server stops
     /// reading from that client and dispatching its messages until it is
     /// down to [`low_water`](Builder::low_water). Checked between
@@ -580,7 +587,8 @@ impl<T: Send + Sync + 'static> Builder<T> {
         self
     }
 
-    /// Worker threads. Default: twice the number of CPUs (4 if unknown).
+    /// Worker threads, 1 to 4,096. Default: twice the number of CPUs (4 if
+    /// unknown).
     ///
     /// Most of a worker's time goes to system calls, and on a busy machine
     /// the scheduler sometimes puts two of them on one CPU. With twice as
@@ -600,11 +608,13 @@ impl<T: Send + Sync + 'static> Builder<T> {
         self
     }
 
-    /// Most bytes held for unfinished incoming messages (and input
-    /// read but not yet parsed), all clients together. Only bytes
-    /// received count, never sizes a frame header announces. Past it, the
-    /// client holding the most is closed with 1009, whoever crossed the
-    /// line. Default: 256 MiB.
+    /// Most bytes held for unfinished incoming messages, all clients
+    /// together. Only bytes received count, never sizes a frame header
+    /// announces. Past it, the clients holding the most are closed with
+    /// 1009, largest first, until the rest fit, whoever crossed the line.
+    /// (Input a paused client read but has not parsed, at most one read
+    /// each, is counted apart, in `stats().unparsed_in_bytes`.) Must not
+    /// be 0. Default: 256 MiB.
     pub fn max_buffered_bytes(mut self, bytes: usize) -> Self {
         self.config.max_buffered_bytes = bytes;
         self
@@ -619,9 +629,11 @@ impl<T: Send + Sync + 'static> Builder<T> {
 
     /// Budget of the event channel, in bytes (payloads plus 128 bytes an
     /// event), all clients together. A main loop this far behind makes
-    /// the server stop dispatching messages and accepting connections
-    /// until it catches up to half of it (nothing is dropped). Unused in
-    /// the closure style. Default: 64 MiB.
+    /// the server stop dispatching messages until it catches up to half of
+    /// it, and one twice as far behind (connects and disconnects are
+    /// always queued) makes it stop accepting connections until it is
+    /// under that again; nothing is dropped. Unused in the closure style.
+    /// Default: 64 MiB.
     pub fn event_queue_bytes(mut self, bytes: usize) -> Self {
         self.config.event_queue_bytes = bytes;
         self
@@ -775,7 +787,10 @@ impl<T: Send + Sync + 'static> Builder<T> {
     /// ([`Error::Internal`], [`Error::Io`]). The library never writes to
     /// stderr itself; a panic stays visible through Rust's panic hook,
     /// which prints it unless you install your own. A panic in `f` is
-    /// counted and dropped.
+    /// counted and dropped. `f` may run on the readiness loop's thread
+    /// (for a failing `epoll_wait`), where every connection's I/O waits
+    /// for it: keep it short, and do not block in it (`send_timeout`
+    /// included).
     pub fn on_error(
         mut self,
         f: impl Fn(Option<&Client<T>>, &Error) + Send + Sync + 'static,
@@ -866,10 +881,20 @@ impl<T: Send + Sync + 'static> Builder<T> {
             max_frame_size: config.max_frame_size(),
             max_fragments: config.max_fragments,
         };
-        let pool = threadpool::Builder::new()
-            .num_threads(config.workers)
-            .thread_name(crate::runtime::service::WORKER_NAME.into())
-            .build();
+        // The pool starts its threads at once, and panics if one cannot be
+        // made (too many workers for the process's limits).
+        let pool = std::panic::catch_unwind(|| {
+            threadpool::Builder::new()
+                .num_threads(config.workers)
+                .thread_name(crate::runtime::service::WORKER_NAME.into())
+                .build()
+        })
+        .map_err(|_| {
+            Error::Io(std::io::Error::other(format!(
+                "could not start {} worker threads",
+                config.workers
+            )))
+        })?;
         let shared = Arc::new(Shared {
             limits,
             poller: Poller::new()?,

@@ -717,7 +717,10 @@ fn huge_durations_never_panic() {
         }),
         ("handshake_timeout(MAX)", |b| b.handshake_timeout(MAX)),
         ("idle_timeout(Some(MAX))", |b| b.idle_timeout(Some(MAX))),
-        ("ping_interval(Some(MAX))", |b| b.ping_interval(Some(MAX))),
+        // (With the default idle timeout, a ping after it is refused.)
+        ("ping_interval(Some(MAX))", |b| {
+            b.ping_interval(Some(MAX)).idle_timeout(None)
+        }),
         ("close_timeout(MAX)", |b| b.close_timeout(MAX)),
     ];
     // All at once: each waits 2 s.
@@ -1109,4 +1112,53 @@ fn slow_main_loop_bounds_memory() {
             drop(w.join().expect("a writer failed"));
         }
     });
+}
+
+/// Settings that would quietly break the server are refused at `start`
+/// with a reason: a ping due after the idle close (every silent, healthy
+/// client closed), a timeout under the timers' millisecond (zero: every
+/// client closed at once), a zero partial-input budget (every message
+/// that spans two reads closed with 1009), more workers than make sense.
+#[test]
+fn settings_that_would_break_the_server_are_refused_with_a_reason() {
+    let _g = shared();
+    let cases: [(Configure, &str); 6] = [
+        (
+            |b| b.ping_interval(Some(Duration::from_secs(100))),
+            "ping_interval",
+        ),
+        (
+            |b| {
+                b.ping_interval(Some(Duration::from_secs(10)))
+                    .idle_timeout(Some(Duration::from_secs(10)))
+            },
+            "ping_interval",
+        ),
+        (|b| b.idle_timeout(Some(Duration::from_micros(500))), "1 ms"),
+        (|b| b.close_timeout(Duration::from_micros(999)), "1 ms"),
+        (|b| b.max_buffered_bytes(0), "max_buffered_bytes"),
+        (|b| b.workers(5000), "workers"),
+    ];
+    for (i, (configure, word)) in cases.into_iter().enumerate() {
+        match configure(WebSocketServer::builder()).start("127.0.0.1:0") {
+            Err(Error::InvalidConfig(why)) => {
+                assert!(why.contains(word), "case {i}: {why:?} does not name {word}")
+            }
+            Err(e) => panic!("case {i}: {e:?}, not InvalidConfig"),
+            Ok(_) => panic!("case {i}: started"),
+        }
+    }
+    // What stays allowed: pings off with the idle close, and both off.
+    for configure in [
+        (|b| b.ping_interval(None)) as Configure,
+        |b| b.ping_interval(None).idle_timeout(None),
+        |b| {
+            b.ping_interval(Some(Duration::from_secs(100)))
+                .idle_timeout(None)
+        },
+    ] {
+        configure(WebSocketServer::builder())
+            .start("127.0.0.1:0")
+            .unwrap();
+    }
 }

@@ -293,6 +293,16 @@ impl Reject {
         &self.body
     }
 
+    /// The status the response carries: a status that cannot end a
+    /// response (1xx, or outside 200-999) is sent as 500.
+    pub(crate) fn status_sent(&self) -> u16 {
+        if (200..=999).contains(&self.status) {
+            self.status
+        } else {
+            500
+        }
+    }
+
     /// The full HTTP response, ending the connection.
     pub fn to_response(&self) -> Vec<u8> {
         self.to_response_for(false)
@@ -302,11 +312,7 @@ impl Reject {
     /// body. A status that cannot end a response (1xx, including 101, or
     /// outside 200-999) is sent as 500; 204 and 304 carry no body.
     pub fn to_response_for(&self, head_only: bool) -> Vec<u8> {
-        let status = if (200..=999).contains(&self.status) {
-            self.status
-        } else {
-            500
-        };
+        let status = self.status_sent();
         let bodiless = matches!(status, 204 | 304);
         let mut out = format!(
             "HTTP/1.1 {} {}\r\nConnection: close\r\n",

@@ -27,7 +27,7 @@ pub(crate) fn abort_handshake<T>(shared: &Shared<T>, p: Pending, answer: Option<
     let answer = answer.filter(|_| p.out.is_empty());
     if let Some(reject) = answer {
         // Counted first, so that whoever reads the answer sees the count.
-        shared.counters.refused(reject.status());
+        shared.counters.refused(reject.status_sent());
         // Best effort: the socket is non-blocking and the answer small.
         let _ = (&p.stream).write(&reject.to_response());
         let _ = p.stream.shutdown(Shutdown::Write);
