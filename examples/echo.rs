@@ -98,7 +98,15 @@ fn main() -> Result<(), Error> {
                 let secs = secs
                     .filter(|s| *s > 0.0)
                     .ok_or_else(|| usage("--ping-interval needs a number of seconds"))?;
-                builder = builder.ping_interval(Some(std::time::Duration::from_secs_f64(secs)));
+                // Silent clients are closed after two and a half pings'
+                // worth of silence (the library's 30 s and 75 s).
+                let every = std::time::Duration::try_from_secs_f64(secs)
+                    .ok()
+                    .filter(|d| d.as_secs() < 1 << 40)
+                    .ok_or_else(|| usage("--ping-interval is too long"))?;
+                builder = builder
+                    .ping_interval(Some(every))
+                    .idle_timeout(Some(every * 5 / 2));
             }
             "-h" | "--help" => return Err(usage("an echo server")),
             a if a.starts_with('-') => return Err(usage(&format!("unknown option {a}"))),

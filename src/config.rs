@@ -292,15 +292,20 @@ impl Config {
         if self.ping_interval.is_some_and(|d| d < MS) || self.idle_timeout.is_some_and(|d| d < MS) {
             return Err("ping_interval and idle_timeout must be at least 1 ms (or None)");
         }
-        // (An idle timeout past what the timers can count never fires.)
-        if let (Some(ping), Some(idle)) = (self.ping_interval, self.idle_timeout)
-            && ping >= idle
-            && crate::runtime::ms(idle) < crate::runtime::NEVER_MS
-        {
-            return Err(
-                "ping_interval must be shorter than idle_timeout: a silent client would be \
-                 closed before its ping",
-            );
+        // A ping goes out up to a keepalive tick late (deadlines are
+        // rounded to it), and its pong needs time to come back: a ping
+        // that late would find the client closed for idleness. (An idle
+        // timeout past what the timers can count never fires.)
+        if let (Some(ping), Some(idle)) = (self.ping_interval, self.idle_timeout) {
+            let (ping_ms, idle_ms) = (crate::runtime::ms(ping), crate::runtime::ms(idle));
+            let tick = crate::runtime::timer::Timers::keepalive_tick(Some(ping), Some(idle));
+            if idle_ms < crate::runtime::NEVER_MS && ping_ms.saturating_add(2 * tick) > idle_ms {
+                return Err(
+                    "ping_interval must end, with two keepalive ticks (a thirty-second of \
+                     it, 50 ms to 1 s) to spare, before idle_timeout: a silent client would be \
+                     closed before its ping came back",
+                );
+            }
         }
         if self.max_buffered_bytes == 0 {
             return Err("max_buffered_bytes must be at least 1 (usize::MAX for no budget)");

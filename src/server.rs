@@ -525,11 +525,12 @@ impl<T: Send + Sync + 'static> Builder<T> {
     }
 
     /// Ping a client silent for this long; `None` disables pings. Default:
-    /// 30 s. Must be shorter than `idle_timeout` when both are set (a ping
-    /// due after the idle close would never be sent, and every silent but
-    /// healthy client would be closed). With pings off, `idle_timeout`
-    /// still closes a client silent for that long: turn it off too to keep
-    /// silent clients. Keepalive deadlines are rounded up to a thirty-second of the
+    /// 30 s. When both are set, it must end before `idle_timeout` with two
+    /// keepalive ticks to spare (a ping goes out up to a tick late, and its
+    /// pong must come back), or `start` refuses the settings: every silent
+    /// but healthy client would be closed before its ping. With pings off,
+    /// `idle_timeout` still closes a client silent for that long: turn it
+    /// off too to keep silent clients. Keepalive deadlines are rounded up to a thirty-second of the
     /// shorter of this and `idle_timeout` (at most 1 s), so that clients
     /// due at nearly the same time are pinged together. While only pongs
     /// are arriving, the readiness loop pauses 200 µs between waits to
@@ -541,7 +542,9 @@ impl<T: Send + Sync + 'static> Builder<T> {
 
     /// Close (1001) a client silent for this long; `None` never does.
     /// Default: 75 s. Rounded up like `ping_interval`'s deadlines (at most
-    /// 1 s late).
+    /// 1 s late). A shorter idle timeout needs a shorter `ping_interval`
+    /// (or none) too: with the default 30 s ping, anything under about
+    /// 32 s is refused at `start` (see `ping_interval`).
     pub fn idle_timeout(mut self, t: Option<Duration>) -> Self {
         self.config.idle_timeout = t;
         self

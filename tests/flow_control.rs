@@ -560,3 +560,88 @@ fn blocked_handler_delays_only_its_own_connection() {
 fn three_of_four_workers_blocked_still_serve_the_rest() {
     blocked_handlers_leave_the_others_served(3);
 }
+
+/// Work the pool runs outside the ready queue (a user thread's deferred
+/// send, a resumed connection's job, a broadcast's share) must not wait
+/// for a flood of ready work to end: with one worker kept busy by
+/// clients that pipeline without a break, a message a user thread sends
+/// to a quiet client still arrives while the flood goes on.
+#[test]
+fn a_deferred_send_is_not_starved_by_a_flood_of_ready_work() {
+    let _serial = serial();
+    let errors = Arc::new(AtomicUsize::new(0));
+    let joined: Arc<Mutex<Vec<Client>>> = Arc::default();
+    let j = Arc::clone(&joined);
+    let server = WebSocketServer::builder()
+        .workers(1)
+        .on_connect(move |c| j.lock().unwrap().push(c.clone()))
+        .on_message(echo(&errors))
+        .start("127.0.0.1:0")
+        .unwrap();
+    let addr = server.local_addr();
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut floods = Vec::new();
+    for _ in 0..16 {
+        let s = raw_client(addr);
+        let mut w = s.try_clone().unwrap();
+        let mut r = s;
+        let stop_w = Arc::clone(&stop);
+        floods.push(thread::spawn(move || {
+            let burst: Vec<u8> = (0..64).flat_map(|_| frame(0x82, &[7u8; 32])).collect();
+            while !stop_w.load(Ordering::Relaxed) {
+                if w.write_all(&burst).is_err() {
+                    break;
+                }
+            }
+        }));
+        let stop_r = Arc::clone(&stop);
+        floods.push(thread::spawn(move || {
+            let mut buf = vec![0u8; 64 * 1024];
+            while !stop_r.load(Ordering::Relaxed) {
+                if matches!(r.read(&mut buf), Ok(0) | Err(_)) {
+                    break;
+                }
+            }
+        }));
+    }
+    let mut quiet = raw_client(addr);
+    // The quiet client's Connect comes after the floods' (each opened in
+    // turn): find it by its address.
+    let quiet_addr = quiet.local_addr().unwrap();
+    let t = Instant::now();
+    let client = loop {
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "quiet client never seen"
+        );
+        let found = joined
+            .lock()
+            .unwrap()
+            .iter()
+            .find(|c| c.peer_addr() == quiet_addr)
+            .cloned();
+        if let Some(c) = found {
+            break c;
+        }
+        thread::sleep(Duration::from_millis(10));
+    };
+    thread::sleep(Duration::from_millis(1000));
+    let sent = Instant::now();
+    client.send("through the flood").unwrap();
+    quiet
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    let got = try_read_frame(&mut quiet);
+    let waited = sent.elapsed();
+    stop.store(true, Ordering::Relaxed);
+    drop(server);
+    for f in floods {
+        let _ = f.join();
+    }
+    let (first, payload) = got.expect("nothing within 5 s while the flood went on");
+    assert_eq!(
+        (first, payload.as_slice()),
+        (0x81, &b"through the flood"[..])
+    );
+    eprintln!("the deferred send arrived after {waited:?}");
+}

@@ -1122,7 +1122,21 @@ fn slow_main_loop_bounds_memory() {
 #[test]
 fn settings_that_would_break_the_server_are_refused_with_a_reason() {
     let _g = shared();
-    let cases: [(Configure, &str); 6] = [
+    let cases: [(Configure, &str); 8] = [
+        // A ping up to a keepalive tick late (31 ms here) and its pong
+        // would come after the idle close.
+        (
+            |b| {
+                b.ping_interval(Some(Duration::from_millis(990)))
+                    .idle_timeout(Some(Duration::from_secs(1)))
+            },
+            "ping_interval",
+        ),
+        // The default 30 s ping with a 10 s idle close.
+        (
+            |b| b.idle_timeout(Some(Duration::from_secs(10))),
+            "ping_interval",
+        ),
         (
             |b| b.ping_interval(Some(Duration::from_secs(100))),
             "ping_interval",
@@ -1148,13 +1162,18 @@ fn settings_that_would_break_the_server_are_refused_with_a_reason() {
             Ok(_) => panic!("case {i}: started"),
         }
     }
-    // What stays allowed: pings off with the idle close, and both off.
+    // What stays allowed: pings off with the idle close, both off, a ping
+    // with two ticks (50 ms each here) to spare.
     for configure in [
         (|b| b.ping_interval(None)) as Configure,
         |b| b.ping_interval(None).idle_timeout(None),
         |b| {
             b.ping_interval(Some(Duration::from_secs(100)))
                 .idle_timeout(None)
+        },
+        |b| {
+            b.ping_interval(Some(Duration::from_millis(900)))
+                .idle_timeout(Some(Duration::from_secs(1)))
         },
     ] {
         configure(WebSocketServer::builder())

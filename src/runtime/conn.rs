@@ -606,15 +606,19 @@ impl<T: Send + Sync + 'static> Conn<T> {
         if w.write_error.is_some() {
             return Err(Error::Closed);
         }
+        let idle = !w.writing && !w.job_running && w.out.is_empty();
         self.enqueue(
             shared,
             &mut w,
             Chunk::Head(head, n as u8),
             Some(Chunk::Owned(payload)),
         );
-        // A writer or the job that owns the connection takes it along
-        // (a writer flushes until the queue is empty; a job at its end).
-        if !w.writing && !w.job_running {
+        // Otherwise whoever holds the connection takes it along: a writer
+        // (it flushes until the queue is empty), the job (at its end), or
+        // the writable interest armed for a queue the kernel pushed back
+        // on (no write now, which under a topic's lock, from a publish
+        // that closes a slow subscriber, would be a system call each).
+        if idle {
             w.writing = true;
             self.flush_holding_token(shared, w);
         }

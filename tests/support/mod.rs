@@ -23,35 +23,26 @@ pub type Ws = WebSocket<MaybeTlsStream<TcpStream>>;
 /// Raise this process's soft limit on open files to its hard limit, once.
 /// Some tests hold a few thousand sockets, both ends in this process, over
 /// the 1,024 a default login allows; the hard limit is usually far higher.
-/// (std has no call for it; the C library is linked anyway.)
-#[cfg(target_os = "linux")]
+#[cfg(unix)]
 #[allow(unsafe_code)]
 pub fn raise_fd_limit() {
-    #[repr(C)]
-    struct Rlimit {
-        cur: std::ffi::c_ulong,
-        max: std::ffi::c_ulong,
-    }
-    const RLIMIT_NOFILE: std::ffi::c_int = 7;
-    unsafe extern "C" {
-        fn getrlimit(resource: std::ffi::c_int, rlim: *mut Rlimit) -> std::ffi::c_int;
-        fn setrlimit(resource: std::ffi::c_int, rlim: *const Rlimit) -> std::ffi::c_int;
-    }
     static ONCE: std::sync::Once = std::sync::Once::new();
     ONCE.call_once(|| {
-        let mut l = Rlimit { cur: 0, max: 0 };
-        // SAFETY: `l` is a valid `struct rlimit` (two `rlim_t`, which is
-        // `unsigned long` on Linux) for both calls.
+        let mut l = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        // SAFETY: `l` is a valid `struct rlimit` for both calls.
         unsafe {
-            if getrlimit(RLIMIT_NOFILE, &mut l) == 0 && l.cur < l.max {
-                l.cur = l.max;
-                setrlimit(RLIMIT_NOFILE, &l);
+            if libc::getrlimit(libc::RLIMIT_NOFILE, &mut l) == 0 && l.rlim_cur < l.rlim_max {
+                l.rlim_cur = l.rlim_max;
+                libc::setrlimit(libc::RLIMIT_NOFILE, &l);
             }
         }
     });
 }
 
-#[cfg(not(target_os = "linux"))]
+#[cfg(not(unix))]
 pub fn raise_fd_limit() {}
 
 /// A server with no closures: every event goes to the channel.
