@@ -351,6 +351,10 @@ pub(crate) fn dispatch<T: Send + Sync + 'static>(shared: &Arc<Shared<T>>, ready:
     }
 }
 
+/// Ready jobs a drainer runs before it lets other pool work waiting for a
+/// thread go first.
+const FAIR_TURN: u32 = 64;
+
 /// A pool job: run ready work until the shared queue is empty.
 fn drain<T: Send + Sync + 'static>(shared: &Arc<Shared<T>>) {
     /// Leaves the drainer count right even if a job unwinds (jobs catch
@@ -364,7 +368,20 @@ fn drain<T: Send + Sync + 'static>(shared: &Arc<Shared<T>>) {
         }
     }
     let mut leave = Leave(shared, false);
+    let mut served = 0u32;
     loop {
+        served += 1;
+        if served > FAIR_TURN && shared.pool.queued_count() > 0 {
+            // Other pool work waits for a thread (a user thread's
+            // deferred sends, a resumed connection's job, a broadcast's
+            // share), and under a flood the ready queue may never empty:
+            // go to the back of the pool's queue, behind it, still
+            // counted as a drainer.
+            leave.1 = true;
+            let s = Arc::clone(shared);
+            shared.pool.execute(move || drain(&s));
+            return;
+        }
         let job = {
             let mut q = shared.ready.lock();
             match q.jobs.pop_front() {
