@@ -1057,8 +1057,13 @@ impl<T: Send + Sync + 'static> Conn<T> {
         } else if needs_job && !w.finished {
             w.job_running = true;
             spawn = true;
-        } else if !w.finished {
-            self.arm(shared, &mut w);
+        } else if !w.finished && !self.arm(shared, &mut w) {
+            // Out of kernel memory for the poller: nothing would wake this
+            // connection again. Its job tears it down, as a job's own
+            // failed arm does.
+            w.force_close = true;
+            w.job_running = true;
+            spawn = true;
         }
         // `room_made` takes the lock `send_timeout` waiters hold while
         // they look at this queue: never with this one held.
