@@ -498,3 +498,25 @@ fn a_request_that_comes_late_is_served_with_its_first_frame() {
     let (_, m) = expect_message(&server);
     assert_eq!(m.as_text(), Some("late but here"));
 }
+
+/// A handshake deadline past what the server took for "never" (a year):
+/// shutdown still answers the half-sent handshakes waiting for their
+/// bytes. Was a bug: shutdown took only handshakes due within a year, so
+/// these were left unanswered, and a failed registration leaked its slot.
+#[test]
+fn shutdown_answers_handshakes_with_a_deadline_past_a_year() {
+    use std::io::Read;
+    let server = enjent::WebSocketServer::builder()
+        .handshake_timeout(Duration::from_secs(86_400 * 400))
+        .start("127.0.0.1:0")
+        .unwrap();
+    let mut s = raw(server.local_addr());
+    s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n").unwrap();
+    // Time for the half request to be read and parked.
+    std::thread::sleep(Duration::from_millis(300));
+    server.shutdown();
+    let mut answer = Vec::new();
+    let _ = s.read_to_end(&mut answer);
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 503 "), "{answer:?}");
+}

@@ -112,7 +112,7 @@ pub(crate) fn run<T: Send + Sync + 'static>(shared: Arc<Shared<T>>, listener: Tc
             register(&shared.poller, &p.stream, polling::Event::readable(key))
         });
         if !matches!(registered, Some(Ok(()))) {
-            if let Some(p) = shared.registry.take_expired_handshake(key, far_future()) {
+            if let Some(p) = shared.registry.take_expired_handshake(key, None) {
                 abort_handshake(
                     &shared,
                     *p,

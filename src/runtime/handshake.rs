@@ -312,7 +312,7 @@ fn park_handshake<T>(shared: &Arc<Shared<T>>, mut p: Box<Pending>, want: Interes
         }
     });
     if matches!(armed, Some(Err(_)))
-        && let Some(p) = shared.registry.take_expired_handshake(key, far_future())
+        && let Some(p) = shared.registry.take_expired_handshake(key, None)
     {
         // Out of kernel memory for the poller: this client cannot wait.
         return abort_handshake(
@@ -327,7 +327,7 @@ fn park_handshake<T>(shared: &Arc<Shared<T>>, mut p: Box<Pending>, want: Interes
     // both take the slab lock: either its sweep saw this one, or we see
     // the flag and take it back.
     if shared.stopping.load(Ordering::Acquire)
-        && let Some(p) = shared.registry.take_expired_handshake(key, far_future())
+        && let Some(p) = shared.registry.take_expired_handshake(key, None)
     {
         abort_handshake(
             shared,

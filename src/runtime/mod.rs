@@ -396,10 +396,7 @@ impl<T: Send + Sync + 'static> Shared<T> {
         }
         // Parked handshakes go now; those on a worker see `stopping`.
         for key in shared.registry.handshake_keys() {
-            if let Some(p) = shared
-                .registry
-                .take_expired_handshake(key, handshake::far_future())
-            {
+            if let Some(p) = shared.registry.take_expired_handshake(key, None) {
                 handshake::abort_handshake(
                     shared,
                     *p,

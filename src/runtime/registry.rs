@@ -228,11 +228,20 @@ impl<T> Registry<T> {
         }
     }
 
-    /// A parked handshake whose deadline has passed, taken out of its slot.
-    pub(crate) fn take_expired_handshake(&self, key: usize, now: Instant) -> Option<Box<Pending>> {
+    /// A parked handshake whose deadline has passed by `now` (any parked
+    /// handshake, for `None`), taken out of its slot.
+    pub(crate) fn take_expired_handshake(
+        &self,
+        key: usize,
+        now: Option<Instant>,
+    ) -> Option<Box<Pending>> {
         let mut s = self.slab.lock();
         match Self::entry(&mut s, key)? {
-            Entry::Handshake(_, pending) if pending.as_ref().is_some_and(|p| p.deadline <= now) => {
+            Entry::Handshake(_, pending)
+                if pending
+                    .as_ref()
+                    .is_some_and(|p| now.is_none_or(|now| p.deadline <= now)) =>
+            {
                 pending.take()
             }
             _ => None,
@@ -407,7 +416,10 @@ mod tests {
         assert_ne!(second, first);
         assert_ne!(r.client_id(second), id);
         assert_eq!(key_of_id(r.client_id(second)), second);
-        assert!(r.take_expired_handshake(first, Instant::now()).is_none());
+        assert!(
+            r.take_expired_handshake(first, Some(Instant::now()))
+                .is_none()
+        );
         r.remove(first, LOCAL);
         assert_eq!(r.slab.lock().used, 1, "a stale key freed nothing");
         // The slot's last generation: once freed, it is never handed out.
