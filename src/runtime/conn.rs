@@ -797,9 +797,13 @@ impl<T: Send + Sync + 'static> Conn<T> {
             Ok(n) if n == len => Ok(SendStatus::Written),
             Ok(n) if w.finished => {
                 // Torn down meanwhile (shutdown forced it): the rest is
-                // lost, and counted as such.
+                // lost, counted as such, and the caller told so, with the
+                // message back (its `Disconnect` may be out already).
                 self.client.add_unsent(len - n);
-                Ok(SendStatus::Queued)
+                Err(Refused {
+                    error: Error::Closed,
+                    body,
+                })
             }
             Ok(n) => {
                 // Put what is left in front of anything queued meanwhile.
