@@ -795,14 +795,20 @@ impl<T: Send + Sync + 'static> Conn<T> {
         let mut w = self.io.lock();
         let outcome = match result {
             Ok(n) if n == len => Ok(SendStatus::Written),
+            // Torn down meanwhile (by its job, or a shutdown forcing it):
+            // the caller is told, since its `Disconnect` may be out
+            // already. With nothing written it gets the message back;
+            // with part of the frame written, the rest is counted as not
+            // delivered and there is nothing to hand back.
+            Ok(0) if w.finished => Err(Refused {
+                error: Error::Closed,
+                body,
+            }),
             Ok(n) if w.finished => {
-                // Torn down meanwhile (shutdown forced it): the rest is
-                // lost, counted as such, and the caller told so, with the
-                // message back (its `Disconnect` may be out already).
                 self.client.add_unsent(len - n);
                 Err(Refused {
                     error: Error::Closed,
-                    body,
+                    body: None,
                 })
             }
             Ok(n) => {

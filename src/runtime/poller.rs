@@ -370,7 +370,7 @@ fn drain<T: Send + Sync + 'static>(shared: &Arc<Shared<T>>) {
     let mut leave = Leave(shared, false);
     let mut served = 0u32;
     loop {
-        served += 1;
+        served = served.saturating_add(1);
         if served > FAIR_TURN && shared.pool.queued_count() > 0 {
             // Other pool work waits for a thread (a user thread's
             // deferred sends, a resumed connection's job, a broadcast's
