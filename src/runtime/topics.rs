@@ -542,6 +542,18 @@ mod tests {
         }
     }
 
+    /// The topic named `name`, as a publish finds it.
+    fn topic(server: &WebSocketServer, name: &str) -> std::sync::Arc<super::Topic<()>> {
+        server
+            .shared()
+            .topics
+            .by_name
+            .read()
+            .get(name)
+            .map(|super::Named(t)| std::sync::Arc::clone(t))
+            .unwrap()
+    }
+
     /// A publish holds its topic's lock for its whole fan-out (to 10,000
     /// subscribers, with a compression each under context takeover). A
     /// subscribe to that topic waits for it, but must not hold the lock
@@ -557,14 +569,7 @@ mod tests {
         let (_sb, b) = join(&server);
         let (_sc, c) = join(&server);
         assert!(a.subscribe("hot").unwrap());
-        let hot = server
-            .shared()
-            .topics
-            .by_name
-            .read()
-            .get("hot")
-            .map(|super::Named(t)| std::sync::Arc::clone(t))
-            .unwrap();
+        let hot = topic(&server, "hot");
         // A publish to "hot" in its fan-out, as far as the others can tell.
         let fan_out = hot.subs.lock();
         let joiner = std::thread::spawn(move || b.subscribe("hot").unwrap());
@@ -620,14 +625,7 @@ mod tests {
         let (c, d) = (beside.remove(0), beside.remove(0));
         assert!(a.subscribe("hot").unwrap());
         assert!(d.subscribe("hot").unwrap());
-        let hot = server
-            .shared()
-            .topics
-            .by_name
-            .read()
-            .get("hot")
-            .map(|super::Named(t)| std::sync::Arc::clone(t))
-            .unwrap();
+        let hot = topic(&server, "hot");
         let fan_out = hot.subs.lock();
         let joiner = std::thread::spawn(move || b.subscribe("hot").unwrap());
         let d2 = d.clone();
