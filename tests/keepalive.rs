@@ -226,3 +226,38 @@ fn an_unanswered_ping_is_not_repeated_before_the_idle_close() {
     assert_eq!(code, 1001);
     assert_eq!(pings, 1, "one ping over ten ping intervals of silence");
 }
+
+/// Was a bug: after closing a client for idleness the server stopped
+/// reading it, as if the socket had failed. The client's answering Close
+/// was never read: the connection waited out the close timeout, reported
+/// with our 1001 instead of the client's code (RFC 6455 section 7.1.5),
+/// and the unread input woke it again and again meanwhile, a worker and
+/// the readiness loop spinning for the whole close timeout.
+#[test]
+fn an_idle_close_reads_the_answering_close() {
+    let server = WebSocketServer::builder()
+        .ping_interval(None)
+        .idle_timeout(Some(Duration::from_millis(300)))
+        .close_timeout(Duration::from_secs(5))
+        .start("127.0.0.1:0")
+        .unwrap();
+    let mut s = raw_ws(server.local_addr());
+    let _ = expect_connect(&server);
+    let (first, payload) = read_frame(&mut s);
+    assert_eq!(first, 0x88);
+    assert_eq!(&payload[..2], &1001u16.to_be_bytes());
+    // A message, then the answer, in one write.
+    let mut answer = frame(0x81, b"last words");
+    answer.extend(frame(0x88, &close_payload(4001, "bye")));
+    s.write_all(&answer).unwrap();
+    // The server closes the TCP connection once both closes are exchanged.
+    assert!(closed_by_server(&mut s), "no EOF");
+    let (_, m) = expect_message(&server);
+    assert_eq!(m.as_text(), Some("last words"));
+    let (_, close, error) = expect_disconnect(&server);
+    assert_eq!(close.code, CloseCode::new(4001), "{close:?} {error:?}");
+    assert!(
+        matches!(&error, Some(Error::Io(e)) if e.kind() == std::io::ErrorKind::TimedOut),
+        "{error:?}"
+    );
+}

@@ -222,7 +222,11 @@ fn read_available<T: Send + Sync + 'static>(
     conn: &Arc<Conn<T>>,
     r: &mut ReadSide,
 ) {
-    if r.eof || r.error.as_ref().is_some_and(|e| matches!(e, Error::Io(_))) {
+    // A read that failed ended the input too (`end_of_input`). The error an
+    // idle close leaves for the report is no reason to stop reading: the
+    // peer's answering Close must be read, and input left unread would
+    // wake this connection again and again until the close timeout.
+    if r.eof {
         return;
     }
     // Input a pause left unparsed comes before anything newer, once the
