@@ -635,8 +635,11 @@ impl<T: Send + Sync + 'static> Builder<T> {
     /// the server stop dispatching messages until it catches up to half of
     /// it, and one twice as far behind (connects and disconnects are
     /// always queued) makes it stop accepting connections until it is
-    /// under that again; nothing is dropped. Unused in the closure style.
-    /// Default: 64 MiB.
+    /// under that again; nothing is dropped, but for one case: a client we
+    /// sent our close frame to is read on meanwhile, to find its answering
+    /// Close, and the messages it sends then are discarded and counted in
+    /// `stats().messages_discarded` (as a browser drops messages once
+    /// `close()` is called). Unused in the closure style. Default: 64 MiB.
     pub fn event_queue_bytes(mut self, bytes: usize) -> Self {
         self.config.event_queue_bytes = bytes;
         self

@@ -37,6 +37,11 @@ pub struct Stats {
     /// Messages refused (handed back, or missed by a broadcast) because a
     /// client's queue was over the hard limit.
     pub messages_dropped: u64,
+    /// Data messages a client sent after our close frame that were not
+    /// delivered, because the main loop was a whole `event_queue_bytes`
+    /// behind: such a client is read on only to find its answering Close
+    /// (as a browser drops messages once `close()` is called).
+    pub messages_discarded: u64,
     /// Clients closed by the `Close` backpressure policy.
     pub backpressure_closes: u64,
     /// Clients closed for idleness.
@@ -123,6 +128,7 @@ pub(crate) struct Counters {
     pub(crate) bytes_out: AtomicU64,
     pub(crate) bytes_queued: AtomicI64,
     pub(crate) dropped: AtomicU64,
+    pub(crate) discarded: AtomicU64,
     pub(crate) backpressure_closes: AtomicU64,
     pub(crate) idle_timeouts: AtomicU64,
     pub(crate) err_1002: AtomicU64,
@@ -182,6 +188,7 @@ impl Counters {
             bytes_out: self.bytes_out.load(Relaxed),
             bytes_queued: self.bytes_queued.load(Relaxed).max(0) as u64,
             messages_dropped: self.dropped.load(Relaxed),
+            messages_discarded: self.discarded.load(Relaxed),
             backpressure_closes: self.backpressure_closes.load(Relaxed),
             idle_timeouts: self.idle_timeouts.load(Relaxed),
             protocol_errors,

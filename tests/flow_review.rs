@@ -785,3 +785,71 @@ fn a_ping_flood_never_read_is_paused_at_high_water_of_memory() {
     );
     drop(s);
 }
+
+/// Was a bug: once our close frame was out, a client's messages went to
+/// the event channel whatever its budget (so that the client's answering
+/// Close could still be read), up to the client's hard limit each. Clients
+/// that stay silent until the idle timeout closes them, then flood without
+/// answering, could each queue about 1.1 MiB of events while the main loop
+/// was behind: the budget multiplied by the crowd.
+#[test]
+fn clients_the_server_closed_cannot_flood_past_the_event_budget() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    const BUDGET: usize = 64 * 1024;
+    const CLIENTS: usize = 4;
+    let server = WebSocketServer::builder()
+        .workers(2)
+        .event_queue_bytes(BUDGET)
+        .ping_interval(None)
+        .idle_timeout(Some(Duration::from_millis(500)))
+        .close_timeout(Duration::from_secs(3))
+        .start("127.0.0.1:0")
+        .unwrap();
+    let mut socks = Vec::new();
+    for _ in 0..CLIENTS {
+        socks.push(raw_ws(server.local_addr()));
+        let _ = expect_connect(&server);
+    }
+    // Silent until the server closes them for idleness.
+    for s in &mut socks {
+        let (first, _) = read_frame(s);
+        assert_eq!(first, 0x88, "no close frame");
+    }
+    // Then each floods 2 MiB of messages and never answers the close.
+    let writers: Vec<_> = socks
+        .iter()
+        .map(|s| {
+            let mut w = s.try_clone().unwrap();
+            w.set_write_timeout(Some(Duration::from_secs(3))).unwrap();
+            thread::spawn(move || {
+                let _ = w.write_all(&frames(2048, 1024));
+            })
+        })
+        .collect();
+    let before = cpu_ticks();
+    thread::sleep(Duration::from_millis(1000));
+    eprintln!("cpu ticks in that second: {}", cpu_ticks() - before);
+    let stats = server.stats();
+    for w in writers {
+        w.join().unwrap();
+    }
+    eprintln!(
+        "{} event bytes held over a {BUDGET} budget; {} messages discarded; {stats:?}",
+        stats.event_bytes, stats.messages_discarded
+    );
+    assert!(
+        stats.event_bytes <= 2 * BUDGET as u64,
+        "{} bytes of events held over a budget of {BUDGET}",
+        stats.event_bytes
+    );
+    assert!(stats.messages_discarded > 0);
+    // What was queued is still delivered, then each client's Disconnect.
+    let mut gone = 0;
+    while gone < CLIENTS {
+        match server.recv_timeout(Duration::from_secs(10)) {
+            Ok(enjent::Event::Disconnect { .. }) => gone += 1,
+            Ok(_) => {}
+            Err(e) => panic!("{gone} of {CLIENTS} Disconnects: {e:?}"),
+        }
+    }
+}
