@@ -373,7 +373,9 @@ impl<T: Send + Sync + 'static> Client<T> {
 
     /// Start the close handshake: messages already queued go first, then a
     /// close frame with `code` and `reason`. The client is disconnected when
-    /// it answers, or after `close_timeout`.
+    /// it answers, or after `close_timeout`. What it sends meanwhile is
+    /// still delivered, unless (main-loop style) the event channel is a
+    /// whole `event_queue_bytes` behind: see `Stats::messages_discarded`.
     ///
     /// # Errors
     ///

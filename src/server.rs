@@ -243,7 +243,10 @@ impl<T: Send + Sync + 'static> WebSocketServer<T> {
     /// let queued data flush (up to `close_timeout`), join every thread,
     /// deliver each `Disconnect`, then end the event stream so that a
     /// `for event in server.events()` loop finishes. Calling it again does
-    /// nothing. It waits for every closure running to return: a closure
+    /// nothing. In the main-loop style, a client's messages that come
+    /// after its close frame while the event channel is a whole
+    /// `event_queue_bytes` behind are discarded (and counted). It waits
+    /// for every closure running to return: a closure
     /// that waits for the thread calling `shutdown` (or for anything that
     /// thread holds) makes it wait for good.
     pub fn shutdown(&self) {
@@ -635,10 +638,12 @@ impl<T: Send + Sync + 'static> Builder<T> {
     /// the server stop dispatching messages until it catches up to half of
     /// it, and one twice as far behind (connects and disconnects are
     /// always queued) makes it stop accepting connections until it is
-    /// under that again; nothing is dropped, but for one case: a client we
-    /// sent our close frame to is read on meanwhile, to find its answering
-    /// Close, and the messages it sends then are discarded and counted in
-    /// `stats().messages_discarded` (as a browser drops messages once
+    /// under that again; nothing is dropped, but for one case: a client
+    /// whose close frame is queued (by `close`, an idle close or
+    /// `shutdown`) is read on meanwhile, to find its answering Close, and
+    /// from its first message that finds the channel this far behind on,
+    /// its messages are discarded and counted in
+    /// `stats().messages_discarded` (as a browser drops every message once
     /// `close()` is called). Unused in the closure style. Default: 64 MiB.
     pub fn event_queue_bytes(mut self, bytes: usize) -> Self {
         self.config.event_queue_bytes = bytes;

@@ -37,10 +37,12 @@ pub struct Stats {
     /// Messages refused (handed back, or missed by a broadcast) because a
     /// client's queue was over the hard limit.
     pub messages_dropped: u64,
-    /// Data messages a client sent after our close frame that were not
-    /// delivered, because the main loop was a whole `event_queue_bytes`
-    /// behind: such a client is read on only to find its answering Close
-    /// (as a browser drops messages once `close()` is called).
+    /// Data messages not delivered because they came after the client's
+    /// close frame was queued and the main loop was a whole
+    /// `event_queue_bytes` behind (from the first such message on, all of
+    /// that client's): it is read on only to find its answering Close (as
+    /// a browser drops every message once `close()` is called). They are
+    /// counted in `messages_in` too.
     pub messages_discarded: u64,
     /// Clients closed by the `Close` backpressure policy.
     pub backpressure_closes: u64,

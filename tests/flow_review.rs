@@ -822,7 +822,10 @@ fn clients_the_server_closed_cannot_flood_past_the_event_budget() {
             let mut w = s.try_clone().unwrap();
             w.set_write_timeout(Some(Duration::from_secs(3))).unwrap();
             thread::spawn(move || {
-                let _ = w.write_all(&frames(2048, 1024));
+                let wire: Vec<u8> = (0..2048u32)
+                    .flat_map(|i| frame(0x82, &numbered(i, 1024)))
+                    .collect();
+                let _ = w.write_all(&wire);
             })
         })
         .collect();
@@ -844,12 +847,32 @@ fn clients_the_server_closed_cannot_flood_past_the_event_budget() {
     );
     assert!(stats.messages_discarded > 0);
     // What was queued is still delivered, then each client's Disconnect.
+    // Each client's messages delivered are its first ones, with no gap: a
+    // client's messages are discarded from the first one on, not here and
+    // there as the channel moves around its budget.
+    let mut next: std::collections::HashMap<u64, u32> = Default::default();
     let mut gone = 0;
     while gone < CLIENTS {
         match server.recv_timeout(Duration::from_secs(10)) {
             Ok(enjent::Event::Disconnect { .. }) => gone += 1,
+            Ok(enjent::Event::Message { client, message }) => {
+                let want = next.entry(client.id().as_u64()).or_insert(0);
+                assert_eq!(
+                    message.as_bytes(),
+                    numbered(*want, 1024).as_slice(),
+                    "client {} after its message {want}",
+                    client.id()
+                );
+                *want += 1;
+            }
             Ok(_) => {}
             Err(e) => panic!("{gone} of {CLIENTS} Disconnects: {e:?}"),
         }
     }
+    let delivered: u32 = next.values().sum();
+    assert_eq!(
+        u64::from(delivered) + server.stats().messages_discarded,
+        server.stats().messages_in,
+        "every message read was delivered or counted as discarded"
+    );
 }

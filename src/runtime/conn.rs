@@ -81,6 +81,9 @@ pub(crate) struct ReadSide {
     pub(crate) error: Option<Error>,
     pub(crate) eof: bool,
     pub(crate) write_shut: bool,
+    /// Its messages are discarded: our close frame is out and the main
+    /// loop was a whole budget behind when one came (see `service::handle`).
+    pub(crate) discarding: bool,
     /// Input read but not yet parsed: flow control paused the connection
     /// in the middle of a read. At most one read's worth, counted apart
     /// (`Shared::unparsed_in`), not in the partial-input budget.
@@ -100,6 +103,7 @@ impl ReadSide {
             error: None,
             eof: false,
             write_shut: false,
+            discarding: false,
             rest: Vec::new(),
             buffered: 0,
         }
@@ -113,6 +117,7 @@ impl ReadSide {
             && self.error.is_none()
             && !self.eof
             && !self.write_shut
+            && !self.discarding
             && self.rest.is_empty()
             && self.buffered == 0
     }

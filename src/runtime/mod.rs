@@ -148,16 +148,6 @@ impl<T: Send + Sync + 'static> Shared<T> {
         match &self.handlers.message {
             Some(f) => self.guarded("on_message", client, || f(client, message)),
             None => {
-                if conn.closing.load(Ordering::Acquire) && self.events.over_budget() {
-                    // Our close frame is out and the main loop is a whole
-                    // budget behind: the client is read on only to find
-                    // its answering Close (which the budget must not stop),
-                    // and what data it sends meanwhile is dropped and
-                    // counted, or a crowd of clients the server closed
-                    // could each queue up to the hard limit of events.
-                    Counters::add(&self.counters.discarded, 1);
-                    return true;
-                }
                 self.events.push(
                     conn,
                     Event::Message {

@@ -538,6 +538,21 @@ fn handle<T: Send + Sync + 'static>(
             note_buffered(shared, conn, r);
             Counters::add(&shared.counters.messages_in, 1);
             Counters::add(&shared.counters.bytes_in, m.len() as u64);
+            if r.discarding || (conn.closing.load(Ordering::Acquire) && shared.events.over_budget())
+            {
+                // Our close frame is queued and the main loop is a whole
+                // budget behind: the client is read on only to find its
+                // answering Close (which the budget must not stop), and
+                // from this message on, what data it sends is dropped and
+                // counted, all of it (as a browser drops every message
+                // once `close()` is called), or a crowd of clients the
+                // server closed could each queue up to its hard limit of
+                // events. It is not paused: it is read, at network speed,
+                // until it answers or `close_timeout` ends it.
+                r.discarding = true;
+                Counters::add(&shared.counters.discarded, 1);
+                return;
+            }
             if !shared.emit_message(conn, m) {
                 close_for_panic(shared, conn, r);
             }
