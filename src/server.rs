@@ -935,31 +935,48 @@ impl<T: Send + Sync + 'static> Builder<T> {
             threads: Mutex::new(Vec::new()),
             shutdown_fn: |shared| shared.shutdown(),
             shutdown_lock: Mutex::new(false),
+            shutdown_asked: AtomicBool::new(false),
             flushq: Mutex::new(Vec::new()),
             config,
         });
-        let s = Arc::clone(&shared);
+        let events = Events::new(rx, Arc::clone(&shared));
+        // Dropped on a failure below, the server shuts down what did
+        // start: no thread is left serving a port nobody can stop.
+        let server = WebSocketServer { shared, events };
+        let shared = &server.shared;
+        let s = Arc::clone(shared);
         let accept = std::thread::Builder::new()
             .name("enjent-accept".into())
             .spawn(move || acceptor::run(s, listener))?;
-        let s = Arc::clone(&shared);
+        shared.threads.lock().push(accept);
+        let s = Arc::clone(shared);
         let poll = std::thread::Builder::new()
             .name("enjent-poller".into())
             .spawn(move || poller::run(s))?;
-        shared.threads.lock().extend([accept, poll]);
+        shared.threads.lock().push(poll);
         if let Some(bridge) = &shared.bridge {
-            let (b, s) = (Arc::clone(bridge), Arc::downgrade(&shared));
-            let publisher = std::thread::Builder::new()
-                .name("enjent-bridge-pub".into())
-                .spawn(move || crate::runtime::bridge::run_publisher(b, s))?;
-            let (b, s) = (Arc::clone(bridge), Arc::downgrade(&shared));
-            let receiver = std::thread::Builder::new()
-                .name("enjent-bridge-sub".into())
-                .spawn(move || crate::runtime::bridge::run_receiver(b, s))?;
-            shared.bridge_threads.lock().extend([publisher, receiver]);
+            for publisher in [true, false] {
+                let (b, s) = (Arc::clone(bridge), Arc::downgrade(shared));
+                let thread = std::thread::Builder::new()
+                    .name(
+                        if publisher {
+                            "enjent-bridge-pub"
+                        } else {
+                            "enjent-bridge-sub"
+                        }
+                        .into(),
+                    )
+                    .spawn(move || {
+                        if publisher {
+                            crate::runtime::bridge::run_publisher(b, s)
+                        } else {
+                            crate::runtime::bridge::run_receiver(b, s)
+                        }
+                    })?;
+                shared.bridge_threads.lock().push(thread);
+            }
         }
-        let events = Events::new(rx, Arc::clone(&shared));
-        Ok(WebSocketServer { shared, events })
+        Ok(server)
     }
 }
 

@@ -45,10 +45,25 @@ impl Example {
         Example::launch(name, args, true)
     }
 
+    /// As [`Example::start`], in a shell that first sets the child's
+    /// limit on open files to `limit`.
+    fn start_with_fd_limit(name: &str, args: &[&str], limit: u32) -> Example {
+        let bin = example_bin(name, &[]);
+        let script = format!("ulimit -n {limit} && exec \"$0\" \"$@\"");
+        let mut cmd = Command::new("sh");
+        cmd.arg("-c").arg(script).arg(&bin).args(args);
+        Example::spawn(cmd, &bin, false)
+    }
+
     fn launch(name: &str, args: &[&str], capture_stderr: bool) -> Example {
         let bin = example_bin(name, &[]);
-        let mut child = Command::new(&bin)
-            .args(args)
+        let mut cmd = Command::new(&bin);
+        cmd.args(args);
+        Example::spawn(cmd, &bin, capture_stderr)
+    }
+
+    fn spawn(mut cmd: Command, bin: &std::path::Path, capture_stderr: bool) -> Example {
+        let mut child = cmd
             .stdout(Stdio::piped())
             .stderr(if capture_stderr {
                 Stdio::piped()
@@ -384,4 +399,69 @@ fn echo_keeps_up_with_a_pipelining_slow_reader_closure_style() {
 #[test]
 fn echo_keeps_up_with_a_pipelining_slow_reader_main_loop_style() {
     echo_keeps_up_with_a_pipelining_slow_reader(&["127.0.0.1:0", "--main-loop"]);
+}
+
+/// Past the process's limit on open files, a client must still get an
+/// answer (`503`), not wait in the listen backlog for someone to leave; and
+/// once someone leaves, the next client is served again.
+#[test]
+fn echo_out_of_file_descriptors_answers_503_then_recovers() {
+    let ex = Example::start_with_fd_limit("echo", &["127.0.0.1:0"], 40);
+    let mut socks: Vec<_> = (0..80)
+        .map(|_| {
+            let mut s = raw(ex.addr);
+            s.write_all(REQUEST.as_bytes()).unwrap();
+            s
+        })
+        .collect();
+    let (mut upgraded, mut refused) = (Vec::new(), 0);
+    for (i, mut s) in socks.drain(..).enumerate() {
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let mut head = [0u8; 12];
+        s.read_exact(&mut head)
+            .unwrap_or_else(|e| panic!("client {i} got no answer: {e}"));
+        match &head {
+            b"HTTP/1.1 101" => {
+                read_101_rest(&mut s);
+                upgraded.push(s);
+            }
+            b"HTTP/1.1 503" => refused += 1,
+            other => panic!("client {i}: {:?}", String::from_utf8_lossy(other)),
+        }
+    }
+    // About 30 fit under 40 descriptors beside the server's own.
+    assert!(
+        upgraded.len() >= 10 && refused >= 30,
+        "{} upgraded, {refused} refused",
+        upgraded.len()
+    );
+    // Those upgraded are served.
+    let mut first = upgraded.remove(0);
+    first.write_all(&frame(0x81, b"still here")).unwrap();
+    assert_eq!(read_frame(&mut first), (0x81, b"still here".to_vec()));
+    // Five leave; a newcomer gets in once the server has seen them go.
+    drop(upgraded.drain(..5));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let mut s = raw(ex.addr);
+        s.write_all(REQUEST.as_bytes()).unwrap();
+        let mut head = [0u8; 12];
+        s.read_exact(&mut head).expect("an answer");
+        if &head == b"HTTP/1.1 101" {
+            break;
+        }
+        assert_eq!(&head, b"HTTP/1.1 503");
+        assert!(Instant::now() < deadline, "still refused after others left");
+        thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// The rest of a `101` head, after its first 12 bytes.
+fn read_101_rest(s: &mut std::net::TcpStream) {
+    let mut tail = Vec::new();
+    let mut b = [0u8; 1];
+    while !tail.ends_with(b"\r\n\r\n") {
+        s.read_exact(&mut b).unwrap();
+        tail.push(b[0]);
+    }
 }

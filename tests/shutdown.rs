@@ -118,3 +118,68 @@ fn events_loop_sees_disconnect_then_ends_when_shutdown_from_another_thread() {
     stopper.join().unwrap();
     assert_eq!(disconnects, 1);
 }
+
+/// Threads of this process named `name` (Linux: `/proc/self/task`).
+#[cfg(target_os = "linux")]
+fn threads_named(name: &str) -> usize {
+    std::fs::read_dir("/proc/self/task")
+        .map(|tasks| {
+            tasks
+                .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
+                .filter(|comm| comm.trim_end() == name)
+                .count()
+        })
+        .unwrap_or(0)
+}
+
+/// Every closure that asks for a shutdown while one is under way must not
+/// cost a thread: 100 handlers asking at once start one shutdown thread,
+/// not 100 that each wait out the whole shutdown.
+#[cfg(target_os = "linux")]
+#[test]
+fn a_hundred_closures_asking_for_shutdown_start_one_thread() {
+    use std::io::Write;
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+
+    let gone = Arc::new(AtomicUsize::new(0));
+    let server = {
+        let gone = Arc::clone(&gone);
+        WebSocketServer::builder()
+            .close_timeout(Duration::from_millis(500))
+            .on_message(|client, _| client.server().shutdown())
+            .on_disconnect(move |_, _, _| {
+                gone.fetch_add(1, Ordering::AcqRel);
+            })
+            .start("127.0.0.1:0")
+            .unwrap()
+    };
+    let addr = server.local_addr();
+    // Raw clients that never read: none answers the close, so the
+    // shutdown waits `close_timeout` with its lock held.
+    let mut socks: Vec<_> = (0..100).map(|_| raw_ws(addr)).collect();
+    let (done, peak) = (
+        Arc::new(AtomicBool::new(false)),
+        Arc::new(AtomicUsize::new(0)),
+    );
+    let watcher = {
+        let (done, peak) = (Arc::clone(&done), Arc::clone(&peak));
+        std::thread::spawn(move || {
+            while !done.load(Ordering::Acquire) {
+                peak.fetch_max(threads_named("enjent-shutdown"), Ordering::AcqRel);
+                std::thread::sleep(Duration::from_millis(2));
+            }
+        })
+    };
+    for s in &mut socks {
+        s.write_all(&frame(0x81, b"stop")).unwrap();
+    }
+    // The stream ends when the shutdown is over.
+    for _ in server.events() {}
+    done.store(true, Ordering::Release);
+    watcher.join().unwrap();
+    assert_eq!(gone.load(Ordering::Acquire), 100);
+    let peak = peak.load(Ordering::Acquire);
+    assert!(peak >= 1, "the watcher never saw the shutdown thread");
+    assert!(peak <= 1, "{peak} shutdown threads at once");
+}

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
+use crate::error::Error;
 use crate::proto::handshake::Reject;
 use crate::runtime::Shared;
 use crate::runtime::handshake::{
@@ -21,6 +22,10 @@ const FIRST_READ: usize = 2048;
 
 pub(crate) fn run<T: Send + Sync + 'static>(shared: Arc<Shared<T>>, listener: TcpListener) {
     let mut handshakes = Vec::with_capacity(1);
+    let mut spare = Spare::open();
+    // In a run of accepts refused for want of file descriptors (the first
+    // of a run is reported).
+    let mut out_of_fds = false;
     loop {
         // A main loop far behind (its event channel twice over budget) is
         // not handed more clients: they wait in the listen backlog.
@@ -32,10 +37,29 @@ pub(crate) fn run<T: Send + Sync + 'static>(shared: Arc<Shared<T>>, listener: Tc
             return;
         }
         let (stream, peer) = match accepted {
-            Ok(pair) => pair,
+            Ok(pair) => {
+                out_of_fds = false;
+                pair
+            }
+            Err(e) if is_out_of_fds(&e) => {
+                // The process (or the system) has no file descriptor left
+                // for the next client. Left in the backlog, it would wait
+                // with no answer until someone leaves: spend the spare to
+                // take it and answer `503`, then make the spare again.
+                if !out_of_fds {
+                    out_of_fds = true;
+                    shared.report(None, Error::Io(e));
+                }
+                if !refuse_with_spare(&shared, &listener, &mut spare) {
+                    // No spare to spend (another thread took the fd it
+                    // freed): back off instead of spinning.
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                continue;
+            }
             Err(e) => {
-                // Out of fds or memory: back off instead of spinning; the
-                // listener keeps the backlog until clients leave.
+                // Out of memory, or a network error accept(2) passes on:
+                // back off, unless it is one to retry at once.
                 if e.kind() != io::ErrorKind::Interrupted
                     && e.kind() != io::ErrorKind::ConnectionAborted
                 {
@@ -55,7 +79,12 @@ pub(crate) fn run<T: Send + Sync + 'static>(shared: Arc<Shared<T>>, listener: Tc
             peer.ip(),
         ) else {
             shared.counters.refused(503);
-            refuse(&stream, &Reject::new(503).body("too many connections"));
+            refuse(
+                &stream,
+                &Reject::new(503)
+                    .header("Retry-After", "1")
+                    .body("too many connections"),
+            );
             continue;
         };
         let deadline = Instant::now()
@@ -125,7 +154,51 @@ pub(crate) fn run<T: Send + Sync + 'static>(shared: Arc<Shared<T>>, listener: Tc
     }
 }
 
+/// Answer a client refused before any handshake. Best effort: the socket
+/// is non-blocking and the answer small. One bounded read of what has come
+/// first, since input left unread at close makes the kernel reset the
+/// connection, which can destroy the answer before the client reads it.
 fn refuse(mut stream: &TcpStream, reject: &Reject) {
+    let mut sink = [0u8; FIRST_READ];
+    let _ = stream.read(&mut sink);
     let _ = stream.write(&reject.to_response());
     let _ = stream.shutdown(std::net::Shutdown::Write);
+}
+
+/// Whether `accept` failed for want of a file descriptor (EMFILE, ENFILE).
+fn is_out_of_fds(e: &io::Error) -> bool {
+    // Both numbers are the same on Linux, the BSDs and macOS.
+    cfg!(unix) && matches!(e.raw_os_error(), Some(23 | 24))
+}
+
+/// A file descriptor held in reserve, so that out of descriptors the
+/// accept thread can still take a client off the backlog to refuse it.
+struct Spare(Option<std::fs::File>);
+
+impl Spare {
+    fn open() -> Spare {
+        Spare(std::fs::File::open(if cfg!(windows) { "NUL" } else { "/dev/null" }).ok())
+    }
+}
+
+/// Free the spare, accept one client with it and answer `503`, then take
+/// the spare back. False if there was no spare to spend.
+fn refuse_with_spare<T>(shared: &Shared<T>, listener: &TcpListener, spare: &mut Spare) -> bool {
+    if spare.0.take().is_none() {
+        *spare = Spare::open();
+        return false;
+    }
+    if let Ok((stream, _)) = listener.accept()
+        && stream.set_nonblocking(true).is_ok()
+    {
+        shared.counters.refused(503);
+        refuse(
+            &stream,
+            &Reject::new(503)
+                .header("Retry-After", "1")
+                .body("server out of file descriptors"),
+        );
+    }
+    *spare = Spare::open();
+    true
 }

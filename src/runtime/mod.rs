@@ -119,6 +119,9 @@ pub(crate) struct Shared<T> {
     pub(crate) shutdown_fn: fn(&Arc<Shared<T>>),
     /// True once shutdown has run; held while it runs.
     pub(crate) shutdown_lock: Mutex<bool>,
+    /// Whether a shutdown was asked for, so that closures calling it
+    /// again start no more threads.
+    pub(crate) shutdown_asked: AtomicBool,
     /// Connections with sends deferred by user threads, for the next
     /// flush job (see `Conn::write`).
     pub(crate) flushq: Mutex<Vec<Arc<conn::Conn<T>>>>,
@@ -359,13 +362,23 @@ impl<T: Send + Sync + 'static> Shared<T> {
         if service::on_worker() || bridge::on_bridge_thread() || poller::on_poller() {
             // A worker cannot wait for the pool it belongs to, nor a
             // bridge thread (in `on_bridge`) for the bridge, nor the
-            // poller (in `on_error`) for itself.
+            // poller (in `on_error`) for itself. One thread does it, for
+            // however many closures ask.
+            if self.shutdown_asked.swap(true, Ordering::AcqRel) {
+                return;
+            }
             let shared = Arc::clone(self);
-            let _ = std::thread::Builder::new()
+            let spawned = std::thread::Builder::new()
                 .name("enjent-shutdown".into())
                 .spawn(move || shared.shutdown());
+            if let Err(e) = spawned {
+                // The next call tries again.
+                self.shutdown_asked.store(false, Ordering::Release);
+                self.report(None, Error::Io(e));
+            }
             return;
         }
+        self.shutdown_asked.store(true, Ordering::Release);
         let mut done = self.shutdown_lock.lock();
         if *done {
             return;
@@ -373,17 +386,23 @@ impl<T: Send + Sync + 'static> Shared<T> {
         *done = true;
         let shared = self;
         shared.stopping.store(true, Ordering::Release);
-        // Wake the accept thread out of `accept`.
-        let wake = match shared.local_addr.ip() {
+        // Wake the accept thread out of `accept`. A wildcard bind is
+        // reached through loopback; for `[::]`, IPv4's if IPv6's is off
+        // (a dual-stack socket takes both).
+        let port = shared.local_addr.port();
+        let wakes = match shared.local_addr.ip() {
             IpAddr::V4(ip) if ip.is_unspecified() => {
-                SocketAddr::new(Ipv4Addr::LOCALHOST.into(), shared.local_addr.port())
+                vec![SocketAddr::new(Ipv4Addr::LOCALHOST.into(), port)]
             }
-            IpAddr::V6(ip) if ip.is_unspecified() => {
-                SocketAddr::new(Ipv6Addr::LOCALHOST.into(), shared.local_addr.port())
-            }
-            _ => shared.local_addr,
+            IpAddr::V6(ip) if ip.is_unspecified() => vec![
+                SocketAddr::new(Ipv6Addr::LOCALHOST.into(), port),
+                SocketAddr::new(Ipv4Addr::LOCALHOST.into(), port),
+            ],
+            _ => vec![shared.local_addr],
         };
-        let woke = TcpStream::connect_timeout(&wake, Duration::from_secs(1)).is_ok();
+        let woke = wakes
+            .iter()
+            .any(|wake| TcpStream::connect_timeout(wake, Duration::from_secs(1)).is_ok());
         let mut threads = std::mem::take(&mut *shared.threads.lock());
         // threads[0] is the accept thread. If it could not be woken it stays
         // blocked in accept; it holds no connection and ends with the

@@ -16,7 +16,7 @@ use polling::{Event as Interest, Events, Poller};
 
 use crate::proto::handshake::{Reject, parse_http};
 use crate::runtime::Shared;
-use crate::runtime::conn::{claim, claim_event};
+use crate::runtime::conn::{Conn, claim, claim_event};
 use crate::runtime::handshake::{abort_handshake, handshake, refuse_by_content};
 use crate::runtime::registry::{Found, Pending, handshake_deadline_ms};
 use crate::runtime::service::service;
@@ -106,15 +106,17 @@ pub(crate) fn run<T: Send + Sync + 'static>(shared: Arc<Shared<T>>) {
         let (mut pongs, mut others) = (0, 0);
         for f in found.drain(..) {
             match f {
-                Found::Open(ref conn) => {
-                    let (run, pong) = claim_event(conn);
+                Found::Open(conn) => {
+                    let (run, pong) = claim_event(&conn);
                     if pong {
                         pongs += 1;
                     } else {
                         others += 1;
                     }
                     if run {
-                        ready.push(Job::Ready(f));
+                        ready.push(Job::Ready(Found::Open(conn)));
+                    } else {
+                        let_go(&shared, conn);
                     }
                 }
                 Found::Nothing => {}
@@ -138,6 +140,8 @@ pub(crate) fn run<T: Send + Sync + 'static>(shared: Arc<Shared<T>>) {
             for conn in due.drain(..) {
                 if claim(&conn) {
                     ready.push(Job::Timer(conn));
+                } else {
+                    let_go(&shared, conn);
                 }
             }
             for p in expired.drain(..) {
@@ -169,6 +173,21 @@ pub(crate) fn run<T: Send + Sync + 'static>(shared: Arc<Shared<T>>) {
         if pongs > 0 && others == 0 {
             std::thread::sleep(PONG_PAUSE);
         }
+    }
+}
+
+/// Let go of the loop's hold on a connection. Should it be the last (its
+/// job tore it down meanwhile), the record, and the user's `T` with it, is
+/// dropped on a worker: a `Drop` of the user's that blocks or panics must
+/// not stall or end the readiness loop.
+fn let_go<T: Send + Sync + 'static>(shared: &Arc<Shared<T>>, conn: Arc<Conn<T>>) {
+    if let Some(last) = Arc::into_inner(conn) {
+        let s = Arc::clone(shared);
+        shared.pool.execute(move || {
+            if let Err(panic) = catch_unwind(AssertUnwindSafe(|| drop(last))) {
+                s.report_panic("the drop of a client's data", None, &*panic);
+            }
+        });
     }
 }
 
