@@ -74,6 +74,13 @@ impl<T: Send + Sync + 'static> WebSocketServer<T> {
     /// `ClientInitializationStrategy`). Returning a [`Reject`] refuses the
     /// client with that HTTP status.
     ///
+    /// The strategy runs on a pool worker, as the closures do, once the
+    /// whole request is in: `handshake_timeout` does not cover it, and
+    /// while it runs (a lookup in an auth service, say) it holds that
+    /// worker. A strategy that can be slow needs its own timeout, and
+    /// enough [`workers`](Builder::workers) for the handshakes that wait
+    /// on it at once.
+    ///
     /// ```no_run
     /// use enjent::{Reject, WebSocketServer};
     ///
@@ -521,7 +528,9 @@ impl<T: Send + Sync + 'static> Builder<T> {
     }
 
     /// Time a client has to send its whole upgrade request; then it is
-    /// answered `408` and closed. Default: 10 s.
+    /// answered `408` and closed. It also bounds the writing of an
+    /// [`on_http`](Builder::on_http) answer, but not the client-init
+    /// strategy's run. Default: 10 s.
     pub fn handshake_timeout(mut self, t: Duration) -> Self {
         self.config.handshake_timeout = t;
         self
@@ -726,9 +735,12 @@ impl<T: Send + Sync + 'static> Builder<T> {
     /// `X-Forwarded-For` (the default) is read at its last entry, the one
     /// the proxy appended, so what a client sent in it is ignored; every
     /// common proxy appends to it (NGINX's `$proxy_add_x_forwarded_for`,
-    /// HAProxy's `option forwardfor`, cloud load balancers). Name another
-    /// header, such as `X-Real-IP`, only if the proxy always overwrites
-    /// it. Entries may carry a port (`1.2.3.4:5678`, `[::1]:80`).
+    /// HAProxy's `option forwardfor`, cloud load balancers). `Forwarded`
+    /// (RFC 7239) is read the same way, at the `for=` of its last element.
+    /// Name another header, such as `X-Real-IP`, only if the proxy always
+    /// overwrites it: it is believed only when it comes once. Entries may
+    /// carry a port (`1.2.3.4:5678`, `[::1]:80`); an obfuscated or
+    /// `unknown` one gives no address.
     pub fn forwarded_header(mut self, name: impl Into<String>) -> Self {
         self.config.forwarded_header = name.into();
         self
@@ -750,7 +762,9 @@ impl<T: Send + Sync + 'static> Builder<T> {
     /// with `f`, run on a pool worker, so one port can serve a page and
     /// the socket. The connection is closed after the response. Without
     /// it they get `426 Upgrade Required` (`405` or `400` if malformed).
-    /// A panic in `f` is answered `500`.
+    /// A panic in `f` is answered `500`. The whole answer must be
+    /// written by the `handshake_timeout` counted from the connection's
+    /// accept: a client too slow to read it by then is cut off midway.
     pub fn on_http(mut self, f: impl Fn(&Request) -> HttpResponse + Send + Sync + 'static) -> Self {
         self.handlers.http = Some(Box::new(f));
         self

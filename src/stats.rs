@@ -20,8 +20,10 @@ pub struct Stats {
     /// Handshakes completed with `101`.
     pub handshakes_accepted: u64,
     /// Handshakes refused, by the HTTP status they were answered with
-    /// (400, 403, 405, 408 for a handshake timeout, 426, 431, 503 over a
-    /// connection limit, or a strategy's own status).
+    /// (400, 403, 405, 408 for a handshake timeout, 426, 431, 500 for a
+    /// strategy that panicked, 503 over a connection limit, out of file
+    /// descriptors, with no worker free by the deadline or while shutting
+    /// down, or a strategy's own status).
     pub handshakes_refused: BTreeMap<u16, u64>,
     /// Data messages received.
     pub messages_in: u64,

@@ -53,6 +53,16 @@ fn each_bad_request_gets_its_status() {
             REQUEST.replace("Host: localhost", &format!("Host: {}", "h".repeat(20_000))),
             431,
         ),
+        // A body would be read as frames where a proxy framing by HTTP
+        // skips it.
+        (
+            REQUEST.replace("\r\n\r\n", "\r\nContent-Length: 6\r\n\r\n") + "abcdef",
+            400,
+        ),
+        (
+            REQUEST.replace("\r\n\r\n", "\r\nTransfer-Encoding: chunked\r\n\r\n") + "0\r\n\r\n",
+            400,
+        ),
     ];
     for (request, want) in cases {
         let response = http(addr, request.as_bytes());
@@ -519,4 +529,44 @@ fn shutdown_answers_handshakes_with_a_deadline_past_a_year() {
     let _ = s.read_to_end(&mut answer);
     let answer = String::from_utf8_lossy(&answer);
     assert!(answer.starts_with("HTTP/1.1 503 "), "{answer:?}");
+}
+
+/// A request target in absolute form (RFC 9112 section 3.2.2: a server
+/// must accept it) reaches the strategy as its path, not as a URL.
+#[test]
+fn an_absolute_form_target_is_routed_by_its_path() {
+    let server = enjent::WebSocketServer::with_client_init(|req| {
+        if req.path() == "/chat" && req.query_param("x").as_deref() == Some("1") {
+            Ok(())
+        } else {
+            Err(enjent::Reject::new(404))
+        }
+    })
+    .start("127.0.0.1:0")
+    .unwrap();
+    let mut s = raw(server.local_addr());
+    s.write_all(
+        REQUEST
+            .replacen("GET / ", "GET http://localhost/chat?x=1 ", 1)
+            .as_bytes(),
+    )
+    .unwrap();
+    let head = read_101(&mut s);
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    expect_connect(&server);
+}
+
+/// A plain HTTP answer with a status outside RFC 9110's classes goes out
+/// as `500`, as a 1xx does, and is counted so.
+#[test]
+fn an_http_answer_outside_200_to_599_is_sent_as_500() {
+    let server = enjent::WebSocketServer::builder()
+        .on_http(|_| enjent::HttpResponse::new(700).body("odd"))
+        .start("127.0.0.1:0")
+        .unwrap();
+    let response = http(
+        server.local_addr(),
+        b"GET /page HTTP/1.1\r\nHost: localhost\r\n\r\n",
+    );
+    assert_eq!(status_of(&response), 500, "{response}");
 }

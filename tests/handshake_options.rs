@@ -264,6 +264,41 @@ fn forwarded_address_only_when_the_proxy_is_trusted() {
         expect_connect(&real_ip).forwarded_addr(),
         Some(ip("203.0.113.9"))
     );
+    // Twice, it was added beside the client's, not over it: neither is
+    // believed.
+    let (_h, _s2) = upgrade(
+        real_ip.local_addr(),
+        "X-Real-IP: 6.6.6.6\r\nX-Real-IP: 203.0.113.9\r\n",
+    );
+    assert_eq!(expect_connect(&real_ip).forwarded_addr(), None);
+
+    // RFC 7239: the `for=` of the last element, over all lines.
+    let rfc = WebSocketServer::builder()
+        .trust_proxy(true)
+        .forwarded_header("Forwarded")
+        .start("127.0.0.1:0")
+        .unwrap();
+    let mut kept = Vec::new();
+    for (extra, want) in [
+        (
+            "Forwarded: for=6.6.6.6;proto=https\r\nForwarded: proto=http;For=\"[2001:db8::7]:4711\", by=1.1.1.1\r\n",
+            None,
+        ),
+        (
+            "Forwarded: for=6.6.6.6, for=203.0.113.4;proto=https\r\n",
+            Some(ip("203.0.113.4")),
+        ),
+        (
+            "Forwarded: for=6.6.6.6\r\nForwarded: proto=http;For=\"[2001:db8::7]:4711\"\r\n",
+            Some(ip("2001:db8::7")),
+        ),
+        ("Forwarded: for=unknown\r\n", None),
+        ("Forwarded: for=_hidden\r\n", None),
+    ] {
+        let (_h, s) = upgrade(rfc.local_addr(), extra);
+        kept.push(s);
+        assert_eq!(expect_connect(&rfc).forwarded_addr(), want, "{extra}");
+    }
 
     let plain = server();
     let (_h, _s) = upgrade(plain.local_addr(), "X-Forwarded-For: 203.0.113.7\r\n");

@@ -202,7 +202,8 @@ impl Response {
 
 /// A plain HTTP response, for the handler of requests that are not
 /// upgrades (see [`Builder::on_http`](crate::Builder::on_http)). The same
-/// type as [`Reject`]: any status but 101 may be used.
+/// type as [`Reject`]: any status from 200 to 599 may be used; others
+/// (1xx included) are sent as `500`.
 ///
 /// ```
 /// # use enjent::HttpResponse;
@@ -293,10 +294,11 @@ impl Reject {
         &self.body
     }
 
-    /// The status the response carries: a status that cannot end a
-    /// response (1xx, or outside 200-999) is sent as 500.
+    /// The status the response carries: one that cannot end a response
+    /// (1xx), or outside the classes RFC 9110 defines (200-599), is sent
+    /// as 500.
     pub(crate) fn status_sent(&self) -> u16 {
-        if (200..=999).contains(&self.status) {
+        if (200..=599).contains(&self.status) {
             self.status
         } else {
             500
@@ -310,7 +312,7 @@ impl Reject {
 
     /// The HTTP response; for a `HEAD` request (`head_only`), without the
     /// body. A status that cannot end a response (1xx, including 101, or
-    /// outside 200-999) is sent as 500; 204 and 304 carry no body.
+    /// outside 200-599) is sent as 500; 204 and 304 carry no body.
     pub fn to_response_for(&self, head_only: bool) -> Vec<u8> {
         let status = self.status_sent();
         let bodiless = matches!(status, 204 | 304);
@@ -431,10 +433,10 @@ pub fn parse_http(buf: &[u8], max_bytes: usize) -> Result<Option<(Request, usize
         return Err(Reject::new(431).body("request headers too large"));
     }
     let method = req.method.unwrap_or_default();
-    let target = req.path.unwrap_or("/");
+    let target = origin_form(req.path.unwrap_or("/"));
     let (path, query) = match target.split_once('?') {
         Some((p, q)) => (p.to_owned(), Some(q.to_owned())),
-        None => (target.to_owned(), None),
+        None => (target.into_owned(), None),
     };
     let headers = req
         .headers
@@ -453,6 +455,31 @@ pub fn parse_http(buf: &[u8], max_bytes: usize) -> Result<Option<(Request, usize
         },
         len,
     )))
+}
+
+/// The target of a request in absolute form (`http://host/chat?x=1`, which
+/// RFC 9112 section 3.2.2 says a server must accept) as the origin form
+/// (`/chat?x=1`) that [`Request::path`] and [`Request::query`] speak of.
+fn origin_form(target: &str) -> std::borrow::Cow<'_, str> {
+    let Some((scheme, rest)) = target.split_once("://") else {
+        return target.into();
+    };
+    let scheme_ok = scheme
+        .bytes()
+        .next()
+        .is_some_and(|b| b.is_ascii_alphabetic())
+        && scheme
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"+-.".contains(&b));
+    if !scheme_ok {
+        return target.into();
+    }
+    match rest.find(['/', '?']) {
+        Some(i) if rest.as_bytes()[i] == b'/' => rest[i..].into(),
+        // An empty path means `/`: `http://host?x=1` is `/?x=1`.
+        Some(i) => format!("/{}", &rest[i..]).into(),
+        None => "/".into(),
+    }
 }
 
 /// Check that a parsed request is a valid WebSocket upgrade (RFC 6455
@@ -502,6 +529,18 @@ pub fn check_upgrade(request: &mut Request) -> Result<(), Reject> {
     }
     if get("Host").is_none() {
         return Err(Reject::bad_request("missing Host header"));
+    }
+    // An upgrade request has no body (RFC 6455 section 4.1 sends none).
+    // One announced would be read here as frames, where a proxy framing by
+    // HTTP would skip it: the two would disagree on where frames start.
+    let no_body = |v: &[u8]| v.trim_ascii() == b"0";
+    if get("Transfer-Encoding").is_some()
+        || request
+            .headers
+            .iter()
+            .any(|(n, v)| n.eq_ignore_ascii_case("Content-Length") && !no_body(v))
+    {
+        return Err(Reject::bad_request("an upgrade request has no body"));
     }
     if get("Upgrade").is_none() {
         return Err(Reject::new(426)
@@ -645,6 +684,64 @@ mod tests {
                     .unwrap()
                     .is_none(),
                 "{cut}"
+            );
+        }
+    }
+
+    refused!(
+        a_body,
+        "Host: localhost\r\n",
+        "Host: localhost\r\nContent-Length: 6\r\n",
+        400
+    );
+    refused!(
+        a_chunked_body,
+        "Host: localhost\r\n",
+        "Host: localhost\r\nTransfer-Encoding: chunked\r\n",
+        400
+    );
+
+    #[test]
+    fn an_empty_body_is_no_body() {
+        let req = GOOD.replacen(
+            "Host: localhost\r\n",
+            "Host: localhost\r\nContent-Length: 0\r\n",
+            1,
+        );
+        assert!(parse_request(req.as_bytes(), 8192).unwrap().is_some());
+    }
+
+    #[test]
+    fn an_absolute_target_is_read_as_its_path_and_query() {
+        for (target, path, query) in [
+            ("http://localhost/chat?x=1", "/chat", Some("x=1")),
+            ("HTTP://localhost:80/a/b", "/a/b", None),
+            ("ws://h?q", "/", Some("q")),
+            ("https://h", "/", None),
+            ("/plain://not-a-scheme", "/plain://not-a-scheme", None),
+        ] {
+            let req = GOOD.replacen("/chat?name=ann%20b&x", target, 1);
+            let (r, _) = parse_request(req.as_bytes(), 8192).unwrap().unwrap();
+            assert_eq!((r.path(), r.query()), (path, query), "{target}");
+        }
+    }
+
+    #[test]
+    fn statuses_outside_200_to_599_are_sent_as_500() {
+        for (status, sent) in [
+            (100, 500),
+            (101, 500),
+            (200, 200),
+            (599, 599),
+            (600, 500),
+            (700, 500),
+            (1000, 500),
+        ] {
+            let r = Reject::new(status);
+            assert_eq!(r.status_sent(), sent, "{status}");
+            assert!(
+                r.to_response()
+                    .starts_with(format!("HTTP/1.1 {sent} ").as_bytes())
             );
         }
     }

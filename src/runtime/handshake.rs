@@ -260,16 +260,28 @@ fn negotiate_extensions<T>(
 /// The client address the trusted proxy reported in `header`. For
 /// `X-Forwarded-For`, the last entry over all its lines: the one the
 /// nearest proxy appended (earlier ones come from the client and prove
-/// nothing). For any other header, its one value.
+/// nothing). For `Forwarded` (RFC 7239), the `for=` of its last element,
+/// likewise. For any other header, its value if it came once: two lines
+/// mean the proxy added its own beside the client's instead of replacing
+/// it, and which is whose cannot be told.
 fn forwarded_ip(request: &Request, header: &str) -> Option<IpAddr> {
     let mut values = request
         .headers()
         .filter(|(n, _)| n.eq_ignore_ascii_case(header))
-        .filter_map(|(_, v)| std::str::from_utf8(v).ok());
+        .map(|(_, v)| std::str::from_utf8(v).ok());
     let entry = if header.eq_ignore_ascii_case("X-Forwarded-For") {
-        values.flat_map(|v| v.split(',')).last()?
+        values.flatten().flat_map(|v| v.split(',')).last()?
+    } else if header.eq_ignore_ascii_case("Forwarded") {
+        let element = values.flatten().flat_map(|v| v.split(',')).last()?;
+        element.split(';').find_map(|pair| {
+            let (name, value) = pair.split_once('=')?;
+            name.trim().eq_ignore_ascii_case("for").then_some(value)
+        })?
     } else {
-        values.next()?
+        match (values.next(), values.next()) {
+            (Some(Some(v)), None) => v,
+            _ => return None,
+        }
     };
     parse_ip(entry.trim().trim_matches('"'))
 }
