@@ -42,7 +42,9 @@ fn main() -> Result<(), Error> {
             Event::Connect { client } => {
                 let m = client.data();
                 println!("{} joined (session {})", m.name, m.session);
-                client.send(format!("welcome, {}", m.name))?;
+                // A client that left already gives `Err(Closed)`: no
+                // reason to stop serving the others.
+                let _ = client.send(format!("welcome, {}", m.name));
             }
             Event::Message { client, message } => {
                 if let Some(text) = message.as_text() {

@@ -2,6 +2,7 @@
 //!
 //! ```text
 //! cargo run --release --example echo -- [ADDR] [echo|broadcast] [--max-message-size BYTES] [--main-loop] [--trust-proxy]
+//!     [--workers N] [--ping-interval SECS] [--no-keepalive] [--compress-all (feature deflate)]
 //! ```
 //!
 //! `echo` (the default) sends every message back to its sender;

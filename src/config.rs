@@ -50,7 +50,7 @@ pub enum SlowClientPolicy {
     /// The message is refused with
     /// [`Error::Backpressure`](crate::Error::Backpressure); the client
     /// stays, and a [`Drain`](crate::Event::Drain) event says when its
-    /// queue is empty again. The default.
+    /// queue is down to the low-water mark again. The default.
     Refuse,
     /// The message is refused as with `Refuse`, and the client is closed
     /// with 1008 (policy violation) once what is queued has gone, or

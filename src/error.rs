@@ -26,6 +26,8 @@ pub enum Error {
     /// [`ProtocolError::close_code`].
     Protocol(ProtocolError),
     /// A message or frame exceeded a configured limit (close code 1009).
+    /// For a client closed because partial input over all clients passed
+    /// `max_buffered_bytes`, `size` is that total and `limit` the budget.
     MessageTooLarge {
         /// The size that was announced or reached, in bytes.
         size: u64,
@@ -35,7 +37,8 @@ pub enum Error {
     /// The client's outgoing queue is over `max_backpressure`; the message
     /// was not queued.
     Backpressure {
-        /// Bytes already queued for the client.
+        /// Bytes already queued for the client, this message not counted
+        /// (with it, they were over the limit).
         queued: usize,
         /// The configured limit, in bytes.
         limit: usize,
@@ -62,9 +65,10 @@ pub enum Error {
         /// The panic's message, when it carried a string.
         message: String,
     },
-    /// The server itself failed in a way it recovered from (a bug in
-    /// enjent that panicked in one connection's job, which was closed), or
-    /// its readiness loop's wait failed.
+    /// The server itself failed in a way it recovered from: a bug in
+    /// enjent that panicked in one connection's job, which was closed.
+    /// (A failed system call it recovered from, such as the readiness
+    /// loop's wait or `accept` out of file descriptors, is [`Error::Io`].)
     Internal(String),
 }
 
@@ -90,9 +94,12 @@ impl SendError {
         &self.error
     }
 
-    /// The message, to send again later or elsewhere. Empty in one case:
-    /// the connection failed (`Error::Closed`) after part of the frame
-    /// was written, and the frame's bytes went with it.
+    /// The message, to send again later or elsewhere. Empty when the
+    /// connection failed (`Error::Closed`) once the frame was queued
+    /// behind others or partly written: its bytes went with the queue, and
+    /// whether some reached the client cannot be told. With compression,
+    /// the whole message comes back in that case too, though part of its
+    /// frame may have gone out.
     pub fn into_message(self) -> crate::message::Message {
         self.message
     }
@@ -158,7 +165,7 @@ impl fmt::Display for Error {
             Error::Backpressure { queued, limit } => {
                 write!(
                     f,
-                    "{queued} bytes already queued, over the limit of {limit}"
+                    "{queued} bytes already queued; with this message, over the limit of {limit}"
                 )
             }
             Error::Closed => f.write_str("connection closed"),

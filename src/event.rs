@@ -13,7 +13,9 @@ use crate::runtime::Shared;
 use crate::runtime::events::Envelope;
 
 /// Something that happened to a client, in order: `Connect`, its messages,
-/// then `Disconnect`.
+/// then `Disconnect`. The order holds within one event style: when some
+/// kinds go to closures and others to the channel, a closure may run
+/// before that client's earlier events are read from the channel.
 ///
 /// Received from [`WebSocketServer::events`](crate::WebSocketServer::events)
 /// unless a closure was registered for that kind of event.

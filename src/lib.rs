@@ -16,7 +16,9 @@
 //!     match event {
 //!         Event::Connect { client } => println!("{} connected", client.id()),
 //!         Event::Message { client, message } => {
-//!             client.send(message)?;
+//!             // A client that left meanwhile gives `Err(Closed)`: no
+//!             // reason to end the loop, and so stop serving the others.
+//!             let _ = client.send(message);
 //!         }
 //!         Event::Disconnect { client, close, .. } => println!("{} left: {close}", client.id()),
 //!         _ => {}

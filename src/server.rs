@@ -34,7 +34,9 @@ use crate::stats::{Counters, Stats};
 /// let server = WebSocketServer::bind("127.0.0.1:13003")?;
 /// for event in server.events() {
 ///     if let Event::Message { client, message } = event {
-///         client.send(message)?;
+///         // `Err(Closed)` if the client left meanwhile: not a reason to
+///         // end the loop, which serves everyone.
+///         let _ = client.send(message);
 ///     }
 /// }
 /// # Ok::<(), enjent::Error>(())
@@ -241,7 +243,8 @@ impl<T: Send + Sync + 'static> WebSocketServer<T> {
         self.shared.registry.open_count()
     }
 
-    /// A snapshot of the server's counters. Cheap: atomic loads.
+    /// A snapshot of the server's counters: atomic loads, and a short
+    /// lock for the per-status and per-topic counts.
     pub fn stats(&self) -> Stats {
         self.shared.stats()
     }
@@ -249,8 +252,10 @@ impl<T: Send + Sync + 'static> WebSocketServer<T> {
     /// Stop the server: stop accepting, close every client with 1001 and
     /// let queued data flush (up to `close_timeout`), join every thread,
     /// deliver each `Disconnect`, then end the event stream so that a
-    /// `for event in server.events()` loop finishes. Calling it again does
-    /// nothing. In the main-loop style, a client's messages that come
+    /// `for event in server.events()` loop finishes. Calling it again
+    /// while it runs waits for it to finish, then does nothing. Called
+    /// from a closure (on a pool worker), it starts the shutdown on a
+    /// thread of its own and returns at once. In the main-loop style, a client's messages that come
     /// after its close frame while the event channel is a whole
     /// `event_queue_bytes` behind are discarded (and counted). It waits
     /// for every closure running to return: a closure
@@ -315,8 +320,9 @@ impl<T: Send + Sync + 'static> ServerHandle<T> {
     ///
     /// The message is handed back with [`Error::Closed`] if the client is
     /// gone (this server never reuses ids, so a late send can never reach
-    /// someone else; an id from another server means nothing here), or [`Error::Backpressure`] if its queue is over the hard
-    /// limit.
+    /// someone else), or [`Error::Backpressure`] if its queue is over the
+    /// hard limit. Ids are unique per server only: one taken from another
+    /// server can name a client of this one.
     pub fn send(
         &self,
         id: ClientId,

@@ -205,6 +205,38 @@ fn custom_client_refuses_without_name_and_greets_with_one() {
     assert_eq!(ws.read().unwrap(), Tm::text("ann: hi"));
 }
 
+/// Clients that leave before their welcome goes out (`send` answers
+/// `Err(Closed)`) must not end the example's loop, which serves everyone.
+#[test]
+fn custom_client_goes_on_when_clients_leave_before_their_welcome() {
+    let mut ex = Example::start("custom_client", &["127.0.0.1:0"]);
+    let mut req = upgrade_to("/?name=gone");
+    let at = req.len() - 2;
+    req.splice(at..at, b"Cookie: session=x\r\n".iter().copied());
+    for _ in 0..20 {
+        let mut s = raw(ex.addr);
+        let mut bytes = req.clone();
+        bytes.extend(frame(0x88, &close_payload(1000, "")));
+        s.write_all(&bytes).unwrap();
+        // Gone at once: its close frame is answered and it is torn down,
+        // likely before the main loop sends the welcome.
+        drop(s);
+    }
+    let mut lines: Vec<String> = (0..40).map(|_| ex.line()).collect();
+    lines.sort();
+    lines.dedup();
+    assert_eq!(lines, ["gone joined (session x)", "gone left"]);
+    let mut req = tungstenite::client::IntoClientRequest::into_client_request(format!(
+        "ws://{}/?name=ann",
+        ex.addr
+    ))
+    .unwrap();
+    req.headers_mut()
+        .insert("Cookie", "session=abc".parse().unwrap());
+    let (mut ws, _) = tungstenite::connect(req).expect("the example still serves");
+    assert_eq!(ws.read().unwrap(), Tm::text("welcome, ann"));
+}
+
 /// An upgrade request for `target` (path and query), as raw bytes.
 fn upgrade_to(target: &str) -> Vec<u8> {
     REQUEST
