@@ -160,3 +160,113 @@ fn a_reset_with_data_queued_reports_what_was_not_delivered() {
         e.kind()
     );
 }
+
+/// A numbered message from writer `t`: its number, its seq, and a body of
+/// a size that varies (8 B to about 2 KiB), so that some sends write at
+/// once and others queue or cork.
+fn numbered_from(t: u32, i: u32) -> Vec<u8> {
+    let mut p = Vec::new();
+    p.extend_from_slice(&t.to_be_bytes());
+    p.extend_from_slice(&i.to_be_bytes());
+    p.resize(8 + ((i as usize * 37 + t as usize * 101) % 2000), t as u8);
+    p
+}
+
+/// Eight threads send while a ninth closes the client (`close`, or the
+/// server's `shutdown`). From the peer's side: every send that returned
+/// `Ok` arrives, in its thread's order, before the close frame; none that
+/// returned an error does; nothing follows the close frame.
+fn sends_racing(stop: fn(&enjent::Client, &enjent::ServerHandle), code: u16, rounds: u32) {
+    use std::sync::Barrier;
+    use std::thread;
+    const WRITERS: u32 = 8;
+    // Rounds where the stop landed while the writers ran (some sends
+    // accepted, some refused): the race this is about.
+    let mut raced = 0;
+    for round in 0..rounds {
+        let server = WebSocketServer::builder()
+            .max_backpressure(64 << 20)
+            .start("127.0.0.1:0")
+            .unwrap();
+        let mut s = raw_ws(server.local_addr());
+        let c = expect_connect(&server);
+        let reader = thread::spawn(move || {
+            let mut got: Vec<Vec<u32>> = vec![Vec::new(); WRITERS as usize];
+            loop {
+                let (first, p) = read_frame(&mut s);
+                if first == 0x88 {
+                    let code = u16::from_be_bytes([p[0], p[1]]);
+                    // Answer it, then nothing but the end may come.
+                    s.write_all(&frame(0x88, &p[..2])).unwrap();
+                    match try_read_frame(&mut s) {
+                        Err(_) => {}
+                        Ok((f, q)) => panic!("after the close: {}", describe(f, &q)),
+                    }
+                    return (got, code);
+                }
+                assert_eq!(first, 0x82, "{}", describe(first, &p));
+                let t = u32::from_be_bytes(p[..4].try_into().unwrap());
+                let i = u32::from_be_bytes(p[4..8].try_into().unwrap());
+                assert!(p == numbered_from(t, i), "writer {t} message {i} corrupted");
+                got[t as usize].push(i);
+            }
+        });
+        let go = Arc::new(Barrier::new(WRITERS as usize + 1));
+        let writers: Vec<_> = (0..WRITERS)
+            .map(|t| {
+                let (c, go) = (c.clone(), Arc::clone(&go));
+                thread::spawn(move || {
+                    go.wait();
+                    let mut accepted = Vec::new();
+                    for i in 0..5_000 {
+                        match c.send(numbered_from(t, i)) {
+                            Ok(_) => accepted.push(i),
+                            Err(e) if matches!(e.error(), enjent::Error::Closed) => break,
+                            Err(e) => panic!("writer {t}: {e}"),
+                        }
+                    }
+                    accepted
+                })
+            })
+            .collect();
+        let handle = server.handle();
+        go.wait();
+        // Somewhere in the writers' run: from at once to a few ms in.
+        thread::sleep(std::time::Duration::from_micros(u64::from(round % 8) * 400));
+        stop(&c, &handle);
+        let accepted: Vec<Vec<u32>> = writers.into_iter().map(|w| w.join().unwrap()).collect();
+        let (got, got_code) = reader.join().unwrap();
+        assert_eq!(got_code, code, "round {round}");
+        let total: usize = accepted.iter().map(Vec::len).sum();
+        if total > 0 && total < (WRITERS * 5_000) as usize {
+            raced += 1;
+        }
+        for t in 0..WRITERS as usize {
+            assert!(
+                got[t] == accepted[t],
+                "round {round}, writer {t}: {} accepted, {} arrived (first difference at {:?})",
+                accepted[t].len(),
+                got[t].len(),
+                got[t].iter().zip(&accepted[t]).position(|(a, b)| a != b)
+            );
+        }
+    }
+    assert!(
+        raced * 2 >= rounds,
+        "the stop landed mid-run in only {raced} of {rounds} rounds"
+    );
+}
+
+#[test]
+fn sends_racing_close_from_eight_threads_arrive_if_accepted_and_before_the_close() {
+    sends_racing(
+        |c, _| c.close(enjent::CloseCode::NORMAL, "bye").unwrap(),
+        1000,
+        32,
+    );
+}
+
+#[test]
+fn sends_racing_shutdown_from_eight_threads_arrive_if_accepted_and_before_the_close() {
+    sends_racing(|_, h| h.shutdown(), 1001, 16);
+}
