@@ -589,7 +589,8 @@ impl<T: Send + Sync + 'static> Builder<T> {
     }
 
     /// High-water mark, in bytes a client holds (queued to it, each queued
-    /// frame counted 64 B more for what it costs in memory, plus its
+    /// frame counted 64 B more for what it costs in memory, 128 B when its
+    /// payload is queued apart from its header, plus its
     /// events the main loop has not consumed): at it, the server stops
     /// reading from that client and dispatching its messages until it is
     /// down to [`low_water`](Builder::low_water). Checked between

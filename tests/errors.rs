@@ -162,6 +162,12 @@ fn the_library_writes_nothing_to_stderr() {
         .output()
         .unwrap();
     assert!(out.status.success(), "the child failed: {out:?}");
+    // The child ran the test (a rename would run none, and pass).
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains("test child_that_panics_everywhere ... ok") && stdout.contains("1 passed"),
+        "the child did not run its test: {stdout}"
+    );
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
         stderr.trim().is_empty(),

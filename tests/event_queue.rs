@@ -103,3 +103,114 @@ fn shutdown_from_the_consumer_thread_with_a_full_queue_delivers_everything_after
     assert!(total > 0);
     drop(clients);
 }
+
+/// Upgrade on `addr` and leave at once; false if no `101` came within
+/// `patience` (the server is not accepting).
+fn connect_and_leave(addr: std::net::SocketAddr, patience: Duration) -> bool {
+    let mut s = raw(addr);
+    s.set_read_timeout(Some(patience)).unwrap();
+    s.write_all(REQUEST.as_bytes()).unwrap();
+    let mut head = [0u8; 12];
+    let ok = std::io::Read::read_exact(&mut s, &mut head).is_ok();
+    ok && &head == b"HTTP/1.1 101"
+}
+
+/// The cheapest flood of a main loop that never reads: clients that
+/// connect and leave, each costing two events. Twice over
+/// `event_queue_bytes`, the server stops accepting, so the channel stays
+/// bounded; once the loop catches up, clients get in again, and every
+/// client's `Connect` came before its `Disconnect`.
+#[test]
+fn connect_floods_against_an_unread_main_loop_stop_at_twice_the_budget() {
+    use std::collections::HashMap;
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+
+    const BUDGET: usize = 4096;
+    let server = WebSocketServer::builder()
+        .event_queue_bytes(BUDGET)
+        .start("127.0.0.1:0")
+        .unwrap();
+    let addr = server.local_addr();
+    let stop = Arc::new(AtomicBool::new(false));
+    let served = Arc::new(AtomicUsize::new(0));
+    let flooders: Vec<_> = (0..8)
+        .map(|_| {
+            let (stop, served) = (Arc::clone(&stop), Arc::clone(&served));
+            std::thread::spawn(move || {
+                while !stop.load(Ordering::Acquire) {
+                    if connect_and_leave(addr, Duration::from_millis(300)) {
+                        served.fetch_add(1, Ordering::AcqRel);
+                    }
+                }
+            })
+        })
+        .collect();
+    // Until the flood stops getting in: no client served for a second.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut last = usize::MAX;
+    loop {
+        std::thread::sleep(Duration::from_secs(1));
+        let now = served.load(Ordering::Acquire);
+        if now == last {
+            break;
+        }
+        last = now;
+        assert!(
+            Instant::now() < deadline,
+            "the flood never stopped getting in"
+        );
+    }
+    let held = server.stats().event_bytes as usize;
+    // Twice the budget, plus what handshakes already accepted added
+    // (eight flooders, two events each).
+    assert!(
+        (2 * BUDGET..=2 * BUDGET + 8 * 2 * 128 + 128).contains(&held),
+        "{held} bytes of events held, {last} clients served"
+    );
+    assert!(
+        !connect_and_leave(addr, Duration::from_millis(500)),
+        "accepted while far over"
+    );
+    stop.store(true, Ordering::Release);
+    for f in flooders {
+        f.join().unwrap();
+    }
+    // The loop catches up: everyone queued is accounted for, in order.
+    let mut state: HashMap<enjent::ClientId, bool> = HashMap::new();
+    let mut newcomer = None;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        match server.recv_timeout(Duration::from_millis(200)) {
+            Ok(Event::Connect { client }) => {
+                assert!(state.insert(client.id(), true).is_none(), "two Connects");
+            }
+            Ok(Event::Disconnect { client, .. }) => {
+                assert_eq!(
+                    state.insert(client.id(), false),
+                    Some(true),
+                    "Disconnect first"
+                );
+            }
+            Ok(other) => panic!("unexpected {other:?}"),
+            Err(_) => {
+                // Caught up: a newcomer gets in now.
+                if newcomer.is_none() {
+                    newcomer = Some(std::thread::spawn(move || {
+                        connect_and_leave(addr, Duration::from_secs(10))
+                    }));
+                } else if newcomer.as_ref().is_some_and(|n| n.is_finished()) {
+                    break;
+                }
+            }
+        }
+        assert!(Instant::now() < deadline, "the loop never caught up");
+    }
+    assert!(
+        newcomer.unwrap().join().unwrap(),
+        "no 101 once the loop caught up"
+    );
+    // Every client queued (flooders and the newcomer) is gone, or going.
+    let open = state.values().filter(|&&v| v).count();
+    assert!(open <= 1, "{open} clients without their Disconnect");
+}

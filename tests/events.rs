@@ -32,15 +32,20 @@ fn connect_messages_disconnect_in_order_with_close_reason() {
     assert_eq!(close.code, CloseCode::new(4000));
     assert_eq!(close.reason, "done here");
     assert!(error.is_none(), "{error:?}");
-    // The server echoed the code, then closed the TCP connection.
+    // The server echoed the code, once, then closed the TCP connection.
+    let mut echoed = 0;
     loop {
         match ws.read() {
-            Ok(Tm::Close(Some(f))) => assert_eq!(f.code, TCode::Library(4000)),
-            Ok(_) => {}
+            Ok(Tm::Close(Some(f))) => {
+                assert_eq!(f.code, TCode::Library(4000));
+                echoed += 1;
+            }
+            Ok(other) => panic!("{other:?} instead of the echoed close"),
             Err(tungstenite::Error::ConnectionClosed) => break,
             Err(e) => panic!("{e}"),
         }
     }
+    assert_eq!(echoed, 1, "the close code was not echoed");
     // Sending to a gone client is an error, not a panic.
     assert!(matches!(
         from.send("late").map_err(|e| e.into_error()),

@@ -557,6 +557,7 @@ fn sends_racing_disconnects_leave_no_queued_bytes() {
         assert_eq!(stats.connections, 0, "{stats:?}");
         assert!(tally.refused > 0, "no queue ever filled: {tally:?}");
         assert!(tally.closed > 0, "no send raced a disconnect: {tally:?}");
+        assert_eq!(tally.other, 0, "errors a send does not document: {tally:?}");
         assert_eq!(
             stats.messages_dropped, tally.refused as u64,
             "refusals seen by the senders vs counted: {tally:?}"
