@@ -222,3 +222,77 @@ mod with_log {
         }
     }
 }
+
+/// A panic in `on_connect` closes that client with 1011, and one in
+/// `on_disconnect` is counted; both are reported with their client, every
+/// `Connect` still has its `Disconnect`, and the server goes on.
+#[test]
+fn panics_in_on_connect_and_on_disconnect_are_caught_and_counted() {
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    let (seen, f) = recorder();
+    let first = Arc::new(AtomicBool::new(true));
+    let disconnects = Arc::new(AtomicUsize::new(0));
+    let d = Arc::clone(&disconnects);
+    let server = WebSocketServer::builder()
+        .on_connect(move |_| {
+            if first.swap(false, Ordering::AcqRel) {
+                panic!("connect panics");
+            }
+        })
+        .on_message(|c, m| {
+            let _ = c.send(m);
+        })
+        .on_disconnect(move |_, _, _| {
+            d.fetch_add(1, Ordering::AcqRel);
+            panic!("disconnect panics");
+        })
+        .on_error(f)
+        .start("127.0.0.1:0")
+        .unwrap();
+    let addr = server.local_addr();
+    // The first client: closed with 1011 by its connect handler's panic.
+    let mut a = client(addr);
+    match a.read() {
+        Ok(Tm::Close(Some(f))) => assert_eq!(u16::from(f.code), 1011),
+        other => panic!("expected a 1011 close, got {other:?}"),
+    }
+    drop(a);
+    // The next is served, then leaves.
+    let mut b = client(addr);
+    b.send(Tm::text("hi")).unwrap();
+    assert_eq!(b.read().unwrap(), Tm::text("hi"));
+    b.close(None).unwrap();
+    while b.read().is_ok() {}
+    let got = wait_for(&seen, 3);
+    assert_eq!(got.len(), 3, "{got:?}");
+    let texts: Vec<&str> = got.iter().map(|(_, t)| t.as_str()).collect();
+    assert_eq!(
+        texts
+            .iter()
+            .filter(|t| **t == "on_connect panicked: connect panics")
+            .count(),
+        1,
+        "{texts:?}"
+    );
+    assert_eq!(
+        texts
+            .iter()
+            .filter(|t| **t == "on_disconnect panicked: disconnect panics")
+            .count(),
+        2,
+        "{texts:?}"
+    );
+    assert!(got.iter().all(|(c, _)| c.is_some()), "{got:?}");
+    assert_eq!(disconnects.load(Ordering::Acquire), 2);
+    assert_eq!(server.stats().handler_panics, 3);
+    let t = Instant::now();
+    while server.connections() != 0 {
+        assert!(
+            t.elapsed() < WAIT,
+            "{} still connected",
+            server.connections()
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    still_serves_echo(addr);
+}

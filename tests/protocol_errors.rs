@@ -170,3 +170,89 @@ fn garbage_stream_never_panics_the_server() {
     }
     still_serves(addr, &server);
 }
+
+/// `max_frame_size` and `max_fragments` reach the wire: a frame one byte
+/// over gets 1009 from its header, a message of one fragment too many gets
+/// 1009, and what is within both is delivered.
+#[test]
+fn frame_and_fragment_limits_close_with_1009() {
+    let server = WebSocketServer::builder()
+        .max_frame_size(100)
+        .max_fragments(16)
+        .start("127.0.0.1:0")
+        .unwrap();
+    // 16 frames of 100 bytes: one message of 1,600, within both limits.
+    let mut s = raw_ws(server.local_addr());
+    expect_connect(&server);
+    let mut wire = frame(0x02, &[7; 100]);
+    for _ in 0..14 {
+        wire.extend(frame(0x00, &[7; 100]));
+    }
+    wire.extend(frame(0x80, &[7; 100]));
+    s.write_all(&wire).unwrap();
+    let (_, m) = expect_message(&server);
+    assert_eq!(m.len(), 1600);
+    drop(s);
+    expect_disconnect(&server);
+    // A frame of 101 bytes: its header is enough.
+    check(&server, &frame(0x82, &[0; 101])[..6], 1009, |e| {
+        matches!(
+            e,
+            Error::MessageTooLarge {
+                size: 101,
+                limit: 100
+            }
+        )
+    });
+    // Seventeen fragments, all empty.
+    let mut frags = frame(0x01, b"");
+    for _ in 0..16 {
+        frags.extend(frame(0x00, b""));
+    }
+    check(&server, &frags, 1009, |e| {
+        matches!(e, Error::Protocol(ProtocolError::TooManyFragments))
+    });
+    still_serves(server.local_addr(), &server);
+}
+
+/// The cheapest flood of the default fragment limit: 20 clients at once,
+/// each sending one message of 131,073 empty fragments (6 bytes a frame).
+/// Each is closed with 1009, and the server goes on serving.
+#[test]
+fn empty_fragment_floods_end_with_1009_at_the_default_limit() {
+    let server = WebSocketServer::builder()
+        .workers(2)
+        .start("127.0.0.1:0")
+        .unwrap();
+    let addr = server.local_addr();
+    let flooders: Vec<_> = (0..20)
+        .map(|_| {
+            std::thread::spawn(move || {
+                let mut s = raw_ws(addr);
+                let mut wire = frame(0x01, b"");
+                let empty = frame(0x00, b"");
+                for _ in 0..131_072 {
+                    wire.extend_from_slice(&empty);
+                }
+                // The server may close before all of it is written.
+                let _ = s.write_all(&wire);
+                read_close(&mut s)
+            })
+        })
+        .collect();
+    for f in flooders {
+        assert_eq!(f.join().unwrap(), Some(1009));
+    }
+    let mut gone = 0;
+    while gone < 20 {
+        match next(&server) {
+            enjent::Event::Connect { .. } => {}
+            enjent::Event::Disconnect { close, .. } => {
+                assert_eq!(close.code.as_u16(), 1009);
+                gone += 1;
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+    still_serves(addr, &server);
+}

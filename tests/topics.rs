@@ -908,7 +908,8 @@ fn publishing_while_subscribing_and_unsubscribing_from_many_threads() {
         };
 
         // Long-lived clients, each read by a thread that checks every
-        // publisher's numbers only grow (refused ones leave gaps).
+        // publisher's numbers only grow (refused ones leave gaps), and
+        // collects the markers published at the end, up to `END`.
         let mut long = Vec::new();
         let mut shutters = Vec::new();
         let mut readers = Vec::new();
@@ -916,42 +917,44 @@ fn publishing_while_subscribing_and_unsubscribing_from_many_threads() {
             let s = raw_ws(addr);
             long.push(find(&s));
             shutters.push(s.try_clone().unwrap());
-            readers.push(thread::spawn(move || -> (u64, Vec<String>) {
-                let mut r = BufReader::new(s);
-                let mut last: HashMap<String, u64> = HashMap::new();
-                let (mut count, mut bad) = (0, Vec::new());
-                loop {
-                    let t = match try_read_text(&mut r) {
-                        Ok(t) => t,
-                        // The end: this test shut the socket.
-                        Err(e)
-                            if matches!(
-                                e.kind(),
-                                io::ErrorKind::UnexpectedEof | io::ErrorKind::ConnectionReset
-                            ) =>
+            readers.push(thread::spawn(
+                move || -> (u64, Vec<String>, HashSet<String>) {
+                    let mut r = BufReader::new(s);
+                    let mut last: HashMap<String, u64> = HashMap::new();
+                    let (mut count, mut bad, mut markers) = (0, Vec::new(), HashSet::new());
+                    loop {
+                        let t = match try_read_text(&mut r) {
+                            Ok(t) => t,
+                            Err(e) => {
+                                bad.push(format!("reading before END: {e}"));
+                                break;
+                            }
+                        };
+                        if t == "END" {
+                            break;
+                        }
+                        if let Some(marked) = t.strip_prefix("M ") {
+                            if !markers.insert(marked.to_owned()) {
+                                bad.push(format!("marker {marked} twice"));
+                            }
+                            continue;
+                        }
+                        let mut words = t.split(' ');
+                        let src = words.next().unwrap_or("").to_owned();
+                        let Some(n) = words.next().and_then(|n| n.parse::<u64>().ok()) else {
+                            bad.push(format!("unexpected {t:?}"));
+                            continue;
+                        };
+                        if let Some(prev) = last.insert(src.clone(), n)
+                            && prev >= n
                         {
-                            break;
+                            bad.push(format!("{src}: {n} after {prev}"));
                         }
-                        Err(e) => {
-                            bad.push(format!("reading: {e}"));
-                            break;
-                        }
-                    };
-                    let mut words = t.split(' ');
-                    let src = words.next().unwrap_or("").to_owned();
-                    let Some(n) = words.next().and_then(|n| n.parse::<u64>().ok()) else {
-                        bad.push(format!("unexpected {t:?}"));
-                        continue;
-                    };
-                    if let Some(prev) = last.insert(src.clone(), n)
-                        && prev >= n
-                    {
-                        bad.push(format!("{src}: {n} after {prev}"));
+                        count += 1;
                     }
-                    count += 1;
-                }
-                (count, bad)
-            }));
+                    (count, bad, markers)
+                },
+            ));
         }
 
         let stop = Arc::new(AtomicBool::new(false));
@@ -991,11 +994,13 @@ fn publishing_while_subscribing_and_unsubscribing_from_many_threads() {
             }));
         }
         // Subscription churn: each thread owns a third of the long-lived
-        // clients and checks the API against its own model.
+        // clients and checks the API against its own model, which it
+        // returns.
+        let mut churners = Vec::new();
         for (j, mine) in long.chunks(LONG / 3).enumerate() {
             let stop = Arc::clone(&stop);
             let mine = mine.to_vec();
-            workers.push(thread::spawn(move || {
+            churners.push(thread::spawn(move || {
                 let mut rng = Rng::new(j as u64 + 200);
                 let mut model: Vec<HashSet<u64>> = vec![HashSet::new(); mine.len()];
                 let mut ops = 0u64;
@@ -1018,6 +1023,7 @@ fn publishing_while_subscribing_and_unsubscribing_from_many_threads() {
                         thread::sleep(Duration::from_micros(200));
                     }
                 }
+                model
             }));
         }
         // Connection churn: short-lived subscribers that leave three ways,
@@ -1064,18 +1070,45 @@ fn publishing_while_subscribing_and_unsubscribing_from_many_threads() {
         for w in workers {
             w.join().unwrap();
         }
-        for s in &shutters {
-            let _ = s.shutdown(Shutdown::Both);
+        let models: Vec<HashSet<u64>> = churners
+            .into_iter()
+            .flat_map(|c| c.join().unwrap())
+            .collect();
+        // Now that subscriptions are still: a marker to every topic, then
+        // `END` to each long-lived client (after the markers, since one
+        // thread's publishes and sends keep their order). Each must get
+        // the markers of exactly the topics it ended subscribed to.
+        // Once the churned clients are gone and the queues have drained,
+        // no marker can meet a closing subscriber or a full queue.
+        assert!(
+            eventually(WAIT, || {
+                let s = server.stats();
+                s.connections == LONG as u64 && s.bytes_queued == 0
+            }),
+            "never still: {:?}",
+            server.stats()
+        );
+        let handle = server.handle();
+        for t in 0..TOPICS {
+            let r = handle.publish(&topic(t), format!("M {}", topic(t)));
+            assert_eq!(r.dropped + r.closed, 0, "marker {t}: {r:?}");
+        }
+        for c in &long {
+            c.send("END").expect("a long-lived client is still here");
         }
         let mut received = 0;
-        for r in readers {
-            let (count, bad) = r.join().unwrap();
-            assert!(
-                bad.is_empty(),
-                "out of order: {:?}",
-                &bad[..bad.len().min(5)]
+        for (i, r) in readers.into_iter().enumerate() {
+            let (count, bad, markers) = r.join().unwrap();
+            assert!(bad.is_empty(), "client {i}: {:?}", &bad[..bad.len().min(5)]);
+            let want: HashSet<String> = models[i].iter().map(|&t| topic(t)).collect();
+            assert_eq!(
+                markers, want,
+                "client {i}: markers against its subscriptions"
             );
             received += count;
+        }
+        for s in &shutters {
+            let _ = s.shutdown(Shutdown::Both);
         }
         eprintln!(
             "{} publishes, {} copies refused, {received} deliveries to long-lived clients, \
