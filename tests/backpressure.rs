@@ -49,8 +49,10 @@ fn drain_event_comes_when_the_queue_empties_after_a_refusal() {
         Event::Drain { client } => assert_eq!(client.id(), c.id()),
         other => panic!("expected Drain, got {other:?}"),
     }
-    // And sending works again.
+    // And sending works again; the refused message never went out, so
+    // the next frame the client reads is this one.
     assert!(c.send("again").is_ok());
+    assert_eq!(read_frame(&mut s), (0x81, b"again".to_vec()));
 }
 
 #[test]
@@ -66,7 +68,7 @@ fn close_policy_closes_a_slow_client_with_1008() {
         .unwrap();
     let mut s = raw_ws(server.local_addr());
     let c = expect_connect(&server);
-    fill(&c);
+    let accepted = fill(&c);
     assert!(
         matches!(
             c.send("more").map_err(|e| e.into_error()),
@@ -74,7 +76,16 @@ fn close_policy_closes_a_slow_client_with_1008() {
         ),
         "closing: nothing more is accepted"
     );
-    // The client reads what was queued, then the 1008 close frame.
+    // The client reads everything that was accepted, then the 1008 close
+    // frame: the queue is flushed, not thrown away.
+    for i in 0..accepted {
+        let (first, p) = read_frame(&mut s);
+        assert_eq!(
+            (first, p.len()),
+            (0x82, 16 * 1024),
+            "message {i} of {accepted}"
+        );
+    }
     assert_eq!(read_close(&mut s), Some(1008));
     let (_, close, _) = expect_disconnect(&server);
     // It never answered the close frame, so 1008 is what we report.
@@ -102,6 +113,13 @@ fn a_non_reading_client_is_dropped_after_close_timeout_under_the_close_policy() 
     let (_, close, error) = expect_disconnect(&server);
     assert!(start.elapsed() < Duration::from_secs(5));
     assert_eq!(close.code, CloseCode::POLICY);
-    // Data was still queued when it was dropped: the user is told.
-    assert!(error.is_some(), "{error:?}");
+    // Data was still queued when it was dropped: the user is told, with
+    // the count of bytes not delivered.
+    let error = error.expect("the undelivered bytes are reported");
+    let left = c.buffered_amount();
+    assert!(left > 0, "nothing counted as undelivered");
+    assert!(
+        error.to_string().contains(&left.to_string()),
+        "{error}: {left}"
+    );
 }

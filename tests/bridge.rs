@@ -567,10 +567,13 @@ fn killing_one_instance_leaves_the_others_working() {
 /// bridge points at a port nothing listens on.)
 #[test]
 fn publishes_the_engine_never_took_by_shutdown_are_counted_dropped() {
-    let port = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        l.local_addr().unwrap().port()
-    };
+    // A port bound but not listening, held to the end: connects to it are
+    // refused, and no redis-server another test starts can take it.
+    let holder = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    holder
+        .bind(&std::net::SocketAddr::from(([127, 0, 0, 1], 0)).into())
+        .unwrap();
+    let port = holder.local_addr().unwrap().as_socket().unwrap().port();
     let told: Arc<Mutex<Vec<BridgeEvent>>> = Arc::default();
     let t = Arc::clone(&told);
     let server = WebSocketServer::builder()
@@ -609,6 +612,7 @@ fn publishes_the_engine_never_took_by_shutdown_are_counted_dropped() {
         (51, 0, 0, 0),
         "{after:?}"
     );
+    drop(holder);
 }
 
 #[test]

@@ -28,7 +28,7 @@ fn broadcast_reaches_every_client() {
 fn broadcast_skips_closing_clients() {
     let server = server();
     let mut a = client(server.local_addr());
-    let b = client(server.local_addr());
+    let mut b = client(server.local_addr());
     let b_addr = match b.get_ref() {
         tungstenite::stream::MaybeTlsStream::Plain(s) => s.local_addr().unwrap(),
         _ => unreachable!(),
@@ -41,6 +41,18 @@ fn broadcast_skips_closing_clients() {
     assert_eq!(report.closed, 1, "{report:?}");
     assert_eq!(report.written + report.queued, 1);
     assert_eq!(a.read().unwrap(), Tm::text("after"));
+    // The closing client's last frame is the close: nothing after it.
+    match b.read() {
+        Ok(Tm::Close(Some(f))) => assert_eq!(u16::from(f.code), 1000),
+        other => panic!("expected the close, got {other:?}"),
+    }
+    loop {
+        match b.read() {
+            Ok(m) => panic!("{m:?} after the close frame"),
+            Err(tungstenite::Error::ConnectionClosed) => break,
+            Err(e) => panic!("{e}"),
+        }
+    }
 }
 
 #[test]

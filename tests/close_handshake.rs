@@ -64,6 +64,36 @@ fn close_with_a_reserved_code_is_refused() {
     c.close(CloseCode::NORMAL, "").unwrap();
 }
 
+/// What `close` accepts reaches the peer byte-exact: a reason of exactly
+/// 123 bytes (multi-byte characters included), and the edges of the
+/// application range; what it refuses puts nothing on the wire.
+#[test]
+fn close_reasons_and_codes_at_their_limits_reach_the_peer() {
+    let server = server();
+    // 40 three-byte characters and 3 more bytes: 123 bytes.
+    let reason = format!("{}abc", "\u{20AC}".repeat(40));
+    assert_eq!(reason.len(), 123);
+    for code in [3000u16, 4999] {
+        let mut s = raw_ws(server.local_addr());
+        let c = expect_connect(&server);
+        // Refused first: nothing goes out for them.
+        assert!(c.close(CloseCode::new(1004), "").is_err());
+        assert!(
+            c.close(CloseCode::new(code), &format!("{reason}x"))
+                .is_err()
+        );
+        c.close(CloseCode::new(code), &reason).unwrap();
+        let (first, p) = read_frame(&mut s);
+        assert_eq!(first, 0x88);
+        assert_eq!(u16::from_be_bytes([p[0], p[1]]), code);
+        assert_eq!(&p[2..], reason.as_bytes());
+        s.write_all(&frame(0x88, &p[..2])).unwrap();
+        assert!(closed_by_server(&mut s));
+        let (_, close, _) = expect_disconnect(&server);
+        assert_eq!(close.code.as_u16(), code);
+    }
+}
+
 #[test]
 fn client_close_with_no_code_is_answered_and_reported_as_1005() {
     let server = server();

@@ -402,3 +402,20 @@ fn head_and_bodies_and_odd_statuses() {
     assert!(resp.starts_with("HTTP/1.1 200 OK\r\n"), "{resp:.80}");
     assert!(resp.ends_with("\r\n\r\nhello"), "{resp:.80}");
 }
+
+/// `on_http` answers one request per connection, says so
+/// (`Connection: close`), and a second request pipelined behind the first
+/// gets no answer: the connection ends after the first.
+#[test]
+fn on_http_answers_one_request_per_connection() {
+    let server = WebSocketServer::builder()
+        .on_http(|req| enjent::HttpResponse::new(200).body(format!("page {}", req.path())))
+        .start("127.0.0.1:0")
+        .unwrap();
+    let both = b"GET /one HTTP/1.1\r\nHost: x\r\n\r\nGET /two HTTP/1.1\r\nHost: x\r\n\r\n";
+    let out = http(server.local_addr(), both);
+    assert!(out.starts_with("HTTP/1.1 200 "), "{out}");
+    assert!(out.contains("\r\nConnection: close\r\n"), "{out}");
+    assert!(out.ends_with("page /one"), "{out}");
+    assert_eq!(out.matches("HTTP/1.1").count(), 1, "{out}");
+}

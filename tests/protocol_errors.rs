@@ -101,6 +101,11 @@ fn invalid_utf8_closes_with_1007() {
     check(&server, &frame(0x81, &[0xCE, 0xBA, 0xFF]), 1007, utf8);
     // Fail fast: the bad fragment is rejected though the message never ends.
     check(&server, &frame(0x01, &[0xED, 0xA0, 0x80]), 1007, utf8);
+    // And inside one frame: a text frame announcing 1,000 bytes, of which
+    // only the first three (invalid) come; the rest is never sent.
+    let mut long = vec![b'a'; 1000];
+    long[..3].copy_from_slice(&[0xFF, 0xFE, 0xFD]);
+    check(&server, &frame(0x81, &long)[..8 + 3], 1007, utf8);
     let mut reason = close_payload(1000, "");
     reason.extend_from_slice(&[0xC0, 0x80]);
     check(&server, &frame(0x88, &reason), 1007, utf8);
