@@ -598,7 +598,9 @@ fn one_client_cannot_monopolise_a_worker_closure_style() {
     }
     stop.store(true, Ordering::Relaxed);
     eprintln!("read_pauses {}", server.stats().read_pauses);
-    assert!(worst < Duration::from_millis(500), "worst {worst:?}");
+    // The flood lasts the whole test: a job that kept the worker would
+    // keep it for seconds. The bound leaves room for a loaded machine.
+    assert!(worst < Duration::from_secs(3), "worst {worst:?}");
 }
 
 /// Was a bug: the unparsed `rest` a pause leaves behind (up to one 256 KiB read)

@@ -16,7 +16,7 @@ fn counters_follow_a_scripted_session() {
     // while the script below still expects other events (or sends to it),
     // so the idle timeout leaves the script room on a loaded machine.
     let server = WebSocketServer::builder()
-        .idle_timeout(Some(Duration::from_secs(2)))
+        .idle_timeout(Some(Duration::from_secs(5)))
         .ping_interval(None)
         .close_timeout(Duration::from_millis(200))
         .start("127.0.0.1:0")
