@@ -903,3 +903,59 @@ fn clients_the_server_closed_cannot_flood_past_the_event_budget() {
         "every message read was delivered or counted as discarded"
     );
 }
+
+/// A client paused because the main loop is behind is not idle: it sent
+/// what it had, and waits on the server. Four idle timeouts later it is
+/// still connected, was never sent a close, and once the loop consumes,
+/// every message arrives, in order; meanwhile the paused rest of a read
+/// is counted in `unparsed_in_bytes`, and nothing once it is delivered.
+#[test]
+fn a_client_paused_by_a_slow_main_loop_is_not_timed_out() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let server = WebSocketServer::builder()
+        .workers(2)
+        .ping_interval(None)
+        .idle_timeout(Some(Duration::from_secs(1)))
+        .event_queue_bytes(16 * 1024)
+        .start("127.0.0.1:0")
+        .unwrap();
+    let mut s = raw_ws(server.local_addr());
+    let c = expect_connect(&server);
+    // 1 MiB in 1 KiB messages, numbered, then silence.
+    let mut wire = Vec::new();
+    for i in 0..1024u32 {
+        let mut p = i.to_be_bytes().to_vec();
+        p.resize(1024, 9);
+        wire.extend(frame(0x82, &p));
+    }
+    let mut w = s.try_clone().unwrap();
+    let writer = thread::spawn(move || w.write_all(&wire));
+    let t = Instant::now();
+    while server.stats().read_pauses == 0 {
+        assert!(t.elapsed() < WAIT, "never paused");
+        thread::sleep(Duration::from_millis(10));
+    }
+    let held = server.stats().unparsed_in_bytes;
+    assert!(held <= 256 * 1024, "{held} bytes of unparsed input held");
+    // Four idle timeouts, with the loop consuming nothing.
+    s.set_read_timeout(Some(Duration::from_secs(4))).unwrap();
+    let mut byte = [0u8; 1];
+    match s.read(&mut byte) {
+        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+        other => panic!("the server sent or closed while its main loop was behind: {other:?}"),
+    }
+    let stats = server.stats();
+    assert_eq!(
+        (stats.idle_timeouts, stats.connections),
+        (0, 1),
+        "{stats:?}"
+    );
+    // Now the loop consumes: everything arrives, in order.
+    for i in 0..1024u32 {
+        let (from, m) = expect_message(&server);
+        assert_eq!(from.id(), c.id());
+        assert_eq!(m.as_bytes()[..4], i.to_be_bytes(), "message {i}");
+    }
+    writer.join().unwrap().unwrap();
+    assert_eq!(server.stats().unparsed_in_bytes, 0);
+}

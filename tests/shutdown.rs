@@ -183,3 +183,41 @@ fn a_hundred_closures_asking_for_shutdown_start_one_thread() {
     assert!(peak >= 1, "the watcher never saw the shutdown thread");
     assert!(peak <= 1, "{peak} shutdown threads at once");
 }
+
+/// A client that never reads, with data queued, at `shutdown()`: its close
+/// times out (before shutdown's own patience would force it), and its
+/// `Disconnect` says so, keeping the kind, with the count of bytes it
+/// never got, which `buffered_amount()` gives too.
+#[test]
+fn a_client_forced_off_by_shutdown_with_data_queued_is_told_so() {
+    let server = WebSocketServer::builder()
+        .close_timeout(Duration::from_millis(200))
+        .max_backpressure(16 << 20)
+        .start("127.0.0.1:0")
+        .unwrap();
+    let _s = raw_ws_small_window(server.local_addr()); // never reads
+    let c = expect_connect(&server);
+    for _ in 0..64 {
+        c.send(vec![1u8; 64 * 1024]).unwrap();
+    }
+    assert!(c.buffered_amount() > 0, "nothing stayed queued");
+    let handle = server.handle();
+    let stopper = std::thread::spawn(move || handle.shutdown());
+    let mut told = None;
+    for ev in server.events() {
+        if let Event::Disconnect { client, error, .. } = ev {
+            told = Some((client, error));
+        }
+    }
+    stopper.join().unwrap();
+    let (client, error) = told.expect("a Disconnect");
+    assert_eq!(client.id(), c.id());
+    let left = client.buffered_amount();
+    assert!(left > 0);
+    match error {
+        Some(enjent::Error::Io(e)) if e.kind() == std::io::ErrorKind::TimedOut => {
+            assert!(e.to_string().contains(&left.to_string()), "{e}: {left}");
+        }
+        other => panic!("{other:?}"),
+    }
+}
