@@ -46,7 +46,32 @@ fn a_full_event_queue_stops_reading_and_loses_nothing() {
         }
     }
     assert!(stalls >= 5, "the server kept reading with nobody consuming");
-    assert!(sent < 200_000, "{sent} messages before any stall");
+    // What the server holds is its budget (and the one message that
+    // crossed it), however much the kernel's buffers took.
+    let stats = server.stats();
+    assert!(stats.read_pauses >= 1, "{stats:?}");
+    assert!(
+        stats.event_bytes <= 16 * 1024 + 1024 + 128,
+        "{} bytes of events held against a 16 KiB budget",
+        stats.event_bytes
+    );
+    // And what was sent is no more than that, the unparsed rest of one
+    // read, and the two sockets' buffers at their largest.
+    let kernel_max = |path: &str| {
+        std::fs::read_to_string(path)
+            .ok()
+            .and_then(|t| t.split_whitespace().nth(2)?.parse::<u64>().ok())
+    };
+    if let (Some(r), Some(w)) = (
+        kernel_max("/proc/sys/net/ipv4/tcp_rmem"),
+        kernel_max("/proc/sys/net/ipv4/tcp_wmem"),
+    ) {
+        let bound = (r + w + 16 * 1024 + 1024 + 256 * 1024) / 1000;
+        assert!(
+            u64::from(sent) <= bound,
+            "{sent} messages before the stall, bound {bound}"
+        );
+    }
     // Now consume: every message arrives, in order.
     expect_connect(&server);
     for i in 0..sent {
@@ -55,8 +80,13 @@ fn a_full_event_queue_stops_reading_and_loses_nothing() {
     }
 }
 
+/// Four clients pipeline into a full queue, then the consuming thread
+/// shuts down. After it, the stream gives each client's messages in order,
+/// then its one `Disconnect`, and nothing after; every message the server
+/// read is either delivered or counted as discarded (a client that got our
+/// close frame while the channel was a whole budget behind).
 #[test]
-fn shutdown_from_the_consumer_thread_with_a_full_queue_delivers_everything_after() {
+fn shutdown_from_the_consumer_thread_with_a_full_queue_delivers_or_counts_everything_read() {
     let server = WebSocketServer::builder()
         .event_queue_bytes(4096)
         .close_timeout(Duration::from_millis(300))
@@ -78,18 +108,27 @@ fn shutdown_from_the_consumer_thread_with_a_full_queue_delivers_everything_after
         start.elapsed()
     );
     let mut messages = std::collections::HashMap::<u64, Vec<String>>::new();
-    let mut disconnects = 0;
+    let mut gone = std::collections::HashSet::new();
     for event in server.events() {
         match event {
-            Event::Message { client, message } => messages
-                .entry(client.id().as_u64())
-                .or_default()
-                .push(message.into_text().unwrap()),
-            Event::Disconnect { .. } => disconnects += 1,
+            Event::Message { client, message } => {
+                let id = client.id().as_u64();
+                assert!(
+                    !gone.contains(&id),
+                    "a message after its client's Disconnect"
+                );
+                messages
+                    .entry(id)
+                    .or_default()
+                    .push(message.into_text().unwrap());
+            }
+            Event::Disconnect { client, .. } => {
+                assert!(gone.insert(client.id().as_u64()), "two Disconnects");
+            }
             _ => {}
         }
     }
-    assert_eq!(disconnects, 4);
+    assert_eq!(gone.len(), 4);
     let mut total = 0;
     for list in messages.values() {
         // Per client, in order with no gaps (each client's prefix is
@@ -101,6 +140,12 @@ fn shutdown_from_the_consumer_thread_with_a_full_queue_delivers_everything_after
         total += list.len();
     }
     assert!(total > 0);
+    let stats = server.stats();
+    assert_eq!(
+        total as u64 + stats.messages_discarded,
+        stats.messages_in,
+        "{stats:?}"
+    );
     drop(clients);
 }
 

@@ -652,3 +652,54 @@ fn a_deferred_send_is_not_starved_by_a_flood_of_ready_work() {
     assert_eq!(got, want, "within 5 s while the flood went on");
     eprintln!("the burst arrived after {waited:?}");
 }
+
+/// The flow-control guarantee at its edge: with `max_message_size` at
+/// 256 KiB, twice the default high water, and every other setting at its
+/// default, a client pipelining messages of exactly that size between
+/// 1-byte ones, and reading slowly, still gets every echo and no reply is
+/// refused: the hard limit in force is never below high water plus one
+/// largest message.
+#[test]
+fn echoes_of_messages_at_max_message_size_are_never_refused() {
+    let _serial = serial();
+    const MAX: usize = 256 * 1024;
+    const COUNT: u32 = 200;
+    let size = |i: u32| if i.is_multiple_of(2) { MAX } else { 1 };
+    let errors = Arc::new(AtomicUsize::new(0));
+    let server = WebSocketServer::builder()
+        .workers(2)
+        .max_message_size(MAX)
+        .on_message(echo(&errors))
+        .start("127.0.0.1:0")
+        .unwrap();
+    let s = raw_client(server.local_addr());
+    let mut w = s.try_clone().unwrap();
+    let writer = thread::spawn(move || -> io::Result<()> {
+        for i in 0..COUNT {
+            w.write_all(&frame(0x82, &numbered(i, size(i))))?;
+        }
+        Ok(())
+    });
+    let mut r = BufReader::with_capacity(16 * 1024, s);
+    thread::sleep(Duration::from_millis(300));
+    for i in 0..COUNT {
+        if i % 10 == 0 {
+            thread::sleep(Duration::from_millis(5));
+        }
+        let (first, p) = try_read_frame(&mut r).unwrap_or_else(|e| {
+            panic!(
+                "echo {i} never came ({} refused): {e}",
+                errors.load(Ordering::Relaxed)
+            )
+        });
+        assert_eq!(first, 0x82);
+        assert!(
+            p == numbered(i, size(i)),
+            "echo {i} is wrong ({} bytes)",
+            p.len()
+        );
+    }
+    writer.join().unwrap().expect("the writer");
+    assert_eq!(errors.load(Ordering::Relaxed), 0, "echo sends refused");
+    assert_eq!(server.stats().messages_dropped, 0);
+}
