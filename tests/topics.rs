@@ -1262,3 +1262,127 @@ fn the_pubsub_example_speaks_its_text_protocol() {
         sync(&mut s2);
     });
 }
+
+/// The cheapest attack on `max_topics`: a crowd of clients each making as
+/// many new topics as it may. The server's count stops at the limit, the
+/// rest are refused, honest clients can still join the topics that exist
+/// (and hear their publishes), and the crowd's topics go with it.
+#[test]
+fn a_crowd_making_topics_stops_at_max_topics_and_frees_them_on_leaving() {
+    within(Duration::from_secs(30), || {
+        const MAX: u64 = 200;
+        let server = WebSocketServer::builder()
+            .workers(2)
+            .max_topics(MAX as usize)
+            .max_topics_per_client(4)
+            .start("127.0.0.1:0")
+            .unwrap();
+        let (mut honest, ch) = connect(&server);
+        assert!(ch.subscribe("lobby").unwrap());
+        let mut crowd = Vec::new();
+        let (mut made, mut refused) = (0u64, 0u64);
+        for i in 0..60 {
+            let (s, c) = connect(&server);
+            for k in 0..4 {
+                match c.subscribe(&format!("h{i}-{k}")) {
+                    Ok(true) => made += 1,
+                    Err(Error::TopicLimit(_)) => refused += 1,
+                    other => panic!("{other:?}"),
+                }
+            }
+            crowd.push((s, c));
+        }
+        assert_eq!((made, refused), (MAX - 1, 240 - (MAX - 1)));
+        assert_eq!(server.stats().topics, MAX);
+        // A newcomer joins the lobby, which exists; a new topic is refused.
+        let (mut late, cl) = connect(&server);
+        assert!(cl.subscribe("lobby").unwrap());
+        assert!(matches!(cl.subscribe("mine"), Err(Error::TopicLimit(_))));
+        assert_reached(server.publish("lobby", "welcome"), 2);
+        assert_eq!(read_text(&mut honest), "welcome");
+        assert_eq!(read_text(&mut late), "welcome");
+        // The crowd leaves: its topics go with it.
+        drop(crowd);
+        assert!(
+            eventually(WAIT, || server.stats().topics == 1),
+            "{} topics left",
+            server.stats().topics
+        );
+        assert!(cl.subscribe("mine").unwrap());
+        assert_eq!(server.stats().topics, 2);
+    });
+}
+
+/// A topic published to without a break, by four threads, to 300
+/// subscribers: joining and leaving it still completes, each time.
+#[test]
+fn subscribing_to_a_topic_published_without_a_break_is_not_starved() {
+    within(Duration::from_secs(60), || {
+        let server = WebSocketServer::builder()
+            .workers(4)
+            .start("127.0.0.1:0")
+            .unwrap();
+        let mut subs = Vec::new();
+        for _ in 0..300 {
+            let (s, c) = connect(&server);
+            assert!(c.subscribe("hot").unwrap());
+            s.set_nonblocking(true).unwrap();
+            subs.push(s);
+        }
+        let stop = Arc::new(AtomicBool::new(false));
+        // The subscribers read, so that publishes are written, not refused.
+        let drainer = {
+            let stop = Arc::clone(&stop);
+            thread::spawn(move || {
+                let mut buf = vec![0u8; 64 * 1024];
+                while !stop.load(Relaxed) {
+                    for s in &mut subs {
+                        while matches!(s.read(&mut buf), Ok(n) if n > 0) {}
+                    }
+                }
+            })
+        };
+        let published = Arc::new(AtomicU64::new(0));
+        let publishers: Vec<_> = (0..4)
+            .map(|k| {
+                let (stop, h, published) =
+                    (Arc::clone(&stop), server.handle(), Arc::clone(&published));
+                thread::spawn(move || {
+                    let mut n = 0u64;
+                    while !stop.load(Relaxed) {
+                        h.publish("hot", format!("{k} {n}"));
+                        published.fetch_add(1, Relaxed);
+                        n += 1;
+                    }
+                })
+            })
+            .collect();
+        let (_x, cx) = connect(&server);
+        assert!(eventually(WAIT, || published.load(Relaxed) >= 100));
+        // Join and leave for a second of the storm.
+        let (mut worst, mut rounds, start) = (Duration::ZERO, 0, Instant::now());
+        let before = published.load(Relaxed);
+        while start.elapsed() < Duration::from_secs(1) {
+            let t = Instant::now();
+            assert!(cx.subscribe("hot").unwrap());
+            assert!(cx.unsubscribe("hot"));
+            worst = worst.max(t.elapsed());
+            rounds += 1;
+        }
+        let during = published.load(Relaxed) - before;
+        stop.store(true, Relaxed);
+        for p in publishers {
+            p.join().unwrap();
+        }
+        drainer.join().unwrap();
+        eprintln!(
+            "{rounds} joins and leaves beside {during} publishes; the slowest took {worst:?}"
+        );
+        assert!(during > 0 && rounds > 0);
+        // The bound is the test's: `within` fails it if a join never ends.
+        assert!(
+            worst < Duration::from_secs(10),
+            "a join and leave took {worst:?}"
+        );
+    });
+}
