@@ -457,3 +457,32 @@ fn an_incompressible_message_at_the_limit_is_delivered() {
     s.write_all(&frame(0xC2, &deflate(&more))).unwrap();
     assert_eq!(read_close(&mut s), Some(1009));
 }
+
+/// The threshold, from the peer's side: a compressible message one byte
+/// under it goes out plain, one at it compressed; `threshold(128)` moves
+/// the edge to 128.
+#[test]
+fn messages_under_the_threshold_go_out_plain() {
+    for (server, edge) in [
+        (echo_server(|b| b), 256),
+        (
+            echo_server(|b| b.compression(Some(Compression::default().threshold(128)))),
+            128,
+        ),
+    ] {
+        let (_h, mut s) = upgrade(server.local_addr(), &format!("{PDE}\r\n"));
+        let under = text_block(edge - 1);
+        s.write_all(&frame(0x81, under.as_bytes())).unwrap();
+        assert_eq!(
+            read_frame(&mut s),
+            (0x81, under.into_bytes()),
+            "edge {edge}"
+        );
+        let at = text_block(edge);
+        s.write_all(&frame(0x81, at.as_bytes())).unwrap();
+        let (first, payload) = read_frame(&mut s);
+        assert_eq!(first, 0xC1, "{edge} bytes: compressed");
+        assert!(payload.len() < edge);
+        assert_eq!(inflate(&payload), at.as_bytes());
+    }
+}
