@@ -58,8 +58,8 @@ pub struct Stats {
     /// Failures the server recovered from (see
     /// [`Error::Internal`](crate::Error::Internal)): a bug of its own
     /// caught in one connection's job, a failed wait of the readiness
-    /// loop, a failed `accept` or thread start (reported as
-    /// [`Error::Io`](crate::Error::Io)).
+    /// loop, `accept` out of file descriptors, a thread that could not
+    /// start (reported as [`Error::Io`](crate::Error::Io)).
     pub internal_errors: u64,
     /// Plain HTTP requests answered by the `on_http` handler.
     pub http_answered: u64,

@@ -123,3 +123,117 @@ fn a_flood_of_stalled_handshakes_cannot_lock_out_good_clients() {
     );
     drop(flood);
 }
+
+/// Run as a child process with a limit of 64 open files (see below): fill
+/// the server until a client is refused for want of descriptors, keep that
+/// client so the process stays at its limit, free some, and shut down.
+#[cfg(target_os = "linux")]
+#[allow(unsafe_code)]
+fn out_of_fds_child() {
+    use std::sync::{Arc, Mutex};
+    let mut l = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: `l` is a valid `struct rlimit` for both calls.
+    unsafe {
+        assert_eq!(libc::getrlimit(libc::RLIMIT_NOFILE, &mut l), 0);
+        l.rlim_cur = 64;
+        assert_eq!(libc::setrlimit(libc::RLIMIT_NOFILE, &l), 0);
+    }
+    let threads: Arc<Mutex<Vec<String>>> = Arc::default();
+    let t = Arc::clone(&threads);
+    let server = WebSocketServer::builder()
+        .workers(2)
+        .close_timeout(Duration::from_millis(200))
+        .on_error(move |_, e| {
+            let name = std::thread::current().name().unwrap_or("?").to_owned();
+            t.lock().unwrap().push(format!("{name}: {e}"));
+        })
+        .start("127.0.0.1:0")
+        .unwrap();
+    let addr = server.local_addr();
+    let (mut upgraded, mut refused) = (Vec::new(), Vec::new());
+    // Each client costs a descriptor on both ends: should this side run
+    // out first, one more freed lets the next client in and the server out.
+    let mut ballast = Some(std::fs::File::open("/dev/null").unwrap());
+    while refused.is_empty() {
+        let Ok(mut s) = TcpStream::connect(addr) else {
+            if ballast.take().is_some() {
+                continue;
+            }
+            break;
+        };
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        s.write_all(REQUEST.as_bytes()).unwrap();
+        let mut head = [0u8; 12];
+        s.read_exact(&mut head).expect("an answer");
+        match &head {
+            b"HTTP/1.1 101" => upgraded.push(s),
+            b"HTTP/1.1 503" => refused.push(s),
+            other => panic!("{:?}", String::from_utf8_lossy(other)),
+        }
+    }
+    assert_eq!(
+        refused.len(),
+        1,
+        "{} upgraded, none refused",
+        upgraded.len()
+    );
+    // At its limit, with nobody waiting: the accept thread must not park
+    // where shutdown's wake cannot end it.
+    std::thread::sleep(Duration::from_millis(300));
+    upgraded.truncate(upgraded.len().saturating_sub(5));
+    drop(refused);
+    std::thread::sleep(Duration::from_millis(300));
+    server.shutdown();
+    let threads = threads.lock().unwrap();
+    assert!(
+        !threads.is_empty(),
+        "running out of descriptors was not reported"
+    );
+    assert!(
+        threads.iter().all(|t| !t.starts_with("enjent-accept")),
+        "on_error ran on the accept thread: {threads:?}"
+    );
+}
+
+/// A server that ran out of file descriptors still shuts down, and reports
+/// it from a worker, not from the accept thread (which shutdown joins).
+/// The server runs in a child process with a limit of 64 open files, so
+/// as not to starve the other tests.
+#[cfg(target_os = "linux")]
+#[test]
+fn shutdown_after_running_out_of_file_descriptors_finishes() {
+    if std::env::var("ENJENT_FD_CHILD").is_ok() {
+        return out_of_fds_child();
+    }
+    let mut child = std::process::Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "shutdown_after_running_out_of_file_descriptors_finishes",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env("ENJENT_FD_CHILD", "1")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let start = std::time::Instant::now();
+    while child.try_wait().unwrap().is_none() {
+        if start.elapsed() > Duration::from_secs(60) {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("the child never finished: shutdown hung");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let out = child.wait_with_output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && stdout.contains("1 passed"),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

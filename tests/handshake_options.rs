@@ -293,6 +293,17 @@ fn forwarded_address_only_when_the_proxy_is_trusted() {
             Some(ip("2001:db8::7")),
         ),
         ("Forwarded: for=unknown\r\n", None),
+        // A client's own `host=` (quoted, so its separators split nothing)
+        // cannot plant a `for=`; an unbalanced quote gives no address.
+        (
+            "Forwarded: for=203.0.113.4;host=\"x,for=6.6.6.6\"\r\n",
+            Some(ip("203.0.113.4")),
+        ),
+        (
+            "Forwarded: host=\"x;for=6.6.6.6\";for=203.0.113.4\r\n",
+            Some(ip("203.0.113.4")),
+        ),
+        ("Forwarded: for=6.6.6.6;host=\"x, for=203.0.113.4\r\n", None),
         ("Forwarded: for=_hidden\r\n", None),
     ] {
         let (_h, s) = upgrade(rfc.local_addr(), extra);

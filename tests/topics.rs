@@ -915,6 +915,8 @@ fn publishing_while_subscribing_and_unsubscribing_from_many_threads() {
         let mut readers = Vec::new();
         for _ in 0..LONG {
             let s = raw_ws(addr);
+            // Room for the wait for quiet before the markers.
+            s.set_read_timeout(Some(Duration::from_secs(25))).unwrap();
             long.push(find(&s));
             shutters.push(s.try_clone().unwrap());
             readers.push(thread::spawn(

@@ -32,6 +32,10 @@ pub(crate) fn run<T: Send + Sync + 'static>(shared: Arc<Shared<T>>, listener: Tc
         while shared.events.far_over_budget() && !shared.stopping.load(Ordering::Acquire) {
             std::thread::sleep(Duration::from_millis(1));
         }
+        // Also here: the wake may have been taken as a client to refuse.
+        if shared.stopping.load(Ordering::Acquire) {
+            return;
+        }
         let accepted = listener.accept();
         if shared.stopping.load(Ordering::Acquire) {
             return;
@@ -48,11 +52,15 @@ pub(crate) fn run<T: Send + Sync + 'static>(shared: Arc<Shared<T>>, listener: Tc
                 // take it and answer `503`, then make the spare again.
                 if !out_of_fds {
                     out_of_fds = true;
-                    shared.report(None, Error::Io(e));
+                    // Reported from the pool: `on_error` must not run on
+                    // this thread, which shutdown joins.
+                    let s = Arc::clone(&shared);
+                    shared.pool.execute(move || s.report(None, Error::Io(e)));
                 }
                 if !refuse_with_spare(&shared, &listener, &mut spare) {
-                    // No spare to spend (another thread took the fd it
-                    // freed): back off instead of spinning.
+                    // Nobody waiting (accept fails at once when out of
+                    // descriptors, backlog or not), or no spare to spend:
+                    // back off instead of spinning.
                     std::thread::sleep(Duration::from_millis(20));
                 }
                 continue;
@@ -172,25 +180,46 @@ fn is_out_of_fds(e: &io::Error) -> bool {
 }
 
 /// A file descriptor held in reserve, so that out of descriptors the
-/// accept thread can still take a client off the backlog to refuse it.
+/// accept thread can still take a client off the backlog to refuse it
+/// (Unix; elsewhere `accept` does not fail this way).
 struct Spare(Option<std::fs::File>);
 
 impl Spare {
     fn open() -> Spare {
-        Spare(std::fs::File::open(if cfg!(windows) { "NUL" } else { "/dev/null" }).ok())
+        Spare(if cfg!(unix) {
+            std::fs::File::open("/dev/null").ok()
+        } else {
+            None
+        })
     }
 }
 
-/// Free the spare, accept one client with it and answer `503`, then take
-/// the spare back. False if there was no spare to spend.
+/// Free the spare, take one waiting client with it and answer `503`, then
+/// take the spare back. False if no client was waiting or there was no
+/// spare to spend. Never waits: shutdown's wake must reach the blocking
+/// `accept` of the loop, which looks at `stopping`.
 fn refuse_with_spare<T>(shared: &Shared<T>, listener: &TcpListener, spare: &mut Spare) -> bool {
     if spare.0.take().is_none() {
         *spare = Spare::open();
         return false;
     }
-    if let Ok((stream, _)) = listener.accept()
-        && stream.set_nonblocking(true).is_ok()
-    {
+    let taken = listener
+        .set_nonblocking(true)
+        .and_then(|()| listener.accept());
+    if listener.set_nonblocking(false).is_err() {
+        // Left non-blocking, the loop would spin: back off each time.
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let Ok((stream, _)) = taken else {
+        *spare = Spare::open();
+        return false;
+    };
+    if shared.stopping.load(Ordering::Acquire) {
+        // Shutdown's wake, or a client past it: the loop ends.
+        *spare = Spare::open();
+        return true;
+    }
+    if stream.set_nonblocking(true).is_ok() {
         shared.counters.refused(503);
         refuse(
             &stream,

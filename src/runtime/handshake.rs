@@ -272,11 +272,18 @@ fn forwarded_ip(request: &Request, header: &str) -> Option<IpAddr> {
     let entry = if header.eq_ignore_ascii_case("X-Forwarded-For") {
         values.flatten().flat_map(|v| v.split(',')).last()?
     } else if header.eq_ignore_ascii_case("Forwarded") {
-        let element = values.flatten().flat_map(|v| v.split(',')).last()?;
-        element.split(';').find_map(|pair| {
-            let (name, value) = pair.split_once('=')?;
-            name.trim().eq_ignore_ascii_case("for").then_some(value)
-        })?
+        // Separators inside quoted strings (a `host=` the client chose,
+        // say) split nothing; a value left unbalanced gives no address.
+        let mut element = None;
+        for line in values {
+            element = split_unquoted(line?, ',')?.pop().or(element);
+        }
+        split_unquoted(element?, ';')?
+            .into_iter()
+            .find_map(|pair| {
+                let (name, value) = pair.split_once('=')?;
+                name.trim().eq_ignore_ascii_case("for").then_some(value)
+            })?
     } else {
         match (values.next(), values.next()) {
             (Some(Some(v)), None) => v,
@@ -284,6 +291,28 @@ fn forwarded_ip(request: &Request, header: &str) -> Option<IpAddr> {
         }
     };
     parse_ip(entry.trim().trim_matches('"'))
+}
+
+/// `s` split at `sep` where it is not inside a quoted string (RFC 9110
+/// section 5.6.4, backslash escapes included); `None` if a quote is left
+/// open.
+fn split_unquoted(s: &str, sep: char) -> Option<Vec<&str>> {
+    let (mut parts, mut start) = (Vec::new(), 0);
+    let (mut quoted, mut escaped) = (false, false);
+    for (i, c) in s.char_indices() {
+        match c {
+            _ if escaped => escaped = false,
+            '\\' if quoted => escaped = true,
+            '"' => quoted = !quoted,
+            c if c == sep && !quoted => {
+                parts.push(&s[start..i]);
+                start = i + 1;
+            }
+            _ => {}
+        }
+    }
+    parts.push(&s[start..]);
+    (!quoted).then_some(parts)
 }
 
 /// An address as proxies write it: `1.2.3.4`, `1.2.3.4:5678`, `2001:db8::1`,
