@@ -894,6 +894,13 @@ impl<T: Send + Sync + 'static> Builder<T> {
             source: e,
         })?;
         let local_addr = listener.local_addr()?;
+        #[cfg(target_os = "linux")]
+        let accept_wake = listener
+            .try_clone()
+            .ok()
+            .map(|l| std::net::TcpStream::from(std::os::fd::OwnedFd::from(l)));
+        #[cfg(not(target_os = "linux"))]
+        let accept_wake = None;
         let main_loop = self.handlers.message.is_none();
         let bridge = self.bridge.map(|engine| {
             Arc::new(crate::runtime::bridge::BridgeRt::new(
@@ -951,6 +958,7 @@ impl<T: Send + Sync + 'static> Builder<T> {
             unparsed_in: AtomicUsize::new(0),
             stopping: AtomicBool::new(false),
             local_addr,
+            accept_wake: Mutex::new(accept_wake),
             started: Instant::now(),
             poller_stop: AtomicBool::new(false),
             threads: Mutex::new(Vec::new()),

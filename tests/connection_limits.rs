@@ -124,12 +124,14 @@ fn a_flood_of_stalled_handshakes_cannot_lock_out_good_clients() {
     drop(flood);
 }
 
-/// Run as a child process with a limit of 64 open files (see below): fill
-/// the server until a client is refused for want of descriptors, keep that
-/// client so the process stays at its limit, free some, and shut down.
+/// Run as a child process with a limit of 64 open files (see below): a
+/// server alone, its clients in the parent. It prints its address, shuts
+/// down when told on stdin, then checks the accept thread has ended, the
+/// port is free, and running out was reported, not on the accept thread.
 #[cfg(target_os = "linux")]
 #[allow(unsafe_code)]
 fn out_of_fds_child() {
+    use std::io::BufRead;
     use std::sync::{Arc, Mutex};
     let mut l = libc::rlimit {
         rlim_cur: 0,
@@ -138,7 +140,7 @@ fn out_of_fds_child() {
     // SAFETY: `l` is a valid `struct rlimit` for both calls.
     unsafe {
         assert_eq!(libc::getrlimit(libc::RLIMIT_NOFILE, &mut l), 0);
-        l.rlim_cur = 64;
+        l.rlim_cur = 64.min(l.rlim_max);
         assert_eq!(libc::setrlimit(libc::RLIMIT_NOFILE, &l), 0);
     }
     let threads: Arc<Mutex<Vec<String>>> = Arc::default();
@@ -153,44 +155,24 @@ fn out_of_fds_child() {
         .start("127.0.0.1:0")
         .unwrap();
     let addr = server.local_addr();
-    let (mut upgraded, mut refused) = (Vec::new(), Vec::new());
-    // Each client costs a descriptor on both ends: should this side run
-    // out first, one more freed lets the next client in and the server out.
-    let mut ballast = Some(std::fs::File::open("/dev/null").unwrap());
-    while refused.is_empty() {
-        let Ok(mut s) = TcpStream::connect(addr) else {
-            if ballast.take().is_some() {
-                continue;
-            }
-            break;
-        };
-        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-        s.write_all(REQUEST.as_bytes()).unwrap();
-        let mut head = [0u8; 12];
-        s.read_exact(&mut head).expect("an answer");
-        match &head {
-            b"HTTP/1.1 101" => upgraded.push(s),
-            b"HTTP/1.1 503" => refused.push(s),
-            other => panic!("{:?}", String::from_utf8_lossy(other)),
-        }
-    }
-    assert_eq!(
-        refused.len(),
-        1,
-        "{} upgraded, none refused",
-        upgraded.len()
-    );
-    // At its limit, with nobody waiting: the accept thread must not park
-    // where shutdown's wake cannot end it.
-    std::thread::sleep(Duration::from_millis(300));
-    upgraded.truncate(upgraded.len().saturating_sub(5));
-    drop(refused);
-    std::thread::sleep(Duration::from_millis(300));
+    println!("listening on {addr}");
+    let mut line = String::new();
+    std::io::stdin().lock().read_line(&mut line).unwrap();
+    assert_eq!(line.trim(), "shutdown");
     server.shutdown();
+    let names: Vec<String> = std::fs::read_dir("/proc/self/task")
+        .unwrap()
+        .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
+        .collect();
+    assert!(
+        !names.iter().any(|n| n.trim_end() == "enjent-accept"),
+        "the accept thread outlived shutdown"
+    );
+    std::net::TcpListener::bind(addr).expect("the port is free again");
     let threads = threads.lock().unwrap();
     assert!(
-        !threads.is_empty(),
-        "running out of descriptors was not reported"
+        threads.iter().any(|t| t.contains("Too many open files")),
+        "running out of descriptors was not reported: {threads:?}"
     );
     assert!(
         threads.iter().all(|t| !t.starts_with("enjent-accept")),
@@ -198,42 +180,86 @@ fn out_of_fds_child() {
     );
 }
 
-/// A server that ran out of file descriptors still shuts down, and reports
-/// it from a worker, not from the accept thread (which shutdown joins).
-/// The server runs in a child process with a limit of 64 open files, so
-/// as not to starve the other tests.
+/// A server out of file descriptors answers each new client `503` (the
+/// spare it spends comes back every time), and still shuts down while at
+/// its limit, ending its accept thread and freeing its port; running out
+/// is reported from a worker, not from the accept thread (which shutdown
+/// joins). The server runs in a child process with a limit of 64 open
+/// files; its clients are here.
 #[cfg(target_os = "linux")]
 #[test]
-fn shutdown_after_running_out_of_file_descriptors_finishes() {
+fn out_of_file_descriptors_each_client_gets_503_and_shutdown_still_ends() {
+    use std::io::BufRead;
     if std::env::var("ENJENT_FD_CHILD").is_ok() {
         return out_of_fds_child();
     }
     let mut child = std::process::Command::new(std::env::current_exe().unwrap())
         .args([
             "--exact",
-            "shutdown_after_running_out_of_file_descriptors_finishes",
+            "out_of_file_descriptors_each_client_gets_503_and_shutdown_still_ends",
             "--nocapture",
             "--test-threads=1",
         ])
         .env("ENJENT_FD_CHILD", "1")
+        .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
         .spawn()
+        .unwrap();
+    let mut out = std::io::BufReader::new(child.stdout.take().unwrap());
+    let addr: SocketAddr = loop {
+        let mut line = String::new();
+        assert!(
+            out.read_line(&mut line).unwrap() > 0,
+            "the child said nothing"
+        );
+        // libtest may have written the test's name on the same line.
+        if let Some(at) = line.find("listening on ") {
+            break line[at + 13..].trim().parse().unwrap();
+        }
+    };
+    let ask = || -> (TcpStream, u16) {
+        let mut s = raw(addr);
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        s.write_all(REQUEST.as_bytes()).unwrap();
+        let mut head = [0u8; 12];
+        s.read_exact(&mut head).expect("an answer");
+        (s, String::from_utf8_lossy(&head[9..]).parse().unwrap_or(0))
+    };
+    let mut upgraded = Vec::new();
+    while upgraded.len() < 100 {
+        match ask() {
+            (s, 101) => upgraded.push(s),
+            (_, 503) => break,
+            (_, other) => panic!("status {other}"),
+        }
+    }
+    assert!(
+        (10..100).contains(&upgraded.len()),
+        "{} upgraded before the first refusal",
+        upgraded.len()
+    );
+    for i in 0..4 {
+        assert_eq!(ask().1, 503, "refusal {}", i + 2);
+    }
+    // Still at its limit: shut down.
+    child
+        .stdin
+        .as_mut()
+        .unwrap()
+        .write_all(b"shutdown\n")
         .unwrap();
     let start = std::time::Instant::now();
     while child.try_wait().unwrap().is_none() {
-        if start.elapsed() > Duration::from_secs(60) {
+        if start.elapsed() > Duration::from_secs(30) {
             let _ = child.kill();
             let _ = child.wait();
             panic!("the child never finished: shutdown hung");
         }
         std::thread::sleep(Duration::from_millis(50));
     }
-    let out = child.wait_with_output().unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success() && stdout.contains("1 passed"),
-        "{stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let mut rest = String::new();
+    let _ = out.read_to_string(&mut rest);
+    let status = child.wait().unwrap();
+    assert!(status.success() && rest.contains("1 passed"), "{rest}");
+    drop(upgraded);
 }

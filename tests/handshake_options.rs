@@ -294,7 +294,8 @@ fn forwarded_address_only_when_the_proxy_is_trusted() {
         ),
         ("Forwarded: for=unknown\r\n", None),
         // A client's own `host=` (quoted, so its separators split nothing)
-        // cannot plant a `for=`; an unbalanced quote gives no address.
+        // cannot plant a `for=`, nor can a quote it leaves open reach the
+        // element the proxy appended.
         (
             "Forwarded: for=203.0.113.4;host=\"x,for=6.6.6.6\"\r\n",
             Some(ip("203.0.113.4")),
@@ -303,7 +304,10 @@ fn forwarded_address_only_when_the_proxy_is_trusted() {
             "Forwarded: host=\"x;for=6.6.6.6\";for=203.0.113.4\r\n",
             Some(ip("203.0.113.4")),
         ),
-        ("Forwarded: for=6.6.6.6;host=\"x, for=203.0.113.4\r\n", None),
+        (
+            "Forwarded: for=6.6.6.6;host=\"x, for=203.0.113.4\r\n",
+            Some(ip("203.0.113.4")),
+        ),
         ("Forwarded: for=_hidden\r\n", None),
     ] {
         let (_h, s) = upgrade(rfc.local_addr(), extra);

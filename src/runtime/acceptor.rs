@@ -23,9 +23,9 @@ const FIRST_READ: usize = 2048;
 pub(crate) fn run<T: Send + Sync + 'static>(shared: Arc<Shared<T>>, listener: TcpListener) {
     let mut handshakes = Vec::with_capacity(1);
     let mut spare = Spare::open();
-    // In a run of accepts refused for want of file descriptors (the first
-    // of a run is reported).
-    let mut out_of_fds = false;
+    // When running out of file descriptors was last reported: at most once
+    // every ten seconds.
+    let mut reported: Option<Instant> = None;
     loop {
         // A main loop far behind (its event channel twice over budget) is
         // not handed more clients: they wait in the listen backlog.
@@ -41,17 +41,14 @@ pub(crate) fn run<T: Send + Sync + 'static>(shared: Arc<Shared<T>>, listener: Tc
             return;
         }
         let (stream, peer) = match accepted {
-            Ok(pair) => {
-                out_of_fds = false;
-                pair
-            }
+            Ok(pair) => pair,
             Err(e) if is_out_of_fds(&e) => {
                 // The process (or the system) has no file descriptor left
                 // for the next client. Left in the backlog, it would wait
                 // with no answer until someone leaves: spend the spare to
                 // take it and answer `503`, then make the spare again.
-                if !out_of_fds {
-                    out_of_fds = true;
+                if reported.is_none_or(|t| t.elapsed() >= Duration::from_secs(10)) {
+                    reported = Some(Instant::now());
                     // Reported from the pool: `on_error` must not run on
                     // this thread, which shutdown joins.
                     let s = Arc::clone(&shared);
@@ -214,12 +211,8 @@ fn refuse_with_spare<T>(shared: &Shared<T>, listener: &TcpListener, spare: &mut 
         *spare = Spare::open();
         return false;
     };
-    if shared.stopping.load(Ordering::Acquire) {
-        // Shutdown's wake, or a client past it: the loop ends.
-        *spare = Spare::open();
-        return true;
-    }
-    if stream.set_nonblocking(true).is_ok() {
+    // Shutdown's wake, or a client past it, is only closed: the loop ends.
+    if !shared.stopping.load(Ordering::Acquire) && stream.set_nonblocking(true).is_ok() {
         shared.counters.refused(503);
         refuse(
             &stream,
@@ -228,6 +221,8 @@ fn refuse_with_spare<T>(shared: &Shared<T>, listener: &TcpListener, spare: &mut 
                 .body("server out of file descriptors"),
         );
     }
+    // Closed first: its descriptor is the one the spare takes back.
+    drop(stream);
     *spare = Spare::open();
     true
 }

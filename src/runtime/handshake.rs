@@ -272,18 +272,15 @@ fn forwarded_ip(request: &Request, header: &str) -> Option<IpAddr> {
     let entry = if header.eq_ignore_ascii_case("X-Forwarded-For") {
         values.flatten().flat_map(|v| v.split(',')).last()?
     } else if header.eq_ignore_ascii_case("Forwarded") {
-        // Separators inside quoted strings (a `host=` the client chose,
-        // say) split nothing; a value left unbalanced gives no address.
-        let mut element = None;
-        for line in values {
-            element = split_unquoted(line?, ',')?.pop().or(element);
-        }
-        split_unquoted(element?, ';')?
-            .into_iter()
-            .find_map(|pair| {
-                let (name, value) = pair.split_once('=')?;
-                name.trim().eq_ignore_ascii_case("for").then_some(value)
-            })?
+        // The last element of the last line is the nearest proxy's, found
+        // from the end: what a client wrote before it, even a quote left
+        // open, cannot reach into it. Inside it, separators in quoted
+        // strings split nothing.
+        let element = last_element(values.last()??);
+        split_unquoted(element, ';')?.into_iter().find_map(|pair| {
+            let (name, value) = pair.split_once('=')?;
+            name.trim().eq_ignore_ascii_case("for").then_some(value)
+        })?
     } else {
         match (values.next(), values.next()) {
             (Some(Some(v)), None) => v,
@@ -291,6 +288,20 @@ fn forwarded_ip(request: &Request, header: &str) -> Option<IpAddr> {
         }
     };
     parse_ip(entry.trim().trim_matches('"'))
+}
+
+/// What follows the last comma of `line` that is outside quoted strings,
+/// counted from the end (the whole line if there is none).
+fn last_element(line: &str) -> &str {
+    let mut quoted = false;
+    for (i, c) in line.char_indices().rev() {
+        match c {
+            '"' => quoted = !quoted,
+            ',' if !quoted => return &line[i + 1..],
+            _ => {}
+        }
+    }
+    line
 }
 
 /// `s` split at `sep` where it is not inside a quoted string (RFC 9110

@@ -108,6 +108,10 @@ pub(crate) struct Shared<T> {
     pub(crate) buffered_in: std::sync::atomic::AtomicUsize,
     pub(crate) stopping: AtomicBool,
     pub(crate) local_addr: SocketAddr,
+    /// The listening socket again (Linux), to wake the accept thread by
+    /// shutting its reading down, which needs no new file descriptor;
+    /// taken (and closed) by shutdown.
+    pub(crate) accept_wake: Mutex<Option<TcpStream>>,
     pub(crate) started: Instant,
     /// Poller loop exit flag.
     pub(crate) poller_stop: AtomicBool,
@@ -400,9 +404,19 @@ impl<T: Send + Sync + 'static> Shared<T> {
             ],
             _ => vec![shared.local_addr],
         };
-        let woke = wakes
-            .iter()
-            .any(|wake| TcpStream::connect_timeout(wake, Duration::from_secs(1)).is_ok());
+        // On Linux, shutting the listening socket's reading down ends a
+        // blocked `accept` at once, even out of file descriptors, when a
+        // connect could not be made. Elsewhere it fails, and a connect wakes
+        // it.
+        let by_shutdown = shared
+            .accept_wake
+            .lock()
+            .as_ref()
+            .is_some_and(|l| l.shutdown(std::net::Shutdown::Read).is_ok());
+        let woke = by_shutdown
+            || wakes
+                .iter()
+                .any(|wake| TcpStream::connect_timeout(wake, Duration::from_secs(1)).is_ok());
         let mut threads = std::mem::take(&mut *shared.threads.lock());
         // threads[0] is the accept thread. If it could not be woken it stays
         // blocked in accept; it holds no connection and ends with the
@@ -413,6 +427,8 @@ impl<T: Send + Sync + 'static> Shared<T> {
                 let _ = acceptor.join();
             }
         }
+        // The listening socket closes with the accept thread's copy.
+        drop(shared.accept_wake.lock().take());
         // Parked handshakes go now; those on a worker see `stopping`.
         for key in shared.registry.handshake_keys() {
             if let Some(p) = shared.registry.take_expired_handshake(key, None) {
