@@ -77,8 +77,9 @@ fn a_paused_client_that_stops_reading_is_timed_out() {
     eprintln!("client sent {sent} bytes, now silent and not reading");
     let stats = server.stats();
     // The point of the test: the client is paused (its echoes are not
-    // read), not served at network speed for ever.
-    assert!(sent < 256 << 20, "the server never pushed back");
+    // read), then timed out. (How much it sent is no measure: once the
+    // idle close is queued, the server reads on at network speed for its
+    // answer, discarding, until `close_timeout`.)
     assert!(
         stats.read_pauses >= 1,
         "the client was never paused: {stats:?}"
