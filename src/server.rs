@@ -745,7 +745,11 @@ impl<T: Send + Sync + 'static> Builder<T> {
     /// HAProxy's `option forwardfor`, cloud load balancers). `Forwarded`
     /// (RFC 7239) is read the same way, at the `for=` of its last element.
     /// Name another header, such as `X-Real-IP`, only if the proxy always
-    /// overwrites it: it is believed only when it comes once. Entries may
+    /// overwrites it: it is believed only when it comes once. What is
+    /// read is what the nearest proxy wrote, at the end of the header:
+    /// behind a chain of proxies it is the previous hop's address, and a
+    /// proxy that puts its header before the client's own lets the client
+    /// choose it. Entries may
     /// carry a port (`1.2.3.4:5678`, `[::1]:80`); an obfuscated or
     /// `unknown` one gives no address.
     pub fn forwarded_header(mut self, name: impl Into<String>) -> Self {

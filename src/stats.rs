@@ -58,8 +58,10 @@ pub struct Stats {
     /// Failures the server recovered from (see
     /// [`Error::Internal`](crate::Error::Internal)): a bug of its own
     /// caught in one connection's job, a failed wait of the readiness
-    /// loop, `accept` out of file descriptors, a thread that could not
-    /// start (reported as [`Error::Io`](crate::Error::Io)).
+    /// loop, `accept` out of file descriptors (counted once every ten
+    /// seconds at most, each refused client in `handshakes_refused`), a
+    /// thread that could not start (reported as
+    /// [`Error::Io`](crate::Error::Io)).
     pub internal_errors: u64,
     /// Plain HTTP requests answered by the `on_http` handler.
     pub http_answered: u64,

@@ -241,7 +241,11 @@ fn out_of_file_descriptors_each_client_gets_503_and_shutdown_still_ends() {
     for i in 0..4 {
         assert_eq!(ask().1, 503, "refusal {}", i + 2);
     }
-    // Still at its limit: shut down.
+    // One leaves: the accept thread takes its descriptor and blocks in
+    // `accept` with it, nobody waiting, the process at its limit again.
+    // A wake by connecting cannot be made now; shutdown must still end it.
+    drop(upgraded.pop());
+    std::thread::sleep(Duration::from_millis(300));
     child
         .stdin
         .as_mut()

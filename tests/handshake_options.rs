@@ -308,6 +308,11 @@ fn forwarded_address_only_when_the_proxy_is_trusted() {
             "Forwarded: for=6.6.6.6;host=\"x, for=203.0.113.4\r\n",
             Some(ip("203.0.113.4")),
         ),
+        // An escaped quote in the proxy's own element is not a quote.
+        (
+            "Forwarded: for=6.6.6.6;x=\", for=203.0.113.4;host=\"a\\\"b\"\r\n",
+            Some(ip("203.0.113.4")),
+        ),
         ("Forwarded: for=_hidden\r\n", None),
     ] {
         let (_h, s) = upgrade(rfc.local_addr(), extra);

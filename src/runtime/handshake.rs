@@ -293,11 +293,20 @@ fn forwarded_ip(request: &Request, header: &str) -> Option<IpAddr> {
 /// What follows the last comma of `line` that is outside quoted strings,
 /// counted from the end (the whole line if there is none).
 fn last_element(line: &str) -> &str {
+    // Bytes: the three that matter are ASCII, never part of a longer
+    // character.
+    let b = line.as_bytes();
     let mut quoted = false;
-    for (i, c) in line.char_indices().rev() {
-        match c {
-            '"' => quoted = !quoted,
-            ',' if !quoted => return &line[i + 1..],
+    for i in (0..b.len()).rev() {
+        match b[i] {
+            b'"' => {
+                // Escaped (`\"`) if an odd number of backslashes precede it.
+                let slashes = b[..i].iter().rev().take_while(|&&c| c == b'\\').count();
+                if slashes % 2 == 0 {
+                    quoted = !quoted;
+                }
+            }
+            b',' if !quoted => return &line[i + 1..],
             _ => {}
         }
     }

@@ -405,25 +405,30 @@ impl<T: Send + Sync + 'static> Shared<T> {
             _ => vec![shared.local_addr],
         };
         // On Linux, shutting the listening socket's reading down ends a
-        // blocked `accept` at once, even out of file descriptors, when a
-        // connect could not be made. Elsewhere it fails, and a connect wakes
-        // it.
+        // blocked `accept` at once, and needs no new file descriptor (a
+        // connect does, which a server out of them cannot make). Elsewhere
+        // that fails, and the connect wakes it.
         let by_shutdown = shared
             .accept_wake
             .lock()
             .as_ref()
             .is_some_and(|l| l.shutdown(std::net::Shutdown::Read).is_ok());
-        let woke = by_shutdown
-            || wakes
+        let by_connect = !by_shutdown
+            && wakes
                 .iter()
                 .any(|wake| TcpStream::connect_timeout(wake, Duration::from_secs(1)).is_ok());
         let mut threads = std::mem::take(&mut *shared.threads.lock());
-        // threads[0] is the accept thread. If it could not be woken it stays
-        // blocked in accept; it holds no connection and ends with the
-        // process.
+        // threads[0] is the accept thread, given a few seconds to see the
+        // wake. If it never does (no wake could be made), it stays blocked
+        // in accept; it holds no connection and ends with the process.
         if !threads.is_empty() {
             let acceptor = threads.remove(0);
-            if woke {
+            let patience =
+                Instant::now() + Duration::from_secs(if by_shutdown || by_connect { 5 } else { 0 });
+            while !acceptor.is_finished() && Instant::now() < patience {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            if acceptor.is_finished() {
                 let _ = acceptor.join();
             }
         }
