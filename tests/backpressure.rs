@@ -113,13 +113,21 @@ fn a_non_reading_client_is_dropped_after_close_timeout_under_the_close_policy() 
     let (_, close, error) = expect_disconnect(&server);
     assert!(start.elapsed() < Duration::from_secs(5));
     assert_eq!(close.code, CloseCode::POLICY);
-    // Data was still queued when it was dropped: the user is told, with
-    // the count of bytes not delivered.
-    let error = error.expect("the undelivered bytes are reported");
+    // It never answered: the user is told, with the count of bytes not
+    // delivered when some were still queued. (The kernel's buffers may
+    // have grown to take the whole queue by then, and what they hold is
+    // not counted: then the close's timeout alone is reported.)
+    let error = error.expect("the timeout is reported");
     let left = c.buffered_amount();
-    assert!(left > 0, "nothing counted as undelivered");
-    assert!(
-        error.to_string().contains(&left.to_string()),
-        "{error}: {left}"
-    );
+    if left > 0 {
+        assert!(
+            error.to_string().contains(&left.to_string()),
+            "{error}: {left}"
+        );
+    } else {
+        assert!(
+            matches!(&error, Error::Io(e) if e.kind() == std::io::ErrorKind::TimedOut),
+            "{error}"
+        );
+    }
 }
