@@ -191,18 +191,21 @@ fn custom_client_refuses_without_name_and_greets_with_one() {
     let mut ex = Example::start("custom_client", &["127.0.0.1:0"]);
     let refused = http(ex.addr, REQUEST.as_bytes());
     assert!(refused.starts_with("HTTP/1.1 403 "), "{refused}");
-    let mut req = tungstenite::client::IntoClientRequest::into_client_request(format!(
-        "ws://{}/?name=ann",
-        ex.addr
-    ))
-    .unwrap();
-    req.headers_mut()
-        .insert("Cookie", "session=abc".parse().unwrap());
-    let (mut ws, _) = tungstenite::connect(req).unwrap();
+    let mut ws = join_as_ann(ex.addr).unwrap();
     assert_eq!(ws.read().unwrap(), Tm::text("welcome, ann"));
     assert_eq!(ex.line(), "ann joined (session abc)");
     ws.send(Tm::text("hi")).unwrap();
     assert_eq!(ws.read().unwrap(), Tm::text("ann: hi"));
+}
+
+/// `custom_client`'s handshake as `ann`, with a session cookie.
+fn join_as_ann(addr: SocketAddr) -> tungstenite::Result<Ws> {
+    let mut req = tungstenite::client::IntoClientRequest::into_client_request(format!(
+        "ws://{addr}/?name=ann"
+    ))?;
+    req.headers_mut()
+        .insert("Cookie", "session=abc".parse().unwrap());
+    tungstenite::connect(req).map(|(ws, _)| ws)
 }
 
 /// Clients that leave before their welcome goes out (`send` answers
@@ -226,14 +229,7 @@ fn custom_client_goes_on_when_clients_leave_before_their_welcome() {
     lines.sort();
     lines.dedup();
     assert_eq!(lines, ["gone joined (session x)", "gone left"]);
-    let mut req = tungstenite::client::IntoClientRequest::into_client_request(format!(
-        "ws://{}/?name=ann",
-        ex.addr
-    ))
-    .unwrap();
-    req.headers_mut()
-        .insert("Cookie", "session=abc".parse().unwrap());
-    let (mut ws, _) = tungstenite::connect(req).expect("the example still serves");
+    let mut ws = join_as_ann(ex.addr).expect("the example still serves");
     assert_eq!(ws.read().unwrap(), Tm::text("welcome, ann"));
 }
 
