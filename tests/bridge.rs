@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 use enjent::bridge::{BridgeEvent, RedisBridge};
 use enjent::{Client, Message, WebSocketServer};
 use support::redis::{Instance, Redis, subscriber_omem};
-use support::{frame, raw_ws, try_read_frame};
+use support::{frame, raw_ws, try_read_frame, within};
 
 const WAIT: Duration = Duration::from_secs(15);
 
@@ -159,20 +159,6 @@ impl Peer {
         let quiet = matches!(self.r.read(&mut b), Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut));
         self.s.set_read_timeout(Some(WAIT)).unwrap();
         quiet
-    }
-}
-
-fn within<R: Send + 'static>(limit: Duration, f: impl FnOnce() -> R + Send + 'static) -> R {
-    let (tx, rx) = std::sync::mpsc::channel();
-    let h = thread::spawn(move || {
-        let _ = tx.send(f());
-    });
-    match rx.recv_timeout(limit) {
-        Ok(r) => r,
-        Err(_) => match h.join() {
-            Err(panic) => std::panic::resume_unwind(panic),
-            Ok(()) => panic!("test took over {limit:?}"),
-        },
     }
 }
 

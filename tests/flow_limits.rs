@@ -79,38 +79,6 @@ fn shared() -> RwLockReadGuard<'static, ()> {
     ALONE.read().unwrap_or_else(PoisonError::into_inner)
 }
 
-/// Run `f` on its own thread; a hang fails the test after `limit` instead
-/// of blocking the run. A panic in `f` is passed on as is.
-fn within<R: Send + 'static>(limit: Duration, f: impl FnOnce() -> R + Send + 'static) -> R {
-    let (done_tx, done_rx) = mpsc::channel::<()>();
-    let body = thread::spawn(move || {
-        let r = f();
-        let _ = done_tx.send(());
-        r
-    });
-    match done_rx.recv_timeout(limit) {
-        Err(mpsc::RecvTimeoutError::Timeout) => panic!("did not finish within {limit:?}"),
-        _ => match body.join() {
-            Ok(r) => r,
-            Err(panic) => std::panic::resume_unwind(panic),
-        },
-    }
-}
-
-/// Poll `f` every few milliseconds until it holds or `limit` passes.
-fn eventually(limit: Duration, mut f: impl FnMut() -> bool) -> bool {
-    let deadline = Instant::now() + limit;
-    loop {
-        if f() {
-            return true;
-        }
-        if Instant::now() >= deadline {
-            return false;
-        }
-        thread::sleep(Duration::from_millis(5));
-    }
-}
-
 /// VmRSS of this process, in bytes.
 fn rss() -> i64 {
     let status = std::fs::read_to_string("/proc/self/status").expect("/proc/self/status");
@@ -303,7 +271,9 @@ fn cycle(addr: SocketAddr, kind: usize, close: &[u8]) -> io::Result<()> {
     Ok(())
 }
 
-/// `n` cycles on four client threads; returns how many failed.
+/// `n` cycles on four client threads; returns how many failed for want
+/// of a local port (the client's ephemeral ports, not the server's
+/// doing). Any other failure (no `101`, an end before it) fails the test.
 fn churn(addr: SocketAddr, n: usize) -> usize {
     let next = Arc::new(AtomicUsize::new(0));
     let failed = Arc::new(AtomicUsize::new(0));
@@ -320,12 +290,18 @@ fn churn(addr: SocketAddr, n: usize) -> usize {
                     }
                     match cycle(addr, i % 3, &close) {
                         Ok(()) => in_a_row = 0,
-                        Err(e) => {
+                        Err(e)
+                            if matches!(
+                                e.kind(),
+                                io::ErrorKind::AddrNotAvailable | io::ErrorKind::AddrInUse
+                            ) =>
+                        {
                             failed.fetch_add(1, Relaxed);
                             in_a_row += 1;
                             assert!(in_a_row < 100, "100 cycles in a row failed: {e}");
                             thread::sleep(Duration::from_millis(10));
                         }
+                        Err(e) => panic!("cycle {i} failed on the server's side: {e}"),
                     }
                 }
             })
@@ -379,15 +355,20 @@ fn unread_channel_holds_steady_memory_over_churn() {
             "only {} handshakes",
             stats.handshakes_accepted
         );
-        const LIMIT: i64 = 8 << 20;
+        // Measured: a few KiB over the 90,000 cycles. 256 KiB is under
+        // 3 B a cycle, so even a 16 B registry slot leaked by one cycle
+        // in five fails; RSS moves in the allocator's steps, so its
+        // bound is looser.
+        const HEAP_LIMIT: i64 = 256 << 10;
+        const RSS_LIMIT: i64 = 8 << 20;
         assert!(
-            heap_growth < LIMIT,
+            heap_growth < HEAP_LIMIT,
             "live heap grew {heap_growth} bytes over 90,000 cycles \
              ({} per cycle)",
             heap_growth / 90_000
         );
         assert!(
-            rss_growth < LIMIT,
+            rss_growth < RSS_LIMIT,
             "RSS grew {rss_growth} bytes over 90,000 cycles ({} per cycle)",
             rss_growth / 90_000
         );

@@ -604,6 +604,111 @@ fn one_client_cannot_monopolise_a_worker_closure_style() {
     assert!(worst < Duration::from_secs(3), "worst {worst:?}");
 }
 
+/// A job dispatches at most 4,096 messages before it lets the worker go,
+/// whatever their size: a flood of tiny messages under a slow handler
+/// would otherwise hold the only worker for the whole of one read (a
+/// 256 KiB read is 32,768 of these 8-byte frames, about 10 s of this
+/// handler), and the victim's echo with it.
+#[test]
+fn a_flood_of_tiny_messages_yields_the_worker_after_its_message_budget() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let started = Arc::new(AtomicBool::new(false));
+    let stop = Arc::new(AtomicBool::new(false));
+    let handled = Arc::new(AtomicUsize::new(0));
+    let (st, sp, hd) = (
+        Arc::clone(&started),
+        Arc::clone(&stop),
+        Arc::clone(&handled),
+    );
+    let server = WebSocketServer::builder()
+        .workers(1)
+        .on_message(move |c, m| {
+            if m.len() == 2 {
+                // The flooder's: slow, and never answered (so that its
+                // queue cannot pause it, which would also free the worker).
+                hd.fetch_add(1, Ordering::Relaxed);
+                st.store(true, Ordering::SeqCst);
+                if !sp.load(Ordering::Relaxed) {
+                    thread::sleep(Duration::from_micros(300));
+                }
+            } else {
+                let _ = c.send(m);
+            }
+        })
+        .start("127.0.0.1:0")
+        .unwrap();
+    let addr = server.local_addr();
+    let mut victim = raw_ws(addr);
+    let flooder = raw_ws(addr);
+    let mut w = flooder.try_clone().unwrap();
+    let writer = thread::spawn(move || {
+        // 480 KB of 2-byte messages, all in the kernel's buffers before
+        // the first job has dispatched many of them.
+        let _ = w.write_all(&frames(60_000, 2));
+    });
+    assert!(
+        eventually(WAIT, || started.load(Ordering::SeqCst)),
+        "the flood never reached its handler"
+    );
+    thread::sleep(Duration::from_millis(50));
+    let t = Instant::now();
+    victim.write_all(&frame(0x82, &[9])).unwrap();
+    let (_, p) = read_frame(&mut victim);
+    let waited = t.elapsed();
+    let behind = handled.load(Ordering::Relaxed);
+    stop.store(true, Ordering::Relaxed);
+    eprintln!("victim echoed after {waited:?}, {behind} flood messages handled by then");
+    assert_eq!(p, vec![9]);
+    // With the budget, the victim waits for at most the rest of one job of
+    // 4,096 messages (about 1.3 s of this handler). Was a bug: the budget
+    // was checked between reads only, so a job went on to the end of
+    // whatever one read had brought (8,192 here, up to 32,768).
+    assert!(
+        behind < 6_000,
+        "{behind} flood messages were handled before the victim's one"
+    );
+    writer.join().unwrap();
+    // The rest of each cut-off read is dispatched too, though nothing new
+    // arrives on the socket to wake the connection.
+    assert!(
+        eventually(WAIT, || handled.load(Ordering::Relaxed) == 60_000),
+        "{} of 60,000 flood messages handled",
+        handled.load(Ordering::Relaxed)
+    );
+    drop(flooder);
+}
+
+/// A client that pipelines many tiny messages in one write gets every
+/// echo, in order, though jobs stop at their message budget in the middle
+/// of a read and the rest waits in the connection.
+#[test]
+fn tiny_pipelined_messages_cut_by_the_budget_all_come_back_in_order() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let server = WebSocketServer::builder()
+        .workers(1)
+        .on_message(|c, m| {
+            let _ = c.send(m);
+        })
+        .start("127.0.0.1:0")
+        .unwrap();
+    let mut s = raw_ws(server.local_addr());
+    let mut w = s.try_clone().unwrap();
+    const N: u32 = 30_000;
+    let writer = thread::spawn(move || {
+        let mut all = Vec::new();
+        for i in 0..N {
+            all.extend_from_slice(&frame(0x82, &i.to_be_bytes()));
+        }
+        w.write_all(&all).unwrap();
+    });
+    for i in 0..N {
+        let (op, p) = read_frame(&mut s);
+        assert_eq!((op, p), (0x82, i.to_be_bytes().to_vec()), "echo {i}");
+    }
+    writer.join().unwrap();
+    assert_eq!(server.stats().messages_in, u64::from(N));
+}
+
 /// Was a bug: the unparsed `rest` a pause leaves behind (up to one 256 KiB read)
 /// counts against `max_buffered_bytes`, so honest clients that pipeline
 /// small messages and read a little late are closed with 1009 "message too

@@ -3,12 +3,11 @@
 
 mod support;
 
-use std::io::Write;
+use std::io::{Read, Write};
 use std::time::Duration;
 
 use enjent::WebSocketServer;
 use support::*;
-use tungstenite::Message as Tm;
 
 #[test]
 fn counters_follow_a_scripted_session() {
@@ -24,27 +23,34 @@ fn counters_follow_a_scripted_session() {
     let addr = server.local_addr();
     assert_eq!(server.stats(), enjent::Stats::default());
 
-    let mut ws = client(addr);
+    // A raw client, so that every byte the server wrote can be counted.
+    let mut ws = raw(addr);
+    ws.write_all(REQUEST.as_bytes()).unwrap();
+    let head = read_101(&mut ws);
     let c = expect_connect(&server);
-    ws.send(Tm::text("12345")).unwrap();
-    ws.send(Tm::binary(vec![0u8; 100])).unwrap();
+    ws.write_all(&frame(0x81, b"12345")).unwrap();
+    ws.write_all(&frame(0x82, &[0u8; 100])).unwrap();
     expect_message(&server);
     expect_message(&server);
     c.send("abc").unwrap();
     server.broadcast("xy");
     // Sends from this (non-pool) thread are written by a worker: wait
     // until the client has both, and the counters have caught up.
-    assert_eq!(ws.read().unwrap(), Tm::text("abc"));
-    assert_eq!(ws.read().unwrap(), Tm::text("xy"));
+    let mut got = [0u8; 9];
+    ws.read_exact(&mut got).unwrap();
+    assert_eq!(&got, b"\x81\x03abc\x81\x02xy");
+    let written = (head.len() + got.len()) as u64;
     let deadline = std::time::Instant::now() + WAIT;
-    while server.stats().bytes_out < 129 + 5 + 4 && std::time::Instant::now() < deadline {
+    while server.stats().bytes_out < written && std::time::Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(5));
     }
     let s = server.stats();
     assert_eq!((s.connections, s.handshakes_accepted), (1, 1));
     assert_eq!((s.messages_in, s.bytes_in), (2, 105));
     assert_eq!(s.messages_out, 2);
-    assert!(s.bytes_out >= 129 + 5 + 4, "{s:?}"); // 101 response and two frames
+    // Exactly the 101 response and the two frames: nothing counted twice,
+    // nothing written uncounted.
+    assert_eq!(s.bytes_out, written, "{s:?}");
 
     // Refusals by status.
     http(addr, REQUEST.replace("13", "8").as_bytes());
@@ -75,4 +81,63 @@ fn counters_follow_a_scripted_session() {
     assert_eq!(s.connections, 0);
     assert_eq!(s.handshakes_accepted, 3);
     assert_eq!(server.handle().stats(), s);
+}
+
+/// A publish counts one message out per subscriber it reached, and its
+/// bytes once per subscriber, as each subscriber's socket took them; the
+/// publishing client is left out, as `Client::publish` says.
+#[test]
+fn a_publish_counts_each_subscriber_it_reached() {
+    let server = WebSocketServer::builder()
+        .ping_interval(None)
+        .start("127.0.0.1:0")
+        .unwrap();
+    let addr = server.local_addr();
+    let mut socks = Vec::new();
+    let mut heads = 0;
+    let mut clients = Vec::new();
+    for _ in 0..4 {
+        let mut s = raw(addr);
+        s.write_all(REQUEST.as_bytes()).unwrap();
+        heads += read_101(&mut s).len() as u64;
+        let c = expect_connect(&server);
+        assert!(c.subscribe("news").unwrap());
+        socks.push(s);
+        clients.push(c);
+    }
+    let before = server.stats();
+    assert_eq!((before.messages_out, before.bytes_out), (0, heads));
+    // The first client publishes: the other three get it.
+    let report = clients[0].publish("news", "hello");
+    assert_eq!(report.written + report.queued, 3, "{report:?}");
+    let mut got = [0u8; 7];
+    for s in &mut socks[1..] {
+        s.read_exact(&mut got).unwrap();
+        assert_eq!(&got, b"\x81\x05hello");
+    }
+    // From the handle, all four get it.
+    let report = server.publish("news", "hello");
+    assert_eq!(report.written + report.queued, 4, "{report:?}");
+    for s in &mut socks {
+        s.read_exact(&mut got).unwrap();
+        assert_eq!(&got, b"\x81\x05hello");
+    }
+    let want = heads + 7 * 7;
+    assert!(
+        eventually(WAIT, || server.stats().bytes_out == want),
+        "{:?}",
+        server.stats()
+    );
+    let s = server.stats();
+    assert_eq!((s.messages_out, s.bytes_out), (7, want), "{s:?}");
+    assert_eq!(s.topics, 1);
+    // Nothing reached the publisher from its own publish.
+    socks[0]
+        .set_read_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
+    let mut more = [0u8; 1];
+    assert!(
+        socks[0].read(&mut more).is_err(),
+        "the publisher got its own publish"
+    );
 }

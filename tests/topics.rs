@@ -29,38 +29,6 @@ use tungstenite::Message as Tm;
 
 // ---------------------------------------------------------------- helpers
 
-/// Run `f` on its own thread; a hang fails the test after `limit` instead
-/// of blocking the run. A panic in `f` is passed on as is.
-fn within<R: Send + 'static>(limit: Duration, f: impl FnOnce() -> R + Send + 'static) -> R {
-    let (done_tx, done_rx) = mpsc::channel::<()>();
-    let body = thread::spawn(move || {
-        let r = f();
-        let _ = done_tx.send(());
-        r
-    });
-    match done_rx.recv_timeout(limit) {
-        Err(mpsc::RecvTimeoutError::Timeout) => panic!("did not finish within {limit:?}"),
-        _ => match body.join() {
-            Ok(r) => r,
-            Err(panic) => std::panic::resume_unwind(panic),
-        },
-    }
-}
-
-/// Poll `f` every few milliseconds until it holds or `limit` passes.
-fn eventually(limit: Duration, mut f: impl FnMut() -> bool) -> bool {
-    let deadline = Instant::now() + limit;
-    loop {
-        if f() {
-            return true;
-        }
-        if Instant::now() >= deadline {
-            return false;
-        }
-        thread::sleep(Duration::from_millis(2));
-    }
-}
-
 /// xorshift64: reproducible randomness without a dependency.
 struct Rng(u64);
 

@@ -14,6 +14,8 @@ use crate::message::{CloseCode, CloseFrame};
 use crate::proto::conn::{Output, State};
 use crate::proto::frame::OpCode;
 use crate::runtime::conn::{CONDEMNED, Conn, ReadSide};
+use crate::runtime::poller::Job;
+use crate::runtime::registry::Found;
 use crate::runtime::timer::Timers;
 use crate::runtime::{Shared, ms, panic_close};
 use crate::stats::Counters;
@@ -24,7 +26,9 @@ const SCRATCH: usize = 256 * 1024;
 /// have the worker (the poller brings it back at once if more is there).
 const READ_BUDGET: usize = 1 << 20;
 /// Most messages one job dispatches for one connection before letting
-/// others have the worker.
+/// others have the worker, even within one read: what is left of the read
+/// waits in the connection, and the connection at the back of the ready
+/// queue.
 const MESSAGE_BUDGET: usize = 4096;
 
 thread_local! {
@@ -176,7 +180,7 @@ fn service_inner<T: Send + Sync + 'static>(
         }
         if !first.is_empty() {
             r.last_seen_ms = shared.now_ms();
-            feed(shared, conn, &mut r, first);
+            feed(shared, conn, &mut r, first, MESSAGE_BUDGET);
             account_buffered(shared, conn, &mut r);
             first = &[];
         }
@@ -191,6 +195,9 @@ fn service_inner<T: Send + Sync + 'static>(
             return;
         }
         book_timer(shared, conn, &r, now, close_deadline);
+        // Input left over with the gate open: the job stopped at its
+        // message budget. Nothing on the socket may wake it again.
+        let yielded = !r.rest.is_empty() && !r.eof;
         conn.put_read(r);
 
         let mut w = conn.io.lock();
@@ -204,6 +211,18 @@ fn service_inner<T: Send + Sync + 'static>(
         if w.job_again {
             w.job_again = false;
             continue;
+        }
+        if yielded && !w.paused && !w.finished {
+            // Go to the back of the ready queue, still owning the
+            // connection: whatever became ready meanwhile runs first, and
+            // the next job starts with the rest. (A paused connection is
+            // run again by whatever resumes it.)
+            drop(w);
+            crate::runtime::poller::dispatch(
+                shared,
+                &mut vec![Job::Ready(Found::Open(Arc::clone(conn)))],
+            );
+            return;
         }
         if !conn.arm(shared, &mut w) {
             // Out of kernel memory for the poller: this connection could
@@ -231,18 +250,23 @@ fn read_available<T: Send + Sync + 'static>(
     }
     // Input a pause left unparsed comes before anything newer, once the
     // gate is open again (a timer or a flush can run the job meanwhile).
+    let mut messages = 0;
     if !r.rest.is_empty() {
         if !conn.may_read(shared) {
             return;
         }
         let rest = std::mem::take(&mut r.rest);
         shared.unparsed_in.fetch_sub(rest.len(), Ordering::Relaxed);
-        feed(shared, conn, r, &rest);
+        messages = feed(shared, conn, r, &rest, MESSAGE_BUDGET).1;
         account_buffered(shared, conn, r);
+        // What is still left waits for the next job (budget) or for the
+        // gate (pause); either way this job reads no more.
+        if !r.rest.is_empty() || messages >= MESSAGE_BUDGET {
+            return;
+        }
     }
     with_scratch(|buf| {
         let mut budget = READ_BUDGET;
-        let mut messages = 0;
         // A paused connection is not read: what it sends may need answers
         // (echoes, pongs) that would only grow what it holds. Its
         // readable interest is off too, so this does not spin.
@@ -254,7 +278,8 @@ fn read_available<T: Send + Sync + 'static>(
                 }
                 Ok(Some(n)) => {
                     r.last_seen_ms = shared.now_ms();
-                    let (delivered, count) = feed(shared, conn, r, &buf[..n]);
+                    let (delivered, count) =
+                        feed(shared, conn, r, &buf[..n], MESSAGE_BUDGET - messages);
                     account_buffered(shared, conn, r);
                     // Inflated messages count at their delivered size, so
                     // a few compressed bytes cannot buy unbounded work.
@@ -288,13 +313,15 @@ fn end_of_input<T>(conn: &Conn<T>, r: &mut ReadSide, error: Option<io::Error>) {
 }
 
 /// Feed bytes to the protocol and act on each output, asking the read
-/// gate between outputs. What is left when the gate closes is kept in
-/// `r.rest`. Returns the payload bytes and the messages delivered.
+/// gate between outputs. What is left when the gate closes, or once
+/// `limit` messages are delivered, is kept in `r.rest`. Returns the
+/// payload bytes and the messages delivered.
 fn feed<T: Send + Sync + 'static>(
     shared: &Arc<Shared<T>>,
     conn: &Arc<Conn<T>>,
     r: &mut ReadSide,
     bytes: &[u8],
+    limit: usize,
 ) -> (usize, usize) {
     if conn.closing.load(Ordering::Acquire) {
         r.proto.close_sent();
@@ -307,7 +334,7 @@ fn feed<T: Send + Sync + 'static>(
             count += 1;
         }
         handle(shared, conn, r, out);
-        if !input.is_empty() && !conn.may_read(shared) {
+        if !input.is_empty() && (count >= limit || !conn.may_read(shared)) {
             r.rest.extend_from_slice(input);
             shared.unparsed_in.fetch_add(input.len(), Ordering::Relaxed);
             break;

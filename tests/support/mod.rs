@@ -378,3 +378,37 @@ pub fn pipeline(mut s: TcpStream, count: u32) -> std::io::Result<()> {
     }
     s.write_all(&wire)
 }
+
+/// Run `f` on its own thread; a hang fails the test after `limit` instead
+/// of blocking the run. A panic in `f` is passed on as is.
+pub fn within<R: Send + 'static>(limit: Duration, f: impl FnOnce() -> R + Send + 'static) -> R {
+    let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
+    let body = std::thread::spawn(move || {
+        let r = f();
+        let _ = done_tx.send(());
+        r
+    });
+    match done_rx.recv_timeout(limit) {
+        Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+            panic!("did not finish within {limit:?}")
+        }
+        _ => match body.join() {
+            Ok(r) => r,
+            Err(panic) => std::panic::resume_unwind(panic),
+        },
+    }
+}
+
+/// Poll `f` every few milliseconds until it holds or `limit` passes.
+pub fn eventually(limit: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + limit;
+    loop {
+        if f() {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
