@@ -46,6 +46,10 @@ pub(crate) struct Topic<T> {
     /// `by_name`, or about to be, and a subscribe that finds it makes a
     /// new one.
     dead: AtomicBool,
+    /// Threads that let their shard go to wait for `subs` (tests wait for
+    /// them instead of sleeping).
+    #[cfg(test)]
+    waiting: std::sync::atomic::AtomicUsize,
 }
 
 /// A topic's subscribers: one inline (a user's own topic, say), or a list.
@@ -312,6 +316,8 @@ impl<T: Send + Sync + 'static> Topics<T> {
                     name: name.into(),
                     subs: Mutex::new(Subs::One(Arc::clone(conn))),
                     dead: AtomicBool::new(false),
+                    #[cfg(test)]
+                    waiting: std::sync::atomic::AtomicUsize::new(0),
                 });
                 names.insert(Named(Arc::clone(&t)));
                 if let Some(bridge) = &self.bridge {
@@ -361,7 +367,11 @@ impl<T: Send + Sync + 'static> Topics<T> {
             return Some(topic.subs.lock());
         }
         *waits += 1;
-        parking_lot::MutexGuard::unlocked(clients, || drop(topic.subs.lock()));
+        parking_lot::MutexGuard::unlocked(clients, || {
+            #[cfg(test)]
+            topic.waiting.fetch_add(1, Ordering::SeqCst);
+            drop(topic.subs.lock());
+        });
         None
     }
 
@@ -554,6 +564,20 @@ mod tests {
             .unwrap()
     }
 
+    /// Wait until `n` threads have let their shard go and wait for
+    /// `topic`'s subscribers.
+    fn wait_for_waiters(topic: &super::Topic<()>, n: usize) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while topic.waiting.load(std::sync::atomic::Ordering::SeqCst) < n {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{} of {n} threads came to wait for the topic's lock",
+                topic.waiting.load(std::sync::atomic::Ordering::SeqCst)
+            );
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
     /// A publish holds its topic's lock for its whole fan-out (to 10,000
     /// subscribers, with a compression each under context takeover). A
     /// subscribe to that topic waits for it, but must not hold the lock
@@ -573,9 +597,9 @@ mod tests {
         // A publish to "hot" in its fan-out, as far as the others can tell.
         let fan_out = hot.subs.lock();
         let joiner = std::thread::spawn(move || b.subscribe("hot").unwrap());
-        // Time for the joiner to reach the topic's lock; were it to hold
-        // the names meanwhile, what follows would wait for it.
-        std::thread::sleep(Duration::from_millis(100));
+        // The joiner at the topic's lock, its shard let go; were it to
+        // hold the names meanwhile, what follows would wait for it.
+        wait_for_waiters(&hot, 1);
         let (done_tx, done_rx) = mpsc::channel();
         let handle = server.handle();
         let others = std::thread::spawn(move || {
@@ -630,8 +654,8 @@ mod tests {
         let joiner = std::thread::spawn(move || b.subscribe("hot").unwrap());
         let d2 = d.clone();
         let leaver = std::thread::spawn(move || d2.unsubscribe("hot"));
-        // Time for both to reach the topic's lock.
-        std::thread::sleep(Duration::from_millis(100));
+        // Both at the topic's lock, their shard let go.
+        wait_for_waiters(&hot, 2);
         let (done_tx, done_rx) = mpsc::channel();
         let others = std::thread::spawn(move || {
             assert!(c.subscribe("cold").unwrap());

@@ -275,8 +275,10 @@ pub fn still_serves(addr: SocketAddr, server: &WebSocketServer) {
 }
 
 /// `target/debug/examples/NAME`, which `cargo test` builds (but not
-/// `cargo test --test FILE` alone). A note on stderr if it is older than
-/// `examples/NAME.rs` or one of `more_sources` (paths in the crate).
+/// `cargo test --test FILE` alone). Fails if it is older than
+/// `examples/NAME.rs`, one of `more_sources` (paths in the crate) or any
+/// file of the library's `src/`, so that a test never passes on old code;
+/// `ENJENT_ALLOW_STALE=1` makes that a note instead.
 pub fn example_bin(name: &str, more_sources: &[&str]) -> PathBuf {
     // target/debug/deps/TEST-HASH -> target/debug/examples/NAME
     let exe = std::env::current_exe().unwrap();
@@ -296,17 +298,39 @@ pub fn example_bin(name: &str, more_sources: &[&str]) -> PathBuf {
             )
         });
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let main = format!("examples/{name}.rs");
-    for src in std::iter::once(main.as_str()).chain(more_sources.iter().copied()) {
-        let modified = std::fs::metadata(root.join(src)).and_then(|m| m.modified());
+    let mut sources = vec![root.join(format!("examples/{name}.rs"))];
+    sources.extend(more_sources.iter().map(|s| root.join(s)));
+    files_under(&root.join("src"), &mut sources);
+    let allow = std::env::var_os("ENJENT_ALLOW_STALE").is_some_and(|v| v == "1");
+    for src in &sources {
+        let modified = std::fs::metadata(src).and_then(|m| m.modified());
         if modified.is_ok_and(|t| t > built) {
-            eprintln!(
-                "note: {src} is newer than {}: run `cargo build --examples`",
+            let msg = format!(
+                "{} is newer than {}: run `cargo build --examples` (with this test's \
+                 features), or set ENJENT_ALLOW_STALE=1",
+                src.display(),
                 bin.display()
             );
+            assert!(allow, "{msg}");
+            eprintln!("note: {msg}");
         }
     }
     bin
+}
+
+/// Every file under `dir`, recursively, added to `out`.
+fn files_under(dir: &Path, out: &mut Vec<PathBuf>) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let path = entry.path();
+        if path.is_dir() {
+            files_under(&path, out);
+        } else {
+            out.push(path);
+        }
+    }
 }
 
 // The pipelined echo client of tests/flow_control.rs and tests/examples.rs.
