@@ -851,3 +851,112 @@ fn a_redis_user_refused_some_channels_gets_them_counted_and_the_rest_through() {
         assert!(!c.bridge().up);
     });
 }
+
+/// An envelope with a sequence number from origin `origin` (epoch 0).
+fn envelope(origin: u64, seq: u64, payload: &[u8]) -> Vec<u8> {
+    let mut e = vec![1, 0];
+    e.extend_from_slice(&origin.to_be_bytes());
+    e.extend_from_slice(&0u32.to_be_bytes());
+    e.extend_from_slice(&seq.to_be_bytes());
+    e.extend_from_slice(payload);
+    e
+}
+
+fn redis_publish(con: &mut redis::Connection, topic: &str, data: Vec<u8>) {
+    let _: i64 = redis::cmd("PUBLISH")
+        .arg(format!("enjent:t:{topic}"))
+        .arg(data)
+        .query(con)
+        .unwrap();
+}
+
+/// What the README's "Guarantees" say of forged numbers, checked: an
+/// envelope up to 511 ahead of an origin's number makes the genuine
+/// messages it skipped count as duplicates (dropped, and counted), and
+/// the origin is heard again once its numbers pass the forged one. And
+/// gaps on many topics at once are all counted, but told as at most 16
+/// `Missed` events a second.
+#[test]
+fn forged_numbers_and_gaps_on_many_topics_are_counted_and_told_at_a_bounded_rate() {
+    let Some(redis) = Redis::start() else { return };
+    within(Duration::from_secs(90), move || {
+        let (a, b, mut sub) = publisher_and_subscriber(&redis, "t");
+        a.server.publish("t", "first"); // a's number 1 on "t"
+        assert_eq!(sub.read().unwrap(), "first");
+        let client = redis::Client::open(redis.url()).unwrap();
+        let mut con = client.get_connection().unwrap();
+        let origin = a.bridge().origin;
+        // 100 ahead: believed, delivered, 99 counted missed.
+        redis_publish(&mut con, "t", envelope(origin, 101, b"forged"));
+        assert_eq!(sub.read().unwrap(), "forged");
+        assert_eq!(b.bridge().missed_by_origin.get(&origin), Some(&99));
+        // a's genuine 2..=101 now look like messages sent again.
+        let dups = b.bridge().duplicates;
+        for i in 2..=101 {
+            a.server.publish("t", format!("genuine {i}"));
+        }
+        let deadline = Instant::now() + WAIT;
+        while b.bridge().duplicates < dups + 100 {
+            assert!(Instant::now() < deadline, "{:?}", b.bridge());
+            thread::sleep(Duration::from_millis(5));
+        }
+        assert!(
+            sub.silent_for(Duration::from_millis(200)),
+            "a dropped one arrived"
+        );
+        // Past the forged number, a is heard again, with nothing missed.
+        a.server.publish("t", "genuine 102");
+        assert_eq!(sub.read().unwrap(), "genuine 102");
+        assert_eq!(b.bridge().duplicates, dups + 100);
+        assert_eq!(b.bridge().missed_by_origin.get(&origin), Some(&99));
+
+        // Gaps on 40 topics from an origin nobody runs: 8 missed on each.
+        const TOPICS: usize = 40;
+        for i in 0..TOPICS {
+            sub.sub(&format!("m{i}"));
+        }
+        for i in 0..TOPICS {
+            redis.wait_numsub(&format!("m{i}"), 1);
+        }
+        let told_before = b.told_count();
+        let stranger = 0x5eed_u64;
+        let started = Instant::now();
+        for i in 0..TOPICS {
+            redis_publish(&mut con, &format!("m{i}"), envelope(stranger, 1, b"one"));
+            redis_publish(&mut con, &format!("m{i}"), envelope(stranger, 10, b"ten"));
+        }
+        for _ in 0..2 * TOPICS {
+            let text = sub.read().unwrap();
+            assert!(text == "one" || text == "ten", "{text}");
+        }
+        let took = started.elapsed();
+        let bb = b.bridge();
+        assert_eq!(
+            bb.missed_by_origin.get(&stranger),
+            Some(&(8 * TOPICS as u64))
+        );
+        assert_eq!(bb.missed, 99 + 8 * TOPICS as u64);
+        let told: Vec<_> = b.told.lock().unwrap()[told_before..]
+            .iter()
+            .filter(|e| matches!(e, BridgeEvent::Missed { .. }))
+            .cloned()
+            .collect();
+        eprintln!(
+            "{} Missed events told for {TOPICS} gaps in {took:?}",
+            told.len()
+        );
+        // At most 16 in each second the gaps came in (a second that began
+        // before them may have told one already: the forged jump above).
+        let seconds = took.as_secs() + 2;
+        assert!(
+            !told.is_empty() && told.len() as u64 <= 16 * seconds,
+            "{} Missed events in {took:?}: {told:?}",
+            told.len()
+        );
+        for e in &told {
+            if let BridgeEvent::Missed { origin, count, .. } = e {
+                assert_eq!((*origin, *count), (stranger, 8));
+            }
+        }
+    });
+}
