@@ -270,3 +270,56 @@ fn sends_racing_close_from_eight_threads_arrive_if_accepted_and_before_the_close
 fn sends_racing_shutdown_from_eight_threads_arrive_if_accepted_and_before_the_close() {
     sends_racing(|_, h| h.shutdown(), 1001, 16);
 }
+
+/// A backlog of tiny messages from eight threads, which a reader that
+/// starts late then takes all at once: the queue goes out many frames to
+/// a write, cut anywhere by the kernel's buffer, and every message
+/// arrives whole, once, in its thread's order.
+#[test]
+fn a_backlog_of_tiny_messages_from_eight_threads_arrives_whole_and_in_order() {
+    use std::thread;
+    const WRITERS: u32 = 8;
+    const EACH: u32 = 20_000;
+    let server = WebSocketServer::builder()
+        .max_backpressure(64 << 20)
+        .ping_interval(None)
+        .start("127.0.0.1:0")
+        .unwrap();
+    let mut s = raw_ws(server.local_addr());
+    let c = expect_connect(&server);
+    // 4 to 40 bytes each after the number.
+    let tiny = |t: u32, i: u32| {
+        let mut p = Vec::new();
+        p.extend_from_slice(&t.to_be_bytes());
+        p.extend_from_slice(&i.to_be_bytes());
+        p.resize(8 + (i as usize * 7 + t as usize) % 37, b'a' + t as u8);
+        p
+    };
+    let writers: Vec<_> = (0..WRITERS)
+        .map(|t| {
+            let c = c.clone();
+            thread::spawn(move || {
+                for i in 0..EACH {
+                    c.send(tiny(t, i)).unwrap();
+                }
+            })
+        })
+        .collect();
+    // Let a backlog build before reading anything.
+    thread::sleep(std::time::Duration::from_millis(300));
+    let mut next = vec![0u32; WRITERS as usize];
+    for _ in 0..WRITERS * EACH {
+        let (first, p) = read_frame(&mut s);
+        assert_eq!(first, 0x82, "{}", describe(first, &p));
+        let t = u32::from_be_bytes(p[..4].try_into().unwrap());
+        let i = u32::from_be_bytes(p[4..8].try_into().unwrap());
+        assert_eq!(i, next[t as usize], "writer {t}: out of order or lost");
+        assert!(p == tiny(t, i), "writer {t} message {i} corrupted");
+        next[t as usize] += 1;
+    }
+    for w in writers {
+        w.join().unwrap();
+    }
+    assert!(next.iter().all(|&n| n == EACH), "{next:?}");
+    assert_eq!(server.stats().messages_out, u64::from(WRITERS * EACH));
+}

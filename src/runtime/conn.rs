@@ -1102,20 +1102,32 @@ fn write_queue(
 ) -> io::Result<(usize, bool)> {
     let mut total = 0;
     while !queue.is_empty() {
-        let mut slices = [IoSlice::new(&[]); 32];
-        let mut n = 0;
-        let mut want = 0;
-        for (i, chunk) in queue.iter().take(slices.len()).enumerate() {
-            let bytes = if i == 0 {
-                &chunk.bytes()[*head..]
-            } else {
-                chunk.bytes()
-            };
-            slices[i] = IoSlice::new(bytes);
-            want += bytes.len();
-            n += 1;
-        }
-        let mut written = match write_vectored(stream, &slices[..n]) {
+        // Many small frames at the front (a backlog of tiny messages): one
+        // copy and one `send` for as many as fit in `GATHER` bytes, where a
+        // vectored write would take `IOVECS` of them.
+        let (fit, fit_bytes) = small_run(queue, *head);
+        let (result, want) = if fit > IOVECS {
+            (
+                write_gathered(stream, queue, *head, fit, fit_bytes),
+                fit_bytes,
+            )
+        } else {
+            let mut slices = [IoSlice::new(&[]); IOVECS];
+            let mut n = 0;
+            let mut want = 0;
+            for (i, chunk) in queue.iter().take(slices.len()).enumerate() {
+                let bytes = if i == 0 {
+                    &chunk.bytes()[*head..]
+                } else {
+                    chunk.bytes()
+                };
+                slices[i] = IoSlice::new(bytes);
+                want += bytes.len();
+                n += 1;
+            }
+            (write_vectored(stream, &slices[..n]), want)
+        };
+        let mut written = match result {
             Ok(w) => w,
             Err(e) if total > 0 => {
                 // Report what did go out; the error comes back next time.
@@ -1152,6 +1164,50 @@ fn write_queue(
 
 /// Writes of at most this many bytes are copied into one buffer first.
 const SMALL_WRITE: usize = 512;
+/// Most parts of one vectored write.
+const IOVECS: usize = 32;
+/// Most bytes of small frames copied together into one `send`.
+const GATHER: usize = 16 * 1024;
+
+/// How many chunks at the front of `queue` (the first `head` bytes of its
+/// front already written) fit in `GATHER` bytes together, and their bytes.
+fn small_run(queue: &std::collections::VecDeque<Chunk>, head: usize) -> (usize, usize) {
+    let (mut n, mut bytes) = (0, 0);
+    for (i, chunk) in queue.iter().enumerate() {
+        let len = chunk.bytes().len() - if i == 0 { head } else { 0 };
+        if bytes + len > GATHER {
+            break;
+        }
+        bytes += len;
+        n += 1;
+    }
+    (n, bytes)
+}
+
+/// Copy the first `n` chunks of `queue` (`bytes` in all, after `head`)
+/// into one buffer and write it.
+#[inline(never)]
+fn write_gathered(
+    stream: &TcpStream,
+    queue: &std::collections::VecDeque<Chunk>,
+    head: usize,
+    n: usize,
+    bytes: usize,
+) -> io::Result<usize> {
+    let mut buf = [0u8; GATHER];
+    let mut at = 0;
+    for (i, chunk) in queue.iter().take(n).enumerate() {
+        let part = if i == 0 {
+            &chunk.bytes()[head..]
+        } else {
+            chunk.bytes()
+        };
+        buf[at..at + part.len()].copy_from_slice(part);
+        at += part.len();
+    }
+    debug_assert_eq!(at, bytes);
+    write_vectored(stream, &[IoSlice::new(&buf[..at])])
+}
 
 /// One vectored write, retried on EINTR; `WouldBlock` counts as 0 bytes.
 ///
