@@ -604,34 +604,102 @@ fn one_client_cannot_monopolise_a_worker_closure_style() {
     assert!(worst < Duration::from_secs(3), "worst {worst:?}");
 }
 
+/// The only worker, held by a handler until `release`: a client sends a
+/// 3-byte message, whose handler (the caller's `on_message` must pass
+/// such messages to `hold`) waits.
+struct Gate {
+    held: Arc<AtomicBool>,
+    release: Arc<AtomicBool>,
+    _client: std::net::TcpStream,
+}
+
+impl Gate {
+    fn flags() -> (Arc<AtomicBool>, Arc<AtomicBool>) {
+        (
+            Arc::new(AtomicBool::new(false)),
+            Arc::new(AtomicBool::new(false)),
+        )
+    }
+
+    /// In the handler: hold the worker until released.
+    fn hold(held: &AtomicBool, release: &AtomicBool) {
+        held.store(true, Ordering::SeqCst);
+        while !release.load(Ordering::SeqCst) {
+            thread::sleep(Duration::from_millis(1));
+        }
+    }
+
+    fn close(addr: std::net::SocketAddr, flags: (Arc<AtomicBool>, Arc<AtomicBool>)) -> Gate {
+        let mut c = raw_ws(addr);
+        c.write_all(&frame(0x82, &[0, 0, 0])).unwrap();
+        assert!(eventually(WAIT, || flags.0.load(Ordering::SeqCst)));
+        Gate {
+            held: flags.0,
+            release: flags.1,
+            _client: c,
+        }
+    }
+
+    fn open(&self) {
+        assert!(self.held.load(Ordering::SeqCst));
+        self.release.store(true, Ordering::SeqCst);
+    }
+}
+
+/// Write `data` to `s` on a thread, in 8 KiB pieces; returns once it is all
+/// written or the kernel's buffers stopped taking it, with the bytes
+/// written, and the thread (which finishes the rest once the server reads).
+fn write_ahead(s: &std::net::TcpStream, data: Vec<u8>) -> (usize, thread::JoinHandle<()>) {
+    let mut w = s.try_clone().unwrap();
+    let written = Arc::new(AtomicUsize::new(0));
+    let count = Arc::clone(&written);
+    let total = data.len();
+    let writer = thread::spawn(move || {
+        for piece in data.chunks(8 * 1024) {
+            w.write_all(piece).unwrap();
+            count.fetch_add(piece.len(), Ordering::SeqCst);
+        }
+    });
+    let mut last = usize::MAX;
+    loop {
+        thread::sleep(Duration::from_millis(200));
+        let now = written.load(Ordering::SeqCst);
+        if now == total || now == last {
+            return (now, writer);
+        }
+        last = now;
+    }
+}
+
 /// A job dispatches at most 4,096 messages before it lets the worker go,
-/// whatever their size: a flood of tiny messages under a slow handler
-/// would otherwise hold the only worker for the whole of one read (a
+/// even within one read: a flood of tiny messages under a slow handler
+/// would otherwise hold the only worker for all that one read brought (a
 /// 256 KiB read is 32,768 of these 8-byte frames, about 10 s of this
 /// handler), and the victim's echo with it.
 #[test]
 fn a_flood_of_tiny_messages_yields_the_worker_after_its_message_budget() {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let started = Arc::new(AtomicBool::new(false));
+    let flags = Gate::flags();
+    let (held, release) = (Arc::clone(&flags.0), Arc::clone(&flags.1));
     let stop = Arc::new(AtomicBool::new(false));
     let handled = Arc::new(AtomicUsize::new(0));
-    let (st, sp, hd) = (
-        Arc::clone(&started),
-        Arc::clone(&stop),
-        Arc::clone(&handled),
-    );
+    // Flood messages handled when the victim's message was.
+    let behind = Arc::new(AtomicUsize::new(usize::MAX));
+    let (sp, hd, bh) = (Arc::clone(&stop), Arc::clone(&handled), Arc::clone(&behind));
     let server = WebSocketServer::builder()
         .workers(1)
-        .on_message(move |c, m| {
-            if m.len() == 2 {
-                // The flooder's: slow, and never answered (so that its
-                // queue cannot pause it, which would also free the worker).
-                hd.fetch_add(1, Ordering::Relaxed);
-                st.store(true, Ordering::SeqCst);
+        .on_message(move |c, m| match m.len() {
+            3 => Gate::hold(&held, &release),
+            // The flooder's: slow, and never answered (so that its queue
+            // cannot pause it, which would also free the worker).
+            2 => {
+                hd.fetch_add(1, Ordering::SeqCst);
                 if !sp.load(Ordering::Relaxed) {
                     thread::sleep(Duration::from_micros(300));
                 }
-            } else {
+            }
+            _ => {
+                bh.store(hd.load(Ordering::SeqCst), Ordering::SeqCst);
                 let _ = c.send(m);
             }
         })
@@ -640,73 +708,205 @@ fn a_flood_of_tiny_messages_yields_the_worker_after_its_message_budget() {
     let addr = server.local_addr();
     let mut victim = raw_ws(addr);
     let flooder = raw_ws(addr);
-    let mut w = flooder.try_clone().unwrap();
-    let writer = thread::spawn(move || {
-        // 480 KB of 2-byte messages, all in the kernel's buffers before
-        // the first job has dispatched many of them.
-        let _ = w.write_all(&frames(60_000, 2));
-    });
+    let gate = Gate::close(addr, flags);
+    // 480 KB of 2-byte messages, as much as the kernel takes while the
+    // worker is held: the flood's first read is a full one.
+    let (ahead, writer) = write_ahead(&flooder, frames(60_000, 2));
+    assert!(ahead >= 128 * 1024, "only {ahead} bytes went ahead");
+    gate.open();
     assert!(
-        eventually(WAIT, || started.load(Ordering::SeqCst)),
+        eventually(WAIT, || handled.load(Ordering::SeqCst) > 0),
         "the flood never reached its handler"
     );
-    thread::sleep(Duration::from_millis(50));
-    let t = Instant::now();
     victim.write_all(&frame(0x82, &[9])).unwrap();
     let (_, p) = read_frame(&mut victim);
-    let waited = t.elapsed();
-    let behind = handled.load(Ordering::Relaxed);
-    stop.store(true, Ordering::Relaxed);
-    eprintln!("victim echoed after {waited:?}, {behind} flood messages handled by then");
     assert_eq!(p, vec![9]);
-    // With the budget, the victim waits for at most the rest of one job of
-    // 4,096 messages (about 1.3 s of this handler). Was a bug: the budget
-    // was checked between reads only, so a job went on to the end of
-    // whatever one read had brought (8,192 here, up to 32,768).
+    stop.store(true, Ordering::Relaxed);
+    let behind = behind.load(Ordering::SeqCst);
+    eprintln!("{ahead} bytes ahead; the victim's message came after {behind} of the flood's");
+    // With the budget, the victim waits for the rest of one job of 4,096
+    // messages (about 1.3 s of this handler). Was a bug: the budget was
+    // checked between reads only, so a job went on to the end of what
+    // one read had brought (14,336 messages in one run).
     assert!(
-        behind < 6_000,
+        behind <= 4_096,
         "{behind} flood messages were handled before the victim's one"
     );
     writer.join().unwrap();
     // The rest of each cut-off read is dispatched too, though nothing new
     // arrives on the socket to wake the connection.
     assert!(
-        eventually(WAIT, || handled.load(Ordering::Relaxed) == 60_000),
+        eventually(WAIT, || handled.load(Ordering::SeqCst) == 60_000),
         "{} of 60,000 flood messages handled",
-        handled.load(Ordering::Relaxed)
+        handled.load(Ordering::SeqCst)
     );
+    assert!(eventually(WAIT, || server.stats().unparsed_in_bytes == 0));
     drop(flooder);
 }
 
 /// A client that pipelines many tiny messages in one write gets every
-/// echo, in order, though jobs stop at their message budget in the middle
-/// of a read and the rest waits in the connection.
+/// echo, in order, though its jobs stop at their message budget in the
+/// middle of reads and the rest waits in the connection.
 #[test]
 fn tiny_pipelined_messages_cut_by_the_budget_all_come_back_in_order() {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let flags = Gate::flags();
+    let (held, release) = (Arc::clone(&flags.0), Arc::clone(&flags.1));
     let server = WebSocketServer::builder()
         .workers(1)
-        .on_message(|c, m| {
-            let _ = c.send(m);
+        .on_message(move |c, m| {
+            if m.len() == 3 {
+                Gate::hold(&held, &release);
+            } else {
+                let _ = c.send(m);
+            }
         })
         .start("127.0.0.1:0")
         .unwrap();
-    let mut s = raw_ws(server.local_addr());
-    let mut w = s.try_clone().unwrap();
+    let addr = server.local_addr();
+    let mut s = raw_ws(addr);
+    let gate = Gate::close(addr, flags);
     const N: u32 = 30_000;
-    let writer = thread::spawn(move || {
-        let mut all = Vec::new();
-        for i in 0..N {
-            all.extend_from_slice(&frame(0x82, &i.to_be_bytes()));
-        }
-        w.write_all(&all).unwrap();
-    });
+    let mut all = Vec::new();
+    for i in 0..N {
+        all.extend_from_slice(&frame(0x82, &i.to_be_bytes()));
+    }
+    let (ahead, writer) = write_ahead(&s, all);
+    assert!(ahead >= 128 * 1024, "only {ahead} bytes went ahead");
+    gate.open();
     for i in 0..N {
         let (op, p) = read_frame(&mut s);
         assert_eq!((op, p), (0x82, i.to_be_bytes().to_vec()), "echo {i}");
     }
     writer.join().unwrap();
-    assert_eq!(server.stats().messages_in, u64::from(N));
+    let stats = server.stats();
+    eprintln!("{ahead} bytes ahead; {} read pauses", stats.read_pauses);
+    assert_eq!(stats.messages_in, u64::from(N) + 1);
+    assert!(eventually(WAIT, || server.stats().unparsed_in_bytes == 0));
+}
+
+/// A flood cut by the budget that ends with a Close and the client's FIN:
+/// every message before the Close is handled, then the close handshake
+/// completes with the client's code, and the client is gone.
+#[test]
+fn a_close_and_fin_behind_a_cut_flood_are_seen_after_every_message() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let flags = Gate::flags();
+    let (held, release) = (Arc::clone(&flags.0), Arc::clone(&flags.1));
+    let handled = Arc::new(AtomicUsize::new(0));
+    let at_close: Arc<Mutex<Option<(u16, usize)>>> = Arc::default();
+    let (hd, hd2, ac) = (
+        Arc::clone(&handled),
+        Arc::clone(&handled),
+        Arc::clone(&at_close),
+    );
+    let server = WebSocketServer::builder()
+        .workers(1)
+        .on_message(move |_, m| {
+            if m.len() == 3 {
+                Gate::hold(&held, &release);
+            } else {
+                hd.fetch_add(1, Ordering::SeqCst);
+            }
+        })
+        .on_disconnect(move |_, close, _| {
+            let mut a = ac.lock().unwrap();
+            if a.is_none() {
+                *a = Some((close.code.as_u16(), hd2.load(Ordering::SeqCst)));
+            }
+        })
+        .start("127.0.0.1:0")
+        .unwrap();
+    let addr = server.local_addr();
+    let mut s = raw_ws(addr);
+    let gate = Gate::close(addr, flags);
+    const N: usize = 20_000;
+    let mut all = frames(N, 2);
+    all.extend_from_slice(&frame(0x88, &4000u16.to_be_bytes()));
+    let (ahead, writer) = write_ahead(&s, all);
+    assert!(ahead >= 128 * 1024, "only {ahead} bytes went ahead");
+    gate.open();
+    writer.join().unwrap();
+    s.shutdown(std::net::Shutdown::Write).unwrap();
+    // The server's answer to the Close, then its end.
+    let (first, p) = read_frame(&mut s);
+    assert_eq!(first, 0x88, "{}", describe(first, &p));
+    assert_eq!(p, 4000u16.to_be_bytes().to_vec());
+    let mut rest = Vec::new();
+    s.read_to_end(&mut rest).unwrap();
+    assert!(rest.is_empty(), "{} bytes after the close", rest.len());
+    assert!(eventually(WAIT, || at_close.lock().unwrap().is_some()));
+    assert_eq!(*at_close.lock().unwrap(), Some((4000, N)));
+    assert!(eventually(WAIT, || server.stats().unparsed_in_bytes == 0));
+}
+
+/// Was a bug: a client was idle from the read that brought its input, so
+/// a handler (or a queue of turns, once the budget cut its input) slower
+/// than `idle_timeout` had it closed for idleness while its messages were
+/// being handled. Its clock now runs from the end of their handling.
+#[test]
+fn a_client_whose_input_takes_longer_than_idle_timeout_to_handle_is_not_idle() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let flags = Gate::flags();
+    let (held, release) = (Arc::clone(&flags.0), Arc::clone(&flags.1));
+    let handled = Arc::new(AtomicUsize::new(0));
+    let idle = Arc::new(AtomicBool::new(false));
+    let (hd, id) = (Arc::clone(&handled), Arc::clone(&idle));
+    let server = WebSocketServer::builder()
+        .workers(1)
+        .idle_timeout(Some(Duration::from_millis(600)))
+        .ping_interval(None)
+        .on_message(move |c, m| match m.len() {
+            3 => Gate::hold(&held, &release),
+            2 => {
+                hd.fetch_add(1, Ordering::SeqCst);
+                thread::sleep(Duration::from_micros(300));
+            }
+            _ => {
+                let _ = c.send(m);
+            }
+        })
+        .on_disconnect(move |_, close, _| {
+            if close.reason == "idle timeout" {
+                id.store(true, Ordering::SeqCst);
+            }
+        })
+        .start("127.0.0.1:0")
+        .unwrap();
+    let addr = server.local_addr();
+    let mut s = raw_ws(addr);
+    let gate = Gate::close(addr, flags);
+    // 10,000 messages at over 300 us each: 3 s or more of handling, in
+    // jobs of 4,096 (over 1.2 s each), all of it sent before the first.
+    const N: usize = 10_000;
+    let (ahead, writer) = write_ahead(&s, frames(N, 2));
+    assert_eq!(ahead, N * 8);
+    gate.open();
+    writer.join().unwrap();
+    assert!(
+        eventually(Duration::from_secs(30), || handled.load(Ordering::SeqCst)
+            == N),
+        "{} handled",
+        handled.load(Ordering::SeqCst)
+    );
+    // Well within `idle_timeout` of the last message's handling, the
+    // client is still served (before the fix, the close for idleness had
+    // gone out as the last message was handled).
+    thread::sleep(Duration::from_millis(100));
+    s.write_all(&frame(0x82, &[1])).unwrap();
+    let (first, p) = read_frame(&mut s);
+    assert_eq!(
+        (first, &p[..]),
+        (0x82, &[1u8][..]),
+        "{}",
+        describe(first, &p)
+    );
+    assert!(!idle.load(Ordering::SeqCst));
+    // Idle from here on: closed for it, as it should be.
+    let (first, p) = read_frame(&mut s);
+    assert_eq!(first, 0x88, "{}", describe(first, &p));
+    assert_eq!(u16::from_be_bytes([p[0], p[1]]), 1001);
+    assert!(eventually(WAIT, || idle.load(Ordering::SeqCst)));
 }
 
 /// Was a bug: the unparsed `rest` a pause leaves behind (up to one 256 KiB read)

@@ -85,7 +85,8 @@ pub(crate) struct ReadSide {
     /// loop was a whole budget behind when one came (see `service::handle`).
     pub(crate) discarding: bool,
     /// Input read but not yet parsed: flow control paused the connection
-    /// in the middle of a read. At most one read's worth, counted apart
+    /// in the middle of a read, or the job's message budget ran out. At
+    /// most one read's worth, counted apart
     /// (`Shared::unparsed_in`), not in the partial-input budget.
     pub(crate) rest: Vec<u8>,
     /// Bytes of partial input (`proto.buffered()`) last counted in the

@@ -160,6 +160,11 @@ fn service_inner<T: Send + Sync + 'static>(
     // reports anything newer, so the first pass skips a read that would
     // only return EAGAIN.
     let mut read_now = !fresh;
+    // One budget for the whole job, however many passes it makes.
+    let mut budget = JobBudget {
+        messages: MESSAGE_BUDGET,
+        bytes: READ_BUDGET,
+    };
     loop {
         conn.flush_from_job(shared);
         // Take the read side out: no guard is held while user closures
@@ -179,13 +184,14 @@ fn service_inner<T: Send + Sync + 'static>(
             close_for_panic(shared, conn, &mut r);
         }
         if !first.is_empty() {
+            let (delivered, count) = feed(shared, conn, &mut r, first, budget.messages);
             r.last_seen_ms = shared.now_ms();
-            feed(shared, conn, &mut r, first, MESSAGE_BUDGET);
+            budget.spend(first.len().max(delivered), count);
             account_buffered(shared, conn, &mut r);
             first = &[];
         }
         if read_now {
-            read_available(shared, conn, &mut r);
+            read_available(shared, conn, &mut r, &mut budget);
         }
         read_now = true;
         let now = shared.now_ms();
@@ -195,9 +201,9 @@ fn service_inner<T: Send + Sync + 'static>(
             return;
         }
         book_timer(shared, conn, &r, now, close_deadline);
-        // Input left over with the gate open: the job stopped at its
-        // message budget. Nothing on the socket may wake it again.
-        let yielded = !r.rest.is_empty() && !r.eof;
+        // Input left over (the job stopped at its budget, or a pause did):
+        // nothing on the socket may wake the connection again.
+        let leftover = !r.rest.is_empty() && !r.eof;
         conn.put_read(r);
 
         let mut w = conn.io.lock();
@@ -208,15 +214,17 @@ fn service_inner<T: Send + Sync + 'static>(
             conn.flush_holding_token(shared, w);
             w = conn.io.lock();
         }
-        if w.job_again {
-            w.job_again = false;
+        // Another pass is due (`job_again`), or input is left with the
+        // gate open. Within the budget, go round; past it, go to the back
+        // of the ready queue, still owning the connection: whatever became
+        // ready meanwhile runs first, and the next job (a full pass)
+        // starts with the rest. A paused connection with input left is run
+        // again by whatever resumes it.
+        let again = std::mem::take(&mut w.job_again);
+        if again && !budget.spent() {
             continue;
         }
-        if yielded && !w.paused && !w.finished {
-            // Go to the back of the ready queue, still owning the
-            // connection: whatever became ready meanwhile runs first, and
-            // the next job starts with the rest. (A paused connection is
-            // run again by whatever resumes it.)
+        if (again || leftover && !w.paused) && !w.finished {
             drop(w);
             crate::runtime::poller::dispatch(
                 shared,
@@ -235,12 +243,56 @@ fn service_inner<T: Send + Sync + 'static>(
     }
 }
 
+/// What one job may still do for its connection before it lets others
+/// have the worker.
+struct JobBudget {
+    messages: usize,
+    bytes: usize,
+}
+
+impl JobBudget {
+    /// Bytes read or inflated (whichever is more: a few compressed bytes
+    /// cannot buy unbounded work) and messages delivered.
+    fn spend(&mut self, bytes: usize, messages: usize) {
+        self.bytes = self.bytes.saturating_sub(bytes);
+        self.messages = self.messages.saturating_sub(messages);
+    }
+
+    fn spent(&self) -> bool {
+        self.bytes == 0 || self.messages == 0
+    }
+}
+
 /// Read and dispatch while flow control allows, within the job's budget.
 fn read_available<T: Send + Sync + 'static>(
     shared: &Arc<Shared<T>>,
     conn: &Arc<Conn<T>>,
     r: &mut ReadSide,
+    budget: &mut JobBudget,
 ) {
+    if budget.spent() {
+        return;
+    }
+    // Input a pause or the budget left unparsed comes before anything
+    // newer, once the gate is open again (a timer or a flush can run the
+    // job meanwhile). It is what the client sent: it counts as activity.
+    // So does input still waiting at the end of a pass (see `progress`).
+    if !r.rest.is_empty() {
+        if !conn.may_read(shared) {
+            return;
+        }
+        let rest = std::mem::take(&mut r.rest);
+        shared.unparsed_in.fetch_sub(rest.len(), Ordering::Relaxed);
+        let (delivered, count) = feed(shared, conn, r, &rest, budget.messages);
+        r.last_seen_ms = shared.now_ms();
+        account_buffered(shared, conn, r);
+        budget.spend(rest.len().max(delivered), count);
+        // What is still left waits for the next job (budget) or for the
+        // gate (pause); either way this job reads no more.
+        if !r.rest.is_empty() || budget.spent() {
+            return;
+        }
+    }
     // A read that failed ended the input too (`end_of_input`). The error an
     // idle close leaves for the report is no reason to stop reading: the
     // peer's answering Close must be read, and input left unread would
@@ -248,25 +300,7 @@ fn read_available<T: Send + Sync + 'static>(
     if r.eof {
         return;
     }
-    // Input a pause left unparsed comes before anything newer, once the
-    // gate is open again (a timer or a flush can run the job meanwhile).
-    let mut messages = 0;
-    if !r.rest.is_empty() {
-        if !conn.may_read(shared) {
-            return;
-        }
-        let rest = std::mem::take(&mut r.rest);
-        shared.unparsed_in.fetch_sub(rest.len(), Ordering::Relaxed);
-        messages = feed(shared, conn, r, &rest, MESSAGE_BUDGET).1;
-        account_buffered(shared, conn, r);
-        // What is still left waits for the next job (budget) or for the
-        // gate (pause); either way this job reads no more.
-        if !r.rest.is_empty() || messages >= MESSAGE_BUDGET {
-            return;
-        }
-    }
     with_scratch(|buf| {
-        let mut budget = READ_BUDGET;
         // A paused connection is not read: what it sends may need answers
         // (echoes, pongs) that would only grow what it holds. Its
         // readable interest is off too, so this does not spin.
@@ -277,17 +311,15 @@ fn read_available<T: Send + Sync + 'static>(
                     return;
                 }
                 Ok(Some(n)) => {
+                    let (delivered, count) = feed(shared, conn, r, &buf[..n], budget.messages);
+                    // Seen as of the end of its handling: time spent in
+                    // slow handlers is not the client's idleness.
                     r.last_seen_ms = shared.now_ms();
-                    let (delivered, count) =
-                        feed(shared, conn, r, &buf[..n], MESSAGE_BUDGET - messages);
                     account_buffered(shared, conn, r);
-                    // Inflated messages count at their delivered size, so
-                    // a few compressed bytes cannot buy unbounded work.
-                    budget = budget.saturating_sub(n.max(delivered));
-                    messages += count;
+                    budget.spend(n.max(delivered), count);
                     // A short read means the socket is drained (readiness is
                     // level-triggered, so anything newer re-fires).
-                    if n < buf.len() || budget == 0 || messages >= MESSAGE_BUDGET {
+                    if n < buf.len() || budget.spent() {
                         return;
                     }
                 }
@@ -629,6 +661,11 @@ fn progress<T: Send + Sync + 'static>(
             // The peer stopped sending but may still read: what is queued
             // (our close reply last) goes out within the close timeout.
             w.close_deadline_ms = now.saturating_add(shared.close_timeout_ms());
+        }
+        if !r.rest.is_empty() && !w.paused {
+            // Input of the client's waits for this connection's next turn
+            // (the job's budget ran out): it is not idle.
+            r.last_seen_ms = now;
         }
         if w.paused {
             if w.events > 0 || w.starved {
