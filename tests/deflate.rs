@@ -486,3 +486,29 @@ fn messages_under_the_threshold_go_out_plain() {
         assert_eq!(inflate(&payload), at.as_bytes());
     }
 }
+
+/// Was a bug: under context takeover with threshold 0, an empty message
+/// after a compressed one went out with an empty payload, which a client's
+/// context reads as half a block header; the next message then failed to
+/// inflate (Chrome works around exactly this in its own sender).
+#[test]
+fn an_empty_message_between_compressed_ones_keeps_the_clients_context() {
+    let server = WebSocketServer::builder()
+        .compression(Some(
+            Compression::default().context_takeover(true).threshold(0),
+        ))
+        .start("127.0.0.1:0")
+        .unwrap();
+    let (head, mut s) = upgrade(server.local_addr(), &format!("{PDE}\r\n"));
+    assert_eq!(extensions(&head), Some("permessage-deflate"));
+    let c = expect_connect(&server);
+    let text = text_block(2000);
+    let mut theirs = Decompress::new(false);
+    for m in [text.as_str(), "", "", text.as_str(), ""] {
+        c.send(m).unwrap();
+        let (first, payload) = read_frame(&mut s);
+        assert_eq!(first, 0xC1, "{} bytes", m.len());
+        assert!(!payload.is_empty(), "an empty compressed payload");
+        assert_eq!(inflate_with(&mut theirs, &payload), m.as_bytes());
+    }
+}

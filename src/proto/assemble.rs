@@ -147,11 +147,16 @@ impl Decoder {
 
     /// Whether the decoder holds nothing a fresh one would not: no
     /// unfinished frame, message or control payload, and no compression
-    /// state. Such a decoder can be dropped between messages and made
-    /// again with [`Decoder::new`] and the same limits.
+    /// state kept between messages. Such a decoder can be dropped between
+    /// messages and made again with [`Decoder::new`], the same limits and
+    /// (if it had one) a fresh [`Inflater`](crate::proto::deflate::Inflater).
     pub fn is_at_rest(&self) -> bool {
         #[cfg(feature = "deflate")]
-        if self.inflater.is_some() {
+        if self
+            .inflater
+            .as_ref()
+            .is_some_and(crate::proto::deflate::Inflater::has_context)
+        {
             return false;
         }
         !self.is_mid_message() && self.control.is_empty()

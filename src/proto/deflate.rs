@@ -398,6 +398,14 @@ fn deflate(c: &mut Compress, payload: &[u8]) -> Vec<u8> {
     if out.ends_with(&TAIL) {
         out.truncate(out.len() - TAIL.len());
     }
+    if out.is_empty() {
+        // An empty message right after a sync flush: zlib writes nothing
+        // for a second flush with no input, but the receiver appends the
+        // tail to what we send, and the tail alone is half a stored block
+        // header. One zero byte makes it an empty stored block (RFC 7692
+        // section 7.2.3.6).
+        out.push(0x00);
+    }
     out
 }
 
@@ -417,6 +425,12 @@ impl Inflater {
         }
     }
 
+    /// Whether it keeps the client's context between messages (state a
+    /// fresh `Inflater` would not have).
+    pub fn has_context(&self) -> bool {
+        self.context.is_some()
+    }
+
     /// Inflate one message's payload, failing with
     /// [`DecodeError::TooLarge`] as soon as the output passes `limit`
     /// (a small payload can expand a thousandfold).
@@ -428,7 +442,7 @@ impl Inflater {
     pub fn inflate(&mut self, payload: &[u8], limit: usize) -> Result<Vec<u8>, DecodeError> {
         match &mut self.context {
             Some(d) => {
-                let r = inflate(d, true, payload, limit);
+                let r = inflate(d, payload, limit);
                 if r.is_err() {
                     d.reset(false);
                 }
@@ -437,7 +451,7 @@ impl Inflater {
             None => INFLATER.with(|cell| {
                 let mut slot = cell.borrow_mut();
                 let d = slot.get_or_insert_with(|| Decompress::new_with_window_bits(false, 15));
-                let r = inflate(d, false, payload, limit);
+                let r = inflate(d, payload, limit);
                 d.reset(false);
                 r
             }),
@@ -445,12 +459,7 @@ impl Inflater {
     }
 }
 
-fn inflate(
-    d: &mut Decompress,
-    keep_window: bool,
-    payload: &[u8],
-    limit: usize,
-) -> Result<Vec<u8>, DecodeError> {
+fn inflate(d: &mut Decompress, payload: &[u8], limit: usize) -> Result<Vec<u8>, DecodeError> {
     let most = limit.saturating_add(1);
     let mut out: Vec<u8> = Vec::with_capacity(payload.len().saturating_mul(2).max(64).min(most));
     // Every final block ends a stream, and what follows starts another: a
@@ -461,7 +470,15 @@ fn inflate(
     // fragment at most).
     let mut streams_left = 2 + payload.len() / 64;
     let mut window_bytes_left = payload.len().saturating_mul(4).saturating_add(64 << 10);
-    for input in [payload, &TAIL[..]] {
+    // The payload ended exactly where a deflate stream did (a sender that
+    // ends each message with a final block and no empty block after it,
+    // as zlib's `Z_FINISH` does): the message is complete, and the tail
+    // would leave a fresh stream half-way through a block header.
+    let mut ended_with_stream = false;
+    for (i, input) in [payload, &TAIL[..]].into_iter().enumerate() {
+        if i == 1 && ended_with_stream {
+            break;
+        }
         let mut pos = 0;
         loop {
             if out.len() == out.capacity() {
@@ -483,15 +500,16 @@ fn inflate(
             }
             if status == Status::StreamEnd {
                 // A block with BFINAL set ends one deflate stream; what
-                // follows starts another (RFC 7692 section 7.2.3.4). With
-                // a context, the new stream may refer back to what came
-                // before: the message's own output stands in for the
-                // window (earlier messages are not kept).
+                // follows starts another (RFC 7692 section 7.2.3.4). The
+                // new stream may refer back to what came before: the
+                // message's own output stands in for the window, with or
+                // without a context (earlier messages are not kept).
                 streams_left = streams_left
                     .checked_sub(1)
                     .ok_or(ProtocolError::TooManyDeflateStreams)?;
+                ended_with_stream = i == 0 && pos == input.len();
                 d.reset(false);
-                if keep_window && !out.is_empty() {
+                if !out.is_empty() {
                     let window = &out[out.len().saturating_sub(32 << 10)..];
                     window_bytes_left = window_bytes_left
                         .checked_sub(window.len())
@@ -659,6 +677,67 @@ mod tests {
                 i.inflate(&[0xf2, 0x00, 0x11, 0x00, 0x00], 1 << 20),
                 Ok(hello.clone())
             );
+        }
+    }
+
+    /// Was a bug: an empty message after a compressed one, in one
+    /// context, went out as an empty payload (zlib writes nothing for a
+    /// second sync flush with no input), which left the receiver half-way
+    /// through a stored block's header, so the next message failed.
+    #[test]
+    fn an_empty_message_in_a_context_is_an_empty_stored_block() {
+        let a = Agreed {
+            server_no_context_takeover: false,
+            client_no_context_takeover: false,
+            server_max_window_bits: 15,
+        };
+        let d = Deflater::new(
+            &a,
+            &Compression::default().context_takeover(true).threshold(0),
+        );
+        let mut i = Inflater::new(&a);
+        let text = "some text to compress, some text to compress ".repeat(20);
+        for message in [text.as_str(), "", "", text.as_str(), ""] {
+            d.compress_in_context(message.as_bytes(), |z| {
+                assert!(
+                    !z.is_empty(),
+                    "an empty payload for {} bytes",
+                    message.len()
+                );
+                assert_eq!(i.inflate(&z, 1 << 20).unwrap(), message.as_bytes());
+                Ok::<(), ()>(())
+            })
+            .unwrap();
+        }
+    }
+
+    /// Was a bug: a message ending exactly where its deflate stream ends
+    /// (zlib's `Z_FINISH`, no empty block after the final one) had the tail
+    /// fed to a fresh stream, which a context kept half-way through a
+    /// block header: the next message was refused.
+    #[test]
+    fn messages_ended_by_a_final_block_keep_a_context_usable() {
+        let kept = Agreed {
+            server_no_context_takeover: true,
+            client_no_context_takeover: false,
+            server_max_window_bits: 15,
+        };
+        let text = "ended with a final block, no empty block after it ".repeat(40);
+        let finished = |bytes: &[u8]| {
+            let mut c = Compress::new(flate2::Compression::default(), false);
+            let mut v = Vec::with_capacity(bytes.len() + 64);
+            c.compress_vec(bytes, &mut v, FlushCompress::Finish)
+                .unwrap();
+            v
+        };
+        for mut i in [Inflater::new(&kept), Inflater::default()] {
+            for _ in 0..3 {
+                let z = finished(text.as_bytes());
+                assert_eq!(i.inflate(&z, 1 << 20).unwrap(), text.as_bytes());
+            }
+            // And the usual form still works after them.
+            let z = compress_fresh(15, 6, text.as_bytes());
+            assert_eq!(i.inflate(&z, 1 << 20).unwrap(), text.as_bytes());
         }
     }
 

@@ -296,7 +296,16 @@ impl<T> Conn<T> {
                 ping_after_ms,
             } => {
                 let ping_sent_ms = Reading::ping_sent_ms(last_seen_ms, ping_after_ms);
-                let side = ReadSide::new(Connection::new(limits), last_seen_ms, ping_sent_ms);
+                #[allow(unused_mut)]
+                let mut proto = Connection::new(limits);
+                // Compression was agreed, without the client's context
+                // (with it, the read side is never at rest): a fresh
+                // inflater holds no state.
+                #[cfg(feature = "deflate")]
+                if self.deflater.is_some() {
+                    proto.set_inflater(crate::proto::deflate::Inflater::default());
+                }
+                let side = ReadSide::new(proto, last_seen_ms, ping_sent_ms);
                 Some(match SPARE.take() {
                     Some(mut spare) => {
                         *spare = side;
