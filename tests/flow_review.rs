@@ -375,7 +375,10 @@ fn kept_input_is_not_dispatched_while_paused() {
     for pair in log.windows(2) {
         let (_, after) = pair[0];
         let (before_next, _) = pair[1];
-        if cost(after) >= HIGH && cost(before_next) > LOW {
+        // `cost` may count one piece too many (an echo whose header has
+        // left counts 64 B, not 128): over high water by more than that,
+        // the server surely counted it over too.
+        if cost(after) >= HIGH + 64 && cost(before_next) > LOW {
             bad += 1;
             example.get_or_insert((after, before_next));
         }

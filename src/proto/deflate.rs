@@ -442,7 +442,7 @@ impl Inflater {
     pub fn inflate(&mut self, payload: &[u8], limit: usize) -> Result<Vec<u8>, DecodeError> {
         match &mut self.context {
             Some(d) => {
-                let r = inflate(d, payload, limit);
+                let r = inflate(d, true, payload, limit);
                 if r.is_err() {
                     d.reset(false);
                 }
@@ -451,7 +451,7 @@ impl Inflater {
             None => INFLATER.with(|cell| {
                 let mut slot = cell.borrow_mut();
                 let d = slot.get_or_insert_with(|| Decompress::new_with_window_bits(false, 15));
-                let r = inflate(d, payload, limit);
+                let r = inflate(d, false, payload, limit);
                 d.reset(false);
                 r
             }),
@@ -459,7 +459,18 @@ impl Inflater {
     }
 }
 
-fn inflate(d: &mut Decompress, payload: &[u8], limit: usize) -> Result<Vec<u8>, DecodeError> {
+fn inflate(
+    d: &mut Decompress,
+    keep_window: bool,
+    payload: &[u8],
+    limit: usize,
+) -> Result<Vec<u8>, DecodeError> {
+    if payload.is_empty() {
+        // Not what RFC 7692 has a sender write for an empty message (one
+        // zero byte), but plainly one: the tail alone would leave a kept
+        // context half-way through a stored block's header.
+        return Ok(Vec::new());
+    }
     let most = limit.saturating_add(1);
     let mut out: Vec<u8> = Vec::with_capacity(payload.len().saturating_mul(2).max(64).min(most));
     // Every final block ends a stream, and what follows starts another: a
@@ -500,16 +511,16 @@ fn inflate(d: &mut Decompress, payload: &[u8], limit: usize) -> Result<Vec<u8>, 
             }
             if status == Status::StreamEnd {
                 // A block with BFINAL set ends one deflate stream; what
-                // follows starts another (RFC 7692 section 7.2.3.4). The
-                // new stream may refer back to what came before: the
-                // message's own output stands in for the window, with or
-                // without a context (earlier messages are not kept).
+                // follows starts another (RFC 7692 section 7.2.3.4). With
+                // a context, the new stream may refer back to what came
+                // before: the message's own output stands in for the
+                // window (earlier messages are not kept).
                 streams_left = streams_left
                     .checked_sub(1)
                     .ok_or(ProtocolError::TooManyDeflateStreams)?;
                 ended_with_stream = i == 0 && pos == input.len();
                 d.reset(false);
-                if !out.is_empty() {
+                if keep_window && !out.is_empty() {
                     let window = &out[out.len().saturating_sub(32 << 10)..];
                     window_bytes_left = window_bytes_left
                         .checked_sub(window.len())
@@ -739,6 +750,44 @@ mod tests {
             let z = compress_fresh(15, 6, text.as_bytes());
             assert_eq!(i.inflate(&z, 1 << 20).unwrap(), text.as_bytes());
         }
+    }
+
+    /// Several streams in one message, each ended with a final block:
+    /// without a context nothing is copied back between them, so the
+    /// copy-back allowance cannot refuse it (a version of the D2 fix did).
+    /// And an empty payload is an empty message that leaves a context
+    /// as it was.
+    #[test]
+    fn several_finished_streams_and_empty_payloads_are_accepted() {
+        let text = "several finished streams in one message, ".repeat(600);
+        let mut payload = Vec::new();
+        for _ in 0..4 {
+            let mut c = Compress::new(flate2::Compression::default(), false);
+            let mut v = Vec::with_capacity(text.len() + 64);
+            c.compress_vec(text.as_bytes(), &mut v, FlushCompress::Finish)
+                .unwrap();
+            payload.extend_from_slice(&v);
+        }
+        let back = Inflater::default().inflate(&payload, 1 << 20).unwrap();
+        assert_eq!(back, text.repeat(4).as_bytes());
+        let kept = Agreed {
+            server_no_context_takeover: true,
+            client_no_context_takeover: false,
+            server_max_window_bits: 15,
+        };
+        let mut i = Inflater::new(&kept);
+        let mut c = Compress::new(flate2::Compression::default(), false);
+        let mut sync = |data: &[u8]| {
+            let mut v = Vec::with_capacity(data.len() + 64);
+            c.compress_vec(data, &mut v, FlushCompress::Sync).unwrap();
+            v.truncate(v.len() - 4);
+            v
+        };
+        let first = sync(text.as_bytes());
+        assert_eq!(i.inflate(&first, 1 << 20).unwrap(), text.as_bytes());
+        assert_eq!(i.inflate(&[], 1 << 20).unwrap(), b"");
+        let again = sync(text.as_bytes());
+        assert_eq!(i.inflate(&again, 1 << 20).unwrap(), text.as_bytes());
     }
 
     #[test]

@@ -1195,8 +1195,8 @@ fn small_run(queue: &std::collections::VecDeque<Chunk>, head: usize) -> (usize, 
 }
 
 /// Copy the first `n` chunks of `queue` (`bytes` in all, after `head`)
-/// into one buffer and write it.
-#[inline(never)]
+/// into one buffer and write it. The buffer is on the heap, sized to fit,
+/// and not zeroed: the caller may be a user thread with a small stack.
 fn write_gathered(
     stream: &TcpStream,
     queue: &std::collections::VecDeque<Chunk>,
@@ -1204,19 +1204,16 @@ fn write_gathered(
     n: usize,
     bytes: usize,
 ) -> io::Result<usize> {
-    let mut buf = [0u8; GATHER];
-    let mut at = 0;
+    let mut buf = Vec::with_capacity(bytes);
     for (i, chunk) in queue.iter().take(n).enumerate() {
-        let part = if i == 0 {
+        buf.extend_from_slice(if i == 0 {
             &chunk.bytes()[head..]
         } else {
             chunk.bytes()
-        };
-        buf[at..at + part.len()].copy_from_slice(part);
-        at += part.len();
+        });
     }
-    debug_assert_eq!(at, bytes);
-    write_vectored(stream, &[IoSlice::new(&buf[..at])])
+    debug_assert_eq!(buf.len(), bytes);
+    write_vectored(stream, &[IoSlice::new(&buf)])
 }
 
 /// One vectored write, retried on EINTR; `WouldBlock` counts as 0 bytes.

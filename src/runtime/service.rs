@@ -22,8 +22,9 @@ use crate::stats::Counters;
 
 /// Per-worker read buffer: connections own no read buffer while idle.
 const SCRATCH: usize = 256 * 1024;
-/// Most bytes one job reads from one connection before letting others
-/// have the worker (the poller brings it back at once if more is there).
+/// Most bytes one job reads (or inflates) for one connection before
+/// letting others have the worker (the poller brings it back at once if
+/// more is there, or the ready queue does if input is left over).
 const READ_BUDGET: usize = 1 << 20;
 /// Most messages one job dispatches for one connection before letting
 /// others have the worker, even within one read: what is left of the read
@@ -391,8 +392,8 @@ fn account_buffered<T: Send + Sync + 'static>(
 /// find the largest holder) and move the server-wide total. True if it
 /// grew. Cheap when nothing changed: it runs before every delivery, so
 /// that a handler that blocks is not taken to hold the message it was
-/// given. (Input kept unparsed by a pause is not counted here: it is flow
-/// control's, at most one read per connection, and counted apart.)
+/// given. (Input kept unparsed by a pause or the job's budget is not
+/// counted here: it is at most one read per connection, counted apart.)
 fn note_buffered<T>(shared: &Shared<T>, conn: &Conn<T>, r: &mut ReadSide) -> bool {
     let now = r.proto.buffered();
     if now == r.buffered {
