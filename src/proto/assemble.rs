@@ -149,7 +149,7 @@ impl Decoder {
     /// unfinished frame, message or control payload, and no compression
     /// state kept between messages. Such a decoder can be dropped between
     /// messages and made again with [`Decoder::new`], the same limits and
-    /// (if it had one) a fresh [`Inflater`](crate::proto::deflate::Inflater).
+    /// (if it had one) a fresh `Inflater`.
     pub fn is_at_rest(&self) -> bool {
         #[cfg(feature = "deflate")]
         if self
