@@ -73,7 +73,7 @@ pub struct Stats {
     pub buffered_in_bytes: u64,
     /// Bytes read but kept unparsed because flow control paused their
     /// client in the middle of a read, or its job had dispatched its
-    /// budget of 4,096 messages and let the worker go (at most one read,
+    /// budget of 4,096 frames and let the worker go (at most one read,
     /// 256 KiB, per client).
     pub unparsed_in_bytes: u64,
     /// Topics with at least one subscriber now.

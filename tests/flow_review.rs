@@ -1268,3 +1268,86 @@ fn a_client_paused_by_a_slow_main_loop_is_not_timed_out() {
     writer.join().unwrap().unwrap();
     assert_eq!(server.stats().unparsed_in_bytes, 0);
 }
+
+/// Was a bug: pings were not counted in a job's budget, so a client that
+/// pipelines a flood of pings (reading its pongs, so that flow control
+/// never pauses it) held the worker for all that one read brought, some
+/// 15,000 pings here, and 1 MiB of them a job. Now a ping costs the
+/// budget what a message does: the victim's message is handled before
+/// the message the flooder sent after its pings.
+#[test]
+fn a_ping_flood_yields_the_worker_after_the_frame_budget() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let flags = Gate::flags();
+    let (held, release) = (Arc::clone(&flags.0), Arc::clone(&flags.1));
+    let order: Arc<Mutex<Vec<&'static str>>> = Arc::default();
+    let seen = Arc::clone(&order);
+    let server = WebSocketServer::builder()
+        .workers(1)
+        .on_message(move |c, m| match m.len() {
+            3 => Gate::hold(&held, &release),
+            // The flooder's first message is slow, so that the victim
+            // writes while the flooder's job runs; its last one follows
+            // the pings.
+            2 => {
+                let mut o = seen.lock().unwrap();
+                o.push("flood");
+                if o.len() == 1 {
+                    drop(o);
+                    thread::sleep(Duration::from_millis(300));
+                }
+            }
+            _ => {
+                seen.lock().unwrap().push("victim");
+                let _ = c.send(m);
+            }
+        })
+        .start("127.0.0.1:0")
+        .unwrap();
+    let addr = server.local_addr();
+    let mut victim = raw_ws(addr);
+    let flooder = raw_ws(addr);
+    let gate = Gate::close(addr, flags);
+    const PINGS: usize = 15_000;
+    let mut flood = frame(0x82, &[1, 1]);
+    for _ in 0..PINGS {
+        flood.extend_from_slice(&frame(0x89, b""));
+    }
+    flood.extend_from_slice(&frame(0x82, &[2, 2]));
+    let total = flood.len();
+    // The flooder reads its pongs as they come: never paused for them.
+    let mut r = flooder.try_clone().unwrap();
+    r.set_read_timeout(Some(WAIT)).unwrap();
+    let reader = thread::spawn(move || {
+        let mut pongs = 0;
+        while pongs < PINGS {
+            match try_read_frame(&mut r) {
+                Ok((0x8A, p)) if p.is_empty() => pongs += 1,
+                Ok((op, p)) => panic!("the flooder got {}", describe(op, &p)),
+                Err(e) => panic!("after {pongs} pongs: {e}"),
+            }
+        }
+        pongs
+    });
+    // All of it in the kernel while the worker is held: the flood's
+    // first read is all of it.
+    let (ahead, writer) = write_ahead(&flooder, flood);
+    assert_eq!(ahead, total, "only {ahead} of {total} bytes went ahead");
+    gate.open();
+    assert!(
+        eventually(WAIT, || !order.lock().unwrap().is_empty()),
+        "the flood never reached its handler"
+    );
+    victim.write_all(&frame(0x82, &[9])).unwrap();
+    let (_, p) = read_frame(&mut victim);
+    assert_eq!(p, vec![9]);
+    writer.join().unwrap();
+    assert_eq!(reader.join().unwrap(), PINGS, "every ping answered");
+    assert!(eventually(WAIT, || order.lock().unwrap().len() == 3));
+    assert_eq!(
+        *order.lock().unwrap(),
+        ["flood", "victim", "flood"],
+        "the victim waited for all {PINGS} pings"
+    );
+    assert!(eventually(WAIT, || server.stats().unparsed_in_bytes == 0));
+}

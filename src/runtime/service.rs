@@ -26,11 +26,11 @@ const SCRATCH: usize = 256 * 1024;
 /// letting others have the worker (the poller brings it back at once if
 /// more is there, or the ready queue does if input is left over).
 const READ_BUDGET: usize = 1 << 20;
-/// Most messages one job dispatches for one connection before letting
-/// others have the worker, even within one read: what is left of the read
-/// waits in the connection, and the connection at the back of the ready
-/// queue.
-const MESSAGE_BUDGET: usize = 4096;
+/// Most frames (messages, pings, pongs) one job handles for one
+/// connection before letting others have the worker, even within one
+/// read: what is left of the read waits in the connection, and the
+/// connection at the back of the ready queue.
+const FRAME_BUDGET: usize = 4096;
 
 thread_local! {
     static SCRATCH_BUF: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
@@ -163,7 +163,7 @@ fn service_inner<T: Send + Sync + 'static>(
     let mut read_now = !fresh;
     // One budget for the whole job, however many passes it makes.
     let mut budget = JobBudget {
-        messages: MESSAGE_BUDGET,
+        frames: FRAME_BUDGET,
         bytes: READ_BUDGET,
     };
     loop {
@@ -185,7 +185,7 @@ fn service_inner<T: Send + Sync + 'static>(
             close_for_panic(shared, conn, &mut r);
         }
         if !first.is_empty() {
-            let (delivered, count) = feed(shared, conn, &mut r, first, budget.messages);
+            let (delivered, count) = feed(shared, conn, &mut r, first, budget.frames);
             r.last_seen_ms = shared.now_ms();
             budget.spend(first.len().max(delivered), count);
             account_buffered(shared, conn, &mut r);
@@ -247,20 +247,20 @@ fn service_inner<T: Send + Sync + 'static>(
 /// What one job may still do for its connection before it lets others
 /// have the worker.
 struct JobBudget {
-    messages: usize,
+    frames: usize,
     bytes: usize,
 }
 
 impl JobBudget {
     /// Bytes read or inflated (whichever is more: a few compressed bytes
-    /// cannot buy unbounded work) and messages delivered.
-    fn spend(&mut self, bytes: usize, messages: usize) {
+    /// cannot buy unbounded work) and frames handled.
+    fn spend(&mut self, bytes: usize, frames: usize) {
         self.bytes = self.bytes.saturating_sub(bytes);
-        self.messages = self.messages.saturating_sub(messages);
+        self.frames = self.frames.saturating_sub(frames);
     }
 
     fn spent(&self) -> bool {
-        self.bytes == 0 || self.messages == 0
+        self.bytes == 0 || self.frames == 0
     }
 }
 
@@ -284,7 +284,7 @@ fn read_available<T: Send + Sync + 'static>(
         }
         let rest = std::mem::take(&mut r.rest);
         shared.unparsed_in.fetch_sub(rest.len(), Ordering::Relaxed);
-        let (delivered, count) = feed(shared, conn, r, &rest, budget.messages);
+        let (delivered, count) = feed(shared, conn, r, &rest, budget.frames);
         r.last_seen_ms = shared.now_ms();
         account_buffered(shared, conn, r);
         budget.spend(rest.len().max(delivered), count);
@@ -312,7 +312,7 @@ fn read_available<T: Send + Sync + 'static>(
                     return;
                 }
                 Ok(Some(n)) => {
-                    let (delivered, count) = feed(shared, conn, r, &buf[..n], budget.messages);
+                    let (delivered, count) = feed(shared, conn, r, &buf[..n], budget.frames);
                     // Seen as of the end of its handling: time spent in
                     // slow handlers is not the client's idleness.
                     r.last_seen_ms = shared.now_ms();
@@ -347,8 +347,8 @@ fn end_of_input<T>(conn: &Conn<T>, r: &mut ReadSide, error: Option<io::Error>) {
 
 /// Feed bytes to the protocol and act on each output, asking the read
 /// gate between outputs. What is left when the gate closes, or once
-/// `limit` messages are delivered, is kept in `r.rest`. Returns the
-/// payload bytes and the messages delivered.
+/// `limit` messages and control frames are handled, is kept in `r.rest`.
+/// Returns the payload bytes delivered and the frames handled.
 fn feed<T: Send + Sync + 'static>(
     shared: &Arc<Shared<T>>,
     conn: &Arc<Conn<T>>,
@@ -362,9 +362,16 @@ fn feed<T: Send + Sync + 'static>(
     let mut input = bytes;
     let (mut delivered, mut count) = (0, 0);
     while let Some(out) = r.proto.read(&mut input) {
-        if let Output::Message(m) = &out {
-            delivered += m.len();
-            count += 1;
+        match &out {
+            Output::Message(m) => {
+                delivered += m.len();
+                count += 1;
+            }
+            // A ping or a pong costs this job about what a tiny message
+            // does (a ping's pong is queued): a flood of them is cut by
+            // the same budget.
+            Output::SendPong(_) | Output::Pong => count += 1,
+            _ => {}
         }
         handle(shared, conn, r, out);
         if !input.is_empty() && (count >= limit || !conn.may_read(shared)) {
