@@ -1,6 +1,6 @@
 //! What happens to clients, as events for a main loop or closures.
 
-use std::cell::Cell;
+use std::cell::{Cell, RefCell};
 use std::fmt;
 use std::sync::{Arc, mpsc};
 use std::time::Duration;
@@ -10,7 +10,7 @@ use crate::client::Client;
 use crate::error::Error;
 use crate::message::{CloseFrame, Message};
 use crate::runtime::Shared;
-use crate::runtime::events::Envelope;
+use crate::runtime::events::{Batch, Envelope};
 
 /// Something that happened to a client, in order: `Connect`, its messages,
 /// then `Disconnect`. The order holds within one event style: when some
@@ -132,7 +132,9 @@ impl<T> fmt::Debug for Event<T> {
 /// It ends once the server has shut down and every event sent before
 /// was received.
 pub struct Events<T = ()> {
-    rx: mpsc::Receiver<Envelope<T>>,
+    rx: mpsc::Receiver<Batch<T>>,
+    /// The rest of a batch received, handed out before the channel's next.
+    batched: RefCell<std::vec::IntoIter<Envelope<T>>>,
     shared: Arc<Shared<T>>,
     /// The event handed out last, whose charge is given back at the next
     /// receive.
@@ -140,9 +142,10 @@ pub struct Events<T = ()> {
 }
 
 impl<T: Send + Sync + 'static> Events<T> {
-    pub(crate) fn new(rx: mpsc::Receiver<Envelope<T>>, shared: Arc<Shared<T>>) -> Events<T> {
+    pub(crate) fn new(rx: mpsc::Receiver<Batch<T>>, shared: Arc<Shared<T>>) -> Events<T> {
         Events {
             rx,
+            batched: RefCell::new(Vec::new().into_iter()),
             shared,
             held: Cell::new(None),
         }
@@ -153,6 +156,24 @@ impl<T: Send + Sync + 'static> Events<T> {
             self.shared
                 .events
                 .consumed(&self.shared, client.as_ref(), charge);
+        }
+    }
+
+    /// The rest of the last batch first.
+    fn batched(&self) -> Option<Event<T>> {
+        let next = self.batched.borrow_mut().next();
+        next.map(|e| self.hold(e))
+    }
+
+    fn unpack(&self, batch: Batch<T>) -> Event<T> {
+        match batch {
+            Batch::One(e) => self.hold(e),
+            Batch::Many(v) => {
+                let mut rest = v.into_iter();
+                let first = rest.next().expect("a batch is never empty");
+                *self.batched.borrow_mut() = rest;
+                self.hold(first)
+            }
         }
     }
 
@@ -170,7 +191,10 @@ impl<T: Send + Sync + 'static> Events<T> {
     /// was received.
     pub fn recv(&self) -> Result<Event<T>, mpsc::RecvError> {
         self.release();
-        self.rx.recv().map(|e| self.hold(e))
+        if let Some(e) = self.batched() {
+            return Ok(e);
+        }
+        self.rx.recv().map(|b| self.unpack(b))
     }
 
     /// The next event if one is waiting.
@@ -180,7 +204,10 @@ impl<T: Send + Sync + 'static> Events<T> {
     /// As [`mpsc::Receiver::try_recv`].
     pub fn try_recv(&self) -> Result<Event<T>, mpsc::TryRecvError> {
         self.release();
-        self.rx.try_recv().map(|e| self.hold(e))
+        if let Some(e) = self.batched() {
+            return Ok(e);
+        }
+        self.rx.try_recv().map(|b| self.unpack(b))
     }
 
     /// Wait at most `timeout` for the next event.
@@ -190,7 +217,10 @@ impl<T: Send + Sync + 'static> Events<T> {
     /// As [`mpsc::Receiver::recv_timeout`].
     pub fn recv_timeout(&self, timeout: Duration) -> Result<Event<T>, mpsc::RecvTimeoutError> {
         self.release();
-        self.rx.recv_timeout(timeout).map(|e| self.hold(e))
+        if let Some(e) = self.batched() {
+            return Ok(e);
+        }
+        self.rx.recv_timeout(timeout).map(|b| self.unpack(b))
     }
 
     /// Iterate, waiting for each event, until the server shuts down.

@@ -261,3 +261,67 @@ fn connect_floods_against_an_unread_main_loop_stop_at_twice_the_budget() {
     let open = state.values().filter(|&&v| v).count();
     assert!(open <= 1, "{open} clients without their Disconnect");
 }
+
+/// A job sends a client's messages from one read to the main loop
+/// together. Sixteen clients pipeline 5,000 numbered messages each at
+/// once, and the main loop takes them with `recv`, `try_recv` and
+/// `recv_timeout` in turn: every message arrives once, in its client's
+/// order, and once the last is handled every charge is given back.
+#[test]
+fn batched_messages_from_many_clients_arrive_whole_and_in_order() {
+    const CLIENTS: usize = 16;
+    const EACH: u32 = 5_000;
+    let server = WebSocketServer::builder().start("127.0.0.1:0").unwrap();
+    let addr = server.local_addr();
+    let writers: Vec<_> = (0..CLIENTS)
+        .map(|c| {
+            std::thread::spawn(move || {
+                let mut s = raw_ws(addr);
+                let mut all = Vec::new();
+                for i in 0..EACH {
+                    all.extend_from_slice(&frame(
+                        0x82,
+                        &[&[c as u8][..], &i.to_be_bytes()].concat(),
+                    ));
+                }
+                s.write_all(&all).unwrap();
+                s
+            })
+        })
+        .collect();
+    let mut next = std::collections::HashMap::<u8, u32>::new();
+    let mut got = 0usize;
+    let mut turn = 0usize;
+    let events = server.events();
+    let start = Instant::now();
+    while got < CLIENTS * EACH as usize {
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "{got} messages of {} after a minute",
+            CLIENTS * EACH as usize
+        );
+        turn += 1;
+        let event = match turn % 3 {
+            0 => events.recv().ok(),
+            1 => events.try_recv().ok(),
+            _ => events.recv_timeout(Duration::from_millis(50)).ok(),
+        };
+        if let Some(Event::Message { message, .. }) = event {
+            let b = message.as_bytes();
+            assert_eq!(b.len(), 5);
+            let (c, i) = (b[0], u32::from_be_bytes([b[1], b[2], b[3], b[4]]));
+            let want = next.entry(c).or_insert(0);
+            assert_eq!(i, *want, "client {c}: message {i} where {want} was due");
+            *want += 1;
+            got += 1;
+        }
+    }
+    assert!(next.values().all(|&n| n == EACH), "{next:?}");
+    // The last message's charge is given back at the next receive.
+    assert!(events.try_recv().is_err());
+    let stats = server.stats();
+    assert_eq!(stats.event_bytes, 0, "{stats:?}");
+    assert_eq!(stats.messages_in, (CLIENTS * EACH as usize) as u64);
+    let sockets: Vec<_> = writers.into_iter().map(|w| w.join().unwrap()).collect();
+    drop(sockets);
+}

@@ -29,10 +29,36 @@ pub(crate) struct Envelope<T> {
     pub(crate) charge: usize,
 }
 
+/// What goes through the channel: one event, or a connection's messages
+/// from one read, in order (one send and at most one wake of the main
+/// loop for them all).
+pub(crate) enum Batch<T> {
+    One(Envelope<T>),
+    Many(Vec<Envelope<T>>),
+}
+
+/// Most messages a job stages before it sends them on.
+pub(crate) const BATCH: usize = 64;
+
+/// Messages staged for the main loop by a job, charged but not yet sent.
+pub(crate) struct Staged<T> {
+    list: Vec<Envelope<T>>,
+}
+
+impl<T> Staged<T> {
+    pub(crate) fn new() -> Staged<T> {
+        Staged { list: Vec::new() }
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        self.list.len()
+    }
+}
+
 pub(crate) struct EventQueue<T> {
     /// Taken (dropped) at the end of shutdown, which ends the user's
     /// event iterator.
-    tx: RwLock<Option<mpsc::Sender<Envelope<T>>>>,
+    tx: RwLock<Option<mpsc::Sender<Batch<T>>>>,
     /// Bytes charged for events not yet consumed.
     bytes: AtomicUsize,
     budget: usize,
@@ -52,7 +78,7 @@ impl<T: Send + Sync + 'static> EventQueue<T> {
         budget: usize,
         main_loop: bool,
         queue_unhandled: bool,
-    ) -> (EventQueue<T>, mpsc::Receiver<Envelope<T>>) {
+    ) -> (EventQueue<T>, mpsc::Receiver<Batch<T>>) {
         let (tx, rx) = mpsc::channel();
         let queue = EventQueue {
             tx: RwLock::new(Some(tx)),
@@ -101,12 +127,56 @@ impl<T: Send + Sync + 'static> EventQueue<T> {
         let Some(tx) = guard.as_ref() else { return };
         conn.io.lock().events += charge;
         self.bytes.fetch_add(charge, Ordering::Relaxed);
-        if tx.send(Envelope { event, charge }).is_err() {
+        if tx.send(Batch::One(Envelope { event, charge })).is_err() {
             // The receiver is gone with the server.
             self.bytes.fetch_sub(charge, Ordering::Relaxed);
             let mut w = conn.io.lock();
             w.events = w.events.saturating_sub(charge);
         }
+    }
+
+    /// Charge `message` from `conn` now, as `push` does, and add it to
+    /// `batch`, which [`EventQueue::send_batch`] sends on (the main-loop
+    /// style: no closure has messages).
+    pub(crate) fn stage(
+        &self,
+        conn: &Conn<T>,
+        message: crate::message::Message,
+        batch: &mut Staged<T>,
+    ) {
+        let charge = EVENT_COST + message.len();
+        conn.io.lock().events += charge;
+        self.bytes.fetch_add(charge, Ordering::Relaxed);
+        batch.list.push(Envelope {
+            event: Event::Message {
+                client: conn.client.clone(),
+                message,
+            },
+            charge,
+        });
+    }
+
+    /// Send what `stage` gathered in `batch`, leaving it empty. If the
+    /// server is gone, the charges are given back.
+    pub(crate) fn send_batch(&self, conn: &Conn<T>, batch: &mut Staged<T>) {
+        let sent = match batch.list.len() {
+            0 => return,
+            1 => Batch::One(batch.list.pop().expect("one staged event")),
+            _ => Batch::Many(std::mem::take(&mut batch.list)),
+        };
+        let guard = self.tx.read();
+        let refused = match guard.as_ref() {
+            Some(tx) => tx.send(sent).err().map(|e| e.0),
+            None => Some(sent),
+        };
+        let charge: usize = match refused {
+            None => return,
+            Some(Batch::One(e)) => e.charge,
+            Some(Batch::Many(v)) => v.iter().map(|e| e.charge).sum(),
+        };
+        self.bytes.fetch_sub(charge, Ordering::Relaxed);
+        let mut w = conn.io.lock();
+        w.events = w.events.saturating_sub(charge);
     }
 
     /// Queue an event about no connection (an error), charged to the
@@ -119,10 +189,10 @@ impl<T: Send + Sync + 'static> EventQueue<T> {
         let Some(tx) = guard.as_ref() else { return };
         self.bytes.fetch_add(EVENT_COST, Ordering::Relaxed);
         if tx
-            .send(Envelope {
+            .send(Batch::One(Envelope {
                 event,
                 charge: EVENT_COST,
-            })
+            }))
             .is_err()
         {
             self.bytes.fetch_sub(EVENT_COST, Ordering::Relaxed);

@@ -14,6 +14,7 @@ use crate::message::{CloseCode, CloseFrame};
 use crate::proto::conn::{Output, State};
 use crate::proto::frame::OpCode;
 use crate::runtime::conn::{CONDEMNED, Conn, ReadSide};
+use crate::runtime::events::{BATCH, Staged};
 use crate::runtime::poller::Job;
 use crate::runtime::registry::Found;
 use crate::runtime::timer::Timers;
@@ -361,6 +362,8 @@ fn feed<T: Send + Sync + 'static>(
     }
     let mut input = bytes;
     let (mut delivered, mut count) = (0, 0);
+    // Messages for the main loop, sent on together.
+    let mut batch = Staged::new();
     while let Some(out) = r.proto.read(&mut input) {
         match &out {
             Output::Message(m) => {
@@ -373,13 +376,14 @@ fn feed<T: Send + Sync + 'static>(
             Output::SendPong(_) | Output::Pong => count += 1,
             _ => {}
         }
-        handle(shared, conn, r, out);
+        handle(shared, conn, r, out, &mut batch);
         if !input.is_empty() && (count >= limit || !conn.may_read(shared)) {
             r.rest.extend_from_slice(input);
             shared.unparsed_in.fetch_add(input.len(), Ordering::Relaxed);
             break;
         }
     }
+    shared.events.send_batch(conn, &mut batch);
     (delivered, count)
 }
 
@@ -572,7 +576,9 @@ fn fail_for_budget<T: Send + Sync + 'static>(
         .fetch_sub(r.rest.len(), Ordering::Relaxed);
     r.rest = Vec::new();
     if let Some(out) = r.proto.fail(error) {
-        handle(shared, conn, r, out);
+        let mut batch = Staged::new();
+        handle(shared, conn, r, out, &mut batch);
+        shared.events.send_batch(conn, &mut batch);
     }
     // The failed decoder let go of its buffers.
     note_buffered(shared, conn, r);
@@ -591,12 +597,14 @@ fn close_for_panic<T: Send + Sync + 'static>(
     r.proto.close_sent();
 }
 
-/// Act on one protocol output.
+/// Act on one protocol output. A message for the main loop joins
+/// `batch`, which the caller sends on (see `EventQueue::send_batch`).
 fn handle<T: Send + Sync + 'static>(
     shared: &Arc<Shared<T>>,
     conn: &Arc<Conn<T>>,
     r: &mut ReadSide,
     out: Output,
+    batch: &mut Staged<T>,
 ) {
     match out {
         Output::Message(m) => {
@@ -620,7 +628,12 @@ fn handle<T: Send + Sync + 'static>(
                 Counters::add(&shared.counters.discarded, 1);
                 return;
             }
-            if !shared.emit_message(conn, m) {
+            if shared.handlers.message.is_none() {
+                shared.events.stage(conn, m, batch);
+                if batch.len() >= BATCH {
+                    shared.events.send_batch(conn, batch);
+                }
+            } else if !shared.emit_message(conn, m) {
                 close_for_panic(shared, conn, r);
             }
         }
