@@ -289,17 +289,26 @@ fn batched_messages_from_many_clients_arrive_whole_and_in_order() {
             })
         })
         .collect();
+    // Should a message be lost, `recv` would wait for good: after a
+    // minute, a watchdog client sends a 1-byte message, which ends it.
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let finished = std::sync::Arc::clone(&done);
+    let watchdog = std::thread::spawn(move || {
+        let start = Instant::now();
+        while !finished.load(std::sync::atomic::Ordering::SeqCst) {
+            if start.elapsed() > Duration::from_secs(60) {
+                let mut s = raw_ws(addr);
+                s.write_all(&frame(0x82, &[0])).unwrap();
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    });
     let mut next = std::collections::HashMap::<u8, u32>::new();
     let mut got = 0usize;
     let mut turn = 0usize;
     let events = server.events();
-    let start = Instant::now();
     while got < CLIENTS * EACH as usize {
-        assert!(
-            start.elapsed() < Duration::from_secs(60),
-            "{got} messages of {} after a minute",
-            CLIENTS * EACH as usize
-        );
         turn += 1;
         let event = match turn % 3 {
             0 => events.recv().ok(),
@@ -308,7 +317,12 @@ fn batched_messages_from_many_clients_arrive_whole_and_in_order() {
         };
         if let Some(Event::Message { message, .. }) = event {
             let b = message.as_bytes();
-            assert_eq!(b.len(), 5);
+            assert_eq!(
+                b.len(),
+                5,
+                "{got} messages of {} after a minute",
+                CLIENTS * EACH as usize
+            );
             let (c, i) = (b[0], u32::from_be_bytes([b[1], b[2], b[3], b[4]]));
             let want = next.entry(c).or_insert(0);
             assert_eq!(i, *want, "client {c}: message {i} where {want} was due");
@@ -316,6 +330,8 @@ fn batched_messages_from_many_clients_arrive_whole_and_in_order() {
             got += 1;
         }
     }
+    done.store(true, std::sync::atomic::Ordering::SeqCst);
+    watchdog.join().unwrap();
     assert!(next.values().all(|&n| n == EACH), "{next:?}");
     // The last message's charge is given back at the next receive.
     assert!(events.try_recv().is_err());
@@ -324,4 +340,44 @@ fn batched_messages_from_many_clients_arrive_whole_and_in_order() {
     assert_eq!(stats.messages_in, (CLIENTS * EACH as usize) as u64);
     let sockets: Vec<_> = writers.into_iter().map(|w| w.join().unwrap()).collect();
     drop(sockets);
+}
+
+/// A client writes 300 messages, a Close and its FIN in one go: the main
+/// loop sees its Connect, the 300 in order, then one Disconnect with the
+/// client's code, and every charge is given back; with room in the event
+/// budget for all of them, and with a budget they must wait for.
+#[test]
+fn messages_then_close_and_fin_in_one_write_arrive_in_order() {
+    for budget in [1 << 20, 4096] {
+        let server = WebSocketServer::builder()
+            .event_queue_bytes(budget)
+            .start("127.0.0.1:0")
+            .unwrap();
+        let mut s = raw_ws(server.local_addr());
+        let mut all = Vec::new();
+        for i in 0u32..300 {
+            all.extend_from_slice(&frame(0x82, &i.to_be_bytes()));
+        }
+        all.extend_from_slice(&frame(0x88, &close_payload(4001, "done")));
+        s.write_all(&all).unwrap();
+        s.shutdown(std::net::Shutdown::Write).unwrap();
+        expect_connect(&server);
+        for i in 0u32..300 {
+            let (_, m) = expect_message(&server);
+            assert_eq!(
+                m.as_bytes(),
+                i.to_be_bytes(),
+                "budget {budget}: message {i}"
+            );
+        }
+        match server.events().recv_timeout(WAIT) {
+            Ok(Event::Disconnect { close, .. }) => {
+                assert_eq!(close.code.as_u16(), 4001, "budget {budget}")
+            }
+            other => panic!("budget {budget}: {other:?} where the Disconnect was due"),
+        }
+        assert!(server.events().try_recv().is_err(), "budget {budget}");
+        let stats = server.stats();
+        assert_eq!(stats.event_bytes, 0, "budget {budget}: {stats:?}");
+    }
 }

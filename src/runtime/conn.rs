@@ -85,7 +85,7 @@ pub(crate) struct ReadSide {
     /// loop was a whole budget behind when one came (see `service::handle`).
     pub(crate) discarding: bool,
     /// Input read but not yet parsed: flow control paused the connection
-    /// in the middle of a read, or the job's message budget ran out. At
+    /// in the middle of a read, or the job's frame budget ran out. At
     /// most one read's worth, counted apart
     /// (`Shared::unparsed_in`), not in the partial-input budget.
     pub(crate) rest: Vec<u8>,
@@ -1293,6 +1293,28 @@ pub(crate) fn spawn_job<T: Send + Sync + 'static>(shared: &Arc<Shared<T>>, conn:
     shared
         .pool
         .execute(move || crate::runtime::service::service(&s, &c, &[], false));
+}
+
+/// A connection over `stream` for unit tests, in no registry and with no
+/// server behind its client handle.
+#[cfg(test)]
+pub(crate) fn for_test(stream: TcpStream, id: crate::client::ClientId) -> Conn<()> {
+    let client = crate::client::Client::new(
+        id,
+        crate::client::Origin {
+            peer: stream.peer_addr().unwrap(),
+            forwarded: None,
+            protocol: None,
+        },
+        (),
+        std::sync::Weak::new(),
+        std::sync::Weak::new(),
+    );
+    #[cfg(feature = "deflate")]
+    let extensions = None;
+    #[cfg(not(feature = "deflate"))]
+    let extensions = Extensions;
+    Conn::new(stream, client, Default::default(), 0, extensions, false)
 }
 
 #[cfg(test)]

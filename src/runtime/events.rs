@@ -40,21 +40,6 @@ pub(crate) enum Batch<T> {
 /// Most messages a job stages before it sends them on.
 pub(crate) const BATCH: usize = 64;
 
-/// Messages staged for the main loop by a job, charged but not yet sent.
-pub(crate) struct Staged<T> {
-    list: Vec<Envelope<T>>,
-}
-
-impl<T> Staged<T> {
-    pub(crate) fn new() -> Staged<T> {
-        Staged { list: Vec::new() }
-    }
-
-    pub(crate) fn len(&self) -> usize {
-        self.list.len()
-    }
-}
-
 pub(crate) struct EventQueue<T> {
     /// Taken (dropped) at the end of shutdown, which ends the user's
     /// event iterator.
@@ -135,48 +120,13 @@ impl<T: Send + Sync + 'static> EventQueue<T> {
         }
     }
 
-    /// Charge `message` from `conn` now, as `push` does, and add it to
-    /// `batch`, which [`EventQueue::send_batch`] sends on (the main-loop
-    /// style: no closure has messages).
-    pub(crate) fn stage(
-        &self,
-        conn: &Conn<T>,
-        message: crate::message::Message,
-        batch: &mut Staged<T>,
-    ) {
-        let charge = EVENT_COST + message.len();
-        conn.io.lock().events += charge;
-        self.bytes.fetch_add(charge, Ordering::Relaxed);
-        batch.list.push(Envelope {
-            event: Event::Message {
-                client: conn.client.clone(),
-                message,
-            },
-            charge,
-        });
-    }
-
-    /// Send what `stage` gathered in `batch`, leaving it empty. If the
-    /// server is gone, the charges are given back.
-    pub(crate) fn send_batch(&self, conn: &Conn<T>, batch: &mut Staged<T>) {
-        let sent = match batch.list.len() {
-            0 => return,
-            1 => Batch::One(batch.list.pop().expect("one staged event")),
-            _ => Batch::Many(std::mem::take(&mut batch.list)),
-        };
-        let guard = self.tx.read();
-        let refused = match guard.as_ref() {
-            Some(tx) => tx.send(sent).err().map(|e| e.0),
-            None => Some(sent),
-        };
-        let charge: usize = match refused {
-            None => return,
-            Some(Batch::One(e)) => e.charge,
-            Some(Batch::Many(v)) => v.iter().map(|e| e.charge).sum(),
-        };
-        self.bytes.fetch_sub(charge, Ordering::Relaxed);
-        let mut w = conn.io.lock();
-        w.events = w.events.saturating_sub(charge);
+    /// A batch for `conn`'s messages from one read (see [`Staged`]).
+    pub(crate) fn staging<'a>(&'a self, conn: &'a Conn<T>) -> Staged<'a, T> {
+        Staged {
+            queue: self,
+            conn,
+            list: Vec::new(),
+        }
     }
 
     /// Queue an event about no connection (an error), charged to the
@@ -245,5 +195,109 @@ impl<T: Send + Sync + 'static> EventQueue<T> {
     /// read what was sent.
     pub(crate) fn close(&self) {
         self.tx.write().take();
+    }
+}
+
+/// Messages of one connection staged for the main loop by a job: each is
+/// charged as it is staged, as `EventQueue::push` charges, and they go
+/// through the channel together when sent. Dropped, it sends what it
+/// holds, so that messages read and parsed reach the main loop (and give
+/// their charges back there) even if the job unwinds.
+pub(crate) struct Staged<'a, T: Send + Sync + 'static> {
+    queue: &'a EventQueue<T>,
+    conn: &'a Conn<T>,
+    list: Vec<Envelope<T>>,
+}
+
+impl<T: Send + Sync + 'static> Staged<'_, T> {
+    pub(crate) fn len(&self) -> usize {
+        self.list.len()
+    }
+
+    /// Charge `message` to its connection and the budget now, and keep it
+    /// for [`Staged::send`].
+    pub(crate) fn stage(&mut self, message: crate::message::Message) {
+        let charge = EVENT_COST + message.len();
+        self.conn.io.lock().events += charge;
+        self.queue.bytes.fetch_add(charge, Ordering::Relaxed);
+        self.list.push(Envelope {
+            event: Event::Message {
+                client: self.conn.client.clone(),
+                message,
+            },
+            charge,
+        });
+    }
+
+    /// Send what is staged, in order, as one item of the channel. If the
+    /// server is gone, the charges are given back.
+    pub(crate) fn send(&mut self) {
+        let sent = match self.list.len() {
+            0 => return,
+            1 => Batch::One(self.list.pop().expect("one staged event")),
+            _ => Batch::Many(std::mem::take(&mut self.list)),
+        };
+        let guard = self.queue.tx.read();
+        let refused = match guard.as_ref() {
+            Some(tx) => tx.send(sent).err().map(|e| e.0),
+            None => Some(sent),
+        };
+        let charge: usize = match refused {
+            None => return,
+            Some(Batch::One(e)) => e.charge,
+            Some(Batch::Many(v)) => v.iter().map(|e| e.charge).sum(),
+        };
+        self.queue.bytes.fetch_sub(charge, Ordering::Relaxed);
+        let mut w = self.conn.io.lock();
+        w.events = w.events.saturating_sub(charge);
+    }
+}
+
+impl<T: Send + Sync + 'static> Drop for Staged<'_, T> {
+    fn drop(&mut self) {
+        self.send();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::message::Message;
+
+    /// A job that unwinds with messages staged (a bug of ours, caught by
+    /// `service`) still sends them: they reach the main loop in order,
+    /// charged, so that consuming them gives the charges back. Before,
+    /// they were dropped, and their charges stayed on the budget for good.
+    #[test]
+    fn staged_messages_are_sent_when_the_job_unwinds() {
+        let (queue, rx) = EventQueue::<()>::new(1 << 20, true, false);
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let stream = std::net::TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let id = crate::runtime::registry::Registry::<()>::new().client_id(0);
+        let conn = crate::runtime::conn::for_test(stream, id);
+        let unwound = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            let mut batch = queue.staging(&conn);
+            batch.stage(Message::from(vec![1u8]));
+            batch.stage(Message::from(vec![2u8, 2]));
+            panic!("a bug while feeding");
+        }));
+        assert!(unwound.is_err());
+        let charged = 2 * EVENT_COST + 3;
+        assert_eq!(queue.bytes(), charged);
+        assert_eq!(conn.io.lock().events, charged);
+        match rx.try_recv() {
+            Ok(Batch::Many(list)) => {
+                let sizes: Vec<usize> = list
+                    .iter()
+                    .map(|e| match &e.event {
+                        Event::Message { message, .. } => message.len(),
+                        _ => panic!("not a message"),
+                    })
+                    .collect();
+                assert_eq!(sizes, [1, 2]);
+                assert_eq!(list.iter().map(|e| e.charge).sum::<usize>(), charged);
+            }
+            _ => panic!("the staged messages were not sent"),
+        }
     }
 }

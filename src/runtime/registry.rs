@@ -463,30 +463,7 @@ mod tests {
     }
 
     fn conn(r: &Registry<()>, key: usize, timer_at: u64) -> Arc<Conn<()>> {
-        let stream = socket();
-        let client = crate::client::Client::new(
-            r.client_id(key),
-            crate::client::Origin {
-                peer: stream.peer_addr().unwrap(),
-                forwarded: None,
-                protocol: None,
-            },
-            (),
-            std::sync::Weak::new(),
-            std::sync::Weak::new(),
-        );
-        #[cfg(feature = "deflate")]
-        let extensions = None;
-        #[cfg(not(feature = "deflate"))]
-        let extensions = crate::runtime::conn::Extensions;
-        let c = Arc::new(Conn::new(
-            stream,
-            client,
-            Default::default(),
-            0,
-            extensions,
-            false,
-        ));
+        let c = Arc::new(crate::runtime::conn::for_test(socket(), r.client_id(key)));
         c.timer_at.store(timer_at, Ordering::SeqCst);
         r.open(key, Arc::clone(&c));
         c

@@ -27,10 +27,10 @@ const SCRATCH: usize = 256 * 1024;
 /// letting others have the worker (the poller brings it back at once if
 /// more is there, or the ready queue does if input is left over).
 const READ_BUDGET: usize = 1 << 20;
-/// Most frames (messages, pings, pongs) one job handles for one
-/// connection before letting others have the worker, even within one
-/// read: what is left of the read waits in the connection, and the
-/// connection at the back of the ready queue.
+/// Most frames (messages, pings, pongs; a fragmented message counts once)
+/// one job handles for one connection before letting others have the
+/// worker, even within one read: what is left of the read waits in the
+/// connection, and the connection at the back of the ready queue.
 const FRAME_BUDGET: usize = 4096;
 
 thread_local! {
@@ -363,7 +363,7 @@ fn feed<T: Send + Sync + 'static>(
     let mut input = bytes;
     let (mut delivered, mut count) = (0, 0);
     // Messages for the main loop, sent on together.
-    let mut batch = Staged::new();
+    let mut batch = shared.events.staging(conn);
     while let Some(out) = r.proto.read(&mut input) {
         match &out {
             Output::Message(m) => {
@@ -383,7 +383,8 @@ fn feed<T: Send + Sync + 'static>(
             break;
         }
     }
-    shared.events.send_batch(conn, &mut batch);
+    // Sent now, before anything else about this client can be.
+    batch.send();
     (delivered, count)
 }
 
@@ -576,9 +577,9 @@ fn fail_for_budget<T: Send + Sync + 'static>(
         .fetch_sub(r.rest.len(), Ordering::Relaxed);
     r.rest = Vec::new();
     if let Some(out) = r.proto.fail(error) {
-        let mut batch = Staged::new();
+        let mut batch = shared.events.staging(conn);
         handle(shared, conn, r, out, &mut batch);
-        shared.events.send_batch(conn, &mut batch);
+        batch.send();
     }
     // The failed decoder let go of its buffers.
     note_buffered(shared, conn, r);
@@ -598,13 +599,13 @@ fn close_for_panic<T: Send + Sync + 'static>(
 }
 
 /// Act on one protocol output. A message for the main loop joins
-/// `batch`, which the caller sends on (see `EventQueue::send_batch`).
+/// `batch`, which the caller sends on (see [`Staged`]).
 fn handle<T: Send + Sync + 'static>(
     shared: &Arc<Shared<T>>,
     conn: &Arc<Conn<T>>,
     r: &mut ReadSide,
     out: Output,
-    batch: &mut Staged<T>,
+    batch: &mut Staged<'_, T>,
 ) {
     match out {
         Output::Message(m) => {
@@ -629,9 +630,9 @@ fn handle<T: Send + Sync + 'static>(
                 return;
             }
             if shared.handlers.message.is_none() {
-                shared.events.stage(conn, m, batch);
+                batch.stage(m);
                 if batch.len() >= BATCH {
-                    shared.events.send_batch(conn, batch);
+                    batch.send();
                 }
             } else if !shared.emit_message(conn, m) {
                 close_for_panic(shared, conn, r);
