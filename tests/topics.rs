@@ -1356,3 +1356,67 @@ fn subscribing_to_a_topic_published_without_a_break_is_not_starved() {
         );
     });
 }
+
+/// Was a bug: a publish to a subscriber whose own closure was running
+/// only queued the frame, and nothing wrote it until the closure
+/// returned, so a subscriber that reads at full speed had its publishes
+/// refused at the hard limit (about 1.1 MiB at the defaults: 22 of these
+/// 40) while one of its closures was slow. A send does not pile up so;
+/// now a publish past the cork writes what is corked too.
+#[test]
+fn publishes_to_a_subscriber_whose_closure_is_slow_are_written_not_refused() {
+    const N: u32 = 40;
+    const BIG: usize = 64 * 1024;
+    let blocked = Arc::new(AtomicBool::new(false));
+    let flag = Arc::clone(&blocked);
+    let server = WebSocketServer::builder()
+        .on_message(move |c, m| match m.as_text() {
+            Some("sub") => {
+                c.subscribe(FEED).unwrap();
+                c.send("ok").unwrap();
+            }
+            Some("block") => {
+                flag.store(true, Relaxed);
+                thread::sleep(Duration::from_secs(3));
+                c.send("unblocked").unwrap();
+            }
+            _ => {}
+        })
+        .start("127.0.0.1:0")
+        .unwrap();
+    let mut s = raw_ws(server.local_addr());
+    send_text(&mut s, "sub");
+    assert_eq!(read_text(&mut s), "ok");
+    let r = s.try_clone().unwrap();
+    r.set_read_timeout(Some(WAIT)).unwrap();
+    // Reads as fast as it can, all along.
+    let reader = thread::spawn(move || -> io::Result<Vec<u32>> {
+        let mut r = BufReader::new(r);
+        let mut got = Vec::new();
+        loop {
+            let (first, p) = try_read_frame(&mut r)?;
+            match first {
+                0x82 => {
+                    let i = u32::from_be_bytes([p[0], p[1], p[2], p[3]]);
+                    if p != numbered(i, BIG) {
+                        return Err(io::Error::other(format!("message {i} corrupted")));
+                    }
+                    got.push(i);
+                }
+                0x81 if p == b"unblocked" => return Ok(got),
+                _ => return Err(io::Error::other(describe(first, &p))),
+            }
+        }
+    });
+    send_text(&mut s, "block");
+    assert!(eventually(WAIT, || blocked.load(Relaxed)));
+    let mut dropped = 0;
+    for i in 0..N {
+        let report = server.publish(FEED, numbered(i, BIG));
+        assert_eq!(report.closed, 0, "{report:?}");
+        dropped += report.dropped;
+    }
+    let got = reader.join().unwrap().expect("the subscriber's reader");
+    assert_eq!(dropped, 0, "publishes refused while the closure ran");
+    assert_eq!(got, (0..N).collect::<Vec<_>>());
+}

@@ -902,12 +902,22 @@ impl<T: Send + Sync + 'static> Conn<T> {
         let idle = !w.writing && !w.job_running && w.out.is_empty();
         w.out
             .push(Chunk::Shared(Arc::clone(frame)), &shared.counters);
-        // Otherwise whoever holds the connection (a writer, a job, or
-        // writable interest already armed for a queue) takes it along.
-        if idle {
+        Ok(self.take_token(shared, &mut w, idle))
+    }
+
+    /// After a frame was queued without writing: whether its queuer takes
+    /// the write token (and must flush). It does if the connection was
+    /// idle, and if a job owns it with more corked than the cork holds (a
+    /// closure of the client's own may run for long: the publishes must
+    /// not pile up to the hard limit behind it, as `write` does not let
+    /// sends). Otherwise whoever holds the connection (a writer, the job,
+    /// or writable interest armed for a queue) takes the frame along.
+    fn take_token(&self, shared: &Shared<T>, w: &mut WriteSide, idle: bool) -> bool {
+        let over_cork = !w.writing && w.job_running && w.out.cost() > shared.marks.cork();
+        if idle || over_cork {
             w.writing = true;
         }
-        Ok(idle)
+        idle || over_cork
     }
 
     /// Compress `message` in this connection's own context and queue it
@@ -935,10 +945,7 @@ impl<T: Send + Sync + 'static> Conn<T> {
                 Chunk::Head(head, n as u8),
                 Some(Chunk::Owned(z)),
             );
-            if idle {
-                w.writing = true;
-            }
-            Ok(idle)
+            Ok(self.take_token(shared, &mut w, idle))
         })
     }
 
