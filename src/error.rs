@@ -37,8 +37,9 @@ pub enum Error {
     /// The client's outgoing queue is over `max_backpressure`; the message
     /// was not queued.
     Backpressure {
-        /// Bytes already queued for the client, this message not counted
-        /// (with it, they were over the limit).
+        /// What is already queued for the client, this message not
+        /// counted (with it, over the limit): its bytes, and 64 B for each
+        /// frame waiting, as flow control counts memory.
         queued: usize,
         /// The configured limit, in bytes.
         limit: usize,

@@ -575,8 +575,10 @@ impl<T: Send + Sync + 'static> Builder<T> {
         self
     }
 
-    /// The hard limit on the bytes queued to one client: past it `send`
-    /// refuses with
+    /// The hard limit on what is queued to one client, counted as
+    /// [`high_water`](Builder::high_water) counts it (each queued frame
+    /// 64 B more than its bytes, for what it costs in memory): past it
+    /// `send` refuses with
     /// [`Error::Backpressure`] (or, per
     /// [`slow_client_policy`](Builder::slow_client_policy), the client is
     /// closed). The limit in force is at least `high_water +

@@ -1420,3 +1420,42 @@ fn publishes_to_a_subscriber_whose_closure_is_slow_are_written_not_refused() {
     assert_eq!(dropped, 0, "publishes refused while the closure ran");
     assert_eq!(got, (0..N).collect::<Vec<_>>());
 }
+
+/// Was a bug: the hard limit counted a queue's bytes only, so a
+/// subscriber that never reads could be made to hold a great many tiny
+/// frames under it (fan-out of empty messages: 2 bytes each, some 32,000
+/// of them under this 64 KiB limit, 34 times the memory the limit names).
+/// It now counts each frame's place in the queue too, as high water does.
+#[test]
+fn a_subscriber_that_never_reads_holds_no_more_tiny_frames_than_the_hard_limit() {
+    let server = WebSocketServer::builder()
+        .max_message_size(16 * 1024)
+        .high_water(16 * 1024)
+        .low_water(4 * 1024)
+        .max_backpressure(64 * 1024)
+        .start("127.0.0.1:0")
+        .unwrap();
+    let hard = server.config().max_backpressure();
+    let s = raw_ws_small_window(server.local_addr());
+    let c = expect_connect(&server);
+    assert!(c.subscribe(FEED).unwrap());
+    let start = Instant::now();
+    let mut accepted = 0u64;
+    loop {
+        let r = server.publish(FEED, Vec::<u8>::new());
+        if r.dropped == 1 {
+            break;
+        }
+        assert_eq!(r.written + r.queued, 1, "{r:?}");
+        accepted += 1;
+        assert!(start.elapsed() < WAIT, "never refused");
+    }
+    let frames = server.stats().bytes_queued / 2;
+    eprintln!("{accepted} accepted, {frames} still queued when refused");
+    // Each 2-byte frame is counted 64 B more for its place in the queue.
+    assert!(
+        frames * 66 <= hard as u64,
+        "{frames} tiny frames queued under a hard limit of {hard} B"
+    );
+    drop(s);
+}

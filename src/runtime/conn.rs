@@ -407,8 +407,9 @@ impl<T: Send + Sync + 'static> Conn<T> {
     }
 
     /// Bytes waiting in the send queue.
+    /// What the outgoing queue holds, as flow control counts it.
     pub(crate) fn queued(&self) -> usize {
-        self.io.lock().out.bytes()
+        self.io.lock().out.cost()
     }
 
     pub(crate) fn can_send(&self) -> bool {
@@ -869,8 +870,8 @@ impl<T: Send + Sync + 'static> Conn<T> {
             return Err(Error::Closed);
         }
         let data = matches!(kind, Kind::Data | Kind::DataTry);
-        if data && !shared.marks.admits(w.out.bytes(), len) {
-            let queued = w.out.bytes();
+        if data && !shared.marks.admits_frame(&w.out, len) {
+            let queued = w.out.cost();
             if kind == Kind::Data {
                 w.drain_wanted = true;
                 drop(w);
@@ -1067,7 +1068,7 @@ impl<T: Send + Sync + 'static> Conn<T> {
         }
         w.writing = false;
         let made_room = w.out.bytes() < before;
-        if w.drain_wanted && shared.marks.may_resume(w.out.bytes()) {
+        if w.drain_wanted && shared.marks.may_resume(w.out.cost()) {
             w.drain_wanted = false;
             w.drain_due = true;
         }

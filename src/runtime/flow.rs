@@ -74,6 +74,14 @@ impl Marks {
         queued == 0 || queued.saturating_add(len) <= self.hard
     }
 
+    /// Whether a data frame of `len` bytes may join `queue`, both counted
+    /// as flow control counts them (see [`CHUNK_COST`]): the hard limit is
+    /// on memory, as high water is, so that a client that never reads
+    /// cannot be made to hold a great many tiny frames under it.
+    pub(crate) fn admits_frame(&self, queue: &OutQueue, len: usize) -> bool {
+        self.admits(queue.cost(), len + 2 * CHUNK_COST)
+    }
+
     /// Most bytes corked while a job owns a connection: well under high
     /// water, so corking alone never pauses a connection.
     pub(crate) fn cork(&self) -> usize {

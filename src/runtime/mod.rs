@@ -335,7 +335,7 @@ impl<T: Send + Sync + 'static> Shared<T> {
         loop {
             {
                 let w = conn.io.lock();
-                if w.finished || w.write_error.is_some() || self.marks.admits(w.out.bytes(), len) {
+                if w.finished || w.write_error.is_some() || self.marks.admits_frame(&w.out, len) {
                     break;
                 }
             }
