@@ -166,7 +166,7 @@ impl fmt::Display for Error {
             Error::Backpressure { queued, limit } => {
                 write!(
                     f,
-                    "{queued} bytes already queued; with this message, over the limit of {limit}"
+                    "{queued} bytes already queued (64 B a frame counted for its place); with this message, over the limit of {limit}"
                 )
             }
             Error::Closed => f.write_str("connection closed"),

@@ -1424,7 +1424,7 @@ fn publishes_to_a_subscriber_whose_closure_is_slow_are_written_not_refused() {
 /// Was a bug: the hard limit counted a queue's bytes only, so a
 /// subscriber that never reads could be made to hold a great many tiny
 /// frames under it (fan-out of empty messages: 2 bytes each, some 32,000
-/// of them under this 64 KiB limit, 34 times the memory the limit names).
+/// of them under this 64 KiB limit, 33 times the memory the limit names).
 /// It now counts each frame's place in the queue too, as high water does.
 #[test]
 fn a_subscriber_that_never_reads_holds_no_more_tiny_frames_than_the_hard_limit() {

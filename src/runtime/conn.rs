@@ -406,7 +406,6 @@ impl<T: Send + Sync + 'static> Conn<T> {
         crate::runtime::registry::key_of_id(self.client.id())
     }
 
-    /// Bytes waiting in the send queue.
     /// What the outgoing queue holds, as flow control counts it.
     pub(crate) fn queued(&self) -> usize {
         self.io.lock().out.cost()

@@ -20,8 +20,12 @@ use crate::runtime::Shared;
 use crate::runtime::conn::Conn;
 
 /// What an event costs besides its payload: the event itself, the
-/// client handle it carries, the channel's slot.
-pub(crate) const EVENT_COST: usize = 128;
+/// client handle it carries, the channel's slot. At least what a reply of
+/// the same payload costs in the client's queue (its header and two
+/// pieces, see `flow::CHUNK_COST`): a main loop that answers the events a
+/// paused client holds, one reply each, never makes the client hold more
+/// than when it paused, so its replies stay under the hard limit.
+pub(crate) const EVENT_COST: usize = 2 * crate::runtime::flow::CHUNK_COST + 16;
 
 /// An event and the bytes it was charged.
 pub(crate) struct Envelope<T> {

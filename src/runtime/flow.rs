@@ -130,6 +130,9 @@ pub(crate) struct Unwritten {
     pub(crate) chunks: VecDeque<Chunk>,
     /// Bytes of the front chunk already written.
     pub(crate) head: usize,
+    /// In the queue's own box: chunks a writer has taken out, which still
+    /// count for what the queue costs.
+    taken: usize,
 }
 
 impl OutQueue {
@@ -145,7 +148,7 @@ impl OutQueue {
             + self
                 .pending
                 .as_ref()
-                .map_or(0, |p| p.chunks.len() * CHUNK_COST)
+                .map_or(0, |p| (p.chunks.len() + p.taken) * CHUNK_COST)
     }
 
     pub(crate) fn is_empty(&self) -> bool {
@@ -193,28 +196,32 @@ impl OutQueue {
 
     /// Take the chunks out to write them without the lock held. Until they
     /// are put back the queue holds only what is queued meanwhile (and
-    /// reads as empty if nothing is).
-    pub(crate) fn take_for_write(&mut self) -> Box<Unwritten> {
+    /// reads as empty if nothing is), but still counts them in its cost:
+    /// the hard limit must not let in more while a write is out.
+    pub(crate) fn take_for_write(&mut self) -> Unwritten {
         debug_assert!(!self.is_empty(), "only a queue with chunks is written");
-        self.pending.take().unwrap_or_default()
+        let p = self.pending();
+        let taken = Unwritten {
+            chunks: std::mem::take(&mut p.chunks),
+            head: std::mem::take(&mut p.head),
+            taken: 0,
+        };
+        p.taken = taken.chunks.len();
+        taken
     }
 
     /// Put written-from chunks back in front of those queued meanwhile,
     /// and count `written` bytes as gone.
-    pub(crate) fn put_back(
-        &mut self,
-        mut taken: Box<Unwritten>,
-        written: usize,
-        counters: &Counters,
-    ) {
-        if let Some(newer) = self.pending.take() {
-            taken.chunks.extend(newer.chunks);
-        }
+    pub(crate) fn put_back(&mut self, mut taken: Unwritten, written: usize, counters: &Counters) {
+        // The box stays with the queue (unless a teardown cleared it).
+        let mut own = self.pending.take().unwrap_or_default();
+        taken.chunks.append(&mut own.chunks);
+        *own = taken;
         // A queue written out gives its memory back at once, whichever
         // path wrote it (a job, a publish, a user thread's flush), so that
         // no connection at rest keeps a box.
-        if !taken.chunks.is_empty() {
-            self.pending = Some(taken);
+        if !own.chunks.is_empty() {
+            self.pending = Some(own);
         }
         let written = written.min(self.bytes);
         self.bytes -= written;
@@ -264,7 +271,9 @@ mod tests {
         assert_eq!(q.cost(), 12 + 2 * CHUNK_COST);
         let mut taken = q.take_for_write();
         assert!(q.is_empty(), "the chunks are out for writing");
+        assert_eq!(q.cost(), 12 + 2 * CHUNK_COST, "but still count");
         q.push(Chunk::Owned(vec![2; 3]), &c);
+        assert_eq!(q.cost(), 15 + 3 * CHUNK_COST);
         taken.head += 4;
         q.put_back(taken, 4, &c);
         assert_eq!(q.bytes(), 11);
