@@ -1360,24 +1360,38 @@ fn subscribing_to_a_topic_published_without_a_break_is_not_starved() {
 /// Was a bug: a publish to a subscriber whose own closure was running
 /// only queued the frame, and nothing wrote it until the closure
 /// returned, so a subscriber that reads at full speed had its publishes
-/// refused at the hard limit (about 1.1 MiB at the defaults: 22 of these
-/// 40) while one of its closures was slow. A send does not pile up so;
-/// now a publish past the cork writes what is corked too.
+/// refused at the hard limit (about 1.1 MiB at the defaults) while one of
+/// its closures was slow. A send does not pile up so; now a publish past
+/// the cork writes what is corked too. Publishes are paced on what the
+/// subscriber has waiting, which must go down while the closure still
+/// runs (before: it stayed at 256 KiB).
 #[test]
 fn publishes_to_a_subscriber_whose_closure_is_slow_are_written_not_refused() {
     const N: u32 = 40;
     const BIG: usize = 64 * 1024;
-    let blocked = Arc::new(AtomicBool::new(false));
-    let flag = Arc::clone(&blocked);
+    let (blocked, release) = (
+        Arc::new(AtomicBool::new(false)),
+        Arc::new(AtomicBool::new(false)),
+    );
+    let subscriber: Arc<Mutex<Option<Client>>> = Arc::default();
+    let (flag, go, slot) = (
+        Arc::clone(&blocked),
+        Arc::clone(&release),
+        Arc::clone(&subscriber),
+    );
     let server = WebSocketServer::builder()
         .on_message(move |c, m| match m.as_text() {
             Some("sub") => {
                 c.subscribe(FEED).unwrap();
+                *slot.lock().unwrap() = Some(c.clone());
                 c.send("ok").unwrap();
             }
             Some("block") => {
                 flag.store(true, Relaxed);
-                thread::sleep(Duration::from_secs(3));
+                let t = Instant::now();
+                while !go.load(Relaxed) && t.elapsed() < Duration::from_secs(60) {
+                    thread::sleep(Duration::from_millis(1));
+                }
                 c.send("unblocked").unwrap();
             }
             _ => {}
@@ -1387,8 +1401,8 @@ fn publishes_to_a_subscriber_whose_closure_is_slow_are_written_not_refused() {
     let mut s = raw_ws(server.local_addr());
     send_text(&mut s, "sub");
     assert_eq!(read_text(&mut s), "ok");
+    let c = subscriber.lock().unwrap().clone().unwrap();
     let r = s.try_clone().unwrap();
-    r.set_read_timeout(Some(WAIT)).unwrap();
     // Reads as fast as it can, all along.
     let reader = thread::spawn(move || -> io::Result<Vec<u32>> {
         let mut r = BufReader::new(r);
@@ -1412,10 +1426,21 @@ fn publishes_to_a_subscriber_whose_closure_is_slow_are_written_not_refused() {
     assert!(eventually(WAIT, || blocked.load(Relaxed)));
     let mut dropped = 0;
     for i in 0..N {
+        let paced = eventually(WAIT, || c.buffered_amount() <= 4 * BIG);
+        let waiting = c.buffered_amount();
+        if !paced {
+            // Let the closure end, so that the server can stop.
+            release.store(true, Relaxed);
+        }
+        assert!(
+            paced,
+            "{waiting} bytes still waiting for the subscriber while its closure runs"
+        );
         let report = server.publish(FEED, numbered(i, BIG));
         assert_eq!(report.closed, 0, "{report:?}");
         dropped += report.dropped;
     }
+    release.store(true, Relaxed);
     let got = reader.join().unwrap().expect("the subscriber's reader");
     assert_eq!(dropped, 0, "publishes refused while the closure ran");
     assert_eq!(got, (0..N).collect::<Vec<_>>());
