@@ -142,7 +142,7 @@ impl Config {
     }
 
     /// The hard limit in force: the most queued for one client (its bytes,
-    /// and 64 B for each frame waiting) before `send` refuses. At least `high_water + max_message_size + 1 KiB`
+    /// and 64 B for each piece waiting: a frame is one or two) before `send` refuses. At least `high_water + max_message_size + 1 KiB`
     /// (see [`Builder::max_backpressure`](crate::Builder::max_backpressure)).
     pub fn max_backpressure(&self) -> usize {
         self.hard_limit()

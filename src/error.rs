@@ -39,7 +39,8 @@ pub enum Error {
     Backpressure {
         /// What is already queued for the client, this message not
         /// counted (with it, over the limit): its bytes, and 64 B for each
-        /// frame waiting, as flow control counts memory.
+        /// piece waiting (a frame is one or two), as flow control counts
+        /// memory.
         queued: usize,
         /// The configured limit, in bytes.
         limit: usize,
@@ -166,7 +167,7 @@ impl fmt::Display for Error {
             Error::Backpressure { queued, limit } => {
                 write!(
                     f,
-                    "{queued} bytes already queued (64 B a frame counted for its place); with this message, over the limit of {limit}"
+                    "{queued} bytes already queued (64 B a queued piece counted for its place); with this message, over the limit of {limit}"
                 )
             }
             Error::Closed => f.write_str("connection closed"),

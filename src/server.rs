@@ -576,8 +576,9 @@ impl<T: Send + Sync + 'static> Builder<T> {
     }
 
     /// The hard limit on what is queued to one client, counted as
-    /// [`high_water`](Builder::high_water) counts it (each queued frame
-    /// 64 B more than its bytes, for what it costs in memory): past it
+    /// [`high_water`](Builder::high_water) counts it (each queued piece
+    /// 64 B more than its bytes, for what it costs in memory; a frame is
+    /// one piece, or two when its payload is queued apart): past it
     /// `send` refuses with
     /// [`Error::Backpressure`] (or, per
     /// [`slow_client_policy`](Builder::slow_client_policy), the client is
@@ -651,7 +652,7 @@ impl<T: Send + Sync + 'static> Builder<T> {
         self
     }
 
-    /// Budget of the event channel, in bytes (payloads plus 128 bytes an
+    /// Budget of the event channel, in bytes (payloads plus 144 bytes an
     /// event), all clients together. A main loop this far behind makes
     /// the server stop dispatching messages until it catches up to half of
     /// it, and one twice as far behind (connects and disconnects are

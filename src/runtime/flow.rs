@@ -141,8 +141,8 @@ impl OutQueue {
     }
 
     /// What the queue costs in memory, as flow control counts it: its
-    /// bytes and [`CHUNK_COST`] for each chunk (those taken out by a
-    /// writer meanwhile are not counted until they are put back).
+    /// bytes and [`CHUNK_COST`] for each chunk, those a writer has taken
+    /// out meanwhile included.
     pub(crate) fn cost(&self) -> usize {
         self.bytes
             + self
@@ -277,6 +277,11 @@ mod tests {
         taken.head += 4;
         q.put_back(taken, 4, &c);
         assert_eq!(q.bytes(), 11);
+        assert_eq!(
+            q.cost(),
+            11 + 3 * CHUNK_COST,
+            "the count of taken chunks is reset"
+        );
         assert_eq!(c.snapshot().bytes_queued, 11);
         // All written: the writer popped every chunk.
         let mut taken = q.take_for_write();
