@@ -121,6 +121,33 @@ fn check_program_order(who: &str, seq: &[String], sources: &[&str], per: u32) {
     }
 }
 
+/// A reader thread that collects the numbers of binary messages of
+/// `size` bytes (each checked whole) up to the text `end`.
+fn read_numbered(
+    s: TcpStream,
+    size: usize,
+    end: &'static str,
+) -> thread::JoinHandle<io::Result<Vec<u32>>> {
+    thread::spawn(move || {
+        let mut r = BufReader::new(s);
+        let mut got = Vec::new();
+        loop {
+            let (first, p) = try_read_frame(&mut r)?;
+            match first {
+                0x82 => {
+                    let i = u32::from_be_bytes([p[0], p[1], p[2], p[3]]);
+                    if p != numbered(i, size) {
+                        return Err(io::Error::other(format!("message {i} corrupted")));
+                    }
+                    got.push(i);
+                }
+                0x81 if p == end.as_bytes() => return Ok(got),
+                _ => return Err(io::Error::other(describe(first, &p))),
+            }
+        }
+    })
+}
+
 // ------------------------------------------------------------------ tests
 
 #[test]
@@ -683,24 +710,7 @@ fn slow_and_fast(
     assert!(cf.subscribe(FEED).unwrap());
     // Kept open after the reader is done: F stays connected.
     let f_open = f.try_clone().unwrap();
-    let reader = thread::spawn(move || -> io::Result<Vec<u32>> {
-        let mut r = BufReader::new(f);
-        let mut got = Vec::new();
-        loop {
-            let (first, p) = try_read_frame(&mut r)?;
-            match first {
-                0x82 => {
-                    let i = u32::from_be_bytes([p[0], p[1], p[2], p[3]]);
-                    if p != numbered(i, SIZE) {
-                        return Err(io::Error::other(format!("message {i} corrupted")));
-                    }
-                    got.push(i);
-                }
-                0x81 if p == b"end" => return Ok(got),
-                _ => return Err(io::Error::other(describe(first, &p))),
-            }
-        }
-    });
+    let reader = read_numbered(f, SIZE, "end");
     (server, (s, cs), (reader, cf, f_open))
 }
 
@@ -1404,24 +1414,7 @@ fn publishes_to_a_subscriber_whose_closure_is_slow_are_written_not_refused() {
     let c = subscriber.lock().unwrap().clone().unwrap();
     let r = s.try_clone().unwrap();
     // Reads as fast as it can, all along.
-    let reader = thread::spawn(move || -> io::Result<Vec<u32>> {
-        let mut r = BufReader::new(r);
-        let mut got = Vec::new();
-        loop {
-            let (first, p) = try_read_frame(&mut r)?;
-            match first {
-                0x82 => {
-                    let i = u32::from_be_bytes([p[0], p[1], p[2], p[3]]);
-                    if p != numbered(i, BIG) {
-                        return Err(io::Error::other(format!("message {i} corrupted")));
-                    }
-                    got.push(i);
-                }
-                0x81 if p == b"unblocked" => return Ok(got),
-                _ => return Err(io::Error::other(describe(first, &p))),
-            }
-        }
-    });
+    let reader = read_numbered(r, BIG, "unblocked");
     send_text(&mut s, "block");
     assert!(eventually(WAIT, || blocked.load(Relaxed)));
     let mut dropped = 0;
