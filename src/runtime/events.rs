@@ -118,10 +118,15 @@ impl<T: Send + Sync + 'static> EventQueue<T> {
         self.bytes.fetch_add(charge, Ordering::Relaxed);
         if tx.send(Batch::One(Envelope { event, charge })).is_err() {
             // The receiver is gone with the server.
-            self.bytes.fetch_sub(charge, Ordering::Relaxed);
-            let mut w = conn.io.lock();
-            w.events = w.events.saturating_sub(charge);
+            self.refund(conn, charge);
         }
+    }
+
+    /// Give back `charge` of events that never reached the channel.
+    fn refund(&self, conn: &Conn<T>, charge: usize) {
+        self.bytes.fetch_sub(charge, Ordering::Relaxed);
+        let mut w = conn.io.lock();
+        w.events = w.events.saturating_sub(charge);
     }
 
     /// A batch for `conn`'s messages from one read (see [`Staged`]).
@@ -251,9 +256,7 @@ impl<T: Send + Sync + 'static> Staged<'_, T> {
             Some(Batch::One(e)) => e.charge,
             Some(Batch::Many(v)) => v.iter().map(|e| e.charge).sum(),
         };
-        self.queue.bytes.fetch_sub(charge, Ordering::Relaxed);
-        let mut w = self.conn.io.lock();
-        w.events = w.events.saturating_sub(charge);
+        self.queue.refund(self.conn, charge);
     }
 }
 
