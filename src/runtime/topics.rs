@@ -688,6 +688,14 @@ mod tests {
         let (_sa, a) = join(&server);
         assert!(a.subscribe("t").unwrap());
         let conn = server.shared().registry.get(a.id()).unwrap();
+        // The handshake's job may still be ending after the Connect event
+        // was sent; while it runs, a publish is corked for it to write
+        // (counted `queued`). Wait until the connection is idle.
+        let idle_by = std::time::Instant::now() + Duration::from_secs(5);
+        while conn.io.lock().job_running {
+            assert!(std::time::Instant::now() < idle_by, "the job never ended");
+            std::thread::sleep(Duration::from_millis(1));
+        }
         // The server's side can no longer write; nothing else knows yet.
         conn.stream.shutdown(std::net::Shutdown::Write).unwrap();
         let report = server.publish("t", "lost");
