@@ -1356,3 +1356,90 @@ fn a_ping_flood_yields_the_worker_after_the_frame_budget() {
     );
     assert!(eventually(WAIT, || server.stats().unparsed_in_bytes == 0));
 }
+
+/// The ping budget against a crowd: sixteen clients each pipeline 15,000
+/// pings and a message after them, all in the kernel while the only
+/// worker is held, and read their pongs as they come. A victim's message,
+/// written after all of it, is handled before any flooder's message (each
+/// flood takes four turns of 4,096 frames; the victim waits for one turn
+/// of each), and every flooder gets every pong.
+#[test]
+fn a_crowd_of_ping_flooders_takes_turns_with_a_victim() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    const CROWD: usize = 16;
+    const PINGS: usize = 15_000;
+    let flags = Gate::flags();
+    let (held, release) = (Arc::clone(&flags.0), Arc::clone(&flags.1));
+    let order: Arc<Mutex<Vec<u8>>> = Arc::default();
+    let seen = Arc::clone(&order);
+    let server = WebSocketServer::builder()
+        .workers(1)
+        .on_message(move |c, m| match m.len() {
+            3 => Gate::hold(&held, &release),
+            // A flooder's message after its pings (its number), or the
+            // victim's (0, echoed).
+            _ => {
+                seen.lock().unwrap().push(m.as_bytes()[0]);
+                if m.as_bytes()[0] == 0 {
+                    let _ = c.send(m);
+                }
+            }
+        })
+        .start("127.0.0.1:0")
+        .unwrap();
+    let addr = server.local_addr();
+    let mut victim = raw_ws(addr);
+    let flooders: Vec<_> = (0..CROWD).map(|_| raw_ws(addr)).collect();
+    let gate = Gate::close(addr, flags);
+    let mut writers = Vec::new();
+    let mut readers = Vec::new();
+    for (k, flooder) in flooders.iter().enumerate() {
+        let mut flood = Vec::with_capacity(PINGS * 6 + 8);
+        for _ in 0..PINGS {
+            flood.extend_from_slice(&frame(0x89, b""));
+        }
+        flood.extend_from_slice(&frame(0x82, &[k as u8 + 1, 0]));
+        let total = flood.len();
+        let mut r = flooder.try_clone().unwrap();
+        r.set_read_timeout(Some(WAIT)).unwrap();
+        readers.push(thread::spawn(move || {
+            let mut pongs = 0;
+            while pongs < PINGS {
+                match try_read_frame(&mut r) {
+                    Ok((0x8A, p)) if p.is_empty() => pongs += 1,
+                    Ok((op, p)) => panic!("flooder {k} got {}", describe(op, &p)),
+                    Err(e) => panic!("flooder {k}, after {pongs} pongs: {e}"),
+                }
+            }
+            pongs
+        }));
+        let (ahead, writer) = write_ahead(flooder, flood);
+        assert_eq!(
+            ahead, total,
+            "flooder {k}: only {ahead} of {total} bytes went ahead"
+        );
+        writers.push(writer);
+    }
+    // Last in: the victim.
+    victim.write_all(&frame(0x82, &[0])).unwrap();
+    thread::sleep(Duration::from_millis(100));
+    gate.open();
+    let (_, p) = read_frame(&mut victim);
+    assert_eq!(p, vec![0]);
+    for w in writers {
+        w.join().unwrap();
+    }
+    for (k, r) in readers.into_iter().enumerate() {
+        assert_eq!(r.join().unwrap(), PINGS, "flooder {k}'s pongs");
+    }
+    assert!(eventually(WAIT, || order.lock().unwrap().len() == CROWD + 1));
+    let order = order.lock().unwrap().clone();
+    assert_eq!(
+        order[0], 0,
+        "the victim waited behind whole floods: handled in this order {order:?}"
+    );
+    let mut flooders_seen = order[1..].to_vec();
+    flooders_seen.sort_unstable();
+    assert_eq!(flooders_seen, (1..=CROWD as u8).collect::<Vec<_>>());
+    assert!(eventually(WAIT, || server.stats().unparsed_in_bytes == 0));
+}

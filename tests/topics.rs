@@ -1477,3 +1477,104 @@ fn a_subscriber_that_never_reads_holds_no_more_tiny_frames_than_the_hard_limit()
     );
     drop(s);
 }
+
+/// The cheapest harm a crowd of subscribers can do: 32 clients with small
+/// receive windows subscribe and never read while tiny messages are
+/// published. Each is refused at its own hard limit, the server holds no
+/// more than their limits' worth of frames (each counted for its place in
+/// memory), a reader among them gets every publish in order, and when
+/// the crowd reads at last, what it gets is exactly what the reports
+/// counted as not refused.
+#[test]
+fn a_crowd_that_never_reads_is_refused_at_its_limits_and_a_reader_among_it_gets_everything() {
+    within(Duration::from_secs(60), || {
+        const CROWD: usize = 32;
+        const TINY: usize = 4;
+        let server = WebSocketServer::builder()
+            .workers(2)
+            .max_message_size(16 * 1024)
+            .high_water(16 * 1024)
+            .low_water(4 * 1024)
+            .max_backpressure(64 * 1024)
+            .start("127.0.0.1:0")
+            .unwrap();
+        let hard = server.config().max_backpressure() as u64;
+        let mut crowd = Vec::new();
+        for _ in 0..CROWD {
+            let s = raw_ws_small_window(server.local_addr());
+            let c = expect_connect(&server);
+            assert_eq!(c.peer_addr(), s.local_addr().unwrap());
+            assert!(c.subscribe(FEED).unwrap());
+            crowd.push((s, c));
+        }
+        let (f, cf) = connect(&server);
+        assert!(cf.subscribe(FEED).unwrap());
+        let _f_open = f.try_clone().unwrap();
+        let reader = read_numbered(f, TINY, "end");
+
+        // Publish until the whole crowd is refused, then as many again.
+        let (mut i, mut refused, mut all_refused_at) = (0u32, 0usize, None);
+        loop {
+            assert!(
+                eventually(WAIT, || cf.buffered_amount() <= 32 * 1024),
+                "the reader's queue never went down"
+            );
+            let r = server.publish(FEED, numbered(i, TINY));
+            assert_eq!(
+                (r.written + r.queued + r.dropped, r.closed),
+                (CROWD + 1, 0),
+                "publish {i}: {r:?}"
+            );
+            assert!(r.dropped <= CROWD, "the reader was refused: {r:?}");
+            refused += r.dropped;
+            i += 1;
+            if r.dropped == CROWD && all_refused_at.is_none() {
+                all_refused_at = Some(i);
+            }
+            if all_refused_at.is_some_and(|at| i >= 2 * at) {
+                break;
+            }
+            assert!(i < 2_000_000, "the crowd was never refused");
+        }
+        // Once the reader has all it was sent, what is queued is the crowd's.
+        assert!(eventually(WAIT, || cf.buffered_amount() == 0));
+        let frames = server.stats().bytes_queued / (2 + TINY as u64);
+        eprintln!("{i} publishes, the crowd refused {refused} times; {frames} frames queued to it");
+        assert!(
+            frames * (2 + TINY as u64 + 64) <= CROWD as u64 * hard,
+            "{frames} tiny frames queued to {CROWD} clients under a hard limit of {hard} B each"
+        );
+        cf.send_timeout("end", WAIT).unwrap();
+        let got = reader.join().unwrap().expect("the reader");
+        assert_eq!(
+            got,
+            (0..i).collect::<Vec<_>>(),
+            "the reader got every publish"
+        );
+
+        // The crowd reads now: each member what it was not refused, in
+        // order; all of them together, what the reports counted.
+        let readers: Vec<_> = crowd
+            .into_iter()
+            .map(|(s, c)| {
+                let r = read_numbered(s, TINY, "end");
+                c.send_timeout("end", WAIT).unwrap();
+                (r, c)
+            })
+            .collect();
+        let mut received = 0;
+        for (r, _c) in readers {
+            let got = r.join().unwrap().expect("a crowd member's reader");
+            assert!(
+                got.windows(2).all(|w| w[0] < w[1]),
+                "a crowd member got publishes out of order"
+            );
+            received += got.len();
+        }
+        assert_eq!(
+            received,
+            i as usize * CROWD - refused,
+            "the crowd got other than the reports counted as not refused"
+        );
+    });
+}
