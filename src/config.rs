@@ -142,8 +142,10 @@ impl Config {
     }
 
     /// The hard limit in force: the most queued for one client (its bytes,
-    /// and 64 B for each piece waiting: a frame is one or two) before `send` refuses. At least `high_water + max_message_size + 1 KiB`
-    /// (see [`Builder::max_backpressure`](crate::Builder::max_backpressure)).
+    /// and 64 B for each piece waiting: a frame is one or two) before
+    /// `send` refuses. At least `high_water + max_message_size + 1 KiB`,
+    /// plus what compression may add to a message (see
+    /// [`Builder::max_backpressure`](crate::Builder::max_backpressure)).
     pub fn max_backpressure(&self) -> usize {
         self.hard_limit()
     }
@@ -162,8 +164,19 @@ impl Config {
         self.max_backpressure.max(
             self.high_water
                 .saturating_add(self.max_message_size)
+                .saturating_add(self.compression_growth())
                 .saturating_add(crate::runtime::flow::HEADROOM),
         )
+    }
+
+    /// The most compression can add to a message of `max_message_size`
+    /// (zero when it is sent plain whenever compressing does not pay).
+    fn compression_growth(&self) -> usize {
+        #[cfg(feature = "deflate")]
+        if let Some(c) = &self.compression {
+            return c.worst_growth(self.max_message_size);
+        }
+        0
     }
 
     /// Worker threads in the pool.

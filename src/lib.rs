@@ -54,11 +54,14 @@
 //! hard limit, [`max_backpressure`](Builder::max_backpressure), a send is
 //! refused and the message handed back in a [`SendError`].
 //!
-//! The guarantee: a handler (closure or main loop) that answers each
-//! message with at most one message of at most `max_message_size` bytes is
-//! never refused for a client that keeps reading, however fast that client
-//! sends, because the hard limit in force is at least `high_water +
-//! max_message_size + 1 KiB`. Only fan-out to clients that do not keep up
+//! The guarantee: a closure that answers each message with at most one
+//! message of at most `max_message_size` bytes is never refused for a
+//! client that keeps reading, however fast that client sends, because the
+//! hard limit in force is at least `high_water + max_message_size + 1
+//! KiB`. A main loop has it for replies no larger than the messages they
+//! answer, each sent before it takes the next event: its events not yet
+//! taken count on their client at their own size, and a reply takes its
+//! event's place. Only fan-out to clients that do not keep up
 //! meets it. The main loop's channel is bounded in bytes
 //! ([`event_queue_bytes`](Builder::event_queue_bytes)): a slow loop makes
 //! the server stop reading, never grow. Threads outside the pool can wait

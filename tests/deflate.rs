@@ -512,3 +512,88 @@ fn an_empty_message_between_compressed_ones_keeps_the_clients_context() {
         assert_eq!(inflate_with(&mut theirs, &payload), m.as_bytes());
     }
 }
+
+/// Was a weak spot: at level 1, zlib's quick mode writes fixed-Huffman
+/// blocks only, which grow bytes 144 to 255 by an eighth (nine bits
+/// each), and with context takeover every message is compressed. The
+/// echo of a message near `max_message_size` could then pass the hard
+/// limit's 1 KiB margin over `high_water + max_message_size` and be
+/// refused, though the client kept reading. The margin now counts that
+/// growth: a client that pipelines 64 KiB messages of such bytes and
+/// reads slowly gets every echo, and no send is refused. (Before, with
+/// what was queued at each echo depending on timing, each of the two
+/// high waters here had several echoes refused in most runs.)
+#[test]
+fn echoes_that_compression_grows_are_never_refused_to_a_client_that_reads() {
+    for high in [240_000, 100_000] {
+        echo_grown_messages(high);
+    }
+}
+
+fn echo_grown_messages(high: usize) {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    const N: usize = 120;
+    const SIZE: usize = 1 << 16;
+    let refused = Arc::new(AtomicUsize::new(0));
+    let count = Arc::clone(&refused);
+    let server = WebSocketServer::builder()
+        .workers(2)
+        .max_message_size(SIZE)
+        .high_water(high)
+        .low_water(4096)
+        .max_backpressure(16 * 1024)
+        .compression(Some(Compression::default().context_takeover(true).level(1)))
+        .on_message(move |c, m| {
+            if c.send(m).is_err() {
+                count.fetch_add(1, Ordering::SeqCst);
+            }
+        })
+        .start("127.0.0.1:0")
+        .unwrap();
+    // A small receive window: what the client has not read waits in the
+    // server's queue, not in the kernel.
+    let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    sock.set_recv_buffer_size(4096).unwrap();
+    sock.connect(&server.local_addr().into()).unwrap();
+    let mut s: TcpStream = sock.into();
+    s.set_read_timeout(Some(WAIT)).unwrap();
+    let req = REQUEST.replace("\r\n\r\n", &format!("\r\n{PDE}\r\n\r\n"));
+    s.write_all(req.as_bytes()).unwrap();
+    let head = read_101(&mut s);
+    assert_eq!(extensions(&head), Some("permessage-deflate"));
+    let message = |i: usize| -> Vec<u8> {
+        (0..SIZE)
+            .map(|k| 144 + (mix((i * SIZE + k) as u64) >> 17) as u8 % 112)
+            .collect()
+    };
+    // Sent plain (RSV1 clear), as RFC 7692 lets a client do.
+    let mut w = s.try_clone().unwrap();
+    let writer = std::thread::spawn(move || {
+        for i in 0..N {
+            w.write_all(&frame(0x82, &message(i))).unwrap();
+        }
+    });
+    let mut theirs = Decompress::new(false);
+    let mut grew = 0;
+    for i in 0..N {
+        // A slow reader that keeps reading.
+        std::thread::sleep(std::time::Duration::from_millis(10));
+        let (first, payload) = read_frame(&mut s);
+        assert_eq!(first, 0xC2, "echo {i}: {}", describe(first, &payload));
+        if payload.len() > SIZE + 1024 {
+            grew += 1;
+        }
+        assert!(
+            inflate_with(&mut theirs, &payload) == message(i),
+            "high water {high}: echo {i} is not message {i} ({} refused)",
+            refused.load(Ordering::SeqCst)
+        );
+    }
+    writer.join().unwrap();
+    assert_eq!(
+        grew, N,
+        "level 1 did not grow every message past the old margin"
+    );
+    assert_eq!(refused.load(Ordering::SeqCst), 0, "echoes refused");
+}

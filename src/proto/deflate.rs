@@ -101,6 +101,34 @@ impl Compression {
     pub fn get_level(&self) -> u8 {
         self.level
     }
+
+    /// The most these settings can make a message of `len` bytes grow:
+    /// nothing when a message that compression does not shrink goes out
+    /// plain; else, at level 1, an eighth (zlib's quick mode writes only
+    /// fixed-Huffman blocks, nine bits for each byte from 144 up), and at
+    /// the other levels under 1/256 (measured: 2.2 per thousand at most,
+    /// with a 512-byte window, where blocks cannot be stored; far less
+    /// with larger windows). Each with room for a short message's block
+    /// headers and ends.
+    pub(crate) fn worst_growth(&self, len: usize) -> usize {
+        growth(
+            self.level,
+            self.context_takeover || !self.skip_incompressible,
+            len,
+        )
+    }
+}
+
+/// See [`Compression::worst_growth`]; `may_grow`: whether a message that
+/// compression does not shrink is sent compressed all the same.
+fn growth(level: u8, may_grow: bool, len: usize) -> usize {
+    if !may_grow {
+        0
+    } else if level == 1 {
+        len / 8 + 256
+    } else {
+        len / 256 + 256
+    }
 }
 
 /// The parameters both sides agreed on for one connection.
@@ -298,6 +326,15 @@ impl Deflater {
     /// Whether a message of `len` bytes is to be compressed.
     pub fn wants(&self, len: usize) -> bool {
         len >= self.threshold && self.bits > 8
+    }
+
+    /// The most bytes a message of `len` bytes is sent as.
+    pub fn worst_len(&self, len: usize) -> usize {
+        if !self.wants(len) {
+            return len;
+        }
+        let may_grow = self.context.is_some() || !self.skip_incompressible;
+        len.saturating_add(growth(self.level, may_grow, len))
     }
 
     /// The window size, for sharing one compressed broadcast frame among
@@ -544,6 +581,53 @@ fn inflate(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// What the hard limit's margin assumes: no message grows by more
+    /// than `worst_growth`, at any level and window, fresh or in a
+    /// context, for bytes that compress worst at level 1 (144 to 255,
+    /// nine bits each as fixed-Huffman literals) and for noise.
+    #[test]
+    fn no_message_grows_past_worst_growth() {
+        let mut x = 0x2545_F491_4F6C_DD1Du64;
+        let mut next = move || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        let worst: Vec<u8> = (0..300_000).map(|_| 144 + (next() % 112) as u8).collect();
+        let noise: Vec<u8> = (0..300_000).map(|_| next() as u8).collect();
+        for level in 0..=9 {
+            let config = Compression::default().context_takeover(true).level(level);
+            for bits in [9, 10, 12, 15] {
+                let agreed = Agreed {
+                    server_no_context_takeover: false,
+                    client_no_context_takeover: false,
+                    server_max_window_bits: bits,
+                };
+                let d = Deflater::new(&agreed, &config);
+                for data in [&worst, &noise] {
+                    for len in [300, 70_000, 300_000] {
+                        let bound = len + config.worst_growth(len);
+                        let fresh = compress_fresh(bits, level, &data[..len]).len();
+                        assert!(
+                            fresh <= bound,
+                            "level {level}, {bits} bits, {len} B: {fresh}"
+                        );
+                        // Twice in one context: the second refers back.
+                        for _ in 0..2 {
+                            let z = d
+                                .compress_in_context(&data[..len], |z| Ok::<_, ()>(z.len()))
+                                .unwrap();
+                            assert!(z <= bound, "level {level}, {bits} bits, {len} B: {z}");
+                        }
+                    }
+                }
+            }
+        }
+        // Sent plain when compressing does not pay: no growth to allow for.
+        assert_eq!(Compression::default().level(1).worst_growth(1 << 20), 0);
+    }
 
     fn agreed(header: &str) -> Option<(Agreed, String)> {
         negotiate(header, &Compression::default())

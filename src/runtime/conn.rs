@@ -498,14 +498,25 @@ impl<T: Send + Sync + 'static> Conn<T> {
             match self.send_message_as(shared, message, !last) {
                 Err(e) if !last && matches!(e.error(), Error::Backpressure { .. }) => {
                     message = e.into_message();
-                    // Room for the frame as it will be encoded: a header,
-                    // and what compression that did not pay may add.
-                    let len = message.len() + message.len() / 512 + 128;
-                    shared.wait_for_room(self, len, deadline);
+                    // Room for the frame as it may be encoded: a header,
+                    // and what compression that did not pay may add (an
+                    // eighth at level 1). Less, and a refused retry would
+                    // find room at once and compress again, until the
+                    // deadline.
+                    shared.wait_for_room(self, self.frame_bound(message.len()), deadline);
                 }
                 other => return other,
             }
         }
+    }
+
+    /// The most bytes a message of `len` bytes takes as a frame here.
+    fn frame_bound(&self, len: usize) -> usize {
+        #[cfg(feature = "deflate")]
+        if let Some(d) = &self.deflater {
+            return d.worst_len(len).saturating_add(14);
+        }
+        len.saturating_add(14)
     }
 
     fn send_data(
