@@ -95,7 +95,14 @@ impl<T> Subs<T> {
             Subs::One(_) => return true,
             Subs::Many(v) => v,
         };
-        if let Some(i) = v.iter().position(|c| Arc::ptr_eq(c, conn)) {
+        // Searched from the end: a client that subscribes and leaves in a
+        // loop is found at once (it was last in), rather than making each
+        // leave a walk of a big topic's whole list under its lock.
+        if let Some(i) = v.iter().rposition(|c| {
+            #[cfg(test)]
+            tests::EXAMINED.with(|n| n.set(n.get() + 1));
+            Arc::ptr_eq(c, conn)
+        }) {
             v.swap_remove(i);
         }
         if v.len() * 4 < v.capacity() {
@@ -532,6 +539,36 @@ mod tests {
     use std::time::Duration;
 
     use crate::{Event, WebSocketServer};
+
+    thread_local! {
+        /// Subscribers a removal looked at, on this thread.
+        pub(super) static EXAMINED: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+    }
+
+    /// A client that subscribes to a big topic and leaves it, in a loop,
+    /// costs one look per leave, not a walk of the whole list (before:
+    /// 100,001 looks here, about 100 µs under the topic's lock each).
+    #[test]
+    fn leaving_right_after_joining_a_big_topic_is_found_at_once() {
+        use std::sync::Arc;
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let conn = |id| {
+            let s = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+            Arc::new(crate::runtime::conn::for_test(s, crate::ClientId::new(id)))
+        };
+        let (crowd, churner) = (conn(1), conn(2));
+        let mut subs = super::Subs::One(Arc::clone(&crowd));
+        for _ in 1..100_000 {
+            subs.push(Arc::clone(&crowd));
+        }
+        for _ in 0..3 {
+            subs.push(Arc::clone(&churner));
+            EXAMINED.with(|n| n.set(0));
+            assert!(subs.remove(&churner));
+            assert_eq!(EXAMINED.with(|n| n.get()), 1);
+            assert_eq!(subs.as_slice().len(), 100_000);
+        }
+    }
 
     fn join(server: &WebSocketServer) -> (TcpStream, crate::Client) {
         let mut s = TcpStream::connect(server.local_addr()).unwrap();
