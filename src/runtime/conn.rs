@@ -407,7 +407,7 @@ impl<T: Send + Sync + 'static> Conn<T> {
     }
 
     /// What the outgoing queue holds, as flow control counts it.
-    pub(crate) fn queued(&self) -> usize {
+    pub(crate) fn queued_cost(&self) -> usize {
         self.io.lock().out.cost()
     }
 

@@ -643,7 +643,7 @@ fn handle<T: Send + Sync + 'static>(
             // without bound; over the hard limit, pongs are skipped (RFC
             // 6455 section 5.5.3 lets an endpoint answer only the most
             // recent ping).
-            if conn.queued() <= shared.marks.hard {
+            if conn.queued_cost() <= shared.marks.hard {
                 let _ = conn.send_control(shared, OpCode::Pong, &payload);
             }
         }
