@@ -584,11 +584,12 @@ impl<T: Send + Sync + 'static> Builder<T> {
     /// [`slow_client_policy`](Builder::slow_client_policy), the client is
     /// closed). The limit in force is at least `high_water +
     /// max_message_size + 1 KiB`, so that a reply to any message fits:
-    /// only fan-out can meet it. With [`compression`](Builder::compression)
+    /// only fan-out (and, from a main loop, replies larger than their
+    /// messages) can meet it. With [`compression`](Builder::compression)
     /// that may send a message larger than it is (context takeover, or
     /// `skip_incompressible(false)`), it is raised by what compression can
-    /// add too: an eighth of `max_message_size` at level 1, a little at
-    /// the other levels. Default: 1 MiB (so 1 MiB + 129 KiB with
+    /// add too: an eighth of `max_message_size` and a little (nine bits a
+    /// byte at worst, and the blocks' headers). Default: 1 MiB (so 1 MiB + 129 KiB with
     /// the other defaults; [`Config::max_backpressure`] tells).
     pub fn max_backpressure(mut self, bytes: usize) -> Self {
         self.config.max_backpressure = bytes;

@@ -597,3 +597,77 @@ fn echo_grown_messages(high: usize) {
     );
     assert_eq!(refused.load(Ordering::SeqCst), 0, "echoes refused");
 }
+
+/// The main-loop style's guarantee under compression that grows a
+/// message: a main loop far behind a client, answering each message with
+/// one reply of the same bytes, is never refused. An event was charged
+/// its message's length, but the reply can be an eighth larger at level 1
+/// with context takeover, so answering the events a paused client held
+/// took its queue past the hard limit (the margin covers one message's
+/// growth). A message is now charged as the reply it may become.
+#[test]
+fn a_main_loop_far_behind_is_never_refused_a_grown_reply() {
+    use std::time::Duration;
+    const SIZE: usize = 1 << 16;
+    let server = WebSocketServer::builder()
+        .high_water(64 << 20)
+        .low_water(16 << 20)
+        .event_queue_bytes(1 << 30)
+        .max_message_size(SIZE)
+        .max_backpressure(0)
+        .compression(Some(Compression::default().context_takeover(true).level(1)))
+        .start("127.0.0.1:0")
+        .unwrap();
+    // Never reads: every reply stays queued.
+    let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    sock.set_recv_buffer_size(4096).unwrap();
+    sock.connect(&server.local_addr().into()).unwrap();
+    let mut s: TcpStream = sock.into();
+    s.set_read_timeout(Some(WAIT)).unwrap();
+    let req = REQUEST.replace("\r\n\r\n", &format!("\r\n{PDE}\r\n\r\n"));
+    s.write_all(req.as_bytes()).unwrap();
+    let head = read_101(&mut s);
+    assert_eq!(extensions(&head), Some("permessage-deflate"));
+    // Bytes 144 to 255, nine bits each at level 1; 64 KiB apart, repeats
+    // are beyond the window.
+    let one = frame(
+        0x82,
+        &(0..SIZE as u64)
+            .map(|k| 144 + (mix(k) >> 17) as u8 % 112)
+            .collect::<Vec<_>>(),
+    );
+    let mut w = s.try_clone().unwrap();
+    let writer = std::thread::spawn(move || {
+        w.set_write_timeout(Some(Duration::from_secs(3))).unwrap();
+        // Stops when the server stops reading (paused at high water).
+        for _ in 0..2000 {
+            if w.write_all(&one).is_err() {
+                return;
+            }
+        }
+    });
+    let client = match server.recv_timeout(WAIT) {
+        Ok(enjent::Event::Connect { client }) => client,
+        other => panic!("{other:?}"),
+    };
+    // Far behind: the client is paused at high water before its first
+    // message is answered.
+    assert!(eventually(Duration::from_secs(30), || server
+        .stats()
+        .read_pauses
+        > 0));
+    let (mut echoed, mut refused) = (0, 0);
+    while let Ok(event) = server.events().recv_timeout(Duration::from_millis(500)) {
+        if let enjent::Event::Message { message, .. } = event {
+            match client.send(message) {
+                Ok(_) => echoed += 1,
+                Err(e) if matches!(e.error(), Error::Backpressure { .. }) => refused += 1,
+                Err(e) => panic!("{e:?}"),
+            }
+        }
+    }
+    writer.join().unwrap();
+    eprintln!("{echoed} replies queued, {refused} refused");
+    assert!(echoed >= 900, "only {echoed} messages came");
+    assert_eq!(refused, 0, "replies refused after {echoed}");
+}

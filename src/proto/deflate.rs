@@ -104,30 +104,25 @@ impl Compression {
 
     /// The most these settings can make a message of `len` bytes grow:
     /// nothing when a message that compression does not shrink goes out
-    /// plain; else, at level 1, an eighth (zlib's quick mode writes only
-    /// fixed-Huffman blocks, nine bits for each byte from 144 up), and at
-    /// the other levels under 1/256 (measured: 2.2 per thousand at most,
-    /// with a 512-byte window, where blocks cannot be stored; far less
-    /// with larger windows). Each with room for a short message's block
-    /// headers and ends.
+    /// plain; else an eighth, and the blocks' headers. zlib sends each
+    /// block the smallest of stored, fixed-Huffman and its own tree, and
+    /// fixed Huffman takes at most nine bits a byte (a literal from 144
+    /// up; a match takes less). Stored blocks, the usual answer to noise,
+    /// add 5 B in 16 KiB or more, but they cannot be used with windows
+    /// under 32 KiB, and level 1 (zlib's quick mode) writes fixed blocks
+    /// only, so an eighth is what it comes to there.
     pub(crate) fn worst_growth(&self, len: usize) -> usize {
-        growth(
-            self.level,
-            self.context_takeover || !self.skip_incompressible,
-            len,
-        )
+        growth(self.context_takeover || !self.skip_incompressible, len)
     }
 }
 
 /// See [`Compression::worst_growth`]; `may_grow`: whether a message that
 /// compression does not shrink is sent compressed all the same.
-fn growth(level: u8, may_grow: bool, len: usize) -> usize {
-    if !may_grow {
-        0
-    } else if level == 1 {
-        len / 8 + 256
+fn growth(may_grow: bool, len: usize) -> usize {
+    if may_grow {
+        len / 8 + len / 4096 + 256
     } else {
-        len / 256 + 256
+        0
     }
 }
 
@@ -334,7 +329,7 @@ impl Deflater {
             return len;
         }
         let may_grow = self.context.is_some() || !self.skip_incompressible;
-        len.saturating_add(growth(self.level, may_grow, len))
+        len.saturating_add(growth(may_grow, len))
     }
 
     /// The window size, for sharing one compressed broadcast frame among
@@ -597,6 +592,14 @@ mod tests {
         };
         let worst: Vec<u8> = (0..300_000).map(|_| 144 + (next() % 112) as u8).collect();
         let noise: Vec<u8> = (0..300_000).map(|_| next() as u8).collect();
+        // Worst bytes with three-byte matches far back (the longest
+        // distance codes) mixed in.
+        let mut far = worst.clone();
+        for k in 40_000..far.len() {
+            if k % 7 < 3 {
+                far[k] = far[k - 32_000 + (k % 7)];
+            }
+        }
         for level in 0..=9 {
             let config = Compression::default().context_takeover(true).level(level);
             for bits in [9, 10, 12, 15] {
@@ -606,7 +609,7 @@ mod tests {
                     server_max_window_bits: bits,
                 };
                 let d = Deflater::new(&agreed, &config);
-                for data in [&worst, &noise] {
+                for data in [&worst, &noise, &far] {
                     for len in [300, 70_000, 300_000] {
                         let bound = len + config.worst_growth(len);
                         let fresh = compress_fresh(bits, level, &data[..len]).len();

@@ -512,11 +512,17 @@ impl<T: Send + Sync + 'static> Conn<T> {
 
     /// The most bytes a message of `len` bytes takes as a frame here.
     fn frame_bound(&self, len: usize) -> usize {
+        self.payload_bound(len).saturating_add(14)
+    }
+
+    /// The most bytes a message of `len` bytes is sent as here (more than
+    /// `len` only with compression that may grow it).
+    pub(crate) fn payload_bound(&self, len: usize) -> usize {
         #[cfg(feature = "deflate")]
         if let Some(d) = &self.deflater {
-            return d.worst_len(len).saturating_add(14);
+            return d.worst_len(len);
         }
-        len.saturating_add(14)
+        len
     }
 
     fn send_data(

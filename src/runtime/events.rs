@@ -24,7 +24,9 @@ use crate::runtime::conn::Conn;
 /// the same payload costs in the client's queue (its header and two
 /// pieces, see `flow::CHUNK_COST`): a main loop that answers the events a
 /// paused client holds, one reply each, never makes the client hold more
-/// than when it paused, so its replies stay under the hard limit.
+/// than when it paused, so its replies stay under the hard limit. (A
+/// message is charged as the reply it may become: with compression that
+/// can grow it, more than its length, see `Conn::payload_bound`.)
 pub(crate) const EVENT_COST: usize = 2 * crate::runtime::flow::CHUNK_COST + 16;
 
 /// An event and the bytes it was charged.
@@ -109,7 +111,7 @@ impl<T: Send + Sync + 'static> EventQueue<T> {
         }
         let charge = EVENT_COST
             + match &event {
-                Event::Message { message, .. } => message.len(),
+                Event::Message { message, .. } => conn.payload_bound(message.len()),
                 _ => 0,
             };
         let guard = self.tx.read();
@@ -226,7 +228,7 @@ impl<T: Send + Sync + 'static> Staged<'_, T> {
     /// Charge `message` to its connection and the budget now, and keep it
     /// for [`Staged::send`].
     pub(crate) fn stage(&mut self, message: crate::message::Message) {
-        let charge = EVENT_COST + message.len();
+        let charge = EVENT_COST + self.conn.payload_bound(message.len());
         self.conn.io.lock().events += charge;
         self.queue.bytes.fetch_add(charge, Ordering::Relaxed);
         self.list.push(Envelope {
@@ -297,7 +299,7 @@ mod tests {
                 let sizes: Vec<usize> = list
                     .iter()
                     .map(|e| match &e.event {
-                        Event::Message { message, .. } => message.len(),
+                        Event::Message { message, .. } => conn.payload_bound(message.len()),
                         _ => panic!("not a message"),
                     })
                     .collect();

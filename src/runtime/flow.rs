@@ -11,10 +11,13 @@
 //!   `Drain` is due if a send was refused meanwhile;
 //! - over the **hard limit**, a data frame is refused (handed back to the
 //!   caller) or the client is closed, per policy. The hard limit is at
-//!   least `high + max_message_size + HEADROOM`, so a handler that answers
-//!   each message with one of about its size never meets it: the gate
-//!   stopped dispatching before it could. Only fan-out (sends to a client
-//!   other than the one being answered) can.
+//!   least `high + max_message_size + HEADROOM`, and what compression can
+//!   add to a message when it may send one larger than it is, so a
+//!   handler that answers each message with one of about its size never
+//!   meets it: the gate stopped dispatching before it could (a main
+//!   loop's events count on their client as large as their replies may
+//!   be). Only fan-out (sends to a client other than the one being
+//!   answered) and a main loop's replies larger than their messages can.
 //!
 //! The read gate (`service.rs`), `send` (`conn.rs`) and the event channel
 //! (`events.rs`) all consult [`Marks`]; the outgoing queue keeps its own
@@ -35,7 +38,8 @@ use crate::stats::Counters;
 pub(crate) const CHUNK_COST: usize = 64;
 
 /// Room above `high + max_message_size` in the hard limit: a reply's
-/// frame header, a pong or two, and compression that did not pay.
+/// frame header, and a pong or two. (What compression can add is counted
+/// apart, see `Config::hard_limit`.)
 pub(crate) const HEADROOM: usize = 1024;
 
 /// The three marks, in bytes a connection holds.
