@@ -439,3 +439,77 @@ fn on_http_answers_one_request_per_connection() {
     assert!(out.ends_with("page /one"), "{out}");
     assert_eq!(out.matches("HTTP/1.1").count(), 1, "{out}");
 }
+
+/// Was a bug: a refusal from a worker (the strategy's `Err`, a request
+/// refused by its content) was written with one non-blocking write, so a
+/// long body (a strategy's 403 page) reached a client that did not read
+/// at once cut short, though its head announced it whole. It is now
+/// written as the socket drains, as `on_http`'s answers are. And a `HEAD`
+/// request's refusal has no body.
+#[test]
+fn a_long_refusal_reaches_a_slow_reader_whole() {
+    let page = "x".repeat(8 << 20);
+    let server = WebSocketServer::with_client_init(move |_| -> Result<(), Reject> {
+        Err(Reject::forbidden(page.clone()))
+    })
+    .workers(2)
+    .start("127.0.0.1:0")
+    .unwrap();
+    let addr = server.local_addr();
+    let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    s.set_recv_buffer_size(4096).unwrap();
+    s.connect(&addr.into()).unwrap();
+    let mut s: TcpStream = s.into();
+    s.write_all(REQUEST.as_bytes()).unwrap();
+    // Not reading yet: the kernel takes a little of the answer.
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    s.set_read_timeout(Some(WAIT)).unwrap();
+    let mut got = Vec::new();
+    s.read_to_end(&mut got).unwrap();
+    let at = got
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .expect("a head")
+        + 4;
+    let head = String::from_utf8_lossy(&got[..at]);
+    assert_eq!(status(&head), 403, "{head}");
+    assert!(head.contains("Content-Length: 8388608\r\n"), "{head}");
+    assert_eq!(got.len() - at, 8 << 20, "the body came cut short");
+    assert!(got[at..].iter().all(|&b| b == b'x'));
+
+    // HEAD: refused by its method (405), with no body after the head.
+    let mut h = raw(addr);
+    h.write_all(REQUEST.replacen("GET", "HEAD", 1).as_bytes())
+        .unwrap();
+    let mut got = Vec::new();
+    h.read_to_end(&mut got).unwrap();
+    let text = String::from_utf8_lossy(&got);
+    assert_eq!(status(&text), 405, "{text}");
+    assert!(
+        text.ends_with("\r\n\r\n"),
+        "a body after the head: {text:?}"
+    );
+}
+
+/// Was a bug: a last `X-Forwarded-For` line that is not UTF-8 was
+/// skipped, so an earlier line, which the client may have written, gave
+/// the forwarded address. Now such a request has none.
+#[test]
+fn a_forwarded_for_line_that_is_not_utf8_is_not_skipped() {
+    let server = WebSocketServer::builder()
+        .trust_proxy(true)
+        .start("127.0.0.1:0")
+        .unwrap();
+    let mut req = REQUEST
+        .replace(
+            "\r\n\r\n",
+            "\r\nX-Forwarded-For: 6.6.6.6\r\nX-Forwarded-For: ",
+        )
+        .into_bytes();
+    req.extend_from_slice(b"\xff, 203.0.113.7\r\n\r\n");
+    let mut s = raw(server.local_addr());
+    s.write_all(&req).unwrap();
+    read_101(&mut s);
+    let c = expect_connect(&server);
+    assert_eq!(c.forwarded_addr(), None);
+}

@@ -146,16 +146,18 @@ fn handshake_inner<T: Send + Sync + 'static>(shared: &Arc<Shared<T>>, mut p: Box
         p.buf = Vec::new();
         return continue_http(shared, p);
     }
+    let head_only = request.method() == "HEAD";
     if let Err(reject) = refuse_by_content(shared, &mut request) {
-        return abort_handshake(shared, *p, Some(&reject));
+        return refuse_in_full(shared, p, &reject, head_only);
     }
     let mut answer = Response::for_request(&request);
     let data = match catch_unwind(AssertUnwindSafe(|| (shared.init)(&request, &mut answer))) {
         Ok(Ok(data)) => data,
-        Ok(Err(reject)) => return abort_handshake(shared, *p, Some(&reject)),
+        Ok(Err(reject)) => return refuse_in_full(shared, p, &reject, head_only),
         Err(panic) => {
             shared.report_panic("client-init strategy", None, panic.as_ref());
-            return abort_handshake(shared, *p, Some(&Reject::new(500).body("internal error")));
+            let reject = Reject::new(500).body("internal error");
+            return refuse_in_full(shared, p, &reject, head_only);
         }
     };
     answer.prefer(&shared.config.protocols);
@@ -270,7 +272,10 @@ fn forwarded_ip(request: &Request, header: &str) -> Option<IpAddr> {
         .filter(|(n, _)| n.eq_ignore_ascii_case(header))
         .map(|(_, v)| std::str::from_utf8(v).ok());
     let entry = if header.eq_ignore_ascii_case("X-Forwarded-For") {
-        values.flatten().flat_map(|v| v.split(',')).last()?
+        // The last element of the last line is the nearest proxy's. A
+        // last line that is not UTF-8 gives none, rather than letting an
+        // earlier line, which the client may have written, stand in.
+        values.last()??.rsplit(',').next()?
     } else if header.eq_ignore_ascii_case("Forwarded") {
         // The last element of the last line is the nearest proxy's, found
         // from the end: what a client wrote before it, even a quote left
@@ -396,6 +401,25 @@ fn park_handshake<T>(shared: &Arc<Shared<T>>, mut p: Box<Pending>, want: Interes
             Some(&Reject::new(503).body("server shutting down")),
         );
     }
+}
+
+/// Refuse a handshake from a worker with the whole answer, however long
+/// its body (a strategy's 401 or 403 page, say): what the socket does not
+/// take at once is written as the socket drains, as `on_http`'s answers
+/// are, until the handshake deadline. (`abort_handshake`'s one write is
+/// for the short answers of the threads that must not wait.)
+fn refuse_in_full<T>(
+    shared: &Arc<Shared<T>>,
+    mut p: Box<Pending>,
+    reject: &Reject,
+    head_only: bool,
+) {
+    // Counted first, so that whoever reads the answer sees the count.
+    shared.counters.refused(reject.status_sent());
+    p.out = reject.to_response_for(head_only);
+    p.sent = 0;
+    p.buf = Vec::new();
+    continue_http(shared, p);
 }
 
 /// Write what is left of a plain HTTP answer without blocking: a slow

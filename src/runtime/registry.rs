@@ -121,6 +121,10 @@ impl<T> Slab<T> {
     }
 }
 
+/// Expired handshakes one sweep takes; the rest wait for the next pass,
+/// which comes at once (their deadlines are booked).
+pub(crate) const EXPIRED_PER_SWEEP: usize = 256;
+
 pub(crate) struct Registry<T> {
     slab: Mutex<Slab<T>>,
     emptied: Condvar,
@@ -300,6 +304,11 @@ impl<T> Registry<T> {
     /// handshakes and readiness events wait for at most a chunk's worth,
     /// and chunks with nothing in use are skipped. (`expired` holds boxes:
     /// the poller keeps its capacity, a word an entry.)
+    ///
+    /// At most [`EXPIRED_PER_SWEEP`] expired handshakes are taken: the
+    /// poller answers each `408` itself (some system calls each), and a
+    /// crowd that came in one tick would otherwise hold readiness and
+    /// every other timer for all of its answers at once.
     #[allow(clippy::vec_box)]
     pub(crate) fn sweep(
         &self,
@@ -337,9 +346,11 @@ impl<T> Registry<T> {
                         let at = pending
                             .as_ref()
                             .map_or(0, |p| handshake_deadline_ms(started, p.deadline));
-                        if at <= now_ms {
+                        if at <= now_ms && expired.len() < EXPIRED_PER_SWEEP {
                             expired.extend(pending.take());
                         } else {
+                            // Later, or past the sweep's share: booked, so
+                            // the next pass (at once, if it is due) takes it.
                             earliest = earliest.min(at);
                         }
                     }
@@ -511,5 +522,37 @@ mod tests {
         assert_eq!(expired.len(), 1);
         assert_eq!(expired[0].key, waiting);
         assert_eq!(timers.next(), Some(3_000));
+    }
+
+    /// A crowd of handshakes expiring at once is answered a share per
+    /// sweep, each sweep booking the rest as due, until none is left.
+    #[test]
+    fn a_sweep_takes_a_share_of_a_crowd_of_expired_handshakes() {
+        let r: Registry<()> = Registry::new();
+        let started = Instant::now();
+        let crowd = EXPIRED_PER_SWEEP * 2 + 10;
+        for _ in 0..crowd {
+            let k = r.reserve(usize::MAX, usize::MAX, LOCAL).unwrap();
+            r.park(pending(k, started + Duration::from_millis(500)), |_| ())
+                .unwrap();
+        }
+        let timers = Timers::new();
+        let (mut taken, mut expired) = (Vec::new(), Vec::new());
+        let mut sweeps = Vec::new();
+        let mut total = 0;
+        while total < crowd {
+            assert!(timers.start_sweep(1_000) || sweeps.is_empty());
+            r.sweep(1_000, started, &timers, &mut taken, &mut expired);
+            sweeps.push(expired.len());
+            total += expired.len();
+            expired.clear();
+            assert!(sweeps.len() <= 3, "{sweeps:?}");
+        }
+        assert_eq!(
+            sweeps,
+            [EXPIRED_PER_SWEEP, EXPIRED_PER_SWEEP, 10],
+            "handshakes per sweep"
+        );
+        assert_eq!(timers.next(), None, "nothing left to book");
     }
 }
