@@ -384,7 +384,7 @@ impl<T: Send + Sync + 'static> Client<T> {
     pub fn close(&self, code: CloseCode, reason: &str) -> Result<()> {
         let conn = self.inner.conn.upgrade().ok_or(Error::Closed)?;
         let shared = self.inner.shared.upgrade().ok_or(Error::Closed)?;
-        conn.close(&shared, code, reason)
+        conn.close_and_flush(&shared, code, reason)
     }
 
     /// Subscribe to `topic`, so that every [`publish`](Client::publish)

@@ -230,7 +230,7 @@ impl<T: Send + Sync + 'static> WebSocketServer<T> {
     /// As [`ServerHandle::close`].
     pub fn close(&self, id: ClientId, code: CloseCode, reason: &str) -> Result<()> {
         let conn = self.shared.registry.get(id).ok_or(Error::Closed)?;
-        conn.close(&self.shared, code, reason)
+        conn.close_and_flush(&self.shared, code, reason)
     }
 
     /// The client with this id, if connected.
@@ -393,7 +393,7 @@ impl<T: Send + Sync + 'static> ServerHandle<T> {
     pub fn close(&self, id: ClientId, code: CloseCode, reason: &str) -> Result<()> {
         let shared = self.shared()?;
         let conn = shared.registry.get(id).ok_or(Error::Closed)?;
-        conn.close(&shared, code, reason)
+        conn.close_and_flush(&shared, code, reason)
     }
 
     /// Ping one client.

@@ -175,3 +175,40 @@ fn closes_crossing_always_leave_the_client_a_close_frame() {
     }
     assert_eq!(missing, 0, "connections that ended without our close frame");
 }
+
+/// Was a bug: a close asked for while one of the client's own closures
+/// ran was only queued, for the job to write at its end; a closure slower
+/// than `close_timeout` then ended in the close timing out, with neither
+/// the close frame nor the message queued before it written (the client
+/// saw its connection end with nothing). Now the close writes what is
+/// queued at once.
+#[test]
+fn a_close_during_a_slow_closure_reaches_the_client_in_time() {
+    let slot: std::sync::Arc<std::sync::Mutex<Option<enjent::Client>>> = Default::default();
+    let kept = std::sync::Arc::clone(&slot);
+    let server = WebSocketServer::builder()
+        .workers(2)
+        .close_timeout(Duration::from_secs(1))
+        .on_connect(move |c| *kept.lock().unwrap() = Some(c.clone()))
+        .on_message(|_, m| {
+            if m.as_text() == Some("block") {
+                std::thread::sleep(Duration::from_secs(2));
+            }
+        })
+        .start("127.0.0.1:0")
+        .unwrap();
+    let mut s = raw_ws(server.local_addr());
+    assert!(eventually(WAIT, || slot.lock().unwrap().is_some()));
+    let c = slot.lock().unwrap().clone().unwrap();
+    s.write_all(&frame(0x81, b"block")).unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    c.send("x").unwrap();
+    c.close(CloseCode::new(4000), "bye").unwrap();
+    let (first, p) = read_frame(&mut s);
+    assert_eq!((first, p.as_slice()), (0x81, &b"x"[..]));
+    let (first, p) = read_frame(&mut s);
+    assert_eq!(first, 0x88);
+    assert_eq!(p, close_payload(4000, "bye"));
+    s.write_all(&frame(0x88, &close_payload(4000, ""))).unwrap();
+    assert!(closed_by_server(&mut s));
+}

@@ -676,6 +676,32 @@ impl<T: Send + Sync + 'static> Conn<T> {
         Ok(())
     }
 
+    /// A close asked for by the user (or by shutdown), outside any lock:
+    /// as [`Conn::close`], and if a job owns the connection and nobody is
+    /// writing, what is queued, the close frame last, is written now. The
+    /// job would write it only at its end, and one of the client's own
+    /// closures may run past `close_timeout` (the close frame never
+    /// written, the peer dropped for not answering it).
+    pub(crate) fn close_and_flush(
+        self: &Arc<Self>,
+        shared: &Arc<Shared<T>>,
+        code: CloseCode,
+        reason: &str,
+    ) -> Result<()> {
+        self.close(shared, code, reason)?;
+        let mut w = self.io.lock();
+        if w.job_running
+            && !w.writing
+            && !w.finished
+            && w.write_error.is_none()
+            && !w.out.is_empty()
+        {
+            w.writing = true;
+            self.flush_holding_token(shared, w);
+        }
+        Ok(())
+    }
+
     /// A send was refused for backpressure: under the `Close` policy, the
     /// client goes (after what is queued, within `close_timeout`).
     fn over_limit(self: &Arc<Self>, shared: &Arc<Shared<T>>) {

@@ -445,7 +445,7 @@ impl<T: Send + Sync + 'static> Shared<T> {
             }
         }
         for conn in shared.registry.snapshot() {
-            let _ = conn.close(shared, CloseCode::GOING_AWAY, "server shutdown");
+            let _ = conn.close_and_flush(shared, CloseCode::GOING_AWAY, "server shutdown");
         }
         let patience = shared
             .config
