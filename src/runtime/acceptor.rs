@@ -119,6 +119,7 @@ pub(crate) fn run<T: Send + Sync + 'static>(shared: Arc<Shared<T>>, listener: Tc
             sent: 0,
             registered: !arrived && !gone,
             read_dry,
+            parsed: 0,
         });
         if gone {
             // Left (or reset) before sending a byte: nothing to answer.

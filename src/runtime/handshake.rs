@@ -95,11 +95,6 @@ fn handshake_inner<T: Send + Sync + 'static>(shared: &Arc<Shared<T>>, mut p: Box
     // What the accept thread read held all that had come: a whole request
     // needs no read (which would find nothing); part of one parks below,
     // and the poller says when more comes.
-    // Where this job's bytes start: a request sent in small pieces is
-    // parsed again only once a line has ended, not on every piece (which
-    // made a head trickled a byte at a time cost parsing that grows with
-    // the square of its size).
-    let fresh_from = if p.read_dry { 0 } else { p.buf.len() };
     let read = if std::mem::take(&mut p.read_dry) {
         Ok(true)
     } else {
@@ -127,7 +122,11 @@ fn handshake_inner<T: Send + Sync + 'static>(shared: &Arc<Shared<T>>, mut p: Box
         // The client left or the socket broke before the request was in.
         Ok(false) | Err(_) => return abort_handshake(shared, *p, None),
     };
-    if !ended && fresh_from > 0 && p.buf.len() <= max && !p.buf[fresh_from..].contains(&b'\n') {
+    // A request sent in small pieces is parsed again only once a line has
+    // ended after what the last parse saw, not on every piece (which made
+    // a head trickled a byte at a time cost parsing that grows with the
+    // square of its size).
+    if !ended && p.parsed > 0 && p.buf.len() <= max && !p.buf[p.parsed..].contains(&b'\n') {
         park_handshake(shared, p, Interest::readable(0));
         return;
     }
@@ -136,6 +135,7 @@ fn handshake_inner<T: Send + Sync + 'static>(shared: &Arc<Shared<T>>, mut p: Box
         // Part of a request, and no more can come.
         Ok(None) if ended => return abort_handshake(shared, *p, None),
         Ok(None) => {
+            p.parsed = p.buf.len();
             park_handshake(shared, p, Interest::readable(0));
             return;
         }

@@ -66,6 +66,9 @@ pub(crate) struct Pending {
     /// read, by the accept thread): the handshake job parses it before it
     /// reads again, and reads only if the request is not whole.
     pub(crate) read_dry: bool,
+    /// How much of `buf` a parse has seen and found short of a whole
+    /// head: the next parse waits for a line to end after it.
+    pub(crate) parsed: usize,
 }
 
 /// A slot, with the generation that keys to it must carry: three kinds
@@ -470,6 +473,7 @@ mod tests {
             sent: 0,
             registered: false,
             read_dry: false,
+            parsed: 0,
         })
     }
 
