@@ -570,3 +570,77 @@ fn an_http_answer_outside_200_to_599_is_sent_as_500() {
     );
     assert_eq!(status_of(&response), 500, "{response}");
 }
+
+/// A request sent in pieces is parsed again only when a line has ended;
+/// what goes wrong inside a line not yet ended is still answered with
+/// its own status: a bad byte in a header name gets `400` (at the
+/// handshake's deadline, not `408`), and a head that reaches
+/// `max_handshake_bytes` inside a line gets `431` at once.
+#[test]
+fn a_request_that_goes_wrong_mid_line_gets_its_own_status() {
+    use std::io::Read;
+    let server = enjent::WebSocketServer::builder()
+        .handshake_timeout(Duration::from_secs(1))
+        .max_handshake_bytes(1024)
+        .start("127.0.0.1:0")
+        .unwrap();
+    let addr = server.local_addr();
+    let answer = |s: &mut std::net::TcpStream| {
+        s.set_read_timeout(Some(WAIT)).unwrap();
+        let mut got = Vec::new();
+        let _ = s.read_to_end(&mut got);
+        String::from_utf8_lossy(&got).into_owned()
+    };
+
+    let mut s = raw(addr);
+    s.write_all(b"GET / HTTP/1.1\r\nHost: a\r\n").unwrap();
+    std::thread::sleep(Duration::from_millis(100));
+    s.write_all(b"Bad\x01Name: x").unwrap();
+    assert_eq!(status_of(&answer(&mut s)), 400);
+
+    // Exactly the limit, the last line not ended: no more may come.
+    let mut s = raw(addr);
+    let start = b"GET / HTTP/1.1\r\nHost: a\r\nX-Pad: ";
+    s.write_all(start).unwrap();
+    std::thread::sleep(Duration::from_millis(100));
+    s.write_all(&vec![b'p'; 1024 - start.len()]).unwrap();
+    let started = std::time::Instant::now();
+    let text = answer(&mut s);
+    assert_eq!(status_of(&text), 431, "{text}");
+    assert!(
+        started.elapsed() < Duration::from_millis(900),
+        "answered at the deadline, after {:?}",
+        started.elapsed()
+    );
+}
+
+/// A `HEAD` upgrade request that no worker took before its deadline is
+/// refused by the readiness loop as a worker would refuse it (`405`),
+/// with the head and no body.
+#[test]
+fn a_head_request_refused_by_the_readiness_loop_has_no_body() {
+    use std::io::Read;
+    let server = enjent::WebSocketServer::builder()
+        .workers(1)
+        .handshake_timeout(Duration::from_millis(500))
+        .on_message(|_, _| std::thread::sleep(Duration::from_millis(1500)))
+        .start("127.0.0.1:0")
+        .unwrap();
+    let addr = server.local_addr();
+    // The only worker is held by a slow closure.
+    let mut busy = raw_ws(addr);
+    busy.write_all(&frame(0x81, b"hold")).unwrap();
+    std::thread::sleep(Duration::from_millis(100));
+    let mut s = raw(addr);
+    s.write_all(REQUEST.replacen("GET", "HEAD", 1).as_bytes())
+        .unwrap();
+    s.set_read_timeout(Some(WAIT)).unwrap();
+    let mut got = Vec::new();
+    let _ = s.read_to_end(&mut got);
+    let text = String::from_utf8_lossy(&got);
+    assert_eq!(status_of(&text), 405, "{text}");
+    assert!(
+        text.ends_with("\r\n\r\n"),
+        "a body after the head: {text:?}"
+    );
+}

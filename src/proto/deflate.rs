@@ -120,7 +120,7 @@ impl Compression {
 /// compression does not shrink is sent compressed all the same.
 fn growth(may_grow: bool, len: usize) -> usize {
     if may_grow {
-        len / 8 + len / 4096 + 256
+        len / 8 + len / 4096 + 64
     } else {
         0
     }
@@ -610,7 +610,7 @@ mod tests {
                 };
                 let d = Deflater::new(&agreed, &config);
                 for data in [&worst, &noise, &far] {
-                    for len in [300, 70_000, 300_000] {
+                    for len in [0, 1, 300, 70_000, 300_000] {
                         let bound = len + config.worst_growth(len);
                         let fresh = compress_fresh(bits, level, &data[..len]).len();
                         assert!(

@@ -23,13 +23,24 @@ use crate::runtime::{Shared, panic_close};
 use crate::stats::Counters;
 
 pub(crate) fn abort_handshake<T>(shared: &Shared<T>, p: Pending, answer: Option<&Reject>) {
+    abort_handshake_for(shared, p, answer, false);
+}
+
+/// [`abort_handshake`], for a `HEAD` request (`head_only`: the answer's
+/// head without its body) or not.
+pub(crate) fn abort_handshake_for<T>(
+    shared: &Shared<T>,
+    p: Pending,
+    answer: Option<&Reject>,
+    head_only: bool,
+) {
     // Midway through a plain HTTP answer, nothing else can be said.
     let answer = answer.filter(|_| p.out.is_empty());
     if let Some(reject) = answer {
         // Counted first, so that whoever reads the answer sees the count.
         shared.counters.refused(reject.status_sent());
         // Best effort: the socket is non-blocking and the answer small.
-        let _ = (&p.stream).write(&reject.to_response());
+        let _ = (&p.stream).write(&reject.to_response_for(head_only));
         let _ = p.stream.shutdown(Shutdown::Write);
         // Input left unread at close makes the kernel reset the
         // connection, which can destroy the answer before the client
@@ -126,7 +137,7 @@ fn handshake_inner<T: Send + Sync + 'static>(shared: &Arc<Shared<T>>, mut p: Box
     // ended after what the last parse saw, not on every piece (which made
     // a head trickled a byte at a time cost parsing that grows with the
     // square of its size).
-    if !ended && p.parsed > 0 && p.buf.len() <= max && !p.buf[p.parsed..].contains(&b'\n') {
+    if !ended && p.parsed > 0 && p.buf.len() < max && !p.buf[p.parsed..].contains(&b'\n') {
         park_handshake(shared, p, Interest::readable(0));
         return;
     }
@@ -153,6 +164,7 @@ fn handshake_inner<T: Send + Sync + 'static>(shared: &Arc<Shared<T>>, mut p: Box
         Counters::add(&shared.counters.http_answered, 1);
         p.out = answer.to_response_for(head_only);
         p.buf = Vec::new();
+        p.parsed = 0;
         return continue_http(shared, p);
     }
     let head_only = request.method() == "HEAD";
@@ -428,6 +440,7 @@ fn refuse_in_full<T>(
     p.out = reject.to_response_for(head_only);
     p.sent = 0;
     p.buf = Vec::new();
+    p.parsed = 0;
     continue_http(shared, p);
 }
 

@@ -17,7 +17,9 @@ use polling::{Event as Interest, Events, Poller};
 use crate::proto::handshake::{Reject, parse_http};
 use crate::runtime::Shared;
 use crate::runtime::conn::{Conn, claim, claim_event};
-use crate::runtime::handshake::{abort_handshake, handshake, refuse_by_content};
+use crate::runtime::handshake::{
+    abort_handshake, abort_handshake_for, handshake, refuse_by_content,
+};
 use crate::runtime::registry::{Found, Pending, handshake_deadline_ms};
 use crate::runtime::service::service;
 
@@ -145,11 +147,13 @@ pub(crate) fn run<T: Send + Sync + 'static>(shared: Arc<Shared<T>>) {
                 }
             }
             for p in expired.drain(..) {
-                abort_handshake(
-                    &shared,
-                    *p,
-                    Some(&Reject::new(408).body("handshake timed out")),
-                );
+                // A request that went wrong in a line not yet ended (the
+                // job parses again only at a line's end) gets its error.
+                let answer = match parse_http(&p.buf, shared.config.max_handshake_bytes) {
+                    Err(reject) => reject,
+                    Ok(_) => Reject::new(408).body("handshake timed out"),
+                };
+                abort_handshake(&shared, *p, Some(&answer));
             }
             if !ready.is_empty() {
                 dispatch(&shared, &mut ready);
@@ -305,7 +309,9 @@ fn abort_queued_handshake<T: Send + Sync + 'static>(shared: &Arc<Shared<T>>, mut
                 .body("server busy: no worker took the handshake before its deadline")
         }
     };
-    let answer = match parse_http(&p.buf, max) {
+    let parsed = parse_http(&p.buf, max);
+    let head_only = matches!(&parsed, Ok(Some((r, _))) if r.method() == "HEAD");
+    let answer = match parsed {
         // Only what needs user code (`on_http`, the client-init strategy)
         // is left unanswered for being busy; a request a worker would
         // refuse for its content is refused as the worker would.
@@ -323,7 +329,7 @@ fn abort_queued_handshake<T: Send + Sync + 'static>(shared: &Arc<Shared<T>>, mut
         Ok(None) => Reject::new(408).body("handshake timed out"),
         Err(reject) => reject,
     };
-    abort_handshake(shared, p, Some(&answer));
+    abort_handshake_for(shared, p, Some(&answer), head_only);
 }
 
 /// Ready work waiting for a worker, shared by the pool jobs that drain it.
