@@ -585,7 +585,7 @@ impl<T: Send + Sync + 'static> Builder<T> {
     /// closed). The limit in force is at least `high_water +
     /// max_message_size + 1 KiB`, so that a reply to any message fits:
     /// only fan-out (and, from a main loop, replies larger than their
-    /// messages) can meet it. With [`compression`](Builder::compression)
+    /// messages) can meet it. With compression (the `deflate` feature)
     /// that may send a message larger than it is (context takeover, or
     /// `skip_incompressible(false)`), it is raised by what compression can
     /// add too: an eighth of `max_message_size` and a little (nine bits a
