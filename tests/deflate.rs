@@ -89,6 +89,22 @@ fn echo_server(configure: impl FnOnce(enjent::Builder) -> enjent::Builder) -> We
     .unwrap()
 }
 
+/// A client past an upgrade that agreed on compression, with a receive
+/// window of a few KiB: what it has not read waits in the server's queue,
+/// not in the kernel.
+fn small_window_with_compression(addr: SocketAddr) -> TcpStream {
+    let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    sock.set_recv_buffer_size(4096).unwrap();
+    sock.connect(&addr.into()).unwrap();
+    let mut s: TcpStream = sock.into();
+    s.set_read_timeout(Some(WAIT)).unwrap();
+    let req = REQUEST.replace("\r\n\r\n", &format!("\r\n{PDE}\r\n\r\n"));
+    s.write_all(req.as_bytes()).unwrap();
+    let head = read_101(&mut s);
+    assert_eq!(extensions(&head), Some("permessage-deflate"));
+    s
+}
+
 fn text_block(n: usize) -> String {
     "All work and no play makes Jack a dull boy. "
         .repeat(n / 44 + 1)
@@ -551,17 +567,8 @@ fn echo_grown_messages(high: usize) {
         })
         .start("127.0.0.1:0")
         .unwrap();
-    // A small receive window: what the client has not read waits in the
-    // server's queue, not in the kernel.
-    let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
-    sock.set_recv_buffer_size(4096).unwrap();
-    sock.connect(&server.local_addr().into()).unwrap();
-    let mut s: TcpStream = sock.into();
-    s.set_read_timeout(Some(WAIT)).unwrap();
-    let req = REQUEST.replace("\r\n\r\n", &format!("\r\n{PDE}\r\n\r\n"));
-    s.write_all(req.as_bytes()).unwrap();
-    let head = read_101(&mut s);
-    assert_eq!(extensions(&head), Some("permessage-deflate"));
+    // What the client has not read waits in the server's queue.
+    let mut s = small_window_with_compression(server.local_addr());
     let message = |i: usize| -> Vec<u8> {
         (0..SIZE)
             .map(|k| 144 + (mix((i * SIZE + k) as u64) >> 17) as u8 % 112)
@@ -619,15 +626,7 @@ fn a_main_loop_far_behind_is_never_refused_a_grown_reply() {
         .start("127.0.0.1:0")
         .unwrap();
     // Never reads: every reply stays queued.
-    let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
-    sock.set_recv_buffer_size(4096).unwrap();
-    sock.connect(&server.local_addr().into()).unwrap();
-    let mut s: TcpStream = sock.into();
-    s.set_read_timeout(Some(WAIT)).unwrap();
-    let req = REQUEST.replace("\r\n\r\n", &format!("\r\n{PDE}\r\n\r\n"));
-    s.write_all(req.as_bytes()).unwrap();
-    let head = read_101(&mut s);
-    assert_eq!(extensions(&head), Some("permessage-deflate"));
+    let s = small_window_with_compression(server.local_addr());
     // Bytes 144 to 255, nine bits each at level 1; 64 KiB apart, repeats
     // are beyond the window.
     let one = frame(

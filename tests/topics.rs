@@ -681,6 +681,17 @@ fn topic_limits_are_errors_and_subscribing_twice_is_not_new() {
 const FEED: &str = "feed";
 const SIZE: usize = 8 * 1024;
 
+/// Two workers and small flow-control limits: 16 KiB messages, high water
+/// 16 KiB, low 4 KiB, a 64 KiB hard limit.
+fn small_limits() -> enjent::Builder {
+    WebSocketServer::builder()
+        .workers(2)
+        .max_message_size(16 * 1024)
+        .high_water(16 * 1024)
+        .low_water(4 * 1024)
+        .max_backpressure(64 * 1024)
+}
+
 /// A server with small flow-control limits, a subscriber S that never
 /// reads (with a small receive window), and a subscriber F whose reader
 /// thread collects the message numbers up to a text "end" (and its
@@ -693,12 +704,7 @@ fn slow_and_fast(
     (TcpStream, Client),
     (thread::JoinHandle<io::Result<Vec<u32>>>, Client, TcpStream),
 ) {
-    let server = WebSocketServer::builder()
-        .workers(2)
-        .max_message_size(16 * 1024)
-        .high_water(16 * 1024)
-        .low_water(4 * 1024)
-        .max_backpressure(64 * 1024)
+    let server = small_limits()
         .slow_client_policy(policy)
         .start("127.0.0.1:0")
         .unwrap();
@@ -1490,12 +1496,7 @@ fn a_crowd_that_never_reads_is_refused_at_its_limits_and_a_reader_among_it_gets_
     within(Duration::from_secs(60), || {
         const CROWD: usize = 32;
         const TINY: usize = 4;
-        let server = WebSocketServer::builder()
-            .workers(2)
-            .max_message_size(16 * 1024)
-            .high_water(16 * 1024)
-            .low_water(4 * 1024)
-            .max_backpressure(64 * 1024)
+        let server = small_limits()
             // Its clients never send: no keepalive ping may reach the
             // readers, which take only publishes.
             .ping_interval(None)
