@@ -302,8 +302,9 @@ impl<T: Send + Sync + 'static> Client<T> {
     /// (see the crate docs) guarantees that answering each message from
     /// this client with one message of at most its size is never refused
     /// while the client reads (in a closure, of up to `max_message_size`):
-    /// the server stops reading a client whose queue passes high water. Sends beyond that (fan-out, a client that
-    /// stopped reading) meet the hard limit, `max_backpressure`.
+    /// the server stops reading a client whose queue passes high water.
+    /// Sends beyond that (fan-out, a client that stopped reading) meet the
+    /// hard limit, `max_backpressure`.
     ///
     /// # Errors
     ///

@@ -59,13 +59,13 @@
 //! client that keeps reading, however fast that client sends, because the
 //! hard limit in force is at least `high_water + max_message_size + 1
 //! KiB` (and what compression can add to a message, when it may send one
-//! larger than it is). A main loop has it for replies no larger than the messages they
-//! answer, each sent before it takes the next event: its events not yet
-//! taken count on their client at their own size, and a reply takes its
-//! event's place (each message is counted as large as its reply may be
-//! sent, compression's growth included). Only fan-out to clients that do
-//! not keep up, and a main loop's replies larger than their messages,
-//! meet it. The main loop's channel is bounded in bytes
+//! larger than it is). A main loop has it for replies no larger than the
+//! messages they answer, each sent before it takes the next event: its
+//! events not yet taken count on their client at their own size, and a
+//! reply takes its event's place (each message is counted as large as its
+//! reply may be sent, compression's growth included). Only fan-out to
+//! clients that do not keep up, and a main loop's replies larger than
+//! their messages, meet it. The main loop's channel is bounded in bytes
 //! ([`event_queue_bytes`](Builder::event_queue_bytes)): a slow loop makes
 //! the server stop reading, never grow. Threads outside the pool can wait
 //! for room with [`Client::send_timeout`].

@@ -299,7 +299,7 @@ mod tests {
                 let sizes: Vec<usize> = list
                     .iter()
                     .map(|e| match &e.event {
-                        Event::Message { message, .. } => conn.payload_bound(message.len()),
+                        Event::Message { message, .. } => message.len(),
                         _ => panic!("not a message"),
                     })
                     .collect();
