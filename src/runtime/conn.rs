@@ -689,15 +689,9 @@ impl<T: Send + Sync + 'static> Conn<T> {
         reason: &str,
     ) -> Result<()> {
         self.close(shared, code, reason)?;
-        let mut w = self.io.lock();
-        if w.job_running
-            && !w.writing
-            && !w.finished
-            && w.write_error.is_none()
-            && !w.out.is_empty()
-        {
-            w.writing = true;
-            self.flush_holding_token(shared, w);
+        let w = self.io.lock();
+        if w.job_running {
+            self.flush_unless_writing(shared, w);
         }
         Ok(())
     }
@@ -1055,7 +1049,16 @@ impl<T: Send + Sync + 'static> Conn<T> {
 
     /// Flush from a pool job on writable readiness.
     pub(crate) fn flush_from_job(self: &Arc<Self>, shared: &Arc<Shared<T>>) {
-        let mut w = self.io.lock();
+        self.flush_unless_writing(shared, self.io.lock());
+    }
+
+    /// Take the write token and flush, unless someone holds it or there
+    /// is nothing to write.
+    fn flush_unless_writing<'a>(
+        self: &'a Arc<Self>,
+        shared: &Arc<Shared<T>>,
+        mut w: parking_lot::MutexGuard<'a, WriteSide>,
+    ) {
         if w.writing || w.out.is_empty() || w.finished {
             return;
         }
