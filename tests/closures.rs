@@ -110,6 +110,58 @@ fn a_panicking_closure_closes_its_client_with_1011_and_the_server_goes_on() {
     assert_eq!(server.connections(), 1);
 }
 
+/// A closure that closes its client and then panics: the client gets the
+/// closure's close, not a 1011 after it, and the `Disconnect` reports what
+/// it would have without the panic. Before, it reported 1011 whenever the
+/// client did not answer the close.
+#[test]
+fn a_panic_after_a_closures_own_close_leaves_that_close_and_its_report() {
+    let (tx, rx) = mpsc::channel();
+    let t2 = tx.clone();
+    let server = WebSocketServer::builder()
+        .on_message(move |c, m| {
+            let text = m.as_text().unwrap().to_owned();
+            tx.send(Seen::Message(c.id().as_u64(), text.clone()))
+                .unwrap();
+            c.close(CloseCode::new(4000), "bye").unwrap();
+            if text == "then panic" {
+                panic!("after its own close");
+            }
+        })
+        .on_disconnect(move |c, close, _| {
+            t2.send(Seen::Disconnect(c.id().as_u64(), close.code.as_u16()))
+                .unwrap()
+        })
+        .close_timeout(Duration::from_millis(300))
+        .start("127.0.0.1:0")
+        .unwrap();
+    let mut codes = Vec::new();
+    for text in ["close", "then panic"] {
+        let mut ws = client(server.local_addr());
+        ws.send(Tm::text(text)).unwrap();
+        // The wire has the closure's close, and nothing after it.
+        match ws.read() {
+            Ok(Tm::Close(Some(f))) => assert_eq!((u16::from(f.code), &*f.reason), (4000, "bye")),
+            other => panic!("{text}: {other:?}"),
+        }
+        // The client never answers: the server gives up at close_timeout.
+        let Seen::Message(id, _) = rx.recv_timeout(WAIT).unwrap() else {
+            panic!()
+        };
+        match rx.recv_timeout(WAIT).unwrap() {
+            Seen::Disconnect(d, code) if d == id => codes.push(code),
+            other => panic!("{text}: {other:?}"),
+        }
+        drop(ws);
+    }
+    assert_eq!(
+        codes[0], codes[1],
+        "the panic changed the report: {codes:?}"
+    );
+    assert_eq!(codes[0], 1006);
+    assert_eq!(server.stats().handler_panics, 1);
+}
+
 #[test]
 fn closures_can_broadcast_through_the_client_handle() {
     let server = WebSocketServer::builder()

@@ -586,15 +586,21 @@ fn fail_for_budget<T: Send + Sync + 'static>(
 }
 
 /// A user closure panicked while handling this client: close it with
-/// 1011, reported as such unless the peer's answer says otherwise.
+/// 1011, reported as such unless the peer's answer says otherwise. If a
+/// close was sent before (the closure's own, say), the wire has that one,
+/// and the report is left as it would have been without the panic.
 fn close_for_panic<T: Send + Sync + 'static>(
     shared: &Arc<Shared<T>>,
     conn: &Arc<Conn<T>>,
     r: &mut ReadSide,
 ) {
     let (code, reason) = panic_close();
-    r.report = Some(CloseFrame::new(code, reason));
-    let _ = conn.close(shared, code, reason);
+    let closed_before = conn.closing.load(Ordering::Acquire);
+    // It also fails after a write error; the report is then the 1011.
+    let sent = conn.close(shared, code, reason).is_ok();
+    if sent || !closed_before {
+        r.report = Some(CloseFrame::new(code, reason));
+    }
     r.proto.close_sent();
 }
 
@@ -745,13 +751,15 @@ fn progress<T: Send + Sync + 'static>(
         if let Some(idle) = shared.config.idle_timeout
             && now >= r.last_seen_ms.saturating_add(ms(idle))
         {
-            Counters::add(&shared.counters.idle_timeouts, 1);
-            r.report = Some(CloseFrame::new(CloseCode::GOING_AWAY, "idle timeout"));
-            r.error = Some(Error::Io(io::ErrorKind::TimedOut.into()));
-            let _ = conn.send_close(
-                shared,
-                CloseFrame::new(CloseCode::GOING_AWAY, "idle timeout"),
-            );
+            let idle_close = CloseFrame::new(CloseCode::GOING_AWAY, "idle timeout");
+            // Fails only if the user's close went out since `closing` was
+            // read above: that close is the one on the wire, and this is
+            // no idle timeout.
+            if conn.send_close(shared, idle_close.clone()).is_ok() {
+                Counters::add(&shared.counters.idle_timeouts, 1);
+                r.report = Some(idle_close);
+                r.error = Some(Error::Io(io::ErrorKind::TimedOut.into()));
+            }
             r.proto.close_sent();
             // That close set a deadline after the one read above.
             *close_deadline_out = conn.io.lock().close_deadline_ms;
