@@ -92,6 +92,9 @@ pub(crate) struct ReadSide {
     /// Bytes of partial input (`proto.buffered()`) last counted in the
     /// server-wide total.
     pub(crate) buffered: usize,
+    /// This pass's first flush left a queue the socket did not take: arm
+    /// the write wake before one of the client's closures runs.
+    pub(crate) wake_wanted: bool,
 }
 
 impl ReadSide {
@@ -107,6 +110,7 @@ impl ReadSide {
             discarding: false,
             rest: Vec::new(),
             buffered: 0,
+            wake_wanted: false,
         }
     }
 
@@ -220,15 +224,56 @@ pub(crate) struct WriteSide {
 }
 
 /// The oneshot interest armed in the poller, in a byte: none, or which of
-/// readable and writable.
+/// readable and writable, and whether it is a write wake (see
+/// [`Conn::arm_write_wake`]).
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub(crate) struct Armed(u8);
 
 impl Armed {
     pub(crate) const NONE: Armed = Armed(0);
+    const WAKE: u8 = 1 << 3;
 
     fn new(readable: bool, writable: bool) -> Armed {
         Armed(1 | u8::from(readable) << 1 | u8::from(writable) << 2)
+    }
+
+    fn readable(self) -> bool {
+        self.0 & 1 << 1 != 0
+    }
+
+    fn writable(self) -> bool {
+        self.0 & 1 << 2 != 0
+    }
+
+    fn is_write_wake(self) -> bool {
+        self.0 & Self::WAKE != 0
+    }
+}
+
+thread_local! {
+    /// The connection whose job (or deferred flush) this thread is about
+    /// to re-arm, by address; 0 for none. See [`Rearming`].
+    static REARMING: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
+/// Marks a job's flushes that need no write wake: the one it makes just
+/// before it ends (and arms the interest the connection's state calls
+/// for, writable included) or goes to the back of the ready queue, and the
+/// one that starts a pass (the pass arms the wake before it runs one of
+/// the client's closures, if that flush left something). Any other flush
+/// that finds the socket full while a job holds the connection arms one,
+/// since a closure may be running, for however long.
+pub(crate) struct Rearming(usize);
+
+impl Rearming {
+    pub(crate) fn start<T>(conn: &Conn<T>) -> Rearming {
+        Rearming(REARMING.replace(std::ptr::from_ref(conn) as usize))
+    }
+}
+
+impl Drop for Rearming {
+    fn drop(&mut self) {
+        REARMING.set(self.0);
     }
 }
 
@@ -1021,16 +1066,26 @@ impl<T: Send + Sync + 'static> Conn<T> {
     /// memory).
     pub(crate) fn arm(&self, shared: &Shared<T>, w: &mut WriteSide) -> bool {
         let (readable, writable) = w.interest();
-        if w.armed == Armed::new(readable, writable) {
+        let wanted = Armed::new(readable, writable);
+        if w.armed == wanted || w.armed == Armed(wanted.0 | Armed::WAKE) {
+            // A write wake armed meanwhile with the same interest is now
+            // the plain interest.
+            w.armed = wanted;
             return true;
         }
-        if !readable && !writable && w.registered && w.armed == Armed::NONE {
+        if !readable
+            && !writable
+            && w.registered
+            && (w.armed == Armed::NONE || w.armed.is_write_wake())
+        {
             // Nothing wanted (paused, say) and the oneshot interest already
             // spent: leave it so. Armed with no interest, the kernel would
             // still report a hang-up or an error, which a reset socket has
             // at once, and a job that cannot read would arm it again: a
             // spin until the pause ends. Whatever ends the pause (or
             // queues output) runs a job, which arms what is wanted then.
+            // A write wake still armed is left so: it fires once (the queue
+            // is empty, so the socket is writable) and its job arms nothing.
             return true;
         }
         let interest = Interest::new(self.key(), readable, writable);
@@ -1047,9 +1102,56 @@ impl<T: Send + Sync + 'static> Conn<T> {
         true
     }
 
-    /// Flush from a pool job on writable readiness.
-    pub(crate) fn flush_from_job(self: &Arc<Self>, shared: &Arc<Shared<T>>) {
+    /// The kernel took only part of a queue while a job holds the
+    /// connection: the job would write the rest only at its end, and one
+    /// of the client's closures may keep it long (a close, or a
+    /// `send_timeout` waiting for room, would then time out while the
+    /// client reads). Arm writable interest now, keeping any readable
+    /// interest armed, so that the poller has a worker flush once the
+    /// socket takes more (see [`claim_event`]). Failing, the rest waits for
+    /// the job's end, as before.
+    fn arm_write_wake(&self, shared: &Shared<T>, w: &mut WriteSide) {
+        if w.armed.writable() {
+            // Armed already (a timer's job on a connection that waited
+            // for room): its event is the wake.
+            w.armed = Armed(w.armed.0 | Armed::WAKE);
+            return;
+        }
+        let readable = w.armed.readable();
+        let interest = Interest::new(self.key(), readable, true);
+        let done = if w.registered {
+            shared.poller.modify(&self.stream, interest)
+        } else {
+            crate::runtime::poller::register(&shared.poller, &self.stream, interest)
+        };
+        if done.is_ok() {
+            w.registered = true;
+            w.armed = Armed(Armed::new(readable, true).0 | Armed::WAKE);
+        }
+    }
+
+    /// Flush from a pool job on writable readiness. Returns whether the
+    /// queue is still not empty.
+    pub(crate) fn flush_from_job(self: &Arc<Self>, shared: &Arc<Shared<T>>) -> bool {
         self.flush_unless_writing(shared, self.io.lock());
+        !self.io.lock().out.is_empty()
+    }
+
+    /// Arm the write wake, if a job holds the connection and nobody else
+    /// is writing a queue the socket did not take (see
+    /// [`Conn::arm_write_wake`]): the job asks before one of the client's
+    /// closures runs, when its first flush left something.
+    pub(crate) fn want_write_wake(&self, shared: &Shared<T>) {
+        let mut w = self.io.lock();
+        if w.job_running
+            && !w.writing
+            && !w.out.is_empty()
+            && w.write_error.is_none()
+            && !w.finished
+            && !w.armed.is_write_wake()
+        {
+            self.arm_write_wake(shared, &mut w);
+        }
     }
 
     /// Take the write token and flush, unless someone holds it or there
@@ -1131,6 +1233,14 @@ impl<T: Send + Sync + 'static> Conn<T> {
             // The job re-arms (and notices errors) when it ends.
             if needs_job {
                 w.job_again = true;
+            }
+            if !w.out.is_empty()
+                && w.write_error.is_none()
+                && !w.finished
+                && !w.armed.is_write_wake()
+                && REARMING.get() != std::ptr::from_ref(&**self) as usize
+            {
+                self.arm_write_wake(shared, &mut w);
             }
         } else if needs_job && !w.finished {
             w.job_running = true;
@@ -1320,13 +1430,42 @@ pub(crate) fn claim<T>(conn: &Conn<T>) -> bool {
 }
 
 /// `claim` for a readiness event the poller harvested, which disarmed the
-/// oneshot interest. Also returns whether the event is most likely the
-/// pong to a keepalive ping, which nobody waits for.
-pub(crate) fn claim_event<T>(conn: &Conn<T>) -> (bool, bool) {
+/// oneshot interest. Also tells whether the event is most likely the pong
+/// to a keepalive ping, which nobody waits for, and whether it is a write
+/// wake to serve while the job runs.
+pub(crate) fn claim_event<T>(conn: &Conn<T>) -> Claimed {
     let mut w = conn.io.lock();
+    let wake = w.armed.is_write_wake();
     w.armed = Armed::NONE;
     let pong = std::mem::take(&mut w.pong_due);
-    (claim_locked(&mut w), pong)
+    if wake && w.job_running && !w.finished {
+        // The job still runs: a worker writes what the socket takes now.
+        // No pass of the job is due for it: the job's end arms readable
+        // interest again (the wake's is spent), which reports any input.
+        // A pong due is left for the event that brings it.
+        w.pong_due = pong;
+        return Claimed {
+            run: false,
+            pong: false,
+            flush: !w.writing && !w.out.is_empty(),
+        };
+    }
+    Claimed {
+        run: claim_locked(&mut w),
+        pong,
+        flush: false,
+    }
+}
+
+/// What the poller does with a connection's readiness event.
+pub(crate) struct Claimed {
+    /// Run its job (the poller's event claimed it).
+    pub(crate) run: bool,
+    /// The event was most likely the pong to a keepalive ping.
+    pub(crate) pong: bool,
+    /// Its job runs, and the event is the write wake it armed: have a
+    /// worker flush.
+    pub(crate) flush: bool,
 }
 
 fn claim_locked(w: &mut WriteSide) -> bool {

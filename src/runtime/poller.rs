@@ -109,14 +109,20 @@ pub(crate) fn run<T: Send + Sync + 'static>(shared: Arc<Shared<T>>) {
         for f in found.drain(..) {
             match f {
                 Found::Open(conn) => {
-                    let (run, pong) = claim_event(&conn);
-                    if pong {
+                    let claimed = claim_event(&conn);
+                    if claimed.pong {
                         pongs += 1;
                     } else {
                         others += 1;
                     }
-                    if run {
+                    if claimed.run {
                         ready.push(Job::Ready(Found::Open(conn)));
+                    } else if claimed.flush {
+                        let s = Arc::clone(&shared);
+                        shared.pool.execute(move || {
+                            conn.flush_from_job(&s);
+                            let_go(&s, conn);
+                        });
                     } else {
                         let_go(&shared, conn);
                     }

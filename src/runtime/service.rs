@@ -13,7 +13,7 @@ use crate::error::{DecodeError, Error};
 use crate::message::{CloseCode, CloseFrame};
 use crate::proto::conn::{Output, State};
 use crate::proto::frame::OpCode;
-use crate::runtime::conn::{CONDEMNED, Conn, ReadSide};
+use crate::runtime::conn::{CONDEMNED, Conn, ReadSide, Rearming};
 use crate::runtime::events::{BATCH, Staged};
 use crate::runtime::poller::Job;
 use crate::runtime::registry::Found;
@@ -94,6 +94,7 @@ pub(crate) fn flush_deferred<T: Send + Sync + 'static>(shared: &Arc<Shared<T>>) 
         let mut w = conn.io.lock();
         if !w.out.is_empty() && !w.writing && w.write_error.is_none() && !w.finished {
             w.writing = true;
+            let _rearming = Rearming::start(conn);
             conn.flush_holding_token(shared, w);
             w = conn.io.lock();
         }
@@ -168,22 +169,25 @@ fn service_inner<T: Send + Sync + 'static>(
         bytes: READ_BUDGET,
     };
     loop {
-        conn.flush_from_job(shared);
+        let backlog = {
+            let _rearming = Rearming::start(&**conn);
+            conn.flush_from_job(shared)
+        };
         // Take the read side out: no guard is held while user closures
         // run. Only this job touches it; the lock is never contended.
         let Some(mut r) = conn.take_read(shared.limits) else {
             return;
         };
+        r.wake_wanted = backlog;
         let drain = std::mem::take(&mut conn.io.lock().drain_due);
         if conn.holding_in.load(Ordering::SeqCst) & CONDEMNED != 0 {
             budget_call(shared, conn, &mut r);
         }
-        if drain
-            && !conn.closing.load(Ordering::Acquire)
-            && r.proto.state() == State::Open
-            && !shared.emit_drain(conn)
-        {
-            close_for_panic(shared, conn, &mut r);
+        if drain && !conn.closing.load(Ordering::Acquire) && r.proto.state() == State::Open {
+            before_closure(shared, conn, &mut r);
+            if !shared.emit_drain(conn) {
+                close_for_panic(shared, conn, &mut r);
+            }
         }
         if !first.is_empty() {
             let (delivered, count) = feed(shared, conn, &mut r, first, budget.frames);
@@ -213,6 +217,10 @@ fn service_inner<T: Send + Sync + 'static>(
         // is queued after this flush arms writable interest below.
         if !w.out.is_empty() && !w.writing && w.write_error.is_none() && !w.finished {
             w.writing = true;
+            // What this flush leaves, the arm below (or the next job, from
+            // the ready queue) takes care of; but a pass that goes round
+            // runs closures again, and the write wake is for that.
+            let _rearming = (!w.job_again || budget.spent()).then(|| Rearming::start(&**conn));
             conn.flush_holding_token(shared, w);
             w = conn.io.lock();
         }
@@ -604,6 +612,19 @@ fn close_for_panic<T: Send + Sync + 'static>(
     r.proto.close_sent();
 }
 
+/// One of the client's closures is about to run, for however long: if the
+/// pass's first flush left a queue the socket did not take, have the
+/// poller wake a writer when it takes more (see `Conn::arm_write_wake`).
+fn before_closure<T: Send + Sync + 'static>(
+    shared: &Arc<Shared<T>>,
+    conn: &Arc<Conn<T>>,
+    r: &mut ReadSide,
+) {
+    if std::mem::take(&mut r.wake_wanted) {
+        conn.want_write_wake(shared);
+    }
+}
+
 /// Act on one protocol output. A message for the main loop joins
 /// `batch`, which the caller sends on (see [`Staged`]).
 fn handle<T: Send + Sync + 'static>(
@@ -640,8 +661,11 @@ fn handle<T: Send + Sync + 'static>(
                 if batch.len() >= BATCH {
                     batch.send();
                 }
-            } else if !shared.emit_message(conn, m) {
-                close_for_panic(shared, conn, r);
+            } else {
+                before_closure(shared, conn, r);
+                if !shared.emit_message(conn, m) {
+                    close_for_panic(shared, conn, r);
+                }
             }
         }
         Output::SendPong(payload) => {

@@ -1,0 +1,210 @@
+//! What is queued to a client while one of its own closures runs long
+//! goes out as the client reads, not at the closure's end: the socket
+//! takes only so much at once, and the rest must not wait for the closure.
+//! A serial lock keeps the tests from competing for the CPUs.
+
+mod support;
+
+use std::io::Write;
+use std::net::TcpStream;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::mpsc::{Receiver, channel};
+use std::sync::{Arc, Mutex};
+use std::thread;
+use std::time::Duration;
+
+use enjent::{Client, CloseCode, WebSocketServer};
+use support::*;
+
+static SERIAL: Mutex<()> = Mutex::new(());
+
+const SIZE: usize = 64 * 1024;
+
+/// Closures held by a test: how many are in, and the flag that lets them
+/// go (set when dropped too, so that a failing test does not leave the
+/// server's drop waiting for them).
+struct Hold {
+    release: Arc<AtomicBool>,
+    inside: Arc<AtomicUsize>,
+    entered: Receiver<()>,
+}
+
+impl Drop for Hold {
+    fn drop(&mut self) {
+        self.release.store(true, Ordering::SeqCst);
+    }
+}
+
+impl Hold {
+    /// Wait until one more closure is held.
+    fn entered(&self) {
+        self.entered
+            .recv_timeout(WAIT)
+            .expect("the closure to start");
+    }
+}
+
+/// A server whose `on_message` holds its worker on "hold" until released,
+/// and which hands each client's handle to the returned receiver.
+fn holding_server(workers: usize, hard_limit: usize) -> (WebSocketServer, Hold, Receiver<Client>) {
+    let release = Arc::new(AtomicBool::new(false));
+    let inside = Arc::new(AtomicUsize::new(0));
+    let (entered_tx, entered) = channel();
+    let (clients_tx, clients) = channel::<Client>();
+    let (r, i, e, c) = (
+        Arc::clone(&release),
+        Arc::clone(&inside),
+        Mutex::new(entered_tx),
+        Mutex::new(clients_tx),
+    );
+    let server = WebSocketServer::builder()
+        .workers(workers)
+        .max_backpressure(hard_limit)
+        .close_timeout(Duration::from_secs(3))
+        .on_connect(move |client| c.lock().unwrap().send(client.clone()).unwrap())
+        .on_message(move |_, m| {
+            if m.as_text() == Some("hold") {
+                i.fetch_add(1, Ordering::SeqCst);
+                let _ = e.lock().unwrap().send(());
+                while !r.load(Ordering::SeqCst) {
+                    thread::sleep(Duration::from_millis(5));
+                }
+                i.fetch_sub(1, Ordering::SeqCst);
+            }
+        })
+        .start("127.0.0.1:0")
+        .unwrap();
+    let hold = Hold {
+        release,
+        inside,
+        entered,
+    };
+    (server, hold, clients)
+}
+
+/// Read `count` binary messages numbered in order (see `numbered`),
+/// starting at `from`.
+fn read_numbered(s: &mut TcpStream, from: u32, count: u32) {
+    for i in from..from + count {
+        let (first, p) = read_frame(s);
+        assert_eq!(first, 0x82, "message {i}");
+        assert!(p == numbered(i, SIZE), "message {i} out of order");
+    }
+}
+
+/// Send `count` numbered messages with `send_timeout`; how many were not
+/// sent (all from the first refusal on).
+fn produce(client: &Client, count: u32) -> u32 {
+    for i in 0..count {
+        if client
+            .send_timeout(numbered(i, SIZE), Duration::from_secs(5))
+            .is_err()
+        {
+            return count - i;
+        }
+    }
+    0
+}
+
+/// Eight clients, each held in its own closure, and a producer thread per
+/// client sending it 8 MiB with `send_timeout` (past what the socket and
+/// the 1.1 MiB hard limit hold, so each producer must wait for room) while
+/// its client reads through a 4 KiB window. Every send succeeds and every
+/// client gets all of its messages, in order, while all eight closures
+/// are still held. Before, the room a reading client made was written only
+/// at its closure's end: the producers' sends timed out.
+#[test]
+fn send_timeout_from_other_threads_flows_while_the_clients_closures_are_held() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    const CLIENTS: usize = 8;
+    // 8 MiB each: past what the server's socket takes (Linux's send
+    // buffer grows to 4 MiB by default) and the hard limit together.
+    const COUNT: u32 = 128;
+    // A worker for each held closure, and two for everything else.
+    let (server, hold, handles) = holding_server(CLIENTS + 2, 1 << 20);
+    let mut readers = Vec::new();
+    let mut producers = Vec::new();
+    for _ in 0..CLIENTS {
+        let mut s = raw_ws_small_window(server.local_addr());
+        let client = handles.recv_timeout(WAIT).unwrap();
+        s.write_all(&frame(0x81, b"hold")).unwrap();
+        // From now on its job holds the client.
+        hold.entered();
+        producers.push(thread::spawn(move || produce(&client, COUNT)));
+        readers.push(thread::spawn(move || {
+            // Not reading at first: the queue fills to the hard limit.
+            thread::sleep(Duration::from_millis(500));
+            read_numbered(&mut s, 0, COUNT);
+            s
+        }));
+    }
+    let refused: Vec<u32> = producers.into_iter().map(|p| p.join().unwrap()).collect();
+    let _sockets: Vec<_> = readers.into_iter().map(|r| r.join().unwrap()).collect();
+    assert_eq!(refused, vec![0; CLIENTS], "sends refused per client");
+    // Everything arrived with every closure still held.
+    assert_eq!(hold.inside.load(Ordering::SeqCst), CLIENTS);
+}
+
+/// The socket is already full when the client's closure starts, with
+/// some queued behind it (under high water, so the client is still read):
+/// the job's own flush before the closure finds the socket full. The rest
+/// still goes out as the client reads, while the closure is held: the
+/// job arms the write wake before it runs the closure. (A first version
+/// armed it only for other threads' flushes; this stalled.)
+#[test]
+fn a_backlog_queued_before_a_closure_flows_while_it_is_held() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let (server, hold, handles) = holding_server(4, 1 << 20);
+    let mut s = raw_ws_small_window(server.local_addr());
+    let client = handles.recv_timeout(WAIT).unwrap();
+    // Fill the socket, then queue a little behind it.
+    let mut sent = 0;
+    while client.buffered_amount() == 0 {
+        assert!(sent < 256, "the socket took 16 MiB");
+        client.send(numbered(sent, SIZE)).unwrap();
+        sent += 1;
+        // Apart, so that no send is left for a deferred flush (sends in a
+        // burst from a thread outside the pool are).
+        thread::sleep(Duration::from_millis(1));
+    }
+    client.send(numbered(sent, SIZE)).unwrap();
+    sent += 1;
+    s.write_all(&frame(0x81, b"hold")).unwrap();
+    hold.entered();
+    assert!(client.buffered_amount() > 0);
+    read_numbered(&mut s, 0, sent);
+    assert_eq!(hold.inside.load(Ordering::SeqCst), 1);
+}
+
+/// A close from another thread while the client's closure is held, with
+/// more queued before it (8 MiB) than the socket takes at once: the
+/// client, reading through a 4 KiB window, gets every message and the
+/// close frame while the closure is still held. Before, what the socket
+/// did not take waited for the closure's end: nothing more arrived (the
+/// read timed out here; a closure that ended past the close's deadline
+/// gave end of stream, the rest undelivered).
+#[test]
+fn a_close_during_a_held_closure_delivers_more_than_the_socket_holds() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    // 8 MiB: more than the server's socket takes.
+    const COUNT: u32 = 128;
+    let (server, hold, handles) = holding_server(4, 16 << 20);
+    let mut s = raw_ws_small_window(server.local_addr());
+    let client = handles.recv_timeout(WAIT).unwrap();
+    s.write_all(&frame(0x81, b"hold")).unwrap();
+    hold.entered();
+    for i in 0..COUNT {
+        client.send(numbered(i, SIZE)).unwrap();
+    }
+    client.close(CloseCode::new(4000), "bye").unwrap();
+    assert!(client.buffered_amount() > 0, "the socket took it all");
+    thread::sleep(Duration::from_millis(300));
+    read_numbered(&mut s, 0, COUNT);
+    let (first, p) = read_frame(&mut s);
+    assert_eq!(first, 0x88);
+    assert_eq!(p, close_payload(4000, "bye"));
+    assert_eq!(hold.inside.load(Ordering::SeqCst), 1);
+    s.write_all(&frame(0x88, &close_payload(4000, ""))).unwrap();
+    drop(hold);
+    assert!(closed_by_server(&mut s));
+}
