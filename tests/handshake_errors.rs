@@ -241,6 +241,89 @@ fn a_trickling_handshake_is_cut_off_at_its_deadline() {
     );
 }
 
+/// A crowd trickling its requests a byte at a time (each byte a job for
+/// the one worker, and a look at the head) does not keep a good client
+/// waiting: it upgrades and gets 50 echoes while the crowd is still
+/// trickling, well before the crowd's deadline; then each of the crowd
+/// gets its 408.
+#[test]
+fn a_good_client_is_served_among_a_crowd_trickling_their_requests() {
+    use std::io::{ErrorKind, Read};
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::{Arc, Mutex};
+    use std::time::Instant;
+    const CLIENTS: usize = 150;
+    const DEADLINE: Duration = Duration::from_secs(3);
+    let server = enjent::WebSocketServer::builder()
+        .workers(1)
+        .handshake_timeout(DEADLINE)
+        .max_handshake_bytes(1 << 20)
+        .max_connections_per_ip(1000)
+        .on_message(|c, m| {
+            let _ = c.send(m);
+        })
+        .start("127.0.0.1:0")
+        .unwrap();
+    let addr = server.local_addr();
+    let started = Instant::now();
+    let trickling = Arc::new(AtomicBool::new(true));
+    let answers = Arc::new(Mutex::new(Vec::new()));
+    let crowd = {
+        let (trickling, answers) = (Arc::clone(&trickling), Arc::clone(&answers));
+        std::thread::spawn(move || {
+            let mut open: Vec<std::net::TcpStream> = (0..CLIENTS)
+                .map(|_| {
+                    let mut s = raw(addr);
+                    s.write_all(b"GET / HTTP/1.1\r\nX-Pad: ").unwrap();
+                    s.set_nonblocking(true).unwrap();
+                    s
+                })
+                .collect();
+            while !open.is_empty() && started.elapsed() < DEADLINE * 3 {
+                open.retain_mut(|s| {
+                    let mut buf = [0u8; 256];
+                    match s.read(&mut buf) {
+                        Ok(0) => return false,
+                        Ok(n) => {
+                            let answer = String::from_utf8_lossy(&buf[..n]).into_owned();
+                            answers.lock().unwrap().push(answer);
+                            return false;
+                        }
+                        Err(e) if e.kind() == ErrorKind::WouldBlock => {}
+                        Err(_) => return false,
+                    }
+                    !matches!(s.write(b"a"), Err(e) if e.kind() != ErrorKind::WouldBlock)
+                });
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            trickling.store(false, Ordering::SeqCst);
+            open.len()
+        })
+    };
+    // The crowd is connected and trickling.
+    std::thread::sleep(Duration::from_millis(300));
+    let mut ws = client(addr);
+    for i in 0..50 {
+        ws.send(tungstenite::Message::text(i.to_string())).unwrap();
+        assert_eq!(
+            ws.read().unwrap(),
+            tungstenite::Message::text(i.to_string())
+        );
+    }
+    let served_after = started.elapsed();
+    assert!(
+        trickling.load(Ordering::SeqCst) && answers.lock().unwrap().is_empty(),
+        "the good client was served only after the crowd was cut off ({served_after:?})"
+    );
+    assert_eq!(crowd.join().unwrap(), 0, "tricklers never answered");
+    let answers = answers.lock().unwrap();
+    assert_eq!(answers.len(), CLIENTS);
+    assert!(
+        answers.iter().all(|a| a.starts_with("HTTP/1.1 408 ")),
+        "{answers:?}"
+    );
+}
+
 /// A trickling client is not cut off early either: each byte parks its
 /// handshake again, and one parked within the last tick before the
 /// deadline was answered 408 at once, up to a tick (50 ms) before it.
