@@ -4,6 +4,8 @@
 mod support;
 
 use std::io::Write;
+use std::net::SocketAddr;
+use std::sync::Mutex;
 use std::time::Duration;
 
 use support::*;
@@ -192,8 +194,6 @@ fn stalled_handshake_times_out_without_pinning_workers() {
 /// to expire then, and the handshake was parked again with no deadline.
 #[test]
 fn a_trickling_handshake_is_cut_off_at_its_deadline() {
-    use std::io::{ErrorKind, Read};
-    use std::time::Instant;
     const CLIENTS: usize = 150;
     let server = enjent::WebSocketServer::builder()
         .workers(1)
@@ -202,8 +202,37 @@ fn a_trickling_handshake_is_cut_off_at_its_deadline() {
         .max_connections_per_ip(1000)
         .start("127.0.0.1:0")
         .unwrap();
-    let addr = server.local_addr();
-    let mut open: Vec<std::net::TcpStream> = (0..CLIENTS)
+    let answers = Mutex::new(Vec::new());
+    let left = trickle(
+        server.local_addr(),
+        CLIENTS,
+        Duration::from_secs(6),
+        &answers,
+    );
+    assert_eq!(
+        left, 0,
+        "{left} of {CLIENTS} trickling handshakes outlived a 200 ms deadline by seconds"
+    );
+    let answers = answers.lock().unwrap();
+    assert!(
+        answers.iter().all(|a| a.starts_with("HTTP/1.1 408 ")),
+        "{answers:?}"
+    );
+}
+
+/// Open `clients` connections that each send the start of a request and
+/// then one more byte of a header every millisecond, until the server
+/// answers (the answer joins `answers`) or closes, or `limit` passes.
+/// Returns how many were still open then.
+fn trickle(
+    addr: SocketAddr,
+    clients: usize,
+    limit: Duration,
+    answers: &Mutex<Vec<String>>,
+) -> usize {
+    use std::io::{ErrorKind, Read};
+    let start = std::time::Instant::now();
+    let mut open: Vec<std::net::TcpStream> = (0..clients)
         .map(|_| {
             let mut s = raw(addr);
             s.write_all(b"GET / HTTP/1.1\r\nX-Pad: ").unwrap();
@@ -211,16 +240,14 @@ fn a_trickling_handshake_is_cut_off_at_its_deadline() {
             s
         })
         .collect();
-    // One byte to each, every millisecond, until the server answers.
-    let start = Instant::now();
-    let mut answers = Vec::new();
-    while !open.is_empty() && start.elapsed() < Duration::from_secs(6) {
+    while !open.is_empty() && start.elapsed() < limit {
         open.retain_mut(|s| {
             let mut buf = [0u8; 256];
             match s.read(&mut buf) {
                 Ok(0) => return false,
                 Ok(n) => {
-                    answers.push(String::from_utf8_lossy(&buf[..n]).into_owned());
+                    let answer = String::from_utf8_lossy(&buf[..n]).into_owned();
+                    answers.lock().unwrap().push(answer);
                     return false;
                 }
                 Err(e) if e.kind() == ErrorKind::WouldBlock => {}
@@ -230,15 +257,7 @@ fn a_trickling_handshake_is_cut_off_at_its_deadline() {
         });
         std::thread::sleep(Duration::from_millis(1));
     }
-    assert!(
-        open.is_empty(),
-        "{} of {CLIENTS} trickling handshakes outlived a 200 ms deadline by seconds",
-        open.len()
-    );
-    assert!(
-        answers.iter().all(|a| a.starts_with("HTTP/1.1 408 ")),
-        "{answers:?}"
-    );
+    open.len()
 }
 
 /// A crowd trickling its requests a byte at a time (each byte a job for
@@ -248,9 +267,8 @@ fn a_trickling_handshake_is_cut_off_at_its_deadline() {
 /// gets its 408.
 #[test]
 fn a_good_client_is_served_among_a_crowd_trickling_their_requests() {
-    use std::io::{ErrorKind, Read};
+    use std::sync::Arc;
     use std::sync::atomic::{AtomicBool, Ordering};
-    use std::sync::{Arc, Mutex};
     use std::time::Instant;
     const CLIENTS: usize = 150;
     const DEADLINE: Duration = Duration::from_secs(3);
@@ -271,33 +289,9 @@ fn a_good_client_is_served_among_a_crowd_trickling_their_requests() {
     let crowd = {
         let (trickling, answers) = (Arc::clone(&trickling), Arc::clone(&answers));
         std::thread::spawn(move || {
-            let mut open: Vec<std::net::TcpStream> = (0..CLIENTS)
-                .map(|_| {
-                    let mut s = raw(addr);
-                    s.write_all(b"GET / HTTP/1.1\r\nX-Pad: ").unwrap();
-                    s.set_nonblocking(true).unwrap();
-                    s
-                })
-                .collect();
-            while !open.is_empty() && started.elapsed() < DEADLINE * 3 {
-                open.retain_mut(|s| {
-                    let mut buf = [0u8; 256];
-                    match s.read(&mut buf) {
-                        Ok(0) => return false,
-                        Ok(n) => {
-                            let answer = String::from_utf8_lossy(&buf[..n]).into_owned();
-                            answers.lock().unwrap().push(answer);
-                            return false;
-                        }
-                        Err(e) if e.kind() == ErrorKind::WouldBlock => {}
-                        Err(_) => return false,
-                    }
-                    !matches!(s.write(b"a"), Err(e) if e.kind() != ErrorKind::WouldBlock)
-                });
-                std::thread::sleep(Duration::from_millis(1));
-            }
+            let left = trickle(addr, CLIENTS, DEADLINE * 3, &answers);
             trickling.store(false, Ordering::SeqCst);
-            open.len()
+            left
         })
     };
     // The crowd is connected and trickling.
@@ -414,7 +408,7 @@ fn with_the_worker_blocked(
     std::sync::mpsc::Sender<()>,
     std::net::TcpStream,
 ) {
-    use std::sync::{Mutex, mpsc};
+    use std::sync::mpsc;
     let (release, gate) = mpsc::channel::<()>();
     let gate = Mutex::new(gate);
     let (entered_tx, entered) = mpsc::channel::<()>();

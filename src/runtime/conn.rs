@@ -1088,18 +1088,31 @@ impl<T: Send + Sync + 'static> Conn<T> {
             // is empty, so the socket is writable) and its job arms nothing.
             return true;
         }
-        let interest = Interest::new(self.key(), readable, writable);
-        let done = if w.registered {
-            shared.poller.modify(&self.stream, interest)
-        } else {
-            crate::runtime::poller::register(&shared.poller, &self.stream, interest)
-        };
-        if done.is_err() {
+        if self
+            .set_interest(shared, w, Interest::new(self.key(), readable, writable))
+            .is_err()
+        {
             return false;
         }
-        w.registered = true;
         w.armed = Armed::new(readable, writable);
         true
+    }
+
+    /// Arm `interest`, registering the socket first if it is not in the
+    /// poller yet.
+    fn set_interest(
+        &self,
+        shared: &Shared<T>,
+        w: &mut WriteSide,
+        interest: Interest,
+    ) -> io::Result<()> {
+        if w.registered {
+            shared.poller.modify(&self.stream, interest)
+        } else {
+            crate::runtime::poller::register(&shared.poller, &self.stream, interest)?;
+            w.registered = true;
+            Ok(())
+        }
     }
 
     /// The kernel took only part of a queue while a job holds the
@@ -1119,13 +1132,7 @@ impl<T: Send + Sync + 'static> Conn<T> {
         }
         let readable = w.armed.readable();
         let interest = Interest::new(self.key(), readable, true);
-        let done = if w.registered {
-            shared.poller.modify(&self.stream, interest)
-        } else {
-            crate::runtime::poller::register(&shared.poller, &self.stream, interest)
-        };
-        if done.is_ok() {
-            w.registered = true;
+        if self.set_interest(shared, w, interest).is_ok() {
             w.armed = Armed(Armed::new(readable, true).0 | Armed::WAKE);
         }
     }
