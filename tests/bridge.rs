@@ -67,15 +67,22 @@ impl Node {
 
     /// An instance on the Redis at `url`, not waiting for it to be up.
     fn start_at(url: &str, f: impl FnOnce(enjent::Builder) -> enjent::Builder) -> Node {
-        let told: Arc<Mutex<Vec<BridgeEvent>>> = Arc::default();
-        let t = Arc::clone(&told);
         // Redis is killed outright here, which every connection notices
         // at once: the timeout is for a Redis that hangs, and long enough
         // that a loaded machine is not taken for one (a reconnection
         // would lose messages, and the tests count those).
-        let bridge = RedisBridge::new(url)
-            .unwrap()
-            .timeout(Duration::from_secs(5));
+        Node::start_timeout(url, Duration::from_secs(5), f)
+    }
+
+    /// As `start_at`, with the bridge's Redis `timeout`.
+    fn start_timeout(
+        url: &str,
+        timeout: Duration,
+        f: impl FnOnce(enjent::Builder) -> enjent::Builder,
+    ) -> Node {
+        let told: Arc<Mutex<Vec<BridgeEvent>>> = Arc::default();
+        let t = Arc::clone(&told);
+        let bridge = RedisBridge::new(url).unwrap().timeout(timeout);
         let builder = WebSocketServer::builder()
             .workers(2)
             .bridge(bridge)
@@ -853,6 +860,48 @@ fn a_redis_user_refused_some_channels_gets_them_counted_and_the_rest_through() {
 }
 
 /// An envelope with a sequence number from origin `origin` (epoch 0).
+/// A Redis that holds publishes (`CLIENT PAUSE WRITE`, which `FAILOVER`
+/// also does) still takes new connections: a publisher that timed out
+/// and connected again has proved no round trip, and the bridge is not
+/// told `Up` until a wake-up of its own came back, after the pause. Before,
+/// each reconnection told `Up` (and counted a reconnect), and the next
+/// timeout `Down`, all through the pause.
+#[test]
+fn a_redis_that_holds_publishes_is_not_told_up_by_a_reconnection() {
+    let Some(redis) = Redis::start() else {
+        return;
+    };
+    within(Duration::from_secs(60), move || {
+        let a = Node::start_timeout(&redis.url(), Duration::from_millis(300), |b| b);
+        a.wait_told(|e| *e == BridgeEvent::Up, "Up at start", 0);
+        let skip = a.told_count();
+        let reconnects = a.bridge().reconnects;
+        redis
+            .try_query(&["CLIENT", "PAUSE", "3000", "WRITE"])
+            .unwrap();
+        let paused = Instant::now();
+        let handle = a.server.handle();
+        // Publishes through most of the pause: each waits at Redis, times
+        // out, and the publisher connects again.
+        while paused.elapsed() < Duration::from_millis(2500) {
+            handle.publish("t", "x");
+            thread::sleep(Duration::from_millis(50));
+        }
+        let during: Vec<BridgeEvent> = a.told.lock().unwrap()[skip..].to_vec();
+        assert!(
+            during.iter().any(|e| matches!(e, BridgeEvent::Down { .. })),
+            "no timeout during the pause: {during:?}"
+        );
+        assert!(
+            !during.contains(&BridgeEvent::Up),
+            "told Up while Redis held every publish: {during:?}"
+        );
+        // After the pause, one Up and one reconnect.
+        a.wait_told(|e| *e == BridgeEvent::Up, "Up after the pause", skip);
+        assert_eq!(a.bridge().reconnects, reconnects + 1);
+    });
+}
+
 fn envelope(origin: u64, seq: u64, payload: &[u8]) -> Vec<u8> {
     let mut e = vec![1, 0];
     e.extend_from_slice(&origin.to_be_bytes());

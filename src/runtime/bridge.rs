@@ -185,6 +185,10 @@ pub(crate) struct BridgeRt {
     /// The receiver's session failed: the publisher reconnects too, its
     /// connection is likely as dead.
     publisher_stale: AtomicBool,
+    /// The publisher connected again while the receiver was up: the
+    /// receiver proves the round trip again (a wake-up of ours back)
+    /// before the bridge is told up.
+    reverify: AtomicBool,
     /// When the engine last took a batch carrying a wake-up.
     wake_sent: Mutex<Option<Instant>>,
     /// Shutdown is over: nothing more is told.
@@ -225,6 +229,7 @@ impl BridgeRt {
             changes_pending: AtomicBool::new(false),
             session_open: AtomicBool::new(false),
             publisher_stale: AtomicBool::new(false),
+            reverify: AtomicBool::new(false),
             wake_sent: Mutex::new(None),
             closed: AtomicBool::new(false),
             from: Mutex::new(HashMap::new()),
@@ -382,6 +387,15 @@ impl BridgeRt {
             let mut s = self.status.lock();
             if publisher {
                 s.publisher_up = up;
+                if up && s.receiver_up {
+                    // A connection proves nothing of the round trip (an
+                    // engine that holds publishes, as a paused Redis does,
+                    // takes new connections all the same): the receiver
+                    // waits for a wake-up of ours again. Under `status`,
+                    // so the bridge is not told up in between.
+                    s.receiver_up = false;
+                    self.reverify.store(true, SeqCst);
+                }
             } else {
                 s.receiver_up = up;
             }
@@ -873,7 +887,7 @@ fn session<T: Send + Sync + 'static>(
     // A wake-up of our own proves the round trip through the engine.
     rt.out.lock().wake = true;
     rt.out_cv.notify_one();
-    let started = Instant::now();
+    let mut started = Instant::now();
     // When the publisher first sent a wake-up this session.
     let mut first_wake: Option<Instant> = None;
     // Channels whose topic lost its last local subscriber, and since when,
@@ -886,6 +900,15 @@ fn session<T: Send + Sync + 'static>(
         }
         if rt.changes_pending.swap(false, Relaxed) {
             apply_changes(rt, sub, &mut subscribed, &mut lingering, &mut next_due)?;
+        }
+        if rt.reverify.swap(false, SeqCst) && *verified {
+            // The publisher connected again (see `set_up`): prove the
+            // round trip afresh.
+            *verified = false;
+            started = Instant::now();
+            first_wake = None;
+            rt.out.lock().wake = true;
+            rt.out_cv.notify_one();
         }
         let mut wait = POLL;
         if let Some(due) = next_due {
