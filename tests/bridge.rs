@@ -859,7 +859,6 @@ fn a_redis_user_refused_some_channels_gets_them_counted_and_the_rest_through() {
     });
 }
 
-/// An envelope with a sequence number from origin `origin` (epoch 0).
 /// A Redis that holds publishes (`CLIENT PAUSE WRITE`, which `FAILOVER`
 /// also does) still takes new connections: a publisher that timed out
 /// and connected again has proved no round trip, and the bridge is not
@@ -902,6 +901,7 @@ fn a_redis_that_holds_publishes_is_not_told_up_by_a_reconnection() {
     });
 }
 
+/// An envelope with a sequence number from origin `origin` (epoch 0).
 fn envelope(origin: u64, seq: u64, payload: &[u8]) -> Vec<u8> {
     let mut e = vec![1, 0];
     e.extend_from_slice(&origin.to_be_bytes());
