@@ -128,6 +128,9 @@ struct FromOrigin {
     /// The last sequence number received per topic with local
     /// subscribers.
     last: HashMap<Box<str>, u64>,
+    /// The epoch before this one and its numbers, to know a batch sent
+    /// again across the origin's roll for the duplicate it is.
+    before: Option<(u32, HashMap<Box<str>, u64>)>,
     missed: u64,
     seen: Instant,
 }
@@ -522,11 +525,22 @@ impl BridgeRt {
         let f = from.entry(env.origin).or_insert_with(|| FromOrigin {
             epoch: env.epoch,
             last: HashMap::new(),
+            before: None,
             missed: 0,
             seen: now,
         });
         f.seen = now;
         let mut unbelievable = false;
+        if let Some((epoch, last)) = &f.before
+            && *epoch == env.epoch
+            && last
+                .get(topic)
+                .is_some_and(|&last| env.seq <= last && last - env.seq < BATCH_ITEMS as u64)
+        {
+            // Sent again after a reconnection, from before the roll that
+            // came in the same batch.
+            return Sequence::Again;
+        }
         if env.epoch != f.epoch {
             // The origin started numbering afresh (after numbering many
             // topics). Anything else (an old epoch, a far one) is not
@@ -535,8 +549,9 @@ impl BridgeRt {
             // takes the numbering back.
             let ahead = env.epoch.wrapping_sub(f.epoch);
             unbelievable = !f.last.is_empty() && !(1..MAX_EPOCH_JUMP).contains(&ahead);
+            let before = std::mem::take(&mut f.last);
+            f.before = Some((f.epoch, before));
             f.epoch = env.epoch;
-            f.last.clear();
         }
         let (seq, last) = (env.seq, f.last.get(topic).copied());
         let outcome = match last {
@@ -1098,6 +1113,35 @@ mod tests {
         assert!(matches!(check(0, 6), Sequence::Unbelievable));
         assert!(matches!(check(0, 7), Sequence::Next(0)));
         assert_eq!(rt.from.lock()[&7].missed, 1);
+    }
+
+    /// A batch that straddles the origin's roll to a new epoch (after it
+    /// numbered 100,000 topics), sent again after a reconnection: both
+    /// halves are duplicates. Before, the old epoch's half was taken for
+    /// an unbelievable jump back (delivered again) and the new epoch's
+    /// for the next numbers after it (delivered again).
+    #[test]
+    fn a_batch_sent_again_across_an_epoch_roll_is_all_duplicates() {
+        let rt = BridgeRt::new(Box::new(NoEngine), "p:", 1 << 20);
+        let check = |epoch: u32, topic: &str, seq: u64| {
+            let env = Envelope {
+                kind: TEXT,
+                origin: 7,
+                epoch,
+                seq,
+                payload: b"",
+            };
+            rt.check_sequence(&env, topic)
+        };
+        assert!(matches!(check(0, "t", 6), Sequence::Next(0)));
+        assert!(matches!(check(0, "t", 7), Sequence::Next(0)));
+        assert!(matches!(check(1, "u", 1), Sequence::Next(0)));
+        // The batch again: (0, t, 7), (1, u, 1).
+        assert!(matches!(check(0, "t", 7), Sequence::Again));
+        assert!(matches!(check(1, "u", 1), Sequence::Again));
+        assert!(matches!(check(1, "u", 2), Sequence::Next(0)));
+        assert!(matches!(check(1, "t", 1), Sequence::Next(0)));
+        assert_eq!(rt.from.lock()[&7].missed, 0);
     }
 
     #[test]
