@@ -106,7 +106,9 @@ pub struct BridgeStats {
     /// or was publishing after its bridge stopped.
     pub dropped: u64,
     /// Publishes the engine answered with an error (a channel the Redis
-    /// user may not publish to, say): dropped, never sent again.
+    /// user may not publish to, say): dropped, never sent again. Also
+    /// subscriptions it refused (a topic's channel the user may not
+    /// subscribe to): that topic gets nothing from other servers.
     pub refused: u64,
     /// Bytes waiting in the outbox now.
     pub outbox_bytes: u64,

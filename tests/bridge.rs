@@ -832,6 +832,32 @@ fn a_redis_user_refused_some_channels_gets_them_counted_and_the_rest_through() {
         }
         assert_eq!(a.bridge().published, 1);
 
+        // A topic it may not subscribe to, asked for with others: Redis
+        // refuses the whole command, and the others must still be
+        // subscribed. (Before, they were not, and nothing counted it.)
+        let mut mixed = Peer::connect(a.addr());
+        let topics: Vec<String> = (0..20).map(|i| format!("ok-mixed-{i}")).collect();
+        let mut wire = frame(0x81, b"sub nope");
+        for t in &topics {
+            wire.extend(frame(0x81, format!("sub {t}").as_bytes()));
+        }
+        mixed.s.write_all(&wire).unwrap();
+        assert_eq!(mixed.read().unwrap(), "subscribed nope");
+        for t in &topics {
+            assert_eq!(mixed.read().unwrap(), format!("subscribed {t}"));
+        }
+        for t in &topics {
+            redis.wait_numsub(t, 1);
+        }
+        for t in &topics {
+            b.server.publish(t, t.as_str());
+        }
+        for t in &topics {
+            assert_eq!(&mixed.read().unwrap(), t);
+        }
+        let stats = a.bridge();
+        assert_eq!((stats.refused, stats.channels), (2, 20), "{stats:?}");
+
         // A user with no channel at all never comes up, and says why.
         let _: redis::Value = support::redis::query(
             redis.port,

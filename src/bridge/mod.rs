@@ -94,10 +94,20 @@ pub trait Subscriber {
     ///
     /// # Errors
     ///
-    /// A failed connection. An engine that cannot tell a refused
-    /// subscription (Redis Pub/Sub in RESP2 cannot) may return `Ok`: the
-    /// server notices when its own messages do not come back.
+    /// A failed connection. A channel the engine refuses is not an error:
+    /// the others are subscribed, and [`take_refused`](Subscriber::take_refused)
+    /// names it. An engine that cannot tell a refused subscription may
+    /// return `Ok`: the server notices when its own messages do not come
+    /// back.
     fn subscribe(&mut self, channels: &[&str]) -> io::Result<()>;
+
+    /// The channels `subscribe` found refused since this was last called
+    /// (a channel the engine's user may not use, say): they are left out
+    /// and counted ([`BridgeStats::refused`](crate::stats::BridgeStats::refused)).
+    /// By default none.
+    fn take_refused(&mut self) -> Vec<String> {
+        Vec::new()
+    }
 
     /// Stop receiving the messages published to `channels`.
     ///

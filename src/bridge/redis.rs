@@ -1,10 +1,11 @@
 //! The [`Bridge`] over Redis Pub/Sub, with the `redis` crate's synchronous
 //! client: one connection publishes (a pipeline per batch), one subscribes.
 
+use std::collections::VecDeque;
 use std::io;
 use std::time::Duration;
 
-use redis::{Client, Connection, PubSub, RedisError};
+use redis::{Client, Connection, Msg, RedisError, Value};
 
 use super::{Bridge, Publisher, Subscriber};
 
@@ -87,19 +88,16 @@ impl Bridge for RedisBridge {
         &self,
         session: &mut dyn FnMut(&mut dyn Subscriber) -> io::Result<()>,
     ) -> io::Result<()> {
-        let mut con = self.connect()?;
         let mut sub = RedisSubscriber {
-            pubsub: con.as_pubsub(),
+            con: self.connect()?,
             read_timeout: self.timeout,
             timeout: self.timeout,
+            waiting: VecDeque::new(),
+            refused: Vec::new(),
         };
-        let result = session(&mut sub);
-        if result.is_err() {
-            // Dropping the subscription would unsubscribe everything, and
-            // wait for a connection that already failed: close it first.
-            let _ = sub.pubsub.set_read_timeout(Some(Duration::from_millis(1)));
-        }
-        result
+        // The connection is dropped (closed) as it is, subscribed or not:
+        // nothing waits for an unsubscribe.
+        session(&mut sub)
     }
 }
 
@@ -141,48 +139,114 @@ impl Publisher for RedisPublisher {
     }
 }
 
-struct RedisSubscriber<'a> {
-    pubsub: PubSub<'a>,
+/// The receiving connection, spoken to directly rather than through the
+/// client library's `PubSub`, which returns from a `SUBSCRIBE` at its
+/// first answer and takes an error answer (a channel the Redis user may
+/// not use, which refuses the whole command) for a success.
+struct RedisSubscriber {
+    con: Connection,
     /// The read timeout set now.
     read_timeout: Duration,
     /// The one commands get (`RedisBridge::timeout`).
     timeout: Duration,
+    /// Messages read while waiting for a command's answers.
+    waiting: VecDeque<(String, Vec<u8>)>,
+    /// Channels refused since `take_refused` was last called.
+    refused: Vec<String>,
 }
 
-impl RedisSubscriber<'_> {
+/// One thing read from a subscribed connection.
+enum Read {
+    Message(String, Vec<u8>),
+    /// An error answer (the whole command was refused).
+    Refused,
+    /// Any other answer: a `subscribe`, `unsubscribe` or `pong`.
+    Answer,
+}
+
+impl RedisSubscriber {
     fn read_timeout(&mut self, t: Duration) -> io::Result<()> {
         if self.read_timeout != t {
-            self.pubsub.set_read_timeout(Some(t)).map_err(io_error)?;
+            self.con.set_read_timeout(Some(t)).map_err(io_error)?;
             self.read_timeout = t;
         }
         Ok(())
     }
+
+    fn read(&mut self) -> redis::RedisResult<Read> {
+        let value = self.con.recv_response()?;
+        if let Value::ServerError(_) = value {
+            return Ok(Read::Refused);
+        }
+        Ok(match Msg::from_owned_value(value) {
+            Some(msg) => Read::Message(
+                msg.get_channel_name().to_owned(),
+                msg.get_payload_bytes().to_vec(),
+            ),
+            None => Read::Answer,
+        })
+    }
+
+    /// Send `command` with `args` and read its `answers` answers (one per
+    /// channel, or one for a `PING`), keeping the messages that come
+    /// meanwhile. False if it was refused (one error answer).
+    fn command(&mut self, command: &str, args: &[&str], answers: usize) -> io::Result<bool> {
+        self.read_timeout(self.timeout)?;
+        let packed = redis::cmd(command).arg(args).get_packed_command();
+        self.con.send_packed_command(&packed).map_err(io_error)?;
+        let mut left = answers;
+        while left > 0 {
+            match self.read().map_err(io_error)? {
+                Read::Message(channel, payload) => self.waiting.push_back((channel, payload)),
+                Read::Refused => return Ok(false),
+                Read::Answer => left -= 1,
+            }
+        }
+        Ok(true)
+    }
 }
 
-impl Subscriber for RedisSubscriber<'_> {
+impl Subscriber for RedisSubscriber {
     fn subscribe(&mut self, channels: &[&str]) -> io::Result<()> {
-        self.read_timeout(self.timeout)?;
-        self.pubsub.subscribe(channels).map_err(io_error)
+        if channels.is_empty() || self.command("SUBSCRIBE", channels, channels.len())? {
+            return Ok(());
+        }
+        // One channel the user may not use refuses them all: find which,
+        // so that the others are subscribed.
+        for &channel in channels {
+            if !self.command("SUBSCRIBE", &[channel], 1)? {
+                self.refused.push(channel.to_owned());
+            }
+        }
+        Ok(())
     }
 
     fn unsubscribe(&mut self, channels: &[&str]) -> io::Result<()> {
-        self.read_timeout(self.timeout)?;
-        self.pubsub.unsubscribe(channels).map_err(io_error)
+        if !channels.is_empty() {
+            // Answered once per channel, subscribed or not.
+            self.command("UNSUBSCRIBE", channels, channels.len())?;
+        }
+        Ok(())
+    }
+
+    fn take_refused(&mut self) -> Vec<String> {
+        std::mem::take(&mut self.refused)
     }
 
     fn receive(&mut self, timeout: Duration) -> io::Result<Option<(String, Vec<u8>)>> {
+        if let Some(message) = self.waiting.pop_front() {
+            return Ok(Some(message));
+        }
         self.read_timeout(timeout.max(Duration::from_millis(1)))?;
-        match self.pubsub.get_message() {
-            Ok(msg) => Ok(Some((
-                msg.get_channel_name().to_owned(),
-                msg.get_payload_bytes().to_vec(),
-            ))),
+        match self.read() {
+            Ok(Read::Message(channel, payload)) => Ok(Some((channel, payload))),
+            // Nothing else is outstanding: commands read all their answers.
+            Ok(Read::Answer | Read::Refused) => Ok(None),
             Err(e) if e.is_timeout() => {
                 // Nothing came: make sure the connection is alive, so that
                 // a Redis gone silent is noticed.
-                self.read_timeout(self.timeout)?;
-                self.pubsub.ping::<redis::Value>().map_err(io_error)?;
-                Ok(None)
+                self.command("PING", &[], 1)?;
+                Ok(self.waiting.pop_front())
             }
             Err(e) => Err(io_error(e)),
         }

@@ -884,6 +884,7 @@ fn session<T: Send + Sync + 'static>(
         let refs: Vec<&str> = chunk.iter().map(String::as_str).collect();
         sub.subscribe(&refs)?;
     }
+    let refused = sub.take_refused();
     // The control channel last: the engine answers one connection's
     // commands in order, so our wake-up can come back on it only once
     // every topic channel before it is subscribed (a client library may
@@ -891,8 +892,15 @@ fn session<T: Send + Sync + 'static>(
     // A wake-up sent before the engine got this far is lost, and sent
     // again (see `WAKE_AGAIN`).
     sub.subscribe(&[rt.control.as_str()])?;
+    if !sub.take_refused().is_empty() {
+        return Err(io::Error::new(
+            io::ErrorKind::PermissionDenied,
+            "the engine refused this server's control channel: are its channels refused \
+             (Redis ACL channel permissions)?",
+        ));
+    }
     let mut subscribed: HashSet<String> = channels.into_iter().collect();
-    rt.counts.channels.store(subscribed.len() as u64, Relaxed);
+    leave_out_refused(rt, &mut subscribed, refused);
     {
         // Numbers of topics still subscribed are kept: a gap across the
         // outage is counted.
@@ -1017,8 +1025,18 @@ fn apply_changes(
         rt.forget(|t| !added.contains(t));
     }
     subscribed.extend(add);
-    rt.counts.channels.store(subscribed.len() as u64, Relaxed);
+    leave_out_refused(rt, subscribed, sub.take_refused());
     Ok(())
+}
+
+/// Take the channels the engine refused out of `subscribed`, count them,
+/// and set the count of channels subscribed.
+fn leave_out_refused(rt: &BridgeRt, subscribed: &mut HashSet<String>, refused: Vec<String>) {
+    for channel in &refused {
+        subscribed.remove(channel);
+    }
+    rt.counts.refused.fetch_add(refused.len() as u64, Relaxed);
+    rt.counts.channels.store(subscribed.len() as u64, Relaxed);
 }
 
 /// Unsubscribe the channels that lingered long enough (and those due
