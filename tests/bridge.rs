@@ -16,7 +16,7 @@ use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use enjent::bridge::{BridgeEvent, RedisBridge};
+use enjent::bridge::{Bridge, BridgeEvent, RedisBridge};
 use enjent::{Client, Message, WebSocketServer};
 use support::redis::{Instance, Redis, subscriber_omem};
 use support::{frame, raw_ws, try_read_frame, within};
@@ -856,7 +856,8 @@ fn a_redis_user_refused_some_channels_gets_them_counted_and_the_rest_through() {
             assert_eq!(&mixed.read().unwrap(), t);
         }
         let stats = a.bridge();
-        assert_eq!((stats.refused, stats.channels), (2, 20), "{stats:?}");
+        // Each session counts the refusal again: at least this one.
+        assert!(stats.refused >= 2 && stats.channels == 20, "{stats:?}");
 
         // A user with no channel at all never comes up, and says why.
         let _: redis::Value = support::redis::query(
@@ -882,6 +883,58 @@ fn a_redis_user_refused_some_channels_gets_them_counted_and_the_rest_through() {
         );
         assert!(!c.told.lock().unwrap().contains(&BridgeEvent::Up));
         assert!(!c.bridge().up);
+    });
+}
+
+/// The Redis adapter's receiving connection, driven directly: a
+/// `SUBSCRIBE` that one forbidden channel makes Redis refuse whole is
+/// made again channel by channel, so that the others are subscribed and
+/// only the forbidden one is named refused; and reads that time out, each
+/// followed by a `PING`, keep the connection working. (The first version
+/// of this adapter read idle messages as answers: after a timeout the
+/// client library skipped the next thing read, the `PING`'s answer, and
+/// the connection failed at every idle second.)
+#[test]
+fn the_redis_receiver_subscribes_around_a_refused_channel_and_outlives_idle_reads() {
+    let Some(redis) = Redis::start() else { return };
+    within(Duration::from_secs(60), move || {
+        let _: redis::Value = support::redis::query(
+            redis.port,
+            &[
+                "ACL",
+                "SETUSER",
+                "okonly",
+                "on",
+                ">secret",
+                "~*",
+                "+@all",
+                "resetchannels",
+                "&enjent:t:ok*",
+            ],
+        )
+        .unwrap();
+        let url = format!("redis://okonly:secret@127.0.0.1:{}/", redis.port);
+        let bridge = RedisBridge::new(&url)
+            .unwrap()
+            .timeout(Duration::from_millis(500));
+        bridge
+            .subscriber(&mut |sub| {
+                sub.subscribe(&["enjent:t:ok-a", "enjent:t:nope", "enjent:t:ok-b"])?;
+                assert_eq!(sub.take_refused(), vec!["enjent:t:nope".to_owned()]);
+                assert_eq!(redis.numsub("enjent:t:ok-a"), 1);
+                assert_eq!(redis.numsub("enjent:t:ok-b"), 1);
+                // Idle reads, each ending in a PING, past the timeout.
+                let idle = Instant::now();
+                while idle.elapsed() < Duration::from_millis(1500) {
+                    assert_eq!(sub.receive(Duration::from_millis(100))?, None);
+                }
+                let _: redis::Value =
+                    support::redis::query(redis.port, &["PUBLISH", "enjent:t:ok-b", "hi"]).unwrap();
+                let got = sub.receive(Duration::from_secs(5))?;
+                assert_eq!(got, Some(("enjent:t:ok-b".to_owned(), b"hi".to_vec())));
+                Ok(())
+            })
+            .unwrap();
     });
 }
 

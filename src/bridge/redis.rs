@@ -3,9 +3,10 @@
 
 use std::collections::VecDeque;
 use std::io;
+use std::mem::ManuallyDrop;
 use std::time::Duration;
 
-use redis::{Client, Connection, Msg, RedisError, Value};
+use redis::{Client, Connection, Msg, RedisError, ServerErrorKind, Value};
 
 use super::{Bridge, Publisher, Subscriber};
 
@@ -158,7 +159,7 @@ struct RedisSubscriber {
 /// One thing read from a subscribed connection.
 enum Read {
     Message(String, Vec<u8>),
-    /// An error answer (the whole command was refused).
+    /// A `NOPERM` answer: the whole command was refused.
     Refused,
     /// Any other answer: a `subscribe`, `unsubscribe` or `pong`.
     Answer,
@@ -173,10 +174,17 @@ impl RedisSubscriber {
         Ok(())
     }
 
-    fn read(&mut self) -> redis::RedisResult<Read> {
-        let value = self.con.recv_response()?;
-        if let Value::ServerError(_) = value {
-            return Ok(Read::Refused);
+    /// Read a command's next answer, or a message that came before it.
+    /// (`recv_response` reads as for an answer: after a timeout it skips
+    /// the next thing read, which ends the session anyway.)
+    fn read(&mut self) -> io::Result<Read> {
+        let value = self.con.recv_response().map_err(io_error)?;
+        if let Value::ServerError(e) = value {
+            if e.kind() == Some(ServerErrorKind::NoPerm) {
+                return Ok(Read::Refused);
+            }
+            // Busy, say: try again on a new connection.
+            return Err(io::Error::other(format!("Redis answered {e}")));
         }
         Ok(match Msg::from_owned_value(value) {
             Some(msg) => Read::Message(
@@ -196,7 +204,7 @@ impl RedisSubscriber {
         self.con.send_packed_command(&packed).map_err(io_error)?;
         let mut left = answers;
         while left > 0 {
-            match self.read().map_err(io_error)? {
+            match self.read()? {
                 Read::Message(channel, payload) => self.waiting.push_back((channel, payload)),
                 Read::Refused => return Ok(false),
                 Read::Answer => left -= 1,
@@ -238,10 +246,17 @@ impl Subscriber for RedisSubscriber {
             return Ok(Some(message));
         }
         self.read_timeout(timeout.max(Duration::from_millis(1)))?;
-        match self.read() {
-            Ok(Read::Message(channel, payload)) => Ok(Some((channel, payload))),
-            // Nothing else is outstanding: commands read all their answers.
-            Ok(Read::Answer | Read::Refused) => Ok(None),
+        // Read as the library reads messages, not answers: a timeout then
+        // leaves the next thing read alone (`recv_response` would skip it,
+        // taking it for the late answer to a command). Kept from dropping:
+        // a `PubSub` unsubscribes everything when dropped. It holds
+        // nothing (its queue is filled only by its own commands).
+        let read = ManuallyDrop::new(self.con.as_pubsub()).get_message();
+        match read {
+            Ok(msg) => Ok(Some((
+                msg.get_channel_name().to_owned(),
+                msg.get_payload_bytes().to_vec(),
+            ))),
             Err(e) if e.is_timeout() => {
                 // Nothing came: make sure the connection is alive, so that
                 // a Redis gone silent is noticed.

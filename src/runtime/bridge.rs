@@ -550,7 +550,9 @@ impl BridgeRt {
             let ahead = env.epoch.wrapping_sub(f.epoch);
             unbelievable = !f.last.is_empty() && !(1..MAX_EPOCH_JUMP).contains(&ahead);
             let before = std::mem::take(&mut f.last);
-            f.before = Some((f.epoch, before));
+            // Kept only across a believable roll: numbers a forged epoch
+            // planted must not make the genuine ones duplicates later.
+            f.before = (!unbelievable).then_some((f.epoch, before));
             f.epoch = env.epoch;
         }
         let (seq, last) = (env.seq, f.last.get(topic).copied());
@@ -1160,6 +1162,33 @@ mod tests {
         assert!(matches!(check(1, "u", 2), Sequence::Next(0)));
         assert!(matches!(check(1, "t", 1), Sequence::Next(0)));
         assert_eq!(rt.from.lock()[&7].missed, 0);
+    }
+
+    /// A forged envelope of the next epoch, taken back by the genuine
+    /// numbers, leaves nothing behind that would make the genuine next
+    /// epoch's first messages duplicates when it really comes.
+    #[test]
+    fn a_forged_next_epoch_does_not_make_the_real_one_duplicates() {
+        let rt = BridgeRt::new(Box::new(NoEngine), "p:", 1 << 20);
+        let check = |epoch: u32, seq: u64| {
+            let env = Envelope {
+                kind: TEXT,
+                origin: 7,
+                epoch,
+                seq,
+                payload: b"",
+            };
+            rt.check_sequence(&env, "t")
+        };
+        assert!(matches!(check(5, 1), Sequence::Next(0)));
+        // Forged: the next epoch, number 9.
+        assert!(matches!(check(6, 9), Sequence::Next(0)));
+        // The genuine numbers take it back (not believed: a jump back).
+        assert!(matches!(check(5, 2), Sequence::Unbelievable));
+        assert!(matches!(check(5, 3), Sequence::Next(0)));
+        // The real roll: its first numbers are new messages.
+        assert!(matches!(check(6, 1), Sequence::Next(0)));
+        assert!(matches!(check(6, 2), Sequence::Next(0)));
     }
 
     #[test]
