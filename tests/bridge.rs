@@ -799,23 +799,7 @@ fn a_redis_user_refused_some_channels_gets_them_counted_and_the_rest_through() {
     within(Duration::from_secs(60), move || {
         // Publishing only to topics starting with "ok", and its own
         // control channel.
-        let _: redis::Value = support::redis::query(
-            redis.port,
-            &[
-                "ACL",
-                "SETUSER",
-                "limited",
-                "on",
-                ">secret",
-                "~*",
-                "+@all",
-                "resetchannels",
-                "&enjent:t:ok*",
-                "&enjent:c:*",
-            ],
-        )
-        .unwrap();
-        let url = format!("redis://limited:secret@127.0.0.1:{}/", redis.port);
+        let url = redis_user(&redis, "limited", &["&enjent:t:ok*", "&enjent:c:*"]);
         let a = Node::start_at(&url, |b| b);
         a.wait_told(|e| *e == BridgeEvent::Up, "Up", 0);
         let b = Node::start(&redis);
@@ -860,21 +844,7 @@ fn a_redis_user_refused_some_channels_gets_them_counted_and_the_rest_through() {
         assert!(stats.refused >= 2 && stats.channels == 20, "{stats:?}");
 
         // A user with no channel at all never comes up, and says why.
-        let _: redis::Value = support::redis::query(
-            redis.port,
-            &[
-                "ACL",
-                "SETUSER",
-                "none",
-                "on",
-                ">secret",
-                "~*",
-                "+@all",
-                "resetchannels",
-            ],
-        )
-        .unwrap();
-        let url = format!("redis://none:secret@127.0.0.1:{}/", redis.port);
+        let url = redis_user(&redis, "none", &[]);
         let c = Node::start_at(&url, |b| b);
         c.wait_told(
             |e| matches!(e, BridgeEvent::Down { error } if error.contains("permissions")),
@@ -884,6 +854,24 @@ fn a_redis_user_refused_some_channels_gets_them_counted_and_the_rest_through() {
         assert!(!c.told.lock().unwrap().contains(&BridgeEvent::Up));
         assert!(!c.bridge().up);
     });
+}
+
+/// A Redis user `name` that may use the channels `channels` (ACL
+/// patterns) and any key and command; its URL.
+fn redis_user(redis: &Redis, name: &str, channels: &[&str]) -> String {
+    let mut args = vec![
+        "ACL",
+        "SETUSER",
+        name,
+        "on",
+        ">secret",
+        "~*",
+        "+@all",
+        "resetchannels",
+    ];
+    args.extend_from_slice(channels);
+    let _: redis::Value = support::redis::query(redis.port, &args).unwrap();
+    format!("redis://{name}:secret@127.0.0.1:{}/", redis.port)
 }
 
 /// The Redis adapter's receiving connection, driven directly: a
@@ -898,22 +886,7 @@ fn a_redis_user_refused_some_channels_gets_them_counted_and_the_rest_through() {
 fn the_redis_receiver_subscribes_around_a_refused_channel_and_outlives_idle_reads() {
     let Some(redis) = Redis::start() else { return };
     within(Duration::from_secs(60), move || {
-        let _: redis::Value = support::redis::query(
-            redis.port,
-            &[
-                "ACL",
-                "SETUSER",
-                "okonly",
-                "on",
-                ">secret",
-                "~*",
-                "+@all",
-                "resetchannels",
-                "&enjent:t:ok*",
-            ],
-        )
-        .unwrap();
-        let url = format!("redis://okonly:secret@127.0.0.1:{}/", redis.port);
+        let url = redis_user(&redis, "okonly", &["&enjent:t:ok*"]);
         let bridge = RedisBridge::new(&url)
             .unwrap()
             .timeout(Duration::from_millis(500));

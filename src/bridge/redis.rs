@@ -46,8 +46,9 @@ impl RedisBridge {
     }
 
     /// How long connecting, a write, or a command's reply may take before
-    /// the connection counts as failed (default 2 s). Also how often an
-    /// idle receiving connection is checked with a `PING`, at most.
+    /// the connection counts as failed (default 2 s). The receiving
+    /// connection is also checked with a `PING` whenever a second (less
+    /// while it waits for something) goes by with nothing received.
     pub fn timeout(mut self, timeout: Duration) -> RedisBridge {
         self.timeout = timeout.max(Duration::from_millis(1));
         self

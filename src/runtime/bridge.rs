@@ -1103,19 +1103,23 @@ mod tests {
         }
     }
 
+    /// Where a message of origin 7's `epoch` and number `seq` on `topic`
+    /// stands at `rt`.
+    fn check(rt: &BridgeRt, epoch: u32, topic: &str, seq: u64) -> Sequence {
+        let env = Envelope {
+            kind: TEXT,
+            origin: 7,
+            epoch,
+            seq,
+            payload: b"",
+        };
+        rt.check_sequence(&env, topic)
+    }
+
     #[test]
     fn a_forged_number_or_epoch_cannot_silence_an_origin() {
         let rt = BridgeRt::new(Box::new(NoEngine), "p:", 1 << 20);
-        let check = |epoch: u32, seq: u64| {
-            let env = Envelope {
-                kind: TEXT,
-                origin: 7,
-                epoch,
-                seq,
-                payload: b"",
-            };
-            rt.check_sequence(&env, "t")
-        };
+        let check = |epoch: u32, seq: u64| check(&rt, epoch, "t", seq);
         assert!(matches!(check(0, 1), Sequence::Next(0)));
         assert!(matches!(check(0, 3), Sequence::Next(1)));
         // Sent again after a reconnection.
@@ -1143,16 +1147,7 @@ mod tests {
     #[test]
     fn a_batch_sent_again_across_an_epoch_roll_is_all_duplicates() {
         let rt = BridgeRt::new(Box::new(NoEngine), "p:", 1 << 20);
-        let check = |epoch: u32, topic: &str, seq: u64| {
-            let env = Envelope {
-                kind: TEXT,
-                origin: 7,
-                epoch,
-                seq,
-                payload: b"",
-            };
-            rt.check_sequence(&env, topic)
-        };
+        let check = |epoch: u32, topic: &str, seq: u64| check(&rt, epoch, topic, seq);
         assert!(matches!(check(0, "t", 6), Sequence::Next(0)));
         assert!(matches!(check(0, "t", 7), Sequence::Next(0)));
         assert!(matches!(check(1, "u", 1), Sequence::Next(0)));
@@ -1170,16 +1165,7 @@ mod tests {
     #[test]
     fn a_forged_next_epoch_does_not_make_the_real_one_duplicates() {
         let rt = BridgeRt::new(Box::new(NoEngine), "p:", 1 << 20);
-        let check = |epoch: u32, seq: u64| {
-            let env = Envelope {
-                kind: TEXT,
-                origin: 7,
-                epoch,
-                seq,
-                payload: b"",
-            };
-            rt.check_sequence(&env, "t")
-        };
+        let check = |epoch: u32, seq: u64| check(&rt, epoch, "t", seq);
         assert!(matches!(check(5, 1), Sequence::Next(0)));
         // Forged: the next epoch, number 9.
         assert!(matches!(check(6, 9), Sequence::Next(0)));
