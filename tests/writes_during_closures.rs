@@ -61,9 +61,16 @@ fn holding_server(workers: usize, hard_limit: usize) -> (WebSocketServer, Hold, 
         .workers(workers)
         .max_backpressure(hard_limit)
         .close_timeout(Duration::from_secs(3))
-        .on_connect(move |client| c.lock().unwrap().send(client.clone()).unwrap())
-        .on_message(move |_, m| {
-            if m.as_text() == Some("hold") {
+        .on_connect(move |client| {
+            client.subscribe("t").unwrap();
+            c.lock().unwrap().send(client.clone()).unwrap();
+        })
+        .on_message(move |client, m| {
+            if m.as_text() == Some("reply, then hold") {
+                // Corked: the closure's own send waits for its pass's end.
+                client.send("reply").unwrap();
+            }
+            if m.as_text().is_some_and(|t| t.ends_with("hold")) {
                 i.fetch_add(1, Ordering::SeqCst);
                 let _ = e.lock().unwrap().send(());
                 while !r.load(Ordering::SeqCst) {
@@ -207,4 +214,164 @@ fn a_close_during_a_held_closure_delivers_more_than_the_socket_holds() {
     s.write_all(&frame(0x88, &close_payload(4000, ""))).unwrap();
     drop(hold);
     assert!(closed_by_server(&mut s));
+}
+
+/// Small sends (far under the 64 KiB cork) from other threads reach
+/// eight clients while each one's own closure is held, each thread
+/// sending to its client one at a time; the frame a closure sent itself
+/// before it blocked comes first. Before, a send from another thread while
+/// the client's job was running was corked to the job's end: nothing
+/// arrived until the closures were let go (the reads timed out).
+#[test]
+fn small_sends_from_other_threads_arrive_while_the_clients_closure_is_held() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    const CLIENTS: usize = 8;
+    const COUNT: u32 = 50;
+    let (server, hold, handles) = holding_server(CLIENTS + 2, 1 << 20);
+    let mut peers = Vec::new();
+    for _ in 0..CLIENTS {
+        let mut s = raw_ws(server.local_addr());
+        let client = handles.recv_timeout(WAIT).unwrap();
+        s.write_all(&frame(0x81, b"reply, then hold")).unwrap();
+        hold.entered();
+        peers.push((s, client));
+    }
+    let threads: Vec<_> = peers
+        .into_iter()
+        .map(|(mut s, client)| {
+            thread::spawn(move || {
+                for i in 0..COUNT {
+                    client.send(format!("m{i}")).unwrap();
+                    if i == 0 {
+                        // Corked until now (the job's own sends wait for
+                        // its pass's end): this send takes it along.
+                        let (first, p) = read_frame(&mut s);
+                        assert_eq!(
+                            (first, &p[..]),
+                            (0x81, &b"reply"[..]),
+                            "the closure's own frame first"
+                        );
+                    }
+                    // Each read before the next send: nothing here waits
+                    // for anything but this one frame.
+                    read_texts_from(&mut s, "m", i, 1);
+                }
+                s
+            })
+        })
+        .collect();
+    let _sockets: Vec<_> = threads.into_iter().map(|t| t.join().unwrap()).collect();
+    assert_eq!(
+        hold.inside.load(Ordering::SeqCst),
+        CLIENTS,
+        "every closure is still held"
+    );
+}
+
+/// Read `count` text frames, `{prefix}{i}` for i from `from` on, in order.
+fn read_texts_from(s: &mut TcpStream, prefix: &str, from: u32, count: u32) {
+    for i in from..from + count {
+        let (first, p) = read_frame(s);
+        assert_eq!(first, 0x81, "{prefix}{i}");
+        assert_eq!(String::from_utf8_lossy(&p), format!("{prefix}{i}"));
+    }
+}
+
+/// Publishes and broadcasts from the test's thread reach eight subscribers
+/// while each one's own closure is held: 20 of each, interleaved, every
+/// one in order at every subscriber. Before, each waited for its
+/// subscriber's closure to end.
+#[test]
+fn publishes_and_broadcasts_reach_clients_whose_closures_are_held() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    const CLIENTS: usize = 8;
+    let (server, hold, handles) = holding_server(CLIENTS + 2, 1 << 20);
+    let mut sockets = Vec::new();
+    for _ in 0..CLIENTS {
+        let mut s = raw_ws(server.local_addr());
+        handles.recv_timeout(WAIT).unwrap();
+        s.write_all(&frame(0x81, b"hold")).unwrap();
+        hold.entered();
+        sockets.push(s);
+    }
+    for i in 0..20 {
+        let p = server.publish("t", format!("p{i}"));
+        assert_eq!(p.queued + p.written, CLIENTS, "publish {i}: {p:?}");
+        let b = server.broadcast(format!("b{i}"));
+        assert_eq!(b.queued + b.written, CLIENTS, "broadcast {i}: {b:?}");
+    }
+    for s in &mut sockets {
+        for i in 0..20 {
+            read_texts_from(s, "p", i, 1);
+            read_texts_from(s, "b", i, 1);
+        }
+    }
+    assert_eq!(
+        hold.inside.load(Ordering::SeqCst),
+        CLIENTS,
+        "every closure is still held"
+    );
+}
+
+/// A send from another thread while the client's `on_connect` is held
+/// arrives after the `101`, before `on_connect` returns.
+#[test]
+fn a_send_during_a_held_on_connect_arrives_at_once() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let release = Arc::new(AtomicBool::new(false));
+    let inside = Arc::new(AtomicBool::new(false));
+    let (clients_tx, clients) = channel::<Client>();
+    let (r, i, c) = (
+        Arc::clone(&release),
+        Arc::clone(&inside),
+        Mutex::new(clients_tx),
+    );
+    let server = WebSocketServer::builder()
+        .workers(2)
+        .on_connect(move |client| {
+            i.store(true, Ordering::SeqCst);
+            c.lock().unwrap().send(client.clone()).unwrap();
+            while !r.load(Ordering::SeqCst) {
+                thread::sleep(Duration::from_millis(5));
+            }
+            i.store(false, Ordering::SeqCst);
+        })
+        .start("127.0.0.1:0")
+        .unwrap();
+    // Let go however the test ends, or the server's drop waits for ever.
+    struct Release(Arc<AtomicBool>);
+    impl Drop for Release {
+        fn drop(&mut self) {
+            self.0.store(true, Ordering::SeqCst);
+        }
+    }
+    let _release = Release(Arc::clone(&release));
+    let mut s = raw_ws(server.local_addr());
+    let client = clients.recv_timeout(WAIT).unwrap();
+    client.send("m0").unwrap();
+    read_texts_from(&mut s, "m", 0, 1);
+    assert!(inside.load(Ordering::SeqCst), "on_connect is still held");
+}
+
+/// A ping and then a message whose closure blocks, in one write: the
+/// pong comes while the closure is held (a peer that times its pings
+/// would otherwise give up on the connection). Before, the job's pong was
+/// corked to its pass's end, behind the closure.
+#[test]
+fn a_pong_is_not_held_behind_a_closure_in_the_same_read() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let (server, hold, handles) = holding_server(2, 1 << 20);
+    let mut s = raw_ws(server.local_addr());
+    handles.recv_timeout(WAIT).unwrap();
+    let mut both = frame(0x89, b"are you there");
+    both.extend(frame(0x81, b"hold"));
+    s.write_all(&both).unwrap();
+    hold.entered();
+    let (first, p) = read_frame(&mut s);
+    assert_eq!((first, &p[..]), (0x8A, &b"are you there"[..]));
+    assert_eq!(
+        hold.inside.load(Ordering::SeqCst),
+        1,
+        "the closure is still held"
+    );
 }

@@ -95,6 +95,10 @@ pub(crate) struct ReadSide {
     /// This pass's first flush left a queue the socket did not take: arm
     /// the write wake before one of the client's closures runs.
     pub(crate) wake_wanted: bool,
+    /// This pass queued a pong (corked, as the job's own sends are): it
+    /// leaves before the next closure of the client's runs, which may
+    /// hold the job for however long.
+    pub(crate) pong_corked: bool,
 }
 
 impl ReadSide {
@@ -111,6 +115,7 @@ impl ReadSide {
             rest: Vec::new(),
             buffered: 0,
             wake_wanted: false,
+            pong_corked: false,
         }
     }
 
@@ -184,6 +189,11 @@ pub(crate) struct WriteSide {
     pub(crate) writing: bool,
     /// A pool job owns the connection right now.
     pub(crate) job_running: bool,
+    /// The job's pass may run the client's closures (`on_connect`,
+    /// `on_message`, `on_drain`), for however long: only the job's own
+    /// thread corks its sends; a send from any other thread writes at once
+    /// (see [`Serving`]).
+    pub(crate) closures: bool,
     /// Something happened while the job ran: it must go round again.
     pub(crate) job_again: bool,
     /// Server clock (ms) by which the close handshake must be over.
@@ -274,6 +284,31 @@ impl Rearming {
 impl Drop for Rearming {
     fn drop(&mut self) {
         REARMING.set(self.0);
+    }
+}
+
+thread_local! {
+    /// The connection whose job this thread runs, by address; 0 for none.
+    /// See [`Serving`].
+    static SERVING: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
+/// Marks the thread that runs a connection's job, for as long as it does:
+/// while the job's pass may run one of the client's closures, that thread's
+/// sends to the client cork (they leave together when the pass ends), and
+/// any other thread's are written at once, since the closure may hold the
+/// job for however long.
+pub(crate) struct Serving(usize);
+
+impl Serving {
+    pub(crate) fn start<T>(conn: &Conn<T>) -> Serving {
+        Serving(SERVING.replace(std::ptr::from_ref(conn) as usize))
+    }
+}
+
+impl Drop for Serving {
+    fn drop(&mut self) {
+        SERVING.set(self.0);
     }
 }
 
@@ -422,6 +457,7 @@ impl<T: Send + Sync + 'static> Conn<T> {
                 out: OutQueue::default(),
                 writing: true,
                 job_running: true,
+                closures: false,
                 job_again: false,
                 close_deadline_ms: 0,
                 write_error: None,
@@ -640,6 +676,8 @@ impl<T: Send + Sync + 'static> Conn<T> {
     pub(crate) fn send_upgrade(self: &Arc<Self>, shared: &Arc<Shared<T>>, bytes: Vec<u8>) {
         let result = write_vectored(&self.stream, &[IoSlice::new(&bytes)]);
         let mut w = self.io.lock();
+        // `on_connect` comes next, on this thread (see `Serving`).
+        w.closures = shared.handlers.connect.is_some();
         match result {
             Ok(n) => {
                 Counters::add(&shared.counters.bytes_out, n as u64);
@@ -847,11 +885,15 @@ impl<T: Send + Sync + 'static> Conn<T> {
             Err(error) => return Err(Refused { error, body }),
         };
         // Corking: while a job owns the connection (a handler's own echo,
-        // or another thread's send meanwhile), frames wait for the job's
-        // end and leave together in one vectored write.
+        // or another thread's send while the job reads), frames wait for
+        // the job's end and leave together in one vectored write. While
+        // the job may be in one of the client's closures, only its own
+        // thread's frames wait.
         // Measured as flow control measures (bytes and a little per frame),
         // so that many tiny frames corked in one job cannot pause it.
-        let cork = w.job_running && w.out.cost() + len + 2 * CHUNK_COST <= shared.marks.cork();
+        let cork = w.job_running
+            && (!w.closures || self.served_here())
+            && w.out.cost() + len + 2 * CHUNK_COST <= shared.marks.cork();
         let waiting_for_writable = !w.out.is_empty() && !w.job_running;
         if w.writing || cork || waiting_for_writable {
             self.enqueue(shared, &mut w, head, body);
@@ -995,7 +1037,9 @@ impl<T: Send + Sync + 'static> Conn<T> {
     /// sends). Otherwise whoever holds the connection (a writer, the job,
     /// or writable interest armed for a queue) takes the frame along.
     fn take_token(&self, shared: &Shared<T>, w: &mut WriteSide, idle: bool) -> bool {
-        let over_cork = !w.writing && w.job_running && w.out.cost() > shared.marks.cork();
+        let over_cork = !w.writing
+            && w.job_running
+            && (w.out.cost() > shared.marks.cork() || w.closures && !self.served_here());
         if idle || over_cork {
             w.writing = true;
         }
@@ -1140,8 +1184,26 @@ impl<T: Send + Sync + 'static> Conn<T> {
     /// Flush from a pool job on writable readiness. Returns whether the
     /// queue is still not empty.
     pub(crate) fn flush_from_job(self: &Arc<Self>, shared: &Arc<Shared<T>>) -> bool {
-        self.flush_unless_writing(shared, self.io.lock());
-        !self.io.lock().out.is_empty()
+        self.flush_unless_writing(shared, self.io.lock())
+    }
+
+    /// The flush that starts a job's pass, which notes whether the pass
+    /// may run the client's closures (see [`WriteSide::closures`]): its
+    /// messages' (`on_message`), or a `Drain`'s if one is due or may be
+    /// once this flush makes room. Noted under the same hold of the lock
+    /// as the flush starts, so that a frame another thread corked before
+    /// is in this flush, and one after is written by its sender. Returns
+    /// whether the queue is still not empty.
+    pub(crate) fn start_pass(self: &Arc<Self>, shared: &Arc<Shared<T>>, on_message: bool) -> bool {
+        let mut w = self.io.lock();
+        w.closures =
+            on_message || shared.handlers.drain.is_some() && (w.drain_due || w.drain_wanted);
+        self.flush_unless_writing(shared, w)
+    }
+
+    /// Whether this thread runs this connection's job (see [`Serving`]).
+    fn served_here(&self) -> bool {
+        SERVING.get() == std::ptr::from_ref(self) as usize
     }
 
     /// Arm the write wake, if a job holds the connection and nobody else
@@ -1162,28 +1224,28 @@ impl<T: Send + Sync + 'static> Conn<T> {
     }
 
     /// Take the write token and flush, unless someone holds it or there
-    /// is nothing to write.
+    /// is nothing to write. Returns whether the queue is still not empty.
     fn flush_unless_writing<'a>(
         self: &'a Arc<Self>,
         shared: &Arc<Shared<T>>,
         mut w: parking_lot::MutexGuard<'a, WriteSide>,
-    ) {
+    ) -> bool {
         if w.writing || w.out.is_empty() || w.finished {
-            return;
+            return !w.out.is_empty();
         }
         w.writing = true;
-        self.flush_holding_token(shared, w);
+        self.flush_holding_token(shared, w)
     }
 
     /// With the token held: write the queue until it is empty, the kernel
     /// pushes back, or a write fails; then give the token back and make
     /// sure whatever is left will be flushed, and that flow control hears
-    /// of the room made.
+    /// of the room made. Returns whether the queue is still not empty.
     pub(crate) fn flush_holding_token<'a>(
         self: &'a Arc<Self>,
         shared: &Arc<Shared<T>>,
         mut w: parking_lot::MutexGuard<'a, WriteSide>,
-    ) {
+    ) -> bool {
         let before = w.out.bytes();
         loop {
             if w.out.is_empty() || w.write_error.is_some() || w.finished {
@@ -1262,6 +1324,7 @@ impl<T: Send + Sync + 'static> Conn<T> {
         }
         // `room_made` takes the lock `send_timeout` waiters hold while
         // they look at this queue: never with this one held.
+        let left = !w.out.is_empty();
         drop(w);
         if spawn {
             spawn_job(shared, self);
@@ -1269,6 +1332,7 @@ impl<T: Send + Sync + 'static> Conn<T> {
         if made_room {
             shared.room_made();
         }
+        left
     }
 }
 

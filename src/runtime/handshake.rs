@@ -16,7 +16,7 @@ use crate::message::{CloseCode, CloseFrame};
 use crate::proto::handshake::{
     Reject, Request, Response, accept_response, check_upgrade, parse_http,
 };
-use crate::runtime::conn::{Conn, Extensions};
+use crate::runtime::conn::{Conn, Extensions, Serving};
 use crate::runtime::registry::Pending;
 use crate::runtime::service::{read_some, service, with_scratch};
 use crate::runtime::{Shared, panic_close};
@@ -231,6 +231,7 @@ fn handshake_inner<T: Send + Sync + 'static>(shared: &Arc<Shared<T>>, mut p: Box
     // it (the new connection starts with the write token held).
     shared.registry.open(key, Arc::clone(&conn));
     Counters::add(&shared.counters.accepted, 1);
+    let _serving = Serving::start(&*conn);
     conn.send_upgrade(shared, response);
     // As for parking: shutdown's close-everyone pass either saw this
     // connection or we see the flag.

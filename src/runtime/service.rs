@@ -13,7 +13,7 @@ use crate::error::{DecodeError, Error};
 use crate::message::{CloseCode, CloseFrame};
 use crate::proto::conn::{Output, State};
 use crate::proto::frame::OpCode;
-use crate::runtime::conn::{CONDEMNED, Conn, ReadSide, Rearming};
+use crate::runtime::conn::{CONDEMNED, Conn, ReadSide, Rearming, Serving};
 use crate::runtime::events::{BATCH, Staged};
 use crate::runtime::poller::Job;
 use crate::runtime::registry::Found;
@@ -168,10 +168,15 @@ fn service_inner<T: Send + Sync + 'static>(
         frames: FRAME_BUDGET,
         bytes: READ_BUDGET,
     };
+    let _serving = Serving::start(&**conn);
+    // Whether a pass may run closures that hold the job for however long
+    // (`on_error` is left out: it reports). Without them, as in the
+    // main-loop style, other threads' sends cork while the job reads.
+    let on_message = shared.handlers.message.is_some();
     loop {
         let backlog = {
             let _rearming = Rearming::start(&**conn);
-            conn.flush_from_job(shared)
+            conn.start_pass(shared, on_message)
         };
         // Take the read side out: no guard is held while user closures
         // run. Only this job touches it; the lock is never contended.
@@ -210,9 +215,14 @@ fn service_inner<T: Send + Sync + 'static>(
         // Input left over (the job stopped at its budget, or a pause did):
         // nothing on the socket may wake the connection again.
         let leftover = !r.rest.is_empty() && !r.eof;
+        // The flush below takes any pong along.
+        r.pong_corked = false;
         conn.put_read(r);
 
         let mut w = conn.io.lock();
+        // No closure of the client's runs before the next pass: other
+        // threads' frames cork again until it starts.
+        w.closures = false;
         // Frames corked while the job ran leave now, in one write. What
         // is queued after this flush arms writable interest below.
         if !w.out.is_empty() && !w.writing && w.write_error.is_none() && !w.finished {
@@ -620,6 +630,13 @@ fn before_closure<T: Send + Sync + 'static>(
     conn: &Arc<Conn<T>>,
     r: &mut ReadSide,
 ) {
+    if std::mem::take(&mut r.pong_corked) {
+        // The closure may run long, and the peer may be timing its ping.
+        // (A socket this flush fills gets a write wake: see
+        // `Conn::flush_holding_token`.)
+        r.wake_wanted = false;
+        conn.flush_from_job(shared);
+    }
     if std::mem::take(&mut r.wake_wanted) {
         conn.want_write_wake(shared);
     }
@@ -673,8 +690,10 @@ fn handle<T: Send + Sync + 'static>(
             // without bound; over the hard limit, pongs are skipped (RFC
             // 6455 section 5.5.3 lets an endpoint answer only the most
             // recent ping).
-            if conn.queued_cost() <= shared.marks.hard {
-                let _ = conn.send_control(shared, OpCode::Pong, &payload);
+            if conn.queued_cost() <= shared.marks.hard
+                && conn.send_control(shared, OpCode::Pong, &payload).is_ok()
+            {
+                r.pong_corked = true;
             }
         }
         Output::Pong => {}
