@@ -535,7 +535,7 @@ impl BridgeRt {
             && *epoch == env.epoch
             && last
                 .get(topic)
-                .is_some_and(|&last| env.seq <= last && last - env.seq < BATCH_ITEMS as u64)
+                .is_some_and(|&last| sent_again(env.seq, last))
         {
             // Sent again after a reconnection, from before the roll that
             // came in the same batch.
@@ -559,10 +559,7 @@ impl BridgeRt {
         let outcome = match last {
             // The first since this server subscribed: nothing to compare.
             None => Sequence::Next(0),
-            // Sent again after a reconnection: at most a batch back.
-            Some(last) if seq <= last && last - seq < BATCH_ITEMS as u64 => {
-                return Sequence::Again;
-            }
+            Some(last) if sent_again(seq, last) => return Sequence::Again,
             Some(last) if seq > last && seq - last <= MAX_SEQ_JUMP => {
                 Sequence::Next(seq - last - 1)
             }
@@ -615,6 +612,12 @@ enum Sequence {
     Again,
     /// Too far from the last to be believed.
     Unbelievable,
+}
+
+/// Whether number `seq` is one an origin sent again after a reconnection,
+/// its last being `last`: at most a batch back.
+fn sent_again(seq: u64, last: u64) -> bool {
+    seq <= last && last - seq < BATCH_ITEMS as u64
 }
 
 /// Make room for one more origin: forget those silent for long, and the
