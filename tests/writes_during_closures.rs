@@ -375,3 +375,62 @@ fn a_pong_is_not_held_behind_a_closure_in_the_same_read() {
         "the closure is still held"
     );
 }
+
+/// The crowd version of the close above: eight clients, each held in its
+/// own closure, each sent 8 MiB and then closed by its own thread, all at
+/// once; each client starts reading, through a 4 KiB window, once its
+/// close is queued. Every client gets every message and its close frame
+/// while all eight closures are still held, and all are gone once they
+/// answer and are let go.
+#[test]
+fn closes_of_a_crowd_held_in_closures_deliver_everything_queued_before_them() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    const CLIENTS: usize = 8;
+    // 8 MiB each: more than the server's socket takes.
+    const COUNT: u32 = 128;
+    let (server, hold, handles) = holding_server(CLIENTS + 2, 16 << 20);
+    let mut peers = Vec::new();
+    for _ in 0..CLIENTS {
+        let mut s = raw_ws_small_window(server.local_addr());
+        let client = handles.recv_timeout(WAIT).unwrap();
+        s.write_all(&frame(0x81, b"hold")).unwrap();
+        hold.entered();
+        peers.push((s, client));
+    }
+    let threads: Vec<_> = peers
+        .into_iter()
+        .enumerate()
+        .map(|(n, (mut s, client))| {
+            let closer = thread::spawn(move || {
+                for i in 0..COUNT {
+                    client.send(numbered(i, SIZE)).unwrap();
+                }
+                client
+                    .close(CloseCode::new(4000 + n as u16), "bye")
+                    .unwrap();
+                assert!(client.buffered_amount() > 0, "the socket took it all");
+            });
+            thread::spawn(move || {
+                // What the socket did not take is all queued by now.
+                closer.join().unwrap();
+                read_numbered(&mut s, 0, COUNT);
+                let (first, p) = read_frame(&mut s);
+                assert_eq!(first, 0x88, "client {n}");
+                assert_eq!(p, close_payload(4000 + n as u16, "bye"), "client {n}");
+                s
+            })
+        })
+        .collect();
+    let mut sockets: Vec<_> = threads.into_iter().map(|t| t.join().unwrap()).collect();
+    assert_eq!(
+        hold.inside.load(Ordering::SeqCst),
+        CLIENTS,
+        "every closure is still held"
+    );
+    for s in &mut sockets {
+        s.write_all(&frame(0x88, &close_payload(4000, ""))).unwrap();
+    }
+    // Each job reads its client's answer once its closure returns.
+    drop(hold);
+    assert!(eventually(WAIT, || server.stats().connections == 0));
+}
