@@ -434,3 +434,34 @@ fn closes_of_a_crowd_held_in_closures_deliver_everything_queued_before_them() {
     drop(hold);
     assert!(eventually(WAIT, || server.stats().connections == 0));
 }
+
+/// A client interleaving pings with messages, 5,000 pairs in one write,
+/// to an echo closure: every pong and every echo comes back, each pong
+/// before its pair's echo (a pass flushes for the first pong before a
+/// closure and corks the rest: see `bench/pingflood.py` for the cost).
+#[test]
+fn pings_interleaved_with_messages_are_all_answered_in_order() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    const PAIRS: u32 = 5_000;
+    let server = WebSocketServer::builder()
+        .on_message(|client, m| {
+            client.send(m).unwrap();
+        })
+        .start("127.0.0.1:0")
+        .unwrap();
+    let mut s = raw_ws(server.local_addr());
+    let mut all = Vec::new();
+    for i in 0..PAIRS {
+        all.extend(frame(0x89, format!("p{i}").as_bytes()));
+        all.extend(frame(0x81, format!("m{i}").as_bytes()));
+    }
+    let mut w = s.try_clone().unwrap();
+    let writer = thread::spawn(move || w.write_all(&all).unwrap());
+    for i in 0..PAIRS {
+        let (first, p) = read_frame(&mut s);
+        assert_eq!((first, p), (0x8A, format!("p{i}").into_bytes()), "pong {i}");
+        let (first, p) = read_frame(&mut s);
+        assert_eq!((first, p), (0x81, format!("m{i}").into_bytes()), "echo {i}");
+    }
+    writer.join().unwrap();
+}

@@ -99,6 +99,10 @@ pub(crate) struct ReadSide {
     /// leaves before the next closure of the client's runs, which may
     /// hold the job for however long.
     pub(crate) pong_corked: bool,
+    /// This pass flushed for a pong already: the next pongs wait for its
+    /// end, or a client interleaving pings with messages would cost a
+    /// write each (nine times the CPU for a flood of such pairs).
+    pub(crate) pong_flushed: bool,
 }
 
 impl ReadSide {
@@ -116,6 +120,7 @@ impl ReadSide {
             buffered: 0,
             wake_wanted: false,
             pong_corked: false,
+            pong_flushed: false,
         }
     }
 

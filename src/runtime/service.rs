@@ -217,6 +217,7 @@ fn service_inner<T: Send + Sync + 'static>(
         let leftover = !r.rest.is_empty() && !r.eof;
         // The flush below takes any pong along.
         r.pong_corked = false;
+        r.pong_flushed = false;
         conn.put_read(r);
 
         let mut w = conn.io.lock();
@@ -633,7 +634,8 @@ fn before_closure<T: Send + Sync + 'static>(
     if std::mem::take(&mut r.pong_corked) {
         // The closure may run long, and the peer may be timing its ping.
         // (A socket this flush fills gets a write wake: see
-        // `Conn::flush_holding_token`.)
+        // `Conn::flush_holding_token`.) Once a pass.
+        r.pong_flushed = true;
         r.wake_wanted = false;
         conn.flush_from_job(shared);
     }
@@ -693,7 +695,7 @@ fn handle<T: Send + Sync + 'static>(
             if conn.queued_cost() <= shared.marks.hard
                 && conn.send_control(shared, OpCode::Pong, &payload).is_ok()
             {
-                r.pong_corked = true;
+                r.pong_corked = !r.pong_flushed;
             }
         }
         Output::Pong => {}
