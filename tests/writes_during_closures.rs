@@ -67,7 +67,8 @@ fn holding_server(workers: usize, hard_limit: usize) -> (WebSocketServer, Hold, 
         })
         .on_message(move |client, m| {
             if m.as_text() == Some("reply, then hold") {
-                // Corked: the closure's own send waits for its pass's end.
+                // Corked: the closure's own send waits for its pass's
+                // end, or for another thread's send to take it along.
                 client.send("reply").unwrap();
             }
             if m.as_text().is_some_and(|t| t.ends_with("hold")) {
@@ -464,4 +465,52 @@ fn pings_interleaved_with_messages_are_all_answered_in_order() {
         assert_eq!((first, p), (0x81, format!("m{i}").into_bytes()), "echo {i}");
     }
     writer.join().unwrap();
+}
+
+/// A send from another thread while the client's `on_drain` is held (the
+/// only closure of a server otherwise in the main-loop style) arrives at
+/// once.
+#[test]
+fn a_send_during_a_held_on_drain_arrives_at_once() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let release = Arc::new(AtomicBool::new(false));
+    let inside = Arc::new(AtomicBool::new(false));
+    let (r, i) = (Arc::clone(&release), Arc::clone(&inside));
+    let server = WebSocketServer::builder()
+        .workers(2)
+        .max_backpressure(1 << 20)
+        .on_drain(move |_| {
+            i.store(true, Ordering::SeqCst);
+            while !r.load(Ordering::SeqCst) {
+                thread::sleep(Duration::from_millis(5));
+            }
+            i.store(false, Ordering::SeqCst);
+        })
+        .start("127.0.0.1:0")
+        .unwrap();
+    struct Release(Arc<AtomicBool>);
+    impl Drop for Release {
+        fn drop(&mut self) {
+            self.0.store(true, Ordering::SeqCst);
+        }
+    }
+    let _release = Release(Arc::clone(&release));
+    let mut s = raw_ws_small_window(server.local_addr());
+    let client = expect_connect(&server);
+    // Until refused: the queue is past the hard limit.
+    let mut sent = 0;
+    while client.send(numbered(sent, SIZE)).is_ok() {
+        sent += 1;
+        assert!(sent < 1024, "never refused");
+    }
+    // Reading it all brings the queue under low water: on_drain runs.
+    read_numbered(&mut s, 0, sent);
+    assert!(
+        eventually(WAIT, || inside.load(Ordering::SeqCst)),
+        "on_drain ran"
+    );
+    client.send("after").unwrap();
+    let (first, p) = read_frame(&mut s);
+    assert_eq!((first, &p[..]), (0x81, &b"after"[..]));
+    assert!(inside.load(Ordering::SeqCst), "on_drain is still held");
 }

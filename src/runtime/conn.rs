@@ -1186,24 +1186,37 @@ impl<T: Send + Sync + 'static> Conn<T> {
         }
     }
 
-    /// Flush from a pool job on writable readiness. Returns whether the
-    /// queue is still not empty.
+    /// Flush from a pool job: on writable readiness while the
+    /// connection's job runs a closure (the write wake), or the job's own
+    /// before a closure. Returns whether the queue is still not empty.
     pub(crate) fn flush_from_job(self: &Arc<Self>, shared: &Arc<Shared<T>>) -> bool {
         self.flush_unless_writing(shared, self.io.lock())
     }
 
     /// The flush that starts a job's pass, which notes whether the pass
-    /// may run the client's closures (see [`WriteSide::closures`]): its
-    /// messages' (`on_message`), or a `Drain`'s if one is due or may be
-    /// once this flush makes room. Noted under the same hold of the lock
-    /// as the flush starts, so that a frame another thread corked before
-    /// is in this flush, and one after is written by its sender. Returns
-    /// whether the queue is still not empty.
+    /// may run the client's closures (see [`WriteSide::closures`]): with
+    /// `on_message`, it may. Noted under the same hold of the lock as the
+    /// flush starts, so that a frame another thread corked before is in
+    /// this flush, and one after is written by its sender. Returns whether
+    /// the queue is still not empty.
     pub(crate) fn start_pass(self: &Arc<Self>, shared: &Arc<Shared<T>>, on_message: bool) -> bool {
         let mut w = self.io.lock();
-        w.closures =
-            on_message || shared.handlers.drain.is_some() && (w.drain_due || w.drain_wanted);
+        w.closures = on_message;
         self.flush_unless_writing(shared, w)
+    }
+
+    /// Take a due `Drain` for the job to emit. If `on_drain` is set and the
+    /// pass was not already running closures, it is from now on (see
+    /// [`Conn::start_pass`]), and what other threads corked meanwhile is
+    /// flushed first.
+    pub(crate) fn take_drain_due(self: &Arc<Self>, shared: &Arc<Shared<T>>) -> bool {
+        let mut w = self.io.lock();
+        let due = std::mem::take(&mut w.drain_due);
+        if due && shared.handlers.drain.is_some() && !w.closures {
+            w.closures = true;
+            self.flush_unless_writing(shared, w);
+        }
+        due
     }
 
     /// Whether this thread runs this connection's job (see [`Serving`]).

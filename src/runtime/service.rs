@@ -184,7 +184,7 @@ fn service_inner<T: Send + Sync + 'static>(
             return;
         };
         r.wake_wanted = backlog;
-        let drain = std::mem::take(&mut conn.io.lock().drain_due);
+        let drain = conn.take_drain_due(shared);
         if conn.holding_in.load(Ordering::SeqCst) & CONDEMNED != 0 {
             budget_call(shared, conn, &mut r);
         }
@@ -623,9 +623,10 @@ fn close_for_panic<T: Send + Sync + 'static>(
     r.proto.close_sent();
 }
 
-/// One of the client's closures is about to run, for however long: if the
-/// pass's first flush left a queue the socket did not take, have the
-/// poller wake a writer when it takes more (see `Conn::arm_write_wake`).
+/// One of the client's closures is about to run, for however long: write
+/// the pass's first pong, if it is corked; and if the pass's first flush
+/// left a queue the socket did not take, have the poller wake a writer
+/// when it takes more (see `Conn::arm_write_wake`).
 fn before_closure<T: Send + Sync + 'static>(
     shared: &Arc<Shared<T>>,
     conn: &Arc<Conn<T>>,
