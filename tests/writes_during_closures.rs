@@ -66,6 +66,9 @@ fn holding_server(workers: usize, hard_limit: usize) -> (WebSocketServer, Hold, 
             c.lock().unwrap().send(client.clone()).unwrap();
         })
         .on_message(move |client, m| {
+            if m.as_text() == Some("nap") {
+                thread::sleep(Duration::from_millis(5));
+            }
             if m.as_text() == Some("reply, then hold") {
                 // Corked: the closure's own send waits for its pass's
                 // end, or for another thread's send to take it along.
@@ -438,8 +441,9 @@ fn closes_of_a_crowd_held_in_closures_deliver_everything_queued_before_them() {
 
 /// A client interleaving pings with messages, 5,000 pairs in one write,
 /// to an echo closure: every pong and every echo comes back, each pong
-/// before its pair's echo (a pass flushes for the first pong before a
-/// closure and corks the rest: see `bench/pingflood.py` for the cost).
+/// before its pair's echo (a pong is flushed before a closure at most
+/// once a millisecond, and the rest cork: see `bench/pingflood.py` for
+/// the cost).
 #[test]
 fn pings_interleaved_with_messages_are_all_answered_in_order() {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
@@ -513,4 +517,31 @@ fn a_send_during_a_held_on_drain_arrives_at_once() {
     let (first, p) = read_frame(&mut s);
     assert_eq!((first, &p[..]), (0x81, &b"after"[..]));
     assert!(inside.load(Ordering::SeqCst), "on_drain is still held");
+}
+
+/// Two pings, each before a message, in one write: the first message's
+/// closure takes 5 ms and the second's blocks. Both pongs come while the
+/// second is held: a pong is flushed before a closure once a millisecond,
+/// not once a pass (a first version held the second behind the closure).
+#[test]
+fn a_second_pong_in_the_same_read_is_not_held_behind_a_later_closure() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let (server, hold, handles) = holding_server(2, 1 << 20);
+    let mut s = raw_ws(server.local_addr());
+    handles.recv_timeout(WAIT).unwrap();
+    let mut all = frame(0x89, b"one");
+    all.extend(frame(0x81, b"nap"));
+    all.extend(frame(0x89, b"two"));
+    all.extend(frame(0x81, b"hold"));
+    s.write_all(&all).unwrap();
+    hold.entered();
+    for ping in [&b"one"[..], b"two"] {
+        let (first, p) = read_frame(&mut s);
+        assert_eq!((first, &p[..]), (0x8A, ping));
+    }
+    assert_eq!(
+        hold.inside.load(Ordering::SeqCst),
+        1,
+        "the closure is still held"
+    );
 }

@@ -99,10 +99,13 @@ pub(crate) struct ReadSide {
     /// leaves before the next closure of the client's runs, which may
     /// hold the job for however long.
     pub(crate) pong_corked: bool,
-    /// This pass flushed for a pong already: the next pongs wait for its
-    /// end, or a client interleaving pings with messages would cost a
-    /// write each (nine times the CPU for a flood of such pairs).
-    pub(crate) pong_flushed: bool,
+    /// Server clock (ms) before which no pong is flushed ahead of a
+    /// closure again: a pong queued sooner waits for the next closure
+    /// after it, or for the pass's end. A flush for every pong would let a
+    /// client interleaving pings with messages cost a write each (nine
+    /// times the CPU for a flood of such pairs); this way it buys at most
+    /// one a millisecond.
+    pub(crate) pong_flush_after_ms: u64,
 }
 
 impl ReadSide {
@@ -120,7 +123,7 @@ impl ReadSide {
             buffered: 0,
             wake_wanted: false,
             pong_corked: false,
-            pong_flushed: false,
+            pong_flush_after_ms: 0,
         }
     }
 

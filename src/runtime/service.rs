@@ -217,7 +217,6 @@ fn service_inner<T: Send + Sync + 'static>(
         let leftover = !r.rest.is_empty() && !r.eof;
         // The flush below takes any pong along.
         r.pong_corked = false;
-        r.pong_flushed = false;
         conn.put_read(r);
 
         let mut w = conn.io.lock();
@@ -624,7 +623,7 @@ fn close_for_panic<T: Send + Sync + 'static>(
 }
 
 /// One of the client's closures is about to run, for however long: write
-/// the pass's first pong, if it is corked; and if the pass's first flush
+/// a corked pong (at most once a millisecond); and if the pass's first flush
 /// left a queue the socket did not take, have the poller wake a writer
 /// when it takes more (see `Conn::arm_write_wake`).
 fn before_closure<T: Send + Sync + 'static>(
@@ -632,13 +631,17 @@ fn before_closure<T: Send + Sync + 'static>(
     conn: &Arc<Conn<T>>,
     r: &mut ReadSide,
 ) {
-    if std::mem::take(&mut r.pong_corked) {
+    if r.pong_corked {
         // The closure may run long, and the peer may be timing its ping.
         // (A socket this flush fills gets a write wake: see
-        // `Conn::flush_holding_token`.) Once a pass.
-        r.pong_flushed = true;
-        r.wake_wanted = false;
-        conn.flush_from_job(shared);
+        // `Conn::flush_holding_token`.) At most once a millisecond.
+        let now = shared.now_ms();
+        if now >= r.pong_flush_after_ms {
+            r.pong_corked = false;
+            r.pong_flush_after_ms = now + 1;
+            r.wake_wanted = false;
+            conn.flush_from_job(shared);
+        }
     }
     if std::mem::take(&mut r.wake_wanted) {
         conn.want_write_wake(shared);
@@ -696,7 +699,7 @@ fn handle<T: Send + Sync + 'static>(
             if conn.queued_cost() <= shared.marks.hard
                 && conn.send_control(shared, OpCode::Pong, &payload).is_ok()
             {
-                r.pong_corked = !r.pong_flushed;
+                r.pong_corked = true;
             }
         }
         Output::Pong => {}
