@@ -21,18 +21,12 @@ static SERIAL: Mutex<()> = Mutex::new(());
 const SIZE: usize = 64 * 1024;
 
 /// Closures held by a test: how many are in, and the flag that lets them
-/// go (set when dropped too, so that a failing test does not leave the
+/// go, set when dropped (so that a failing test does not leave the
 /// server's drop waiting for them).
 struct Hold {
-    release: Arc<AtomicBool>,
+    _release: Release,
     inside: Arc<AtomicUsize>,
     entered: Receiver<()>,
-}
-
-impl Drop for Hold {
-    fn drop(&mut self) {
-        self.release.store(true, Ordering::SeqCst);
-    }
 }
 
 impl Hold {
@@ -86,11 +80,47 @@ fn holding_server(workers: usize, hard_limit: usize) -> (WebSocketServer, Hold, 
         .start("127.0.0.1:0")
         .unwrap();
     let hold = Hold {
-        release,
+        _release: Release(release),
         inside,
         entered,
     };
     (server, hold, clients)
+}
+
+/// Open `count` clients (through 4 KiB windows if `small_window`), send
+/// each the text `first` and wait until the closure it starts is held:
+/// from then on its job holds the client. Each socket with its handle.
+fn held_clients(
+    server: &WebSocketServer,
+    hold: &Hold,
+    handles: &Receiver<Client>,
+    count: usize,
+    first: &[u8],
+    small_window: bool,
+) -> Vec<(TcpStream, Client)> {
+    (0..count)
+        .map(|_| {
+            let mut s = if small_window {
+                raw_ws_small_window(server.local_addr())
+            } else {
+                raw_ws(server.local_addr())
+            };
+            let client = handles.recv_timeout(WAIT).unwrap();
+            s.write_all(&frame(0x81, first)).unwrap();
+            hold.entered();
+            (s, client)
+        })
+        .collect()
+}
+
+/// Sets its flag when dropped: a closure held on the flag is let go
+/// however a test ends, or the server's drop would wait for ever.
+struct Release(Arc<AtomicBool>);
+
+impl Drop for Release {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::SeqCst);
+    }
 }
 
 /// Read `count` binary messages numbered in order (see `numbered`),
@@ -135,12 +165,7 @@ fn send_timeout_from_other_threads_flows_while_the_clients_closures_are_held() {
     let (server, hold, handles) = holding_server(CLIENTS + 2, 1 << 20);
     let mut readers = Vec::new();
     let mut producers = Vec::new();
-    for _ in 0..CLIENTS {
-        let mut s = raw_ws_small_window(server.local_addr());
-        let client = handles.recv_timeout(WAIT).unwrap();
-        s.write_all(&frame(0x81, b"hold")).unwrap();
-        // From now on its job holds the client.
-        hold.entered();
+    for (mut s, client) in held_clients(&server, &hold, &handles, CLIENTS, b"hold", true) {
         producers.push(thread::spawn(move || produce(&client, COUNT)));
         readers.push(thread::spawn(move || {
             // Not reading at first: the queue fills to the hard limit.
@@ -232,14 +257,14 @@ fn small_sends_from_other_threads_arrive_while_the_clients_closure_is_held() {
     const CLIENTS: usize = 8;
     const COUNT: u32 = 50;
     let (server, hold, handles) = holding_server(CLIENTS + 2, 1 << 20);
-    let mut peers = Vec::new();
-    for _ in 0..CLIENTS {
-        let mut s = raw_ws(server.local_addr());
-        let client = handles.recv_timeout(WAIT).unwrap();
-        s.write_all(&frame(0x81, b"reply, then hold")).unwrap();
-        hold.entered();
-        peers.push((s, client));
-    }
+    let peers = held_clients(
+        &server,
+        &hold,
+        &handles,
+        CLIENTS,
+        b"reply, then hold",
+        false,
+    );
     let threads: Vec<_> = peers
         .into_iter()
         .map(|(mut s, client)| {
@@ -290,14 +315,10 @@ fn publishes_and_broadcasts_reach_clients_whose_closures_are_held() {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     const CLIENTS: usize = 8;
     let (server, hold, handles) = holding_server(CLIENTS + 2, 1 << 20);
-    let mut sockets = Vec::new();
-    for _ in 0..CLIENTS {
-        let mut s = raw_ws(server.local_addr());
-        handles.recv_timeout(WAIT).unwrap();
-        s.write_all(&frame(0x81, b"hold")).unwrap();
-        hold.entered();
-        sockets.push(s);
-    }
+    let mut sockets: Vec<_> = held_clients(&server, &hold, &handles, CLIENTS, b"hold", false)
+        .into_iter()
+        .map(|(s, _)| s)
+        .collect();
     for i in 0..20 {
         let p = server.publish("t", format!("p{i}"));
         assert_eq!(p.queued + p.written, CLIENTS, "publish {i}: {p:?}");
@@ -342,13 +363,6 @@ fn a_send_during_a_held_on_connect_arrives_at_once() {
         })
         .start("127.0.0.1:0")
         .unwrap();
-    // Let go however the test ends, or the server's drop waits for ever.
-    struct Release(Arc<AtomicBool>);
-    impl Drop for Release {
-        fn drop(&mut self) {
-            self.0.store(true, Ordering::SeqCst);
-        }
-    }
     let _release = Release(Arc::clone(&release));
     let mut s = raw_ws(server.local_addr());
     let client = clients.recv_timeout(WAIT).unwrap();
@@ -393,14 +407,7 @@ fn closes_of_a_crowd_held_in_closures_deliver_everything_queued_before_them() {
     // 8 MiB each: more than the server's socket takes.
     const COUNT: u32 = 128;
     let (server, hold, handles) = holding_server(CLIENTS + 2, 16 << 20);
-    let mut peers = Vec::new();
-    for _ in 0..CLIENTS {
-        let mut s = raw_ws_small_window(server.local_addr());
-        let client = handles.recv_timeout(WAIT).unwrap();
-        s.write_all(&frame(0x81, b"hold")).unwrap();
-        hold.entered();
-        peers.push((s, client));
-    }
+    let peers = held_clients(&server, &hold, &handles, CLIENTS, b"hold", true);
     let threads: Vec<_> = peers
         .into_iter()
         .enumerate()
@@ -492,12 +499,6 @@ fn a_send_during_a_held_on_drain_arrives_at_once() {
         })
         .start("127.0.0.1:0")
         .unwrap();
-    struct Release(Arc<AtomicBool>);
-    impl Drop for Release {
-        fn drop(&mut self) {
-            self.0.store(true, Ordering::SeqCst);
-        }
-    }
     let _release = Release(Arc::clone(&release));
     let mut s = raw_ws_small_window(server.local_addr());
     let client = expect_connect(&server);
