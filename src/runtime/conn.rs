@@ -281,17 +281,31 @@ thread_local! {
 /// the client's closures, if that flush left something). Any other flush
 /// that finds the socket full while a job holds the connection arms one,
 /// since a closure may be running, for however long.
-pub(crate) struct Rearming(usize);
+pub(crate) struct Rearming;
 
 impl Rearming {
-    pub(crate) fn start<T>(conn: &Conn<T>) -> Rearming {
-        Rearming(REARMING.replace(std::ptr::from_ref(conn) as usize))
+    pub(crate) fn start<T>(conn: &Conn<T>) -> Mark {
+        Mark::set(&REARMING, conn)
     }
 }
 
-impl Drop for Rearming {
+/// A connection marked in one of this thread's marks ([`Rearming`],
+/// [`Serving`]) until dropped; the mark it replaced comes back then.
+pub(crate) struct Mark {
+    key: &'static std::thread::LocalKey<std::cell::Cell<usize>>,
+    before: usize,
+}
+
+impl Mark {
+    fn set<T>(key: &'static std::thread::LocalKey<std::cell::Cell<usize>>, conn: &Conn<T>) -> Mark {
+        let before = key.replace(std::ptr::from_ref(conn) as usize);
+        Mark { key, before }
+    }
+}
+
+impl Drop for Mark {
     fn drop(&mut self) {
-        REARMING.set(self.0);
+        self.key.set(self.before);
     }
 }
 
@@ -306,17 +320,11 @@ thread_local! {
 /// sends to the client cork (they leave together when the pass ends), and
 /// any other thread's are written at once, since the closure may hold the
 /// job for however long.
-pub(crate) struct Serving(usize);
+pub(crate) struct Serving;
 
 impl Serving {
-    pub(crate) fn start<T>(conn: &Conn<T>) -> Serving {
-        Serving(SERVING.replace(std::ptr::from_ref(conn) as usize))
-    }
-}
-
-impl Drop for Serving {
-    fn drop(&mut self) {
-        SERVING.set(self.0);
+    pub(crate) fn start<T>(conn: &Conn<T>) -> Mark {
+        Mark::set(&SERVING, conn)
     }
 }
 
