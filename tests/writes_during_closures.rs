@@ -377,16 +377,26 @@ fn a_send_during_a_held_on_connect_arrives_at_once() {
 /// corked to its pass's end, behind the closure.
 #[test]
 fn a_pong_is_not_held_behind_a_closure_in_the_same_read() {
+    pongs_while_held(
+        &[(0x89, b"are you there"), (0x81, b"hold")],
+        &[b"are you there"],
+    );
+}
+
+/// Write `frames` (the last a "hold") to a holding server in one write,
+/// and read `pongs` while the closure is still held.
+fn pongs_while_held(frames: &[(u8, &[u8])], pongs: &[&[u8]]) {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let (server, hold, handles) = holding_server(2, 1 << 20);
     let mut s = raw_ws(server.local_addr());
     handles.recv_timeout(WAIT).unwrap();
-    let mut both = frame(0x89, b"are you there");
-    both.extend(frame(0x81, b"hold"));
-    s.write_all(&both).unwrap();
+    let all: Vec<u8> = frames.iter().flat_map(|(op, p)| frame(*op, p)).collect();
+    s.write_all(&all).unwrap();
     hold.entered();
-    let (first, p) = read_frame(&mut s);
-    assert_eq!((first, &p[..]), (0x8A, &b"are you there"[..]));
+    for ping in pongs {
+        let (first, p) = read_frame(&mut s);
+        assert_eq!((first, &p[..]), (0x8A, *ping));
+    }
     assert_eq!(
         hold.inside.load(Ordering::SeqCst),
         1,
@@ -526,23 +536,70 @@ fn a_send_during_a_held_on_drain_arrives_at_once() {
 /// not once a pass (a first version held the second behind the closure).
 #[test]
 fn a_second_pong_in_the_same_read_is_not_held_behind_a_later_closure() {
-    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let (server, hold, handles) = holding_server(2, 1 << 20);
-    let mut s = raw_ws(server.local_addr());
-    handles.recv_timeout(WAIT).unwrap();
-    let mut all = frame(0x89, b"one");
-    all.extend(frame(0x81, b"nap"));
-    all.extend(frame(0x89, b"two"));
-    all.extend(frame(0x81, b"hold"));
-    s.write_all(&all).unwrap();
-    hold.entered();
-    for ping in [&b"one"[..], b"two"] {
-        let (first, p) = read_frame(&mut s);
-        assert_eq!((first, &p[..]), (0x8A, ping));
-    }
-    assert_eq!(
-        hold.inside.load(Ordering::SeqCst),
-        1,
-        "the closure is still held"
+    pongs_while_held(
+        &[
+            (0x89, b"one"),
+            (0x81, b"nap"),
+            (0x89, b"two"),
+            (0x81, b"hold"),
+        ],
+        &[b"one", b"two"],
     );
+}
+
+/// The cheapest harm the pong flush invites, by a crowd: sixteen clients
+/// each write 2,000 pairs of ping and message at once to an echo closure,
+/// beside a client echoing one message at a time. Every flooder gets
+/// every pong and echo in order, and the plain client all of its echoes.
+#[test]
+fn a_crowd_interleaving_pings_with_messages_is_answered_in_full_beside_a_plain_client() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    const CROWD: usize = 16;
+    const PAIRS: u32 = 2_000;
+    let server = WebSocketServer::builder()
+        .on_message(|client, m| {
+            client.send(m).unwrap();
+        })
+        .start("127.0.0.1:0")
+        .unwrap();
+    let mut all = Vec::new();
+    for i in 0..PAIRS {
+        all.extend(frame(0x89, format!("p{i}").as_bytes()));
+        all.extend(frame(0x81, format!("m{i}").as_bytes()));
+    }
+    let all = Arc::new(all);
+    let crowd: Vec<_> = (0..CROWD)
+        .map(|n| {
+            let mut s = raw_ws(server.local_addr());
+            let (mut w, all) = (s.try_clone().unwrap(), Arc::clone(&all));
+            thread::spawn(move || {
+                let writer = thread::spawn(move || w.write_all(&all).unwrap());
+                for i in 0..PAIRS {
+                    let (first, p) = read_frame(&mut s);
+                    assert_eq!(
+                        (first, p),
+                        (0x8A, format!("p{i}").into_bytes()),
+                        "{n}: pong {i}"
+                    );
+                    let (first, p) = read_frame(&mut s);
+                    assert_eq!(
+                        (first, p),
+                        (0x81, format!("m{i}").into_bytes()),
+                        "{n}: echo {i}"
+                    );
+                }
+                writer.join().unwrap();
+            })
+        })
+        .collect();
+    let mut plain = raw_ws(server.local_addr());
+    for i in 0..200 {
+        let text = format!("plain {i}");
+        plain.write_all(&frame(0x81, text.as_bytes())).unwrap();
+        let (first, p) = read_frame(&mut plain);
+        assert_eq!((first, p), (0x81, text.into_bytes()));
+    }
+    for c in crowd {
+        c.join().unwrap();
+    }
 }
