@@ -342,6 +342,48 @@ fn batched_messages_from_many_clients_arrive_whole_and_in_order() {
     drop(sockets);
 }
 
+/// The messages of one read are given back together, once the loop asks
+/// past the last of them: a client writes ten in one go, and the loop
+/// answers each (the client reads all ten replies) while they stay
+/// charged. Asking for the next client's `Connect` gives all ten back (what
+/// is held then is that `Connect`'s fixed cost alone, 144 B), and asking
+/// once more, with nothing waiting, gives that back too.
+#[test]
+fn a_reads_messages_are_given_back_once_the_loop_asks_past_them() {
+    let server = WebSocketServer::builder().start("127.0.0.1:0").unwrap();
+    let addr = server.local_addr();
+    let mut a = raw_ws(addr);
+    let client = expect_connect(&server);
+    assert!(server.try_recv().is_err(), "nothing more is waiting");
+    assert_eq!(server.stats().event_bytes, 0);
+    let all: Vec<u8> = (0u32..10)
+        .flat_map(|i| frame(0x82, &i.to_be_bytes()))
+        .collect();
+    a.write_all(&all).unwrap();
+    for i in 0u32..10 {
+        let (from, m) = expect_message(&server);
+        assert_eq!(from.id(), client.id());
+        assert_eq!(m.as_bytes(), i.to_be_bytes(), "message {i}");
+        from.send(m).unwrap();
+        let held = server.stats().event_bytes;
+        assert!(held >= 144, "message {i} no longer counted: {held} B");
+    }
+    for i in 0u32..10 {
+        let (op, payload) = read_frame(&mut a);
+        assert_eq!((op, payload), (0x82, i.to_be_bytes().to_vec()), "reply {i}");
+    }
+    let _b = raw_ws(addr);
+    let other = expect_connect(&server);
+    assert_ne!(other.id(), client.id());
+    assert_eq!(
+        server.stats().event_bytes,
+        144,
+        "only the second client's Connect is held"
+    );
+    assert!(server.try_recv().is_err(), "nothing more is waiting");
+    assert_eq!(server.stats().event_bytes, 0);
+}
+
 /// A client writes 300 messages, a Close and its FIN in one go: the main
 /// loop sees its Connect, the 300 in order, then one Disconnect with the
 /// client's code, and every charge is given back; with room in the event
