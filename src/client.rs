@@ -226,11 +226,6 @@ impl<T: Send + Sync + 'static> Client<T> {
         }
     }
 
-    /// Whether both handles are of the same client.
-    pub(crate) fn same(&self, other: &Client<T>) -> bool {
-        Arc::ptr_eq(&self.inner, &other.inner)
-    }
-
     pub(crate) fn conn(&self) -> Option<Arc<Conn<T>>> {
         self.inner.conn.upgrade()
     }

@@ -127,9 +127,7 @@ impl<T> fmt::Debug for Event<T> {
 /// ([`event_queue_bytes`](crate::Builder::event_queue_bytes)), and each
 /// event counts against its client's flow control until the loop asks for
 /// the next one, so that the reply to it is sent first: a main loop that
-/// falls behind makes the server stop reading sockets, never grow. A
-/// client's messages that came in one read count until the loop asks for
-/// an event past the last of them, or would wait for one.
+/// falls behind makes the server stop reading sockets, never grow.
 ///
 /// It ends once the server has shut down and every event sent before
 /// was received.
@@ -161,25 +159,10 @@ impl<T: Send + Sync + 'static> Events<T> {
         }
     }
 
-    /// The rest of the last batch first. A batch is one client's, and a
-    /// message of it after another of it adds its charge to the one held:
-    /// both are given back together when the loop asks for an event past
-    /// them (or would wait), which saves the main loop the give-back's
-    /// atomics and lock for each message of a batch but its last.
+    /// The rest of the last batch first.
     fn batched(&self) -> Option<Event<T>> {
-        let next = self.batched.borrow_mut().next()?;
-        let held = self.held.take();
-        if let Some((Some(client), charge)) = &held
-            && matches!(next.event, Event::Message { .. })
-            && next.event.client().is_some_and(|c| c.same(client))
-        {
-            let charge = charge + next.charge;
-            self.held.set(held.map(|(client, _)| (client, charge)));
-            return Some(next.event);
-        }
-        self.held.set(held);
-        self.release();
-        Some(self.hold(next))
+        let next = self.batched.borrow_mut().next();
+        next.map(|e| self.hold(e))
     }
 
     fn unpack(&self, batch: Batch<T>) -> Event<T> {
@@ -207,10 +190,10 @@ impl<T: Send + Sync + 'static> Events<T> {
     /// [`mpsc::RecvError`] once the server has shut down and every event
     /// was received.
     pub fn recv(&self) -> Result<Event<T>, mpsc::RecvError> {
+        self.release();
         if let Some(e) = self.batched() {
             return Ok(e);
         }
-        self.release();
         self.rx.recv().map(|b| self.unpack(b))
     }
 
@@ -220,10 +203,10 @@ impl<T: Send + Sync + 'static> Events<T> {
     ///
     /// As [`mpsc::Receiver::try_recv`].
     pub fn try_recv(&self) -> Result<Event<T>, mpsc::TryRecvError> {
+        self.release();
         if let Some(e) = self.batched() {
             return Ok(e);
         }
-        self.release();
         self.rx.try_recv().map(|b| self.unpack(b))
     }
 
@@ -233,10 +216,10 @@ impl<T: Send + Sync + 'static> Events<T> {
     ///
     /// As [`mpsc::Receiver::recv_timeout`].
     pub fn recv_timeout(&self, timeout: Duration) -> Result<Event<T>, mpsc::RecvTimeoutError> {
+        self.release();
         if let Some(e) = self.batched() {
             return Ok(e);
         }
-        self.release();
         self.rx.recv_timeout(timeout).map(|b| self.unpack(b))
     }
 

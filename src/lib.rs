@@ -47,8 +47,7 @@
 //!
 //! What a client *holds* is the bytes queued to it plus the bytes of its
 //! events the main loop has not consumed (an event counts until the loop
-//! asks for the next one; a client's messages read together, until it
-//! asks past the last of them or would wait). At [`high_water`](Builder::high_water) the
+//! asks for the next one). At [`high_water`](Builder::high_water) the
 //! server stops reading that client and dispatching its messages, checked
 //! between messages; at [`low_water`](Builder::low_water) it reads again
 //! and fires [`Event::Drain`] if a send was refused meanwhile. Over the
