@@ -273,22 +273,9 @@ fn batched_messages_from_many_clients_arrive_whole_and_in_order() {
     const EACH: u32 = 5_000;
     let server = WebSocketServer::builder().start("127.0.0.1:0").unwrap();
     let addr = server.local_addr();
-    let writers: Vec<_> = (0..CLIENTS)
-        .map(|c| {
-            std::thread::spawn(move || {
-                let mut s = raw_ws(addr);
-                let mut all = Vec::new();
-                for i in 0..EACH {
-                    all.extend_from_slice(&frame(
-                        0x82,
-                        &[&[c as u8][..], &i.to_be_bytes()].concat(),
-                    ));
-                }
-                s.write_all(&all).unwrap();
-                s
-            })
-        })
-        .collect();
+    let writers = pipelining_clients(addr, CLIENTS, EACH, |c, i| {
+        [&[c][..], &i.to_be_bytes()].concat()
+    });
     // Should a message be lost, `recv` would wait for good: after a
     // minute, a watchdog client sends a 1-byte message, which ends it.
     let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -407,21 +394,11 @@ fn clients_paused_by_their_own_unread_batches_are_read_again() {
         .start("127.0.0.1:0")
         .unwrap();
     let addr = server.local_addr();
-    let writers: Vec<_> = (0..CLIENTS)
-        .map(|c| {
-            std::thread::spawn(move || {
-                let mut s = raw_ws(addr);
-                let mut all = Vec::new();
-                for i in 0..EACH {
-                    let mut payload = vec![c as u8; 1024];
-                    payload[..4].copy_from_slice(&i.to_be_bytes());
-                    all.extend_from_slice(&frame(0x82, &payload));
-                }
-                s.write_all(&all).unwrap();
-                s
-            })
-        })
-        .collect();
+    let writers = pipelining_clients(addr, CLIENTS, EACH, |c, i| {
+        let mut payload = vec![c; 1024];
+        payload[..4].copy_from_slice(&i.to_be_bytes());
+        payload
+    });
     let mut next = std::collections::HashMap::<u8, u32>::new();
     let mut got = 0;
     while got < CLIENTS * EACH as usize {
@@ -557,4 +534,27 @@ fn a_main_loop_far_behind_is_never_refused_a_reply() {
     assert!(echoed > 1_400_000, "only {echoed} messages came");
     assert_eq!(refused, 0, "replies refused after {echoed}");
     drop(s);
+}
+
+/// `clients` clients, each on its own thread, writing `each` binary
+/// messages (client `c`'s `i`th is `payload(c, i)`) in one write; each
+/// thread hands back its socket.
+fn pipelining_clients(
+    addr: std::net::SocketAddr,
+    clients: usize,
+    each: u32,
+    payload: fn(u8, u32) -> Vec<u8>,
+) -> Vec<std::thread::JoinHandle<std::net::TcpStream>> {
+    (0..clients)
+        .map(|c| {
+            std::thread::spawn(move || {
+                let mut s = raw_ws(addr);
+                let all: Vec<u8> = (0..each)
+                    .flat_map(|i| frame(0x82, &payload(c as u8, i)))
+                    .collect();
+                s.write_all(&all).unwrap();
+                s
+            })
+        })
+        .collect()
 }
