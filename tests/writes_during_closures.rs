@@ -69,12 +69,9 @@ fn holding_server(workers: usize, hard_limit: usize) -> (WebSocketServer, Hold, 
                 client.send("reply").unwrap();
             }
             if m.as_text().is_some_and(|t| t.ends_with("hold")) {
-                i.fetch_add(1, Ordering::SeqCst);
-                let _ = e.lock().unwrap().send(());
-                while !r.load(Ordering::SeqCst) {
-                    thread::sleep(Duration::from_millis(5));
-                }
-                i.fetch_sub(1, Ordering::SeqCst);
+                stay_until(&r, &i, || {
+                    let _ = e.lock().unwrap().send(());
+                });
             }
         })
         .start("127.0.0.1:0")
@@ -121,6 +118,17 @@ impl Drop for Release {
     fn drop(&mut self) {
         self.0.store(true, Ordering::SeqCst);
     }
+}
+
+/// Hold the closure calling it until `release` is set, counted in
+/// `inside` meanwhile; `entered` runs once it is counted.
+fn stay_until(release: &AtomicBool, inside: &AtomicUsize, entered: impl FnOnce()) {
+    inside.fetch_add(1, Ordering::SeqCst);
+    entered();
+    while !release.load(Ordering::SeqCst) {
+        thread::sleep(Duration::from_millis(5));
+    }
+    inside.fetch_sub(1, Ordering::SeqCst);
 }
 
 /// Read `count` binary messages numbered in order (see `numbered`),
@@ -344,7 +352,7 @@ fn publishes_and_broadcasts_reach_clients_whose_closures_are_held() {
 fn a_send_during_a_held_on_connect_arrives_at_once() {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let release = Arc::new(AtomicBool::new(false));
-    let inside = Arc::new(AtomicBool::new(false));
+    let inside = Arc::new(AtomicUsize::new(0));
     let (clients_tx, clients) = channel::<Client>();
     let (r, i, c) = (
         Arc::clone(&release),
@@ -354,12 +362,7 @@ fn a_send_during_a_held_on_connect_arrives_at_once() {
     let server = WebSocketServer::builder()
         .workers(2)
         .on_connect(move |client| {
-            i.store(true, Ordering::SeqCst);
-            c.lock().unwrap().send(client.clone()).unwrap();
-            while !r.load(Ordering::SeqCst) {
-                thread::sleep(Duration::from_millis(5));
-            }
-            i.store(false, Ordering::SeqCst);
+            stay_until(&r, &i, || c.lock().unwrap().send(client.clone()).unwrap());
         })
         .start("127.0.0.1:0")
         .unwrap();
@@ -368,7 +371,10 @@ fn a_send_during_a_held_on_connect_arrives_at_once() {
     let client = clients.recv_timeout(WAIT).unwrap();
     client.send("m0").unwrap();
     read_texts_from(&mut s, "m", 0, 1);
-    assert!(inside.load(Ordering::SeqCst), "on_connect is still held");
+    assert!(
+        inside.load(Ordering::SeqCst) == 1,
+        "on_connect is still held"
+    );
 }
 
 /// A ping and then a message whose closure blocks, in one write: the
@@ -495,18 +501,12 @@ fn pings_interleaved_with_messages_are_all_answered_in_order() {
 fn a_send_during_a_held_on_drain_arrives_at_once() {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let release = Arc::new(AtomicBool::new(false));
-    let inside = Arc::new(AtomicBool::new(false));
+    let inside = Arc::new(AtomicUsize::new(0));
     let (r, i) = (Arc::clone(&release), Arc::clone(&inside));
     let server = WebSocketServer::builder()
         .workers(2)
         .max_backpressure(1 << 20)
-        .on_drain(move |_| {
-            i.store(true, Ordering::SeqCst);
-            while !r.load(Ordering::SeqCst) {
-                thread::sleep(Duration::from_millis(5));
-            }
-            i.store(false, Ordering::SeqCst);
-        })
+        .on_drain(move |_| stay_until(&r, &i, || ()))
         .start("127.0.0.1:0")
         .unwrap();
     let _release = Release(Arc::clone(&release));
@@ -521,13 +521,13 @@ fn a_send_during_a_held_on_drain_arrives_at_once() {
     // Reading it all brings the queue under low water: on_drain runs.
     read_numbered(&mut s, 0, sent);
     assert!(
-        eventually(WAIT, || inside.load(Ordering::SeqCst)),
+        eventually(WAIT, || inside.load(Ordering::SeqCst) == 1),
         "on_drain ran"
     );
     client.send("after").unwrap();
     let (first, p) = read_frame(&mut s);
     assert_eq!((first, &p[..]), (0x81, &b"after"[..]));
-    assert!(inside.load(Ordering::SeqCst), "on_drain is still held");
+    assert!(inside.load(Ordering::SeqCst) == 1, "on_drain is still held");
 }
 
 /// Two pings, each before a message, in one write: the first message's
