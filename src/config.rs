@@ -38,6 +38,12 @@ pub struct Config {
     pub(crate) allowed_origins: Option<Vec<String>>,
     pub(crate) trust_proxy: bool,
     pub(crate) forwarded_header: String,
+    /// Connections' interest is oneshot, re-armed after every job, even
+    /// where the poller has an edge-triggered mode: the fallback of
+    /// systems whose poller has none (Windows, illumos), for the tests to
+    /// run here. Set by the environment variable
+    /// `ENJENT_ONESHOT_READINESS` (see the README's How it works).
+    pub(crate) oneshot_readiness: bool,
     #[cfg(feature = "deflate")]
     pub(crate) compression: Option<crate::proto::deflate::Compression>,
 }
@@ -88,6 +94,7 @@ impl Default for Config {
             allowed_origins: None,
             trust_proxy: false,
             forwarded_header: "X-Forwarded-For".into(),
+            oneshot_readiness: std::env::var_os("ENJENT_ONESHOT_READINESS").is_some(),
             #[cfg(feature = "deflate")]
             compression: Some(crate::proto::deflate::Compression::default()),
         }

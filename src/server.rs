@@ -946,9 +946,11 @@ impl<T: Send + Sync + 'static> Builder<T> {
                 config.workers
             )))
         })?;
+        let poller = Poller::new()?;
         let shared = Arc::new(Shared {
             limits,
-            poller: Poller::new()?,
+            edge: poller.supports_edge() && !config.oneshot_readiness,
+            poller,
             pool,
             registry: registry::Registry::new(),
             timers: timer::Timers::new(),

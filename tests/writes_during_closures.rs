@@ -193,8 +193,9 @@ fn send_timeout_from_other_threads_flows_while_the_clients_closures_are_held() {
 /// some queued behind it (under high water, so the client is still read):
 /// the job's own flush before the closure finds the socket full. The rest
 /// still goes out as the client reads, while the closure is held: the
-/// job arms the write wake before it runs the closure. (A first version
-/// armed it only for other threads' flushes; this stalled.)
+/// poller reports the room the client makes, and a worker writes it.
+/// (A first version woke a writer only for other threads' flushes; this
+/// stalled.)
 #[test]
 fn a_backlog_queued_before_a_closure_flows_while_it_is_held() {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());

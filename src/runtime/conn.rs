@@ -3,9 +3,10 @@
 //! Writes happen on the caller's thread. Whoever finds the queue empty
 //! takes the write token, writes without holding the lock, and keeps
 //! flushing what others queued meanwhile until the queue is empty or the
-//! kernel pushes back; then writable interest is armed and a pool job
-//! finishes the rest. The token keeps frames whole and in order without
-//! holding a guard across a socket write.
+//! kernel pushes back; then the poller, which watches the socket for room
+//! from then on, has a pool job finish the rest when the kernel takes
+//! more. The token keeps frames whole and in order without holding a guard
+//! across a socket write.
 //!
 //! What may be queued, and when reading stops and resumes, is decided by
 //! [`Marks`](crate::runtime::flow::Marks) (see `flow.rs`).
@@ -92,9 +93,6 @@ pub(crate) struct ReadSide {
     /// Bytes of partial input (`proto.buffered()`) last counted in the
     /// server-wide total.
     pub(crate) buffered: usize,
-    /// This pass's first flush left a queue the socket did not take: arm
-    /// the write wake before one of the client's closures runs.
-    pub(crate) wake_wanted: bool,
     /// This pass queued a pong (corked, as the job's own sends are): it
     /// leaves before the next closure of the client's runs, which may
     /// hold the job for however long.
@@ -121,7 +119,6 @@ impl ReadSide {
             discarding: false,
             rest: Vec::new(),
             buffered: 0,
-            wake_wanted: false,
             pong_corked: false,
             pong_flush_after_ms: 0,
         }
@@ -215,13 +212,14 @@ pub(crate) struct WriteSide {
     pub(crate) starved: bool,
     /// Nothing more will be read: end of file, or a read error.
     pub(crate) read_done: bool,
-    /// The socket is in the poller. A connection whose request was in at
-    /// accept time is first registered when its first job ends.
-    pub(crate) registered: bool,
-    /// The oneshot interest armed in the poller, until an event reports
-    /// (and so disarms) it. A job that would arm the same again (one a
-    /// timer started, which consumed no event) spares the system call.
-    pub(crate) armed: Armed,
+    /// What the poller watches the socket for (see [`Watch`]). A
+    /// connection whose request was in at accept time is first registered
+    /// when its first job ends (or a write of that job leaves bytes).
+    pub(crate) watch: Watch,
+    /// The poller reported the socket while a writer held the token: the
+    /// kernel may have room the writer's last write did not find, and no
+    /// later event would tell of it, so the writer tries again.
+    pub(crate) room: bool,
     /// A send was refused for backpressure: tell the user (`Drain`) once
     /// the queue is down to low water.
     pub(crate) drain_wanted: bool,
@@ -241,56 +239,47 @@ pub(crate) struct WriteSide {
     pub(crate) finished: bool,
 }
 
-/// The oneshot interest armed in the poller, in a byte: none, or which of
-/// readable and writable, and whether it is a write wake (see
-/// [`Conn::arm_write_wake`]).
-#[derive(Clone, Copy, PartialEq, Eq)]
-pub(crate) struct Armed(u8);
-
-impl Armed {
-    pub(crate) const NONE: Armed = Armed(0);
-    const WAKE: u8 = 1 << 3;
-
-    fn new(readable: bool, writable: bool) -> Armed {
-        Armed(1 | u8::from(readable) << 1 | u8::from(writable) << 2)
-    }
-
-    fn readable(self) -> bool {
-        self.0 & 1 << 1 != 0
-    }
-
-    fn writable(self) -> bool {
-        self.0 & 1 << 2 != 0
-    }
-
-    fn is_write_wake(self) -> bool {
-        self.0 & Self::WAKE != 0
-    }
+/// What the poller watches a connection's socket for. Interest is
+/// edge-triggered and stays armed: an event reports what changed (input
+/// came, room was made, the peer left), never what merely still holds, so
+/// no job re-arms it and a connection whose job runs costs the loop
+/// nothing until something new happens. In exchange, whoever stops short
+/// of draining the socket (a job at its budget) must come back by itself,
+/// and an event that finds the connection busy must leave word (see
+/// [`claim_event`]).
+///
+/// Watching for room starts the first time a write leaves bytes the
+/// kernel would not take (one system call in a connection's life, and none
+/// for most): watched from the start, every socket would report room once
+/// as it is registered, a job's worth of work for nothing. On Linux, room
+/// is reported after a write that found none; on kqueue (macOS, the BSDs)
+/// the filter also fires as acknowledgements free space, which costs an
+/// event (and, with nothing queued, nothing more) per acknowledgement.
+///
+/// Where the poller has no edge-triggered mode (Windows, illumos), interest
+/// is oneshot instead: an event spends it, and each job arms again what the
+/// connection's state calls for when it ends.
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub(crate) enum Watch {
+    /// Not in the poller yet.
+    Unregistered,
+    /// In the poller with no interest armed: a handshake's oneshot
+    /// interest, spent, or (oneshot) a connection's.
+    Spent,
+    /// Oneshot: input and hang-ups.
+    OnceInput,
+    /// Oneshot: room to write.
+    OnceRoom,
+    /// Oneshot: both.
+    OnceBoth,
+    /// Edge-triggered: input and hang-ups.
+    Input,
+    /// Edge-triggered: input, hang-ups and room to write.
+    InputAndRoom,
 }
 
-thread_local! {
-    /// The connection whose job (or deferred flush) this thread is about
-    /// to re-arm, by address; 0 for none. See [`Rearming`].
-    static REARMING: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
-}
-
-/// Marks a job's flushes that need no write wake: the one it makes just
-/// before it ends (and arms the interest the connection's state calls
-/// for, writable included) or goes to the back of the ready queue, and the
-/// one that starts a pass (the pass arms the wake before it runs one of
-/// the client's closures, if that flush left something). Any other flush
-/// that finds the socket full while a job holds the connection arms one,
-/// since a closure may be running, for however long.
-pub(crate) struct Rearming;
-
-impl Rearming {
-    pub(crate) fn start<T>(conn: &Conn<T>) -> Mark {
-        Mark::set(&REARMING, conn)
-    }
-}
-
-/// A connection marked in one of this thread's marks ([`Rearming`],
-/// [`Serving`]) until dropped; the mark it replaced comes back then.
+/// A connection marked in [`Serving`] until dropped; the mark it replaced
+/// comes back then.
 pub(crate) struct Mark {
     key: &'static std::thread::LocalKey<std::cell::Cell<usize>>,
     before: usize,
@@ -334,14 +323,6 @@ impl WriteSide {
     /// not yet consumed.
     pub(crate) fn held(&self) -> usize {
         self.out.cost() + self.events
-    }
-
-    /// The interest the connection needs in the poller, from its state:
-    /// the one place that decides it.
-    fn interest(&self) -> (bool, bool) {
-        let readable = !self.paused && !self.read_done && !self.finished;
-        let writable = !self.out.is_empty() && !self.writing && self.write_error.is_none();
-        (readable, writable)
     }
 }
 
@@ -481,8 +462,12 @@ impl<T: Send + Sync + 'static> Conn<T> {
                 paused: false,
                 starved: false,
                 read_done: false,
-                registered,
-                armed: Armed::NONE,
+                watch: if registered {
+                    Watch::Spent
+                } else {
+                    Watch::Unregistered
+                },
+                room: false,
                 drain_wanted: false,
                 drain_due: false,
                 pong_due: false,
@@ -727,10 +712,13 @@ impl<T: Send + Sync + 'static> Conn<T> {
         // Set under the lock, which every check of it below holds.
         self.closing.store(true, Ordering::Release);
         w.close_deadline_ms = shared.now_ms().saturating_add(shared.close_timeout_ms());
-        if w.paused && !shared.marks.must_pause(w.held(), true) {
+        let unpaused = w.paused && !shared.marks.must_pause(w.held(), true);
+        if unpaused {
             // The peer's answer must be read, even if nobody consumes
             // this client's events any more (the main loop may be the
-            // one shutting down).
+            // one shutting down). What came during the pause was not
+            // reported to be read (see `claim_event`): a job reads it, as
+            // at every end of a pause.
             w.paused = false;
             w.starved = false;
         }
@@ -746,12 +734,18 @@ impl<T: Send + Sync + 'static> Conn<T> {
         );
         // Otherwise whoever holds the connection takes it along: a writer
         // (it flushes until the queue is empty), the job (at its end), or
-        // the writable interest armed for a queue the kernel pushed back
+        // the poller's report of room for a queue the kernel pushed back
         // on (no write now, which under a topic's lock, from a publish
         // that closes a slow subscriber, would be a system call each).
         if idle {
             w.writing = true;
             self.flush_holding_token(shared, w);
+            if unpaused {
+                schedule(shared, self);
+            }
+        } else if unpaused && claim_locked(&mut w) {
+            drop(w);
+            spawn_job(shared, self);
         }
         Ok(())
     }
@@ -1051,7 +1045,7 @@ impl<T: Send + Sync + 'static> Conn<T> {
     /// closure of the client's own may run for long: the publishes must
     /// not pile up to the hard limit behind it, as `write` does not let
     /// sends). Otherwise whoever holds the connection (a writer, the job,
-    /// or writable interest armed for a queue) takes the frame along.
+    /// or the poller's report of room for a queue) takes the frame along.
     fn take_token(&self, shared: &Shared<T>, w: &mut WriteSide, idle: bool) -> bool {
         let over_cork = !w.writing
             && w.job_running
@@ -1120,86 +1114,71 @@ impl<T: Send + Sync + 'static> Conn<T> {
         }
     }
 
-    /// Arm the oneshot interest the connection's state calls for (see
-    /// [`WriteSide::interest`]), registering the socket first if it is not
-    /// in the poller yet. False if the poller refused (out of kernel
-    /// memory).
+    /// Have the poller watch the socket, edge-triggered (see [`Watch`]):
+    /// for input from the first call on, registering the socket if it is
+    /// not in the poller yet, and for room too once a write left bytes.
+    /// At most two system calls in a connection's life; none after. False
+    /// if the poller refused (out of kernel memory).
     pub(crate) fn arm(&self, shared: &Shared<T>, w: &mut WriteSide) -> bool {
-        let (readable, writable) = w.interest();
-        let wanted = Armed::new(readable, writable);
-        if w.armed == wanted || w.armed == Armed(wanted.0 | Armed::WAKE) {
-            // A write wake armed meanwhile with the same interest is now
-            // the plain interest.
-            w.armed = wanted;
+        if !shared.edge {
+            return self.arm_once(shared, w);
+        }
+        let wanted = if w.watch == Watch::InputAndRoom || !w.out.is_empty() {
+            Watch::InputAndRoom
+        } else {
+            Watch::Input
+        };
+        if w.watch >= wanted {
             return true;
         }
-        if !readable
-            && !writable
-            && w.registered
-            && (w.armed == Armed::NONE || w.armed.is_write_wake())
-        {
-            // Nothing wanted (paused, say) and the oneshot interest already
-            // spent: leave it so. Armed with no interest, the kernel would
-            // still report a hang-up or an error, which a reset socket has
-            // at once, and a job that cannot read would arm it again: a
-            // spin until the pause ends. Whatever ends the pause (or
-            // queues output) runs a job, which arms what is wanted then.
-            // A write wake still armed is left so: it fires once (the queue
-            // is empty, so the socket is writable) and its job arms nothing.
-            return true;
-        }
-        if self
-            .set_interest(shared, w, Interest::new(self.key(), readable, writable))
-            .is_err()
-        {
+        let interest = Interest::new(self.key(), true, wanted == Watch::InputAndRoom);
+        let done = if w.watch != Watch::Unregistered {
+            shared
+                .poller
+                .modify_with_mode(&self.stream, interest, polling::PollMode::Edge)
+        } else {
+            crate::runtime::poller::register_edge(&shared.poller, &self.stream, interest)
+        };
+        if done.is_err() {
             return false;
         }
-        w.armed = Armed::new(readable, writable);
+        w.watch = wanted;
         true
     }
 
-    /// Arm `interest`, registering the socket first if it is not in the
-    /// poller yet.
-    fn set_interest(
-        &self,
-        shared: &Shared<T>,
-        w: &mut WriteSide,
-        interest: Interest,
-    ) -> io::Result<()> {
-        if w.registered {
-            shared.poller.modify(&self.stream, interest)
+    /// `arm` where interest is oneshot: what the connection's state calls
+    /// for, unless armed already. Nothing is armed while nothing is wanted
+    /// (a paused connection with nothing to write): armed, a reset socket
+    /// would report at once, over and over. Whatever ends the pause or
+    /// queues output runs a job, which arms what is wanted then.
+    fn arm_once(&self, shared: &Shared<T>, w: &mut WriteSide) -> bool {
+        let readable = !w.paused && !w.read_done && !w.finished;
+        let writable = !w.out.is_empty() && !w.writing && w.write_error.is_none();
+        let wanted = match (readable, writable) {
+            (false, false) => return true,
+            (true, false) => Watch::OnceInput,
+            (false, true) => Watch::OnceRoom,
+            (true, true) => Watch::OnceBoth,
+        };
+        if w.watch == wanted {
+            return true;
+        }
+        let interest = Interest::new(self.key(), readable, writable);
+        let done = if w.watch == Watch::Unregistered {
+            crate::runtime::poller::register(&shared.poller, &self.stream, interest)
         } else {
-            crate::runtime::poller::register(&shared.poller, &self.stream, interest)?;
-            w.registered = true;
-            Ok(())
+            shared.poller.modify(&self.stream, interest)
+        };
+        if done.is_err() {
+            return false;
         }
+        w.watch = wanted;
+        true
     }
 
-    /// The kernel took only part of a queue while a job holds the
-    /// connection: the job would write the rest only at its end, and one
-    /// of the client's closures may keep it long (a close, or a
-    /// `send_timeout` waiting for room, would then time out while the
-    /// client reads). Arm writable interest now, keeping any readable
-    /// interest armed, so that the poller has a worker flush once the
-    /// socket takes more (see [`claim_event`]). Failing, the rest waits for
-    /// the job's end, as before.
-    fn arm_write_wake(&self, shared: &Shared<T>, w: &mut WriteSide) {
-        if w.armed.writable() {
-            // Armed already (a timer's job on a connection that waited
-            // for room): its event is the wake.
-            w.armed = Armed(w.armed.0 | Armed::WAKE);
-            return;
-        }
-        let readable = w.armed.readable();
-        let interest = Interest::new(self.key(), readable, true);
-        if self.set_interest(shared, w, interest).is_ok() {
-            w.armed = Armed(Armed::new(readable, true).0 | Armed::WAKE);
-        }
-    }
-
-    /// Flush from a pool job: on writable readiness while the
-    /// connection's job runs a closure (the write wake), or the job's own
-    /// before a closure. Returns whether the queue is still not empty.
+    /// Flush from a pool job: on room reported while the connection's
+    /// job runs a closure, or the job's own before a closure. Returns
+    /// whether the queue is still not empty.
     pub(crate) fn flush_from_job(self: &Arc<Self>, shared: &Arc<Shared<T>>) -> bool {
         self.flush_unless_writing(shared, self.io.lock())
     }
@@ -1235,23 +1214,6 @@ impl<T: Send + Sync + 'static> Conn<T> {
         SERVING.get() == std::ptr::from_ref(self) as usize
     }
 
-    /// Arm the write wake, if a job holds the connection and nobody else
-    /// is writing a queue the socket did not take (see
-    /// [`Conn::arm_write_wake`]): the job asks before one of the client's
-    /// closures runs, when its first flush left something.
-    pub(crate) fn want_write_wake(&self, shared: &Shared<T>) {
-        let mut w = self.io.lock();
-        if w.job_running
-            && !w.writing
-            && !w.out.is_empty()
-            && w.write_error.is_none()
-            && !w.finished
-            && !w.armed.is_write_wake()
-        {
-            self.arm_write_wake(shared, &mut w);
-        }
-    }
-
     /// Take the write token and flush, unless someone holds it or there
     /// is nothing to write. Returns whether the queue is still not empty.
     fn flush_unless_writing<'a>(
@@ -1280,32 +1242,32 @@ impl<T: Send + Sync + 'static> Conn<T> {
             if w.out.is_empty() || w.write_error.is_some() || w.finished {
                 break;
             }
+            // Room the poller reports from now on is for this write, or
+            // for the next try if this one finds none.
+            w.room = false;
             let mut taken = w.out.take_for_write();
             drop(w);
-            let result = write_queue(&self.stream, &mut taken.chunks, &mut taken.head);
+            let (written, result) = write_queue(&self.stream, &mut taken.chunks, &mut taken.head);
             w = self.io.lock();
             if w.finished {
                 // Torn down while this write was out: teardown counted
                 // these bytes as lost, but some went.
-                if let Ok((written, _)) = result {
-                    Counters::add(&shared.counters.bytes_out, written as u64);
-                    self.client.sub_unsent(written);
-                }
+                Counters::add(&shared.counters.bytes_out, written as u64);
+                self.client.sub_unsent(written);
                 break;
             }
+            if written > 0 {
+                w.last_progress_ms = shared.now_ms();
+            }
+            w.out.put_back(taken, written, &shared.counters);
             match result {
-                Ok((written, drained)) => {
-                    if written > 0 {
-                        w.last_progress_ms = shared.now_ms();
-                    }
-                    w.out.put_back(taken, written, &shared.counters);
-                    if !drained {
-                        // The socket is full; writable interest takes over.
-                        break;
-                    }
-                }
+                // The socket is full: the poller reports room, unless it
+                // did since this write began.
+                Ok(false) if !std::mem::take(&mut w.room) => break,
+                Ok(_) => {}
                 Err(e) => {
-                    w.out.put_back(taken, 0, &shared.counters);
+                    // The job tears the connection down (even after part
+                    // of the queue went: no event would report the error).
                     w.write_error = Some(e.kind());
                     break;
                 }
@@ -1328,17 +1290,15 @@ impl<T: Send + Sync + 'static> Conn<T> {
             || resumed;
         let mut spawn = false;
         if w.job_running {
-            // The job re-arms (and notices errors) when it ends.
+            // The job notices errors when it ends. Room the socket makes
+            // for what is left is reported at once, while a closure may
+            // hold the job (see `claim_event`).
             if needs_job {
                 w.job_again = true;
             }
-            if !w.out.is_empty()
-                && w.write_error.is_none()
-                && !w.finished
-                && !w.armed.is_write_wake()
-                && REARMING.get() != std::ptr::from_ref(&**self) as usize
-            {
-                self.arm_write_wake(shared, &mut w);
+            if !w.out.is_empty() && !w.finished && !self.arm(shared, &mut w) {
+                w.force_close = true;
+                w.job_again = true;
             }
         } else if needs_job && !w.finished {
             w.job_running = true;
@@ -1367,12 +1327,13 @@ impl<T: Send + Sync + 'static> Conn<T> {
 
 /// Write `queue` (the first `*head` bytes of its front already written)
 /// with vectored writes until it is empty or the kernel takes no more.
-/// Returns the bytes written and whether the queue was emptied.
+/// Returns the bytes written, and whether the queue was emptied or the
+/// error that stopped it (after what did go out).
 fn write_queue(
     stream: &TcpStream,
     queue: &mut std::collections::VecDeque<Chunk>,
     head: &mut usize,
-) -> io::Result<(usize, bool)> {
+) -> (usize, io::Result<bool>) {
     let mut total = 0;
     while !queue.is_empty() {
         // Many small frames at the front (a backlog of tiny messages): one
@@ -1402,12 +1363,7 @@ fn write_queue(
         };
         let mut written = match result {
             Ok(w) => w,
-            Err(e) if total > 0 => {
-                // Report what did go out; the error comes back next time.
-                let _ = e;
-                return Ok((total, false));
-            }
-            Err(e) => return Err(e),
+            Err(e) => return (total, Err(e)),
         };
         total += written;
         let short = written < want;
@@ -1429,10 +1385,10 @@ fn write_queue(
             *head = 0;
         }
         if short {
-            return Ok((total, queue.is_empty()));
+            return (total, Ok(queue.is_empty()));
         }
     }
-    Ok((total, true))
+    (total, Ok(true))
 }
 
 /// Writes of at most this many bytes are copied into one buffer first.
@@ -1529,32 +1485,69 @@ pub(crate) fn claim<T>(conn: &Conn<T>) -> bool {
     claim_locked(&mut conn.io.lock())
 }
 
-/// `claim` for a readiness event the poller harvested, which disarmed the
-/// oneshot interest. Also tells whether the event is most likely the pong
-/// to a keepalive ping, which nobody waits for, and whether it is a write
-/// wake to serve while the job runs.
-pub(crate) fn claim_event<T>(conn: &Conn<T>) -> Claimed {
+/// `claim` for a readiness event the poller harvested: `input` if it
+/// reports input or a hang-up, `room` if room to write. Interest is
+/// edge-triggered, so the event is the only word of what it reports: if
+/// the connection is busy, word is left for whoever holds it (the job
+/// goes round again; a writer, or the job's last flush, tries again). Also
+/// tells whether the event
+/// is most likely the pong to a keepalive ping, which nobody waits for,
+/// and whether a worker should flush while the job runs.
+pub(crate) fn claim_event<T>(conn: &Conn<T>, input: bool, room: bool) -> Claimed {
     let mut w = conn.io.lock();
-    let wake = w.armed.is_write_wake();
-    w.armed = Armed::NONE;
-    let pong = std::mem::take(&mut w.pong_due);
-    if wake && w.job_running && !w.finished {
-        // The job still runs: a worker writes what the socket takes now.
-        // No pass of the job is due for it: the job's end arms readable
-        // interest again (the wake's is spent), which reports any input.
-        // A pong due is left for the event that brings it.
-        w.pong_due = pong;
-        return Claimed {
-            run: false,
-            pong: false,
-            flush: !w.writing && !w.out.is_empty(),
-        };
+    if matches!(
+        w.watch,
+        Watch::OnceInput | Watch::OnceRoom | Watch::OnceBoth
+    ) {
+        // Oneshot: the event disarmed it.
+        w.watch = Watch::Spent;
     }
-    Claimed {
-        run: claim_locked(&mut w),
+    let pong = input && std::mem::take(&mut w.pong_due);
+    let nothing = Claimed {
+        run: false,
         pong,
         flush: false,
+    };
+    if w.finished {
+        return nothing;
     }
+    if room {
+        // For whoever writes next, or is writing: the room may have come
+        // after its last write, which found none, and no event would
+        // report it again.
+        w.room = true;
+    }
+    // Edge-triggered, a queue nobody writes waits for room, which only an
+    // event that reports room brings. Oneshot, any event spent the
+    // interest, writable included: a flush, which arms it again if the
+    // socket does not take everything, follows any event.
+    let edge = matches!(w.watch, Watch::Input | Watch::InputAndRoom);
+    let to_write = !w.writing && !w.out.is_empty() && (room || !edge);
+    if w.job_running {
+        // Input: the job goes round and reads it. Room: the job's last
+        // flush takes it, or, if the job may be in one of the client's
+        // closures (for however long), a worker writes what the socket
+        // takes now.
+        if input {
+            w.job_again = true;
+        }
+        return Claimed {
+            run: false,
+            pong,
+            flush: to_write && w.closures,
+        };
+    }
+    // Input to a paused connection waits in the kernel: whatever ends the
+    // pause runs a job, which reads it.
+    if (input && !w.paused) || to_write {
+        w.job_running = true;
+        return Claimed {
+            run: true,
+            pong,
+            flush: false,
+        };
+    }
+    nothing
 }
 
 /// What the poller does with a connection's readiness event.
@@ -1563,8 +1556,8 @@ pub(crate) struct Claimed {
     pub(crate) run: bool,
     /// The event was most likely the pong to a keepalive ping.
     pub(crate) pong: bool,
-    /// Its job runs, and the event is the write wake it armed: have a
-    /// worker flush.
+    /// Its job runs (maybe in a closure), and the event reported room for
+    /// a queue nobody is writing: have a worker flush.
     pub(crate) flush: bool,
 }
 

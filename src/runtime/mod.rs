@@ -74,6 +74,9 @@ pub(crate) struct Shared<T> {
     pub(crate) config: Config,
     pub(crate) limits: Limits,
     pub(crate) poller: Poller,
+    /// Connections' interest is edge-triggered (see `conn::Watch`); else
+    /// oneshot, where the poller has no edge-triggered mode.
+    pub(crate) edge: bool,
     pub(crate) pool: ThreadPool,
     pub(crate) registry: registry::Registry<T>,
     pub(crate) timers: timer::Timers,

@@ -1,6 +1,11 @@
 //! The readiness loop: one thread waits on one `polling::Poller` and turns
-//! each readiness event into one pool job. Interest is oneshot, so a
-//! connection fires once and stays quiet until its job re-arms it.
+//! each readiness event into one pool job. A connection's interest is
+//! edge-triggered and never re-armed: an event that finds its job running
+//! tells the job to go round again (see `conn::claim_event`). Where the
+//! poller has no edge-triggered mode (Windows, illumos), a connection's
+//! interest is oneshot and each job re-arms it (see `conn::Watch`). A
+//! handshake's interest is oneshot everywhere, re-armed by its job while
+//! it waits for more of the request.
 
 // `Poller::add` is unsafe; this module alone may call it.
 #![allow(unsafe_code)]
@@ -23,8 +28,9 @@ use crate::runtime::handshake::{
 use crate::runtime::registry::{Found, Pending, handshake_deadline_ms};
 use crate::runtime::service::service;
 
-/// Register a socket with oneshot `interest`; jobs re-arm it with
-/// `modify`.
+/// Register a socket with oneshot `interest`, re-armed with `modify`: a
+/// handshake's, or a connection's where the poller has no edge-triggered
+/// mode (see `conn::Watch`).
 pub(crate) fn register(poller: &Poller, stream: &TcpStream, interest: Interest) -> io::Result<()> {
     // SAFETY: the socket must stay open while registered. Every socket
     // registered here lives in a registry slot (as a `Pending` or a `Conn`)
@@ -38,6 +44,17 @@ pub(crate) fn register(poller: &Poller, stream: &TcpStream, interest: Interest) 
     // registered or not; on epoll, the backend on Linux, closing the only
     // descriptor of a socket takes it out of the interest list.
     unsafe { poller.add(stream, interest) }
+}
+
+/// Register a connection's socket with edge-triggered `interest` (see
+/// `conn::Watch`).
+pub(crate) fn register_edge(
+    poller: &Poller,
+    stream: &TcpStream,
+    interest: Interest,
+) -> io::Result<()> {
+    // SAFETY: as in `register`: the same slots, and the same ways out.
+    unsafe { poller.add_with_mode(stream, interest, polling::PollMode::Edge) }
 }
 
 /// How long the loop pauses after a wake-up that brought only pongs to
@@ -106,10 +123,10 @@ pub(crate) fn run<T: Send + Sync + 'static>(shared: Arc<Shared<T>>) {
         let mut ready = Vec::new();
         // Events that were most likely pongs, and those of any other kind.
         let (mut pongs, mut others) = (0, 0);
-        for f in found.drain(..) {
+        for (f, event) in found.drain(..).zip(events.iter()) {
             match f {
                 Found::Open(conn) => {
-                    let claimed = claim_event(&conn);
+                    let claimed = claim_event(&conn, event.readable, event.writable);
                     if claimed.pong {
                         pongs += 1;
                     } else {

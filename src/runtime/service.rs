@@ -13,7 +13,7 @@ use crate::error::{DecodeError, Error};
 use crate::message::{CloseCode, CloseFrame};
 use crate::proto::conn::{Output, State};
 use crate::proto::frame::OpCode;
-use crate::runtime::conn::{CONDEMNED, Conn, ReadSide, Rearming, Serving};
+use crate::runtime::conn::{CONDEMNED, Conn, ReadSide, Serving};
 use crate::runtime::events::{BATCH, Staged};
 use crate::runtime::poller::Job;
 use crate::runtime::registry::Found;
@@ -24,9 +24,11 @@ use crate::stats::Counters;
 /// Per-worker read buffer: connections own no read buffer while idle.
 const SCRATCH: usize = 256 * 1024;
 /// Most bytes one job reads (or inflates) for one connection before
-/// letting others have the worker (the poller brings it back at once if
-/// more is there, or the ready queue does if input is left over).
+/// letting others have the worker (the job goes to the back of the ready
+/// queue if input is left over or may be left on the socket).
 const READ_BUDGET: usize = 1 << 20;
+/// The least a read costs against `READ_BUDGET`: at most 1,024 reads a job.
+const READ_COST: usize = 1024;
 /// Most frames (messages, pings, pongs; a fragmented message counts once)
 /// one job handles for one connection before letting others have the
 /// worker, even within one read: what is left of the read waits in the
@@ -91,13 +93,7 @@ pub(crate) fn read_some(
 pub(crate) fn flush_deferred<T: Send + Sync + 'static>(shared: &Arc<Shared<T>>) {
     let batch = std::mem::take(&mut *shared.flushq.lock());
     for conn in &batch {
-        let mut w = conn.io.lock();
-        if !w.out.is_empty() && !w.writing && w.write_error.is_none() && !w.finished {
-            w.writing = true;
-            let _rearming = Rearming::start(conn);
-            conn.flush_holding_token(shared, w);
-            w = conn.io.lock();
-        }
+        let mut w = flush_before_letting_go(shared, conn, conn.io.lock());
         if w.finished {
             continue;
         }
@@ -121,8 +117,8 @@ pub(crate) fn flush_deferred<T: Send + Sync + 'static>(shared: &Arc<Shared<T>>) 
     }
 }
 
-/// The service job: flush, read and process, keep time, then re-arm or
-/// tear down. `first` holds bytes that arrived with the handshake.
+/// The service job: flush, read and process, keep time, then end (or go
+/// round again) or tear down. `first` holds bytes that arrived with the handshake.
 ///
 /// User code is guarded where it is called; should the server itself
 /// panic while serving, the connection is torn down (reported with 1011)
@@ -159,9 +155,9 @@ fn service_inner<T: Send + Sync + 'static>(
 ) {
     let mut first = first;
     // `fresh`: nothing is known to be readable (the socket was just read
-    // dry by the handshake, or a timer started this job). Re-arming
-    // reports anything newer, so the first pass skips a read that would
-    // only return EAGAIN.
+    // dry by the handshake, or a timer started this job). Anything newer
+    // is reported (and makes the job go round), so the first pass skips a
+    // read that would only return EAGAIN.
     let mut read_now = !fresh;
     // One budget for the whole job, however many passes it makes.
     let mut budget = JobBudget {
@@ -174,16 +170,12 @@ fn service_inner<T: Send + Sync + 'static>(
     // main-loop style, other threads' sends cork while the job reads.
     let on_message = shared.handlers.message.is_some();
     loop {
-        let backlog = {
-            let _rearming = Rearming::start(&**conn);
-            conn.start_pass(shared, on_message)
-        };
+        conn.start_pass(shared, on_message);
         // Take the read side out: no guard is held while user closures
         // run. Only this job touches it; the lock is never contended.
         let Some(mut r) = conn.take_read(shared.limits) else {
             return;
         };
-        r.wake_wanted = backlog;
         let drain = conn.take_drain_due(shared);
         if conn.holding_in.load(Ordering::SeqCst) & CONDEMNED != 0 {
             budget_call(shared, conn, &mut r);
@@ -201,8 +193,11 @@ fn service_inner<T: Send + Sync + 'static>(
             account_buffered(shared, conn, &mut r);
             first = &[];
         }
+        // Whether the socket may hold input no event will report: the
+        // pass stopped reading at its budget.
+        let mut undrained = false;
         if read_now {
-            read_available(shared, conn, &mut r, &mut budget);
+            undrained = !read_available(shared, conn, &mut r, &mut budget);
         }
         read_now = true;
         let now = shared.now_ms();
@@ -223,28 +218,20 @@ fn service_inner<T: Send + Sync + 'static>(
         // No closure of the client's runs before the next pass: other
         // threads' frames cork again until it starts.
         w.closures = false;
-        // Frames corked while the job ran leave now, in one write. What
-        // is queued after this flush arms writable interest below.
-        if !w.out.is_empty() && !w.writing && w.write_error.is_none() && !w.finished {
-            w.writing = true;
-            // What this flush leaves, the arm below (or the next job, from
-            // the ready queue) takes care of; but a pass that goes round
-            // runs closures again, and the write wake is for that.
-            let _rearming = (!w.job_again || budget.spent()).then(|| Rearming::start(&**conn));
-            conn.flush_holding_token(shared, w);
-            w = conn.io.lock();
-        }
-        // Another pass is due (`job_again`), or input is left with the
-        // gate open. Within the budget, go round; past it, go to the back
-        // of the ready queue, still owning the connection: whatever became
-        // ready meanwhile runs first, and the next job (a full pass)
-        // starts with the rest. A paused connection with input left is run
-        // again by whatever resumes it.
+        // Frames corked while the job ran leave now, in one write.
+        w = flush_before_letting_go(shared, conn, w);
+        // Another pass is due (`job_again`), or input is left (unparsed,
+        // or unread on the socket) with the gate open. Within the budget,
+        // go round; past it, go to the back of the ready queue, still
+        // owning the connection: whatever became ready meanwhile runs
+        // first, and the next job (a full pass) starts with the rest. A
+        // paused connection with input left is run again by whatever
+        // resumes it.
         let again = std::mem::take(&mut w.job_again);
         if again && !budget.spent() {
             continue;
         }
-        if (again || leftover && !w.paused) && !w.finished {
+        if (again || (leftover || undrained) && !w.paused) && !w.finished {
             drop(w);
             crate::runtime::poller::dispatch(
                 shared,
@@ -252,6 +239,7 @@ fn service_inner<T: Send + Sync + 'static>(
             );
             return;
         }
+        // The first job registers the socket; later ones find it watched.
         if !conn.arm(shared, &mut w) {
             // Out of kernel memory for the poller: this connection could
             // never be woken again. Tear it down now.
@@ -261,6 +249,28 @@ fn service_inner<T: Send + Sync + 'static>(
         w.job_running = false;
         return;
     }
+}
+
+/// Write what was corked while a job (or a deferred flush) owned the
+/// connection, before it lets go: until the queue is empty, or the kernel
+/// takes no more and reported no room since. Again if frames were corked
+/// while the lock was let go for a write: with edge-triggered interest,
+/// nothing else would write them (the socket has room, and the poller
+/// reports room only after a write that found none).
+fn flush_before_letting_go<'a, T: Send + Sync + 'static>(
+    shared: &Arc<Shared<T>>,
+    conn: &'a Arc<Conn<T>>,
+    mut w: parking_lot::MutexGuard<'a, crate::runtime::conn::WriteSide>,
+) -> parking_lot::MutexGuard<'a, crate::runtime::conn::WriteSide> {
+    while !w.out.is_empty() && !w.writing && w.write_error.is_none() && !w.finished {
+        w.writing = true;
+        let left = conn.flush_holding_token(shared, w);
+        w = conn.io.lock();
+        if left && !std::mem::take(&mut w.room) {
+            break;
+        }
+    }
+    w
 }
 
 /// What one job may still do for its connection before it lets others
@@ -284,14 +294,17 @@ impl JobBudget {
 }
 
 /// Read and dispatch while flow control allows, within the job's budget.
+/// False if it stopped at the budget with the socket maybe not drained:
+/// no event will report what is left there (interest is edge-triggered),
+/// so the job must come back for it.
 fn read_available<T: Send + Sync + 'static>(
     shared: &Arc<Shared<T>>,
     conn: &Arc<Conn<T>>,
     r: &mut ReadSide,
     budget: &mut JobBudget,
-) {
+) -> bool {
     if budget.spent() {
-        return;
+        return false;
     }
     // Input a pause or the budget left unparsed comes before anything
     // newer, once the gate is open again (a timer or a flush can run the
@@ -299,7 +312,7 @@ fn read_available<T: Send + Sync + 'static>(
     // So does input still waiting at the end of a pass (see `progress`).
     if !r.rest.is_empty() {
         if !conn.may_read(shared) {
-            return;
+            return true;
         }
         let rest = std::mem::take(&mut r.rest);
         shared.unparsed_in.fetch_sub(rest.len(), Ordering::Relaxed);
@@ -309,26 +322,30 @@ fn read_available<T: Send + Sync + 'static>(
         budget.spend(rest.len().max(delivered), count);
         // What is still left waits for the next job (budget) or for the
         // gate (pause); either way this job reads no more.
-        if !r.rest.is_empty() || budget.spent() {
-            return;
+        if !r.rest.is_empty() {
+            return true;
+        }
+        if budget.spent() {
+            return false;
         }
     }
     // A read that failed ended the input too (`end_of_input`). The error an
     // idle close leaves for the report is no reason to stop reading: the
-    // peer's answering Close must be read, and input left unread would
-    // wake this connection again and again until the close timeout.
+    // peer's answering Close must be read, and input left unread would be
+    // reported by no event again (with oneshot interest, by one after
+    // every job, until the close timeout).
     if r.eof {
-        return;
+        return true;
     }
     with_scratch(|buf| {
         // A paused connection is not read: what it sends may need answers
-        // (echoes, pongs) that would only grow what it holds. Its
-        // readable interest is off too, so this does not spin.
+        // (echoes, pongs) that would only grow what it holds. Whatever
+        // ends the pause runs a job, which reads on.
         while r.rest.is_empty() && conn.may_read(shared) {
             match read_some(&conn.stream, buf) {
                 Ok(Some(0)) => {
                     end_of_input(conn, r, None);
-                    return;
+                    return true;
                 }
                 Ok(Some(n)) => {
                     let (delivered, count) = feed(shared, conn, r, &buf[..n], budget.frames);
@@ -336,21 +353,34 @@ fn read_available<T: Send + Sync + 'static>(
                     // slow handlers is not the client's idleness.
                     r.last_seen_ms = shared.now_ms();
                     account_buffered(shared, conn, r);
-                    budget.spend(n.max(delivered), count);
-                    // A short read means the socket is drained (readiness is
-                    // level-triggered, so anything newer re-fires).
-                    if n < buf.len() || budget.spent() {
-                        return;
+                    // At least `READ_COST` a read: a client that sends a
+                    // byte at a time, as fast as it is read, is read to
+                    // `WouldBlock` now, and must not keep the worker for a
+                    // million reads.
+                    budget.spend(n.max(delivered).max(READ_COST), count);
+                    // Edge-triggered, read on to `WouldBlock`, even after a
+                    // short read: the peer's FIN may have come with the
+                    // data, and only a read finds it (no event reports it
+                    // again). Oneshot, a short read means the socket is
+                    // drained: what is left is reported once armed again.
+                    if n < buf.len() && !shared.edge {
+                        return true;
+                    }
+                    if budget.spent() {
+                        return false;
                     }
                 }
-                Ok(None) => return,
+                Ok(None) => return true,
                 Err(e) => {
                     end_of_input(conn, r, Some(e));
-                    return;
+                    return true;
                 }
             }
         }
-    });
+        // A pause stopped it (its end runs a job), or a cut read left a
+        // rest (the job comes back for it).
+        true
+    })
 }
 
 /// The peer sent FIN, or reading failed: nothing more comes in.
@@ -623,9 +653,9 @@ fn close_for_panic<T: Send + Sync + 'static>(
 }
 
 /// One of the client's closures is about to run, for however long: write
-/// a corked pong (at most once a millisecond); and if the pass's first flush
-/// left a queue the socket did not take, have the poller wake a writer
-/// when it takes more (see `Conn::arm_write_wake`).
+/// a corked pong (at most once a millisecond). (Room the socket makes for
+/// a queue while the closure runs is written by another worker: see
+/// `conn::claim_event`.)
 fn before_closure<T: Send + Sync + 'static>(
     shared: &Arc<Shared<T>>,
     conn: &Arc<Conn<T>>,
@@ -633,18 +663,13 @@ fn before_closure<T: Send + Sync + 'static>(
 ) {
     if r.pong_corked {
         // The closure may run long, and the peer may be timing its ping.
-        // (A socket this flush fills gets a write wake: see
-        // `Conn::flush_holding_token`.) At most once a millisecond.
+        // At most once a millisecond.
         let now = shared.now_ms();
         if now >= r.pong_flush_after_ms {
             r.pong_corked = false;
             r.pong_flush_after_ms = now + 1;
-            r.wake_wanted = false;
             conn.flush_from_job(shared);
         }
-    }
-    if std::mem::take(&mut r.wake_wanted) {
-        conn.want_write_wake(shared);
     }
 }
 
