@@ -16,16 +16,6 @@ use support::*;
 /// The tests load the machine; one at a time.
 static SERIAL: Mutex<()> = Mutex::new(());
 
-/// Pipeline `n` masked binary frames of `size` bytes each, built once.
-fn frames(n: usize, size: usize) -> Vec<u8> {
-    let one = frame(0x82, &vec![7u8; size]);
-    let mut out = Vec::with_capacity(one.len() * n);
-    for _ in 0..n {
-        out.extend_from_slice(&one);
-    }
-    out
-}
-
 /// Was a bug: a paused connection is never idle. A client that sends enough to get
 /// paused and then neither reads nor sends is held forever: idle_timeout
 /// never fires, so the queue, `rest` and kernel buffers stay pinned.

@@ -21,12 +21,7 @@ const MESSAGE: usize = 64 * 1024;
 
 /// `n` masked binary frames of `MESSAGE` bytes, built once.
 fn burst(n: usize) -> Vec<u8> {
-    let one = frame(0x82, &vec![7u8; MESSAGE]);
-    let mut out = Vec::with_capacity(one.len() * n);
-    for _ in 0..n {
-        out.extend_from_slice(&one);
-    }
-    out
+    frames(n, MESSAGE)
 }
 
 /// A job reads at most 1 MiB before it lets the worker go. Clients whose

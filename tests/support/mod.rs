@@ -390,6 +390,16 @@ pub fn echo_payload(i: u32) -> Vec<u8> {
     numbered(i, size)
 }
 
+/// `n` masked binary frames of `size` bytes each, built once, to pipeline.
+pub fn frames(n: usize, size: usize) -> Vec<u8> {
+    let one = frame(0x82, &vec![7u8; size]);
+    let mut out = Vec::with_capacity(one.len() * n);
+    for _ in 0..n {
+        out.extend_from_slice(&one);
+    }
+    out
+}
+
 /// Write `count` masked binary frames as fast as the socket takes them.
 pub fn pipeline(mut s: TcpStream, count: u32) -> std::io::Result<()> {
     let mut wire = Vec::with_capacity(512 * 1024);
