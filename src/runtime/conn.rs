@@ -1177,22 +1177,20 @@ impl<T: Send + Sync + 'static> Conn<T> {
     }
 
     /// Flush from a pool job: on room reported while the connection's
-    /// job runs a closure, or the job's own before a closure. Returns
-    /// whether the queue is still not empty.
-    pub(crate) fn flush_from_job(self: &Arc<Self>, shared: &Arc<Shared<T>>) -> bool {
-        self.flush_unless_writing(shared, self.io.lock())
+    /// job runs a closure, or the job's own before a closure.
+    pub(crate) fn flush_from_job(self: &Arc<Self>, shared: &Arc<Shared<T>>) {
+        self.flush_unless_writing(shared, self.io.lock());
     }
 
     /// The flush that starts a job's pass, which notes whether the pass
     /// may run the client's closures (see [`WriteSide::closures`]): with
     /// `on_message`, it may. Noted under the same hold of the lock as the
     /// flush starts, so that a frame another thread corked before is in
-    /// this flush, and one after is written by its sender. Returns whether
-    /// the queue is still not empty.
-    pub(crate) fn start_pass(self: &Arc<Self>, shared: &Arc<Shared<T>>, on_message: bool) -> bool {
+    /// this flush, and one after is written by its sender.
+    pub(crate) fn start_pass(self: &Arc<Self>, shared: &Arc<Shared<T>>, on_message: bool) {
         let mut w = self.io.lock();
         w.closures = on_message;
-        self.flush_unless_writing(shared, w)
+        self.flush_unless_writing(shared, w);
     }
 
     /// Take a due `Drain` for the job to emit. If `on_drain` is set and the
@@ -1215,23 +1213,25 @@ impl<T: Send + Sync + 'static> Conn<T> {
     }
 
     /// Take the write token and flush, unless someone holds it or there
-    /// is nothing to write. Returns whether the queue is still not empty.
+    /// is nothing to write.
     fn flush_unless_writing<'a>(
         self: &'a Arc<Self>,
         shared: &Arc<Shared<T>>,
         mut w: parking_lot::MutexGuard<'a, WriteSide>,
-    ) -> bool {
+    ) {
         if w.writing || w.out.is_empty() || w.finished {
-            return !w.out.is_empty();
+            return;
         }
         w.writing = true;
-        self.flush_holding_token(shared, w)
+        self.flush_holding_token(shared, w);
     }
 
     /// With the token held: write the queue until it is empty, the kernel
     /// pushes back, or a write fails; then give the token back and make
     /// sure whatever is left will be flushed, and that flow control hears
-    /// of the room made. Returns whether the queue is still not empty.
+    /// of the room made. Returns whether the queue is still not empty: the
+    /// kernel pushed back (or a write failed), since the loop writes what
+    /// others queue meanwhile.
     pub(crate) fn flush_holding_token<'a>(
         self: &'a Arc<Self>,
         shared: &Arc<Shared<T>>,
