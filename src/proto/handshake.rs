@@ -16,39 +16,88 @@ pub const MAX_HEADERS: usize = 64;
 /// A parsed upgrade request, handed to the client-init strategy.
 ///
 /// Only the strategy sees it; it is not kept once the handshake is over.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct Request {
-    method: String,
+    /// The request head as received; the parts below are spans of it,
+    /// so that a request costs two allocations however many headers it
+    /// has (the head, and the list of header spans).
+    head: Box<[u8]>,
+    method: Span,
     /// HTTP/1.`version`.
     version: u8,
-    path: String,
-    query: Option<String>,
-    headers: Vec<(String, Vec<u8>)>,
+    /// `None` for `/` where the head has no path (an absolute-form target
+    /// without one, as `http://host?x=1`).
+    path: Option<Span>,
+    query: Option<Span>,
+    headers: Vec<(Span, Span)>,
     peer_addr: Option<SocketAddr>,
-    key: String,
+    /// Empty until [`check_upgrade`] takes the key.
+    key: Span,
+}
+
+/// Where a part of the request lies in its head.
+#[derive(Debug, Clone, Copy, Default)]
+struct Span {
+    start: usize,
+    end: usize,
+}
+
+impl Span {
+    /// The span of `part`, a slice of `whole` (empty if it is not one).
+    fn of(whole: &[u8], part: &[u8]) -> Span {
+        let start = (part.as_ptr() as usize).wrapping_sub(whole.as_ptr() as usize);
+        match start.checked_add(part.len()) {
+            Some(end) if end <= whole.len() => Span { start, end },
+            _ => Span::default(),
+        }
+    }
 }
 
 impl Request {
+    fn bytes(&self, span: Span) -> &[u8] {
+        self.head.get(span.start..span.end).unwrap_or_default()
+    }
+
+    /// A part httparse checked to be ASCII (method, target, header name)
+    /// or a value already found to be UTF-8.
+    fn text(&self, span: Span) -> &str {
+        std::str::from_utf8(self.bytes(span)).unwrap_or_default()
+    }
+
+    /// Every header as raw name and value.
+    fn raw_headers(&self) -> impl Iterator<Item = (&[u8], &[u8])> {
+        self.headers
+            .iter()
+            .map(|&(n, v)| (self.bytes(n), self.bytes(v)))
+    }
+
+    /// The raw values of the headers named `name` (case-insensitive).
+    fn values<'a, 'n>(&'a self, name: &'n str) -> impl Iterator<Item = &'a [u8]> + use<'a, 'n> {
+        self.raw_headers()
+            .filter(move |(n, _)| n.eq_ignore_ascii_case(name.as_bytes()))
+            .map(|(_, v)| v)
+    }
+
     /// The HTTP method (always `GET` for a request that reached the
     /// handshake strategy; any method for the plain HTTP handler).
     pub fn method(&self) -> &str {
-        &self.method
+        self.text(self.method)
     }
 
     /// The path of the request target, without the query.
     pub fn path(&self) -> &str {
-        &self.path
+        self.path.map_or("/", |p| self.text(p))
     }
 
     /// The raw query string (after `?`), if any.
     pub fn query(&self) -> Option<&str> {
-        self.query.as_deref()
+        self.query.map(|q| self.text(q))
     }
 
     /// The value of query parameter `name`, percent-decoded (`+` is a
     /// space). `None` if absent or not UTF-8 once decoded.
     pub fn query_param(&self, name: &str) -> Option<String> {
-        self.query.as_deref()?.split('&').find_map(|pair| {
+        self.query()?.split('&').find_map(|pair| {
             let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
             (percent_decode(k)? == name)
                 .then(|| percent_decode(v))
@@ -59,23 +108,22 @@ impl Request {
     /// The first header named `name` (case-insensitive), if its value is
     /// UTF-8.
     pub fn header(&self, name: &str) -> Option<&str> {
-        self.headers
-            .iter()
-            .find(|(n, _)| n.eq_ignore_ascii_case(name))
-            .and_then(|(_, v)| std::str::from_utf8(v).ok())
+        self.values(name)
+            .next()
+            .and_then(|v| std::str::from_utf8(v).ok())
     }
 
     /// Every header as name and raw value, in the order received.
     pub fn headers(&self) -> impl Iterator<Item = (&str, &[u8])> {
-        self.headers.iter().map(|(n, v)| (n.as_str(), v.as_slice()))
+        self.headers
+            .iter()
+            .map(|&(n, v)| (self.text(n), self.bytes(v)))
     }
 
     /// The value of cookie `name` from the `Cookie` headers.
     pub fn cookie(&self, name: &str) -> Option<&str> {
-        self.headers
-            .iter()
-            .filter(|(n, _)| n.eq_ignore_ascii_case("cookie"))
-            .filter_map(|(_, v)| std::str::from_utf8(v).ok())
+        self.values("cookie")
+            .filter_map(|v| std::str::from_utf8(v).ok())
             .flat_map(|v| v.split(';'))
             .find_map(|c| {
                 let (k, v) = c.trim().split_once('=')?;
@@ -95,7 +143,7 @@ impl Request {
     /// The `Sec-WebSocket-Key` the client sent (empty for a plain HTTP
     /// request).
     pub fn key(&self) -> &str {
-        &self.key
+        self.text(self.key)
     }
 
     /// The `Origin` header, which browsers send with every WebSocket
@@ -118,14 +166,32 @@ impl Request {
     }
 
     /// The comma-separated tokens of every header named `name`.
-    fn header_tokens(&self, name: &str) -> impl Iterator<Item = &str> {
-        self.headers
-            .iter()
-            .filter(move |(n, _)| n.eq_ignore_ascii_case(name))
-            .filter_map(|(_, v)| std::str::from_utf8(v).ok())
+    fn header_tokens<'a>(&'a self, name: &'a str) -> impl Iterator<Item = &'a str> + 'a {
+        self.values(name)
+            .filter_map(|v| std::str::from_utf8(v).ok())
             .flat_map(|v| v.split(','))
             .map(str::trim)
             .filter(|t| !t.is_empty())
+    }
+}
+
+impl fmt::Debug for Request {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Request")
+            .field("method", &self.method())
+            .field("version", &self.version)
+            .field("path", &self.path())
+            .field("query", &self.query())
+            .field(
+                "headers",
+                &self
+                    .raw_headers()
+                    .map(|(n, v)| (String::from_utf8_lossy(n), String::from_utf8_lossy(v)))
+                    .collect::<Vec<_>>(),
+            )
+            .field("peer_addr", &self.peer_addr)
+            .field("key", &self.key())
+            .finish()
     }
 }
 
@@ -432,37 +498,39 @@ pub fn parse_http(buf: &[u8], max_bytes: usize) -> Result<Option<(Request, usize
     if len > max_bytes {
         return Err(Reject::new(431).body("request headers too large"));
     }
-    let method = req.method.unwrap_or_default();
-    let target = origin_form(req.path.unwrap_or("/"));
-    let (path, query) = match target.split_once('?') {
-        Some((p, q)) => (p.to_owned(), Some(q.to_owned())),
-        None => (target.into_owned(), None),
+    let (path, query) = req.path.map_or((None, None), origin_form);
+    let span = |part: &str| Span::of(buf, part.as_bytes());
+    let request = Request {
+        method: span(req.method.unwrap_or_default()),
+        version: req.version.unwrap_or(1),
+        path: path.map(span),
+        query: query.map(span),
+        headers: req
+            .headers
+            .iter()
+            .map(|h| (span(h.name), Span::of(buf, h.value)))
+            .collect(),
+        peer_addr: None,
+        key: Span::default(),
+        head: buf[..len].into(),
     };
-    let headers = req
-        .headers
-        .iter()
-        .map(|h| (h.name.to_owned(), h.value.to_vec()))
-        .collect();
-    Ok(Some((
-        Request {
-            method: method.to_owned(),
-            version: req.version.unwrap_or(1),
-            path,
-            query,
-            headers,
-            peer_addr: None,
-            key: String::new(),
-        },
-        len,
-    )))
+    Ok(Some((request, len)))
 }
 
-/// The target of a request in absolute form (`http://host/chat?x=1`, which
-/// RFC 9112 section 3.2.2 says a server must accept) as the origin form
-/// (`/chat?x=1`) that [`Request::path`] and [`Request::query`] speak of.
-fn origin_form(target: &str) -> std::borrow::Cow<'_, str> {
+/// The path and query of a request target, read in absolute form
+/// (`http://host/chat?x=1`, which RFC 9112 section 3.2.2 says a server
+/// must accept) as in the origin form (`/chat?x=1`) that
+/// [`Request::path`] and [`Request::query`] speak of. Both are slices of
+/// `target`; a path of `None` is `/` (an absolute form without one).
+fn origin_form(target: &str) -> (Option<&str>, Option<&str>) {
+    fn split(t: &str) -> (Option<&str>, Option<&str>) {
+        match t.split_once('?') {
+            Some((p, q)) => (Some(p), Some(q)),
+            None => (Some(t), None),
+        }
+    }
     let Some((scheme, rest)) = target.split_once("://") else {
-        return target.into();
+        return split(target);
     };
     let scheme_ok = scheme
         .bytes()
@@ -472,13 +540,13 @@ fn origin_form(target: &str) -> std::borrow::Cow<'_, str> {
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || b"+-.".contains(&b));
     if !scheme_ok {
-        return target.into();
+        return split(target);
     }
     match rest.find(['/', '?']) {
-        Some(i) if rest.as_bytes()[i] == b'/' => rest[i..].into(),
+        Some(i) if rest.as_bytes()[i] == b'/' => split(&rest[i..]),
         // An empty path means `/`: `http://host?x=1` is `/?x=1`.
-        Some(i) => format!("/{}", &rest[i..]).into(),
-        None => "/".into(),
+        Some(i) => (None, Some(&rest[i + 1..])),
+        None => (None, None),
     }
 }
 
@@ -490,7 +558,7 @@ fn origin_form(target: &str) -> std::borrow::Cow<'_, str> {
 /// The refusal to answer with: `405` for a method other than GET, `426`
 /// without `Upgrade` or for a version other than 13, `400` otherwise.
 pub fn check_upgrade(request: &mut Request) -> Result<(), Reject> {
-    if request.method != "GET" {
+    if request.method() != "GET" {
         return Err(Reject::new(405)
             .header("Allow", "GET")
             .body("websocket upgrades use GET"));
@@ -498,13 +566,7 @@ pub fn check_upgrade(request: &mut Request) -> Result<(), Reject> {
     if request.version != 1 {
         return Err(Reject::bad_request("websocket upgrades need HTTP/1.1"));
     }
-    let get = |name: &str| {
-        request
-            .headers
-            .iter()
-            .find(|(n, _)| n.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v.as_slice())
-    };
+    let get = |name: &str| request.values(name).next();
     let has_token = |name: &str, token: &str| {
         request
             .header_tokens(name)
@@ -514,11 +576,7 @@ pub fn check_upgrade(request: &mut Request) -> Result<(), Reject> {
     // appear once. Taking the first of two would read the request
     // differently from a proxy that takes the last, or joins them.
     for name in ["Host", "Sec-WebSocket-Key", "Sec-WebSocket-Version"] {
-        let seen = request
-            .headers
-            .iter()
-            .filter(|(n, _)| n.eq_ignore_ascii_case(name))
-            .count();
+        let seen = request.values(name).count();
         if seen > 1 {
             return Err(Reject::bad_request(match name {
                 "Host" => "more than one Host header",
@@ -549,12 +607,7 @@ pub fn check_upgrade(request: &mut Request) -> Result<(), Reject> {
     // HTTP would skip it: the two would disagree on where frames start.
     // (`0, 0` is a length proxies write when they merge two lines.)
     let no_body = |v: &[u8]| v.split(|&b| b == b',').all(|n| n.trim_ascii() == b"0");
-    if get("Transfer-Encoding").is_some()
-        || request
-            .headers
-            .iter()
-            .any(|(n, v)| n.eq_ignore_ascii_case("Content-Length") && !no_body(v))
-    {
+    if get("Transfer-Encoding").is_some() || request.values("Content-Length").any(|v| !no_body(v)) {
         return Err(Reject::bad_request("an upgrade request has no body"));
     }
     match get("Sec-WebSocket-Version") {
@@ -566,17 +619,18 @@ pub fn check_upgrade(request: &mut Request) -> Result<(), Reject> {
                 .body("unsupported websocket version"));
         }
     }
+    // Sixteen bytes in base64 are 24 characters, padding included.
     let key = get("Sec-WebSocket-Key")
-        .and_then(|k| std::str::from_utf8(k).ok())
-        .map(str::trim)
+        .map(<[u8]>::trim_ascii)
         .filter(|k| {
-            base64::engine::general_purpose::STANDARD
-                .decode(k)
-                .is_ok_and(|raw| raw.len() == 16)
+            let mut raw = [0u8; 18];
+            k.len() == 24
+                && base64::engine::general_purpose::STANDARD
+                    .decode_slice(k, &mut raw)
+                    .is_ok_and(|n| n == 16)
         })
-        .ok_or_else(|| Reject::bad_request("missing or malformed Sec-WebSocket-Key"))?
-        .to_owned();
-    request.key = key;
+        .ok_or_else(|| Reject::bad_request("missing or malformed Sec-WebSocket-Key"))?;
+    request.key = Span::of(&request.head, key);
     Ok(())
 }
 
@@ -590,17 +644,23 @@ pub fn check_upgrade(request: &mut Request) -> Result<(), Reject> {
 /// );
 /// ```
 pub fn accept_key(key: &str) -> String {
+    let mut out = String::with_capacity(28);
+    push_accept_key(key, &mut out);
+    out
+}
+
+fn push_accept_key(key: &str, out: &mut String) {
     let mut sha = Sha1::new();
     sha.update(key.as_bytes());
     sha.update(GUID.as_bytes());
-    base64::engine::general_purpose::STANDARD.encode(sha.finalize())
+    base64::engine::general_purpose::STANDARD.encode_string(sha.finalize(), out);
 }
 
 /// The `101 Switching Protocols` response for `key`, with extra headers.
 pub fn accept_response(key: &str, extra: &[(String, String)]) -> Vec<u8> {
     let mut out = String::with_capacity(160);
     out.push_str("HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: ");
-    out.push_str(&accept_key(key));
+    push_accept_key(key, &mut out);
     out.push_str("\r\n");
     for (n, v) in extra {
         out.push_str(n);
@@ -718,6 +778,54 @@ mod tests {
     fn a_plain_get_with_a_body_is_told_to_upgrade() {
         let req = "GET / HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n\r\nabc";
         assert_eq!(status(req), 426);
+    }
+
+    #[test]
+    fn headers_are_read_back_as_sent_from_the_one_copy_of_the_head() {
+        let req = GOOD.replacen(
+            "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==",
+            "Sec-WebSocket-Key: \t dGhlIHNhbXBsZSBub25jZQ== ",
+            1,
+        );
+        let mut bytes = req.trim_end().as_bytes().to_vec();
+        // A value byte that is not UTF-8 (obs-text), as httparse allows.
+        bytes.extend_from_slice(b"\r\nX-Raw: caf\xe9\r\nx-raw: two\r\n\r\n");
+        let (r, n) = parse_request(&bytes, 8192).unwrap().unwrap();
+        assert_eq!(n, bytes.len());
+        assert_eq!(r.key(), "dGhlIHNhbXBsZSBub25jZQ==");
+        let names: Vec<&str> = r.headers().map(|(n, _)| n).collect();
+        assert_eq!(
+            names,
+            [
+                "Host",
+                "Upgrade",
+                "Connection",
+                "Sec-WebSocket-Key",
+                "Sec-WebSocket-Version",
+                "Cookie",
+                "X-Raw",
+                "x-raw"
+            ]
+        );
+        let raw: Vec<&[u8]> = r
+            .headers()
+            .filter(|(n, _)| n.eq_ignore_ascii_case("x-raw"))
+            .map(|(_, v)| v)
+            .collect();
+        assert_eq!(raw, [&b"caf\xe9"[..], b"two"]);
+        // The first is not UTF-8: `header` gives none rather than the second.
+        assert_eq!(r.header("X-RAW"), None);
+        assert_eq!(r.header("connection"), Some("keep-alive, Upgrade"));
+        let debug = format!("{r:?}");
+        assert!(debug.contains("path: \"/chat\""), "{debug}");
+        assert!(
+            debug.contains("key: \"dGhlIHNhbXBsZSBub25jZQ==\""),
+            "{debug}"
+        );
+        // The request stands alone once the buffer it came from is gone.
+        let copy = r.clone();
+        drop(bytes);
+        assert_eq!(copy.query_param("name").as_deref(), Some("ann b"));
     }
 
     #[test]
