@@ -559,3 +559,124 @@ fn pipelining_clients(
         })
         .collect()
 }
+
+/// A client paused because the main loop is behind (the channel holds its
+/// budget of events) must still have its answer to our close read: a close
+/// from another thread ends the pause. Four clients send more than the
+/// budget and are paused; nobody consumes; this thread closes each. Each
+/// must get the close frame, and after answering the server's FIN, long
+/// before the close timeout. The events, read after, give each client's
+/// messages in order and then a `Disconnect` that reports its answer; the
+/// messages not delivered are all counted as discarded.
+#[test]
+fn a_close_reads_the_answer_of_a_client_paused_for_an_unread_main_loop() {
+    close_clients_paused_for_an_unread_main_loop(false);
+}
+
+/// As above, but each client sends its own close right after its messages,
+/// before ours: it is in the kernel already when the pause ends, and no
+/// readiness event will report it again. Ending the pause must run a job
+/// that reads it.
+#[test]
+fn a_close_reads_a_close_already_sent_by_a_client_paused_for_an_unread_main_loop() {
+    close_clients_paused_for_an_unread_main_loop(true);
+}
+
+fn close_clients_paused_for_an_unread_main_loop(client_closes_first: bool) {
+    use std::collections::HashMap;
+    use std::io::Read;
+
+    const CLIENTS: usize = 4;
+    const SENT: u32 = 200;
+    let server = WebSocketServer::builder()
+        .event_queue_bytes(16 * 1024)
+        .close_timeout(Duration::from_secs(40))
+        .ping_interval(None)
+        .start("127.0.0.1:0")
+        .unwrap();
+    let addr = server.local_addr();
+    let mut clients = Vec::new();
+    for _ in 0..CLIENTS {
+        let s = raw_ws(addr);
+        clients.push((expect_connect(&server).id(), s));
+    }
+    for (k, (_, s)) in clients.iter_mut().enumerate() {
+        let mut wire = Vec::new();
+        for i in 0..SENT {
+            wire.extend(frame(
+                0x81,
+                format!("{k}:{i:08}:{}", "x".repeat(1000)).as_bytes(),
+            ));
+        }
+        if client_closes_first {
+            wire.extend(frame(0x88, &close_payload(1000, "answer")));
+        }
+        // About 200 KB: the kernel's buffers take it whole.
+        s.write_all(&wire).unwrap();
+    }
+    assert!(
+        eventually(WAIT, || server.stats().read_pauses >= CLIENTS as u64),
+        "the clients were not all paused: {:?}",
+        server.stats()
+    );
+    for (id, _) in &clients {
+        server
+            .close(*id, enjent::CloseCode::new(4000), "bye")
+            .unwrap();
+    }
+    for (k, (_, s)) in clients.iter_mut().enumerate() {
+        assert_eq!(read_close(s), Some(4000), "client {k}");
+        if !client_closes_first {
+            s.write_all(&frame(0x88, &close_payload(1000, "answer")))
+                .unwrap();
+        }
+        // The read timeout (`WAIT`) is a quarter of the close timeout: the
+        // FIN must come from the answer read, not from the timeout.
+        let mut rest = Vec::new();
+        match s.read_to_end(&mut rest) {
+            Ok(_) => assert!(
+                rest.is_empty(),
+                "client {k}: {} bytes after the close",
+                rest.len()
+            ),
+            Err(e) => panic!("client {k}: no FIN after answering the close: {e}"),
+        }
+    }
+    let mut delivered: HashMap<enjent::ClientId, u32> = HashMap::new();
+    let mut gone = 0;
+    while gone < CLIENTS {
+        match next(&server) {
+            Event::Message { client, message } => {
+                let k = clients
+                    .iter()
+                    .position(|(id, _)| *id == client.id())
+                    .unwrap();
+                let n = delivered.entry(client.id()).or_default();
+                assert_eq!(
+                    &message.as_text().unwrap()[..11],
+                    format!("{k}:{:08}:", *n),
+                    "client {k}: message {n}"
+                );
+                *n += 1;
+            }
+            Event::Disconnect {
+                client,
+                close,
+                error,
+            } => {
+                assert_eq!(close.code.as_u16(), 1000, "{close:?} {error:?}");
+                assert!(error.is_none(), "{error:?}");
+                gone += 1;
+                let _ = client;
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    let stats = server.stats();
+    let delivered: u32 = delivered.values().sum();
+    assert_eq!(
+        u64::from(delivered) + stats.messages_discarded,
+        u64::from(SENT) * CLIENTS as u64,
+        "delivered {delivered}, {stats:?}"
+    );
+}

@@ -183,3 +183,163 @@ fn sends_corked_as_a_flush_lets_go_are_written_though_no_event_comes() {
         t.join().unwrap();
     }
 }
+
+/// Closes asked for from another thread, while the clients' reads are
+/// paused and resumed all the time (each reads slowly through a small
+/// window, so the server's queue to it crosses high and low water over
+/// and over, and its job may be running or not). Twelve clients stream
+/// numbered messages to an echo closure; the main thread closes them one
+/// after another. Each client must get every echo the server accepted for
+/// it, in order and before the close frame, and its `Disconnect` must
+/// report its answer long before the close timeout. (Whether a close ends
+/// a pause is checked in `tests/event_queue.rs`, where nothing else would.)
+#[test]
+fn closes_reach_clients_paused_by_slow_reads_and_their_answers_are_read() {
+    use std::collections::HashMap as Map;
+    use std::io::{BufReader, Read};
+    use std::sync::atomic::AtomicU32;
+    use std::sync::mpsc;
+    use std::time::Instant;
+
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    const CLIENTS: usize = 12;
+    const SIZE: usize = 2048;
+    let accepted: Arc<Mutex<Map<u64, u32>>> = Arc::default();
+    let (gone_tx, gone_rx) = mpsc::channel();
+    let gone_tx = Mutex::new(gone_tx);
+    let counts = Arc::clone(&accepted);
+    let connected: Arc<Mutex<Vec<enjent::Client>>> = Arc::default();
+    let on_connect = Arc::clone(&connected);
+    let server = WebSocketServer::builder()
+        .on_connect(move |c| on_connect.lock().unwrap().push(c.clone()))
+        .high_water(32 * 1024)
+        .low_water(8 * 1024)
+        .max_backpressure(256 * 1024)
+        .close_timeout(Duration::from_secs(40))
+        .ping_interval(None)
+        .on_message(move |c, m| {
+            if c.send(m).is_ok() {
+                *counts.lock().unwrap().entry(c.id().as_u64()).or_default() += 1;
+            }
+        })
+        .on_disconnect(move |c, close, error| {
+            let _ = gone_tx.lock().unwrap().send((
+                c.id().as_u64(),
+                close.code.as_u16(),
+                error.map(ToString::to_string),
+            ));
+        })
+        .start("127.0.0.1:0")
+        .unwrap();
+    let addr = server.local_addr();
+    let read_any: Arc<Vec<AtomicU32>> = Arc::new((0..CLIENTS).map(|_| AtomicU32::new(0)).collect());
+    let mut clients = Vec::new();
+    for k in 0..CLIENTS {
+        let s = raw_ws_small_window(addr);
+        let stop = Arc::new(AtomicBool::new(false));
+        let mut w = s.try_clone().unwrap();
+        let stop_w = Arc::clone(&stop);
+        // Streams numbered messages until the close frame is read, then
+        // answers it.
+        let writer = thread::spawn(move || -> std::io::Result<u32> {
+            let mut i = 0u32;
+            while !stop_w.load(Ordering::Acquire) && i < 200_000 {
+                w.write_all(&frame(0x82, &numbered(i, SIZE)))?;
+                i += 1;
+            }
+            w.write_all(&frame(0x88, &close_payload(1000, "answer")))?;
+            Ok(i)
+        });
+        let read_any = Arc::clone(&read_any);
+        // Reads in bursts of 4 frames, a millisecond apart, through a
+        // small window: the server's queue to it fills past high water and
+        // drains below low water over and over.
+        let reader = thread::spawn(move || -> Result<u32, String> {
+            let mut r = BufReader::new(s);
+            let mut got = 0u32;
+            loop {
+                let (first, p) = try_read_frame(&mut r)
+                    .map_err(|e| format!("client {k}: after {got} echoes: {e}"))?;
+                if first == 0x88 {
+                    if p.get(..2) != Some(&4000u16.to_be_bytes()[..]) {
+                        return Err(format!("client {k}: close frame {p:?}"));
+                    }
+                    stop.store(true, Ordering::Release);
+                    break;
+                }
+                if first != 0x82 || p != numbered(got, SIZE) {
+                    return Err(format!(
+                        "client {k}: echo {got} missing or wrong: got {}",
+                        describe(first, &p)
+                    ));
+                }
+                got += 1;
+                read_any[k].store(got, Ordering::Relaxed);
+                if got.is_multiple_of(4) {
+                    thread::sleep(Duration::from_millis(1));
+                }
+            }
+            // Then the server's end of the connection, once it has read
+            // the answer.
+            let mut rest = Vec::new();
+            match r.read_to_end(&mut rest) {
+                Ok(_) if rest.is_empty() => Ok(got),
+                Ok(_) => Err(format!(
+                    "client {k}: {} bytes after the close frame",
+                    rest.len()
+                )),
+                Err(e) => Err(format!("client {k}: no FIN after the close frame: {e}")),
+            }
+        });
+        clients.push((writer, reader));
+    }
+    // Every client well into its stream, and paused and resumed again and
+    // again.
+    assert!(
+        eventually(Duration::from_secs(20), || {
+            read_any.iter().all(|n| n.load(Ordering::Relaxed) >= 400)
+                && server.stats().read_pauses >= 4 * CLIENTS as u64
+        }),
+        "the clients never got going, or were never paused: {} pauses, {:?} read",
+        server.stats().read_pauses,
+        read_any
+            .iter()
+            .map(|n| n.load(Ordering::Relaxed))
+            .collect::<Vec<_>>()
+    );
+    let started = Instant::now();
+    let handles = connected.lock().unwrap().clone();
+    assert_eq!(handles.len(), CLIENTS);
+    for (k, c) in handles.iter().enumerate() {
+        c.close(enjent::CloseCode::new(4000), "bye").unwrap();
+        thread::sleep(Duration::from_millis(1 + (k as u64 % 3)));
+    }
+    let mut reports = Map::new();
+    for _ in 0..CLIENTS {
+        let (id, code, error) = gone_rx
+            .recv_timeout(Duration::from_secs(20))
+            .expect("a Disconnect before the close timeout");
+        reports.insert(id, (code, error));
+    }
+    let took = started.elapsed();
+    let mut received = Vec::new();
+    for (writer, reader) in clients {
+        received.push(reader.join().unwrap().unwrap_or_else(|e| panic!("{e}")));
+        writer.join().unwrap().expect("the writer");
+    }
+    let accepted = accepted.lock().unwrap().clone();
+    let mut sent_back: Vec<u32> = accepted.values().copied().collect();
+    sent_back.sort_unstable();
+    received.sort_unstable();
+    assert_eq!(
+        received, sent_back,
+        "echoes each client read before the close, against the sends the server accepted"
+    );
+    for (id, (code, error)) in &reports {
+        assert_eq!(
+            *code, 1000,
+            "client {id}: reported {code} ({error:?}) after {took:?}"
+        );
+        assert!(error.is_none(), "client {id}: {error:?}");
+    }
+}
