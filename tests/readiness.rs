@@ -232,6 +232,13 @@ fn closes_reach_clients_paused_by_slow_reads_and_their_answers_are_read() {
         .start("127.0.0.1:0")
         .unwrap();
     let addr = server.local_addr();
+    // The messages, built once: the writers must outrun the slow readers
+    // by far, whatever the load on the machine, for the queues to fill.
+    // Message `i` carries payload `i % CYCLE`.
+    const CYCLE: u32 = 1024;
+    let payloads: Arc<Vec<Vec<u8>>> = Arc::new((0..CYCLE).map(|i| numbered(i, SIZE)).collect());
+    let wire: Arc<Vec<u8>> = Arc::new(payloads.iter().flat_map(|p| frame(0x82, p)).collect());
+    let per_frame = wire.len() / CYCLE as usize;
     let read_any: Arc<Vec<AtomicU32>> = Arc::new((0..CLIENTS).map(|_| AtomicU32::new(0)).collect());
     let mut clients = Vec::new();
     for k in 0..CLIENTS {
@@ -239,18 +246,21 @@ fn closes_reach_clients_paused_by_slow_reads_and_their_answers_are_read() {
         let stop = Arc::new(AtomicBool::new(false));
         let mut w = s.try_clone().unwrap();
         let stop_w = Arc::clone(&stop);
-        // Streams numbered messages until the close frame is read, then
-        // answers it.
+        // Streams numbered messages, 16 to a write, until the close frame
+        // is read, then answers it.
+        let wire = Arc::clone(&wire);
         let writer = thread::spawn(move || -> std::io::Result<u32> {
             let mut i = 0u32;
-            while !stop_w.load(Ordering::Acquire) && i < 200_000 {
-                w.write_all(&frame(0x82, &numbered(i, SIZE)))?;
-                i += 1;
+            while !stop_w.load(Ordering::Acquire) && i < 400_000 {
+                let at = (i % CYCLE) as usize * per_frame;
+                w.write_all(&wire[at..at + 16 * per_frame])?;
+                i += 16;
             }
             w.write_all(&frame(0x88, &close_payload(1000, "answer")))?;
             Ok(i)
         });
         let read_any = Arc::clone(&read_any);
+        let payloads = Arc::clone(&payloads);
         // Reads in bursts of 4 frames, a millisecond apart, through a
         // small window: the server's queue to it fills past high water and
         // drains below low water over and over.
@@ -267,7 +277,7 @@ fn closes_reach_clients_paused_by_slow_reads_and_their_answers_are_read() {
                     stop.store(true, Ordering::Release);
                     break;
                 }
-                if first != 0x82 || p != numbered(got, SIZE) {
+                if first != 0x82 || p != payloads[(got % CYCLE) as usize] {
                     return Err(format!(
                         "client {k}: echo {got} missing or wrong: got {}",
                         describe(first, &p)
