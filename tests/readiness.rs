@@ -184,15 +184,18 @@ fn sends_corked_as_a_flush_lets_go_are_written_though_no_event_comes() {
     }
 }
 
-/// Closes asked for from another thread, while the clients' reads are
-/// paused and resumed all the time (each reads slowly through a small
-/// window, so the server's queue to it crosses high and low water over
-/// and over, and its job may be running or not). Twelve clients stream
-/// numbered messages to an echo closure; the main thread closes them one
-/// after another. Each client must get every echo the server accepted for
-/// it, in order and before the close frame, and its `Disconnect` must
-/// report its answer long before the close timeout. (Whether a close ends
-/// a pause is checked in `tests/event_queue.rs`, where nothing else would.)
+/// Closes asked for from another thread while the clients' queues go up
+/// and down past high and low water (each client reads slowly through a
+/// small window, so its reads are paused and resumed over and over, and
+/// its job may be running or not when the close comes). Twelve clients
+/// stream numbered messages to an echo closure; once each one's queue has
+/// been seen building up and the server has paused reads four times a
+/// client, the main thread closes them one after another.
+/// Each client must get every echo the server accepted for it, in order
+/// and before the close frame (counted client by client), and its
+/// `Disconnect` must report its answer long before the close timeout.
+/// (Whether a close ends a pause is checked in `tests/event_queue.rs`,
+/// where nothing else would.)
 #[test]
 fn closes_reach_clients_paused_by_slow_reads_and_their_answers_are_read() {
     use std::collections::HashMap as Map;
@@ -204,7 +207,8 @@ fn closes_reach_clients_paused_by_slow_reads_and_their_answers_are_read() {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     const CLIENTS: usize = 12;
     const SIZE: usize = 2048;
-    let accepted: Arc<Mutex<Map<u64, u32>>> = Arc::default();
+    // Sends the server accepted, by the client's port.
+    let accepted: Arc<Mutex<Map<u16, u32>>> = Arc::default();
     let (gone_tx, gone_rx) = mpsc::channel();
     let gone_tx = Mutex::new(gone_tx);
     let counts = Arc::clone(&accepted);
@@ -219,7 +223,11 @@ fn closes_reach_clients_paused_by_slow_reads_and_their_answers_are_read() {
         .ping_interval(None)
         .on_message(move |c, m| {
             if c.send(m).is_ok() {
-                *counts.lock().unwrap().entry(c.id().as_u64()).or_default() += 1;
+                *counts
+                    .lock()
+                    .unwrap()
+                    .entry(c.peer_addr().port())
+                    .or_default() += 1;
             }
         })
         .on_disconnect(move |c, close, error| {
@@ -243,6 +251,7 @@ fn closes_reach_clients_paused_by_slow_reads_and_their_answers_are_read() {
     let mut clients = Vec::new();
     for k in 0..CLIENTS {
         let s = raw_ws_small_window(addr);
+        let port = s.local_addr().unwrap().port();
         let stop = Arc::new(AtomicBool::new(false));
         let mut w = s.try_clone().unwrap();
         let stop_w = Arc::clone(&stop);
@@ -301,16 +310,25 @@ fn closes_reach_clients_paused_by_slow_reads_and_their_answers_are_read() {
                 Err(e) => Err(format!("client {k}: no FIN after the close frame: {e}")),
             }
         });
-        clients.push((writer, reader));
+        clients.push((port, writer, reader));
     }
-    // Every client well into its stream, and paused and resumed again and
-    // again.
+    // Every client well into its stream, each one's queue seen at twice low
+    // water at least once (sampled, so a queue at high water can be missed),
+    // and reads paused four times a client among them.
+    // (`on_connect` runs after the `101` goes out.)
+    assert!(eventually(WAIT, || connected.lock().unwrap().len() == CLIENTS));
+    let handles = connected.lock().unwrap().clone();
+    let mut seen_up = vec![false; CLIENTS];
     assert!(
         eventually(Duration::from_secs(20), || {
-            read_any.iter().all(|n| n.load(Ordering::Relaxed) >= 400)
+            for (k, c) in handles.iter().enumerate() {
+                seen_up[k] |= c.buffered_amount() >= 16 * 1024;
+            }
+            seen_up.iter().all(|&b| b)
                 && server.stats().read_pauses >= 4 * CLIENTS as u64
+                && read_any.iter().all(|n| n.load(Ordering::Relaxed) >= 400)
         }),
-        "the clients never got going, or were never paused: {} pauses, {:?} read",
+        "the clients never got going, or some queue never built up: {seen_up:?}, {} pauses, {:?} read",
         server.stats().read_pauses,
         read_any
             .iter()
@@ -318,8 +336,6 @@ fn closes_reach_clients_paused_by_slow_reads_and_their_answers_are_read() {
             .collect::<Vec<_>>()
     );
     let started = Instant::now();
-    let handles = connected.lock().unwrap().clone();
-    assert_eq!(handles.len(), CLIENTS);
     for (k, c) in handles.iter().enumerate() {
         c.close(enjent::CloseCode::new(4000), "bye").unwrap();
         thread::sleep(Duration::from_millis(1 + (k as u64 % 3)));
@@ -332,19 +348,25 @@ fn closes_reach_clients_paused_by_slow_reads_and_their_answers_are_read() {
         reports.insert(id, (code, error));
     }
     let took = started.elapsed();
-    let mut received = Vec::new();
-    for (writer, reader) in clients {
-        received.push(reader.join().unwrap().unwrap_or_else(|e| panic!("{e}")));
-        writer.join().unwrap().expect("the writer");
-    }
-    let accepted = accepted.lock().unwrap().clone();
-    let mut sent_back: Vec<u32> = accepted.values().copied().collect();
-    sent_back.sort_unstable();
-    received.sort_unstable();
+    let ids: std::collections::HashSet<u64> = handles.iter().map(|c| c.id().as_u64()).collect();
     assert_eq!(
-        received, sent_back,
-        "echoes each client read before the close, against the sends the server accepted"
+        reports
+            .keys()
+            .copied()
+            .collect::<std::collections::HashSet<u64>>(),
+        ids,
+        "one Disconnect for each client"
     );
+    let accepted = accepted.lock().unwrap().clone();
+    for (port, writer, reader) in clients {
+        let received = reader.join().unwrap().unwrap_or_else(|e| panic!("{e}"));
+        writer.join().unwrap().expect("the writer");
+        assert_eq!(
+            Some(received),
+            accepted.get(&port).copied(),
+            "client on port {port}: echoes read before the close, against the sends the server accepted"
+        );
+    }
     for (id, (code, error)) in &reports {
         assert_eq!(
             *code, 1000,
