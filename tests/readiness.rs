@@ -375,3 +375,97 @@ fn closes_reach_clients_paused_by_slow_reads_and_their_answers_are_read() {
         assert!(error.is_none(), "client {id}: {error:?}");
     }
 }
+
+/// A close to a client whose reads are paused because it reads nothing
+/// (its queue at high water) lets the server read on, up to the hard
+/// limit: the rest of what the client sends, and its own close behind it,
+/// are read while the client still reads nothing, instead of only once it
+/// has read its whole queue. Every message must be read by then, every
+/// echo the server accepted must reach the client before the close frame,
+/// and the `Disconnect` must report the client's close.
+#[test]
+fn a_close_reads_on_past_high_water_to_a_close_the_client_sent() {
+    use std::io::{BufReader, Read};
+    use std::sync::atomic::AtomicU32;
+
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    // About 8 MB: more than the kernel's buffers hold, so the writer
+    // blocks once the server stops reading.
+    const SENT: u32 = 4000;
+    const SIZE: usize = 2048;
+    let accepted = Arc::new(AtomicU32::new(0));
+    let counts = Arc::clone(&accepted);
+    let connected: Arc<Mutex<Vec<enjent::Client>>> = Arc::default();
+    let on_connect = Arc::clone(&connected);
+    let (gone_tx, gone_rx) = std::sync::mpsc::channel();
+    let gone_tx = Mutex::new(gone_tx);
+    let server = WebSocketServer::builder()
+        .on_connect(move |c| on_connect.lock().unwrap().push(c.clone()))
+        .on_disconnect(move |_, close, error| {
+            let _ = gone_tx
+                .lock()
+                .unwrap()
+                .send((close.code.as_u16(), error.map(ToString::to_string)));
+        })
+        .high_water(32 * 1024)
+        .low_water(8 * 1024)
+        .max_backpressure(4 << 20)
+        .close_timeout(Duration::from_secs(40))
+        .ping_interval(None)
+        .on_message(move |c, m| {
+            if c.send(m).is_ok() {
+                counts.fetch_add(1, Ordering::Relaxed);
+            }
+        })
+        .start("127.0.0.1:0")
+        .unwrap();
+    let s = raw_ws_small_window(server.local_addr());
+    assert!(eventually(WAIT, || connected.lock().unwrap().len() == 1));
+    let client = connected.lock().unwrap()[0].clone();
+    let mut wire = Vec::new();
+    for i in 0..SENT {
+        wire.extend(frame(0x82, &numbered(i, SIZE)));
+    }
+    wire.extend(frame(0x88, &close_payload(1000, "done")));
+    let mut w = s.try_clone().unwrap();
+    let writer = thread::spawn(move || w.write_all(&wire));
+    assert!(
+        eventually(WAIT, || server.stats().read_pauses >= 1),
+        "the client was never paused: {:?}",
+        server.stats()
+    );
+    let before = server.stats().messages_in;
+    assert!(before < u64::from(SENT), "read everything though paused");
+    client.close(enjent::CloseCode::new(4000), "bye").unwrap();
+    assert!(
+        eventually(WAIT, || server.stats().messages_in == u64::from(SENT)),
+        "after the close the server read {} of {SENT} messages, from {before}, while the client read nothing",
+        server.stats().messages_in
+    );
+    writer.join().unwrap().expect("the writer");
+    let mut r = BufReader::new(s);
+    let mut got = 0;
+    loop {
+        let (first, p) = try_read_frame(&mut r).expect("a frame");
+        if first == 0x88 {
+            assert_eq!(p.get(..2), Some(&4000u16.to_be_bytes()[..]));
+            break;
+        }
+        assert!(
+            first == 0x82 && p == numbered(got, SIZE),
+            "echo {got}: got {}",
+            describe(first, &p)
+        );
+        got += 1;
+    }
+    assert_eq!(
+        got,
+        accepted.load(Ordering::Relaxed),
+        "echoes against accepted sends"
+    );
+    let mut rest = Vec::new();
+    r.read_to_end(&mut rest).expect("the server's FIN");
+    assert!(rest.is_empty());
+    let (code, error) = gone_rx.recv_timeout(WAIT).expect("the Disconnect");
+    assert_eq!(code, 1000, "{error:?}");
+}
