@@ -577,7 +577,7 @@ fn a_close_reads_the_answer_of_a_client_paused_for_an_unread_main_loop() {
 /// before ours: nothing more comes from it after the pause ends, so no
 /// input of its wakes the connection. (Here the job that writes our close
 /// frame reads on; a close from inside a job, which `send_close` covers by
-/// scheduling one, is not reached by this test.)
+/// telling the job to go round, is tested in `tests/readiness.rs`.)
 #[test]
 fn a_close_reads_a_close_already_sent_by_a_client_paused_for_an_unread_main_loop() {
     close_clients_paused_for_an_unread_main_loop(true);

@@ -385,14 +385,32 @@ fn closes_reach_clients_paused_by_slow_reads_and_their_answers_are_read() {
 /// and the `Disconnect` must report the client's close.
 #[test]
 fn a_close_reads_on_past_high_water_to_a_close_the_client_sent() {
+    read_on_past_high_water_after_a_close(false);
+}
+
+/// As above, with the close made inside a job: the client's socket takes
+/// nothing while it is paused, so it is closed for idleness. Here the
+/// client writes one message (of 64 KiB) a millisecond, so the read that
+/// pauses it ends at a message's end and the pause leaves no unparsed rest behind: only the
+/// idle close's own word that the job must go round (`send_close`) makes
+/// it read on, as no event comes for what already waits in the socket.
+#[test]
+fn an_idle_close_reads_on_past_high_water_to_a_close_the_client_sent() {
+    read_on_past_high_water_after_a_close(true);
+}
+
+/// `idle`: the client writes its messages one at a time, and the server
+/// closes it for idleness (1001), instead of this thread closing it with
+/// 4000.
+fn read_on_past_high_water_after_a_close(idle: bool) {
     use std::io::{BufReader, Read};
     use std::sync::atomic::AtomicU32;
 
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    // About 8 MB: more than the kernel's buffers hold, so the writer
-    // blocks once the server stops reading.
-    const SENT: u32 = 4000;
-    const SIZE: usize = 2048;
+    // About 8 MB (paced, 20 MB, in bigger messages that outrun the
+    // kernel's buffers): more than those hold, so the writer blocks once
+    // the server stops reading.
+    let (sent, size): (u32, usize) = if idle { (300, 64 * 1024) } else { (4000, 2048) };
     let accepted = Arc::new(AtomicU32::new(0));
     let counts = Arc::clone(&accepted);
     let connected: Arc<Mutex<Vec<enjent::Client>>> = Arc::default();
@@ -402,16 +420,21 @@ fn a_close_reads_on_past_high_water_to_a_close_the_client_sent() {
     let server = WebSocketServer::builder()
         .on_connect(move |c| on_connect.lock().unwrap().push(c.clone()))
         .on_disconnect(move |_, close, error| {
-            let _ = gone_tx
-                .lock()
-                .unwrap()
-                .send((close.code.as_u16(), error.map(ToString::to_string)));
+            let timed_out =
+                matches!(error, Some(enjent::Error::Io(e)) if e.kind() == std::io::ErrorKind::TimedOut);
+            let _ = gone_tx.lock().unwrap().send((
+                close.code.as_u16(),
+                error.map(ToString::to_string),
+                timed_out,
+            ));
         })
         .high_water(32 * 1024)
         .low_water(8 * 1024)
         .max_backpressure(4 << 20)
         .close_timeout(Duration::from_secs(40))
         .ping_interval(None)
+        // Long enough for the pause to come first on a loaded machine.
+        .idle_timeout(idle.then_some(Duration::from_secs(2)))
         .on_message(move |c, m| {
             if c.send(m).is_ok() {
                 counts.fetch_add(1, Ordering::Relaxed);
@@ -422,24 +445,42 @@ fn a_close_reads_on_past_high_water_to_a_close_the_client_sent() {
     let s = raw_ws_small_window(server.local_addr());
     assert!(eventually(WAIT, || connected.lock().unwrap().len() == 1));
     let client = connected.lock().unwrap()[0].clone();
-    let mut wire = Vec::new();
-    for i in 0..SENT {
-        wire.extend(frame(0x82, &numbered(i, SIZE)));
+    let mut wire: Vec<Vec<u8>> = (0..sent).map(|i| frame(0x82, &numbered(i, size))).collect();
+    wire.push(frame(0x88, &close_payload(1000, "done")));
+    if !idle {
+        wire = vec![wire.concat()];
     }
-    wire.extend(frame(0x88, &close_payload(1000, "done")));
     let mut w = s.try_clone().unwrap();
-    let writer = thread::spawn(move || w.write_all(&wire));
+    let writer = thread::spawn(move || {
+        for piece in wire {
+            w.write_all(&piece)?;
+            if idle {
+                thread::sleep(Duration::from_millis(1));
+            }
+        }
+        Ok::<_, std::io::Error>(())
+    });
     assert!(
         eventually(WAIT, || server.stats().read_pauses >= 1),
         "the client was never paused: {:?}",
         server.stats()
     );
     let before = server.stats().messages_in;
-    assert!(before < u64::from(SENT), "read everything though paused");
-    client.close(enjent::CloseCode::new(4000), "bye").unwrap();
+    assert!(before < u64::from(sent), "read everything though paused");
+    let code = if idle {
+        assert!(
+            eventually(WAIT, || server.stats().idle_timeouts == 1),
+            "no idle close: {:?}",
+            server.stats()
+        );
+        1001
+    } else {
+        client.close(enjent::CloseCode::new(4000), "bye").unwrap();
+        4000
+    };
     assert!(
-        eventually(WAIT, || server.stats().messages_in == u64::from(SENT)),
-        "after the close the server read {} of {SENT} messages, from {before}, while the client read nothing",
+        eventually(WAIT, || server.stats().messages_in == u64::from(sent)),
+        "after the close the server read {} of {sent} messages, from {before}, while the client read nothing",
         server.stats().messages_in
     );
     writer.join().unwrap().expect("the writer");
@@ -448,11 +489,11 @@ fn a_close_reads_on_past_high_water_to_a_close_the_client_sent() {
     loop {
         let (first, p) = try_read_frame(&mut r).expect("a frame");
         if first == 0x88 {
-            assert_eq!(p.get(..2), Some(&4000u16.to_be_bytes()[..]));
+            assert_eq!(p.get(..2), Some(&u16::to_be_bytes(code)[..]));
             break;
         }
         assert!(
-            first == 0x82 && p == numbered(got, SIZE),
+            first == 0x82 && p == numbered(got, size),
             "echo {got}: got {}",
             describe(first, &p)
         );
@@ -466,6 +507,8 @@ fn a_close_reads_on_past_high_water_to_a_close_the_client_sent() {
     let mut rest = Vec::new();
     r.read_to_end(&mut rest).expect("the server's FIN");
     assert!(rest.is_empty());
-    let (code, error) = gone_rx.recv_timeout(WAIT).expect("the Disconnect");
+    let (code, error, timed_out) = gone_rx.recv_timeout(WAIT).expect("the Disconnect");
     assert_eq!(code, 1000, "{error:?}");
+    // An idle close reports the idleness; a user's close, no error.
+    assert_eq!((idle, idle), (timed_out, error.is_some()), "{error:?}");
 }
