@@ -323,3 +323,67 @@ fn a_backlog_of_tiny_messages_from_eight_threads_arrives_whole_and_in_order() {
     assert!(next.iter().all(|&n| n == EACH), "{next:?}");
     assert_eq!(server.stats().messages_out, u64::from(WRITERS * EACH));
 }
+
+/// A client paused in the middle of a read (its unconsumed events at high
+/// water) has whole messages read and kept unparsed. When it then resets,
+/// those are delivered before its `Disconnect`: nothing will be written to
+/// it any more, so the pause protects nothing, and the server has them.
+/// (What was still in the kernel is gone with the reset.) Before, the job
+/// that found the failed write tore the connection down with them unread.
+#[test]
+fn messages_read_and_held_by_a_pause_are_delivered_when_the_client_resets() {
+    const SENT: u32 = 100;
+    const SIZE: usize = 1024;
+    let server = WebSocketServer::builder()
+        .high_water(8 * 1024)
+        .low_water(2 * 1024)
+        .event_queue_bytes(16 << 20)
+        .ping_interval(None)
+        .start("127.0.0.1:0")
+        .unwrap();
+    let mut s = raw_ws(server.local_addr());
+    let client = expect_connect(&server);
+    let wire: Vec<u8> = (0..SENT)
+        .flat_map(|i| frame(0x82, &numbered(i, SIZE)))
+        .collect();
+    let frame_len = wire.len() / SENT as usize;
+    s.write_all(&wire).unwrap();
+    // Nobody consumes: the client's own events reach high water, and the
+    // read that did it keeps its rest unparsed.
+    assert!(
+        eventually(WAIT, || server.stats().unparsed_in_bytes
+            >= frame_len as u64),
+        "no input held by a pause: {:?}",
+        server.stats()
+    );
+    let before = server.stats();
+    let held = before.unparsed_in_bytes as usize / frame_len;
+    let _ = socket2::SockRef::from(&s).set_linger(Some(std::time::Duration::ZERO));
+    drop(s);
+    // A send finds the reset (the readiness loop may too).
+    let _ = client.send(vec![1u8; 16]);
+    let mut got = 0u32;
+    loop {
+        match next(&server) {
+            Event::Message { message, .. } => {
+                assert_eq!(
+                    message.as_bytes(),
+                    &numbered(got, SIZE)[..],
+                    "message {got}"
+                );
+                got += 1;
+            }
+            Event::Disconnect { error, .. } => {
+                assert!(error.is_some(), "a reset is an error");
+                break;
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert!(
+        got as u64 >= before.messages_in + held as u64,
+        "{got} delivered: {} before the reset, and {held} whole messages held unparsed then ({before:?})",
+        before.messages_in
+    );
+    assert_eq!(server.stats().unparsed_in_bytes, 0);
+}

@@ -818,6 +818,14 @@ impl<T: Send + Sync + 'static> Conn<T> {
         // even if the main loop has stopped consuming (it may be the one
         // shutting down): up to the hard limit, not high water.
         let closing = self.closing.load(Ordering::Acquire);
+        if w.write_error.is_some() || w.force_close {
+            // Torn down at the end of this pass, and nothing more will be
+            // written: a pause protects nothing now, and what was read
+            // (whole messages kept unparsed by one, the peer's close
+            // among them) is delivered before the `Disconnect`. At most
+            // one read's rest, and what the socket still gives.
+            return true;
+        }
         if w.paused {
             return false;
         }
