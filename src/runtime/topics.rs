@@ -55,68 +55,155 @@ pub(crate) struct Topic<T> {
 /// A topic's subscribers: one inline (a user's own topic, say), or a list.
 enum Subs<T> {
     One(Arc<Conn<T>>),
-    Many(Vec<Arc<Conn<T>>>),
+    Many(Members<Conn<T>>),
 }
 
-impl<T> Subs<T> {
+impl<T: Send + Sync + 'static> Subs<T> {
     fn as_slice(&self) -> &[Arc<Conn<T>>] {
         match self {
             Subs::One(c) => std::slice::from_ref(c),
-            Subs::Many(v) => v,
+            Subs::Many(m) => &m.list,
         }
     }
 
     fn push(&mut self, conn: Arc<Conn<T>>) {
         match self {
-            Subs::Many(v) => {
-                // Grown by an eighth rather than doubled: a slot here is
-                // most of what a subscription costs, and a topic's list
-                // seldom grows fast enough for the copies to matter.
-                if v.len() == v.capacity() {
-                    v.reserve_exact((v.len() / 8).max(1));
-                }
-                v.push(conn);
-            }
+            Subs::Many(m) => m.push(conn),
             Subs::One(first) => {
                 let first = Arc::clone(first);
-                *self = Subs::Many(vec![first, conn]);
+                *self = Subs::Many(Members::new(vec![first, conn]));
             }
         }
     }
 
     /// Take `conn` out; whether any subscriber is left.
     fn remove(&mut self, conn: &Arc<Conn<T>>) -> bool {
-        let v = match self {
+        let m = match self {
             Subs::One(c) if Arc::ptr_eq(c, conn) => {
                 // Empty, for a publish that holds the topic already.
-                *self = Subs::Many(Vec::new());
+                *self = Subs::Many(Members::new(Vec::new()));
                 return false;
             }
             Subs::One(_) => return true,
-            Subs::Many(v) => v,
+            Subs::Many(m) => m,
         };
-        // Searched from the end: a client that subscribes and leaves in a
-        // loop is found at once (it was last in), rather than making each
-        // leave a walk of a big topic's whole list under its lock.
-        if let Some(i) = v.iter().rposition(|c| {
-            #[cfg(test)]
-            tests::EXAMINED.with(|n| n.set(n.get() + 1));
-            Arc::ptr_eq(c, conn)
-        }) {
-            v.swap_remove(i);
-        }
-        if v.len() * 4 < v.capacity() {
-            // Most have left: give the memory back.
-            v.shrink_to(v.len() * 2);
-        }
-        match v.len() {
+        m.remove(conn);
+        match m.list.len() {
             0 => false,
             1 => {
-                let last = v.pop().expect("one left");
+                let last = m.list.pop().expect("one left");
                 *self = Subs::One(last);
                 true
             }
             _ => true,
+        }
+    }
+}
+
+/// A leave that had to look at more members than this makes the list
+/// keep an index of where each one is.
+const INDEX_AFTER: usize = 1024;
+
+/// A list of distinct members, in no order a publish depends on. A leave
+/// moves the last member into the hole. A member is looked for from the
+/// end: a client that joins and leaves in a loop is found at once (it was
+/// last in). A leave that had to walk further (more than `INDEX_AFTER`
+/// looks) makes the list keep an index, which finds each member at once
+/// from then on, until fewer than half that many are left. Without it two
+/// clients could make every leave a walk of a big topic's whole list
+/// under its lock (each leave moves the other, the last in, into the deep
+/// slot it left, and it joins again last), and old subscribers leaving
+/// together (a crowd dropped at once) walked it for each. A big topic
+/// nobody leaves from deep in its list pays nothing for it.
+struct Members<C> {
+    list: Vec<Arc<C>>,
+    /// Where each member is in `list`, by its slot. Two 32-bit numbers an
+    /// entry: about 15-30 B a member with the table's room.
+    at: Option<HashMap<u32, u32>>,
+}
+
+/// What a member is found by in the index.
+trait Slot {
+    fn slot(&self) -> u32;
+}
+
+impl<T: Send + Sync + 'static> Slot for Conn<T> {
+    /// The connection's registry slot, the low half of its id: no two
+    /// live connections share it, and a connection leaves its topics
+    /// (teardown's `remove_client`) before its slot is given back.
+    fn slot(&self) -> u32 {
+        self.client.id().as_u64() as u32
+    }
+}
+
+fn key<C: Slot>(member: &Arc<C>) -> u32 {
+    member.slot()
+}
+
+/// A list index as the index keeps it: a list of more than `u32::MAX`
+/// members would need more connections than slots.
+fn pos(i: usize) -> u32 {
+    u32::try_from(i).expect("fewer members than slots")
+}
+
+impl<C: Slot> Members<C> {
+    fn new(list: Vec<Arc<C>>) -> Self {
+        Members { list, at: None }
+    }
+
+    /// Add `member`, which must not be in.
+    fn push(&mut self, member: Arc<C>) {
+        let list = &mut self.list;
+        // Grown by an eighth rather than doubled: a slot here is most of
+        // what a subscription costs, and a topic's list seldom grows fast
+        // enough for the copies to matter.
+        if list.len() == list.capacity() {
+            list.reserve_exact((list.len() / 8).max(1));
+        }
+        if let Some(at) = &mut self.at {
+            at.insert(key(&member), pos(list.len()));
+        }
+        list.push(member);
+    }
+
+    /// Take `member` out, if it is in.
+    fn remove(&mut self, member: &Arc<C>) {
+        let found = match &mut self.at {
+            Some(at) => {
+                #[cfg(test)]
+                tests::EXAMINED.with(|n| n.set(n.get() + 1));
+                at.remove(&key(member)).map(|i| i as usize)
+            }
+            // Searched from the end: a client that subscribes and leaves
+            // in a loop is found at once (it was last in).
+            None => self.list.iter().rposition(|c| {
+                #[cfg(test)]
+                tests::EXAMINED.with(|n| n.set(n.get() + 1));
+                Arc::ptr_eq(c, member)
+            }),
+        };
+        if let Some(i) = found {
+            let walked = self.list.len() - i;
+            self.list.swap_remove(i);
+            if let (Some(at), Some(moved)) = (&mut self.at, self.list.get(i)) {
+                at.insert(key(moved), pos(i));
+            }
+            if self.at.is_none() && walked > INDEX_AFTER {
+                let at = self.list.iter().enumerate().map(|(i, c)| (key(c), pos(i)));
+                self.at = Some(at.collect());
+            }
+        }
+        if self.list.len() < INDEX_AFTER / 2 {
+            self.at = None;
+        }
+        if self.list.len() * 4 < self.list.capacity() {
+            // Most have left: give the memory back.
+            self.list.shrink_to(self.list.len() * 2);
+        }
+        if let Some(at) = &mut self.at
+            && at.len() * 4 < at.capacity()
+        {
+            at.shrink_to(at.len() * 2);
         }
     }
 }
@@ -545,29 +632,143 @@ mod tests {
         pub(super) static EXAMINED: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
     }
 
+    use super::{INDEX_AFTER, Members, Slot};
+    use std::sync::Arc;
+
+    impl Slot for u32 {
+        fn slot(&self) -> u32 {
+            *self
+        }
+    }
+
+    /// Members looked at by the removals `f` makes.
+    fn examined(f: impl FnOnce()) -> usize {
+        EXAMINED.with(|n| n.set(0));
+        f();
+        EXAMINED.with(|n| n.get())
+    }
+
+    /// `n` distinct members.
+    fn crowd(n: u32) -> Vec<Arc<u32>> {
+        (0..n).map(Arc::new).collect()
+    }
+
+    /// The index, if kept, says where every member is, and nobody is in
+    /// twice.
+    fn check(m: &Members<u32>) {
+        let distinct: std::collections::HashSet<_> = m.list.iter().map(super::key).collect();
+        assert_eq!(distinct.len(), m.list.len(), "a member is in twice");
+        if m.list.len() < INDEX_AFTER / 2 {
+            assert!(m.at.is_none(), "a small list has no index");
+        }
+        if let Some(at) = &m.at {
+            assert_eq!(at.len(), m.list.len());
+            for (i, c) in m.list.iter().enumerate() {
+                assert_eq!(at.get(&super::key(c)), Some(&super::pos(i)), "member {c}");
+            }
+        }
+    }
+
     /// A client that subscribes to a big topic and leaves it, in a loop,
-    /// costs one look per leave, not a walk of the whole list (before:
-    /// 100,001 looks here, about 100 µs under the topic's lock each).
+    /// costs one look per leave, not a walk of the whole list (before the
+    /// search from the end: 100,001 looks here, about 100 µs under the
+    /// topic's lock each).
     #[test]
     fn leaving_right_after_joining_a_big_topic_is_found_at_once() {
-        use std::sync::Arc;
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let conn = |id| {
-            let s = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
-            Arc::new(crate::runtime::conn::for_test(s, crate::ClientId::new(id)))
-        };
-        let (crowd, churner) = (conn(1), conn(2));
-        let mut subs = super::Subs::One(Arc::clone(&crowd));
-        for _ in 1..100_000 {
-            subs.push(Arc::clone(&crowd));
-        }
+        let mut m = Members::new(crowd(100_000));
+        let churner = Arc::new(u32::MAX);
         for _ in 0..3 {
-            subs.push(Arc::clone(&churner));
-            EXAMINED.with(|n| n.set(0));
-            assert!(subs.remove(&churner));
-            assert_eq!(EXAMINED.with(|n| n.get()), 1);
-            assert_eq!(subs.as_slice().len(), 100_000);
+            m.push(Arc::clone(&churner));
+            assert_eq!(examined(|| m.remove(&churner)), 1);
+            assert_eq!(m.list.len(), 100_000);
         }
+        assert!(m.at.is_none(), "no index for leaves found at once");
+        check(&m);
+    }
+
+    /// Two clients taking turns: each leave moves the other (the last in)
+    /// into the deep slot it left, and it joins again last. The first
+    /// leave walks the list and makes the index; each after is one look.
+    /// Without the index each leave walked about the whole list (200
+    /// million looks here).
+    #[test]
+    fn two_clients_taking_turns_at_a_deep_slot_are_each_found_at_once() {
+        let (a, b) = (Arc::new(u32::MAX), Arc::new(u32::MAX - 1));
+        let mut m = Members::new(vec![Arc::clone(&a)]);
+        for c in crowd(100_000) {
+            m.push(c);
+        }
+        m.push(Arc::clone(&b));
+        let mut looks = 0;
+        for _ in 0..1000 {
+            looks += examined(|| m.remove(&a));
+            m.push(Arc::clone(&a));
+            looks += examined(|| m.remove(&b));
+            m.push(Arc::clone(&b));
+        }
+        assert_eq!(looks, 100_002 + 1999, "one walk, then one look a leave");
+        assert!(m.at.is_some());
+        assert_eq!(m.list.len(), 100_002);
+        check(&m);
+    }
+
+    /// A crowd of old subscribers leaving in the order they came (each
+    /// the deepest): one walk, then one look each while the list is big,
+    /// and a walk of at most half the threshold each once it is small.
+    /// Searching from the end only, it was about n²/2 looks (5 billion
+    /// here).
+    #[test]
+    fn old_subscribers_leaving_together_are_each_found_quickly() {
+        let all = crowd(100_000);
+        let mut m = Members::new(Vec::new());
+        for c in &all {
+            m.push(Arc::clone(c));
+        }
+        let looks = examined(|| {
+            for c in &all {
+                m.remove(c);
+            }
+        });
+        assert!(m.list.is_empty());
+        let bound = 2 * 100_000 + (INDEX_AFTER / 2) * (INDEX_AFTER / 2);
+        assert!(looks <= bound, "{looks} looks, over {bound}");
+    }
+
+    /// Joins and leaves in a pseudo-random order, across the threshold
+    /// both ways: the list always holds exactly who joined and did not
+    /// leave, and the index where each is.
+    #[test]
+    fn members_stay_exact_across_the_index_threshold() {
+        let pool = crowd(3 * INDEX_AFTER as u32);
+        let mut indexed = false;
+        let mut model = std::collections::HashSet::new();
+        let mut m = Members::new(Vec::new());
+        let mut x = 0x9E37_79B9_7F4A_7C15u64;
+        for step in 0..40_000 {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            // Mostly joins for the first half, mostly leaves after.
+            let join = (x % 100) < if step < 20_000 { 70 } else { 30 };
+            let c = &pool[(x >> 8) as usize % pool.len()];
+            if join && model.insert(**c) {
+                m.push(Arc::clone(c));
+            } else if !join && model.remove(&**c) {
+                m.remove(c);
+            }
+            indexed |= m.at.is_some();
+            if step % 997 == 0 {
+                check(&m);
+            }
+            assert_eq!(m.list.len(), model.len());
+        }
+        check(&m);
+        let mut left: Vec<u32> = m.list.iter().map(|c| **c).collect();
+        let mut want: Vec<u32> = model.into_iter().collect();
+        left.sort_unstable();
+        want.sort_unstable();
+        assert_eq!(left, want);
+        assert!(indexed, "the index was never made");
     }
 
     fn join(server: &WebSocketServer) -> (TcpStream, crate::Client) {
