@@ -172,7 +172,16 @@ impl<C: Slot> Members<C> {
             Some(at) => {
                 #[cfg(test)]
                 tests::EXAMINED.with(|n| n.set(n.get() + 1));
-                at.remove(&key(member)).map(|i| i as usize)
+                // Only the member itself is taken out: slots are not
+                // shared by live connections, but a mistake here must not
+                // drop someone else.
+                let slot = key(member);
+                let i = at.get(&slot).map(|&i| i as usize);
+                let i = i.filter(|&i| Arc::ptr_eq(&self.list[i], member));
+                if i.is_some() {
+                    at.remove(&slot);
+                }
+                i
             }
             // Searched from the end: a client that subscribes and leaves
             // in a loop is found at once (it was last in).
