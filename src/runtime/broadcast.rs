@@ -245,9 +245,24 @@ fn for_each<T: Send + Sync + 'static>(
         finished: Condvar::new(),
     });
     if job.conns.len() >= PARALLEL_FROM {
-        for _ in 0..helpers {
-            let (job, shared2) = (Arc::clone(&job), Arc::clone(shared));
-            shared.pool.execute(move || job.work(&shared2));
+        // Only workers idle now can help. A helper queued behind busy
+        // ones (closures that block, a saturated pool) would start once
+        // the caller has done the work; it holds only a weak reference,
+        // so that meanwhile the job (every recipient's connection, the
+        // frames) is not kept.
+        let pool = &shared.pool;
+        let idle = if pool.queued_count() == 0 {
+            pool.max_count().saturating_sub(pool.active_count())
+        } else {
+            0
+        };
+        for _ in 0..helpers.min(idle) {
+            let (job, shared2) = (Arc::downgrade(&job), Arc::clone(shared));
+            shared.pool.execute(move || {
+                if let Some(job) = job.upgrade() {
+                    job.work(&shared2);
+                }
+            });
         }
     }
     // The caller works too, and only waits for chunks that a helper has
@@ -259,4 +274,58 @@ fn for_each<T: Send + Sync + 'static>(
         job.finished.wait(&mut done);
     }
     done.1
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{Arc, Barrier, Mutex, mpsc};
+
+    use super::{Frames, Op, PARALLEL_FROM, for_each};
+    use crate::runtime::testing::join;
+    use crate::{Message, WebSocketServer};
+
+    /// With every worker busy, big broadcasts queue no helpers, and leave
+    /// nothing holding their recipients once they return. Before, each
+    /// queued a helper that held the whole job (here 1,024 references to
+    /// the one client each) until a worker was free.
+    #[test]
+    fn big_broadcasts_on_a_busy_pool_leave_nothing_holding_their_recipients() {
+        let server = WebSocketServer::builder()
+            .workers(2)
+            .start("127.0.0.1:0")
+            .unwrap();
+        let shared = Arc::clone(server.shared());
+        let (_s, _client) = join(&server);
+        let conn = shared.registry.snapshot().pop().unwrap();
+        // Both workers held until the end.
+        let (release, held) = mpsc::channel::<()>();
+        let held = Arc::new(Mutex::new(held));
+        let started = Arc::new(Barrier::new(3));
+        for _ in 0..2 {
+            let (held, started) = (Arc::clone(&held), Arc::clone(&started));
+            shared.pool.execute(move || {
+                started.wait();
+                let _ = held.lock().unwrap().recv();
+            });
+        }
+        started.wait();
+        let before = Arc::strong_count(&conn);
+        for round in 0..50 {
+            let conns = vec![Arc::clone(&conn); PARALLEL_FROM];
+            let frames = Frames::new(&shared, &Message::Binary(vec![1; 8]), &conns);
+            let report = for_each(&shared, conns, Op::Send(frames));
+            assert_eq!(
+                report.written + report.queued + report.dropped + report.closed,
+                PARALLEL_FROM,
+                "round {round}"
+            );
+            assert_eq!(
+                Arc::strong_count(&conn),
+                before,
+                "round {round}: references to the client left behind"
+            );
+        }
+        assert_eq!(shared.pool.queued_count(), 0, "helpers queued");
+        drop(release);
+    }
 }

@@ -11,6 +11,8 @@ pub(crate) mod handshake;
 pub(crate) mod poller;
 pub(crate) mod registry;
 pub(crate) mod service;
+#[cfg(test)]
+pub(crate) mod testing;
 pub(crate) mod timer;
 pub(crate) mod topics;
 

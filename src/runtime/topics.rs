@@ -629,12 +629,10 @@ impl<T: Send + Sync + 'static> Topics<T> {
 
 #[cfg(test)]
 mod tests {
-    use std::io::{Read, Write};
-    use std::net::TcpStream;
     use std::sync::mpsc;
     use std::time::Duration;
 
-    use crate::{Event, WebSocketServer};
+    use crate::WebSocketServer;
 
     thread_local! {
         /// Subscribers a removal looked at, on this thread.
@@ -642,6 +640,7 @@ mod tests {
     }
 
     use super::{INDEX_AFTER, Members, Slot};
+    use crate::runtime::testing::join;
     use std::sync::Arc;
 
     impl Slot for u32 {
@@ -778,25 +777,6 @@ mod tests {
         want.sort_unstable();
         assert_eq!(left, want);
         assert!(indexed, "the index was never made");
-    }
-
-    fn join(server: &WebSocketServer) -> (TcpStream, crate::Client) {
-        let mut s = TcpStream::connect(server.local_addr()).unwrap();
-        s.write_all(
-            b"GET / HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
-              Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
-        )
-        .unwrap();
-        let mut head = Vec::new();
-        let mut b = [0u8; 1];
-        while !head.ends_with(b"\r\n\r\n") {
-            s.read_exact(&mut b).unwrap();
-            head.push(b[0]);
-        }
-        match server.recv_timeout(Duration::from_secs(10)) {
-            Ok(Event::Connect { client }) => (s, client),
-            other => panic!("{other:?}"),
-        }
     }
 
     /// The topic named `name`, as a publish finds it.
