@@ -721,3 +721,35 @@ fn a_head_request_refused_by_the_readiness_loop_has_no_body() {
         "a body after the head: {text:?}"
     );
 }
+
+/// Empty lines before the request line are skipped (RFC 9112 section 2.2)
+/// and not kept: more of them than `max_handshake_bytes`, sent in pieces
+/// (CRLF and bare LF, one CRLF split across two writes), still leave the
+/// whole limit for the request, which is answered `101`. Before, they
+/// counted against the limit, and each, ending a line, cost a parse of all
+/// of them before it. A lone CR that is not the start of a CRLF is not an
+/// empty line: the request is refused as before.
+#[test]
+fn empty_lines_before_the_request_line_are_skipped_not_kept() {
+    let server = enjent::WebSocketServer::builder()
+        .max_handshake_bytes(4096)
+        .start("127.0.0.1:0")
+        .unwrap();
+    let mut s = raw(server.local_addr());
+    for _ in 0..8 {
+        s.write_all(&b"\r\n\n".repeat(200)).unwrap();
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    s.write_all(b"\r").unwrap();
+    std::thread::sleep(Duration::from_millis(2));
+    s.write_all(b"\n").unwrap();
+    std::thread::sleep(Duration::from_millis(2));
+    s.write_all(REQUEST.as_bytes()).unwrap();
+    read_101(&mut s);
+    let _ = expect_connect(&server);
+    let lone_cr = format!("\r{REQUEST}");
+    assert_eq!(
+        status_of(&http(server.local_addr(), lone_cr.as_bytes())),
+        400
+    );
+}

@@ -91,6 +91,22 @@ pub(crate) fn handshake<T: Send + Sync + 'static>(shared: &Arc<Shared<T>>, p: Bo
     }
 }
 
+/// Drop the empty lines (`\r\n` or `\n`) `buf` starts with; returns the
+/// bytes dropped. A `\r` at its end may begin one: it is kept until the
+/// next byte says.
+fn skip_leading_empty_lines(buf: &mut Vec<u8>) -> usize {
+    let mut i = 0;
+    loop {
+        match &buf[i..] {
+            [b'\r', b'\n', ..] => i += 2,
+            [b'\n', ..] => i += 1,
+            _ => break,
+        }
+    }
+    buf.drain(..i);
+    i
+}
+
 fn handshake_inner<T: Send + Sync + 'static>(shared: &Arc<Shared<T>>, mut p: Box<Pending>) {
     if shared.stopping.load(Ordering::Acquire) {
         return abort_handshake(
@@ -124,6 +140,12 @@ fn handshake_inner<T: Send + Sync + 'static>(shared: &Arc<Shared<T>>, mut p: Box
             }
         })
     };
+    // Empty lines before the request line are skipped (RFC 9112 section
+    // 2.2) and not kept: each would end a line, and so cost a parse of
+    // all of them before it, a client sending newlines a byte at a time
+    // making that grow with the square of their number.
+    let skipped = skip_leading_empty_lines(&mut p.buf);
+    p.parsed = p.parsed.saturating_sub(skipped);
     let ended = match read {
         Ok(true) => false,
         // The client sent something and then shut its side (or reset
