@@ -187,7 +187,7 @@ fn service_inner<T: Send + Sync + 'static>(
             }
         }
         if !first.is_empty() {
-            let (delivered, count) = feed(shared, conn, &mut r, first, budget.frames);
+            let (delivered, count) = feed(shared, conn, &mut r, first, &budget);
             r.last_seen_ms = shared.now_ms();
             budget.spend(first.len().max(delivered), count);
             account_buffered(shared, conn, &mut r);
@@ -316,7 +316,7 @@ fn read_available<T: Send + Sync + 'static>(
         }
         let rest = std::mem::take(&mut r.rest);
         shared.unparsed_in.fetch_sub(rest.len(), Ordering::Relaxed);
-        let (delivered, count) = feed(shared, conn, r, &rest, budget.frames);
+        let (delivered, count) = feed(shared, conn, r, &rest, budget);
         r.last_seen_ms = shared.now_ms();
         account_buffered(shared, conn, r);
         budget.spend(rest.len().max(delivered), count);
@@ -348,7 +348,7 @@ fn read_available<T: Send + Sync + 'static>(
                     return true;
                 }
                 Ok(Some(n)) => {
-                    let (delivered, count) = feed(shared, conn, r, &buf[..n], budget.frames);
+                    let (delivered, count) = feed(shared, conn, r, &buf[..n], budget);
                     // Seen as of the end of its handling: time spent in
                     // slow handlers is not the client's idleness.
                     r.last_seen_ms = shared.now_ms();
@@ -395,15 +395,17 @@ fn end_of_input<T>(conn: &Conn<T>, r: &mut ReadSide, error: Option<io::Error>) {
 }
 
 /// Feed bytes to the protocol and act on each output, asking the read
-/// gate between outputs. What is left when the gate closes, or once
-/// `limit` messages and control frames are handled, is kept in `r.rest`.
+/// gate between outputs. What is left when the gate closes, or once what
+/// is left of the job's budget is used (messages and control frames
+/// handled, or payload bytes delivered: one read of compressed messages
+/// may inflate to hundreds of times its size), is kept in `r.rest`.
 /// Returns the payload bytes delivered and the frames handled.
 fn feed<T: Send + Sync + 'static>(
     shared: &Arc<Shared<T>>,
     conn: &Arc<Conn<T>>,
     r: &mut ReadSide,
     bytes: &[u8],
-    limit: usize,
+    budget: &JobBudget,
 ) -> (usize, usize) {
     if conn.closing.load(Ordering::Acquire) {
         r.proto.close_sent();
@@ -425,7 +427,8 @@ fn feed<T: Send + Sync + 'static>(
             _ => {}
         }
         handle(shared, conn, r, out, &mut batch);
-        if !input.is_empty() && (count >= limit || !conn.may_read(shared)) {
+        let used = count >= budget.frames || delivered >= budget.bytes;
+        if !input.is_empty() && (used || !conn.may_read(shared)) {
             r.rest.extend_from_slice(input);
             shared.unparsed_in.fetch_add(input.len(), Ordering::Relaxed);
             break;
