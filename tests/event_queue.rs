@@ -686,3 +686,68 @@ fn close_clients_paused_for_an_unread_main_loop(client_closes_first: bool) {
         "delivered {delivered}, {stats:?}"
     );
 }
+
+/// A client paused only because the event channel was over its budget
+/// (its own queue under high water) reads again once the channel has
+/// room, even if its queue is still above low water. Before, the end of
+/// that pause also waited for low water: a client that was not reading
+/// its replies stayed paused, its messages unread, though flow control
+/// alone would never have paused it. Here its queue holds between 24 KiB
+/// and high water (64 KiB) and it reads nothing; another client fills the
+/// channel; its one message must arrive once the main loop catches up.
+#[test]
+fn a_pause_for_the_channel_ends_when_the_channel_has_room() {
+    const LOW: usize = 8 * 1024;
+    let server = WebSocketServer::builder()
+        .event_queue_bytes(16 * 1024)
+        .high_water(64 * 1024)
+        .low_water(LOW)
+        .ping_interval(None)
+        .start("127.0.0.1:0")
+        .unwrap();
+    let addr = server.local_addr();
+    let mut x = raw_ws_small_window(addr);
+    let xc = expect_connect(&server);
+    let mut y = raw_ws(addr);
+    let _ = expect_connect(&server);
+    // X's queue, past what the kernel takes: between low and high water.
+    let start = Instant::now();
+    while xc.buffered_amount() < 3 * LOW {
+        assert!(start.elapsed() < WAIT, "X's queue did not build up");
+        xc.send(vec![0u8; 1024]).unwrap();
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    // Y fills the channel; nobody consumes.
+    let wire: Vec<u8> = (0..40).flat_map(|_| frame(0x82, &[1u8; 1024])).collect();
+    y.write_all(&wire).unwrap();
+    assert!(
+        eventually(WAIT, || server.stats().event_bytes >= 16 * 1024),
+        "{:?}",
+        server.stats()
+    );
+    let pauses = server.stats().read_pauses;
+    x.write_all(&frame(0x81, b"x")).unwrap();
+    assert!(
+        eventually(WAIT, || server.stats().read_pauses > pauses),
+        "X was not paused: {:?}",
+        server.stats()
+    );
+    // The main loop catches up: Y's messages, then X's.
+    let deadline = Instant::now() + WAIT;
+    let mut from_y = 0;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match server.recv_timeout(left) {
+            Ok(Event::Message { client, message }) if client.id() == xc.id() => {
+                assert_eq!(message.as_text(), Some("x"));
+                break;
+            }
+            Ok(Event::Message { .. }) => from_y += 1,
+            other => panic!(
+                "X's message never came ({from_y} of Y's did; X's queue {} B): {other:?}",
+                xc.buffered_amount()
+            ),
+        }
+    }
+    assert!(xc.buffered_amount() > LOW, "X's queue went under low water");
+}

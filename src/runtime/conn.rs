@@ -846,8 +846,8 @@ impl<T: Send + Sync + 'static> Conn<T> {
     }
 
     /// Resume a paused connection if it is back under low water (or, if
-    /// `starved_over`, the channel has room again); returns whether a job
-    /// must run to go on reading.
+    /// `starved_over` and it was paused for the channel alone, under high
+    /// water); returns whether a job must run to go on reading.
     pub(crate) fn resume_locked(shared: &Shared<T>, w: &mut WriteSide, starved_over: bool) -> bool {
         if !w.paused || w.finished {
             return false;
@@ -857,6 +857,14 @@ impl<T: Send + Sync + 'static> Conn<T> {
                 return false;
             }
             w.starved = false;
+            // Paused under high water, for the channel alone: it reads
+            // again as soon as the channel has room, unless what it holds
+            // reached high water meanwhile. Then this is a pause like any
+            // other, which low water ends.
+            if !shared.marks.must_pause(w.held(), false) {
+                w.paused = false;
+                return true;
+            }
         }
         if !shared.marks.may_resume(w.held()) {
             return false;
