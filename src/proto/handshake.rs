@@ -386,10 +386,17 @@ impl Reject {
     pub fn to_response_for(&self, head_only: bool) -> Vec<u8> {
         let status = self.status_sent();
         let bodiless = matches!(status, 204 | 304);
+        // A response that names an upgrade also lists it as a connection
+        // option (RFC 9110 section 7.8).
+        let upgrade = self
+            .headers
+            .iter()
+            .any(|(n, _)| n.eq_ignore_ascii_case("upgrade"));
         let mut out = format!(
-            "HTTP/1.1 {} {}\r\nConnection: close\r\n",
+            "HTTP/1.1 {} {}\r\nConnection: {}\r\n",
             status,
             reason_phrase(status),
+            if upgrade { "close, upgrade" } else { "close" },
         );
         if !bodiless {
             out.push_str(&format!(
@@ -447,6 +454,7 @@ fn reason_phrase(status: u16) -> &'static str {
         404 => "Not Found",
         405 => "Method Not Allowed",
         408 => "Request Timeout",
+        414 => "URI Too Long",
         426 => "Upgrade Required",
         429 => "Too Many Requests",
         431 => "Request Header Fields Too Large",
@@ -484,12 +492,18 @@ pub fn parse_request(buf: &[u8], max_bytes: usize) -> Result<Option<(Request, us
 ///
 /// # Errors
 ///
-/// `400` for a malformed request, `431` for one too large.
+/// `400` for a malformed request, `431` for one too large (`414` if its
+/// request line alone is).
 pub fn parse_http(buf: &[u8], max_bytes: usize) -> Result<Option<(Request, usize)>, Reject> {
     let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut req = httparse::Request::new(&mut headers);
     let len = match req.parse(buf) {
         Ok(httparse::Status::Complete(n)) => n,
+        // The request line alone is over the limit: its target is what
+        // is too long (RFC 9112 section 3.2).
+        Ok(httparse::Status::Partial) if buf.len() >= max_bytes && !buf.contains(&b'\n') => {
+            return Err(Reject::new(414).body("request line too long"));
+        }
         Ok(httparse::Status::Partial) if buf.len() >= max_bytes => {
             return Err(Reject::new(431).body("request headers too large"));
         }
@@ -619,6 +633,7 @@ pub fn check_upgrade(request: &mut Request) -> Result<(), Reject> {
         Some(v) if v.trim_ascii() == b"13" => {}
         Some(_) => {
             return Err(Reject::new(426)
+                .header("Upgrade", "websocket")
                 .header("Sec-WebSocket-Version", "13")
                 .body("unsupported websocket version"));
         }
@@ -688,6 +703,10 @@ fn percent_decode(s: &str) -> Option<String> {
             b'+' => out.push(b' '),
             b'%' => {
                 let hex = b.get(i + 1..i + 3)?;
+                // Two hex digits: `from_str_radix` would take a sign.
+                if !hex.iter().all(u8::is_ascii_hexdigit) {
+                    return None;
+                }
                 let hex = std::str::from_utf8(hex).ok()?;
                 out.push(u8::from_str_radix(hex, 16).ok()?);
                 i += 2;
@@ -934,6 +953,30 @@ mod tests {
             "{resp}"
         );
         assert!(resp.contains("\r\nSec-WebSocket-Version: 13\r\n"), "{resp}");
+        // RFC 9110 sections 15.5.22 and 7.8: a 426 names the protocol to
+        // upgrade to, and lists the upgrade as a connection option.
+        assert!(resp.contains("\r\nUpgrade: websocket\r\n"), "{resp}");
+        assert!(
+            resp.contains("\r\nConnection: close, upgrade\r\n"),
+            "{resp}"
+        );
+    }
+
+    #[test]
+    fn a_refusal_without_upgrade_says_only_close() {
+        let resp = String::from_utf8(Reject::new(403).to_response()).unwrap();
+        assert!(resp.contains("\r\nConnection: close\r\n"), "{resp}");
+    }
+
+    #[test]
+    fn a_request_line_over_the_limit_gets_414() {
+        let long = format!("GET /{} HTTP/1.1\r\n", "a".repeat(9000));
+        assert_eq!(
+            parse_http(&long.as_bytes()[..8500], 8192)
+                .unwrap_err()
+                .status(),
+            414
+        );
     }
 
     #[test]
@@ -981,5 +1024,7 @@ mod tests {
         assert_eq!(percent_decode("%4"), None);
         assert_eq!(percent_decode("%C3%A9").as_deref(), Some("é"));
         assert_eq!(percent_decode("%FF"), None);
+        assert_eq!(percent_decode("%+4"), None, "a sign is not a digit");
+        assert_eq!(percent_decode("%-1"), None);
     }
 }
