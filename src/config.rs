@@ -123,7 +123,8 @@ impl Config {
         self.max_fragments
     }
 
-    /// Largest upgrade request in bytes; over it, `431`.
+    /// Largest upgrade request in bytes; over it, `431` (`414` if the
+    /// request line alone is).
     pub fn max_handshake_bytes(&self) -> usize {
         self.max_handshake_bytes
     }

@@ -526,8 +526,9 @@ impl<T: Send + Sync + 'static> Builder<T> {
         self
     }
 
-    /// Largest upgrade request; a bigger one is answered `431`. Default:
-    /// 16 KiB.
+    /// Largest upgrade request; a bigger one is answered `431` (`414` if
+    /// its request line alone is bigger). Empty lines before the request
+    /// line are skipped and do not count. Default: 16 KiB.
     pub fn max_handshake_bytes(mut self, bytes: usize) -> Self {
         self.config.max_handshake_bytes = bytes;
         self
