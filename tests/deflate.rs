@@ -673,26 +673,41 @@ fn a_main_loop_far_behind_is_never_refused_a_grown_reply() {
 
 /// One read of compressed messages may inflate to hundreds of times its
 /// size: a job stops at its byte budget (1 MiB) whatever the read held,
-/// and lets other clients have the worker. With one worker, client A
-/// writes 200 messages of 1 MiB of zeros, about 1 KB each compressed, in
-/// one write; client B sends one message a millisecond later, while A's
-/// job runs. B's message must be handled within A's first few. Before, the
-/// job inflated and handed over all of its read first (at least a 64 KiB
-/// read: 60-odd MiB).
+/// and lets other clients have the worker. With one worker, held by a
+/// third client's closure, client A writes 200 messages of 1 MiB of
+/// zeros, about 1 KB each compressed, in one write; then client B sends
+/// one message. Once the worker is let go, A's job runs first, and B's
+/// message must be handled within A's first few. Before, the job inflated
+/// and handed over all of its read first (all 200).
 #[test]
 fn a_read_of_compressed_messages_is_cut_at_the_jobs_byte_budget() {
+    use std::sync::mpsc;
     use std::sync::{Arc, Mutex};
     const SENT: usize = 200;
     let order: Arc<Mutex<Vec<usize>>> = Arc::default();
     let seen = Arc::clone(&order);
+    let (release, held) = mpsc::channel::<()>();
+    let held = Mutex::new(held);
+    let (holding, is_held) = mpsc::channel::<()>();
+    let holding = Mutex::new(holding);
     let server = WebSocketServer::builder()
         .workers(1)
         .max_message_size(1 << 20)
-        .on_message(move |_, m| seen.lock().unwrap().push(m.len()))
+        .on_message(move |_, m| {
+            if m.as_text() == Some("hold") {
+                let _ = holding.lock().unwrap().send(());
+                let _ = held.lock().unwrap().recv();
+            } else {
+                seen.lock().unwrap().push(m.len());
+            }
+        })
         .start("127.0.0.1:0")
         .unwrap();
     let (_h, mut a) = upgrade(server.local_addr(), &format!("{PDE}\r\n"));
     let mut b = raw_ws(server.local_addr());
+    let mut c = raw_ws(server.local_addr());
+    c.write_all(&frame(0x81, b"hold")).unwrap();
+    is_held.recv_timeout(WAIT).expect("the worker held");
     let wire = frame(0xC2, &deflate(&vec![0u8; 1 << 20])).repeat(SENT);
     assert!(
         wire.len() < 256 << 10,
@@ -700,8 +715,11 @@ fn a_read_of_compressed_messages_is_cut_at_the_jobs_byte_budget() {
         wire.len()
     );
     a.write_all(&wire).unwrap();
-    std::thread::sleep(std::time::Duration::from_millis(1));
+    // A is ready first (its readiness reported before B's).
+    std::thread::sleep(std::time::Duration::from_millis(50));
     b.write_all(&frame(0x82, b"b")).unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(50));
+    drop(release);
     assert!(
         eventually(WAIT * 3, || order.lock().unwrap().len() == SENT + 1),
         "{} of {} messages handled",
@@ -710,5 +728,8 @@ fn a_read_of_compressed_messages_is_cut_at_the_jobs_byte_budget() {
     );
     let order = order.lock().unwrap();
     let b_at = order.iter().position(|&n| n == 1).unwrap();
-    assert!(b_at < 20, "B's message handled after {b_at} of A's");
+    assert!(
+        (1..4).contains(&b_at),
+        "B's message handled after {b_at} of A's"
+    );
 }

@@ -721,8 +721,11 @@ fn a_pause_for_the_channel_ends_when_the_channel_has_room() {
     let wire: Vec<u8> = (0..40).flat_map(|_| frame(0x82, &[1u8; 1024])).collect();
     y.write_all(&wire).unwrap();
     assert!(
-        eventually(WAIT, || server.stats().event_bytes >= 16 * 1024),
-        "{:?}",
+        eventually(WAIT, || {
+            let now = server.stats();
+            now.event_bytes >= 16 * 1024 && now.read_pauses >= 1
+        }),
+        "Y not paused: {:?}",
         server.stats()
     );
     let pauses = server.stats().read_pauses;

@@ -390,26 +390,27 @@ fn a_close_reads_on_past_high_water_to_a_close_the_client_sent() {
 
 /// As above, with the close made inside a job: the client's socket takes
 /// nothing while it is paused, so it is closed for idleness. Here the
-/// client writes one message (of 64 KiB) a millisecond, so the read that
-/// pauses it ends at a message's end and the pause leaves no unparsed rest behind: only the
-/// idle close's own word that the job must go round (`send_close`) makes
-/// it read on, as no event comes for what already waits in the socket.
+/// client writes its messages (of 64 KiB) one at a time, each read before
+/// the next, until it is paused: the read that pauses it ends at a
+/// message's end and leaves no unparsed rest behind, so only the idle
+/// close's own word that the job must go round (`send_close`) makes it
+/// read on, as no event comes for what already waits in the socket.
 #[test]
 fn an_idle_close_reads_on_past_high_water_to_a_close_the_client_sent() {
     read_on_past_high_water_after_a_close(true);
 }
 
-/// `idle`: the client writes its messages one at a time, and the server
-/// closes it for idleness (1001), instead of this thread closing it with
-/// 4000.
+/// `idle`: the client writes its messages one at a time until it is
+/// paused, and the server closes it for idleness (1001), instead of this
+/// thread closing it with 4000.
 fn read_on_past_high_water_after_a_close(idle: bool) {
     use std::io::{BufReader, Read};
     use std::sync::atomic::AtomicU32;
 
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    // About 8 MB (paced, 20 MB, in bigger messages that outrun the
-    // kernel's buffers): more than those hold, so the writer blocks once
-    // the server stops reading.
+    // About 8 MB (20 MB in bigger messages, when they are written one at
+    // a time at first): more than the kernel's buffers hold, so the
+    // writer blocks once the server stops reading.
     let (sent, size): (u32, usize) = if idle { (300, 64 * 1024) } else { (4000, 2048) };
     let accepted = Arc::new(AtomicU32::new(0));
     let counts = Arc::clone(&accepted);
@@ -447,19 +448,30 @@ fn read_on_past_high_water_after_a_close(idle: bool) {
     let client = connected.lock().unwrap()[0].clone();
     let mut wire: Vec<Vec<u8>> = (0..sent).map(|i| frame(0x82, &numbered(i, size))).collect();
     wire.push(frame(0x88, &close_payload(1000, "done")));
-    if !idle {
-        wire = vec![wire.concat()];
-    }
     let mut w = s.try_clone().unwrap();
-    let writer = thread::spawn(move || {
-        for piece in wire {
-            w.write_all(&piece)?;
-            if idle {
-                thread::sleep(Duration::from_millis(1));
-            }
+    // Messages written before the pause, one at a time.
+    let mut first = 0;
+    if idle {
+        // Each is read before the next is written, so the read that
+        // pauses the client ends at a message's end and leaves no
+        // unparsed rest (which would make the job go round anyway).
+        while server.stats().read_pauses == 0 {
+            assert!(first < sent as usize, "never paused: {:?}", server.stats());
+            w.write_all(&wire[first]).unwrap();
+            first += 1;
+            assert!(
+                eventually(WAIT, || {
+                    let now = server.stats();
+                    now.messages_in == first as u64 || now.read_pauses > 0
+                }),
+                "message {first} not read: {:?}",
+                server.stats()
+            );
         }
-        Ok::<_, std::io::Error>(())
-    });
+        assert_eq!(server.stats().unparsed_in_bytes, 0, "the pause left a rest");
+    }
+    let rest = wire[first..].concat();
+    let writer = thread::spawn(move || w.write_all(&rest));
     assert!(
         eventually(WAIT, || server.stats().read_pauses >= 1),
         "the client was never paused: {:?}",

@@ -495,18 +495,21 @@ pub fn parse_request(buf: &[u8], max_bytes: usize) -> Result<Option<(Request, us
 /// `400` for a malformed request, `431` for one too large (`414` if its
 /// request line alone is).
 pub fn parse_http(buf: &[u8], max_bytes: usize) -> Result<Option<(Request, usize)>, Reject> {
+    // A request line alone over the limit: its target is what is too
+    // long (RFC 9112 section 3.2).
+    let too_large = || {
+        let line = buf.iter().position(|&b| b == b'\n').unwrap_or(buf.len());
+        if line >= max_bytes {
+            Reject::new(414).body("request line too long")
+        } else {
+            Reject::new(431).body("request headers too large")
+        }
+    };
     let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut req = httparse::Request::new(&mut headers);
     let len = match req.parse(buf) {
         Ok(httparse::Status::Complete(n)) => n,
-        // The request line alone is over the limit: its target is what
-        // is too long (RFC 9112 section 3.2).
-        Ok(httparse::Status::Partial) if buf.len() >= max_bytes && !buf.contains(&b'\n') => {
-            return Err(Reject::new(414).body("request line too long"));
-        }
-        Ok(httparse::Status::Partial) if buf.len() >= max_bytes => {
-            return Err(Reject::new(431).body("request headers too large"));
-        }
+        Ok(httparse::Status::Partial) if buf.len() >= max_bytes => return Err(too_large()),
         Ok(httparse::Status::Partial) => return Ok(None),
         Err(httparse::Error::TooManyHeaders) => {
             return Err(Reject::new(431).body("too many request headers"));
@@ -514,7 +517,7 @@ pub fn parse_http(buf: &[u8], max_bytes: usize) -> Result<Option<(Request, usize
         Err(e) => return Err(Reject::bad_request(format!("malformed request: {e}"))),
     };
     if len > max_bytes {
-        return Err(Reject::new(431).body("request headers too large"));
+        return Err(too_large());
     }
     let (path, query) = req.path.map_or((None, None), origin_form);
     let span = |part: &str| Span::of(buf, part.as_bytes());

@@ -120,6 +120,7 @@ pub(crate) fn run<T: Send + Sync + 'static>(shared: Arc<Shared<T>>, listener: Tc
             registered: !arrived && !gone,
             read_dry,
             parsed: 0,
+            skipped: 0,
         });
         if gone {
             // Left (or reset) before sending a byte: nothing to answer.

@@ -318,6 +318,11 @@ impl Serving {
 }
 
 impl WriteSide {
+    /// See [`Conn::doomed`].
+    pub(crate) fn doomed(&self) -> bool {
+        self.write_error.is_some() || self.force_close
+    }
+
     /// What flow control counts against the connection: its queue's
     /// cost in memory (bytes, and a little for each frame) and its events
     /// not yet consumed.
@@ -808,6 +813,12 @@ impl<T: Send + Sync + 'static> Conn<T> {
         schedule(shared, self);
     }
 
+    /// Whether it is torn down at the end of this pass: a write failed,
+    /// or it is forced closed.
+    pub(crate) fn doomed(&self) -> bool {
+        self.io.lock().doomed()
+    }
+
     /// The read gate, asked between messages: whether the job may go on
     /// reading and dispatching. At high water (or with the event channel
     /// over its budget) the connection pauses; whoever brings it back
@@ -818,7 +829,7 @@ impl<T: Send + Sync + 'static> Conn<T> {
         // even if the main loop has stopped consuming (it may be the one
         // shutting down): up to the hard limit, not high water.
         let closing = self.closing.load(Ordering::Acquire);
-        if w.write_error.is_some() || w.force_close {
+        if w.doomed() {
             // Torn down at the end of this pass, and nothing more will be
             // written: a pause protects nothing now, and what was read
             // (whole messages kept unparsed by one, the peer's close

@@ -143,9 +143,16 @@ fn handshake_inner<T: Send + Sync + 'static>(shared: &Arc<Shared<T>>, mut p: Box
     // Empty lines before the request line are skipped (RFC 9112 section
     // 2.2) and not kept: each would end a line, and so cost a parse of
     // all of them before it, a client sending newlines a byte at a time
-    // making that grow with the square of their number.
+    // making that grow with the square of their number. They still count
+    // against the limit.
     let skipped = skip_leading_empty_lines(&mut p.buf);
     p.parsed = p.parsed.saturating_sub(skipped);
+    p.skipped = p.skipped.saturating_add(skipped);
+    if p.skipped >= max {
+        let reject = Reject::new(431).body("request headers too large");
+        return abort_handshake(shared, *p, Some(&reject));
+    }
+    let max = max - p.skipped;
     let ended = match read {
         Ok(true) => false,
         // The client sent something and then shut its side (or reset

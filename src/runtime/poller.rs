@@ -332,7 +332,8 @@ fn abort_queued_handshake<T: Send + Sync + 'static>(shared: &Arc<Shared<T>>, mut
                 .body("server busy: no worker took the handshake before its deadline")
         }
     };
-    let parsed = parse_http(&p.buf, max);
+    // Empty lines a worker skipped still count.
+    let parsed = parse_http(&p.buf, max.saturating_sub(p.skipped).max(1));
     let head_only = matches!(&parsed, Ok(Some((r, _))) if r.method() == "HEAD");
     let answer = match parsed {
         // Only what needs user code (`on_http`, the client-init strategy)

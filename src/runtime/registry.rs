@@ -69,6 +69,9 @@ pub(crate) struct Pending {
     /// How much of `buf` a parse has seen and found short of a whole
     /// head: the next parse waits for a line to end after it.
     pub(crate) parsed: usize,
+    /// Bytes of empty lines skipped before the request line: not kept,
+    /// but counted against `max_handshake_bytes`.
+    pub(crate) skipped: usize,
 }
 
 /// A slot, with the generation that keys to it must carry: three kinds
@@ -474,6 +477,7 @@ mod tests {
             registered: false,
             read_dry: false,
             parsed: 0,
+            skipped: 0,
         })
     }
 

@@ -200,6 +200,13 @@ fn service_inner<T: Send + Sync + 'static>(
             undrained = !read_available(shared, conn, &mut r, &mut budget);
         }
         read_now = true;
+        if !r.rest.is_empty() && conn.doomed() {
+            // It ends at this pass: what it read and kept (for a pause,
+            // or the budget) is delivered first, whatever the budget.
+            let rest = std::mem::take(&mut r.rest);
+            shared.unparsed_in.fetch_sub(rest.len(), Ordering::Relaxed);
+            feed(shared, conn, &mut r, &rest, &JobBudget::UNLIMITED);
+        }
         let now = shared.now_ms();
         let mut close_deadline = 0;
         if let Some(done) = progress(shared, conn, &mut r, now, &mut close_deadline) {
@@ -281,6 +288,12 @@ struct JobBudget {
 }
 
 impl JobBudget {
+    /// For input that is delivered whatever it costs.
+    const UNLIMITED: JobBudget = JobBudget {
+        frames: usize::MAX,
+        bytes: usize::MAX,
+    };
+
     /// Bytes read or inflated (whichever is more: a few compressed bytes
     /// cannot buy unbounded work) and frames handled.
     fn spend(&mut self, bytes: usize, frames: usize) {
@@ -427,7 +440,9 @@ fn feed<T: Send + Sync + 'static>(
             _ => {}
         }
         handle(shared, conn, r, out, &mut batch);
-        let used = count >= budget.frames || delivered >= budget.bytes;
+        // Bytes count once they pass what was read: only inflating cuts a
+        // read here (plain input is charged as read, after it).
+        let used = count >= budget.frames || delivered >= budget.bytes.max(bytes.len());
         if !input.is_empty() && (used || !conn.may_read(shared)) {
             r.rest.extend_from_slice(input);
             shared.unparsed_in.fetch_add(input.len(), Ordering::Relaxed);

@@ -41,7 +41,7 @@ pub(crate) struct Topic<T> {
     name: Box<str>,
     /// The subscribers; the lock also puts the topic's publishes in one
     /// order.
-    subs: Mutex<Subs<T>>,
+    subs: Mutex<Subs<Conn<T>>>,
     /// Its last subscriber left (set under `subs`): it is out of
     /// `by_name`, or about to be, and a subscribe that finds it makes a
     /// new one.
@@ -52,77 +52,43 @@ pub(crate) struct Topic<T> {
     waiting: std::sync::atomic::AtomicUsize,
 }
 
-/// A topic's subscribers: one inline (a user's own topic, say), or a list.
-enum Subs<T> {
-    One(Arc<Conn<T>>),
-    Many(Members<Conn<T>>),
-}
-
-impl<T: Send + Sync + 'static> Subs<T> {
-    fn as_slice(&self) -> &[Arc<Conn<T>>] {
-        match self {
-            Subs::One(c) => std::slice::from_ref(c),
-            Subs::Many(m) => &m.list,
-        }
-    }
-
-    fn push(&mut self, conn: Arc<Conn<T>>) {
-        match self {
-            Subs::Many(m) => m.push(conn),
-            Subs::One(first) => {
-                let first = Arc::clone(first);
-                *self = Subs::Many(Members::new(vec![first, conn]));
-            }
-        }
-    }
-
-    /// Take `conn` out; whether any subscriber is left.
-    fn remove(&mut self, conn: &Arc<Conn<T>>) -> bool {
-        let m = match self {
-            Subs::One(c) if Arc::ptr_eq(c, conn) => {
-                // Empty, for a publish that holds the topic already.
-                *self = Subs::Many(Members::new(Vec::new()));
-                return false;
-            }
-            Subs::One(_) => return true,
-            Subs::Many(m) => m,
-        };
-        m.remove(conn);
-        match m.list.len() {
-            0 => false,
-            1 => {
-                let last = m.list.pop().expect("one left");
-                *self = Subs::One(last);
-                true
-            }
-            _ => true,
-        }
-    }
-}
-
-/// A leave that had to look at more members than this makes the list
+/// A leave that had to look at more subscribers than this makes the list
 /// keep an index of where each one is.
 const INDEX_AFTER: usize = 1024;
 
-/// A list of distinct members, in no order a publish depends on. A leave
-/// moves the last member into the hole. A member is looked for from the
-/// end: a client that joins and leaves in a loop is found at once (it was
-/// last in). A leave that had to walk further (more than `INDEX_AFTER`
-/// looks) makes the list keep an index, which finds each member at once
-/// from then on, until fewer than half that many are left. Without it two
-/// clients could make every leave a walk of a big topic's whole list
-/// under its lock (each leave moves the other, the last in, into the deep
-/// slot it left, and it joins again last), and old subscribers leaving
-/// together (a crowd dropped at once) walked it for each. A big topic
-/// nobody leaves from deep in its list pays nothing for it.
-struct Members<C> {
-    list: Vec<Arc<C>>,
-    /// Where each member is in `list`, by its slot. Two 32-bit numbers an
-    /// entry: about 15-30 B a member with the table's room.
-    at: Option<HashMap<u32, u32>>,
+/// A topic's subscribers: one inline (a user's own topic, say), a list,
+/// or a list with an index. A list is in no order a publish depends on:
+/// a leave moves the last subscriber into the hole.
+///
+/// A subscriber is looked for from the end: a client that joins and
+/// leaves in a loop is found at once (it was last in). A leave that had
+/// to walk further (more than `INDEX_AFTER` looks) makes the list keep an
+/// index, which finds each subscriber at once from then on, until fewer
+/// than half that many are left. Without it two clients could make every
+/// leave a walk of a big topic's whole list under its lock (each leave
+/// moves the other, the last in, into the deep slot it left, and it joins
+/// again last), and old subscribers leaving together (a crowd dropped at
+/// once) walked it for each. A topic nobody leaves from deep in its list
+/// pays nothing for it, not even a word.
+enum Subs<C> {
+    One(Arc<C>),
+    Many(Vec<Arc<C>>),
+    Indexed(Box<Indexed<C>>),
 }
 
-/// What a member is found by in the index.
+// A topic's subscribers take three words, as a plain list did: the index
+// costs a topic nothing until it is made.
+#[cfg(target_pointer_width = "64")]
+const _: () = assert!(std::mem::size_of::<Subs<Conn<()>>>() == 24);
+
+/// A list, and where each of its members is in it by slot: two 32-bit
+/// numbers an entry, about 15-30 B a member with the table's room.
+struct Indexed<C> {
+    list: Vec<Arc<C>>,
+    at: HashMap<u32, u32>,
+}
+
+/// What a subscriber is found by in an index.
 trait Slot {
     fn slot(&self) -> u32;
 }
@@ -136,83 +102,124 @@ impl<T: Send + Sync + 'static> Slot for Conn<T> {
     }
 }
 
-fn key<C: Slot>(member: &Arc<C>) -> u32 {
-    member.slot()
-}
-
-/// A list index as the index keeps it: a list of more than `u32::MAX`
+/// A list index as an index keeps it: a list of more than `u32::MAX`
 /// members would need more connections than slots.
 fn pos(i: usize) -> u32 {
     u32::try_from(i).expect("fewer members than slots")
 }
 
-impl<C: Slot> Members<C> {
-    fn new(list: Vec<Arc<C>>) -> Self {
-        Members { list, at: None }
+/// Grown by an eighth rather than doubled: a slot here is most of what a
+/// subscription costs, and a topic's list seldom grows fast enough for
+/// the copies to matter.
+fn push_to<C>(list: &mut Vec<Arc<C>>, member: Arc<C>) {
+    if list.len() == list.capacity() {
+        list.reserve_exact((list.len() / 8).max(1));
+    }
+    list.push(member);
+}
+
+/// Most have left: give the memory back.
+fn shrink<C>(list: &mut Vec<Arc<C>>) {
+    if list.len() * 4 < list.capacity() {
+        list.shrink_to(list.len() * 2);
+    }
+}
+
+#[cfg(test)]
+fn looked() {
+    tests::EXAMINED.with(|n| n.set(n.get() + 1));
+}
+
+#[cfg(not(test))]
+fn looked() {}
+
+impl<C: Slot> Subs<C> {
+    fn as_slice(&self) -> &[Arc<C>] {
+        match self {
+            Subs::One(c) => std::slice::from_ref(c),
+            Subs::Many(v) => v,
+            Subs::Indexed(x) => &x.list,
+        }
     }
 
     /// Add `member`, which must not be in.
     fn push(&mut self, member: Arc<C>) {
-        let list = &mut self.list;
-        // Grown by an eighth rather than doubled: a slot here is most of
-        // what a subscription costs, and a topic's list seldom grows fast
-        // enough for the copies to matter.
-        if list.len() == list.capacity() {
-            list.reserve_exact((list.len() / 8).max(1));
+        match self {
+            Subs::Many(v) => push_to(v, member),
+            Subs::Indexed(x) => {
+                x.at.insert(member.slot(), pos(x.list.len()));
+                push_to(&mut x.list, member);
+            }
+            Subs::One(first) => {
+                let first = Arc::clone(first);
+                *self = Subs::Many(vec![first, member]);
+            }
         }
-        if let Some(at) = &mut self.at {
-            at.insert(key(&member), pos(list.len()));
-        }
-        list.push(member);
     }
 
-    /// Take `member` out, if it is in.
-    fn remove(&mut self, member: &Arc<C>) {
-        let found = match &mut self.at {
-            Some(at) => {
-                #[cfg(test)]
-                tests::EXAMINED.with(|n| n.set(n.get() + 1));
+    /// Take `member` out (if it is in); whether any subscriber is left.
+    fn remove(&mut self, member: &Arc<C>) -> bool {
+        match self {
+            Subs::One(c) if Arc::ptr_eq(c, member) => {
+                // Empty, for a publish that holds the topic already.
+                *self = Subs::Many(Vec::new());
+                return false;
+            }
+            Subs::One(_) => return true,
+            Subs::Many(v) => {
+                let found = v.iter().rposition(|c| {
+                    looked();
+                    Arc::ptr_eq(c, member)
+                });
+                if let Some(i) = found {
+                    let walked = v.len() - i;
+                    v.swap_remove(i);
+                    if walked > INDEX_AFTER && v.len() >= INDEX_AFTER / 2 {
+                        let list = std::mem::take(v);
+                        let at = list.iter().enumerate();
+                        let at = at.map(|(i, c)| (c.slot(), pos(i))).collect();
+                        *self = Subs::Indexed(Box::new(Indexed { list, at }));
+                    }
+                }
+            }
+            Subs::Indexed(x) => {
+                looked();
                 // Only the member itself is taken out: slots are not
                 // shared by live connections, but a mistake here must not
                 // drop someone else.
-                let slot = key(member);
-                let i = at.get(&slot).map(|&i| i as usize);
-                let i = i.filter(|&i| Arc::ptr_eq(&self.list[i], member));
-                if i.is_some() {
-                    at.remove(&slot);
+                let slot = member.slot();
+                let found = x.at.get(&slot).map(|&i| i as usize);
+                let found =
+                    found.filter(|&i| x.list.get(i).is_some_and(|c| Arc::ptr_eq(c, member)));
+                if let Some(i) = found {
+                    x.at.remove(&slot);
+                    x.list.swap_remove(i);
+                    if let Some(moved) = x.list.get(i) {
+                        x.at.insert(moved.slot(), pos(i));
+                    }
+                    if x.at.len() * 4 < x.at.capacity() {
+                        x.at.shrink_to(x.at.len() * 2);
+                    }
                 }
-                i
+                if x.list.len() < INDEX_AFTER / 2 {
+                    *self = Subs::Many(std::mem::take(&mut x.list));
+                }
             }
-            // Searched from the end: a client that subscribes and leaves
-            // in a loop is found at once (it was last in).
-            None => self.list.iter().rposition(|c| {
-                #[cfg(test)]
-                tests::EXAMINED.with(|n| n.set(n.get() + 1));
-                Arc::ptr_eq(c, member)
-            }),
+        }
+        let list = match self {
+            Subs::Many(v) => v,
+            Subs::Indexed(x) => &mut x.list,
+            Subs::One(_) => return true,
         };
-        if let Some(i) = found {
-            let walked = self.list.len() - i;
-            self.list.swap_remove(i);
-            if let (Some(at), Some(moved)) = (&mut self.at, self.list.get(i)) {
-                at.insert(key(moved), pos(i));
+        shrink(list);
+        match list.len() {
+            0 => false,
+            1 => {
+                let last = list.pop().expect("one left");
+                *self = Subs::One(last);
+                true
             }
-            if self.at.is_none() && walked > INDEX_AFTER {
-                let at = self.list.iter().enumerate().map(|(i, c)| (key(c), pos(i)));
-                self.at = Some(at.collect());
-            }
-        }
-        if self.list.len() < INDEX_AFTER / 2 {
-            self.at = None;
-        }
-        if self.list.len() * 4 < self.list.capacity() {
-            // Most have left: give the memory back.
-            self.list.shrink_to(self.list.len() * 2);
-        }
-        if let Some(at) = &mut self.at
-            && at.len() * 4 < at.capacity()
-        {
-            at.shrink_to(at.len() * 2);
+            _ => true,
         }
     }
 }
@@ -462,7 +469,7 @@ impl<T: Send + Sync + 'static> Topics<T> {
         clients: &mut parking_lot::MutexGuard<'_, ByClient<T>>,
         topic: &'a Topic<T>,
         waits: &mut u32,
-    ) -> Option<parking_lot::MutexGuard<'a, Subs<T>>> {
+    ) -> Option<parking_lot::MutexGuard<'a, Subs<Conn<T>>>> {
         if let Some(subs) = topic.subs.try_lock() {
             return Some(subs);
         }
@@ -639,7 +646,7 @@ mod tests {
         pub(super) static EXAMINED: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
     }
 
-    use super::{INDEX_AFTER, Members, Slot};
+    use super::{INDEX_AFTER, Slot, Subs};
     use crate::runtime::testing::join;
     use std::sync::Arc;
 
@@ -661,18 +668,32 @@ mod tests {
         (0..n).map(Arc::new).collect()
     }
 
+    /// A list of `members`.
+    fn list(members: Vec<Arc<u32>>) -> Subs<u32> {
+        let mut m = Subs::Many(Vec::new());
+        for c in members {
+            m.push(c);
+        }
+        m
+    }
+
+    fn indexed(m: &Subs<u32>) -> bool {
+        matches!(m, Subs::Indexed(_))
+    }
+
     /// The index, if kept, says where every member is, and nobody is in
     /// twice.
-    fn check(m: &Members<u32>) {
-        let distinct: std::collections::HashSet<_> = m.list.iter().map(super::key).collect();
-        assert_eq!(distinct.len(), m.list.len(), "a member is in twice");
-        if m.list.len() < INDEX_AFTER / 2 {
-            assert!(m.at.is_none(), "a small list has no index");
+    fn check(m: &Subs<u32>) {
+        let all = m.as_slice();
+        let distinct: std::collections::HashSet<_> = all.iter().map(|c| c.slot()).collect();
+        assert_eq!(distinct.len(), all.len(), "a member is in twice");
+        if all.len() < INDEX_AFTER / 2 {
+            assert!(!indexed(m), "a small list has no index");
         }
-        if let Some(at) = &m.at {
-            assert_eq!(at.len(), m.list.len());
-            for (i, c) in m.list.iter().enumerate() {
-                assert_eq!(at.get(&super::key(c)), Some(&super::pos(i)), "member {c}");
+        if let Subs::Indexed(x) = m {
+            assert_eq!(x.at.len(), x.list.len());
+            for (i, c) in x.list.iter().enumerate() {
+                assert_eq!(x.at.get(&c.slot()), Some(&super::pos(i)), "member {c}");
             }
         }
     }
@@ -683,14 +704,14 @@ mod tests {
     /// topic's lock each).
     #[test]
     fn leaving_right_after_joining_a_big_topic_is_found_at_once() {
-        let mut m = Members::new(crowd(100_000));
+        let mut m = list(crowd(100_000));
         let churner = Arc::new(u32::MAX);
         for _ in 0..3 {
             m.push(Arc::clone(&churner));
-            assert_eq!(examined(|| m.remove(&churner)), 1);
-            assert_eq!(m.list.len(), 100_000);
+            assert_eq!(examined(|| assert!(m.remove(&churner))), 1);
+            assert_eq!(m.as_slice().len(), 100_000);
         }
-        assert!(m.at.is_none(), "no index for leaves found at once");
+        assert!(!indexed(&m), "no index for leaves found at once");
         check(&m);
     }
 
@@ -702,21 +723,21 @@ mod tests {
     #[test]
     fn two_clients_taking_turns_at_a_deep_slot_are_each_found_at_once() {
         let (a, b) = (Arc::new(u32::MAX), Arc::new(u32::MAX - 1));
-        let mut m = Members::new(vec![Arc::clone(&a)]);
+        let mut m = Subs::One(Arc::clone(&a));
         for c in crowd(100_000) {
             m.push(c);
         }
         m.push(Arc::clone(&b));
         let mut looks = 0;
         for _ in 0..1000 {
-            looks += examined(|| m.remove(&a));
+            looks += examined(|| assert!(m.remove(&a)));
             m.push(Arc::clone(&a));
-            looks += examined(|| m.remove(&b));
+            looks += examined(|| assert!(m.remove(&b)));
             m.push(Arc::clone(&b));
         }
         assert_eq!(looks, 100_002 + 1999, "one walk, then one look a leave");
-        assert!(m.at.is_some());
-        assert_eq!(m.list.len(), 100_002);
+        assert!(indexed(&m));
+        assert_eq!(m.as_slice().len(), 100_002);
         check(&m);
     }
 
@@ -728,55 +749,65 @@ mod tests {
     #[test]
     fn old_subscribers_leaving_together_are_each_found_quickly() {
         let all = crowd(100_000);
-        let mut m = Members::new(Vec::new());
-        for c in &all {
-            m.push(Arc::clone(c));
-        }
+        let mut m = list(all.clone());
         let looks = examined(|| {
-            for c in &all {
-                m.remove(c);
+            for (i, c) in all.iter().enumerate() {
+                assert_eq!(m.remove(c), i + 1 < all.len());
             }
         });
-        assert!(m.list.is_empty());
+        assert!(m.as_slice().is_empty());
         let bound = 2 * 100_000 + (INDEX_AFTER / 2) * (INDEX_AFTER / 2);
         assert!(looks <= bound, "{looks} looks, over {bound}");
     }
 
     /// Joins and leaves in a pseudo-random order, across the threshold
-    /// both ways: the list always holds exactly who joined and did not
-    /// leave, and the index where each is.
+    /// both ways (the index made, dropped and made again): the list always
+    /// holds exactly who joined and did not leave, and the index where
+    /// each is.
     #[test]
     fn members_stay_exact_across_the_index_threshold() {
         let pool = crowd(3 * INDEX_AFTER as u32);
-        let mut indexed = false;
+        let (mut was_indexed, mut dropped, mut rebuilt) = (false, false, false);
         let mut model = std::collections::HashSet::new();
-        let mut m = Members::new(Vec::new());
+        let mut m = Subs::Many(Vec::new());
         let mut x = 0x9E37_79B9_7F4A_7C15u64;
-        for step in 0..40_000 {
+        for step in 0..45_000 {
             x ^= x << 13;
             x ^= x >> 7;
             x ^= x << 17;
-            // Mostly joins for the first half, mostly leaves after.
-            let join = (x % 100) < if step < 20_000 { 70 } else { 30 };
+            // Mostly joins, then mostly leaves (down to a few, so that
+            // the index is dropped), then mostly joins again.
+            let joins = match step {
+                0..15_000 => 70,
+                15_000..30_000 => 10,
+                _ => 70,
+            };
+            let join = (x % 100) < joins;
             let c = &pool[(x >> 8) as usize % pool.len()];
             if join && model.insert(**c) {
                 m.push(Arc::clone(c));
             } else if !join && model.remove(&**c) {
-                m.remove(c);
+                assert_eq!(m.remove(c), !model.is_empty());
             }
-            indexed |= m.at.is_some();
+            let now = super::tests::indexed(&m);
+            dropped |= was_indexed && !now;
+            was_indexed |= now;
+            rebuilt |= dropped && now;
             if step % 997 == 0 {
                 check(&m);
             }
-            assert_eq!(m.list.len(), model.len());
+            assert_eq!(m.as_slice().len(), model.len());
         }
         check(&m);
-        let mut left: Vec<u32> = m.list.iter().map(|c| **c).collect();
+        let mut left: Vec<u32> = m.as_slice().iter().map(|c| **c).collect();
         let mut want: Vec<u32> = model.into_iter().collect();
         left.sort_unstable();
         want.sort_unstable();
         assert_eq!(left, want);
-        assert!(indexed, "the index was never made");
+        assert!(
+            was_indexed && dropped && rebuilt,
+            "the index was made {was_indexed}, dropped {dropped}, made again {rebuilt}"
+        );
     }
 
     /// The topic named `name`, as a publish finds it.
