@@ -73,8 +73,8 @@ pub struct Stats {
     pub buffered_in_bytes: u64,
     /// Bytes read but kept unparsed because flow control paused their
     /// client in the middle of a read, or its job had used its budget
-    /// (4,096 frames, or 1 MiB delivered once compressed messages inflate
-    /// past what was read) and let the worker go (at most one read,
+    /// (4,096 frames, or 1 MiB delivered once that is more than was read,
+    /// as compressed messages can) and let the worker go (at most one read,
     /// 256 KiB, per client).
     pub unparsed_in_bytes: u64,
     /// Topics with at least one subscriber now.

@@ -678,7 +678,7 @@ fn a_main_loop_far_behind_is_never_refused_a_grown_reply() {
 /// zeros, about 1 KB each compressed, in one write; then client B sends
 /// one message. Once the worker is let go, A's job runs first, and B's
 /// message must be handled within A's first few. Before, the job inflated
-/// and handed over all of its read first (all 200).
+/// and handed over all of its read first (121 here).
 #[test]
 fn a_read_of_compressed_messages_is_cut_at_the_jobs_byte_budget() {
     use std::sync::mpsc;
@@ -728,8 +728,9 @@ fn a_read_of_compressed_messages_is_cut_at_the_jobs_byte_budget() {
     );
     let order = order.lock().unwrap();
     let b_at = order.iter().position(|&n| n == 1).unwrap();
+    // Without the cut it comes after a whole read (60 and more).
     assert!(
-        (1..4).contains(&b_at),
+        (1..20).contains(&b_at),
         "B's message handled after {b_at} of A's"
     );
 }

@@ -360,11 +360,13 @@ fn messages_read_and_held_by_a_pause_are_delivered_when_the_client_resets() {
     let held = before.unparsed_in_bytes as usize / frame_len;
     let _ = socket2::SockRef::from(&s).set_linger(Some(std::time::Duration::ZERO));
     drop(s);
-    // A send finds the reset (the readiness loop may too), and the
+    // Sends find the reset (the readiness loop may too), and the
     // connection ends while still paused: the events are read only after.
-    let _ = client.send(vec![1u8; 16]);
     assert!(
-        eventually(WAIT, || server.stats().connections == 0),
+        eventually(WAIT, || {
+            let _ = client.send(vec![1u8; 16]);
+            server.stats().connections == 0
+        }),
         "not torn down while paused: {:?}",
         server.stats()
     );

@@ -487,6 +487,17 @@ pub fn parse_request(buf: &[u8], max_bytes: usize) -> Result<Option<(Request, us
     Ok(Some((request, len)))
 }
 
+/// The length of the request line `buf` starts with (after any empty
+/// lines), or of all of `buf` if the line has not ended.
+pub(crate) fn request_line_len(buf: &[u8]) -> usize {
+    let blank = buf
+        .iter()
+        .take_while(|&&b| b == b'\r' || b == b'\n')
+        .count();
+    let rest = &buf[blank..];
+    rest.iter().position(|&b| b == b'\n').unwrap_or(rest.len())
+}
+
 /// Parse any HTTP/1.x request head from the bytes received so far, as
 /// [`parse_request`] does, without requiring it to be an upgrade.
 ///
@@ -498,8 +509,7 @@ pub fn parse_http(buf: &[u8], max_bytes: usize) -> Result<Option<(Request, usize
     // A request line alone over the limit: its target is what is too
     // long (RFC 9112 section 3.2).
     let too_large = || {
-        let line = buf.iter().position(|&b| b == b'\n').unwrap_or(buf.len());
-        if line >= max_bytes {
+        if request_line_len(buf) >= max_bytes {
             Reject::new(414).body("request line too long")
         } else {
             Reject::new(431).body("request headers too large")

@@ -318,7 +318,8 @@ impl Serving {
 }
 
 impl WriteSide {
-    /// See [`Conn::doomed`].
+    /// Whether it is torn down at the end of this pass: a write failed,
+    /// or it is forced closed.
     pub(crate) fn doomed(&self) -> bool {
         self.write_error.is_some() || self.force_close
     }
@@ -811,12 +812,6 @@ impl<T: Send + Sync + 'static> Conn<T> {
     pub(crate) fn force_close(self: &Arc<Self>, shared: &Arc<Shared<T>>) {
         self.io.lock().force_close = true;
         schedule(shared, self);
-    }
-
-    /// Whether it is torn down at the end of this pass: a write failed,
-    /// or it is forced closed.
-    pub(crate) fn doomed(&self) -> bool {
-        self.io.lock().doomed()
     }
 
     /// The read gate, asked between messages: whether the job may go on

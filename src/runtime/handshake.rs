@@ -14,7 +14,7 @@ use crate::client::{Client, Origin};
 use crate::error::Error;
 use crate::message::{CloseCode, CloseFrame};
 use crate::proto::handshake::{
-    Reject, Request, Response, accept_response, check_upgrade, parse_http,
+    Reject, Request, Response, accept_response, check_upgrade, parse_http, request_line_len,
 };
 use crate::runtime::conn::{Conn, Extensions, Serving};
 use crate::runtime::registry::Pending;
@@ -152,6 +152,7 @@ fn handshake_inner<T: Send + Sync + 'static>(shared: &Arc<Shared<T>>, mut p: Box
         let reject = Reject::new(431).body("request headers too large");
         return abort_handshake(shared, *p, Some(&reject));
     }
+    let whole = max;
     let max = max - p.skipped;
     let ended = match read {
         Ok(true) => false,
@@ -178,6 +179,12 @@ fn handshake_inner<T: Send + Sync + 'static>(shared: &Arc<Shared<T>>, mut p: Box
             p.parsed = p.buf.len();
             park_handshake(shared, p, Interest::readable(0));
             return;
+        }
+        // Over what the empty lines before it left: `414` only if its
+        // line alone is over the whole limit.
+        Err(reject) if reject.status() == 414 && request_line_len(&p.buf) < whole => {
+            let reject = Reject::new(431).body("request headers too large");
+            return abort_handshake(shared, *p, Some(&reject));
         }
         Err(reject) => return abort_handshake(shared, *p, Some(&reject)),
     };

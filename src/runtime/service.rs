@@ -160,10 +160,7 @@ fn service_inner<T: Send + Sync + 'static>(
     // read that would only return EAGAIN.
     let mut read_now = !fresh;
     // One budget for the whole job, however many passes it makes.
-    let mut budget = JobBudget {
-        frames: FRAME_BUDGET,
-        bytes: READ_BUDGET,
-    };
+    let mut budget = JobBudget::FULL;
     let _serving = Serving::start(&**conn);
     // Whether a pass may run closures that hold the job for however long
     // (`on_error` is left out: it reports). Without them, as in the
@@ -200,16 +197,17 @@ fn service_inner<T: Send + Sync + 'static>(
             undrained = !read_available(shared, conn, &mut r, &mut budget);
         }
         read_now = true;
-        if !r.rest.is_empty() && conn.doomed() {
-            // It ends at this pass: what it read and kept (for a pause,
-            // or the budget) is delivered first, whatever the budget.
-            let rest = std::mem::take(&mut r.rest);
-            shared.unparsed_in.fetch_sub(rest.len(), Ordering::Relaxed);
-            feed(shared, conn, &mut r, &rest, &JobBudget::UNLIMITED);
-        }
         let now = shared.now_ms();
         let mut close_deadline = 0;
         if let Some(done) = progress(shared, conn, &mut r, now, &mut close_deadline) {
+            // What it read and kept (for a pause, or the budget) is
+            // delivered before the `Disconnect`, within one more job's
+            // budget: a pause protects nothing now.
+            if !r.rest.is_empty() {
+                let rest = std::mem::take(&mut r.rest);
+                shared.unparsed_in.fetch_sub(rest.len(), Ordering::Relaxed);
+                feed(shared, conn, &mut r, &rest, &JobBudget::FULL);
+            }
             teardown(shared, conn, Some(&mut r), None, done);
             return;
         }
@@ -288,10 +286,10 @@ struct JobBudget {
 }
 
 impl JobBudget {
-    /// For input that is delivered whatever it costs.
-    const UNLIMITED: JobBudget = JobBudget {
-        frames: usize::MAX,
-        bytes: usize::MAX,
+    /// A job's whole budget.
+    const FULL: JobBudget = JobBudget {
+        frames: FRAME_BUDGET,
+        bytes: READ_BUDGET,
     };
 
     /// Bytes read or inflated (whichever is more: a few compressed bytes
@@ -440,8 +438,9 @@ fn feed<T: Send + Sync + 'static>(
             _ => {}
         }
         handle(shared, conn, r, out, &mut batch);
-        // Bytes count once they pass what was read: only inflating cuts a
-        // read here (plain input is charged as read, after it).
+        // Bytes count once they pass what was read: inflating cuts a read
+        // here (as can a message mostly read before); plain input is
+        // otherwise charged as read, after it.
         let used = count >= budget.frames || delivered >= budget.bytes.max(bytes.len());
         if !input.is_empty() && (used || !conn.may_read(shared)) {
             r.rest.extend_from_slice(input);
