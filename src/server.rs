@@ -778,10 +778,11 @@ impl<T: Send + Sync + 'static> Builder<T> {
         self
     }
 
-    /// Answer plain HTTP requests (those without `Upgrade: websocket`)
-    /// with `f`, run on a pool worker, so one port can serve a page and
-    /// the socket. The connection is closed after the response. Without
-    /// it they get `426 Upgrade Required` (`405` or `400` if malformed).
+    /// Answer plain HTTP requests (those without `Upgrade: websocket`, and
+    /// every HTTP/1.0 request, whose `Upgrade` is ignored) with `f`, run
+    /// on a pool worker, so one port can serve a page and the socket. The
+    /// connection is closed after the response. Without it they get `426
+    /// Upgrade Required` (`405`, or `400` if malformed or HTTP/1.0).
     /// A panic in `f` is answered `500`. The whole answer must be
     /// written by the `handshake_timeout` counted from the connection's
     /// accept: a client too slow to read it by then is cut off midway.

@@ -177,6 +177,15 @@ fn plain_http_goes_to_the_handler_and_upgrades_still_work() {
     let resp = http(addr, b"GET /boom HTTP/1.1\r\nHost: x\r\n\r\n");
     assert!(resp.starts_with("HTTP/1.1 500 "), "{resp}");
 
+    // An HTTP/1.0 request's `Upgrade` is ignored (RFC 9110 section 7.8):
+    // it is plain HTTP, for the handler (before: refused with `400`).
+    let resp = http(
+        addr,
+        b"GET /old HTTP/1.0\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n",
+    );
+    assert!(resp.starts_with("HTTP/1.1 404 "), "{resp}");
+    assert!(resp.ends_with("no GET /old"), "{resp}");
+
     // The same port still upgrades.
     let mut ws = client(addr);
     // The handler's panic is reported as an event, never on stderr.
@@ -193,7 +202,7 @@ fn plain_http_goes_to_the_handler_and_upgrades_still_work() {
     assert_eq!(m, Message::Text("hi".into()));
     c.send(m).unwrap();
     assert_eq!(ws.read().unwrap(), tungstenite::Message::text("hi"));
-    assert_eq!(server.stats().http_answered, 3);
+    assert_eq!(server.stats().http_answered, 4);
 }
 
 #[test]
@@ -204,6 +213,13 @@ fn without_a_handler_plain_http_gets_426() {
         resp.starts_with("HTTP/1.1 426 Upgrade Required\r\n"),
         "{resp}"
     );
+    assert!(resp.contains("\r\nUpgrade: websocket\r\n"), "{resp}");
+    // An upgrade to another protocol (as `curl --http2` asks): the same.
+    let resp = http(
+        server.local_addr(),
+        b"GET / HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: h2c\r\n\r\n",
+    );
+    assert!(resp.starts_with("HTTP/1.1 426 "), "{resp}");
     assert!(resp.contains("\r\nUpgrade: websocket\r\n"), "{resp}");
     let resp = http(server.local_addr(), b"nonsense\r\n\r\n");
     assert!(resp.starts_with("HTTP/1.1 400 "), "{resp}");

@@ -162,11 +162,15 @@ impl Request {
         self.header_tokens("Sec-WebSocket-Protocol")
     }
 
-    /// Whether this asks for a WebSocket (`Upgrade: websocket`), as opposed
-    /// to a plain HTTP request.
+    /// Whether this asks for a WebSocket (`Upgrade: websocket` in an
+    /// HTTP/1.1 request), as opposed to a plain HTTP request.
     pub fn is_upgrade(&self) -> bool {
-        self.header_tokens("Upgrade")
-            .any(|t| t.eq_ignore_ascii_case("websocket"))
+        // An `Upgrade` header in an HTTP/1.0 request is ignored (RFC 9110
+        // section 7.8): such a request is plain HTTP.
+        self.version == 1
+            && self
+                .header_tokens("Upgrade")
+                .any(|t| t.eq_ignore_ascii_case("websocket"))
     }
 
     /// The comma-separated tokens of every header named `name`.
@@ -587,7 +591,8 @@ fn origin_form(target: &str) -> (Option<&str>, Option<&str>) {
 /// # Errors
 ///
 /// The refusal to answer with: `405` for a method other than GET, `426`
-/// without `Upgrade` or for a version other than 13, `400` otherwise.
+/// without `Upgrade: websocket` or for a version other than 13, `400`
+/// otherwise (HTTP/1.0 among them).
 pub fn check_upgrade(request: &mut Request) -> Result<(), Reject> {
     if request.method() != "GET" {
         return Err(Reject::new(405)
@@ -619,14 +624,13 @@ pub fn check_upgrade(request: &mut Request) -> Result<(), Reject> {
     if get("Host").is_none() {
         return Err(Reject::bad_request("missing Host header"));
     }
-    if get("Upgrade").is_none() {
+    // No upgrade, or one to another protocol (`h2c`, say): this
+    // endpoint requires websocket.
+    if !has_token("Upgrade", "websocket") {
         return Err(Reject::new(426)
             .header("Upgrade", "websocket")
             .header("Sec-WebSocket-Version", "13")
             .body("this endpoint speaks websocket"));
-    }
-    if !has_token("Upgrade", "websocket") {
-        return Err(Reject::bad_request("Upgrade header must be websocket"));
     }
     if !has_token("Connection", "upgrade") {
         return Err(Reject::bad_request(
@@ -917,7 +921,7 @@ mod tests {
     refused!(http10, "HTTP/1.1", "HTTP/1.0", 400);
     refused!(no_host, "Host: localhost\r\n", "", 400);
     refused!(no_upgrade, "Upgrade: WebSocket\r\n", "", 426);
-    refused!(wrong_upgrade, "Upgrade: WebSocket", "Upgrade: h2c", 400);
+    refused!(wrong_upgrade, "Upgrade: WebSocket", "Upgrade: h2c", 426);
     refused!(
         no_connection,
         "Connection: keep-alive, Upgrade",
