@@ -395,3 +395,73 @@ fn messages_read_and_held_by_a_pause_are_delivered_when_the_client_resets() {
     );
     assert_eq!(server.stats().unparsed_in_bytes, 0);
 }
+
+/// The same for a teardown nobody forced: a client paused by its own
+/// unconsumed events is closed by the server, never answers, and its
+/// close times out. What the server read and kept unparsed for the pause
+/// (here everything the client sent, in one read) is delivered before
+/// the `Disconnect`. Before, the teardown fed it only as far as the
+/// still-closed gate let it: one message, and the rest was dropped.
+#[test]
+fn messages_held_by_a_pause_are_delivered_when_a_close_times_out() {
+    const SENT: u32 = 40;
+    const SIZE: usize = 1024;
+    let server = WebSocketServer::builder()
+        .high_water(8 * 1024)
+        .low_water(2 * 1024)
+        .max_message_size(2048)
+        .max_backpressure(16 * 1024)
+        .event_queue_bytes(16 << 20)
+        .close_timeout(std::time::Duration::from_millis(300))
+        .ping_interval(None)
+        .start("127.0.0.1:0")
+        .unwrap();
+    let mut s = raw_ws(server.local_addr());
+    let client = expect_connect(&server);
+    let wire: Vec<u8> = (0..SENT)
+        .flat_map(|i| frame(0x82, &numbered(i, SIZE)))
+        .collect();
+    let frame_len = wire.len() / SENT as usize;
+    s.write_all(&wire).unwrap();
+    // Nobody consumes: the client's own events reach high water, and the
+    // read that did it keeps its rest unparsed. The whole write (41 KB)
+    // is one read, so the server has every message.
+    assert!(
+        eventually(WAIT, || {
+            let st = server.stats();
+            st.unparsed_in_bytes > 0
+                && st.messages_in + st.unparsed_in_bytes / frame_len as u64 == SENT as u64
+        }),
+        "not all read, or nothing held by a pause: {:?}",
+        server.stats()
+    );
+    // The server closes; the client reads nothing and never answers. The
+    // close lets the connection read on up to the hard limit, where it
+    // pauses again with input kept, and then the close times out.
+    client
+        .close(enjent::CloseCode::NORMAL, "bye")
+        .expect("close queued");
+    assert!(
+        eventually(WAIT, || server.stats().connections == 0),
+        "the close never timed out: {:?}",
+        server.stats()
+    );
+    let mut got = 0u32;
+    loop {
+        match next(&server) {
+            Event::Message { message, .. } => {
+                assert_eq!(
+                    message.as_bytes(),
+                    &numbered(got, SIZE)[..],
+                    "message {got}"
+                );
+                got += 1;
+            }
+            Event::Disconnect { .. } => break,
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert_eq!(got, SENT, "messages the server had read were dropped");
+    assert_eq!(server.stats().unparsed_in_bytes, 0);
+    drop(s);
+}

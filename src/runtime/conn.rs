@@ -234,7 +234,9 @@ pub(crate) struct WriteSide {
     /// Server clock (ms) of the last write that took bytes: a client
     /// paused because it does not read shows its idleness here.
     pub(crate) last_progress_ms: u64,
-    /// Shutdown ran out of patience: tear down now.
+    /// Tear down now: shutdown ran out of patience, the poller could not
+    /// watch the socket, or the job is already tearing it down (and
+    /// delivers what it kept, past any pause).
     pub(crate) force_close: bool,
     pub(crate) finished: bool,
 }
@@ -319,7 +321,7 @@ impl Serving {
 
 impl WriteSide {
     /// Whether it is torn down at the end of this pass: a write failed,
-    /// or it is forced closed.
+    /// or it is forced closed (or already being torn down).
     pub(crate) fn doomed(&self) -> bool {
         self.write_error.is_some() || self.force_close
     }

@@ -202,8 +202,11 @@ fn service_inner<T: Send + Sync + 'static>(
         if let Some(done) = progress(shared, conn, &mut r, now, &mut close_deadline) {
             // What it read and kept (for a pause, or the budget) is
             // delivered before the `Disconnect`, within one more job's
-            // budget: a pause protects nothing now.
+            // budget: a pause protects nothing now. Whatever the reason
+            // (a failed write, a force, or a close that timed out), the
+            // gate must not stop it: doomed, it lets everything through.
             if !r.rest.is_empty() {
+                conn.io.lock().force_close = true;
                 let rest = std::mem::take(&mut r.rest);
                 shared.unparsed_in.fetch_sub(rest.len(), Ordering::Relaxed);
                 feed(shared, conn, &mut r, &rest, &JobBudget::FULL);
