@@ -48,7 +48,9 @@ pub enum Event<T = ()> {
         /// it carried none); ours if the server failed the connection
         /// (1002, 1007, 1009, 1011), closed it for idleness (1001) or under
         /// the `Close` slow-client policy (1008);
-        /// otherwise 1006, the connection dropped without a close frame.
+        /// otherwise 1006, the connection dropped without a close frame
+        /// (as when the peer, instead of answering a close of ours, broke
+        /// the protocol: `error` says how).
         close: CloseFrame,
         /// What went wrong, if anything did: a protocol violation, an I/O
         /// error, a timeout.

@@ -51,7 +51,9 @@ pub struct Stats {
     /// Clients closed for idleness.
     pub idle_timeouts: u64,
     /// Connections failed for breaking the protocol, by the close code
-    /// sent (1002, 1007, 1009).
+    /// sent (1002, 1007, 1009). A peer that breaks it after the server's
+    /// own close frame gets no second one, and is not counted here (its
+    /// `Disconnect` has the error).
     pub protocol_errors: BTreeMap<u16, u64>,
     /// User closures or strategies that panicked.
     pub handler_panics: u64,

@@ -134,6 +134,35 @@ fn peer_that_never_answers_is_dropped_after_close_timeout() {
     assert!(closed_by_server(&mut s));
 }
 
+/// A peer that breaks the protocol after the server's close, instead of
+/// answering it: the server sends no second close frame, so the report is
+/// not a 1002 that never went out (as it was), and no protocol error is
+/// counted by a close code sent. No close frame came back: 1006, with the
+/// violation as the error.
+#[test]
+fn a_protocol_error_after_our_close_is_reported_without_a_code_never_sent() {
+    let server = server();
+    let mut s = raw_ws(server.local_addr());
+    let c = expect_connect(&server);
+    c.close(CloseCode::NORMAL, "bye").unwrap();
+    assert_eq!(read_close(&mut s), Some(1000));
+    // A reserved opcode where the answer should be.
+    s.write_all(&frame(0x83, b"no")).unwrap();
+    // Nothing more on the wire: no second close frame, then the end.
+    let mut after = Vec::new();
+    let _ = std::io::Read::read_to_end(&mut s, &mut after);
+    assert!(after.is_empty(), "sent after its close: {after:?}");
+    drop(s);
+    let (_, close, error) = expect_disconnect(&server);
+    assert_eq!(close.code, CloseCode::ABNORMAL, "{close:?}");
+    assert!(matches!(error, Some(Error::Protocol(_))), "{error:?}");
+    assert!(
+        server.stats().protocol_errors.is_empty(),
+        "{:?}",
+        server.stats()
+    );
+}
+
 /// Closes crossing: the server's `close()` while the client's Close is on
 /// its way. Whichever the server sees first, the client gets a close frame
 /// before the connection ends (RFC 6455 section 5.5.1: an endpoint that

@@ -759,10 +759,18 @@ fn handle<T: Send + Sync + 'static>(
             }
         }
         Output::Fail { error, reply } => {
-            shared.counters.protocol_error(reply.code.as_u16());
             r.error = Some(error.into());
-            r.report = Some(reply.clone());
-            let _ = conn.send_close(shared, reply);
+            // After a close of ours (the user's, an idle close) the wire
+            // has that one and this reply is not sent: the report stays
+            // as it was (1006 unless the peer's close comes), and no code
+            // is counted that never went out. A send that fails only for
+            // a failed write still reports and counts what was meant.
+            let closed_before = conn.closing.load(Ordering::Acquire);
+            let sent = conn.send_close(shared, reply.clone()).is_ok();
+            if sent || !closed_before {
+                shared.counters.protocol_error(reply.code.as_u16());
+                r.report = Some(reply);
+            }
         }
     }
 }
