@@ -726,7 +726,8 @@ impl<T: Send + Sync + 'static> Builder<T> {
 
     /// Accept upgrades only from these origins (compared without regard to
     /// ASCII case, e.g. `"https://chat.example.com"`); any other `Origin`
-    /// is answered `403`. A request without `Origin` (not from a browser)
+    /// is answered `403`, as is a request with two `Origin` lines of which
+    /// one is not allowed. A request without `Origin` (not from a browser)
     /// is let through. Default: any origin.
     pub fn allowed_origins<I, S>(mut self, origins: I) -> Self
     where

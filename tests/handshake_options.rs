@@ -12,9 +12,17 @@ use support::*;
 /// Send an upgrade request with `extra` header lines and return the
 /// response head and the socket (open if the answer was 101).
 fn upgrade(addr: SocketAddr, extra: &str) -> (String, TcpStream) {
+    upgrade_bytes(addr, extra.as_bytes())
+}
+
+/// [`upgrade`] with header lines that need not be UTF-8.
+fn upgrade_bytes(addr: SocketAddr, extra: &[u8]) -> (String, TcpStream) {
     let mut s = raw(addr);
-    let req = REQUEST.replace("\r\n\r\n", &format!("\r\n{extra}\r\n"));
-    s.write_all(req.as_bytes()).unwrap();
+    let head = REQUEST
+        .strip_suffix("\r\n")
+        .expect("a request ends its head");
+    s.write_all(&[head.as_bytes(), extra, b"\r\n"].concat())
+        .unwrap();
     let mut head = Vec::new();
     let mut b = [0u8; 1];
     while !head.ends_with(b"\r\n\r\n") {
@@ -141,7 +149,23 @@ fn origins_outside_the_list_get_403() {
     let (head, _s) = upgrade(addr, "");
     assert_eq!(status(&head), 101, "{head}");
     expect_connect(&server);
-    assert_eq!(server.stats().handshakes_refused.get(&403), Some(&2));
+    // An allowed Origin does not cover a second one (RFC 6454 section
+    // 7.3: a browser sends one), nor does a value that is not UTF-8.
+    let (head, _s) = upgrade(
+        addr,
+        "Origin: https://chat.example.com\r\nOrigin: https://evil.example\r\n",
+    );
+    assert_eq!(status(&head), 403, "{head}");
+    let (head, _s) = upgrade_bytes(addr, b"Origin: https://chat.example.com\xff\r\n");
+    assert_eq!(status(&head), 403, "{head}");
+    // Twice the same allowed one is still allowed.
+    let (head, _s) = upgrade(
+        addr,
+        "Origin: https://chat.example.com\r\nOrigin: http://localhost:8080\r\n",
+    );
+    assert_eq!(status(&head), 101, "{head}");
+    expect_connect(&server);
+    assert_eq!(server.stats().handshakes_refused.get(&403), Some(&4));
 }
 
 #[test]

@@ -66,9 +66,15 @@ pub(crate) fn refuse_by_content<T: Send + Sync + 'static>(
     request: &mut Request,
 ) -> Result<(), Reject> {
     check_upgrade(request)?;
+    // Every `Origin` line must be allowed, not just the first (a browser
+    // sends one; a second one of an attacker's must not hide behind it),
+    // and a value that is not UTF-8 is no allowed origin.
     if let Some(allowed) = &shared.config.allowed_origins
-        && let Some(origin) = request.origin()
-        && !allowed.iter().any(|a| a.eq_ignore_ascii_case(origin))
+        && request.values("Origin").any(|origin| {
+            !allowed
+                .iter()
+                .any(|a| a.as_bytes().eq_ignore_ascii_case(origin))
+        })
     {
         return Err(Reject::forbidden("origin not allowed"));
     }
