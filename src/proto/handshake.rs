@@ -494,14 +494,24 @@ pub fn parse_request(buf: &[u8], max_bytes: usize) -> Result<Option<(Request, us
     Ok(Some((request, len)))
 }
 
+/// How many bytes of empty lines (CRLF, or a bare LF) `buf` starts with:
+/// a server ignores them before a request line (RFC 9112 section 2.2). A
+/// lone CR is no empty line: the parse refuses it.
+pub(crate) fn leading_empty_lines(buf: &[u8]) -> usize {
+    let mut i = 0;
+    loop {
+        match &buf[i..] {
+            [b'\r', b'\n', ..] => i += 2,
+            [b'\n', ..] => i += 1,
+            _ => return i,
+        }
+    }
+}
+
 /// The length of the request line `buf` starts with (after any empty
 /// lines), or of all of `buf` if the line has not ended.
 pub(crate) fn request_line_len(buf: &[u8]) -> usize {
-    let blank = buf
-        .iter()
-        .take_while(|&&b| b == b'\r' || b == b'\n')
-        .count();
-    let rest = &buf[blank..];
+    let rest = &buf[leading_empty_lines(buf)..];
     rest.iter().position(|&b| b == b'\n').unwrap_or(rest.len())
 }
 
@@ -997,6 +1007,18 @@ mod tests {
                 .status(),
             414
         );
+    }
+
+    #[test]
+    fn empty_lines_are_whole_crlfs_or_lfs_and_a_lone_cr_is_none() {
+        assert_eq!(leading_empty_lines(b"\r\n\n\r\nGET"), 5);
+        assert_eq!(leading_empty_lines(b"\n\rGET"), 1);
+        assert_eq!(leading_empty_lines(b"\r"), 0);
+        assert_eq!(leading_empty_lines(b"\r\r\n"), 0);
+        assert_eq!(leading_empty_lines(b""), 0);
+        // The request line is measured after them, a lone CR and all.
+        assert_eq!(request_line_len(b"\r\n\nGET / HTTP/1.1\r\n"), 15);
+        assert_eq!(request_line_len(b"\n\rGET /"), 6);
     }
 
     #[test]

@@ -101,14 +101,7 @@ pub(crate) fn handshake<T: Send + Sync + 'static>(shared: &Arc<Shared<T>>, p: Bo
 /// bytes dropped. A `\r` at its end may begin one: it is kept until the
 /// next byte says.
 fn skip_leading_empty_lines(buf: &mut Vec<u8>) -> usize {
-    let mut i = 0;
-    loop {
-        match &buf[i..] {
-            [b'\r', b'\n', ..] => i += 2,
-            [b'\n', ..] => i += 1,
-            _ => break,
-        }
-    }
+    let i = crate::proto::handshake::leading_empty_lines(buf);
     buf.drain(..i);
     i
 }
