@@ -134,6 +134,39 @@ fn peer_that_never_answers_is_dropped_after_close_timeout() {
     assert!(closed_by_server(&mut s));
 }
 
+/// RFC 6455 section 5.5.2: a Ping gets a Pong unless a Close was
+/// received. So a peer that pings after the server's close, before it
+/// answers, gets its pongs (after our close frame on the wire), and its
+/// answer still completes the handshake. Before, pings were ignored once
+/// our close was sent.
+#[test]
+fn pings_after_our_close_are_answered_until_the_peers_close() {
+    let server = server();
+    let mut s = raw_ws(server.local_addr());
+    let c = expect_connect(&server);
+    c.close(CloseCode::NORMAL, "bye").unwrap();
+    assert_eq!(read_close(&mut s), Some(1000));
+    s.write_all(&frame(0x89, b"one")).unwrap();
+    assert_eq!(read_frame(&mut s), (0x8A, b"one".to_vec()));
+    // Two in one write, then the answer: both pongs, then the end.
+    let mut wire = frame(0x89, b"two");
+    wire.extend(frame(0x89, b""));
+    wire.extend(frame(0x88, &close_payload(1000, "")));
+    s.write_all(&wire).unwrap();
+    assert_eq!(read_frame(&mut s), (0x8A, b"two".to_vec()));
+    assert_eq!(read_frame(&mut s), (0x8A, Vec::new()));
+    assert!(closed_by_server(&mut s));
+    let (_, close, error) = expect_disconnect(&server);
+    assert_eq!(close.code, CloseCode::NORMAL);
+    assert!(error.is_none(), "{error:?}");
+    // Nor may the server's own pings follow its close.
+    let s2 = raw_ws(server.local_addr());
+    let c2 = expect_connect(&server);
+    c2.close(CloseCode::NORMAL, "").unwrap();
+    assert!(matches!(server.handle().ping(c2.id()), Err(Error::Closed)));
+    drop(s2);
+}
+
 /// A peer that breaks the protocol after the server's close, instead of
 /// answering it: the server sends no second close frame, so the report is
 /// not a 1002 that never went out (as it was), and no protocol error is

@@ -151,40 +151,42 @@ impl Connection {
     /// (`None`). Input that arrives once the peer can no longer send is
     /// discarded.
     pub fn read(&mut self, input: &mut &[u8]) -> Option<Output> {
-        while self.wants_input() {
-            let item = match self.decoder.decode(input) {
-                Ok(Some(item)) => item,
-                Ok(None) => return None,
-                Err(error) => return self.fail(error),
-            };
-            match item {
-                Incoming::Message(m) => return Some(Output::Message(m)),
-                Incoming::Ping(p) if self.state == State::Open => return Some(Output::SendPong(p)),
-                Incoming::Ping(_) => {}
-                Incoming::Pong(_) => return Some(Output::Pong),
-                Incoming::Close(frame) => {
-                    // The peer sends no more: a message it left unfinished
-                    // never will be, and its buffers go now.
-                    self.decoder.reset();
-                    let reply = match self.state {
-                        State::CloseSent => {
-                            self.state = State::Closed;
-                            None
-                        }
-                        _ => {
-                            self.state = State::CloseReceived;
-                            Some(match &frame {
-                                Some(f) => CloseFrame::new(f.code, ""),
-                                None => CloseFrame::new(CloseCode::NORMAL, ""),
-                            })
-                        }
-                    };
-                    return Some(Output::PeerClosed { frame, reply });
-                }
-            }
+        if !self.wants_input() {
+            *input = &[];
+            return None;
         }
-        *input = &[];
-        None
+        let item = match self.decoder.decode(input) {
+            Ok(Some(item)) => item,
+            Ok(None) => return None,
+            Err(error) => return self.fail(error),
+        };
+        Some(match item {
+            Incoming::Message(m) => Output::Message(m),
+            // Answered until the peer's Close, ours sent or not (RFC 6455
+            // section 5.5.2); only a data frame may not follow our Close
+            // (section 5.5.1).
+            Incoming::Ping(p) => Output::SendPong(p),
+            Incoming::Pong(_) => Output::Pong,
+            Incoming::Close(frame) => {
+                // The peer sends no more: a message it left unfinished
+                // never will be, and its buffers go now.
+                self.decoder.reset();
+                let reply = match self.state {
+                    State::CloseSent => {
+                        self.state = State::Closed;
+                        None
+                    }
+                    _ => {
+                        self.state = State::CloseReceived;
+                        Some(match &frame {
+                            Some(f) => CloseFrame::new(f.code, ""),
+                            None => CloseFrame::new(CloseCode::NORMAL, ""),
+                        })
+                    }
+                };
+                Output::PeerClosed { frame, reply }
+            }
+        })
     }
 }
 
@@ -291,15 +293,18 @@ mod tests {
         let mut c = Connection::new(Limits::default());
         c.close_sent();
         assert_eq!(c.state(), State::CloseSent);
-        // Messages still arrive; pings are not answered after our Close.
+        // Messages still arrive, and pings are answered until the peer's
+        // Close.
         let mut wire = frame(0x82, &[1, 2]);
         wire.extend(frame(0x89, b"p"));
         wire.extend(frame(0x88, &[0x03, 0xE8]));
+        wire.extend(frame(0x89, b"late"));
         let out = read_all(&mut c, &wire);
         assert_eq!(
             out,
             vec![
                 Output::Message(Message::Binary(vec![1, 2])),
+                Output::SendPong(b"p".to_vec()),
                 Output::PeerClosed {
                     frame: Some(CloseFrame::new(CloseCode::NORMAL, "")),
                     reply: None,
