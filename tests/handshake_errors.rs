@@ -593,7 +593,7 @@ fn a_request_that_comes_late_is_served_with_its_first_frame() {
 
 /// A handshake deadline past what the server took for "never" (a year):
 /// shutdown still answers the half-sent handshakes waiting for their
-/// bytes. Was a bug: shutdown took only handshakes due within a year, so
+/// bytes (a `HEAD` without the body). Was a bug: shutdown took only handshakes due within a year, so
 /// these were left unanswered, and a failed registration leaked its slot.
 #[test]
 fn shutdown_answers_handshakes_with_a_deadline_past_a_year() {
@@ -604,13 +604,25 @@ fn shutdown_answers_handshakes_with_a_deadline_past_a_year() {
         .unwrap();
     let mut s = raw(server.local_addr());
     s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n").unwrap();
-    // Time for the half request to be read and parked.
+    // A `HEAD`'s answer is its head alone (RFC 9110 section 9.3.2).
+    let mut h = raw(server.local_addr());
+    h.write_all(b"\r\nHEAD / HTTP/1.1\r\nHost: x\r\n").unwrap();
+    // Time for the half requests to be read and parked.
     std::thread::sleep(Duration::from_millis(300));
     server.shutdown();
     let mut answer = Vec::new();
     let _ = s.read_to_end(&mut answer);
     let answer = String::from_utf8_lossy(&answer);
     assert!(answer.starts_with("HTTP/1.1 503 "), "{answer:?}");
+    assert!(!answer.ends_with("\r\n\r\n"), "no body: {answer:?}");
+    let mut answer = Vec::new();
+    let _ = h.read_to_end(&mut answer);
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 503 "), "{answer:?}");
+    assert!(
+        answer.ends_with("\r\n\r\n"),
+        "a body after the head: {answer:?}"
+    );
 }
 
 /// A request target in absolute form (RFC 9112 section 3.2.2: a server

@@ -22,8 +22,13 @@ use crate::runtime::service::{read_some, service, with_scratch};
 use crate::runtime::{Shared, panic_close};
 use crate::stats::Counters;
 
+/// Answer (if there is an answer) and drop a handshake. A request read
+/// so far that is a `HEAD` gets the answer's head alone (RFC 9110 section
+/// 9.3.2), as it would from a worker.
 pub(crate) fn abort_handshake<T>(shared: &Shared<T>, p: Pending, answer: Option<&Reject>) {
-    abort_handshake_for(shared, p, answer, false);
+    let head_only =
+        p.buf[crate::proto::handshake::leading_empty_lines(&p.buf)..].starts_with(b"HEAD ");
+    abort_handshake_for(shared, p, answer, head_only);
 }
 
 /// [`abort_handshake`], for a `HEAD` request (`head_only`: the answer's
