@@ -332,6 +332,18 @@ fn a_backlog_of_tiny_messages_from_eight_threads_arrives_whole_and_in_order() {
 /// that found the failed write tore the connection down with them unread.
 #[test]
 fn messages_read_and_held_by_a_pause_are_delivered_when_the_client_resets() {
+    held_by_a_pause_then_reset(1);
+}
+
+/// The same for a crowd: eight clients paused at once with input kept,
+/// all resetting together, each torn down while paused. Every message the
+/// server had read reaches the main loop, client by client in order.
+#[test]
+fn messages_held_by_pauses_are_delivered_when_a_crowd_resets() {
+    held_by_a_pause_then_reset(8);
+}
+
+fn held_by_a_pause_then_reset(clients: usize) {
     const SENT: u32 = 100;
     const SIZE: usize = 1024;
     let server = WebSocketServer::builder()
@@ -341,56 +353,78 @@ fn messages_read_and_held_by_a_pause_are_delivered_when_the_client_resets() {
         .ping_interval(None)
         .start("127.0.0.1:0")
         .unwrap();
-    let mut s = raw_ws(server.local_addr());
-    let client = expect_connect(&server);
-    let wire: Vec<u8> = (0..SENT)
-        .flat_map(|i| frame(0x82, &numbered(i, SIZE)))
-        .collect();
-    let frame_len = wire.len() / SENT as usize;
-    s.write_all(&wire).unwrap();
-    // Nobody consumes: the client's own events reach high water, and the
-    // read that did it keeps its rest unparsed.
+    // Message `i` of client `c`: numbered, with the client in byte 4.
+    let message = |c: usize, i: u32| {
+        let mut m = numbered(i, SIZE);
+        m[4] = c as u8;
+        m
+    };
+    let mut sockets = Vec::new();
+    let mut handles = Vec::new();
+    for _ in 0..clients {
+        sockets.push(raw_ws(server.local_addr()));
+        handles.push(expect_connect(&server));
+    }
+    let mut frame_len = 0;
+    for (c, s) in sockets.iter_mut().enumerate() {
+        let wire: Vec<u8> = (0..SENT)
+            .flat_map(|i| frame(0x82, &message(c, i)))
+            .collect();
+        frame_len = wire.len() / SENT as usize;
+        s.write_all(&wire).unwrap();
+    }
+    // Nobody consumes: each client's own events reach high water, and
+    // the read that did it keeps its rest unparsed.
     assert!(
-        eventually(WAIT, || server.stats().unparsed_in_bytes
-            >= frame_len as u64),
-        "no input held by a pause: {:?}",
+        eventually(WAIT, || {
+            let st = server.stats();
+            st.read_pauses >= clients as u64 && st.unparsed_in_bytes >= frame_len as u64
+        }),
+        "no input held by pauses: {:?}",
         server.stats()
     );
     let before = server.stats();
     let held = before.unparsed_in_bytes as usize / frame_len;
-    let _ = socket2::SockRef::from(&s).set_linger(Some(std::time::Duration::ZERO));
-    drop(s);
-    // Sends find the reset (the readiness loop may too), and the
-    // connection ends while still paused: the events are read only after.
+    for s in sockets {
+        let _ = socket2::SockRef::from(&s).set_linger(Some(std::time::Duration::ZERO));
+    }
+    // Sends find the resets (the readiness loop may too), and the
+    // connections end while still paused: the events are read only after.
     assert!(
         eventually(WAIT, || {
-            let _ = client.send(vec![1u8; 16]);
+            for client in &handles {
+                let _ = client.send(vec![1u8; 16]);
+            }
             server.stats().connections == 0
         }),
         "not torn down while paused: {:?}",
         server.stats()
     );
-    let mut got = 0u32;
-    loop {
+    let mut got = vec![0u32; clients];
+    let mut gone = 0;
+    while gone < clients {
         match next(&server) {
-            Event::Message { message, .. } => {
+            Event::Message { client, message: m } => {
+                let c = handles.iter().position(|h| h.id() == client.id()).unwrap();
                 assert_eq!(
-                    message.as_bytes(),
-                    &numbered(got, SIZE)[..],
-                    "message {got}"
+                    m.as_bytes(),
+                    &message(c, got[c])[..],
+                    "client {c}, message {}",
+                    got[c]
                 );
-                got += 1;
+                got[c] += 1;
             }
             Event::Disconnect { error, .. } => {
                 assert!(error.is_some(), "a reset is an error");
-                break;
+                gone += 1;
             }
             other => panic!("unexpected {other:?}"),
         }
     }
+    let total: u64 = got.iter().map(|&n| n as u64).sum();
     assert!(
-        got as u64 >= before.messages_in + held as u64,
-        "{got} delivered: {} before the reset, and {held} whole messages held unparsed then ({before:?})",
+        total >= before.messages_in + held as u64,
+        "{got:?} delivered: {} before the resets, and {held} whole messages held unparsed then ({before:?})",
         before.messages_in
     );
     assert_eq!(server.stats().unparsed_in_bytes, 0);
