@@ -681,9 +681,34 @@ fn a_main_loop_far_behind_is_never_refused_a_grown_reply() {
 /// and handed over all of its read first (121 here).
 #[test]
 fn a_read_of_compressed_messages_is_cut_at_the_jobs_byte_budget() {
+    let b_at = compressed_floods_then_one_message(1, 200);
+    // Without the cut it comes after a whole read (60 and more).
+    assert!(
+        (1..20).contains(&b_at),
+        "B's message handled after {b_at} of A's"
+    );
+}
+
+/// The same with a crowd: six clients each write 40 such messages (40 MiB
+/// inflated each) before B's one. Each flood's job is cut at the budget
+/// and goes behind B in the ready queue, so B's message is handled after
+/// a turn of each, not after 240 MiB of inflating.
+#[test]
+fn a_crowd_of_compressed_floods_leaves_room_for_a_plain_message() {
+    let b_at = compressed_floods_then_one_message(6, 40);
+    assert!(
+        (1..6 * 5).contains(&b_at),
+        "B's message handled after {b_at} of the floods'"
+    );
+}
+
+/// With one worker held by a closure, `floods` clients each write `sent`
+/// compressed messages of 1 MiB of zeros in one write, then client B
+/// writes one plain message, then the worker is let go. Returns how many
+/// flood messages were handled before B's.
+fn compressed_floods_then_one_message(floods: usize, sent: usize) -> usize {
     use std::sync::mpsc;
     use std::sync::{Arc, Mutex};
-    const SENT: usize = 200;
     let order: Arc<Mutex<Vec<usize>>> = Arc::default();
     let seen = Arc::clone(&order);
     let (release, held) = mpsc::channel::<()>();
@@ -703,34 +728,33 @@ fn a_read_of_compressed_messages_is_cut_at_the_jobs_byte_budget() {
         })
         .start("127.0.0.1:0")
         .unwrap();
-    let (_h, mut a) = upgrade(server.local_addr(), &format!("{PDE}\r\n"));
+    let mut attackers: Vec<_> = (0..floods)
+        .map(|_| upgrade(server.local_addr(), &format!("{PDE}\r\n")).1)
+        .collect();
     let mut b = raw_ws(server.local_addr());
     let mut c = raw_ws(server.local_addr());
     c.write_all(&frame(0x81, b"hold")).unwrap();
     is_held.recv_timeout(WAIT).expect("the worker held");
-    let wire = frame(0xC2, &deflate(&vec![0u8; 1 << 20])).repeat(SENT);
+    let wire = frame(0xC2, &deflate(&vec![0u8; 1 << 20])).repeat(sent);
     assert!(
         wire.len() < 256 << 10,
         "{} B: more than one read",
         wire.len()
     );
-    a.write_all(&wire).unwrap();
-    // A is ready first (its readiness reported before B's).
+    for a in &mut attackers {
+        a.write_all(&wire).unwrap();
+    }
+    // The floods are ready first (their readiness reported before B's).
     std::thread::sleep(std::time::Duration::from_millis(50));
     b.write_all(&frame(0x82, b"b")).unwrap();
     std::thread::sleep(std::time::Duration::from_millis(50));
     drop(release);
+    let total = floods * sent + 1;
     assert!(
-        eventually(WAIT * 3, || order.lock().unwrap().len() == SENT + 1),
-        "{} of {} messages handled",
+        eventually(WAIT * 3, || order.lock().unwrap().len() == total),
+        "{} of {total} messages handled",
         order.lock().unwrap().len(),
-        SENT + 1
     );
     let order = order.lock().unwrap();
-    let b_at = order.iter().position(|&n| n == 1).unwrap();
-    // Without the cut it comes after a whole read (60 and more).
-    assert!(
-        (1..20).contains(&b_at),
-        "B's message handled after {b_at} of A's"
-    );
+    order.iter().position(|&n| n == 1).unwrap()
 }
