@@ -167,6 +167,76 @@ fn pings_after_our_close_are_answered_until_the_peers_close() {
     drop(s2);
 }
 
+/// Answering pings after our close must not let a peer that never reads
+/// hold more than an open one can. While closing, the gate reads on to
+/// the hard limit (for the peer's answer), so pongs are answered then
+/// only while the queue is under high water (RFC 6455 section 5.5.3 lets
+/// an endpoint answer only the latest ping). Here a crowd of eight
+/// clients closed at once, as at shutdown or an idle close, each sending
+/// 30,000 pings of 125 bytes (3.8 MB of pongs, more than the kernel
+/// takes) and then its answer, and reading nothing: each one's queue
+/// stays near high water (16 KiB); answering them all, each grew to the
+/// hard limit (1 MiB counted, 522 KB of pongs).
+#[test]
+fn a_ping_flood_after_our_close_queues_no_more_than_high_water() {
+    const CLIENTS: usize = 8;
+    let server = WebSocketServer::builder()
+        .high_water(16 * 1024)
+        .low_water(4 * 1024)
+        .max_message_size(64 * 1024)
+        .max_backpressure(1 << 20)
+        .close_timeout(Duration::from_secs(1))
+        .ping_interval(None)
+        .start("127.0.0.1:0")
+        .unwrap();
+    let mut sockets = Vec::new();
+    let mut clients = Vec::new();
+    for _ in 0..CLIENTS {
+        sockets.push(raw_ws_small_window(server.local_addr()));
+        clients.push(expect_connect(&server));
+    }
+    for c in &clients {
+        c.close(CloseCode::NORMAL, "bye").unwrap();
+    }
+    let mut wire = frame(0x89, &[7u8; 125]).repeat(30_000);
+    wire.extend(frame(0x88, &close_payload(1000, "")));
+    let wire = std::sync::Arc::new(wire);
+    let writers: Vec<_> = sockets
+        .iter()
+        .map(|s| {
+            let mut w = s.try_clone().unwrap();
+            w.set_write_timeout(Some(WAIT)).unwrap();
+            let wire = std::sync::Arc::clone(&wire);
+            std::thread::spawn(move || {
+                let _ = w.write_all(&wire);
+            })
+        })
+        .collect();
+    // Until every connection ends (their queues never drain: the close
+    // timeout ends them), the most the server queued for any of them.
+    let (mut most, mut gone) = (0, 0);
+    let started = Instant::now();
+    while gone < CLIENTS {
+        for c in &clients {
+            most = most.max(c.buffered_amount());
+        }
+        match server.recv_timeout(Duration::from_millis(1)) {
+            Ok(enjent::Event::Disconnect { .. }) => gone += 1,
+            Ok(_) | Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
+            Err(e) => panic!("{e}"),
+        }
+        assert!(started.elapsed() < WAIT, "never torn down");
+    }
+    assert!(
+        most < 32 * 1024,
+        "{most} bytes of pongs queued to one client"
+    );
+    drop(sockets);
+    for w in writers {
+        w.join().unwrap();
+    }
+}
+
 /// A peer that breaks the protocol after the server's close, instead of
 /// answering it: the server sends no second close frame, so the report is
 /// not a 1002 that never went out (as it was), and no protocol error is
