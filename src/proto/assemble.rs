@@ -295,6 +295,17 @@ impl Decoder {
         // The limits are on what a message is: a compressed one may take
         // a little more on the wire (incompressible data grows), and its
         // inflated size is held to the message limit as it inflates.
+        // A frame out of sequence is a protocol error (1002) whatever its
+        // size: judged before the limits (1009).
+        match (opcode, self.msg.is_some()) {
+            (OpCode::Continuation, false) => {
+                return Err(ProtocolError::UnexpectedContinuation.into());
+            }
+            (OpCode::Text | OpCode::Binary, true) => {
+                return Err(ProtocolError::ExpectedContinuation.into());
+            }
+            _ => {}
+        }
         let compressed = compressed || self.msg.as_ref().is_some_and(|m| m.compressed);
         let on_wire = |n: usize| if compressed { compressed_bound(n) } else { n } as u64;
         let frame_limit = on_wire(self.limits.max_frame_size);
@@ -546,6 +557,25 @@ mod tests {
         assert_eq!(err, Some(ProtocolError::UnexpectedContinuation.into()));
         let mut wire = frame(0x01, b"a");
         wire.extend(frame(0x81, b"b"));
+        let (_, err) = decode_all(&wire);
+        assert_eq!(err, Some(ProtocolError::ExpectedContinuation.into()));
+    }
+
+    #[test]
+    fn a_frame_out_of_sequence_is_a_protocol_error_whatever_its_size() {
+        // Headers alone: a continuation that announces 2 MiB with no
+        // message begun, and a new text frame of 2 MiB inside a message.
+        // Both are 1002, not the 1009 their size alone would earn.
+        let header = |first: u8| {
+            let mut h = vec![first, 0x80 | 127];
+            h.extend((2u64 << 20).to_be_bytes());
+            h.extend([1, 2, 3, 4]);
+            h
+        };
+        let (_, err) = decode_all(&header(0x80));
+        assert_eq!(err, Some(ProtocolError::UnexpectedContinuation.into()));
+        let mut wire = frame(0x01, b"a");
+        wire.extend(header(0x81));
         let (_, err) = decode_all(&wire);
         assert_eq!(err, Some(ProtocolError::ExpectedContinuation.into()));
     }

@@ -211,6 +211,8 @@ fn fail_reason(e: DecodeError) -> &'static str {
     match e {
         DecodeError::TooLarge { .. } => "message too big",
         DecodeError::Protocol(p) if p.close_code() == CloseCode::INVALID_PAYLOAD => "invalid utf-8",
+        // Too many fragments, or compressed streams: over a limit too.
+        DecodeError::Protocol(p) if p.close_code() == CloseCode::TOO_BIG => "message too big",
         DecodeError::Protocol(_) => "protocol error",
     }
 }
@@ -312,6 +314,26 @@ mod tests {
             ]
         );
         assert_eq!(c.state(), State::Closed);
+    }
+
+    #[test]
+    fn a_close_for_a_limit_says_so_whatever_the_error() {
+        let mut c = Connection::new(Limits {
+            max_fragments: 2,
+            ..Limits::default()
+        });
+        let mut wire = frame(0x01, b"a");
+        wire.extend(frame(0x00, b"b"));
+        wire.extend(frame(0x00, b"c"));
+        let out = read_all(&mut c, &wire);
+        assert!(
+            matches!(
+                out.as_slice(),
+                [Output::Fail { reply, .. }]
+                    if reply.code == CloseCode::TOO_BIG && reply.reason == "message too big"
+            ),
+            "{out:?}"
+        );
     }
 
     #[test]
