@@ -430,36 +430,48 @@ fn held_by_a_pause_then_reset(clients: usize) {
     assert_eq!(server.stats().unparsed_in_bytes, 0);
 }
 
-/// The same for a teardown nobody forced: a client paused by its own
-/// unconsumed events is closed by the server, never answers, and its
-/// close times out. What the server read and kept unparsed for the pause
-/// (here everything the client sent, in one read) is delivered before
-/// the `Disconnect`. Before, the teardown fed it only as far as the
-/// still-closed gate let it: one message, and the rest was dropped.
+/// The same for a teardown nobody forced: a client paused because it
+/// reads nothing (its queue, a reply of 8 MiB, over the hard limit) is
+/// closed by the server, never answers, and its close times out. What the
+/// server read and kept unparsed for the pause (here everything the
+/// client sent, in one read) is delivered before the `Disconnect`.
+/// Before, the teardown fed it only as far as the still-closed gate let
+/// it: one message, and the rest was dropped.
 #[test]
 fn messages_held_by_a_pause_are_delivered_when_a_close_times_out() {
     const SENT: u32 = 40;
     const SIZE: usize = 1024;
+    let seen: Arc<Mutex<Vec<Vec<u8>>>> = Arc::default();
+    let sink = Arc::clone(&seen);
     let server = WebSocketServer::builder()
         .high_water(8 * 1024)
         .low_water(2 * 1024)
         .max_message_size(2048)
         .max_backpressure(16 * 1024)
-        .event_queue_bytes(16 << 20)
         .close_timeout(std::time::Duration::from_millis(300))
         .ping_interval(None)
+        .on_message(move |c, m: Message| {
+            let mut seen = sink.lock().unwrap();
+            if seen.is_empty() {
+                // A reply larger than the hard limit, to a client that
+                // reads nothing: most of it stays queued.
+                c.send(vec![9u8; 8 << 20]).unwrap();
+            }
+            seen.push(m.as_bytes().to_vec());
+        })
+        .queue_unhandled_events(true)
         .start("127.0.0.1:0")
         .unwrap();
-    let mut s = raw_ws(server.local_addr());
+    let mut s = raw_ws_small_window(server.local_addr());
     let client = expect_connect(&server);
     let wire: Vec<u8> = (0..SENT)
         .flat_map(|i| frame(0x82, &numbered(i, SIZE)))
         .collect();
     let frame_len = wire.len() / SENT as usize;
     s.write_all(&wire).unwrap();
-    // Nobody consumes: the client's own events reach high water, and the
-    // read that did it keeps its rest unparsed. The whole write (41 KB)
-    // is one read, so the server has every message.
+    // Its queue over high water after the first message, the read (the
+    // whole write, 41 KB) keeps its rest unparsed: the server has every
+    // message.
     assert!(
         eventually(WAIT, || {
             let st = server.stats();
@@ -469,33 +481,25 @@ fn messages_held_by_a_pause_are_delivered_when_a_close_times_out() {
         "not all read, or nothing held by a pause: {:?}",
         server.stats()
     );
-    // The server closes; the client reads nothing and never answers. The
-    // close lets the connection read on up to the hard limit, where it
-    // pauses again with input kept, and then the close times out.
+    // The server closes; the client reads nothing and never answers. With
+    // its queue over the hard limit the close does not end the pause,
+    // and the close times out.
     client
         .close(enjent::CloseCode::NORMAL, "bye")
         .expect("close queued");
-    assert!(
-        eventually(WAIT, || server.stats().connections == 0),
-        "the close never timed out: {:?}",
-        server.stats()
-    );
-    let mut got = 0u32;
-    loop {
-        match next(&server) {
-            Event::Message { message, .. } => {
-                assert_eq!(
-                    message.as_bytes(),
-                    &numbered(got, SIZE)[..],
-                    "message {got}"
-                );
-                got += 1;
-            }
-            Event::Disconnect { .. } => break,
-            other => panic!("unexpected {other:?}"),
-        }
+    match next(&server) {
+        Event::Disconnect { .. } => {}
+        other => panic!("unexpected {other:?}"),
     }
-    assert_eq!(got, SENT, "messages the server had read were dropped");
+    let seen = seen.lock().unwrap();
+    assert_eq!(
+        seen.len(),
+        SENT as usize,
+        "messages the server had read were dropped"
+    );
+    for (i, m) in seen.iter().enumerate() {
+        assert!(m == &numbered(i as u32, SIZE), "message {i}");
+    }
     assert_eq!(server.stats().unparsed_in_bytes, 0);
     drop(s);
 }

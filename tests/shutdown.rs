@@ -221,3 +221,90 @@ fn a_client_forced_off_by_shutdown_with_data_queued_is_told_so() {
         other => panic!("{other:?}"),
     }
 }
+
+/// Shutdown called from the main loop's own thread, so that nothing
+/// consumes events until it returns, with clients streaming messages the
+/// loop had fallen behind on (each paused by its own unconsumed events).
+/// Their close must still be read: what each sends until it answers is
+/// delivered (the channel is far from a whole budget behind), and its
+/// answer ends its connection, not the close timeout. Before, a closing
+/// client was read on only up to the hard limit of unconsumed events,
+/// then paused again with nobody left to end the pause: the rest of its
+/// messages and its answer stayed in the kernel, lost with the socket,
+/// and each `Disconnect` said 1006 after the close timeout.
+#[test]
+fn shutdown_from_the_main_loop_reads_closing_clients_to_their_answer() {
+    use std::io::Write;
+    const CLIENTS: usize = 4;
+    const SENT: u32 = 3000;
+    let server = WebSocketServer::builder()
+        .close_timeout(Duration::from_secs(3))
+        .ping_interval(None)
+        .start("127.0.0.1:0")
+        .unwrap();
+    let message = |c: usize, i: u32| {
+        let mut m = numbered(i, 1024);
+        m[4] = c as u8;
+        m
+    };
+    let mut ids = Vec::new();
+    let mut sockets = Vec::new();
+    for _ in 0..CLIENTS {
+        sockets.push(raw_ws(server.local_addr()));
+        ids.push(expect_connect(&server).id());
+    }
+    let mut answerers = Vec::new();
+    for (c, mut s) in sockets.into_iter().enumerate() {
+        let mut w = s.try_clone().unwrap();
+        let wire: Vec<u8> = (0..SENT)
+            .flat_map(|i| frame(0x82, &message(c, i)))
+            .collect();
+        let writer = std::thread::spawn(move || {
+            // Blocks while the server is paused; the close lets it go on.
+            w.write_all(&wire).unwrap();
+            w
+        });
+        answerers.push(std::thread::spawn(move || {
+            // Nothing comes but the close; then every message is sent,
+            // and the answer after them.
+            let (first, payload) = read_frame(&mut s);
+            assert_eq!((first, &payload[..2]), (0x88, &1001u16.to_be_bytes()[..]));
+            let mut w = writer.join().unwrap();
+            w.write_all(&frame(0x88, &close_payload(1001, "bye")))
+                .unwrap();
+            assert!(closed_by_server(&mut s));
+        }));
+    }
+    assert!(
+        eventually(WAIT, || server.stats().read_pauses >= CLIENTS as u64),
+        "not all paused: {:?}",
+        server.stats()
+    );
+    let start = Instant::now();
+    server.shutdown();
+    let took = start.elapsed();
+    let mut got = vec![0u32; CLIENTS];
+    let mut closes = Vec::new();
+    for event in server.events() {
+        match event {
+            Event::Message { client, message: m } => {
+                let c = ids.iter().position(|&id| id == client.id()).unwrap();
+                assert!(
+                    m.as_bytes() == &message(c, got[c])[..],
+                    "client {c}, message {}",
+                    got[c]
+                );
+                got[c] += 1;
+            }
+            Event::Disconnect { close, error, .. } => closes.push((close.code, error.is_none())),
+            _ => {}
+        }
+    }
+    for a in answerers {
+        a.join().unwrap();
+    }
+    assert_eq!(got, vec![SENT; CLIENTS]);
+    assert_eq!(closes, vec![(CloseCode::GOING_AWAY, true); CLIENTS]);
+    assert_eq!(server.stats().messages_discarded, 0);
+    assert!(took < Duration::from_secs(3), "shutdown took {took:?}");
+}

@@ -334,6 +334,20 @@ impl WriteSide {
     pub(crate) fn held(&self) -> usize {
         self.out.cost() + self.events
     }
+
+    /// What its pauses are judged by: what it holds, or, once our close
+    /// frame is queued, its queue alone. A closing client's answer must
+    /// be read even if nobody consumes its events any more (the main
+    /// loop may be the one shutting down); those are bounded by the
+    /// event channel's budget instead, past which its messages are
+    /// dropped and counted (`service::handle`).
+    pub(crate) fn pausing_for(&self, closing: bool) -> usize {
+        if closing {
+            self.out.cost()
+        } else {
+            self.held()
+        }
+    }
 }
 
 /// The top bit of `Conn::holding_in`: condemned for the budget. A
@@ -721,7 +735,7 @@ impl<T: Send + Sync + 'static> Conn<T> {
         // Set under the lock, which every check of it below holds.
         self.closing.store(true, Ordering::Release);
         w.close_deadline_ms = shared.now_ms().saturating_add(shared.close_timeout_ms());
-        let unpaused = w.paused && !shared.marks.must_pause(w.held(), true);
+        let unpaused = w.paused && !shared.marks.must_pause(w.pausing_for(true), true);
         if unpaused {
             // The peer's answer must be read, even if nobody consumes
             // this client's events any more (the main loop may be the
@@ -825,7 +839,8 @@ impl<T: Send + Sync + 'static> Conn<T> {
         let mut w = self.io.lock();
         // Once our close frame is queued, the peer's answer must be read
         // even if the main loop has stopped consuming (it may be the one
-        // shutting down): up to the hard limit, not high water.
+        // shutting down): its events no longer pause it (the channel's
+        // budget bounds them), and its queue only at the hard limit.
         let closing = self.closing.load(Ordering::Acquire);
         if w.doomed() {
             // Torn down at the end of this pass, and nothing more will be
@@ -838,7 +853,7 @@ impl<T: Send + Sync + 'static> Conn<T> {
         if w.paused {
             return false;
         }
-        if shared.marks.must_pause(w.held(), closing) {
+        if shared.marks.must_pause(w.pausing_for(closing), closing) {
             w.paused = true;
             Counters::add(&shared.counters.read_pauses, 1);
             return false;
@@ -857,7 +872,12 @@ impl<T: Send + Sync + 'static> Conn<T> {
     /// Resume a paused connection if it is back under low water (or, if
     /// `starved_over` and it was paused for the channel alone, under high
     /// water); returns whether a job must run to go on reading.
-    pub(crate) fn resume_locked(shared: &Shared<T>, w: &mut WriteSide, starved_over: bool) -> bool {
+    pub(crate) fn resume_locked(
+        shared: &Shared<T>,
+        w: &mut WriteSide,
+        starved_over: bool,
+        closing: bool,
+    ) -> bool {
         if !w.paused || w.finished {
             return false;
         }
@@ -875,7 +895,7 @@ impl<T: Send + Sync + 'static> Conn<T> {
                 return true;
             }
         }
-        if !shared.marks.may_resume(w.held()) {
+        if !shared.marks.may_resume(w.pausing_for(closing)) {
             return false;
         }
         w.paused = false;
@@ -887,7 +907,8 @@ impl<T: Send + Sync + 'static> Conn<T> {
     pub(crate) fn events_consumed(self: &Arc<Self>, shared: &Arc<Shared<T>>, bytes: usize) {
         let mut w = self.io.lock();
         w.events = w.events.saturating_sub(bytes);
-        if Self::resume_locked(shared, &mut w, false) && claim_locked(&mut w) {
+        let closing = self.closing.load(Ordering::Acquire);
+        if Self::resume_locked(shared, &mut w, false, closing) && claim_locked(&mut w) {
             drop(w);
             spawn_job(shared, self);
         }
@@ -896,7 +917,8 @@ impl<T: Send + Sync + 'static> Conn<T> {
     /// The event channel has room again: resume if starved.
     pub(crate) fn unstarve(self: &Arc<Self>, shared: &Arc<Shared<T>>) {
         let mut w = self.io.lock();
-        if Self::resume_locked(shared, &mut w, true) && claim_locked(&mut w) {
+        let closing = self.closing.load(Ordering::Acquire);
+        if Self::resume_locked(shared, &mut w, true, closing) && claim_locked(&mut w) {
             drop(w);
             spawn_job(shared, self);
         }
@@ -1307,7 +1329,8 @@ impl<T: Send + Sync + 'static> Conn<T> {
             w.drain_wanted = false;
             w.drain_due = true;
         }
-        let resumed = Self::resume_locked(shared, &mut w, false);
+        let closing = self.closing.load(Ordering::Acquire);
+        let resumed = Self::resume_locked(shared, &mut w, false, closing);
         // The job must run if a write failed, if our close frame just left
         // (the close handshake moves on), if the peer is gone and the
         // queue is done, to tell the user of a drain, or to read again.
