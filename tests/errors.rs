@@ -4,6 +4,7 @@
 
 mod support;
 
+use std::io::Write;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -295,4 +296,72 @@ fn panics_in_on_connect_and_on_disconnect_are_caught_and_counted() {
         std::thread::sleep(Duration::from_millis(10));
     }
     still_serves_echo(addr);
+}
+
+/// A client's data whose `Drop` panics, dropped by the pool worker that
+/// tore its connection down, must not strand the other connections whose
+/// jobs wait in the ready queue behind it. With the one worker held, A
+/// (whose data panics when dropped) goes away and B sends a message; once
+/// the worker is let go it tears A down, and B's message must still be
+/// handled. Before, the panic unwound out of the worker's loop over the
+/// ready queue, and B's job waited there until some other event came.
+#[test]
+fn a_panicking_drop_of_client_data_does_not_strand_the_ready_queue() {
+    use std::sync::mpsc;
+    struct Bomb(bool);
+    impl Drop for Bomb {
+        fn drop(&mut self) {
+            if self.0 {
+                panic!("client data dropped");
+            }
+        }
+    }
+    let (release, held) = mpsc::channel::<()>();
+    let held = Mutex::new(held);
+    let (holding, is_held) = mpsc::channel::<()>();
+    let holding = Mutex::new(holding);
+    let (handled, got) = mpsc::channel::<String>();
+    let handled = Mutex::new(handled);
+    let reported: Arc<Mutex<Vec<String>>> = Arc::default();
+    let errors = Arc::clone(&reported);
+    let server = WebSocketServer::with_client_init(|req| Ok(Bomb(req.path() == "/bomb")))
+        .workers(1)
+        .on_message(move |_, m| match m.as_text() {
+            Some("hold") => {
+                let _ = holding.lock().unwrap().send(());
+                let _ = held.lock().unwrap().recv();
+            }
+            Some(t) => {
+                let _ = handled.lock().unwrap().send(t.to_string());
+            }
+            None => {}
+        })
+        .on_error(move |_, e| errors.lock().unwrap().push(e.to_string()))
+        .start("127.0.0.1:0")
+        .unwrap();
+    let addr = server.local_addr();
+    let mut a = raw(addr);
+    a.write_all(REQUEST.replacen("GET / ", "GET /bomb ", 1).as_bytes())
+        .unwrap();
+    read_101(&mut a);
+    let mut b = raw_ws(addr);
+    let mut h = raw_ws(addr);
+    h.write_all(&frame(0x81, b"hold")).unwrap();
+    is_held.recv_timeout(WAIT).expect("the worker held");
+    drop(a);
+    std::thread::sleep(Duration::from_millis(50));
+    b.write_all(&frame(0x81, b"still served")).unwrap();
+    std::thread::sleep(Duration::from_millis(50));
+    drop(release);
+    assert_eq!(
+        got.recv_timeout(Duration::from_secs(3)).as_deref(),
+        Ok("still served")
+    );
+    // And the panic was reported, as every caught one is.
+    let reported = reported.lock().unwrap();
+    assert!(
+        reported.iter().any(|e| e.contains("client data dropped")),
+        "{reported:?}"
+    );
+    drop(h);
 }

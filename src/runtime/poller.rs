@@ -218,6 +218,18 @@ fn let_go<T: Send + Sync + 'static>(shared: &Arc<Shared<T>>, conn: Arc<Conn<T>>)
     }
 }
 
+/// Let go of a drainer's hold on a connection, on this thread. Should it
+/// be the last (its job tore it down), a `Drop` of the user's `T` that
+/// panics is reported, and does not unwind out of the drainer: the jobs
+/// queued behind it would wait for a drainer until some other event came.
+fn let_go_here<T: Send + Sync + 'static>(shared: &Arc<Shared<T>>, conn: Arc<Conn<T>>) {
+    if let Some(last) = Arc::into_inner(conn)
+        && let Err(panic) = catch_unwind(AssertUnwindSafe(|| drop(last)))
+    {
+        shared.report_panic("the drop of a client's data", None, &*panic);
+    }
+}
+
 /// Most overdue handshakes one pass of the loop answers; more wait for the
 /// next pass (booked at once), so that due timers and readiness are not
 /// held up behind a crowd of them.
@@ -443,13 +455,19 @@ fn drain<T: Send + Sync + 'static>(shared: &Arc<Shared<T>>) {
             }
         };
         match job {
-            Job::Ready(Found::Open(conn)) => service(shared, &conn, &[], false),
+            Job::Ready(Found::Open(conn)) => {
+                service(shared, &conn, &[], false);
+                let_go_here(shared, conn);
+            }
             Job::Ready(Found::Handshake(p)) => handshake(shared, p),
             Job::Ready(Found::Nothing) => {}
             // Nothing was reported readable: the job keeps time (pings,
             // timeouts) without a read that would find nothing. Readiness
             // that comes meanwhile makes it go round and read.
-            Job::Timer(conn) => service(shared, &conn, &[], true),
+            Job::Timer(conn) => {
+                service(shared, &conn, &[], true);
+                let_go_here(shared, conn);
+            }
         }
     }
 }
