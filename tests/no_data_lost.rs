@@ -430,6 +430,59 @@ fn held_by_a_pause_then_reset(clients: usize) {
     assert_eq!(server.stats().unparsed_in_bytes, 0);
 }
 
+/// The same with tiny messages: a read's rest may hold tens of thousands
+/// (here about 10,000 empty ones, 6 bytes each, in a read of 64 KiB),
+/// more than a job's 4,096 frames. All are delivered at the teardown: plain input is at most one
+/// read, so feeding it whole is bounded; only inflating is cut by the
+/// budget. Before, the teardown stopped at 4,096 and dropped the rest.
+#[test]
+fn thousands_of_tiny_messages_held_by_a_pause_are_delivered_at_a_reset() {
+    const SENT: u32 = 60_000;
+    let server = WebSocketServer::builder()
+        .high_water(8 * 1024)
+        .low_water(2 * 1024)
+        .event_queue_bytes(64 << 20)
+        .ping_interval(None)
+        .start("127.0.0.1:0")
+        .unwrap();
+    let mut s = raw_ws(server.local_addr());
+    let client = expect_connect(&server);
+    let one = frame(0x82, b"");
+    let _ = s.write_all(&one.repeat(SENT as usize));
+    assert!(
+        eventually(WAIT, || server.stats().unparsed_in_bytes
+            >= 4096 * one.len() as u64 * 2),
+        "no input held by a pause: {:?}",
+        server.stats()
+    );
+    let before = server.stats();
+    let held = before.unparsed_in_bytes / one.len() as u64;
+    let _ = socket2::SockRef::from(&s).set_linger(Some(std::time::Duration::ZERO));
+    drop(s);
+    assert!(
+        eventually(WAIT, || {
+            let _ = client.send(vec![1u8; 16]);
+            server.stats().connections == 0
+        }),
+        "not torn down while paused: {:?}",
+        server.stats()
+    );
+    let mut got = 0u64;
+    loop {
+        match next(&server) {
+            Event::Message { .. } => got += 1,
+            Event::Disconnect { .. } => break,
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert!(
+        got >= before.messages_in + held,
+        "{got} delivered: {} before the reset, and {held} held unparsed then",
+        before.messages_in
+    );
+    assert_eq!(server.stats().unparsed_in_bytes, 0);
+}
+
 /// The same for a teardown nobody forced: a client paused because it
 /// reads nothing (its queue, a reply of 8 MiB, over the hard limit) is
 /// closed by the server, never answers, and its close times out. What the

@@ -201,15 +201,21 @@ fn service_inner<T: Send + Sync + 'static>(
         let mut close_deadline = 0;
         if let Some(done) = progress(shared, conn, &mut r, now, &mut close_deadline) {
             // What it read and kept (for a pause, or the budget) is
-            // delivered before the `Disconnect`, within one more job's
-            // budget: a pause protects nothing now. Whatever the reason
-            // (a failed write, a force, or a close that timed out), the
-            // gate must not stop it: doomed, it lets everything through.
+            // delivered before the `Disconnect`: a pause protects nothing
+            // now. Whatever the reason (a failed write, a force, or a
+            // close that timed out), the gate must not stop it: doomed,
+            // it lets everything through. However many frames: plain
+            // input is at most one read. Only inflating is cut, at one
+            // more job's bytes, and what is left of it is dropped.
             if !r.rest.is_empty() {
                 conn.io.lock().force_close = true;
                 let rest = std::mem::take(&mut r.rest);
                 shared.unparsed_in.fetch_sub(rest.len(), Ordering::Relaxed);
-                feed(shared, conn, &mut r, &rest, &JobBudget::FULL);
+                let last = JobBudget {
+                    frames: usize::MAX,
+                    ..JobBudget::FULL
+                };
+                feed(shared, conn, &mut r, &rest, &last);
             }
             teardown(shared, conn, Some(&mut r), None, done);
             return;
