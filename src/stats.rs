@@ -50,10 +50,15 @@ pub struct Stats {
     pub backpressure_closes: u64,
     /// Clients closed for idleness.
     pub idle_timeouts: u64,
-    /// Connections failed for breaking the protocol, by the close code
-    /// sent (1002, 1007, 1009). A peer that breaks it after the server's
-    /// own close frame gets no second one, and is not counted here (its
-    /// `Disconnect` has the error).
+    /// Clients failed with 1009 because partial input over all clients
+    /// passed `max_buffered_bytes` (the largest holders; their
+    /// `Disconnect` error is `MessageTooLarge` with that total and the
+    /// budget). Not counted in `protocol_errors`.
+    pub buffered_closes: u64,
+    /// Connections failed for breaking the protocol or a limit of their
+    /// own, by the close code sent (1002, 1007, 1009). A peer that breaks
+    /// it after the server's own close frame gets no second one, and is
+    /// not counted here (its `Disconnect` has the error).
     pub protocol_errors: BTreeMap<u16, u64>,
     /// User closures or strategies that panicked.
     pub handler_panics: u64,
@@ -144,6 +149,7 @@ pub(crate) struct Counters {
     pub(crate) discarded: AtomicU64,
     pub(crate) backpressure_closes: AtomicU64,
     pub(crate) idle_timeouts: AtomicU64,
+    pub(crate) buffered_closes: AtomicU64,
     pub(crate) err_1002: AtomicU64,
     pub(crate) err_1007: AtomicU64,
     pub(crate) err_1009: AtomicU64,
@@ -204,6 +210,7 @@ impl Counters {
             messages_discarded: self.discarded.load(Relaxed),
             backpressure_closes: self.backpressure_closes.load(Relaxed),
             idle_timeouts: self.idle_timeouts.load(Relaxed),
+            buffered_closes: self.buffered_closes.load(Relaxed),
             protocol_errors,
             handler_panics: self.panics.load(Relaxed),
             internal_errors: self.internal_errors.load(Relaxed),

@@ -47,6 +47,11 @@ fn partial_messages_over_the_server_wide_budget_close_with_1009() {
         matches!(error, Some(Error::MessageTooLarge { .. })),
         "{error:?}"
     );
+    // Counted as a close for the budget, not as a protocol error of B's
+    // (its message was within every limit of its own).
+    let stats = server.stats();
+    assert_eq!(stats.buffered_closes, 1, "{stats:?}");
+    assert!(stats.protocol_errors.is_empty(), "{stats:?}");
     // A is unaffected and finishes its message.
     a.write_all(&frame(0x80, b"end")).unwrap();
     let (who, m) = expect_message(&server);

@@ -650,10 +650,10 @@ fn fail_for_budget<T: Send + Sync + 'static>(
         .unparsed_in
         .fetch_sub(r.rest.len(), Ordering::Relaxed);
     r.rest = Vec::new();
-    if let Some(out) = r.proto.fail(error) {
-        let mut batch = shared.events.staging(conn);
-        handle(shared, conn, r, out, &mut batch);
-        batch.send();
+    if let Some(Output::Fail { error, reply }) = r.proto.fail(error) {
+        close_failed(shared, conn, r, error, reply, |c| {
+            Counters::add(&c.buffered_closes, 1);
+        });
     }
     // The failed decoder let go of its buffers.
     note_buffered(shared, conn, r);
@@ -774,19 +774,32 @@ fn handle<T: Send + Sync + 'static>(
             }
         }
         Output::Fail { error, reply } => {
-            r.error = Some(error.into());
-            // After a close of ours (the user's, an idle close) the wire
-            // has that one and this reply is not sent: the report stays
-            // as it was (1006 unless the peer's close comes), and no code
-            // is counted that never went out. A send that fails only for
-            // a failed write still reports and counts what was meant.
-            let closed_before = conn.closing.load(Ordering::Acquire);
-            let sent = conn.send_close(shared, reply.clone()).is_ok();
-            if sent || !closed_before {
-                shared.counters.protocol_error(reply.code.as_u16());
-                r.report = Some(reply);
-            }
+            let code = reply.code.as_u16();
+            close_failed(shared, conn, r, error, reply, |c| c.protocol_error(code));
         }
+    }
+}
+
+/// The connection failed (its decoder's `Output::Fail`): report `error`,
+/// send `reply` and count it with `count`. After a close of ours (the
+/// user's, an idle close) the wire has that one and the reply is not
+/// sent: the report stays as it was (1006 unless the peer's close comes),
+/// and nothing is counted for a code that never went out. A send that
+/// fails only for a failed write still reports and counts what was meant.
+fn close_failed<T: Send + Sync + 'static>(
+    shared: &Arc<Shared<T>>,
+    conn: &Arc<Conn<T>>,
+    r: &mut ReadSide,
+    error: DecodeError,
+    reply: CloseFrame,
+    count: impl FnOnce(&Counters),
+) {
+    r.error = Some(error.into());
+    let closed_before = conn.closing.load(Ordering::Acquire);
+    let sent = conn.send_close(shared, reply.clone()).is_ok();
+    if sent || !closed_before {
+        count(&shared.counters);
+        r.report = Some(reply);
     }
 }
 
