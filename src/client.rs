@@ -315,10 +315,14 @@ impl<T: Send + Sync + 'static> Client<T> {
     /// closing.
     pub fn send(&self, message: impl Into<Message>) -> std::result::Result<SendStatus, SendError> {
         let message = message.into();
-        match (self.inner.conn.upgrade(), self.inner.shared.upgrade()) {
-            (Some(conn), Some(shared)) => conn.send_message(&shared, message),
-            _ => Err(SendError::new(Error::Closed, message)),
-        }
+        let Some(conn) = self.inner.conn.upgrade() else {
+            return Err(SendError::new(Error::Closed, message));
+        };
+        // From one of its closures, with the job's reference to the server.
+        crate::runtime::current::with_arc(&self.inner.shared, message, |shared, message| {
+            conn.send_message(shared, message)
+        })
+        .unwrap_or_else(|message| Err(SendError::new(Error::Closed, message)))
     }
 
     /// Send a message, waiting up to `timeout` for room in the client's

@@ -5,6 +5,7 @@ pub(crate) mod acceptor;
 pub(crate) mod bridge;
 pub(crate) mod broadcast;
 pub(crate) mod conn;
+pub(crate) mod current;
 pub(crate) mod events;
 pub(crate) mod flow;
 pub(crate) mod handshake;

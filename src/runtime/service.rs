@@ -162,6 +162,8 @@ fn service_inner<T: Send + Sync + 'static>(
     // One budget for the whole job, however many passes it makes.
     let mut budget = JobBudget::FULL;
     let _serving = Serving::start(&**conn);
+    // Sends from its closures use this job's reference to the server.
+    let _current = crate::runtime::current::Current::enter(shared);
     // Whether a pass may run closures that hold the job for however long
     // (`on_error` is left out: it reports). Without them, as in the
     // main-loop style, other threads' sends cork while the job reads.
