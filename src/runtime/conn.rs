@@ -704,7 +704,7 @@ impl<T: Send + Sync + 'static> Conn<T> {
         w.closures = shared.handlers.connect.is_some();
         match result {
             Ok(n) => {
-                Counters::add(&shared.counters.bytes_out, n as u64);
+                shared.counters.bytes_out(n);
                 if n < bytes.len() {
                     w.out
                         .push_front_partial(Chunk::Owned(bytes), None, n, &shared.counters);
@@ -986,7 +986,7 @@ impl<T: Send + Sync + 'static> Conn<T> {
             write_vectored(&self.stream, &parts)
         };
         if let Ok(n) = result {
-            Counters::add(&shared.counters.bytes_out, n as u64);
+            shared.counters.bytes_out(n);
         }
         let mut w = self.io.lock();
         let outcome = match result {
@@ -1067,7 +1067,7 @@ impl<T: Send + Sync + 'static> Conn<T> {
             });
         }
         if data {
-            Counters::add(&shared.counters.messages_out, 1);
+            shared.counters.message_out();
         }
         Ok(w)
     }
@@ -1302,7 +1302,7 @@ impl<T: Send + Sync + 'static> Conn<T> {
             if w.finished {
                 // Torn down while this write was out: teardown counted
                 // these bytes as lost, but some went.
-                Counters::add(&shared.counters.bytes_out, written as u64);
+                shared.counters.bytes_out(written);
                 self.client.sub_unsent(written);
                 break;
             }

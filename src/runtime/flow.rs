@@ -230,7 +230,7 @@ impl OutQueue {
         let written = written.min(self.bytes);
         self.bytes -= written;
         counters.queued(-(written as i64));
-        Counters::add(&counters.bytes_out, written as u64);
+        counters.bytes_out(written);
     }
 
     /// Drop everything (the connection is gone); returns the bytes lost.

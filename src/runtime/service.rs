@@ -715,8 +715,7 @@ fn handle<T: Send + Sync + 'static>(
             // The message leaves the decoder's buffers: say so before a
             // handler (which may block) has it.
             note_buffered(shared, conn, r);
-            Counters::add(&shared.counters.messages_in, 1);
-            Counters::add(&shared.counters.bytes_in, m.len() as u64);
+            shared.counters.message_in(m.len());
             if r.discarding || (conn.closing.load(Ordering::Acquire) && shared.events.over_budget())
             {
                 // Our close frame is queued and the main loop is a whole
