@@ -134,49 +134,53 @@ fn peer_that_never_answers_is_dropped_after_close_timeout() {
     assert!(closed_by_server(&mut s));
 }
 
-/// RFC 6455 section 5.5.2: a Ping gets a Pong unless a Close was
-/// received. So a peer that pings after the server's close, before it
-/// answers, gets its pongs (after our close frame on the wire), and its
-/// answer still completes the handshake. Before, pings were ignored once
-/// our close was sent.
+/// Pings after the server's close, before the peer's answer, are not
+/// answered. RFC 6455 section 5.5.2 asks for a pong until the peer's
+/// Close, but common clients take any frame after the Close they received
+/// for an error: tungstenite (below) reports `ReceivedAfterClosing`, and
+/// Chromium fails the connection. Those clients skip pings after a close
+/// themselves. The answer still completes the close, with no frame after
+/// ours.
 #[test]
-fn pings_after_our_close_are_answered_until_the_peers_close() {
+fn pings_after_our_close_are_not_answered_and_the_answer_completes_it() {
     let server = server();
     let mut s = raw_ws(server.local_addr());
     let c = expect_connect(&server);
     c.close(CloseCode::NORMAL, "bye").unwrap();
     assert_eq!(read_close(&mut s), Some(1000));
-    s.write_all(&frame(0x89, b"one")).unwrap();
-    assert_eq!(read_frame(&mut s), (0x8A, b"one".to_vec()));
-    // Two in one write, then the answer: both pongs, then the end.
-    let mut wire = frame(0x89, b"two");
-    wire.extend(frame(0x89, b""));
+    let mut wire = frame(0x89, b"one");
     wire.extend(frame(0x88, &close_payload(1000, "")));
     s.write_all(&wire).unwrap();
-    assert_eq!(read_frame(&mut s), (0x8A, b"two".to_vec()));
-    assert_eq!(read_frame(&mut s), (0x8A, Vec::new()));
-    assert!(closed_by_server(&mut s));
+    let mut after = Vec::new();
+    let _ = std::io::Read::read_to_end(&mut s, &mut after);
+    assert!(after.is_empty(), "sent after its close: {after:?}");
     let (_, close, error) = expect_disconnect(&server);
     assert_eq!(close.code, CloseCode::NORMAL);
     assert!(error.is_none(), "{error:?}");
-    // Nor may the server's own pings follow its close.
-    let s2 = raw_ws(server.local_addr());
-    let c2 = expect_connect(&server);
-    c2.close(CloseCode::NORMAL, "").unwrap();
-    assert!(matches!(server.handle().ping(c2.id()), Err(Error::Closed)));
-    drop(s2);
+    // A tungstenite client whose keepalive ping crosses the server's
+    // close: it gets the close and then the end, not an error.
+    let mut ws = client(server.local_addr());
+    let c = expect_connect(&server);
+    c.close(CloseCode::NORMAL, "bye").unwrap();
+    ws.send(tungstenite::Message::Ping(b"keepalive".to_vec().into()))
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(50));
+    assert!(matches!(ws.read(), Ok(tungstenite::Message::Close(_))));
+    match ws.read() {
+        Err(tungstenite::Error::ConnectionClosed) => {}
+        other => panic!("after the close: {other:?}"),
+    }
+    expect_disconnect(&server);
 }
 
-/// Answering pings after our close must not let a peer that never reads
-/// hold more than an open one can. While closing, the gate reads on to
-/// the hard limit (for the peer's answer), so pongs are answered then
-/// only while the queue is under high water (RFC 6455 section 5.5.3 lets
-/// an endpoint answer only the latest ping). Here a crowd of eight
-/// clients closed at once, as at shutdown or an idle close, each sending
-/// 30,000 pings of 125 bytes (3.8 MB of pongs, more than the kernel
+/// A peer being closed must not hold more than an open one can, whatever
+/// it sends: while closing, the gate reads on for the peer's answer, and
+/// pings then queue nothing (see above). Here a crowd of eight clients
+/// closed at once, as at shutdown or an idle close, each sending 30,000
+/// pings of 125 bytes (3.8 MB of pongs if answered, more than the kernel
 /// takes) and then its answer, and reading nothing: each one's queue
-/// stays near high water (16 KiB); answering them all, each grew to the
-/// hard limit (1 MiB counted, 522 KB of pongs).
+/// stays under 32 KiB. (When pongs were answered after our close, each
+/// grew to the hard limit: 1 MiB counted, 522 KB of pongs.)
 #[test]
 fn a_ping_flood_after_our_close_queues_no_more_than_high_water() {
     const CLIENTS: usize = 8;

@@ -151,42 +151,45 @@ impl Connection {
     /// (`None`). Input that arrives once the peer can no longer send is
     /// discarded.
     pub fn read(&mut self, input: &mut &[u8]) -> Option<Output> {
-        if !self.wants_input() {
-            *input = &[];
-            return None;
+        while self.wants_input() {
+            let item = match self.decoder.decode(input) {
+                Ok(Some(item)) => item,
+                Ok(None) => return None,
+                Err(error) => return self.fail(error),
+            };
+            return Some(match item {
+                Incoming::Message(m) => Output::Message(m),
+                Incoming::Ping(p) if self.state == State::Open => Output::SendPong(p),
+                // Not answered once our Close is sent. RFC 6455 section
+                // 5.5.2 asks for a pong until the peer's Close, but common
+                // clients take any frame after the Close they received
+                // for an error (tungstenite's "received after closing",
+                // Chromium's), and skip pings after a close themselves.
+                Incoming::Ping(_) => continue,
+                Incoming::Pong(_) => Output::Pong,
+                Incoming::Close(frame) => {
+                    // The peer sends no more: a message it left unfinished
+                    // never will be, and its buffers go now.
+                    self.decoder.reset();
+                    let reply = match self.state {
+                        State::CloseSent => {
+                            self.state = State::Closed;
+                            None
+                        }
+                        _ => {
+                            self.state = State::CloseReceived;
+                            Some(match &frame {
+                                Some(f) => CloseFrame::new(f.code, ""),
+                                None => CloseFrame::new(CloseCode::NORMAL, ""),
+                            })
+                        }
+                    };
+                    Output::PeerClosed { frame, reply }
+                }
+            });
         }
-        let item = match self.decoder.decode(input) {
-            Ok(Some(item)) => item,
-            Ok(None) => return None,
-            Err(error) => return self.fail(error),
-        };
-        Some(match item {
-            Incoming::Message(m) => Output::Message(m),
-            // Answered until the peer's Close, ours sent or not (RFC 6455
-            // section 5.5.2); only a data frame may not follow our Close
-            // (section 5.5.1).
-            Incoming::Ping(p) => Output::SendPong(p),
-            Incoming::Pong(_) => Output::Pong,
-            Incoming::Close(frame) => {
-                // The peer sends no more: a message it left unfinished
-                // never will be, and its buffers go now.
-                self.decoder.reset();
-                let reply = match self.state {
-                    State::CloseSent => {
-                        self.state = State::Closed;
-                        None
-                    }
-                    _ => {
-                        self.state = State::CloseReceived;
-                        Some(match &frame {
-                            Some(f) => CloseFrame::new(f.code, ""),
-                            None => CloseFrame::new(CloseCode::NORMAL, ""),
-                        })
-                    }
-                };
-                Output::PeerClosed { frame, reply }
-            }
-        })
+        *input = &[];
+        None
     }
 }
 
@@ -295,8 +298,8 @@ mod tests {
         let mut c = Connection::new(Limits::default());
         c.close_sent();
         assert_eq!(c.state(), State::CloseSent);
-        // Messages still arrive, and pings are answered until the peer's
-        // Close.
+        // Messages still arrive; pings are not answered after our Close
+        // (common clients take a frame after a Close for an error).
         let mut wire = frame(0x82, &[1, 2]);
         wire.extend(frame(0x89, b"p"));
         wire.extend(frame(0x88, &[0x03, 0xE8]));
@@ -306,7 +309,6 @@ mod tests {
             out,
             vec![
                 Output::Message(Message::Binary(vec![1, 2])),
-                Output::SendPong(b"p".to_vec()),
                 Output::PeerClosed {
                     frame: Some(CloseFrame::new(CloseCode::NORMAL, "")),
                     reply: None,

@@ -63,8 +63,6 @@ enum Kind {
     /// A data frame whose refusal is only a try (see `send_message_as`).
     DataTry,
     Control,
-    /// A pong: unlike any other frame, it may follow our close frame.
-    Pong,
 }
 
 /// A data frame `write` did not take, with its payload for the caller to
@@ -682,14 +680,15 @@ impl<T: Send + Sync + 'static> Conn<T> {
         let mut head = [0u8; 10];
         let n = encode_header(&mut head, true, op, payload.len());
         let body = (!payload.is_empty()).then(|| Chunk::Owned(payload.to_vec()));
-        let kind = if op == OpCode::Pong {
-            Kind::Pong
-        } else {
-            Kind::Control
-        };
-        self.write(shared, Chunk::Head(head, n as u8), body, kind, false)
-            .map(|_| ())
-            .map_err(|r| r.error)
+        self.write(
+            shared,
+            Chunk::Head(head, n as u8),
+            body,
+            Kind::Control,
+            false,
+        )
+        .map(|_| ())
+        .map_err(|r| r.error)
     }
 
     /// Write the `101` response with the write token that `new` hands
@@ -1045,11 +1044,8 @@ impl<T: Send + Sync + 'static> Conn<T> {
     ) -> std::result::Result<parking_lot::MutexGuard<'_, WriteSide>, Error> {
         let mut w = self.io.lock();
         // No frame follows our close frame (which `send_close` queues
-        // itself) but the pongs owed until the peer's close.
-        if w.finished
-            || w.write_error.is_some()
-            || (kind != Kind::Pong && self.closing.load(Ordering::Acquire))
-        {
+        // itself).
+        if w.finished || w.write_error.is_some() || self.closing.load(Ordering::Acquire) {
             return Err(Error::Closed);
         }
         let data = matches!(kind, Kind::Data | Kind::DataTry);

@@ -747,17 +747,8 @@ fn handle<T: Send + Sync + 'static>(
             // A peer that pings without reading would grow its queue
             // without bound; over the hard limit, pongs are skipped (RFC
             // 6455 section 5.5.3 lets an endpoint answer only the most
-            // recent ping). Once our close is queued, the gate reads on to
-            // the hard limit (for the peer's answer): pongs are then
-            // answered only under high water, so that a peer being closed
-            // that pings and never reads holds no more than an open one.
-            let closing = conn.closing.load(Ordering::Acquire);
-            let most = if closing {
-                shared.marks.high
-            } else {
-                shared.marks.hard
-            };
-            if conn.queued_cost() <= most
+            // recent ping). (None is answered once our close is queued.)
+            if conn.queued_cost() <= shared.marks.hard
                 && conn.send_control(shared, OpCode::Pong, &payload).is_ok()
             {
                 r.pong_corked = true;
