@@ -380,7 +380,8 @@ impl<T: Send + Sync + 'static> Client<T> {
     /// close frame with `code` and `reason`. The client is disconnected when
     /// it answers, or after `close_timeout`. What it sends meanwhile is
     /// still delivered, unless (main-loop style) the event channel is a
-    /// whole `event_queue_bytes` behind: see `Stats::messages_discarded`.
+    /// whole `event_queue_bytes` behind, or this client's own unconsumed
+    /// events reach the hard limit: see `Stats::messages_discarded`.
     ///
     /// # Errors
     ///

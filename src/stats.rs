@@ -41,7 +41,8 @@ pub struct Stats {
     pub messages_dropped: u64,
     /// Data messages not delivered because they came after the client's
     /// close frame was queued and the main loop was a whole
-    /// `event_queue_bytes` behind (from the first such message on, all of
+    /// `event_queue_bytes` behind, or that client's own unconsumed events
+    /// had reached the hard limit (from the first such message on, all of
     /// that client's): it is read on only to find its answering Close (as
     /// a browser drops every message once `close()` is called). They are
     /// counted in `messages_in` too.

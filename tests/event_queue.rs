@@ -754,3 +754,52 @@ fn a_pause_for_the_channel_ends_when_the_channel_has_room() {
     }
     assert!(xc.buffered_amount() > LOW, "X's queue went under low water");
 }
+
+/// One client being closed cannot take the event channel from the others.
+/// A is closed by the server and, instead of answering, streams 8 MB
+/// while nobody consumes; its own unconsumed events stop at the hard
+/// limit (about 1 MiB here), from where its messages are dropped and
+/// counted, far below the channel's 4 MiB budget. So B, an open client,
+/// is still read: its message is charged to the channel at once. Before,
+/// A's events filled the whole budget and B was paused until the main
+/// loop caught up.
+#[test]
+fn a_client_being_closed_cannot_take_the_channel_from_the_others() {
+    let server = WebSocketServer::builder()
+        .event_queue_bytes(4 << 20)
+        .ping_interval(None)
+        .start("127.0.0.1:0")
+        .unwrap();
+    let mut a = raw_ws(server.local_addr());
+    let ca = expect_connect(&server);
+    let mut b = raw_ws(server.local_addr());
+    expect_connect(&server);
+    ca.close(enjent::CloseCode::NORMAL, "bye").unwrap();
+    let mut w = a.try_clone().unwrap();
+    let writer = std::thread::spawn(move || {
+        let wire = frame(0x82, &[5u8; 1024]).repeat(8000);
+        let _ = w.write_all(&wire);
+    });
+    // A is read on (for its answer) and, past its limit, dropped.
+    assert!(
+        eventually(WAIT, || server.stats().messages_discarded > 0),
+        "A never reached its limit: {:?}",
+        server.stats()
+    );
+    writer.join().unwrap();
+    assert!(
+        eventually(WAIT, || server.stats().messages_in >= 8000),
+        "A not read to the end: {:?}",
+        server.stats()
+    );
+    let before = server.stats();
+    assert!(before.event_bytes < 2 << 20, "{before:?}");
+    b.write_all(&frame(0x82, &[6u8; 1000])).unwrap();
+    assert!(
+        eventually(WAIT, || server.stats().event_bytes
+            >= before.event_bytes + 1000),
+        "B was not read: {:?}",
+        server.stats()
+    );
+    assert_eq!(read_close(&mut a), Some(1000));
+}

@@ -225,13 +225,17 @@ fn a_client_forced_off_by_shutdown_with_data_queued_is_told_so() {
 /// Shutdown called from the main loop's own thread, so that nothing
 /// consumes events until it returns, with clients streaming messages the
 /// loop had fallen behind on (each paused by its own unconsumed events).
-/// Their close must still be read: what each sends until it answers is
-/// delivered (the channel is far from a whole budget behind), and its
-/// answer ends its connection, not the close timeout. Before, a closing
-/// client was read on only up to the hard limit of unconsumed events,
-/// then paused again with nobody left to end the pause: the rest of its
-/// messages and its answer stayed in the kernel, lost with the socket,
-/// and each `Disconnect` said 1006 after the close timeout.
+/// Their close must still be read: each is read on at network speed to
+/// its answer, which ends its connection, not the close timeout. What
+/// each sends meanwhile is delivered until its own unconsumed events
+/// reach the hard limit (about 1 MiB here), and from there on dropped and
+/// counted (`messages_discarded`), as a browser drops every message once
+/// `close()` is called: so that one client being closed cannot take the
+/// whole event channel from the others. Before, a closing client was
+/// paused at that limit instead, with nobody left to end the pause: the
+/// rest of its messages and its answer stayed in the kernel, lost
+/// uncounted with the socket, and each `Disconnect` said 1006 after the
+/// close timeout.
 #[test]
 fn shutdown_from_the_main_loop_reads_closing_clients_to_their_answer() {
     use std::io::Write;
@@ -303,8 +307,87 @@ fn shutdown_from_the_main_loop_reads_closing_clients_to_their_answer() {
     for a in answerers {
         a.join().unwrap();
     }
-    assert_eq!(got, vec![SENT; CLIENTS]);
+    // Every message read was delivered, in order, or counted: none went
+    // with the socket.
+    let delivered: u64 = got.iter().map(|&n| u64::from(n)).sum();
+    let discarded = server.stats().messages_discarded;
+    assert_eq!(
+        delivered + discarded,
+        u64::from(SENT) * CLIENTS as u64,
+        "{got:?}, {discarded} discarded"
+    );
+    assert!(got.iter().all(|&n| n >= 900), "{got:?}");
     assert_eq!(closes, vec![(CloseCode::GOING_AWAY, true); CLIENTS]);
-    assert_eq!(server.stats().messages_discarded, 0);
+    assert!(took < Duration::from_secs(3), "shutdown took {took:?}");
+}
+
+/// The same for a client paused for the event channel (starved) whose
+/// queue is over the hard limit when shutdown closes it: the close does
+/// not end a pause its queue keeps, and once the client has read its
+/// queue, the pause must end by the queue alone, whatever the channel. A
+/// is starved by B's flood, sent 16 MiB (an empty queue takes any one
+/// frame) and closed by shutdown from the main loop's thread; it reads
+/// everything and answers. Before, the pause waited for the channel,
+/// which nobody consumed: A's answer was never read, its `Disconnect`
+/// said 1006 and shutdown waited out the close timeout.
+#[test]
+fn shutdown_from_the_main_loop_reads_a_starved_client_with_a_full_queue() {
+    use std::io::Write;
+    let server = WebSocketServer::builder()
+        .high_water(1 << 20)
+        .low_water(256 << 10)
+        .event_queue_bytes(256 << 10)
+        .max_message_size(64 << 10)
+        .max_backpressure(2 << 20)
+        .close_timeout(Duration::from_secs(3))
+        .ping_interval(None)
+        .start("127.0.0.1:0")
+        .unwrap();
+    let mut a = raw_ws_small_window(server.local_addr());
+    let ca = expect_connect(&server);
+    let mut b = raw_ws(server.local_addr());
+    expect_connect(&server);
+    // B's flood takes the channel over its budget, and B is starved.
+    b.write_all(&frame(0x82, &[1u8; 1024]).repeat(512)).unwrap();
+    assert!(eventually(WAIT, || server.stats().read_pauses >= 1));
+    // Then A's one message finds it so: A is starved too.
+    a.write_all(&frame(0x81, b"a")).unwrap();
+    assert!(
+        eventually(WAIT, || server.stats().read_pauses >= 2),
+        "{:?}",
+        server.stats()
+    );
+    ca.send(vec![7u8; 16 << 20]).unwrap();
+    assert!(ca.buffered_amount() > 2 << 20, "the kernel took it all");
+    let answer = |mut s: std::net::TcpStream| {
+        std::thread::spawn(move || {
+            loop {
+                let (first, _) = read_frame(&mut s);
+                if first == 0x88 {
+                    s.write_all(&frame(0x88, &close_payload(1001, ""))).unwrap();
+                    return closed_by_server(&mut s);
+                }
+            }
+        })
+    };
+    let (ra, rb) = (answer(a), answer(b));
+    let start = Instant::now();
+    server.shutdown();
+    let took = start.elapsed();
+    let mut closes = Vec::new();
+    for event in server.events() {
+        if let Event::Disconnect { client, close, .. } = event {
+            closes.push((client.id() == ca.id(), close.code));
+        }
+    }
+    assert!(ra.join().unwrap() && rb.join().unwrap());
+    closes.sort();
+    assert_eq!(
+        closes,
+        vec![
+            (false, CloseCode::GOING_AWAY),
+            (true, CloseCode::GOING_AWAY)
+        ]
+    );
     assert!(took < Duration::from_secs(3), "shutdown took {took:?}");
 }

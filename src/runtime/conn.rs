@@ -735,6 +735,9 @@ impl<T: Send + Sync + 'static> Conn<T> {
         self.closing.store(true, Ordering::Release);
         w.close_deadline_ms = shared.now_ms().saturating_add(shared.close_timeout_ms());
         let unpaused = w.paused && !shared.marks.must_pause(w.pausing_for(true), true);
+        // A closing client is not paused for the event channel: should
+        // its queue keep it paused now, the pause ends by the queue alone.
+        w.starved = false;
         if unpaused {
             // The peer's answer must be read, even if nobody consumes
             // this client's events any more (the main loop may be the
@@ -742,7 +745,6 @@ impl<T: Send + Sync + 'static> Conn<T> {
             // reported to be read (see `claim_event`): a job reads it, as
             // at every end of a pause.
             w.paused = false;
-            w.starved = false;
         }
         if w.write_error.is_some() {
             return Err(Error::Closed);

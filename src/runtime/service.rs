@@ -716,16 +716,20 @@ fn handle<T: Send + Sync + 'static>(
             // handler (which may block) has it.
             note_buffered(shared, conn, r);
             shared.counters.message_in(m.len());
-            if r.discarding || (conn.closing.load(Ordering::Acquire) && shared.events.over_budget())
+            if r.discarding
+                || (conn.closing.load(Ordering::Acquire)
+                    && (shared.events.over_budget() || conn.io.lock().events >= shared.marks.hard))
             {
                 // Our close frame is queued and the main loop is a whole
-                // budget behind: the client is read on only to find its
-                // answering Close (which the budget must not stop), and
-                // from this message on, what data it sends is dropped and
-                // counted, all of it (as a browser drops every message
-                // once `close()` is called), or a crowd of clients the
-                // server closed could each queue up to its hard limit of
-                // events. It is not paused: it is read, at network speed,
+                // budget behind, or this client's own unconsumed events
+                // reached the hard limit: the client is read on only to
+                // find its answering Close (which neither must stop; its
+                // events no longer pause it), and from this message on,
+                // what data it sends is dropped and counted, all of it (as
+                // a browser drops every message once `close()` is called),
+                // or one client being closed could take the whole channel
+                // from the others, and a crowd of them each queue up to
+                // its hard limit of events. It is read, at network speed,
                 // until it answers or `close_timeout` ends it.
                 r.discarding = true;
                 Counters::add(&shared.counters.discarded, 1);
