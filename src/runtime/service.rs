@@ -213,9 +213,11 @@ fn service_inner<T: Send + Sync + 'static>(
                 conn.io.lock().force_close = true;
                 let rest = std::mem::take(&mut r.rest);
                 shared.unparsed_in.fetch_sub(rest.len(), Ordering::Relaxed);
+                // A message finishing in it counts whole, up to the
+                // message limit: plain input is never cut.
                 let last = JobBudget {
                     frames: usize::MAX,
-                    ..JobBudget::FULL
+                    bytes: READ_BUDGET.saturating_add(shared.config.max_message_size),
                 };
                 feed(shared, conn, &mut r, &rest, &last);
             }
