@@ -19,30 +19,22 @@ thread_local! {
     static CURRENT: Cell<(*const (), *const ())> = const { Cell::new((ptr::null(), ptr::null())) };
 }
 
-/// Lends `arc` to [`with_arc`] on this thread until dropped; what it
-/// replaced comes back then. Made by a job from an `Arc` that outlives
-/// the guard (the job's own, on its caller's stack), and dropped before
-/// it.
-pub(crate) struct Current {
-    before: (*const (), *const ()),
-}
-
-impl Current {
-    pub(crate) fn enter<X>(arc: &Arc<X>) -> Current {
-        let lent = (
-            Arc::as_ptr(arc).cast::<()>(),
-            ptr::from_ref(arc).cast::<()>(),
-        );
-        Current {
-            before: CURRENT.replace(lent),
+/// Runs `f` with `arc` lent to [`with_arc`] on this thread; what was lent
+/// before comes back when `f` returns or unwinds. `arc` is borrowed for
+/// the whole call, so it lives, unmoved, for as long as it is lent.
+pub(crate) fn lend<X, R>(arc: &Arc<X>, f: impl FnOnce() -> R) -> R {
+    struct Restore((*const (), *const ()));
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            CURRENT.set(self.0);
         }
     }
-}
-
-impl Drop for Current {
-    fn drop(&mut self) {
-        CURRENT.set(self.before);
-    }
+    let lent = (
+        Arc::as_ptr(arc).cast::<()>(),
+        ptr::from_ref(arc).cast::<()>(),
+    );
+    let _restore = Restore(CURRENT.replace(lent));
+    f()
 }
 
 /// `f` with the value `weak` names (and `arg`): the `Arc` lent on this
@@ -55,11 +47,11 @@ pub(crate) fn with_arc<X, A, R>(
 ) -> Result<R, A> {
     let (value, arc) = CURRENT.get();
     if !value.is_null() && ptr::eq(value, weak.as_ptr().cast::<()>()) {
-        // SAFETY: `arc` is the address of an `Arc` lent on this thread by
-        // a `Current` that is still alive, since the mark is restored when
-        // it drops; the `Arc` outlives that guard and does not move while
-        // it lives, and `f` returns before anything on this thread can
-        // drop the guard. The `Arc`'s value is at `value`. `weak` points at
+        // SAFETY: `arc` is the address of an `Arc` lent by a `lend` whose
+        // call is still running on this thread (the mark is restored when
+        // it returns or unwinds), and which borrows that `Arc` for the
+        // whole call: it is alive and unmoved, and `f` returns before that
+        // call can. The `Arc`'s value is at `value`. `weak` points at
         // the same allocation, which a `Weak` keeps from being freed or
         // reused while it lives: it is the one value, of type `X`, so the
         // lent `Arc` is an `Arc<X>`.
@@ -80,10 +72,11 @@ mod tests {
     fn a_lent_arc_is_used_without_touching_its_count() {
         let a = Arc::new(String::from("a"));
         let weak = Arc::downgrade(&a);
-        let _lent = Current::enter(&a);
-        let count = with_arc(&weak, (), |x, ()| {
-            assert!(Arc::ptr_eq(x, &a));
-            Arc::strong_count(x)
+        let count = lend(&a, || {
+            with_arc(&weak, (), |x, ()| {
+                assert!(Arc::ptr_eq(x, &a));
+                Arc::strong_count(x)
+            })
         });
         // Made from the `Weak`, there would be two.
         assert_eq!(count, Ok(1));
@@ -98,12 +91,12 @@ mod tests {
             with_arc(&weak_b, (), |x, ()| (**x, Arc::strong_count(x))),
             Ok((2, 2))
         );
-        let lent = Current::enter(&a);
-        assert_eq!(
-            with_arc(&weak_b, (), |x, ()| (**x, Arc::strong_count(x))),
-            Ok((2, 2))
-        );
-        drop(lent);
+        lend(&a, || {
+            assert_eq!(
+                with_arc(&weak_b, (), |x, ()| (**x, Arc::strong_count(x))),
+                Ok((2, 2))
+            );
+        });
         let weak_a = Arc::downgrade(&a);
         assert_eq!(with_arc(&weak_a, (), |x, ()| Arc::strong_count(x)), Ok(2));
         drop(a);
@@ -115,25 +108,33 @@ mod tests {
         let a = Arc::new(1u8);
         let b = Arc::new(2u8);
         let (weak_a, weak_b) = (Arc::downgrade(&a), Arc::downgrade(&b));
-        let _outer = Current::enter(&a);
-        {
-            let _inner = Current::enter(&b);
-            assert_eq!(with_arc(&weak_b, (), |x, ()| Arc::strong_count(x)), Ok(1));
-            assert_eq!(with_arc(&weak_a, (), |x, ()| Arc::strong_count(x)), Ok(2));
-        }
-        assert_eq!(with_arc(&weak_a, (), |x, ()| Arc::strong_count(x)), Ok(1));
-        assert_eq!(with_arc(&weak_b, (), |x, ()| Arc::strong_count(x)), Ok(2));
+        lend(&a, || {
+            lend(&b, || {
+                assert_eq!(with_arc(&weak_b, (), |x, ()| Arc::strong_count(x)), Ok(1));
+                assert_eq!(with_arc(&weak_a, (), |x, ()| Arc::strong_count(x)), Ok(2));
+            });
+            assert_eq!(with_arc(&weak_a, (), |x, ()| Arc::strong_count(x)), Ok(1));
+            assert_eq!(with_arc(&weak_b, (), |x, ()| Arc::strong_count(x)), Ok(2));
+            // Given back after an unwind too.
+            let unwound = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                lend(&b, || panic!("inside"));
+            }));
+            assert!(unwound.is_err());
+            assert_eq!(with_arc(&weak_a, (), |x, ()| Arc::strong_count(x)), Ok(1));
+        });
+        assert_eq!(with_arc(&weak_a, (), |x, ()| Arc::strong_count(x)), Ok(2));
     }
 
     #[test]
     fn another_thread_sees_nothing_lent() {
         let a = Arc::new(3u32);
         let weak = Arc::downgrade(&a);
-        let _lent = Current::enter(&a);
-        let count = std::thread::scope(|s| {
-            s.spawn(|| with_arc(&weak, (), |x, ()| Arc::strong_count(x)))
-                .join()
-                .unwrap()
+        let count = lend(&a, || {
+            std::thread::scope(|s| {
+                s.spawn(|| with_arc(&weak, (), |x, ()| Arc::strong_count(x)))
+                    .join()
+                    .unwrap()
+            })
         });
         assert_eq!(count, Ok(2));
     }

@@ -129,11 +129,10 @@ pub(crate) fn service<T: Send + Sync + 'static>(
     first: &[u8],
     fresh: bool,
 ) {
-    if catch_unwind(AssertUnwindSafe(|| {
-        service_inner(shared, conn, first, fresh)
-    }))
-    .is_err()
-    {
+    // Sends from its closures use this job's reference to the server.
+    let serve =
+        || crate::runtime::current::lend(shared, || service_inner(shared, conn, first, fresh));
+    if catch_unwind(AssertUnwindSafe(serve)).is_err() {
         shared.report(
             Some(&conn.client),
             Error::Internal("serving the client failed; it was closed with 1011".into()),
@@ -162,8 +161,6 @@ fn service_inner<T: Send + Sync + 'static>(
     // One budget for the whole job, however many passes it makes.
     let mut budget = JobBudget::FULL;
     let _serving = Serving::start(&**conn);
-    // Sends from its closures use this job's reference to the server.
-    let _current = crate::runtime::current::Current::enter(shared);
     // Whether a pass may run closures that hold the job for however long
     // (`on_error` is left out: it reports). Without them, as in the
     // main-loop style, other threads' sends cork while the job reads.
