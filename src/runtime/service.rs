@@ -778,9 +778,9 @@ fn handle<T: Send + Sync + 'static>(
 /// The connection failed (its decoder's `Output::Fail`): report `error`,
 /// send `reply` and count it with `count`. After a close of ours (the
 /// user's, an idle close) the wire has that one and the reply is not
-/// sent: the report stays as it was (1006 unless the peer's close comes),
-/// and nothing is counted for a code that never went out. A send that
-/// fails only for a failed write still reports and counts what was meant.
+/// sent: the report stays as it was (the idle close's 1001, or 1006), and
+/// nothing is counted for a code that never went out. A send that fails
+/// only for a failed write still reports and counts what was meant.
 fn close_failed<T: Send + Sync + 'static>(
     shared: &Arc<Shared<T>>,
     conn: &Arc<Conn<T>>,
