@@ -803,3 +803,44 @@ fn a_client_being_closed_cannot_take_the_channel_from_the_others() {
     );
     assert_eq!(read_close(&mut a), Some(1000));
 }
+
+/// Messages a job has staged for the main loop (sent on and charged
+/// together, up to 64 at a time) count at the read gate as they are
+/// staged: a client pipelining 1 KiB messages that nobody consumes is
+/// paused at high water (8 KiB here), with about as much charged, not a
+/// batch of 64 messages later; and the same at the channel's budget.
+#[test]
+fn staged_messages_count_at_the_gate_before_they_are_charged() {
+    // The client's own high water, then the channel's budget.
+    staged_messages_pause_at(8 * 1024, 16 << 20);
+    staged_messages_pause_at(1 << 20, 8 * 1024);
+}
+
+/// A client pipelining 1 KiB messages nobody consumes is paused with
+/// about `high_water` or `budget` charged, whichever is lower (8 KiB).
+fn staged_messages_pause_at(high_water: usize, budget: usize) {
+    let server = WebSocketServer::builder()
+        .high_water(high_water)
+        .low_water(2 * 1024)
+        .event_queue_bytes(budget)
+        .ping_interval(None)
+        .start("127.0.0.1:0")
+        .unwrap();
+    let mut s = raw_ws(server.local_addr());
+    expect_connect(&server);
+    s.write_all(&frame(0x82, &[3u8; 1024]).repeat(200)).unwrap();
+    assert!(
+        eventually(WAIT, || server.stats().read_pauses >= 1),
+        "{:?}",
+        server.stats()
+    );
+    let stats = server.stats();
+    // One message's charge is its size and a little more: the pause comes
+    // with the message that reaches high water.
+    assert!(
+        stats.event_bytes <= 8 * 1024 + 2 * 1024,
+        "{} bytes charged at the pause",
+        stats.event_bytes
+    );
+    assert!(stats.messages_in <= 9, "{stats:?}");
+}

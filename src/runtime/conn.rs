@@ -837,6 +837,16 @@ impl<T: Send + Sync + 'static> Conn<T> {
     /// over its budget) the connection pauses; whoever brings it back
     /// under the marks resumes it (see [`Conn::resume_locked`]).
     pub(crate) fn may_read(self: &Arc<Self>, shared: &Arc<Shared<T>>) -> bool {
+        self.may_read_staged(shared, 0)
+    }
+
+    /// [`may_read`](Self::may_read), counting `staged` bytes of this
+    /// connection's events a job has staged and not charged yet.
+    pub(crate) fn may_read_staged(
+        self: &Arc<Self>,
+        shared: &Arc<Shared<T>>,
+        staged: usize,
+    ) -> bool {
         let mut w = self.io.lock();
         // Once our close frame is queued, the peer's answer must be read
         // even if the main loop has stopped consuming (it may be the one
@@ -854,12 +864,17 @@ impl<T: Send + Sync + 'static> Conn<T> {
         if w.paused {
             return false;
         }
-        if shared.marks.must_pause(w.pausing_for(closing), closing) {
+        // Staged events count as events: not once closing.
+        let staged = if closing { 0 } else { staged };
+        if shared
+            .marks
+            .must_pause(w.pausing_for(closing) + staged, closing)
+        {
             w.paused = true;
             Counters::add(&shared.counters.read_pauses, 1);
             return false;
         }
-        if !closing && shared.events.over_budget() {
+        if !closing && shared.events.over_budget_with(staged) {
             w.paused = true;
             w.starved = true;
             drop(w);

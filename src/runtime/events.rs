@@ -91,7 +91,13 @@ impl<T: Send + Sync + 'static> EventQueue<T> {
     /// Whether the main loop is over its budget: connections stop
     /// dispatching messages.
     pub(crate) fn over_budget(&self) -> bool {
-        self.main_loop && self.bytes.load(Ordering::SeqCst) >= self.budget
+        self.over_budget_with(0)
+    }
+
+    /// [`over_budget`](Self::over_budget), counting `staged` bytes a job
+    /// has staged and not charged yet.
+    pub(crate) fn over_budget_with(&self, staged: usize) -> bool {
+        self.main_loop && self.bytes.load(Ordering::SeqCst).saturating_add(staged) >= self.budget
     }
 
     /// Whether the main loop is twice over its budget, which messages
@@ -137,6 +143,7 @@ impl<T: Send + Sync + 'static> EventQueue<T> {
             queue: self,
             conn,
             list: Vec::new(),
+            pending: 0,
         }
     }
 
@@ -209,15 +216,21 @@ impl<T: Send + Sync + 'static> EventQueue<T> {
     }
 }
 
-/// Messages of one connection staged for the main loop by a job: each is
-/// charged as it is staged, as `EventQueue::push` charges, and they go
-/// through the channel together when sent. Dropped, it sends what it
-/// holds, so that messages read and parsed reach the main loop (and give
-/// their charges back there) even if the job unwinds.
+/// Messages of one connection staged for the main loop by a job, sent
+/// through the channel together. Their charges (as `EventQueue::push`
+/// charges) go to the connection and the budget together too, just
+/// before they are sent: the read gate counts what is staged meanwhile
+/// (`pending`). Charged one by one, each message took the connection's
+/// lock and wrote the budget's count, a line the main loop writes too.
+/// Dropped, it sends what it holds, so that messages read and parsed
+/// reach the main loop (and give their charges back there) even if the
+/// job unwinds.
 pub(crate) struct Staged<'a, T: Send + Sync + 'static> {
     queue: &'a EventQueue<T>,
     conn: &'a Conn<T>,
     list: Vec<Envelope<T>>,
+    /// The charges of `list`, not yet applied.
+    pending: usize,
 }
 
 impl<T: Send + Sync + 'static> Staged<'_, T> {
@@ -225,12 +238,15 @@ impl<T: Send + Sync + 'static> Staged<'_, T> {
         self.list.len()
     }
 
-    /// Charge `message` to its connection and the budget now, and keep it
-    /// for [`Staged::send`].
+    /// What is staged and not charged yet.
+    pub(crate) fn pending(&self) -> usize {
+        self.pending
+    }
+
+    /// Keep `message` for [`Staged::send`], which charges it.
     pub(crate) fn stage(&mut self, message: crate::message::Message) {
         let charge = EVENT_COST + self.conn.payload_bound(message.len());
-        self.conn.io.lock().events += charge;
-        self.queue.bytes.fetch_add(charge, Ordering::Relaxed);
+        self.pending += charge;
         self.list.push(Envelope {
             event: Event::Message {
                 client: self.conn.client.clone(),
@@ -243,6 +259,14 @@ impl<T: Send + Sync + 'static> Staged<'_, T> {
     /// Send what is staged, in order, as one item of the channel. If the
     /// server is gone, the charges are given back.
     pub(crate) fn send(&mut self) {
+        if self.list.is_empty() {
+            return;
+        }
+        // Charged before the main loop can have them (and give their
+        // charges back).
+        let pending = std::mem::take(&mut self.pending);
+        self.conn.io.lock().events += pending;
+        self.queue.bytes.fetch_add(pending, Ordering::Relaxed);
         let sent = match self.list.len() {
             0 => return,
             1 => Batch::One(self.list.pop().expect("one staged event")),

@@ -452,7 +452,7 @@ fn feed<T: Send + Sync + 'static>(
         // here (as can a message mostly read before); plain input is
         // otherwise charged as read, after it.
         let used = count >= budget.frames || delivered >= budget.bytes.max(bytes.len());
-        if !input.is_empty() && (used || !conn.may_read(shared)) {
+        if !input.is_empty() && (used || !conn.may_read_staged(shared, batch.pending())) {
             r.rest.extend_from_slice(input);
             shared.unparsed_in.fetch_add(input.len(), Ordering::Relaxed);
             break;
@@ -717,7 +717,8 @@ fn handle<T: Send + Sync + 'static>(
             shared.counters.message_in(m.len());
             if r.discarding
                 || (conn.closing.load(Ordering::Acquire)
-                    && (shared.events.over_budget() || conn.io.lock().events >= shared.marks.hard))
+                    && (shared.events.over_budget_with(batch.pending())
+                        || conn.io.lock().events + batch.pending() >= shared.marks.hard))
             {
                 // Our close frame is queued and the main loop is a whole
                 // budget behind, or this client's own unconsumed events
