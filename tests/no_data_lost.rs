@@ -441,6 +441,10 @@ fn thousands_of_tiny_messages_held_by_a_pause_are_delivered_at_a_reset() {
     let server = WebSocketServer::builder()
         .high_water(8 * 1024)
         .low_water(2 * 1024)
+        // Room for all of their events (about 1.6 MB): past the hard
+        // limit a connection being torn down has the rest discarded (see
+        // the crowd test below).
+        .max_backpressure(4 << 20)
         .event_queue_bytes(64 << 20)
         .ping_interval(None)
         .start("127.0.0.1:0")
@@ -481,6 +485,61 @@ fn thousands_of_tiny_messages_held_by_a_pause_are_delivered_at_a_reset() {
         before.messages_in
     );
     assert_eq!(server.stats().unparsed_in_bytes, 0);
+}
+
+/// What a crowd of connections being torn down delivers stays within the
+/// event channel's budget: eight clients each pipeline 60,000 empty
+/// messages nobody consumes and reset; each teardown feeds what it kept
+/// (some 10,000 messages) with no gate to stop it, and once the channel
+/// is over its budget (1 MiB here) the rest is discarded and counted,
+/// as for a client being closed. Before, every teardown handed all of
+/// it to the channel: about 12 MB of charges over a budget of 1 MiB.
+#[test]
+fn a_crowd_torn_down_with_kept_input_stays_within_the_event_budget() {
+    const CLIENTS: usize = 8;
+    let server = WebSocketServer::builder()
+        .event_queue_bytes(1 << 20)
+        .ping_interval(None)
+        .start("127.0.0.1:0")
+        .unwrap();
+    let mut sockets = Vec::new();
+    let mut handles = Vec::new();
+    for _ in 0..CLIENTS {
+        sockets.push(raw_ws(server.local_addr()));
+        handles.push(expect_connect(&server));
+    }
+    let wire = frame(0x82, b"").repeat(60_000);
+    for s in &mut sockets {
+        s.write_all(&wire).unwrap();
+    }
+    assert!(
+        eventually(WAIT, || server.stats().read_pauses >= CLIENTS as u64),
+        "not all paused: {:?}",
+        server.stats()
+    );
+    let before = server.stats();
+    for s in sockets {
+        let _ = socket2::SockRef::from(&s).set_linger(Some(std::time::Duration::ZERO));
+    }
+    assert!(
+        eventually(WAIT, || {
+            for client in &handles {
+                let _ = client.send(vec![1u8; 16]);
+            }
+            server.stats().connections == 0
+        }),
+        "not torn down: {:?}",
+        server.stats()
+    );
+    let after = server.stats();
+    // The budget, and a batch (64 messages) past it for each connection.
+    assert!(
+        after.event_bytes <= (1 << 20) + CLIENTS as u64 * 64 * 200,
+        "{} bytes of events charged over a budget of 1 MiB ({before:?})",
+        after.event_bytes
+    );
+    assert!(after.messages_discarded > 0, "{after:?}");
+    assert_eq!(after.unparsed_in_bytes, 0);
 }
 
 /// The same for a teardown nobody forced: a client paused because it

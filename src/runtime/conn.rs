@@ -85,6 +85,9 @@ pub(crate) struct ReadSide {
     /// Its messages are discarded: our close frame is out and the main
     /// loop was a whole budget behind when one came (see `service::handle`).
     pub(crate) discarding: bool,
+    /// The job is tearing it down, and feeds what it kept: its events are
+    /// bounded as a closing connection's are (see `service::handle`).
+    pub(crate) ending: bool,
     /// Input read but not yet parsed: flow control paused the connection
     /// in the middle of a read, or the job's frame budget ran out. At
     /// most one read's worth, counted apart
@@ -117,6 +120,7 @@ impl ReadSide {
             eof: false,
             write_shut: false,
             discarding: false,
+            ending: false,
             rest: Vec::new(),
             buffered: 0,
             pong_corked: false,
@@ -858,8 +862,13 @@ impl<T: Send + Sync + 'static> Conn<T> {
             // written: a pause protects nothing now, and what was read
             // (whole messages kept unparsed by one, the peer's close
             // among them) is delivered before the `Disconnect`. At most
-            // one read's rest, and what the socket still gives.
-            return true;
+            // one read's rest, and what the socket still gives; but not
+            // past the event channel's budget or the hard limit of this
+            // client's events: the teardown then feeds the rest, and
+            // discards (and counts) what is past them.
+            let staged = if closing { 0 } else { staged };
+            return !(shared.events.over_budget_with(staged)
+                || w.events + staged >= shared.marks.hard);
         }
         if w.paused {
             return false;

@@ -208,6 +208,7 @@ fn service_inner<T: Send + Sync + 'static>(
             // more job's bytes, and what is left of it is dropped.
             if !r.rest.is_empty() {
                 conn.io.lock().force_close = true;
+                r.ending = true;
                 let rest = std::mem::take(&mut r.rest);
                 shared.unparsed_in.fetch_sub(rest.len(), Ordering::Relaxed);
                 // A message finishing in it counts whole, up to the
@@ -452,7 +453,10 @@ fn feed<T: Send + Sync + 'static>(
         // here (as can a message mostly read before); plain input is
         // otherwise charged as read, after it.
         let used = count >= budget.frames || delivered >= budget.bytes.max(bytes.len());
-        if !input.is_empty() && (used || !conn.may_read_staged(shared, batch.pending())) {
+        // A teardown's feed passes no gate: what it cannot deliver it
+        // discards and counts (`handle`).
+        let gate = |r: &ReadSide| r.ending || conn.may_read_staged(shared, batch.pending());
+        if !input.is_empty() && (used || !gate(r)) {
             r.rest.extend_from_slice(input);
             shared.unparsed_in.fetch_add(input.len(), Ordering::Relaxed);
             break;
@@ -716,13 +720,14 @@ fn handle<T: Send + Sync + 'static>(
             note_buffered(shared, conn, r);
             shared.counters.message_in(m.len());
             if r.discarding
-                || (conn.closing.load(Ordering::Acquire)
+                || ((r.ending || conn.closing.load(Ordering::Acquire))
                     && (shared.events.over_budget_with(batch.pending())
                         || conn.io.lock().events + batch.pending() >= shared.marks.hard))
             {
-                // Our close frame is queued and the main loop is a whole
-                // budget behind, or this client's own unconsumed events
-                // reached the hard limit: the client is read on only to
+                // Our close frame is queued (or the connection is being
+                // torn down with what it kept, which no gate stops) and
+                // the main loop is a whole budget behind, or this client's
+                // own unconsumed events reached the hard limit: the client is read on only to
                 // find its answering Close (which neither must stop; its
                 // events no longer pause it), and from this message on,
                 // what data it sends is dropped and counted, all of it (as
