@@ -487,6 +487,71 @@ fn thousands_of_tiny_messages_held_by_a_pause_are_delivered_at_a_reset() {
     assert_eq!(server.stats().unparsed_in_bytes, 0);
 }
 
+/// A teardown's feed is not cut after a large message that began before
+/// the pause and ends in what was kept. The client's 7,850-byte message
+/// leaves its events just under high water (8 KiB); then a fragmented
+/// message of 1.5 MiB is read but for its last fragment; a ping between
+/// the fragments makes the server queue a pong, which takes what the
+/// client holds past high water, so the read is kept from there: the
+/// last fragment and ten small messages. The client reads nothing, gets
+/// a reply of 16 MiB (over the hard limit, so the close below does not
+/// end the pause) and is closed, and its close times out. The teardown
+/// delivers the large message and the ten behind it. Before, it stopped
+/// after the large message (1 MiB delivered) and dropped the ten.
+#[test]
+fn a_teardown_delivers_what_follows_a_large_message_finished_in_the_kept_input() {
+    let server = WebSocketServer::builder()
+        .high_water(8 * 1024)
+        .low_water(2 * 1024)
+        .max_message_size(2 << 20)
+        .event_queue_bytes(64 << 20)
+        .close_timeout(std::time::Duration::from_millis(300))
+        .ping_interval(None)
+        .start("127.0.0.1:0")
+        .unwrap();
+    let mut s = raw_ws_small_window(server.local_addr());
+    let client = expect_connect(&server);
+    const BIG: usize = 3 << 19;
+    // Charged 7,850 + 144 bytes, with the `Connect` event's 144 (given
+    // back only when the main loop asks for the next event): 8,138, under
+    // 8,192; the pong's 131 take it over.
+    let mut head = frame(0x82, &[1u8; 7850]);
+    head.extend(frame(0x02, &vec![2u8; BIG - 1]));
+    s.write_all(&head).unwrap();
+    assert!(
+        eventually(WAIT, || server.stats().buffered_in_bytes
+            >= (BIG - 1) as u64),
+        "the first fragment not read: {:?}",
+        server.stats()
+    );
+    let mut tail = frame(0x89, b"p");
+    tail.extend(frame(0x80, b"z"));
+    for i in 0..10u8 {
+        tail.extend(frame(0x82, &[i; 10]));
+    }
+    s.write_all(&tail).unwrap();
+    assert!(
+        eventually(WAIT, || server.stats().unparsed_in_bytes > 0),
+        "nothing kept by a pause: {:?}",
+        server.stats()
+    );
+    client.send(vec![9u8; 16 << 20]).unwrap();
+    client.close(enjent::CloseCode::NORMAL, "bye").unwrap();
+    let mut sizes = Vec::new();
+    loop {
+        match next(&server) {
+            Event::Message { message, .. } => sizes.push(message.len()),
+            Event::Disconnect { .. } => break,
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    let mut want = vec![7850, BIG];
+    want.extend([10; 10]);
+    assert_eq!(sizes, want);
+    assert_eq!(server.stats().unparsed_in_bytes, 0);
+    drop(s);
+}
+
 /// What a crowd of connections being torn down delivers stays within the
 /// event channel's budget: eight clients each pipeline 60,000 empty
 /// messages nobody consumes and reset; each teardown feeds what it kept
