@@ -139,7 +139,8 @@ pub struct BridgeStats {
 
 /// Shards of the counters every message moves: each thread adds to its
 /// own (see [`shard`]), on a cache line of its own, and a snapshot sums
-/// them. One shared set, written by every worker for every message, had
+/// them (one after another: while traffic flows, a sum is of counts read
+/// at slightly different times, exact once it stops). One shared set, written by every worker for every message, had
 /// each increment wait for the line to come from another core.
 const SHARDS: usize = 8;
 
@@ -260,7 +261,7 @@ impl Counters {
                 .hot
                 .iter()
                 .map(|h| h.bytes_queued.load(Relaxed))
-                .sum::<i64>()
+                .fold(0, i64::wrapping_add)
                 .max(0) as u64,
             messages_dropped: self.dropped.load(Relaxed),
             messages_discarded: self.discarded.load(Relaxed),
