@@ -343,6 +343,28 @@ fn messages_held_by_pauses_are_delivered_when_a_crowd_resets() {
     held_by_a_pause_then_reset(8);
 }
 
+/// Reset every socket, and send to each client until all are torn down:
+/// the sends find the resets (the readiness loop may too).
+fn reset_until_gone(
+    server: &WebSocketServer,
+    sockets: Vec<std::net::TcpStream>,
+    clients: &[enjent::Client],
+) {
+    for s in sockets {
+        let _ = socket2::SockRef::from(&s).set_linger(Some(std::time::Duration::ZERO));
+    }
+    assert!(
+        eventually(WAIT, || {
+            for client in clients {
+                let _ = client.send(vec![1u8; 16]);
+            }
+            server.stats().connections == 0
+        }),
+        "not torn down: {:?}",
+        server.stats()
+    );
+}
+
 fn held_by_a_pause_then_reset(clients: usize) {
     const SENT: u32 = 100;
     const SIZE: usize = 1024;
@@ -385,21 +407,9 @@ fn held_by_a_pause_then_reset(clients: usize) {
     );
     let before = server.stats();
     let held = before.unparsed_in_bytes as usize / frame_len;
-    for s in sockets {
-        let _ = socket2::SockRef::from(&s).set_linger(Some(std::time::Duration::ZERO));
-    }
-    // Sends find the resets (the readiness loop may too), and the
-    // connections end while still paused: the events are read only after.
-    assert!(
-        eventually(WAIT, || {
-            for client in &handles {
-                let _ = client.send(vec![1u8; 16]);
-            }
-            server.stats().connections == 0
-        }),
-        "not torn down while paused: {:?}",
-        server.stats()
-    );
+    // The connections end while still paused: the events are read only
+    // after.
+    reset_until_gone(&server, sockets, &handles);
     let mut got = vec![0u32; clients];
     let mut gone = 0;
     while gone < clients {
@@ -461,16 +471,7 @@ fn thousands_of_tiny_messages_held_by_a_pause_are_delivered_at_a_reset() {
     );
     let before = server.stats();
     let held = before.unparsed_in_bytes / one.len() as u64;
-    let _ = socket2::SockRef::from(&s).set_linger(Some(std::time::Duration::ZERO));
-    drop(s);
-    assert!(
-        eventually(WAIT, || {
-            let _ = client.send(vec![1u8; 16]);
-            server.stats().connections == 0
-        }),
-        "not torn down while paused: {:?}",
-        server.stats()
-    );
+    reset_until_gone(&server, vec![s], &[client]);
     let mut got = 0u64;
     loop {
         match next(&server) {
@@ -583,19 +584,7 @@ fn a_crowd_torn_down_with_kept_input_stays_within_the_event_budget() {
         server.stats()
     );
     let before = server.stats();
-    for s in sockets {
-        let _ = socket2::SockRef::from(&s).set_linger(Some(std::time::Duration::ZERO));
-    }
-    assert!(
-        eventually(WAIT, || {
-            for client in &handles {
-                let _ = client.send(vec![1u8; 16]);
-            }
-            server.stats().connections == 0
-        }),
-        "not torn down: {:?}",
-        server.stats()
-    );
+    reset_until_gone(&server, sockets, &handles);
     let after = server.stats();
     // The budget, and a batch (64 messages) past it for each connection.
     assert!(
