@@ -728,12 +728,29 @@ impl<T: Send + Sync + 'static> Conn<T> {
         shared: &Arc<Shared<T>>,
         frame: CloseFrame,
     ) -> Result<()> {
+        self.send_close_claiming(shared, frame).1
+    }
+
+    /// [`Conn::send_close`], and whether this close is the connection's
+    /// own: no close of ours came before it (decided under the lock that
+    /// sets `closing`, so a user's close on another thread is either
+    /// before it or refused). True also when the frame cannot be written
+    /// (the connection failed or is finished with no close sent): its code
+    /// is then what the connection ended with.
+    pub(crate) fn send_close_claiming(
+        self: &Arc<Self>,
+        shared: &Arc<Shared<T>>,
+        frame: CloseFrame,
+    ) -> (bool, Result<()>) {
         let payload = close_payload(frame.code.as_u16(), &frame.reason);
         let mut head = [0u8; 10];
         let n = encode_header(&mut head, true, OpCode::Close, payload.len());
         let mut w = self.io.lock();
-        if w.finished || self.closing.load(Ordering::Acquire) {
-            return Err(Error::Closed);
+        if self.closing.load(Ordering::Acquire) {
+            return (false, Err(Error::Closed));
+        }
+        if w.finished {
+            return (true, Err(Error::Closed));
         }
         // Set under the lock, which every check of it below holds.
         self.closing.store(true, Ordering::Release);
@@ -751,7 +768,7 @@ impl<T: Send + Sync + 'static> Conn<T> {
             w.paused = false;
         }
         if w.write_error.is_some() {
-            return Err(Error::Closed);
+            return (true, Err(Error::Closed));
         }
         let idle = !w.writing && !w.job_running && w.out.is_empty();
         self.enqueue(
@@ -775,7 +792,7 @@ impl<T: Send + Sync + 'static> Conn<T> {
             drop(w);
             spawn_job(shared, self);
         }
-        Ok(())
+        (true, Ok(()))
     }
 
     /// User-initiated close: validate, queue the close frame, and make sure
@@ -1717,5 +1734,77 @@ mod tests {
         // The variant's tag fits beside the clock: 16 B, not 24.
         #[cfg(target_pointer_width = "64")]
         assert_eq!(std::mem::size_of::<Reading>(), 16);
+    }
+}
+
+#[cfg(test)]
+mod close_claim_tests {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    use crate::runtime::testing::join;
+    use crate::{CloseCode, CloseFrame, Event, WebSocketServer};
+
+    /// A failure's close and a user's close on another thread, at once:
+    /// exactly one is the connection's own, whichever came first, and the
+    /// other is refused. Before, a job read `closing` and sent in two
+    /// steps, and a user's close between them made both count as theirs.
+    #[test]
+    fn of_two_closes_at_once_exactly_one_is_the_connections_own() {
+        let server = WebSocketServer::builder().start("127.0.0.1:0").unwrap();
+        let shared = Arc::clone(server.shared());
+        for round in 0..300 {
+            let (s, client) = join(&server);
+            let conn = shared
+                .registry
+                .snapshot()
+                .into_iter()
+                .find(|c| c.client.id() == client.id())
+                .unwrap();
+            // Both threads spin to the start, one a little later each
+            // round, so that the two closes overlap in every order.
+            let go = Arc::new(AtomicBool::new(false));
+            let user = {
+                let (client, go) = (client.clone(), Arc::clone(&go));
+                std::thread::spawn(move || {
+                    while !go.load(Ordering::Acquire) {
+                        std::hint::spin_loop();
+                    }
+                    for _ in 0..round % 30 {
+                        std::hint::spin_loop();
+                    }
+                    client.close(CloseCode::NORMAL, "bye").is_ok()
+                })
+            };
+            std::thread::sleep(std::time::Duration::from_micros(200));
+            go.store(true, Ordering::Release);
+            for _ in 0..round % 7 {
+                std::hint::spin_loop();
+            }
+            let (ours, sent) = conn.send_close_claiming(
+                &shared,
+                CloseFrame::new(CloseCode::PROTOCOL_ERROR, "protocol error"),
+            );
+            let user_sent = user.join().unwrap();
+            assert_eq!(ours, sent.is_ok(), "round {round}");
+            assert!(
+                ours != user_sent,
+                "round {round}: ours {ours}, the user's {user_sent}"
+            );
+            // After either, no later close is the connection's own.
+            let (again, _) = conn.send_close_claiming(
+                &shared,
+                CloseFrame::new(CloseCode::PROTOCOL_ERROR, "protocol error"),
+            );
+            assert!(!again, "round {round}");
+            drop(s);
+            loop {
+                match server.recv_timeout(std::time::Duration::from_secs(10)) {
+                    Ok(Event::Disconnect { client: c, .. }) if c.id() == client.id() => break,
+                    Ok(_) => {}
+                    Err(e) => panic!("round {round}: {e:?}"),
+                }
+            }
+        }
     }
 }

@@ -13,7 +13,7 @@ use crate::error::{DecodeError, Error};
 use crate::message::{CloseCode, CloseFrame};
 use crate::proto::conn::{Output, State};
 use crate::proto::frame::OpCode;
-use crate::runtime::conn::{CONDEMNED, Conn, ReadSide, Serving};
+use crate::runtime::conn::{CONDEMNED, Conn, ReadSide, Serving, schedule};
 use crate::runtime::events::{BATCH, Staged};
 use crate::runtime::poller::Job;
 use crate::runtime::registry::Found;
@@ -674,11 +674,16 @@ fn close_for_panic<T: Send + Sync + 'static>(
     r: &mut ReadSide,
 ) {
     let (code, reason) = panic_close();
-    let closed_before = conn.closing.load(Ordering::Acquire);
-    // It also fails after a write error; the report is then the 1011.
-    let sent = conn.close(shared, code, reason).is_ok();
-    if sent || !closed_before {
+    // After a close of ours (a user's on another thread, even one that
+    // just now came first), that close is the one on the wire. After a
+    // write error, the report is the 1011.
+    let (ours, sent) = conn.send_close_claiming(shared, CloseFrame::new(code, reason));
+    if ours {
         r.report = Some(CloseFrame::new(code, reason));
+    }
+    if sent.is_ok() {
+        // The job goes round and books the close deadline.
+        schedule(shared, conn);
     }
     r.proto.close_sent();
 }
@@ -796,9 +801,9 @@ fn close_failed<T: Send + Sync + 'static>(
     count: impl FnOnce(&Counters),
 ) {
     r.error = Some(error.into());
-    let closed_before = conn.closing.load(Ordering::Acquire);
-    let sent = conn.send_close(shared, reply.clone()).is_ok();
-    if sent || !closed_before {
+    // Whether ours is decided with `closing` set, under one lock: a user's
+    // close on another thread comes wholly before it or is refused.
+    if conn.send_close_claiming(shared, reply.clone()).0 {
         count(&shared.counters);
         r.report = Some(reply);
     }
