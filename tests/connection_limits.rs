@@ -50,6 +50,54 @@ fn per_ip_limit_answers_503_and_recovers() {
     assert_eq!(&head, b"HTTP/1.1 101");
 }
 
+/// A `HEAD` refused for too many connections gets the `503`'s head and
+/// no body (RFC 9110 section 9.3.2), once its request is in when the
+/// accept thread takes it. Here the accept thread is held (the main loop
+/// is twice its event budget behind) while the request arrives.
+#[test]
+fn a_head_refused_for_too_many_connections_gets_no_body() {
+    let server = WebSocketServer::builder()
+        .max_connections(1)
+        .event_queue_bytes(1024)
+        .start("127.0.0.1:0")
+        .unwrap();
+    let addr = server.local_addr();
+    let mut a = raw_ws(addr);
+    expect_connect(&server);
+    // 4 KiB unconsumed: past twice the budget.
+    a.write_all(&frame(0x82, &[7; 4096])).unwrap();
+    let t = std::time::Instant::now();
+    while server.stats().event_bytes < 2048 {
+        assert!(t.elapsed() < WAIT, "{:?}", server.stats());
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    // One more refusal sends the accept thread round to the budget's
+    // check before its next `accept`.
+    let first = http(addr, REQUEST.as_bytes());
+    assert!(first.starts_with("HTTP/1.1 503 "), "{first}");
+    let mut head = raw(addr);
+    head.write_all(b"HEAD / HTTP/1.1\r\nHost: x\r\n\r\n")
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    // The main loop catches up (an event's charge is given back at the
+    // next receive); the accept thread goes on.
+    expect_message(&server);
+    assert!(server.recv_timeout(Duration::from_millis(1)).is_err());
+    let mut out = Vec::new();
+    let _ = head.read_to_end(&mut out);
+    let text = String::from_utf8_lossy(&out);
+    assert!(text.starts_with("HTTP/1.1 503 "), "{text}");
+    assert!(
+        text.to_ascii_lowercase().contains("content-length: "),
+        "{text}"
+    );
+    assert!(
+        text.ends_with("\r\n\r\n"),
+        "a body after the head: {text:?}"
+    );
+    assert_eq!(server.stats().handshakes_refused.get(&503), Some(&2));
+}
+
 #[test]
 fn a_per_ip_cap_keeps_a_flooding_address_from_crowding_out_others() {
     let server = WebSocketServer::builder()

@@ -11,7 +11,8 @@ use crate::error::Error;
 use crate::proto::handshake::Reject;
 use crate::runtime::Shared;
 use crate::runtime::handshake::{
-    abort_handshake, book_handshake_deadline, book_queued_handshake_deadline, far_future,
+    abort_handshake, begins_head, book_handshake_deadline, book_queued_handshake_deadline,
+    far_future,
 };
 use crate::runtime::poller::{Job, dispatch, register};
 use crate::runtime::registry::{Found, Pending};
@@ -164,11 +165,13 @@ pub(crate) fn run<T: Send + Sync + 'static>(shared: Arc<Shared<T>>, listener: Tc
 /// Answer a client refused before any handshake. Best effort: the socket
 /// is non-blocking and the answer small. One bounded read of what has come
 /// first, since input left unread at close makes the kernel reset the
-/// connection, which can destroy the answer before the client reads it.
+/// connection, which can destroy the answer before the client reads it. A
+/// `HEAD` in that read gets the answer's head alone (one still on its way
+/// is not waited for: it gets the body too).
 fn refuse(mut stream: &TcpStream, reject: &Reject) {
     let mut sink = [0u8; FIRST_READ];
-    let _ = stream.read(&mut sink);
-    let _ = stream.write(&reject.to_response());
+    let n = stream.read(&mut sink).unwrap_or(0);
+    let _ = stream.write(&reject.to_response_for(begins_head(&sink[..n])));
     let _ = stream.shutdown(std::net::Shutdown::Write);
 }
 

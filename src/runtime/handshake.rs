@@ -26,9 +26,13 @@ use crate::stats::Counters;
 /// so far that is a `HEAD` gets the answer's head alone (RFC 9110 section
 /// 9.3.2), as it would from a worker.
 pub(crate) fn abort_handshake<T>(shared: &Shared<T>, p: Pending, answer: Option<&Reject>) {
-    let head_only =
-        p.buf[crate::proto::handshake::leading_empty_lines(&p.buf)..].starts_with(b"HEAD ");
+    let head_only = begins_head(&p.buf);
     abort_handshake_for(shared, p, answer, head_only);
+}
+
+/// Whether a request read so far (perhaps in part) is a `HEAD`.
+pub(crate) fn begins_head(buf: &[u8]) -> bool {
+    buf[crate::proto::handshake::leading_empty_lines(buf)..].starts_with(b"HEAD ")
 }
 
 /// [`abort_handshake`], for a `HEAD` request (`head_only`: the answer's
