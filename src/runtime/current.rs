@@ -64,9 +64,47 @@ pub(crate) fn with_arc<X, A, R>(
     }
 }
 
+/// The address of the value lent on this thread, or null (for tests).
+#[cfg(test)]
+pub(crate) fn lent() -> *const () {
+    CURRENT.get().0
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The server's closures run with its `Arc` lent (the send path's
+    /// saving depends on it, and nothing else would show it lost), and a
+    /// thread of the user's has nothing lent.
+    #[test]
+    fn the_servers_closures_run_with_its_arc_lent() {
+        use std::io::{Read, Write};
+        let (tx, rx) = std::sync::mpsc::channel::<usize>();
+        let server = crate::WebSocketServer::builder()
+            .on_message(move |_, _| {
+                let _ = tx.send(lent() as usize);
+            })
+            .start("127.0.0.1:0")
+            .unwrap();
+        let mut s = std::net::TcpStream::connect(server.local_addr()).unwrap();
+        s.write_all(
+            b"GET / HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+              Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
+        )
+        .unwrap();
+        let mut head = Vec::new();
+        let mut b = [0u8; 1];
+        while !head.ends_with(b"\r\n\r\n") {
+            s.read_exact(&mut b).unwrap();
+            head.push(b[0]);
+        }
+        // A masked text frame "hi" (mask zero).
+        s.write_all(&[0x81, 0x82, 0, 0, 0, 0, b'h', b'i']).unwrap();
+        let seen = rx.recv_timeout(std::time::Duration::from_secs(10)).unwrap();
+        assert_eq!(seen, Arc::as_ptr(server.shared()) as *const () as usize);
+        assert!(lent().is_null());
+    }
 
     #[test]
     fn a_lent_arc_is_used_without_touching_its_count() {
