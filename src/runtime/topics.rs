@@ -17,7 +17,9 @@
 //! `subs` is awaited (a publish holds a topic's `subs` for its whole
 //! fan-out, and every other topic needs `by_name`), and a shard of
 //! `by_client` is let go while a busy `subs` is awaited, a few times
-//! before it is held (see `lock_subs`).
+//! before it is held (see `lock_subs`). `leavers` is taken under a
+//! `subs` or under none. A teardown never waits for a `subs`: it leaves
+//! the removal to the holder (see `Topics::leave`).
 
 use std::borrow::Borrow;
 use std::collections::hash_map::Entry;
@@ -46,10 +48,16 @@ pub(crate) struct Topic<T> {
     /// `by_name`, or about to be, and a subscribe that finds it makes a
     /// new one.
     dead: AtomicBool,
+    /// Leaves of clients torn down while the topic was busy wait in
+    /// `Topics::leavers` (set with the leavers' lock held; see `settle`).
+    leaving: AtomicBool,
     /// Threads that let their shard go to wait for `subs` (tests wait for
     /// them instead of sleeping).
     #[cfg(test)]
     waiting: std::sync::atomic::AtomicUsize,
+    /// Leaves left for the next holder.
+    #[cfg(test)]
+    deferred: std::sync::atomic::AtomicUsize,
 }
 
 /// A leave that had to look at more subscribers than this makes the list
@@ -345,7 +353,16 @@ pub(crate) struct Topics<T> {
     by_client: Box<[Mutex<ByClient<T>>]>,
     /// Told when a topic gains its first subscriber or loses its last.
     bridge: Option<Arc<BridgeRt>>,
+    /// Clients torn down while a topic of theirs was busy (a publish
+    /// fanning out), to be taken out of it by whoever holds it next: a
+    /// teardown runs on a pool worker, which must not wait out someone
+    /// else's fan-out (with a compression per subscriber, seconds at ten
+    /// thousand). Seldom more than a few.
+    leavers: Mutex<Vec<Leaver<T>>>,
 }
+
+/// A client to take out of a topic (see `Topics::leavers`).
+type Leaver<T> = (Arc<Topic<T>>, Arc<Conn<T>>);
 
 impl<T> Topics<T> {
     pub(crate) fn new(bridge: Option<Arc<BridgeRt>>) -> Self {
@@ -355,6 +372,7 @@ impl<T> Topics<T> {
                 .map(|_| Mutex::new(ByClient::new()))
                 .collect(),
             bridge,
+            leavers: Mutex::new(Vec::new()),
         }
     }
 }
@@ -363,6 +381,48 @@ impl<T> Topics<T> {
     /// The shard of `by_client` that holds `id`'s topics.
     fn clients(&self, id: ClientId) -> parking_lot::MutexGuard<'_, ByClient<T>> {
         self.by_client[id.as_u64() as usize % CLIENT_SHARDS].lock()
+    }
+}
+
+/// A topic's subscribers, locked through [`Topics::lock`]: leaves that
+/// waited for the lock are done when it is taken, and looked for again
+/// once it is let go (`Topics::settle`); a topic emptied while held is
+/// forgotten then.
+struct Locked<'a, T: Send + Sync + 'static> {
+    topics: &'a Topics<T>,
+    topic: &'a Arc<Topic<T>>,
+    subs: Option<parking_lot::MutexGuard<'a, Subs<Conn<T>>>>,
+    /// Its last subscriber left while held (`dead` is set).
+    emptied: bool,
+    /// Clients whose leave was done when it was taken, let go after it.
+    gone: Vec<Arc<Conn<T>>>,
+}
+
+impl<T: Send + Sync + 'static> std::ops::Deref for Locked<'_, T> {
+    type Target = Subs<Conn<T>>;
+    fn deref(&self) -> &Self::Target {
+        self.subs.as_ref().expect("held until dropped")
+    }
+}
+
+impl<T: Send + Sync + 'static> std::ops::DerefMut for Locked<'_, T> {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        self.subs.as_mut().expect("held until dropped")
+    }
+}
+
+impl<T: Send + Sync + 'static> Drop for Locked<'_, T> {
+    fn drop(&mut self) {
+        drop(self.subs.take());
+        drop(std::mem::take(&mut self.gone));
+        if self.emptied {
+            self.topics.forget(self.topic);
+        }
+        // Unwinding (a panic while it was held), leaves wait for the next
+        // to take the topic: a drop that panicked now would abort.
+        if !std::thread::panicking() {
+            self.topics.settle(self.topic);
+        }
     }
 }
 
@@ -426,8 +486,11 @@ impl<T: Send + Sync + 'static> Topics<T> {
                     name: name.into(),
                     subs: Mutex::new(Subs::One(Arc::clone(conn))),
                     dead: AtomicBool::new(false),
+                    leaving: AtomicBool::new(false),
                     #[cfg(test)]
                     waiting: std::sync::atomic::AtomicUsize::new(0),
+                    #[cfg(test)]
+                    deferred: std::sync::atomic::AtomicUsize::new(0),
                 });
                 names.insert(Named(Arc::clone(&t)));
                 if let Some(bridge) = &self.bridge {
@@ -465,24 +528,114 @@ impl<T: Send + Sync + 'static> Topics<T> {
     /// topic published to without a break) it waits holding the shard,
     /// so that the caller gets its turn.
     fn lock_subs<'a>(
-        &self,
+        &'a self,
         clients: &mut parking_lot::MutexGuard<'_, ByClient<T>>,
-        topic: &'a Topic<T>,
+        topic: &'a Arc<Topic<T>>,
         waits: &mut u32,
-    ) -> Option<parking_lot::MutexGuard<'a, Subs<Conn<T>>>> {
+    ) -> Option<Locked<'a, T>> {
         if let Some(subs) = topic.subs.try_lock() {
-            return Some(subs);
+            return Some(self.locked(topic, subs));
         }
         if *waits >= 8 {
-            return Some(topic.subs.lock());
+            return Some(self.lock(topic));
         }
         *waits += 1;
         parking_lot::MutexGuard::unlocked(clients, || {
             #[cfg(test)]
             topic.waiting.fetch_add(1, Ordering::SeqCst);
-            drop(topic.subs.lock());
+            drop(self.lock(topic));
         });
         None
+    }
+
+    /// Lock `topic`'s subscribers (see [`Locked`]).
+    fn lock<'a>(&'a self, topic: &'a Arc<Topic<T>>) -> Locked<'a, T> {
+        self.locked(topic, topic.subs.lock())
+    }
+
+    /// `subs`, just locked, as a [`Locked`]: leaves that waited for it
+    /// are done first.
+    fn locked<'a>(
+        &'a self,
+        topic: &'a Arc<Topic<T>>,
+        mut subs: parking_lot::MutexGuard<'a, Subs<Conn<T>>>,
+    ) -> Locked<'a, T> {
+        let (emptied, gone) = self.apply_leavers(topic, &mut subs);
+        Locked {
+            topics: self,
+            topic,
+            subs: Some(subs),
+            emptied,
+            gone,
+        }
+    }
+
+    /// Take out of `subs` (`topic`'s, held) the clients whose teardown
+    /// found it busy. Whether that emptied it (it is then dead), and the
+    /// clients, to be let go of only once `subs` is: one may be the last
+    /// reference to its connection, whose drop may run the user's `Drop`
+    /// for its data, which may publish to this very topic.
+    fn apply_leavers(
+        &self,
+        topic: &Topic<T>,
+        subs: &mut Subs<Conn<T>>,
+    ) -> (bool, Vec<Arc<Conn<T>>>) {
+        if !topic.leaving.load(Ordering::SeqCst) {
+            return (false, Vec::new());
+        }
+        // Cleared before they are taken: one added after this is either
+        // taken below or sets it again.
+        topic.leaving.store(false, Ordering::SeqCst);
+        let gone: Vec<Arc<Conn<T>>> = {
+            let mut all = self.leavers.lock();
+            let mut mine = Vec::new();
+            let mut i = 0;
+            while i < all.len() {
+                if std::ptr::eq(&*all[i].0, topic) {
+                    mine.push(all.swap_remove(i).1);
+                } else {
+                    i += 1;
+                }
+            }
+            mine
+        };
+        if gone.is_empty() || subs.as_slice().is_empty() {
+            return (false, gone);
+        }
+        let mut left = true;
+        for conn in &gone {
+            left = subs.remove(conn);
+        }
+        if !left {
+            topic.dead.store(true, Ordering::Release);
+        }
+        (!left, gone)
+    }
+
+    /// Someone just let go of `topic`'s subscribers: if a teardown left a
+    /// leave for whoever held them meanwhile, do it, unless another
+    /// thread holds them now (its own letting go comes here too).
+    ///
+    /// A teardown sets `leaving` and then tries the lock; whoever lets go
+    /// of it then reads `leaving`. With a fence between the two in each,
+    /// one of them sees the other's: the leave is never left behind with
+    /// nobody holding the topic.
+    fn settle(&self, topic: &Arc<Topic<T>>) {
+        loop {
+            std::sync::atomic::fence(Ordering::SeqCst);
+            if !topic.leaving.load(Ordering::SeqCst) {
+                return;
+            }
+            let Some(mut subs) = topic.subs.try_lock() else {
+                return;
+            };
+            let (emptied, gone) = self.apply_leavers(topic, &mut subs);
+            drop(subs);
+            drop(gone);
+            if emptied {
+                self.forget(topic);
+            }
+        }
     }
 
     /// Unsubscribe `conn` from `name`: whether it was subscribed.
@@ -502,28 +655,36 @@ impl<T: Send + Sync + 'static> Topics<T> {
             let left = subs.remove(conn);
             if !left {
                 topic.dead.store(true, Ordering::Release);
+                // Forgotten once let go, by the guard.
+                subs.emptied = true;
             }
             drop(subs);
-            if !left {
-                self.forget(&topic);
-            }
             return true;
         }
     }
 
     /// Take `conn` out of `topic`, and the topic out of the server if it
     /// was the last subscriber.
+    /// If a publish holds the topic, its leave is left to whoever holds
+    /// it next, and the teardown goes on: the connection is finished, so
+    /// sends to it fail meanwhile.
     fn leave(&self, topic: &Arc<Topic<T>>, conn: &Arc<Conn<T>>) {
-        let emptied = {
-            let mut subs = topic.subs.lock();
-            let left = subs.remove(conn);
-            if !left {
-                topic.dead.store(true, Ordering::Release);
+        let Some(subs) = topic.subs.try_lock() else {
+            {
+                let mut leavers = self.leavers.lock();
+                leavers.push((Arc::clone(topic), Arc::clone(conn)));
+                topic.leaving.store(true, Ordering::SeqCst);
+                #[cfg(test)]
+                topic.deferred.fetch_add(1, Ordering::SeqCst);
             }
-            !left
+            // Whoever held it may have let go before `leaving` was set.
+            self.settle(topic);
+            return;
         };
-        if emptied {
-            self.forget(topic);
+        let mut subs = self.locked(topic, subs);
+        if !subs.remove(conn) {
+            topic.dead.store(true, Ordering::Release);
+            subs.emptied = true;
         }
     }
 
@@ -565,7 +726,7 @@ impl<T: Send + Sync + 'static> Topics<T> {
 
     pub(crate) fn subscribers(&self, name: &str) -> usize {
         let topic = self.by_name.read().get(name).map(|Named(t)| Arc::clone(t));
-        topic.map_or(0, |t| t.subs.lock().as_slice().len())
+        topic.map_or(0, |t| self.lock(&t).as_slice().len())
     }
 
     /// The names of the topics that have subscribers now.
@@ -605,7 +766,7 @@ impl<T: Send + Sync + 'static> Topics<T> {
         };
         let mut to_flush = Vec::new();
         {
-            let subs = topic.subs.lock();
+            let subs = self.lock(&topic);
             let subs = subs.as_slice();
             let frames = Frames::new(shared, message, subs);
             for conn in subs.iter() {
@@ -834,6 +995,139 @@ mod tests {
             );
             std::thread::sleep(Duration::from_millis(1));
         }
+    }
+
+    /// The next event for `id`, skipping others.
+    fn event_of(server: &WebSocketServer, id: crate::ClientId) -> crate::Event {
+        loop {
+            match server.recv_timeout(Duration::from_secs(5)) {
+                Ok(e) if e.client().is_some_and(|c| c.id() == id) => return e,
+                Ok(_) => {}
+                Err(e) => panic!("no event for {id:?}: {e:?}"),
+            }
+        }
+    }
+
+    /// A client torn down while a publish holds its topics (a fan-out to
+    /// many subscribers, with a compression each under context takeover,
+    /// takes seconds) does not make its worker wait for it: the leave is
+    /// done by whoever holds the topic next. Before, the teardown waited
+    /// on the topic's lock, and with one worker nobody else was served.
+    #[test]
+    fn a_teardown_does_not_wait_for_a_publish_to_its_topics() {
+        use std::io::Write;
+        let server = WebSocketServer::builder()
+            .workers(1)
+            .start("127.0.0.1:0")
+            .unwrap();
+        let (sa, a) = join(&server);
+        let (mut sb, b) = join(&server);
+        let (_sc, c) = join(&server);
+        assert!(a.subscribe("hot").unwrap());
+        assert!(c.subscribe("hot").unwrap());
+        assert!(a.subscribe("solo").unwrap());
+        let topics = &server.shared().topics;
+        let (hot, solo) = (topic(&server, "hot"), topic(&server, "solo"));
+        // Publishes to both fan out, as far as the others can tell.
+        let fan_out = hot.subs.lock();
+        let held = topics.lock(&solo);
+        drop(sa);
+        match event_of(&server, a.id()) {
+            crate::Event::Disconnect { .. } => {}
+            other => panic!("{other:?}"),
+        }
+        // The only worker is free: another client is served.
+        sb.write_all(&[0x81, 0x82, 0, 0, 0, 0, b'h', b'i']).unwrap();
+        match event_of(&server, b.id()) {
+            crate::Event::Message { message, .. } => assert_eq!(message.as_text(), Some("hi")),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(server.stats().topics, 2);
+        // Letting go of "solo" does its leave: its last subscriber is
+        // gone, and so is the topic.
+        drop(held);
+        assert_eq!(server.stats().topics, 1);
+        assert!(solo.dead.load(std::sync::atomic::Ordering::SeqCst));
+        // The next to take "hot" does its leave first.
+        drop(fan_out);
+        assert_eq!(server.subscribers("hot"), 1);
+        let report = server.publish("hot", "x");
+        assert_eq!((report.written + report.queued, report.closed), (1, 0));
+        assert!(topics.leavers.lock().is_empty());
+    }
+
+    /// Many teardowns while publishes from several threads keep the
+    /// topics busy: every leave is done by the time the last publish
+    /// lets go, with nobody taking the topics after (a leave left behind
+    /// would stay in `leavers`, its topic counted, for good).
+    #[test]
+    fn leaves_during_publishes_from_many_threads_are_all_done() {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        let server = WebSocketServer::builder()
+            .workers(4)
+            .start("127.0.0.1:0")
+            .unwrap();
+        let mut deferred = 0;
+        for round in 0..20 {
+            let stays = join(&server);
+            assert!(stays.1.subscribe("kept").unwrap());
+            let mut leaving = Vec::new();
+            for _ in 0..40 {
+                let (s, c) = join(&server);
+                assert!(c.subscribe("kept").unwrap());
+                assert!(c.subscribe("emptied").unwrap());
+                leaving.push((s, c));
+            }
+            let stop = std::sync::Arc::new(AtomicBool::new(false));
+            let publishers: Vec<_> = (0..3)
+                .map(|_| {
+                    let (handle, stop) = (server.handle(), std::sync::Arc::clone(&stop));
+                    std::thread::spawn(move || {
+                        while !stop.load(Ordering::Relaxed) {
+                            handle.publish("kept", "k");
+                            handle.publish("emptied", "e");
+                        }
+                    })
+                })
+                .collect();
+            let ids: std::collections::HashSet<_> = leaving.iter().map(|(_, c)| c.id()).collect();
+            let (kept, emptied) = (topic(&server, "kept"), topic(&server, "emptied"));
+            drop(leaving);
+            let mut gone = 0;
+            while gone < ids.len() {
+                match server.recv_timeout(Duration::from_secs(10)) {
+                    Ok(crate::Event::Disconnect { client, .. }) if ids.contains(&client.id()) => {
+                        gone += 1
+                    }
+                    Ok(_) => {}
+                    Err(e) => panic!("round {round}: {gone} of {} gone: {e:?}", ids.len()),
+                }
+            }
+            stop.store(true, Ordering::Relaxed);
+            for p in publishers {
+                p.join().unwrap();
+            }
+            let topics = &server.shared().topics;
+            assert!(topics.leavers.lock().is_empty(), "round {round}");
+            deferred +=
+                kept.deferred.load(Ordering::SeqCst) + emptied.deferred.load(Ordering::SeqCst);
+            assert_eq!(kept.subs.lock().as_slice().len(), 1, "round {round}");
+            assert!(
+                topics.by_name.read().get("emptied").is_none(),
+                "round {round}: an emptied topic stayed"
+            );
+            assert_eq!(server.stats().topics, 1, "round {round}");
+            let stays_id = stays.1.id();
+            drop(stays);
+            match event_of(&server, stays_id) {
+                crate::Event::Disconnect { .. } => {}
+                other => panic!("{other:?}"),
+            }
+            assert_eq!(server.stats().topics, 0, "round {round}");
+        }
+        // Else this tested nothing.
+        assert!(deferred > 0, "no leave found a topic busy");
+        eprintln!("{deferred} of 1,600 leaves deferred");
     }
 
     /// A publish holds its topic's lock for its whole fan-out (to 10,000
