@@ -346,7 +346,7 @@ fn abort_queued_handshake<T: Send + Sync + 'static>(shared: &Arc<Shared<T>>, mut
     };
     // Empty lines a worker skipped still count.
     let parsed = parse_http(&p.buf, max.saturating_sub(p.skipped).max(1));
-    let head_only = matches!(&parsed, Ok(Some((r, _))) if r.method() == "HEAD");
+    let head_only = crate::runtime::handshake::begins_head(&p.buf);
     let answer = match parsed {
         // Only what needs user code (`on_http`, the client-init strategy)
         // is left unanswered for being busy; a request a worker would

@@ -126,6 +126,46 @@ fn push_to<C>(list: &mut Vec<Arc<C>>, member: Arc<C>) {
     list.push(member);
 }
 
+/// A map of which most entries went (after a surge of clients or
+/// topics): give the table back, as `shrink` does for a list. Small
+/// tables are left alone.
+fn shrink_map<M: Shrinkable>(map: &mut M) {
+    let (len, capacity) = (map.len(), map.capacity());
+    if capacity > 64 && len * 4 < capacity {
+        map.shrink_to(len * 2);
+    }
+}
+
+trait Shrinkable {
+    fn len(&self) -> usize;
+    fn capacity(&self) -> usize;
+    fn shrink_to(&mut self, min: usize);
+}
+
+impl<K: Eq + Hash, V> Shrinkable for HashMap<K, V> {
+    fn len(&self) -> usize {
+        HashMap::len(self)
+    }
+    fn capacity(&self) -> usize {
+        HashMap::capacity(self)
+    }
+    fn shrink_to(&mut self, min: usize) {
+        HashMap::shrink_to(self, min);
+    }
+}
+
+impl<K: Eq + Hash> Shrinkable for HashSet<K> {
+    fn len(&self) -> usize {
+        HashSet::len(self)
+    }
+    fn capacity(&self) -> usize {
+        HashSet::capacity(self)
+    }
+    fn shrink_to(&mut self, min: usize) {
+        HashSet::shrink_to(self, min);
+    }
+}
+
 /// Most have left: give the memory back.
 fn shrink<C>(list: &mut Vec<Arc<C>>) {
     if list.len() * 4 < list.capacity() {
@@ -313,6 +353,7 @@ impl<T> ByClient<T> {
             return self.rest.remove(&key);
         }
         let topic = self.first.remove(&id);
+        shrink_map(&mut self.first);
         // The next oldest becomes the first.
         let next = self
             .rest
@@ -330,6 +371,7 @@ impl<T> ByClient<T> {
         let Some(first) = self.first.remove(&id) else {
             return Vec::new();
         };
+        shrink_map(&mut self.first);
         let keys: Vec<_> = self
             .rest
             .range((id, 0)..=(id, u64::MAX))
@@ -697,6 +739,7 @@ impl<T: Send + Sync + 'static> Topics<T> {
             .is_some_and(|Named(t)| Arc::ptr_eq(t, topic))
         {
             names.remove(&*topic.name);
+            shrink_map(&mut *names);
             if let Some(bridge) = &self.bridge {
                 bridge.topic_changed(&topic.name, false);
             }
@@ -758,6 +801,15 @@ impl<T: Send + Sync + 'static> Topics<T> {
         let mut report = Broadcast::default();
         // The envelope is made before any lock is taken.
         let relayed = relay.and_then(|b| Some((b, b.prepare(name, message)?)));
+        if name.is_empty() || name.len() > shared.config.max_topic_len {
+            // No topic has such a name (`subscribe` refuses it): not
+            // worth hashing, up to a whole message's length, under the
+            // lock every topic's creation and removal needs.
+            if let Some((bridge, item)) = relayed {
+                bridge.push(name, item);
+            }
+            return report;
+        }
         let Some(topic) = self.by_name.read().get(name).map(|Named(t)| Arc::clone(t)) else {
             if let Some((bridge, item)) = relayed {
                 bridge.push(name, item);
@@ -995,6 +1047,57 @@ mod tests {
             );
             std::thread::sleep(Duration::from_millis(1));
         }
+    }
+
+    /// After a surge of topics, the table of names gives its memory back
+    /// (it kept its peak size: about 19 MB after a million topics).
+    #[test]
+    fn the_names_table_shrinks_when_most_topics_are_gone() {
+        let server = WebSocketServer::builder()
+            .max_topics_per_client(3_000)
+            .start("127.0.0.1:0")
+            .unwrap();
+        let (_s, a) = join(&server);
+        let names: Vec<String> = (0..3_000).map(|i| format!("t{i}")).collect();
+        for n in &names {
+            assert!(a.subscribe(n).unwrap());
+        }
+        let topics = &server.shared().topics;
+        let peak = topics.by_name.read().capacity();
+        assert!(peak >= 3_000, "{peak}");
+        for n in &names[10..] {
+            assert!(a.unsubscribe(n));
+        }
+        let after = topics.by_name.read().capacity();
+        assert!(after < 64, "{peak} then {after}");
+        assert_eq!(server.stats().topics, 10);
+        let mut map: std::collections::HashMap<u32, u32> = (0..10_000).map(|i| (i, i)).collect();
+        for i in 10..10_000 {
+            map.remove(&i);
+            super::shrink_map(&mut map);
+        }
+        assert!(map.capacity() < 1024, "{}", map.capacity());
+        assert_eq!(map.len(), 10);
+    }
+
+    /// A publish to a name no topic can have (longer than
+    /// `max_topic_len`) does not wait for the names' lock, which it
+    /// would hold while hashing up to a whole message's length.
+    #[test]
+    fn a_publish_to_an_over_long_name_does_not_take_the_names_lock() {
+        let server = WebSocketServer::builder().start("127.0.0.1:0").unwrap();
+        let long = "x".repeat(server.shared().config.max_topic_len + 1);
+        let handle = server.handle();
+        let names = server.shared().topics.by_name.write();
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || tx.send(handle.publish(&long, "m")).unwrap());
+        let report = rx.recv_timeout(Duration::from_secs(5));
+        drop(names);
+        let report = report.expect("the publish waited for the names' lock");
+        assert_eq!(
+            report.written + report.queued + report.dropped + report.closed,
+            0
+        );
     }
 
     /// The next event for `id`, skipping others.
