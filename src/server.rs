@@ -286,7 +286,10 @@ impl<T> Drop for WebSocketServer<T> {
 
 /// A cloneable, `Send + Sync` handle on a running server, for sending
 /// from any thread. It does not keep the server alive: once the server is
-/// gone, every call fails with [`Error::Closed`].
+/// gone, every call that returns a `Result` fails with [`Error::Closed`];
+/// `broadcast` and `publish` reach nobody and return an empty report, as
+/// when there is nobody to reach ([`is_running`](ServerHandle::is_running)
+/// tells the two apart), and the counts are zero.
 pub struct ServerHandle<T = ()> {
     shared: Weak<Shared<T>>,
 }
@@ -416,6 +419,16 @@ impl<T: Send + Sync + 'static> ServerHandle<T> {
     /// Open connections.
     pub fn connections(&self) -> usize {
         self.shared.upgrade().map_or(0, |s| s.registry.open_count())
+    }
+
+    /// Whether the server still runs: false once its shutdown has begun,
+    /// or it is gone. A `broadcast` or `publish` that found nobody returns
+    /// the same empty report either way; this tells a stopped server from
+    /// an empty topic.
+    pub fn is_running(&self) -> bool {
+        self.shared
+            .upgrade()
+            .is_some_and(|s| !s.stopping.load(std::sync::atomic::Ordering::Acquire))
     }
 
     /// A snapshot of the server's counters (all zero once it is gone).

@@ -75,6 +75,23 @@ fn shutdown_flushes_closes_and_ends_the_event_loop() {
     );
 }
 
+/// A handle outlives its server: `publish` and `broadcast` then reach
+/// nobody, as with nobody subscribed, and `is_running` tells the two
+/// apart.
+#[test]
+fn a_handle_tells_a_stopped_server_from_an_empty_topic() {
+    let server = WebSocketServer::builder().start("127.0.0.1:0").unwrap();
+    let handle = server.handle();
+    assert!(handle.is_running());
+    assert_eq!(handle.publish("nobody", "x"), enjent::Broadcast::default());
+    server.shutdown();
+    assert!(!handle.is_running());
+    assert_eq!(handle.publish("nobody", "x"), enjent::Broadcast::default());
+    drop(server);
+    assert!(!handle.is_running());
+    assert_eq!(handle.broadcast("x"), enjent::Broadcast::default());
+}
+
 #[test]
 fn drop_shuts_down_and_unresponsive_clients_are_forced_off() {
     let server = WebSocketServer::builder()
