@@ -32,7 +32,10 @@ pub struct Stats {
     /// Data messages accepted by `send` and `broadcast` (each broadcast
     /// recipient counts once).
     pub messages_out: u64,
-    /// Bytes written to sockets (frames and handshakes).
+    /// Bytes written to WebSocket connections: frames, and the `101`
+    /// answers that opened them. HTTP answers that open no connection
+    /// (refusals, `on_http` pages) are counted in `handshakes_refused` and
+    /// `http_answered`, not here.
     pub bytes_out: u64,
     /// Bytes waiting in send queues now.
     pub bytes_queued: u64,

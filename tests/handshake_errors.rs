@@ -739,6 +739,33 @@ fn a_head_request_refused_by_the_readiness_loop_has_no_body() {
     );
 }
 
+/// The same for a `HEAD` that is partial (`408`) or malformed (`400`):
+/// its answer from the readiness loop has no body either, as from a
+/// worker. Before, only a whole request was looked at for its method.
+#[test]
+fn a_partial_or_malformed_head_refused_by_the_readiness_loop_has_no_body() {
+    use std::io::Read;
+    let (server, release, _blocker) = with_the_worker_blocked(enjent::WebSocketServer::builder());
+    let addr = server.local_addr();
+    for (request, status) in [
+        (&b"HEAD / HTTP/1.1\r\nHost: x\r\n"[..], 408),
+        (&b"HEAD / HTTP/1.1\r\nBad header\r\n\r\n"[..], 400),
+    ] {
+        let mut s = raw(addr);
+        s.write_all(request).unwrap();
+        s.set_read_timeout(Some(WAIT)).unwrap();
+        let mut got = Vec::new();
+        let _ = s.read_to_end(&mut got);
+        let text = String::from_utf8_lossy(&got);
+        assert_eq!(status_of(&text), status, "{text}");
+        assert!(
+            text.ends_with("\r\n\r\n"),
+            "a body after the head: {text:?}"
+        );
+    }
+    drop(release);
+}
+
 /// Empty lines before the request line are skipped (RFC 9112 section 2.2)
 /// and not kept, but count against `max_handshake_bytes`: 3,600 bytes of
 /// them, sent in pieces (CRLF and bare LF, one CRLF split across two
