@@ -450,8 +450,12 @@ impl<T: Send + Sync + 'static> Shared<T> {
                 );
             }
         }
+        // A client that left meanwhile may be held by this snapshot
+        // alone: its data's `Drop` runs here, guarded, so that a panic in
+        // it does not end the shutdown half done.
         for conn in shared.registry.snapshot() {
             let _ = conn.close_and_flush(shared, CloseCode::GOING_AWAY, "server shutdown");
+            poller::let_go_here(shared, conn);
         }
         let patience = shared
             .config
@@ -460,6 +464,7 @@ impl<T: Send + Sync + 'static> Shared<T> {
         if !shared.registry.wait_empty(patience) {
             for conn in shared.registry.snapshot() {
                 conn.force_close(shared);
+                poller::let_go_here(shared, conn);
             }
             shared.registry.wait_empty(Duration::from_secs(2));
         }

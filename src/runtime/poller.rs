@@ -222,7 +222,7 @@ fn let_go<T: Send + Sync + 'static>(shared: &Arc<Shared<T>>, conn: Arc<Conn<T>>)
 /// be the last (its job tore it down), a `Drop` of the user's `T` that
 /// panics is reported, and does not unwind out of the drainer: the jobs
 /// queued behind it would wait for a drainer until some other event came.
-fn let_go_here<T: Send + Sync + 'static>(shared: &Arc<Shared<T>>, conn: Arc<Conn<T>>) {
+pub(crate) fn let_go_here<T: Send + Sync + 'static>(shared: &Arc<Shared<T>>, conn: Arc<Conn<T>>) {
     if let Some(last) = Arc::into_inner(conn)
         && let Err(panic) = catch_unwind(AssertUnwindSafe(|| drop(last)))
     {
