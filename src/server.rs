@@ -644,8 +644,11 @@ impl<T: Send + Sync + 'static> Builder<T> {
         self
     }
 
-    /// Most connections (handshakes included) from one IP address; more
-    /// are answered `503`. Behind a proxy every client has the proxy's
+    /// Most connections (handshakes included) from one IPv4 address, or
+    /// one IPv6 /64 (which one host or one network is given whole, so a
+    /// client could otherwise use as many addresses as it likes); more
+    /// are answered `503`. IPv4 clients of a dual-stack socket count by
+    /// their IPv4 address. Behind a proxy every client has the proxy's
     /// address, so leave it off there. Default: no limit.
     pub fn max_connections_per_ip(mut self, n: usize) -> Self {
         self.config.max_connections_per_ip = n;

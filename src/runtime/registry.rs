@@ -162,6 +162,7 @@ impl<T> Registry<T> {
     /// Reserve a slot for a new handshake, or `None` over `max` in all or
     /// `per_ip` from this address.
     pub(crate) fn reserve(&self, max: usize, per_ip: usize, ip: IpAddr) -> Option<usize> {
+        let ip = per_ip_key(ip);
         let mut s = self.slab.lock();
         if s.used >= max || s.per_ip.get(&ip).is_some_and(|n| *n as usize >= per_ip) {
             return None;
@@ -291,10 +292,10 @@ impl<T> Registry<T> {
         s.open -= usize::from(was_open);
         s.used -= 1;
         s.live[(key & INDEX_MASK) / CHUNK] -= 1;
-        if let Some(n) = s.per_ip.get_mut(&ip) {
+        if let Some(n) = s.per_ip.get_mut(&per_ip_key(ip)) {
             *n -= 1;
             if *n == 0 {
-                s.per_ip.remove(&ip);
+                s.per_ip.remove(&per_ip_key(ip));
             }
         }
         if s.used == 0 {
@@ -413,11 +414,46 @@ impl<T> Registry<T> {
     }
 }
 
+/// What `max_connections_per_ip` counts a client by: an IPv4 address
+/// (also as a dual-stack socket reports it, mapped into IPv6), or an IPv6
+/// address's /64, which one host or one home network is given whole (a
+/// client would otherwise have as many addresses as it likes).
+pub(crate) fn per_ip_key(ip: IpAddr) -> IpAddr {
+    match ip.to_canonical() {
+        IpAddr::V6(v6) => IpAddr::V6((u128::from(v6) & !(u128::MAX >> 64)).into()),
+        v4 => v4,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     const LOCAL: IpAddr = IpAddr::V4(std::net::Ipv4Addr::LOCALHOST);
+
+    /// The per-IP cap counts an IPv6 client by its /64, and an IPv4 one
+    /// by its address, also when a dual-stack socket reports it mapped.
+    #[test]
+    fn the_per_ip_cap_counts_ipv6_by_its_64_and_ipv4_mapped_apart() {
+        let r: Registry<()> = Registry::new();
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        let a = r.reserve(100, 2, ip("2001:db8:1:2::1")).unwrap();
+        let b = r.reserve(100, 2, ip("2001:db8:1:2:ffff::9")).unwrap();
+        assert_eq!(r.reserve(100, 2, ip("2001:db8:1:2::3")), None);
+        // Another /64 has its own count.
+        assert!(r.reserve(100, 2, ip("2001:db8:1:3::1")).is_some());
+        // Given back by any address of the /64.
+        r.remove(a, ip("2001:db8:1:2::1"));
+        assert!(r.reserve(100, 2, ip("2001:db8:1:2::3")).is_some());
+        let _ = b;
+        // IPv4 clients of a dual-stack socket share no /64.
+        for n in 1..=3 {
+            let mapped = ip(&format!("::ffff:10.0.0.{n}"));
+            assert!(r.reserve(100, 1, mapped).is_some(), "10.0.0.{n}");
+        }
+        assert_eq!(r.reserve(100, 1, ip("::ffff:10.0.0.1")), None);
+        assert_eq!(r.reserve(100, 1, ip("10.0.0.1")), None);
+    }
 
     #[test]
     fn a_slot_whose_ids_are_spent_is_retired() {
