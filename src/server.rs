@@ -81,7 +81,10 @@ impl<T: Send + Sync + 'static> WebSocketServer<T> {
     /// while it runs (a lookup in an auth service, say) it holds that
     /// worker. A strategy that can be slow needs its own timeout, and
     /// enough [`workers`](Builder::workers) for the handshakes that wait
-    /// on it at once.
+    /// on it at once. Handshakes (this and [`on_http`](Builder::on_http)
+    /// included) run on all workers but one at most, so that however many
+    /// requests come, open connections keep a worker (with `workers(1)`,
+    /// they share it).
     ///
     /// ```no_run
     /// use enjent::{Reject, WebSocketServer};

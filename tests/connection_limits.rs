@@ -315,3 +315,64 @@ fn out_of_file_descriptors_each_client_gets_503_and_shutdown_still_ends() {
     assert!(status.success() && rest.contains("1 passed"), "{rest}");
     drop(upgraded);
 }
+
+/// A flood of valid upgrade requests to a slow client-init strategy (a
+/// call to an auth service, say) cannot take every worker from the open
+/// connections: handshakes run on all workers but one at most, and an
+/// open client's echoes come back at once. Before, both workers sat in
+/// the strategy and its messages waited behind every queued handshake,
+/// seconds at the flood's rate.
+#[test]
+fn a_flood_of_handshakes_to_a_slow_strategy_leaves_a_worker_to_open_clients() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    raise_fd_limit();
+    let server = WebSocketServer::with_client_init(|_| {
+        std::thread::sleep(Duration::from_millis(300));
+        Ok(())
+    })
+    .workers(2)
+    .handshake_timeout(Duration::from_secs(5))
+    .on_message(|c, m| {
+        let _ = c.send(m);
+    })
+    .start("127.0.0.1:0")
+    .unwrap();
+    let addr = server.local_addr();
+    let mut a = raw_ws(addr);
+    let stop = Arc::new(AtomicBool::new(false));
+    // About 40 requests a second, against 3 the strategy serves.
+    let flood: Vec<_> = (0..4)
+        .map(|_| {
+            let stop = Arc::clone(&stop);
+            std::thread::spawn(move || {
+                let mut held = Vec::new();
+                while !stop.load(Ordering::Relaxed) {
+                    if let Ok(mut s) = TcpStream::connect(addr) {
+                        let _ = s.write_all(REQUEST.as_bytes());
+                        held.push(s);
+                    }
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(600));
+    let mut slowest = Duration::ZERO;
+    for i in 0..10u8 {
+        let t = std::time::Instant::now();
+        a.write_all(&frame(0x82, &[i])).unwrap();
+        let (op, payload) = read_frame(&mut a);
+        assert_eq!((op, payload), (0x82, vec![i]));
+        slowest = slowest.max(t.elapsed());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    stop.store(true, Ordering::Relaxed);
+    for f in flood {
+        f.join().unwrap();
+    }
+    assert!(
+        slowest < Duration::from_millis(250),
+        "an open client's echo waited {slowest:?} behind the handshakes"
+    );
+}

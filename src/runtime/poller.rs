@@ -255,33 +255,25 @@ fn take_overdue_handshakes<T: Send + Sync + 'static>(
         // One look first: the queue is rebuilt only when something in it
         // is overdue, not at every sweep that finds handshakes waiting.
         let mut any = false;
-        for job in &q.jobs {
-            if let Job::Ready(Found::Handshake(p)) = job {
-                let t = at(p);
-                if t <= now {
-                    any = true;
-                    break;
-                }
-                next = next.min(t);
+        for (_, p) in &q.handshakes {
+            let t = at(p);
+            if t <= now {
+                any = true;
+                break;
             }
+            next = next.min(t);
         }
         if any {
             next = u64::MAX;
-            let jobs = std::mem::take(&mut q.jobs);
-            q.jobs.reserve(jobs.len());
-            for job in jobs {
-                match job {
-                    Job::Ready(Found::Handshake(p))
-                        if at(&p) <= now && overdue.len() < OVERDUE_PER_PASS =>
-                    {
-                        overdue.push(p);
-                    }
-                    Job::Ready(Found::Handshake(p)) => {
-                        // Left for the next pass if over this one's share.
-                        next = next.min(at(&p).max(now));
-                        q.jobs.push_back(Job::Ready(Found::Handshake(p)));
-                    }
-                    other => q.jobs.push_back(other),
+            let waiting = std::mem::take(&mut q.handshakes);
+            q.handshakes.reserve(waiting.len());
+            for (place, p) in waiting {
+                if at(&p) <= now && overdue.len() < OVERDUE_PER_PASS {
+                    overdue.push(p);
+                } else {
+                    // Left for the next pass if over this one's share.
+                    next = next.min(at(&p).max(now));
+                    q.handshakes.push_back((place, p));
                 }
             }
         }
@@ -370,16 +362,72 @@ fn abort_queued_handshake<T: Send + Sync + 'static>(shared: &Arc<Shared<T>>, mut
 
 /// Ready work waiting for a worker, shared by the pool jobs that drain it.
 pub(crate) struct ReadyQueue<T> {
-    jobs: std::collections::VecDeque<Job<T>>,
+    /// Connections' jobs, each with its place in the arrival order.
+    jobs: std::collections::VecDeque<(u64, Job<T>)>,
+    /// Handshakes, apart: at most `handshake_cap` run at once (see
+    /// `dispatch`); with its place in the arrival order.
+    handshakes: std::collections::VecDeque<(u64, Box<Pending>)>,
+    /// The next place in the arrival order.
+    next: u64,
+    /// Handshakes running on a drainer now.
+    handshaking: usize,
     /// Pool jobs draining the queue now (some may be blocked in a user
     /// closure).
     drainers: usize,
+}
+
+impl<T> ReadyQueue<T> {
+    fn push(&mut self, job: Job<T>) {
+        let at = self.next;
+        self.next += 1;
+        match job {
+            Job::Ready(Found::Handshake(p)) => self.handshakes.push_back((at, p)),
+            job => self.jobs.push_back((at, job)),
+        }
+    }
+
+    /// Jobs a drainer may take now.
+    fn runnable(&self, cap: usize) -> usize {
+        let handshakes = self
+            .handshakes
+            .len()
+            .min(cap.saturating_sub(self.handshaking));
+        self.jobs.len() + handshakes
+    }
+
+    /// The oldest job a drainer may take: a handshake only while fewer
+    /// than `cap` run.
+    fn pop(&mut self, cap: usize) -> Option<Job<T>> {
+        let handshake_first = self.handshaking < cap
+            && match (self.handshakes.front(), self.jobs.front()) {
+                (Some((h, _)), Some((j, _))) => h < j,
+                (Some(_), None) => true,
+                _ => false,
+            };
+        if handshake_first {
+            self.handshaking += 1;
+            let (_, p) = self.handshakes.pop_front()?;
+            return Some(Job::Ready(Found::Handshake(p)));
+        }
+        self.jobs.pop_front().map(|(_, job)| job)
+    }
+}
+
+/// Most handshakes that run at once: all workers but one, so that a slow
+/// client-init strategy or `on_http` (a call to an auth service, say),
+/// however many requests an attacker sends it, always leaves a worker to
+/// the open connections.
+fn handshake_cap(workers: usize) -> usize {
+    workers.saturating_sub(1).max(1)
 }
 
 impl<T> Default for ReadyQueue<T> {
     fn default() -> Self {
         ReadyQueue {
             jobs: std::collections::VecDeque::new(),
+            handshakes: std::collections::VecDeque::new(),
+            next: 0,
+            handshaking: 0,
             drainers: 0,
         }
     }
@@ -394,15 +442,18 @@ impl<T> Default for ReadyQueue<T> {
 pub(crate) fn dispatch<T: Send + Sync + 'static>(shared: &Arc<Shared<T>>, ready: &mut Vec<Job<T>>) {
     let spawn = {
         let mut q = shared.ready.lock();
-        q.jobs.extend(ready.drain(..));
+        for job in ready.drain(..) {
+            q.push(job);
+        }
         // Drainers already running may be busy (or blocked in a user
         // closure): each job waiting may need one of its own, up to one
-        // per worker.
+        // per worker. Handshakes past the cap wait for one to end, whose
+        // drainer takes the next.
         let n = shared
             .config
             .workers
             .saturating_sub(q.drainers)
-            .min(q.jobs.len());
+            .min(q.runnable(handshake_cap(shared.config.workers)));
         q.drainers += n;
         n
     };
@@ -445,7 +496,7 @@ fn drain<T: Send + Sync + 'static>(shared: &Arc<Shared<T>>) {
         }
         let job = {
             let mut q = shared.ready.lock();
-            match q.jobs.pop_front() {
+            match q.pop(handshake_cap(shared.config.workers)) {
                 Some(job) => job,
                 None => {
                     q.drainers -= 1;
@@ -459,7 +510,17 @@ fn drain<T: Send + Sync + 'static>(shared: &Arc<Shared<T>>) {
                 service(shared, &conn, &[], false);
                 let_go_here(shared, conn);
             }
-            Job::Ready(Found::Handshake(p)) => handshake(shared, p),
+            Job::Ready(Found::Handshake(p)) => {
+                /// Counts the handshake as ended even if it unwinds.
+                struct Ended<'a, T: Send + Sync + 'static>(&'a Shared<T>);
+                impl<T: Send + Sync + 'static> Drop for Ended<'_, T> {
+                    fn drop(&mut self) {
+                        self.0.ready.lock().handshaking -= 1;
+                    }
+                }
+                let _ended = Ended(shared);
+                handshake(shared, p);
+            }
             Job::Ready(Found::Nothing) => {}
             // Nothing was reported readable: the job keeps time (pings,
             // timeouts) without a read that would find nothing. Readiness
