@@ -1004,6 +1004,7 @@ impl<T: Send + Sync + 'static> Builder<T> {
             flushq: Mutex::new(Vec::new()),
             config,
         });
+        shared.topics.set_shared(Arc::downgrade(&shared));
         let events = Events::new(rx, Arc::clone(&shared));
         // Dropped on a failure below, the server shuts down what did
         // start: no thread is left serving a port nobody can stop.

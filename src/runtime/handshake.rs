@@ -284,12 +284,16 @@ fn handshake_inner<T: Send + Sync + 'static>(shared: &Arc<Shared<T>>, mut p: Box
     }
     if !shared.emit_connect(&conn) {
         let (code, reason) = panic_close();
-        // Reported as 1011 unless the peer's answer says otherwise.
-        if let Some(mut r) = conn.take_read(shared.limits) {
+        // Reported as 1011 unless the peer's answer says otherwise, or a
+        // close of the user's (from another thread) came first.
+        let (ours, sent) = conn.send_close_claiming(shared, CloseFrame::new(code, reason));
+        if ours && let Some(mut r) = conn.take_read(shared.limits) {
             r.report = Some(CloseFrame::new(code, reason));
             conn.put_read(r);
         }
-        let _ = conn.close(shared, code, reason);
+        if sent.is_ok() {
+            crate::runtime::conn::schedule(shared, &conn);
+        }
     }
     // Bytes after the request are the first frames.
     let leftover = &buf[used..];

@@ -207,7 +207,7 @@ pub(crate) fn run<T: Send + Sync + 'static>(shared: Arc<Shared<T>>) {
 /// job tore it down meanwhile), the record, and the user's `T` with it, is
 /// dropped on a worker: a `Drop` of the user's that blocks or panics must
 /// not stall or end the readiness loop.
-fn let_go<T: Send + Sync + 'static>(shared: &Arc<Shared<T>>, conn: Arc<Conn<T>>) {
+pub(crate) fn let_go<T: Send + Sync + 'static>(shared: &Arc<Shared<T>>, conn: Arc<Conn<T>>) {
     if let Some(last) = Arc::into_inner(conn) {
         let s = Arc::clone(shared);
         shared.pool.execute(move || {

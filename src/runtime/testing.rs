@@ -7,7 +7,9 @@ use std::time::Duration;
 use crate::{Event, WebSocketServer};
 
 /// Connect a client to `server` (main-loop style) and take its `Connect`.
-pub(crate) fn join(server: &WebSocketServer) -> (TcpStream, crate::Client) {
+pub(crate) fn join<T: Send + Sync + 'static>(
+    server: &WebSocketServer<T>,
+) -> (TcpStream, crate::Client<T>) {
     let mut s = TcpStream::connect(server.local_addr()).unwrap();
     s.write_all(
         b"GET / HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\

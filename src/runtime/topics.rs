@@ -19,7 +19,10 @@
 //! `by_client` is let go while a busy `subs` is awaited, a few times
 //! before it is held (see `lock_subs`). `leavers` is taken under a
 //! `subs` or under none. A teardown never waits for a `subs`: it leaves
-//! the removal to the holder (see `Topics::leave`).
+//! the removal to the holder (see `Topics::leave`), and the connection
+//! then held last to a worker (`Topics::let_go`). It may still wait for
+//! its shard of `by_client`, held by a subscribe that waits for a busy
+//! `subs` after letting eight publishes go first.
 
 use std::borrow::Borrow;
 use std::collections::hash_map::Entry;
@@ -103,8 +106,10 @@ trait Slot {
 
 impl<T: Send + Sync + 'static> Slot for Conn<T> {
     /// The connection's registry slot, the low half of its id: no two
-    /// live connections share it, and a connection leaves its topics
-    /// (teardown's `remove_client`) before its slot is given back.
+    /// live connections share it. One torn down may still be in a topic
+    /// whose lock was busy at its teardown (its leave is deferred) when
+    /// its slot is given to another: a removal that finds the slot's
+    /// entry naming another member walks the list.
     fn slot(&self) -> u32 {
         self.client.id().as_u64() as u32
     }
@@ -247,6 +252,19 @@ impl<C: Slot> Subs<C> {
                     }
                     if x.at.len() * 4 < x.at.capacity() {
                         x.at.shrink_to(x.at.len() * 2);
+                    }
+                } else if let Some(i) = x.list.iter().rposition(|c| {
+                    looked();
+                    Arc::ptr_eq(c, member)
+                }) {
+                    // Its slot's entry names another member: a client
+                    // whose leave was deferred (see `Topics::leave`) is
+                    // still here when its slot is given to a new client,
+                    // which may join too. Found by a walk, then, and the
+                    // entry left to its owner.
+                    x.list.swap_remove(i);
+                    if let Some(moved) = x.list.get(i) {
+                        x.at.insert(moved.slot(), pos(i));
                     }
                 }
                 if x.list.len() < INDEX_AFTER / 2 {
@@ -401,6 +419,8 @@ pub(crate) struct Topics<T> {
     /// else's fan-out (with a compression per subscriber, seconds at ten
     /// thousand). Seldom more than a few.
     leavers: Mutex<Vec<Leaver<T>>>,
+    /// The server, for `let_go` (set once it is made).
+    shared: std::sync::OnceLock<std::sync::Weak<Shared<T>>>,
 }
 
 /// A client to take out of a topic (see `Topics::leavers`).
@@ -415,11 +435,17 @@ impl<T> Topics<T> {
                 .collect(),
             bridge,
             leavers: Mutex::new(Vec::new()),
+            shared: std::sync::OnceLock::new(),
         }
     }
 }
 
 impl<T> Topics<T> {
+    /// Tell the topics their server, once it is made.
+    pub(crate) fn set_shared(&self, shared: std::sync::Weak<Shared<T>>) {
+        let _ = self.shared.set(shared);
+    }
+
     /// The shard of `by_client` that holds `id`'s topics.
     fn clients(&self, id: ClientId) -> parking_lot::MutexGuard<'_, ByClient<T>> {
         self.by_client[id.as_u64() as usize % CLIENT_SHARDS].lock()
@@ -456,7 +482,7 @@ impl<T: Send + Sync + 'static> std::ops::DerefMut for Locked<'_, T> {
 impl<T: Send + Sync + 'static> Drop for Locked<'_, T> {
     fn drop(&mut self) {
         drop(self.subs.take());
-        drop(std::mem::take(&mut self.gone));
+        self.topics.let_go(std::mem::take(&mut self.gone));
         if self.emptied {
             self.topics.forget(self.topic);
         }
@@ -639,6 +665,9 @@ impl<T: Send + Sync + 'static> Topics<T> {
                     i += 1;
                 }
             }
+            if all.is_empty() && all.capacity() > 64 {
+                all.shrink_to(8);
+            }
             mine
         };
         if gone.is_empty() || subs.as_slice().is_empty() {
@@ -652,6 +681,27 @@ impl<T: Send + Sync + 'static> Topics<T> {
             topic.dead.store(true, Ordering::Release);
         }
         (!left, gone)
+    }
+
+    /// Let go of clients whose deferred leave was done. The hold on one
+    /// may be its connection's last (its teardown is over), whose drop
+    /// runs the user's `Drop` for its data: that goes to a worker,
+    /// guarded, as the readiness loop's last holds do, never here, where
+    /// the caller may hold a shard of `by_client` (a `Drop` that used the
+    /// topics would deadlock) or be any thread (one that panicked would
+    /// unwind through a teardown, a subscribe, a user's publish).
+    fn let_go(&self, gone: Vec<Arc<Conn<T>>>) {
+        if gone.is_empty() {
+            return;
+        }
+        // Whoever called holds the server, so this is never its last.
+        let shared = self.shared.get().and_then(std::sync::Weak::upgrade);
+        for conn in gone {
+            match &shared {
+                Some(s) => crate::runtime::poller::let_go(s, conn),
+                None => drop(conn),
+            }
+        }
     }
 
     /// Someone just let go of `topic`'s subscribers: if a teardown left a
@@ -673,7 +723,7 @@ impl<T: Send + Sync + 'static> Topics<T> {
             };
             let (emptied, gone) = self.apply_leavers(topic, &mut subs);
             drop(subs);
-            drop(gone);
+            self.let_go(gone);
             if emptied {
                 self.forget(topic);
             }
@@ -892,6 +942,48 @@ mod tests {
 
     fn indexed(m: &Subs<u32>) -> bool {
         matches!(m, Subs::Indexed(_))
+    }
+
+    /// A member still in a topic when its slot is given to another (its
+    /// leave was deferred), which joins too: the index's entry for the
+    /// slot names the newer one, and each is still taken out, the other
+    /// staying. Before, the older one was not found, and stayed for good.
+    #[test]
+    fn a_member_whose_slot_another_joined_with_is_still_taken_out() {
+        let mut m = list(crowd(INDEX_AFTER as u32 + 100));
+        // Deep removals make the index.
+        for i in 0..10u32 {
+            let member = Arc::clone(&m.as_slice()[i as usize]);
+            m.remove(&member);
+        }
+        assert!(indexed(&m));
+        let old = Arc::clone(&m.as_slice()[500]);
+        // Another member with the same slot.
+        let new = Arc::new(*old);
+        m.push(Arc::clone(&new));
+        let len = m.as_slice().len();
+        assert!(m.remove(&old));
+        assert_eq!(m.as_slice().len(), len - 1);
+        assert!(
+            !m.as_slice().iter().any(|c| Arc::ptr_eq(c, &old)),
+            "the old one stayed"
+        );
+        assert!(m.as_slice().iter().any(|c| Arc::ptr_eq(c, &new)));
+        // And the other way round: the newer one first.
+        let old = Arc::clone(&m.as_slice()[300]);
+        let new = Arc::new(*old);
+        m.push(Arc::clone(&new));
+        assert!(m.remove(&new));
+        assert!(
+            !m.as_slice().iter().any(|c| Arc::ptr_eq(c, &new)),
+            "the new one stayed"
+        );
+        assert!(m.remove(&old));
+        assert!(
+            !m.as_slice().iter().any(|c| Arc::ptr_eq(c, &old)),
+            "the old one stayed"
+        );
+        assert_eq!(m.as_slice().len(), len - 2);
     }
 
     /// The index, if kept, says where every member is, and nobody is in
@@ -1157,6 +1249,62 @@ mod tests {
         let report = server.publish("hot", "x");
         assert_eq!((report.written + report.queued, report.closed), (1, 0));
         assert!(topics.leavers.lock().is_empty());
+    }
+
+    /// A deferred leave may hold a client's connection last (its
+    /// teardown over, its events consumed): its data's `Drop` then runs
+    /// on a worker, guarded and reported, not on the thread that next
+    /// takes the topic. Before, one that panicked unwound out of that
+    /// thread's call (here `subscribers`; a teardown, a subscribe or a
+    /// user's publish as well).
+    #[test]
+    fn a_deferred_leave_lets_go_of_the_client_on_a_worker() {
+        use std::sync::Mutex;
+        struct Bomb;
+        impl Drop for Bomb {
+            fn drop(&mut self) {
+                panic!("client data dropped");
+            }
+        }
+        let (tx, reported) = mpsc::channel::<String>();
+        let tx = Mutex::new(tx);
+        let server = WebSocketServer::with_client_init(|_| Ok(Bomb))
+            .on_error(move |_, e| {
+                let _ = tx.lock().unwrap().send(e.to_string());
+            })
+            .start("127.0.0.1:0")
+            .unwrap();
+        let (sa, a) = join(&server);
+        assert!(a.subscribe("hot").unwrap());
+        let id = a.id();
+        drop(a);
+        let hot = server
+            .shared()
+            .topics
+            .by_name
+            .read()
+            .get("hot")
+            .map(|super::Named(t)| std::sync::Arc::clone(t))
+            .unwrap();
+        // A publish to "hot" fans out.
+        let fan_out = hot.subs.lock();
+        drop(sa);
+        loop {
+            match server.recv_timeout(Duration::from_secs(5)) {
+                // Dropped here: the deferred leave now holds the last.
+                Ok(crate::Event::Disconnect { client, .. }) if client.id() == id => break,
+                Ok(_) => {}
+                Err(e) => panic!("{e:?}"),
+            }
+        }
+        // The channel keeps the last event's client until the next receive.
+        assert!(server.recv_timeout(Duration::from_millis(1)).is_err());
+        drop(fan_out);
+        let taken =
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| server.subscribers("hot")));
+        assert_eq!(taken.ok(), Some(0), "the drop panicked here");
+        let report = reported.recv_timeout(Duration::from_secs(5)).unwrap();
+        assert!(report.contains("client data dropped"), "{report}");
     }
 
     /// Many teardowns while publishes from several threads keep the
