@@ -426,8 +426,9 @@ impl<T: Send + Sync + 'static> ServerHandle<T> {
 
     /// Whether the server still runs: false once its shutdown has begun,
     /// or it is gone. A `broadcast` or `publish` that found nobody returns
-    /// the same empty report either way; this tells a stopped server from
-    /// an empty topic.
+    /// the same empty report either way; this, asked after it, tells a
+    /// stopped server from an empty topic (a shutdown that began between
+    /// the two calls reads as stopped).
     pub fn is_running(&self) -> bool {
         self.shared
             .upgrade()
@@ -651,7 +652,8 @@ impl<T: Send + Sync + 'static> Builder<T> {
     /// one IPv6 /64 (which one host or one network is given whole, so a
     /// client could otherwise use as many addresses as it likes); more
     /// are answered `503`. IPv4 clients of a dual-stack socket count by
-    /// their IPv4 address. Behind a proxy every client has the proxy's
+    /// their IPv4 address, and those of a translator (64:ff9b::/96) or
+    /// of Teredo (2001::/32) by their whole IPv6 address. Behind a proxy every client has the proxy's
     /// address, so leave it off there. Default: no limit.
     pub fn max_connections_per_ip(mut self, n: usize) -> Self {
         self.config.max_connections_per_ip = n;

@@ -376,3 +376,43 @@ fn a_flood_of_handshakes_to_a_slow_strategy_leaves_a_worker_to_open_clients() {
         "an open client's echo waited {slowest:?} behind the handshakes"
     );
 }
+
+/// The cap on handshakes counts the handshake only: a new client's
+/// `on_connect` (which may block, as any closure may) is the
+/// connection's. With two workers and one `on_connect` held, another
+/// client's handshake is answered at once. When the cap still covered
+/// `on_connect`, it waited for it, the other worker idle, and got `503`
+/// at `handshake_timeout`.
+#[test]
+fn a_held_on_connect_leaves_the_other_worker_to_new_clients() {
+    use std::sync::mpsc;
+    let (release, gate) = mpsc::channel::<()>();
+    let gate = std::sync::Mutex::new(gate);
+    let (entered_tx, entered) = mpsc::channel::<()>();
+    let entered_tx = std::sync::Mutex::new(entered_tx);
+    let server = WebSocketServer::builder()
+        .workers(2)
+        .handshake_timeout(Duration::from_secs(3))
+        .on_connect(move |_| {
+            if entered_tx.lock().unwrap().send(()).is_ok() {
+                let _ = gate.lock().unwrap().recv_timeout(Duration::from_secs(20));
+            }
+        })
+        .start("127.0.0.1:0")
+        .unwrap();
+    let addr = server.local_addr();
+    let _held = raw_ws(addr);
+    entered
+        .recv_timeout(Duration::from_secs(5))
+        .expect("on_connect runs");
+    // Later ones pass straight through `on_connect`.
+    drop(entered);
+    let t = std::time::Instant::now();
+    let _next = raw_ws(addr);
+    assert!(
+        t.elapsed() < Duration::from_secs(1),
+        "a new client waited {:?} for a held on_connect",
+        t.elapsed()
+    );
+    drop(release);
+}

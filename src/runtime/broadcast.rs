@@ -269,11 +269,24 @@ fn for_each<T: Send + Sync + 'static>(
     // already claimed and is sending: it never waits on queued pool work,
     // so a broadcast from a worker cannot deadlock the pool.
     job.work(shared);
-    let mut done = job.done.lock();
-    while done.0 < job.chunks() {
-        job.finished.wait(&mut done);
+    let report = {
+        let mut done = job.done.lock();
+        while done.0 < job.chunks() {
+            job.finished.wait(&mut done);
+        }
+        done.1
+    };
+    // A recipient torn down meanwhile may be held by this job alone (a
+    // publish's, its deferred leave done as the topic was let go): its
+    // drop, which runs the user's `Drop` for its data, goes to a worker,
+    // guarded, as the readiness loop's last holds do. (A helper still
+    // finishing keeps the job; its drop is then the helper's.)
+    if let Ok(job) = Arc::try_unwrap(job) {
+        for conn in job.conns {
+            crate::runtime::poller::let_go(shared, conn);
+        }
     }
-    done.1
+    report
 }
 
 #[cfg(test)]
@@ -283,6 +296,61 @@ mod tests {
     use super::{Frames, Op, PARALLEL_FROM, for_each};
     use crate::runtime::testing::join;
     use crate::{Message, WebSocketServer};
+
+    /// A recipient torn down while a broadcast or publish ran may be held
+    /// by its job alone at the end: the user's `Drop` for its data then
+    /// runs on a worker, guarded and reported, not on the thread that
+    /// broadcast (whose call it would unwind out of).
+    #[test]
+    fn a_recipient_held_last_by_the_job_is_let_go_on_a_worker() {
+        struct Bomb;
+        impl Drop for Bomb {
+            fn drop(&mut self) {
+                panic!("client data dropped");
+            }
+        }
+        let (tx, reported) = mpsc::channel::<String>();
+        let tx = Mutex::new(tx);
+        let server = WebSocketServer::with_client_init(|_| Ok(Bomb))
+            .on_error(move |_, e| {
+                let _ = tx.lock().unwrap().send(e.to_string());
+            })
+            .start("127.0.0.1:0")
+            .unwrap();
+        let shared = Arc::clone(server.shared());
+        let (s, client) = join(&server);
+        let id = client.id();
+        drop(client);
+        let conn = shared.registry.snapshot().pop().unwrap();
+        drop(s);
+        loop {
+            match server.recv_timeout(std::time::Duration::from_secs(5)) {
+                Ok(crate::Event::Disconnect { client, .. }) if client.id() == id => break,
+                Ok(_) => {}
+                Err(e) => panic!("{e:?}"),
+            }
+        }
+        // The channel keeps the last event's client until the next receive.
+        assert!(
+            server
+                .recv_timeout(std::time::Duration::from_millis(1))
+                .is_err()
+        );
+        let frames = Frames::new(
+            &shared,
+            &Message::Binary(vec![1; 8]),
+            std::slice::from_ref(&conn),
+        );
+        let report = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            for_each(&shared, vec![conn], Op::Send(frames))
+        }));
+        let report = report.expect("the drop panicked in the broadcast");
+        assert_eq!(report.closed, 1);
+        let error = reported
+            .recv_timeout(std::time::Duration::from_secs(5))
+            .unwrap();
+        assert!(error.contains("client data dropped"), "{error}");
+    }
 
     /// With every worker busy, big broadcasts queue no helpers, and leave
     /// nothing holding their recipients once they return. Before, each

@@ -282,6 +282,9 @@ fn handshake_inner<T: Send + Sync + 'static>(shared: &Arc<Shared<T>>, mut p: Box
     if shared.stopping.load(Ordering::Acquire) {
         let _ = conn.close(shared, CloseCode::GOING_AWAY, "server shutdown");
     }
+    // The handshake is done: `on_connect` and the first job are the
+    // connection's, and do not count against the cap on handshakes.
+    crate::runtime::poller::handshake_over(shared);
     if !shared.emit_connect(&conn) {
         let (code, reason) = panic_close();
         // Reported as 1011 unless the peer's answer says otherwise, or a

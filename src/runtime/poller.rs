@@ -413,6 +413,35 @@ impl<T> ReadyQueue<T> {
     }
 }
 
+thread_local! {
+    /// This drainer runs a handshake that counts against the cap.
+    static HANDSHAKE_SLOT: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// The handshake this thread runs no longer counts against the cap: its
+/// connection is open, and what runs next (`on_connect`, its first job)
+/// is the connection's, which may block as any closure may. A handshake
+/// waiting at the cap gets a drainer, if a worker is free.
+pub(crate) fn handshake_over<T: Send + Sync + 'static>(shared: &Arc<Shared<T>>) {
+    if !HANDSHAKE_SLOT.replace(false) {
+        return;
+    }
+    let workers = shared.config.workers;
+    let spawn = {
+        let mut q = shared.ready.lock();
+        q.handshaking -= 1;
+        let n = workers
+            .saturating_sub(q.drainers)
+            .min(q.runnable(handshake_cap(workers)));
+        q.drainers += n;
+        n
+    };
+    for _ in 0..spawn {
+        let s = Arc::clone(shared);
+        shared.pool.execute(move || drain(&s));
+    }
+}
+
 /// Most handshakes that run at once: all workers but one, so that a slow
 /// client-init strategy or `on_http` (a call to an auth service, say),
 /// however many requests an attacker sends it, always leaves a worker to
@@ -511,13 +540,17 @@ fn drain<T: Send + Sync + 'static>(shared: &Arc<Shared<T>>) {
                 let_go_here(shared, conn);
             }
             Job::Ready(Found::Handshake(p)) => {
-                /// Counts the handshake as ended even if it unwinds.
+                /// Counts the handshake as ended, unless `handshake_over`
+                /// did, even if it unwinds.
                 struct Ended<'a, T: Send + Sync + 'static>(&'a Shared<T>);
                 impl<T: Send + Sync + 'static> Drop for Ended<'_, T> {
                     fn drop(&mut self) {
-                        self.0.ready.lock().handshaking -= 1;
+                        if HANDSHAKE_SLOT.replace(false) {
+                            self.0.ready.lock().handshaking -= 1;
+                        }
                     }
                 }
+                HANDSHAKE_SLOT.set(true);
                 let _ended = Ended(shared);
                 handshake(shared, p);
             }

@@ -417,10 +417,22 @@ impl<T> Registry<T> {
 /// What `max_connections_per_ip` counts a client by: an IPv4 address
 /// (also as a dual-stack socket reports it, mapped into IPv6), or an IPv6
 /// address's /64, which one host or one home network is given whole (a
-/// client would otherwise have as many addresses as it likes).
+/// client would otherwise have as many addresses as it likes). Addresses
+/// that stand for IPv4 clients of a translator or a tunnel (64:ff9b::/96,
+/// RFC 6052; Teredo's 2001::/32, RFC 4380) count whole: each /64 of those
+/// holds many unrelated clients.
 pub(crate) fn per_ip_key(ip: IpAddr) -> IpAddr {
     match ip.to_canonical() {
-        IpAddr::V6(v6) => IpAddr::V6((u128::from(v6) & !(u128::MAX >> 64)).into()),
+        IpAddr::V6(v6) => {
+            let bits = u128::from(v6);
+            let translated = bits >> 32 == 0x0064_ff9b_0000_0000_0000_0000;
+            let teredo = bits >> 96 == 0x2001_0000;
+            if translated || teredo {
+                IpAddr::V6(v6)
+            } else {
+                IpAddr::V6((bits & !(u128::MAX >> 64)).into())
+            }
+        }
         v4 => v4,
     }
 }
@@ -453,6 +465,14 @@ mod tests {
         }
         assert_eq!(r.reserve(100, 1, ip("::ffff:10.0.0.1")), None);
         assert_eq!(r.reserve(100, 1, ip("10.0.0.1")), None);
+        // Translated and Teredo clients count by their whole address.
+        for prefix in ["64:ff9b::", "2001:0:4136:e378:8000:63bf:"] {
+            for n in 1..=3 {
+                let addr = ip(&format!("{prefix}a00:{n}"));
+                assert!(r.reserve(100, 1, addr).is_some(), "{addr}");
+            }
+            assert_eq!(r.reserve(100, 1, ip(&format!("{prefix}a00:1"))), None);
+        }
     }
 
     #[test]
