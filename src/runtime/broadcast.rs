@@ -303,39 +303,14 @@ mod tests {
     /// broadcast (whose call it would unwind out of).
     #[test]
     fn a_recipient_held_last_by_the_job_is_let_go_on_a_worker() {
-        struct Bomb;
-        impl Drop for Bomb {
-            fn drop(&mut self) {
-                panic!("client data dropped");
-            }
-        }
-        let (tx, reported) = mpsc::channel::<String>();
-        let tx = Mutex::new(tx);
-        let server = WebSocketServer::with_client_init(|_| Ok(Bomb))
-            .on_error(move |_, e| {
-                let _ = tx.lock().unwrap().send(e.to_string());
-            })
-            .start("127.0.0.1:0")
-            .unwrap();
+        let (server, reported) = crate::runtime::testing::bomb_server();
         let shared = Arc::clone(server.shared());
         let (s, client) = join(&server);
         let id = client.id();
         drop(client);
         let conn = shared.registry.snapshot().pop().unwrap();
         drop(s);
-        loop {
-            match server.recv_timeout(std::time::Duration::from_secs(5)) {
-                Ok(crate::Event::Disconnect { client, .. }) if client.id() == id => break,
-                Ok(_) => {}
-                Err(e) => panic!("{e:?}"),
-            }
-        }
-        // The channel keeps the last event's client until the next receive.
-        assert!(
-            server
-                .recv_timeout(std::time::Duration::from_millis(1))
-                .is_err()
-        );
+        crate::runtime::testing::wait_gone(&server, id);
         let frames = Frames::new(
             &shared,
             &Message::Binary(vec![1; 8]),

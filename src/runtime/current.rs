@@ -79,7 +79,7 @@ mod tests {
     /// thread of the user's has nothing lent.
     #[test]
     fn the_servers_closures_run_with_its_arc_lent() {
-        use std::io::{Read, Write};
+        use std::io::Write;
         let (tx, rx) = std::sync::mpsc::channel::<usize>();
         let server = crate::WebSocketServer::builder()
             .on_message(move |_, _| {
@@ -88,17 +88,7 @@ mod tests {
             .start("127.0.0.1:0")
             .unwrap();
         let mut s = std::net::TcpStream::connect(server.local_addr()).unwrap();
-        s.write_all(
-            b"GET / HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
-              Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
-        )
-        .unwrap();
-        let mut head = Vec::new();
-        let mut b = [0u8; 1];
-        while !head.ends_with(b"\r\n\r\n") {
-            s.read_exact(&mut b).unwrap();
-            head.push(b[0]);
-        }
+        crate::runtime::testing::upgrade(&mut s);
         // A masked text frame "hi" (mask zero).
         s.write_all(&[0x81, 0x82, 0, 0, 0, 0, b'h', b'i']).unwrap();
         let seen = rx.recv_timeout(std::time::Duration::from_secs(10)).unwrap();

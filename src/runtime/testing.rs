@@ -2,15 +2,13 @@
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
+use std::sync::{Mutex, mpsc};
 use std::time::Duration;
 
 use crate::{Event, WebSocketServer};
 
-/// Connect a client to `server` (main-loop style) and take its `Connect`.
-pub(crate) fn join<T: Send + Sync + 'static>(
-    server: &WebSocketServer<T>,
-) -> (TcpStream, crate::Client<T>) {
-    let mut s = TcpStream::connect(server.local_addr()).unwrap();
+/// Send an upgrade request on `s` and read its `101`.
+pub(crate) fn upgrade(s: &mut TcpStream) {
     s.write_all(
         b"GET / HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
           Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
@@ -22,8 +20,56 @@ pub(crate) fn join<T: Send + Sync + 'static>(
         s.read_exact(&mut b).unwrap();
         head.push(b[0]);
     }
+}
+
+/// Connect a client to `server` (main-loop style) and take its `Connect`.
+pub(crate) fn join<T: Send + Sync + 'static>(
+    server: &WebSocketServer<T>,
+) -> (TcpStream, crate::Client<T>) {
+    let mut s = TcpStream::connect(server.local_addr()).unwrap();
+    upgrade(&mut s);
     match server.recv_timeout(Duration::from_secs(10)) {
         Ok(Event::Connect { client }) => (s, client),
         other => panic!("{other:?}"),
     }
+}
+
+/// Client data whose `Drop` panics.
+pub(crate) struct Bomb;
+
+impl Drop for Bomb {
+    fn drop(&mut self) {
+        panic!("client data dropped");
+    }
+}
+
+/// A main-loop server whose clients carry a [`Bomb`], and what it reports
+/// to `on_error`.
+pub(crate) fn bomb_server() -> (WebSocketServer<Bomb>, mpsc::Receiver<String>) {
+    let (tx, reported) = mpsc::channel::<String>();
+    let tx = Mutex::new(tx);
+    let server = WebSocketServer::with_client_init(|_| Ok(Bomb))
+        .on_error(move |_, e| {
+            let _ = tx.lock().unwrap().send(e.to_string());
+        })
+        .start("127.0.0.1:0")
+        .unwrap();
+    (server, reported)
+}
+
+/// Wait for the `Disconnect` of client `id`, then make the channel let
+/// go of that event's client (it keeps the last one until the next
+/// receive).
+pub(crate) fn wait_gone<T: Send + Sync + 'static>(
+    server: &WebSocketServer<T>,
+    id: crate::ClientId,
+) {
+    loop {
+        match server.recv_timeout(Duration::from_secs(5)) {
+            Ok(Event::Disconnect { client, .. }) if client.id() == id => break,
+            Ok(_) => {}
+            Err(e) => panic!("no Disconnect for {id:?}: {e:?}"),
+        }
+    }
+    assert!(server.recv_timeout(Duration::from_millis(1)).is_err());
 }

@@ -1259,21 +1259,7 @@ mod tests {
     /// user's publish as well).
     #[test]
     fn a_deferred_leave_lets_go_of_the_client_on_a_worker() {
-        use std::sync::Mutex;
-        struct Bomb;
-        impl Drop for Bomb {
-            fn drop(&mut self) {
-                panic!("client data dropped");
-            }
-        }
-        let (tx, reported) = mpsc::channel::<String>();
-        let tx = Mutex::new(tx);
-        let server = WebSocketServer::with_client_init(|_| Ok(Bomb))
-            .on_error(move |_, e| {
-                let _ = tx.lock().unwrap().send(e.to_string());
-            })
-            .start("127.0.0.1:0")
-            .unwrap();
+        let (server, reported) = crate::runtime::testing::bomb_server();
         let (sa, a) = join(&server);
         assert!(a.subscribe("hot").unwrap());
         let id = a.id();
@@ -1289,16 +1275,8 @@ mod tests {
         // A publish to "hot" fans out.
         let fan_out = hot.subs.lock();
         drop(sa);
-        loop {
-            match server.recv_timeout(Duration::from_secs(5)) {
-                // Dropped here: the deferred leave now holds the last.
-                Ok(crate::Event::Disconnect { client, .. }) if client.id() == id => break,
-                Ok(_) => {}
-                Err(e) => panic!("{e:?}"),
-            }
-        }
-        // The channel keeps the last event's client until the next receive.
-        assert!(server.recv_timeout(Duration::from_millis(1)).is_err());
+        // Once its event is let go, the deferred leave holds the last.
+        crate::runtime::testing::wait_gone(&server, id);
         drop(fan_out);
         let taken =
             std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| server.subscribers("hot")));
