@@ -131,44 +131,11 @@ fn push_to<C>(list: &mut Vec<Arc<C>>, member: Arc<C>) {
     list.push(member);
 }
 
-/// A map of which most entries went (after a surge of clients or
-/// topics): give the table back, as `shrink` does for a list. Small
-/// tables are left alone.
-fn shrink_map<M: Shrinkable>(map: &mut M) {
-    let (len, capacity) = (map.len(), map.capacity());
-    if capacity > 64 && len * 4 < capacity {
-        map.shrink_to(len * 2);
-    }
-}
-
-trait Shrinkable {
-    fn len(&self) -> usize;
-    fn capacity(&self) -> usize;
-    fn shrink_to(&mut self, min: usize);
-}
-
-impl<K: Eq + Hash, V> Shrinkable for HashMap<K, V> {
-    fn len(&self) -> usize {
-        HashMap::len(self)
-    }
-    fn capacity(&self) -> usize {
-        HashMap::capacity(self)
-    }
-    fn shrink_to(&mut self, min: usize) {
-        HashMap::shrink_to(self, min);
-    }
-}
-
-impl<K: Eq + Hash> Shrinkable for HashSet<K> {
-    fn len(&self) -> usize {
-        HashSet::len(self)
-    }
-    fn capacity(&self) -> usize {
-        HashSet::capacity(self)
-    }
-    fn shrink_to(&mut self, min: usize) {
-        HashSet::shrink_to(self, min);
-    }
+/// The room to give a table of `len` entries back to, if three quarters
+/// of its `capacity` are empty (after a surge of clients or topics), as
+/// `shrink` does for a list. Small tables are left alone.
+fn shrunk(len: usize, capacity: usize) -> Option<usize> {
+    (capacity > 64 && len * 4 < capacity).then_some(len * 2)
 }
 
 /// Most have left: give the memory back.
@@ -371,7 +338,9 @@ impl<T> ByClient<T> {
             return self.rest.remove(&key);
         }
         let topic = self.first.remove(&id);
-        shrink_map(&mut self.first);
+        if let Some(n) = shrunk(self.first.len(), self.first.capacity()) {
+            self.first.shrink_to(n);
+        }
         // The next oldest becomes the first.
         let next = self
             .rest
@@ -389,7 +358,9 @@ impl<T> ByClient<T> {
         let Some(first) = self.first.remove(&id) else {
             return Vec::new();
         };
-        shrink_map(&mut self.first);
+        if let Some(n) = shrunk(self.first.len(), self.first.capacity()) {
+            self.first.shrink_to(n);
+        }
         let keys: Vec<_> = self
             .rest
             .range((id, 0)..=(id, u64::MAX))
@@ -713,20 +684,12 @@ impl<T: Send + Sync + 'static> Topics<T> {
     /// one of them sees the other's: the leave is never left behind with
     /// nobody holding the topic.
     fn settle(&self, topic: &Arc<Topic<T>>) {
-        loop {
-            std::sync::atomic::fence(Ordering::SeqCst);
-            if !topic.leaving.load(Ordering::SeqCst) {
-                return;
-            }
-            let Some(mut subs) = topic.subs.try_lock() else {
-                return;
-            };
-            let (emptied, gone) = self.apply_leavers(topic, &mut subs);
-            drop(subs);
-            self.let_go(gone);
-            if emptied {
-                self.forget(topic);
-            }
+        std::sync::atomic::fence(Ordering::SeqCst);
+        if topic.leaving.load(Ordering::SeqCst)
+            && let Some(subs) = topic.subs.try_lock()
+        {
+            // Taking it does the leaves; letting go settles again.
+            drop(self.locked(topic, subs));
         }
     }
 
@@ -789,7 +752,9 @@ impl<T: Send + Sync + 'static> Topics<T> {
             .is_some_and(|Named(t)| Arc::ptr_eq(t, topic))
         {
             names.remove(&*topic.name);
-            shrink_map(&mut *names);
+            if let Some(n) = shrunk(names.len(), names.capacity()) {
+                names.shrink_to(n);
+            }
             if let Some(bridge) = &self.bridge {
                 bridge.topic_changed(&topic.name, false);
             }
@@ -1166,7 +1131,9 @@ mod tests {
         let mut map: std::collections::HashMap<u32, u32> = (0..10_000).map(|i| (i, i)).collect();
         for i in 10..10_000 {
             map.remove(&i);
-            super::shrink_map(&mut map);
+            if let Some(n) = super::shrunk(map.len(), map.capacity()) {
+                map.shrink_to(n);
+            }
         }
         assert!(map.capacity() < 1024, "{}", map.capacity());
         assert_eq!(map.len(), 10);
