@@ -426,17 +426,26 @@ pub(crate) fn handshake_over<T: Send + Sync + 'static>(shared: &Arc<Shared<T>>) 
     if !HANDSHAKE_SLOT.replace(false) {
         return;
     }
+    let mut q = shared.ready.lock();
+    q.handshaking -= 1;
+    add_drainers(shared, q);
+}
+
+/// Start drainers for the jobs in `q` that may run now and that the
+/// drainers running may not take: busy (or blocked in a user closure),
+/// each may need one of its own, up to one per worker. Handshakes past
+/// the cap wait for one to end.
+fn add_drainers<T: Send + Sync + 'static>(
+    shared: &Arc<Shared<T>>,
+    mut q: parking_lot::MutexGuard<'_, ReadyQueue<T>>,
+) {
     let workers = shared.config.workers;
-    let spawn = {
-        let mut q = shared.ready.lock();
-        q.handshaking -= 1;
-        let n = workers
-            .saturating_sub(q.drainers)
-            .min(q.runnable(handshake_cap(workers)));
-        q.drainers += n;
-        n
-    };
-    for _ in 0..spawn {
+    let n = workers
+        .saturating_sub(q.drainers)
+        .min(q.runnable(handshake_cap(workers)));
+    q.drainers += n;
+    drop(q);
+    for _ in 0..n {
         let s = Arc::clone(shared);
         shared.pool.execute(move || drain(&s));
     }
@@ -469,27 +478,11 @@ impl<T> Default for ReadyQueue<T> {
 /// drainer rather than per connection saves a channel hop and a wake-up
 /// each.
 pub(crate) fn dispatch<T: Send + Sync + 'static>(shared: &Arc<Shared<T>>, ready: &mut Vec<Job<T>>) {
-    let spawn = {
-        let mut q = shared.ready.lock();
-        for job in ready.drain(..) {
-            q.push(job);
-        }
-        // Drainers already running may be busy (or blocked in a user
-        // closure): each job waiting may need one of its own, up to one
-        // per worker. Handshakes past the cap wait for one to end, whose
-        // drainer takes the next.
-        let n = shared
-            .config
-            .workers
-            .saturating_sub(q.drainers)
-            .min(q.runnable(handshake_cap(shared.config.workers)));
-        q.drainers += n;
-        n
-    };
-    for _ in 0..spawn {
-        let s = Arc::clone(shared);
-        shared.pool.execute(move || drain(&s));
+    let mut q = shared.ready.lock();
+    for job in ready.drain(..) {
+        q.push(job);
     }
+    add_drainers(shared, q);
 }
 
 /// Ready jobs a drainer runs before it lets other pool work waiting for a
