@@ -35,10 +35,11 @@ use crate::stats::Counters;
 #[cfg(feature = "deflate")]
 pub(crate) const RSV1: u8 = 0b100;
 
-/// A user thread whose previous send was this recent is sending a
-/// stream of messages (a busy main loop): its sends go to the pool, which
-/// writes them in batches. A lone send is written at once by the caller,
-/// which is quicker than a hand-off.
+/// A user thread whose previous send to an idle connection was this
+/// recent is sending a stream of messages (a busy main loop): its sends go
+/// to the pool, which writes them in batches. A lone send is written at
+/// once by the caller, which is quicker than a hand-off. (Sends that cork
+/// or queue behind others are not timed: they decide nothing.)
 const BURST_GAP: std::time::Duration = std::time::Duration::from_micros(20);
 
 thread_local! {
@@ -46,7 +47,7 @@ thread_local! {
         const { std::cell::Cell::new(None) };
 }
 
-/// Whether this thread's previous send was within `BURST_GAP`.
+/// Whether this thread's previous timed send was within `BURST_GAP`.
 fn sending_in_a_burst() -> bool {
     let now = std::time::Instant::now();
     LAST_SEND.with(|last| {
@@ -649,7 +650,7 @@ impl<T: Send + Sync + 'static> Conn<T> {
             Chunk::Head(head, n as u8),
             Some(Chunk::Owned(body)),
             kind,
-            !crate::runtime::service::on_worker() && sending_in_a_burst(),
+            !crate::runtime::service::on_worker(),
         )
     }
 
@@ -966,17 +967,20 @@ impl<T: Send + Sync + 'static> Conn<T> {
         }
     }
 
-    /// Queue or write one frame. `defer` (a data frame sent from a thread
-    /// outside the pool) hands the write to the pool when the connection
-    /// is idle, so that a user thread sending many messages spends no
-    /// syscall on each: workers write them, batched per connection.
+    /// Queue or write one frame. `may_defer` (a data frame sent from a
+    /// thread outside the pool) hands the write to the pool when the
+    /// connection is idle and the thread is sending in a burst, so that a
+    /// user thread sending many messages spends no syscall on each:
+    /// workers write them, batched per connection. (The burst is judged
+    /// only here, where it decides something: the clock is not read for
+    /// frames that cork or queue anyway.)
     fn write(
         self: &Arc<Self>,
         shared: &Arc<Shared<T>>,
         head: Chunk,
         body: Option<Chunk>,
         kind: Kind,
-        defer: bool,
+        may_defer: bool,
     ) -> std::result::Result<SendStatus, Refused> {
         let len = head.bytes().len() + body.as_ref().map_or(0, |b| b.bytes().len());
         let mut w = match self.admit(shared, kind, len) {
@@ -998,7 +1002,7 @@ impl<T: Send + Sync + 'static> Conn<T> {
             self.enqueue(shared, &mut w, head, body);
             return Ok(SendStatus::Queued);
         }
-        if defer && !w.job_running && w.out.is_empty() {
+        if may_defer && !w.job_running && w.out.is_empty() && sending_in_a_burst() {
             self.enqueue(shared, &mut w, head, body);
             // The flush job owns the connection until it is done; sends
             // meanwhile cork behind this one.
