@@ -154,14 +154,29 @@ enum Op {
     Flush,
 }
 
-struct Job<T> {
+struct Job<T: Send + Sync + 'static> {
     conns: Vec<Arc<Conn<T>>>,
+    /// For letting go of the recipients (see `Drop`).
+    shared: Arc<Shared<T>>,
     op: Op,
     /// Next chunk to claim.
     next: AtomicUsize,
     /// Chunks finished, with their counts.
     done: Mutex<(usize, Broadcast)>,
     finished: Condvar,
+}
+
+/// A recipient torn down meanwhile may be held by the job alone (a
+/// publish's, its deferred leave done as the topic was let go): its drop,
+/// which runs the user's `Drop` for its data, goes to a worker, guarded, as
+/// the readiness loop's last holds do, on whichever thread drops the job
+/// last (the caller, or a helper still finishing).
+impl<T: Send + Sync + 'static> Drop for Job<T> {
+    fn drop(&mut self) {
+        for conn in std::mem::take(&mut self.conns) {
+            crate::runtime::poller::let_go(&self.shared, conn);
+        }
+    }
 }
 
 impl<T: Send + Sync + 'static> Job<T> {
@@ -239,6 +254,7 @@ fn for_each<T: Send + Sync + 'static>(
         .saturating_sub(1);
     let job = Arc::new(Job {
         conns,
+        shared: Arc::clone(shared),
         op,
         next: AtomicUsize::new(0),
         done: Mutex::new((0, Broadcast::default())),
@@ -276,22 +292,14 @@ fn for_each<T: Send + Sync + 'static>(
         }
         done.1
     };
-    // A recipient torn down meanwhile may be held by this job alone (a
-    // publish's, its deferred leave done as the topic was let go): its
-    // drop, which runs the user's `Drop` for its data, goes to a worker,
-    // guarded, as the readiness loop's last holds do. (A helper still
-    // finishing keeps the job; its drop is then the helper's.)
-    if let Ok(job) = Arc::try_unwrap(job) {
-        for conn in job.conns {
-            crate::runtime::poller::let_go(shared, conn);
-        }
-    }
+    // Its recipients are let go as it drops (see `Drop for Job`).
+    drop(job);
     report
 }
 
 #[cfg(test)]
 mod tests {
-    use std::sync::{Arc, Barrier, Mutex, mpsc};
+    use std::sync::Arc;
 
     use super::{Frames, Op, PARALLEL_FROM, for_each};
     use crate::runtime::testing::join;
@@ -305,12 +313,7 @@ mod tests {
     fn a_recipient_held_last_by_the_job_is_let_go_on_a_worker() {
         let (server, reported) = crate::runtime::testing::bomb_server();
         let shared = Arc::clone(server.shared());
-        let (s, client) = join(&server);
-        let id = client.id();
-        drop(client);
-        let conn = shared.registry.snapshot().pop().unwrap();
-        drop(s);
-        crate::runtime::testing::wait_gone(&server, id);
+        let conn = crate::runtime::testing::gone_bomb(&server);
         let frames = Frames::new(
             &shared,
             &Message::Binary(vec![1; 8]),
@@ -321,6 +324,34 @@ mod tests {
         }));
         let report = report.expect("the drop panicked in the broadcast");
         assert_eq!(report.closed, 1);
+        let error = reported
+            .recv_timeout(std::time::Duration::from_secs(5))
+            .unwrap();
+        assert!(error.contains("client data dropped"), "{error}");
+    }
+
+    /// Whoever drops a broadcast's job last (the caller, or a helper
+    /// still finishing its chunk), a recipient the job holds alone is let
+    /// go on a worker, guarded and reported: the drop does not run the
+    /// user's `Drop` where it stands.
+    #[test]
+    fn a_job_dropped_holding_a_gone_recipient_lets_go_of_it_on_a_worker() {
+        let (server, reported) = crate::runtime::testing::bomb_server();
+        let shared = Arc::clone(server.shared());
+        let conn = crate::runtime::testing::gone_bomb(&server);
+        let job = super::Job {
+            conns: vec![conn],
+            shared: Arc::clone(&shared),
+            op: Op::Flush,
+            next: std::sync::atomic::AtomicUsize::new(0),
+            done: parking_lot::Mutex::new((0, super::Broadcast::default())),
+            finished: parking_lot::Condvar::new(),
+        };
+        let dropped = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| drop(job)));
+        assert!(
+            dropped.is_ok(),
+            "the user's Drop ran where the job was dropped"
+        );
         let error = reported
             .recv_timeout(std::time::Duration::from_secs(5))
             .unwrap();
@@ -341,17 +372,7 @@ mod tests {
         let (_s, _client) = join(&server);
         let conn = shared.registry.snapshot().pop().unwrap();
         // Both workers held until the end.
-        let (release, held) = mpsc::channel::<()>();
-        let held = Arc::new(Mutex::new(held));
-        let started = Arc::new(Barrier::new(3));
-        for _ in 0..2 {
-            let (held, started) = (Arc::clone(&held), Arc::clone(&started));
-            shared.pool.execute(move || {
-                started.wait();
-                let _ = held.lock().unwrap().recv();
-            });
-        }
-        started.wait();
+        let release = crate::runtime::testing::hold_pool(&shared);
         let before = Arc::strong_count(&conn);
         for round in 0..50 {
             let conns = vec![Arc::clone(&conn); PARALLEL_FROM];

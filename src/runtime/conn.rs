@@ -1667,11 +1667,16 @@ fn claim_locked(w: &mut WriteSide) -> bool {
     true
 }
 
+/// Run `conn`'s service job on the pool. Its hold may be the connection's
+/// last (the job tore it down, or it was torn down while the job waited):
+/// then the user's `Drop` for the client's data runs guarded, reported if it
+/// panics, not unwinding out of the pool's thread unreported.
 pub(crate) fn spawn_job<T: Send + Sync + 'static>(shared: &Arc<Shared<T>>, conn: &Arc<Conn<T>>) {
     let (s, c) = (Arc::clone(shared), Arc::clone(conn));
-    shared
-        .pool
-        .execute(move || crate::runtime::service::service(&s, &c, &[], false));
+    shared.pool.execute(move || {
+        crate::runtime::service::service(&s, &c, &[], false);
+        crate::runtime::poller::let_go_here(&s, c);
+    });
 }
 
 /// A connection over `stream` for unit tests, in no registry and with no
@@ -1699,6 +1704,40 @@ pub(crate) fn for_test(stream: TcpStream, id: crate::client::ClientId) -> Conn<(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A service job's hold may be a torn-down connection's last: the
+    /// user's `Drop` for the client's data then runs guarded and is
+    /// reported, instead of unwinding out of the pool's thread unreported.
+    #[test]
+    fn a_job_holding_a_gone_client_last_lets_go_of_it_guarded() {
+        let (server, reported) = crate::runtime::testing::bomb_server();
+        let shared = Arc::clone(server.shared());
+        let conn = crate::runtime::testing::gone_bomb(&server);
+        let release = crate::runtime::testing::hold_pool(&shared);
+        spawn_job(&shared, &conn);
+        drop(conn);
+        drop(release);
+        let error = reported
+            .recv_timeout(std::time::Duration::from_secs(5))
+            .expect("the drop of the client's data was not reported");
+        assert!(error.contains("client data dropped"), "{error}");
+    }
+
+    /// The same for the pool job that writes what user threads deferred.
+    #[test]
+    fn a_deferred_flush_holding_a_gone_client_last_lets_go_of_it_guarded() {
+        let (server, reported) = crate::runtime::testing::bomb_server();
+        let shared = Arc::clone(server.shared());
+        let conn = crate::runtime::testing::gone_bomb(&server);
+        let release = crate::runtime::testing::hold_pool(&shared);
+        shared.defer_flush(&conn);
+        drop(conn);
+        drop(release);
+        let error = reported
+            .recv_timeout(std::time::Duration::from_secs(5))
+            .expect("the drop of the client's data was not reported");
+        assert!(error.contains("client data dropped"), "{error}");
+    }
 
     /// The clock kept at rest gives back a `ping_sent_ms` that every
     /// later `last_seen_ms` compares with as it did with the original.

@@ -92,28 +92,34 @@ pub(crate) fn read_some(
 /// job if something else came up meanwhile).
 pub(crate) fn flush_deferred<T: Send + Sync + 'static>(shared: &Arc<Shared<T>>) {
     let batch = std::mem::take(&mut *shared.flushq.lock());
-    for conn in &batch {
-        let mut w = flush_before_letting_go(shared, conn, conn.io.lock());
-        if w.finished {
-            continue;
-        }
-        if w.job_again {
-            // A readiness event, a timer or a failed write came while the
-            // flush held the connection: the full job takes over, on a
-            // worker of its own (a handler it runs may block, and the rest
-            // of this batch must not wait for it).
-            w.job_again = false;
-            drop(w);
-            crate::runtime::conn::spawn_job(shared, conn);
-            continue;
-        }
-        w.job_running = false;
-        if !w.writing && !conn.arm(shared, &mut w) {
-            w.force_close = true;
-            w.job_running = true;
-            drop(w);
-            service(shared, conn, &[], true);
-        }
+    for conn in batch {
+        flush_deferred_one(shared, &conn);
+        // Torn down meanwhile, it may be held by this batch alone.
+        crate::runtime::poller::let_go_here(shared, conn);
+    }
+}
+
+fn flush_deferred_one<T: Send + Sync + 'static>(shared: &Arc<Shared<T>>, conn: &Arc<Conn<T>>) {
+    let mut w = flush_before_letting_go(shared, conn, conn.io.lock());
+    if w.finished {
+        return;
+    }
+    if w.job_again {
+        // A readiness event, a timer or a failed write came while the
+        // flush held the connection: the full job takes over, on a
+        // worker of its own (a handler it runs may block, and the rest
+        // of this batch must not wait for it).
+        w.job_again = false;
+        drop(w);
+        crate::runtime::conn::spawn_job(shared, conn);
+        return;
+    }
+    w.job_running = false;
+    if !w.writing && !conn.arm(shared, &mut w) {
+        w.force_close = true;
+        w.job_running = true;
+        drop(w);
+        service(shared, conn, &[], true);
     }
 }
 

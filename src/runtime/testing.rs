@@ -2,7 +2,7 @@
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
-use std::sync::{Mutex, mpsc};
+use std::sync::{Arc, Barrier, Mutex, mpsc};
 use std::time::Duration;
 
 use crate::{Event, WebSocketServer};
@@ -72,4 +72,37 @@ pub(crate) fn wait_gone<T: Send + Sync + 'static>(
         }
     }
     assert!(server.recv_timeout(Duration::from_millis(1)).is_err());
+}
+
+/// Keep every pool worker busy until the returned sender is dropped, so
+/// that pool jobs queued meanwhile run only then.
+pub(crate) fn hold_pool<T: Send + Sync + 'static>(
+    shared: &crate::runtime::Shared<T>,
+) -> mpsc::Sender<()> {
+    let (release, held) = mpsc::channel::<()>();
+    let held = Arc::new(Mutex::new(held));
+    let workers = shared.pool.max_count();
+    let started = Arc::new(Barrier::new(workers + 1));
+    for _ in 0..workers {
+        let (held, started) = (Arc::clone(&held), Arc::clone(&started));
+        shared.pool.execute(move || {
+            started.wait();
+            let _ = held.lock().unwrap().recv();
+        });
+    }
+    started.wait();
+    release
+}
+
+/// A client of a [`bomb_server`] that has gone, its `Disconnect` taken,
+/// held by the returned reference alone.
+pub(crate) fn gone_bomb(server: &WebSocketServer<Bomb>) -> Arc<crate::runtime::conn::Conn<Bomb>> {
+    let shared = server.shared();
+    let (s, client) = join(server);
+    let id = client.id();
+    drop(client);
+    let conn = shared.registry.snapshot().pop().unwrap();
+    drop(s);
+    wait_gone(server, id);
+    conn
 }
