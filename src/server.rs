@@ -232,8 +232,10 @@ impl<T: Send + Sync + 'static> WebSocketServer<T> {
     ///
     /// As [`ServerHandle::close`].
     pub fn close(&self, id: ClientId, code: CloseCode, reason: &str) -> Result<()> {
-        let conn = self.shared.registry.get(id).ok_or(Error::Closed)?;
-        conn.close_and_flush(&self.shared, code, reason)
+        with_conn(&self.shared, id, |conn| {
+            conn.close_and_flush(&self.shared, code, reason)
+        })
+        .unwrap_or(Err(Error::Closed))
     }
 
     /// The client with this id, if connected.
@@ -398,8 +400,10 @@ impl<T: Send + Sync + 'static> ServerHandle<T> {
     /// [`Error::InvalidInput`] for a code that may not be sent.
     pub fn close(&self, id: ClientId, code: CloseCode, reason: &str) -> Result<()> {
         let shared = self.shared()?;
-        let conn = shared.registry.get(id).ok_or(Error::Closed)?;
-        conn.close_and_flush(&shared, code, reason)
+        with_conn(&shared, id, |conn| {
+            conn.close_and_flush(&shared, code, reason)
+        })
+        .unwrap_or(Err(Error::Closed))
     }
 
     /// Ping one client.
@@ -409,8 +413,7 @@ impl<T: Send + Sync + 'static> ServerHandle<T> {
     /// [`Error::Closed`] if the client is gone or closing.
     pub fn ping(&self, id: ClientId) -> Result<()> {
         let shared = self.shared()?;
-        let conn = shared.registry.get(id).ok_or(Error::Closed)?;
-        conn.send_ping(&shared)
+        with_conn(&shared, id, |conn| conn.send_ping(&shared)).unwrap_or(Err(Error::Closed))
     }
 
     /// The client with this id, if connected.
@@ -466,6 +469,23 @@ pub struct Broadcast {
     pub closed: usize,
 }
 
+/// Run `f` on the connection of client `id`, if it is open. The lookup's
+/// hold may turn out to be the record's last (the client left while `f`
+/// ran, a `send_timeout` waiting, say): the record, and the user's `Drop`
+/// for the client's data with it, is then let go on a worker, guarded, not
+/// on the caller's thread (perhaps another client's closure, which a panic
+/// there would close).
+fn with_conn<T: Send + Sync + 'static, R>(
+    shared: &Arc<Shared<T>>,
+    id: ClientId,
+    f: impl FnOnce(&Arc<crate::runtime::conn::Conn<T>>) -> R,
+) -> Option<R> {
+    let conn = shared.registry.get(id)?;
+    let result = f(&conn);
+    poller::let_go(shared, conn);
+    Some(result)
+}
+
 fn send<T: Send + Sync + 'static>(
     shared: &Arc<Shared<T>>,
     id: ClientId,
@@ -475,7 +495,7 @@ fn send<T: Send + Sync + 'static>(
     let Some(conn) = shared.registry.get(id) else {
         return Err(SendError::new(Error::Closed, message));
     };
-    match timeout {
+    let result = match timeout {
         None => conn.send_message(shared, message),
         Some(t) => {
             let deadline = Instant::now()
@@ -483,7 +503,10 @@ fn send<T: Send + Sync + 'static>(
                 .unwrap_or_else(crate::runtime::handshake::far_future);
             conn.send_message_until(shared, message, deadline)
         }
-    }
+    };
+    // As `with_conn` does.
+    poller::let_go(shared, conn);
+    result
 }
 
 /// Configures and starts a [`WebSocketServer`]. Every setter's doc gives
@@ -1053,3 +1076,38 @@ const _: fn() = || {
     fn sync<X: Sync + Send>() {}
     sync::<ThreadPool>();
 };
+
+#[cfg(test)]
+mod tests {
+    use std::panic::{AssertUnwindSafe, catch_unwind};
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use crate::runtime::testing;
+
+    /// A lookup's hold on a client's record can outlast every other (the
+    /// client leaves while a `send_timeout` to it waits, say): the record,
+    /// with the user's `Drop` for the client's data, is then let go on a
+    /// worker, guarded and reported, not on the caller's thread, which may
+    /// be another client's closure.
+    #[test]
+    fn a_lookup_holding_a_gone_client_last_lets_go_of_it_on_a_worker() {
+        let (server, reported) = testing::bomb_server();
+        let shared = Arc::clone(server.shared());
+        let (s, client) = testing::join(&server);
+        let id = client.id();
+        drop(client);
+        let ran = catch_unwind(AssertUnwindSafe(|| {
+            super::with_conn(&shared, id, |_| {
+                drop(s);
+                testing::wait_gone(&server, id);
+            })
+        }));
+        assert!(
+            matches!(ran, Ok(Some(()))),
+            "the user's Drop ran on the caller's thread"
+        );
+        let error = reported.recv_timeout(Duration::from_secs(5)).unwrap();
+        assert!(error.contains("client data dropped"), "{error}");
+    }
+}
