@@ -911,6 +911,43 @@ fn the_redis_receiver_subscribes_around_a_refused_channel_and_outlives_idle_read
     });
 }
 
+/// A batch of publishes that Redis stops answering fails within about the
+/// timeout, however many it holds. The client library's pipeline read on
+/// after an answer that timed out, each read waiting the whole timeout
+/// again: a batch of 300 to a Redis gone silent took 300 timeouts (here
+/// 6 s; with the defaults and a full batch of 512, 17 minutes), the bridge
+/// down all that time and every publish meanwhile dropped.
+#[test]
+fn a_batch_to_a_redis_that_stops_answering_fails_within_the_timeout() {
+    let Some(redis) = Redis::start() else { return };
+    within(Duration::from_secs(60), move || {
+        let bridge = RedisBridge::new(&redis.url())
+            .unwrap()
+            .timeout(Duration::from_millis(20));
+        let mut publisher = bridge.publisher().unwrap();
+        let payload = [7u8; 64];
+        let batch: Vec<(&str, &[u8])> = (0..300).map(|_| ("enjent:t:x", &payload[..])).collect();
+        let mut refused = Vec::new();
+        // Answered while Redis answers.
+        publisher.publish(&batch, &mut refused).unwrap();
+        assert!(refused.is_empty(), "{refused:?}");
+        // Held, as `FAILOVER` holds them: nothing is answered.
+        redis
+            .try_query(&["CLIENT", "PAUSE", "20000", "WRITE"])
+            .unwrap();
+        let t = Instant::now();
+        let sent = publisher.publish(&batch, &mut refused);
+        let took = t.elapsed();
+        redis.try_query(&["CLIENT", "UNPAUSE"]).unwrap();
+        let e = sent.expect_err("a batch nobody answered succeeded");
+        assert_eq!(e.kind(), io::ErrorKind::TimedOut, "{e}");
+        assert!(
+            took < Duration::from_secs(1),
+            "the batch failed after {took:?}"
+        );
+    });
+}
+
 /// A Redis that holds publishes (`CLIENT PAUSE WRITE`, which `FAILOVER`
 /// also does) still takes new connections: a publisher that timed out
 /// and connected again has proved no round trip, and the bridge is not

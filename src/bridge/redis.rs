@@ -4,7 +4,7 @@
 use std::collections::VecDeque;
 use std::io;
 use std::mem::ManuallyDrop;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use redis::{Client, Connection, Msg, RedisError, ServerErrorKind, Value};
 
@@ -46,9 +46,12 @@ impl RedisBridge {
     }
 
     /// How long connecting, a write, or a command's reply may take before
-    /// the connection counts as failed (default 2 s). The receiving
-    /// connection is also checked with a `PING` whenever a second (less
-    /// while it waits for something) goes by with nothing received.
+    /// the connection counts as failed (default 2 s). A batch of publishes
+    /// counts as one command: its answers, together, must come within the
+    /// timeout (checked between answers, so that one may overrun it by at
+    /// most as much again). The receiving connection is also checked with
+    /// a `PING` whenever a second (less while it waits for something) goes
+    /// by with nothing received.
     pub fn timeout(mut self, timeout: Duration) -> RedisBridge {
         self.timeout = timeout.max(Duration::from_millis(1));
         self
@@ -83,6 +86,8 @@ impl Bridge for RedisBridge {
     fn publisher(&self) -> io::Result<Box<dyn Publisher>> {
         Ok(Box::new(RedisPublisher {
             con: self.connect()?,
+            timeout: self.timeout,
+            read_timeout: self.timeout,
         }))
     }
 
@@ -105,38 +110,74 @@ impl Bridge for RedisBridge {
 
 struct RedisPublisher {
     con: Connection,
+    /// `RedisBridge::timeout`: what a batch's answers may take in all.
+    timeout: Duration,
+    /// The read timeout set now.
+    read_timeout: Duration,
+}
+
+impl RedisPublisher {
+    fn read_timeout(&mut self, t: Duration) -> io::Result<()> {
+        if self.read_timeout != t {
+            self.con.set_read_timeout(Some(t)).map_err(io_error)?;
+            self.read_timeout = t;
+        }
+        Ok(())
+    }
 }
 
 impl Publisher for RedisPublisher {
     fn publish(&mut self, batch: &[(&str, &[u8])], refused: &mut Vec<usize>) -> io::Result<()> {
         let mut pipe = redis::pipe();
-        // One answer per command, errors included: a refused channel
-        // (NOPERM) refuses that message only.
-        pipe.ignore_errors();
         for (channel, payload) in batch {
             pipe.cmd("PUBLISH").arg(*channel).arg(*payload);
         }
-        let answers: Vec<redis::RedisResult<redis::Value>> =
-            pipe.query(&mut self.con).map_err(io_error)?;
-        // A Redis that is busy or loading will take the batch later: sent
-        // again after reconnecting (receivers drop what arrives twice).
-        if let Some(e) = answers.iter().find_map(|a| {
-            a.as_ref().err().filter(|e| {
-                matches!(
-                    e.code(),
-                    Some("BUSY" | "LOADING" | "TRYAGAIN" | "MASTERDOWN")
-                )
-            })
-        }) {
-            return Err(io::Error::other(e.to_string()));
+        self.read_timeout(self.timeout)?;
+        self.con
+            .send_packed_command(&pipe.get_packed_pipeline())
+            .map_err(io_error)?;
+        // The answers are read here, not by the library's pipeline, which
+        // reads on after an answer that timed out, each read waiting the
+        // whole timeout again: a Redis gone silent held a batch of 512 for
+        // 512 timeouts. Here the whole batch has one deadline, and the first
+        // failed read ends it (the connection is dropped then). The socket's
+        // timeout is lowered as the deadline nears, halving, so that it
+        // costs a few calls at most: a batch ends within twice the timeout.
+        let deadline = Instant::now() + self.timeout;
+        let mut answered = 0;
+        while answered < batch.len() {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!(
+                        "Redis answered {answered} of a batch of {} within {:?}",
+                        batch.len(),
+                        self.timeout
+                    ),
+                ));
+            }
+            if left < self.read_timeout / 2 {
+                self.read_timeout(left)?;
+            }
+            match self.con.recv_response().map_err(io_error)? {
+                // Pushed data between answers (RESP3): not an answer.
+                Value::Push { .. } => continue,
+                Value::ServerError(e) => {
+                    // A Redis that is busy or loading will take the batch
+                    // later: sent again after reconnecting (receivers drop
+                    // what arrives twice).
+                    if matches!(e.code(), "BUSY" | "LOADING" | "TRYAGAIN" | "MASTERDOWN") {
+                        return Err(io::Error::other(format!("Redis answered {e}")));
+                    }
+                    // A refused channel (NOPERM, say) refuses that message
+                    // only.
+                    refused.push(answered);
+                }
+                _ => {}
+            }
+            answered += 1;
         }
-        refused.extend(
-            answers
-                .iter()
-                .enumerate()
-                .filter(|(_, a)| a.is_err())
-                .map(|(i, _)| i),
-        );
         Ok(())
     }
 }
