@@ -110,7 +110,10 @@ pub struct BridgeStats {
     pub channels: u64,
     /// Publishes the engine took from this server.
     pub published: u64,
-    /// Publishes of other servers delivered to subscribers here.
+    /// Publishes of other servers that reached a topic with subscribers
+    /// here (counted once each, however many subscribers). One that comes
+    /// for a topic whose last subscriber here has just left (its channel
+    /// is kept a second) is not counted.
     pub received: u64,
     /// Publishes dropped because the outbox was full (the engine slow or
     /// down; other servers count them as missed), or because the server
@@ -127,7 +130,10 @@ pub struct BridgeStats {
     /// Publishes of other servers that never arrived here, found by the
     /// gaps in their sequence numbers.
     pub missed: u64,
-    /// `missed`, by the origin that sent them.
+    /// `missed`, by the origin that sent them, for the origins heard
+    /// within the last hour (1,024 at most): an origin let go takes its
+    /// count with it (`missed` keeps it), so after restarts of other
+    /// servers these may add up to less than `missed`.
     pub missed_by_origin: BTreeMap<u64, u64>,
     /// Publishes that arrived twice (sent again after a reconnection) and
     /// were delivered once.

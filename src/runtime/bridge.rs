@@ -511,8 +511,12 @@ impl BridgeRt {
                 self.deliver_told(&Arc::downgrade(&shared));
             }
         }
-        self.counts.received.fetch_add(1, Relaxed);
-        shared.topics.publish(&shared, topic, &message, None, None);
+        let report = shared.topics.publish(&shared, topic, &message, None, None);
+        // Not for a topic whose last subscriber here left while its channel
+        // lingers: nobody here was sent it.
+        if report.written + report.queued + report.dropped + report.closed > 0 {
+            self.counts.received.fetch_add(1, Relaxed);
+        }
     }
 
     /// Where `env` stands in its origin's numbering of `topic`.
@@ -912,10 +916,12 @@ fn session<T: Send + Sync + 'static>(
         let names: HashSet<&str> = names.iter().map(|n| &**n).collect();
         rt.forget(|t| names.contains(t));
     }
-    // A wake-up of our own proves the round trip through the engine.
+    // A wake-up of our own proves the round trip through the engine. The
+    // session's clock starts first: only wake-ups sent after it count, and
+    // the publisher may send this one at once.
+    let mut started = Instant::now();
     rt.out.lock().wake = true;
     rt.out_cv.notify_one();
-    let mut started = Instant::now();
     // When the publisher first sent a wake-up this session.
     let mut first_wake: Option<Instant> = None;
     // Channels whose topic lost its last local subscriber, and since when,

@@ -479,8 +479,11 @@ impl<T: Send + Sync + 'static> Shared<T> {
             bridge.stop();
         }
         // It gets `close_timeout` to send the rest of its outbox; an engine
-        // that does not answer keeps its threads no longer than its own
-        // timeouts, but shutdown does not wait for them.
+        // that does not answer keeps its threads until their own timeouts
+        // (a batch of publishes within twice `RedisBridge::timeout`; a
+        // connection attempt, one per address the name resolves to), but
+        // shutdown does not wait for them: what they drop then is counted
+        // after it returns.
         let deadline = Instant::now()
             .checked_add(shared.config.close_timeout)
             .unwrap_or_else(handshake::far_future);
