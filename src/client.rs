@@ -331,6 +331,11 @@ impl<T: Send + Sync + 'static> Client<T> {
     /// pool worker it does not wait (the worker may be the one that would
     /// drain the queue) and behaves as [`send`](Client::send).
     ///
+    /// On a main loop's thread the wait holds every client's events, not
+    /// only this one's: keep `timeout` short there. A client that stopped
+    /// reading ends it, at the latest, when `idle_timeout` and then
+    /// `close_timeout` close it.
+    ///
     /// # Errors
     ///
     /// As [`send`](Client::send), once the time is up.

@@ -1207,6 +1207,60 @@ fn clients_the_server_closed_cannot_flood_past_the_event_budget() {
         "every message read was delivered or counted as discarded"
     );
 }
+/// A main loop that waits in `send_timeout` to a client that stopped
+/// reading holds that client's event, and so its charge: the client was
+/// then taken for one the loop is behind on, never idle, and the wait
+/// lasted its whole timeout (forever with a long one, every other client
+/// waiting behind the loop). A client whose own queue keeps it paused is
+/// judged by its socket: the idle timeout closes it, and the wait ends.
+#[test]
+fn a_main_loop_waiting_on_a_client_that_stopped_reading_is_freed_by_its_idle_timeout() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let server = WebSocketServer::builder()
+        .workers(2)
+        .ping_interval(None)
+        .idle_timeout(Some(Duration::from_secs(1)))
+        .close_timeout(Duration::from_secs(1))
+        .start("127.0.0.1:0")
+        .unwrap();
+    let mut x = raw_ws_small_window(server.local_addr());
+    let xc = expect_connect(&server);
+    // Two requests, then it never reads.
+    let mut wire = frame(0x81, b"r1");
+    wire.extend(frame(0x81, b"r2"));
+    x.write_all(&wire).unwrap();
+    let big = vec![0u8; 8 << 20];
+    let (_, r1) = expect_message(&server);
+    assert_eq!(r1.as_bytes(), b"r1");
+    // An empty queue takes any one frame.
+    xc.send_timeout(big.clone(), Duration::from_secs(20))
+        .unwrap();
+    let (_, r2) = expect_message(&server);
+    assert_eq!(r2.as_bytes(), b"r2");
+    // Anything it sends now has its job find it over high water: paused.
+    let mut late = x.try_clone().unwrap();
+    let pinger = thread::spawn(move || {
+        thread::sleep(Duration::from_millis(200));
+        late.write_all(&frame(0x89, b"")).unwrap();
+    });
+    let t = Instant::now();
+    let sent = xc.send_timeout(big, Duration::from_secs(20));
+    let took = t.elapsed();
+    pinger.join().unwrap();
+    assert!(
+        took < Duration::from_secs(8),
+        "the main loop waited {took:?}"
+    );
+    assert!(
+        matches!(
+            sent.as_ref().map_err(|e| e.error()),
+            Err(enjent::Error::Closed)
+        ),
+        "{:?}",
+        sent.map_err(|e| e.error().to_string())
+    );
+    assert_eq!(server.stats().idle_timeouts, 1, "{:?}", server.stats());
+}
 
 /// A client paused because the main loop is behind is not idle: it sent
 /// what it had, and waits on the server. Four idle timeouts later it is

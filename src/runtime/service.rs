@@ -838,9 +838,12 @@ fn progress<T: Send + Sync + 'static>(
             r.last_seen_ms = now;
         }
         if w.paused {
-            if w.events > 0 || w.starved {
+            if (w.events > 0 || w.starved) && shared.marks.may_resume(w.out.cost()) {
                 // Not read because the main loop is behind: the client
-                // is not idle, and its pongs wait unread.
+                // is not idle, and its pongs wait unread. (Not when its
+                // queue alone keeps it paused: only its reading ends that
+                // pause, and the loop may be waiting for it, in a
+                // `send_timeout` to it, say, holding the event it answers.)
                 r.last_seen_ms = now;
             } else {
                 // Paused because it does not read what it asked for: it
