@@ -262,7 +262,8 @@ impl<T: Send + Sync + 'static> WebSocketServer<T> {
     /// from a closure (on a pool worker), it starts the shutdown on a
     /// thread of its own and returns at once. In the main-loop style, a client's messages that come
     /// after its close frame while the event channel is a whole
-    /// `event_queue_bytes` behind are discarded (and counted). It waits
+    /// `event_queue_bytes` behind, or its own unconsumed events are at the
+    /// hard limit, are discarded (and counted). It waits
     /// for every closure running to return: a closure
     /// that waits for the thread calling `shutdown` (or for anything that
     /// thread holds) makes it wait for good.
@@ -707,13 +708,18 @@ impl<T: Send + Sync + 'static> Builder<T> {
     /// the server stop dispatching messages until it catches up to half of
     /// it, and one twice as far behind (connects and disconnects are
     /// always queued) makes it stop accepting connections until it is
-    /// under that again; nothing is dropped, but for one case: a client
-    /// whose close frame is queued (by `close`, an idle close or
+    /// under that again. While it waits for half, no client reads past
+    /// those that stopped for it. Nothing is dropped, but for these cases:
+    /// a client whose close frame is queued (by `close`, an idle close or
     /// `shutdown`) is read on meanwhile, to find its answering Close, and
-    /// from its first message that finds the channel this far behind on,
-    /// its messages are discarded and counted in
-    /// `stats().messages_discarded` (as a browser drops every message once
-    /// `close()` is called). Unused in the closure style. Default: 64 MiB.
+    /// from its first message that finds the channel this far behind, or
+    /// its own unconsumed events at the hard limit (`max_backpressure`), on,
+    /// its messages are discarded (as a browser drops every message once
+    /// `close()` is called); and a connection torn down (a write to it
+    /// failed, its close timed out, shutdown forced it) delivers what it
+    /// had read up to those same limits and discards the rest. Both are
+    /// counted in `stats().messages_discarded`. Unused in the closure style.
+    /// Default: 64 MiB.
     pub fn event_queue_bytes(mut self, bytes: usize) -> Self {
         self.config.event_queue_bytes = bytes;
         self

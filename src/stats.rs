@@ -47,8 +47,10 @@ pub struct Stats {
     /// `event_queue_bytes` behind, or that client's own unconsumed events
     /// had reached the hard limit (from the first such message on, all of
     /// that client's): it is read on only to find its answering Close (as
-    /// a browser drops every message once `close()` is called). They are
-    /// counted in `messages_in` too.
+    /// a browser drops every message once `close()` is called). Also what
+    /// a connection torn down (a failed write, a close timed out, a forced
+    /// close) had read past those same limits. They are counted in
+    /// `messages_in` too.
     pub messages_discarded: u64,
     /// Clients closed by the `Close` backpressure policy.
     pub backpressure_closes: u64,

@@ -901,7 +901,7 @@ impl<T: Send + Sync + 'static> Conn<T> {
             Counters::add(&shared.counters.read_pauses, 1);
             return false;
         }
-        if !closing && shared.events.over_budget_with(staged) {
+        if !closing && shared.events.must_wait(staged) {
             w.paused = true;
             w.starved = true;
             drop(w);

@@ -88,16 +88,24 @@ impl<T: Send + Sync + 'static> EventQueue<T> {
         self.bytes.load(Ordering::Relaxed)
     }
 
-    /// Whether the main loop is over its budget: connections stop
-    /// dispatching messages.
-    pub(crate) fn over_budget(&self) -> bool {
-        self.over_budget_with(0)
-    }
-
-    /// [`over_budget`](Self::over_budget), counting `staged` bytes a job
-    /// has staged and not charged yet.
+    /// Whether the main loop is over its budget, counting `staged` bytes
+    /// a job has staged and not charged yet: connections stop dispatching
+    /// messages.
     pub(crate) fn over_budget_with(&self, staged: usize) -> bool {
         self.main_loop && self.bytes.load(Ordering::SeqCst).saturating_add(staged) >= self.budget
+    }
+
+    /// Whether a connection must stop reading and wait for the channel:
+    /// it is over its budget with `staged`, or connections wait for it
+    /// (starved) and it is not back to half yet. That wait is for
+    /// everyone: a connection that came under its own low water meanwhile
+    /// does not read on past the starved ones, which would otherwise wait
+    /// for as long as others kept the channel between half and full.
+    pub(crate) fn must_wait(&self, staged: usize) -> bool {
+        self.over_budget_with(staged)
+            || self.main_loop
+                && self.any_starved.load(Ordering::SeqCst)
+                && self.bytes.load(Ordering::SeqCst) > self.budget / 2
     }
 
     /// Whether the main loop is twice over its budget, which messages
@@ -167,12 +175,18 @@ impl<T: Send + Sync + 'static> EventQueue<T> {
         }
     }
 
-    /// `conn` paused for the budget: it is resumed once there is room.
+    /// `conn` paused for the budget: it is resumed once the channel is
+    /// back to half of it.
     pub(crate) fn starve(&self, shared: &Arc<Shared<T>>, conn: &Arc<Conn<T>>) {
         self.starved.lock().push(Arc::downgrade(conn));
         self.any_starved.store(true, Ordering::SeqCst);
-        // The main loop may have made room since the check.
-        if !self.over_budget() {
+        // The main loop may have made room since the check. The same test
+        // as `consumed`'s (sequentially consistent with it: either that sees
+        // the flag, or this sees its room). Not merely under the budget: a
+        // read that crossed it between two of its messages finds that, and
+        // would wake every starved connection at each crossing, most of them
+        // to starve again at once.
+        if self.bytes.load(Ordering::SeqCst) <= self.budget / 2 {
             self.wake(shared);
         }
     }
@@ -185,6 +199,9 @@ impl<T: Send + Sync + 'static> EventQueue<T> {
         };
         for conn in list.iter().filter_map(Weak::upgrade) {
             conn.unstarve(shared);
+            // One torn down meanwhile may be held by this alone: its drop,
+            // with the user's `Drop` for its data, goes to a worker, guarded.
+            crate::runtime::poller::let_go(shared, conn);
         }
     }
 
@@ -332,5 +349,90 @@ mod tests {
             }
             _ => panic!("the staged messages were not sent"),
         }
+    }
+
+    /// While connections wait for the channel (starved at their read), no
+    /// other reads past them until it is back to half: one paused for its
+    /// own queue and resumed meanwhile, or one that just had nothing to
+    /// read, starves too; and a read that crosses the budget wakes none of
+    /// them. Before, a client under its own low water read on whenever the
+    /// channel was under the budget (the starved could wait for as long as
+    /// others kept it between half and full), and a read that crossed the
+    /// budget between two of its messages woke every starved client, most
+    /// of them to starve again at once. Nothing is lost either way.
+    #[test]
+    fn while_some_wait_for_the_channel_no_other_client_reads_past_them() {
+        use std::io::Write;
+        use std::time::{Duration, Instant};
+
+        use crate::runtime::testing::{client_frame, join};
+        use crate::{Error, WebSocketServer};
+
+        let budget = 64 << 10;
+        let server = WebSocketServer::builder()
+            .workers(2)
+            .ping_interval(None)
+            .event_queue_bytes(budget)
+            .start("127.0.0.1:0")
+            .unwrap();
+        let shared = std::sync::Arc::clone(server.shared());
+        let mut waiting: Vec<_> = (0..20).map(|_| join(&server).0).collect();
+        let (mut late, _late) = join(&server);
+        let filler = || Event::Error {
+            client: None,
+            error: Error::Internal("filler".into()),
+        };
+        while shared.events.bytes() < budget {
+            shared.events.push_unattached(filler());
+        }
+        let pauses = || shared.counters.snapshot().read_pauses;
+        let wait_for = |what: &str, f: &dyn Fn() -> bool| {
+            let t = Instant::now();
+            while !f() {
+                assert!(t.elapsed() < Duration::from_secs(10), "{what}");
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        };
+        let before = pauses();
+        for (i, s) in waiting.iter_mut().enumerate() {
+            s.write_all(&client_frame(0x82, &[i as u8])).unwrap();
+        }
+        wait_for("the 20 did not starve", &|| pauses() == before + 20);
+        // Under the budget, over half.
+        while shared.events.bytes() > budget - 2_000 {
+            assert!(matches!(
+                server.recv_timeout(Duration::from_secs(5)),
+                Ok(Event::Error { .. })
+            ));
+        }
+        let charged = shared.events.bytes();
+        let mut two = client_frame(0x82, &[100; 3000]);
+        two.extend(client_frame(0x82, &[101; 3000]));
+        late.write_all(&two).unwrap();
+        wait_for("the late client read on", &|| pauses() > before + 20);
+        std::thread::sleep(Duration::from_millis(300));
+        assert_eq!(
+            pauses(),
+            before + 21,
+            "the starved were woken and starved again"
+        );
+        assert_eq!(
+            shared.events.bytes(),
+            charged,
+            "a client read past the starved"
+        );
+        // Consumed, everything comes.
+        let mut got = Vec::new();
+        while got.len() < 22 {
+            match server.recv_timeout(Duration::from_secs(5)) {
+                Ok(Event::Message { message, .. }) => got.push(message.as_bytes()[0]),
+                Ok(Event::Error { .. }) => {}
+                other => panic!("{other:?}"),
+            }
+        }
+        got.sort_unstable();
+        let mut want: Vec<u8> = (0..20).collect();
+        want.extend([100, 101]);
+        assert_eq!(got, want);
     }
 }

@@ -106,3 +106,24 @@ pub(crate) fn gone_bomb(server: &WebSocketServer<Bomb>) -> Arc<crate::runtime::c
     wait_gone(server, id);
     conn
 }
+
+/// A masked client frame.
+pub(crate) fn client_frame(first: u8, payload: &[u8]) -> Vec<u8> {
+    let key = [0x37, 0xFA, 0x21, 0x3D];
+    let mut out = vec![first];
+    let len = payload.len();
+    if len < 126 {
+        out.push(0x80 | len as u8);
+    } else if len <= 0xFFFF {
+        out.push(0x80 | 126);
+        out.extend_from_slice(&(len as u16).to_be_bytes());
+    } else {
+        out.push(0x80 | 127);
+        out.extend_from_slice(&(len as u64).to_be_bytes());
+    }
+    out.extend_from_slice(&key);
+    let start = out.len();
+    out.extend_from_slice(payload);
+    crate::proto::frame::apply_mask(&mut out[start..], key, 0);
+    out
+}
