@@ -1723,6 +1723,46 @@ mod tests {
         assert!(error.contains("client data dropped"), "{error}");
     }
 
+    /// The handshake's hold on a new connection whose first job tore it
+    /// down (the request came with a Close) may be the last: the user's
+    /// `Drop` runs guarded and is reported as such, not as a failed
+    /// handshake. Closure style: no event holds the client.
+    #[test]
+    fn a_handshake_holding_its_client_last_lets_go_of_it_guarded() {
+        use std::io::{Read, Write};
+        let (tx, reported) = std::sync::mpsc::channel::<String>();
+        let tx = parking_lot::Mutex::new(tx);
+        let server =
+            crate::WebSocketServer::with_client_init(|_| Ok(crate::runtime::testing::Bomb))
+                .on_message(|_, _| {})
+                .on_connect(|_| {})
+                .on_disconnect(|_, _, _| {})
+                .on_error(move |_, e| {
+                    let _ = tx.lock().send(e.to_string());
+                })
+                .start("127.0.0.1:0")
+                .unwrap();
+        let mut s = TcpStream::connect(server.local_addr()).unwrap();
+        let mut wire =
+            b"GET / HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+              Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+                .to_vec();
+        wire.extend(crate::runtime::testing::client_frame(
+            0x88,
+            &1000u16.to_be_bytes(),
+        ));
+        s.write_all(&wire).unwrap();
+        // The 101 and the close's answer, then the end.
+        s.set_read_timeout(Some(std::time::Duration::from_secs(5)))
+            .unwrap();
+        let mut all = Vec::new();
+        let _ = s.read_to_end(&mut all);
+        let error = reported
+            .recv_timeout(std::time::Duration::from_secs(5))
+            .expect("nothing reported");
+        assert!(error.contains("client data dropped"), "{error}");
+    }
+
     /// The same for the pool job that writes what user threads deferred.
     #[test]
     fn a_deferred_flush_holding_a_gone_client_last_lets_go_of_it_guarded() {

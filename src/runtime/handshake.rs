@@ -301,6 +301,9 @@ fn handshake_inner<T: Send + Sync + 'static>(shared: &Arc<Shared<T>>, mut p: Box
     // Bytes after the request are the first frames.
     let leftover = &buf[used..];
     service(shared, &conn, leftover, true);
+    // That first job may have torn it down (the request came with a
+    // Close), leaving this hold the last.
+    crate::runtime::poller::let_go_here(shared, conn);
 }
 
 /// Accept permessage-deflate if offered and enabled, adding the answer to

@@ -584,30 +584,37 @@ fn scan_budget<T: Send + Sync + 'static>(
 ) -> bool {
     // Every holder not condemned yet, the largest first: a scan of the
     // open connections, but only while over the budget.
-    let mut holders: Vec<_> = shared
-        .registry
-        .snapshot()
-        .into_iter()
-        .map(|c| (c.holding_in.load(Ordering::SeqCst), c))
-        .filter(|(held, _)| *held > 0 && *held & CONDEMNED == 0)
-        .collect();
+    // (Each hold of the snapshot is let go guarded: one torn down
+    // meanwhile may be held by it alone.)
+    let let_go = |c| crate::runtime::poller::let_go(shared, c);
+    let mut holders: Vec<_> = Vec::new();
+    for c in shared.registry.snapshot() {
+        let held = c.holding_in.load(Ordering::SeqCst);
+        if held > 0 && held & CONDEMNED == 0 {
+            holders.push((held, c));
+        } else {
+            let_go(c);
+        }
+    }
     holders.sort_unstable_by_key(|h| std::cmp::Reverse(h.0));
     let (mut chose, mut own) = (false, 0);
-    for (_, v) in holders {
+    let mut holders = holders.into_iter();
+    for (_, v) in holders.by_ref() {
         if !over_budget(shared, own) {
+            let_go(v);
             break;
         }
         if Arc::ptr_eq(&v, conn) {
             own = r.buffered;
-            continue;
-        }
-        // A connection torn down since holds nothing: condemning it
-        // counts nothing, and its job is not run again.
-        if shared.condemn(&v) {
+        } else if shared.condemn(&v) {
+            // A connection torn down since holds nothing: condemning it
+            // counts nothing, and its job is not run again.
             chose = true;
             crate::runtime::conn::schedule(shared, &v);
         }
+        let_go(v);
     }
+    holders.for_each(|(_, c)| let_go(c));
     if own == 0 {
         return chose;
     }
