@@ -1035,6 +1035,11 @@ impl<T: Send + Sync + 'static> Conn<T> {
             shared.counters.bytes_out(n);
         }
         let mut w = self.io.lock();
+        if matches!(result, Ok(n) if n > 0) {
+            // The client reads: what its idleness is judged by when it is
+            // paused for its queue.
+            w.last_progress_ms = shared.now_ms();
+        }
         let outcome = match result {
             Ok(n) if n == len => Ok(SendStatus::Written),
             // Torn down meanwhile (by its job, or a shutdown forcing it):

@@ -435,4 +435,80 @@ mod tests {
         want.extend([100, 101]);
         assert_eq!(got, want);
     }
+
+    /// A client starved at its read (the channel full) is not idle, even
+    /// with a queue between low and high water that it does not read: the
+    /// loop catching up resumes it (it resumes under high water). Judged
+    /// by its socket, as one paused for its queue alone is, it was closed
+    /// for idleness while it waited for the main loop.
+    #[test]
+    fn a_starved_client_with_some_queued_is_not_idle() {
+        use std::io::Write;
+        use std::time::{Duration, Instant};
+
+        use crate::runtime::testing::client_frame;
+        use crate::{Error, WebSocketServer};
+
+        let budget = 64 << 10;
+        let server = WebSocketServer::builder()
+            .workers(2)
+            .ping_interval(None)
+            .idle_timeout(Some(Duration::from_secs(2)))
+            .event_queue_bytes(budget)
+            .start("127.0.0.1:0")
+            .unwrap();
+        let shared = std::sync::Arc::clone(server.shared());
+        // A client with a small receive window.
+        let sock =
+            socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+        sock.set_recv_buffer_size(4096).unwrap();
+        sock.connect(&server.local_addr().into()).unwrap();
+        let mut s: std::net::TcpStream = sock.into();
+        crate::runtime::testing::upgrade(&mut s);
+        let client = match server.recv_timeout(Duration::from_secs(10)) {
+            Ok(Event::Connect { client }) => client,
+            other => panic!("{other:?}"),
+        };
+        let conn = client.conn().unwrap();
+        // Queued to it, unread: over low water (32 KiB), under high.
+        let queued = || conn.io.lock().out.cost();
+        let t = Instant::now();
+        while queued() < 48 << 10 {
+            assert!(
+                t.elapsed() < Duration::from_secs(10),
+                "nothing stayed queued"
+            );
+            client.send(vec![0u8; 8 << 10]).unwrap();
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        assert!(queued() < 100 << 10, "{}", queued());
+        while shared.events.bytes() < budget {
+            shared.events.push_unattached(Event::Error {
+                client: None,
+                error: Error::Internal("filler".into()),
+            });
+        }
+        s.write_all(&client_frame(0x82, b"x")).unwrap();
+        let t = Instant::now();
+        while shared.counters.snapshot().read_pauses == 0 {
+            assert!(t.elapsed() < Duration::from_secs(10), "it did not starve");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        // It has sent nothing read since it connected; now it waits for
+        // the loop, past its idle timeout.
+        std::thread::sleep(Duration::from_millis(3500));
+        let stats = shared.counters.snapshot();
+        assert_eq!(stats.idle_timeouts, 0, "{stats:?}");
+        // The loop catches up: its message comes.
+        loop {
+            match server.recv_timeout(Duration::from_secs(5)) {
+                Ok(Event::Error { .. }) => {}
+                Ok(Event::Message { message, .. }) => {
+                    assert_eq!(message.as_bytes(), b"x");
+                    break;
+                }
+                other => panic!("{other:?}"),
+            }
+        }
+    }
 }

@@ -845,7 +845,14 @@ fn progress<T: Send + Sync + 'static>(
             r.last_seen_ms = now;
         }
         if w.paused {
-            if (w.events > 0 || w.starved) && shared.marks.may_resume(w.out.cost()) {
+            // Whether its queue alone keeps it paused: over low water
+            // (over high water if starved, which it resumes under).
+            let queue_alone = if w.starved {
+                shared.marks.must_pause(w.out.cost(), false)
+            } else {
+                !shared.marks.may_resume(w.out.cost())
+            };
+            if (w.events > 0 || w.starved) && !queue_alone {
                 // Not read because the main loop is behind: the client
                 // is not idle, and its pongs wait unread. (Not when its
                 // queue alone keeps it paused: only its reading ends that
