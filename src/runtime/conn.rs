@@ -35,26 +35,38 @@ use crate::stats::Counters;
 #[cfg(feature = "deflate")]
 pub(crate) const RSV1: u8 = 0b100;
 
-/// A user thread whose previous send to an idle connection was this
-/// recent is sending a stream of messages (a busy main loop): its sends go
-/// to the pool, which writes them in batches. A lone send is written at
-/// once by the caller, which is quicker than a hand-off. (Sends that cork
-/// or queue behind others are not timed: they decide nothing.)
+/// A user thread whose sends come this close together, on average, is
+/// sending a stream of messages (a busy main loop): its sends go to the
+/// pool, which writes them in batches. A lone send is written at once by
+/// the caller, which is quicker than a hand-off.
 const BURST_GAP: std::time::Duration = std::time::Duration::from_micros(20);
 
 thread_local! {
-    static LAST_SEND: std::cell::Cell<Option<std::time::Instant>> =
-        const { std::cell::Cell::new(None) };
+    /// When this thread last sent to an idle connection (a timed send),
+    /// and how many sends it made since that corked or queued behind
+    /// others (not timed: the clock is read only where it decides).
+    static LAST_SEND: std::cell::Cell<(Option<std::time::Instant>, u32)> =
+        const { std::cell::Cell::new((None, 0)) };
 }
 
-/// Whether this thread's previous timed send was within `BURST_GAP`.
+/// Whether this thread's sends since its previous timed one came within
+/// `BURST_GAP` of each other on average.
 fn sending_in_a_burst() -> bool {
     let now = std::time::Instant::now();
     LAST_SEND.with(|last| {
-        let burst = last.get().is_some_and(|t| now - t < BURST_GAP);
-        last.set(Some(now));
+        let (then, untimed) = last.get();
+        let burst = then.is_some_and(|t| now - t < BURST_GAP * untimed.saturating_add(1));
+        last.set((Some(now), 0));
         burst
     })
+}
+
+/// Count a send that corked or queued behind others (see `LAST_SEND`).
+fn send_untimed() {
+    LAST_SEND.with(|last| {
+        let (then, untimed) = last.get();
+        last.set((then, untimed.saturating_add(1)));
+    });
 }
 
 /// What kind of frame a write carries.
@@ -973,7 +985,7 @@ impl<T: Send + Sync + 'static> Conn<T> {
     /// user thread sending many messages spends no syscall on each:
     /// workers write them, batched per connection. (The burst is judged
     /// only here, where it decides something: the clock is not read for
-    /// frames that cork or queue anyway.)
+    /// frames that cork or queue anyway, which are only counted.)
     fn write(
         self: &Arc<Self>,
         shared: &Arc<Shared<T>>,
@@ -1000,6 +1012,9 @@ impl<T: Send + Sync + 'static> Conn<T> {
         let waiting_for_writable = !w.out.is_empty() && !w.job_running;
         if w.writing || cork || waiting_for_writable {
             self.enqueue(shared, &mut w, head, body);
+            if may_defer {
+                send_untimed();
+            }
             return Ok(SendStatus::Queued);
         }
         if may_defer && !w.job_running && w.out.is_empty() && sending_in_a_burst() {
