@@ -333,8 +333,8 @@ impl<T: Send + Sync + 'static> Client<T> {
     ///
     /// On a main loop's thread the wait holds every client's events, not
     /// only this one's: keep `timeout` short there. A client that stopped
-    /// reading ends it, at the latest, when `idle_timeout` and then
-    /// `close_timeout` close it.
+    /// reading ends it, at the latest, when `idle_timeout` (if set) and
+    /// then `close_timeout` close it.
     ///
     /// # Errors
     ///

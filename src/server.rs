@@ -910,8 +910,8 @@ impl<T: Send + Sync + 'static> Builder<T> {
     /// servers with the same prefix on one engine share their topics;
     /// another prefix keeps an application apart, as long as neither
     /// prefix plus `t:` starts the other (`app` and `appt:` share the
-    /// channel `appt:t:x`, `app`'s topic `t:x` and `appt:`'s topic `x`):
-    /// end prefixes with a `:`. A topic's channel is the prefix, `t:`, then
+    /// channel `appt:t:x`, `app`'s topic `t:x` and `appt:`'s topic `x`; so
+    /// do `app:` and `app:t:`). A topic's channel is the prefix, `t:`, then
     /// the topic.
     pub fn bridge_prefix(mut self, prefix: impl Into<String>) -> Self {
         self.config.bridge_prefix = prefix.into();

@@ -132,10 +132,11 @@ pub struct BridgeStats {
     /// Publishes of other servers that never arrived here, found by the
     /// gaps in their sequence numbers.
     pub missed: u64,
-    /// `missed`, by the origin that sent them, for the origins heard
-    /// within the last hour (1,024 at most): an origin let go takes its
-    /// count with it (`missed` keeps it), so after restarts of other
-    /// servers these may add up to less than `missed`.
+    /// `missed`, by the origin that sent them. An origin silent for an
+    /// hour is let go when a new one is heard, as is the least recently
+    /// heard past 1,024, and takes its count with it (`missed` keeps it):
+    /// after restarts of other servers these may add up to less than
+    /// `missed`.
     pub missed_by_origin: BTreeMap<u64, u64>,
     /// Publishes that arrived twice (sent again after a reconnection) and
     /// were delivered once.

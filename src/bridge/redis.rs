@@ -47,9 +47,9 @@ impl RedisBridge {
 
     /// How long connecting, a write, or a command's reply may take before
     /// the connection counts as failed (default 2 s). A batch of publishes
-    /// counts as one command: its answers, together, must come within the
-    /// timeout (checked between answers, so that one may overrun it by at
-    /// most as much again). The receiving connection is also checked with
+    /// counts as one command: once it is written, its answers, together,
+    /// must come within the timeout (checked between answers, so that one
+    /// may overrun it by at most as much again). The receiving connection is also checked with
     /// a `PING` whenever a second (less while it waits for something) goes
     /// by with nothing received.
     pub fn timeout(mut self, timeout: Duration) -> RedisBridge {

@@ -104,6 +104,16 @@ pub(crate) fn gone_bomb(server: &WebSocketServer<Bomb>) -> Arc<crate::runtime::c
     let conn = shared.registry.snapshot().pop().unwrap();
     drop(s);
     wait_gone(server, id);
+    // The teardown's own holds (its job, the readiness loop) go a moment
+    // after the `Disconnect`: the test's must be the last.
+    let t = std::time::Instant::now();
+    while Arc::strong_count(&conn) > 1 {
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "the client is still held"
+        );
+        std::thread::sleep(Duration::from_millis(1));
+    }
     conn
 }
 
