@@ -1019,6 +1019,7 @@ impl<T: Send + Sync + 'static> Builder<T> {
             bridge: bridge.clone(),
             bridge_threads: Mutex::new(Vec::new()),
             room_waiters: AtomicUsize::new(0),
+            awaited: Mutex::new(Vec::new()),
             room: Mutex::new(()),
             room_cv: parking_lot::Condvar::new(),
             counters: Counters::default(),

@@ -436,29 +436,20 @@ mod tests {
         assert_eq!(got, want);
     }
 
-    /// A client starved at its read (the channel full) is not idle, even
-    /// with a queue between low and high water that it does not read: the
-    /// loop catching up resumes it (it resumes under high water). Judged
-    /// by its socket, as one paused for its queue alone is, it was closed
-    /// for idleness while it waited for the main loop.
-    #[test]
-    fn a_starved_client_with_some_queued_is_not_idle() {
+    /// A client with a small receive window (and a small send buffer on
+    /// our side), 48 KiB queued to it unread (over low water, under high
+    /// water), then starved at its read: the channel filled, it sent a
+    /// message. Set up within half a second, well inside the tests' idle
+    /// timeouts.
+    fn starved_with_some_queued(
+        server: &crate::WebSocketServer,
+        budget: usize,
+    ) -> (std::net::TcpStream, Client) {
         use std::io::Write;
         use std::time::{Duration, Instant};
 
-        use crate::runtime::testing::client_frame;
-        use crate::{Error, WebSocketServer};
-
-        let budget = 64 << 10;
-        let server = WebSocketServer::builder()
-            .workers(2)
-            .ping_interval(None)
-            .idle_timeout(Some(Duration::from_secs(2)))
-            .event_queue_bytes(budget)
-            .start("127.0.0.1:0")
-            .unwrap();
-        let shared = std::sync::Arc::clone(server.shared());
-        // A client with a small receive window.
+        let shared = server.shared();
+        let began = Instant::now();
         let sock =
             socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
         sock.set_recv_buffer_size(4096).unwrap();
@@ -470,34 +461,66 @@ mod tests {
             other => panic!("{other:?}"),
         };
         let conn = client.conn().unwrap();
-        // Queued to it, unread: over low water (32 KiB), under high.
+        socket2::SockRef::from(&conn.stream)
+            .set_send_buffer_size(4096)
+            .unwrap();
         let queued = || conn.io.lock().out.cost();
-        let t = Instant::now();
         while queued() < 48 << 10 {
             assert!(
-                t.elapsed() < Duration::from_secs(10),
+                began.elapsed() < Duration::from_secs(5),
                 "nothing stayed queued"
             );
             client.send(vec![0u8; 8 << 10]).unwrap();
-            std::thread::sleep(Duration::from_millis(5));
+            std::thread::sleep(Duration::from_millis(2));
         }
         assert!(queued() < 100 << 10, "{}", queued());
         while shared.events.bytes() < budget {
             shared.events.push_unattached(Event::Error {
                 client: None,
-                error: Error::Internal("filler".into()),
+                error: crate::Error::Internal("filler".into()),
             });
         }
-        s.write_all(&client_frame(0x82, b"x")).unwrap();
-        let t = Instant::now();
-        while shared.counters.snapshot().read_pauses == 0 {
-            assert!(t.elapsed() < Duration::from_secs(10), "it did not starve");
-            std::thread::sleep(Duration::from_millis(5));
+        let pauses = shared.counters.snapshot().read_pauses;
+        s.write_all(&crate::runtime::testing::client_frame(0x82, b"x"))
+            .unwrap();
+        while shared.counters.snapshot().read_pauses == pauses {
+            assert!(
+                began.elapsed() < Duration::from_secs(5),
+                "it did not starve"
+            );
+            std::thread::sleep(Duration::from_millis(2));
         }
+        assert!(conn.io.lock().starved);
+        assert!(
+            began.elapsed() < Duration::from_millis(500),
+            "the setup took {:?}",
+            began.elapsed()
+        );
+        (s, client)
+    }
+
+    /// A client starved at its read (the channel full) is not idle, even
+    /// with a queue between low and high water that it does not read: the
+    /// loop catching up resumes it (it resumes under high water). Judged
+    /// by its socket, as one paused for its queue alone is, it was closed
+    /// for idleness while it waited for the main loop.
+    #[test]
+    fn a_starved_client_with_some_queued_is_not_idle() {
+        use std::time::Duration;
+
+        let budget = 64 << 10;
+        let server = crate::WebSocketServer::builder()
+            .workers(2)
+            .ping_interval(None)
+            .idle_timeout(Some(Duration::from_secs(2)))
+            .event_queue_bytes(budget)
+            .start("127.0.0.1:0")
+            .unwrap();
+        let (_s, _client) = starved_with_some_queued(&server, budget);
         // It has sent nothing read since it connected; now it waits for
         // the loop, past its idle timeout.
         std::thread::sleep(Duration::from_millis(3500));
-        let stats = shared.counters.snapshot();
+        let stats = server.stats();
         assert_eq!(stats.idle_timeouts, 0, "{stats:?}");
         // The loop catches up: its message comes.
         loop {
@@ -510,5 +533,42 @@ mod tests {
                 other => panic!("{other:?}"),
             }
         }
+    }
+
+    /// But one that a thread waits on for room (the main loop in
+    /// `send_timeout`, itself the reason the channel is not drained) is
+    /// idle as its socket is stuck: the idle timeout ends the wait. Before,
+    /// the wait lasted its whole timeout (forever with a long one).
+    #[test]
+    fn a_starved_client_the_main_loop_waits_on_is_closed_when_idle() {
+        use std::time::{Duration, Instant};
+
+        let budget = 64 << 10;
+        let server = crate::WebSocketServer::builder()
+            .workers(2)
+            .ping_interval(None)
+            .idle_timeout(Some(Duration::from_secs(1)))
+            .close_timeout(Duration::from_secs(1))
+            .event_queue_bytes(budget)
+            .start("127.0.0.1:0")
+            .unwrap();
+        let (_s, client) = starved_with_some_queued(&server, budget);
+        // Over the hard limit with what is queued: waits for room.
+        let t = Instant::now();
+        let sent = client.send_timeout(vec![0u8; 2 << 20], Duration::from_secs(20));
+        let took = t.elapsed();
+        assert!(
+            took < Duration::from_secs(8),
+            "the main loop waited {took:?}"
+        );
+        assert!(
+            matches!(
+                sent.as_ref().map_err(|e| e.error()),
+                Err(crate::Error::Closed)
+            ),
+            "{:?}",
+            sent.map_err(|e| e.error().to_string())
+        );
+        assert_eq!(server.stats().idle_timeouts, 1);
     }
 }

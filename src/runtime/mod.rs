@@ -98,6 +98,8 @@ pub(crate) struct Shared<T> {
     /// Threads in `send_timeout` waiting for room in some queue; the
     /// lock and condition variable they wait with.
     pub(crate) room_waiters: std::sync::atomic::AtomicUsize,
+    /// The connections those threads wait on, by address.
+    pub(crate) awaited: Mutex<Vec<usize>>,
     pub(crate) room: Mutex<()>,
     pub(crate) room_cv: Condvar,
     pub(crate) counters: Counters,
@@ -338,6 +340,8 @@ impl<T: Send + Sync + 'static> Shared<T> {
     pub(crate) fn wait_for_room(&self, conn: &conn::Conn<T>, len: usize, deadline: Instant) {
         let mut guard = self.room.lock();
         self.room_waiters.fetch_add(1, Ordering::SeqCst);
+        let key = std::ptr::from_ref(conn) as usize;
+        self.awaited.lock().push(key);
         loop {
             {
                 let w = conn.io.lock();
@@ -354,7 +358,24 @@ impl<T: Send + Sync + 'static> Shared<T> {
                 break;
             }
         }
+        {
+            let mut awaited = self.awaited.lock();
+            if let Some(i) = awaited.iter().position(|&k| k == key) {
+                awaited.swap_remove(i);
+            }
+        }
         self.room_waiters.fetch_sub(1, Ordering::SeqCst);
+    }
+
+    /// Whether a thread waits for room in `conn`'s queue (see
+    /// `wait_for_room`): the client is then idle as its socket is stuck,
+    /// even if paused for the main loop, which may be the one waiting.
+    pub(crate) fn is_awaited(&self, conn: &conn::Conn<T>) -> bool {
+        self.room_waiters.load(Ordering::SeqCst) > 0
+            && self
+                .awaited
+                .lock()
+                .contains(&(std::ptr::from_ref(conn) as usize))
     }
 
     /// Some queue shrank: wake threads waiting for room, if any.

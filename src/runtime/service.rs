@@ -852,12 +852,14 @@ fn progress<T: Send + Sync + 'static>(
             } else {
                 !shared.marks.may_resume(w.out.cost())
             };
-            if (w.events > 0 || w.starved) && !queue_alone {
+            if (w.events > 0 || w.starved) && !queue_alone && !shared.is_awaited(conn) {
                 // Not read because the main loop is behind: the client
                 // is not idle, and its pongs wait unread. (Not when its
                 // queue alone keeps it paused: only its reading ends that
                 // pause, and the loop may be waiting for it, in a
-                // `send_timeout` to it, say, holding the event it answers.)
+                // `send_timeout` to it, say, holding the event it answers;
+                // nor when anyone waits for room in its queue, which only
+                // its reading makes.)
                 r.last_seen_ms = now;
             } else {
                 // Paused because it does not read what it asked for: it
