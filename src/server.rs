@@ -1108,9 +1108,15 @@ mod tests {
         let id = client.id();
         drop(client);
         let ran = catch_unwind(AssertUnwindSafe(|| {
-            super::with_conn(&shared, id, |_| {
+            super::with_conn(&shared, id, |conn| {
                 drop(s);
                 testing::wait_gone(&server, id);
+                // The teardown's own holds go a moment after.
+                let t = std::time::Instant::now();
+                while Arc::strong_count(conn) > 1 {
+                    assert!(t.elapsed() < Duration::from_secs(10), "still held");
+                    std::thread::sleep(Duration::from_millis(1));
+                }
             })
         }));
         assert!(

@@ -302,7 +302,9 @@ fn handshake_inner<T: Send + Sync + 'static>(shared: &Arc<Shared<T>>, mut p: Box
     let leftover = &buf[used..];
     service(shared, &conn, leftover, true);
     // That first job may have torn it down (the request came with a
-    // Close), leaving this hold the last.
+    // Close), leaving this hold the last: its drop is no longer this
+    // connection's job's.
+    drop(_serving);
     crate::runtime::poller::let_go_here(shared, conn);
 }
 
