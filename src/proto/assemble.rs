@@ -437,29 +437,8 @@ pub fn parse_close(payload: &[u8]) -> Result<Option<CloseFrame>, DecodeError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::proto::frame::apply_mask;
 
-    const KEY: [u8; 4] = [0x37, 0xFA, 0x21, 0x3D];
-
-    /// A masked client frame.
-    fn frame(first: u8, payload: &[u8]) -> Vec<u8> {
-        let mut out = vec![first];
-        let len = payload.len();
-        if len < 126 {
-            out.push(0x80 | len as u8);
-        } else if len <= 0xFFFF {
-            out.push(0x80 | 126);
-            out.extend_from_slice(&(len as u16).to_be_bytes());
-        } else {
-            out.push(0x80 | 127);
-            out.extend_from_slice(&(len as u64).to_be_bytes());
-        }
-        out.extend_from_slice(&KEY);
-        let start = out.len();
-        out.extend_from_slice(payload);
-        apply_mask(&mut out[start..], KEY, 0);
-        out
-    }
+    use crate::runtime::testing::client_frame as frame;
 
     /// Decode everything, returning items and the first error.
     fn run(d: &mut Decoder, mut input: &[u8]) -> (Vec<Incoming>, Option<DecodeError>) {

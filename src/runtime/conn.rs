@@ -1739,10 +1739,7 @@ mod tests {
         spawn_job(&shared, &conn);
         drop(conn);
         drop(release);
-        let error = reported
-            .recv_timeout(std::time::Duration::from_secs(5))
-            .expect("the drop of the client's data was not reported");
-        assert!(error.contains("client data dropped"), "{error}");
+        crate::runtime::testing::expect_drop_reported(&reported);
     }
 
     /// The handshake's hold on a new connection whose first job tore it
@@ -1752,23 +1749,13 @@ mod tests {
     #[test]
     fn a_handshake_holding_its_client_last_lets_go_of_it_guarded() {
         use std::io::{Read, Write};
-        let (tx, reported) = std::sync::mpsc::channel::<String>();
-        let tx = parking_lot::Mutex::new(tx);
-        let server =
-            crate::WebSocketServer::with_client_init(|_| Ok(crate::runtime::testing::Bomb))
-                .on_message(|_, _| {})
+        let (server, reported) = crate::runtime::testing::bomb_server_with(|b| {
+            b.on_message(|_, _| {})
                 .on_connect(|_| {})
                 .on_disconnect(|_, _, _| {})
-                .on_error(move |_, e| {
-                    let _ = tx.lock().send(e.to_string());
-                })
-                .start("127.0.0.1:0")
-                .unwrap();
+        });
         let mut s = TcpStream::connect(server.local_addr()).unwrap();
-        let mut wire =
-            b"GET / HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
-              Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
-                .to_vec();
+        let mut wire = crate::runtime::testing::UPGRADE.to_vec();
         wire.extend(crate::runtime::testing::client_frame(
             0x88,
             &1000u16.to_be_bytes(),
@@ -1779,10 +1766,7 @@ mod tests {
             .unwrap();
         let mut all = Vec::new();
         let _ = s.read_to_end(&mut all);
-        let error = reported
-            .recv_timeout(std::time::Duration::from_secs(5))
-            .expect("nothing reported");
-        assert!(error.contains("client data dropped"), "{error}");
+        crate::runtime::testing::expect_drop_reported(&reported);
     }
 
     /// The same for the pool job that writes what user threads deferred.
@@ -1795,10 +1779,7 @@ mod tests {
         shared.defer_flush(&conn);
         drop(conn);
         drop(release);
-        let error = reported
-            .recv_timeout(std::time::Duration::from_secs(5))
-            .expect("the drop of the client's data was not reported");
-        assert!(error.contains("client data dropped"), "{error}");
+        crate::runtime::testing::expect_drop_reported(&reported);
     }
 
     /// The clock kept at rest gives back a `ping_sent_ms` that every

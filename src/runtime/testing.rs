@@ -7,13 +7,14 @@ use std::time::Duration;
 
 use crate::{Event, WebSocketServer};
 
+/// A valid upgrade request.
+pub(crate) const UPGRADE: &[u8] = b"GET / HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n\
+    Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\
+    Sec-WebSocket-Version: 13\r\n\r\n";
+
 /// Send an upgrade request on `s` and read its `101`.
 pub(crate) fn upgrade(s: &mut TcpStream) {
-    s.write_all(
-        b"GET / HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
-          Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
-    )
-    .unwrap();
+    s.write_all(UPGRADE).unwrap();
     let mut head = Vec::new();
     let mut b = [0u8; 1];
     while !head.ends_with(b"\r\n\r\n") {
@@ -46,15 +47,28 @@ impl Drop for Bomb {
 /// A main-loop server whose clients carry a [`Bomb`], and what it reports
 /// to `on_error`.
 pub(crate) fn bomb_server() -> (WebSocketServer<Bomb>, mpsc::Receiver<String>) {
+    bomb_server_with(|b| b)
+}
+
+/// [`bomb_server`], configured further by `f`.
+pub(crate) fn bomb_server_with(
+    f: impl FnOnce(crate::Builder<Bomb>) -> crate::Builder<Bomb>,
+) -> (WebSocketServer<Bomb>, mpsc::Receiver<String>) {
     let (tx, reported) = mpsc::channel::<String>();
     let tx = Mutex::new(tx);
-    let server = WebSocketServer::with_client_init(|_| Ok(Bomb))
-        .on_error(move |_, e| {
-            let _ = tx.lock().unwrap().send(e.to_string());
-        })
-        .start("127.0.0.1:0")
-        .unwrap();
-    (server, reported)
+    let builder = WebSocketServer::with_client_init(|_| Ok(Bomb)).on_error(move |_, e| {
+        let _ = tx.lock().unwrap().send(e.to_string());
+    });
+    (f(builder).start("127.0.0.1:0").unwrap(), reported)
+}
+
+/// Wait for a [`bomb_server`]'s report of a client's data dropped (its
+/// `Drop` panicked, guarded).
+pub(crate) fn expect_drop_reported(reported: &mpsc::Receiver<String>) {
+    let error = reported
+        .recv_timeout(Duration::from_secs(5))
+        .expect("the drop of the client's data was not reported");
+    assert!(error.contains("client data dropped"), "{error}");
 }
 
 /// Wait for the `Disconnect` of client `id`, then make the channel let
