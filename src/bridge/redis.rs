@@ -57,7 +57,7 @@ impl RedisBridge {
         self
     }
 
-    fn connect(&self) -> io::Result<Connection> {
+    fn connect(&self) -> io::Result<Link> {
         let con = self
             .client
             .get_connection_with_timeout(self.timeout)
@@ -65,7 +65,27 @@ impl RedisBridge {
         con.set_write_timeout(Some(self.timeout))
             .map_err(io_error)?;
         con.set_read_timeout(Some(self.timeout)).map_err(io_error)?;
-        Ok(con)
+        Ok(Link {
+            con,
+            read_timeout: self.timeout,
+        })
+    }
+}
+
+/// A connection, with the read timeout set on it now (changed only when
+/// it differs: each change is a system call).
+struct Link {
+    con: Connection,
+    read_timeout: Duration,
+}
+
+impl Link {
+    fn read_timeout(&mut self, t: Duration) -> io::Result<()> {
+        if self.read_timeout != t {
+            self.con.set_read_timeout(Some(t)).map_err(io_error)?;
+            self.read_timeout = t;
+        }
+        Ok(())
     }
 }
 
@@ -85,9 +105,8 @@ fn io_error(e: RedisError) -> io::Error {
 impl Bridge for RedisBridge {
     fn publisher(&self) -> io::Result<Box<dyn Publisher>> {
         Ok(Box::new(RedisPublisher {
-            con: self.connect()?,
+            link: self.connect()?,
             timeout: self.timeout,
-            read_timeout: self.timeout,
         }))
     }
 
@@ -96,8 +115,7 @@ impl Bridge for RedisBridge {
         session: &mut dyn FnMut(&mut dyn Subscriber) -> io::Result<()>,
     ) -> io::Result<()> {
         let mut sub = RedisSubscriber {
-            con: self.connect()?,
-            read_timeout: self.timeout,
+            link: self.connect()?,
             timeout: self.timeout,
             waiting: VecDeque::new(),
             refused: Vec::new(),
@@ -109,21 +127,9 @@ impl Bridge for RedisBridge {
 }
 
 struct RedisPublisher {
-    con: Connection,
+    link: Link,
     /// `RedisBridge::timeout`: what a batch's answers may take in all.
     timeout: Duration,
-    /// The read timeout set now.
-    read_timeout: Duration,
-}
-
-impl RedisPublisher {
-    fn read_timeout(&mut self, t: Duration) -> io::Result<()> {
-        if self.read_timeout != t {
-            self.con.set_read_timeout(Some(t)).map_err(io_error)?;
-            self.read_timeout = t;
-        }
-        Ok(())
-    }
 }
 
 impl Publisher for RedisPublisher {
@@ -132,8 +138,9 @@ impl Publisher for RedisPublisher {
         for (channel, payload) in batch {
             pipe.cmd("PUBLISH").arg(*channel).arg(*payload);
         }
-        self.read_timeout(self.timeout)?;
-        self.con
+        self.link.read_timeout(self.timeout)?;
+        self.link
+            .con
             .send_packed_command(&pipe.get_packed_pipeline())
             .map_err(io_error)?;
         // The answers are read here, not by the library's pipeline, which
@@ -157,10 +164,10 @@ impl Publisher for RedisPublisher {
                     ),
                 ));
             }
-            if left < self.read_timeout / 2 {
-                self.read_timeout(left)?;
+            if left < self.link.read_timeout / 2 {
+                self.link.read_timeout(left)?;
             }
-            match self.con.recv_response().map_err(io_error)? {
+            match self.link.con.recv_response().map_err(io_error)? {
                 // Pushed data between answers (RESP3): not an answer.
                 Value::Push { .. } => continue,
                 Value::ServerError(e) => {
@@ -187,9 +194,7 @@ impl Publisher for RedisPublisher {
 /// first answer and takes an error answer (a channel the Redis user may
 /// not use, which refuses the whole command) for a success.
 struct RedisSubscriber {
-    con: Connection,
-    /// The read timeout set now.
-    read_timeout: Duration,
+    link: Link,
     /// The one commands get (`RedisBridge::timeout`).
     timeout: Duration,
     /// Messages read while waiting for a command's answers.
@@ -208,19 +213,11 @@ enum Read {
 }
 
 impl RedisSubscriber {
-    fn read_timeout(&mut self, t: Duration) -> io::Result<()> {
-        if self.read_timeout != t {
-            self.con.set_read_timeout(Some(t)).map_err(io_error)?;
-            self.read_timeout = t;
-        }
-        Ok(())
-    }
-
     /// Read a command's next answer, or a message that came before it.
     /// (`recv_response` reads as for an answer: after a timeout it skips
     /// the next thing read, which ends the session anyway.)
     fn read(&mut self) -> io::Result<Read> {
-        let value = self.con.recv_response().map_err(io_error)?;
+        let value = self.link.con.recv_response().map_err(io_error)?;
         if let Value::ServerError(e) = value {
             if e.kind() == Some(ServerErrorKind::NoPerm) {
                 return Ok(Read::Refused);
@@ -241,9 +238,12 @@ impl RedisSubscriber {
     /// channel, or one for a `PING`), keeping the messages that come
     /// meanwhile. False if it was refused (one error answer).
     fn command(&mut self, command: &str, args: &[&str], answers: usize) -> io::Result<bool> {
-        self.read_timeout(self.timeout)?;
+        self.link.read_timeout(self.timeout)?;
         let packed = redis::cmd(command).arg(args).get_packed_command();
-        self.con.send_packed_command(&packed).map_err(io_error)?;
+        self.link
+            .con
+            .send_packed_command(&packed)
+            .map_err(io_error)?;
         let mut left = answers;
         while left > 0 {
             match self.read()? {
@@ -287,13 +287,14 @@ impl Subscriber for RedisSubscriber {
         if let Some(message) = self.waiting.pop_front() {
             return Ok(Some(message));
         }
-        self.read_timeout(timeout.max(Duration::from_millis(1)))?;
+        self.link
+            .read_timeout(timeout.max(Duration::from_millis(1)))?;
         // Read as the library reads messages, not answers: a timeout then
         // leaves the next thing read alone (`recv_response` would skip it,
         // taking it for the late answer to a command). Kept from dropping:
         // a `PubSub` unsubscribes everything when dropped. It holds
         // nothing (its queue is filled only by its own commands).
-        let read = ManuallyDrop::new(self.con.as_pubsub()).get_message();
+        let read = ManuallyDrop::new(self.link.con.as_pubsub()).get_message();
         match read {
             Ok(msg) => Ok(Some((
                 msg.get_channel_name().to_owned(),
