@@ -689,8 +689,10 @@ impl<T: Send + Sync + 'static> Builder<T> {
     /// announces. Past it, the clients holding the most are closed with
     /// 1009, largest first, until the rest fit, whoever crossed the line.
     /// (Input a paused client read but has not parsed, at most one read
-    /// each, is counted apart, in `stats().unparsed_in_bytes`.) Must not
-    /// be 0. Default: 256 MiB.
+    /// each, is counted apart, in `stats().unparsed_in_bytes`; once that
+    /// reaches a quarter of this budget, reads take at most 4 KiB each,
+    /// so a client paused meanwhile keeps at most that.) Must not be 0.
+    /// Default: 256 MiB.
     pub fn max_buffered_bytes(mut self, bytes: usize) -> Self {
         self.config.max_buffered_bytes = bytes;
         self

@@ -88,7 +88,8 @@ pub struct Stats {
     /// client in the middle of a read, or its job had used its budget
     /// (4,096 frames, or 1 MiB delivered once that is more than was read,
     /// as compressed messages can) and let the worker go (at most one read,
-    /// 256 KiB, per client).
+    /// 256 KiB, per client; while this is at a quarter of
+    /// `max_buffered_bytes` or more, reads take at most 4 KiB).
     pub unparsed_in_bytes: u64,
     /// Topics with at least one subscriber now.
     pub topics: u64,

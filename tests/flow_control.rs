@@ -706,3 +706,105 @@ fn echoes_of_messages_at_max_message_size_are_never_refused() {
     assert_eq!(errors.load(Ordering::Relaxed), 0, "echo sends refused");
     assert_eq!(server.stats().messages_dropped, 0);
 }
+
+/// The cheapest way to make the server hold memory it did not choose to:
+/// many clients pipeline small messages and never read. Each is paused at
+/// high water in the middle of a read, and keeps the unparsed rest of that
+/// read. Past a quarter of `max_buffered_bytes` of such rests (all
+/// clients), reads are cut to 4 KiB, so each client paused from then on
+/// keeps at most that: the crowd's rests stay near the bound, where they
+/// grew with the crowd by up to a whole read (256 KiB) each. One client
+/// then reads everything back: the cut reads lose nothing.
+#[test]
+fn a_crowd_of_paused_pipeliners_keeps_unparsed_input_bounded() {
+    let _serial = serial();
+    const CLIENTS: usize = 100;
+    const SIZE: usize = 125;
+    const BUDGET: usize = 1 << 20;
+    let workers = 4;
+    let errors = Arc::new(AtomicUsize::new(0));
+    let server = WebSocketServer::builder()
+        .workers(workers)
+        .high_water(16 << 10)
+        .low_water(4 << 10)
+        .max_buffered_bytes(BUDGET)
+        .on_message(echo(&errors))
+        .start("127.0.0.1:0")
+        .unwrap();
+    let addr = server.local_addr();
+    // 4 MiB of frames a client, more than the kernel's buffers and ours
+    // take once the server stops reading.
+    let wire = frames(4 * 1024 * 1024 / (SIZE + 6), SIZE);
+    let mut socks: Vec<(TcpStream, usize)> = (0..CLIENTS)
+        .map(|_| {
+            // Its echoes fill the server's queue soon after they start.
+            let s = raw_ws_small_window(addr);
+            s.set_nonblocking(true).unwrap();
+            (s, 0)
+        })
+        .collect();
+    // Write what each socket takes until none takes more for a while.
+    let mut quiet_since = Instant::now();
+    let start = Instant::now();
+    while quiet_since.elapsed() < Duration::from_millis(500) {
+        assert!(start.elapsed() < DEADLINE, "the writes never stopped");
+        let mut wrote = false;
+        for (s, sent) in &mut socks {
+            while *sent < wire.len() {
+                match s.write(&wire[*sent..]) {
+                    Ok(n) => {
+                        *sent += n;
+                        wrote = true;
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                    Err(e) => panic!("write: {e}"),
+                }
+            }
+        }
+        if wrote {
+            quiet_since = Instant::now();
+        }
+        thread::sleep(Duration::from_millis(20));
+    }
+    // And until the server has handled what it will.
+    let mut last = u64::MAX;
+    wait_until("the server to settle", || {
+        let now = server.stats().messages_in;
+        let settled = now == last;
+        last = now;
+        thread::sleep(Duration::from_millis(200));
+        settled
+    });
+    let stats = server.stats();
+    assert!(
+        stats.read_pauses >= CLIENTS as u64,
+        "only {} pauses for {CLIENTS} clients",
+        stats.read_pauses
+    );
+    // The bound, plus what each worker may have been reading as the total
+    // crossed it, plus 4 KiB a client.
+    let bound = BUDGET / 4 + workers * 256 * 1024 + CLIENTS * 4096;
+    eprintln!(
+        "unparsed input of {CLIENTS} paused clients: {} bytes (bound {bound})",
+        stats.unparsed_in_bytes
+    );
+    assert!(
+        stats.unparsed_in_bytes <= bound as u64,
+        "{} bytes kept unparsed by {CLIENTS} paused clients, over {bound}",
+        stats.unparsed_in_bytes
+    );
+    // The first client reads back an echo of every whole frame it sent.
+    let (s, sent) = socks.swap_remove(0);
+    s.set_nonblocking(false).unwrap();
+    let mut r = BufReader::with_capacity(64 * 1024, s);
+    let whole = sent / (SIZE + 6);
+    for i in 0..whole {
+        match try_read_frame(&mut r) {
+            Ok((0x82, p)) if p.len() == SIZE => {}
+            Ok((first, p)) => panic!("echo {i} of {whole}: got {}", describe(first, &p)),
+            Err(e) => panic!("echo {i} of {whole} never came: {e}"),
+        }
+    }
+    assert_eq!(errors.load(Ordering::Relaxed), 0, "echo sends refused");
+    assert_eq!(server.stats().messages_dropped, 0);
+}

@@ -29,6 +29,9 @@ const SCRATCH: usize = 256 * 1024;
 const READ_BUDGET: usize = 1 << 20;
 /// The least a read costs against `READ_BUDGET`: at most 1,024 reads a job.
 const READ_COST: usize = 1024;
+/// Most bytes one read takes while the input kept unparsed, all clients
+/// together, is over its bound (see [`read_size`]).
+const SMALL_READ: usize = 4096;
 /// Most frames (messages, pings, pongs; a fragmented message counts once)
 /// one job handles for one connection before letting others have the
 /// worker, even within one read: what is left of the read waits in the
@@ -370,7 +373,8 @@ fn read_available<T: Send + Sync + 'static>(
         // (echoes, pongs) that would only grow what it holds. Whatever
         // ends the pause runs a job, which reads on.
         while r.rest.is_empty() && conn.may_read(shared) {
-            match read_some(&conn.stream, buf) {
+            let room = read_size(shared, buf.len());
+            match read_some(&conn.stream, &mut buf[..room]) {
                 Ok(Some(0)) => {
                     end_of_input(conn, r, None);
                     return true;
@@ -391,7 +395,7 @@ fn read_available<T: Send + Sync + 'static>(
                     // data, and only a read finds it (no event reports it
                     // again). Oneshot, a short read means the socket is
                     // drained: what is left is reported once armed again.
-                    if n < buf.len() && !shared.edge {
+                    if n < room && !shared.edge {
                         return true;
                     }
                     if budget.spent() {
@@ -409,6 +413,23 @@ fn read_available<T: Send + Sync + 'static>(
         // rest (the job comes back for it).
         true
     })
+}
+
+/// How much one read may take. A client paused in the middle of a read
+/// keeps the rest of it unparsed, up to a whole read each, so a crowd of
+/// clients that send without reading could make the server hold a great
+/// deal (10,000 of them up to 2.5 GB). Once such rests, all clients
+/// together, reach a quarter of `max_buffered_bytes`, reads take at most
+/// `SMALL_READ` each, so that every client paused from then on keeps at
+/// most that: the total stays within the bound plus `SMALL_READ` a client
+/// (and the reads in progress as it crossed). Other clients are only read
+/// in smaller pieces meanwhile.
+fn read_size<T>(shared: &Shared<T>, full: usize) -> usize {
+    if shared.unparsed_in.load(Ordering::Relaxed) >= shared.config.max_buffered_bytes / 4 {
+        SMALL_READ.min(full)
+    } else {
+        full
+    }
 }
 
 /// The peer sent FIN, or reading failed: nothing more comes in.
