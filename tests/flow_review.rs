@@ -1262,6 +1262,130 @@ fn a_main_loop_waiting_on_a_client_that_stopped_reading_is_freed_by_its_idle_tim
     assert_eq!(server.stats().idle_timeouts, 1, "{:?}", server.stats());
 }
 
+/// The same, as a crowd: 20 clients each send two requests and never
+/// read, and the main loop answers every request with 4 MiB through
+/// `send_timeout` (20 s each). Each wait for room ends when the idle
+/// timeout closes its client, and the clients' clocks ran together, so the
+/// crowd holds the loop about one idle timeout in all, not 20 timeouts;
+/// honest clients asking meanwhile (and answering the keepalive's pings,
+/// which is what keeps a client waiting on the loop from being idle) get
+/// every answer.
+#[test]
+fn a_crowd_that_stopped_reading_holds_the_main_loop_about_one_idle_timeout() {
+    const HOSTILE: usize = 20;
+    const HONEST: usize = 5;
+    const ASKS: usize = 3;
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let server = WebSocketServer::builder()
+        .workers(2)
+        .ping_interval(Some(Duration::from_millis(300)))
+        .idle_timeout(Some(Duration::from_secs(1)))
+        .close_timeout(Duration::from_secs(1))
+        .start("127.0.0.1:0")
+        .unwrap();
+    let addr = server.local_addr();
+    let mut wire = frame(0x81, b"r1");
+    wire.extend(frame(0x81, b"r2"));
+    let hostile: Vec<_> = (0..HOSTILE)
+        .map(|_| {
+            let mut s = raw_ws_small_window(addr);
+            s.write_all(&wire).unwrap();
+            s
+        })
+        .collect();
+    // Each asks, waits for its answer, and asks again.
+    let honest: Vec<_> = (0..HONEST)
+        .map(|i| {
+            thread::spawn(move || -> Result<Duration, String> {
+                let mut s = raw_ws(addr);
+                let mut slowest = Duration::ZERO;
+                for k in 0..ASKS {
+                    let ask = format!("h{i}.{k}");
+                    let t = Instant::now();
+                    s.write_all(&frame(0x81, ask.as_bytes())).unwrap();
+                    loop {
+                        match try_read_frame(&mut s) {
+                            Ok((0x89, p)) => s.write_all(&frame(0x8A, &p)).unwrap(),
+                            Ok((0x81, p)) if p == ask.as_bytes() => break,
+                            Ok((first, p)) => {
+                                return Err(format!("{ask}: {}", describe(first, &p)));
+                            }
+                            Err(e) => return Err(format!("{ask} never answered: {e}")),
+                        }
+                    }
+                    slowest = slowest.max(t.elapsed());
+                    thread::sleep(Duration::from_millis(100));
+                }
+                Ok(slowest)
+            })
+        })
+        .collect();
+    // Then a ping each, once the loop waits: the job that reads it finds
+    // the first one's queue over high water, and pauses it.
+    let mut late: Vec<_> = hostile.iter().map(|s| s.try_clone().unwrap()).collect();
+    let pinger = thread::spawn(move || {
+        thread::sleep(Duration::from_millis(200));
+        for s in &mut late {
+            s.write_all(&frame(0x89, b"")).unwrap();
+        }
+    });
+    let big = vec![0u8; 4 << 20];
+    let started = Instant::now();
+    let (mut answered, mut accepted, mut closed, mut other) = (0, 0, 0, Vec::new());
+    while answered < HONEST * ASKS || accepted + closed + other.len() < 2 * HOSTILE {
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "the loop never finished"
+        );
+        match server.recv_timeout(Duration::from_secs(1)) {
+            Ok(enjent::Event::Message { client, message })
+                if message.as_bytes().starts_with(b"h") =>
+            {
+                client.send(message).unwrap();
+                answered += 1;
+            }
+            Ok(enjent::Event::Message { client, .. }) => {
+                match client.send_timeout(big.clone(), Duration::from_secs(20)) {
+                    Ok(_) => accepted += 1,
+                    Err(e) if matches!(e.error(), enjent::Error::Closed) => closed += 1,
+                    Err(e) => other.push(e.error().to_string()),
+                }
+            }
+            _ => {}
+        }
+    }
+    let took = started.elapsed();
+    pinger.join().unwrap();
+    for h in honest {
+        let slowest = h.join().unwrap().unwrap();
+        assert!(
+            slowest < Duration::from_secs(8),
+            "an honest client waited {slowest:?}"
+        );
+    }
+    assert!(other.is_empty(), "{other:?}");
+    // The first answer to a client went into its empty queue, unless the
+    // idle timeout had closed it by then (the first wait lasted long
+    // enough for every other client's clock); the second found it closed,
+    // or waited until it was.
+    assert_eq!(accepted + closed, 2 * HOSTILE);
+    assert!(
+        closed >= HOSTILE,
+        "{closed} of {HOSTILE} waits ended by a close"
+    );
+    assert!(
+        took < Duration::from_secs(10),
+        "the crowd held the loop {took:?}"
+    );
+    assert_eq!(
+        server.stats().idle_timeouts,
+        HOSTILE as u64,
+        "{:?}",
+        server.stats()
+    );
+    drop(hostile);
+}
+
 /// A client paused because the main loop is behind is not idle: it sent
 /// what it had, and waits on the server. Four idle timeouts later it is
 /// still connected, was never sent a close, and once the loop consumes,
