@@ -518,10 +518,13 @@ fn inflate(
     // as zlib's `Z_FINISH` does): the message is complete, and the tail
     // would leave a fresh stream half-way through a block header.
     let mut ended_with_stream = false;
+    // What the payload alone inflated to.
+    let mut before_tail = 0;
     for (i, input) in [payload, &TAIL[..]].into_iter().enumerate() {
         if i == 1 && ended_with_stream {
             break;
         }
+        before_tail = out.len();
         let mut pos = 0;
         loop {
             if out.len() == out.capacity() {
@@ -570,7 +573,35 @@ fn inflate(
             }
         }
     }
+    // What RFC 7692 has a sender write ends with the header of an empty
+    // stored block, whose length fields (the tail) it removed: the tail
+    // completes that block, adds nothing, and leaves the inflater between
+    // blocks. A payload cut short, or corrupt, leaves it inside a block
+    // instead, where the tail and what came before pass for data: the
+    // message would carry bytes the peer never sent (a stored block's
+    // cut leaves the tail itself as the last four). Refused, as data that
+    // does not inflate: the tail must add nothing, and one more empty
+    // stored block must then be taken whole and add nothing, which only
+    // holds between blocks (and changes no context).
+    if !ended_with_stream && (out.len() != before_tail || !between_blocks(d)) {
+        return Err(ProtocolError::BadCompression.into());
+    }
     Ok(out)
+}
+
+/// Whether the inflater is between deflate blocks, by feeding it an empty
+/// stored block that is not final: there it is taken whole and adds
+/// nothing (the window is unchanged); inside a block its bytes are data,
+/// codes, or an error.
+fn between_blocks(d: &mut Decompress) -> bool {
+    const EMPTY_STORED: [u8; 5] = [0x00, 0x00, 0x00, 0xff, 0xff];
+    let (in_before, out_before) = (d.total_in(), d.total_out());
+    let mut spill = [0u8; 8];
+    matches!(
+        d.decompress(&EMPTY_STORED, &mut spill, FlushDecompress::Sync),
+        Ok(Status::Ok)
+    ) && d.total_in() - in_before == EMPTY_STORED.len() as u64
+        && d.total_out() == out_before
 }
 
 #[cfg(test)]
@@ -889,6 +920,64 @@ mod tests {
             Err(DecodeError::TooLarge { size: 2, limit: 1 })
         ));
         assert!(Inflater::default().inflate(&z, 0).is_err());
+    }
+
+    /// Was a bug (found by a review): a payload cut short inside a block
+    /// inflated to whatever the tail completed: part of the message,
+    /// bytes never sent, or a stored block's data with the tail itself at
+    /// its end. Every cut is refused now, or (where the cut bytes only
+    /// held what the tail puts back) inflates to the whole message.
+    #[test]
+    fn a_payload_cut_short_is_refused_not_delivered_in_part() {
+        let text = "The quick brown fox jumps over the lazy dog. ".repeat(40);
+        let noise: Vec<u8> = (0..3000u32)
+            .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+            .collect();
+        let kept = Agreed {
+            server_no_context_takeover: true,
+            client_no_context_takeover: false,
+            server_max_window_bits: 15,
+        };
+        let mut refused = 0;
+        for (message, level) in [
+            (text.as_bytes(), 6),
+            (text.as_bytes(), 1),
+            (&noise[..], 6),
+            (&noise[..], 0),
+        ] {
+            let z = compress_fresh(15, level, message);
+            assert_eq!(Inflater::default().inflate(&z, 1 << 20).unwrap(), message);
+            for cut in 1..z.len().min(80) {
+                let short = &z[..z.len() - cut];
+                for mut i in [Inflater::default(), Inflater::new(&kept)] {
+                    match i.inflate(short, 1 << 20) {
+                        Err(DecodeError::Protocol(ProtocolError::BadCompression)) => refused += 1,
+                        Ok(back) => assert!(
+                            back == message,
+                            "cut {cut} at level {level}: {} bytes delivered of {}",
+                            back.len(),
+                            message.len()
+                        ),
+                        Err(e) => panic!("cut {cut}: {e:?}"),
+                    }
+                }
+            }
+        }
+        assert!(refused > 200, "{refused}");
+        // A stored block announcing 100 bytes, 10 of them sent.
+        let mut stored = vec![0x00, 100, 0x00, !100u8, 0xff];
+        stored.extend_from_slice(&[b'A'; 10]);
+        for mut i in [Inflater::default(), Inflater::new(&kept)] {
+            assert_eq!(
+                i.inflate(&stored, 1 << 20),
+                Err(DecodeError::Protocol(ProtocolError::BadCompression))
+            );
+        }
+        // A context that refused a message still inflates whole ones.
+        let mut i = Inflater::new(&kept);
+        let z = compress_fresh(15, 6, text.as_bytes());
+        assert!(i.inflate(&z[..z.len() - 7], 1 << 20).is_err());
+        assert_eq!(i.inflate(&z, 1 << 20).unwrap(), text.as_bytes());
     }
 
     #[test]
