@@ -280,6 +280,16 @@ fn forwarded_address_only_when_the_proxy_is_trusted() {
     assert_eq!(c.forwarded_addr(), Some(ip("198.51.100.2")));
     let (c, _s) = seen("X-Forwarded-For: 2001:db8::9\r\n");
     assert_eq!(c.forwarded_addr(), Some(ip("2001:db8::9")));
+    // An IPv4 client of a proxy on a dual-stack socket: its IPv4 address.
+    for form in [
+        "::ffff:192.0.2.7",
+        "[::ffff:192.0.2.7]:443",
+        "::FFFF:c000:0207",
+    ] {
+        let (c, _s) = seen(&format!("X-Forwarded-For: {form}\r\n"));
+        assert_eq!(c.forwarded_addr(), Some(ip("192.0.2.7")), "{form}");
+        assert_eq!(c.ip(), ip("192.0.2.7"), "{form}");
+    }
     // Nonsense or nothing: the TCP peer.
     for extra in [
         "X-Forwarded-For: not-an-address\r\n",

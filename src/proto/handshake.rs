@@ -317,10 +317,11 @@ impl Reject {
     }
 
     /// Set the `Content-Type` (default `text/plain; charset=utf-8`).
-    /// A value with CR or LF is ignored.
+    /// A value with a control character other than tab (CR, LF, NUL,
+    /// DEL, ...) is ignored, as [`header`](Reject::header) ignores one.
     pub fn content_type(mut self, value: impl Into<String>) -> Reject {
         let value = value.into();
-        if !value.contains(['\r', '\n']) {
+        if header_ok("Content-Type", &value, &[]) {
             self.content_type = value;
         }
         self
@@ -1057,6 +1058,29 @@ mod tests {
         assert!(resp.contains("X-Ok: 1\r\n"));
         assert!(!resp.contains("Bad"));
         assert!(resp.ends_with("\r\n\r\ngo away"));
+        // A content type with a control character is ignored, as a
+        // header's is (RFC 9110 section 5.5).
+        for bad in [
+            "text/html\0",
+            "text/html\x7f",
+            "text/\x1bhtml",
+            "a\r\nX-Evil: 1",
+        ] {
+            let resp = Reject::new(200).content_type(bad).body("x").to_response();
+            let resp = String::from_utf8(resp).unwrap();
+            assert!(
+                resp.contains("Content-Type: text/plain; charset=utf-8\r\n"),
+                "{bad:?}"
+            );
+        }
+        let resp = Reject::new(200)
+            .content_type("text/html;\tcharset=utf-8")
+            .to_response();
+        assert!(
+            String::from_utf8(resp)
+                .unwrap()
+                .contains("Content-Type: text/html;\tcharset=utf-8\r\n")
+        );
     }
 
     #[test]

@@ -419,15 +419,19 @@ fn split_unquoted(s: &str, sep: char) -> Option<Vec<&str>> {
 }
 
 /// An address as proxies write it: `1.2.3.4`, `1.2.3.4:5678`, `2001:db8::1`,
-/// `[2001:db8::1]` or `[2001:db8::1]:5678`.
+/// `[2001:db8::1]` or `[2001:db8::1]:5678`. An IPv4 address written as
+/// IPv4-mapped IPv6 (`::ffff:1.2.3.4`, as a proxy listening on a
+/// dual-stack socket writes its IPv4 clients) is that IPv4 address, so
+/// that lists and limits keyed on `Client::ip` see one form.
 fn parse_ip(s: &str) -> Option<IpAddr> {
-    if let Ok(ip) = s.parse() {
-        return Some(ip);
-    }
-    if let Ok(addr) = s.parse::<std::net::SocketAddr>() {
-        return Some(addr.ip());
-    }
-    s.strip_prefix('[')?.strip_suffix(']')?.parse().ok()
+    let ip = if let Ok(ip) = s.parse::<IpAddr>() {
+        ip
+    } else if let Ok(addr) = s.parse::<std::net::SocketAddr>() {
+        addr.ip()
+    } else {
+        s.strip_prefix('[')?.strip_suffix(']')?.parse().ok()?
+    };
+    Some(ip.to_canonical())
 }
 
 /// Wait for the socket (readable for more of the request, writable for
