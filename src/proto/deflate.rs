@@ -520,7 +520,12 @@ fn inflate(
     let mut ended_with_stream = false;
     // What the payload alone inflated to.
     let mut before_tail = 0;
-    for (i, input) in [payload, &TAIL[..]].into_iter().enumerate() {
+    // A sender that left the tail on (RFC 7692 has it removed) ended with
+    // a whole empty stored block: nothing to append. (What a sender that
+    // removed it ends with cannot end in `0xff`: its last byte holds the
+    // empty block's header bits, all zero, and zero padding.)
+    let tail: &[u8] = if payload.ends_with(&TAIL) { &[] } else { &TAIL };
+    for (i, input) in [payload, tail].into_iter().enumerate() {
         if i == 1 && ended_with_stream {
             break;
         }
@@ -579,28 +584,44 @@ fn inflate(
     // blocks. A payload cut short, or corrupt, leaves it inside a block
     // instead, where the tail and what came before pass for data: the
     // message would carry bytes the peer never sent (a stored block's
-    // cut leaves the tail itself as the last four). Refused, as data that
-    // does not inflate: the tail must add nothing, and one more empty
-    // stored block must then be taken whole and add nothing, which only
-    // holds between blocks (and changes no context).
+    // cut leaves the tail itself as the last four), or end early (a cut
+    // in a block's header). Refused, as data that does not inflate: the
+    // tail must add nothing, and a run of empty stored blocks must then be
+    // taken whole and add nothing, which holds between blocks (and
+    // changes no context). Inside a block, the run is read as data, as
+    // codes, or as more of the block's header than any header has, so
+    // that something comes out or fails; only data made to pass it could,
+    // and such a sender could as well have sent what it inflates to.
     if !ended_with_stream && (out.len() != before_tail || !between_blocks(d)) {
         return Err(ProtocolError::BadCompression.into());
     }
     Ok(out)
 }
 
-/// Whether the inflater is between deflate blocks, by feeding it an empty
-/// stored block that is not final: there it is taken whole and adds
-/// nothing (the window is unchanged); inside a block its bytes are data,
-/// codes, or an error.
+/// Empty stored blocks, not final, each `00 00 00 ff ff`: 2,560 bits,
+/// more than the longest dynamic block header (about 2,270).
+const EMPTY_STORED_RUN: [u8; 320] = {
+    let mut run = [0u8; 320];
+    let mut i = 0;
+    while i < 64 {
+        run[i * 5 + 3] = 0xff;
+        run[i * 5 + 4] = 0xff;
+        i += 1;
+    }
+    run
+};
+
+/// Whether the inflater is between deflate blocks, by feeding it a run of
+/// empty stored blocks that are not final: there they are taken whole and
+/// add nothing (the window is unchanged); inside a block their bytes are
+/// data, codes, header bits, or an error.
 fn between_blocks(d: &mut Decompress) -> bool {
-    const EMPTY_STORED: [u8; 5] = [0x00, 0x00, 0x00, 0xff, 0xff];
     let (in_before, out_before) = (d.total_in(), d.total_out());
-    let mut spill = [0u8; 8];
+    let mut spill = [0u8; 64];
     matches!(
-        d.decompress(&EMPTY_STORED, &mut spill, FlushDecompress::Sync),
+        d.decompress(&EMPTY_STORED_RUN, &mut spill, FlushDecompress::Sync),
         Ok(Status::Ok)
-    ) && d.total_in() - in_before == EMPTY_STORED.len() as u64
+    ) && d.total_in() - in_before == EMPTY_STORED_RUN.len() as u64
         && d.total_out() == out_before
 }
 
@@ -978,6 +999,82 @@ mod tests {
         let z = compress_fresh(15, 6, text.as_bytes());
         assert!(i.inflate(&z[..z.len() - 7], 1 << 20).is_err());
         assert_eq!(i.inflate(&z, 1 << 20).unwrap(), text.as_bytes());
+    }
+
+    /// A cut in a dynamic block's header, where the tail and one empty
+    /// block after it were read as more header bits (a review of the first
+    /// version of the check found a message cut there delivered as what
+    /// the blocks before it held): a message of several blocks, each
+    /// ended by a sync flush at a known place, cut at every byte of the
+    /// 300 after each.
+    #[test]
+    fn a_payload_cut_in_a_block_header_is_refused() {
+        let mut c = Compress::new(flate2::Compression::new(6), false);
+        let (mut z, mut ends, mut message) = (Vec::new(), Vec::new(), Vec::new());
+        // Letters in no pattern deflate finds: dynamic blocks of mostly
+        // literals, each a few KiB.
+        let alphabet = b"abcdefghij klmnop, qrst.\n";
+        let mut x = 0x9E37_79B9_7F4A_7C15u64;
+        for _ in 0..5 {
+            let part: Vec<u8> = (0..6000)
+                .map(|_| {
+                    x ^= x << 13;
+                    x ^= x >> 7;
+                    x ^= x << 17;
+                    alphabet[(x % alphabet.len() as u64) as usize]
+                })
+                .collect();
+            let mut v = Vec::with_capacity(part.len() + 64);
+            c.compress_vec(&part, &mut v, FlushCompress::Sync).unwrap();
+            z.extend_from_slice(&v);
+            ends.push(z.len());
+            message.extend_from_slice(&part);
+        }
+        z.truncate(z.len() - 4);
+        let mut fresh = Inflater::default();
+        assert_eq!(fresh.inflate(&z, 1 << 20).unwrap(), message);
+        let mut refused = 0;
+        for w in ends.windows(2) {
+            let (end, next) = (w[0], w[1]);
+            assert!(next - end > 1000, "a block of {} bytes", next - end);
+            for cut in end + 1..end + 300 {
+                match Inflater::default().inflate(&z[..cut], 1 << 20) {
+                    Err(_) => refused += 1,
+                    Ok(back) => panic!(
+                        "cut at {cut} (a block starts at {end}): {} bytes delivered",
+                        back.len()
+                    ),
+                }
+            }
+        }
+        assert_eq!(refused, 4 * 299);
+    }
+
+    /// A sender that leaves the tail on (against RFC 7692, which has it
+    /// removed) sent a whole empty stored block at the end: inflated as
+    /// sent, without a second tail after it, with or without a context.
+    #[test]
+    fn a_payload_with_its_tail_left_on_is_inflated() {
+        let text = "left on the tail ".repeat(30);
+        let kept = Agreed {
+            server_no_context_takeover: true,
+            client_no_context_takeover: false,
+            server_max_window_bits: 15,
+        };
+        let mut c = Compress::new(flate2::Compression::default(), false);
+        let mut i = Inflater::new(&kept);
+        for k in 0..3 {
+            let mut v = Vec::with_capacity(text.len() + 64);
+            c.compress_vec(text.as_bytes(), &mut v, FlushCompress::Sync)
+                .unwrap();
+            assert!(v.ends_with(&TAIL));
+            assert_eq!(i.inflate(&v, 1 << 20).unwrap(), text.as_bytes());
+            if k == 0 {
+                // Later ones refer back to it: only a context reads them.
+                let fresh = Inflater::default().inflate(&v, 1 << 20);
+                assert_eq!(fresh.unwrap(), text.as_bytes());
+            }
+        }
     }
 
     #[test]

@@ -18,7 +18,7 @@ use crate::proto::handshake::{
 };
 use crate::runtime::conn::{Conn, Extensions, Serving};
 use crate::runtime::registry::Pending;
-use crate::runtime::service::{read_some, service, with_scratch};
+use crate::runtime::service::{read_size, read_some, service, with_scratch};
 use crate::runtime::{Shared, panic_close};
 use crate::stats::Counters;
 
@@ -135,11 +135,14 @@ fn handshake_inner<T: Send + Sync + 'static>(shared: &Arc<Shared<T>>, mut p: Box
     } else {
         with_scratch(|buf| -> io::Result<bool> {
             loop {
-                match read_some(&p.stream, buf)? {
+                // What follows the request is the connection's first
+                // input, and may be kept unparsed: read as connections are.
+                let room = read_size(shared, buf.len());
+                match read_some(&p.stream, &mut buf[..room])? {
                     Some(0) => return Ok(false),
                     Some(n) => {
                         p.buf.extend_from_slice(&buf[..n]);
-                        if p.buf.len() > max || n < buf.len() {
+                        if p.buf.len() > max || n < room {
                             return Ok(true);
                         }
                     }

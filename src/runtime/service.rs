@@ -421,10 +421,12 @@ fn read_available<T: Send + Sync + 'static>(
 /// deal (10,000 of them up to 2.5 GB). Once such rests, all clients
 /// together, reach a quarter of `max_buffered_bytes`, reads take at most
 /// `SMALL_READ` each, so that every client paused from then on keeps at
-/// most that: the total stays within the bound plus `SMALL_READ` a client
-/// (and the reads in progress as it crossed). Other clients are only read
-/// in smaller pieces meanwhile.
-fn read_size<T>(shared: &Shared<T>, full: usize) -> usize {
+/// most that (a new connection, what came with its request: the
+/// handshake reads the same way, up to `max_handshake_bytes` and one read
+/// more): the total stays within the bound plus that much a client (and
+/// the reads in progress as it crossed). Other clients are only read in
+/// smaller pieces meanwhile.
+pub(crate) fn read_size<T>(shared: &Shared<T>, full: usize) -> usize {
     if shared.unparsed_in.load(Ordering::Relaxed) >= shared.config.max_buffered_bytes / 4 {
         SMALL_READ.min(full)
     } else {
