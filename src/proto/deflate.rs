@@ -596,7 +596,7 @@ fn inflate(
 }
 
 /// Empty stored blocks, not final, each `00 00 00 ff ff`: 2,560 bits,
-/// more than the longest dynamic block header (about 2,270).
+/// more than the longest dynamic block header (about 2,290).
 const EMPTY_STORED_RUN: [u8; 320] = {
     let mut run = [0u8; 320];
     let mut i = 0;
@@ -615,7 +615,8 @@ const EMPTY_FINAL: [u8; 2] = [0x03, 0x00];
 /// (the inflater is reset after each message) it is fed an empty final
 /// block: between blocks that ends the stream at once, adding nothing;
 /// inside a block its 16 bits are data (which comes out), codes, or part
-/// of a header (no header is that short), and the stream does not end
+/// of a header (no header is that short; the tail's 32 bits before it
+/// may, rarely, have ended one), and the stream does not end
 /// there. A context must not end its stream (what came before would be
 /// lost): it is fed a run of empty stored blocks that are not final,
 /// which between blocks are taken whole and add nothing (the window is
