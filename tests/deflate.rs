@@ -266,6 +266,41 @@ fn broken_compressed_input_is_refused() {
     assert_eq!(read_close(&mut s), Some(1002));
 }
 
+/// A compressed message cut short, or a stored block that announces more
+/// than it holds, was delivered as part of the message or as bytes the
+/// client never sent (the appended tail among them): seen from the
+/// client, nothing is echoed, and the close says 1002.
+#[test]
+fn a_compressed_message_cut_short_gets_1002_and_no_echo() {
+    let server = echo_server(|b| b);
+    let addr = server.local_addr();
+    let text = "The quick brown fox jumps over the lazy dog. ".repeat(40);
+    let z = deflate(text.as_bytes());
+    let mut payloads: Vec<Vec<u8>> = [2, 5, 10, 31, z.len() / 2]
+        .iter()
+        .map(|cut| z[..z.len() - cut].to_vec())
+        .collect();
+    // A stored block announcing 100 bytes, 10 of them sent.
+    let mut stored = vec![0x00, 100, 0x00, !100u8, 0xff];
+    stored.extend_from_slice(&[b'A'; 10]);
+    payloads.push(stored);
+    for (i, payload) in payloads.iter().enumerate() {
+        let (_h, mut s) = upgrade(addr, &format!("{PDE}\r\n"));
+        let opcode = if i + 1 == payloads.len() { 0xC2 } else { 0xC1 };
+        s.write_all(&frame(opcode, payload)).unwrap();
+        let (first, p) = read_frame(&mut s);
+        assert_eq!(first, 0x88, "case {i}: {}", describe(first, &p));
+        assert_eq!(u16::from_be_bytes([p[0], p[1]]), 1002, "case {i}");
+    }
+    // The whole message still comes back.
+    let (_h, mut s) = upgrade(addr, &format!("{PDE}\r\n"));
+    s.write_all(&frame(0xC1, &z)).unwrap();
+    let (first, p) = read_frame(&mut s);
+    assert_eq!(first & 0x0f, 0x1);
+    let back = if first & 0x40 != 0 { inflate(&p) } else { p };
+    assert_eq!(back, text.as_bytes());
+}
+
 #[test]
 fn broadcast_compresses_once_for_every_window_size() {
     let server = WebSocketServer::builder().start("127.0.0.1:0").unwrap();
