@@ -558,7 +558,7 @@ pub(crate) fn book_queued_handshake_deadline<T>(shared: &Shared<T>, deadline: st
 
 pub(crate) fn book_handshake_deadline<T>(shared: &Shared<T>, deadline: std::time::Instant) {
     let at = crate::runtime::registry::handshake_deadline_ms(shared.started, deadline);
-    if shared.timers.book(at) {
+    if shared.timers.book_parked(at) {
         let _ = shared.poller.notify();
     }
 }

@@ -157,11 +157,8 @@ pub(crate) fn run<T: Send + Sync + 'static>(shared: Arc<Shared<T>>) {
             dispatch(&shared, &mut ready);
         }
         let now = shared.now_ms();
-        let swept = shared.timers.start_sweep(now);
-        if swept {
-            shared
-                .registry
-                .sweep(now, shared.started, &shared.timers, &mut due, &mut expired);
+        if shared.timers.start_sweep(now) {
+            shared.registry.sweep(now, &shared.timers, &mut due);
             for conn in due.drain(..) {
                 if claim(&conn) {
                     ready.push(Job::Timer(conn));
@@ -169,6 +166,15 @@ pub(crate) fn run<T: Send + Sync + 'static>(shared: Arc<Shared<T>>) {
                     let_go(&shared, conn);
                 }
             }
+            if !ready.is_empty() {
+                dispatch(&shared, &mut ready);
+            }
+        }
+        let swept_handshakes = shared.timers.start_handshake_sweep(now);
+        if swept_handshakes {
+            shared
+                .registry
+                .sweep_handshakes(now, shared.started, &shared.timers, &mut expired);
             for p in expired.drain(..) {
                 // A request that went wrong in a line not yet ended (the
                 // job parses again only at a line's end) gets its error.
@@ -178,15 +184,13 @@ pub(crate) fn run<T: Send + Sync + 'static>(shared: Arc<Shared<T>>) {
                 };
                 abort_handshake(&shared, *p, Some(&answer));
             }
-            if !ready.is_empty() {
-                dispatch(&shared, &mut ready);
-            }
         }
         // Handshakes whose bytes came, still waiting for a worker at their
         // deadline (every worker is busy, or blocked in a user closure):
-        // answered here. Also looked for at every sweep, which may find
-        // the deadline of a parked handshake the poller has since queued.
-        if shared.timers.start_queue_scan(now) || swept {
+        // answered here. Also looked for at every sweep of the parked
+        // ones, which may find the deadline of a handshake the poller has
+        // since queued.
+        if shared.timers.start_queue_scan(now) || swept_handshakes {
             take_overdue_handshakes(&shared, now, &mut expired);
             for p in expired.drain(..) {
                 let (key, ip) = (p.key, p.peer.ip());

@@ -108,6 +108,11 @@ struct Slab<T> {
     /// last chunk).
     made: usize,
     free: Vec<u32>,
+    /// Slots where a handshake was parked, for `sweep_handshakes` to walk
+    /// instead of every slot. Pushed at every park, not taken out when the
+    /// handshake leaves: a sweep, or `park` once the list is twice the
+    /// handshakes there are, drops what no longer holds a parked one.
+    parked: Vec<u32>,
     /// Slots holding an open connection.
     open: usize,
     used: usize,
@@ -120,6 +125,15 @@ impl<T> Slab<T> {
             return None;
         }
         self.chunks.get_mut(index / CHUNK)?.get_mut(index % CHUNK)
+    }
+
+    fn holds_parked(&self, index: u32) -> bool {
+        let index = index as usize;
+        index < self.made
+            && matches!(
+                self.chunks[index / CHUNK][index % CHUNK],
+                Entry::Handshake(_, Some(_))
+            )
     }
 
     fn iter(&self) -> impl Iterator<Item = &Entry<T>> {
@@ -151,6 +165,7 @@ impl<T> Registry<T> {
                 live: Vec::new(),
                 made: 0,
                 free: Vec::new(),
+                parked: Vec::new(),
                 open: 0,
                 used: 0,
                 per_ip: HashMap::new(),
@@ -208,9 +223,22 @@ impl<T> Registry<T> {
         arm: impl FnOnce(&Pending) -> R,
     ) -> Option<R> {
         let mut s = self.slab.lock();
+        let index = (pending.key & INDEX_MASK) as u32;
         let e = Self::entry(&mut s, pending.key)?;
         let armed = arm(&pending);
         *e = Entry::Handshake(e.generation(), Some(pending));
+        s.parked.push(index);
+        // Slots in a handshake, parked or held: the list is cut back to
+        // those parked once it is twice that, so it stays within a few
+        // words a handshake however often each one parks.
+        let handshakes = s.used - s.open;
+        if s.parked.len() > 2 * handshakes + 64 {
+            let mut list = std::mem::take(&mut s.parked);
+            list.retain(|&i| s.holds_parked(i));
+            list.sort_unstable();
+            list.dedup();
+            s.parked = list;
+        }
         Some(armed)
     }
 
@@ -303,28 +331,14 @@ impl<T> Registry<T> {
         }
     }
 
-    /// Sweep for deadlines due at `now_ms` (server clock): open
-    /// connections whose deadline has come go to `due`, their `timer_at`
-    /// cleared; parked handshakes past theirs are taken out of their slots
-    /// into `expired`. The earliest deadline left in place is booked again
-    /// with `timers`. The slab is locked a chunk at a time, so that
-    /// handshakes and readiness events wait for at most a chunk's worth,
-    /// and chunks with nothing in use are skipped. (`expired` holds boxes:
-    /// the poller keeps its capacity, a word an entry.)
-    ///
-    /// At most [`EXPIRED_PER_SWEEP`] expired handshakes are taken: the
-    /// poller answers each `408` itself (some system calls each), and a
-    /// crowd that came in one tick would otherwise hold readiness and
-    /// every other timer for all of its answers at once.
-    #[allow(clippy::vec_box)]
-    pub(crate) fn sweep(
-        &self,
-        now_ms: u64,
-        started: Instant,
-        timers: &Timers,
-        due: &mut Vec<Arc<Conn<T>>>,
-        expired: &mut Vec<Box<Pending>>,
-    ) {
+    /// Sweep for open connections' deadlines due at `now_ms` (server
+    /// clock): those whose deadline has come go to `due`, their `timer_at`
+    /// cleared. The earliest deadline left in place is booked again with
+    /// `timers`. The slab is locked a chunk at a time, so that handshakes
+    /// and readiness events wait for at most a chunk's worth, and chunks
+    /// with nothing in use are skipped. Parked handshakes are
+    /// `sweep_handshakes`' work.
+    pub(crate) fn sweep(&self, now_ms: u64, timers: &Timers, due: &mut Vec<Arc<Conn<T>>>) {
         let mut earliest = u64::MAX;
         for chunk in 0.. {
             let mut s = self.slab.lock();
@@ -349,27 +363,70 @@ impl<T> Registry<T> {
                             due.push(Arc::clone(c));
                         }
                     }
-                    Entry::Handshake(_, pending @ Some(_)) => {
-                        let at = pending
-                            .as_ref()
-                            .map_or(0, |p| handshake_deadline_ms(started, p.deadline));
-                        if at <= now_ms && expired.len() < EXPIRED_PER_SWEEP {
-                            expired.extend(pending.take());
-                        } else {
-                            // Later, or past the sweep's share: booked, so
-                            // the next pass (at once, if it is due) takes it.
-                            earliest = earliest.min(at);
-                        }
-                    }
-                    // A worker holds the handshake: it books the deadline
-                    // again when it parks it.
-                    Entry::Handshake(_, None) | Entry::Free(_) => {}
+                    Entry::Handshake(..) | Entry::Free(_) => {}
                 }
             }
         }
         if earliest != u64::MAX {
             timers.book(earliest);
         }
+    }
+
+    /// Sweep the parked handshakes for those past their deadline at
+    /// `now_ms`, taken out of their slots into `expired`; the earliest
+    /// deadline of those left is booked again with `timers`. Only the
+    /// list of slots where handshakes were parked is walked, not every
+    /// slot. A handshake a worker holds is not in its slot: the worker
+    /// books its deadline again when it parks it. (`expired` holds boxes:
+    /// the poller keeps its capacity, a word an entry.) Returns how many
+    /// slots it looked at.
+    ///
+    /// At most [`EXPIRED_PER_SWEEP`] expired handshakes are taken: the
+    /// poller answers each `408` itself (some system calls each), and a
+    /// crowd that came in one tick would otherwise hold readiness and
+    /// every other timer for all of its answers at once.
+    #[allow(clippy::vec_box)]
+    pub(crate) fn sweep_handshakes(
+        &self,
+        now_ms: u64,
+        started: Instant,
+        timers: &Timers,
+        expired: &mut Vec<Box<Pending>>,
+    ) -> usize {
+        let mut earliest = u64::MAX;
+        let mut s = self.slab.lock();
+        let mut list = std::mem::take(&mut s.parked);
+        // A slot parked twice since the last sweep is listed twice.
+        list.sort_unstable();
+        list.dedup();
+        let looked = list.len();
+        list.retain(|&i| {
+            let Some(Entry::Handshake(_, pending @ Some(_))) = s.slot(i as usize) else {
+                return false;
+            };
+            let at = pending
+                .as_ref()
+                .map_or(0, |p| handshake_deadline_ms(started, p.deadline));
+            if at <= now_ms && expired.len() < EXPIRED_PER_SWEEP {
+                expired.extend(pending.take());
+                false
+            } else {
+                // Later, or past the sweep's share: booked, so the next
+                // pass (at once, if it is due) takes it.
+                earliest = earliest.min(at);
+                true
+            }
+        });
+        if list.capacity() > 4 * list.len() + 1024 {
+            // After a crowd: not kept at its size.
+            list.shrink_to_fit();
+        }
+        s.parked = list;
+        drop(s);
+        if earliest != u64::MAX {
+            timers.book_parked(earliest);
+        }
+        looked
     }
 
     /// Every open connection.
@@ -545,8 +602,9 @@ mod tests {
     }
 
     /// A sweep takes what is due, leaves the rest booked (the earliest of
-    /// it), skips a handshake a worker holds, and finds slots past the
-    /// first chunk.
+    /// it), and finds slots past the first chunk; it leaves parked
+    /// handshakes alone, whose own sweep takes those due, skips one a
+    /// worker holds, and books their earliest apart.
     #[test]
     fn a_sweep_takes_what_is_due_and_books_the_earliest_left() {
         let r: Registry<()> = Registry::new();
@@ -567,25 +625,67 @@ mod tests {
         r.park(pending(stale, started + ms(500)), |_| ()).unwrap();
         r.park(pending(waiting, started + ms(2_000)), |_| ())
             .unwrap();
-        let _ = held; // reserved, its handshake with a worker
+        r.park(pending(held, started + ms(200)), |_| ()).unwrap();
+        // A worker takes it, as for a readiness event.
+        let mut found = Vec::new();
+        r.take_ready([held].into_iter(), &mut found);
+        assert!(matches!(found[..], [Found::Handshake(_)]));
         let timers = Timers::new();
-        let (mut taken, mut expired) = (Vec::new(), Vec::new());
-        r.sweep(1_000, started, &timers, &mut taken, &mut expired);
+        let mut taken = Vec::new();
+        r.sweep(1_000, &timers, &mut taken);
         assert_eq!(taken.len(), 1);
         assert!(Arc::ptr_eq(&taken[0], &c_due));
         assert_eq!(c_due.timer_at.load(Ordering::SeqCst), 0, "taken");
         assert_eq!(c_later.timer_at.load(Ordering::SeqCst), 3_000, "left");
+        assert_eq!(timers.next(), Some(3_000), "the open connection's");
+        let mut expired = Vec::new();
+        assert_eq!(
+            r.sweep_handshakes(1_000, started, &timers, &mut expired),
+            3,
+            "the parked slots, and no other"
+        );
         assert_eq!(expired.len(), 1);
         assert_eq!(expired[0].key, stale);
         assert_eq!(timers.next(), Some(2_000), "the waiting handshake's");
-        // Nothing is taken twice; the next sweep books the connection's.
-        let (mut taken, mut expired) = (Vec::new(), Vec::new());
-        assert!(timers.start_sweep(2_000));
-        r.sweep(2_000, started, &timers, &mut taken, &mut expired);
-        assert!(taken.is_empty());
+        assert!(!timers.start_sweep(2_000), "no sweep of every slot");
+        assert!(timers.start_handshake_sweep(2_000));
+        // Nothing is taken twice; the list lost the slots left.
+        let mut expired = Vec::new();
+        assert_eq!(r.sweep_handshakes(2_000, started, &timers, &mut expired), 1);
         assert_eq!(expired.len(), 1);
         assert_eq!(expired[0].key, waiting);
         assert_eq!(timers.next(), Some(3_000));
+        assert_eq!(r.sweep_handshakes(3_000, started, &timers, &mut expired), 0);
+    }
+
+    /// A handshake parked over and over is listed once a sweep, and the
+    /// list stays within a few entries a handshake between sweeps.
+    #[test]
+    fn the_parked_list_stays_bounded_however_often_handshakes_park() {
+        let r: Registry<()> = Registry::new();
+        let started = Instant::now();
+        let keys: Vec<usize> = (0..10)
+            .map(|_| r.reserve(usize::MAX, usize::MAX, LOCAL).unwrap())
+            .collect();
+        for round in 0..1_000 {
+            for &k in &keys {
+                r.park(pending(k, started + Duration::from_secs(10)), |_| ())
+                    .unwrap();
+                if round < 999 {
+                    let mut found = Vec::new();
+                    r.take_ready([k].into_iter(), &mut found);
+                }
+            }
+            assert!(r.slab.lock().parked.len() <= 2 * keys.len() + 64 + 1);
+        }
+        let timers = Timers::new();
+        let mut expired = Vec::new();
+        assert_eq!(
+            r.sweep_handshakes(1_000, started, &timers, &mut expired),
+            10
+        );
+        assert!(expired.is_empty());
+        assert_eq!(timers.next(), Some(10_000));
     }
 
     /// A crowd of handshakes expiring at once is answered a share per
@@ -601,12 +701,12 @@ mod tests {
                 .unwrap();
         }
         let timers = Timers::new();
-        let (mut taken, mut expired) = (Vec::new(), Vec::new());
+        let mut expired = Vec::new();
         let mut sweeps = Vec::new();
         let mut total = 0;
         while total < crowd {
-            assert!(timers.start_sweep(1_000) || sweeps.is_empty());
-            r.sweep(1_000, started, &timers, &mut taken, &mut expired);
+            assert!(timers.start_handshake_sweep(1_000) || sweeps.is_empty());
+            r.sweep_handshakes(1_000, started, &timers, &mut expired);
             sweeps.push(expired.len());
             total += expired.len();
             expired.clear();

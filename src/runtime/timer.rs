@@ -8,6 +8,11 @@
 //! connection beyond the deadline it already holds, so an idle connection
 //! costs the timers nothing, as in uWebSockets' timeout sweep.
 //!
+//! Parked handshakes have an earliest of their own, and their sweep walks
+//! only the registry's list of them (`Registry::sweep_handshakes`): a few
+//! clients that keep half-sent requests going must not make the poller
+//! walk every open connection each time one of them falls due.
+//!
 //! Deadlines are rounded up to a tick so that many connections fall due
 //! together and an idle server sweeps a few times a second at most.
 
@@ -28,6 +33,9 @@ pub(crate) struct Timers {
     /// queue's own scan looks at (see `poller::take_overdue_handshakes`):
     /// a handshake a worker takes at once costs no sweep of the registry.
     queued: AtomicU64,
+    /// The same for parked handshakes, which only their own sweep looks
+    /// at (`Registry::sweep_handshakes`).
+    parked: AtomicU64,
 }
 
 impl Timers {
@@ -35,6 +43,7 @@ impl Timers {
         Timers {
             earliest: AtomicU64::new(NONE),
             queued: AtomicU64::new(NONE),
+            parked: AtomicU64::new(NONE),
         }
     }
 
@@ -80,12 +89,19 @@ impl Timers {
         at_ms < self.queued.fetch_min(at_ms, Ordering::SeqCst)
     }
 
+    /// `book` for a parked handshake: only a sweep of the parked
+    /// handshakes is due at `at_ms`, not one of every slot.
+    pub(crate) fn book_parked(&self, at_ms: u64) -> bool {
+        at_ms < self.parked.fetch_min(at_ms, Ordering::SeqCst)
+    }
+
     /// The earliest deadline, if any.
     pub(crate) fn next(&self) -> Option<u64> {
         let at = self
             .earliest
             .load(Ordering::SeqCst)
-            .min(self.queued.load(Ordering::SeqCst));
+            .min(self.queued.load(Ordering::SeqCst))
+            .min(self.parked.load(Ordering::SeqCst));
         Some(at).filter(|t| *t != NONE)
     }
 
@@ -98,6 +114,11 @@ impl Timers {
     /// `start_sweep` for the ready queue's handshakes.
     pub(crate) fn start_queue_scan(&self, now_ms: u64) -> bool {
         Self::start(&self.queued, now_ms)
+    }
+
+    /// `start_sweep` for the parked handshakes.
+    pub(crate) fn start_handshake_sweep(&self, now_ms: u64) -> bool {
+        Self::start(&self.parked, now_ms)
     }
 
     fn start(earliest: &AtomicU64, now_ms: u64) -> bool {
@@ -142,6 +163,25 @@ mod tests {
         assert!(t.start_queue_scan(100));
         assert_eq!(t.next(), Some(300), "the sweep's deadline stays");
         assert!(!t.start_queue_scan(300), "the scan books what it leaves");
+        assert!(t.start_sweep(300));
+        assert_eq!(t.next(), None);
+    }
+
+    #[test]
+    fn parked_handshakes_wake_the_loop_without_a_sweep_of_every_slot() {
+        let t = Timers::new();
+        assert!(t.book(300));
+        assert!(t.book_parked(100));
+        assert!(!t.book_parked(200));
+        assert_eq!(t.next(), Some(100), "the loop wakes for either");
+        assert!(!t.start_sweep(100), "no sweep of every slot is due");
+        assert!(!t.start_queue_scan(100), "nor a scan of the queue");
+        assert!(t.start_handshake_sweep(100));
+        assert_eq!(t.next(), Some(300), "the slots' deadline stays");
+        assert!(
+            !t.start_handshake_sweep(300),
+            "the sweep books what it leaves"
+        );
         assert!(t.start_sweep(300));
         assert_eq!(t.next(), None);
     }
