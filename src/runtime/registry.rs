@@ -127,15 +127,6 @@ impl<T> Slab<T> {
         self.chunks.get_mut(index / CHUNK)?.get_mut(index % CHUNK)
     }
 
-    fn holds_parked(&self, index: u32) -> bool {
-        let index = index as usize;
-        index < self.made
-            && matches!(
-                self.chunks[index / CHUNK][index % CHUNK],
-                Entry::Handshake(_, Some(_))
-            )
-    }
-
     fn iter(&self) -> impl Iterator<Item = &Entry<T>> {
         self.chunks.iter().flat_map(|c| c.iter()).take(self.made)
     }
@@ -148,6 +139,10 @@ pub(crate) const EXPIRED_PER_SWEEP: usize = 256;
 pub(crate) struct Registry<T> {
     slab: Mutex<Slab<T>>,
     emptied: Condvar,
+    /// Held by whoever has the parked list out of the slab to walk it (a
+    /// sweep, or a compaction), so that one walk never misses what
+    /// another has out; taken before the slab's lock, never inside it.
+    walking: Mutex<()>,
 }
 
 /// What a poller key points at right now.
@@ -171,6 +166,7 @@ impl<T> Registry<T> {
                 per_ip: HashMap::new(),
             }),
             emptied: Condvar::new(),
+            walking: Mutex::new(()),
         }
     }
 
@@ -229,15 +225,14 @@ impl<T> Registry<T> {
         *e = Entry::Handshake(e.generation(), Some(pending));
         s.parked.push(index);
         // Slots in a handshake, parked or held: the list is cut back to
-        // those parked once it is twice that, so it stays within a few
-        // words a handshake however often each one parks.
+        // those parked once it is twice that (and 64 more), so it stays
+        // within a few words a handshake however often each one parks.
         let handshakes = s.used - s.open;
-        if s.parked.len() > 2 * handshakes + 64 {
-            let mut list = std::mem::take(&mut s.parked);
-            list.retain(|&i| s.holds_parked(i));
-            list.sort_unstable();
-            list.dedup();
-            s.parked = list;
+        let long = s.parked.len() > 2 * handshakes + 64;
+        drop(s);
+        // Unless a walk is under way, which cuts it back itself.
+        if long && let Some(_walk) = self.walking.try_lock() {
+            self.walk_parked(|_| true);
         }
         Some(armed)
     }
@@ -394,16 +389,8 @@ impl<T> Registry<T> {
         expired: &mut Vec<Box<Pending>>,
     ) -> usize {
         let mut earliest = u64::MAX;
-        let mut s = self.slab.lock();
-        let mut list = std::mem::take(&mut s.parked);
-        // A slot parked twice since the last sweep is listed twice.
-        list.sort_unstable();
-        list.dedup();
-        let looked = list.len();
-        list.retain(|&i| {
-            let Some(Entry::Handshake(_, pending @ Some(_))) = s.slot(i as usize) else {
-                return false;
-            };
+        let _walk = self.walking.lock();
+        let looked = self.walk_parked(|pending| {
             let at = pending
                 .as_ref()
                 .map_or(0, |p| handshake_deadline_ms(started, p.deadline));
@@ -417,16 +404,44 @@ impl<T> Registry<T> {
                 true
             }
         });
-        if list.capacity() > 4 * list.len() + 1024 {
-            // After a crowd: not kept at its size.
-            list.shrink_to_fit();
-        }
-        s.parked = list;
-        drop(s);
         if earliest != u64::MAX {
             timers.book_parked(earliest);
         }
         looked
+    }
+
+    /// Walk the parked list (the caller holds `walking`): each slot once,
+    /// those still holding a parked handshake given to `keep`, which may
+    /// take it out and says whether the slot stays listed. The list is
+    /// sorted out of the slab's lock, and walked under it a chunk at a
+    /// time, as `sweep` walks the slots: a crowd of parked handshakes
+    /// holds accepts, parks and sends for a chunk's worth at most. Slots
+    /// parked meanwhile were listed apart, and are kept after it. Returns
+    /// how many slots it looked at.
+    fn walk_parked(&self, mut keep: impl FnMut(&mut Option<Box<Pending>>) -> bool) -> usize {
+        let mut list = std::mem::take(&mut self.slab.lock().parked);
+        // A slot parked twice since the last walk is listed twice.
+        list.sort_unstable();
+        list.dedup();
+        let mut kept = Vec::with_capacity(list.len());
+        for part in list.chunks(CHUNK) {
+            let mut s = self.slab.lock();
+            for &i in part {
+                if let Some(Entry::Handshake(_, pending @ Some(_))) = s.slot(i as usize)
+                    && keep(pending)
+                {
+                    kept.push(i);
+                }
+            }
+        }
+        let mut s = self.slab.lock();
+        kept.append(&mut s.parked);
+        if kept.capacity() > 4 * kept.len() + 1024 {
+            // After a crowd: not kept at its size.
+            kept.shrink_to_fit();
+        }
+        s.parked = kept;
+        list.len()
     }
 
     /// Every open connection.
@@ -658,34 +673,102 @@ mod tests {
         assert_eq!(r.sweep_handshakes(3_000, started, &timers, &mut expired), 0);
     }
 
-    /// A handshake parked over and over is listed once a sweep, and the
-    /// list stays within a few entries a handshake between sweeps.
+    /// A handshake parked over and over is looked at once a sweep, and
+    /// the list stays within a few entries a handshake between sweeps,
+    /// keeping every slot still parked.
     #[test]
     fn the_parked_list_stays_bounded_however_often_handshakes_park() {
         let r: Registry<()> = Registry::new();
         let started = Instant::now();
-        let keys: Vec<usize> = (0..10)
-            .map(|_| r.reserve(usize::MAX, usize::MAX, LOCAL).unwrap())
+        let deadline = |k: usize| started + Duration::from_millis(1_000 + k as u64);
+        let mut held: Vec<Box<Pending>> = (0..10)
+            .map(|_| {
+                let k = r.reserve(usize::MAX, usize::MAX, LOCAL).unwrap();
+                pending(k, deadline(k & INDEX_MASK))
+            })
             .collect();
-        for round in 0..1_000 {
-            for &k in &keys {
-                r.park(pending(k, started + Duration::from_secs(10)), |_| ())
-                    .unwrap();
-                if round < 999 {
-                    let mut found = Vec::new();
-                    r.take_ready([k].into_iter(), &mut found);
-                }
+        let keys: Vec<usize> = held.iter().map(|p| p.key).collect();
+        for _ in 0..1_000 {
+            for p in held.drain(..) {
+                r.park(p, |_| ()).unwrap();
             }
             assert!(r.slab.lock().parked.len() <= 2 * keys.len() + 64 + 1);
+            // Each taken by a worker, as for a readiness event, but one.
+            let mut found = Vec::new();
+            r.take_ready(keys[1..].iter().copied(), &mut found);
+            held.extend(found.into_iter().map(|f| match f {
+                Found::Handshake(p) => p,
+                _ => panic!("a parked handshake was not found"),
+            }));
+            r.park(held.pop().unwrap(), |_| ()).unwrap();
         }
+        // Listed many times since the last cut, each parked slot is
+        // looked at once, and each of them is there.
+        assert!(r.slab.lock().parked.len() > keys.len());
         let timers = Timers::new();
         let mut expired = Vec::new();
-        assert_eq!(
-            r.sweep_handshakes(1_000, started, &timers, &mut expired),
-            10
-        );
-        assert!(expired.is_empty());
-        assert_eq!(timers.next(), Some(10_000));
+        let looked = r.sweep_handshakes(2_000, started, &timers, &mut expired);
+        assert!(looked <= keys.len(), "each listed slot once: {looked}");
+        let mut gone: Vec<usize> = expired.iter().map(|p| p.key).collect();
+        gone.sort_unstable();
+        assert_eq!(gone, [keys[0], keys[9]]);
+        assert_eq!(r.slab.lock().parked.len(), 0);
+    }
+
+    /// Sweeps and cuts of the list while other threads park and take
+    /// handshakes lose none of them: every handshake parked at the end is
+    /// found by the last sweep.
+    #[test]
+    fn walks_of_the_parked_list_beside_parks_from_many_threads_lose_none() {
+        let r: Registry<()> = Registry::new();
+        let started = Instant::now();
+        let later = started + Duration::from_millis(500);
+        let timers = Timers::new();
+        let parked: usize = std::thread::scope(|sc| {
+            let threads: Vec<_> = (0..4)
+                .map(|_| {
+                    sc.spawn(|| {
+                        let mut held: Vec<Box<Pending>> = (0..8)
+                            .map(|_| {
+                                let k = r.reserve(usize::MAX, usize::MAX, LOCAL).unwrap();
+                                pending(k, later)
+                            })
+                            .collect();
+                        let keys: Vec<usize> = held.iter().map(|p| p.key).collect();
+                        for _ in 0..3_000 {
+                            for p in held.drain(..) {
+                                r.park(p, |_| ()).unwrap();
+                            }
+                            let mut found = Vec::new();
+                            r.take_ready(keys.iter().copied(), &mut found);
+                            held.extend(found.into_iter().filter_map(|f| match f {
+                                Found::Handshake(p) => Some(p),
+                                _ => None,
+                            }));
+                        }
+                        // The last parks, spread out, so that walks run
+                        // meanwhile: none of them may be lost.
+                        let n = held.len();
+                        for p in held {
+                            r.park(p, |_| ()).unwrap();
+                            std::thread::sleep(Duration::from_micros(300));
+                        }
+                        n
+                    })
+                })
+                .collect();
+            let mut expired = Vec::new();
+            while !threads.iter().all(|t| t.is_finished()) {
+                // Nothing is due yet: every walk keeps what it finds.
+                r.sweep_handshakes(0, started, &timers, &mut expired);
+                assert!(expired.is_empty());
+            }
+            threads.into_iter().map(|t| t.join().unwrap()).sum()
+        });
+        assert_eq!(parked, 32, "every handshake was parked at the end");
+        let mut expired = Vec::new();
+        r.sweep_handshakes(1_000, started, &timers, &mut expired);
+        assert_eq!(expired.len(), 32, "each parked handshake is found");
     }
 
     /// A crowd of handshakes expiring at once is answered a share per
