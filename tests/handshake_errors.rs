@@ -370,9 +370,9 @@ fn a_trickling_handshake_is_not_cut_off_before_its_deadline() {
     }
 }
 
-/// Handshake deadlines are found by sweeping the slots a chunk of 1,024 at
-/// a time: a crowd of stalled half-requests over three chunks is answered
-/// 408 to the last one.
+/// Parked handshakes' deadlines are found by walking the list of their
+/// slots a chunk of 1,024 at a time: a crowd of stalled half-requests over
+/// three chunks is answered 408 to the last one.
 #[test]
 fn a_crowd_of_stalled_handshakes_is_answered_408_in_every_chunk() {
     use std::io::Read;

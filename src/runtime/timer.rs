@@ -152,38 +152,33 @@ mod tests {
         assert_eq!(Timers::round(TICK_MS), TICK_MS);
     }
 
+    /// Handshakes waiting in the ready queue, and parked ones, each wake
+    /// the loop for their own look, not for a sweep of every slot.
     #[test]
-    fn queued_handshakes_wake_the_loop_without_a_sweep() {
-        let t = Timers::new();
-        assert!(t.book(300));
-        assert!(t.book_queued(100));
-        assert!(!t.book_queued(200));
-        assert_eq!(t.next(), Some(100), "the loop wakes for either");
-        assert!(!t.start_sweep(100), "no registry sweep is due");
-        assert!(t.start_queue_scan(100));
-        assert_eq!(t.next(), Some(300), "the sweep's deadline stays");
-        assert!(!t.start_queue_scan(300), "the scan books what it leaves");
-        assert!(t.start_sweep(300));
-        assert_eq!(t.next(), None);
-    }
-
-    #[test]
-    fn parked_handshakes_wake_the_loop_without_a_sweep_of_every_slot() {
-        let t = Timers::new();
-        assert!(t.book(300));
-        assert!(t.book_parked(100));
-        assert!(!t.book_parked(200));
-        assert_eq!(t.next(), Some(100), "the loop wakes for either");
-        assert!(!t.start_sweep(100), "no sweep of every slot is due");
-        assert!(!t.start_queue_scan(100), "nor a scan of the queue");
-        assert!(t.start_handshake_sweep(100));
-        assert_eq!(t.next(), Some(300), "the slots' deadline stays");
-        assert!(
-            !t.start_handshake_sweep(300),
-            "the sweep books what it leaves"
-        );
-        assert!(t.start_sweep(300));
-        assert_eq!(t.next(), None);
+    fn handshakes_wake_the_loop_without_a_sweep_of_every_slot() {
+        type Book = fn(&Timers, u64) -> bool;
+        let kinds: [(&str, Book, Book); 2] = [
+            ("queued", Timers::book_queued, Timers::start_queue_scan),
+            ("parked", Timers::book_parked, Timers::start_handshake_sweep),
+        ];
+        for (kind, book, start) in kinds {
+            let t = Timers::new();
+            assert!(t.book(300));
+            assert!(book(&t, 100), "{kind}");
+            assert!(!book(&t, 200), "{kind}");
+            assert_eq!(t.next(), Some(100), "{kind}: the loop wakes for either");
+            assert!(!t.start_sweep(100), "{kind}: no sweep of every slot is due");
+            for (other, _, other_start) in kinds {
+                if other != kind {
+                    assert!(!other_start(&t, 100), "{kind}: nor a look at the {other}");
+                }
+            }
+            assert!(start(&t, 100), "{kind}");
+            assert_eq!(t.next(), Some(300), "{kind}: the slots' deadline stays");
+            assert!(!start(&t, 300), "{kind}: the look books what it leaves");
+            assert!(t.start_sweep(300));
+            assert_eq!(t.next(), None);
+        }
     }
 
     #[test]
