@@ -127,9 +127,10 @@ impl<T> fmt::Debug for Event<T> {
 ///
 /// It is bounded in bytes
 /// ([`event_queue_bytes`](crate::Builder::event_queue_bytes)), and each
-/// event counts against its client's flow control until the loop asks for
-/// the next one, so that the reply to it is sent first: a main loop that
-/// falls behind makes the server stop reading sockets, never grow.
+/// message counts against its client's flow control until the loop asks
+/// for the next event, so that the reply to it is sent first (and a
+/// client's Close is answered after it): a main loop that falls behind
+/// makes the server stop reading sockets, never grow.
 ///
 /// It ends once the server has shut down and every event sent before
 /// was received.
@@ -180,8 +181,12 @@ impl<T: Send + Sync + 'static> Events<T> {
     }
 
     fn hold(&self, envelope: Envelope<T>) -> Event<T> {
-        self.held
-            .set(Some((envelope.event.client().cloned(), envelope.charge)));
+        // Only a message's charge is on its client (see `EventQueue::push`).
+        let client = match &envelope.event {
+            Event::Message { client, .. } => Some(client.clone()),
+            _ => None,
+        };
+        self.held.set(Some((client, envelope.charge)));
         envelope.event
     }
 

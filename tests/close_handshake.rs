@@ -348,3 +348,212 @@ fn a_close_during_a_slow_closure_reaches_the_client_in_time() {
     s.write_all(&frame(0x88, &close_payload(4000, ""))).unwrap();
     assert!(closed_by_server(&mut s));
 }
+
+/// In the main-loop style, a client's Close that comes while the loop has
+/// not taken its last messages is answered after the loop's replies to
+/// them, as a closure's replies are: a crowd of clients each sending 200
+/// messages and then Close (half of them with their FIN too) gets every
+/// echo, in order, and then the answer. Before, the Close was answered as
+/// soon as it was read, and the loop's replies to the messages before it
+/// were refused (`Error::Closed`).
+#[test]
+fn a_close_behind_messages_is_answered_after_the_main_loops_replies() {
+    use std::net::Shutdown;
+    const CLIENTS: usize = 20;
+    const MESSAGES: u32 = 200;
+    // A close timeout longer than the test: the answers come when the loop
+    // has taken the messages, not when the wait for it runs out.
+    let server = WebSocketServer::builder()
+        .close_timeout(Duration::from_secs(30))
+        .start("127.0.0.1:0")
+        .unwrap();
+    let addr = server.local_addr();
+    let started = Instant::now();
+    let crowd: Vec<_> = (0..CLIENTS)
+        .map(|i| {
+            std::thread::spawn(move || {
+                let mut s = raw_ws(addr);
+                let mut out = Vec::new();
+                for m in 0..MESSAGES {
+                    out.extend(frame(0x82, &numbered(m, 16)));
+                }
+                out.extend(frame(0x88, &close_payload(1000, "bye")));
+                s.write_all(&out).unwrap();
+                if i % 2 == 1 {
+                    s.shutdown(Shutdown::Write).unwrap();
+                }
+                s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+                let mut echoes = 0;
+                loop {
+                    let (first, p) = read_frame(&mut s);
+                    if first == 0x88 {
+                        assert_eq!(p[..2], 1000u16.to_be_bytes(), "client {i}");
+                        break;
+                    }
+                    assert_eq!(p, numbered(echoes, 16), "client {i}, echo {echoes}");
+                    echoes += 1;
+                }
+                assert!(closed_by_server(&mut s), "client {i}");
+                echoes
+            })
+        })
+        .collect();
+    // A loop slower than the clients: each one's Close is read while
+    // most of its messages still wait in the channel.
+    let (mut refused, mut disconnects) = (0, 0);
+    while disconnects < CLIENTS {
+        match next(&server) {
+            enjent::Event::Message { client, message } => {
+                std::thread::sleep(Duration::from_micros(100));
+                if client.send(message).is_err() {
+                    refused += 1;
+                }
+            }
+            enjent::Event::Disconnect { close, .. } => {
+                assert_eq!(close.code, CloseCode::NORMAL);
+                disconnects += 1;
+            }
+            _ => {}
+        }
+    }
+    let echoes: Vec<u32> = crowd.into_iter().map(|c| c.join().unwrap()).collect();
+    assert_eq!(refused, 0, "replies refused");
+    assert!(echoes.iter().all(|&n| n == MESSAGES), "{echoes:?}");
+    assert!(
+        started.elapsed() < Duration::from_secs(20),
+        "the answers waited for the close timeout: {:?}",
+        started.elapsed()
+    );
+}
+
+/// The same when the loop has caught up: a message and the Close in one
+/// packet (the message not yet in the channel when the Close is read),
+/// one client after another, half with their FIN, each get the echo and
+/// then the answer. And a client's `Connect` the loop holds does not
+/// hold its answer: only messages are waited for.
+#[test]
+fn a_message_and_close_in_one_packet_get_the_echo_then_the_answer() {
+    use std::net::Shutdown;
+    let server = WebSocketServer::builder()
+        .close_timeout(Duration::from_secs(30))
+        .start("127.0.0.1:0")
+        .unwrap();
+    let addr = server.local_addr();
+    let started = Instant::now();
+    let clients = std::thread::spawn(move || {
+        for i in 0..20u32 {
+            let mut s = raw_ws(addr);
+            let mut out = frame(0x82, &numbered(i, 8));
+            out.extend(frame(0x88, &close_payload(1000, "")));
+            s.write_all(&out).unwrap();
+            if i % 2 == 1 {
+                s.shutdown(Shutdown::Write).unwrap();
+            }
+            s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+            assert_eq!(read_frame(&mut s), (0x82, numbered(i, 8)), "client {i}");
+            assert_eq!(read_close(&mut s), Some(1000), "client {i}");
+        }
+        // Held `Connect`: answered at once all the same.
+        let mut s = raw_ws(addr);
+        s.write_all(&frame(0x88, &close_payload(1000, ""))).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        assert_eq!(read_close(&mut s), Some(1000));
+    });
+    let (mut connects, mut disconnects) = (0, 0);
+    // Until the last client's `Connect`, held while it closes.
+    while connects < 21 || disconnects < 20 {
+        match next(&server) {
+            enjent::Event::Message { client, message } => {
+                client.send(message).unwrap();
+            }
+            enjent::Event::Connect { .. } => connects += 1,
+            enjent::Event::Disconnect { .. } => disconnects += 1,
+            other => panic!("{other:?}"),
+        }
+    }
+    clients.join().unwrap();
+    assert!(started.elapsed() < Duration::from_secs(20));
+    expect_disconnect(&server);
+}
+
+/// The answer that waits for the main loop waits at most `close_timeout`:
+/// a loop that does not take the client's message for seconds does not
+/// keep the client from its close answer.
+#[test]
+fn a_close_behind_messages_waits_for_the_main_loop_at_most_the_close_timeout() {
+    let server = WebSocketServer::builder()
+        .close_timeout(Duration::from_millis(500))
+        .start("127.0.0.1:0")
+        .unwrap();
+    let mut s = raw_ws(server.local_addr());
+    let started = Instant::now();
+    let mut out = frame(0x82, b"unanswered");
+    out.extend(frame(0x88, &close_payload(1000, "")));
+    s.write_all(&out).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    assert_eq!(read_close(&mut s), Some(1000), "no echo, then the answer");
+    let took = started.elapsed();
+    assert!(
+        took >= Duration::from_millis(400) && took < Duration::from_secs(3),
+        "answered after {took:?}"
+    );
+    assert!(closed_by_server(&mut s));
+    // The loop comes back: the reply it makes now is refused, not sent
+    // after our close frame.
+    expect_connect(&server);
+    let (client, message) = expect_message(&server);
+    assert!(matches!(
+        client.send(message).map_err(|e| e.into_error()),
+        Err(Error::Closed)
+    ));
+    let (_, close, _) = expect_disconnect(&server);
+    assert_eq!(close.code, CloseCode::NORMAL);
+}
+
+/// The user's close while the answer waits (the loop fills the client's
+/// queue to its hard limit and closes it; the client sent more messages,
+/// then Close, and reads nothing): ours goes first, stuck behind the
+/// replies, and the connection still ends within twice the close timeout
+/// (the wait's, then the close's own), with its `Disconnect`.
+#[test]
+fn a_users_close_while_the_answer_waits_still_ends_the_connection() {
+    let server = WebSocketServer::builder()
+        .close_timeout(Duration::from_secs(2))
+        .start("127.0.0.1:0")
+        .unwrap();
+    let mut s = raw_ws_small_window(server.local_addr());
+    let mut out = Vec::new();
+    for m in 0..50 {
+        out.extend(frame(0x82, &numbered(m, 1000)));
+    }
+    out.extend(frame(0x88, &close_payload(1000, "")));
+    s.write_all(&out).unwrap();
+    expect_connect(&server);
+    let (client, _) = expect_message(&server);
+    // Let the client's Close be read while its messages wait; then
+    // replies until its queue is full, and our close behind them.
+    std::thread::sleep(Duration::from_millis(200));
+    let mut sent = 0;
+    while client
+        .send(enjent::Message::Binary(vec![7; 256 * 1024]))
+        .is_ok()
+    {
+        sent += 1;
+        assert!(sent < 1000, "the client's queue never filled");
+    }
+    client.close(CloseCode::GOING_AWAY, "bye").unwrap();
+    let started = Instant::now();
+    loop {
+        match server.recv_timeout(Duration::from_secs(15)) {
+            Ok(enjent::Event::Message { .. }) => {}
+            Ok(enjent::Event::Disconnect { .. }) => break,
+            other => panic!("expected the Disconnect, got {other:?}"),
+        }
+    }
+    // The wait's 2 s, then at most the close's own 2 s.
+    assert!(
+        started.elapsed() < Duration::from_secs(8),
+        "{:?}",
+        started.elapsed()
+    );
+}

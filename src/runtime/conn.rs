@@ -122,6 +122,10 @@ pub(crate) struct ReadSide {
     /// times the CPU for a flood of such pairs); this way it buys at most
     /// one a millisecond.
     pub(crate) pong_flush_after_ms: u64,
+    /// Our answer to the peer's close, held back while the main loop has
+    /// not taken this client's messages yet (see `Conn::defer_close`), so
+    /// that its replies to them go out first.
+    pub(crate) deferred_close: Option<CloseFrame>,
 }
 
 impl ReadSide {
@@ -140,6 +144,7 @@ impl ReadSide {
             buffered: 0,
             pong_corked: false,
             pong_flush_after_ms: 0,
+            deferred_close: None,
         }
     }
 
@@ -223,7 +228,8 @@ pub(crate) struct WriteSide {
     /// Server clock (ms) by which the close handshake must be over.
     pub(crate) close_deadline_ms: u64,
     pub(crate) write_error: Option<io::ErrorKind>,
-    /// Bytes of this connection's events waiting in the event channel.
+    /// Bytes of this connection's messages waiting in the event channel
+    /// (its other events count on the channel's budget alone).
     pub(crate) events: usize,
     /// Flow control stopped reading and dispatching this connection.
     pub(crate) paused: bool,
@@ -960,15 +966,48 @@ impl<T: Send + Sync + 'static> Conn<T> {
     }
 
     /// Take `bytes` of this connection's events off its account (the main
-    /// loop consumed them), resuming it if that brings it under low water.
+    /// loop consumed them), resuming it if that brings it under low water,
+    /// and running a job to answer the peer's close if that waited for
+    /// the last of them.
     pub(crate) fn events_consumed(self: &Arc<Self>, shared: &Arc<Shared<T>>, bytes: usize) {
         let mut w = self.io.lock();
         w.events = w.events.saturating_sub(bytes);
         let closing = self.closing.load(Ordering::Acquire);
-        if Self::resume_locked(shared, &mut w, false, closing) && claim_locked(&mut w) {
+        let resumed = Self::resume_locked(shared, &mut w, false, closing);
+        // A close deadline before our close is queued: the peer's close
+        // (or its FIN) came, and our answer may be waiting for this.
+        let answer = w.events == 0 && w.close_deadline_ms != 0 && !closing;
+        if (resumed || answer) && claim_locked(&mut w) {
             drop(w);
             spawn_job(shared, self);
         }
+    }
+
+    /// The peer's close came while the main loop has not taken all of this
+    /// client's messages: whether our answer waits for it (true), so that
+    /// the loop's replies to them go out before it, as a closure's do. It
+    /// waits at most `close_timeout`, and the answer then has a
+    /// `close_timeout` of its own to leave; the client has sent its last
+    /// message, and what it sends after is read and discarded.
+    pub(crate) fn defer_close(&self, shared: &Shared<T>, now_ms: u64) -> bool {
+        let mut w = self.io.lock();
+        if w.events == 0 || w.finished || self.closing.load(Ordering::Acquire) {
+            return false;
+        }
+        if w.close_deadline_ms == 0 {
+            w.close_deadline_ms = now_ms.saturating_add(shared.close_timeout_ms());
+        }
+        true
+    }
+
+    /// A close answer waits (`defer_close`): whether it is due now, the
+    /// main loop having taken this client's events or `close_timeout`
+    /// having passed.
+    pub(crate) fn deferred_close_due(&self, now_ms: u64) -> bool {
+        let w = self.io.lock();
+        // The deadline stays: the close sent now sets its own, and if ours
+        // went first (the user's), this one still ends the wait for it.
+        w.events == 0 || (w.close_deadline_ms != 0 && now_ms >= w.close_deadline_ms)
     }
 
     /// The event channel has room again: resume if starved.

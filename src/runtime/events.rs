@@ -1,10 +1,12 @@
 //! The event channel of the main-loop style, bounded in bytes.
 //!
-//! Every event carries a charge: its payload plus a fixed cost. The
-//! charge counts against its connection (flow control pauses reading a
-//! connection whose queue plus unconsumed events reach high water) and
-//! against the server-wide budget (over it, connections that would
-//! dispatch more messages pause and wait here, and the acceptor waits).
+//! Every event carries a charge: its payload plus a fixed cost. A
+//! message's charge counts against its connection (flow control pauses
+//! reading a connection whose queue plus unconsumed messages reach high
+//! water, and a peer's close is answered once they are consumed), and
+//! every event's against the server-wide budget (over it, connections
+//! that would dispatch more messages pause and wait here, and the
+//! acceptor waits).
 //! [`Events`](crate::Events) gives a charge back when the main loop asks
 //! for the next event, so the event being handled still counts while its
 //! reply is sent.
@@ -128,13 +130,23 @@ impl<T: Send + Sync + 'static> EventQueue<T> {
                 Event::Message { message, .. } => conn.payload_bound(message.len()),
                 _ => 0,
             };
+        // Only messages count on their client (see `Events::hold`): what
+        // a client holds is what the loop may answer, and a close waits
+        // for the answers (`Conn::defer_close`), not for a `Connect`.
+        let answered = matches!(event, Event::Message { .. });
         let guard = self.tx.read();
         let Some(tx) = guard.as_ref() else { return };
-        conn.io.lock().events += charge;
+        if answered {
+            conn.io.lock().events += charge;
+        }
         self.bytes.fetch_add(charge, Ordering::Relaxed);
         if tx.send(Batch::One(Envelope { event, charge })).is_err() {
             // The receiver is gone with the server.
-            self.refund(conn, charge);
+            self.bytes.fetch_sub(charge, Ordering::Relaxed);
+            if answered {
+                let mut w = conn.io.lock();
+                w.events = w.events.saturating_sub(charge);
+            }
         }
     }
 

@@ -810,9 +810,19 @@ fn handle<T: Send + Sync + 'static>(
             // one in the peer's close frame, whoever closed first.
             r.report = Some(frame.unwrap_or_else(|| CloseFrame::new(CloseCode::NO_STATUS, "")));
             if let Some(reply) = reply {
-                // Fails only if our own close went out first; then the
-                // peer's close completes the handshake anyway.
-                let _ = conn.send_close(shared, reply);
+                // In the main-loop style the loop may not have taken the
+                // client's last messages yet: its replies to them go out
+                // before our answer, as a closure's would.
+                // Messages of this read still staged go to the loop first:
+                // they are counted on the client once sent.
+                batch.send();
+                if shared.handlers.message.is_none() && conn.defer_close(shared, shared.now_ms()) {
+                    r.deferred_close = Some(reply);
+                } else {
+                    // Fails only if our own close went out first; then the
+                    // peer's close completes the handshake anyway.
+                    let _ = conn.send_close(shared, reply);
+                }
             }
         }
         Output::Fail { error, reply } => {
@@ -854,6 +864,12 @@ fn progress<T: Send + Sync + 'static>(
     now: u64,
     close_deadline_out: &mut u64,
 ) -> Option<Option<Error>> {
+    if r.deferred_close.is_some()
+        && conn.deferred_close_due(now)
+        && let Some(reply) = r.deferred_close.take()
+    {
+        let _ = conn.send_close(shared, reply);
+    }
     let (flushed, empty, close_deadline, write_error, force) = {
         let mut w = conn.io.lock();
         let empty = w.out.is_empty() && !w.writing;
@@ -912,7 +928,9 @@ fn progress<T: Send + Sync + 'static>(
     if flushed {
         r.proto.reply_flushed();
     }
-    if r.eof && empty {
+    // A client that sent Close and its FIN may still read: an answer that
+    // waits for the main loop keeps the connection (up to its deadline).
+    if r.eof && empty && r.deferred_close.is_none() {
         return Some(None);
     }
     match r.proto.state() {
