@@ -9,6 +9,14 @@ use std::time::{Duration, Instant};
 use enjent::{CloseCode, Error, WebSocketServer};
 use support::*;
 
+/// A server in the main-loop style with this close timeout.
+fn with_close_timeout(t: Duration) -> WebSocketServer {
+    WebSocketServer::builder()
+        .close_timeout(t)
+        .start("127.0.0.1:0")
+        .unwrap()
+}
+
 #[test]
 fn server_close_sends_code_and_reason_and_waits_for_the_answer() {
     let server = server();
@@ -109,10 +117,7 @@ fn client_close_with_no_code_is_answered_and_reported_as_1005() {
 
 #[test]
 fn peer_that_never_answers_is_dropped_after_close_timeout() {
-    let server = WebSocketServer::builder()
-        .close_timeout(Duration::from_millis(300))
-        .start("127.0.0.1:0")
-        .unwrap();
+    let server = with_close_timeout(Duration::from_millis(300));
     let mut s = raw_ws(server.local_addr());
     let c = expect_connect(&server);
     let start = Instant::now();
@@ -363,10 +368,7 @@ fn a_close_behind_messages_is_answered_after_the_main_loops_replies() {
     const MESSAGES: u32 = 200;
     // A close timeout longer than the test: the answers come when the loop
     // has taken the messages, not when the wait for it runs out.
-    let server = WebSocketServer::builder()
-        .close_timeout(Duration::from_secs(30))
-        .start("127.0.0.1:0")
-        .unwrap();
+    let server = with_close_timeout(Duration::from_secs(30));
     let addr = server.local_addr();
     let started = Instant::now();
     let crowd: Vec<_> = (0..CLIENTS)
@@ -434,10 +436,7 @@ fn a_close_behind_messages_is_answered_after_the_main_loops_replies() {
 #[test]
 fn a_message_and_close_in_one_packet_get_the_echo_then_the_answer() {
     use std::net::Shutdown;
-    let server = WebSocketServer::builder()
-        .close_timeout(Duration::from_secs(30))
-        .start("127.0.0.1:0")
-        .unwrap();
+    let server = with_close_timeout(Duration::from_secs(30));
     let addr = server.local_addr();
     let started = Instant::now();
     let clients = std::thread::spawn(move || {
@@ -481,10 +480,7 @@ fn a_message_and_close_in_one_packet_get_the_echo_then_the_answer() {
 /// keep the client from its close answer.
 #[test]
 fn a_close_behind_messages_waits_for_the_main_loop_at_most_the_close_timeout() {
-    let server = WebSocketServer::builder()
-        .close_timeout(Duration::from_millis(500))
-        .start("127.0.0.1:0")
-        .unwrap();
+    let server = with_close_timeout(Duration::from_millis(500));
     let mut s = raw_ws(server.local_addr());
     let started = Instant::now();
     let mut out = frame(0x82, b"unanswered");
@@ -517,10 +513,7 @@ fn a_close_behind_messages_waits_for_the_main_loop_at_most_the_close_timeout() {
 /// (the wait's, then the close's own), with its `Disconnect`.
 #[test]
 fn a_users_close_while_the_answer_waits_still_ends_the_connection() {
-    let server = WebSocketServer::builder()
-        .close_timeout(Duration::from_secs(2))
-        .start("127.0.0.1:0")
-        .unwrap();
+    let server = with_close_timeout(Duration::from_secs(2));
     let mut s = raw_ws_small_window(server.local_addr());
     let mut out = Vec::new();
     for m in 0..50 {
