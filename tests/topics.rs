@@ -1578,9 +1578,15 @@ fn a_crowd_that_never_reads_is_refused_at_its_limits_and_a_reader_among_it_gets_
         // window stayed shut this long can wait for the kernel's backed-off
         // window probe before it moves (once, in CI, past 10 s), and the
         // members' waits then overlap.
+        // Each reader waits as long as the sends of "end" below may: a
+        // reader that gave up at the usual 10 s dropped its socket, and the
+        // reset closed its client under the send (seen once in CI).
         let crowd: Vec<_> = crowd
             .into_iter()
-            .map(|(s, c)| (read_numbered(s, TINY, "end"), c))
+            .map(|(s, c)| {
+                s.set_read_timeout(Some(Duration::from_secs(40))).unwrap();
+                (read_numbered(s, TINY, "end"), c)
+            })
             .collect();
         for (_, c) in &crowd {
             c.send_timeout("end", Duration::from_secs(40)).unwrap();
