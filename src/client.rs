@@ -310,9 +310,12 @@ impl<T: Send + Sync + 'static> Client<T> {
     ///
     /// The message is handed back in the [`SendError`], with
     /// [`Error::Backpressure`] if the client's queue is over the hard
-    /// limit (a [`Drain`](crate::Event::Drain) event follows once it is
-    /// down to low water), or [`Error::Closed`] if the client is gone or
-    /// closing.
+    /// limit, or [`Error::ServerBackpressure`] if all clients' queues
+    /// together are over `max_queued_bytes` and this one holds more than
+    /// its share (in both cases a [`Drain`](crate::Event::Drain) event
+    /// follows once its queue is down to low water;
+    /// [`Error::is_backpressure`] tells either), or [`Error::Closed`] if
+    /// the client is gone or closing.
     pub fn send(&self, message: impl Into<Message>) -> std::result::Result<SendStatus, SendError> {
         let message = message.into();
         let Some(conn) = self.inner.conn.upgrade() else {
@@ -326,7 +329,8 @@ impl<T: Send + Sync + 'static> Client<T> {
     }
 
     /// Send a message, waiting up to `timeout` for room in the client's
-    /// queue if it is over the hard limit. Meant for threads outside the
+    /// queue if it is over the hard limit (or for the server's queues to
+    /// be back within `max_queued_bytes`). Meant for threads outside the
     /// pool (a main loop, a producer thread); called from a closure on a
     /// pool worker it does not wait (the worker may be the one that would
     /// drain the queue) and behaves as [`send`](Client::send).

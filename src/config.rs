@@ -24,6 +24,7 @@ pub struct Config {
     pub(crate) workers: usize,
     pub(crate) max_connections_per_ip: usize,
     pub(crate) max_buffered_bytes: usize,
+    pub(crate) max_queued_bytes: usize,
     pub(crate) slow_client_policy: SlowClientPolicy,
     pub(crate) high_water: usize,
     pub(crate) low_water: usize,
@@ -80,6 +81,7 @@ impl Default for Config {
             workers: std::thread::available_parallelism().map_or(4, |n| 2 * n.get()),
             max_connections_per_ip: usize::MAX,
             max_buffered_bytes: 256 << 20,
+            max_queued_bytes: 256 << 20,
             slow_client_policy: SlowClientPolicy::Refuse,
             high_water: 128 * 1024,
             low_water: 32 * 1024,
@@ -200,6 +202,14 @@ impl Config {
     /// Most bytes of unfinished incoming messages, all clients together.
     pub fn max_buffered_bytes(&self) -> usize {
         self.max_buffered_bytes
+    }
+
+    /// Most bytes queued to clients, all clients together (see
+    /// [`Builder::max_queued_bytes`](crate::Builder::max_queued_bytes)):
+    /// the budget in force, at least one client's hard limit
+    /// ([`max_backpressure`](Config::max_backpressure)).
+    pub fn max_queued_bytes(&self) -> usize {
+        self.max_queued_bytes.max(self.hard_limit())
     }
 
     /// What a send over `max_backpressure` does.
@@ -330,6 +340,9 @@ impl Config {
         }
         if self.max_buffered_bytes == 0 {
             return Err("max_buffered_bytes must be at least 1 (usize::MAX for no budget)");
+        }
+        if self.max_queued_bytes == 0 {
+            return Err("max_queued_bytes must be at least 1 (usize::MAX for no budget)");
         }
         Ok(())
     }

@@ -45,6 +45,21 @@ pub enum Error {
         /// The configured limit, in bytes.
         limit: usize,
     },
+    /// Everything queued to clients together is over `max_queued_bytes`,
+    /// and this client's queue, with the message, would hold more than its
+    /// share of it (the budget divided among the open connections, and at
+    /// least 16 KiB); the message was not queued. As with
+    /// [`Error::Backpressure`], a [`Drain`](crate::Event::Drain) comes
+    /// once this client's queue is down to low water.
+    ServerBackpressure {
+        /// What is already queued for this client, counted as
+        /// [`Error::Backpressure`] counts it.
+        queued: usize,
+        /// What the budget counted, all clients together.
+        total: usize,
+        /// The budget, `max_queued_bytes`.
+        limit: usize,
+    },
     /// The client (or the server) is closed or closing; nothing more can be
     /// sent.
     Closed,
@@ -90,8 +105,8 @@ impl SendError {
         SendError { error, message }
     }
 
-    /// Why the message was not taken: [`Error::Backpressure`] or
-    /// [`Error::Closed`].
+    /// Why the message was not taken: [`Error::Backpressure`],
+    /// [`Error::ServerBackpressure`] or [`Error::Closed`].
     pub fn error(&self) -> &Error {
         &self.error
     }
@@ -145,6 +160,17 @@ impl From<SendError> for Error {
 }
 
 impl Error {
+    /// Whether a send was refused for a queue that is too full
+    /// ([`Error::Backpressure`] or [`Error::ServerBackpressure`]): the
+    /// message was handed back, and a [`Drain`](crate::Event::Drain) says
+    /// when to try again.
+    pub fn is_backpressure(&self) -> bool {
+        matches!(
+            self,
+            Error::Backpressure { .. } | Error::ServerBackpressure { .. }
+        )
+    }
+
     /// The close code this error sends to the peer, if it ends a connection.
     pub fn close_code(&self) -> Option<CloseCode> {
         match self {
@@ -168,6 +194,16 @@ impl fmt::Display for Error {
                 write!(
                     f,
                     "{queued} bytes already queued (64 B a queued piece counted for its place); with this message, over the limit of {limit}"
+                )
+            }
+            Error::ServerBackpressure {
+                queued,
+                total,
+                limit,
+            } => {
+                write!(
+                    f,
+                    "{queued} bytes already queued to this client, and {total} to all clients, over the server's budget of {limit}"
                 )
             }
             Error::Closed => f.write_str("connection closed"),

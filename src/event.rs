@@ -34,7 +34,8 @@ pub enum Event<T = ()> {
         message: Message,
     },
     /// A client's send queue is down to low water again after a `send`
-    /// was refused with [`Error::Backpressure`]: producers can resume.
+    /// was refused with [`Error::Backpressure`] or
+    /// [`Error::ServerBackpressure`]: producers can resume.
     Drain {
         /// The client that caught up.
         client: Client<T>,

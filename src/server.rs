@@ -330,7 +330,8 @@ impl<T: Send + Sync + 'static> ServerHandle<T> {
     /// The message is handed back with [`Error::Closed`] if the client is
     /// gone (this server never reuses ids, so a late send can never reach
     /// someone else), or [`Error::Backpressure`] if its queue is over the
-    /// hard limit. Ids are unique per server only: one taken from another
+    /// hard limit ([`Error::ServerBackpressure`] if over its share of
+    /// `max_queued_bytes`). Ids are unique per server only: one taken from another
     /// server can name a client of this one.
     pub fn send(
         &self,
@@ -698,6 +699,31 @@ impl<T: Send + Sync + 'static> Builder<T> {
         self
     }
 
+    /// Most bytes queued to clients, all clients together: what `send`,
+    /// `broadcast` and `publish` have queued and the kernel has not taken
+    /// yet. A frame shared by many queues (a broadcast's, a publish's)
+    /// counts once, and a client's queue counts only once it holds more
+    /// than 16 KiB (bytes, and 64 B a queued piece), so that clients that
+    /// keep up never touch the count. Past it, a data frame is refused to
+    /// each client whose queue would, with it, hold more than its share
+    /// (the budget divided among the open connections, at least 16 KiB):
+    /// [`Error::ServerBackpressure`](crate::Error::ServerBackpressure),
+    /// handing the message back, with a `Drain` once that client's queue
+    /// is down to `low_water` (under [`SlowClientPolicy::Close`], the
+    /// client is closed with 1008, as over its own hard limit). A client
+    /// under its share may still fill up to it, and one with nothing
+    /// queued still takes one frame, so the queues hold at most the budget,
+    /// plus as much again (or 16 KiB a client, if that is more), plus a
+    /// frame a client. `stats().queued_budget_bytes` is what it counts now.
+    /// The budget in force is at least one client's hard limit
+    /// ([`max_backpressure`](Builder::max_backpressure)), so that a client
+    /// alone meets its own limit first ([`Config::max_queued_bytes`]
+    /// tells). Must not be 0. Default: 256 MiB.
+    pub fn max_queued_bytes(mut self, bytes: usize) -> Self {
+        self.config.max_queued_bytes = bytes;
+        self
+    }
+
     /// What a send over `max_backpressure` does to the client. Default:
     /// [`SlowClientPolicy::Refuse`].
     pub fn slow_client_policy(mut self, policy: SlowClientPolicy) -> Self {
@@ -1024,7 +1050,7 @@ impl<T: Send + Sync + 'static> Builder<T> {
             awaited: Mutex::new(Vec::new()),
             room: Mutex::new(()),
             room_cv: parking_lot::Condvar::new(),
-            counters: Counters::default(),
+            counters: Counters::new(config.max_queued_bytes()),
             buffered_in: AtomicUsize::new(0),
             condemned_in: AtomicUsize::new(0),
             budget_scan: parking_lot::Mutex::new(()),

@@ -2,7 +2,10 @@
 //! plain snapshot.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering::Relaxed};
+
+use crate::runtime::flow::OutputBudget;
 
 use parking_lot::Mutex;
 
@@ -37,10 +40,17 @@ pub struct Stats {
     /// (refusals, `on_http` pages) are counted in `handshakes_refused` and
     /// `http_answered`, not here.
     pub bytes_out: u64,
-    /// Bytes waiting in send queues now.
+    /// Bytes waiting in send queues now (a frame broadcast to many
+    /// clients counts in each of their queues).
     pub bytes_queued: u64,
+    /// What `max_queued_bytes` counts now: the queues that cost more than
+    /// 16 KiB (their bytes and 64 B a queued piece), and each frame shared
+    /// by several queues (a broadcast's, a publish's) once, until the
+    /// last of them has written it or let it go.
+    pub queued_budget_bytes: u64,
     /// Messages refused (handed back, or missed by a broadcast) because a
-    /// client's queue was over the hard limit.
+    /// client's queue was over the hard limit, or the server over
+    /// `max_queued_bytes` with that client among those holding the most.
     pub messages_dropped: u64,
     /// Data messages not delivered because they came after the client's
     /// close frame was queued and the main loop was a whole
@@ -203,9 +213,25 @@ pub(crate) struct Counters {
     pub(crate) read_pauses: AtomicU64,
     /// Refusals are rare and keyed by any status: a lock is fine here.
     pub(crate) refused: Mutex<BTreeMap<u16, u64>>,
+    /// `max_queued_bytes` and what it counts (shared frames hold it too).
+    pub(crate) output: Arc<OutputBudget>,
 }
 
 impl Counters {
+    pub(crate) fn new(max_queued_bytes: usize) -> Counters {
+        Counters {
+            output: Arc::new(OutputBudget::new(max_queued_bytes)),
+            ..Counters::default()
+        }
+    }
+
+    /// Connections open now.
+    pub(crate) fn open(&self) -> u64 {
+        self.accepted
+            .load(Relaxed)
+            .saturating_sub(self.disconnected.load(Relaxed))
+    }
+
     pub(crate) fn add(counter: &AtomicU64, n: u64) {
         counter.fetch_add(n, Relaxed);
     }
@@ -276,6 +302,7 @@ impl Counters {
                 .map(|h| h.bytes_queued.load(Relaxed))
                 .fold(0, i64::wrapping_add)
                 .max(0) as u64,
+            queued_budget_bytes: self.output.used() as u64,
             messages_dropped: self.dropped.load(Relaxed),
             messages_discarded: self.discarded.load(Relaxed),
             backpressure_closes: self.backpressure_closes.load(Relaxed),

@@ -1004,17 +1004,6 @@ fn shutdown_reads_close_replies_of_paused_clients() {
     assert!(closed, "the server did not close TCP after the reply");
 }
 
-/// CPU time this process has used, in the kernel's ticks (1/100 s).
-#[cfg(target_os = "linux")]
-fn cpu_ticks() -> u64 {
-    let stat = std::fs::read_to_string("/proc/self/stat").unwrap();
-    // After the command's name (in parentheses): state is the first
-    // field, utime the 12th and stime the 13th.
-    let rest = &stat[stat.rfind(')').unwrap() + 1..];
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap()
-}
-
 /// Was a bug: a paused connection (its events unconsumed past high water)
 /// whose client reset it spun. Its job could not read, so it never saw the
 /// reset, and it armed the socket with no interest; the kernel reports a

@@ -17,6 +17,7 @@ use crate::runtime::Shared;
 use crate::runtime::conn::Conn;
 #[cfg(feature = "deflate")]
 use crate::runtime::conn::RSV1;
+use crate::runtime::flow::SharedFrame;
 use crate::server::Broadcast;
 
 /// Clients per chunk of work.
@@ -27,7 +28,7 @@ const PARALLEL_FROM: usize = 4 * CHUNK;
 
 /// The message encoded once per form the clients need.
 pub(crate) struct Frames {
-    plain: Arc<[u8]>,
+    plain: Arc<SharedFrame>,
     /// The message's payload length.
     #[cfg(feature = "deflate")]
     len: usize,
@@ -36,7 +37,7 @@ pub(crate) struct Frames {
     /// stream made with a smaller window is valid for every larger one);
     /// `None` if none needs it or compressing did not pay.
     #[cfg(feature = "deflate")]
-    deflated: Option<Arc<[u8]>>,
+    deflated: Option<Arc<SharedFrame>>,
     /// For connections that keep a context and compress on their own.
     #[cfg(feature = "deflate")]
     message: Option<Message>,
@@ -44,7 +45,8 @@ pub(crate) struct Frames {
 
 impl Frames {
     pub(crate) fn new<T>(shared: &Shared<T>, message: &Message, conns: &[Arc<Conn<T>>]) -> Frames {
-        let plain = encode_frame(message.opcode(), message.as_bytes()).into();
+        let budget = &shared.counters.output;
+        let plain = SharedFrame::new(encode_frame(message.opcode(), message.as_bytes()), budget);
         #[cfg(feature = "deflate")]
         {
             let mut deflated = None;
@@ -69,7 +71,7 @@ impl Frames {
                         let mut frame = Vec::with_capacity(n + z.len());
                         frame.extend_from_slice(&head[..n]);
                         frame.extend_from_slice(&z);
-                        deflated = Some(frame.into());
+                        deflated = Some(SharedFrame::new(frame, budget));
                     }
                 }
             }
@@ -82,7 +84,7 @@ impl Frames {
         }
         #[cfg(not(feature = "deflate"))]
         {
-            let _ = (shared, conns);
+            let _ = conns;
             Frames { plain }
         }
     }
@@ -141,7 +143,7 @@ impl Frames {
 
 /// What one connection is sent of a message encoded for many.
 enum Form<'a> {
-    Frame(&'a Arc<[u8]>),
+    Frame(&'a Arc<SharedFrame>),
     #[cfg_attr(not(feature = "deflate"), allow(dead_code))]
     Own(&'a Message),
 }
@@ -217,7 +219,7 @@ fn count(report: &mut Broadcast, result: Result<SendStatus, Error>) {
     match result {
         Ok(SendStatus::Written) => report.written += 1,
         Ok(SendStatus::Queued) => report.queued += 1,
-        Err(Error::Backpressure { .. }) => report.dropped += 1,
+        Err(e) if e.is_backpressure() => report.dropped += 1,
         Err(_) => report.closed += 1,
     }
 }

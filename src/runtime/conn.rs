@@ -28,7 +28,7 @@ use crate::proto::assemble::Limits;
 use crate::proto::conn::Connection;
 use crate::proto::frame::{OpCode, close_payload, encode_header, encode_header_rsv};
 use crate::runtime::Shared;
-use crate::runtime::flow::{CHUNK_COST, Chunk, OutQueue};
+use crate::runtime::flow::{CHUNK_COST, Chunk, OutQueue, SharedFrame, Unwritten};
 use crate::stats::Counters;
 
 /// RSV1 as `encode_header_rsv` takes it: the permessage-deflate bit.
@@ -625,7 +625,7 @@ impl<T: Send + Sync + 'static> Conn<T> {
             // Tries before the deadline are quiet; the last one counts.
             let last = crate::runtime::service::on_worker() || Instant::now() >= deadline;
             match self.send_message_as(shared, message, !last) {
-                Err(e) if !last && matches!(e.error(), Error::Backpressure { .. }) => {
+                Err(e) if !last && e.error().is_backpressure() => {
                     message = e.into_message();
                     // Room for the frame as it may be encoded: a header,
                     // and what compression that did not pay may add (an
@@ -678,7 +678,7 @@ impl<T: Send + Sync + 'static> Conn<T> {
     pub(crate) fn send_shared(
         self: &Arc<Self>,
         shared: &Arc<Shared<T>>,
-        frame: &Arc<[u8]>,
+        frame: &Arc<SharedFrame>,
     ) -> Result<SendStatus> {
         self.write(
             shared,
@@ -1157,18 +1157,14 @@ impl<T: Send + Sync + 'static> Conn<T> {
             return Err(Error::Closed);
         }
         let data = matches!(kind, Kind::Data | Kind::DataTry);
-        if data && !shared.marks.admits_frame(&w.out, len) {
-            let queued = w.out.cost();
+        if data && let Err(error) = shared.admits_frame(&w.out, len) {
             if kind == Kind::Data {
                 w.drain_wanted = true;
                 drop(w);
                 Counters::add(&shared.counters.dropped, 1);
                 self.over_limit(shared);
             }
-            return Err(Error::Backpressure {
-                queued,
-                limit: shared.marks.hard,
-            });
+            return Err(error);
         }
         if data {
             shared.counters.message_out();
@@ -1184,9 +1180,9 @@ impl<T: Send + Sync + 'static> Conn<T> {
     pub(crate) fn queue_shared(
         self: &Arc<Self>,
         shared: &Arc<Shared<T>>,
-        frame: &Arc<[u8]>,
+        frame: &Arc<SharedFrame>,
     ) -> Result<bool> {
-        let mut w = self.admit(shared, Kind::Data, frame.len())?;
+        let mut w = self.admit(shared, Kind::Data, frame.bytes().len())?;
         let idle = !w.writing && !w.job_running && w.out.is_empty();
         w.out
             .push(Chunk::Shared(Arc::clone(frame)), &shared.counters);
@@ -1401,7 +1397,7 @@ impl<T: Send + Sync + 'static> Conn<T> {
             w.room = false;
             let mut taken = w.out.take_for_write();
             drop(w);
-            let (written, result) = write_queue(&self.stream, &mut taken.chunks, &mut taken.head);
+            let (written, result) = write_queue(&self.stream, &mut taken);
             w = self.io.lock();
             if w.finished {
                 // Torn down while this write was out: teardown counted
@@ -1484,20 +1480,17 @@ impl<T: Send + Sync + 'static> Conn<T> {
 /// with vectored writes until it is empty or the kernel takes no more.
 /// Returns the bytes written, and whether the queue was emptied or the
 /// error that stopped it (after what did go out).
-fn write_queue(
-    stream: &TcpStream,
-    queue: &mut std::collections::VecDeque<Chunk>,
-    head: &mut usize,
-) -> (usize, io::Result<bool>) {
+fn write_queue(stream: &TcpStream, taken: &mut Unwritten) -> (usize, io::Result<bool>) {
     let mut total = 0;
-    while !queue.is_empty() {
+    while !taken.chunks.is_empty() {
+        let (queue, head) = (&taken.chunks, taken.head);
         // Many small frames at the front (a backlog of tiny messages): one
         // copy and one `send` for as many as fit in `GATHER` bytes, where a
         // vectored write would take `IOVECS` of them.
-        let (fit, fit_bytes) = small_run(queue, *head);
+        let (fit, fit_bytes) = small_run(queue, head);
         let (result, want) = if fit > IOVECS {
             (
-                write_gathered(stream, queue, *head, fit, fit_bytes),
+                write_gathered(stream, queue, head, fit, fit_bytes),
                 fit_bytes,
             )
         } else {
@@ -1506,7 +1499,7 @@ fn write_queue(
             let mut want = 0;
             for (i, chunk) in queue.iter().take(slices.len()).enumerate() {
                 let bytes = if i == 0 {
-                    &chunk.bytes()[*head..]
+                    &chunk.bytes()[head..]
                 } else {
                     chunk.bytes()
                 };
@@ -1523,24 +1516,30 @@ fn write_queue(
         total += written;
         let short = written < want;
         while written > 0 {
-            let Some(front) = queue.front() else { break };
-            let left = front.bytes().len() - *head;
+            let Some(front) = taken.chunks.front() else {
+                break;
+            };
+            let left = front.bytes().len() - taken.head;
             if written >= left {
                 written -= left;
-                *head = 0;
-                queue.pop_front();
+                taken.head = 0;
+                taken.pop_front();
             } else {
-                *head += written;
+                taken.head += written;
                 written = 0;
             }
         }
         // Drop empty chunks at the front (a zero-length payload).
-        while queue.front().is_some_and(|c| c.bytes().len() == *head) {
-            queue.pop_front();
-            *head = 0;
+        while taken
+            .chunks
+            .front()
+            .is_some_and(|c| c.bytes().len() == taken.head)
+        {
+            taken.pop_front();
+            taken.head = 0;
         }
         if short {
-            return (total, Ok(queue.is_empty()));
+            return (total, Ok(taken.chunks.is_empty()));
         }
     }
     (total, Ok(true))

@@ -25,6 +25,7 @@
 
 use std::collections::VecDeque;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 
 use crate::config::Config;
 use crate::stats::Counters;
@@ -93,6 +94,105 @@ impl Marks {
     }
 }
 
+/// A client's queue counts toward the server's output budget
+/// (`max_queued_bytes`) once it costs more than this (shared frames'
+/// bytes apart, which count once for all queues): the queues of clients
+/// that keep up, a job's corked replies to small messages, never touch the
+/// shared count.
+pub(crate) const COUNTED_FROM: usize = 16 * 1024;
+
+/// The server-wide budget on what is queued to clients
+/// (`max_queued_bytes`). It counts the queues that cost more than
+/// [`COUNTED_FROM`] (their bytes and pieces, shared frames' bytes apart),
+/// and each frame shared between queues (a broadcast's, a publish's) once,
+/// from when it is made until the last queue lets go of it.
+pub(crate) struct OutputBudget {
+    queues: AtomicUsize,
+    frames: AtomicUsize,
+    limit: usize,
+}
+
+impl Default for OutputBudget {
+    fn default() -> Self {
+        OutputBudget::new(usize::MAX)
+    }
+}
+
+impl OutputBudget {
+    pub(crate) fn new(limit: usize) -> OutputBudget {
+        OutputBudget {
+            queues: AtomicUsize::new(0),
+            frames: AtomicUsize::new(0),
+            limit,
+        }
+    }
+
+    pub(crate) fn limit(&self) -> usize {
+        self.limit
+    }
+
+    /// What the budget counts now.
+    pub(crate) fn used(&self) -> usize {
+        self.queues
+            .load(Relaxed)
+            .saturating_add(self.frames.load(Relaxed))
+    }
+
+    /// `None` if a data frame of `len` bytes may join `queue` as far as
+    /// the server's budget goes; otherwise the total it counts. Over the
+    /// budget, a frame is refused to a client whose queue, with it, would
+    /// cost more than its share: the budget divided among the `open`
+    /// connections, and at least [`COUNTED_FROM`]. A queue with nothing in
+    /// it takes any one frame (nothing would drain to tell of a refusal),
+    /// and a queue under its share is not refused: the clients holding the
+    /// most are, as for `max_buffered_bytes`.
+    pub(crate) fn refuses(&self, queue: &OutQueue, len: usize, open: u64) -> Option<usize> {
+        if queue.cost() == 0 {
+            return None;
+        }
+        let after = queue
+            .owned_cost()
+            .saturating_add(len)
+            .saturating_add(2 * CHUNK_COST);
+        if after <= COUNTED_FROM {
+            return None;
+        }
+        let used = self.used();
+        if used <= self.limit {
+            return None;
+        }
+        let share = (self.limit / open.max(1) as usize).max(COUNTED_FROM);
+        (after > share).then_some(used)
+    }
+}
+
+/// A whole encoded frame shared by many queues (a broadcast's, a
+/// publish's), counted once in the output budget while it lives.
+pub(crate) struct SharedFrame {
+    bytes: Box<[u8]>,
+    budget: Arc<OutputBudget>,
+}
+
+impl SharedFrame {
+    pub(crate) fn new(bytes: Vec<u8>, budget: &Arc<OutputBudget>) -> Arc<SharedFrame> {
+        budget.frames.fetch_add(bytes.len(), Relaxed);
+        Arc::new(SharedFrame {
+            bytes: bytes.into_boxed_slice(),
+            budget: Arc::clone(budget),
+        })
+    }
+
+    pub(crate) fn bytes(&self) -> &[u8] {
+        &self.bytes
+    }
+}
+
+impl Drop for SharedFrame {
+    fn drop(&mut self) {
+        self.budget.frames.fetch_sub(self.bytes.len(), Relaxed);
+    }
+}
+
 /// Bytes waiting to be written.
 pub(crate) enum Chunk {
     /// A frame header, inline.
@@ -100,7 +200,7 @@ pub(crate) enum Chunk {
     /// Bytes owned by this connection (a payload, a control frame).
     Owned(Vec<u8>),
     /// A whole encoded frame shared with other connections (broadcast).
-    Shared(Arc<[u8]>),
+    Shared(Arc<SharedFrame>),
 }
 
 impl Chunk {
@@ -108,14 +208,25 @@ impl Chunk {
         match self {
             Chunk::Head(b, n) => &b[..usize::from(*n)],
             Chunk::Owned(v) => v,
-            Chunk::Shared(a) => a,
+            Chunk::Shared(a) => a.bytes(),
+        }
+    }
+
+    /// Bytes of a shared frame (counted once, in the budget's frames).
+    fn shared_len(&self) -> usize {
+        match self {
+            Chunk::Shared(a) => a.bytes.len(),
+            _ => 0,
         }
     }
 }
 
 /// A connection's outgoing queue. It owns its byte count and keeps the
 /// server-wide `bytes_queued` in step with it: every byte in is either
-/// written out or counted as lost when the queue is cleared.
+/// written out or counted as lost when the queue is cleared. So it does
+/// its share of the output budget (see [`OutputBudget`]): every change
+/// of what it costs goes through its methods, each of which brings the
+/// budget's count in step.
 ///
 /// The chunks live in a box made when something is queued and freed as
 /// soon as they are all written, so that an idle connection's record pays
@@ -137,6 +248,24 @@ pub(crate) struct Unwritten {
     /// In the queue's own box: chunks a writer has taken out, which still
     /// count for what the queue costs.
     taken: usize,
+    /// Bytes of shared frames among the chunks (counted once, apart from
+    /// the queues, in the budget).
+    shared: usize,
+    /// In the queue's own box: bytes of shared frames among the chunks a
+    /// writer has taken out.
+    taken_shared: usize,
+    /// In the queue's own box: what the queue adds to the budget's count.
+    counted: usize,
+}
+
+impl Unwritten {
+    /// Take the front chunk off (written, or empty).
+    pub(crate) fn pop_front(&mut self) {
+        if let Some(c) = self.chunks.pop_front() {
+            debug_assert!(self.shared >= c.shared_len());
+            self.shared = self.shared.saturating_sub(c.shared_len());
+        }
+    }
 }
 
 impl OutQueue {
@@ -155,8 +284,40 @@ impl OutQueue {
                 .map_or(0, |p| (p.chunks.len() + p.taken) * CHUNK_COST)
     }
 
+    /// What the queue costs, the bytes of shared frames (counted once,
+    /// apart) not included: what the output budget counts of it.
+    pub(crate) fn owned_cost(&self) -> usize {
+        self.cost().saturating_sub(
+            self.pending
+                .as_ref()
+                .map_or(0, |p| p.shared + p.taken_shared),
+        )
+    }
+
     pub(crate) fn is_empty(&self) -> bool {
         self.pending.as_ref().is_none_or(|p| p.chunks.is_empty())
+    }
+
+    /// Bring the output budget's count of this queue in step with what it
+    /// costs now. Queues under [`COUNTED_FROM`] count nothing, so a queue
+    /// that stays under it never touches the shared count.
+    #[inline]
+    fn recount(&mut self, counters: &Counters) {
+        let owned = self.owned_cost();
+        let now = if owned > COUNTED_FROM { owned } else { 0 };
+        let Some(p) = self.pending.as_mut() else {
+            debug_assert_eq!(now, 0, "a queue with no box costs nothing");
+            return;
+        };
+        if now != p.counted {
+            let budget = &counters.output;
+            if now > p.counted {
+                budget.queues.fetch_add(now - p.counted, Relaxed);
+            } else {
+                budget.queues.fetch_sub(p.counted - now, Relaxed);
+            }
+            p.counted = now;
+        }
     }
 
     fn pending(&mut self) -> &mut Unwritten {
@@ -167,7 +328,10 @@ impl OutQueue {
         let n = chunk.bytes().len();
         self.bytes += n;
         counters.queued(n as i64);
-        self.pending().chunks.push_back(chunk);
+        let p = self.pending();
+        p.shared += chunk.shared_len();
+        p.chunks.push_back(chunk);
+        self.recount(counters);
     }
 
     /// Put back the unwritten end of a frame that a direct write began:
@@ -186,9 +350,11 @@ impl OutQueue {
         let p = self.pending();
         debug_assert!(p.head == 0 || p.chunks.is_empty());
         if let Some(c) = second {
+            p.shared += c.shared_len();
             p.chunks.push_front(c);
         }
         if skip < first_len {
+            p.shared += first.shared_len();
             p.chunks.push_front(first);
             p.head = skip;
         } else {
@@ -196,6 +362,7 @@ impl OutQueue {
         }
         self.bytes += left;
         counters.queued(left as i64);
+        self.recount(counters);
     }
 
     /// Take the chunks out to write them without the lock held. Until they
@@ -208,9 +375,11 @@ impl OutQueue {
         let taken = Unwritten {
             chunks: std::mem::take(&mut p.chunks),
             head: std::mem::take(&mut p.head),
-            taken: 0,
+            shared: p.shared,
+            ..Unwritten::default()
         };
         p.taken = taken.chunks.len();
+        p.taken_shared = std::mem::take(&mut p.shared);
         taken
     }
 
@@ -220,22 +389,29 @@ impl OutQueue {
         // The box stays with the queue (unless a teardown cleared it).
         let mut own = self.pending.take().unwrap_or_default();
         taken.chunks.append(&mut own.chunks);
+        taken.shared += own.shared;
+        taken.counted = own.counted;
         *own = taken;
-        // A queue written out gives its memory back at once, whichever
-        // path wrote it (a job, a publish, a user thread's flush), so that
-        // no connection at rest keeps a box.
-        if !own.chunks.is_empty() {
-            self.pending = Some(own);
-        }
+        self.pending = Some(own);
         let written = written.min(self.bytes);
         self.bytes -= written;
         counters.queued(-(written as i64));
         counters.bytes_out(written);
+        self.recount(counters);
+        // A queue written out gives its memory back at once, whichever
+        // path wrote it (a job, a publish, a user thread's flush), so that
+        // no connection at rest keeps a box. (It counts nothing now.)
+        if self.pending.as_ref().is_some_and(|p| p.chunks.is_empty()) {
+            self.pending = None;
+        }
     }
 
     /// Drop everything (the connection is gone); returns the bytes lost.
     pub(crate) fn clear(&mut self, counters: &Counters) -> usize {
         let lost = self.bytes;
+        if let Some(p) = &self.pending {
+            counters.output.queues.fetch_sub(p.counted, Relaxed);
+        }
         *self = OutQueue::default();
         counters.queued(-(lost as i64));
         lost
@@ -297,5 +473,123 @@ mod tests {
         q.push(Chunk::Owned(vec![3; 11]), &c);
         assert_eq!(q.clear(&c), 11);
         assert_eq!(c.snapshot().bytes_queued, 0);
+    }
+
+    /// The budget's count follows each queue over `COUNTED_FROM` through
+    /// every change (pushes, a write taken out and put back partly done,
+    /// a write that empties it, a teardown), counts a shared frame once
+    /// however many queues hold it, and no queue under the threshold
+    /// touches it.
+    #[test]
+    fn the_budget_counts_big_queues_and_shared_frames_once() {
+        let c = Counters::new(1 << 20);
+        let budget = Arc::clone(&c.output);
+        let mut small = OutQueue::default();
+        small.push(Chunk::Owned(vec![0; 1000]), &c);
+        assert_eq!(budget.used(), 0, "a small queue counts nothing");
+
+        let mut big = OutQueue::default();
+        big.push(Chunk::Head([0; 10], 4), &c);
+        big.push(Chunk::Owned(vec![0; 20_000]), &c);
+        assert_eq!(big.owned_cost(), 20_004 + 2 * CHUNK_COST);
+        assert_eq!(budget.used(), big.owned_cost());
+
+        // A frame shared by both queues and a third: counted once, from
+        // when it is made.
+        let frame = SharedFrame::new(vec![7; 30_000], &budget);
+        assert_eq!(budget.used(), big.owned_cost() + 30_000);
+        small.push(Chunk::Shared(Arc::clone(&frame)), &c);
+        big.push(Chunk::Shared(Arc::clone(&frame)), &c);
+        let mut third = OutQueue::default();
+        third.push(Chunk::Shared(Arc::clone(&frame)), &c);
+        drop(frame);
+        assert_eq!(
+            small.owned_cost(),
+            1000 + 2 * CHUNK_COST,
+            "the shared bytes are not the queue's own"
+        );
+        assert_eq!(budget.used(), big.owned_cost() + 30_000);
+
+        // Taken out and partly written: still counted until put back.
+        let before = budget.used();
+        let mut taken = big.take_for_write();
+        big.push(Chunk::Owned(vec![1; 100]), &c);
+        assert_eq!(budget.used(), before + 100 + CHUNK_COST);
+        // The head and the payload went out; the shared frame did not.
+        taken.pop_front();
+        taken.pop_front();
+        big.put_back(taken, 20_004, &c);
+        assert_eq!(big.owned_cost(), 100 + 2 * CHUNK_COST);
+        assert_eq!(budget.used(), 30_000, "under the threshold again");
+
+        // The small queue written out: the frame is still in `big` and
+        // `third`.
+        let mut taken = small.take_for_write();
+        taken.pop_front();
+        taken.pop_front();
+        small.put_back(taken, 31_000, &c);
+        assert!(small.pending.is_none());
+        assert_eq!(budget.used(), 30_000);
+
+        // A big queue torn down gives back its count; the frame goes with
+        // the last queue that holds it.
+        third.push(Chunk::Owned(vec![2; 40_000]), &c);
+        assert_eq!(budget.used(), 30_000 + 40_000 + 2 * CHUNK_COST);
+        assert_eq!(third.clear(&c), 70_000);
+        assert_eq!(budget.used(), 30_000);
+        big.clear(&c);
+        assert_eq!(budget.used(), 0);
+        assert_eq!(c.snapshot().bytes_queued, 0);
+    }
+
+    /// Over the budget, a frame is refused only to a queue that would hold
+    /// more than its share (the budget over the open connections, at least
+    /// `COUNTED_FROM`); an empty queue, or one that stays under the
+    /// threshold, always takes it; under the budget, anyone does.
+    #[test]
+    fn over_the_budget_only_queues_past_their_share_are_refused() {
+        let c = Counters::new(1 << 20);
+        let budget = &c.output;
+        let queue_of = |n: usize| {
+            let mut q = OutQueue::default();
+            if n > 0 {
+                q.push(Chunk::Owned(vec![0; n]), &c);
+            }
+            q
+        };
+        let (empty, small, mid, big) = (
+            queue_of(0),
+            queue_of(10_000),
+            queue_of(60_000),
+            queue_of(200_000),
+        );
+        assert_eq!(budget.refuses(&big, 1000, 10), None, "under the budget");
+        // Over it: 1 MiB more of queues.
+        let mut hog = queue_of(1 << 20);
+        assert!(budget.used() > budget.limit());
+        // Ten connections: a share of 104,857 B.
+        assert_eq!(
+            budget.refuses(&empty, 500_000, 10),
+            None,
+            "an empty queue takes one"
+        );
+        assert_eq!(
+            budget.refuses(&small, 4_000, 10),
+            None,
+            "under the threshold"
+        );
+        assert_eq!(budget.refuses(&mid, 8_000, 10), None, "under its share");
+        assert_eq!(budget.refuses(&mid, 50_000, 10), Some(budget.used()));
+        assert_eq!(budget.refuses(&big, 1, 10), Some(budget.used()));
+        // A thousand connections: the share is the threshold.
+        assert_eq!(budget.refuses(&mid, 8_000, 1000), Some(budget.used()));
+        assert_eq!(budget.refuses(&small, 4_000, 1000), None);
+        assert_eq!(budget.refuses(&small, 8_000, 1000), Some(budget.used()));
+        hog.clear(&c);
+        assert_eq!(
+            budget.refuses(&big, 1000, 1000),
+            None,
+            "under the budget again"
+        );
     }
 }

@@ -335,6 +335,27 @@ impl<T: Send + Sync + 'static> Shared<T> {
         ms(self.config.close_timeout)
     }
 
+    /// Whether a data frame of `len` bytes may join `queue`: under the
+    /// client's hard limit, and within the server's output budget (see
+    /// [`flow::OutputBudget::refuses`]). The refusal's error if not.
+    pub(crate) fn admits_frame(&self, queue: &flow::OutQueue, len: usize) -> Result<(), Error> {
+        if !self.marks.admits_frame(queue, len) {
+            return Err(Error::Backpressure {
+                queued: queue.cost(),
+                limit: self.marks.hard,
+            });
+        }
+        let budget = &self.counters.output;
+        if let Some(total) = budget.refuses(queue, len, self.counters.open()) {
+            return Err(Error::ServerBackpressure {
+                queued: queue.cost(),
+                total,
+                limit: budget.limit(),
+            });
+        }
+        Ok(())
+    }
+
     /// Wait (a thread outside the pool, in `send_timeout`) until `conn`'s
     /// queue could take `len` more bytes, it closed, or `deadline` passed.
     pub(crate) fn wait_for_room(&self, conn: &conn::Conn<T>, len: usize, deadline: Instant) {
@@ -345,7 +366,7 @@ impl<T: Send + Sync + 'static> Shared<T> {
         loop {
             {
                 let w = conn.io.lock();
-                if w.finished || w.write_error.is_some() || self.marks.admits_frame(&w.out, len) {
+                if w.finished || w.write_error.is_some() || self.admits_frame(&w.out, len).is_ok() {
                     break;
                 }
             }

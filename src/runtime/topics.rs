@@ -843,7 +843,7 @@ impl<T: Send + Sync + 'static> Topics<T> {
                 match frames.queue(shared, conn) {
                     Ok(true) => to_flush.push(Arc::clone(conn)),
                     Ok(false) => report.queued += 1,
-                    Err(Error::Backpressure { .. }) => report.dropped += 1,
+                    Err(e) if e.is_backpressure() => report.dropped += 1,
                     Err(_) => report.closed += 1,
                 }
             }
