@@ -348,20 +348,6 @@ fn a_broadcast_to_many_slow_clients_counts_its_frame_once() {
     });
 }
 
-/// xorshift64: reproducible randomness without a dependency.
-struct Rng(u64);
-
-impl Rng {
-    fn below(&mut self, n: u64) -> u64 {
-        let mut x = self.0;
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        self.0 = x;
-        x % n
-    }
-}
-
 /// Eight threads at once send, broadcast and publish, in sizes on both
 /// sides of what the budget counts from, to clients that read, read
 /// slowly, or never read and then leave, under a budget small enough that
@@ -417,8 +403,7 @@ fn many_writers_at_once_with_clients_leaving_leave_the_budget_at_zero() {
                     (r.server.handle(), Arc::clone(&stop), Arc::clone(&refused));
                 let clients = r.clients.lock().unwrap().clone();
                 thread::spawn(move || {
-                    let mut rng =
-                        Rng(0x9E37_79B9_7F4A_7C15 ^ (k + 1).wrapping_mul(0x1234_5678_9ABC_DEF1));
+                    let mut rng = Rng::new(k + 1);
                     while !stop.load(Relaxed) {
                         let size = 1 + rng.below(40 * 1024) as usize;
                         let body = vec![k as u8; size];

@@ -29,24 +29,6 @@ use tungstenite::Message as Tm;
 
 // ---------------------------------------------------------------- helpers
 
-/// xorshift64: reproducible randomness without a dependency.
-struct Rng(u64);
-
-impl Rng {
-    fn new(seed: u64) -> Rng {
-        Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1)
-    }
-
-    fn below(&mut self, n: u64) -> u64 {
-        let mut x = self.0;
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        self.0 = x;
-        x % n
-    }
-}
-
 /// A raw client past its handshake, and the server's handle on it (a
 /// main-loop server: its `Connect` comes through the channel).
 fn connect(server: &WebSocketServer) -> (TcpStream, Client) {
