@@ -706,7 +706,9 @@ impl<T: Send + Sync + 'static> Builder<T> {
     /// than 16 KiB (bytes, and 64 B a queued piece), so that clients that
     /// keep up never touch the count. Past it, a data frame is refused to
     /// each client whose queue would, with it, hold more than its share
-    /// (the budget divided among the open connections, at least 16 KiB):
+    /// (the budget divided among the open connections, at least 16 KiB;
+    /// a queue is judged by all it holds, shared frames included, and a
+    /// shared frame adds only its place to it):
     /// [`Error::ServerBackpressure`](crate::Error::ServerBackpressure),
     /// handing the message back, with a `Drain` once that client's queue
     /// is down to `low_water` (under [`SlowClientPolicy::Close`], the

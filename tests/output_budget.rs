@@ -83,6 +83,17 @@ impl Recorded {
     }
 }
 
+/// Each client's own limits small (a hard limit of about 129 KiB), so that
+/// a budget of a few hundred KiB is the one in force (it is raised to at
+/// least one client's hard limit).
+fn small_client_limits() -> enjent::Builder<()> {
+    WebSocketServer::builder()
+        .max_message_size(64 * 1024)
+        .high_water(64 * 1024)
+        .low_water(16 * 1024)
+        .max_backpressure(0)
+}
+
 /// A message of `size` bytes that starts with its number.
 fn msg(i: u32, size: usize) -> Vec<u8> {
     numbered(i, size)
@@ -173,15 +184,25 @@ fn a_crowd_that_never_reads_is_held_to_the_output_budget_and_a_reader_among_it_i
         };
 
         // Each writer sends to its share of the crowd, round after round,
-        // until each of its members has been refused 20 times.
+        // until each of its members has been refused 20 times: with `send`
+        // to half of them, and to the other half by publishing to a topic
+        // each subscribes to alone (each publish a frame shared by one
+        // queue, which must weigh on it as its own messages would).
+        for (i, (_, c)) in crowd.iter().enumerate() {
+            if i % 2 == 1 {
+                assert!(c.subscribe(&format!("own-{i}")).unwrap());
+            }
+        }
         let writers: Vec<_> = (0..WRITERS)
             .map(|k| {
-                let mine: Vec<Client> = crowd
+                let mine: Vec<(usize, Client)> = crowd
                     .iter()
+                    .enumerate()
                     .skip(k)
                     .step_by(WRITERS)
-                    .map(|(_, c)| c.clone())
+                    .map(|(i, (_, c))| (i, c.clone()))
                     .collect();
+                let h = r.server.handle();
                 thread::spawn(move || {
                     let mut taken = vec![0u32; mine.len()];
                     let mut refused = vec![0u32; mine.len()];
@@ -189,7 +210,16 @@ fn a_crowd_that_never_reads_is_held_to_the_output_budget_and_a_reader_among_it_i
                     let t = Instant::now();
                     while refused.iter().any(|&n| n < 20) {
                         assert!(t.elapsed() < Duration::from_secs(60), "never refused");
-                        for (j, c) in mine.iter().enumerate() {
+                        for (j, (i, c)) in mine.iter().enumerate() {
+                            if i % 2 == 1 {
+                                let b = h.publish(&format!("own-{i}"), msg(taken[j], SIZE));
+                                match (b.written + b.queued, b.dropped, b.closed) {
+                                    (1, 0, 0) => taken[j] += 1,
+                                    (0, 1, 0) => refused[j] += 1,
+                                    _ => panic!("publish to the crowd: {b:?}"),
+                                }
+                                continue;
+                            }
                             match c.send(msg(taken[j], SIZE)) {
                                 Ok(_) => taken[j] += 1,
                                 Err(e) => match e.error() {
@@ -203,7 +233,11 @@ fn a_crowd_that_never_reads_is_held_to_the_output_budget_and_a_reader_among_it_i
                             }
                         }
                     }
-                    (mine, taken, over_own_limit)
+                    (
+                        mine.into_iter().map(|(_, c)| c).collect::<Vec<_>>(),
+                        taken,
+                        over_own_limit,
+                    )
                 })
             })
             .collect();
@@ -359,7 +393,8 @@ fn many_writers_at_once_with_clients_leaving_leave_the_budget_at_zero() {
     let _serial = serial();
     within(Duration::from_secs(90), || {
         const BUDGET: usize = 512 * 1024;
-        let r = recorded(WebSocketServer::builder().max_queued_bytes(BUDGET));
+        let r = recorded(small_client_limits().max_queued_bytes(BUDGET));
+        assert_eq!(r.server.config().max_queued_bytes(), BUDGET);
         let addr = r.server.local_addr();
         let topics = ["a", "b", "c"];
         let stop = Arc::new(AtomicBool::new(false));
@@ -412,7 +447,15 @@ fn many_writers_at_once_with_clients_leaving_leave_the_budget_at_zero() {
                                 let c = &clients[rng.below(clients.len() as u64) as usize];
                                 match c.send(body) {
                                     Ok(_) => {}
-                                    Err(e) if e.error().is_backpressure() => {
+                                    // Its own limit, or the budget: only the
+                                    // budget's refusals are counted.
+                                    Err(e) if matches!(e.error(), Error::Backpressure { .. }) => {}
+                                    Err(e)
+                                        if matches!(
+                                            e.error(),
+                                            Error::ServerBackpressure { .. }
+                                        ) =>
+                                    {
                                         refused.fetch_add(1, Relaxed);
                                     }
                                     Err(e) if matches!(e.error(), Error::Closed) => {}
@@ -420,12 +463,10 @@ fn many_writers_at_once_with_clients_leaving_leave_the_budget_at_zero() {
                                 }
                             }
                             4 | 5 => {
-                                let b = h.broadcast(body);
-                                refused.fetch_add(b.dropped as u64, Relaxed);
+                                h.broadcast(body);
                             }
                             _ => {
-                                let b = h.publish(["a", "b", "c"][rng.below(3) as usize], body);
-                                refused.fetch_add(b.dropped as u64, Relaxed);
+                                h.publish(["a", "b", "c"][rng.below(3) as usize], body);
                             }
                         }
                     }
@@ -444,7 +485,7 @@ fn many_writers_at_once_with_clients_leaving_leave_the_budget_at_zero() {
         }
         let st = r.server.stats();
         eprintln!(
-            "{} refusals; {} messages out; budget counts {} B",
+            "{} sends refused for the budget; {} messages out; budget counts {} B",
             refused.load(Relaxed),
             st.messages_out,
             st.queued_budget_bytes
@@ -503,7 +544,8 @@ fn send_timeout_waits_for_the_budget_and_succeeds_when_others_let_go() {
     within(Duration::from_secs(60), || {
         const BUDGET: usize = 256 * 1024;
         const SIZE: usize = 8 * 1024;
-        let r = recorded(WebSocketServer::builder().max_queued_bytes(BUDGET));
+        let r = recorded(small_client_limits().max_queued_bytes(BUDGET));
+        assert_eq!(r.server.config().max_queued_bytes(), BUDGET);
         let addr = r.server.local_addr();
         let socks: Vec<TcpStream> = (0..12).map(|_| raw_ws_small_window(addr)).collect();
         let crowd: Vec<Client> = socks.iter().map(|s| r.handle(s)).collect();
@@ -546,11 +588,12 @@ fn under_the_close_policy_a_client_refused_for_the_budget_is_closed_with_1008() 
         const BUDGET: usize = 256 * 1024;
         const SIZE: usize = 8 * 1024;
         let r = recorded(
-            WebSocketServer::builder()
+            small_client_limits()
                 .max_queued_bytes(BUDGET)
                 .slow_client_policy(SlowClientPolicy::Close)
                 .close_timeout(Duration::from_secs(30)),
         );
+        assert_eq!(r.server.config().max_queued_bytes(), BUDGET);
         let addr = r.server.local_addr();
         let socks: Vec<TcpStream> = (0..12).map(|_| raw_ws_small_window(addr)).collect();
         let crowd: Vec<Client> = socks.iter().map(|s| r.handle(s)).collect();

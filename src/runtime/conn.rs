@@ -1036,7 +1036,8 @@ impl<T: Send + Sync + 'static> Conn<T> {
         may_defer: bool,
     ) -> std::result::Result<SendStatus, Refused> {
         let len = head.bytes().len() + body.as_ref().map_or(0, |b| b.bytes().len());
-        let mut w = match self.admit(shared, kind, len) {
+        let owned = len - head.shared_len() - body.as_ref().map_or(0, Chunk::shared_len);
+        let mut w = match self.admit(shared, kind, len, owned) {
             Ok(w) => w,
             Err(error) => return Err(Refused { error, body }),
         };
@@ -1140,8 +1141,9 @@ impl<T: Send + Sync + 'static> Conn<T> {
         }
     }
 
-    /// Whether a frame of `len` bytes may be queued: the one check every
-    /// write path makes. A refused data frame is counted, asks for a
+    /// Whether a frame of `len` bytes (`owned` of them its own, not a
+    /// shared frame's) may be queued: the one check every write path
+    /// makes. A refused data frame is counted, asks for a
     /// `Drain` and applies the slow-client policy (unless only a try).
     /// On success the lock is handed on, and a data frame is counted out.
     fn admit(
@@ -1149,6 +1151,7 @@ impl<T: Send + Sync + 'static> Conn<T> {
         shared: &Arc<Shared<T>>,
         kind: Kind,
         len: usize,
+        owned: usize,
     ) -> std::result::Result<parking_lot::MutexGuard<'_, WriteSide>, Error> {
         let mut w = self.io.lock();
         // No frame follows our close frame (which `send_close` queues
@@ -1157,7 +1160,7 @@ impl<T: Send + Sync + 'static> Conn<T> {
             return Err(Error::Closed);
         }
         let data = matches!(kind, Kind::Data | Kind::DataTry);
-        if data && let Err(error) = shared.admits_frame(&w.out, len) {
+        if data && let Err(error) = shared.admits_frame(&w.out, len, owned) {
             if kind == Kind::Data {
                 w.drain_wanted = true;
                 drop(w);
@@ -1182,7 +1185,7 @@ impl<T: Send + Sync + 'static> Conn<T> {
         shared: &Arc<Shared<T>>,
         frame: &Arc<SharedFrame>,
     ) -> Result<bool> {
-        let mut w = self.admit(shared, Kind::Data, frame.bytes().len())?;
+        let mut w = self.admit(shared, Kind::Data, frame.bytes().len(), 0)?;
         let idle = !w.writing && !w.job_running && w.out.is_empty();
         w.out
             .push(Chunk::Shared(Arc::clone(frame)), &shared.counters);
@@ -1223,7 +1226,7 @@ impl<T: Send + Sync + 'static> Conn<T> {
         d.compress_in_context(message.as_bytes(), |z| {
             let mut head = [0u8; 10];
             let n = encode_header_rsv(&mut head, true, RSV1, op, z.len());
-            let mut w = self.admit(shared, Kind::Data, n + z.len())?;
+            let mut w = self.admit(shared, Kind::Data, n + z.len(), n + z.len())?;
             let idle = !w.writing && !w.job_running && w.out.is_empty();
             self.enqueue(
                 shared,

@@ -138,22 +138,29 @@ impl OutputBudget {
             .saturating_add(self.frames.load(Relaxed))
     }
 
-    /// `None` if a data frame of `len` bytes may join `queue` as far as
-    /// the server's budget goes; otherwise the total it counts. Over the
-    /// budget, a frame is refused to a client whose queue, with it, would
-    /// cost more than its share: the budget divided among the `open`
-    /// connections, and at least [`COUNTED_FROM`]. A queue with nothing in
-    /// it takes any one frame (nothing would drain to tell of a refusal),
-    /// and a queue under its share is not refused: the clients holding the
-    /// most are, as for `max_buffered_bytes`.
-    pub(crate) fn refuses(&self, queue: &OutQueue, len: usize, open: u64) -> Option<usize> {
-        if queue.cost() == 0 {
+    /// `None` if a data frame may join `queue` as far as the server's
+    /// budget goes; otherwise the total it counts. `owned` is what the
+    /// frame adds to memory: its bytes, or nothing for a shared frame
+    /// (counted already, once, when it was made). Over the budget, a frame
+    /// is refused to a client whose queue, with it, would cost more than
+    /// its share: the budget divided among the `open` connections, and at
+    /// least [`COUNTED_FROM`]. The queue is judged by all it holds, shared
+    /// frames included: a client sent publishes of its own (each a shared
+    /// frame of one queue) holds them as much as if they were its own. A
+    /// queue with nothing in it takes any one frame (nothing would drain
+    /// to tell of a refusal), and a queue under its share is not refused:
+    /// the clients holding the most are, as for `max_buffered_bytes`.
+    pub(crate) fn refuses(
+        &self,
+        queue: &OutQueue,
+        owned: usize,
+        open: impl FnOnce() -> u64,
+    ) -> Option<usize> {
+        let cost = queue.cost();
+        if cost == 0 {
             return None;
         }
-        let after = queue
-            .owned_cost()
-            .saturating_add(len)
-            .saturating_add(2 * CHUNK_COST);
+        let after = cost.saturating_add(owned).saturating_add(2 * CHUNK_COST);
         if after <= COUNTED_FROM {
             return None;
         }
@@ -161,7 +168,7 @@ impl OutputBudget {
         if used <= self.limit {
             return None;
         }
-        let share = (self.limit / open.max(1) as usize).max(COUNTED_FROM);
+        let share = (self.limit / open().max(1) as usize).max(COUNTED_FROM);
         (after > share).then_some(used)
     }
 }
@@ -213,7 +220,7 @@ impl Chunk {
     }
 
     /// Bytes of a shared frame (counted once, in the budget's frames).
-    fn shared_len(&self) -> usize {
+    pub(crate) fn shared_len(&self) -> usize {
         match self {
             Chunk::Shared(a) => a.bytes.len(),
             _ => 0,
@@ -259,6 +266,16 @@ pub(crate) struct Unwritten {
 }
 
 impl Unwritten {
+    /// Bytes of the shared frames among the chunks not written yet (the
+    /// front's written part is not in the queue's bytes either).
+    fn shared_unwritten(&self) -> usize {
+        let front_written = match self.chunks.front() {
+            Some(c @ Chunk::Shared(_)) => self.head.min(c.shared_len()),
+            _ => 0,
+        };
+        self.shared.saturating_sub(front_written)
+    }
+
     /// Take the front chunk off (written, or empty).
     pub(crate) fn pop_front(&mut self) {
         if let Some(c) = self.chunks.pop_front() {
@@ -290,7 +307,7 @@ impl OutQueue {
         self.cost().saturating_sub(
             self.pending
                 .as_ref()
-                .map_or(0, |p| p.shared + p.taken_shared),
+                .map_or(0, |p| p.shared_unwritten() + p.taken_shared),
         )
     }
 
@@ -372,14 +389,16 @@ impl OutQueue {
     pub(crate) fn take_for_write(&mut self) -> Unwritten {
         debug_assert!(!self.is_empty(), "only a queue with chunks is written");
         let p = self.pending();
+        // While they are out, the queue's bytes are as they were: so is
+        // what they hold of shared frames.
+        p.taken_shared = p.shared_unwritten();
         let taken = Unwritten {
             chunks: std::mem::take(&mut p.chunks),
             head: std::mem::take(&mut p.head),
-            shared: p.shared,
+            shared: std::mem::take(&mut p.shared),
             ..Unwritten::default()
         };
         p.taken = taken.chunks.len();
-        p.taken_shared = std::mem::take(&mut p.shared);
         taken
     }
 
@@ -531,12 +550,35 @@ mod tests {
         assert!(small.pending.is_none());
         assert_eq!(budget.used(), 30_000);
 
-        // A big queue torn down gives back its count; the frame goes with
-        // the last queue that holds it.
+        // A shared frame at the front, partly written: what the queue
+        // holds besides it is still all counted.
+        let mut taken = big.take_for_write();
+        assert_eq!(budget.used(), 30_000, "the queue holds 228 B of its own");
+        taken.head = 10_000;
+        big.put_back(taken, 10_000, &c);
+        assert_eq!(big.owned_cost(), 100 + 2 * CHUNK_COST);
+        big.push(Chunk::Owned(vec![3; 20_000]), &c);
+        assert_eq!(big.owned_cost(), 20_100 + 3 * CHUNK_COST);
+        assert_eq!(budget.used(), 30_000 + big.owned_cost());
+        let mut taken = big.take_for_write();
+        assert_eq!(big.owned_cost(), 20_100 + 3 * CHUNK_COST, "nor while out");
+        taken.pop_front();
+        taken.head = 0;
+        big.put_back(taken, 20_000, &c);
+        assert_eq!(big.owned_cost(), 20_100 + 2 * CHUNK_COST);
+        assert_eq!(budget.used(), 30_000 + big.owned_cost());
+
+        // A big queue torn down gives back its count, and the frame goes
+        // with the last queue that held it.
         third.push(Chunk::Owned(vec![2; 40_000]), &c);
-        assert_eq!(budget.used(), 30_000 + 40_000 + 2 * CHUNK_COST);
+        let big_own = big.owned_cost();
+        assert_eq!(budget.used(), 30_000 + big_own + 40_000 + 2 * CHUNK_COST);
         assert_eq!(third.clear(&c), 70_000);
-        assert_eq!(budget.used(), 30_000);
+        assert_eq!(
+            budget.used(),
+            big_own,
+            "`big` wrote its copy of the frame: `third` held the last"
+        );
         big.clear(&c);
         assert_eq!(budget.used(), 0);
         assert_eq!(c.snapshot().bytes_queued, 0);
@@ -544,8 +586,10 @@ mod tests {
 
     /// Over the budget, a frame is refused only to a queue that would hold
     /// more than its share (the budget over the open connections, at least
-    /// `COUNTED_FROM`); an empty queue, or one that stays under the
-    /// threshold, always takes it; under the budget, anyone does.
+    /// `COUNTED_FROM`), judged by all it holds, shared frames included;
+    /// an empty queue, or one that stays under the threshold, always takes
+    /// it; a shared frame adds only its place; under the budget, anyone
+    /// takes it.
     #[test]
     fn over_the_budget_only_queues_past_their_share_are_refused() {
         let c = Counters::new(1 << 20);
@@ -563,31 +607,57 @@ mod tests {
             queue_of(60_000),
             queue_of(200_000),
         );
-        assert_eq!(budget.refuses(&big, 1000, 10), None, "under the budget");
+        let ten = || 10;
+        let thousand = || 1000;
+        assert_eq!(budget.refuses(&big, 1000, ten), None, "under the budget");
         // Over it: 1 MiB more of queues.
         let mut hog = queue_of(1 << 20);
         assert!(budget.used() > budget.limit());
+        let over = Some(budget.used());
         // Ten connections: a share of 104,857 B.
         assert_eq!(
-            budget.refuses(&empty, 500_000, 10),
+            budget.refuses(&empty, 500_000, ten),
             None,
             "an empty queue takes one"
         );
         assert_eq!(
-            budget.refuses(&small, 4_000, 10),
+            budget.refuses(&small, 4_000, ten),
             None,
             "under the threshold"
         );
-        assert_eq!(budget.refuses(&mid, 8_000, 10), None, "under its share");
-        assert_eq!(budget.refuses(&mid, 50_000, 10), Some(budget.used()));
-        assert_eq!(budget.refuses(&big, 1, 10), Some(budget.used()));
+        assert_eq!(budget.refuses(&mid, 8_000, ten), None, "under its share");
+        assert_eq!(budget.refuses(&mid, 50_000, ten), over);
+        assert_eq!(budget.refuses(&big, 1, ten), over);
         // A thousand connections: the share is the threshold.
-        assert_eq!(budget.refuses(&mid, 8_000, 1000), Some(budget.used()));
-        assert_eq!(budget.refuses(&small, 4_000, 1000), None);
-        assert_eq!(budget.refuses(&small, 8_000, 1000), Some(budget.used()));
-        hog.clear(&c);
+        assert_eq!(budget.refuses(&mid, 8_000, thousand), over);
+        assert_eq!(budget.refuses(&small, 4_000, thousand), None);
+        assert_eq!(budget.refuses(&small, 8_000, thousand), over);
         assert_eq!(
-            budget.refuses(&big, 1000, 1000),
+            budget.refuses(&small, 0, thousand),
+            None,
+            "a shared frame adds only its place"
+        );
+        // Shared frames a queue holds count as its own in judging it: the
+        // frames of a topic only it subscribes to.
+        let mut publishes = OutQueue::default();
+        for _ in 0..8 {
+            publishes.push(
+                Chunk::Shared(SharedFrame::new(vec![1; 8_000], &c.output)),
+                &c,
+            );
+        }
+        assert!(publishes.owned_cost() < COUNTED_FROM);
+        let over = Some(budget.used());
+        assert_eq!(
+            budget.refuses(&publishes, 0, ten),
+            None,
+            "64 KB, under its share"
+        );
+        assert_eq!(budget.refuses(&publishes, 0, thousand), over);
+        hog.clear(&c);
+        publishes.clear(&c);
+        assert_eq!(
+            budget.refuses(&big, 1000, thousand),
             None,
             "under the budget again"
         );

@@ -335,10 +335,16 @@ impl<T: Send + Sync + 'static> Shared<T> {
         ms(self.config.close_timeout)
     }
 
-    /// Whether a data frame of `len` bytes may join `queue`: under the
-    /// client's hard limit, and within the server's output budget (see
+    /// Whether a data frame of `len` bytes, `owned` of them its own (not
+    /// a shared frame's), may join `queue`: under the client's hard limit,
+    /// and within the server's output budget (see
     /// [`flow::OutputBudget::refuses`]). The refusal's error if not.
-    pub(crate) fn admits_frame(&self, queue: &flow::OutQueue, len: usize) -> Result<(), Error> {
+    pub(crate) fn admits_frame(
+        &self,
+        queue: &flow::OutQueue,
+        len: usize,
+        owned: usize,
+    ) -> Result<(), Error> {
         if !self.marks.admits_frame(queue, len) {
             return Err(Error::Backpressure {
                 queued: queue.cost(),
@@ -346,7 +352,7 @@ impl<T: Send + Sync + 'static> Shared<T> {
             });
         }
         let budget = &self.counters.output;
-        if let Some(total) = budget.refuses(queue, len, self.counters.open()) {
+        if let Some(total) = budget.refuses(queue, owned, || self.counters.open()) {
             return Err(Error::ServerBackpressure {
                 queued: queue.cost(),
                 total,
@@ -366,7 +372,10 @@ impl<T: Send + Sync + 'static> Shared<T> {
         loop {
             {
                 let w = conn.io.lock();
-                if w.finished || w.write_error.is_some() || self.admits_frame(&w.out, len).is_ok() {
+                if w.finished
+                    || w.write_error.is_some()
+                    || self.admits_frame(&w.out, len, len).is_ok()
+                {
                     break;
                 }
             }
