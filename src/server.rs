@@ -712,9 +712,10 @@ impl<T: Send + Sync + 'static> Builder<T> {
     /// [`Error::ServerBackpressure`](crate::Error::ServerBackpressure),
     /// handing the message back, with a `Drain` once that client's queue
     /// is down to `low_water` (under [`SlowClientPolicy::Close`], the
-    /// client is closed with 1008, as over its own hard limit). A client
-    /// under its share may still fill up to it, and one with nothing
-    /// queued still takes one frame, so the queues hold at most the budget,
+    /// client is closed with 1008, as over its own hard limit; a client
+    /// refused a send is not read until its queue is down to `low_water`).
+    /// A client under its share may still fill up to it, and one with 16
+    /// KiB or less queued still takes one frame, so the queues hold at most the budget,
     /// plus as much again (or 16 KiB a client, if that is more), plus a
     /// frame a client. `stats().queued_budget_bytes` is what it counts now.
     /// The budget in force is at least one client's hard limit

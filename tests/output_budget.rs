@@ -612,3 +612,75 @@ fn under_the_close_policy_a_client_refused_for_the_budget_is_closed_with_1008() 
         }
     });
 }
+
+/// A client whose replies the budget refuses is not read on: once a send
+/// to it is refused, it is paused until its queue is down to low water,
+/// as a client over high water is. Clients that pipeline without reading
+/// (their share of the budget, 21 KiB, under high water, 64 KiB) would
+/// otherwise have their input read and their replies refused as fast as
+/// they send.
+#[test]
+fn a_client_refused_for_the_budget_is_not_read_on() {
+    let _serial = serial();
+    within(Duration::from_secs(60), || {
+        const BUDGET: usize = 256 * 1024;
+        const CROWD: usize = 12;
+        let refused = Arc::new(AtomicU64::new(0));
+        let r2 = Arc::clone(&refused);
+        let server = small_client_limits()
+            .max_queued_bytes(BUDGET)
+            .workers(2)
+            .ping_interval(None)
+            .on_message(move |c, m| {
+                if let Err(e) = c.send(m)
+                    && e.error().is_backpressure()
+                {
+                    r2.fetch_add(1, Relaxed);
+                }
+            })
+            .start("127.0.0.1:0")
+            .unwrap();
+        let stop = Arc::new(AtomicBool::new(false));
+        let writers: Vec<_> = (0..CROWD)
+            .map(|_| {
+                let s = raw_ws_small_window(server.local_addr());
+                let stop = Arc::clone(&stop);
+                thread::spawn(move || {
+                    let mut w = s.try_clone().unwrap();
+                    w.set_write_timeout(Some(Duration::from_millis(500)))
+                        .unwrap();
+                    let burst: Vec<u8> = (0..16).flat_map(|_| frame(0x82, &[5u8; 1024])).collect();
+                    while !stop.load(Relaxed) {
+                        if std::io::Write::write_all(&mut w, &burst).is_err() {
+                            // The server stopped reading: wait, and try on.
+                            thread::sleep(Duration::from_millis(50));
+                        }
+                    }
+                    s
+                })
+            })
+            .collect();
+        assert!(
+            eventually(Duration::from_secs(20), || refused.load(Relaxed) > 0),
+            "the budget never refused a reply: {:?}",
+            server.stats()
+        );
+        thread::sleep(Duration::from_secs(2));
+        let before = server.stats().bytes_in;
+        thread::sleep(Duration::from_secs(2));
+        let st = server.stats();
+        let read = st.bytes_in - before;
+        stop.store(true, Relaxed);
+        let socks: Vec<TcpStream> = writers.into_iter().map(|w| w.join().unwrap()).collect();
+        eprintln!(
+            "{} replies refused; {read} B read in the last 2 s; {} read pauses",
+            refused.load(Relaxed),
+            st.read_pauses
+        );
+        assert!(
+            read < 4 << 20,
+            "{read} B of the crowd's input read in 2 s after the budget refused it"
+        );
+        drop(socks);
+    });
+}

@@ -911,6 +911,16 @@ impl<T: Send + Sync + 'static> Conn<T> {
         if w.paused {
             return false;
         }
+        // A client a send was refused to (its own limit, or the server's
+        // budget, which can refuse it under high water) is not read until
+        // its queue is down to low water, when its `Drain` is due: its
+        // replies would be refused too, and the server would read and
+        // drop its input as fast as it sends.
+        if !closing && w.drain_wanted && !shared.marks.may_resume(w.out.cost()) {
+            w.paused = true;
+            Counters::add(&shared.counters.read_pauses, 1);
+            return false;
+        }
         // Staged events count as events: not once closing.
         let staged = if closing { 0 } else { staged };
         if shared

@@ -147,9 +147,11 @@ impl OutputBudget {
     /// least [`COUNTED_FROM`]. The queue is judged by all it holds, shared
     /// frames included: a client sent publishes of its own (each a shared
     /// frame of one queue) holds them as much as if they were its own. A
-    /// queue with nothing in it takes any one frame (nothing would drain
-    /// to tell of a refusal), and a queue under its share is not refused:
-    /// the clients holding the most are, as for `max_buffered_bytes`.
+    /// queue that holds no more than [`COUNTED_FROM`] takes any one frame
+    /// (an empty one must: nothing would drain to tell of a refusal; and a
+    /// client that reads, with a reply or two in flight, is served), and a
+    /// queue under its share is not refused: the clients holding the most
+    /// are, as for `max_buffered_bytes`.
     pub(crate) fn refuses(
         &self,
         queue: &OutQueue,
@@ -157,13 +159,10 @@ impl OutputBudget {
         open: impl FnOnce() -> u64,
     ) -> Option<usize> {
         let cost = queue.cost();
-        if cost == 0 {
+        if cost <= COUNTED_FROM {
             return None;
         }
         let after = cost.saturating_add(owned).saturating_add(2 * CHUNK_COST);
-        if after <= COUNTED_FROM {
-            return None;
-        }
         let used = self.used();
         if used <= self.limit {
             return None;
@@ -621,22 +620,29 @@ mod tests {
             "an empty queue takes one"
         );
         assert_eq!(
-            budget.refuses(&small, 4_000, ten),
+            budget.refuses(&small, 500_000, thousand),
             None,
-            "under the threshold"
+            "a queue under the threshold takes one"
         );
         assert_eq!(budget.refuses(&mid, 8_000, ten), None, "under its share");
         assert_eq!(budget.refuses(&mid, 50_000, ten), over);
         assert_eq!(budget.refuses(&big, 1, ten), over);
         // A thousand connections: the share is the threshold.
         assert_eq!(budget.refuses(&mid, 8_000, thousand), over);
-        assert_eq!(budget.refuses(&small, 4_000, thousand), None);
-        assert_eq!(budget.refuses(&small, 8_000, thousand), over);
+        let mut small_big = queue_of(17_000);
+        let over = Some(budget.used());
+        assert_eq!(budget.refuses(&small_big, 8_000, thousand), over);
         assert_eq!(
-            budget.refuses(&small, 0, thousand),
-            None,
-            "a shared frame adds only its place"
+            budget.refuses(&mid, 500_000, ten),
+            over,
+            "a large frame of its own"
         );
+        assert_eq!(
+            budget.refuses(&mid, 0, ten),
+            None,
+            "a shared frame (500,000 B, say) adds only its place"
+        );
+        small_big.clear(&c);
         // Shared frames a queue holds count as its own in judging it: the
         // frames of a topic only it subscribes to.
         let mut publishes = OutQueue::default();
