@@ -47,8 +47,9 @@ pub enum Error {
     },
     /// Everything queued to clients together is over `max_queued_bytes`,
     /// and this client's queue, with the message, would hold more than its
-    /// share of it (the budget divided among the open connections, and at
-    /// least 16 KiB); the message was not queued. As with
+    /// share of it (the budget divided among the open connections; a queue
+    /// holding no more than `low_water` is never refused); the message was
+    /// not queued. As with
     /// [`Error::Backpressure`], a [`Drain`](crate::Event::Drain) comes
     /// once this client's queue is down to low water.
     ServerBackpressure {

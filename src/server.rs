@@ -706,7 +706,8 @@ impl<T: Send + Sync + 'static> Builder<T> {
     /// than 16 KiB (bytes, and 64 B a queued piece), so that clients that
     /// keep up never touch the count. Past it, a data frame is refused to
     /// each client whose queue would, with it, hold more than its share
-    /// (the budget divided among the open connections, at least 16 KiB;
+    /// (the budget divided among the open connections; a queue holding
+    /// no more than `low_water` is never refused;
     /// a queue is judged by all it holds, shared frames included, and a
     /// shared frame adds only its place to it):
     /// [`Error::ServerBackpressure`](crate::Error::ServerBackpressure),
@@ -714,10 +715,10 @@ impl<T: Send + Sync + 'static> Builder<T> {
     /// is down to `low_water` (under [`SlowClientPolicy::Close`], the
     /// client is closed with 1008, as over its own hard limit; a client
     /// refused a send is not read until its queue is down to `low_water`).
-    /// A client under its share may still fill up to it, and one with 16
-    /// KiB or less queued still takes one frame, so the queues hold at most the budget,
-    /// plus as much again (or 16 KiB a client, if that is more), plus a
-    /// frame a client. `stats().queued_budget_bytes` is what it counts now.
+    /// A client under its share may still fill up to it, and one with
+    /// `low_water` or less queued still takes one frame, so the queues
+    /// hold at most the budget, plus as much again (or `low_water` a
+    /// client, if that is more), plus a frame a client. `stats().queued_budget_bytes` is what it counts now.
     /// The budget in force is at least one client's hard limit
     /// ([`max_backpressure`](Builder::max_backpressure)), so that a client
     /// alone meets its own limit first ([`Config::max_queued_bytes`]
@@ -1053,7 +1054,7 @@ impl<T: Send + Sync + 'static> Builder<T> {
             awaited: Mutex::new(Vec::new()),
             room: Mutex::new(()),
             room_cv: parking_lot::Condvar::new(),
-            counters: Counters::new(config.max_queued_bytes()),
+            counters: Counters::new(config.max_queued_bytes(), config.low_water),
             buffered_in: AtomicUsize::new(0),
             condemned_in: AtomicUsize::new(0),
             budget_scan: parking_lot::Mutex::new(()),

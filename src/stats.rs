@@ -218,9 +218,9 @@ pub(crate) struct Counters {
 }
 
 impl Counters {
-    pub(crate) fn new(max_queued_bytes: usize) -> Counters {
+    pub(crate) fn new(max_queued_bytes: usize, low_water: usize) -> Counters {
         Counters {
-            output: Arc::new(OutputBudget::new(max_queued_bytes)),
+            output: Arc::new(OutputBudget::new(max_queued_bytes, low_water)),
             ..Counters::default()
         }
     }

@@ -627,7 +627,10 @@ fn a_client_refused_for_the_budget_is_not_read_on() {
         const CROWD: usize = 12;
         let refused = Arc::new(AtomicU64::new(0));
         let r2 = Arc::clone(&refused);
+        // Low water at its default, 32 KiB, over the 16 KiB the budget
+        // counts from: a client refused between the two must pause too.
         let server = small_client_limits()
+            .low_water(32 * 1024)
             .max_queued_bytes(BUDGET)
             .workers(2)
             .ping_interval(None)

@@ -110,20 +110,24 @@ pub(crate) struct OutputBudget {
     queues: AtomicUsize,
     frames: AtomicUsize,
     limit: usize,
+    /// A queue that holds no more than this takes any one frame: the
+    /// larger of [`COUNTED_FROM`] and low water.
+    takes_one: usize,
 }
 
 impl Default for OutputBudget {
     fn default() -> Self {
-        OutputBudget::new(usize::MAX)
+        OutputBudget::new(usize::MAX, 0)
     }
 }
 
 impl OutputBudget {
-    pub(crate) fn new(limit: usize) -> OutputBudget {
+    pub(crate) fn new(limit: usize, low_water: usize) -> OutputBudget {
         OutputBudget {
             queues: AtomicUsize::new(0),
             frames: AtomicUsize::new(0),
             limit,
+            takes_one: low_water.max(COUNTED_FROM),
         }
     }
 
@@ -143,15 +147,16 @@ impl OutputBudget {
     /// frame adds to memory: its bytes, or nothing for a shared frame
     /// (counted already, once, when it was made). Over the budget, a frame
     /// is refused to a client whose queue, with it, would cost more than
-    /// its share: the budget divided among the `open` connections, and at
-    /// least [`COUNTED_FROM`]. The queue is judged by all it holds, shared
-    /// frames included: a client sent publishes of its own (each a shared
-    /// frame of one queue) holds them as much as if they were its own. A
-    /// queue that holds no more than [`COUNTED_FROM`] takes any one frame
-    /// (an empty one must: nothing would drain to tell of a refusal; and a
-    /// client that reads, with a reply or two in flight, is served), and a
-    /// queue under its share is not refused: the clients holding the most
-    /// are, as for `max_buffered_bytes`.
+    /// its share: the budget divided among the `open` connections. The
+    /// queue is judged by all it holds, shared frames included: a client
+    /// sent publishes of its own (each a shared frame of one queue) holds
+    /// them as much as if they were its own. A queue that holds no more
+    /// than low water (or [`COUNTED_FROM`], if that is more) takes any one
+    /// frame: an empty one must (nothing would drain to tell of a
+    /// refusal); a refused client is paused above low water, and its
+    /// `Drain` at low water lets it take one again. A queue under its
+    /// share is not refused: the clients holding the most are, as for
+    /// `max_buffered_bytes`.
     pub(crate) fn refuses(
         &self,
         queue: &OutQueue,
@@ -159,7 +164,7 @@ impl OutputBudget {
         open: impl FnOnce() -> u64,
     ) -> Option<usize> {
         let cost = queue.cost();
-        if cost <= COUNTED_FROM {
+        if cost <= self.takes_one {
             return None;
         }
         let after = cost.saturating_add(owned).saturating_add(2 * CHUNK_COST);
@@ -167,7 +172,7 @@ impl OutputBudget {
         if used <= self.limit {
             return None;
         }
-        let share = (self.limit / open().max(1) as usize).max(COUNTED_FROM);
+        let share = (self.limit / open().max(1) as usize).max(self.takes_one);
         (after > share).then_some(used)
     }
 }
@@ -500,7 +505,7 @@ mod tests {
     /// touches it.
     #[test]
     fn the_budget_counts_big_queues_and_shared_frames_once() {
-        let c = Counters::new(1 << 20);
+        let c = Counters::new(1 << 20, 0);
         let budget = Arc::clone(&c.output);
         let mut small = OutQueue::default();
         small.push(Chunk::Owned(vec![0; 1000]), &c);
@@ -591,7 +596,7 @@ mod tests {
     /// takes it.
     #[test]
     fn over_the_budget_only_queues_past_their_share_are_refused() {
-        let c = Counters::new(1 << 20);
+        let c = Counters::new(1 << 20, 0);
         let budget = &c.output;
         let queue_of = |n: usize| {
             let mut q = OutQueue::default();
