@@ -34,6 +34,9 @@ cd "$(dirname "$0")/.."
 root=$PWD
 rounds="${ROUNDS:-3}"
 quick="${QUICK:-}"
+# Between runs: a second for the machine to settle, a moment in a smoke run.
+pause=1
+[ -z "$quick" ] || pause=0.2
 out="$root/target/bench"
 mkdir -p "$out"
 : > "$out/results.jsonl"
@@ -201,7 +204,7 @@ run() { # name mode scenario args...
         record_failure "$name" "$scenario" "$@"
     fi
     stop_server
-    sleep 1
+    sleep "$pause"
 }
 
 run_cluster() { # name instances redis|no-redis pubsub-args...
@@ -232,7 +235,7 @@ run_cluster() { # name instances redis|no-redis pubsub-args...
     done
     stop_cluster
     stop_redis
-    sleep 1
+    sleep "$pause"
 }
 
 if [ -n "$quick" ]; then

@@ -2,7 +2,8 @@
 //!
 //! ```text
 //! cargo run --release --example echo -- [ADDR] [echo|broadcast] [--max-message-size BYTES] [--main-loop] [--trust-proxy]
-//!     [--workers N] [--ping-interval SECS] [--no-keepalive] [--compress-all (feature deflate)]
+//!     [--workers N] [--ping-interval SECS] [--no-keepalive]
+//!     [--compress-all] [--compress-level N] (these two: feature deflate)
 //! ```
 //!
 //! `echo` (the default) sends every message back to its sender;
@@ -19,7 +20,8 @@
 //! with the library's defaults; `--compress-all` compresses every
 //! message, however short or incompressible. The Autobahn run needs that:
 //! its runner (kosoku 0.1.0) errors on an uncompressed message in a
-//! compressed session, although RFC 7692 allows one.
+//! compressed session, although RFC 7692 allows one. `--compress-level N`
+//! sets zlib's level (default 6).
 
 use enjent::{Client, Error, Event, Message, WebSocketServer};
 
@@ -66,6 +68,8 @@ fn main() -> Result<(), Error> {
     let mut main_loop = false;
     let mut trust_proxy = false;
     let mut builder = WebSocketServer::builder();
+    #[cfg(feature = "deflate")]
+    let mut compression = enjent::Compression::default();
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
         match arg.as_str() {
@@ -75,11 +79,13 @@ fn main() -> Result<(), Error> {
             "--trust-proxy" => trust_proxy = true,
             #[cfg(feature = "deflate")]
             "--compress-all" => {
-                builder = builder.compression(Some(
-                    enjent::Compression::default()
-                        .threshold(0)
-                        .skip_incompressible(false),
-                ));
+                compression = compression.threshold(0).skip_incompressible(false);
+            }
+            #[cfg(feature = "deflate")]
+            "--compress-level" => {
+                let n = args.next().and_then(|v| v.parse().ok()).filter(|n| *n <= 9);
+                let n = n.ok_or_else(|| usage("--compress-level needs a zlib level, 0 to 9"))?;
+                compression = compression.level(n);
             }
             "--max-message-size" => {
                 let n = args.next().and_then(|v| v.parse().ok());
@@ -115,6 +121,10 @@ fn main() -> Result<(), Error> {
         }
     }
     builder = builder.trust_proxy(trust_proxy);
+    #[cfg(feature = "deflate")]
+    {
+        builder = builder.compression(Some(compression));
+    }
     if !main_loop {
         builder = builder
             // Everything on the workers; nothing goes to the event channel
