@@ -3,6 +3,7 @@
 
 use std::io::{self, Read, Write};
 use std::net::{TcpListener, TcpStream};
+use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
@@ -22,144 +23,203 @@ use crate::runtime::registry::{Found, Pending};
 const FIRST_READ: usize = 2048;
 
 pub(crate) fn run<T: Send + Sync + 'static>(shared: Arc<Shared<T>>, listener: TcpListener) {
-    let mut handshakes = Vec::with_capacity(1);
-    let mut spare = Spare::open();
-    // When running out of file descriptors was last reported: at most once
-    // every ten seconds.
-    let mut reported: Option<Instant> = None;
+    let mut st = Accepting {
+        handshakes: Vec::with_capacity(1),
+        spare: Spare::open(),
+        reported: None,
+    };
     loop {
-        // A main loop far behind (its event channel twice over budget) is
-        // not handed more clients: they wait in the listen backlog.
-        while shared.events.far_over_budget() && !shared.stopping.load(Ordering::Acquire) {
-            std::thread::sleep(Duration::from_millis(1));
-        }
-        // Also here: the wake may have been taken as a client to refuse.
-        if shared.stopping.load(Ordering::Acquire) {
-            return;
-        }
-        let accepted = listener.accept();
-        if shared.stopping.load(Ordering::Acquire) {
-            return;
-        }
-        let (stream, peer) = match accepted {
-            Ok(pair) => pair,
-            Err(e) if is_out_of_fds(&e) => {
-                // The process (or the system) has no file descriptor left
-                // for the next client. Left in the backlog, it would wait
-                // with no answer until someone leaves: spend the spare to
-                // take it and answer `503`, then make the spare again.
-                if reported.is_none_or(|t| t.elapsed() >= Duration::from_secs(10)) {
-                    reported = Some(Instant::now());
-                    // Reported from the pool: `on_error` must not run on
-                    // this thread, which shutdown joins.
-                    let s = Arc::clone(&shared);
-                    shared.pool.execute(move || s.report(None, Error::Io(e)));
-                }
-                if !refuse_with_spare(&shared, &listener, &mut spare) {
-                    // Nobody waiting (accept fails at once when out of
-                    // descriptors, backlog or not), or no spare to spend:
-                    // back off instead of spinning.
-                    std::thread::sleep(Duration::from_millis(20));
-                }
-                continue;
+        match catch_unwind(AssertUnwindSafe(|| accept_one(&shared, &listener, &mut st))) {
+            Ok(true) => return,
+            Ok(false) => {}
+            Err(panic) => {
+                // A bug here must not stop the server taking clients: it
+                // is reported and the thread goes on. The client being
+                // accepted, if any, is dropped (its socket closes).
+                let message = crate::runtime::poller::panic_message(&*panic);
+                let error = Error::Internal(format!(
+                    "the accept thread panicked ({message}) and went on"
+                ));
+                // From the pool, as below: not on this thread, which
+                // shutdown joins.
+                let s = Arc::clone(&shared);
+                shared.pool.execute(move || s.report(None, error));
+                st.handshakes.clear();
+                // Not a spin, should the panic come back every time.
+                std::thread::sleep(Duration::from_millis(10));
             }
-            Err(e) => {
-                // Out of memory, or a network error accept(2) passes on:
-                // back off, unless it is one to retry at once.
-                if e.kind() != io::ErrorKind::Interrupted
-                    && e.kind() != io::ErrorKind::ConnectionAborted
-                {
-                    std::thread::sleep(Duration::from_millis(20));
-                }
-                continue;
-            }
-        };
-        if stream.set_nonblocking(true).is_err() {
-            continue;
         }
-        let _ = stream.set_nodelay(true);
-        let config = &shared.config;
-        let Some(key) = shared.registry.reserve(
-            config.max_connections,
-            config.max_connections_per_ip,
-            peer.ip(),
-        ) else {
-            shared.counters.refused(503);
-            refuse(
-                &stream,
-                &Reject::new(503)
-                    .header("Retry-After", "1")
-                    .body("too many connections"),
-            );
-            continue;
-        };
-        let deadline = Instant::now()
-            .checked_add(shared.config.handshake_timeout)
-            .unwrap_or_else(far_future);
-        // If the request is already in, a worker takes it now, with the
-        // bytes read here (the job reads again only if this read filled
-        // its buffer, or the request is not whole); otherwise the poller
-        // hands the socket over once it is, rather than a job reading
-        // nothing.
-        let mut first = [0u8; FIRST_READ];
-        let (arrived, gone, buf) = match (&stream).read(&mut first) {
-            Ok(0) => (false, true, Vec::new()),
-            Ok(n) => (true, false, first[..n].to_vec()),
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => (false, false, Vec::new()),
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => (false, false, Vec::new()),
-            Err(_) => (false, true, Vec::new()),
-        };
-        let read_dry = arrived && buf.len() < FIRST_READ;
-        let pending = Box::new(Pending {
-            key,
-            stream,
-            peer,
-            buf,
-            deadline,
-            out: Vec::new(),
-            sent: 0,
-            registered: !arrived && !gone,
-            read_dry,
-            parsed: 0,
-            skipped: 0,
-        });
-        if gone {
-            // Left (or reset) before sending a byte: nothing to answer.
-            abort_handshake(&shared, *pending, None);
-            continue;
-        }
-        if arrived {
-            // Not in the poller yet: the handshake job registers it, with
-            // the interest its first wait needs (one system call, off this
-            // thread). It joins the queue the poller's work goes to, so
-            // that while the pool is busy a handshake wakes no thread.
-            handshakes.push(Job::Ready(Found::Handshake(pending)));
-            dispatch(&shared, &mut handshakes);
-            // It may wait in the queue (every worker busy, or blocked in a
-            // closure, including pool jobs that are not drainers), where
-            // the poller keeps its deadline. Booked after it is queued: a
-            // scan that began meanwhile either sees this booking or finds
-            // the handshake in the queue (and books the queue's earliest).
-            book_queued_handshake_deadline(&shared, deadline);
-            continue;
-        }
-        // Registered while its slot is locked, so that the readiness
-        // event cannot look for it before it is there.
-        let registered = shared.registry.park(pending, |p| {
-            register(&shared.poller, &p.stream, polling::Event::readable(key))
-        });
-        if !matches!(registered, Some(Ok(()))) {
-            if let Some(p) = shared.registry.take_expired_handshake(key, None) {
-                abort_handshake(
-                    &shared,
-                    *p,
-                    Some(&Reject::new(503).body("server cannot take more connections")),
-                );
-            }
-            continue;
-        }
-        book_handshake_deadline(&shared, deadline);
     }
+}
+
+/// What the accept thread keeps from one client to the next.
+struct Accepting<T> {
+    handshakes: Vec<Job<T>>,
+    spare: Spare,
+    /// When running out of file descriptors was last reported: at most
+    /// once every ten seconds.
+    reported: Option<Instant>,
+}
+
+#[cfg(test)]
+/// The address of a server's `Shared` whose accept thread is to panic
+/// once it has accepted its next client (tests of its containment).
+pub(crate) static PANIC_AT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// Take one client off the listen backlog and hand it on. True once
+/// shutdown has stopped the thread.
+fn accept_one<T: Send + Sync + 'static>(
+    shared: &Arc<Shared<T>>,
+    listener: &TcpListener,
+    st: &mut Accepting<T>,
+) -> bool {
+    // A main loop far behind (its event channel twice over budget) is
+    // not handed more clients: they wait in the listen backlog.
+    while shared.events.far_over_budget() && !shared.stopping.load(Ordering::Acquire) {
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    // Also here: the wake may have been taken as a client to refuse.
+    if shared.stopping.load(Ordering::Acquire) {
+        return true;
+    }
+    let accepted = listener.accept();
+    if shared.stopping.load(Ordering::Acquire) {
+        return true;
+    }
+    let (stream, peer) = match accepted {
+        Ok(pair) => pair,
+        Err(e) if is_out_of_fds(&e) => {
+            // The process (or the system) has no file descriptor left
+            // for the next client. Left in the backlog, it would wait
+            // with no answer until someone leaves: spend the spare to
+            // take it and answer `503`, then make the spare again.
+            if st
+                .reported
+                .is_none_or(|t| t.elapsed() >= Duration::from_secs(10))
+            {
+                st.reported = Some(Instant::now());
+                // Reported from the pool: `on_error` must not run on
+                // this thread, which shutdown joins.
+                let s = Arc::clone(shared);
+                shared.pool.execute(move || s.report(None, Error::Io(e)));
+            }
+            if !refuse_with_spare(shared, listener, &mut st.spare) {
+                // Nobody waiting (accept fails at once when out of
+                // descriptors, backlog or not), or no spare to spend:
+                // back off instead of spinning.
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            return false;
+        }
+        Err(e) => {
+            // Out of memory, or a network error accept(2) passes on:
+            // back off, unless it is one to retry at once.
+            if e.kind() != io::ErrorKind::Interrupted
+                && e.kind() != io::ErrorKind::ConnectionAborted
+            {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            return false;
+        }
+    };
+    #[cfg(test)]
+    if PANIC_AT
+        .compare_exchange(
+            Arc::as_ptr(shared) as usize,
+            0,
+            Ordering::SeqCst,
+            Ordering::SeqCst,
+        )
+        .is_ok()
+    {
+        panic!("injected into the accept thread");
+    }
+    if stream.set_nonblocking(true).is_err() {
+        return false;
+    }
+    let _ = stream.set_nodelay(true);
+    let config = &shared.config;
+    let Some(key) = shared.registry.reserve(
+        config.max_connections,
+        config.max_connections_per_ip,
+        peer.ip(),
+    ) else {
+        shared.counters.refused(503);
+        refuse(
+            &stream,
+            &Reject::new(503)
+                .header("Retry-After", "1")
+                .body("too many connections"),
+        );
+        return false;
+    };
+    let deadline = Instant::now()
+        .checked_add(shared.config.handshake_timeout)
+        .unwrap_or_else(far_future);
+    // If the request is already in, a worker takes it now, with the
+    // bytes read here (the job reads again only if this read filled
+    // its buffer, or the request is not whole); otherwise the poller
+    // hands the socket over once it is, rather than a job reading
+    // nothing.
+    let mut first = [0u8; FIRST_READ];
+    let (arrived, gone, buf) = match (&stream).read(&mut first) {
+        Ok(0) => (false, true, Vec::new()),
+        Ok(n) => (true, false, first[..n].to_vec()),
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => (false, false, Vec::new()),
+        Err(e) if e.kind() == io::ErrorKind::Interrupted => (false, false, Vec::new()),
+        Err(_) => (false, true, Vec::new()),
+    };
+    let read_dry = arrived && buf.len() < FIRST_READ;
+    let pending = Box::new(Pending {
+        key,
+        stream,
+        peer,
+        buf,
+        deadline,
+        out: Vec::new(),
+        sent: 0,
+        registered: !arrived && !gone,
+        read_dry,
+        parsed: 0,
+        skipped: 0,
+    });
+    if gone {
+        // Left (or reset) before sending a byte: nothing to answer.
+        abort_handshake(shared, *pending, None);
+        return false;
+    }
+    if arrived {
+        // Not in the poller yet: the handshake job registers it, with
+        // the interest its first wait needs (one system call, off this
+        // thread). It joins the queue the poller's work goes to, so
+        // that while the pool is busy a handshake wakes no thread.
+        st.handshakes.push(Job::Ready(Found::Handshake(pending)));
+        dispatch(shared, &mut st.handshakes);
+        // It may wait in the queue (every worker busy, or blocked in a
+        // closure, including pool jobs that are not drainers), where
+        // the poller keeps its deadline. Booked after it is queued: a
+        // scan that began meanwhile either sees this booking or finds
+        // the handshake in the queue (and books the queue's earliest).
+        book_queued_handshake_deadline(shared, deadline);
+        return false;
+    }
+    // Registered while its slot is locked, so that the readiness
+    // event cannot look for it before it is there.
+    let registered = shared.registry.park(pending, |p| {
+        register(&shared.poller, &p.stream, polling::Event::readable(key))
+    });
+    if !matches!(registered, Some(Ok(()))) {
+        if let Some(p) = shared.registry.take_expired_handshake(key, None) {
+            abort_handshake(
+                shared,
+                *p,
+                Some(&Reject::new(503).body("server cannot take more connections")),
+            );
+        }
+        return false;
+    }
+    book_handshake_deadline(shared, deadline);
+    false
 }
 
 /// Answer a client refused before any handshake. Best effort: the socket

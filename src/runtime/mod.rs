@@ -271,11 +271,7 @@ impl<T: Send + Sync + 'static> Shared<T> {
         panic: &(dyn std::any::Any + Send),
     ) {
         Counters::add(&self.counters.panics, 1);
-        let message = panic
-            .downcast_ref::<&str>()
-            .map(|s| s.to_string())
-            .or_else(|| panic.downcast_ref::<String>().cloned())
-            .unwrap_or_else(|| "a panic without a message".into());
+        let message = crate::runtime::poller::panic_message(panic);
         self.report(client, Error::HandlerPanicked { handler, message });
     }
 

@@ -88,123 +88,191 @@ pub(crate) fn on_poller() -> bool {
 /// The poller thread's loop, until shutdown sets `poller_stop`.
 pub(crate) fn run<T: Send + Sync + 'static>(shared: Arc<Shared<T>>) {
     ON_POLLER.with(|p| p.set(true));
-    let mut events = Events::new();
-    let mut found = Vec::new();
-    let mut due = Vec::new();
-    let mut expired = Vec::new();
-    let mut failing = false;
+    let mut st = Turn {
+        events: Events::new(),
+        found: Vec::new(),
+        due: Vec::new(),
+        expired: Vec::new(),
+        failing: false,
+    };
     loop {
-        let timeout = shared
-            .timers
-            .next()
-            .map(|at| Duration::from_millis(at.saturating_sub(shared.now_ms())));
-        events.clear();
-        match shared.poller.wait(&mut events, timeout) {
-            Err(e) if e.kind() != io::ErrorKind::Interrupted => {
-                // Reported once per run of failures, not every retry.
-                if !failing {
-                    failing = true;
-                    shared.report(None, crate::error::Error::Io(e));
-                }
+        match catch_unwind(AssertUnwindSafe(|| turn(&shared, &mut st))) {
+            Ok(true) => return,
+            Ok(false) => {}
+            Err(panic) => {
+                // A bug in the loop must not leave every client unserved:
+                // it is reported, what the failed turn held is dropped,
+                // and the loop goes on. A connection that turn had taken
+                // for a job may be left unserved (README, Panics and errors).
+                let message = panic_message(&*panic);
+                shared.report(
+                    None,
+                    crate::error::Error::Internal(format!(
+                        "the readiness loop panicked ({message}) and went on"
+                    )),
+                );
+                st.events.clear();
+                st.found.clear();
+                st.due.clear();
+                st.expired.clear();
+                // Not a spin, should the panic come back every turn.
                 std::thread::sleep(Duration::from_millis(10));
             }
-            _ => failing = false,
-        }
-        if shared.poller_stop.load(Ordering::Acquire) {
-            return;
-        }
-        shared
-            .registry
-            .take_ready(events.iter().map(|e| e.key), &mut found);
-        // Connections that became ready together, and those whose timer
-        // is due, are handed to the pool in at most `workers` batches: one
-        // pool job per batch rather than per connection, which saves a
-        // channel hop and a wake-up each.
-        let mut ready = Vec::new();
-        // Events that were most likely pongs, and those of any other kind.
-        let (mut pongs, mut others) = (0, 0);
-        for (f, event) in found.drain(..).zip(events.iter()) {
-            match f {
-                Found::Open(conn) => {
-                    let claimed = claim_event(&conn, event.readable, event.writable);
-                    if claimed.pong {
-                        pongs += 1;
-                    } else {
-                        others += 1;
-                    }
-                    if claimed.run {
-                        ready.push(Job::Ready(Found::Open(conn)));
-                    } else if claimed.flush {
-                        let s = Arc::clone(&shared);
-                        shared.pool.execute(move || {
-                            conn.flush_from_job(&s);
-                            let_go(&s, conn);
-                        });
-                    } else {
-                        let_go(&shared, conn);
-                    }
-                }
-                Found::Nothing => {}
-                f => {
-                    others += 1;
-                    ready.push(Job::Ready(f));
-                }
-            }
-        }
-        // Readiness first: a sweep walks every slot, and what is ready
-        // should not wait for it.
-        if !ready.is_empty() {
-            dispatch(&shared, &mut ready);
-        }
-        let now = shared.now_ms();
-        if shared.timers.start_sweep(now) {
-            shared.registry.sweep(now, &shared.timers, &mut due);
-            for conn in due.drain(..) {
-                if claim(&conn) {
-                    ready.push(Job::Timer(conn));
-                } else {
-                    let_go(&shared, conn);
-                }
-            }
-            if !ready.is_empty() {
-                dispatch(&shared, &mut ready);
-            }
-        }
-        let swept_handshakes = shared.timers.start_handshake_sweep(now);
-        if swept_handshakes {
-            shared
-                .registry
-                .sweep_handshakes(now, shared.started, &shared.timers, &mut expired);
-            for p in expired.drain(..) {
-                // A request that went wrong in a line not yet ended (the
-                // job parses again only at a line's end) gets its error.
-                let answer = match parse_http(&p.buf, shared.config.max_handshake_bytes) {
-                    Err(reject) => reject,
-                    Ok(_) => Reject::new(408).body("handshake timed out"),
-                };
-                abort_handshake(&shared, *p, Some(&answer));
-            }
-        }
-        // Handshakes whose bytes came, still waiting for a worker at their
-        // deadline (every worker is busy, or blocked in a user closure):
-        // answered here. Also looked for at every sweep of the parked
-        // ones, which may find the deadline of a handshake the poller has
-        // since queued.
-        if shared.timers.start_queue_scan(now) || swept_handshakes {
-            take_overdue_handshakes(&shared, now, &mut expired);
-            for p in expired.drain(..) {
-                let (key, ip) = (p.key, p.peer.ip());
-                // A bug here must not end the readiness loop: the socket
-                // closes as the unwinding drops it, and the slot is freed.
-                if catch_unwind(AssertUnwindSafe(|| abort_queued_handshake(&shared, *p))).is_err() {
-                    shared.registry.remove(key, ip);
-                }
-            }
-        }
-        if pongs > 0 && others == 0 {
-            std::thread::sleep(PONG_PAUSE);
         }
     }
+}
+
+/// What the loop keeps from one turn to the next.
+#[allow(clippy::vec_box)] // the sweep's handshakes move on as boxes
+struct Turn<T> {
+    events: Events,
+    found: Vec<Found<T>>,
+    due: Vec<Arc<Conn<T>>>,
+    expired: Vec<Box<crate::runtime::registry::Pending>>,
+    /// The last wait failed (reported once per run of failures).
+    failing: bool,
+}
+
+/// A panic's message, if it has one.
+pub(crate) fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a panic without a message".into())
+}
+
+#[cfg(test)]
+/// The address of a server's `Shared` whose readiness loop is to panic at
+/// its next turn (tests of the loop's containment).
+pub(crate) static PANIC_AT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// One turn of the loop: wait, hand what is ready to the pool, run the
+/// sweeps that are due. True once shutdown has stopped the loop.
+fn turn<T: Send + Sync + 'static>(shared: &Arc<Shared<T>>, st: &mut Turn<T>) -> bool {
+    #[cfg(test)]
+    if PANIC_AT
+        .compare_exchange(
+            Arc::as_ptr(shared) as usize,
+            0,
+            Ordering::SeqCst,
+            Ordering::SeqCst,
+        )
+        .is_ok()
+    {
+        panic!("injected into the readiness loop");
+    }
+    let timeout = shared
+        .timers
+        .next()
+        .map(|at| Duration::from_millis(at.saturating_sub(shared.now_ms())));
+    st.events.clear();
+    match shared.poller.wait(&mut st.events, timeout) {
+        Err(e) if e.kind() != io::ErrorKind::Interrupted => {
+            // Reported once per run of failures, not every retry.
+            if !st.failing {
+                st.failing = true;
+                shared.report(None, crate::error::Error::Io(e));
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        _ => st.failing = false,
+    }
+    if shared.poller_stop.load(Ordering::Acquire) {
+        return true;
+    }
+    shared
+        .registry
+        .take_ready(st.events.iter().map(|e| e.key), &mut st.found);
+    // Connections that became ready together, and those whose timer
+    // is due, are handed to the pool in at most `workers` batches: one
+    // pool job per batch rather than per connection, which saves a
+    // channel hop and a wake-up each.
+    let mut ready = Vec::new();
+    // Events that were most likely pongs, and those of any other kind.
+    let (mut pongs, mut others) = (0, 0);
+    for (f, event) in st.found.drain(..).zip(st.events.iter()) {
+        match f {
+            Found::Open(conn) => {
+                let claimed = claim_event(&conn, event.readable, event.writable);
+                if claimed.pong {
+                    pongs += 1;
+                } else {
+                    others += 1;
+                }
+                if claimed.run {
+                    ready.push(Job::Ready(Found::Open(conn)));
+                } else if claimed.flush {
+                    let s = Arc::clone(shared);
+                    shared.pool.execute(move || {
+                        conn.flush_from_job(&s);
+                        let_go(&s, conn);
+                    });
+                } else {
+                    let_go(shared, conn);
+                }
+            }
+            Found::Nothing => {}
+            f => {
+                others += 1;
+                ready.push(Job::Ready(f));
+            }
+        }
+    }
+    // Readiness first: a sweep walks every slot, and what is ready
+    // should not wait for it.
+    if !ready.is_empty() {
+        dispatch(shared, &mut ready);
+    }
+    let now = shared.now_ms();
+    if shared.timers.start_sweep(now) {
+        shared.registry.sweep(now, &shared.timers, &mut st.due);
+        for conn in st.due.drain(..) {
+            if claim(&conn) {
+                ready.push(Job::Timer(conn));
+            } else {
+                let_go(shared, conn);
+            }
+        }
+        if !ready.is_empty() {
+            dispatch(shared, &mut ready);
+        }
+    }
+    let swept_handshakes = shared.timers.start_handshake_sweep(now);
+    if swept_handshakes {
+        shared
+            .registry
+            .sweep_handshakes(now, shared.started, &shared.timers, &mut st.expired);
+        for p in st.expired.drain(..) {
+            // A request that went wrong in a line not yet ended (the
+            // job parses again only at a line's end) gets its error.
+            let answer = match parse_http(&p.buf, shared.config.max_handshake_bytes) {
+                Err(reject) => reject,
+                Ok(_) => Reject::new(408).body("handshake timed out"),
+            };
+            abort_handshake(shared, *p, Some(&answer));
+        }
+    }
+    // Handshakes whose bytes came, still waiting for a worker at their
+    // deadline (every worker is busy, or blocked in a user closure):
+    // answered here. Also looked for at every sweep of the parked
+    // ones, which may find the deadline of a handshake the poller has
+    // since queued.
+    if shared.timers.start_queue_scan(now) || swept_handshakes {
+        take_overdue_handshakes(shared, now, &mut st.expired);
+        for p in st.expired.drain(..) {
+            let (key, ip) = (p.key, p.peer.ip());
+            // A bug here must not end the readiness loop: the socket
+            // closes as the unwinding drops it, and the slot is freed.
+            if catch_unwind(AssertUnwindSafe(|| abort_queued_handshake(shared, *p))).is_err() {
+                shared.registry.remove(key, ip);
+            }
+        }
+    }
+    if pongs > 0 && others == 0 {
+        std::thread::sleep(PONG_PAUSE);
+    }
+    false
 }
 
 /// Let go of the loop's hold on a connection. Should it be the last (its
@@ -560,5 +628,109 @@ fn drain<T: Send + Sync + 'static>(shared: &Arc<Shared<T>>) {
                 let_go_here(shared, conn);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::{Read, Write};
+    use std::net::TcpStream;
+    use std::sync::atomic::Ordering;
+    use std::sync::{Arc, Mutex, mpsc};
+    use std::time::Duration;
+
+    use crate::runtime::testing::{client_frame, upgrade};
+    use crate::{Client, Message, WebSocketServer};
+
+    /// An echo server (closures) and what it reports to `on_error`.
+    fn echo_server() -> (WebSocketServer, mpsc::Receiver<String>) {
+        let (tx, reported) = mpsc::channel::<String>();
+        let tx = Mutex::new(tx);
+        let server = WebSocketServer::builder()
+            .workers(2)
+            .on_message(|c: &Client, m: Message| {
+                let _ = c.send(m);
+            })
+            .on_error(move |_, e| {
+                let _ = tx.lock().unwrap().send(e.to_string());
+            })
+            .start("127.0.0.1:0")
+            .unwrap();
+        (server, reported)
+    }
+
+    fn connect(server: &WebSocketServer) -> TcpStream {
+        let mut s = TcpStream::connect(server.local_addr()).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        upgrade(&mut s);
+        s
+    }
+
+    /// Send `payload` and read its echo (a short unmasked binary frame).
+    fn echo(s: &mut TcpStream, payload: &[u8]) {
+        s.write_all(&client_frame(0x82, payload)).unwrap();
+        let mut got = vec![0u8; 2 + payload.len()];
+        s.read_exact(&mut got).unwrap();
+        assert_eq!(got[0], 0x82);
+        assert_eq!(&got[2..], payload);
+    }
+
+    fn expect_report(reported: &mpsc::Receiver<String>, what: &str) {
+        let e = reported
+            .recv_timeout(Duration::from_secs(10))
+            .unwrap_or_else(|_| panic!("no report of {what}'s panic"));
+        assert!(e.contains(what) && e.contains("injected"), "{e}");
+    }
+
+    /// A bug that panics in the readiness loop is reported, and the loop
+    /// goes on: the clients connected before it are still served, and new
+    /// ones too. (Without the guard the poller thread ended, and with it
+    /// every client's service.)
+    #[test]
+    fn a_panic_in_the_readiness_loop_is_reported_and_the_loop_goes_on() {
+        let (server, reported) = echo_server();
+        let mut a = connect(&server);
+        echo(&mut a, b"before");
+        super::PANIC_AT.store(Arc::as_ptr(server.shared()) as usize, Ordering::SeqCst);
+        // The loop panics at its next turn, which this message's event
+        // begins (the turn it ends in waits for it).
+        a.write_all(&client_frame(0x82, b"wake")).unwrap();
+        expect_report(&reported, "the readiness loop");
+        assert_eq!(super::PANIC_AT.load(Ordering::SeqCst), 0);
+        let mut got = [0u8; 6];
+        a.read_exact(&mut got).unwrap();
+        assert_eq!(&got[2..], b"wake");
+        for i in 0..20u8 {
+            echo(&mut a, &[i; 3]);
+        }
+        let mut b = connect(&server);
+        echo(&mut b, b"after");
+        assert_eq!(server.stats().internal_errors, 1);
+    }
+
+    /// The same for the accept thread: the client it was taking when it
+    /// panicked is dropped, and the next ones are served.
+    #[test]
+    fn a_panic_in_the_accept_thread_is_reported_and_it_goes_on() {
+        let (server, reported) = echo_server();
+        let mut a = connect(&server);
+        crate::runtime::acceptor::PANIC_AT
+            .store(Arc::as_ptr(server.shared()) as usize, Ordering::SeqCst);
+        let mut lost = TcpStream::connect(server.local_addr()).unwrap();
+        lost.set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        let _ = lost.write_all(crate::runtime::testing::UPGRADE);
+        let mut buf = [0u8; 64];
+        assert!(
+            matches!(lost.read(&mut buf), Ok(0) | Err(_)),
+            "the client accepted as the thread panicked was answered"
+        );
+        expect_report(&reported, "the accept thread");
+        for _ in 0..5 {
+            let mut b = connect(&server);
+            echo(&mut b, b"after");
+        }
+        echo(&mut a, b"still");
+        assert_eq!(server.stats().internal_errors, 1);
     }
 }
