@@ -80,7 +80,9 @@ pub struct Stats {
     pub handler_panics: u64,
     /// Failures the server recovered from (see
     /// [`Error::Internal`](crate::Error::Internal)): a bug of its own
-    /// caught in one connection's job, a failed wait of the readiness
+    /// caught in one connection's job, in the readiness loop or in the
+    /// accept thread (counted once every ten seconds at most), a failed
+    /// wait of the readiness
     /// loop, `accept` out of file descriptors (counted once every ten
     /// seconds at most, each refused client in `handshakes_refused`), a
     /// thread that could not start (reported as

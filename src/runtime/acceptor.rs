@@ -27,6 +27,8 @@ pub(crate) fn run<T: Send + Sync + 'static>(shared: Arc<Shared<T>>, listener: Tc
         handshakes: Vec::with_capacity(1),
         spare: Spare::open(),
         reported: None,
+        panicked: None,
+        reserved: None,
     };
     loop {
         match catch_unwind(AssertUnwindSafe(|| accept_one(&shared, &listener, &mut st))) {
@@ -34,17 +36,34 @@ pub(crate) fn run<T: Send + Sync + 'static>(shared: Arc<Shared<T>>, listener: Tc
             Ok(false) => {}
             Err(panic) => {
                 // A bug here must not stop the server taking clients: it
-                // is reported and the thread goes on. The client being
-                // accepted, if any, is dropped (its socket closes).
+                // is reported and the thread goes on.
                 let message = crate::runtime::poller::panic_message(&*panic);
-                let error = Error::Internal(format!(
-                    "the accept thread panicked ({message}) and went on"
-                ));
-                // From the pool, as below: not on this thread, which
-                // shutdown joins.
-                let s = Arc::clone(&shared);
-                shared.pool.execute(move || s.report(None, error));
-                st.handshakes.clear();
+                // Reported from the pool, as below: not on this thread,
+                // which shutdown joins; at most once every ten seconds.
+                if st
+                    .panicked
+                    .is_none_or(|t| t.elapsed() >= Duration::from_secs(10))
+                {
+                    st.panicked = Some(Instant::now());
+                    let error = Error::Internal(format!(
+                        "the accept thread panicked ({message}) and went on"
+                    ));
+                    let s = Arc::clone(&shared);
+                    shared.pool.execute(move || s.report(None, error));
+                }
+                // The slot of the client being taken is freed (its socket
+                // closed as the unwinding dropped it).
+                for job in st.handshakes.drain(..) {
+                    if let Job::Ready(Found::Handshake(p)) = job {
+                        shared.registry.remove(p.key, p.peer.ip());
+                    }
+                }
+                if let Some((key, ip)) = st.reserved.take() {
+                    shared.registry.remove(key, ip);
+                }
+                if shared.stopping.load(Ordering::Acquire) {
+                    return;
+                }
                 // Not a spin, should the panic come back every time.
                 std::thread::sleep(Duration::from_millis(10));
             }
@@ -59,12 +78,12 @@ struct Accepting<T> {
     /// When running out of file descriptors was last reported: at most
     /// once every ten seconds.
     reported: Option<Instant>,
+    /// When a panic here was last reported: as rarely.
+    panicked: Option<Instant>,
+    /// The slot reserved for the client being taken, until it is handed
+    /// on (or freed).
+    reserved: Option<(usize, std::net::IpAddr)>,
 }
-
-#[cfg(test)]
-/// The address of a server's `Shared` whose accept thread is to panic
-/// once it has accepted its next client (tests of its containment).
-pub(crate) static PANIC_AT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
 
 /// Take one client off the listen backlog and hand it on. True once
 /// shutdown has stopped the thread.
@@ -122,18 +141,6 @@ fn accept_one<T: Send + Sync + 'static>(
             return false;
         }
     };
-    #[cfg(test)]
-    if PANIC_AT
-        .compare_exchange(
-            Arc::as_ptr(shared) as usize,
-            0,
-            Ordering::SeqCst,
-            Ordering::SeqCst,
-        )
-        .is_ok()
-    {
-        panic!("injected into the accept thread");
-    }
     if stream.set_nonblocking(true).is_err() {
         return false;
     }
@@ -153,6 +160,9 @@ fn accept_one<T: Send + Sync + 'static>(
         );
         return false;
     };
+    st.reserved = Some((key, peer.ip()));
+    #[cfg(test)]
+    crate::runtime::poller::inject(shared, crate::runtime::poller::Site::Accepted);
     let deadline = Instant::now()
         .checked_add(shared.config.handshake_timeout)
         .unwrap_or_else(far_future);
@@ -185,6 +195,7 @@ fn accept_one<T: Send + Sync + 'static>(
     });
     if gone {
         // Left (or reset) before sending a byte: nothing to answer.
+        st.reserved = None;
         abort_handshake(shared, *pending, None);
         return false;
     }
@@ -194,6 +205,7 @@ fn accept_one<T: Send + Sync + 'static>(
         // thread). It joins the queue the poller's work goes to, so
         // that while the pool is busy a handshake wakes no thread.
         st.handshakes.push(Job::Ready(Found::Handshake(pending)));
+        st.reserved = None;
         dispatch(shared, &mut st.handshakes);
         // It may wait in the queue (every worker busy, or blocked in a
         // closure, including pool jobs that are not drainers), where
@@ -209,6 +221,7 @@ fn accept_one<T: Send + Sync + 'static>(
         register(&shared.poller, &p.stream, polling::Event::readable(key))
     });
     if !matches!(registered, Some(Ok(()))) {
+        st.reserved = None;
         if let Some(p) = shared.registry.take_expired_handshake(key, None) {
             abort_handshake(
                 shared,
@@ -218,6 +231,7 @@ fn accept_one<T: Send + Sync + 'static>(
         }
         return false;
     }
+    st.reserved = None;
     book_handshake_deadline(shared, deadline);
     false
 }

@@ -39,10 +39,12 @@ pub(crate) fn register(poller: &Poller, stream: &TcpStream, interest: Interest) 
     // (service.rs, also on a job's panic) are the ways out of a slot, and
     // each deletes first a socket that was registered (the handshake's
     // `registered` flag is set before the `add`). The fd is closed only
-    // when the last `Arc<Conn>` drops, after that. The one exception is a
-    // bug: a handshake job that panics drops its `Pending` as it unwinds,
-    // registered or not; on epoll, the backend on Linux, closing the only
-    // descriptor of a socket takes it out of the interest list.
+    // when the last `Arc<Conn>` drops, after that. The exceptions are
+    // bugs: a handshake job that panics drops its `Pending` as it unwinds,
+    // registered or not, and so may a panic in this loop or the accept
+    // thread (the slot it frees); on epoll, the backend on Linux, and
+    // kqueue, closing the only descriptor of a socket takes it out of the
+    // interest list.
     unsafe { poller.add(stream, interest) }
 }
 
@@ -93,7 +95,9 @@ pub(crate) fn run<T: Send + Sync + 'static>(shared: Arc<Shared<T>>) {
         found: Vec::new(),
         due: Vec::new(),
         expired: Vec::new(),
+        ready: Vec::new(),
         failing: false,
+        panicked: None,
     };
     loop {
         match catch_unwind(AssertUnwindSafe(|| turn(&shared, &mut st))) {
@@ -101,20 +105,27 @@ pub(crate) fn run<T: Send + Sync + 'static>(shared: Arc<Shared<T>>) {
             Ok(false) => {}
             Err(panic) => {
                 // A bug in the loop must not leave every client unserved:
-                // it is reported, what the failed turn held is dropped,
-                // and the loop goes on. A connection that turn had taken
-                // for a job may be left unserved (README, Panics and errors).
-                let message = panic_message(&*panic);
-                shared.report(
-                    None,
-                    crate::error::Error::Internal(format!(
+                // it is reported, what the failed turn had in hand is
+                // handed on or let go, and the loop goes on.
+                if st
+                    .panicked
+                    .is_none_or(|t| t.elapsed() >= Duration::from_secs(10))
+                {
+                    st.panicked = Some(std::time::Instant::now());
+                    let message = panic_message(&*panic);
+                    let error = crate::error::Error::Internal(format!(
                         "the readiness loop panicked ({message}) and went on"
-                    )),
-                );
-                st.events.clear();
-                st.found.clear();
-                st.due.clear();
-                st.expired.clear();
+                    ));
+                    // From the pool: `on_error` is user code, which must
+                    // not hold up the loop.
+                    let s = Arc::clone(&shared);
+                    shared.pool.execute(move || s.report(None, error));
+                }
+                if shared.poller_stop.load(Ordering::Acquire) {
+                    return;
+                }
+                // Best effort: a panic in it too leaves what is left.
+                let _ = catch_unwind(AssertUnwindSafe(|| recover(&shared, &mut st)));
                 // Not a spin, should the panic come back every turn.
                 std::thread::sleep(Duration::from_millis(10));
             }
@@ -129,8 +140,43 @@ struct Turn<T> {
     found: Vec<Found<T>>,
     due: Vec<Arc<Conn<T>>>,
     expired: Vec<Box<crate::runtime::registry::Pending>>,
+    /// Jobs claimed and not yet handed to the pool.
+    ready: Vec<Job<T>>,
     /// The last wait failed (reported once per run of failures).
     failing: bool,
+    /// When a panic in the loop was last reported.
+    panicked: Option<std::time::Instant>,
+}
+
+/// After a panic in a turn: hand on what it had claimed, let go of what it
+/// had not, and have the next turn run every sweep (one begun in the
+/// failed turn had taken its booking).
+fn recover<T: Send + Sync + 'static>(shared: &Arc<Shared<T>>, st: &mut Turn<T>) {
+    for f in st.found.drain(..) {
+        match f {
+            // Not claimed yet: its next event or timer finds it.
+            Found::Open(conn) => let_go(shared, conn),
+            Found::Nothing => {}
+            // A handshake taken out of its slot: its job takes it.
+            f => st.ready.push(Job::Ready(f)),
+        }
+    }
+    for conn in st.due.drain(..) {
+        let_go(shared, conn);
+    }
+    for p in st.expired.drain(..) {
+        let (key, ip) = (p.key, p.peer.ip());
+        if catch_unwind(AssertUnwindSafe(|| abort_handshake(shared, *p, None))).is_err() {
+            shared.registry.remove(key, ip);
+        }
+    }
+    if !st.ready.is_empty() {
+        dispatch(shared, &mut st.ready);
+    }
+    st.events.clear();
+    shared.timers.book(0);
+    shared.timers.book_queued(0);
+    shared.timers.book_parked(0);
 }
 
 /// A panic's message, if it has one.
@@ -142,26 +188,42 @@ pub(crate) fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
         .unwrap_or_else(|| "a panic without a message".into())
 }
 
+/// Panics injected into a server's threads (tests of their containment):
+/// the address of its `Shared`, and where.
 #[cfg(test)]
-/// The address of a server's `Shared` whose readiness loop is to panic at
-/// its next turn (tests of the loop's containment).
-pub(crate) static PANIC_AT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+pub(crate) static PANIC_AT: parking_lot::Mutex<Vec<(usize, Site)>> =
+    parking_lot::Mutex::new(Vec::new());
+
+#[cfg(test)]
+#[derive(Clone, Copy, PartialEq, Debug)]
+pub(crate) enum Site {
+    /// The loop, at the start of a turn.
+    TurnStart,
+    /// The loop, with jobs claimed and not yet handed on.
+    BeforeDispatch,
+    /// The loop, once a sweep of the slots has begun.
+    InSweep,
+    /// The accept thread, with a slot reserved for the client.
+    Accepted,
+}
+
+/// Panic if one is injected here for this server (test builds only).
+#[cfg(test)]
+pub(crate) fn inject<T>(shared: &Arc<Shared<T>>, site: Site) {
+    let at = (Arc::as_ptr(shared) as usize, site);
+    let mut list = PANIC_AT.lock();
+    if let Some(i) = list.iter().position(|e| *e == at) {
+        list.remove(i);
+        drop(list);
+        panic!("injected at {site:?}");
+    }
+}
 
 /// One turn of the loop: wait, hand what is ready to the pool, run the
 /// sweeps that are due. True once shutdown has stopped the loop.
 fn turn<T: Send + Sync + 'static>(shared: &Arc<Shared<T>>, st: &mut Turn<T>) -> bool {
     #[cfg(test)]
-    if PANIC_AT
-        .compare_exchange(
-            Arc::as_ptr(shared) as usize,
-            0,
-            Ordering::SeqCst,
-            Ordering::SeqCst,
-        )
-        .is_ok()
-    {
-        panic!("injected into the readiness loop");
-    }
+    inject(shared, Site::TurnStart);
     let timeout = shared
         .timers
         .next()
@@ -188,11 +250,12 @@ fn turn<T: Send + Sync + 'static>(shared: &Arc<Shared<T>>, st: &mut Turn<T>) -> 
     // is due, are handed to the pool in at most `workers` batches: one
     // pool job per batch rather than per connection, which saves a
     // channel hop and a wake-up each.
-    let mut ready = Vec::new();
+    let ready = &mut st.ready;
     // Events that were most likely pongs, and those of any other kind.
     let (mut pongs, mut others) = (0, 0);
-    for (f, event) in st.found.drain(..).zip(st.events.iter()) {
-        match f {
+    // Taken one by one, so that what a panic leaves is still listed.
+    for (slot, event) in st.found.iter_mut().zip(st.events.iter()) {
+        match std::mem::replace(slot, Found::Nothing) {
             Found::Open(conn) => {
                 let claimed = claim_event(&conn, event.readable, event.writable);
                 if claimed.pong {
@@ -219,15 +282,22 @@ fn turn<T: Send + Sync + 'static>(shared: &Arc<Shared<T>>, st: &mut Turn<T>) -> 
             }
         }
     }
+    st.found.clear();
+    #[cfg(test)]
+    if !ready.is_empty() {
+        inject(shared, Site::BeforeDispatch);
+    }
     // Readiness first: a sweep walks every slot, and what is ready
     // should not wait for it.
     if !ready.is_empty() {
-        dispatch(shared, &mut ready);
+        dispatch(shared, ready);
     }
     let now = shared.now_ms();
     if shared.timers.start_sweep(now) {
+        #[cfg(test)]
+        inject(shared, Site::InSweep);
         shared.registry.sweep(now, &shared.timers, &mut st.due);
-        for conn in st.due.drain(..) {
+        while let Some(conn) = st.due.pop() {
             if claim(&conn) {
                 ready.push(Job::Timer(conn));
             } else {
@@ -235,7 +305,7 @@ fn turn<T: Send + Sync + 'static>(shared: &Arc<Shared<T>>, st: &mut Turn<T>) -> 
             }
         }
         if !ready.is_empty() {
-            dispatch(shared, &mut ready);
+            dispatch(shared, ready);
         }
     }
     let swept_handshakes = shared.timers.start_handshake_sweep(now);
@@ -243,7 +313,7 @@ fn turn<T: Send + Sync + 'static>(shared: &Arc<Shared<T>>, st: &mut Turn<T>) -> 
         shared
             .registry
             .sweep_handshakes(now, shared.started, &shared.timers, &mut st.expired);
-        for p in st.expired.drain(..) {
+        while let Some(p) = st.expired.pop() {
             // A request that went wrong in a line not yet ended (the
             // job parses again only at a line's end) gets its error.
             let answer = match parse_http(&p.buf, shared.config.max_handshake_bytes) {
@@ -260,7 +330,7 @@ fn turn<T: Send + Sync + 'static>(shared: &Arc<Shared<T>>, st: &mut Turn<T>) -> 
     // since queued.
     if shared.timers.start_queue_scan(now) || swept_handshakes {
         take_overdue_handshakes(shared, now, &mut st.expired);
-        for p in st.expired.drain(..) {
+        while let Some(p) = st.expired.pop() {
             let (key, ip) = (p.key, p.peer.ip());
             // A bug here must not end the readiness loop: the socket
             // closes as the unwinding drops it, and the slot is freed.
@@ -635,28 +705,34 @@ fn drain<T: Send + Sync + 'static>(shared: &Arc<Shared<T>>) {
 mod tests {
     use std::io::{Read, Write};
     use std::net::TcpStream;
-    use std::sync::atomic::Ordering;
     use std::sync::{Arc, Mutex, mpsc};
     use std::time::Duration;
 
+    use super::{PANIC_AT, Site};
     use crate::runtime::testing::{client_frame, upgrade};
     use crate::{Client, Message, WebSocketServer};
 
     /// An echo server (closures) and what it reports to `on_error`.
-    fn echo_server() -> (WebSocketServer, mpsc::Receiver<String>) {
+    fn echo_server(
+        f: impl FnOnce(crate::Builder) -> crate::Builder,
+    ) -> (WebSocketServer, mpsc::Receiver<String>) {
         let (tx, reported) = mpsc::channel::<String>();
         let tx = Mutex::new(tx);
-        let server = WebSocketServer::builder()
+        let builder = WebSocketServer::builder()
             .workers(2)
             .on_message(|c: &Client, m: Message| {
                 let _ = c.send(m);
             })
             .on_error(move |_, e| {
                 let _ = tx.lock().unwrap().send(e.to_string());
-            })
-            .start("127.0.0.1:0")
-            .unwrap();
-        (server, reported)
+            });
+        (f(builder).start("127.0.0.1:0").unwrap(), reported)
+    }
+
+    fn inject(server: &WebSocketServer, site: Site) {
+        PANIC_AT
+            .lock()
+            .push((Arc::as_ptr(server.shared()) as usize, site));
     }
 
     fn connect(server: &WebSocketServer) -> TcpStream {
@@ -666,20 +742,29 @@ mod tests {
         s
     }
 
-    /// Send `payload` and read its echo (a short unmasked binary frame).
-    fn echo(s: &mut TcpStream, payload: &[u8]) {
-        s.write_all(&client_frame(0x82, payload)).unwrap();
-        let mut got = vec![0u8; 2 + payload.len()];
-        s.read_exact(&mut got).unwrap();
-        assert_eq!(got[0], 0x82);
-        assert_eq!(&got[2..], payload);
+    /// Read one short unmasked frame: (first byte, payload).
+    fn read_short(s: &mut TcpStream) -> (u8, Vec<u8>) {
+        let mut head = [0u8; 2];
+        s.read_exact(&mut head).unwrap();
+        let mut p = vec![0u8; usize::from(head[1] & 0x7f)];
+        s.read_exact(&mut p).unwrap();
+        (head[0], p)
     }
 
-    fn expect_report(reported: &mpsc::Receiver<String>, what: &str) {
+    /// Send `payload` and read its echo.
+    fn echo(s: &mut TcpStream, payload: &[u8]) {
+        s.write_all(&client_frame(0x82, payload)).unwrap();
+        assert_eq!(read_short(s), (0x82, payload.to_vec()));
+    }
+
+    fn expect_report(reported: &mpsc::Receiver<String>, what: &str, site: Site) {
         let e = reported
             .recv_timeout(Duration::from_secs(10))
             .unwrap_or_else(|_| panic!("no report of {what}'s panic"));
-        assert!(e.contains(what) && e.contains("injected"), "{e}");
+        assert!(
+            e.contains(what) && e.contains(&format!("injected at {site:?}")),
+            "{e}"
+        );
     }
 
     /// A bug that panics in the readiness loop is reported, and the loop
@@ -688,18 +773,14 @@ mod tests {
     /// every client's service.)
     #[test]
     fn a_panic_in_the_readiness_loop_is_reported_and_the_loop_goes_on() {
-        let (server, reported) = echo_server();
+        let (server, reported) = echo_server(|b| b);
         let mut a = connect(&server);
         echo(&mut a, b"before");
-        super::PANIC_AT.store(Arc::as_ptr(server.shared()) as usize, Ordering::SeqCst);
-        // The loop panics at its next turn, which this message's event
-        // begins (the turn it ends in waits for it).
-        a.write_all(&client_frame(0x82, b"wake")).unwrap();
-        expect_report(&reported, "the readiness loop");
-        assert_eq!(super::PANIC_AT.load(Ordering::SeqCst), 0);
-        let mut got = [0u8; 6];
-        a.read_exact(&mut got).unwrap();
-        assert_eq!(&got[2..], b"wake");
+        inject(&server, Site::TurnStart);
+        // The loop is waiting: the panic comes at the turn after the one
+        // this message ends.
+        echo(&mut a, b"wake");
+        expect_report(&reported, "the readiness loop", Site::TurnStart);
         for i in 0..20u8 {
             echo(&mut a, &[i; 3]);
         }
@@ -708,14 +789,50 @@ mod tests {
         assert_eq!(server.stats().internal_errors, 1);
     }
 
+    /// A panic in a turn that has claimed a connection's job, before
+    /// handing it to the pool: the job still runs. (Were it dropped, the
+    /// connection would stay claimed, never served again.)
+    #[test]
+    fn a_job_claimed_by_a_turn_that_panicked_still_runs() {
+        let (server, reported) = echo_server(|b| b);
+        let mut a = connect(&server);
+        echo(&mut a, b"before");
+        inject(&server, Site::BeforeDispatch);
+        echo(&mut a, b"claimed");
+        expect_report(&reported, "the readiness loop", Site::BeforeDispatch);
+        for i in 0..20u8 {
+            echo(&mut a, &[i; 3]);
+        }
+    }
+
+    /// A panic once a sweep of the slots has begun (which takes its
+    /// booking): the sweeps go on, so an idle client is still closed at
+    /// its idle timeout. (Without booking them again, no sweep ran again
+    /// until something else booked one.)
+    #[test]
+    fn timers_go_on_after_a_panic_in_a_sweep() {
+        let (server, reported) = echo_server(|b| {
+            b.ping_interval(None)
+                .idle_timeout(Some(Duration::from_millis(600)))
+        });
+        inject(&server, Site::InSweep);
+        let mut a = connect(&server);
+        expect_report(&reported, "the readiness loop", Site::InSweep);
+        let (first, p) = read_short(&mut a);
+        assert_eq!(first, 0x88, "no close for idleness");
+        assert_eq!(u16::from_be_bytes([p[0], p[1]]), 1001);
+    }
+
     /// The same for the accept thread: the client it was taking when it
-    /// panicked is dropped, and the next ones are served.
+    /// panicked is dropped and its slot freed, and the next ones are
+    /// served.
     #[test]
     fn a_panic_in_the_accept_thread_is_reported_and_it_goes_on() {
-        let (server, reported) = echo_server();
+        // Room for two: the slot of the client lost must come back for
+        // the next to get in beside the first.
+        let (server, reported) = echo_server(|b| b.max_connections(2));
         let mut a = connect(&server);
-        crate::runtime::acceptor::PANIC_AT
-            .store(Arc::as_ptr(server.shared()) as usize, Ordering::SeqCst);
+        inject(&server, Site::Accepted);
         let mut lost = TcpStream::connect(server.local_addr()).unwrap();
         lost.set_read_timeout(Some(Duration::from_secs(10)))
             .unwrap();
@@ -725,10 +842,17 @@ mod tests {
             matches!(lost.read(&mut buf), Ok(0) | Err(_)),
             "the client accepted as the thread panicked was answered"
         );
-        expect_report(&reported, "the accept thread");
+        expect_report(&reported, "the accept thread", Site::Accepted);
         for _ in 0..5 {
             let mut b = connect(&server);
             echo(&mut b, b"after");
+            drop(b);
+            // Its slot back before the next.
+            let t = std::time::Instant::now();
+            while server.stats().connections > 1 {
+                assert!(t.elapsed() < Duration::from_secs(10), "never left");
+                std::thread::sleep(Duration::from_millis(5));
+            }
         }
         echo(&mut a, b"still");
         assert_eq!(server.stats().internal_errors, 1);
