@@ -767,20 +767,17 @@ mod tests {
         );
     }
 
-    /// A bug that panics in the readiness loop is reported, and the loop
-    /// goes on: the clients connected before it are still served, and new
-    /// ones too. (Without the guard the poller thread ended, and with it
-    /// every client's service.)
-    #[test]
-    fn a_panic_in_the_readiness_loop_is_reported_and_the_loop_goes_on() {
+    /// A panic in the readiness loop at `site`, which the message after
+    /// the injection reaches: reported, and the loop goes on. The clients
+    /// connected before it are still served, that message included, and
+    /// new ones too.
+    fn the_loop_goes_on_after_a_panic_at(site: Site) {
         let (server, reported) = echo_server(|b| b);
         let mut a = connect(&server);
         echo(&mut a, b"before");
-        inject(&server, Site::TurnStart);
-        // The loop is waiting: the panic comes at the turn after the one
-        // this message ends.
-        echo(&mut a, b"wake");
-        expect_report(&reported, "the readiness loop", Site::TurnStart);
+        inject(&server, site);
+        echo(&mut a, b"reaches it");
+        expect_report(&reported, "the readiness loop", site);
         for i in 0..20u8 {
             echo(&mut a, &[i; 3]);
         }
@@ -789,20 +786,21 @@ mod tests {
         assert_eq!(server.stats().internal_errors, 1);
     }
 
-    /// A panic in a turn that has claimed a connection's job, before
-    /// handing it to the pool: the job still runs. (Were it dropped, the
-    /// connection would stay claimed, never served again.)
+    /// At the start of a turn (the loop is waiting when the panic is
+    /// injected: it comes at the turn after the one that message ends).
+    /// Without the guard the poller thread ended, and with it every
+    /// client's service.
+    #[test]
+    fn a_panic_in_the_readiness_loop_is_reported_and_the_loop_goes_on() {
+        the_loop_goes_on_after_a_panic_at(Site::TurnStart);
+    }
+
+    /// In a turn that has claimed a connection's job, before handing it
+    /// to the pool: the job still runs. (Were it dropped, the connection
+    /// would stay claimed, never served again.)
     #[test]
     fn a_job_claimed_by_a_turn_that_panicked_still_runs() {
-        let (server, reported) = echo_server(|b| b);
-        let mut a = connect(&server);
-        echo(&mut a, b"before");
-        inject(&server, Site::BeforeDispatch);
-        echo(&mut a, b"claimed");
-        expect_report(&reported, "the readiness loop", Site::BeforeDispatch);
-        for i in 0..20u8 {
-            echo(&mut a, &[i; 3]);
-        }
+        the_loop_goes_on_after_a_panic_at(Site::BeforeDispatch);
     }
 
     /// A panic once a sweep of the slots has begun (which takes its
