@@ -85,8 +85,9 @@ pub enum Error {
     },
     /// The server itself failed in a way it recovered from: a bug in
     /// enjent that panicked in one connection's job, which was closed, or
-    /// in the readiness loop or the accept thread, which went on (each
-    /// reported at most once every ten seconds).
+    /// in the readiness loop or the accept thread, which went on (a panic
+    /// in either of those two is reported at most once every ten
+    /// seconds).
     /// (A failed system call it recovered from, such as the readiness
     /// loop's wait or `accept` out of file descriptors, is [`Error::Io`].)
     Internal(String),

@@ -195,8 +195,8 @@ fn accept_one<T: Send + Sync + 'static>(
     });
     if gone {
         // Left (or reset) before sending a byte: nothing to answer.
-        st.reserved = None;
         abort_handshake(shared, *pending, None);
+        st.reserved = None;
         return false;
     }
     if arrived {
@@ -217,11 +217,17 @@ fn accept_one<T: Send + Sync + 'static>(
     }
     // Registered while its slot is locked, so that the readiness
     // event cannot look for it before it is there.
+    // Once in the poller it is the poller's (an event may hand it to a
+    // worker at once): no longer this thread's to free.
+    let reserved = &mut st.reserved;
     let registered = shared.registry.park(pending, |p| {
-        register(&shared.poller, &p.stream, polling::Event::readable(key))
+        let r = register(&shared.poller, &p.stream, polling::Event::readable(key));
+        if r.is_ok() {
+            *reserved = None;
+        }
+        r
     });
     if !matches!(registered, Some(Ok(()))) {
-        st.reserved = None;
         if let Some(p) = shared.registry.take_expired_handshake(key, None) {
             abort_handshake(
                 shared,
@@ -229,9 +235,9 @@ fn accept_one<T: Send + Sync + 'static>(
                 Some(&Reject::new(503).body("server cannot take more connections")),
             );
         }
+        st.reserved = None;
         return false;
     }
-    st.reserved = None;
     book_handshake_deadline(shared, deadline);
     false
 }
