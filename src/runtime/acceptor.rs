@@ -10,13 +10,13 @@ use std::time::{Duration, Instant};
 
 use crate::error::Error;
 use crate::proto::handshake::Reject;
-use crate::runtime::Shared;
 use crate::runtime::handshake::{
     abort_handshake, begins_head, book_handshake_deadline, book_queued_handshake_deadline,
     far_future,
 };
 use crate::runtime::poller::{Job, dispatch, register};
 use crate::runtime::registry::{Found, Pending};
+use crate::runtime::{Shared, Throttled};
 
 /// Bytes the accept thread reads of a request that is already in: a
 /// browser's upgrade request fits; a longer one is read on by the job.
@@ -26,8 +26,8 @@ pub(crate) fn run<T: Send + Sync + 'static>(shared: Arc<Shared<T>>, listener: Tc
     let mut st = Accepting {
         handshakes: Vec::with_capacity(1),
         spare: Spare::open(),
-        reported: None,
-        panicked: None,
+        out_of_fds: Throttled::new(),
+        panicked: Throttled::new(),
         reserved: None,
     };
     loop {
@@ -40,17 +40,11 @@ pub(crate) fn run<T: Send + Sync + 'static>(shared: Arc<Shared<T>>, listener: Tc
                 let message = crate::runtime::poller::panic_message(&*panic);
                 // Reported from the pool, as below: not on this thread,
                 // which shutdown joins; at most once every ten seconds.
-                if st
-                    .panicked
-                    .is_none_or(|t| t.elapsed() >= Duration::from_secs(10))
-                {
-                    st.panicked = Some(Instant::now());
-                    let error = Error::Internal(format!(
+                st.panicked.report(&shared, || {
+                    Error::Internal(format!(
                         "the accept thread panicked ({message}) and went on"
-                    ));
-                    let s = Arc::clone(&shared);
-                    shared.pool.execute(move || s.report(None, error));
-                }
+                    ))
+                });
                 // The slot of the client being taken is freed (its socket
                 // closed as the unwinding dropped it).
                 for job in st.handshakes.drain(..) {
@@ -75,11 +69,10 @@ pub(crate) fn run<T: Send + Sync + 'static>(shared: Arc<Shared<T>>, listener: Tc
 struct Accepting<T> {
     handshakes: Vec<Job<T>>,
     spare: Spare,
-    /// When running out of file descriptors was last reported: at most
-    /// once every ten seconds.
-    reported: Option<Instant>,
-    /// When a panic here was last reported: as rarely.
-    panicked: Option<Instant>,
+    /// Reports of running out of file descriptors.
+    out_of_fds: Throttled,
+    /// Reports of a panic here.
+    panicked: Throttled,
     /// The slot reserved for the client being taken, until it is handed
     /// on (or freed).
     reserved: Option<(usize, std::net::IpAddr)>,
@@ -112,16 +105,7 @@ fn accept_one<T: Send + Sync + 'static>(
             // for the next client. Left in the backlog, it would wait
             // with no answer until someone leaves: spend the spare to
             // take it and answer `503`, then make the spare again.
-            if st
-                .reported
-                .is_none_or(|t| t.elapsed() >= Duration::from_secs(10))
-            {
-                st.reported = Some(Instant::now());
-                // Reported from the pool: `on_error` must not run on
-                // this thread, which shutdown joins.
-                let s = Arc::clone(shared);
-                shared.pool.execute(move || s.report(None, Error::Io(e)));
-            }
+            st.out_of_fds.report(shared, || Error::Io(e));
             if !refuse_with_spare(shared, listener, &mut st.spare) {
                 // Nobody waiting (accept fails at once when out of
                 // descriptors, backlog or not), or no spare to spend:
@@ -151,13 +135,7 @@ fn accept_one<T: Send + Sync + 'static>(
         config.max_connections_per_ip,
         peer.ip(),
     ) else {
-        shared.counters.refused(503);
-        refuse(
-            &stream,
-            &Reject::new(503)
-                .header("Retry-After", "1")
-                .body("too many connections"),
-        );
+        refuse_503(shared, &stream, "too many connections");
         return false;
     };
     st.reserved = Some((key, peer.ip()));
@@ -248,6 +226,16 @@ fn accept_one<T: Send + Sync + 'static>(
 /// connection, which can destroy the answer before the client reads it. A
 /// `HEAD` in that read gets the answer's head alone (one still on its way
 /// is not waited for: it gets the body too).
+/// Count and answer `503` to a client the server cannot take now, with
+/// a `Retry-After` of a second.
+fn refuse_503<T>(shared: &Shared<T>, stream: &TcpStream, why: &'static str) {
+    shared.counters.refused(503);
+    refuse(
+        stream,
+        &Reject::new(503).header("Retry-After", "1").body(why),
+    );
+}
+
 fn refuse(mut stream: &TcpStream, reject: &Reject) {
     let mut sink = [0u8; FIRST_READ];
     let n = stream.read(&mut sink).unwrap_or(0);
@@ -298,13 +286,7 @@ fn refuse_with_spare<T>(shared: &Shared<T>, listener: &TcpListener, spare: &mut 
     };
     // Shutdown's wake, or a client past it, is only closed: the loop ends.
     if !shared.stopping.load(Ordering::Acquire) && stream.set_nonblocking(true).is_ok() {
-        shared.counters.refused(503);
-        refuse(
-            &stream,
-            &Reject::new(503)
-                .header("Retry-After", "1")
-                .body("server out of file descriptors"),
-        );
+        refuse_503(shared, &stream, "server out of file descriptors");
     }
     // Closed first: its descriptor is the one the spare takes back.
     drop(stream);

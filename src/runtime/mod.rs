@@ -139,6 +139,39 @@ pub(crate) struct Shared<T> {
     pub(crate) flushq: Mutex<Vec<Arc<conn::Conn<T>>>>,
 }
 
+/// Reports that the readiness loop and the accept thread make of their
+/// own troubles: at most one every ten seconds each, so that a trouble
+/// that comes back every time neither floods `on_error` nor costs the
+/// thread more than the trouble itself; and made from a pool thread, since
+/// `on_error` is user code, which must not hold up the loop or the thread
+/// that shutdown joins.
+pub(crate) struct Throttled(Option<Instant>);
+
+impl Throttled {
+    pub(crate) const fn new() -> Self {
+        Throttled(None)
+    }
+
+    /// Report the error `make` makes, unless one was reported in the last
+    /// ten seconds (then `make` is not called).
+    pub(crate) fn report<T: Send + Sync + 'static>(
+        &mut self,
+        shared: &Arc<Shared<T>>,
+        make: impl FnOnce() -> Error,
+    ) {
+        if self
+            .0
+            .is_some_and(|t| t.elapsed() < Duration::from_secs(10))
+        {
+            return;
+        }
+        self.0 = Some(Instant::now());
+        let error = make();
+        let s = Arc::clone(shared);
+        shared.pool.execute(move || s.report(None, error));
+    }
+}
+
 impl<T: Send + Sync + 'static> Shared<T> {
     /// Deliver `Connect`; returns false if the handler panicked.
     pub(crate) fn emit_connect(&self, conn: &conn::Conn<T>) -> bool {

@@ -20,13 +20,13 @@ use std::time::Duration;
 use polling::{Event as Interest, Events, Poller};
 
 use crate::proto::handshake::{Reject, parse_http};
-use crate::runtime::Shared;
 use crate::runtime::conn::{Conn, claim, claim_event};
 use crate::runtime::handshake::{
     abort_handshake, abort_handshake_for, handshake, refuse_by_content,
 };
 use crate::runtime::registry::{Found, Pending, handshake_deadline_ms};
 use crate::runtime::service::service;
+use crate::runtime::{Shared, Throttled};
 
 /// Register a socket with oneshot `interest`, re-armed with `modify`: a
 /// handshake's, or a connection's where the poller has no edge-triggered
@@ -97,7 +97,7 @@ pub(crate) fn run<T: Send + Sync + 'static>(shared: Arc<Shared<T>>) {
         expired: Vec::new(),
         ready: Vec::new(),
         failing: false,
-        panicked: None,
+        panicked: Throttled::new(),
     };
     loop {
         match catch_unwind(AssertUnwindSafe(|| turn(&shared, &mut st))) {
@@ -107,20 +107,12 @@ pub(crate) fn run<T: Send + Sync + 'static>(shared: Arc<Shared<T>>) {
                 // A bug in the loop must not leave every client unserved:
                 // it is reported, what the failed turn had in hand is
                 // handed on or let go, and the loop goes on.
-                if st
-                    .panicked
-                    .is_none_or(|t| t.elapsed() >= Duration::from_secs(10))
-                {
-                    st.panicked = Some(std::time::Instant::now());
+                st.panicked.report(&shared, || {
                     let message = panic_message(&*panic);
-                    let error = crate::error::Error::Internal(format!(
+                    crate::error::Error::Internal(format!(
                         "the readiness loop panicked ({message}) and went on"
-                    ));
-                    // From the pool: `on_error` is user code, which must
-                    // not hold up the loop.
-                    let s = Arc::clone(&shared);
-                    shared.pool.execute(move || s.report(None, error));
-                }
+                    ))
+                });
                 if shared.poller_stop.load(Ordering::Acquire) {
                     return;
                 }
@@ -144,8 +136,8 @@ struct Turn<T> {
     ready: Vec<Job<T>>,
     /// The last wait failed (reported once per run of failures).
     failing: bool,
-    /// When a panic in the loop was last reported.
-    panicked: Option<std::time::Instant>,
+    /// Reports of a panic in the loop.
+    panicked: Throttled,
 }
 
 /// What a turn does with a connection or handshake its readiness event
