@@ -707,6 +707,47 @@ fn echoes_of_messages_at_max_message_size_are_never_refused() {
     assert_eq!(server.stats().messages_dropped, 0);
 }
 
+/// Write `wire` to each non-blocking socket, as much as each takes, until
+/// none takes more for half a second; each socket's count is what it
+/// took.
+fn write_until_quiet(socks: &mut [(TcpStream, usize)], wire: &[u8]) {
+    let mut quiet_since = Instant::now();
+    let start = Instant::now();
+    while quiet_since.elapsed() < Duration::from_millis(500) {
+        assert!(start.elapsed() < DEADLINE, "the writes never stopped");
+        let mut wrote = false;
+        for (s, sent) in socks.iter_mut() {
+            while *sent < wire.len() {
+                match s.write(&wire[*sent..]) {
+                    Ok(n) => {
+                        *sent += n;
+                        wrote = true;
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                    Err(e) => panic!("write: {e}"),
+                }
+            }
+        }
+        if wrote {
+            quiet_since = Instant::now();
+        }
+        thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Wait until the server has handled all it will (its count of messages
+/// in stops moving).
+fn settle(server: &WebSocketServer) {
+    let mut last = u64::MAX;
+    wait_until("the server to settle", || {
+        let now = server.stats().messages_in;
+        let settled = now == last;
+        last = now;
+        thread::sleep(Duration::from_millis(200));
+        settled
+    });
+}
+
 /// The cheapest way to make the server hold memory it did not choose to:
 /// many clients pipeline small messages and never read. Each is paused at
 /// high water in the middle of a read, and keeps the unparsed rest of that
@@ -743,38 +784,8 @@ fn a_crowd_of_paused_pipeliners_keeps_unparsed_input_bounded() {
             (s, 0)
         })
         .collect();
-    // Write what each socket takes until none takes more for a while.
-    let mut quiet_since = Instant::now();
-    let start = Instant::now();
-    while quiet_since.elapsed() < Duration::from_millis(500) {
-        assert!(start.elapsed() < DEADLINE, "the writes never stopped");
-        let mut wrote = false;
-        for (s, sent) in &mut socks {
-            while *sent < wire.len() {
-                match s.write(&wire[*sent..]) {
-                    Ok(n) => {
-                        *sent += n;
-                        wrote = true;
-                    }
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                    Err(e) => panic!("write: {e}"),
-                }
-            }
-        }
-        if wrote {
-            quiet_since = Instant::now();
-        }
-        thread::sleep(Duration::from_millis(20));
-    }
-    // And until the server has handled what it will.
-    let mut last = u64::MAX;
-    wait_until("the server to settle", || {
-        let now = server.stats().messages_in;
-        let settled = now == last;
-        last = now;
-        thread::sleep(Duration::from_millis(200));
-        settled
-    });
+    write_until_quiet(&mut socks, &wire);
+    settle(&server);
     let stats = server.stats();
     assert!(
         stats.read_pauses >= CLIENTS as u64,
@@ -808,5 +819,112 @@ fn a_crowd_of_paused_pipeliners_keeps_unparsed_input_bounded() {
         }
     }
     assert_eq!(errors.load(Ordering::Relaxed), 0, "echo sends refused");
+    assert_eq!(server.stats().messages_dropped, 0);
+}
+
+/// The same crowd (answered with 64 KiB a message, so that each client is
+/// paused after a few), and then late clients that come once the crowd's
+/// rests are past the line: each sends its request and 200 frames in one
+/// write, never waiting for the `101`. What comes with a request is read
+/// by the handshake, and kept unparsed as the connection's first input
+/// once the client is paused. The handshake reads as connections do, so
+/// each late client keeps at most `max_handshake_bytes`, the accept
+/// thread's first read (2 KiB) and one cut read (4 KiB) (measured: under
+/// 2 KiB each; about 20 KiB each, the lot over the bound, when the
+/// handshake reads whole). A late client that then reads gets an answer
+/// to every frame.
+#[test]
+fn clients_that_pipeline_behind_their_request_keep_little_unparsed_past_the_line() {
+    let _serial = serial();
+    const CROWD: usize = 100;
+    const LATE: usize = 50;
+    const SIZE: usize = 125;
+    const BUDGET: usize = 1 << 20;
+    const MAX_HANDSHAKE: usize = 4096;
+    const REPLY: usize = 64 * 1024;
+    const LATE_FRAMES: usize = 200;
+    let errors = Arc::new(AtomicUsize::new(0));
+    let server = WebSocketServer::builder()
+        .workers(4)
+        .high_water(16 << 10)
+        .low_water(4 << 10)
+        .max_buffered_bytes(BUDGET)
+        .max_handshake_bytes(MAX_HANDSHAKE)
+        // Each message is answered with 64 KiB, so that a client is paused
+        // after a few (once the kernel's buffers and ours are full),
+        // with most of what came with its request not yet parsed.
+        .on_message({
+            let errors = Arc::clone(&errors);
+            move |c, _| {
+                if c.send(Message::Binary(vec![5u8; REPLY])).is_err() {
+                    errors.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        })
+        .start("127.0.0.1:0")
+        .unwrap();
+    let addr = server.local_addr();
+    let wire = frames(4 * 1024 * 1024 / (SIZE + 6), SIZE);
+    let mut crowd: Vec<(TcpStream, usize)> = (0..CROWD)
+        .map(|_| {
+            let s = raw_ws_small_window(addr);
+            s.set_nonblocking(true).unwrap();
+            (s, 0)
+        })
+        .collect();
+    write_until_quiet(&mut crowd, &wire);
+    settle(&server);
+    let before = server.stats().unparsed_in_bytes;
+    assert!(
+        before >= (BUDGET / 4) as u64,
+        "only {before} bytes unparsed: reads are not cut yet"
+    );
+    // The late clients: each sends its request and 200 frames (26 KiB,
+    // one segment on loopback) in one write, and reads nothing.
+    let mut stream = REQUEST.as_bytes().to_vec();
+    stream.extend_from_slice(&frames(LATE_FRAMES, SIZE));
+    let mut late: Vec<TcpStream> = (0..LATE)
+        .map(|_| {
+            let sock =
+                socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+            sock.set_recv_buffer_size(4096).unwrap();
+            sock.connect(&addr.into()).unwrap();
+            let mut s: TcpStream = sock.into();
+            s.set_nodelay(true).unwrap();
+            s.write_all(&stream).unwrap();
+            s
+        })
+        .collect();
+    settle(&server);
+    let stats = server.stats();
+    assert!(
+        stats.connections >= (CROWD + LATE) as u64,
+        "{} connections: the late clients were not all taken",
+        stats.connections
+    );
+    let added = stats.unparsed_in_bytes.saturating_sub(before);
+    let each = MAX_HANDSHAKE + 2048 + 4096;
+    let bound = LATE * each;
+    eprintln!(
+        "unparsed input added by {LATE} late pipeliners: {added} bytes (bound {bound}, \
+         {before} before)"
+    );
+    assert!(
+        added <= bound as u64,
+        "{LATE} late clients added {added} bytes unparsed, over {bound} ({each} a client)"
+    );
+    // A late client reads back an answer to every frame it sent.
+    let mut s = late.swap_remove(0);
+    s.set_read_timeout(Some(WAIT)).unwrap();
+    read_101(&mut s);
+    let mut r = BufReader::with_capacity(64 * 1024, s);
+    for i in 0..LATE_FRAMES {
+        match try_read_frame(&mut r) {
+            Ok((0x82, p)) if p.len() == REPLY => {}
+            Ok((first, p)) => panic!("answer {i}: got {}", describe(first, &p)),
+            Err(e) => panic!("answer {i} of {LATE_FRAMES} never came: {e}"),
+        }
+    }
+    assert_eq!(errors.load(Ordering::Relaxed), 0, "sends refused");
     assert_eq!(server.stats().messages_dropped, 0);
 }
