@@ -1144,3 +1144,120 @@ fn settings_that_would_break_the_server_are_refused_with_a_reason() {
             .unwrap();
     }
 }
+
+/// Replies that compress far below their size, queued for clients that
+/// send and never read, hold about what flow control counts: their
+/// compressed bytes. Each was made in a buffer sized by the message before
+/// compression (half of it), so a queue of 1 KiB replies to 1 MiB messages
+/// held hundreds of times what was counted (measured: 8 clients that never
+/// read pinned 441 MB of heap, with 874 KB counted as queued; now 5.6 MB).
+#[cfg(feature = "deflate")]
+#[test]
+fn compressed_replies_queued_for_non_readers_hold_what_flow_control_counts() {
+    use flate2::{Compress, FlushCompress};
+    const CLIENTS: usize = 8;
+    let _alone = ALONE.write().unwrap_or_else(PoisonError::into_inner);
+    within(Duration::from_secs(120), || {
+        let server = WebSocketServer::builder()
+            .on_message(|c, m| {
+                let _ = c.send(m);
+            })
+            .start("127.0.0.1:0")
+            .unwrap();
+        let addr = server.local_addr();
+        // 32 messages of zeros, 256 KiB to 1 MiB, each a few hundred
+        // bytes once compressed (sync flush, tail cut, as RFC 7692 has it).
+        let wire: Vec<u8> = (0..32u32)
+            .flat_map(|i| {
+                let size = (256 << 10) + (i as usize * 24_593) % (768 << 10) - 64;
+                let mut c = Compress::new(flate2::Compression::best(), false);
+                let mut z = Vec::with_capacity(size / 64 + 1024);
+                c.compress_vec(&vec![0u8; size], &mut z, FlushCompress::Sync)
+                    .unwrap();
+                assert!(z.ends_with(&[0, 0, 0xff, 0xff]), "one call took it all");
+                z.truncate(z.len() - 4);
+                let mut f = frame(0xc2, &z);
+                f.shrink_to_fit();
+                f
+            })
+            .collect();
+        let before = LIVE_HEAP.load(Relaxed);
+        let mut socks: Vec<(TcpStream, usize)> = (0..CLIENTS)
+            .map(|_| {
+                let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)
+                    .unwrap();
+                sock.set_recv_buffer_size(4096).unwrap();
+                sock.connect(&addr.into()).unwrap();
+                let mut s: TcpStream = sock.into();
+                s.set_read_timeout(Some(WAIT)).unwrap();
+                let req = REQUEST.replace(
+                    "\r\n\r\n",
+                    "\r\nSec-WebSocket-Extensions: permessage-deflate; \
+                     client_no_context_takeover\r\n\r\n",
+                );
+                s.write_all(req.as_bytes()).unwrap();
+                let head = read_101(&mut s);
+                assert!(head.contains("permessage-deflate"), "{head}");
+                s.set_nonblocking(true).unwrap();
+                (s, 0)
+            })
+            .collect();
+        // Each client sends its messages round and round, as much as its
+        // socket takes, until the server stops reading all of them.
+        let mut quiet_since = Instant::now();
+        let start = Instant::now();
+        while quiet_since.elapsed() < Duration::from_millis(500) {
+            assert!(
+                start.elapsed() < Duration::from_secs(60),
+                "the writes never stopped"
+            );
+            let mut wrote = false;
+            for (s, sent) in &mut socks {
+                loop {
+                    let at = *sent % wire.len();
+                    match s.write(&wire[at..]) {
+                        Ok(n) => {
+                            *sent += n;
+                            wrote = true;
+                        }
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                        Err(e) => panic!("write: {e}"),
+                    }
+                }
+            }
+            if wrote {
+                quiet_since = Instant::now();
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+        let mut last = u64::MAX;
+        assert!(eventually(Duration::from_secs(30), || {
+            let now = server.stats().messages_in;
+            let settled = now == last;
+            last = now;
+            thread::sleep(Duration::from_millis(200));
+            settled
+        }));
+        let stats = server.stats();
+        let grown = LIVE_HEAP.load(Relaxed) - before;
+        eprintln!(
+            "{CLIENTS} clients that never read: heap {grown:+} bytes, {} queued, {} messages in",
+            stats.bytes_queued, stats.messages_in
+        );
+        assert!(
+            stats.messages_in >= (CLIENTS * 100) as u64,
+            "only {} messages in: the queues never filled",
+            stats.messages_in
+        );
+        // Each client: its queue at high water (128 KiB as counted), a
+        // read's unparsed rest (up to 256 KiB), its inflater and
+        // compressor: well under 2 MiB.
+        let bound = (CLIENTS * (2 << 20)) as i64;
+        assert!(
+            grown < bound,
+            "{CLIENTS} clients that never read hold {grown} bytes of heap, over {bound}"
+        );
+        drop(socks);
+        assert!(eventually(WAIT, || server.stats().connections == 0));
+    });
+}

@@ -223,6 +223,22 @@ impl Chunk {
         }
     }
 
+    /// The chunk as it may wait in a queue, which counts its bytes: an
+    /// owned one keeps no more memory than its bytes and a little. A
+    /// compressed payload is made in a buffer sized by the message before
+    /// compression (a 1 MiB message that compresses to 1 KiB had 512 KiB),
+    /// and a queue of such replies to a client that does not read held far
+    /// more than flow control counted.
+    fn fitted(self) -> Chunk {
+        match self {
+            Chunk::Owned(mut v) if v.capacity() - v.len() > v.len() / 4 + CHUNK_COST => {
+                v.shrink_to_fit();
+                Chunk::Owned(v)
+            }
+            chunk => chunk,
+        }
+    }
+
     /// Bytes of a shared frame (counted once, in the budget's frames).
     pub(crate) fn shared_len(&self) -> usize {
         match self {
@@ -346,6 +362,7 @@ impl OutQueue {
     }
 
     pub(crate) fn push(&mut self, chunk: Chunk, counters: &Counters) {
+        let chunk = chunk.fitted();
         let n = chunk.bytes().len();
         self.bytes += n;
         counters.queued(n as i64);
@@ -365,6 +382,7 @@ impl OutQueue {
         skip: usize,
         counters: &Counters,
     ) {
+        let (first, second) = (first.fitted(), second.map(Chunk::fitted));
         let total = first.bytes().len() + second.as_ref().map_or(0, |c| c.bytes().len());
         let left = total - skip;
         let first_len = first.bytes().len();
