@@ -77,11 +77,13 @@ fn admit(req: &Request) -> Result<Member, Reject> {
 /// Plain HTTP requests: the page at `/`, nothing else.
 fn page(req: &Request) -> HttpResponse {
     match (req.method(), req.path()) {
-        ("GET", "/" | "/index.html") => HttpResponse::new(200)
+        // HEAD is GET without the body (RFC 9110 section 9.3.2), which the
+        // server leaves out.
+        ("GET" | "HEAD", "/" | "/index.html") => HttpResponse::new(200)
             .content_type("text/html; charset=utf-8")
             .header("Cache-Control", "no-cache")
             .body(PAGE),
-        (_, "/" | "/index.html") => HttpResponse::new(405).header("Allow", "GET"),
+        (_, "/" | "/index.html") => HttpResponse::new(405).header("Allow", "GET, HEAD"),
         _ => HttpResponse::new(404).body("not found"),
     }
 }

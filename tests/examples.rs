@@ -248,6 +248,20 @@ fn chat_serves_its_page_and_refuses_bad_names() {
     assert!(page.starts_with("HTTP/1.1 200 "), "{page}");
     assert!(page.contains("Content-Type: text/html; charset=utf-8\r\n"));
     assert!(page.contains("<title>enjent chat</title>"), "{page}");
+    // HEAD: the same head, and no body.
+    let head = http(ex.addr, b"HEAD / HTTP/1.1\r\nHost: x\r\n\r\n");
+    assert!(head.starts_with("HTTP/1.1 200 "), "{head}");
+    let length = page
+        .split("\r\n")
+        .find(|l| l.starts_with("Content-Length: "));
+    assert!(length.is_some_and(|l| head.contains(l)), "{head}");
+    assert!(head.ends_with("\r\n\r\n"), "{head}");
+    let post = http(
+        ex.addr,
+        b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n",
+    );
+    assert!(post.starts_with("HTTP/1.1 405 "), "{post}");
+    assert!(post.contains("Allow: GET, HEAD\r\n"), "{post}");
     let missing = http(ex.addr, b"GET /nope HTTP/1.1\r\nHost: x\r\n\r\n");
     assert!(missing.starts_with("HTTP/1.1 404 "), "{missing}");
     let long = format!("/chat?name={}", "a".repeat(33));

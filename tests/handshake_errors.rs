@@ -800,3 +800,105 @@ fn empty_lines_before_the_request_line_are_skipped_and_counted() {
         400
     );
 }
+
+/// RFC 9112 section 3.2 over a real socket, for upgrades and for plain
+/// HTTP alike: a Host header that is missing (in HTTP/1.1), repeated or
+/// not `host[:port]`, or a target its method may not use, gets `400`
+/// before any user code sees the request. A later HTTP/1 minor version
+/// is served as HTTP/1.1; HTTP/2 gets `505`.
+#[test]
+fn hosts_targets_and_versions_are_checked_before_user_code_sees_them() {
+    let seen = std::sync::Arc::new(Mutex::new(Vec::<String>::new()));
+    let log = seen.clone();
+    let server = enjent::WebSocketServer::builder()
+        .on_http(move |req| {
+            let line = format!("{} {}", req.method(), req.path());
+            log.lock().unwrap().push(line);
+            enjent::HttpResponse::new(200).body("page")
+        })
+        .start("127.0.0.1:0")
+        .unwrap();
+    let addr = server.local_addr();
+    let upgrade_with_host =
+        |host: &str| REQUEST.replace("Host: localhost", &format!("Host: {host}"));
+    let upgrade_to = |target: &str| REQUEST.replacen("GET / ", &format!("GET {target} "), 1);
+    let page = |line: &str, headers: &str| format!("{line}\r\n{headers}\r\n");
+    let mut refused: Vec<String> = Vec::new();
+    for host in [
+        "a b",
+        "a@b",
+        "http://x",
+        "x:99999999",
+        "[::1",
+        "x:80:80",
+        "caf\u{e9}",
+    ] {
+        refused.push(upgrade_with_host(host));
+        refused.push(page("GET /page HTTP/1.1", &format!("Host: {host}\r\n")));
+        refused.push(page("GET /page HTTP/1.0", &format!("Host: {host}\r\n")));
+    }
+    for target in [
+        "*",
+        "x:80",
+        "chat",
+        "/a#frag",
+        "ftp://x/chat",
+        "http://x:99999/",
+        "http://u@x/",
+    ] {
+        refused.push(upgrade_to(target));
+        refused.push(page(&format!("GET {target} HTTP/1.1"), "Host: x\r\n"));
+    }
+    refused.push(page("GET /page HTTP/1.1", ""));
+    refused.push(page("GET /page HTTP/1.1", "Host: a\r\nHost: a\r\n"));
+    refused.push(page("GET /page HTTP/1.0", "Host: a\r\nhost: b\r\n"));
+    refused.push(page("CONNECT /page HTTP/1.1", "Host: a\r\n"));
+    refused.push(REQUEST.replace(
+        "Key: dGhlIHNhbXBsZSBub25jZQ==",
+        "Key: \u{a0}dGhlIHNhbXBsZSBub25jZQ==\u{a0}",
+    ));
+    for request in &refused {
+        let response = http(addr, request.as_bytes());
+        assert_eq!(status_of(&response), 400, "{request:?} got {response}");
+    }
+    let response = http(addr, REQUEST.replace("HTTP/1.1", "HTTP/2.0").as_bytes());
+    assert_eq!(status_of(&response), 505, "{response}");
+    assert!(
+        seen.lock().unwrap().is_empty(),
+        "{:?}",
+        seen.lock().unwrap()
+    );
+    assert!(
+        server.try_recv().is_err(),
+        "refused requests produce no events"
+    );
+
+    // What the rules allow reaches the handler.
+    for (request, line) in [
+        (page("GET /old HTTP/1.0", ""), "GET /old"),
+        (
+            page("OPTIONS * HTTP/1.1", "Host: [::1]:80\r\n"),
+            "OPTIONS *",
+        ),
+        (
+            page("GET http://h:8/p?q HTTP/1.1", "Host: h:8\r\n"),
+            "GET /p",
+        ),
+        (page("GET /later HTTP/1.3", "Host: h\r\n"), "GET /later"),
+    ] {
+        let response = http(addr, request.as_bytes());
+        assert_eq!(status_of(&response), 200, "{request:?} got {response}");
+        assert_eq!(seen.lock().unwrap().pop().as_deref(), Some(line));
+    }
+    // HTTP/1.2 is read as 1.1: the upgrade goes through, and the client is
+    // served.
+    let mut s = raw(addr);
+    s.write_all(REQUEST.replace("HTTP/1.1", "HTTP/1.2").as_bytes())
+        .unwrap();
+    let head = read_101(&mut s);
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    let client = expect_connect(&server);
+    s.write_all(&frame(0x81, b"hi")).unwrap();
+    let message = expect_message(&server);
+    assert_eq!(message.0.id(), client.id());
+}

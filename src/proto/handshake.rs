@@ -133,8 +133,8 @@ impl Request {
             .filter_map(|v| std::str::from_utf8(v).ok())
             .flat_map(|v| v.split(';'))
             .find_map(|c| {
-                let (k, v) = c.trim().split_once('=')?;
-                (k.trim() == name).then(|| v.trim().trim_matches('"'))
+                let (k, v) = ows_trim(c).split_once('=')?;
+                (ows_trim(k) == name).then(|| ows_trim(v).trim_matches('"'))
             })
     }
 
@@ -181,9 +181,16 @@ impl Request {
         self.values(name)
             .filter_map(|v| std::str::from_utf8(v).ok())
             .flat_map(|v| v.split(','))
-            .map(str::trim)
+            .map(ows_trim)
             .filter(|t| !t.is_empty())
     }
+}
+
+/// `s` without the spaces and tabs around it: HTTP's optional whitespace
+/// (RFC 9110 section 5.6.3), where `str::trim` would take off any
+/// Unicode space.
+fn ows_trim(s: &str) -> &str {
+    s.trim_matches([' ', '\t'])
 }
 
 impl fmt::Debug for Request {
@@ -468,6 +475,7 @@ fn reason_phrase(status: u16) -> &'static str {
         431 => "Request Header Fields Too Large",
         500 => "Internal Server Error",
         503 => "Service Unavailable",
+        505 => "HTTP Version Not Supported",
         _ => "Error",
     }
 }
@@ -542,16 +550,44 @@ pub fn parse_http(buf: &[u8], max_bytes: usize) -> Result<Option<(Request, usize
         Err(httparse::Error::TooManyHeaders) => {
             return Err(Reject::new(431).body("too many request headers"));
         }
+        // A later HTTP/1 minor version is read as HTTP/1.1 (RFC 9110
+        // section 2.5), which httparse does not know: parse a copy that
+        // says 1.1 (which cannot come back here for its version).
+        Err(httparse::Error::Version) => match later_version(buf) {
+            Some(Later::Minor(at)) => {
+                let mut copy = buf.to_vec();
+                copy[at] = b'1';
+                return parse_http(&copy, max_bytes);
+            }
+            Some(Later::Major) => {
+                return Err(Reject::new(505).body("this server speaks HTTP/1.1"));
+            }
+            None => {
+                return Err(Reject::bad_request(
+                    "malformed request: invalid HTTP version",
+                ));
+            }
+        },
         Err(e) => return Err(Reject::bad_request(format!("malformed request: {e}"))),
     };
     if len > max_bytes {
         return Err(too_large());
     }
-    let (path, query) = req.path.map_or((None, None), origin_form);
+    let method = req.method.unwrap_or_default();
+    let target = req.path.unwrap_or_default();
+    let version = req.version.unwrap_or(1);
+    check_target(method, target)?;
+    check_host(
+        version,
+        req.headers
+            .iter()
+            .filter(|h| h.name.eq_ignore_ascii_case("host")),
+    )?;
+    let (path, query) = origin_form(target);
     let span = |part: &str| Span::of(buf, part.as_bytes());
     let request = Request {
-        method: span(req.method.unwrap_or_default()),
-        version: req.version.unwrap_or(1),
+        method: span(method),
+        version,
         path: path.map(span),
         query: query.map(span),
         headers: req
@@ -564,6 +600,173 @@ pub fn parse_http(buf: &[u8], max_bytes: usize) -> Result<Option<(Request, usize
         head: buf[..len].into(),
     };
     Ok(Some((request, len)))
+}
+
+/// A version httparse refused that is a later one than HTTP/1.1.
+enum Later {
+    /// HTTP/1.x for x over 1; the index in the buffer of the `x`.
+    Minor(usize),
+    /// HTTP/2 or later.
+    Major,
+}
+
+/// Whether the request line `buf` starts with names a later HTTP version
+/// than 1.1.
+fn later_version(buf: &[u8]) -> Option<Later> {
+    let start = leading_empty_lines(buf);
+    let line = &buf[start..start + request_line_len(buf)];
+    // Neither method nor target may hold a space: the version follows
+    // the line's last one.
+    let at = start + line.windows(6).rposition(|w| w == b" HTTP/")? + 6;
+    match &buf[at..] {
+        [b'1', b'.', minor, rest @ ..]
+            if (b'2'..=b'9').contains(minor) && matches!(rest, [] | [b'\r' | b'\n', ..]) =>
+        {
+            Some(Later::Minor(at + 2))
+        }
+        [major, ..] if (b'2'..=b'9').contains(major) => Some(Later::Major),
+        _ => None,
+    }
+}
+
+/// The request target's form must be one its method may use (RFC 9112
+/// section 3.2): a path, `*` for OPTIONS, `host:port` for CONNECT, or an
+/// absolute `http`, `https`, `ws` or `wss` URI. A fragment is never part
+/// of it.
+fn check_target(method: &str, target: &str) -> Result<(), Reject> {
+    let bad = |why: &str| {
+        Err(Reject::bad_request(format!(
+            "invalid request target: {why}"
+        )))
+    };
+    if target.contains('#') {
+        return bad("a request target has no fragment");
+    }
+    if method == "CONNECT" {
+        return match target.rsplit_once(':') {
+            Some((_, port))
+                if !port.is_empty()
+                    && port.bytes().all(|b| b.is_ascii_digit())
+                    && valid_host(target.as_bytes()) =>
+            {
+                Ok(())
+            }
+            _ => bad("CONNECT takes host:port"),
+        };
+    }
+    if target.starts_with('/') {
+        return Ok(());
+    }
+    if target == "*" {
+        return if method == "OPTIONS" {
+            Ok(())
+        } else {
+            bad("`*` is for OPTIONS")
+        };
+    }
+    let Some((scheme, rest)) = target.split_once("://") else {
+        return bad("neither a path nor an absolute URI");
+    };
+    // RFC 6455 section 4.1 names http and https; the ws schemes name
+    // the same resource.
+    if !["http", "https", "ws", "wss"]
+        .iter()
+        .any(|s| scheme.eq_ignore_ascii_case(s))
+    {
+        return bad("not an http, https, ws or wss URI");
+    }
+    let authority = &rest[..rest.find(['/', '?']).unwrap_or(rest.len())];
+    // An http URI has a host (RFC 9110 section 4.2.1), and its user
+    // information is an error (section 4.2.4).
+    if authority.is_empty() || authority.starts_with(':') || !valid_host(authority.as_bytes()) {
+        return bad("invalid host in the URI");
+    }
+    Ok(())
+}
+
+/// RFC 9112 section 3.2: an HTTP/1.1 request has one Host header, and a
+/// request of any version at most one, with a valid value.
+fn check_host<'h>(
+    version: u8,
+    mut hosts: impl Iterator<Item = &'h httparse::Header<'h>>,
+) -> Result<(), Reject> {
+    match (hosts.next(), hosts.next()) {
+        (Some(_), Some(_)) => Err(Reject::bad_request("more than one Host header")),
+        (None, _) if version == 1 => Err(Reject::bad_request("missing Host header")),
+        (Some(h), _) if !valid_host(h.value) => Err(Reject::bad_request("invalid Host header")),
+        _ => Ok(()),
+    }
+}
+
+/// `uri-host [":" port]` (RFC 3986 section 3.2.2): a bracketed IP
+/// literal, or a registered name of unreserved characters, sub-delimiters
+/// and percent escapes (an IPv4 address is one), then a port of at most
+/// 65535. An empty name is one (RFC 9112 section 3.2 has clients send it
+/// for targets without an authority).
+fn valid_host(value: &[u8]) -> bool {
+    let (host_ok, port) = if let Some(rest) = value.strip_prefix(b"[") {
+        let Some(end) = rest.iter().position(|&b| b == b']') else {
+            return false;
+        };
+        let port = match &rest[end + 1..] {
+            [] => None,
+            [b':', port @ ..] => Some(port),
+            _ => return false,
+        };
+        (ip_literal(&rest[..end]), port)
+    } else {
+        let (name, port) = match value.iter().position(|&b| b == b':') {
+            Some(i) => (&value[..i], Some(&value[i + 1..])),
+            None => (value, None),
+        };
+        (reg_name(name), port)
+    };
+    // `*DIGIT`, so empty is allowed.
+    host_ok
+        && port.is_none_or(|p| {
+            p.iter()
+                .try_fold(0u32, |n, &b| {
+                    b.is_ascii_digit()
+                        .then(|| (n * 10 + u32::from(b - b'0')).min(65_536))
+                })
+                .is_some_and(|n| n <= 65_535)
+        })
+}
+
+fn sub_delim_or_unreserved(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b"-._~!$&'()*+,;=".contains(&b)
+}
+
+fn reg_name(name: &[u8]) -> bool {
+    let mut i = 0;
+    while i < name.len() {
+        if name[i] == b'%' {
+            if !name
+                .get(i + 1..i + 3)
+                .is_some_and(|h| h.iter().all(u8::is_ascii_hexdigit))
+            {
+                return false;
+            }
+            i += 3;
+        } else if sub_delim_or_unreserved(name[i]) {
+            i += 1;
+        } else {
+            return false;
+        }
+    }
+    true
+}
+
+/// What may stand between the brackets: an IPv6 address, or an
+/// `IPvFuture` (`v` hex digits `.` then what RFC 3986 allows).
+fn ip_literal(lit: &[u8]) -> bool {
+    if let [b'v' | b'V', rest @ ..] = lit {
+        let digits = rest.iter().take_while(|b| b.is_ascii_hexdigit()).count();
+        return digits > 0
+            && matches!(&rest[digits..], [b'.', tail @ ..]
+                if !tail.is_empty() && tail.iter().all(|&b| b == b':' || sub_delim_or_unreserved(b)));
+    }
+    std::str::from_utf8(lit).is_ok_and(|s| s.parse::<std::net::Ipv6Addr>().is_ok())
 }
 
 /// The path and query of a request target, read in absolute form
@@ -622,21 +825,17 @@ pub fn check_upgrade(request: &mut Request) -> Result<(), Reject> {
             .header_tokens(name)
             .any(|t| t.eq_ignore_ascii_case(token))
     };
-    // RFC 6455 section 11.3 (and RFC 9112 section 3.2 for Host): these
-    // appear once. Taking the first of two would read the request
+    // RFC 6455 section 11.3: these appear once (and Host, which the
+    // parse checked). Taking the first of two would read the request
     // differently from a proxy that takes the last, or joins them.
-    for name in ["Host", "Sec-WebSocket-Key", "Sec-WebSocket-Version"] {
+    for name in ["Sec-WebSocket-Key", "Sec-WebSocket-Version"] {
         let seen = request.values(name).count();
         if seen > 1 {
             return Err(Reject::bad_request(match name {
-                "Host" => "more than one Host header",
                 "Sec-WebSocket-Key" => "more than one Sec-WebSocket-Key header",
                 _ => "more than one Sec-WebSocket-Version header",
             }));
         }
-    }
-    if get("Host").is_none() {
-        return Err(Reject::bad_request("missing Host header"));
     }
     // No upgrade, or one to another protocol (`h2c`, say): this
     // endpoint requires websocket.
@@ -672,7 +871,7 @@ pub fn check_upgrade(request: &mut Request) -> Result<(), Reject> {
     // Sixteen bytes in base64 are 24 characters, padding included.
     let key = get("Sec-WebSocket-Key")
         .and_then(|k| std::str::from_utf8(k).ok())
-        .map(|k| k.trim().as_bytes())
+        .map(|k| ows_trim(k).as_bytes())
         .filter(|k| {
             let mut raw = [0u8; 18];
             k.len() == 24
@@ -837,11 +1036,11 @@ mod tests {
 
     #[test]
     fn headers_are_read_back_as_sent_from_the_one_copy_of_the_head() {
-        // A key padded with a no-break space, which `str::trim` takes off
-        // (httparse takes off only spaces and tabs).
+        // A key padded with spaces and tabs (optional whitespace, which
+        // httparse takes off).
         let req = GOOD.replacen(
             "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==",
-            "Sec-WebSocket-Key: \u{a0}dGhlIHNhbXBsZSBub25jZQ==\u{a0}",
+            "Sec-WebSocket-Key: \t dGhlIHNhbXBsZSBub25jZQ== \t",
             1,
         );
         let mut bytes = req.trim_end().as_bytes().to_vec();
@@ -908,6 +1107,163 @@ mod tests {
             let req = GOOD.replacen("/chat?name=ann%20b&x", target, 1);
             let (r, _) = parse_request(req.as_bytes(), 8192).unwrap().unwrap();
             assert_eq!((r.path(), r.query()), (path, query), "{target}");
+        }
+    }
+
+    #[test]
+    fn host_values_are_read_by_their_grammar() {
+        let with_host = |host: &str| GOOD.replacen("Host: localhost", &format!("Host: {host}"), 1);
+        for good in [
+            "localhost",
+            "localhost:8080",
+            "127.0.0.1:9001",
+            "[::1]",
+            "[::1]:443",
+            "[2001:db8::7]:0",
+            "[v1.fe80::a+en1]",
+            "EXAMPLE.com",
+            "a-b_c~d.e!$&'()*+,;=",
+            "caf%C3%A9.example",
+            "h:",
+            "h:65535",
+            "h:0080",
+            "",
+        ] {
+            assert!(
+                parse_request(with_host(good).as_bytes(), 8192).is_ok(),
+                "{good:?}"
+            );
+        }
+        for bad in [
+            "a b",
+            "a@b",
+            "user:pw@host",
+            "http://x",
+            "x:99999999",
+            "x:65536",
+            "x:8o",
+            "x:80:80",
+            "::1",
+            "[::1",
+            "[::1]x",
+            "[::g]",
+            "[v.x]",
+            "a%zz",
+            "a%4",
+            "a/b",
+            "a\"b",
+            "caf\u{e9}",
+        ] {
+            assert_eq!(status(&with_host(bad)), 400, "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn request_targets_take_the_forms_their_methods_may() {
+        let with_target = |method: &str, target: &str| {
+            GOOD.replacen("GET /chat?name=ann%20b&x", &format!("{method} {target}"), 1)
+        };
+        for (method, target) in [
+            ("GET", "/"),
+            ("GET", "/a:b/c?d=e/f?g"),
+            ("GET", "http://h/chat"),
+            ("GET", "HTTPS://h:443"),
+            ("GET", "wss://[::1]:9/x"),
+            ("OPTIONS", "*"),
+            ("CONNECT", "h:443"),
+            ("CONNECT", "[::1]:443"),
+        ] {
+            let req = with_target(method, target);
+            let (r, _) = parse_http(req.as_bytes(), 8192).unwrap().unwrap();
+            assert_eq!(r.method(), method);
+        }
+        for (method, target) in [
+            ("GET", "*"),
+            ("GET", "x:80"),
+            ("GET", "chat"),
+            ("GET", "/a#frag"),
+            ("GET", "http://h/a#frag"),
+            ("GET", "ftp://x/chat"),
+            ("GET", "http://x:99999/chat"),
+            ("GET", "http:///chat"),
+            ("GET", "http://:80/chat"),
+            ("GET", "http://u@h/chat"),
+            ("GET", "urn:x"),
+            ("OPTIONS", "x"),
+            ("CONNECT", "h"),
+            ("CONNECT", "h:"),
+            ("CONNECT", "[::1]"),
+            ("CONNECT", "/"),
+        ] {
+            let req = with_target(method, target);
+            let status = parse_http(req.as_bytes(), 8192).unwrap_err().status();
+            assert_eq!(status, 400, "{method} {target}");
+        }
+    }
+
+    #[test]
+    fn http_1_0_may_leave_host_out_but_not_send_two() {
+        let plain = "GET /page HTTP/1.0\r\n\r\n";
+        let (r, _) = parse_http(plain.as_bytes(), 8192).unwrap().unwrap();
+        assert_eq!(r.path(), "/page");
+        let two = "GET /page HTTP/1.0\r\nHost: a\r\nHost: a\r\n\r\n";
+        assert_eq!(parse_http(two.as_bytes(), 8192).unwrap_err().status(), 400);
+        let eleven = "GET /page HTTP/1.1\r\n\r\n";
+        assert_eq!(
+            parse_http(eleven.as_bytes(), 8192).unwrap_err().status(),
+            400
+        );
+    }
+
+    #[test]
+    fn later_minor_versions_are_read_as_1_1_and_later_majors_get_505() {
+        let req = GOOD.replacen("HTTP/1.1", "HTTP/1.2", 1);
+        let (r, n) = parse_request(req.as_bytes(), 8192).unwrap().unwrap();
+        assert_eq!((r.key(), n), ("dGhlIHNhbXBsZSBub25jZQ==", req.len()));
+        assert!(r.is_upgrade());
+        // Still in parts: more to come, then the whole.
+        assert!(
+            parse_request(&req.as_bytes()[..30], 8192)
+                .unwrap()
+                .is_none()
+        );
+        assert!(
+            parse_request(&req.as_bytes()[..20], 8192)
+                .unwrap()
+                .is_none()
+        );
+        for (version, expect) in [
+            ("HTTP/2.0", 505),
+            ("HTTP/3", 505),
+            ("HTTP/1.12", 400),
+            ("HTTP/0.9", 400),
+            ("HTTP/x.1", 400),
+            ("HTTPS/1.1", 400),
+        ] {
+            let req = GOOD.replacen("HTTP/1.1", version, 1);
+            assert_eq!(status(&req), expect, "{version}");
+        }
+        let reject = parse_http(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n", 8192).unwrap_err();
+        assert_eq!(reject.status(), 505);
+        assert!(
+            reject
+                .to_response()
+                .starts_with(b"HTTP/1.1 505 HTTP Version Not Supported\r\n")
+        );
+    }
+
+    #[test]
+    fn a_key_wrapped_in_other_unicode_space_is_malformed() {
+        for pad in ["\u{a0}", "\u{2003}", "\u{3000}"] {
+            let req = GOOD.replacen(
+                "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==",
+                &format!("Sec-WebSocket-Key: {pad}dGhlIHNhbXBsZSBub25jZQ=={pad}"),
+                1,
+            );
+            assert_eq!(status(&req), 400, "{pad:?}");
+            // Nor is such an Upgrade token `websocket`.
+            let req = GOOD.replacen("Upgrade: WebSocket", &format!("Upgrade: {pad}websocket"), 1);
+            assert_eq!(status(&req), 426, "{pad:?}");
         }
     }
 
