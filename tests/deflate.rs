@@ -481,6 +481,76 @@ fn a_message_of_many_tiny_deflate_streams_gets_1009() {
     }
 }
 
+/// A sender may end a deflate stream in every fragment of a message: each
+/// fragment allows one stream more than the payload's size does. A text
+/// of 300 fragments, each a stream of its own ended with a final block
+/// (about 5 KB of payload, where its size alone allows 82 streams), is
+/// delivered intact without context takeover, and one of 40 with it.
+/// Fragments buy streams, not window copies: 32 KiB of zeros, then 1,000
+/// fragments of one empty final block each, still gets 1009 with a
+/// context (each would copy the 32 KiB window back in), and a fragment of
+/// 100,000 empty final blocks does without one.
+#[test]
+fn a_message_that_ends_a_stream_in_each_fragment_is_delivered() {
+    let fragmented = |parts: &[Vec<u8>]| {
+        let mut wire = Vec::new();
+        for (i, p) in parts.iter().enumerate() {
+            let first =
+                if i == 0 { 0x41 } else { 0x00 } | if i + 1 == parts.len() { 0x80 } else { 0 };
+            wire.extend_from_slice(&frame(first, p));
+        }
+        wire
+    };
+    for context in [false, true] {
+        let server =
+            echo_server(|b| b.compression(Some(Compression::default().context_takeover(context))));
+        let addr = server.local_addr();
+        let (_h, mut s) = upgrade(addr, &format!("{PDE}\r\n"));
+        // With a context, each stream's end copies the window back in,
+        // held to four times the payload and 64 KiB: 40 parts.
+        let count = if context { 40 } else { 300 };
+        let texts: Vec<String> = (0..count).map(|i| format!("part {i}, ")).collect();
+        let parts: Vec<Vec<u8>> = texts
+            .iter()
+            .map(|t| {
+                let mut c = Compress::new(flate2::Compression::default(), false);
+                let mut v = Vec::with_capacity(t.len() + 64);
+                c.compress_vec(t.as_bytes(), &mut v, FlushCompress::Finish)
+                    .unwrap();
+                v
+            })
+            .collect();
+        let size: usize = parts.iter().map(Vec::len).sum();
+        assert!(
+            2 + size / 64 < parts.len(),
+            "{size} bytes allow the streams alone"
+        );
+        s.write_all(&fragmented(&parts)).unwrap();
+        let (first, echoed) = read_frame(&mut s);
+        assert_eq!(first & 0x0F, 0x1, "context {context}");
+        let echoed = if first & 0x40 != 0 {
+            inflate(&echoed)
+        } else {
+            echoed
+        };
+        assert_eq!(echoed, texts.concat().as_bytes(), "context {context}");
+
+        let (_h, mut s) = upgrade(addr, &format!("{PDE}\r\n"));
+        let mut c = Compress::new(flate2::Compression::default(), false);
+        let mut zeros = Vec::with_capacity(1 << 10);
+        c.compress_vec(&vec![0u8; 32 << 10], &mut zeros, FlushCompress::Finish)
+            .unwrap();
+        let mut parts = vec![zeros];
+        if context {
+            parts.extend((0..1000).map(|_| vec![0x03, 0x00]));
+        } else {
+            parts.push([0x03, 0x00].repeat(100_000));
+        }
+        s.write_all(&fragmented(&parts)).unwrap();
+        assert_eq!(read_close(&mut s), Some(1009), "context {context}");
+    }
+}
+
 /// The size limits are on the message: one of exactly `max_message_size`
 /// bytes that does not compress takes a little more on the wire, and is
 /// still delivered.

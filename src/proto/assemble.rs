@@ -363,7 +363,7 @@ impl Decoder {
                     return Err(ProtocolError::UnexpectedContinuation.into());
                 };
                 if msg.compressed {
-                    msg.buf = self.inflate(&msg.buf)?;
+                    msg.buf = self.inflate(&msg.buf, msg.frames)?;
                 }
                 if msg.text {
                     // Fragmented text is validated twice (incrementally, to
@@ -387,9 +387,9 @@ const RSV1: u8 = 0b100;
 
 impl Decoder {
     #[cfg(feature = "deflate")]
-    fn inflate(&mut self, payload: &[u8]) -> Result<Vec<u8>, DecodeError> {
+    fn inflate(&mut self, payload: &[u8], frames: u32) -> Result<Vec<u8>, DecodeError> {
         match self.inflater.as_mut() {
-            Some(i) => i.inflate(payload, self.limits.max_message_size),
+            Some(i) => i.inflate_fragments(payload, self.limits.max_message_size, frames),
             None => Err(ProtocolError::ReservedBits.into()),
         }
     }
@@ -397,7 +397,7 @@ impl Decoder {
     /// Without the feature RSV1 is never allowed, so nothing is
     /// compressed.
     #[cfg(not(feature = "deflate"))]
-    fn inflate(&mut self, _payload: &[u8]) -> Result<Vec<u8>, DecodeError> {
+    fn inflate(&mut self, _payload: &[u8], _frames: u32) -> Result<Vec<u8>, DecodeError> {
         Err(ProtocolError::ReservedBits.into())
     }
 }

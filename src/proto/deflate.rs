@@ -472,9 +472,27 @@ impl Inflater {
     /// `TooLarge` over the limit, [`ProtocolError::BadCompression`] for
     /// data that is not deflate.
     pub fn inflate(&mut self, payload: &[u8], limit: usize) -> Result<Vec<u8>, DecodeError> {
+        self.inflate_fragments(payload, limit, 1)
+    }
+
+    /// [`inflate`](Self::inflate) for a message that came in `fragments`
+    /// frames: a sender may end a deflate stream in each, so that many
+    /// more are allowed on top of what the payload's size allows (a few
+    /// for each 64 bytes).
+    ///
+    /// # Errors
+    ///
+    /// As [`inflate`](Self::inflate).
+    pub fn inflate_fragments(
+        &mut self,
+        payload: &[u8],
+        limit: usize,
+        fragments: u32,
+    ) -> Result<Vec<u8>, DecodeError> {
+        let streams = 2 + payload.len() / 64 + fragments as usize;
         match &mut self.context {
             Some(d) => {
-                let r = inflate(d, true, payload, limit);
+                let r = inflate(d, true, payload, limit, streams);
                 if r.is_err() {
                     d.reset(false);
                 }
@@ -483,7 +501,7 @@ impl Inflater {
             None => INFLATER.with(|cell| {
                 let mut slot = cell.borrow_mut();
                 let d = slot.get_or_insert_with(|| Decompress::new_with_window_bits(false, 15));
-                let r = inflate(d, false, payload, limit);
+                let r = inflate(d, false, payload, limit, streams);
                 d.reset(false);
                 r
             }),
@@ -496,6 +514,7 @@ fn inflate(
     keep_window: bool,
     payload: &[u8],
     limit: usize,
+    mut streams_left: usize,
 ) -> Result<Vec<u8>, DecodeError> {
     if payload.is_empty() {
         // Not what RFC 7692 has a sender write for an empty message (one
@@ -509,9 +528,9 @@ fn inflate(
     // reset, and with a context a window of up to 32 KiB copied back in.
     // Two bytes make a final block, so unbounded, a message of them buys
     // work out of all proportion to its size: both are held to a few
-    // times the payload (a sender ends a stream per message, or per
-    // fragment at most).
-    let mut streams_left = 2 + payload.len() / 64;
+    // times the payload (`streams_left` allows one a fragment besides: a
+    // sender ends a stream per message, or per fragment at most; each
+    // fragment costs a frame, and `max_fragments` bounds them).
     let mut window_bytes_left = payload.len().saturating_mul(4).saturating_add(64 << 10);
     // The payload ended exactly where a deflate stream did (a sender that
     // ends each message with a final block and no empty block after it,
