@@ -458,13 +458,7 @@ fn a_message_of_many_tiny_deflate_streams_gets_1009() {
             payload.extend_from_slice(&v);
         }
         s.write_all(&frame(0xC1, &payload)).unwrap();
-        let (first, echoed) = read_frame(&mut s);
-        assert_eq!(first & 0x0F, 0x1, "context {context}");
-        let echoed = if first & 0x40 != 0 {
-            inflate(&echoed)
-        } else {
-            echoed
-        };
+        let echoed = read_text_echo(&mut s);
         assert_eq!(echoed, parts.concat().as_bytes(), "context {context}");
         // 32 KiB of zeros, then 100,000 empty final blocks.
         let (_h, mut s) = upgrade(addr, &format!("{PDE}\r\n"));
@@ -526,13 +520,7 @@ fn a_message_that_ends_a_stream_in_each_fragment_is_delivered() {
             "{size} bytes allow the streams alone"
         );
         s.write_all(&fragmented(&parts)).unwrap();
-        let (first, echoed) = read_frame(&mut s);
-        assert_eq!(first & 0x0F, 0x1, "context {context}");
-        let echoed = if first & 0x40 != 0 {
-            inflate(&echoed)
-        } else {
-            echoed
-        };
+        let echoed = read_text_echo(&mut s);
         assert_eq!(echoed, texts.concat().as_bytes(), "context {context}");
 
         let (_h, mut s) = upgrade(addr, &format!("{PDE}\r\n"));
@@ -548,6 +536,17 @@ fn a_message_that_ends_a_stream_in_each_fragment_is_delivered() {
         }
         s.write_all(&fragmented(&parts)).unwrap();
         assert_eq!(read_close(&mut s), Some(1009), "context {context}");
+    }
+}
+
+/// A text frame read back, inflated if it came compressed.
+fn read_text_echo(s: &mut TcpStream) -> Vec<u8> {
+    let (first, echoed) = read_frame(s);
+    assert_eq!(first & 0x0F, 0x1, "not text: {first:#x}");
+    if first & 0x40 != 0 {
+        inflate(&echoed)
+    } else {
+        echoed
     }
 }
 

@@ -707,34 +707,6 @@ fn echoes_of_messages_at_max_message_size_are_never_refused() {
     assert_eq!(server.stats().messages_dropped, 0);
 }
 
-/// Write `wire` to each non-blocking socket, as much as each takes, until
-/// none takes more for half a second; each socket's count is what it
-/// took.
-fn write_until_quiet(socks: &mut [(TcpStream, usize)], wire: &[u8]) {
-    let mut quiet_since = Instant::now();
-    let start = Instant::now();
-    while quiet_since.elapsed() < Duration::from_millis(500) {
-        assert!(start.elapsed() < DEADLINE, "the writes never stopped");
-        let mut wrote = false;
-        for (s, sent) in socks.iter_mut() {
-            while *sent < wire.len() {
-                match s.write(&wire[*sent..]) {
-                    Ok(n) => {
-                        *sent += n;
-                        wrote = true;
-                    }
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                    Err(e) => panic!("write: {e}"),
-                }
-            }
-        }
-        if wrote {
-            quiet_since = Instant::now();
-        }
-        thread::sleep(Duration::from_millis(20));
-    }
-}
-
 /// Wait until the server has handled all it will (its count of messages
 /// in stops moving).
 fn settle(server: &WebSocketServer) {
@@ -784,7 +756,7 @@ fn a_crowd_of_paused_pipeliners_keeps_unparsed_input_bounded() {
             (s, 0)
         })
         .collect();
-    write_until_quiet(&mut socks, &wire);
+    write_until_quiet(&mut socks, &wire, false);
     settle(&server);
     let stats = server.stats();
     assert!(
@@ -872,7 +844,7 @@ fn clients_that_pipeline_behind_their_request_keep_little_unparsed_past_the_line
             (s, 0)
         })
         .collect();
-    write_until_quiet(&mut crowd, &wire);
+    write_until_quiet(&mut crowd, &wire, false);
     settle(&server);
     let before = server.stats().unparsed_in_bytes;
     assert!(

@@ -307,17 +307,23 @@ fn settle(server: &WebSocketServer) {
     thread::sleep(Duration::from_millis(200));
 }
 
+/// A server that echoes each message from its closure, and leaves its
+/// event channel unread.
+fn echoing_server() -> WebSocketServer {
+    WebSocketServer::builder()
+        .on_message(|c, m| {
+            let _ = c.send(m);
+        })
+        .start("127.0.0.1:0")
+        .unwrap()
+}
+
 #[test]
 fn unread_channel_holds_steady_memory_over_churn() {
     let _alone = ALONE.write().unwrap_or_else(PoisonError::into_inner);
     within(Duration::from_secs(120), || {
         // Closure style: only on_message; the channel is never read.
-        let server = WebSocketServer::builder()
-            .on_message(|c, m| {
-                let _ = c.send(m);
-            })
-            .start("127.0.0.1:0")
-            .unwrap();
+        let server = echoing_server();
         let addr = server.local_addr();
         let mut failed = churn(addr, 10_000);
         settle(&server);
@@ -1158,12 +1164,7 @@ fn compressed_replies_queued_for_non_readers_hold_what_flow_control_counts() {
     const CLIENTS: usize = 8;
     let _alone = ALONE.write().unwrap_or_else(PoisonError::into_inner);
     within(Duration::from_secs(120), || {
-        let server = WebSocketServer::builder()
-            .on_message(|c, m| {
-                let _ = c.send(m);
-            })
-            .start("127.0.0.1:0")
-            .unwrap();
+        let server = echoing_server();
         let addr = server.local_addr();
         // 32 messages of zeros, 256 KiB to 1 MiB, each a few hundred
         // bytes once compressed (sync flush, tail cut, as RFC 7692 has it).
@@ -1204,32 +1205,7 @@ fn compressed_replies_queued_for_non_readers_hold_what_flow_control_counts() {
             .collect();
         // Each client sends its messages round and round, as much as its
         // socket takes, until the server stops reading all of them.
-        let mut quiet_since = Instant::now();
-        let start = Instant::now();
-        while quiet_since.elapsed() < Duration::from_millis(500) {
-            assert!(
-                start.elapsed() < Duration::from_secs(60),
-                "the writes never stopped"
-            );
-            let mut wrote = false;
-            for (s, sent) in &mut socks {
-                loop {
-                    let at = *sent % wire.len();
-                    match s.write(&wire[at..]) {
-                        Ok(n) => {
-                            *sent += n;
-                            wrote = true;
-                        }
-                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                        Err(e) => panic!("write: {e}"),
-                    }
-                }
-            }
-            if wrote {
-                quiet_since = Instant::now();
-            }
-            thread::sleep(Duration::from_millis(20));
-        }
+        write_until_quiet(&mut socks, &wire, true);
         let mut last = u64::MAX;
         assert!(eventually(Duration::from_secs(30), || {
             let now = server.stats().messages_in;

@@ -475,3 +475,37 @@ impl Rng {
         x % n
     }
 }
+
+/// Write `wire` to each non-blocking socket, as much as each takes, until
+/// none takes more for half a second (a minute at most); each socket's
+/// count is what it took. With `round_and_round`, each writes `wire` over
+/// and over instead of once.
+#[allow(dead_code)]
+pub fn write_until_quiet(socks: &mut [(TcpStream, usize)], wire: &[u8], round_and_round: bool) {
+    let mut quiet_since = Instant::now();
+    let start = Instant::now();
+    while quiet_since.elapsed() < Duration::from_millis(500) {
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "the writes never stopped"
+        );
+        let mut wrote = false;
+        for (s, sent) in socks.iter_mut() {
+            while round_and_round || *sent < wire.len() {
+                let at = *sent % wire.len();
+                match s.write(&wire[at..]) {
+                    Ok(n) => {
+                        *sent += n;
+                        wrote = true;
+                    }
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                    Err(e) => panic!("write: {e}"),
+                }
+            }
+        }
+        if wrote {
+            quiet_since = Instant::now();
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
