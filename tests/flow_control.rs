@@ -900,3 +900,107 @@ fn clients_that_pipeline_behind_their_request_keep_little_unparsed_past_the_line
     assert_eq!(errors.load(Ordering::Relaxed), 0, "sends refused");
     assert_eq!(server.stats().messages_dropped, 0);
 }
+
+/// The CPU this thread has used, in clock ticks.
+#[cfg(target_os = "linux")]
+fn thread_ticks() -> u64 {
+    let stat = std::fs::read_to_string("/proc/thread-self/stat").unwrap();
+    let rest = &stat[stat.rfind(')').unwrap() + 1..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap()
+}
+
+/// Threads blocked in `send_timeout` on clients that never read are woken
+/// by room made in their own client's queue (or the budget), not by every
+/// write to anyone: 16 of them wait 3 s while 6 other clients are echoed
+/// to as fast as they read, and between them use next to no CPU (each
+/// wake-up checks its queue and sleeps again; woken by every flush, they
+/// spent seconds of it).
+#[cfg(target_os = "linux")]
+#[test]
+fn send_timeout_waiters_are_not_woken_by_other_clients_writes() {
+    const STUCK: usize = 16;
+    const SIZE: usize = 8 * 1024;
+    let _serial = serial();
+    let clients = Arc::new(Mutex::new(Vec::<Client>::new()));
+    let joined = Arc::clone(&clients);
+    let errors = Arc::new(AtomicUsize::new(0));
+    let server = WebSocketServer::builder()
+        .workers(2)
+        .max_message_size(64 * 1024)
+        .high_water(64 * 1024)
+        .low_water(16 * 1024)
+        .max_backpressure(0)
+        .on_connect(move |c| joined.lock().unwrap().push(c.clone()))
+        .on_message(echo(&errors))
+        .start("127.0.0.1:0")
+        .unwrap();
+    let addr = server.local_addr();
+    let stuck: Vec<TcpStream> = (0..STUCK).map(|_| raw_ws_small_window(addr)).collect();
+    wait_until("the stuck clients to connect", || {
+        clients.lock().unwrap().len() == STUCK
+    });
+    let handles = clients.lock().unwrap().clone();
+    // Fill each queue to its hard limit, and the kernel's buffers under
+    // it, until a pause makes no room.
+    let mut rounds = 0;
+    loop {
+        let mut took = 0;
+        for c in &handles {
+            while c.send(Message::Binary(vec![7; SIZE])).is_ok() {
+                took += 1;
+                assert!(took < 100_000, "never refused");
+            }
+        }
+        if took == 0 {
+            break;
+        }
+        rounds += 1;
+        assert!(rounds < 100, "the stuck clients' queues kept draining");
+        thread::sleep(Duration::from_millis(300));
+    }
+    let stop = Arc::new(AtomicBool::new(false));
+    let echoers: Vec<_> = (0..6)
+        .map(|_| {
+            let mut s = raw_client(addr);
+            let stop = Arc::clone(&stop);
+            thread::spawn(move || {
+                let mut echoed = 0u64;
+                while !stop.load(Ordering::Relaxed) {
+                    s.write_all(&frame(0x82, b"ping-pong")).unwrap();
+                    let (_, payload) = read_frame(&mut s);
+                    assert_eq!(payload, b"ping-pong");
+                    echoed += 1;
+                }
+                echoed
+            })
+        })
+        .collect();
+    let waiters: Vec<_> = handles
+        .into_iter()
+        .map(|c| {
+            thread::spawn(move || {
+                let before = thread_ticks();
+                let result = c.send_timeout(Message::Binary(vec![7; SIZE]), Duration::from_secs(3));
+                (result.is_err(), thread_ticks() - before)
+            })
+        })
+        .collect();
+    let mut spent = 0;
+    for w in waiters {
+        let (refused, ticks) = w.join().unwrap();
+        assert!(refused, "a stuck client took a message");
+        spent += ticks;
+    }
+    stop.store(true, Ordering::Relaxed);
+    let echoed: u64 = echoers.into_iter().map(|e| e.join().unwrap()).sum();
+    assert!(
+        echoed > 1_000,
+        "only {echoed} echoes: no load to wake anyone"
+    );
+    assert!(
+        spent <= 30,
+        "{STUCK} waiters spent {spent} ticks of CPU in 3 s while {echoed} echoes went to others"
+    );
+    drop(stuck);
+}

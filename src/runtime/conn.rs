@@ -1483,7 +1483,7 @@ impl<T: Send + Sync + 'static> Conn<T> {
             spawn_job(shared, self);
         }
         if made_room {
-            shared.room_made();
+            shared.room_made(self);
         }
         left
     }

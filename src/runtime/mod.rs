@@ -98,8 +98,10 @@ pub(crate) struct Shared<T> {
     /// Threads in `send_timeout` waiting for room in some queue; the
     /// lock and condition variable they wait with.
     pub(crate) room_waiters: std::sync::atomic::AtomicUsize,
-    /// The connections those threads wait on, by address.
-    pub(crate) awaited: Mutex<Vec<usize>>,
+    /// The connections those threads wait on, by address, each with
+    /// whether its last try was refused for the server-wide budget
+    /// (which room made in any queue may end) rather than its own queue.
+    pub(crate) awaited: Mutex<Vec<(usize, bool)>>,
     pub(crate) room: Mutex<()>,
     pub(crate) room_cv: Condvar,
     pub(crate) counters: Counters,
@@ -397,20 +399,25 @@ impl<T: Send + Sync + 'static> Shared<T> {
         let mut guard = self.room.lock();
         self.room_waiters.fetch_add(1, Ordering::SeqCst);
         let key = std::ptr::from_ref(conn) as usize;
-        self.awaited.lock().push(key);
+        self.awaited.lock().push((key, false));
         loop {
-            {
+            let for_budget = {
                 let w = conn.io.lock();
-                if w.finished
-                    || w.write_error.is_some()
-                    || self.admits_frame(&w.out, len, len).is_ok()
-                {
+                if w.finished || w.write_error.is_some() {
                     break;
                 }
+                match self.admits_frame(&w.out, len, len) {
+                    Ok(()) => break,
+                    Err(e) => matches!(e, Error::ServerBackpressure { .. }),
+                }
+            };
+            if let Some(entry) = self.awaited.lock().iter_mut().find(|(k, _)| *k == key) {
+                entry.1 = for_budget;
             }
             // The flush that makes room notifies under this same lock,
-            // after its queue changed: no wake-up is lost. The short
-            // bound is a safety net only.
+            // after its queue changed, and reads what each waiter waits
+            // for under it too: no wake-up is lost. The short bound is a
+            // safety net only.
             let until = deadline.min(Instant::now() + Duration::from_millis(50));
             if self.room_cv.wait_until(&mut guard, until).timed_out() && Instant::now() >= deadline
             {
@@ -419,7 +426,7 @@ impl<T: Send + Sync + 'static> Shared<T> {
         }
         {
             let mut awaited = self.awaited.lock();
-            if let Some(i) = awaited.iter().position(|&k| k == key) {
+            if let Some(i) = awaited.iter().position(|&(k, _)| k == key) {
                 awaited.swap_remove(i);
             }
         }
@@ -434,14 +441,26 @@ impl<T: Send + Sync + 'static> Shared<T> {
             && self
                 .awaited
                 .lock()
-                .contains(&(std::ptr::from_ref(conn) as usize))
+                .iter()
+                .any(|&(k, _)| k == std::ptr::from_ref(conn) as usize)
     }
 
-    /// Some queue shrank: wake threads waiting for room, if any.
-    pub(crate) fn room_made(&self) {
+    /// `conn`'s queue shrank or closed: wake the threads waiting for room
+    /// in it, if any, or in the budget. Not the others: a thread blocked
+    /// on a client that never reads would otherwise wake at every write
+    /// to anyone (16 of them spent most of a core so).
+    pub(crate) fn room_made(&self, conn: &conn::Conn<T>) {
         if self.room_waiters.load(Ordering::SeqCst) > 0 {
+            let key = std::ptr::from_ref(conn) as usize;
             let _guard = self.room.lock();
-            self.room_cv.notify_all();
+            let wanted = self
+                .awaited
+                .lock()
+                .iter()
+                .any(|&(k, for_budget)| k == key || for_budget);
+            if wanted {
+                self.room_cv.notify_all();
+            }
         }
     }
 

@@ -1062,7 +1062,7 @@ fn teardown<T: Send + Sync + 'static>(
     Counters::add(&shared.counters.disconnected, 1);
     let _ = shared.poller.delete(&conn.stream);
     // Anyone waiting for room in this queue learns it is closed.
-    shared.room_made();
+    shared.room_made(conn);
     let (report, read_error) = match r {
         Some(r) => {
             r.buffered = 0;
