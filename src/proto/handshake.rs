@@ -624,7 +624,20 @@ fn later_version(buf: &[u8]) -> Option<Later> {
         {
             Some(Later::Minor(at + 2))
         }
-        [major, ..] if (b'2'..=b'9').contains(major) => Some(Later::Major),
+        // `HTTP/2`, `HTTP/3.0`: a version, and one not spoken here. (What
+        // is no version at all, as `HTTP/2x`, is malformed.)
+        [major, rest @ ..]
+            if (b'2'..=b'9').contains(major)
+                && matches!(
+                    rest,
+                    [] | [b'\r' | b'\n', ..]
+                        | [b'.']
+                        | [b'.', b'0'..=b'9']
+                        | [b'.', b'0'..=b'9', b'\r' | b'\n', ..]
+                ) =>
+        {
+            Some(Later::Major)
+        }
         _ => None,
     }
 }
@@ -643,9 +656,11 @@ fn check_target(method: &str, target: &str) -> Result<(), Reject> {
         return bad("a request target has no fragment");
     }
     if method == "CONNECT" {
+        // RFC 9110 section 9.3.6: a host, and a port that is one.
         return match target.rsplit_once(':') {
-            Some((_, port))
-                if !port.is_empty()
+            Some((host, port))
+                if !host.is_empty()
+                    && port.parse::<u16>().is_ok_and(|p| p > 0)
                     && port.bytes().all(|b| b.is_ascii_digit())
                     && valid_host(target.as_bytes()) =>
             {
@@ -757,16 +772,28 @@ fn reg_name(name: &[u8]) -> bool {
     true
 }
 
-/// What may stand between the brackets: an IPv6 address, or an
-/// `IPvFuture` (`v` hex digits `.` then what RFC 3986 allows).
+/// What may stand between the brackets: an IPv6 address (with a zone,
+/// `%25` and its name, as RFC 6874 writes it in a URI; clients should
+/// leave it out of Host, and some do not), or an `IPvFuture` (`v` hex
+/// digits `.` then what RFC 3986 allows).
 fn ip_literal(lit: &[u8]) -> bool {
+    let ipv6 =
+        |a: &[u8]| std::str::from_utf8(a).is_ok_and(|s| s.parse::<std::net::Ipv6Addr>().is_ok());
+    if let Some(i) = lit.windows(3).position(|w| w == b"%25") {
+        // `1*( unreserved / pct-encoded )`.
+        let zone = &lit[i + 3..];
+        return ipv6(&lit[..i])
+            && !zone.is_empty()
+            && reg_name(zone)
+            && !zone.iter().any(|b| b"!$&'()*+,;=".contains(b));
+    }
     if let [b'v' | b'V', rest @ ..] = lit {
         let digits = rest.iter().take_while(|b| b.is_ascii_hexdigit()).count();
         return digits > 0
             && matches!(&rest[digits..], [b'.', tail @ ..]
                 if !tail.is_empty() && tail.iter().all(|&b| b == b':' || sub_delim_or_unreserved(b)));
     }
-    std::str::from_utf8(lit).is_ok_and(|s| s.parse::<std::net::Ipv6Addr>().is_ok())
+    ipv6(lit)
 }
 
 /// The path and query of a request target, read in absolute form
@@ -1121,6 +1148,8 @@ mod tests {
             "[::1]:443",
             "[2001:db8::7]:0",
             "[v1.fe80::a+en1]",
+            "[fe80::1%25eth0]:9001",
+            "[fe80::1%25en%301]",
             "EXAMPLE.com",
             "a-b_c~d.e!$&'()*+,;=",
             "caf%C3%A9.example",
@@ -1147,6 +1176,10 @@ mod tests {
             "[::1",
             "[::1]x",
             "[::g]",
+            "[fe80::1%eth0]",
+            "[fe80::1%25]",
+            "[fe80::1%25a,b]",
+            "[v1.x%25eth0]",
             "[v.x]",
             "a%zz",
             "a%4",
@@ -1193,6 +1226,9 @@ mod tests {
             ("CONNECT", "h"),
             ("CONNECT", "h:"),
             ("CONNECT", "[::1]"),
+            ("CONNECT", ":443"),
+            ("CONNECT", "h:0"),
+            ("CONNECT", "h:65536"),
             ("CONNECT", "/"),
         ] {
             let req = with_target(method, target);
@@ -1221,20 +1257,17 @@ mod tests {
         let (r, n) = parse_request(req.as_bytes(), 8192).unwrap().unwrap();
         assert_eq!((r.key(), n), ("dGhlIHNhbXBsZSBub25jZQ==", req.len()));
         assert!(r.is_upgrade());
-        // Still in parts: more to come, then the whole.
-        assert!(
-            parse_request(&req.as_bytes()[..30], 8192)
-                .unwrap()
-                .is_none()
-        );
-        assert!(
-            parse_request(&req.as_bytes()[..20], 8192)
-                .unwrap()
-                .is_none()
-        );
+        // Cut just after the version, and after its CR: more to come.
+        for cut in [20, 30, 33, 34, 35] {
+            let part = &req.as_bytes()[..cut];
+            assert!(parse_request(part, 8192).unwrap().is_none(), "{part:?}");
+        }
         for (version, expect) in [
             ("HTTP/2.0", 505),
             ("HTTP/3", 505),
+            ("HTTP/2x", 400),
+            ("HTTP/20.0", 400),
+            ("HTTP/2.0.1", 400),
             ("HTTP/1.12", 400),
             ("HTTP/0.9", 400),
             ("HTTP/x.1", 400),
