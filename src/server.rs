@@ -1053,7 +1053,6 @@ impl<T: Send + Sync + 'static> Builder<T> {
             room_waiters: AtomicUsize::new(0),
             awaited: Mutex::new(Vec::new()),
             room: Mutex::new(()),
-            room_cv: parking_lot::Condvar::new(),
             counters: Counters::new(config.max_queued_bytes(), config.low_water),
             buffered_in: AtomicUsize::new(0),
             condemned_in: AtomicUsize::new(0),

@@ -72,6 +72,26 @@ impl<T> Default for Handlers<T> {
     }
 }
 
+/// A thread in `send_timeout` waiting for room (see
+/// [`Shared::wait_for_room`]).
+pub(crate) struct RoomWaiter {
+    /// The connection it would send to, by address.
+    conn: usize,
+    /// Whether its last try was refused for the server-wide budget rather
+    /// than its own queue's limit.
+    for_budget: bool,
+    /// What it waits on, woken by [`Shared::room_made`].
+    cv: Arc<Condvar>,
+}
+
+/// How long a thread waiting for room sleeps before it looks again with
+/// no wake-up; long in unit tests, so that they see a wake-up lost.
+const ROOM_POLL: Duration = if cfg!(test) {
+    Duration::from_secs(10)
+} else {
+    Duration::from_millis(50)
+};
+
 /// State every thread of one server shares.
 pub(crate) struct Shared<T> {
     pub(crate) config: Config,
@@ -95,15 +115,12 @@ pub(crate) struct Shared<T> {
     pub(crate) bridge: Option<Arc<bridge::BridgeRt>>,
     /// Ready connections and handshakes waiting for a worker.
     pub(crate) ready: Mutex<poller::ReadyQueue<T>>,
-    /// Threads in `send_timeout` waiting for room in some queue; the
-    /// lock and condition variable they wait with.
+    /// Threads in `send_timeout` waiting for room in some queue.
     pub(crate) room_waiters: std::sync::atomic::AtomicUsize,
-    /// The connections those threads wait on, by address, each with
-    /// whether its last try was refused for the server-wide budget
-    /// (which room made in any queue may end) rather than its own queue.
-    pub(crate) awaited: Mutex<Vec<(usize, bool)>>,
+    /// Those threads, each with the connection it waits on, and the lock
+    /// they wait with.
+    pub(crate) awaited: Mutex<Vec<RoomWaiter>>,
     pub(crate) room: Mutex<()>,
-    pub(crate) room_cv: Condvar,
     pub(crate) counters: Counters,
     /// Partial input held by connections chosen to be failed for
     /// `max_buffered_bytes` whose jobs have not done it yet (those whose
@@ -398,8 +415,15 @@ impl<T: Send + Sync + 'static> Shared<T> {
     pub(crate) fn wait_for_room(&self, conn: &conn::Conn<T>, len: usize, deadline: Instant) {
         let mut guard = self.room.lock();
         self.room_waiters.fetch_add(1, Ordering::SeqCst);
-        let key = std::ptr::from_ref(conn) as usize;
-        self.awaited.lock().push((key, false));
+        // A condition variable of its own: a flush wakes only the threads
+        // its room may serve.
+        let cv = Arc::new(Condvar::new());
+        let mine = |w: &RoomWaiter| Arc::ptr_eq(&w.cv, &cv);
+        self.awaited.lock().push(RoomWaiter {
+            conn: std::ptr::from_ref(conn) as usize,
+            for_budget: false,
+            cv: Arc::clone(&cv),
+        });
         loop {
             let for_budget = {
                 let w = conn.io.lock();
@@ -411,22 +435,22 @@ impl<T: Send + Sync + 'static> Shared<T> {
                     Err(e) => matches!(e, Error::ServerBackpressure { .. }),
                 }
             };
-            if let Some(entry) = self.awaited.lock().iter_mut().find(|(k, _)| *k == key) {
-                entry.1 = for_budget;
+            if let Some(me) = self.awaited.lock().iter_mut().find(|w| mine(w)) {
+                me.for_budget = for_budget;
             }
             // The flush that makes room notifies under this same lock,
             // after its queue changed, and reads what each waiter waits
-            // for under it too: no wake-up is lost. The short bound is a
-            // safety net only.
-            let until = deadline.min(Instant::now() + Duration::from_millis(50));
-            if self.room_cv.wait_until(&mut guard, until).timed_out() && Instant::now() >= deadline
-            {
+            // for under it too. The bound is a safety net only, for room
+            // made where no flush or teardown tells (a broadcast's frame
+            // let go outside any queue).
+            let until = deadline.min(Instant::now() + ROOM_POLL);
+            if cv.wait_until(&mut guard, until).timed_out() && Instant::now() >= deadline {
                 break;
             }
         }
         {
             let mut awaited = self.awaited.lock();
-            if let Some(i) = awaited.iter().position(|&(k, _)| k == key) {
+            if let Some(i) = awaited.iter().position(mine) {
                 awaited.swap_remove(i);
             }
         }
@@ -442,24 +466,22 @@ impl<T: Send + Sync + 'static> Shared<T> {
                 .awaited
                 .lock()
                 .iter()
-                .any(|&(k, _)| k == std::ptr::from_ref(conn) as usize)
+                .any(|w| w.conn == std::ptr::from_ref(conn) as usize)
     }
 
     /// `conn`'s queue shrank or closed: wake the threads waiting for room
-    /// in it, if any, or in the budget. Not the others: a thread blocked
-    /// on a client that never reads would otherwise wake at every write
-    /// to anyone (16 of them spent most of a core so).
+    /// in it, and those whose last try the server-wide budget refused
+    /// (room anywhere may end that). Not the others: a thread blocked on
+    /// a client that never reads would otherwise wake at every write to
+    /// anyone (16 of them spent most of a core so).
     pub(crate) fn room_made(&self, conn: &conn::Conn<T>) {
         if self.room_waiters.load(Ordering::SeqCst) > 0 {
             let key = std::ptr::from_ref(conn) as usize;
             let _guard = self.room.lock();
-            let wanted = self
-                .awaited
-                .lock()
-                .iter()
-                .any(|&(k, for_budget)| k == key || for_budget);
-            if wanted {
-                self.room_cv.notify_all();
+            for w in self.awaited.lock().iter() {
+                if w.conn == key || w.for_budget {
+                    w.cv.notify_one();
+                }
             }
         }
     }
@@ -656,4 +678,155 @@ pub(crate) fn ms(d: Duration) -> u64 {
 /// The close frame for a handler panic.
 pub(crate) fn panic_close() -> (CloseCode, &'static str) {
     (CloseCode::INTERNAL_ERROR, "handler panicked")
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::TcpStream;
+    use std::time::{Duration, Instant};
+
+    use crate::runtime::testing::upgrade;
+    use crate::{Client, Error, Event, Message, WebSocketServer};
+
+    /// A client whose socket takes in little (4 KiB of receive buffer)
+    /// and is never read, with its handle.
+    fn stuck(server: &WebSocketServer) -> (TcpStream, Client) {
+        let sock =
+            socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+        sock.set_recv_buffer_size(4096).unwrap();
+        sock.connect(&server.local_addr().into()).unwrap();
+        let mut s: TcpStream = sock.into();
+        upgrade(&mut s);
+        // Past the others' `Drain`s and `Disconnect`s.
+        loop {
+            match server.recv_timeout(Duration::from_secs(10)) {
+                Ok(Event::Connect { client }) => return (s, client),
+                Ok(Event::Drain { .. } | Event::Disconnect { .. }) => {}
+                other => panic!("{other:?}"),
+            }
+        }
+    }
+
+    fn kib(n: usize) -> Message {
+        Message::Binary(vec![7; n << 10])
+    }
+
+    /// Whether a refusal was for the server-wide budget (or the client's
+    /// own limit).
+    fn for_budget(e: &Error) -> bool {
+        match e {
+            Error::ServerBackpressure { .. } => true,
+            Error::Backpressure { .. } => false,
+            other => panic!("{other}"),
+        }
+    }
+
+    /// Send to `c` in 8 KiB messages until its queue holds at least
+    /// `queued` bytes and has held them for half a second: the kernel's
+    /// buffers under it are full.
+    fn saturate(c: &Client, queued: usize) {
+        let start = Instant::now();
+        let mut steady = Instant::now();
+        loop {
+            assert!(
+                start.elapsed() < Duration::from_secs(30),
+                "it kept draining"
+            );
+            let before = c.buffered_amount();
+            if before < queued {
+                c.send(kib(8)).unwrap();
+                steady = Instant::now();
+            }
+            std::thread::sleep(Duration::from_millis(50));
+            if c.buffered_amount() < before {
+                steady = Instant::now();
+            }
+            if steady.elapsed() > Duration::from_millis(500) {
+                return;
+            }
+        }
+    }
+
+    /// Two threads wait in `send_timeout` on one client that the
+    /// server-wide budget refuses and whose socket takes nothing (so its
+    /// own flushes make no room); the others leaving makes room in the
+    /// budget, and both are woken and send, well inside the 10 s a waiter
+    /// sleeps here when nothing wakes it. (With one record per client
+    /// rather than per waiter, the second could be left asleep.) Then a
+    /// thread waiting on a client refused by its own queue's limit is
+    /// woken when that client reads.
+    #[test]
+    fn threads_in_send_timeout_are_woken_by_the_room_they_wait_for() {
+        let server = WebSocketServer::builder()
+            .max_message_size(64 * 1024)
+            .high_water(64 * 1024)
+            .low_water(16 * 1024)
+            .max_backpressure(0)
+            .max_queued_bytes(256 * 1024)
+            .close_timeout(Duration::from_millis(200))
+            .start("127.0.0.1:0")
+            .unwrap();
+        // The target first, alone: its kernel buffers full, 24 KiB queued
+        // (over low water, which takes any one frame).
+        let (_target_sock, target) = stuck(&server);
+        saturate(&target, 24 << 10);
+        // Seven more take the rest of the budget.
+        let crowd: Vec<(TcpStream, Client)> = (0..7).map(|_| stuck(&server)).collect();
+        for (_, c) in &crowd {
+            while c.send(kib(8)).is_ok() {}
+        }
+        // With 8 open, a share is 32 KiB: 24 + 16 is over it.
+        let refused = target.send(kib(16)).unwrap_err();
+        assert!(for_budget(refused.error()), "{}", refused.error());
+        let waiters: Vec<_> = (0..2)
+            .map(|_| {
+                let c = target.clone();
+                std::thread::spawn(move || {
+                    let t = Instant::now();
+                    let r = c.send_timeout(kib(16), Duration::from_secs(30));
+                    (r.map_err(|e| e.to_string()), t.elapsed())
+                })
+            })
+            .collect();
+        std::thread::sleep(Duration::from_millis(300));
+        let left = Instant::now();
+        drop(crowd);
+        for w in waiters {
+            let (result, waited) = w.join().unwrap();
+            assert!(result.is_ok(), "{result:?} after {waited:?}");
+            let since = left.elapsed();
+            assert!(
+                since < Duration::from_secs(5),
+                "woken only by the poll: {since:?} after they left"
+            );
+        }
+
+        // Refused by its own queue: woken by that client reading.
+        let (mut sock, c) = stuck(&server);
+        let refused = loop {
+            if let Err(e) = c.send(kib(32)) {
+                break e;
+            }
+        };
+        assert!(!for_budget(refused.error()), "{}", refused.error());
+        let waiter = std::thread::spawn(move || {
+            let t = Instant::now();
+            let r = c.send_timeout(kib(32), Duration::from_secs(30));
+            (r.map_err(|e| e.to_string()), t.elapsed())
+        });
+        std::thread::sleep(Duration::from_millis(300));
+        assert!(!waiter.is_finished(), "the waiter did not wait");
+        let reader = std::thread::spawn(move || {
+            let mut buf = vec![0u8; 1 << 16];
+            while std::io::Read::read(&mut sock, &mut buf).is_ok_and(|n| n > 0) {}
+        });
+        let (result, waited) = waiter.join().unwrap();
+        assert!(result.is_ok(), "{result:?} after {waited:?}");
+        assert!(
+            waited < Duration::from_secs(5),
+            "woken only by the poll: {waited:?}"
+        );
+        drop(server);
+        let _ = reader.join();
+    }
 }
