@@ -688,12 +688,13 @@ mod tests {
     use crate::runtime::testing::upgrade;
     use crate::{Client, Error, Event, Message, WebSocketServer};
 
-    /// A client whose socket takes in little (4 KiB of receive buffer)
-    /// and is never read, with its handle.
+    /// A client whose socket takes in little (the least receive buffer
+    /// the kernel allows, so that the server's buffers under it fill
+    /// sooner) and is never read, with its handle.
     fn stuck(server: &WebSocketServer) -> (TcpStream, Client) {
         let sock =
             socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
-        sock.set_recv_buffer_size(4096).unwrap();
+        sock.set_recv_buffer_size(1).unwrap();
         sock.connect(&server.local_addr().into()).unwrap();
         let mut s: TcpStream = sock.into();
         upgrade(&mut s);
