@@ -660,8 +660,7 @@ fn check_target(method: &str, target: &str) -> Result<(), Reject> {
         return match target.rsplit_once(':') {
             Some((host, port))
                 if !host.is_empty()
-                    && port.parse::<u16>().is_ok_and(|p| p > 0)
-                    && port.bytes().all(|b| b.is_ascii_digit())
+                    && port_number(port.as_bytes()).is_some_and(|p| p > 0)
                     && valid_host(target.as_bytes()) =>
             {
                 Ok(())
@@ -737,15 +736,16 @@ fn valid_host(value: &[u8]) -> bool {
         (reg_name(name), port)
     };
     // `*DIGIT`, so empty is allowed.
-    host_ok
-        && port.is_none_or(|p| {
-            p.iter()
-                .try_fold(0u32, |n, &b| {
-                    b.is_ascii_digit()
-                        .then(|| (n * 10 + u32::from(b - b'0')).min(65_536))
-                })
-                .is_some_and(|n| n <= 65_535)
-        })
+    host_ok && port.is_none_or(|p| p.is_empty() || port_number(p).is_some())
+}
+
+/// A port written in digits alone (leading zeros allowed), if it is at
+/// most 65535.
+fn port_number(digits: &[u8]) -> Option<u16> {
+    if !digits.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    std::str::from_utf8(digits).ok()?.parse().ok()
 }
 
 fn sub_delim_or_unreserved(b: u8) -> bool {

@@ -84,6 +84,12 @@ pub(crate) struct RoomWaiter {
     cv: Arc<Condvar>,
 }
 
+/// How a [`RoomWaiter`] names its connection: by address (the waiter holds
+/// the connection, so no other can have it meanwhile).
+fn waiter_key<T>(conn: &conn::Conn<T>) -> usize {
+    std::ptr::from_ref(conn) as usize
+}
+
 /// How long a thread waiting for room sleeps before it looks again with
 /// no wake-up; long in unit tests, so that they see a wake-up lost.
 const ROOM_POLL: Duration = if cfg!(test) {
@@ -420,7 +426,7 @@ impl<T: Send + Sync + 'static> Shared<T> {
         let cv = Arc::new(Condvar::new());
         let mine = |w: &RoomWaiter| Arc::ptr_eq(&w.cv, &cv);
         self.awaited.lock().push(RoomWaiter {
-            conn: std::ptr::from_ref(conn) as usize,
+            conn: waiter_key(conn),
             for_budget: false,
             cv: Arc::clone(&cv),
         });
@@ -466,7 +472,7 @@ impl<T: Send + Sync + 'static> Shared<T> {
                 .awaited
                 .lock()
                 .iter()
-                .any(|w| w.conn == std::ptr::from_ref(conn) as usize)
+                .any(|w| w.conn == waiter_key(conn))
     }
 
     /// `conn`'s queue shrank or closed: wake the threads waiting for room
@@ -476,7 +482,7 @@ impl<T: Send + Sync + 'static> Shared<T> {
     /// anyone (16 of them spent most of a core so).
     pub(crate) fn room_made(&self, conn: &conn::Conn<T>) {
         if self.room_waiters.load(Ordering::SeqCst) > 0 {
-            let key = std::ptr::from_ref(conn) as usize;
+            let key = waiter_key(conn);
             let _guard = self.room.lock();
             for w in self.awaited.lock().iter() {
                 if w.conn == key || w.for_budget {
