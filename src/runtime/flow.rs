@@ -38,6 +38,14 @@ use crate::stats::Counters;
 /// (2 B a pong: some 65,000 of them, 4 MiB, at the default 128 KiB).
 pub(crate) const CHUNK_COST: usize = 64;
 
+/// What a shared frame costs beyond its bytes: its reference-counted
+/// record (48 B as malloc gives it) and its bytes' allocation overhead.
+/// Counted once in the output budget, and in each queue that holds it, as
+/// a client that is sent publishes of a topic of its own holds their
+/// frames alone: 2-byte frames queued for a client that never read took
+/// twice what was counted of them.
+pub(crate) const FRAME_RECORD: usize = 64;
+
 /// Room above `high + max_message_size` in the hard limit: a reply's
 /// frame header, and a pong or two. (What compression can add is counted
 /// apart, see `Config::hard_limit`.)
@@ -186,7 +194,7 @@ pub(crate) struct SharedFrame {
 
 impl SharedFrame {
     pub(crate) fn new(bytes: Vec<u8>, budget: &Arc<OutputBudget>) -> Arc<SharedFrame> {
-        budget.frames.fetch_add(bytes.len(), Relaxed);
+        budget.frames.fetch_add(bytes.len() + FRAME_RECORD, Relaxed);
         Arc::new(SharedFrame {
             bytes: bytes.into_boxed_slice(),
             budget: Arc::clone(budget),
@@ -200,7 +208,9 @@ impl SharedFrame {
 
 impl Drop for SharedFrame {
     fn drop(&mut self) {
-        self.budget.frames.fetch_sub(self.bytes.len(), Relaxed);
+        self.budget
+            .frames
+            .fetch_sub(self.bytes.len() + FRAME_RECORD, Relaxed);
     }
 }
 
@@ -237,6 +247,11 @@ impl Chunk {
             }
             chunk => chunk,
         }
+    }
+
+    /// 1 for a shared frame, 0 for any other chunk.
+    fn frames(&self) -> usize {
+        usize::from(matches!(self, Chunk::Shared(_)))
     }
 
     /// Bytes of a shared frame (counted once, in the budget's frames).
@@ -278,6 +293,12 @@ pub(crate) struct Unwritten {
     /// Bytes of shared frames among the chunks (counted once, apart from
     /// the queues, in the budget).
     shared: usize,
+    /// Shared frames among the chunks (each costs the queue its
+    /// [`FRAME_RECORD`] too).
+    frames: usize,
+    /// In the queue's own box: shared frames among the chunks a writer has
+    /// taken out.
+    taken_frames: usize,
     /// In the queue's own box: bytes of shared frames among the chunks a
     /// writer has taken out.
     taken_shared: usize,
@@ -301,6 +322,7 @@ impl Unwritten {
         if let Some(c) = self.chunks.pop_front() {
             debug_assert!(self.shared >= c.shared_len());
             self.shared = self.shared.saturating_sub(c.shared_len());
+            self.frames -= c.frames();
         }
     }
 }
@@ -315,20 +337,19 @@ impl OutQueue {
     /// out meanwhile included.
     pub(crate) fn cost(&self) -> usize {
         self.bytes
-            + self
-                .pending
-                .as_ref()
-                .map_or(0, |p| (p.chunks.len() + p.taken) * CHUNK_COST)
+            + self.pending.as_ref().map_or(0, |p| {
+                (p.chunks.len() + p.taken) * CHUNK_COST + (p.frames + p.taken_frames) * FRAME_RECORD
+            })
     }
 
-    /// What the queue costs, the bytes of shared frames (counted once,
-    /// apart) not included: what the output budget counts of it.
+    /// What the queue costs, shared frames (their bytes and records,
+    /// counted once, apart) not included: what the output budget counts
+    /// of it.
     pub(crate) fn owned_cost(&self) -> usize {
-        self.cost().saturating_sub(
-            self.pending
-                .as_ref()
-                .map_or(0, |p| p.shared_unwritten() + p.taken_shared),
-        )
+        self.cost()
+            .saturating_sub(self.pending.as_ref().map_or(0, |p| {
+                p.shared_unwritten() + p.taken_shared + (p.frames + p.taken_frames) * FRAME_RECORD
+            }))
     }
 
     pub(crate) fn is_empty(&self) -> bool {
@@ -368,6 +389,7 @@ impl OutQueue {
         counters.queued(n as i64);
         let p = self.pending();
         p.shared += chunk.shared_len();
+        p.frames += chunk.frames();
         p.chunks.push_back(chunk);
         self.recount(counters);
     }
@@ -390,10 +412,12 @@ impl OutQueue {
         debug_assert!(p.head == 0 || p.chunks.is_empty());
         if let Some(c) = second {
             p.shared += c.shared_len();
+            p.frames += c.frames();
             p.chunks.push_front(c);
         }
         if skip < first_len {
             p.shared += first.shared_len();
+            p.frames += first.frames();
             p.chunks.push_front(first);
             p.head = skip;
         } else {
@@ -414,10 +438,12 @@ impl OutQueue {
         // While they are out, the queue's bytes are as they were: so is
         // what they hold of shared frames.
         p.taken_shared = p.shared_unwritten();
+        p.taken_frames = p.frames;
         let taken = Unwritten {
             chunks: std::mem::take(&mut p.chunks),
             head: std::mem::take(&mut p.head),
             shared: std::mem::take(&mut p.shared),
+            frames: std::mem::take(&mut p.frames),
             ..Unwritten::default()
         };
         p.taken = taken.chunks.len();
@@ -431,6 +457,7 @@ impl OutQueue {
         let mut own = self.pending.take().unwrap_or_default();
         taken.chunks.append(&mut own.chunks);
         taken.shared += own.shared;
+        taken.frames += own.frames;
         taken.counted = own.counted;
         *own = taken;
         self.pending = Some(own);
@@ -538,7 +565,9 @@ mod tests {
         // A frame shared by both queues and a third: counted once, from
         // when it is made.
         let frame = SharedFrame::new(vec![7; 30_000], &budget);
-        assert_eq!(budget.used(), big.owned_cost() + 30_000);
+        // Its bytes and its record.
+        let shared = 30_000 + FRAME_RECORD;
+        assert_eq!(budget.used(), big.owned_cost() + shared);
         small.push(Chunk::Shared(Arc::clone(&frame)), &c);
         big.push(Chunk::Shared(Arc::clone(&frame)), &c);
         let mut third = OutQueue::default();
@@ -549,7 +578,12 @@ mod tests {
             1000 + 2 * CHUNK_COST,
             "the shared bytes are not the queue's own"
         );
-        assert_eq!(budget.used(), big.owned_cost() + 30_000);
+        assert_eq!(
+            small.cost(),
+            1000 + 30_000 + 2 * CHUNK_COST + FRAME_RECORD,
+            "but it holds them, and their record"
+        );
+        assert_eq!(budget.used(), big.owned_cost() + shared);
 
         // Taken out and partly written: still counted until put back.
         let before = budget.used();
@@ -561,7 +595,7 @@ mod tests {
         taken.pop_front();
         big.put_back(taken, 20_004, &c);
         assert_eq!(big.owned_cost(), 100 + 2 * CHUNK_COST);
-        assert_eq!(budget.used(), 30_000, "under the threshold again");
+        assert_eq!(budget.used(), shared, "under the threshold again");
 
         // The small queue written out: the frame is still in `big` and
         // `third`.
@@ -570,31 +604,31 @@ mod tests {
         taken.pop_front();
         small.put_back(taken, 31_000, &c);
         assert!(small.pending.is_none());
-        assert_eq!(budget.used(), 30_000);
+        assert_eq!(budget.used(), shared);
 
         // A shared frame at the front, partly written: what the queue
         // holds besides it is still all counted.
         let mut taken = big.take_for_write();
-        assert_eq!(budget.used(), 30_000, "the queue holds 228 B of its own");
+        assert_eq!(budget.used(), shared, "the queue holds 228 B of its own");
         taken.head = 10_000;
         big.put_back(taken, 10_000, &c);
         assert_eq!(big.owned_cost(), 100 + 2 * CHUNK_COST);
         big.push(Chunk::Owned(vec![3; 20_000]), &c);
         assert_eq!(big.owned_cost(), 20_100 + 3 * CHUNK_COST);
-        assert_eq!(budget.used(), 30_000 + big.owned_cost());
+        assert_eq!(budget.used(), shared + big.owned_cost());
         let mut taken = big.take_for_write();
         assert_eq!(big.owned_cost(), 20_100 + 3 * CHUNK_COST, "nor while out");
         taken.pop_front();
         taken.head = 0;
         big.put_back(taken, 20_000, &c);
         assert_eq!(big.owned_cost(), 20_100 + 2 * CHUNK_COST);
-        assert_eq!(budget.used(), 30_000 + big.owned_cost());
+        assert_eq!(budget.used(), shared + big.owned_cost());
 
         // A big queue torn down gives back its count, and the frame goes
         // with the last queue that held it.
         third.push(Chunk::Owned(vec![2; 40_000]), &c);
         let big_own = big.owned_cost();
-        assert_eq!(budget.used(), 30_000 + big_own + 40_000 + 2 * CHUNK_COST);
+        assert_eq!(budget.used(), shared + big_own + 40_000 + 2 * CHUNK_COST);
         assert_eq!(third.clear(&c), 70_000);
         assert_eq!(
             budget.used(),
