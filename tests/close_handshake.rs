@@ -428,6 +428,96 @@ fn a_close_behind_messages_is_answered_after_the_main_loops_replies() {
     );
 }
 
+/// A client that ends its messages with its FIN and no Close (it sends no
+/// more, but reads) gets the main loop's replies to them too, as a
+/// closure's, before the server closes the connection: found by a review,
+/// which saw such clients get none of their 300 echoes while every reply
+/// of the loop was refused (`Error::Closed`).
+#[test]
+fn a_fin_behind_messages_waits_for_the_main_loops_replies() {
+    use std::net::Shutdown;
+    const CLIENTS: usize = 20;
+    const MESSAGES: u32 = 200;
+    let server = with_close_timeout(Duration::from_secs(30));
+    let addr = server.local_addr();
+    let started = Instant::now();
+    let crowd: Vec<_> = (0..CLIENTS)
+        .map(|i| {
+            std::thread::spawn(move || {
+                let mut s = raw_ws(addr);
+                let mut out = Vec::new();
+                for m in 0..MESSAGES {
+                    out.extend(frame(0x82, &numbered(m, 16)));
+                }
+                s.write_all(&out).unwrap();
+                s.shutdown(Shutdown::Write).unwrap();
+                s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+                for m in 0..MESSAGES {
+                    assert_eq!(
+                        read_frame(&mut s),
+                        (0x82, numbered(m, 16)),
+                        "client {i}, echo {m}"
+                    );
+                }
+                assert!(closed_by_server(&mut s), "client {i}");
+            })
+        })
+        .collect();
+    // A loop slower than the clients: each one's FIN is read while most
+    // of its messages still wait in the channel.
+    let (mut refused, mut disconnects) = (0, 0);
+    while disconnects < CLIENTS {
+        match next(&server) {
+            enjent::Event::Message { client, message } => {
+                std::thread::sleep(Duration::from_micros(100));
+                if client.send(message).is_err() {
+                    refused += 1;
+                }
+            }
+            enjent::Event::Disconnect { close, .. } => {
+                assert_eq!(close.code, CloseCode::ABNORMAL);
+                disconnects += 1;
+            }
+            _ => {}
+        }
+    }
+    assert_eq!(refused, 0, "replies refused");
+    for c in crowd {
+        c.join().unwrap();
+    }
+    assert!(
+        started.elapsed() < Duration::from_secs(20),
+        "the ends waited for the close timeout: {:?}",
+        started.elapsed()
+    );
+}
+
+/// And that wait is at most `close_timeout`: a loop that does not take the
+/// message does not keep a client that sent its FIN.
+#[test]
+fn a_fin_behind_messages_waits_for_the_main_loop_at_most_the_close_timeout() {
+    let server = with_close_timeout(Duration::from_millis(500));
+    let mut s = raw_ws(server.local_addr());
+    let started = Instant::now();
+    s.write_all(&frame(0x82, b"unanswered")).unwrap();
+    s.shutdown(std::net::Shutdown::Write).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    assert!(closed_by_server(&mut s));
+    let took = started.elapsed();
+    assert!(
+        took >= Duration::from_millis(400) && took < Duration::from_secs(3),
+        "closed after {took:?}"
+    );
+    expect_connect(&server);
+    let (client, message) = expect_message(&server);
+    assert!(matches!(
+        client.send(message).map_err(|e| e.into_error()),
+        Err(Error::Closed)
+    ));
+    let (_, close, _) = expect_disconnect(&server);
+    assert_eq!(close.code, CloseCode::ABNORMAL);
+}
+
 /// The same when the loop has caught up: a message and the Close in one
 /// packet (the message not yet in the channel when the Close is read),
 /// one client after another, half with their FIN, each get the echo and

@@ -870,10 +870,15 @@ fn progress<T: Send + Sync + 'static>(
     {
         let _ = conn.send_close(shared, reply);
     }
-    let (flushed, empty, close_deadline, write_error, force) = {
+    let (flushed, empty, close_deadline, write_error, force, loop_holds) = {
         let mut w = conn.io.lock();
         let empty = w.out.is_empty() && !w.writing;
-        if r.eof && !empty && w.close_deadline_ms == 0 {
+        // The peer stopped sending (its FIN, no Close) while the main loop
+        // holds some of its events: the loop's replies to them go out
+        // before the end, as a closure's would, if it takes them within
+        // the close timeout. (`events_consumed` runs the job when it has.)
+        let loop_holds = r.eof && w.events > 0 && !conn.closing.load(Ordering::Acquire);
+        if r.eof && (!empty || loop_holds) && w.close_deadline_ms == 0 {
             // The peer stopped sending but may still read: what is queued
             // (our close reply last) goes out within the close timeout.
             w.close_deadline_ms = now.saturating_add(shared.close_timeout_ms());
@@ -912,6 +917,7 @@ fn progress<T: Send + Sync + 'static>(
             w.close_deadline_ms,
             w.write_error,
             w.force_close,
+            loop_holds,
         )
     };
     // Handed to `book_timer`, which would otherwise lock again for it.
@@ -929,8 +935,9 @@ fn progress<T: Send + Sync + 'static>(
         r.proto.reply_flushed();
     }
     // A client that sent Close and its FIN may still read: an answer that
-    // waits for the main loop keeps the connection (up to its deadline).
-    if r.eof && empty && r.deferred_close.is_none() {
+    // waits for the main loop keeps the connection (up to its deadline),
+    // as do events of a FIN's the loop holds.
+    if r.eof && empty && r.deferred_close.is_none() && (!loop_holds || now >= close_deadline) {
         return Some(None);
     }
     match r.proto.state() {
