@@ -162,6 +162,12 @@ impl Decoder {
         !self.is_mid_message() && self.control.is_empty()
     }
 
+    /// Whether the next byte starts a frame (a message may be unfinished:
+    /// a control frame may come between its fragments).
+    pub fn at_frame_start(&self) -> bool {
+        matches!(self.state, State::Header { have: 0, .. })
+    }
+
     /// Whether bytes of an unfinished frame or message are held.
     pub fn is_mid_message(&self) -> bool {
         self.msg.is_some() || !matches!(self.state, State::Header { have: 0, .. })

@@ -126,6 +126,14 @@ impl Connection {
         self.state == State::Open && self.decoder.is_at_rest()
     }
 
+    /// Whether the connection is open and the next byte it is fed starts
+    /// a frame (see [`Decoder::at_frame_start`]).
+    ///
+    /// [`Decoder::at_frame_start`]: crate::proto::assemble::Decoder::at_frame_start
+    pub fn at_frame_start(&self) -> bool {
+        self.state == State::Open && self.decoder.at_frame_start()
+    }
+
     /// Bytes held for an unfinished incoming message.
     pub fn buffered(&self) -> usize {
         self.decoder.buffered()

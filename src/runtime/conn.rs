@@ -87,6 +87,19 @@ struct Refused {
     body: Option<Chunk>,
 }
 
+/// Whether a connection is starved: paused because the event channel as
+/// a whole is over its budget.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Starve {
+    No,
+    /// Starved, and what the client sent may still be its end (see
+    /// `service::look_for_the_end`): input runs a job that looks.
+    Looking,
+    /// Starved, and a message waits at the front of its input: nothing
+    /// more is looked at until it is read.
+    Quiet,
+}
+
 /// The read side: touched only by the job that owns the connection.
 pub(crate) struct ReadSide {
     pub(crate) proto: Connection,
@@ -233,8 +246,9 @@ pub(crate) struct WriteSide {
     pub(crate) events: usize,
     /// Flow control stopped reading and dispatching this connection.
     pub(crate) paused: bool,
-    /// Paused because the event channel as a whole is over its budget.
-    pub(crate) starved: bool,
+    /// Paused because the event channel as a whole is over its budget
+    /// (see [`Starve`]).
+    pub(crate) starve: Starve,
     /// Nothing more will be read: end of file, or a read error.
     pub(crate) read_done: bool,
     /// What the poller watches the socket for (see [`Watch`]). A
@@ -345,6 +359,11 @@ impl Serving {
 }
 
 impl WriteSide {
+    /// Paused for the event channel (see [`Starve`]).
+    pub(crate) fn starved(&self) -> bool {
+        self.starve != Starve::No
+    }
+
     /// Whether it is torn down at the end of this pass: a write failed,
     /// or it is forced closed (or already being torn down).
     pub(crate) fn doomed(&self) -> bool {
@@ -507,7 +526,7 @@ impl<T: Send + Sync + 'static> Conn<T> {
                 write_error: None,
                 events: 0,
                 paused: false,
-                starved: false,
+                starve: Starve::No,
                 read_done: false,
                 watch: if registered {
                     Watch::Spent
@@ -779,7 +798,7 @@ impl<T: Send + Sync + 'static> Conn<T> {
         let unpaused = w.paused && !shared.marks.must_pause(w.pausing_for(true), true);
         // A closing client is not paused for the event channel: should
         // its queue keep it paused now, the pause ends by the queue alone.
-        w.starved = false;
+        w.starve = Starve::No;
         if unpaused {
             // The peer's answer must be read, even if nobody consumes
             // this client's events any more (the main loop may be the
@@ -933,7 +952,7 @@ impl<T: Send + Sync + 'static> Conn<T> {
         }
         if !closing && shared.events.must_wait(staged) {
             w.paused = true;
-            w.starved = true;
+            w.starve = Starve::Looking;
             drop(w);
             Counters::add(&shared.counters.read_pauses, 1);
             shared.events.starve(shared, self);
@@ -954,11 +973,11 @@ impl<T: Send + Sync + 'static> Conn<T> {
         if !w.paused || w.finished {
             return false;
         }
-        if w.starved {
+        if w.starved() {
             if !starved_over {
                 return false;
             }
-            w.starved = false;
+            w.starve = Starve::No;
             // Paused under high water, for the channel alone: it reads
             // again as soon as the channel has room, unless what it holds
             // reached high water meanwhile. Then this is a pause like any
@@ -1018,6 +1037,23 @@ impl<T: Send + Sync + 'static> Conn<T> {
         // The deadline stays: the close sent now sets its own, and if ours
         // went first (the user's), this one still ends the wait for it.
         w.events == 0 || (w.close_deadline_ms != 0 && now_ms >= w.close_deadline_ms)
+    }
+
+    /// Starved (see `look_for_the_end`): whether what the client sent may
+    /// still be looked at for its end. `false` stops that until the
+    /// connection is starved again.
+    pub(crate) fn looks_for_end(&self, go_on: Option<bool>) -> bool {
+        let mut w = self.io.lock();
+        if let Some(go_on) = go_on
+            && w.starved()
+        {
+            w.starve = if go_on {
+                Starve::Looking
+            } else {
+                Starve::Quiet
+            };
+        }
+        w.paused && w.starve == Starve::Looking && !w.finished
     }
 
     /// The event channel has room again: resume if starved.
@@ -1315,7 +1351,9 @@ impl<T: Send + Sync + 'static> Conn<T> {
     /// would report at once, over and over. Whatever ends the pause or
     /// queues output runs a job, which arms what is wanted then.
     fn arm_once(&self, shared: &Shared<T>, w: &mut WriteSide) -> bool {
-        let readable = !w.paused && !w.read_done && !w.finished;
+        // A starved connection is looked at for its end (`claim_event`).
+        let looking = w.paused && w.starve == Starve::Looking;
+        let readable = (!w.paused || looking) && !w.read_done && !w.finished;
         let writable = !w.out.is_empty() && !w.writing && w.write_error.is_none();
         let wanted = match (readable, writable) {
             (false, false) => return true,
@@ -1705,8 +1743,10 @@ pub(crate) fn claim_event<T>(conn: &Conn<T>, input: bool, room: bool) -> Claimed
         };
     }
     // Input to a paused connection waits in the kernel: whatever ends the
-    // pause runs a job, which reads it.
-    if (input && !w.paused) || to_write {
+    // pause runs a job, which reads it. Only a job looks at what came to a
+    // starved one, which may be the client's end.
+    let look = input && w.paused && w.starve == Starve::Looking;
+    if (input && !w.paused) || to_write || look {
         w.job_running = true;
         return Claimed {
             run: true,

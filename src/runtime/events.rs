@@ -502,7 +502,7 @@ mod tests {
             );
             std::thread::sleep(Duration::from_millis(2));
         }
-        assert!(conn.io.lock().starved);
+        assert!(conn.io.lock().starved());
         assert!(
             began.elapsed() < Duration::from_secs(1),
             "the setup took {:?}",

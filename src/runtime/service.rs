@@ -368,7 +368,7 @@ fn read_available<T: Send + Sync + 'static>(
     if r.eof {
         return true;
     }
-    with_scratch(|buf| {
+    let open = with_scratch(|buf| {
         // A paused connection is not read: what it sends may need answers
         // (echoes, pongs) that would only grow what it holds. Whatever
         // ends the pause runs a job, which reads on.
@@ -412,7 +412,83 @@ fn read_available<T: Send + Sync + 'static>(
         // A pause stopped it (its end runs a job), or a cut read left a
         // rest (the job comes back for it).
         true
-    })
+    });
+    // Starved (now, or since before this job): the client may have left.
+    if r.rest.is_empty() && !r.eof && conn.looks_for_end(None) {
+        look_for_the_end(shared, conn, r, budget);
+    }
+    open
+}
+
+/// A connection starved for the main loop's channel is not read (its
+/// messages would only grow what the loop is behind on), but the client
+/// may have left: its Close with nothing before it, or its FIN, would
+/// wait unseen for as long as the loop is behind, the connection holding
+/// its socket and its slot (a review left 1,332 clients in CLOSE-WAIT
+/// behind a stalled loop). So what came is looked at without being
+/// taken: a Close frame at the front is read and handled as any is (its
+/// answer waits for the loop's replies, at most `close_timeout`), and
+/// the end of the input ends the connection; a message at the front stays
+/// for when the loop catches up, and nothing more is looked at until the
+/// connection is starved again.
+fn look_for_the_end<T: Send + Sync + 'static>(
+    shared: &Arc<Shared<T>>,
+    conn: &Arc<Conn<T>>,
+    r: &mut ReadSide,
+    budget: &mut JobBudget,
+) {
+    // The longest close frame: a header, its mask, 125 bytes.
+    let mut front = [0u8; 2 + 4 + 125];
+    while conn.looks_for_end(None) {
+        let n = match conn.stream.peek(&mut front) {
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+            Err(e) => return end_of_input(conn, r, Some(e)),
+        };
+        if n == 0 {
+            return end_of_input(conn, r, None);
+        }
+        let close = r
+            .proto
+            .at_frame_start()
+            .then(|| close_at_front(&front[..n]));
+        let Some(Some(len)) = close else {
+            // A message (or anything after a Close): it waits.
+            conn.looks_for_end(Some(false));
+            return;
+        };
+        if len > n {
+            // The rest of the Close is still to come.
+            return;
+        }
+        match read_some(&conn.stream, &mut front[..len]) {
+            Ok(Some(0)) => return end_of_input(conn, r, None),
+            Ok(Some(m)) => {
+                let frame = front;
+                feed(shared, conn, r, &frame[..m], budget);
+                r.last_seen_ms = shared.now_ms();
+                budget.spend(m, 1);
+            }
+            Ok(None) => return,
+            Err(e) => return end_of_input(conn, r, Some(e)),
+        }
+    }
+}
+
+/// The bytes a Close frame at the front of `input` takes, if one begins
+/// there (more than `input` holds if it is not all there yet): `None` for
+/// any other frame. A Close longer than a control frame may be is no
+/// Close to take: it waits, and fails when it is read.
+fn close_at_front(input: &[u8]) -> Option<usize> {
+    match input {
+        [0x88] => Some(2),
+        [0x88, second, ..] if second & 0x7f <= 125 => {
+            let mask = if second & 0x80 != 0 { 4 } else { 0 };
+            Some(2 + mask + usize::from(second & 0x7f))
+        }
+        _ => None,
+    }
 }
 
 /// How much one read may take. A client paused in the middle of a read
@@ -891,12 +967,12 @@ fn progress<T: Send + Sync + 'static>(
         if w.paused {
             // Whether its queue alone keeps it paused: over low water
             // (over high water if starved, which it resumes under).
-            let queue_alone = if w.starved {
+            let queue_alone = if w.starved() {
                 shared.marks.must_pause(w.out.cost(), false)
             } else {
                 !shared.marks.may_resume(w.out.cost())
             };
-            if (w.events > 0 || w.starved) && !queue_alone && !shared.is_awaited(conn) {
+            if (w.events > 0 || w.starved()) && !queue_alone && !shared.is_awaited(conn) {
                 // Not read because the main loop is behind: the client
                 // is not idle, and its pongs wait unread. (Not when its
                 // queue alone keeps it paused: only its reading ends that
