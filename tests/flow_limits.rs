@@ -1335,3 +1335,48 @@ fn tiny_publishes_queued_for_non_readers_hold_what_flow_control_counts() {
         assert!(eventually(WAIT, || server.stats().connections == 0));
     });
 }
+
+/// Clients that come and go while the main loop reads nothing leave a
+/// `Connect` and a `Disconnect` each in the channel, until twice its
+/// budget stops the accept thread. The `Disconnect`'s client handle keeps
+/// the connection's record alive (and the close's reason): the channel's
+/// count must include what they hold, or twice the budget is much more
+/// memory than it says (a review measured 452 B a pair, charged 288 B).
+#[test]
+fn connects_and_disconnects_held_for_an_unread_main_loop_hold_what_is_charged() {
+    let _alone = ALONE.write().unwrap_or_else(PoisonError::into_inner);
+    within(Duration::from_secs(120), || {
+        let server = WebSocketServer::builder()
+            .event_queue_bytes(64 << 20)
+            .start("127.0.0.1:0")
+            .unwrap();
+        let addr = server.local_addr();
+        let come_and_go = |n: usize| {
+            for i in 0..n {
+                let mut s = raw_ws(addr);
+                if i % 2 == 0 {
+                    s.write_all(&frame(0x88, &close_payload(1000, "going")))
+                        .unwrap();
+                    let _ = read_close(&mut s);
+                }
+            }
+            assert!(eventually(WAIT, || server.stats().connections == 0));
+            thread::sleep(Duration::from_millis(200));
+            (LIVE_CHUNKS.load(Relaxed), server.stats().event_bytes as i64)
+        };
+        // What the first connections make once (the registry's first
+        // slots, the buffers each thread keeps) is in the first round's
+        // figures; the second round's growth is the events' alone.
+        let (heap, charged) = come_and_go(1000);
+        let (heap2, charged2) = come_and_go(2000);
+        let (grown, charged) = (heap2 - heap, charged2 - charged);
+        eprintln!(
+            "2000 more clients came and went: heap {grown:+} bytes (as malloc lays it out), \
+             events charged {charged}"
+        );
+        assert!(
+            grown <= charged + charged / 10,
+            "2000 clients' events hold {grown} bytes, charged {charged}"
+        );
+    });
+}

@@ -31,6 +31,14 @@ use crate::runtime::conn::Conn;
 /// can grow it, more than its length, see `Conn::payload_bound`.)
 pub(crate) const EVENT_COST: usize = 2 * crate::runtime::flow::CHUNK_COST + 16;
 
+/// What a `Disconnect` costs besides [`EVENT_COST`] and its reason: the
+/// connection's record, which its client handle keeps (120 B with `()`
+/// as the user's data, 144 B as malloc gives it with its reference
+/// counts), and the reason's own allocation.
+fn gone_cost<T>() -> usize {
+    (std::mem::size_of::<Conn<T>>() + 16 + 8).next_multiple_of(16) + 16
+}
+
 /// An event and the bytes it was charged.
 pub(crate) struct Envelope<T> {
     pub(crate) event: Event<T>,
@@ -128,6 +136,12 @@ impl<T: Send + Sync + 'static> EventQueue<T> {
         let charge = EVENT_COST
             + match &event {
                 Event::Message { message, .. } => conn.payload_bound(message.len()),
+                // The client is gone, and its handle now keeps the
+                // connection's record alive (its allocation, with the
+                // reference counts, once the record itself is dropped):
+                // a crowd coming and going held half as much again as
+                // was charged. And the close's reason.
+                Event::Disconnect { close, .. } => gone_cost::<T>() + close.reason.len(),
                 _ => 0,
             };
         // Only messages count on their client (see `Events::hold`): what
