@@ -131,7 +131,9 @@ impl<T> fmt::Debug for Event<T> {
 /// message counts against its client's flow control until the loop asks
 /// for the next event, so that the reply to it is sent first (and a
 /// client's Close is answered after it): a main loop that falls behind
-/// makes the server stop reading sockets, never grow.
+/// makes the server stop reading sockets, never grow. A loop that stops
+/// asking (it breaks out while the server runs on) holds its last
+/// message's charge: that client's Close is answered at `close_timeout`.
 ///
 /// It ends once the server has shut down and every event sent before
 /// was received.

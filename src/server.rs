@@ -387,7 +387,10 @@ impl<T: Send + Sync + 'static> ServerHandle<T> {
         }
     }
 
-    /// How many clients are subscribed to `topic` now.
+    /// How many clients are subscribed to `topic` now. It takes the
+    /// topic's lock, so it waits for a publish to the topic in progress
+    /// to be queued to every subscriber (with compression in each one's
+    /// own context, a big topic's may take a while).
     pub fn subscribers(&self, topic: &str) -> usize {
         self.shared
             .upgrade()
