@@ -862,3 +862,89 @@ fn compressed_floods_then_one_message(floods: usize, sent: usize) -> usize {
     let order = order.lock().unwrap();
     order.iter().position(|&n| n == 1).unwrap()
 }
+
+/// A subscriber with a compression context of its own that never reads
+/// is refused a publish before the message is compressed for it. The
+/// compression ran under the topic's lock, which every other subscriber's
+/// copy waits for, only to be thrown away (and the context reset): eight
+/// such subscribers cost each publish eight compressions (found by a
+/// review). The publishing thread's CPU is counted from
+/// `/proc/thread-self/stat`.
+#[cfg(target_os = "linux")]
+#[test]
+fn publishes_refused_to_stuck_subscribers_with_contexts_are_not_compressed() {
+    const STUCK: usize = 8;
+    fn thread_ticks() -> u64 {
+        let stat = std::fs::read_to_string("/proc/thread-self/stat").unwrap();
+        let rest = &stat[stat.rfind(')').unwrap() + 1..];
+        let fields: Vec<&str> = rest.split_whitespace().collect();
+        fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap()
+    }
+    let server = WebSocketServer::builder()
+        .compression(Some(Compression::default().context_takeover(true)))
+        .max_message_size(1 << 20)
+        .max_backpressure(256 << 10)
+        .ping_interval(None)
+        .start("127.0.0.1:0")
+        .unwrap();
+    let addr = server.local_addr();
+    let socks: Vec<TcpStream> = (0..STUCK)
+        .map(|_| {
+            let sock =
+                socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+            sock.set_recv_buffer_size(4096).unwrap();
+            sock.connect(&addr.into()).unwrap();
+            let mut s: TcpStream = sock.into();
+            s.set_read_timeout(Some(WAIT)).unwrap();
+            s.write_all(
+                REQUEST
+                    .replace("\r\n\r\n", &format!("\r\n{PDE}\r\n\r\n"))
+                    .as_bytes(),
+            )
+            .unwrap();
+            assert_eq!(extensions(&read_101(&mut s)), Some("permessage-deflate"));
+            expect_connect(&server).subscribe("t").unwrap();
+            s
+        })
+        .collect();
+    // Fill their sockets and queues with what compresses to nothing
+    // less: bytes of a simple generator.
+    let mut x = 0x2545_f491_4f6c_dd1du64;
+    let mut next = move || {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x as u8
+    };
+    let noise: Vec<u8> = (0..64 << 10).map(|_| next()).collect();
+    // Text of sixteen letters in no order: it halves, at zlib's cost.
+    let text: String = (0..256 << 10)
+        .map(|_| char::from(b'a' + next() % 16))
+        .collect();
+    let mut n = 0;
+    while server.publish("t", noise.clone()).dropped < STUCK {
+        n += 1;
+        assert!(n < 2000, "the subscribers' sockets took 128 MiB");
+    }
+    // And their queues to the last few bytes, with empty messages.
+    while server.publish("t", "").dropped < STUCK {
+        n += 1;
+        assert!(
+            n < 100_000,
+            "the subscribers' queues took 64 KiB of empty messages"
+        );
+    }
+    // Now every publish is refused to all of them: it must cost little.
+    let before = thread_ticks();
+    for _ in 0..20 {
+        let r = server.publish("t", text.clone());
+        assert_eq!(r.dropped, STUCK, "{r:?}");
+    }
+    let ticks = thread_ticks() - before;
+    eprintln!("20 publishes of 256 KiB refused to {STUCK} stuck subscribers: {ticks} ticks");
+    assert!(
+        ticks < 30,
+        "20 refused publishes took {ticks} ticks of the publisher's CPU"
+    );
+    drop(socks);
+}

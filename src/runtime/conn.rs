@@ -77,6 +77,10 @@ enum Kind {
     Data,
     /// A data frame whose refusal is only a try (see `send_message_as`).
     DataTry,
+    /// The smallest data frame, to learn whether any would be refused
+    /// before making one (see `queue_own`): refused as `Data` is, and
+    /// not counted sent if admitted.
+    Probe,
     Control,
 }
 
@@ -1205,9 +1209,9 @@ impl<T: Send + Sync + 'static> Conn<T> {
         if w.finished || w.write_error.is_some() || self.closing.load(Ordering::Acquire) {
             return Err(Error::Closed);
         }
-        let data = matches!(kind, Kind::Data | Kind::DataTry);
+        let data = matches!(kind, Kind::Data | Kind::DataTry | Kind::Probe);
         if data && let Err(error) = shared.admits_frame(&w.out, len, owned) {
-            if kind == Kind::Data {
+            if matches!(kind, Kind::Data | Kind::Probe) {
                 w.drain_wanted = true;
                 drop(w);
                 Counters::add(&shared.counters.dropped, 1);
@@ -1215,7 +1219,7 @@ impl<T: Send + Sync + 'static> Conn<T> {
             }
             return Err(error);
         }
-        if data {
+        if data && kind != Kind::Probe {
             shared.counters.message_out();
         }
         Ok(w)
@@ -1268,6 +1272,12 @@ impl<T: Send + Sync + 'static> Conn<T> {
         let Some(d) = &self.deflater else {
             return Err(Error::Internal("queue_own without compression".into()));
         };
+        // A subscriber whose queue would refuse even the smallest frame
+        // (one that never reads, at its hard limit) is refused before the
+        // message is compressed for it: under the topic's lock, which
+        // every other subscriber's copy waits for, and only to be thrown
+        // away (and the context with it).
+        drop(self.admit(shared, Kind::Probe, 3, 3)?);
         let op = message.opcode();
         d.compress_in_context(message.as_bytes(), |z| {
             let mut head = [0u8; 10];
