@@ -83,6 +83,11 @@ struct ClientInner<T> {
     shared: Weak<Shared<T>>,
 }
 
+/// The size of a client's handle (its shared part, with the user's `T`).
+pub(crate) fn handle_size<T>() -> usize {
+    std::mem::size_of::<ClientInner<T>>()
+}
+
 // An idle client's handle: five words, so that with the `Arc`'s counts it
 // fits the allocator's 64 B class.
 #[cfg(target_pointer_width = "64")]

@@ -879,15 +879,20 @@ fn clients_that_leave_while_the_main_loop_is_behind_are_let_go() {
         server.stats()
     );
     let started = Instant::now();
-    // Half of them send Close and FIN, half only their FIN; one more a
-    // Close that comes in two pieces.
+    // Half of them send Close and FIN, half only their FIN; some a ping
+    // or a pong first; one more a Close that comes in two pieces.
     let mut leavers: Vec<TcpStream> = (0..LEAVERS)
         .map(|i| {
             let mut s = raw_ws(addr);
+            let mut wire = match i % 6 {
+                0 | 1 => frame(0x89, b"still there?"),
+                2 | 3 => frame(0x8a, b"unasked"),
+                _ => Vec::new(),
+            };
             if i % 2 == 0 {
-                s.write_all(&frame(0x88, &close_payload(1000, "bye")))
-                    .unwrap();
+                wire.extend(frame(0x88, &close_payload(1000, "bye")));
             }
+            s.write_all(&wire).unwrap();
             s.shutdown(Shutdown::Write).unwrap();
             s
         })
@@ -929,4 +934,35 @@ fn clients_that_leave_while_the_main_loop_is_behind_are_let_go() {
     drop(flood);
     let (_, close, _) = expect_disconnect(&server);
     assert_eq!(close.code.as_u16(), 1006);
+}
+
+/// The same for a Close that came in one read with the message that
+/// filled the channel: the read stopped at the gate, keeping the Close
+/// unparsed, and no event would report the socket again. It is answered
+/// once the loop has its message or `close_timeout` has passed, and the
+/// client's FIN then ends the connection.
+#[test]
+fn clients_that_leave_while_the_main_loop_is_behind_after_a_message_are_let_go() {
+    use std::net::Shutdown;
+    let server = WebSocketServer::builder()
+        .event_queue_bytes(16 * 1024)
+        .ping_interval(None)
+        .close_timeout(Duration::from_millis(500))
+        .start("127.0.0.1:0")
+        .unwrap();
+    let mut s = raw_ws(server.local_addr());
+    let started = Instant::now();
+    let mut wire = frame(0x82, &[7u8; 20 * 1024]);
+    wire.extend(frame(0x88, &close_payload(1000, "bye")));
+    s.write_all(&wire).unwrap();
+    s.shutdown(Shutdown::Write).unwrap();
+    assert_eq!(read_close(&mut s), Some(1000));
+    assert!(closed_by_server(&mut s));
+    let took = started.elapsed();
+    assert!(took < Duration::from_secs(5), "{took:?}");
+    expect_connect(&server);
+    let (_, m) = expect_message(&server);
+    assert_eq!(m.len(), 20 * 1024);
+    let (_, close, _) = expect_disconnect(&server);
+    assert_eq!(close.code.as_u16(), 1000);
 }

@@ -168,6 +168,27 @@ impl Decoder {
         matches!(self.state, State::Header { have: 0, .. })
     }
 
+    /// Bytes still to come of a control frame begun (at least one while
+    /// its header is not all there); `None` between frames, or in a data
+    /// frame.
+    pub fn control_frame_left(&self) -> Option<usize> {
+        match &self.state {
+            State::Header { buf, have } if *have > 0 && buf[0] & 0x08 != 0 => {
+                let have = usize::from(*have);
+                if have < 2 {
+                    return Some(1);
+                }
+                let mask = if buf[1] & 0x80 != 0 { 4 } else { 0 };
+                let len = usize::from(buf[1] & 0x7f);
+                Some((2 + mask + len).saturating_sub(have).max(1))
+            }
+            State::Payload {
+                opcode, remaining, ..
+            } if opcode.is_control() => Some(usize::try_from(*remaining).unwrap_or(usize::MAX)),
+            _ => None,
+        }
+    }
+
     /// Whether bytes of an unfinished frame or message are held.
     pub fn is_mid_message(&self) -> bool {
         self.msg.is_some() || !matches!(self.state, State::Header { have: 0, .. })
@@ -464,6 +485,41 @@ mod tests {
 
     fn text(s: &str) -> Incoming {
         Incoming::Message(Message::Text(s.into()))
+    }
+
+    /// What is left of a control frame begun, byte by byte: what a look
+    /// at a starved connection takes (`service::look_for_the_end`).
+    #[test]
+    fn a_control_frame_begun_says_what_is_left_of_it() {
+        for (first, payload) in [(0x88, &b"\x03\xe8bye"[..]), (0x89, b""), (0x8a, &[7; 125])] {
+            let wire = frame(first, payload);
+            let mut d = Decoder::new(Limits::default());
+            assert_eq!(d.control_frame_left(), None, "between frames");
+            for i in 0..wire.len() {
+                let left = d.control_frame_left();
+                if i > 0 {
+                    let left = left.expect("in the frame");
+                    assert!(
+                        left >= 1 && left <= wire.len() - i,
+                        "{first:x} at {i}: {left}"
+                    );
+                    if i >= 6 {
+                        assert_eq!(left, wire.len() - i, "{first:x} at {i}");
+                    }
+                }
+                let (items, err) = run(&mut d, &wire[i..=i]);
+                assert_eq!(err, None);
+                assert_eq!(items.len(), usize::from(i + 1 == wire.len()));
+            }
+            assert_eq!(d.control_frame_left(), None, "after it");
+        }
+        // A message's frame begun is none of it.
+        let mut d = Decoder::new(Limits::default());
+        let wire = frame(0x82, &[1, 2, 3]);
+        run(&mut d, &wire[..1]);
+        assert_eq!(d.control_frame_left(), None);
+        run(&mut d, &wire[1..7]);
+        assert_eq!(d.control_frame_left(), None);
     }
 
     #[test]

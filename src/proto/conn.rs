@@ -134,6 +134,14 @@ impl Connection {
         self.state == State::Open && self.decoder.at_frame_start()
     }
 
+    /// Bytes still to come of a control frame begun (see
+    /// [`Decoder::control_frame_left`]).
+    ///
+    /// [`Decoder::control_frame_left`]: crate::proto::assemble::Decoder::control_frame_left
+    pub fn control_frame_left(&self) -> Option<usize> {
+        self.decoder.control_frame_left()
+    }
+
     /// Bytes held for an unfinished incoming message.
     pub fn buffered(&self) -> usize {
         self.decoder.buffered()

@@ -32,11 +32,14 @@ use crate::runtime::conn::Conn;
 pub(crate) const EVENT_COST: usize = 2 * crate::runtime::flow::CHUNK_COST + 16;
 
 /// What a `Disconnect` costs besides [`EVENT_COST`] and its reason: the
-/// connection's record, which its client handle keeps (120 B with `()`
-/// as the user's data, 144 B as malloc gives it with its reference
-/// counts), and the reason's own allocation.
+/// connection's record, which its client handle keeps (120 B, 144 B as
+/// malloc gives it with its reference counts), the reason's own
+/// allocation, and the handle's data beyond the five words `EVENT_COST`
+/// counts of it (the user's `T`, which it keeps too).
 fn gone_cost<T>() -> usize {
-    (std::mem::size_of::<Conn<T>>() + 16 + 8).next_multiple_of(16) + 16
+    (std::mem::size_of::<Conn<T>>() + 16 + 8).next_multiple_of(16)
+        + 16
+        + crate::client::handle_size::<T>().saturating_sub(40)
 }
 
 /// An event and the bytes it was charged.

@@ -324,11 +324,30 @@ impl JobBudget {
     }
 }
 
+/// Read and handle what the socket has, as far as the job's budget and
+/// flow control let it (see [`read_on`]); then, if the connection is
+/// starved (now, or since before this job), look for the client's end
+/// (see [`look_for_the_end`]). Returns false if input may be left on the
+/// socket that no event will report (the budget ran out).
+fn read_available<T: Send + Sync + 'static>(
+    shared: &Arc<Shared<T>>,
+    conn: &Arc<Conn<T>>,
+    r: &mut ReadSide,
+    budget: &mut JobBudget,
+) -> bool {
+    let open = read_on(shared, conn, r, budget);
+    // Only a main loop's connections starve.
+    if shared.handlers.message.is_none() && !r.eof && conn.looks_for_end(None) {
+        look_for_the_end(shared, conn, r, budget);
+    }
+    open
+}
+
 /// Read and dispatch while flow control allows, within the job's budget.
 /// False if it stopped at the budget with the socket maybe not drained:
 /// no event will report what is left there (interest is edge-triggered),
 /// so the job must come back for it.
-fn read_available<T: Send + Sync + 'static>(
+fn read_on<T: Send + Sync + 'static>(
     shared: &Arc<Shared<T>>,
     conn: &Arc<Conn<T>>,
     r: &mut ReadSide,
@@ -368,7 +387,7 @@ fn read_available<T: Send + Sync + 'static>(
     if r.eof {
         return true;
     }
-    let open = with_scratch(|buf| {
+    with_scratch(|buf| {
         // A paused connection is not read: what it sends may need answers
         // (echoes, pongs) that would only grow what it holds. Whatever
         // ends the pause runs a job, which reads on.
@@ -412,80 +431,92 @@ fn read_available<T: Send + Sync + 'static>(
         // A pause stopped it (its end runs a job), or a cut read left a
         // rest (the job comes back for it).
         true
-    });
-    // Starved (now, or since before this job): the client may have left.
-    if r.rest.is_empty() && !r.eof && conn.looks_for_end(None) {
-        look_for_the_end(shared, conn, r, budget);
-    }
-    open
+    })
 }
 
 /// A connection starved for the main loop's channel is not read (its
 /// messages would only grow what the loop is behind on), but the client
-/// may have left: its Close with nothing before it, or its FIN, would
-/// wait unseen for as long as the loop is behind, the connection holding
-/// its socket and its slot (a review left 1,332 clients in CLOSE-WAIT
-/// behind a stalled loop). So what came is looked at without being
-/// taken: a Close frame at the front is read and handled as any is (its
-/// answer waits for the loop's replies, at most `close_timeout`), and
-/// the end of the input ends the connection; a message at the front stays
-/// for when the loop catches up, and nothing more is looked at until the
-/// connection is starved again.
+/// may have left: its Close, or its FIN, would wait unseen for as long as
+/// the loop is behind, the connection holding its socket and its slot (a
+/// review left 1,332 clients in CLOSE-WAIT behind a stalled loop). So
+/// what it sent is looked at, front first: what a read kept unparsed,
+/// then the socket, peeked at. Control frames at the front (a Close, a
+/// ping, a pong) are taken, as much of them as has come, and handled as
+/// any are (a Close's answer waits for the loop's replies, at most
+/// `close_timeout`); the end of the input ends the connection. A message
+/// at the front stays for when the loop catches up, untaken, and nothing
+/// more is looked at until the connection is starved again. Every look
+/// takes bytes or stops looking, so none is made again for the same
+/// bytes (where interest is oneshot, armed on bytes already there, they
+/// would be reported at once, and again).
 fn look_for_the_end<T: Send + Sync + 'static>(
     shared: &Arc<Shared<T>>,
     conn: &Arc<Conn<T>>,
     r: &mut ReadSide,
     budget: &mut JobBudget,
 ) {
-    // The longest close frame: a header, its mask, 125 bytes.
+    // The longest control frame: a header, its mask, 125 bytes.
     let mut front = [0u8; 2 + 4 + 125];
     while conn.looks_for_end(None) {
-        let n = match conn.stream.peek(&mut front) {
-            Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
-            Err(e) => return end_of_input(conn, r, Some(e)),
-        };
-        if n == 0 {
-            return end_of_input(conn, r, None);
-        }
-        let close = r
-            .proto
-            .at_frame_start()
-            .then(|| close_at_front(&front[..n]));
-        let Some(Some(len)) = close else {
-            // A message (or anything after a Close): it waits.
-            conn.looks_for_end(Some(false));
-            return;
-        };
-        if len > n {
-            // The rest of the Close is still to come.
+        if budget.spent() {
+            // Control frames enough for one job: the next one looks on.
+            conn.io.lock().job_again = true;
             return;
         }
-        match read_some(&conn.stream, &mut front[..len]) {
-            Ok(Some(0)) => return end_of_input(conn, r, None),
-            Ok(Some(m)) => {
-                let frame = front;
-                feed(shared, conn, r, &frame[..m], budget);
-                r.last_seen_ms = shared.now_ms();
-                budget.spend(m, 1);
+        let taken = if r.rest.is_empty() {
+            let n = match conn.stream.peek(&mut front) {
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) => return end_of_input(conn, r, Some(e)),
+            };
+            if n == 0 {
+                return end_of_input(conn, r, None);
             }
-            Ok(None) => return,
-            Err(e) => return end_of_input(conn, r, Some(e)),
-        }
+            let Some(len) = control_at_front(r, &front[..n]) else {
+                conn.looks_for_end(Some(false));
+                return;
+            };
+            match read_some(&conn.stream, &mut front[..len.min(n)]) {
+                Ok(Some(0)) => return end_of_input(conn, r, None),
+                Ok(Some(m)) => m,
+                Ok(None) => return,
+                Err(e) => return end_of_input(conn, r, Some(e)),
+            }
+        } else {
+            let Some(len) = control_at_front(r, &r.rest) else {
+                conn.looks_for_end(Some(false));
+                return;
+            };
+            let m = len.min(r.rest.len());
+            front[..m].copy_from_slice(&r.rest[..m]);
+            r.rest.drain(..m);
+            shared.unparsed_in.fetch_sub(m, Ordering::Relaxed);
+            m
+        };
+        let bytes = front;
+        feed(shared, conn, r, &bytes[..taken], budget);
+        r.last_seen_ms = shared.now_ms();
+        budget.spend(taken, 1);
     }
 }
 
-/// The bytes a Close frame at the front of `input` takes, if one begins
-/// there (more than `input` holds if it is not all there yet): `None` for
-/// any other frame. A Close longer than a control frame may be is no
-/// Close to take: it waits, and fails when it is read.
-fn close_at_front(input: &[u8]) -> Option<usize> {
+/// The bytes of a control frame (Close, ping, pong) that `input` begins
+/// with, or continues (more than `input` holds if it is not all there):
+/// `None` for a message's frame. A control frame longer than one may be
+/// is taken a byte at a time, and fails as soon as the decoder sees it.
+fn control_at_front(r: &ReadSide, input: &[u8]) -> Option<usize> {
+    if let Some(left) = r.proto.control_frame_left() {
+        return Some(left.min(2 + 4 + 125));
+    }
+    if !r.proto.at_frame_start() {
+        return None;
+    }
     match input {
-        [0x88] => Some(2),
-        [0x88, second, ..] if second & 0x7f <= 125 => {
+        [0x88..=0x8a] => Some(1),
+        [0x88..=0x8a, second, ..] => {
             let mask = if second & 0x80 != 0 { 4 } else { 0 };
-            Some(2 + mask + usize::from(second & 0x7f))
+            Some(2 + mask + usize::from(second & 0x7f).min(125))
         }
         _ => None,
     }
