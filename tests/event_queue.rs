@@ -966,3 +966,50 @@ fn clients_that_leave_while_the_main_loop_is_behind_after_a_message_are_let_go()
     let (_, close, _) = expect_disconnect(&server);
     assert_eq!(close.code.as_u16(), 1000);
 }
+
+/// And for a message and a Close that came with the upgrade request,
+/// while the channel is full: the handshake hands them to the first job,
+/// which reads nothing more (the socket was read dry), so the Close kept
+/// behind the message is looked at there.
+#[test]
+fn clients_that_leave_while_the_main_loop_is_behind_with_their_request_are_let_go() {
+    use std::io::Read;
+    let server = WebSocketServer::builder()
+        .event_queue_bytes(16 * 1024)
+        .ping_interval(None)
+        .close_timeout(Duration::from_millis(500))
+        .start("127.0.0.1:0")
+        .unwrap();
+    let addr = server.local_addr();
+    let mut flood = raw_ws(addr);
+    let mut wire = frame(0x82, &[7u8; 20 * 1024]);
+    wire.extend(frame(0x82, b"held"));
+    flood.write_all(&wire).unwrap();
+    assert!(eventually(WAIT, || server.stats().read_pauses >= 1));
+    let mut s = raw(addr);
+    let mut wire = REQUEST.as_bytes().to_vec();
+    wire.extend(frame(0x81, b"last words"));
+    wire.extend(frame(0x88, &close_payload(1000, "bye")));
+    s.write_all(&wire).unwrap();
+    s.set_read_timeout(Some(WAIT)).unwrap();
+    read_101(&mut s);
+    assert_eq!(read_close(&mut s), Some(1000));
+    let mut rest = Vec::new();
+    s.write_all(&[]).unwrap();
+    s.shutdown(std::net::Shutdown::Write).unwrap();
+    assert!(s.read_to_end(&mut rest).is_ok() && rest.is_empty());
+    let (mut words, mut gone) = (false, false);
+    while !gone {
+        match next(&server) {
+            Event::Message { message, .. } => {
+                words |= message.as_text() == Some("last words");
+            }
+            Event::Disconnect { close, .. } => {
+                assert_eq!(close.code.as_u16(), 1000);
+                gone = true;
+            }
+            _ => {}
+        }
+    }
+    assert!(words, "the message before the Close never came");
+}

@@ -197,6 +197,11 @@ fn service_inner<T: Send + Sync + 'static>(
             budget.spend(first.len().max(delivered), count);
             account_buffered(shared, conn, &mut r);
             first = &[];
+            // Starved by what came with the request: a Close behind it
+            // waits unparsed, and the socket was read dry.
+            if !read_now && shared.handlers.message.is_none() && conn.looks_for_end(None) {
+                look_for_the_end(shared, conn, &mut r, &mut budget);
+            }
         }
         // Whether the socket may hold input no event will report: the
         // pass stopped reading at its budget.
@@ -455,8 +460,9 @@ fn look_for_the_end<T: Send + Sync + 'static>(
     r: &mut ReadSide,
     budget: &mut JobBudget,
 ) {
-    // The longest control frame: a header, its mask, 125 bytes.
-    let mut front = [0u8; 2 + 4 + 125];
+    // Control frames back to back (a flood of pings) are taken together,
+    // a read for as many as this holds, as `read_on` would.
+    let mut front = [0u8; 4096];
     while conn.looks_for_end(None) {
         if budget.spent() {
             // Control frames enough for one job: the next one looks on.
@@ -473,53 +479,64 @@ fn look_for_the_end<T: Send + Sync + 'static>(
             if n == 0 {
                 return end_of_input(conn, r, None);
             }
-            let Some(len) = control_at_front(r, &front[..n]) else {
+            let len = control_run(r, &front[..n]);
+            if len == 0 {
                 conn.looks_for_end(Some(false));
                 return;
-            };
-            match read_some(&conn.stream, &mut front[..len.min(n)]) {
+            }
+            match read_some(&conn.stream, &mut front[..len]) {
                 Ok(Some(0)) => return end_of_input(conn, r, None),
-                Ok(Some(m)) => m,
+                Ok(Some(m)) => front[..m].to_vec(),
                 Ok(None) => return,
                 Err(e) => return end_of_input(conn, r, Some(e)),
             }
         } else {
-            let Some(len) = control_at_front(r, &r.rest) else {
+            let len = control_run(r, &r.rest);
+            if len == 0 {
                 conn.looks_for_end(Some(false));
                 return;
-            };
-            let m = len.min(r.rest.len());
-            front[..m].copy_from_slice(&r.rest[..m]);
-            r.rest.drain(..m);
-            shared.unparsed_in.fetch_sub(m, Ordering::Relaxed);
-            m
+            }
+            shared.unparsed_in.fetch_sub(len, Ordering::Relaxed);
+            r.rest.drain(..len).collect()
         };
-        let bytes = front;
-        feed(shared, conn, r, &bytes[..taken], budget);
+        let (_, count) = feed(shared, conn, r, &taken, budget);
         r.last_seen_ms = shared.now_ms();
-        budget.spend(taken, 1);
+        account_buffered(shared, conn, r);
+        budget.spend(taken.len().max(READ_COST), count);
     }
 }
 
-/// The bytes of a control frame (Close, ping, pong) that `input` begins
-/// with, or continues (more than `input` holds if it is not all there):
-/// `None` for a message's frame. A control frame longer than one may be
-/// is taken a byte at a time, and fails as soon as the decoder sees it.
-fn control_at_front(r: &ReadSide, input: &[u8]) -> Option<usize> {
+/// How many bytes at the front of `input` are control frames (Close,
+/// ping, pong): the rest of one the decoder has begun, or whole ones back
+/// to back, up to a Close, and the start of one not all there; 0 if a
+/// message's frame comes first. A control frame longer than one may be
+/// is taken as if it were 125 bytes long, and fails as soon as the
+/// decoder sees its header.
+fn control_run(r: &ReadSide, input: &[u8]) -> usize {
     if let Some(left) = r.proto.control_frame_left() {
-        return Some(left.min(2 + 4 + 125));
+        return left.min(input.len());
     }
     if !r.proto.at_frame_start() {
-        return None;
+        return 0;
     }
-    match input {
-        [0x88..=0x8a] => Some(1),
-        [0x88..=0x8a, second, ..] => {
-            let mask = if second & 0x80 != 0 { 4 } else { 0 };
-            Some(2 + mask + usize::from(second & 0x7f).min(125))
-        }
-        _ => None,
+    let mut at = 0;
+    while at < input.len() {
+        let len = match &input[at..] {
+            [0x88..=0x8a] => return input.len(),
+            [first @ 0x88..=0x8a, second, ..] => {
+                let mask = if second & 0x80 != 0 { 4 } else { 0 };
+                let len = 2 + mask + usize::from(second & 0x7f).min(125);
+                if *first == 0x88 {
+                    // Nothing after a Close is looked at.
+                    return (at + len).min(input.len());
+                }
+                len
+            }
+            _ => return at,
+        };
+        at = (at + len).min(input.len());
     }
+    at
 }
 
 /// How much one read may take. A client paused in the middle of a read
