@@ -996,6 +996,7 @@ impl<T: Send + Sync + 'static> Builder<T> {
                 .join(", "),
             source: e,
         })?;
+        crate::runtime::acceptor::widen_backlog(&listener);
         let local_addr = listener.local_addr()?;
         #[cfg(target_os = "linux")]
         let accept_wake = listener

@@ -874,12 +874,6 @@ fn compressed_floods_then_one_message(floods: usize, sent: usize) -> usize {
 #[test]
 fn publishes_refused_to_stuck_subscribers_with_contexts_are_not_compressed() {
     const STUCK: usize = 8;
-    fn thread_ticks() -> u64 {
-        let stat = std::fs::read_to_string("/proc/thread-self/stat").unwrap();
-        let rest = &stat[stat.rfind(')').unwrap() + 1..];
-        let fields: Vec<&str> = rest.split_whitespace().collect();
-        fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap()
-    }
     let server = WebSocketServer::builder()
         .compression(Some(Compression::default().context_takeover(true)))
         .max_message_size(1 << 20)

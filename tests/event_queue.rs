@@ -263,6 +263,44 @@ fn connect_floods_against_an_unread_main_loop_stop_at_twice_the_budget() {
     assert!(open <= 1, "{open} clients without their Disconnect");
 }
 
+/// While the accept thread waits (here, for a main loop twice over its
+/// budget), clients wait in the listen backlog: 600 of them, connecting
+/// at once, all get through their TCP handshake. With the standard
+/// library's backlog of 128 the kernel dropped the SYNs of the rest, each
+/// of which then waited a second or more for its retransmission (a load
+/// generator opening clients 256 at a time took 17 s for 10,000).
+#[test]
+fn a_burst_of_clients_waits_in_the_listen_backlog() {
+    use socket2::{Domain, Socket, Type};
+    const BURST: usize = 600;
+    raise_fd_limit();
+    let server = WebSocketServer::builder()
+        .event_queue_bytes(100)
+        .ping_interval(None)
+        .start("127.0.0.1:0")
+        .unwrap();
+    let addr = server.local_addr();
+    // Two `Connect`s (144 B each) are twice the budget: the accept thread
+    // waits, and what comes next waits in the backlog.
+    let _first = (raw_ws(addr), raw_ws(addr));
+    assert!(eventually(WAIT, || server.stats().event_bytes >= 200));
+    let burst: Vec<Socket> = (0..BURST)
+        .map(|_| {
+            let s = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
+            s.set_nonblocking(true).unwrap();
+            // In progress, or done at once.
+            let _ = s.connect(&addr.into());
+            s
+        })
+        .collect();
+    let established = || burst.iter().filter(|s| s.peer_addr().is_ok()).count();
+    assert!(
+        eventually(WAIT, || established() == BURST),
+        "{} of {BURST} clients got through their TCP handshake",
+        established()
+    );
+}
+
 /// A job sends a client's messages from one read to the main loop
 /// together. Sixteen clients pipeline 5,000 numbered messages each at
 /// once, and the main loop takes them with `recv`, `try_recv` and
@@ -936,6 +974,17 @@ fn clients_that_leave_while_the_main_loop_is_behind_are_let_go() {
     assert_eq!(close.code.as_u16(), 1006);
 }
 
+/// A main-loop server whose channel a message of 20 KiB fills, and whose
+/// answers to a Close wait for the loop half a second at most.
+fn behind_a_small_channel() -> WebSocketServer {
+    WebSocketServer::builder()
+        .event_queue_bytes(16 * 1024)
+        .ping_interval(None)
+        .close_timeout(Duration::from_millis(500))
+        .start("127.0.0.1:0")
+        .unwrap()
+}
+
 /// The same for a Close that came in one read with the message that
 /// filled the channel: the read stopped at the gate, keeping the Close
 /// unparsed, and no event would report the socket again. It is answered
@@ -944,12 +993,7 @@ fn clients_that_leave_while_the_main_loop_is_behind_are_let_go() {
 #[test]
 fn clients_that_leave_while_the_main_loop_is_behind_after_a_message_are_let_go() {
     use std::net::Shutdown;
-    let server = WebSocketServer::builder()
-        .event_queue_bytes(16 * 1024)
-        .ping_interval(None)
-        .close_timeout(Duration::from_millis(500))
-        .start("127.0.0.1:0")
-        .unwrap();
+    let server = behind_a_small_channel();
     let mut s = raw_ws(server.local_addr());
     let started = Instant::now();
     let mut wire = frame(0x82, &[7u8; 20 * 1024]);
@@ -974,12 +1018,7 @@ fn clients_that_leave_while_the_main_loop_is_behind_after_a_message_are_let_go()
 #[test]
 fn clients_that_leave_while_the_main_loop_is_behind_with_their_request_are_let_go() {
     use std::io::Read;
-    let server = WebSocketServer::builder()
-        .event_queue_bytes(16 * 1024)
-        .ping_interval(None)
-        .close_timeout(Duration::from_millis(500))
-        .start("127.0.0.1:0")
-        .unwrap();
+    let server = behind_a_small_channel();
     let addr = server.local_addr();
     let mut flood = raw_ws(addr);
     let mut wire = frame(0x82, &[7u8; 20 * 1024]);

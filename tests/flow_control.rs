@@ -905,15 +905,6 @@ fn clients_that_pipeline_behind_their_request_keep_little_unparsed_past_the_line
     assert_eq!(server.stats().messages_dropped, 0);
 }
 
-/// The CPU this thread has used, in clock ticks.
-#[cfg(target_os = "linux")]
-fn thread_ticks() -> u64 {
-    let stat = std::fs::read_to_string("/proc/thread-self/stat").unwrap();
-    let rest = &stat[stat.rfind(')').unwrap() + 1..];
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap()
-}
-
 /// Threads blocked in `send_timeout` on clients that never read are woken
 /// by room made in their own client's queue (or the budget), not by every
 /// write to anyone: 16 of them wait 3 s while 6 other clients are echoed

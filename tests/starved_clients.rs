@@ -20,12 +20,6 @@ use support::*;
 #[cfg(target_os = "linux")]
 #[test]
 fn clients_that_leave_while_the_main_loop_is_behind_cost_nothing_while_they_wait() {
-    fn process_ticks() -> u64 {
-        let stat = std::fs::read_to_string("/proc/self/stat").unwrap();
-        let rest = &stat[stat.rfind(')').unwrap() + 1..];
-        let fields: Vec<&str> = rest.split_whitespace().collect();
-        fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap()
-    }
     let server = WebSocketServer::builder()
         .event_queue_bytes(16 * 1024)
         .ping_interval(None)

@@ -509,3 +509,23 @@ pub fn write_until_quiet(socks: &mut [(TcpStream, usize)], wire: &[u8], round_an
         std::thread::sleep(Duration::from_millis(20));
     }
 }
+
+/// The CPU this thread has used, in clock ticks (user and system).
+#[cfg(target_os = "linux")]
+pub fn thread_ticks() -> u64 {
+    ticks_in("/proc/thread-self/stat")
+}
+
+/// The CPU this process has used, in clock ticks (user and system).
+#[cfg(target_os = "linux")]
+pub fn process_ticks() -> u64 {
+    ticks_in("/proc/self/stat")
+}
+
+#[cfg(target_os = "linux")]
+fn ticks_in(stat: &str) -> u64 {
+    let stat = std::fs::read_to_string(stat).unwrap();
+    let rest = &stat[stat.rfind(')').unwrap() + 1..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap()
+}
