@@ -469,14 +469,21 @@ fn a_fin_behind_messages_waits_for_the_main_loop_at_most_the_close_timeout() {
         took >= Duration::from_millis(400) && took < Duration::from_secs(3),
         "closed after {took:?}"
     );
-    expect_connect(&server);
-    let (client, message) = expect_message(&server);
+    late_reply_is_refused_then_disconnect(&server, CloseCode::ABNORMAL);
+}
+
+/// The loop comes back to a client that is gone: the reply it makes to
+/// its message now is refused (nothing follows the end), and then comes
+/// its `Disconnect`, with `code`.
+fn late_reply_is_refused_then_disconnect(server: &WebSocketServer, code: CloseCode) {
+    expect_connect(server);
+    let (client, message) = expect_message(server);
     assert!(matches!(
         client.send(message).map_err(|e| e.into_error()),
         Err(Error::Closed)
     ));
-    let (_, close, _) = expect_disconnect(&server);
-    assert_eq!(close.code, CloseCode::ABNORMAL);
+    let (_, close, _) = expect_disconnect(server);
+    assert_eq!(close.code, code);
 }
 
 /// The same when the loop has caught up: a message and the Close in one
@@ -547,14 +554,7 @@ fn a_close_behind_messages_waits_for_the_main_loop_at_most_the_close_timeout() {
     assert!(closed_by_server(&mut s));
     // The loop comes back: the reply it makes now is refused, not sent
     // after our close frame.
-    expect_connect(&server);
-    let (client, message) = expect_message(&server);
-    assert!(matches!(
-        client.send(message).map_err(|e| e.into_error()),
-        Err(Error::Closed)
-    ));
-    let (_, close, _) = expect_disconnect(&server);
-    assert_eq!(close.code, CloseCode::NORMAL);
+    late_reply_is_refused_then_disconnect(&server, CloseCode::NORMAL);
 }
 
 /// The user's close while the answer waits (the loop fills the client's

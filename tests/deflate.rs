@@ -884,12 +884,7 @@ fn publishes_refused_to_stuck_subscribers_with_contexts_are_not_compressed() {
     let addr = server.local_addr();
     let socks: Vec<TcpStream> = (0..STUCK)
         .map(|_| {
-            let sock =
-                socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
-            sock.set_recv_buffer_size(4096).unwrap();
-            sock.connect(&addr.into()).unwrap();
-            let mut s: TcpStream = sock.into();
-            s.set_read_timeout(Some(WAIT)).unwrap();
+            let mut s = small_window(addr);
             s.write_all(
                 REQUEST
                     .replace("\r\n\r\n", &format!("\r\n{PDE}\r\n\r\n"))

@@ -861,12 +861,7 @@ fn clients_that_pipeline_behind_their_request_keep_little_unparsed_past_the_line
     stream.extend_from_slice(&frames(LATE_FRAMES, SIZE));
     let mut late: Vec<TcpStream> = (0..LATE)
         .map(|_| {
-            let sock =
-                socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
-            sock.set_recv_buffer_size(4096).unwrap();
-            sock.connect(&addr.into()).unwrap();
-            let mut s: TcpStream = sock.into();
-            s.set_nodelay(true).unwrap();
+            let mut s = small_window(addr);
             s.write_all(&stream).unwrap();
             s
         })

@@ -1204,12 +1204,7 @@ fn compressed_replies_queued_for_non_readers_hold_what_flow_control_counts() {
         let before = LIVE_HEAP.load(Relaxed);
         let mut socks: Vec<(TcpStream, usize)> = (0..CLIENTS)
             .map(|_| {
-                let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)
-                    .unwrap();
-                sock.set_recv_buffer_size(4096).unwrap();
-                sock.connect(&addr.into()).unwrap();
-                let mut s: TcpStream = sock.into();
-                s.set_read_timeout(Some(WAIT)).unwrap();
+                let mut s = small_window(addr);
                 let req = REQUEST.replace(
                     "\r\n\r\n",
                     "\r\nSec-WebSocket-Extensions: permessage-deflate; \

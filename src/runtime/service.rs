@@ -198,9 +198,10 @@ fn service_inner<T: Send + Sync + 'static>(
             account_buffered(shared, conn, &mut r);
             first = &[];
             // Starved by what came with the request: a Close behind it
-            // waits unparsed, and the socket was read dry.
-            if !read_now && shared.handlers.message.is_none() && conn.looks_for_end(None) {
-                look_for_the_end(shared, conn, &mut r, &mut budget);
+            // waits unparsed, and the socket was read dry (no read below
+            // on this pass, which would look).
+            if !read_now {
+                look_if_starved(shared, conn, &mut r, &mut budget);
             }
         }
         // Whether the socket may hold input no event will report: the
@@ -341,11 +342,21 @@ fn read_available<T: Send + Sync + 'static>(
     budget: &mut JobBudget,
 ) -> bool {
     let open = read_on(shared, conn, r, budget);
-    // Only a main loop's connections starve.
+    look_if_starved(shared, conn, r, budget);
+    open
+}
+
+/// [`look_for_the_end`], if the connection is starved and may still be
+/// looked at. (Only a main loop's connections starve.)
+fn look_if_starved<T: Send + Sync + 'static>(
+    shared: &Arc<Shared<T>>,
+    conn: &Arc<Conn<T>>,
+    r: &mut ReadSide,
+    budget: &mut JobBudget,
+) {
     if shared.handlers.message.is_none() && !r.eof && conn.looks_for_end(None) {
         look_for_the_end(shared, conn, r, budget);
     }
-    open
 }
 
 /// Read and dispatch while flow control allows, within the job's budget.

@@ -134,16 +134,24 @@ pub fn raw_ws(addr: SocketAddr) -> TcpStream {
     s
 }
 
-/// A raw client past its handshake whose receive buffer is a few KiB, so
-/// that a server queue builds up soon after it stops reading.
-pub fn raw_ws_small_window(addr: SocketAddr) -> TcpStream {
+/// A raw connection whose receive buffer is a few KiB (asked for before
+/// it connects, so that the window the server sees is small), with
+/// `WAIT` to read and no delay to write; nothing sent yet.
+pub fn small_window(addr: SocketAddr) -> TcpStream {
     raise_fd_limit();
     let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
     sock.set_recv_buffer_size(4096).unwrap();
     sock.connect(&addr.into()).unwrap();
-    let mut s: TcpStream = sock.into();
+    let s: TcpStream = sock.into();
     s.set_read_timeout(Some(WAIT)).unwrap();
     s.set_nodelay(true).unwrap();
+    s
+}
+
+/// A raw client past its handshake whose receive buffer is a few KiB, so
+/// that a server queue builds up soon after it stops reading.
+pub fn raw_ws_small_window(addr: SocketAddr) -> TcpStream {
+    let mut s = small_window(addr);
     s.write_all(REQUEST.as_bytes()).unwrap();
     read_101(&mut s);
     s
