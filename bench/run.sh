@@ -239,7 +239,7 @@ run_cluster() { # name instances redis|no-redis pubsub-args...
 }
 
 if [ -n "$quick" ]; then
-    idle_clients=100; idle_at=100; idle_secs=2; echo_secs=2; echo_reps=1; bc_clients=200; bc_rounds=3; conn_secs=1
+    idle_clients=100; idle_at=100; idle_secs=1; echo_secs=1; echo_reps=1; bc_clients=200; bc_rounds=3; conn_secs=1
     ps_clients=200; ps_rounds=3; chat_topics=20; chat_secs=2; mem_clients=200; mem_topics=20
     cl_topics=100; cl_rate=1; cl_secs=3
 else
