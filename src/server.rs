@@ -1072,6 +1072,8 @@ impl<T: Send + Sync + 'static> Builder<T> {
             shutdown_lock: Mutex::new(false),
             shutdown_asked: AtomicBool::new(false),
             flushq: Mutex::new(Vec::new()),
+            #[cfg(feature = "deflate")]
+            contexts: Arc::new(std::sync::atomic::AtomicUsize::new(0)),
             config,
         });
         shared.topics.set_shared(Arc::downgrade(&shared));

@@ -9,6 +9,8 @@
 //! KiB per client) for better ratios on streams of similar messages.
 
 use std::cell::RefCell;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use flate2::{Compress, Decompress, FlushCompress, FlushDecompress, Status};
 use parking_lot::Mutex;
@@ -28,6 +30,7 @@ const TAIL: [u8; 4] = [0x00, 0x00, 0xff, 0xff];
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Compression {
     context_takeover: bool,
+    max_contexts: usize,
     threshold: usize,
     level: u8,
     skip_incompressible: bool,
@@ -39,6 +42,7 @@ impl Default for Compression {
     fn default() -> Self {
         Compression {
             context_takeover: false,
+            max_contexts: 512,
             threshold: 256,
             level: 6,
             skip_incompressible: true,
@@ -49,13 +53,34 @@ impl Default for Compression {
 impl Compression {
     /// Keep each connection's compression context between messages where
     /// the client allows it: better ratios for similar messages, at the
-    /// cost of zlib's state per client (by zlib's own formulas, about
-    /// 256 KiB for a compressor and 40 KiB for an inflater with 15-bit
-    /// windows). Default: off; every answer then asks both sides to reset
-    /// after each message, and connections hold no zlib state.
+    /// cost of zlib's state per client (about 430 KB with 15-bit windows:
+    /// 385 KB for a compressor and 41 KB for an inflater), made when the
+    /// connection first compresses or inflates a message,
+    /// and kept until it closes. At most
+    /// [`max_contexts`](Compression::max_contexts) connections keep
+    /// contexts at once. Default: off; every answer then asks both sides
+    /// to reset after each message, and connections hold no zlib state.
     pub fn context_takeover(mut self, on: bool) -> Self {
         self.context_takeover = on;
         self
+    }
+
+    /// With [`context_takeover`](Compression::context_takeover), how many
+    /// connections may keep contexts at once: a client that connects while
+    /// this many do is answered as if context takeover were off (RFC 7692
+    /// lets the server ask both sides to reset), and a place is free again
+    /// when a connection that had one ends. This bounds the contexts' zlib
+    /// state (about 430 KB each), which no other limit counts: a crowd of
+    /// clients offering the extension would otherwise cost that much
+    /// each. Default: 512 (at most about 220 MB).
+    pub fn max_contexts(mut self, connections: usize) -> Self {
+        self.max_contexts = connections;
+        self
+    }
+
+    /// How many connections may keep contexts at once.
+    pub fn get_max_contexts(&self) -> usize {
+        self.max_contexts
     }
 
     /// Messages shorter than this many bytes are sent uncompressed.
@@ -285,6 +310,42 @@ thread_local! {
     static INFLATER: RefCell<Option<Decompress>> = const { RefCell::new(None) };
 }
 
+/// A place among the connections that may keep compression contexts
+/// ([`Compression::max_contexts`]), given back when dropped.
+#[derive(Debug)]
+pub struct ContextPermit(Arc<AtomicUsize>);
+
+impl ContextPermit {
+    /// Take a place in `held` (the count of places taken), if fewer than
+    /// `most` are.
+    pub fn take(held: &Arc<AtomicUsize>, most: usize) -> Option<ContextPermit> {
+        held.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+            (n < most).then_some(n + 1)
+        })
+        .ok()
+        .map(|_| ContextPermit(Arc::clone(held)))
+    }
+}
+
+impl Drop for ContextPermit {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// The window this side compresses with when a client allows at most
+/// `bits`: 15 or 9 (8: none). RFC 7692 only forbids a window larger than
+/// the client's; two sizes keep each thread to two stateless compressors
+/// (zlib's state is over 200 KiB whatever the window) however many sizes
+/// clients ask for.
+fn window_for(bits: u8) -> u8 {
+    match bits {
+        15.. => 15,
+        9..=14 => 9,
+        _ => 8,
+    }
+}
+
 /// The sending half of a connection's extension.
 #[derive(Debug)]
 pub struct Deflater {
@@ -292,29 +353,47 @@ pub struct Deflater {
     level: u8,
     threshold: usize,
     skip_incompressible: bool,
+    /// Whether the client keeps its context: a fresh [`Inflater`] for
+    /// this connection must then keep it too ([`Deflater::inflater`]).
+    client_context: bool,
     /// Present only with context takeover: the connection's own
-    /// compressor, locked across compressing and queueing so the wire
-    /// order is the compression order.
-    context: Option<Box<Mutex<Compress>>>,
+    /// compressor, made for the first message it compresses, and locked
+    /// across compressing and queueing so the wire order is the
+    /// compression order.
+    context: Option<Box<Mutex<Option<Compress>>>>,
+    /// The connection's place among those that keep contexts.
+    permit: Option<ContextPermit>,
 }
 
 impl Deflater {
     /// The sending side for what was agreed.
     pub fn new(agreed: &Agreed, config: &Compression) -> Deflater {
-        let context = (!agreed.server_no_context_takeover && agreed.server_max_window_bits > 8)
-            .then(|| {
-                Box::new(Mutex::new(Compress::new_with_window_bits(
-                    flate2::Compression::new(config.level.into()),
-                    false,
-                    agreed.server_max_window_bits,
-                )))
-            });
+        let bits = window_for(agreed.server_max_window_bits);
+        let context =
+            (!agreed.server_no_context_takeover && bits > 8).then(|| Box::new(Mutex::new(None)));
         Deflater {
-            bits: agreed.server_max_window_bits,
+            bits,
             level: config.level,
             threshold: config.threshold,
             skip_incompressible: config.skip_incompressible,
+            client_context: !agreed.client_no_context_takeover,
             context,
+            permit: None,
+        }
+    }
+
+    /// Hold `permit` for as long as this connection lives (its contexts
+    /// live as long).
+    pub fn hold(&mut self, permit: ContextPermit) {
+        self.permit = Some(permit);
+    }
+
+    /// A fresh receiving side for this connection: one that keeps the
+    /// client's context if the client keeps it.
+    pub fn inflater(&self) -> Inflater {
+        Inflater {
+            keeps: self.client_context,
+            context: None,
         }
     }
 
@@ -368,7 +447,14 @@ impl Deflater {
             None => send(compress_fresh(self.bits, self.level, payload)),
             Some(ctx) => {
                 let mut c = ctx.lock();
-                let z = deflate(&mut c, payload);
+                let c = c.get_or_insert_with(|| {
+                    Compress::new_with_window_bits(
+                        flate2::Compression::new(self.level.into()),
+                        false,
+                        self.bits,
+                    )
+                });
+                let z = deflate(c, payload);
                 let r = send(z);
                 if r.is_err() {
                     c.reset();
@@ -444,7 +530,9 @@ fn deflate(c: &mut Compress, payload: &[u8]) -> Vec<u8> {
 /// The receiving half: inflates compressed messages.
 #[derive(Debug, Default)]
 pub struct Inflater {
-    /// Present only when the client keeps its context between messages.
+    /// Whether the client keeps its context between messages.
+    keeps: bool,
+    /// The client's context, made for its first compressed message.
     context: Option<Box<Decompress>>,
 }
 
@@ -452,13 +540,13 @@ impl Inflater {
     /// The receiving side for what was agreed.
     pub fn new(agreed: &Agreed) -> Inflater {
         Inflater {
-            context: (!agreed.client_no_context_takeover)
-                .then(|| Box::new(Decompress::new_with_window_bits(false, 15))),
+            keeps: !agreed.client_no_context_takeover,
+            context: None,
         }
     }
 
-    /// Whether it keeps the client's context between messages (state a
-    /// fresh `Inflater` would not have).
+    /// Whether it holds the client's context (state a fresh `Inflater`
+    /// would not have).
     pub fn has_context(&self) -> bool {
         self.context.is_some()
     }
@@ -490,6 +578,9 @@ impl Inflater {
         fragments: u32,
     ) -> Result<Vec<u8>, DecodeError> {
         let streams = 2 + payload.len() / 64 + fragments as usize;
+        if self.keeps && self.context.is_none() {
+            self.context = Some(Box::new(Decompress::new_with_window_bits(false, 15)));
+        }
         match &mut self.context {
             Some(d) => {
                 let r = inflate(d, true, payload, limit, streams);

@@ -445,12 +445,12 @@ impl<T> Conn<T> {
                 let ping_sent_ms = Reading::ping_sent_ms(last_seen_ms, ping_after_ms);
                 #[allow(unused_mut)]
                 let mut proto = Connection::new(limits);
-                // Compression was agreed, without the client's context
-                // (with it, the read side is never at rest): a fresh
-                // inflater holds no state.
+                // Compression was agreed, and no context of the client's
+                // is held yet (once one is, the read side is never at
+                // rest): a fresh inflater holds no state.
                 #[cfg(feature = "deflate")]
-                if self.deflater.is_some() {
-                    proto.set_inflater(crate::proto::deflate::Inflater::default());
+                if let Some(d) = &self.deflater {
+                    proto.set_inflater(d.inflater());
                 }
                 let side = ReadSide::new(proto, last_seen_ms, ping_sent_ms);
                 Some(match SPARE.take() {
@@ -482,6 +482,7 @@ impl<T> Conn<T> {
 pub(crate) type Extensions = Option<(
     crate::proto::deflate::Agreed,
     crate::proto::deflate::Compression,
+    Option<crate::proto::deflate::ContextPermit>,
 )>;
 /// What the handshake negotiated beyond the base protocol: nothing
 /// without the `deflate` feature.
@@ -504,9 +505,13 @@ impl<T: Send + Sync + 'static> Conn<T> {
         #[allow(unused_mut)]
         let mut proto = Connection::new(limits);
         #[cfg(feature = "deflate")]
-        let deflater = extensions.map(|(agreed, config)| {
-            proto.set_inflater(crate::proto::deflate::Inflater::new(&agreed));
-            Box::new(crate::proto::deflate::Deflater::new(&agreed, &config))
+        let deflater = extensions.map(|(agreed, config, permit)| {
+            let mut d = crate::proto::deflate::Deflater::new(&agreed, &config);
+            proto.set_inflater(d.inflater());
+            if let Some(p) = permit {
+                d.hold(p);
+            }
+            Box::new(d)
         });
         #[cfg(not(feature = "deflate"))]
         let Extensions = extensions;

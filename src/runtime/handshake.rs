@@ -13,6 +13,8 @@ use polling::Event as Interest;
 use crate::client::{Client, Origin};
 use crate::error::Error;
 use crate::message::{CloseCode, CloseFrame};
+#[cfg(feature = "deflate")]
+use crate::proto::deflate::ContextPermit;
 use crate::proto::handshake::{
     Reject, Request, Response, accept_response, check_upgrade, parse_http, request_line_len,
 };
@@ -319,15 +321,30 @@ fn negotiate_extensions<T>(
     request: &Request,
     headers: &mut Vec<(String, String)>,
 ) -> Extensions {
-    let config = shared.config.compression?;
+    let mut config = shared.config.compression?;
     let offers: Vec<&str> = request
         .headers()
         .filter(|(n, _)| n.eq_ignore_ascii_case("Sec-WebSocket-Extensions"))
         .filter_map(|(_, v)| std::str::from_utf8(v).ok())
         .collect();
+    if offers.is_empty() {
+        return None;
+    }
+    // A place among the connections that keep contexts, or none kept.
+    let permit = if config.get_context_takeover() {
+        let p = ContextPermit::take(&shared.contexts, config.get_max_contexts());
+        if p.is_none() {
+            config = config.context_takeover(false);
+        }
+        p
+    } else {
+        None
+    };
     let (agreed, answer) = crate::proto::deflate::negotiate(&offers.join(","), &config)?;
     headers.push(("Sec-WebSocket-Extensions".into(), answer));
-    Some((agreed, config))
+    // The client may have asked for no context either way.
+    let keeps = !(agreed.server_no_context_takeover && agreed.client_no_context_takeover);
+    Some((agreed, config, permit.filter(|_| keeps)))
 }
 
 /// Without the `deflate` feature no extension is ever agreed.

@@ -162,6 +162,10 @@ pub(crate) struct Shared<T> {
     /// Connections with sends deferred by user threads, for the next
     /// flush job (see `Conn::write`).
     pub(crate) flushq: Mutex<Vec<Arc<conn::Conn<T>>>>,
+    /// Connections that may keep compression contexts now (see
+    /// `Compression::max_contexts`).
+    #[cfg(feature = "deflate")]
+    pub(crate) contexts: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 /// Reports that the readiness loop and the accept thread make of their

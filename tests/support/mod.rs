@@ -13,6 +13,7 @@ use enjent::{Event, WebSocketServer};
 use tungstenite::WebSocket;
 use tungstenite::stream::MaybeTlsStream;
 
+pub mod deflate;
 #[cfg(feature = "redis")]
 pub mod redis;
 
