@@ -131,3 +131,41 @@ fn a_non_reading_client_is_dropped_after_close_timeout_under_the_close_policy() 
         );
     }
 }
+
+/// A thread waiting in `send_timeout` for room in a client's queue is let
+/// go as soon as the client is closed, since a closing queue admits
+/// nothing more: not when the close handshake times out (`close_timeout`
+/// after the close, for a client that reads nothing), as it was.
+#[test]
+fn send_timeout_ends_when_the_client_is_closed() {
+    const CLOSE_TIMEOUT: Duration = Duration::from_secs(4);
+    let server = WebSocketServer::builder()
+        .workers(2)
+        .max_message_size(16 * 1024)
+        .close_timeout(CLOSE_TIMEOUT)
+        .start("127.0.0.1:0")
+        .unwrap();
+    let _never_reads = raw_ws_small_window(server.local_addr());
+    let client = expect_connect(&server);
+    // Full, and again once the kernel's buffers under it have filled.
+    fill(&client);
+    std::thread::sleep(Duration::from_millis(200));
+    fill(&client);
+    let waiter = {
+        let client = client.clone();
+        std::thread::spawn(move || {
+            let r = client.send_timeout(vec![2u8; 16 * 1024], Duration::from_secs(20));
+            (Instant::now(), r.map(|_| ()).map_err(|e| e.into_error()))
+        })
+    };
+    std::thread::sleep(Duration::from_millis(300));
+    let closed_at = Instant::now();
+    client.close(CloseCode::NORMAL, "bye").unwrap();
+    let (ended, result) = waiter.join().unwrap();
+    let after = ended.saturating_duration_since(closed_at);
+    assert!(matches!(result, Err(Error::Closed)), "{result:?}");
+    assert!(
+        after < Duration::from_secs(1),
+        "send_timeout ended {after:?} after the close (close_timeout {CLOSE_TIMEOUT:?})"
+    );
+}

@@ -791,6 +791,22 @@ impl<T: Send + Sync + 'static> Conn<T> {
         shared: &Arc<Shared<T>>,
         frame: CloseFrame,
     ) -> (bool, Result<()>) {
+        let claimed = self.queue_close(shared, frame);
+        if claimed.0 {
+            // Nothing more is admitted to this queue: a thread waiting in
+            // `send_timeout` for room in it waits no more.
+            shared.room_made(self);
+        }
+        claimed
+    }
+
+    /// [`Conn::send_close_claiming`] but for waking the threads that wait
+    /// for room.
+    fn queue_close(
+        self: &Arc<Self>,
+        shared: &Arc<Shared<T>>,
+        frame: CloseFrame,
+    ) -> (bool, Result<()>) {
         let payload = close_payload(frame.code.as_u16(), &frame.reason);
         let mut head = [0u8; 10];
         let n = encode_header(&mut head, true, OpCode::Close, payload.len());

@@ -421,7 +421,8 @@ impl<T: Send + Sync + 'static> Shared<T> {
     }
 
     /// Wait (a thread outside the pool, in `send_timeout`) until `conn`'s
-    /// queue could take `len` more bytes, it closed, or `deadline` passed.
+    /// queue could take `len` more bytes, it began to close (it then
+    /// admits nothing more), or `deadline` passed.
     pub(crate) fn wait_for_room(&self, conn: &conn::Conn<T>, len: usize, deadline: Instant) {
         let mut guard = self.room.lock();
         self.room_waiters.fetch_add(1, Ordering::SeqCst);
@@ -437,7 +438,7 @@ impl<T: Send + Sync + 'static> Shared<T> {
         loop {
             let for_budget = {
                 let w = conn.io.lock();
-                if w.finished || w.write_error.is_some() {
+                if w.finished || w.write_error.is_some() || conn.closing.load(Ordering::Acquire) {
                     break;
                 }
                 match self.admits_frame(&w.out, len, len) {
