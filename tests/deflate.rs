@@ -25,10 +25,10 @@ fn echo_server(configure: impl FnOnce(enjent::Builder) -> enjent::Builder) -> We
     .unwrap()
 }
 
-/// A client past an upgrade that agreed on compression, with a receive
-/// window of a few KiB: what it has not read waits in the server's queue,
-/// not in the kernel.
-fn small_window_with_compression(addr: SocketAddr) -> TcpStream {
+/// A client past an upgrade that agreed on compression, answered
+/// `answer`, with a receive window of a few KiB: what it has not read
+/// waits in the server's queue, not in the kernel.
+fn small_window_with_compression(addr: SocketAddr, answer: &str) -> TcpStream {
     let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
     sock.set_recv_buffer_size(4096).unwrap();
     sock.connect(&addr.into()).unwrap();
@@ -37,7 +37,7 @@ fn small_window_with_compression(addr: SocketAddr) -> TcpStream {
     let req = REQUEST.replace("\r\n\r\n", &format!("\r\n{PDE}\r\n\r\n"));
     s.write_all(req.as_bytes()).unwrap();
     let head = read_101(&mut s);
-    assert_eq!(extensions(&head), Some("permessage-deflate"));
+    assert_eq!(extensions(&head), Some(answer));
     s
 }
 
@@ -608,7 +608,7 @@ fn echo_grown_messages(high: usize) {
         .start("127.0.0.1:0")
         .unwrap();
     // What the client has not read waits in the server's queue.
-    let mut s = small_window_with_compression(server.local_addr());
+    let mut s = small_window_with_compression(server.local_addr(), "permessage-deflate");
     let message = |i: usize| -> Vec<u8> {
         (0..SIZE)
             .map(|k| 144 + (mix((i * SIZE + k) as u64) >> 17) as u8 % 112)
@@ -666,7 +666,7 @@ fn a_main_loop_far_behind_is_never_refused_a_grown_reply() {
         .start("127.0.0.1:0")
         .unwrap();
     // Never reads: every reply stays queued.
-    let s = small_window_with_compression(server.local_addr());
+    let s = small_window_with_compression(server.local_addr(), "permessage-deflate");
     // Bytes 144 to 255, nine bits each at level 1; 64 KiB apart, repeats
     // are beyond the window.
     let one = frame(
@@ -872,4 +872,82 @@ fn publishes_refused_to_stuck_subscribers_with_contexts_are_not_compressed() {
         "20 refused publishes took {ticks} ticks of the publisher's CPU"
     );
     drop(socks);
+}
+
+/// `send_timeout` of a message that compresses well waits for room for
+/// the frame it was refused, compressed, not for its plain size: a 7 MiB
+/// text that goes out as about 21 KB, refused to a queue a few hundred
+/// bytes short of its limit, goes as soon as a client that reads slowly
+/// has made that room (it waited for 7 MiB of room, about 7 s here).
+#[test]
+fn send_timeout_waits_for_room_for_the_compressed_frame_not_the_plain_message() {
+    let server = WebSocketServer::builder()
+        .workers(2)
+        .high_water(64 << 10)
+        .low_water(16 << 10)
+        .max_message_size(8 << 20)
+        // Raised to high water, a message and 1 KiB: about 8.06 MiB.
+        .max_backpressure(1)
+        .ping_interval(None)
+        .idle_timeout(None)
+        .start("127.0.0.1:0")
+        .unwrap();
+    let s = small_window_with_compression(
+        server.local_addr(),
+        "permessage-deflate; server_no_context_takeover; client_no_context_takeover",
+    );
+    let client = expect_connect(&server);
+    // Full to within a few hundred bytes of the limit, with messages that
+    // do not compress (they go out plain), ever smaller.
+    let mut rng = Rng::new(44);
+    let noise: Vec<u8> = (0..256 << 10).map(|_| rng.below(256) as u8).collect();
+    for size in [256 << 10, 16 << 10, 1 << 10, 100] {
+        for n in 0.. {
+            match client.send(noise[..size].to_vec()) {
+                Ok(_) => {}
+                Err(e) if matches!(e.error(), Error::Backpressure { .. }) => break,
+                Err(e) => panic!("{}", e.error()),
+            }
+            assert!(n < 100_000, "never refused");
+        }
+    }
+    let text = text_block(7 << 20);
+    // A client that reads about 1 MB/s, from after the first try, until
+    // told to hurry.
+    let hurry = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let reader = {
+        let hurry = std::sync::Arc::clone(&hurry);
+        let mut s = s;
+        std::thread::spawn(move || -> Vec<u8> {
+            std::thread::sleep(std::time::Duration::from_millis(300));
+            let mut since_pause = 0;
+            loop {
+                let (first, payload) = read_frame(&mut s);
+                if first == 0xC1 {
+                    return inflate(&payload);
+                }
+                assert_eq!(first, 0x82, "only the fill comes before the text");
+                since_pause += payload.len();
+                if since_pause >= 32 << 10 && !hurry.load(std::sync::atomic::Ordering::SeqCst) {
+                    let ms = 30 * since_pause as u64 / (32 << 10);
+                    std::thread::sleep(std::time::Duration::from_millis(ms));
+                    since_pause = 0;
+                }
+            }
+        })
+    };
+    let start = std::time::Instant::now();
+    let sent = client.send_timeout(
+        Message::Text(text.clone()),
+        std::time::Duration::from_secs(12),
+    );
+    let took = start.elapsed();
+    hurry.store(true, std::sync::atomic::Ordering::SeqCst);
+    assert!(sent.is_ok(), "{}", sent.map(|_| ()).unwrap_err().error());
+    let got = reader.join().unwrap();
+    assert!(got == text.as_bytes(), "the text came back different");
+    assert!(
+        took < std::time::Duration::from_secs(3),
+        "send_timeout held its caller {took:?} for a frame of about 21 KB"
+    );
 }

@@ -149,7 +149,10 @@ impl Decoder {
     /// unfinished frame, message or control payload, and no compression
     /// state kept between messages. Such a decoder can be dropped between
     /// messages and made again with [`Decoder::new`], the same limits and
-    /// (if it had one) a fresh `Inflater`.
+    /// (if it had one) a fresh `Inflater` made as the first was (for a
+    /// client that keeps its context, one that keeps it too:
+    /// `Deflater::inflater`), since an inflater that will keep a context
+    /// holds none until its first message.
     pub fn is_at_rest(&self) -> bool {
         #[cfg(feature = "deflate")]
         if self

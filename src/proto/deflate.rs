@@ -333,15 +333,17 @@ impl Drop for ContextPermit {
     }
 }
 
-/// The window this side compresses with when a client allows at most
-/// `bits`: 15 or 9 (8: none). RFC 7692 only forbids a window larger than
-/// the client's; two sizes keep each thread to two stateless compressors
-/// (zlib's state is over 200 KiB whatever the window) however many sizes
-/// clients ask for.
+/// The window a stateless compressor uses for a client that allows at
+/// most `bits`: 15, 12 or 9 (8: none). RFC 7692 only forbids a window
+/// larger than the client's; three sizes keep each thread to three
+/// stateless compressors (zlib's state is over 200 KiB whatever the
+/// window) however many sizes clients ask for. A connection's own
+/// compressor (context takeover) uses the client's size.
 fn window_for(bits: u8) -> u8 {
     match bits {
         15.. => 15,
-        9..=14 => 9,
+        12..=14 => 12,
+        9..=11 => 9,
         _ => 8,
     }
 }
@@ -368,7 +370,7 @@ pub struct Deflater {
 impl Deflater {
     /// The sending side for what was agreed.
     pub fn new(agreed: &Agreed, config: &Compression) -> Deflater {
-        let bits = window_for(agreed.server_max_window_bits);
+        let bits = agreed.server_max_window_bits;
         let context =
             (!agreed.server_no_context_takeover && bits > 8).then(|| Box::new(Mutex::new(None)));
         Deflater {
@@ -415,7 +417,7 @@ impl Deflater {
     /// the connections that agreed on the same one; `None` when this
     /// connection keeps a context and must compress on its own.
     pub fn shared_variant(&self) -> Option<u8> {
-        self.context.is_none().then_some(self.bits)
+        self.context.is_none().then_some(window_for(self.bits))
     }
 
     /// Whether this connection keeps a compression context (then use
@@ -468,6 +470,7 @@ impl Deflater {
 /// Compress one message with this thread's stateless compressor for
 /// `bits` and `level`.
 pub fn compress_fresh(bits: u8, level: u8, payload: &[u8]) -> Vec<u8> {
+    let bits = window_for(bits);
     COMPRESSORS.with(|cell| {
         let mut all = cell.borrow_mut();
         let at = match all.iter().position(|(b, l, _)| *b == bits && *l == level) {

@@ -591,26 +591,48 @@ impl<T: Send + Sync + 'static> Conn<T> {
         message: Message,
         quiet: bool,
     ) -> std::result::Result<SendStatus, SendError> {
+        self.try_message(shared, message, quiet).map_err(|(e, _)| e)
+    }
+
+    /// [`send_message_as`](Conn::send_message_as), and with a refusal the
+    /// length of the payload refused: compressed, if it was.
+    fn try_message(
+        self: &Arc<Self>,
+        shared: &Arc<Shared<T>>,
+        message: Message,
+        quiet: bool,
+    ) -> std::result::Result<SendStatus, (SendError, usize)> {
+        let plain = message.len();
         #[cfg(feature = "deflate")]
         if let Some(d) = &self.deflater
-            && d.wants(message.len())
+            && d.wants(plain)
         {
             // The message is only borrowed while it is compressed, so a
             // refusal can hand back the original.
             let op = message.opcode();
+            let mut tried = plain;
             let sent = if d.keeps_context() {
                 d.compress_in_context(message.as_bytes(), |z| {
+                    tried = z.len();
                     self.send_data(shared, RSV1, op, z, quiet)
                 })
             } else {
                 match d.compress_once(message.as_bytes()) {
-                    Some(z) => self.send_data(shared, RSV1, op, z, quiet),
-                    None => return self.send_plain(shared, message, quiet),
+                    Some(z) => {
+                        tried = z.len();
+                        self.send_data(shared, RSV1, op, z, quiet)
+                    }
+                    None => {
+                        return self
+                            .send_plain(shared, message, quiet)
+                            .map_err(|e| (e, plain));
+                    }
                 }
             };
-            return sent.map_err(|r| SendError::new(r.error, message));
+            return sent.map_err(|r| (SendError::new(r.error, message), tried));
         }
         self.send_plain(shared, message, quiet)
+            .map_err(|e| (e, plain))
     }
 
     fn send_plain(
@@ -652,24 +674,22 @@ impl<T: Send + Sync + 'static> Conn<T> {
         loop {
             // Tries before the deadline are quiet; the last one counts.
             let last = crate::runtime::service::on_worker() || Instant::now() >= deadline;
-            match self.send_message_as(shared, message, !last) {
-                Err(e) if !last && e.error().is_backpressure() => {
+            match self.try_message(shared, message, !last) {
+                Err((e, tried)) if !last && e.error().is_backpressure() => {
                     message = e.into_message();
-                    // Room for the frame as it may be encoded: a header,
-                    // and what compression that did not pay may add (an
-                    // eighth at level 1). Less, and a refused retry would
-                    // find room at once and compress again, until the
-                    // deadline.
-                    shared.wait_for_room(self, self.frame_bound(message.len()), deadline);
+                    // Room for the frame refused: its payload as it was
+                    // encoded (compressed, if it was: a 7 MiB text may go
+                    // out as 21 KB) and the largest header. A retry
+                    // encodes it the same, or, with a context (reset by
+                    // the refusal), afresh, and a refusal of that waits
+                    // for its own length: never a retry that finds room
+                    // at once and is refused again.
+                    shared.wait_for_room(self, tried.saturating_add(14), deadline);
                 }
-                other => return other,
+                Err((e, _)) => return Err(e),
+                Ok(status) => return Ok(status),
             }
         }
-    }
-
-    /// The most bytes a message of `len` bytes takes as a frame here.
-    fn frame_bound(&self, len: usize) -> usize {
-        self.payload_bound(len).saturating_add(14)
     }
 
     /// The most bytes a message of `len` bytes is sent as here (more than

@@ -841,4 +841,41 @@ mod tests {
         drop(server);
         let _ = reader.join();
     }
+
+    /// A thread in `send_timeout` on a client that is then closed is let
+    /// go by the close: a closing queue admits nothing more. Here the poll
+    /// is 10 s and the close handshake's timeout 3 s, so a waiter that
+    /// the close does not wake, or that does not see it, waits for one of
+    /// them.
+    #[test]
+    fn a_close_lets_go_of_the_threads_waiting_for_room() {
+        let server = WebSocketServer::builder()
+            .max_message_size(64 * 1024)
+            .high_water(64 * 1024)
+            .low_water(16 * 1024)
+            .max_backpressure(0)
+            .close_timeout(Duration::from_secs(3))
+            .start("127.0.0.1:0")
+            .unwrap();
+        let (_sock, c) = stuck(&server);
+        while c.send(kib(32)).is_ok() {}
+        let waiter = {
+            let c = c.clone();
+            std::thread::spawn(move || {
+                let r = c.send_timeout(kib(32), Duration::from_secs(30));
+                (r.map_err(|e| e.into_error()), Instant::now())
+            })
+        };
+        std::thread::sleep(Duration::from_millis(300));
+        assert!(!waiter.is_finished(), "the waiter did not wait");
+        let closed = Instant::now();
+        c.close(crate::CloseCode::NORMAL, "bye").unwrap();
+        let (result, ended) = waiter.join().unwrap();
+        assert!(matches!(result, Err(Error::Closed)), "{result:?}");
+        let after = ended.saturating_duration_since(closed);
+        assert!(
+            after < Duration::from_secs(1),
+            "the waiter ended {after:?} after the close"
+        );
+    }
 }
