@@ -383,11 +383,14 @@ impl<T: Send + Sync + 'static> Client<T> {
     ///
     /// # Errors
     ///
-    /// [`Error::Closed`] if the client is gone or closing.
+    /// [`Error::Closed`] if the client is gone or closing;
+    /// [`Error::Backpressure`] or [`Error::ServerBackpressure`] if its
+    /// queue, or the server's budget, would refuse a message of no bytes
+    /// now (the ping is not sent, and no `Drain` follows).
     pub fn ping(&self) -> Result<()> {
         let conn = self.inner.conn.upgrade().ok_or(Error::Closed)?;
         let shared = self.inner.shared.upgrade().ok_or(Error::Closed)?;
-        conn.send_ping(&shared)
+        conn.send_user_ping(&shared)
     }
 
     /// Start the close handshake: messages already queued go first, then a

@@ -415,10 +415,10 @@ impl<T: Send + Sync + 'static> ServerHandle<T> {
     ///
     /// # Errors
     ///
-    /// [`Error::Closed`] if the client is gone or closing.
+    /// As [`Client::ping`].
     pub fn ping(&self, id: ClientId) -> Result<()> {
         let shared = self.shared()?;
-        with_conn(&shared, id, |conn| conn.send_ping(&shared)).unwrap_or(Err(Error::Closed))
+        with_conn(&shared, id, |conn| conn.send_user_ping(&shared)).unwrap_or(Err(Error::Closed))
     }
 
     /// The client with this id, if connected.

@@ -169,3 +169,43 @@ fn send_timeout_ends_when_the_client_is_closed() {
         "send_timeout ended {after:?} after the close (close_timeout {CLOSE_TIMEOUT:?})"
     );
 }
+
+/// The user's pings are held to the queue's limits as messages are: a
+/// server that pings a client that reads nothing, on a timer, grew its
+/// queue by every ping, past the hard limit (without bound where no idle
+/// timeout ends the client).
+#[test]
+fn pings_to_a_client_at_its_limit_are_refused() {
+    let server = WebSocketServer::builder()
+        .workers(2)
+        .max_message_size(16 * 1024)
+        .start("127.0.0.1:0")
+        .unwrap();
+    let _never_reads = raw_ws_small_window(server.local_addr());
+    let client = expect_connect(&server);
+    fill(&client);
+    std::thread::sleep(Duration::from_millis(200));
+    fill(&client);
+    let queued = client.buffered_amount();
+    let dropped = server.stats().messages_dropped;
+    // What room is left under the limit (less than the 16 KiB message
+    // refused) takes some, 64 B of cost a piece; then every one is
+    // refused.
+    let mut refused = [0, 0];
+    for round in refused.iter_mut() {
+        for _ in 0..10_000 {
+            match client.ping() {
+                Ok(()) => {}
+                Err(Error::Backpressure { .. }) => *round += 1,
+                Err(e) => panic!("{e}"),
+            }
+        }
+    }
+    let grown = client.buffered_amount() - queued;
+    assert!(
+        refused[1] == 10_000 && grown <= 2 * (16 << 10) / 64,
+        "pings refused in two rounds of 10,000: {refused:?}; the queue grew {grown} B"
+    );
+    // Refused pings are no messages dropped.
+    assert_eq!(server.stats().messages_dropped, dropped);
+}

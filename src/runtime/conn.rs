@@ -82,6 +82,10 @@ enum Kind {
     /// not counted sent if admitted.
     Probe,
     Control,
+    /// A control frame of the user's (a ping): refused, as data is, by a
+    /// queue at its limits, but neither counted nor followed by `Drain`
+    /// or the slow-client policy.
+    UserControl,
 }
 
 /// A data frame `write` did not take, with its payload for the caller to
@@ -738,10 +742,29 @@ impl<T: Send + Sync + 'static> Conn<T> {
         .map_err(|r| r.error)
     }
 
-    /// Send a ping (keepalive, or the user's), noting that a pong is due.
+    /// Send a keepalive ping, noting that a pong is due.
     pub(crate) fn send_ping(self: &Arc<Self>, shared: &Arc<Shared<T>>) -> Result<()> {
         self.io.lock().pong_due = true;
         self.send_control(shared, OpCode::Ping, &[])
+    }
+
+    /// Send the user's ping, noting that a pong is due. Refused as a
+    /// data frame is by a queue at its limits: a user that pings a client
+    /// that reads nothing, on a timer, would otherwise grow its queue
+    /// past the hard limit, without bound where no idle timeout ends it.
+    pub(crate) fn send_user_ping(self: &Arc<Self>, shared: &Arc<Shared<T>>) -> Result<()> {
+        let mut head = [0u8; 10];
+        let n = encode_header(&mut head, true, OpCode::Ping, 0);
+        self.io.lock().pong_due = true;
+        self.write(
+            shared,
+            Chunk::Head(head, n as u8),
+            None,
+            Kind::UserControl,
+            false,
+        )
+        .map(|_| ())
+        .map_err(|r| r.error)
     }
 
     pub(crate) fn send_control(
@@ -1249,6 +1272,9 @@ impl<T: Send + Sync + 'static> Conn<T> {
         // itself).
         if w.finished || w.write_error.is_some() || self.closing.load(Ordering::Acquire) {
             return Err(Error::Closed);
+        }
+        if kind == Kind::UserControl {
+            shared.admits_frame(&w.out, len, owned)?;
         }
         let data = matches!(kind, Kind::Data | Kind::DataTry | Kind::Probe);
         if data && let Err(error) = shared.admits_frame(&w.out, len, owned) {
