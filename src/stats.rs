@@ -256,6 +256,12 @@ impl Counters {
         self.hot[shard()].messages_out.fetch_add(1, Relaxed);
     }
 
+    /// A data frame let in by [`Counters::message_out`] was handed back
+    /// unsent (its write found the connection gone).
+    pub(crate) fn message_not_out(&self) {
+        self.hot[shard()].messages_out.fetch_sub(1, Relaxed);
+    }
+
     /// `n` bytes went to the kernel.
     pub(crate) fn bytes_out(&self, n: usize) {
         self.hot[shard()].bytes_out.fetch_add(n as u64, Relaxed);

@@ -1244,6 +1244,12 @@ impl<T: Send + Sync + 'static> Conn<T> {
             }
         };
         self.flush_holding_token(shared, w);
+        if matches!(&outcome, Err(Refused { body: Some(_), .. }))
+            && matches!(kind, Kind::Data | Kind::DataTry)
+        {
+            // Handed back, never sent: not a message out after all.
+            shared.counters.message_not_out();
+        }
         match outcome {
             // The rest failed to go out: the connection is closing, and
             // what was queued is counted as undelivered when it goes.
