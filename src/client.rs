@@ -386,7 +386,9 @@ impl<T: Send + Sync + 'static> Client<T> {
     /// [`Error::Closed`] if the client is gone or closing;
     /// [`Error::Backpressure`] or [`Error::ServerBackpressure`] if its
     /// queue, or the server's budget, would refuse a message of no bytes
-    /// now (the ping is not sent, and no `Drain` follows).
+    /// now: the ping is not sent, and a [`Drain`](crate::Event::Drain)
+    /// follows as for a message (it is not counted dropped, and the
+    /// slow-client policy does not apply).
     pub fn ping(&self) -> Result<()> {
         let conn = self.inner.conn.upgrade().ok_or(Error::Closed)?;
         let shared = self.inner.shared.upgrade().ok_or(Error::Closed)?;

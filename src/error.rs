@@ -35,7 +35,7 @@ pub enum Error {
         limit: u64,
     },
     /// The client's outgoing queue is over `max_backpressure`; the message
-    /// was not queued.
+    /// (or the user's ping) was not queued.
     Backpressure {
         /// What is already queued for the client, this message not
         /// counted (with it, over the limit): its bytes, and 64 B for each
@@ -164,10 +164,10 @@ impl From<SendError> for Error {
 }
 
 impl Error {
-    /// Whether a send was refused for a queue that is too full
-    /// ([`Error::Backpressure`] or [`Error::ServerBackpressure`]): the
-    /// message was handed back, and a [`Drain`](crate::Event::Drain) says
-    /// when to try again.
+    /// Whether a send (or a ping) was refused for a queue that is too
+    /// full ([`Error::Backpressure`] or [`Error::ServerBackpressure`]):
+    /// the message was handed back, and a [`Drain`](crate::Event::Drain)
+    /// says when to try again.
     pub fn is_backpressure(&self) -> bool {
         matches!(
             self,

@@ -628,7 +628,8 @@ impl<T: Send + Sync + 'static> Builder<T> {
     /// `send` refuses with
     /// [`Error::Backpressure`] (or, per
     /// [`slow_client_policy`](Builder::slow_client_policy), the client is
-    /// closed). The limit in force is at least `high_water +
+    /// closed), and so does the user's `ping` (the policy does not apply
+    /// to it). The limit in force is at least `high_water +
     /// max_message_size + 1 KiB`, so that a reply to any message fits:
     /// only fan-out (and, from a main loop, replies larger than their
     /// messages) can meet it. With compression (the `deflate` feature)

@@ -83,8 +83,8 @@ enum Kind {
     Probe,
     Control,
     /// A control frame of the user's (a ping): refused, as data is, by a
-    /// queue at its limits, but neither counted nor followed by `Drain`
-    /// or the slow-client policy.
+    /// queue at its limits, and a `Drain` follows, but it is not counted
+    /// dropped and the slow-client policy does not apply.
     UserControl,
 }
 
@@ -755,7 +755,6 @@ impl<T: Send + Sync + 'static> Conn<T> {
     pub(crate) fn send_user_ping(self: &Arc<Self>, shared: &Arc<Shared<T>>) -> Result<()> {
         let mut head = [0u8; 10];
         let n = encode_header(&mut head, true, OpCode::Ping, 0);
-        self.io.lock().pong_due = true;
         self.write(
             shared,
             Chunk::Head(head, n as u8),
@@ -763,7 +762,11 @@ impl<T: Send + Sync + 'static> Conn<T> {
             Kind::UserControl,
             false,
         )
-        .map(|_| ())
+        .map(|_| {
+            // After it is let in (a pong that comes first is only taken
+            // for input): a refused ping expects no pong.
+            self.io.lock().pong_due = true;
+        })
         .map_err(|r| r.error)
     }
 
@@ -1279,8 +1282,11 @@ impl<T: Send + Sync + 'static> Conn<T> {
         if w.finished || w.write_error.is_some() || self.closing.load(Ordering::Acquire) {
             return Err(Error::Closed);
         }
-        if kind == Kind::UserControl {
-            shared.admits_frame(&w.out, len, owned)?;
+        if kind == Kind::UserControl
+            && let Err(error) = shared.admits_frame(&w.out, len, owned)
+        {
+            w.drain_wanted = true;
+            return Err(error);
         }
         let data = matches!(kind, Kind::Data | Kind::DataTry | Kind::Probe);
         if data && let Err(error) = shared.admits_frame(&w.out, len, owned) {

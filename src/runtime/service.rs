@@ -1099,10 +1099,17 @@ fn progress<T: Send + Sync + 'static>(
             // Fails only if the user's close went out since `closing` was
             // read above: that close is the one on the wire, and this is
             // no idle timeout.
+            // Counted first: the close lets go of the threads waiting
+            // for room in this queue, which may read the count.
+            Counters::add(&shared.counters.idle_timeouts, 1);
             if conn.send_close(shared, idle_close.clone()).is_ok() {
-                Counters::add(&shared.counters.idle_timeouts, 1);
                 r.report = Some(idle_close);
                 r.error = Some(Error::Io(io::ErrorKind::TimedOut.into()));
+            } else {
+                shared
+                    .counters
+                    .idle_timeouts
+                    .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
             }
             r.proto.close_sent();
             // That close set a deadline after the one read above.
