@@ -132,6 +132,27 @@ fn a_non_reading_client_is_dropped_after_close_timeout_under_the_close_policy() 
     }
 }
 
+/// A server (16 KiB messages, two workers, configured by `configure`) and
+/// a client of it that reads nothing, with a queue full to its limit: full,
+/// and again once the kernel's buffers under it have filled.
+fn full_client(
+    configure: impl FnOnce(enjent::Builder) -> enjent::Builder,
+) -> (WebSocketServer, std::net::TcpStream, enjent::Client) {
+    let server = configure(
+        WebSocketServer::builder()
+            .workers(2)
+            .max_message_size(16 * 1024),
+    )
+    .start("127.0.0.1:0")
+    .unwrap();
+    let sock = raw_ws_small_window(server.local_addr());
+    let client = expect_connect(&server);
+    fill(&client);
+    std::thread::sleep(Duration::from_millis(200));
+    fill(&client);
+    (server, sock, client)
+}
+
 /// A thread waiting in `send_timeout` for room in a client's queue is let
 /// go as soon as the client is closed, since a closing queue admits
 /// nothing more: not when the close handshake times out (`close_timeout`
@@ -139,18 +160,7 @@ fn a_non_reading_client_is_dropped_after_close_timeout_under_the_close_policy() 
 #[test]
 fn send_timeout_ends_when_the_client_is_closed() {
     const CLOSE_TIMEOUT: Duration = Duration::from_secs(4);
-    let server = WebSocketServer::builder()
-        .workers(2)
-        .max_message_size(16 * 1024)
-        .close_timeout(CLOSE_TIMEOUT)
-        .start("127.0.0.1:0")
-        .unwrap();
-    let _never_reads = raw_ws_small_window(server.local_addr());
-    let client = expect_connect(&server);
-    // Full, and again once the kernel's buffers under it have filled.
-    fill(&client);
-    std::thread::sleep(Duration::from_millis(200));
-    fill(&client);
+    let (_server, _never_reads, client) = full_client(|b| b.close_timeout(CLOSE_TIMEOUT));
     let waiter = {
         let client = client.clone();
         std::thread::spawn(move || {
@@ -176,16 +186,7 @@ fn send_timeout_ends_when_the_client_is_closed() {
 /// timeout ends the client).
 #[test]
 fn pings_to_a_client_at_its_limit_are_refused() {
-    let server = WebSocketServer::builder()
-        .workers(2)
-        .max_message_size(16 * 1024)
-        .start("127.0.0.1:0")
-        .unwrap();
-    let _never_reads = raw_ws_small_window(server.local_addr());
-    let client = expect_connect(&server);
-    fill(&client);
-    std::thread::sleep(Duration::from_millis(200));
-    fill(&client);
+    let (server, _never_reads, client) = full_client(|b| b);
     let queued = client.buffered_amount();
     let dropped = server.stats().messages_dropped;
     // What room is left under the limit (less than the 16 KiB message
