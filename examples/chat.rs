@@ -112,9 +112,16 @@ fn main() -> Result<(), Error> {
             Message::Text(text) if text.trim().is_empty() => {}
             Message::Text(text) => {
                 let Member { name, room } = client.data();
+                // One line, as the wire format says: a client's line
+                // breaks (or other control characters) would let it
+                // write what looks like a notice, `* Bob left`.
+                let line: String = text
+                    .chars()
+                    .map(|c| if c.is_control() { ' ' } else { c })
+                    .collect();
                 // To the whole room, the sender included (`client.publish`
                 // would leave the sender out).
-                client.server().publish(room, format!("{name}: {text}"));
+                client.server().publish(room, format!("{name}: {line}"));
             }
             // Back to the sender only. A client that is gone or over its
             // backpressure limit misses it.

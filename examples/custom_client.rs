@@ -41,7 +41,10 @@ fn main() -> Result<(), Error> {
         match event {
             Event::Connect { client } => {
                 let m = client.data();
-                println!("{} joined (session {})", m.name, m.session);
+                // The session is a secret: say that one came, not what
+                // it is (a real server would check it here or in
+                // `admit`).
+                println!("{} joined (a session of {} bytes)", m.name, m.session.len());
                 // A client that left already gives `Err(Closed)`: no
                 // reason to stop serving the others.
                 let _ = client.send(format!("welcome, {}", m.name));

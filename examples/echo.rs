@@ -39,9 +39,10 @@ fn usage(why: &str) -> Error {
 }
 
 /// Echo `message` back. Flow control guarantees that a reply of the
-/// message's size is never refused while the client reads (the server
-/// stops reading a client that falls behind instead), so a refusal is a
-/// bug worth a line on stderr; a client that has gone is not.
+/// message's size is never refused for the client's own queue while the
+/// client reads (the server stops reading a client that falls behind
+/// instead), so a refusal is worth a line on stderr (a bug, or the whole
+/// server over `max_queued_bytes`); a client that has gone is not.
 fn echo(client: &Client, message: Message) {
     if let Err(e) = client.send(message)
         && !matches!(e.error(), Error::Closed)

@@ -306,8 +306,10 @@ impl<T: Send + Sync + 'static> Client<T> {
     /// It is written now if the socket takes it, else queued. Flow control
     /// (see the crate docs) guarantees that answering each message from
     /// this client with one message of at most its size is never refused
-    /// while the client reads (in a closure, of up to `max_message_size`):
-    /// the server stops reading a client whose queue passes high water.
+    /// for its queue while the client reads (in a closure, of up to
+    /// `max_message_size`): the server stops reading a client whose queue
+    /// passes high water. The server-wide budget (`max_queued_bytes`) can
+    /// still refuse it while the server as a whole is over it.
     /// Sends beyond that (fan-out, a client that stopped reading) meet the
     /// hard limit, `max_backpressure`.
     ///

@@ -56,7 +56,8 @@
 //!
 //! The guarantee: a closure that answers each message with at most one
 //! message of at most `max_message_size` bytes is never refused for a
-//! client that keeps reading, however fast that client sends, because the
+//! client that keeps reading, however fast that client sends (unless the
+//! server as a whole is over `max_queued_bytes`), because the
 //! hard limit in force is at least `high_water + max_message_size + 1
 //! KiB` (and what compression can add to a message, when it may send one
 //! larger than it is). A main loop has it for replies no larger than the

@@ -193,7 +193,7 @@ fn custom_client_refuses_without_name_and_greets_with_one() {
     assert!(refused.starts_with("HTTP/1.1 403 "), "{refused}");
     let mut ws = join_as_ann(ex.addr).unwrap();
     assert_eq!(ws.read().unwrap(), Tm::text("welcome, ann"));
-    assert_eq!(ex.line(), "ann joined (session abc)");
+    assert_eq!(ex.line(), "ann joined (a session of 3 bytes)");
     ws.send(Tm::text("hi")).unwrap();
     assert_eq!(ws.read().unwrap(), Tm::text("ann: hi"));
 }
@@ -228,7 +228,7 @@ fn custom_client_goes_on_when_clients_leave_before_their_welcome() {
     let mut lines: Vec<String> = (0..40).map(|_| ex.line()).collect();
     lines.sort();
     lines.dedup();
-    assert_eq!(lines, ["gone joined (session x)", "gone left"]);
+    assert_eq!(lines, ["gone joined (a session of 1 bytes)", "gone left"]);
     let mut ws = join_as_ann(ex.addr).expect("the example still serves");
     assert_eq!(ws.read().unwrap(), Tm::text("welcome, ann"));
 }
@@ -304,6 +304,10 @@ fn chat_relays_lines_to_the_room_and_echoes_binary_to_the_sender() {
     ann.send(Tm::text("hi <b>bob</b>")).unwrap();
     assert_eq!(ann.read().unwrap(), Tm::text("ann: hi <b>bob</b>"));
     assert_eq!(bob.read().unwrap(), Tm::text("ann: hi <b>bob</b>"));
+    // One line: a forged notice after a line break stays in ann's line.
+    ann.send(Tm::text("bye\n* bob b left")).unwrap();
+    assert_eq!(ann.read().unwrap(), Tm::text("ann: bye * bob b left"));
+    assert_eq!(bob.read().unwrap(), Tm::text("ann: bye * bob b left"));
     ann.send(Tm::text("  ")).unwrap(); // blank: not relayed
     let bytes: Vec<u8> = (0..=255).chain(0..=255).collect();
     bob.send(Tm::binary(bytes.clone())).unwrap();
