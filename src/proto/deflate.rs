@@ -388,9 +388,11 @@ impl Deflater {
     }
 
     /// Hold `permit` for as long as this connection lives (its contexts
-    /// live as long).
+    /// live as long), if it keeps a context either way; else let it go.
     pub fn hold(&mut self, permit: ContextPermit) {
-        self.permit = Some(permit);
+        if self.context.is_some() || self.client_context {
+            self.permit = Some(permit);
+        }
     }
 
     /// A fresh receiving side for this connection: one that keeps the

@@ -79,7 +79,8 @@ enum Kind {
     DataTry,
     /// The smallest data frame, to learn whether any would be refused
     /// before making one (see `queue_own`): refused as `Data` is, and
-    /// not counted sent if admitted.
+    /// not counted sent if admitted. (Made only with compression.)
+    #[cfg_attr(not(feature = "deflate"), allow(dead_code))]
     Probe,
     Control,
     /// A control frame of the user's (a ping): refused, as data is, by a
@@ -753,21 +754,11 @@ impl<T: Send + Sync + 'static> Conn<T> {
     /// that reads nothing, on a timer, would otherwise grow its queue
     /// past the hard limit, without bound where no idle timeout ends it.
     pub(crate) fn send_user_ping(self: &Arc<Self>, shared: &Arc<Shared<T>>) -> Result<()> {
-        let mut head = [0u8; 10];
-        let n = encode_header(&mut head, true, OpCode::Ping, 0);
-        self.write(
-            shared,
-            Chunk::Head(head, n as u8),
-            None,
-            Kind::UserControl,
-            false,
-        )
-        .map(|_| {
-            // After it is let in (a pong that comes first is only taken
-            // for input): a refused ping expects no pong.
-            self.io.lock().pong_due = true;
-        })
-        .map_err(|r| r.error)
+        self.control_as(shared, OpCode::Ping, &[], Kind::UserControl)?;
+        // After it is let in (a pong that comes first is only taken for
+        // input): a refused ping expects no pong.
+        self.io.lock().pong_due = true;
+        Ok(())
     }
 
     pub(crate) fn send_control(
@@ -776,18 +767,23 @@ impl<T: Send + Sync + 'static> Conn<T> {
         op: OpCode,
         payload: &[u8],
     ) -> Result<()> {
+        self.control_as(shared, op, payload, Kind::Control)
+    }
+
+    /// A control frame of `kind` (`Control`, or the user's).
+    fn control_as(
+        self: &Arc<Self>,
+        shared: &Arc<Shared<T>>,
+        op: OpCode,
+        payload: &[u8],
+        kind: Kind,
+    ) -> Result<()> {
         let mut head = [0u8; 10];
         let n = encode_header(&mut head, true, op, payload.len());
         let body = (!payload.is_empty()).then(|| Chunk::Owned(payload.to_vec()));
-        self.write(
-            shared,
-            Chunk::Head(head, n as u8),
-            body,
-            Kind::Control,
-            false,
-        )
-        .map(|_| ())
-        .map_err(|r| r.error)
+        self.write(shared, Chunk::Head(head, n as u8), body, kind, false)
+            .map(|_| ())
+            .map_err(|r| r.error)
     }
 
     /// Write the `101` response with the write token that `new` hands
@@ -1282,23 +1278,21 @@ impl<T: Send + Sync + 'static> Conn<T> {
         if w.finished || w.write_error.is_some() || self.closing.load(Ordering::Acquire) {
             return Err(Error::Closed);
         }
-        if kind == Kind::UserControl
-            && let Err(error) = shared.admits_frame(&w.out, len, owned)
-        {
-            w.drain_wanted = true;
-            return Err(error);
-        }
-        let data = matches!(kind, Kind::Data | Kind::DataTry | Kind::Probe);
-        if data && let Err(error) = shared.admits_frame(&w.out, len, owned) {
-            if matches!(kind, Kind::Data | Kind::Probe) {
-                w.drain_wanted = true;
-                drop(w);
-                Counters::add(&shared.counters.dropped, 1);
-                self.over_limit(shared);
+        let limited = kind != Kind::Control;
+        if limited && let Err(error) = shared.admits_frame(&w.out, len, owned) {
+            match kind {
+                Kind::Data | Kind::Probe => {
+                    w.drain_wanted = true;
+                    drop(w);
+                    Counters::add(&shared.counters.dropped, 1);
+                    self.over_limit(shared);
+                }
+                Kind::UserControl => w.drain_wanted = true,
+                Kind::DataTry | Kind::Control => {}
             }
             return Err(error);
         }
-        if data && kind != Kind::Probe {
+        if matches!(kind, Kind::Data | Kind::DataTry) {
             shared.counters.message_out();
         }
         Ok(w)

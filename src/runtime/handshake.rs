@@ -342,11 +342,8 @@ fn negotiate_extensions<T>(
     };
     let (agreed, answer) = crate::proto::deflate::negotiate(&offers.join(","), &config)?;
     headers.push(("Sec-WebSocket-Extensions".into(), answer));
-    // The client may have asked for no context either way (a window of
-    // 8 bits is no compression from this side).
-    let keeps = (!agreed.server_no_context_takeover && agreed.server_max_window_bits > 8)
-        || !agreed.client_no_context_takeover;
-    Some((agreed, config, permit.filter(|_| keeps)))
+    // Kept only by a connection that keeps a context (`Deflater::hold`).
+    Some((agreed, config, permit))
 }
 
 /// Without the `deflate` feature no extension is ever agreed.
