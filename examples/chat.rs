@@ -29,6 +29,8 @@
 //! Any origin may connect; a real deployment would add
 //! `Builder::allowed_origins` with its own site.
 
+use std::sync::atomic::{AtomicBool, Ordering};
+
 use enjent::{CloseCode, Error, HttpResponse, Message, Reject, Request, WebSocketServer};
 
 const PAGE: &str = include_str!("chat.html");
@@ -39,6 +41,9 @@ const DEFAULT_ROOM: &str = "lobby";
 struct Member {
     name: String,
     room: String,
+    /// Set once the member is in its room: one refused there never
+    /// joined, and its leaving is not announced.
+    joined: AtomicBool,
 }
 
 /// A name or a room: trimmed, 1 to [`MAX_NAME`] characters, each a
@@ -71,6 +76,7 @@ fn admit(req: &Request) -> Result<Member, Reject> {
     Ok(Member {
         name: name.to_owned(),
         room: room.to_owned(),
+        joined: AtomicBool::new(false),
     })
 }
 
@@ -96,7 +102,7 @@ fn main() -> Result<(), Error> {
         .max_message_size(64 * 1024)
         .on_http(page)
         .on_connect(|client| {
-            let Member { name, room } = client.data();
+            let Member { name, room, joined } = client.data();
             // Only the server-wide topic limit (a million rooms by
             // default) can refuse this: then there is no room to be in.
             if let Err(e) = client.subscribe(room) {
@@ -104,6 +110,7 @@ fn main() -> Result<(), Error> {
                 let _ = client.close(CloseCode::TRY_AGAIN_LATER, "too many rooms");
                 return;
             }
+            joined.store(true, Ordering::Relaxed);
             println!("{name} joined room {room} from {}", client.ip());
             // To the whole room, the newcomer included.
             client.server().publish(room, format!("* {name} joined"));
@@ -111,7 +118,10 @@ fn main() -> Result<(), Error> {
         .on_message(|client, message| match message {
             Message::Text(text) if text.trim().is_empty() => {}
             Message::Text(text) => {
-                let Member { name, room } = client.data();
+                let Member { name, room, joined } = client.data();
+                if !joined.load(Ordering::Relaxed) {
+                    return;
+                }
                 // One line, as the wire format says: a client's line
                 // breaks (or other control characters) would let it
                 // write what looks like a notice, `* Bob left`.
@@ -130,7 +140,11 @@ fn main() -> Result<(), Error> {
             }
         })
         .on_disconnect(|client, close, _| {
-            let Member { name, room } = client.data();
+            let Member { name, room, joined } = client.data();
+            if !joined.load(Ordering::Relaxed) {
+                // Refused at `on_connect`: it was never in the room.
+                return;
+            }
             println!("{name} left room {room} ({close})");
             // Its subscription is already gone: this reaches the others.
             client.server().publish(room, format!("* {name} left"));

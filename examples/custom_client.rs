@@ -22,6 +22,11 @@ fn admit(req: &Request) -> Result<Member, Reject> {
         .query_param("name")
         .filter(|n| !n.trim().is_empty())
         .ok_or_else(|| Reject::forbidden("add ?name=YOUR_NAME to the URL"))?;
+    // The name is printed and sent to everyone: no control characters
+    // (terminal escapes, line breaks that would forge a line).
+    if name.chars().any(char::is_control) {
+        return Err(Reject::forbidden("a name has no control characters"));
+    }
     let session = req
         .cookie("session")
         .ok_or_else(|| Reject::forbidden("a session cookie is required"))?;
@@ -51,6 +56,12 @@ fn main() -> Result<(), Error> {
             }
             Event::Message { client, message } => {
                 if let Some(text) = message.as_text() {
+                    // One line of plain text, on the terminal and to the
+                    // others: control characters become spaces.
+                    let text: String = text
+                        .chars()
+                        .map(|c| if c.is_control() { ' ' } else { c })
+                        .collect();
                     let line = format!("{}: {}", client.data().name, text);
                     println!("{line}");
                     server.broadcast(line);

@@ -31,10 +31,24 @@ enum Mode {
     Broadcast,
 }
 
+const USAGE: &str = "usage: echo [ADDR] [echo|broadcast] [--max-message-size BYTES] \
+[--ping-interval SECS] [--no-keepalive] [--workers N] [--main-loop] [--trust-proxy] \
+[--compress-all] [--compress-level N]
+
+  ADDR                default 127.0.0.1:13003
+  echo | broadcast    each message back to its sender (default), or to every client
+  --ping-interval     keepalive, at least 0.001 s (default 30); silent clients are
+                      closed after two and a half intervals
+  --no-keepalive      no pings and no idle timeout
+  --workers N         the pool's threads (default twice the cores)
+  --main-loop         handle messages in an event loop instead of closures
+  --trust-proxy       believe X-Forwarded-For and print each client's address
+  --compress-all, --compress-level N
+                      (built with --features deflate) compress every message,
+                      at zlib level N (0-9, default 6)";
+
 fn usage(why: &str) -> Error {
-    eprintln!(
-        "{why}\nusage: echo [ADDR] [echo|broadcast] [--max-message-size BYTES] [--ping-interval SECS] [--no-keepalive] [--workers N] [--main-loop] [--trust-proxy]"
-    );
+    eprintln!("{why}\n{USAGE}");
     Error::InvalidInput("bad arguments")
 }
 
@@ -88,6 +102,12 @@ fn main() -> Result<(), Error> {
                 let n = n.ok_or_else(|| usage("--compress-level needs a zlib level, 0 to 9"))?;
                 compression = compression.level(n);
             }
+            #[cfg(not(feature = "deflate"))]
+            "--compress-all" | "--compress-level" => {
+                return Err(usage(&format!(
+                    "{arg} needs the build's --features deflate"
+                )));
+            }
             "--max-message-size" => {
                 let n = args.next().and_then(|v| v.parse().ok());
                 let n = n.ok_or_else(|| usage("--max-message-size needs a number of bytes"))?;
@@ -103,9 +123,9 @@ fn main() -> Result<(), Error> {
             }
             "--ping-interval" => {
                 let secs: Option<f64> = args.next().and_then(|v| v.parse().ok());
-                let secs = secs
-                    .filter(|s| *s > 0.0)
-                    .ok_or_else(|| usage("--ping-interval needs a number of seconds"))?;
+                let secs = secs.filter(|s| *s > 0.0).ok_or_else(|| {
+                    usage("--ping-interval needs a number of seconds, at least 0.001")
+                })?;
                 // Silent clients are closed after two and a half pings'
                 // worth of silence (the library's 30 s and 75 s).
                 let every = std::time::Duration::try_from_secs_f64(secs)
@@ -116,7 +136,10 @@ fn main() -> Result<(), Error> {
                     .ping_interval(Some(every))
                     .idle_timeout(Some(every * 5 / 2));
             }
-            "-h" | "--help" => return Err(usage("an echo server")),
+            "-h" | "--help" => {
+                println!("an echo server\n{USAGE}");
+                return Ok(());
+            }
             a if a.starts_with('-') => return Err(usage(&format!("unknown option {a}"))),
             a => addr = a.to_string(),
         }

@@ -27,7 +27,7 @@ fn main() -> Result<(), Error> {
                 println!("Got a new socket ID: {}", client.id());
             }
             Event::Message { client, message } => match message.as_text() {
-                Some(text) => println!("User {} says : {}", client.id(), text),
+                Some(text) => println!("User {} says : {}", client.id(), printable(text)),
                 None => println!("User {} sent {} bytes", client.id(), message.len()),
             },
             Event::Disconnect { client, close, .. } => {
@@ -37,4 +37,19 @@ fn main() -> Result<(), Error> {
         }
     }
     Ok(())
+}
+
+/// A client's text fit for a terminal: its control characters (the
+/// escape that starts a terminal's commands among them, and line breaks
+/// that would forge a line of this log) written as escapes, `\u{1b}`.
+fn printable(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        if c.is_control() {
+            out.extend(c.escape_default());
+        } else {
+            out.push(c);
+        }
+    }
+    out
 }

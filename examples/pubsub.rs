@@ -18,8 +18,9 @@
 //! - `pub TOPIC PAYLOAD`: publish PAYLOAD (everything after the second
 //!   space) as a text message to every subscriber of TOPIC but the sender.
 //!
-//! TOPIC has no spaces. Anything else, and a subscription over a limit,
-//! is answered with a text message starting `error: `.
+//! TOPIC has no spaces and at most 64 bytes, and a client holds at most
+//! 16 topics (100,000 in all). Anything else, and a subscription over a
+//! limit, is answered with a text message starting `error: `.
 
 use enjent::{Client, Error, Message, WebSocketServer};
 
@@ -75,7 +76,14 @@ fn with_redis(_: enjent::Builder, _: &str) -> Result<enjent::Builder, Error> {
 
 fn main() -> Result<(), Error> {
     let mut addr = "127.0.0.1:13004".to_string();
-    let mut builder = WebSocketServer::builder();
+    // Clients name their own topics here, so the library's default
+    // limits (256 topics of 256-byte names a client, a million in all)
+    // would let a few thousand clients use up every topic and cost
+    // about 100 KB each: this protocol's clients get fewer, shorter ones.
+    let mut builder = WebSocketServer::builder()
+        .max_topics_per_client(16)
+        .max_topic_len(64)
+        .max_topics(100_000);
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
         match arg.as_str() {

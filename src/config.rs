@@ -96,7 +96,8 @@ impl Default for Config {
             allowed_origins: None,
             trust_proxy: false,
             forwarded_header: "X-Forwarded-For".into(),
-            oneshot_readiness: std::env::var_os("ENJENT_ONESHOT_READINESS").is_some(),
+            oneshot_readiness: std::env::var_os("ENJENT_ONESHOT_READINESS")
+                .is_some_and(|v| !v.is_empty() && v != "0"),
             #[cfg(feature = "deflate")]
             compression: Some(crate::proto::deflate::Compression::default()),
         }

@@ -64,7 +64,9 @@ impl WebSocketServer<()> {
     ///
     /// # Errors
     ///
-    /// [`Error::Bind`] if the address cannot be listened on.
+    /// As [`Builder::start`]: [`Error::Bind`] if the address cannot be
+    /// listened on; [`Error::Io`] if the poller or a thread cannot be
+    /// created.
     pub fn bind(addr: impl ToSocketAddrs) -> Result<WebSocketServer<()>> {
         WebSocketServer::builder().start(addr)
     }
@@ -402,7 +404,8 @@ impl<T: Send + Sync + 'static> ServerHandle<T> {
     /// # Errors
     ///
     /// [`Error::Closed`] if the client is gone or closing;
-    /// [`Error::InvalidInput`] for a code that may not be sent.
+    /// [`Error::InvalidInput`] for a code that may not be sent or a reason
+    /// over 123 bytes.
     pub fn close(&self, id: ClientId, code: CloseCode, reason: &str) -> Result<()> {
         let shared = self.shared()?;
         with_conn(&shared, id, |conn| {
@@ -468,7 +471,9 @@ pub struct Broadcast {
     pub written: usize,
     /// Clients for which some of the frame waits in their queue.
     pub queued: usize,
-    /// Clients over `max_backpressure`: they did not get this message.
+    /// Clients that did not get this message for want of room: over
+    /// their `max_backpressure`, or the server over `max_queued_bytes`
+    /// ([`Error::is_backpressure`]).
     pub dropped: usize,
     /// Clients that were closing and could not be sent to.
     pub closed: usize,

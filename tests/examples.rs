@@ -132,6 +132,39 @@ fn echo_echoes_and_honours_max_message_size() {
 }
 
 #[test]
+fn echo_help_succeeds_and_a_bad_option_fails_with_the_usage() {
+    let bin = example_bin("echo", &[]);
+    let help = Command::new(&bin).arg("--help").output().unwrap();
+    assert!(help.status.success(), "{help:?}");
+    let text = String::from_utf8_lossy(&help.stdout);
+    // Every flag the parser knows is in the usage text.
+    for flag in [
+        "--max-message-size",
+        "--ping-interval",
+        "--no-keepalive",
+        "--workers",
+        "--main-loop",
+        "--trust-proxy",
+        "--compress-all",
+        "--compress-level",
+    ] {
+        assert!(text.contains(flag), "{flag} missing from {text}");
+    }
+    let bad = Command::new(&bin).arg("--no-such-flag").output().unwrap();
+    assert!(!bad.status.success(), "{bad:?}");
+    let err = String::from_utf8_lossy(&bad.stderr);
+    assert!(
+        err.contains("unknown option --no-such-flag") && err.contains("usage: echo"),
+        "{err}"
+    );
+    let short = Command::new(&bin)
+        .args(["--ping-interval", "0"])
+        .output()
+        .unwrap();
+    assert!(!short.status.success(), "{short:?}");
+}
+
+#[test]
 fn echo_broadcast_mode_relays_to_everyone_including_the_sender() {
     let ex = Example::start("echo", &["127.0.0.1:0", "broadcast"]);
     let mut a = client(ex.addr);
@@ -181,6 +214,14 @@ fn events_prints_the_seed_lines() {
         said.starts_with("User ") && said.ends_with(" says : hello"),
         "{said}"
     );
+    // A terminal escape and a line break are printed as escapes, not
+    // sent to the terminal.
+    ws.send(Tm::text("a\x1b[2J\nUser 1 disconnected")).unwrap();
+    let said = ex.line();
+    assert!(
+        said.ends_with(" says : a\\u{1b}[2J\\nUser 1 disconnected"),
+        "{said}"
+    );
     ws.close(None).unwrap();
     let left = ex.line();
     assert!(left.contains(" disconnected"), "{left}");
@@ -196,6 +237,22 @@ fn custom_client_refuses_without_name_and_greets_with_one() {
     assert_eq!(ex.line(), "ann joined (a session of 3 bytes)");
     ws.send(Tm::text("hi")).unwrap();
     assert_eq!(ws.read().unwrap(), Tm::text("ann: hi"));
+    assert_eq!(ex.line(), "ann: hi");
+    // A line break cannot forge a second line, on the terminal or to
+    // the others.
+    ws.send(Tm::text("hi\nbob: \x1b[31mforged")).unwrap();
+    assert_eq!(ws.read().unwrap(), Tm::text("ann: hi bob:  [31mforged"));
+    assert_eq!(ex.line(), "ann: hi bob:  [31mforged");
+    // Nor can a name (this request has the cookie: only the name is
+    // wrong).
+    let mut req = upgrade_to("/?name=a%0Ab");
+    let at = req.len() - 2;
+    req.splice(at..at, b"Cookie: session=x\r\n".iter().copied());
+    let refused = http(ex.addr, &req);
+    assert!(
+        refused.starts_with("HTTP/1.1 403 ") && refused.contains("control characters"),
+        "{refused}"
+    );
 }
 
 /// `custom_client`'s handshake as `ann`, with a session cookie.
