@@ -17,7 +17,7 @@ use std::sync::{Arc, Barrier, Mutex, MutexGuard, PoisonError, mpsc};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use enjent::{Client, Event, Message, WebSocketServer};
+use enjent::{Client, Error, Event, Message, WebSocketServer};
 use support::*;
 
 /// Held by every test: they would otherwise compete for two CPUs.
@@ -909,18 +909,46 @@ fn clients_that_pipeline_behind_their_request_keep_little_unparsed_past_the_line
 #[cfg(target_os = "linux")]
 #[test]
 fn send_timeout_waiters_are_not_woken_by_other_clients_writes() {
+    waiters_sleep_while_others_are_echoed(false);
+}
+
+/// The same with the stuck clients refused by the server-wide budget,
+/// not their own limits: writes to clients that hold nothing counted in
+/// the budget make it no room, and wake none of its waiters (each flush
+/// woke them all: 16 spent 150-250 ticks of CPU in 3 s).
+#[cfg(target_os = "linux")]
+#[test]
+fn send_timeout_budget_waiters_are_not_woken_by_writes_that_leave_the_server_over_budget() {
+    waiters_sleep_while_others_are_echoed(true);
+}
+
+/// 16 stuck clients, each filled until refused (by its own hard limit,
+/// or, with `budget`, by a server-wide budget of 1 MiB that they hold
+/// between them), then a thread each in `send_timeout` for 3 s while 6
+/// other clients are echoed: what the 16 threads spend.
+#[cfg(target_os = "linux")]
+fn waiters_sleep_while_others_are_echoed(budget: bool) {
     const STUCK: usize = 16;
     const SIZE: usize = 8 * 1024;
     let _serial = serial();
     let clients = Arc::new(Mutex::new(Vec::<Client>::new()));
     let joined = Arc::clone(&clients);
     let errors = Arc::new(AtomicUsize::new(0));
-    let server = WebSocketServer::builder()
+    let builder = WebSocketServer::builder()
         .workers(2)
         .max_message_size(64 * 1024)
         .high_water(64 * 1024)
-        .low_water(16 * 1024)
-        .max_backpressure(0)
+        .low_water(16 * 1024);
+    let builder = if budget {
+        // Each client's own limit (320 KiB) is far from what the 16 can
+        // hold; the budget is met first.
+        builder
+            .max_backpressure(256 * 1024)
+            .max_queued_bytes(1024 * 1024)
+    } else {
+        builder.max_backpressure(0)
+    };
+    let server = builder
         .on_connect(move |c| joined.lock().unwrap().push(c.clone()))
         .on_message(echo(&errors))
         .start("127.0.0.1:0")
@@ -935,11 +963,19 @@ fn send_timeout_waiters_are_not_woken_by_other_clients_writes() {
     // it, until a pause makes no room.
     let mut rounds = 0;
     loop {
+        // A message to each in turn, so that the queues grow together
+        // and the budget, where there is one, refuses them all.
         let mut took = 0;
-        for c in &handles {
-            while c.send(Message::Binary(vec![7; SIZE])).is_ok() {
-                took += 1;
-                assert!(took < 100_000, "never refused");
+        loop {
+            let before = took;
+            for c in &handles {
+                if c.send(Message::Binary(vec![7; SIZE])).is_ok() {
+                    took += 1;
+                }
+            }
+            assert!(took < 100_000, "never refused");
+            if took == before {
+                break;
             }
         }
         if took == 0 {
@@ -972,14 +1008,19 @@ fn send_timeout_waiters_are_not_woken_by_other_clients_writes() {
             thread::spawn(move || {
                 let before = thread_ticks();
                 let result = c.send_timeout(Message::Binary(vec![7; SIZE]), Duration::from_secs(3));
-                (result.is_err(), thread_ticks() - before)
+                let by_budget = result
+                    .as_ref()
+                    .is_err_and(|e| matches!(e.error(), Error::ServerBackpressure { .. }));
+                let why = result.as_ref().err().map(|e| e.error().to_string());
+                (why, by_budget, thread_ticks() - before)
             })
         })
         .collect();
     let mut spent = 0;
     for w in waiters {
-        let (refused, ticks) = w.join().unwrap();
-        assert!(refused, "a stuck client took a message");
+        let (refused, by_budget, ticks) = w.join().unwrap();
+        assert!(refused.is_some(), "a stuck client took a message");
+        assert_eq!(by_budget, budget, "refused by the wrong limit: {refused:?}");
         spent += ticks;
     }
     stop.store(true, Ordering::Relaxed);

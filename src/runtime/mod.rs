@@ -481,18 +481,40 @@ impl<T: Send + Sync + 'static> Shared<T> {
     }
 
     /// `conn`'s queue shrank or closed: wake the threads waiting for room
-    /// in it, and those whose last try the server-wide budget refused
-    /// (room anywhere may end that). Not the others: a thread blocked on
+    /// in it, and those whose last try the server-wide budget refused, if
+    /// the budget may now take them. Not the others: a thread blocked on
     /// a client that never reads would otherwise wake at every write to
     /// anyone (16 of them spent most of a core so).
     pub(crate) fn room_made(&self, conn: &conn::Conn<T>) {
-        if self.room_waiters.load(Ordering::SeqCst) > 0 {
-            let key = waiter_key(conn);
-            let _guard = self.room.lock();
-            for w in self.awaited.lock().iter() {
-                if w.conn == key || w.for_budget {
-                    w.cv.notify_one();
-                }
+        self.wake_for_room(conn, false);
+    }
+
+    /// [`Shared::room_made`] for `conn`'s teardown: one client fewer
+    /// makes every other's share of the budget larger.
+    pub(crate) fn room_made_by_leaving(&self, conn: &conn::Conn<T>) {
+        self.wake_for_room(conn, true);
+    }
+
+    fn wake_for_room(&self, conn: &conn::Conn<T>, left: bool) {
+        if self.room_waiters.load(Ordering::SeqCst) == 0 {
+            return;
+        }
+        let key = waiter_key(conn);
+        // The budget refuses only while it counts more than its limit,
+        // and then the queues over their share of it (the limit over the
+        // open connections). So room in a queue wakes its waiters for the
+        // budget only once the count is back under the limit, or when a
+        // client left: while the server stays over budget, writes to
+        // clients that keep up (which it does not count) would wake them
+        // all for nothing, at every flush. Room the budget gets elsewhere
+        // (a broadcast's frame let go once all its queues wrote it) is
+        // found by the waiters' poll.
+        let budget = &self.counters.output;
+        let for_budget = left || budget.used() <= budget.limit();
+        let _guard = self.room.lock();
+        for w in self.awaited.lock().iter() {
+            if w.conn == key || (w.for_budget && for_budget) {
+                w.cv.notify_one();
             }
         }
     }
@@ -840,6 +862,70 @@ mod tests {
         );
         drop(server);
         let _ = reader.join();
+    }
+
+    /// Threads waiting for the budget are woken by room made in it where
+    /// nobody leaves: the clients holding it read, and the flush that
+    /// brings the count back under the limit wakes them (the poll here
+    /// is 10 s). Writes that leave the count over the limit wake none
+    /// (`tests/flow_control.rs` counts their CPU).
+    #[test]
+    fn threads_waiting_for_the_budget_are_woken_when_others_read() {
+        let server = WebSocketServer::builder()
+            .max_message_size(64 * 1024)
+            .high_water(64 * 1024)
+            .low_water(16 * 1024)
+            .max_backpressure(0)
+            .max_queued_bytes(256 * 1024)
+            .start("127.0.0.1:0")
+            .unwrap();
+        let (_target_sock, target) = stuck(&server);
+        saturate(&target, 24 << 10);
+        let crowd: Vec<(TcpStream, Client)> = (0..7).map(|_| stuck(&server)).collect();
+        for (_, c) in &crowd {
+            while c.send(kib(8)).is_ok() {}
+        }
+        let refused = target.send(kib(16)).unwrap_err();
+        assert!(for_budget(refused.error()), "{}", refused.error());
+        let waiters: Vec<_> = (0..2)
+            .map(|_| {
+                let c = target.clone();
+                std::thread::spawn(move || {
+                    let t = Instant::now();
+                    let r = c.send_timeout(kib(16), Duration::from_secs(30));
+                    (r.map_err(|e| e.to_string()), t.elapsed())
+                })
+            })
+            .collect();
+        std::thread::sleep(Duration::from_millis(300));
+        assert!(
+            waiters.iter().all(|w| !w.is_finished()),
+            "the waiters did not wait"
+        );
+        let reading = Instant::now();
+        let readers: Vec<_> = crowd
+            .into_iter()
+            .map(|(mut sock, c)| {
+                std::thread::spawn(move || {
+                    let mut buf = vec![0u8; 1 << 16];
+                    while std::io::Read::read(&mut sock, &mut buf).is_ok_and(|n| n > 0) {}
+                    drop(c);
+                })
+            })
+            .collect();
+        for w in waiters {
+            let (result, waited) = w.join().unwrap();
+            assert!(result.is_ok(), "{result:?} after {waited:?}");
+            let since = reading.elapsed();
+            assert!(
+                since < Duration::from_secs(5),
+                "woken only by the poll: {since:?} after the others read"
+            );
+        }
+        drop(server);
+        for r in readers {
+            let _ = r.join();
+        }
     }
 
     /// A thread in `send_timeout` on a client that is then closed is let

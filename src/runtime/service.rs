@@ -1210,8 +1210,9 @@ fn teardown<T: Send + Sync + 'static>(
     shared.topics.remove_client(conn);
     Counters::add(&shared.counters.disconnected, 1);
     let _ = shared.poller.delete(&conn.stream);
-    // Anyone waiting for room in this queue learns it is closed.
-    shared.room_made(conn);
+    // Anyone waiting for room in this queue learns it is closed; those
+    // waiting for the budget, that their share of it grew.
+    shared.room_made_by_leaving(conn);
     let (report, read_error) = match r {
         Some(r) => {
             r.buffered = 0;
