@@ -271,6 +271,68 @@ fn broadcast_compresses_once_for_every_window_size() {
     assert_eq!(read_frame(&mut plain), (0x81, text.clone().into_bytes()));
 }
 
+/// Letters from a fixed pseudo-random sequence: compressible only by
+/// their alphabet (about 0.6 of their size), not by repeats within it.
+fn letters(n: usize, seed: u64) -> String {
+    let mut x = seed | 1;
+    (0..n)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            char::from(b'a' + (x % 26) as u8)
+        })
+        .collect()
+}
+
+/// Whatever window a client allows the server (`server_max_window_bits`,
+/// 9 to 14), the server's frames refer no further back than it: a
+/// message that repeats a block just longer than the window three times
+/// compresses to about three blocks' worth, where a larger window would
+/// make the repeats back-references (a third of the size). An inflater
+/// reads them with the client's window. Without and with context
+/// takeover (a connection's own compressor, made with the client's size,
+/// where stateless ones use 15, 12 or 9 bits).
+#[test]
+fn compressed_frames_fit_the_window_each_client_allowed() {
+    for takeover in [false, true] {
+        let server =
+            echo_server(|b| b.compression(Some(Compression::default().context_takeover(takeover))));
+        for bits in 9..=14u8 {
+            let offer = if takeover {
+                format!("{PDE}; server_max_window_bits={bits}\r\n")
+            } else {
+                format!(
+                    "{PDE}; server_max_window_bits={bits}; server_no_context_takeover; \
+                     client_no_context_takeover\r\n"
+                )
+            };
+            let (head, mut s) = upgrade(server.local_addr(), &offer);
+            assert!(
+                extensions(&head)
+                    .is_some_and(|e| e.ends_with(&format!("server_max_window_bits={bits}"))),
+                "{head}"
+            );
+            let block = (1usize << bits) + 64;
+            let mut theirs = Decompress::new_with_window_bits(false, bits);
+            for round in 0..2u64 {
+                let text = letters(block, u64::from(bits) * 2 + round).repeat(3);
+                s.write_all(&frame(0x81, text.as_bytes())).unwrap();
+                let (first, payload) = read_frame(&mut s);
+                assert_eq!(first, 0xC1, "{bits} bits: not compressed");
+                assert_eq!(inflate_with(&mut theirs, &payload), text.as_bytes());
+                assert!(
+                    payload.len() > block * 3 / 2,
+                    "{bits} bits, context takeover {takeover}: {} B of {} (blocks of {block} B): \
+                     a window larger than the client allowed",
+                    payload.len(),
+                    text.len()
+                );
+            }
+        }
+    }
+}
+
 #[test]
 fn context_takeover_when_configured() {
     let server =
