@@ -37,7 +37,7 @@ const USAGE: &str = "usage: echo [ADDR] [echo|broadcast] [--max-message-size BYT
 
   ADDR                default 127.0.0.1:13003
   echo | broadcast    each message back to its sender (default), or to every client
-  --ping-interval     keepalive, at least 0.001 s (default 30); silent clients are
+  --ping-interval     keepalive, at least 0.07 s (default 30); silent clients are
                       closed after two and a half intervals
   --no-keepalive      no pings and no idle timeout
   --workers N         the pool's threads (default twice the cores)
@@ -123,8 +123,10 @@ fn main() -> Result<(), Error> {
             }
             "--ping-interval" => {
                 let secs: Option<f64> = args.next().and_then(|v| v.parse().ok());
-                let secs = secs.filter(|s| *s > 0.0).ok_or_else(|| {
-                    usage("--ping-interval needs a number of seconds, at least 0.001")
+                // The library wants two keepalive ticks (50 ms at least)
+                // between a ping and the idle timeout set below.
+                let secs = secs.filter(|s| *s >= 0.07).ok_or_else(|| {
+                    usage("--ping-interval needs a number of seconds, at least 0.07")
                 })?;
                 // Silent clients are closed after two and a half pings'
                 // worth of silence (the library's 30 s and 75 s).

@@ -1,6 +1,6 @@
 //! Messages, close codes and close frames.
 
-use std::fmt;
+use std::fmt::{self, Write as _};
 
 /// A complete WebSocket data message.
 ///
@@ -175,6 +175,11 @@ impl fmt::Display for CloseCode {
 }
 
 /// The code and reason of a close frame.
+///
+/// Displayed as `CODE (REASON)`, with the reason's control characters
+/// escaped (`\u{1b}`, `\n`): a peer's reason printed to a terminal or a
+/// log can neither send it escape sequences nor forge a line. `reason`
+/// holds it as sent.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CloseFrame {
     /// The status code.
@@ -196,16 +201,33 @@ impl CloseFrame {
 impl fmt::Display for CloseFrame {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         if self.reason.is_empty() {
-            write!(f, "{}", self.code)
-        } else {
-            write!(f, "{} ({})", self.code, self.reason)
+            return write!(f, "{}", self.code);
         }
+        write!(f, "{} (", self.code)?;
+        for c in self.reason.chars() {
+            if c.is_control() {
+                write!(f, "{}", c.escape_default())?;
+            } else {
+                f.write_char(c)?;
+            }
+        }
+        f.write_char(')')
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_reason_is_displayed_with_its_control_characters_escaped() {
+        let close = CloseFrame::new(CloseCode::NORMAL, "bye\x1b[2J\nUser 9 says : é");
+        assert_eq!(close.to_string(), "1000 (bye\\u{1b}[2J\\nUser 9 says : é)");
+        assert_eq!(
+            CloseFrame::new(CloseCode::GOING_AWAY, "").to_string(),
+            "1001"
+        );
+    }
 
     #[test]
     fn sendable_codes() {

@@ -158,10 +158,15 @@ fn echo_help_succeeds_and_a_bad_option_fails_with_the_usage() {
         "{err}"
     );
     let short = Command::new(&bin)
-        .args(["--ping-interval", "0"])
+        .args(["--ping-interval", "0.06"])
         .output()
         .unwrap();
     assert!(!short.status.success(), "{short:?}");
+    // The least it says it takes starts.
+    let ex = Example::start("echo", &["127.0.0.1:0", "--ping-interval", "0.07"]);
+    let mut ws = client(ex.addr);
+    ws.send(Tm::text("fast pings")).unwrap();
+    assert_eq!(ws.read().unwrap(), Tm::text("fast pings"));
 }
 
 #[test]
@@ -222,9 +227,17 @@ fn events_prints_the_seed_lines() {
         said.ends_with(" says : a\\u{1b}[2J\\nUser 1 disconnected"),
         "{said}"
     );
-    ws.close(None).unwrap();
+    // So is a close frame's reason.
+    ws.close(Some(tungstenite::protocol::CloseFrame {
+        code: tungstenite::protocol::frame::coding::CloseCode::Normal,
+        reason: "\x1b[2J\nUser 9 says : forged".into(),
+    }))
+    .unwrap();
     let left = ex.line();
-    assert!(left.contains(" disconnected"), "{left}");
+    assert!(
+        left.ends_with(" disconnected (1000 (\\u{1b}[2J\\nUser 9 says : forged))"),
+        "{left}"
+    );
 }
 
 #[test]

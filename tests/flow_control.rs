@@ -17,7 +17,7 @@ use std::sync::{Arc, Barrier, Mutex, MutexGuard, PoisonError, mpsc};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use enjent::{Client, Error, Event, Message, WebSocketServer};
+use enjent::{Client, Event, Message, WebSocketServer};
 use support::*;
 
 /// Held by every test: they would otherwise compete for two CPUs.
@@ -940,8 +940,8 @@ fn waiters_sleep_while_others_are_echoed(budget: bool) {
         .high_water(64 * 1024)
         .low_water(16 * 1024);
     let builder = if budget {
-        // Each client's own limit (320 KiB) is far from what the 16 can
-        // hold; the budget is met first.
+        // Each client's own limit (256 KiB) is far from what the 16 can
+        // hold between them; the budget is met first.
         builder
             .max_backpressure(256 * 1024)
             .max_queued_bytes(1024 * 1024)
@@ -959,8 +959,9 @@ fn waiters_sleep_while_others_are_echoed(budget: bool) {
         clients.lock().unwrap().len() == STUCK
     });
     let handles = clients.lock().unwrap().clone();
-    // Fill each queue to its hard limit, and the kernel's buffers under
-    // it, until a pause makes no room.
+    // Fill each queue until refused (at its hard limit, or past its share
+    // of the budget), and the kernel's buffers under it, until a pause
+    // makes no room.
     let mut rounds = 0;
     loop {
         // A message to each in turn, so that the queues grow together
@@ -1010,7 +1011,7 @@ fn waiters_sleep_while_others_are_echoed(budget: bool) {
                 let result = c.send_timeout(Message::Binary(vec![7; SIZE]), Duration::from_secs(3));
                 let by_budget = result
                     .as_ref()
-                    .is_err_and(|e| matches!(e.error(), Error::ServerBackpressure { .. }));
+                    .is_err_and(|e| matches!(e.error(), enjent::Error::ServerBackpressure { .. }));
                 let why = result.as_ref().err().map(|e| e.error().to_string());
                 (why, by_budget, thread_ticks() - before)
             })

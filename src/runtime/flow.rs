@@ -143,6 +143,13 @@ impl OutputBudget {
         self.limit
     }
 
+    /// Whether, with `open` connections, a queue's share of the budget
+    /// is more than the least any queue may hold (so that one client
+    /// fewer would make it larger).
+    pub(crate) fn share_above_least(&self, open: u64) -> bool {
+        self.limit / open.max(1) as usize > self.takes_one
+    }
+
     /// What the budget counts now.
     pub(crate) fn used(&self) -> usize {
         self.queues

@@ -426,6 +426,10 @@ impl<T: Send + Sync + 'static> Shared<T> {
     pub(crate) fn wait_for_room(&self, conn: &conn::Conn<T>, len: usize, deadline: Instant) {
         let mut guard = self.room.lock();
         self.room_waiters.fetch_add(1, Ordering::SeqCst);
+        // Against a flush that lowers the budget's (relaxed) counts and
+        // then finds no waiter: one of the two sees the other (the fence
+        // in `wake_for_room` pairs with this one).
+        std::sync::atomic::fence(Ordering::SeqCst);
         // A condition variable of its own: a flush wakes only the threads
         // its room may serve.
         let cv = Arc::new(Condvar::new());
@@ -490,12 +494,16 @@ impl<T: Send + Sync + 'static> Shared<T> {
     }
 
     /// [`Shared::room_made`] for `conn`'s teardown: one client fewer
-    /// makes every other's share of the budget larger.
+    /// makes every other's share of the budget larger (where it is above
+    /// its floor).
     pub(crate) fn room_made_by_leaving(&self, conn: &conn::Conn<T>) {
         self.wake_for_room(conn, true);
     }
 
     fn wake_for_room(&self, conn: &conn::Conn<T>, left: bool) {
+        // The room made (the budget's relaxed counts lowered) is seen by
+        // a waiter that registers after this, or this sees the waiter.
+        std::sync::atomic::fence(Ordering::SeqCst);
         if self.room_waiters.load(Ordering::SeqCst) == 0 {
             return;
         }
@@ -506,11 +514,16 @@ impl<T: Send + Sync + 'static> Shared<T> {
         // budget only once the count is back under the limit, or when a
         // client left: while the server stays over budget, writes to
         // clients that keep up (which it does not count) would wake them
-        // all for nothing, at every flush. Room the budget gets elsewhere
-        // (a broadcast's frame let go once all its queues wrote it) is
-        // found by the waiters' poll.
+        // all for nothing, at every flush. A client's leaving wakes them
+        // only where the share is more than the least a queue may hold
+        // (under 8,192 clients at the defaults): past that, churn would.
+        // Room the budget gets elsewhere (a broadcast's frame let go once
+        // all its queues wrote it, or two flushes that each lowered one
+        // of its two counts on a weakly ordered CPU) is found by the
+        // waiters' poll.
         let budget = &self.counters.output;
-        let for_budget = left || budget.used() <= budget.limit();
+        let for_budget = budget.used() <= budget.limit()
+            || (left && budget.share_above_least(self.counters.open()));
         let _guard = self.room.lock();
         for w in self.awaited.lock().iter() {
             if w.conn == key || (w.for_budget && for_budget) {
@@ -877,6 +890,7 @@ mod tests {
             .low_water(16 * 1024)
             .max_backpressure(0)
             .max_queued_bytes(256 * 1024)
+            .close_timeout(Duration::from_millis(200))
             .start("127.0.0.1:0")
             .unwrap();
         let (_target_sock, target) = stuck(&server);
