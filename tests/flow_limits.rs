@@ -1375,3 +1375,62 @@ fn connects_and_disconnects_held_for_an_unread_main_loop_hold_what_is_charged() 
         );
     });
 }
+
+/// Messages that come in pieces, held for a main loop that reads
+/// nothing: the channel charges each its length, so the buffer each was
+/// assembled in must not hold much more (it grew by doubling as the
+/// pieces came: 40,000 bytes in a buffer of 64-72 KiB, twice what was
+/// charged, before it was fitted).
+#[test]
+fn messages_that_came_in_pieces_held_for_an_unread_main_loop_hold_what_is_charged() {
+    const CLIENTS: usize = 100;
+    const LEN: usize = 40_000;
+    let _alone = ALONE.write().unwrap_or_else(PoisonError::into_inner);
+    within(Duration::from_secs(60), || {
+        let server = WebSocketServer::builder()
+            .event_queue_bytes(64 << 20)
+            .start("127.0.0.1:0")
+            .unwrap();
+        let addr = server.local_addr();
+        let wire = frame(0x82, &vec![7u8; LEN]);
+        let cut = wire.len() - 4_000;
+        let mut kept = Vec::new();
+        let mut round = |n: u64| {
+            let mut socks: Vec<TcpStream> = (0..CLIENTS).map(|_| raw_ws(addr)).collect();
+            assert!(eventually(WAIT, || server.stats().connections == n * CLIENTS as u64));
+            thread::sleep(Duration::from_millis(200));
+            let (heap, charged) = (LIVE_CHUNKS.load(Relaxed), server.stats().event_bytes);
+            for s in &mut socks {
+                s.write_all(&wire[..cut]).unwrap();
+            }
+            // The first parts are read (and held) before the rest comes.
+            thread::sleep(Duration::from_millis(300));
+            for s in &mut socks {
+                s.write_all(&wire[cut..]).unwrap();
+            }
+            let each = 144 + LEN as u64;
+            assert!(eventually(WAIT, || server.stats().event_bytes
+                >= charged + CLIENTS as u64 * each));
+            thread::sleep(Duration::from_millis(200));
+            kept.extend(socks);
+            (
+                LIVE_CHUNKS.load(Relaxed) - heap,
+                (server.stats().event_bytes - charged) as i64,
+            )
+        };
+        // What the first messages make once (each worker's read buffer)
+        // is in the first round's figures; the second round's growth is
+        // the messages' alone.
+        round(1);
+        let (grown, charged) = round(2);
+        eprintln!(
+            "{CLIENTS} messages of {LEN} B in two pieces: heap {grown:+} bytes (as malloc lays \
+             it out), events charged {charged}"
+        );
+        assert!(
+            grown <= charged + charged / 10,
+            "{CLIENTS} messages hold {grown} bytes, charged {charged}"
+        );
+        drop(kept);
+    });
+}

@@ -199,7 +199,9 @@ impl Decoder {
 
     /// Bytes received and held for an unfinished message (never what a
     /// header announced: memory is reserved as bytes arrive, so a header
-    /// alone costs nothing).
+    /// alone costs nothing). The buffer they are in grows by doubling, so
+    /// it may be up to twice as large; a finished message gives the excess
+    /// back (`fit`).
     pub fn buffered(&self) -> usize {
         self.msg.as_ref().map_or(0, |m| m.buf.len()) + self.control.len()
     }
@@ -395,6 +397,7 @@ impl Decoder {
                 if msg.compressed {
                     msg.buf = self.inflate(&msg.buf, msg.frames)?;
                 }
+                fit(&mut msg.buf);
                 if msg.text {
                     // Fragmented text is validated twice (incrementally, to
                     // fail fast, then here): a String cannot be made from
@@ -429,6 +432,18 @@ impl Decoder {
     #[cfg(not(feature = "deflate"))]
     fn inflate(&mut self, _payload: &[u8], _frames: u32) -> Result<Vec<u8>, DecodeError> {
         Err(ProtocolError::ReservedBits.into())
+    }
+}
+
+/// Give back what a finished message's buffer holds beyond its length,
+/// where that is much: it grew by doubling as its bytes came (or as it
+/// inflated), up to twice its length, and what holds it from here (the
+/// event channel, whose budget counts a message's length; the user) would
+/// hold the rest with it. A small excess is kept (no reallocation on the
+/// paths of small messages).
+fn fit(buf: &mut Vec<u8>) {
+    if buf.capacity() - buf.len() > buf.len() / 8 + 1024 {
+        buf.shrink_to_fit();
     }
 }
 
@@ -523,6 +538,36 @@ mod tests {
         assert_eq!(d.control_frame_left(), None);
         run(&mut d, &wire[1..7]);
         assert_eq!(d.control_frame_left(), None);
+    }
+
+    /// A message whose bytes came in pieces grew its buffer by doubling;
+    /// finished, it holds little more than its length (the event
+    /// channel's budget counts its length).
+    #[test]
+    fn a_message_that_came_in_pieces_is_fitted_when_finished() {
+        for (len, first) in [(40_000usize, 36_000usize), (70_000, 69_998), (5_000, 4_000)] {
+            let payload: Vec<u8> = (0..len).map(|i| (i % 251) as u8).collect();
+            let wire = frame(0x82, &payload);
+            let cut = wire.len() - (len - first);
+            let mut d = Decoder::new(Limits::default());
+            let (items, err) = run(&mut d, &wire[..cut]);
+            assert!(items.is_empty() && err.is_none());
+            let (items, err) = run(&mut d, &wire[cut..cut + 1]);
+            assert!(items.is_empty() && err.is_none());
+            assert_eq!(d.buffered(), first + 1);
+            let (items, err) = run(&mut d, &wire[cut + 1..]);
+            assert_eq!(err, None);
+            let [Incoming::Message(Message::Binary(got))] = &items[..] else {
+                panic!("{items:?}");
+            };
+            assert_eq!(got, &payload);
+            assert!(
+                got.capacity() <= len + len / 8 + 1024,
+                "{len}: capacity {}",
+                got.capacity()
+            );
+            assert_eq!(d.buffered(), 0);
+        }
     }
 
     #[test]
