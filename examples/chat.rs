@@ -139,6 +139,9 @@ fn main() -> Result<(), Error> {
                 let _ = client.send(Message::Binary(bytes));
             }
         })
+        // A closure that panicked, or a failure the server recovered
+        // from: nothing else reports these in the closure style.
+        .on_error(|_, e| eprintln!("error: {e}"))
         .on_disconnect(|client, close, _| {
             let Member { name, room, joined } = client.data();
             if !joined.load(Ordering::Relaxed) {

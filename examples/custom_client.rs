@@ -68,6 +68,7 @@ fn main() -> Result<(), Error> {
                 }
             }
             Event::Disconnect { client, .. } => println!("{} left", client.data().name),
+            Event::Error { error, .. } => eprintln!("error: {error}"),
             _ => {}
         }
     }

@@ -161,6 +161,12 @@ fn main() -> Result<(), Error> {
                 }
             })
             .on_disconnect(|_, _, _| {})
+            // A closure that panicked, or a failure the server recovered
+            // from: nothing else reports these in the closure style.
+            .on_error(|client, e| match client {
+                Some(c) => eprintln!("error (client {}): {e}", c.id()),
+                None => eprintln!("error: {e}"),
+            })
             .on_message(move |client, message| match mode {
                 Mode::Echo => echo(client, message),
                 Mode::Broadcast => {
@@ -181,6 +187,10 @@ fn main() -> Result<(), Error> {
                 }
             },
             Event::Connect { client } if trust_proxy => print_connect(&client),
+            Event::Error { client, error } => match client {
+                Some(c) => eprintln!("error (client {}): {error}", c.id()),
+                None => eprintln!("error: {error}"),
+            },
             _ => {}
         }
     }

@@ -33,6 +33,7 @@ fn main() -> Result<(), Error> {
             Event::Disconnect { client, close, .. } => {
                 println!("User {} disconnected ({close})", client.id());
             }
+            Event::Error { error, .. } => eprintln!("error: {error}"),
             _ => {}
         }
     }

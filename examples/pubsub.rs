@@ -101,7 +101,12 @@ fn main() -> Result<(), Error> {
             a => addr = a.to_string(),
         }
     }
-    let server = builder.on_message(command).start(addr.as_str())?;
+    let server = builder
+        .on_message(command)
+        // A closure that panicked, or a failure the server recovered
+        // from: nothing else reports these in the closure style.
+        .on_error(|_, e| eprintln!("error: {e}"))
+        .start(addr.as_str())?;
     println!("listening on ws://{}", server.local_addr());
     // The closures do the work; this waits until the process is killed.
     for _ in server.events() {}
