@@ -41,7 +41,8 @@ server {
         proxy_set_header Upgrade $http_upgrade;
         proxy_set_header Connection $connection_upgrade;
         proxy_set_header Host $host;
-        # Read by enjent's Builder::trust_proxy(true).
+        # Builder::trust_proxy(true) reads the last X-Forwarded-For
+        # entry; X-Real-IP only with forwarded_header("X-Real-IP").
         proxy_set_header X-Real-IP $remote_addr;
         proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;
         # NGINX drops a connection idle this long (60 s by default); keep
