@@ -292,6 +292,12 @@ impl Decoder {
                         let Some(msg) = self.msg.as_mut() else {
                             return Err(ProtocolError::UnexpectedContinuation.into());
                         };
+                        if msg.frames == 1 {
+                            // Later frames grow it as `Vec` does: sized to
+                            // each frame's end, a message of many small
+                            // frames would be copied whole at each one.
+                            reserve_piece(&mut msg.buf, chunk.len(), *remaining);
+                        }
                         extend_masked(&mut msg.buf, chunk, mask, offset);
                         // A text message that completes here is validated
                         // once, below; otherwise check what we have so far.
@@ -435,6 +441,21 @@ impl Decoder {
     }
 }
 
+/// Room for `piece` more bytes of a frame that will have `after` bytes
+/// still to come: grown by doubling, as `Vec` grows, but never past the
+/// frame's end, so that a frame read in pieces ends in a buffer of its
+/// size. Its header's word only bounds the growth and never sets it: at
+/// most twice what has come is reserved.
+fn reserve_piece(buf: &mut Vec<u8>, piece: usize, after: u64) {
+    let need = buf.len().saturating_add(piece);
+    if need <= buf.capacity() {
+        return;
+    }
+    let doubled = buf.capacity().saturating_mul(2).max(need);
+    let frame_end = need.saturating_add(usize::try_from(after).unwrap_or(usize::MAX));
+    buf.reserve_exact(doubled.min(frame_end) - buf.len());
+}
+
 /// Give back what a finished message's buffer holds beyond its length,
 /// where that is much: it grew by doubling as its bytes came (or as it
 /// inflated), up to twice its length, and what holds it from here (the
@@ -540,9 +561,30 @@ mod tests {
         assert_eq!(d.control_frame_left(), None);
     }
 
-    /// A message whose bytes came in pieces grew its buffer by doubling;
-    /// finished, it holds little more than its length (the event
-    /// channel's budget counts its length).
+    /// A message of two frames, the second growing the buffer the first
+    /// filled: fitted when finished.
+    #[test]
+    fn a_fragmented_message_is_fitted_when_finished() {
+        let payload: Vec<u8> = (0..40_000u32).map(|i| (i % 251) as u8).collect();
+        let mut wire = frame(0x02, &payload[..36_000]);
+        wire.extend(frame(0x80, &payload[36_000..]));
+        let mut d = Decoder::new(Limits::default());
+        let (items, err) = run(&mut d, &wire);
+        assert_eq!(err, None);
+        let [Incoming::Message(Message::Binary(got))] = &items[..] else {
+            panic!("{items:?}");
+        };
+        assert_eq!(got, &payload);
+        assert!(
+            got.capacity() <= 40_000 + 40_000 / 8 + 1024,
+            "{}",
+            got.capacity()
+        );
+    }
+
+    /// A frame whose bytes came in pieces grows its buffer by doubling,
+    /// up to the frame's end: finished, the message holds little more
+    /// than its length (the event channel's budget counts its length).
     #[test]
     fn a_message_that_came_in_pieces_is_fitted_when_finished() {
         for (len, first) in [(40_000usize, 36_000usize), (70_000, 69_998), (5_000, 4_000)] {
