@@ -696,7 +696,8 @@ impl<T: Send + Sync + 'static> Builder<T> {
 
     /// Most bytes held for unfinished incoming messages, all clients
     /// together. Only bytes received count, never sizes a frame header
-    /// announces. Past it, the clients holding the most are closed with
+    /// announces (the buffers they are in grow by doubling, so they may
+    /// take up to twice as much memory). Past it, the clients holding the most are closed with
     /// 1009, largest first, until the rest fit, whoever crossed the line.
     /// (Input a paused client read but has not parsed, at most one read
     /// each, is counted apart, in `stats().unparsed_in_bytes`; once that
