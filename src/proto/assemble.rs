@@ -604,18 +604,25 @@ mod tests {
             let mut wire = frame(0x02, &payload[..first]);
             wire.extend(frame(0x80, &payload[first..]));
             let mut d = Decoder::new(Limits::default());
-            let (items, err) = run(&mut d, &wire);
-            assert_eq!(err, None);
-            let [Incoming::Message(Message::Binary(got))] = &items[..] else {
-                panic!("{items:?}");
-            };
-            assert_eq!(got, &payload);
-            assert!(
-                got.capacity() <= len + len / 8 + 64,
-                "{len}: {}",
-                got.capacity()
-            );
+            expect_fitted(&mut d, &wire, &payload);
         }
+    }
+
+    /// Feed `wire` to `d`: it must finish one binary message, `payload`,
+    /// in a buffer little larger than it.
+    fn expect_fitted(d: &mut Decoder, wire: &[u8], payload: &[u8]) {
+        let (items, err) = run(d, wire);
+        assert_eq!(err, None);
+        let [Incoming::Message(Message::Binary(got))] = &items[..] else {
+            panic!("{items:?}");
+        };
+        assert_eq!(got, payload);
+        let len = payload.len();
+        assert!(
+            got.capacity() <= len + len / 8 + 64,
+            "{len}: capacity {}",
+            got.capacity()
+        );
     }
 
     /// A frame whose bytes came in pieces grows its buffer by doubling,
@@ -636,17 +643,7 @@ mod tests {
             // Doubled, but not past the frame's end.
             let held = d.msg.as_ref().map_or(0, |m| m.buf.capacity());
             assert!(held <= len, "{len}: {held} reserved mid-frame");
-            let (items, err) = run(&mut d, &wire[cut + 1..]);
-            assert_eq!(err, None);
-            let [Incoming::Message(Message::Binary(got))] = &items[..] else {
-                panic!("{items:?}");
-            };
-            assert_eq!(got, &payload);
-            assert!(
-                got.capacity() <= len + len / 8 + 64,
-                "{len}: capacity {}",
-                got.capacity()
-            );
+            expect_fitted(&mut d, &wire[cut + 1..], &payload);
             assert_eq!(d.buffered(), 0);
         }
     }

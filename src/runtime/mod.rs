@@ -804,38 +804,7 @@ mod tests {
     /// woken when that client reads.
     #[test]
     fn threads_in_send_timeout_are_woken_by_the_room_they_wait_for() {
-        let server = WebSocketServer::builder()
-            .max_message_size(64 * 1024)
-            .high_water(64 * 1024)
-            .low_water(16 * 1024)
-            .max_backpressure(0)
-            .max_queued_bytes(256 * 1024)
-            .close_timeout(Duration::from_millis(200))
-            .start("127.0.0.1:0")
-            .unwrap();
-        // The target first, alone: its kernel buffers full, 24 KiB queued
-        // (over low water, which takes any one frame).
-        let (_target_sock, target) = stuck(&server);
-        saturate(&target, 24 << 10);
-        // Seven more take the rest of the budget.
-        let crowd: Vec<(TcpStream, Client)> = (0..7).map(|_| stuck(&server)).collect();
-        for (_, c) in &crowd {
-            while c.send(kib(8)).is_ok() {}
-        }
-        // With 8 open, a share is 32 KiB: 24 + 16 is over it.
-        let refused = target.send(kib(16)).unwrap_err();
-        assert!(for_budget(refused.error()), "{}", refused.error());
-        let waiters: Vec<_> = (0..2)
-            .map(|_| {
-                let c = target.clone();
-                std::thread::spawn(move || {
-                    let t = Instant::now();
-                    let r = c.send_timeout(kib(16), Duration::from_secs(30));
-                    (r.map_err(|e| e.to_string()), t.elapsed())
-                })
-            })
-            .collect();
-        std::thread::sleep(Duration::from_millis(300));
+        let (server, _target_sock, crowd, waiters) = two_waiting_for_the_budget();
         let left = Instant::now();
         drop(crowd);
         for w in waiters {
@@ -877,13 +846,21 @@ mod tests {
         let _ = reader.join();
     }
 
-    /// Threads waiting for the budget are woken by room made in it where
-    /// nobody leaves: the clients holding it read, and the flush that
-    /// brings the count back under the limit wakes them (the poll here
-    /// is 10 s). Writes that leave the count over the limit wake none
-    /// (`tests/flow_control.rs` counts their CPU).
-    #[test]
-    fn threads_waiting_for_the_budget_are_woken_when_others_read() {
+    /// A thread waiting in `send_timeout`, with what it returns and how
+    /// long it took.
+    type Waiter =
+        std::thread::JoinHandle<(std::result::Result<crate::SendStatus, String>, Duration)>;
+
+    /// A server whose budget (256 KiB) seven stuck clients fill, and two
+    /// threads waiting (30 s at most) to send 16 KiB to an eighth, which
+    /// has 24 KiB queued and is refused for the budget (with 8 open, a
+    /// share is 32 KiB: 24 + 16 is over it).
+    fn two_waiting_for_the_budget() -> (
+        WebSocketServer,
+        TcpStream,
+        Vec<(TcpStream, Client)>,
+        Vec<Waiter>,
+    ) {
         let server = WebSocketServer::builder()
             .max_message_size(64 * 1024)
             .high_water(64 * 1024)
@@ -893,15 +870,18 @@ mod tests {
             .close_timeout(Duration::from_millis(200))
             .start("127.0.0.1:0")
             .unwrap();
-        let (_target_sock, target) = stuck(&server);
+        // The target first, alone: its kernel buffers full, 24 KiB queued
+        // (over low water, which takes any one frame).
+        let (target_sock, target) = stuck(&server);
         saturate(&target, 24 << 10);
+        // Seven more take the rest of the budget.
         let crowd: Vec<(TcpStream, Client)> = (0..7).map(|_| stuck(&server)).collect();
         for (_, c) in &crowd {
             while c.send(kib(8)).is_ok() {}
         }
         let refused = target.send(kib(16)).unwrap_err();
         assert!(for_budget(refused.error()), "{}", refused.error());
-        let waiters: Vec<_> = (0..2)
+        let waiters: Vec<Waiter> = (0..2)
             .map(|_| {
                 let c = target.clone();
                 std::thread::spawn(move || {
@@ -912,6 +892,17 @@ mod tests {
             })
             .collect();
         std::thread::sleep(Duration::from_millis(300));
+        (server, target_sock, crowd, waiters)
+    }
+
+    /// Threads waiting for the budget are woken by room made in it where
+    /// nobody leaves: the clients holding it read, and the flush that
+    /// brings the count back under the limit wakes them (the poll here
+    /// is 10 s). Writes that leave the count over the limit wake none
+    /// (`tests/flow_control.rs` counts their CPU).
+    #[test]
+    fn threads_waiting_for_the_budget_are_woken_when_others_read() {
+        let (server, _target_sock, crowd, waiters) = two_waiting_for_the_budget();
         assert!(
             waiters.iter().all(|w| !w.is_finished()),
             "the waiters did not wait"
