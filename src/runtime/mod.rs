@@ -807,15 +807,7 @@ mod tests {
         let (server, _target_sock, crowd, waiters) = two_waiting_for_the_budget();
         let left = Instant::now();
         drop(crowd);
-        for w in waiters {
-            let (result, waited) = w.join().unwrap();
-            assert!(result.is_ok(), "{result:?} after {waited:?}");
-            let since = left.elapsed();
-            assert!(
-                since < Duration::from_secs(5),
-                "woken only by the poll: {since:?} after they left"
-            );
-        }
+        each_sent_soon(waiters, left, "they left");
 
         // Refused by its own queue: woken by that client reading.
         let (mut sock, c) = stuck(&server);
@@ -850,6 +842,20 @@ mod tests {
     /// long it took.
     type Waiter =
         std::thread::JoinHandle<(std::result::Result<crate::SendStatus, String>, Duration)>;
+
+    /// Each waiter sent, within 5 s of `since` (when `what` happened):
+    /// woken by the room, not by its 10 s poll.
+    fn each_sent_soon(waiters: Vec<Waiter>, since: Instant, what: &str) {
+        for w in waiters {
+            let (result, waited) = w.join().unwrap();
+            assert!(result.is_ok(), "{result:?} after {waited:?}");
+            let after = since.elapsed();
+            assert!(
+                after < Duration::from_secs(5),
+                "woken only by the poll: {after:?} after {what}"
+            );
+        }
+    }
 
     /// A server whose budget (256 KiB) seven stuck clients fill, and two
     /// threads waiting (30 s at most) to send 16 KiB to an eighth, which
@@ -918,15 +924,7 @@ mod tests {
                 })
             })
             .collect();
-        for w in waiters {
-            let (result, waited) = w.join().unwrap();
-            assert!(result.is_ok(), "{result:?} after {waited:?}");
-            let since = reading.elapsed();
-            assert!(
-                since < Duration::from_secs(5),
-                "woken only by the poll: {since:?} after the others read"
-            );
-        }
+        each_sent_soon(waiters, reading, "the others read");
         drop(server);
         for r in readers {
             let _ = r.join();
