@@ -6,6 +6,10 @@ use std::time::Duration;
 /// and read buffer, and the pool starts them all at once.
 const MAX_WORKERS: usize = 4096;
 
+/// The largest `kernel_send_buffer` taken (the kernel caps what it gives
+/// far lower unless its `net.core.wmem_max` is raised).
+const KERNEL_SEND_BUFFER_MAX: usize = 1 << 30;
+
 /// The server's limits and timeouts. Built with
 /// [`Builder`](crate::Builder); read back with
 /// [`WebSocketServer::config`](crate::WebSocketServer::config).
@@ -23,6 +27,7 @@ pub struct Config {
     pub(crate) max_backpressure: usize,
     pub(crate) workers: usize,
     pub(crate) max_connections_per_ip: usize,
+    pub(crate) kernel_send_buffer: Option<usize>,
     pub(crate) max_buffered_bytes: usize,
     pub(crate) max_queued_bytes: usize,
     pub(crate) slow_client_policy: SlowClientPolicy,
@@ -80,6 +85,7 @@ impl Default for Config {
             max_backpressure: 1 << 20,
             workers: std::thread::available_parallelism().map_or(4, |n| 2 * n.get()),
             max_connections_per_ip: usize::MAX,
+            kernel_send_buffer: None,
             max_buffered_bytes: 256 << 20,
             max_queued_bytes: 256 << 20,
             slow_client_policy: SlowClientPolicy::Refuse,
@@ -200,6 +206,12 @@ impl Config {
         self.max_connections_per_ip
     }
 
+    /// The send buffer asked of the kernel for each client's socket
+    /// (`SO_SNDBUF`), or `None` for the kernel's own sizing.
+    pub fn kernel_send_buffer(&self) -> Option<usize> {
+        self.kernel_send_buffer
+    }
+
     /// Most bytes of unfinished incoming messages, all clients together.
     pub fn max_buffered_bytes(&self) -> usize {
         self.max_buffered_bytes
@@ -299,6 +311,11 @@ impl Config {
         }
         if self.max_connections_per_ip == 0 {
             return Err("max_connections_per_ip must be at least 1");
+        }
+        if let Some(b) = self.kernel_send_buffer
+            && (b == 0 || b > KERNEL_SEND_BUFFER_MAX)
+        {
+            return Err("kernel_send_buffer must be at least 1 byte and at most 1 GiB");
         }
         if self.bridge_outbox_bytes == 0 {
             return Err("bridge_outbox_bytes must be at least 1");

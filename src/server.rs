@@ -694,6 +694,33 @@ impl<T: Send + Sync + 'static> Builder<T> {
         self
     }
 
+    /// The send buffer to ask of the kernel for each client's socket
+    /// (`SO_SNDBUF`, set once it is accepted), or `None` to leave its
+    /// size to the kernel. Default: `None`.
+    ///
+    /// No budget of the server counts what the kernel holds for a client
+    /// that does not read: left to itself, Linux grows a socket's send
+    /// buffer up to `net.ipv4.tcp_wmem`'s largest (4 MiB by default),
+    /// and over loopback (a proxy on the same host) a client that never
+    /// reads took 2.9 MB of kernel memory at once, where `Some(131_072)`
+    /// holds it to about 190 KB. A thousand such clients sent a few large
+    /// messages each (a fan-out) can take the host's TCP memory to its
+    /// pressure threshold (`net.ipv4.tcp_mem`), where every socket's
+    /// buffers shrink: clients that do read then fall behind, and what
+    /// is sent to them is refused at their limits. Set it where untrusted
+    /// clients are sent much (a topic anyone may subscribe to). The
+    /// kernel doubles the value for its bookkeeping, takes at least about
+    /// 4.6 KB, and caps it at `net.core.wmem_max` (212,992 by default),
+    /// and a fixed size turns off its growing of the buffer, which
+    /// clients far away need for speed: a client 50 ms away is then sent
+    /// at most about two buffers a round trip (about 8 MB/s at
+    /// `131_072`). Set on Linux, Android, macOS, iOS and the BSDs;
+    /// elsewhere it has no effect. Must be at least 1 and at most 1 GiB.
+    pub fn kernel_send_buffer(mut self, bytes: Option<usize>) -> Self {
+        self.config.kernel_send_buffer = bytes;
+        self
+    }
+
     /// Most bytes held for unfinished incoming messages, all clients
     /// together. Only bytes received count, never sizes a frame header
     /// announces (the buffers they are in grow by doubling, so they may

@@ -133,3 +133,89 @@ fn a_client_that_pings_without_reading_stops_being_read() {
     c.send("fine").unwrap();
     assert_eq!(ws.read().unwrap(), tungstenite::Message::text("fine"));
 }
+
+/// Send 16 KiB messages to `client` until its queue holds 512 KiB that
+/// the kernel would not take (it grows a buffer as it goes, so the first
+/// refusal is not the last word), then give the queue's flushes a moment.
+fn fill_the_kernel(client: &enjent::Client) {
+    let start = Instant::now();
+    while client.buffered_amount() < 512 << 10 {
+        assert!(start.elapsed() < WAIT, "the kernel kept taking");
+        client.send(vec![7u8; 16 << 10]).unwrap();
+    }
+    std::thread::sleep(Duration::from_millis(100));
+}
+
+/// What the kernel takes for clients that never read, with and without
+/// `kernel_send_buffer`: no budget of the server counts it, and left to
+/// itself Linux grows each such socket's buffer to megabytes over
+/// loopback (2.9 MB measured), so a crowd of them could take the host's
+/// TCP memory to its pressure threshold, where clients that do read fall
+/// behind (an outside attack: 1,000 non-readers sent a few 1 MiB
+/// publishes). With the buffer set, 20 such clients take at most about
+/// four times it each (the kernel doubles it, and counts its own
+/// overhead); and a client that reads still gets everything.
+#[test]
+fn a_kernel_send_buffer_bounds_what_clients_that_never_read_take() {
+    const CAP: usize = 64 << 10;
+    const CROWD: usize = 20;
+    for cap in [Some(CAP), None] {
+        let server = WebSocketServer::builder()
+            .kernel_send_buffer(cap)
+            .start("127.0.0.1:0")
+            .unwrap();
+        assert_eq!(server.config().kernel_send_buffer(), cap);
+        let addr = server.local_addr();
+        let crowd = if cap.is_some() { CROWD } else { 2 };
+        let mut socks = Vec::new();
+        for _ in 0..crowd {
+            socks.push(raw_ws_small_window(addr));
+            fill_the_kernel(&expect_connect(&server));
+        }
+        let took = server.stats().bytes_out / crowd as u64;
+        eprintln!("kernel_send_buffer {cap:?}: the kernel took {took} bytes a client");
+        match cap {
+            Some(cap) => assert!(
+                took <= 4 * cap as u64,
+                "{took} bytes a client taken by the kernel, with a send buffer of {cap}"
+            ),
+            // Linux's defaults (`net.ipv4.tcp_wmem` up to 4 MiB): if this
+            // fails, the host's are lower, and the bound above proves
+            // nothing here.
+            None => assert!(
+                took > 16 * CAP as u64,
+                "only {took} bytes a client taken by the kernel with its own sizing"
+            ),
+        }
+        if cap.is_some() {
+            // A reader gets every message, in order, through the small
+            // buffer.
+            let mut reader = client(addr);
+            let c = expect_connect(&server);
+            let sender = std::thread::spawn(move || {
+                for i in 0..200u32 {
+                    c.send_timeout(numbered(i, 16 << 10), WAIT).unwrap();
+                }
+            });
+            for i in 0..200u32 {
+                match reader.read().unwrap() {
+                    tungstenite::Message::Binary(b) => {
+                        assert!(b[..] == numbered(i, 16 << 10)[..], "message {i} is wrong")
+                    }
+                    other => panic!("message {i}: {other:?}"),
+                }
+            }
+            sender.join().unwrap();
+        }
+        drop(socks);
+    }
+}
+
+#[test]
+fn a_kernel_send_buffer_of_nothing_is_refused() {
+    let e = WebSocketServer::builder()
+        .kernel_send_buffer(Some(0))
+        .start("127.0.0.1:0")
+        .expect_err("a send buffer of 0 bytes was taken");
+    assert!(e.to_string().contains("kernel_send_buffer"), "{e}");
+}

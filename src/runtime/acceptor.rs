@@ -108,6 +108,88 @@ pub(crate) fn widen_backlog(listener: &TcpListener) {
 #[cfg(not(unix))]
 pub(crate) fn widen_backlog(_: &TcpListener) {}
 
+/// Ask the kernel for a send buffer of `bytes` on `stream` (`SO_SNDBUF`;
+/// see [`Builder::kernel_send_buffer`](crate::Builder::kernel_send_buffer)).
+/// Should it fail, the kernel's own sizing stands.
+#[cfg(unix)]
+#[allow(unsafe_code)]
+pub(crate) fn set_send_buffer(stream: &TcpStream, bytes: usize) {
+    use std::os::fd::AsRawFd;
+    use std::os::raw::{c_int, c_void};
+    // The constants of <sys/socket.h>: Linux's on most of its
+    // architectures, the BSDs' (and macOS's), and MIPS, SPARC and Alpha
+    // Linux's, which took the BSD numbering.
+    #[cfg(all(
+        any(target_os = "linux", target_os = "android"),
+        not(any(
+            target_arch = "mips",
+            target_arch = "mips64",
+            target_arch = "sparc",
+            target_arch = "sparc64"
+        ))
+    ))]
+    const LEVEL_AND_NAME: Option<(c_int, c_int)> = Some((1, 7));
+    #[cfg(any(
+        target_os = "macos",
+        target_os = "ios",
+        target_os = "freebsd",
+        target_os = "netbsd",
+        target_os = "openbsd",
+        target_os = "dragonfly",
+        all(
+            any(target_os = "linux", target_os = "android"),
+            any(
+                target_arch = "mips",
+                target_arch = "mips64",
+                target_arch = "sparc",
+                target_arch = "sparc64"
+            )
+        )
+    ))]
+    const LEVEL_AND_NAME: Option<(c_int, c_int)> = Some((0xffff, 0x1001));
+    #[cfg(not(any(
+        target_os = "linux",
+        target_os = "android",
+        target_os = "macos",
+        target_os = "ios",
+        target_os = "freebsd",
+        target_os = "netbsd",
+        target_os = "openbsd",
+        target_os = "dragonfly"
+    )))]
+    const LEVEL_AND_NAME: Option<(c_int, c_int)> = None;
+    unsafe extern "C" {
+        fn setsockopt(
+            fd: c_int,
+            level: c_int,
+            name: c_int,
+            value: *const c_void,
+            len: u32,
+        ) -> c_int;
+    }
+    let Some((level, name)) = LEVEL_AND_NAME else {
+        return;
+    };
+    // At most 1 GiB (the builder's check), so it fits.
+    let value = c_int::try_from(bytes).unwrap_or(c_int::MAX);
+    // SAFETY: `setsockopt(2)` reads `len` bytes at `value`, an integer of
+    // ours that outlives the call, and writes nothing of ours; the
+    // descriptor is the stream's, open while it is borrowed.
+    let _ = unsafe {
+        setsockopt(
+            stream.as_raw_fd(),
+            level,
+            name,
+            (&raw const value).cast(),
+            std::mem::size_of::<c_int>() as u32,
+        )
+    };
+}
+
+/// Elsewhere the kernel's sizing stands.
+#[cfg(not(unix))]
+pub(crate) fn set_send_buffer(_: &TcpStream, _: usize) {}
+
 /// Take one client off the listen backlog and hand it on. True once
 /// shutdown has stopped the thread.
 fn accept_one<T: Send + Sync + 'static>(
@@ -160,6 +242,9 @@ fn accept_one<T: Send + Sync + 'static>(
     }
     let _ = stream.set_nodelay(true);
     let config = &shared.config;
+    if let Some(bytes) = config.kernel_send_buffer {
+        set_send_buffer(&stream, bytes);
+    }
     let Some(key) = shared.registry.reserve(
         config.max_connections,
         config.max_connections_per_ip,
