@@ -2,7 +2,7 @@
 //! tests drive.
 //!
 //! ```text
-//! cargo run --release --example pubsub -- [ADDR] [--max-message-size BYTES]
+//! cargo run --release --example pubsub -- [ADDR] [--max-message-size BYTES] [--kernel-send-buffer BYTES]
 //! cargo run --release --features redis --example pubsub -- [ADDR] --redis redis://127.0.0.1:6379
 //! ```
 //!
@@ -25,7 +25,9 @@
 use enjent::{Client, Error, Message, WebSocketServer};
 
 fn usage(why: &str) -> Error {
-    eprintln!("{why}\nusage: pubsub [ADDR] [--max-message-size BYTES] [--redis URL]");
+    eprintln!(
+        "{why}\nusage: pubsub [ADDR] [--max-message-size BYTES] [--kernel-send-buffer BYTES] [--redis URL]"
+    );
     Error::InvalidInput("bad arguments")
 }
 
@@ -91,6 +93,14 @@ fn main() -> Result<(), Error> {
                 let n = args.next().and_then(|v| v.parse().ok());
                 let n = n.ok_or_else(|| usage("--max-message-size needs a number of bytes"))?;
                 builder = builder.max_message_size(n);
+            }
+            // Anyone may subscribe here: a cap on what the kernel holds
+            // for a subscriber that never reads (see the README's
+            // paragraph on the kernel's buffers).
+            "--kernel-send-buffer" => {
+                let n = args.next().and_then(|v| v.parse().ok());
+                let n = n.ok_or_else(|| usage("--kernel-send-buffer needs a number of bytes"))?;
+                builder = builder.kernel_send_buffer(Some(n));
             }
             "--redis" => {
                 let url = args.next().ok_or_else(|| usage("--redis needs a URL"))?;

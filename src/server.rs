@@ -695,27 +695,32 @@ impl<T: Send + Sync + 'static> Builder<T> {
     }
 
     /// The send buffer to ask of the kernel for each client's socket
-    /// (`SO_SNDBUF`, set once it is accepted), or `None` to leave its
-    /// size to the kernel. Default: `None`.
+    /// (`SO_SNDBUF`, set on the listening socket at `start`, which every
+    /// client's socket inherits), or `None` to leave its size to the
+    /// kernel. Default: `None`.
     ///
     /// No budget of the server counts what the kernel holds for a client
     /// that does not read: left to itself, Linux grows a socket's send
     /// buffer up to `net.ipv4.tcp_wmem`'s largest (4 MiB by default),
-    /// and over loopback (a proxy on the same host) a client that never
-    /// reads took 2.9 MB of kernel memory at once, where `Some(131_072)`
-    /// holds it to about 190 KB. A thousand such clients sent a few large
-    /// messages each (a fan-out) can take the host's TCP memory to its
-    /// pressure threshold (`net.ipv4.tcp_mem`), where every socket's
-    /// buffers shrink: clients that do read then fall behind, and what
-    /// is sent to them is refused at their limits. Set it where untrusted
-    /// clients are sent much (a topic anyone may subscribe to). The
-    /// kernel doubles the value for its bookkeeping, takes at least about
-    /// 4.6 KB, and caps it at `net.core.wmem_max` (212,992 by default),
-    /// and a fixed size turns off its growing of the buffer, which
-    /// clients far away need for speed: a client 50 ms away is then sent
-    /// at most about two buffers a round trip (about 8 MB/s at
-    /// `131_072`). Set on Linux, Android, macOS, iOS and the BSDs;
-    /// elsewhere it has no effect. Must be at least 1 and at most 1 GiB.
+    /// and over loopback (a proxy on the same host) the kernel took
+    /// 2.99 MB for a client that never reads, where `Some(65_536)` held
+    /// it to 100 KB (`tests/limits.rs`). A thousand such clients sent a
+    /// few large messages each (a fan-out) can take the host's TCP memory
+    /// to its pressure threshold (`net.ipv4.tcp_mem`), where every
+    /// socket's buffers shrink: clients that do read then fall behind,
+    /// and what is sent to them is refused at their limits. Set it where
+    /// untrusted clients are sent much (a topic anyone may subscribe to).
+    ///
+    /// A fixed size stops the kernel growing the buffer, which clients far
+    /// away need for speed: at most about a buffer's worth is in flight,
+    /// so a client 50 ms away is sent about 5 MB/s at most at `131_072`
+    /// (by that arithmetic; not measured). Linux doubles the value (the
+    /// allowance for its overhead), takes at least about 4.6 KB, and caps
+    /// it at `net.core.wmem_max` (212,992 by default); macOS and the BSDs
+    /// refuse a value over their `kern.ipc.maxsockbuf`, and `start` then
+    /// fails with [`Error::Io`]. Known on Linux, Android, macOS, iOS and
+    /// the BSDs; elsewhere `start` fails with an `Unsupported` error.
+    /// Must be at least 1 and at most 1 GiB.
     pub fn kernel_send_buffer(mut self, bytes: Option<usize>) -> Self {
         self.config.kernel_send_buffer = bytes;
         self
@@ -1012,7 +1017,9 @@ impl<T: Send + Sync + 'static> Builder<T> {
     ///
     /// [`Error::InvalidConfig`] for a setting that cannot work;
     /// [`Error::Bind`] if the address cannot be listened on; [`Error::Io`]
-    /// if the poller or a thread cannot be created.
+    /// if the poller or a thread cannot be created, or the system refuses
+    /// [`kernel_send_buffer`](Builder::kernel_send_buffer) (`Unsupported`
+    /// where it is not known).
     pub fn start(self, addr: impl ToSocketAddrs) -> Result<WebSocketServer<T>> {
         self.config.validate().map_err(Error::InvalidConfig)?;
         let addrs: Vec<SocketAddr> = addr
@@ -1031,6 +1038,9 @@ impl<T: Send + Sync + 'static> Builder<T> {
             source: e,
         })?;
         crate::runtime::acceptor::widen_backlog(&listener);
+        if let Some(bytes) = self.config.kernel_send_buffer {
+            crate::runtime::acceptor::set_send_buffer(&listener, bytes)?;
+        }
         let local_addr = listener.local_addr()?;
         #[cfg(target_os = "linux")]
         let accept_wake = listener

@@ -108,12 +108,15 @@ pub(crate) fn widen_backlog(listener: &TcpListener) {
 #[cfg(not(unix))]
 pub(crate) fn widen_backlog(_: &TcpListener) {}
 
-/// Ask the kernel for a send buffer of `bytes` on `stream` (`SO_SNDBUF`;
-/// see [`Builder::kernel_send_buffer`](crate::Builder::kernel_send_buffer)).
-/// Should it fail, the kernel's own sizing stands.
+/// Ask the kernel for a send buffer of `bytes` on `listener` (`SO_SNDBUF`;
+/// see [`Builder::kernel_send_buffer`](crate::Builder::kernel_send_buffer)),
+/// which every socket it accepts inherits (Linux and the BSDs copy it,
+/// with the lock that stops the kernel resizing it, to each new
+/// connection): one system call at start, none a client, and a value the
+/// kernel refuses is an error of `start`.
 #[cfg(unix)]
 #[allow(unsafe_code)]
-pub(crate) fn set_send_buffer(stream: &TcpStream, bytes: usize) {
+pub(crate) fn set_send_buffer(listener: &TcpListener, bytes: usize) -> io::Result<()> {
     use std::os::fd::AsRawFd;
     use std::os::raw::{c_int, c_void};
     // The constants of <sys/socket.h>: Linux's on most of its
@@ -124,6 +127,8 @@ pub(crate) fn set_send_buffer(stream: &TcpStream, bytes: usize) {
         not(any(
             target_arch = "mips",
             target_arch = "mips64",
+            target_arch = "mips32r6",
+            target_arch = "mips64r6",
             target_arch = "sparc",
             target_arch = "sparc64"
         ))
@@ -141,6 +146,8 @@ pub(crate) fn set_send_buffer(stream: &TcpStream, bytes: usize) {
             any(
                 target_arch = "mips",
                 target_arch = "mips64",
+                target_arch = "mips32r6",
+                target_arch = "mips64r6",
                 target_arch = "sparc",
                 target_arch = "sparc64"
             )
@@ -168,27 +175,57 @@ pub(crate) fn set_send_buffer(stream: &TcpStream, bytes: usize) {
         ) -> c_int;
     }
     let Some((level, name)) = LEVEL_AND_NAME else {
-        return;
+        return Err(unsupported());
     };
     // At most 1 GiB (the builder's check), so it fits.
     let value = c_int::try_from(bytes).unwrap_or(c_int::MAX);
     // SAFETY: `setsockopt(2)` reads `len` bytes at `value`, an integer of
     // ours that outlives the call, and writes nothing of ours; the
-    // descriptor is the stream's, open while it is borrowed.
-    let _ = unsafe {
+    // descriptor is the listener's, open while it is borrowed.
+    let done = unsafe {
         setsockopt(
-            stream.as_raw_fd(),
+            listener.as_raw_fd(),
             level,
             name,
             (&raw const value).cast(),
             std::mem::size_of::<c_int>() as u32,
         )
     };
+    if done == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
 }
 
-/// Elsewhere the kernel's sizing stands.
+/// Elsewhere the option is not known: `start` says so.
 #[cfg(not(unix))]
-pub(crate) fn set_send_buffer(_: &TcpStream, _: usize) {}
+pub(crate) fn set_send_buffer(_: &TcpListener, _: usize) -> io::Result<()> {
+    Err(unsupported())
+}
+
+#[cfg_attr(
+    all(
+        unix,
+        any(
+            target_os = "linux",
+            target_os = "android",
+            target_os = "macos",
+            target_os = "ios",
+            target_os = "freebsd",
+            target_os = "netbsd",
+            target_os = "openbsd",
+            target_os = "dragonfly"
+        )
+    ),
+    allow(dead_code)
+)]
+fn unsupported() -> io::Error {
+    io::Error::new(
+        io::ErrorKind::Unsupported,
+        "kernel_send_buffer is not supported on this system",
+    )
+}
 
 /// Take one client off the listen backlog and hand it on. True once
 /// shutdown has stopped the thread.
@@ -242,9 +279,6 @@ fn accept_one<T: Send + Sync + 'static>(
     }
     let _ = stream.set_nodelay(true);
     let config = &shared.config;
-    if let Some(bytes) = config.kernel_send_buffer {
-        set_send_buffer(&stream, bytes);
-    }
     let Some(key) = shared.registry.reserve(
         config.max_connections,
         config.max_connections_per_ip,
