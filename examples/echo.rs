@@ -2,7 +2,7 @@
 //!
 //! ```text
 //! cargo run --release --example echo -- [ADDR] [echo|broadcast] [--max-message-size BYTES] [--main-loop] [--trust-proxy]
-//!     [--workers N] [--ping-interval SECS] [--no-keepalive]
+//!     [--workers N] [--ping-interval SECS] [--no-keepalive] [--kernel-send-buffer BYTES]
 //!     [--compress-all] [--compress-level N] (these two: feature deflate)
 //! ```
 //!
@@ -33,7 +33,7 @@ enum Mode {
 
 const USAGE: &str = "usage: echo [ADDR] [echo|broadcast] [--max-message-size BYTES] \
 [--ping-interval SECS] [--no-keepalive] [--workers N] [--main-loop] [--trust-proxy] \
-[--compress-all] [--compress-level N]
+[--kernel-send-buffer BYTES] [--compress-all] [--compress-level N]
 
   ADDR                default 127.0.0.1:13003
   echo | broadcast    each message back to its sender (default), or to every client
@@ -43,6 +43,9 @@ const USAGE: &str = "usage: echo [ADDR] [echo|broadcast] [--max-message-size BYT
   --workers N         the pool's threads (default twice the cores)
   --main-loop         handle messages in an event loop instead of closures
   --trust-proxy       believe X-Forwarded-For and print each client's address
+  --kernel-send-buffer BYTES
+                      each client's send buffer in the kernel (SO_SNDBUF;
+                      default: the kernel's sizing)
   --compress-all, --compress-level N
                       (built with --features deflate) compress every message,
                       at zlib level N (0-9, default 6)";
@@ -112,6 +115,11 @@ fn main() -> Result<(), Error> {
                 let n = args.next().and_then(|v| v.parse().ok());
                 let n = n.ok_or_else(|| usage("--max-message-size needs a number of bytes"))?;
                 builder = builder.max_message_size(n);
+            }
+            "--kernel-send-buffer" => {
+                let n = args.next().and_then(|v| v.parse().ok());
+                let n = n.ok_or_else(|| usage("--kernel-send-buffer needs a number of bytes"))?;
+                builder = builder.kernel_send_buffer(Some(n));
             }
             "--no-keepalive" => {
                 builder = builder.ping_interval(None).idle_timeout(None);

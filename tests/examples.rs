@@ -145,6 +145,7 @@ fn echo_help_succeeds_and_a_bad_option_fails_with_the_usage() {
         "--workers",
         "--main-loop",
         "--trust-proxy",
+        "--kernel-send-buffer",
         "--compress-all",
         "--compress-level",
     ] {
