@@ -24,10 +24,11 @@
 
 use enjent::{Client, Error, Message, WebSocketServer};
 
+const USAGE: &str =
+    "usage: pubsub [ADDR] [--max-message-size BYTES] [--kernel-send-buffer BYTES] [--redis URL]";
+
 fn usage(why: &str) -> Error {
-    eprintln!(
-        "{why}\nusage: pubsub [ADDR] [--max-message-size BYTES] [--kernel-send-buffer BYTES] [--redis URL]"
-    );
+    eprintln!("{why}\n{USAGE}");
     Error::InvalidInput("bad arguments")
 }
 
@@ -106,7 +107,10 @@ fn main() -> Result<(), Error> {
                 let url = args.next().ok_or_else(|| usage("--redis needs a URL"))?;
                 builder = with_redis(builder, &url)?;
             }
-            "-h" | "--help" => return Err(usage("topics over a text protocol")),
+            "-h" | "--help" => {
+                println!("topics over a text protocol\n{USAGE}");
+                return Ok(());
+            }
             a if a.starts_with('-') => return Err(usage(&format!("unknown option {a}"))),
             a => addr = a.to_string(),
         }

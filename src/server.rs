@@ -695,16 +695,17 @@ impl<T: Send + Sync + 'static> Builder<T> {
     }
 
     /// The send buffer to ask of the kernel for each client's socket
-    /// (`SO_SNDBUF`, set on the listening socket at `start`, which every
-    /// client's socket inherits), or `None` to leave its size to the
-    /// kernel. Default: `None`.
+    /// (`SO_SNDBUF`, set on the listening socket at `start`, and on each
+    /// client's socket as it is accepted), or `None` to leave its size to
+    /// the kernel. Default: `None`.
     ///
     /// No budget of the server counts what the kernel holds for a client
     /// that does not read: left to itself, Linux grows a socket's send
     /// buffer up to `net.ipv4.tcp_wmem`'s largest (4 MiB by default),
     /// and over loopback (a proxy on the same host) the kernel took
     /// 2.99 MB for a client that never reads, where `Some(65_536)` held
-    /// it to 100 KB (`tests/limits.rs`). A thousand such clients sent a
+    /// it to 100 KB (`tests/limits.rs`, counting the bytes the kernel
+    /// took from the server). A thousand such clients sent a
     /// few large messages each (a fan-out) can take the host's TCP memory
     /// to its pressure threshold (`net.ipv4.tcp_mem`), where every
     /// socket's buffers shrink: clients that do read then fall behind,
@@ -713,12 +714,15 @@ impl<T: Send + Sync + 'static> Builder<T> {
     ///
     /// A fixed size stops the kernel growing the buffer, which clients far
     /// away need for speed: at most about a buffer's worth is in flight,
-    /// so a client 50 ms away is sent about 5 MB/s at most at `131_072`
-    /// (by that arithmetic; not measured). Linux doubles the value (the
+    /// so on Linux, which doubles the value, a client 50 ms away is sent
+    /// about 5 MB/s at most at `131_072` (by that arithmetic; not
+    /// measured). Over loopback it slowed the 64 KiB echo by about a
+    /// third (the README's figures). Linux doubles the value (the
     /// allowance for its overhead), takes at least about 4.6 KB, and caps
-    /// it at `net.core.wmem_max` (212,992 by default); macOS and the BSDs
-    /// refuse a value over their `kern.ipc.maxsockbuf`, and `start` then
-    /// fails with [`Error::Io`]. Known on Linux, Android, macOS, iOS and
+    /// it at `net.core.wmem_max` (212,992 by default); macOS, FreeBSD and
+    /// DragonFly refuse a value over their `kern.ipc.maxsockbuf` (the
+    /// other BSDs have limits of their own), and `start` then fails with
+    /// [`Error::Io`]. Known on Linux, Android, macOS, iOS and
     /// the BSDs; elsewhere `start` fails with an `Unsupported` error.
     /// Must be at least 1 and at most 1 GiB.
     pub fn kernel_send_buffer(mut self, bytes: Option<usize>) -> Self {
@@ -1039,7 +1043,12 @@ impl<T: Send + Sync + 'static> Builder<T> {
         })?;
         crate::runtime::acceptor::widen_backlog(&listener);
         if let Some(bytes) = self.config.kernel_send_buffer {
-            crate::runtime::acceptor::set_send_buffer(&listener, bytes)?;
+            crate::runtime::acceptor::set_send_buffer(&listener, bytes).map_err(|e| {
+                Error::Io(std::io::Error::new(
+                    e.kind(),
+                    format!("kernel_send_buffer of {bytes} bytes: {e}"),
+                ))
+            })?;
         }
         let local_addr = listener.local_addr()?;
         #[cfg(target_os = "linux")]

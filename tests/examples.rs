@@ -131,32 +131,50 @@ fn echo_echoes_and_honours_max_message_size() {
     }
 }
 
-#[test]
-fn echo_help_succeeds_and_a_bad_option_fails_with_the_usage() {
-    let bin = example_bin("echo", &[]);
+/// `name --help` succeeds and lists each of `flags`; an unknown option
+/// fails with the usage. Returns the example's binary.
+fn help_and_a_bad_option(name: &str, flags: &[&str]) -> std::path::PathBuf {
+    let bin = example_bin(name, &[]);
     let help = Command::new(&bin).arg("--help").output().unwrap();
     assert!(help.status.success(), "{help:?}");
     let text = String::from_utf8_lossy(&help.stdout);
-    // Every flag the parser knows is in the usage text.
-    for flag in [
-        "--max-message-size",
-        "--ping-interval",
-        "--no-keepalive",
-        "--workers",
-        "--main-loop",
-        "--trust-proxy",
-        "--kernel-send-buffer",
-        "--compress-all",
-        "--compress-level",
-    ] {
+    for flag in flags {
         assert!(text.contains(flag), "{flag} missing from {text}");
     }
     let bad = Command::new(&bin).arg("--no-such-flag").output().unwrap();
     assert!(!bad.status.success(), "{bad:?}");
     let err = String::from_utf8_lossy(&bad.stderr);
     assert!(
-        err.contains("unknown option --no-such-flag") && err.contains("usage: echo"),
+        err.contains("unknown option --no-such-flag") && err.contains(&format!("usage: {name}")),
         "{err}"
+    );
+    bin
+}
+
+#[test]
+fn pubsub_help_succeeds_and_a_bad_option_fails_with_the_usage() {
+    help_and_a_bad_option(
+        "pubsub",
+        &["--max-message-size", "--kernel-send-buffer", "--redis"],
+    );
+}
+
+#[test]
+fn echo_help_succeeds_and_a_bad_option_fails_with_the_usage() {
+    // Every flag the parser knows is in the usage text.
+    let bin = help_and_a_bad_option(
+        "echo",
+        &[
+            "--max-message-size",
+            "--ping-interval",
+            "--no-keepalive",
+            "--workers",
+            "--main-loop",
+            "--trust-proxy",
+            "--kernel-send-buffer",
+            "--compress-all",
+            "--compress-level",
+        ],
     );
     let short = Command::new(&bin)
         .args(["--ping-interval", "0.06"])

@@ -108,63 +108,48 @@ pub(crate) fn widen_backlog(listener: &TcpListener) {
 #[cfg(not(unix))]
 pub(crate) fn widen_backlog(_: &TcpListener) {}
 
-/// Ask the kernel for a send buffer of `bytes` on `listener` (`SO_SNDBUF`;
-/// see [`Builder::kernel_send_buffer`](crate::Builder::kernel_send_buffer)),
-/// which every socket it accepts inherits (Linux and the BSDs copy it,
-/// with the lock that stops the kernel resizing it, to each new
-/// connection): one system call at start, none a client, and a value the
-/// kernel refuses is an error of `start`.
+/// Ask the kernel for a send buffer of `bytes` on `socket` (`SO_SNDBUF`;
+/// see [`Builder::kernel_send_buffer`](crate::Builder::kernel_send_buffer)).
+/// Set on the listener at `start` (where a value the kernel refuses is an
+/// error), which every socket it accepts inherits (Linux and the BSDs
+/// copy it, with the lock that stops the kernel resizing it, to each new
+/// connection); and again on each accepted socket, since `bind` listens
+/// before `start` can set it: a client whose connection the kernel
+/// completed in that moment would keep the kernel's sizing.
 #[cfg(unix)]
 #[allow(unsafe_code)]
-pub(crate) fn set_send_buffer(listener: &TcpListener, bytes: usize) -> io::Result<()> {
-    use std::os::fd::AsRawFd;
+pub(crate) fn set_send_buffer(socket: &impl std::os::fd::AsRawFd, bytes: usize) -> io::Result<()> {
     use std::os::raw::{c_int, c_void};
     // The constants of <sys/socket.h>: Linux's on most of its
-    // architectures, the BSDs' (and macOS's), and MIPS, SPARC and Alpha
-    // Linux's, which took the BSD numbering.
-    #[cfg(all(
-        any(target_os = "linux", target_os = "android"),
-        not(any(
+    // architectures, the BSDs' (and macOS's), and MIPS and SPARC Linux's,
+    // which took the BSD numbering.
+    const LINUX: Option<(c_int, c_int)> = Some((1, 7));
+    const BSD: Option<(c_int, c_int)> = Some((0xffff, 0x1001));
+    let level_and_name = if cfg!(any(target_os = "linux", target_os = "android")) {
+        if cfg!(any(
             target_arch = "mips",
             target_arch = "mips64",
             target_arch = "mips32r6",
             target_arch = "mips64r6",
             target_arch = "sparc",
             target_arch = "sparc64"
-        ))
-    ))]
-    const LEVEL_AND_NAME: Option<(c_int, c_int)> = Some((1, 7));
-    #[cfg(any(
-        target_os = "macos",
-        target_os = "ios",
-        target_os = "freebsd",
-        target_os = "netbsd",
-        target_os = "openbsd",
-        target_os = "dragonfly",
-        all(
-            any(target_os = "linux", target_os = "android"),
-            any(
-                target_arch = "mips",
-                target_arch = "mips64",
-                target_arch = "mips32r6",
-                target_arch = "mips64r6",
-                target_arch = "sparc",
-                target_arch = "sparc64"
-            )
-        )
-    ))]
-    const LEVEL_AND_NAME: Option<(c_int, c_int)> = Some((0xffff, 0x1001));
-    #[cfg(not(any(
-        target_os = "linux",
-        target_os = "android",
+        )) {
+            BSD
+        } else {
+            LINUX
+        }
+    } else if cfg!(any(
         target_os = "macos",
         target_os = "ios",
         target_os = "freebsd",
         target_os = "netbsd",
         target_os = "openbsd",
         target_os = "dragonfly"
-    )))]
-    const LEVEL_AND_NAME: Option<(c_int, c_int)> = None;
+    )) {
+        BSD
+    } else {
+        None
+    };
     unsafe extern "C" {
         fn setsockopt(
             fd: c_int,
@@ -174,17 +159,17 @@ pub(crate) fn set_send_buffer(listener: &TcpListener, bytes: usize) -> io::Resul
             len: u32,
         ) -> c_int;
     }
-    let Some((level, name)) = LEVEL_AND_NAME else {
+    let Some((level, name)) = level_and_name else {
         return Err(unsupported());
     };
     // At most 1 GiB (the builder's check), so it fits.
     let value = c_int::try_from(bytes).unwrap_or(c_int::MAX);
     // SAFETY: `setsockopt(2)` reads `len` bytes at `value`, an integer of
     // ours that outlives the call, and writes nothing of ours; the
-    // descriptor is the listener's, open while it is borrowed.
+    // descriptor is the socket's, open while it is borrowed.
     let done = unsafe {
         setsockopt(
-            listener.as_raw_fd(),
+            socket.as_raw_fd(),
             level,
             name,
             (&raw const value).cast(),
@@ -200,26 +185,10 @@ pub(crate) fn set_send_buffer(listener: &TcpListener, bytes: usize) -> io::Resul
 
 /// Elsewhere the option is not known: `start` says so.
 #[cfg(not(unix))]
-pub(crate) fn set_send_buffer(_: &TcpListener, _: usize) -> io::Result<()> {
+pub(crate) fn set_send_buffer<S>(_: &S, _: usize) -> io::Result<()> {
     Err(unsupported())
 }
 
-#[cfg_attr(
-    all(
-        unix,
-        any(
-            target_os = "linux",
-            target_os = "android",
-            target_os = "macos",
-            target_os = "ios",
-            target_os = "freebsd",
-            target_os = "netbsd",
-            target_os = "openbsd",
-            target_os = "dragonfly"
-        )
-    ),
-    allow(dead_code)
-)]
 fn unsupported() -> io::Error {
     io::Error::new(
         io::ErrorKind::Unsupported,
@@ -279,6 +248,11 @@ fn accept_one<T: Send + Sync + 'static>(
     }
     let _ = stream.set_nodelay(true);
     let config = &shared.config;
+    if let Some(bytes) = config.kernel_send_buffer {
+        // The listener's setting, which `start` checked: see
+        // `set_send_buffer`.
+        let _ = set_send_buffer(&stream, bytes);
+    }
     let Some(key) = shared.registry.reserve(
         config.max_connections,
         config.max_connections_per_ip,
