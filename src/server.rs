@@ -714,12 +714,12 @@ impl<T: Send + Sync + 'static> Builder<T> {
     ///
     /// A fixed size stops the kernel growing the buffer, which clients far
     /// away need for speed: at most about a buffer's worth is in flight,
-    /// so on Linux, which doubles the value, a client 50 ms away is sent
-    /// about 5 MB/s at most at `131_072` (by that arithmetic; not
-    /// measured). Over loopback it slowed the 64 KiB echo by about a
-    /// third (the README's figures). Linux doubles the value (the
-    /// allowance for its overhead), takes at least about 4.6 KB, and caps
-    /// it at `net.core.wmem_max` (212,992 by default); macOS, FreeBSD and
+    /// so on Linux a client 50 ms away is sent about 5 MB/s at most at
+    /// `131_072` (by that arithmetic; not measured). Over loopback it
+    /// slowed the 64 KiB echo by a tenth to a half (four pairs; the
+    /// README's figures). Linux doubles the value (the allowance for its
+    /// overhead), takes at least about 4.6 KB, and caps it at
+    /// `net.core.wmem_max` (212,992 by default); macOS, FreeBSD and
     /// DragonFly refuse a value over their `kern.ipc.maxsockbuf` (the
     /// other BSDs have limits of their own), and `start` then fails with
     /// [`Error::Io`]. Known on Linux, Android, macOS, iOS and
