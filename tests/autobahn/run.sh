@@ -58,7 +58,9 @@ grep -q "listening on" "$out/echo.log" || { echo "autobahn: echo did not start";
 # kosoku exits non-zero when any case is not OK (UNIMPLEMENTED included);
 # the verdict is check.py's, from the report.
 rc=0
-timeout 900 "$venv/bin/kosoku" -p 4 -o "$out" "127.0.0.1:$port" >"$out/kosoku.log" 2>&1 || rc=$?
+# --foreground: kosoku stays in this script's process group, so that
+# stopping the group (as .ci/background does when CI stops) stops it too.
+timeout --foreground 900 "$venv/bin/kosoku" -p 4 -o "$out" "127.0.0.1:$port" >"$out/kosoku.log" 2>&1 || rc=$?
 tail -n 3 "$out/kosoku.log"
 # A run cut off by the timeout is a failure, whatever its partial report says.
 [ "$rc" != 124 ] || { echo "autobahn: kosoku did not finish within 900 s"; exit 1; }
