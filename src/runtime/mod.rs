@@ -794,6 +794,29 @@ mod tests {
         }
     }
 
+    /// Send `n` KiB messages to each of `clients` until refused, and once
+    /// more 300 ms later; the last refusal. A flush that ran late (the
+    /// pool busy, the machine loaded) moves bytes into a socket's kernel
+    /// buffer after the first refusal, up to tens of KiB, and the room it
+    /// makes would let a waiter in before the test makes any; the second
+    /// fill takes that room back.
+    fn fill(clients: &[&Client], n: usize) -> crate::SendError {
+        let refused = |c: &Client| loop {
+            if let Err(e) = c.send(kib(n)) {
+                break e;
+            }
+        };
+        for c in clients {
+            refused(c);
+        }
+        std::thread::sleep(Duration::from_millis(300));
+        let mut last = None;
+        for c in clients {
+            last = Some(refused(c));
+        }
+        last.expect("no client to fill")
+    }
+
     /// Two threads wait in `send_timeout` on one client that the
     /// server-wide budget refuses and whose socket takes nothing (so its
     /// own flushes make no room); the others leaving makes room in the
@@ -811,11 +834,7 @@ mod tests {
 
         // Refused by its own queue: woken by that client reading.
         let (mut sock, c) = stuck(&server);
-        let refused = loop {
-            if let Err(e) = c.send(kib(32)) {
-                break e;
-            }
-        };
+        let refused = fill(&[&c], 32);
         assert!(!for_budget(refused.error()), "{}", refused.error());
         let waiter = std::thread::spawn(move || {
             let t = Instant::now();
@@ -882,9 +901,7 @@ mod tests {
         saturate(&target, 24 << 10);
         // Seven more take the rest of the budget.
         let crowd: Vec<(TcpStream, Client)> = (0..7).map(|_| stuck(&server)).collect();
-        for (_, c) in &crowd {
-            while c.send(kib(8)).is_ok() {}
-        }
+        fill(&crowd.iter().map(|(_, c)| c).collect::<Vec<_>>(), 8);
         let refused = target.send(kib(16)).unwrap_err();
         assert!(for_budget(refused.error()), "{}", refused.error());
         let waiters: Vec<Waiter> = (0..2)
@@ -947,7 +964,7 @@ mod tests {
             .start("127.0.0.1:0")
             .unwrap();
         let (_sock, c) = stuck(&server);
-        while c.send(kib(32)).is_ok() {}
+        fill(&[&c], 32);
         let waiter = {
             let c = c.clone();
             std::thread::spawn(move || {
