@@ -33,6 +33,12 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use enjent::{CloseCode, Error, HttpResponse, Message, Reject, Request, WebSocketServer};
 
+#[path = "support/args.rs"]
+mod args;
+
+const USAGE: &str =
+    "chat rooms, with the page at http://ADDR/\nusage: chat [ADDR]    (default 127.0.0.1:9002)";
+
 const PAGE: &str = include_str!("chat.html");
 const MAX_NAME: usize = 32;
 const DEFAULT_ROOM: &str = "lobby";
@@ -95,9 +101,9 @@ fn page(req: &Request) -> HttpResponse {
 }
 
 fn main() -> Result<(), Error> {
-    let addr = std::env::args()
-        .nth(1)
-        .unwrap_or_else(|| "127.0.0.1:9002".into());
+    let Some(addr) = args::addr_or_help(USAGE, "127.0.0.1:9002")? else {
+        return Ok(());
+    };
     let server = WebSocketServer::with_client_init(admit)
         .max_message_size(64 * 1024)
         .on_http(page)

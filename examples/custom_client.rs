@@ -10,6 +10,11 @@
 
 use enjent::{Error, Event, Reject, Request, WebSocketServer};
 
+#[path = "support/args.rs"]
+mod args;
+
+const USAGE: &str = "clients with data of their own (a name in the query, a session cookie)\nusage: custom_client [ADDR]    (default 127.0.0.1:13003)";
+
 /// What the server knows about each client.
 struct Member {
     name: String,
@@ -37,9 +42,9 @@ fn admit(req: &Request) -> Result<Member, Reject> {
 }
 
 fn main() -> Result<(), Error> {
-    let addr = std::env::args()
-        .nth(1)
-        .unwrap_or_else(|| "127.0.0.1:13003".into());
+    let Some(addr) = args::addr_or_help(USAGE, "127.0.0.1:13003")? else {
+        return Ok(());
+    };
     let server = WebSocketServer::with_client_init(admit).start(addr.as_str())?;
     println!("listening on ws://{}", server.local_addr());
     for event in server.events() {

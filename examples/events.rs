@@ -7,10 +7,15 @@
 
 use enjent::{Error, Event, WebSocketServer};
 
+#[path = "support/args.rs"]
+mod args;
+
+const USAGE: &str = "the seed README's example: prints every connect, message and disconnect\nusage: events [ADDR]    (default 127.0.0.1:13003)";
+
 fn main() -> Result<(), Error> {
-    let addr = std::env::args()
-        .nth(1)
-        .unwrap_or_else(|| "127.0.0.1:13003".into());
+    let Some(addr) = args::addr_or_help(USAGE, "127.0.0.1:13003")? else {
+        return Ok(());
+    };
     // Starting fails with Error::Bind (the seed's WebSocketServerException)
     // if the address is taken.
     let server = match WebSocketServer::bind(addr.as_str()) {

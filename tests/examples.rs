@@ -159,6 +159,25 @@ fn pubsub_help_succeeds_and_a_bad_option_fails_with_the_usage() {
     );
 }
 
+/// The examples that take only an address: `--help` printed nothing
+/// and failed, taken as an address that does not resolve.
+#[test]
+fn the_address_only_examples_have_help_and_refuse_what_they_do_not_take() {
+    for name in ["events", "chat", "custom_client"] {
+        let bin = help_and_a_bad_option(name, &["ADDR"]);
+        let extra = Command::new(&bin)
+            .args(["127.0.0.1:0", "more"])
+            .output()
+            .unwrap();
+        assert!(!extra.status.success(), "{name}: {extra:?}");
+        let err = String::from_utf8_lossy(&extra.stderr);
+        assert!(
+            err.contains("unexpected argument more") && err.contains(&format!("usage: {name}")),
+            "{name}: {err}"
+        );
+    }
+}
+
 #[test]
 fn echo_help_succeeds_and_a_bad_option_fails_with_the_usage() {
     // Every flag the parser knows is in the usage text.
