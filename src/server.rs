@@ -578,7 +578,9 @@ impl<T: Send + Sync + 'static> Builder<T> {
 
     /// Largest upgrade request; a bigger one is answered `431` (`414` if
     /// its request line alone is bigger). Empty lines before the request
-    /// line are skipped, and count. Default: 16 KiB.
+    /// line are skipped, and count. Default: 16 KiB. A request of more
+    /// than [`MAX_HEADERS`](crate::proto::handshake::MAX_HEADERS) (64)
+    /// header lines is answered `431` too, whatever its size.
     pub fn max_handshake_bytes(mut self, bytes: usize) -> Self {
         self.config.max_handshake_bytes = bytes;
         self

@@ -1426,6 +1426,18 @@ mod tests {
             status(&GOOD.replacen("Host", &format!("{many}Host"), 1)),
             431
         );
+        // The count, not the size: `MAX_HEADERS` lines pass, one more
+        // is refused (the README and `max_handshake_bytes` say so).
+        let own = GOOD.matches("\r\n").count() - 2;
+        let with = |n: usize| {
+            let extra: String = (0..n).map(|i| format!("X-{i}: y\r\n")).collect();
+            GOOD.replacen("Host", &format!("{extra}Host"), 1)
+        };
+        assert!(matches!(
+            parse_request(with(MAX_HEADERS - own).as_bytes(), 8192),
+            Ok(Some(_))
+        ));
+        assert_eq!(status(&with(MAX_HEADERS - own + 1)), 431);
     }
 
     #[test]
