@@ -133,7 +133,9 @@ impl Config {
     }
 
     /// Largest upgrade request in bytes; over it, `431` (`414` if the
-    /// request line alone is).
+    /// request line alone is). More than
+    /// [`MAX_HEADERS`](crate::proto::handshake::MAX_HEADERS) (64) header
+    /// lines get `431` too, whatever their size (not a setting).
     pub fn max_handshake_bytes(&self) -> usize {
         self.max_handshake_bytes
     }

@@ -580,7 +580,8 @@ impl<T: Send + Sync + 'static> Builder<T> {
     /// its request line alone is bigger). Empty lines before the request
     /// line are skipped, and count. Default: 16 KiB. A request of more
     /// than [`MAX_HEADERS`](crate::proto::handshake::MAX_HEADERS) (64)
-    /// header lines is answered `431` too, whatever its size.
+    /// header lines (an upgrade, or one for [`on_http`](Builder::on_http))
+    /// is answered `431` too, whatever its size: that count is fixed.
     pub fn max_handshake_bytes(mut self, bytes: usize) -> Self {
         self.config.max_handshake_bytes = bytes;
         self

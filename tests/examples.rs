@@ -160,15 +160,19 @@ fn pubsub_help_succeeds_and_a_bad_option_fails_with_the_usage() {
 }
 
 /// The examples that take only an address: `--help` printed nothing
-/// and failed, taken as an address that does not resolve.
+/// and failed, taken as an address that does not resolve, and a second
+/// argument was ignored.
 #[test]
 fn the_address_only_examples_have_help_and_refuse_what_they_do_not_take() {
     for name in ["events", "chat", "custom_client"] {
         let bin = help_and_a_bad_option(name, &["ADDR"]);
-        let extra = Command::new(&bin)
-            .args(["127.0.0.1:0", "more"])
-            .output()
-            .unwrap();
+        // `--help` after the address too.
+        let help = finished(&bin, &["127.0.0.1:0", "--help"]);
+        assert!(help.status.success(), "{name}: {help:?}");
+        assert!(String::from_utf8_lossy(&help.stdout).contains(&format!("usage: {name}")));
+        // One that ignored the second argument would serve on: killed
+        // and failed, not waited for.
+        let extra = finished(&bin, &["127.0.0.1:0", "more"]);
         assert!(!extra.status.success(), "{name}: {extra:?}");
         let err = String::from_utf8_lossy(&extra.stderr);
         assert!(
@@ -176,6 +180,27 @@ fn the_address_only_examples_have_help_and_refuse_what_they_do_not_take() {
             "{name}: {err}"
         );
     }
+}
+
+/// Run `bin` with `args` to its end, which must come within 10 s.
+fn finished(bin: &std::path::Path, args: &[&str]) -> std::process::Output {
+    let mut child = Command::new(bin)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while child.try_wait().unwrap().is_none() {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("{} {args:?} was still running after 10 s", bin.display());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child.wait_with_output().unwrap()
 }
 
 #[test]

@@ -285,10 +285,10 @@ pub fn still_serves(addr: SocketAddr, server: &WebSocketServer) {
 
 /// `target/debug/examples/NAME`, which `cargo test` builds (but not
 /// `cargo test --test FILE` alone). Fails if it is older than
-/// `examples/NAME.rs`, one of `more_sources` (paths in the crate), or any
-/// file of the library's `src/` or of `examples/support/`, so that a test
-/// never passes on old code; `ENJENT_ALLOW_STALE=1` makes that a note
-/// instead.
+/// `examples/NAME.rs`, a file it includes by `#[path]`, one of
+/// `more_sources` (paths in the crate) or any file of the library's
+/// `src/`, so that a test never passes on old code;
+/// `ENJENT_ALLOW_STALE=1` makes that a note instead.
 pub fn example_bin(name: &str, more_sources: &[&str]) -> PathBuf {
     // target/debug/deps/TEST-HASH -> target/debug/examples/NAME
     let exe = std::env::current_exe().unwrap();
@@ -311,8 +311,16 @@ pub fn example_bin(name: &str, more_sources: &[&str]) -> PathBuf {
     let mut sources = vec![root.join(format!("examples/{name}.rs"))];
     sources.extend(more_sources.iter().map(|s| root.join(s)));
     files_under(&root.join("src"), &mut sources);
-    // What the examples share (their command line).
-    files_under(&root.join("examples/support"), &mut sources);
+    // What the example includes from `examples/support/` (by `#[path]`),
+    // which only its own build depends on.
+    if let Ok(text) = std::fs::read_to_string(&sources[0]) {
+        for line in text.lines() {
+            let file = line.trim().strip_prefix("#[path = \"");
+            if let Some(file) = file.and_then(|f| f.strip_suffix("\"]")) {
+                sources.push(root.join("examples").join(file));
+            }
+        }
+    }
     let allow = std::env::var_os("ENJENT_ALLOW_STALE").is_some_and(|v| v == "1");
     for src in &sources {
         let modified = std::fs::metadata(src).and_then(|m| m.modified());
