@@ -36,9 +36,6 @@ use enjent::{CloseCode, Error, HttpResponse, Message, Reject, Request, WebSocket
 #[path = "support/args.rs"]
 mod args;
 
-const USAGE: &str =
-    "chat rooms, with the page at http://ADDR/\nusage: chat [ADDR]    (default 127.0.0.1:9002)";
-
 const PAGE: &str = include_str!("chat.html");
 const MAX_NAME: usize = 32;
 const DEFAULT_ROOM: &str = "lobby";
@@ -101,7 +98,12 @@ fn page(req: &Request) -> HttpResponse {
 }
 
 fn main() -> Result<(), Error> {
-    let Some(addr) = args::addr_or_help(USAGE, "127.0.0.1:9002")? else {
+    let Some(addr) = args::addr_or_help(
+        "chat",
+        "chat rooms, with the page at http://ADDR/",
+        "127.0.0.1:9002",
+    )?
+    else {
         return Ok(());
     };
     let server = WebSocketServer::with_client_init(admit)

@@ -13,8 +13,6 @@ use enjent::{Error, Event, Reject, Request, WebSocketServer};
 #[path = "support/args.rs"]
 mod args;
 
-const USAGE: &str = "clients with data of their own (a name in the query, a session cookie)\nusage: custom_client [ADDR]    (default 127.0.0.1:13003)";
-
 /// What the server knows about each client.
 struct Member {
     name: String,
@@ -42,7 +40,12 @@ fn admit(req: &Request) -> Result<Member, Reject> {
 }
 
 fn main() -> Result<(), Error> {
-    let Some(addr) = args::addr_or_help(USAGE, "127.0.0.1:13003")? else {
+    let Some(addr) = args::addr_or_help(
+        "custom_client",
+        "clients with data of their own (a name in the query, a session cookie)",
+        "127.0.0.1:13003",
+    )?
+    else {
         return Ok(());
     };
     let server = WebSocketServer::with_client_init(admit).start(addr.as_str())?;

@@ -10,10 +10,13 @@ use enjent::{Error, Event, WebSocketServer};
 #[path = "support/args.rs"]
 mod args;
 
-const USAGE: &str = "the seed README's example: prints every connect, message and disconnect\nusage: events [ADDR]    (default 127.0.0.1:13003)";
-
 fn main() -> Result<(), Error> {
-    let Some(addr) = args::addr_or_help(USAGE, "127.0.0.1:13003")? else {
+    let Some(addr) = args::addr_or_help(
+        "events",
+        "the seed README's example: prints every connect, message and disconnect",
+        "127.0.0.1:13003",
+    )?
+    else {
         return Ok(());
     };
     // Starting fails with Error::Bind (the seed's WebSocketServerException)
