@@ -591,6 +591,15 @@ impl<T: Send + Sync + 'static> Builder<T> {
     /// answered `408` and closed. It also bounds the writing of an
     /// [`on_http`](Builder::on_http) answer, but not the client-init
     /// strategy's run. Default: 10 s.
+    ///
+    /// After any plain HTTP answer (a refusal, an `on_http` page) to a
+    /// client that may still be sending (its head announced a body, or was
+    /// not whole, or bytes came after it), the server shuts its side and
+    /// reads and drops what comes until the client closes, for at most
+    /// this long again (a lingering close): closing with the client's
+    /// bytes unread would reset the connection, which can destroy the
+    /// answer before the client reads it. Such a client holds its
+    /// connection slot meanwhile.
     pub fn handshake_timeout(mut self, t: Duration) -> Self {
         self.config.handshake_timeout = t;
         self
@@ -913,7 +922,9 @@ impl<T: Send + Sync + 'static> Builder<T> {
     /// Answer plain HTTP requests (those without `Upgrade: websocket`, and
     /// every HTTP/1.0 request, whose `Upgrade` is ignored) with `f`, run
     /// on a pool worker, so one port can serve a page and the socket. The
-    /// connection is closed after the response. Without it they get `426
+    /// connection is closed after the response (a request body is not
+    /// read for `f`: it is read and dropped after the answer; see
+    /// [`handshake_timeout`](Builder::handshake_timeout)). Without it they get `426
     /// Upgrade Required` (`405`, or `400` if malformed or HTTP/1.0).
     /// A panic in `f` is answered `500`. The whole answer must be
     /// written by the `handshake_timeout` counted from the connection's

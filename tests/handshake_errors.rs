@@ -567,11 +567,34 @@ fn queued_handshakes_are_answered_at_their_deadline_while_every_worker_is_blocke
         ),
         "each client answered once"
     );
-    // Every slot came back: as many new clients as were answered are
-    // served once the worker is free.
+    // Every slot comes back: as many new clients as were answered are
+    // served once the worker is free. The clients answered while they may
+    // still send (half a head, a malformed one) hold theirs in a lingering
+    // close until they close, as they do here, or for the handshake
+    // timeout; meanwhile a new client may be refused with 503.
     release.send(()).unwrap();
-    let served: Vec<_> = (0..CLIENTS).map(|_| raw_ws(addr)).collect();
-    assert_eq!(served.len(), CLIENTS);
+    drop(waiting);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut served = Vec::new();
+    while served.len() < CLIENTS {
+        let mut s = raw(addr);
+        s.write_all(REQUEST.as_bytes()).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let mut status = [0u8; 12];
+        s.read_exact(&mut status).unwrap();
+        match &status {
+            b"HTTP/1.1 101" => served.push(s),
+            b"HTTP/1.1 503" if Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(20))
+            }
+            _ => panic!(
+                "client {} of {CLIENTS} after {:?}: {:?}",
+                served.len(),
+                start.elapsed(),
+                String::from_utf8_lossy(&status)
+            ),
+        }
+    }
 }
 
 /// A request that comes a while after the connection (the handshake job
@@ -901,4 +924,191 @@ fn hosts_targets_and_versions_are_checked_before_user_code_sees_them() {
     s.write_all(&frame(0x81, b"hi")).unwrap();
     let message = expect_message(&server);
     assert_eq!(message.0.id(), client.id());
+}
+
+/// The status a new client's upgrade request gets (`101` if served).
+fn upgrade_status(addr: SocketAddr) -> (u16, std::net::TcpStream) {
+    use std::io::Read;
+    let mut s = raw(addr);
+    s.write_all(REQUEST.as_bytes()).unwrap();
+    let mut status = [0u8; 12];
+    s.read_exact(&mut status).unwrap();
+    (status_of(&String::from_utf8_lossy(&status)), s)
+}
+
+/// An upload an `on_http` page refuses after its head: the client goes on
+/// sending its body, as HTTP clients do before they read. The server
+/// reads and drops it until the client closes (a lingering close), so
+/// every byte is taken, the answer is read whole and the connection ends
+/// with a clean end, not a reset (which over a real network can destroy
+/// the answer before the client reads it). Was a bug: the server closed
+/// after a bounded read, and the client's writes failed with a reset.
+/// Its slot comes back as soon as the client closes, not at the end of the
+/// lingering's deadline.
+#[test]
+fn a_refused_upload_is_read_to_its_end_and_its_answer_is_not_reset() {
+    use std::io::Read;
+    const BODY: usize = 32 << 20;
+    let server = enjent::WebSocketServer::builder()
+        .handshake_timeout(Duration::from_secs(30))
+        .max_connections(1)
+        .on_http(|_| enjent::HttpResponse::new(404).body("no uploads here"))
+        .start("127.0.0.1:0")
+        .unwrap();
+    let addr = server.local_addr();
+    let mut s = raw(addr);
+    s.write_all(
+        format!("POST /upload HTTP/1.1\r\nHost: x\r\nContent-Length: {BODY}\r\n\r\n").as_bytes(),
+    )
+    .unwrap();
+    // The answer comes while the body is on its way.
+    std::thread::sleep(Duration::from_millis(100));
+    let chunk = vec![b'u'; 64 * 1024];
+    for sent in (0..BODY).step_by(chunk.len()) {
+        if let Err(e) = s.write_all(&chunk) {
+            panic!("the body's write failed after {sent} of {BODY} bytes: {e}");
+        }
+    }
+    s.shutdown(std::net::Shutdown::Write).unwrap();
+    let mut answer = Vec::new();
+    s.read_to_end(&mut answer)
+        .expect("the answer, then a clean end");
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 404 "), "{answer:?}");
+    assert!(answer.ends_with("no uploads here"), "{answer:?}");
+    drop(s);
+    // One slot: a new client is served once the server has seen the
+    // client's end, long before the 30 s the lingering may last.
+    let start = std::time::Instant::now();
+    loop {
+        match upgrade_status(addr).0 {
+            101 => break,
+            503 if start.elapsed() < Duration::from_secs(3) => {
+                std::thread::sleep(Duration::from_millis(20))
+            }
+            status => panic!("{status} after {:?}", start.elapsed()),
+        }
+    }
+}
+
+/// A head over `max_handshake_bytes` gets `431` while its client is still
+/// sending it: the client may send the rest and then read the answer.
+#[test]
+fn a_head_too_large_is_answered_431_and_the_rest_of_it_read() {
+    use std::io::Read;
+    let server = enjent::WebSocketServer::builder()
+        .max_handshake_bytes(8 * 1024)
+        .start("127.0.0.1:0")
+        .unwrap();
+    let mut s = raw(server.local_addr());
+    s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n").unwrap();
+    let line = format!("X-Padding: {}\r\n", "p".repeat(1000));
+    // 8 MiB of header lines, far more than the server reads at once.
+    for sent in 0..8 * 1024 {
+        if let Err(e) = s.write_all(line.as_bytes()) {
+            panic!("the head's write failed after {sent} lines: {e}");
+        }
+    }
+    s.write_all(b"\r\n").unwrap();
+    s.shutdown(std::net::Shutdown::Write).unwrap();
+    let mut answer = Vec::new();
+    s.read_to_end(&mut answer)
+        .expect("the answer, then a clean end");
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 431 "), "{answer:?}");
+}
+
+/// The adversary's side of the lingering close: clients refused after
+/// their head that go on sending a byte at a time and never close hold
+/// their slots for the handshake timeout after the answer, no longer,
+/// and the server serves others meanwhile.
+#[test]
+fn clients_that_never_stop_sending_after_an_answer_are_cut_off() {
+    use std::io::Read;
+    use std::time::Instant;
+    const CLIENTS: usize = 20;
+    let server = enjent::WebSocketServer::builder()
+        .handshake_timeout(Duration::from_millis(500))
+        .max_connections(CLIENTS + 1)
+        .max_connections_per_ip(CLIENTS + 1)
+        .on_http(|_| enjent::HttpResponse::new(403).body("no"))
+        .start("127.0.0.1:0")
+        .unwrap();
+    let addr = server.local_addr();
+    let tricklers: Vec<_> = (0..CLIENTS)
+        .map(|_| {
+            std::thread::spawn(move || {
+                let mut s = raw(addr);
+                s.write_all(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 1000000000\r\n\r\n")
+                    .unwrap();
+                let mut answer = Vec::new();
+                s.read_to_end(&mut answer).unwrap();
+                let answered = Instant::now();
+                assert!(
+                    String::from_utf8_lossy(&answer).starts_with("HTTP/1.1 403 "),
+                    "{answer:?}"
+                );
+                // A byte every 20 ms until the server has gone.
+                while answered.elapsed() < Duration::from_secs(10) {
+                    if s.write_all(b"x").is_err() {
+                        return answered.elapsed();
+                    }
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                panic!("still taken after 10 s");
+            })
+        })
+        .collect();
+    // One slot is left for an honest client while the others linger.
+    std::thread::sleep(Duration::from_millis(200));
+    let (status, mut ws) = upgrade_status(addr);
+    assert_eq!(status, 101);
+    let mut head = Vec::new();
+    let mut b = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        ws.read_exact(&mut b).unwrap();
+        head.push(b[0]);
+    }
+    ws.write_all(&frame(0x81, b"served")).unwrap();
+    let _ = expect_connect(&server);
+    assert_eq!(expect_message(&server).1.as_text(), Some("served"));
+    for t in tricklers {
+        let lasted = t.join().unwrap();
+        // The handshake timeout, rounded up to the sweep's tick, and the
+        // write that finds the close.
+        assert!(lasted < Duration::from_secs(3), "cut off after {lasted:?}");
+    }
+    // Every lingering slot came back.
+    let served: Vec<_> = (0..CLIENTS).map(|_| upgrade_status(addr)).collect();
+    assert!(served.iter().all(|(s, _)| *s == 101));
+}
+
+/// A whole request with nothing after it is closed at once after its
+/// answer: no lingering holds its slot.
+#[test]
+fn a_whole_request_without_a_body_is_not_lingered_on() {
+    use std::io::Read;
+    let server = enjent::WebSocketServer::builder()
+        .handshake_timeout(Duration::from_secs(30))
+        .max_connections(1)
+        .start("127.0.0.1:0")
+        .unwrap();
+    let addr = server.local_addr();
+    let mut s = raw(addr);
+    s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+    let mut answer = Vec::new();
+    s.read_to_end(&mut answer).unwrap();
+    assert!(String::from_utf8_lossy(&answer).starts_with("HTTP/1.1 426 "));
+    // `s` stays open: its slot is free anyway.
+    let start = std::time::Instant::now();
+    let status = loop {
+        match upgrade_status(addr).0 {
+            503 if start.elapsed() < Duration::from_secs(1) => {
+                std::thread::sleep(Duration::from_millis(20))
+            }
+            status => break status,
+        }
+    };
+    assert_eq!(status, 101, "after {:?}", start.elapsed());
+    drop(s);
 }

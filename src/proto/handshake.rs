@@ -176,6 +176,15 @@ impl Request {
                 .any(|t| t.eq_ignore_ascii_case("websocket"))
     }
 
+    /// Whether the request announces a body: a `Transfer-Encoding`, or a
+    /// `Content-Length` other than zero. (`0, 0` is a length proxies
+    /// write when they merge two lines.)
+    pub(crate) fn announces_body(&self) -> bool {
+        let zero = |v: &[u8]| v.split(|&b| b == b',').all(|n| n.trim_ascii() == b"0");
+        self.values("Transfer-Encoding").next().is_some()
+            || self.values("Content-Length").any(|v| !zero(v))
+    }
+
     /// The comma-separated tokens of every header named `name`.
     fn header_tokens<'a>(&'a self, name: &'a str) -> impl Iterator<Item = &'a str> + 'a {
         self.values(name)
@@ -880,9 +889,7 @@ pub fn check_upgrade(request: &mut Request) -> Result<(), Reject> {
     // An upgrade request has no body (RFC 6455 section 4.1 sends none).
     // One announced would be read here as frames, where a proxy framing by
     // HTTP would skip it: the two would disagree on where frames start.
-    // (`0, 0` is a length proxies write when they merge two lines.)
-    let no_body = |v: &[u8]| v.split(|&b| b == b',').all(|n| n.trim_ascii() == b"0");
-    if get("Transfer-Encoding").is_some() || request.values("Content-Length").any(|v| !no_body(v)) {
+    if request.announces_body() {
         return Err(Reject::bad_request("an upgrade request has no body"));
     }
     match get("Sec-WebSocket-Version") {

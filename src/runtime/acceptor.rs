@@ -293,6 +293,8 @@ fn accept_one<T: Send + Sync + 'static>(
         read_dry,
         parsed: 0,
         skipped: 0,
+        more: false,
+        lingering: false,
     });
     if gone {
         // Left (or reset) before sending a byte: nothing to answer.

@@ -41,31 +41,110 @@ pub(crate) fn begins_head(buf: &[u8]) -> bool {
 /// head without its body) or not.
 pub(crate) fn abort_handshake_for<T>(
     shared: &Shared<T>,
-    p: Pending,
+    mut p: Pending,
     answer: Option<&Reject>,
     head_only: bool,
 ) {
-    // Midway through a plain HTTP answer, nothing else can be said.
-    let answer = answer.filter(|_| p.out.is_empty());
+    // Midway through a plain HTTP answer, or after one, nothing else can
+    // be said.
+    let answer = answer.filter(|_| p.out.is_empty() && !p.lingering);
     if let Some(reject) = answer {
         // Counted first, so that whoever reads the answer sees the count.
         shared.counters.refused(reject.status_sent());
         // Best effort: the socket is non-blocking and the answer small.
-        let _ = (&p.stream).write(&reject.to_response_for(head_only));
+        let response = reject.to_response_for(head_only);
+        if matches!((&p.stream).write(&response), Ok(n) if n == response.len()) {
+            p.more |= may_send_more(&p.buf);
+            // At most 4 KiB read here: the readiness loop and the accept
+            // thread answer crowds of handshakes this way too, and must
+            // not be held. What more comes is read by a worker.
+            return finish_answer(shared, Box::new(p), 4096);
+        }
         let _ = p.stream.shutdown(Shutdown::Write);
-        // Input left unread at close makes the kernel reset the
-        // connection, which can destroy the answer before the client
-        // reads it (a request body that came after the head, say): one
-        // read of what has come, bounded, since the readiness loop
-        // answers crowds of handshakes this way too.
-        let mut sink = [0u8; 4096];
-        let _ = read_some(&p.stream, &mut sink);
     }
+    drop_pending(shared, &p);
+}
+
+/// Take a handshake out: out of the poller and its slot. The socket
+/// closes as `p` drops.
+fn drop_pending<T>(shared: &Shared<T>, p: &Pending) {
     // A socket never put in the poller has nothing to leave.
     if p.registered {
         let _ = shared.poller.delete(&p.stream);
     }
     shared.registry.remove(p.key, p.peer.ip());
+}
+
+/// Whether a client whose request so far is `buf` may send more than it
+/// has: its head is not whole (or is malformed), announces a body, or has
+/// bytes after it. A client that sent nothing is not waited for.
+fn may_send_more(buf: &[u8]) -> bool {
+    match parse_http(buf, usize::MAX) {
+        Ok(Some((request, used))) => request.announces_body() || buf.len() > used,
+        Ok(None) => !buf.is_empty(),
+        Err(_) => true,
+    }
+}
+
+/// How a drain of a lingering socket ended.
+enum Drained {
+    /// The client closed its side (or the socket broke).
+    Closed,
+    /// Nothing more now; whether anything came.
+    Dry(bool),
+    /// The read budget was spent, and more may be there.
+    Spent,
+}
+
+/// The whole answer is out: shut our side, read what the client still
+/// sends, and close once it closes too. Input left unread at close makes
+/// the kernel reset the connection, and a reset can destroy the answer
+/// before the client reads it (over a real network, or on a client's
+/// system that drops what it received at a reset): an upload refused
+/// after its head, the rest of a head over `max_handshake_bytes`, a
+/// pipelined request. So a client that may send more is given a
+/// lingering close, as web servers give one: parked readable, what it
+/// sends read and dropped, `budget` bytes a job, until it closes, for at
+/// most `handshake_timeout` after the answer. A client that sent a whole
+/// request with nothing after it is closed at once.
+fn finish_answer<T>(shared: &Shared<T>, mut p: Box<Pending>, budget: usize) {
+    if !p.lingering {
+        let _ = p.stream.shutdown(Shutdown::Write);
+    }
+    let drained = with_scratch(|buf| {
+        let (mut read, mut got) = (0, false);
+        while read < budget {
+            let room = buf.len().min(budget - read);
+            match read_some(&p.stream, &mut buf[..room]) {
+                Ok(Some(0)) | Err(_) => return Drained::Closed,
+                Ok(Some(n)) => {
+                    read += n;
+                    got = true;
+                }
+                Ok(None) => return Drained::Dry(got),
+            }
+        }
+        Drained::Spent
+    });
+    let linger = match drained {
+        Drained::Closed => false,
+        Drained::Dry(got) => p.lingering || p.more || got,
+        Drained::Spent => true,
+    };
+    if !linger || shared.stopping.load(Ordering::Acquire) {
+        return drop_pending(shared, &p);
+    }
+    if !std::mem::replace(&mut p.lingering, true) {
+        p.deadline = std::time::Instant::now() + shared.config.handshake_timeout;
+        // Nothing of the request or the answer is needed again.
+        p.buf = Vec::new();
+        p.out = Vec::new();
+        p.sent = 0;
+        p.parsed = 0;
+    }
+    // Past its deadline, `park_handshake` closes it (nothing is answered
+    // to a lingering handshake).
+    park_handshake(shared, p, Interest::readable(0));
 }
 
 /// The refusal an upgrade request earns by its content alone, before any
@@ -118,6 +197,9 @@ fn skip_leading_empty_lines(buf: &mut Vec<u8>) -> usize {
 }
 
 fn handshake_inner<T: Send + Sync + 'static>(shared: &Arc<Shared<T>>, mut p: Box<Pending>) {
+    if p.lingering {
+        return finish_answer(shared, p, LINGER_READ);
+    }
     if shared.stopping.load(Ordering::Acquire) {
         return abort_handshake(
             shared,
@@ -202,6 +284,9 @@ fn handshake_inner<T: Send + Sync + 'static>(shared: &Arc<Shared<T>>, mut p: Box
         Err(reject) => return abort_handshake(shared, *p, Some(&reject)),
     };
     request.set_peer_addr(p.peer);
+    // Known now, before an answer clears what was read: whether a close
+    // must linger for the rest (see `finish_answer`).
+    p.more = request.announces_body() || p.buf.len() > used;
     if !request.is_upgrade()
         && let Some(http) = &shared.handlers.http
     {
@@ -455,7 +540,7 @@ fn parse_ip(s: &str) -> Option<IpAddr> {
 
 /// Wait for the socket (readable for more of the request, writable for
 /// more of an HTTP answer), within the handshake deadline.
-fn park_handshake<T>(shared: &Arc<Shared<T>>, mut p: Box<Pending>, want: Interest) {
+fn park_handshake<T>(shared: &Shared<T>, mut p: Box<Pending>, want: Interest) {
     // A handshake past its deadline, as the sweep rounds it, is answered
     // now rather than parked: a client sending a byte at the right
     // moments gets no more time than any other, and no less (the sweep
@@ -527,7 +612,7 @@ fn refuse_in_full<T>(
 /// Write what is left of a plain HTTP answer without blocking: a slow
 /// reader waits parked (writable interest), never on a worker, and the
 /// handshake deadline cuts it off. Once all is out, close.
-fn continue_http<T>(shared: &Arc<Shared<T>>, mut p: Box<Pending>) {
+fn continue_http<T>(shared: &Shared<T>, mut p: Box<Pending>) {
     while p.sent < p.out.len() {
         match (&p.stream).write(&p.out[p.sent..]) {
             Ok(0) => break,
@@ -539,23 +624,12 @@ fn continue_http<T>(shared: &Arc<Shared<T>>, mut p: Box<Pending>) {
             Err(_) => break,
         }
     }
-    let _ = p.stream.shutdown(Shutdown::Write);
-    // Read what the client sent meanwhile (a request body, a pipelined
-    // request): closing with unread bytes would send a reset, which can
-    // destroy the answer before the client reads it.
-    with_scratch(|buf| {
-        for _ in 0..16 {
-            if !matches!(read_some(&p.stream, buf), Ok(Some(n)) if n > 0) {
-                break;
-            }
-        }
-    });
-    // A socket never put in the poller has nothing to leave.
-    if p.registered {
-        let _ = shared.poller.delete(&p.stream);
-    }
-    shared.registry.remove(p.key, p.peer.ip());
+    finish_answer(shared, p, LINGER_READ);
 }
+
+/// Most bytes a worker reads and drops from a lingering socket in one
+/// job, as a connection's job reads at most this much.
+const LINGER_READ: usize = crate::runtime::service::READ_BUDGET;
 
 /// An instant after every deadline, to take a handshake out regardless.
 pub(crate) fn far_future() -> std::time::Instant {

@@ -35,9 +35,8 @@ pub(crate) fn register(poller: &Poller, stream: &TcpStream, interest: Interest) 
     // SAFETY: the socket must stay open while registered. Every socket
     // registered here lives in a registry slot (as a `Pending` or a `Conn`)
     // and leaves the poller through `Poller::delete` before it is dropped:
-    // `abort_handshake`, `continue_http` (handshake.rs) and `teardown`
-    // (service.rs, also on a job's panic) are the ways out of a slot, and
-    // each deletes first a socket that was registered (the handshake's
+    // `drop_pending` (handshake.rs) and `teardown` (service.rs, also on a
+    // job's panic) are the ways out of a slot, and each deletes first a socket that was registered (the handshake's
     // `registered` flag is set before the `add`). The fd is closed only
     // when the last `Arc<Conn>` drops, after that. The exceptions are
     // bugs: a handshake job that panics drops its `Pending` as it unwinds,
@@ -486,8 +485,9 @@ const OVERDUE_READ: usize = 64 * 1024;
 /// - the client left before sending anything: nothing. (One that sent its
 ///   request and then shut its side is still answered.)
 fn abort_queued_handshake<T: Send + Sync + 'static>(shared: &Arc<Shared<T>>, mut p: Pending) {
-    if !p.out.is_empty() {
-        // Midway through a plain HTTP answer: nothing else can be said.
+    if !p.out.is_empty() || p.lingering {
+        // Midway through a plain HTTP answer, or after one: nothing else
+        // can be said.
         return abort_handshake(shared, p, None);
     }
     let max = shared.config.max_handshake_bytes;

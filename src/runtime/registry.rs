@@ -72,6 +72,14 @@ pub(crate) struct Pending {
     /// Bytes of empty lines skipped before the request line: not kept,
     /// but counted against `max_handshake_bytes`.
     pub(crate) skipped: usize,
+    /// The client may send more after its request's head: the head
+    /// announced a body, or bytes came after it. Set when a worker parses
+    /// a whole request, before the answer clears `buf`.
+    pub(crate) more: bool,
+    /// The answer is out and our side shut: what the client still sends
+    /// is read and dropped until it closes or `deadline` (a lingering
+    /// close; see `handshake::finish_answer`). Nothing more is answered.
+    pub(crate) lingering: bool,
 }
 
 /// A slot, with the generation that keys to it must carry: three kinds
@@ -606,6 +614,8 @@ mod tests {
             read_dry: false,
             parsed: 0,
             skipped: 0,
+            more: false,
+            lingering: false,
         })
     }
 

@@ -26,7 +26,7 @@ const SCRATCH: usize = 256 * 1024;
 /// Most bytes one job reads (or inflates) for one connection before
 /// letting others have the worker (the job goes to the back of the ready
 /// queue if input is left over or may be left on the socket).
-const READ_BUDGET: usize = 1 << 20;
+pub(crate) const READ_BUDGET: usize = 1 << 20;
 /// The least a read costs against `READ_BUDGET`: at most 1,024 reads a job.
 const READ_COST: usize = 1024;
 /// Most bytes one read takes while the input kept unparsed, all clients
