@@ -111,10 +111,7 @@ fn an_ipv6_peer_keeps_its_whole_address() {
         .expect("start on ::1");
     let mut ws = client(server.local_addr());
     let c = expect_connect(&server);
-    let local = match ws.get_ref() {
-        tungstenite::stream::MaybeTlsStream::Plain(s) => s.local_addr().unwrap(),
-        _ => unreachable!(),
-    };
+    let local = ws.get_ref().local_addr().unwrap();
     assert!(local.is_ipv6());
     assert_eq!(c.peer_addr(), local);
     assert_eq!(c.ip(), local.ip());
@@ -131,10 +128,7 @@ fn peer_address_and_lookup_by_id() {
     let server = server();
     let ws = client(server.local_addr());
     let c = expect_connect(&server);
-    let local = match ws.get_ref() {
-        tungstenite::stream::MaybeTlsStream::Plain(s) => s.local_addr().unwrap(),
-        _ => unreachable!(),
-    };
+    let local = ws.get_ref().local_addr().unwrap();
     assert_eq!(c.peer_addr(), local);
     assert_eq!(server.client(c.id()).map(|x| x.id()), Some(c.id()));
     assert_eq!(server.connections(), 1);

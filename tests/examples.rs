@@ -338,7 +338,7 @@ fn join_as_ann(addr: SocketAddr) -> tungstenite::Result<Ws> {
     ))?;
     req.headers_mut()
         .insert("Cookie", "session=abc".parse().unwrap());
-    tungstenite::connect(req).map(|(ws, _)| ws)
+    client_for(addr, req)
 }
 
 /// Clients that leave before their welcome goes out (`send` answers

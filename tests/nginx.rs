@@ -331,7 +331,7 @@ impl Proxy {
         for (name, value) in headers {
             req.headers_mut().insert(*name, value.parse().unwrap());
         }
-        tungstenite::client(req, tungstenite::stream::MaybeTlsStream::Plain(stream))
+        tungstenite::client(req, support::Sock(stream))
             .unwrap_or_else(|e| panic!("handshake through nginx: {e}"))
     }
 }
@@ -535,11 +535,9 @@ fn nginx_spreads_clients_over_instances_that_share_topics_through_redis() {
     let mut clients: Vec<support::Ws> = (0..9)
         .map(|_| {
             let stream = tcp_from(LOCAL, nginx.addr);
-            let (ws, _) = tungstenite::client(
-                format!("ws://{}/", nginx.addr),
-                tungstenite::stream::MaybeTlsStream::Plain(stream),
-            )
-            .expect("a handshake through nginx");
+            let (ws, _) =
+                tungstenite::client(format!("ws://{}/", nginx.addr), support::Sock(stream))
+                    .expect("a handshake through nginx");
             ws
         })
         .collect();

@@ -11,7 +11,6 @@ use std::time::{Duration, Instant};
 
 use enjent::{Event, WebSocketServer};
 use tungstenite::WebSocket;
-use tungstenite::stream::MaybeTlsStream;
 
 pub mod deflate;
 #[cfg(feature = "redis")]
@@ -19,7 +18,50 @@ pub mod redis;
 
 pub const WAIT: Duration = Duration::from_secs(10);
 
-pub type Ws = WebSocket<MaybeTlsStream<TcpStream>>;
+pub type Ws = WebSocket<Sock>;
+
+/// The tungstenite client's socket: a read or write that a signal
+/// interrupts is tried again. A blocking read with a timeout returns
+/// `EINTR` when the process is frozen and thawed (a cgroup freezer, as a
+/// sandbox may freeze an idle machine), which tungstenite hands up as an
+/// error: a CI run failed that way once, on no fault of the server.
+/// (`read_exact`, `read_to_end` and `write_all` on a raw socket retry
+/// already.)
+#[derive(Debug)]
+pub struct Sock(pub TcpStream);
+
+impl Read for Sock {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        loop {
+            match self.0.read(buf) {
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                r => return r,
+            }
+        }
+    }
+}
+
+impl Write for Sock {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        loop {
+            match self.0.write(buf) {
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                r => return r,
+            }
+        }
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.0.flush()
+    }
+}
+
+impl std::ops::Deref for Sock {
+    type Target = TcpStream;
+    fn deref(&self) -> &TcpStream {
+        &self.0
+    }
+}
 
 /// Raise this process's soft limit on open files to its hard limit, once.
 /// Some tests hold a few thousand sockets, both ends in this process, over
@@ -60,12 +102,23 @@ pub fn client(addr: SocketAddr) -> Ws {
 }
 
 pub fn client_at(addr: SocketAddr, path: &str) -> Ws {
+    client_for(addr, format!("ws://{addr}{path}")).expect("connect")
+}
+
+/// A tungstenite client of `addr` with a request of one's own (a header,
+/// a cookie), and a read timeout; the handshake's error if refused.
+pub fn client_for(
+    addr: SocketAddr,
+    request: impl tungstenite::client::IntoClientRequest,
+) -> tungstenite::Result<Ws> {
     raise_fd_limit();
-    let (ws, _) = tungstenite::connect(format!("ws://{addr}{path}")).expect("connect");
-    if let MaybeTlsStream::Plain(s) = ws.get_ref() {
-        s.set_read_timeout(Some(WAIT)).unwrap();
+    let stream = TcpStream::connect(addr)?;
+    stream.set_read_timeout(Some(WAIT))?;
+    match tungstenite::client(request, Sock(stream)) {
+        Ok((ws, _)) => Ok(ws),
+        Err(tungstenite::HandshakeError::Failure(e)) => Err(e),
+        Err(tungstenite::HandshakeError::Interrupted(_)) => unreachable!("a blocking socket"),
     }
-    ws
 }
 
 /// The next event, or a panic naming what was awaited.
