@@ -592,14 +592,17 @@ impl<T: Send + Sync + 'static> Builder<T> {
     /// [`on_http`](Builder::on_http) answer, but not the client-init
     /// strategy's run. Default: 10 s.
     ///
-    /// After any plain HTTP answer (a refusal, an `on_http` page) to a
-    /// client that may still be sending (its head announced a body, or was
-    /// not whole, or bytes came after it), the server shuts its side and
-    /// reads and drops what comes until the client closes, for at most
-    /// this long again (a lingering close): closing with the client's
-    /// bytes unread would reset the connection, which can destroy the
-    /// answer before the client reads it. Such a client holds its
-    /// connection slot meanwhile.
+    /// After a plain HTTP answer (a refusal, an `on_http` page) to a
+    /// client that may still be sending (its head announced a body not all
+    /// come, or was not whole or malformed, or bytes came after its
+    /// request), the server shuts its side and reads and drops what comes
+    /// until the client closes, for at most this long again (a lingering
+    /// close): closing with the client's bytes unread would reset the
+    /// connection, which can destroy the answer before the client reads
+    /// it. Such a client holds its connection slot meanwhile. The `503`s
+    /// of [`max_connections`](Builder::max_connections) and
+    /// [`max_connections_per_ip`](Builder::max_connections_per_ip), and
+    /// answers during shutdown, do not linger.
     pub fn handshake_timeout(mut self, t: Duration) -> Self {
         self.config.handshake_timeout = t;
         self
@@ -924,8 +927,9 @@ impl<T: Send + Sync + 'static> Builder<T> {
     /// on a pool worker, so one port can serve a page and the socket. The
     /// connection is closed after the response (a request body is not
     /// read for `f`: it is read and dropped after the answer; see
-    /// [`handshake_timeout`](Builder::handshake_timeout)). Without it they get `426
-    /// Upgrade Required` (`405`, or `400` if malformed or HTTP/1.0).
+    /// [`handshake_timeout`](Builder::handshake_timeout)). Without it
+    /// they get `426 Upgrade Required` (`405`, or `400` if malformed or
+    /// HTTP/1.0).
     /// A panic in `f` is answered `500`. The whole answer must be
     /// written by the `handshake_timeout` counted from the connection's
     /// accept: a client too slow to read it by then is cut off midway.

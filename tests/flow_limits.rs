@@ -635,6 +635,21 @@ fn huge_session(server: &WebSocketServer) {
     // Not in the server's first millisecond: a deadline computed from a
     // clock reading of 0 can hide an overflow.
     thread::sleep(Duration::from_millis(50));
+    // A request refused while its body is still coming: the lingering
+    // close after the answer has a deadline of its own.
+    let mut refused = TcpStream::connect(server.local_addr()).unwrap();
+    refused
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    refused
+        .write_all(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\nabc")
+        .unwrap();
+    let mut answer = Vec::new();
+    let _ = refused.read_to_end(&mut answer);
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 405 "), "{answer:?}");
+    refused.write_all(b"defghij").unwrap();
+    drop(refused);
     let (mut s, early) = upgrade(server.local_addr(), Duration::from_secs(5))
         .unwrap_or_else(|e| panic!("no 101 within 5 s: {e}"));
     if !early.is_empty() {
@@ -691,6 +706,13 @@ fn huge_session(server: &WebSocketServer) {
     assert!(
         eventually(Duration::from_secs(5), || server.connections() == 0),
         "the client never left"
+    );
+    // Seconds after the refusal (a panic is counted only once it has
+    // unwound, which took over 100 ms here).
+    assert_eq!(
+        server.stats().internal_errors,
+        0,
+        "the lingering close after a refusal failed"
     );
 }
 

@@ -992,7 +992,10 @@ fn a_refused_upload_is_read_to_its_end_and_its_answer_is_not_reset() {
 }
 
 /// A head over `max_handshake_bytes` gets `431` while its client is still
-/// sending it: the client may send the rest and then read the answer.
+/// sending it: the client that reads the answer and then sends the rest
+/// (as one whose writes are queued in its kernel does) is not reset. Over
+/// it by header lines, or by empty lines before the request line (skipped,
+/// and counted).
 #[test]
 fn a_head_too_large_is_answered_431_and_the_rest_of_it_read() {
     use std::io::Read;
@@ -1000,35 +1003,62 @@ fn a_head_too_large_is_answered_431_and_the_rest_of_it_read() {
         .max_handshake_bytes(8 * 1024)
         .start("127.0.0.1:0")
         .unwrap();
-    let mut s = raw(server.local_addr());
-    s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n").unwrap();
-    let line = format!("X-Padding: {}\r\n", "p".repeat(1000));
-    // 8 MiB of header lines, far more than the server reads at once.
-    for sent in 0..8 * 1024 {
-        if let Err(e) = s.write_all(line.as_bytes()) {
-            panic!("the head's write failed after {sent} lines: {e}");
+    let padding = format!("X-Padding: {}\r\n", "p".repeat(1000));
+    let empty = "\r\n".repeat(500);
+    for (what, start, line) in [
+        ("header lines", "GET / HTTP/1.1\r\nHost: x\r\n", &padding),
+        ("empty lines", "", &empty),
+    ] {
+        let mut s = raw(server.local_addr());
+        s.write_all(start.as_bytes()).unwrap();
+        // Just over the limit, then the answer and our end of it.
+        for _ in 0..10 {
+            s.write_all(line.as_bytes()).unwrap();
         }
+        let mut answer = Vec::new();
+        s.read_to_end(&mut answer)
+            .unwrap_or_else(|e| panic!("{what}: the answer and its end: {e}"));
+        let answer = String::from_utf8_lossy(&answer);
+        assert!(answer.starts_with("HTTP/1.1 431 "), "{what}: {answer:?}");
+        // 8 MiB more, far more than the server reads at once.
+        for sent in 0..8 * 1024 {
+            if let Err(e) = s.write_all(line.as_bytes()) {
+                panic!("{what}: the head's write failed after {sent} lines more: {e}");
+            }
+        }
+        s.write_all(b"\r\n").unwrap();
+        s.shutdown(std::net::Shutdown::Write).unwrap();
+        let mut rest = Vec::new();
+        s.read_to_end(&mut rest)
+            .unwrap_or_else(|e| panic!("{what}: a clean end: {e}"));
+        assert!(rest.is_empty(), "{what}: {rest:?}");
     }
-    s.write_all(b"\r\n").unwrap();
-    s.shutdown(std::net::Shutdown::Write).unwrap();
-    let mut answer = Vec::new();
-    s.read_to_end(&mut answer)
-        .expect("the answer, then a clean end");
-    let answer = String::from_utf8_lossy(&answer);
-    assert!(answer.starts_with("HTTP/1.1 431 "), "{answer:?}");
+}
+
+/// Trickle a byte every 20 ms on `s` until a write fails (the server has
+/// closed); how long that took, at most 10 s.
+fn trickle_until_closed(mut s: std::net::TcpStream) -> Duration {
+    let start = std::time::Instant::now();
+    while start.elapsed() < Duration::from_secs(10) {
+        if s.write_all(b"x").is_err() {
+            return start.elapsed();
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    panic!("still taken after 10 s");
 }
 
 /// The adversary's side of the lingering close: clients refused after
 /// their head that go on sending a byte at a time and never close hold
-/// their slots for the handshake timeout after the answer, no longer,
-/// and the server serves others meanwhile.
+/// their slots for the handshake timeout after the answer, no less (the
+/// lingering is not cut short) and no longer, and the server serves others
+/// meanwhile.
 #[test]
 fn clients_that_never_stop_sending_after_an_answer_are_cut_off() {
     use std::io::Read;
-    use std::time::Instant;
     const CLIENTS: usize = 20;
     let server = enjent::WebSocketServer::builder()
-        .handshake_timeout(Duration::from_millis(500))
+        .handshake_timeout(Duration::from_secs(1))
         .max_connections(CLIENTS + 1)
         .max_connections_per_ip(CLIENTS + 1)
         .on_http(|_| enjent::HttpResponse::new(403).body("no"))
@@ -1043,19 +1073,9 @@ fn clients_that_never_stop_sending_after_an_answer_are_cut_off() {
                     .unwrap();
                 let mut answer = Vec::new();
                 s.read_to_end(&mut answer).unwrap();
-                let answered = Instant::now();
-                assert!(
-                    String::from_utf8_lossy(&answer).starts_with("HTTP/1.1 403 "),
-                    "{answer:?}"
-                );
-                // A byte every 20 ms until the server has gone.
-                while answered.elapsed() < Duration::from_secs(10) {
-                    if s.write_all(b"x").is_err() {
-                        return answered.elapsed();
-                    }
-                    std::thread::sleep(Duration::from_millis(20));
-                }
-                panic!("still taken after 10 s");
+                let answer = String::from_utf8_lossy(&answer).into_owned();
+                assert!(answer.starts_with("HTTP/1.1 403 "), "{answer:?}");
+                trickle_until_closed(s)
             })
         })
         .collect();
@@ -1074,41 +1094,88 @@ fn clients_that_never_stop_sending_after_an_answer_are_cut_off() {
     assert_eq!(expect_message(&server).1.as_text(), Some("served"));
     for t in tricklers {
         let lasted = t.join().unwrap();
-        // The handshake timeout, rounded up to the sweep's tick, and the
-        // write that finds the close.
-        assert!(lasted < Duration::from_secs(3), "cut off after {lasted:?}");
+        // The handshake timeout after the answer (closed at once, it was
+        // cut off within a few writes), rounded up to the sweep's tick,
+        // and the write that finds the close.
+        assert!(
+            lasted >= Duration::from_millis(800) && lasted < Duration::from_secs(4),
+            "cut off after {lasted:?}"
+        );
     }
     // Every lingering slot came back.
     let served: Vec<_> = (0..CLIENTS).map(|_| upgrade_status(addr)).collect();
     assert!(served.iter().all(|(s, _)| *s == 101));
 }
 
-/// A whole request with nothing after it is closed at once after its
-/// answer: no lingering holds its slot.
+/// A client answered `408` at its deadline, half its head sent, that goes
+/// on sending: the lingering has a deadline of its own, counted from the
+/// answer, not the handshake's, which has passed.
 #[test]
-fn a_whole_request_without_a_body_is_not_lingered_on() {
+fn a_408_is_followed_by_a_lingering_close_of_its_own() {
     use std::io::Read;
     let server = enjent::WebSocketServer::builder()
-        .handshake_timeout(Duration::from_secs(30))
-        .max_connections(1)
+        .handshake_timeout(Duration::from_millis(500))
         .start("127.0.0.1:0")
         .unwrap();
-    let addr = server.local_addr();
-    let mut s = raw(addr);
-    s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+    let mut s = raw(server.local_addr());
+    s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n").unwrap();
     let mut answer = Vec::new();
     s.read_to_end(&mut answer).unwrap();
-    assert!(String::from_utf8_lossy(&answer).starts_with("HTTP/1.1 426 "));
-    // `s` stays open: its slot is free anyway.
-    let start = std::time::Instant::now();
-    let status = loop {
-        match upgrade_status(addr).0 {
-            503 if start.elapsed() < Duration::from_secs(1) => {
-                std::thread::sleep(Duration::from_millis(20))
+    let answer = String::from_utf8_lossy(&answer).into_owned();
+    assert!(answer.starts_with("HTTP/1.1 408 "), "{answer:?}");
+    let lasted = trickle_until_closed(s);
+    assert!(
+        lasted >= Duration::from_millis(350) && lasted < Duration::from_secs(3),
+        "cut off {lasted:?} after the 408"
+    );
+}
+
+/// A whole request with nothing after it (all of its body, if it
+/// announced one) is closed at once after its answer: no lingering holds
+/// its slot. From a worker's refusal, and after an `on_http` page.
+#[test]
+fn a_whole_request_is_not_lingered_on() {
+    use std::io::Read;
+    let refusing = enjent::WebSocketServer::builder();
+    let paging = enjent::WebSocketServer::builder()
+        .on_http(|_| enjent::HttpResponse::new(404).body("not here"));
+    for (what, builder, request, status) in [
+        (
+            "a refusal",
+            refusing,
+            "GET / HTTP/1.1\r\nHost: x\r\n\r\n",
+            "HTTP/1.1 426 ",
+        ),
+        (
+            "a page",
+            paging,
+            "POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n\r\nabc",
+            "HTTP/1.1 404 ",
+        ),
+    ] {
+        let server = builder
+            .handshake_timeout(Duration::from_secs(30))
+            .max_connections(1)
+            .start("127.0.0.1:0")
+            .unwrap();
+        let addr = server.local_addr();
+        let mut s = raw(addr);
+        s.write_all(request.as_bytes()).unwrap();
+        let mut answer = Vec::new();
+        s.read_to_end(&mut answer).unwrap();
+        let answer = String::from_utf8_lossy(&answer).into_owned();
+        assert!(answer.starts_with(status), "{what}: {answer:?}");
+        // `s` stays open: its slot is free anyway.
+        let start = std::time::Instant::now();
+        let status = loop {
+            match upgrade_status(addr).0 {
+                503 if start.elapsed() < Duration::from_secs(1) => {
+                    std::thread::sleep(Duration::from_millis(20))
+                }
+                status => break status,
             }
-            status => break status,
-        }
-    };
-    assert_eq!(status, 101, "after {:?}", start.elapsed());
-    drop(s);
+        };
+        assert_eq!(status, 101, "{what}: after {:?}", start.elapsed());
+        drop(s);
+    }
 }

@@ -54,7 +54,9 @@ pub(crate) fn abort_handshake_for<T>(
         // Best effort: the socket is non-blocking and the answer small.
         let response = reject.to_response_for(head_only);
         if matches!((&p.stream).write(&response), Ok(n) if n == response.len()) {
-            p.more |= may_send_more(&p.buf);
+            // Empty lines skipped and nothing after them: a head not
+            // begun, which may still be coming (a `431` for too many).
+            p.more |= may_send_more(&p.buf) || (p.buf.is_empty() && p.skipped > 0);
             // At most 4 KiB read here: the readiness loop and the accept
             // thread answer crowds of handshakes this way too, and must
             // not be held. What more comes is read by a worker.
@@ -76,14 +78,43 @@ fn drop_pending<T>(shared: &Shared<T>, p: &Pending) {
 }
 
 /// Whether a client whose request so far is `buf` may send more than it
-/// has: its head is not whole (or is malformed), announces a body, or has
-/// bytes after it. A client that sent nothing is not waited for.
+/// has: its head is not whole, or is malformed (where it ends is not
+/// known), or see [`more_after_head`]. A client that sent nothing is not
+/// waited for.
 fn may_send_more(buf: &[u8]) -> bool {
     match parse_http(buf, usize::MAX) {
-        Ok(Some((request, used))) => request.announces_body() || buf.len() > used,
+        Ok(Some((request, used))) => more_after_head(&request, buf.len() - used),
         Ok(None) => !buf.is_empty(),
         Err(_) => true,
     }
+}
+
+/// Whether a client whose whole head is `request`, with `after` bytes
+/// come after it, may send more: a body announced and not all come (or
+/// announced chunked, whose end is not looked for), or bytes past the
+/// request's end (a pipelined request, which more may follow).
+fn more_after_head(request: &Request, after: usize) -> bool {
+    if request.values("Transfer-Encoding").next().is_some() {
+        return true;
+    }
+    // `Content-Length` as RFC 9112 section 6.3 reads it: lines and
+    // comma-separated values that must all agree (`0, 0` is a length
+    // proxies write when they merge two lines).
+    let mut length = None;
+    for value in request.values("Content-Length") {
+        for n in value.split(|&b| b == b',') {
+            let n = std::str::from_utf8(n.trim_ascii())
+                .ok()
+                .and_then(|n| n.parse::<usize>().ok());
+            match (n, length) {
+                (Some(n), None) => length = Some(n),
+                (Some(n), Some(l)) if n == l => {}
+                // Malformed, or two lengths: where it ends is not known.
+                _ => return true,
+            }
+        }
+    }
+    after != length.unwrap_or(0)
 }
 
 /// How a drain of a lingering socket ended.
@@ -102,11 +133,13 @@ enum Drained {
 /// before the client reads it (over a real network, or on a client's
 /// system that drops what it received at a reset): an upload refused
 /// after its head, the rest of a head over `max_handshake_bytes`, a
-/// pipelined request. So a client that may send more is given a
-/// lingering close, as web servers give one: parked readable, what it
-/// sends read and dropped, `budget` bytes a job, until it closes, for at
-/// most `handshake_timeout` after the answer. A client that sent a whole
-/// request with nothing after it is closed at once.
+/// pipelined request. So a client that may send more (`Pending::more`)
+/// is given a lingering close, as web servers give one: parked readable,
+/// what it sends read and dropped, `budget` bytes a job, until it closes,
+/// for at most `handshake_timeout` after the answer. A client that sent a
+/// whole, well-formed request (with all of the body it announced) and
+/// nothing after it is closed at once. (The accept thread's refusals at
+/// capacity do not come here: they have no slot to linger in.)
 fn finish_answer<T>(shared: &Shared<T>, mut p: Box<Pending>, budget: usize) {
     if !p.lingering {
         let _ = p.stream.shutdown(Shutdown::Write);
@@ -135,7 +168,9 @@ fn finish_answer<T>(shared: &Shared<T>, mut p: Box<Pending>, budget: usize) {
         return drop_pending(shared, &p);
     }
     if !std::mem::replace(&mut p.lingering, true) {
-        p.deadline = std::time::Instant::now() + shared.config.handshake_timeout;
+        p.deadline = std::time::Instant::now()
+            .checked_add(shared.config.handshake_timeout)
+            .unwrap_or_else(far_future);
         // Nothing of the request or the answer is needed again.
         p.buf = Vec::new();
         p.out = Vec::new();
@@ -286,7 +321,7 @@ fn handshake_inner<T: Send + Sync + 'static>(shared: &Arc<Shared<T>>, mut p: Box
     request.set_peer_addr(p.peer);
     // Known now, before an answer clears what was read: whether a close
     // must linger for the rest (see `finish_answer`).
-    p.more = request.announces_body() || p.buf.len() > used;
+    p.more = more_after_head(&request, p.buf.len() - used);
     if !request.is_upgrade()
         && let Some(http) = &shared.handlers.http
     {

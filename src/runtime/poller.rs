@@ -36,8 +36,9 @@ pub(crate) fn register(poller: &Poller, stream: &TcpStream, interest: Interest) 
     // registered here lives in a registry slot (as a `Pending` or a `Conn`)
     // and leaves the poller through `Poller::delete` before it is dropped:
     // `drop_pending` (handshake.rs) and `teardown` (service.rs, also on a
-    // job's panic) are the ways out of a slot, and each deletes first a socket that was registered (the handshake's
-    // `registered` flag is set before the `add`). The fd is closed only
+    // job's panic) are the ways out of a slot, and each deletes first a
+    // socket that was registered (the handshake's `registered` flag is set
+    // before the `add`). The fd is closed only
     // when the last `Arc<Conn>` drops, after that. The exceptions are
     // bugs: a handshake job that panics drops its `Pending` as it unwinds,
     // registered or not, and so may a panic in this loop or the accept
