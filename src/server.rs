@@ -593,16 +593,21 @@ impl<T: Send + Sync + 'static> Builder<T> {
     /// strategy's run. Default: 10 s.
     ///
     /// After a plain HTTP answer (a refusal, an `on_http` page) to a
-    /// client that may still be sending (its head announced a body not all
-    /// come, or was not whole or malformed, or bytes came after its
-    /// request), the server shuts its side and reads and drops what comes
-    /// until the client closes, for at most this long again (a lingering
-    /// close): closing with the client's bytes unread would reset the
-    /// connection, which can destroy the answer before the client reads
-    /// it. Such a client holds its connection slot meanwhile. The `503`s
-    /// of [`max_connections`](Builder::max_connections) and
-    /// [`max_connections_per_ip`](Builder::max_connections_per_ip), and
-    /// answers during shutdown, do not linger.
+    /// client that may still be sending (part of a head; a head that
+    /// cannot be read as HTTP/1, so where it ends is not known; a body
+    /// announced and not all come, or chunked; bytes after its request),
+    /// the server shuts its side and reads and drops what comes until the
+    /// client closes, for at most this long again, counted from the answer
+    /// (a lingering close): closing with the client's bytes unread would
+    /// reset the connection, which can destroy the answer before the
+    /// client reads it. Such a client holds its connection slot meanwhile,
+    /// so one answered near its deadline holds it up to twice this long. A
+    /// client that sent nothing is closed at once after its `408`. Not
+    /// lingered: the `503`s of [`max_connections`](Builder::max_connections),
+    /// [`max_connections_per_ip`](Builder::max_connections_per_ip), out of
+    /// file descriptors or when the poller cannot take the socket; answers
+    /// during shutdown; and an answer the socket did not take whole in one
+    /// write (the connection is then closed).
     pub fn handshake_timeout(mut self, t: Duration) -> Self {
         self.config.handshake_timeout = t;
         self

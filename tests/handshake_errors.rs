@@ -1152,6 +1152,19 @@ fn a_whole_request_is_not_lingered_on() {
             "POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n\r\nabc",
             "HTTP/1.1 404 ",
         ),
+        // Refused for what a whole head says: its end is known.
+        (
+            "a head with no Host",
+            enjent::WebSocketServer::builder(),
+            "GET / HTTP/1.1\r\nUpgrade: websocket\r\n\r\n",
+            "HTTP/1.1 400 ",
+        ),
+        (
+            "a bad target",
+            enjent::WebSocketServer::builder(),
+            "GET nowhere HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\nab",
+            "HTTP/1.1 400 ",
+        ),
     ] {
         let server = builder
             .handshake_timeout(Duration::from_secs(30))

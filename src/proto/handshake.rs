@@ -177,12 +177,14 @@ impl Request {
     }
 
     /// Whether the request announces a body: a `Transfer-Encoding`, or a
-    /// `Content-Length` other than zero. (`0, 0` is a length proxies
-    /// write when they merge two lines.)
+    /// `Content-Length` other than zero (or one not read as a length).
     pub(crate) fn announces_body(&self) -> bool {
-        let zero = |v: &[u8]| v.split(|&b| b == b',').all(|n| n.trim_ascii() == b"0");
-        self.values("Transfer-Encoding").next().is_some()
-            || self.values("Content-Length").any(|v| !zero(v))
+        self.body() != Body::None
+    }
+
+    /// What the head says of a body after it.
+    pub(crate) fn body(&self) -> Body {
+        body_of(self.raw_headers())
     }
 
     /// The comma-separated tokens of every header named `name`.
@@ -192,6 +194,64 @@ impl Request {
             .flat_map(|v| v.split(','))
             .map(ows_trim)
             .filter(|t| !t.is_empty())
+    }
+}
+
+/// What a request's head says of a body after it (RFC 9112 section 6.3).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Body {
+    /// None: no `Transfer-Encoding`, and no `Content-Length` or one of 0.
+    None,
+    /// `Content-Length` bytes (more than 0).
+    Length(usize),
+    /// A `Transfer-Encoding`, or a `Content-Length` that is malformed or
+    /// disagrees with another: where the body ends is not known.
+    Unknown,
+}
+
+/// The body that `headers` (names and values) announce. `Content-Length`
+/// is read as RFC 9112 section 6.3 reads it: digits only, in lines and
+/// comma-separated values that must all agree (`0, 0` is what proxies
+/// write when they merge two lines).
+fn body_of<'a>(headers: impl Iterator<Item = (&'a [u8], &'a [u8])>) -> Body {
+    let mut length = None;
+    for (name, value) in headers {
+        if name.eq_ignore_ascii_case(b"transfer-encoding") {
+            return Body::Unknown;
+        }
+        if !name.eq_ignore_ascii_case(b"content-length") {
+            continue;
+        }
+        for n in value.split(|&b| b == b',') {
+            let n = n.trim_ascii();
+            let n = (!n.is_empty() && n.iter().all(u8::is_ascii_digit))
+                .then(|| std::str::from_utf8(n).ok()?.parse::<usize>().ok())
+                .flatten();
+            match (n, length) {
+                (Some(n), None) => length = Some(n),
+                (Some(n), Some(l)) if n == l => {}
+                _ => return Body::Unknown,
+            }
+        }
+    }
+    match length {
+        None | Some(0) => Body::None,
+        Some(n) => Body::Length(n),
+    }
+}
+
+/// The length of the head at the start of `buf` and the body it
+/// announces, if the head is whole and can be read as HTTP/1 at all, even
+/// if it is refused for what it says (no `Host`, a bad target).
+pub(crate) fn head_and_body(buf: &[u8]) -> Option<(usize, Body)> {
+    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut req = httparse::Request::new(&mut headers);
+    match req.parse(buf) {
+        Ok(httparse::Status::Complete(n)) => Some((
+            n,
+            body_of(req.headers.iter().map(|h| (h.name.as_bytes(), h.value))),
+        )),
+        _ => None,
     }
 }
 
@@ -1416,6 +1476,48 @@ mod tests {
         // The request line is measured after them, a lone CR and all.
         assert_eq!(request_line_len(b"\r\n\nGET / HTTP/1.1\r\n"), 15);
         assert_eq!(request_line_len(b"\n\rGET /"), 6);
+    }
+
+    #[test]
+    fn content_length_is_digits_that_agree() {
+        let body = |headers: &[(&str, &str)]| {
+            body_of(headers.iter().map(|(n, v)| (n.as_bytes(), v.as_bytes())))
+        };
+        let length = |v: &str| body(&[("Content-Length", v)]);
+        assert_eq!(body(&[("Host", "x")]), Body::None);
+        assert_eq!(length("0"), Body::None);
+        assert_eq!(length("00"), Body::None);
+        assert_eq!(length("0, 0"), Body::None);
+        assert_eq!(length(" 5 "), Body::Length(5));
+        assert_eq!(length("5, 5"), Body::Length(5));
+        assert_eq!(
+            body(&[("content-length", "5"), ("CONTENT-LENGTH", "5")]),
+            Body::Length(5)
+        );
+        for bad in [
+            "+5",
+            "-0",
+            "5, 6",
+            "",
+            "5,",
+            "0x5",
+            "99999999999999999999999",
+        ] {
+            assert_eq!(length(bad), Body::Unknown, "{bad:?}");
+        }
+        assert_eq!(
+            body(&[("Content-Length", "5"), ("Content-Length", "6")]),
+            Body::Unknown
+        );
+        assert_eq!(body(&[("Transfer-Encoding", "chunked")]), Body::Unknown);
+        // The head's end and body, whole but refused by `parse_http`.
+        let no_host = b"GET / HTTP/1.1\r\nContent-Length: 2\r\n\r\nab";
+        assert!(parse_request(no_host, 8192).is_err());
+        assert_eq!(
+            head_and_body(no_host),
+            Some((no_host.len() - 2, Body::Length(2)))
+        );
+        assert_eq!(head_and_body(b"GET / HTTP/1.1\r\nHost: x\r\n"), None);
     }
 
     #[test]

@@ -16,7 +16,8 @@ use crate::message::{CloseCode, CloseFrame};
 #[cfg(feature = "deflate")]
 use crate::proto::deflate::ContextPermit;
 use crate::proto::handshake::{
-    Reject, Request, Response, accept_response, check_upgrade, parse_http, request_line_len,
+    Body, Reject, Request, Response, accept_response, check_upgrade, head_and_body, parse_http,
+    request_line_len,
 };
 use crate::runtime::conn::{Conn, Extensions, Serving};
 use crate::runtime::registry::Pending;
@@ -57,9 +58,10 @@ pub(crate) fn abort_handshake_for<T>(
             // Empty lines skipped and nothing after them: a head not
             // begun, which may still be coming (a `431` for too many).
             p.more |= may_send_more(&p.buf) || (p.buf.is_empty() && p.skipped > 0);
-            // At most 4 KiB read here: the readiness loop and the accept
-            // thread answer crowds of handshakes this way too, and must
-            // not be held. What more comes is read by a worker.
+            // At most 4 KiB read here: the readiness loop answers crowds
+            // of handshakes this way too (`408`s, `503`s for a queue too
+            // long), and must not be held. What more comes is read by a
+            // worker.
             return finish_answer(shared, Box::new(p), 4096);
         }
         let _ = p.stream.shutdown(Shutdown::Write);
@@ -78,43 +80,26 @@ fn drop_pending<T>(shared: &Shared<T>, p: &Pending) {
 }
 
 /// Whether a client whose request so far is `buf` may send more than it
-/// has: its head is not whole, or is malformed (where it ends is not
+/// has: its head is not whole, or cannot be read (where it ends is not
 /// known), or see [`more_after_head`]. A client that sent nothing is not
 /// waited for.
 fn may_send_more(buf: &[u8]) -> bool {
-    match parse_http(buf, usize::MAX) {
-        Ok(Some((request, used))) => more_after_head(&request, buf.len() - used),
-        Ok(None) => !buf.is_empty(),
-        Err(_) => true,
+    match head_and_body(buf) {
+        Some((used, body)) => more_after_head(body, buf.len() - used),
+        None => !buf.is_empty(),
     }
 }
 
-/// Whether a client whose whole head is `request`, with `after` bytes
-/// come after it, may send more: a body announced and not all come (or
-/// announced chunked, whose end is not looked for), or bytes past the
-/// request's end (a pipelined request, which more may follow).
-fn more_after_head(request: &Request, after: usize) -> bool {
-    if request.values("Transfer-Encoding").next().is_some() {
-        return true;
+/// Whether a client whose whole head announced `body`, with `after` bytes
+/// come after the head, may send more: a body not all come (or one whose
+/// end is not known), or bytes past the request's end (a pipelined
+/// request, which more may follow).
+fn more_after_head(body: Body, after: usize) -> bool {
+    match body {
+        Body::None => after != 0,
+        Body::Length(n) => after != n,
+        Body::Unknown => true,
     }
-    // `Content-Length` as RFC 9112 section 6.3 reads it: lines and
-    // comma-separated values that must all agree (`0, 0` is a length
-    // proxies write when they merge two lines).
-    let mut length = None;
-    for value in request.values("Content-Length") {
-        for n in value.split(|&b| b == b',') {
-            let n = std::str::from_utf8(n.trim_ascii())
-                .ok()
-                .and_then(|n| n.parse::<usize>().ok());
-            match (n, length) {
-                (Some(n), None) => length = Some(n),
-                (Some(n), Some(l)) if n == l => {}
-                // Malformed, or two lengths: where it ends is not known.
-                _ => return true,
-            }
-        }
-    }
-    after != length.unwrap_or(0)
 }
 
 /// How a drain of a lingering socket ended.
@@ -321,7 +306,7 @@ fn handshake_inner<T: Send + Sync + 'static>(shared: &Arc<Shared<T>>, mut p: Box
     request.set_peer_addr(p.peer);
     // Known now, before an answer clears what was read: whether a close
     // must linger for the rest (see `finish_answer`).
-    p.more = more_after_head(&request, p.buf.len() - used);
+    p.more = more_after_head(request.body(), p.buf.len() - used);
     if !request.is_upgrade()
         && let Some(http) = &shared.handlers.http
     {

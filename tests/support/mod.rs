@@ -113,11 +113,16 @@ pub fn client_for(
 ) -> tungstenite::Result<Ws> {
     raise_fd_limit();
     let stream = TcpStream::connect(addr)?;
+    // As `tungstenite::connect` does.
+    stream.set_nodelay(true)?;
     stream.set_read_timeout(Some(WAIT))?;
     match tungstenite::client(request, Sock(stream)) {
         Ok((ws, _)) => Ok(ws),
         Err(tungstenite::HandshakeError::Failure(e)) => Err(e),
-        Err(tungstenite::HandshakeError::Interrupted(_)) => unreachable!("a blocking socket"),
+        // A blocking socket stops midway only when its read timed out.
+        Err(tungstenite::HandshakeError::Interrupted(_)) => Err(tungstenite::Error::Io(
+            std::io::Error::new(std::io::ErrorKind::TimedOut, "no handshake answer within WAIT"),
+        )),
     }
 }
 
