@@ -1390,10 +1390,7 @@ impl<T: Send + Sync + 'static> Conn<T> {
     }
 
     fn enqueue(&self, shared: &Shared<T>, w: &mut WriteSide, head: Chunk, body: Option<Chunk>) {
-        w.out.push(head, &shared.counters);
-        if let Some(b) = body {
-            w.out.push(b, &shared.counters);
-        }
+        w.out.push_frame(head, body, &shared.counters);
     }
 
     /// Have the poller watch the socket, edge-triggered (see [`Watch`]):

@@ -102,6 +102,17 @@ impl Marks {
     }
 }
 
+/// Payloads of at most this many bytes are copied with their header onto
+/// one gathered chunk (see [`OutQueue::push_frame`]). So small that the
+/// gathered chunk, grown by doubling, never takes more memory than its
+/// frames are counted as (their bytes and [`CHUNK_COST`] for each piece).
+pub(crate) const GATHER_PAYLOAD: usize = 125;
+/// A gathered chunk takes frames until it holds this many bytes.
+const GATHER_MAX: usize = 16 * 1024;
+/// A new gathered chunk is made for this many bytes (a job's replies to
+/// a few small messages).
+const GATHER_FIRST: usize = 256;
+
 /// A client's queue counts toward the server's output budget
 /// (`max_queued_bytes`) once it costs more than this (shared frames'
 /// bytes apart, which count once for all queues): the queues of clients
@@ -227,6 +238,11 @@ pub(crate) enum Chunk {
     Head([u8; 10], u8),
     /// Bytes owned by this connection (a payload, a control frame).
     Owned(Vec<u8>),
+    /// Small frames copied one after another (see
+    /// [`OutQueue::push_frame`]), and how many pieces (headers and
+    /// payloads) they came as: flow control counts each piece as the
+    /// chunk it would have been.
+    Gathered(Vec<u8>, u32),
     /// A whole encoded frame shared with other connections (broadcast).
     Shared(Arc<SharedFrame>),
 }
@@ -235,8 +251,16 @@ impl Chunk {
     pub(crate) fn bytes(&self) -> &[u8] {
         match self {
             Chunk::Head(b, n) => &b[..usize::from(*n)],
-            Chunk::Owned(v) => v,
+            Chunk::Owned(v) | Chunk::Gathered(v, _) => v,
             Chunk::Shared(a) => a.bytes(),
+        }
+    }
+
+    /// The pieces the chunk counts as (see [`Chunk::Gathered`]).
+    fn pieces(&self) -> usize {
+        match self {
+            Chunk::Gathered(_, k) => *k as usize,
+            _ => 1,
         }
     }
 
@@ -300,6 +324,9 @@ pub(crate) struct Unwritten {
     /// Bytes of shared frames among the chunks (counted once, apart from
     /// the queues, in the budget).
     shared: usize,
+    /// Pieces in gathered chunks beyond one a chunk: what they count as,
+    /// beyond the chunks themselves.
+    gathered: usize,
     /// Shared frames among the chunks (each costs the queue its
     /// [`FRAME_RECORD`] too).
     frames: usize,
@@ -330,6 +357,7 @@ impl Unwritten {
             debug_assert!(self.shared >= c.shared_len());
             self.shared = self.shared.saturating_sub(c.shared_len());
             self.frames -= c.frames();
+            self.gathered -= c.pieces() - 1;
         }
     }
 }
@@ -340,12 +368,13 @@ impl OutQueue {
     }
 
     /// What the queue costs in memory, as flow control counts it: its
-    /// bytes and [`CHUNK_COST`] for each chunk, those a writer has taken
-    /// out meanwhile included.
+    /// bytes and [`CHUNK_COST`] for each chunk (each piece of a gathered
+    /// one), those a writer has taken out meanwhile included.
     pub(crate) fn cost(&self) -> usize {
         self.bytes
             + self.pending.as_ref().map_or(0, |p| {
-                (p.chunks.len() + p.taken) * CHUNK_COST + (p.frames + p.taken_frames) * FRAME_RECORD
+                (p.chunks.len() + p.gathered + p.taken) * CHUNK_COST
+                    + (p.frames + p.taken_frames) * FRAME_RECORD
             })
     }
 
@@ -387,6 +416,52 @@ impl OutQueue {
 
     fn pending(&mut self) -> &mut Unwritten {
         self.pending.get_or_insert_with(Box::default)
+    }
+
+    /// Queue a frame: its header and its payload, if any. A small payload
+    /// (at most [`GATHER_PAYLOAD`] bytes, or none) is copied with its
+    /// header onto the gathered chunk at the back of the queue, or a new
+    /// one, instead of taking two chunks of its own: a job's replies to
+    /// many small messages are then one buffer, which costs a push and a
+    /// pop for them all, and the write sends it as it is. They are
+    /// counted as the two chunks they would have been.
+    pub(crate) fn push_frame(&mut self, head: Chunk, body: Option<Chunk>, counters: &Counters) {
+        let small = match (&head, &body) {
+            (Chunk::Head(..), None) => true,
+            (Chunk::Head(..), Some(Chunk::Owned(b))) => b.len() <= GATHER_PAYLOAD,
+            _ => false,
+        };
+        if !small {
+            self.push(head, counters);
+            if let Some(b) = body {
+                self.push(b, counters);
+            }
+            return;
+        }
+        let (h, b) = (head.bytes(), body.as_ref().map_or(&[][..], Chunk::bytes));
+        let n = h.len() + b.len();
+        let pieces = 1 + usize::from(body.is_some());
+        self.bytes += n;
+        counters.queued(n as i64);
+        let p = self.pending();
+        match p.chunks.back_mut() {
+            // Grown as a vector grows (doubling), so that what it holds is
+            // at least half of what it takes.
+            Some(Chunk::Gathered(v, k)) if v.len() + n <= GATHER_MAX => {
+                v.extend_from_slice(h);
+                v.extend_from_slice(b);
+                *k += pieces as u32;
+                p.gathered += pieces;
+            }
+            _ => {
+                let mut v = Vec::with_capacity(n.max(GATHER_FIRST));
+                v.extend_from_slice(h);
+                v.extend_from_slice(b);
+                p.chunks.push_back(Chunk::Gathered(v, pieces as u32));
+                p.gathered += pieces - 1;
+            }
+        }
+        self.recount(counters);
     }
 
     pub(crate) fn push(&mut self, chunk: Chunk, counters: &Counters) {
@@ -451,9 +526,10 @@ impl OutQueue {
             head: std::mem::take(&mut p.head),
             shared: std::mem::take(&mut p.shared),
             frames: std::mem::take(&mut p.frames),
+            gathered: std::mem::take(&mut p.gathered),
             ..Unwritten::default()
         };
-        p.taken = taken.chunks.len();
+        p.taken = taken.chunks.len() + taken.gathered;
         taken
     }
 
@@ -465,6 +541,7 @@ impl OutQueue {
         taken.chunks.append(&mut own.chunks);
         taken.shared += own.shared;
         taken.frames += own.frames;
+        taken.gathered += own.gathered;
         taken.counted = own.counted;
         *own = taken;
         self.pending = Some(own);
@@ -548,6 +625,99 @@ mod tests {
         q.push(Chunk::Owned(vec![3; 11]), &c);
         assert_eq!(q.clear(&c), 11);
         assert_eq!(c.snapshot().bytes_queued, 0);
+    }
+
+    /// Small frames go onto one gathered chunk, in order, and cost what
+    /// they would have as chunks of their own, through a write taken out,
+    /// a partial write put back (frames gathered onto what is left), and
+    /// the pops that empty it; big payloads and shared frames are chunks of
+    /// their own.
+    #[test]
+    fn small_frames_are_gathered_and_counted_as_their_pieces() {
+        assert!(std::mem::size_of::<Chunk>() <= 32, "a chunk's slot");
+        let c = Counters::default();
+        let mut q = OutQueue::default();
+        let frame = |q: &mut OutQueue, h: u8, body: Option<Vec<u8>>| {
+            q.push_frame(Chunk::Head([h; 10], 2), body.map(Chunk::Owned), &c)
+        };
+        frame(&mut q, 1, Some(vec![2; 3]));
+        frame(&mut q, 3, None);
+        frame(&mut q, 4, Some(vec![5; GATHER_PAYLOAD]));
+        assert_eq!(q.bytes(), 5 + 2 + 2 + GATHER_PAYLOAD);
+        assert_eq!(q.cost(), q.bytes() + 5 * CHUNK_COST, "five pieces");
+        assert_eq!(q.pending.as_ref().unwrap().chunks.len(), 1);
+        // Over the size: a head and a payload of their own.
+        frame(&mut q, 6, Some(vec![7; GATHER_PAYLOAD + 1]));
+        assert_eq!(q.pending.as_ref().unwrap().chunks.len(), 3);
+        // After them, a new gathered chunk.
+        frame(&mut q, 8, None);
+        assert_eq!(q.pending.as_ref().unwrap().chunks.len(), 4);
+        let bytes = 9 + GATHER_PAYLOAD + 2 + GATHER_PAYLOAD + 1 + 2;
+        assert_eq!(q.bytes(), bytes);
+        assert_eq!(q.cost(), bytes + 8 * CHUNK_COST);
+        let mut want = vec![1, 1, 2, 2, 2, 3, 3, 4, 4];
+        want.extend([5; GATHER_PAYLOAD]);
+        want.extend([6, 6]);
+        want.extend([7; GATHER_PAYLOAD + 1]);
+        want.extend([8, 8]);
+
+        // Taken out for a write: still counted; frames queued meanwhile
+        // are counted on top.
+        let mut taken = q.take_for_write();
+        assert_eq!(q.cost(), bytes + 8 * CHUNK_COST);
+        frame(&mut q, 9, Some(vec![10; 4]));
+        assert_eq!(q.cost(), bytes + 6 + 10 * CHUNK_COST);
+        want.extend([9, 9, 10, 10, 10, 10]);
+        let got: Vec<u8> = taken
+            .chunks
+            .iter()
+            .flat_map(|c| c.bytes().iter().copied())
+            .collect();
+        assert_eq!(got[..], want[..bytes]);
+        // The first gathered chunk written but for 3 bytes, popped as the
+        // writer pops.
+        taken.head = 9 + GATHER_PAYLOAD - 3;
+        q.put_back(taken, 9 + GATHER_PAYLOAD - 3, &c);
+        assert_eq!(q.bytes(), bytes + 6 - (9 + GATHER_PAYLOAD - 3));
+        assert_eq!(
+            q.cost(),
+            q.bytes() + 10 * CHUNK_COST,
+            "pieces stay till popped"
+        );
+        let mut taken = q.take_for_write();
+        taken.pop_front();
+        taken.pop_front();
+        taken.pop_front();
+        taken.head = 0;
+        q.put_back(taken, 3 + 2 + GATHER_PAYLOAD + 1, &c);
+        assert_eq!(q.bytes(), 2 + 6);
+        assert_eq!(
+            q.cost(),
+            2 + 6 + 3 * CHUNK_COST,
+            "a frame of 2 pieces, one of 1"
+        );
+        let taken = q.take_for_write();
+        let got: Vec<u8> = taken
+            .chunks
+            .iter()
+            .flat_map(|c| c.bytes().iter().copied())
+            .collect();
+        assert_eq!(got[..], want[want.len() - 8..]);
+        let mut taken = taken;
+        taken.pop_front();
+        taken.pop_front();
+        assert_eq!(taken.gathered, 0);
+        q.put_back(taken, 8, &c);
+        assert!(q.pending.is_none(), "a queue written out keeps no box");
+        assert_eq!(q.cost(), 0);
+        assert_eq!(c.snapshot().bytes_queued, 0);
+
+        // A shared frame is never copied.
+        let budget = Arc::clone(&c.output);
+        q.push(Chunk::Shared(SharedFrame::new(vec![1; 4], &budget)), &c);
+        frame(&mut q, 2, None);
+        assert_eq!(q.pending.as_ref().unwrap().chunks.len(), 2);
+        assert_eq!(q.clear(&c), 6);
     }
 
     /// The budget's count follows each queue over `COUNTED_FROM` through

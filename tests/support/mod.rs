@@ -120,9 +120,12 @@ pub fn client_for(
         Ok((ws, _)) => Ok(ws),
         Err(tungstenite::HandshakeError::Failure(e)) => Err(e),
         // A blocking socket stops midway only when its read timed out.
-        Err(tungstenite::HandshakeError::Interrupted(_)) => Err(tungstenite::Error::Io(
-            std::io::Error::new(std::io::ErrorKind::TimedOut, "no handshake answer within WAIT"),
-        )),
+        Err(tungstenite::HandshakeError::Interrupted(_)) => {
+            Err(tungstenite::Error::Io(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "no handshake answer within WAIT",
+            )))
+        }
     }
 }
 

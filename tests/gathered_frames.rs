@@ -1,0 +1,143 @@
+//! Small frames are copied, header and payload, one after another onto a
+//! buffer at the back of a client's queue, where larger ones keep chunks
+//! of their own. These tests count what the client gets back: every
+//! frame, whole, in each writer's order, whoever wrote it, however the
+//! writes were torn, and whatever its size beside the gathering's limit.
+
+mod support;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Barrier};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use enjent::{Message, WebSocketServer};
+use support::*;
+use tungstenite::Message as WsMessage;
+
+/// Writers on threads of their own, beside the job's replies.
+const WRITERS: u8 = 8;
+const PER_WRITER: u32 = 3_000;
+/// The client's requests, each answered with `BURST` replies by its job.
+const REQUESTS: u32 = 40;
+const BURST: u32 = 100;
+/// The job's replies are tagged as this writer.
+const JOB: u8 = 255;
+/// Each writer pings now and then (an empty frame, gathered too).
+const PING_EVERY: u32 = 50;
+
+/// Message `seq` of writer `w`: its tag, then bytes derived from both,
+/// 5 to 160 bytes long, so that sizes on both sides of the gathering's
+/// limit (125 bytes, the largest with a 2-byte header) come mixed.
+fn payload(w: u8, seq: u32) -> Vec<u8> {
+    let size = 5 + (mix((u64::from(w) << 32) | u64::from(seq)) % 156) as usize;
+    let mut v = Vec::with_capacity(size);
+    v.push(w);
+    v.extend_from_slice(&seq.to_be_bytes());
+    while v.len() < size {
+        v.push((seq as u8).wrapping_mul(31) ^ (v.len() as u8) ^ w);
+    }
+    v
+}
+
+/// Eight threads and the client's own jobs write small and not so small
+/// frames to one client, which reads nothing for the first half second
+/// (its socket fills, writes tear, the queue grows): every frame arrives,
+/// whole, each writer's in its order, and every ping.
+#[test]
+fn many_writers_to_one_client_lose_and_mix_up_nothing() {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let tx = std::sync::Mutex::new(tx);
+    let server = WebSocketServer::builder()
+        // Nobody meets the hard limit: every send must be taken.
+        .max_backpressure(64 << 20)
+        // Small kernel buffers both ways, so that writes tear often.
+        .kernel_send_buffer(Some(4096))
+        .on_connect(move |client| tx.lock().unwrap().send(client.clone()).unwrap())
+        .on_message(|client, m| {
+            // A request: `BURST` replies from the job, numbered on from
+            // where its request says.
+            let first = u32::from_be_bytes(m.as_bytes()[..4].try_into().unwrap());
+            for seq in first..first + BURST {
+                client
+                    .send(Message::Binary(payload(JOB, seq)))
+                    .expect("a reply is taken");
+            }
+        })
+        .start("127.0.0.1:0")
+        .expect("start");
+    let mut ws = match tungstenite::client(
+        format!("ws://{}/", server.local_addr()),
+        Sock(small_window(server.local_addr())),
+    ) {
+        Ok((ws, _)) => ws,
+        Err(e) => panic!("handshake: {e}"),
+    };
+    let target = rx.recv_timeout(WAIT).expect("the client connects");
+    for r in 0..REQUESTS {
+        ws.send(WsMessage::binary((r * BURST).to_be_bytes().to_vec()))
+            .unwrap();
+    }
+    ws.flush().unwrap();
+    let start = Arc::new(Barrier::new(usize::from(WRITERS) + 1));
+    let writers: Vec<_> = (0..WRITERS)
+        .map(|w| {
+            let (target, start) = (target.clone(), Arc::clone(&start));
+            thread::spawn(move || {
+                start.wait();
+                for seq in 0..PER_WRITER {
+                    target
+                        .send_timeout(Message::Binary(payload(w, seq)), WAIT)
+                        .expect("a send is taken");
+                    if seq % PING_EVERY == 0 {
+                        target.ping().expect("a ping is taken");
+                    }
+                }
+            })
+        })
+        .collect();
+    start.wait();
+    thread::sleep(Duration::from_millis(500));
+
+    let mut next: HashMap<u8, u32> = HashMap::new();
+    let mut pings = 0u32;
+    let want_pings = u32::from(WRITERS) * PER_WRITER.div_ceil(PING_EVERY);
+    let want = u32::from(WRITERS) * PER_WRITER + REQUESTS * BURST;
+    let mut got = 0u32;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while got < want || pings < want_pings {
+        assert!(
+            Instant::now() < deadline,
+            "{got} of {want} messages, {pings} pings"
+        );
+        match ws.read().expect("the client reads") {
+            WsMessage::Binary(p) => {
+                let w = p[0];
+                let seq = u32::from_be_bytes(p[1..5].try_into().unwrap());
+                let expected = next.entry(w).or_default();
+                assert_eq!(seq, *expected, "writer {w}'s messages in order");
+                assert_eq!(
+                    &p[..],
+                    &payload(w, seq)[..],
+                    "writer {w}'s message {seq} whole"
+                );
+                *expected += 1;
+                got += 1;
+            }
+            WsMessage::Ping(p) => {
+                assert!(p.is_empty());
+                pings += 1;
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    for w in writers {
+        w.join().unwrap();
+    }
+    for w in 0..WRITERS {
+        assert_eq!(next.get(&w), Some(&PER_WRITER), "writer {w}");
+    }
+    assert_eq!(next.get(&JOB), Some(&(REQUESTS * BURST)));
+    let stats = server.stats();
+    assert_eq!(stats.bytes_queued, 0, "nothing left queued");
+}
