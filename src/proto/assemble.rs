@@ -261,6 +261,32 @@ impl Decoder {
                     {
                         return Err(ProtocolError::CompressedControlOrContinuation.into());
                     }
+                    // Fast path: a whole data frame that is a whole
+                    // message (no fragment, no compression) at the front
+                    // of the input, within the limits, is made into its
+                    // message at once, as the path below would make it.
+                    if have_n == 0
+                        && header.fin
+                        && !compressed
+                        && self.msg.is_none()
+                        && matches!(header.opcode, OpCode::Text | OpCode::Binary)
+                        && header.len <= input.len() as u64
+                        && header.len <= self.limits.max_frame_size as u64
+                        && header.len <= self.limits.max_message_size as u64
+                    {
+                        let n = header.len as usize;
+                        let mut buf = Vec::with_capacity(n);
+                        extend_masked(&mut buf, &input[..n], mask, 0);
+                        *input = &input[n..];
+                        let message = if header.opcode == OpCode::Text {
+                            Message::Text(
+                                String::from_utf8(buf).map_err(|_| ProtocolError::InvalidUtf8)?,
+                            )
+                        } else {
+                            Message::Binary(buf)
+                        };
+                        return Ok(Some(Incoming::Message(message)));
+                    }
                     self.start_frame(header.opcode, header.len, compressed)?;
                     self.state = State::Payload {
                         opcode: header.opcode,
