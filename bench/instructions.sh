@@ -13,7 +13,8 @@
 # generator's clients always have messages waiting: batches are larger
 # than at full speed, and figures compare builds, not servers. Prints
 # the messages echoed, instructions per message, and the functions that
-# take the most (TOP, default 25), per message. Needs valgrind (Debian:
+# take the most (TOP, default 25), per message: their own instructions, or
+# with INCLUSIVE=1 those of what they call too. Needs valgrind (Debian:
 # apt-get install valgrind). The server must not use instructions
 # valgrind does not know (a C++ peer built with -march=native fails).
 set -euo pipefail
@@ -50,7 +51,7 @@ wait "$pid" || true
 messages=$(echo "$result" | python3 -c 'import json, sys; print(json.load(sys.stdin)["messages"])')
 total=$(awk '/^(summary|totals):/ {print $2; exit}' "$work/out")
 echo "messages $messages, instructions $total, per message $((total / messages))"
-callgrind_annotate "$work/out" 2> /dev/null | grep -E '^ *[0-9,]+ \(' | sed -n "2,$((${TOP:-25} + 1))p" |
+callgrind_annotate --inclusive="$([ -n "${INCLUSIVE:-}" ] && echo yes || echo no)" "$work/out" 2> /dev/null | grep -E '^ *[0-9,]+ \(' | sed -n "2,$((${TOP:-25} + 1))p" |
     sed -E 's/^ *([0-9,]+) \( *[0-9.]+%\) +/\1 /' |
     while read -r ir rest; do
         printf '%7d  %s\n' "$((${ir//,/} / messages))" "${rest%% \[*}"

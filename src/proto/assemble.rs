@@ -554,6 +554,106 @@ mod tests {
         Incoming::Message(Message::Text(s.into()))
     }
 
+    /// Whole frames at the front of the input take a fast path; split
+    /// anywhere they take the general one. Both give the same items, the
+    /// same first error and buffers of the same size, for streams of
+    /// valid and broken frames alike, at the limits and past them.
+    #[test]
+    fn whole_frames_decode_as_frames_in_pieces_do() {
+        // The frame limit below the message limit, and above it.
+        for limits in [(200, 150), (100, 150)].map(|(message, frame)| Limits {
+            max_message_size: message,
+            max_frame_size: frame,
+            max_fragments: 3,
+        }) {
+            decodes_whole_as_in_pieces(limits);
+        }
+    }
+
+    fn decodes_whole_as_in_pieces(limits: Limits) {
+        let big = [b'a'; 200];
+        let streams: Vec<Vec<Vec<u8>>> = vec![
+            vec![
+                frame(0x81, b"hi"),
+                frame(0x82, &[0, 1, 2]),
+                frame(0x82, b""),
+            ],
+            vec![
+                frame(0x81, b""),
+                frame(0x89, b"p"),
+                frame(0x81, &big[..150]),
+            ],
+            // Over the frame limit, and over it by one.
+            vec![frame(0x82, &big[..151])],
+            vec![frame(0x82, &big[..150]), frame(0x81, &[0xff])],
+            // Invalid UTF-8, whole and after a valid message.
+            vec![frame(0x81, &[0xc3])],
+            vec![frame(0x81, b"ok"), frame(0x81, &[b'a', 0xed, 0xa0, 0x80])],
+            // A data frame while a fragmented message is in progress.
+            vec![frame(0x01, b"ab"), frame(0x82, b"c")],
+            vec![frame(0x01, b"ab"), frame(0x89, b""), frame(0x80, b"cd")],
+            // Fragments over the message limit, and too many of them.
+            vec![frame(0x02, &big[..150]), frame(0x80, &big[..51])],
+            vec![
+                frame(0x02, b"a"),
+                frame(0x00, b"b"),
+                frame(0x00, b"c"),
+                frame(0x80, b"d"),
+            ],
+            // Reserved bits, a reserved opcode, an unmasked frame.
+            vec![frame(0xc1, b"x")],
+            vec![frame(0x83, b"x")],
+            vec![vec![0x81, 0x01, b'x']],
+            // A close, and a continuation with nothing to continue.
+            vec![frame(0x88, &[0x03, 0xe8]), frame(0x81, b"after")],
+            vec![frame(0x80, b"x")],
+        ];
+        let decode = |wire: &[u8], split: Option<usize>| {
+            let mut d = Decoder::new(limits);
+            let (mut items, mut err) = match split {
+                Some(at) => run(&mut d, &wire[..at]),
+                None => run(&mut d, wire),
+            };
+            if let (Some(at), None) = (split, &err) {
+                let (more, e) = run(&mut d, &wire[at..]);
+                items.extend(more);
+                err = e;
+            }
+            let capacities: Vec<usize> = items
+                .iter()
+                .map(|i| match i {
+                    Incoming::Message(Message::Text(s)) => s.capacity(),
+                    Incoming::Message(Message::Binary(b)) => b.capacity(),
+                    _ => 0,
+                })
+                .collect();
+            (items, err, capacities)
+        };
+        for stream in &streams {
+            let wire = stream.concat();
+            let whole = decode(&wire, None);
+            for at in 0..=wire.len() {
+                assert_eq!(decode(&wire, Some(at)), whole, "{wire:02x?} split at {at}");
+            }
+            // A byte at a time: never a whole frame at the front.
+            let mut d = Decoder::new(limits);
+            let (mut items, mut err) = (Vec::new(), None);
+            for b in wire.chunks(1) {
+                let (more, e) = run(&mut d, b);
+                items.extend(more);
+                if e.is_some() {
+                    err = e;
+                    break;
+                }
+            }
+            assert_eq!(
+                (&items, &err),
+                (&whole.0, &whole.1),
+                "{wire:02x?} a byte at a time"
+            );
+        }
+    }
+
     /// What is left of a control frame begun, byte by byte: what a look
     /// at a starved connection takes (`service::look_for_the_end`).
     #[test]

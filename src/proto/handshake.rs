@@ -251,6 +251,15 @@ pub(crate) fn head_and_body(buf: &[u8]) -> Option<(usize, Body)> {
             n,
             body_of(req.headers.iter().map(|h| (h.name.as_bytes(), h.value))),
         )),
+        // A later HTTP/1 minor version, read as `parse_http` reads it.
+        Err(httparse::Error::Version) => match later_version(buf) {
+            Some(Later::Minor(at)) => {
+                let mut copy = buf.to_vec();
+                copy[at] = b'1';
+                head_and_body(&copy)
+            }
+            _ => None,
+        },
         _ => None,
     }
 }
@@ -1518,6 +1527,12 @@ mod tests {
             Some((no_host.len() - 2, Body::Length(2)))
         );
         assert_eq!(head_and_body(b"GET / HTTP/1.1\r\nHost: x\r\n"), None);
+        let later = b"GET nowhere HTTP/1.2\r\nHost: x\r\nContent-Length: 1\r\n\r\nz";
+        assert_eq!(
+            head_and_body(later),
+            Some((later.len() - 1, Body::Length(1)))
+        );
+        assert_eq!(head_and_body(b"GET / HTTP/2.0\r\nHost: x\r\n\r\n"), None);
     }
 
     #[test]

@@ -102,16 +102,16 @@ impl Marks {
     }
 }
 
-/// Payloads of at most this many bytes are copied with their header onto
-/// one gathered chunk (see [`OutQueue::push_frame`]). So small that the
-/// gathered chunk, grown by doubling, never takes more memory than its
-/// frames are counted as (their bytes and [`CHUNK_COST`] for each piece).
+/// Payloads of at most this many bytes (those with a 2-byte header) are
+/// copied with their header onto a gathered chunk (see
+/// [`OutQueue::push_frame`]).
 pub(crate) const GATHER_PAYLOAD: usize = 125;
-/// A gathered chunk takes frames until it holds this many bytes.
-const GATHER_MAX: usize = 16 * 1024;
-/// A new gathered chunk is made for this many bytes (a job's replies to
-/// a few small messages).
-const GATHER_FIRST: usize = 256;
+/// A gathered chunk takes frames until it counts this many pieces (16
+/// frames with payloads). Its pieces are counted until its last byte is
+/// written, as each chunk was that it stands for, so that a write that
+/// ends inside it leaves at most this many pieces (2 KiB) counted for
+/// frames already gone, where separate chunks would have been popped.
+const GATHER_PIECES: usize = 32;
 
 /// A client's queue counts toward the server's output budget
 /// (`max_queued_bytes`) once it costs more than this (shared frames'
@@ -421,10 +421,13 @@ impl OutQueue {
     /// Queue a frame: its header and its payload, if any. A small payload
     /// (at most [`GATHER_PAYLOAD`] bytes, or none) is copied with its
     /// header onto the gathered chunk at the back of the queue, or a new
-    /// one, instead of taking two chunks of its own: a job's replies to
-    /// many small messages are then one buffer, which costs a push and a
-    /// pop for them all, and the write sends it as it is. They are
-    /// counted as the two chunks they would have been.
+    /// one, instead of taking chunks of its own: a job's replies to many
+    /// small messages are then one buffer, which costs a push and a pop
+    /// for them all, and the write sends it as it is. Each frame is
+    /// counted as the chunks it would have been (two, or one without a
+    /// payload). A chunk is never larger than what its frames are counted
+    /// as (their bytes and [`CHUNK_COST`] for each piece), and one a write
+    /// has begun takes no more frames.
     pub(crate) fn push_frame(&mut self, head: Chunk, body: Option<Chunk>, counters: &Counters) {
         let small = match (&head, &body) {
             (Chunk::Head(..), None) => true,
@@ -444,17 +447,24 @@ impl OutQueue {
         self.bytes += n;
         counters.queued(n as i64);
         let p = self.pending();
+        // The front chunk is the one a write has begun if `head` is set.
+        let begun = p.head > 0 && p.chunks.len() == 1;
         match p.chunks.back_mut() {
-            // Grown as a vector grows (doubling), so that what it holds is
-            // at least half of what it takes.
-            Some(Chunk::Gathered(v, k)) if v.len() + n <= GATHER_MAX => {
+            Some(Chunk::Gathered(v, k)) if !begun && *k as usize + pieces <= GATHER_PIECES => {
+                if v.capacity() - v.len() < n {
+                    // To what its frames are counted as, this one's
+                    // included: far more than their bytes, so that a few
+                    // more fit before it grows again.
+                    let counted = v.len() + n + CHUNK_COST * (*k as usize + pieces);
+                    v.reserve_exact(counted - v.len());
+                }
                 v.extend_from_slice(h);
                 v.extend_from_slice(b);
                 *k += pieces as u32;
                 p.gathered += pieces;
             }
             _ => {
-                let mut v = Vec::with_capacity(n.max(GATHER_FIRST));
+                let mut v = Vec::with_capacity(n + CHUNK_COST * pieces);
                 v.extend_from_slice(h);
                 v.extend_from_slice(b);
                 p.chunks.push_back(Chunk::Gathered(v, pieces as u32));
@@ -629,9 +639,10 @@ mod tests {
 
     /// Small frames go onto one gathered chunk, in order, and cost what
     /// they would have as chunks of their own, through a write taken out,
-    /// a partial write put back (frames gathered onto what is left), and
-    /// the pops that empty it; big payloads and shared frames are chunks of
-    /// their own.
+    /// a partial write put back, and the pops that empty it; big payloads
+    /// and shared frames are chunks of their own; a chunk takes at most
+    /// `GATHER_PIECES` pieces, none after a write has begun it, and is
+    /// never larger than what its frames are counted as.
     #[test]
     fn small_frames_are_gathered_and_counted_as_their_pieces() {
         assert!(std::mem::size_of::<Chunk>() <= 32, "a chunk's slot");
@@ -640,18 +651,32 @@ mod tests {
         let frame = |q: &mut OutQueue, h: u8, body: Option<Vec<u8>>| {
             q.push_frame(Chunk::Head([h; 10], 2), body.map(Chunk::Owned), &c)
         };
+        let chunks = |q: &OutQueue| q.pending.as_ref().map_or(0, |p| p.chunks.len());
+        // Every gathered chunk's memory within what its frames count.
+        let fits = |q: &OutQueue| {
+            for ch in &q.pending.as_ref().unwrap().chunks {
+                if let Chunk::Gathered(v, k) = ch {
+                    assert!(
+                        v.capacity() <= v.len() + *k as usize * CHUNK_COST,
+                        "{}",
+                        v.capacity()
+                    );
+                }
+            }
+        };
         frame(&mut q, 1, Some(vec![2; 3]));
         frame(&mut q, 3, None);
         frame(&mut q, 4, Some(vec![5; GATHER_PAYLOAD]));
         assert_eq!(q.bytes(), 5 + 2 + 2 + GATHER_PAYLOAD);
         assert_eq!(q.cost(), q.bytes() + 5 * CHUNK_COST, "five pieces");
-        assert_eq!(q.pending.as_ref().unwrap().chunks.len(), 1);
+        assert_eq!(chunks(&q), 1);
+        fits(&q);
         // Over the size: a head and a payload of their own.
         frame(&mut q, 6, Some(vec![7; GATHER_PAYLOAD + 1]));
-        assert_eq!(q.pending.as_ref().unwrap().chunks.len(), 3);
+        assert_eq!(chunks(&q), 3);
         // After them, a new gathered chunk.
         frame(&mut q, 8, None);
-        assert_eq!(q.pending.as_ref().unwrap().chunks.len(), 4);
+        assert_eq!(chunks(&q), 4);
         let bytes = 9 + GATHER_PAYLOAD + 2 + GATHER_PAYLOAD + 1 + 2;
         assert_eq!(q.bytes(), bytes);
         assert_eq!(q.cost(), bytes + 8 * CHUNK_COST);
@@ -660,22 +685,22 @@ mod tests {
         want.extend([6, 6]);
         want.extend([7; GATHER_PAYLOAD + 1]);
         want.extend([8, 8]);
+        let all = |u: &Unwritten| -> Vec<u8> {
+            u.chunks
+                .iter()
+                .flat_map(|c| c.bytes().iter().copied())
+                .collect()
+        };
 
         // Taken out for a write: still counted; frames queued meanwhile
-        // are counted on top.
+        // are counted on top, in a chunk of their own.
         let mut taken = q.take_for_write();
         assert_eq!(q.cost(), bytes + 8 * CHUNK_COST);
         frame(&mut q, 9, Some(vec![10; 4]));
         assert_eq!(q.cost(), bytes + 6 + 10 * CHUNK_COST);
         want.extend([9, 9, 10, 10, 10, 10]);
-        let got: Vec<u8> = taken
-            .chunks
-            .iter()
-            .flat_map(|c| c.bytes().iter().copied())
-            .collect();
-        assert_eq!(got[..], want[..bytes]);
-        // The first gathered chunk written but for 3 bytes, popped as the
-        // writer pops.
+        assert_eq!(all(&taken)[..], want[..bytes]);
+        // The first gathered chunk written but for 3 bytes.
         taken.head = 9 + GATHER_PAYLOAD - 3;
         q.put_back(taken, 9 + GATHER_PAYLOAD - 3, &c);
         assert_eq!(q.bytes(), bytes + 6 - (9 + GATHER_PAYLOAD - 3));
@@ -684,26 +709,21 @@ mod tests {
             q.bytes() + 10 * CHUNK_COST,
             "pieces stay till popped"
         );
+        // Pops as the writer pops them.
         let mut taken = q.take_for_write();
-        taken.pop_front();
-        taken.pop_front();
-        taken.pop_front();
+        for _ in 0..3 {
+            taken.pop_front();
+        }
         taken.head = 0;
         q.put_back(taken, 3 + 2 + GATHER_PAYLOAD + 1, &c);
         assert_eq!(q.bytes(), 2 + 6);
         assert_eq!(
             q.cost(),
             2 + 6 + 3 * CHUNK_COST,
-            "a frame of 2 pieces, one of 1"
+            "a frame of 1 piece, one of 2"
         );
-        let taken = q.take_for_write();
-        let got: Vec<u8> = taken
-            .chunks
-            .iter()
-            .flat_map(|c| c.bytes().iter().copied())
-            .collect();
-        assert_eq!(got[..], want[want.len() - 8..]);
-        let mut taken = taken;
+        let mut taken = q.take_for_write();
+        assert_eq!(all(&taken)[..], want[want.len() - 8..]);
         taken.pop_front();
         taken.pop_front();
         assert_eq!(taken.gathered, 0);
@@ -712,11 +732,40 @@ mod tests {
         assert_eq!(q.cost(), 0);
         assert_eq!(c.snapshot().bytes_queued, 0);
 
+        // At most `GATHER_PIECES` pieces a chunk.
+        for i in 0..GATHER_PIECES as u8 {
+            frame(&mut q, i, Some(vec![i; 30]));
+            fits(&q);
+        }
+        assert_eq!(chunks(&q), 2, "16 frames, then 16 more");
+        assert_eq!(
+            q.cost(),
+            GATHER_PIECES * 32 + 2 * GATHER_PIECES * CHUNK_COST
+        );
+        // A chunk a write has begun takes no more frames.
+        let mut taken = q.take_for_write();
+        taken.pop_front();
+        taken.head = 5;
+        q.put_back(taken, GATHER_PIECES / 2 * 32 + 5, &c);
+        frame(&mut q, 1, None);
+        assert_eq!(chunks(&q), 2);
+        let c2 = Counters::default();
+        let mut r = OutQueue::default();
+        r.push_frame(Chunk::Head([1; 10], 2), None, &c2);
+        let mut taken = r.take_for_write();
+        taken.head = 1;
+        r.put_back(taken, 1, &c2);
+        r.push_frame(Chunk::Head([2; 10], 2), None, &c2);
+        assert_eq!(chunks(&r), 2, "not onto the chunk begun");
+        assert_eq!(r.cost(), 3 + 2 * CHUNK_COST);
+        r.clear(&c2);
+        q.clear(&c);
+
         // A shared frame is never copied.
         let budget = Arc::clone(&c.output);
         q.push(Chunk::Shared(SharedFrame::new(vec![1; 4], &budget)), &c);
         frame(&mut q, 2, None);
-        assert_eq!(q.pending.as_ref().unwrap().chunks.len(), 2);
+        assert_eq!(chunks(&q), 2);
         assert_eq!(q.clear(&c), 6);
     }
 
