@@ -46,34 +46,21 @@ fn payload(w: u8, seq: u32) -> Vec<u8> {
 /// whole, each writer's in its order, and every ping.
 #[test]
 fn many_writers_to_one_client_lose_and_mix_up_nothing() {
-    let (tx, rx) = std::sync::mpsc::channel();
-    let tx = std::sync::Mutex::new(tx);
-    let server = WebSocketServer::builder()
-        // Nobody meets the hard limit: every send must be taken.
-        .max_backpressure(64 << 20)
-        // Small kernel buffers both ways, so that writes tear often.
-        .kernel_send_buffer(Some(4096))
-        .on_connect(move |client| tx.lock().unwrap().send(client.clone()).unwrap())
-        .on_message(|client, m| {
-            // A request: `BURST` replies from the job, numbered on from
-            // where its request says.
-            let first = u32::from_be_bytes(m.as_bytes()[..4].try_into().unwrap());
-            for seq in first..first + BURST {
-                client
-                    .send(Message::Binary(payload(JOB, seq)))
-                    .expect("a reply is taken");
-            }
-        })
-        .start("127.0.0.1:0")
-        .expect("start");
-    let mut ws = match tungstenite::client(
-        format!("ws://{}/", server.local_addr()),
-        Sock(small_window(server.local_addr())),
-    ) {
-        Ok((ws, _)) => ws,
-        Err(e) => panic!("handshake: {e}"),
-    };
-    let target = rx.recv_timeout(WAIT).expect("the client connects");
+    let (server, mut ws, target) = start(
+        WebSocketServer::builder()
+            // Nobody meets the hard limit: every send must be taken.
+            .max_backpressure(64 << 20)
+            .on_message(|client, m| {
+                // A request: `BURST` replies from the job, numbered on
+                // from where its request says.
+                let first = u32::from_be_bytes(m.as_bytes()[..4].try_into().unwrap());
+                for seq in first..first + BURST {
+                    client
+                        .send(Message::Binary(payload(JOB, seq)))
+                        .expect("a reply is taken");
+                }
+            }),
+    );
     for r in 0..REQUESTS {
         ws.send(WsMessage::binary((r * BURST).to_be_bytes().to_vec()))
             .unwrap();
@@ -154,21 +141,7 @@ fn many_writers_to_one_client_lose_and_mix_up_nothing() {
 /// has begun). The refusal's count is what is queued, as that rule says.
 #[test]
 fn tiny_frames_to_a_client_that_reads_nothing_are_counted_as_their_pieces() {
-    let (tx, rx) = std::sync::mpsc::channel();
-    let tx = std::sync::Mutex::new(tx);
-    let server = WebSocketServer::builder()
-        .kernel_send_buffer(Some(4096))
-        .on_connect(move |client| tx.lock().unwrap().send(client.clone()).unwrap())
-        .start("127.0.0.1:0")
-        .expect("start");
-    let _ws = match tungstenite::client(
-        format!("ws://{}/", server.local_addr()),
-        Sock(small_window(server.local_addr())),
-    ) {
-        Ok((ws, _)) => ws,
-        Err(e) => panic!("handshake: {e}"),
-    };
-    let target = rx.recv_timeout(WAIT).expect("the client connects");
+    let (server, _ws, target) = start(WebSocketServer::builder());
     let limit = server.config().max_backpressure();
     let mut sent = 0usize;
     let mut fill = || loop {
@@ -195,4 +168,24 @@ fn tiny_frames_to_a_client_that_reads_nothing_are_counted_as_their_pieces() {
         "refused at {queued} counted with {bytes} bytes queued ({counted} as pieces), after {sent} sends, limit {limit}"
     );
     assert!(queued + 200 >= limit, "{queued} of {limit}");
+}
+
+/// A server from `builder` with a 4 KiB kernel send buffer for each
+/// client, and a client of it whose receive window is 4 KiB, so that
+/// writes tear often; the client's handle on the server's side.
+fn start(builder: enjent::Builder) -> (WebSocketServer, Ws, enjent::Client) {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let tx = std::sync::Mutex::new(tx);
+    let server = builder
+        .kernel_send_buffer(Some(4096))
+        .on_connect(move |client| tx.lock().unwrap().send(client.clone()).unwrap())
+        .start("127.0.0.1:0")
+        .expect("start");
+    let addr = server.local_addr();
+    let ws = match tungstenite::client(format!("ws://{addr}/"), Sock(small_window(addr))) {
+        Ok((ws, _)) => ws,
+        Err(e) => panic!("handshake: {e}"),
+    };
+    let target = rx.recv_timeout(WAIT).expect("the client connects");
+    (server, ws, target)
 }
