@@ -425,9 +425,11 @@ impl OutQueue {
     /// small messages are then one buffer, which costs a push and a pop
     /// for them all, and the write sends it as it is. Each frame is
     /// counted as the chunks it would have been (two, or one without a
-    /// payload). A chunk is never larger than what its frames are counted
-    /// as (their bytes and [`CHUNK_COST`] for each piece), and one a write
-    /// has begun takes no more frames.
+    /// payload). A chunk, its slot and its allocation take no more memory
+    /// than its frames are counted as (their bytes and [`CHUNK_COST`] for
+    /// each piece) until a write begins it; then it takes no more frames,
+    /// and keeps the bytes written from it (at most about 2 KiB), as a
+    /// payload's chunk of its own did.
     pub(crate) fn push_frame(&mut self, head: Chunk, body: Option<Chunk>, counters: &Counters) {
         let small = match (&head, &body) {
             (Chunk::Head(..), None) => true,
@@ -453,9 +455,10 @@ impl OutQueue {
             Some(Chunk::Gathered(v, k)) if !begun && *k as usize + pieces <= GATHER_PIECES => {
                 if v.capacity() - v.len() < n {
                     // To what its frames are counted as, this one's
-                    // included: far more than their bytes, so that a few
+                    // included, less one piece for the chunk's slot and
+                    // allocation: far more than their bytes, so that a few
                     // more fit before it grows again.
-                    let counted = v.len() + n + CHUNK_COST * (*k as usize + pieces);
+                    let counted = v.len() + n + CHUNK_COST * (*k as usize + pieces - 1);
                     v.reserve_exact(counted - v.len());
                 }
                 v.extend_from_slice(h);
@@ -464,7 +467,7 @@ impl OutQueue {
                 p.gathered += pieces;
             }
             _ => {
-                let mut v = Vec::with_capacity(n + CHUNK_COST * pieces);
+                let mut v = Vec::with_capacity(n + CHUNK_COST * (pieces - 1));
                 v.extend_from_slice(h);
                 v.extend_from_slice(b);
                 p.chunks.push_back(Chunk::Gathered(v, pieces as u32));
@@ -642,7 +645,7 @@ mod tests {
     /// a partial write put back, and the pops that empty it; big payloads
     /// and shared frames are chunks of their own; a chunk takes at most
     /// `GATHER_PIECES` pieces, none after a write has begun it, and is
-    /// never larger than what its frames are counted as.
+    /// with its slot no larger than what its frames are counted as.
     #[test]
     fn small_frames_are_gathered_and_counted_as_their_pieces() {
         assert!(std::mem::size_of::<Chunk>() <= 32, "a chunk's slot");
@@ -656,11 +659,9 @@ mod tests {
         let fits = |q: &OutQueue| {
             for ch in &q.pending.as_ref().unwrap().chunks {
                 if let Chunk::Gathered(v, k) = ch {
-                    assert!(
-                        v.capacity() <= v.len() + *k as usize * CHUNK_COST,
-                        "{}",
-                        v.capacity()
-                    );
+                    // Its slot and allocation are the last piece's share.
+                    let counted = v.len() + *k as usize * CHUNK_COST;
+                    assert!(v.capacity() + CHUNK_COST <= counted, "{}", v.capacity());
                 }
             }
         };
@@ -742,13 +743,16 @@ mod tests {
             q.cost(),
             GATHER_PIECES * 32 + 2 * GATHER_PIECES * CHUNK_COST
         );
-        // A chunk a write has begun takes no more frames.
+        q.clear(&c);
+        // A chunk a write has begun takes no more frames, though it has
+        // room for them.
+        frame(&mut q, 1, Some(vec![1; 30]));
         let mut taken = q.take_for_write();
-        taken.pop_front();
         taken.head = 5;
-        q.put_back(taken, GATHER_PIECES / 2 * 32 + 5, &c);
-        frame(&mut q, 1, None);
+        q.put_back(taken, 5, &c);
+        frame(&mut q, 2, None);
         assert_eq!(chunks(&q), 2);
+        assert_eq!(q.cost(), 27 + 2 + 3 * CHUNK_COST);
         let c2 = Counters::default();
         let mut r = OutQueue::default();
         r.push_frame(Chunk::Head([1; 10], 2), None, &c2);
@@ -760,6 +764,22 @@ mod tests {
         assert_eq!(r.cost(), 3 + 2 * CHUNK_COST);
         r.clear(&c2);
         q.clear(&c);
+
+        // A queue of gathered frames over `COUNTED_FROM` is in the
+        // output budget, at what it costs.
+        let c3 = Counters::new(1 << 20, 0);
+        let mut g = OutQueue::default();
+        for i in 0..200u8 {
+            g.push_frame(
+                Chunk::Head([i; 10], 2),
+                Some(Chunk::Owned(vec![i; 32])),
+                &c3,
+            );
+        }
+        assert!(g.owned_cost() > COUNTED_FROM);
+        assert_eq!(c3.output.used(), g.owned_cost());
+        g.clear(&c3);
+        assert_eq!(c3.output.used(), 0);
 
         // A shared frame is never copied.
         let budget = Arc::clone(&c.output);
