@@ -182,10 +182,7 @@ fn start(builder: enjent::Builder) -> (WebSocketServer, Ws, enjent::Client) {
         .start("127.0.0.1:0")
         .expect("start");
     let addr = server.local_addr();
-    let ws = match tungstenite::client(format!("ws://{addr}/"), Sock(small_window(addr))) {
-        Ok((ws, _)) => ws,
-        Err(e) => panic!("handshake: {e}"),
-    };
+    let ws = client_over(small_window(addr), format!("ws://{addr}/")).expect("handshake");
     let target = rx.recv_timeout(WAIT).expect("the client connects");
     (server, ws, target)
 }

@@ -253,15 +253,19 @@ pub(crate) fn head_and_body(buf: &[u8]) -> Option<(usize, Body)> {
         )),
         // A later HTTP/1 minor version, read as `parse_http` reads it.
         Err(httparse::Error::Version) => match later_version(buf) {
-            Some(Later::Minor(at)) => {
-                let mut copy = buf.to_vec();
-                copy[at] = b'1';
-                head_and_body(&copy)
-            }
+            Some(Later::Minor(at)) => head_and_body(&as_http11(buf, at)),
             _ => None,
         },
         _ => None,
     }
+}
+
+/// A copy of `buf` whose later HTTP/1 minor version (its digit at `at`,
+/// from [`later_version`]) says 1, which httparse reads.
+fn as_http11(buf: &[u8], at: usize) -> Vec<u8> {
+    let mut copy = buf.to_vec();
+    copy[at] = b'1';
+    copy
 }
 
 /// `s` without the spaces and tabs around it: HTTP's optional whitespace
@@ -632,11 +636,7 @@ pub fn parse_http(buf: &[u8], max_bytes: usize) -> Result<Option<(Request, usize
         // section 2.5), which httparse does not know: parse a copy that
         // says 1.1 (which cannot come back here for its version).
         Err(httparse::Error::Version) => match later_version(buf) {
-            Some(Later::Minor(at)) => {
-                let mut copy = buf.to_vec();
-                copy[at] = b'1';
-                return parse_http(&copy, max_bytes);
-            }
+            Some(Later::Minor(at)) => return parse_http(&as_http11(buf, at), max_bytes),
             Some(Later::Major) => {
                 return Err(Reject::new(505).body("this server speaks HTTP/1.1"));
             }

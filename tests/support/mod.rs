@@ -112,7 +112,16 @@ pub fn client_for(
     request: impl tungstenite::client::IntoClientRequest,
 ) -> tungstenite::Result<Ws> {
     raise_fd_limit();
-    let stream = TcpStream::connect(addr)?;
+    client_over(TcpStream::connect(addr)?, request)
+}
+
+/// A tungstenite client over `stream` (connected by the caller, with
+/// socket options of its own), with no delay and a read timeout; the
+/// handshake's error if refused.
+pub fn client_over(
+    stream: TcpStream,
+    request: impl tungstenite::client::IntoClientRequest,
+) -> tungstenite::Result<Ws> {
     // As `tungstenite::connect` does.
     stream.set_nodelay(true)?;
     stream.set_read_timeout(Some(WAIT))?;
