@@ -7,6 +7,7 @@
 #   bench/instructions.sh                      # examples/echo, 32 B echo
 #   bench/instructions.sh --main-loop          # its main-loop style
 #   SIZE=65536 CLIENTS=10 bench/instructions.sh
+#   LOAD=connect bench/instructions.sh         # per handshake (loadgen connect)
 #   BIN=/path/to/server bench/instructions.sh ARGS...   # another build
 #
 # The server runs under valgrind (about 30 times slower), so the load
@@ -38,8 +39,16 @@ for _ in $(seq 150); do
     grep -q listening "$work/server.log" && break
     sleep 0.2
 done
-result=$("$loadgen" echo --addr "127.0.0.1:$port" --clients "${CLIENTS:-100}" \
-    --size "${SIZE:-32}" --inflight 8 --seconds "${SECONDS_OF_LOAD:-10}" --server-pid "$pid")
+if [ "${LOAD:-echo}" = connect ]; then
+    # Handshakes of 16 clients at a time, each closed once upgraded.
+    result=$("$loadgen" connect --addr "127.0.0.1:$port" --concurrency 16 \
+        --seconds "${SECONDS_OF_LOAD:-10}" --server-pid "$pid")
+    unit=handshakes
+else
+    result=$("$loadgen" echo --addr "127.0.0.1:$port" --clients "${CLIENTS:-100}" \
+        --size "${SIZE:-32}" --inflight 8 --seconds "${SECONDS_OF_LOAD:-10}" --server-pid "$pid")
+    unit=messages
+fi
 # SIGINT ends the server; callgrind writes its counts as the process exits.
 kill -INT "$pid"
 for _ in $(seq 50); do
@@ -48,9 +57,9 @@ for _ in $(seq 50); do
 done
 kill "$pid" 2> /dev/null || true
 wait "$pid" || true
-messages=$(echo "$result" | python3 -c 'import json, sys; print(json.load(sys.stdin)["messages"])')
+messages=$(echo "$result" | python3 -c 'import json, sys; print(json.load(sys.stdin)[sys.argv[1]])' "$unit")
 total=$(awk '/^(summary|totals):/ {print $2; exit}' "$work/out")
-echo "messages $messages, instructions $total, per message $((total / messages))"
+echo "$unit $messages, instructions $total, per ${unit%s} $((total / messages))"
 callgrind_annotate --inclusive="$([ -n "${INCLUSIVE:-}" ] && echo yes || echo no)" "$work/out" 2> /dev/null | grep -E '^ *[0-9,]+ \(' | sed -n "2,$((${TOP:-25} + 1))p" |
     sed -E 's/^ *([0-9,]+) \( *[0-9.]+%\) +/\1 /' |
     while read -r ir rest; do

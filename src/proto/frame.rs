@@ -206,17 +206,28 @@ pub fn encode_frame(opcode: OpCode, payload: &[u8]) -> Vec<u8> {
 /// assert_eq!(&data, b"hello");
 /// ```
 pub fn apply_mask(buf: &mut [u8], mask: [u8; 4], offset: usize) {
-    let mut m = [0u8; 4];
-    for (i, b) in m.iter_mut().enumerate() {
-        *b = mask[(offset + i) & 3];
-    }
-    let wide = u64::from_ne_bytes([m[0], m[1], m[2], m[3], m[0], m[1], m[2], m[3]]);
+    let (m, wide) = wide_mask(mask, offset);
+    xor_words(buf, m, wide);
+}
+
+/// The mask as it applies from `offset` on, and as a word of two copies.
+fn wide_mask(mask: [u8; 4], offset: usize) -> ([u8; 4], u64) {
+    // Byte `i` of the result is byte `i + offset` of the mask.
+    let m = u32::from_le_bytes(mask)
+        .rotate_right(8 * (offset & 3) as u32)
+        .to_le_bytes();
+    let half = u64::from(u32::from_ne_bytes(m));
+    (m, half | half << 32)
+}
+
+/// XOR `buf` with the mask `m` (`wide` is two copies of it), a word at a
+/// time.
+fn xor_words(buf: &mut [u8], m: [u8; 4], wide: u64) {
     let mut chunks = buf.chunks_exact_mut(8);
     for chunk in &mut chunks {
         let mut word = [0u8; 8];
         word.copy_from_slice(chunk);
-        let v = u64::from_ne_bytes(word) ^ wide;
-        chunk.copy_from_slice(&v.to_ne_bytes());
+        chunk.copy_from_slice(&(u64::from_ne_bytes(word) ^ wide).to_ne_bytes());
     }
     for (i, b) in chunks.into_remainder().iter_mut().enumerate() {
         *b ^= m[i & 3];
@@ -230,11 +241,7 @@ pub fn apply_mask(buf: &mut [u8], mask: [u8; 4], offset: usize) {
 /// about half the time of copying, then masking in place.
 pub fn extend_masked(dst: &mut Vec<u8>, src: &[u8], mask: [u8; 4], offset: usize) {
     const BLOCK: usize = 256;
-    let mut m = [0u8; 4];
-    for (i, b) in m.iter_mut().enumerate() {
-        *b = mask[(offset + i) & 3];
-    }
-    let wide = u64::from_ne_bytes([m[0], m[1], m[2], m[3], m[0], m[1], m[2], m[3]]);
+    let (m, wide) = wide_mask(mask, offset);
     dst.reserve(src.len());
     let mut blocks = src.chunks_exact(BLOCK);
     for block in &mut blocks {
@@ -250,7 +257,7 @@ pub fn extend_masked(dst: &mut Vec<u8>, src: &[u8], mask: [u8; 4], offset: usize
     // of the rotated mask.
     let start = dst.len();
     dst.extend_from_slice(blocks.remainder());
-    apply_mask(&mut dst[start..], m, 0);
+    xor_words(&mut dst[start..], m, wide);
 }
 
 /// Byte-at-a-time masking, kept as the reference the fast one is tested

@@ -170,10 +170,7 @@ impl Request {
     pub fn is_upgrade(&self) -> bool {
         // An `Upgrade` header in an HTTP/1.0 request is ignored (RFC 9110
         // section 7.8): such a request is plain HTTP.
-        self.version == 1
-            && self
-                .header_tokens("Upgrade")
-                .any(|t| t.eq_ignore_ascii_case("websocket"))
+        self.version == 1 && self.values("Upgrade").any(|v| has_token(v, "websocket"))
     }
 
     /// Whether the request announces a body: a `Transfer-Encoding`, or a
@@ -820,14 +817,42 @@ fn valid_host(value: &[u8]) -> bool {
 /// A port written in digits alone (leading zeros allowed), if it is at
 /// most 65535.
 fn port_number(digits: &[u8]) -> Option<u16> {
-    if !digits.iter().all(u8::is_ascii_digit) {
+    if digits.is_empty() {
         return None;
     }
-    std::str::from_utf8(digits).ok()?.parse().ok()
+    let mut n: u32 = 0;
+    for &b in digits {
+        if !b.is_ascii_digit() {
+            return None;
+        }
+        n = n * 10 + u32::from(b - b'0');
+        if n > u32::from(u16::MAX) {
+            return None;
+        }
+    }
+    u16::try_from(n).ok()
 }
 
+/// RFC 3986's `unreserved` and `sub-delims`, by byte.
+const SUB_DELIM_OR_UNRESERVED: [bool; 256] = {
+    let mut t = [false; 256];
+    let mut b = 0;
+    while b < 256 {
+        let c = b as u8;
+        t[b] = c.is_ascii_alphanumeric();
+        b += 1;
+    }
+    let others = b"-._~!$&'()*+,;=";
+    let mut i = 0;
+    while i < others.len() {
+        t[others[i] as usize] = true;
+        i += 1;
+    }
+    t
+};
+
 fn sub_delim_or_unreserved(b: u8) -> bool {
-    b.is_ascii_alphanumeric() || b"-._~!$&'()*+,;=".contains(&b)
+    SUB_DELIM_OR_UNRESERVED[usize::from(b)]
 }
 
 fn reg_name(name: &[u8]) -> bool {
@@ -881,10 +906,15 @@ fn ip_literal(lit: &[u8]) -> bool {
 /// `target`; a path of `None` is `/` (an absolute form without one).
 fn origin_form(target: &str) -> (Option<&str>, Option<&str>) {
     fn split(t: &str) -> (Option<&str>, Option<&str>) {
-        match t.split_once('?') {
-            Some((p, q)) => (Some(p), Some(q)),
+        match t.bytes().position(|b| b == b'?') {
+            Some(i) => (Some(&t[..i]), Some(&t[i + 1..])),
             None => (Some(t), None),
         }
+    }
+    // The origin form, as nearly every request has it (a scheme cannot
+    // begin with `/`, so the search below would come to the same).
+    if target.starts_with('/') {
+        return split(target);
     }
     let Some((scheme, rest)) = target.split_once("://") else {
         return split(target);
@@ -924,33 +954,45 @@ pub fn check_upgrade(request: &mut Request) -> Result<(), Reject> {
     if request.version != 1 {
         return Err(Reject::bad_request("websocket upgrades need HTTP/1.1"));
     }
-    let get = |name: &str| request.values(name).next();
-    let has_token = |name: &str, token: &str| {
-        request
-            .header_tokens(name)
-            .any(|t| t.eq_ignore_ascii_case(token))
-    };
+    // The headers the upgrade reads, in one pass over them.
+    let (mut keys, mut key) = (0usize, None);
+    let (mut versions, mut version) = (0usize, None);
+    let (mut upgrade, mut connection) = (false, false);
+    for (name, value) in request.raw_headers() {
+        if name.eq_ignore_ascii_case(b"sec-websocket-key") {
+            keys += 1;
+            key = key.or(Some(value));
+        } else if name.eq_ignore_ascii_case(b"sec-websocket-version") {
+            versions += 1;
+            version = version.or(Some(value));
+        } else if name.eq_ignore_ascii_case(b"upgrade") {
+            upgrade = upgrade || has_token(value, "websocket");
+        } else if name.eq_ignore_ascii_case(b"connection") {
+            connection = connection || has_token(value, "upgrade");
+        }
+    }
     // RFC 6455 section 11.3: these appear once (and Host, which the
     // parse checked). Taking the first of two would read the request
     // differently from a proxy that takes the last, or joins them.
-    for name in ["Sec-WebSocket-Key", "Sec-WebSocket-Version"] {
-        let seen = request.values(name).count();
-        if seen > 1 {
-            return Err(Reject::bad_request(match name {
-                "Sec-WebSocket-Key" => "more than one Sec-WebSocket-Key header",
-                _ => "more than one Sec-WebSocket-Version header",
-            }));
-        }
+    if keys > 1 {
+        return Err(Reject::bad_request(
+            "more than one Sec-WebSocket-Key header",
+        ));
+    }
+    if versions > 1 {
+        return Err(Reject::bad_request(
+            "more than one Sec-WebSocket-Version header",
+        ));
     }
     // No upgrade, or one to another protocol (`h2c`, say): this
     // endpoint requires websocket.
-    if !has_token("Upgrade", "websocket") {
+    if !upgrade {
         return Err(Reject::new(426)
             .header("Upgrade", "websocket")
             .header("Sec-WebSocket-Version", "13")
             .body("this endpoint speaks websocket"));
     }
-    if !has_token("Connection", "upgrade") {
+    if !connection {
         return Err(Reject::bad_request(
             "Connection header must include Upgrade",
         ));
@@ -961,7 +1003,7 @@ pub fn check_upgrade(request: &mut Request) -> Result<(), Reject> {
     if request.announces_body() {
         return Err(Reject::bad_request("an upgrade request has no body"));
     }
-    match get("Sec-WebSocket-Version") {
+    match version {
         None => return Err(Reject::bad_request("missing Sec-WebSocket-Version header")),
         Some(v) if v.trim_ascii() == b"13" => {}
         Some(_) => {
@@ -972,19 +1014,43 @@ pub fn check_upgrade(request: &mut Request) -> Result<(), Reject> {
         }
     }
     // Sixteen bytes in base64 are 24 characters, padding included.
-    let key = get("Sec-WebSocket-Key")
-        .and_then(|k| std::str::from_utf8(k).ok())
-        .map(|k| ows_trim(k).as_bytes())
-        .filter(|k| {
-            let mut raw = [0u8; 18];
-            k.len() == 24
-                && base64::engine::general_purpose::STANDARD
-                    .decode_slice(k, &mut raw)
-                    .is_ok_and(|n| n == 16)
-        })
+    let key = key
+        .map(ows_trim_bytes)
+        .filter(|k| is_key(k))
         .ok_or_else(|| Reject::bad_request("missing or malformed Sec-WebSocket-Key"))?;
     request.key = Span::of(&request.head, key);
     Ok(())
+}
+
+/// Whether `k` is sixteen bytes in base64 as a key must be: 22 characters
+/// of the standard alphabet, the last of them with no bits beyond the
+/// 128th (one of `A`, `Q`, `g`, `w`), then `==`, as a strict decoder
+/// takes it.
+fn is_key(k: &[u8]) -> bool {
+    let base64 = |b: &u8| b.is_ascii_alphanumeric() || *b == b'+' || *b == b'/';
+    matches!(k, [data @ .., last, b'=', b'='] if data.len() == 21
+        && data.iter().all(base64)
+        && matches!(last, b'A' | b'Q' | b'g' | b'w'))
+}
+
+/// Whether a header's value lists `token` (case-insensitive) among its
+/// comma-separated tokens; a value that is not UTF-8 lists none.
+fn has_token(value: &[u8], token: &str) -> bool {
+    (value.is_ascii() || std::str::from_utf8(value).is_ok())
+        && value
+            .split(|&b| b == b',')
+            .any(|t| ows_trim_bytes(t).eq_ignore_ascii_case(token.as_bytes()))
+}
+
+/// [`ows_trim`] for bytes.
+fn ows_trim_bytes(mut s: &[u8]) -> &[u8] {
+    while let [b' ' | b'\t', rest @ ..] = s {
+        s = rest;
+    }
+    while let [rest @ .., b' ' | b'\t'] = s {
+        s = rest;
+    }
+    s
 }
 
 /// `Sec-WebSocket-Accept` for a client's key.
@@ -1059,6 +1125,110 @@ mod tests {
 
     fn status(req: &str) -> u16 {
         parse_request(req.as_bytes(), 8192).unwrap_err().status()
+    }
+
+    /// `is_key` takes what a strict base64 decoder takes as sixteen bytes
+    /// in 24 characters, and nothing else: every key with each position
+    /// changed to every byte, and a pseudo-random sample of strings over
+    /// the alphabet, `=` and a few bytes outside it.
+    #[test]
+    fn a_key_is_what_base64_decodes_to_sixteen_bytes() {
+        let strict = |k: &[u8]| {
+            let mut raw = [0u8; 18];
+            k.len() == 24
+                && base64::engine::general_purpose::STANDARD
+                    .decode_slice(k, &mut raw)
+                    .is_ok_and(|n| n == 16)
+        };
+        let mut checked = 0;
+        let mut taken = 0;
+        let mut check = |k: &[u8]| {
+            assert_eq!(is_key(k), strict(k), "{:?}", String::from_utf8_lossy(k));
+            checked += 1;
+            taken += usize::from(strict(k));
+        };
+        for good in [
+            &b"dGhlIHNhbXBsZSBub25jZQ=="[..],
+            b"AAAAAAAAAAAAAAAAAAAAAA==",
+            b"//////////////////////w==",
+        ] {
+            check(good);
+            for at in 0..24 {
+                for byte in 0..=255u8 {
+                    let mut k = good.to_vec();
+                    k[at] = byte;
+                    check(&k);
+                }
+            }
+            check(&good[..23]);
+            check(&[good, b"="].concat());
+        }
+        let alphabet = b"ABCQgwxyz019+/=-_ \x80";
+        let mut seed = 0x2545_f491_4f6c_dd1du64;
+        for _ in 0..200_000 {
+            let k: Vec<u8> = (0..24)
+                .map(|i| {
+                    seed ^= seed << 13;
+                    seed ^= seed >> 7;
+                    seed ^= seed << 17;
+                    // Mostly the alphabet, with the padding where it goes.
+                    match (i, seed % 8) {
+                        (22 | 23, 0..=5) => b'=',
+                        _ => alphabet[(seed >> 8) as usize % alphabet.len()],
+                    }
+                })
+                .collect();
+            check(&k);
+        }
+        assert!(
+            checked > 200_000 && taken > 1_000,
+            "{checked} checked, {taken} taken"
+        );
+    }
+
+    /// The hand-written helpers read as the library calls they replaced.
+    #[test]
+    fn ports_tokens_and_host_bytes_read_as_before() {
+        for p in [
+            "",
+            "0",
+            "80",
+            "080",
+            "0000000000080",
+            "65535",
+            "65536",
+            "99999999999",
+            "+80",
+            "8 0",
+            "١٢",
+        ] {
+            let old = (!p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()))
+                .then(|| p.parse::<u16>().ok())
+                .flatten();
+            assert_eq!(port_number(p.as_bytes()), old, "{p:?}");
+        }
+        for (value, token, has) in [
+            (&b"websocket"[..], "websocket", true),
+            (b" WebSocket \t", "websocket", true),
+            (b"h2c, websocket", "websocket", true),
+            (b"h2c,,websocket,", "websocket", true),
+            (b"web socket", "websocket", false),
+            (b"websockets", "websocket", false),
+            (b"", "websocket", false),
+            (b"keep-alive, Upgrade", "upgrade", true),
+            (b"Upgrade, \xff", "upgrade", false),
+        ] {
+            assert_eq!(
+                has_token(value, token),
+                has,
+                "{:?}",
+                String::from_utf8_lossy(value)
+            );
+        }
+        for b in 0..=255u8 {
+            let old = b.is_ascii_alphanumeric() || b"-._~!$&'()*+,;=".contains(&b);
+            assert_eq!(sub_delim_or_unreserved(b), old, "{b}");
+        }
     }
 
     macro_rules! refused {

@@ -187,7 +187,11 @@ impl<T> Registry<T> {
             return None;
         }
         s.used += 1;
-        *s.per_ip.entry(ip).or_insert(0) += 1;
+        // With no limit an address is not counted (and `remove` finds the
+        // map empty, so that neither hashes the address).
+        if per_ip != usize::MAX {
+            *s.per_ip.entry(ip).or_insert(0) += 1;
+        }
         let index = match s.free.pop() {
             Some(i) => i as usize,
             None => {
