@@ -833,6 +833,18 @@ fn port_number(digits: &[u8]) -> Option<u16> {
     u16::try_from(n).ok()
 }
 
+/// The standard base64 alphabet, by byte.
+const BASE64: [bool; 256] = {
+    let mut t = [false; 256];
+    let mut b = 0;
+    while b < 256 {
+        let c = b as u8;
+        t[b] = c.is_ascii_alphanumeric() || c == b'+' || c == b'/';
+        b += 1;
+    }
+    t
+};
+
 /// RFC 3986's `unreserved` and `sub-delims`, by byte.
 const SUB_DELIM_OR_UNRESERVED: [bool; 256] = {
     let mut t = [false; 256];
@@ -1027,9 +1039,8 @@ pub fn check_upgrade(request: &mut Request) -> Result<(), Reject> {
 /// 128th (one of `A`, `Q`, `g`, `w`), then `==`, as a strict decoder
 /// takes it.
 fn is_key(k: &[u8]) -> bool {
-    let base64 = |b: &u8| b.is_ascii_alphanumeric() || *b == b'+' || *b == b'/';
     matches!(k, [data @ .., last, b'=', b'='] if data.len() == 21
-        && data.iter().all(base64)
+        && data.iter().all(|&b| BASE64[usize::from(b)])
         && matches!(last, b'A' | b'Q' | b'g' | b'w'))
 }
 
@@ -1072,7 +1083,13 @@ fn push_accept_key(key: &str, out: &mut String) {
     let mut sha = Sha1::new();
     sha.update(key.as_bytes());
     sha.update(GUID.as_bytes());
-    base64::engine::general_purpose::STANDARD.encode_string(sha.finalize(), out);
+    // Twenty bytes are 28 characters; encoded into a buffer on the stack,
+    // which skips the chunked writer that `encode_string` goes through.
+    let mut accept = [0u8; 28];
+    let n = base64::engine::general_purpose::STANDARD
+        .encode_slice(sha.finalize(), &mut accept)
+        .unwrap_or(0);
+    out.push_str(std::str::from_utf8(&accept[..n]).unwrap_or_default());
 }
 
 /// The `101 Switching Protocols` response for `key`, with extra headers.

@@ -29,6 +29,7 @@ pub(crate) fn run<T: Send + Sync + 'static>(shared: Arc<Shared<T>>, listener: Tc
         out_of_fds: Throttled::new(),
         panicked: Throttled::new(),
         reserved: None,
+        first: Box::new([0; FIRST_READ]),
     };
     loop {
         match catch_unwind(AssertUnwindSafe(|| accept_one(&shared, &listener, &mut st))) {
@@ -76,6 +77,9 @@ struct Accepting<T> {
     /// The slot reserved for the client being taken, until it is handed
     /// on (or freed).
     reserved: Option<(usize, std::net::IpAddr)>,
+    /// What a request's first read goes into, kept from one client to
+    /// the next (a buffer on the stack was zeroed for each).
+    first: Box<[u8; FIRST_READ]>,
 }
 
 /// How many clients may wait in the listen backlog to be accepted. The
@@ -272,8 +276,8 @@ fn accept_one<T: Send + Sync + 'static>(
     // its buffer, or the request is not whole); otherwise the poller
     // hands the socket over once it is, rather than a job reading
     // nothing.
-    let mut first = [0u8; FIRST_READ];
-    let (arrived, gone, buf) = match (&stream).read(&mut first) {
+    let first = &mut st.first[..];
+    let (arrived, gone, buf) = match (&stream).read(first) {
         Ok(0) => (false, true, Vec::new()),
         Ok(n) => (true, false, first[..n].to_vec()),
         Err(e) if e.kind() == io::ErrorKind::WouldBlock => (false, false, Vec::new()),
