@@ -274,6 +274,21 @@ impl Decoder {
                         && header.len <= self.limits.max_frame_size as u64
                         && header.len <= self.limits.max_message_size as u64
                     {
+                        // The conditions above repeat `start_frame`'s rules
+                        // for a first frame. In debug builds (the tests) a
+                        // frame taken here must also pass `start_frame`
+                        // itself, so that a rule added there and not here
+                        // fails the tests of that rule instead of being
+                        // skipped by whole frames.
+                        #[cfg(debug_assertions)]
+                        {
+                            let judged = self.start_frame(header.opcode, header.len, compressed);
+                            assert!(
+                                judged.is_ok(),
+                                "the fast path took a frame start_frame refuses: {judged:?}"
+                            );
+                            self.msg = None;
+                        }
                         let n = header.len as usize;
                         let mut buf = Vec::with_capacity(n);
                         extend_masked(&mut buf, &input[..n], mask, 0);
