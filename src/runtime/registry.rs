@@ -6,7 +6,7 @@
 //! generation, so finding a client by its id needs no map; a slot whose
 //! generation is spent is never used again, so no id is ever reused.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, hash_map};
 use std::net::{IpAddr, SocketAddr, TcpStream};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -183,15 +183,22 @@ impl<T> Registry<T> {
     pub(crate) fn reserve(&self, max: usize, per_ip: usize, ip: IpAddr) -> Option<usize> {
         let ip = per_ip_key(ip);
         let mut s = self.slab.lock();
-        if s.used >= max || s.per_ip.get(&ip).is_some_and(|n| *n as usize >= per_ip) {
+        if s.used >= max {
             return None;
         }
-        s.used += 1;
         // With no limit an address is not counted (and `remove` finds the
-        // map empty, so that neither hashes the address).
+        // map empty, so that neither hashes the address); with one, it is
+        // looked up once.
         if per_ip != usize::MAX {
-            *s.per_ip.entry(ip).or_insert(0) += 1;
+            match s.per_ip.entry(ip) {
+                hash_map::Entry::Occupied(n) if *n.get() as usize >= per_ip => return None,
+                hash_map::Entry::Occupied(mut n) => *n.get_mut() += 1,
+                hash_map::Entry::Vacant(v) => {
+                    v.insert(1);
+                }
+            }
         }
+        s.used += 1;
         let index = match s.free.pop() {
             Some(i) => i as usize,
             None => {
@@ -327,10 +334,12 @@ impl<T> Registry<T> {
         s.open -= usize::from(was_open);
         s.used -= 1;
         s.live[(key & INDEX_MASK) / CHUNK] -= 1;
-        if let Some(n) = s.per_ip.get_mut(&per_ip_key(ip)) {
-            *n -= 1;
-            if *n == 0 {
-                s.per_ip.remove(&per_ip_key(ip));
+        if !s.per_ip.is_empty()
+            && let hash_map::Entry::Occupied(mut n) = s.per_ip.entry(per_ip_key(ip))
+        {
+            *n.get_mut() -= 1;
+            if *n.get() == 0 {
+                n.remove();
             }
         }
         if s.used == 0 {
