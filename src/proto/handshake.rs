@@ -1089,6 +1089,7 @@ fn push_accept_key(key: &str, out: &mut String) {
     let n = base64::engine::general_purpose::STANDARD
         .encode_slice(sha.finalize(), &mut accept)
         .unwrap_or(0);
+    debug_assert_eq!(n, 28, "a SHA-1 is 28 characters in base64");
     out.push_str(std::str::from_utf8(&accept[..n]).unwrap_or_default());
 }
 
@@ -1234,6 +1235,8 @@ mod tests {
             (b"", "websocket", false),
             (b"keep-alive, Upgrade", "upgrade", true),
             (b"Upgrade, \xff", "upgrade", false),
+            (b"h2c,\twebsocket", "websocket", true),
+            ("websocket, \u{e9}".as_bytes(), "websocket", true),
         ] {
             assert_eq!(
                 has_token(value, token),
@@ -1242,6 +1245,21 @@ mod tests {
                 String::from_utf8_lossy(value)
             );
         }
+        // The path ends at the first `?`.
+        let mut req = GOOD.replacen("/chat?name=ann%20b&x", "/a?b?c", 1);
+        let (r, _) = parse_request(req.as_bytes(), 8192).unwrap().unwrap();
+        assert_eq!((r.path(), r.query()), ("/a", Some("b?c")));
+        // Two keys and two versions: the keys are named first.
+        req = req.replacen(
+            "Sec-WebSocket-Version: 13\r\n",
+            "Sec-WebSocket-Version: 13\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n",
+            1,
+        );
+        let refused = parse_request(req.as_bytes(), 8192).unwrap_err();
+        assert_eq!(
+            (refused.status(), refused.body_text()),
+            (400, "more than one Sec-WebSocket-Key header")
+        );
         for b in 0..=255u8 {
             let old = b.is_ascii_alphanumeric() || b"-._~!$&'()*+,;=".contains(&b);
             assert_eq!(sub_delim_or_unreserved(b), old, "{b}");
