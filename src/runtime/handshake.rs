@@ -307,8 +307,9 @@ fn handshake_inner<T: Send + Sync + 'static>(shared: &Arc<Shared<T>>, mut p: Box
     // Known now, before an answer clears what was read: whether a close
     // must linger for the rest (see `finish_answer`).
     p.more = more_after_head(request.body(), p.buf.len() - used);
-    if !request.is_upgrade()
-        && let Some(http) = &shared.handlers.http
+    // (The handler first: without one, no header need be searched.)
+    if let Some(http) = &shared.handlers.http
+        && !request.is_upgrade()
     {
         let answer = catch_unwind(AssertUnwindSafe(|| http(&request))).unwrap_or_else(|panic| {
             shared.report_panic("on_http", None, panic.as_ref());
