@@ -33,6 +33,8 @@ pub struct Request {
     peer_addr: Option<SocketAddr>,
     /// Empty until [`check_upgrade`] takes the key.
     key: Span,
+    /// What the head says of a body after it, read once.
+    body: Body,
 }
 
 /// Where a part of the request lies in its head.
@@ -181,7 +183,7 @@ impl Request {
 
     /// What the head says of a body after it.
     pub(crate) fn body(&self) -> Body {
-        body_of(self.raw_headers())
+        self.body
     }
 
     /// The comma-separated tokens of every header named `name`.
@@ -672,6 +674,7 @@ pub fn parse_http(buf: &[u8], max_bytes: usize) -> Result<Option<(Request, usize
             .collect(),
         peer_addr: None,
         key: Span::default(),
+        body: body_of(req.headers.iter().map(|h| (h.name.as_bytes(), h.value))),
         head: buf[..len].into(),
     };
     Ok(Some((request, len)))
