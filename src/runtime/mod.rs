@@ -893,6 +893,11 @@ mod tests {
             .max_backpressure(0)
             .max_queued_bytes(256 * 1024)
             .close_timeout(Duration::from_millis(200))
+            // A fixed send buffer: left to itself, Linux grows a socket's
+            // buffer later while its client reads nothing, and the bytes
+            // it takes then leave the budget with room (a CI run saw the
+            // waiters sent at once with 180 KB queued of the 256 KiB).
+            .kernel_send_buffer(Some(4096))
             .start("127.0.0.1:0")
             .unwrap();
         // The target first, alone: its kernel buffers full, 24 KiB queued
