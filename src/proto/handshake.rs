@@ -836,35 +836,27 @@ fn port_number(digits: &[u8]) -> Option<u16> {
     u16::try_from(n).ok()
 }
 
-/// The standard base64 alphabet, by byte.
-const BASE64: [bool; 256] = {
+/// A table by byte: ASCII letters and digits, and `others`.
+const fn alphanumeric_and(others: &[u8]) -> [bool; 256] {
     let mut t = [false; 256];
     let mut b = 0;
     while b < 256 {
-        let c = b as u8;
-        t[b] = c.is_ascii_alphanumeric() || c == b'+' || c == b'/';
+        t[b] = (b as u8).is_ascii_alphanumeric();
         b += 1;
     }
-    t
-};
-
-/// RFC 3986's `unreserved` and `sub-delims`, by byte.
-const SUB_DELIM_OR_UNRESERVED: [bool; 256] = {
-    let mut t = [false; 256];
-    let mut b = 0;
-    while b < 256 {
-        let c = b as u8;
-        t[b] = c.is_ascii_alphanumeric();
-        b += 1;
-    }
-    let others = b"-._~!$&'()*+,;=";
     let mut i = 0;
     while i < others.len() {
         t[others[i] as usize] = true;
         i += 1;
     }
     t
-};
+}
+
+/// The standard base64 alphabet, by byte.
+const BASE64: [bool; 256] = alphanumeric_and(b"+/");
+
+/// RFC 3986's `unreserved` and `sub-delims`, by byte.
+const SUB_DELIM_OR_UNRESERVED: [bool; 256] = alphanumeric_and(b"-._~!$&'()*+,;=");
 
 fn sub_delim_or_unreserved(b: u8) -> bool {
     SUB_DELIM_OR_UNRESERVED[usize::from(b)]
