@@ -21,6 +21,17 @@
 # `BINARY ADDR echo|broadcast|pubsub`, printing `listening on ws://ADDR`
 # (flushed) once it listens; it is measured as `uwebsockets`.
 #
+# PUBSUB_BIN: an examples/pubsub binary built with the redis feature, used
+# instead of the release build this script otherwise makes (CI's smoke run
+# passes the debug build its tests made: a release build of the redis
+# crate and its URL parser took 214 s of CPU there, for figures nobody
+# judges).
+#
+# BENCH_PROFILE: the cargo profile the load generator and the peers are
+# built with (default release). CI's smoke run builds them with dev: a
+# release build of tokio, hyper and the rest took 199 s of CPU there, a
+# dev build 108 s (and the criterion benches with it, 80 s more).
+#
 # Results: target/bench/results.jsonl (one JSON line per run) and
 # target/bench/table.md.
 set -euo pipefail
@@ -28,6 +39,11 @@ set -euo pipefail
 peer_uws="${PEER_UWS:+$(realpath -- "$PEER_UWS")}"
 if [ -n "$peer_uws" ] && [ ! -x "$peer_uws" ]; then
     echo "PEER_UWS: $PEER_UWS is not an executable"
+    exit 1
+fi
+pubsub_bin="${PUBSUB_BIN:+$(realpath -- "$PUBSUB_BIN")}"
+if [ -n "$pubsub_bin" ] && [ ! -x "$pubsub_bin" ]; then
+    echo "PUBSUB_BIN: $PUBSUB_BIN is not an executable"
     exit 1
 fi
 cd "$(dirname "$0")/.."
@@ -44,24 +60,29 @@ mkdir -p "$out"
 cargo build --release --example echo
 # pubsub with the redis feature, for pubsub-cluster (without --redis it
 # serves as before).
-cargo build --release --features redis --example pubsub
-(cd bench && cargo build --release --bins)
-loadgen="$root/bench/target/release/loadgen"
+if [ -z "$pubsub_bin" ]; then
+    cargo build --release --features redis --example pubsub
+    pubsub_bin="$root/target/release/examples/pubsub"
+fi
+bench_profile="${BENCH_PROFILE:-release}"
+(cd bench && cargo build --profile "$bench_profile" --bins)
+bench_bin="$root/bench/target/$([ "$bench_profile" = dev ] && echo debug || echo "$bench_profile")"
+loadgen="$bench_bin/loadgen"
 
 # name -> command (all take: ADDR echo|broadcast|pubsub, except enjent's
 # pubsub mode, a separate example: see pubsub_servers)
 declare -A servers=(
     [enjent]="$root/target/release/examples/echo"
     [enjent-main-loop]="$root/target/release/examples/echo --main-loop"
-    [tokio-tungstenite]="$root/bench/target/release/peer_tokio_tungstenite"
-    [fastwebsockets]="$root/bench/target/release/peer_fastwebsockets"
-    [tungstenite-threads]="$root/bench/target/release/peer_tungstenite_threads"
+    [tokio-tungstenite]="$bench_bin/peer_tokio_tungstenite"
+    [fastwebsockets]="$bench_bin/peer_fastwebsockets"
+    [tungstenite-threads]="$bench_bin/peer_tungstenite_threads"
 )
 order=(enjent enjent-main-loop tokio-tungstenite fastwebsockets tungstenite-threads)
 # Mode pubsub: enjent is examples/pubsub (ADDR only; it has no main-loop
 # variant); the peers are started as `PEER ADDR pubsub`.
 declare -A pubsub_servers=(
-    [enjent]="$root/target/release/examples/pubsub"
+    [enjent]="$pubsub_bin"
 )
 pubsub_order=(enjent tokio-tungstenite fastwebsockets tungstenite-threads)
 if [ -n "$peer_uws" ]; then
