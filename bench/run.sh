@@ -30,7 +30,7 @@
 # BENCH_PROFILE: the cargo profile the load generator and the peers are
 # built with (default release). CI's smoke run builds them with dev: a
 # release build of tokio, hyper and the rest took 199 s of CPU there, a
-# dev build 108 s (and the criterion benches with it, 80 s more).
+# dev build 108 s.
 #
 # Results: target/bench/results.jsonl (one JSON line per run) and
 # target/bench/table.md.
@@ -66,7 +66,14 @@ if [ -z "$pubsub_bin" ]; then
 fi
 bench_profile="${BENCH_PROFILE:-release}"
 (cd bench && cargo build --profile "$bench_profile" --bins)
-bench_bin="$root/bench/target/$([ "$bench_profile" = dev ] && echo debug || echo "$bench_profile")"
+# Where cargo puts a profile's builds: dev and test in debug, bench in
+# release, any other under its own name.
+case $bench_profile in
+    dev | test) bench_dir=debug ;;
+    bench) bench_dir=release ;;
+    *) bench_dir=$bench_profile ;;
+esac
+bench_bin="$root/bench/target/$bench_dir"
 loadgen="$bench_bin/loadgen"
 
 # name -> command (all take: ADDR echo|broadcast|pubsub, except enjent's
