@@ -408,3 +408,50 @@ fn shutdown_from_the_main_loop_reads_a_starved_client_with_a_full_queue() {
     );
     assert!(took < Duration::from_secs(3), "shutdown took {took:?}");
 }
+
+thread_local! {
+    static KEPT: std::cell::RefCell<Option<WebSocketServer>> = const { std::cell::RefCell::new(None) };
+}
+
+/// A server kept in a thread-local is shut down as its thread ends,
+/// after the thread wrote to a client: the shutdown's close frames are
+/// queued from the thread-local's destructor, once the send path's own
+/// thread-local state may be gone (found by a review: the queue's spare
+/// box, kept in a thread-local, made that abort the process). Both
+/// clients get their close.
+#[test]
+fn a_server_kept_in_a_thread_local_shuts_down_as_its_thread_ends() {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let t = std::thread::spawn(move || {
+        let server = server();
+        let addr = server.local_addr();
+        let a = client(addr);
+        let b = client(addr);
+        let ca = expect_connect(&server);
+        let _cb = expect_connect(&server);
+        // Kept first: thread-locals are destroyed in the reverse order of
+        // their first use, so the send path's come before this one.
+        KEPT.with(|k| *k.borrow_mut() = Some(server));
+        ca.send("hi").unwrap();
+        ca.close(CloseCode::NORMAL, "bye").unwrap();
+        tx.send((a, b)).unwrap();
+    });
+    let (mut a, mut b) = rx.recv().unwrap();
+    let saw_close = |ws: &mut Ws, code: u16| loop {
+        match ws.read() {
+            Ok(Tm::Close(Some(f))) => {
+                assert_eq!(u16::from(f.code), code);
+                break;
+            }
+            Ok(_) => {}
+            Err(e) => panic!("no close frame: {e}"),
+        }
+    };
+    saw_close(&mut a, 1000);
+    saw_close(&mut b, 1001);
+    // Our answers end the shutdown's wait for them.
+    let _ = a.flush();
+    let _ = b.flush();
+    t.join()
+        .expect("the thread (and its server's shutdown) ended");
+}

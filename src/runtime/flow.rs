@@ -429,8 +429,17 @@ impl OutQueue {
     }
 
     fn pending(&mut self) -> &mut Unwritten {
-        self.pending
-            .get_or_insert_with(|| SPARE.take().unwrap_or_default())
+        // `try_with`: a queue may be used from another thread-local's
+        // destructor (a server kept in one, shut down as its thread ends)
+        // after this one is gone; `with` would panic there, and a panic in
+        // a thread-local's destructor aborts the process.
+        self.pending.get_or_insert_with(|| {
+            SPARE
+                .try_with(std::cell::Cell::take)
+                .ok()
+                .flatten()
+                .unwrap_or_default()
+        })
     }
 
     /// Let go of the box of a queue written out: this thread's spare, if
@@ -445,8 +454,9 @@ impl OutQueue {
                 chunks: std::mem::take(&mut p.chunks),
                 ..Unwritten::default()
             };
-            // Whatever was there before is dropped outside the cell.
-            drop(SPARE.replace(Some(p)));
+            // Whatever was there before is dropped outside the cell. (Gone,
+            // see `pending`: then the box is simply dropped.)
+            drop(SPARE.try_with(|spare| spare.replace(Some(p))));
         }
     }
 
@@ -655,6 +665,35 @@ mod tests {
         assert!(q2.pending.is_none());
         assert!(SPARE.take().is_none(), "a grown ring was kept");
         assert_eq!(c.output.queues.load(Relaxed), 0);
+    }
+
+    /// A queue used from a thread-local's destructor after the spare's
+    /// own is gone (found by a review: `with` panicked there, and the
+    /// panic in a destructor aborted the process).
+    #[test]
+    fn a_queue_used_after_the_spare_is_gone_does_without_it() {
+        struct Late(OutQueue, Counters);
+        impl Drop for Late {
+            fn drop(&mut self) {
+                self.0.push(Chunk::Owned(vec![1]), &self.1);
+                assert_eq!(self.0.bytes(), 1);
+            }
+        }
+        thread_local! {
+            static LATE: std::cell::RefCell<Option<Late>> = const { std::cell::RefCell::new(None) };
+        }
+        std::thread::spawn(|| {
+            // Registered first, so destroyed after the spare.
+            LATE.with(|l| *l.borrow_mut() = Some(Late(OutQueue::default(), Counters::default())));
+            let c = Counters::default();
+            let mut q = OutQueue::default();
+            q.push(Chunk::Owned(vec![1; 10]), &c);
+            let mut t = q.take_for_write();
+            t.pop_front();
+            q.put_back(t, 10, &c);
+        })
+        .join()
+        .unwrap();
     }
 
     #[test]
