@@ -442,13 +442,13 @@ impl OutQueue {
         })
     }
 
-    /// Let go of the box of a queue written out: this thread's spare, if
-    /// its ring is no larger than a new one's (see [`SPARE`]).
-    fn let_go_of_box(&mut self) {
-        let Some(mut p) = self.pending.take() else {
+    /// If the queue is written out, let go of its box: this thread's
+    /// spare, if its ring is no larger than a new one's (see [`SPARE`]).
+    fn let_go_of_box_if_empty(&mut self) {
+        let Some(mut p) = self.pending.take_if(|p| p.chunks.is_empty()) else {
             return;
         };
-        debug_assert!(p.chunks.is_empty() && p.counted == 0);
+        debug_assert_eq!(p.counted, 0);
         if p.chunks.capacity() <= SPARE_RING {
             *p = Unwritten {
                 chunks: std::mem::take(&mut p.chunks),
@@ -608,9 +608,7 @@ impl OutQueue {
         // A queue written out gives its memory back at once, whichever
         // path wrote it (a job, a publish, a user thread's flush), so that
         // no connection at rest keeps a box. (It counts nothing now.)
-        if self.pending.as_ref().is_some_and(|p| p.chunks.is_empty()) {
-            self.let_go_of_box();
-        }
+        self.let_go_of_box_if_empty();
     }
 
     /// Drop everything (the connection is gone); returns the bytes lost.
