@@ -2,6 +2,8 @@
 
 mod support;
 
+use std::io::Write;
+
 use enjent::Message;
 use support::*;
 use tungstenite::Message as Tm;
@@ -102,4 +104,100 @@ fn many_messages_pipelined_arrive_in_order() {
     for t in threads {
         t.join().unwrap();
     }
+}
+
+/// Small messages' buffers are reused from one message to the next on a
+/// worker, whichever client sent them: many clients pipelining small
+/// messages of sizes close to each other (so that a buffer is reused
+/// often), text with multi-byte characters and binary, each masked with a
+/// key of its own, get every echo back as they sent it, with no byte of
+/// an earlier message, theirs or another's. One client's invalid text
+/// meanwhile is closed with 1007 and harms nobody.
+#[test]
+fn reused_message_buffers_carry_no_earlier_bytes() {
+    const CLIENTS: u32 = 16;
+    const EACH: u32 = 2_000;
+    let server = enjent::WebSocketServer::builder()
+        .on_message(|c, m| {
+            c.send(m).unwrap();
+        })
+        .start("127.0.0.1:0")
+        .unwrap();
+    let addr = server.local_addr();
+    // Message `i` of client `c`: 0 to 300 bytes, mostly 20 to 60, text
+    // (with two-byte characters) on odd `i`, binary on even.
+    let message = |c: u32, i: u32| -> (u8, Vec<u8>) {
+        let r = mix((u64::from(c) << 32) | u64::from(i));
+        let size = match r % 50 {
+            0 => 0,
+            1 => 300,
+            2..=5 => (r >> 8) as usize % 256,
+            _ => 20 + (r >> 8) as usize % 40,
+        };
+        if i % 2 == 1 {
+            let s: String = (0..size)
+                .map(|k| {
+                    if k % 7 == 3 {
+                        'é'
+                    } else {
+                        char::from(b'a' + ((k as u32 + c * 3 + i) % 26) as u8)
+                    }
+                })
+                .collect();
+            (0x81, s.into_bytes())
+        } else {
+            let mut p = numbered(i, size);
+            for b in p.iter_mut().skip(4) {
+                *b ^= c as u8;
+            }
+            (0x82, p)
+        }
+    };
+    let spoiler = std::thread::spawn(move || {
+        // Valid text, then text of the same length with one byte made
+        // invalid, in one write: the second is decoded into the first's
+        // buffer, and must be judged on its own bytes.
+        let mut s = raw_ws(addr);
+        let valid = "hé hé hé hé hé hé hé hé".as_bytes().to_vec();
+        let mut invalid = valid.clone();
+        *invalid.last_mut().unwrap() = b'!';
+        let mut wire = frame(0x81, &valid);
+        wire.extend(frame(0x81, &invalid));
+        s.write_all(&wire).unwrap();
+        let (op, p) = read_frame(&mut s);
+        assert_eq!((op, p), (0x81, valid));
+        assert_eq!(read_close(&mut s), Some(1007));
+    });
+    let clients: Vec<_> = (0..CLIENTS)
+        .map(|c| {
+            std::thread::spawn(move || {
+                let mut s = raw_ws(addr);
+                let mut reader = s.try_clone().unwrap();
+                let check = std::thread::spawn(move || {
+                    for i in 0..EACH {
+                        let (op, p) = try_read_frame(&mut reader).unwrap();
+                        let (want_op, want) = message(c, i);
+                        assert_eq!(op, want_op, "client {c}, message {i}");
+                        assert!(p == want, "client {c}, message {i}: {} bytes", p.len());
+                    }
+                });
+                let mut wire = Vec::new();
+                for i in 0..EACH {
+                    let (op, p) = message(c, i);
+                    let key = (mix(u64::from(c * EACH + i)) as u32).to_be_bytes();
+                    wire.extend(frame_with_key(op, &p, key));
+                    if wire.len() > 16 * 1024 {
+                        s.write_all(&wire).unwrap();
+                        wire.clear();
+                    }
+                }
+                s.write_all(&wire).unwrap();
+                check.join().unwrap();
+            })
+        })
+        .collect();
+    for c in clients {
+        c.join().unwrap();
+    }
+    spoiler.join().unwrap();
 }

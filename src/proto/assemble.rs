@@ -9,6 +9,64 @@ use crate::error::{DecodeError, ProtocolError};
 use crate::message::{CloseCode, CloseFrame, Message};
 use crate::proto::frame::{MAX_HEADER_LEN, OpCode, extend_masked, parse_header};
 
+/// Most bytes a payload buffer kept for reuse may hold (see
+/// [`recycle_payload`]).
+const SPARE_PAYLOAD: usize = 256;
+/// Most bytes a message's buffer may hold beyond its length when it is a
+/// reused one: within what an event is charged beyond its payload (its
+/// allocation's rounding is part of that), so that messages kept in the
+/// main loop's channel hold no more than they are counted as.
+const SPARE_SLACK: usize = 32;
+
+thread_local! {
+    /// A small message's buffer, its payload copied out (a reply gathered
+    /// with others), kept for the next message this thread decodes: an
+    /// echo of small messages would otherwise allocate and free one a
+    /// message (about 100 instructions of glibc's). One a thread, at most
+    /// [`SPARE_PAYLOAD`] bytes, counted nowhere. `None` on a thread that
+    /// never decoded (a main loop's, which sends the workers' messages):
+    /// nothing is kept there for nobody.
+    static SPARE: std::cell::Cell<Option<Vec<u8>>> = const { std::cell::Cell::new(None) };
+}
+
+/// Keep `buf` for this thread's next message, its bytes no longer needed,
+/// if it is small and this thread decodes.
+pub(crate) fn recycle_payload(mut buf: Vec<u8>) {
+    if buf.capacity() == 0 || buf.capacity() > SPARE_PAYLOAD {
+        return;
+    }
+    buf.clear();
+    // `try_with`: a send may come from another thread-local's destructor
+    // after this one is gone (the buffer is then simply dropped).
+    let _ = SPARE.try_with(|spare| {
+        if let Some(older) = spare.take() {
+            spare.set(Some(buf));
+            drop(older);
+        }
+    });
+}
+
+/// An empty buffer for a payload of `n` bytes: this thread's spare if it
+/// holds it with little to spare, else a new one.
+fn payload_buffer(n: usize) -> Vec<u8> {
+    if n > 0 && n <= SPARE_PAYLOAD {
+        let spare = SPARE.try_with(|spare| {
+            // From now on this thread keeps a buffer given back.
+            match spare.replace(Some(Vec::new())) {
+                Some(v) if v.capacity() >= n && v.capacity() <= n + SPARE_SLACK => Some(v),
+                other => {
+                    spare.set(other.or(Some(Vec::new())));
+                    None
+                }
+            }
+        });
+        if let Ok(Some(v)) = spare {
+            return v;
+        }
+    }
+    Vec::with_capacity(n)
+}
+
 /// Size limits the decoder enforces.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Limits {
@@ -290,7 +348,7 @@ impl Decoder {
                             self.msg = None;
                         }
                         let n = header.len as usize;
-                        let mut buf = Vec::with_capacity(n);
+                        let mut buf = payload_buffer(n);
                         extend_masked(&mut buf, &input[..n], mask, 0);
                         *input = &input[n..];
                         let message = if header.opcode == OpCode::Text {
@@ -667,6 +725,87 @@ mod tests {
                 "{wire:02x?} a byte at a time"
             );
         }
+    }
+
+    /// Decode one whole frame (the path that takes a spare buffer) and
+    /// return its message's bytes.
+    fn one(first: u8, payload: &[u8]) -> Vec<u8> {
+        let mut d = Decoder::new(Limits::default());
+        let wire = frame(first, payload);
+        let (items, err) = run(&mut d, &wire);
+        assert_eq!(err, None);
+        match items.into_iter().next() {
+            Some(Incoming::Message(m)) => m.into_bytes(),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    /// A small buffer recycled is taken by the next message whose length
+    /// it fits within [`SPARE_SLACK`], holds that message's bytes only,
+    /// and otherwise stays for a later one; a large one is not kept.
+    #[test]
+    fn a_recycled_buffer_serves_only_a_message_it_fits_closely() {
+        SPARE.take();
+        // A thread that never decoded keeps nothing.
+        recycle_payload(vec![9; 40]);
+        assert!(SPARE.take().is_none());
+        let first = one(0x82, &[1; 40]);
+        let (ptr, cap) = (first.as_ptr(), first.capacity());
+        assert_eq!(cap, 40);
+        recycle_payload(first);
+        // Taken by a message it fits, 8 B shorter.
+        let again = one(0x81, &[b'a'; 32]);
+        assert_eq!(again.as_ptr(), ptr, "the spare was not taken");
+        assert_eq!(again, [b'a'; 32]);
+        recycle_payload(again);
+        // Not by one longer than it holds, nor one it would hold with
+        // more than `SPARE_SLACK` to spare: those are allocated.
+        let longer = one(0x82, &[2; 41]);
+        assert_ne!(longer.as_ptr(), ptr);
+        let shorter = one(0x82, &[3; 40 - SPARE_SLACK - 1]);
+        assert_ne!(shorter.as_ptr(), ptr);
+        assert_eq!(shorter.capacity(), shorter.len());
+        // Nor by an empty message (which allocates nothing).
+        assert_eq!(one(0x82, b"").capacity(), 0);
+        // It waited for one that fits.
+        let fits = one(0x82, &[4; 40 - SPARE_SLACK]);
+        assert_eq!(fits.as_ptr(), ptr);
+        assert_eq!(fits, vec![4; 40 - SPARE_SLACK]);
+        // A large buffer, or one with none, is not kept; nor does either
+        // displace the one kept.
+        recycle_payload(fits);
+        recycle_payload(Vec::with_capacity(SPARE_PAYLOAD + 1));
+        recycle_payload(Vec::new());
+        let kept = SPARE.take().unwrap();
+        assert_eq!(kept.capacity(), 40);
+        SPARE.set(Some(kept));
+        recycle_payload(Vec::with_capacity(SPARE_PAYLOAD));
+        assert_eq!(SPARE.take().unwrap().capacity(), SPARE_PAYLOAD);
+    }
+
+    /// Recycling and decoding from a thread-local's destructor after the
+    /// spare's own is gone do without it (`with` would panic there, and a
+    /// panic in a destructor aborts the process).
+    #[test]
+    fn recycling_after_the_spare_is_gone_does_without_it() {
+        struct Late;
+        impl Drop for Late {
+            fn drop(&mut self) {
+                recycle_payload(vec![1; 10]);
+                assert_eq!(one(0x82, &[5; 10]), [5; 10]);
+            }
+        }
+        thread_local! {
+            static LATE: std::cell::RefCell<Option<Late>> = const { std::cell::RefCell::new(None) };
+        }
+        std::thread::spawn(|| {
+            // Registered first, so destroyed after the spare.
+            LATE.with(|l| *l.borrow_mut() = Some(Late));
+            recycle_payload(vec![1; 10]);
+            assert_eq!(one(0x82, &[5; 10]), [5; 10]);
+        })
+        .join()
+        .unwrap();
     }
 
     /// What is left of a control frame begun, byte by byte: what a look

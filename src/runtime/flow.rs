@@ -517,6 +517,11 @@ impl OutQueue {
             }
         }
         self.recount(counters);
+        // Its bytes copied, the payload's buffer serves the next message
+        // this thread decodes.
+        if let Some(Chunk::Owned(b)) = body {
+            crate::proto::assemble::recycle_payload(b);
+        }
     }
 
     pub(crate) fn push(&mut self, chunk: Chunk, counters: &Counters) {
