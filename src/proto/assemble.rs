@@ -12,20 +12,23 @@ use crate::proto::frame::{MAX_HEADER_LEN, OpCode, extend_masked, parse_header};
 /// Most bytes a payload buffer kept for reuse may hold (see
 /// [`recycle_payload`]).
 const SPARE_PAYLOAD: usize = 256;
-/// Most bytes a message's buffer may hold beyond its length when it is a
-/// reused one: within what an event is charged beyond its payload (its
-/// allocation's rounding is part of that), so that messages kept in the
-/// main loop's channel hold no more than they are counted as.
-const SPARE_SLACK: usize = 32;
+/// What glibc's allocator takes for `bytes`: a header word, rounded up to
+/// 16-byte steps, 32 at least.
+fn heap_step(bytes: usize) -> usize {
+    ((bytes + 8 + 15) & !15).max(32)
+}
 
 thread_local! {
-    /// A small message's buffer, its payload copied out (a reply gathered
-    /// with others), kept for the next message this thread decodes: an
+    /// A small payload's buffer whose bytes were copied into a client's
+    /// queue on this thread (a reply's, a pong's, or a `Vec` of the user's
+    /// gathered there), kept for the next message this thread decodes: an
     /// echo of small messages would otherwise allocate and free one a
-    /// message (about 100 instructions of glibc's). One a thread, at most
-    /// [`SPARE_PAYLOAD`] bytes, counted nowhere. `None` on a thread that
-    /// never decoded (a main loop's, which sends the workers' messages):
-    /// nothing is kept there for nobody.
+    /// message (about 100 instructions of glibc's). Taken only by a
+    /// message for which a new buffer would take as much memory (see
+    /// [`payload_buffer`]). One a thread, at most [`SPARE_PAYLOAD`] bytes,
+    /// counted nowhere. `None` on a thread that never decoded (a main
+    /// loop's, which sends the workers' messages): nothing is kept there
+    /// for nobody.
     static SPARE: std::cell::Cell<Option<Vec<u8>>> = const { std::cell::Cell::new(None) };
 }
 
@@ -47,13 +50,15 @@ pub(crate) fn recycle_payload(mut buf: Vec<u8>) {
 }
 
 /// An empty buffer for a payload of `n` bytes: this thread's spare if it
-/// holds it with little to spare, else a new one.
+/// holds it and takes no more memory than a new one would (the same
+/// allocator step), else a new one. So a message kept by the user (or in
+/// the main loop's channel) holds what it held before spares were kept.
 fn payload_buffer(n: usize) -> Vec<u8> {
     if n > 0 && n <= SPARE_PAYLOAD {
         let spare = SPARE.try_with(|spare| {
             // From now on this thread keeps a buffer given back.
             match spare.replace(Some(Vec::new())) {
-                Some(v) if v.capacity() >= n && v.capacity() <= n + SPARE_SLACK => Some(v),
+                Some(v) if v.capacity() >= n && heap_step(v.capacity()) == heap_step(n) => Some(v),
                 other => {
                     spare.set(other.or(Some(Vec::new())));
                     None
@@ -740,37 +745,40 @@ mod tests {
         }
     }
 
-    /// A small buffer recycled is taken by the next message whose length
-    /// it fits within [`SPARE_SLACK`], holds that message's bytes only,
-    /// and otherwise stays for a later one; a large one is not kept.
+    /// A small buffer recycled is taken by the next message that a new
+    /// buffer would hold in as much memory, holds that message's bytes
+    /// only, and otherwise stays for a later one; a large one is not kept,
+    /// nor anything on a thread that never decoded.
     #[test]
     fn a_recycled_buffer_serves_only_a_message_it_fits_closely() {
         SPARE.take();
-        // A thread that never decoded keeps nothing.
         recycle_payload(vec![9; 40]);
-        assert!(SPARE.take().is_none());
+        assert!(
+            SPARE.take().is_none(),
+            "kept on a thread that never decoded"
+        );
         let first = one(0x82, &[1; 40]);
         let (ptr, cap) = (first.as_ptr(), first.capacity());
-        assert_eq!(cap, 40);
+        assert_eq!((cap, heap_step(cap)), (40, 48));
         recycle_payload(first);
-        // Taken by a message it fits, 8 B shorter.
-        let again = one(0x81, &[b'a'; 32]);
+        // Taken by a message in the same step, 15 B shorter.
+        let again = one(0x81, &[b'a'; 25]);
         assert_eq!(again.as_ptr(), ptr, "the spare was not taken");
-        assert_eq!(again, [b'a'; 32]);
+        assert_eq!(again, [b'a'; 25]);
         recycle_payload(again);
-        // Not by one longer than it holds, nor one it would hold with
-        // more than `SPARE_SLACK` to spare: those are allocated.
+        // Not by one longer than it holds, nor one a smaller step holds:
+        // those are allocated.
         let longer = one(0x82, &[2; 41]);
         assert_ne!(longer.as_ptr(), ptr);
-        let shorter = one(0x82, &[3; 40 - SPARE_SLACK - 1]);
+        let shorter = one(0x82, &[3; 24]);
         assert_ne!(shorter.as_ptr(), ptr);
         assert_eq!(shorter.capacity(), shorter.len());
         // Nor by an empty message (which allocates nothing).
         assert_eq!(one(0x82, b"").capacity(), 0);
         // It waited for one that fits.
-        let fits = one(0x82, &[4; 40 - SPARE_SLACK]);
+        let fits = one(0x82, &[4; 33]);
         assert_eq!(fits.as_ptr(), ptr);
-        assert_eq!(fits, vec![4; 40 - SPARE_SLACK]);
+        assert_eq!(fits, vec![4; 33]);
         // A large buffer, or one with none, is not kept; nor does either
         // displace the one kept.
         recycle_payload(fits);
@@ -791,6 +799,8 @@ mod tests {
         struct Late;
         impl Drop for Late {
             fn drop(&mut self) {
+                // Else this test would not test what it is named for.
+                assert!(SPARE.try_with(|_| ()).is_err(), "the spare is still there");
                 recycle_payload(vec![1; 10]);
                 assert_eq!(one(0x82, &[5; 10]), [5; 10]);
             }
