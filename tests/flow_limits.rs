@@ -1360,6 +1360,106 @@ fn tiny_publishes_queued_for_non_readers_hold_what_flow_control_counts() {
     });
 }
 
+/// A job's reply to a client whose socket is full stays queued. Started
+/// in an idle queue, its gathered chunk takes the worker's kept buffer (up
+/// to 4 KiB, grown by an earlier job's sixteen replies), far larger than
+/// one small frame is counted as; the write that finds the socket full
+/// must fit it to its count, or each such client holds about 4 KiB more
+/// than flow control counts (20 clients: the heap grew 81.5 KB without the
+/// fit, against 5.0 KB; the worker's own spare box and buffer, held at the
+/// start and taken by the last client, are about 4.4 KB of what each
+/// holds, so the clients hold about 9.4 KB against 86 KB).
+#[test]
+fn replies_left_queued_in_a_kept_buffer_hold_what_flow_control_counts() {
+    const CLIENTS: usize = 20;
+    let _alone = ALONE.write().unwrap_or_else(PoisonError::into_inner);
+    within(Duration::from_secs(120), || {
+        let server = WebSocketServer::builder()
+            .workers(1)
+            .kernel_send_buffer(Some(4096))
+            .ping_interval(None)
+            .on_message(|c, m| {
+                let _ = c.send(m);
+            })
+            .start("127.0.0.1:0")
+            .unwrap();
+        let addr = server.local_addr();
+        let mut reader = raw_ws(addr);
+        let mut stuck: Vec<TcpStream> = (0..CLIENTS).map(|_| raw_ws_small_window(addr)).collect();
+        let burst: Vec<u8> = (0..16).flat_map(|_| frame(0x82, &[1; 125])).collect();
+        let one = frame(0x82, &[2; 125]);
+        let mut out = 0;
+        // Polled closely: a few thousand waits for one echo each.
+        let soon = |limit: Duration, f: &dyn Fn() -> bool| {
+            let deadline = Instant::now() + limit;
+            while !f() {
+                if Instant::now() >= deadline {
+                    return false;
+                }
+                thread::sleep(Duration::from_micros(100));
+            }
+            true
+        };
+        let wait_out = |out: u64| {
+            assert!(
+                soon(WAIT, &|| server.stats().messages_out >= out),
+                "{out} echoes"
+            )
+        };
+        // Settled first: the reader's first echoes and the clients' own
+        // queues' first allocations are not what is measured.
+        reader.write_all(&burst).unwrap();
+        for _ in 0..16 {
+            assert_eq!(read_frame(&mut reader).1.len(), 125);
+        }
+        out += 16;
+        wait_out(out);
+        let before = LIVE_CHUNKS.load(Relaxed);
+        let mut queued = server.stats().bytes_queued;
+        for s in &mut stuck {
+            // The worker's kept buffer grown to its largest: sixteen
+            // replies of 125 bytes, gathered by one job, written out.
+            reader.write_all(&burst).unwrap();
+            for _ in 0..16 {
+                assert_eq!(read_frame(&mut reader).1.len(), 125);
+            }
+            out += 16;
+            wait_out(out);
+            // This client's messages one at a time, until its reply stays.
+            let mut sent = 0;
+            loop {
+                s.write_all(&one).unwrap();
+                sent += 1;
+                out += 1;
+                wait_out(out);
+                let written = soon(Duration::from_millis(100), &|| {
+                    server.stats().bytes_queued == queued
+                });
+                if !written {
+                    break;
+                }
+                assert!(sent < 2_000, "2,000 replies went into a socket never read");
+            }
+            queued = server.stats().bytes_queued;
+        }
+        let grown = LIVE_CHUNKS.load(Relaxed) - before;
+        eprintln!(
+            "{CLIENTS} clients with a reply stuck: heap {grown:+} bytes (as malloc lays it out), \
+             {queued} bytes queued"
+        );
+        // Each: its queue's box and ring (256 B as malloc lays them out),
+        // the reply's chunk as counted (129 bytes and one piece), and
+        // room for what a stuck write may leave besides.
+        let bound = (CLIENTS * 1024) as i64;
+        assert!(
+            grown < bound,
+            "{CLIENTS} clients, each with one reply stuck, hold {grown} bytes of heap, over {bound}"
+        );
+        drop(stuck);
+        assert!(eventually(WAIT, || server.stats().connections == 1));
+    });
+}
+
 /// Clients that come and go while the main loop reads nothing leave a
 /// `Connect` and a `Disconnect` each in the channel, until twice its
 /// budget stops the accept thread. The `Disconnect`'s client handle keeps

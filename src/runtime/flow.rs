@@ -324,6 +324,64 @@ thread_local! {
     /// (two allocations and two frees of glibc's, about 280 instructions a
     /// job). One a thread, empty, counted nowhere.
     static SPARE: std::cell::Cell<Option<Box<Unwritten>>> = const { std::cell::Cell::new(None) };
+
+    /// The buffer of a gathered chunk this thread wrote out, kept for the
+    /// next gathered chunk this thread starts in an idle queue: a job's
+    /// replies to small messages would otherwise allocate it, grow it as
+    /// they are copied on, and free it each time. One a thread, at most
+    /// [`SPARE_GATHERED`] bytes, counted nowhere. A chunk started from it
+    /// may hold more than its frames are counted as while its job runs;
+    /// one that stays queued after a write is shrunk to its count (see
+    /// [`OutQueue::put_back`]).
+    static SPARE_BUFFER: std::cell::Cell<Vec<u8>> = const { std::cell::Cell::new(Vec::new()) };
+}
+
+/// The largest gathered buffer kept for reuse (see [`SPARE_BUFFER`]): what
+/// a chunk of 16 frames of 125-byte payloads grows to.
+const SPARE_GATHERED: usize = 4096;
+
+/// The most memory a gathered chunk's buffer may hold, `len` bytes of
+/// frames counted as `pieces` pieces: its bytes, and a piece's
+/// [`CHUNK_COST`] for each piece but the one its slot and allocation take.
+fn gathered_allowance(len: usize, pieces: usize) -> usize {
+    len + CHUNK_COST * pieces.saturating_sub(1)
+}
+
+/// This thread's spare buffer, empty, if it holds `at_least` bytes.
+fn take_spare_buffer(at_least: usize) -> Option<Vec<u8>> {
+    SPARE_BUFFER
+        .try_with(|spare| {
+            let v = spare.take();
+            if v.capacity() >= at_least {
+                Some(v)
+            } else {
+                spare.set(v);
+                None
+            }
+        })
+        .ok()
+        .flatten()
+}
+
+/// Keep a written-out gathered chunk's buffer for this thread's next one,
+/// if it is no larger than [`SPARE_GATHERED`] and larger than the one kept.
+fn keep_spare_buffer(mut v: Vec<u8>) {
+    if v.capacity() > SPARE_GATHERED {
+        return;
+    }
+    v.clear();
+    // `try_with`: see `OutQueue::pending`. The buffer not kept is dropped
+    // outside the cell.
+    let _ = SPARE_BUFFER.try_with(|spare| {
+        let kept = spare.take();
+        if kept.capacity() >= v.capacity() {
+            spare.set(kept);
+            drop(v);
+        } else {
+            spare.set(v);
+            drop(kept);
+        }
+    });
 }
 
 /// The chunks of a queue, taken out whole to be written without the lock.
@@ -365,13 +423,17 @@ impl Unwritten {
         self.shared.saturating_sub(front_written)
     }
 
-    /// Take the front chunk off (written, or empty).
+    /// Take the front chunk off (written, or empty). A gathered chunk's
+    /// buffer is kept for the thread's next one (see [`SPARE_BUFFER`]).
     pub(crate) fn pop_front(&mut self) {
         if let Some(c) = self.chunks.pop_front() {
             debug_assert!(self.shared >= c.shared_len());
             self.shared = self.shared.saturating_sub(c.shared_len());
             self.frames -= c.frames();
             self.gathered -= c.pieces() - 1;
+            if let Chunk::Gathered(v, _) = c {
+                keep_spare_buffer(v);
+            }
         }
     }
 }
@@ -471,7 +533,11 @@ impl OutQueue {
     /// than its frames are counted as (their bytes and [`CHUNK_COST`] for
     /// each piece) until a write begins it; then it takes no more frames,
     /// and keeps the bytes written from it (at most about 2 KiB), as a
-    /// payload's chunk of its own did.
+    /// payload's chunk of its own did. One started in an idle queue takes
+    /// the thread's spare buffer (see [`SPARE_BUFFER`]), which may be
+    /// larger until the write that follows (at the job's end, or a
+    /// deferred flush's; a write that fails leaves it to the teardown): if
+    /// it stays queued, it is shrunk to that measure then.
     pub(crate) fn push_frame(&mut self, head: Chunk, body: Option<Chunk>, counters: &Counters) {
         let small = match (&head, &body) {
             (Chunk::Head(..), None) => true,
@@ -488,6 +554,10 @@ impl OutQueue {
         let (h, b) = (head.bytes(), body.as_ref().map_or(&[][..], Chunk::bytes));
         let n = h.len() + b.len();
         let pieces = 1 + usize::from(body.is_some());
+        // Nothing queued, nor out with a queue's writer (whose bytes still
+        // count): this frame starts the queue. (A direct write in flight
+        // leaves it idle; its rest, two chunks at most, goes in front.)
+        let idle = self.bytes == 0;
         self.bytes += n;
         counters.queued(n as i64);
         let p = self.pending();
@@ -500,7 +570,7 @@ impl OutQueue {
                     // included, less one piece for the chunk's slot and
                     // allocation: far more than their bytes, so that a few
                     // more fit before it grows again.
-                    let counted = v.len() + n + CHUNK_COST * (*k as usize + pieces - 1);
+                    let counted = gathered_allowance(v.len() + n, *k as usize + pieces);
                     v.reserve_exact(counted - v.len());
                 }
                 v.extend_from_slice(h);
@@ -509,7 +579,11 @@ impl OutQueue {
                 p.gathered += pieces;
             }
             _ => {
-                let mut v = Vec::with_capacity(n + CHUNK_COST * (pieces - 1));
+                let allowance = gathered_allowance(n, pieces);
+                let mut v = idle
+                    .then(|| take_spare_buffer(allowance))
+                    .flatten()
+                    .unwrap_or_else(|| Vec::with_capacity(allowance));
                 v.extend_from_slice(h);
                 v.extend_from_slice(b);
                 p.chunks.push_back(Chunk::Gathered(v, pieces as u32));
@@ -610,10 +684,30 @@ impl OutQueue {
         counters.queued(-(written as i64));
         counters.bytes_out(written);
         self.recount(counters);
+        self.fit_spare_started();
         // A queue written out gives its memory back at once, whichever
         // path wrote it (a job, a publish, a user thread's flush), so that
         // no connection at rest keeps a box. (It counts nothing now.)
         self.let_go_of_box_if_empty();
+    }
+
+    /// A gathered chunk started from a thread's spare buffer (see
+    /// [`SPARE_BUFFER`]) may hold more than its frames are counted as; one
+    /// that stays queued after a write is shrunk to its count. Such a chunk
+    /// starts an idle queue, and only a direct write's rest (two chunks at
+    /// most) is put in front of it: it is among the first three.
+    fn fit_spare_started(&mut self) {
+        let Some(p) = self.pending.as_mut() else {
+            return;
+        };
+        for c in p.chunks.iter_mut().take(3) {
+            if let Chunk::Gathered(v, k) = c {
+                let allowance = gathered_allowance(v.len(), *k as usize);
+                if v.capacity() > allowance {
+                    v.shrink_to(allowance);
+                }
+            }
+        }
     }
 
     /// Drop everything (the connection is gone); returns the bytes lost.
@@ -678,8 +772,18 @@ mod tests {
         struct Late(OutQueue, Counters);
         impl Drop for Late {
             fn drop(&mut self) {
+                // Else this test would not test what it is named for.
+                assert!(SPARE.try_with(|_| ()).is_err(), "the spare is still there");
+                assert!(SPARE_BUFFER.try_with(|_| ()).is_err());
                 self.0.push(Chunk::Owned(vec![1]), &self.1);
                 assert_eq!(self.0.bytes(), 1);
+                // A small frame, gathered, written out.
+                let mut q = OutQueue::default();
+                q.push_frame(small_frame(1), Some(Chunk::Owned(vec![7])), &self.1);
+                let mut t = q.take_for_write();
+                t.pop_front();
+                q.put_back(t, 3, &self.1);
+                assert!(q.is_empty());
             }
         }
         thread_local! {
@@ -694,9 +798,117 @@ mod tests {
             let mut t = q.take_for_write();
             t.pop_front();
             q.put_back(t, 10, &c);
+            // And a gathered buffer kept.
+            q.push_frame(small_frame(5), Some(Chunk::Owned(vec![5; 5])), &c);
+            let mut t = q.take_for_write();
+            t.pop_front();
+            q.put_back(t, 7, &c);
+            assert!(SPARE_BUFFER.take().capacity() > 0);
         })
         .join()
         .unwrap();
+    }
+
+    /// The header of a frame with a payload of `n` bytes (at most 125).
+    fn small_frame(n: usize) -> Chunk {
+        Chunk::Head([0x82, n as u8, 0, 0, 0, 0, 0, 0, 0, 0], 2)
+    }
+
+    /// The buffer of a gathered chunk written out is kept by the thread,
+    /// and the next gathered chunk the thread starts in an idle queue
+    /// takes it, as large as it is; one in a queue with something queued
+    /// or out with a writer does not. A chunk from the spare that stays
+    /// queued after a write, begun or not, is shrunk to what its frames
+    /// are counted as; a large buffer is not kept, and a smaller one does
+    /// not displace a larger.
+    #[test]
+    fn a_gathered_buffer_is_kept_and_fitted_to_its_count_if_it_stays() {
+        let c = Counters::default();
+        SPARE_BUFFER.take();
+        // Sixteen frames of 125 bytes: a chunk of 4,016 bytes' allowance.
+        let mut q = OutQueue::default();
+        for _ in 0..16 {
+            q.push_frame(small_frame(125), Some(Chunk::Owned(vec![1; 125])), &c);
+        }
+        let mut t = q.take_for_write();
+        assert_eq!(t.chunks.len(), 1);
+        let (ptr, cap) = (
+            t.chunks[0].bytes().as_ptr(),
+            match &t.chunks[0] {
+                Chunk::Gathered(v, _) => v.capacity(),
+                _ => unreachable!(),
+            },
+        );
+        assert_eq!(cap, gathered_allowance(16 * 127, 32));
+        t.pop_front();
+        q.put_back(t, 16 * 127, &c);
+        let capacity = |q: &OutQueue, i: usize| match &q.pending.as_ref().unwrap().chunks[i] {
+            Chunk::Gathered(v, _) => (v.as_ptr(), v.capacity(), v.len()),
+            _ => panic!("not gathered"),
+        };
+        // An idle queue's first small frame takes it.
+        let mut q = OutQueue::default();
+        q.push_frame(small_frame(3), Some(Chunk::Owned(vec![2; 3])), &c);
+        assert_eq!(capacity(&q, 0), (ptr, cap, 5));
+        // A queue not idle does not (the spare is gone anyway: put one
+        // back to see).
+        SPARE_BUFFER.set(Vec::with_capacity(1000));
+        let mut busy = OutQueue::default();
+        busy.push(Chunk::Owned(vec![0; 200]), &c);
+        busy.push_frame(small_frame(3), Some(Chunk::Owned(vec![2; 3])), &c);
+        assert_eq!(capacity(&busy, 1).1, gathered_allowance(5, 2));
+        assert_eq!(SPARE_BUFFER.take().capacity(), 1000);
+        // Nor does one whose chunks are out with a writer.
+        SPARE_BUFFER.set(Vec::with_capacity(1000));
+        let mut out = OutQueue::default();
+        out.push(Chunk::Owned(vec![0; 200]), &c);
+        let taken = out.take_for_write();
+        out.push_frame(small_frame(3), Some(Chunk::Owned(vec![2; 3])), &c);
+        assert_eq!(capacity(&out, 0).1, gathered_allowance(5, 2));
+        out.put_back(taken, 0, &c);
+        assert_eq!(SPARE_BUFFER.take().capacity(), 1000);
+        // Written in part (two of its five bytes): it stays, begun, and is
+        // fitted to its count, its bytes kept.
+        let mut t = q.take_for_write();
+        t.head = 2;
+        q.put_back(t, 2, &c);
+        let (_, fitted, len) = capacity(&q, 0);
+        assert_eq!((fitted, len), (gathered_allowance(5, 2), 5));
+        assert_eq!(q.bytes(), 3);
+        // Not written at all: fitted too.
+        SPARE_BUFFER.set(Vec::with_capacity(3000));
+        let mut r = OutQueue::default();
+        r.push_frame(small_frame(0), None, &c);
+        assert_eq!(capacity(&r, 0).1, 3000);
+        let t = r.take_for_write();
+        r.put_back(t, 0, &c);
+        assert_eq!(capacity(&r, 0).1, gathered_allowance(2, 1));
+        // Behind a direct write's rest (a header begun and its payload),
+        // put in front of it while the write was out: fitted there too.
+        SPARE_BUFFER.set(Vec::with_capacity(3000));
+        let mut d = OutQueue::default();
+        d.push_frame(small_frame(1), Some(Chunk::Owned(vec![1])), &c);
+        d.push_front_partial(
+            Chunk::Head([0x82, 126, 1, 0, 0, 0, 0, 0, 0, 0], 4),
+            Some(Chunk::Owned(vec![3; 256])),
+            1,
+            &c,
+        );
+        assert_eq!(capacity(&d, 2).1, 3000);
+        let t = d.take_for_write();
+        d.put_back(t, 0, &c);
+        assert_eq!(capacity(&d, 2).1, gathered_allowance(3, 2));
+        // A buffer over 4 KiB is not kept; a smaller one does not displace
+        // a larger.
+        keep_spare_buffer(Vec::with_capacity(SPARE_GATHERED + 1));
+        assert_eq!(SPARE_BUFFER.take().capacity(), 0);
+        keep_spare_buffer(Vec::with_capacity(2000));
+        keep_spare_buffer(vec![1; 500]);
+        let kept = SPARE_BUFFER.take();
+        assert_eq!((kept.capacity(), kept.len()), (2000, 0));
+        for q in [&mut q, &mut busy, &mut out, &mut r, &mut d] {
+            q.clear(&c);
+        }
     }
 
     #[test]
@@ -845,7 +1057,11 @@ mod tests {
         assert_eq!(q.cost(), 0);
         assert_eq!(c.snapshot().bytes_queued, 0);
 
-        // At most `GATHER_PIECES` pieces a chunk.
+        // At most `GATHER_PIECES` pieces a chunk. (The chunks written above
+        // left their buffer to the thread, which a chunk started in an
+        // idle queue takes, larger than its count until a write: see
+        // `a_gathered_buffer_is_kept_and_fitted_to_its_count_if_it_stays`.)
+        drop(SPARE_BUFFER.take());
         for i in 0..GATHER_PIECES as u8 {
             frame(&mut q, i, Some(vec![i; 30]));
             fits(&q);
