@@ -165,9 +165,15 @@ impl<T: Send + Sync + 'static> Events<T> {
         }
     }
 
-    /// The rest of the last batch first.
+    /// The rest of the last batch first. Its list is let go of with its
+    /// last event, whose charge counts it (`events::batch_extra`).
     fn batched(&self) -> Option<Event<T>> {
-        let next = self.batched.borrow_mut().next();
+        let mut batched = self.batched.borrow_mut();
+        let next = batched.next();
+        if batched.len() == 0 {
+            *batched = Vec::new().into_iter();
+        }
+        drop(batched);
         next.map(|e| self.hold(e))
     }
 
@@ -175,10 +181,8 @@ impl<T: Send + Sync + 'static> Events<T> {
         match batch {
             Batch::One(e) => self.hold(e),
             Batch::Many(v) => {
-                let mut rest = v.into_iter();
-                let first = rest.next().expect("a batch is never empty");
-                *self.batched.borrow_mut() = rest;
-                self.hold(first)
+                *self.batched.borrow_mut() = v.into_iter();
+                self.batched().expect("a batch is never empty")
             }
         }
     }

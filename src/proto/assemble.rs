@@ -14,7 +14,7 @@ use crate::proto::frame::{MAX_HEADER_LEN, OpCode, extend_masked, parse_header};
 const SPARE_PAYLOAD: usize = 256;
 /// What glibc's allocator takes for `bytes`: a header word, rounded up to
 /// 16-byte steps, 32 at least.
-fn heap_step(bytes: usize) -> usize {
+pub(crate) fn heap_step(bytes: usize) -> usize {
     ((bytes + 8 + 15) & !15).max(32)
 }
 
