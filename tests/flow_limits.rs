@@ -1472,8 +1472,10 @@ fn tiny_messages_in_pairs_held_for_an_unread_main_loop_hold_what_is_charged() {
     const PAIRS: usize = 100;
     let _alone = ALONE.write().unwrap_or_else(PoisonError::into_inner);
     within(Duration::from_secs(60), || {
+        // One worker: its read buffer (256 KiB) is made in the first round,
+        // before the measure; a second worker's might be made in it.
         let server = WebSocketServer::builder()
-            .workers(2)
+            .workers(1)
             .ping_interval(None)
             .event_queue_bytes(64 << 20)
             .start("127.0.0.1:0")
@@ -1490,8 +1492,8 @@ fn tiny_messages_in_pairs_held_for_an_unread_main_loop_hold_what_is_charged() {
             sent += 2 * CLIENTS as u64;
             assert!(eventually(WAIT, || server.stats().messages_in == sent));
         };
-        // What the first messages make once (each worker's read buffer)
-        // is before the measure.
+        // What the first messages make once (the worker's read buffer) is
+        // before the measure.
         round(&mut socks);
         thread::sleep(Duration::from_millis(200));
         let (heap, charged) = (LIVE_CHUNKS.load(Relaxed), server.stats().event_bytes);
@@ -1511,6 +1513,31 @@ fn tiny_messages_in_pairs_held_for_an_unread_main_loop_hold_what_is_charged() {
             grown <= charged + charged / 20,
             "{} tiny messages hold {grown} bytes, charged {charged}",
             2 * CLIENTS * PAIRS
+        );
+        // Last, the loop takes every event; then a batch of 64 (a list of
+        // 5.6 KB), which, once the loop has taken all of it, leaves nothing
+        // held, its list included.
+        let take_all = || {
+            let mut taken = 0;
+            while let Ok(e) = server.try_recv() {
+                taken += u64::from(matches!(e, Event::Message { .. }));
+            }
+            taken
+        };
+        take_all();
+        let heap = LIVE_CHUNKS.load(Relaxed);
+        let all: Vec<u8> = (0..64u8).flat_map(|i| frame(0x82, &[i])).collect();
+        socks[0].write_all(&all).unwrap();
+        drop(all);
+        sent += 64;
+        assert!(eventually(WAIT, || server.stats().messages_in == sent));
+        thread::sleep(Duration::from_millis(100));
+        assert_eq!(take_all(), 64);
+        let left = LIVE_CHUNKS.load(Relaxed) - heap;
+        eprintln!("a batch of 64 taken: heap {left:+} bytes");
+        assert!(
+            left < 2 << 10,
+            "{left} bytes held once a batch of 64 was taken"
         );
         drop(socks);
     });
