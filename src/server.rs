@@ -802,7 +802,9 @@ impl<T: Send + Sync + 'static> Builder<T> {
     }
 
     /// Budget of the event channel, in bytes (payloads plus 144 bytes an
-    /// event), all clients together. A main loop this far behind makes
+    /// event, and for a client's messages read together, what their
+    /// batch's list takes beyond that: at most 251 bytes a batch on 64-bit
+    /// targets), all clients together. A main loop this far behind makes
     /// the server stop dispatching messages until it catches up to half of
     /// it, and one twice as far behind (connects and disconnects are
     /// always queued) makes it stop accepting connections until it is
