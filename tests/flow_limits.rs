@@ -12,7 +12,7 @@ use std::collections::{HashMap, HashSet};
 use std::io::{self, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::panic::AssertUnwindSafe;
-use std::sync::atomic::{AtomicBool, AtomicI64, AtomicUsize, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, PoisonError, RwLock, RwLockReadGuard, mpsc};
 use std::thread;
 use std::time::{Duration, Instant};
@@ -35,6 +35,17 @@ static LIVE_HEAP: AtomicI64 = AtomicI64::new(0);
 /// not their sizes.
 static LIVE_CHUNKS: AtomicI64 = AtomicI64::new(0);
 
+/// Allocations of exactly `WATCHED_SIZE` bytes (none while it is 0),
+/// counted in `WATCHED`.
+static WATCHED_SIZE: AtomicUsize = AtomicUsize::new(0);
+static WATCHED: AtomicU64 = AtomicU64::new(0);
+
+fn watch(size: usize) {
+    if size != 0 && size == WATCHED_SIZE.load(Relaxed) {
+        WATCHED.fetch_add(1, Relaxed);
+    }
+}
+
 fn chunk_of(size: usize) -> i64 {
     let chunk = if size >= 128 << 10 {
         (size + 16 + 4095) & !4095
@@ -52,6 +63,7 @@ unsafe impl GlobalAlloc for CountingAlloc {
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
         // SAFETY: same contract as ours.
         let p = unsafe { System.alloc(layout) };
+        watch(layout.size());
         if !p.is_null() {
             LIVE_HEAP.fetch_add(layout.size() as i64, Relaxed);
             LIVE_CHUNKS.fetch_add(chunk_of(layout.size()), Relaxed);
@@ -62,6 +74,7 @@ unsafe impl GlobalAlloc for CountingAlloc {
     unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
         // SAFETY: same contract as ours.
         let p = unsafe { System.alloc_zeroed(layout) };
+        watch(layout.size());
         if !p.is_null() {
             LIVE_HEAP.fetch_add(layout.size() as i64, Relaxed);
             LIVE_CHUNKS.fetch_add(chunk_of(layout.size()), Relaxed);
@@ -79,6 +92,7 @@ unsafe impl GlobalAlloc for CountingAlloc {
     unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
         // SAFETY: same contract as ours.
         let p = unsafe { System.realloc(ptr, layout, new_size) };
+        watch(new_size);
         if !p.is_null() {
             LIVE_HEAP.fetch_add(new_size as i64 - layout.size() as i64, Relaxed);
             LIVE_CHUNKS.fetch_add(chunk_of(new_size) - chunk_of(layout.size()), Relaxed);
@@ -1655,4 +1669,105 @@ fn messages_that_came_in_pieces_held_for_an_unread_main_loop_hold_what_is_charge
         );
         drop(kept);
     });
+}
+
+/// A main loop sends back what its workers decoded, so each message's
+/// buffer ends on the loop's thread, where glibc frees it at several times
+/// the cost of the worker's own. Those buffers go back to the decoders:
+/// 8 clients sending 2,000 messages each, 8 in flight, through a main
+/// loop that echoes them get every echo back, in order, byte for byte,
+/// and the server makes few new buffers of the payload's size (which
+/// nothing else here asks for): one a message before. With 77 B payloads
+/// (gathered where they queue, so given back by the loop's thread, by way
+/// of the shelf) and 200 B ones (queued whole, so given back by the
+/// worker that writes them).
+#[test]
+fn a_main_loop_gives_the_buffers_of_what_it_sent_back_to_the_decoders() {
+    let _alone = ALONE.write().unwrap_or_else(PoisonError::into_inner);
+    within(Duration::from_secs(120), || {
+        for len in [77, 200] {
+            let (echoed, made) = echo_through_a_main_loop(len);
+            eprintln!(
+                "{echoed} messages of {len} B echoed by a main loop: {made} buffers of {len} B made"
+            );
+            assert!(
+                made < echoed / 10,
+                "{made} buffers of {len} B made for {echoed} messages"
+            );
+        }
+    });
+}
+
+/// Echo 8 clients' 2,000 messages of `len` bytes each, 8 in flight,
+/// through a main loop: how many messages were echoed (each checked by
+/// its client) and how many allocations of `len` bytes were made.
+fn echo_through_a_main_loop(len: usize) -> (u64, u64) {
+    const CLIENTS: usize = 8;
+    const EACH: usize = 2_000;
+    const IN_FLIGHT: usize = 8;
+    let server = WebSocketServer::builder()
+        .ping_interval(None)
+        .start("127.0.0.1:0")
+        .unwrap();
+    let addr = server.local_addr();
+    let payload = |c: usize, i: usize| {
+        let mut p = numbered(i, len);
+        p[len - 1] = c as u8;
+        p
+    };
+    // Everything the clients send and expect is made before the count.
+    let frames: Vec<Vec<Vec<u8>>> = (0..CLIENTS)
+        .map(|c| (0..EACH).map(|i| frame(0x82, &payload(c, i))).collect())
+        .collect();
+    let expected: Vec<Vec<Vec<u8>>> = (0..CLIENTS)
+        .map(|c| (0..EACH).map(|i| payload(c, i)).collect())
+        .collect();
+    let head: Vec<u8> = if len <= 125 {
+        vec![0x82, len as u8]
+    } else {
+        [&[0x82, 126][..], &(len as u16).to_be_bytes()].concat()
+    };
+    let socks: Vec<TcpStream> = (0..CLIENTS).map(|_| raw_ws(addr)).collect();
+    assert!(eventually(WAIT, || server.stats().connections == CLIENTS as u64));
+    WATCHED.store(0, Relaxed);
+    WATCHED_SIZE.store(len, Relaxed);
+    let clients: Vec<_> = socks
+        .into_iter()
+        .zip(frames)
+        .zip(expected)
+        .enumerate()
+        .map(|(c, ((mut s, frames), expected))| {
+            // Made before the count: the client makes nothing of `len`.
+            let mut f = vec![0u8; head.len() + len];
+            let head = head.clone();
+            thread::spawn(move || {
+                for next in &frames[..IN_FLIGHT] {
+                    s.write_all(next).unwrap();
+                }
+                for (i, want) in expected.iter().enumerate() {
+                    s.read_exact(&mut f).unwrap();
+                    assert_eq!(f[..head.len()], head[..], "client {c}, echo {i}");
+                    assert!(f[head.len()..] == want[..], "client {c}, echo {i}");
+                    if let Some(next) = frames.get(i + IN_FLIGHT) {
+                        s.write_all(next).unwrap();
+                    }
+                }
+            })
+        })
+        .collect();
+    let mut echoed = 0;
+    while clients.iter().any(|c| !c.is_finished()) {
+        if let Ok(Event::Message { client, message }) =
+            server.events().recv_timeout(Duration::from_millis(50))
+        {
+            client.send(message).unwrap();
+            echoed += 1;
+        }
+    }
+    WATCHED_SIZE.store(0, Relaxed);
+    for c in clients {
+        c.join().unwrap();
+    }
+    assert_eq!(echoed, (CLIENTS * EACH) as u64);
+    (echoed, WATCHED.load(Relaxed))
 }

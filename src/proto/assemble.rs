@@ -21,19 +21,76 @@ pub(crate) fn heap_step(bytes: usize) -> usize {
 thread_local! {
     /// A small payload's buffer whose bytes were copied into a client's
     /// queue on this thread (a reply's, a pong's, or a `Vec` of the user's
-    /// gathered there), kept for the next message this thread decodes: an
+    /// gathered there) or written out by it, kept for the next message
+    /// this thread decodes: an
     /// echo of small messages would otherwise allocate and free one a
     /// message (about 100 instructions of glibc's). Taken only by a
     /// message for which a new buffer would take as much memory (see
     /// [`payload_buffer`]). One a thread, at most [`SPARE_PAYLOAD`] bytes,
     /// counted nowhere. `None` on a thread that never decoded (a main
-    /// loop's, which sends the workers' messages): nothing is kept there
-    /// for nobody.
+    /// loop's, which sends the workers' messages): what it gives back
+    /// goes to the decoders by way of [`SHELF`].
     static SPARE: std::cell::Cell<Option<Vec<u8>>> = const { std::cell::Cell::new(None) };
+
+    /// Small payload buffers beyond the spare: those given back on a
+    /// thread that does not decode (a main loop's, or any user thread that
+    /// sends), or displaced from a decoding thread's spare, until they
+    /// make a group for the shelf; and a group taken from the shelf. At
+    /// most [`SHELF_GROUP`] (4 KiB), counted nowhere.
+    static LOOSE: std::cell::RefCell<Vec<Vec<u8>>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Buffers a thread that does not decode hands to the decoders at once.
+const SHELF_GROUP: usize = 16;
+/// Groups the shelf holds at most: 64 buffers of at most 256 B. The shelf
+/// is the process's, shared by its servers, and outlives them.
+const SHELF_GROUPS: usize = 4;
+
+/// Payload buffers given back on a thread that does not decode, for the
+/// threads that do. A main loop frees every message the workers made for
+/// it, and each of those frees (and each allocation that replaces one on
+/// a worker) costs glibc several times what its own thread's would: the
+/// buffers go back in groups, one lock a group.
+struct Shelf {
+    groups: parking_lot::Mutex<Vec<Vec<Vec<u8>>>>,
+    /// How many groups `groups` holds: looked at without the lock, so a
+    /// decoder with no buffer to spare takes the lock only if one waits.
+    count: std::sync::atomic::AtomicUsize,
+}
+
+static SHELF: Shelf = Shelf {
+    groups: parking_lot::Mutex::new(Vec::new()),
+    count: std::sync::atomic::AtomicUsize::new(0),
+};
+
+impl Shelf {
+    fn put(&self, group: Vec<Vec<u8>>) {
+        use std::sync::atomic::Ordering::Relaxed;
+        if self.count.load(Relaxed) >= SHELF_GROUPS {
+            return;
+        }
+        let mut groups = self.groups.lock();
+        if groups.len() < SHELF_GROUPS {
+            groups.push(group);
+            self.count.store(groups.len(), Relaxed);
+        }
+    }
+
+    fn take(&self) -> Option<Vec<Vec<u8>>> {
+        use std::sync::atomic::Ordering::Relaxed;
+        if self.count.load(Relaxed) == 0 {
+            return None;
+        }
+        let mut groups = self.groups.lock();
+        let group = groups.pop();
+        self.count.store(groups.len(), Relaxed);
+        group
+    }
 }
 
 /// Keep `buf` for this thread's next message, its bytes no longer needed,
-/// if it is small and this thread decodes.
+/// if it is small: as its spare if this thread decodes, else for the
+/// shelf.
 pub(crate) fn recycle_payload(mut buf: Vec<u8>) {
     if buf.capacity() == 0 || buf.capacity() > SPARE_PAYLOAD {
         return;
@@ -41,24 +98,45 @@ pub(crate) fn recycle_payload(mut buf: Vec<u8>) {
     buf.clear();
     // `try_with`: a send may come from another thread-local's destructor
     // after this one is gone (the buffer is then simply dropped).
-    let _ = SPARE.try_with(|spare| {
-        if let Some(older) = spare.take() {
+    let _ = SPARE.try_with(|spare| match spare.take() {
+        Some(older) => {
             spare.set(Some(buf));
-            drop(older);
+            if older.capacity() > 0 {
+                keep_loose(older);
+            }
+        }
+        None => keep_loose(buf),
+    });
+}
+
+/// Keep `buf` with this thread's loose buffers; a full set goes to the
+/// shelf as a group. So the decoders get back what a thread that does
+/// not decode gives back, and what a worker that writes more than it
+/// decodes does (a main loop's larger replies are written by whichever
+/// worker flushes them).
+#[cold]
+fn keep_loose(buf: Vec<u8>) {
+    let _ = LOOSE.try_with(|loose| {
+        let mut loose = loose.borrow_mut();
+        loose.push(buf);
+        if loose.len() >= SHELF_GROUP {
+            let fresh = Vec::with_capacity(SHELF_GROUP);
+            SHELF.put(std::mem::replace(&mut *loose, fresh));
         }
     });
 }
 
-/// An empty buffer for a payload of `n` bytes: this thread's spare if it
-/// holds it and takes no more memory than a new one would (the same
-/// allocator step), else a new one. So a message kept by the user (or in
-/// the main loop's channel) holds what it held before spares were kept.
+/// An empty buffer for a payload of `n` bytes: this thread's spare, or
+/// one of a group from the shelf, if it holds `n` and takes no more memory
+/// than a new one would (the same allocator step), else a new one. So a
+/// message kept by the user (or in the main loop's channel) holds what it
+/// held before buffers were reused.
 fn payload_buffer(n: usize) -> Vec<u8> {
     if n > 0 && n <= SPARE_PAYLOAD {
         let spare = SPARE.try_with(|spare| {
             // From now on this thread keeps a buffer given back.
             match spare.replace(Some(Vec::new())) {
-                Some(v) if v.capacity() >= n && heap_step(v.capacity()) == heap_step(n) => Some(v),
+                Some(v) if fits(&v, n) => Some(v),
                 other => {
                     spare.set(other.or(Some(Vec::new())));
                     None
@@ -68,8 +146,39 @@ fn payload_buffer(n: usize) -> Vec<u8> {
         if let Ok(Some(v)) = spare {
             return v;
         }
+        if let Some(v) = loose_buffer(n) {
+            return v;
+        }
     }
     Vec::with_capacity(n)
+}
+
+/// Whether a buffer given back may take a payload of `n` bytes.
+fn fits(v: &Vec<u8>, n: usize) -> bool {
+    v.capacity() >= n && heap_step(v.capacity()) == heap_step(n)
+}
+
+/// One of this thread's loose buffers that fits `n`, taking a group from
+/// the shelf if it has none left. Those that do not fit stay (a worker
+/// whose main loop sends replies of other sizes than it decodes keeps a
+/// group it cannot use, and takes no more: the loop's thread then frees
+/// its own buffers, as it did before the shelf). (Apart, so that the
+/// spare's path stays as short as it was.)
+#[cold]
+fn loose_buffer(n: usize) -> Option<Vec<u8>> {
+    LOOSE
+        .try_with(|loose| {
+            let mut loose = loose.borrow_mut();
+            if loose.is_empty()
+                && let Some(group) = SHELF.take()
+            {
+                *loose = group;
+            }
+            let at = loose.iter().rposition(|v| fits(v, n))?;
+            Some(loose.swap_remove(at))
+        })
+        .ok()
+        .flatten()
 }
 
 /// Size limits the decoder enforces.
@@ -747,16 +856,17 @@ mod tests {
 
     /// A small buffer recycled is taken by the next message that a new
     /// buffer would hold in as much memory, holds that message's bytes
-    /// only, and otherwise stays for a later one; a large one is not kept,
-    /// nor anything on a thread that never decoded.
+    /// only, and otherwise stays for a later one; a large one is not kept.
+    /// On a thread that never decoded nothing is kept as the spare.
     #[test]
     fn a_recycled_buffer_serves_only_a_message_it_fits_closely() {
         SPARE.take();
         recycle_payload(vec![9; 40]);
         assert!(
             SPARE.take().is_none(),
-            "kept on a thread that never decoded"
+            "kept as the spare on a thread that never decoded"
         );
+        LOOSE.with(|l| l.borrow_mut().clear());
         let first = one(0x82, &[1; 40]);
         let (ptr, cap) = (first.as_ptr(), first.capacity());
         assert_eq!((cap, heap_step(cap)), (40, 48));
@@ -789,6 +899,72 @@ mod tests {
         SPARE.set(Some(kept));
         recycle_payload(Vec::with_capacity(SPARE_PAYLOAD));
         assert_eq!(SPARE.take().unwrap().capacity(), SPARE_PAYLOAD);
+    }
+
+    /// On a thread that never decoded, small buffers given back gather
+    /// in groups of 16 for the shelf, which keeps 4 groups at most. A
+    /// thread that decodes and whose spare does not serve takes buffers
+    /// from its group: one that fits, as the spare's rule says, or, if it
+    /// does not, lets it go and makes a new one.
+    #[test]
+    fn buffers_given_back_where_nothing_decodes_go_to_the_decoders_in_groups() {
+        std::thread::spawn(|| {
+            for _ in 0..SHELF_GROUP - 1 {
+                recycle_payload(Vec::with_capacity(40));
+            }
+            assert!(SPARE.take().is_none(), "a spare where nothing decodes");
+            assert_eq!(LOOSE.with(|l| l.borrow().len()), SHELF_GROUP - 1);
+            recycle_payload(Vec::with_capacity(40));
+            LOOSE.with(|l| {
+                let l = l.borrow();
+                assert!(l.is_empty(), "a group of 16 not put on the shelf");
+                assert_eq!(l.capacity(), SHELF_GROUP, "no room kept for the next");
+            });
+        })
+        .join()
+        .unwrap();
+        let shelf = Shelf {
+            groups: parking_lot::Mutex::new(Vec::new()),
+            count: std::sync::atomic::AtomicUsize::new(0),
+        };
+        for i in 0..=SHELF_GROUPS {
+            shelf.put(vec![Vec::with_capacity(i + 1)]);
+        }
+        for i in (0..SHELF_GROUPS).rev() {
+            assert_eq!(shelf.take().unwrap()[0].capacity(), i + 1);
+        }
+        assert!(
+            shelf.take().is_none(),
+            "more than {SHELF_GROUPS} groups kept"
+        );
+        std::thread::spawn(|| {
+            let fits = Vec::<u8>::with_capacity(40);
+            let ptr = fits.as_ptr();
+            LOOSE.with(|l| *l.borrow_mut() = vec![fits, Vec::with_capacity(200)]);
+            let first = one(0x82, &[6; 40]);
+            assert_eq!(
+                first.as_ptr(),
+                ptr,
+                "a buffer of the group that fits not taken"
+            );
+            assert_eq!(first, [6; 40]);
+            // The other, of another allocator step than 40 bytes take,
+            // stays, and a new buffer is made.
+            let second = one(0x82, &[7; 40]);
+            assert_eq!(second.capacity(), 40, "a buffer of another step taken");
+            assert_eq!(second, [7; 40]);
+            LOOSE.with(|l| assert_eq!(l.borrow()[0].capacity(), 200));
+            // A spare displaced by a buffer given back joins them.
+            recycle_payload(first);
+            recycle_payload(second);
+            LOOSE.with(|l| {
+                let l = l.borrow();
+                assert_eq!(l.len(), 2);
+                assert_eq!(l[1].as_ptr(), ptr, "the displaced spare not kept");
+            });
+        })
+        .join()
+        .unwrap();
     }
 
     /// Recycling and decoding from a thread-local's destructor after the

@@ -1211,7 +1211,15 @@ impl<T: Send + Sync + 'static> Conn<T> {
             w.last_progress_ms = shared.now_ms();
         }
         let outcome = match result {
-            Ok(n) if n == len => Ok(SendStatus::Written),
+            Ok(n) if n == len => {
+                // Written whole: its payload's buffer serves the next
+                // message decoded (on a worker), or goes back to the
+                // decoders (from a main loop).
+                if let Some(Chunk::Owned(b)) = body {
+                    crate::proto::assemble::recycle_payload(b);
+                }
+                Ok(SendStatus::Written)
+            }
             // Torn down meanwhile (by its job, or a shutdown forcing it):
             // the caller is told, since its `Disconnect` may be out
             // already. With nothing written it gets the message back;

@@ -424,15 +424,18 @@ impl Unwritten {
     }
 
     /// Take the front chunk off (written, or empty). A gathered chunk's
-    /// buffer is kept for the thread's next one (see [`SPARE_BUFFER`]).
+    /// buffer is kept for the thread's next one (see [`SPARE_BUFFER`]); a
+    /// small payload's goes back to the decoders (see `recycle_payload`).
     pub(crate) fn pop_front(&mut self) {
         if let Some(c) = self.chunks.pop_front() {
             debug_assert!(self.shared >= c.shared_len());
             self.shared = self.shared.saturating_sub(c.shared_len());
             self.frames -= c.frames();
             self.gathered -= c.pieces() - 1;
-            if let Chunk::Gathered(v, _) = c {
-                keep_spare_buffer(v);
+            match c {
+                Chunk::Gathered(v, _) => keep_spare_buffer(v),
+                Chunk::Owned(v) => crate::proto::assemble::recycle_payload(v),
+                _ => {}
             }
         }
     }
@@ -592,7 +595,8 @@ impl OutQueue {
         }
         self.recount(counters);
         // Its bytes copied, the payload's buffer serves the next message
-        // this thread decodes.
+        // this thread decodes, or, from a thread that does not decode (a
+        // main loop's), goes back to the decoders.
         if let Some(Chunk::Owned(b)) = body {
             crate::proto::assemble::recycle_payload(b);
         }
