@@ -14,8 +14,9 @@ use crate::proto::frame::{MAX_HEADER_LEN, OpCode, extend_masked, parse_header};
 const SPARE_PAYLOAD: usize = 256;
 /// What glibc's allocator takes for `bytes`: a header word, rounded up to
 /// 16-byte steps, 32 at least.
-pub(crate) fn heap_step(bytes: usize) -> usize {
-    ((bytes + 8 + 15) & !15).max(32)
+pub(crate) const fn heap_step(bytes: usize) -> usize {
+    let step = (bytes + 8 + 15) & !15;
+    if step < 32 { 32 } else { step }
 }
 
 thread_local! {
@@ -98,14 +99,19 @@ pub(crate) fn recycle_payload(mut buf: Vec<u8>) {
     buf.clear();
     // `try_with`: a send may come from another thread-local's destructor
     // after this one is gone (the buffer is then simply dropped).
-    let _ = SPARE.try_with(|spare| match spare.take() {
-        Some(older) => {
-            spare.set(Some(buf));
-            if older.capacity() > 0 {
-                keep_loose(older);
+    let _ = SPARE.try_with(|spare| {
+        // On a decoding thread, the spare it displaces (none if a message
+        // took it); elsewhere, the buffer itself.
+        let loose = match spare.take() {
+            Some(older) => {
+                spare.set(Some(buf));
+                older
             }
+            None => buf,
+        };
+        if loose.capacity() > 0 {
+            keep_loose(loose);
         }
-        None => keep_loose(buf),
     });
 }
 
