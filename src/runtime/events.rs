@@ -63,6 +63,20 @@ pub(crate) const BATCH: usize = 64;
 /// its events before it is sent (see `Staged::send`).
 const SLACK_SLOTS: usize = 4;
 
+/// The capacity [`Staged::send`] leaves a list of `k` events in: fitted
+/// to them if it has `SLACK_SLOTS` or more to spare.
+fn sent_capacity(k: usize, capacity: usize) -> usize {
+    if capacity - k >= SLACK_SLOTS {
+        k
+    } else {
+        capacity
+    }
+}
+
+/// The most a payload's allocation takes beyond its length (a 1-byte
+/// payload's 32 B chunk).
+const PAYLOAD_SLACK: usize = crate::proto::assemble::heap_step(1) - 1;
+
 /// What a batch of `k` messages, in a list of `capacity`, holds beyond
 /// what [`EVENT_COST`] and their payloads charge them: its channel slot,
 /// and its list, which holds each event where a lone one's slot would
@@ -76,7 +90,7 @@ const SLACK_SLOTS: usize = 4;
 fn batch_extra<T>(k: usize, capacity: usize) -> usize {
     let slot = std::mem::size_of::<Batch<T>>() + std::mem::size_of::<usize>();
     let list = crate::proto::assemble::heap_step(capacity * std::mem::size_of::<Envelope<T>>());
-    (slot + list + k * 31).saturating_sub(k * EVENT_COST)
+    (slot + list + k * PAYLOAD_SLACK).saturating_sub(k * EVENT_COST)
 }
 
 pub(crate) struct EventQueue<T> {
@@ -311,13 +325,7 @@ impl<T: Send + Sync + 'static> Staged<'_, T> {
         if k < 2 {
             return self.pending;
         }
-        // As `send` will leave the list.
-        let capacity = if capacity - k >= SLACK_SLOTS {
-            k
-        } else {
-            capacity
-        };
-        self.pending + batch_extra::<T>(k, capacity)
+        self.pending + batch_extra::<T>(k, sent_capacity(k, capacity))
     }
 
     /// Keep `message` for [`Staged::send`], which charges it.
@@ -345,7 +353,7 @@ impl<T: Send + Sync + 'static> Staged<'_, T> {
         // which the main loop's echo showed).
         let k = self.list.len();
         if k > 1 {
-            if self.list.capacity() - k >= SLACK_SLOTS {
+            if sent_capacity(k, self.list.capacity()) < self.list.capacity() {
                 self.list.shrink_to_fit();
             }
             let extra = batch_extra::<T>(k, self.list.capacity());
@@ -389,17 +397,29 @@ mod tests {
     use super::*;
     use crate::message::Message;
 
+    /// A main loop's queue (budget 1 MiB), its receiving end, and a
+    /// connection to stage for, over a socket to the listener returned
+    /// with them.
+    fn queue_and_conn() -> (
+        EventQueue<()>,
+        mpsc::Receiver<Batch<()>>,
+        Conn<()>,
+        std::net::TcpListener,
+    ) {
+        let (queue, rx) = EventQueue::<()>::new(1 << 20, true, false);
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let stream = std::net::TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let id = crate::runtime::registry::Registry::<()>::new().client_id(0);
+        (queue, rx, crate::runtime::conn::for_test(stream, id), l)
+    }
+
     /// A job that unwinds with messages staged (a bug of ours, caught by
     /// `service`) still sends them: they reach the main loop in order,
     /// charged, so that consuming them gives the charges back. Before,
     /// they were dropped, and their charges stayed on the budget for good.
     #[test]
     fn staged_messages_are_sent_when_the_job_unwinds() {
-        let (queue, rx) = EventQueue::<()>::new(1 << 20, true, false);
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let stream = std::net::TcpStream::connect(l.local_addr().unwrap()).unwrap();
-        let id = crate::runtime::registry::Registry::<()>::new().client_id(0);
-        let conn = crate::runtime::conn::for_test(stream, id);
+        let (queue, rx, conn, _listener) = queue_and_conn();
         let unwound = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
             let mut batch = queue.staging(&conn);
             batch.stage(Message::from(vec![1u8]));
@@ -438,11 +458,7 @@ mod tests {
     /// nine and charged nothing more.
     #[test]
     fn a_batch_is_charged_as_its_list_is_sent_and_the_gate_counts_that() {
-        let (queue, rx) = EventQueue::<()>::new(1 << 20, true, false);
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let stream = std::net::TcpStream::connect(l.local_addr().unwrap()).unwrap();
-        let id = crate::runtime::registry::Registry::<()>::new().client_id(0);
-        let conn = crate::runtime::conn::for_test(stream, id);
+        let (queue, rx, conn, _listener) = queue_and_conn();
         for k in [5, 9] {
             let before = queue.bytes();
             let mut batch = queue.staging(&conn);
