@@ -36,19 +36,20 @@ thread_local! {
     /// Small payload buffers beyond the spare: those given back on a
     /// thread that does not decode (a main loop's, or any user thread that
     /// sends), or displaced from a decoding thread's spare, until they
-    /// make a group for the shelf; and a group taken from the shelf. At
-    /// most [`SHELF_GROUP`] (4 KiB), counted nowhere.
+    /// make a group for the shelf; and a group taken from the shelf, until
+    /// used (or let go of, if none fits). Fewer than [`SHELF_GROUP`] when
+    /// a call ends (about 4 KiB of heap), counted nowhere.
     static LOOSE: std::cell::RefCell<Vec<Vec<u8>>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
-/// Buffers a thread that does not decode hands to the decoders at once.
+/// Loose buffers a thread hands to the shelf at once.
 const SHELF_GROUP: usize = 16;
 /// Groups the shelf holds at most: 64 buffers of at most 256 B. The shelf
 /// is the process's, shared by its servers, and outlives them.
 const SHELF_GROUPS: usize = 4;
 
-/// Payload buffers given back on a thread that does not decode, for the
-/// threads that do. A main loop frees every message the workers made for
+/// Payload buffers given back on a thread that does not decode, or beyond
+/// a worker's spare, for the threads that decode. A main loop frees every message the workers made for
 /// it, and each of those frees (and each allocation that replaces one on
 /// a worker) costs glibc several times what its own thread's would: the
 /// buffers go back in groups, one lock a group.
@@ -67,6 +68,7 @@ static SHELF: Shelf = Shelf {
 impl Shelf {
     fn put(&self, group: Vec<Vec<u8>>) {
         use std::sync::atomic::Ordering::Relaxed;
+        debug_assert!(group.len() <= SHELF_GROUP);
         if self.count.load(Relaxed) >= SHELF_GROUPS {
             return;
         }
@@ -165,11 +167,11 @@ fn fits(v: &Vec<u8>, n: usize) -> bool {
 }
 
 /// One of this thread's loose buffers that fits `n`, taking a group from
-/// the shelf if it has none left. Those that do not fit stay (a worker
-/// whose main loop sends replies of other sizes than it decodes keeps a
-/// group it cannot use, and takes no more: the loop's thread then frees
-/// its own buffers, as it did before the shelf). (Apart, so that the
-/// spare's path stays as short as it was.)
+/// the shelf if it has none left. If none fits, all are let go: they are
+/// of other sizes than this thread decodes (a main loop's replies larger
+/// than its requests), and kept they would be looked through again at
+/// every message, or go back to the shelf for another decoder to look
+/// through. (Apart, so that the spare's path stays as short as it was.)
 #[cold]
 fn loose_buffer(n: usize) -> Option<Vec<u8>> {
     LOOSE
@@ -180,8 +182,13 @@ fn loose_buffer(n: usize) -> Option<Vec<u8>> {
             {
                 *loose = group;
             }
-            let at = loose.iter().rposition(|v| fits(v, n))?;
-            Some(loose.swap_remove(at))
+            match loose.iter().rposition(|v| fits(v, n)) {
+                Some(at) => Some(loose.swap_remove(at)),
+                None => {
+                    loose.clear();
+                    None
+                }
+            }
         })
         .ok()
         .flatten()
@@ -909,9 +916,10 @@ mod tests {
 
     /// On a thread that never decoded, small buffers given back gather
     /// in groups of 16 for the shelf, which keeps 4 groups at most. A
-    /// thread that decodes and whose spare does not serve takes buffers
-    /// from its group: one that fits, as the spare's rule says, or, if it
-    /// does not, lets it go and makes a new one.
+    /// thread that decodes and whose spare does not serve takes a buffer
+    /// from its group that fits, as the spare's rule says, or, if none
+    /// does, lets them all go and makes a new one; a spare displaced joins
+    /// its loose buffers.
     #[test]
     fn buffers_given_back_where_nothing_decodes_go_to_the_decoders_in_groups() {
         std::thread::spawn(|| {
@@ -954,20 +962,28 @@ mod tests {
                 "a buffer of the group that fits not taken"
             );
             assert_eq!(first, [6; 40]);
-            // The other, of another allocator step than 40 bytes take,
-            // stays, and a new buffer is made.
+            // The other is of another allocator step than 40 bytes take:
+            // let go, and a new buffer made.
             let second = one(0x82, &[7; 40]);
             assert_eq!(second.capacity(), 40, "a buffer of another step taken");
             assert_eq!(second, [7; 40]);
-            LOOSE.with(|l| assert_eq!(l.borrow()[0].capacity(), 200));
-            // A spare displaced by a buffer given back joins them.
+            LOOSE.with(|l| assert!(l.borrow().is_empty(), "a buffer that fits none kept"));
+            // A spare displaced by a buffer given back joins the loose ones.
             recycle_payload(first);
             recycle_payload(second);
             LOOSE.with(|l| {
                 let l = l.borrow();
-                assert_eq!(l.len(), 2);
-                assert_eq!(l[1].as_ptr(), ptr, "the displaced spare not kept");
+                assert_eq!(l.len(), 1);
+                assert_eq!(l[0].as_ptr(), ptr, "the displaced spare not kept");
             });
+            // A full set none of which fits is let go whole: the list never
+            // holds more than a group.
+            LOOSE.with(|l| {
+                *l.borrow_mut() = (0..SHELF_GROUP).map(|_| Vec::with_capacity(200)).collect();
+            });
+            SPARE.set(Some(Vec::new()));
+            assert_eq!(one(0x82, &[8; 40]), [8; 40]);
+            LOOSE.with(|l| assert!(l.borrow().is_empty()));
         })
         .join()
         .unwrap();
