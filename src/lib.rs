@@ -171,6 +171,7 @@ mod message;
 pub mod proto;
 mod runtime;
 mod server;
+mod shelf;
 mod stats;
 
 pub use client::{Client, ClientId, SendStatus};

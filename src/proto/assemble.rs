@@ -49,47 +49,9 @@ const SHELF_GROUP: usize = 16;
 const SHELF_GROUPS: usize = 4;
 
 /// Payload buffers given back on a thread that does not decode, or beyond
-/// a worker's spare, for the threads that decode. A main loop frees every message the workers made for
-/// it, and each of those frees (and each allocation that replaces one on
-/// a worker) costs glibc several times what its own thread's would: the
-/// buffers go back in groups, one lock a group.
-struct Shelf {
-    groups: parking_lot::Mutex<Vec<Vec<Vec<u8>>>>,
-    /// How many groups `groups` holds: looked at without the lock, so a
-    /// decoder with no buffer to spare takes the lock only if one waits.
-    count: std::sync::atomic::AtomicUsize,
-}
-
-static SHELF: Shelf = Shelf {
-    groups: parking_lot::Mutex::new(Vec::new()),
-    count: std::sync::atomic::AtomicUsize::new(0),
-};
-
-impl Shelf {
-    fn put(&self, group: Vec<Vec<u8>>) {
-        use std::sync::atomic::Ordering::Relaxed;
-        debug_assert!(group.len() <= SHELF_GROUP);
-        if self.count.load(Relaxed) >= SHELF_GROUPS {
-            return;
-        }
-        let mut groups = self.groups.lock();
-        if groups.len() < SHELF_GROUPS {
-            groups.push(group);
-            self.count.store(groups.len(), Relaxed);
-        }
-    }
-
-    fn take(&self) -> Option<Vec<Vec<u8>>> {
-        use std::sync::atomic::Ordering::Relaxed;
-        if self.count.load(Relaxed) == 0 {
-            return None;
-        }
-        let mut groups = self.groups.lock();
-        let group = groups.pop();
-        self.count.store(groups.len(), Relaxed);
-        group
-    }
-}
+/// a worker's spare, in groups, for the threads that decode (see
+/// [`crate::shelf`]): one lock a group.
+static SHELF: crate::shelf::Shelf<Vec<Vec<u8>>> = crate::shelf::Shelf::new(SHELF_GROUPS);
 
 /// Keep `buf` for this thread's next message, its bytes no longer needed,
 /// if it is small: as its spare if this thread decodes, else for the
@@ -129,7 +91,9 @@ fn keep_loose(buf: Vec<u8>) {
         loose.push(buf);
         if loose.len() >= SHELF_GROUP {
             let fresh = Vec::with_capacity(SHELF_GROUP);
-            SHELF.put(std::mem::replace(&mut *loose, fresh));
+            let group = std::mem::replace(&mut *loose, fresh);
+            debug_assert!(group.len() <= SHELF_GROUP);
+            SHELF.put(group);
         }
     });
 }
@@ -915,7 +879,7 @@ mod tests {
     }
 
     /// On a thread that never decoded, small buffers given back gather
-    /// in groups of 16 for the shelf, which keeps 4 groups at most. A
+    /// in groups of 16 for the shelf. A
     /// thread that decodes and whose spare does not serve takes a buffer
     /// from its group that fits, as the spare's rule says, or, if none
     /// does, lets them all go and makes a new one; a spare displaced joins
@@ -937,20 +901,6 @@ mod tests {
         })
         .join()
         .unwrap();
-        let shelf = Shelf {
-            groups: parking_lot::Mutex::new(Vec::new()),
-            count: std::sync::atomic::AtomicUsize::new(0),
-        };
-        for i in 0..=SHELF_GROUPS {
-            shelf.put(vec![Vec::with_capacity(i + 1)]);
-        }
-        for i in (0..SHELF_GROUPS).rev() {
-            assert_eq!(shelf.take().unwrap()[0].capacity(), i + 1);
-        }
-        assert!(
-            shelf.take().is_none(),
-            "more than {SHELF_GROUPS} groups kept"
-        );
         std::thread::spawn(|| {
             let fits = Vec::<u8>::with_capacity(40);
             let ptr = fits.as_ptr();

@@ -340,6 +340,21 @@ thread_local! {
 /// a chunk of 16 frames of 125-byte payloads grows to.
 const SPARE_GATHERED: usize = 4096;
 
+/// Queues' boxes that a thread wrote out while it kept one already, for
+/// threads that start queues without writing them out: a main loop's
+/// sends start the queues that workers flush (see [`crate::shelf`]). At
+/// most 16, each with a ring of at most [`SPARE_RING`] slots (about 350 B).
+static BOXES: crate::shelf::Shelf<Box<Unwritten>> = crate::shelf::Shelf::new(16);
+
+/// Gathered buffers that a thread wrote out while it kept a larger one,
+/// for the same threads, as [`BOXES`]: at most 8, of at most
+/// [`SHELVED_GATHERED`] bytes.
+static GATHERED: crate::shelf::Shelf<Vec<u8>> = crate::shelf::Shelf::new(8);
+
+/// The largest gathered buffer put on the shelf: a main loop's sends to a
+/// connection between two flushes are a few frames.
+const SHELVED_GATHERED: usize = 1024;
+
 /// The most memory a gathered chunk's buffer may hold, `len` bytes of
 /// frames counted as `pieces` pieces: its bytes, and a piece's
 /// [`CHUNK_COST`] for each piece but the one its slot and allocation take.
@@ -347,7 +362,8 @@ fn gathered_allowance(len: usize, pieces: usize) -> usize {
     len + CHUNK_COST * pieces.saturating_sub(1)
 }
 
-/// This thread's spare buffer, empty, if it holds `at_least` bytes.
+/// This thread's spare buffer, empty, if it holds `at_least` bytes; else
+/// one from the shelf that does.
 fn take_spare_buffer(at_least: usize) -> Option<Vec<u8>> {
     SPARE_BUFFER
         .try_with(|spare| {
@@ -361,6 +377,27 @@ fn take_spare_buffer(at_least: usize) -> Option<Vec<u8>> {
         })
         .ok()
         .flatten()
+        .or_else(|| shelved_buffer(at_least))
+}
+
+/// A gathered buffer of at least `at_least` bytes from the shelf. (Apart,
+/// as the other shelf's steps, so that the paths of a thread that keeps
+/// its own spares stay as short as they were.)
+#[cold]
+fn shelved_buffer(at_least: usize) -> Option<Vec<u8>> {
+    GATHERED.take_where(|v| v.capacity() >= at_least)
+}
+
+/// A box from the shelf.
+#[cold]
+fn shelved_box() -> Option<Box<Unwritten>> {
+    BOXES.take()
+}
+
+/// Put a box not kept on the shelf.
+#[cold]
+fn shelve_box(b: Box<Unwritten>) {
+    BOXES.put(b);
 }
 
 /// Keep a written-out gathered chunk's buffer for this thread's next one,
@@ -372,16 +409,31 @@ fn keep_spare_buffer(mut v: Vec<u8>) {
     v.clear();
     // `try_with`: see `OutQueue::pending`. The buffer not kept is dropped
     // outside the cell.
-    let _ = SPARE_BUFFER.try_with(|spare| {
+    let not_kept = SPARE_BUFFER.try_with(|spare| {
         let kept = spare.take();
         if kept.capacity() >= v.capacity() {
             spare.set(kept);
-            drop(v);
+            v
         } else {
             spare.set(v);
-            drop(kept);
+            kept
         }
     });
+    // The other goes on the shelf, if small enough, for a thread that
+    // starts gathered chunks without writing them out.
+    if let Ok(v) = not_kept
+        && v.capacity() > 0
+    {
+        shelve_buffer(v);
+    }
+}
+
+/// Put a gathered buffer not kept on the shelf, if small enough.
+#[cold]
+fn shelve_buffer(v: Vec<u8>) {
+    if v.capacity() <= SHELVED_GATHERED {
+        GATHERED.put(v);
+    }
 }
 
 /// The chunks of a queue, taken out whole to be written without the lock.
@@ -493,6 +545,7 @@ impl OutQueue {
         }
     }
 
+    #[inline(always)]
     fn pending(&mut self) -> &mut Unwritten {
         // `try_with`: a queue may be used from another thread-local's
         // destructor (a server kept in one, shut down as its thread ends)
@@ -503,6 +556,7 @@ impl OutQueue {
                 .try_with(std::cell::Cell::take)
                 .ok()
                 .flatten()
+                .or_else(shelved_box)
                 .unwrap_or_default()
         })
     }
@@ -519,9 +573,11 @@ impl OutQueue {
                 chunks: std::mem::take(&mut p.chunks),
                 ..Unwritten::default()
             };
-            // Whatever was there before is dropped outside the cell. (Gone,
-            // see `pending`: then the box is simply dropped.)
-            drop(SPARE.try_with(|spare| spare.replace(Some(p))));
+            // Whatever was there before goes on the shelf, outside the
+            // cell. (Gone, see `pending`: then the box is simply dropped.)
+            if let Ok(Some(older)) = SPARE.try_with(|spare| spare.replace(Some(p))) {
+                shelve_box(older);
+            }
         }
     }
 
