@@ -142,6 +142,7 @@ fn loose_buffer(n: usize) -> Option<Vec<u8>> {
         .try_with(|loose| {
             let mut loose = loose.borrow_mut();
             if loose.is_empty()
+                && crate::shelf::takes_here()
                 && let Some(group) = SHELF.take()
             {
                 *loose = group;

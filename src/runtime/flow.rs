@@ -343,7 +343,7 @@ const SPARE_GATHERED: usize = 4096;
 /// Queues' boxes that a thread wrote out while it kept one already, for
 /// threads that start queues without writing them out: a main loop's
 /// sends start the queues that workers flush (see [`crate::shelf`]). At
-/// most 16, each with a ring of at most [`SPARE_RING`] slots (about 350 B).
+/// most 16, each with a ring of at most [`SPARE_RING`] slots (about 250 B).
 static BOXES: crate::shelf::Shelf<Box<Unwritten>> = crate::shelf::Shelf::new(16);
 
 /// Gathered buffers that a thread wrote out while it kept a larger one,
@@ -354,6 +354,9 @@ static GATHERED: crate::shelf::Shelf<Vec<u8>> = crate::shelf::Shelf::new(8);
 /// The largest gathered buffer put on the shelf: a main loop's sends to a
 /// connection between two flushes are a few frames.
 const SHELVED_GATHERED: usize = 1024;
+/// The smallest: a frame's (a 32 B message's first takes 98), so that the
+/// shelf does not fill with the buffers of lone pongs, which serve nobody.
+const SHELVED_GATHERED_LEAST: usize = 128;
 
 /// The most memory a gathered chunk's buffer may hold, `len` bytes of
 /// frames counted as `pieces` pieces: its bytes, and a piece's
@@ -385,12 +388,18 @@ fn take_spare_buffer(at_least: usize) -> Option<Vec<u8>> {
 /// its own spares stay as short as they were.)
 #[cold]
 fn shelved_buffer(at_least: usize) -> Option<Vec<u8>> {
+    if !crate::shelf::takes_here() {
+        return None;
+    }
     GATHERED.take_where(|v| v.capacity() >= at_least)
 }
 
 /// A box from the shelf.
 #[cold]
 fn shelved_box() -> Option<Box<Unwritten>> {
+    if !crate::shelf::takes_here() {
+        return None;
+    }
     BOXES.take()
 }
 
@@ -407,8 +416,8 @@ fn keep_spare_buffer(mut v: Vec<u8>) {
         return;
     }
     v.clear();
-    // `try_with`: see `OutQueue::pending`. The buffer not kept is dropped
-    // outside the cell.
+    // `try_with`: see `OutQueue::pending`. The buffer not kept goes on the
+    // shelf (or is dropped) outside the cell.
     let not_kept = SPARE_BUFFER.try_with(|spare| {
         let kept = spare.take();
         if kept.capacity() >= v.capacity() {
@@ -431,7 +440,7 @@ fn keep_spare_buffer(mut v: Vec<u8>) {
 /// Put a gathered buffer not kept on the shelf, if small enough.
 #[cold]
 fn shelve_buffer(v: Vec<u8>) {
-    if v.capacity() <= SHELVED_GATHERED {
+    if (SHELVED_GATHERED_LEAST..=SHELVED_GATHERED).contains(&v.capacity()) {
         GATHERED.put(v);
     }
 }
@@ -593,7 +602,8 @@ impl OutQueue {
     /// each piece) until a write begins it; then it takes no more frames,
     /// and keeps the bytes written from it (at most about 2 KiB), as a
     /// payload's chunk of its own did. One started in an idle queue takes
-    /// the thread's spare buffer (see [`SPARE_BUFFER`]), which may be
+    /// the thread's spare buffer (see [`SPARE_BUFFER`]), or one from the
+    /// shelf (see [`GATHERED`]), which may be
     /// larger until the write that follows (at the job's end, or a
     /// deferred flush's; a write that fails leaves it to the teardown): if
     /// it stays queued, it is shrunk to that measure then.
