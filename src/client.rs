@@ -324,14 +324,14 @@ impl<T: Send + Sync + 'static> Client<T> {
     /// [`Error::is_backpressure`] tells either), or [`Error::Closed`] if
     /// the client is gone or closing.
     pub fn send(&self, message: impl Into<Message>) -> std::result::Result<SendStatus, SendError> {
-        let message = message.into();
-        let Some(conn) = self.inner.conn.upgrade() else {
-            return Err(SendError::new(Error::Closed, message));
-        };
-        // From one of its closures, with the job's reference to the server.
-        crate::runtime::current::with_arc(&self.inner.shared, message, |shared, message| {
-            conn.send_message(shared, message)
-        })
+        // From one of its closures, with the job's references to the
+        // connection and the server.
+        crate::runtime::current::with_arcs(
+            &self.inner.conn,
+            &self.inner.shared,
+            message.into(),
+            |conn, shared, message| conn.send_message(shared, message),
+        )
         .unwrap_or_else(|message| Err(SendError::new(Error::Closed, message)))
     }
 

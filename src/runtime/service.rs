@@ -138,9 +138,11 @@ pub(crate) fn service<T: Send + Sync + 'static>(
     first: &[u8],
     fresh: bool,
 ) {
-    // Sends from its closures use this job's reference to the server.
-    let serve =
-        || crate::runtime::current::lend(shared, || service_inner(shared, conn, first, fresh));
+    // Sends from its closures use this job's references to the server and
+    // to the connection.
+    let serve = || {
+        crate::runtime::current::lend(shared, conn, || service_inner(shared, conn, first, fresh))
+    };
     if catch_unwind(AssertUnwindSafe(serve)).is_err() {
         shared.report(
             Some(&conn.client),
