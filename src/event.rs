@@ -131,9 +131,15 @@ impl<T> fmt::Debug for Event<T> {
 /// message counts against its client's flow control until the loop asks
 /// for the next event, so that the reply to it is sent first (and a
 /// client's Close is answered after it): a main loop that falls behind
-/// makes the server stop reading sockets, never grow. A loop that stops
-/// asking (it breaks out while the server runs on) holds its last
-/// message's charge: that client's Close is answered at `close_timeout`.
+/// makes the server stop reading sockets, never grow. Messages of one
+/// client that one read gave come one after another (64 at most; another
+/// client's events may come between such runs), and count together until
+/// the loop asks for the event after the last of them, or until those
+/// already handled hold 4 KiB or a 64th of `event_queue_bytes`, whichever
+/// is less. A loop that stops asking (it breaks out while the server runs
+/// on) holds its last message's charge (and those of the messages read
+/// with it and taken before it, within that bound): that client's Close
+/// is answered at `close_timeout`.
 ///
 /// It ends once the server has shut down and every event sent before
 /// was received.
@@ -143,22 +149,49 @@ pub struct Events<T = ()> {
     batched: RefCell<std::vec::IntoIter<Envelope<T>>>,
     shared: Arc<Shared<T>>,
     /// The event handed out last, whose charge is given back at the next
-    /// receive.
+    /// receive; with a batch's messages, those of the batch handed out
+    /// before it too (see [`Events::release`]).
     held: Cell<Option<(Option<Client<T>>, usize)>>,
+    /// The most a batch's messages hold together (see `release`).
+    held_together: usize,
 }
+
+/// The most the messages of a batch handed out hold together before their
+/// charges are given back, if that is less than a 64th of
+/// `event_queue_bytes`.
+const HELD_TOGETHER: usize = 4096;
 
 impl<T: Send + Sync + 'static> Events<T> {
     pub(crate) fn new(rx: mpsc::Receiver<Batch<T>>, shared: Arc<Shared<T>>) -> Events<T> {
         Events {
             rx,
             batched: RefCell::new(Vec::new().into_iter()),
-            shared,
             held: Cell::new(None),
+            held_together: HELD_TOGETHER.min(shared.config.event_queue_bytes / 64),
+            shared,
         }
     }
 
+    /// Give back the charge held, before an event is taken: unless the
+    /// next one is of the same batch (the messages one read of one client
+    /// gave, see `events::Staged`) and what is held is under
+    /// [`HELD_TOGETHER`] and a 64th of the budget. The batch's charges are
+    /// then given back together, with one lock of the connection and one
+    /// write of the budget's count (a line the workers write) where each
+    /// message took its own: in a profile of the main loop's 32 B echo,
+    /// taking events fell from 7.0% to 3.6% of the server's CPU. The bound
+    /// keeps a large read's messages from crowding the budget while the
+    /// loop works through them.
     fn release(&self) {
-        if let Some((client, charge)) = self.held.take() {
+        let held = self.held.take();
+        if let Some((_, charge)) = &held
+            && *charge < self.held_together
+            && self.batched.borrow().len() > 0
+        {
+            self.held.set(held);
+            return;
+        }
+        if let Some((client, charge)) = held {
             self.shared
                 .events
                 .consumed(&self.shared, client.as_ref(), charge);
@@ -188,6 +221,16 @@ impl<T: Send + Sync + 'static> Events<T> {
     }
 
     fn hold(&self, envelope: Envelope<T>) -> Event<T> {
+        // Held still: the batch's messages before this one, of the same
+        // client.
+        if let Some((client, charge)) = self.held.take() {
+            debug_assert!(matches!(
+                (&client, &envelope.event),
+                (Some(held), Event::Message { client, .. }) if held.id() == client.id()
+            ));
+            self.held.set(Some((client, charge + envelope.charge)));
+            return envelope.event;
+        }
         // Only a message's charge is on its client (see `EventQueue::push`).
         let client = match &envelope.event {
             Event::Message { client, .. } => Some(client.clone()),

@@ -47,7 +47,9 @@
 //!
 //! What a client *holds* is the bytes queued to it plus the bytes of its
 //! events the main loop has not consumed (an event counts until the loop
-//! asks for the next one). At [`high_water`](Builder::high_water) the
+//! asks for the next one; the messages one read gave, until it asks past
+//! the last of them or those handled hold 4 KiB, or a 64th of
+//! `event_queue_bytes` if less). At [`high_water`](Builder::high_water) the
 //! server stops reading that client and dispatching its messages, checked
 //! between messages; at [`low_water`](Builder::low_water) it reads again
 //! and fires [`Event::Drain`] if a send was refused meanwhile. Over the
@@ -63,8 +65,11 @@
 //! larger than it is). A main loop has it for replies no larger than the
 //! messages they answer, each sent before it takes the next event: its
 //! events not yet taken count on their client at their own size, and a
-//! reply takes its event's place (each message is counted as large as its
-//! reply may be sent, compression's growth included). Only fan-out to
+//! reply takes its event's place, its event's charge given back when the
+//! loop moves on (or, within 4 KiB, past the read it came in: sends are
+//! admitted on the queue alone, so this changes nothing here); each
+//! message is counted as large as its reply may be sent, compression's
+//! growth included. Only fan-out to
 //! clients that do not keep up, and a main loop's replies larger than
 //! their messages, meet it. The main loop's channel is bounded in bytes
 //! ([`event_queue_bytes`](Builder::event_queue_bytes)): a slow loop makes

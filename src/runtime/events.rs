@@ -9,7 +9,8 @@
 //! acceptor waits).
 //! [`Events`](crate::Events) gives a charge back when the main loop asks
 //! for the next event, so the event being handled still counts while its
-//! reply is sent.
+//! reply is sent; a read's messages, once the loop asks past the last of
+//! them (or those handled hold 4 KiB, or a 64th of the budget), together.
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Weak, mpsc};
@@ -268,7 +269,8 @@ impl<T: Send + Sync + 'static> EventQueue<T> {
         }
     }
 
-    /// The main loop is done with an event: give its charge back.
+    /// The main loop is done with an event, or with several of one read's
+    /// messages: give their charge back.
     pub(crate) fn consumed(
         &self,
         shared: &Arc<Shared<T>>,
