@@ -16,15 +16,27 @@ pub(crate) struct Shelf<V> {
     /// taker finding it empty, or a giver finding it full, takes no lock.
     count: AtomicUsize,
     most: usize,
+    /// The process's (a `static`): taken from only where [`takes_here`].
+    process_wide: bool,
 }
 
 impl<V> Shelf<V> {
-    pub(crate) const fn new(most: usize) -> Self {
+    /// A shelf for the process, shared by its servers' threads.
+    pub(crate) const fn process_wide(most: usize) -> Self {
         Shelf {
             items: parking_lot::Mutex::new(Vec::new()),
             count: AtomicUsize::new(0),
             most,
+            process_wide: true,
         }
+    }
+
+    /// A shelf of one test's own.
+    #[cfg(test)]
+    fn new(most: usize) -> Self {
+        let mut shelf = Self::process_wide(most);
+        shelf.process_wide = false;
+        shelf
     }
 
     /// Keep `item`, if there is room; else it is dropped, after the lock
@@ -50,7 +62,7 @@ impl<V> Shelf<V> {
 
     /// The last item put for which `good` holds, if any.
     pub(crate) fn take_where(&self, good: impl Fn(&V) -> bool) -> Option<V> {
-        if self.count.load(Relaxed) == 0 {
+        if self.process_wide && !takes_here() || self.count.load(Relaxed) == 0 {
             return None;
         }
         let mut items = self.items.lock();
@@ -61,11 +73,11 @@ impl<V> Shelf<V> {
     }
 }
 
-/// Whether this thread may take from the shelves: always, but never in
-/// the library's unit tests. Their threads share the shelves, and a test
+/// Whether this thread may take from the process's shelves: always, but
+/// never in the library's unit tests. Their threads share the shelves, and a test
 /// that counts on what a thread keeps of its own (its first queue's box,
 /// its first gathered buffer's size) would take another's leftovers.
-pub(crate) fn takes_here() -> bool {
+fn takes_here() -> bool {
     !cfg!(test)
 }
 

@@ -51,7 +51,7 @@ const SHELF_GROUPS: usize = 4;
 /// Payload buffers given back on a thread that does not decode, or beyond
 /// a worker's spare, in groups, for the threads that decode (see
 /// [`crate::shelf`]): one lock a group.
-static SHELF: crate::shelf::Shelf<Vec<Vec<u8>>> = crate::shelf::Shelf::new(SHELF_GROUPS);
+static SHELF: crate::shelf::Shelf<Vec<Vec<u8>>> = crate::shelf::Shelf::process_wide(SHELF_GROUPS);
 
 /// Keep `buf` for this thread's next message, its bytes no longer needed,
 /// if it is small: as its spare if this thread decodes, else for the
@@ -142,7 +142,6 @@ fn loose_buffer(n: usize) -> Option<Vec<u8>> {
         .try_with(|loose| {
             let mut loose = loose.borrow_mut();
             if loose.is_empty()
-                && crate::shelf::takes_here()
                 && let Some(group) = SHELF.take()
             {
                 *loose = group;

@@ -344,12 +344,12 @@ const SPARE_GATHERED: usize = 4096;
 /// threads that start queues without writing them out: a main loop's
 /// sends start the queues that workers flush (see [`crate::shelf`]). At
 /// most 16, each with a ring of at most [`SPARE_RING`] slots (about 250 B).
-static BOXES: crate::shelf::Shelf<Box<Unwritten>> = crate::shelf::Shelf::new(16);
+static BOXES: crate::shelf::Shelf<Box<Unwritten>> = crate::shelf::Shelf::process_wide(16);
 
 /// Gathered buffers that a thread wrote out while it kept a larger one,
 /// for the same threads, as [`BOXES`]: at most 8, of at most
 /// [`SHELVED_GATHERED`] bytes.
-static GATHERED: crate::shelf::Shelf<Vec<u8>> = crate::shelf::Shelf::new(8);
+static GATHERED: crate::shelf::Shelf<Vec<u8>> = crate::shelf::Shelf::process_wide(8);
 
 /// The largest gathered buffer put on the shelf: a main loop's sends to a
 /// connection between two flushes are a few frames.
@@ -388,18 +388,12 @@ fn take_spare_buffer(at_least: usize) -> Option<Vec<u8>> {
 /// its own spares stay as short as they were.)
 #[cold]
 fn shelved_buffer(at_least: usize) -> Option<Vec<u8>> {
-    if !crate::shelf::takes_here() {
-        return None;
-    }
     GATHERED.take_where(|v| v.capacity() >= at_least)
 }
 
 /// A box from the shelf.
 #[cold]
 fn shelved_box() -> Option<Box<Unwritten>> {
-    if !crate::shelf::takes_here() {
-        return None;
-    }
     BOXES.take()
 }
 
