@@ -22,8 +22,8 @@ use std::time::{Duration, Instant};
 use support::WAIT;
 
 const CHROMIUM: &str = "/usr/bin/chromium";
-/// The script stops itself after 40 s; this is the backstop.
-const DEADLINE: Duration = Duration::from_secs(50);
+/// The script stops itself after 60 s; this is the backstop.
+const DEADLINE: Duration = Duration::from_secs(70);
 
 fn script_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/browser")
