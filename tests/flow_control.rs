@@ -1044,3 +1044,62 @@ fn waiters_sleep_while_others_are_echoed(budget: bool) {
     );
     drop(stuck);
 }
+
+/// A client whose queue publishes took past high water has none of its
+/// messages dispatched: its handler sends nothing back, so nothing of its
+/// own job looks at what it holds, and the read gate (which a job passes
+/// without the connection's lock while its client holds less than half
+/// of high water) must be told of what other threads queued. The client
+/// subscribes, reads nothing, is sent 200 KiB of publishes, then
+/// pipelines 100 messages. None of the publishes may be refused (its hard
+/// limit is 1 MiB): a refusal tells the gate too, and the test would no
+/// longer show that a frame queued does.
+#[test]
+fn a_client_over_high_water_from_publishes_is_not_read() {
+    let _serial = serial();
+    let handled = Arc::new(AtomicUsize::new(0));
+    let h2 = Arc::clone(&handled);
+    let server = WebSocketServer::builder()
+        .max_message_size(64 * 1024)
+        .high_water(64 * 1024)
+        .low_water(16 * 1024)
+        .max_backpressure(1 << 20)
+        .kernel_send_buffer(Some(4096))
+        .ping_interval(None)
+        .on_message(move |c, m| {
+            if m.as_bytes() == b"sub" {
+                c.subscribe("t").unwrap();
+                let _ = c.send("subscribed");
+            } else {
+                h2.fetch_add(1, Ordering::SeqCst);
+            }
+        })
+        .start("127.0.0.1:0")
+        .unwrap();
+    let mut s = raw_ws_small_window(server.local_addr());
+    s.write_all(&frame(0x81, b"sub")).unwrap();
+    assert_eq!(read_frame(&mut s).1, b"subscribed");
+    for _ in 0..200 {
+        let _ = server.publish("t", vec![1u8; 1024]);
+    }
+    let st = server.stats();
+    let queued = st.bytes_queued;
+    assert!(queued > 64 * 1024, "only {queued} B queued");
+    assert_eq!(st.messages_dropped, 0, "a publish was refused");
+    let all: Vec<u8> = (0..100).flat_map(|_| frame(0x82, &[2u8; 16])).collect();
+    s.write_all(&all).unwrap();
+    // Long enough for every message, were they read.
+    thread::sleep(Duration::from_secs(1));
+    let st = server.stats();
+    eprintln!(
+        "{queued} B queued; {} of 100 handled; {} read pauses",
+        handled.load(Ordering::SeqCst),
+        st.read_pauses
+    );
+    assert_eq!(
+        handled.load(Ordering::SeqCst),
+        0,
+        "messages dispatched over high water"
+    );
+    drop(s);
+}

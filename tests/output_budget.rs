@@ -687,3 +687,83 @@ fn a_client_refused_for_the_budget_is_not_read_on() {
         drop(socks);
     });
 }
+
+/// Clients refused for the budget while each holds far less than half of
+/// high water dispatch no message after their refused one: the read gate,
+/// which a job passes without the connection's lock while its client
+/// holds less than half of high water, is looked at under it again after
+/// any refusal, and pauses the client (its queue is over low water). Each
+/// of 8 clients pipelines 4 MiB of 1 KiB messages and reads nothing; the
+/// budget (at least the hard limit, about 8 MiB) shared by 8 refuses each
+/// at about 1 MiB, a quarter of half of high water.
+#[test]
+fn clients_refused_far_under_high_water_dispatch_nothing_after() {
+    let _serial = serial();
+    within(Duration::from_secs(60), || {
+        const CROWD: usize = 8;
+        let refused: Arc<Mutex<HashSet<ClientId>>> = Arc::default();
+        let after = Arc::new(AtomicU64::new(0));
+        let (r2, a2) = (Arc::clone(&refused), Arc::clone(&after));
+        let server = WebSocketServer::builder()
+            .max_message_size(64 * 1024)
+            .high_water(8 << 20)
+            .low_water(16 * 1024)
+            .max_queued_bytes(1)
+            // Nothing grows under the test: the queue, once the kernel's
+            // few KiB are full, stays as it is.
+            .kernel_send_buffer(Some(4096))
+            .workers(2)
+            .ping_interval(None)
+            .on_message(move |c, m| {
+                if r2.lock().unwrap().contains(&c.id()) {
+                    a2.fetch_add(1, Relaxed);
+                }
+                if let Err(e) = c.send(m)
+                    && e.error().is_backpressure()
+                {
+                    r2.lock().unwrap().insert(c.id());
+                }
+            })
+            .start("127.0.0.1:0")
+            .unwrap();
+        let addr = server.local_addr();
+        let writers: Vec<_> = (0..CROWD)
+            .map(|_| {
+                let s = raw_ws_small_window(addr);
+                let mut w = s.try_clone().unwrap();
+                w.set_write_timeout(Some(Duration::from_secs(3))).unwrap();
+                thread::spawn(move || {
+                    let all: Vec<u8> = (0..4096).flat_map(|_| frame(0x82, &[7u8; 1024])).collect();
+                    // The server stops reading: the write ends at its
+                    // timeout.
+                    let _ = std::io::Write::write_all(&mut w, &all);
+                    s
+                })
+            })
+            .collect();
+        assert!(
+            eventually(Duration::from_secs(20), || refused.lock().unwrap().len()
+                >= CROWD / 2),
+            "the budget refused {} clients: {:?}",
+            refused.lock().unwrap().len(),
+            server.stats()
+        );
+        // Long enough for thousands of messages, were they read on.
+        thread::sleep(Duration::from_secs(1));
+        let st = server.stats();
+        eprintln!(
+            "{} clients refused, {} messages dispatched after their refusals; {} in, {} read pauses",
+            refused.lock().unwrap().len(),
+            after.load(Relaxed),
+            st.messages_in,
+            st.read_pauses
+        );
+        assert_eq!(
+            after.load(Relaxed),
+            0,
+            "messages dispatched after a refusal, the queue over low water"
+        );
+        let socks: Vec<TcpStream> = writers.into_iter().map(|w| w.join().unwrap()).collect();
+        drop(socks);
+    });
+}

@@ -415,6 +415,13 @@ pub(crate) struct Conn<T> {
     /// Set once our close frame is queued: under the `io` lock, and read
     /// with it held or lock-free by the job. No data frame may follow.
     pub(crate) closing: AtomicBool,
+    /// Whether the read gate must be looked at under the `io` lock (see
+    /// [`Conn::may_read_staged`]). Cleared only by a look that let the
+    /// job read with the connection holding less than half of high water
+    /// and no send refused; set, under the lock, by a look that did not,
+    /// and by whatever since brought it to half of high water or was
+    /// refused: while it is clear, the connection holds less than half.
+    look: AtomicBool,
     /// Server clock (ms) of the timer entry booked for this connection;
     /// 0 when none.
     pub(crate) timer_at: AtomicU64,
@@ -557,6 +564,7 @@ impl<T: Send + Sync + 'static> Conn<T> {
                 finished: false,
             }),
             closing: AtomicBool::new(false),
+            look: AtomicBool::new(true),
             timer_at: AtomicU64::new(0),
             holding_in: AtomicUsize::new(0),
         }
@@ -802,6 +810,7 @@ impl<T: Send + Sync + 'static> Conn<T> {
                 if n < bytes.len() {
                     w.out
                         .push_front_partial(Chunk::Owned(bytes), None, n, &shared.counters);
+                    self.note_held(&shared.marks, &w);
                 }
             }
             Err(e) => w.write_error = Some(e.kind()),
@@ -970,12 +979,32 @@ impl<T: Send + Sync + 'static> Conn<T> {
 
     /// [`may_read`](Self::may_read), counting `staged` bytes of this
     /// connection's events a job has staged and not charged yet.
+    ///
+    /// Asked for every message, it takes no lock while [`Conn::look`] is
+    /// clear: the connection then holds less than half of high water, and
+    /// with at most as much again staged it is under high water, as the
+    /// look would find. (Not paused either: a pause sets it.) The event
+    /// channel's budget is shared, and is asked lock-free either way.
+    #[inline]
     pub(crate) fn may_read_staged(
         self: &Arc<Self>,
         shared: &Arc<Shared<T>>,
         staged: usize,
     ) -> bool {
+        if !self.look.load(Ordering::Relaxed)
+            && staged < shared.marks.high / 2
+            && !shared.events.must_wait(staged)
+        {
+            return true;
+        }
+        self.look_at_gate(shared, staged)
+    }
+
+    /// [`Conn::may_read_staged`] under the lock.
+    fn look_at_gate(self: &Arc<Self>, shared: &Arc<Shared<T>>, staged: usize) -> bool {
         let mut w = self.io.lock();
+        // Clear again below, only if nothing asks for the next look.
+        self.look.store(true, Ordering::Relaxed);
         // Once our close frame is queued, the peer's answer must be read
         // even if the main loop has stopped consuming (it may be the one
         // shutting down): its events no longer pause it (the channel's
@@ -1025,7 +1054,22 @@ impl<T: Send + Sync + 'static> Conn<T> {
             shared.events.starve(shared, self);
             return false;
         }
+        if !w.drain_wanted && !shared.marks.half_high(w.held()) {
+            self.look.store(false, Ordering::Relaxed);
+        }
         true
+    }
+
+    /// After what it holds grew, or a send to it was refused (with the
+    /// `io` lock held): whether the read gate must be looked at under the
+    /// lock again (see [`Conn::look`]).
+    pub(crate) fn note_held(&self, marks: &crate::runtime::flow::Marks, w: &WriteSide) {
+        // Written only when it changes: a client over half of high water
+        // would otherwise have every frame queued to it write the line
+        // its job reads for every message.
+        if (w.drain_wanted || marks.half_high(w.held())) && !self.look.load(Ordering::Relaxed) {
+            self.look.store(true, Ordering::Relaxed);
+        }
     }
 
     /// Resume a paused connection if it is back under low water (or, if
@@ -1239,6 +1283,7 @@ impl<T: Send + Sync + 'static> Conn<T> {
             Ok(n) => {
                 // Put what is left in front of anything queued meanwhile.
                 w.out.push_front_partial(head, body, n, &shared.counters);
+                self.note_held(&shared.marks, &w);
                 Ok(SendStatus::Queued)
             }
             Err(e) => {
@@ -1291,11 +1336,15 @@ impl<T: Send + Sync + 'static> Conn<T> {
             match kind {
                 Kind::Data | Kind::Probe => {
                     w.drain_wanted = true;
+                    self.look.store(true, Ordering::Relaxed);
                     drop(w);
                     Counters::add(&shared.counters.dropped, 1);
                     self.over_limit(shared);
                 }
-                Kind::UserControl => w.drain_wanted = true,
+                Kind::UserControl => {
+                    w.drain_wanted = true;
+                    self.look.store(true, Ordering::Relaxed);
+                }
                 Kind::DataTry | Kind::Control => {}
             }
             return Err(error);
@@ -1320,6 +1369,7 @@ impl<T: Send + Sync + 'static> Conn<T> {
         let idle = !w.writing && !w.job_running && w.out.is_empty();
         w.out
             .push(Chunk::Shared(Arc::clone(frame)), &shared.counters);
+        self.note_held(&shared.marks, &w);
         Ok(self.take_token(shared, &mut w, idle))
     }
 
@@ -1399,6 +1449,7 @@ impl<T: Send + Sync + 'static> Conn<T> {
 
     fn enqueue(&self, shared: &Shared<T>, w: &mut WriteSide, head: Chunk, body: Option<Chunk>) {
         w.out.push_frame(head, body, &shared.counters);
+        self.note_held(&shared.marks, w);
     }
 
     /// Have the poller watch the socket, edge-triggered (see [`Watch`]):

@@ -21,6 +21,7 @@ use crate::client::Client;
 use crate::event::Event;
 use crate::runtime::Shared;
 use crate::runtime::conn::Conn;
+use crate::runtime::flow::Marks;
 
 /// What an event costs besides its payload: the event itself, the
 /// client handle it carries, the channel's slot. At least what a reply of
@@ -110,6 +111,9 @@ pub(crate) struct EventQueue<T> {
     /// Connections paused because the budget was exceeded.
     starved: Mutex<Vec<Weak<Conn<T>>>>,
     any_starved: AtomicBool,
+    /// The server's marks: a charge that brings a client to half of high
+    /// water has its read gate looked at again (see `Conn::note_held`).
+    marks: Marks,
 }
 
 impl<T: Send + Sync + 'static> EventQueue<T> {
@@ -117,6 +121,7 @@ impl<T: Send + Sync + 'static> EventQueue<T> {
         budget: usize,
         main_loop: bool,
         queue_unhandled: bool,
+        marks: Marks,
     ) -> (EventQueue<T>, mpsc::Receiver<Batch<T>>) {
         let (tx, rx) = mpsc::channel();
         let queue = EventQueue {
@@ -127,6 +132,7 @@ impl<T: Send + Sync + 'static> EventQueue<T> {
             queue_unhandled,
             starved: Mutex::new(Vec::new()),
             any_starved: AtomicBool::new(false),
+            marks,
         };
         (queue, rx)
     }
@@ -189,7 +195,9 @@ impl<T: Send + Sync + 'static> EventQueue<T> {
         let guard = self.tx.read();
         let Some(tx) = guard.as_ref() else { return };
         if answered {
-            conn.io.lock().events += charge;
+            let mut w = conn.io.lock();
+            w.events += charge;
+            conn.note_held(&self.marks, &w);
         }
         self.bytes.fetch_add(charge, Ordering::Relaxed);
         if tx.send(Batch::One(Envelope { event, charge })).is_err() {
@@ -367,7 +375,10 @@ impl<T: Send + Sync + 'static> Staged<'_, T> {
         // Charged before the main loop can have them (and give their
         // charges back).
         let pending = std::mem::take(&mut self.pending);
-        self.conn.io.lock().events += pending;
+        let mut w = self.conn.io.lock();
+        w.events += pending;
+        self.conn.note_held(&self.queue.marks, &w);
+        drop(w);
         self.queue.bytes.fetch_add(pending, Ordering::Relaxed);
         let sent = match k {
             0 => return,
@@ -408,7 +419,8 @@ mod tests {
         Conn<()>,
         std::net::TcpListener,
     ) {
-        let (queue, rx) = EventQueue::<()>::new(1 << 20, true, false);
+        let marks = Marks::new(&crate::config::Config::default());
+        let (queue, rx) = EventQueue::<()>::new(1 << 20, true, false, marks);
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let stream = std::net::TcpStream::connect(l.local_addr().unwrap()).unwrap();
         let id = crate::runtime::registry::Registry::<()>::new().client_id(0);

@@ -75,6 +75,12 @@ impl Marks {
         held >= if closing { self.hard } else { self.high }
     }
 
+    /// Whether a connection holding this much has its read gate looked at
+    /// under its lock (see `Conn::may_read_staged`): half of high water.
+    pub(crate) fn half_high(&self, held: usize) -> bool {
+        held >= self.high / 2
+    }
+
     /// A paused connection holding this much is read again.
     pub(crate) fn may_resume(&self, held: usize) -> bool {
         held <= self.low
