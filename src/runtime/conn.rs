@@ -137,6 +137,10 @@ pub(crate) struct ReadSide {
     /// leaves before the next closure of the client's runs, which may
     /// hold the job for however long.
     pub(crate) pong_corked: bool,
+    /// `last_seen_ms` was read from the clock after this pass's last
+    /// handler ran: the pass's timers take it as the time (see
+    /// `ReadSide::clock`) instead of reading the clock again.
+    pub(crate) seen_now: bool,
     /// Server clock (ms) before which no pong is flushed ahead of a
     /// closure again: a pong queued sooner waits for the next closure
     /// after it, or for the pass's end. A flush for every pong would let a
@@ -151,6 +155,24 @@ pub(crate) struct ReadSide {
 }
 
 impl ReadSide {
+    /// What the client sent was handled (its handlers have run): it was
+    /// last seen now.
+    pub(crate) fn seen(&mut self, now_ms: u64) {
+        self.last_seen_ms = now_ms;
+        self.seen_now = true;
+    }
+
+    /// The time for this pass's timers: when the client was last seen, if
+    /// that was after the pass's last handler (a read a few microseconds
+    /// ago; one clock read a job fewer), else the clock's.
+    pub(crate) fn clock(&mut self, now_ms: impl FnOnce() -> u64) -> u64 {
+        if std::mem::take(&mut self.seen_now) {
+            self.last_seen_ms
+        } else {
+            now_ms()
+        }
+    }
+
     fn new(proto: Connection, last_seen_ms: u64, ping_sent_ms: u64) -> ReadSide {
         ReadSide {
             proto,
@@ -165,6 +187,7 @@ impl ReadSide {
             rest: Vec::new(),
             buffered: 0,
             pong_corked: false,
+            seen_now: false,
             pong_flush_after_ms: 0,
             deferred_close: None,
         }
@@ -1956,6 +1979,23 @@ pub(crate) fn for_test(stream: TcpStream, id: crate::client::ClientId) -> Conn<(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A pass's timers take the time its read was handled at, once, and
+    /// only if a read was: otherwise (and for a second ask) the clock's.
+    #[test]
+    fn a_pass_takes_its_reads_time_once() {
+        let limits = Limits {
+            max_message_size: 1 << 20,
+            max_frame_size: 1 << 20,
+            max_fragments: 16,
+        };
+        let mut r = ReadSide::new(Connection::new(limits), 5, 0);
+        assert_eq!(r.clock(|| 9), 9, "no read yet: the clock");
+        r.seen(7);
+        assert_eq!(r.last_seen_ms, 7);
+        assert_eq!(r.clock(|| 9), 7, "the read's time");
+        assert_eq!(r.clock(|| 11), 11, "taken once");
+    }
 
     /// A service job's hold may be a torn-down connection's last: the
     /// user's `Drop` for the client's data then runs guarded and is

@@ -183,6 +183,8 @@ fn service_inner<T: Send + Sync + 'static>(
         let Some(mut r) = conn.take_read(shared.limits) else {
             return;
         };
+        // Only a read of this pass gives it its time (see `ReadSide::clock`).
+        r.seen_now = false;
         let drain = conn.take_drain_due(shared);
         if conn.holding_in.load(Ordering::SeqCst) & CONDEMNED != 0 {
             budget_call(shared, conn, &mut r);
@@ -195,7 +197,7 @@ fn service_inner<T: Send + Sync + 'static>(
         }
         if !first.is_empty() {
             let (delivered, count) = feed(shared, conn, &mut r, first, &budget);
-            r.last_seen_ms = shared.now_ms();
+            r.seen(shared.now_ms());
             budget.spend(first.len().max(delivered), count);
             account_buffered(shared, conn, &mut r);
             first = &[];
@@ -213,7 +215,7 @@ fn service_inner<T: Send + Sync + 'static>(
             undrained = !read_available(shared, conn, &mut r, &mut budget);
         }
         read_now = true;
-        let now = shared.now_ms();
+        let now = r.clock(|| shared.now_ms());
         let mut close_deadline = 0;
         if let Some(done) = progress(shared, conn, &mut r, now, &mut close_deadline) {
             // What it read and kept (for a pause, or the budget) is
@@ -385,7 +387,7 @@ fn read_on<T: Send + Sync + 'static>(
         let rest = std::mem::take(&mut r.rest);
         shared.unparsed_in.fetch_sub(rest.len(), Ordering::Relaxed);
         let (delivered, count) = feed(shared, conn, r, &rest, budget);
-        r.last_seen_ms = shared.now_ms();
+        r.seen(shared.now_ms());
         account_buffered(shared, conn, r);
         budget.spend(rest.len().max(delivered), count);
         // What is still left waits for the next job (budget) or for the
@@ -420,7 +422,7 @@ fn read_on<T: Send + Sync + 'static>(
                     let (delivered, count) = feed(shared, conn, r, &buf[..n], budget);
                     // Seen as of the end of its handling: time spent in
                     // slow handlers is not the client's idleness.
-                    r.last_seen_ms = shared.now_ms();
+                    r.seen(shared.now_ms());
                     account_buffered(shared, conn, r);
                     // At least `READ_COST` a read: a client that sends a
                     // byte at a time, as fast as it is read, is read to
@@ -513,7 +515,7 @@ fn look_for_the_end<T: Send + Sync + 'static>(
             r.rest.drain(..len).collect()
         };
         let (_, count) = feed(shared, conn, r, &taken, budget);
-        r.last_seen_ms = shared.now_ms();
+        r.seen(shared.now_ms());
         account_buffered(shared, conn, r);
         budget.spend(taken.len().max(READ_COST), count);
     }
