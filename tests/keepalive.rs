@@ -264,3 +264,28 @@ fn an_idle_close_reads_the_answering_close() {
         "{error:?}"
     );
 }
+
+/// Time a handler takes is not its client's idleness: the client is seen
+/// as of the end of its message's handling, and the pass's timers take
+/// that time. Each message here is handled for 600 ms, against an idle
+/// timeout of 400 ms, and the client sends its next 100 ms after each
+/// echo: it is never idle for 400 ms, and is not closed.
+#[test]
+fn time_in_a_slow_handler_is_not_its_clients_idleness() {
+    let server = WebSocketServer::builder()
+        .ping_interval(None)
+        .idle_timeout(Some(Duration::from_millis(400)))
+        .on_message(|c, m| {
+            std::thread::sleep(Duration::from_millis(600));
+            let _ = c.send(m);
+        })
+        .start("127.0.0.1:0")
+        .unwrap();
+    let mut s = raw_ws(server.local_addr());
+    for i in 0..3u8 {
+        s.write_all(&frame(0x82, &[i])).unwrap();
+        assert_eq!(read_frame(&mut s), (0x82, vec![i]), "echo {i}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(server.stats().idle_timeouts, 0);
+}

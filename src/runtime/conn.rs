@@ -163,8 +163,10 @@ impl ReadSide {
     }
 
     /// The time for this pass's timers: when the client was last seen, if
-    /// that was after the pass's last handler (a read a few microseconds
-    /// ago; one clock read a job fewer), else the clock's.
+    /// that was after the pass's last handler (one clock read a job
+    /// fewer), else the clock's. Usually microseconds old; after a scan
+    /// for `max_buffered_bytes`, as old as the scan is long, so that a
+    /// deadline found due by the clock fires a tick later.
     pub(crate) fn clock(&mut self, now_ms: impl FnOnce() -> u64) -> u64 {
         if std::mem::take(&mut self.seen_now) {
             self.last_seen_ms
@@ -503,6 +505,9 @@ impl<T> Conn<T> {
     /// Give the read side back at the end of a job: at rest, only its
     /// clock is kept (its allocation stays with this thread for the next).
     pub(crate) fn put_read(&self, r: Box<ReadSide>) {
+        // Taken by the pass's `clock` (a read side at rest must equal a
+        // fresh one).
+        debug_assert!(!r.seen_now, "a pass's read time was not taken");
         if r.is_at_rest() {
             *self.read.lock() = Reading::rest(r.last_seen_ms, r.ping_sent_ms);
             SPARE.set(Some(r));
