@@ -814,6 +814,9 @@ fn a_pause_for_the_channel_ends_when_the_channel_has_room() {
         .high_water(64 * 1024)
         .low_water(LOW)
         .ping_interval(None)
+        // X's queue must stay over low water: a send buffer the kernel
+        // grows would take it.
+        .kernel_send_buffer(Some(4096))
         .start("127.0.0.1:0")
         .unwrap();
     let addr = server.local_addr();
