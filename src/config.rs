@@ -66,7 +66,8 @@ pub enum SlowClientPolicy {
     Refuse,
     /// The message is refused as with `Refuse`, and the client is closed
     /// with 1008 (policy violation) once what is queued has gone, or
-    /// dropped after `close_timeout` if it never reads.
+    /// dropped after `close_timeout` if it never reads. No `Drain` comes
+    /// for it.
     Close,
 }
 

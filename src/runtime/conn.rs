@@ -1363,8 +1363,15 @@ impl<T: Send + Sync + 'static> Conn<T> {
         if limited && let Err(error) = shared.admits_frame(&w.out, len, owned) {
             match kind {
                 Kind::Data | Kind::Probe => {
-                    w.drain_wanted = true;
-                    self.look.store(true, Ordering::Relaxed);
+                    // Under the close policy the client is closed instead,
+                    // and no `Drain` is due it: asked for here, a flush
+                    // racing the close (the kernel taking the queue as
+                    // its buffers grow) could fire one before the close
+                    // frame is queued, though the client takes no more.
+                    if shared.config.slow_client_policy != SlowClientPolicy::Close {
+                        w.drain_wanted = true;
+                        self.look.store(true, Ordering::Relaxed);
+                    }
                     drop(w);
                     Counters::add(&shared.counters.dropped, 1);
                     self.over_limit(shared);
