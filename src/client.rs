@@ -320,8 +320,10 @@ impl<T: Send + Sync + 'static> Client<T> {
     /// limit, or [`Error::ServerBackpressure`] if all clients' queues
     /// together are over `max_queued_bytes` and this one holds more than
     /// its share (in both cases a [`Drain`](crate::Event::Drain) event
-    /// follows once its queue is down to low water;
-    /// [`Error::is_backpressure`] tells either), or [`Error::Closed`] if
+    /// follows once its queue is down to low water, unless
+    /// [`SlowClientPolicy::Close`](crate::SlowClientPolicy::Close) closes
+    /// the client instead; [`Error::is_backpressure`] tells either), or
+    /// [`Error::Closed`] if
     /// the client is gone or closing.
     pub fn send(&self, message: impl Into<Message>) -> std::result::Result<SendStatus, SendError> {
         // From one of its closures, with the job's references to the

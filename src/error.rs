@@ -51,7 +51,9 @@ pub enum Error {
     /// holding no more than `low_water` is never refused); the message was
     /// not queued. As with
     /// [`Error::Backpressure`], a [`Drain`](crate::Event::Drain) comes
-    /// once this client's queue is down to low water.
+    /// once this client's queue is down to low water (none under
+    /// [`SlowClientPolicy::Close`](crate::SlowClientPolicy::Close), which
+    /// closes the client instead).
     ServerBackpressure {
         /// What is already queued for this client, counted as
         /// [`Error::Backpressure`] counts it.
@@ -167,7 +169,9 @@ impl Error {
     /// Whether a send (or a ping) was refused for a queue that is too
     /// full ([`Error::Backpressure`] or [`Error::ServerBackpressure`]):
     /// the message was handed back, and a [`Drain`](crate::Event::Drain)
-    /// says when to try again.
+    /// says when to try again (under
+    /// [`SlowClientPolicy::Close`](crate::SlowClientPolicy::Close) the
+    /// client is closed instead, and none comes).
     pub fn is_backpressure(&self) -> bool {
         matches!(
             self,

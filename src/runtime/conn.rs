@@ -1344,7 +1344,8 @@ impl<T: Send + Sync + 'static> Conn<T> {
     /// Whether a frame of `len` bytes (`owned` of them its own, not a
     /// shared frame's) may be queued: the one check every write path
     /// makes. A refused data frame is counted, asks for a
-    /// `Drain` and applies the slow-client policy (unless only a try).
+    /// `Drain` (unless the close policy closes the client) and applies
+    /// the slow-client policy (unless only a try).
     /// On success the lock is handed on, and a data frame is counted out.
     fn admit(
         self: &Arc<Self>,
