@@ -1371,7 +1371,7 @@ impl<T: Send + Sync + 'static> Conn<T> {
                     // frame is queued, though the client takes no more.
                     if shared.config.slow_client_policy != SlowClientPolicy::Close {
                         w.drain_wanted = true;
-                        self.look.store(true, Ordering::Relaxed);
+                        self.note_held(&shared.marks, &w);
                     }
                     drop(w);
                     Counters::add(&shared.counters.dropped, 1);
@@ -1379,7 +1379,7 @@ impl<T: Send + Sync + 'static> Conn<T> {
                 }
                 Kind::UserControl => {
                     w.drain_wanted = true;
-                    self.look.store(true, Ordering::Relaxed);
+                    self.note_held(&shared.marks, &w);
                 }
                 Kind::DataTry | Kind::Control => {}
             }

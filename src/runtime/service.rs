@@ -183,8 +183,6 @@ fn service_inner<T: Send + Sync + 'static>(
         let Some(mut r) = conn.take_read(shared.limits) else {
             return;
         };
-        // Only a read of this pass gives it its time (see `ReadSide::clock`).
-        r.seen_now = false;
         let drain = conn.take_drain_due(shared);
         if conn.holding_in.load(Ordering::SeqCst) & CONDEMNED != 0 {
             budget_call(shared, conn, &mut r);
