@@ -242,7 +242,9 @@ fn connect_floods_against_an_unread_main_loop_stop_at_twice_the_budget() {
         );
         std::thread::sleep(Duration::from_millis(1));
     };
-    // Then until the flood stops getting in: no client served for a second.
+    // Then until the flood stops getting in: no client served for a second
+    // (a deadline of its own, however late the crossing came).
+    let deadline = Instant::now() + Duration::from_secs(20);
     let mut last = usize::MAX;
     loop {
         std::thread::sleep(Duration::from_secs(1));
