@@ -1130,6 +1130,7 @@ impl<T: Send + Sync + 'static> Builder<T> {
             marks: flow::Marks::new(&config),
             events: event_queue,
             ready: Mutex::new(poller::ReadyQueue::default()),
+            drained: parking_lot::Condvar::new(),
             topics: crate::runtime::topics::Topics::new(bridge.clone()),
             bridge: bridge.clone(),
             bridge_threads: Mutex::new(Vec::new()),

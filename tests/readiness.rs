@@ -527,3 +527,84 @@ fn read_on_past_high_water_after_a_close(idle: bool) {
     // An idle close reports the idleness; a user's close, no error.
     assert_eq!((idle, idle), (timed_out, error.is_some()), "{error:?}");
 }
+
+/// While every worker is busy and jobs wait in the ready queue, the
+/// readiness loop waits for a drainer to take them before it looks for
+/// readiness again, for a bounded time (`poller::pace`; its unit tests
+/// check when it waits and what ends the wait). With the only worker
+/// blocked in a user closure no drainer comes: the loop must still go
+/// round, keeping the deadlines only it keeps (a silent client's `408`),
+/// and every message queued behind the blocked worker must be echoed, in
+/// order, once it is free. Fails with an unbounded wait.
+#[test]
+fn the_loop_goes_round_while_queued_jobs_wait_for_a_blocked_worker() {
+    use std::io::Read;
+    use std::sync::mpsc;
+    use std::time::Instant;
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    const CLIENTS: usize = 20;
+    const EACH: usize = 5;
+    const SILENT: usize = 10;
+    let (release, gate) = mpsc::channel::<()>();
+    let gate = Mutex::new(gate);
+    let (entered_tx, entered) = mpsc::channel::<()>();
+    let entered_tx = Mutex::new(entered_tx);
+    let server = WebSocketServer::builder()
+        .workers(1)
+        .handshake_timeout(Duration::from_millis(300))
+        .on_message(move |client, message| {
+            if message.as_bytes() == b"block" {
+                let _ = entered_tx.lock().unwrap().send(());
+                let _ = gate.lock().unwrap().recv_timeout(Duration::from_secs(20));
+            } else {
+                client.send(message).expect("the echo is queued");
+            }
+        })
+        .start("127.0.0.1:0")
+        .unwrap();
+    let addr = server.local_addr();
+    let mut clients: Vec<_> = (0..CLIENTS).map(|_| raw_ws(addr)).collect();
+    let mut blocker = raw_ws(addr);
+    blocker.write_all(&frame(0x81, b"block")).unwrap();
+    entered
+        .recv_timeout(Duration::from_secs(5))
+        .expect("the worker is in on_message");
+    // Each client's job queues behind the blocked worker.
+    for (i, c) in clients.iter_mut().enumerate() {
+        let mut bytes = Vec::new();
+        for k in 0..EACH {
+            bytes.extend_from_slice(&frame(0x81, format!("{i}:{k}").as_bytes()));
+        }
+        c.write_all(&bytes).unwrap();
+    }
+    thread::sleep(Duration::from_millis(100));
+    // Clients that connect and send nothing: only the loop answers them.
+    let start = Instant::now();
+    let mut silent: Vec<_> = (0..SILENT).map(|_| raw(addr)).collect();
+    for (i, s) in silent.iter_mut().enumerate() {
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let mut out = String::new();
+        let _ = s.read_to_string(&mut out);
+        assert!(
+            out.starts_with("HTTP/1.1 408 "),
+            "silent client {i} after {:?}: {out:?}",
+            start.elapsed()
+        );
+    }
+    assert!(
+        start.elapsed() < Duration::from_secs(3),
+        "408s took {:?} with a 300 ms deadline",
+        start.elapsed()
+    );
+    release.send(()).unwrap();
+    // Nothing queued behind the blocked worker is lost: counted at the
+    // clients, in order.
+    for (i, c) in clients.iter_mut().enumerate() {
+        for k in 0..EACH {
+            let (op, payload) = read_frame(c);
+            assert_eq!(op, 0x81, "client {i}, echo {k}");
+            assert_eq!(payload, format!("{i}:{k}").into_bytes(), "client {i}");
+        }
+    }
+    assert_eq!(server.stats().messages_in, (CLIENTS * EACH + 1) as u64);
+}

@@ -379,8 +379,54 @@ fn turn<T: Send + Sync + 'static>(shared: &Arc<Shared<T>>, st: &mut Turn<T>) -> 
     }
     if pongs > 0 && others == 0 {
         std::thread::sleep(PONG_PAUSE);
+    } else {
+        pace(shared);
     }
     false
+}
+
+/// Longest the loop waits for the ready queue to empty before it waits
+/// for readiness again.
+const PACE_WAIT: Duration = Duration::from_micros(500);
+
+/// While every worker holds a drainer and connections' jobs are still
+/// queued, wait until a drainer takes the last of them (or finds the
+/// queue empty, or unwinds), at most `PACE_WAIT`, before waiting for
+/// readiness again. What becomes ready meanwhile could not be taken
+/// before a worker is free; harvested once the queue is taken, it comes
+/// in one turn instead of several. On Linux a turn costs the loop a
+/// context switch and five system calls (`polling` sets its timer and
+/// re-arms its notifier at every wait): under the 32 B echo the loop
+/// turned 18,000-28,000 times a second for a few events each, and took
+/// 15-20% of the server's CPU. While fewer drainers than workers run,
+/// the loop does not wait: what comes next may have a worker at once.
+/// The bound keeps the loop's own work going (handshake deadlines,
+/// sweeps, room to write) when no drainer comes back: every worker
+/// blocked in a user closure, or running other pool work after its
+/// fair turn (still counted as a drainer).
+fn pace<T: Send + Sync + 'static>(shared: &Arc<Shared<T>>) {
+    let mut q = shared.ready.lock();
+    if q.jobs.is_empty()
+        || q.drainers < shared.config.workers
+        || shared.poller_stop.load(Ordering::Acquire)
+    {
+        return;
+    }
+    q.pacing = true;
+    let _waited = shared.drained.wait_for(&mut q, PACE_WAIT);
+    q.pacing = false;
+    #[cfg(test)]
+    {
+        q.paced[usize::from(_waited.timed_out())] += 1;
+    }
+}
+
+/// End the loop's wait in `pace`, if it waits.
+fn end_pace<T: Send + Sync + 'static>(shared: &Shared<T>, q: &mut ReadyQueue<T>) {
+    if q.pacing {
+        q.pacing = false;
+        shared.drained.notify_one();
+    }
 }
 
 /// Let go of the loop's hold on a connection. Should it be the last (its
@@ -555,6 +601,12 @@ pub(crate) struct ReadyQueue<T> {
     /// Pool jobs draining the queue now (some may be blocked in a user
     /// closure).
     drainers: usize,
+    /// The readiness loop waits in `pace`: the drainer that takes the
+    /// last job, finds none or leaves wakes it (`end_pace`).
+    pacing: bool,
+    /// The loop's waits in `pace`: ended by a drainer, and timed out.
+    #[cfg(test)]
+    paced: [u64; 2],
 }
 
 impl<T> ReadyQueue<T> {
@@ -648,6 +700,9 @@ impl<T> Default for ReadyQueue<T> {
             next: 0,
             handshaking: 0,
             drainers: 0,
+            pacing: false,
+            #[cfg(test)]
+            paced: [0; 2],
         }
     }
 }
@@ -678,7 +733,9 @@ fn drain<T: Send + Sync + 'static>(shared: &Arc<Shared<T>>) {
     impl<T: Send + Sync + 'static> Drop for Leave<'_, T> {
         fn drop(&mut self) {
             if !self.1 {
-                self.0.ready.lock().drainers -= 1;
+                let mut q = self.0.ready.lock();
+                q.drainers -= 1;
+                end_pace(self.0, &mut q);
             }
         }
     }
@@ -700,9 +757,15 @@ fn drain<T: Send + Sync + 'static>(shared: &Arc<Shared<T>>) {
         let job = {
             let mut q = shared.ready.lock();
             match q.pop(handshake_cap(shared.config.workers)) {
-                Some(job) => job,
+                Some(job) => {
+                    if q.jobs.is_empty() {
+                        end_pace(shared, &mut q);
+                    }
+                    job
+                }
                 None => {
                     q.drainers -= 1;
+                    end_pace(shared, &mut q);
                     leave.1 = true;
                     return;
                 }
@@ -806,6 +869,54 @@ mod tests {
     fn echo(s: &mut TcpStream, payload: &[u8]) {
         s.write_all(&client_frame(0x82, payload)).unwrap();
         assert_eq!(read_short(s), (0x82, payload.to_vec()));
+    }
+
+    /// `each` echoes on each of `clients` connections at once, one in
+    /// flight a connection, against an echo server with `workers`: the
+    /// loop's waits in `pace`, ended by a drainer and timed out.
+    fn paced_under(workers: usize, clients: usize, each: u32) -> [u64; 2] {
+        let (server, _reported) = echo_server(|b| b.workers(workers));
+        let talkers: Vec<_> = (0..clients)
+            .map(|_| {
+                let mut s = connect(&server);
+                std::thread::spawn(move || {
+                    for i in 0..each {
+                        echo(&mut s, &i.to_le_bytes());
+                    }
+                })
+            })
+            .collect();
+        for t in talkers {
+            t.join().unwrap();
+        }
+        server.shared().ready.lock().paced
+    }
+
+    /// One connection's jobs, one at a time, leave workers of four free:
+    /// the loop does not wait for a drainer, which would only delay what
+    /// comes next. (Drainers that the machine stalls after their write,
+    /// still counted, can fill the count now and then: a few waits are
+    /// allowed. Without the check of the count, 299 in 300 echoes.)
+    #[test]
+    fn the_loop_does_not_pace_while_a_worker_is_free() {
+        let [woken, timed_out] = paced_under(4, 1, 300);
+        assert!(
+            woken + timed_out <= 30,
+            "{woken} waits ended by a drainer, {timed_out} timed out"
+        );
+    }
+
+    /// Eight connections on one worker keep its drainer busy: the loop
+    /// waits in `pace`, and the drainer that takes the last queued job (or
+    /// finds none) ends such waits (without the wake-up, all 204 timed
+    /// out).
+    #[test]
+    fn a_drainer_ends_the_loops_wait_for_the_queue() {
+        let [woken, timed_out] = paced_under(1, 8, 200);
+        assert!(
+            woken > 0,
+            "no wait ended by a drainer ({timed_out} timed out)"
+        );
     }
 
     fn expect_report(reported: &mpsc::Receiver<String>, what: &str, site: Site) {
