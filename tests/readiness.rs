@@ -538,9 +538,7 @@ fn read_on_past_high_water_after_a_close(idle: bool) {
 /// order, once it is free. Fails with an unbounded wait.
 #[test]
 fn the_loop_goes_round_while_queued_jobs_wait_for_a_blocked_worker() {
-    use std::io::Read;
     use std::sync::mpsc;
-    use std::time::Instant;
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     const CLIENTS: usize = 20;
     const EACH: usize = 5;
@@ -579,23 +577,7 @@ fn the_loop_goes_round_while_queued_jobs_wait_for_a_blocked_worker() {
     }
     thread::sleep(Duration::from_millis(100));
     // Clients that connect and send nothing: only the loop answers them.
-    let start = Instant::now();
-    let mut silent: Vec<_> = (0..SILENT).map(|_| raw(addr)).collect();
-    for (i, s) in silent.iter_mut().enumerate() {
-        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-        let mut out = String::new();
-        let _ = s.read_to_string(&mut out);
-        assert!(
-            out.starts_with("HTTP/1.1 408 "),
-            "silent client {i} after {:?}: {out:?}",
-            start.elapsed()
-        );
-    }
-    assert!(
-        start.elapsed() < Duration::from_secs(3),
-        "408s took {:?} with a 300 ms deadline",
-        start.elapsed()
-    );
+    silent_clients_get_408(addr, SILENT);
     release.send(()).unwrap();
     // Nothing queued behind the blocked worker is lost: counted at the
     // clients, in order.

@@ -183,6 +183,29 @@ pub fn raw(addr: SocketAddr) -> TcpStream {
     s
 }
 
+/// `n` clients that connect and send nothing, each of which must get its
+/// `408` (read for at most 5 s each), and all within 3 s of the first
+/// connecting: for servers with a 300 ms `handshake_timeout`.
+pub fn silent_clients_get_408(addr: SocketAddr, n: usize) {
+    let start = Instant::now();
+    let mut silent: Vec<_> = (0..n).map(|_| raw(addr)).collect();
+    for (i, s) in silent.iter_mut().enumerate() {
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let mut out = String::new();
+        let _ = s.read_to_string(&mut out);
+        assert!(
+            out.starts_with("HTTP/1.1 408 "),
+            "silent client {i} after {:?}: {out:?}",
+            start.elapsed()
+        );
+    }
+    assert!(
+        start.elapsed() < Duration::from_secs(3),
+        "408s took {:?} with a 300 ms deadline",
+        start.elapsed()
+    );
+}
+
 /// Send `request` and read the HTTP response head (and body, for errors,
 /// until the server closes).
 pub fn http(addr: SocketAddr, request: &[u8]) -> String {
