@@ -121,8 +121,9 @@ pub(crate) struct Shared<T> {
     pub(crate) bridge: Option<Arc<bridge::BridgeRt>>,
     /// Ready connections and handshakes waiting for a worker.
     pub(crate) ready: Mutex<poller::ReadyQueue<T>>,
-    /// Signalled by the drainer that empties `ready` while the readiness
-    /// loop waits for it (see `poller::pace`).
+    /// Signalled, while the readiness loop waits in `poller::pace`, by
+    /// the drainer that takes the last queued job, finds none or unwinds
+    /// (`poller::end_pace`).
     pub(crate) drained: parking_lot::Condvar,
     /// Threads in `send_timeout` waiting for room in some queue.
     pub(crate) room_waiters: std::sync::atomic::AtomicUsize,

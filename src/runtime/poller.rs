@@ -602,7 +602,7 @@ pub(crate) struct ReadyQueue<T> {
     /// closure).
     drainers: usize,
     /// The readiness loop waits in `pace`: the drainer that takes the
-    /// last job, finds none or leaves wakes it (`end_pace`).
+    /// last job, finds none or unwinds wakes it (`end_pace`).
     pacing: bool,
     /// The loop's waits in `pace`: ended by a drainer, and timed out.
     #[cfg(test)]
