@@ -1067,6 +1067,7 @@ impl<T: Send + Sync + 'static> Builder<T> {
             source: e,
         })?;
         crate::runtime::acceptor::widen_backlog(&listener);
+        crate::runtime::acceptor::set_listener_nodelay(&listener);
         if let Some(bytes) = self.config.kernel_send_buffer {
             crate::runtime::acceptor::set_send_buffer(&listener, bytes).map_err(|e| {
                 Error::Io(std::io::Error::new(
