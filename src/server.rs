@@ -1067,7 +1067,7 @@ impl<T: Send + Sync + 'static> Builder<T> {
             source: e,
         })?;
         crate::runtime::acceptor::widen_backlog(&listener);
-        crate::runtime::acceptor::set_listener_nodelay(&listener);
+        let listener_nodelay = crate::runtime::acceptor::set_listener_nodelay(&listener);
         if let Some(bytes) = self.config.kernel_send_buffer {
             crate::runtime::acceptor::set_send_buffer(&listener, bytes).map_err(|e| {
                 Error::Io(std::io::Error::new(
@@ -1166,7 +1166,7 @@ impl<T: Send + Sync + 'static> Builder<T> {
         let s = Arc::clone(shared);
         let accept = std::thread::Builder::new()
             .name("enjent-accept".into())
-            .spawn(move || acceptor::run(s, listener))?;
+            .spawn(move || acceptor::run(s, listener, listener_nodelay))?;
         shared.threads.lock().push(accept);
         let s = Arc::clone(shared);
         let poll = std::thread::Builder::new()

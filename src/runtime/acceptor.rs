@@ -22,7 +22,13 @@ use crate::runtime::{Shared, Throttled};
 /// browser's upgrade request fits; a longer one is read on by the job.
 const FIRST_READ: usize = 2048;
 
-pub(crate) fn run<T: Send + Sync + 'static>(shared: Arc<Shared<T>>, listener: TcpListener) {
+/// `listener_nodelay`: whether [`set_listener_nodelay`] set the option
+/// on the listener.
+pub(crate) fn run<T: Send + Sync + 'static>(
+    shared: Arc<Shared<T>>,
+    listener: TcpListener,
+    listener_nodelay: bool,
+) {
     let mut st = Accepting {
         handshakes: Vec::with_capacity(1),
         spare: Spare::open(),
@@ -30,7 +36,7 @@ pub(crate) fn run<T: Send + Sync + 'static>(shared: Arc<Shared<T>>, listener: Tc
         panicked: Throttled::new(),
         reserved: None,
         first: Box::new([0; FIRST_READ]),
-        nodelay_inherited: false,
+        nodelay: NoDelay::new(listener_nodelay),
     };
     loop {
         match catch_unwind(AssertUnwindSafe(|| accept_one(&shared, &listener, &mut st))) {
@@ -81,26 +87,67 @@ struct Accepting<T> {
     /// What a request's first read goes into, kept from one client to
     /// the next (a buffer on the stack was zeroed for each).
     first: Box<[u8; FIRST_READ]>,
-    /// Whether accepted sockets are known to inherit `TCP_NODELAY` from
-    /// the listener ([`set_listener_nodelay`]), which saves a system call
-    /// a client. Until one is seen to, each is checked and set alone: a
-    /// system that does not copy it, or a client the kernel took before
-    /// `start` set it on the listener (the kernel's queue of clients to
-    /// accept is first in, first out, so once one accepted socket has it,
-    /// every later one has).
-    nodelay_inherited: bool,
+    /// How each accepted socket is seen to have `TCP_NODELAY`.
+    nodelay: NoDelay,
+}
+
+/// How the accept thread sees that each socket it accepts has
+/// `TCP_NODELAY`: inherited from the listener ([`set_listener_nodelay`]),
+/// a system call a client fewer, where the system copies it, or set on
+/// each.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum NoDelay {
+    /// The listener has it: the next `left` sockets are each checked (and
+    /// set where it is missing); `seen` once one had it. A client the
+    /// kernel connected before `start` set it lacks it, and so may one
+    /// connected in that moment but queued after a later one: only the
+    /// first few clients can be, and the first [`NODELAY_CHECKS`] are
+    /// checked.
+    Checking { left: u16, seen: bool },
+    /// Checked: the system copies it. Nothing to do.
+    Inherited,
+    /// Set on each: the listener does not have it, or no socket checked
+    /// showed it inherited.
+    SetEach,
+}
+
+/// How many accepted sockets are checked for an inherited `TCP_NODELAY`
+/// before it is trusted (or found not to be copied).
+const NODELAY_CHECKS: u16 = 64;
+
+impl NoDelay {
+    fn new(listener_has_it: bool) -> NoDelay {
+        if listener_has_it {
+            NoDelay::Checking {
+                left: NODELAY_CHECKS,
+                seen: false,
+            }
+        } else {
+            NoDelay::SetEach
+        }
+    }
 }
 
 impl<T> Accepting<T> {
     /// See that `stream`, just accepted, does not delay small writes.
     fn nodelay(&mut self, stream: &TcpStream) {
-        if self.nodelay_inherited {
-            return;
-        }
-        if stream.nodelay().unwrap_or(false) {
-            self.nodelay_inherited = true;
-        } else {
-            let _ = stream.set_nodelay(true);
+        match self.nodelay {
+            NoDelay::Inherited => {}
+            NoDelay::SetEach => {
+                let _ = stream.set_nodelay(true);
+            }
+            NoDelay::Checking { left, seen } => {
+                let inherited = stream.nodelay().unwrap_or(false);
+                if !inherited {
+                    let _ = stream.set_nodelay(true);
+                }
+                let seen = seen || inherited;
+                self.nodelay = match left.saturating_sub(1) {
+                    0 if seen => NoDelay::Inherited,
+                    0 => NoDelay::SetEach,
+                    left => NoDelay::Checking { left, seen },
+                };
+            }
         }
     }
 }
@@ -196,17 +243,37 @@ pub(crate) fn set_send_buffer<S>(_: &S, _: usize) -> io::Result<()> {
 
 /// Set `TCP_NODELAY` on the listener, which Linux (and macOS and the
 /// BSDs) copy to every socket it accepts, so that the accept thread need
-/// not set it on each (see [`Accepting::nodelay_inherited`], which checks
-/// that it was). Best effort: each socket is set alone otherwise.
-#[cfg(unix)]
-pub(crate) fn set_listener_nodelay(listener: &TcpListener) {
-    // `IPPROTO_TCP` and `TCP_NODELAY` are 6 and 1 on every Unix.
-    let _ = set_int_option(listener, 6, 1, 1);
+/// not set it on each (see [`NoDelay`], which checks that it was). True
+/// if it was set; otherwise each socket is set alone.
+#[cfg(any(
+    target_os = "linux",
+    target_os = "android",
+    target_os = "macos",
+    target_os = "ios",
+    target_os = "freebsd",
+    target_os = "netbsd",
+    target_os = "openbsd",
+    target_os = "dragonfly"
+))]
+pub(crate) fn set_listener_nodelay(listener: &TcpListener) -> bool {
+    // `IPPROTO_TCP` and `TCP_NODELAY` are 6 and 1 on these systems.
+    set_int_option(listener, 6, 1, 1).is_ok()
 }
 
 /// Elsewhere each accepted socket is set alone.
-#[cfg(not(unix))]
-pub(crate) fn set_listener_nodelay(_: &TcpListener) {}
+#[cfg(not(any(
+    target_os = "linux",
+    target_os = "android",
+    target_os = "macos",
+    target_os = "ios",
+    target_os = "freebsd",
+    target_os = "netbsd",
+    target_os = "openbsd",
+    target_os = "dragonfly"
+)))]
+pub(crate) fn set_listener_nodelay(_: &TcpListener) -> bool {
+    false
+}
 
 /// `setsockopt(2)` with an integer value.
 #[cfg(unix)]
@@ -515,11 +582,12 @@ fn peer_of(sa: &[u8]) -> Option<SocketAddr> {
     let family = u16::from_ne_bytes(sa.get(..2)?.try_into().ok()?);
     let port = u16::from_be_bytes(sa.get(2..4)?.try_into().ok()?);
     match family {
-        INET => {
+        // The whole structure, as the standard library asks: 16 bytes.
+        INET if sa.len() >= 16 => {
             let ip: [u8; 4] = sa.get(4..8)?.try_into().ok()?;
             Some(SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::from(ip), port)))
         }
-        INET6 => {
+        INET6 if sa.len() >= 28 => {
             // As the standard library reads them: the flow label as it
             // lies, the scope in the machine's order.
             let flow = u32::from_ne_bytes(sa.get(4..8)?.try_into().ok()?);
@@ -622,17 +690,57 @@ mod tests {
         (client, server, peer)
     }
 
+    /// The descriptor's flags (`F_GETFD`) and its file's (`F_GETFL`), as
+    /// `fcntl(2)` reads them.
+    #[cfg(target_os = "linux")]
+    #[allow(unsafe_code)]
+    fn fcntl_flags(socket: &TcpStream) -> (i32, i32) {
+        use std::os::fd::AsRawFd;
+        use std::os::raw::c_int;
+        unsafe extern "C" {
+            fn fcntl(fd: c_int, cmd: c_int, ...) -> c_int;
+        }
+        const F_GETFD: c_int = 1;
+        const F_GETFL: c_int = 3;
+        // SAFETY: both commands only read the descriptor's flags; the
+        // descriptor is the socket's, open while it is borrowed.
+        unsafe {
+            (
+                fcntl(socket.as_raw_fd(), F_GETFD),
+                fcntl(socket.as_raw_fd(), F_GETFL),
+            )
+        }
+    }
+
     #[test]
     fn an_accepted_socket_is_non_blocking_and_knows_its_peer() {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let (mut client, mut server, peer) = accept_from(&listener);
         assert_eq!(peer, client.local_addr().unwrap(), "the client's address");
-        // Nothing sent yet: a blocking socket would wait here for ever.
+        #[cfg(target_os = "linux")]
+        {
+            let (fd, fl) = fcntl_flags(&server);
+            assert_eq!(fd & 1, 1, "close-on-exec (FD_CLOEXEC): {fd:#x}");
+            assert_eq!(fl & 0o4000, 0o4000, "non-blocking (O_NONBLOCK): {fl:#o}");
+        }
+        // Nothing sent yet: a non-blocking read says so at once. (Should
+        // it block, the client's bytes end it 2 s later, and the test
+        // fails rather than hangs.)
+        let writer = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_secs(2));
+            client.write_all(b"hi").unwrap();
+            client.shutdown(std::net::Shutdown::Write).unwrap();
+            client
+        });
         let mut buf = [0u8; 8];
-        let e = server.read(&mut buf).unwrap_err();
-        assert_eq!(e.kind(), io::ErrorKind::WouldBlock);
-        client.write_all(b"hi").unwrap();
-        client.shutdown(std::net::Shutdown::Write).unwrap();
+        let began = Instant::now();
+        let first = server.read(&mut buf);
+        assert!(
+            matches!(&first, Err(e) if e.kind() == io::ErrorKind::WouldBlock),
+            "a read with nothing come: {first:?} after {:?}",
+            began.elapsed()
+        );
+        let _client = writer.join().unwrap();
         let mut got = Vec::new();
         let deadline = Instant::now() + Duration::from_secs(5);
         loop {
@@ -685,14 +793,14 @@ mod tests {
             Some(SocketAddr::V6(SocketAddrV6::new(ip, 8080, 7, 3)))
         );
         // Cut short, or of another family: not guessed at.
-        assert_eq!(peer_of(&v4[..6]), None);
-        assert_eq!(peer_of(&v6[..20]), None);
+        assert_eq!(peer_of(&v4[..15]), None);
+        assert_eq!(peer_of(&v6[..27]), None);
         let mut unix = v4;
         unix[..2].copy_from_slice(&1u16.to_ne_bytes());
         assert_eq!(peer_of(&unix), None);
     }
 
-    fn accepting() -> Accepting<()> {
+    fn accepting(listener_nodelay: bool) -> Accepting<()> {
         Accepting {
             handshakes: Vec::new(),
             spare: Spare(None),
@@ -700,30 +808,47 @@ mod tests {
             panicked: Throttled::new(),
             reserved: None,
             first: Box::new([0; FIRST_READ]),
-            nodelay_inherited: false,
+            nodelay: NoDelay::new(listener_nodelay),
         }
     }
 
     #[test]
-    fn nodelay_is_set_on_each_socket_until_one_inherits_it() {
-        let mut st = accepting();
+    fn nodelay_is_set_on_each_socket_unless_seen_inherited() {
         // A listener without the option: each socket is set alone.
         let plain = TcpListener::bind("127.0.0.1:0").unwrap();
+        let mut st = accepting(false);
         for _ in 0..2 {
             let (_client, server, _) = accept_from(&plain);
             assert!(!server.nodelay().unwrap(), "not inherited");
             st.nodelay(&server);
             assert!(server.nodelay().unwrap(), "set alone");
-            assert!(!st.nodelay_inherited);
+            assert_eq!(st.nodelay, NoDelay::SetEach);
         }
-        // With it on the listener (Linux copies it): known once seen.
-        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-        set_listener_nodelay(&listener);
-        let (_client, server, _) = accept_from(&listener);
+        // Taken to have it where it does not (a system that does not copy
+        // it): every socket checked is set, and after the checks each is
+        // set without one.
+        let mut st = accepting(true);
+        for _ in 0..NODELAY_CHECKS {
+            assert!(matches!(st.nodelay, NoDelay::Checking { seen: false, .. }));
+            let (_client, server, _) = accept_from(&plain);
+            st.nodelay(&server);
+            assert!(server.nodelay().unwrap(), "set where it was missing");
+        }
+        assert_eq!(st.nodelay, NoDelay::SetEach);
+        let (_client, server, _) = accept_from(&plain);
         st.nodelay(&server);
         assert!(server.nodelay().unwrap());
+        // With it on the listener: Linux copies it, and once the checks
+        // are done nothing more is asked of the system.
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let mut st = accepting(set_listener_nodelay(&listener));
+        for _ in 0..NODELAY_CHECKS {
+            let (_client, server, _) = accept_from(&listener);
+            st.nodelay(&server);
+            assert!(server.nodelay().unwrap());
+        }
         if cfg!(target_os = "linux") {
-            assert!(st.nodelay_inherited, "Linux copies it to accepted sockets");
+            assert_eq!(st.nodelay, NoDelay::Inherited, "Linux copies it");
             let (_client, server, _) = accept_from(&listener);
             st.nodelay(&server);
             assert!(server.nodelay().unwrap(), "inherited, not set");
