@@ -596,10 +596,11 @@ impl Decoder {
                 fit(&mut msg.buf);
                 if msg.text {
                     // Fragmented text is validated twice (incrementally, to
-                    // fail fast, then here): a String cannot be made from
-                    // checked bytes without a second pass except with
-                    // `unsafe`, which this crate forbids outside the poller.
-                    // The cost is one extra pass over fragmented text only.
+                    // fail fast, then here): a String made from the checked
+                    // bytes without a second pass would need `unsafe`
+                    // (`from_utf8_unchecked`), resting the string's
+                    // validity on the incremental check being right. The
+                    // cost is one extra pass over fragmented text only.
                     String::from_utf8(msg.buf)
                         .map(|s| Some(Incoming::Message(Message::Text(s))))
                         .map_err(|_| ProtocolError::InvalidUtf8.into())
