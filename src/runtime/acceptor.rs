@@ -182,6 +182,17 @@ pub(crate) fn widen_backlog(listener: &TcpListener) {
 #[cfg(not(unix))]
 pub(crate) fn widen_backlog(_: &TcpListener) {}
 
+/// Apple's systems and the BSDs, whose socket options this file knows.
+#[cfg(unix)]
+const BSD_SYSTEM: bool = cfg!(any(
+    target_os = "macos",
+    target_os = "ios",
+    target_os = "freebsd",
+    target_os = "netbsd",
+    target_os = "openbsd",
+    target_os = "dragonfly"
+));
+
 /// Ask the kernel for a send buffer of `bytes` on `socket` (`SO_SNDBUF`;
 /// see [`Builder::kernel_send_buffer`](crate::Builder::kernel_send_buffer)).
 /// Set on the listener at `start` (where a value the kernel refuses is an
@@ -211,14 +222,7 @@ pub(crate) fn set_send_buffer(socket: &impl std::os::fd::AsRawFd, bytes: usize) 
         } else {
             LINUX
         }
-    } else if cfg!(any(
-        target_os = "macos",
-        target_os = "ios",
-        target_os = "freebsd",
-        target_os = "netbsd",
-        target_os = "openbsd",
-        target_os = "dragonfly"
-    )) {
+    } else if BSD_SYSTEM {
         BSD
     } else {
         None
@@ -244,34 +248,15 @@ pub(crate) fn set_send_buffer<S>(_: &S, _: usize) -> io::Result<()> {
 /// Set `TCP_NODELAY` on the listener, which Linux (and macOS and the
 /// BSDs) copy to every socket it accepts, so that the accept thread need
 /// not set it on each (see [`NoDelay`], which checks that it was). True
-/// if it was set; otherwise each socket is set alone.
-#[cfg(any(
-    target_os = "linux",
-    target_os = "android",
-    target_os = "macos",
-    target_os = "ios",
-    target_os = "freebsd",
-    target_os = "netbsd",
-    target_os = "openbsd",
-    target_os = "dragonfly"
-))]
+/// if it was set; otherwise (an error, or another system) each socket is
+/// set alone.
 pub(crate) fn set_listener_nodelay(listener: &TcpListener) -> bool {
-    // `IPPROTO_TCP` and `TCP_NODELAY` are 6 and 1 on these systems.
-    set_int_option(listener, 6, 1, 1).is_ok()
-}
-
-/// Elsewhere each accepted socket is set alone.
-#[cfg(not(any(
-    target_os = "linux",
-    target_os = "android",
-    target_os = "macos",
-    target_os = "ios",
-    target_os = "freebsd",
-    target_os = "netbsd",
-    target_os = "openbsd",
-    target_os = "dragonfly"
-)))]
-pub(crate) fn set_listener_nodelay(_: &TcpListener) -> bool {
+    #[cfg(unix)]
+    if cfg!(any(target_os = "linux", target_os = "android")) || BSD_SYSTEM {
+        // `IPPROTO_TCP` and `TCP_NODELAY` are 6 and 1 on these systems.
+        return set_int_option(listener, 6, 1, 1).is_ok();
+    }
+    let _ = listener;
     false
 }
 
@@ -466,12 +451,9 @@ fn accept_one<T: Send + Sync + 'static>(
     false
 }
 
-/// Take the next client off the listen backlog, its socket already
-/// non-blocking: where Linux's generic numbering of the flags holds,
-/// with `accept4(2)` and `SOCK_NONBLOCK`, a system call a client fewer
-/// than the standard library's `accept` (which passes `SOCK_CLOEXEC`
-/// alone) and an `ioctl` after it.
-#[cfg(all(
+/// Whether Linux numbers `SOCK_NONBLOCK` and `SOCK_CLOEXEC` here as on
+/// most of its architectures (MIPS, SPARC, Alpha and PA-RISC differ).
+const GENERIC_SOCKET_FLAGS: bool = cfg!(all(
     any(target_os = "linux", target_os = "android"),
     any(
         target_arch = "x86",
@@ -483,9 +465,28 @@ fn accept_one<T: Send + Sync + 'static>(
         target_arch = "s390x",
         target_arch = "loongarch64"
     )
-))]
-#[allow(unsafe_code)]
+));
+
+/// Take the next client off the listen backlog, its socket already
+/// non-blocking: where [`GENERIC_SOCKET_FLAGS`], with `accept4(2)` and
+/// `SOCK_NONBLOCK`, a system call a client fewer than the standard
+/// library's `accept` (which passes `SOCK_CLOEXEC` alone) and an `ioctl`
+/// after it; elsewhere those two.
 fn accept_nonblocking(listener: &TcpListener) -> io::Result<(TcpStream, SocketAddr)> {
+    #[cfg(any(target_os = "linux", target_os = "android"))]
+    if GENERIC_SOCKET_FLAGS {
+        return accept4_nonblocking(listener);
+    }
+    let (stream, peer) = listener.accept()?;
+    stream.set_nonblocking(true)?;
+    Ok((stream, peer))
+}
+
+/// `accept4(2)` with `SOCK_NONBLOCK | SOCK_CLOEXEC`, as their generic
+/// numbers are (called only where [`GENERIC_SOCKET_FLAGS`]).
+#[cfg(any(target_os = "linux", target_os = "android"))]
+#[allow(unsafe_code)]
+fn accept4_nonblocking(listener: &TcpListener) -> io::Result<(TcpStream, SocketAddr)> {
     use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
     use std::os::raw::{c_int, c_void};
     unsafe extern "C" {
@@ -535,45 +536,10 @@ fn accept_nonblocking(listener: &TcpListener) -> io::Result<(TcpStream, SocketAd
     }
 }
 
-/// Elsewhere: the standard library's `accept`, then non-blocking.
-#[cfg(not(all(
-    any(target_os = "linux", target_os = "android"),
-    any(
-        target_arch = "x86",
-        target_arch = "x86_64",
-        target_arch = "arm",
-        target_arch = "aarch64",
-        target_arch = "riscv64",
-        target_arch = "powerpc64",
-        target_arch = "s390x",
-        target_arch = "loongarch64"
-    )
-)))]
-fn accept_nonblocking(listener: &TcpListener) -> io::Result<(TcpStream, SocketAddr)> {
-    let (stream, peer) = listener.accept()?;
-    stream.set_nonblocking(true)?;
-    Ok((stream, peer))
-}
-
 /// The address in a Linux `sockaddr_in` or `sockaddr_in6` of `len`
 /// bytes (`sa`), as `accept4(2)` writes it: the family in the machine's
 /// byte order, the port and IPv4 address in the network's.
-#[cfg_attr(
-    not(all(
-        any(target_os = "linux", target_os = "android"),
-        any(
-            target_arch = "x86",
-            target_arch = "x86_64",
-            target_arch = "arm",
-            target_arch = "aarch64",
-            target_arch = "riscv64",
-            target_arch = "powerpc64",
-            target_arch = "s390x",
-            target_arch = "loongarch64"
-        )
-    )),
-    allow(dead_code)
-)]
+#[cfg_attr(not(any(target_os = "linux", target_os = "android")), allow(dead_code))]
 fn peer_of(sa: &[u8]) -> Option<SocketAddr> {
     use std::net::{Ipv4Addr, Ipv6Addr, SocketAddrV4, SocketAddrV6};
     // AF_INET and AF_INET6 on Linux.
@@ -717,6 +683,10 @@ mod tests {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let (mut client, mut server, peer) = accept_from(&listener);
         assert_eq!(peer, client.local_addr().unwrap(), "the client's address");
+        #[cfg(all(target_os = "linux", target_arch = "x86_64"))]
+        const {
+            assert!(GENERIC_SOCKET_FLAGS, "taken with accept4 here")
+        };
         #[cfg(target_os = "linux")]
         {
             let (fd, fl) = fcntl_flags(&server);
