@@ -28,7 +28,7 @@ use crate::proto::assemble::Limits;
 use crate::proto::conn::Connection;
 use crate::proto::frame::{OpCode, close_payload, encode_header, encode_header_rsv};
 use crate::runtime::Shared;
-use crate::runtime::flow::{CHUNK_COST, Chunk, OutQueue, SharedFrame, Unwritten};
+use crate::runtime::flow::{CHUNK_COST, Chunk, GATHER_PAYLOAD, OutQueue, SharedFrame, Unwritten};
 use crate::stats::Counters;
 
 /// RSV1 as `encode_header_rsv` takes it: the permessage-deflate bit.
@@ -610,8 +610,22 @@ impl<T: Send + Sync + 'static> Conn<T> {
     }
 
     pub(crate) fn can_send(&self) -> bool {
-        let w = self.io.lock();
-        !w.finished && !self.closing.load(Ordering::Acquire) && w.write_error.is_none()
+        !self.takes_no_frame(&self.io.lock())
+    }
+
+    /// Whether no data frame may be queued any more: the connection is
+    /// torn down, a write failed, or our close frame is queued (no frame
+    /// follows it).
+    fn takes_no_frame(&self, w: &WriteSide) -> bool {
+        w.finished || w.write_error.is_some() || self.closing.load(Ordering::Acquire)
+    }
+
+    /// Whether a frame of `len` bytes, to a queue that costs `cost`, waits
+    /// for the end of the job that owns the connection (see `write`).
+    fn corks(&self, shared: &Shared<T>, w: &WriteSide, cost: usize, len: usize) -> bool {
+        w.job_running
+            && (!w.closures || self.served_here())
+            && cost + len + 2 * CHUNK_COST <= shared.marks.cork()
     }
 
     /// Send a data message; a refusal hands it back.
@@ -753,14 +767,49 @@ impl<T: Send + Sync + 'static> Conn<T> {
     ) -> std::result::Result<SendStatus, Refused> {
         let mut head = [0u8; 10];
         let n = encode_header_rsv(&mut head, true, rsv, op, body.len());
+        let may_defer = !crate::runtime::service::on_worker();
+        if body.len() <= GATHER_PAYLOAD && self.cork_small(shared, &head[..n], &body, may_defer) {
+            // Its bytes copied, the payload's buffer serves the next
+            // message decoded (as `push_frame` has it).
+            crate::proto::assemble::recycle_payload(body);
+            return Ok(SendStatus::Queued);
+        }
         let kind = if quiet { Kind::DataTry } else { Kind::Data };
         self.write(
             shared,
             Chunk::Head(head, n as u8),
             Some(Chunk::Owned(body)),
             kind,
-            !crate::runtime::service::on_worker(),
+            may_defer,
         )
+    }
+
+    /// A small data frame sent while the job owns the connection, copied
+    /// onto the gathered chunk at the back of its queue: what `write`
+    /// does with it (admits it, corks it, `push_frame` gathers it), with
+    /// the queue's cost worked out once. False, with nothing done, where
+    /// anything else could happen: `write` then decides it all.
+    fn cork_small(&self, shared: &Shared<T>, head: &[u8], body: &[u8], may_defer: bool) -> bool {
+        let mut w = self.io.lock();
+        let (cost, len) = (w.out.cost(), head.len() + body.len());
+        // Corked, and so admitted: the cork is under the hard limit, and a
+        // queue that costs no more than the output budget's least share
+        // takes any frame.
+        if self.takes_no_frame(&w)
+            || !self.corks(shared, &w, cost, len)
+            || !shared.counters.output.takes_any(cost)
+            || !w.out.gather_onto_back(cost, head, body, &shared.counters)
+        {
+            return false;
+        }
+        shared.counters.message_out();
+        let held = cost + len + 2 * CHUNK_COST + w.events;
+        self.note_holding(&shared.marks, w.drain_wanted, held);
+        drop(w);
+        if may_defer {
+            send_untimed();
+        }
+        true
     }
 
     /// Send a frame encoded once for many connections.
@@ -1092,10 +1141,15 @@ impl<T: Send + Sync + 'static> Conn<T> {
     /// `io` lock held): whether the read gate must be looked at under the
     /// lock again (see [`Conn::look`]).
     pub(crate) fn note_held(&self, marks: &crate::runtime::flow::Marks, w: &WriteSide) {
+        self.note_holding(marks, w.drain_wanted, w.held());
+    }
+
+    /// [`Conn::note_held`], with what the connection holds worked out.
+    fn note_holding(&self, marks: &crate::runtime::flow::Marks, drain_wanted: bool, held: usize) {
         // Written only when it changes: a client over half of high water
         // would otherwise have every frame queued to it write the line
         // its job reads for every message.
-        if (w.drain_wanted || marks.half_high(w.held())) && !self.look.load(Ordering::Relaxed) {
+        if (drain_wanted || marks.half_high(held)) && !self.look.load(Ordering::Relaxed) {
             self.look.store(true, Ordering::Relaxed);
         }
     }
@@ -1233,9 +1287,7 @@ impl<T: Send + Sync + 'static> Conn<T> {
         // thread's frames wait.
         // Measured as flow control measures (bytes and a little per frame),
         // so that many tiny frames corked in one job cannot pause it.
-        let cork = w.job_running
-            && (!w.closures || self.served_here())
-            && w.out.cost() + len + 2 * CHUNK_COST <= shared.marks.cork();
+        let cork = self.corks(shared, &w, w.out.cost(), len);
         let waiting_for_writable = !w.out.is_empty() && !w.job_running;
         if w.writing || cork || waiting_for_writable {
             self.enqueue(shared, &mut w, head, body);
@@ -1357,7 +1409,7 @@ impl<T: Send + Sync + 'static> Conn<T> {
         let mut w = self.io.lock();
         // No frame follows our close frame (which `send_close` queues
         // itself).
-        if w.finished || w.write_error.is_some() || self.closing.load(Ordering::Acquire) {
+        if self.takes_no_frame(&w) {
             return Err(Error::Closed);
         }
         let limited = kind != Kind::Control;

@@ -167,6 +167,12 @@ impl OutputBudget {
         self.limit / open.max(1) as usize > self.takes_one
     }
 
+    /// Whether a queue that costs `cost` takes any one frame, whatever
+    /// the budget counts (see [`OutputBudget::refuses`]).
+    pub(crate) fn takes_any(&self, cost: usize) -> bool {
+        cost <= self.takes_one
+    }
+
     /// What the budget counts now.
     pub(crate) fn used(&self) -> usize {
         self.queues
@@ -196,7 +202,7 @@ impl OutputBudget {
         open: impl FnOnce() -> u64,
     ) -> Option<usize> {
         let cost = queue.cost();
-        if cost <= self.takes_one {
+        if self.takes_any(cost) {
             return None;
         }
         let after = cost.saturating_add(owned).saturating_add(2 * CHUNK_COST);
@@ -666,6 +672,49 @@ impl OutQueue {
         if let Some(Chunk::Owned(b)) = body {
             crate::proto::assemble::recycle_payload(b);
         }
+    }
+
+    /// Copy a small frame (a header and a payload of at most
+    /// [`GATHER_PAYLOAD`] bytes) onto the gathered chunk at the back, as
+    /// [`OutQueue::push_frame`] does, if that makes and grows nothing:
+    /// there is such a chunk, no write has begun on it, it takes two more
+    /// pieces, and its buffer has room. `cost` is what the queue costs now
+    /// ([`OutQueue::cost`]); the frame adds its bytes and two pieces.
+    /// False, with nothing done, otherwise.
+    #[inline]
+    pub(crate) fn gather_onto_back(
+        &mut self,
+        cost: usize,
+        head: &[u8],
+        body: &[u8],
+        counters: &Counters,
+    ) -> bool {
+        debug_assert!(body.len() <= GATHER_PAYLOAD && cost == self.cost());
+        let n = head.len() + body.len();
+        let Some(p) = self.pending.as_deref_mut() else {
+            return false;
+        };
+        let begun = p.head > 0 && p.chunks.len() == 1;
+        let Some(Chunk::Gathered(v, k)) = p.chunks.back_mut() else {
+            return false;
+        };
+        if begun || *k as usize + 2 > GATHER_PIECES || v.capacity() - v.len() < n {
+            return false;
+        }
+        v.extend_from_slice(head);
+        v.extend_from_slice(body);
+        *k += 2;
+        p.gathered += 2;
+        let counted = p.counted;
+        self.bytes += n;
+        counters.queued(n as i64);
+        // What it costs now: under the count's threshold, a queue that
+        // counted nothing still counts nothing.
+        if cost + n + 2 * CHUNK_COST > COUNTED_FROM || counted != 0 {
+            self.recount(counters);
+        }
+        debug_assert_eq!(self.cost(), cost + n + 2 * CHUNK_COST);
+        true
     }
 
     pub(crate) fn push(&mut self, chunk: Chunk, counters: &Counters) {
@@ -1185,6 +1234,115 @@ mod tests {
         frame(&mut q, 2, None);
         assert_eq!(chunks(&q), 2);
         assert_eq!(q.clear(&c), 6);
+    }
+
+    /// A small frame gathered onto the back (`gather_onto_back`, a job's
+    /// corked reply) leaves the queue as `push_frame` would: the same
+    /// bytes in the same order, the same cost, and the same counts in the
+    /// server's totals and output budget, through partial writes and past
+    /// `COUNTED_FROM`. It makes and grows nothing: it declines an empty
+    /// queue, a chunk a write has begun, a chunk that is not gathered or
+    /// has no pieces to spare, and a buffer with no room.
+    #[test]
+    fn gathering_onto_the_back_is_what_push_frame_does() {
+        let (c1, c2) = (Counters::new(1 << 20, 0), Counters::new(1 << 20, 0));
+        let (mut q1, mut q2) = (OutQueue::default(), OutQueue::default());
+        let head = |i: usize| Chunk::Head([i as u8; 10], 2);
+        assert!(
+            !q2.gather_onto_back(0, &[1, 1], &[1], &c2),
+            "an empty queue"
+        );
+        let (mut gathered, mut declined) = (0, 0);
+        for i in 0..1500usize {
+            let body = vec![(i % 251) as u8; (i * 37) % (GATHER_PAYLOAD + 1)];
+            q1.push_frame(head(i), Some(Chunk::Owned(body.clone())), &c1);
+            let cost = q2.cost();
+            let chunks = q2.pending.as_ref().map_or(0, |p| p.chunks.len());
+            if q2.gather_onto_back(cost, &[i as u8; 2], &body, &c2) {
+                gathered += 1;
+                assert_eq!(q2.pending.as_ref().unwrap().chunks.len(), chunks);
+            } else {
+                declined += 1;
+                q2.push_frame(head(i), Some(Chunk::Owned(body)), &c2);
+            }
+            assert_eq!(
+                (q1.bytes(), q1.cost()),
+                (q2.bytes(), q2.cost()),
+                "frame {i}"
+            );
+            assert_eq!(q1.owned_cost(), q2.owned_cost());
+            assert_eq!(c1.snapshot().bytes_queued, c2.snapshot().bytes_queued);
+            assert_eq!(c1.output.used(), c2.output.used(), "frame {i}");
+            // Now and then a write of part of the queue, the same for both.
+            if i % 97 == 96 {
+                let (mut t1, mut t2) = (q1.take_for_write(), q2.take_for_write());
+                let bytes = |t: &Unwritten| -> Vec<u8> {
+                    t.chunks
+                        .iter()
+                        .flat_map(|c| c.bytes().iter().copied())
+                        .collect()
+                };
+                assert_eq!(bytes(&t1), bytes(&t2), "frame {i}");
+                // Its first chunk written, and a byte of the next.
+                let written = t1.chunks.front().unwrap().bytes().len();
+                t1.pop_front();
+                t2.pop_front();
+                t1.head = 1;
+                t2.head = 1;
+                q1.put_back(t1, written + 1, &c1);
+                q2.put_back(t2, written + 1, &c2);
+            }
+        }
+        assert!(
+            q1.owned_cost() > COUNTED_FROM,
+            "past the budget's threshold"
+        );
+        assert!(gathered > 1000 && declined > 50, "{gathered} {declined}");
+        assert_eq!(q1.clear(&c1), q2.clear(&c2));
+        assert_eq!((c1.output.used(), c2.output.used()), (0, 0));
+
+        // Not onto a chunk a write has begun, nor one of another kind, nor
+        // one with no pieces to spare, nor a buffer with no room.
+        let mut q = OutQueue::default();
+        q.push_frame(head(1), Some(Chunk::Owned(vec![1; 2])), &c1);
+        let mut taken = q.take_for_write();
+        taken.head = 1;
+        q.put_back(taken, 1, &c1);
+        let cost = q.cost();
+        assert!(
+            !q.gather_onto_back(cost, &[1, 1], &[1], &c1),
+            "a chunk begun"
+        );
+        q.clear(&c1);
+        q.push(Chunk::Owned(vec![1; 200]), &c1);
+        let cost = q.cost();
+        assert!(
+            !q.gather_onto_back(cost, &[1, 1], &[1], &c1),
+            "not gathered"
+        );
+        q.clear(&c1);
+        for i in 0..GATHER_PIECES / 2 {
+            q.push_frame(head(i), Some(Chunk::Owned(vec![1; 2])), &c1);
+        }
+        let cost = q.cost();
+        assert!(!q.gather_onto_back(cost, &[1, 1], &[1], &c1), "pieces");
+        q.clear(&c1);
+        drop(SPARE_BUFFER.take());
+        q.push_frame(head(1), Some(Chunk::Owned(vec![1; 2])), &c1);
+        let Some(Chunk::Gathered(v, _)) = q.pending.as_ref().unwrap().chunks.back() else {
+            panic!("gathered");
+        };
+        let room = v.capacity() - v.len();
+        let cost = q.cost();
+        assert!(
+            !q.gather_onto_back(cost, &[1, 1], &vec![1; room - 1], &c1),
+            "no room"
+        );
+        assert!(
+            q.gather_onto_back(cost, &[1, 1], &vec![1; room - 2], &c1),
+            "just room"
+        );
+        q.clear(&c1);
     }
 
     /// The budget's count follows each queue over `COUNTED_FROM` through
