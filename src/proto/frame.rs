@@ -256,23 +256,13 @@ pub fn extend_masked(dst: &mut Vec<u8>, src: &[u8], mask: [u8; 4], offset: usize
         let o: &mut [std::mem::MaybeUninit<u8>; BLOCK] = o.try_into().expect("a whole block");
         let i: &[u8; BLOCK] = i.try_into().expect("a whole block");
         for j in 0..BLOCK / 8 {
-            let mut word = [0u8; 8];
-            word.copy_from_slice(&i[j * 8..j * 8 + 8]);
-            let masked = (u64::from_ne_bytes(word) ^ wide).to_ne_bytes();
-            for k in 0..8 {
-                o[j * 8 + k].write(masked[k]);
-            }
+            mask_word_into(&mut o[j * 8..j * 8 + 8], &i[j * 8..j * 8 + 8], wide);
         }
     }
     let mut outs = blocks_out.into_remainder().chunks_exact_mut(8);
     let mut ins = blocks_in.remainder().chunks_exact(8);
     for (o, i) in (&mut outs).zip(&mut ins) {
-        let mut word = [0u8; 8];
-        word.copy_from_slice(i);
-        let masked = (u64::from_ne_bytes(word) ^ wide).to_ne_bytes();
-        for k in 0..8 {
-            o[k].write(masked[k]);
-        }
+        mask_word_into(o, i, wide);
     }
     // Whole words keep the mask's phase, so the rest starts at phase 0
     // of the rotated mask.
@@ -291,6 +281,17 @@ pub fn extend_masked(dst: &mut Vec<u8>, src: &[u8], mask: [u8; 4], offset: usize
     // after those, pair one to one. (Should anything above panic, the
     // length is not set: nothing unwritten is ever read.)
     unsafe { dst.set_len(start + src.len()) };
+}
+
+/// Write the 8 bytes of `i`, masked with `wide`, into the 8 of `o`.
+#[inline(always)]
+fn mask_word_into(o: &mut [std::mem::MaybeUninit<u8>], i: &[u8], wide: u64) {
+    let mut word = [0u8; 8];
+    word.copy_from_slice(&i[..8]);
+    let masked = (u64::from_ne_bytes(word) ^ wide).to_ne_bytes();
+    for (o, b) in o[..8].iter_mut().zip(masked) {
+        o.write(b);
+    }
 }
 
 /// Byte-at-a-time masking, kept as the reference the fast one is tested
