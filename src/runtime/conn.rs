@@ -768,15 +768,23 @@ impl<T: Send + Sync + 'static> Conn<T> {
         let mut head = [0u8; 10];
         let n = encode_header_rsv(&mut head, true, rsv, op, body.len());
         let may_defer = !crate::runtime::service::on_worker();
-        if body.len() <= GATHER_PAYLOAD && self.cork_small(shared, &head[..n], &body, may_defer) {
-            // Its bytes copied, the payload's buffer serves the next
-            // message decoded (as `push_frame` has it).
-            crate::proto::assemble::recycle_payload(body);
-            return Ok(SendStatus::Queued);
-        }
+        let locked = if body.len() <= GATHER_PAYLOAD {
+            match self.cork_small(shared, &head[..n], &body, may_defer) {
+                Ok(()) => {
+                    // Its bytes copied, the payload's buffer serves the
+                    // next message decoded (as `push_frame` has it).
+                    crate::proto::assemble::recycle_payload(body);
+                    return Ok(SendStatus::Queued);
+                }
+                Err(w) => Some(w),
+            }
+        } else {
+            None
+        };
         let kind = if quiet { Kind::DataTry } else { Kind::Data };
-        self.write(
+        self.write_locked(
             shared,
+            locked,
             Chunk::Head(head, n as u8),
             Some(Chunk::Owned(body)),
             kind,
@@ -787,9 +795,16 @@ impl<T: Send + Sync + 'static> Conn<T> {
     /// A small data frame sent while the job owns the connection, copied
     /// onto the gathered chunk at the back of its queue: what `write`
     /// does with it (admits it, corks it, `push_frame` gathers it), with
-    /// the queue's cost worked out once. False, with nothing done, where
-    /// anything else could happen: `write` then decides it all.
-    fn cork_small(&self, shared: &Shared<T>, head: &[u8], body: &[u8], may_defer: bool) -> bool {
+    /// the queue's cost worked out once. Where anything else could
+    /// happen, nothing is done and the lock is handed back: `write` then
+    /// decides it all, under the same hold.
+    fn cork_small(
+        &self,
+        shared: &Shared<T>,
+        head: &[u8],
+        body: &[u8],
+        may_defer: bool,
+    ) -> std::result::Result<(), parking_lot::MutexGuard<'_, WriteSide>> {
         let mut w = self.io.lock();
         let (cost, len) = (w.out.cost(), head.len() + body.len());
         // Corked, and so admitted: the cork is under the hard limit, and a
@@ -800,7 +815,7 @@ impl<T: Send + Sync + 'static> Conn<T> {
             || !shared.counters.output.takes_any(cost)
             || !w.out.gather_onto_back(cost, head, body, &shared.counters)
         {
-            return false;
+            return Err(w);
         }
         shared.counters.message_out();
         let held = cost + len + 2 * CHUNK_COST + w.events;
@@ -809,7 +824,7 @@ impl<T: Send + Sync + 'static> Conn<T> {
         if may_defer {
             send_untimed();
         }
-        true
+        Ok(())
     }
 
     /// Send a frame encoded once for many connections.
@@ -1274,9 +1289,23 @@ impl<T: Send + Sync + 'static> Conn<T> {
         kind: Kind,
         may_defer: bool,
     ) -> std::result::Result<SendStatus, Refused> {
+        self.write_locked(shared, None, head, body, kind, may_defer)
+    }
+
+    /// [`Conn::write`], under the hold of the connection's lock `locked`
+    /// if one is handed in (else it takes the lock).
+    fn write_locked<'a>(
+        self: &'a Arc<Self>,
+        shared: &Arc<Shared<T>>,
+        locked: Option<parking_lot::MutexGuard<'a, WriteSide>>,
+        head: Chunk,
+        body: Option<Chunk>,
+        kind: Kind,
+        may_defer: bool,
+    ) -> std::result::Result<SendStatus, Refused> {
         let len = head.bytes().len() + body.as_ref().map_or(0, |b| b.bytes().len());
         let owned = len - head.shared_len() - body.as_ref().map_or(0, Chunk::shared_len);
-        let mut w = match self.admit(shared, kind, len, owned) {
+        let mut w = match self.admit_locked(shared, locked, kind, len, owned) {
             Ok(w) => w,
             Err(error) => return Err(Refused { error, body }),
         };
@@ -1406,7 +1435,20 @@ impl<T: Send + Sync + 'static> Conn<T> {
         len: usize,
         owned: usize,
     ) -> std::result::Result<parking_lot::MutexGuard<'_, WriteSide>, Error> {
-        let mut w = self.io.lock();
+        self.admit_locked(shared, None, kind, len, owned)
+    }
+
+    /// [`Conn::admit`], under the hold of the connection's lock `locked`
+    /// if one is handed in (else it takes the lock).
+    fn admit_locked<'a>(
+        self: &'a Arc<Self>,
+        shared: &Arc<Shared<T>>,
+        locked: Option<parking_lot::MutexGuard<'a, WriteSide>>,
+        kind: Kind,
+        len: usize,
+        owned: usize,
+    ) -> std::result::Result<parking_lot::MutexGuard<'a, WriteSide>, Error> {
+        let mut w = locked.unwrap_or_else(|| self.io.lock());
         // No frame follows our close frame (which `send_close` queues
         // itself).
         if self.takes_no_frame(&w) {

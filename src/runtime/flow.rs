@@ -1345,6 +1345,56 @@ mod tests {
         q.clear(&c1);
     }
 
+    /// The edges the test above does not reach: a chunk whose pieces are
+    /// odd (a frame with no payload, a pong's, is one) and one short of
+    /// the limit takes no frame of two, though its buffer has room; and
+    /// a frame that takes the queue's cost to just under, at or just over
+    /// `COUNTED_FROM` leaves the output budget's count as `push_frame`
+    /// leaves it.
+    #[test]
+    fn gathering_at_the_piece_limit_and_across_the_budgets_threshold() {
+        let c = Counters::new(1 << 20, 0);
+        let head = || Chunk::Head([0x8a, 0, 0, 0, 0, 0, 0, 0, 0, 0], 2);
+        let mut q = OutQueue::default();
+        q.push_frame(head(), None, &c);
+        for _ in 0..(GATHER_PIECES - 1) / 2 {
+            q.push_frame(head(), Some(Chunk::Owned(vec![1; 2])), &c);
+        }
+        let Some(Chunk::Gathered(v, k)) = q.pending.as_mut().unwrap().chunks.back_mut() else {
+            panic!("gathered");
+        };
+        assert_eq!(*k as usize, GATHER_PIECES - 1);
+        v.reserve(1024);
+        let cost = q.cost();
+        assert!(
+            !q.gather_onto_back(cost, &[1, 1], &[1], &c),
+            "one piece over"
+        );
+        q.clear(&c);
+
+        let (c1, c2) = (Counters::new(1 << 20, 0), Counters::new(1 << 20, 0));
+        // A chunk of its own (`x` bytes and a piece), then a gathered frame
+        // of 12 bytes (two pieces); then the frame added, 52 bytes and two
+        // pieces.
+        let before = CHUNK_COST + 12 + 2 * CHUNK_COST;
+        let frame = 52 + 2 * CHUNK_COST;
+        for after in COUNTED_FROM - 3..=COUNTED_FROM + 4 {
+            let x = after - frame - before;
+            let (mut q1, mut q2) = (OutQueue::default(), OutQueue::default());
+            for (q, c) in [(&mut q1, &c1), (&mut q2, &c2)] {
+                q.push(Chunk::Owned(vec![1; x]), c);
+                q.push_frame(head(), Some(Chunk::Owned(vec![1; 10])), c);
+            }
+            q1.push_frame(head(), Some(Chunk::Owned(vec![1; 50])), &c1);
+            let cost = q2.cost();
+            assert!(q2.gather_onto_back(cost, &[0x8a, 0], &[1; 50], &c2));
+            assert_eq!((q1.cost(), q2.cost()), (after, after));
+            assert_eq!(c1.output.used(), c2.output.used(), "cost {after}");
+            q1.clear(&c1);
+            q2.clear(&c2);
+        }
+    }
+
     /// The budget's count follows each queue over `COUNTED_FROM` through
     /// every change (pushes, a write taken out and put back partly done,
     /// a write that empties it, a teardown), counts a shared frame once
