@@ -806,20 +806,21 @@ impl<T: Send + Sync + 'static> Conn<T> {
         may_defer: bool,
     ) -> std::result::Result<(), parking_lot::MutexGuard<'_, WriteSide>> {
         let mut w = self.io.lock();
-        let (cost, len) = (w.out.cost(), head.len() + body.len());
+        let cost = w.out.cost();
         // Corked, and so admitted: the cork is under the hard limit, and a
         // queue that costs no more than the output budget's least share
         // takes any frame.
         if self.takes_no_frame(&w)
-            || !self.corks(shared, &w, cost, len)
+            || !self.corks(shared, &w, cost, head.len() + body.len())
             || !shared.counters.output.takes_any(cost)
-            || !w.out.gather_onto_back(cost, head, body, &shared.counters)
         {
             return Err(w);
         }
+        let Some(after) = w.out.gather_onto_back(cost, head, body, &shared.counters) else {
+            return Err(w);
+        };
         shared.counters.message_out();
-        let held = cost + len + 2 * CHUNK_COST + w.events;
-        self.note_holding(&shared.marks, w.drain_wanted, held);
+        self.note_holding(&shared.marks, w.drain_wanted, after + w.events);
         drop(w);
         if may_defer {
             send_untimed();

@@ -680,7 +680,8 @@ impl OutQueue {
     /// there is such a chunk, no write has begun on it, it takes two more
     /// pieces, and its buffer has room. `cost` is what the queue costs now
     /// ([`OutQueue::cost`]); the frame adds its bytes and two pieces.
-    /// False, with nothing done, otherwise.
+    /// Returns what the queue costs with it; `None`, with nothing done,
+    /// otherwise.
     #[inline]
     pub(crate) fn gather_onto_back(
         &mut self,
@@ -688,18 +689,16 @@ impl OutQueue {
         head: &[u8],
         body: &[u8],
         counters: &Counters,
-    ) -> bool {
+    ) -> Option<usize> {
         debug_assert!(body.len() <= GATHER_PAYLOAD && cost == self.cost());
         let n = head.len() + body.len();
-        let Some(p) = self.pending.as_deref_mut() else {
-            return false;
-        };
+        let p = self.pending.as_deref_mut()?;
         let begun = p.head > 0 && p.chunks.len() == 1;
         let Some(Chunk::Gathered(v, k)) = p.chunks.back_mut() else {
-            return false;
+            return None;
         };
         if begun || *k as usize + 2 > GATHER_PIECES || v.capacity() - v.len() < n {
-            return false;
+            return None;
         }
         v.extend_from_slice(head);
         v.extend_from_slice(body);
@@ -710,11 +709,12 @@ impl OutQueue {
         counters.queued(n as i64);
         // What it costs now: under the count's threshold, a queue that
         // counted nothing still counts nothing.
-        if cost + n + 2 * CHUNK_COST > COUNTED_FROM || counted != 0 {
+        let after = cost + n + 2 * CHUNK_COST;
+        if after > COUNTED_FROM || counted != 0 {
             self.recount(counters);
         }
-        debug_assert_eq!(self.cost(), cost + n + 2 * CHUNK_COST);
-        true
+        debug_assert_eq!(self.cost(), after);
+        Some(after)
     }
 
     pub(crate) fn push(&mut self, chunk: Chunk, counters: &Counters) {
@@ -1249,7 +1249,7 @@ mod tests {
         let (mut q1, mut q2) = (OutQueue::default(), OutQueue::default());
         let head = |i: usize| Chunk::Head([i as u8; 10], 2);
         assert!(
-            !q2.gather_onto_back(0, &[1, 1], &[1], &c2),
+            q2.gather_onto_back(0, &[1, 1], &[1], &c2).is_none(),
             "an empty queue"
         );
         let (mut gathered, mut declined) = (0, 0);
@@ -1258,7 +1258,10 @@ mod tests {
             q1.push_frame(head(i), Some(Chunk::Owned(body.clone())), &c1);
             let cost = q2.cost();
             let chunks = q2.pending.as_ref().map_or(0, |p| p.chunks.len());
-            if q2.gather_onto_back(cost, &[i as u8; 2], &body, &c2) {
+            if q2
+                .gather_onto_back(cost, &[i as u8; 2], &body, &c2)
+                .is_some()
+            {
                 gathered += 1;
                 assert_eq!(q2.pending.as_ref().unwrap().chunks.len(), chunks);
             } else {
@@ -1310,14 +1313,14 @@ mod tests {
         q.put_back(taken, 1, &c1);
         let cost = q.cost();
         assert!(
-            !q.gather_onto_back(cost, &[1, 1], &[1], &c1),
+            q.gather_onto_back(cost, &[1, 1], &[1], &c1).is_none(),
             "a chunk begun"
         );
         q.clear(&c1);
         q.push(Chunk::Owned(vec![1; 200]), &c1);
         let cost = q.cost();
         assert!(
-            !q.gather_onto_back(cost, &[1, 1], &[1], &c1),
+            q.gather_onto_back(cost, &[1, 1], &[1], &c1).is_none(),
             "not gathered"
         );
         q.clear(&c1);
@@ -1325,7 +1328,10 @@ mod tests {
             q.push_frame(head(i), Some(Chunk::Owned(vec![1; 2])), &c1);
         }
         let cost = q.cost();
-        assert!(!q.gather_onto_back(cost, &[1, 1], &[1], &c1), "pieces");
+        assert!(
+            q.gather_onto_back(cost, &[1, 1], &[1], &c1).is_none(),
+            "pieces"
+        );
         q.clear(&c1);
         drop(SPARE_BUFFER.take());
         q.push_frame(head(1), Some(Chunk::Owned(vec![1; 2])), &c1);
@@ -1335,11 +1341,13 @@ mod tests {
         let room = v.capacity() - v.len();
         let cost = q.cost();
         assert!(
-            !q.gather_onto_back(cost, &[1, 1], &vec![1; room - 1], &c1),
+            q.gather_onto_back(cost, &[1, 1], &vec![1; room - 1], &c1)
+                .is_none(),
             "no room"
         );
         assert!(
-            q.gather_onto_back(cost, &[1, 1], &vec![1; room - 2], &c1),
+            q.gather_onto_back(cost, &[1, 1], &vec![1; room - 2], &c1)
+                .is_some(),
             "just room"
         );
         q.clear(&c1);
@@ -1367,7 +1375,7 @@ mod tests {
         v.reserve(1024);
         let cost = q.cost();
         assert!(
-            !q.gather_onto_back(cost, &[1, 1], &[1], &c),
+            q.gather_onto_back(cost, &[1, 1], &[1], &c).is_none(),
             "one piece over"
         );
         q.clear(&c);
@@ -1387,7 +1395,10 @@ mod tests {
             }
             q1.push_frame(head(), Some(Chunk::Owned(vec![1; 50])), &c1);
             let cost = q2.cost();
-            assert!(q2.gather_onto_back(cost, &[0x8a, 0], &[1; 50], &c2));
+            assert!(
+                q2.gather_onto_back(cost, &[0x8a, 0], &[1; 50], &c2)
+                    .is_some()
+            );
             assert_eq!((q1.cost(), q2.cost()), (after, after));
             assert_eq!(c1.output.used(), c2.output.used(), "cost {after}");
             q1.clear(&c1);
