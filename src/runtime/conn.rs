@@ -2160,6 +2160,70 @@ mod tests {
         crate::runtime::testing::expect_drop_reported(&reported);
     }
 
+    /// A small reply corked onto the gathered chunk by `cork_small` that
+    /// takes what its connection holds to half of high water sets
+    /// `look`, as `write` does: while it is clear, the read gate takes
+    /// no lock and lets the job read on, trusting that the connection
+    /// holds less than half. Here the connection holds main-loop events
+    /// just under half, a job owns it (claimed as the poller claims, once idle), and
+    /// a user thread's 100 B replies cork (the first one begins the
+    /// gathered chunk through `write`, the others take the short path).
+    /// Then the job runs and the client reads every reply.
+    #[test]
+    fn a_small_reply_corked_to_half_of_high_water_has_the_gate_looked_at() {
+        use std::io::Read;
+        let server = crate::WebSocketServer::builder()
+            .high_water(8 * 1024)
+            .low_water(2 * 1024)
+            .ping_interval(None)
+            .start("127.0.0.1:0")
+            .unwrap();
+        let shared = Arc::clone(server.shared());
+        let (mut s, client) = crate::runtime::testing::join(&server);
+        let conn = client.conn().unwrap();
+        let half = shared.marks.high / 2;
+        // (Its first job, just after the handshake, may still run.)
+        let t = std::time::Instant::now();
+        while !claim(&conn) {
+            assert!(
+                t.elapsed() < std::time::Duration::from_secs(10),
+                "never idle"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        conn.io.lock().events = half - 600;
+        // As the gate leaves it having found the connection under half.
+        conn.look.store(false, Ordering::Relaxed);
+        let mut sent = 0u8;
+        let mut looked_at = None;
+        while looked_at.is_none() {
+            assert!(sent < 40, "never reached half of high water");
+            let status = client.send(vec![sent; 100]).unwrap();
+            assert_eq!(status, SendStatus::Queued, "reply {sent} not corked");
+            sent += 1;
+            let held = conn.io.lock().held();
+            let look = conn.look.load(Ordering::Relaxed);
+            assert_eq!(look, held >= half, "after reply {sent}: holds {held}");
+            if look {
+                looked_at = Some(sent);
+            }
+        }
+        assert!(looked_at > Some(2), "half reached by the short path");
+        // The events' charge given back, the job runs and writes them.
+        conn.io.lock().events = 0;
+        spawn_job(&shared, &conn);
+        s.set_read_timeout(Some(std::time::Duration::from_secs(10)))
+            .unwrap();
+        for i in 0..sent {
+            let mut head = [0u8; 2];
+            s.read_exact(&mut head).unwrap();
+            assert_eq!(head, [0x82, 100], "reply {i}");
+            let mut body = [0u8; 100];
+            s.read_exact(&mut body).unwrap();
+            assert_eq!(body, [i; 100], "reply {i}");
+        }
+    }
+
     /// The clock kept at rest gives back a `ping_sent_ms` that every
     /// later `last_seen_ms` compares with as it did with the original.
     #[test]
