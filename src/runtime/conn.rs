@@ -2164,14 +2164,28 @@ mod tests {
     /// takes what its connection holds to half of high water sets
     /// `look`, as `write` does: while it is clear, the read gate takes
     /// no lock and lets the job read on, trusting that the connection
-    /// holds less than half. Here the connection holds main-loop events
-    /// just under half, a job owns it (claimed as the poller claims, once idle), and
-    /// a user thread's 100 B replies cork (the first one begins the
-    /// gathered chunk through `write`, the others take the short path).
-    /// Then the job runs and the client reads every reply.
+    /// holds less than half. The connection is claimed from the test, as
+    /// a job is (once its first job is done), so that its replies cork.
+    /// Before each 100 B reply it is made to hold one byte under half
+    /// (main-loop events), with `look` clear, and the reply is offered to
+    /// `cork_small` itself: where that declines (no room in the gathered
+    /// chunk, or none begun), it goes through `send` with no events held
+    /// instead, which grows the chunk; the first reply `cork_small` takes
+    /// must set `look`. Then the job runs and the client reads every
+    /// reply, in order. (Not through `send` alone: which replies take the
+    /// short path depends on the chunk's sizes.)
     #[test]
     fn a_small_reply_corked_to_half_of_high_water_has_the_gate_looked_at() {
         use std::io::Read;
+        /// Hands the connection to a job, with no events held, however
+        /// the test ends (else its shutdown waits out the close timeout).
+        struct Release<'a>(&'a Arc<Shared<()>>, &'a Arc<Conn<()>>);
+        impl Drop for Release<'_> {
+            fn drop(&mut self) {
+                self.1.io.lock().events = 0;
+                spawn_job(self.0, self.1);
+            }
+        }
         let server = crate::WebSocketServer::builder()
             .high_water(8 * 1024)
             .low_water(2 * 1024)
@@ -2182,7 +2196,6 @@ mod tests {
         let (mut s, client) = crate::runtime::testing::join(&server);
         let conn = client.conn().unwrap();
         let half = shared.marks.high / 2;
-        // (Its first job, just after the handshake, may still run.)
         let t = std::time::Instant::now();
         while !claim(&conn) {
             assert!(
@@ -2191,36 +2204,46 @@ mod tests {
             );
             std::thread::sleep(std::time::Duration::from_millis(1));
         }
-        conn.io.lock().events = half - 600;
-        // As the gate leaves it having found the connection under half.
-        conn.look.store(false, Ordering::Relaxed);
+        let release = Release(&shared, &conn);
         let mut sent = 0u8;
-        let mut looked_at = None;
-        while looked_at.is_none() {
-            assert!(sent < 40, "never reached half of high water");
-            let status = client.send(vec![sent; 100]).unwrap();
-            assert_eq!(status, SendStatus::Queued, "reply {sent} not corked");
-            sent += 1;
-            let held = conn.io.lock().held();
-            let look = conn.look.load(Ordering::Relaxed);
-            assert_eq!(look, held >= half, "after reply {sent}: holds {held}");
-            if look {
-                looked_at = Some(sent);
+        loop {
+            assert!(sent < 40, "cork_small took none of {sent} replies");
+            let body = [sent; 100];
+            {
+                let mut w = conn.io.lock();
+                w.events = half - 1 - w.out.cost();
+            }
+            conn.look.store(false, Ordering::Relaxed);
+            match conn.cork_small(&shared, &[0x82, 100], &body, false) {
+                Ok(()) => {
+                    sent += 1;
+                    let held = conn.io.lock().held();
+                    assert!(held >= half, "reply {sent} left {held}");
+                    assert!(
+                        conn.look.load(Ordering::Relaxed),
+                        "reply {sent}, corked by cork_small, took the connection to \
+                         {held} (half of high water: {half}) and left `look` clear"
+                    );
+                    break;
+                }
+                Err(w) => {
+                    drop(w);
+                    conn.io.lock().events = 0;
+                    let status = client.send(body.to_vec()).unwrap();
+                    assert_eq!(status, SendStatus::Queued, "reply {sent} not corked");
+                    sent += 1;
+                }
             }
         }
-        assert!(looked_at > Some(2), "half reached by the short path");
-        // The events' charge given back, the job runs and writes them.
-        conn.io.lock().events = 0;
-        spawn_job(&shared, &conn);
+        drop(release);
         s.set_read_timeout(Some(std::time::Duration::from_secs(10)))
             .unwrap();
         for i in 0..sent {
-            let mut head = [0u8; 2];
-            s.read_exact(&mut head).unwrap();
-            assert_eq!(head, [0x82, 100], "reply {i}");
-            let mut body = [0u8; 100];
-            s.read_exact(&mut body).unwrap();
-            assert_eq!(body, [i; 100], "reply {i}");
+            let mut frame = [0u8; 102];
+            s.read_exact(&mut frame)
+                .unwrap_or_else(|e| panic!("reply {i} of {sent}: {e}"));
+            assert_eq!(frame[..2], [0x82, 100], "reply {i}");
+            assert_eq!(frame[2..], [i; 100], "reply {i}");
         }
     }
 
