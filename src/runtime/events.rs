@@ -61,6 +61,16 @@ pub(crate) enum Batch<T> {
 /// Most messages a job stages before it sends them on.
 pub(crate) const BATCH: usize = 64;
 
+/// The slots a batch's list starts with, at its second message, when this
+/// thread's last list was shorter (a `Vec` of events grows from four).
+const LIST_START: usize = 4;
+
+thread_local! {
+    /// How many messages this thread's last list held (see
+    /// `Staged::stage`).
+    static LAST_LIST: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
 /// A batch's list with this many slots to spare, or more, is fitted to
 /// its events before it is sent (see `Staged::send`).
 const SLACK_SLOTS: usize = 4;
@@ -222,6 +232,7 @@ impl<T: Send + Sync + 'static> EventQueue<T> {
         Staged {
             queue: self,
             conn,
+            first: None,
             list: Vec::new(),
             pending: 0,
         }
@@ -318,6 +329,11 @@ impl<T: Send + Sync + 'static> EventQueue<T> {
 pub(crate) struct Staged<'a, T: Send + Sync + 'static> {
     queue: &'a EventQueue<T>,
     conn: &'a Conn<T>,
+    /// A lone message, kept out of a list: a read that gives one message
+    /// (the commonest, at a chat's pace) sends it without making and
+    /// freeing a list. A second message moves it into `list`, which then
+    /// holds them all.
+    first: Option<Envelope<T>>,
     list: Vec<Envelope<T>>,
     /// The charges of `list`, not yet applied.
     pending: usize,
@@ -325,7 +341,7 @@ pub(crate) struct Staged<'a, T: Send + Sync + 'static> {
 
 impl<T: Send + Sync + 'static> Staged<'_, T> {
     pub(crate) fn len(&self) -> usize {
-        self.list.len()
+        self.list.len() + usize::from(self.first.is_some())
     }
 
     /// What is staged and not charged yet, with what its list will be
@@ -333,6 +349,7 @@ impl<T: Send + Sync + 'static> Staged<'_, T> {
     pub(crate) fn pending(&self) -> usize {
         let (k, capacity) = (self.list.len(), self.list.capacity());
         if k < 2 {
+            // At most one message, outside any list.
             return self.pending;
         }
         self.pending + batch_extra::<T>(k, sent_capacity(k, capacity))
@@ -342,27 +359,45 @@ impl<T: Send + Sync + 'static> Staged<'_, T> {
     pub(crate) fn stage(&mut self, message: crate::message::Message) {
         let charge = EVENT_COST + self.conn.payload_bound(message.len());
         self.pending += charge;
-        self.list.push(Envelope {
+        let envelope = Envelope {
             event: Event::Message {
                 client: self.conn.client.clone(),
                 message,
             },
             charge,
-        });
+        };
+        if self.list.is_empty() {
+            match self.first.take() {
+                None => {
+                    self.first = Some(envelope);
+                    return;
+                }
+                Some(first) => {
+                    // Room for as many as this thread's last list held:
+                    // a steady stream's reads give lists of one length,
+                    // each then made once, not grown.
+                    let hint = LAST_LIST.get().clamp(LIST_START, BATCH);
+                    self.list.reserve_exact(hint);
+                    self.list.push(first);
+                }
+            }
+        }
+        self.list.push(envelope);
     }
 
     /// Send what is staged, in order, as one item of the channel. If the
     /// server is gone, the charges are given back.
     pub(crate) fn send(&mut self) {
-        if self.list.is_empty() {
+        let k = self.len();
+        if k == 0 {
             return;
         }
         // What the list holds besides its events is charged on its last. A
         // list grown far past them is fitted first; one within a few slots
         // of them is charged as it is (fitting it costs a `realloc` a read,
         // which the main loop's echo showed).
-        let k = self.list.len();
         if k > 1 {
+            LAST_LIST.set(k);
             if sent_capacity(k, self.list.capacity()) < self.list.capacity() {
                 self.list.shrink_to_fit();
             }
@@ -380,10 +415,9 @@ impl<T: Send + Sync + 'static> Staged<'_, T> {
         self.conn.note_held(&self.queue.marks, &w);
         drop(w);
         self.queue.bytes.fetch_add(pending, Ordering::Relaxed);
-        let sent = match k {
-            0 => return,
-            1 => Batch::One(self.list.pop().expect("one staged event")),
-            _ => Batch::Many(std::mem::take(&mut self.list)),
+        let sent = match self.first.take() {
+            Some(lone) => Batch::One(lone),
+            None => Batch::Many(std::mem::take(&mut self.list)),
         };
         let guard = self.queue.tx.read();
         let refused = match guard.as_ref() {
@@ -467,13 +501,16 @@ mod tests {
     }
 
     /// A batch's list is charged as `send` leaves it, and the read gate
-    /// (`pending`) counts that before it is sent: five messages in a list
-    /// of eight, charged as such; nine in a list of sixteen, fitted to
-    /// nine and charged nothing more.
+    /// (`pending`) counts that before it is sent: on a thread whose last
+    /// list was short, five messages in a list of eight, charged as such,
+    /// and nine in a list of sixteen, fitted to nine and charged nothing
+    /// more; after a list of nine, the next nine in a list made for nine
+    /// (not grown), and five in a list made for nine, fitted to five.
     #[test]
     fn a_batch_is_charged_as_its_list_is_sent_and_the_gate_counts_that() {
         let (queue, rx, conn, _listener) = queue_and_conn();
-        for k in [5, 9] {
+        for (k, last, capacity) in [(5, 0, 8), (9, 0, 9), (9, 9, 9), (5, 9, 5)] {
+            LAST_LIST.set(last);
             let before = queue.bytes();
             let mut batch = queue.staging(&conn);
             for i in 0..k {
@@ -497,12 +534,35 @@ mod tests {
                 charged,
                 k * (EVENT_COST + 1) + batch_extra::<()>(k, list.capacity())
             );
+            assert_eq!(list.capacity(), capacity, "{k} after a list of {last}");
             if k == 9 {
-                assert_eq!(list.capacity(), 9, "nine fitted");
                 assert_eq!(charged, 9 * (EVENT_COST + 1));
             }
+            assert_eq!(LAST_LIST.get(), k);
             queue.refund(&conn, charged);
         }
+        assert_eq!(queue.bytes(), 0);
+    }
+
+    /// A read's lone message is sent as one event, charged as one (no
+    /// list, so nothing for one), and the thread's last list length stays
+    /// as it was.
+    #[test]
+    fn a_lone_message_is_sent_in_no_list() {
+        let (queue, rx, conn, _listener) = queue_and_conn();
+        LAST_LIST.set(7);
+        let mut batch = queue.staging(&conn);
+        batch.stage(Message::from(vec![1u8]));
+        assert_eq!((batch.len(), batch.pending()), (1, EVENT_COST + 1));
+        drop(batch);
+        let Ok(Batch::One(e)) = rx.try_recv() else {
+            panic!("the lone message was not sent alone");
+        };
+        assert_eq!(e.charge, EVENT_COST + 1);
+        assert_eq!(queue.bytes(), EVENT_COST + 1);
+        assert_eq!(conn.io.lock().events, EVENT_COST + 1);
+        assert_eq!(LAST_LIST.get(), 7);
+        queue.refund(&conn, e.charge);
         assert_eq!(queue.bytes(), 0);
     }
 
