@@ -63,6 +63,7 @@ pub(crate) const BATCH: usize = 64;
 
 /// The slots a batch's list starts with, at its second message, when this
 /// thread's last list was shorter (a `Vec` of events grows from four).
+/// `BATCH` is a power of two: a list made for the longest is never grown.
 const LIST_START: usize = 4;
 
 thread_local! {
@@ -373,10 +374,16 @@ impl<T: Send + Sync + 'static> Staged<'_, T> {
                     return;
                 }
                 Some(first) => {
-                    // Room for as many as this thread's last list held:
-                    // a steady stream's reads give lists of one length,
-                    // each then made once, not grown.
-                    let hint = LAST_LIST.get().clamp(LIST_START, BATCH);
+                    // Room for as many as this thread's last list held, to
+                    // the power of two a list grown from four would have
+                    // reached: a steady stream's reads give lists of one
+                    // length, each then made once, not grown; and a list
+                    // sent unfitted has a length growth could have given
+                    // it, so that the most a batch's list is charged
+                    // beyond its events stays what `batch_extra` says. (A
+                    // list made longer than growth would have made it is
+                    // fitted: it has four slots or more to spare.)
+                    let hint = LAST_LIST.get().next_power_of_two().clamp(LIST_START, BATCH);
                     self.list.reserve_exact(hint);
                     self.list.push(first);
                 }
@@ -502,14 +509,28 @@ mod tests {
 
     /// A batch's list is charged as `send` leaves it, and the read gate
     /// (`pending`) counts that before it is sent: on a thread whose last
-    /// list was short, five messages in a list of eight, charged as such,
-    /// and nine in a list of sixteen, fitted to nine and charged nothing
-    /// more; after a list of nine, the next nine in a list made for nine
-    /// (not grown), and five in a list made for nine, fitted to five.
+    /// list was short, two messages in a list of four and five in a list
+    /// of eight, charged as such, and nine in a list of sixteen, fitted
+    /// to nine and charged nothing more; after a list of eight, eight in
+    /// a list made for eight (not grown); after a list of nine or five,
+    /// lists made for sixteen or eight, fitted to what they hold. What a
+    /// list is charged beyond its events stays under 251 B (see
+    /// `batch_extra`): a list sent unfitted is as long as growth from four
+    /// makes it.
     #[test]
     fn a_batch_is_charged_as_its_list_is_sent_and_the_gate_counts_that() {
         let (queue, rx, conn, _listener) = queue_and_conn();
-        for (k, last, capacity) in [(5, 0, 8), (9, 0, 9), (9, 9, 9), (5, 9, 5)] {
+        let cases = [
+            (2, 0, 4),
+            (5, 0, 8),
+            (9, 0, 9),
+            (8, 8, 8),
+            (9, 9, 9),
+            (5, 9, 5),
+            (2, 5, 2),
+            (7, 5, 8),
+        ];
+        for (k, last, capacity) in cases {
             LAST_LIST.set(last);
             let before = queue.bytes();
             let mut batch = queue.staging(&conn);
@@ -535,12 +556,49 @@ mod tests {
                 k * (EVENT_COST + 1) + batch_extra::<()>(k, list.capacity())
             );
             assert_eq!(list.capacity(), capacity, "{k} after a list of {last}");
+            assert!(batch_extra::<()>(k, capacity) <= 251, "{k} in {capacity}");
             if k == 9 {
                 assert_eq!(charged, 9 * (EVENT_COST + 1));
             }
             assert_eq!(LAST_LIST.get(), k);
             queue.refund(&conn, charged);
         }
+        assert_eq!(queue.bytes(), 0);
+    }
+
+    /// Whatever the thread's last list held, a batch of any length up to
+    /// `BATCH` is charged what the gate counted, and its list no more than
+    /// 251 B beyond its events (the bound `event_queue_bytes` documents).
+    #[test]
+    fn every_batch_after_every_last_list_is_charged_within_the_bound() {
+        let (queue, rx, conn, _listener) = queue_and_conn();
+        let mut worst = 0;
+        for last in 0..=BATCH {
+            for k in 2..=BATCH {
+                LAST_LIST.set(last);
+                let mut batch = queue.staging(&conn);
+                for _ in 0..k {
+                    batch.stage(Message::from(vec![7u8]));
+                }
+                let gate = batch.pending();
+                drop(batch);
+                let Ok(Batch::Many(list)) = rx.try_recv() else {
+                    panic!("no batch of {k} after {last}");
+                };
+                assert_eq!(list.len(), k);
+                let charged: usize = list.iter().map(|e| e.charge).sum();
+                assert_eq!(gate, charged, "{k} after a list of {last}");
+                let extra = charged - k * (EVENT_COST + 1);
+                assert!(
+                    extra <= 251,
+                    "{k} after {last}: {extra} B in {}",
+                    list.capacity()
+                );
+                worst = worst.max(extra);
+                queue.refund(&conn, charged);
+            }
+        }
+        assert_eq!(worst, 251);
         assert_eq!(queue.bytes(), 0);
     }
 
