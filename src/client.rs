@@ -235,6 +235,12 @@ impl<T: Send + Sync + 'static> Client<T> {
         self.inner.conn.upgrade()
     }
 
+    /// The address of the client's connection record, to compare with
+    /// (no count touched; the record may be gone).
+    pub(crate) fn conn_addr(&self) -> usize {
+        self.inner.conn.as_ptr() as usize
+    }
+
     pub(crate) fn sub_unsent(&self, bytes: usize) {
         if let Some(e) = self.inner.extra() {
             let _ = e

@@ -203,16 +203,17 @@ impl<T: Send + Sync + 'static> Events<T> {
     fn batched(&self) -> Option<Event<T>> {
         let mut batched = self.batched.borrow_mut();
         let next = batched.next();
-        if batched.len() == 0 {
+        let last = batched.len() == 0;
+        if last {
             *batched = Vec::new().into_iter();
         }
         drop(batched);
-        next.map(|e| self.hold(e))
+        next.map(|e| self.hold(e, last))
     }
 
     fn unpack(&self, batch: Batch<T>) -> Event<T> {
         match batch {
-            Batch::One(e) => self.hold(e),
+            Batch::One(e) => self.hold(e, true),
             Batch::Many(v) => {
                 *self.batched.borrow_mut() = v.into_iter();
                 self.batched().expect("a batch is never empty")
@@ -220,7 +221,15 @@ impl<T: Send + Sync + 'static> Events<T> {
         }
     }
 
-    fn hold(&self, envelope: Envelope<T>) -> Event<T> {
+    /// Hand out `envelope`'s event, `last` of the messages its read gave
+    /// (or the read's only event).
+    fn hold(&self, envelope: Envelope<T>, last: bool) -> Event<T> {
+        // A reply to the last message of a read goes out at once (see
+        // `conn::answering`).
+        crate::runtime::conn::answering(match &envelope.event {
+            Event::Message { client, .. } if last => client.conn_addr(),
+            _ => 0,
+        });
         // Held still: the batch's messages before this one, of the same
         // client.
         if let Some((client, charge)) = self.held.take() {

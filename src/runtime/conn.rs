@@ -63,6 +63,39 @@ fn sending_in_a_burst() -> bool {
     })
 }
 
+thread_local! {
+    /// The connection (its record's address) whose message this thread,
+    /// a main loop's, took last, if it was the last message its read
+    /// gave: its first reply, to an idle connection, is written at once
+    /// rather than deferred as part of a burst. It is likely the only
+    /// one (a request's answer), and no other of that read's messages
+    /// is waiting to have its reply corked with it: a pool job to write
+    /// it would cost more than the write. (Address 0: none. One that
+    /// names a record since freed and reused can only make one write go
+    /// at once, which is always right.)
+    static ANSWERING: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
+/// Note which connection's last message of a read this thread took (0:
+/// none, or not the last of its read).
+pub(crate) fn answering(conn: usize) {
+    ANSWERING.set(conn);
+}
+
+/// Whether a send to `conn` is the first answer to the last message of
+/// its read that this thread took (see `ANSWERING`); it is the only one
+/// taken so.
+fn first_answer<T>(conn: &Conn<T>) -> bool {
+    let answering = ANSWERING.get();
+    if answering != 0 && answering == std::ptr::from_ref(conn) as usize {
+        ANSWERING.set(0);
+        // Not timed, but a send of this thread's for the burst's count.
+        send_untimed();
+        return true;
+    }
+    false
+}
+
 /// Count a send that corked or queued behind others (see `LAST_SEND`).
 fn send_untimed() {
     LAST_SEND.with(|last| {
@@ -1326,7 +1359,12 @@ impl<T: Send + Sync + 'static> Conn<T> {
             }
             return Ok(SendStatus::Queued);
         }
-        if may_defer && !w.job_running && w.out.is_empty() && sending_in_a_burst() {
+        if may_defer
+            && !w.job_running
+            && w.out.is_empty()
+            && !first_answer(self)
+            && sending_in_a_burst()
+        {
             self.enqueue(shared, &mut w, head, body);
             // The flush job owns the connection until it is done; sends
             // meanwhile cork behind this one.
@@ -2245,6 +2283,99 @@ mod tests {
             assert_eq!(frame[..2], [0x82, 100], "reply {i}");
             assert_eq!(frame[2..], [i; 100], "reply {i}");
         }
+    }
+
+    /// A main loop's first reply to the last message of a read goes out
+    /// at once, from the loop's thread, even in a burst whose sends the
+    /// pool writes; what follows it in the burst, to that client or to
+    /// another, is deferred as before. The pool is held, so that what is
+    /// deferred waits, and the thread is made to be in a burst before
+    /// each send (as if it had just sent 63 others). The answer to a
+    /// read's first message of two is deferred too.
+    #[test]
+    fn a_main_loops_first_reply_to_a_reads_last_message_is_written_at_once() {
+        use std::io::{Read, Write};
+        use std::time::Duration;
+
+        use crate::Event;
+        use crate::runtime::testing::{client_frame, hold_pool, join};
+
+        /// The next frame `s` reads within `wait`, with a payload of one
+        /// byte, or `None`.
+        fn next(s: &mut TcpStream, wait: Duration) -> Option<u8> {
+            s.set_read_timeout(Some(wait)).unwrap();
+            let mut frame = [0u8; 3];
+            match s.read_exact(&mut frame) {
+                Ok(()) => {
+                    assert_eq!(frame[..2], [0x82, 1]);
+                    Some(frame[2])
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => None,
+                Err(e) => panic!("{e}"),
+            }
+        }
+        let in_a_burst = || LAST_SEND.set((Some(Instant::now()), 63));
+        let server = crate::WebSocketServer::builder()
+            .ping_interval(None)
+            .start("127.0.0.1:0")
+            .unwrap();
+        let (mut a, _) = join(&server);
+        let (mut b, other) = join(&server);
+        a.write_all(&client_frame(0x82, b"?")).unwrap();
+        let asker = match server.recv_timeout(Duration::from_secs(10)) {
+            Ok(Event::Message { client, message }) if message.as_bytes() == b"?" => client,
+            other => panic!("{other:?}"),
+        };
+        let release = hold_pool(server.shared());
+        in_a_burst();
+        asker.send(vec![1u8]).unwrap();
+        assert_eq!(
+            next(&mut a, Duration::from_secs(5)),
+            Some(1),
+            "the answer waited"
+        );
+        in_a_burst();
+        asker.send(vec![2u8]).unwrap();
+        in_a_burst();
+        other.send(vec![3u8]).unwrap();
+        let wait = Duration::from_millis(300);
+        assert_eq!(next(&mut a, wait), None, "a second answer went at once");
+        assert_eq!(
+            next(&mut b, wait),
+            None,
+            "a send to another client went at once"
+        );
+        drop(release);
+        assert_eq!(next(&mut a, Duration::from_secs(5)), Some(2));
+        assert_eq!(next(&mut b, Duration::from_secs(5)), Some(3));
+        // A read of two messages (one write): the answer to the first is
+        // deferred with the burst, and the second's corks behind it.
+        a.write_all(&[client_frame(0x82, b"x"), client_frame(0x82, b"y")].concat())
+            .unwrap();
+        let asked = |what: &[u8]| match server.recv_timeout(Duration::from_secs(10)) {
+            Ok(Event::Message { client, message }) if message.as_bytes() == what => client,
+            other => panic!("{other:?}"),
+        };
+        let first = asked(b"x");
+        let release = hold_pool(server.shared());
+        in_a_burst();
+        first.send(vec![4u8]).unwrap();
+        assert_eq!(
+            next(&mut a, wait),
+            None,
+            "the answer to a read's first went at once"
+        );
+        let second = asked(b"y");
+        in_a_burst();
+        second.send(vec![5u8]).unwrap();
+        assert_eq!(
+            next(&mut a, wait),
+            None,
+            "an answer went before the one queued"
+        );
+        drop(release);
+        assert_eq!(next(&mut a, Duration::from_secs(5)), Some(4));
+        assert_eq!(next(&mut a, Duration::from_secs(5)), Some(5));
     }
 
     /// The clock kept at rest gives back a `ping_sent_ms` that every
