@@ -82,9 +82,12 @@ pub(crate) fn answering(conn: usize) {
     ANSWERING.set(conn);
 }
 
-/// Whether a send to `conn` is the first answer to the last message of
-/// its read that this thread took (see `ANSWERING`); it is the only one
-/// taken so.
+/// Whether a send to `conn`, which finds it idle, answers the last
+/// message of a read that this thread took (see `ANSWERING`). The first
+/// such send uses the note up; a send that finds the connection busy (a
+/// job or a writer on it, or frames queued) never asks, and leaves it.
+/// (A read of more than `events::BATCH` messages is handed out in lists
+/// of that many: each list's last counts as a read's last.)
 fn first_answer<T>(conn: &Conn<T>) -> bool {
     let answering = ANSWERING.get();
     if answering != 0 && answering == std::ptr::from_ref(conn) as usize {
@@ -2290,8 +2293,10 @@ mod tests {
     /// pool writes; what follows it in the burst, to that client or to
     /// another, is deferred as before. The pool is held, so that what is
     /// deferred waits, and the thread is made to be in a burst before
-    /// each send (as if it had just sent 63 others). The answer to a
-    /// read's first message of two is deferred too.
+    /// each send (as if it had just sent 63 others). A send to another
+    /// client before the answer leaves the note; another event taken
+    /// after the message clears it; the answer to a read's first message
+    /// of two is deferred, and the second's corks behind it.
     #[test]
     fn a_main_loops_first_reply_to_a_reads_last_message_is_written_at_once() {
         use std::io::{Read, Write};
@@ -2327,6 +2332,15 @@ mod tests {
             other => panic!("{other:?}"),
         };
         let release = hold_pool(server.shared());
+        let wait = Duration::from_millis(300);
+        // A send to another client first: deferred, the note kept.
+        in_a_burst();
+        other.send(vec![3u8]).unwrap();
+        assert_eq!(
+            next(&mut b, wait),
+            None,
+            "a send to another client went at once"
+        );
         in_a_burst();
         asker.send(vec![1u8]).unwrap();
         assert_eq!(
@@ -2336,18 +2350,28 @@ mod tests {
         );
         in_a_burst();
         asker.send(vec![2u8]).unwrap();
-        in_a_burst();
-        other.send(vec![3u8]).unwrap();
-        let wait = Duration::from_millis(300);
         assert_eq!(next(&mut a, wait), None, "a second answer went at once");
-        assert_eq!(
-            next(&mut b, wait),
-            None,
-            "a send to another client went at once"
-        );
         drop(release);
         assert_eq!(next(&mut a, Duration::from_secs(5)), Some(2));
         assert_eq!(next(&mut b, Duration::from_secs(5)), Some(3));
+        // An event of another kind taken after the message (a client's
+        // `Connect`) clears the note: the answer is deferred.
+        a.write_all(&client_frame(0x82, b"!")).unwrap();
+        let asker = match server.recv_timeout(Duration::from_secs(10)) {
+            Ok(Event::Message { client, message }) if message.as_bytes() == b"!" => client,
+            other => panic!("{other:?}"),
+        };
+        let (_c, _) = join(&server);
+        let release = hold_pool(server.shared());
+        in_a_burst();
+        asker.send(vec![6u8]).unwrap();
+        assert_eq!(
+            next(&mut a, wait),
+            None,
+            "an answer after another event went at once"
+        );
+        drop(release);
+        assert_eq!(next(&mut a, Duration::from_secs(5)), Some(6));
         // A read of two messages (one write): the answer to the first is
         // deferred with the burst, and the second's corks behind it.
         a.write_all(&[client_frame(0x82, b"x"), client_frame(0x82, b"y")].concat())
