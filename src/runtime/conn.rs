@@ -2326,21 +2326,24 @@ mod tests {
             .unwrap();
         let (mut a, _) = join(&server);
         let (mut b, other) = join(&server);
-        a.write_all(&client_frame(0x82, b"?")).unwrap();
-        let asker = match server.recv_timeout(Duration::from_secs(10)) {
-            Ok(Event::Message { client, message }) if message.as_bytes() == b"?" => client,
+        let wait = Duration::from_millis(300);
+        // Send `byte` to `client` in a burst: it must not reach `s` (by
+        // `wait`) while the pool is held.
+        let deferred = |client: &crate::Client, byte: u8, s: &mut TcpStream, why: &str| {
+            in_a_burst();
+            client.send(vec![byte]).unwrap();
+            assert_eq!(next(s, wait), None, "{why}");
+        };
+        // The client of the next event, a message `what`.
+        let asked = |what: &[u8]| match server.recv_timeout(Duration::from_secs(10)) {
+            Ok(Event::Message { client, message }) if message.as_bytes() == what => client,
             other => panic!("{other:?}"),
         };
+        a.write_all(&client_frame(0x82, b"?")).unwrap();
+        let asker = asked(b"?");
         let release = hold_pool(server.shared());
-        let wait = Duration::from_millis(300);
         // A send to another client first: deferred, the note kept.
-        in_a_burst();
-        other.send(vec![3u8]).unwrap();
-        assert_eq!(
-            next(&mut b, wait),
-            None,
-            "a send to another client went at once"
-        );
+        deferred(&other, 3, &mut b, "a send to another client went at once");
         in_a_burst();
         asker.send(vec![1u8]).unwrap();
         assert_eq!(
@@ -2348,27 +2351,21 @@ mod tests {
             Some(1),
             "the answer waited"
         );
-        in_a_burst();
-        asker.send(vec![2u8]).unwrap();
-        assert_eq!(next(&mut a, wait), None, "a second answer went at once");
+        deferred(&asker, 2, &mut a, "a second answer went at once");
         drop(release);
         assert_eq!(next(&mut a, Duration::from_secs(5)), Some(2));
         assert_eq!(next(&mut b, Duration::from_secs(5)), Some(3));
         // An event of another kind taken after the message (a client's
         // `Connect`) clears the note: the answer is deferred.
         a.write_all(&client_frame(0x82, b"!")).unwrap();
-        let asker = match server.recv_timeout(Duration::from_secs(10)) {
-            Ok(Event::Message { client, message }) if message.as_bytes() == b"!" => client,
-            other => panic!("{other:?}"),
-        };
+        let asker = asked(b"!");
         let (_c, _) = join(&server);
         let release = hold_pool(server.shared());
-        in_a_burst();
-        asker.send(vec![6u8]).unwrap();
-        assert_eq!(
-            next(&mut a, wait),
-            None,
-            "an answer after another event went at once"
+        deferred(
+            &asker,
+            6,
+            &mut a,
+            "an answer after another event went at once",
         );
         drop(release);
         assert_eq!(next(&mut a, Duration::from_secs(5)), Some(6));
@@ -2376,27 +2373,16 @@ mod tests {
         // deferred with the burst, and the second's corks behind it.
         a.write_all(&[client_frame(0x82, b"x"), client_frame(0x82, b"y")].concat())
             .unwrap();
-        let asked = |what: &[u8]| match server.recv_timeout(Duration::from_secs(10)) {
-            Ok(Event::Message { client, message }) if message.as_bytes() == what => client,
-            other => panic!("{other:?}"),
-        };
         let first = asked(b"x");
         let release = hold_pool(server.shared());
-        in_a_burst();
-        first.send(vec![4u8]).unwrap();
-        assert_eq!(
-            next(&mut a, wait),
-            None,
-            "the answer to a read's first went at once"
+        deferred(
+            &first,
+            4,
+            &mut a,
+            "the answer to a read's first went at once",
         );
         let second = asked(b"y");
-        in_a_burst();
-        second.send(vec![5u8]).unwrap();
-        assert_eq!(
-            next(&mut a, wait),
-            None,
-            "an answer went before the one queued"
-        );
+        deferred(&second, 5, &mut a, "an answer went before the one queued");
         drop(release);
         assert_eq!(next(&mut a, Duration::from_secs(5)), Some(4));
         assert_eq!(next(&mut a, Duration::from_secs(5)), Some(5));
