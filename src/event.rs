@@ -224,8 +224,9 @@ impl<T: Send + Sync + 'static> Events<T> {
     /// Hand out `envelope`'s event, `last` of the messages its read gave
     /// (or the read's only event).
     fn hold(&self, envelope: Envelope<T>, last: bool) -> Event<T> {
-        // A reply to the last message of a read goes out at once (see
-        // `conn::answering`).
+        // The first reply to the last message of a read, sent to an idle
+        // client, goes out at once (see `conn::answering`); any other
+        // event clears the note.
         crate::runtime::conn::answering(match &envelope.event {
             Event::Message { client, .. } if last => client.conn_addr(),
             _ => 0,
