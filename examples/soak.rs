@@ -2,7 +2,7 @@
 //! memory, file descriptors and the server's counters at start and end.
 //!
 //! ```text
-//! cargo run --release --example soak -- [--seconds N] [--steady N] [--pipelined N]
+//! cargo run --release --example soak -- [--seconds N] [--steady N] [--pipelined N] [--main-loop]
 //! ```
 //!
 //! Churn threads connect, exchange checked messages and leave every way a
@@ -17,6 +17,11 @@
 //! if that count plus the server's `messages_dropped` is not 0. Any
 //! mismatch or unexpected error stops the run with a non-zero exit.
 //! Memory and fds are the whole process's (clients included).
+//!
+//! `--main-loop` handles messages and disconnects in a thread that takes
+//! the server's events instead of closures (the other event style), and
+//! that stalls for 20 ms every 20,000 events, so that its channel fills and
+//! the workers' read gate pauses clients while it is away.
 
 use std::io::{BufReader, BufWriter, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpStream};
@@ -24,7 +29,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
-use enjent::{Error, WebSocketServer};
+use enjent::{Error, Event, WebSocketServer};
 use tungstenite::Message as Tm;
 
 fn rss_kib() -> u64 {
@@ -373,12 +378,55 @@ fn pipelined_client(
     }
 }
 
+/// Echo `m` to `c`, counting a refusal for any reason but a client that
+/// has gone.
+fn echo(c: &enjent::Client, m: enjent::Message, refused: &AtomicU64) {
+    if let Err(e) = c.send(m)
+        && !matches!(e.error(), Error::Closed)
+    {
+        refused.fetch_add(1, Relaxed);
+    }
+}
+
+/// The other event style: take every event until `looping` is cleared,
+/// echoing messages and counting disconnects; stall now and then as a
+/// main loop with other work does.
+fn run_main_loop(
+    server: WebSocketServer,
+    disconnects: &AtomicU64,
+    refused: &AtomicU64,
+    looping: &AtomicBool,
+) -> WebSocketServer {
+    let mut taken = 0u64;
+    while looping.load(Relaxed) {
+        match server.recv_timeout(Duration::from_millis(50)) {
+            Ok(Event::Message { client, message }) => echo(&client, message, refused),
+            Ok(Event::Disconnect { .. }) => {
+                disconnects.fetch_add(1, Relaxed);
+            }
+            Ok(_) => {}
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => continue,
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => break,
+        }
+        taken += 1;
+        if taken.is_multiple_of(20_000) {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+    server
+}
+
 fn main() -> Result<(), Error> {
     let mut seconds = 60u64;
     let mut steady = 50usize;
     let mut pipelined = 8usize;
+    let mut main_loop = false;
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
+        if a == "--main-loop" {
+            main_loop = true;
+            continue;
+        }
         let v = args.next().and_then(|v| v.parse().ok());
         match (a.as_str(), v) {
             ("--seconds", Some(v)) => seconds = v,
@@ -386,35 +434,42 @@ fn main() -> Result<(), Error> {
             ("--pipelined", Some(v)) => pipelined = v as usize,
             _ => {
                 return Err(Error::InvalidInput(
-                    "usage: soak [--seconds N] [--steady N] [--pipelined N]",
+                    "usage: soak [--seconds N] [--steady N] [--pipelined N] [--main-loop]",
                 ));
             }
         }
     }
-    // Every event goes to a closure, so the channel stays empty (events
-    // nobody reads would be counted as growth).
+    // With closures every event goes to one, so the channel stays empty
+    // (events nobody reads would be counted as growth); in the main loop
+    // every event is taken.
     let disconnects = Arc::new(AtomicU64::new(0));
-    let d = disconnects.clone();
     // Sends refused for any reason but a client that has gone: flow
     // control promises an echo handler none.
     let refused = Arc::new(AtomicU64::new(0));
-    let r = refused.clone();
-    let server = WebSocketServer::builder()
+    let mut builder = WebSocketServer::builder()
         .max_backpressure(256 * 1024)
-        .close_timeout(Duration::from_secs(1))
-        .on_connect(|_| {})
-        .on_message(move |c, m| {
-            if let Err(e) = c.send(m)
-                && !matches!(e.error(), Error::Closed)
-            {
-                r.fetch_add(1, Relaxed);
-            }
-        })
-        .on_disconnect(move |_, _, _| {
-            d.fetch_add(1, Relaxed);
-        })
-        .start("127.0.0.1:0")?;
+        .close_timeout(Duration::from_secs(1));
+    if !main_loop {
+        let (d, r) = (disconnects.clone(), refused.clone());
+        builder = builder
+            .on_connect(|_| {})
+            .on_message(move |c, m| echo(c, m, &r))
+            .on_disconnect(move |_, _, _| {
+                d.fetch_add(1, Relaxed);
+            });
+    }
+    let server = builder.start("127.0.0.1:0")?;
+    let handle = server.handle();
     let addr = server.local_addr();
+    // The main loop runs until the end's wait for closes is over.
+    let looping = Arc::new(AtomicBool::new(true));
+    let (server, main_thread) = if main_loop {
+        let (d, r, looping) = (disconnects.clone(), refused.clone(), looping.clone());
+        let t = std::thread::spawn(move || run_main_loop(server, &d, &r, &looping));
+        (None, Some(t))
+    } else {
+        (Some(server), None)
+    };
     let stop = Arc::new(AtomicBool::new(false));
     let verified = Arc::new(AtomicU64::new(0));
     let cycles = Arc::new(AtomicU64::new(0));
@@ -509,7 +564,7 @@ fn main() -> Result<(), Error> {
         std::thread::sleep(Duration::from_millis(100));
         if last_report.elapsed() >= Duration::from_secs(10) {
             last_report = Instant::now();
-            let s = server.stats();
+            let s = handle.stats();
             println!(
                 "{:>5} s: rss {} KiB, fds {}, connections {}, cycles {}, messages verified {}, queued {} B",
                 start.elapsed().as_secs(),
@@ -536,11 +591,18 @@ fn main() -> Result<(), Error> {
     drop(steady_clients);
     // Let every connection finish its close.
     let wait = Instant::now();
-    while server.connections() > 0 && wait.elapsed() < Duration::from_secs(10) {
+    while handle.connections() > 0 && wait.elapsed() < Duration::from_secs(10) {
         std::thread::sleep(Duration::from_millis(50));
     }
     std::thread::sleep(Duration::from_millis(300));
-    let s = server.stats();
+    looping.store(false, Relaxed);
+    // Kept until the end: the handle's figures are the running server's.
+    let (main_loop_failed, looped) = match main_thread.map(|t| t.join()) {
+        Some(Ok(server)) => (false, Some(server)),
+        Some(Err(_)) => (true, None),
+        None => (false, None),
+    };
+    let s = handle.stats();
     let (rss1, fds1) = (rss_kib(), fds());
     println!(
         "end:   rss {rss1} KiB, fds {fds1}, connections {}, handshakes {}, disconnects {}, churn cycles {}, messages verified {}",
@@ -574,6 +636,9 @@ fn main() -> Result<(), Error> {
     if failed.load(Relaxed) {
         why.push("a client failed".to_string());
     }
+    if main_loop_failed {
+        why.push("the main loop panicked".to_string());
+    }
     if bad > 0 {
         why.push(format!("{bad} pipelined rounds missed or mangled echoes"));
     }
@@ -593,6 +658,7 @@ fn main() -> Result<(), Error> {
             s.handshakes_accepted
         ));
     }
+    drop((server, looped));
     if !why.is_empty() {
         eprintln!("soak FAILED");
         return Err(Error::Io(std::io::Error::other(why.join(", "))));
