@@ -267,7 +267,23 @@ pub(crate) enum Site {
     Accepted,
 }
 
-/// Panic if one is injected here for this server (test builds only).
+/// A hold of a server's thread at a site (tests of what happens while it
+/// is away): the address of its `Shared`, where, the thread's word that
+/// it is held, and the channel whose sender's drop lets it go.
+#[cfg(test)]
+pub(crate) type Hold = (
+    usize,
+    Site,
+    std::sync::mpsc::Sender<()>,
+    std::sync::mpsc::Receiver<()>,
+);
+
+/// Holds waiting for their thread to come by.
+#[cfg(test)]
+pub(crate) static HOLD_AT: parking_lot::Mutex<Vec<Hold>> = parking_lot::Mutex::new(Vec::new());
+
+/// Panic if one is injected here for this server, or wait if a hold is
+/// (test builds only).
 #[cfg(test)]
 pub(crate) fn inject<T>(shared: &Arc<Shared<T>>, site: Site) {
     let at = (Arc::as_ptr(shared) as usize, site);
@@ -276,6 +292,17 @@ pub(crate) fn inject<T>(shared: &Arc<Shared<T>>, site: Site) {
         list.remove(i);
         drop(list);
         panic!("injected at {site:?}");
+    }
+    drop(list);
+    let hold = {
+        let mut holds = HOLD_AT.lock();
+        let i = holds.iter().position(|h| (h.0, h.1) == at);
+        i.map(|i| holds.remove(i))
+    };
+    if let Some((_, _, held, leave)) = hold {
+        let _ = held.send(());
+        // Until the test lets go (or gives up: a dropped sender).
+        let _ = leave.recv();
     }
 }
 
@@ -810,7 +837,7 @@ mod tests {
     use std::sync::{Arc, Mutex, mpsc};
     use std::time::Duration;
 
-    use super::{PANIC_AT, Site};
+    use super::{HOLD_AT, PANIC_AT, Site};
     use crate::runtime::testing::{client_frame, upgrade};
     use crate::{Client, Message, WebSocketServer};
 
@@ -846,6 +873,104 @@ mod tests {
     impl Drop for Injected {
         fn drop(&mut self) {
             PANIC_AT.lock().retain(|e| *e != self.0);
+        }
+    }
+
+    /// Hold the loop of `server` at the start of its next turn, before it
+    /// waits: returns once it is held, with the sender whose drop lets it
+    /// go on.
+    fn hold_loop(server: &WebSocketServer) -> mpsc::Sender<()> {
+        let (held_tx, held) = mpsc::channel();
+        let (leave, leave_rx) = mpsc::channel();
+        let at = Arc::as_ptr(server.shared()) as usize;
+        HOLD_AT
+            .lock()
+            .push((at, Site::TurnStart, held_tx, leave_rx));
+        // Out of its wait, it comes round to the start of a turn.
+        server.shared().poller.notify().unwrap();
+        held.recv_timeout(Duration::from_secs(10))
+            .expect("the loop was not held");
+        leave
+    }
+
+    /// A server that takes messages and answers none (an answer's write
+    /// would find a reset), with no keepalive or idle timeout (either
+    /// would find a lost end in the end): its messages and disconnects.
+    fn quiet_server() -> (WebSocketServer, mpsc::Receiver<Vec<u8>>, mpsc::Receiver<()>) {
+        let (msg_tx, messages) = mpsc::channel();
+        let (gone_tx, gone) = mpsc::channel();
+        let (msg_tx, gone_tx) = (Mutex::new(msg_tx), Mutex::new(gone_tx));
+        let server = WebSocketServer::builder()
+            .workers(2)
+            .ping_interval(None)
+            .idle_timeout(None)
+            .on_message(move |_, m: Message| {
+                let _ = msg_tx.lock().unwrap().send(m.as_bytes().to_vec());
+            })
+            .on_disconnect(move |_, _, _| {
+                let _ = gone_tx.lock().unwrap().send(());
+            })
+            .start("127.0.0.1:0")
+            .unwrap();
+        (server, messages, gone)
+    }
+
+    /// A client's last message and its FIN, in before the loop waits, are
+    /// reported by one event, and no event reports the FIN again: the job
+    /// that reads the message must read on and find it. Fails if a short
+    /// read is taken to have drained the socket (the connection then
+    /// lives on, unseen, with no keepalive to find it).
+    #[test]
+    fn a_fin_that_came_with_the_last_message_ends_the_connection() {
+        let (server, messages, gone) = quiet_server();
+        for round in 0..3u8 {
+            let mut s = connect(&server);
+            // Nagle's wait for the first message's acknowledgement would
+            // hold the last one back, to be lost to the reset unsent.
+            s.set_nodelay(true).unwrap();
+            s.write_all(&client_frame(0x82, &[round])).unwrap();
+            let first = messages.recv_timeout(Duration::from_secs(10));
+            assert_eq!(first.unwrap(), [round]);
+            let leave = hold_loop(&server);
+            s.write_all(&client_frame(0x82, b"last")).unwrap();
+            s.shutdown(std::net::Shutdown::Write).unwrap();
+            // Over loopback both are in once the calls return.
+            std::thread::sleep(Duration::from_millis(20));
+            drop(leave);
+            let last = messages.recv_timeout(Duration::from_secs(10));
+            assert_eq!(last.unwrap(), b"last");
+            gone.recv_timeout(Duration::from_secs(5))
+                .expect("the FIN that came with the message went unseen");
+        }
+    }
+
+    /// As above with a reset behind the message: the read that takes the
+    /// message does not tell of the reset, the next read does. (Linux's
+    /// `TCP_INQ` count, tried to save that read, counts a FIN but not a
+    /// reset: a version that trusted it failed here.)
+    #[test]
+    fn a_reset_that_came_with_the_last_message_ends_the_connection() {
+        let (server, messages, gone) = quiet_server();
+        for round in 0..3u8 {
+            let mut s = connect(&server);
+            // Nagle's wait for the first message's acknowledgement would
+            // hold the last one back, to be lost to the reset unsent.
+            s.set_nodelay(true).unwrap();
+            s.write_all(&client_frame(0x82, &[round])).unwrap();
+            let first = messages.recv_timeout(Duration::from_secs(10));
+            assert_eq!(first.unwrap(), [round]);
+            let leave = hold_loop(&server);
+            s.write_all(&client_frame(0x82, b"last")).unwrap();
+            socket2::SockRef::from(&s)
+                .set_linger(Some(Duration::ZERO))
+                .unwrap();
+            drop(s);
+            std::thread::sleep(Duration::from_millis(20));
+            drop(leave);
+            let last = messages.recv_timeout(Duration::from_secs(10));
+            assert_eq!(last.unwrap(), b"last", "read before the reset");
+            gone.recv_timeout(Duration::from_secs(5))
+                .expect("the reset behind the message went unseen");
         }
     }
 
