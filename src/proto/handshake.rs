@@ -20,8 +20,9 @@ pub const MAX_HEADERS: usize = 64;
 pub struct Request {
     /// The request head as received; the parts below are spans of it,
     /// so that a request costs two allocations however many headers it
-    /// has (the head, and the list of header spans).
-    head: Box<[u8]>,
+    /// has (the head, and the list of header spans), and none on a
+    /// thread that dropped one before (see [`SPARE_PARTS`]).
+    head: Vec<u8>,
     method: Span,
     /// HTTP/1.`version`.
     version: u8,
@@ -35,6 +36,33 @@ pub struct Request {
     key: Span,
     /// What the head says of a body after it, read once.
     body: Body,
+}
+
+/// A request's head and its list of header spans.
+type Parts = (Vec<u8>, Vec<(Span, Span)>);
+
+thread_local! {
+    /// The head and the header list of the last request dropped on this
+    /// thread, for the next one parsed here: a worker that answers
+    /// handshakes one after another makes neither again.
+    static SPARE_PARTS: std::cell::Cell<Parts> = const { std::cell::Cell::new((Vec::new(), Vec::new())) };
+}
+
+/// The largest head kept for the next request (see [`SPARE_PARTS`]).
+const SPARE_HEAD_MAX: usize = 8192;
+
+impl Drop for Request {
+    fn drop(&mut self) {
+        if self.head.capacity() <= SPARE_HEAD_MAX {
+            let parts = (
+                std::mem::take(&mut self.head),
+                std::mem::take(&mut self.headers),
+            );
+            // `try_with`: a request dropped by another thread-local's
+            // destructor, after this one is gone, frees its parts.
+            let _ = SPARE_PARTS.try_with(|spare| spare.set(parts));
+        }
+    }
 }
 
 /// Where a part of the request lies in its head.
@@ -662,20 +690,25 @@ pub fn parse_http(buf: &[u8], max_bytes: usize) -> Result<Option<(Request, usize
     )?;
     let (path, query) = origin_form(target);
     let span = |part: &str| Span::of(buf, part.as_bytes());
+    let (mut head, mut headers) = SPARE_PARTS.try_with(|s| s.take()).unwrap_or_default();
+    head.clear();
+    head.extend_from_slice(&buf[..len]);
+    headers.clear();
+    headers.extend(
+        req.headers
+            .iter()
+            .map(|h| (span(h.name), Span::of(buf, h.value))),
+    );
     let request = Request {
         method: span(method),
         version,
         path: path.map(span),
         query: query.map(span),
-        headers: req
-            .headers
-            .iter()
-            .map(|h| (span(h.name), Span::of(buf, h.value)))
-            .collect(),
+        headers,
         peer_addr: None,
         key: Span::default(),
         body: body_of(req.headers.iter().map(|h| (h.name.as_bytes(), h.value))),
-        head: buf[..len].into(),
+        head,
     };
     Ok(Some((request, len)))
 }
@@ -1091,8 +1124,15 @@ fn push_accept_key(key: &str, out: &mut String) {
 /// The `101 Switching Protocols` response for `key`, with extra headers.
 pub fn accept_response(key: &str, extra: &[(String, String)]) -> Vec<u8> {
     let mut out = String::with_capacity(160);
+    write_accept_response(key, extra, &mut out);
+    out.into_bytes()
+}
+
+/// [`accept_response`], written at the end of `out` (a buffer the caller
+/// reuses).
+pub(crate) fn write_accept_response(key: &str, extra: &[(String, String)], out: &mut String) {
     out.push_str("HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: ");
-    push_accept_key(key, &mut out);
+    push_accept_key(key, out);
     out.push_str("\r\n");
     for (n, v) in extra {
         out.push_str(n);
@@ -1101,7 +1141,6 @@ pub fn accept_response(key: &str, extra: &[(String, String)]) -> Vec<u8> {
         out.push_str("\r\n");
     }
     out.push_str("\r\n");
-    out.into_bytes()
 }
 
 /// Decode `%XX` escapes and `+`; `None` if the result is not UTF-8 or an

@@ -293,6 +293,20 @@ thread_local! {
     static SPARE: std::cell::Cell<Option<Box<ReadSide>>> = const { std::cell::Cell::new(None) };
 }
 
+/// Keep the allocation of a torn-down connection's read side for this
+/// thread's next, if it has none: a client that leaves would otherwise
+/// cost an allocation, made on one worker and freed on another. What the
+/// read side held is dropped now.
+pub(crate) fn recycle_read(mut r: Box<ReadSide>, limits: Limits) {
+    let _ = SPARE.try_with(|spare| match spare.take() {
+        Some(kept) => spare.set(Some(kept)),
+        None => {
+            *r = ReadSide::new(Connection::new(limits), 0, 0);
+            spare.set(Some(r));
+        }
+    });
+}
+
 /// The write side, the flow-control state and the job schedule, behind
 /// one lock.
 pub(crate) struct WriteSide {
@@ -928,8 +942,8 @@ impl<T: Send + Sync + 'static> Conn<T> {
     /// broadcast), so frames sent meanwhile wait in the queue behind the
     /// token, and a client that has read its `101` is sure to get every
     /// broadcast after it.
-    pub(crate) fn send_upgrade(self: &Arc<Self>, shared: &Arc<Shared<T>>, bytes: Vec<u8>) {
-        let result = write_vectored(&self.stream, &[IoSlice::new(&bytes)]);
+    pub(crate) fn send_upgrade(self: &Arc<Self>, shared: &Arc<Shared<T>>, bytes: &[u8]) {
+        let result = write_vectored(&self.stream, &[IoSlice::new(bytes)]);
         let mut w = self.io.lock();
         // `on_connect` comes next, on this thread (see `Serving`).
         w.closures = shared.handlers.connect.is_some();
@@ -937,8 +951,12 @@ impl<T: Send + Sync + 'static> Conn<T> {
             Ok(n) => {
                 shared.counters.bytes_out(n);
                 if n < bytes.len() {
-                    w.out
-                        .push_front_partial(Chunk::Owned(bytes), None, n, &shared.counters);
+                    w.out.push_front_partial(
+                        Chunk::Owned(bytes.to_vec()),
+                        None,
+                        n,
+                        &shared.counters,
+                    );
                     self.note_held(&shared.marks, &w);
                 }
             }

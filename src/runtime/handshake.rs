@@ -2,6 +2,7 @@
 //! plain HTTP, believe a trusted proxy, negotiate extensions, and turn
 //! the socket into an open connection whose first service job it runs.
 
+use std::cell::Cell;
 use std::io::{self, Write};
 use std::net::{IpAddr, Shutdown};
 use std::panic::{AssertUnwindSafe, catch_unwind};
@@ -16,14 +17,20 @@ use crate::message::{CloseCode, CloseFrame};
 #[cfg(feature = "deflate")]
 use crate::proto::deflate::ContextPermit;
 use crate::proto::handshake::{
-    Body, Reject, Request, Response, accept_response, check_upgrade, head_and_body, parse_http,
-    request_line_len,
+    Body, Reject, Request, Response, check_upgrade, head_and_body, parse_http, request_line_len,
+    write_accept_response,
 };
 use crate::runtime::conn::{Conn, Extensions, Serving};
 use crate::runtime::registry::Pending;
 use crate::runtime::service::{read_size, read_some, service, with_scratch};
 use crate::runtime::{Shared, panic_close};
 use crate::stats::Counters;
+
+thread_local! {
+    /// The buffer this thread writes `101` responses into, kept from one
+    /// handshake to the next.
+    static SPARE_RESPONSE: Cell<String> = const { Cell::new(String::new()) };
+}
 
 /// Answer (if there is an answer) and drop a handshake. A request read
 /// so far that is a `HEAD` gets the answer's head alone (RFC 9110 section
@@ -347,7 +354,11 @@ fn handshake_inner<T: Send + Sync + 'static>(shared: &Arc<Shared<T>>, mut p: Box
         headers.push(("Sec-WebSocket-Protocol".into(), p.clone()));
     }
     let extensions = negotiate_extensions(shared, &request, &mut headers);
-    let response = accept_response(request.key(), &headers);
+    // Written into this thread's buffer for responses, which the write
+    // below gives back (a partial write copies what is left).
+    let mut response = SPARE_RESPONSE.try_with(Cell::take).unwrap_or_default();
+    response.clear();
+    write_accept_response(request.key(), &headers, &mut response);
     drop(request);
 
     if shared.stopping.load(Ordering::Acquire) {
@@ -387,7 +398,8 @@ fn handshake_inner<T: Send + Sync + 'static>(shared: &Arc<Shared<T>>, mut p: Box
     shared.registry.open(key, Arc::clone(&conn));
     Counters::add(&shared.counters.accepted, 1);
     let _serving = Serving::start(&*conn);
-    conn.send_upgrade(shared, response);
+    conn.send_upgrade(shared, response.as_bytes());
+    let _ = SPARE_RESPONSE.try_with(|spare| spare.set(response));
     // As for parking: shutdown's close-everyone pass either saw this
     // connection or we see the flag.
     if shared.stopping.load(Ordering::Acquire) {

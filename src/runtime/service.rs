@@ -13,7 +13,7 @@ use crate::error::{DecodeError, Error};
 use crate::message::{CloseCode, CloseFrame};
 use crate::proto::conn::{Output, State};
 use crate::proto::frame::OpCode;
-use crate::runtime::conn::{CONDEMNED, Conn, ReadSide, Serving, schedule};
+use crate::runtime::conn::{CONDEMNED, Conn, ReadSide, Serving, recycle_read, schedule};
 use crate::runtime::events::{BATCH, Staged};
 use crate::runtime::poller::Job;
 use crate::runtime::registry::Found;
@@ -237,6 +237,7 @@ fn service_inner<T: Send + Sync + 'static>(
                 feed(shared, conn, &mut r, &rest, &last);
             }
             teardown(shared, conn, Some(&mut r), None, done);
+            recycle_read(r, shared.limits);
             return;
         }
         book_timer(shared, conn, &r, now, close_deadline);
