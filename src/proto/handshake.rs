@@ -1179,6 +1179,30 @@ mod tests {
         parse_request(req.as_bytes(), 8192).unwrap_err().status()
     }
 
+    /// A dropped request leaves its head and header list to the next one
+    /// parsed on its thread, unless the head is over the cap: a thread
+    /// does not hold a large request's bytes after it.
+    #[test]
+    fn only_a_small_request_leaves_its_parts() {
+        let parse = |req: &[u8]| parse_http(req, 1 << 16).unwrap().unwrap().0;
+        let _ = SPARE_PARTS.take();
+        drop(parse(GOOD.as_bytes()));
+        let (head, headers) = SPARE_PARTS.take();
+        assert!(head.capacity() >= GOOD.len(), "kept: {}", head.capacity());
+        assert!(headers.capacity() >= 6);
+        let big = GOOD.replace(
+            "Cookie: a=1",
+            &format!("Cookie: a={}", "1".repeat(SPARE_HEAD_MAX)),
+        );
+        drop(parse(big.as_bytes()));
+        let (head, headers) = SPARE_PARTS.take();
+        assert_eq!(
+            (head.capacity(), headers.capacity()),
+            (0, 0),
+            "over the cap"
+        );
+    }
+
     /// `is_key` takes what a strict base64 decoder takes as sixteen bytes
     /// in 24 characters, and nothing else: every key with each position
     /// changed to every byte, and a pseudo-random sample of strings over

@@ -951,10 +951,12 @@ impl<T: Send + Sync + 'static> Conn<T> {
             Ok(n) => {
                 shared.counters.bytes_out(n);
                 if n < bytes.len() {
+                    // What the socket did not take, in front of anything
+                    // queued meanwhile.
                     w.out.push_front_partial(
-                        Chunk::Owned(bytes.to_vec()),
+                        Chunk::Owned(bytes[n..].to_vec()),
                         None,
-                        n,
+                        0,
                         &shared.counters,
                     );
                     self.note_held(&shared.marks, &w);
@@ -2162,6 +2164,43 @@ mod tests {
         assert_eq!(r.last_seen_ms, 7);
         assert_eq!(r.clock(|| 9), 7, "the read's time");
         assert_eq!(r.clock(|| 11), 11, "taken once");
+    }
+
+    /// A torn-down connection's read side is kept as this thread's spare
+    /// with nothing of what it held (a review: without the reset, the
+    /// thread would keep a closed connection's buffers until its next
+    /// connection); a spare already there is not displaced.
+    #[test]
+    fn a_recycled_read_side_holds_nothing() {
+        let limits = Limits {
+            max_message_size: 1 << 20,
+            max_frame_size: 1 << 20,
+            max_fragments: 16,
+        };
+        let _ = SPARE.take();
+        let mut r = Box::new(ReadSide::new(Connection::new(limits), 5, 3));
+        r.rest = vec![7; 100_000];
+        r.buffered = 100_000;
+        r.eof = true;
+        let at = std::ptr::from_ref(&*r) as usize;
+        recycle_read(r, limits);
+        let kept = SPARE.take().expect("kept");
+        assert_eq!(
+            std::ptr::from_ref(&*kept) as usize,
+            at,
+            "the same allocation"
+        );
+        assert_eq!(kept.rest.capacity(), 0);
+        assert_eq!((kept.buffered, kept.eof, kept.last_seen_ms), (0, false, 0));
+        SPARE.set(Some(kept));
+        recycle_read(
+            Box::new(ReadSide::new(Connection::new(limits), 1, 0)),
+            limits,
+        );
+        assert_eq!(
+            SPARE.take().map(|k| std::ptr::from_ref(&*k) as usize),
+            Some(at)
+        );
     }
 
     /// A service job's hold may be a torn-down connection's last: the

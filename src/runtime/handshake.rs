@@ -28,8 +28,21 @@ use crate::stats::Counters;
 
 thread_local! {
     /// The buffer this thread writes `101` responses into, kept from one
-    /// handshake to the next.
+    /// handshake to the next (see [`keep_response`]).
     static SPARE_RESPONSE: Cell<String> = const { Cell::new(String::new()) };
+}
+
+/// The largest `101` buffer kept for the next handshake: a strategy's
+/// headers can make one of any size, and a worker would hold the largest
+/// it ever wrote.
+const SPARE_RESPONSE_MAX: usize = 4096;
+
+/// Keep `response`'s buffer for this thread's next `101`, unless it grew
+/// past [`SPARE_RESPONSE_MAX`].
+fn keep_response(response: String) {
+    if response.capacity() <= SPARE_RESPONSE_MAX {
+        let _ = SPARE_RESPONSE.try_with(|spare| spare.set(response));
+    }
 }
 
 /// Answer (if there is an answer) and drop a handshake. A request read
@@ -399,7 +412,7 @@ fn handshake_inner<T: Send + Sync + 'static>(shared: &Arc<Shared<T>>, mut p: Box
     Counters::add(&shared.counters.accepted, 1);
     let _serving = Serving::start(&*conn);
     conn.send_upgrade(shared, response.as_bytes());
-    let _ = SPARE_RESPONSE.try_with(|spare| spare.set(response));
+    keep_response(response);
     // As for parking: shutdown's close-everyone pass either saw this
     // connection or we see the flag.
     if shared.stopping.load(Ordering::Acquire) {
@@ -683,5 +696,21 @@ pub(crate) fn book_handshake_deadline<T>(shared: &Shared<T>, deadline: std::time
     let at = crate::runtime::registry::handshake_deadline_ms(shared.started, deadline);
     if shared.timers.book_parked(at) {
         let _ = shared.poller.notify();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{SPARE_RESPONSE, SPARE_RESPONSE_MAX, keep_response};
+
+    /// A `101` buffer is kept for the thread's next handshake unless it
+    /// grew past the cap (a strategy's header of 50 MB would otherwise be
+    /// held by the worker for good, as a review found).
+    #[test]
+    fn only_a_small_response_buffer_is_kept() {
+        keep_response(String::with_capacity(200));
+        assert_eq!(SPARE_RESPONSE.take().capacity(), 200);
+        keep_response(String::with_capacity(SPARE_RESPONSE_MAX + 1));
+        assert_eq!(SPARE_RESPONSE.take().capacity(), 0, "over the cap: dropped");
     }
 }
