@@ -915,6 +915,32 @@ mod tests {
         (server, messages, gone)
     }
 
+    /// Three times: a client sends a message, then, while the loop is
+    /// held, another and `end` (which ends its side); once the loop goes
+    /// on, both messages and a `Disconnect` must come. What `end` returns
+    /// is kept until then.
+    fn ends_behind_the_last_message(end: fn(TcpStream) -> Option<TcpStream>, unseen: &str) {
+        let (server, messages, gone) = quiet_server();
+        for round in 0..3u8 {
+            let mut s = connect(&server);
+            // Nagle's wait for the first message's acknowledgement would
+            // hold the last one back, to go with the end or be lost to it.
+            s.set_nodelay(true).unwrap();
+            s.write_all(&client_frame(0x82, &[round])).unwrap();
+            let first = messages.recv_timeout(Duration::from_secs(10));
+            assert_eq!(first.unwrap(), [round]);
+            let leave = hold_loop(&server);
+            s.write_all(&client_frame(0x82, b"last")).unwrap();
+            let _kept = end(s);
+            // Over loopback both are in once the calls return.
+            std::thread::sleep(Duration::from_millis(20));
+            drop(leave);
+            let last = messages.recv_timeout(Duration::from_secs(10));
+            assert_eq!(last.unwrap(), b"last");
+            gone.recv_timeout(Duration::from_secs(5)).expect(unseen);
+        }
+    }
+
     /// A client's last message and its FIN, in before the loop waits, are
     /// reported by one event, and no event reports the FIN again: the job
     /// that reads the message must read on and find it. Fails if a short
@@ -922,26 +948,13 @@ mod tests {
     /// lives on, unseen, with no keepalive to find it).
     #[test]
     fn a_fin_that_came_with_the_last_message_ends_the_connection() {
-        let (server, messages, gone) = quiet_server();
-        for round in 0..3u8 {
-            let mut s = connect(&server);
-            // Nagle's wait for the first message's acknowledgement would
-            // hold the last one back, to be lost to the reset unsent.
-            s.set_nodelay(true).unwrap();
-            s.write_all(&client_frame(0x82, &[round])).unwrap();
-            let first = messages.recv_timeout(Duration::from_secs(10));
-            assert_eq!(first.unwrap(), [round]);
-            let leave = hold_loop(&server);
-            s.write_all(&client_frame(0x82, b"last")).unwrap();
-            s.shutdown(std::net::Shutdown::Write).unwrap();
-            // Over loopback both are in once the calls return.
-            std::thread::sleep(Duration::from_millis(20));
-            drop(leave);
-            let last = messages.recv_timeout(Duration::from_secs(10));
-            assert_eq!(last.unwrap(), b"last");
-            gone.recv_timeout(Duration::from_secs(5))
-                .expect("the FIN that came with the message went unseen");
-        }
+        ends_behind_the_last_message(
+            |s| {
+                s.shutdown(std::net::Shutdown::Write).unwrap();
+                Some(s)
+            },
+            "the FIN that came with the message went unseen",
+        );
     }
 
     /// As above with a reset behind the message: the read that takes the
@@ -953,28 +966,15 @@ mod tests {
     #[cfg(target_os = "linux")]
     #[test]
     fn a_reset_that_came_with_the_last_message_ends_the_connection() {
-        let (server, messages, gone) = quiet_server();
-        for round in 0..3u8 {
-            let mut s = connect(&server);
-            // Nagle's wait for the first message's acknowledgement would
-            // hold the last one back, to be lost to the reset unsent.
-            s.set_nodelay(true).unwrap();
-            s.write_all(&client_frame(0x82, &[round])).unwrap();
-            let first = messages.recv_timeout(Duration::from_secs(10));
-            assert_eq!(first.unwrap(), [round]);
-            let leave = hold_loop(&server);
-            s.write_all(&client_frame(0x82, b"last")).unwrap();
-            socket2::SockRef::from(&s)
-                .set_linger(Some(Duration::ZERO))
-                .unwrap();
-            drop(s);
-            std::thread::sleep(Duration::from_millis(20));
-            drop(leave);
-            let last = messages.recv_timeout(Duration::from_secs(10));
-            assert_eq!(last.unwrap(), b"last", "read before the reset");
-            gone.recv_timeout(Duration::from_secs(5))
-                .expect("the reset behind the message went unseen");
-        }
+        ends_behind_the_last_message(
+            |s| {
+                socket2::SockRef::from(&s)
+                    .set_linger(Some(Duration::ZERO))
+                    .unwrap();
+                None
+            },
+            "the reset behind the message went unseen",
+        );
     }
 
     fn connect(server: &WebSocketServer) -> TcpStream {
