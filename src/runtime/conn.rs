@@ -2182,6 +2182,11 @@ mod tests {
         r.rest = vec![7; 100_000];
         r.buffered = 100_000;
         r.eof = true;
+        r.report = Some(crate::message::CloseFrame::new(
+            crate::message::CloseCode::NORMAL,
+            "x".repeat(100),
+        ));
+        r.error = Some(crate::error::Error::Closed);
         let at = std::ptr::from_ref(&*r) as usize;
         recycle_read(r, limits);
         let kept = SPARE.take().expect("kept");
@@ -2192,6 +2197,8 @@ mod tests {
         );
         assert_eq!(kept.rest.capacity(), 0);
         assert_eq!((kept.buffered, kept.eof, kept.last_seen_ms), (0, false, 0));
+        assert!(kept.report.is_none() && kept.error.is_none());
+        assert!(kept.proto.is_at_rest(), "a fresh decoder");
         SPARE.set(Some(kept));
         recycle_read(
             Box::new(ReadSide::new(Connection::new(limits), 1, 0)),

@@ -701,7 +701,76 @@ pub(crate) fn book_handshake_deadline<T>(shared: &Shared<T>, deadline: std::time
 
 #[cfg(test)]
 mod tests {
+    use std::io::{Read, Write};
+    use std::net::TcpStream;
+    use std::time::{Duration, Instant};
+
     use super::{SPARE_RESPONSE, SPARE_RESPONSE_MAX, keep_response};
+
+    /// A `101` larger than the socket takes at once (a strategy's header
+    /// of 256 KiB, a client with a small receive buffer that reads only
+    /// later) is queued from where the write stopped, in front of what is
+    /// sent after it: the client reads the whole head, exact, then the
+    /// frame.
+    #[test]
+    fn a_101_written_in_parts_arrives_whole_and_first() {
+        let big = "v".repeat(256 << 10);
+        let value = big.clone();
+        let server = crate::WebSocketServer::with_handshake(move |_, resp| {
+            resp.header("X-Big", value.clone());
+            Ok(())
+        })
+        .max_backpressure(16 << 20)
+        // The kernel's buffer for it fixed, small: a write stops short.
+        .kernel_send_buffer(Some(16 << 10))
+        .on_connect(|c| {
+            c.send("after").unwrap();
+        })
+        .start("127.0.0.1:0")
+        .unwrap();
+        let socket =
+            socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+        socket.set_recv_buffer_size(4096).unwrap();
+        socket.connect(&server.local_addr().into()).unwrap();
+        let mut s: TcpStream = socket.into();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        s.write_all(crate::runtime::testing::UPGRADE).unwrap();
+        // The write stopped short: the rest is queued.
+        let t = Instant::now();
+        while server.stats().bytes_queued == 0 {
+            assert!(t.elapsed() < Duration::from_secs(10), "nothing was queued");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let mut got = Vec::new();
+        let mut buf = vec![0u8; 1 << 16];
+        let head_end = loop {
+            let n = s.read(&mut buf).unwrap();
+            assert!(n > 0, "closed after {} bytes", got.len());
+            got.extend_from_slice(&buf[..n]);
+            if let Some(at) = got.windows(4).position(|w| w == b"\r\n\r\n") {
+                break at + 4;
+            }
+        };
+        let sent = crate::proto::handshake::accept_response(
+            "dGhlIHNhbXBsZSBub25jZQ==",
+            &[("X-Big".to_owned(), big)],
+        );
+        assert!(
+            got[..head_end] == sent[..],
+            "the head differs: {head_end} bytes for {}",
+            sent.len()
+        );
+        while got.len() < head_end + 7 {
+            let n = s.read(&mut buf).unwrap();
+            assert!(n > 0);
+            got.extend_from_slice(&buf[..n]);
+        }
+        assert_eq!(
+            &got[head_end..],
+            b"\x81\x05after",
+            "the frame after the head"
+        );
+    }
 
     /// A `101` buffer is kept for the thread's next handshake unless it
     /// grew past the cap (a strategy's header of 50 MB would otherwise be
