@@ -2172,11 +2172,7 @@ mod tests {
     /// connection); a spare already there is not displaced.
     #[test]
     fn a_recycled_read_side_holds_nothing() {
-        let limits = Limits {
-            max_message_size: 1 << 20,
-            max_frame_size: 1 << 20,
-            max_fragments: 16,
-        };
+        let limits = Limits::default();
         let _ = SPARE.take();
         let mut r = Box::new(ReadSide::new(Connection::new(limits), 5, 3));
         r.rest = vec![7; 100_000];
