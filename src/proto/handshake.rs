@@ -43,8 +43,11 @@ type Parts = (Vec<u8>, Vec<(Span, Span)>);
 
 thread_local! {
     /// The head and the header list of the last request dropped on this
-    /// thread, for the next one parsed here: a worker that answers
-    /// handshakes one after another makes neither again.
+    /// thread, if it is one of the pool's workers, for the next one parsed
+    /// here: a worker that answers handshakes one after another makes
+    /// neither again. Any other thread (a user's, dropping a clone) keeps
+    /// nothing: it may never parse a request, and would hold the last
+    /// one's bytes (its cookies, say) for good.
     static SPARE_PARTS: std::cell::Cell<Parts> = const { std::cell::Cell::new((Vec::new(), Vec::new())) };
 }
 
@@ -53,7 +56,7 @@ const SPARE_HEAD_MAX: usize = 8192;
 
 impl Drop for Request {
     fn drop(&mut self) {
-        if self.head.capacity() <= SPARE_HEAD_MAX {
+        if self.head.capacity() <= SPARE_HEAD_MAX && crate::runtime::service::on_worker() {
             let parts = (
                 std::mem::take(&mut self.head),
                 std::mem::take(&mut self.headers),
@@ -1179,12 +1182,32 @@ mod tests {
         parse_request(req.as_bytes(), 8192).unwrap_err().status()
     }
 
-    /// A dropped request leaves its head and header list to the next one
-    /// parsed on its thread, unless the head is over the cap: a thread
-    /// does not hold a large request's bytes after it.
+    /// A request dropped on a worker leaves its head and header list to
+    /// the next one parsed on its thread, unless the head is over the cap:
+    /// a thread does not hold a large request's bytes after it. One
+    /// dropped on any other thread (a user's clone) leaves nothing.
     #[test]
     fn only_a_small_request_leaves_its_parts() {
         let parse = |req: &[u8]| parse_http(req, 1 << 16).unwrap().unwrap().0;
+        let request = parse(GOOD.as_bytes());
+        let _ = SPARE_PARTS.take();
+        drop(request.clone());
+        drop(request);
+        let (head, headers) = SPARE_PARTS.take();
+        assert_eq!(
+            (head.capacity(), headers.capacity()),
+            (0, 0),
+            "kept on a thread not the pool's"
+        );
+        std::thread::Builder::new()
+            .name(crate::runtime::service::WORKER_NAME.into())
+            .spawn(move || on_a_worker(parse))
+            .unwrap()
+            .join()
+            .unwrap();
+    }
+
+    fn on_a_worker(parse: impl Fn(&[u8]) -> Request) {
         let _ = SPARE_PARTS.take();
         drop(parse(GOOD.as_bytes()));
         let (head, headers) = SPARE_PARTS.take();
