@@ -89,8 +89,13 @@ pub(crate) fn answering(conn: usize) {
 /// (A read of more than `events::BATCH` messages is handed out in lists
 /// of that many: each list's last counts as a read's last.)
 fn first_answer<T>(conn: &Conn<T>) -> bool {
+    first_answer_at(std::ptr::from_ref(conn) as usize)
+}
+
+/// [`first_answer`], for the record at address `conn`.
+fn first_answer_at(conn: usize) -> bool {
     let answering = ANSWERING.get();
-    if answering != 0 && answering == std::ptr::from_ref(conn) as usize {
+    if answering != 0 && answering == conn {
         ANSWERING.set(0);
         // Not timed, but a send of this thread's for the burst's count.
         send_untimed();
@@ -2148,6 +2153,28 @@ pub(crate) fn for_test(stream: TcpStream, id: crate::client::ClientId) -> Conn<(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A main loop's first answers, written at once without a look at
+    /// the clock, still count as sends of its burst: after a timed send
+    /// and 60 first answers, a send 30 gaps later belongs to the burst,
+    /// where after the timed send alone it would not. Each note is used
+    /// by one answer.
+    #[test]
+    fn first_answers_count_toward_the_loops_burst() {
+        let conn = 0x1000;
+        let ago = || std::time::Instant::now().checked_sub(BURST_GAP * 30);
+        LAST_SEND.set((ago(), 0));
+        assert!(!sending_in_a_burst());
+        LAST_SEND.set((ago(), 0));
+        for _ in 0..60 {
+            answering(conn);
+            assert!(first_answer_at(conn));
+            assert!(!first_answer_at(conn), "a note serves one answer");
+        }
+        answering(conn + 8);
+        assert!(!first_answer_at(conn), "another record's note");
+        assert!(sending_in_a_burst());
+    }
 
     /// A pass's timers take the time its read was handled at, once, and
     /// only if a read was: otherwise (and for a second ask) the clock's.
