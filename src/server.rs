@@ -1096,7 +1096,6 @@ impl<T: Send + Sync + 'static> Builder<T> {
             self.config.event_queue_bytes,
             main_loop,
             self.config.queue_unhandled_events,
-            flow::Marks::new(&self.config),
         );
         let config = self.config;
         let limits = Limits {

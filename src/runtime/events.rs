@@ -122,9 +122,6 @@ pub(crate) struct EventQueue<T> {
     /// Connections paused because the budget was exceeded.
     starved: Mutex<Vec<Weak<Conn<T>>>>,
     any_starved: AtomicBool,
-    /// The server's marks: a charge that brings a client to half of high
-    /// water has its read gate looked at again (see `Conn::note_held`).
-    marks: Marks,
 }
 
 impl<T: Send + Sync + 'static> EventQueue<T> {
@@ -132,7 +129,6 @@ impl<T: Send + Sync + 'static> EventQueue<T> {
         budget: usize,
         main_loop: bool,
         queue_unhandled: bool,
-        marks: Marks,
     ) -> (EventQueue<T>, mpsc::Receiver<Batch<T>>) {
         let (tx, rx) = mpsc::channel();
         let queue = EventQueue {
@@ -143,7 +139,6 @@ impl<T: Send + Sync + 'static> EventQueue<T> {
             queue_unhandled,
             starved: Mutex::new(Vec::new()),
             any_starved: AtomicBool::new(false),
-            marks,
         };
         (queue, rx)
     }
@@ -184,7 +179,7 @@ impl<T: Send + Sync + 'static> EventQueue<T> {
     /// Queue `event` about `conn`, charged to both. In the closure style
     /// the event is dropped (its kind has no closure, and nobody reads the
     /// channel) unless the user asked for such events.
-    pub(crate) fn push(&self, conn: &Conn<T>, event: Event<T>) {
+    pub(crate) fn push(&self, marks: &Marks, conn: &Conn<T>, event: Event<T>) {
         if !self.main_loop && !self.queue_unhandled {
             return;
         }
@@ -208,7 +203,7 @@ impl<T: Send + Sync + 'static> EventQueue<T> {
         if answered {
             let mut w = conn.io.lock();
             w.events += charge;
-            conn.note_held(&self.marks, &w);
+            conn.note_held(marks, &w);
         }
         self.bytes.fetch_add(charge, Ordering::Relaxed);
         if tx.send(Batch::One(Envelope { event, charge })).is_err() {
@@ -229,9 +224,10 @@ impl<T: Send + Sync + 'static> EventQueue<T> {
     }
 
     /// A batch for `conn`'s messages from one read (see [`Staged`]).
-    pub(crate) fn staging<'a>(&'a self, conn: &'a Conn<T>) -> Staged<'a, T> {
+    pub(crate) fn staging<'a>(&'a self, marks: &'a Marks, conn: &'a Conn<T>) -> Staged<'a, T> {
         Staged {
             queue: self,
+            marks,
             conn,
             first: None,
             list: Vec::new(),
@@ -329,6 +325,9 @@ impl<T: Send + Sync + 'static> EventQueue<T> {
 /// job unwinds.
 pub(crate) struct Staged<'a, T: Send + Sync + 'static> {
     queue: &'a EventQueue<T>,
+    /// The server's marks: a charge that brings a client to half of high
+    /// water has its read gate looked at again (see `Conn::note_held`).
+    marks: &'a Marks,
     conn: &'a Conn<T>,
     /// A lone message, kept out of a list: a read that gives one message
     /// (the commonest, at a chat's pace) sends it without making and
@@ -419,7 +418,7 @@ impl<T: Send + Sync + 'static> Staged<'_, T> {
         let pending = std::mem::take(&mut self.pending);
         let mut w = self.conn.io.lock();
         w.events += pending;
-        self.conn.note_held(&self.queue.marks, &w);
+        self.conn.note_held(self.marks, &w);
         drop(w);
         self.queue.bytes.fetch_add(pending, Ordering::Relaxed);
         let sent = match self.first.take() {
@@ -454,14 +453,17 @@ mod tests {
     /// A main loop's queue (budget 1 MiB), its receiving end, and a
     /// connection to stage for, over a socket to the listener returned
     /// with them.
+    /// The default configuration's marks, which the tests' batches note.
+    static MARKS: std::sync::LazyLock<Marks> =
+        std::sync::LazyLock::new(|| Marks::new(&crate::config::Config::default()));
+
     fn queue_and_conn() -> (
         EventQueue<()>,
         mpsc::Receiver<Batch<()>>,
         Conn<()>,
         std::net::TcpListener,
     ) {
-        let marks = Marks::new(&crate::config::Config::default());
-        let (queue, rx) = EventQueue::<()>::new(1 << 20, true, false, marks);
+        let (queue, rx) = EventQueue::<()>::new(1 << 20, true, false);
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let stream = std::net::TcpStream::connect(l.local_addr().unwrap()).unwrap();
         let id = crate::runtime::registry::Registry::<()>::new().client_id(0);
@@ -476,7 +478,7 @@ mod tests {
     fn staged_messages_are_sent_when_the_job_unwinds() {
         let (queue, rx, conn, _listener) = queue_and_conn();
         let unwound = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            let mut batch = queue.staging(&conn);
+            let mut batch = queue.staging(&MARKS, &conn);
             batch.stage(Message::from(vec![1u8]));
             batch.stage(Message::from(vec![2u8, 2]));
             panic!("a bug while feeding");
@@ -533,7 +535,7 @@ mod tests {
         for (k, last, capacity) in cases {
             LAST_LIST.set(last);
             let before = queue.bytes();
-            let mut batch = queue.staging(&conn);
+            let mut batch = queue.staging(&MARKS, &conn);
             for i in 0..k {
                 batch.stage(Message::from(vec![i as u8]));
             }
@@ -576,7 +578,7 @@ mod tests {
         for last in 0..=BATCH {
             for k in 2..=BATCH {
                 LAST_LIST.set(last);
-                let mut batch = queue.staging(&conn);
+                let mut batch = queue.staging(&MARKS, &conn);
                 for _ in 0..k {
                     batch.stage(Message::from(vec![7u8]));
                 }
@@ -609,7 +611,7 @@ mod tests {
     fn a_lone_message_is_sent_in_no_list() {
         let (queue, rx, conn, _listener) = queue_and_conn();
         LAST_LIST.set(7);
-        let mut batch = queue.staging(&conn);
+        let mut batch = queue.staging(&MARKS, &conn);
         batch.stage(Message::from(vec![1u8]));
         assert_eq!((batch.len(), batch.pending()), (1, EVENT_COST + 1));
         drop(batch);

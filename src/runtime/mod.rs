@@ -213,6 +213,7 @@ impl<T: Send + Sync + 'static> Shared<T> {
             Some(f) => self.guarded("on_connect", client, || f(client)),
             None => {
                 self.events.push(
+                    &self.marks,
                     conn,
                     Event::Connect {
                         client: client.clone(),
@@ -230,6 +231,7 @@ impl<T: Send + Sync + 'static> Shared<T> {
             Some(f) => self.guarded("on_message", client, || f(client, message)),
             None => {
                 self.events.push(
+                    &self.marks,
                     conn,
                     Event::Message {
                         client: client.clone(),
@@ -255,6 +257,7 @@ impl<T: Send + Sync + 'static> Shared<T> {
                 });
             }
             None => self.events.push(
+                &self.marks,
                 conn,
                 Event::Disconnect {
                     client: client.clone(),
@@ -306,6 +309,7 @@ impl<T: Send + Sync + 'static> Shared<T> {
             Some(f) => self.guarded("on_drain", client, || f(client)),
             None => {
                 self.events.push(
+                    &self.marks,
                     conn,
                     Event::Drain {
                         client: client.clone(),
@@ -367,6 +371,7 @@ impl<T: Send + Sync + 'static> Shared<T> {
             }
             None => match client.and_then(Client::conn) {
                 Some(conn) => self.events.push(
+                    &self.marks,
                     &conn,
                     Event::Error {
                         client: client.cloned(),

@@ -602,7 +602,7 @@ fn feed<T: Send + Sync + 'static>(
     let mut input = bytes;
     let (mut delivered, mut count) = (0, 0);
     // Messages for the main loop, sent on together.
-    let mut batch = shared.events.staging(conn);
+    let mut batch = shared.events.staging(&shared.marks, conn);
     while let Some(out) = r.proto.read(&mut input) {
         match &out {
             Output::Message(m) => {
