@@ -21,7 +21,7 @@ pub struct Request {
     /// The request head as received; the parts below are spans of it,
     /// so that a request costs two allocations however many headers it
     /// has (the head, and the list of header spans), and none on a
-    /// thread that dropped one before (see [`SPARE_PARTS`]).
+    /// pool worker that dropped one before (see [`SPARE_PARTS`]).
     head: Vec<u8>,
     method: Span,
     /// HTTP/1.`version`.

@@ -52,7 +52,11 @@ thread_local! {
 /// Whether this thread's sends since its previous timed one came within
 /// `BURST_GAP` of each other on average.
 fn sending_in_a_burst() -> bool {
-    let now = std::time::Instant::now();
+    sending_in_a_burst_at(std::time::Instant::now())
+}
+
+/// [`sending_in_a_burst`], for a send at `now`.
+fn sending_in_a_burst_at(now: std::time::Instant) -> bool {
     LAST_SEND.with(|last| {
         let (then, untimed) = last.get();
         // (At most 64 gaps: a thread that queued a million sends and then
@@ -2158,14 +2162,16 @@ mod tests {
     /// the clock, still count as sends of its burst: after a timed send
     /// and 60 first answers, a send 30 gaps later belongs to the burst,
     /// where after the timed send alone it would not. Each note is used
-    /// by one answer.
+    /// by one answer. (The sends' times are given, not read: a test
+    /// preempted between two looks at the clock must not fail.)
     #[test]
     fn first_answers_count_toward_the_loops_burst() {
         let conn = 0x1000;
-        let ago = || std::time::Instant::now().checked_sub(BURST_GAP * 30);
-        LAST_SEND.set((ago(), 0));
-        assert!(!sending_in_a_burst());
-        LAST_SEND.set((ago(), 0));
+        let then = std::time::Instant::now();
+        let later = then + BURST_GAP * 30;
+        LAST_SEND.set((Some(then), 0));
+        assert!(!sending_in_a_burst_at(later));
+        LAST_SEND.set((Some(then), 0));
         for _ in 0..60 {
             answering(conn);
             assert!(first_answer_at(conn));
@@ -2173,7 +2179,9 @@ mod tests {
         }
         answering(conn + 8);
         assert!(!first_answer_at(conn), "another record's note");
-        assert!(sending_in_a_burst());
+        assert_eq!(LAST_SEND.get(), (Some(then), 60), "first answers counted");
+        assert!(sending_in_a_burst_at(later));
+        assert_eq!(LAST_SEND.get(), (Some(later), 0), "the send timed");
     }
 
     /// A pass's timers take the time its read was handled at, once, and

@@ -450,13 +450,13 @@ mod tests {
     use super::*;
     use crate::message::Message;
 
-    /// A main loop's queue (budget 1 MiB), its receiving end, and a
-    /// connection to stage for, over a socket to the listener returned
-    /// with them.
     /// The default configuration's marks, which the tests' batches note.
     static MARKS: std::sync::LazyLock<Marks> =
         std::sync::LazyLock::new(|| Marks::new(&crate::config::Config::default()));
 
+    /// A main loop's queue (budget 1 MiB), its receiving end, and a
+    /// connection to stage for, over a socket to the listener returned
+    /// with them.
     fn queue_and_conn() -> (
         EventQueue<()>,
         mpsc::Receiver<Batch<()>>,
