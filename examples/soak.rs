@@ -15,7 +15,10 @@
 //! handshake. Flow control must keep every echo: the echo handler counts
 //! the sends refused for any reason but a closed client, and the run fails
 //! if that count plus the server's `messages_dropped` is not 0. Any
-//! mismatch or unexpected error stops the run with a non-zero exit.
+//! mismatch or unexpected error stops the run with a non-zero exit. The
+//! messages of leaving clients discarded with the event channel a whole
+//! budget behind (`messages_discarded`, the cases the README's "Nothing
+//! lost" names) are printed, not failed on.
 //! Memory and fds are the whole process's (clients included).
 //!
 //! `--main-loop` handles messages and disconnects in a thread that takes
@@ -625,6 +628,14 @@ fn main() -> Result<(), Error> {
     println!(
         "dropped: {dropped} (messages_dropped {}, handler refusals {refusals})",
         s.messages_dropped
+    );
+    // Not a failure: messages of clients on their way out, found with the
+    // event channel a whole budget behind or the client's unconsumed
+    // events at the hard limit (main-loop style; the README's "Nothing
+    // lost" names these cases).
+    println!(
+        "discarded: {} (messages_discarded, of leaving clients)",
+        s.messages_discarded
     );
     println!("stats: {s:?}");
     println!(
