@@ -208,21 +208,27 @@ fn pings_to_a_client_at_its_limit_are_refused() {
     let dropped = server.stats().messages_dropped;
     // What room is left under the limit (less than the 16 KiB message
     // refused) takes some, 64 B of cost a piece; then every one is
-    // refused.
-    let mut refused = [0, 0];
-    for round in refused.iter_mut() {
+    // refused. Rounds of 10,000 until one is refused whole: the kernel
+    // may still be taking some of the queue (the client's window was
+    // still open when CI ran it loaded once: 5,241 and 8,487 refused in
+    // two rounds, the queue no longer than before), and what it takes
+    // makes room for a few more.
+    let mut refused = Vec::new();
+    while refused.last() != Some(&10_000) && refused.len() < 10 {
+        let mut round = 0;
         for _ in 0..10_000 {
             match client.ping() {
                 Ok(()) => {}
-                Err(Error::Backpressure { .. }) => *round += 1,
+                Err(Error::Backpressure { .. }) => round += 1,
                 Err(e) => panic!("{e}"),
             }
         }
+        refused.push(round);
     }
     let grown = client.buffered_amount().saturating_sub(queued);
     assert!(
-        refused[1] == 10_000 && grown <= 1024,
-        "pings refused in two rounds of 10,000: {refused:?}; the queue grew {grown} B"
+        refused.last() == Some(&10_000) && grown <= 1024,
+        "pings refused in rounds of 10,000: {refused:?}; the queue grew {grown} B"
     );
     // Refused pings are no messages dropped.
     assert_eq!(server.stats().messages_dropped, dropped);
