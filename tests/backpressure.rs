@@ -209,10 +209,9 @@ fn pings_to_a_client_at_its_limit_are_refused() {
     // What room is left under the limit (less than the 16 KiB message
     // refused) takes some, 64 B of cost a piece; then every one is
     // refused. Rounds of 10,000 until one is refused whole: the kernel
-    // may still be taking some of the queue (the client's window was
-    // still open when CI ran it loaded once: 5,241 and 8,487 refused in
-    // two rounds, the queue no longer than before), and what it takes
-    // makes room for a few more.
+    // may still be taking some of the queue, and what it takes makes room
+    // for a few more (once in CI, on a loaded machine, 5,241 and 8,487
+    // were refused in two rounds, the queue no longer than before).
     let mut refused = Vec::new();
     while refused.last() != Some(&10_000) && refused.len() < 10 {
         let mut round = 0;
