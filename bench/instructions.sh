@@ -5,7 +5,7 @@
 # well under 1%). The kernel's work (system calls, wake-ups) is not in it.
 #
 #   bench/instructions.sh                      # examples/echo, 32 B echo
-#   bench/instructions.sh --main-loop          # its main-loop style
+#   bench/instructions.sh --main-loop          # its main-loop style (BURST=0: see below)
 #   SIZE=65536 CLIENTS=10 bench/instructions.sh
 #   LOAD=connect bench/instructions.sh         # per handshake (loadgen connect)
 #   BIN=/path/to/server bench/instructions.sh ARGS...   # another build
@@ -22,10 +22,26 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$PWD
 if [ -z "${BIN:-}" ]; then
+    # A main loop under valgrind sends too slowly for its sends to come
+    # within 20 µs of each other, so it would write each reply at once,
+    # where at full speed its replies go to the pool's flush job: with
+    # --main-loop the server is built with the burst's gap at 20 ms
+    # (`--cfg enjent_wide_burst`, src/runtime/conn.rs), so that it takes
+    # the full-speed path. BURST=0 counts the slow path instead.
+    target="$root/target/instructions"
+    flags=
+    case " $* " in
+    *" --main-loop "*)
+        if [ "${BURST:-1}" != 0 ]; then
+            target="$root/target/instructions-burst"
+            flags="--cfg enjent_wide_burst"
+        fi
+        ;;
+    esac
     # Line tables, so that the functions inlined into others are named.
-    CARGO_PROFILE_RELEASE_DEBUG=line-tables-only CARGO_TARGET_DIR="$root/target/instructions" \
-        cargo build --release --example echo
-    BIN="$root/target/instructions/release/examples/echo"
+    CARGO_PROFILE_RELEASE_DEBUG=line-tables-only CARGO_TARGET_DIR="$target" \
+        RUSTFLAGS="${RUSTFLAGS:-} $flags" cargo build --release --example echo
+    BIN="$target/release/examples/echo"
 fi
 (cd bench && cargo build --release --bin loadgen)
 loadgen="$root/bench/target/release/loadgen"
