@@ -1993,18 +1993,30 @@ fn write_gathered(
 /// gathered into one buffer, go out with `send`: on Linux, `writev` on a
 /// socket goes through the file layer (position lock, iovec import),
 /// which costs more than copying a ping or a short message.
-fn write_vectored(mut stream: &TcpStream, parts: &[IoSlice<'_>]) -> io::Result<usize> {
+fn write_vectored(stream: &TcpStream, parts: &[IoSlice<'_>]) -> io::Result<usize> {
+    if parts.len() > 1 && parts.iter().map(|p| p.len()).sum::<usize>() <= SMALL_WRITE {
+        write_small_parts(stream, parts)
+    } else {
+        write_parts(stream, parts)
+    }
+}
+
+/// [`write_vectored`] of parts of at most `SMALL_WRITE` bytes together:
+/// copied into one buffer and sent. (Apart, so that the buffer is made,
+/// and zeroed, only here: a job's usual write is one gathered chunk.)
+fn write_small_parts(stream: &TcpStream, parts: &[IoSlice<'_>]) -> io::Result<usize> {
     let mut buf = [0u8; SMALL_WRITE];
     let mut gathered = 0;
-    let parts = if parts.len() > 1 && parts.iter().map(|p| p.len()).sum::<usize>() <= SMALL_WRITE {
-        for p in parts {
-            buf[gathered..gathered + p.len()].copy_from_slice(p);
-            gathered += p.len();
-        }
-        &[IoSlice::new(&buf[..gathered])][..]
-    } else {
-        parts
-    };
+    for p in parts {
+        buf[gathered..gathered + p.len()].copy_from_slice(p);
+        gathered += p.len();
+    }
+    write_parts(stream, &[IoSlice::new(&buf[..gathered])])
+}
+
+/// One write of `parts` (with `send` if there is one), retried on EINTR;
+/// `WouldBlock` counts as 0 bytes.
+fn write_parts(mut stream: &TcpStream, parts: &[IoSlice<'_>]) -> io::Result<usize> {
     loop {
         let r = match parts {
             [one] => stream.write(one),
