@@ -40,8 +40,9 @@ pub(crate) const RSV1: u8 = 0b100;
 /// pool, which writes them in batches. A lone send is written at once by
 /// the caller, which is quicker than a hand-off. (Built with `--cfg
 /// enjent_wide_burst`, 20 ms: `bench/instructions.sh --main-loop` counts
-/// a main loop under valgrind, which sends too slowly to make a burst
-/// otherwise, on the path it takes at full speed.)
+/// a main loop under valgrind, which sends more slowly than at full speed
+/// and would write some of a burst's sends at once, with about as many
+/// writes as at full speed.)
 const BURST_GAP: std::time::Duration = if cfg!(enjent_wide_burst) {
     std::time::Duration::from_millis(20)
 } else {
