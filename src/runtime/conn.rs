@@ -2015,8 +2015,8 @@ fn write_small_parts(stream: &TcpStream, parts: &[IoSlice<'_>]) -> io::Result<us
     write_parts(stream, &[IoSlice::new(&buf[..gathered])])
 }
 
-/// One write of `parts` (with `send` if there is one), retried on EINTR;
-/// `WouldBlock` counts as 0 bytes.
+/// One write of `parts` (`send` for a single part, `writev` for more),
+/// retried on EINTR; `WouldBlock` counts as 0 bytes.
 fn write_parts(mut stream: &TcpStream, parts: &[IoSlice<'_>]) -> io::Result<usize> {
     loop {
         let r = match parts {
