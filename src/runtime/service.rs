@@ -291,6 +291,15 @@ fn service_inner<T: Send + Sync + 'static>(
 /// while the lock was let go for a write: with edge-triggered interest,
 /// nothing else would write them (the socket has room, and the poller
 /// reports room only after a write that found none).
+///
+/// Should another thread hold the write token when the lock is taken
+/// back (a user thread's send over the cork, a publish's flush), the room
+/// reported since is that writer's to take, and is left to it: its write
+/// may have filled the socket before the room came, and it looks for
+/// room after the write. Taken here, the report was lost: the writer
+/// found none and stopped, the room reported was the last edge the
+/// socket would give, and the queue waited with the socket empty (found
+/// by an adversarial review; `tests/hot_paths.rs`).
 fn flush_before_letting_go<'a, T: Send + Sync + 'static>(
     shared: &Arc<Shared<T>>,
     conn: &'a Arc<Conn<T>>,
@@ -299,8 +308,10 @@ fn flush_before_letting_go<'a, T: Send + Sync + 'static>(
     while !w.out.is_empty() && !w.writing && w.write_error.is_none() && !w.finished {
         w.writing = true;
         let left = conn.flush_holding_token(shared, w);
+        #[cfg(test)]
+        tests::between_writes();
         w = conn.io.lock();
-        if left && !std::mem::take(&mut w.room) {
+        if left && !w.writing && !std::mem::take(&mut w.room) {
             break;
         }
     }
@@ -1269,4 +1280,75 @@ fn teardown<T: Send + Sync + 'static>(
         };
     }
     shared.emit_disconnect(conn, close, error);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::cell::RefCell;
+
+    thread_local! {
+        /// Run once by `flush_before_letting_go` between its write and
+        /// its next look at the connection.
+        static BETWEEN: RefCell<Option<Box<dyn FnOnce()>>> = const { RefCell::new(None) };
+    }
+
+    pub(super) fn between_writes() {
+        if let Some(f) = BETWEEN.with(|b| b.borrow_mut().take()) {
+            f();
+        }
+    }
+
+    /// A job's last flush whose write found the socket full, and which
+    /// finds, taking the lock back, another thread holding the write token
+    /// and the poller's report of room, leaves the report to that writer
+    /// (which looks for room after its own write). Before, it took the
+    /// report and let go; the writer, whose write had filled the socket
+    /// before the room came, found none and stopped; and nothing wrote the
+    /// queue again while the client read the socket empty.
+    #[test]
+    fn room_reported_while_another_thread_writes_is_left_to_it() {
+        let server = crate::WebSocketServer::builder()
+            .start("127.0.0.1:0")
+            .unwrap();
+        let shared = server.shared();
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        // A client that does not read.
+        let _client = std::net::TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let (stream, _) = l.accept().unwrap();
+        stream.set_nonblocking(true).unwrap();
+        socket2::SockRef::from(&stream)
+            .set_send_buffer_size(4096)
+            .unwrap();
+        let id = crate::runtime::registry::Registry::<()>::new().client_id(0);
+        let conn = Arc::new(crate::runtime::conn::for_test(stream, id));
+        // More than the kernel takes (a few KiB here, and the client's
+        // receive buffer), in a queue owned by a job whose pass is ending.
+        let total = 4 << 20;
+        {
+            let mut w = conn.io.lock();
+            for _ in 0..total >> 16 {
+                w.out.push(
+                    crate::runtime::flow::Chunk::Owned(vec![7; 1 << 16]),
+                    &shared.counters,
+                );
+            }
+            w.writing = false;
+        }
+        // While the job's write is out, another thread takes the token,
+        // and the poller reports room during that thread's write.
+        let other = Arc::clone(&conn);
+        BETWEEN.with(|b| {
+            *b.borrow_mut() = Some(Box::new(move || {
+                let mut w = other.io.lock();
+                w.writing = true;
+                w.room = true;
+            }))
+        });
+        let w = flush_before_letting_go(shared, &conn, conn.io.lock());
+        let queued = w.out.bytes();
+        assert!(queued > 0 && queued < total, "the job's write was short");
+        assert!(w.writing, "the other thread holds the token");
+        assert!(w.room, "the report of room was taken from its writer");
+    }
 }
