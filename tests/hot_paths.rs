@@ -124,7 +124,12 @@ struct Echoes {
 fn many_senders(builder: enjent::Builder, closures: bool) {
     let echoes = Arc::new(Echoes::default());
     let counts = Arc::clone(&echoes);
-    let builder = builder.workers(2).kernel_send_buffer(Some(4096));
+    // No keepalive: a ping would be a frame the counts do not expect (on
+    // a machine slow enough to take 30 s).
+    let builder = builder
+        .workers(2)
+        .kernel_send_buffer(Some(4096))
+        .ping_interval(None);
     let (tx, rx) = std::sync::mpsc::channel();
     let tx = Mutex::new(tx);
     let builder = if closures {
@@ -344,6 +349,7 @@ fn stopped_reader(round: u32) {
     let server = WebSocketServer::builder()
         .workers(2)
         .kernel_send_buffer(Some(4096))
+        .ping_interval(None)
         .start("127.0.0.1:0")
         .unwrap();
     let addr = server.local_addr();
@@ -507,6 +513,7 @@ fn a_crowd_under_a_small_output_budget_accounts_every_byte() {
         .workers(2)
         .kernel_send_buffer(Some(4096))
         .max_queued_bytes(256 << 10)
+        .ping_interval(None)
         .start("127.0.0.1:0")
         .unwrap();
     let addr = server.local_addr();

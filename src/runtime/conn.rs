@@ -356,10 +356,9 @@ pub(crate) struct WriteSide {
     /// connection whose request was in at accept time is first registered
     /// when its first job ends (or a write of that job leaves bytes).
     pub(crate) watch: Watch,
-    /// The poller reported the socket while a writer held the token: the
-    /// kernel may have room the writer's last write did not find, and no
-    /// later event would tell of it, so the writer tries again.
-    pub(crate) room: bool,
+    /// What is known of the socket's room since the last write began (see
+    /// [`Room`]).
+    pub(crate) room: Room,
     /// A send was refused for backpressure: tell the user (`Drain`) once
     /// the queue is down to low water.
     pub(crate) drain_wanted: bool,
@@ -418,6 +417,25 @@ pub(crate) enum Watch {
     Input,
     /// Edge-triggered: input, hang-ups and room to write.
     InputAndRoom,
+}
+
+/// What a writer knows of the socket's room, for the one that writes
+/// next. With edge-triggered interest the poller reports room once, after
+/// a write that found the socket full: a report no writer acts on, or a
+/// queue left with nobody writing and no report to come, would leave the
+/// queue waiting while the client reads the socket empty.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub(crate) enum Room {
+    /// Nothing since the last write began: it took all it was given (or
+    /// is still out).
+    Unknown,
+    /// The last write found the socket full, and no room was reported
+    /// since: the poller will report it (a writer may let go).
+    Awaited,
+    /// Room was reported since the last write began: the kernel may have
+    /// room that write did not find, and no later event would tell of it,
+    /// so the writer (or the next) writes again.
+    Reported,
 }
 
 /// A connection marked in [`Serving`] until dropped; the mark it replaced
@@ -649,7 +667,7 @@ impl<T: Send + Sync + 'static> Conn<T> {
                 } else {
                     Watch::Unregistered
                 },
-                room: false,
+                room: Room::Unknown,
                 drain_wanted: false,
                 drain_due: false,
                 pong_due: false,
@@ -1793,7 +1811,7 @@ impl<T: Send + Sync + 'static> Conn<T> {
             }
             // Room the poller reports from now on is for this write, or
             // for the next try if this one finds none.
-            w.room = false;
+            w.room = Room::Unknown;
             let mut taken = w.out.take_for_write();
             drop(w);
             let (written, result) = write_queue(&self.stream, &mut taken);
@@ -1811,8 +1829,11 @@ impl<T: Send + Sync + 'static> Conn<T> {
             w.out.put_back(taken, written, &shared.counters);
             match result {
                 // The socket is full: the poller reports room, unless it
-                // did since this write began.
-                Ok(false) if !std::mem::take(&mut w.room) => break,
+                // did since this write began (then write again).
+                Ok(false) if w.room != Room::Reported => {
+                    w.room = Room::Awaited;
+                    break;
+                }
                 Ok(_) => {}
                 Err(e) => {
                     // The job tears the connection down (even after part
@@ -2080,7 +2101,7 @@ pub(crate) fn claim_event<T>(conn: &Conn<T>, input: bool, room: bool) -> Claimed
         // For whoever writes next, or is writing: the room may have come
         // after its last write, which found none, and no event would
         // report it again.
-        w.room = true;
+        w.room = Room::Reported;
     }
     // Edge-triggered, a queue nobody writes waits for room, which only an
     // event that reports room brings. Oneshot, any event spent the

@@ -13,7 +13,7 @@ use crate::error::{DecodeError, Error};
 use crate::message::{CloseCode, CloseFrame};
 use crate::proto::conn::{Output, State};
 use crate::proto::frame::OpCode;
-use crate::runtime::conn::{CONDEMNED, Conn, ReadSide, Serving, recycle_read, schedule};
+use crate::runtime::conn::{CONDEMNED, Conn, ReadSide, Room, Serving, recycle_read, schedule};
 use crate::runtime::events::{BATCH, Staged};
 use crate::runtime::poller::Job;
 use crate::runtime::registry::Found;
@@ -286,20 +286,24 @@ fn service_inner<T: Send + Sync + 'static>(
 }
 
 /// Write what was corked while a job (or a deferred flush) owned the
-/// connection, before it lets go: until the queue is empty, or the kernel
-/// takes no more and reported no room since. Again if frames were corked
-/// while the lock was let go for a write: with edge-triggered interest,
-/// nothing else would write them (the socket has room, and the poller
-/// reports room only after a write that found none).
+/// connection, before it lets go: until the queue is empty, or the last
+/// write found the socket full and no room was reported since (the poller
+/// will report it: [`Room::Awaited`]). Otherwise, with frames queued, it
+/// writes again when it takes the lock back: with edge-triggered
+/// interest, nothing else would write them.
 ///
-/// Should another thread hold the write token when the lock is taken
-/// back (a user thread's send over the cork, a publish's flush), the room
-/// reported since is that writer's to take, and is left to it: its write
-/// may have filled the socket before the room came, and it looks for
-/// room after the write. Taken here, the report was lost: the writer
-/// found none and stopped, the room reported was the last edge the
-/// socket would give, and the queue waited with the socket empty (found
-/// by an adversarial review; `tests/hot_paths.rs`).
+/// What it looks at is the connection's state then, not its own write's
+/// outcome: while the lock was let go, room may have been reported and
+/// another thread may have written the queue out (a send over the cork),
+/// leaving the socket with room and a frame corked since. Judged by its
+/// own write, which had found the socket full, it let go with that frame
+/// queued and no report to come. And should another thread hold the
+/// write token, the queue and any room reported are that writer's (it
+/// looks for room after its write, and leaves [`Room::Awaited`] only on a
+/// full socket): taken here, a report was lost, and that writer, whose
+/// write had filled the socket before the room came, stopped. Either way
+/// the queue waited while the client read the socket empty (found by
+/// adversarial reviews; `tests/hot_paths.rs` and the tests below).
 fn flush_before_letting_go<'a, T: Send + Sync + 'static>(
     shared: &Arc<Shared<T>>,
     conn: &'a Arc<Conn<T>>,
@@ -307,11 +311,11 @@ fn flush_before_letting_go<'a, T: Send + Sync + 'static>(
 ) -> parking_lot::MutexGuard<'a, crate::runtime::conn::WriteSide> {
     while !w.out.is_empty() && !w.writing && w.write_error.is_none() && !w.finished {
         w.writing = true;
-        let left = conn.flush_holding_token(shared, w);
+        conn.flush_holding_token(shared, w);
         #[cfg(test)]
         tests::between_writes();
         w = conn.io.lock();
-        if left && !w.writing && !std::mem::take(&mut w.room) {
+        if w.room == Room::Awaited {
             break;
         }
     }
@@ -1342,13 +1346,97 @@ mod tests {
             *b.borrow_mut() = Some(Box::new(move || {
                 let mut w = other.io.lock();
                 w.writing = true;
-                w.room = true;
+                w.room = Room::Reported;
             }))
         });
         let w = flush_before_letting_go(shared, &conn, conn.io.lock());
         let queued = w.out.bytes();
         assert!(queued > 0 && queued < total, "the job's write was short");
         assert!(w.writing, "the other thread holds the token");
-        assert!(w.room, "the report of room was taken from its writer");
+        assert_eq!(
+            w.room,
+            Room::Reported,
+            "the report of room was taken from its writer"
+        );
+    }
+
+    /// A job whose last write found the socket full, and which finds,
+    /// taking the lock back, that room was reported meanwhile, another
+    /// thread wrote the whole queue out (a send over the cork), and a
+    /// small send corked a frame after it, writes that frame: the socket
+    /// is not full, so no report of room is to come. Before, judged by its
+    /// own write's outcome, it let go with the frame queued and nobody to
+    /// write it (found by a second review).
+    #[test]
+    fn a_frame_corked_after_another_writer_emptied_the_queue_is_written() {
+        use std::io::{Read, Write};
+        let server = crate::WebSocketServer::builder()
+            .start("127.0.0.1:0")
+            .unwrap();
+        let shared = Arc::clone(server.shared());
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let client = std::net::TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let (stream, _) = l.accept().unwrap();
+        stream.set_nonblocking(true).unwrap();
+        socket2::SockRef::from(&stream)
+            .set_send_buffer_size(4096)
+            .unwrap();
+        // The socket full, before the job's write.
+        let mut prefill = 0;
+        loop {
+            match (&stream).write(&[1u8; 4096]) {
+                Ok(n) => prefill += n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) => panic!("{e}"),
+            }
+        }
+        let id = crate::runtime::registry::Registry::<()>::new().client_id(0);
+        let conn = Arc::new(crate::runtime::conn::for_test(stream, id));
+        {
+            let mut w = conn.io.lock();
+            w.out.push(
+                crate::runtime::flow::Chunk::Owned(vec![7; 2000]),
+                &shared.counters,
+            );
+            w.writing = false;
+        }
+        let (other, s2) = (Arc::clone(&conn), Arc::clone(&shared));
+        let mut reader = client.try_clone().unwrap();
+        BETWEEN.with(|b| {
+            *b.borrow_mut() = Some(Box::new(move || {
+                assert_eq!(
+                    other.io.lock().room,
+                    Room::Awaited,
+                    "the job's write found the socket full"
+                );
+                // The client reads the socket empty, and the poller
+                // reports room (left for the job: no closure runs).
+                let mut buf = vec![0u8; prefill];
+                reader.read_exact(&mut buf).unwrap();
+                std::thread::sleep(std::time::Duration::from_millis(50));
+                other.io.lock().room = Room::Reported;
+                // A send over the cork takes the token and writes the
+                // whole queue.
+                let mut w = other.io.lock();
+                w.writing = true;
+                assert!(!other.flush_holding_token(&s2, w), "the queue written out");
+                // A small send corks behind the job.
+                other.io.lock().out.push(
+                    crate::runtime::flow::Chunk::Owned(vec![9; 10]),
+                    &s2.counters,
+                );
+            }))
+        });
+        let w = flush_before_letting_go(&shared, &conn, conn.io.lock());
+        let (queued, writing, room) = (w.out.bytes(), w.writing, w.room);
+        drop(w);
+        assert_eq!(
+            queued, 0,
+            "the job let go with {queued} bytes queued (writing {writing}, room {room:?}): nobody would write them"
+        );
+        let mut rest = vec![0u8; 2010];
+        let mut client = client;
+        client.read_exact(&mut rest).unwrap();
+        assert!(rest[..2000].iter().all(|&b| b == 7) && rest[2000..].iter().all(|&b| b == 9));
     }
 }
