@@ -426,8 +426,8 @@ pub(crate) enum Watch {
 /// queue waiting while the client reads the socket empty.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 pub(crate) enum Room {
-    /// Nothing since the last write began: it took all it was given (or
-    /// is still out).
+    /// Nothing since the last write began: it is still out, or it took
+    /// all it was given, or failed (the connection then tears down).
     Unknown,
     /// The last write found the socket full, and no room was reported
     /// since: the poller will report it (a writer may let go).

@@ -316,6 +316,8 @@ fn flush_before_letting_go<'a, T: Send + Sync + 'static>(
         tests::between_writes();
         w = conn.io.lock();
         if w.room == Room::Awaited {
+            // Only a short write leaves it, and any write resets it first.
+            debug_assert!(!w.out.is_empty() || w.finished);
             break;
         }
     }
