@@ -1305,6 +1305,27 @@ mod tests {
         }
     }
 
+    /// A server (for its shared state), and a client's socket with its
+    /// other end, the server's: non-blocking, with a send buffer of a few
+    /// KiB.
+    fn server_and_socket() -> (
+        crate::WebSocketServer,
+        std::net::TcpStream,
+        std::net::TcpStream,
+    ) {
+        let server = crate::WebSocketServer::builder()
+            .start("127.0.0.1:0")
+            .unwrap();
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let client = std::net::TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let (stream, _) = l.accept().unwrap();
+        stream.set_nonblocking(true).unwrap();
+        socket2::SockRef::from(&stream)
+            .set_send_buffer_size(4096)
+            .unwrap();
+        (server, client, stream)
+    }
+
     /// A job's last flush whose write found the socket full, and which
     /// finds, taking the lock back, another thread holding the write token
     /// and the poller's report of room, leaves the report to that writer
@@ -1314,18 +1335,9 @@ mod tests {
     /// queue again while the client read the socket empty.
     #[test]
     fn room_reported_while_another_thread_writes_is_left_to_it() {
-        let server = crate::WebSocketServer::builder()
-            .start("127.0.0.1:0")
-            .unwrap();
-        let shared = server.shared();
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         // A client that does not read.
-        let _client = std::net::TcpStream::connect(l.local_addr().unwrap()).unwrap();
-        let (stream, _) = l.accept().unwrap();
-        stream.set_nonblocking(true).unwrap();
-        socket2::SockRef::from(&stream)
-            .set_send_buffer_size(4096)
-            .unwrap();
+        let (server, _client, stream) = server_and_socket();
+        let shared = server.shared();
         let id = crate::runtime::registry::Registry::<()>::new().client_id(0);
         let conn = Arc::new(crate::runtime::conn::for_test(stream, id));
         // More than the kernel takes (a few KiB here, and the client's
@@ -1372,17 +1384,8 @@ mod tests {
     #[test]
     fn a_frame_corked_after_another_writer_emptied_the_queue_is_written() {
         use std::io::{Read, Write};
-        let server = crate::WebSocketServer::builder()
-            .start("127.0.0.1:0")
-            .unwrap();
+        let (server, client, stream) = server_and_socket();
         let shared = Arc::clone(server.shared());
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let client = std::net::TcpStream::connect(l.local_addr().unwrap()).unwrap();
-        let (stream, _) = l.accept().unwrap();
-        stream.set_nonblocking(true).unwrap();
-        socket2::SockRef::from(&stream)
-            .set_send_buffer_size(4096)
-            .unwrap();
         // The socket full, before the job's write.
         let mut prefill = 0;
         loop {
