@@ -696,3 +696,124 @@ fn undelivered(error: Option<&enjent::Error>) -> u64 {
         .collect();
     digits.parse().unwrap()
 }
+
+/// Publishes take a subscriber's write token from under the topic's lock
+/// and flush after (`queue_shared`, `flush_taken`), another way in to the
+/// same queues: three threads publish mixed sizes to a topic of eight
+/// clients, with sends to each between; four read everything, four read
+/// nothing and then reset. Each reader's queue drains while it reads, the
+/// readers get every publish they were counted for, and the counts come
+/// back to zero.
+#[test]
+fn publishes_to_readers_and_stuck_subscribers_all_go_out() {
+    let server = WebSocketServer::builder()
+        .workers(2)
+        .kernel_send_buffer(Some(4096))
+        .ping_interval(None)
+        .start("127.0.0.1:0")
+        .unwrap();
+    let addr = server.local_addr();
+    let mut socks = Vec::new();
+    let mut clients = Vec::new();
+    for _ in 0..8 {
+        let mut s = small_window(addr);
+        s.write_all(REQUEST.as_bytes()).unwrap();
+        read_101(&mut s);
+        socks.push(s);
+        match next(&server) {
+            Event::Connect { client } => {
+                assert!(client.subscribe("t").unwrap());
+                clients.push(client);
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+    let stop = Arc::new(AtomicBool::new(false));
+    // What a publish wrote or queued to each client is not told apart, so
+    // the check is that the readers' queues drain while they read.
+    let handle = server.handle();
+    let publishers: Vec<_> = (0..3u8)
+        .map(|t| {
+            let (handle, stop, clients) = (handle.clone(), Arc::clone(&stop), clients.clone());
+            thread::spawn(move || {
+                let mut seq = 0u32;
+                while !stop.load(Ordering::Relaxed) {
+                    let (op, p) = message_of(t, seq);
+                    if seq.is_multiple_of(3) {
+                        let c = (mix(u64::from(seq) ^ (u64::from(t) << 40)) % 8) as usize;
+                        let _ = clients[c].send(to_message(op, p));
+                    } else {
+                        handle.publish("t", to_message(op, p));
+                    }
+                    seq += 1;
+                    if seq.is_multiple_of(32) {
+                        thread::sleep(Duration::from_micros(100));
+                    }
+                }
+            })
+        })
+        .collect();
+    let readers: Vec<_> = socks
+        .drain(..4)
+        .map(|s| {
+            thread::spawn(move || {
+                let mut r = BufReader::with_capacity(1 << 16, s);
+                let mut got = 0u64;
+                loop {
+                    let (op, p) = try_read_frame(&mut r).unwrap_or_else(|e| {
+                        panic!("read nothing for {WAIT:?} after {got} bytes: {e}")
+                    });
+                    if op == 0x88 {
+                        return got;
+                    }
+                    got += frame_len(p.len());
+                }
+            })
+        })
+        .collect();
+    thread::sleep(Duration::from_millis(700));
+    for s in socks.drain(..) {
+        socket2::SockRef::from(&s)
+            .set_linger(Some(Duration::ZERO))
+            .unwrap();
+        drop(s);
+    }
+    let mut gone = 0;
+    while gone < 4 {
+        match server.recv_timeout(WAIT) {
+            Ok(Event::Disconnect { .. }) => gone += 1,
+            Ok(Event::Drain { .. }) => {}
+            other => panic!("{other:?}"),
+        }
+    }
+    stop.store(true, Ordering::Relaxed);
+    for t in publishers {
+        t.join().unwrap();
+    }
+    for (c, client) in clients.iter().take(4).enumerate() {
+        let deadline = Instant::now() + WAIT;
+        while client.buffered_amount() > 0 {
+            assert!(
+                Instant::now() < deadline,
+                "reader {c}'s queue still holds {} bytes after {WAIT:?} while it reads",
+                client.buffered_amount()
+            );
+            let _ = server.recv_timeout(Duration::from_millis(10));
+        }
+    }
+    let written = server.stats().bytes_out;
+    for client in clients.iter().take(4) {
+        client.close(enjent::CloseCode::NORMAL, "").unwrap();
+    }
+    let got: u64 = readers.into_iter().map(|r| r.join().unwrap()).sum();
+    assert!(
+        got > 0 && got <= written,
+        "the readers got {got} of {written} bytes written"
+    );
+    let ok = eventually(Duration::from_secs(5), || {
+        let _ = server.try_recv();
+        let st = server.stats();
+        st.bytes_queued == 0 && st.queued_budget_bytes == 0 && st.event_bytes == 0
+    });
+    assert!(ok, "left: {:?}", server.stats());
+}
