@@ -346,12 +346,7 @@ fn a_client_that_stops_reading_then_resets_is_told_every_byte() {
 }
 
 fn stopped_reader(round: u32) {
-    let server = WebSocketServer::builder()
-        .workers(2)
-        .kernel_send_buffer(Some(4096))
-        .ping_interval(None)
-        .start("127.0.0.1:0")
-        .unwrap();
+    let server = small_buffers().start("127.0.0.1:0").unwrap();
     let addr = server.local_addr();
     let mut s = small_window(addr);
     s.write_all(REQUEST.as_bytes()).unwrap();
@@ -509,11 +504,8 @@ fn kept_messages_are_never_changed_later() {
 /// back to zero.
 #[test]
 fn a_crowd_under_a_small_output_budget_accounts_every_byte() {
-    let server = WebSocketServer::builder()
-        .workers(2)
-        .kernel_send_buffer(Some(4096))
+    let server = small_buffers()
         .max_queued_bytes(256 << 10)
-        .ping_interval(None)
         .start("127.0.0.1:0")
         .unwrap();
     let addr = server.local_addr();
@@ -587,66 +579,7 @@ fn a_crowd_under_a_small_output_budget_accounts_every_byte() {
             })
         })
         .collect();
-    // Each reader reads until its close frame (which the test has sent
-    // once its queue is empty).
-    let readers: Vec<_> = socks
-        .drain(..4)
-        .map(|s| {
-            thread::spawn(move || {
-                let mut r = BufReader::with_capacity(1 << 16, s);
-                let mut got = 0u64;
-                loop {
-                    let (op, p) = try_read_frame(&mut r).unwrap_or_else(|e| {
-                        panic!("read nothing for {WAIT:?} after {got} bytes: {e}")
-                    });
-                    if op == 0x88 {
-                        return got;
-                    }
-                    got += frame_len(p.len());
-                }
-            })
-        })
-        .collect();
-    thread::sleep(Duration::from_millis(700));
-    for s in socks.drain(..) {
-        socket2::SockRef::from(&s)
-            .set_linger(Some(Duration::ZERO))
-            .unwrap();
-        drop(s);
-    }
-    let mut unsent = 0u64;
-    let mut gone = 0;
-    let deadline = Instant::now() + WAIT;
-    while gone < 4 {
-        assert!(Instant::now() < deadline, "{gone} of 4 gone");
-        match server.recv_timeout(WAIT) {
-            Ok(Event::Disconnect { error, .. }) => {
-                gone += 1;
-                unsent += undelivered(error.as_ref());
-            }
-            Ok(Event::Drain { .. }) => {}
-            other => panic!("{other:?}"),
-        }
-    }
-    stop.store(true, Ordering::Relaxed);
-    for t in senders {
-        t.join().unwrap();
-    }
-    // The readers read on: everything queued to them goes out. (A write
-    // that lost the poller's report of room left a queue waiting here
-    // with the socket empty: `flush_before_letting_go`.)
-    for (c, client) in clients.iter().take(4).enumerate() {
-        let deadline = Instant::now() + WAIT;
-        while client.buffered_amount() > 0 {
-            assert!(
-                Instant::now() < deadline,
-                "reader {c}'s queue still holds {} bytes after {WAIT:?} while it reads",
-                client.buffered_amount()
-            );
-            // Drains.
-            let _ = server.recv_timeout(Duration::from_millis(10));
-        }
-    }
+    let (readers, unsent) = read_reset_and_drain(&server, socks, &clients, &stop, senders);
     let st = server.stats();
     for client in clients.iter().take(4) {
         client.close(enjent::CloseCode::NORMAL, "").unwrap();
@@ -665,12 +598,7 @@ fn a_crowd_under_a_small_output_budget_accounts_every_byte() {
         written + unsent >= accepted && written + unsent <= accepted + closed,
         "written {written} + undelivered {unsent} vs accepted {accepted} (+ {closed} told Closed): {st:?}"
     );
-    let ok = eventually(Duration::from_secs(5), || {
-        let _ = server.try_recv();
-        let st = server.stats();
-        st.bytes_queued == 0 && st.queued_budget_bytes == 0 && st.event_bytes == 0
-    });
-    assert!(ok, "left: {:?}", server.stats());
+    assert_nothing_held(&server);
     assert_eq!(
         st.messages_dropped,
         refused.load(Ordering::Relaxed),
@@ -701,17 +629,11 @@ fn undelivered(error: Option<&enjent::Error>) -> u64 {
 /// and flush after (`queue_shared`, `flush_taken`), another way in to the
 /// same queues: three threads publish mixed sizes to a topic of eight
 /// clients, with sends to each between; four read everything, four read
-/// nothing and then reset. Each reader's queue drains while it reads, the
-/// readers get every publish they were counted for, and the counts come
-/// back to zero.
+/// nothing and then reset. Each reader's queue drains while it reads, and
+/// the counts come back to zero.
 #[test]
 fn publishes_to_readers_and_stuck_subscribers_all_go_out() {
-    let server = WebSocketServer::builder()
-        .workers(2)
-        .kernel_send_buffer(Some(4096))
-        .ping_interval(None)
-        .start("127.0.0.1:0")
-        .unwrap();
+    let server = small_buffers().start("127.0.0.1:0").unwrap();
     let addr = server.local_addr();
     let mut socks = Vec::new();
     let mut clients = Vec::new();
@@ -753,8 +675,48 @@ fn publishes_to_readers_and_stuck_subscribers_all_go_out() {
             })
         })
         .collect();
-    let readers: Vec<_> = socks
-        .drain(..4)
+    let (readers, _) = read_reset_and_drain(&server, socks, &clients, &stop, publishers);
+    let written = server.stats().bytes_out;
+    for client in clients.iter().take(4) {
+        client.close(enjent::CloseCode::NORMAL, "").unwrap();
+    }
+    let got: u64 = readers.into_iter().map(|r| r.join().unwrap()).sum();
+    assert!(
+        got > 0 && got <= written,
+        "the readers got {got} of {written} bytes written"
+    );
+    assert_nothing_held(&server);
+}
+
+/// The crowd's run, once its senders are going: the first four clients
+/// read, the rest reset after 700 ms; then the senders stop, and the
+/// readers' queues must drain. The readers (to be closed by the test),
+/// and the bytes the resets' `Disconnect`s report undelivered.
+fn read_reset_and_drain(
+    server: &WebSocketServer,
+    mut socks: Vec<std::net::TcpStream>,
+    clients: &[enjent::Client],
+    stop: &AtomicBool,
+    senders: Vec<thread::JoinHandle<()>>,
+) -> (Vec<thread::JoinHandle<u64>>, u64) {
+    let readers = read_until_closed(socks.drain(..4));
+    thread::sleep(Duration::from_millis(700));
+    let unsent = reset_and_count(server, socks.into_iter());
+    stop.store(true, Ordering::Relaxed);
+    for t in senders {
+        t.join().unwrap();
+    }
+    drain(server, &clients[..4]);
+    (readers, unsent)
+}
+
+/// A reader for each socket, reading until its close frame (which the
+/// test sends once that client's queue is empty); each returns the bytes
+/// of the frames before it.
+fn read_until_closed(
+    socks: impl Iterator<Item = std::net::TcpStream>,
+) -> Vec<thread::JoinHandle<u64>> {
+    socks
         .map(|s| {
             thread::spawn(move || {
                 let mut r = BufReader::with_capacity(1 << 16, s);
@@ -770,27 +732,46 @@ fn publishes_to_readers_and_stuck_subscribers_all_go_out() {
                 }
             })
         })
-        .collect();
-    thread::sleep(Duration::from_millis(700));
-    for s in socks.drain(..) {
+        .collect()
+}
+
+/// Reset each socket (as sends go on) and wait for their `Disconnect`s
+/// (a main loop's `Drain`s between): the bytes they report undelivered.
+fn reset_and_count(
+    server: &WebSocketServer,
+    socks: impl Iterator<Item = std::net::TcpStream>,
+) -> u64 {
+    let mut n = 0;
+    for s in socks {
         socket2::SockRef::from(&s)
             .set_linger(Some(Duration::ZERO))
             .unwrap();
         drop(s);
+        n += 1;
     }
+    let mut unsent = 0u64;
     let mut gone = 0;
-    while gone < 4 {
+    let deadline = Instant::now() + WAIT;
+    while gone < n {
+        assert!(Instant::now() < deadline, "{gone} of {n} gone");
         match server.recv_timeout(WAIT) {
-            Ok(Event::Disconnect { .. }) => gone += 1,
+            Ok(Event::Disconnect { error, .. }) => {
+                gone += 1;
+                unsent += undelivered(error.as_ref());
+            }
             Ok(Event::Drain { .. }) => {}
             other => panic!("{other:?}"),
         }
     }
-    stop.store(true, Ordering::Relaxed);
-    for t in publishers {
-        t.join().unwrap();
-    }
-    for (c, client) in clients.iter().take(4).enumerate() {
+    unsent
+}
+
+/// Wait while the readers read for everything queued to their clients
+/// to go out (taking the main loop's `Drain`s). A write that lost the
+/// poller's report of room left a queue waiting here with the socket
+/// empty (`flush_before_letting_go`).
+fn drain(server: &WebSocketServer, readers: &[enjent::Client]) {
+    for (c, client) in readers.iter().enumerate() {
         let deadline = Instant::now() + WAIT;
         while client.buffered_amount() > 0 {
             assert!(
@@ -801,19 +782,26 @@ fn publishes_to_readers_and_stuck_subscribers_all_go_out() {
             let _ = server.recv_timeout(Duration::from_millis(10));
         }
     }
-    let written = server.stats().bytes_out;
-    for client in clients.iter().take(4) {
-        client.close(enjent::CloseCode::NORMAL, "").unwrap();
-    }
-    let got: u64 = readers.into_iter().map(|r| r.join().unwrap()).sum();
-    assert!(
-        got > 0 && got <= written,
-        "the readers got {got} of {written} bytes written"
-    );
+}
+
+/// The server's counts of what is queued and of events unconsumed come
+/// back to zero (the last event received gives its charge back at the
+/// next receive).
+fn assert_nothing_held(server: &WebSocketServer) {
     let ok = eventually(Duration::from_secs(5), || {
         let _ = server.try_recv();
         let st = server.stats();
         st.bytes_queued == 0 && st.queued_budget_bytes == 0 && st.event_bytes == 0
     });
     assert!(ok, "left: {:?}", server.stats());
+}
+
+/// Two workers, a kernel send buffer of a few KiB (queues build up soon),
+/// and no keepalive (a ping would be a frame the counts do not expect, on
+/// a machine slow enough to take 30 s).
+fn small_buffers() -> enjent::Builder {
+    WebSocketServer::builder()
+        .workers(2)
+        .kernel_send_buffer(Some(4096))
+        .ping_interval(None)
 }
