@@ -165,10 +165,7 @@ fn many_senders(builder: enjent::Builder, closures: bool) {
     let target = if closures {
         rx.recv_timeout(WAIT).unwrap()
     } else {
-        match next(&server) {
-            Event::Connect { client } => client,
-            other => panic!("{other:?}"),
-        }
+        expect_connect(&server)
     };
     // The client's requests for the loop to echo, pipelined in bursts.
     let mut w = s.try_clone().unwrap();
@@ -351,10 +348,7 @@ fn stopped_reader(round: u32) {
     let mut s = small_window(addr);
     s.write_all(REQUEST.as_bytes()).unwrap();
     let head = read_101(&mut s);
-    let target = match next(&server) {
-        Event::Connect { client } => client,
-        other => panic!("{other:?}"),
-    };
+    let target = expect_connect(&server);
     let accepted_bytes = Arc::new(AtomicU64::new(0));
     let stop = Arc::new(AtomicBool::new(false));
     let senders: Vec<_> = (0..4u8)
@@ -517,10 +511,7 @@ fn a_crowd_under_a_small_output_budget_accounts_every_byte() {
         s.write_all(REQUEST.as_bytes()).unwrap();
         heads += read_101(&mut s).len() as u64;
         socks.push(s);
-        match next(&server) {
-            Event::Connect { client } => clients.push(client),
-            other => panic!("{other:?}"),
-        }
+        clients.push(expect_connect(&server));
     }
     let per_client: Arc<Vec<AtomicU64>> = Arc::new((0..8).map(|_| AtomicU64::new(0)).collect());
     let accepted = Arc::new(AtomicU64::new(0));
@@ -638,17 +629,10 @@ fn publishes_to_readers_and_stuck_subscribers_all_go_out() {
     let mut socks = Vec::new();
     let mut clients = Vec::new();
     for _ in 0..8 {
-        let mut s = small_window(addr);
-        s.write_all(REQUEST.as_bytes()).unwrap();
-        read_101(&mut s);
-        socks.push(s);
-        match next(&server) {
-            Event::Connect { client } => {
-                assert!(client.subscribe("t").unwrap());
-                clients.push(client);
-            }
-            other => panic!("{other:?}"),
-        }
+        socks.push(raw_ws_small_window(addr));
+        let client = expect_connect(&server);
+        assert!(client.subscribe("t").unwrap());
+        clients.push(client);
     }
     let stop = Arc::new(AtomicBool::new(false));
     // What a publish wrote or queued to each client is not told apart, so
